@@ -1,0 +1,25 @@
+"""hardneg: hard-negative sampling strategies for contrastive representation learning.
+
+>>> import torch, hardneg
+>>> loss_fn = hardneg.create_loss("ring", rho_out=0.5, rho_in=0.1)
+>>> z1, z2 = torch.randn(16, 32), torch.randn(16, 32)
+>>> float(loss_fn(z1, z2)) > 0
+True
+"""
+
+from hardneg.diagnostics import NegativeDiagnostics
+from hardneg.losses import ContrastiveLoss, LossOutput
+from hardneg.registry import create_loss, list_losses, loss_hparams, register_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ContrastiveLoss",
+    "LossOutput",
+    "NegativeDiagnostics",
+    "create_loss",
+    "list_losses",
+    "loss_hparams",
+    "register_loss",
+    "__version__",
+]

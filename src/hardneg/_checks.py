@@ -1,0 +1,89 @@
+"""Argument and tensor validation that fails early with a message a user can act on.
+
+Every error names the parameter, the value it got and what is allowed, so that a typo in a
+config surfaces as one readable line instead of a stack trace from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def check_number(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    integer: bool = False,
+) -> float:
+    """Return ``value`` as a float (or int) after checking its type and range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
+    if integer and not float(value).is_integer():
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if too_low or too_high:
+        left = "[" if low_inclusive else "("
+        right = "]" if high_inclusive else ")"
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return str(value)
+
+
+def check_embeddings(name: str, x: object, *, min_rows: int = 1) -> Tensor:
+    """A 2-D floating tensor of finite values with at least ``min_rows`` rows."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(
+            f"{name} must be 2-D (rows x embedding dim), got shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[0] < min_rows:
+        raise ValueError(f"{name} must have at least {min_rows} rows, got {x.shape[0]}")
+    if x.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one column, got shape {tuple(x.shape)}")
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        row = int((~finite).any(dim=1).nonzero()[0, 0])
+        raise ValueError(
+            f"{name} contains {bad} NaN or Inf value(s) (first in row {row}); "
+            "only finite embeddings are allowed"
+        )
+    return x
+
+
+def check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+def check_labels(name: str, labels: object, rows: int) -> Tensor:
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of integer class ids, got {type(labels).__name__}")
+    if labels.dim() != 1 or labels.shape[0] != rows:
+        raise ValueError(f"{name} must have shape ({rows},), got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"{name} must hold integer class ids, got dtype {labels.dtype}")
+    return labels

@@ -1,0 +1,88 @@
+"""The built-in losses, with the defaults of ``docs/methods.md``."""
+
+from __future__ import annotations
+
+from hardneg.losses.contrastive import ContrastiveLoss
+from hardneg.registry import register_loss
+from hardneg.strategies.importance import ImportanceNegatives
+from hardneg.strategies.ring import RingNegatives
+from hardneg.strategies.uniform import UniformNegatives
+from hardneg.strategies.unremix import UnReMixNegatives
+
+
+@register_loss("infonce")
+def infonce(*, temperature: float = 0.5, check_inputs: bool = True) -> ContrastiveLoss:
+    """InfoNCE / NT-Xent (SimCLR, Chen et al. 2020)."""
+    return ContrastiveLoss(UniformNegatives(), temperature, 0.0, check_inputs)
+
+
+@register_loss("debiased")
+def debiased(
+    *, temperature: float = 0.5, tau_plus: float = 0.1, check_inputs: bool = True
+) -> ContrastiveLoss:
+    """Debiased contrastive loss (Chuang et al., NeurIPS 2020)."""
+    return ContrastiveLoss(UniformNegatives(), temperature, tau_plus, check_inputs)
+
+
+@register_loss("hcl")
+def hcl(
+    *,
+    temperature: float = 0.5,
+    tau_plus: float = 0.1,
+    beta: float = 1.0,
+    detach_weights: bool = False,
+    beta_anneal: str | None = None,
+    check_inputs: bool = True,
+) -> ContrastiveLoss:
+    """Hard negative sampling (Robinson et al., ICLR 2021)."""
+    strategy = ImportanceNegatives(beta, detach_weights, beta_anneal)
+    return ContrastiveLoss(strategy, temperature, tau_plus, check_inputs)
+
+
+@register_loss("ring")
+def ring(
+    *,
+    temperature: float = 0.07,
+    rho_out: float = 0.1,
+    rho_in: float = 0.1,
+    lower: float | None = None,
+    upper: float | None = None,
+    num_samples: int | None = None,
+    anneal: str | None = None,
+    anneal_until: float = 0.5,
+    anneal_steps: int = 10,
+    check_inputs: bool = True,
+) -> ContrastiveLoss:
+    """Ring / conditional negatives (Wu et al., ICLR 2021)."""
+    strategy = RingNegatives(
+        rho_out,
+        rho_in,
+        lower=lower,
+        upper=upper,
+        num_samples=num_samples,
+        anneal=anneal,
+        anneal_until=anneal_until,
+        anneal_steps=anneal_steps,
+    )
+    return ContrastiveLoss(strategy, temperature, 0.0, check_inputs)
+
+
+@register_loss("unremix")
+def unremix(
+    *,
+    temperature: float = 0.5,
+    tau_plus: float = 0.1,
+    beta: float = 1.0,
+    lambda_u: float = 1.0,
+    lambda_d: float = 1.0,
+    eps: float = 0.1,
+    influence: str = "gradient_similarity",
+    representativeness: str = "diversity",
+    detach_weights: bool = False,
+    check_inputs: bool = True,
+) -> ContrastiveLoss:
+    """UnReMix (Tabassum et al. 2022) — reconstruction, see :mod:`hardneg.strategies.unremix`."""
+    strategy = UnReMixNegatives(
+        beta, lambda_u, lambda_d, eps, influence, representativeness, detach_weights
+    )
+    return ContrastiveLoss(strategy, temperature, tau_plus, check_inputs)

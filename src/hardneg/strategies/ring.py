@@ -1,0 +1,132 @@
+"""Ring (conditional) negatives (Wu, Mosse, Zhuang, Yamins, Goodman, ICLR 2021,
+"Conditional Negative Sampling for Contrastive Learning of Visual Representations").
+
+Per anchor, the ``M`` candidates are ranked by similarity and only a band of ranks is kept: the
+closest ones (likely false negatives) and the easy bulk are dropped. As in the authors' code
+(mhw32/contrastive-ring-public, ``src/objectives/moco.py`` and ``instdisc.py``):
+
+    sorted = sort(c_i, descending)                 c_ij = s(i, j) / t
+    U = floor(rho_out * M);  L = floor(rho_in * U)  # the inner cut is a fraction of the outer set
+    ring_i = sorted[L:U]
+    l_i = logsumexp({a_i} ∪ ring_i) - a_i           # the positive stays in the partition
+
+``topk(U)`` replaces the full sort (same members, less work). The band can also be given as rank
+percentiles from the top, ``(lower, upper) = (100 rho_in rho_out, 100 rho_out)``; ``(0, 100)``
+keeps every candidate and is InfoNCE exactly. With ``num_samples`` a fixed number of ring members
+is drawn uniformly *with replacement* (IR-Ring: 4095). With ``anneal`` only ``rho_out`` is
+scheduled, from 1 to its final value over the first ``anneal_until`` of training
+(:func:`hardneg.schedules.ring_rho_out`).
+
+Edge cases (our choice; the reference never meets them): the band keeps at least one member,
+``U >= 1`` and ``L <= U - 1``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hardneg._checks import check_choice, check_number
+from hardneg.pool import ContrastiveScores
+from hardneg.schedules import ring_rho_out
+from hardneg.strategies.base import NegativeSelection, NegativeStrategy, StrategyInputs
+
+
+def ring_band(num_candidates: int, rho_out: float, rho_in: float) -> tuple[int, int]:
+    """Ranks ``[L, U)`` of the ring among ``num_candidates`` sorted by decreasing similarity."""
+    upper = max(1, min(num_candidates, math.floor(rho_out * num_candidates + 1e-9)))
+    lower = min(math.floor(rho_in * upper + 1e-9), upper - 1)
+    return lower, upper
+
+
+class RingNegatives(NegativeStrategy):
+    """Keep negatives whose similarity rank lies in a band ("ring").
+
+    Args:
+        rho_out: fraction of candidates in the outer set, in (0, 1].
+        rho_in: fraction of the outer set cut from the top, in [0, 1).
+        lower, upper: alternatively, the band as rank percentiles from the top,
+            ``0 <= lower < upper <= 100`` (overrides ``rho_out`` / ``rho_in``).
+        num_samples: None to use every ring member, or draw this many with replacement.
+        anneal: None, ``'linear'`` or ``'staircase'`` schedule of ``rho_out`` from 1.
+        anneal_until: fraction of training over which the schedule runs (paper: 100 of 200 epochs).
+        anneal_steps: number of stairs of the staircase schedule.
+    """
+
+    supports_debiasing = False
+
+    def __init__(
+        self,
+        rho_out: float = 0.1,
+        rho_in: float = 0.1,
+        *,
+        lower: float | None = None,
+        upper: float | None = None,
+        num_samples: int | None = None,
+        anneal: str | None = None,
+        anneal_until: float = 0.5,
+        anneal_steps: int = 10,
+    ) -> None:
+        super().__init__()
+        if lower is not None or upper is not None:
+            if lower is None or upper is None:
+                raise ValueError(
+                    f"give both lower and upper percentiles of the ring, got lower={lower!r}, upper={upper!r}"
+                )
+            lower = check_number("lower", lower, low=0.0, high=100.0)
+            upper = check_number("upper", upper, low=0.0, high=100.0)
+            if not lower < upper:
+                raise ValueError(
+                    f"ring percentiles must satisfy 0 <= lower < upper <= 100, got lower={lower:g}, upper={upper:g}"
+                )
+            rho_out, rho_in = upper / 100.0, lower / upper
+        self.rho_out = check_number("rho_out", rho_out, low=0.0, high=1.0, low_inclusive=False)
+        self.rho_in = check_number("rho_in", rho_in, low=0.0, high=1.0, high_inclusive=False)
+        self.num_samples = (
+            None if num_samples is None else int(check_number("num_samples", num_samples, low=1, integer=True))
+        )
+        self.anneal = (
+            None if anneal is None else check_choice("anneal", anneal, ("linear", "staircase"))
+        )
+        self.anneal_until = check_number("anneal_until", anneal_until, low=0.0, high=1.0)
+        self.anneal_steps = int(check_number("anneal_steps", anneal_steps, low=1, integer=True))
+
+    def hparams(self) -> dict[str, object]:
+        return {
+            "rho_out": self.rho_out,
+            "rho_in": self.rho_in,
+            "num_samples": self.num_samples,
+            "anneal": self.anneal,
+            "anneal_until": self.anneal_until,
+        }
+
+    def current_rho_out(self, progress: float | None) -> float:
+        if self.anneal is None:
+            return self.rho_out
+        if progress is None:
+            raise ValueError(
+                f"anneal={self.anneal!r} needs the training progress: pass progress=<fraction in [0, 1]>"
+            )
+        return ring_rho_out(
+            self.rho_out, progress, until=self.anneal_until, kind=self.anneal, steps=self.anneal_steps
+        )
+
+    def select(self, scores: ContrastiveScores, inputs: StrategyInputs) -> NegativeSelection:
+        m = scores.num_negatives
+        lower, upper = ring_band(m, self.current_rho_out(inputs.progress), self.rho_in)
+        if lower == 0 and upper == m and self.num_samples is None:
+            return NegativeSelection(logits=scores.logits)  # the whole pool: plain InfoNCE
+        # masked candidates are -inf and rank last, so the top-U are all true negatives
+        values, indices = scores.logits.topk(upper, dim=1, sorted=True)
+        values, indices = values[:, lower:], indices[:, lower:]
+        if self.num_samples is not None:
+            draw = torch.randint(
+                0,
+                upper - lower,
+                (values.shape[0], self.num_samples),
+                generator=inputs.generator,
+                device=values.device,
+            )
+            values, indices = values.gather(1, draw), indices.gather(1, draw)
+        return NegativeSelection(logits=values, indices=indices)
