@@ -1,0 +1,1 @@
+"""Sub-commands of the ``hardneg`` CLI (one module each: ``add_arguments`` and ``run``)."""
