@@ -1,0 +1,148 @@
+"""Evaluate a trained backbone (or a checkpoint) with the weighted kNN and a linear probe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from hardneg.evaluation.features import extract_features
+from hardneg.evaluation.knn import weighted_knn
+from hardneg.evaluation.linear import linear_probe
+
+
+@dataclass
+class Evaluation:
+    """Metrics (percent) plus the test features, kept for plots such as t-SNE."""
+
+    metrics: dict[str, float | int | str]
+    test_features: Tensor = field(repr=False)
+    test_labels: Tensor = field(repr=False)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/``None`` -> CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def evaluate_backbone(
+    backbone: nn.Module,
+    dataset: str,
+    *,
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    knn_k: int = 200,
+    knn_t: float = 0.1,
+    linear: bool = True,
+    batch_size: int = 512,
+    device: str | torch.device | None = "auto",
+    seed: int = 0,
+) -> Evaluation:
+    """kNN (and linear) accuracy of ``backbone`` on ``dataset``'s evaluation splits.
+
+    The splits are those the papers use, from ``hardneg.data.dataset_info(dataset)``
+    (``eval_train_split`` / ``eval_test_split``; e.g. STL-10 evaluates on its labelled ``train``
+    split even when pre-training used ``train+unlabeled``). Unlabelled rows (label -1) are dropped.
+    """
+    from hardneg.augment import build_eval_transform
+    from hardneg.data import dataset_info, load_dataset
+
+    device = resolve_device(device)
+    info = dataset_info(dataset)
+    train = load_dataset(dataset, info.eval_train_split, data_dir=data_dir, download=download)
+    test = load_dataset(dataset, info.eval_test_split, data_dir=data_dir, download=download)
+    transform = build_eval_transform(dataset, image_size=image_size).to(device)
+    backbone = backbone.to(device)
+    train_f, train_y = extract_features(backbone, train, transform, batch_size, device)
+    test_f, test_y = extract_features(backbone, test, transform, batch_size, device)
+    keep = train_y >= 0
+    train_f, train_y = train_f[keep], train_y[keep]
+    num_classes = info.num_classes
+
+    knn = weighted_knn(
+        train_f.to(device),
+        train_y.to(device),
+        test_f.to(device),
+        test_y.to(device),
+        k=knn_k,
+        temperature=knn_t,
+        num_classes=num_classes,
+    )
+    metrics: dict[str, float | int | str] = {
+        "dataset": dataset,
+        "train_split": info.eval_train_split,
+        "test_split": info.eval_test_split,
+        "train_size": int(train_y.shape[0]),
+        "test_size": int(test_y.shape[0]),
+        "feature_dim": int(train_f.shape[1]),
+        "knn_k": min(knn_k, int(train_y.shape[0])),
+        "knn_t": knn_t,
+        "knn_top1": knn["top1"],
+        "knn_top5": knn["top5"],
+    }
+    if linear:
+        probe = linear_probe(
+            train_f, train_y, test_f, test_y, num_classes=num_classes, seed=seed, device=device
+        )
+        metrics.update(linear_top1=probe["top1"], linear_top5=probe["top5"])
+    return Evaluation(metrics=metrics, test_features=test_f, test_labels=test_y)
+
+
+def evaluate_checkpoint(
+    ckpt_path: str | Path,
+    dataset: str | None = None,
+    data_dir: str | Path | None = None,
+    *,
+    knn_k: int = 200,
+    knn_t: float = 0.1,
+    linear: bool = True,
+    batch_size: int = 512,
+    device: str | torch.device | None = "auto",
+    download: bool = False,
+    seed: int = 0,
+    return_features: bool = False,
+) -> dict:
+    """Rebuild the backbone of a training checkpoint and evaluate it.
+
+    Args:
+        ckpt_path: a checkpoint written by ``hardneg train`` (``checkpoints/final.pt``).
+        dataset: data set to evaluate on; defaults to the one the checkpoint was trained on.
+        data_dir: where that data set lives; defaults to the training config's ``data.data_dir``.
+        knn_k, knn_t: weighted-kNN neighbours and temperature (Wu et al.: 200, 0.1).
+        linear: also train the linear probe.
+        return_features: add ``"test_features"`` / ``"test_labels"`` tensors to the result.
+
+    Returns:
+        ``{"knn_top1", "knn_top5", "linear_top1", "linear_top5", "dataset", ...}`` (percent).
+    """
+    from hardneg.train import load_backbone
+
+    backbone, config = load_backbone(ckpt_path)
+    data_cfg = dict(config.get("data") or {})
+    dataset = dataset or data_cfg.get("dataset")
+    if not dataset:
+        raise ValueError(f"{ckpt_path}: the checkpoint names no data set; pass dataset=...")
+    if data_dir is None and dataset == data_cfg.get("dataset"):
+        data_dir = data_cfg.get("data_dir")
+    result = evaluate_backbone(
+        backbone,
+        dataset,
+        data_dir=data_dir,
+        download=download,
+        image_size=data_cfg.get("image_size"),
+        knn_k=knn_k,
+        knn_t=knn_t,
+        linear=linear,
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+    )
+    out = dict(result.metrics, checkpoint=str(ckpt_path))
+    if return_features:
+        out.update(test_features=result.test_features, test_labels=result.test_labels)
+    return out
