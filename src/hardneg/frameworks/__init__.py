@@ -1,0 +1,79 @@
+"""Frameworks: the model around a loss (SimCLR in-batch, MoCo queue, IR memory bank).
+
+``build_framework(config, backbone, head, loss, dataset_size)`` builds the one named by
+``config.framework.name``; every loss of :func:`hardneg.create_loss` works in every framework
+(in-batch: ``loss(z1, z2)``; queue / bank: ``loss(q, k, negatives=pool)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from hardneg.frameworks.base import Framework, StepOutput
+from hardneg.frameworks.memory_bank import MemoryBank
+from hardneg.frameworks.moco import MoCo
+from hardneg.frameworks.simclr import SimCLR
+
+# losses that use the head's hidden features of the negatives (UnReMix's influence score)
+LOSSES_USING_HIDDEN = ("unremix",)
+
+
+def _simclr(config: Any, backbone: nn.Module, head: nn.Module, loss: nn.Module,
+            dataset_size: int) -> Framework:
+    return SimCLR(backbone, head, loss)
+
+
+def _moco(config: Any, backbone: nn.Module, head: nn.Module, loss: nn.Module,
+          dataset_size: int) -> Framework:
+    fw = config.framework
+    predictor = None
+    if fw.predictor:
+        from hardneg.models import build_predictor
+
+        predictor = build_predictor(dim=config.model.out_dim, hidden=config.model.predictor_hidden)
+    return MoCo(
+        backbone, head, loss,
+        out_dim=config.model.out_dim,
+        momentum=fw.momentum,
+        queue_size=fw.queue_size,
+        symmetric=fw.symmetric,
+        predictor=predictor,
+        enqueue=fw.enqueue,
+        keep_hidden=config.loss.name in LOSSES_USING_HIDDEN,
+    )
+
+
+def _memory_bank(config: Any, backbone: nn.Module, head: nn.Module, loss: nn.Module,
+                 dataset_size: int) -> Framework:
+    fw = config.framework
+    return MemoryBank(
+        backbone, head, loss,
+        dataset_size=dataset_size,
+        out_dim=config.model.out_dim,
+        momentum=fw.bank_momentum,
+        negatives=fw.bank_negatives,
+    )
+
+
+FRAMEWORKS: dict[str, Callable[..., Framework]] = {
+    "simclr": _simclr,
+    "moco": _moco,
+    "memory_bank": _memory_bank,
+}
+
+
+def build_framework(
+    config: Any, backbone: nn.Module, head: nn.Module, loss: nn.Module, dataset_size: int
+) -> Framework:
+    """The framework named by ``config.framework.name`` (a :class:`hardneg.config.TrainConfig`)."""
+    name = config.framework.name
+    if name not in FRAMEWORKS:
+        raise ValueError(f"unknown framework {name!r}; allowed: {', '.join(FRAMEWORKS)}")
+    return FRAMEWORKS[name](config, backbone, head, loss, dataset_size)
+
+
+__all__ = ["FRAMEWORKS", "Framework", "MemoryBank", "MoCo", "SimCLR", "StepOutput",
+           "build_framework"]

@@ -1,0 +1,157 @@
+"""MoCo v2 (He et al. 2020; Chen et al. 2020): momentum key encoder and a queue of keys.
+
+One step, for views ``x1, x2`` of a batch::
+
+    q1 = g(f(x1))                     # query encoder (+ predictor p: q1 = p(g(f(x1))))
+    k2 = g_m(f_m(x2))                 # momentum encoder, no gradient, updated first:
+                                      #   theta_m = m theta_m + (1 - m) theta   (m = momentum)
+    loss = L(q1, k2, negatives=queue)                   # symmetric=False
+    loss = (L(q1, k2, queue) + L(q2, k1, queue)) / 2    # symmetric=True
+    queue <- enqueue(k2)  (or k1 and k2, enqueue='both')   # after the optimizer step
+
+Keys are detached; the queue (``queue_size x d``, initialised with random unit vectors as in
+MoCo) holds the last keys, a queue of their labels is kept for diagnostics only, and, when the
+loss uses the head's hidden features (UnReMix), a queue of the keys' hidden features.
+
+Potential-sample mining (Dong et al. 2023) is this framework with ``predictor=True``,
+``symmetric=True``, ``enqueue='second'`` and the ``potential`` loss, which treats the queue as its
+neighbour bank (looked up before the current keys are enqueued, as in the authors' code).
+Under ``torchrun`` queries are gathered with gradients and keys without, so the loss sees the
+global batch and the queue is fed with the global batch (identical on every rank). As in MoCo's
+single-GPU CIFAR recipes there is no shuffle-BN.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hardneg.distributed import gather_no_grad, gather_with_grad
+from hardneg.frameworks.base import Framework, StepOutput, ema_, freeze_copy, gather_labels
+
+
+class MoCo(Framework):
+    """Query encoder, momentum key encoder and a queue of keys.
+
+    Args:
+        backbone, head, loss: the query encoder and the loss.
+        out_dim: projection dimension ``d``.
+        momentum: EMA momentum ``m`` of the key encoder (0.99 on CIFAR, 0.999 on ImageNet).
+        queue_size: number of keys ``K``.
+        symmetric: average the loss over both view orders.
+        predictor: optional online predictor applied to the queries (PSM).
+        enqueue: with ``symmetric``, ``'both'`` enqueues ``k1`` and ``k2``, ``'second'`` only
+            ``k2`` (PSM's neighbour bank holds view-2 keys); without it only ``k2`` exists.
+        keep_hidden: also queue the keys' hidden features (for UnReMix's ``negative_h``).
+    """
+
+    num_views = 2
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        loss: nn.Module,
+        *,
+        out_dim: int,
+        momentum: float = 0.99,
+        queue_size: int = 4096,
+        symmetric: bool = False,
+        predictor: nn.Module | None = None,
+        enqueue: str = "both",
+        keep_hidden: bool = False,
+    ) -> None:
+        super().__init__(backbone, head, loss)
+        self.key_backbone = freeze_copy(backbone)
+        self.key_head = freeze_copy(head)
+        self.predictor = predictor
+        self.momentum = momentum
+        self.symmetric = symmetric
+        self.enqueue = enqueue
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, out_dim), dim=1))
+        self.register_buffer("queue_labels", torch.full((queue_size,), -1, dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.queue_hidden: Tensor | None = None
+        if keep_hidden:
+            self.register_buffer("queue_hidden", torch.zeros(queue_size, hidden_dim(head, backbone)))
+
+    def query(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z, h = self.project(x)
+        return (z if self.predictor is None else self.predictor(z)), h
+
+    @torch.no_grad()
+    def key(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.key_head(self.key_backbone(x), return_hidden=True)
+
+    def forward(
+        self,
+        views: list[Tensor],
+        *,
+        index: Tensor,
+        labels: Tensor | None = None,
+        progress: float | None = None,
+        generator: torch.Generator | None = None,
+        diagnostics: bool = False,
+    ) -> StepOutput:
+        x1, x2 = views
+        with torch.no_grad():
+            ema_(self.key_backbone, self.backbone, self.momentum)
+            ema_(self.key_head, self.head, self.momentum)
+        labels = gather_labels(labels)
+        pairs = [(x1, x2), (x2, x1)] if self.symmetric else [(x1, x2)]
+        negative_h = self.queue_hidden
+        losses, queries, keys, key_hidden, diag = [], [], [], [], None
+        for i, (xq, xk) in enumerate(pairs):
+            q, h = self.query(xq)
+            k, kh = self.key(xk)
+            q, h = gather_with_grad(q), gather_no_grad(h)
+            k, kh = gather_no_grad(k), gather_no_grad(kh)
+            loss, d = self.contrast(
+                q, k, self.queue, diagnostics=diagnostics and i == 0, labels=labels,
+                negative_labels=self.queue_labels, progress=progress, h1=h,
+                negative_h=negative_h, generator=generator,
+            )
+            losses.append(loss)
+            queries.append(q.detach())
+            keys.append(k)
+            key_hidden.append(kh)
+            diag = diag if d is None else d
+        loss = torch.stack(losses).mean()
+        # keys of view 2 are keys[0]; with symmetric, keys[1] are those of view 1
+        order = [1, 0] if self.symmetric and self.enqueue == "both" else [0]
+        pending = {"keys": torch.cat([keys[i] for i in order])}
+        if labels is not None:
+            pending["labels"] = torch.cat([labels] * len(order))
+        if self.queue_hidden is not None:
+            pending["hidden"] = torch.cat([key_hidden[i] for i in order])
+        return StepOutput(loss=loss, embeddings=torch.cat(queries), diagnostics=diag,
+                          pending=pending)
+
+    @torch.no_grad()
+    def commit(self, out: StepOutput) -> None:
+        """Enqueue the step's keys (oldest keys are replaced first)."""
+        keys = out.pending["keys"]
+        size = self.queue.shape[0]
+        keys = keys[-size:]
+        slots = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
+        self.queue[slots] = F.normalize(keys.float(), dim=1).to(self.queue.dtype)
+        if "labels" in out.pending:
+            self.queue_labels[slots] = out.pending["labels"][-size:].to(self.queue_labels.device)
+        else:
+            self.queue_labels[slots] = -1
+        if self.queue_hidden is not None:
+            self.queue_hidden[slots] = out.pending["hidden"][-size:].float()
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
+
+
+@torch.no_grad()
+def hidden_dim(head: nn.Module, backbone: nn.Module) -> int:
+    """Width of the head's hidden features (one tiny forward in eval mode)."""
+    was_training = head.training
+    head.eval()
+    try:
+        _, h = head(torch.zeros(2, backbone.out_dim), return_hidden=True)
+    finally:
+        head.train(was_training)
+    return int(h.shape[1])
