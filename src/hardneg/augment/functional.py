@@ -1,0 +1,194 @@
+"""Batched, per-sample image operations on float tensors ``[B, C, H, W]`` with values in [0, 1].
+
+Everything here is vectorised over the batch: per-sample parameters come in as tensors of
+shape ``[B]`` (or ``[B, ...]``), there are no Python loops over samples. The colour operations
+follow torchvision's tensor implementations (``adjust_brightness``/``contrast``/``saturation``/
+``hue``, ``rgb_to_grayscale``) so that one sample with the same factor gives the same result up
+to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ITU-R 601-2 luma, as torchvision's rgb_to_grayscale and PIL's convert("L").
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+
+
+def _bcast(v: Tensor, x: Tensor) -> Tensor:
+    return v.to(dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+
+def rgb_to_grayscale(x: Tensor) -> Tensor:
+    """``[B, 3, H, W] -> [B, 1, H, W]``; 1-channel input is returned unchanged."""
+    if x.shape[1] == 1:
+        return x
+    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
+    return (x * _bcast(factor, x)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
+    mean = rgb_to_grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    return torch.lerp(mean.expand_as(x), x, _bcast(factor, x)).clamp_(0.0, 1.0)
+
+
+def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+    if x.shape[1] == 1:
+        return x
+    return torch.lerp(rgb_to_grayscale(x).expand_as(x), x, _bcast(factor, x)).clamp_(0.0, 1.0)
+
+
+def rgb_to_hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Hue in [0, 1), saturation, value; each ``[B, H, W]`` (torchvision's formula)."""
+    h6, maxc, cr = _hue6(x)
+    s = cr / torch.where(cr == 0, torch.ones_like(maxc), maxc)
+    return h6 / 6.0, s, maxc
+
+
+def _hue6(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(6 * hue in [0, 6), max, chroma) of RGB ``x``. As torchvision, ties for the maximum
+    channel resolve to R, then G (``max`` returns the first maximal index)."""
+    maxc, arg = x.max(dim=1, keepdim=True)
+    cr = maxc - x.amin(dim=1, keepdim=True)
+    # candidate hue for "max is R / G / B": (g-b)/cr, 2+(b-r)/cr, 4+(r-g)/cr
+    diff = x[:, [1, 2, 0]] - x[:, [2, 0, 1]]
+    offs = torch.tensor([0.0, 2.0, 4.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    cand = diff / torch.where(cr == 0, torch.ones_like(cr), cr) + offs
+    h6 = torch.remainder(cand.gather(1, arg), 6.0)
+    return h6.squeeze(1), maxc.squeeze(1), cr.squeeze(1)
+
+
+def hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
+    """Inverse of :func:`rgb_to_hsv`: ``f(n) = v - v*s*clamp(min(k, 4-k), 0, 1)``,
+    ``k = (n + 6h) mod 6`` with n = 5, 3, 1 for R, G, B (the closed form of the sector table)."""
+    return _from_hue6(6.0 * h, v, v * s)
+
+
+def _from_hue6(h6: Tensor, maxc: Tensor, cr: Tensor) -> Tensor:
+    n = torch.tensor([5.0, 3.0, 1.0], device=h6.device, dtype=h6.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(h6.unsqueeze(1) + n, 6.0)
+    w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return maxc.unsqueeze(1) - cr.unsqueeze(1) * w
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Rotate the hue by ``shift`` (in turns, [-0.5, 0.5]) per sample, keeping HSV saturation
+    and value (torchvision's ``adjust_hue``, computed without the full HSV round trip)."""
+    if x.shape[1] == 1:
+        return x
+    h6, maxc, cr = _hue6(x)
+    h6 = h6 + 6.0 * shift.to(h6.dtype).view(-1, 1, 1)
+    return _from_hue6(h6, maxc, cr).clamp_(0.0, 1.0)
+
+
+def gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
+    """Normalised 1-D Gaussian kernels ``[B, k]`` (one per sigma)."""
+    half = (kernel_size - 1) / 2.0
+    t = torch.linspace(-half, half, kernel_size, device=sigma.device, dtype=sigma.dtype)
+    k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
+    return k / k.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """Separable Gaussian blur with a per-sample ``sigma`` ``[B]``; reflect padding (as
+    torchvision's ``gaussian_blur`` and OpenCV's default BORDER_REFLECT_101)."""
+    if kernel_size < 2:
+        return x
+    b, c, h, w = x.shape
+    kern = gaussian_kernels(sigma.to(x.dtype), kernel_size)  # [B, k]
+    kern = kern.repeat_interleave(c, dim=0)  # [B*C, k]
+    pad = kernel_size // 2
+    y = x.reshape(1, b * c, h, w)
+    if pad >= h or pad >= w:
+        raise ValueError(f"blur kernel {kernel_size} too large for {h}x{w} images")
+    y = F.pad(y, (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, kern.view(b * c, 1, kernel_size, 1), groups=b * c)
+    y = F.conv2d(y, kern.view(b * c, 1, 1, kernel_size), groups=b * c)
+    return y.view(b, c, h, w)
+
+
+def crop_flip_theta(
+    boxes: Tensor, flip: Tensor, in_hw: tuple[int, int], angle: Tensor | None = None
+) -> Tensor:
+    """Affine matrices ``[B, 2, 3]`` for ``F.affine_grid(..., align_corners=False)`` that map the
+    output image onto the crop box ``(top, left, height, width)`` (pixels, float) of the input,
+    mirrored horizontally where ``flip`` is true and rotated by ``angle`` (radians) about the
+    box centre. Output pixel k then samples input pixel ``left + (k + 0.5) * width / S - 0.5``,
+    which is what resizing the crop (half-pixel centres) does."""
+    H, W = in_hw
+    top, left, height, width = boxes.unbind(1)
+    sx = width / W
+    sy = height / H
+    cx = (left + width / 2.0) * (2.0 / W) - 1.0
+    cy = (top + height / 2.0) * (2.0 / H) - 1.0
+    sign = 1.0 - 2.0 * flip.to(boxes.dtype)
+    theta = torch.zeros(boxes.shape[0], 2, 3, device=boxes.device, dtype=boxes.dtype)
+    if angle is None:
+        theta[:, 0, 0] = sx * sign
+        theta[:, 1, 1] = sy
+    else:
+        # Rotation in pixel units (so non-square boxes are not sheared): the input offset in
+        # pixels is R(angle) @ (sign * u_x * width / 2, u_y * height / 2), u = output offset.
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta[:, 0, 0] = sx * cos * sign
+        theta[:, 0, 1] = -sin * height / W
+        theta[:, 1, 0] = sin * sign * width / H
+        theta[:, 1, 1] = sy * cos
+    theta[:, 0, 2] = cx
+    theta[:, 1, 2] = cy
+    return theta
+
+
+def resample(x: Tensor, theta: Tensor, size: tuple[int, int], padding_mode: str = "border",
+             mode: str = "bilinear") -> Tensor:
+    """``grid_sample`` of ``x`` [B, C, H, W] (float) on the affine grids ``theta`` -> [B, C, *size]."""
+    grid = F.affine_grid(theta, [x.shape[0], x.shape[1], size[0], size[1]], align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
+
+
+def sample_crop_boxes(
+    u: Tensor, in_hw: tuple[int, int], scale: tuple[float, float], ratio: tuple[float, float],
+    attempts: int,
+) -> Tensor:
+    """torchvision's ``RandomResizedCrop.get_params`` vectorised over the batch.
+
+    ``u``: uniforms ``[B, 2 * attempts + 2]``. Per sample: up to ``attempts`` draws of
+    (area fraction ~ U(scale), log aspect ~ U(log ratio)); the first whose rounded box fits is
+    used, else the central fallback crop. The box position is uniform over integer offsets.
+    Returns ``[B, 4]`` float (top, left, height, width).
+    """
+    H, W = in_hw
+    area = float(H * W)
+    a = u[:, :attempts]
+    r = u[:, attempts: 2 * attempts]
+    target = area * (scale[0] + (scale[1] - scale[0]) * a)
+    lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
+    ar = torch.exp(lr0 + (lr1 - lr0) * r)
+    w = torch.round(torch.sqrt(target * ar))
+    h = torch.round(torch.sqrt(target / ar))
+    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = torch.argmax(ok.to(torch.uint8), dim=1, keepdim=True)
+    any_ok = ok.any(dim=1)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    # Fallback (torchvision): whole image, aspect ratio clamped into `ratio`.
+    in_ratio = W / H
+    if in_ratio < min(ratio):
+        fw, fh = float(W), float(round(W / min(ratio)))
+    elif in_ratio > max(ratio):
+        fh, fw = float(H), float(round(H * max(ratio)))
+    else:
+        fw, fh = float(W), float(H)
+    w = torch.where(any_ok, w, torch.full_like(w, fw))
+    h = torch.where(any_ok, h, torch.full_like(h, fh))
+    top = torch.floor(u[:, -2] * (H - h + 1)).clamp_(max=H - h)
+    left = torch.floor(u[:, -1] * (W - w + 1)).clamp_(max=W - w)
+    return torch.stack([top, left, h, w], dim=1)

@@ -1,0 +1,84 @@
+"""Projection heads and the PSM predictor.
+
+``ProjectionHead(in_dim, hidden_dims, out_dim)``: ``[Linear -> BN -> ReLU] * len(hidden_dims)
+-> Linear (-> BN)``. Linear layers followed by a BatchNorm have no bias (the BN's shift
+replaces it), as in the HCL and SNCLR/PSM code. ``forward(x, return_hidden=True)`` also returns
+``h``, the input of the last linear layer (UnReMix's last-layer gradient features).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+
+class ProjectionHead(nn.Module):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dims: int | Sequence[int],
+        out_dim: int,
+        batch_norm: bool = True,
+        last_bn: bool = False,
+        last_bn_affine: bool = False,
+    ) -> None:
+        super().__init__()
+        hidden = [hidden_dims] if isinstance(hidden_dims, int) else list(hidden_dims)
+        for name, v in [("in_dim", in_dim), ("out_dim", out_dim)] + [("hidden_dims", h) for h in hidden]:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be positive integers, got {v!r}")
+        layers: list[nn.Module] = []
+        prev = in_dim
+        for h in hidden:
+            layers.append(nn.Linear(prev, h, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(h))
+            layers.append(nn.ReLU(inplace=True))
+            prev = h
+        self.hidden = nn.Sequential(*layers)
+        self.last = nn.Linear(prev, out_dim, bias=not last_bn)
+        self.last_bn = nn.BatchNorm1d(out_dim, affine=last_bn_affine) if last_bn else nn.Identity()
+        self.in_dim = in_dim
+        self.hidden_dims = tuple(hidden)
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor, return_hidden: bool = False):
+        h = self.hidden(x)
+        z = self.last_bn(self.last(h))
+        return (z, h) if return_hidden else z
+
+
+HEADS = ("simclr", "moco_v2", "psm", "none")
+
+
+def build_head(kind: str, in_dim: int, out_dim: int = 128, hidden_dim: int | None = None) -> nn.Module:
+    """``simclr``: in -> 512 -> out, Linear-BN-ReLU-Linear (HCL's head, ``hidden_dim``
+    overrides 512); ``moco_v2``: in -> in -> out, Linear-ReLU-Linear without BN (MoCo v2);
+    ``psm``: in -> 512 -> 512 -> out with BN after every linear layer, the last without affine
+    parameters (SNCLR/PSM); ``none``: identity (returns the features, ``h = z``)."""
+    if kind == "simclr":
+        return ProjectionHead(in_dim, hidden_dim or 512, out_dim, batch_norm=True)
+    if kind == "moco_v2":
+        return ProjectionHead(in_dim, hidden_dim or in_dim, out_dim, batch_norm=False)
+    if kind == "psm":
+        h = hidden_dim or 512
+        return ProjectionHead(in_dim, (h, h), out_dim, batch_norm=True, last_bn=True,
+                              last_bn_affine=False)
+    if kind == "none":
+        return IdentityHead(in_dim)
+    raise ValueError(f"unknown head {kind!r}; available: {', '.join(HEADS)}")
+
+
+class IdentityHead(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.in_dim = self.out_dim = dim
+
+    def forward(self, x: Tensor, return_hidden: bool = False):
+        return (x, x) if return_hidden else x
+
+
+def build_predictor(dim: int = 128, hidden: int = 512) -> ProjectionHead:
+    """PSM / BYOL-style predictor: dim -> hidden -> dim, Linear-BN-ReLU-Linear."""
+    return ProjectionHead(dim, hidden, dim, batch_norm=True)
