@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -273,8 +274,6 @@ def test_sigkill_while_writing_leaves_last_complete_checkpoint(tmp_path):
             child = int(writer.stdout.readline())
             # wait until the child has replaced the file at least once in half of the rounds,
             # then kill it at a random moment (almost always in the middle of a write)
-            import time
-
             deadline = time.monotonic() + 20
             if round_ % 2 == 0:
                 while time.monotonic() < deadline:
@@ -298,6 +297,8 @@ def test_sigkill_while_writing_leaves_last_complete_checkpoint(tmp_path):
     finally:
         writer.kill()
         writer.wait(timeout=10)
+        writer.stdin.close()
+        writer.stdout.close()
     assert len(completed_rounds - {-1}) >= 3, completed_rounds  # the writes really happened
     # the next save removes the temporaries the killed writers left behind
     save_checkpoint(path, {"round": 99, "step": 0, "blob": expected_blob})
@@ -379,7 +380,7 @@ def test_malicious_pickle_cannot_run_code(tmp_path, writer):
         torch.save(payload, path)
     else:
         with open(path, "wb") as handle:
-            pickle.dump(payload, handle)
+            pickle.dump(payload, handle, protocol=2)
     with pytest.raises(ValueError, match="refuses to load") as info:
         load_checkpoint(path, expected_meta=META)
     assert str(path) in str(info.value)
