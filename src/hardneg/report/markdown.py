@@ -1,0 +1,202 @@
+"""Markdown reports: ``report.md`` per run and one comparison report over strategies x seeds.
+
+Figures are written next to the report (``plots/`` for a run, the report's own folder for a
+comparison) and referenced by relative paths, so a report folder can be moved or committed whole.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hardneg.report import plots
+from hardneg.report.runs import load_hardness, load_history
+from hardneg.report.table import RunRecord, format_table, summarize
+
+# history.csv columns drawn over epochs: (column, file stem, y label, title)
+CURVES = [
+    ("loss", "loss", "training loss", "Training loss"),
+    ("knn_top1", "knn", "kNN top-1 (%)", "kNN monitor accuracy"),
+    (
+        "false_negative_mass",
+        "false_negative_mass",
+        "mass on same-class negatives",
+        "False-negative mass (sampling weights)",
+    ),
+]
+FINAL_HISTORY_KEYS = [
+    "loss",
+    "effective_negatives",
+    "false_negative_mass",
+    "false_negative_gradient_mass",
+    "top_k_precision",
+    "mean_negative_similarity",
+    "epoch_time_s",
+    "images_per_s",
+]
+
+Embedding = tuple[np.ndarray, np.ndarray]
+
+
+def write_run_report(
+    run_dir: str | Path,
+    metrics: Mapping | None = None,
+    *,
+    embeddings: Embedding | None = None,
+    title: str | None = None,
+    tsne_points: int = 1000,
+    seed: int = 0,
+) -> Path:
+    """Write ``run_dir/report.md`` and its figures under ``run_dir/plots/``.
+
+    Args:
+        run_dir: a training run folder (``config.yaml``, ``history.csv``, ``hardness.npz``).
+        metrics: the evaluation result (``evaluate_checkpoint``); its scalar entries are listed.
+        embeddings: ``(test features, test labels)`` for the t-SNE panel; skipped when ``None``.
+        tsne_points: subsample size for t-SNE.
+    """
+    run_dir = Path(run_dir)
+    label = title or run_dir.name
+    history = load_history(run_dir)
+    hardness = load_hardness(run_dir)
+    figures = _draw_figures(
+        run_dir / "plots",
+        {label: [history]},
+        {label: hardness},
+        {label: embeddings} if embeddings is not None else {},
+        tsne_points,
+        seed,
+    )
+    lines = [f"# Run report: {label}", ""]
+    config = run_dir / "config.yaml"
+    if config.exists():
+        lines += ["## Configuration", "", "```yaml", config.read_text().rstrip(), "```", ""]
+    lines += ["## Final metrics", "", "| metric | value |", "|---|---|"]
+    for key, value in (metrics or {}).items():
+        if isinstance(value, (int, float, str)):
+            lines.append(f"| {key} | {_fmt(value)} |")
+    if history:
+        last = history[-1]
+        lines.append(f"| epochs trained | {_fmt(last.get('epoch', len(history)))} |")
+        for key in FINAL_HISTORY_KEYS:
+            if key in last and not math.isnan(last[key]):
+                lines.append(f"| {key} (last epoch) | {_fmt(last[key])} |")
+    lines.append("")
+    lines += _figure_section(figures, run_dir)
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_comparison_report(
+    out_dir: str | Path,
+    records: Sequence[RunRecord],
+    *,
+    embeddings: Mapping[str, Embedding] | None = None,
+    command: str | None = None,
+    device: str | None = None,
+    notes: Sequence[str] = (),
+    tsne_points: int = 1000,
+    seed: int = 0,
+) -> Path:
+    """Write ``out_dir/report.md``: the table, side-by-side figures, links to each run's report.
+
+    Args:
+        records: every evaluated run (several seeds per strategy allowed).
+        embeddings: per strategy, ``(test features, test labels)`` of one run for t-SNE.
+        command: the command line that produced the runs (printed in the report).
+        device: where they ran, e.g. ``"cpu (2 cores)"``.
+        notes: extra bullet points (e.g. how hyper-parameters were chosen).
+    """
+    out_dir = Path(out_dir)
+    histories: dict[str, list] = {}
+    hardness: dict[str, dict | None] = {}
+    for record in records:
+        histories.setdefault(record.strategy, []).append(record.history)
+        if hardness.get(record.strategy) is None:  # one run per strategy (the first seed)
+            hardness[record.strategy] = load_hardness(record.run_dir)
+    figures = _draw_figures(out_dir, histories, hardness, embeddings or {}, tsne_points, seed)
+    seeds = sorted({r.seed for r in records})
+    lines = ["# Strategy comparison", ""]
+    if command:
+        lines += ["Command:", "", "```", command, "```", ""]
+    lines += [
+        f"- seeds: {', '.join(map(str, seeds))} (table: mean ± sample std over seeds)",
+        f"- machine: {device or _machine()}; torch {torch.__version__}",
+        "- kNN: weighted kNN (k = 200, t = 0.1) on frozen backbone features; linear: linear "
+        "probe (L-BFGS, standardised features) on the same features",
+        "- false-neg. mass / eff. negatives: last epoch's batch means of the training diagnostics "
+        "(labels used for analysis only); s / epoch: median epoch time",
+    ]
+    lines += [f"- {note}" for note in notes]
+    lines += ["", "## Results", "", format_table(summarize(records), markdown=True), ""]
+    lines += _figure_section(figures, out_dir)
+    lines += ["## Runs", ""]
+    for record in records:
+        report = record.run_dir / "report.md"
+        target = (
+            _relative(report, out_dir) if report.exists() else _relative(record.run_dir, out_dir)
+        )
+        lines.append(f"- {record.strategy}, seed {record.seed}: [{target}]({target})")
+    path = out_dir / "report.md"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _draw_figures(folder, histories, hardness, embeddings, tsne_points, seed) -> dict[str, Path]:
+    figures: dict[str, Path] = {}
+    for key, stem, ylabel, title in CURVES:
+        path = plots.plot_metric_curves(
+            histories, key, folder / f"{stem}.png", ylabel=ylabel, title=title
+        )
+        if path is not None:
+            figures[stem] = path
+    path = plots.plot_hardness(hardness, folder / "hardness.png")
+    if path is not None:
+        figures["hardness"] = path
+    if embeddings:
+        path = plots.plot_tsne(embeddings, folder / "tsne.png", max_points=tsne_points, seed=seed)
+        if path is not None:
+            figures["tsne"] = path
+    return figures
+
+
+def _figure_section(figures: dict[str, Path], base: Path) -> list[str]:
+    if not figures:
+        return ["No figures: the run logged no history.", ""]
+    lines = ["## Figures", ""]
+    curves = [figures[stem] for _, stem, _, _ in CURVES if stem in figures]
+    if curves:  # side by side: one Markdown table row of images
+        lines += [
+            "| " + " | ".join(p.stem.replace("_", " ") for p in curves) + " |",
+            "|" + "---|" * len(curves),
+            "| " + " | ".join(f"![{p.stem}]({_relative(p, base)})" for p in curves) + " |",
+            "",
+        ]
+    for stem, caption in (("hardness", "Hardness of the negatives"), ("tsne", "t-SNE")):
+        if stem in figures:
+            lines += [f"### {caption}", "", f"![{stem}]({_relative(figures[stem], base)})", ""]
+    return lines
+
+
+def _relative(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def _machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}"
+    return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"

@@ -1,0 +1,91 @@
+"""Read what a training run left on disk: ``history.csv``, ``hardness.npz``, ``metrics.json``.
+
+The trainer writes one ``history.csv`` row per epoch (``epoch``, ``loss``, ``knn_top1`` when the
+monitor ran, the negative-selection diagnostics...) and ``hardness.npz`` with per-epoch histograms
+of the kept negatives' cosine similarities (arrays ``bins``, ``epochs``, ``sampling``,
+``gradient``). ``hardneg eval --report`` and ``hardneg compare`` add ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+HISTORY_FILE = "history.csv"
+HARDNESS_FILE = "hardness.npz"
+METRICS_FILE = "metrics.json"
+
+
+def load_history(run_dir: str | Path) -> list[dict[str, float]]:
+    """Rows of ``history.csv`` as floats (empty cells -> NaN); ``[]`` when the file is missing."""
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.exists():
+        return []
+    with path.open(newline="") as fh:
+        return [{k: _to_float(v) for k, v in row.items() if k} for row in csv.DictReader(fh)]
+
+
+def history_column(history: list[dict[str, float]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(epochs, values)`` of one column, rows where it is missing or NaN dropped."""
+    pairs = [
+        (row.get("epoch", i + 1), row[key])
+        for i, row in enumerate(history)
+        if key in row and not math.isnan(row[key])
+    ]
+    if not pairs:
+        return np.zeros(0), np.zeros(0)
+    epochs, values = zip(*pairs)
+    return np.asarray(epochs, dtype=float), np.asarray(values, dtype=float)
+
+
+def load_hardness(run_dir: str | Path) -> dict[str, np.ndarray] | None:
+    """The arrays of ``hardness.npz`` with ``edges`` (bin edges) added; ``None`` if absent/empty."""
+    path = Path(run_dir) / HARDNESS_FILE
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        arrays = {key: np.asarray(data[key]) for key in data.files}
+    for key in ("bins", "sampling", "gradient"):
+        if key not in arrays:
+            raise ValueError(f"{path}: missing array {key!r} (has {sorted(arrays)})")
+    if arrays["sampling"].ndim != 2 or arrays["sampling"].shape[0] == 0:
+        return None
+    arrays["edges"] = bin_edges(arrays["bins"], arrays["sampling"].shape[1])
+    if "epochs" not in arrays:
+        arrays["epochs"] = np.arange(1, arrays["sampling"].shape[0] + 1)
+    return arrays
+
+
+def bin_edges(bins: np.ndarray, num_bins: int) -> np.ndarray:
+    """Histogram edges from ``bins`` given either as ``num_bins + 1`` edges or as centres."""
+    bins = np.asarray(bins, dtype=float)
+    if bins.shape[0] == num_bins + 1:
+        return bins
+    if bins.shape[0] == num_bins and num_bins > 1:
+        half = (bins[1] - bins[0]) / 2
+        return np.concatenate([bins - half, bins[-1:] + half])
+    raise ValueError(f"bins has {bins.shape[0]} entries for {num_bins} histogram bins")
+
+
+def load_metrics(run_dir: str | Path) -> dict:
+    """``metrics.json`` of a run (``{}`` when it has not been evaluated)."""
+    path = Path(run_dir) / METRICS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_metrics(run_dir: str | Path, metrics: dict) -> Path:
+    """Write ``metrics.json`` (plain JSON values only)."""
+    path = Path(run_dir) / METRICS_FILE
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def _to_float(value: str | None) -> float:
+    try:
+        return float(value) if value not in (None, "") else math.nan
+    except ValueError:
+        return math.nan

@@ -1,0 +1,99 @@
+"""The comparison table: one row per strategy, mean +- std over seeds."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hardneg.report.runs import history_column
+
+History = list[dict[str, float]]
+
+
+@dataclass
+class RunRecord:
+    """One trained and evaluated run: what the table and the reports need."""
+
+    strategy: str
+    seed: int
+    run_dir: Path
+    metrics: dict = field(default_factory=dict)  # evaluate_checkpoint's result
+    history: History = field(default_factory=list)  # rows of history.csv
+
+
+# (key, header, number format); "final" columns take the last logged value of history.csv
+COLUMNS = [
+    ("knn_top1", "kNN top-1 (%)", "{:.2f}"),
+    ("linear_top1", "linear top-1 (%)", "{:.2f}"),
+    ("false_negative_mass", "false-neg. mass", "{:.3f}"),
+    ("effective_negatives", "eff. negatives", "{:.1f}"),
+    ("epoch_time_s", "s / epoch", "{:.2f}"),
+]
+
+
+def run_values(record: RunRecord) -> dict[str, float]:
+    """The table's numbers for one run.
+
+    kNN / linear: the final evaluation (``metrics``); false-negative mass and effective negatives:
+    the last epoch's batch means of the diagnostics; time per epoch: the median ``epoch_time_s``
+    (robust to the first epoch's warm-up).
+    """
+    values = {k: float(record.metrics.get(k, math.nan)) for k in ("knn_top1", "linear_top1")}
+    for key in ("false_negative_mass", "effective_negatives"):
+        _, column = history_column(record.history, key)
+        values[key] = float(column[-1]) if len(column) else math.nan
+    _, times = history_column(record.history, "epoch_time_s")
+    values["epoch_time_s"] = float(statistics.median(times)) if len(times) else math.nan
+    return values
+
+
+def summarize(records: Sequence[RunRecord]) -> list[dict]:
+    """Rows ``{"strategy", "runs", key: (mean, std)}`` in first-seen strategy order.
+
+    ``std`` is the sample standard deviation over seeds (``nan`` with one seed); NaN values (a
+    metric a run did not log) are left out of the mean.
+    """
+    groups: dict[str, list[dict[str, float]]] = {}
+    for record in records:
+        groups.setdefault(record.strategy, []).append(run_values(record))
+    rows = []
+    for strategy, runs in groups.items():
+        row: dict = {"strategy": strategy, "runs": len(runs)}
+        for key, _, _ in COLUMNS:
+            vals = [r[key] for r in runs if not math.isnan(r[key])]
+            mean = statistics.fmean(vals) if vals else math.nan
+            std = statistics.stdev(vals) if len(vals) > 1 else math.nan
+            row[key] = (mean, std)
+        rows.append(row)
+    return rows
+
+
+def format_cell(mean: float, std: float, fmt: str) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return fmt.format(mean) if math.isnan(std) else f"{fmt.format(mean)} ± {fmt.format(std)}"
+
+
+def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
+    """The table as aligned plain text (console) or as a Markdown table."""
+    header = ["strategy", "seeds"] + [title for _, title, _ in COLUMNS]
+    body = [
+        [row["strategy"], str(row["runs"])] + [format_cell(*row[k], fmt) for k, _, fmt in COLUMNS]
+        for row in rows
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def fmt_row(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
+
+    lines = [fmt_row(header), fmt_row(["-" * w for w in widths])] + [fmt_row(r) for r in body]
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""Reports from fabricated run folders: files exist, PNGs are valid, the Markdown links them."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hardneg.report import (
+    RunRecord,
+    format_table,
+    load_hardness,
+    load_history,
+    summarize,
+    write_comparison_report,
+    write_run_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+COLUMNS = ["epoch", "step", "loss", "lr", "images_per_s", "epoch_time_s", "knn_top1",
+           "effective_negatives", "false_negative_mass", "false_negative_gradient_mass",
+           "top_k_precision", "mean_negative_similarity"]  # fmt: skip
+
+
+def fabricate_run(run_dir: Path, epochs: int = 4, fn_mass: float = 0.1, seed: int = 0) -> Path:
+    """A run folder as the trainer writes it (knn_top1 logged every other epoch)."""
+    rng = np.random.default_rng(seed)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("seed: 0\nloss: {name: hcl, beta: 1.0}\n")
+    with (run_dir / "history.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        for e in range(1, epochs + 1):
+            writer.writerow({
+                "epoch": e, "step": 10 * e, "loss": 5.0 / e, "lr": 1e-3,
+                "images_per_s": 1000.0, "epoch_time_s": 2.0 + (e == 1),
+                "knn_top1": 50.0 + 5 * e if e % 2 == 0 else "",
+                "effective_negatives": 100.0 - e, "false_negative_mass": fn_mass / e,
+                "false_negative_gradient_mass": fn_mass / e, "top_k_precision": 0.9,
+                "mean_negative_similarity": 0.1 * e,
+            })  # fmt: skip
+    edges = np.linspace(-1, 1, 51)
+    sampling = rng.random((epochs, 50))
+    np.savez(run_dir / "hardness.npz", bins=edges, epochs=np.arange(1, epochs + 1),
+             sampling=sampling, gradient=sampling ** 2)  # fmt: skip
+    return run_dir
+
+
+def assert_png(path: Path) -> None:
+    assert path.exists(), path
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert 1_000 < len(data) < 300_000
+
+
+def image_links(markdown: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+
+
+def test_history_and_hardness_are_read_back(tmp_path):
+    run = fabricate_run(tmp_path / "run")
+    history = load_history(run)
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    assert math.isnan(history[0]["knn_top1"]) and history[1]["knn_top1"] == 60.0
+    hardness = load_hardness(run)
+    assert hardness["edges"].shape == (51,) and hardness["sampling"].shape == (4, 50)
+
+
+def test_bin_centres_are_accepted_as_well_as_edges(tmp_path):
+    run = fabricate_run(tmp_path / "run")
+    with np.load(run / "hardness.npz") as data:
+        arrays = dict(data)
+    edges = arrays["bins"]
+    arrays["bins"] = (edges[:-1] + edges[1:]) / 2
+    np.savez(run / "hardness.npz", **arrays)
+    np.testing.assert_allclose(load_hardness(run)["edges"], edges, atol=1e-12)
+
+
+def test_run_report_writes_valid_pngs_that_the_markdown_references(tmp_path):
+    run = fabricate_run(tmp_path / "run")
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 20)
+    features = rng.normal(size=(60, 8)) + 4 * np.eye(8)[labels]
+    report = write_run_report(run, {"knn_top1": 81.25, "linear_top1": 84.0},
+                              embeddings=(features, labels), tsne_points=40)  # fmt: skip
+    text = report.read_text()
+    assert report == run / "report.md"
+    links = image_links(text)
+    expected = {"loss.png", "knn.png", "false_negative_mass.png", "hardness.png", "tsne.png"}
+    assert {Path(link).name for link in links} == expected
+    for link in links:
+        assert_png(run / link)
+    assert "loss: {name: hcl, beta: 1.0}" in text  # the configuration
+    assert "| knn_top1 | 81.25 |" in text and "| linear_top1 | 84 |" in text
+
+
+def test_run_report_without_hardness_or_embeddings_still_works(tmp_path):
+    run = fabricate_run(tmp_path / "run")
+    (run / "hardness.npz").unlink()
+    text = write_run_report(run).read_text()
+    assert {Path(link).name for link in image_links(text)} == {
+        "loss.png",
+        "knn.png",
+        "false_negative_mass.png",
+    }
+
+
+def make_records(tmp_path: Path) -> list[RunRecord]:
+    records = []
+    for strategy, acc, fn in (("infonce", 80.0, 0.1), ("hcl", 84.0, 0.2)):
+        for seed in (0, 1):
+            run = fabricate_run(tmp_path / strategy / f"seed{seed}", fn_mass=fn, seed=seed)
+            metrics = {"knn_top1": acc + 2 * seed, "linear_top1": acc + 1}
+            records.append(RunRecord(strategy, seed, run, metrics, load_history(run)))
+    return records
+
+
+def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
+    rows = summarize(make_records(tmp_path))
+    assert [row["strategy"] for row in rows] == ["infonce", "hcl"]
+    infonce = rows[0]
+    assert infonce["runs"] == 2
+    assert infonce["knn_top1"] == pytest.approx((81.0, math.sqrt(2)))  # 80 and 82
+    assert infonce["linear_top1"][0] == 81.0 and infonce["linear_top1"][1] == 0.0
+    assert infonce["false_negative_mass"][0] == pytest.approx(0.1 / 4)  # last epoch
+    assert infonce["effective_negatives"][0] == 96.0
+    assert infonce["epoch_time_s"][0] == 2.0  # median: the slow first epoch is ignored
+    text = format_table(rows)
+    assert "81.00 ± 1.41" in text and text.splitlines()[0].startswith("strategy")
+    markdown = format_table(rows, markdown=True)
+    assert markdown.count("\n") == 3 and "| hcl | 2 | 85.00 ± 1.41 |" in markdown
+
+
+def test_single_seed_cells_have_no_std(tmp_path):
+    records = [r for r in make_records(tmp_path) if r.seed == 0]
+    records[0].metrics.pop("linear_top1")
+    text = format_table(summarize(records))
+    assert "±" not in text and "n/a" in text
+
+
+def test_comparison_report_has_table_side_by_side_figures_and_run_links(tmp_path):
+    records = make_records(tmp_path / "runs")
+    for record in records:
+        write_run_report(record.run_dir, record.metrics)
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(2), 15)
+    embeddings = {s: (rng.normal(size=(30, 4)) + 3 * labels[:, None], labels)
+                  for s in ("infonce", "hcl")}  # fmt: skip
+    out = tmp_path / "compare"
+    report = write_comparison_report(out, records, embeddings=embeddings, command="hardneg compare",
+                                     tsne_points=30)  # fmt: skip
+    text = report.read_text()
+    assert "| infonce | 2 |" in text and "hardneg compare" in text
+    for link in image_links(text):
+        assert_png(out / link)
+    assert len(image_links(text)) == 5
+    # the three curves sit side by side in one table row
+    assert any(line.count("![") == 3 for line in text.splitlines())
+    for record in records:
+        assert f"../runs/{record.strategy}/seed{record.seed}/report.md" in text
