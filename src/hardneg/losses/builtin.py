@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hardneg.losses.contrastive import ContrastiveLoss
+from hardneg.losses.potential import PotentialLoss
 from hardneg.registry import register_loss
 from hardneg.strategies.importance import ImportanceNegatives
 from hardneg.strategies.ring import RingNegatives
@@ -86,3 +87,36 @@ def unremix(
         beta, lambda_u, lambda_d, eps, influence, representativeness, detach_weights
     )
     return ContrastiveLoss(strategy, temperature, tau_plus, check_inputs)
+
+
+@register_loss("potential")
+def potential(
+    *,
+    temperature: float = 0.5,
+    num_neighbors: int = 5,
+    aug_weight: float = 0.5,
+    a: float = 0.5,
+    b: float = 0.0,
+    clamp: float = 0.999,
+    weighting: str = "hard",
+    sample: str = "bernoulli",
+    select_on: str = "cosine",
+    aug_pairing: str = "matched",
+    pool_as_negatives: bool = False,
+    check_inputs: bool = True,
+) -> PotentialLoss:
+    """Potential-sample mining (Dong et al. 2023), see :mod:`hardneg.losses.potential`."""
+    return PotentialLoss(
+        temperature,
+        num_neighbors,
+        aug_weight,
+        a,
+        b,
+        clamp,
+        weighting,
+        sample,
+        select_on,
+        aug_pairing,
+        pool_as_negatives,
+        check_inputs,
+    )
