@@ -36,8 +36,15 @@ from typing import Any
 import yaml
 
 
-def _opt(default: Any, doc: str, *, low: float | None = None, high: float | None = None,
-         choices: tuple[Any, ...] | None = None, low_open: bool = False) -> Any:
+def _opt(
+    default: Any,
+    doc: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    choices: tuple[Any, ...] | None = None,
+    low_open: bool = False,
+) -> Any:
     """A config field: its default, a one-line doc, and its allowed range or choices."""
     meta = {"doc": doc, "low": low, "high": high, "choices": choices, "low_open": low_open}
     if isinstance(default, (dict, list)):
@@ -45,8 +52,6 @@ def _opt(default: Any, doc: str, *, low: float | None = None, high: float | None
     return field(default=default, metadata=meta)
 
 
-BACKBONES = ("resnet18", "resnet50", "cnn1d", "digits_cnn")
-HEADS = ("simclr", "moco_v2", "psm")
 FRAMEWORKS = ("simclr", "moco", "memory_bank")  # = hardneg.frameworks.FRAMEWORKS (tested)
 
 
@@ -68,24 +73,32 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = _opt("resnet18", "encoder", choices=BACKBONES)
-    head: str = _opt("simclr", "projection head", choices=HEADS)
-    out_dim: int = _opt(128, "projection dimension", low=1)
+    backbone: str = _opt("resnet18", "encoder (hardneg.models.BACKBONES)")
+    head: str = _opt("simclr", "projection head (hardneg.models.HEADS)")
+    out_dim: int = _opt(128, "projection dimension (not used by head 'none')", low=1)
+    head_hidden: int | None = _opt(
+        None, "hidden width of the head (None = the head's default)", low=1
+    )
     predictor_hidden: int = _opt(512, "hidden width of the predictor (framework.predictor)", low=1)
 
 
 @dataclass
 class FrameworkConfig:
-    name: str = _opt("simclr", "simclr (in-batch) | moco (queue) | memory_bank (IR)",
-                     choices=FRAMEWORKS)
+    name: str = _opt(
+        "simclr", "simclr (in-batch) | moco (queue) | memory_bank (IR)", choices=FRAMEWORKS
+    )
     momentum: float = _opt(0.99, "moco: EMA momentum of the key encoder", low=0.0, high=1.0)
     queue_size: int = _opt(4096, "moco: number of keys in the queue", low=2)
     symmetric: bool = _opt(False, "moco: average loss(q1, k2) and loss(q2, k1)")
     predictor: bool = _opt(False, "moco: online predictor on the queries (PSM)")
-    enqueue: str = _opt("both", "moco symmetric: enqueue the keys of both views or of view 2",
-                        choices=("both", "second"))
-    bank_momentum: float = _opt(0.5, "memory_bank: m of M[i] = normalize(m M[i] + (1-m) q)",
-                                low=0.0, high=1.0)
+    enqueue: str = _opt(
+        "both",
+        "moco symmetric: enqueue the keys of both views or of view 2",
+        choices=("both", "second"),
+    )
+    bank_momentum: float = _opt(
+        0.5, "memory_bank: m of M[i] = normalize(m M[i] + (1-m) q)", low=0.0, high=1.0
+    )
     bank_negatives: int | str = _opt(4096, "memory_bank: uniform draws per step, or 'all'", low=1)
 
 
@@ -103,11 +116,13 @@ class OptimConfig:
     momentum: float = _opt(0.9, "sgd momentum", low=0.0, high=1.0)
     nesterov: bool = _opt(False, "sgd: Nesterov momentum")
     warmup_epochs: float = _opt(0.0, "linear warm-up length in epochs (per step)", low=0.0)
-    schedule: str = _opt("cosine", "learning-rate schedule after warm-up",
-                         choices=("cosine", "constant"))
+    schedule: str = _opt(
+        "cosine", "learning-rate schedule after warm-up", choices=("cosine", "constant")
+    )
     min_lr: float = _opt(0.0, "learning rate at the end of the cosine schedule", low=0.0)
-    grad_clip: float | None = _opt(None, "clip the gradient norm to this value", low=0.0,
-                                   low_open=True)
+    grad_clip: float | None = _opt(
+        None, "clip the gradient norm to this value", low=0.0, low_open=True
+    )
 
 
 @dataclass
@@ -115,26 +130,32 @@ class TrainSection:
     epochs: int = _opt(20, "number of epochs", low=1)
     batch_size: int = _opt(256, "global batch size (split over the ranks)", low=2)
     num_workers: int = _opt(0, "unused: data are in-memory tensors indexed on the device", low=0)
-    precision: str = _opt("auto", "auto (bf16 on CUDA, else fp32) | fp32 | bf16 | fp16",
-                          choices=("auto", "fp32", "bf16", "fp16"))
-    channels_last: bool | str = _opt("auto", "channels-last memory format (auto = CUDA images)",
-                                     choices=("auto", True, False))
+    precision: str = _opt(
+        "auto",
+        "auto (bf16 on CUDA, else fp32) | fp32 | bf16 | fp16",
+        choices=("auto", "fp32", "bf16", "fp16"),
+    )
+    channels_last: bool | str = _opt(
+        "auto", "channels-last memory format (auto = CUDA images)", choices=("auto", True, False)
+    )
     device: str = _opt("auto", "auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps")
     diagnostics_every: int = _opt(10, "negative diagnostics every N steps (0 = never)", low=0)
     knn_every: int = _opt(5, "kNN monitor every N epochs and at the end (0 = at the end)", low=0)
     checkpoint_every: int = _opt(1, "checkpoints/last.pt every N epochs (0 = at the end)", low=0)
     checkpoint_every_steps: int = _opt(0, "also every N optimizer steps (0 = off)", low=0)
     log_every: int = _opt(10, "TensorBoard scalars every N steps", low=1)
-    nonfinite: str = _opt("stop", "on a NaN/Inf loss or embedding: stop | skip the step",
-                          choices=("stop", "skip"))
+    nonfinite: str = _opt(
+        "stop", "on a NaN/Inf loss or embedding: stop | skip the step", choices=("stop", "skip")
+    )
 
 
 @dataclass
 class EvalConfig:
     knn: bool = _opt(True, "run the kNN monitor")
     knn_k: int = _opt(200, "neighbours of the weighted kNN", low=1)
-    knn_temperature: float = _opt(0.1, "temperature of the kNN weights exp(s/t)", low=0.0,
-                                  low_open=True)
+    knn_temperature: float = _opt(
+        0.1, "temperature of the kNN weights exp(s/t)", low=0.0, low_open=True
+    )
     batch_size: int = _opt(512, "batch size of feature extraction", low=1)
 
 
@@ -234,7 +255,9 @@ def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -
             except yaml.YAMLError as err:
                 raise ValueError(f"{file}: not valid YAML: {err}") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"{file}: a config must be a mapping of sections, got {type(raw).__name__}")
+            raise ValueError(
+                f"{file}: a config must be a mapping of sections, got {type(raw).__name__}"
+            )
     for item in overrides:
         apply_override(raw, item)
     return _build(raw)
@@ -245,7 +268,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.epochs=5)")
+        raise ValueError(
+            f"override {item!r} must look like section.key=value (e.g. train.epochs=5)"
+        )
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
@@ -325,8 +350,13 @@ def _type_options(hint: Any) -> tuple[Any, ...]:
 
 
 def _describe(options: tuple[Any, ...]) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-             type(None): "null"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        type(None): "null",
+    }
     return " or ".join(names.get(typing.get_origin(o) or o, "a mapping") for o in options)
 
 
@@ -345,7 +375,9 @@ def _check_field(key: str, spec: tuple[dataclasses.Field[Any], Any], value: Any)
             raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
     if not any(_is_type(value, o) for o in options):
-        raise ValueError(f"{key} must be {_describe(options)}, got {value!r} ({type(value).__name__})")
+        raise ValueError(
+            f"{key} must be {_describe(options)}, got {value!r} ({type(value).__name__})"
+        )
     if isinstance(value, str) and str in options and int in options:
         if value != "all":  # the only string allowed beside an integer (bank_negatives)
             raise ValueError(f"{key} must be an integer or 'all', got {value!r}")
@@ -395,6 +427,16 @@ def _check_combinations(config: TrainConfig) -> None:
         create_loss(config.loss.name, **config.loss.params)
     except (ValueError, TypeError) as err:
         raise ValueError(f"loss: {err}") from None
+    from hardneg.models import BACKBONES, HEADS
+
+    for key, value, allowed in (
+        ("model.backbone", config.model.backbone, BACKBONES),
+        ("model.head", config.model.head, HEADS),
+    ):
+        if value not in allowed:
+            close = difflib.get_close_matches(value, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}{hint}")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.train.device):
         raise ValueError(
             f"train.device must be auto, cpu, mps, cuda or cuda:N, got {config.train.device!r}"

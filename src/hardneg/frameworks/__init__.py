@@ -21,22 +21,26 @@ from hardneg.frameworks.simclr import SimCLR
 LOSSES_USING_HIDDEN = ("unremix",)
 
 
-def _simclr(config: Any, backbone: nn.Module, head: nn.Module, loss: nn.Module,
-            dataset_size: int) -> Framework:
+def _simclr(
+    config: Any, backbone: nn.Module, head: nn.Module, loss: nn.Module, dataset_size: int
+) -> Framework:
     return SimCLR(backbone, head, loss)
 
 
-def _moco(config: Any, backbone: nn.Module, head: nn.Module, loss: nn.Module,
-          dataset_size: int) -> Framework:
+def _moco(
+    config: Any, backbone: nn.Module, head: nn.Module, loss: nn.Module, dataset_size: int
+) -> Framework:
     fw = config.framework
     predictor = None
     if fw.predictor:
         from hardneg.models import build_predictor
 
-        predictor = build_predictor(dim=config.model.out_dim, hidden=config.model.predictor_hidden)
+        predictor = build_predictor(dim=head.out_dim, hidden=config.model.predictor_hidden)
     return MoCo(
-        backbone, head, loss,
-        out_dim=config.model.out_dim,
+        backbone,
+        head,
+        loss,
+        out_dim=head.out_dim,
         momentum=fw.momentum,
         queue_size=fw.queue_size,
         symmetric=fw.symmetric,
@@ -46,13 +50,16 @@ def _moco(config: Any, backbone: nn.Module, head: nn.Module, loss: nn.Module,
     )
 
 
-def _memory_bank(config: Any, backbone: nn.Module, head: nn.Module, loss: nn.Module,
-                 dataset_size: int) -> Framework:
+def _memory_bank(
+    config: Any, backbone: nn.Module, head: nn.Module, loss: nn.Module, dataset_size: int
+) -> Framework:
     fw = config.framework
     return MemoryBank(
-        backbone, head, loss,
+        backbone,
+        head,
+        loss,
         dataset_size=dataset_size,
-        out_dim=config.model.out_dim,
+        out_dim=head.out_dim,
         momentum=fw.bank_momentum,
         negatives=fw.bank_negatives,
     )
@@ -75,5 +82,12 @@ def build_framework(
     return FRAMEWORKS[name](config, backbone, head, loss, dataset_size)
 
 
-__all__ = ["FRAMEWORKS", "Framework", "MemoryBank", "MoCo", "SimCLR", "StepOutput",
-           "build_framework"]
+__all__ = [
+    "FRAMEWORKS",
+    "Framework",
+    "MemoryBank",
+    "MoCo",
+    "SimCLR",
+    "StepOutput",
+    "build_framework",
+]

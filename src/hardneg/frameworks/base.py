@@ -80,8 +80,13 @@ class Framework(nn.Module):
         if not diagnostics:
             return self.loss(q, k, negatives=negatives, **kwargs), None
         out: LossOutput = self.loss(
-            q, k, negatives=negatives, labels=labels, negative_labels=negative_labels,
-            return_diagnostics=True, **kwargs,
+            q,
+            k,
+            negatives=negatives,
+            labels=labels,
+            negative_labels=negative_labels,
+            return_diagnostics=True,
+            **kwargs,
         )
         return out.loss, out.diagnostics
 

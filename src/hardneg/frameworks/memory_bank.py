@@ -81,14 +81,24 @@ class MemoryBank(Framework):
             negatives, negative_labels, exclude = self.bank, self.bank_labels, index
         else:
             draw = torch.randint(
-                0, self.bank.shape[0], (self.negatives,), generator=generator,
+                0,
+                self.bank.shape[0],
+                (self.negatives,),
+                generator=generator,
                 device=self.bank.device,
             )
             negatives, negative_labels, exclude = self.bank[draw], self.bank_labels[draw], None
         loss, diag = self.contrast(
-            q, positives, negatives, diagnostics=diagnostics, labels=labels,
-            negative_labels=negative_labels, progress=progress, h1=h,
-            exclude_index=exclude, generator=generator,
+            q,
+            positives,
+            negatives,
+            diagnostics=diagnostics,
+            labels=labels,
+            negative_labels=negative_labels,
+            progress=progress,
+            h1=h,
+            exclude_index=exclude,
+            generator=generator,
         )
         pending = {"index": index, "q": q.detach()}
         if labels is not None:

@@ -72,9 +72,8 @@ class MoCo(Framework):
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, out_dim), dim=1))
         self.register_buffer("queue_labels", torch.full((queue_size,), -1, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.queue_hidden: Tensor | None = None
-        if keep_hidden:
-            self.register_buffer("queue_hidden", torch.zeros(queue_size, hidden_dim(head, backbone)))
+        hidden = torch.zeros(queue_size, hidden_dim(head, backbone)) if keep_hidden else None
+        self.register_buffer("queue_hidden", hidden)  # None: not kept (not in state_dict)
 
     def query(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z, h = self.project(x)
@@ -108,9 +107,16 @@ class MoCo(Framework):
             q, h = gather_with_grad(q), gather_no_grad(h)
             k, kh = gather_no_grad(k), gather_no_grad(kh)
             loss, d = self.contrast(
-                q, k, self.queue, diagnostics=diagnostics and i == 0, labels=labels,
-                negative_labels=self.queue_labels, progress=progress, h1=h,
-                negative_h=negative_h, generator=generator,
+                q,
+                k,
+                self.queue,
+                diagnostics=diagnostics and i == 0,
+                labels=labels,
+                negative_labels=self.queue_labels,
+                progress=progress,
+                h1=h,
+                negative_h=negative_h,
+                generator=generator,
             )
             losses.append(loss)
             queries.append(q.detach())
@@ -125,8 +131,9 @@ class MoCo(Framework):
             pending["labels"] = torch.cat([labels] * len(order))
         if self.queue_hidden is not None:
             pending["hidden"] = torch.cat([key_hidden[i] for i in order])
-        return StepOutput(loss=loss, embeddings=torch.cat(queries), diagnostics=diag,
-                          pending=pending)
+        return StepOutput(
+            loss=loss, embeddings=torch.cat(queries), diagnostics=diag, pending=pending
+        )
 
     @torch.no_grad()
     def commit(self, out: StepOutput) -> None:

@@ -37,7 +37,13 @@ class SimCLR(Framework):
         z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
         h1, h2 = gather_no_grad(h1), gather_no_grad(h2)
         loss, diag = self.contrast(
-            z1, z2, diagnostics=diagnostics, labels=gather_labels(labels),
-            progress=progress, h1=h1, h2=h2, generator=generator,
+            z1,
+            z2,
+            diagnostics=diagnostics,
+            labels=gather_labels(labels),
+            progress=progress,
+            h1=h1,
+            h2=h2,
+            generator=generator,
         )
         return StepOutput(loss=loss, embeddings=torch.cat([z1, z2]).detach(), diagnostics=diag)

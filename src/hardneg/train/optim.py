@@ -1,0 +1,68 @@
+"""Optimizer and learning-rate schedule (linear warm-up, then cosine or constant, per step)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def build_optimizer(optim: Any, model: nn.Module) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD over the trainable parameters (momentum encoders are excluded).
+
+    ``optim`` is a :class:`hardneg.config.OptimConfig`; weight decay applies to every parameter,
+    as in the HCL and PSM reference code.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optim.name == "adam":
+        return torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    if optim.name == "adamw":
+        return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    if optim.name == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=optim.lr,
+            momentum=optim.momentum,
+            weight_decay=optim.weight_decay,
+            nesterov=optim.nesterov,
+        )
+    raise ValueError(f"optim.name must be adam, adamw or sgd, got {optim.name!r}")
+
+
+def lr_factor(
+    step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float
+) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based).
+
+    Warm-up: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps. Then ``1``
+    (``constant``) or ``min_ratio + (1 - min_ratio) (1 + cos(pi p)) / 2`` (``cosine``) with
+    ``p`` the fraction of the post-warm-up steps done.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(total_steps - warmup_steps, 1)
+    done = min((step - warmup_steps) / span, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, optim: Any, steps_per_epoch: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step :class:`~torch.optim.lr_scheduler.LambdaLR` for :func:`lr_factor`."""
+    warmup_steps = round(optim.warmup_epochs * steps_per_epoch)
+    min_ratio = optim.min_lr / optim.lr
+
+    def factor(step: int) -> float:
+        return lr_factor(
+            step,
+            warmup_steps=warmup_steps,
+            total_steps=total_steps,
+            schedule=optim.schedule,
+            min_ratio=min_ratio,
+        )
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,93 @@
+"""Where and how a run executes: device, mixed precision, memory format, data placement, and a
+graceful stop on SIGINT / SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def select_device(name: str, dist_device: torch.device | None = None) -> torch.device:
+    """``auto``: the distributed context's device, else CUDA, else MPS, else CPU."""
+    if name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"train.device={name!r} but CUDA is not available here")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"train.device={name!r} but MPS is not available here")
+        return device
+    if dist_device is not None and dist_device.type != "cpu":
+        return dist_device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = full fp32). ``auto`` is bf16 on CUDA GPUs that support it."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def use_channels_last(setting: bool | str, device: torch.device, kind: str) -> bool:
+    """``auto``: channels-last for image models on CUDA (faster convolutions with tensor cores)."""
+    if setting == "auto":
+        return device.type == "cuda" and kind == "image"
+    return bool(setting) and kind == "image"
+
+
+def place_inputs(inputs: Tensor, device: torch.device, fraction: float = 0.4) -> Tensor:
+    """Move the whole training set to ``device`` once when it takes at most ``fraction`` of the
+    free accelerator memory; otherwise keep it in (pinned) host memory and move each batch."""
+    if device.type == "cpu":
+        return inputs
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if inputs.numel() * inputs.element_size() > fraction * free:
+            return inputs.pin_memory()
+    return inputs.to(device)
+
+
+class StopSignal:
+    """Context manager: the first SIGINT / SIGTERM only sets :attr:`requested` (the loop saves a
+    checkpoint at the next step boundary and stops); a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        name = signal.Signals(signum).name
+        print(
+            f"\n{name} received: finishing this step and saving a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+        )
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
