@@ -147,6 +147,33 @@ def crop_flip_theta(
     return theta
 
 
+def crop_flip_grid(
+    boxes: Tensor, flip: Tensor, in_hw: tuple[int, int], out_hw: tuple[int, int]
+) -> Tensor:
+    """Sampling grid ``[B, Ho, Wo, 2]`` (for ``grid_sample(..., align_corners=False)``) that
+    resizes the crop box ``(top, left, height, width)`` of each sample to ``out_hw``, mirrored
+    where ``flip``. Output pixel k samples input pixel ``left + (k + 0.5) * width / Wo - 0.5``
+    clamped to the box, which is exactly torchvision's ``resized_crop`` (crop, then bilinear
+    resize with half-pixel centres and edge clamping, no antialias)."""
+    H, W = in_hw
+    Ho, Wo = out_hw
+    top, left, height, width = (t.unsqueeze(1) for t in boxes.unbind(1))
+    kx = torch.arange(Wo, device=boxes.device, dtype=boxes.dtype).view(1, -1) + 0.5
+    ky = torch.arange(Ho, device=boxes.device, dtype=boxes.dtype).view(1, -1) + 0.5
+    kx = torch.where(flip.view(-1, 1), Wo - kx, kx)
+    px = torch.minimum(torch.maximum(left + kx * (width / Wo) - 0.5, left), left + width - 1)
+    py = torch.minimum(torch.maximum(top + ky * (height / Ho) - 0.5, top), top + height - 1)
+    gx = (2.0 * px + 1.0) / W - 1.0
+    gy = (2.0 * py + 1.0) / H - 1.0
+    B = boxes.shape[0]
+    return torch.stack([gx.unsqueeze(1).expand(B, Ho, Wo), gy.unsqueeze(2).expand(B, Ho, Wo)], -1)
+
+
+def resample_grid(x: Tensor, grid: Tensor, padding_mode: str = "border",
+                  mode: str = "bilinear") -> Tensor:
+    return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
+
+
 def resample(x: Tensor, theta: Tensor, size: tuple[int, int], padding_mode: str = "border",
              mode: str = "bilinear") -> Tensor:
     """``grid_sample`` of ``x`` [B, C, H, W] (float) on the affine grids ``theta`` -> [B, C, *size]."""

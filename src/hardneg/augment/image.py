@@ -25,6 +25,7 @@ enlarged, which is always the case for CIFAR/STL-10 at their native size).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hardneg.augment import functional as AF
@@ -189,6 +190,11 @@ class ImageAugmentation(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"expected an image batch [B, C, H, W], got shape {tuple(x.shape)}")
         B, C, H, W = x.shape
+        if C != self.normalize.mean.shape[0]:
+            raise ValueError(
+                f"this augmentation normalises {self.normalize.mean.shape[0]} channel(s); "
+                f"the batch has {C} channel(s)"
+            )
         S = self.size if self.size is not None else H
         dev = x.device
         if B == 0:
@@ -204,9 +210,13 @@ class ImageAugmentation(nn.Module):
             angle = (2.0 * u[:, col] - 1.0) * (self.rotation * torch.pi / 180.0)
         col += 1
 
-        theta = AF.crop_flip_theta(boxes, flip, (H, W), angle)
         img = x.float() if x.dtype == torch.uint8 else to_unit_float(x) * 255.0
-        out = AF.resample(img, theta, (S, S), padding_mode=self.padding_mode)
+        if angle is None:
+            grid = AF.crop_flip_grid(boxes, flip, (H, W), (S, S))
+        else:
+            grid = F.affine_grid(AF.crop_flip_theta(boxes, flip, (H, W), angle),
+                                 [B, C, S, S], align_corners=False)
+        out = AF.resample_grid(img, grid, padding_mode=self.padding_mode)
         out.mul_(1.0 / 255.0)  # bilinear weights are convex: stays in [0, 1]
 
         # Colour jitter.

@@ -1,0 +1,251 @@
+"""Batched on-device augmentation: shapes, ranges, determinism, per-sample parameters and the
+exactness of each operation against torchvision's reference implementations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from hardneg.augment import (
+    EvalTransform,
+    ImageAugmentation,
+    SignalAugmentation,
+    build_augmentation,
+    build_eval_transform,
+)
+from hardneg.augment import functional as AF
+from hardneg.data import dataset_info
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _images(b=8, c=3, s=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, c, s, s), dtype=torch.uint8, generator=g)
+
+
+def _unnormalise(y, name):
+    info = dataset_info(name)
+    mean = torch.tensor(info.mean, device=y.device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=y.device).view(1, -1, 1, 1)
+    return y * std + mean
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "name, shape, out",
+    [
+        ("cifar10", (8, 3, 32, 32), (8, 3, 32, 32)),
+        ("cifar100", (8, 3, 32, 32), (8, 3, 32, 32)),
+        ("stl10", (4, 3, 96, 96), (4, 3, 96, 96)),
+        ("tiny-imagenet", (4, 3, 64, 64), (4, 3, 64, 64)),
+        ("imagefolder", (4, 3, 40, 48), (4, 3, 40, 40)),
+        ("digits", (8, 1, 8, 8), (8, 1, 8, 8)),
+    ],
+)
+def test_image_recipes_shape_dtype_range(device, name, shape, out):
+    x = torch.randint(0, 256, shape, dtype=torch.uint8).to(device)
+    aug = build_augmentation(name)
+    y = aug(x, generator=torch.Generator(device).manual_seed(0))
+    assert y.shape == out and y.dtype == torch.float32 and y.device == x.device
+    assert torch.isfinite(y).all()
+    u = _unnormalise(y, name)
+    assert u.min() >= -1e-5 and u.max() <= 1 + 1e-5
+    ev = build_eval_transform(name)(x)
+    assert ev.shape == x.shape and torch.allclose(_unnormalise(ev, name), x.float() / 255, atol=1e-5)
+
+
+def test_hcl_recipe_trains_at_32px_and_evaluates_native():
+    x = _images(2, 3, 96)
+    assert build_augmentation("stl10", recipe="hcl")(x).shape == (2, 3, 32, 32)
+    assert build_eval_transform("stl10", recipe="hcl")(x).shape == (2, 3, 96, 96)
+    assert build_augmentation("stl10", image_size=64)(x).shape == (2, 3, 64, 64)
+    assert build_eval_transform("stl10", image_size=48)(x).shape == (2, 3, 48, 48)
+
+
+def test_determinism_and_per_sample_parameters():
+    aug = build_augmentation("cifar10")
+    x = _images(1).expand(16, -1, -1, -1).contiguous()  # 16 copies of one image
+    a = aug(x, generator=torch.Generator().manual_seed(1))
+    b = aug(x, generator=torch.Generator().manual_seed(1))
+    c = aug(x, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    flat = a.flatten(1)
+    assert torch.cdist(flat, flat).add(torch.eye(16) * 1e9).min() > 1e-3  # all views differ
+    # two calls with one generator give two different views
+    g = torch.Generator().manual_seed(3)
+    assert not torch.equal(aug(x, generator=g), aug(x, generator=g))
+
+
+def _plain(size=None, **kw):
+    base = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+    base.update(kw)
+    return ImageAugmentation(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), **base)
+
+
+def test_full_crop_without_flip_is_identity():
+    x = _images()
+    assert torch.allclose(_plain()(x), x.float() / 255, atol=1e-6)
+
+
+def test_flip_mirrors_horizontally():
+    x = _images()
+    assert torch.allclose(_plain(flip_p=1.0)(x), x.float().flip(-1) / 255, atol=1e-6)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_crop_matches_torchvision_resized_crop(flip):
+    img = torch.rand(3, 3, 32, 32) * 255
+    boxes = torch.tensor([[3.0, 5.0, 20.0, 14.0], [0.0, 0.0, 32.0, 32.0], [10.0, 0.0, 7.0, 30.0]])
+    grid = AF.crop_flip_grid(boxes, torch.tensor([flip] * 3), (32, 32), (24, 24))
+    out = AF.resample_grid(img, grid)
+    ref = torch.stack([
+        TF.resized_crop(img[i], *[int(v) for v in boxes[i]], [24, 24], antialias=False)
+        for i in range(3)
+    ])
+    if flip:
+        ref = ref.flip(-1)
+    assert torch.allclose(out, ref, atol=1e-3)
+
+
+def test_crop_boxes_follow_random_resized_crop():
+    u = torch.rand(4000, 22, generator=torch.Generator().manual_seed(0))
+    boxes = AF.sample_crop_boxes(u, (32, 32), (0.08, 1.0), (3 / 4, 4 / 3), 10)
+    top, left, h, w = boxes.unbind(1)
+    assert (h >= 1).all() and (w >= 1).all() and (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= 32).all() and (left + w <= 32).all()
+    assert ((top == top.round()) & (h == h.round())).all()
+    area = h * w / 1024
+    assert area.min() >= 0.05 and area.max() <= 1.0 and 0.4 < area.mean() < 0.65
+    # impossible constraints: torchvision's fallback (whole image, ratio clamped)
+    boxes = AF.sample_crop_boxes(u[:5], (32, 64), (1.0, 1.0), (1.0, 1.0), 10)
+    assert torch.equal(boxes[:, 2:], torch.tensor([[32.0, 32.0]] * 5))
+
+
+def test_grayscale_exact():
+    x = _images()
+    y = _plain(gray_p=1.0)(x)
+    f = x.float() / 255
+    expect = 0.2989 * f[:, 0] + 0.587 * f[:, 1] + 0.114 * f[:, 2]
+    for c in range(3):
+        assert torch.allclose(y[:, c], expect, atol=1e-6)
+    assert torch.allclose(y, TF.rgb_to_grayscale(f, num_output_channels=3), atol=1e-6)
+
+
+def test_color_ops_match_torchvision():
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x[0, :, :4, :4] = 0.5  # achromatic pixels
+    x[1, 0] = x[1, 1]  # ties for the max channel
+    f = torch.tensor([0.6, 1.0, 1.3, 0.0, 1.4, 0.9])
+    shift = torch.tensor([-0.1, 0.05, 0.0, 0.1, -0.5, 0.5])
+    cases = [
+        (AF.adjust_brightness, TF.adjust_brightness, f),
+        (AF.adjust_contrast, TF.adjust_contrast, f),
+        (AF.adjust_saturation, TF.adjust_saturation, f),
+        (AF.adjust_hue, TF.adjust_hue, shift),
+    ]
+    for mine, ref, fac in cases:
+        got = mine(x.clone(), fac)
+        want = torch.stack([ref(x[i], float(fac[i])) for i in range(6)])
+        assert torch.allclose(got, want, atol=1e-5), mine.__name__
+
+
+def test_blur_matches_torchvision():
+    x = torch.rand(4, 3, 16, 16)
+    sigma = torch.tensor([0.1, 0.5, 1.0, 2.0])
+    got = AF.gaussian_blur(x, sigma, 5)
+    want = torch.stack([TF.gaussian_blur(x[i], [5, 5], [float(sigma[i])] * 2) for i in range(4)])
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_random_jitter_order_is_per_sample():
+    n = 64
+    g = torch.Generator().manual_seed(0)
+    sub = torch.rand(n, 3, 6, 6, generator=g)
+    fac = torch.stack([torch.rand(n, generator=g) + 0.5, torch.rand(n, generator=g) + 0.5,
+                       torch.rand(n, generator=g) + 0.5, torch.rand(n, generator=g) * 0.2 - 0.1], 1)
+    ou = torch.rand(n, 4, generator=g)
+    out, fac_out = ImageAugmentation._random_order(sub.clone(), fac, ou, [0, 1, 2, 3])
+    ops = [AF.adjust_brightness, AF.adjust_contrast, AF.adjust_saturation, AF.adjust_hue]
+    for row in range(n):
+        i = int(fac_out[row, 4])
+        want = sub[i: i + 1]
+        for op in torch.argsort(ou[i]).tolist():
+            want = ops[op](want, fac[i: i + 1, op])
+        assert torch.allclose(out[row: row + 1], want, atol=1e-5)
+    assert len({tuple(torch.argsort(r).tolist()) for r in ou}) > 10  # many different orders
+
+
+def test_fixed_and_random_order_agree_for_one_op():
+    x = _images(16)
+    kw = dict(jitter=(0.4, 0.0, 0.0, 0.0), jitter_p=1.0)
+    a = _plain(jitter_order="fixed", **kw)(x, generator=torch.Generator().manual_seed(0))
+    b = _plain(jitter_order="random", **kw)(x, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_blur_and_noise_change_only_when_enabled():
+    x = _images(8)
+    assert torch.equal(_plain()(x), _plain(blur_p=0.0, noise_std=0.0)(x))
+    blurred = _plain(blur_p=1.0, blur_kernel=3)(x, generator=torch.Generator().manual_seed(0))
+    assert blurred.std() < (x.float() / 255).std()  # smoothing reduces the variance
+    noisy = _plain(noise_std=0.1)(x, generator=torch.Generator().manual_seed(0))
+    assert 0.02 < (noisy - x.float() / 255).abs().mean() < 0.1
+
+
+def test_rotation_digits_keeps_shape_and_varies():
+    x = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    x[:, :, 2:6, 3:5] = 255
+    aug = build_augmentation("digits", noise_std=0.0, jitter_p=0.0)
+    y = aug(x.repeat(4, 1, 1, 1), generator=torch.Generator().manual_seed(0))
+    assert y.shape == (16, 1, 8, 8) and torch.unique(y.flatten(1), dim=0).shape[0] == 16
+    # zero-size rotation + full crop = identity
+    plain = ImageAugmentation(None, (0.0,), (1.0,), scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                              flip_p=0.0, jitter_p=0.0, gray_p=0.0, rotation=1e-9,
+                              padding_mode="zeros")
+    assert torch.allclose(plain(x), x.float() / 255, atol=1e-5)
+
+
+def test_signal_augmentation():
+    x = torch.randn(32, 1, 40, generator=torch.Generator().manual_seed(0))
+    aug = build_augmentation("mnist1d")
+    a = aug(x, generator=torch.Generator().manual_seed(0))
+    b = aug(x, generator=torch.Generator().manual_seed(0))
+    assert a.shape == x.shape and a.dtype == torch.float32 and torch.equal(a, b)
+    assert not torch.allclose(a, x, atol=1e-2)
+    ident = SignalAugmentation(None, crop_scale=(1.0, 1.0), max_shift=0.0, amplitude=(1.0, 1.0),
+                               noise_std=0.0)
+    assert torch.allclose(ident(x), x, atol=1e-5)
+    # the crop and shift translate: the signal of a shifted copy matches the original
+    assert build_augmentation("mnist1d", image_size=32)(x).shape == (32, 1, 32)
+    assert torch.equal(build_eval_transform("mnist1d")(x), x)
+    corr = SignalAugmentation(None, noise_std=0.0, corr_noise_std=0.3)(x)
+    assert torch.isfinite(corr).all()
+
+
+def test_eval_transform_deterministic_resize():
+    x = _images(2, 3, 64)
+    t = EvalTransform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    y = t(x)
+    assert y.shape == (2, 3, 32, 32) and torch.equal(y, t(x))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown augmentation option.*scalee"):
+        build_augmentation("cifar10", scalee=(0.2, 1.0))
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        build_augmentation("cifar10", recipe="byol")
+    with pytest.raises(ValueError, match="flip_p must be a probability"):
+        build_augmentation("cifar10", flip_p=1.5)
+    with pytest.raises(ValueError, match="scale must"):
+        build_augmentation("cifar10", scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="expected an image batch"):
+        build_augmentation("cifar10")(torch.zeros(3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="1 channel"):
+        build_augmentation("cifar10")(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
+    assert build_augmentation("cifar10", scale=[0.2, 1.0]).scale == (0.2, 1.0)  # YAML lists
+
+
+def test_empty_batch():
+    assert build_augmentation("cifar10")(torch.zeros(0, 3, 32, 32, dtype=torch.uint8)).shape[0] == 0
