@@ -1,13 +1,341 @@
-"""`hardneg compare` (being built; see the open issues)."""
+"""``hardneg compare``: train every strategy x seed on one data set, evaluate, report.
+
+Each run is a normal training run (:func:`hardneg.train.train`) from one base config; only the loss
+section changes between strategies. The loss hyper-parameters are the registry defaults
+(``hardneg losses``) with two adaptations, so that the strategies differ in how they pick and weight
+negatives and not in their scale:
+
+* ``temperature`` is the base config's loss temperature for every strategy (the registry's Ring
+  default 0.07 is the MoCo / IR value; SimCLR-style runs use 0.5);
+* Ring on in-batch negatives (``framework: simclr``) keeps the outer band ``rho_out = 0.5``, the
+  authors' SimCLR-Ring value for a small pool (their 0.1 is for a 65536-key queue).
+
+Overrides ``section.key=value`` apply to every run; ``loss.KEY=value`` goes to each strategy that
+has ``KEY``; ``STRATEGY.KEY=value`` (e.g. ``hcl.beta=2``) to that strategy only. After training, each
+run's frozen backbone is evaluated (weighted kNN + linear probe), ``metrics.json`` and ``report.md``
+are written in its folder, and one comparison report (table + side-by-side figures) in ``--out``.
+Finished runs found in ``--out`` with the same config are reused, so an interrupted comparison
+continues where it stopped.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+STRATEGIES = ("infonce", "debiased", "hcl", "ring", "unremix", "potential")
+IN_BATCH_RING_RHO_OUT = 0.5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--dataset", default="mnist1d", help="data set (default mnist1d)")
+    parser.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES),
+        help=f"comma-separated loss names (default {','.join(STRATEGIES)})",
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per strategy")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: the base config's)")
+    parser.add_argument("--framework", help="simclr | moco | memory_bank (default: base config's)")
+    parser.add_argument(
+        "--config",
+        help="base YAML config, path or packaged name (default: the packaged config of the "
+        "data set, e.g. mnist1d_simclr_hcl; its loss section only lends its temperature)",
+    )
+    parser.add_argument("--out", help="output folder (default runs/compare-DATASET-TIME)")
+    parser.add_argument("--no-linear", action="store_true", help="skip the linear probe")
+    parser.add_argument(
+        "--tsne-points", type=int, default=1000, help="t-SNE subsample size (0 = no t-SNE)"
+    )
+    parser.add_argument("--progress", action="store_true", help="show a progress bar per run")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides: section.key=value for every run (train.batch_size=128), "
+        "loss.KEY=value for each strategy that has KEY (loss.tau_plus=0.05), "
+        "STRATEGY.KEY=value for one strategy (hcl.beta=2)",
+    )
+    parser.epilog = (
+        "Loss hyper-parameters are the registry defaults (hardneg losses), with the base "
+        "config's temperature for every strategy and Ring's rho_out=0.5 on in-batch negatives."
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    raise ValueError("this command is not available yet")
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    out = Path(args.out) if args.out else default_out(f"compare-{args.dataset}")
+    outcome = compare(
+        dataset=args.dataset,
+        strategies=strategies,
+        seeds=range(args.seeds),
+        base_config=args.config,
+        overrides=args.overrides,
+        epochs=args.epochs,
+        framework=args.framework,
+        out=out,
+        linear=not args.no_linear,
+        tsne_points=args.tsne_points,
+        progress_bar=args.progress,
+        command="hardneg " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    print()
+    print(outcome.table)
+    print(f"\nreport: {outcome.report}")
+    return 0 if not outcome.failed else 1
+
+
+@dataclass
+class Outcome:
+    records: list  # hardneg.report.RunRecord, one per finished run
+    failed: list[str]  # "strategy seed N: why"
+    table: str
+    report: Path
+    seconds: float
+
+
+def default_out(name: str) -> Path:
+    """``runs/NAME-YYYYmmdd-HHMMSS``."""
+    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def compare(
+    *,
+    dataset: str,
+    strategies: Sequence[str],
+    seeds: Sequence[int],
+    out: str | Path,
+    base_config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    epochs: int | None = None,
+    framework: str | None = None,
+    linear: bool = True,
+    tsne_points: int = 1000,
+    progress_bar: bool = False,
+    command: str | None = None,
+    notes: Sequence[str] = (),
+    say: Callable[[str], None] = print,
+) -> Outcome:
+    """Train, evaluate and report every ``strategy x seed``; returns the records and report path.
+
+    All configs are built and validated before the first run starts, so a typo fails at once.
+    A run that stops on a non-finite loss is reported as failed and the others go on.
+    """
+    from hardneg.report import (
+        RunRecord,
+        format_table,
+        load_history,
+        load_metrics,
+        save_metrics,
+        summarize,
+        write_comparison_report,
+        write_run_report,
+    )
+    from hardneg.train import NonFiniteError, train
+
+    if not strategies:
+        raise ValueError("--strategies is empty")
+    if len(set(strategies)) != len(strategies):
+        raise ValueError(f"--strategies lists a strategy twice: {','.join(strategies)}")
+    if not seeds:
+        raise ValueError("--seeds must be >= 1")
+    out = Path(out)
+    parsed = Overrides.parse(overrides)
+    if base_config is None:
+        base_config = default_base_config(dataset, framework)
+    configs = {
+        (s, seed): build_run_config(dataset, s, seed, base_config, parsed, epochs, framework)
+        for s in strategies
+        for seed in seeds
+    }
+    start = time.perf_counter()
+    records, failed, embeddings = [], [], {}
+    for i, ((strategy, seed), cfg) in enumerate(configs.items(), 1):
+        run_dir = out / strategy / f"seed{seed}"
+        tag = f"[{i}/{len(configs)}] {strategy} seed {seed}"
+        t0 = time.perf_counter()
+        reused = finished_run(run_dir, cfg)
+        if not reused:
+            say(f"{tag}: training {cfg.train.epochs} epochs -> {run_dir}")
+            try:
+                train(cfg, run_dir=run_dir, progress_bar=progress_bar)
+            except NonFiniteError as err:
+                failed.append(f"{strategy} seed {seed}: {err}")
+                say(f"{tag}: FAILED ({err})")
+                continue
+        want_tsne = tsne_points > 0 and strategy not in embeddings
+        metrics = load_metrics(run_dir) if reused and not want_tsne else {}
+        if not metrics:
+            metrics = evaluate_run(run_dir, cfg, linear, want_tsne)
+            if want_tsne:
+                embeddings[strategy] = (
+                    metrics.pop("test_features").numpy(),
+                    metrics.pop("test_labels").numpy(),
+                )
+            save_metrics(run_dir, metrics)
+            write_run_report(run_dir, metrics, title=f"{strategy}, seed {seed}")
+        record = RunRecord(strategy, seed, run_dir, metrics, load_history(run_dir))
+        records.append(record)
+        linear_txt = f"  linear {metrics['linear_top1']:.2f}" if "linear_top1" in metrics else ""
+        say(
+            f"{tag}: kNN {metrics['knn_top1']:.2f}{linear_txt}"
+            f"  ({'reused' if reused else f'{time.perf_counter() - t0:.0f} s'})"
+        )
+    if not records:
+        raise ValueError("every run failed: " + "; ".join(failed))
+    table = format_table(summarize(records))
+    first = next(iter(configs.values()))
+    notes = [
+        f"base config: {base_config or 'defaults'}; {first.train.epochs} epochs, batch "
+        f"{first.train.batch_size}, framework {first.framework.name}, backbone "
+        f"{first.model.backbone}",
+        "loss hyper-parameters: registry defaults, temperature from the base config"
+        + (f", Ring rho_out={IN_BATCH_RING_RHO_OUT} in-batch" if "ring" in strategies else "")
+        + " (each run's config.yaml has them all)",
+        *notes,
+        *(f"FAILED: {f}" for f in failed),
+    ]
+    report = write_comparison_report(
+        out,
+        records,
+        embeddings=embeddings,
+        command=command,
+        device=machine_description(first.train.device),
+        notes=notes,
+        tsne_points=tsne_points,
+    )
+    return Outcome(records, failed, table, report, time.perf_counter() - start)
+
+
+@dataclass
+class Overrides:
+    """``key=value`` overrides sorted by where they go (see the module docstring)."""
+
+    common: list[str]  # config overrides for every run
+    loss: dict[str, str]  # loss.KEY=value: every strategy that has KEY
+    per_strategy: dict[str, dict[str, str]]  # STRATEGY.KEY=value
+
+    @classmethod
+    def parse(cls, items: Sequence[str]) -> Overrides:
+        from hardneg.config import SECTIONS
+
+        sections = ["seed", *SECTIONS]
+        parsed = cls([], {}, {})
+        for item in items:
+            key, sep, value = item.partition("=")
+            head, _, rest = key.strip().partition(".")
+            if not sep:
+                raise ValueError(f"override {item!r} must look like section.key=value")
+            if head == "loss":
+                if rest in ("", "name"):
+                    raise ValueError("choose the losses with --strategies, not loss.name / loss=")
+                parsed.loss[rest] = value
+            elif head in sections:
+                parsed.common.append(item)
+            elif head in STRATEGIES and rest:
+                parsed.per_strategy.setdefault(head, {})[rest] = value
+            else:
+                raise ValueError(
+                    f"override {item!r}: {head!r} is neither a config section "
+                    f"({', '.join(sections)}) nor a strategy ({', '.join(STRATEGIES)})"
+                )
+        return parsed
+
+
+def build_run_config(
+    dataset: str,
+    strategy: str,
+    seed: int,
+    base_config: str | Path | None,
+    overrides: Overrides,
+    epochs: int | None,
+    framework: str | None,
+):
+    """The validated :class:`~hardneg.config.TrainConfig` of one run (see the module docstring)."""
+    from hardneg.config import TrainConfig, apply_override, load_config
+    from hardneg.registry import loss_hparams
+
+    common = [*overrides.common, f"data.dataset={dataset}", f"seed={seed}"]
+    if epochs is not None:
+        common.append(f"train.epochs={epochs}")
+    if framework is not None:
+        common.append(f"framework.name={framework}")
+    base = load_config(base_config, common)
+
+    hparams = loss_hparams(strategy)  # raises on an unknown strategy, with a suggestion
+    temperature = base.loss.params.get(
+        "temperature", loss_hparams(base.loss.name).get("temperature")
+    )
+    loss: dict[str, object] = {"name": strategy}
+    if "temperature" in hparams and temperature is not None:
+        loss["temperature"] = temperature
+    if strategy == "ring" and base.framework.name == "simclr":
+        loss["rho_out"] = IN_BATCH_RING_RHO_OUT
+    for key, value in overrides.loss.items():
+        if key in hparams:
+            apply_override(loss, f"{key}={value}")
+    for key, value in overrides.per_strategy.get(strategy, {}).items():
+        apply_override(loss, f"{key}={value}")  # an unknown key fails in from_dict
+    raw = base.to_dict()
+    raw["loss"] = loss
+    return TrainConfig.from_dict(raw)
+
+
+def default_base_config(dataset: str, framework: str | None) -> str | None:
+    """The packaged config for ``dataset``: ``DATASET.yaml``, else ``DATASET_FRAMEWORK_*.yaml``
+    (framework simclr unless given), else any ``DATASET_*.yaml``; ``None`` (library defaults)
+    when none is packaged."""
+    from hardneg.config import list_configs
+
+    names = list_configs()
+    preferred = [
+        dataset,
+        *(n for n in names if n.startswith(f"{dataset}_{framework or 'simclr'}_")),
+        *(n for n in names if n.startswith(f"{dataset}_")),
+    ]
+    return next((n for n in preferred if n in names), None)
+
+
+def finished_run(run_dir: Path, cfg) -> bool:
+    """True when ``run_dir`` holds a finished run of exactly ``cfg`` (reused, not retrained)."""
+    final, saved = run_dir / "checkpoints" / "final.pt", run_dir / "config.yaml"
+    if not final.exists():
+        return False
+    if not saved.exists() or saved.read_text() != cfg.to_yaml():
+        raise ValueError(
+            f"{run_dir} holds a finished run with another config; choose another --out"
+        )
+    return True
+
+
+def evaluate_run(run_dir: Path, cfg, linear: bool, return_features: bool) -> dict:
+    from hardneg.evaluation import evaluate_checkpoint
+
+    return evaluate_checkpoint(
+        run_dir / "checkpoints" / "final.pt",
+        knn_k=cfg.eval.knn_k,
+        knn_t=cfg.eval.knn_temperature,
+        linear=linear,
+        batch_size=cfg.eval.batch_size,
+        device=cfg.train.device,
+        seed=cfg.seed,
+        return_features=return_features,
+    )
+
+
+def machine_description(device: str) -> str:
+    import torch
+
+    from hardneg.evaluation.evaluate import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)} (CUDA)"
+    return f"CPU, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads)"

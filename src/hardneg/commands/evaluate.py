@@ -1,13 +1,92 @@
-"""`hardneg evaluate` (being built; see the open issues)."""
+"""``hardneg eval CHECKPOINT``: weighted kNN and linear-probe accuracy of a trained backbone.
+
+Features are extracted once from the frozen backbone on the evaluation splits of the data set
+(``hardneg.data.dataset_info(name).eval_train_split / eval_test_split``); the kNN is the weighted
+vote of Wu et al. 2018 and the linear probe a softmax classifier trained to convergence.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("checkpoint", help="a training checkpoint, e.g. RUN/checkpoints/final.pt")
+    parser.add_argument("--dataset", help="evaluate on this data set (default: the training one)")
+    parser.add_argument("--data-dir", help="where the data set lives (default: the training one)")
+    parser.add_argument("--download", action="store_true", help="download the data if missing")
+    parser.add_argument("--knn-k", type=int, default=200, help="kNN neighbours (default 200)")
+    parser.add_argument(
+        "--knn-t", type=float, default=0.1, help="kNN temperature of exp(s/t) (default 0.1)"
+    )
+    parser.add_argument("--no-linear", action="store_true", help="skip the linear probe")
+    parser.add_argument("--batch-size", type=int, default=512, help="feature-extraction batch")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the linear probe")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="also write metrics.json and report.md (with plots) into the checkpoint's run folder",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    raise ValueError("this command is not available yet")
+    from hardneg.evaluation import evaluate_checkpoint
+
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    result = evaluate_checkpoint(
+        checkpoint,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        knn_k=args.knn_k,
+        knn_t=args.knn_t,
+        linear=not args.no_linear,
+        batch_size=args.batch_size,
+        device=args.device,
+        download=args.download,
+        seed=args.seed,
+        return_features=args.report,
+    )
+    features = (result.pop("test_features", None), result.pop("test_labels", None))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_result(result))
+    if args.report:
+        from hardneg.report import save_metrics, write_run_report
+
+        run_dir = run_dir_of(checkpoint)
+        save_metrics(run_dir, result)
+        report = write_run_report(
+            run_dir, result, embeddings=(features[0].numpy(), features[1].numpy())
+        )
+        print(f"report: {report}")
+    return 0
+
+
+def format_result(result: dict) -> str:
+    lines = [
+        f"checkpoint: {result['checkpoint']}",
+        f"data: {result['dataset']} (train on '{result['train_split']}', {result['train_size']} "
+        f"examples; test on '{result['test_split']}', {result['test_size']}; "
+        f"{result['feature_dim']}-d features)",
+        f"kNN (k={result['knn_k']}, t={result['knn_t']:g}):  "
+        f"top-1 {result['knn_top1']:6.2f}%   top-5 {result['knn_top5']:6.2f}%",
+    ]
+    if "linear_top1" in result:
+        lines.append(
+            f"linear probe:         top-1 {result['linear_top1']:6.2f}%   "
+            f"top-5 {result['linear_top5']:6.2f}%"
+        )
+    return "\n".join(lines)
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """``RUN/checkpoints/x.pt`` -> ``RUN``; a checkpoint elsewhere -> its own folder."""
+    parent = checkpoint.resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent

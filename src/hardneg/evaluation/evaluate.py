@@ -36,6 +36,7 @@ def evaluate_backbone(
     data_dir: str | Path | None = None,
     download: bool = False,
     image_size: int | None = None,
+    recipe: str = "simclr",
     knn_k: int = 200,
     knn_t: float = 0.1,
     linear: bool = True,
@@ -48,6 +49,7 @@ def evaluate_backbone(
     The splits are those the papers use, from ``hardneg.data.dataset_info(dataset)``
     (``eval_train_split`` / ``eval_test_split``; e.g. STL-10 evaluates on its labelled ``train``
     split even when pre-training used ``train+unlabeled``). Unlabelled rows (label -1) are dropped.
+    ``image_size`` and ``recipe`` select the deterministic eval transform the training run used.
     """
     from hardneg.augment import build_eval_transform
     from hardneg.data import dataset_info, load_dataset
@@ -56,12 +58,12 @@ def evaluate_backbone(
     info = dataset_info(dataset)
     train = load_dataset(dataset, info.eval_train_split, data_dir=data_dir, download=download)
     test = load_dataset(dataset, info.eval_test_split, data_dir=data_dir, download=download)
-    transform = build_eval_transform(dataset, image_size=image_size).to(device)
+    if not bool((train.labels >= 0).all()):
+        train = train.subset(train.labels >= 0)
+    transform = build_eval_transform(dataset, image_size, recipe).to(device)
     backbone = backbone.to(device)
     train_f, train_y = extract_features(backbone, train, transform, batch_size, device)
     test_f, test_y = extract_features(backbone, test, transform, batch_size, device)
-    keep = train_y >= 0
-    train_f, train_y = train_f[keep], train_y[keep]
     num_classes = info.num_classes
 
     knn = weighted_knn(
@@ -135,6 +137,7 @@ def evaluate_checkpoint(
         data_dir=data_dir,
         download=download,
         image_size=data_cfg.get("image_size"),
+        recipe=(config.get("augment") or {}).get("recipe", "simclr"),
         knn_k=knn_k,
         knn_t=knn_t,
         linear=linear,

@@ -123,14 +123,16 @@ def write_comparison_report(
             hardness[record.strategy] = load_hardness(record.run_dir)
     figures = _draw_figures(out_dir, histories, hardness, embeddings or {}, tsne_points, seed)
     seeds = sorted({r.seed for r in records})
+    knn = records[0].metrics if records else {}
     lines = ["# Strategy comparison", ""]
     if command:
         lines += ["Command:", "", "```", command, "```", ""]
     lines += [
         f"- seeds: {', '.join(map(str, seeds))} (table: mean ± sample std over seeds)",
         f"- machine: {device or _machine()}; torch {torch.__version__}",
-        "- kNN: weighted kNN (k = 200, t = 0.1) on frozen backbone features; linear: linear "
-        "probe (L-BFGS, standardised features) on the same features",
+        f"- kNN: weighted kNN (k = {knn.get('knn_k', 200)}, t = {knn.get('knn_t', 0.1)}) on frozen "
+        "backbone features; linear: linear probe (L-BFGS, standardised features) on the same "
+        "features",
         "- false-neg. mass / eff. negatives: last epoch's batch means of the training diagnostics "
         "(labels used for analysis only); s / epoch: median epoch time",
     ]

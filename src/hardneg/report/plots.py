@@ -147,7 +147,7 @@ def plot_tsne(
     n = len(embeddings)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(3.3 * cols, 3.2 * rows), dpi=DPI)
+    fig = Figure(figsize=(max(3.3 * cols, 4.4), 3.2 * rows), dpi=DPI)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
@@ -167,7 +167,7 @@ def plot_tsne(
         ax.set_title(label, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"t-SNE of test embeddings ({len(x)} points, colour = class)", fontsize=10)
+    fig.suptitle(f"t-SNE of {len(x)} test embeddings (colour = class)", fontsize=10)
     return _save(fig, path)
 
 
