@@ -198,6 +198,7 @@ def two_rank_results(tmp_path_factory) -> list[dict[str, float]]:
     pytest.fail(f"distributed workers failed:\n{logs}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_name", ["hcl", "infonce", "hcl_uneven"])
 def test_gathered_loss_under_ddp_equals_single_process(two_rank_results, loss_name):
     for rank, results in enumerate(two_rank_results):
@@ -206,6 +207,7 @@ def test_gathered_loss_under_ddp_equals_single_process(two_rank_results, loss_na
             assert value < TOL, f"rank {rank}: {loss_name} {key} differs by {value}"
 
 
+@pytest.mark.slow
 def test_moco_keys_gathered_without_grad(two_rank_results):
     for rank, results in enumerate(two_rank_results):
         assert results["moco/keys"] < TOL, rank
@@ -215,6 +217,7 @@ def test_moco_keys_gathered_without_grad(two_rank_results):
         assert results["moco/grad"] < TOL, rank
 
 
+@pytest.mark.slow
 def test_all_reduce_mean(two_rank_results):
     for results in two_rank_results:
         assert results["all_reduce_mean"] < 1e-12

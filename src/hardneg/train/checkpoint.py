@@ -263,23 +263,29 @@ def load_checkpoint(
     if verify and zipfile.is_zipfile(path):
         try:
             _check_zip_integrity(path)
+        except PermissionError:
+            raise
         except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as error:
             raise ValueError(
                 f"checkpoint {path} is truncated or corrupt ({_first_line(error)})"
-            ) from error
+            ) from None
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (PermissionError, MemoryError):
+        raise
     except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, OSError, ...
         if _is_weights_only_refusal(error):
+            found = re.search(r"GLOBAL\s+([\w.]+)", str(error))
+            detail = f" (it references {found.group(1)})" if found else ""
             raise ValueError(
                 f"checkpoint {path} contains objects that torch.load(weights_only=True) refuses "
-                "to load (it may run code when unpickled); hardneg only writes tensors and plain "
-                "containers, so this file was not written by hardneg or was tampered with. "
-                "It was not loaded"
-            ) from error
+                f"to load{detail}: unpickling them could run code. hardneg only writes tensors "
+                "and plain containers, so this file was not written by hardneg or was tampered "
+                "with. It was not loaded"
+            ) from None
         raise ValueError(
             f"checkpoint {path} is truncated or corrupt ({_first_line(error)})"
-        ) from error
+        ) from None
     if not isinstance(payload, dict):
         raise ValueError(
             f"checkpoint {path} does not contain a checkpoint dict (found {_type_name(payload)})"
