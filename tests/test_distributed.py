@@ -122,6 +122,11 @@ def _worker(out_dir: Path) -> None:
             results[f"{name}/{key}"] = value
     for key, value in _check_in_batch_loss("hcl", UNEVEN, ctx.rank).items():
         results[f"hcl_uneven/{key}"] = value
+    # the path used under NCCL: row counts go through a separate gloo group
+    hd._default_group_handles_cpu = lambda: False
+    for key, value in _check_in_batch_loss("hcl", UNEVEN, ctx.rank).items():
+        results[f"hcl_uneven_side_group/{key}"] = value
+    assert hd._SIZE_GROUP is not None
     for key, value in _check_moco(ctx.rank).items():
         results[f"moco/{key}"] = value
     results["all_reduce_mean"] = abs(hd.all_reduce_mean(float(ctx.rank + 1)) - 1.5)
@@ -199,7 +204,7 @@ def two_rank_results(tmp_path_factory) -> list[dict[str, float]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_name", ["hcl", "infonce", "hcl_uneven"])
+@pytest.mark.parametrize("loss_name", ["hcl", "infonce", "hcl_uneven", "hcl_uneven_side_group"])
 def test_gathered_loss_under_ddp_equals_single_process(two_rank_results, loss_name):
     for rank, results in enumerate(two_rank_results):
         for key in ("gathered", "loss", "grad"):

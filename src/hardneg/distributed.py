@@ -173,17 +173,38 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Destroy the default process group if one was initialised."""
+    """Destroy the default process group (and the helper group) if one was initialised."""
+    global _SIZE_GROUP
+    _SIZE_GROUP = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
+# Row counts are exchanged on the CPU, so that learning them never waits for the GPU: through the
+# default group when its backend handles CPU tensors (gloo), otherwise through a gloo group
+# created on first use (every rank reaches its first gather at the same point of the step).
+_SIZE_GROUP: dist.ProcessGroup | None = None
+
+
+def _default_group_handles_cpu() -> bool:
+    return "gloo" in str(dist.get_backend()).lower()
+
+
+def _size_group() -> dist.ProcessGroup | None:
+    global _SIZE_GROUP
+    if _default_group_handles_cpu():
+        return None
+    if _SIZE_GROUP is None:
+        _SIZE_GROUP = dist.new_group(backend="gloo")
+    return _SIZE_GROUP
+
+
 def _gather_sizes(x: Tensor) -> list[int]:
     world = dist.get_world_size()
-    local = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    local = torch.tensor([x.shape[0]], dtype=torch.int64)
     sizes = [torch.zeros_like(local) for _ in range(world)]
-    dist.all_gather(sizes, local)
-    return [int(s.item()) for s in sizes]
+    dist.all_gather(sizes, local, group=_size_group())
+    return [int(s) for s in torch.cat(sizes).tolist()]
 
 
 def _all_gather_cat(x: Tensor, equal_sizes: bool) -> tuple[Tensor, list[int]]:
@@ -223,9 +244,10 @@ class _GatherWithGrad(torch.autograd.Function):
 def gather_with_grad(x: Tensor, *, equal_sizes: bool = False) -> Tensor:
     """All ranks' ``x`` concatenated along dim 0 in rank order, differentiable w.r.t. local ``x``.
 
-    Identity without a multi-process group. Ranks may hold different numbers of rows (sizes are
-    exchanged first); pass ``equal_sizes=True`` to skip that exchange (one small collective and a
-    host sync) when every rank is known to have the same batch size.
+    Identity without a multi-process group. Ranks may hold different numbers of rows: the row
+    counts are exchanged first, on the CPU (no GPU sync). ``equal_sizes=True`` skips that small
+    collective when every rank is known to hold the same number of rows (if they do not, the
+    gather fails or, with NCCL, may hang).
 
     Why the backward pass all-reduces (sums) the incoming gradient and returns the local slice:
     let ``R`` ranks hold ``z_r = f(theta, x_r)`` and every rank compute the *same* global loss
