@@ -69,7 +69,7 @@ def _check_in_batch_loss(name: str, sizes: tuple[int, int], rank: int) -> dict[s
         ref_z1 = reference(x1)
     return {
         "gathered": float((g1.detach() - ref_z1).abs().max()),
-        "loss": abs(float(loss) - float(ref_loss)),
+        "loss": abs(loss.item() - ref_loss.item()),
         "grad": _max_grad_diff(model.module, reference),
     }
 
@@ -103,7 +103,7 @@ def _check_moco(rank: int) -> dict[str, float]:
         "keys": float((all_keys - ref_keys).abs().max()),
         "keys_same_on_ranks": float((both[0] - both[1]).abs().max()),
         "keys_requires_grad": float(all_keys.requires_grad),
-        "loss_mean": abs(float(hd.all_reduce_mean(loss.detach())) - float(ref_loss)),
+        "loss_mean": abs(float(hd.all_reduce_mean(loss.detach())) - ref_loss.item()),
         "grad": _max_grad_diff(model.module, reference),
     }
 
