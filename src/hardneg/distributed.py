@@ -140,6 +140,7 @@ def init_distributed(
     dist.init_process_group(
         backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs
     )
+    _size_group()  # create the CPU group for row counts now, collectively, not mid-step
     return DistContext(rank, world_size, local_rank, device, rank == 0, True, backend)
 
 
