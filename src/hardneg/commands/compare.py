@@ -262,6 +262,8 @@ def build_run_config(
     from hardneg.config import TrainConfig, apply_override, load_config
     from hardneg.registry import loss_hparams
 
+    if base_config is None:
+        base_config = default_base_config(dataset, framework)
     common = [*overrides.common, f"data.dataset={dataset}", f"seed={seed}"]
     if epochs is not None:
         common.append(f"train.epochs={epochs}")

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the linear probe")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.add_argument(
+        "--tsne-points", type=int, default=1000, help="t-SNE subsample of --report (0 = none)"
+    )
+    parser.add_argument(
         "--report",
         action="store_true",
         help="also write metrics.json and report.md (with plots) into the checkpoint's run folder",
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         download=args.download,
         seed=args.seed,
-        return_features=args.report,
+        return_features=args.report and args.tsne_points > 0,
     )
     features = (result.pop("test_features", None), result.pop("test_labels", None))
     if args.json:
@@ -62,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
 
         run_dir = run_dir_of(checkpoint)
         save_metrics(run_dir, result)
+        embeddings = None if features[0] is None else (features[0].numpy(), features[1].numpy())
         report = write_run_report(
-            run_dir, result, embeddings=(features[0].numpy(), features[1].numpy())
+            run_dir, result, embeddings=embeddings, tsne_points=args.tsne_points
         )
         print(f"report: {report}")
     return 0

@@ -28,11 +28,11 @@ def linear_probe(
     test_y: Tensor,
     *,
     num_classes: int | None = None,
-    weight_decay: float = 1e-4,
+    weight_decay: float = 1e-3,
     optimizer: str = "lbfgs",
     max_iter: int = 1000,
     lr: float | None = None,
-    tol: float = 1e-5,
+    tol: float = 1e-4,
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:

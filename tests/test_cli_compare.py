@@ -1,0 +1,110 @@
+"""``hardneg compare`` end to end on a tiny setting, its config building, and ``hardneg demo``."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from hardneg.cli import main
+from hardneg.commands import compare as compare_cmd
+from hardneg.commands import demo as demo_cmd
+from hardneg.commands.compare import Overrides, build_run_config
+
+TINY = ["data.subset=256", "train.batch_size=128", "train.device=cpu", "model.out_dim=32",
+        "train.diagnostics_every=1", "train.knn_every=1"]  # fmt: skip
+
+
+def test_compare_trains_evaluates_and_reports_two_strategies(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--strategies", "infonce,hcl", "--seeds", "1", "--epochs", "1",
+            "--out", str(out), "--tsne-points", "60", *TINY]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    table = text[text.index("strategy  seeds") :]
+    rows = [line for line in table.splitlines() if re.match(r"(infonce|hcl)\s+1\s", line)]
+    assert len(rows) == 2 and "n/a" not in "".join(rows)
+    assert f"report: {out / 'report.md'}" in text
+    report = (out / "report.md").read_text()
+    assert "| infonce | 1 |" in report and "| hcl | 1 |" in report
+    for name in ("loss.png", "knn.png", "false_negative_mass.png", "hardness.png", "tsne.png"):
+        assert (out / name).exists() and f"]({name})" in report
+    for strategy in ("infonce", "hcl"):
+        run = out / strategy / "seed0"
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert 0 <= metrics["knn_top1"] <= 100 and 0 <= metrics["linear_top1"] <= 100
+        assert (run / "report.md").exists() and (run / "checkpoints" / "final.pt").exists()
+        assert f"name: {strategy}" in (run / "config.yaml").read_text()
+
+    # a second call finds the finished runs and reuses them instead of training again
+    assert main([*args, "--tsne-points", "0"]) == 0
+    assert capsys.readouterr().out.count("(reused)") == 2
+
+
+def config(strategy, *overrides, framework=None):
+    return build_run_config("mnist1d", strategy, 3, None, Overrides.parse(overrides), 2, framework)
+
+
+def test_every_strategy_gets_the_base_temperature_and_its_registry_defaults():
+    from hardneg.registry import loss_hparams
+
+    for strategy in compare_cmd.STRATEGIES:
+        cfg = config(strategy, "loss.temperature=0.2")
+        assert cfg.loss.name == strategy and cfg.seed == 3 and cfg.train.epochs == 2
+        assert cfg.loss.params["temperature"] == 0.2
+        assert cfg.model.backbone == "cnn1d"  # the packaged mnist1d base config
+    assert config("infonce").loss.params["temperature"] == config("hcl").loss.params["temperature"]
+    assert "beta" not in config("hcl").loss.params  # registry default, beta=1
+    assert loss_hparams("hcl")["beta"] == 1.0
+
+
+def test_ring_keeps_a_wide_band_on_in_batch_negatives_only():
+    assert config("ring").loss.params["rho_out"] == 0.5
+    assert "rho_out" not in config("ring", framework="moco").loss.params
+    assert config("ring", "ring.rho_out=0.3").loss.params["rho_out"] == 0.3
+
+
+def test_loss_overrides_go_to_the_strategies_that_have_the_key():
+    assert config("hcl", "loss.tau_plus=0.05").loss.params["tau_plus"] == 0.05
+    assert "tau_plus" not in config("infonce", "loss.tau_plus=0.05").loss.params
+    assert config("hcl", "hcl.beta=2").loss.params["beta"] == 2
+    assert "beta" not in config("unremix", "hcl.beta=2").loss.params
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("loss.name=hcl", "--strategies"),
+        ("nosuch.key=1", "neither a config section"),
+        ("train.epochs", "section.key=value"),
+        ("hcl.nosuch=1", "nosuch"),
+        ("train.nosuch=1", "nosuch"),
+    ],
+)
+def test_bad_overrides_fail_before_any_training(override, message, tmp_path, capsys):
+    args = ["compare", "--strategies", "hcl", "--seeds", "1", "--out", str(tmp_path), override]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "hcl").exists()
+
+
+def test_unknown_strategy_suggests_the_closest_name(tmp_path, capsys):
+    assert main(["compare", "--strategies", "hcll", "--out", str(tmp_path)]) == 2
+    assert "did you mean 'hcl'" in capsys.readouterr().err
+
+
+def test_demo_compares_all_six_strategies_on_mnist1d_with_one_seed(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    def fake_compare(**kwargs):
+        seen.update(kwargs)
+        return compare_cmd.Outcome([], [], "TABLE", tmp_path / "report.md", 1.0)
+
+    monkeypatch.setattr(demo_cmd, "compare", fake_compare)
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert seen["dataset"] == "mnist1d" and list(seen["seeds"]) == [0]
+    assert seen["strategies"] == list(compare_cmd.STRATEGIES)
+    assert set(demo_cmd.DEMO_OVERRIDES) <= set(seen["overrides"])
+    out = capsys.readouterr().out
+    assert "TABLE" in out and str(tmp_path / "report.md") in out

@@ -1,0 +1,69 @@
+"""``hardneg eval`` on a checkpoint from a tiny real training run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hardneg.cli import main
+
+TINY = {
+    "seed": 0,
+    "data": {"dataset": "mnist1d", "subset": 256},
+    "model": {"backbone": "cnn1d", "head": "simclr", "out_dim": 32},
+    "loss": {"name": "hcl"},
+    "train": {
+        "epochs": 1,
+        "batch_size": 128,
+        "device": "cpu",
+        "diagnostics_every": 1,
+        "knn_every": 1,
+    },  # fmt: skip
+    "eval": {"knn_k": 200, "knn_temperature": 0.1},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from hardneg.train import train
+
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    return train(TINY, run_dir=run_dir, progress_bar=False)
+
+
+def test_eval_prints_knn_and_linear_top1_top5(tiny_run, capsys):
+    assert main(["eval", str(tiny_run.checkpoint), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "data: mnist1d" in out
+    assert "kNN (k=200, t=0.1)" in out and "linear probe" in out
+    assert out.count("top-1") == 2 and out.count("top-5") == 2
+
+
+def test_eval_knn_equals_the_trainers_final_knn_monitor(tiny_run, capsys):
+    # same backbone, same splits, same k and t: the monitor and `hardneg eval` must agree
+    code = main(["eval", str(tiny_run.checkpoint), "--device", "cpu", "--no-linear", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "linear_top1" not in result
+    assert result["knn_top1"] == pytest.approx(tiny_run.history[-1]["knn_top1"])
+    assert result["train_size"] == 4000 and result["test_size"] == 1000  # full eval splits
+
+
+def test_eval_report_writes_metrics_and_report_into_the_run_folder(tiny_run, capsys):
+    args = ["eval", str(tiny_run.checkpoint), "--device", "cpu", "--no-linear", "--report"]
+    args += ["--tsne-points", "100"]
+    assert main(args) == 0
+    run_dir = tiny_run.run_dir
+    assert f"report: {(run_dir / 'report.md').resolve()}" in capsys.readouterr().out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "knn_top1" in metrics
+    text = (run_dir / "report.md").read_text()
+    for name in ("loss.png", "knn.png", "hardness.png", "tsne.png"):
+        assert f"plots/{name}" in text and (run_dir / "plots" / name).exists()
+
+
+def test_eval_of_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nope.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err

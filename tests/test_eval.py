@@ -1,0 +1,193 @@
+"""Weighted kNN, linear probe and feature extraction against answers computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hardneg.data import ArrayDataset
+from hardneg.evaluation import extract_features, knn_scores, linear_probe, weighted_knn
+
+
+def unit(deg: float) -> list[float]:
+    return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
+
+
+# four train points on the unit circle (class 0 at 0 deg, class 1 at 30 and 90 deg, class 2 at
+# 180 deg) and a test point at 10 deg: cosines 0.985 (c0), 0.940 and 0.174 (c1), -0.985 (c2)
+TRAIN_F = torch.tensor([unit(0), unit(30), unit(90), unit(180)])
+TRAIN_Y = torch.tensor([0, 1, 1, 2])
+TEST_F = torch.tensor([unit(10)])
+
+
+def test_knn_scores_are_sums_of_exp_similarity_over_temperature():
+    s = [math.cos(math.radians(a)) for a in (10, 20, 80)]  # the three nearest, in order
+    scores = knn_scores(TRAIN_F, TRAIN_Y, TEST_F, k=3, temperature=0.5, num_classes=3)
+    expected = torch.tensor(
+        [[math.exp(s[0] / 0.5), math.exp(s[1] / 0.5) + math.exp(s[2] / 0.5), 0.0]]
+    )
+    # scores are computed up to the row factor exp(-max s / t), which keeps them finite
+    torch.testing.assert_close(scores * math.exp(s[0] / 0.5), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("k", "temperature", "predicted"),
+    [
+        (1, 0.1, 0),  # nearest neighbour: class 0
+        (3, 0.1, 0),  # e^9.85 > e^9.40 + e^1.74: the sharp weights keep class 0
+        (3, 1.0, 1),  # e^0.985 = 2.68 < e^0.940 + e^0.174 = 3.75: two class-1 votes win
+        (3, 1e4, 1),  # t -> inf: plain majority vote
+        (4, 1e4, 1),  # the class-2 point adds a vote to class 2 only
+    ],
+)
+def test_knn_prediction_matches_the_hand_computed_vote(k, temperature, predicted):
+    for label in range(3):
+        result = weighted_knn(TRAIN_F, TRAIN_Y, TEST_F, torch.tensor([label]), k, temperature)
+        assert result["top1"] == (100.0 if label == predicted else 0.0)
+
+
+def test_knn_top5_with_fewer_than_five_classes_is_100_and_k_is_clipped():
+    result = weighted_knn(TRAIN_F, TRAIN_Y, TEST_F, torch.tensor([2]), k=200, temperature=0.1)
+    assert result == {"top1": 0.0, "top5": 100.0}
+
+
+def test_knn_accuracy_counts_over_several_test_points():
+    test_f = torch.tensor([unit(10), unit(85), unit(170), unit(-5)])
+    result = weighted_knn(TRAIN_F, TRAIN_Y, test_f, torch.tensor([0, 1, 2, 1]), k=1)
+    assert result["top1"] == 75.0  # the last point's nearest neighbour is class 0
+
+
+def test_knn_uses_cosine_so_feature_scale_does_not_matter():
+    scaled = TRAIN_F * torch.tensor([[1.0], [7.0], [0.01], [3.0]])
+    a = knn_scores(TRAIN_F, TRAIN_Y, TEST_F * 5, k=3, temperature=0.2)
+    b = knn_scores(scaled, TRAIN_Y, TEST_F, k=3, temperature=0.2)
+    torch.testing.assert_close(a, b)
+
+
+def test_knn_chunking_does_not_change_the_scores():
+    gen = torch.Generator().manual_seed(0)
+    train_f, test_f = torch.randn(300, 16, generator=gen), torch.randn(70, 16, generator=gen)
+    train_y = torch.randint(0, 7, (300,), generator=gen)
+    full = knn_scores(train_f, train_y, test_f, k=20, temperature=0.1, chunk_size=1000)
+    chunked = knn_scores(train_f, train_y, test_f, k=20, temperature=0.1, chunk_size=9)
+    torch.testing.assert_close(full, chunked)
+
+
+def test_knn_matches_the_one_hot_reference_implementation():
+    # the formulation of the instance-discrimination / HCL code: one-hot labels times weights
+    gen = torch.Generator().manual_seed(1)
+    train_f = nn.functional.normalize(torch.randn(500, 32, generator=gen), dim=1)
+    test_f = nn.functional.normalize(torch.randn(100, 32, generator=gen), dim=1)
+    train_y = torch.randint(0, 10, (500,), generator=gen)
+    test_y = torch.randint(0, 10, (100,), generator=gen)
+    sim = test_f @ train_f.T
+    w, idx = sim.topk(50, dim=1)
+    one_hot = torch.zeros(100, 50, 10).scatter_(2, train_y[idx].unsqueeze(2), 1.0)
+    ref = (one_hot * (w / 0.1).exp().unsqueeze(2)).sum(1)
+    ours = knn_scores(train_f, train_y, test_f, k=50, temperature=0.1, num_classes=10)
+    assert torch.equal(ours.argmax(1), ref.argmax(1))
+    expected_top1 = 100.0 * (ref.argmax(1) == test_y).sum().item() / 100
+    assert weighted_knn(train_f, train_y, test_f, test_y, k=50)["top1"] == expected_top1
+
+
+def test_knn_stays_finite_at_a_tiny_temperature():
+    scores = knn_scores(TRAIN_F, TRAIN_Y, TEST_F, k=3, temperature=1e-4)
+    assert torch.isfinite(scores).all() and scores.argmax().item() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"k": 0}, "k must be"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"train_labels": torch.tensor([0, 1, -1, 2])}, "labels must be >= 0"),
+        ({"test_features": torch.ones(1, 3)}, "feature dims differ"),
+        ({"train_labels": torch.tensor([0, 1])}, "rows"),
+    ],
+)
+def test_knn_rejects_bad_inputs_with_a_clear_message(kwargs, message):
+    args = {"train_features": TRAIN_F, "train_labels": TRAIN_Y, "test_features": TEST_F,
+            "test_labels": torch.tensor([0])}  # fmt: skip
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        weighted_knn(**args)
+
+
+def blobs(n: int, dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Well-separated Gaussian blobs: linearly separable with a wide margin."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = 10 * torch.randn(classes, dim, generator=gen)
+    y = torch.arange(n) % classes
+    return centres[y] + torch.randn(n, dim, generator=gen), y
+
+
+def test_linear_probe_reaches_100_percent_on_linearly_separable_data():
+    x, y = blobs(600, 20, 6, seed=0)
+    result = linear_probe(x[:400], y[:400], x[400:], y[400:])
+    assert result["top1"] == 100.0 and result["top5"] == 100.0 and result["train_top1"] == 100.0
+
+
+def test_linear_probe_with_adam_also_separates_the_blobs():
+    x, y = blobs(300, 10, 3, seed=1)
+    assert (
+        linear_probe(x[:200], y[:200], x[200:], y[200:], optimizer="adam", lr=0.1, max_iter=200)[
+            "top1"
+        ]
+        == 100.0
+    )
+
+
+def test_linear_probe_separates_labels_from_a_random_hyperplane():
+    # labels from a random hyperplane; train and test from the same rule
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(800, 8, generator=gen)
+    w = torch.randn(8, generator=gen)
+    margin = x @ w
+    keep = margin.abs() > 0.3  # a margin, so that the problem is strictly separable
+    x, y = x[keep], (margin[keep] > 0).long()
+    result = linear_probe(x[:400], y[:400], x[400:], y[400:], weight_decay=0.0)
+    assert result["top1"] == 100.0
+
+
+def test_linear_probe_is_deterministic_and_invariant_to_feature_scale():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 16, generator=gen)
+    y = (x[:, :4].sum(1) + 0.8 * torch.randn(400, generator=gen) > 0).long()
+    a = linear_probe(x[:300], y[:300], x[300:], y[300:], seed=5)
+    b = linear_probe(x[:300], y[:300], x[300:], y[300:], seed=5)
+    assert a == b
+    # standardisation with the train statistics removes any per-dimension affine map
+    scale = torch.rand(16, generator=gen) * 100 + 0.1
+    c = linear_probe(x[:300] * scale + 3, y[:300], x[300:] * scale + 3, y[300:], seed=5)
+    assert abs(c["top1"] - a["top1"]) <= 1.0
+
+
+class Noisy(nn.Module):
+    """Dropout + batch norm: outputs differ between train and eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.5))
+        self.out_dim = 8
+
+    def forward(self, x):
+        return self.net(x.flatten(1))
+
+
+def test_extract_features_runs_in_eval_mode_without_grad_and_restores_the_mode():
+    torch.manual_seed(0)
+    model = Noisy().train()
+    data = ArrayDataset(inputs=torch.randn(50, 1, 6), labels=torch.arange(50) % 3,
+                        num_classes=3, kind="signal", name="toy")  # fmt: skip
+    feats, labels = extract_features(model, data, transform=None, batch_size=7)
+    assert model.training  # mode restored
+    assert feats.shape == (50, 8) and feats.dtype == torch.float32 and not feats.requires_grad
+    assert torch.equal(labels, data.labels)
+    with torch.no_grad():
+        expected = model.eval()(data.inputs)
+    torch.testing.assert_close(feats, expected)  # eval mode: deterministic, running stats
+    again, _ = extract_features(model, data, transform=nn.Identity(), batch_size=50)
+    torch.testing.assert_close(again, expected)
