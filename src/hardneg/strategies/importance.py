@@ -40,10 +40,17 @@ class ImportanceNegatives(NegativeStrategy):
         beta: concentration ``beta >= 0``.
         detach_weights: stop the gradient through the weights (reference: False).
         beta_anneal: None or ``'down'`` (requires ``progress`` at call time).
+        anneal_epochs: the run's number of epochs, to reproduce the reference's integer stairs
+            exactly for any epoch count (None: stairs are ninths of training, which is the same
+            when the count is a multiple of 9); see :func:`hardneg.schedules.hcl_beta_down`.
     """
 
     def __init__(
-        self, beta: float = 1.0, detach_weights: bool = False, beta_anneal: str | None = None
+        self,
+        beta: float = 1.0,
+        detach_weights: bool = False,
+        beta_anneal: str | None = None,
+        anneal_epochs: int | None = None,
     ) -> None:
         super().__init__()
         self.beta = check_number("beta", beta, low=0.0)
@@ -53,9 +60,18 @@ class ImportanceNegatives(NegativeStrategy):
         self.beta_anneal = (
             None if beta_anneal is None else check_choice("beta_anneal", beta_anneal, ("down",))
         )
+        self.anneal_epochs = (
+            None
+            if anneal_epochs is None
+            else int(check_number("anneal_epochs", anneal_epochs, low=1, integer=True))
+        )
 
     def hparams(self) -> dict[str, object]:
-        return {"beta": self.beta, "detach_weights": self.detach_weights, "beta_anneal": self.beta_anneal}
+        return {
+            "beta": self.beta,
+            "detach_weights": self.detach_weights,
+            "beta_anneal": self.beta_anneal,
+        }
 
     def current_beta(self, progress: float | None) -> float:
         if self.beta_anneal is None:
@@ -64,7 +80,7 @@ class ImportanceNegatives(NegativeStrategy):
             raise ValueError(
                 "beta_anneal='down' needs the training progress: pass progress=<fraction in [0, 1]>"
             )
-        return hcl_beta_down(self.beta, progress)
+        return hcl_beta_down(self.beta, progress, epochs=self.anneal_epochs)
 
     def tilted_log_weights(self, scores: ContrastiveScores, beta: float) -> Tensor:
         """``beta * s/t`` with masked candidates at ``-inf`` (never ``0 * -inf``)."""
