@@ -46,7 +46,7 @@ def _unnormalise(y, name):
 )
 def test_image_recipes_shape_dtype_range(device, name, shape, out):
     x = torch.randint(0, 256, shape, dtype=torch.uint8).to(device)
-    aug = build_augmentation(name)
+    aug = build_augmentation(name).to(device)  # a plain nn.Module: .to() works
     y = aug(x, generator=torch.Generator(device).manual_seed(0))
     assert y.shape == out and y.dtype == torch.float32 and y.device == x.device
     assert torch.isfinite(y).all()
@@ -62,6 +62,15 @@ def test_hcl_recipe_trains_at_32px_and_evaluates_native():
     assert build_eval_transform("stl10", recipe="hcl")(x).shape == (2, 3, 96, 96)
     assert build_augmentation("stl10", image_size=64)(x).shape == (2, 3, 64, 64)
     assert build_eval_transform("stl10", image_size=48)(x).shape == (2, 3, 48, 48)
+
+
+def test_chunking_does_not_change_the_result():
+    x = _images(10)
+    aug = build_augmentation("cifar10", blur_p=0.5, noise_std=0.05)
+    a = aug(x, generator=torch.Generator().manual_seed(0))
+    aug.chunk_size = 3
+    b = aug(x, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_determinism_and_per_sample_parameters():

@@ -44,15 +44,30 @@ _CIFAR_JITTER = (0.4, 0.4, 0.4, 0.1)
 def _recipe_kwargs(name: str, recipe: str) -> dict:
     if name == "digits":
         return dict(
-            scale=(0.5, 1.0), ratio=(0.8, 1.25), flip_p=0.0, rotation=15.0,
-            jitter=(0.4, 0.4, 0.0, 0.0), jitter_p=0.8, gray_p=0.0, blur_p=0.0,
-            noise_std=0.05, padding_mode="zeros",
+            scale=(0.5, 1.0),
+            ratio=(0.8, 1.25),
+            flip_p=0.0,
+            rotation=15.0,
+            jitter=(0.4, 0.4, 0.0, 0.0),
+            jitter_p=0.8,
+            gray_p=0.0,
+            blur_p=0.0,
+            noise_std=0.05,
+            padding_mode="zeros",
         )
     if recipe == "hcl":
         return dict(
-            size=32, scale=(0.08, 1.0), flip_p=0.5, jitter=_CIFAR_JITTER, jitter_p=0.8,
-            gray_p=0.2, blur_p=0.5, blur_kernel=3, blur_sigma=(0.1, 2.0),
-            mean=dataset_info("cifar10").mean, std=dataset_info("cifar10").std,
+            size=32,
+            scale=(0.08, 1.0),
+            flip_p=0.5,
+            jitter=_CIFAR_JITTER,
+            jitter_p=0.8,
+            gray_p=0.2,
+            blur_p=0.5,
+            blur_kernel=3,
+            blur_sigma=(0.1, 2.0),
+            mean=dataset_info("cifar10").mean,
+            std=dataset_info("cifar10").std,
         )
     base = dict(scale=(0.08, 1.0), flip_p=0.5, jitter=_CIFAR_JITTER, jitter_p=0.8, gray_p=0.2)
     if name in ("cifar10", "cifar100"):

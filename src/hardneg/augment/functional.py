@@ -27,8 +27,13 @@ def rgb_to_grayscale(x: Tensor) -> Tensor:
     """``[B, 3, H, W] -> [B, 1, H, W]``; 1-channel input is returned unchanged."""
     if x.shape[1] == 1:
         return x
-    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    r, g, b = x.unbind(1)
+    return (
+        (r * GRAY_WEIGHTS[0])
+        .add_(g, alpha=GRAY_WEIGHTS[1])
+        .add_(b, alpha=GRAY_WEIGHTS[2])
+        .unsqueeze(1)
+    )
 
 
 def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
@@ -37,33 +42,50 @@ def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
 
 def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
     mean = rgb_to_grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    return torch.lerp(mean.expand_as(x), x, _bcast(factor, x)).clamp_(0.0, 1.0)
+    f = _bcast(factor, x)
+    # f * x + (1 - f) * mean
+    return torch.addcmul((1.0 - f) * mean, x, f).clamp_(0.0, 1.0)
 
 
 def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
     if x.shape[1] == 1:
         return x
-    return torch.lerp(rgb_to_grayscale(x).expand_as(x), x, _bcast(factor, x)).clamp_(0.0, 1.0)
+    f = _bcast(factor, x)
+    return torch.addcmul(rgb_to_grayscale(x) * (1.0 - f), x, f).clamp_(0.0, 1.0)
+
+
+def _mod6(v: Tensor) -> Tensor:
+    return v.sub_(torch.floor(v * (1.0 / 6.0)).mul_(6.0))
+
+
+def _is_zero(d: Tensor) -> Tensor:
+    """1.0 where ``d == 0`` else 0.0, for ``d >= 0`` (any positive float32 times 1e38 saturates
+    the clamp). Comparisons and ``where`` are several times slower than arithmetic on CPU."""
+    return (d * 1e38).clamp_(0.0, 1.0).neg_().add_(1.0)
+
+
+def _hue6(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(6 * hue in [0, 6), max, chroma) of RGB ``x``, each ``[B, H, W]`` (torchvision's
+    formula; ties for the maximum channel resolve to R, then G), computed branch-free with
+    0/1 masks as factors."""
+    r, g, b = x.unbind(1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    cr = maxc - torch.minimum(torch.minimum(r, g), b)
+    inv = (cr + _is_zero(cr)).reciprocal_()  # 1/chroma, 1 where chroma == 0 (hue irrelevant)
+    is_r = _is_zero(maxc - r)
+    is_g = _is_zero(maxc - g).mul_(1.0 - is_r)
+    is_b = (1.0 - is_r).sub_(is_g)
+    # candidate hue for "max is R / G / B": (g-b)/cr, 2+(b-r)/cr, 4+(r-g)/cr
+    h6 = (g - b).mul_(is_r).add_((b - r).mul_(is_g)).add_((r - g).mul_(is_b))
+    h6 = h6.mul_(inv).add_(is_g, alpha=2.0).add_(is_b, alpha=4.0)
+    return _mod6(h6), maxc, cr
 
 
 def rgb_to_hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Hue in [0, 1), saturation, value; each ``[B, H, W]`` (torchvision's formula)."""
     h6, maxc, cr = _hue6(x)
-    s = cr / torch.where(cr == 0, torch.ones_like(maxc), maxc)
+    s = cr / (maxc + _is_zero(cr))
     return h6 / 6.0, s, maxc
-
-
-def _hue6(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(6 * hue in [0, 6), max, chroma) of RGB ``x``. As torchvision, ties for the maximum
-    channel resolve to R, then G (``max`` returns the first maximal index)."""
-    maxc, arg = x.max(dim=1, keepdim=True)
-    cr = maxc - x.amin(dim=1, keepdim=True)
-    # candidate hue for "max is R / G / B": (g-b)/cr, 2+(b-r)/cr, 4+(r-g)/cr
-    diff = x[:, [1, 2, 0]] - x[:, [2, 0, 1]]
-    offs = torch.tensor([0.0, 2.0, 4.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    cand = diff / torch.where(cr == 0, torch.ones_like(cr), cr) + offs
-    h6 = torch.remainder(cand.gather(1, arg), 6.0)
-    return h6.squeeze(1), maxc.squeeze(1), cr.squeeze(1)
 
 
 def hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
@@ -73,10 +95,15 @@ def hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
 
 
 def _from_hue6(h6: Tensor, maxc: Tensor, cr: Tensor) -> Tensor:
-    n = torch.tensor([5.0, 3.0, 1.0], device=h6.device, dtype=h6.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(h6.unsqueeze(1) + n, 6.0)
-    w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return maxc.unsqueeze(1) - cr.unsqueeze(1) * w
+    """RGB from (6*hue in [0, 6), value, chroma): channel = max - chroma * w(k) with
+    ``k = n + 6h`` in [1, 11) and ``w(k) = clamp(min(k mod 6, 4 - k mod 6), 0, 1)``, written
+    as ``clamp(2 - min(|k - 2|, |k - 8|), 0, 1)`` (no modulo, no comparison)."""
+    out = torch.empty(h6.shape[0], 3, *h6.shape[1:], device=h6.device, dtype=h6.dtype)
+    for c, n in enumerate((5.0, 3.0, 1.0)):
+        k = h6 + n
+        w = torch.minimum((k - 2.0).abs_(), k.sub_(8.0).abs_()).neg_().add_(2.0).clamp_(0.0, 1.0)
+        torch.addcmul(maxc, cr, w, value=-1.0, out=out[:, c])
+    return out
 
 
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
@@ -85,7 +112,7 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     if x.shape[1] == 1:
         return x
     h6, maxc, cr = _hue6(x)
-    h6 = h6 + 6.0 * shift.to(h6.dtype).view(-1, 1, 1)
+    h6 = _mod6(h6.add_(6.0 * shift.to(h6.dtype).view(-1, 1, 1)))
     return _from_hue6(h6, maxc, cr).clamp_(0.0, 1.0)
 
 
@@ -169,20 +196,29 @@ def crop_flip_grid(
     return torch.stack([gx.unsqueeze(1).expand(B, Ho, Wo), gy.unsqueeze(2).expand(B, Ho, Wo)], -1)
 
 
-def resample_grid(x: Tensor, grid: Tensor, padding_mode: str = "border",
-                  mode: str = "bilinear") -> Tensor:
+def resample_grid(
+    x: Tensor, grid: Tensor, padding_mode: str = "border", mode: str = "bilinear"
+) -> Tensor:
     return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
 
 
-def resample(x: Tensor, theta: Tensor, size: tuple[int, int], padding_mode: str = "border",
-             mode: str = "bilinear") -> Tensor:
+def resample(
+    x: Tensor,
+    theta: Tensor,
+    size: tuple[int, int],
+    padding_mode: str = "border",
+    mode: str = "bilinear",
+) -> Tensor:
     """``grid_sample`` of ``x`` [B, C, H, W] (float) on the affine grids ``theta`` -> [B, C, *size]."""
     grid = F.affine_grid(theta, [x.shape[0], x.shape[1], size[0], size[1]], align_corners=False)
     return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
 
 
 def sample_crop_boxes(
-    u: Tensor, in_hw: tuple[int, int], scale: tuple[float, float], ratio: tuple[float, float],
+    u: Tensor,
+    in_hw: tuple[int, int],
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
     attempts: int,
 ) -> Tensor:
     """torchvision's ``RandomResizedCrop.get_params`` vectorised over the batch.
@@ -195,7 +231,7 @@ def sample_crop_boxes(
     H, W = in_hw
     area = float(H * W)
     a = u[:, :attempts]
-    r = u[:, attempts: 2 * attempts]
+    r = u[:, attempts : 2 * attempts]
     target = area * (scale[0] + (scale[1] - scale[0]) * a)
     lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
     ar = torch.exp(lr0 + (lr1 - lr0) * r)

@@ -37,7 +37,9 @@ def _check_pair(name: str, v, low: float | None = None) -> tuple[float, float]:
     except Exception:  # noqa: BLE001
         raise ValueError(f"{name} must be a pair (low, high), got {v!r}") from None
     if not a <= b or (low is not None and a < low):
-        raise ValueError(f"{name} must satisfy {low if low is not None else '-inf'} <= low <= high, got {v!r}")
+        raise ValueError(
+            f"{name} must satisfy {low if low is not None else '-inf'} <= low <= high, got {v!r}"
+        )
     return a, b
 
 
@@ -159,7 +161,9 @@ class ImageAugmentation(nn.Module):
         if self.noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
         if padding_mode not in ("border", "zeros", "reflection"):
-            raise ValueError(f"padding_mode must be border, zeros or reflection, got {padding_mode!r}")
+            raise ValueError(
+                f"padding_mode must be border, zeros or reflection, got {padding_mode!r}"
+            )
         self.padding_mode = padding_mode
         self.attempts = int(attempts)
         self.normalize = Normalize(mean, std)
@@ -181,7 +185,7 @@ class ImageAugmentation(nn.Module):
         return max(3, k + 1 - k % 2)
 
     # Layout of the per-sample uniform draws (one block per call, so a generator's stream is
-    # consumed identically whatever the data).
+    # consumed identically whatever the data and the chunking).
     def _num_uniforms(self) -> int:
         return 2 * self.attempts + 2 + 1 + 1 + 1 + 4 + 4 + 1 + 1 + 1 + 1
 
@@ -200,6 +204,24 @@ class ImageAugmentation(nn.Module):
         if B == 0:
             return torch.empty(0, C, S, S, device=dev)
         u = uniforms((B, self._num_uniforms()), generator, dev)
+        noise = normals((B, C, S, S), generator, dev) if self.noise_std > 0 else None
+        chunk = self.chunk_size if dev.type == "cpu" else None
+        if not chunk or B <= chunk:
+            return self._augment(x, u, noise, S)
+        out = torch.empty(B, C, S, S, device=dev)
+        for i in range(0, B, chunk):
+            j = min(B, i + chunk)
+            out[i:j] = self._augment(x[i:j], u[i:j], None if noise is None else noise[i:j], S)
+        return out
+
+    #: On CPU the batch is processed in chunks of this many images so that the ~30 elementwise
+    #: passes of the colour operations run on cache-resident tensors (2-3x faster than one
+    #: whole-batch pass for 32 px images); ``None`` disables chunking. Results do not depend
+    #: on it (every operation is per sample).
+    chunk_size: int | None = None
+
+    def _augment(self, x: Tensor, u: Tensor, noise: Tensor | None, S: int) -> Tensor:
+        B, C, H, W = x.shape
         n_crop = 2 * self.attempts + 2
         boxes = AF.sample_crop_boxes(u[:, :n_crop], (H, W), self.scale, self.ratio, self.attempts)
         col = n_crop
@@ -214,17 +236,18 @@ class ImageAugmentation(nn.Module):
         if angle is None:
             grid = AF.crop_flip_grid(boxes, flip, (H, W), (S, S))
         else:
-            grid = F.affine_grid(AF.crop_flip_theta(boxes, flip, (H, W), angle),
-                                 [B, C, S, S], align_corners=False)
+            grid = F.affine_grid(
+                AF.crop_flip_theta(boxes, flip, (H, W), angle), [B, C, S, S], align_corners=False
+            )
         out = AF.resample_grid(img, grid, padding_mode=self.padding_mode)
         out.mul_(1.0 / 255.0)  # bilinear weights are convex: stays in [0, 1]
 
         # Colour jitter.
         apply_jitter = u[:, col] < self.jitter_p
         col += 1
-        fu = u[:, col: col + 4]  # factor draws
+        fu = u[:, col : col + 4]  # factor draws
         col += 4
-        ou = u[:, col: col + 4]  # order draws
+        ou = u[:, col : col + 4]  # order draws
         col += 4
         if self.jitter_p > 0 and any(self.jitter):
             out = self._color_jitter(out, apply_jitter, fu, ou)
@@ -232,8 +255,9 @@ class ImageAugmentation(nn.Module):
         gray = u[:, col] < self.gray_p
         col += 1
         if self.gray_p > 0 and C == 3:
-            g = AF.rgb_to_grayscale(out).expand(-1, C, -1, -1)
-            out = torch.where(gray.view(-1, 1, 1, 1), g, out)
+            # out += gray_mask * (luma - out): one fused pass instead of a `where`
+            m = gray.to(out.dtype).view(-1, 1, 1, 1)
+            out = torch.lerp(out, AF.rgb_to_grayscale(out).expand_as(out), m)
 
         blur = u[:, col] < self.blur_p
         sigma = self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * u[:, col + 1]
@@ -242,10 +266,10 @@ class ImageAugmentation(nn.Module):
             k = self.kernel_size(S)
             idx = blur.nonzero().squeeze(1)
             if idx.numel():
-                out[idx] = AF.gaussian_blur(out[idx], sigma[idx], k)
+                out.index_copy_(0, idx, AF.gaussian_blur(out.index_select(0, idx), sigma[idx], k))
 
-        if self.noise_std > 0:
-            out = (out + self.noise_std * normals(out.shape, generator, dev)).clamp_(0.0, 1.0)
+        if noise is not None:
+            out = out.add_(noise, alpha=self.noise_std).clamp_(0.0, 1.0)
         return self.normalize(out)
 
     def _color_jitter(self, out: Tensor, apply: Tensor, fu: Tensor, ou: Tensor) -> Tensor:
@@ -325,7 +349,10 @@ class EvalTransform(nn.Module):
         out = to_unit_float(x)
         if self.size is not None and tuple(out.shape[-2:]) != (self.size, self.size):
             out = torch.nn.functional.interpolate(
-                out, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                out,
+                size=(self.size, self.size),
+                mode="bilinear",
+                align_corners=False,
                 antialias=True,
             ).clamp_(0.0, 1.0)
         return self.normalize(out)

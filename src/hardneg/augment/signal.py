@@ -64,7 +64,9 @@ class SignalAugmentation(nn.Module):
     @torch.no_grad()
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if x.ndim != 3 or not x.is_floating_point():
-            raise ValueError(f"expected a float signal batch [B, C, L], got {x.dtype} {tuple(x.shape)}")
+            raise ValueError(
+                f"expected a float signal batch [B, C, L], got {x.dtype} {tuple(x.shape)}"
+            )
         B, C, L = x.shape
         out_len = self.length or L
         dev = x.device
@@ -77,8 +79,13 @@ class SignalAugmentation(nn.Module):
         pos = torch.linspace(-1.0 + 1.0 / out_len, 1.0 - 1.0 / out_len, out_len, device=dev)
         gx = centre.view(-1, 1) + frac.view(-1, 1) * pos.view(1, -1)  # [B, out_len]
         grid = torch.stack([gx, torch.zeros_like(gx)], dim=-1).unsqueeze(1)  # [B, 1, out, 2]
-        y = F.grid_sample(x.float().unsqueeze(2), grid, mode="bilinear", padding_mode="border",
-                          align_corners=False).squeeze(2)
+        y = F.grid_sample(
+            x.float().unsqueeze(2),
+            grid,
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=False,
+        ).squeeze(2)
         y = y * amp.view(-1, 1, 1)
         if self.noise_std > 0 or self.corr_noise_std > 0:
             n = normals((2, B, C, out_len), generator, dev)
@@ -87,8 +94,9 @@ class SignalAugmentation(nn.Module):
             if self.corr_noise_std > 0:
                 walk = n[1].cumsum(-1)
                 k = max(1, self.corr_noise_width)
-                smooth = F.avg_pool1d(walk, k, stride=1, padding=k // 2,
-                                      count_include_pad=False)[..., :out_len]
+                smooth = F.avg_pool1d(walk, k, stride=1, padding=k // 2, count_include_pad=False)[
+                    ..., :out_len
+                ]
                 smooth = smooth - smooth.mean(-1, keepdim=True)
                 smooth = smooth / smooth.std(-1, keepdim=True).clamp_min(1e-6)
                 y = y + self.corr_noise_std * smooth
@@ -104,5 +112,7 @@ class SignalEvalTransform(nn.Module):
     @torch.no_grad()
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if x.ndim != 3 or not x.is_floating_point():
-            raise ValueError(f"expected a float signal batch [B, C, L], got {x.dtype} {tuple(x.shape)}")
+            raise ValueError(
+                f"expected a float signal batch [B, C, L], got {x.dtype} {tuple(x.shape)}"
+            )
         return (x.float() - self.mean) / self.std
