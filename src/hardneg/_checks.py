@@ -33,8 +33,9 @@ def check_number(
     too_low = low is not None and (value < low if low_inclusive else value <= low)
     too_high = high is not None and (value > high if high_inclusive else value >= high)
     if too_low or too_high:
-        left = "[" if low_inclusive else "("
-        right = "]" if high_inclusive else ")"
+        # an infinite end is always open: "[0, inf)", never "[0, inf]"
+        left = "[" if low_inclusive and low is not None else "("
+        right = "]" if high_inclusive and high is not None else ")"
         lo = "-inf" if low is None else f"{low:g}"
         hi = "inf" if high is None else f"{high:g}"
         raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}")
@@ -52,9 +53,7 @@ def check_embeddings(name: str, x: object, *, min_rows: int = 1) -> Tensor:
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
-        raise ValueError(
-            f"{name} must be 2-D (rows x embedding dim), got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{name} must be 2-D (rows x embedding dim), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.shape[0] < min_rows:
@@ -81,7 +80,9 @@ def check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
 
 def check_labels(name: str, labels: object, rows: int) -> Tensor:
     if not isinstance(labels, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of integer class ids, got {type(labels).__name__}")
+        raise ValueError(
+            f"{name} must be a torch.Tensor of integer class ids, got {type(labels).__name__}"
+        )
     if labels.dim() != 1 or labels.shape[0] != rows:
         raise ValueError(f"{name} must have shape ({rows},), got {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex():

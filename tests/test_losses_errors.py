@@ -1,0 +1,207 @@
+"""Bad inputs and bad hyper-parameters fail early with a ValueError that names the parameter, the
+value it got and what is allowed."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import hardneg
+
+LOSSES = hardneg.list_losses()
+
+
+def z(n=4, d=8, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def raises(message: str):
+    """pytest.raises(ValueError) whose message contains ``message`` literally."""
+    return pytest.raises(ValueError, match=re.escape(message))
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_views_of_different_shapes_are_rejected(name):
+    with raises("z1 and z2 must have the same shape, got (4, 8) and (5, 8)"):
+        hardneg.create_loss(name)(z(4), z(5))
+    with raises("z1 and z2 must have the same shape, got (4, 8) and (4, 6)"):
+        hardneg.create_loss(name)(z(4), z(4, 6))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_queries_and_keys_of_different_shapes_are_rejected_with_a_pool(name):
+    with raises("q and k must have the same shape, got (4, 8) and (3, 8)"):
+        hardneg.create_loss(name)(z(4), z(3), negatives=z(10))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_a_pool_of_another_dimension_is_rejected(name):
+    with raises("negatives must have the embedding dim of q (8), got shape (10, 7)"):
+        hardneg.create_loss(name)(z(4), z(4), negatives=z(10, 7))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_a_batch_of_one_is_rejected(name):
+    with raises(
+        "need a batch of at least N = 2 samples (a contrastive loss needs negatives), got N = 1"
+    ):
+        hardneg.create_loss(name)(z(1), z(1))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_non_2d_and_non_float_inputs_are_rejected(name):
+    with raises("z1 must be 2-D (rows x embedding dim), got shape (8,)"):
+        hardneg.create_loss(name)(torch.randn(8), torch.randn(8))
+    with raises("z1 must be a floating-point tensor, got dtype torch.int64"):
+        hardneg.create_loss(name)(torch.ones(4, 8, dtype=torch.long), z())
+    with raises("z1 must be a torch.Tensor, got list"):
+        hardneg.create_loss(name)([[1.0, 2.0]], z())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", LOSSES)
+def test_nan_or_inf_in_the_inputs_is_rejected(name, bad):
+    x = z()
+    x[2, 3] = bad
+    with raises(
+        "z2 contains 1 NaN or Inf value(s) (first in row 2); only finite embeddings are allowed"
+    ):
+        hardneg.create_loss(name)(z(), x)
+    with raises("negatives contains 1 NaN or Inf value(s) (first in row 2)"):
+        hardneg.create_loss(name)(z(), z(), negatives=torch.cat([x, z()]))
+
+
+def test_labels_of_the_wrong_shape_or_type_are_rejected():
+    loss_fn = hardneg.create_loss("hcl")
+    with raises("labels must have shape (4,), got (3,)"):
+        loss_fn(z(), z(), labels=torch.arange(3), return_diagnostics=True)
+    with raises("labels must hold integer class ids, got dtype torch.float32"):
+        loss_fn(z(), z(), labels=torch.zeros(4), return_diagnostics=True)
+
+
+def test_features_with_the_wrong_number_of_rows_are_rejected():
+    with raises("h1 must have 4 rows (one per sample), got 3"):
+        hardneg.create_loss("unremix")(z(), z(), h1=z(3, 5), h2=z(4, 5))
+
+
+def test_an_exclude_index_outside_the_pool_is_rejected():
+    with raises(
+        "exclude_index must hold one pool row in [0, 10) per query (shape (4,)), got shape (4,)"
+    ):
+        hardneg.create_loss("infonce")(
+            z(), z(), negatives=z(10), exclude_index=torch.tensor([0, 1, 2, 10])
+        )
+
+
+@pytest.mark.parametrize("progress", [-0.1, 1.5])
+def test_progress_outside_0_1_is_rejected(progress):
+    with raises(f"progress must be in [0, 1], got {progress!r}"):
+        hardneg.create_loss("ring", anneal="linear")(z(), z(), progress=progress)
+
+
+def test_annealing_without_progress_names_what_is_missing():
+    with raises("anneal='linear' needs the training progress: pass progress=<fraction in [0, 1]>"):
+        hardneg.create_loss("ring", anneal="linear")(z(), z())
+
+
+# ------------------------------------------------------------------ names and hyper-parameters
+
+
+def test_an_unknown_loss_name_suggests_the_closest():
+    with raises("unknown loss name 'hlc' (did you mean 'hcl'?); allowed: "):
+        hardneg.create_loss("hlc")
+    with pytest.raises(ValueError, match="allowed: .*infonce.*ring"):
+        hardneg.create_loss("nope")
+
+
+def test_an_unknown_hyper_parameter_suggests_the_closest():
+    with raises("unknown hyper-parameter 'betta' for loss 'hcl'; did you mean 'beta'?"):
+        hardneg.create_loss("hcl", betta=1.0)
+    with raises("unknown hyper-parameter 'tau' for loss 'ring'"):
+        hardneg.create_loss("ring", tau=0.1)
+    with pytest.raises(ValueError, match="Allowed: .*rho_in.*rho_out"):
+        hardneg.create_loss("ring", rho=0.1)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_every_loss_rejects_an_unknown_hyper_parameter(name):
+    with raises(
+        f"unknown hyper-parameter 'temprature' for loss {name!r}; did you mean 'temperature'?"
+    ):
+        hardneg.create_loss(name, temprature=0.5)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("t", [0.0, -0.5])
+def test_temperature_must_be_positive(name, t):
+    with raises(f"temperature must be in (0, inf), got {t!r}"):
+        hardneg.create_loss(name, temperature=t)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,message",
+    [
+        ("hcl", dict(beta=-1.0), "beta must be in [0, inf), got -1.0"),
+        ("unremix", dict(beta=-0.5), "beta must be in [0, inf), got -0.5"),
+        ("hcl", dict(tau_plus=1.0), "tau_plus must be in [0, 1), got 1.0"),
+        ("debiased", dict(tau_plus=-0.1), "tau_plus must be in [0, 1), got -0.1"),
+        ("unremix", dict(tau_plus=1.5), "tau_plus must be in [0, 1), got 1.5"),
+        ("hcl", dict(beta="1"), "beta must be a number, got '1' (str)"),
+        ("hcl", dict(beta=float("nan")), "beta must be finite, got nan"),
+        ("hcl", dict(beta_anneal="up"), "beta_anneal must be one of 'down', got 'up'"),
+        ("hcl", dict(detach_weights="yes"), "detach_weights must be True or False, got 'yes'"),
+        ("ring", dict(rho_out=0.0), "rho_out must be in (0, 1], got 0.0"),
+        ("ring", dict(rho_out=1.5), "rho_out must be in (0, 1], got 1.5"),
+        ("ring", dict(rho_in=1.0), "rho_in must be in [0, 1), got 1.0"),
+        (
+            "ring",
+            dict(lower=50.0, upper=10.0),
+            "ring percentiles must satisfy 0 <= lower < upper <= 100, got lower=50, upper=10",
+        ),
+        ("ring", dict(lower=10.0, upper=10.0), "0 <= lower < upper <= 100, got lower=10, upper=10"),
+        ("ring", dict(lower=-1.0, upper=10.0), "lower must be in [0, 100], got -1.0"),
+        ("ring", dict(lower=0.0, upper=101.0), "upper must be in [0, 100], got 101.0"),
+        (
+            "ring",
+            dict(lower=5.0),
+            "give both lower and upper percentiles of the ring, got lower=5.0, upper=None",
+        ),
+        ("ring", dict(num_samples=0), "num_samples must be in [1, inf), got 0"),
+        ("ring", dict(num_samples=2.5), "num_samples must be an integer, got 2.5"),
+        (
+            "ring",
+            dict(anneal="cosine"),
+            "anneal must be one of 'linear', 'staircase', got 'cosine'",
+        ),
+        ("ring", dict(anneal_until=2.0), "anneal_until must be in [0, 1], got 2.0"),
+        ("ring", dict(anneal_steps=0), "anneal_steps must be in [1, inf), got 0"),
+        ("unremix", dict(lambda_u=-1.0), "lambda_u must be in [0, inf), got -1.0"),
+        ("unremix", dict(lambda_d=-1.0), "lambda_d must be in [0, inf), got -1.0"),
+        ("unremix", dict(eps=0.0), "eps must be in (0, inf), got 0.0"),
+        (
+            "unremix",
+            dict(influence="hessian"),
+            "influence must be one of 'gradient_similarity', 'gradient_norm', got 'hessian'",
+        ),
+        (
+            "unremix",
+            dict(representativeness="both"),
+            "representativeness must be one of 'diversity', 'density', got 'both'",
+        ),
+    ],
+)
+def test_out_of_range_hyper_parameters_name_the_parameter_value_and_range(name, kwargs, message):
+    with raises(message):
+        hardneg.create_loss(name, **kwargs)
+
+
+def test_check_inputs_false_skips_validation_but_keeps_the_hyper_parameter_checks():
+    loss_fn = hardneg.create_loss("infonce", check_inputs=False)
+    assert torch.isfinite(loss_fn(z(), z()))
+    with raises("temperature must be in (0, inf), got -1.0"):
+        hardneg.create_loss("infonce", temperature=-1.0, check_inputs=False)
