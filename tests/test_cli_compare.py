@@ -108,3 +108,17 @@ def test_demo_compares_all_six_strategies_on_mnist1d_with_one_seed(monkeypatch, 
     assert set(demo_cmd.DEMO_OVERRIDES) <= set(seen["overrides"])
     out = capsys.readouterr().out
     assert "TABLE" in out and str(tmp_path / "report.md") in out
+
+
+def test_run_state_reuses_finished_runs_resumes_interrupted_ones_and_refuses_others(tmp_path):
+    cfg = config("hcl")
+    run = tmp_path / "hcl" / "seed3"
+    assert compare_cmd.run_state(run, cfg) == "new"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    assert compare_cmd.run_state(run, cfg) == "interrupted"
+    (run / "checkpoints" / "final.pt").write_bytes(b"")
+    assert compare_cmd.run_state(run, cfg) == "finished"
+    with pytest.raises(ValueError, match="another config"):
+        compare_cmd.run_state(run, config("hcl", "hcl.beta=3"))

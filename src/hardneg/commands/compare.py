@@ -14,8 +14,8 @@ Overrides ``section.key=value`` apply to every run; ``loss.KEY=value`` goes to e
 has ``KEY``; ``STRATEGY.KEY=value`` (e.g. ``hcl.beta=2``) to that strategy only. After training, each
 run's frozen backbone is evaluated (weighted kNN + linear probe), ``metrics.json`` and ``report.md``
 are written in its folder, and one comparison report (table + side-by-side figures) in ``--out``.
-Finished runs found in ``--out`` with the same config are reused, so an interrupted comparison
-continues where it stopped.
+Runs found in ``--out`` with the same config are reused when finished and resumed from
+``checkpoints/last.pt`` when interrupted, so an interrupted comparison continues where it stopped.
 """
 
 from __future__ import annotations
@@ -150,10 +150,10 @@ def compare(
     parsed = Overrides.parse(overrides)
     if base_config is None:
         base_config = default_base_config(dataset, framework)
-    configs = {
+    configs = {  # seed-major: an interrupted comparison still has whole seeds to show
         (s, seed): build_run_config(dataset, s, seed, base_config, parsed, epochs, framework)
-        for s in strategies
         for seed in seeds
+        for s in strategies
     }
     start = time.perf_counter()
     records, failed, embeddings = [], [], {}
@@ -161,11 +161,15 @@ def compare(
         run_dir = out / strategy / f"seed{seed}"
         tag = f"[{i}/{len(configs)}] {strategy} seed {seed}"
         t0 = time.perf_counter()
-        reused = finished_run(run_dir, cfg)
+        state = run_state(run_dir, cfg)
+        reused = state == "finished"
         if not reused:
-            say(f"{tag}: training {cfg.train.epochs} epochs -> {run_dir}")
+            resume = state == "interrupted"
+            say(
+                f"{tag}: {'resuming' if resume else 'training'} {cfg.train.epochs} epochs -> {run_dir}"
+            )
             try:
-                train(cfg, run_dir=run_dir, progress_bar=progress_bar)
+                train(cfg, run_dir=run_dir, progress_bar=progress_bar, resume=resume)
             except NonFiniteError as err:
                 failed.append(f"{strategy} seed {seed}: {err}")
                 say(f"{tag}: FAILED ({err})")
@@ -305,16 +309,19 @@ def default_base_config(dataset: str, framework: str | None) -> str | None:
     return next((n for n in preferred if n in names), None)
 
 
-def finished_run(run_dir: Path, cfg) -> bool:
-    """True when ``run_dir`` holds a finished run of exactly ``cfg`` (reused, not retrained)."""
-    final, saved = run_dir / "checkpoints" / "final.pt", run_dir / "config.yaml"
-    if not final.exists():
-        return False
+def run_state(run_dir: Path, cfg) -> str:
+    """``"new"``, ``"finished"`` (``final.pt``: reuse it) or ``"interrupted"`` (only
+    ``last.pt``: resume it) for a run folder; a folder holding another config is an error."""
+    checkpoints, saved = run_dir / "checkpoints", run_dir / "config.yaml"
+    if (checkpoints / "final.pt").exists():
+        state = "finished"
+    elif (checkpoints / "last.pt").exists():
+        state = "interrupted"
+    else:
+        return "new"
     if not saved.exists() or saved.read_text() != cfg.to_yaml():
-        raise ValueError(
-            f"{run_dir} holds a finished run with another config; choose another --out"
-        )
-    return True
+        raise ValueError(f"{run_dir} holds a run with another config; choose another --out")
+    return state
 
 
 def evaluate_run(run_dir: Path, cfg, linear: bool, return_features: bool) -> dict:
