@@ -155,6 +155,7 @@ def test_comparison_report_has_table_side_by_side_figures_and_run_links(tmp_path
                                      tsne_points=30)  # fmt: skip
     text = report.read_text()
     assert "| infonce | 2 |" in text and "hardneg compare" in text
+    assert "| infonce | beta=1.0 |" in text  # each strategy's loss section, from config.yaml
     for link in image_links(text):
         assert_png(out / link)
     assert len(image_links(text)) == 5

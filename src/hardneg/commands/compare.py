@@ -347,4 +347,4 @@ def machine_description(device: str) -> str:
     dev = resolve_device(device)
     if dev.type == "cuda":
         return f"{torch.cuda.get_device_name(dev)} (CUDA)"
-    return f"CPU, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads)"
+    return f"CPU, {os.cpu_count()} cores, torch threads: {torch.get_num_threads()}"

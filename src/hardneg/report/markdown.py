@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from hardneg.report import plots
 from hardneg.report.runs import load_hardness, load_history
@@ -138,6 +139,7 @@ def write_comparison_report(
     ]
     lines += [f"- {note}" for note in notes]
     lines += ["", "## Results", "", format_table(summarize(records), markdown=True), ""]
+    lines += _loss_table(records)
     lines += _figure_section(figures, out_dir)
     lines += ["## Runs", ""]
     for record in records:
@@ -168,6 +170,24 @@ def _draw_figures(folder, histories, hardness, embeddings, tsne_points, seed) ->
         if path is not None:
             figures["tsne"] = path
     return figures
+
+
+def _loss_table(records: Sequence[RunRecord]) -> list[str]:
+    """Each strategy's loss section as trained (from its first run's ``config.yaml``)."""
+    rows = {}
+    for record in records:
+        config = record.run_dir / "config.yaml"
+        if record.strategy in rows or not config.exists():
+            continue
+        loss = dict((yaml.safe_load(config.read_text()) or {}).get("loss") or {})
+        loss.pop("name", None)
+        rows[record.strategy] = ", ".join(f"{k}={v}" for k, v in loss.items()) or "defaults"
+    if not rows:
+        return []
+    lines = ["Loss hyper-parameters (other keys: registry defaults, `hardneg losses`):", ""]
+    lines += ["| strategy | loss hyper-parameters |", "|---|---|"]
+    lines += [f"| {name} | {params} |" for name, params in rows.items()]
+    return [*lines, ""]
 
 
 def _figure_section(figures: dict[str, Path], base: Path) -> list[str]:
@@ -201,4 +221,4 @@ def _fmt(value) -> str:
 def _machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}"
-    return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
