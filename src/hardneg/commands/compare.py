@@ -342,9 +342,9 @@ def evaluate_run(run_dir: Path, cfg, linear: bool, return_features: bool) -> dic
 def machine_description(device: str) -> str:
     import torch
 
-    from hardneg.evaluation.evaluate import resolve_device
+    from hardneg.train.runtime import select_device
 
-    dev = resolve_device(device)
+    dev = select_device(device)
     if dev.type == "cuda":
         return f"{torch.cuda.get_device_name(dev)} (CUDA)"
     return f"CPU, {os.cpu_count()} cores, torch threads: {torch.get_num_threads()}"

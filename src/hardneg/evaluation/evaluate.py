@@ -22,13 +22,6 @@ class Evaluation:
     test_labels: Tensor = field(repr=False)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/``None`` -> CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def evaluate_backbone(
     backbone: nn.Module,
     dataset: str,
@@ -53,8 +46,9 @@ def evaluate_backbone(
     """
     from hardneg.augment import build_eval_transform
     from hardneg.data import dataset_info, load_dataset
+    from hardneg.train.runtime import select_device
 
-    device = resolve_device(device)
+    device = select_device(str(device or "auto"))
     info = dataset_info(dataset)
     train = load_dataset(dataset, info.eval_train_split, data_dir=data_dir, download=download)
     test = load_dataset(dataset, info.eval_test_split, data_dir=data_dir, download=download)
