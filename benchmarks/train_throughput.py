@@ -143,7 +143,7 @@ def train_step(model, opt, loss_fn, v1, v2) -> float:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def sync(device: torch.device) -> None:
@@ -239,6 +239,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed augmentation-only steps")
     p.add_argument("--train-steps", type=int, default=6, help="timed end-to-end steps")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the aug stage")
     p.add_argument("--quick", action="store_true", help="a smoke run: 4 aug / 2 train steps")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--images", type=int, default=5000, help="synthetic dataset size")
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.train_steps, args.warmup = 4, 2, 1
+        args.steps, args.train_steps, args.warmup, args.rounds = 4, 1, 1, 1
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -280,13 +281,20 @@ def main(argv=None) -> int:
     print(json.dumps(info))
     results: dict = {"info": info}
 
-    print(f"[aug] before: {load_str()}", flush=True)
-    ours = bench_ours_aug(inputs, aug, args.batch_size, args.steps, args.warmup, device)
-    base = bench_baseline_aug(loader, args.batch_size, args.steps, args.warmup)
-    print(f"[aug] after:  {load_str()}", flush=True)
-    results["aug"] = {"ours_pairs_per_s": ours, "baseline_pairs_per_s": base, "ratio": ours / base}
-    print(f"augmentation only: ours {ours:,.0f} pairs/s, baseline {base:,.0f} pairs/s, "
-          f"ratio {ours / base:.2f}x", flush=True)
+    # Interleaved rounds (ours, baseline, ours, ...) so that a change in the machine's load hits
+    # both sides alike; the medians are reported.
+    ours_r, base_r = [], []
+    for r in range(args.rounds):
+        print(f"[aug round {r + 1}/{args.rounds}] {load_str()}", flush=True)
+        ours_r.append(bench_ours_aug(inputs, aug, args.batch_size, args.steps, args.warmup, device))
+        base_r.append(bench_baseline_aug(loader, args.batch_size, args.steps, args.warmup))
+        print(f"    ours {ours_r[-1]:,.0f} pairs/s, baseline {base_r[-1]:,.0f} pairs/s", flush=True)
+    ours, base = float(np.median(ours_r)), float(np.median(base_r))
+    print(f"[aug] after: {load_str()}", flush=True)
+    results["aug"] = {"ours_pairs_per_s": ours, "baseline_pairs_per_s": base, "ratio": ours / base,
+                      "ours_rounds": ours_r, "baseline_rounds": base_r}
+    print(f"augmentation only (median of {args.rounds}): ours {ours:,.0f} pairs/s, baseline "
+          f"{base:,.0f} pairs/s, ratio {ours / base:.2f}x", flush=True)
 
     if not args.skip_train:
         print(f"[e2e] before: {load_str()}", flush=True)

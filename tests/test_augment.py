@@ -3,6 +3,7 @@ exactness of each operation against torchvision's reference implementations."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -224,9 +225,19 @@ def test_signal_augmentation():
     assert a.shape == x.shape and a.dtype == torch.float32 and torch.equal(a, b)
     assert not torch.allclose(a, x, atol=1e-2)
     ident = SignalAugmentation(None, crop_scale=(1.0, 1.0), max_shift=0.0, amplitude=(1.0, 1.0),
-                               noise_std=0.0)
+                               noise_std=0.0, corr_noise_std=0.0)
     assert torch.allclose(ident(x), x, atol=1e-5)
-    # the crop and shift translate: the signal of a shifted copy matches the original
+    # a pure shift: window = whole signal, moved by s = (2u - 1) * max_shift samples, so
+    # output[i] = x(i + s) linearly interpolated, border values repeated (np.interp)
+    shifted = SignalAugmentation(None, crop_scale=(1.0, 1.0), max_shift=3.0, amplitude=(1.0, 1.0),
+                                 noise_std=0.0, corr_noise_std=0.0)
+    y = shifted(x, generator=torch.Generator().manual_seed(5))
+    u = torch.rand((32, 4), generator=torch.Generator().manual_seed(5))
+    grid = np.arange(40)
+    for b in range(32):
+        s = (2 * float(u[b, 2]) - 1) * 3.0
+        want = np.interp(grid + s, grid, x[b, 0].numpy())
+        assert np.allclose(y[b, 0].numpy(), want, atol=1e-4)
     assert build_augmentation("mnist1d", image_size=32)(x).shape == (32, 1, 32)
     assert torch.equal(build_eval_transform("mnist1d")(x), x)
     corr = SignalAugmentation(None, noise_std=0.0, corr_noise_std=0.3)(x)

@@ -205,6 +205,10 @@ def test_stl10_splits(tmp_path):
     assert len(both) == 7 and torch.equal(both.inputs[3:], unl.inputs)
     assert both.labels[:3].tolist() == train.labels.tolist()
     assert len(load_dataset("stl10", "test", data_dir=tmp_path)) == 2
+    from hardneg.data.formats import read_stl10_images
+
+    chunked = read_stl10_images(tmp_path / "stl10_binary" / "unlabeled_X.bin", chunk=3)
+    assert np.array_equal(chunked, out["unlabeled"][0])
 
 
 def test_stl10_truncated_images(tmp_path):

@@ -18,8 +18,8 @@ Small built-in datasets (any recipe):
 
 * digits (8x8, 1 channel): crop scale (0.5, 1), ratio (0.8, 1.25), rotation +-15 degrees
   (black fill), no flip, brightness/contrast jitter 0.4 p=0.8, pixel noise std 0.05.
-* mnist1d (signals): crop+resize scale (0.6, 1), shift +-4 samples, amplitude U(0.8, 1.2),
-  Gaussian noise std 0.1 (see :mod:`hardneg.augment.signal`).
+* mnist1d (signals): crop+resize scale (0.8, 1), shift +-4 samples, amplitude U(0.8, 1.2),
+  Gaussian noise std 0.1, correlated noise std 0.3 (see :mod:`hardneg.augment.signal`).
 
 Any keyword of :class:`~hardneg.augment.image.ImageAugmentation` /
 :class:`~hardneg.augment.signal.SignalAugmentation` can be overridden, e.g.

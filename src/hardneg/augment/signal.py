@@ -6,9 +6,15 @@ Per sample, in this order:
    position is linearly resampled back to ``L`` samples (this also translates the signal);
 2. random shift: the window is moved by up to ``max_shift`` samples (border values repeat);
 3. amplitude scaling by ``U(amplitude)``;
-4. additive Gaussian noise with std ``noise_std`` and, optionally, smooth (correlated) noise
-   with std ``corr_noise_std`` (a random walk low-passed by a moving average);
+4. additive Gaussian noise with std ``noise_std`` and smooth (correlated) noise with std
+   ``corr_noise_std`` (a random walk low-passed by a moving average, standardised per sample;
+   mnist1d's own generator adds correlated noise too);
 5. normalisation with the dataset's mean/std.
+
+Defaults chosen on mnist1d with the cnn1d backbone, SimCLR/InfoNCE (t=0.5), batch 256, Adam
+1e-3, 20 epochs, one seed: kNN (k=200) top-1 57.5% at initialisation; 71.7% with crop (0.6, 1)
+and no correlated noise; 84.1% with ``corr_noise_std=0.3``; 85.0% with that and crop (0.8, 1)
+(the defaults); 84.3% with ``corr_noise_std=0.5``.
 
 No time reversal or sign flip: the mnist1d digit templates are not symmetric, so those would
 not preserve the label.
@@ -30,11 +36,11 @@ class SignalAugmentation(nn.Module):
         mean: float = 0.0,
         std: float = 1.0,
         *,
-        crop_scale=(0.6, 1.0),
+        crop_scale=(0.8, 1.0),
         max_shift: float = 4.0,
         amplitude=(0.8, 1.2),
         noise_std: float = 0.1,
-        corr_noise_std: float = 0.0,
+        corr_noise_std: float = 0.3,
         corr_noise_width: int = 7,
     ) -> None:
         super().__init__()

@@ -111,32 +111,89 @@ _CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 DATASETS: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo(
-        "cifar10", "image", 32, 3, 10, "train", "train", "test",
-        mean=_CIFAR10_MEAN, std=_CIFAR10_STD,
+        "cifar10",
+        "image",
+        32,
+        3,
+        10,
+        "train",
+        "train",
+        "test",
+        mean=_CIFAR10_MEAN,
+        std=_CIFAR10_STD,
     ),
     "cifar100": DatasetInfo(
-        "cifar100", "image", 32, 3, 100, "train", "train", "test",
-        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+        "cifar100",
+        "image",
+        32,
+        3,
+        100,
+        "train",
+        "train",
+        "test",
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
     ),
     "stl10": DatasetInfo(
-        "stl10", "image", 96, 3, 10, "train+unlabeled", "train", "test",
+        "stl10",
+        "image",
+        96,
+        3,
+        10,
+        "train+unlabeled",
+        "train",
+        "test",
         splits=("train", "test", "unlabeled", "train+unlabeled"),
-        mean=_CIFAR10_MEAN, std=_CIFAR10_STD,
+        mean=_CIFAR10_MEAN,
+        std=_CIFAR10_STD,
     ),
     "tiny-imagenet": DatasetInfo(
-        "tiny-imagenet", "image", 64, 3, 200, "train", "train", "test",
-        mean=(0.4802, 0.4481, 0.3975), std=(0.2302, 0.2265, 0.2262),
+        "tiny-imagenet",
+        "image",
+        64,
+        3,
+        200,
+        "train",
+        "train",
+        "test",
+        mean=(0.4802, 0.4481, 0.3975),
+        std=(0.2302, 0.2265, 0.2262),
     ),
     "imagefolder": DatasetInfo(
-        "imagefolder", "image", None, 3, None, "train", "train", "test",
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        "imagefolder",
+        "image",
+        None,
+        3,
+        None,
+        "train",
+        "train",
+        "test",
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
     ),
     "mnist1d": DatasetInfo(
-        "mnist1d", "signal", 40, 1, 10, "train", "train", "test", mean=(0.0,), std=(1.0,),
+        "mnist1d",
+        "signal",
+        40,
+        1,
+        10,
+        "train",
+        "train",
+        "test",
+        mean=(0.0,),
+        std=(1.0,),
     ),
     "digits": DatasetInfo(
-        "digits", "image", 8, 1, 10, "train", "train", "test",
-        mean=(0.3053,), std=(0.3759,),
+        "digits",
+        "image",
+        8,
+        1,
+        10,
+        "train",
+        "train",
+        "test",
+        mean=(0.3053,),
+        std=(0.3759,),
     ),
 }
 
@@ -159,9 +216,7 @@ def canonical_name(name: str) -> str:
     key = name.strip().lower()
     key = ALIASES.get(key, key)
     if key not in DATASETS:
-        raise ValueError(
-            f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}"
-        )
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
     return key
 
 

@@ -45,6 +45,7 @@ from hardneg.data.formats import (
     read_cifar_meta,
     read_stl10_images,
     read_stl10_labels,
+    stl10_image_count,
 )
 
 
@@ -71,8 +72,14 @@ def _resolve(data_dir: str | os.PathLike | None, folder: str) -> tuple[Path, Pat
     return base, base / folder
 
 
-def _to_dataset(images: np.ndarray, labels: np.ndarray, name: str, split: str,
-                num_classes: int, classes: list[str] | None = None) -> ArrayDataset:
+def _to_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    name: str,
+    split: str,
+    num_classes: int,
+    classes: list[str] | None = None,
+) -> ArrayDataset:
     return ArrayDataset(
         inputs=torch.from_numpy(np.ascontiguousarray(images)),
         labels=torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
@@ -95,16 +102,26 @@ def _download_failed(title: str, url: str, root: Path, err: BaseException) -> Da
 
 _CIFAR = {
     "cifar10": dict(
-        title="CIFAR-10", folder="cifar-10-batches-py",
+        title="CIFAR-10",
+        folder="cifar-10-batches-py",
         url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
-        label_key="labels", meta="batches.meta", meta_key="label_names", num_classes=10,
+        train=[f"data_batch_{i}" for i in range(1, 6)],
+        test=["test_batch"],
+        label_key="labels",
+        meta="batches.meta",
+        meta_key="label_names",
+        num_classes=10,
     ),
     "cifar100": dict(
-        title="CIFAR-100", folder="cifar-100-python",
+        title="CIFAR-100",
+        folder="cifar-100-python",
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        train=["train"], test=["test"],
-        label_key="fine_labels", meta="meta", meta_key="fine_label_names", num_classes=100,
+        train=["train"],
+        test=["test"],
+        label_key="fine_labels",
+        meta="meta",
+        meta_key="fine_label_names",
+        num_classes=100,
     ),
 }
 
@@ -171,17 +188,17 @@ def _load_stl10(split: str, data_dir, download: bool) -> ArrayDataset:
             f"Download {_STL_URL} and extract it into {root}/, or pass download=True "
             "(config: data.download: true)."
         )
-    images, labels = [], []
-    for p in parts:
-        x = read_stl10_images(folder / f"{p}_X.bin")
+    counts = [stl10_image_count(folder / f"{p}_X.bin") for p in parts]
+    x = np.empty((sum(counts), 3, 96, 96), dtype=np.uint8)  # filled in place, no concatenation
+    y = np.empty(sum(counts), dtype=np.int64)
+    start = 0
+    for p, n in zip(parts, counts):
+        read_stl10_images(folder / f"{p}_X.bin", out=x[start : start + n])
         if p == "unlabeled":
-            y = np.full(x.shape[0], -1, dtype=np.int64)
+            y[start : start + n] = -1
         else:
-            y = read_stl10_labels(folder / f"{p}_y.bin", x.shape[0])
-        images.append(x)
-        labels.append(y)
-    x = images[0] if len(images) == 1 else np.concatenate(images)
-    y = labels[0] if len(labels) == 1 else np.concatenate(labels)
+            y[start : start + n] = read_stl10_labels(folder / f"{p}_y.bin", n)
+        start += n
     return _to_dataset(x, y, "stl10", split, 10, list(_STL_CLASSES))
 
 
@@ -191,7 +208,9 @@ _TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 _TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 
 
-def _load_tiny_imagenet(split: str, data_dir, download: bool, image_size, num_workers) -> ArrayDataset:
+def _load_tiny_imagenet(
+    split: str, data_dir, download: bool, image_size, num_workers
+) -> ArrayDataset:
     root, folder = _resolve(data_dir, "tiny-imagenet-200")
     wnids_file = folder / "wnids.txt"
     if download and not wnids_file.is_file():
@@ -302,10 +321,18 @@ def _load_imagefolder(split: str, data_dir, image_size, num_workers) -> ArrayDat
 # ----------------------------------------------------------------------------- mnist1d
 
 MNIST1D_ARGS = {
-    "num_samples": 5000, "train_split": 0.8, "template_len": 12, "padding": [36, 60],
-    "scale_coeff": 0.4, "max_translation": 48, "corr_noise_scale": 0.25,
-    "iid_noise_scale": 2e-2, "shear_scale": 0.75, "shuffle_seq": False,
-    "final_seq_length": 40, "seed": 42,
+    "num_samples": 5000,
+    "train_split": 0.8,
+    "template_len": 12,
+    "padding": [36, 60],
+    "scale_coeff": 0.4,
+    "max_translation": 48,
+    "corr_noise_scale": 0.25,
+    "iid_noise_scale": 2e-2,
+    "shear_scale": 0.75,
+    "shuffle_seq": False,
+    "final_seq_length": 40,
+    "seed": 42,
 }
 
 
@@ -332,17 +359,24 @@ def _generate_mnist1d(args: dict) -> dict[str, np.ndarray]:
         random.setstate(py_state)
         np.random.set_state(np_state)
     return {
-        "x": d["x"].astype(np.float32), "y": d["y"].astype(np.int64),
-        "x_test": d["x_test"].astype(np.float32), "y_test": d["y_test"].astype(np.int64),
+        "x": d["x"].astype(np.float32),
+        "y": d["y"].astype(np.int64),
+        "x_test": d["x_test"].astype(np.float32),
+        "y_test": d["y_test"].astype(np.int64),
     }
 
 
 def _valid_mnist1d(d, length: int) -> bool:
     try:
         return (
-            d["x"].ndim == 2 and d["x"].shape[1] == length and d["x_test"].shape[1] == length
-            and d["y"].shape[0] == d["x"].shape[0] and d["y_test"].shape[0] == d["x_test"].shape[0]
-            and bool(np.isfinite(d["x"]).all()) and int(d["y"].min()) >= 0 and int(d["y"].max()) < 10
+            d["x"].ndim == 2
+            and d["x"].shape[1] == length
+            and d["x_test"].shape[1] == length
+            and d["y"].shape[0] == d["x"].shape[0]
+            and d["y_test"].shape[0] == d["x_test"].shape[0]
+            and bool(np.isfinite(d["x"]).all())
+            and int(d["y"].min()) >= 0
+            and int(d["y"].max()) < 10
         )
     except Exception:  # noqa: BLE001
         return False
@@ -450,8 +484,9 @@ def load_dataset(
         raise ValueError(
             f"dataset {key!r} has no split {split!r}; available: {', '.join(info.splits)}"
         )
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or image_size < 1):
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+    ):
         raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
     if key in ("cifar10", "cifar100"):
         ds = _load_cifar(key, split, data_dir, download)
@@ -465,8 +500,11 @@ def load_dataset(
         ds = _load_mnist1d(split, data_dir)
     else:
         ds = _load_digits(split)
-    if image_size is not None and key not in ("tiny-imagenet", "imagefolder", "mnist1d") \
-            and ds.image_size != image_size:
+    if (
+        image_size is not None
+        and key not in ("tiny-imagenet", "imagefolder", "mnist1d")
+        and ds.image_size != image_size
+    ):
         ds = _resize_dataset(ds, image_size)
     return ds
 
@@ -477,8 +515,10 @@ def _resize_dataset(ds: ArrayDataset, size: int) -> ArrayDataset:
 
     out = []
     for chunk in ds.inputs.split(4096):
-        y = F.interpolate(chunk.float(), size=(size, size), mode="bilinear",
-                          align_corners=False, antialias=True)
+        y = F.interpolate(
+            chunk.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
         out.append(y.round_().clamp_(0, 255).to(torch.uint8))
-    return ArrayDataset(torch.cat(out), ds.labels, ds.num_classes, ds.kind, ds.name,
-                        ds.split, ds.classes)
+    return ArrayDataset(
+        torch.cat(out), ds.labels, ds.num_classes, ds.kind, ds.name, ds.split, ds.classes
+    )

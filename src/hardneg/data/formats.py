@@ -110,7 +110,9 @@ def read_cifar_batch(
     try:
         labels = np.asarray(obj[label_key])
     except Exception as err:  # noqa: BLE001
-        raise DatasetFormatError(f"{path}: '{label_key}' is not a list of integers ({err})") from None
+        raise DatasetFormatError(
+            f"{path}: '{label_key}' is not a list of integers ({err})"
+        ) from None
     if labels.ndim != 1 or labels.shape[0] != data.shape[0]:
         raise DatasetFormatError(
             f"{path}: {data.shape[0]} images but '{label_key}' has shape {labels.shape}"
@@ -137,8 +139,8 @@ def read_cifar_meta(path: str | os.PathLike, key: str) -> list[str] | None:
 STL10_SIZE = 96
 
 
-def read_stl10_images(path: str | os.PathLike) -> np.ndarray:
-    """``*_X.bin``: raw ``uint8``, each image 3x96x96 stored channel-major and column-major."""
+def stl10_image_count(path: str | os.PathLike) -> int:
+    """Number of images in an STL-10 ``*_X.bin`` file (validates its size)."""
     path = Path(path)
     per_image = 3 * STL10_SIZE * STL10_SIZE
     size = path.stat().st_size
@@ -148,12 +150,36 @@ def read_stl10_images(path: str | os.PathLike) -> np.ndarray:
             f"(3x{STL10_SIZE}x{STL10_SIZE} bytes per image): the file is truncated or not an "
             "STL-10 image file; delete it and download the dataset again"
         )
+    return size // per_image
+
+
+def read_stl10_images(
+    path: str | os.PathLike, out: np.ndarray | None = None, chunk: int = 2048
+) -> np.ndarray:
+    """``*_X.bin``: raw ``uint8``, each image 3x96x96 stored channel-major and column-major.
+
+    Returns ``uint8 [N, 3, 96, 96]`` (row-major). With ``out`` (a ``[N, 3, 96, 96]`` uint8
+    array, e.g. a slice of a larger one) the images are written there; the file is read in
+    chunks so the peak memory is the output plus one chunk (the unlabeled split is 2.7 GB).
+    """
+    path = Path(path)
+    n = stl10_image_count(path)
+    if out is None:
+        out = np.empty((n, 3, STL10_SIZE, STL10_SIZE), dtype=np.uint8)
+    elif out.shape != (n, 3, STL10_SIZE, STL10_SIZE) or out.dtype != np.uint8:
+        raise ValueError(f"out has shape {out.shape}, expected {(n, 3, STL10_SIZE, STL10_SIZE)}")
+    per_image = 3 * STL10_SIZE * STL10_SIZE
     try:
-        raw = np.fromfile(path, dtype=np.uint8)
+        with open(path, "rb") as f:
+            for i in range(0, n, chunk):
+                k = min(chunk, n - i)
+                raw = np.fromfile(f, dtype=np.uint8, count=k * per_image)
+                if raw.size != k * per_image:
+                    raise DatasetFormatError(f"{path}: file ended early (truncated while reading)")
+                out[i : i + k] = raw.reshape(k, 3, STL10_SIZE, STL10_SIZE).transpose(0, 1, 3, 2)
     except OSError as err:
         raise DatasetFormatError(f"{path}: cannot read the file ({err})") from None
-    images = raw.reshape(-1, 3, STL10_SIZE, STL10_SIZE)
-    return np.ascontiguousarray(images.transpose(0, 1, 3, 2))
+    return out
 
 
 def read_stl10_labels(path: str | os.PathLike, count: int) -> np.ndarray:
@@ -213,7 +239,9 @@ def decode_image(path: Path, size: int | None, mode: str = "RGB") -> np.ndarray:
                 img = _resize_square(img, size)
             arr = np.asarray(img, dtype=np.uint8)
     except UnidentifiedImageError:
-        raise DatasetFormatError(f"{path}: not a readable image file (corrupt or wrong format)") from None
+        raise DatasetFormatError(
+            f"{path}: not a readable image file (corrupt or wrong format)"
+        ) from None
     except (OSError, ValueError, SyntaxError) as err:
         raise DatasetFormatError(f"{path}: corrupt or truncated image ({err})") from None
     if arr.ndim == 2:
