@@ -285,7 +285,15 @@ def test_memory_bank_exclude_index_drops_the_anchors_own_entry():
 
 
 @pytest.mark.parametrize(
-    "k,rho_out,rho_in", [(4096, 0.1, 0.1), (1000, 0.3, 0.2), (257, 0.5, 0.0), (64, 0.25, 0.5)]
+    "k,rho_out,rho_in",
+    [
+        (4096, 0.1, 0.1),
+        (1000, 0.3, 0.2),
+        (257, 0.5, 0.0),
+        (64, 0.25, 0.5),
+        (5000, 0.9, 0.1),
+        (3000, 1.0, 0.1),
+    ],
 )
 def test_moco_ring_equals_reference_over_a_queue(k, rho_out, rho_in):
     q, key = views(n=16, d=16, seed=11)
@@ -301,7 +309,10 @@ def test_moco_ring_equals_reference_over_a_queue(k, rho_out, rho_in):
     assert_same(ours, value_and_grads(ref, q, key))
 
 
-@pytest.mark.parametrize("n,rho_out,rho_in", [(32, 0.5, 0.1), (64, 0.1, 0.1), (16, 0.3, 0.3)])
+@pytest.mark.parametrize(
+    "n,rho_out,rho_in",
+    [(32, 0.5, 0.1), (64, 0.1, 0.1), (16, 0.3, 0.3), (32, 0.9, 0.2), (600, 0.1, 0.1)],
+)
 def test_simclr_ring_masks_self_and_positive_then_takes_the_band(n, rho_out, rho_in):
     z1, z2 = views(n=n, d=8, seed=13)
     t = 0.1
@@ -312,6 +323,23 @@ def test_simclr_ring_masks_self_and_positive_then_takes_the_band(n, rho_out, rho
         return ring_formula(pos, negs, rho_out, rho_in)
 
     assert_same(value_and_grads(loss_fn, z1, z2), value_and_grads(ref, z1, z2))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_unsorted_ring_members_are_the_ranks_lower_to_upper(ties):
+    from hardneg.strategies.ring import RingNegatives
+
+    x = torch.randn(6, 3000, generator=torch.Generator().manual_seed(30))
+    if ties:
+        x = x.round(decimals=1)
+    x[0, :5] = float("-inf")  # absent candidates rank last
+    ranked = x.sort(dim=1, descending=True).values
+    for lower, upper in [(0, 1), (0, 300), (30, 300), (299, 300), (100, 2990)]:
+        idx = RingNegatives._ring_members(x, lower, upper)
+        assert idx.shape == (6, upper - lower)
+        assert all(len(set(row.tolist())) == upper - lower for row in idx)
+        got = x.gather(1, idx).sort(dim=1, descending=True).values
+        torch.testing.assert_close(got, ranked[:, lower:upper], rtol=0, atol=0)
 
 
 def test_ring_band_arithmetic_is_floor_of_fractions_with_the_inner_cut_inside_the_outer_set():
@@ -574,6 +602,89 @@ def test_unremix_pool_entry_gradient_equals_autograd_of_its_own_batch_softmax():
     torch.testing.assert_close(pool_gradients(scores).double(), torch.stack(expected), **TOL)
 
 
+def unremix_step_by_step(strategy, scores, inputs, tau_plus):
+    """The reconstruction of methods.md sec. 3 spelled out: scores, min-max, mix, tilt, HCL."""
+    from hardneg.objective import contrastive_objective
+    from hardneg.strategies import normalised_log_weights
+    from hardneg.strategies.unremix import minmax_over_negatives
+
+    mask = scores.neg_mask
+    u = strategy.influence_scores(scores, inputs).expand_as(scores.logits)
+    d = UnReMixNegatives.representativeness_scores(scores).expand_as(scores.logits)
+    d = minmax_over_negatives(d, mask)
+    if strategy.representativeness == "density":
+        d = 1.0 - d
+    mix = strategy.eps + strategy.lambda_u * minmax_over_negatives(u, mask) + strategy.lambda_d * d
+    logits = scores.logits
+    tilt = (logits.detach() if strategy.detach_weights else logits) * strategy.beta
+    if mask is not None:
+        tilt = tilt.masked_fill(~mask, float("-inf"))
+    log_w = normalised_log_weights(tilt + mix.log(), scores)
+    per_anchor = contrastive_objective(
+        scores.pos_logits,
+        logits,
+        log_w,
+        tau_plus=tau_plus,
+        num_negatives=scores.num_negatives,
+        temperature=scores.temperature,
+    )
+    return per_anchor.mean()
+
+
+@pytest.mark.parametrize("setup", ["in-batch", "pool", "bank"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(influence="gradient_norm"),
+        dict(representativeness="density", lambda_u=0.5, lambda_d=2.0),
+        dict(lambda_u=0.0, beta=0.0),
+        dict(lambda_d=0.0, beta=3.0, detach_weights=True),
+        dict(with_h=True),
+        dict(with_h=True, influence="gradient_norm", eps=0.01),
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults",
+)
+def test_unremix_fused_weights_equal_the_step_by_step_definition(setup, options):
+    options = dict(options)
+    with_h = options.pop("with_h", False)
+    t, tau_plus = 0.3, 0.1
+    z1, z2 = views(n=10, d=6, seed=28)
+    g = torch.Generator().manual_seed(29)
+    h1, h2 = torch.randn(10, 9, generator=g), torch.randn(10, 9, generator=g)
+    pool = queue(k=33, d=6) if setup != "in-batch" else None
+    pool_h = torch.randn(33, 9, generator=g)
+    own = torch.arange(10) * 3 if setup == "bank" else None
+    loss_fn = unremix(temperature=t, tau_plus=tau_plus, **options)
+    strategy = loss_fn.strategy
+
+    def fused(a, b):
+        kw = dict(negatives=pool, exclude_index=own)
+        if with_h:
+            kw.update(h1=h1, h2=h2, negative_h=pool_h if pool is not None else None)
+        return loss_fn(a, b, **kw)
+
+    def reference(a, b):
+        if pool is None:
+            scores = in_batch_scores(a, b, t)
+            h = torch.cat([h1, h2])
+            inputs = (
+                StrategyInputs(anchor_features=h, candidate_features=h)
+                if with_h
+                else StrategyInputs()
+            )
+        else:
+            scores = pool_scores(a, b, pool, t, exclude_index=own)
+            inputs = (
+                StrategyInputs(anchor_features=h1, candidate_features=pool_h)
+                if with_h
+                else StrategyInputs()
+            )
+        return unremix_step_by_step(strategy, scores, inputs, tau_plus)
+
+    assert_same(value_and_grads(fused, z1, z2), value_and_grads(reference, z1, z2))
+
+
 def test_unremix_representativeness_equals_the_quadratic_definition():
     z1, z2 = views(n=7, d=6, seed=26)
     scores = in_batch_scores(z1.detach(), z2.detach(), 0.5)
@@ -594,7 +705,7 @@ def test_unremix_density_and_diversity_order_the_negatives_in_opposite_direction
     order = torch.argsort(d)
     for kind, sign in (("diversity", 1), ("density", -1)):
         strategy = UnReMixNegatives(beta=0.0, lambda_u=0.0, lambda_d=1.0, representativeness=kind)
-        log_w = strategy.select(scores, StrategyInputs()).log_weights
+        log_w = strategy.select(scores, StrategyInputs()).dense_log_weights()
         w_sorted = log_w[:, order]
         assert bool((sign * w_sorted.diff(dim=1) > 0).all()), kind
 

@@ -83,10 +83,8 @@ def negative_diagnostics(
     with torch.no_grad():
         logits = selection.logits.detach().float()
         kept = torch.isfinite(logits)
-        if selection.log_weights is None:
-            log_w = torch.zeros_like(logits)
-        else:
-            log_w = selection.log_weights.detach().float()
+        dense = selection.dense_log_weights()
+        log_w = torch.zeros_like(logits) if dense is None else dense.detach().float()
         log_w = log_w.masked_fill(~kept, float("-inf"))
         sampling = torch.softmax(log_w, dim=1)
         gradient = torch.softmax(log_w + logits, dim=1)

@@ -30,6 +30,65 @@ def log_negative_mass(neg_logits: Tensor, neg_log_weights: Tensor | None) -> Ten
     return torch.logsumexp(neg_logits, dim=1)
 
 
+class _TiltedLogMass(torch.autograd.Function):
+    """``log R_i = log sum_j w_ij e^{c_ij}`` with ``w_ij = M softmax_j(beta c_ij + b_ij)``, fused.
+
+    Equal to ``log M + LSE_j((1 + beta) c_ij + b_ij) - LSE_j(beta c_ij + b_ij)`` but computed from
+    one shifted copy of the logits: with ``s = c - max_j c``, ``q = e^{beta s + b - max}`` and
+    ``e = e^{s}``, ``log R = log M + max_j c + log sum(q e) - log sum(q)``; the backward pass is
+    ``dlogR/dc = (1 + beta) q e / sum(q e) - beta q / sum(q)`` (only the first term when the tilt
+    is detached), three in-place passes. Every exponent is <= 0 and the row maximum contributes
+    ``e^0 = 1``, so nothing overflows and the sums never underflow to 0 without a bias.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, bias, beta, log_m, tilt_grad):  # type: ignore[override]
+        row_max = logits.amax(dim=1, keepdim=True)
+        s = logits - row_max  # <= 0, -inf where absent
+        if beta != 0.0:
+            q = s * beta
+            if bias is not None:
+                q.add_(bias)
+        else:
+            q = bias.clone()  # -inf where absent (contract of tilt_bias)
+        if bias is not None:
+            q.sub_(q.amax(dim=1, keepdim=True))
+        q.exp_()
+        sum_q = q.sum(dim=1)
+        e = s.exp_()
+        sum_qe = torch.linalg.vecdot(q, e, dim=1)
+        ctx.save_for_backward(q, e, sum_q, sum_qe)
+        ctx.beta, ctx.tilt_grad = beta, tilt_grad
+        return log_m + row_max.squeeze(1) + sum_qe.log() - sum_q.log()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        q, e, sum_q, sum_qe = ctx.saved_tensors
+        beta = ctx.beta if ctx.tilt_grad else 0.0
+        out = e * ((1.0 + beta) * grad / sum_qe).unsqueeze(1)
+        if beta != 0.0:
+            out.sub_((beta * grad / sum_q).unsqueeze(1))
+        out.mul_(q)
+        return out, None, None, None, None
+
+
+def tilted_log_negative_mass(
+    neg_logits: Tensor,
+    tilt: float,
+    tilt_bias: Tensor | None = None,
+    *,
+    num_negatives: int,
+    tilt_grad: bool = True,
+) -> Tensor:
+    """``log sum_j w_ij e^{c_ij}`` for ``w_ij = M softmax_j(tilt c_ij + bias_ij)`` (mean 1 over
+    the ``M`` negatives), in one fused pass; see :class:`_TiltedLogMass`."""
+    bias = None if tilt_bias is None else tilt_bias.detach().float()
+    return _TiltedLogMass.apply(
+        neg_logits.float(), bias, float(tilt), math.log(num_negatives), bool(tilt_grad)
+    )
+
+
 def debias_log_mass(
     log_mass: Tensor,
     pos_logits: Tensor,
@@ -66,6 +125,9 @@ def contrastive_objective(
     tau_plus: float = 0.0,
     num_negatives: int | None = None,
     temperature: float = 1.0,
+    tilt: float = 0.0,
+    tilt_bias: Tensor | None = None,
+    tilt_grad: bool = True,
 ) -> Tensor:
     """Per-anchor loss ``[A]`` from positive logits ``[A]`` and negative logits ``[A, S]``.
 
@@ -76,11 +138,20 @@ def contrastive_objective(
         tau_plus: class prior of the debiased estimator; 0 disables debiasing.
         num_negatives: ``M`` of the debiased estimator (defaults to ``S``).
         temperature: ``t``, needed for the clamp of the debiased estimator.
+        tilt, tilt_bias, tilt_grad: tilted weights ``w = M softmax(tilt c + bias)`` instead of
+            ``neg_log_weights`` (see :class:`~hardneg.strategies.NegativeSelection`).
     """
     pos_logits = pos_logits.float()
-    log_mass = log_negative_mass(neg_logits.float(), neg_log_weights)
+    m = neg_logits.shape[1] if num_negatives is None else num_negatives
+    if tilt != 0.0 or tilt_bias is not None:
+        if neg_log_weights is not None:
+            raise ValueError("give either neg_log_weights or a tilt, not both")
+        log_mass = tilted_log_negative_mass(
+            neg_logits, tilt, tilt_bias, num_negatives=m, tilt_grad=tilt_grad
+        )
+    else:
+        log_mass = log_negative_mass(neg_logits.float(), neg_log_weights)
     if tau_plus > 0.0:
-        m = neg_logits.shape[1] if num_negatives is None else num_negatives
         log_mass = debias_log_mass(
             log_mass, pos_logits, tau_plus=tau_plus, num_negatives=m, temperature=temperature
         )

@@ -68,17 +68,21 @@ def in_batch_scores(z1: Tensor, z2: Tensor, temperature: float) -> ContrastiveSc
     """Scores of the SimCLR set-up: both directions, ``2N`` anchors, ``2N - 2`` negatives each."""
     n = z1.shape[0]
     z = _normalise(torch.cat([z1, z2], dim=0))
-    logits = (z @ z.T).float() / temperature
+    # 1/t folded into the [2N, d] operand: one pass less over the [2N, 2N] scores (and backward)
+    logits = ((z / temperature) @ z.T).float()
     index = torch.arange(2 * n, device=z.device)
     positive_index = (index + n) % (2 * n)
-    pos_logits = logits[index, positive_index]
+    positives = z[positive_index]
+    pos_logits = (z * positives).sum(dim=1) / temperature
+    rows = torch.cat([index, index])
+    cols = torch.cat([index, positive_index])
+    # in place on the matmul output (its backward does not need it): no mask pass, no copy
+    logits.index_put_((rows, cols), torch.tensor(float("-inf"), device=z.device))
     neg_mask = torch.ones(2 * n, 2 * n, dtype=torch.bool, device=z.device)
-    neg_mask[index, index] = False
-    neg_mask[index, positive_index] = False
-    logits = logits.masked_fill(~neg_mask, float("-inf"))
+    neg_mask[rows, cols] = False
     return ContrastiveScores(
         anchors=z,
-        positives=z[positive_index],
+        positives=positives,
         candidates=z,
         pos_logits=pos_logits,
         logits=logits,
@@ -108,7 +112,7 @@ def pool_scores(
     k = _normalise(k)
     pool = _normalise(negatives.detach())
     pos_logits = (q * k).sum(dim=1) / temperature
-    logits = (q @ pool.T).float() / temperature
+    logits = ((q / temperature) @ pool.T).float()
     neg_mask = None
     num_negatives = pool.shape[0]
     if exclude_index is not None:
@@ -122,9 +126,10 @@ def pool_scores(
             )
         if pool.shape[0] < 2:
             raise ValueError("a pool with exclude_index needs at least 2 entries")
+        rows = torch.arange(q.shape[0], device=logits.device)
         neg_mask = torch.ones_like(logits, dtype=torch.bool)
-        neg_mask[torch.arange(q.shape[0], device=logits.device), exclude_index] = False
-        logits = logits.masked_fill(~neg_mask, float("-inf"))
+        neg_mask[rows, exclude_index] = False
+        logits.index_put_((rows, exclude_index), torch.tensor(float("-inf"), device=logits.device))
         num_negatives -= 1
     return ContrastiveScores(
         anchors=q,

@@ -178,6 +178,9 @@ class ContrastiveLoss(nn.Module):
             tau_plus=self.tau_plus,
             num_negatives=scores.num_negatives,
             temperature=self.temperature,
+            tilt=selection.tilt,
+            tilt_bias=selection.tilt_bias,
+            tilt_grad=selection.tilt_grad,
         )
         loss = per_anchor.mean()
         if not return_diagnostics:

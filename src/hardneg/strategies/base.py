@@ -39,17 +39,44 @@ class StrategyInputs:
 class NegativeSelection:
     """The negatives a strategy keeps for each anchor and how much each one counts.
 
+    The weights are given either explicitly (``log_weights``) or, for importance strategies, as a
+    *tilt* that the objective evaluates in one fused pass without materialising them:
+    ``w_ij = M softmax_j(tilt * c_ij + tilt_bias_ij)``, i.e. ``∝ e^{tilt c_ij + bias_ij}`` with
+    mean 1 over the ``M`` negatives (the ``imp / imp.mean()`` of the HCL reference code).
+
     Attributes:
         logits: ``[A, S]`` negative logits ``s/t`` (``-inf`` = not kept).
         log_weights: ``[A, S]`` ``log w`` or None for unit weights. Importance strategies
             normalise the weights to mean 1 over the ``M`` negatives, as the HCL estimator does.
         indices: ``[A, S]`` candidate index of each column, or None when the columns are the
             candidates themselves (``S = C``).
+        tilt: ``beta >= 0`` of the tilted weights (0 and no ``tilt_bias`` = no tilt).
+        tilt_bias: ``[A, S]`` constant log-factor of the tilted weights (no gradient flows
+            through it); ``-inf`` wherever ``logits`` is ``-inf``.
+        tilt_grad: let the gradient flow through the tilt (the HCL reference does).
     """
 
     logits: Tensor
     log_weights: Tensor | None = None
     indices: Tensor | None = None
+    tilt: float = 0.0
+    tilt_bias: Tensor | None = None
+    tilt_grad: bool = True
+
+    @property
+    def tilted(self) -> bool:
+        return self.tilt != 0.0 or self.tilt_bias is not None
+
+    def dense_log_weights(self) -> Tensor | None:
+        """``log w`` as an ``[A, S]`` tensor (up to a per-row constant for tilted weights), or
+        None for unit weights; for analysis, the objective never materialises it."""
+        if not self.tilted:
+            return self.log_weights
+        logits = self.logits if self.tilt_grad else self.logits.detach()
+        log_w = logits * self.tilt if self.tilt != 0.0 else torch.zeros_like(logits)
+        if self.tilt_bias is not None:
+            log_w = log_w + self.tilt_bias
+        return log_w.masked_fill(~torch.isfinite(self.logits), float("-inf"))
 
 
 class NegativeStrategy(nn.Module, ABC):

@@ -25,12 +25,7 @@ from torch import Tensor
 from hardneg._checks import check_choice, check_number
 from hardneg.pool import ContrastiveScores
 from hardneg.schedules import hcl_beta_down
-from hardneg.strategies.base import (
-    NegativeSelection,
-    NegativeStrategy,
-    StrategyInputs,
-    normalised_log_weights,
-)
+from hardneg.strategies.base import NegativeSelection, NegativeStrategy, StrategyInputs
 
 
 class ImportanceNegatives(NegativeStrategy):
@@ -83,7 +78,8 @@ class ImportanceNegatives(NegativeStrategy):
         return hcl_beta_down(self.beta, progress, epochs=self.anneal_epochs)
 
     def tilted_log_weights(self, scores: ContrastiveScores, beta: float) -> Tensor:
-        """``beta * s/t`` with masked candidates at ``-inf`` (never ``0 * -inf``)."""
+        """``beta * s/t`` with masked candidates at ``-inf`` (never ``0 * -inf``); for analysis,
+        :meth:`select` leaves the weights implicit (the objective fuses them)."""
         logits = scores.logits.detach() if self.detach_weights else scores.logits
         log_w = logits * beta if beta != 0.0 else torch.zeros_like(logits)
         if scores.neg_mask is not None:
@@ -92,5 +88,7 @@ class ImportanceNegatives(NegativeStrategy):
 
     def select(self, scores: ContrastiveScores, inputs: StrategyInputs) -> NegativeSelection:
         beta = self.current_beta(inputs.progress)
-        log_w = normalised_log_weights(self.tilted_log_weights(scores, beta), scores)
-        return NegativeSelection(logits=scores.logits, log_weights=log_w)
+        if beta == 0.0:
+            return NegativeSelection(logits=scores.logits)  # uniform: w = 1
+        # w = M softmax(beta c), evaluated by the objective in one fused pass
+        return NegativeSelection(logits=scores.logits, tilt=beta, tilt_grad=not self.detach_weights)

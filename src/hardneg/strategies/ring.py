@@ -10,7 +10,12 @@ closest ones (likely false negatives) and the easy bulk are dropped. As in the a
     ring_i = sorted[L:U]
     l_i = logsumexp({a_i} ∪ ring_i) - a_i           # the positive stays in the partition
 
-``topk(U)`` replaces the full sort (same members, less work). The band can also be given as rank
+``topk(U)`` replaces the full sort (same members, less work); as the loss only needs the
+members, not their order, the selection is unsorted (``nth_element``, linear time) and the top
+``L`` are removed with a second, small ``topk`` over the ``U`` kept values. Only ``num_samples``
+sorts the ring, so that a draw picks the same members as the reference's draw. A wide ring
+(``U > M / 2``, e.g. ``rho_out = 1`` at the start of annealing) is kept as a mask: the top ``L``
+and the bottom ``M - U`` are dropped. The band can also be given as rank
 percentiles from the top, ``(lower, upper) = (100 rho_in rho_out, 100 rho_out)``; ``(0, 100)``
 keeps every candidate and is InfoNCE exactly. With ``num_samples`` a fixed number of ring members
 is drawn uniformly *with replacement* (IR-Ring: 4095). With ``anneal`` only ``rho_out`` is
@@ -26,6 +31,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from hardneg._checks import check_choice, check_number
 from hardneg.pool import ContrastiveScores
@@ -84,7 +90,9 @@ class RingNegatives(NegativeStrategy):
         self.rho_out = check_number("rho_out", rho_out, low=0.0, high=1.0, low_inclusive=False)
         self.rho_in = check_number("rho_in", rho_in, low=0.0, high=1.0, high_inclusive=False)
         self.num_samples = (
-            None if num_samples is None else int(check_number("num_samples", num_samples, low=1, integer=True))
+            None
+            if num_samples is None
+            else int(check_number("num_samples", num_samples, low=1, integer=True))
         )
         self.anneal = (
             None if anneal is None else check_choice("anneal", anneal, ("linear", "staircase"))
@@ -109,7 +117,11 @@ class RingNegatives(NegativeStrategy):
                 f"anneal={self.anneal!r} needs the training progress: pass progress=<fraction in [0, 1]>"
             )
         return ring_rho_out(
-            self.rho_out, progress, until=self.anneal_until, kind=self.anneal, steps=self.anneal_steps
+            self.rho_out,
+            progress,
+            until=self.anneal_until,
+            kind=self.anneal,
+            steps=self.anneal_steps,
         )
 
     def select(self, scores: ContrastiveScores, inputs: StrategyInputs) -> NegativeSelection:
@@ -117,16 +129,50 @@ class RingNegatives(NegativeStrategy):
         lower, upper = ring_band(m, self.current_rho_out(inputs.progress), self.rho_in)
         if lower == 0 and upper == m and self.num_samples is None:
             return NegativeSelection(logits=scores.logits)  # the whole pool: plain InfoNCE
+        logits = scores.logits
+        if self.num_samples is None and 2 * upper > m:
+            return NegativeSelection(logits=self._wide_ring(scores, lower, upper))
         # masked candidates are -inf and rank last, so the top-U are all true negatives
-        values, indices = scores.logits.topk(upper, dim=1, sorted=True)
-        values, indices = values[:, lower:], indices[:, lower:]
         if self.num_samples is not None:
+            # the reference draws uniform ranks of the sorted ring: sort to draw the same members
+            indices = logits.detach().topk(upper, dim=1, sorted=True).indices[:, lower:]
             draw = torch.randint(
                 0,
                 upper - lower,
-                (values.shape[0], self.num_samples),
+                (indices.shape[0], self.num_samples),
                 generator=inputs.generator,
-                device=values.device,
+                device=indices.device,
             )
-            values, indices = values.gather(1, draw), indices.gather(1, draw)
-        return NegativeSelection(logits=values, indices=indices)
+            indices = indices.gather(1, draw)
+        else:
+            indices = self._ring_members(logits.detach(), lower, upper)
+        return NegativeSelection(logits=logits.gather(1, indices), indices=indices)
+
+    @staticmethod
+    def _ring_members(logits: Tensor, lower: int, upper: int) -> Tensor:
+        """``[A, U - L]`` candidate indices of ranks ``[L, U)``, in no particular order."""
+        values, indices = logits.topk(upper, dim=1, sorted=False)
+        if lower == 0:
+            return indices
+        inner = values.topk(lower, dim=1, sorted=False).indices  # the top L among the U
+        keep = torch.ones_like(values, dtype=torch.bool).scatter_(1, inner, False)
+        return indices[keep].view(indices.shape[0], upper - lower)
+
+    @staticmethod
+    def _wide_ring(scores: ContrastiveScores, lower: int, upper: int) -> Tensor:
+        """The logits with everything outside ranks ``[L, U)`` set to ``-inf``: drop the top
+        ``L`` and the bottom ``M - U`` negatives (fewer than half of them each)."""
+        logits = scores.logits
+        with torch.no_grad():
+            detached = logits.detach()
+            drop = []
+            if lower > 0:
+                drop.append(detached.topk(lower, dim=1, sorted=False).indices)
+            if upper < scores.num_negatives:
+                # the smallest finite entries: negate, keeping absent (-inf) entries last
+                flipped = torch.where(torch.isfinite(detached), -detached, float("-inf"))
+                bottom = scores.num_negatives - upper
+                drop.append(flipped.topk(bottom, dim=1, sorted=False).indices)
+        if not drop:
+            return logits
+        return logits.scatter(1, torch.cat(drop, dim=1), float("-inf"))

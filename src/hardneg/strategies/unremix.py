@@ -26,6 +26,12 @@ With an external pool (queue, bank) the pool entries have no positive in the bat
 ``delta_j`` is undefined; our choice: treat each entry as an anchor whose positive is itself and
 whose candidates are the batch's queries, ``delta_j = (1/t)(sum_i p~_ji q_i - z_j)`` with
 ``p~_j = softmax_i(s_ij / t)``; it reuses the score matrix, so costs one extra matmul.
+
+Cost: the influence score needs, by its definition, ``sum_k p_ik z_k`` for every anchor and
+``delta_i . delta_j`` for every pair, two (with a pool three) products of the size of the score
+matrix on top of InfoNCE's; everything else is a few passes over the ``[A, C]`` scores, and
+the weights are never materialised (the objective fuses them, see
+:func:`hardneg.objective.tilted_log_negative_mass`).
 """
 
 from __future__ import annotations
@@ -36,31 +42,46 @@ from torch import Tensor
 
 from hardneg._checks import check_choice, check_number
 from hardneg.pool import ContrastiveScores
-from hardneg.strategies.base import (
-    NegativeSelection,
-    StrategyInputs,
-    normalised_log_weights,
-)
+from hardneg.strategies.base import NegativeSelection, StrategyInputs
 from hardneg.strategies.importance import ImportanceNegatives
 
 
-def anchor_gradients(scores: ContrastiveScores) -> Tensor:
-    """``delta_i = (1/t)(sum_k p_ik z_k - z_{i+})``: InfoNCE gradient w.r.t. each anchor ``[A, d]``."""
+def _row_softmax_parts(scores: ContrastiveScores) -> tuple[Tensor, Tensor, Tensor]:
+    """``E = e^{c - m}`` ``[A, C]``, its row maxima ``m`` ``[A]`` and the partition
+    ``Z = sum_k E_k + e^{a - m}`` ``[A]`` of each anchor's softmax over positive and negatives."""
     logits = scores.logits.detach()
-    pos = scores.pos_logits.detach().unsqueeze(1)
-    log_norm = torch.logsumexp(torch.cat([pos, logits], dim=1), dim=1, keepdim=True)
-    p_neg = torch.exp(logits - log_norm)  # masked -inf -> 0
-    p_pos = torch.exp(pos - log_norm)
-    expected = p_neg @ scores.candidates + p_pos * scores.positives
+    pos = scores.pos_logits.detach()
+    row_max = torch.maximum(logits.amax(dim=1), pos)
+    e = (logits - row_max.unsqueeze(1)).exp_()  # masked -inf -> 0
+    z = e.sum(dim=1) + (pos - row_max).exp()
+    return e, row_max, z
+
+
+def anchor_gradients(scores: ContrastiveScores, parts=None) -> Tensor:
+    """``delta_i = (1/t)(sum_k p_ik z_k - z_{i+})``: InfoNCE gradient w.r.t. each anchor ``[A, d]``."""
+    e, row_max, z = _row_softmax_parts(scores) if parts is None else parts
+    p_pos = ((scores.pos_logits.detach() - row_max).exp() / z).unsqueeze(1)
+    expected = (e @ scores.candidates) / z.unsqueeze(1) + p_pos * scores.positives
     return (expected - scores.positives) / scores.temperature
 
 
-def pool_gradients(scores: ContrastiveScores) -> Tensor:
-    """``delta_j`` of each pool entry as an anchor of its own against the batch ``[K, d]``."""
-    logits_t = scores.logits.detach().T  # [K, A]
-    p = torch.softmax(logits_t.masked_fill(~torch.isfinite(logits_t), float("-inf")), dim=1)
-    p = torch.nan_to_num(p, nan=0.0)  # an entry masked for every anchor has no distribution
-    return (p @ scores.anchors - scores.candidates) / scores.temperature
+def pool_gradients(scores: ContrastiveScores, parts=None) -> Tensor:
+    """``delta_j`` of each pool entry as an anchor of its own against the batch ``[K, d]``.
+
+    ``p~_j = softmax_i(c_ij)`` reuses the row-shifted ``E_ij = e^{c_ij - m_i}``:
+    ``e^{c_ij - G} = E_ij e^{m_i - G}`` with ``G = max_i m_i`` (no overflow; exponents stay above
+    ``-2/t``, so this is exact unless ``t < 0.025``, where the column softmax is taken directly).
+    """
+    logits = scores.logits.detach()
+    if scores.temperature < 0.025 or scores.neg_mask is not None:
+        p = torch.softmax(logits, dim=0)  # [A, K], over the batch
+        p = torch.nan_to_num(p, nan=0.0)  # an entry masked for every anchor has no distribution
+        return (p.T @ scores.anchors - scores.candidates) / scores.temperature
+    e, row_max, _ = _row_softmax_parts(scores) if parts is None else parts
+    w = (row_max - row_max.max()).exp()  # [A]
+    weighted = e.T @ torch.cat([scores.anchors * w.unsqueeze(1), w.unsqueeze(1)], dim=1)
+    expected = weighted[:, :-1] / weighted[:, -1:]
+    return (expected - scores.candidates) / scores.temperature
 
 
 def minmax_over_negatives(x: Tensor, neg_mask: Tensor | None) -> Tensor:
@@ -75,6 +96,65 @@ def minmax_over_negatives(x: Tensor, neg_mask: Tensor | None) -> Tensor:
     out = (x - lo) / torch.where(span > 0, span, torch.ones_like(span))
     out = torch.where(span > 0, out, torch.zeros_like(out))
     return out if neg_mask is None else out.masked_fill(~neg_mask, 0.0)
+
+
+def _affine_to_unit(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """``(scale, offset)`` with ``scale * x + offset = (x - lo) / (hi - lo)``; 0 for constant rows."""
+    span = hi - lo
+    ok = span > 0
+    scale = torch.where(
+        ok, 1.0 / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(span)
+    )
+    return scale, -lo * scale
+
+
+def _in_batch_masked_index(scores: ContrastiveScores) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows, and for each row its own column and its positive's (the non-negatives)."""
+    rows = torch.arange(scores.logits.shape[0], device=scores.logits.device)
+    assert scores.positive_index is not None
+    return rows, rows, scores.positive_index
+
+
+def _row_range(x: Tensor, scores: ContrastiveScores) -> tuple[Tensor, Tensor]:
+    """Per-row min and max of ``x`` ``[A, C]`` over each anchor's negatives (``x`` is modified
+    at the non-negative positions in-batch, which are overwritten later anyway)."""
+    if scores.neg_mask is None:
+        return x.amin(dim=1), x.amax(dim=1)
+    if scores.in_batch:
+        # give the two non-negatives of every row the value of a negative: (i + 1) mod 2N is one
+        rows, own, pos = _in_batch_masked_index(scores)
+        filler = x[rows, (rows + 1) % x.shape[1]]
+        x[rows, own] = filler
+        x[rows, pos] = filler
+        return x.amin(dim=1), x.amax(dim=1)
+    return (
+        x.masked_fill(~scores.neg_mask, float("inf")).amin(dim=1),
+        x.masked_fill(~scores.neg_mask, float("-inf")).amax(dim=1),
+    )
+
+
+def _column_range(col: Tensor, scores: ContrastiveScores) -> tuple[Tensor, Tensor]:
+    """Per-row min and max of a per-candidate score ``col`` ``[C]`` over each anchor's negatives."""
+    a = scores.logits.shape[0]
+    if scores.neg_mask is None:
+        return col.min().expand(a), col.max().expand(a)
+    if scores.in_batch:
+        # the extremes over all but two columns are among the three smallest / largest
+        rows, own, pos = _in_batch_masked_index(scores)
+        out = []
+        for largest in (False, True):
+            idx = col.topk(min(3, col.shape[0]), largest=largest).indices  # [3], best first
+            allowed = (idx.unsqueeze(0) != own.unsqueeze(1)) & (
+                idx.unsqueeze(0) != pos.unsqueeze(1)
+            )
+            first = allowed.int().argmax(dim=1)  # first allowed of the three
+            out.append(col[idx[first]])
+        return out[0], out[1]
+    expanded = col.unsqueeze(0).expand(a, -1)
+    return (
+        expanded.masked_fill(~scores.neg_mask, float("inf")).amin(dim=1),
+        expanded.masked_fill(~scores.neg_mask, float("-inf")).amax(dim=1),
+    )
 
 
 class UnReMixNegatives(ImportanceNegatives):
@@ -124,20 +204,38 @@ class UnReMixNegatives(ImportanceNegatives):
 
     def influence_scores(self, scores: ContrastiveScores, inputs: StrategyInputs) -> Tensor:
         """``U`` as ``[A, C]`` (or ``[1, C]`` for the per-negative ``gradient_norm``)."""
-        delta_a = anchor_gradients(scores)
-        delta_c = delta_a if scores.in_batch else pool_gradients(scores)
+        with torch.no_grad():
+            return self._influence(scores, inputs, _row_softmax_parts(scores), exact_h=True)
+
+    def _influence(
+        self, scores: ContrastiveScores, inputs: StrategyInputs, parts, *, exact_h: bool
+    ) -> Tensor:
+        """``U``; with ``exact_h=False`` and ``h = z`` the factor ``cos(h_i, h_j) = s_ij`` is taken
+        as the logits ``s_ij / t`` (a positive scale that the min-max normalisation removes) and
+        the non-negative entries are left arbitrary."""
+        delta_a = anchor_gradients(scores, parts)
+        delta_c = delta_a if scores.in_batch else pool_gradients(scores, parts)
         h_a, h_c = inputs.anchor_features, inputs.candidate_features
         if self.influence == "gradient_norm":
-            h_norm = scores.candidates.norm(dim=1) if h_c is None else h_c.detach().float().norm(dim=1)
+            h_norm = (
+                scores.candidates.norm(dim=1) if h_c is None else h_c.detach().float().norm(dim=1)
+            )
             return (delta_c.norm(dim=1) * h_norm).unsqueeze(0)
-        cos_delta = F.normalize(delta_a, dim=1) @ F.normalize(delta_c, dim=1).T
+        u = F.normalize(delta_a, dim=1) @ F.normalize(delta_c, dim=1).T
         if h_a is None or h_c is None:
-            cos_h = scores.similarities.detach()  # h = z: cos(z_i, z_j) = s_ij, already computed
+            if exact_h:
+                cos_h = scores.similarities.detach()  # h = z: cos(z_i, z_j) = s_ij
+                if scores.neg_mask is not None:
+                    cos_h = cos_h.masked_fill(~scores.neg_mask, 0.0)
+                return u * cos_h
+            logits = scores.logits.detach()
             if scores.neg_mask is not None:
-                cos_h = cos_h.masked_fill(~scores.neg_mask, 0.0)
-        else:
-            cos_h = F.normalize(h_a.detach().float(), dim=1) @ F.normalize(h_c.detach().float(), dim=1).T
-        return cos_delta * cos_h
+                logits = logits.masked_fill(~scores.neg_mask, 0.0)
+            return u.mul_(logits)
+        cos_h = (
+            F.normalize(h_a.detach().float(), dim=1) @ F.normalize(h_c.detach().float(), dim=1).T
+        )
+        return u.mul_(cos_h)
 
     @staticmethod
     def representativeness_scores(scores: ContrastiveScores) -> Tensor:
@@ -148,21 +246,51 @@ class UnReMixNegatives(ImportanceNegatives):
         mean_sim = (z @ total - (z * z).sum(dim=1)) / max(c - 1, 1)
         return (1.0 - mean_sim).unsqueeze(0)
 
+    def log_mix(self, scores: ContrastiveScores, inputs: StrategyInputs) -> Tensor:
+        """``log(lambda_u U~ + lambda_d D~ + eps)`` ``[A, C]``, ``-inf`` at non-negatives."""
+        a, c = scores.logits.shape
+        offset = torch.full((a,), self.eps, device=scores.logits.device)
+        mix = None
+        if self.lambda_u > 0:
+            u = self._influence(scores, inputs, _row_softmax_parts(scores), exact_h=False)
+            if u.shape[0] == 1:  # gradient_norm: one score per candidate
+                lo, hi = _column_range(u[0], scores)
+                scale, off = _affine_to_unit(lo, hi)
+                mix = torch.outer(scale * self.lambda_u, u[0])
+            else:
+                lo, hi = _row_range(u, scores)
+                scale, off = _affine_to_unit(lo, hi)
+                mix = u.mul_((scale * self.lambda_u).unsqueeze(1))
+            offset = offset + self.lambda_u * off
+        if self.lambda_d > 0:
+            d = self.representativeness_scores(scores)[0]
+            lo, hi = _column_range(d, scores)
+            scale, off = _affine_to_unit(lo, hi)
+            if self.representativeness == "density":  # 1 - D~
+                scale, off = -scale, 1.0 - off
+            term = (scale * self.lambda_d).unsqueeze(1)
+            if mix is None:
+                mix = torch.outer(term.squeeze(1), d)
+            else:
+                mix.addcmul_(term, d.unsqueeze(0))
+            offset = offset + self.lambda_d * off
+        assert mix is not None
+        mix.add_(offset.unsqueeze(1)).clamp_(min=self.eps).log_()
+        if scores.neg_mask is not None:
+            if scores.in_batch:
+                rows, own, pos = _in_batch_masked_index(scores)
+                mix[rows, own] = float("-inf")
+                mix[rows, pos] = float("-inf")
+            else:
+                mix.masked_fill_(~scores.neg_mask, float("-inf"))
+        return mix
+
     def select(self, scores: ContrastiveScores, inputs: StrategyInputs) -> NegativeSelection:
-        log_w = self.tilted_log_weights(scores, self.current_beta(inputs.progress))
-        if self.lambda_u > 0 or self.lambda_d > 0:
-            with torch.no_grad():
-                mix = torch.full_like(scores.logits, self.eps)
-                if self.lambda_u > 0:
-                    u = self.influence_scores(scores, inputs).expand_as(mix)
-                    mix = mix + self.lambda_u * minmax_over_negatives(u, scores.neg_mask)
-                if self.lambda_d > 0:
-                    d = self.representativeness_scores(scores).expand_as(mix)
-                    d = minmax_over_negatives(d, scores.neg_mask)
-                    if self.representativeness == "density":
-                        d = 1.0 - d
-                    mix = mix + self.lambda_d * d
-            log_w = log_w + torch.log(mix)
+        beta = self.current_beta(inputs.progress)
+        if self.lambda_u == 0 and self.lambda_d == 0:
+            return super().select(scores, inputs)  # the eps factor is a constant: HCL exactly
+        with torch.no_grad():
+            log_mix = self.log_mix(scores, inputs)
         return NegativeSelection(
-            logits=scores.logits, log_weights=normalised_log_weights(log_w, scores)
+            logits=scores.logits, tilt=beta, tilt_bias=log_mix, tilt_grad=not self.detach_weights
         )
