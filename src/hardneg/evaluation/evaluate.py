@@ -58,7 +58,7 @@ def evaluate_backbone(
     backbone = backbone.to(device)
     train_f, train_y = extract_features(backbone, train, transform, batch_size, device)
     test_f, test_y = extract_features(backbone, test, transform, batch_size, device)
-    num_classes = info.num_classes
+    num_classes = train.num_classes
 
     knn = weighted_knn(
         train_f.to(device),
