@@ -159,6 +159,11 @@ def test_color_ops_match_torchvision():
         got = mine(x.clone(), fac)
         want = torch.stack([ref(x[i], float(fac[i])) for i in range(6)])
         assert torch.allclose(got, want, atol=1e-5), mine.__name__
+        inplace = getattr(AF, mine.__name__ + "_")
+        buf = torch.cat([x, x])  # the in-place variant on a slice of a larger buffer
+        out = inplace(buf[6:], fac)
+        assert out.data_ptr() == buf[6:].data_ptr()
+        assert torch.allclose(buf[6:], want, atol=1e-5) and torch.equal(buf[:6], x)
 
 
 def test_blur_matches_torchvision():

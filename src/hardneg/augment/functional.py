@@ -94,11 +94,12 @@ def hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
     return _from_hue6(6.0 * h, v, v * s)
 
 
-def _from_hue6(h6: Tensor, maxc: Tensor, cr: Tensor) -> Tensor:
+def _from_hue6(h6: Tensor, maxc: Tensor, cr: Tensor, out: Tensor | None = None) -> Tensor:
     """RGB from (6*hue in [0, 6), value, chroma): channel = max - chroma * w(k) with
     ``k = n + 6h`` in [1, 11) and ``w(k) = clamp(min(k mod 6, 4 - k mod 6), 0, 1)``, written
     as ``clamp(2 - min(|k - 2|, |k - 8|), 0, 1)`` (no modulo, no comparison)."""
-    out = torch.empty(h6.shape[0], 3, *h6.shape[1:], device=h6.device, dtype=h6.dtype)
+    if out is None:
+        out = torch.empty(h6.shape[0], 3, *h6.shape[1:], device=h6.device, dtype=h6.dtype)
     for c, n in enumerate((5.0, 3.0, 1.0)):
         k = h6 + n
         w = torch.minimum((k - 2.0).abs_(), k.sub_(8.0).abs_()).neg_().add_(2.0).clamp_(0.0, 1.0)
@@ -114,6 +115,36 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     h6, maxc, cr = _hue6(x)
     h6 = _mod6(h6.add_(6.0 * shift.to(h6.dtype).view(-1, 1, 1)))
     return _from_hue6(h6, maxc, cr).clamp_(0.0, 1.0)
+
+
+# In-place variants (``x`` is overwritten and returned): the batched pipeline applies them to
+# slices of one buffer, which saves an allocation and a copy per operation.
+
+
+def adjust_brightness_(x: Tensor, factor: Tensor) -> Tensor:
+    return x.mul_(_bcast(factor, x)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast_(x: Tensor, factor: Tensor) -> Tensor:
+    f = _bcast(factor, x)
+    mean = rgb_to_grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    return x.mul_(f).add_(mean.mul_(1.0 - f)).clamp_(0.0, 1.0)
+
+
+def adjust_saturation_(x: Tensor, factor: Tensor) -> Tensor:
+    if x.shape[1] == 1:
+        return x
+    f = _bcast(factor, x)
+    gray = rgb_to_grayscale(x).mul_(1.0 - f)
+    return x.mul_(f).add_(gray).clamp_(0.0, 1.0)
+
+
+def adjust_hue_(x: Tensor, shift: Tensor) -> Tensor:
+    if x.shape[1] == 1:
+        return x
+    h6, maxc, cr = _hue6(x)
+    h6 = _mod6(h6.add_(6.0 * shift.to(h6.dtype).view(-1, 1, 1)))
+    return _from_hue6(h6, maxc, cr, out=x).clamp_(0.0, 1.0)
 
 
 def gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
