@@ -342,6 +342,21 @@ def test_unsorted_ring_members_are_the_ranks_lower_to_upper(ties):
         torch.testing.assert_close(got, ranked[:, lower:upper], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("band", [dict(rho_out=0.9, rho_in=0.2), dict(rho_out=0.2, rho_in=0.3)])
+def test_ring_keeps_exactly_its_band_when_every_negative_ties(band):
+    z1 = torch.ones(6, 4).requires_grad_()
+    z2 = torch.ones(6, 4).requires_grad_()
+    pool = torch.ones(50, 4)
+    t = 0.5
+    out = hardneg.create_loss("ring", temperature=t, **band)(
+        z1, z2, negatives=pool, return_diagnostics=True
+    )
+    lower, upper = ring_band(50, band["rho_out"], band["rho_in"])
+    assert bool((out.diagnostics.kept_negatives == upper - lower).all())
+    # every logit is 1/t: l = log(1 + (U - L)) exactly
+    assert out.loss.item() == pytest.approx(math.log(1 + upper - lower), rel=1e-6)
+
+
 def test_ring_band_arithmetic_is_floor_of_fractions_with_the_inner_cut_inside_the_outer_set():
     assert ring_band(65536, 0.1, 0.1) == (655, 6553)
     assert ring_band(4096, 0.1, 0.1) == (40, 409)

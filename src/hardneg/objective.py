@@ -31,31 +31,31 @@ def log_negative_mass(neg_logits: Tensor, neg_log_weights: Tensor | None) -> Ten
 
 
 class _TiltedLogMass(torch.autograd.Function):
-    """``log R_i = log sum_j w_ij e^{c_ij}`` with ``w_ij = M softmax_j(beta c_ij + b_ij)``, fused.
+    """``log R_i = log sum_j w_ij e^{c_ij}`` with ``w_ij = M e^{beta c_ij} f_ij / sum_k e^{beta c_ik} f_ik``.
 
-    Equal to ``log M + LSE_j((1 + beta) c_ij + b_ij) - LSE_j(beta c_ij + b_ij)`` but computed from
-    one shifted copy of the logits: with ``s = c - max_j c``, ``q = e^{beta s + b - max}`` and
-    ``e = e^{s}``, ``log R = log M + max_j c + log sum(q e) - log sum(q)``; the backward pass is
-    ``dlogR/dc = (1 + beta) q e / sum(q e) - beta q / sum(q)`` (only the first term when the tilt
-    is detached), three in-place passes. Every exponent is <= 0 and the row maximum contributes
-    ``e^0 = 1``, so nothing overflows and the sums never underflow to 0 without a bias.
+    Equal to ``log M + LSE_j((1 + beta) c_ij + log f_ij) - LSE_j(beta c_ij + log f_ij)`` but
+    computed from one shifted copy of the logits: with ``s = c - max_j c``, ``e = e^{s}`` and
+    ``q = e^{beta s} f``, ``log R = log M + max_j c + log sum(q e) - log sum(q)``; the backward
+    pass is ``dlogR/dc = (1 + beta) q e / sum(q e) - beta q / sum(q)`` (only the first term when
+    the tilt is detached), three in-place passes. Every exponent is <= 0 and the row maximum
+    contributes ``e^0 f``, so nothing overflows and the sums stay positive for ``f > 0``.
     """
 
     @staticmethod
-    def forward(ctx, logits, bias, beta, log_m, tilt_grad):  # type: ignore[override]
+    def forward(ctx, logits, factor, beta, log_m, tilt_grad):  # type: ignore[override]
         row_max = logits.amax(dim=1, keepdim=True)
         s = logits - row_max  # <= 0, -inf where absent
-        if beta != 0.0:
-            q = s * beta
-            if bias is not None:
-                q.add_(bias)
+        if beta in (0.0, 1.0, 2.0):
+            # the common betas need no second exponential: e^{beta s} = 1, e or e * e
+            e = s.exp_()
+            q = None if beta == 0.0 else (e if beta == 1.0 else e.square())
         else:
-            q = bias.clone()  # -inf where absent (contract of tilt_bias)
-        if bias is not None:
-            q.sub_(q.amax(dim=1, keepdim=True))
-        q.exp_()
+            q = (s * beta).exp_()
+            e = s.exp_()
+        if factor is not None:
+            q = factor if q is None else q * factor  # factor is 0 where absent
+        assert q is not None
         sum_q = q.sum(dim=1)
-        e = s.exp_()
         sum_qe = torch.linalg.vecdot(q, e, dim=1)
         ctx.save_for_backward(q, e, sum_q, sum_qe)
         ctx.beta, ctx.tilt_grad = beta, tilt_grad
@@ -76,16 +76,17 @@ class _TiltedLogMass(torch.autograd.Function):
 def tilted_log_negative_mass(
     neg_logits: Tensor,
     tilt: float,
-    tilt_bias: Tensor | None = None,
+    tilt_factor: Tensor | None = None,
     *,
     num_negatives: int,
     tilt_grad: bool = True,
 ) -> Tensor:
-    """``log sum_j w_ij e^{c_ij}`` for ``w_ij = M softmax_j(tilt c_ij + bias_ij)`` (mean 1 over
-    the ``M`` negatives), in one fused pass; see :class:`_TiltedLogMass`."""
-    bias = None if tilt_bias is None else tilt_bias.detach().float()
+    """``log sum_j w_ij e^{c_ij}`` for ``w_ij ∝ e^{tilt c_ij} f_ij`` with mean 1 over the ``M``
+    negatives, in one fused pass; see :class:`_TiltedLogMass`. ``f`` must be 0 where ``c`` is
+    ``-inf``."""
+    factor = None if tilt_factor is None else tilt_factor.detach().float()
     return _TiltedLogMass.apply(
-        neg_logits.float(), bias, float(tilt), math.log(num_negatives), bool(tilt_grad)
+        neg_logits.float(), factor, float(tilt), math.log(num_negatives), bool(tilt_grad)
     )
 
 
@@ -126,7 +127,7 @@ def contrastive_objective(
     num_negatives: int | None = None,
     temperature: float = 1.0,
     tilt: float = 0.0,
-    tilt_bias: Tensor | None = None,
+    tilt_factor: Tensor | None = None,
     tilt_grad: bool = True,
 ) -> Tensor:
     """Per-anchor loss ``[A]`` from positive logits ``[A]`` and negative logits ``[A, S]``.
@@ -138,16 +139,16 @@ def contrastive_objective(
         tau_plus: class prior of the debiased estimator; 0 disables debiasing.
         num_negatives: ``M`` of the debiased estimator (defaults to ``S``).
         temperature: ``t``, needed for the clamp of the debiased estimator.
-        tilt, tilt_bias, tilt_grad: tilted weights ``w = M softmax(tilt c + bias)`` instead of
+        tilt, tilt_factor, tilt_grad: tilted weights ``w ∝ e^{tilt c} f`` (mean 1) instead of
             ``neg_log_weights`` (see :class:`~hardneg.strategies.NegativeSelection`).
     """
     pos_logits = pos_logits.float()
     m = neg_logits.shape[1] if num_negatives is None else num_negatives
-    if tilt != 0.0 or tilt_bias is not None:
+    if tilt != 0.0 or tilt_factor is not None:
         if neg_log_weights is not None:
             raise ValueError("give either neg_log_weights or a tilt, not both")
         log_mass = tilted_log_negative_mass(
-            neg_logits, tilt, tilt_bias, num_negatives=m, tilt_grad=tilt_grad
+            neg_logits, tilt, tilt_factor, num_negatives=m, tilt_grad=tilt_grad
         )
     else:
         log_mass = log_negative_mass(neg_logits.float(), neg_log_weights)

@@ -179,7 +179,7 @@ class ContrastiveLoss(nn.Module):
             num_negatives=scores.num_negatives,
             temperature=self.temperature,
             tilt=selection.tilt,
-            tilt_bias=selection.tilt_bias,
+            tilt_factor=selection.tilt_factor,
             tilt_grad=selection.tilt_grad,
         )
         loss = per_anchor.mean()

@@ -41,8 +41,8 @@ class NegativeSelection:
 
     The weights are given either explicitly (``log_weights``) or, for importance strategies, as a
     *tilt* that the objective evaluates in one fused pass without materialising them:
-    ``w_ij = M softmax_j(tilt * c_ij + tilt_bias_ij)``, i.e. ``∝ e^{tilt c_ij + bias_ij}`` with
-    mean 1 over the ``M`` negatives (the ``imp / imp.mean()`` of the HCL reference code).
+    ``w_ij ∝ e^{tilt c_ij} f_ij`` with mean 1 over the ``M`` negatives (``f`` = ``tilt_factor``,
+    1 when not given; the ``imp / imp.mean()`` of the HCL reference code).
 
     Attributes:
         logits: ``[A, S]`` negative logits ``s/t`` (``-inf`` = not kept).
@@ -50,9 +50,9 @@ class NegativeSelection:
             normalise the weights to mean 1 over the ``M`` negatives, as the HCL estimator does.
         indices: ``[A, S]`` candidate index of each column, or None when the columns are the
             candidates themselves (``S = C``).
-        tilt: ``beta >= 0`` of the tilted weights (0 and no ``tilt_bias`` = no tilt).
-        tilt_bias: ``[A, S]`` constant log-factor of the tilted weights (no gradient flows
-            through it); ``-inf`` wherever ``logits`` is ``-inf``.
+        tilt: ``beta >= 0`` of the tilted weights (0 and no ``tilt_factor`` = no tilt).
+        tilt_factor: ``[A, S]`` constant positive factor of the tilted weights (no gradient
+            flows through it); 0 wherever ``logits`` is ``-inf``.
         tilt_grad: let the gradient flow through the tilt (the HCL reference does).
     """
 
@@ -60,12 +60,12 @@ class NegativeSelection:
     log_weights: Tensor | None = None
     indices: Tensor | None = None
     tilt: float = 0.0
-    tilt_bias: Tensor | None = None
+    tilt_factor: Tensor | None = None
     tilt_grad: bool = True
 
     @property
     def tilted(self) -> bool:
-        return self.tilt != 0.0 or self.tilt_bias is not None
+        return self.tilt != 0.0 or self.tilt_factor is not None
 
     def dense_log_weights(self) -> Tensor | None:
         """``log w`` as an ``[A, S]`` tensor (up to a per-row constant for tilted weights), or
@@ -74,8 +74,8 @@ class NegativeSelection:
             return self.log_weights
         logits = self.logits if self.tilt_grad else self.logits.detach()
         log_w = logits * self.tilt if self.tilt != 0.0 else torch.zeros_like(logits)
-        if self.tilt_bias is not None:
-            log_w = log_w + self.tilt_bias
+        if self.tilt_factor is not None:
+            log_w = log_w + self.tilt_factor.log()
         return log_w.masked_fill(~torch.isfinite(self.logits), float("-inf"))
 
 

@@ -169,8 +169,11 @@ class RingNegatives(NegativeStrategy):
             if lower > 0:
                 drop.append(detached.topk(lower, dim=1, sorted=False).indices)
             if upper < scores.num_negatives:
-                # the smallest finite entries: negate, keeping absent (-inf) entries last
+                # the smallest finite entries: negate, keeping absent (-inf) entries last and
+                # the dropped top out of reach, so that exactly U - L stay even with ties
                 flipped = torch.where(torch.isfinite(detached), -detached, float("-inf"))
+                if drop:
+                    flipped.scatter_(1, drop[0], float("-inf"))
                 bottom = scores.num_negatives - upper
                 drop.append(flipped.topk(bottom, dim=1, sorted=False).indices)
         if not drop:

@@ -246,8 +246,8 @@ class UnReMixNegatives(ImportanceNegatives):
         mean_sim = (z @ total - (z * z).sum(dim=1)) / max(c - 1, 1)
         return (1.0 - mean_sim).unsqueeze(0)
 
-    def log_mix(self, scores: ContrastiveScores, inputs: StrategyInputs) -> Tensor:
-        """``log(lambda_u U~ + lambda_d D~ + eps)`` ``[A, C]``, ``-inf`` at non-negatives."""
+    def mix(self, scores: ContrastiveScores, inputs: StrategyInputs) -> Tensor:
+        """``lambda_u U~ + lambda_d D~ + eps`` ``[A, C]``, 0 at non-negatives."""
         a, c = scores.logits.shape
         offset = torch.full((a,), self.eps, device=scores.logits.device)
         mix = None
@@ -275,14 +275,14 @@ class UnReMixNegatives(ImportanceNegatives):
                 mix.addcmul_(term, d.unsqueeze(0))
             offset = offset + self.lambda_d * off
         assert mix is not None
-        mix.add_(offset.unsqueeze(1)).clamp_(min=self.eps).log_()
+        mix.add_(offset.unsqueeze(1)).clamp_(min=self.eps)
         if scores.neg_mask is not None:
             if scores.in_batch:
                 rows, own, pos = _in_batch_masked_index(scores)
-                mix[rows, own] = float("-inf")
-                mix[rows, pos] = float("-inf")
+                mix[rows, own] = 0.0
+                mix[rows, pos] = 0.0
             else:
-                mix.masked_fill_(~scores.neg_mask, float("-inf"))
+                mix.masked_fill_(~scores.neg_mask, 0.0)
         return mix
 
     def select(self, scores: ContrastiveScores, inputs: StrategyInputs) -> NegativeSelection:
@@ -290,7 +290,7 @@ class UnReMixNegatives(ImportanceNegatives):
         if self.lambda_u == 0 and self.lambda_d == 0:
             return super().select(scores, inputs)  # the eps factor is a constant: HCL exactly
         with torch.no_grad():
-            log_mix = self.log_mix(scores, inputs)
+            mix = self.mix(scores, inputs)
         return NegativeSelection(
-            logits=scores.logits, tilt=beta, tilt_bias=log_mix, tilt_grad=not self.detach_weights
+            logits=scores.logits, tilt=beta, tilt_factor=mix, tilt_grad=not self.detach_weights
         )
