@@ -179,7 +179,7 @@ def test_property_finite_loss_and_gradients_for_random_inputs(
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = run(loss_fn, z1, z2, pool)
     assert_finite_with_grads(loss, z1, z2)
-    assert float(loss) >= -1e-4  # every objective is a log-partition minus a member of it
+    assert loss.item() >= -1e-4  # every objective is a log-partition minus a member of it
 
 
 @settings(max_examples=20, deadline=None)
