@@ -1,9 +1,10 @@
 """Forward + backward time of every registered loss relative to ``infonce``, measured in one run.
 
 For each set-up (in-batch, or a pool of K negatives) and batch size N the losses are timed in
-interleaved rounds (infonce, debiased, hcl, ... , infonce, debiased, ...), so that a change of
-machine load hits all of them alike; the table reports the median time of each loss divided by
-the median time of ``infonce`` in the same cell.
+interleaved rounds (infonce, debiased, hcl, ..., then the reverse order), so that a change of
+machine load hits all of them alike; the table reports, per loss, the median over rounds of
+its time divided by the time of ``infonce`` in the same round, and infonce's median time.
+Inputs are not validated (``check_inputs=False``), so the ratios are those of the losses.
 
 Examples:
     python benchmarks/loss_overhead.py                  # full table (several minutes on 2 cores)
@@ -47,9 +48,22 @@ def make_step(loss_fn, z1, z2, pool):
 
 
 def time_cell(
-    names: list[str], n: int, dim: int, pool_size: int, repeats: int, warmup: int, seed: int
-) -> dict[str, float]:
-    """Median seconds per forward+backward of each loss in one (N, K) cell."""
+    names: list[str],
+    n: int,
+    dim: int,
+    pool_size: int,
+    repeats: int,
+    warmup: int,
+    seed: int,
+    min_seconds: float = 3.0,
+    max_repeats: int = 60,
+    estimator: str = "median",
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per forward+backward of each loss in one (N, K) cell, and the median over
+    rounds of each loss's time divided by infonce's time in the same round (robust to load that
+    drifts between rounds). Runs at least ``repeats`` rounds and, for fast cells, more until
+    ``min_seconds`` have passed (at most ``max_repeats``). ``estimator='min'`` uses the fastest
+    round of each loss instead (times and ratios)."""
     gen = torch.Generator().manual_seed(seed)
     z1 = torch.randn(n, dim, generator=gen).requires_grad_()
     z2 = torch.randn(n, dim, generator=gen).requires_grad_()
@@ -62,14 +76,20 @@ def time_cell(
         for step in steps.values():
             step()
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
+    start_cell = time.perf_counter()
+    r = 0
+    while r < repeats or (time.perf_counter() - start_cell < min_seconds and r < max_repeats):
         # alternate the order so that no loss always runs right after the same neighbour
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
             start = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+        r += 1
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    base = times[names[0]]
+    ratios = {name: statistics.median(a / b for a, b in zip(t, base)) for name, t in times.items()}
+    return medians, ratios
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         "--pools", default="0,4096,65536", help="pool sizes K, 0 = in-batch (comma-separated)"
     )
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=11, help="timed rounds per cell")
+    parser.add_argument(
+        "--estimator",
+        choices=("median", "min"),
+        default="median",
+        help="median of per-round ratios (default) or ratio of the fastest rounds",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=11, help="timed rounds per cell (fast cells run more)"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--losses", default=None, help="losses besides infonce (default: all)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -100,20 +128,30 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), d = {args.dim}, "
-        f"{args.repeats} rounds (median), load average at start {load:.2f}"
+        f">= {args.repeats} interleaved rounds per cell, estimator {args.estimator}; "
+        f"load average at start {load:.2f}"
     )
     print()
-    header = ["set-up", "N", "infonce (ms)", *(f"{x} (x)" for x in others)]
+    header = ["set-up", "N", f"infonce ({args.estimator}, ms)", *(f"{x} (x)" for x in others)]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(["---"] * len(header)) + "|")
     misses = []
     for pool_size in parse_ints(args.pools):
         for n in parse_ints(args.sizes):
-            med = time_cell(names, n, args.dim, pool_size, args.repeats, args.warmup, args.seed)
+            med, ratios = time_cell(
+                names,
+                n,
+                args.dim,
+                pool_size,
+                args.repeats,
+                args.warmup,
+                args.seed,
+                estimator=args.estimator,
+            )
             base = med["infonce"]
             cells = []
             for name in others:
-                ratio = med[name] / base
+                ratio = ratios[name]
                 target = TARGETS.get(name)
                 flag = ""
                 if target is not None and ratio > target:
