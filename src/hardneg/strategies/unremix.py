@@ -229,8 +229,10 @@ class UnReMixNegatives(ImportanceNegatives):
                     cos_h = cos_h.masked_fill(~scores.neg_mask, 0.0)
                 return u * cos_h
             logits = scores.logits.detach()
-            if scores.neg_mask is not None:
+            if scores.neg_mask is not None and not scores.in_batch:
                 logits = logits.masked_fill(~scores.neg_mask, 0.0)
+            # in-batch the two non-negatives per row turn non-finite here; _row_range and
+            # mix() overwrite exactly those entries
             return u.mul_(logits)
         cos_h = (
             F.normalize(h_a.detach().float(), dim=1) @ F.normalize(h_c.detach().float(), dim=1).T
@@ -247,8 +249,12 @@ class UnReMixNegatives(ImportanceNegatives):
         return (1.0 - mean_sim).unsqueeze(0)
 
     def mix(self, scores: ContrastiveScores, inputs: StrategyInputs) -> Tensor:
-        """``lambda_u U~ + lambda_d D~ + eps`` ``[A, C]``, 0 at non-negatives."""
-        a, c = scores.logits.shape
+        """``lambda_u U~ + lambda_d D~ + eps`` ``[A, C]``, 0 at non-negatives.
+
+        Each min-max normalised score enters as ``scale_i * x + offset_i`` (its range over
+        anchor ``i``'s negatives), so the mix is built in place from the influence matrix.
+        """
+        a = scores.logits.shape[0]
         offset = torch.full((a,), self.eps, device=scores.logits.device)
         mix = None
         if self.lambda_u > 0:
