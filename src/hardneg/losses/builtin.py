@@ -33,10 +33,15 @@ def hcl(
     beta: float = 1.0,
     detach_weights: bool = False,
     beta_anneal: str | None = None,
+    anneal_epochs: int | None = None,
     check_inputs: bool = True,
 ) -> ContrastiveLoss:
-    """Hard negative sampling (Robinson et al., ICLR 2021)."""
-    strategy = ImportanceNegatives(beta, detach_weights, beta_anneal)
+    """Hard negative sampling (Robinson et al., ICLR 2021).
+
+    ``anneal_epochs`` (the run's epoch count) reproduces the reference's integer stairs of
+    ``epochs // 9`` epochs exactly; without it the 'down' schedule uses ninths of training.
+    """
+    strategy = ImportanceNegatives(beta, detach_weights, beta_anneal, anneal_epochs=anneal_epochs)
     return ContrastiveLoss(strategy, temperature, tau_plus, check_inputs)
 
 
