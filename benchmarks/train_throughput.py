@@ -249,6 +249,8 @@ def main(argv=None) -> int:
                    help="torchvision.transforms (v1) or transforms.v2 on PIL images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--aug-threads", default="1",
+                   help="intra-op threads of our augmentation on CPU ('none' = torch's setting)")
     p.add_argument("--jitter-order", choices=["random", "fixed"], default="random")
     p.add_argument("--skip-train", action="store_true", help="augmentation stage only")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -267,6 +269,7 @@ def main(argv=None) -> int:
         ds = load_dataset("cifar10", "train", data_dir=data_dir)
     inputs = ds.inputs.to(device)
     aug = build_augmentation("cifar10", jitter_order=args.jitter_order).to(device)
+    aug.cpu_threads = None if args.aug_threads.lower() == "none" else int(args.aug_threads)
     pil_ds = PILPairDataset(ds.inputs.permute(0, 2, 3, 1).numpy().copy(), ds.labels.numpy(),
                             torchvision_transform(args.baseline))
     loader = make_loader(pil_ds, args.batch_size, args.num_workers)
@@ -276,7 +279,7 @@ def main(argv=None) -> int:
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(), "device": str(device),
         "baseline": f"torchvision.transforms {args.baseline} on PIL, DataLoader num_workers={args.num_workers}",
-        "batch": args.batch_size, "images": len(ds),
+        "batch": args.batch_size, "images": len(ds), "aug_cpu_threads": aug.cpu_threads,
     }
     print(json.dumps(info))
     results: dict = {"info": info}

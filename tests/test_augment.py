@@ -74,6 +74,17 @@ def test_chunking_does_not_change_the_result():
     assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_cpu_threads_restored_and_result_unchanged():
+    x = _images(8)
+    aug = build_augmentation("cifar10")
+    old = torch.get_num_threads()
+    a = aug(x, generator=torch.Generator().manual_seed(0))
+    assert torch.get_num_threads() == old
+    aug.cpu_threads = None
+    b = aug(x, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_determinism_and_per_sample_parameters():
     aug = build_augmentation("cifar10")
     x = _images(1).expand(16, -1, -1, -1).contiguous()  # 16 copies of one image

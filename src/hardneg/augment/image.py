@@ -30,6 +30,9 @@ for CIFAR/STL-10 at their native size; PIL's resize would antialias a crop that 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -68,6 +71,26 @@ def normals(shape, generator: torch.Generator | None, device: torch.device) -> T
     if generator is None:
         return torch.randn(shape, device=device)
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+@contextmanager
+def intra_op_threads(n: int | None, device: torch.device) -> Iterator[None]:
+    """Temporarily run CPU ops with ``n`` intra-op threads (``None``: leave as is).
+
+    The augmentations issue ~100 small elementwise kernels per call; with several OpenMP threads
+    on a CPU shared with other processes every kernel ends in a barrier that waits for a
+    descheduled thread, which made a 2-thread call 10-50x slower than a 1-thread call on the
+    (busy) 2-core development machine. On CUDA this does nothing.
+    """
+    if n is None or device.type != "cpu" or torch.get_num_threads() == n:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def to_unit_float(x: Tensor) -> Tensor:
@@ -212,13 +235,20 @@ class ImageAugmentation(nn.Module):
         u = uniforms((B, self._num_uniforms()), generator, dev)
         noise = normals((B, C, S, S), generator, dev) if self.noise_std > 0 else None
         chunk = self.chunk_size if dev.type == "cpu" else None
-        if not chunk or B <= chunk:
-            return self._augment(x, u, noise, S)
-        out = torch.empty(B, C, S, S, device=dev)
-        for i in range(0, B, chunk):
-            j = min(B, i + chunk)
-            out[i:j] = self._augment(x[i:j], u[i:j], None if noise is None else noise[i:j], S)
-        return out
+        with intra_op_threads(self.cpu_threads, dev):
+            if not chunk or B <= chunk:
+                return self._augment(x, u, noise, S)
+            out = torch.empty(B, C, S, S, device=dev)
+            for i in range(0, B, chunk):
+                j = min(B, i + chunk)
+                out[i:j] = self._augment(x[i:j], u[i:j], None if noise is None else noise[i:j], S)
+            return out
+
+    #: Intra-op threads for the augmentation of CPU tensors (see :func:`intra_op_threads`);
+    #: ``None`` uses torch's setting. Default 1: robust on shared machines, and on the 2-core
+    #: development machine one thread was faster than two even when the other core was idle
+    #: half of the time (``benchmarks/train_throughput.py --aug-threads``).
+    cpu_threads: int | None = 1
 
     #: On CPU, process the batch in chunks of this many images (bounds the memory of the
     #: intermediate tensors for large images). ``None`` (default): one pass over the whole
