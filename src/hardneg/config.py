@@ -233,11 +233,14 @@ def resolve_config_path(path_or_name: str | Path) -> Path:
     )
 
 
-def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> TrainConfig:
+def load_config(
+    path: str | Path | dict[str, Any] | None, overrides: typing.Iterable[str] = ()
+) -> TrainConfig:
     """Read a YAML config (path or packaged name; None = defaults) and apply overrides.
 
     Args:
-        path: YAML file, packaged config name (see :func:`list_configs`), or None.
+        path: YAML file, packaged config name (see :func:`list_configs`), a dict in the YAML
+            shape (e.g. the config stored in a checkpoint), or None for the defaults.
         overrides: ``"section.key=value"`` strings; values are parsed as YAML
             (``train.epochs=5``, ``loss.beta=0.5``, ``framework.symmetric=true``). A dict value
             given for ``loss`` replaces the whole loss section (``'loss={name: ring}'``).
@@ -245,9 +248,12 @@ def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -
     Raises:
         ValueError: unknown key (with the closest valid one), wrong type or range, or loss
             hyper-parameters that :func:`hardneg.create_loss` rejects.
+        FileNotFoundError: ``path`` is neither a file nor a packaged config.
     """
     raw: dict[str, Any] = {}
-    if path is not None:
+    if isinstance(path, dict):
+        raw = copy.deepcopy(path)
+    elif path is not None:
         file = resolve_config_path(path)
         with open(file) as fh:
             try:
@@ -427,7 +433,28 @@ def _check_combinations(config: TrainConfig) -> None:
         create_loss(config.loss.name, **config.loss.params)
     except (ValueError, TypeError) as err:
         raise ValueError(f"loss: {err}") from None
+    from hardneg.augment import build_augmentation
+    from hardneg.data import dataset_info
     from hardneg.models import BACKBONES, HEADS
+
+    try:
+        info = dataset_info(config.data.dataset)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"data.dataset: {err}") from None
+    if config.data.split is not None and config.data.split not in info.splits:
+        raise ValueError(
+            f"data.split must be one of {', '.join(info.splits)} for {info.name}, "
+            f"got {config.data.split!r}"
+        )
+    try:  # builds a small module only; checks the recipe and every augment.* key
+        build_augmentation(
+            config.data.dataset,
+            config.data.image_size,
+            config.augment.recipe,
+            **config.augment.params,
+        )
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"augment: {err}") from None
 
     for key, value, allowed in (
         ("model.backbone", config.model.backbone, BACKBONES),

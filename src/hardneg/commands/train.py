@@ -1,13 +1,90 @@
-"""`hardneg train` (being built; see the open issues)."""
+"""``hardneg train``: train a model from a YAML config.
+
+    hardneg train --config configs/mnist1d_simclr_hcl.yaml                # a file
+    hardneg train --config mnist1d_simclr_hcl train.epochs=5 loss.beta=0.5 # packaged name + overrides
+    hardneg train --resume runs/x/checkpoints/last.pt                     # continue a run
+    torchrun --nproc_per_node=4 -m hardneg train --config cifar10_simclr_hcl
+
+Overrides are ``section.key=value`` with YAML values; the whole config is validated before any
+data is loaded. Exit codes: 0 done, 2 bad config / arguments, 3 stopped on a NaN/Inf loss,
+130 interrupted (a checkpoint was saved; ``--resume`` continues).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML config file or the name of a packaged config (see --list-configs); "
+        "may be omitted with --resume CKPT (the checkpoint's config is used)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. train.epochs=5 loss.beta=0.5 framework.symmetric=true",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CKPT",
+        help="continue from CKPT, or from RUN_DIR/checkpoints/last.pt when no CKPT is given",
+    )
+    parser.add_argument("--run-dir", metavar="DIR", help="output folder (default runs/<name>)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--list-configs", action="store_true", help="list the packaged configs and exit"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    raise ValueError("this command is not available yet")
+    from hardneg.config import TrainConfig, list_configs, load_config
+
+    if args.list_configs:
+        for name in list_configs():
+            print(name)
+        return 0
+    if args.resume is True and not args.run_dir:
+        raise ValueError("--resume without a checkpoint needs --run-dir (or give --resume CKPT)")
+    if args.config is not None:
+        config = load_config(args.config, args.overrides)
+    elif args.resume is not None:
+        config = config_from_checkpoint(args.resume, args.run_dir, args.overrides)
+    else:
+        raise ValueError("give --config FILE (or --resume CKPT to continue a run)")
+    assert isinstance(config, TrainConfig)
+
+    from hardneg.train import NonFiniteError, TrainingInterrupted, train
+
+    try:
+        result = train(
+            config, run_dir=args.run_dir, progress_bar=not args.no_progress, resume=args.resume
+        )
+    except NonFiniteError as err:
+        print(f"hardneg train: {err}", file=sys.stderr)
+        return 3
+    except TrainingInterrupted as err:
+        print(f"hardneg train: {err}", file=sys.stderr)
+        return 130
+    summary = ", ".join(
+        f"{k}={result.metrics[k]:.4g}" for k in ("loss", "knn_top1") if k in result.metrics
+    )
+    print(f"done: {result.run_dir} ({summary}); checkpoint {result.checkpoint}")
+    return 0
+
+
+def config_from_checkpoint(resume: str | bool, run_dir: str | None, overrides: list[str]):
+    """The config stored in the checkpoint to resume, with ``overrides`` applied."""
+    from hardneg.config import load_config
+    from hardneg.train.checkpoint import load_checkpoint
+
+    path = Path(run_dir) / "checkpoints" / "last.pt" if resume is True else Path(resume)
+    return load_config(load_checkpoint(path)["config"], overrides)

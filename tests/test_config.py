@@ -1,0 +1,135 @@
+"""Config loading and validation: every error names the key and what is allowed, and it comes
+before any data or model is touched."""
+
+from __future__ import annotations
+
+import pytest
+
+import hardneg.data
+from hardneg.config import TrainConfig, list_configs, load_config, resolve_config_path
+from hardneg.frameworks import FRAMEWORKS
+
+
+def test_defaults_load_and_round_trip():
+    config = load_config(None)
+    assert isinstance(config, TrainConfig)
+    again = TrainConfig.from_dict(config.to_dict())
+    assert again == config
+
+
+def test_overrides_are_parsed_as_yaml():
+    config = load_config(
+        None,
+        [
+            "loss.name=hcl",
+            "loss.beta=2",
+            "optim.lr=1e-3",  # YAML 1.1 reads 1e-3 as a string; a float field accepts it
+            "framework.symmetric=true",
+            "framework.name=moco",
+            "train.channels_last=false",
+            "data.subset=null",
+        ],
+    )
+    assert config.loss.name == "hcl" and config.loss.params == {"beta": 2}
+    assert config.optim.lr == pytest.approx(1e-3)
+    assert config.framework.symmetric is True
+    assert config.train.channels_last is False
+    assert config.data.subset is None
+
+
+def test_a_dict_override_replaces_the_whole_loss_section():
+    config = load_config(None, ["loss.name=hcl", "loss.beta=2", "loss={name: ring, rho_out: 0.5}"])
+    assert config.loss.name == "ring" and config.loss.params == {"rho_out": 0.5}
+
+
+def test_to_dict_flattens_loss_and_augment_parameters():
+    config = load_config(None, ["loss.name=hcl", "loss.beta=0.5", "augment.noise_std=0.2"])
+    d = config.to_dict()
+    assert d["loss"] == {"name": "hcl", "beta": 0.5}
+    assert d["augment"] == {"recipe": "simclr", "noise_std": 0.2}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.bach_size=3", "did you mean train.batch_size"),
+        ("optimizer.lr=0.1", "did you mean optim"),
+        ("framework.queue_sise=10", "did you mean framework.queue_size"),
+        ("train.batch_size=1", "train.batch_size must be >= 2, got 1"),
+        ("train.batch_size=abc", "train.batch_size must be an integer"),
+        ("train.epochs=2.5", "train.epochs must be an integer"),
+        ("optim.lr=0", "optim.lr must be > 0"),
+        ("optim.lr=-1", "optim.lr must be > 0"),
+        ("framework.momentum=1.5", "framework.momentum must be <= 1"),
+        ("train.precision=fp8", "train.precision must be one of 'auto', 'fp32', 'bf16', 'fp16'"),
+        ("train.nonfinite=ignore", "train.nonfinite must be one of 'stop', 'skip'"),
+        ("train.device=gpu", "train.device must be auto, cpu, mps, cuda or cuda:N"),
+        ("framework.bank_negatives=most", "framework.bank_negatives must be an integer or 'all'"),
+        ("framework.name=byol", "framework.name must be one of 'simclr', 'moco', 'memory_bank'"),
+        ("model.backbone=resnet19", "did you mean 'resnet18'"),
+        ("model.head=mlp", "model.head must be one of"),
+        ("loss.name=hcll", "did you mean 'hcl'"),
+        ("loss.bta=1", "unknown hyper-parameter 'bta'"),
+        ("data.dataset=cifar11", "data.dataset"),
+        ("augment.nois_std=0.1", "augment"),
+        ("train.epochs", "must look like section.key=value"),
+    ],
+)
+def test_invalid_values_name_the_key_and_what_is_allowed(override, message):
+    with pytest.raises(ValueError, match=None) as err:
+        load_config(None, ["data.dataset=mnist1d", "model.backbone=cnn1d", override])
+    assert message in str(err.value)
+
+
+def test_loss_hyper_parameters_are_checked_by_building_the_loss():
+    with pytest.raises(ValueError, match=r"loss: .*beta"):
+        load_config(None, ["loss.name=hcl", "loss.beta=-1"])
+    with pytest.raises(ValueError, match="tau_plus"):
+        load_config(None, ["loss.name=ring", "loss.tau_plus=0.1"])
+
+
+def test_framework_options_that_do_not_apply_are_rejected():
+    with pytest.raises(ValueError, match="predictor applies to moco only"):
+        load_config(None, ["framework.name=simclr", "framework.predictor=true"])
+
+
+def test_validation_happens_before_any_data_is_loaded(monkeypatch, tmp_path):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data must not be loaded for an invalid config")
+
+    monkeypatch.setattr(hardneg.data, "load_dataset", no_data)
+    with pytest.raises(ValueError, match="did you mean train.epochs"):
+        load_config(None, ["train.epoch=3"])
+    from hardneg.train import train
+
+    with pytest.raises(ValueError, match="train.batch_size must be >= 2"):
+        train({"train": {"batch_size": 0}}, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: [1, 2}\n")
+    with pytest.raises(ValueError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="a config must be a mapping"):
+        load_config(listed)
+    with pytest.raises(FileNotFoundError, match="neither a file nor a packaged config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_every_packaged_config_is_valid_and_loadable_by_name():
+    names = list_configs()
+    assert "mnist1d_simclr_hcl" in names
+    for name in names:
+        config = load_config(name)
+        assert resolve_config_path(name).name == f"{name}.yaml"
+        assert config.framework.name in FRAMEWORKS
+
+
+def test_framework_choices_match_the_framework_registry():
+    from hardneg import config as config_module
+
+    assert set(config_module.FRAMEWORKS) == set(FRAMEWORKS)

@@ -1,0 +1,202 @@
+"""Frameworks: what each one feeds the loss, and how its state (queue, bank, momentum encoder)
+evolves. Tiny linear encoders on random data; the trainer tests run the real models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hardneg
+from hardneg.frameworks import MemoryBank, MoCo, SimCLR
+from hardneg.models import build_head, build_predictor
+
+
+class Flat(nn.Module):
+    """A linear backbone with the ``out_dim`` attribute the frameworks expect."""
+
+    def __init__(self, in_dim: int = 12, out_dim: int = 16) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        self.fc = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def parts(loss="infonce", **hparams):
+    torch.manual_seed(0)
+    backbone = Flat()
+    head = build_head("simclr", backbone.out_dim, out_dim=8, hidden_dim=10)
+    return backbone, head, hardneg.create_loss(loss, **hparams)
+
+
+def views(b=6):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(b, 12, generator=g), torch.randn(b, 12, generator=g)]
+
+
+def step(model, b=6, diagnostics=False):
+    return model(
+        views(b)[: model.num_views],
+        index=torch.arange(b),
+        labels=torch.arange(b) % 3,
+        progress=0.5,
+        generator=torch.Generator().manual_seed(2),
+        diagnostics=diagnostics,
+    )
+
+
+def test_simclr_is_the_loss_on_both_views_projections():
+    backbone, head, loss = parts("hcl")
+    model = SimCLR(backbone, head, loss)
+    out = step(model)
+    x1, x2 = views()
+    z1, h1 = head(backbone(x1), return_hidden=True)
+    z2, h2 = head(backbone(x2), return_hidden=True)
+    assert torch.allclose(out.loss, loss(z1, z2, h1=h1, h2=h2, progress=0.5))
+    assert out.embeddings.shape == (12, 8) and not out.embeddings.requires_grad
+
+
+def test_labels_reach_the_loss_only_on_diagnostics_steps():
+    backbone, head, loss = parts("hcl")
+    model = SimCLR(backbone, head, loss)
+    plain, with_diag = step(model), step(model, diagnostics=True)
+    assert plain.diagnostics is None
+    assert with_diag.diagnostics is not None
+    assert with_diag.diagnostics.false_negative_mass is not None
+    assert torch.equal(plain.loss, with_diag.loss)  # labels never change the loss
+
+
+def test_moco_queries_against_the_queue_with_detached_keys():
+    backbone, head, loss = parts("infonce", temperature=0.2)
+    model = MoCo(backbone, head, loss, out_dim=8, momentum=0.9, queue_size=16)
+    queue = model.queue.clone()
+    out = step(model)
+    x1, x2 = views()
+    q = head(backbone(x1))
+    with torch.no_grad():
+        k = model.key_head(model.key_backbone(x2))
+    assert torch.allclose(out.loss, loss(q, k, negatives=queue), atol=1e-6)
+    out.loss.backward()
+    assert all(p.grad is None for p in model.key_backbone.parameters())
+    assert backbone.fc.weight.grad is not None
+
+
+def test_moco_momentum_update_is_an_ema_of_the_query_encoder():
+    backbone, head, loss = parts()
+    model = MoCo(backbone, head, loss, out_dim=8, momentum=0.9, queue_size=16)
+    with torch.no_grad():
+        backbone.fc.weight.add_(1.0)
+    before = model.key_backbone.fc.weight.clone()
+    step(model)
+    expected = 0.9 * before + 0.1 * backbone.fc.weight
+    assert torch.allclose(model.key_backbone.fc.weight, expected)
+
+
+def test_moco_enqueues_after_the_step_and_wraps_around():
+    backbone, head, loss = parts()
+    model = MoCo(backbone, head, loss, out_dim=8, queue_size=10)
+    out = step(model, b=6)
+    queue = model.queue.clone()
+    assert torch.equal(queue, model.queue)  # forward alone does not touch the queue
+    model.commit(out)
+    keys = F.normalize(out.pending["keys"], dim=1)
+    assert torch.allclose(model.queue[:6], keys)
+    assert torch.equal(model.queue_labels[:6], torch.arange(6) % 3)
+    assert int(model.queue_ptr) == 6
+    out = step(model, b=6)
+    model.commit(out)
+    keys = F.normalize(out.pending["keys"], dim=1)
+    assert torch.allclose(model.queue[[6, 7, 8, 9, 0, 1]], keys)
+    assert int(model.queue_ptr) == 2
+
+
+def test_symmetric_moco_averages_both_directions_and_enqueues_as_asked():
+    backbone, head, loss = parts()
+    both = MoCo(backbone, head, loss, out_dim=8, queue_size=32, symmetric=True, enqueue="both")
+    out = step(both)
+    assert out.pending["keys"].shape == (12, 8)
+    x1, x2 = views()
+    q1, q2 = head(backbone(x1)), head(backbone(x2))
+    with torch.no_grad():
+        k1 = both.key_head(both.key_backbone(x1))
+        k2 = both.key_head(both.key_backbone(x2))
+    expected = (loss(q1, k2, negatives=both.queue) + loss(q2, k1, negatives=both.queue)) / 2
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    second = MoCo(*parts(), out_dim=8, queue_size=32, symmetric=True, enqueue="second")
+    assert step(second).pending["keys"].shape == (6, 8)
+
+
+def test_psm_set_up_applies_the_predictor_to_the_queries():
+    backbone, head, loss = parts("potential")
+    predictor = build_predictor(dim=8, hidden=12)
+    model = MoCo(
+        backbone,
+        head,
+        loss,
+        out_dim=8,
+        queue_size=32,
+        symmetric=True,
+        predictor=predictor,
+        enqueue="second",
+    )
+    out = step(model)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in predictor.parameters() if p.requires_grad)
+
+
+def test_unremix_in_moco_keeps_a_queue_of_hidden_features():
+    backbone, head, loss = parts("unremix")
+    model = MoCo(backbone, head, loss, out_dim=8, queue_size=16, keep_hidden=True)
+    assert model.queue_hidden.shape == (16, 10)
+    out = step(model)
+    model.commit(out)
+    assert model.queue_hidden[:6].abs().sum() > 0
+    assert "queue_hidden" in model.state_dict()
+    plain = MoCo(*parts(), out_dim=8, queue_size=16)
+    assert "queue_hidden" not in plain.state_dict()
+
+
+def test_memory_bank_update_and_positive_are_the_images_entry():
+    backbone, head, loss = parts("infonce", temperature=0.07)
+    model = MemoryBank(
+        backbone, head, loss, dataset_size=20, out_dim=8, momentum=0.5, negatives="all"
+    )
+    bank = model.bank.clone()
+    out = step(model)
+    (x,) = views()[:1]
+    q = head(backbone(x))
+    index = torch.arange(6)
+    expected = loss(q, bank[index], negatives=bank, exclude_index=index)
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    model.commit(out)
+    mixed = F.normalize(0.5 * bank[index] + 0.5 * F.normalize(q.detach(), dim=1), dim=1)
+    assert torch.allclose(model.bank[index], mixed, atol=1e-6)
+    assert torch.equal(model.bank[6:], bank[6:])
+    assert torch.equal(model.bank_labels[:6], torch.arange(6) % 3)
+
+
+def test_memory_bank_draws_negatives_with_the_given_generator():
+    backbone, head, loss = parts()
+    model = MemoryBank(backbone, head, loss, dataset_size=50, out_dim=8, negatives=7)
+    a, b = step(model), step(model)
+    assert torch.equal(a.loss, b.loss)  # same generator seed, same draw
+    assert model.num_views == 1
+
+
+def test_framework_state_lives_in_the_state_dict():
+    moco = MoCo(*parts(), out_dim=8, queue_size=16)
+    keys = moco.state_dict().keys()
+    assert {"queue", "queue_labels", "queue_ptr"} <= set(keys)
+    assert any(k.startswith("key_backbone.") for k in keys)
+    bank = MemoryBank(*parts(), dataset_size=20, out_dim=8)
+    assert {"bank", "bank_labels"} <= set(bank.state_dict())
+
+
+@pytest.mark.parametrize("negatives", [0, "some"])
+def test_memory_bank_rejects_bad_negative_counts(negatives):
+    with pytest.raises(ValueError, match="positive integer or 'all'"):
+        MemoryBank(*parts(), dataset_size=20, out_dim=8, negatives=negatives)
