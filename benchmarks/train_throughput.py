@@ -13,7 +13,8 @@ Two measurements:
 
 * augmentation stage alone: pairs of views per second (ours: index a batch, ``aug(x)`` twice;
   baseline: iterate the DataLoader that returns two views per image);
-* end to end: optimiser steps per second, views + forward + backward + step.
+* end to end: optimiser steps per second, views + forward + backward + step (one step of ours,
+  one of the baseline, alternately).
 
     python benchmarks/train_throughput.py            # default: 20 aug steps, 6 train steps
     python benchmarks/train_throughput.py --quick    # a smoke run (a few steps)
@@ -193,45 +194,48 @@ def bench_baseline_aug(loader, batch, steps, warmup) -> float:
     return steps * batch / (time.perf_counter() - t)
 
 
-def bench_ours_train(inputs, aug, batch, steps, warmup, device, seed):
-    model, opt = make_model(seed, device)
+def bench_train_interleaved(inputs, aug, loader, batch, steps, warmup, device, seed):
+    """End to end, one step of ours then one step of the baseline, ``steps`` times, so that a
+    change in the machine's load hits both alike. Same initial weights on both sides. The
+    baseline's DataLoader workers refill its prefetch queue in the background, partly during
+    our steps (a small bias in the baseline's favour)."""
+    m_o, opt_o = make_model(seed, device)
+    m_b, opt_b = make_model(seed, device)
     loss_fn = hardneg.create_loss("infonce", temperature=0.5)
     gen = torch.Generator(device).manual_seed(0)
-    for _ in range(warmup):
-        train_step(model, opt, loss_fn, *ours_views(inputs, aug, batch, gen, device))
-    sync(device)
-    t_aug = 0.0
-    t = time.perf_counter()
-    for _ in range(steps):
+    it = infinite(loader)
+
+    def ours_step():
         t0 = time.perf_counter()
         v1, v2 = ours_views(inputs, aug, batch, gen, device)
         sync(device)
-        t_aug += time.perf_counter() - t0
-        train_step(model, opt, loss_fn, v1, v2)
-    sync(device)
-    elapsed = time.perf_counter() - t
-    return steps / elapsed, t_aug / elapsed
+        t1 = time.perf_counter()
+        train_step(m_o, opt_o, loss_fn, v1, v2)
+        sync(device)
+        return time.perf_counter() - t0, t1 - t0
 
-
-def bench_baseline_train(loader, batch, steps, warmup, device, seed):
-    model, opt = make_model(seed, device)
-    loss_fn = hardneg.create_loss("infonce", temperature=0.5)
-    it = infinite(loader)
-    for _ in range(warmup):
-        v1, v2, _ = next(it)
-        train_step(model, opt, loss_fn, v1.to(device), v2.to(device))
-    sync(device)
-    t_wait = 0.0
-    t = time.perf_counter()
-    for _ in range(steps):
+    def base_step():
         t0 = time.perf_counter()
         v1, v2, _ = next(it)
         v1, v2 = v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)
-        t_wait += time.perf_counter() - t0
-        train_step(model, opt, loss_fn, v1, v2)
-    sync(device)
-    elapsed = time.perf_counter() - t
-    return steps / elapsed, t_wait / elapsed
+        t1 = time.perf_counter()
+        train_step(m_b, opt_b, loss_fn, v1, v2)
+        sync(device)
+        return time.perf_counter() - t0, t1 - t0
+
+    for _ in range(warmup):
+        ours_step()
+        base_step()
+    t_o = a_o = t_b = w_b = 0.0
+    for i in range(steps):
+        print(f"    [e2e step {i + 1}/{steps}] {load_str()}", flush=True)
+        dt, da = ours_step()
+        t_o, a_o = t_o + dt, a_o + da
+        dt, dw = base_step()
+        t_b, w_b = t_b + dt, w_b + dw
+        print(f"      ours {t_o / (i + 1):.1f} s/step avg, baseline "
+              f"{t_b / (i + 1):.1f} s/step avg", flush=True)
+    return steps / t_o, a_o / t_o, steps / t_b, w_b / t_b
 
 
 def main(argv=None) -> int:
@@ -301,10 +305,8 @@ def main(argv=None) -> int:
 
     if not args.skip_train:
         print(f"[e2e] before: {load_str()}", flush=True)
-        o_sps, o_aug = bench_ours_train(inputs, aug, args.batch_size, args.train_steps,
-                                        args.warmup, device, 0)
-        b_sps, b_wait = bench_baseline_train(loader, args.batch_size, args.train_steps,
-                                             args.warmup, device, 0)
+        o_sps, o_aug, b_sps, b_wait = bench_train_interleaved(
+            inputs, aug, loader, args.batch_size, args.train_steps, args.warmup, device, 0)
         print(f"[e2e] after:  {load_str()}", flush=True)
         results["e2e"] = {
             "ours_steps_per_s": o_sps, "baseline_steps_per_s": b_sps, "ratio": o_sps / b_sps,
