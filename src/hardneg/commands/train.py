@@ -74,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
     except TrainingInterrupted as err:
         print(f"hardneg train: {err}", file=sys.stderr)
         return 130
+    from hardneg.distributed import is_main_process
+
+    if not is_main_process():
+        return 0
     summary = ", ".join(
         f"{k}={result.metrics[k]:.4g}" for k in ("loss", "knn_top1") if k in result.metrics
     )
