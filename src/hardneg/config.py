@@ -130,6 +130,9 @@ class TrainSection:
     epochs: int = _opt(20, "number of epochs", low=1)
     batch_size: int = _opt(256, "global batch size (split over the ranks)", low=2)
     num_workers: int = _opt(0, "unused: data are in-memory tensors indexed on the device", low=0)
+    threads: int | None = _opt(
+        None, "CPU intra-op threads, process-wide (None = torch's default)", low=1
+    )
     precision: str = _opt(
         "auto",
         "auto (bf16 on CUDA, else fp32) | fp32 | bf16 | fp16",

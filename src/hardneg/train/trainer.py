@@ -96,6 +96,9 @@ def train(
     """
     # ---- set-up -------------------------------------------------------------------------
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    if cfg.train.threads is not None:
+        # small models gain little from intra-op threads and lose much on shared CPUs
+        torch.set_num_threads(cfg.train.threads)
     ctx = init_distributed()
     device = select_device(cfg.train.device, ctx.device if ctx.enabled else None)
     seed_everything(cfg.seed)
