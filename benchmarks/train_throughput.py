@@ -95,25 +95,29 @@ def torchvision_transform(kind: str):
     if kind == "v1":
         from torchvision import transforms as T
 
-        return T.Compose([
+        return T.Compose(
+            [
+                T.RandomResizedCrop(32),
+                T.RandomHorizontalFlip(p=0.5),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+                T.ToTensor(),
+                T.Normalize(mean, std),
+            ]
+        )
+    from torchvision.transforms import v2 as T
+
+    return T.Compose(
+        [
             T.RandomResizedCrop(32),
             T.RandomHorizontalFlip(p=0.5),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
-            T.ToTensor(),
+            T.ToImage(),
+            T.ToDtype(torch.float32, scale=True),
             T.Normalize(mean, std),
-        ])
-    from torchvision.transforms import v2 as T
-
-    return T.Compose([
-        T.RandomResizedCrop(32),
-        T.RandomHorizontalFlip(p=0.5),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.ToImage(),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(mean, std),
-    ])
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- model
@@ -174,9 +178,16 @@ def bench_ours_aug(inputs, aug, batch, steps, warmup, device) -> float:
 
 
 def make_loader(ds, batch, workers):
-    return DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                      persistent_workers=workers > 0, pin_memory=False,
-                      prefetch_factor=2 if workers > 0 else None)
+    return DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=workers > 0,
+        pin_memory=False,
+        prefetch_factor=2 if workers > 0 else None,
+    )
 
 
 def infinite(loader):
@@ -233,8 +244,10 @@ def bench_train_interleaved(inputs, aug, loader, batch, steps, warmup, device, s
         t_o, a_o = t_o + dt, a_o + da
         dt, dw = base_step()
         t_b, w_b = t_b + dt, w_b + dw
-        print(f"      ours {t_o / (i + 1):.1f} s/step avg, baseline "
-              f"{t_b / (i + 1):.1f} s/step avg", flush=True)
+        print(
+            f"      ours {t_o / (i + 1):.1f} s/step avg, baseline {t_b / (i + 1):.1f} s/step avg",
+            flush=True,
+        )
     return steps / t_o, a_o / t_o, steps / t_b, w_b / t_b
 
 
@@ -249,12 +262,21 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=5000, help="synthetic dataset size")
     p.add_argument("--data-dir", default=None, help="use a real CIFAR-10 from here instead")
     p.add_argument("--num-workers", type=int, default=2, help="baseline DataLoader workers")
-    p.add_argument("--baseline", choices=["v1", "v2"], default="v1",
-                   help="torchvision.transforms (v1) or transforms.v2 on PIL images")
+    p.add_argument(
+        "--baseline",
+        choices=["v1", "v2"],
+        default="v1",
+        help="torchvision.transforms (v1) or transforms.v2 on PIL images",
+    )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    p.add_argument("--aug-threads", default="1",
-                   help="intra-op threads of our augmentation on CPU ('none' = torch's setting)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: all cores)"
+    )
+    p.add_argument(
+        "--aug-threads",
+        default="1",
+        help="intra-op threads of our augmentation on CPU ('none' = torch's setting)",
+    )
     p.add_argument("--jitter-order", choices=["random", "fixed"], default="random")
     p.add_argument("--skip-train", action="store_true", help="augmentation stage only")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -274,16 +296,24 @@ def main(argv=None) -> int:
     inputs = ds.inputs.to(device)
     aug = build_augmentation("cifar10", jitter_order=args.jitter_order).to(device)
     aug.cpu_threads = None if args.aug_threads.lower() == "none" else int(args.aug_threads)
-    pil_ds = PILPairDataset(ds.inputs.permute(0, 2, 3, 1).numpy().copy(), ds.labels.numpy(),
-                            torchvision_transform(args.baseline))
+    pil_ds = PILPairDataset(
+        ds.inputs.permute(0, 2, 3, 1).numpy().copy(),
+        ds.labels.numpy(),
+        torchvision_transform(args.baseline),
+    )
     loader = make_loader(pil_ds, args.batch_size, args.num_workers)
 
     info = {
-        "python": sys.version.split()[0], "torch": torch.__version__,
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(), "device": str(device),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "device": str(device),
         "baseline": f"torchvision.transforms {args.baseline} on PIL, DataLoader num_workers={args.num_workers}",
-        "batch": args.batch_size, "images": len(ds), "aug_cpu_threads": aug.cpu_threads,
+        "batch": args.batch_size,
+        "images": len(ds),
+        "aug_cpu_threads": aug.cpu_threads,
     }
     print(json.dumps(info))
     results: dict = {"info": info}
@@ -298,30 +328,57 @@ def main(argv=None) -> int:
         print(f"    ours {ours_r[-1]:,.0f} pairs/s, baseline {base_r[-1]:,.0f} pairs/s", flush=True)
     ours, base = float(np.median(ours_r)), float(np.median(base_r))
     print(f"[aug] after: {load_str()}", flush=True)
-    results["aug"] = {"ours_pairs_per_s": ours, "baseline_pairs_per_s": base, "ratio": ours / base,
-                      "ours_rounds": ours_r, "baseline_rounds": base_r}
-    print(f"augmentation only (median of {args.rounds}): ours {ours:,.0f} pairs/s, baseline "
-          f"{base:,.0f} pairs/s, ratio {ours / base:.2f}x", flush=True)
+    results["aug"] = {
+        "ours_pairs_per_s": ours,
+        "baseline_pairs_per_s": base,
+        "ratio": ours / base,
+        "ours_rounds": ours_r,
+        "baseline_rounds": base_r,
+    }
+    print(
+        f"augmentation only (median of {args.rounds}): ours {ours:,.0f} pairs/s, baseline "
+        f"{base:,.0f} pairs/s, ratio {ours / base:.2f}x",
+        flush=True,
+    )
 
     if not args.skip_train:
         print(f"[e2e] before: {load_str()}", flush=True)
         o_sps, o_aug, b_sps, b_wait = bench_train_interleaved(
-            inputs, aug, loader, args.batch_size, args.train_steps, args.warmup, device, 0)
+            inputs, aug, loader, args.batch_size, args.train_steps, args.warmup, device, 0
+        )
         print(f"[e2e] after:  {load_str()}", flush=True)
         results["e2e"] = {
-            "ours_steps_per_s": o_sps, "baseline_steps_per_s": b_sps, "ratio": o_sps / b_sps,
-            "ours_aug_fraction": o_aug, "baseline_wait_fraction": b_wait,
+            "ours_steps_per_s": o_sps,
+            "baseline_steps_per_s": b_sps,
+            "ratio": o_sps / b_sps,
+            "ours_aug_fraction": o_aug,
+            "baseline_wait_fraction": b_wait,
         }
-        print(f"end to end: ours {o_sps:.3f} steps/s ({o_sps * args.batch_size:,.0f} img/s, "
-              f"{100 * o_aug:.1f}% of the time in augmentation), baseline {b_sps:.3f} steps/s "
-              f"({b_sps * args.batch_size:,.0f} img/s, {100 * b_wait:.1f}% waiting for the loader), "
-              f"ratio {o_sps / b_sps:.2f}x", flush=True)
+        print(
+            f"end to end: ours {o_sps:.3f} steps/s ({o_sps * args.batch_size:,.0f} img/s, "
+            f"{100 * o_aug:.1f}% of the time in augmentation), baseline {b_sps:.3f} steps/s "
+            f"({b_sps * args.batch_size:,.0f} img/s, {100 * b_wait:.1f}% waiting for the loader), "
+            f"ratio {o_sps / b_sps:.2f}x",
+            flush=True,
+        )
 
-    rows = [("augmentation only (pairs of views / s)", "aug", "ours_pairs_per_s",
-             "baseline_pairs_per_s")]
+    rows = [
+        (
+            "augmentation only (pairs of views / s)",
+            "aug",
+            "ours_pairs_per_s",
+            "baseline_pairs_per_s",
+        )
+    ]
     if "e2e" in results:
-        rows.append(("end to end (steps / s, ResNet-18 fwd+bwd)", "e2e", "ours_steps_per_s",
-                     "baseline_steps_per_s"))
+        rows.append(
+            (
+                "end to end (steps / s, ResNet-18 fwd+bwd)",
+                "e2e",
+                "ours_steps_per_s",
+                "baseline_steps_per_s",
+            )
+        )
     print("\n| stage | hardneg | torchvision + DataLoader | ratio |\n|---|---|---|---|")
     for title, key, a, b in rows:
         r = results[key]

@@ -54,7 +54,9 @@ def test_image_recipes_shape_dtype_range(device, name, shape, out):
     u = _unnormalise(y, name)
     assert u.min() >= -1e-5 and u.max() <= 1 + 1e-5
     ev = build_eval_transform(name)(x)
-    assert ev.shape == x.shape and torch.allclose(_unnormalise(ev, name), x.float() / 255, atol=1e-5)
+    assert ev.shape == x.shape and torch.allclose(
+        _unnormalise(ev, name), x.float() / 255, atol=1e-5
+    )
 
 
 def test_hcl_recipe_trains_at_32px_and_evaluates_native():
@@ -100,7 +102,9 @@ def test_determinism_and_per_sample_parameters():
 
 
 def _plain(size=None, **kw):
-    base = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+    base = dict(
+        scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0
+    )
     base.update(kw)
     return ImageAugmentation(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), **base)
 
@@ -121,10 +125,12 @@ def test_crop_matches_torchvision_resized_crop(flip):
     boxes = torch.tensor([[3.0, 5.0, 20.0, 14.0], [0.0, 0.0, 32.0, 32.0], [10.0, 0.0, 7.0, 30.0]])
     grid = AF.crop_flip_grid(boxes, torch.tensor([flip] * 3), (32, 32), (24, 24))
     out = AF.resample_grid(img, grid)
-    ref = torch.stack([
-        TF.resized_crop(img[i], *[int(v) for v in boxes[i]], [24, 24], antialias=False)
-        for i in range(3)
-    ])
+    ref = torch.stack(
+        [
+            TF.resized_crop(img[i], *[int(v) for v in boxes[i]], [24, 24], antialias=False)
+            for i in range(3)
+        ]
+    )
     if flip:
         ref = ref.flip(-1)
     assert torch.allclose(out, ref, atol=1e-3)
@@ -189,17 +195,24 @@ def test_random_jitter_order_is_per_sample():
     n = 64
     g = torch.Generator().manual_seed(0)
     sub = torch.rand(n, 3, 6, 6, generator=g)
-    fac = torch.stack([torch.rand(n, generator=g) + 0.5, torch.rand(n, generator=g) + 0.5,
-                       torch.rand(n, generator=g) + 0.5, torch.rand(n, generator=g) * 0.2 - 0.1], 1)
+    fac = torch.stack(
+        [
+            torch.rand(n, generator=g) + 0.5,
+            torch.rand(n, generator=g) + 0.5,
+            torch.rand(n, generator=g) + 0.5,
+            torch.rand(n, generator=g) * 0.2 - 0.1,
+        ],
+        1,
+    )
     ou = torch.rand(n, 4, generator=g)
     out, fac_out = ImageAugmentation._random_order(sub.clone(), fac, ou, [0, 1, 2, 3])
     ops = [AF.adjust_brightness, AF.adjust_contrast, AF.adjust_saturation, AF.adjust_hue]
     for row in range(n):
         i = int(fac_out[row, 4])
-        want = sub[i: i + 1]
+        want = sub[i : i + 1]
         for op in torch.argsort(ou[i]).tolist():
-            want = ops[op](want, fac[i: i + 1, op])
-        assert torch.allclose(out[row: row + 1], want, atol=1e-5)
+            want = ops[op](want, fac[i : i + 1, op])
+        assert torch.allclose(out[row : row + 1], want, atol=1e-5)
     assert len({tuple(torch.argsort(r).tolist()) for r in ou}) > 10  # many different orders
 
 
@@ -227,9 +240,18 @@ def test_rotation_digits_keeps_shape_and_varies():
     y = aug(x.repeat(4, 1, 1, 1), generator=torch.Generator().manual_seed(0))
     assert y.shape == (16, 1, 8, 8) and torch.unique(y.flatten(1), dim=0).shape[0] == 16
     # zero-size rotation + full crop = identity
-    plain = ImageAugmentation(None, (0.0,), (1.0,), scale=(1.0, 1.0), ratio=(1.0, 1.0),
-                              flip_p=0.0, jitter_p=0.0, gray_p=0.0, rotation=1e-9,
-                              padding_mode="zeros")
+    plain = ImageAugmentation(
+        None,
+        (0.0,),
+        (1.0,),
+        scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        flip_p=0.0,
+        jitter_p=0.0,
+        gray_p=0.0,
+        rotation=1e-9,
+        padding_mode="zeros",
+    )
     assert torch.allclose(plain(x), x.float() / 255, atol=1e-5)
 
 
@@ -240,13 +262,25 @@ def test_signal_augmentation():
     b = aug(x, generator=torch.Generator().manual_seed(0))
     assert a.shape == x.shape and a.dtype == torch.float32 and torch.equal(a, b)
     assert not torch.allclose(a, x, atol=1e-2)
-    ident = SignalAugmentation(None, crop_scale=(1.0, 1.0), max_shift=0.0, amplitude=(1.0, 1.0),
-                               noise_std=0.0, corr_noise_std=0.0)
+    ident = SignalAugmentation(
+        None,
+        crop_scale=(1.0, 1.0),
+        max_shift=0.0,
+        amplitude=(1.0, 1.0),
+        noise_std=0.0,
+        corr_noise_std=0.0,
+    )
     assert torch.allclose(ident(x), x, atol=1e-5)
     # a pure shift: window = whole signal, moved by s = (2u - 1) * max_shift samples, so
     # output[i] = x(i + s) linearly interpolated, border values repeated (np.interp)
-    shifted = SignalAugmentation(None, crop_scale=(1.0, 1.0), max_shift=3.0, amplitude=(1.0, 1.0),
-                                 noise_std=0.0, corr_noise_std=0.0)
+    shifted = SignalAugmentation(
+        None,
+        crop_scale=(1.0, 1.0),
+        max_shift=3.0,
+        amplitude=(1.0, 1.0),
+        noise_std=0.0,
+        corr_noise_std=0.0,
+    )
     y = shifted(x, generator=torch.Generator().manual_seed(5))
     u = torch.rand((32, 4), generator=torch.Generator().manual_seed(5))
     grid = np.arange(40)

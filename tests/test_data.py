@@ -70,8 +70,10 @@ def test_mnist1d_generated_offline_and_cached(tmp_path, monkeypatch):
 
 def test_mnist1d_corrupt_cache_is_regenerated(tmp_path, monkeypatch):
     fake = {
-        "x": np.zeros((8, 40), np.float32), "y": np.arange(8) % 10,
-        "x_test": np.ones((2, 40), np.float32), "y_test": np.array([1, 2]),
+        "x": np.zeros((8, 40), np.float32),
+        "y": np.arange(8) % 10,
+        "x_test": np.ones((2, 40), np.float32),
+        "y_test": np.array([1, 2]),
     }
     monkeypatch.setattr(dmod, "_generate_mnist1d", lambda args: fake)
     load_dataset("mnist1d", "train", data_dir=tmp_path)

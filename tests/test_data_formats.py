@@ -86,8 +86,11 @@ def write_tiny_imagenet(root, per_class=2, size=64):
     lines = []
     for i, w in enumerate(["n03", "n01", "n02", "n01"]):
         img = RNG.integers(0, 256, (size, size), dtype=np.uint8)  # some are grayscale
-        _save(img if i % 2 else np.stack([img] * 3, -1), folder / "val" / "images" / f"val_{i}.JPEG",
-              format="JPEG")
+        _save(
+            img if i % 2 else np.stack([img] * 3, -1),
+            folder / "val" / "images" / f"val_{i}.JPEG",
+            format="JPEG",
+        )
         lines.append(f"val_{i}.JPEG\t{w}\t0\t0\t10\t10")
     (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     return folder
@@ -337,5 +340,7 @@ def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
     fake = types.ModuleType("torchvision")
     fake.datasets = types.SimpleNamespace(CIFAR10=boom)  # no real download is attempted
     monkeypatch.setitem(sys.modules, "torchvision", fake)
-    with pytest.raises(DatasetNotFoundError, match="download from https://.*failed.*network unreachable"):
+    with pytest.raises(
+        DatasetNotFoundError, match="download from https://.*failed.*network unreachable"
+    ):
         load_dataset("cifar10", "train", data_dir=tmp_path, download=True)

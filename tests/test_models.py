@@ -94,7 +94,9 @@ def test_return_hidden_is_input_of_last_linear():
     head.last.register_forward_hook(lambda m, i, o: seen.setdefault("in", i[0]))
     z, h = head(torch.randn(3, 32), return_hidden=True)
     assert torch.equal(h, seen["in"]) and h.shape == (3, 8)
-    assert torch.equal(head.eval()(torch.ones(2, 32)), head(torch.ones(2, 32), return_hidden=True)[0])
+    assert torch.equal(
+        head.eval()(torch.ones(2, 32)), head(torch.ones(2, 32), return_hidden=True)[0]
+    )
 
 
 def test_predictor_and_errors():

@@ -17,8 +17,13 @@ class ResNetBackbone(nn.Module):
     ``cifar_stem`` forces either.
     """
 
-    def __init__(self, depth: str = "resnet18", in_channels: int = 3, image_size: int = 32,
-                 cifar_stem: bool | None = None) -> None:
+    def __init__(
+        self,
+        depth: str = "resnet18",
+        in_channels: int = 3,
+        image_size: int = 32,
+        cifar_stem: bool | None = None,
+    ) -> None:
         super().__init__()
         import torchvision
 
@@ -99,8 +104,9 @@ def build_backbone(name: str, in_channels: int = 3, image_size: int = 32, **kwar
     name = name.lower()
     if isinstance(in_channels, bool) or int(in_channels) != in_channels or in_channels < 1:
         raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
-    if image_size is not None and (isinstance(image_size, bool) or int(image_size) != image_size
-                                   or image_size < 1):
+    if image_size is not None and (
+        isinstance(image_size, bool) or int(image_size) != image_size or image_size < 1
+    ):
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
     if name in ("resnet18", "resnet50"):
         return ResNetBackbone(name, int(in_channels), int(image_size or 32), **kwargs)

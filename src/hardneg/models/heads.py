@@ -25,7 +25,9 @@ class ProjectionHead(nn.Module):
     ) -> None:
         super().__init__()
         hidden = [hidden_dims] if isinstance(hidden_dims, int) else list(hidden_dims)
-        for name, v in [("in_dim", in_dim), ("out_dim", out_dim)] + [("hidden_dims", h) for h in hidden]:
+        for name, v in [("in_dim", in_dim), ("out_dim", out_dim)] + [
+            ("hidden_dims", h) for h in hidden
+        ]:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be positive integers, got {v!r}")
         layers: list[nn.Module] = []
@@ -52,7 +54,9 @@ class ProjectionHead(nn.Module):
 HEADS = ("simclr", "moco_v2", "psm", "none")
 
 
-def build_head(kind: str, in_dim: int, out_dim: int = 128, hidden_dim: int | None = None) -> nn.Module:
+def build_head(
+    kind: str, in_dim: int, out_dim: int = 128, hidden_dim: int | None = None
+) -> nn.Module:
     """``simclr``: in -> 512 -> out, Linear-BN-ReLU-Linear (HCL's head, ``hidden_dim``
     overrides 512); ``moco_v2``: in -> in -> out, Linear-ReLU-Linear without BN (MoCo v2);
     ``psm``: in -> 512 -> 512 -> out with BN after every linear layer, the last without affine
@@ -63,8 +67,9 @@ def build_head(kind: str, in_dim: int, out_dim: int = 128, hidden_dim: int | Non
         return ProjectionHead(in_dim, hidden_dim or in_dim, out_dim, batch_norm=False)
     if kind == "psm":
         h = hidden_dim or 512
-        return ProjectionHead(in_dim, (h, h), out_dim, batch_norm=True, last_bn=True,
-                              last_bn_affine=False)
+        return ProjectionHead(
+            in_dim, (h, h), out_dim, batch_norm=True, last_bn=True, last_bn_affine=False
+        )
     if kind == "none":
         return IdentityHead(in_dim)
     raise ValueError(f"unknown head {kind!r}; available: {', '.join(HEADS)}")
