@@ -2,7 +2,7 @@
 
     hardneg train --config configs/mnist1d_simclr_hcl.yaml                # a file
     hardneg train --config mnist1d_simclr_hcl train.epochs=5 loss.beta=0.5 # packaged name + overrides
-    hardneg train --resume runs/x/checkpoints/last.pt                     # continue a run
+    hardneg train --resume runs/x                                        # continue a run
     torchrun --nproc_per_node=4 -m hardneg train --config cifar10_simclr_hcl
 
 Overrides are ``section.key=value`` with YAML values; the whole config is validated before any
@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const=True,
         default=None,
         metavar="CKPT",
-        help="continue from CKPT, or from RUN_DIR/checkpoints/last.pt when no CKPT is given",
+        help="continue from CKPT (a checkpoint file or a run folder), or from "
+        "RUN_DIR/checkpoints/last.pt when no CKPT is given",
     )
     parser.add_argument("--run-dir", metavar="DIR", help="output folder (default runs/<name>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -90,5 +91,7 @@ def config_from_checkpoint(resume: str | bool, run_dir: str | None, overrides: l
     from hardneg.config import load_config
     from hardneg.train.checkpoint import load_checkpoint
 
-    path = Path(run_dir) / "checkpoints" / "last.pt" if resume is True else Path(resume)
+    path = Path(run_dir) if resume is True else Path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
     return load_config(load_checkpoint(path)["config"], overrides)

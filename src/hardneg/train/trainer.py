@@ -87,7 +87,8 @@ def train(
         config: a :class:`~hardneg.config.TrainConfig` or a dict in the YAML shape.
         run_dir: output folder (default ``runs/<dataset>-<framework>-<loss>-<time>``).
         progress_bar: show a tqdm bar with the loss, images/s and the ETA.
-        resume: ``True`` for ``run_dir/checkpoints/last.pt``, or a checkpoint path; the
+        resume: ``True`` for ``run_dir/checkpoints/last.pt``, a run folder (its
+            ``checkpoints/last.pt``; the run continues in that folder) or a checkpoint path; the
             checkpoint must come from the same set-up (a mismatch lists what differs).
 
     Raises:
@@ -323,7 +324,10 @@ def resolve_run_dir(
         resume_path = Path(run_dir) / "checkpoints" / "last.pt"
     elif resume:
         resume_path = Path(resume)
-        if run_dir is None and resume_path.parent.name == "checkpoints":
+        if resume_path.is_dir():  # a run folder: continue from its last checkpoint
+            run_dir = resume_path if run_dir is None else run_dir
+            resume_path = resume_path / "checkpoints" / "last.pt"
+        elif run_dir is None and resume_path.parent.name == "checkpoints":
             run_dir = resume_path.parent.parent
     if run_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
