@@ -33,12 +33,20 @@ TINY = [
     "train.epochs=1",
     "train.diagnostics_every=1",
     "train.device=cpu",
+    "train.threads=1",  # tiny models: intra-op threads only cost (restored after each test)
     "framework.queue_size=48",
     "framework.bank_negatives=32",
     "eval.knn=false",
 ]
 FRAMEWORKS = ("simclr", "moco", "memory_bank")
 LOSSES = ("infonce", "debiased", "hcl", "ring", "unremix", "potential")
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny(*overrides: str):
@@ -58,7 +66,9 @@ def assert_same_weights(a, b) -> None:
 
 @pytest.mark.parametrize("framework, loss", list(itertools.product(FRAMEWORKS, LOSSES)))
 def test_every_framework_trains_with_every_strategy(framework, loss, tmp_path):
-    config = tiny(f"framework.name={framework}", f"loss.name={loss}", "train.epochs=2")
+    config = tiny(
+        f"framework.name={framework}", f"loss.name={loss}", "train.epochs=2", "data.subset=32"
+    )
     result = train(config, run_dir=tmp_path, progress_bar=False)
     losses = [row["loss"] for row in result.history]
     assert len(losses) == 2 and all(np.isfinite(losses))
