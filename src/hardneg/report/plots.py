@@ -15,9 +15,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from hardneg.report.runs import history_column
-
-History = list[dict[str, float]]
+from hardneg.report.runs import History, history_column
 
 DPI = 100
 

@@ -19,8 +19,10 @@ HISTORY_FILE = "history.csv"
 HARDNESS_FILE = "hardness.npz"
 METRICS_FILE = "metrics.json"
 
+History = list[dict[str, float]]  # rows of history.csv
 
-def load_history(run_dir: str | Path) -> list[dict[str, float]]:
+
+def load_history(run_dir: str | Path) -> History:
     """Rows of ``history.csv`` as floats (empty cells -> NaN); ``[]`` when the file is missing."""
     path = Path(run_dir) / HISTORY_FILE
     if not path.exists():
@@ -29,7 +31,7 @@ def load_history(run_dir: str | Path) -> list[dict[str, float]]:
         return [{k: _to_float(v) for k, v in row.items() if k} for row in csv.DictReader(fh)]
 
 
-def history_column(history: list[dict[str, float]], key: str) -> tuple[np.ndarray, np.ndarray]:
+def history_column(history: History, key: str) -> tuple[np.ndarray, np.ndarray]:
     """``(epochs, values)`` of one column, rows where it is missing or NaN dropped."""
     pairs = [
         (row.get("epoch", i + 1), row[key])

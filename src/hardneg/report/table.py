@@ -8,9 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hardneg.report.runs import history_column
-
-History = list[dict[str, float]]
+from hardneg.report.runs import History, history_column
 
 
 @dataclass
