@@ -134,3 +134,10 @@ def test_run_state_reuses_finished_runs_resumes_interrupted_ones_and_refuses_oth
     assert compare_cmd.run_state(run, cfg) == "finished"
     with pytest.raises(ValueError, match="another config"):
         compare_cmd.run_state(run, config("hcl", "hcl.beta=3"))
+
+
+def test_the_default_base_config_is_the_data_sets_packaged_config_for_the_framework():
+    assert compare_cmd.default_base_config("mnist1d", None) == "mnist1d_simclr_hcl"
+    assert compare_cmd.default_base_config("mnist1d", "moco").startswith("mnist1d_moco_")
+    assert compare_cmd.default_base_config("tiny-imagenet", None).startswith("tiny_imagenet_")
+    assert compare_cmd.default_base_config("no-such-data", None) is None

@@ -301,10 +301,11 @@ def default_base_config(dataset: str, framework: str | None) -> str | None:
     from hardneg.config import list_configs
 
     names = list_configs()
+    stem = dataset.replace("-", "_")  # tiny-imagenet -> tiny_imagenet_*.yaml
     preferred = [
-        dataset,
-        *(n for n in names if n.startswith(f"{dataset}_{framework or 'simclr'}_")),
-        *(n for n in names if n.startswith(f"{dataset}_")),
+        stem,
+        *(n for n in names if n.startswith(f"{stem}_{framework or 'simclr'}_")),
+        *(n for n in names if n.startswith(f"{stem}_")),
     ]
     return next((n for n in preferred if n in names), None)
 
