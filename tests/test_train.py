@@ -337,3 +337,37 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "did you mean train.batch_size" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_imagefolder_of_mixed_sizes_trains_and_evaluates_at_data_image_size(tmp_path):
+    """ImageFolder images of different sizes are resized at load to ``data.image_size`` (training,
+    kNN monitor and ``evaluate_checkpoint``); without it the loader asks for it."""
+    from PIL import Image
+
+    from hardneg.evaluation import evaluate_checkpoint
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            for i in range(4):
+                side = (10, 14, 12, 20)[i]
+                folder = tmp_path / "data" / split / c
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = rng.integers(0, 256, (side, side + 2, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    common = [
+        "data.dataset=imagefolder",
+        f"data.data_dir={tmp_path / 'data'}",
+        "model.backbone=resnet18",
+        "train.batch_size=4",
+        "data.subset=null",
+        "eval.knn=true",
+        "eval.knn_k=3",
+    ]
+    with pytest.raises(ValueError, match="image_size"):
+        train(tiny(*common), run_dir=tmp_path / "no_size", progress_bar=False)
+    result = train(tiny(*common, "data.image_size=16"), run_dir=tmp_path / "run", progress_bar=False)
+    assert np.isfinite(result.history[-1]["loss"])
+    assert 0.0 <= result.history[-1]["knn_top1"] <= 100.0
+    scores = evaluate_checkpoint(result.checkpoint, linear=False, knn_k=3, device="cpu")
+    assert 0.0 <= scores["knn_top1"] <= 100.0

@@ -17,6 +17,7 @@ from hardneg.data.base import (
 )
 from hardneg.data.datasets import (
     DatasetNotFoundError,
+    decode_size,
     default_cache_dir,
     default_data_dir,
     load_dataset,
@@ -28,6 +29,7 @@ __all__ = [
     "DatasetInfo",
     "DatasetNotFoundError",
     "dataset_info",
+    "decode_size",
     "default_cache_dir",
     "default_data_dir",
     "list_datasets",

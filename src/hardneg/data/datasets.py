@@ -509,6 +509,15 @@ def load_dataset(
     return ds
 
 
+def decode_size(name: str, image_size: int | None) -> int | None:
+    """The ``image_size`` to pass to :func:`load_dataset` for a training or evaluation run whose
+    views are ``image_size`` px: only datasets without a native size (``imagefolder``, whose
+    images may all differ) are resized at load; fixed-size datasets keep their pixels so that the
+    random resized crop sees the full-resolution image (e.g. HCL's STL-10 recipe crops 96 px
+    images to 32 px views)."""
+    return image_size if dataset_info(canonical_name(name)).image_size is None else None
+
+
 def _resize_dataset(ds: ArrayDataset, size: int) -> ArrayDataset:
     """Resize an in-memory uint8 image dataset once (bilinear, antialiased), in chunks."""
     import torch.nn.functional as F

@@ -45,13 +45,18 @@ def evaluate_backbone(
     ``image_size`` and ``recipe`` select the deterministic eval transform the training run used.
     """
     from hardneg.augment import build_eval_transform
-    from hardneg.data import dataset_info, load_dataset
+    from hardneg.data import dataset_info, decode_size, load_dataset
     from hardneg.train.runtime import select_device
 
     device = select_device(str(device or "auto"))
     info = dataset_info(dataset)
-    train = load_dataset(dataset, info.eval_train_split, data_dir=data_dir, download=download)
-    test = load_dataset(dataset, info.eval_test_split, data_dir=data_dir, download=download)
+    size = decode_size(dataset, image_size)  # imagefolder images may differ in size
+    train = load_dataset(
+        dataset, info.eval_train_split, data_dir=data_dir, download=download, image_size=size
+    )
+    test = load_dataset(
+        dataset, info.eval_test_split, data_dir=data_dir, download=download, image_size=size
+    )
     if not bool((train.labels >= 0).all()):
         train = train.subset(train.labels >= 0)
     transform = build_eval_transform(dataset, image_size, recipe).to(device)

@@ -346,11 +346,15 @@ def resolve_run_dir(
 
 def load_pretrain_split(cfg: TrainConfig, info: Any) -> Any:
     """The pre-training split as an in-memory :class:`~hardneg.data.ArrayDataset`."""
-    from hardneg.data import load_dataset
+    from hardneg.data import decode_size, load_dataset
 
     split = cfg.data.split or info.pretrain_split
     data = load_dataset(
-        cfg.data.dataset, split, data_dir=cfg.data.data_dir, download=cfg.data.download
+        cfg.data.dataset,
+        split,
+        data_dir=cfg.data.data_dir,
+        download=cfg.data.download,
+        image_size=decode_size(cfg.data.dataset, cfg.data.image_size),
     )
     if cfg.data.subset is not None:
         data = data.subset(slice(0, cfg.data.subset))
@@ -460,14 +464,18 @@ def stop_requested(stop: StopSignal, ctx: DistContext, device: torch.device) -> 
 
 def load_eval_splits(cfg: TrainConfig, info: Any, pretrain: Any) -> tuple[Any, Any]:
     """The labelled splits of the kNN monitor (reusing the pre-training split when it is one)."""
-    from hardneg.data import load_dataset
+    from hardneg.data import decode_size, load_dataset
 
     def split(name: str) -> Any:
         if name == (cfg.data.split or info.pretrain_split) and cfg.data.subset is None:
             data = pretrain
         else:
             data = load_dataset(
-                cfg.data.dataset, name, data_dir=cfg.data.data_dir, download=cfg.data.download
+                cfg.data.dataset,
+                name,
+                data_dir=cfg.data.data_dir,
+                download=cfg.data.download,
+                image_size=decode_size(cfg.data.dataset, cfg.data.image_size),
             )
         keep = data.labels >= 0  # STL-10's unlabeled images have label -1
         return data if bool(keep.all()) else data.subset(keep)
