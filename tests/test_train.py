@@ -366,7 +366,9 @@ def test_imagefolder_of_mixed_sizes_trains_and_evaluates_at_data_image_size(tmp_
     ]
     with pytest.raises(ValueError, match="image_size"):
         train(tiny(*common), run_dir=tmp_path / "no_size", progress_bar=False)
-    result = train(tiny(*common, "data.image_size=16"), run_dir=tmp_path / "run", progress_bar=False)
+    result = train(
+        tiny(*common, "data.image_size=16"), run_dir=tmp_path / "run", progress_bar=False
+    )
     assert np.isfinite(result.history[-1]["loss"])
     assert 0.0 <= result.history[-1]["knn_top1"] <= 100.0
     scores = evaluate_checkpoint(result.checkpoint, linear=False, knn_k=3, device="cpu")
