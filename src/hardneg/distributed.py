@@ -9,7 +9,9 @@ Recipe for a contrastive loss over the *global* batch (SimCLR set-up, in-batch n
     loss.backward()                                 # do NOT divide or multiply by world_size
 
 This gives exactly the gradients of single-process training on the concatenated batch (see
-:func:`gather_with_grad` for the argument). Without ``torchrun`` (``WORLD_SIZE`` unset or 1) all
+:func:`gather_with_grad` for the argument) for models without batch norm. Batch norm sees the
+local batch: :func:`convert_sync_batchnorm` (GPUs) makes it see the global one, and
+:func:`shuffle_batch` / :func:`gather_unshuffled` implement MoCo's shuffle-BN for key encoders. Without ``torchrun`` (``WORLD_SIZE`` unset or 1) all
 functions are identities, so the same training code runs in one process.
 """
 
