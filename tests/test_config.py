@@ -91,6 +91,33 @@ def test_loss_hyper_parameters_are_checked_by_building_the_loss():
 def test_framework_options_that_do_not_apply_are_rejected():
     with pytest.raises(ValueError, match="predictor applies to moco only"):
         load_config(None, ["framework.name=simclr", "framework.predictor=true"])
+    with pytest.raises(ValueError, match="framework.shuffle_bn applies to moco only"):
+        load_config(None, ["framework.name=simclr", "framework.shuffle_bn=true"])
+    # auto (the default) and false are fine everywhere
+    load_config(None, ["framework.name=memory_bank", "framework.shuffle_bn=false"])
+
+
+def test_batch_norm_options():
+    config = load_config(None)
+    assert config.framework.shuffle_bn == "auto" and config.train.sync_bn is False
+    assert config.model.predictor_last_bn is True
+    config = load_config(
+        None,
+        [
+            "framework.name=moco",
+            "framework.shuffle_bn=false",
+            "train.sync_bn=true",
+            "model.predictor_last_bn=false",
+        ],
+    )
+    assert config.framework.shuffle_bn is False and config.train.sync_bn is True
+    assert config.model.predictor_last_bn is False
+    with pytest.raises(ValueError, match="framework.shuffle_bn must be one of 'auto', True, False"):
+        load_config(None, ["framework.shuffle_bn=sometimes"])
+    with pytest.raises(ValueError, match="train.sync_bn must be true or false, got 'maybe'"):
+        load_config(None, ["train.sync_bn=maybe"])
+    with pytest.raises(ValueError, match="model.predictor_last_bn must be true or false"):
+        load_config(None, ["model.predictor_last_bn=1"])
 
 
 def test_validation_happens_before_any_data_is_loaded(monkeypatch, tmp_path):

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -108,6 +109,95 @@ def _check_moco(rank: int) -> dict[str, float]:
     }
 
 
+def _bn_encoder() -> nn.Module:
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 8))
+
+
+def _shares(sizes: tuple[int, ...]) -> list[slice]:
+    starts = [sum(sizes[:r]) for r in range(len(sizes))]
+    return [slice(a, a + n) for a, n in zip(starts, sizes)]
+
+
+def _check_shuffle_bn(sizes: tuple[int, int], rank: int) -> dict[str, float]:
+    """Shuffle-BN keys on 2 ranks == one process running BN over the same permuted shares."""
+    total = sum(sizes)
+    torch.manual_seed(3)
+    x = torch.randn(total, 10)
+    shares = _shares(sizes)
+    encoder = _bn_encoder()  # train mode: BN uses the statistics of the rows it is given
+    generator = torch.Generator().manual_seed(5)
+    shuffled, restore = hd.shuffle_batch(x[shares[rank]], generator)
+    with torch.no_grad():
+        keys = hd.gather_unshuffled(encoder(shuffled), restore)
+    back = hd.gather_unshuffled(shuffled, restore)
+
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = torch.cat([encoder(x[perm[share]]) for share in shares])[torch.argsort(perm)]
+        unshuffled = torch.cat([encoder(x[share]) for share in shares])
+    mine = set(range(total)[shares[rank]])
+    from_others = sum(int(i) not in mine for i in perm[shares[rank]])
+    both_restore = hd.gather_no_grad(restore[None])
+    next_draw = hd.gather_no_grad(torch.rand(1, generator=generator))
+    return {
+        "rows": float((back - x).abs().max()),  # shuffle then unshuffle: identity on rows
+        "shape": float(shuffled.shape[0] != sizes[rank]),
+        "keys": float((keys - ref).abs().max()),
+        "unshuffled_gap": float((keys - unshuffled).abs().max()),  # other BN batches
+        "from_other_rank": float(from_others),
+        "restore_same_on_ranks": float((both_restore[0] != both_restore[1]).sum()),
+        "generator_in_step": float(next_draw[0] != next_draw[1]),
+    }
+
+
+def _check_moco_shuffle_bn(rank: int) -> dict[str, float]:
+    """The MoCo framework with shuffle-BN: its keys and loss against a hand computation."""
+    from hardneg.frameworks import MoCo
+    from hardneg.models import build_head
+
+    total = 2 * HALF
+    torch.manual_seed(6)
+    x1, x2 = torch.randn(total, 10), torch.randn(total, 10)
+    backbone = _model()
+    backbone.out_dim = 8
+    head = build_head("simclr", 8, out_dim=4, hidden_dim=6)  # Linear-BN-ReLU-Linear
+    loss_fn = hardneg.create_loss("infonce")
+    model = MoCo(backbone, head, loss_fn, out_dim=4, queue_size=16, shuffle_bn=True)
+    queue = model.queue.clone()
+    local = slice(rank * HALF, (rank + 1) * HALF)
+    out = model([x1[local], x2[local]], index=torch.arange(HALF), generator=torch.Generator())
+
+    perm = torch.randperm(total, generator=torch.Generator())  # default seed, as passed above
+    halves = [slice(0, HALF), slice(HALF, total)]
+    with torch.no_grad():
+        key_of = lambda v: model.key_head(model.key_backbone(v))  # noqa: E731
+        ref_keys = torch.cat([key_of(x2[perm[h]]) for h in halves])[torch.argsort(perm)]
+        ref_q = torch.cat([head(backbone(x1[h])) for h in halves])  # queries: per-rank BN
+        ref_loss = loss_fn(ref_q, ref_keys, negatives=queue)
+    return {
+        "keys": float((out.pending["keys"] - ref_keys).abs().max()),
+        "loss": abs(out.loss.item() - ref_loss.item()),
+    }
+
+
+def _check_sync_bn_on_cpu() -> dict[str, float]:
+    """torch's SyncBatchNorm refuses CPU tensors under a process group; we say so up front."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    results = {}
+    for name, call in (
+        ("check", lambda: hd.check_sync_bn(torch.device("cpu"))),
+        ("convert", lambda: hd.convert_sync_batchnorm(model, torch.device("cpu"))),
+        ("torch", lambda: nn.SyncBatchNorm.convert_sync_batchnorm(model)(torch.randn(6, 4))),
+    ):
+        try:
+            call()
+            results[name] = "no error"
+        except ValueError as err:
+            results[name] = str(err)
+    return results
+
+
 def _worker(out_dir: Path) -> None:
     torch.set_num_threads(1)
     ctx = hd.init_distributed()  # backend chosen automatically: gloo (no CUDA in the workers)
@@ -129,6 +219,13 @@ def _worker(out_dir: Path) -> None:
     assert hd._SIZE_GROUP is not None
     for key, value in _check_moco(ctx.rank).items():
         results[f"moco/{key}"] = value
+    for sizes, tag in (((HALF, HALF), "shuffle_bn"), (UNEVEN, "shuffle_bn_uneven")):
+        for key, value in _check_shuffle_bn(sizes, ctx.rank).items():
+            results[f"{tag}/{key}"] = value
+    for key, value in _check_moco_shuffle_bn(ctx.rank).items():
+        results[f"moco_shuffle_bn/{key}"] = value
+    for key, value in _check_sync_bn_on_cpu().items():
+        results[f"sync_bn_cpu/{key}"] = value
     results["all_reduce_mean"] = abs(hd.all_reduce_mean(float(ctx.rank + 1)) - 1.5)
     mean_tensor = hd.all_reduce_mean(torch.tensor([ctx.rank, 2 * ctx.rank]))
     results["all_reduce_mean_tensor"] = float((mean_tensor - torch.tensor([0.5, 1.0])).abs().max())
@@ -187,7 +284,7 @@ def _launch(out_dir: Path, timeout: float = 120.0) -> list[tuple[int, str]]:
 
 
 @pytest.fixture(scope="module")
-def two_rank_results(tmp_path_factory) -> list[dict[str, float]]:
+def two_rank_results(tmp_path_factory) -> list[dict[str, Any]]:
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     for attempt in range(2):  # the free port can be taken between probing and binding
@@ -220,6 +317,38 @@ def test_moco_keys_gathered_without_grad(two_rank_results):
         assert results["moco/keys_requires_grad"] == 0.0, rank
         assert results["moco/loss_mean"] < TOL, rank
         assert results["moco/grad"] < TOL, rank
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tag", ["shuffle_bn", "shuffle_bn_uneven"])
+def test_shuffle_bn_keys_equal_one_process_with_the_same_bn_batches(two_rank_results, tag):
+    for rank, results in enumerate(two_rank_results):
+        assert results[f"{tag}/rows"] == 0.0, rank  # shuffle + unshuffle is the identity
+        assert results[f"{tag}/shape"] == 0.0, rank  # each rank keeps its row count
+        assert results[f"{tag}/keys"] < TOL, rank
+        # the momentum encoder saw other BN batches than the ranks' own rows
+        assert results[f"{tag}/unshuffled_gap"] > 1e-3, rank
+        assert results[f"{tag}/restore_same_on_ranks"] == 0.0, rank
+        assert results[f"{tag}/generator_in_step"] == 0.0, rank
+    assert sum(r[f"{tag}/from_other_rank"] for r in two_rank_results) > 0
+
+
+@pytest.mark.slow
+def test_moco_shuffle_bn_keys_and_loss(two_rank_results):
+    for rank, results in enumerate(two_rank_results):
+        assert results["moco_shuffle_bn/keys"] < TOL, rank
+        assert results["moco_shuffle_bn/loss"] < TOL, rank
+
+
+@pytest.mark.slow
+def test_sync_bn_on_cpu_is_refused_with_a_clear_error(two_rank_results):
+    for results in two_rank_results:
+        for key in ("check", "convert"):
+            assert "sync_bn=true needs GPUs" in results[f"sync_bn_cpu/{key}"]
+            assert "set train.sync_bn=false" in results[f"sync_bn_cpu/{key}"]
+        # why: torch itself rejects CPU input (if this fails, torch now supports CPU SyncBN and
+        # hardneg.distributed.check_sync_bn can allow it)
+        assert "expected input tensor to be on GPU" in results["sync_bn_cpu/torch"]
 
 
 @pytest.mark.slow
@@ -260,6 +389,34 @@ def test_single_process_is_a_no_op(monkeypatch):
     assert hd.is_main_process() and hd.get_rank() == 0 and hd.get_world_size() == 1
     hd.barrier()
     hd.cleanup()
+
+
+def test_shuffle_bn_and_sync_bn_helpers_in_one_process(monkeypatch):
+    _clear_env(monkeypatch)
+    x = torch.randn(5, 3, requires_grad=True)
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    shuffled, restore = hd.shuffle_batch(x, generator)
+    assert shuffled is x and restore is None  # nothing to shuffle: BN sees the whole batch
+    assert torch.equal(generator.get_state(), state)  # and nothing is drawn
+    back = hd.gather_unshuffled(x, None)
+    assert torch.equal(back, x) and not back.requires_grad
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    assert hd.convert_sync_batchnorm(model, torch.device("cpu")) is model  # one process: no-op
+    assert isinstance(model[1], nn.BatchNorm1d)
+    hd.check_sync_bn(torch.device("cpu"))  # no process group: nothing to refuse
+
+
+def test_sync_bn_conversion_keeps_the_state_dict(monkeypatch):
+    # pretend a process group is active: conversion itself needs none, and no CUDA either
+    monkeypatch.setattr(hd, "_active", lambda: True)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    keys = set(model.state_dict())
+    converted = hd.convert_sync_batchnorm(model, torch.device("cuda", 0))
+    assert isinstance(converted[1], nn.SyncBatchNorm)
+    assert set(converted.state_dict()) == keys  # checkpoints load with or without sync_bn
+    with pytest.raises(ValueError, match="sync_bn=true needs GPUs, but this run uses device 'cpu'"):
+        hd.convert_sync_batchnorm(nn.BatchNorm1d(4), torch.device("cpu"))
 
 
 def test_world_size_one_from_torchrun_is_single_process(monkeypatch):

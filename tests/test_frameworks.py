@@ -10,6 +10,7 @@ from torch import nn
 
 import hardneg
 from hardneg.frameworks import MemoryBank, MoCo, SimCLR
+from hardneg.frameworks.moco import takes_keyword
 from hardneg.models import build_head, build_predictor
 
 
@@ -148,6 +149,82 @@ def test_psm_set_up_applies_the_predictor_to_the_queries():
     assert all(p.grad is not None for p in predictor.parameters() if p.requires_grad)
 
 
+def psm_model(loss):
+    backbone, head, _ = parts()
+    predictor = build_predictor(dim=8, hidden=12)
+    model = MoCo(
+        backbone,
+        head,
+        loss,
+        out_dim=8,
+        queue_size=32,
+        symmetric=True,
+        predictor=predictor,
+        enqueue="second",
+    )
+    return model, backbone, head, predictor
+
+
+def test_psm_soft_weights_use_the_projections_before_the_predictor():
+    loss = hardneg.create_loss("potential", weighting="soft", num_neighbors=3)
+    model, backbone, head, predictor = psm_model(loss)
+    assert model.pass_proj1
+    queue = model.queue.clone()
+    out = step(model)
+    x1, x2 = views()
+    p1, p2 = head(backbone(x1)), head(backbone(x2))  # online projections, before the predictor
+    q1, q2 = predictor(p1), predictor(p2)
+    with torch.no_grad():
+        k1 = model.key_head(model.key_backbone(x1))
+        k2 = model.key_head(model.key_backbone(x2))
+
+    def hand(**kw1):
+        g = torch.Generator().manual_seed(2)  # the generator step() passes
+        one = loss(q1, k2, negatives=queue, generator=g, progress=0.5, **kw1)
+        kw2 = {"proj1": p2} if kw1 else {}
+        two = loss(q2, k1, negatives=queue, generator=g, progress=0.5, **kw2)
+        return (one + two) / 2
+
+    expected, without = hand(proj1=p1), hand()
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    assert (out.loss - without).abs() > 1e-4  # soft weights from q itself differ
+    out.loss.backward()
+    assert backbone.fc.weight.grad is not None
+
+
+def test_proj1_goes_only_to_losses_that_take_it():
+    for name in ("infonce", "hcl", "ring", "unremix"):
+        model, *_ = psm_model(hardneg.create_loss(name))
+        assert not model.pass_proj1, name
+        assert torch.isfinite(step(model).loss), name  # no unknown keyword reached the loss
+    plain = MoCo(*parts("potential"), out_dim=8, queue_size=32)
+    assert not plain.pass_proj1  # no predictor: proj1 would be q itself
+    assert takes_keyword(hardneg.create_loss("potential"), "proj1")
+
+    class Forwarding(nn.Module):  # **kwargs is not taken as accepting proj1
+        def forward(self, q, k, negatives=None, **kwargs):
+            return (q * k).sum()
+
+    assert not takes_keyword(Forwarding(), "proj1")
+
+
+def test_potential_hard_weighting_ignores_proj1_in_moco():
+    loss = hardneg.create_loss("potential", weighting="hard", num_neighbors=3)
+    model, backbone, head, predictor = psm_model(loss)
+    queue = model.queue.clone()
+    out = step(model)
+    x1, x2 = views()
+    q1, q2 = predictor(head(backbone(x1))), predictor(head(backbone(x2)))
+    with torch.no_grad():
+        k1 = model.key_head(model.key_backbone(x1))
+        k2 = model.key_head(model.key_backbone(x2))
+    g = torch.Generator().manual_seed(2)
+    expected = (
+        loss(q1, k2, negatives=queue, generator=g) + loss(q2, k1, negatives=queue, generator=g)
+    ) / 2
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+
+
 def test_unremix_in_moco_keeps_a_queue_of_hidden_features():
     backbone, head, loss = parts("unremix")
     model = MoCo(backbone, head, loss, out_dim=8, queue_size=16, keep_hidden=True)
@@ -200,3 +277,45 @@ def test_framework_state_lives_in_the_state_dict():
 def test_memory_bank_rejects_bad_negative_counts(negatives):
     with pytest.raises(ValueError, match="positive integer or 'all'"):
         MemoryBank(*parts(), dataset_size=20, out_dim=8, negatives=negatives)
+
+
+def _built(*overrides):
+    from hardneg.config import load_config
+    from hardneg.frameworks import build_framework
+
+    config = load_config("cifar10_moco_potential", list(overrides))
+    backbone = Flat()
+    head = build_head(config.model.head, backbone.out_dim, config.model.out_dim)
+    loss = hardneg.create_loss(config.loss.name, **config.loss.params)
+    return build_framework(config, backbone, head, loss, dataset_size=64)
+
+
+def test_packaged_psm_config_builds_the_authors_layout():
+    model = _built()
+    bns = [m for m in model.predictor.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert [bn.affine for bn in bns] == [True, False]  # predictor ends with BN(affine=False)
+    assert all(m.bias is None for m in model.predictor.modules() if isinstance(m, nn.Linear))
+    assert len([m for m in model.head.modules() if isinstance(m, nn.Linear)]) == 2
+    assert model.pass_proj1 and model.shuffle_bn  # auto: shuffle-BN (a no-op in one process)
+    old = _built("model.predictor_last_bn=false")
+    assert len([m for m in old.predictor.modules() if isinstance(m, nn.BatchNorm1d)]) == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ((), True),
+        (("train.sync_bn=true",), False),  # auto: SyncBN already gives global statistics
+        (("framework.shuffle_bn=false",), False),
+        (("framework.shuffle_bn=true", "train.sync_bn=true"), True),
+    ],
+)
+def test_shuffle_bn_auto_resolution(overrides, expected):
+    assert _built(*overrides).shuffle_bn is expected
+
+
+def test_shuffle_bn_is_a_no_op_in_one_process():
+    model_a = MoCo(*parts(), out_dim=8, queue_size=16, shuffle_bn=True)
+    model_b = MoCo(*parts(), out_dim=8, queue_size=16, shuffle_bn=False)
+    a, b = step(model_a), step(model_b)
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.pending["keys"], b.pending["keys"])

@@ -78,14 +78,23 @@ def test_moco_v2_head_structure():
 
 
 def test_psm_head_structure():
+    # the PSM code's projector: _build_mlp(2, 512, 512, 128) with its default last_bn=True
     head = build_head("psm", 512)
     lin = _linears(head)
-    assert [(m.in_features, m.out_features) for m in lin] == [(512, 512), (512, 512), (512, 128)]
+    assert [(m.in_features, m.out_features) for m in lin] == [(512, 512), (512, 128)]
+    assert all(m.bias is None for m in lin)
+    assert _layer_types(head) == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
     bns = _bns(head)
-    assert len(bns) == 3 and bns[-1].affine is False and bns[0].affine is True
+    assert len(bns) == 2 and bns[-1].affine is False and bns[0].affine is True
     head.train()
     z = head(torch.randn(16, 512))
     assert torch.allclose(z.mean(0), torch.zeros(128), atol=1e-5)  # last BN, no affine
+    assert [m.out_features for m in _linears(build_head("psm", 64, 32, 48))] == [48, 32]
+
+
+def _layer_types(module):
+    leaves = [m for m in module.modules() if not list(m.children())]
+    return [type(m) for m in leaves if not isinstance(m, nn.Identity)]
 
 
 def test_return_hidden_is_input_of_last_linear():
@@ -108,3 +117,23 @@ def test_predictor_and_errors():
         build_head("byol", 512)
     with pytest.raises(ValueError, match="positive integers"):
         ProjectionHead(0, 16, 4)
+    with pytest.raises(ValueError, match="last_bn must be true or false, got 'yes'"):
+        build_predictor(128, 512, last_bn="yes")
+
+
+def test_predictor_default_is_the_psm_layout():
+    # Linear(bias=False)-BN-ReLU-Linear(bias=False)-BN(affine=False), as PSM's _build_mlp
+    p = build_predictor(8, 16)
+    assert _layer_types(p) == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
+    assert all(m.bias is None for m in _linears(p))
+    assert [bn.affine for bn in _bns(p)] == [True, False]
+    out = p.train()(torch.randn(32, 8))
+    assert torch.allclose(out.mean(0), torch.zeros(8), atol=1e-5)
+    assert torch.allclose(out.var(0, unbiased=False), torch.ones(8), atol=1e-3)
+
+
+def test_predictor_without_last_bn():
+    p = build_predictor(8, 16, last_bn=False)
+    assert _layer_types(p) == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert [m.bias is None for m in _linears(p)] == [True, False]
+    assert len(_bns(p)) == 1

@@ -218,6 +218,42 @@ def test_sigint_saves_mid_epoch_and_the_resumed_run_is_bit_exact(tmp_path, monke
         }
 
 
+def test_psm_set_up_with_soft_weights_and_sync_bn_trains_in_one_process(tmp_path, monkeypatch):
+    config = tiny(
+        "framework.name=moco",
+        "framework.symmetric=true",
+        "framework.predictor=true",
+        "framework.enqueue=second",
+        "loss.name=potential",
+        "loss.weighting=soft",
+        "train.sync_bn=true",  # one process: BN already sees the whole batch, nothing converted
+        "data.subset=32",
+    )
+    seen = {}
+    original = trainer.build_model
+
+    def build_model(*args, **kwargs):
+        seen["model"] = original(*args, **kwargs)
+        return seen["model"]
+
+    monkeypatch.setattr(trainer, "build_model", build_model)
+    result = train(config, run_dir=tmp_path, progress_bar=False)
+    assert np.isfinite(result.history[0]["loss"])
+    model = seen["model"]
+    assert model.pass_proj1
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    assert "predictor.last_bn.running_mean" in weights(result.checkpoint)  # the affine-free BN
+
+
+def test_shuffle_bn_does_not_block_a_resume():
+    # it changes no state, so a run may resume with another value (or number of processes)
+    moco = ("framework.name=moco",)
+    assert trainer.run_meta(tiny(*moco)) == trainer.run_meta(
+        tiny(*moco, "framework.shuffle_bn=false")
+    )
+    assert trainer.run_meta(tiny(*moco)) != trainer.run_meta(tiny(*moco, "framework.momentum=0.9"))
+
+
 def test_resuming_with_another_set_up_explains_the_mismatch(tmp_path):
     train(tiny("loss.name=hcl"), run_dir=tmp_path, progress_bar=False)
     with pytest.raises(ValueError) as err:

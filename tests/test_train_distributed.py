@@ -34,3 +34,20 @@ def test_torchrun_two_processes_train_moco(tmp_path):
     # 4 steps x 16 gathered keys = 64 keys through a queue of 48: the pointer is at 16
     assert int(payload["model"]["queue_ptr"]) == 16
     assert payload["augment_rng"].shape[0] == 2  # one augmentation generator state per rank
+
+
+@pytest.mark.slow
+def test_torchrun_sync_bn_on_cpu_stops_with_a_clear_error(tmp_path):
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=src)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--standalone", "-m", "hardneg.cli", "train", "--config", "mnist1d_simclr_hcl",
+        "data.dataset=digits", "data.subset=64", "model.backbone=digits_cnn",
+        "train.batch_size=16", "train.epochs=1", "train.device=cpu", "train.sync_bn=true",
+        "eval.knn=false", "--run-dir", str(tmp_path / "run"), "--no-progress",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert "sync_bn=true needs GPUs" in done.stdout + done.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -80,6 +80,9 @@ class ModelConfig:
         None, "hidden width of the head (None = the head's default)", low=1
     )
     predictor_hidden: int = _opt(512, "hidden width of the predictor (framework.predictor)", low=1)
+    predictor_last_bn: bool = _opt(
+        True, "predictor ends with an affine-free BN, as in the PSM code (false: Linear with bias)"
+    )
 
 
 @dataclass
@@ -95,6 +98,12 @@ class FrameworkConfig:
         "both",
         "moco symmetric: enqueue the keys of both views or of view 2",
         choices=("both", "second"),
+    )
+    shuffle_bn: bool | str = _opt(
+        "auto",
+        "moco under torchrun: keys from a batch shuffled across ranks (MoCo v2 shuffle-BN); "
+        "auto = on unless train.sync_bn; no effect in one process",
+        choices=("auto", True, False),
     )
     bank_momentum: float = _opt(
         0.5, "memory_bank: m of M[i] = normalize(m M[i] + (1-m) q)", low=0.0, high=1.0
@@ -147,6 +156,10 @@ class TrainSection:
     checkpoint_every: int = _opt(1, "checkpoints/last.pt every N epochs (0 = at the end)", low=0)
     checkpoint_every_steps: int = _opt(0, "also every N optimizer steps (0 = off)", low=0)
     log_every: int = _opt(10, "TensorBoard scalars every N steps", low=1)
+    sync_bn: bool = _opt(
+        False,
+        "torchrun on GPUs: SyncBatchNorm (BN over the global batch); no effect in one process",
+    )
     nonfinite: str = _opt(
         "stop", "on a NaN/Inf loss or embedding: stop | skip the step", choices=("stop", "skip")
     )
@@ -473,7 +486,9 @@ def _check_combinations(config: TrainConfig) -> None:
         )
     if config.framework.name == "memory_bank" and config.framework.symmetric:
         raise ValueError("framework.symmetric applies to moco only (memory_bank uses one view)")
-    if config.framework.name != "moco" and config.framework.predictor:
-        raise ValueError(
-            f"framework.predictor applies to moco only, got framework.name={config.framework.name!r}"
-        )
+    for key in ("predictor", "shuffle_bn"):
+        if config.framework.name != "moco" and getattr(config.framework, key) is True:
+            raise ValueError(
+                f"framework.{key} applies to moco only, "
+                f"got framework.name={config.framework.name!r}"
+            )

@@ -9,7 +9,9 @@ Recipe for a contrastive loss over the *global* batch (SimCLR set-up, in-batch n
     loss.backward()                                 # do NOT divide or multiply by world_size
 
 This gives exactly the gradients of single-process training on the concatenated batch (see
-:func:`gather_with_grad` for the argument). Without ``torchrun`` (``WORLD_SIZE`` unset or 1) all
+:func:`gather_with_grad` for the argument) for models without batch norm. Batch norm sees the
+local batch: :func:`convert_sync_batchnorm` (GPUs) makes it see the global one, and
+:func:`shuffle_batch` / :func:`gather_unshuffled` implement MoCo's shuffle-BN for key encoders. Without ``torchrun`` (``WORLD_SIZE`` unset or 1) all
 functions are identities, so the same training code runs in one process.
 """
 
@@ -21,7 +23,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "DistContext",
@@ -29,6 +31,10 @@ __all__ = [
     "gather_with_grad",
     "gather_no_grad",
     "all_reduce_mean",
+    "shuffle_batch",
+    "gather_unshuffled",
+    "convert_sync_batchnorm",
+    "check_sync_bn",
     "barrier",
     "is_main_process",
     "get_rank",
@@ -281,6 +287,72 @@ def gather_no_grad(x: Tensor, *, equal_sizes: bool = False) -> Tensor:
     with torch.no_grad():
         gathered, _ = _all_gather_cat(x.detach(), equal_sizes)
     return gathered
+
+
+def shuffle_batch(
+    x: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """MoCo's shuffle-BN, first half: this rank's share of the global batch, in shuffled order.
+
+    With ``R`` ranks holding ``x_0 .. x_{R-1}`` (``X = [x_0; ...; x_{R-1}]``, ``n`` rows), a
+    permutation ``pi`` of ``n`` is drawn and rank ``r`` gets rows ``X[pi[a_r : a_r + n_r]]``
+    (``a_r`` = rows of the ranks before ``r``, ``n_r`` its own count), so each rank's
+    batch-norm layers see a random mix of every rank's images instead of its own. Returns
+    ``(local rows, restore)`` with ``restore = argsort(pi)``; :func:`gather_unshuffled` then puts
+    the outputs back in the order of ``X``. Why (MoCo, He et al. 2020, section 3.3): with
+    per-rank BN, a query and its key computed from the same local batch share BN statistics, a
+    signal the model can use to find the positive instead of learning good features.
+
+    ``pi`` is drawn on every rank (from ``generator`` when given, so that a generator shared by
+    the ranks stays in step) and rank 0's is broadcast, so all ranks use the same permutation.
+    Without a multi-process group: ``(x, None)``. BN over one whole batch does not depend on the
+    order of its rows, so there is nothing to shuffle in one process (MoCo's single-GPU
+    emulation by split BN groups is not implemented).
+    """
+    if not _active():
+        return x, None
+    with torch.no_grad():
+        gathered, sizes = _all_gather_cat(x.detach(), equal_sizes=False)
+        n = gathered.shape[0]
+        draw_on = generator.device if generator is not None else x.device
+        perm = torch.randperm(n, generator=generator, device=draw_on).to(x.device)
+        dist.broadcast(perm, src=0)
+        start = sum(sizes[: dist.get_rank()])
+        local = gathered[perm[start : start + x.shape[0]]]
+    return local, torch.argsort(perm)
+
+
+def gather_unshuffled(y: Tensor, restore: Tensor | None) -> Tensor:
+    """MoCo's shuffle-BN, second half: every rank's ``y`` (outputs of the rows that
+    :func:`shuffle_batch` gave each rank), gathered in rank order and put back in the order of
+    the global batch: ``gather_no_grad(y)[restore]``. Detached; with ``restore=None`` it is
+    :func:`gather_no_grad`."""
+    gathered = gather_no_grad(y)
+    return gathered if restore is None else gathered[restore.to(gathered.device)]
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` with its BatchNorm layers turned into :class:`torch.nn.SyncBatchNorm` (batch
+    statistics over the global batch) when a multi-process group is active; unchanged otherwise
+    (one process already normalises over its whole batch).
+
+    Raises:
+        ValueError: ``device`` is not a GPU: torch's SyncBatchNorm refuses CPU tensors in its
+            forward pass (checked against torch 2.14), so a CPU / gloo run cannot use it.
+    """
+    if not _active():
+        return module
+    check_sync_bn(device)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
+def check_sync_bn(device: torch.device) -> None:
+    """Raise the error of :func:`convert_sync_batchnorm` early (before data are loaded)."""
+    if _active() and device.type not in ("cuda", "xpu", "hpu"):
+        raise ValueError(
+            f"sync_bn=true needs GPUs, but this run uses device {str(device)!r}: torch's "
+            "SyncBatchNorm does not support CPU tensors (gloo); set train.sync_bn=false"
+        )
 
 
 def all_reduce_mean(x: Tensor | float) -> Tensor | float:

@@ -35,7 +35,13 @@ def _moco(
     if fw.predictor:
         from hardneg.models import build_predictor
 
-        predictor = build_predictor(dim=head.out_dim, hidden=config.model.predictor_hidden)
+        predictor = build_predictor(
+            dim=head.out_dim,
+            hidden=config.model.predictor_hidden,
+            last_bn=config.model.predictor_last_bn,
+        )
+    # auto: MoCo v2's shuffle-BN, unless SyncBatchNorm already gives every rank global statistics
+    shuffle_bn = fw.shuffle_bn if isinstance(fw.shuffle_bn, bool) else not config.train.sync_bn
     return MoCo(
         backbone,
         head,
@@ -47,6 +53,7 @@ def _moco(
         predictor=predictor,
         enqueue=fw.enqueue,
         keep_hidden=config.loss.name in LOSSES_USING_HIDDEN,
+        shuffle_bn=shuffle_bn,
     )
 
 

@@ -9,6 +9,11 @@ One step, for views ``x1, x2`` of a batch::
     loss = (L(q1, k2, queue) + L(q2, k1, queue)) / 2    # symmetric=True
     queue <- enqueue(k2)  (or k1 and k2, enqueue='both')   # after the optimizer step
 
+With a predictor, a loss whose ``forward`` takes ``proj1`` (``potential``, for its soft positive
+weights) also gets the online projections *before* the predictor:
+``L(q1, k2, queue, proj1=g(f(x1)))`` and ``L(q2, k1, queue, proj1=g(f(x2)))``, as the PSM code
+passes ``q1_pre`` / ``q2_pre``; other losses get no such argument.
+
 Keys are detached; the queue (``queue_size x d``, initialised with random unit vectors as in
 MoCo) holds the last keys, a queue of their labels is kept for diagnostics only, and, when the
 loss uses the head's hidden features (UnReMix), a queue of the keys' hidden features.
@@ -17,17 +22,26 @@ Potential-sample mining (Dong et al. 2023) is this framework with ``predictor=Tr
 ``symmetric=True``, ``enqueue='second'`` and the ``potential`` loss, which treats the queue as its
 neighbour bank (looked up before the current keys are enqueued, as in the authors' code).
 Under ``torchrun`` queries are gathered with gradients and keys without, so the loss sees the
-global batch and the queue is fed with the global batch (identical on every rank). As in MoCo's
-single-GPU CIFAR recipes there is no shuffle-BN.
+global batch and the queue is fed with the global batch (identical on every rank).
+
+Shuffle-BN (``shuffle_bn=True``, MoCo v2 under DDP): the momentum encoder computes each rank's
+keys from a share of the global batch shuffled across ranks, and the keys are put back in order
+when gathered (:func:`hardneg.distributed.shuffle_batch`), so that a query and its key never
+share per-rank BN statistics. In one process it does nothing (BN over the whole batch is
+invariant to row order); with SyncBatchNorm it is redundant (the trainer's ``auto`` turns it
+off). The permutation is drawn from the step's ``generator`` (the loss generator, the same on
+every rank), once per key batch, before the loss of that direction.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hardneg.distributed import gather_no_grad, gather_with_grad
+from hardneg.distributed import gather_no_grad, gather_unshuffled, gather_with_grad, shuffle_batch
 from hardneg.frameworks.base import Framework, StepOutput, ema_, freeze_copy, gather_labels
 
 
@@ -44,6 +58,8 @@ class MoCo(Framework):
         enqueue: with ``symmetric``, ``'both'`` enqueues ``k1`` and ``k2``, ``'second'`` only
             ``k2`` (PSM's neighbour bank holds view-2 keys); without it only ``k2`` exists.
         keep_hidden: also queue the keys' hidden features (for UnReMix's ``negative_h``).
+        shuffle_bn: under ``torchrun``, compute keys on a batch shuffled across ranks
+            (MoCo v2's shuffle-BN); no effect in one process.
     """
 
     num_views = 2
@@ -61,6 +77,7 @@ class MoCo(Framework):
         predictor: nn.Module | None = None,
         enqueue: str = "both",
         keep_hidden: bool = False,
+        shuffle_bn: bool = True,
     ) -> None:
         super().__init__(backbone, head, loss)
         self.key_backbone = freeze_copy(backbone)
@@ -69,19 +86,29 @@ class MoCo(Framework):
         self.momentum = momentum
         self.symmetric = symmetric
         self.enqueue = enqueue
+        self.shuffle_bn = shuffle_bn
+        # the pre-predictor projection goes only to losses that name it (PSM's soft weights)
+        self.pass_proj1 = predictor is not None and takes_keyword(loss, "proj1")
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, out_dim), dim=1))
         self.register_buffer("queue_labels", torch.full((queue_size,), -1, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         hidden = torch.zeros(queue_size, hidden_dim(head, backbone)) if keep_hidden else None
         self.register_buffer("queue_hidden", hidden)  # None: not kept (not in state_dict)
 
-    def query(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def query(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(q, z, h)``: query (after the predictor, if any), projection before the
+        predictor, and the head's hidden features; local rows, with gradient."""
         z, h = self.project(x)
-        return (z if self.predictor is None else self.predictor(z)), h
+        return (z if self.predictor is None else self.predictor(z)), z, h
 
     @torch.no_grad()
-    def key(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.key_head(self.key_backbone(x), return_hidden=True)
+    def key(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``(k, kh)`` of the *global* batch in rank order, detached (shuffle-BN if enabled)."""
+        restore = None
+        if self.shuffle_bn:
+            x, restore = shuffle_batch(x, generator)
+        k, kh = self.key_head(self.key_backbone(x), return_hidden=True)
+        return gather_unshuffled(k, restore), gather_unshuffled(kh, restore)
 
     def forward(
         self,
@@ -102,10 +129,10 @@ class MoCo(Framework):
         negative_h = self.queue_hidden
         losses, queries, keys, key_hidden, diag = [], [], [], [], None
         for i, (xq, xk) in enumerate(pairs):
-            q, h = self.query(xq)
-            k, kh = self.key(xk)
+            q, z, h = self.query(xq)
+            k, kh = self.key(xk, generator)
             q, h = gather_with_grad(q), gather_no_grad(h)
-            k, kh = gather_no_grad(k), gather_no_grad(kh)
+            extra = {"proj1": gather_with_grad(z)} if self.pass_proj1 else {}
             loss, d = self.contrast(
                 q,
                 k,
@@ -117,6 +144,7 @@ class MoCo(Framework):
                 h1=h,
                 negative_h=negative_h,
                 generator=generator,
+                **extra,
             )
             losses.append(loss)
             queries.append(q.detach())
@@ -150,6 +178,20 @@ class MoCo(Framework):
         if self.queue_hidden is not None:
             self.queue_hidden[slots] = out.pending["hidden"][-size:].float()
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
+
+
+def takes_keyword(loss: nn.Module, name: str) -> bool:
+    """Whether ``loss.forward`` has a parameter called ``name`` (``**kwargs`` does not count:
+    a wrapper that forwards them may reach a loss that rejects the name)."""
+    try:
+        params = inspect.signature(loss.forward).parameters
+    except (TypeError, ValueError):  # no introspectable signature
+        return False
+    param = params.get(name)
+    return param is not None and param.kind in (
+        inspect.Parameter.KEYWORD_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
 
 
 @torch.no_grad()

@@ -4,7 +4,9 @@ Each view goes through the backbone and the projection head separately (as in th
 code, joshr17/HCL ``image/main.py``, so batch-norm statistics are per view); the loss gets the
 projections ``z1, z2 [B, d]`` and, for UnReMix's influence score, the head's hidden features
 ``h1, h2`` (the input of its last linear layer). With ``torchrun`` the projections of every rank
-are gathered with gradients, so the negatives are those of the global batch.
+are gathered with gradients, so the negatives are those of the global batch; batch-norm
+statistics stay per rank unless the trainer's ``train.sync_bn`` converts the model to
+SyncBatchNorm (GPUs only), as multi-GPU SimCLR set-ups usually do.
 """
 
 from __future__ import annotations

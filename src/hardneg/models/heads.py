@@ -4,6 +4,11 @@
 -> Linear (-> BN)``. Linear layers followed by a BatchNorm have no bias (the BN's shift
 replaces it), as in the HCL and SNCLR/PSM code. ``forward(x, return_hidden=True)`` also returns
 ``h``, the input of the last linear layer (UnReMix's last-layer gradient features).
+
+The PSM layouts follow the authors' code (class ``PSM``, ``_build_mlp(2, ...)`` with its default
+``last_bn=True``): projector ``in -> 512 -> out`` and predictor ``out -> 512 -> out``, both
+``Linear(bias=False) - BN - ReLU - Linear(bias=False) - BN(affine=False)``. (A three-layer
+projector is present in that code but commented out.)
 """
 
 from __future__ import annotations
@@ -59,16 +64,16 @@ def build_head(
 ) -> nn.Module:
     """``simclr``: in -> 512 -> out, Linear-BN-ReLU-Linear (HCL's head, ``hidden_dim``
     overrides 512); ``moco_v2``: in -> in -> out, Linear-ReLU-Linear without BN (MoCo v2);
-    ``psm``: in -> 512 -> 512 -> out with BN after every linear layer, the last without affine
-    parameters (SNCLR/PSM); ``none``: identity (returns the features, ``h = z``)."""
+    ``psm``: in -> 512 -> out, Linear-BN-ReLU-Linear-BN with the last BN without affine
+    parameters and no linear bias (the PSM code's projector; ``hidden_dim`` overrides 512);
+    ``none``: identity (returns the features, ``h = z``)."""
     if kind == "simclr":
         return ProjectionHead(in_dim, hidden_dim or 512, out_dim, batch_norm=True)
     if kind == "moco_v2":
         return ProjectionHead(in_dim, hidden_dim or in_dim, out_dim, batch_norm=False)
     if kind == "psm":
-        h = hidden_dim or 512
         return ProjectionHead(
-            in_dim, (h, h), out_dim, batch_norm=True, last_bn=True, last_bn_affine=False
+            in_dim, hidden_dim or 512, out_dim, batch_norm=True, last_bn=True, last_bn_affine=False
         )
     if kind == "none":
         return IdentityHead(in_dim)
@@ -84,6 +89,13 @@ class IdentityHead(nn.Module):
         return (x, x) if return_hidden else x
 
 
-def build_predictor(dim: int = 128, hidden: int = 512) -> ProjectionHead:
-    """PSM / BYOL-style predictor: dim -> hidden -> dim, Linear-BN-ReLU-Linear."""
-    return ProjectionHead(dim, hidden, dim, batch_norm=True)
+def build_predictor(dim: int = 128, hidden: int = 512, last_bn: bool = True) -> ProjectionHead:
+    """Online predictor ``dim -> hidden -> dim``.
+
+    ``last_bn=True`` (default): the PSM code's layout,
+    ``Linear(bias=False) - BN - ReLU - Linear(bias=False) - BN(affine=False)``;
+    ``last_bn=False``: ``Linear(bias=False) - BN - ReLU - Linear`` (BYOL-style, with a bias).
+    """
+    if not isinstance(last_bn, bool):
+        raise ValueError(f"last_bn must be true or false, got {last_bn!r}")
+    return ProjectionHead(dim, hidden, dim, batch_norm=True, last_bn=last_bn, last_bn_affine=False)

@@ -37,7 +37,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hardneg.config import TrainConfig
-from hardneg.distributed import DistContext, barrier, gather_no_grad, init_distributed
+from hardneg.distributed import (
+    DistContext,
+    barrier,
+    check_sync_bn,
+    convert_sync_batchnorm,
+    gather_no_grad,
+    init_distributed,
+)
 from hardneg.frameworks import Framework, StepOutput, build_framework
 from hardneg.train.checkpoint import checkpoint_meta, load_checkpoint, save_checkpoint
 from hardneg.train.logs import EpochStats, HardnessLog, TensorBoard, write_history
@@ -108,6 +115,8 @@ def train(
             f"train.batch_size={cfg.train.batch_size} must be divisible by the number of "
             f"processes ({ctx.world_size}); it is the global batch"
         )
+    if cfg.train.sync_bn:
+        check_sync_bn(device)  # fail before the data are loaded
     run_dir, resume_path = resolve_run_dir(cfg, run_dir, resume)
     local_batch = cfg.train.batch_size // ctx.world_size
 
@@ -138,6 +147,8 @@ def train(
         "image_size": train_size,
     }
     framework = build_model(cfg, backbone_args, len(data)).to(device)
+    if cfg.train.sync_bn:  # same parameters and buffer names: checkpoints load either way
+        framework = convert_sync_batchnorm(framework, device)
     channels_last = use_channels_last(cfg.train.channels_last, device, info.kind)
     if channels_last:
         framework.to(memory_format=torch.channels_last)
@@ -390,7 +401,10 @@ def run_meta(cfg: TrainConfig) -> dict[str, Any]:
     meta = checkpoint_meta(cfg)
     meta.update(
         loss_params=dict(cfg.loss.params),
-        framework_params={k: v for k, v in cfg.to_dict()["framework"].items() if k != "name"},
+        # shuffle_bn changes no state (a run may resume with another number of processes)
+        framework_params={
+            k: v for k, v in cfg.to_dict()["framework"].items() if k not in ("name", "shuffle_bn")
+        },
         split=cfg.data.split,
         subset=cfg.data.subset,
         image_size=cfg.data.image_size,
