@@ -77,6 +77,16 @@ def test_moco_v2_head_structure():
     assert not _bns(head) and all(m.bias is not None for m in lin)
 
 
+def test_linear_head_is_one_linear_layer_and_h_is_its_input():
+    head = build_head("linear", 512, 128)
+    lin = _linears(head)
+    assert len(lin) == 1 and lin[0].in_features == 512 and lin[0].out_features == 128
+    assert lin[0].bias is not None and not _bns(head)
+    x = torch.randn(4, 512)
+    z, h = head(x, return_hidden=True)
+    assert torch.equal(h, x) and torch.allclose(z, x @ lin[0].weight.T + lin[0].bias)
+
+
 def test_psm_head_structure():
     # the PSM code's projector: _build_mlp(2, 512, 512, 128) with its default last_bn=True
     head = build_head("psm", 512)

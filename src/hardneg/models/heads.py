@@ -56,7 +56,7 @@ class ProjectionHead(nn.Module):
         return (z, h) if return_hidden else z
 
 
-HEADS = ("simclr", "moco_v2", "psm", "none")
+HEADS = ("simclr", "moco_v2", "psm", "linear", "none")
 
 
 def build_head(
@@ -66,7 +66,8 @@ def build_head(
     overrides 512); ``moco_v2``: in -> in -> out, Linear-ReLU-Linear without BN (MoCo v2);
     ``psm``: in -> 512 -> out, Linear-BN-ReLU-Linear-BN with the last BN without affine
     parameters and no linear bias (the PSM code's projector; ``hidden_dim`` overrides 512);
-    ``none``: identity (returns the features, ``h = z``)."""
+    ``linear``: one Linear in -> out with bias (IR, Wu et al. 2018); ``none``: identity (returns the
+    features, ``h = z``)."""
     if kind == "simclr":
         return ProjectionHead(in_dim, hidden_dim or 512, out_dim, batch_norm=True)
     if kind == "moco_v2":
@@ -75,6 +76,10 @@ def build_head(
         return ProjectionHead(
             in_dim, hidden_dim or 512, out_dim, batch_norm=True, last_bn=True, last_bn_affine=False
         )
+    if kind == "linear":
+        # instance discrimination (Wu et al. 2018; IR-Ring): one linear layer to a low-dim
+        # embedding, no hidden layer (h = the backbone features)
+        return ProjectionHead(in_dim, (), out_dim, batch_norm=False)
     if kind == "none":
         return IdentityHead(in_dim)
     raise ValueError(f"unknown head {kind!r}; available: {', '.join(HEADS)}")
