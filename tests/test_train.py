@@ -409,3 +409,21 @@ def test_imagefolder_of_mixed_sizes_trains_and_evaluates_at_data_image_size(tmp_
     assert 0.0 <= result.history[-1]["knn_top1"] <= 100.0
     scores = evaluate_checkpoint(result.checkpoint, linear=False, knn_k=3, device="cpu")
     assert 0.0 <= scores["knn_top1"] <= 100.0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_and_channels_last_run_the_gpu_code_path_on_cpu(precision, tmp_path):
+    """The autocast / GradScaler / channels_last path of GPU runs, exercised on CPU (CPU autocast
+    supports both dtypes): finite, close to the fp32 run but not equal (autocast was on), and an
+    fp16 run saves its loss-scaler state for resuming."""
+    overrides = ("framework.name=moco", "loss.name=hcl", "train.channels_last=true")
+    full = train(tiny(*overrides), run_dir=tmp_path / "fp32", progress_bar=False)
+    mixed = train(
+        tiny(*overrides, f"train.precision={precision}"),
+        run_dir=tmp_path / "amp",
+        progress_bar=False,
+    )
+    a, b = full.history[-1]["loss"], mixed.history[-1]["loss"]
+    assert np.isfinite(b) and a != b and abs(a - b) < 0.05 * abs(a)
+    scaler = load_checkpoint(mixed.checkpoint)["scaler"]
+    assert ("scale" in scaler) == (precision == "fp16")
