@@ -147,34 +147,94 @@ from hardneg.pool import ContrastiveScores
 from hardneg.strategies.base import NegativeSelection
 
 _NEG_INF = float("-inf")
+_WORD_BITS = 24  # uniforms cut from random words have torch.rand's float32 resolution
+_WORD_MASK = (1 << _WORD_BITS) - 1
+_LOG_WORD_RANGE = _WORD_BITS * math.log(2.0)
 
 
 @dataclass
-class _Mined:
-    """One direction of ``L_mined`` and what the diagnostics need."""
+class _Grid:
+    """One direction of ``L_mined`` in the grid layout ``[N, N(K+1) (+ Q')]`` (column
+    ``j(K+1) + m`` = member ``m`` of block ``j``), for the diagnostics; built only on request."""
 
-    per_anchor: Tensor  # [N]
-    scores: ContrastiveScores  # logits [N, C] of the candidate negatives (-inf = not a negative)
-    selection: NegativeSelection  # the selected negatives, log-weights, candidate ids [N, C]
-    num_neighbors: int  # K actually mined (capped at the support size)
+    scores: ContrastiveScores  # logits of the candidate negatives (-inf = not a negative)
+    selection: NegativeSelection  # the selected negatives, log-weights, candidate ids
 
 
 def _normalise(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=1)
 
 
-def _multi_positive_nll(pos_logits: Tensor, neg_terms: Tensor, weights: Tensor | None) -> Tensor:
-    """``sum_p w_p (log D - a_p)`` with ``D = sum_p e^{a_p} + sum_n e^{c_n}``, per row ``[A]``.
+def _random_words(shape: tuple[int, int], generator: torch.Generator | None, device) -> tuple:
+    """Two independent ``shape`` tensors of uniform 24-bit integers from one int64 draw.
 
-    ``pos_logits`` ``[A, P]``, ``neg_terms`` ``[A, C]`` (``c + log weight``, ``-inf`` = absent).
-    The positives are always in the log-sum-exp, so a row without negatives stays finite and its
-    gradient is never NaN (a log-sum-exp over only ``-inf`` would back-propagate NaN).
+    ``random_`` fills int64 with uniform integers in ``[0, 2^63)``, so the low 24 bits of each
+    32-bit half are independent and uniform: ``word / 2^24`` has the law of ``torch.rand`` in
+    float32, at half the generator calls (the generator is the costliest part on the CPU).
     """
-    log_d = torch.logsumexp(torch.cat([pos_logits, neg_terms], dim=1), dim=1, keepdim=True)
-    terms = log_d - pos_logits
-    if weights is not None:
-        terms = terms * weights
-    return terms.sum(dim=1)
+    bits = torch.empty(shape, dtype=torch.int64, device=device).random_(generator=generator)
+    halves = bits.view(torch.int32).unflatten(-1, (shape[-1], 2))
+    return halves[..., 0] & _WORD_MASK, halves[..., 1] & _WORD_MASK
+
+
+def _binomial_group(u: Tensor, log_p: Tensor, m: int) -> Tensor:
+    """``Binomial(m, p)`` counts (float) of a block of cells, one uniform ``u`` each.
+
+    Inverse CDF of the rarer outcome: with ``p' = min(p, 1 - p)``, ``f = #{k < m: u >= F'(k)}``
+    is ``Binomial(m, p')``, and the count is ``f`` or ``m - f``. The pmf is computed in log space
+    (no underflow for large ``m``), and the loop over ``k`` stops as soon as no cell moves on, so
+    cells with ``p`` near 0 or 1 cost about one step whatever ``m``.
+    """
+    p = log_p.exp()
+    if m == 1:
+        return (u < p).to(u.dtype)
+    log_q = torch.log1p(-p)
+    flip = log_p > log_q  # p > 1/2: count the failures
+    low, high = torch.minimum(log_p, log_q), torch.maximum(log_p, log_q)
+    log_odds = low - high  # -inf where p is exactly 1
+    base = high * m  # log P(f = 0)
+    cdf = base.exp()
+    f = (u >= cdf).to(u.dtype)
+    if bool(f.any()):
+        for k in range(1, m):
+            log_choose = math.lgamma(m + 1) - math.lgamma(k + 1) - math.lgamma(m - k + 1)
+            cdf += torch.add(base, log_odds, alpha=k).add_(log_choose).exp_()
+            step = u >= cdf
+            if not bool(step.any()):
+                break
+            f += step
+    return torch.where(flip, m - f, f)
+
+
+def _binomial(words: Tensor, log_p: Tensor, trials: Tensor) -> Tensor:
+    """Counts ``c_rl ~ Binomial(trials_l, p_rl)`` (float ``[R, C]``), independent over cells.
+
+    Columns are taken in the stable ascending order of ``trials``, so that each trial count is a
+    contiguous block; ``words[r, c] / 2^24`` is the uniform of row ``r`` and the ``c``-th column in
+    that order.
+    """
+    order = torch.argsort(trials, stable=True)
+    index = order.unsqueeze(0).expand(log_p.shape[0], -1)
+    log_p = log_p.gather(1, index)
+    u = words.to(log_p.dtype).mul_(2.0**-_WORD_BITS)
+    values, sizes = torch.unique_consecutive(trials[order], return_counts=True)
+    counts = torch.empty_like(log_p)
+    start = 0
+    for m, size in zip(values.tolist(), sizes.tolist()):
+        cols = slice(start, start + size)
+        counts[:, cols] = _binomial_group(u[:, cols], log_p[:, cols], m)
+        start += size
+    return torch.empty_like(counts).scatter_(1, index, counts)
+
+
+def _occurrence_rank(ids: Tensor) -> Tensor:
+    """``rank[c]``: how many earlier entries of ``ids`` equal ``ids[c]``."""
+    order = torch.argsort(ids, stable=True)
+    ordered = ids[order]
+    first = torch.searchsorted(ordered, ordered)
+    rank = torch.empty_like(ids)
+    rank[order] = torch.arange(ids.numel(), device=ids.device) - first
+    return rank
 
 
 def _sanitise(diag: NegativeDiagnostics) -> NegativeDiagnostics:
@@ -261,132 +321,383 @@ class PotentialLoss(nn.Module):
             f"pool_as_negatives={self.pool_as_negatives}"
         )
 
-    # -- selection ---------------------------------------------------------------------------
+    # -- shared pieces -----------------------------------------------------------------------
 
-    def _log_weights(
-        self, sims: Tensor, pos_sims: Tensor, mask: Tensor, generator: torch.Generator | None
+    def _log_keep(self, sims: Tensor, centre: Tensor) -> Tensor:
+        """``log pi = min(log clamp, -a (s - s+ - b)^2)`` of every cell of ``sims`` ``[A, C]``
+        (detached), with ``s+ = centre`` ``[A]``; no exponential, one new tensor."""
+        x = sims - centre.unsqueeze(1)
+        if self.b != 0.0:
+            x.sub_(self.b)
+        return x.square_().mul_(-self.a).clamp_(max=math.log(self.clamp))
+
+    def _per_anchor(
+        self, log_d: Tensor, pos_logits: Tensor, g: Tensor | None, neighbours: Tensor
     ) -> Tensor:
-        """``log m`` (0 / -inf) or ``log pi`` of every cell of ``sims`` ``[A, C]``; -inf off ``mask``.
+        """``l_i = sum_p w_ip (log D_i - s(q_i, p)/T)`` from ``log D`` ``[N]`` and the positive
+        logits ``[N, K+1]`` (key first); soft weights from ``g`` ``[N, d]`` and ``[N, K, d]``."""
+        terms = log_d.unsqueeze(1) - pos_logits
+        if self.weighting == "soft" and neighbours.shape[1] > 0:
+            g = _normalise(g)
+            attention = torch.einsum("nd,nkd->nk", g, neighbours).float().softmax(dim=1)
+            terms = torch.cat([terms[:, :1], terms[:, 1:] * attention], dim=1)
+        return terms.sum(dim=1)
 
-        ``log pi = min(log clamp, -a (s - s+ - b)^2)`` is computed without an exponential.
+    def _aug_rows(self, logits: Tensor, select: Tensor) -> Tensor:
+        """``L_aug`` per row ``[2N]`` of ``logits`` ``[2N, 2N]`` (rows ``[q; k]``, all pairs / T).
+
+        ``select`` is the keep mask (bool, drawn) or ``log pi`` (expected) of every cell; it is
+        overwritten: the row itself is never a negative, and its partner is the positive.
         """
-        with torch.no_grad():
-            x = sims.detach().float() - pos_sims.detach().float().unsqueeze(1) - self.b
-            log_pi = torch.clamp(-self.a * x.square(), max=math.log(self.clamp))
-            if self.sample == "bernoulli":
-                u = torch.rand(log_pi.shape, generator=generator, device=log_pi.device)
-                log_pi = torch.zeros_like(log_pi).masked_fill(u >= log_pi.exp(), _NEG_INF)
-            return log_pi.masked_fill(~mask, _NEG_INF)
+        two_n = logits.shape[0]
+        rows = torch.arange(two_n, device=logits.device)
+        partner = (rows + two_n // 2) % two_n
+        pos = logits[rows, partner]
+        matched = self.aug_pairing == "matched"
+        if select.dtype == torch.bool:
+            select[rows, rows] = False
+            select[rows, partner] = matched
+            terms = torch.where(select, logits, _NEG_INF)
+        else:
+            select[rows, rows] = _NEG_INF
+            select[rows, partner] = 0.0 if matched else _NEG_INF
+            terms = logits + select
+        if matched:  # the partner is in every row: log D stays finite
+            return torch.logsumexp(terms, dim=1) - pos
+        # the code's `pos / (pos + Ng)` with pos [2N, 1] and Ng [2N] broadcasts to [2N, 2N]: every
+        # row's positive against every row's negative mass; row r's share is its mean over them
+        has = torch.isfinite(terms).any(dim=1, keepdim=True)
+        safe = torch.where(has, terms, torch.zeros_like(terms))
+        log_ng = torch.logsumexp(safe, dim=1).masked_fill(~has.squeeze(1), _NEG_INF)
+        pos = pos.unsqueeze(1)
+        return (torch.logaddexp(pos, log_ng.unsqueeze(0)) - pos).mean(dim=1)
 
-    # -- the two losses ----------------------------------------------------------------------
+    def _aug_sigma(self, x: Tensor, cos: Tensor) -> Tensor:
+        """``log pi`` of ``L_aug`` over the rows of ``x = [q; k]``: kernel of the cosine or of the
+        raw dot product (``select_on``) around each row's partner."""
+        two_n = x.shape[0]
+        rows = torch.arange(two_n, device=x.device)
+        partner = (rows + two_n // 2) % two_n
+        if self.select_on == "raw":
+            raw = x.detach().float()
+            sigma = (raw @ raw.T).float()
+        else:
+            sigma = cos
+        return self._log_keep(sigma, sigma[rows, partner])
 
-    def _mined(
+    # -- one direction with a bank (the authors' set-up) ---------------------------------------
+
+    def _pool(
         self,
         q: Tensor,
         k: Tensor,
-        support: Tensor | None,
+        support: Tensor,
         pool: Tensor | None,
         proj: Tensor | None,
         generator: torch.Generator | None,
-    ) -> _Mined:
-        """``L_mined(q; k)`` per anchor; ``support=None`` mines among the other keys."""
-        n = q.shape[0]
+        diagnostics: bool,
+    ) -> tuple[Tensor, _Grid | None, int]:
+        """``L_mined(q; k)`` per anchor with a support set (and a pool of extra negatives).
+
+        The grid ``[N, N(K+1) (+ Q')]`` of the equations is never built: every distinct candidate
+        (the ``N`` keys, the bank rows that are somebody's neighbour) is one column of the logits
+        ``[N, N + C']``, weighted by how many of its grid cells are kept (drawn) or by the sum of
+        their keep probabilities (expected). The draws are those of the grid, in its order.
+        """
+        n, t = q.shape[0], self.temperature
         qn, kn = _normalise(q), _normalise(k)
-        bank = kn if support is None else _normalise(support.detach())
-        k_eff = min(self.num_neighbors, n - 1 if support is None else bank.shape[0])
-        size = k_eff + 1  # block size: the key and its neighbours
+        bank = _normalise(support.detach())
+        k_eff = min(self.num_neighbors, bank.shape[0])
+        size = k_eff + 1
         rows = torch.arange(n, device=qn.device)
         with torch.no_grad():
             if k_eff > 0:
-                lookup = kn.detach() @ bank.detach().T  # [N, S]
-                if support is None:
-                    lookup.fill_diagonal_(_NEG_INF)  # a key is not its own neighbour
-                idx = lookup.float().topk(k_eff, dim=1).indices  # [N, K]
+                idx = (kn.detach() @ bank.T).float().topk(k_eff, dim=1).indices  # [N, K]
             else:
                 idx = rows.new_empty(n, 0)
-        neighbours = bank[idx]  # [N, K, d]
-        blocks = torch.cat([kn.unsqueeze(1), neighbours], dim=1).reshape(n * size, -1)
-        sims = (qn @ blocks.T).float()  # [N, N(K+1)], column j(K+1)+m = member m of block j
-        pos_sims = sims.view(n, n, size)[rows, rows]  # [N, K+1], the own block
-        neg_mask = ~torch.eye(n, dtype=torch.bool, device=qn.device).repeat_interleave(size, dim=1)
-        block_ids = torch.cat([rows.unsqueeze(1), idx], dim=1)  # support row of each member
-        if support is None:
-            ids = block_ids.reshape(-1)  # candidates are keys of the batch: label index = row
-            own = torch.zeros(n, n, dtype=torch.bool, device=qn.device)
-            own[rows.unsqueeze(1), block_ids] = True  # own[i, l]: key l is a positive of i
-            neg_mask &= ~own[:, ids]
-        else:  # keys -> 0..N-1, bank rows -> N + row (the label vector is [labels; bank labels])
-            ids = torch.cat([rows.unsqueeze(1), idx + n], dim=1).reshape(-1)
-        if pool is not None:
-            pool_n = bank if pool is support else _normalise(pool.detach())
-            sims = torch.cat([sims, (qn @ pool_n.T).float()], dim=1)
-            pool_mask = neg_mask.new_ones(n, pool_n.shape[0])
-            if pool is support:  # the anchor's own neighbours are its positives, not negatives
-                pool_mask[rows.unsqueeze(1), idx] = False
-                offset = n
+        pool_is_support = pool is not None and pool is support
+        if pool_is_support:  # every bank row is a candidate: all of them are columns
+            nb_col, nb_rows = idx, bank
+        else:  # only the bank rows that are somebody's neighbour
+            uniq, nb_col = torch.unique(idx, return_inverse=True)
+            nb_rows = bank[uniq]
+        logits = ((qn / t) @ torch.cat([kn, nb_rows]).T).float()  # [N, N + C']
+        colmap = torch.cat([rows.unsqueeze(1), nb_col + n], dim=1)  # column of each block member
+        pos_logits = logits.gather(1, colmap)  # [N, K+1], own block, key first
+        extra = None
+        if pool is not None and not pool_is_support:
+            pool_n = _normalise(pool.detach())
+            extra = ((qn / t) @ pool_n.T).float()  # [N, Q']
+        with torch.no_grad():
+            centre = pos_logits[:, 0].detach() * t  # s+_i = s(q_i, k_i)
+            log_pi = self._log_keep(logits.detach() * t, centre)  # [N, N + C']
+            pi = log_pi.exp_()
+            own = torch.zeros_like(pi, dtype=torch.bool).scatter_(1, colmap, True)
+            nb_index = nb_col.reshape(1, -1).expand(n, -1)  # [N, NK] column (- N) of every cell
+            pool_pi = None
+            if pool_is_support:
+                pool_pi = pi[:, n:]
+            elif extra is not None:
+                pool_pi = self._log_keep(extra.detach() * t, centre).exp_()
+            keep_grid = keep_pool = None
+            if self.sample == "bernoulli":
+                width = n * size + (0 if pool_pi is None else pool_pi.shape[1])
+                u = torch.rand(n, width, generator=generator, device=qn.device)
+                cells = u[:, : n * size].view(n, n, size)
+                keep_key = cells[:, :, 0] < pi[:, :n]
+                keep_nb = cells[:, :, 1:] < pi[:, n:].gather(1, nb_index).view(n, n, k_eff)
+                keep_key[rows, rows] = False  # the own block holds the positives
+                keep_nb[rows, rows] = False
+                weight = torch.zeros_like(pi)
+                weight[:, :n] = keep_key
+                weight[:, n:].scatter_add_(1, nb_index, keep_nb.reshape(n, -1).to(weight.dtype))
+                if pool_pi is not None:
+                    keep_pool = u[:, n * size :] < pool_pi
+                    if pool_is_support:  # the anchor's own neighbours are its positives
+                        keep_pool[rows.unsqueeze(1), idx] = False
+                        weight[:, n:] += keep_pool
+                if diagnostics:
+                    keep_grid = torch.cat([keep_key.unsqueeze(2), keep_nb], dim=2).view(n, -1)
+            else:  # expected count: keep probability times the cells in other blocks
+                mult = torch.bincount(colmap.reshape(-1), minlength=pi.shape[1]).to(pi.dtype)
+                cells = mult.unsqueeze(0) - own.to(pi.dtype)
+                if pool_is_support:
+                    cells[:, n:] += 1.0
+                    cells[rows.unsqueeze(1), idx + n] -= 1.0
+                weight = cells.mul_(pi)
+            log_w = weight.add_(own).log_()  # the positives count once, unweighted
+        terms = logits + log_w
+        if extra is not None:
+            if self.sample == "bernoulli":
+                terms = torch.cat([terms, torch.where(keep_pool, extra, _NEG_INF)], dim=1)
             else:
-                offset = n + bank.shape[0]
-            neg_mask = torch.cat([neg_mask, pool_mask], dim=1)
-            ids = torch.cat([ids, torch.arange(pool_n.shape[0], device=ids.device) + offset])
-            blocks = torch.cat([blocks, pool_n])
-        log_w = self._log_weights(sims, pos_sims[:, 0], neg_mask, generator)
+                terms = torch.cat([terms, extra + pool_pi.log()], dim=1)
+        log_d = torch.logsumexp(terms, dim=1)
+        per_anchor = self._per_anchor(log_d, pos_logits, q if proj is None else proj, bank[idx])
+        grid = None
+        if diagnostics:
+            with torch.no_grad():
+                flat = colmap.reshape(1, -1).expand(n, -1)
+                candidates = [torch.cat([kn.unsqueeze(1), bank[idx]], dim=1).reshape(n * size, -1)]
+                grid_logits = [logits.detach().gather(1, flat)]
+                neg_mask = [
+                    ~torch.eye(n, dtype=torch.bool, device=qn.device).repeat_interleave(size, 1)
+                ]
+                if keep_grid is None:
+                    log_w = [pi.gather(1, flat).log()]
+                else:
+                    log_w = [torch.zeros_like(grid_logits[0]).masked_fill(~keep_grid, _NEG_INF)]
+                # keys -> 0..N-1, bank rows -> N + row (the label vector is [labels; bank labels])
+                ids = [torch.cat([rows.unsqueeze(1), idx + n], dim=1).reshape(-1)]
+                if pool_pi is not None:
+                    pool_mask = torch.ones_like(pool_pi, dtype=torch.bool)
+                    if pool_is_support:
+                        pool_mask[rows.unsqueeze(1), idx] = False
+                        candidates.append(bank)
+                        grid_logits.append(logits.detach()[:, n:])
+                        offset = n
+                    else:
+                        candidates.append(pool_n)
+                        grid_logits.append(extra.detach())
+                        offset = n + bank.shape[0]
+                    neg_mask.append(pool_mask)
+                    log_w.append(
+                        pool_pi.log()
+                        if keep_pool is None
+                        else torch.zeros_like(pool_pi).masked_fill(~keep_pool, _NEG_INF)
+                    )
+                    ids.append(torch.arange(pool_pi.shape[1], device=qn.device) + offset)
+                grid = self._make_grid(
+                    qn,
+                    kn,
+                    *(
+                        torch.cat(v, dim=dim)
+                        for v, dim in (
+                            (candidates, 0),
+                            (grid_logits, 1),
+                            (neg_mask, 1),
+                            (log_w, 1),
+                            (ids, 0),
+                        )
+                    ),
+                    pos_logits[:, 0].detach(),
+                    size,
+                    in_batch=False,
+                )
+        return per_anchor, grid, k_eff
 
-        weights = None
-        if self.weighting == "soft" and k_eff > 0:
-            g = _normalise(q if proj is None else proj)
-            attention = torch.einsum("nd,nkd->nk", g, neighbours).float().softmax(dim=1)
-            weights = torch.cat([attention.new_ones(n, 1), attention], dim=1)
-        logits = sims / self.temperature
-        per_anchor = _multi_positive_nll(pos_sims / self.temperature, logits + log_w, weights)
+    # -- in-batch: both directions from one Gram matrix ----------------------------------------
 
+    def _in_batch(
+        self,
+        z1: Tensor,
+        z2: Tensor,
+        proj1: Tensor | None,
+        proj2: Tensor | None,
+        generator: torch.Generator | None,
+        diagnostics: bool,
+    ) -> tuple[Tensor, Tensor | None, list[_Grid], int]:
+        """``L_mined`` of both directions ``[2N]``, ``L_aug`` per sample of both ``[2N]``.
+
+        One matmul gives the logits of every pair of ``[z1; z2]``: its off-diagonal blocks are
+        ``q @ k^T`` of the two directions, its diagonal blocks the neighbour lookups, and the whole
+        of it the cosines of ``L_aug`` (both directions have the same rows, in another order).
+        The blocks of a direction are keys of the batch, so ``L_mined`` runs over the ``N``
+        distinct keys, each weighted by its count among the other blocks (see the module doc).
+        """
+        n, t = z1.shape[0], self.temperature
+        x = torch.cat([z1, z2])
+        xn = _normalise(x)
+        logits = ((xn / t) @ xn.T).float()  # [2N, 2N]
+        k_eff = min(self.num_neighbors, n - 1)
+        rows = torch.arange(n, device=xn.device)
+        drawn = self.sample == "bernoulli"
+        with torch.no_grad():
+            cos = logits.detach() * t
+            centre = torch.cat([cos.diagonal(n), cos.diagonal(-n)])  # s(r, r') of every row
+            aug_lp = None
+            if self.aug_weight > 0 and self.select_on == "cosine":
+                aug_lp = self._log_keep(cos, centre)  # its off-diagonal blocks serve L_mined
+                mined_lp = [aug_lp[:n, n:], aug_lp[n:, :n]]
+            else:
+                mined_lp = [
+                    self._log_keep(cos[:n, n:], centre[:n]),
+                    self._log_keep(cos[n:, :n], centre[n:]),
+                ]
+                if self.aug_weight > 0:
+                    aug_lp = self._aug_sigma(x, cos)
+            idx = [self._neighbours(cos[n:, n:], k_eff), self._neighbours(cos[:n, :n], k_eff)]
+            words = _random_words((n, n), generator, xn.device) if drawn else (None, None)
+        views = [
+            (logits[:n, n:], xn[:n], xn[n:], z1 if proj1 is None else proj1),  # L_mined(z1; z2)
+            (logits[n:, :n], xn[n:], xn[:n], z2 if proj2 is None else proj2),  # L_mined(z2; z1)
+        ]
+        mined, grids = [], []
+        for (block, anchors, keys, g), lp, nbr, w in zip(views, mined_lp, idx, words):
+            block_ids = torch.cat([rows.unsqueeze(1), nbr], dim=1)  # [N, K+1], key first
+            with torch.no_grad():
+                own = torch.zeros_like(block, dtype=torch.bool).scatter_(1, block_ids, True)
+                mult = torch.bincount(nbr.reshape(-1), minlength=n) + 1  # blocks holding key l
+                if drawn:
+                    counts = _binomial(w, lp, mult)
+                    log_c = counts.log()
+                else:
+                    counts = None
+                    log_c = lp + mult.to(lp.dtype).log()
+                log_c.masked_fill_(own, 0.0)  # own positives: once, never a negative
+            log_d = torch.logsumexp(block + log_c, dim=1)
+            pos_logits = block.gather(1, block_ids)
+            mined.append(self._per_anchor(log_d, pos_logits, g, keys[nbr]))
+            if diagnostics:
+                grids.append(
+                    self._in_batch_grid(
+                        anchors, keys, block, lp, own, counts, block_ids, pos_logits
+                    )
+                )
+        aug_part = None
+        if aug_lp is not None:
+            if drawn:
+                thr = aug_lp.add(_LOG_WORD_RANGE).exp_()  # pi * 2^24
+                first, second = _random_words((2 * n, 2 * n), generator, xn.device)
+                aug_rows = [self._aug_rows(logits, w < thr) for w in (first, second)]
+            else:  # the two directions have the same rows: one evaluation
+                aug_rows = [self._aug_rows(logits, aug_lp)] * 2
+            # row i is z1_i, row N+i is z2_i: both belong to sample i
+            aug_part = torch.cat([(r[:n] + r[n:]) / 2 for r in aug_rows])
+        return torch.cat(mined), aug_part, grids, k_eff
+
+    @staticmethod
+    def _neighbours(sims: Tensor, k_eff: int) -> Tensor:
+        """The ``k_eff`` most similar other keys of every key, from their similarities ``[N, N]``."""
+        if k_eff == 0:
+            return torch.empty(sims.shape[0], 0, dtype=torch.long, device=sims.device)
+        lookup = sims.clone()
+        lookup.fill_diagonal_(_NEG_INF)  # a key is not its own neighbour
+        return lookup.topk(k_eff, dim=1).indices
+
+    def _in_batch_grid(
+        self,
+        anchors: Tensor,
+        keys: Tensor,
+        block: Tensor,
+        log_pi: Tensor,
+        own: Tensor,
+        counts: Tensor | None,
+        block_ids: Tensor,
+        pos_logits: Tensor,
+    ) -> _Grid:
+        """The grid of one in-batch direction: column ``j(K+1) + m`` is key ``block_ids[j, m]``;
+        of the ``mult_l`` cells of key ``l``, the first ``c_il`` (in column order) are kept."""
+        n, size = block_ids.shape
+        with torch.no_grad():
+            ids = block_ids.reshape(-1)
+            neg_mask = ~torch.eye(n, dtype=torch.bool, device=ids.device).repeat_interleave(
+                size, dim=1
+            )
+            neg_mask &= ~own[:, ids]
+            if counts is None:
+                log_w = log_pi[:, ids]
+            else:
+                kept = _occurrence_rank(ids).unsqueeze(0) < counts[:, ids]
+                log_w = torch.zeros_like(kept, dtype=block.dtype).masked_fill(~kept, _NEG_INF)
+            return self._make_grid(
+                anchors,
+                keys,
+                keys[ids],
+                block.detach()[:, ids],
+                neg_mask,
+                log_w,
+                ids,
+                pos_logits[:, 0].detach(),
+                size,
+                in_batch=True,
+            )
+
+    def _make_grid(
+        self,
+        anchors: Tensor,
+        positives: Tensor,
+        candidates: Tensor,
+        logits: Tensor,
+        neg_mask: Tensor,
+        log_w: Tensor,
+        ids: Tensor,
+        pos_logits: Tensor,
+        size: int,
+        in_batch: bool,
+    ) -> _Grid:
+        log_w = log_w.masked_fill(~neg_mask, _NEG_INF)
         kept = torch.isfinite(log_w)
         scores = ContrastiveScores(
-            anchors=qn,
-            positives=kn,
-            candidates=blocks,
-            pos_logits=pos_sims[:, 0] / self.temperature,
+            anchors=anchors,
+            positives=positives,
+            candidates=candidates,
+            pos_logits=pos_logits,
             logits=logits.masked_fill(~neg_mask, _NEG_INF),
             neg_mask=neg_mask,
-            num_negatives=sims.shape[1] - size,
+            num_negatives=logits.shape[1] - size,
             temperature=self.temperature,
             positive_index=None,
-            in_batch=support is None,
+            in_batch=in_batch,
         )
         selection = NegativeSelection(
-            logits=logits.detach().masked_fill(~kept, _NEG_INF),
+            logits=logits.masked_fill(~kept, _NEG_INF),
             log_weights=log_w,
-            indices=ids.unsqueeze(0).expand(n, -1),
+            indices=ids.unsqueeze(0).expand(logits.shape[0], -1),
         )
-        return _Mined(per_anchor, scores, selection, k_eff)
+        return _Grid(scores, selection)
 
-    def _aug(self, q: Tensor, k: Tensor, generator: torch.Generator | None) -> Tensor:
-        """``L_aug(q, k)`` per row of ``[q; k]`` ``[2N]``."""
-        n = q.shape[0]
-        x = torch.cat([q, k], dim=0)
+    def _aug_one(self, q: Tensor, k: Tensor, generator: torch.Generator | None) -> Tensor:
+        """``L_aug(q, k)`` per row of ``[q; k]`` ``[2N]``, drawn over the grid ``[2N, 2N]``."""
+        x = torch.cat([q, k])
         xn = _normalise(x)
-        cos = (xn @ xn.T).float()
-        rows = torch.arange(2 * n, device=xn.device)
-        partner = (rows + n) % (2 * n)
-        neg_mask = torch.ones_like(cos, dtype=torch.bool)
-        neg_mask[rows, rows] = False
-        neg_mask[rows, partner] = False
-        if self.select_on == "raw":
-            with torch.no_grad():
-                sigma = (x.detach().float() @ x.detach().float().T).float()
-        else:
-            sigma = cos
-        log_w = self._log_weights(sigma, sigma[rows, partner], neg_mask, generator)
-        pos = cos[rows, partner] / self.temperature
-        neg_terms = cos / self.temperature + log_w
-        if self.aug_pairing == "matched":
-            return _multi_positive_nll(pos.unsqueeze(1), neg_terms, None)
-        # the code's `pos / (pos + Ng)` with pos [2N, 1] and Ng [2N] broadcasts to [2N, 2N]: every
-        # row's positive against every row's negative mass; row r's share is its mean over them
-        has = torch.isfinite(log_w).any(dim=1)
-        safe = torch.where(has.unsqueeze(1), neg_terms, torch.zeros_like(neg_terms))
-        log_ng = torch.logsumexp(safe, dim=1).masked_fill(~has, _NEG_INF)  # -inf: nothing kept
-        pos = pos.unsqueeze(1)
-        return (torch.logaddexp(pos, log_ng.unsqueeze(0)) - pos).mean(dim=1)
+        logits = ((xn / self.temperature) @ xn.T).float()
+        with torch.no_grad():
+            log_pi = self._aug_sigma(x, logits.detach() * self.temperature)
+            if self.sample == "bernoulli":
+                u = torch.rand(log_pi.shape, generator=generator, device=log_pi.device)
+                log_pi = u < log_pi.exp_()
+        return self._aug_rows(logits, log_pi)
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -438,21 +749,20 @@ class PotentialLoss(nn.Module):
         n = z1.shape[0]
         if one_direction:
             pool = negatives if self.pool_as_negatives else None
-            mined = [self._mined(z1, z2, bank, pool, proj1, generator)]
-            pairs = [(z1, z2)]
+            mined_part, grid, k_eff = self._pool(
+                z1, z2, bank, pool, proj1, generator, return_diagnostics
+            )
+            grids = [grid]
+            aug_part = None
+            if self.aug_weight > 0:
+                aug_rows = self._aug_one(z1, z2, generator)
+                aug_part = (aug_rows[:n] + aug_rows[n:]) / 2  # rows i and N+i: sample i
         else:
-            mined = [
-                self._mined(z1, z2, None, None, proj1, generator),
-                self._mined(z2, z1, None, None, proj2, generator),
-            ]
-            pairs = [(z1, z2), (z2, z1)]
-        mined_part = torch.cat([m.per_anchor for m in mined])
+            mined_part, aug_part, grids, k_eff = self._in_batch(
+                z1, z2, proj1, proj2, generator, return_diagnostics
+            )
         per_anchor = mined_part
-        aug_part = None
-        if self.aug_weight > 0:
-            # row i of L_aug(q, k) is q_i, row N+i is k_i: both belong to sample i
-            rows = [self._aug(q, k, generator) for q, k in pairs]
-            aug_part = torch.cat([(r[:n] + r[n:]) / 2 for r in rows])
+        if aug_part is not None:
             per_anchor = mined_part + self.aug_weight * aug_part
         loss = per_anchor.mean()
         if not return_diagnostics:
@@ -464,17 +774,17 @@ class PotentialLoss(nn.Module):
         parts = [
             _sanitise(
                 negative_diagnostics(
-                    m.scores,
-                    m.selection,
+                    g.scores,
+                    g.selection,
                     anchor_labels=None if label_vector is None else anchor_labels,
                     candidate_labels=label_vector,
                 )
             )
-            for m in mined
+            for g in grids
         ]
         diag = _cat_diagnostics(parts)
         diag.extras = {
-            "num_neighbors": float(mined[0].num_neighbors),
+            "num_neighbors": float(k_eff),
             "mined_loss": float(mined_part.detach().mean()),
             "aug_loss": 0.0 if aug_part is None else float(aug_part.detach().mean()),
         }
