@@ -147,9 +147,6 @@ from hardneg.pool import ContrastiveScores
 from hardneg.strategies.base import NegativeSelection
 
 _NEG_INF = float("-inf")
-_WORD_BITS = 24  # uniforms cut from random words have torch.rand's float32 resolution
-_WORD_MASK = (1 << _WORD_BITS) - 1
-_LOG_WORD_RANGE = _WORD_BITS * math.log(2.0)
 
 
 @dataclass
@@ -165,66 +162,125 @@ def _normalise(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=1)
 
 
-def _random_words(shape: tuple[int, int], generator: torch.Generator | None, device) -> tuple:
-    """Two independent ``shape`` tensors of uniform 24-bit integers from one int64 draw.
-
-    ``random_`` fills int64 with uniform integers in ``[0, 2^63)``, so the low 24 bits of each
-    32-bit half are independent and uniform: ``word / 2^24`` has the law of ``torch.rand`` in
-    float32, at half the generator calls (the generator is the costliest part on the CPU).
-    """
-    bits = torch.empty(shape, dtype=torch.int64, device=device).random_(generator=generator)
-    halves = bits.view(torch.int32).unflatten(-1, (shape[-1], 2))
-    return halves[..., 0] & _WORD_MASK, halves[..., 1] & _WORD_MASK
-
-
-def _binomial_group(u: Tensor, log_p: Tensor, m: int) -> Tensor:
-    """``Binomial(m, p)`` counts (float) of a block of cells, one uniform ``u`` each.
-
-    Inverse CDF of the rarer outcome: with ``p' = min(p, 1 - p)``, ``f = #{k < m: u >= F'(k)}``
-    is ``Binomial(m, p')``, and the count is ``f`` or ``m - f``. The pmf is computed in log space
-    (no underflow for large ``m``), and the loop over ``k`` stops as soon as no cell moves on, so
-    cells with ``p`` near 0 or 1 cost about one step whatever ``m``.
-    """
-    p = log_p.exp()
-    if m == 1:
-        return (u < p).to(u.dtype)
-    log_q = torch.log1p(-p)
-    flip = log_p > log_q  # p > 1/2: count the failures
-    low, high = torch.minimum(log_p, log_q), torch.maximum(log_p, log_q)
-    log_odds = low - high  # -inf where p is exactly 1
-    base = high * m  # log P(f = 0)
-    cdf = base.exp()
-    f = (u >= cdf).to(u.dtype)
-    if bool(f.any()):
-        for k in range(1, m):
-            log_choose = math.lgamma(m + 1) - math.lgamma(k + 1) - math.lgamma(m - k + 1)
-            cdf += torch.add(base, log_odds, alpha=k).add_(log_choose).exp_()
-            step = u >= cdf
-            if not bool(step.any()):
-                break
-            f += step
-    return torch.where(flip, m - f, f)
+def _random_ints(shape: tuple[int, ...], dtype: torch.dtype, generator, device) -> Tensor:
+    """Integers uniform over the whole range of ``dtype`` (``uint8`` or ``int16``), cut from
+    int64 words of ``random_`` over the full 64-bit range: the generator is the costliest part on
+    the CPU (one call per number), and one call gives 8 bytes."""
+    size = math.prod(shape)
+    width = torch.empty((), dtype=dtype).element_size()
+    words = torch.empty(-(-size * width // 8), dtype=torch.int64, device=device)
+    words.random_(-(2**63), None, generator=generator)
+    return words.view(dtype)[:size].view(shape)
 
 
-def _binomial(words: Tensor, log_p: Tensor, trials: Tensor) -> Tensor:
+def _thresholds(p: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(t, r)`` with ``t = floor(p 2^b)`` in ``dtype``'s range (``b`` its bits; shifted to start
+    at the range's minimum) and ``r = p 2^b - floor(p 2^b)``; ``p = 1`` gives the top value with
+    ``r = 1``. A uniform integer ``v`` of ``dtype`` keeps with probability ``p`` when
+    ``v < t`` keeps, ``v > t`` drops and a tie keeps with probability ``r``."""
+    info = torch.iinfo(dtype)
+    scaled = p * float(info.max - info.min + 1)
+    top = scaled.floor().clamp_(max=float(info.max - info.min))
+    rest = scaled.sub_(top)
+    return top.add_(float(info.min)).to(dtype), rest
+
+
+def _bernoulli(p: Tensor, trials: int, generator: torch.Generator | None) -> Tensor:
+    """``[trials, *p.shape]`` independent draws ``Bernoulli(p)`` (bool), ``p`` ``[R, C]``.
+
+    A draw compares one uniform 16-bit integer with ``floor(2^16 p)``; the rare ties
+    (probability ``2^-16``) are found row by row and decided by ``torch.rand`` against the rest,
+    so ``P(keep) = p`` exactly (to float32 precision of ``p``)."""
+    top, rest = _thresholds(p, torch.int16)
+    v = _random_ints((trials, *p.shape), torch.int16, generator, p.device)
+    keep = v < top
+    tie = (v == top).view(-1, p.shape[-1])
+    rows = tie.any(dim=1).nonzero().squeeze(1)  # few rows hold a tie: search only those
+    if rows.numel() > 0:
+        at, col = tie[rows].nonzero(as_tuple=True)
+        flat = rows[at]
+        u = torch.rand(flat.shape, generator=generator, device=p.device)
+        keep.view(-1, p.shape[-1])[flat, col] = u < rest[flat % p.shape[0], col]
+    return keep
+
+
+def _binomial(p: Tensor, trials: Tensor, generator: torch.Generator | None) -> Tensor:
     """Counts ``c_rl ~ Binomial(trials_l, p_rl)`` (float ``[R, C]``), independent over cells.
 
-    Columns are taken in the stable ascending order of ``trials``, so that each trial count is a
-    contiguous block; ``words[r, c] / 2^24`` is the uniform of row ``r`` and the ``c``-th column in
-    that order.
+    Each trial compares one random byte with ``floor(256 p)`` (see :func:`_thresholds`); the
+    ``T`` ties of a cell add ``Binomial(T, rest)``, drawn with ``torch.rand``. The columns are
+    taken in the stable ascending order of ``trials``: one batch of bytes ``[m, R, C_m]`` per
+    distinct trial count ``m``, in increasing order, then the tie uniforms of that batch.
     """
     order = torch.argsort(trials, stable=True)
-    index = order.unsqueeze(0).expand(log_p.shape[0], -1)
-    log_p = log_p.gather(1, index)
-    u = words.to(log_p.dtype).mul_(2.0**-_WORD_BITS)
+    index = order.unsqueeze(0).expand(p.shape[0], -1)
+    p = p.gather(1, index)
     values, sizes = torch.unique_consecutive(trials[order], return_counts=True)
-    counts = torch.empty_like(log_p)
+    counts = torch.empty_like(p)
     start = 0
     for m, size in zip(values.tolist(), sizes.tolist()):
         cols = slice(start, start + size)
-        counts[:, cols] = _binomial_group(u[:, cols], log_p[:, cols], m)
+        top, rest = _thresholds(p[:, cols], torch.uint8)
+        v = _random_ints((m, p.shape[0], size), torch.uint8, generator, p.device)
+        below = torch.zeros_like(top, dtype=torch.int32)
+        ties = torch.zeros_like(below)
+        for lo in range(0, m, 255):  # uint8 sums are the fast ones: at most 255 terms
+            part = v[lo : lo + 255]
+            below += (part < top).sum(dim=0, dtype=torch.uint8)
+            ties += (part == top).sum(dim=0, dtype=torch.uint8)
+        count = below.to(p.dtype)
+        row, col = ties.nonzero(as_tuple=True)
+        if row.numel() > 0:
+            left, rest = ties[row, col], rest[row, col]
+            won = torch.zeros_like(rest)
+            for j in range(int(left.max())):
+                u = torch.rand(left.shape, generator=generator, device=p.device)
+                won += (u < rest) & (left > j)
+            count[row, col] += won
+        counts[:, cols] = count
         start += size
     return torch.empty_like(counts).scatter_(1, index, counts)
+
+
+class _RowLogSums(torch.autograd.Function):
+    """``log sum_c W_s[r, c] e^{L[r, c]}`` ``[S, R]`` for weights ``W_s`` ``[R, C]`` (no
+    gradient), from one exponential ``E = e^{L - shift}`` shared by all ``s``; the backward is
+    ``dL = E * sum_s (g_s / D_s) W_s`` in place. ``shift`` must bound ``L`` closely enough that
+    no ``E`` of a weighted cell underflows (see :func:`_row_log_sums`)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, shift: float, *weights: Tensor) -> Tensor:  # type: ignore[override]
+        e = torch.sub(logits, shift).exp_()
+        sums = torch.stack([torch.linalg.vecdot(e, w) for w in weights])
+        ctx.save_for_backward(e, sums, *weights)
+        return sums.log() + shift
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        e, sums, *weights = ctx.saved_tensors
+        coef = torch.where(sums > 0, grad / sums, torch.zeros_like(sums)).unsqueeze(2)
+        acc = weights[0] * coef[0]
+        for w, c in zip(weights[1:], coef[1:]):
+            acc.addcmul_(w, c)
+        return (acc.mul_(e), None, *([None] * len(weights)))
+
+
+def _row_log_sums(logits: Tensor, weights: list[Tensor], temperature: float) -> Tensor:
+    """``log D_s[r] = log sum_c W_s[r, c] e^{L[r, c]}`` ``[S, R]`` (``-inf`` where a row has no
+    weight) for logits ``L = cos / T``.
+
+    With ``T >= 0.03`` every ``L`` lies in ``[-1/T, 1/T]`` (up to bf16 rounding of the cosine),
+    so ``E = e^{L - 1/T} >= e^{-2.02/T} >= e^{-68}`` is a normal float32 and one exponential
+    serves every ``s`` (:class:`_RowLogSums`). Below, each sum is a log-sum-exp of its own.
+    """
+    if temperature >= 0.03:
+        return _RowLogSums.apply(logits, 1.0 / temperature, *weights)
+    out = []
+    for w in weights:
+        has = (w > 0).any(dim=1, keepdim=True)
+        terms = torch.where(has, logits + w.log(), torch.zeros_like(logits))
+        out.append(torch.logsumexp(terms, dim=1).masked_fill(~has.squeeze(1), _NEG_INF))
+    return torch.stack(out)
 
 
 def _occurrence_rank(ids: Tensor) -> Tensor:
@@ -343,34 +399,25 @@ class PotentialLoss(nn.Module):
             terms = torch.cat([terms[:, :1], terms[:, 1:] * attention], dim=1)
         return terms.sum(dim=1)
 
-    def _aug_rows(self, logits: Tensor, select: Tensor) -> Tensor:
-        """``L_aug`` per row ``[2N]`` of ``logits`` ``[2N, 2N]`` (rows ``[q; k]``, all pairs / T).
+    def _aug_weights(self, weights: Tensor) -> Tensor:
+        """Finish the weights ``[..., 2N, 2N]`` (keep mask or keep probability) of ``L_aug`` in
+        place: the row itself is never a negative, and its partner is the positive
+        (``'matched'``: weight 1) or nothing (``'broadcast'``: the weights are the negatives)."""
+        two_n = weights.shape[-1]
+        rows = torch.arange(two_n, device=weights.device)
+        weights[..., rows, rows] = 0.0
+        weights[..., rows, (rows + two_n // 2) % two_n] = float(self.aug_pairing == "matched")
+        return weights
 
-        ``select`` is the keep mask (bool, drawn) or ``log pi`` (expected) of every cell; it is
-        overwritten: the row itself is never a negative, and its partner is the positive.
-        """
-        two_n = logits.shape[0]
-        rows = torch.arange(two_n, device=logits.device)
-        partner = (rows + two_n // 2) % two_n
-        pos = logits[rows, partner]
-        matched = self.aug_pairing == "matched"
-        if select.dtype == torch.bool:
-            select[rows, rows] = False
-            select[rows, partner] = matched
-            terms = torch.where(select, logits, _NEG_INF)
-        else:
-            select[rows, rows] = _NEG_INF
-            select[rows, partner] = 0.0 if matched else _NEG_INF
-            terms = logits + select
-        if matched:  # the partner is in every row: log D stays finite
-            return torch.logsumexp(terms, dim=1) - pos
+    def _aug_rows(self, log_d: Tensor, pos: Tensor) -> Tensor:
+        """``L_aug`` per row ``[2N]`` from ``log D`` ``[2N]`` (weights of :meth:`_aug_weights`)
+        and the positive logits ``[2N]``."""
+        if self.aug_pairing == "matched":
+            return log_d - pos
         # the code's `pos / (pos + Ng)` with pos [2N, 1] and Ng [2N] broadcasts to [2N, 2N]: every
         # row's positive against every row's negative mass; row r's share is its mean over them
-        has = torch.isfinite(terms).any(dim=1, keepdim=True)
-        safe = torch.where(has, terms, torch.zeros_like(terms))
-        log_ng = torch.logsumexp(safe, dim=1).masked_fill(~has.squeeze(1), _NEG_INF)
         pos = pos.unsqueeze(1)
-        return (torch.logaddexp(pos, log_ng.unsqueeze(0)) - pos).mean(dim=1)
+        return (torch.logaddexp(pos, log_d.unsqueeze(0)) - pos).mean(dim=1)
 
     def _aug_sigma(self, x: Tensor, cos: Tensor) -> Tensor:
         """``log pi`` of ``L_aug`` over the rows of ``x = [q; k]``: kernel of the cosine or of the
@@ -423,13 +470,20 @@ class PotentialLoss(nn.Module):
             nb_rows = bank[uniq]
         logits = ((qn / t) @ torch.cat([kn, nb_rows]).T).float()  # [N, N + C']
         colmap = torch.cat([rows.unsqueeze(1), nb_col + n], dim=1)  # column of each block member
-        pos_logits = logits.gather(1, colmap)  # [N, K+1], own block, key first
+        neighbours = bank[idx]  # [N, K, d]
+        pos_logits = torch.cat(  # [N, K+1], own block, key first
+            [
+                (qn * kn).sum(dim=1, keepdim=True).float() / t,
+                torch.einsum("nd,nkd->nk", qn, neighbours).float() / t,
+            ],
+            dim=1,
+        )
         extra = None
         if pool is not None and not pool_is_support:
             pool_n = _normalise(pool.detach())
             extra = ((qn / t) @ pool_n.T).float()  # [N, Q']
         with torch.no_grad():
-            centre = pos_logits[:, 0].detach() * t  # s+_i = s(q_i, k_i)
+            centre = logits.detach().diagonal() * t  # s+_i = s(q_i, k_i): key column i of row i
             log_pi = self._log_keep(logits.detach() * t, centre)  # [N, N + C']
             pi = log_pi.exp_()
             own = torch.zeros_like(pi, dtype=torch.bool).scatter_(1, colmap, True)
@@ -465,15 +519,14 @@ class PotentialLoss(nn.Module):
                     cells[:, n:] += 1.0
                     cells[rows.unsqueeze(1), idx + n] -= 1.0
                 weight = cells.mul_(pi)
-            log_w = weight.add_(own).log_()  # the positives count once, unweighted
-        terms = logits + log_w
+            weight.add_(own)  # the positives count once, unweighted
+            if extra is not None:
+                pool_w = pool_pi if keep_pool is None else keep_pool.to(pi.dtype)
+                weight = torch.cat([weight, pool_w], dim=1)
         if extra is not None:
-            if self.sample == "bernoulli":
-                terms = torch.cat([terms, torch.where(keep_pool, extra, _NEG_INF)], dim=1)
-            else:
-                terms = torch.cat([terms, extra + pool_pi.log()], dim=1)
-        log_d = torch.logsumexp(terms, dim=1)
-        per_anchor = self._per_anchor(log_d, pos_logits, q if proj is None else proj, bank[idx])
+            logits = torch.cat([logits, extra], dim=1)
+        log_d = _row_log_sums(logits, [weight], t)[0]
+        per_anchor = self._per_anchor(log_d, pos_logits, q if proj is None else proj, neighbours)
         grid = None
         if diagnostics:
             with torch.no_grad():
@@ -543,67 +596,80 @@ class PotentialLoss(nn.Module):
         ``q @ k^T`` of the two directions, its diagonal blocks the neighbour lookups, and the whole
         of it the cosines of ``L_aug`` (both directions have the same rows, in another order).
         The blocks of a direction are keys of the batch, so ``L_mined`` runs over the ``N``
-        distinct keys, each weighted by its count among the other blocks (see the module doc).
+        distinct keys, each weighted by its count among the other blocks (see the module doc);
+        every ``D`` is then a weighted row sum of the same exponentials.
         """
         n, t = z1.shape[0], self.temperature
         x = torch.cat([z1, z2])
         xn = _normalise(x)
         logits = ((xn / t) @ xn.T).float()  # [2N, 2N]
+        pos = (xn[:n] * xn[n:]).sum(dim=1) / t  # s(z1_i, z2_i) / T, both directions, both losses
         k_eff = min(self.num_neighbors, n - 1)
         rows = torch.arange(n, device=xn.device)
         drawn = self.sample == "bernoulli"
+        views = [  # rows of the direction, its anchors, its keys, the soft-weight inputs
+            (slice(0, n), slice(n, 2 * n), xn[:n], xn[n:], z1 if proj1 is None else proj1),
+            (slice(n, 2 * n), slice(0, n), xn[n:], xn[:n], z2 if proj2 is None else proj2),
+        ]
         with torch.no_grad():
             cos = logits.detach() * t
             centre = torch.cat([cos.diagonal(n), cos.diagonal(-n)])  # s(r, r') of every row
             aug_lp = None
             if self.aug_weight > 0 and self.select_on == "cosine":
                 aug_lp = self._log_keep(cos, centre)  # its off-diagonal blocks serve L_mined
-                mined_lp = [aug_lp[:n, n:], aug_lp[n:, :n]]
+                mined_lp = [aug_lp[r, c] for r, c, *_ in views]
             else:
-                mined_lp = [
-                    self._log_keep(cos[:n, n:], centre[:n]),
-                    self._log_keep(cos[n:, :n], centre[n:]),
-                ]
+                mined_lp = [self._log_keep(cos[r, c], centre[r]) for r, c, *_ in views]
                 if self.aug_weight > 0:
                     aug_lp = self._aug_sigma(x, cos)
-            idx = [self._neighbours(cos[n:, n:], k_eff), self._neighbours(cos[:n, :n], k_eff)]
-            words = _random_words((n, n), generator, xn.device) if drawn else (None, None)
-        views = [
-            (logits[:n, n:], xn[:n], xn[n:], z1 if proj1 is None else proj1),  # L_mined(z1; z2)
-            (logits[n:, :n], xn[n:], xn[:n], z2 if proj2 is None else proj2),  # L_mined(z2; z1)
-        ]
-        mined, grids = [], []
-        for (block, anchors, keys, g), lp, nbr, w in zip(views, mined_lp, idx, words):
-            block_ids = torch.cat([rows.unsqueeze(1), nbr], dim=1)  # [N, K+1], key first
-            with torch.no_grad():
-                own = torch.zeros_like(block, dtype=torch.bool).scatter_(1, block_ids, True)
+            idx = [self._neighbours(cos[c, c], k_eff) for _, c, *_ in views]
+            mined_w = torch.zeros_like(cos)  # [2N, 2N], diagonal blocks unused
+            counts = []
+            for (r, c, *_), lp, nbr in zip(views, mined_lp, idx):
+                block_ids = torch.cat([rows.unsqueeze(1), nbr], dim=1)  # [N, K+1], key first
+                own = torch.zeros_like(lp, dtype=torch.bool).scatter_(1, block_ids, True)
                 mult = torch.bincount(nbr.reshape(-1), minlength=n) + 1  # blocks holding key l
                 if drawn:
-                    counts = _binomial(w, lp, mult)
-                    log_c = counts.log()
+                    count = _binomial(lp.exp(), mult, generator)
                 else:
-                    counts = None
-                    log_c = lp + mult.to(lp.dtype).log()
-                log_c.masked_fill_(own, 0.0)  # own positives: once, never a negative
-            log_d = torch.logsumexp(block + log_c, dim=1)
-            pos_logits = block.gather(1, block_ids)
-            mined.append(self._per_anchor(log_d, pos_logits, g, keys[nbr]))
+                    count = lp.exp().mul_(mult.to(lp.dtype))
+                counts.append((count, own, block_ids))
+                mined_w[r, c] = count.masked_fill(own, 1.0)  # own positives: once, unweighted
+            weights = [mined_w]
+            if aug_lp is not None:  # drawn: one selection per direction; expected: the same
+                pi = aug_lp.exp()
+                aug_w = _bernoulli(pi, 2, generator).to(pi.dtype) if drawn else pi.unsqueeze(0)
+                weights.extend(self._aug_weights(aug_w))
+        log_d = _row_log_sums(logits, weights, t)  # [1 + 0, 1 or 2, 2N]
+        mined, grids = [], []
+        for (r, c, anchors, keys, g), lp, nbr, (count, own, block_ids) in zip(
+            views, mined_lp, idx, counts
+        ):
+            neighbours = keys[nbr]  # [N, K, d]
+            nb_logits = torch.einsum("nd,nkd->nk", anchors, neighbours).float() / t
+            pos_logits = torch.cat([pos.unsqueeze(1), nb_logits], dim=1)
+            mined.append(self._per_anchor(log_d[0, r], pos_logits, g, neighbours))
             if diagnostics:
                 grids.append(
                     self._in_batch_grid(
-                        anchors, keys, block, lp, own, counts, block_ids, pos_logits
+                        anchors,
+                        keys,
+                        logits[r, c],
+                        lp,
+                        own,
+                        count if drawn else None,
+                        block_ids,
+                        pos,
                     )
                 )
         aug_part = None
         if aug_lp is not None:
-            if drawn:
-                thr = aug_lp.add(_LOG_WORD_RANGE).exp_()  # pi * 2^24
-                first, second = _random_words((2 * n, 2 * n), generator, xn.device)
-                aug_rows = [self._aug_rows(logits, w < thr) for w in (first, second)]
-            else:  # the two directions have the same rows: one evaluation
-                aug_rows = [self._aug_rows(logits, aug_lp)] * 2
+            pos2 = torch.cat([pos, pos])
+            aug_rows = [self._aug_rows(d, pos2) for d in log_d[1:]]
+            if len(aug_rows) == 1:  # expected: both directions are the same evaluation
+                aug_rows = aug_rows * 2
             # row i is z1_i, row N+i is z2_i: both belong to sample i
-            aug_part = torch.cat([(r[:n] + r[n:]) / 2 for r in aug_rows])
+            aug_part = torch.cat([(a[:n] + a[n:]) / 2 for a in aug_rows])
         return torch.cat(mined), aug_part, grids, k_eff
 
     @staticmethod
@@ -648,7 +714,7 @@ class PotentialLoss(nn.Module):
                 neg_mask,
                 log_w,
                 ids,
-                pos_logits[:, 0].detach(),
+                pos_logits.detach(),
                 size,
                 in_batch=True,
             )
@@ -689,15 +755,19 @@ class PotentialLoss(nn.Module):
 
     def _aug_one(self, q: Tensor, k: Tensor, generator: torch.Generator | None) -> Tensor:
         """``L_aug(q, k)`` per row of ``[q; k]`` ``[2N]``, drawn over the grid ``[2N, 2N]``."""
+        n, t = q.shape[0], self.temperature
         x = torch.cat([q, k])
         xn = _normalise(x)
-        logits = ((xn / self.temperature) @ xn.T).float()
+        logits = ((xn / t) @ xn.T).float()
+        pos = (xn[:n] * xn[n:]).sum(dim=1) / t
         with torch.no_grad():
-            log_pi = self._aug_sigma(x, logits.detach() * self.temperature)
+            pi = self._aug_sigma(x, logits.detach() * t).exp_()
             if self.sample == "bernoulli":
-                u = torch.rand(log_pi.shape, generator=generator, device=log_pi.device)
-                log_pi = u < log_pi.exp_()
-        return self._aug_rows(logits, log_pi)
+                u = torch.rand(pi.shape, generator=generator, device=pi.device)
+                pi = (u < pi).to(pi.dtype)
+            weights = self._aug_weights(pi)
+        log_d = _row_log_sums(logits, [weights], t)[0]
+        return self._aug_rows(log_d, torch.cat([pos, pos]))
 
     # -- forward -----------------------------------------------------------------------------
 
