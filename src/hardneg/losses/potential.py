@@ -162,125 +162,151 @@ def _normalise(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=1)
 
 
-def _random_ints(shape: tuple[int, ...], dtype: torch.dtype, generator, device) -> Tensor:
-    """Integers uniform over the whole range of ``dtype`` (``uint8`` or ``int16``), cut from
-    int64 words of ``random_`` over the full 64-bit range: the generator is the costliest part on
-    the CPU (one call per number), and one call gives 8 bytes."""
+def _random_bytes(shape: tuple[int, ...], generator, device) -> Tensor:
+    """Uniform random bytes (``uint8``) of ``shape``, cut from int64 words of ``random_`` over
+    the full 64-bit range: the generator is the costliest part on the CPU (one call per
+    number, also for ``torch.rand``), and one call gives 8 bytes."""
     size = math.prod(shape)
-    width = torch.empty((), dtype=dtype).element_size()
-    words = torch.empty(-(-size * width // 8), dtype=torch.int64, device=device)
+    words = torch.empty(-(-size // 8), dtype=torch.int64, device=device)
     words.random_(-(2**63), None, generator=generator)
-    return words.view(dtype)[:size].view(shape)
+    return words.view(torch.uint8)[:size].view(shape)
 
 
-def _thresholds(p: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(t, r)`` with ``t = floor(p 2^b)`` in ``dtype``'s range (``b`` its bits; shifted to start
-    at the range's minimum) and ``r = p 2^b - floor(p 2^b)``; ``p = 1`` gives the top value with
-    ``r = 1``. A uniform integer ``v`` of ``dtype`` keeps with probability ``p`` when
-    ``v < t`` keeps, ``v > t`` drops and a tie keeps with probability ``r``."""
-    info = torch.iinfo(dtype)
-    scaled = p * float(info.max - info.min + 1)
-    top = scaled.floor().clamp_(max=float(info.max - info.min))
-    rest = scaled.sub_(top)
-    return top.add_(float(info.min)).to(dtype), rest
+def _top_byte(p: Tensor) -> Tensor:
+    """``floor(256 p)`` as ``uint8``, 255 for ``p = 1`` (whose ties then always keep)."""
+    return (p * 256.0).clamp_(max=255.0).to(torch.uint8)
+
+
+def _find(mask: Tensor) -> Tensor:
+    """Flat indices of the True entries of a contiguous bool tensor that is mostly False:
+    the scan runs over 8-byte words, and only the words that hold a True are opened."""
+    flat = mask.view(-1)
+    whole = flat.numel() // 8 * 8
+    hit = flat[:whole].view(torch.int64).nonzero().squeeze(1)
+    at = (hit.unsqueeze(1) * 8 + torch.arange(8, device=mask.device)).reshape(-1)
+    tail = torch.arange(whole, flat.numel(), device=mask.device)
+    at = torch.cat([at, tail])
+    return at[flat[at]]
 
 
 def _bernoulli(p: Tensor, trials: int, generator: torch.Generator | None) -> Tensor:
-    """``[trials, *p.shape]`` independent draws ``Bernoulli(p)`` (bool), ``p`` ``[R, C]``.
+    """``[trials, *p.shape]`` independent draws ``Bernoulli(p)`` as float 0/1, exact to float32.
 
-    A draw compares one uniform 16-bit integer with ``floor(2^16 p)``; the rare ties
-    (probability ``2^-16``) are found row by row and decided by ``torch.rand`` against the rest,
-    so ``P(keep) = p`` exactly (to float32 precision of ``p``)."""
-    top, rest = _thresholds(p, torch.int16)
-    v = _random_ints((trials, *p.shape), torch.int16, generator, p.device)
-    keep = v < top
-    tie = (v == top).view(-1, p.shape[-1])
-    rows = tie.any(dim=1).nonzero().squeeze(1)  # few rows hold a tie: search only those
-    if rows.numel() > 0:
-        at, col = tie[rows].nonzero(as_tuple=True)
-        flat = rows[at]
-        u = torch.rand(flat.shape, generator=generator, device=p.device)
-        keep.view(-1, p.shape[-1])[flat, col] = u < rest[flat % p.shape[0], col]
+    A draw compares one random byte ``v`` with ``t = floor(256 p)``: ``v < t`` keeps,
+    ``v > t`` drops, and a tie (probability 1/256) keeps when a ``torch.rand`` uniform is below
+    ``256 p - t``, so ``P(keep) = t / 256 + (256 p - t) / 256 = p``. Draw order: the bytes
+    (row-major over ``[trials, *p.shape]``), then one uniform per tie in the same order.
+    """
+    top = _top_byte(p)
+    v = _random_bytes((trials, *p.shape), generator, p.device)
+    keep = torch.lt(v, top, out=torch.empty(v.shape, dtype=p.dtype, device=p.device))
+    at = _find(v == top)
+    if at.numel() > 0:
+        cell = at % p.numel()
+        u = torch.rand(at.shape, generator=generator, device=p.device)
+        rest = p.reshape(-1)[cell] * 256.0 - top.view(-1)[cell]
+        keep.view(-1)[at] = (u < rest).to(p.dtype)
     return keep
 
 
 def _binomial(p: Tensor, trials: Tensor, generator: torch.Generator | None) -> Tensor:
     """Counts ``c_rl ~ Binomial(trials_l, p_rl)`` (float ``[R, C]``), independent over cells.
 
-    Each trial compares one random byte with ``floor(256 p)`` (see :func:`_thresholds`); the
-    ``T`` ties of a cell add ``Binomial(T, rest)``, drawn with ``torch.rand``. The columns are
-    taken in the stable ascending order of ``trials``: one batch of bytes ``[m, R, C_m]`` per
-    distinct trial count ``m``, in increasing order, then the tie uniforms of that batch.
+    Every trial is a draw of :func:`_bernoulli`; the ``T`` ties of a cell add
+    ``Binomial(T, 256 p - floor(256 p))``. Draw order: the columns are taken in the stable
+    ascending order of ``trials``, one batch of bytes ``[m, R, C_m]`` per distinct count ``m``
+    (increasing); then, for the cells with ties (row-major in that order), uniforms in rounds
+    ``j = 0, 1, ...`` over the cells with more than ``j`` ties.
     """
     order = torch.argsort(trials, stable=True)
     index = order.unsqueeze(0).expand(p.shape[0], -1)
     p = p.gather(1, index)
+    top = _top_byte(p)
+    below = torch.zeros_like(top, dtype=torch.int32)
+    ties = torch.zeros_like(below)
     values, sizes = torch.unique_consecutive(trials[order], return_counts=True)
-    counts = torch.empty_like(p)
     start = 0
     for m, size in zip(values.tolist(), sizes.tolist()):
         cols = slice(start, start + size)
-        top, rest = _thresholds(p[:, cols], torch.uint8)
-        v = _random_ints((m, p.shape[0], size), torch.uint8, generator, p.device)
-        below = torch.zeros_like(top, dtype=torch.int32)
-        ties = torch.zeros_like(below)
-        for lo in range(0, m, 255):  # uint8 sums are the fast ones: at most 255 terms
+        v = _random_bytes((m, p.shape[0], size), generator, p.device)
+        for lo in range(0, m, 255):  # uint8 sums (the fast ones) hold 255 terms at most
             part = v[lo : lo + 255]
-            below += (part < top).sum(dim=0, dtype=torch.uint8)
-            ties += (part == top).sum(dim=0, dtype=torch.uint8)
-        count = below.to(p.dtype)
-        row, col = ties.nonzero(as_tuple=True)
-        if row.numel() > 0:
-            left, rest = ties[row, col], rest[row, col]
-            won = torch.zeros_like(rest)
-            for j in range(int(left.max())):
-                u = torch.rand(left.shape, generator=generator, device=p.device)
-                won += (u < rest) & (left > j)
-            count[row, col] += won
-        counts[:, cols] = count
+            below[:, cols] += (part < top[:, cols]).sum(dim=0, dtype=torch.uint8)
+            ties[:, cols] += (part == top[:, cols]).sum(dim=0, dtype=torch.uint8)
         start += size
+    counts = below.to(p.dtype)
+    row, col = ties.nonzero(as_tuple=True)
+    if row.numel() > 0:
+        left = ties[row, col]
+        rest = p[row, col] * 256.0 - top[row, col]
+        won = torch.zeros_like(rest)
+        for j in range(int(left.max())):
+            u = torch.rand(left.shape, generator=generator, device=p.device)
+            won += (u < rest) & (left > j)
+        counts[row, col] += won
     return torch.empty_like(counts).scatter_(1, index, counts)
 
 
+_Block = tuple[int, int, int, int]  # rows [r0, r1) and columns [c0, c1) of a weight matrix
+
+
 class _RowLogSums(torch.autograd.Function):
-    """``log sum_c W_s[r, c] e^{L[r, c]}`` ``[S, R]`` for weights ``W_s`` ``[R, C]`` (no
-    gradient), from one exponential ``E = e^{L - shift}`` shared by all ``s``; the backward is
-    ``dL = E * sum_s (g_s / D_s) W_s`` in place. ``shift`` must bound ``L`` closely enough that
-    no ``E`` of a weighted cell underflows (see :func:`_row_log_sums`)."""
+    """``log D_s = log sum_c W_s[r, c] e^{L[r, c]}`` for weights ``W_s`` (no gradient) on
+    blocks of the logits ``L``, from one exponential ``E = e^{L - shift}`` shared by all ``s``;
+    the backward is ``dL = E * sum_s (g_s / D_s) W_s`` (each on its block), built in place.
+    ``shift`` must bound ``L`` so that no weighted ``E`` underflows (see :func:`_row_log_sums`).
+    """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, shift: float, *weights: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, logits: Tensor, shift: float, blocks: list[_Block], *weights: Tensor):  # type: ignore[override]
         e = torch.sub(logits, shift).exp_()
-        sums = torch.stack([torch.linalg.vecdot(e, w) for w in weights])
-        ctx.save_for_backward(e, sums, *weights)
-        return sums.log() + shift
+        sums = [
+            torch.mul(e[r0:r1, c0:c1], w).sum(dim=1) for (r0, r1, c0, c1), w in zip(blocks, weights)
+        ]
+        ctx.blocks = blocks
+        ctx.save_for_backward(e, *weights, *sums)
+        return tuple(d.log().add_(shift) for d in sums)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        e, sums, *weights = ctx.saved_tensors
-        coef = torch.where(sums > 0, grad / sums, torch.zeros_like(sums)).unsqueeze(2)
-        acc = weights[0] * coef[0]
-        for w, c in zip(weights[1:], coef[1:]):
-            acc.addcmul_(w, c)
-        return (acc.mul_(e), None, *([None] * len(weights)))
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        e, *saved = ctx.saved_tensors
+        k = len(ctx.blocks)
+        weights, sums = saved[:k], saved[k:]
+        full = (0, e.shape[0], 0, e.shape[1])
+        acc = None
+        for block, w, d, g in sorted(
+            zip(ctx.blocks, weights, sums, grads), key=lambda item: item[0] != full
+        ):
+            coef = torch.where(d > 0, g / d, torch.zeros_like(d)).unsqueeze(1)
+            if acc is None and block == full:
+                acc = w * coef
+                continue
+            if acc is None:
+                acc = torch.zeros_like(e)
+            r0, r1, c0, c1 = block
+            acc[r0:r1, c0:c1].addcmul_(w, coef)
+        return (acc.mul_(e), None, None, *([None] * k))
 
 
-def _row_log_sums(logits: Tensor, weights: list[Tensor], temperature: float) -> Tensor:
-    """``log D_s[r] = log sum_c W_s[r, c] e^{L[r, c]}`` ``[S, R]`` (``-inf`` where a row has no
-    weight) for logits ``L = cos / T``.
+def _row_log_sums(
+    logits: Tensor, weights: list[Tensor], blocks: list[_Block], temperature: float
+) -> tuple[Tensor, ...]:
+    """``log D_s[r] = log sum_c W_s[r, c] e^{L[r, c]}`` over the rows of each block (``-inf``
+    where a row has no weight), for logits ``L = cos / T``.
 
     With ``T >= 0.03`` every ``L`` lies in ``[-1/T, 1/T]`` (up to bf16 rounding of the cosine),
     so ``E = e^{L - 1/T} >= e^{-2.02/T} >= e^{-68}`` is a normal float32 and one exponential
-    serves every ``s`` (:class:`_RowLogSums`). Below, each sum is a log-sum-exp of its own.
+    serves every sum (:class:`_RowLogSums`). Below, each sum is a log-sum-exp of its own.
     """
     if temperature >= 0.03:
-        return _RowLogSums.apply(logits, 1.0 / temperature, *weights)
+        return _RowLogSums.apply(logits, 1.0 / temperature, blocks, *weights)
     out = []
-    for w in weights:
+    for (r0, r1, c0, c1), w in zip(blocks, weights):
         has = (w > 0).any(dim=1, keepdim=True)
-        terms = torch.where(has, logits + w.log(), torch.zeros_like(logits))
+        terms = logits[r0:r1, c0:c1] + w.log()
+        terms = torch.where(has, terms, torch.zeros_like(terms))
         out.append(torch.logsumexp(terms, dim=1).masked_fill(~has.squeeze(1), _NEG_INF))
-    return torch.stack(out)
+    return tuple(out)
 
 
 def _occurrence_rank(ids: Tensor) -> Tensor:
@@ -379,13 +405,15 @@ class PotentialLoss(nn.Module):
 
     # -- shared pieces -----------------------------------------------------------------------
 
-    def _log_keep(self, sims: Tensor, centre: Tensor) -> Tensor:
+    def _log_keep(self, sims: Tensor, centre: Tensor, scale: float = 1.0) -> Tensor:
         """``log pi = min(log clamp, -a (s - s+ - b)^2)`` of every cell of ``sims`` ``[A, C]``
-        (detached), with ``s+ = centre`` ``[A]``; no exponential, one new tensor."""
+        (detached), with ``s+ = centre`` ``[A]``; no exponential, one new tensor. ``sims`` may
+        be logits ``s / scale``: ``-a (scale (l - l+) - b)^2 = -a scale^2 (l - l+ - b / scale)^2``.
+        """
         x = sims - centre.unsqueeze(1)
         if self.b != 0.0:
-            x.sub_(self.b)
-        return x.square_().mul_(-self.a).clamp_(max=math.log(self.clamp))
+            x.sub_(self.b / scale)
+        return x.square_().mul_(-self.a * scale * scale).clamp_(max=math.log(self.clamp))
 
     def _per_anchor(
         self, log_d: Tensor, pos_logits: Tensor, g: Tensor | None, neighbours: Tensor
@@ -419,18 +447,17 @@ class PotentialLoss(nn.Module):
         pos = pos.unsqueeze(1)
         return (torch.logaddexp(pos, log_d.unsqueeze(0)) - pos).mean(dim=1)
 
-    def _aug_sigma(self, x: Tensor, cos: Tensor) -> Tensor:
-        """``log pi`` of ``L_aug`` over the rows of ``x = [q; k]``: kernel of the cosine or of the
-        raw dot product (``select_on``) around each row's partner."""
+    def _aug_sigma(self, x: Tensor, logits: Tensor) -> Tensor:
+        """``log pi`` of ``L_aug`` over the rows of ``x = [q; k]``: kernel of the cosine (from the
+        logits ``cos / T``) or of the raw dot product (``select_on``) around each row's partner."""
         two_n = x.shape[0]
         rows = torch.arange(two_n, device=x.device)
         partner = (rows + two_n // 2) % two_n
         if self.select_on == "raw":
             raw = x.detach().float()
             sigma = (raw @ raw.T).float()
-        else:
-            sigma = cos
-        return self._log_keep(sigma, sigma[rows, partner])
+            return self._log_keep(sigma, sigma[rows, partner])
+        return self._log_keep(logits, logits[rows, partner], self.temperature)
 
     # -- one direction with a bank (the authors' set-up) ---------------------------------------
 
@@ -486,7 +513,6 @@ class PotentialLoss(nn.Module):
             centre = logits.detach().diagonal() * t  # s+_i = s(q_i, k_i): key column i of row i
             log_pi = self._log_keep(logits.detach() * t, centre)  # [N, N + C']
             pi = log_pi.exp_()
-            own = torch.zeros_like(pi, dtype=torch.bool).scatter_(1, colmap, True)
             nb_index = nb_col.reshape(1, -1).expand(n, -1)  # [N, NK] column (- N) of every cell
             pool_pi = None
             if pool_is_support:
@@ -502,30 +528,34 @@ class PotentialLoss(nn.Module):
                 keep_nb = cells[:, :, 1:] < pi[:, n:].gather(1, nb_index).view(n, n, k_eff)
                 keep_key[rows, rows] = False  # the own block holds the positives
                 keep_nb[rows, rows] = False
-                weight = torch.zeros_like(pi)
+                weight = torch.empty_like(pi)
                 weight[:, :n] = keep_key
+                weight[:, n:] = 0.0
                 weight[:, n:].scatter_add_(1, nb_index, keep_nb.reshape(n, -1).to(weight.dtype))
                 if pool_pi is not None:
                     keep_pool = u[:, n * size :] < pool_pi
                     if pool_is_support:  # the anchor's own neighbours are its positives
                         keep_pool[rows.unsqueeze(1), idx] = False
-                        weight[:, n:] += keep_pool
+                        weight[:, n:] += keep_pool.to(weight.dtype)
                 if diagnostics:
                     keep_grid = torch.cat([keep_key.unsqueeze(2), keep_nb], dim=2).view(n, -1)
             else:  # expected count: keep probability times the cells in other blocks
                 mult = torch.bincount(colmap.reshape(-1), minlength=pi.shape[1]).to(pi.dtype)
-                cells = mult.unsqueeze(0) - own.to(pi.dtype)
                 if pool_is_support:
-                    cells[:, n:] += 1.0
-                    cells[rows.unsqueeze(1), idx + n] -= 1.0
+                    mult[n:] += 1.0  # every bank row is a pool column too ...
+                    colmap_neg = torch.cat([colmap, colmap[:, 1:]], dim=1)  # ... but own rows
+                else:
+                    colmap_neg = colmap
+                cells = mult.expand_as(pi).clone()
+                cells.scatter_add_(1, colmap_neg, cells.new_full(colmap_neg.shape, -1.0))
                 weight = cells.mul_(pi)
-            weight.add_(own)  # the positives count once, unweighted
+            weight.scatter_add_(1, colmap, weight.new_ones(colmap.shape))  # positives: once
             if extra is not None:
                 pool_w = pool_pi if keep_pool is None else keep_pool.to(pi.dtype)
                 weight = torch.cat([weight, pool_w], dim=1)
         if extra is not None:
             logits = torch.cat([logits, extra], dim=1)
-        log_d = _row_log_sums(logits, [weight], t)[0]
+        log_d = _row_log_sums(logits, [weight], [(0, n, 0, logits.shape[1])], t)[0]
         per_anchor = self._per_anchor(log_d, pos_logits, q if proj is None else proj, neighbours)
         grid = None
         if diagnostics:
@@ -607,65 +637,57 @@ class PotentialLoss(nn.Module):
         k_eff = min(self.num_neighbors, n - 1)
         rows = torch.arange(n, device=xn.device)
         drawn = self.sample == "bernoulli"
-        views = [  # rows of the direction, its anchors, its keys, the soft-weight inputs
+        views = [  # rows and columns of the direction, its anchors, keys, soft-weight inputs
             (slice(0, n), slice(n, 2 * n), xn[:n], xn[n:], z1 if proj1 is None else proj1),
             (slice(n, 2 * n), slice(0, n), xn[n:], xn[:n], z2 if proj2 is None else proj2),
         ]
         with torch.no_grad():
-            cos = logits.detach() * t
-            centre = torch.cat([cos.diagonal(n), cos.diagonal(-n)])  # s(r, r') of every row
+            lg = logits.detach()
+            centre = torch.cat([lg.diagonal(n), lg.diagonal(-n)])  # s(r, r') / T of every row
             aug_lp = None
             if self.aug_weight > 0 and self.select_on == "cosine":
-                aug_lp = self._log_keep(cos, centre)  # its off-diagonal blocks serve L_mined
-                mined_lp = [aug_lp[r, c] for r, c, *_ in views]
+                aug_lp = self._log_keep(lg, centre, t)  # its off-diagonal blocks serve L_mined
+                mined_pi = [aug_lp[r, c].exp() for r, c, *_ in views]
             else:
-                mined_lp = [self._log_keep(cos[r, c], centre[r]) for r, c, *_ in views]
+                mined_pi = [self._log_keep(lg[r, c], centre[r], t).exp_() for r, c, *_ in views]
                 if self.aug_weight > 0:
-                    aug_lp = self._aug_sigma(x, cos)
-            idx = [self._neighbours(cos[c, c], k_eff) for _, c, *_ in views]
-            mined_w = torch.zeros_like(cos)  # [2N, 2N], diagonal blocks unused
-            counts = []
-            for (r, c, *_), lp, nbr in zip(views, mined_lp, idx):
+                    aug_lp = self._aug_sigma(x, lg)
+            idx = [self._neighbours(lg[c, c], k_eff) for _, c, *_ in views]
+            weights, blocks, counts = [], [], []
+            for (r, c, *_), pi, nbr in zip(views, mined_pi, idx):
                 block_ids = torch.cat([rows.unsqueeze(1), nbr], dim=1)  # [N, K+1], key first
-                own = torch.zeros_like(lp, dtype=torch.bool).scatter_(1, block_ids, True)
                 mult = torch.bincount(nbr.reshape(-1), minlength=n) + 1  # blocks holding key l
                 if drawn:
-                    count = _binomial(lp.exp(), mult, generator)
+                    count = _binomial(pi, mult, generator)
                 else:
-                    count = lp.exp().mul_(mult.to(lp.dtype))
-                counts.append((count, own, block_ids))
-                mined_w[r, c] = count.masked_fill(own, 1.0)  # own positives: once, unweighted
-            weights = [mined_w]
+                    count = pi * mult.to(pi.dtype)
+                counts.append((count.clone() if diagnostics else None, block_ids))
+                weights.append(count.scatter_(1, block_ids, 1.0))  # own positives: once
+                blocks.append((r.start, r.stop, c.start, c.stop))
             if aug_lp is not None:  # drawn: one selection per direction; expected: the same
-                pi = aug_lp.exp()
-                aug_w = _bernoulli(pi, 2, generator).to(pi.dtype) if drawn else pi.unsqueeze(0)
-                weights.extend(self._aug_weights(aug_w))
-        log_d = _row_log_sums(logits, weights, t)  # [1 + 0, 1 or 2, 2N]
+                pi = aug_lp.exp_()
+                aug_w = self._aug_weights(_bernoulli(pi, 2, generator) if drawn else pi[None])
+                weights.extend(aug_w)
+                blocks.extend([(0, 2 * n, 0, 2 * n)] * aug_w.shape[0])
+        log_d = _row_log_sums(logits, weights, blocks, t)
         mined, grids = [], []
-        for (r, c, anchors, keys, g), lp, nbr, (count, own, block_ids) in zip(
-            views, mined_lp, idx, counts
+        for (r, c, anchors, keys, g), pi, nbr, d, (count, block_ids) in zip(
+            views, mined_pi, idx, log_d, counts
         ):
-            neighbours = keys[nbr]  # [N, K, d]
+            neighbours = keys.index_select(0, nbr.reshape(-1)).view(n, k_eff, keys.shape[1])
             nb_logits = torch.einsum("nd,nkd->nk", anchors, neighbours).float() / t
             pos_logits = torch.cat([pos.unsqueeze(1), nb_logits], dim=1)
-            mined.append(self._per_anchor(log_d[0, r], pos_logits, g, neighbours))
+            mined.append(self._per_anchor(d, pos_logits, g, neighbours))
             if diagnostics:
                 grids.append(
                     self._in_batch_grid(
-                        anchors,
-                        keys,
-                        logits[r, c],
-                        lp,
-                        own,
-                        count if drawn else None,
-                        block_ids,
-                        pos,
+                        anchors, keys, logits[r, c], pi, count if drawn else None, block_ids, pos
                     )
                 )
         aug_part = None
         if aug_lp is not None:
             pos2 = torch.cat([pos, pos])
-            aug_rows = [self._aug_rows(d, pos2) for d in log_d[1:]]
+            aug_rows = [self._aug_rows(d, pos2) for d in log_d[2:]]
             if len(aug_rows) == 1:  # expected: both directions are the same evaluation
                 aug_rows = aug_rows * 2
             # row i is z1_i, row N+i is z2_i: both belong to sample i
@@ -686,26 +708,26 @@ class PotentialLoss(nn.Module):
         anchors: Tensor,
         keys: Tensor,
         block: Tensor,
-        log_pi: Tensor,
-        own: Tensor,
+        pi: Tensor,
         counts: Tensor | None,
         block_ids: Tensor,
-        pos_logits: Tensor,
+        pos: Tensor,
     ) -> _Grid:
         """The grid of one in-batch direction: column ``j(K+1) + m`` is key ``block_ids[j, m]``;
         of the ``mult_l`` cells of key ``l``, the first ``c_il`` (in column order) are kept."""
         n, size = block_ids.shape
         with torch.no_grad():
             ids = block_ids.reshape(-1)
+            own = torch.zeros_like(pi, dtype=torch.bool).scatter_(1, block_ids, True)
             neg_mask = ~torch.eye(n, dtype=torch.bool, device=ids.device).repeat_interleave(
                 size, dim=1
             )
             neg_mask &= ~own[:, ids]
             if counts is None:
-                log_w = log_pi[:, ids]
+                log_w = pi[:, ids].log()
             else:
                 kept = _occurrence_rank(ids).unsqueeze(0) < counts[:, ids]
-                log_w = torch.zeros_like(kept, dtype=block.dtype).masked_fill(~kept, _NEG_INF)
+                log_w = torch.zeros_like(kept, dtype=pi.dtype).masked_fill(~kept, _NEG_INF)
             return self._make_grid(
                 anchors,
                 keys,
@@ -714,7 +736,7 @@ class PotentialLoss(nn.Module):
                 neg_mask,
                 log_w,
                 ids,
-                pos_logits.detach(),
+                pos.detach(),
                 size,
                 in_batch=True,
             )
@@ -761,12 +783,12 @@ class PotentialLoss(nn.Module):
         logits = ((xn / t) @ xn.T).float()
         pos = (xn[:n] * xn[n:]).sum(dim=1) / t
         with torch.no_grad():
-            pi = self._aug_sigma(x, logits.detach() * t).exp_()
+            pi = self._aug_sigma(x, logits.detach()).exp_()
             if self.sample == "bernoulli":
                 u = torch.rand(pi.shape, generator=generator, device=pi.device)
-                pi = (u < pi).to(pi.dtype)
+                pi = torch.lt(u, pi, out=torch.empty_like(pi))
             weights = self._aug_weights(pi)
-        log_d = _row_log_sums(logits, [weights], t)[0]
+        log_d = _row_log_sums(logits, [weights], [(0, 2 * n, 0, 2 * n)], t)[0]
         return self._aug_rows(log_d, torch.cat([pos, pos]))
 
     # -- forward -----------------------------------------------------------------------------
