@@ -235,8 +235,9 @@ def _binomial(p: Tensor, trials: Tensor, generator: torch.Generator | None) -> T
             ties[:, cols] += (part == top[:, cols]).sum(dim=0, dtype=torch.uint8)
         start += size
     counts = below.to(p.dtype)
-    row, col = ties.nonzero(as_tuple=True)
-    if row.numel() > 0:
+    at = _find(ties != 0)
+    if at.numel() > 0:
+        row, col = at // p.shape[1], at % p.shape[1]
         left = ties[row, col]
         rest = p[row, col] * 256.0 - top[row, col]
         won = torch.zeros_like(rest)
@@ -251,15 +252,15 @@ _Block = tuple[int, int, int, int]  # rows [r0, r1) and columns [c0, c1) of a we
 
 
 class _RowLogSums(torch.autograd.Function):
-    """``log D_s = log sum_c W_s[r, c] e^{L[r, c]}`` for weights ``W_s`` (no gradient) on
-    blocks of the logits ``L``, from one exponential ``E = e^{L - shift}`` shared by all ``s``;
+    """``log D_s = shift + log sum_c W_s[r, c] e^{L[r, c]}`` for weights ``W_s`` (no gradient)
+    on blocks of the shifted logits ``L``, from one exponential ``E = e^L`` shared by all ``s``;
     the backward is ``dL = E * sum_s (g_s / D_s) W_s`` (each on its block), built in place.
-    ``shift`` must bound ``L`` so that no weighted ``E`` underflows (see :func:`_row_log_sums`).
+    ``L`` must be small enough that no weighted ``E`` underflows (see :func:`_row_log_sums`).
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, shift: float, blocks: list[_Block], *weights: Tensor):  # type: ignore[override]
-        e = torch.sub(logits, shift).exp_()
+        e = torch.exp(logits)
         sums = [
             torch.mul(e[r0:r1, c0:c1], w).sum(dim=1) for (r0, r1, c0, c1), w in zip(blocks, weights)
         ]
@@ -288,15 +289,25 @@ class _RowLogSums(torch.autograd.Function):
         return (acc.mul_(e), None, None, *([None] * k))
 
 
+def _shifted_logits(a: Tensor, b: Tensor, temperature: float) -> Tensor:
+    """``a @ b^T / T - 1 / T`` (float32) for L2-normalised rows, the shift folded into the matmul
+    as one more column (no extra pass): all in ``[-2/T, 0]`` up to rounding."""
+    col = a.new_ones(a.shape[0], 1)
+    a = torch.cat([a / temperature, col], dim=1)
+    b = torch.cat([b, col.new_full((b.shape[0], 1), -1.0 / temperature)], dim=1)
+    return (a @ b.T).float()
+
+
 def _row_log_sums(
     logits: Tensor, weights: list[Tensor], blocks: list[_Block], temperature: float
 ) -> tuple[Tensor, ...]:
     """``log D_s[r] = log sum_c W_s[r, c] e^{L[r, c]}`` over the rows of each block (``-inf``
-    where a row has no weight), for logits ``L = cos / T``.
+    where a row has no weight), for shifted logits ``L = cos / T - 1 / T``
+    (:func:`_shifted_logits`); the shift is added back.
 
-    With ``T >= 0.03`` every ``L`` lies in ``[-1/T, 1/T]`` (up to bf16 rounding of the cosine),
-    so ``E = e^{L - 1/T} >= e^{-2.02/T} >= e^{-68}`` is a normal float32 and one exponential
-    serves every sum (:class:`_RowLogSums`). Below, each sum is a log-sum-exp of its own.
+    With ``T >= 0.03`` every ``L`` lies in ``[-2/T, 0]`` (up to bf16 rounding of the cosine),
+    so ``E = e^L >= e^{-2.02/T} >= e^{-68}`` is a normal float32 and one exponential serves
+    every sum (:class:`_RowLogSums`). Below, each sum is a log-sum-exp of its own.
     """
     if temperature >= 0.03:
         return _RowLogSums.apply(logits, 1.0 / temperature, blocks, *weights)
@@ -305,7 +316,8 @@ def _row_log_sums(
         has = (w > 0).any(dim=1, keepdim=True)
         terms = logits[r0:r1, c0:c1] + w.log()
         terms = torch.where(has, terms, torch.zeros_like(terms))
-        out.append(torch.logsumexp(terms, dim=1).masked_fill(~has.squeeze(1), _NEG_INF))
+        lse = torch.logsumexp(terms, dim=1) + 1.0 / temperature
+        out.append(lse.masked_fill(~has.squeeze(1), _NEG_INF))
     return tuple(out)
 
 
@@ -495,7 +507,7 @@ class PotentialLoss(nn.Module):
         else:  # only the bank rows that are somebody's neighbour
             uniq, nb_col = torch.unique(idx, return_inverse=True)
             nb_rows = bank[uniq]
-        logits = ((qn / t) @ torch.cat([kn, nb_rows]).T).float()  # [N, N + C']
+        logits = _shifted_logits(qn, torch.cat([kn, nb_rows]), t)  # [N, N + C'], cos/T - 1/T
         colmap = torch.cat([rows.unsqueeze(1), nb_col + n], dim=1)  # column of each block member
         neighbours = bank[idx]  # [N, K, d]
         pos_logits = torch.cat(  # [N, K+1], own block, key first
@@ -508,17 +520,17 @@ class PotentialLoss(nn.Module):
         extra = None
         if pool is not None and not pool_is_support:
             pool_n = _normalise(pool.detach())
-            extra = ((qn / t) @ pool_n.T).float()  # [N, Q']
+            extra = _shifted_logits(qn, pool_n, t)  # [N, Q']
         with torch.no_grad():
-            centre = logits.detach().diagonal() * t  # s+_i = s(q_i, k_i): key column i of row i
-            log_pi = self._log_keep(logits.detach() * t, centre)  # [N, N + C']
+            centre = logits.detach().diagonal()  # s+_i = s(q_i, k_i): key column i of row i
+            log_pi = self._log_keep(logits.detach(), centre, t)  # [N, N + C']
             pi = log_pi.exp_()
             nb_index = nb_col.reshape(1, -1).expand(n, -1)  # [N, NK] column (- N) of every cell
             pool_pi = None
             if pool_is_support:
                 pool_pi = pi[:, n:]
             elif extra is not None:
-                pool_pi = self._log_keep(extra.detach() * t, centre).exp_()
+                pool_pi = self._log_keep(extra.detach(), centre, t).exp_()
             keep_grid = keep_pool = None
             if self.sample == "bernoulli":
                 width = n * size + (0 if pool_pi is None else pool_pi.shape[1])
@@ -562,7 +574,8 @@ class PotentialLoss(nn.Module):
             with torch.no_grad():
                 flat = colmap.reshape(1, -1).expand(n, -1)
                 candidates = [torch.cat([kn.unsqueeze(1), bank[idx]], dim=1).reshape(n * size, -1)]
-                grid_logits = [logits.detach().gather(1, flat)]
+                lg = logits.detach() + 1.0 / t
+                grid_logits = [lg.gather(1, flat)]
                 neg_mask = [
                     ~torch.eye(n, dtype=torch.bool, device=qn.device).repeat_interleave(size, 1)
                 ]
@@ -577,11 +590,11 @@ class PotentialLoss(nn.Module):
                     if pool_is_support:
                         pool_mask[rows.unsqueeze(1), idx] = False
                         candidates.append(bank)
-                        grid_logits.append(logits.detach()[:, n:])
+                        grid_logits.append(lg[:, n:])
                         offset = n
                     else:
                         candidates.append(pool_n)
-                        grid_logits.append(extra.detach())
+                        grid_logits.append(extra.detach() + 1.0 / t)
                         offset = n + bank.shape[0]
                     neg_mask.append(pool_mask)
                     log_w.append(
@@ -632,7 +645,7 @@ class PotentialLoss(nn.Module):
         n, t = z1.shape[0], self.temperature
         x = torch.cat([z1, z2])
         xn = _normalise(x)
-        logits = ((xn / t) @ xn.T).float()  # [2N, 2N]
+        logits = _shifted_logits(xn, xn, t)  # [2N, 2N], cos / T - 1 / T
         pos = (xn[:n] * xn[n:]).sum(dim=1) / t  # s(z1_i, z2_i) / T, both directions, both losses
         k_eff = min(self.num_neighbors, n - 1)
         rows = torch.arange(n, device=xn.device)
@@ -646,12 +659,12 @@ class PotentialLoss(nn.Module):
             centre = torch.cat([lg.diagonal(n), lg.diagonal(-n)])  # s(r, r') / T of every row
             aug_lp = None
             if self.aug_weight > 0 and self.select_on == "cosine":
-                aug_lp = self._log_keep(lg, centre, t)  # its off-diagonal blocks serve L_mined
-                mined_pi = [aug_lp[r, c].exp() for r, c, *_ in views]
+                aug_lp = self._log_keep(lg, centre, t).exp_()  # pi; its off-diagonal blocks
+                mined_pi = [aug_lp[r, c] for r, c, *_ in views]  # serve L_mined
             else:
                 mined_pi = [self._log_keep(lg[r, c], centre[r], t).exp_() for r, c, *_ in views]
                 if self.aug_weight > 0:
-                    aug_lp = self._aug_sigma(x, lg)
+                    aug_lp = self._aug_sigma(x, lg).exp_()
             idx = [self._neighbours(lg[c, c], k_eff) for _, c, *_ in views]
             weights, blocks, counts = [], [], []
             for (r, c, *_), pi, nbr in zip(views, mined_pi, idx):
@@ -665,7 +678,7 @@ class PotentialLoss(nn.Module):
                 weights.append(count.scatter_(1, block_ids, 1.0))  # own positives: once
                 blocks.append((r.start, r.stop, c.start, c.stop))
             if aug_lp is not None:  # drawn: one selection per direction; expected: the same
-                pi = aug_lp.exp_()
+                pi = aug_lp  # changed in place (self and partner cells, unused by L_mined)
                 aug_w = self._aug_weights(_bernoulli(pi, 2, generator) if drawn else pi[None])
                 weights.extend(aug_w)
                 blocks.extend([(0, 2 * n, 0, 2 * n)] * aug_w.shape[0])
@@ -681,7 +694,13 @@ class PotentialLoss(nn.Module):
             if diagnostics:
                 grids.append(
                     self._in_batch_grid(
-                        anchors, keys, logits[r, c], pi, count if drawn else None, block_ids, pos
+                        anchors,
+                        keys,
+                        logits[r, c] + 1 / t,
+                        pi,
+                        count if drawn else None,
+                        block_ids,
+                        pos,
                     )
                 )
         aug_part = None
@@ -780,7 +799,7 @@ class PotentialLoss(nn.Module):
         n, t = q.shape[0], self.temperature
         x = torch.cat([q, k])
         xn = _normalise(x)
-        logits = ((xn / t) @ xn.T).float()
+        logits = _shifted_logits(xn, xn, t)
         pos = (xn[:n] * xn[n:]).sum(dim=1) / t
         with torch.no_grad():
             pi = self._aug_sigma(x, logits.detach()).exp_()
