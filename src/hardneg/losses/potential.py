@@ -177,6 +177,12 @@ def _top_byte(p: Tensor) -> Tensor:
     return (p * 256.0).clamp_(max=255.0).to(torch.uint8)
 
 
+def _as_float(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """0/1 of a bool tensor as ``dtype``, through ``uint8`` (a direct bool cast is slow on the
+    CPU)."""
+    return mask.view(torch.uint8).to(dtype)
+
+
 def _find(mask: Tensor) -> Tensor:
     """Flat indices of the True entries of a contiguous bool tensor that is mostly False:
     the scan runs over 8-byte words, and only the words that hold a True are opened."""
@@ -186,26 +192,33 @@ def _find(mask: Tensor) -> Tensor:
     at = (hit.unsqueeze(1) * 8 + torch.arange(8, device=mask.device)).reshape(-1)
     tail = torch.arange(whole, flat.numel(), device=mask.device)
     at = torch.cat([at, tail])
-    return at[flat[at]]
+    return at[flat.index_select(0, at)]
 
 
-def _bernoulli(p: Tensor, trials: int, generator: torch.Generator | None) -> Tensor:
-    """``[trials, *p.shape]`` independent draws ``Bernoulli(p)`` as float 0/1, exact to float32.
+def _bernoulli(p: Tensor, trials: int, generator: torch.Generator | None) -> list[Tensor]:
+    """``trials`` independent draws ``Bernoulli(p)``, each a float 0/1 tensor like ``p``, exact
+    to float32.
 
     A draw compares one random byte ``v`` with ``t = floor(256 p)``: ``v < t`` keeps,
     ``v > t`` drops, and a tie (probability 1/256) keeps when a ``torch.rand`` uniform is below
     ``256 p - t``, so ``P(keep) = t / 256 + (256 p - t) / 256 = p``. Draw order: the bytes
     (row-major over ``[trials, *p.shape]``), then one uniform per tie in the same order.
+    (One tensor per draw: a single ``[trials, ...]`` float tensor would pass the allocator's
+    reuse threshold for large ``p`` and be paged in afresh on every call.)
     """
     top = _top_byte(p)
     v = _random_bytes((trials, *p.shape), generator, p.device)
-    keep = torch.lt(v, top, out=torch.empty(v.shape, dtype=p.dtype, device=p.device))
+    keep = [_as_float(v[i] < top, p.dtype) for i in range(trials)]
     at = _find(v == top)
     if at.numel() > 0:
         cell = at % p.numel()
         u = torch.rand(at.shape, generator=generator, device=p.device)
-        rest = p.reshape(-1)[cell] * 256.0 - top.view(-1)[cell]
-        keep.view(-1)[at] = (u < rest).to(p.dtype)
+        rest = p.reshape(-1).index_select(0, cell) * 256.0 - top.view(-1).index_select(0, cell)
+        won = _as_float(u < rest, p.dtype)
+        draw = at // p.numel()
+        for i in range(trials):
+            mine = draw == i
+            keep[i].view(-1).index_copy_(0, cell[mine], won[mine])
     return keep
 
 
@@ -237,14 +250,13 @@ def _binomial(p: Tensor, trials: Tensor, generator: torch.Generator | None) -> T
     counts = below.to(p.dtype)
     at = _find(ties != 0)
     if at.numel() > 0:
-        row, col = at // p.shape[1], at % p.shape[1]
-        left = ties[row, col]
-        rest = p[row, col] * 256.0 - top[row, col]
+        left = ties.view(-1).index_select(0, at)
+        rest = p.reshape(-1).index_select(0, at) * 256.0 - top.view(-1).index_select(0, at)
         won = torch.zeros_like(rest)
         for j in range(int(left.max())):
             u = torch.rand(left.shape, generator=generator, device=p.device)
-            won += (u < rest) & (left > j)
-        counts[row, col] += won
+            won += _as_float((u < rest) & (left > j), p.dtype)
+        counts.view(-1).index_add_(0, at, won)
     return torch.empty_like(counts).scatter_(1, index, counts)
 
 
@@ -541,14 +553,14 @@ class PotentialLoss(nn.Module):
                 keep_key[rows, rows] = False  # the own block holds the positives
                 keep_nb[rows, rows] = False
                 weight = torch.empty_like(pi)
-                weight[:, :n] = keep_key
+                weight[:, :n] = _as_float(keep_key)
                 weight[:, n:] = 0.0
-                weight[:, n:].scatter_add_(1, nb_index, keep_nb.reshape(n, -1).to(weight.dtype))
+                weight[:, n:].scatter_add_(1, nb_index, _as_float(keep_nb.reshape(n, -1)))
                 if pool_pi is not None:
                     keep_pool = u[:, n * size :] < pool_pi
                     if pool_is_support:  # the anchor's own neighbours are its positives
                         keep_pool[rows.unsqueeze(1), idx] = False
-                        weight[:, n:] += keep_pool.to(weight.dtype)
+                        weight[:, n:] += _as_float(keep_pool)
                 if diagnostics:
                     keep_grid = torch.cat([keep_key.unsqueeze(2), keep_nb], dim=2).view(n, -1)
             else:  # expected count: keep probability times the cells in other blocks
@@ -563,7 +575,7 @@ class PotentialLoss(nn.Module):
                 weight = cells.mul_(pi)
             weight.scatter_add_(1, colmap, weight.new_ones(colmap.shape))  # positives: once
             if extra is not None:
-                pool_w = pool_pi if keep_pool is None else keep_pool.to(pi.dtype)
+                pool_w = pool_pi if keep_pool is None else _as_float(keep_pool)
                 weight = torch.cat([weight, pool_w], dim=1)
         if extra is not None:
             logits = torch.cat([logits, extra], dim=1)
@@ -679,9 +691,9 @@ class PotentialLoss(nn.Module):
                 blocks.append((r.start, r.stop, c.start, c.stop))
             if aug_lp is not None:  # drawn: one selection per direction; expected: the same
                 pi = aug_lp  # changed in place (self and partner cells, unused by L_mined)
-                aug_w = self._aug_weights(_bernoulli(pi, 2, generator) if drawn else pi[None])
-                weights.extend(aug_w)
-                blocks.extend([(0, 2 * n, 0, 2 * n)] * aug_w.shape[0])
+                aug_w = _bernoulli(pi, 2, generator) if drawn else [pi]
+                weights.extend(self._aug_weights(w) for w in aug_w)
+                blocks.extend([(0, 2 * n, 0, 2 * n)] * len(aug_w))
         log_d = _row_log_sums(logits, weights, blocks, t)
         mined, grids = [], []
         for (r, c, anchors, keys, g), pi, nbr, d, (count, block_ids) in zip(
@@ -805,7 +817,7 @@ class PotentialLoss(nn.Module):
             pi = self._aug_sigma(x, logits.detach()).exp_()
             if self.sample == "bernoulli":
                 u = torch.rand(pi.shape, generator=generator, device=pi.device)
-                pi = torch.lt(u, pi, out=torch.empty_like(pi))
+                pi = _as_float(u < pi)
             weights = self._aug_weights(pi)
         log_d = _row_log_sums(logits, [weights], [(0, 2 * n, 0, 2 * n)], t)[0]
         return self._aug_rows(log_d, torch.cat([pos, pos]))
