@@ -519,7 +519,8 @@ class PotentialLoss(nn.Module):
         else:  # only the bank rows that are somebody's neighbour
             uniq, nb_col = torch.unique(idx, return_inverse=True)
             nb_rows = bank[uniq]
-        logits = _shifted_logits(qn, torch.cat([kn, nb_rows]), t)  # [N, N + C'], cos/T - 1/T
+        # [N, N + C'], cos/T - 1/T; two products, so that the backward skips the bank rows
+        logits = torch.cat([_shifted_logits(qn, kn, t), _shifted_logits(qn, nb_rows, t)], dim=1)
         colmap = torch.cat([rows.unsqueeze(1), nb_col + n], dim=1)  # column of each block member
         neighbours = bank[idx]  # [N, K, d]
         pos_logits = torch.cat(  # [N, K+1], own block, key first
