@@ -67,16 +67,60 @@ Call forms (shapes: ``N`` samples, ``d`` dims, a pool of ``Q`` rows):
 ``K = 0`` gives blocks ``{k_j}`` and ``L_mined`` is an InfoNCE over ``(q, k)`` with selected
 negatives (with ``a = 0, clamp = 1, lambda = 0`` exactly InfoNCE). ``lambda = 0`` skips ``L_aug``.
 
-Randomness: ``sample='bernoulli'`` keeps a candidate when ``u < pi`` with
-``u = torch.rand(grid, generator=generator)`` drawn over each full grid, in this order: the mined
-grid ``[N, N(K+1) + Q']`` of each direction (column ``j(K+1) + m`` is member ``m`` of block ``j``,
-then the ``Q'`` pool columns when ``pool_as_negatives``), then the ``L_aug`` grid ``[2N, 2N]`` over
-``[q; k]`` (in-batch: mined(z1; z2), mined(z2; z1), aug(z1, z2), aug(z2, z1)). Masked cells draw
-too and are ignored. ``sample='expected'`` uses ``pi`` as a deterministic weight of each negative
-(the expectation of ``D_i``), with no draw. No gradient flows through ``m`` or ``pi``; the
-neighbour lookup runs under ``no_grad`` (in-batch, the neighbour vectors are keys and carry their
-gradient like the keys do). Everything is a log-sum-exp over float32 logits, so ``T = 0.05`` and
-bf16 autocast stay finite.
+How it is computed. A grid cell is a (anchor, block member) pair, but ``D_i`` only needs, for
+every distinct candidate ``c``, the number of its cells that are kept: with ``S`` the logits
+``s/T``, ``D_i = sum_c w_ic e^{S_ic}`` with ``w_ic`` = (1 if ``c`` is a positive of ``i``) +
+(kept negative cells of ``c`` in row ``i``). So the grid ``[N, N(K+1)]`` is never built:
+
+* In-batch the block members are keys of the batch, key ``l`` sits in ``mult_l = 1 + #{j: l is
+  a neighbour of k_j}`` blocks, and all of them are other blocks of an anchor ``i`` whose own
+  block does not hold ``l``; ``pi_il`` depends on ``(i, l)`` only. Hence
+  ``w_il = 1`` for ``l in B_i`` and otherwise ``w_il = count_il ~ Binomial(mult_l, pi_il)``
+  (``'expected'``: ``mult_l * pi_il``), over ``[N, N]`` instead of ``[N, N(K+1)]``. One matmul
+  of ``[z1; z2]`` gives every logit: its off-diagonal blocks are ``q @ k^T`` of the two
+  directions, its diagonal blocks the neighbour lookups, the whole matrix the cosines of
+  ``L_aug`` (whose two directions have the same rows in another order), and the kernel
+  ``pi`` of the cosine ``L_aug`` is that of ``L_mined`` on the off-diagonal blocks. All ``D``
+  (both ``L_mined``, both ``L_aug``) are weighted row sums of one exponential
+  ``e^{S - 1/T}``, which stays a normal float32 for ``T >= 0.03`` (cosines in [-1, 1]); below,
+  each sum is its own log-sum-exp.
+* With a bank, the columns are the ``N`` keys and the bank rows that are somebody's neighbour
+  (all bank rows with ``pool_as_negatives``), weighted by their kept cells (``'expected'``: the
+  sum of ``pi`` over their cells in other blocks); a bank row that is an own neighbour and
+  sits in other blocks too has weight ``1 + kept``, as in the code. The positive logits come from
+  row-wise dot products, not from the grid.
+
+Randomness: ``sample='bernoulli'`` keeps a negative cell with probability ``pi``, and
+``sample='expected'`` uses ``pi`` as a deterministic weight of each cell (the expectation of
+``D_i``), with no draw. No gradient flows through the selection or ``pi``; the neighbour lookup
+runs under ``no_grad`` (in-batch, the neighbour vectors are keys and carry their gradient like
+the keys do). The draws of the generator, in order:
+
+* With a bank (the authors' set-up; unchanged): ``u = torch.rand(grid, generator=generator)``
+  over the full mined grid ``[N, N(K+1) + Q']`` (column ``j(K+1) + m`` is member ``m`` of block
+  ``j``, then the ``Q'`` pool columns when ``pool_as_negatives``; masked cells draw too), a cell
+  kept when ``u < pi``; then ``torch.rand`` over the ``L_aug`` grid ``[2N, 2N]`` of ``[q; k]``.
+* In-batch (our construction, so the layout is ours; the law of every selection is that of
+  independent Bernoulli cells): for ``L_mined(z1; z2)`` then ``L_mined(z2; z1)``, the counts
+  ``count_il`` of the ``[N, N]`` key grid, columns in the stable ascending order of ``mult_l``:
+  one batch of random bytes ``[m, N, C_m]`` per distinct ``m`` (increasing), one byte per
+  Bernoulli trial, then ``torch.rand`` uniforms for the cells with ties (below); then one batch
+  of bytes ``[2, 2N, 2N]`` for the selections of ``L_aug(z1, z2)`` and ``L_aug(z2, z1)`` (rows
+  ``[z1; z2]`` for both), then the uniforms of its ties. A trial with probability ``p`` keeps
+  when its byte ``v < floor(256 p)``, drops when ``v > floor(256 p)`` and on a tie (probability
+  1/256) keeps when a ``torch.rand`` uniform is below ``256 p - floor(256 p)``: exactly ``p``
+  (to float32). Bytes come 8 at a time from ``random_`` int64 words over the full 64-bit range:
+  the generator, one call per number, dominated the CPU time.
+
+Cost (``N`` samples, ``d`` dims, ``K`` neighbours, ``Q`` bank rows, ``U <= min(Q, NK)``
+distinct neighbours): in-batch one ``[2N, d] x [d, 2N]`` matmul and its backward (as InfoNCE),
+two top-``K`` over ``[N, N]``, ``O(N^2)`` elementwise work (about 25 passes over ``[2N, 2N]``
+against InfoNCE's 10) and ``20 N^2`` Bernoulli trials (``N(K+1)`` per anchor and direction for
+``L_mined``, ``4N`` per row for ``L_aug``, with ``K = 5``). With a bank: the lookup
+``[N, d] x [d, Q]`` (no gradient) and its top-``K``, ``[N, d] x [d, N + U]``, the ``L_aug``
+matmul ``[2N, d] x [d, 2N]`` (the last two with their backward), and ``N(K+1) N + 4 N^2``
+``torch.rand`` numbers; InfoNCE with the same bank: one ``[N, d] x [d, Q]`` and its backward.
+Everything is float32 in log space, so ``T = 0.05`` and bf16 autocast stay finite.
 
 Checked line by line against the code; where it and ``docs/methods.md`` section 4 disagree, we
 follow the code unless a point says otherwise:
