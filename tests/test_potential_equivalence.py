@@ -179,7 +179,7 @@ def _grid_keep_probabilities(z1, z2, kk, a):
 def test_bernoulli_draws_are_exact_and_independent():
     g = torch.Generator().manual_seed(1)
     p = torch.tensor([0.0, 1 / 256, 0.3, 0.5, 253.5 / 256, 0.999, 1.0]).repeat(40000, 1)
-    first, second = fast._bernoulli(p, 2, g)
+    first, second = fast._bernoulli(256 * p, 2, g)  # the draws take 256 p
     for keep in (first, second):
         freq = keep.double().mean(0)
         sem = (p[0].double() * (1 - p[0].double()) / p.shape[0]).sqrt()
@@ -194,7 +194,7 @@ def test_binomial_counts_have_the_binomial_law():
     g = torch.Generator().manual_seed(2)
     p = torch.tensor([0.0, 0.2, 0.7, 0.999, 1.0, 0.5, 0.03]).repeat(20000, 1)
     trials = torch.tensor([3, 1, 6, 12, 2, 300, 7])  # 300: more than a uint8 sum holds
-    counts = fast._binomial(p, trials, g).double()
+    counts = fast._binomial(256 * p, trials, g).double()
     p0, m = p[0].double(), trials.double()
     mean, var = m * p0, m * p0 * (1 - p0)
     sem = (var / p.shape[0]).sqrt()

@@ -216,9 +216,12 @@ def _random_bytes(shape: tuple[int, ...], generator, device) -> Tensor:
     return words.view(torch.uint8)[:size].view(shape)
 
 
-def _top_byte(p: Tensor) -> Tensor:
-    """``floor(256 p)`` as ``uint8``, 255 for ``p = 1`` (whose ties then always keep)."""
-    return (p * 256.0).clamp_(max=255.0).to(torch.uint8)
+def _top_byte(scaled: Tensor, saturate: bool) -> Tensor:
+    """``floor(256 p)`` as ``uint8`` from ``scaled = 256 p``; ``saturate`` maps ``p = 1`` to 255
+    (whose ties then always keep), needed only when ``p`` can be 1."""
+    if saturate:
+        scaled = scaled.clamp(max=255.0)
+    return scaled.to(torch.uint8)
 
 
 def _as_float(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -239,9 +242,11 @@ def _find(mask: Tensor) -> Tensor:
     return at[flat.index_select(0, at)]
 
 
-def _bernoulli(p: Tensor, trials: int, generator: torch.Generator | None) -> list[Tensor]:
-    """``trials`` independent draws ``Bernoulli(p)``, each a float 0/1 tensor like ``p``, exact
-    to float32.
+def _bernoulli(
+    scaled: Tensor, trials: int, generator: torch.Generator | None, saturate: bool = True
+) -> list[Tensor]:
+    """``trials`` independent draws ``Bernoulli(p)`` from ``scaled = 256 p``, each a float 0/1
+    tensor like ``scaled``, exact to float32.
 
     A draw compares one random byte ``v`` with ``t = floor(256 p)``: ``v < t`` keeps,
     ``v > t`` drops, and a tie (probability 1/256) keeps when a ``torch.rand`` uniform is below
@@ -250,56 +255,73 @@ def _bernoulli(p: Tensor, trials: int, generator: torch.Generator | None) -> lis
     (One tensor per draw: a single ``[trials, ...]`` float tensor would pass the allocator's
     reuse threshold for large ``p`` and be paged in afresh on every call.)
     """
-    top = _top_byte(p)
-    v = _random_bytes((trials, *p.shape), generator, p.device)
-    keep = [_as_float(v[i] < top, p.dtype) for i in range(trials)]
+    top = _top_byte(scaled, saturate)
+    v = _random_bytes((trials, *scaled.shape), generator, scaled.device)
+    keep = [_as_float(v[i] < top, scaled.dtype) for i in range(trials)]
     at = _find(v == top)
     if at.numel() > 0:
-        cell = at % p.numel()
-        u = torch.rand(at.shape, generator=generator, device=p.device)
-        rest = p.reshape(-1).index_select(0, cell) * 256.0 - top.view(-1).index_select(0, cell)
-        won = _as_float(u < rest, p.dtype)
-        draw = at // p.numel()
+        cell = at % scaled.numel()
+        u = torch.rand(at.shape, generator=generator, device=scaled.device)
+        rest = scaled.reshape(-1).index_select(0, cell) - top.view(-1).index_select(0, cell)
+        won = _as_float(u < rest, scaled.dtype)
+        draw = at // scaled.numel()
         for i in range(trials):
             mine = draw == i
             keep[i].view(-1).index_copy_(0, cell[mine], won[mine])
     return keep
 
 
-def _binomial(p: Tensor, trials: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Counts ``c_rl ~ Binomial(trials_l, p_rl)`` (float ``[R, C]``), independent over cells.
+def _binomial(
+    scaled: Tensor, trials: Tensor, generator: torch.Generator | None, saturate: bool = True
+) -> Tensor:
+    """Counts ``c_rl ~ Binomial(trials_l, p_rl)`` (float ``[R, C]``) from ``scaled = 256 p``,
+    independent over cells.
 
     Every trial is a draw of :func:`_bernoulli`; the ``T`` ties of a cell add
     ``Binomial(T, 256 p - floor(256 p))``. Draw order: the columns are taken in the stable
-    ascending order of ``trials``, one batch of bytes ``[m, R, C_m]`` per distinct count ``m``
-    (increasing); then, for the cells with ties (row-major in that order), uniforms in rounds
-    ``j = 0, 1, ...`` over the cells with more than ``j`` ties.
+    ascending order of ``trials``; one run of random bytes holds a batch ``[m, R, C_m]`` per
+    distinct count ``m`` (increasing); then, for the cells with ties (row-major in that order),
+    uniforms in rounds ``j = 0, 1, ...`` over the cells with more than ``j`` ties.
     """
+    rows = scaled.shape[0]
     order = torch.argsort(trials, stable=True)
-    index = order.unsqueeze(0).expand(p.shape[0], -1)
-    p = p.gather(1, index)
-    top = _top_byte(p)
-    below = torch.zeros_like(top, dtype=torch.int32)
-    ties = torch.zeros_like(below)
+    index = order.unsqueeze(0).expand(rows, -1)
+    scaled = scaled.gather(1, index)
+    top = _top_byte(scaled, saturate)
     values, sizes = torch.unique_consecutive(trials[order], return_counts=True)
-    start = 0
-    for m, size in zip(values.tolist(), sizes.tolist()):
-        cols = slice(start, start + size)
-        v = _random_bytes((m, p.shape[0], size), generator, p.device)
-        for lo in range(0, m, 255):  # uint8 sums (the fast ones) hold 255 terms at most
-            part = v[lo : lo + 255]
-            below[:, cols] += (part < top[:, cols]).sum(dim=0, dtype=torch.uint8)
-            ties[:, cols] += (part == top[:, cols]).sum(dim=0, dtype=torch.uint8)
+    values, sizes = values.tolist(), sizes.tolist()
+    wide = max(values) > 255  # uint8 sums (the fast ones) hold 255 terms at most
+    v_all = _random_bytes(
+        (sum(m * size for m, size in zip(values, sizes)) * rows,), generator, scaled.device
+    )
+    below, ties = [], []
+    start = offset = 0
+    for m, size in zip(values, sizes):
+        v = v_all[offset : offset + m * rows * size].view(m, rows, size)
+        t = top[:, start : start + size]
+        counted = []
+        for mask in (v < t, v == t):
+            if wide:
+                parts = [
+                    mask[lo : lo + 255].sum(dim=0, dtype=torch.uint8) for lo in range(0, m, 255)
+                ]
+                counted.append(torch.stack(parts).sum(dim=0, dtype=torch.int32))
+            else:
+                counted.append(mask.sum(dim=0, dtype=torch.uint8))
+        below.append(counted[0])
+        ties.append(counted[1])
         start += size
-    counts = below.to(p.dtype)
+        offset += m * rows * size
+    counts = torch.cat(below, dim=1).to(scaled.dtype)
+    ties = torch.cat(ties, dim=1)
     at = _find(ties != 0)
     if at.numel() > 0:
         left = ties.view(-1).index_select(0, at)
-        rest = p.reshape(-1).index_select(0, at) * 256.0 - top.view(-1).index_select(0, at)
+        rest = scaled.reshape(-1).index_select(0, at) - top.view(-1).index_select(0, at)
         won = torch.zeros_like(rest)
         for j in range(int(left.max())):
-            u = torch.rand(left.shape, generator=generator, device=p.device)
-            won += _as_float((u < rest) & (left > j), p.dtype)
+            u = torch.rand(left.shape, generator=generator, device=scaled.device)
+            won += _as_float((u < rest) & (left > j), scaled.dtype)
         counts.view(-1).index_add_(0, at, won)
     return torch.empty_like(counts).scatter_(1, index, counts)
 
@@ -473,15 +495,19 @@ class PotentialLoss(nn.Module):
 
     # -- shared pieces -----------------------------------------------------------------------
 
-    def _log_keep(self, sims: Tensor, centre: Tensor, scale: float = 1.0) -> Tensor:
-        """``log pi = min(log clamp, -a (s - s+ - b)^2)`` of every cell of ``sims`` ``[A, C]``
-        (detached), with ``s+ = centre`` ``[A]``; no exponential, one new tensor. ``sims`` may
-        be logits ``s / scale``: ``-a (scale (l - l+) - b)^2 = -a scale^2 (l - l+ - b / scale)^2``.
+    def _log_keep(
+        self, sims: Tensor, centre: Tensor, scale: float = 1.0, offset: float = 0.0
+    ) -> Tensor:
+        """``offset + log pi``, ``log pi = min(log clamp, -a (s - s+ - b)^2)``, of every cell of
+        ``sims`` ``[A, C]`` (detached), with ``s+ = centre`` ``[A]``; no exponential, one new
+        tensor. ``sims`` may be logits ``s / scale``:
+        ``-a (scale (l - l+) - b)^2 = -a scale^2 (l - l+ - b / scale)^2``.
         """
         x = sims - centre.unsqueeze(1)
         if self.b != 0.0:
             x.sub_(self.b / scale)
-        return x.square_().mul_(-self.a * scale * scale).clamp_(max=math.log(self.clamp))
+        y = torch.addcmul(x.new_tensor(offset), x, x, value=-self.a * scale * scale, out=x)
+        return y.clamp_(max=math.log(self.clamp) + offset)
 
     def _per_anchor(
         self, log_d: Tensor, pos_logits: Tensor, g: Tensor | None, neighbours: Tensor
@@ -515,7 +541,7 @@ class PotentialLoss(nn.Module):
         pos = pos.unsqueeze(1)
         return (torch.logaddexp(pos, log_d.unsqueeze(0)) - pos).mean(dim=1)
 
-    def _aug_sigma(self, x: Tensor, logits: Tensor) -> Tensor:
+    def _aug_sigma(self, x: Tensor, logits: Tensor, offset: float = 0.0) -> Tensor:
         """``log pi`` of ``L_aug`` over the rows of ``x = [q; k]``: kernel of the cosine (from the
         logits ``cos / T``) or of the raw dot product (``select_on``) around each row's partner."""
         two_n = x.shape[0]
@@ -524,8 +550,8 @@ class PotentialLoss(nn.Module):
         if self.select_on == "raw":
             raw = x.detach().float()
             sigma = (raw @ raw.T).float()
-            return self._log_keep(sigma, sigma[rows, partner])
-        return self._log_keep(logits, logits[rows, partner], self.temperature)
+            return self._log_keep(sigma, sigma[rows, partner], offset=offset)
+        return self._log_keep(logits, logits[rows, partner], self.temperature, offset)
 
     # -- one direction with a bank (the authors' set-up) ---------------------------------------
 
@@ -714,21 +740,26 @@ class PotentialLoss(nn.Module):
         with torch.no_grad():
             lg = logits.detach()
             centre = torch.cat([lg.diagonal(n), lg.diagonal(-n)])  # s(r, r') / T of every row
+            # drawn: 256 pi, the scale of the byte draws (one pass less than scaling pi)
+            offset = math.log(256.0) if drawn else 0.0
+            saturate = self.clamp >= 1.0  # pi = 1 is possible
             aug_lp = None
             if self.aug_weight > 0 and self.select_on == "cosine":
-                aug_lp = self._log_keep(lg, centre, t).exp_()  # pi; its off-diagonal blocks
+                aug_lp = self._log_keep(lg, centre, t, offset).exp_()  # its off-diagonal blocks
                 mined_pi = [aug_lp[r, c] for r, c, *_ in views]  # serve L_mined
             else:
-                mined_pi = [self._log_keep(lg[r, c], centre[r], t).exp_() for r, c, *_ in views]
+                mined_pi = [
+                    self._log_keep(lg[r, c], centre[r], t, offset).exp_() for r, c, *_ in views
+                ]
                 if self.aug_weight > 0:
-                    aug_lp = self._aug_sigma(x, lg).exp_()
+                    aug_lp = self._aug_sigma(x, lg, offset).exp_()
             idx = [self._neighbours(lg[c, c], k_eff) for _, c, *_ in views]
             weights, blocks, counts = [], [], []
             for (r, c, *_), pi, nbr in zip(views, mined_pi, idx):
                 block_ids = torch.cat([rows.unsqueeze(1), nbr], dim=1)  # [N, K+1], key first
                 mult = torch.bincount(nbr.reshape(-1), minlength=n) + 1  # blocks holding key l
                 if drawn:
-                    count = _binomial(pi, mult, generator)
+                    count = _binomial(pi, mult, generator, saturate)
                 else:
                     count = pi * mult.to(pi.dtype)
                 counts.append((count.clone() if diagnostics else None, block_ids))
@@ -736,7 +767,7 @@ class PotentialLoss(nn.Module):
                 blocks.append((r.start, r.stop, c.start, c.stop))
             if aug_lp is not None:  # drawn: one selection per direction; expected: the same
                 pi = aug_lp  # changed in place (self and partner cells, unused by L_mined)
-                aug_w = _bernoulli(pi, 2, generator) if drawn else [pi]
+                aug_w = _bernoulli(pi, 2, generator, saturate) if drawn else [pi]
                 weights.extend(self._aug_weights(w) for w in aug_w)
                 blocks.extend([(0, 2 * n, 0, 2 * n)] * len(aug_w))
         log_d = _row_log_sums(logits, weights, blocks, t)
