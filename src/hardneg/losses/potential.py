@@ -593,13 +593,7 @@ class PotentialLoss(nn.Module):
         logits = torch.cat([_shifted_logits(qn, kn, t), _shifted_logits(qn, nb_rows, t)], dim=1)
         colmap = torch.cat([rows.unsqueeze(1), nb_col + n], dim=1)  # column of each block member
         neighbours = bank[idx]  # [N, K, d]
-        pos_logits = torch.cat(  # [N, K+1], own block, key first
-            [
-                (qn * kn).sum(dim=1, keepdim=True).float() / t,
-                torch.einsum("nd,nkd->nk", qn, neighbours).float() / t,
-            ],
-            dim=1,
-        )
+        pos_logits = logits.gather(1, colmap) + 1.0 / t  # [N, K+1], own block, key first
         extra = None
         if pool is not None and not pool_is_support:
             pool_n = _normalise(pool.detach())
@@ -729,7 +723,6 @@ class PotentialLoss(nn.Module):
         x = torch.cat([z1, z2])
         xn = _normalise(x)
         logits = _shifted_logits(xn, xn, t)  # [2N, 2N], cos / T - 1 / T
-        pos = (xn[:n] * xn[n:]).sum(dim=1) / t  # s(z1_i, z2_i) / T, both directions, both losses
         k_eff = min(self.num_neighbors, n - 1)
         rows = torch.arange(n, device=xn.device)
         drawn = self.sample == "bernoulli"
@@ -771,14 +764,17 @@ class PotentialLoss(nn.Module):
                 weights.extend(self._aug_weights(w) for w in aug_w)
                 blocks.extend([(0, 2 * n, 0, 2 * n)] * len(aug_w))
         log_d = _row_log_sums(logits, weights, blocks, t)
+        # own-block logits of both directions, read off the same matrix as D (one gather; under
+        # autocast a separate product would round differently from the cells inside D)
+        own_cols = torch.cat([counts[0][1] + n, counts[1][1]])  # [2N, K+1], key first
+        own_logits = logits.gather(1, own_cols) + 1.0 / t
+        pos = own_logits[:n, 0]  # s(z1_i, z2_i) / T: both directions, both losses
         mined, grids = [], []
         for (r, c, anchors, keys, g), pi, nbr, d, (count, block_ids) in zip(
             views, mined_pi, idx, log_d, counts
         ):
             neighbours = keys.index_select(0, nbr.reshape(-1)).view(n, k_eff, keys.shape[1])
-            nb_logits = torch.einsum("nd,nkd->nk", anchors, neighbours).float() / t
-            pos_logits = torch.cat([pos.unsqueeze(1), nb_logits], dim=1)
-            mined.append(self._per_anchor(d, pos_logits, g, neighbours))
+            mined.append(self._per_anchor(d, own_logits[r], g, neighbours))
             if diagnostics:
                 grids.append(
                     self._in_batch_grid(
@@ -788,12 +784,12 @@ class PotentialLoss(nn.Module):
                         pi,
                         count if drawn else None,
                         block_ids,
-                        pos,
+                        own_logits[r][:, 0],
                     )
                 )
         aug_part = None
         if aug_lp is not None:
-            pos2 = torch.cat([pos, pos])
+            pos2 = torch.cat([pos, own_logits[n:, 0]])  # row r's partner, as in its D
             aug_rows = [self._aug_rows(d, pos2) for d in log_d[2:]]
             if len(aug_rows) == 1:  # expected: both directions are the same evaluation
                 aug_rows = aug_rows * 2
@@ -888,7 +884,8 @@ class PotentialLoss(nn.Module):
         x = torch.cat([q, k])
         xn = _normalise(x)
         logits = _shifted_logits(xn, xn, t)
-        pos = (xn[:n] * xn[n:]).sum(dim=1) / t
+        rows = torch.arange(2 * n, device=xn.device)
+        pos = logits[rows, (rows + n) % (2 * n)] + 1.0 / t  # as in D (see _in_batch)
         with torch.no_grad():
             pi = self._aug_sigma(x, logits.detach()).exp_()
             if self.sample == "bernoulli":
@@ -896,7 +893,7 @@ class PotentialLoss(nn.Module):
                 pi = _as_float(u < pi)
             weights = self._aug_weights(pi)
         log_d = _row_log_sums(logits, [weights], [(0, 2 * n, 0, 2 * n)], t)[0]
-        return self._aug_rows(log_d, torch.cat([pos, pos]))
+        return self._aug_rows(log_d, pos)
 
     # -- forward -----------------------------------------------------------------------------
 
