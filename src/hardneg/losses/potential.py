@@ -87,8 +87,8 @@ every distinct candidate ``c``, the number of its cells that are kept: with ``S`
 * With a bank, the columns are the ``N`` keys and the bank rows that are somebody's neighbour
   (all bank rows with ``pool_as_negatives``), weighted by their kept cells (``'expected'``: the
   sum of ``pi`` over their cells in other blocks); a bank row that is an own neighbour and
-  sits in other blocks too has weight ``1 + kept``, as in the code. The positive logits come from
-  row-wise dot products, not from the grid.
+  sits in other blocks too has weight ``1 + kept``, as in the code. The positive logits are
+  read off the same logits matrix (so that they match the terms inside ``D``).
 
 Randomness: ``sample='bernoulli'`` keeps a negative cell with probability ``pi``, and
 ``sample='expected'`` uses ``pi`` as a deterministic weight of each cell (the expectation of
