@@ -67,16 +67,60 @@ Call forms (shapes: ``N`` samples, ``d`` dims, a pool of ``Q`` rows):
 ``K = 0`` gives blocks ``{k_j}`` and ``L_mined`` is an InfoNCE over ``(q, k)`` with selected
 negatives (with ``a = 0, clamp = 1, lambda = 0`` exactly InfoNCE). ``lambda = 0`` skips ``L_aug``.
 
-Randomness: ``sample='bernoulli'`` keeps a candidate when ``u < pi`` with
-``u = torch.rand(grid, generator=generator)`` drawn over each full grid, in this order: the mined
-grid ``[N, N(K+1) + Q']`` of each direction (column ``j(K+1) + m`` is member ``m`` of block ``j``,
-then the ``Q'`` pool columns when ``pool_as_negatives``), then the ``L_aug`` grid ``[2N, 2N]`` over
-``[q; k]`` (in-batch: mined(z1; z2), mined(z2; z1), aug(z1, z2), aug(z2, z1)). Masked cells draw
-too and are ignored. ``sample='expected'`` uses ``pi`` as a deterministic weight of each negative
-(the expectation of ``D_i``), with no draw. No gradient flows through ``m`` or ``pi``; the
-neighbour lookup runs under ``no_grad`` (in-batch, the neighbour vectors are keys and carry their
-gradient like the keys do). Everything is a log-sum-exp over float32 logits, so ``T = 0.05`` and
-bf16 autocast stay finite.
+How it is computed. A grid cell is a (anchor, block member) pair, but ``D_i`` only needs, for
+every distinct candidate ``c``, the number of its cells that are kept: with ``S`` the logits
+``s/T``, ``D_i = sum_c w_ic e^{S_ic}`` with ``w_ic`` = (1 if ``c`` is a positive of ``i``) +
+(kept negative cells of ``c`` in row ``i``). So the grid ``[N, N(K+1)]`` is never built:
+
+* In-batch the block members are keys of the batch, key ``l`` sits in ``mult_l = 1 + #{j: l is
+  a neighbour of k_j}`` blocks, and all of them are other blocks of an anchor ``i`` whose own
+  block does not hold ``l``; ``pi_il`` depends on ``(i, l)`` only. Hence
+  ``w_il = 1`` for ``l in B_i`` and otherwise ``w_il = count_il ~ Binomial(mult_l, pi_il)``
+  (``'expected'``: ``mult_l * pi_il``), over ``[N, N]`` instead of ``[N, N(K+1)]``. One matmul
+  of ``[z1; z2]`` gives every logit: its off-diagonal blocks are ``q @ k^T`` of the two
+  directions, its diagonal blocks the neighbour lookups, the whole matrix the cosines of
+  ``L_aug`` (whose two directions have the same rows in another order), and the kernel
+  ``pi`` of the cosine ``L_aug`` is that of ``L_mined`` on the off-diagonal blocks. All ``D``
+  (both ``L_mined``, both ``L_aug``) are weighted row sums of one exponential
+  ``e^{S - 1/T}``, which stays a normal float32 for ``T >= 0.03`` (cosines in [-1, 1]); below,
+  each sum is its own log-sum-exp.
+* With a bank, the columns are the ``N`` keys and the bank rows that are somebody's neighbour
+  (all bank rows with ``pool_as_negatives``), weighted by their kept cells (``'expected'``: the
+  sum of ``pi`` over their cells in other blocks); a bank row that is an own neighbour and
+  sits in other blocks too has weight ``1 + kept``, as in the code. The positive logits are
+  read off the same logits matrix (so that they match the terms inside ``D``).
+
+Randomness: ``sample='bernoulli'`` keeps a negative cell with probability ``pi``, and
+``sample='expected'`` uses ``pi`` as a deterministic weight of each cell (the expectation of
+``D_i``), with no draw. No gradient flows through the selection or ``pi``; the neighbour lookup
+runs under ``no_grad`` (in-batch, the neighbour vectors are keys and carry their gradient like
+the keys do). The draws of the generator, in order:
+
+* With a bank (the authors' set-up; unchanged): ``u = torch.rand(grid, generator=generator)``
+  over the full mined grid ``[N, N(K+1) + Q']`` (column ``j(K+1) + m`` is member ``m`` of block
+  ``j``, then the ``Q'`` pool columns when ``pool_as_negatives``; masked cells draw too), a cell
+  kept when ``u < pi``; then ``torch.rand`` over the ``L_aug`` grid ``[2N, 2N]`` of ``[q; k]``.
+* In-batch (our construction, so the layout is ours; the law of every selection is that of
+  independent Bernoulli cells): for ``L_mined(z1; z2)`` then ``L_mined(z2; z1)``, the counts
+  ``count_il`` of the ``[N, N]`` key grid, columns in the stable ascending order of ``mult_l``:
+  one batch of random bytes ``[m, N, C_m]`` per distinct ``m`` (increasing), one byte per
+  Bernoulli trial, then ``torch.rand`` uniforms for the cells with ties (below); then one batch
+  of bytes ``[2, 2N, 2N]`` for the selections of ``L_aug(z1, z2)`` and ``L_aug(z2, z1)`` (rows
+  ``[z1; z2]`` for both), then the uniforms of its ties. A trial with probability ``p`` keeps
+  when its byte ``v < floor(256 p)``, drops when ``v > floor(256 p)`` and on a tie (probability
+  1/256) keeps when a ``torch.rand`` uniform is below ``256 p - floor(256 p)``: exactly ``p``
+  (to float32). Bytes come 8 at a time from ``random_`` int64 words over the full 64-bit range:
+  the generator, one call per number, dominated the CPU time.
+
+Cost (``N`` samples, ``d`` dims, ``K`` neighbours, ``Q`` bank rows, ``U <= min(Q, NK)``
+distinct neighbours): in-batch one ``[2N, d] x [d, 2N]`` matmul and its backward (as InfoNCE),
+two top-``K`` over ``[N, N]``, ``O(N^2)`` elementwise work (about 25 passes over ``[2N, 2N]``
+against InfoNCE's 10) and ``20 N^2`` Bernoulli trials (``N(K+1)`` per anchor and direction for
+``L_mined``, ``4N`` per row for ``L_aug``, with ``K = 5``). With a bank: the lookup
+``[N, d] x [d, Q]`` (no gradient) and its top-``K``, ``[N, d] x [d, N + U]``, the ``L_aug``
+matmul ``[2N, d] x [d, 2N]`` (the last two with their backward), and ``N(K+1) N + 4 N^2``
+``torch.rand`` numbers; InfoNCE with the same bank: one ``[N, d] x [d, Q]`` and its backward.
+Everything is float32 in log space, so ``T = 0.05`` and bf16 autocast stay finite.
 
 Checked line by line against the code; where it and ``docs/methods.md`` section 4 disagree, we
 follow the code unless a point says otherwise:
@@ -150,31 +194,219 @@ _NEG_INF = float("-inf")
 
 
 @dataclass
-class _Mined:
-    """One direction of ``L_mined`` and what the diagnostics need."""
+class _Grid:
+    """One direction of ``L_mined`` in the grid layout ``[N, N(K+1) (+ Q')]`` (column
+    ``j(K+1) + m`` = member ``m`` of block ``j``), for the diagnostics; built only on request."""
 
-    per_anchor: Tensor  # [N]
-    scores: ContrastiveScores  # logits [N, C] of the candidate negatives (-inf = not a negative)
-    selection: NegativeSelection  # the selected negatives, log-weights, candidate ids [N, C]
-    num_neighbors: int  # K actually mined (capped at the support size)
+    scores: ContrastiveScores  # logits of the candidate negatives (-inf = not a negative)
+    selection: NegativeSelection  # the selected negatives, log-weights, candidate ids
 
 
 def _normalise(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=1)
 
 
-def _multi_positive_nll(pos_logits: Tensor, neg_terms: Tensor, weights: Tensor | None) -> Tensor:
-    """``sum_p w_p (log D - a_p)`` with ``D = sum_p e^{a_p} + sum_n e^{c_n}``, per row ``[A]``.
+def _random_bytes(shape: tuple[int, ...], generator, device) -> Tensor:
+    """Uniform random bytes (``uint8``) of ``shape``, cut from int64 words of ``random_`` over
+    the full 64-bit range: the generator is the costliest part on the CPU (one call per
+    number, also for ``torch.rand``), and one call gives 8 bytes."""
+    size = math.prod(shape)
+    words = torch.empty(-(-size // 8), dtype=torch.int64, device=device)
+    words.random_(-(2**63), None, generator=generator)
+    return words.view(torch.uint8)[:size].view(shape)
 
-    ``pos_logits`` ``[A, P]``, ``neg_terms`` ``[A, C]`` (``c + log weight``, ``-inf`` = absent).
-    The positives are always in the log-sum-exp, so a row without negatives stays finite and its
-    gradient is never NaN (a log-sum-exp over only ``-inf`` would back-propagate NaN).
+
+def _top_byte(scaled: Tensor, saturate: bool) -> Tensor:
+    """``floor(256 p)`` as ``uint8`` from ``scaled = 256 p``; ``saturate`` maps ``p = 1`` to 255
+    (whose ties then always keep), needed only when ``p`` can be 1."""
+    if saturate:
+        scaled = scaled.clamp(max=255.0)
+    return scaled.to(torch.uint8)
+
+
+def _as_float(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """0/1 of a bool tensor as ``dtype``, through ``uint8`` (a direct bool cast is slow on the
+    CPU)."""
+    return mask.view(torch.uint8).to(dtype)
+
+
+def _find(mask: Tensor) -> Tensor:
+    """Flat indices of the True entries of a contiguous bool tensor that is mostly False:
+    the scan runs over 8-byte words, and only the words that hold a True are opened."""
+    flat = mask.view(-1)
+    whole = flat.numel() // 8 * 8
+    hit = flat[:whole].view(torch.int64).nonzero().squeeze(1)
+    at = (hit.unsqueeze(1) * 8 + torch.arange(8, device=mask.device)).reshape(-1)
+    tail = torch.arange(whole, flat.numel(), device=mask.device)
+    at = torch.cat([at, tail])
+    return at[flat.index_select(0, at)]
+
+
+def _bernoulli(
+    scaled: Tensor, trials: int, generator: torch.Generator | None, saturate: bool = True
+) -> list[Tensor]:
+    """``trials`` independent draws ``Bernoulli(p)`` from ``scaled = 256 p``, each a float 0/1
+    tensor like ``scaled``, exact to float32.
+
+    A draw compares one random byte ``v`` with ``t = floor(256 p)``: ``v < t`` keeps,
+    ``v > t`` drops, and a tie (probability 1/256) keeps when a ``torch.rand`` uniform is below
+    ``256 p - t``, so ``P(keep) = t / 256 + (256 p - t) / 256 = p``. Draw order: the bytes
+    (row-major over ``[trials, *p.shape]``), then one uniform per tie in the same order.
+    (One tensor per draw: a single ``[trials, ...]`` float tensor would pass the allocator's
+    reuse threshold for large ``p`` and be paged in afresh on every call.)
     """
-    log_d = torch.logsumexp(torch.cat([pos_logits, neg_terms], dim=1), dim=1, keepdim=True)
-    terms = log_d - pos_logits
-    if weights is not None:
-        terms = terms * weights
-    return terms.sum(dim=1)
+    top = _top_byte(scaled, saturate)
+    v = _random_bytes((trials, *scaled.shape), generator, scaled.device)
+    keep = [_as_float(v[i] < top, scaled.dtype) for i in range(trials)]
+    at = _find(v == top)
+    if at.numel() > 0:
+        cell = at % scaled.numel()
+        u = torch.rand(at.shape, generator=generator, device=scaled.device)
+        rest = scaled.reshape(-1).index_select(0, cell) - top.view(-1).index_select(0, cell)
+        won = _as_float(u < rest, scaled.dtype)
+        draw = at // scaled.numel()
+        for i in range(trials):
+            mine = draw == i
+            keep[i].view(-1).index_copy_(0, cell[mine], won[mine])
+    return keep
+
+
+def _binomial(
+    scaled: Tensor, trials: Tensor, generator: torch.Generator | None, saturate: bool = True
+) -> Tensor:
+    """Counts ``c_rl ~ Binomial(trials_l, p_rl)`` (float ``[R, C]``) from ``scaled = 256 p``,
+    independent over cells.
+
+    Every trial is a draw of :func:`_bernoulli`; the ``T`` ties of a cell add
+    ``Binomial(T, 256 p - floor(256 p))``. Draw order: the columns are taken in the stable
+    ascending order of ``trials``; one run of random bytes holds a batch ``[m, R, C_m]`` per
+    distinct count ``m`` (increasing); then, for the cells with ties (row-major in that order),
+    uniforms in rounds ``j = 0, 1, ...`` over the cells with more than ``j`` ties.
+    """
+    rows = scaled.shape[0]
+    order = torch.argsort(trials, stable=True)
+    index = order.unsqueeze(0).expand(rows, -1)
+    scaled = scaled.gather(1, index)
+    top = _top_byte(scaled, saturate)
+    values, sizes = torch.unique_consecutive(trials[order], return_counts=True)
+    values, sizes = values.tolist(), sizes.tolist()
+    wide = max(values) > 255  # uint8 sums (the fast ones) hold 255 terms at most
+    v_all = _random_bytes(
+        (sum(m * size for m, size in zip(values, sizes)) * rows,), generator, scaled.device
+    )
+    below, ties = [], []
+    start = offset = 0
+    for m, size in zip(values, sizes):
+        v = v_all[offset : offset + m * rows * size].view(m, rows, size)
+        t = top[:, start : start + size]
+        counted = []
+        for mask in (v < t, v == t):
+            if wide:
+                parts = [
+                    mask[lo : lo + 255].sum(dim=0, dtype=torch.uint8) for lo in range(0, m, 255)
+                ]
+                counted.append(torch.stack(parts).sum(dim=0, dtype=torch.int32))
+            else:
+                counted.append(mask.sum(dim=0, dtype=torch.uint8))
+        below.append(counted[0])
+        ties.append(counted[1])
+        start += size
+        offset += m * rows * size
+    counts = torch.cat(below, dim=1).to(scaled.dtype)
+    ties = torch.cat(ties, dim=1)
+    at = _find(ties != 0)
+    if at.numel() > 0:
+        left = ties.view(-1).index_select(0, at)
+        rest = scaled.reshape(-1).index_select(0, at) - top.view(-1).index_select(0, at)
+        won = torch.zeros_like(rest)
+        for j in range(int(left.max())):
+            u = torch.rand(left.shape, generator=generator, device=scaled.device)
+            won += _as_float((u < rest) & (left > j), scaled.dtype)
+        counts.view(-1).index_add_(0, at, won)
+    return torch.empty_like(counts).scatter_(1, index, counts)
+
+
+_Block = tuple[int, int, int, int]  # rows [r0, r1) and columns [c0, c1) of a weight matrix
+
+
+class _RowLogSums(torch.autograd.Function):
+    """``log D_s = shift + log sum_c W_s[r, c] e^{L[r, c]}`` for weights ``W_s`` (no gradient)
+    on blocks of the shifted logits ``L``, from one exponential ``E = e^L`` shared by all ``s``;
+    the backward is ``dL = E * sum_s (g_s / D_s) W_s`` (each on its block), built in place.
+    ``L`` must be small enough that no weighted ``E`` underflows (see :func:`_row_log_sums`).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, shift: float, blocks: list[_Block], *weights: Tensor):  # type: ignore[override]
+        e = torch.exp(logits)
+        sums = [
+            torch.mul(e[r0:r1, c0:c1], w).sum(dim=1) for (r0, r1, c0, c1), w in zip(blocks, weights)
+        ]
+        ctx.blocks = blocks
+        ctx.save_for_backward(e, *weights, *sums)
+        return tuple(d.log().add_(shift) for d in sums)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        e, *saved = ctx.saved_tensors
+        k = len(ctx.blocks)
+        weights, sums = saved[:k], saved[k:]
+        full = (0, e.shape[0], 0, e.shape[1])
+        acc = None
+        for block, w, d, g in sorted(
+            zip(ctx.blocks, weights, sums, grads), key=lambda item: item[0] != full
+        ):
+            coef = torch.where(d > 0, g / d, torch.zeros_like(d)).unsqueeze(1)
+            if acc is None and block == full:
+                acc = w * coef
+                continue
+            if acc is None:
+                acc = torch.zeros_like(e)
+            r0, r1, c0, c1 = block
+            acc[r0:r1, c0:c1].addcmul_(w, coef)
+        return (acc.mul_(e), None, None, *([None] * k))
+
+
+def _shifted_logits(a: Tensor, b: Tensor, temperature: float) -> Tensor:
+    """``a @ b^T / T - 1 / T`` (float32) for L2-normalised rows, the shift folded into the matmul
+    as one more column (no extra pass): all in ``[-2/T, 0]`` up to rounding."""
+    col = a.new_ones(a.shape[0], 1)
+    a = torch.cat([a / temperature, col], dim=1)
+    b = torch.cat([b, col.new_full((b.shape[0], 1), -1.0 / temperature)], dim=1)
+    return (a @ b.T).float()
+
+
+def _row_log_sums(
+    logits: Tensor, weights: list[Tensor], blocks: list[_Block], temperature: float
+) -> tuple[Tensor, ...]:
+    """``log D_s[r] = log sum_c W_s[r, c] e^{L[r, c]}`` over the rows of each block (``-inf``
+    where a row has no weight), for shifted logits ``L = cos / T - 1 / T``
+    (:func:`_shifted_logits`); the shift is added back.
+
+    With ``T >= 0.03`` every ``L`` lies in ``[-2/T, 0]`` (up to bf16 rounding of the cosine),
+    so ``E = e^L >= e^{-2.02/T} >= e^{-68}`` is a normal float32 and one exponential serves
+    every sum (:class:`_RowLogSums`). Below, each sum is a log-sum-exp of its own.
+    """
+    if temperature >= 0.03:
+        return _RowLogSums.apply(logits, 1.0 / temperature, blocks, *weights)
+    out = []
+    for (r0, r1, c0, c1), w in zip(blocks, weights):
+        has = (w > 0).any(dim=1, keepdim=True)
+        terms = logits[r0:r1, c0:c1] + w.log()
+        terms = torch.where(has, terms, torch.zeros_like(terms))
+        lse = torch.logsumexp(terms, dim=1) + 1.0 / temperature
+        out.append(lse.masked_fill(~has.squeeze(1), _NEG_INF))
+    return tuple(out)
+
+
+def _occurrence_rank(ids: Tensor) -> Tensor:
+    """``rank[c]``: how many earlier entries of ``ids`` equal ``ids[c]``."""
+    order = torch.argsort(ids, stable=True)
+    ordered = ids[order]
+    first = torch.searchsorted(ordered, ordered)
+    rank = torch.empty_like(ids)
+    rank[order] = torch.arange(ids.numel(), device=ids.device) - first
+    return rank
 
 
 def _sanitise(diag: NegativeDiagnostics) -> NegativeDiagnostics:
@@ -261,132 +493,407 @@ class PotentialLoss(nn.Module):
             f"pool_as_negatives={self.pool_as_negatives}"
         )
 
-    # -- selection ---------------------------------------------------------------------------
+    # -- shared pieces -----------------------------------------------------------------------
 
-    def _log_weights(
-        self, sims: Tensor, pos_sims: Tensor, mask: Tensor, generator: torch.Generator | None
+    def _log_keep(
+        self, sims: Tensor, centre: Tensor, scale: float = 1.0, offset: float = 0.0
     ) -> Tensor:
-        """``log m`` (0 / -inf) or ``log pi`` of every cell of ``sims`` ``[A, C]``; -inf off ``mask``.
-
-        ``log pi = min(log clamp, -a (s - s+ - b)^2)`` is computed without an exponential.
+        """``offset + log pi``, ``log pi = min(log clamp, -a (s - s+ - b)^2)``, of every cell of
+        ``sims`` ``[A, C]`` (detached), with ``s+ = centre`` ``[A]``; no exponential, one new
+        tensor. ``sims`` may be logits ``s / scale``:
+        ``-a (scale (l - l+) - b)^2 = -a scale^2 (l - l+ - b / scale)^2``.
         """
-        with torch.no_grad():
-            x = sims.detach().float() - pos_sims.detach().float().unsqueeze(1) - self.b
-            log_pi = torch.clamp(-self.a * x.square(), max=math.log(self.clamp))
-            if self.sample == "bernoulli":
-                u = torch.rand(log_pi.shape, generator=generator, device=log_pi.device)
-                log_pi = torch.zeros_like(log_pi).masked_fill(u >= log_pi.exp(), _NEG_INF)
-            return log_pi.masked_fill(~mask, _NEG_INF)
+        x = sims - centre.unsqueeze(1)
+        if self.b != 0.0:
+            x.sub_(self.b / scale)
+        y = torch.addcmul(x.new_tensor(offset), x, x, value=-self.a * scale * scale, out=x)
+        return y.clamp_(max=math.log(self.clamp) + offset)
 
-    # -- the two losses ----------------------------------------------------------------------
+    def _per_anchor(
+        self, log_d: Tensor, pos_logits: Tensor, g: Tensor | None, neighbours: Tensor
+    ) -> Tensor:
+        """``l_i = sum_p w_ip (log D_i - s(q_i, p)/T)`` from ``log D`` ``[N]`` and the positive
+        logits ``[N, K+1]`` (key first); soft weights from ``g`` ``[N, d]`` and ``[N, K, d]``."""
+        terms = log_d.unsqueeze(1) - pos_logits
+        if self.weighting == "soft" and neighbours.shape[1] > 0:
+            g = _normalise(g)
+            attention = torch.einsum("nd,nkd->nk", g, neighbours).float().softmax(dim=1)
+            terms = torch.cat([terms[:, :1], terms[:, 1:] * attention], dim=1)
+        return terms.sum(dim=1)
 
-    def _mined(
+    def _aug_weights(self, weights: Tensor) -> Tensor:
+        """Finish the weights ``[..., 2N, 2N]`` (keep mask or keep probability) of ``L_aug`` in
+        place: the row itself is never a negative, and its partner is the positive
+        (``'matched'``: weight 1) or nothing (``'broadcast'``: the weights are the negatives)."""
+        two_n = weights.shape[-1]
+        rows = torch.arange(two_n, device=weights.device)
+        weights[..., rows, rows] = 0.0
+        weights[..., rows, (rows + two_n // 2) % two_n] = float(self.aug_pairing == "matched")
+        return weights
+
+    def _aug_rows(self, log_d: Tensor, pos: Tensor) -> Tensor:
+        """``L_aug`` per row ``[2N]`` from ``log D`` ``[2N]`` (weights of :meth:`_aug_weights`)
+        and the positive logits ``[2N]``."""
+        if self.aug_pairing == "matched":
+            return log_d - pos
+        # the code's `pos / (pos + Ng)` with pos [2N, 1] and Ng [2N] broadcasts to [2N, 2N]: every
+        # row's positive against every row's negative mass; row r's share is its mean over them
+        pos = pos.unsqueeze(1)
+        return (torch.logaddexp(pos, log_d.unsqueeze(0)) - pos).mean(dim=1)
+
+    def _aug_sigma(self, x: Tensor, logits: Tensor, offset: float = 0.0) -> Tensor:
+        """``log pi`` of ``L_aug`` over the rows of ``x = [q; k]``: kernel of the cosine (from the
+        logits ``cos / T``) or of the raw dot product (``select_on``) around each row's partner."""
+        two_n = x.shape[0]
+        rows = torch.arange(two_n, device=x.device)
+        partner = (rows + two_n // 2) % two_n
+        if self.select_on == "raw":
+            raw = x.detach().float()
+            sigma = (raw @ raw.T).float()
+            return self._log_keep(sigma, sigma[rows, partner], offset=offset)
+        return self._log_keep(logits, logits[rows, partner], self.temperature, offset)
+
+    # -- one direction with a bank (the authors' set-up) ---------------------------------------
+
+    def _pool(
         self,
         q: Tensor,
         k: Tensor,
-        support: Tensor | None,
+        support: Tensor,
         pool: Tensor | None,
         proj: Tensor | None,
         generator: torch.Generator | None,
-    ) -> _Mined:
-        """``L_mined(q; k)`` per anchor; ``support=None`` mines among the other keys."""
-        n = q.shape[0]
+        diagnostics: bool,
+    ) -> tuple[Tensor, _Grid | None, int]:
+        """``L_mined(q; k)`` per anchor with a support set (and a pool of extra negatives).
+
+        The grid ``[N, N(K+1) (+ Q')]`` of the equations is never built: every distinct candidate
+        (the ``N`` keys, the bank rows that are somebody's neighbour) is one column of the logits
+        ``[N, N + C']``, weighted by how many of its grid cells are kept (drawn) or by the sum of
+        their keep probabilities (expected). The draws are those of the grid, in its order.
+        """
+        n, t = q.shape[0], self.temperature
         qn, kn = _normalise(q), _normalise(k)
-        bank = kn if support is None else _normalise(support.detach())
-        k_eff = min(self.num_neighbors, n - 1 if support is None else bank.shape[0])
-        size = k_eff + 1  # block size: the key and its neighbours
+        bank = _normalise(support.detach())
+        k_eff = min(self.num_neighbors, bank.shape[0])
+        size = k_eff + 1
         rows = torch.arange(n, device=qn.device)
         with torch.no_grad():
             if k_eff > 0:
-                lookup = kn.detach() @ bank.detach().T  # [N, S]
-                if support is None:
-                    lookup.fill_diagonal_(_NEG_INF)  # a key is not its own neighbour
-                idx = lookup.float().topk(k_eff, dim=1).indices  # [N, K]
+                idx = (kn.detach() @ bank.T).float().topk(k_eff, dim=1).indices  # [N, K]
             else:
                 idx = rows.new_empty(n, 0)
+        pool_is_support = pool is not None and pool is support
+        if pool_is_support:  # every bank row is a candidate: all of them are columns
+            nb_col, nb_rows = idx, bank
+        else:  # only the bank rows that are somebody's neighbour
+            uniq, nb_col = torch.unique(idx, return_inverse=True)
+            nb_rows = bank[uniq]
+        # [N, N + C'], cos/T - 1/T; two products, so that the backward skips the bank rows
+        logits = torch.cat([_shifted_logits(qn, kn, t), _shifted_logits(qn, nb_rows, t)], dim=1)
+        colmap = torch.cat([rows.unsqueeze(1), nb_col + n], dim=1)  # column of each block member
         neighbours = bank[idx]  # [N, K, d]
-        blocks = torch.cat([kn.unsqueeze(1), neighbours], dim=1).reshape(n * size, -1)
-        sims = (qn @ blocks.T).float()  # [N, N(K+1)], column j(K+1)+m = member m of block j
-        pos_sims = sims.view(n, n, size)[rows, rows]  # [N, K+1], the own block
-        neg_mask = ~torch.eye(n, dtype=torch.bool, device=qn.device).repeat_interleave(size, dim=1)
-        block_ids = torch.cat([rows.unsqueeze(1), idx], dim=1)  # support row of each member
-        if support is None:
-            ids = block_ids.reshape(-1)  # candidates are keys of the batch: label index = row
-            own = torch.zeros(n, n, dtype=torch.bool, device=qn.device)
-            own[rows.unsqueeze(1), block_ids] = True  # own[i, l]: key l is a positive of i
-            neg_mask &= ~own[:, ids]
-        else:  # keys -> 0..N-1, bank rows -> N + row (the label vector is [labels; bank labels])
-            ids = torch.cat([rows.unsqueeze(1), idx + n], dim=1).reshape(-1)
-        if pool is not None:
-            pool_n = bank if pool is support else _normalise(pool.detach())
-            sims = torch.cat([sims, (qn @ pool_n.T).float()], dim=1)
-            pool_mask = neg_mask.new_ones(n, pool_n.shape[0])
-            if pool is support:  # the anchor's own neighbours are its positives, not negatives
-                pool_mask[rows.unsqueeze(1), idx] = False
-                offset = n
+        pos_logits = logits.gather(1, colmap) + 1.0 / t  # [N, K+1], own block, key first
+        extra = None
+        if pool is not None and not pool_is_support:
+            pool_n = _normalise(pool.detach())
+            extra = _shifted_logits(qn, pool_n, t)  # [N, Q']
+        with torch.no_grad():
+            centre = logits.detach().diagonal()  # s+_i = s(q_i, k_i): key column i of row i
+            log_pi = self._log_keep(logits.detach(), centre, t)  # [N, N + C']
+            pi = log_pi.exp_()
+            nb_index = nb_col.reshape(1, -1).expand(n, -1)  # [N, NK] column (- N) of every cell
+            pool_pi = None
+            if pool_is_support:
+                pool_pi = pi[:, n:]
+            elif extra is not None:
+                pool_pi = self._log_keep(extra.detach(), centre, t).exp_()
+            keep_grid = keep_pool = None
+            if self.sample == "bernoulli":
+                width = n * size + (0 if pool_pi is None else pool_pi.shape[1])
+                u = torch.rand(n, width, generator=generator, device=qn.device)
+                cells = u[:, : n * size].view(n, n, size)
+                keep_key = cells[:, :, 0] < pi[:, :n]
+                keep_nb = cells[:, :, 1:] < pi[:, n:].gather(1, nb_index).view(n, n, k_eff)
+                keep_key[rows, rows] = False  # the own block holds the positives
+                keep_nb[rows, rows] = False
+                weight = torch.empty_like(pi)
+                weight[:, :n] = _as_float(keep_key)
+                weight[:, n:] = 0.0
+                weight[:, n:].scatter_add_(1, nb_index, _as_float(keep_nb.reshape(n, -1)))
+                if pool_pi is not None:
+                    keep_pool = u[:, n * size :] < pool_pi
+                    if pool_is_support:  # the anchor's own neighbours are its positives
+                        keep_pool[rows.unsqueeze(1), idx] = False
+                        weight[:, n:] += _as_float(keep_pool)
+                if diagnostics:
+                    keep_grid = torch.cat([keep_key.unsqueeze(2), keep_nb], dim=2).view(n, -1)
+            else:  # expected count: keep probability times the cells in other blocks
+                mult = torch.bincount(colmap.reshape(-1), minlength=pi.shape[1]).to(pi.dtype)
+                if pool_is_support:
+                    mult[n:] += 1.0  # every bank row is a pool column too ...
+                    colmap_neg = torch.cat([colmap, colmap[:, 1:]], dim=1)  # ... but own rows
+                else:
+                    colmap_neg = colmap
+                cells = mult.expand_as(pi).clone()
+                cells.scatter_add_(1, colmap_neg, cells.new_full(colmap_neg.shape, -1.0))
+                weight = cells.mul_(pi)
+            weight.scatter_add_(1, colmap, weight.new_ones(colmap.shape))  # positives: once
+            if extra is not None:
+                pool_w = pool_pi if keep_pool is None else _as_float(keep_pool)
+                weight = torch.cat([weight, pool_w], dim=1)
+        if extra is not None:
+            logits = torch.cat([logits, extra], dim=1)
+        log_d = _row_log_sums(logits, [weight], [(0, n, 0, logits.shape[1])], t)[0]
+        per_anchor = self._per_anchor(log_d, pos_logits, q if proj is None else proj, neighbours)
+        grid = None
+        if diagnostics:
+            with torch.no_grad():
+                flat = colmap.reshape(1, -1).expand(n, -1)
+                candidates = [torch.cat([kn.unsqueeze(1), bank[idx]], dim=1).reshape(n * size, -1)]
+                lg = logits.detach() + 1.0 / t
+                grid_logits = [lg.gather(1, flat)]
+                neg_mask = [
+                    ~torch.eye(n, dtype=torch.bool, device=qn.device).repeat_interleave(size, 1)
+                ]
+                if keep_grid is None:
+                    log_w = [pi.gather(1, flat).log()]
+                else:
+                    log_w = [torch.zeros_like(grid_logits[0]).masked_fill(~keep_grid, _NEG_INF)]
+                # keys -> 0..N-1, bank rows -> N + row (the label vector is [labels; bank labels])
+                ids = [torch.cat([rows.unsqueeze(1), idx + n], dim=1).reshape(-1)]
+                if pool_pi is not None:
+                    pool_mask = torch.ones_like(pool_pi, dtype=torch.bool)
+                    if pool_is_support:
+                        pool_mask[rows.unsqueeze(1), idx] = False
+                        candidates.append(bank)
+                        grid_logits.append(lg[:, n:])
+                        offset = n
+                    else:
+                        candidates.append(pool_n)
+                        grid_logits.append(extra.detach() + 1.0 / t)
+                        offset = n + bank.shape[0]
+                    neg_mask.append(pool_mask)
+                    log_w.append(
+                        pool_pi.log()
+                        if keep_pool is None
+                        else torch.zeros_like(pool_pi).masked_fill(~keep_pool, _NEG_INF)
+                    )
+                    ids.append(torch.arange(pool_pi.shape[1], device=qn.device) + offset)
+                grid = self._make_grid(
+                    qn,
+                    kn,
+                    *(
+                        torch.cat(v, dim=dim)
+                        for v, dim in (
+                            (candidates, 0),
+                            (grid_logits, 1),
+                            (neg_mask, 1),
+                            (log_w, 1),
+                            (ids, 0),
+                        )
+                    ),
+                    pos_logits[:, 0].detach(),
+                    size,
+                    in_batch=False,
+                )
+        return per_anchor, grid, k_eff
+
+    # -- in-batch: both directions from one Gram matrix ----------------------------------------
+
+    def _in_batch(
+        self,
+        z1: Tensor,
+        z2: Tensor,
+        proj1: Tensor | None,
+        proj2: Tensor | None,
+        generator: torch.Generator | None,
+        diagnostics: bool,
+    ) -> tuple[Tensor, Tensor | None, list[_Grid], int]:
+        """``L_mined`` of both directions ``[2N]``, ``L_aug`` per sample of both ``[2N]``.
+
+        One matmul gives the logits of every pair of ``[z1; z2]``: its off-diagonal blocks are
+        ``q @ k^T`` of the two directions, its diagonal blocks the neighbour lookups, and the whole
+        of it the cosines of ``L_aug`` (both directions have the same rows, in another order).
+        The blocks of a direction are keys of the batch, so ``L_mined`` runs over the ``N``
+        distinct keys, each weighted by its count among the other blocks (see the module doc);
+        every ``D`` is then a weighted row sum of the same exponentials.
+        """
+        n, t = z1.shape[0], self.temperature
+        x = torch.cat([z1, z2])
+        xn = _normalise(x)
+        logits = _shifted_logits(xn, xn, t)  # [2N, 2N], cos / T - 1 / T
+        k_eff = min(self.num_neighbors, n - 1)
+        rows = torch.arange(n, device=xn.device)
+        drawn = self.sample == "bernoulli"
+        views = [  # rows and columns of the direction, its anchors, keys, soft-weight inputs
+            (slice(0, n), slice(n, 2 * n), xn[:n], xn[n:], z1 if proj1 is None else proj1),
+            (slice(n, 2 * n), slice(0, n), xn[n:], xn[:n], z2 if proj2 is None else proj2),
+        ]
+        with torch.no_grad():
+            lg = logits.detach()
+            centre = torch.cat([lg.diagonal(n), lg.diagonal(-n)])  # s(r, r') / T of every row
+            # drawn: 256 pi, the scale of the byte draws (one pass less than scaling pi)
+            offset = math.log(256.0) if drawn else 0.0
+            saturate = self.clamp >= 1.0  # pi = 1 is possible
+            aug_lp = None
+            if self.aug_weight > 0 and self.select_on == "cosine":
+                aug_lp = self._log_keep(lg, centre, t, offset).exp_()  # its off-diagonal blocks
+                mined_pi = [aug_lp[r, c] for r, c, *_ in views]  # serve L_mined
             else:
-                offset = n + bank.shape[0]
-            neg_mask = torch.cat([neg_mask, pool_mask], dim=1)
-            ids = torch.cat([ids, torch.arange(pool_n.shape[0], device=ids.device) + offset])
-            blocks = torch.cat([blocks, pool_n])
-        log_w = self._log_weights(sims, pos_sims[:, 0], neg_mask, generator)
+                mined_pi = [
+                    self._log_keep(lg[r, c], centre[r], t, offset).exp_() for r, c, *_ in views
+                ]
+                if self.aug_weight > 0:
+                    aug_lp = self._aug_sigma(x, lg, offset).exp_()
+            idx = [self._neighbours(lg[c, c], k_eff) for _, c, *_ in views]
+            weights, blocks, counts = [], [], []
+            for (r, c, *_), pi, nbr in zip(views, mined_pi, idx):
+                block_ids = torch.cat([rows.unsqueeze(1), nbr], dim=1)  # [N, K+1], key first
+                mult = torch.bincount(nbr.reshape(-1), minlength=n) + 1  # blocks holding key l
+                if drawn:
+                    count = _binomial(pi, mult, generator, saturate)
+                else:
+                    count = pi * mult.to(pi.dtype)
+                counts.append((count.clone() if diagnostics else None, block_ids))
+                weights.append(count.scatter_(1, block_ids, 1.0))  # own positives: once
+                blocks.append((r.start, r.stop, c.start, c.stop))
+            if aug_lp is not None:  # drawn: one selection per direction; expected: the same
+                pi = aug_lp  # changed in place (self and partner cells, unused by L_mined)
+                aug_w = _bernoulli(pi, 2, generator, saturate) if drawn else [pi]
+                weights.extend(self._aug_weights(w) for w in aug_w)
+                blocks.extend([(0, 2 * n, 0, 2 * n)] * len(aug_w))
+        log_d = _row_log_sums(logits, weights, blocks, t)
+        # own-block logits of both directions, read off the same matrix as D (one gather; under
+        # autocast a separate product would round differently from the cells inside D)
+        own_cols = torch.cat([counts[0][1] + n, counts[1][1]])  # [2N, K+1], key first
+        own_logits = logits.gather(1, own_cols) + 1.0 / t
+        pos = own_logits[:n, 0]  # s(z1_i, z2_i) / T: both directions, both losses
+        mined, grids = [], []
+        for (r, c, anchors, keys, g), pi, nbr, d, (count, block_ids) in zip(
+            views, mined_pi, idx, log_d, counts
+        ):
+            neighbours = keys.index_select(0, nbr.reshape(-1)).view(n, k_eff, keys.shape[1])
+            mined.append(self._per_anchor(d, own_logits[r], g, neighbours))
+            if diagnostics:
+                grids.append(
+                    self._in_batch_grid(
+                        anchors,
+                        keys,
+                        logits[r, c] + 1 / t,
+                        pi,
+                        count if drawn else None,
+                        block_ids,
+                        own_logits[r][:, 0],
+                    )
+                )
+        aug_part = None
+        if aug_lp is not None:
+            pos2 = torch.cat([pos, own_logits[n:, 0]])  # row r's partner, as in its D
+            aug_rows = [self._aug_rows(d, pos2) for d in log_d[2:]]
+            if len(aug_rows) == 1:  # expected: both directions are the same evaluation
+                aug_rows = aug_rows * 2
+            # row i is z1_i, row N+i is z2_i: both belong to sample i
+            aug_part = torch.cat([(a[:n] + a[n:]) / 2 for a in aug_rows])
+        return torch.cat(mined), aug_part, grids, k_eff
 
-        weights = None
-        if self.weighting == "soft" and k_eff > 0:
-            g = _normalise(q if proj is None else proj)
-            attention = torch.einsum("nd,nkd->nk", g, neighbours).float().softmax(dim=1)
-            weights = torch.cat([attention.new_ones(n, 1), attention], dim=1)
-        logits = sims / self.temperature
-        per_anchor = _multi_positive_nll(pos_sims / self.temperature, logits + log_w, weights)
+    @staticmethod
+    def _neighbours(sims: Tensor, k_eff: int) -> Tensor:
+        """The ``k_eff`` most similar other keys of every key, from their similarities ``[N, N]``."""
+        if k_eff == 0:
+            return torch.empty(sims.shape[0], 0, dtype=torch.long, device=sims.device)
+        lookup = sims.clone()
+        lookup.fill_diagonal_(_NEG_INF)  # a key is not its own neighbour
+        return lookup.topk(k_eff, dim=1).indices
 
+    def _in_batch_grid(
+        self,
+        anchors: Tensor,
+        keys: Tensor,
+        block: Tensor,
+        pi: Tensor,
+        counts: Tensor | None,
+        block_ids: Tensor,
+        pos: Tensor,
+    ) -> _Grid:
+        """The grid of one in-batch direction: column ``j(K+1) + m`` is key ``block_ids[j, m]``;
+        of the ``mult_l`` cells of key ``l``, the first ``c_il`` (in column order) are kept."""
+        n, size = block_ids.shape
+        with torch.no_grad():
+            ids = block_ids.reshape(-1)
+            own = torch.zeros_like(pi, dtype=torch.bool).scatter_(1, block_ids, True)
+            neg_mask = ~torch.eye(n, dtype=torch.bool, device=ids.device).repeat_interleave(
+                size, dim=1
+            )
+            neg_mask &= ~own[:, ids]
+            if counts is None:
+                log_w = pi[:, ids].log()
+            else:
+                kept = _occurrence_rank(ids).unsqueeze(0) < counts[:, ids]
+                log_w = torch.zeros_like(kept, dtype=pi.dtype).masked_fill(~kept, _NEG_INF)
+            return self._make_grid(
+                anchors,
+                keys,
+                keys[ids],
+                block.detach()[:, ids],
+                neg_mask,
+                log_w,
+                ids,
+                pos.detach(),
+                size,
+                in_batch=True,
+            )
+
+    def _make_grid(
+        self,
+        anchors: Tensor,
+        positives: Tensor,
+        candidates: Tensor,
+        logits: Tensor,
+        neg_mask: Tensor,
+        log_w: Tensor,
+        ids: Tensor,
+        pos_logits: Tensor,
+        size: int,
+        in_batch: bool,
+    ) -> _Grid:
+        log_w = log_w.masked_fill(~neg_mask, _NEG_INF)
         kept = torch.isfinite(log_w)
         scores = ContrastiveScores(
-            anchors=qn,
-            positives=kn,
-            candidates=blocks,
-            pos_logits=pos_sims[:, 0] / self.temperature,
+            anchors=anchors,
+            positives=positives,
+            candidates=candidates,
+            pos_logits=pos_logits,
             logits=logits.masked_fill(~neg_mask, _NEG_INF),
             neg_mask=neg_mask,
-            num_negatives=sims.shape[1] - size,
+            num_negatives=logits.shape[1] - size,
             temperature=self.temperature,
             positive_index=None,
-            in_batch=support is None,
+            in_batch=in_batch,
         )
         selection = NegativeSelection(
-            logits=logits.detach().masked_fill(~kept, _NEG_INF),
+            logits=logits.masked_fill(~kept, _NEG_INF),
             log_weights=log_w,
-            indices=ids.unsqueeze(0).expand(n, -1),
+            indices=ids.unsqueeze(0).expand(logits.shape[0], -1),
         )
-        return _Mined(per_anchor, scores, selection, k_eff)
+        return _Grid(scores, selection)
 
-    def _aug(self, q: Tensor, k: Tensor, generator: torch.Generator | None) -> Tensor:
-        """``L_aug(q, k)`` per row of ``[q; k]`` ``[2N]``."""
-        n = q.shape[0]
-        x = torch.cat([q, k], dim=0)
+    def _aug_one(self, q: Tensor, k: Tensor, generator: torch.Generator | None) -> Tensor:
+        """``L_aug(q, k)`` per row of ``[q; k]`` ``[2N]``, drawn over the grid ``[2N, 2N]``."""
+        n, t = q.shape[0], self.temperature
+        x = torch.cat([q, k])
         xn = _normalise(x)
-        cos = (xn @ xn.T).float()
+        logits = _shifted_logits(xn, xn, t)
         rows = torch.arange(2 * n, device=xn.device)
-        partner = (rows + n) % (2 * n)
-        neg_mask = torch.ones_like(cos, dtype=torch.bool)
-        neg_mask[rows, rows] = False
-        neg_mask[rows, partner] = False
-        if self.select_on == "raw":
-            with torch.no_grad():
-                sigma = (x.detach().float() @ x.detach().float().T).float()
-        else:
-            sigma = cos
-        log_w = self._log_weights(sigma, sigma[rows, partner], neg_mask, generator)
-        pos = cos[rows, partner] / self.temperature
-        neg_terms = cos / self.temperature + log_w
-        if self.aug_pairing == "matched":
-            return _multi_positive_nll(pos.unsqueeze(1), neg_terms, None)
-        # the code's `pos / (pos + Ng)` with pos [2N, 1] and Ng [2N] broadcasts to [2N, 2N]: every
-        # row's positive against every row's negative mass; row r's share is its mean over them
-        has = torch.isfinite(log_w).any(dim=1)
-        safe = torch.where(has.unsqueeze(1), neg_terms, torch.zeros_like(neg_terms))
-        log_ng = torch.logsumexp(safe, dim=1).masked_fill(~has, _NEG_INF)  # -inf: nothing kept
-        pos = pos.unsqueeze(1)
-        return (torch.logaddexp(pos, log_ng.unsqueeze(0)) - pos).mean(dim=1)
+        pos = logits[rows, (rows + n) % (2 * n)] + 1.0 / t  # as in D (see _in_batch)
+        with torch.no_grad():
+            pi = self._aug_sigma(x, logits.detach()).exp_()
+            if self.sample == "bernoulli":
+                u = torch.rand(pi.shape, generator=generator, device=pi.device)
+                pi = _as_float(u < pi)
+            weights = self._aug_weights(pi)
+        log_d = _row_log_sums(logits, [weights], [(0, 2 * n, 0, 2 * n)], t)[0]
+        return self._aug_rows(log_d, pos)
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -438,21 +945,20 @@ class PotentialLoss(nn.Module):
         n = z1.shape[0]
         if one_direction:
             pool = negatives if self.pool_as_negatives else None
-            mined = [self._mined(z1, z2, bank, pool, proj1, generator)]
-            pairs = [(z1, z2)]
+            mined_part, grid, k_eff = self._pool(
+                z1, z2, bank, pool, proj1, generator, return_diagnostics
+            )
+            grids = [grid]
+            aug_part = None
+            if self.aug_weight > 0:
+                aug_rows = self._aug_one(z1, z2, generator)
+                aug_part = (aug_rows[:n] + aug_rows[n:]) / 2  # rows i and N+i: sample i
         else:
-            mined = [
-                self._mined(z1, z2, None, None, proj1, generator),
-                self._mined(z2, z1, None, None, proj2, generator),
-            ]
-            pairs = [(z1, z2), (z2, z1)]
-        mined_part = torch.cat([m.per_anchor for m in mined])
+            mined_part, aug_part, grids, k_eff = self._in_batch(
+                z1, z2, proj1, proj2, generator, return_diagnostics
+            )
         per_anchor = mined_part
-        aug_part = None
-        if self.aug_weight > 0:
-            # row i of L_aug(q, k) is q_i, row N+i is k_i: both belong to sample i
-            rows = [self._aug(q, k, generator) for q, k in pairs]
-            aug_part = torch.cat([(r[:n] + r[n:]) / 2 for r in rows])
+        if aug_part is not None:
             per_anchor = mined_part + self.aug_weight * aug_part
         loss = per_anchor.mean()
         if not return_diagnostics:
@@ -464,17 +970,17 @@ class PotentialLoss(nn.Module):
         parts = [
             _sanitise(
                 negative_diagnostics(
-                    m.scores,
-                    m.selection,
+                    g.scores,
+                    g.selection,
                     anchor_labels=None if label_vector is None else anchor_labels,
                     candidate_labels=label_vector,
                 )
             )
-            for m in mined
+            for g in grids
         ]
         diag = _cat_diagnostics(parts)
         diag.extras = {
-            "num_neighbors": float(mined[0].num_neighbors),
+            "num_neighbors": float(k_eff),
             "mined_loss": float(mined_part.detach().mean()),
             "aug_loss": 0.0 if aug_part is None else float(aug_part.detach().mean()),
         }
