@@ -21,9 +21,9 @@ Formulations (each tested against torchvision):
   as torchvision); this is ``(g-b)/C``, ``2 + (b-r)/C`` or ``4 + (r-g)/C`` by sector, in
   ``[-1, 5]``. Back: channel ``c = M - C w(h6 + o_c)`` with the trapezoid
   ``w(k) = clamp(2 - d(k, 2), 0, 1)``, ``d`` the distance to 2 modulo 6, and per-sample offsets
-  ``o_c = (n_c + 6 shift) mod 6`` (``n = 5, 3, 1`` for R, G, B). As ``h6 + o_c`` lies in
-  ``[-1, 11]``, ``d = min(|k - 2|, |k - 8|)``, so that ``c = (M - 2C) + C clamp(d, 1, 2)``:
-  no per-pixel modulo, comparison or ``where``.
+  ``o_c = (n_c + 6 shift) mod 6`` (``n = 5, 3, 1`` for R, G, B). As ``k = h6 + o_c`` lies in
+  ``[-1, 11]``, ``d = min(|k - 2|, |k - 8|) = ||k - 5| - 3|``, so that
+  ``c = (M - 2C) + C clamp(d, 1, 2)``: no per-pixel modulo, comparison or ``where``.
 
 The in-place variants (``op_``) take an optional :class:`Workspace` for their temporaries.
 """
@@ -59,6 +59,7 @@ class Workspace:
     def __init__(self, reuse: bool = True) -> None:
         self.reuse = bool(reuse)
         self._bufs: dict[str, Tensor] = {}
+        self._views: dict[tuple, Tensor] = {}  # (name, shape) -> view: no per-call view ops
         self._lock = threading.Lock()
 
     def __reduce__(self):
@@ -68,12 +69,18 @@ class Workspace:
         dtype = like.dtype if dtype is None else dtype
         if not self.reuse:
             return torch.empty(shape, dtype=dtype, device=like.device)
+        key = (name, tuple(shape), dtype, like.device)
+        view = self._views.get(key)
+        if view is not None:
+            return view
         numel = math.prod(shape)
         buf = self._bufs.get(name)
         if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != like.device:
             buf = torch.empty(numel, dtype=dtype, device=like.device)
             self._bufs[name] = buf
-        return buf[:numel].view(shape)
+            self._views = {k: v for k, v in self._views.items() if k[0] != name}
+        view = self._views[key] = buf[:numel].view(shape)
+        return view
 
     def try_acquire(self) -> bool:
         return self._lock.acquire(blocking=False)
@@ -83,6 +90,7 @@ class Workspace:
 
     def clear(self) -> None:
         self._bufs.clear()
+        self._views.clear()
 
     @property
     def nbytes(self) -> int:
@@ -93,7 +101,21 @@ _FRESH = Workspace(reuse=False)
 
 
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
-    return v.to(dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    if v.dtype != x.dtype:
+        v = v.to(dtype=x.dtype)
+    return v.view(-1, *([1] * (x.ndim - 1)))
+
+
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def _constant(values: tuple[float, ...], like: Tensor) -> Tensor:
+    """A small constant tensor on ``like``'s device and dtype, created once."""
+    key = (values, like.dtype, like.device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return t
 
 
 def rgb_to_grayscale(x: Tensor, out: Tensor | None = None) -> Tensor:
@@ -113,7 +135,7 @@ def _gray_mean(x: Tensor) -> Tensor:
     """Per-sample mean of the luma ``[B, 1, 1, 1]``: the luma of the channel means."""
     m = x.mean(dim=(2, 3))
     if x.shape[1] == 3:
-        m = m @ torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device)
+        m = m @ _constant(GRAY_WEIGHTS, x)
     return m.view(-1, 1, 1, 1)
 
 
@@ -171,24 +193,28 @@ def _hue6(x: Tensor, ws: Workspace) -> tuple[Tensor, Tensor, Tensor]:
     not_max = ws.get("hue_notmax", (n, 2, h, w), x)
     not_max = torch.sub(maxc.unsqueeze(1), x[:, :2], out=not_max).sign_()
     n_r, n_g = not_max.unbind(1)
-    a = torch.sum(x, dim=1, out=ws.get("hue_a", plane, x)).sub_(chroma, alpha=2.0)  # s - 2C
-    h6 = torch.mul(r, 3.0, out=ws.get("hue_h6", plane, x)).sub_(a).mul_(n_g)
-    h6.add_(b, alpha=3.0).sub_(a).mul_(n_r).add_(g).sub_(b)
+    # numerator (g - b) + n_r (3b - a + n_g (3r - a)), a = s - 2C, with the signs of the
+    # inner terms flipped so that every step is one sub / addcmul
+    a = torch.sum(x, dim=1, out=ws.get("hue_a", plane, x)).sub_(chroma, alpha=2.0)
+    t = torch.sub(a, r, alpha=3.0, out=ws.get("hue_t", plane, x))  # a - 3r
+    t = torch.addcmul(a.sub_(b, alpha=3.0), n_g, t, out=t)  # (a - 3b) + n_g (a - 3r)
+    h6 = torch.sub(g, b, out=a)
+    h6 = torch.addcmul(h6, n_r, t, value=-1.0, out=h6)
     # achromatic pixels have a zero numerator (n_r = 0, g = b): any positive divisor will do
-    return h6.div_(torch.clamp(chroma, min=torch.finfo(x.dtype).tiny, out=a)), maxc, chroma
+    return h6.div_(torch.clamp(chroma, min=torch.finfo(x.dtype).tiny, out=t)), maxc, chroma
 
 
 def _from_hue6_(
     out: Tensor, h6: Tensor, maxc: Tensor, chroma: Tensor, offsets: Tensor, ws: Workspace
 ) -> Tensor:
-    """``out[:, c] = max - chroma * w(h6 + offsets[:, c])``, written as
-    ``(max - 2 chroma) + chroma * clamp(min(|k - 2|, |k - 8|), 1, 2)`` (valid for k in
-    [-1, 11]). ``offsets``: ``[B, 3]`` in [0, 6). Overwrites ``maxc``."""
+    """``out[:, c] = max - chroma * w(k)``, ``k = h6 + offsets[:, c]`` in [-1, 11], written as
+    ``(max - 2 chroma) + chroma * clamp(d, 1, 2)`` with the distance of k to 2 modulo 6,
+    ``d = min(|k - 2|, |k - 8|) = ||k - 5| - 3|``. ``offsets``: ``[B, 3]`` in [0, 6).
+    Overwrites ``maxc``."""
     n, c, h, w = out.shape
-    o = offsets.to(h6.dtype).view(n, c, 1, 1)
-    k2 = torch.add(h6.unsqueeze(1), o - 2.0, out=ws.get("hue_k2", (n, c, h, w), out)).abs_()
-    k8 = torch.add(h6.unsqueeze(1), o - 8.0, out=ws.get("hue_k8", (n, c, h, w), out)).abs_()
-    dist = torch.minimum(k2, k8, out=k2).clamp_(1.0, 2.0)
+    k = ws.get("hue_k", (n, c, h, w), out)
+    k = torch.add(h6.unsqueeze(1), offsets.view(n, c, 1, 1) - 5.0, out=k)
+    dist = k.abs_().sub_(3.0).abs_().clamp_(1.0, 2.0)
     base = torch.sub(maxc, chroma, alpha=2.0, out=maxc)
     return torch.addcmul(base.unsqueeze(1), chroma.unsqueeze(1), dist, out=out)
 
@@ -201,8 +227,8 @@ def adjust_hue_(x: Tensor, shift: Tensor, ws: Workspace | None = None) -> Tensor
         return x
     ws = ws or _FRESH
     h6, maxc, chroma = _hue6(x, ws)
-    n = torch.tensor(_HUE_N, dtype=h6.dtype, device=x.device)
-    offsets = torch.remainder(n + 6.0 * shift.to(h6.dtype).view(-1, 1), 6.0)
+    shift = shift if shift.dtype == h6.dtype else shift.to(h6.dtype)
+    offsets = torch.remainder(torch.add(_constant(_HUE_N, h6), shift.view(-1, 1), alpha=6.0), 6.0)
     return _from_hue6_(x, h6, maxc, chroma, offsets, ws).clamp_(0.0, 1.0)
 
 

@@ -381,10 +381,10 @@ class ImageAugmentation(nn.Module):
     def _jitter_factors(self, fu: Tensor) -> Tensor:
         """``ColorJitter``'s factors ``[B, 4]`` (brightness, contrast, saturation: U(max(0,
         1 - v), 1 + v); hue shift: U(-h, h)) from uniforms ``fu``."""
-        lo = torch.tensor([max(0.0, 1.0 - v) for v in self.jitter[:3]] + [-self.jitter[3]])
-        hi = torch.tensor([1.0 + v for v in self.jitter[:3]] + [self.jitter[3]])
-        lo, hi = lo.to(fu.device, fu.dtype), hi.to(fu.device, fu.dtype)
-        return torch.addcmul(lo, fu, hi - lo)
+        lo = tuple(max(0.0, 1.0 - v) for v in self.jitter[:3]) + (-self.jitter[3],)
+        hi = tuple(1.0 + v for v in self.jitter[:3]) + (self.jitter[3],)
+        width = tuple(b - a for a, b in zip(lo, hi))
+        return torch.addcmul(AF._constant(lo, fu), fu, AF._constant(width, fu))
 
     def _color_jitter(
         self, buf: Tensor, sched: _JitterSchedule, factors: Tensor, out: Tensor, ws: AF.Workspace
