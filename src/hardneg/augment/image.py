@@ -4,11 +4,14 @@ One call ``aug(x, generator=None)`` turns a ``uint8 [B, C, H, W]`` batch into on
 normalised view ``[B, C, S, S]`` with independent random parameters per sample. The pipeline
 (torchvision's SimCLR recipe, in this order):
 
-1. random resized crop + horizontal flip in one per-sample sampling grid and one bilinear
-   ``grid_sample``: ``RandomResizedCrop``'s box sampling vectorised (up to 10 tries per sample,
-   then the central fallback crop), and the grid clamped to the box, so that the result equals
-   torchvision's ``resized_crop`` (bilinear, no antialias) + ``hflip`` to float precision
-   (tested). An optional rotation (digits) uses an affine grid instead;
+1. random resized crop + horizontal flip as one separable bilinear resample per sample,
+   ``out[c] = Wy @ x[c] @ Wx^T`` (two batched matmuls; the rows of ``Wy`` / ``Wx`` hold the
+   bilinear weights of the output pixels' sample positions in the box, clamped to the box;
+   the flip mirrors ``Wx``; the uint8 -> [0, 1] scaling is folded into ``Wx``):
+   ``RandomResizedCrop``'s box sampling vectorised (up to 10 tries per sample, then the central
+   fallback crop), and the result equals torchvision's ``resized_crop`` (bilinear, no
+   antialias) + ``hflip`` to float precision (tested). An optional rotation (digits) uses an
+   affine ``grid_sample`` instead;
 2. colour jitter with probability ``jitter_p``: brightness, contrast, saturation and hue with
    factors drawn as torchvision's ``ColorJitter``. ``jitter_order="random"`` (default) applies
    the four operations in an independent random order per sample, as a per-image torchvision
@@ -20,7 +23,14 @@ normalised view ``[B, C, S, S]`` with independent random parameters per sample. 
 
 Every operation is vectorised over the batch (no Python loop over samples, no PIL), parameters
 are drawn from one block of uniforms per call (``generator`` makes a call repeatable), and the
-colour operations equal torchvision's tensor functions to 1e-5 (tested).
+colour operations equal torchvision's tensor functions to 1e-5 (tested, also image by image
+with each image's own random order).
+
+Cost (CPU): the random jitter order costs three gathers of the batch (the rows are regrouped
+by the op they get at each stage, :class:`_JitterSchedule`), not four times the arithmetic; the
+intermediate tensors live in a :class:`~hardneg.augment.functional.Workspace` reused from call
+to call (fresh multi-megabyte temporaries cost page faults); only the returned view is new
+memory. About 11-13 ms per view of 256 CIFAR images on one core of the development machine.
 
 Differences from a PIL/torchvision pipeline (documented, deliberate): intermediate results stay
 in float32 instead of being rounded to uint8 after each step, and the crop is resized without
