@@ -13,8 +13,9 @@ Two measurements:
 
 * augmentation stage alone: pairs of views per second (ours: index a batch, ``aug(x)`` twice;
   baseline: iterate the DataLoader that returns two views per image). ``--rounds`` interleaved
-  rounds, one timed block of ``--steps`` batches per side each; the ratio is taken per round
-  and its median, min and max are reported. Each side is timed in its steady state and alone:
+  rounds, one timed block per side each (``--steps`` batches for the baseline, 5x as many for
+  ours, so that both blocks last about as long and see the same load); the ratio is taken per
+  round and its median, min and max are reported. Each side is timed in its steady state and alone:
   before our block the baseline's workers are let finish refilling their prefetch queue (so
   that they do not compete with our block for the CPU), and the batches they prefetched are
   consumed, untimed, before the baseline's block (so that its block times the workers'
@@ -334,7 +335,15 @@ def amdahl(aug_ours: float, aug_base: float, compute: float) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=8, help="batches per timed block (aug stage)")
+    p.add_argument(
+        "--steps", type=int, default=8, help="batches per timed block of the baseline (aug stage)"
+    )
+    p.add_argument(
+        "--ours-steps",
+        type=int,
+        default=None,
+        help="batches per timed block of ours (default 5 x --steps: blocks of similar length)",
+    )
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the aug stage")
     p.add_argument(
         "--warmup", type=int, default=2, help="untimed batches of ours before the rounds"
@@ -372,6 +381,7 @@ def main(argv=None) -> int:
     if args.num_workers < 1:
         raise SystemExit("--num-workers must be >= 1 (the baseline is a multi-process DataLoader)")
     t_start = time.perf_counter()
+    ours_steps = args.ours_steps or 5 * args.steps
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -405,6 +415,7 @@ def main(argv=None) -> int:
         "aug_cpu_threads": aug.cpu_threads,
         "rounds": args.rounds,
         "steps": args.steps,
+        "ours_steps": ours_steps,
     }
     print(json.dumps(info))
     print(f"[setup] {time.perf_counter() - t_start:.0f} s", flush=True)
@@ -418,7 +429,7 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         waited = stream.wait_until_prefetched()
         print(f"[aug round {r + 1}/{args.rounds}] {load_str()}, waited {waited:.1f} s", flush=True)
-        ours_r.append(bench_ours_aug(inputs, aug, args.batch_size, args.steps, 1, device))
+        ours_r.append(bench_ours_aug(inputs, aug, args.batch_size, ours_steps, 1, device))
         base_r.append(bench_baseline_aug(stream, args.batch_size, args.steps))
         print(
             f"    ours {ours_r[-1]:,.0f} pairs/s, baseline {base_r[-1]:,.0f} pairs/s, "
