@@ -279,8 +279,8 @@ class ImageAugmentation(nn.Module):
     chunk_size: int | None = None
 
     #: On CPU, keep the intermediate tensors in a :class:`~hardneg.augment.functional.Workspace`
-    #: between calls (about 8 float tensors of the batch's size: ~25 MB for 256 CIFAR images,
-    #: ~9x that at 96 px; ``chunk_size`` bounds it). Fresh 3 MB temporaries cost page faults
+    #: between calls (about 6 float tensors of the batch's size: 18 MB for 256 CIFAR images,
+    #: 160 MB at 96 px; ``chunk_size`` bounds it). Fresh 3 MB temporaries cost page faults
     #: that more than doubled the time per call. ``False``: allocate per call.
     #: :meth:`release_buffers` frees the memory.
     reuse_buffers: bool = True
