@@ -3,6 +3,10 @@ exactness of each operation against torchvision's reference implementations."""
 
 from __future__ import annotations
 
+import colorsys
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +20,7 @@ from hardneg.augment import (
     build_eval_transform,
 )
 from hardneg.augment import functional as AF
+from hardneg.augment.image import _JitterSchedule
 from hardneg.data import dataset_info
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -136,6 +141,73 @@ def test_crop_matches_torchvision_resized_crop(flip):
     assert torch.allclose(out, ref, atol=1e-3)
 
 
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("out_hw", [(24, 24), (40, 20)])
+def test_separable_crop_matches_torchvision_resized_crop(flip, out_hw):
+    """``wy @ x @ wx^T`` with the hat-function weights is torchvision's bilinear
+    ``resized_crop`` (no antialias) on fixed boxes: shrinking, enlarging, non-square, edge
+    boxes; uint8 input with the 1/255 folded into the weights."""
+    x = torch.randint(0, 256, (4, 3, 32, 36), dtype=torch.uint8)
+    boxes = torch.tensor(
+        [
+            [3.0, 5.0, 20.0, 14.0],
+            [0.0, 0.0, 32.0, 36.0],
+            [10.0, 0.0, 7.0, 30.0],
+            [31.0, 35.0, 1.0, 1.0],
+        ]
+    )
+    wy, wx = AF.crop_flip_weights(boxes, torch.tensor([flip] * 4), (32, 36), out_hw, 1 / 255)
+    assert wy.shape == (4, out_hw[0], 32) and wx.shape == (4, out_hw[1], 36)
+    got = AF.resized_crop(x.float(), wy, wx)
+    ref = torch.stack(
+        [
+            TF.resized_crop(
+                x[i].float(), *[int(v) for v in boxes[i]], list(out_hw), antialias=False
+            )
+            for i in range(4)
+        ]
+    )
+    if flip:
+        ref = ref.flip(-1)
+    assert torch.allclose(got, ref / 255, atol=1e-6)
+    # the same as the grid_sample formulation
+    grid = AF.crop_flip_grid(boxes, torch.tensor([flip] * 4), (32, 36), out_hw)
+    assert torch.allclose(got, AF.resample_grid(x.float(), grid) / 255, atol=1e-6)
+    # each row of weights is a convex combination of at most two neighbouring pixels
+    assert torch.allclose(wy.sum(-1), torch.ones(4, out_hw[0])) and ((wy > 0).sum(-1) <= 2).all()
+
+
+def test_workspace_reuse_and_copies():
+    x = _images(16)
+    aug = build_augmentation("cifar10")
+    a = aug(x, generator=torch.Generator().manual_seed(0))
+    assert aug._ws.nbytes > 0
+    b = aug(x, generator=torch.Generator().manual_seed(0))  # buffers reused
+    assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()  # fresh outputs every call
+    c = aug(_images(3), generator=torch.Generator().manual_seed(0))  # smaller batch: views
+    assert c.shape == (3, 3, 32, 32)
+    aug.reuse_buffers = False
+    assert torch.equal(aug(x, generator=torch.Generator().manual_seed(0)), a)
+    aug.reuse_buffers = True
+    copied = copy.deepcopy(aug)  # the workspace (and its lock) is not state
+    assert "_ws" not in copied.__dict__
+    assert torch.equal(copied(x, generator=torch.Generator().manual_seed(0)), a)
+    assert torch.equal(
+        pickle.loads(pickle.dumps(aug))(x, generator=torch.Generator().manual_seed(0)), a
+    )
+    aug.release_buffers()
+    assert aug._ws.nbytes == 0
+
+
+def test_workspace_is_not_shared_by_concurrent_calls():
+    aug = build_augmentation("cifar10")
+    ws = aug._workspace(torch.device("cpu"))
+    assert ws.reuse and aug._workspace(torch.device("cpu")).reuse is False  # busy: fresh one
+    ws.release()
+    assert aug._workspace(torch.device("cpu")) is ws
+    ws.release()
+
+
 def test_crop_boxes_follow_random_resized_crop():
     u = torch.rand(4000, 22, generator=torch.Generator().manual_seed(0))
     boxes = AF.sample_crop_boxes(u, (32, 32), (0.08, 1.0), (3 / 4, 4 / 3), 10)
@@ -183,6 +255,28 @@ def test_color_ops_match_torchvision():
         assert torch.allclose(buf[6:], want, atol=1e-5) and torch.equal(buf[:6], x)
 
 
+def test_hue_matches_torchvision_over_all_shifts():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(41, 3, 8, 8, generator=g)
+    x[:, :, 0, :3] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]).T  # pure
+    x[:, 2, 1] = x[:, 0, 1]  # R = B ties
+    x[:, :, 2] = x[:, :1, 2]  # gray rows
+    shift = torch.linspace(-0.5, 0.5, 41)
+    got = AF.adjust_hue(x, shift)
+    want = torch.stack([TF.adjust_hue(x[i], float(shift[i])) for i in range(41)])
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_hsv_helpers_match_colorsys():
+    x = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(2))
+    x[0, :, 0, 0] = 0.25  # achromatic
+    h, s, v = AF.rgb_to_hsv(x)
+    for i, r, c in [(0, 0, 0), (0, 1, 3), (1, 4, 6), (1, 2, 2)]:
+        want = colorsys.rgb_to_hsv(*x[i, :, r, c].tolist())
+        assert np.allclose([h[i, r, c], s[i, r, c], v[i, r, c]], want, atol=1e-6)
+    assert torch.allclose(AF.hsv_to_rgb(h, s, v), x, atol=1e-6)
+
+
 def test_blur_matches_torchvision():
     x = torch.rand(4, 3, 16, 16)
     sigma = torch.tensor([0.1, 0.5, 1.0, 2.0])
@@ -191,29 +285,59 @@ def test_blur_matches_torchvision():
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_random_jitter_order_is_per_sample():
-    n = 64
+def _jitter_reference(x, aug, u):
+    """Per image with torchvision's functional ops: the factors and the order of the four
+    jitter ops taken from the uniform block ``u`` of one ``aug`` call (same layout)."""
+    col = 2 * aug.attempts + 4
+    apply = u[:, col] < aug.jitter_p
+    fac = aug._jitter_factors(u[:, col + 1 : col + 5])
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    out = []
+    for i in range(x.shape[0]):
+        img = x[i]
+        if apply[i]:
+            order = torch.argsort(u[i, col + 5 : col + 9]).tolist()
+            if aug.jitter_order == "fixed":
+                order = [0, 1, 2, 3]
+            for op in order:
+                img = ops[op](img, float(fac[i, op]))
+        out.append(img)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("order", ["random", "fixed"])
+@pytest.mark.parametrize("reuse", [True, False])
+def test_jitter_matches_per_image_torchvision(order, reuse):
+    """The batched jitter (rows regrouped per stage, then restored) equals applying
+    torchvision's ops image by image in each image's own order, with the same factors."""
+    x = _images(64, s=12)
+    aug = _plain(jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, jitter_order=order)
+    aug.reuse_buffers = reuse
+    got = aug(x, generator=torch.Generator().manual_seed(3))
+    u = torch.rand((64, aug._num_uniforms()), generator=torch.Generator().manual_seed(3))
+    want = _jitter_reference(x.float() / 255, aug, u)
+    assert torch.allclose(got, want, atol=1e-5)
+    col = 2 * aug.attempts + 4
+    orders = {tuple(torch.argsort(r).tolist()) for r in u[:, col + 5 : col + 9]}
+    assert len(orders) > 10  # many different orders were exercised
+    assert (u[:, col] >= 0.8).any()  # and some images were left alone
+
+
+def test_jitter_schedule_groups_rows_by_op():
     g = torch.Generator().manual_seed(0)
-    sub = torch.rand(n, 3, 6, 6, generator=g)
-    fac = torch.stack(
-        [
-            torch.rand(n, generator=g) + 0.5,
-            torch.rand(n, generator=g) + 0.5,
-            torch.rand(n, generator=g) + 0.5,
-            torch.rand(n, generator=g) * 0.2 - 0.1,
-        ],
-        1,
-    )
-    ou = torch.rand(n, 4, generator=g)
-    out, fac_out = ImageAugmentation._random_order(sub.clone(), fac, ou, [0, 1, 2, 3])
-    ops = [AF.adjust_brightness, AF.adjust_contrast, AF.adjust_saturation, AF.adjust_hue]
-    for row in range(n):
-        i = int(fac_out[row, 4])
-        want = sub[i : i + 1]
-        for op in torch.argsort(ou[i]).tolist():
-            want = ops[op](want, fac[i : i + 1, op])
-        assert torch.allclose(out[row : row + 1], want, atol=1e-5)
-    assert len({tuple(torch.argsort(r).tolist()) for r in ou}) > 10  # many different orders
+    apply = torch.rand(50, generator=g) < 0.7
+    ou = torch.rand(50, 4, generator=g)
+    sched = _JitterSchedule(apply, ou, random=True)
+    op = torch.where(apply.view(1, -1), torch.argsort(ou, dim=1).T, torch.full((4, 50), 4))
+    rows = sched.arrangement[0]
+    for k in range(4):
+        # the rows of stage k hold the samples sorted by the op they get at stage k
+        assert torch.equal(op[k][rows], torch.sort(op[k]).values)
+        assert sched.counts[k] == torch.bincount(op[k], minlength=5).tolist()
+        if k < 3:
+            rows = rows[sched.moves[k]]
+            assert torch.equal(rows, sched.arrangement[k + 1])
+    assert torch.equal(rows[sched.restore], torch.arange(50))
 
 
 def test_fixed_and_random_order_agree_for_one_op():
