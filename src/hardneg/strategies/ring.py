@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from hardneg._checks import check_choice, check_number
@@ -144,9 +145,26 @@ class RingNegatives(NegativeStrategy):
                 device=indices.device,
             )
             indices = indices.gather(1, draw)
-        else:
+            return NegativeSelection(logits=logits.gather(1, indices), indices=indices)
+        if not scores.bilinear:
             indices = self._ring_members(logits.detach(), lower, upper)
-        return NegativeSelection(logits=logits.gather(1, indices), indices=indices)
+            return NegativeSelection(logits=logits.gather(1, indices), indices=indices)
+        indices, band = self._outer_set(logits.detach(), lower, upper)
+        band_logits = _BandLogits.apply(
+            scores.anchors, scores.candidates, band, indices, scores.temperature
+        )
+        return NegativeSelection(logits=band_logits, indices=indices)
+
+    @staticmethod
+    def _outer_set(logits: Tensor, lower: int, upper: int) -> tuple[Tensor, Tensor]:
+        """``[A, U]`` indices of the top ``U`` candidates (in no particular order) and their
+        logits with the top ``L`` set to ``-inf``: the ring, kept in place instead of compacted
+        (the objective gives ``-inf`` entries no mass and no gradient)."""
+        values, indices = logits.topk(upper, dim=1, sorted=False)
+        if lower > 0:
+            inner = values.topk(lower, dim=1, sorted=False).indices
+            values.scatter_(1, inner, float("-inf"))
+        return indices, values
 
     @staticmethod
     def _ring_members(logits: Tensor, lower: int, upper: int) -> Tensor:
@@ -179,3 +197,37 @@ class RingNegatives(NegativeStrategy):
         if not drop:
             return logits
         return logits.scatter(1, torch.cat(drop, dim=1), float("-inf"))
+
+
+class _BandLogits(torch.autograd.Function):
+    """The ring's logits ``c_ij = <a_i, x_k> / t`` (``k = indices[i, j]``), read from the score
+    matrix, with a sparse backward: the ring holds ~``rho_out`` of the candidates, so
+
+        dL/da_i = (1/t) sum_j g_ij x_{k_ij}             (an ``embedding_bag``, no [A, C] matrix)
+        dL/dx_k = (1/t) sum_{i,j: k_ij = k} g_ij a_i    (in-batch only; dense ``G^T a``)
+
+    replaces the gather's dense ``[A, C]`` gradient and the two products of the score matrix's
+    backward. Same gradient as back-propagating through ``logits = a @ x.T / t``; only the
+    summation order differs. ``-inf`` entries (dropped top ``L``) get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, candidates, band, indices, temperature):  # type: ignore[override]
+        ctx.save_for_backward(anchors, candidates, indices, torch.isfinite(band))
+        ctx.temperature = temperature
+        return band.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        anchors, candidates, indices, kept = ctx.saved_tensors
+        g = torch.where(kept, grad, 0.0).div_(ctx.temperature)
+        grad_anchors = grad_candidates = None
+        if ctx.needs_input_grad[0]:
+            grad_anchors = F.embedding_bag(
+                indices, candidates, per_sample_weights=g.to(candidates.dtype), mode="sum"
+            ).to(anchors.dtype)
+        if ctx.needs_input_grad[1]:
+            dense = g.new_zeros(indices.shape[0], candidates.shape[0]).scatter_(1, indices, g)
+            grad_candidates = (dense.T @ anchors.to(g.dtype)).to(candidates.dtype)
+        return grad_anchors, grad_candidates, None, None, None
