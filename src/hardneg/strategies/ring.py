@@ -40,6 +40,38 @@ from hardneg.schedules import ring_rho_out
 from hardneg.strategies.base import NegativeSelection, NegativeStrategy, StrategyInputs
 
 
+def _order_keys(x: Tensor) -> Tensor:
+    """int32 keys ordered as the float32 values: the IEEE bit pattern, with the magnitude bits
+    of negative numbers flipped (``-inf`` lowest, ``-0.0`` just below ``+0.0``, a NaN with the
+    sign bit clear above ``+inf`` as in ``torch.topk``)."""
+    bits = x.view(torch.int32)
+    keys = bits >> 31  # -1 for negative numbers, else 0
+    keys &= 0x7FFFFFFF
+    keys ^= bits
+    return keys
+
+
+def top_k_indices(x: Tensor, k: int) -> Tensor:
+    """``[A, k]`` column indices of the ``k`` largest entries of each row, in no order.
+
+    On CPU, ``topk`` over integer keys is about a third faster than over floats (no NaN-aware
+    comparisons); the keys are built a block of rows at a time so that they stay in cache.
+    The members are those of ``x.topk(k)``; only which of several *equal* values is taken may
+    differ (their logits, hence the loss, are the same).
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
+        return x.topk(k, dim=1, sorted=False).indices
+    x = x.contiguous()
+    rows = max(1, (1 << 18) // max(1, x.shape[1]))  # ~1 MiB of keys per block
+    if rows >= x.shape[0]:
+        return _order_keys(x).topk(k, dim=1, sorted=False).indices
+    out = torch.empty(x.shape[0], k, dtype=torch.long)
+    for start in range(0, x.shape[0], rows):
+        block = _order_keys(x[start : start + rows])
+        out[start : start + rows] = block.topk(k, dim=1, sorted=False).indices
+    return out
+
+
 def ring_band(num_candidates: int, rho_out: float, rho_in: float) -> tuple[int, int]:
     """Ranks ``[L, U)`` of the ring among ``num_candidates`` sorted by decreasing similarity."""
     upper = max(1, min(num_candidates, math.floor(rho_out * num_candidates + 1e-9)))
@@ -160,9 +192,10 @@ class RingNegatives(NegativeStrategy):
         """``[A, U]`` indices of the top ``U`` candidates (in no particular order) and their
         logits with the top ``L`` set to ``-inf``: the ring, kept in place instead of compacted
         (the objective gives ``-inf`` entries no mass and no gradient)."""
-        values, indices = logits.topk(upper, dim=1, sorted=False)
+        indices = top_k_indices(logits, upper)
+        values = logits.gather(1, indices)
         if lower > 0:
-            inner = values.topk(lower, dim=1, sorted=False).indices
+            inner = top_k_indices(values, lower)
             values.scatter_(1, inner, float("-inf"))
         return indices, values
 
