@@ -42,19 +42,28 @@ class _TiltedLogMass(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, factor, beta, log_m, tilt_grad):  # type: ignore[override]
-        row_max = logits.amax(dim=1, keepdim=True)
-        s = logits - row_max  # <= 0, -inf where absent
+    def forward(ctx, logits, factor, beta, log_m, tilt_grad, shifted=None):  # type: ignore[override]
+        if shifted is None:
+            row_max = logits.amax(dim=1, keepdim=True)
+            s = logits - row_max  # <= 0, -inf where absent
+            e = None
+        else:  # the strategy already has e = exp(c - max_j c): reuse it, a pass and a copy less
+            row_max, e = shifted
+            row_max = row_max.unsqueeze(1)
+            s = None if beta in (0.0, 1.0, 2.0) else logits - row_max
         if beta in (0.0, 1.0, 2.0):
             # the common betas need no second exponential: e^{beta s} = 1, e or e * e
-            e = s.exp_()
+            if e is None:
+                e = s.exp_()
             q = None if beta == 0.0 else (e if beta == 1.0 else e.square())
         else:
+            assert s is not None
             q = (s * beta).exp_()
-            e = s.exp_()
+            if e is None:
+                e = s.exp_()
         if factor is not None:
             q = factor if q is None else q * factor  # factor is 0 where absent
-        assert q is not None
+        assert q is not None and e is not None
         sum_q = q.sum(dim=1)
         sum_qe = torch.linalg.vecdot(q, e, dim=1)
         ctx.save_for_backward(q, e, sum_q, sum_qe)
@@ -70,7 +79,7 @@ class _TiltedLogMass(torch.autograd.Function):
         if beta != 0.0:
             out.sub_((beta * grad / sum_q).unsqueeze(1))
         out.mul_(q)
-        return out, None, None, None, None
+        return out, None, None, None, None, None
 
 
 def tilted_log_negative_mass(
@@ -80,13 +89,15 @@ def tilted_log_negative_mass(
     *,
     num_negatives: int,
     tilt_grad: bool = True,
+    shifted: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``log sum_j w_ij e^{c_ij}`` for ``w_ij ∝ e^{tilt c_ij} f_ij`` with mean 1 over the ``M``
     negatives, in one fused pass; see :class:`_TiltedLogMass`. ``f`` must be 0 where ``c`` is
-    ``-inf``."""
+    ``-inf``. ``shifted`` = ``(max_j c_ij [A], e^{c - max_j c} [A, S])`` (float32, exactly as
+    computed here) when the caller already has them."""
     factor = None if tilt_factor is None else tilt_factor.detach().float()
     return _TiltedLogMass.apply(
-        neg_logits.float(), factor, float(tilt), math.log(num_negatives), bool(tilt_grad)
+        neg_logits.float(), factor, float(tilt), math.log(num_negatives), bool(tilt_grad), shifted
     )
 
 
@@ -129,6 +140,7 @@ def contrastive_objective(
     tilt: float = 0.0,
     tilt_factor: Tensor | None = None,
     tilt_grad: bool = True,
+    tilt_shifted: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Per-anchor loss ``[A]`` from positive logits ``[A]`` and negative logits ``[A, S]``.
 
@@ -141,6 +153,8 @@ def contrastive_objective(
         temperature: ``t``, needed for the clamp of the debiased estimator.
         tilt, tilt_factor, tilt_grad: tilted weights ``w ∝ e^{tilt c} f`` (mean 1) instead of
             ``neg_log_weights`` (see :class:`~hardneg.strategies.NegativeSelection`).
+        tilt_shifted: ``(max_j c_ij, e^{c - max_j c})`` of ``neg_logits`` if the strategy
+            already computed them (reused by the tilted mass, not recomputed).
     """
     pos_logits = pos_logits.float()
     m = neg_logits.shape[1] if num_negatives is None else num_negatives
@@ -148,7 +162,12 @@ def contrastive_objective(
         if neg_log_weights is not None:
             raise ValueError("give either neg_log_weights or a tilt, not both")
         log_mass = tilted_log_negative_mass(
-            neg_logits, tilt, tilt_factor, num_negatives=m, tilt_grad=tilt_grad
+            neg_logits,
+            tilt,
+            tilt_factor,
+            num_negatives=m,
+            tilt_grad=tilt_grad,
+            shifted=tilt_shifted,
         )
     else:
         log_mass = log_negative_mass(neg_logits.float(), neg_log_weights)

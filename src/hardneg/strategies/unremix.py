@@ -47,21 +47,24 @@ from hardneg.strategies.importance import ImportanceNegatives
 
 
 def _row_softmax_parts(scores: ContrastiveScores) -> tuple[Tensor, Tensor, Tensor]:
-    """``E = e^{c - m}`` ``[A, C]``, its row maxima ``m`` ``[A]`` and the partition
-    ``Z = sum_k E_k + e^{a - m}`` ``[A]`` of each anchor's softmax over positive and negatives."""
-    logits = scores.logits.detach()
+    """``E = e^{c - m}`` ``[A, C]``, the row maxima of the logits ``m`` ``[A]`` and the log
+    partition ``log Z = log(sum_k E_k + e^{a - m})`` ``[A]`` of each anchor's softmax over
+    positive and negatives. ``E`` and ``m`` are exactly the objective's shifted exponentials
+    (:func:`hardneg.objective.tilted_log_negative_mass`), which reuses them."""
+    logits = scores.logits.detach().float()
     pos = scores.pos_logits.detach()
-    row_max = torch.maximum(logits.amax(dim=1), pos)
+    row_max = logits.amax(dim=1)
     e = (logits - row_max.unsqueeze(1)).exp_()  # masked -inf -> 0
-    z = e.sum(dim=1) + (pos - row_max).exp()
-    return e, row_max, z
+    # the row maximum contributes e^0 = 1, so the log is finite; e^{a - m} may be huge
+    log_z = torch.logaddexp(e.sum(dim=1).log(), pos - row_max)
+    return e, row_max, log_z
 
 
 def anchor_gradients(scores: ContrastiveScores, parts=None) -> Tensor:
     """``delta_i = (1/t)(sum_k p_ik z_k - z_{i+})``: InfoNCE gradient w.r.t. each anchor ``[A, d]``."""
-    e, row_max, z = _row_softmax_parts(scores) if parts is None else parts
-    p_pos = ((scores.pos_logits.detach() - row_max).exp() / z).unsqueeze(1)
-    expected = (e @ scores.candidates) / z.unsqueeze(1) + p_pos * scores.positives
+    e, row_max, log_z = _row_softmax_parts(scores) if parts is None else parts
+    p_pos = (scores.pos_logits.detach() - row_max - log_z).exp().unsqueeze(1)
+    expected = (e @ scores.candidates) * (-log_z).exp().unsqueeze(1) + p_pos * scores.positives
     return (expected - scores.positives) / scores.temperature
 
 
@@ -254,11 +257,15 @@ class UnReMixNegatives(ImportanceNegatives):
         Each min-max normalised score enters as ``scale_i * x + offset_i`` (its range over
         anchor ``i``'s negatives), so the mix is built in place from the influence matrix.
         """
+        return self._mix(scores, inputs, None)
+
+    def _mix(self, scores: ContrastiveScores, inputs: StrategyInputs, parts) -> Tensor:
         a = scores.logits.shape[0]
         offset = torch.full((a,), self.eps, device=scores.logits.device)
         mix = None
         if self.lambda_u > 0:
-            u = self._influence(scores, inputs, _row_softmax_parts(scores), exact_h=False)
+            parts = _row_softmax_parts(scores) if parts is None else parts
+            u = self._influence(scores, inputs, parts, exact_h=False)
             if u.shape[0] == 1:  # gradient_norm: one score per candidate
                 lo, hi = _column_range(u[0], scores)
                 scale, off = _affine_to_unit(lo, hi)
@@ -296,7 +303,13 @@ class UnReMixNegatives(ImportanceNegatives):
         if self.lambda_u == 0 and self.lambda_d == 0:
             return super().select(scores, inputs)  # the eps factor is a constant: HCL exactly
         with torch.no_grad():
-            mix = self.mix(scores, inputs)
+            # E = e^{c - max c} serves the influence score and the objective's tilted mass
+            parts = _row_softmax_parts(scores) if self.lambda_u > 0 else None
+            mix = self._mix(scores, inputs, parts)
         return NegativeSelection(
-            logits=scores.logits, tilt=beta, tilt_factor=mix, tilt_grad=not self.detach_weights
+            logits=scores.logits,
+            tilt=beta,
+            tilt_factor=mix,
+            tilt_grad=not self.detach_weights,
+            tilt_shifted=None if parts is None else (parts[1], parts[0]),
         )
