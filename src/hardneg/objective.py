@@ -37,7 +37,8 @@ class _TiltedLogMass(torch.autograd.Function):
     computed from one shifted copy of the logits: with ``s = c - max_j c``, ``e = e^{s}`` and
     ``q = e^{beta s} f``, ``log R = log M + max_j c + log sum(q e) - log sum(q)``; the backward
     pass is ``dlogR/dc = (1 + beta) q e / sum(q e) - beta q / sum(q)`` (only the first term when
-    the tilt is detached), three in-place passes. Every exponent is <= 0 and the row maximum
+    the tilt is detached), three in-place passes. With ``beta = 1`` and a factor, ``q = e f`` is
+    formed a block of rows at a time and never stored (saved: ``e`` and ``f``). Every exponent is <= 0 and the row maximum
     contributes ``e^0 f``, so nothing overflows and the sums stay positive for ``f > 0``.
     """
 
@@ -61,25 +62,68 @@ class _TiltedLogMass(torch.autograd.Function):
             q = (s * beta).exp_()
             if e is None:
                 e = s.exp_()
-        if factor is not None:
-            q = factor if q is None else q * factor  # factor is 0 where absent
+        product = factor is not None and q is e  # q = e * f: never stored, formed per block
+        if factor is not None and not product:
+            # a fresh e^{beta s} (beta != 1) is scaled in place
+            q = factor if q is None else q.mul_(factor)  # factor is 0 where absent
         assert q is not None and e is not None
-        sum_q = q.sum(dim=1)
-        sum_qe = torch.linalg.vecdot(q, e, dim=1)
-        ctx.save_for_backward(q, e, sum_q, sum_qe)
-        ctx.beta, ctx.tilt_grad = beta, tilt_grad
+        if product:
+            sum_q, sum_qe = _product_sums(e, factor)
+            ctx.save_for_backward(e, e, sum_q, sum_qe, factor)
+        else:
+            sum_q = q.sum(dim=1)
+            sum_qe = _row_dot(q, e)
+            ctx.save_for_backward(q, e, sum_q, sum_qe)
+        ctx.beta, ctx.tilt_grad, ctx.product = beta, tilt_grad, product
         return log_m + row_max.squeeze(1) + sum_qe.log() - sum_q.log()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        q, e, sum_q, sum_qe = ctx.saved_tensors
+        q, e, sum_q, sum_qe, *factor = ctx.saved_tensors
         beta = ctx.beta if ctx.tilt_grad else 0.0
         out = e * ((1.0 + beta) * grad / sum_qe).unsqueeze(1)
         if beta != 0.0:
             out.sub_((beta * grad / sum_q).unsqueeze(1))
-        out.mul_(q)
+        if ctx.product:
+            for rows in _row_blocks(out):
+                out[rows].mul_(e[rows] * factor[0][rows])
+        else:
+            out.mul_(q)
         return out, None, None, None, None, None
+
+
+# Row blocks of about this many elements keep the temporaries of row-wise products in cache
+# instead of allocating (and page-faulting) a whole [A, S] matrix; every row is reduced exactly
+# as in one call, so the results are bit-identical.
+_BLOCK = 1 << 18
+
+
+def _row_blocks(x: Tensor) -> list[slice]:
+    rows = max(1, _BLOCK // max(1, x.shape[1]))
+    return [slice(start, start + rows) for start in range(0, x.shape[0], rows)]
+
+
+def _row_dot(x: Tensor, y: Tensor) -> Tensor:
+    """``sum_j x_ij y_ij`` per row, a block of rows at a time."""
+    blocks = _row_blocks(x)
+    if len(blocks) == 1:
+        return torch.linalg.vecdot(x, y, dim=1)
+    out = x.new_empty(x.shape[0])
+    for rows in blocks:
+        torch.linalg.vecdot(x[rows], y[rows], dim=1, out=out[rows])
+    return out
+
+
+def _product_sums(e: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:
+    """``sum_j q_ij`` and ``sum_j q_ij e_ij`` for ``q = e * factor``, without storing ``q``."""
+    sum_q = e.new_empty(e.shape[0])
+    sum_qe = e.new_empty(e.shape[0])
+    for rows in _row_blocks(e):
+        q = e[rows] * factor[rows]
+        torch.sum(q, dim=1, out=sum_q[rows])
+        torch.linalg.vecdot(q, e[rows], dim=1, out=sum_qe[rows])
+    return sum_q, sum_qe
 
 
 def tilted_log_negative_mass(
