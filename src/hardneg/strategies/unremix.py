@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hardneg._checks import check_choice, check_number
+from hardneg.objective import _row_blocks
 from hardneg.pool import ContrastiveScores
 from hardneg.strategies.base import NegativeSelection, StrategyInputs
 from hardneg.strategies.importance import ImportanceNegatives
@@ -261,11 +262,27 @@ class UnReMixNegatives(ImportanceNegatives):
 
     def _mix(self, scores: ContrastiveScores, inputs: StrategyInputs, parts) -> Tensor:
         a = scores.logits.shape[0]
-        offset = torch.full((a,), self.eps, device=scores.logits.device)
-        mix = None
+        eps = torch.full((a,), self.eps, device=scores.logits.device)
+        d = d_term = d_off = None
+        if self.lambda_d > 0:
+            d = self.representativeness_scores(scores)[0]
+            lo, hi = _column_range(d, scores)
+            scale, off = _affine_to_unit(lo, hi)
+            if self.representativeness == "density":  # 1 - D~
+                scale, off = -scale, 1.0 - off
+            d_term, d_off = scale * self.lambda_d, self.lambda_d * off
+        u = None
         if self.lambda_u > 0:
             parts = _row_softmax_parts(scores) if parts is None else parts
             u = self._influence(scores, inputs, parts, exact_h=False)
+        if u is not None and u.shape[0] > 1 and (scores.neg_mask is None or scores.in_batch):
+            # every step below is row-wise: run them a block of rows at a time, in cache
+            for rows in _row_blocks(u):
+                self._finish_rows(u, rows, scores, eps, d, d_term, d_off)
+            return u
+        offset = eps
+        mix = None
+        if u is not None:
             if u.shape[0] == 1:  # gradient_norm: one score per candidate
                 lo, hi = _column_range(u[0], scores)
                 scale, off = _affine_to_unit(lo, hi)
@@ -275,18 +292,13 @@ class UnReMixNegatives(ImportanceNegatives):
                 scale, off = _affine_to_unit(lo, hi)
                 mix = u.mul_((scale * self.lambda_u).unsqueeze(1))
             offset = offset + self.lambda_u * off
-        if self.lambda_d > 0:
-            d = self.representativeness_scores(scores)[0]
-            lo, hi = _column_range(d, scores)
-            scale, off = _affine_to_unit(lo, hi)
-            if self.representativeness == "density":  # 1 - D~
-                scale, off = -scale, 1.0 - off
-            term = (scale * self.lambda_d).unsqueeze(1)
+        if d is not None:
+            assert d_term is not None and d_off is not None
             if mix is None:
-                mix = torch.outer(term.squeeze(1), d)
+                mix = torch.outer(d_term, d)
             else:
-                mix.addcmul_(term, d.unsqueeze(0))
-            offset = offset + self.lambda_d * off
+                mix.addcmul_(d_term.unsqueeze(1), d.unsqueeze(0))
+            offset = offset + d_off
         assert mix is not None
         mix.add_(offset.unsqueeze(1)).clamp_(min=self.eps)
         if scores.neg_mask is not None:
@@ -297,6 +309,40 @@ class UnReMixNegatives(ImportanceNegatives):
             else:
                 mix.masked_fill_(~scores.neg_mask, 0.0)
         return mix
+
+    def _finish_rows(
+        self,
+        u: Tensor,
+        rows: slice,
+        scores: ContrastiveScores,
+        eps: Tensor,
+        d: Tensor | None,
+        d_term: Tensor | None,
+        d_off: Tensor | None,
+    ) -> None:
+        """Turn rows ``rows`` of the influence matrix into the mix, in place: the same
+        operations, in the same order, as on the whole matrix (:meth:`_mix`)."""
+        block = u[rows]
+        index = None
+        if scores.in_batch and scores.neg_mask is not None:
+            assert scores.positive_index is not None
+            index = torch.arange(rows.start, rows.start + block.shape[0], device=u.device)
+            local = torch.arange(block.shape[0], device=u.device)
+            # give the two non-negatives a negative's value: (i + 1) mod 2N is one
+            filler = block[local, (index + 1) % u.shape[1]]
+            block[local, index] = filler
+            block[local, scores.positive_index[rows]] = filler
+        scale, off = _affine_to_unit(block.amin(dim=1), block.amax(dim=1))
+        block.mul_((scale * self.lambda_u).unsqueeze(1))
+        offset = eps[rows] + self.lambda_u * off
+        if d is not None:
+            assert d_term is not None and d_off is not None
+            block.addcmul_(d_term[rows].unsqueeze(1), d.unsqueeze(0))
+            offset = offset + d_off[rows]
+        block.add_(offset.unsqueeze(1)).clamp_(min=self.eps)
+        if index is not None:
+            block[local, index] = 0.0
+            block[local, scores.positive_index[rows]] = 0.0
 
     def select(self, scores: ContrastiveScores, inputs: StrategyInputs) -> NegativeSelection:
         beta = self.current_beta(inputs.progress)
