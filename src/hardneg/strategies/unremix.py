@@ -83,8 +83,8 @@ def pool_gradients(scores: ContrastiveScores, parts=None) -> Tensor:
         return (p.T @ scores.anchors - scores.candidates) / scores.temperature
     e, row_max, _ = _row_softmax_parts(scores) if parts is None else parts
     w = (row_max - row_max.max()).exp()  # [A]
-    weighted = e.T @ torch.cat([scores.anchors * w.unsqueeze(1), w.unsqueeze(1)], dim=1)
-    expected = weighted[:, :-1] / weighted[:, -1:]
+    # numerator and partition apart: a [d]-wide product is faster than a [d + 1]-wide one
+    expected = (e.T @ (scores.anchors * w.unsqueeze(1))) / (w @ e).unsqueeze(1)
     return (expected - scores.candidates) / scores.temperature
 
 
