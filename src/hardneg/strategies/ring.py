@@ -11,9 +11,19 @@ closest ones (likely false negatives) and the easy bulk are dropped. As in the a
     l_i = logsumexp({a_i} ∪ ring_i) - a_i           # the positive stays in the partition
 
 ``topk(U)`` replaces the full sort (same members, less work); as the loss only needs the
-members, not their order, the selection is unsorted (``nth_element``, linear time) and the top
-``L`` are removed with a second, small ``topk`` over the ``U`` kept values. Only ``num_samples``
-sorts the ring, so that a draw picks the same members as the reference's draw. A wide ring
+members, not their order, the selection is unsorted (``nth_element``, linear time; on CPU over
+int32 keys that order like the floats, see :func:`top_k_indices`) and the top ``L`` are found
+with a second, small ``topk`` over the ``U`` kept values and set to ``-inf`` in place (no mass,
+no gradient) rather than compacted away. The ring's logits are read from the score matrix, and
+their gradient is sent straight to the embeddings (``dL/da_i = sum_j g_ij x_{k_ij} / t``, an
+``embedding_bag``; in-batch also ``dL/dx``), instead of through a dense ``[A, C]`` gradient of
+the score matrix and its two products (:class:`_BandLogits`). Only ``num_samples`` sorts the
+ring, so that a draw picks the same members as the reference's draw.
+
+Ties: the loss depends on the *values* of ranks ``[L, U)`` only, so which of several equal logits
+at a band edge is taken does not change it (the reference's sort picks one, ``topk`` another);
+the gradient then goes to the member taken. NaN logits (only from non-finite embeddings) rank as
+in ``torch.topk`` when their sign bit is clear and last otherwise. A wide ring
 (``U > M / 2``, e.g. ``rho_out = 1`` at the start of annealing) is kept as a mask: the top ``L``
 and the bottom ``M - U`` are dropped. The band can also be given as rank
 percentiles from the top, ``(lower, upper) = (100 rho_in rho_out, 100 rho_out)``; ``(0, 100)``

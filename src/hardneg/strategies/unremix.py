@@ -31,7 +31,10 @@ Cost: the influence score needs, by its definition, ``sum_k p_ik z_k`` for every
 ``delta_i . delta_j`` for every pair, two (with a pool three) products of the size of the score
 matrix on top of InfoNCE's; everything else is a few passes over the ``[A, C]`` scores, and
 the weights are never materialised (the objective fuses them, see
-:func:`hardneg.objective.tilted_log_negative_mass`).
+:func:`hardneg.objective.tilted_log_negative_mass`). The shifted exponentials
+``E = e^{c - max c}`` of the softmax are computed once and handed to the objective
+(``NegativeSelection.tilt_shifted``); the min-max normalisation and the mix run a block of rows at
+a time so that each block is read and rewritten in cache.
 """
 
 from __future__ import annotations
