@@ -342,6 +342,60 @@ def test_unsorted_ring_members_are_the_ranks_lower_to_upper(ties):
         torch.testing.assert_close(got, ranked[:, lower:upper], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_ring_outer_set_keeps_the_top_upper_with_the_top_lower_at_minus_inf(ties):
+    from hardneg.strategies.ring import RingNegatives, top_k_indices
+
+    # 300 rows of 3000: several blocks of integer keys; zeros of both signs tie as floats
+    x = torch.randn(300, 3000, generator=torch.Generator().manual_seed(31))
+    if ties:
+        x = x.round(decimals=1)
+        x[:, ::7] = -0.0
+    x[0, :5] = float("-inf")
+    ranked = x.sort(dim=1, descending=True).values
+    for lower, upper in [(0, 1), (30, 300), (299, 300), (100, 2990)]:
+        top = top_k_indices(x, upper)
+        assert all(len(set(row.tolist())) == upper for row in top[:20])
+        got = x.gather(1, top).sort(dim=1, descending=True).values
+        torch.testing.assert_close(got, ranked[:, :upper], rtol=0, atol=0)
+        idx, band = RingNegatives._outer_set(x, lower, upper)
+        assert idx.shape == band.shape == (300, upper)
+        kept = band.sort(dim=1, descending=True).values[:, : upper - lower]  # -inf sort last
+        torch.testing.assert_close(kept, ranked[:, lower:upper], rtol=0, atol=0)
+        assert bool((torch.isinf(band).sum(dim=1) == lower).all())
+        finite = torch.isfinite(band)
+        torch.testing.assert_close(band[finite], x.gather(1, idx)[finite], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_ring_sparse_backward_equals_the_gather_through_the_score_matrix(pooled):
+    import dataclasses
+
+    from hardneg.strategies.ring import RingNegatives
+
+    z1, z2 = views(n=150, d=12, seed=32)
+    pool = queue(k=700, d=12) if pooled else None
+    t = 0.2
+    ring = RingNegatives(rho_out=0.3, rho_in=0.2)
+
+    def loss(a, b, dense):
+        scores = in_batch_scores(a, b, t) if pool is None else pool_scores(a, b, pool, t)
+        if dense:  # not known to be a @ x.T / t: the selection is gathered with autograd
+            scores = dataclasses.replace(scores, bilinear=False)
+        selection = ring.select(scores, StrategyInputs())
+        assert (selection.logits.shape[1] < scores.logits.shape[1]) and (
+            dense or selection.logits.grad_fn.name() == "_BandLogitsBackward"
+        )
+        part = torch.logsumexp(torch.cat([scores.pos_logits[:, None], selection.logits], 1), 1)
+        return (part - scores.pos_logits).mean()
+
+    assert_same(
+        value_and_grads(lambda a, b: loss(a, b, False), z1, z2),
+        value_and_grads(lambda a, b: loss(a, b, True), z1, z2),
+        tol=dict(rtol=1e-6, atol=1e-7),
+    )
+
+
 @pytest.mark.parametrize("band", [dict(rho_out=0.9, rho_in=0.2), dict(rho_out=0.2, rho_in=0.3)])
 def test_ring_keeps_exactly_its_band_when_every_negative_ties(band):
     z1 = torch.ones(6, 4).requires_grad_()
@@ -698,6 +752,51 @@ def test_unremix_fused_weights_equal_the_step_by_step_definition(setup, options)
         return unremix_step_by_step(strategy, scores, inputs, tau_plus)
 
     assert_same(value_and_grads(fused, z1, z2), value_and_grads(reference, z1, z2))
+
+
+@pytest.mark.parametrize("setup", ["in-batch", "pool"])
+def test_unremix_fused_weights_equal_the_step_by_step_definition_over_several_row_blocks(setup):
+    # 600 x 600 (in-batch) and 60 x 5000 (pool) scores: the mix and the tilted mass are built a
+    # block of rows at a time (hardneg.objective._row_blocks), here in two or more blocks
+    from hardneg.objective import _row_blocks
+
+    n = 300 if setup == "in-batch" else 60
+    z1, z2 = views(n=n, d=8, seed=33)
+    pool = queue(k=5000, d=8) if setup == "pool" else None
+    t, tau_plus = 0.3, 0.1
+    loss_fn = unremix(temperature=t, tau_plus=tau_plus)
+    cells = (2 * n, 2 * n) if pool is None else (n, 5000)
+    assert len(_row_blocks(torch.empty(cells))) >= 2
+
+    def reference(a, b):
+        scores = in_batch_scores(a, b, t) if pool is None else pool_scores(a, b, pool, t)
+        return unremix_step_by_step(loss_fn.strategy, scores, StrategyInputs(), tau_plus)
+
+    assert_same(
+        value_and_grads(lambda a, b: loss_fn(a, b, negatives=pool), z1, z2),
+        value_and_grads(reference, z1, z2),
+    )
+
+
+def test_tilted_mass_with_the_strategys_shifted_exponentials_is_bit_identical():
+    from hardneg.objective import contrastive_objective
+
+    g = torch.Generator().manual_seed(34)
+    logits = torch.randn(40, 9000, generator=g) * 3
+    logits[:, :3] = float("-inf")
+    pos = torch.randn(40, generator=g)
+    factor = torch.rand(40, 9000, generator=g) + 0.1
+    factor[:, :3] = 0.0
+    row_max = logits.amax(dim=1)
+    shifted = (row_max, (logits - row_max[:, None]).exp())
+    for beta in (0.0, 1.0, 2.0, 0.7):
+        for f in (None, factor):
+            kw = dict(tilt=beta, tilt_factor=f, num_negatives=8997, tau_plus=0.1, temperature=0.5)
+            if beta == 0.0 and f is None:
+                continue
+            plain = contrastive_objective(pos, logits, **kw)
+            reused = contrastive_objective(pos, logits, tilt_shifted=shifted, **kw)
+            assert torch.equal(plain, reused)
 
 
 def test_unremix_representativeness_equals_the_quadratic_definition():

@@ -37,40 +37,95 @@ class _TiltedLogMass(torch.autograd.Function):
     computed from one shifted copy of the logits: with ``s = c - max_j c``, ``e = e^{s}`` and
     ``q = e^{beta s} f``, ``log R = log M + max_j c + log sum(q e) - log sum(q)``; the backward
     pass is ``dlogR/dc = (1 + beta) q e / sum(q e) - beta q / sum(q)`` (only the first term when
-    the tilt is detached), three in-place passes. Every exponent is <= 0 and the row maximum
+    the tilt is detached), three in-place passes. With ``beta = 1`` and a factor, ``q = e f`` is
+    formed a block of rows at a time and never stored (saved: ``e`` and ``f``). Every exponent is <= 0 and the row maximum
     contributes ``e^0 f``, so nothing overflows and the sums stay positive for ``f > 0``.
     """
 
     @staticmethod
-    def forward(ctx, logits, factor, beta, log_m, tilt_grad):  # type: ignore[override]
-        row_max = logits.amax(dim=1, keepdim=True)
-        s = logits - row_max  # <= 0, -inf where absent
+    def forward(ctx, logits, factor, beta, log_m, tilt_grad, shifted=None):  # type: ignore[override]
+        if shifted is None:
+            row_max = logits.amax(dim=1, keepdim=True)
+            s = logits - row_max  # <= 0, -inf where absent
+            e = None
+        else:  # the strategy already has e = exp(c - max_j c): reuse it, a pass and a copy less
+            row_max, e = shifted
+            row_max = row_max.unsqueeze(1)
+            s = None if beta in (0.0, 1.0, 2.0) else logits - row_max
         if beta in (0.0, 1.0, 2.0):
             # the common betas need no second exponential: e^{beta s} = 1, e or e * e
-            e = s.exp_()
+            if e is None:
+                e = s.exp_()
             q = None if beta == 0.0 else (e if beta == 1.0 else e.square())
         else:
+            assert s is not None
             q = (s * beta).exp_()
-            e = s.exp_()
-        if factor is not None:
-            q = factor if q is None else q * factor  # factor is 0 where absent
-        assert q is not None
-        sum_q = q.sum(dim=1)
-        sum_qe = torch.linalg.vecdot(q, e, dim=1)
-        ctx.save_for_backward(q, e, sum_q, sum_qe)
-        ctx.beta, ctx.tilt_grad = beta, tilt_grad
+            if e is None:
+                e = s.exp_()
+        product = factor is not None and q is e  # q = e * f: never stored, formed per block
+        if factor is not None and not product:
+            # a fresh e^{beta s} (beta != 1) is scaled in place
+            q = factor if q is None else q.mul_(factor)  # factor is 0 where absent
+        assert q is not None and e is not None
+        if product:
+            sum_q, sum_qe = _product_sums(e, factor)
+            ctx.save_for_backward(e, e, sum_q, sum_qe, factor)
+        else:
+            sum_q = q.sum(dim=1)
+            sum_qe = _row_dot(q, e)
+            ctx.save_for_backward(q, e, sum_q, sum_qe)
+        ctx.beta, ctx.tilt_grad, ctx.product = beta, tilt_grad, product
         return log_m + row_max.squeeze(1) + sum_qe.log() - sum_q.log()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        q, e, sum_q, sum_qe = ctx.saved_tensors
+        q, e, sum_q, sum_qe, *factor = ctx.saved_tensors
         beta = ctx.beta if ctx.tilt_grad else 0.0
         out = e * ((1.0 + beta) * grad / sum_qe).unsqueeze(1)
         if beta != 0.0:
             out.sub_((beta * grad / sum_q).unsqueeze(1))
-        out.mul_(q)
-        return out, None, None, None, None
+        if ctx.product:
+            for rows in _row_blocks(out):
+                out[rows].mul_(e[rows] * factor[0][rows])
+        else:
+            out.mul_(q)
+        return out, None, None, None, None, None
+
+
+# On CPU, row blocks of about this many elements keep the temporaries of row-wise products in
+# cache instead of allocating (and page-faulting) a whole [A, S] matrix; every row is reduced
+# exactly as in one call, so the results are bit-identical.
+_BLOCK = 1 << 18
+
+
+def _row_blocks(x: Tensor) -> list[slice]:
+    if x.device.type != "cpu":  # on an accelerator one launch per op beats cache blocking
+        return [slice(0, x.shape[0])]
+    rows = max(1, _BLOCK // max(1, x.shape[1]))
+    return [slice(start, start + rows) for start in range(0, x.shape[0], rows)]
+
+
+def _row_dot(x: Tensor, y: Tensor) -> Tensor:
+    """``sum_j x_ij y_ij`` per row, a block of rows at a time."""
+    blocks = _row_blocks(x)
+    if len(blocks) == 1:
+        return torch.linalg.vecdot(x, y, dim=1)
+    out = x.new_empty(x.shape[0])
+    for rows in blocks:
+        torch.linalg.vecdot(x[rows], y[rows], dim=1, out=out[rows])
+    return out
+
+
+def _product_sums(e: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:
+    """``sum_j q_ij`` and ``sum_j q_ij e_ij`` for ``q = e * factor``, without storing ``q``."""
+    sum_q = e.new_empty(e.shape[0])
+    sum_qe = e.new_empty(e.shape[0])
+    for rows in _row_blocks(e):
+        q = e[rows] * factor[rows]
+        torch.sum(q, dim=1, out=sum_q[rows])
+        torch.linalg.vecdot(q, e[rows], dim=1, out=sum_qe[rows])
+    return sum_q, sum_qe
 
 
 def tilted_log_negative_mass(
@@ -80,13 +135,15 @@ def tilted_log_negative_mass(
     *,
     num_negatives: int,
     tilt_grad: bool = True,
+    shifted: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``log sum_j w_ij e^{c_ij}`` for ``w_ij ∝ e^{tilt c_ij} f_ij`` with mean 1 over the ``M``
     negatives, in one fused pass; see :class:`_TiltedLogMass`. ``f`` must be 0 where ``c`` is
-    ``-inf``."""
+    ``-inf``. ``shifted`` = ``(max_j c_ij [A], e^{c - max_j c} [A, S])`` (float32, exactly as
+    computed here) when the caller already has them."""
     factor = None if tilt_factor is None else tilt_factor.detach().float()
     return _TiltedLogMass.apply(
-        neg_logits.float(), factor, float(tilt), math.log(num_negatives), bool(tilt_grad)
+        neg_logits.float(), factor, float(tilt), math.log(num_negatives), bool(tilt_grad), shifted
     )
 
 
@@ -129,6 +186,7 @@ def contrastive_objective(
     tilt: float = 0.0,
     tilt_factor: Tensor | None = None,
     tilt_grad: bool = True,
+    tilt_shifted: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Per-anchor loss ``[A]`` from positive logits ``[A]`` and negative logits ``[A, S]``.
 
@@ -141,6 +199,8 @@ def contrastive_objective(
         temperature: ``t``, needed for the clamp of the debiased estimator.
         tilt, tilt_factor, tilt_grad: tilted weights ``w ∝ e^{tilt c} f`` (mean 1) instead of
             ``neg_log_weights`` (see :class:`~hardneg.strategies.NegativeSelection`).
+        tilt_shifted: ``(max_j c_ij, e^{c - max_j c})`` of ``neg_logits`` if the strategy
+            already computed them (reused by the tilted mass, not recomputed).
     """
     pos_logits = pos_logits.float()
     m = neg_logits.shape[1] if num_negatives is None else num_negatives
@@ -148,7 +208,12 @@ def contrastive_objective(
         if neg_log_weights is not None:
             raise ValueError("give either neg_log_weights or a tilt, not both")
         log_mass = tilted_log_negative_mass(
-            neg_logits, tilt, tilt_factor, num_negatives=m, tilt_grad=tilt_grad
+            neg_logits,
+            tilt,
+            tilt_factor,
+            num_negatives=m,
+            tilt_grad=tilt_grad,
+            shifted=tilt_shifted,
         )
     else:
         log_mass = log_negative_mass(neg_logits.float(), neg_log_weights)

@@ -37,6 +37,9 @@ class ContrastiveScores:
         temperature: ``t``.
         positive_index: ``[A]`` index in the candidates of each anchor's positive (in-batch only).
         in_batch: True for the SimCLR set-up (candidates are the anchors themselves).
+        bilinear: True when ``logits = anchors @ candidates.T / t`` (before masking) with the
+            gradient flowing through ``anchors`` and ``candidates``; a strategy that keeps few
+            entries may then back-propagate them sparsely instead of through the dense matrix.
     """
 
     anchors: Tensor
@@ -49,6 +52,7 @@ class ContrastiveScores:
     temperature: float
     positive_index: Tensor | None
     in_batch: bool
+    bilinear: bool = False
 
     @property
     def similarities(self) -> Tensor:
@@ -91,6 +95,7 @@ def in_batch_scores(z1: Tensor, z2: Tensor, temperature: float) -> ContrastiveSc
         temperature=temperature,
         positive_index=positive_index,
         in_batch=True,
+        bilinear=True,
     )
 
 
@@ -142,4 +147,5 @@ def pool_scores(
         temperature=temperature,
         positive_index=None,
         in_batch=False,
+        bilinear=True,
     )

@@ -181,6 +181,7 @@ class ContrastiveLoss(nn.Module):
             tilt=selection.tilt,
             tilt_factor=selection.tilt_factor,
             tilt_grad=selection.tilt_grad,
+            tilt_shifted=selection.tilt_shifted,
         )
         loss = per_anchor.mean()
         if not return_diagnostics:

@@ -54,6 +54,9 @@ class NegativeSelection:
         tilt_factor: ``[A, S]`` constant positive factor of the tilted weights (no gradient
             flows through it); 0 wherever ``logits`` is ``-inf``.
         tilt_grad: let the gradient flow through the tilt (the HCL reference does).
+        tilt_shifted: optional ``(max_j c_ij [A], e^{c_ij - max_j c_ij} [A, S])`` of the
+            detached ``logits`` in float32, when the strategy computed them anyway; the
+            objective then reuses them (they must be exactly what it would compute).
     """
 
     logits: Tensor
@@ -62,6 +65,7 @@ class NegativeSelection:
     tilt: float = 0.0
     tilt_factor: Tensor | None = None
     tilt_grad: bool = True
+    tilt_shifted: tuple[Tensor, Tensor] | None = None
 
     @property
     def tilted(self) -> bool:

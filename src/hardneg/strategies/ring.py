@@ -11,9 +11,19 @@ closest ones (likely false negatives) and the easy bulk are dropped. As in the a
     l_i = logsumexp({a_i} ∪ ring_i) - a_i           # the positive stays in the partition
 
 ``topk(U)`` replaces the full sort (same members, less work); as the loss only needs the
-members, not their order, the selection is unsorted (``nth_element``, linear time) and the top
-``L`` are removed with a second, small ``topk`` over the ``U`` kept values. Only ``num_samples``
-sorts the ring, so that a draw picks the same members as the reference's draw. A wide ring
+members, not their order, the selection is unsorted (``nth_element``, linear time; on CPU over
+int32 keys that order like the floats, see :func:`top_k_indices`) and the top ``L`` are found
+with a second, small ``topk`` over the ``U`` kept values and set to ``-inf`` in place (no mass,
+no gradient) rather than compacted away. The ring's logits are read from the score matrix, and
+their gradient is sent straight to the embeddings (``dL/da_i = sum_j g_ij x_{k_ij} / t``, an
+``embedding_bag``; in-batch also ``dL/dx``), instead of through a dense ``[A, C]`` gradient of
+the score matrix and its two products (:class:`_BandLogits`). Only ``num_samples`` sorts the
+ring, so that a draw picks the same members as the reference's draw.
+
+Ties: the loss depends on the *values* of ranks ``[L, U)`` only, so which of several equal logits
+at a band edge is taken does not change it (the reference's sort picks one, ``topk`` another);
+the gradient then goes to the member taken. NaN logits (only from non-finite embeddings) rank as
+in ``torch.topk`` when their sign bit is clear and last otherwise. A wide ring
 (``U > M / 2``, e.g. ``rho_out = 1`` at the start of annealing) is kept as a mask: the top ``L``
 and the bottom ``M - U`` are dropped. The band can also be given as rank
 percentiles from the top, ``(lower, upper) = (100 rho_in rho_out, 100 rho_out)``; ``(0, 100)``
@@ -31,12 +41,45 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from hardneg._checks import check_choice, check_number
 from hardneg.pool import ContrastiveScores
 from hardneg.schedules import ring_rho_out
 from hardneg.strategies.base import NegativeSelection, NegativeStrategy, StrategyInputs
+
+
+def _order_keys(x: Tensor) -> Tensor:
+    """int32 keys ordered as the float32 values: the IEEE bit pattern, with the magnitude bits
+    of negative numbers flipped (``-inf`` lowest, ``-0.0`` just below ``+0.0``, a NaN with the
+    sign bit clear above ``+inf`` as in ``torch.topk``)."""
+    bits = x.view(torch.int32)
+    keys = bits >> 31  # -1 for negative numbers, else 0
+    keys &= 0x7FFFFFFF
+    keys ^= bits
+    return keys
+
+
+def top_k_indices(x: Tensor, k: int) -> Tensor:
+    """``[A, k]`` column indices of the ``k`` largest entries of each row, in no order.
+
+    On CPU, ``topk`` over integer keys is about a third faster than over floats (no NaN-aware
+    comparisons); the keys are built a block of rows at a time so that they stay in cache.
+    The members are those of ``x.topk(k)``; only which of several *equal* values is taken may
+    differ (their logits, hence the loss, are the same).
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
+        return x.topk(k, dim=1, sorted=False).indices
+    x = x.contiguous()
+    rows = max(1, (1 << 18) // max(1, x.shape[1]))  # ~1 MiB of keys per block
+    if rows >= x.shape[0]:
+        return _order_keys(x).topk(k, dim=1, sorted=False).indices
+    out = torch.empty(x.shape[0], k, dtype=torch.long)
+    for start in range(0, x.shape[0], rows):
+        block = _order_keys(x[start : start + rows])
+        out[start : start + rows] = block.topk(k, dim=1, sorted=False).indices
+    return out
 
 
 def ring_band(num_candidates: int, rho_out: float, rho_in: float) -> tuple[int, int]:
@@ -144,9 +187,27 @@ class RingNegatives(NegativeStrategy):
                 device=indices.device,
             )
             indices = indices.gather(1, draw)
-        else:
+            return NegativeSelection(logits=logits.gather(1, indices), indices=indices)
+        if not scores.bilinear:
             indices = self._ring_members(logits.detach(), lower, upper)
-        return NegativeSelection(logits=logits.gather(1, indices), indices=indices)
+            return NegativeSelection(logits=logits.gather(1, indices), indices=indices)
+        indices, band = self._outer_set(logits.detach(), lower, upper)
+        band_logits = _BandLogits.apply(
+            scores.anchors, scores.candidates, band, indices, scores.temperature
+        )
+        return NegativeSelection(logits=band_logits, indices=indices)
+
+    @staticmethod
+    def _outer_set(logits: Tensor, lower: int, upper: int) -> tuple[Tensor, Tensor]:
+        """``[A, U]`` indices of the top ``U`` candidates (in no particular order) and their
+        logits with the top ``L`` set to ``-inf``: the ring, kept in place instead of compacted
+        (the objective gives ``-inf`` entries no mass and no gradient)."""
+        indices = top_k_indices(logits, upper)
+        values = logits.gather(1, indices)
+        if lower > 0:
+            inner = top_k_indices(values, lower)
+            values.scatter_(1, inner, float("-inf"))
+        return indices, values
 
     @staticmethod
     def _ring_members(logits: Tensor, lower: int, upper: int) -> Tensor:
@@ -179,3 +240,37 @@ class RingNegatives(NegativeStrategy):
         if not drop:
             return logits
         return logits.scatter(1, torch.cat(drop, dim=1), float("-inf"))
+
+
+class _BandLogits(torch.autograd.Function):
+    """The ring's logits ``c_ij = <a_i, x_k> / t`` (``k = indices[i, j]``), read from the score
+    matrix, with a sparse backward: the ring holds ~``rho_out`` of the candidates, so
+
+        dL/da_i = (1/t) sum_j g_ij x_{k_ij}             (an ``embedding_bag``, no [A, C] matrix)
+        dL/dx_k = (1/t) sum_{i,j: k_ij = k} g_ij a_i    (in-batch only; dense ``G^T a``)
+
+    replaces the gather's dense ``[A, C]`` gradient and the two products of the score matrix's
+    backward. Same gradient as back-propagating through ``logits = a @ x.T / t``; only the
+    summation order differs. ``-inf`` entries (dropped top ``L``) get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, candidates, band, indices, temperature):  # type: ignore[override]
+        ctx.save_for_backward(anchors, candidates, indices, torch.isfinite(band))
+        ctx.temperature = temperature
+        return band.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        anchors, candidates, indices, kept = ctx.saved_tensors
+        g = torch.where(kept, grad, 0.0).div_(ctx.temperature)
+        grad_anchors = grad_candidates = None
+        if ctx.needs_input_grad[0]:
+            grad_anchors = F.embedding_bag(
+                indices, candidates, per_sample_weights=g.to(candidates.dtype), mode="sum"
+            ).to(anchors.dtype)
+        if ctx.needs_input_grad[1]:
+            dense = g.new_zeros(indices.shape[0], candidates.shape[0]).scatter_(1, indices, g)
+            grad_candidates = (dense.T @ anchors.to(g.dtype)).to(candidates.dtype)
+        return grad_anchors, grad_candidates, None, None, None

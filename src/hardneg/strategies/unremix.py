@@ -31,7 +31,10 @@ Cost: the influence score needs, by its definition, ``sum_k p_ik z_k`` for every
 ``delta_i . delta_j`` for every pair, two (with a pool three) products of the size of the score
 matrix on top of InfoNCE's; everything else is a few passes over the ``[A, C]`` scores, and
 the weights are never materialised (the objective fuses them, see
-:func:`hardneg.objective.tilted_log_negative_mass`).
+:func:`hardneg.objective.tilted_log_negative_mass`). The shifted exponentials
+``E = e^{c - max c}`` of the softmax are computed once and handed to the objective
+(``NegativeSelection.tilt_shifted``); the min-max normalisation and the mix run a block of rows at
+a time so that each block is read and rewritten in cache.
 """
 
 from __future__ import annotations
@@ -41,27 +44,31 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hardneg._checks import check_choice, check_number
+from hardneg.objective import _row_blocks
 from hardneg.pool import ContrastiveScores
 from hardneg.strategies.base import NegativeSelection, StrategyInputs
 from hardneg.strategies.importance import ImportanceNegatives
 
 
 def _row_softmax_parts(scores: ContrastiveScores) -> tuple[Tensor, Tensor, Tensor]:
-    """``E = e^{c - m}`` ``[A, C]``, its row maxima ``m`` ``[A]`` and the partition
-    ``Z = sum_k E_k + e^{a - m}`` ``[A]`` of each anchor's softmax over positive and negatives."""
-    logits = scores.logits.detach()
+    """``E = e^{c - m}`` ``[A, C]``, the row maxima of the logits ``m`` ``[A]`` and the log
+    partition ``log Z = log(sum_k E_k + e^{a - m})`` ``[A]`` of each anchor's softmax over
+    positive and negatives. ``E`` and ``m`` are exactly the objective's shifted exponentials
+    (:func:`hardneg.objective.tilted_log_negative_mass`), which reuses them."""
+    logits = scores.logits.detach().float()
     pos = scores.pos_logits.detach()
-    row_max = torch.maximum(logits.amax(dim=1), pos)
+    row_max = logits.amax(dim=1)
     e = (logits - row_max.unsqueeze(1)).exp_()  # masked -inf -> 0
-    z = e.sum(dim=1) + (pos - row_max).exp()
-    return e, row_max, z
+    # the row maximum contributes e^0 = 1, so the log is finite; e^{a - m} may be huge
+    log_z = torch.logaddexp(e.sum(dim=1).log(), pos - row_max)
+    return e, row_max, log_z
 
 
 def anchor_gradients(scores: ContrastiveScores, parts=None) -> Tensor:
     """``delta_i = (1/t)(sum_k p_ik z_k - z_{i+})``: InfoNCE gradient w.r.t. each anchor ``[A, d]``."""
-    e, row_max, z = _row_softmax_parts(scores) if parts is None else parts
-    p_pos = ((scores.pos_logits.detach() - row_max).exp() / z).unsqueeze(1)
-    expected = (e @ scores.candidates) / z.unsqueeze(1) + p_pos * scores.positives
+    e, row_max, log_z = _row_softmax_parts(scores) if parts is None else parts
+    p_pos = (scores.pos_logits.detach() - row_max - log_z).exp().unsqueeze(1)
+    expected = (e @ scores.candidates) * (-log_z).exp().unsqueeze(1) + p_pos * scores.positives
     return (expected - scores.positives) / scores.temperature
 
 
@@ -79,8 +86,8 @@ def pool_gradients(scores: ContrastiveScores, parts=None) -> Tensor:
         return (p.T @ scores.anchors - scores.candidates) / scores.temperature
     e, row_max, _ = _row_softmax_parts(scores) if parts is None else parts
     w = (row_max - row_max.max()).exp()  # [A]
-    weighted = e.T @ torch.cat([scores.anchors * w.unsqueeze(1), w.unsqueeze(1)], dim=1)
-    expected = weighted[:, :-1] / weighted[:, -1:]
+    # numerator and partition apart: a [d]-wide product is faster than a [d + 1]-wide one
+    expected = (e.T @ (scores.anchors * w.unsqueeze(1))) / (w @ e).unsqueeze(1)
     return (expected - scores.candidates) / scores.temperature
 
 
@@ -254,11 +261,31 @@ class UnReMixNegatives(ImportanceNegatives):
         Each min-max normalised score enters as ``scale_i * x + offset_i`` (its range over
         anchor ``i``'s negatives), so the mix is built in place from the influence matrix.
         """
+        return self._mix(scores, inputs, None)
+
+    def _mix(self, scores: ContrastiveScores, inputs: StrategyInputs, parts) -> Tensor:
         a = scores.logits.shape[0]
-        offset = torch.full((a,), self.eps, device=scores.logits.device)
-        mix = None
+        eps = torch.full((a,), self.eps, device=scores.logits.device)
+        d = d_term = d_off = None
+        if self.lambda_d > 0:
+            d = self.representativeness_scores(scores)[0]
+            lo, hi = _column_range(d, scores)
+            scale, off = _affine_to_unit(lo, hi)
+            if self.representativeness == "density":  # 1 - D~
+                scale, off = -scale, 1.0 - off
+            d_term, d_off = scale * self.lambda_d, self.lambda_d * off
+        u = None
         if self.lambda_u > 0:
-            u = self._influence(scores, inputs, _row_softmax_parts(scores), exact_h=False)
+            parts = _row_softmax_parts(scores) if parts is None else parts
+            u = self._influence(scores, inputs, parts, exact_h=False)
+        if u is not None and u.shape[0] > 1 and (scores.neg_mask is None or scores.in_batch):
+            # every step below is row-wise: run them a block of rows at a time, in cache
+            for rows in _row_blocks(u):
+                self._finish_rows(u, rows, scores, eps, d, d_term, d_off)
+            return u
+        offset = eps
+        mix = None
+        if u is not None:
             if u.shape[0] == 1:  # gradient_norm: one score per candidate
                 lo, hi = _column_range(u[0], scores)
                 scale, off = _affine_to_unit(lo, hi)
@@ -268,18 +295,13 @@ class UnReMixNegatives(ImportanceNegatives):
                 scale, off = _affine_to_unit(lo, hi)
                 mix = u.mul_((scale * self.lambda_u).unsqueeze(1))
             offset = offset + self.lambda_u * off
-        if self.lambda_d > 0:
-            d = self.representativeness_scores(scores)[0]
-            lo, hi = _column_range(d, scores)
-            scale, off = _affine_to_unit(lo, hi)
-            if self.representativeness == "density":  # 1 - D~
-                scale, off = -scale, 1.0 - off
-            term = (scale * self.lambda_d).unsqueeze(1)
+        if d is not None:
+            assert d_term is not None and d_off is not None
             if mix is None:
-                mix = torch.outer(term.squeeze(1), d)
+                mix = torch.outer(d_term, d)
             else:
-                mix.addcmul_(term, d.unsqueeze(0))
-            offset = offset + self.lambda_d * off
+                mix.addcmul_(d_term.unsqueeze(1), d.unsqueeze(0))
+            offset = offset + d_off
         assert mix is not None
         mix.add_(offset.unsqueeze(1)).clamp_(min=self.eps)
         if scores.neg_mask is not None:
@@ -291,12 +313,52 @@ class UnReMixNegatives(ImportanceNegatives):
                 mix.masked_fill_(~scores.neg_mask, 0.0)
         return mix
 
+    def _finish_rows(
+        self,
+        u: Tensor,
+        rows: slice,
+        scores: ContrastiveScores,
+        eps: Tensor,
+        d: Tensor | None,
+        d_term: Tensor | None,
+        d_off: Tensor | None,
+    ) -> None:
+        """Turn rows ``rows`` of the influence matrix into the mix, in place: the same
+        operations, in the same order, as on the whole matrix (:meth:`_mix`)."""
+        block = u[rows]
+        index = None
+        if scores.in_batch and scores.neg_mask is not None:
+            assert scores.positive_index is not None
+            index = torch.arange(rows.start, rows.start + block.shape[0], device=u.device)
+            local = torch.arange(block.shape[0], device=u.device)
+            # give the two non-negatives a negative's value: (i + 1) mod 2N is one
+            filler = block[local, (index + 1) % u.shape[1]]
+            block[local, index] = filler
+            block[local, scores.positive_index[rows]] = filler
+        scale, off = _affine_to_unit(block.amin(dim=1), block.amax(dim=1))
+        block.mul_((scale * self.lambda_u).unsqueeze(1))
+        offset = eps[rows] + self.lambda_u * off
+        if d is not None:
+            assert d_term is not None and d_off is not None
+            block.addcmul_(d_term[rows].unsqueeze(1), d.unsqueeze(0))
+            offset = offset + d_off[rows]
+        block.add_(offset.unsqueeze(1)).clamp_(min=self.eps)
+        if index is not None:
+            block[local, index] = 0.0
+            block[local, scores.positive_index[rows]] = 0.0
+
     def select(self, scores: ContrastiveScores, inputs: StrategyInputs) -> NegativeSelection:
         beta = self.current_beta(inputs.progress)
         if self.lambda_u == 0 and self.lambda_d == 0:
             return super().select(scores, inputs)  # the eps factor is a constant: HCL exactly
         with torch.no_grad():
-            mix = self.mix(scores, inputs)
+            # E = e^{c - max c} serves the influence score and the objective's tilted mass
+            parts = _row_softmax_parts(scores) if self.lambda_u > 0 else None
+            mix = self._mix(scores, inputs, parts)
         return NegativeSelection(
-            logits=scores.logits, tilt=beta, tilt_factor=mix, tilt_grad=not self.detach_weights
+            logits=scores.logits,
+            tilt=beta,
+            tilt_factor=mix,
+            tilt_grad=not self.detach_weights,
+            tilt_shifted=None if parts is None else (parts[1], parts[0]),
         )
