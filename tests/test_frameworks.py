@@ -130,25 +130,6 @@ def test_symmetric_moco_averages_both_directions_and_enqueues_as_asked():
     assert step(second).pending["keys"].shape == (6, 8)
 
 
-def test_psm_set_up_applies_the_predictor_to_the_queries():
-    backbone, head, loss = parts("potential")
-    predictor = build_predictor(dim=8, hidden=12)
-    model = MoCo(
-        backbone,
-        head,
-        loss,
-        out_dim=8,
-        queue_size=32,
-        symmetric=True,
-        predictor=predictor,
-        enqueue="second",
-    )
-    out = step(model)
-    assert torch.isfinite(out.loss)
-    out.loss.backward()
-    assert all(p.grad is not None for p in predictor.parameters() if p.requires_grad)
-
-
 def psm_model(loss):
     backbone, head, _ = parts()
     predictor = build_predictor(dim=8, hidden=12)
@@ -163,6 +144,14 @@ def psm_model(loss):
         enqueue="second",
     )
     return model, backbone, head, predictor
+
+
+def test_psm_set_up_applies_the_predictor_to_the_queries():
+    model, _, _, predictor = psm_model(parts("potential")[2])
+    out = step(model)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in predictor.parameters() if p.requires_grad)
 
 
 def test_psm_soft_weights_use_the_projections_before_the_predictor():

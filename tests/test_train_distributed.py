@@ -13,20 +13,24 @@ import pytest
 from hardneg.train.checkpoint import load_checkpoint
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_train_moco(tmp_path):
-    run_dir = tmp_path / "run"
+def torchrun(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``hardneg train`` on two CPU processes (gloo) from this checkout's sources."""
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=src)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         "--standalone", "-m", "hardneg.cli", "train", "--config", "mnist1d_simclr_hcl",
         "data.dataset=digits", "data.subset=64", "model.backbone=digits_cnn",
-        "framework.name=moco", "framework.queue_size=48", "train.batch_size=16",
-        "train.epochs=1", "train.device=cpu", "eval.knn=false",
-        "--run-dir", str(run_dir), "--no-progress",
+        "train.batch_size=16", "train.epochs=1", "train.device=cpu", "eval.knn=false",
+        *overrides, "--run-dir", str(run_dir), "--no-progress",
     ]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_moco(tmp_path):
+    run_dir = tmp_path / "run"
+    done = torchrun(run_dir, "framework.name=moco", "framework.queue_size=48")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done:") == 1  # rank 0 only
     payload = load_checkpoint(run_dir / "checkpoints" / "final.pt")
@@ -38,16 +42,7 @@ def test_torchrun_two_processes_train_moco(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_sync_bn_on_cpu_stops_with_a_clear_error(tmp_path):
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=src)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--standalone", "-m", "hardneg.cli", "train", "--config", "mnist1d_simclr_hcl",
-        "data.dataset=digits", "data.subset=64", "model.backbone=digits_cnn",
-        "train.batch_size=16", "train.epochs=1", "train.device=cpu", "train.sync_bn=true",
-        "eval.knn=false", "--run-dir", str(tmp_path / "run"), "--no-progress",
-    ]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    done = torchrun(tmp_path / "run", "train.sync_bn=true")
     assert done.returncode != 0
     assert "sync_bn=true needs GPUs" in done.stdout + done.stderr
     assert not (tmp_path / "run").exists()  # refused before anything was written
