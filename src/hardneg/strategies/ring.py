@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hardneg._checks import check_choice, check_number
+from hardneg.objective import _row_blocks
 from hardneg.pool import ContrastiveScores
 from hardneg.schedules import ring_rho_out
 from hardneg.strategies.base import NegativeSelection, NegativeStrategy, StrategyInputs
@@ -72,13 +73,12 @@ def top_k_indices(x: Tensor, k: int) -> Tensor:
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
         return x.topk(k, dim=1, sorted=False).indices
     x = x.contiguous()
-    rows = max(1, (1 << 18) // max(1, x.shape[1]))  # ~1 MiB of keys per block
-    if rows >= x.shape[0]:
+    blocks = _row_blocks(x)  # ~1 MiB of keys per block
+    if len(blocks) == 1:
         return _order_keys(x).topk(k, dim=1, sorted=False).indices
     out = torch.empty(x.shape[0], k, dtype=torch.long)
-    for start in range(0, x.shape[0], rows):
-        block = _order_keys(x[start : start + rows])
-        out[start : start + rows] = block.topk(k, dim=1, sorted=False).indices
+    for rows in blocks:
+        out[rows] = _order_keys(x[rows]).topk(k, dim=1, sorted=False).indices
     return out
 
 
