@@ -275,15 +275,16 @@ def _as_float(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
 
 
 def _find(mask: Tensor) -> Tensor:
-    """Flat indices of the True entries of a contiguous bool tensor that is mostly False:
-    the scan runs over 8-byte words, and only the words that hold a True are opened."""
+    """Flat indices of the nonzero entries of a contiguous bool or integer tensor that is
+    mostly zero: the scan runs over 8-byte words, and only the words that hold one are opened."""
     flat = mask.view(-1)
-    whole = flat.numel() // 8 * 8
+    per = 8 // flat.element_size()  # entries per word
+    whole = flat.numel() // per * per
     hit = flat[:whole].view(torch.int64).nonzero().squeeze(1)
-    at = (hit.unsqueeze(1) * 8 + torch.arange(8, device=mask.device)).reshape(-1)
+    at = (hit.unsqueeze(1) * per + torch.arange(per, device=mask.device)).reshape(-1)
     tail = torch.arange(whole, flat.numel(), device=mask.device)
     at = torch.cat([at, tail])
-    return at[flat.index_select(0, at)]
+    return at[flat.index_select(0, at) != 0]
 
 
 def _bernoulli(
@@ -373,12 +374,18 @@ def _binomial(
     below = torch.cat(below, dim=1) if len(below) > 1 else below[0]
     ties = torch.cat(ties, dim=1) if len(ties) > 1 else ties[0]
     counts = _buffer(scratch, "binomial_counts", (rows, cols), scaled.dtype, device)
-    counts.index_copy_(1, order, below.to(scaled.dtype))  # back to the column order
-    at = _find(ties != 0)
+    back = torch.empty_like(order).index_copy_(0, order, torch.arange(cols, device=device))
+    counts.copy_(below.gather(1, back.expand(rows, -1)))  # back to the column order
+    at = _find(ties)
     if at.numel() > 0:
-        left = ties.view(-1).index_select(0, at)
+        left = ties.view(-1).index_select(0, at).to(torch.int32)
         r, c = at // cols, order.index_select(0, at % cols)
-        rest = grid[r, c // width, c % width] - top[r, c]
+        # 256 p of these cells through the strides of `grid` (an index per dim is slow)
+        s0, s1, s2 = grid.stride()
+        span = sum((size - 1) * st for size, st in zip(grid.shape, grid.stride())) + 1
+        where = r * s0 + (c // width) * s1 + (c % width) * s2
+        flat = grid.as_strided((span,), (1,), grid.storage_offset())
+        rest = flat.index_select(0, where) - top.view(-1).index_select(0, r * cols + c)
         won = torch.zeros_like(rest)
         for j in range(int(left.max())):
             u = torch.rand(left.shape, generator=generator, device=device)
@@ -392,31 +399,42 @@ _Block = tuple[int, int, int, int]  # rows [r0, r1) and columns [c0, c1) of a we
 
 class _RowLogSums(torch.autograd.Function):
     """``log D_s = shift + log sum_c W_s[r, c] e^{L[r, c]}`` for weights ``W_s`` (no gradient)
-    on blocks of the shifted logits ``L``, from one exponential ``E = e^L`` shared by all ``s``.
-    Only the products ``P_s = W_s E`` are saved: the backward is ``dL = sum_s (g_s / D_s) P_s``
-    (each on its block), so ``E`` and the weights are temporaries (``scratch`` holds ``E``).
-    ``L`` must be small enough that no weighted ``E`` underflows (see :func:`_row_log_sums`).
+    on blocks of the shifted logits ``L``, from one exponential ``E = e^L`` shared by all ``s``,
+    and the logits ``L.gather(1, index)`` (the positives, so that their gradient lands in the
+    same buffer instead of a zero-filled one of its own). Only the products ``P_s = W_s E`` are
+    saved: the backward is ``dL = sum_s (g_s / D_s) P_s`` (each on its block) plus the scattered
+    gradient of the gathered logits, so ``E`` and the weights are temporaries (``scratch``
+    holds ``E``). ``L`` must be small enough that no weighted ``E`` underflows (see
+    :func:`_row_log_sums`).
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, shift: float, blocks: list[_Block], scratch, *weights: Tensor):  # type: ignore[override]
+    def forward(
+        ctx,
+        logits: Tensor,
+        shift: float,
+        blocks: list[_Block],
+        scratch,
+        index: Tensor,
+        *weights: Tensor,
+    ):  # type: ignore[override]
         e = _buffer(scratch, "exp", tuple(logits.shape), logits.dtype, logits.device)
         torch.exp(logits, out=e)
         prods = [torch.mul(e[r0:r1, c0:c1], w) for (r0, r1, c0, c1), w in zip(blocks, weights)]
         sums = [p.sum(dim=1) for p in prods]
         ctx.blocks, ctx.shape = blocks, logits.shape
-        ctx.save_for_backward(*prods, *sums)
-        return tuple(d.log().add_(shift) for d in sums)
+        ctx.save_for_backward(index, *prods, *sums)
+        return (*(d.log().add_(shift) for d in sums), logits.gather(1, index))
 
     @staticmethod
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
-        saved = ctx.saved_tensors
+        index, *saved = ctx.saved_tensors
         k = len(ctx.blocks)
         prods, sums = saved[:k], saved[k:]
         full = (0, ctx.shape[0], 0, ctx.shape[1])
         acc = None
         for block, p, d, g in sorted(
-            zip(ctx.blocks, prods, sums, grads), key=lambda item: item[0] != full
+            zip(ctx.blocks, prods, sums, grads[:k]), key=lambda item: item[0] != full
         ):
             coef = torch.where(d > 0, g / d, torch.zeros_like(d)).unsqueeze(1)
             if acc is None and block == full:
@@ -426,7 +444,8 @@ class _RowLogSums(torch.autograd.Function):
                 acc = p.new_zeros(ctx.shape)
             r0, r1, c0, c1 = block
             acc[r0:r1, c0:c1].addcmul_(p, coef)
-        return (acc, None, None, None, *([None] * k))
+        acc.scatter_add_(1, index, grads[k])
+        return (acc, None, None, None, None, *([None] * k))
 
 
 def _shifted_logits(a: Tensor, b: Tensor, temperature: float) -> Tensor:
@@ -443,18 +462,24 @@ def _row_log_sums(
     weights: list[Tensor],
     blocks: list[_Block],
     temperature: float,
+    index: Tensor,
     scratch: _Scratch | None = None,
-) -> tuple[Tensor, ...]:
+) -> tuple[tuple[Tensor, ...], Tensor]:
     """``log D_s[r] = log sum_c W_s[r, c] e^{L[r, c]}`` over the rows of each block (``-inf``
     where a row has no weight), for shifted logits ``L = cos / T - 1 / T``
-    (:func:`_shifted_logits`); the shift is added back. The weights may be scratch buffers.
+    (:func:`_shifted_logits`); the shift is added back. Also returns ``L.gather(1, index)``
+    (the positives; a separate product would round differently from the cells inside ``D``
+    under autocast). The weights may be scratch buffers.
 
     With ``T >= 0.03`` every ``L`` lies in ``[-2/T, 0]`` (up to bf16 rounding of the cosine),
     so ``E = e^L >= e^{-2.02/T} >= e^{-68}`` is a normal float32 and one exponential serves
     every sum (:class:`_RowLogSums`). Below, each sum is a log-sum-exp of its own.
     """
     if temperature >= 0.03:
-        return _RowLogSums.apply(logits, 1.0 / temperature, blocks, scratch, *weights)
+        *out, picked = _RowLogSums.apply(
+            logits, 1.0 / temperature, blocks, scratch, index, *weights
+        )
+        return tuple(out), picked
     out = []
     for (r0, r1, c0, c1), w in zip(blocks, weights):
         has = (w > 0).any(dim=1, keepdim=True)
@@ -462,7 +487,7 @@ def _row_log_sums(
         terms = torch.where(has, terms, torch.zeros_like(terms))
         lse = torch.logsumexp(terms, dim=1) + 1.0 / temperature
         out.append(lse.masked_fill(~has.squeeze(1), _NEG_INF))
-    return tuple(out)
+    return tuple(out), logits.gather(1, index)
 
 
 def _occurrence_rank(ids: Tensor) -> Tensor:
@@ -668,7 +693,6 @@ class PotentialLoss(nn.Module):
         logits = torch.cat([_shifted_logits(qn, kn, t), _shifted_logits(qn, nb_rows, t)], dim=1)
         colmap = torch.cat([rows.unsqueeze(1), nb_col + n], dim=1)  # column of each block member
         neighbours = bank[idx]  # [N, K, d]
-        pos_logits = logits.gather(1, colmap) + 1.0 / t  # [N, K+1], own block, key first
         extra = None
         if pool is not None and not pool_is_support:
             pool_n = _normalise(pool.detach())
@@ -719,7 +743,11 @@ class PotentialLoss(nn.Module):
                 weight = torch.cat([weight, pool_w], dim=1)
         if extra is not None:
             logits = torch.cat([logits, extra], dim=1)
-        log_d = _row_log_sums(logits, [weight], [(0, n, 0, logits.shape[1])], t)[0]
+        # D, and the own-block logits [N, K+1] (key first) read off the same matrix
+        (log_d,), pos_logits = _row_log_sums(
+            logits, [weight], [(0, n, 0, logits.shape[1])], t, colmap
+        )
+        pos_logits = pos_logits + 1.0 / t
         per_anchor = self._per_anchor(log_d, pos_logits, q if proj is None else proj, neighbours)
         grid = None
         if diagnostics:
@@ -811,10 +839,9 @@ class PotentialLoss(nn.Module):
             block_ids = [own[:, :size], own[:, size:] - n]  # [N, K+1] per direction, key first
             # own-block columns of both directions in the logits (dir 1: z2 at N + l)
             own_cols = torch.cat([own[:, :size] + n, own[:, size:] - n])
-        log_d = _row_log_sums(logits, weights, blocks, t, self._scratch)
-        # own-block logits of both directions, read off the same matrix as D (one gather; under
-        # autocast a separate product would round differently from the cells inside D)
-        own_logits = logits.gather(1, own_cols) + 1.0 / t
+        # D of every loss, and the own-block logits of both directions (read off the same matrix)
+        log_d, own_logits = _row_log_sums(logits, weights, blocks, t, own_cols, self._scratch)
+        own_logits = own_logits + 1.0 / t
         pos = own_logits[:n, 0]  # s(z1_i, z2_i) / T: both directions, both losses
         mined, grids = [], []
         for h, (r, c, anchors, keys, g) in enumerate(views):
@@ -1003,15 +1030,15 @@ class PotentialLoss(nn.Module):
         xn = _normalise(x)
         logits = _shifted_logits(xn, xn, t)
         rows = torch.arange(2 * n, device=xn.device)
-        pos = logits[rows, (rows + n) % (2 * n)] + 1.0 / t  # as in D (see _in_batch)
+        partner = ((rows + n) % (2 * n)).unsqueeze(1)
         with torch.no_grad():
             pi = self._aug_sigma(x, logits.detach()).exp_()
             if self.sample == "bernoulli":
                 u = torch.rand(pi.shape, generator=generator, device=pi.device)
                 pi = _as_float(u < pi)
             weights = self._aug_weights(pi)
-        log_d = _row_log_sums(logits, [weights], [(0, 2 * n, 0, 2 * n)], t)[0]
-        return self._aug_rows(log_d, pos)
+        (log_d,), pos = _row_log_sums(logits, [weights], [(0, 2 * n, 0, 2 * n)], t, partner)
+        return self._aug_rows(log_d, pos.squeeze(1) + 1.0 / t)  # the positive as in D
 
     # -- forward -----------------------------------------------------------------------------
 
