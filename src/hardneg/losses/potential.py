@@ -56,7 +56,8 @@ Call forms (shapes: ``N`` samples, ``d`` dims, a pool of ``Q`` rows):
   ``select_on='raw', aug_pairing='broadcast'`` it matched a (private, uncommitted) transcription of
   the authors' code in value and gradients to 1e-6, hard and soft weighting, same draws.
 * ``loss(z1, z2)``: in-batch, symmetric:
-  ``1/2 [L_mined(z1; z2) + L_mined(z2; z1)] + lambda * 1/2 [L_aug(z1, z2) + L_aug(z2, z1)]``.
+  ``1/2 [L_mined(z1; z2) + L_mined(z2; z1)] + lambda * 1/2 [L_aug(z1, z2) + L_aug(z2, z1)]``
+  (drawn: one ``L_aug`` selection serves both directions, see Randomness).
   With no bank the support set of ``L_mined(q; k)`` is the other keys of the batch: the
   neighbours of ``k_j`` are the ``K`` keys ``k_l, l != j`` closest to it, and a candidate that is
   one of anchor ``i``'s own positives (its key, or a key among its neighbours) is not a negative
@@ -80,10 +81,14 @@ every distinct candidate ``c``, the number of its cells that are kept: with ``S`
   of ``[z1; z2]`` gives every logit: its off-diagonal blocks are ``q @ k^T`` of the two
   directions, its diagonal blocks the neighbour lookups, the whole matrix the cosines of
   ``L_aug`` (whose two directions have the same rows in another order), and the kernel
-  ``pi`` of the cosine ``L_aug`` is that of ``L_mined`` on the off-diagonal blocks. All ``D``
-  (both ``L_mined``, both ``L_aug``) are weighted row sums of one exponential
-  ``e^{S - 1/T}``, which stays a normal float32 for ``T >= 0.03`` (cosines in [-1, 1]); below,
-  each sum is its own log-sum-exp.
+  ``pi`` of the cosine ``L_aug`` is that of ``L_mined`` on the off-diagonal blocks. The weights
+  of both ``L_mined`` live in one ``[N, 2N]`` layout (column ``l``: key ``z2_l`` of anchor
+  ``z1_i``; column ``N + l``: key ``z1_l`` of anchor ``z2_i``). All ``D`` (both ``L_mined``,
+  ``L_aug``) are weighted row sums of one exponential ``e^{S - 1/T}``, which stays a normal
+  float32 for ``T >= 0.03`` (cosines in [-1, 1]); below, each sum is its own log-sum-exp. Only
+  the weighted exponentials are kept for the backward (``dS = sum_s (g_s / D_s) W_s e^S``); on
+  the CPU the temporaries of the selection live in buffers the module keeps between calls
+  (a fresh large tensor is paged in afresh on every call, which cost as much as its pass).
 * With a bank, the columns are the ``N`` keys and the bank rows that are somebody's neighbour
   (all bank rows with ``pool_as_negatives``), weighted by their kept cells (``'expected'``: the
   sum of ``pi`` over their cells in other blocks); a bank row that is an own neighbour and
@@ -101,22 +106,26 @@ the keys do). The draws of the generator, in order:
   ``j``, then the ``Q'`` pool columns when ``pool_as_negatives``; masked cells draw too), a cell
   kept when ``u < pi``; then ``torch.rand`` over the ``L_aug`` grid ``[2N, 2N]`` of ``[q; k]``.
 * In-batch (our construction, so the layout is ours; the law of every selection is that of
-  independent Bernoulli cells): for ``L_mined(z1; z2)`` then ``L_mined(z2; z1)``, the counts
-  ``count_il`` of the ``[N, N]`` key grid, columns in the stable ascending order of ``mult_l``:
-  one batch of random bytes ``[m, N, C_m]`` per distinct ``m`` (increasing), one byte per
-  Bernoulli trial, then ``torch.rand`` uniforms for the cells with ties (below); then one batch
-  of bytes ``[2, 2N, 2N]`` for the selections of ``L_aug(z1, z2)`` and ``L_aug(z2, z1)`` (rows
-  ``[z1; z2]`` for both), then the uniforms of its ties. A trial with probability ``p`` keeps
-  when its byte ``v < floor(256 p)``, drops when ``v > floor(256 p)`` and on a tie (probability
-  1/256) keeps when a ``torch.rand`` uniform is below ``256 p - floor(256 p)``: exactly ``p``
-  (to float32). Bytes come 8 at a time from ``random_`` int64 words over the full 64-bit range:
+  independent Bernoulli cells): first the counts ``count_il`` of both ``L_mined`` directions
+  in their ``[N, 2N]`` layout (above), columns in the stable ascending order of ``mult``: one
+  batch of random bytes ``[m, N, C_m]`` per distinct ``m`` (increasing), one byte per Bernoulli
+  trial, then ``torch.rand`` uniforms for the cells with ties (below); then bytes ``[2N, 2N]``
+  for the one selection of ``L_aug`` over the rows ``[z1; z2]``, then the uniforms of its ties.
+  ``L_aug(z2, z1)`` has the rows, partners, candidates and kernel of ``L_aug(z1, z2)`` in
+  another order, so one selection serves both (as the expected mode evaluates it once): the two
+  are then equal, with the expectation of two independent selections and the variance of one
+  (before, each direction drew its own). A trial with probability ``p`` keeps when its
+  byte ``v < floor(256 p)``, drops when ``v > floor(256 p)`` and on a tie (probability 1/256)
+  keeps when a ``torch.rand`` uniform is below ``256 p - floor(256 p)``: exactly ``p`` (to
+  float32). Bytes come 8 at a time from ``random_`` int64 words over the full 64-bit range:
   the generator, one call per number, dominated the CPU time.
 
 Cost (``N`` samples, ``d`` dims, ``K`` neighbours, ``Q`` bank rows, ``U <= min(Q, NK)``
 distinct neighbours): in-batch one ``[2N, d] x [d, 2N]`` matmul and its backward (as InfoNCE),
-two top-``K`` over ``[N, N]``, ``O(N^2)`` elementwise work (about 25 passes over ``[2N, 2N]``
-against InfoNCE's 10) and ``20 N^2`` Bernoulli trials (``N(K+1)`` per anchor and direction for
-``L_mined``, ``4N`` per row for ``L_aug``, with ``K = 5``). With a bank: the lookup
+one top-``K`` over two ``[N, N]``, ``O(N^2)`` elementwise work (about 15 float passes over
+``[2N, 2N]`` against InfoNCE's 10, and a few byte passes) and ``16 N^2`` Bernoulli trials
+(``N(K+1)`` per anchor and direction for ``L_mined``, ``2N`` per row for ``L_aug``, with
+``K = 5``); on the CPU the module keeps about ``90 N^2`` bytes of buffers. With a bank: the lookup
 ``[N, d] x [d, Q]`` (no gradient) and its top-``K``, ``[N, d] x [d, N + U]``, the ``L_aug``
 matmul ``[2N, d] x [d, 2N]`` (the last two with their backward), and ``N(K+1) N + 4 N^2``
 ``torch.rand`` numbers; InfoNCE with the same bank: one ``[N, d] x [d, Q]`` and its backward.
