@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import hardneg
+from hardneg.losses import potential
 from hardneg.losses.potential import PotentialLoss
 
 HP = dict(temperature=0.5, num_neighbors=3, aug_weight=0.5, a=0.5, b=0.0, clamp=0.999)
@@ -174,6 +175,36 @@ def test_drawn_in_batch_loss_matches_the_loop_reference_on_its_selection(weighti
     ) / 2
     assert float(out.loss) == pytest.approx(expected, abs=1e-5)
     assert kept.shape == (2 * n, n * (kk + 1)) and 0 < int(kept.sum()) < kept.numel()
+
+
+@pytest.mark.parametrize("select_on, aug_pairing", [("cosine", "matched"), ("raw", "broadcast")])
+def test_drawn_in_batch_aug_loss_matches_the_loop_reference_on_its_selection(
+    monkeypatch, select_on, aug_pairing
+):
+    # in-batch one L_aug selection over the rows [z1; z2] serves both directions (module doc):
+    # L_aug(z2, z1) has the same rows in another order. With that selection recorded, the loop
+    # reference of both directions is the aug part of the loss
+    n = 7
+    hp = full_hp(aug_weight=1.0, a=2.0, clamp=0.9, select_on=select_on, aug_pairing=aug_pairing)
+    z1, z2 = embeddings(n, seed=4)
+    kept = []
+    original = potential._bernoulli
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        kept.append(out.clone())
+        return out
+
+    monkeypatch.setattr(potential, "_bernoulli", spy)
+    out = make_loss(hp)(
+        z1, z2, generator=torch.Generator().manual_seed(13), return_diagnostics=True
+    )
+    assert len(kept) == 1 and 0 < int(kept[0].sum()) < kept[0].numel()
+    u = torch.where(kept[0] > 0, 0.0, 1.0)  # a draw that keeps exactly the recorded cells
+    swap = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])  # rows of [z2; z1]
+    aug = (ref_aug(z1, z2, u, hp) + ref_aug(z2, z1, u[swap][:, swap], hp)) / 2
+    assert out.diagnostics.extras["aug_loss"] == pytest.approx(aug, abs=1e-5)
+    assert float(out.loss) == pytest.approx(out.diagnostics.extras["mined_loss"] + aug, abs=1e-5)
 
 
 def test_the_authors_variant_raw_kernel_and_broadcast_pairing_matches_its_equations():

@@ -56,7 +56,8 @@ Call forms (shapes: ``N`` samples, ``d`` dims, a pool of ``Q`` rows):
   ``select_on='raw', aug_pairing='broadcast'`` it matched a (private, uncommitted) transcription of
   the authors' code in value and gradients to 1e-6, hard and soft weighting, same draws.
 * ``loss(z1, z2)``: in-batch, symmetric:
-  ``1/2 [L_mined(z1; z2) + L_mined(z2; z1)] + lambda * 1/2 [L_aug(z1, z2) + L_aug(z2, z1)]``.
+  ``1/2 [L_mined(z1; z2) + L_mined(z2; z1)] + lambda * 1/2 [L_aug(z1, z2) + L_aug(z2, z1)]``
+  (drawn: one ``L_aug`` selection serves both directions, see Randomness).
   With no bank the support set of ``L_mined(q; k)`` is the other keys of the batch: the
   neighbours of ``k_j`` are the ``K`` keys ``k_l, l != j`` closest to it, and a candidate that is
   one of anchor ``i``'s own positives (its key, or a key among its neighbours) is not a negative
@@ -80,10 +81,14 @@ every distinct candidate ``c``, the number of its cells that are kept: with ``S`
   of ``[z1; z2]`` gives every logit: its off-diagonal blocks are ``q @ k^T`` of the two
   directions, its diagonal blocks the neighbour lookups, the whole matrix the cosines of
   ``L_aug`` (whose two directions have the same rows in another order), and the kernel
-  ``pi`` of the cosine ``L_aug`` is that of ``L_mined`` on the off-diagonal blocks. All ``D``
-  (both ``L_mined``, both ``L_aug``) are weighted row sums of one exponential
-  ``e^{S - 1/T}``, which stays a normal float32 for ``T >= 0.03`` (cosines in [-1, 1]); below,
-  each sum is its own log-sum-exp.
+  ``pi`` of the cosine ``L_aug`` is that of ``L_mined`` on the off-diagonal blocks. The weights
+  of both ``L_mined`` live in one ``[N, 2N]`` layout (column ``l``: key ``z2_l`` of anchor
+  ``z1_i``; column ``N + l``: key ``z1_l`` of anchor ``z2_i``). All ``D`` (both ``L_mined``,
+  ``L_aug``) are weighted row sums of one exponential ``e^{S - 1/T}``, which stays a normal
+  float32 for ``T >= 0.03`` (cosines in [-1, 1]); below, each sum is its own log-sum-exp. Only
+  the weighted exponentials are kept for the backward (``dS = sum_s (g_s / D_s) W_s e^S``); on
+  the CPU the temporaries of the selection live in buffers the module keeps between calls
+  (a fresh large tensor is paged in afresh on every call, which cost as much as its pass).
 * With a bank, the columns are the ``N`` keys and the bank rows that are somebody's neighbour
   (all bank rows with ``pool_as_negatives``), weighted by their kept cells (``'expected'``: the
   sum of ``pi`` over their cells in other blocks); a bank row that is an own neighbour and
@@ -101,22 +106,26 @@ the keys do). The draws of the generator, in order:
   ``j``, then the ``Q'`` pool columns when ``pool_as_negatives``; masked cells draw too), a cell
   kept when ``u < pi``; then ``torch.rand`` over the ``L_aug`` grid ``[2N, 2N]`` of ``[q; k]``.
 * In-batch (our construction, so the layout is ours; the law of every selection is that of
-  independent Bernoulli cells): for ``L_mined(z1; z2)`` then ``L_mined(z2; z1)``, the counts
-  ``count_il`` of the ``[N, N]`` key grid, columns in the stable ascending order of ``mult_l``:
-  one batch of random bytes ``[m, N, C_m]`` per distinct ``m`` (increasing), one byte per
-  Bernoulli trial, then ``torch.rand`` uniforms for the cells with ties (below); then one batch
-  of bytes ``[2, 2N, 2N]`` for the selections of ``L_aug(z1, z2)`` and ``L_aug(z2, z1)`` (rows
-  ``[z1; z2]`` for both), then the uniforms of its ties. A trial with probability ``p`` keeps
-  when its byte ``v < floor(256 p)``, drops when ``v > floor(256 p)`` and on a tie (probability
-  1/256) keeps when a ``torch.rand`` uniform is below ``256 p - floor(256 p)``: exactly ``p``
-  (to float32). Bytes come 8 at a time from ``random_`` int64 words over the full 64-bit range:
+  independent Bernoulli cells): first the counts ``count_il`` of both ``L_mined`` directions
+  in their ``[N, 2N]`` layout (above), columns in the stable ascending order of ``mult``: one
+  batch of random bytes ``[m, N, C_m]`` per distinct ``m`` (increasing), one byte per Bernoulli
+  trial, then ``torch.rand`` uniforms for the cells with ties (below); then bytes ``[2N, 2N]``
+  for the one selection of ``L_aug`` over the rows ``[z1; z2]``, then the uniforms of its ties.
+  ``L_aug(z2, z1)`` has the rows, partners, candidates and kernel of ``L_aug(z1, z2)`` in
+  another order, so one selection serves both (as the expected mode evaluates it once): the two
+  are then equal, with the expectation of two independent selections and the variance of one
+  (before, each direction drew its own). A trial with probability ``p`` keeps when its
+  byte ``v < floor(256 p)``, drops when ``v > floor(256 p)`` and on a tie (probability 1/256)
+  keeps when a ``torch.rand`` uniform is below ``256 p - floor(256 p)``: exactly ``p`` (to
+  float32). Bytes come 8 at a time from ``random_`` int64 words over the full 64-bit range:
   the generator, one call per number, dominated the CPU time.
 
 Cost (``N`` samples, ``d`` dims, ``K`` neighbours, ``Q`` bank rows, ``U <= min(Q, NK)``
 distinct neighbours): in-batch one ``[2N, d] x [d, 2N]`` matmul and its backward (as InfoNCE),
-two top-``K`` over ``[N, N]``, ``O(N^2)`` elementwise work (about 25 passes over ``[2N, 2N]``
-against InfoNCE's 10) and ``20 N^2`` Bernoulli trials (``N(K+1)`` per anchor and direction for
-``L_mined``, ``4N`` per row for ``L_aug``, with ``K = 5``). With a bank: the lookup
+one top-``K`` over two ``[N, N]``, ``O(N^2)`` elementwise work (about 15 float passes over
+``[2N, 2N]`` against InfoNCE's 10, and a few byte passes) and ``16 N^2`` Bernoulli trials
+(``N(K+1)`` per anchor and direction for ``L_mined``, ``2N`` per row for ``L_aug``, with
+``K = 5``); on the CPU the module keeps about ``90 N^2`` bytes of buffers. With a bank: the lookup
 ``[N, d] x [d, Q]`` (no gradient) and its top-``K``, ``[N, d] x [d, N + U]``, the ``L_aug``
 matmul ``[2N, d] x [d, 2N]`` (the last two with their backward), and ``N(K+1) N + 4 N^2``
 ``torch.rand`` numbers; InfoNCE with the same bank: one ``[N, d] x [d, Q]`` and its backward.
@@ -206,22 +215,66 @@ def _normalise(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=1)
 
 
-def _random_bytes(shape: tuple[int, ...], generator, device) -> Tensor:
+class _Scratch:
+    """Reusable CPU buffers for the large temporaries of one call (the draws, the kernel, the
+    exponentials). A fresh 16 MB tensor is paged in afresh on every call on the CPU, which cost
+    as much as the pass that fills it; other devices have a caching allocator and get fresh
+    tensors. Nothing saved for the backward lives here (the module may be called twice before
+    one backward); copies and pickles of the module start empty."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+        device = torch.device(device)
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = torch.empty(shape, dtype=dtype)
+            self._buffers[name] = buf
+        return buf
+
+    def __deepcopy__(self, memo: dict) -> _Scratch:
+        return _Scratch()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._buffers = {}
+
+
+def _buffer(
+    scratch: _Scratch | None, name: str, shape: tuple[int, ...], dtype: torch.dtype, device
+) -> Tensor:
+    if scratch is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return scratch.get(name, shape, dtype, device)
+
+
+def _random_bytes(
+    shape: tuple[int, ...], generator, device, scratch: _Scratch | None = None, name: str = "bytes"
+) -> Tensor:
     """Uniform random bytes (``uint8``) of ``shape``, cut from int64 words of ``random_`` over
     the full 64-bit range: the generator is the costliest part on the CPU (one call per
     number, also for ``torch.rand``), and one call gives 8 bytes."""
     size = math.prod(shape)
-    words = torch.empty(-(-size // 8), dtype=torch.int64, device=device)
+    words = _buffer(scratch, name, (-(-size // 8),), torch.int64, device)
     words.random_(-(2**63), None, generator=generator)
     return words.view(torch.uint8)[:size].view(shape)
 
 
-def _top_byte(scaled: Tensor, saturate: bool) -> Tensor:
+def _top_byte(
+    scaled: Tensor, saturate: bool, scratch: _Scratch | None = None, name: str = "top"
+) -> Tensor:
     """``floor(256 p)`` as ``uint8`` from ``scaled = 256 p``; ``saturate`` maps ``p = 1`` to 255
-    (whose ties then always keep), needed only when ``p`` can be 1."""
+    (whose ties then always keep), needed only when ``p`` can be 1 (``scaled`` is not changed:
+    its ties need the unclamped value)."""
+    top = _buffer(scratch, name, tuple(scaled.shape), torch.uint8, scaled.device)
     if saturate:
         scaled = scaled.clamp(max=255.0)
-    return scaled.to(torch.uint8)
+    return top.copy_(scaled)
 
 
 def _as_float(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -231,51 +284,73 @@ def _as_float(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
 
 
 def _find(mask: Tensor) -> Tensor:
-    """Flat indices of the True entries of a contiguous bool tensor that is mostly False:
-    the scan runs over 8-byte words, and only the words that hold a True are opened."""
+    """Flat indices of the nonzero entries of a contiguous bool or integer tensor that is
+    mostly zero: the scan runs over 8-byte words, and only the words that hold one are opened."""
     flat = mask.view(-1)
-    whole = flat.numel() // 8 * 8
+    per = 8 // flat.element_size()  # entries per word
+    whole = flat.numel() // per * per
     hit = flat[:whole].view(torch.int64).nonzero().squeeze(1)
-    at = (hit.unsqueeze(1) * 8 + torch.arange(8, device=mask.device)).reshape(-1)
+    at = (hit.unsqueeze(1) * per + torch.arange(per, device=mask.device)).reshape(-1)
     tail = torch.arange(whole, flat.numel(), device=mask.device)
     at = torch.cat([at, tail])
-    return at[flat.index_select(0, at)]
+    return at[flat.index_select(0, at) != 0]
 
 
 def _bernoulli(
-    scaled: Tensor, trials: int, generator: torch.Generator | None, saturate: bool = True
-) -> list[Tensor]:
-    """``trials`` independent draws ``Bernoulli(p)`` from ``scaled = 256 p``, each a float 0/1
-    tensor like ``scaled``, exact to float32.
+    scaled: Tensor,
+    generator: torch.Generator | None,
+    saturate: bool = True,
+    top: Tensor | None = None,
+    scratch: _Scratch | None = None,
+) -> Tensor:
+    """One draw ``Bernoulli(p)`` per cell from ``scaled = 256 p`` (contiguous): a float 0/1
+    tensor like ``scaled``, exact to float32 (``top``: its :func:`_top_byte`, if at hand).
 
     A draw compares one random byte ``v`` with ``t = floor(256 p)``: ``v < t`` keeps,
     ``v > t`` drops, and a tie (probability 1/256) keeps when a ``torch.rand`` uniform is below
     ``256 p - t``, so ``P(keep) = t / 256 + (256 p - t) / 256 = p``. Draw order: the bytes
-    (row-major over ``[trials, *p.shape]``), then one uniform per tie in the same order.
-    (One tensor per draw: a single ``[trials, ...]`` float tensor would pass the allocator's
-    reuse threshold for large ``p`` and be paged in afresh on every call.)
+    (row-major), then one uniform per tie in the same order. With ``scratch`` the result is a
+    scratch buffer (valid until the next call).
     """
-    top = _top_byte(scaled, saturate)
-    v = _random_bytes((trials, *scaled.shape), generator, scaled.device)
-    keep = [_as_float(v[i] < top, scaled.dtype) for i in range(trials)]
-    at = _find(v == top)
+    if top is None:
+        top = _top_byte(scaled, saturate, scratch, "bernoulli_top")
+    device = scaled.device
+    v = _random_bytes(tuple(scaled.shape), generator, device, scratch, "bernoulli_bytes")
+    mask = _buffer(scratch, "bernoulli_mask", tuple(scaled.shape), torch.bool, device)
+    keep = _buffer(scratch, "bernoulli_keep", tuple(scaled.shape), scaled.dtype, device)
+    keep.copy_(torch.lt(v, top, out=mask).view(torch.uint8))
+    at = _find(torch.eq(v, top, out=mask))
     if at.numel() > 0:
-        cell = at % scaled.numel()
-        u = torch.rand(at.shape, generator=generator, device=scaled.device)
-        rest = scaled.reshape(-1).index_select(0, cell) - top.view(-1).index_select(0, cell)
-        won = _as_float(u < rest, scaled.dtype)
-        draw = at // scaled.numel()
-        for i in range(trials):
-            mine = draw == i
-            keep[i].view(-1).index_copy_(0, cell[mine], won[mine])
+        u = torch.rand(at.shape, generator=generator, device=device)
+        rest = scaled.reshape(-1).index_select(0, at) - top.view(-1).index_select(0, at)
+        keep.view(-1).index_copy_(0, at, _as_float(u < rest, scaled.dtype))
     return keep
 
 
+def _count(mask: Tensor, wide: bool) -> Tensor:
+    """Trues of ``mask`` ``[m, R, C]`` summed over its first dim (``uint8``, ``int32`` if
+    ``wide``: a ``uint8`` sum holds 255 terms)."""
+    if not wide:
+        counts = mask.view(torch.uint8)
+        return counts[0] if mask.shape[0] == 1 else counts.sum(dim=0, dtype=torch.uint8)
+    parts = [
+        mask[lo : lo + 255].view(torch.uint8).sum(dim=0, dtype=torch.uint8)
+        for lo in range(0, mask.shape[0], 255)
+    ]
+    return torch.stack(parts).sum(dim=0, dtype=torch.int32)
+
+
 def _binomial(
-    scaled: Tensor, trials: Tensor, generator: torch.Generator | None, saturate: bool = True
+    scaled: Tensor,
+    trials: Tensor,
+    generator: torch.Generator | None,
+    saturate: bool = True,
+    top: Tensor | None = None,
+    scratch: _Scratch | None = None,
 ) -> Tensor:
     """Counts ``c_rl ~ Binomial(trials_l, p_rl)`` (float ``[R, C]``) from ``scaled = 256 p``,
-    independent over cells.
+    independent over cells. ``scaled`` is ``[R, C]`` or a (strided) ``[R, H, C / H]`` whose
+    last two dims, flattened, are the ``C`` columns; ``top`` its :func:`_top_byte` ``[R, C]``.
 
     Every trial is a draw of :func:`_bernoulli`; the ``T`` ties of a cell add
     ``Binomial(T, 256 p - floor(256 p))``. Draw order: the columns are taken in the stable
@@ -283,47 +358,49 @@ def _binomial(
     distinct count ``m`` (increasing); then, for the cells with ties (row-major in that order),
     uniforms in rounds ``j = 0, 1, ...`` over the cells with more than ``j`` ties.
     """
-    rows = scaled.shape[0]
+    rows, device = scaled.shape[0], scaled.device
+    grid = scaled if scaled.dim() == 3 else scaled.unsqueeze(1)
+    width = grid.shape[2]
+    if top is None:
+        top = _top_byte(scaled, saturate).reshape(rows, -1)
+    cols = top.shape[1]
     order = torch.argsort(trials, stable=True)
-    index = order.unsqueeze(0).expand(rows, -1)
-    scaled = scaled.gather(1, index)
-    top = _top_byte(scaled, saturate)
+    ordered = top.gather(1, order.expand(rows, -1))  # a uint8 gather: faster than index_select
     values, sizes = torch.unique_consecutive(trials[order], return_counts=True)
     values, sizes = values.tolist(), sizes.tolist()
-    wide = max(values) > 255  # uint8 sums (the fast ones) hold 255 terms at most
-    v_all = _random_bytes(
-        (sum(m * size for m, size in zip(values, sizes)) * rows,), generator, scaled.device
-    )
+    wide = max(values) > 255
+    total = sum(m * size for m, size in zip(values, sizes)) * rows
+    v_all = _random_bytes((total,), generator, device, scratch, "binomial_bytes")
     below, ties = [], []
     start = offset = 0
     for m, size in zip(values, sizes):
         v = v_all[offset : offset + m * rows * size].view(m, rows, size)
-        t = top[:, start : start + size]
-        counted = []
-        for mask in (v < t, v == t):
-            if wide:
-                parts = [
-                    mask[lo : lo + 255].sum(dim=0, dtype=torch.uint8) for lo in range(0, m, 255)
-                ]
-                counted.append(torch.stack(parts).sum(dim=0, dtype=torch.int32))
-            else:
-                counted.append(mask.sum(dim=0, dtype=torch.uint8))
-        below.append(counted[0])
-        ties.append(counted[1])
+        t = ordered[:, start : start + size]
+        below.append(_count(torch.lt(v, t), wide))
+        ties.append(_count(torch.eq(v, t), wide))
         start += size
         offset += m * rows * size
-    counts = torch.cat(below, dim=1).to(scaled.dtype)
-    ties = torch.cat(ties, dim=1)
-    at = _find(ties != 0)
+    below = torch.cat(below, dim=1) if len(below) > 1 else below[0]
+    ties = torch.cat(ties, dim=1) if len(ties) > 1 else ties[0]
+    counts = _buffer(scratch, "binomial_counts", (rows, cols), scaled.dtype, device)
+    back = torch.empty_like(order).index_copy_(0, order, torch.arange(cols, device=device))
+    counts.copy_(below.gather(1, back.expand(rows, -1)))  # back to the column order
+    at = _find(ties)
     if at.numel() > 0:
-        left = ties.view(-1).index_select(0, at)
-        rest = scaled.reshape(-1).index_select(0, at) - top.view(-1).index_select(0, at)
+        left = ties.view(-1).index_select(0, at).to(torch.int32)
+        r, c = at // cols, order.index_select(0, at % cols)
+        # 256 p of these cells through the strides of `grid` (an index per dim is slow)
+        s0, s1, s2 = grid.stride()
+        span = sum((size - 1) * st for size, st in zip(grid.shape, grid.stride())) + 1
+        where = r * s0 + (c // width) * s1 + (c % width) * s2
+        flat = grid.as_strided((span,), (1,), grid.storage_offset())
+        rest = flat.index_select(0, where) - top.view(-1).index_select(0, r * cols + c)
         won = torch.zeros_like(rest)
         for j in range(int(left.max())):
-            u = torch.rand(left.shape, generator=generator, device=scaled.device)
+            u = torch.rand(left.shape, generator=generator, device=device)
             won += _as_float((u < rest) & (left > j), scaled.dtype)
-        counts.view(-1).index_add_(0, at, won)
-    return torch.empty_like(counts).scatter_(1, index, counts)
+        counts.view(-1).index_add_(0, r * cols + c, won)
+    return counts
 
 
 _Block = tuple[int, int, int, int]  # rows [r0, r1) and columns [c0, c1) of a weight matrix
@@ -331,40 +408,53 @@ _Block = tuple[int, int, int, int]  # rows [r0, r1) and columns [c0, c1) of a we
 
 class _RowLogSums(torch.autograd.Function):
     """``log D_s = shift + log sum_c W_s[r, c] e^{L[r, c]}`` for weights ``W_s`` (no gradient)
-    on blocks of the shifted logits ``L``, from one exponential ``E = e^L`` shared by all ``s``;
-    the backward is ``dL = E * sum_s (g_s / D_s) W_s`` (each on its block), built in place.
-    ``L`` must be small enough that no weighted ``E`` underflows (see :func:`_row_log_sums`).
+    on blocks of the shifted logits ``L``, from one exponential ``E = e^L`` shared by all ``s``,
+    and the logits ``L.gather(1, index)`` (the positives, so that their gradient lands in the
+    same buffer instead of a zero-filled one of its own). Only the products ``P_s = W_s E`` are
+    saved: the backward is ``dL = sum_s (g_s / D_s) P_s`` (each on its block) plus the scattered
+    gradient of the gathered logits, so ``E`` and the weights are temporaries (``scratch``
+    holds ``E``). ``L`` must be small enough that no weighted ``E`` underflows (see
+    :func:`_row_log_sums`).
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, shift: float, blocks: list[_Block], *weights: Tensor):  # type: ignore[override]
-        e = torch.exp(logits)
-        sums = [
-            torch.mul(e[r0:r1, c0:c1], w).sum(dim=1) for (r0, r1, c0, c1), w in zip(blocks, weights)
-        ]
-        ctx.blocks = blocks
-        ctx.save_for_backward(e, *weights, *sums)
-        return tuple(d.log().add_(shift) for d in sums)
+    def forward(
+        ctx,
+        logits: Tensor,
+        shift: float,
+        blocks: list[_Block],
+        scratch,
+        index: Tensor,
+        *weights: Tensor,
+    ):  # type: ignore[override]
+        e = _buffer(scratch, "exp", tuple(logits.shape), logits.dtype, logits.device)
+        torch.exp(logits, out=e)
+        prods = [torch.mul(e[r0:r1, c0:c1], w) for (r0, r1, c0, c1), w in zip(blocks, weights)]
+        sums = [p.sum(dim=1) for p in prods]
+        ctx.blocks, ctx.shape = blocks, logits.shape
+        ctx.save_for_backward(index, *prods, *sums)
+        return (*(d.log().add_(shift) for d in sums), logits.gather(1, index))
 
     @staticmethod
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
-        e, *saved = ctx.saved_tensors
+        index, *saved = ctx.saved_tensors
         k = len(ctx.blocks)
-        weights, sums = saved[:k], saved[k:]
-        full = (0, e.shape[0], 0, e.shape[1])
+        prods, sums = saved[:k], saved[k:]
+        full = (0, ctx.shape[0], 0, ctx.shape[1])
         acc = None
-        for block, w, d, g in sorted(
-            zip(ctx.blocks, weights, sums, grads), key=lambda item: item[0] != full
+        for block, p, d, g in sorted(
+            zip(ctx.blocks, prods, sums, grads[:k]), key=lambda item: item[0] != full
         ):
             coef = torch.where(d > 0, g / d, torch.zeros_like(d)).unsqueeze(1)
             if acc is None and block == full:
-                acc = w * coef
+                acc = p * coef
                 continue
             if acc is None:
-                acc = torch.zeros_like(e)
+                acc = p.new_zeros(ctx.shape)
             r0, r1, c0, c1 = block
-            acc[r0:r1, c0:c1].addcmul_(w, coef)
-        return (acc.mul_(e), None, None, *([None] * k))
+            acc[r0:r1, c0:c1].addcmul_(p, coef)
+        acc.scatter_add_(1, index, grads[k])
+        return (acc, None, None, None, None, *([None] * k))
 
 
 def _shifted_logits(a: Tensor, b: Tensor, temperature: float) -> Tensor:
@@ -377,18 +467,28 @@ def _shifted_logits(a: Tensor, b: Tensor, temperature: float) -> Tensor:
 
 
 def _row_log_sums(
-    logits: Tensor, weights: list[Tensor], blocks: list[_Block], temperature: float
-) -> tuple[Tensor, ...]:
+    logits: Tensor,
+    weights: list[Tensor],
+    blocks: list[_Block],
+    temperature: float,
+    index: Tensor,
+    scratch: _Scratch | None = None,
+) -> tuple[tuple[Tensor, ...], Tensor]:
     """``log D_s[r] = log sum_c W_s[r, c] e^{L[r, c]}`` over the rows of each block (``-inf``
     where a row has no weight), for shifted logits ``L = cos / T - 1 / T``
-    (:func:`_shifted_logits`); the shift is added back.
+    (:func:`_shifted_logits`); the shift is added back. Also returns ``L.gather(1, index)``
+    (the positives; a separate product would round differently from the cells inside ``D``
+    under autocast). The weights may be scratch buffers.
 
     With ``T >= 0.03`` every ``L`` lies in ``[-2/T, 0]`` (up to bf16 rounding of the cosine),
     so ``E = e^L >= e^{-2.02/T} >= e^{-68}`` is a normal float32 and one exponential serves
     every sum (:class:`_RowLogSums`). Below, each sum is a log-sum-exp of its own.
     """
     if temperature >= 0.03:
-        return _RowLogSums.apply(logits, 1.0 / temperature, blocks, *weights)
+        *out, picked = _RowLogSums.apply(
+            logits, 1.0 / temperature, blocks, scratch, index, *weights
+        )
+        return tuple(out), picked
     out = []
     for (r0, r1, c0, c1), w in zip(blocks, weights):
         has = (w > 0).any(dim=1, keepdim=True)
@@ -396,7 +496,7 @@ def _row_log_sums(
         terms = torch.where(has, terms, torch.zeros_like(terms))
         lse = torch.logsumexp(terms, dim=1) + 1.0 / temperature
         out.append(lse.masked_fill(~has.squeeze(1), _NEG_INF))
-    return tuple(out)
+    return tuple(out), logits.gather(1, index)
 
 
 def _occurrence_rank(ids: Tensor) -> Tensor:
@@ -483,6 +583,7 @@ class PotentialLoss(nn.Module):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.pool_as_negatives = pool_as_negatives
         self.check_inputs = check_inputs
+        self._scratch = _Scratch()  # CPU buffers of the in-batch temporaries
 
     def extra_repr(self) -> str:
         return (
@@ -496,14 +597,19 @@ class PotentialLoss(nn.Module):
     # -- shared pieces -----------------------------------------------------------------------
 
     def _log_keep(
-        self, sims: Tensor, centre: Tensor, scale: float = 1.0, offset: float = 0.0
+        self,
+        sims: Tensor,
+        centre: Tensor,
+        scale: float = 1.0,
+        offset: float = 0.0,
+        out: Tensor | None = None,
     ) -> Tensor:
         """``offset + log pi``, ``log pi = min(log clamp, -a (s - s+ - b)^2)``, of every cell of
-        ``sims`` ``[A, C]`` (detached), with ``s+ = centre`` ``[A]``; no exponential, one new
-        tensor. ``sims`` may be logits ``s / scale``:
+        ``sims`` ``[A, ..., C]`` (detached), with ``s+ = centre`` ``[A, ...]``; no exponential,
+        one new tensor (or ``out``). ``sims`` may be logits ``s / scale``:
         ``-a (scale (l - l+) - b)^2 = -a scale^2 (l - l+ - b / scale)^2``.
         """
-        x = sims - centre.unsqueeze(1)
+        x = torch.sub(sims, centre.unsqueeze(-1), out=out)
         if self.b != 0.0:
             x.sub_(self.b / scale)
         y = torch.addcmul(x.new_tensor(offset), x, x, value=-self.a * scale * scale, out=x)
@@ -522,13 +628,14 @@ class PotentialLoss(nn.Module):
         return terms.sum(dim=1)
 
     def _aug_weights(self, weights: Tensor) -> Tensor:
-        """Finish the weights ``[..., 2N, 2N]`` (keep mask or keep probability) of ``L_aug`` in
+        """Finish the weights ``[2N, 2N]`` (keep mask or keep probability) of ``L_aug`` in
         place: the row itself is never a negative, and its partner is the positive
         (``'matched'``: weight 1) or nothing (``'broadcast'``: the weights are the negatives)."""
-        two_n = weights.shape[-1]
-        rows = torch.arange(two_n, device=weights.device)
-        weights[..., rows, rows] = 0.0
-        weights[..., rows, (rows + two_n // 2) % two_n] = float(self.aug_pairing == "matched")
+        n = weights.shape[-1] // 2
+        weights.diagonal().zero_()
+        partner = float(self.aug_pairing == "matched")
+        weights.diagonal(n).fill_(partner)
+        weights.diagonal(-n).fill_(partner)
         return weights
 
     def _aug_rows(self, log_d: Tensor, pos: Tensor) -> Tensor:
@@ -541,7 +648,9 @@ class PotentialLoss(nn.Module):
         pos = pos.unsqueeze(1)
         return (torch.logaddexp(pos, log_d.unsqueeze(0)) - pos).mean(dim=1)
 
-    def _aug_sigma(self, x: Tensor, logits: Tensor, offset: float = 0.0) -> Tensor:
+    def _aug_sigma(
+        self, x: Tensor, logits: Tensor, offset: float = 0.0, out: Tensor | None = None
+    ) -> Tensor:
         """``log pi`` of ``L_aug`` over the rows of ``x = [q; k]``: kernel of the cosine (from the
         logits ``cos / T``) or of the raw dot product (``select_on``) around each row's partner."""
         two_n = x.shape[0]
@@ -550,8 +659,8 @@ class PotentialLoss(nn.Module):
         if self.select_on == "raw":
             raw = x.detach().float()
             sigma = (raw @ raw.T).float()
-            return self._log_keep(sigma, sigma[rows, partner], offset=offset)
-        return self._log_keep(logits, logits[rows, partner], self.temperature, offset)
+            return self._log_keep(sigma, sigma[rows, partner], offset=offset, out=out)
+        return self._log_keep(logits, logits[rows, partner], self.temperature, offset, out)
 
     # -- one direction with a bank (the authors' set-up) ---------------------------------------
 
@@ -593,7 +702,6 @@ class PotentialLoss(nn.Module):
         logits = torch.cat([_shifted_logits(qn, kn, t), _shifted_logits(qn, nb_rows, t)], dim=1)
         colmap = torch.cat([rows.unsqueeze(1), nb_col + n], dim=1)  # column of each block member
         neighbours = bank[idx]  # [N, K, d]
-        pos_logits = logits.gather(1, colmap) + 1.0 / t  # [N, K+1], own block, key first
         extra = None
         if pool is not None and not pool_is_support:
             pool_n = _normalise(pool.detach())
@@ -644,7 +752,11 @@ class PotentialLoss(nn.Module):
                 weight = torch.cat([weight, pool_w], dim=1)
         if extra is not None:
             logits = torch.cat([logits, extra], dim=1)
-        log_d = _row_log_sums(logits, [weight], [(0, n, 0, logits.shape[1])], t)[0]
+        # D, and the own-block logits [N, K+1] (key first) read off the same matrix
+        (log_d,), pos_logits = _row_log_sums(
+            logits, [weight], [(0, n, 0, logits.shape[1])], t, colmap
+        )
+        pos_logits = pos_logits + 1.0 / t
         per_anchor = self._per_anchor(log_d, pos_logits, q if proj is None else proj, neighbours)
         grid = None
         if diagnostics:
@@ -724,87 +836,129 @@ class PotentialLoss(nn.Module):
         xn = _normalise(x)
         logits = _shifted_logits(xn, xn, t)  # [2N, 2N], cos / T - 1 / T
         k_eff = min(self.num_neighbors, n - 1)
-        rows = torch.arange(n, device=xn.device)
-        drawn = self.sample == "bernoulli"
         views = [  # rows and columns of the direction, its anchors, keys, soft-weight inputs
             (slice(0, n), slice(n, 2 * n), xn[:n], xn[n:], z1 if proj1 is None else proj1),
             (slice(n, 2 * n), slice(0, n), xn[n:], xn[:n], z2 if proj2 is None else proj2),
         ]
         with torch.no_grad():
-            lg = logits.detach()
-            centre = torch.cat([lg.diagonal(n), lg.diagonal(-n)])  # s(r, r') / T of every row
-            # drawn: 256 pi, the scale of the byte draws (one pass less than scaling pi)
-            offset = math.log(256.0) if drawn else 0.0
-            saturate = self.clamp >= 1.0  # pi = 1 is possible
-            aug_lp = None
-            if self.aug_weight > 0 and self.select_on == "cosine":
-                aug_lp = self._log_keep(lg, centre, t, offset).exp_()  # its off-diagonal blocks
-                mined_pi = [aug_lp[r, c] for r, c, *_ in views]  # serve L_mined
-            else:
-                mined_pi = [
-                    self._log_keep(lg[r, c], centre[r], t, offset).exp_() for r, c, *_ in views
-                ]
-                if self.aug_weight > 0:
-                    aug_lp = self._aug_sigma(x, lg, offset).exp_()
-            idx = [self._neighbours(lg[c, c], k_eff) for _, c, *_ in views]
-            weights, blocks, counts = [], [], []
-            for (r, c, *_), pi, nbr in zip(views, mined_pi, idx):
-                block_ids = torch.cat([rows.unsqueeze(1), nbr], dim=1)  # [N, K+1], key first
-                mult = torch.bincount(nbr.reshape(-1), minlength=n) + 1  # blocks holding key l
-                if drawn:
-                    count = _binomial(pi, mult, generator, saturate)
-                else:
-                    count = pi * mult.to(pi.dtype)
-                counts.append((count.clone() if diagnostics else None, block_ids))
-                weights.append(count.scatter_(1, block_ids, 1.0))  # own positives: once
-                blocks.append((r.start, r.stop, c.start, c.stop))
-            if aug_lp is not None:  # drawn: one selection per direction; expected: the same
-                pi = aug_lp  # changed in place (self and partner cells, unused by L_mined)
-                aug_w = _bernoulli(pi, 2, generator, saturate) if drawn else [pi]
-                weights.extend(self._aug_weights(w) for w in aug_w)
-                blocks.extend([(0, 2 * n, 0, 2 * n)] * len(aug_w))
-        log_d = _row_log_sums(logits, weights, blocks, t)
-        # own-block logits of both directions, read off the same matrix as D (one gather; under
-        # autocast a separate product would round differently from the cells inside D)
-        own_cols = torch.cat([counts[0][1] + n, counts[1][1]])  # [2N, K+1], key first
-        own_logits = logits.gather(1, own_cols) + 1.0 / t
+            weights, blocks, counts, own, mined_pi = self._in_batch_weights(
+                x, logits.detach(), k_eff, generator, diagnostics
+            )
+            size = k_eff + 1
+            block_ids = [own[:, :size], own[:, size:] - n]  # [N, K+1] per direction, key first
+            # own-block columns of both directions in the logits (dir 1: z2 at N + l)
+            own_cols = torch.cat([own[:, :size] + n, own[:, size:] - n])
+        # D of every loss, and the own-block logits of both directions (read off the same matrix)
+        log_d, own_logits = _row_log_sums(logits, weights, blocks, t, own_cols, self._scratch)
+        own_logits = own_logits + 1.0 / t
         pos = own_logits[:n, 0]  # s(z1_i, z2_i) / T: both directions, both losses
         mined, grids = [], []
-        for (r, c, anchors, keys, g), pi, nbr, d, (count, block_ids) in zip(
-            views, mined_pi, idx, log_d, counts
-        ):
-            neighbours = keys.index_select(0, nbr.reshape(-1)).view(n, k_eff, keys.shape[1])
-            mined.append(self._per_anchor(d, own_logits[r], g, neighbours))
+        for h, (r, c, anchors, keys, g) in enumerate(views):
+            nbr = block_ids[h][:, 1:].reshape(-1)
+            neighbours = keys.index_select(0, nbr).view(n, k_eff, keys.shape[1])
+            mined.append(self._per_anchor(log_d[h], own_logits[r], g, neighbours))
             if diagnostics:
                 grids.append(
                     self._in_batch_grid(
                         anchors,
                         keys,
                         logits[r, c] + 1 / t,
-                        pi,
-                        count if drawn else None,
-                        block_ids,
+                        mined_pi[:, h],
+                        counts[:, h] if counts is not None else None,
+                        block_ids[h],
                         own_logits[r][:, 0],
                     )
                 )
         aug_part = None
-        if aug_lp is not None:
-            pos2 = torch.cat([pos, own_logits[n:, 0]])  # row r's partner, as in its D
-            aug_rows = [self._aug_rows(d, pos2) for d in log_d[2:]]
-            if len(aug_rows) == 1:  # expected: both directions are the same evaluation
-                aug_rows = aug_rows * 2
-            # row i is z1_i, row N+i is z2_i: both belong to sample i
-            aug_part = torch.cat([(a[:n] + a[n:]) / 2 for a in aug_rows])
+        if len(log_d) > 2:  # one selection serves both directions (same rows, see the doc)
+            aug_rows = self._aug_rows(log_d[2], torch.cat([pos, own_logits[n:, 0]]))
+            half = (aug_rows[:n] + aug_rows[n:]) / 2  # rows i (z1_i) and N+i (z2_i): sample i
+            aug_part = torch.cat([half, half])
         return torch.cat(mined), aug_part, grids, k_eff
 
-    @staticmethod
-    def _neighbours(sims: Tensor, k_eff: int) -> Tensor:
-        """The ``k_eff`` most similar other keys of every key, from their similarities ``[N, N]``."""
+    def _in_batch_weights(
+        self,
+        x: Tensor,
+        lg: Tensor,
+        k_eff: int,
+        generator: torch.Generator | None,
+        diagnostics: bool,
+    ) -> tuple[list[Tensor], list[_Block], Tensor | None, Tensor, Tensor]:
+        """The weights of every ``D`` (no gradient), from the logits ``lg`` ``[2N, 2N]``.
+
+        Both ``L_mined`` directions share one ``[N, 2N]`` layout: column ``l`` is key ``z2_l``
+        of anchor ``z1_i`` (the block ``lg[:N, N:]``), column ``N + l`` key ``z1_l`` of anchor
+        ``z2_i`` (``lg[N:, :N]``); their counts are one :func:`_binomial` call. ``L_aug`` has one
+        selection over ``[2N, 2N]``. Returns the weights with their blocks, the mined counts
+        ``[N, 2, N]`` (diagnostics, drawn), the own positives ``[N, 2(K+1)]`` (columns of the
+        layout: key first, direction 1 then 2) and the mined keep probabilities ``[N, 2, N]``
+        (drawn: times 256).
+        """
+        n, t, device = lg.shape[0] // 2, self.temperature, lg.device
+        drawn = self.sample == "bernoulli"
+        scratch = self._scratch
+        centre = torch.cat([lg.diagonal(n), lg.diagonal(-n)])  # s(r, r') / T of every row
+        # drawn: 256 pi, the scale of the byte draws (one pass less than scaling pi)
+        offset = math.log(256.0) if drawn else 0.0
+        saturate = self.clamp >= 1.0  # pi = 1 is possible
+        aug = self.aug_weight > 0
+        # [N, 2, N] view of the two off-diagonal blocks of a [2N, 2N] matrix: [i, h, l] is
+        # row hN + i, column (1 - h)N + l
+        blocks_of = lambda m: m.as_strided(  # noqa: E731
+            (n, 2, n), (2 * n, 2 * n * n - n, 1), m.storage_offset() + n
+        )
+        aug_pi = aug_top = top = None
+        if aug and self.select_on == "cosine":  # its off-diagonal blocks serve L_mined
+            aug_pi = self._log_keep(lg, centre, t, offset, out=self._buf("kernel", lg)).exp_()
+            mined_pi = blocks_of(aug_pi)
+            if drawn:
+                aug_top = _top_byte(aug_pi, saturate, scratch, "top")
+                top = torch.cat([aug_top[:n, n:], aug_top[n:, :n]], dim=1)
+        else:
+            sims = torch.cat([lg[:n, n:], lg[n:, :n]], dim=1).view(n, 2, n)
+            mined_pi = self._log_keep(sims, centre.view(2, n).T, t, offset).exp_()
+            if aug:
+                aug_pi = self._aug_sigma(x, lg, offset, out=self._buf("kernel", lg)).exp_()
+        idx = self._neighbours(lg, n, k_eff)
+        rows = torch.arange(n, device=device)
+        nbrs = torch.cat([idx[0], idx[1] + n], dim=1)  # [N, 2K], columns of the layout
+        own = torch.cat([rows.unsqueeze(1), idx[0], rows.unsqueeze(1) + n, idx[1] + n], dim=1)
+        # key l of a direction sits in 1 + (how many keys have it as a neighbour) blocks
+        mult = torch.bincount(nbrs.reshape(-1), minlength=2 * n) + 1
+        counts = None
+        if drawn:
+            if top is None:
+                top = _top_byte(mined_pi, saturate, scratch, "mined_top").view(n, 2 * n)
+            mined = _binomial(mined_pi, mult, generator, saturate, top, scratch)
+            if diagnostics:
+                counts = mined.clone().view(n, 2, n)
+        else:
+            mined = mined_pi.new_empty(n, 2, n)
+            torch.mul(mined_pi, mult.view(2, n).to(mined_pi.dtype), out=mined)
+            mined = mined.view(n, 2 * n)
+        mined.scatter_(1, own, 1.0)  # own positives: once
+        weights = [mined[:, :n], mined[:, n:]]
+        blocks = [(0, n, n, 2 * n), (n, 2 * n, 0, n)]
+        if aug:  # expected: the probabilities themselves (their self and partner cells unused)
+            aug_w = _bernoulli(aug_pi, generator, saturate, aug_top, scratch) if drawn else aug_pi
+            weights.append(self._aug_weights(aug_w))
+            blocks.append((0, 2 * n, 0, 2 * n))
+        return weights, blocks, counts, own, mined_pi
+
+    def _buf(self, name: str, like: Tensor) -> Tensor:
+        return self._scratch.get(name, tuple(like.shape), like.dtype, like.device)
+
+    def _neighbours(self, lg: Tensor, n: int, k_eff: int) -> Tensor:
+        """``[2, N, K]``: the ``K`` most similar other keys of every key, for direction 1 (keys
+        ``z2``, the block ``lg[N:, N:]``) and direction 2 (keys ``z1``, ``lg[:N, :N]``); one
+        top-``K`` over both diagonal blocks."""
         if k_eff == 0:
-            return torch.empty(sims.shape[0], 0, dtype=torch.long, device=sims.device)
-        lookup = sims.clone()
-        lookup.fill_diagonal_(_NEG_INF)  # a key is not its own neighbour
-        return lookup.topk(k_eff, dim=1).indices
+            return torch.empty(2, n, 0, dtype=torch.long, device=lg.device)
+        # [h, i, l] = lg[hN + i, hN + l]: keys z1 (h = 0), then z2
+        diag = lg.as_strided((2, n, n), (2 * n * n + n, 2 * n, 1), lg.storage_offset())
+        lookup = self._scratch.get("lookup", (2, n, n), lg.dtype, lg.device).copy_(diag)
+        lookup.diagonal(dim1=1, dim2=2).fill_(_NEG_INF)  # a key is not its own neighbour
+        return lookup.topk(k_eff, dim=2).indices.flip(0)
 
     def _in_batch_grid(
         self,
@@ -885,15 +1039,15 @@ class PotentialLoss(nn.Module):
         xn = _normalise(x)
         logits = _shifted_logits(xn, xn, t)
         rows = torch.arange(2 * n, device=xn.device)
-        pos = logits[rows, (rows + n) % (2 * n)] + 1.0 / t  # as in D (see _in_batch)
+        partner = ((rows + n) % (2 * n)).unsqueeze(1)
         with torch.no_grad():
             pi = self._aug_sigma(x, logits.detach()).exp_()
             if self.sample == "bernoulli":
                 u = torch.rand(pi.shape, generator=generator, device=pi.device)
                 pi = _as_float(u < pi)
             weights = self._aug_weights(pi)
-        log_d = _row_log_sums(logits, [weights], [(0, 2 * n, 0, 2 * n)], t)[0]
-        return self._aug_rows(log_d, pos)
+        (log_d,), pos = _row_log_sums(logits, [weights], [(0, 2 * n, 0, 2 * n)], t, partner)
+        return self._aug_rows(log_d, pos.squeeze(1) + 1.0 / t)  # the positive as in D
 
     # -- forward -----------------------------------------------------------------------------
 
