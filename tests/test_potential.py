@@ -522,3 +522,17 @@ def test_runs_on_the_gpu_with_a_cuda_generator():
         loss = assert_finite_with_grads(loss_fn, z1, z2, negatives=bank, generator=g)
     cpu = loss_fn(z1.cpu(), z2.cpu(), negatives=bank.cpu(), generator=torch.Generator())
     assert abs(float(loss) - float(cpu)) < 0.5  # same objective, different draws and precision
+
+
+def test_cpu_scratch_buffers_are_capped_and_do_not_change_the_loss(monkeypatch):
+    from hardneg.losses import potential as module
+
+    z1, z2 = torch.randn(24, 8), torch.randn(24, 8)
+    kept = hardneg.create_loss("potential")
+    value = kept(z1, z2, generator=torch.Generator().manual_seed(3))
+    assert kept._scratch._buffers  # the temporaries stay for the next call
+    monkeypatch.setattr(module._Scratch, "max_bytes", 0)
+    fresh = hardneg.create_loss("potential")
+    again = fresh(z1, z2, generator=torch.Generator().manual_seed(3))
+    assert not fresh._scratch._buffers  # over the cap: nothing is kept
+    torch.testing.assert_close(again, value, rtol=0, atol=0)

@@ -125,7 +125,8 @@ distinct neighbours): in-batch one ``[2N, d] x [d, 2N]`` matmul and its backward
 one top-``K`` over two ``[N, N]``, ``O(N^2)`` elementwise work (about 15 float passes over
 ``[2N, 2N]`` against InfoNCE's 10, and a few byte passes) and ``16 N^2`` Bernoulli trials
 (``N(K+1)`` per anchor and direction for ``L_mined``, ``2N`` per row for ``L_aug``, with
-``K = 5``); on the CPU the module keeps about ``90 N^2`` bytes of buffers. With a bank: the lookup
+``K = 5``); on the CPU the module keeps about ``90 N^2`` bytes of buffers (none over 64 MiB;
+one module must not run in several threads at once). With a bank: the lookup
 ``[N, d] x [d, Q]`` (no gradient) and its top-``K``, ``[N, d] x [d, N + U]``, the ``L_aug``
 matmul ``[2N, d] x [d, 2N]`` (the last two with their backward), and ``N(K+1) N + 4 N^2``
 ``torch.rand`` numbers; InfoNCE with the same bank: one ``[N, d] x [d, Q]`` and its backward.
@@ -220,14 +221,20 @@ class _Scratch:
     exponentials). A fresh 16 MB tensor is paged in afresh on every call on the CPU, which cost
     as much as the pass that fills it; other devices have a caching allocator and get fresh
     tensors. Nothing saved for the backward lives here (the module may be called twice before
-    one backward); copies and pickles of the module start empty."""
+    one backward); copies and pickles of the module start empty. A buffer over ``max_bytes`` is
+    never kept, so at most about 0.4 GB stays allocated whatever the batch size."""
+
+    max_bytes = 64 * 2**20  # per buffer (a [2N, 2N] float32 up to N = 2048)
 
     def __init__(self) -> None:
         self._buffers: dict[str, Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
         device = torch.device(device)
-        if device.type != "cpu":
+        too_big = math.prod(shape) * dtype.itemsize > self.max_bytes
+        if device.type != "cpu" or too_big:
+            # huge batches: the page faults are small next to the work, keep no memory
+            self._buffers.pop(name, None)
             return torch.empty(shape, dtype=dtype, device=device)
         buf = self._buffers.get(name)
         if buf is None or buf.shape != shape or buf.dtype != dtype:
