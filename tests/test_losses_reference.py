@@ -367,6 +367,52 @@ def test_ring_outer_set_keeps_the_top_upper_with_the_top_lower_at_minus_inf(ties
         torch.testing.assert_close(band[finite], x.gather(1, idx)[finite], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("columns", [600, 2000])  # torch.topk and numpy selection paths
+def test_ring_top_k_ranks_nans_and_signed_zeros_by_their_order_keys(columns):
+    from hardneg.strategies.ring import _NUMPY_MIN_COLUMNS, top_k_indices
+
+    assert (columns >= _NUMPY_MIN_COLUMNS) == (columns == 2000)
+    # order: +NaN (sign bit clear) > +inf > 2 > 0.5 > +0.0 > -0.0 > -0.5 > -1 ... > -NaN
+    x = torch.full((5, columns), -1.0)
+    nan = float("nan")
+    x[:, :8] = torch.tensor([0.5, -0.5, 2.0, nan, -nan, float("inf"), 0.0, -0.0])
+    for k, expected in [(2, [3, 5]), (5, [0, 2, 3, 5, 6]), (6, [0, 2, 3, 5, 6, 7])]:
+        assert top_k_indices(x, k).sort(dim=1).values.tolist() == [expected] * 5
+    keep = top_k_indices(x, columns - 1)
+    assert not bool((keep == 4).any())  # the negative NaN ranks last
+
+
+@pytest.mark.parametrize("ties", ["none", "some rows", "every row"])
+def test_ring_drop_top_sets_exactly_the_top_lower_to_minus_inf(ties):
+    from hardneg.strategies.ring import _drop_top
+
+    values = torch.randn(40, 409, generator=torch.Generator().manual_seed(34))
+    if ties != "none":
+        rows = slice(0, 40) if ties == "every row" else slice(3, 5)
+        values[rows] = values[rows].round(decimals=1)  # equal values at the edge
+    values[7, :3] = float("-inf")
+    expected = values.clone().scatter_(1, values.topk(40, dim=1).indices, float("-inf"))
+    got = values.clone()
+    _drop_top(got, 40)
+    assert bool((torch.isinf(got).sum(dim=1) == 40 + 3 * (torch.arange(40) == 7)).all())
+    # the same multiset of kept values per row (which of equal values is dropped may differ)
+    torch.testing.assert_close(got.sort(dim=1).values, expected.sort(dim=1).values, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_ring_numpy_selection_matches_the_torch_topk_selection(pooled, monkeypatch):
+    import hardneg.strategies.ring as ring_module
+
+    z1, z2 = views(n=600 if not pooled else 64, d=16, seed=35)
+    pool = queue(k=4096, d=16) if pooled else None
+    loss_fn = hardneg.create_loss("ring", temperature=0.1)
+    run = lambda a, b: loss_fn(a, b, negatives=pool)  # noqa: E731
+    numpy_path = value_and_grads(run, z1, z2)
+    monkeypatch.setattr(ring_module, "_NUMPY_MIN_COLUMNS", 1 << 30)
+    torch_path = value_and_grads(run, z1, z2)
+    assert_same(numpy_path, torch_path, tol=dict(rtol=0, atol=1e-6))
+
+
 @pytest.mark.parametrize("pooled", [False, True])
 def test_ring_sparse_backward_equals_the_gather_through_the_score_matrix(pooled):
     import dataclasses
