@@ -38,8 +38,10 @@ class _TiltedLogMass(torch.autograd.Function):
     ``q = e^{beta s} f``, ``log R = log M + max_j c + log sum(q e) - log sum(q)``; the backward
     pass is ``dlogR/dc = (1 + beta) q e / sum(q e) - beta q / sum(q)`` (only the first term when
     the tilt is detached), three in-place passes. With ``beta = 1`` and a factor, ``q = e f`` is
-    formed a block of rows at a time and never stored (saved: ``e`` and ``f``). Every exponent is <= 0 and the row maximum
-    contributes ``e^0 f``, so nothing overflows and the sums stay positive for ``f > 0``.
+    formed a block of rows at a time and never stored (saved: ``e`` and ``f``; the backward pass
+    multiplies by ``e`` and then by ``f`` in place, no ``[A, S]`` temporary). Every exponent is
+    <= 0 and the row maximum contributes ``e^0 f``, so nothing overflows and the sums stay
+    positive for ``f > 0``.
     """
 
     @staticmethod
@@ -86,8 +88,7 @@ class _TiltedLogMass(torch.autograd.Function):
         if beta != 0.0:
             out.sub_((beta * grad / sum_q).unsqueeze(1))
         if ctx.product:
-            for rows in _row_blocks(out):
-                out[rows].mul_(e[rows] * factor[0][rows])
+            out.mul_(e).mul_(factor[0])  # (out e) f: within an ulp of out (e f), no temporary
         else:
             out.mul_(q)
         return out, None, None, None, None, None
@@ -124,7 +125,8 @@ def _product_sums(e: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:
     for rows in _row_blocks(e):
         q = e[rows] * factor[rows]
         torch.sum(q, dim=1, out=sum_q[rows])
-        torch.linalg.vecdot(q, e[rows], dim=1, out=sum_qe[rows])
+        # vecdot(q, e) is this product and sum, here without a second temporary
+        torch.sum(q.mul_(e[rows]), dim=1, out=sum_qe[rows])
     return sum_q, sum_qe
 
 
