@@ -79,6 +79,17 @@ def _order_keys_np(x: np.ndarray) -> np.ndarray:
 _NUMPY_MIN_COLUMNS = 1024
 
 
+def _numpy_selects(x: Tensor, k: int) -> bool:
+    """Whether the CPU selection of the top ``k`` of each row of ``x`` goes through numpy."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 2
+        and x.shape[1] >= _NUMPY_MIN_COLUMNS
+        and 0 < k < x.shape[1]
+    )
+
+
 def top_k_indices(x: Tensor, k: int) -> Tensor:
     """``[A, k]`` column indices of the ``k`` largest entries of each row, in no order.
 
@@ -92,7 +103,7 @@ def top_k_indices(x: Tensor, k: int) -> Tensor:
         return x.topk(k, dim=1, sorted=False).indices
     x = x.detach().contiguous()
     rows, cols = x.shape
-    if cols >= _NUMPY_MIN_COLUMNS and 0 < k < cols:
+    if _numpy_selects(x, k):
         values = x.numpy()
         out = np.empty((rows, k), dtype=np.int64)
         for block in _row_blocks(x):
