@@ -847,6 +847,39 @@ def test_tilted_mass_with_the_strategys_shifted_exponentials_is_bit_identical():
             assert torch.equal(plain, reused)
 
 
+@pytest.mark.parametrize("beta", [1.0, 0.7])
+@pytest.mark.parametrize("tilt_grad", [True, False])
+def test_tilted_mass_with_a_factor_and_its_gradient_equal_the_log_sum_exp_form(beta, tilt_grad):
+    # beta = 1 takes the product path (q = e f per block, in-place backward); float64 oracle
+    from hardneg.objective import tilted_log_negative_mass
+
+    g = torch.Generator().manual_seed(35)
+    logits = (torch.randn(30, 700, generator=g) * 3).requires_grad_()
+    absent = torch.zeros(30, 700, dtype=torch.bool)
+    absent[:, :4] = True
+    factor = (torch.rand(30, 700, generator=g) + 0.1).masked_fill(absent, 0.0)
+    upstream = torch.randn(30, generator=g)
+    got = tilted_log_negative_mass(
+        logits.masked_fill(absent, float("-inf")),
+        beta,
+        factor,
+        num_negatives=696,
+        tilt_grad=tilt_grad,
+    )
+    (grad,) = torch.autograd.grad(got, logits, upstream)
+    c = logits.double().masked_fill(absent, float("-inf"))
+    tilt = c if tilt_grad else c.detach()
+    log_f = factor.double().log()
+    ref = (
+        math.log(696)
+        + torch.logsumexp(c + beta * tilt + log_f, dim=1)
+        - torch.logsumexp(beta * tilt + log_f, dim=1)
+    )
+    (ref_grad,) = torch.autograd.grad(ref, logits, upstream.double())
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-7)
+
+
 def test_unremix_representativeness_equals_the_quadratic_definition():
     z1, z2 = views(n=7, d=6, seed=26)
     scores = in_batch_scores(z1.detach(), z2.detach(), 0.5)
