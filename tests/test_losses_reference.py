@@ -342,13 +342,15 @@ def test_unsorted_ring_members_are_the_ranks_lower_to_upper(ties):
         torch.testing.assert_close(got, ranked[:, lower:upper], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("ties", [False, True, "in one block"])
 def test_ring_outer_set_keeps_the_top_upper_with_the_top_lower_at_minus_inf(ties):
     from hardneg.strategies.ring import RingNegatives, top_k_indices
 
     # 300 rows of 3000: several blocks of integer keys; zeros of both signs tie as floats
     x = torch.randn(300, 3000, generator=torch.Generator().manual_seed(31))
-    if ties:
+    if ties == "in one block":  # equal values at the edges in rows 200-209 only
+        x[200:210] = x[200:210].round(decimals=1)
+    elif ties:
         x = x.round(decimals=1)
         x[:, ::7] = -0.0
     x[0, :5] = float("-inf")
@@ -365,6 +367,52 @@ def test_ring_outer_set_keeps_the_top_upper_with_the_top_lower_at_minus_inf(ties
         assert bool((torch.isinf(band).sum(dim=1) == lower).all())
         finite = torch.isfinite(band)
         torch.testing.assert_close(band[finite], x.gather(1, idx)[finite], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("columns", [600, 2000])  # torch.topk and numpy selection paths
+def test_ring_top_k_ranks_nans_and_signed_zeros_by_their_order_keys(columns):
+    from hardneg.strategies.ring import _NUMPY_MIN_COLUMNS, top_k_indices
+
+    assert (columns >= _NUMPY_MIN_COLUMNS) == (columns == 2000)
+    # order: +NaN (sign bit clear) > +inf > 2 > 0.5 > +0.0 > -0.0 > -0.5 > -1 ... > -NaN
+    x = torch.full((5, columns), -1.0)
+    nan = float("nan")
+    x[:, :8] = torch.tensor([0.5, -0.5, 2.0, nan, -nan, float("inf"), 0.0, -0.0])
+    for k, expected in [(2, [3, 5]), (5, [0, 2, 3, 5, 6]), (6, [0, 2, 3, 5, 6, 7])]:
+        assert top_k_indices(x, k).sort(dim=1).values.tolist() == [expected] * 5
+    keep = top_k_indices(x, columns - 1)
+    assert not bool((keep == 4).any())  # the negative NaN ranks last
+
+
+@pytest.mark.parametrize("ties", ["none", "some rows", "every row"])
+def test_ring_drop_top_sets_exactly_the_top_lower_to_minus_inf(ties):
+    from hardneg.strategies.ring import _drop_top
+
+    values = torch.randn(40, 409, generator=torch.Generator().manual_seed(34))
+    if ties != "none":
+        rows = slice(0, 40) if ties == "every row" else slice(3, 5)
+        values[rows] = values[rows].round(decimals=1)  # equal values at the edge
+    values[7, :3] = float("-inf")
+    expected = values.clone().scatter_(1, values.topk(40, dim=1).indices, float("-inf"))
+    got = values.clone()
+    _drop_top(got, 40)
+    assert bool((torch.isinf(got).sum(dim=1) == 40 + 3 * (torch.arange(40) == 7)).all())
+    # the same multiset of kept values per row (which of equal values is dropped may differ)
+    torch.testing.assert_close(got.sort(dim=1).values, expected.sort(dim=1).values, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_ring_numpy_selection_matches_the_torch_topk_selection(pooled, monkeypatch):
+    import hardneg.strategies.ring as ring_module
+
+    z1, z2 = views(n=600 if not pooled else 64, d=16, seed=35)
+    pool = queue(k=4096, d=16) if pooled else None
+    loss_fn = hardneg.create_loss("ring", temperature=0.1)
+    run = lambda a, b: loss_fn(a, b, negatives=pool)  # noqa: E731
+    numpy_path = value_and_grads(run, z1, z2)
+    monkeypatch.setattr(ring_module, "_NUMPY_MIN_COLUMNS", 1 << 30)
+    torch_path = value_and_grads(run, z1, z2)
+    assert_same(numpy_path, torch_path, tol=dict(rtol=0, atol=1e-6))
 
 
 @pytest.mark.parametrize("pooled", [False, True])
@@ -797,6 +845,39 @@ def test_tilted_mass_with_the_strategys_shifted_exponentials_is_bit_identical():
             plain = contrastive_objective(pos, logits, **kw)
             reused = contrastive_objective(pos, logits, tilt_shifted=shifted, **kw)
             assert torch.equal(plain, reused)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.7])
+@pytest.mark.parametrize("tilt_grad", [True, False])
+def test_tilted_mass_with_a_factor_and_its_gradient_equal_the_log_sum_exp_form(beta, tilt_grad):
+    # beta = 1 takes the product path (q = e f per block, in-place backward); float64 oracle
+    from hardneg.objective import tilted_log_negative_mass
+
+    g = torch.Generator().manual_seed(35)
+    logits = (torch.randn(30, 700, generator=g) * 3).requires_grad_()
+    absent = torch.zeros(30, 700, dtype=torch.bool)
+    absent[:, :4] = True
+    factor = (torch.rand(30, 700, generator=g) + 0.1).masked_fill(absent, 0.0)
+    upstream = torch.randn(30, generator=g)
+    got = tilted_log_negative_mass(
+        logits.masked_fill(absent, float("-inf")),
+        beta,
+        factor,
+        num_negatives=696,
+        tilt_grad=tilt_grad,
+    )
+    (grad,) = torch.autograd.grad(got, logits, upstream)
+    c = logits.double().masked_fill(absent, float("-inf"))
+    tilt = c if tilt_grad else c.detach()
+    log_f = factor.double().log()
+    ref = (
+        math.log(696)
+        + torch.logsumexp(c + beta * tilt + log_f, dim=1)
+        - torch.logsumexp(beta * tilt + log_f, dim=1)
+    )
+    (ref_grad,) = torch.autograd.grad(ref, logits, upstream.double())
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-7)
 
 
 def test_unremix_representativeness_equals_the_quadratic_definition():

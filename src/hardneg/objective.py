@@ -38,8 +38,10 @@ class _TiltedLogMass(torch.autograd.Function):
     ``q = e^{beta s} f``, ``log R = log M + max_j c + log sum(q e) - log sum(q)``; the backward
     pass is ``dlogR/dc = (1 + beta) q e / sum(q e) - beta q / sum(q)`` (only the first term when
     the tilt is detached), three in-place passes. With ``beta = 1`` and a factor, ``q = e f`` is
-    formed a block of rows at a time and never stored (saved: ``e`` and ``f``). Every exponent is <= 0 and the row maximum
-    contributes ``e^0 f``, so nothing overflows and the sums stay positive for ``f > 0``.
+    formed a block of rows at a time and never stored (saved: ``e`` and ``f``; the backward pass
+    multiplies by ``e`` and then by ``f`` in place, no ``[A, S]`` temporary). Every exponent is
+    <= 0 and the row maximum contributes ``e^0 f``, so nothing overflows and the sums stay
+    positive for ``f > 0``.
     """
 
     @staticmethod
@@ -86,8 +88,8 @@ class _TiltedLogMass(torch.autograd.Function):
         if beta != 0.0:
             out.sub_((beta * grad / sum_q).unsqueeze(1))
         if ctx.product:
-            for rows in _row_blocks(out):
-                out[rows].mul_(e[rows] * factor[0][rows])
+            for rows in _row_blocks(out):  # (out e) f: within an ulp of out (e f), no temporary
+                out[rows].mul_(e[rows]).mul_(factor[0][rows])
         else:
             out.mul_(q)
         return out, None, None, None, None, None
@@ -99,10 +101,10 @@ class _TiltedLogMass(torch.autograd.Function):
 _BLOCK = 1 << 18
 
 
-def _row_blocks(x: Tensor) -> list[slice]:
+def _row_blocks(x: Tensor, block: int = _BLOCK) -> list[slice]:
     if x.device.type != "cpu":  # on an accelerator one launch per op beats cache blocking
         return [slice(0, x.shape[0])]
-    rows = max(1, _BLOCK // max(1, x.shape[1]))
+    rows = max(1, block // max(1, x.shape[1]))
     return [slice(start, start + rows) for start in range(0, x.shape[0], rows)]
 
 
@@ -121,10 +123,13 @@ def _product_sums(e: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:
     """``sum_j q_ij`` and ``sum_j q_ij e_ij`` for ``q = e * factor``, without storing ``q``."""
     sum_q = e.new_empty(e.shape[0])
     sum_qe = e.new_empty(e.shape[0])
-    for rows in _row_blocks(e):
+    # quarter blocks: the temporary q (~256 KiB) is reused from the heap block after block
+    # instead of a fresh [A, S]-sized allocation (page faults) at small A * S
+    for rows in _row_blocks(e, _BLOCK >> 2):
         q = e[rows] * factor[rows]
         torch.sum(q, dim=1, out=sum_q[rows])
-        torch.linalg.vecdot(q, e[rows], dim=1, out=sum_qe[rows])
+        # vecdot(q, e) is this product and sum, here without a second temporary
+        torch.sum(q.mul_(e[rows]), dim=1, out=sum_qe[rows])
     return sum_q, sum_qe
 
 
