@@ -473,6 +473,12 @@ def _shifted_logits(a: Tensor, b: Tensor, temperature: float) -> Tensor:
     return (a @ b.T).float()
 
 
+def _logits(x: Tensor, temperature: float) -> Tensor:
+    """``x @ x^T / T`` (float32) for L2-normalised rows ``x``, all in ``[-1/T, 1/T]`` up to
+    rounding (the temperature divides ``x``, not the product: no extra pass)."""
+    return ((x / temperature) @ x.T).float()
+
+
 def _row_log_sums(
     logits: Tensor,
     weights: list[Tensor],
@@ -480,6 +486,7 @@ def _row_log_sums(
     temperature: float,
     index: Tensor,
     scratch: _Scratch | None = None,
+    shift: float | None = None,
 ) -> tuple[tuple[Tensor, ...], Tensor]:
     """``log D_s[r] = log sum_c W_s[r, c] e^{L[r, c]}`` over the rows of each block (``-inf``
     where a row has no weight), for shifted logits ``L = cos / T - 1 / T``
@@ -491,17 +498,17 @@ def _row_log_sums(
     so ``E = e^L >= e^{-2.02/T} >= e^{-68}`` is a normal float32 and one exponential serves
     every sum (:class:`_RowLogSums`). Below, each sum is a log-sum-exp of its own.
     """
+    if shift is None:
+        shift = 1.0 / temperature
     if temperature >= 0.03:
-        *out, picked = _RowLogSums.apply(
-            logits, 1.0 / temperature, blocks, scratch, index, *weights
-        )
+        *out, picked = _RowLogSums.apply(logits, shift, blocks, scratch, index, *weights)
         return tuple(out), picked
     out = []
     for (r0, r1, c0, c1), w in zip(blocks, weights):
         has = (w > 0).any(dim=1, keepdim=True)
         terms = logits[r0:r1, c0:c1] + w.log()
         terms = torch.where(has, terms, torch.zeros_like(terms))
-        lse = torch.logsumexp(terms, dim=1) + 1.0 / temperature
+        lse = torch.logsumexp(terms, dim=1) + shift
         out.append(lse.masked_fill(~has.squeeze(1), _NEG_INF))
     return tuple(out), logits.gather(1, index)
 
@@ -841,7 +848,7 @@ class PotentialLoss(nn.Module):
         n, t = z1.shape[0], self.temperature
         x = torch.cat([z1, z2])
         xn = _normalise(x)
-        logits = _shifted_logits(xn, xn, t)  # [2N, 2N], cos / T - 1 / T
+        logits = _logits(xn, t)  # [2N, 2N], cos / T
         k_eff = min(self.num_neighbors, n - 1)
         views = [  # rows and columns of the direction, its anchors, keys, soft-weight inputs
             (slice(0, n), slice(n, 2 * n), xn[:n], xn[n:], z1 if proj1 is None else proj1),
@@ -856,8 +863,9 @@ class PotentialLoss(nn.Module):
             # own-block columns of both directions in the logits (dir 1: z2 at N + l)
             own_cols = torch.cat([own[:, :size] + n, own[:, size:] - n])
         # D of every loss, and the own-block logits of both directions (read off the same matrix)
-        log_d, own_logits = _row_log_sums(logits, weights, blocks, t, own_cols, self._scratch)
-        own_logits = own_logits + 1.0 / t
+        log_d, own_logits = _row_log_sums(
+            logits, weights, blocks, t, own_cols, self._scratch, shift=0.0
+        )
         pos = own_logits[:n, 0]  # s(z1_i, z2_i) / T: both directions, both losses
         mined, grids = [], []
         for h, (r, c, anchors, keys, g) in enumerate(views):
@@ -869,7 +877,7 @@ class PotentialLoss(nn.Module):
                     self._in_batch_grid(
                         anchors,
                         keys,
-                        logits[r, c] + 1 / t,
+                        logits[r, c],
                         mined_pi[:, h],
                         counts[:, h] if counts is not None else None,
                         block_ids[h],
