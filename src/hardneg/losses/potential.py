@@ -971,7 +971,12 @@ class PotentialLoss(nn.Module):
             return torch.empty(2, n, 0, dtype=torch.long, device=lg.device)
         # [h, i, l] = lg[hN + i, hN + l]: keys z1 (h = 0), then z2
         diag = lg.as_strided((2, n, n), (2 * n * n + n, 2 * n, 1), lg.storage_offset())
-        lookup = self._scratch.get("lookup", (2, n, n), lg.dtype, lg.device).copy_(diag)
+        # the CPU topk runs a partial sort for rows of at least 64 K entries and a slower
+        # selection below; rows padded with -inf to that length take the fast path
+        width = 64 * k_eff if lg.device.type == "cpu" and n < 64 * k_eff <= 2 * n else n
+        lookup = self._scratch.get("lookup", (2, n, width), lg.dtype, lg.device)
+        lookup[:, :, :n].copy_(diag)
+        lookup[:, :, n:].fill_(_NEG_INF)
         lookup.diagonal(dim1=1, dim2=2).fill_(_NEG_INF)  # a key is not its own neighbour
         return lookup.topk(k_eff, dim=2).indices.flip(0)
 
