@@ -334,17 +334,19 @@ def _bernoulli(
     return keep
 
 
-def _count(mask: Tensor, wide: bool) -> Tensor:
-    """Trues of ``mask`` ``[m, R, C]`` summed over its first dim (``uint8``, ``int32`` if
-    ``wide``: a ``uint8`` sum holds 255 terms)."""
-    if not wide:
-        counts = mask.view(torch.uint8)
-        return counts[0] if mask.shape[0] == 1 else counts.sum(dim=0, dtype=torch.uint8)
-    parts = [
-        mask[lo : lo + 255].view(torch.uint8).sum(dim=0, dtype=torch.uint8)
-        for lo in range(0, mask.shape[0], 255)
-    ]
-    return torch.stack(parts).sum(dim=0, dtype=torch.int32)
+def _count_into(bits: Tensor, out: Tensor) -> None:
+    """Sum ``bits`` (0/1 ``uint8`` ``[C, m, R]``) over its middle dim into ``out`` ``[C, R]``
+    (``uint8``, or ``int32`` when some key has more than 255 trials: a ``uint8`` sum holds 255
+    terms, and a sum straight to ``int32`` is slow)."""
+    m = bits.shape[1]
+    if m == 1:
+        out.copy_(bits[:, 0])
+    elif out.dtype == torch.uint8:
+        torch.sum(bits, dim=1, dtype=torch.uint8, out=out)
+    else:
+        out.zero_()
+        for lo in range(0, m, 255):
+            out.add_(bits[:, lo : lo + 255].sum(dim=1, dtype=torch.uint8))
 
 
 def _binomial(
@@ -357,56 +359,55 @@ def _binomial(
 ) -> Tensor:
     """Counts ``c_rl ~ Binomial(trials_l, p_rl)`` (float ``[R, C]``) from ``scaled = 256 p``,
     independent over cells. ``scaled`` is ``[R, C]`` or a (strided) ``[R, H, C / H]`` whose
-    last two dims, flattened, are the ``C`` columns; ``top`` its :func:`_top_byte` ``[R, C]``.
+    last two dims, flattened, are the ``C`` columns; ``top`` its :func:`_top_byte` with the
+    columns as rows, ``[C, R]``, if at hand.
 
-    Every trial is a draw of :func:`_bernoulli`; the ``T`` ties of a cell add
-    ``Binomial(T, 256 p - floor(256 p))``. Draw order: the columns are taken in the stable
-    ascending order of ``trials``; one run of random bytes holds a batch ``[m, R, C_m]`` per
-    distinct count ``m`` (increasing); then, for the cells with ties (row-major in that order),
-    uniforms in rounds ``j = 0, 1, ...`` over the cells with more than ``j`` ties.
+    Every trial is a draw of :func:`_bernoulli`. The draws run with the columns as rows, so
+    that a trial of column ``l`` is a whole row of ``R`` bytes (one per cell of the column):
+    the columns are taken in the stable ascending order of ``trials``, each with its
+    ``trials_l`` rows in a row, ``[sum_l trials_l, R]`` bytes in all (the columns with the
+    same count ``m`` are then one block ``[C_m, m, R]``, summed at once), then one
+    ``torch.rand`` uniform per tie, in the row-major order of the bytes.
     """
-    rows, device = scaled.shape[0], scaled.device
+    rows, cols, device = scaled.shape[0], trials.shape[0], scaled.device
     grid = scaled if scaled.dim() == 3 else scaled.unsqueeze(1)
     width = grid.shape[2]
     if top is None:
-        top = _top_byte(scaled, saturate).reshape(rows, -1)
-    cols = top.shape[1]
+        top = _top_byte(grid.permute(1, 2, 0).reshape(cols, rows), saturate)
     order = torch.argsort(trials, stable=True)
-    ordered = top.gather(1, order.expand(rows, -1))  # a uint8 gather: faster than index_select
-    values, sizes = torch.unique_consecutive(trials[order], return_counts=True)
+    counts_sorted = trials.index_select(0, order)
+    values, sizes = torch.unique_consecutive(counts_sorted, return_counts=True)
     values, sizes = values.tolist(), sizes.tolist()
-    wide = max(values) > 255
-    total = sum(m * size for m, size in zip(values, sizes)) * rows
-    v_all = _random_bytes((total,), generator, device, scratch, "binomial_bytes")
-    below, ties = [], []
+    total = sum(m * size for m, size in zip(values, sizes))
+    key = order.repeat_interleave(counts_sorted, output_size=total)  # column of each byte row
+    need = _buffer(scratch, "binomial_top", (total, rows), torch.uint8, device)
+    torch.index_select(top, 0, key, out=need)  # floor(256 p) of every byte
+    v = _random_bytes((total, rows), generator, device, scratch, "binomial_bytes")
+    mask = _buffer(scratch, "binomial_mask", (total, rows), torch.bool, device)
+    bits = torch.lt(v, need, out=mask).view(torch.uint8)
+    dtype = torch.int32 if values[-1] > 255 else torch.uint8
+    below = _buffer(scratch, "binomial_below", (cols, rows), dtype, device)
     start = offset = 0
     for m, size in zip(values, sizes):
-        v = v_all[offset : offset + m * rows * size].view(m, rows, size)
-        t = ordered[:, start : start + size]
-        below.append(_count(torch.lt(v, t), wide))
-        ties.append(_count(torch.eq(v, t), wide))
+        _count_into(bits[offset : offset + m * size].view(size, m, rows), below[start : start + size])
         start += size
-        offset += m * rows * size
-    below = torch.cat(below, dim=1) if len(below) > 1 else below[0]
-    ties = torch.cat(ties, dim=1) if len(ties) > 1 else ties[0]
-    counts = _buffer(scratch, "binomial_counts", (rows, cols), scaled.dtype, device)
+        offset += m * size
     back = torch.empty_like(order).index_copy_(0, order, torch.arange(cols, device=device))
-    counts.copy_(below.gather(1, back.expand(rows, -1)))  # back to the column order
-    at = _find(ties)
+    unsorted = _buffer(scratch, "binomial_unsorted", (cols, rows), dtype, device)
+    torch.index_select(below, 0, back, out=unsorted)
+    counts = _buffer(scratch, "binomial_counts", (rows, cols), scaled.dtype, device)
+    counts.copy_(unsorted.T)
+    at = _find(torch.eq(v, need, out=mask))
     if at.numel() > 0:
-        left = ties.view(-1).index_select(0, at).to(torch.int32)
-        r, c = at // cols, order.index_select(0, at % cols)
+        r, c = at % rows, key.index_select(0, at // rows)  # cell (row r, column c) of each tie
         # 256 p of these cells through the strides of `grid` (an index per dim is slow)
         s0, s1, s2 = grid.stride()
         span = sum((size - 1) * st for size, st in zip(grid.shape, grid.stride())) + 1
         where = r * s0 + (c // width) * s1 + (c % width) * s2
         flat = grid.as_strided((span,), (1,), grid.storage_offset())
-        rest = flat.index_select(0, where) - top.view(-1).index_select(0, r * cols + c)
-        won = torch.zeros_like(rest)
-        for j in range(int(left.max())):
-            u = torch.rand(left.shape, generator=generator, device=device)
-            won += _as_float((u < rest) & (left > j), scaled.dtype)
-        counts.view(-1).index_add_(0, r * cols + c, won)
+        rest = flat.index_select(0, where) - need.view(-1).index_select(0, at)
+        u = torch.rand(at.shape, generator=generator, device=device)
+        counts.view(-1).index_add_(0, r * cols + c, _as_float(u < rest, scaled.dtype))
     return counts
 
 
@@ -928,7 +929,9 @@ class PotentialLoss(nn.Module):
             mined_pi = blocks_of(aug_pi)
             if drawn:
                 aug_top = _top_byte(aug_pi, saturate, scratch, "top")
-                top = torch.cat([aug_top[:n, n:], aug_top[n:, :n]], dim=1)
+                # the mined thresholds with the keys as rows (see _binomial): [2N, N]
+                top = scratch.get("mined_top", (2 * n, n), torch.uint8, device)
+                torch.cat([aug_top[:n, n:].T, aug_top[n:, :n].T], out=top)
         else:
             sims = torch.cat([lg[:n, n:], lg[n:, :n]], dim=1).view(n, 2, n)
             mined_pi = self._log_keep(sims, centre.view(2, n).T, t, offset).exp_()
@@ -943,7 +946,7 @@ class PotentialLoss(nn.Module):
         counts = None
         if drawn:
             if top is None:
-                top = _top_byte(mined_pi, saturate, scratch, "mined_top").view(n, 2 * n)
+                top = _top_byte(mined_pi.view(n, 2 * n).T, saturate, scratch, "mined_top")
             mined = _binomial(mined_pi, mult, generator, saturate, top, scratch)
             if diagnostics:
                 counts = mined.clone().view(n, 2, n)
