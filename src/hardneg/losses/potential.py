@@ -309,9 +309,12 @@ def _bernoulli(
     saturate: bool = True,
     top: Tensor | None = None,
     scratch: _Scratch | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """One draw ``Bernoulli(p)`` per cell from ``scaled = 256 p`` (contiguous): a float 0/1
-    tensor like ``scaled``, exact to float32 (``top``: its :func:`_top_byte`, if at hand).
+    """One draw ``Bernoulli(p)`` per cell from ``scaled = 256 p`` (contiguous): a 0/1 tensor
+    like ``scaled`` (of ``dtype``, default that of ``scaled``; ``uint8`` saves a float pass
+    where the mask only multiplies), exact to float32 (``top``: its :func:`_top_byte`, if at
+    hand).
 
     A draw compares one random byte ``v`` with ``t = floor(256 p)``: ``v < t`` keeps,
     ``v > t`` drops, and a tie (probability 1/256) keeps when a ``torch.rand`` uniform is below
@@ -324,13 +327,14 @@ def _bernoulli(
     device = scaled.device
     v = _random_bytes(tuple(scaled.shape), generator, device, scratch, "bernoulli_bytes")
     mask = _buffer(scratch, "bernoulli_mask", tuple(scaled.shape), torch.bool, device)
-    keep = _buffer(scratch, "bernoulli_keep", tuple(scaled.shape), scaled.dtype, device)
+    dtype = scaled.dtype if dtype is None else dtype
+    keep = _buffer(scratch, "bernoulli_keep", tuple(scaled.shape), dtype, device)
     keep.copy_(torch.lt(v, top, out=mask).view(torch.uint8))
     at = _find(torch.eq(v, top, out=mask))
     if at.numel() > 0:
         u = torch.rand(at.shape, generator=generator, device=device)
         rest = scaled.reshape(-1).index_select(0, at) - top.view(-1).index_select(0, at)
-        keep.view(-1).index_copy_(0, at, _as_float(u < rest, scaled.dtype))
+        keep.view(-1).index_copy_(0, at, _as_float(u < rest, dtype))
     return keep
 
 
@@ -631,12 +635,12 @@ class PotentialLoss(nn.Module):
         return y.clamp_(max=math.log(self.clamp) + offset)
 
     def _per_anchor(
-        self, log_d: Tensor, pos_logits: Tensor, g: Tensor | None, neighbours: Tensor
+        self, log_d: Tensor, pos_logits: Tensor, g: Tensor | None, neighbours: Tensor | None
     ) -> Tensor:
         """``l_i = sum_p w_ip (log D_i - s(q_i, p)/T)`` from ``log D`` ``[N]`` and the positive
         logits ``[N, K+1]`` (key first); soft weights from ``g`` ``[N, d]`` and ``[N, K, d]``."""
         terms = log_d.unsqueeze(1) - pos_logits
-        if self.weighting == "soft" and neighbours.shape[1] > 0:
+        if self.weighting == "soft" and neighbours is not None and neighbours.shape[1] > 0:
             g = _normalise(g)
             attention = torch.einsum("nd,nkd->nk", g, neighbours).float().softmax(dim=1)
             terms = torch.cat([terms[:, :1], terms[:, 1:] * attention], dim=1)
@@ -870,8 +874,10 @@ class PotentialLoss(nn.Module):
         pos = own_logits[:n, 0]  # s(z1_i, z2_i) / T: both directions, both losses
         mined, grids = [], []
         for h, (r, c, anchors, keys, g) in enumerate(views):
-            nbr = block_ids[h][:, 1:].reshape(-1)
-            neighbours = keys.index_select(0, nbr).view(n, k_eff, keys.shape[1])
+            neighbours = None  # the neighbour vectors: soft weights only
+            if self.weighting == "soft":
+                nbr = block_ids[h][:, 1:].reshape(-1)
+                neighbours = keys.index_select(0, nbr).view(n, k_eff, keys.shape[1])
             mined.append(self._per_anchor(log_d[h], own_logits[r], g, neighbours))
             if diagnostics:
                 grids.append(
@@ -958,7 +964,11 @@ class PotentialLoss(nn.Module):
         weights = [mined[:, :n], mined[:, n:]]
         blocks = [(0, n, n, 2 * n), (n, 2 * n, 0, n)]
         if aug:  # expected: the probabilities themselves (their self and partner cells unused)
-            aug_w = _bernoulli(aug_pi, generator, saturate, aug_top, scratch) if drawn else aug_pi
+            aug_w = (
+                _bernoulli(aug_pi, generator, saturate, aug_top, scratch, torch.uint8)
+                if drawn
+                else aug_pi
+            )
             weights.append(self._aug_weights(aug_w))
             blocks.append((0, 2 * n, 0, 2 * n))
         return weights, blocks, counts, own, mined_pi
