@@ -439,34 +439,54 @@ class _RowLogSums(torch.autograd.Function):
         index: Tensor,
         *weights: Tensor,
     ):  # type: ignore[override]
-        e = _buffer(scratch, "exp", tuple(logits.shape), logits.dtype, logits.device)
-        torch.exp(logits, out=e)
-        prods = [torch.mul(e[r0:r1, c0:c1], w) for (r0, r1, c0, c1), w in zip(blocks, weights)]
-        sums = [p.sum(dim=1) for p in prods]
-        ctx.blocks, ctx.shape = blocks, logits.shape
-        ctx.save_for_backward(index, *prods, *sums)
-        return (*(d.log().add_(shift) for d in sums), logits.gather(1, index))
+        return _log_sums_forward(ctx, logits, shift, blocks, scratch, index, weights)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
-        index, *saved = ctx.saved_tensors
-        k = len(ctx.blocks)
-        prods, sums = saved[:k], saved[k:]
-        full = (0, ctx.shape[0], 0, ctx.shape[1])
-        acc = None
-        for block, p, d, g in sorted(
-            zip(ctx.blocks, prods, sums, grads[:k]), key=lambda item: item[0] != full
-        ):
-            coef = torch.where(d > 0, g / d, torch.zeros_like(d)).unsqueeze(1)
-            if acc is None and block == full:
-                acc = p * coef
-                continue
-            if acc is None:
-                acc = p.new_zeros(ctx.shape)
-            r0, r1, c0, c1 = block
-            acc[r0:r1, c0:c1].addcmul_(p, coef)
-        acc.scatter_add_(1, index, grads[k])
-        return (acc, None, None, None, None, *([None] * k))
+        acc = _log_sums_backward(ctx, grads)
+        return (acc, None, None, None, None, *([None] * len(ctx.blocks)))
+
+
+def _log_sums_forward(
+    ctx,
+    logits: Tensor,
+    shift: float,
+    blocks: list[_Block],
+    scratch,
+    index: Tensor,
+    weights: tuple[Tensor, ...],
+    saved: tuple[Tensor, ...] = (),
+) -> tuple[Tensor, ...]:
+    """Forward of :class:`_RowLogSums` (``saved``: more tensors to save, first)."""
+    e = _buffer(scratch, "exp", tuple(logits.shape), logits.dtype, logits.device)
+    torch.exp(logits, out=e)
+    prods = [torch.mul(e[r0:r1, c0:c1], w) for (r0, r1, c0, c1), w in zip(blocks, weights)]
+    sums = [p.sum(dim=1) for p in prods]
+    ctx.blocks, ctx.shape, ctx.extra = blocks, logits.shape, len(saved)
+    ctx.save_for_backward(*saved, index, *prods, *sums)
+    return (*(d.log().add_(shift) for d in sums), logits.gather(1, index))
+
+
+def _log_sums_backward(ctx, grads: tuple[Tensor, ...], out: Tensor | None = None) -> Tensor:
+    """``dL`` of :class:`_RowLogSums` (in ``out`` if given, else a new tensor)."""
+    index, *saved = ctx.saved_tensors[ctx.extra :]
+    k = len(ctx.blocks)
+    prods, sums = saved[:k], saved[k:]
+    full = (0, ctx.shape[0], 0, ctx.shape[1])
+    acc = None
+    for block, p, d, g in sorted(
+        zip(ctx.blocks, prods, sums, grads[:k]), key=lambda item: item[0] != full
+    ):
+        coef = torch.where(d > 0, g / d, torch.zeros_like(d)).unsqueeze(1)
+        if acc is None and block == full:
+            acc = p * coef if out is None else torch.mul(p, coef, out=out)
+            continue
+        if acc is None:
+            acc = p.new_zeros(ctx.shape) if out is None else out.zero_()
+        r0, r1, c0, c1 = block
+        acc[r0:r1, c0:c1].addcmul_(p, coef)
+    acc.scatter_add_(1, index, grads[k])
+    return acc
 
 
 def _shifted_logits(a: Tensor, b: Tensor, temperature: float) -> Tensor:
@@ -476,6 +496,44 @@ def _shifted_logits(a: Tensor, b: Tensor, temperature: float) -> Tensor:
     a = torch.cat([a / temperature, col], dim=1)
     b = torch.cat([b, col.new_full((b.shape[0], 1), -1.0 / temperature)], dim=1)
     return (a @ b.T).float()
+
+
+class _GramLogSums(torch.autograd.Function):
+    """:class:`_RowLogSums` of the logits ``G = (x / T) x^T`` of the rows of ``x`` (no shift),
+    taking ``G`` computed beforehand (``logits``, no gradient of its own, :func:`_gram`) and
+    giving the gradient of ``x``: ``dx = (dG x + dG^T x) / T``. ``dG`` then never leaves the
+    backward, so it lives in a buffer of ``scratch`` like ``G``: the two largest fresh tensors
+    of a call, paged in afresh every time on the CPU."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        logits: Tensor,
+        temperature: float,
+        blocks: list[_Block],
+        scratch,
+        index: Tensor,
+        *weights: Tensor,
+    ):  # type: ignore[override]
+        ctx.temperature, ctx.scratch = temperature, scratch
+        return _log_sums_forward(ctx, logits, 0.0, blocks, scratch, index, weights, (x,))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        x = ctx.saved_tensors[0]
+        grad = _buffer(ctx.scratch, "grad", tuple(ctx.shape), x.dtype, x.device)
+        grad = _log_sums_backward(ctx, grads, out=grad)
+        dx = torch.mm(grad, x).add_(torch.mm(grad.T, x)).div_(ctx.temperature)
+        return (dx, None, None, None, None, None, *([None] * len(ctx.blocks)))
+
+
+def _gram(x: Tensor, temperature: float, scratch: _Scratch | None) -> Tensor:
+    """``(x / T) x^T`` without gradient, in a buffer of ``scratch`` (see :class:`_GramLogSums`)."""
+    rows = x.shape[0]
+    out = _buffer(scratch, "logits", (rows, rows), torch.float32, x.device)
+    with torch.no_grad():
+        return torch.mm(x / temperature, x.T, out=out)
 
 
 def _logits(x: Tensor, temperature: float) -> Tensor:
@@ -853,7 +911,15 @@ class PotentialLoss(nn.Module):
         n, t = z1.shape[0], self.temperature
         x = torch.cat([z1, z2])
         xn = _normalise(x)
-        logits = _logits(xn, t)  # [2N, 2N], cos / T
+        # [2N, 2N], cos / T; on the CPU in float32 (the usual case) a buffer without gradient,
+        # differentiated through _GramLogSums, else an ordinary product
+        fused = (
+            t >= 0.03
+            and xn.device.type == "cpu"
+            and xn.dtype == torch.float32
+            and not torch.is_autocast_enabled(xn.device.type)
+        )
+        logits = _gram(xn, t, self._scratch) if fused else _logits(xn, t)
         k_eff = min(self.num_neighbors, n - 1)
         views = [  # rows and columns of the direction, its anchors, keys, soft-weight inputs
             (slice(0, n), slice(n, 2 * n), xn[:n], xn[n:], z1 if proj1 is None else proj1),
@@ -868,9 +934,14 @@ class PotentialLoss(nn.Module):
             # own-block columns of both directions in the logits (dir 1: z2 at N + l)
             own_cols = torch.cat([own[:, :size] + n, own[:, size:] - n])
         # D of every loss, and the own-block logits of both directions (read off the same matrix)
-        log_d, own_logits = _row_log_sums(
-            logits, weights, blocks, t, own_cols, self._scratch, shift=0.0
-        )
+        if fused:
+            *log_d, own_logits = _GramLogSums.apply(
+                xn, logits, t, blocks, self._scratch, own_cols, *weights
+            )
+        else:
+            log_d, own_logits = _row_log_sums(
+                logits, weights, blocks, t, own_cols, self._scratch, shift=0.0
+            )
         pos = own_logits[:n, 0]  # s(z1_i, z2_i) / T: both directions, both losses
         mined, grids = [], []
         for h, (r, c, anchors, keys, g) in enumerate(views):
@@ -964,11 +1035,7 @@ class PotentialLoss(nn.Module):
         weights = [mined[:, :n], mined[:, n:]]
         blocks = [(0, n, n, 2 * n), (n, 2 * n, 0, n)]
         if aug:  # expected: the probabilities themselves (their self and partner cells unused)
-            aug_w = (
-                _bernoulli(aug_pi, generator, saturate, aug_top, scratch, torch.uint8)
-                if drawn
-                else aug_pi
-            )
+            aug_w = _bernoulli(aug_pi, generator, saturate, aug_top, scratch) if drawn else aug_pi
             weights.append(self._aug_weights(aug_w))
             blocks.append((0, 2 * n, 0, 2 * n))
         return weights, blocks, counts, own, mined_pi
