@@ -393,7 +393,9 @@ def _binomial(
     below = _buffer(scratch, "binomial_below", (cols, rows), dtype, device)
     start = offset = 0
     for m, size in zip(values, sizes):
-        _count_into(bits[offset : offset + m * size].view(size, m, rows), below[start : start + size])
+        _count_into(
+            bits[offset : offset + m * size].view(size, m, rows), below[start : start + size]
+        )
         start += size
         offset += m * size
     back = torch.empty_like(order).index_copy_(0, order, torch.arange(cols, device=device))
