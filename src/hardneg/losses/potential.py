@@ -84,11 +84,14 @@ every distinct candidate ``c``, the number of its cells that are kept: with ``S`
   ``pi`` of the cosine ``L_aug`` is that of ``L_mined`` on the off-diagonal blocks. The weights
   of both ``L_mined`` live in one ``[N, 2N]`` layout (column ``l``: key ``z2_l`` of anchor
   ``z1_i``; column ``N + l``: key ``z1_l`` of anchor ``z2_i``). All ``D`` (both ``L_mined``,
-  ``L_aug``) are weighted row sums of one exponential ``e^{S - 1/T}``, which stays a normal
-  float32 for ``T >= 0.03`` (cosines in [-1, 1]); below, each sum is its own log-sum-exp. Only
-  the weighted exponentials are kept for the backward (``dS = sum_s (g_s / D_s) W_s e^S``); on
-  the CPU the temporaries of the selection live in buffers the module keeps between calls
-  (a fresh large tensor is paged in afresh on every call, which cost as much as its pass).
+  ``L_aug``) are weighted row sums of one exponential ``e^S`` (``S = cos / T``, unshifted: the
+  matmul keeps ``d`` columns), which stays a normal float32 for ``T >= 0.03`` (``|S| <= 34``);
+  below, each sum is its own log-sum-exp. Only the weighted exponentials are kept for the
+  backward (``dS = sum_s (g_s / D_s) W_s e^S``, then ``dx = (dS + dS^T) x / T`` for the rows
+  ``x`` of ``[z1; z2]``). On the CPU (float32, no autocast) the logits, ``dS`` and the
+  temporaries of the selection live in buffers the module keeps between calls (a fresh large
+  tensor is paged in afresh on every call, which cost as much as its pass); none of them is
+  saved for the backward.
 * With a bank, the columns are the ``N`` keys and the bank rows that are somebody's neighbour
   (all bank rows with ``pool_as_negatives``), weighted by their kept cells (``'expected'``: the
   sum of ``pi`` over their cells in other blocks); a bank row that is an own neighbour and
@@ -106,11 +109,14 @@ the keys do). The draws of the generator, in order:
   ``j``, then the ``Q'`` pool columns when ``pool_as_negatives``; masked cells draw too), a cell
   kept when ``u < pi``; then ``torch.rand`` over the ``L_aug`` grid ``[2N, 2N]`` of ``[q; k]``.
 * In-batch (our construction, so the layout is ours; the law of every selection is that of
-  independent Bernoulli cells): first the counts ``count_il`` of both ``L_mined`` directions
-  in their ``[N, 2N]`` layout (above), columns in the stable ascending order of ``mult``: one
-  batch of random bytes ``[m, N, C_m]`` per distinct ``m`` (increasing), one byte per Bernoulli
-  trial, then ``torch.rand`` uniforms for the cells with ties (below); then bytes ``[2N, 2N]``
-  for the one selection of ``L_aug`` over the rows ``[z1; z2]``, then the uniforms of its ties.
+  independent Bernoulli cells): first the counts ``count_il`` of both ``L_mined`` directions,
+  drawn with the ``2N`` columns of their ``[N, 2N]`` layout (above) as rows: one run of random
+  bytes ``[sum_l mult_l, N]``, the columns in the stable ascending order of ``mult``, each with
+  its ``mult_l`` rows in a row (a row holds one Bernoulli trial of every anchor), then one
+  ``torch.rand`` uniform per tie (below), in the row-major order of the bytes; then bytes
+  ``[2N, 2N]`` for the one selection of ``L_aug`` over the rows ``[z1; z2]``, then one uniform
+  per tie. (Before, the mined bytes were laid out ``[m, N, C_m]`` per distinct ``m`` with the
+  anchors as rows, and the ties of a cell drew in rounds: same law, other stream.)
   ``L_aug(z2, z1)`` has the rows, partners, candidates and kernel of ``L_aug(z1, z2)`` in
   another order, so one selection serves both (as the expected mode evaluates it once): the two
   are then equal, with the expectation of two independent selections and the variance of one
@@ -122,11 +128,14 @@ the keys do). The draws of the generator, in order:
 
 Cost (``N`` samples, ``d`` dims, ``K`` neighbours, ``Q`` bank rows, ``U <= min(Q, NK)``
 distinct neighbours): in-batch one ``[2N, d] x [d, 2N]`` matmul and its backward (as InfoNCE),
-one top-``K`` over two ``[N, N]``, ``O(N^2)`` elementwise work (about 15 float passes over
-``[2N, 2N]`` against InfoNCE's 10, and a few byte passes) and ``16 N^2`` Bernoulli trials
-(``N(K+1)`` per anchor and direction for ``L_mined``, ``2N`` per row for ``L_aug``, with
-``K = 5``); on the CPU the module keeps about ``90 N^2`` bytes of buffers (none over 64 MiB;
-one module must not run in several threads at once). With a bank: the lookup
+one top-``K`` over two ``[N, N]`` (on the CPU rows shorter than ``64 K`` are padded to it when
+that at most doubles them: ``topk`` then runs a partial sort, about twice as fast at
+``N = 256, K = 5``), ``O(N^2)`` elementwise work (about 15 float passes over ``[2N, 2N]``
+against InfoNCE's 10, two byte transposes ``[N, 2N]``, and byte passes over the trials) and
+``16 N^2`` Bernoulli trials (``N(K+1)`` per anchor and direction for ``L_mined``, ``2N`` per
+row for ``L_aug``, with ``K = 5``); on the CPU the module keeps about ``(100 + 6 K) N^2`` bytes
+of buffers (none over 64 MiB; one module must not run in several threads at once). With a
+bank: the lookup
 ``[N, d] x [d, Q]`` (no gradient) and its top-``K``, ``[N, d] x [d, N + U]``, the ``L_aug``
 matmul ``[2N, d] x [d, 2N]`` (the last two with their backward), and ``N(K+1) N + 4 N^2``
 ``torch.rand`` numbers; InfoNCE with the same bank: one ``[N, d] x [d, Q]`` and its backward.
@@ -556,14 +565,15 @@ def _row_log_sums(
     shift: float | None = None,
 ) -> tuple[tuple[Tensor, ...], Tensor]:
     """``log D_s[r] = log sum_c W_s[r, c] e^{L[r, c]}`` over the rows of each block (``-inf``
-    where a row has no weight), for shifted logits ``L = cos / T - 1 / T``
-    (:func:`_shifted_logits`); the shift is added back. Also returns ``L.gather(1, index)``
-    (the positives; a separate product would round differently from the cells inside ``D``
-    under autocast). The weights may be scratch buffers.
+    where a row has no weight), for logits ``L = cos / T - shift``: ``shift = 1 / T`` (default,
+    :func:`_shifted_logits`) or ``0`` (:func:`_logits`); the shift is added back. Also returns
+    ``L.gather(1, index)`` (the positives; a separate product would round differently from the
+    cells inside ``D`` under autocast). The weights may be scratch buffers.
 
-    With ``T >= 0.03`` every ``L`` lies in ``[-2/T, 0]`` (up to bf16 rounding of the cosine),
-    so ``E = e^L >= e^{-2.02/T} >= e^{-68}`` is a normal float32 and one exponential serves
-    every sum (:class:`_RowLogSums`). Below, each sum is a log-sum-exp of its own.
+    With ``T >= 0.03`` every ``L`` lies in ``[-2/T, 0]`` (shifted) or ``[-1/T, 1/T]`` (up to
+    bf16 rounding of the cosine), so ``E = e^L`` is a normal float32 (``>= e^{-68}``, and at
+    most ``e^{34}``: sums of up to ``10^{23}`` such terms stay finite) and one exponential
+    serves every sum (:class:`_RowLogSums`). Below, each sum is a log-sum-exp of its own.
     """
     if shift is None:
         shift = 1.0 / temperature
