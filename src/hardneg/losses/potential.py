@@ -545,8 +545,8 @@ def _gram(x: Tensor, temperature: float, scratch: _Scratch | None) -> Tensor:
     """``(x / T) x^T`` without gradient, in a buffer of ``scratch`` (see :class:`_GramLogSums`)."""
     rows = x.shape[0]
     out = _buffer(scratch, "logits", (rows, rows), torch.float32, x.device)
-    with torch.no_grad():
-        return torch.mm(x / temperature, x.T, out=out)
+    with torch.no_grad():  # beta = 0: `out` is not read; alpha: 1/T without a pass of its own
+        return torch.addmm(out, x, x.T, beta=0.0, alpha=1.0 / temperature, out=out)
 
 
 def _logits(x: Tensor, temperature: float) -> Tensor:
