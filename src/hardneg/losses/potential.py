@@ -319,12 +319,10 @@ def _bernoulli(
     saturate: bool = True,
     top: Tensor | None = None,
     scratch: _Scratch | None = None,
-    dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """One draw ``Bernoulli(p)`` per cell from ``scaled = 256 p`` (contiguous): a 0/1 tensor
-    like ``scaled`` (of ``dtype``, default that of ``scaled``; ``uint8`` saves a float pass
-    where the mask only multiplies), exact to float32 (``top``: its :func:`_top_byte`, if at
-    hand).
+    """One draw ``Bernoulli(p)`` per cell from ``scaled = 256 p`` (contiguous): a float 0/1
+    tensor like ``scaled``, exact to float32 (``top``: its :func:`_top_byte`, if at hand). (A
+    ``uint8`` mask would save a pass here, but the float product it feeds converts it afresh.)
 
     A draw compares one random byte ``v`` with ``t = floor(256 p)``: ``v < t`` keeps,
     ``v > t`` drops, and a tie (probability 1/256) keeps when a ``torch.rand`` uniform is below
@@ -337,7 +335,7 @@ def _bernoulli(
     device = scaled.device
     v = _random_bytes(tuple(scaled.shape), generator, device, scratch, "bernoulli_bytes")
     mask = _buffer(scratch, "bernoulli_mask", tuple(scaled.shape), torch.bool, device)
-    dtype = scaled.dtype if dtype is None else dtype
+    dtype = scaled.dtype
     keep = _buffer(scratch, "bernoulli_keep", tuple(scaled.shape), dtype, device)
     keep.copy_(torch.lt(v, top, out=mask).view(torch.uint8))
     at = _find(torch.eq(v, top, out=mask))
