@@ -60,7 +60,9 @@ def make_step(loss_fn, z1, z2, pool):
 
 _PRODUCTS = {
     torch.ops.aten.mm.default: (0, 1),
+    torch.ops.aten.mm.out: (0, 1),
     torch.ops.aten.addmm.default: (1, 2),
+    torch.ops.aten.addmm.out: (1, 2),
     torch.ops.aten.bmm.default: (0, 1),
     torch.ops.aten.baddbmm.default: (1, 2),
 }

@@ -297,3 +297,44 @@ def test_the_two_in_batch_aug_directions_share_one_selection():
     assert torch.stack(diffs).abs().max() < 1e-5
     augs = torch.stack(augs)
     assert (augs.std(0) > 1e-3).all()  # drawn: the selection varies with the seed
+
+
+def test_expected_mode_equals_the_original_with_padded_neighbour_rows():
+    # N = 180, K = 5: the CPU lookup pads its rows to 64 K = 320 entries (topk's partial sort)
+    hp = dict(temperature=0.3, num_neighbors=5, a=2.0, clamp=0.95, weighting="soft")
+    hp.update(sample="expected")
+    data = inputs(180, seed=8)
+    assert_same(
+        run(PotentialLoss, hp, "in-batch", *data),
+        run(ReferencePotentialLoss, hp, "in-batch", *data),
+    )
+
+
+def test_two_in_batch_calls_before_one_backward_give_the_sum_of_their_gradients():
+    # the Gram matrix and its gradient live in the module's CPU buffers; neither is saved for
+    # the backward, so a second call before the backward changes nothing
+    loss = PotentialLoss(sample="expected", num_neighbors=2)
+    views = [t.clone().requires_grad_(True) for t in inputs(10, seed=9)[:2]]
+    others = [t.clone().requires_grad_(True) for t in inputs(10, seed=10)[:2]]
+    (loss(*views) + 2 * loss(*others)).backward()
+    together = [t.grad.clone() for t in views + others]
+    for t in views + others:
+        t.grad = None
+    loss(*views).backward()
+    (2 * loss(*others)).backward()
+    for x, y in zip(together, [t.grad for t in views + others]):
+        assert torch.allclose(x, y, atol=1e-6)
+
+
+def test_binomial_of_a_strided_grid_with_a_given_top_byte_draws_the_same():
+    g = torch.Generator().manual_seed(6)
+    pi = torch.rand(40, 2, 30, generator=g)
+    scaled = (256 * pi).transpose(0, 1).contiguous().transpose(0, 1)  # strided [R, H, W]
+    trials = torch.randint(1, 9, (60,), generator=g)
+    plain = fast._binomial(scaled, trials, torch.Generator().manual_seed(3)).clone()
+    top = fast._top_byte(scaled.reshape(40, 60).T, True)  # the columns as rows
+    again = fast._binomial(
+        scaled, trials, torch.Generator().manual_seed(3), True, top, fast._Scratch()
+    )
+    assert torch.equal(plain, again)
+    assert (plain <= trials).all() and (plain >= 0).all() and (plain == plain.round()).all()

@@ -84,11 +84,14 @@ every distinct candidate ``c``, the number of its cells that are kept: with ``S`
   ``pi`` of the cosine ``L_aug`` is that of ``L_mined`` on the off-diagonal blocks. The weights
   of both ``L_mined`` live in one ``[N, 2N]`` layout (column ``l``: key ``z2_l`` of anchor
   ``z1_i``; column ``N + l``: key ``z1_l`` of anchor ``z2_i``). All ``D`` (both ``L_mined``,
-  ``L_aug``) are weighted row sums of one exponential ``e^{S - 1/T}``, which stays a normal
-  float32 for ``T >= 0.03`` (cosines in [-1, 1]); below, each sum is its own log-sum-exp. Only
-  the weighted exponentials are kept for the backward (``dS = sum_s (g_s / D_s) W_s e^S``); on
-  the CPU the temporaries of the selection live in buffers the module keeps between calls
-  (a fresh large tensor is paged in afresh on every call, which cost as much as its pass).
+  ``L_aug``) are weighted row sums of one exponential ``e^S`` (``S = cos / T``, unshifted: the
+  matmul keeps ``d`` columns), which stays a normal float32 for ``T >= 0.03`` (``|S| <= 34``);
+  below, each sum is its own log-sum-exp. Only the weighted exponentials are kept for the
+  backward (``dS = sum_s (g_s / D_s) W_s e^S``, then ``dx = (dS + dS^T) x / T`` for the rows
+  ``x`` of ``[z1; z2]``). On the CPU (float32, no autocast) the logits, ``dS`` and the
+  temporaries of the selection live in buffers the module keeps between calls (a fresh large
+  tensor is paged in afresh on every call, which cost as much as its pass); none of them is
+  saved for the backward.
 * With a bank, the columns are the ``N`` keys and the bank rows that are somebody's neighbour
   (all bank rows with ``pool_as_negatives``), weighted by their kept cells (``'expected'``: the
   sum of ``pi`` over their cells in other blocks); a bank row that is an own neighbour and
@@ -106,11 +109,14 @@ the keys do). The draws of the generator, in order:
   ``j``, then the ``Q'`` pool columns when ``pool_as_negatives``; masked cells draw too), a cell
   kept when ``u < pi``; then ``torch.rand`` over the ``L_aug`` grid ``[2N, 2N]`` of ``[q; k]``.
 * In-batch (our construction, so the layout is ours; the law of every selection is that of
-  independent Bernoulli cells): first the counts ``count_il`` of both ``L_mined`` directions
-  in their ``[N, 2N]`` layout (above), columns in the stable ascending order of ``mult``: one
-  batch of random bytes ``[m, N, C_m]`` per distinct ``m`` (increasing), one byte per Bernoulli
-  trial, then ``torch.rand`` uniforms for the cells with ties (below); then bytes ``[2N, 2N]``
-  for the one selection of ``L_aug`` over the rows ``[z1; z2]``, then the uniforms of its ties.
+  independent Bernoulli cells): first the counts ``count_il`` of both ``L_mined`` directions,
+  drawn with the ``2N`` columns of their ``[N, 2N]`` layout (above) as rows: one run of random
+  bytes ``[sum_l mult_l, N]``, the columns in the stable ascending order of ``mult``, each with
+  its ``mult_l`` rows in a row (a row holds one Bernoulli trial of every anchor), then one
+  ``torch.rand`` uniform per tie (below), in the row-major order of the bytes; then bytes
+  ``[2N, 2N]`` for the one selection of ``L_aug`` over the rows ``[z1; z2]``, then one uniform
+  per tie. (Before, the mined bytes were laid out ``[m, N, C_m]`` per distinct ``m`` with the
+  anchors as rows, and the ties of a cell drew in rounds: same law, other stream.)
   ``L_aug(z2, z1)`` has the rows, partners, candidates and kernel of ``L_aug(z1, z2)`` in
   another order, so one selection serves both (as the expected mode evaluates it once): the two
   are then equal, with the expectation of two independent selections and the variance of one
@@ -122,11 +128,14 @@ the keys do). The draws of the generator, in order:
 
 Cost (``N`` samples, ``d`` dims, ``K`` neighbours, ``Q`` bank rows, ``U <= min(Q, NK)``
 distinct neighbours): in-batch one ``[2N, d] x [d, 2N]`` matmul and its backward (as InfoNCE),
-one top-``K`` over two ``[N, N]``, ``O(N^2)`` elementwise work (about 15 float passes over
-``[2N, 2N]`` against InfoNCE's 10, and a few byte passes) and ``16 N^2`` Bernoulli trials
-(``N(K+1)`` per anchor and direction for ``L_mined``, ``2N`` per row for ``L_aug``, with
-``K = 5``); on the CPU the module keeps about ``90 N^2`` bytes of buffers (none over 64 MiB;
-one module must not run in several threads at once). With a bank: the lookup
+one top-``K`` over two ``[N, N]`` (on the CPU rows shorter than ``64 K`` are padded to it when
+that at most doubles them: ``topk`` then runs a partial sort, about twice as fast at
+``N = 256, K = 5``), ``O(N^2)`` elementwise work (about 15 float passes over ``[2N, 2N]``
+against InfoNCE's 10, two byte transposes ``[N, 2N]``, and byte passes over the trials) and
+``16 N^2`` Bernoulli trials (``N(K+1)`` per anchor and direction for ``L_mined``, ``2N`` per
+row for ``L_aug``, with ``K = 5``); on the CPU the module keeps about ``(100 + 6 K) N^2`` bytes
+of buffers (none over 64 MiB; one module must not run in several threads at once). With a
+bank: the lookup
 ``[N, d] x [d, Q]`` (no gradient) and its top-``K``, ``[N, d] x [d, N + U]``, the ``L_aug``
 matmul ``[2N, d] x [d, 2N]`` (the last two with their backward), and ``N(K+1) N + 4 N^2``
 ``torch.rand`` numbers; InfoNCE with the same bank: one ``[N, d] x [d, Q]`` and its backward.
@@ -222,7 +231,8 @@ class _Scratch:
     as much as the pass that fills it; other devices have a caching allocator and get fresh
     tensors. Nothing saved for the backward lives here (the module may be called twice before
     one backward); copies and pickles of the module start empty. A buffer over ``max_bytes`` is
-    never kept, so at most about 0.4 GB stays allocated whatever the batch size."""
+    never kept, so at most about 0.6 GB stays allocated whatever the batch size (about
+    ``(100 + 6 K) N^2`` bytes in-batch, ``K`` neighbours; the most near ``N = 2048``)."""
 
     max_bytes = 64 * 2**20  # per buffer (a [2N, 2N] float32 up to N = 2048)
 
@@ -311,7 +321,8 @@ def _bernoulli(
     scratch: _Scratch | None = None,
 ) -> Tensor:
     """One draw ``Bernoulli(p)`` per cell from ``scaled = 256 p`` (contiguous): a float 0/1
-    tensor like ``scaled``, exact to float32 (``top``: its :func:`_top_byte`, if at hand).
+    tensor like ``scaled``, exact to float32 (``top``: its :func:`_top_byte`, if at hand). (A
+    ``uint8`` mask would save a pass here, but the float product it feeds converts it afresh.)
 
     A draw compares one random byte ``v`` with ``t = floor(256 p)``: ``v < t`` keeps,
     ``v > t`` drops, and a tie (probability 1/256) keeps when a ``torch.rand`` uniform is below
@@ -324,27 +335,30 @@ def _bernoulli(
     device = scaled.device
     v = _random_bytes(tuple(scaled.shape), generator, device, scratch, "bernoulli_bytes")
     mask = _buffer(scratch, "bernoulli_mask", tuple(scaled.shape), torch.bool, device)
-    keep = _buffer(scratch, "bernoulli_keep", tuple(scaled.shape), scaled.dtype, device)
+    dtype = scaled.dtype
+    keep = _buffer(scratch, "bernoulli_keep", tuple(scaled.shape), dtype, device)
     keep.copy_(torch.lt(v, top, out=mask).view(torch.uint8))
     at = _find(torch.eq(v, top, out=mask))
     if at.numel() > 0:
         u = torch.rand(at.shape, generator=generator, device=device)
         rest = scaled.reshape(-1).index_select(0, at) - top.view(-1).index_select(0, at)
-        keep.view(-1).index_copy_(0, at, _as_float(u < rest, scaled.dtype))
+        keep.view(-1).index_copy_(0, at, _as_float(u < rest, dtype))
     return keep
 
 
-def _count(mask: Tensor, wide: bool) -> Tensor:
-    """Trues of ``mask`` ``[m, R, C]`` summed over its first dim (``uint8``, ``int32`` if
-    ``wide``: a ``uint8`` sum holds 255 terms)."""
-    if not wide:
-        counts = mask.view(torch.uint8)
-        return counts[0] if mask.shape[0] == 1 else counts.sum(dim=0, dtype=torch.uint8)
-    parts = [
-        mask[lo : lo + 255].view(torch.uint8).sum(dim=0, dtype=torch.uint8)
-        for lo in range(0, mask.shape[0], 255)
-    ]
-    return torch.stack(parts).sum(dim=0, dtype=torch.int32)
+def _count_into(bits: Tensor, out: Tensor) -> None:
+    """Sum ``bits`` (0/1 ``uint8`` ``[C, m, R]``) over its middle dim into ``out`` ``[C, R]``
+    (``uint8``, or ``int32`` when some key has more than 255 trials: a ``uint8`` sum holds 255
+    terms, and a sum straight to ``int32`` is slow)."""
+    m = bits.shape[1]
+    if m == 1:
+        out.copy_(bits[:, 0])
+    elif out.dtype == torch.uint8:
+        torch.sum(bits, dim=1, dtype=torch.uint8, out=out)
+    else:
+        out.zero_()
+        for lo in range(0, m, 255):
+            out.add_(bits[:, lo : lo + 255].sum(dim=1, dtype=torch.uint8))
 
 
 def _binomial(
@@ -357,56 +371,57 @@ def _binomial(
 ) -> Tensor:
     """Counts ``c_rl ~ Binomial(trials_l, p_rl)`` (float ``[R, C]``) from ``scaled = 256 p``,
     independent over cells. ``scaled`` is ``[R, C]`` or a (strided) ``[R, H, C / H]`` whose
-    last two dims, flattened, are the ``C`` columns; ``top`` its :func:`_top_byte` ``[R, C]``.
+    last two dims, flattened, are the ``C`` columns; ``top`` its :func:`_top_byte` with the
+    columns as rows, ``[C, R]``, if at hand.
 
-    Every trial is a draw of :func:`_bernoulli`; the ``T`` ties of a cell add
-    ``Binomial(T, 256 p - floor(256 p))``. Draw order: the columns are taken in the stable
-    ascending order of ``trials``; one run of random bytes holds a batch ``[m, R, C_m]`` per
-    distinct count ``m`` (increasing); then, for the cells with ties (row-major in that order),
-    uniforms in rounds ``j = 0, 1, ...`` over the cells with more than ``j`` ties.
+    Every trial is a draw of :func:`_bernoulli`. The draws run with the columns as rows, so
+    that a trial of column ``l`` is a whole row of ``R`` bytes (one per cell of the column):
+    the columns are taken in the stable ascending order of ``trials``, each with its
+    ``trials_l`` rows in a row, ``[sum_l trials_l, R]`` bytes in all (the columns with the
+    same count ``m`` are then one block ``[C_m, m, R]``, summed at once), then one
+    ``torch.rand`` uniform per tie, in the row-major order of the bytes.
     """
-    rows, device = scaled.shape[0], scaled.device
+    rows, cols, device = scaled.shape[0], trials.shape[0], scaled.device
     grid = scaled if scaled.dim() == 3 else scaled.unsqueeze(1)
     width = grid.shape[2]
     if top is None:
-        top = _top_byte(scaled, saturate).reshape(rows, -1)
-    cols = top.shape[1]
+        top = _top_byte(grid.permute(1, 2, 0).reshape(cols, rows), saturate)
     order = torch.argsort(trials, stable=True)
-    ordered = top.gather(1, order.expand(rows, -1))  # a uint8 gather: faster than index_select
-    values, sizes = torch.unique_consecutive(trials[order], return_counts=True)
+    counts_sorted = trials.index_select(0, order)
+    values, sizes = torch.unique_consecutive(counts_sorted, return_counts=True)
     values, sizes = values.tolist(), sizes.tolist()
-    wide = max(values) > 255
-    total = sum(m * size for m, size in zip(values, sizes)) * rows
-    v_all = _random_bytes((total,), generator, device, scratch, "binomial_bytes")
-    below, ties = [], []
+    total = sum(m * size for m, size in zip(values, sizes))
+    key = order.repeat_interleave(counts_sorted, output_size=total)  # column of each byte row
+    need = _buffer(scratch, "binomial_top", (total, rows), torch.uint8, device)
+    torch.index_select(top, 0, key, out=need)  # floor(256 p) of every byte
+    v = _random_bytes((total, rows), generator, device, scratch, "binomial_bytes")
+    mask = _buffer(scratch, "binomial_mask", (total, rows), torch.bool, device)
+    bits = torch.lt(v, need, out=mask).view(torch.uint8)
+    dtype = torch.int32 if values[-1] > 255 else torch.uint8
+    below = _buffer(scratch, "binomial_below", (cols, rows), dtype, device)
     start = offset = 0
     for m, size in zip(values, sizes):
-        v = v_all[offset : offset + m * rows * size].view(m, rows, size)
-        t = ordered[:, start : start + size]
-        below.append(_count(torch.lt(v, t), wide))
-        ties.append(_count(torch.eq(v, t), wide))
+        _count_into(
+            bits[offset : offset + m * size].view(size, m, rows), below[start : start + size]
+        )
         start += size
-        offset += m * rows * size
-    below = torch.cat(below, dim=1) if len(below) > 1 else below[0]
-    ties = torch.cat(ties, dim=1) if len(ties) > 1 else ties[0]
-    counts = _buffer(scratch, "binomial_counts", (rows, cols), scaled.dtype, device)
+        offset += m * size
     back = torch.empty_like(order).index_copy_(0, order, torch.arange(cols, device=device))
-    counts.copy_(below.gather(1, back.expand(rows, -1)))  # back to the column order
-    at = _find(ties)
+    unsorted = _buffer(scratch, "binomial_unsorted", (cols, rows), dtype, device)
+    torch.index_select(below, 0, back, out=unsorted)
+    counts = _buffer(scratch, "binomial_counts", (rows, cols), scaled.dtype, device)
+    counts.copy_(unsorted.T)
+    at = _find(torch.eq(v, need, out=mask))
     if at.numel() > 0:
-        left = ties.view(-1).index_select(0, at).to(torch.int32)
-        r, c = at // cols, order.index_select(0, at % cols)
+        r, c = at % rows, key.index_select(0, at // rows)  # cell (row r, column c) of each tie
         # 256 p of these cells through the strides of `grid` (an index per dim is slow)
         s0, s1, s2 = grid.stride()
         span = sum((size - 1) * st for size, st in zip(grid.shape, grid.stride())) + 1
         where = r * s0 + (c // width) * s1 + (c % width) * s2
         flat = grid.as_strided((span,), (1,), grid.storage_offset())
-        rest = flat.index_select(0, where) - top.view(-1).index_select(0, r * cols + c)
-        won = torch.zeros_like(rest)
-        for j in range(int(left.max())):
-            u = torch.rand(left.shape, generator=generator, device=device)
-            won += _as_float((u < rest) & (left > j), scaled.dtype)
-        counts.view(-1).index_add_(0, r * cols + c, won)
+        rest = flat.index_select(0, where) - need.view(-1).index_select(0, at)
+        u = torch.rand(at.shape, generator=generator, device=device)
+        counts.view(-1).index_add_(0, r * cols + c, _as_float(u < rest, scaled.dtype))
     return counts
 
 
@@ -434,34 +449,54 @@ class _RowLogSums(torch.autograd.Function):
         index: Tensor,
         *weights: Tensor,
     ):  # type: ignore[override]
-        e = _buffer(scratch, "exp", tuple(logits.shape), logits.dtype, logits.device)
-        torch.exp(logits, out=e)
-        prods = [torch.mul(e[r0:r1, c0:c1], w) for (r0, r1, c0, c1), w in zip(blocks, weights)]
-        sums = [p.sum(dim=1) for p in prods]
-        ctx.blocks, ctx.shape = blocks, logits.shape
-        ctx.save_for_backward(index, *prods, *sums)
-        return (*(d.log().add_(shift) for d in sums), logits.gather(1, index))
+        return _log_sums_forward(ctx, logits, shift, blocks, scratch, index, weights)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
-        index, *saved = ctx.saved_tensors
-        k = len(ctx.blocks)
-        prods, sums = saved[:k], saved[k:]
-        full = (0, ctx.shape[0], 0, ctx.shape[1])
-        acc = None
-        for block, p, d, g in sorted(
-            zip(ctx.blocks, prods, sums, grads[:k]), key=lambda item: item[0] != full
-        ):
-            coef = torch.where(d > 0, g / d, torch.zeros_like(d)).unsqueeze(1)
-            if acc is None and block == full:
-                acc = p * coef
-                continue
-            if acc is None:
-                acc = p.new_zeros(ctx.shape)
-            r0, r1, c0, c1 = block
-            acc[r0:r1, c0:c1].addcmul_(p, coef)
-        acc.scatter_add_(1, index, grads[k])
-        return (acc, None, None, None, None, *([None] * k))
+        acc = _log_sums_backward(ctx, grads)
+        return (acc, None, None, None, None, *([None] * len(ctx.blocks)))
+
+
+def _log_sums_forward(
+    ctx,
+    logits: Tensor,
+    shift: float,
+    blocks: list[_Block],
+    scratch,
+    index: Tensor,
+    weights: tuple[Tensor, ...],
+    saved: tuple[Tensor, ...] = (),
+) -> tuple[Tensor, ...]:
+    """Forward of :class:`_RowLogSums` (``saved``: more tensors to save, first)."""
+    e = _buffer(scratch, "exp", tuple(logits.shape), logits.dtype, logits.device)
+    torch.exp(logits, out=e)
+    prods = [torch.mul(e[r0:r1, c0:c1], w) for (r0, r1, c0, c1), w in zip(blocks, weights)]
+    sums = [p.sum(dim=1) for p in prods]
+    ctx.blocks, ctx.shape, ctx.extra = blocks, logits.shape, len(saved)
+    ctx.save_for_backward(*saved, index, *prods, *sums)
+    return (*(d.log().add_(shift) for d in sums), logits.gather(1, index))
+
+
+def _log_sums_backward(ctx, grads: tuple[Tensor, ...], out: Tensor | None = None) -> Tensor:
+    """``dL`` of :class:`_RowLogSums` (in ``out`` if given, else a new tensor)."""
+    index, *saved = ctx.saved_tensors[ctx.extra :]
+    k = len(ctx.blocks)
+    prods, sums = saved[:k], saved[k:]
+    full = (0, ctx.shape[0], 0, ctx.shape[1])
+    acc = None
+    for block, p, d, g in sorted(
+        zip(ctx.blocks, prods, sums, grads[:k]), key=lambda item: item[0] != full
+    ):
+        coef = torch.where(d > 0, g / d, torch.zeros_like(d)).unsqueeze(1)
+        if acc is None and block == full:
+            acc = p * coef if out is None else torch.mul(p, coef, out=out)
+            continue
+        if acc is None:
+            acc = p.new_zeros(ctx.shape) if out is None else out.zero_()
+        r0, r1, c0, c1 = block
+        acc[r0:r1, c0:c1].addcmul_(p, coef)
+    acc.scatter_add_(1, index, grads[k])
+    return acc
 
 
 def _shifted_logits(a: Tensor, b: Tensor, temperature: float) -> Tensor:
@@ -473,6 +508,51 @@ def _shifted_logits(a: Tensor, b: Tensor, temperature: float) -> Tensor:
     return (a @ b.T).float()
 
 
+class _GramLogSums(torch.autograd.Function):
+    """:class:`_RowLogSums` of the logits ``G = (x / T) x^T`` of the rows of ``x`` (no shift),
+    taking ``G`` computed beforehand (``logits``, no gradient of its own, :func:`_gram`) and
+    giving the gradient of ``x``: ``dx = (dG x + dG^T x) / T``. ``dG`` then never leaves the
+    backward, so it lives in a buffer of ``scratch`` like ``G``: the two largest fresh tensors
+    of a call, paged in afresh every time on the CPU."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        logits: Tensor,
+        temperature: float,
+        blocks: list[_Block],
+        scratch,
+        index: Tensor,
+        *weights: Tensor,
+    ):  # type: ignore[override]
+        ctx.temperature, ctx.scratch = temperature, scratch
+        return _log_sums_forward(ctx, logits, 0.0, blocks, scratch, index, weights, (x,))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        x = ctx.saved_tensors[0]
+        # the forward's exponential is a temporary: its buffer takes dG
+        grad = _buffer(ctx.scratch, "exp", tuple(ctx.shape), x.dtype, x.device)
+        grad = _log_sums_backward(ctx, grads, out=grad)
+        dx = torch.mm(grad, x).add_(torch.mm(grad.T, x)).div_(ctx.temperature)
+        return (dx, None, None, None, None, None, *([None] * len(ctx.blocks)))
+
+
+def _gram(x: Tensor, temperature: float, scratch: _Scratch | None) -> Tensor:
+    """``(x / T) x^T`` without gradient, in a buffer of ``scratch`` (see :class:`_GramLogSums`)."""
+    rows = x.shape[0]
+    out = _buffer(scratch, "logits", (rows, rows), torch.float32, x.device)
+    with torch.no_grad():  # beta = 0: `out` is not read; alpha: 1/T without a pass of its own
+        return torch.addmm(out, x, x.T, beta=0.0, alpha=1.0 / temperature, out=out)
+
+
+def _logits(x: Tensor, temperature: float) -> Tensor:
+    """``x @ x^T / T`` (float32) for L2-normalised rows ``x``, all in ``[-1/T, 1/T]`` up to
+    rounding (the temperature divides ``x``, not the product: no extra pass)."""
+    return ((x / temperature) @ x.T).float()
+
+
 def _row_log_sums(
     logits: Tensor,
     weights: list[Tensor],
@@ -480,28 +560,30 @@ def _row_log_sums(
     temperature: float,
     index: Tensor,
     scratch: _Scratch | None = None,
+    shift: float | None = None,
 ) -> tuple[tuple[Tensor, ...], Tensor]:
     """``log D_s[r] = log sum_c W_s[r, c] e^{L[r, c]}`` over the rows of each block (``-inf``
-    where a row has no weight), for shifted logits ``L = cos / T - 1 / T``
-    (:func:`_shifted_logits`); the shift is added back. Also returns ``L.gather(1, index)``
-    (the positives; a separate product would round differently from the cells inside ``D``
-    under autocast). The weights may be scratch buffers.
+    where a row has no weight), for logits ``L = cos / T - shift``: ``shift = 1 / T`` (default,
+    :func:`_shifted_logits`) or ``0`` (:func:`_logits`); the shift is added back. Also returns
+    ``L.gather(1, index)`` (the positives; a separate product would round differently from the
+    cells inside ``D`` under autocast). The weights may be scratch buffers.
 
-    With ``T >= 0.03`` every ``L`` lies in ``[-2/T, 0]`` (up to bf16 rounding of the cosine),
-    so ``E = e^L >= e^{-2.02/T} >= e^{-68}`` is a normal float32 and one exponential serves
-    every sum (:class:`_RowLogSums`). Below, each sum is a log-sum-exp of its own.
+    With ``T >= 0.03`` every ``L`` lies in ``[-2/T, 0]`` (shifted) or ``[-1/T, 1/T]`` (up to
+    bf16 rounding of the cosine), so ``E = e^L`` is a normal float32 (``>= e^{-68}``, and at
+    most ``e^{34}``: sums of up to ``10^{23}`` such terms stay finite) and one exponential
+    serves every sum (:class:`_RowLogSums`). Below, each sum is a log-sum-exp of its own.
     """
+    if shift is None:
+        shift = 1.0 / temperature
     if temperature >= 0.03:
-        *out, picked = _RowLogSums.apply(
-            logits, 1.0 / temperature, blocks, scratch, index, *weights
-        )
+        *out, picked = _RowLogSums.apply(logits, shift, blocks, scratch, index, *weights)
         return tuple(out), picked
     out = []
     for (r0, r1, c0, c1), w in zip(blocks, weights):
         has = (w > 0).any(dim=1, keepdim=True)
         terms = logits[r0:r1, c0:c1] + w.log()
         terms = torch.where(has, terms, torch.zeros_like(terms))
-        lse = torch.logsumexp(terms, dim=1) + 1.0 / temperature
+        lse = torch.logsumexp(terms, dim=1) + shift
         out.append(lse.masked_fill(~has.squeeze(1), _NEG_INF))
     return tuple(out), logits.gather(1, index)
 
@@ -623,12 +705,12 @@ class PotentialLoss(nn.Module):
         return y.clamp_(max=math.log(self.clamp) + offset)
 
     def _per_anchor(
-        self, log_d: Tensor, pos_logits: Tensor, g: Tensor | None, neighbours: Tensor
+        self, log_d: Tensor, pos_logits: Tensor, g: Tensor | None, neighbours: Tensor | None
     ) -> Tensor:
         """``l_i = sum_p w_ip (log D_i - s(q_i, p)/T)`` from ``log D`` ``[N]`` and the positive
         logits ``[N, K+1]`` (key first); soft weights from ``g`` ``[N, d]`` and ``[N, K, d]``."""
         terms = log_d.unsqueeze(1) - pos_logits
-        if self.weighting == "soft" and neighbours.shape[1] > 0:
+        if self.weighting == "soft" and neighbours is not None and neighbours.shape[1] > 0:
             g = _normalise(g)
             attention = torch.einsum("nd,nkd->nk", g, neighbours).float().softmax(dim=1)
             terms = torch.cat([terms[:, :1], terms[:, 1:] * attention], dim=1)
@@ -841,7 +923,15 @@ class PotentialLoss(nn.Module):
         n, t = z1.shape[0], self.temperature
         x = torch.cat([z1, z2])
         xn = _normalise(x)
-        logits = _shifted_logits(xn, xn, t)  # [2N, 2N], cos / T - 1 / T
+        # [2N, 2N], cos / T; on the CPU in float32 (the usual case) a buffer without gradient,
+        # differentiated through _GramLogSums, else an ordinary product
+        fused = (
+            t >= 0.03
+            and xn.device.type == "cpu"
+            and xn.dtype == torch.float32
+            and not torch.is_autocast_enabled(xn.device.type)
+        )
+        logits = _gram(xn, t, self._scratch) if fused else _logits(xn, t)
         k_eff = min(self.num_neighbors, n - 1)
         views = [  # rows and columns of the direction, its anchors, keys, soft-weight inputs
             (slice(0, n), slice(n, 2 * n), xn[:n], xn[n:], z1 if proj1 is None else proj1),
@@ -856,20 +946,28 @@ class PotentialLoss(nn.Module):
             # own-block columns of both directions in the logits (dir 1: z2 at N + l)
             own_cols = torch.cat([own[:, :size] + n, own[:, size:] - n])
         # D of every loss, and the own-block logits of both directions (read off the same matrix)
-        log_d, own_logits = _row_log_sums(logits, weights, blocks, t, own_cols, self._scratch)
-        own_logits = own_logits + 1.0 / t
+        if fused:
+            *log_d, own_logits = _GramLogSums.apply(
+                xn, logits, t, blocks, self._scratch, own_cols, *weights
+            )
+        else:
+            log_d, own_logits = _row_log_sums(
+                logits, weights, blocks, t, own_cols, self._scratch, shift=0.0
+            )
         pos = own_logits[:n, 0]  # s(z1_i, z2_i) / T: both directions, both losses
         mined, grids = [], []
         for h, (r, c, anchors, keys, g) in enumerate(views):
-            nbr = block_ids[h][:, 1:].reshape(-1)
-            neighbours = keys.index_select(0, nbr).view(n, k_eff, keys.shape[1])
+            neighbours = None  # the neighbour vectors: soft weights only
+            if self.weighting == "soft":
+                nbr = block_ids[h][:, 1:].reshape(-1)
+                neighbours = keys.index_select(0, nbr).view(n, k_eff, keys.shape[1])
             mined.append(self._per_anchor(log_d[h], own_logits[r], g, neighbours))
             if diagnostics:
                 grids.append(
                     self._in_batch_grid(
                         anchors,
                         keys,
-                        logits[r, c] + 1 / t,
+                        logits[r, c],
                         mined_pi[:, h],
                         counts[:, h] if counts is not None else None,
                         block_ids[h],
@@ -920,7 +1018,9 @@ class PotentialLoss(nn.Module):
             mined_pi = blocks_of(aug_pi)
             if drawn:
                 aug_top = _top_byte(aug_pi, saturate, scratch, "top")
-                top = torch.cat([aug_top[:n, n:], aug_top[n:, :n]], dim=1)
+                # the mined thresholds with the keys as rows (see _binomial): [2N, N]
+                top = scratch.get("mined_top", (2 * n, n), torch.uint8, device)
+                torch.cat([aug_top[:n, n:].T, aug_top[n:, :n].T], out=top)
         else:
             sims = torch.cat([lg[:n, n:], lg[n:, :n]], dim=1).view(n, 2, n)
             mined_pi = self._log_keep(sims, centre.view(2, n).T, t, offset).exp_()
@@ -935,7 +1035,7 @@ class PotentialLoss(nn.Module):
         counts = None
         if drawn:
             if top is None:
-                top = _top_byte(mined_pi, saturate, scratch, "mined_top").view(n, 2 * n)
+                top = _top_byte(mined_pi.view(n, 2 * n).T, saturate, scratch, "mined_top")
             mined = _binomial(mined_pi, mult, generator, saturate, top, scratch)
             if diagnostics:
                 counts = mined.clone().view(n, 2, n)
@@ -963,7 +1063,12 @@ class PotentialLoss(nn.Module):
             return torch.empty(2, n, 0, dtype=torch.long, device=lg.device)
         # [h, i, l] = lg[hN + i, hN + l]: keys z1 (h = 0), then z2
         diag = lg.as_strided((2, n, n), (2 * n * n + n, 2 * n, 1), lg.storage_offset())
-        lookup = self._scratch.get("lookup", (2, n, n), lg.dtype, lg.device).copy_(diag)
+        # the CPU topk runs a partial sort for rows of at least 64 K entries and a slower
+        # selection below; rows padded with -inf to that length take the fast path
+        width = 64 * k_eff if lg.device.type == "cpu" and n < 64 * k_eff <= 2 * n else n
+        lookup = self._scratch.get("lookup", (2, n, width), lg.dtype, lg.device)
+        lookup[:, :, :n].copy_(diag)
+        lookup[:, :, n:].fill_(_NEG_INF)
         lookup.diagonal(dim1=1, dim2=2).fill_(_NEG_INF)  # a key is not its own neighbour
         return lookup.topk(k_eff, dim=2).indices.flip(0)
 
