@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _spy import record_returns
 
 import hardneg
 from hardneg.losses import potential
@@ -187,15 +188,7 @@ def test_drawn_in_batch_aug_loss_matches_the_loop_reference_on_its_selection(
     n = 7
     hp = full_hp(aug_weight=1.0, a=2.0, clamp=0.9, select_on=select_on, aug_pairing=aug_pairing)
     z1, z2 = embeddings(n, seed=4)
-    kept = []
-    original = potential._bernoulli
-
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        kept.append(out.clone())
-        return out
-
-    monkeypatch.setattr(potential, "_bernoulli", spy)
+    kept = record_returns(monkeypatch, potential, "_bernoulli")
     out = make_loss(hp)(
         z1, z2, generator=torch.Generator().manual_seed(13), return_diagnostics=True
     )

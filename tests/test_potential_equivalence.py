@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from _potential_reference import ReferencePotentialLoss
+from _spy import record_returns
 
 from hardneg.losses import potential as fast
 from hardneg.losses.potential import PotentialLoss
@@ -247,15 +248,7 @@ def test_the_in_batch_aug_selection_has_independent_cells_with_the_kernel_law(mo
     # each of its cells is kept with probability pi, independently of the other cells
     n, draws = 6, 1500
     z1, z2, *_ = inputs(n, seed=7)
-    kept = []
-    original = fast._bernoulli
-
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        kept.append(out.clone())
-        return out
-
-    monkeypatch.setattr(fast, "_bernoulli", spy)
+    kept = record_returns(monkeypatch, fast, "_bernoulli")
     loss = PotentialLoss(num_neighbors=2, a=3.0, clamp=0.9, aug_weight=0.5)
     g = torch.Generator().manual_seed(0)
     for _ in range(draws):
