@@ -39,6 +39,8 @@ a time so that each block is read and rewritten in cache.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -50,15 +52,71 @@ from hardneg.strategies.base import NegativeSelection, StrategyInputs
 from hardneg.strategies.importance import ImportanceNegatives
 
 
-def _row_softmax_parts(scores: ContrastiveScores) -> tuple[Tensor, Tensor, Tensor]:
+class _FreeBuffers:
+    """Reusable CPU buffers for the ``[A, C]`` matrices of a call that outlive its forward
+    (saved for the backward: ``E`` and the mix). On the CPU a fresh matrix of a few MB is paged
+    in afresh on every call (the allocator hands freed large blocks back to the system), which
+    at small ``A`` costs as much as the pass that fills it. A buffer is handed out again only
+    when nothing but this pool refers to it (its tensor and storage reference counts are back
+    to the pool's own): no result, view or tensor saved for a backward that may still run (two
+    calls before one backward, ``retain_graph``) ever shares it. Copies and pickles of the
+    strategy start empty; a buffer over ``max_bytes`` is never kept."""
+
+    max_bytes = 64 * 2**20
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, tuple[Tensor, int]] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+        too_big = math.prod(shape) * dtype.itemsize > self.max_bytes
+        if torch.device(device).type != "cpu" or too_big:
+            self._buffers.pop(name, None)
+            return torch.empty(shape, dtype=dtype, device=device)
+        held = self._buffers.get(name)
+        if held is not None:
+            buf, storage_refs = held
+            if buf.shape == shape and buf.dtype == dtype and self._free(buf, storage_refs):
+                return buf
+        buf = torch.empty(shape, dtype=dtype)
+        self._buffers[name] = (buf, self._storage_refs(buf))
+        return buf
+
+    @staticmethod
+    def _storage_refs(buf: Tensor) -> int:
+        return torch._C._storage_Use_Count(buf.untyped_storage()._cdata)
+
+    @classmethod
+    def _free(cls, buf: Tensor, storage_refs: int) -> bool:
+        # the tensor itself (saved as is) and its storage (views, detached aliases)
+        return buf._use_count() == 1 and cls._storage_refs(buf) == storage_refs
+
+    def __deepcopy__(self, memo: dict) -> _FreeBuffers:
+        return _FreeBuffers()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._buffers = {}
+
+
+def _row_softmax_parts(
+    scores: ContrastiveScores, buffers: _FreeBuffers | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """``E = e^{c - m}`` ``[A, C]``, the row maxima of the logits ``m`` ``[A]`` and the log
     partition ``log Z = log(sum_k E_k + e^{a - m})`` ``[A]`` of each anchor's softmax over
     positive and negatives. ``E`` and ``m`` are exactly the objective's shifted exponentials
-    (:func:`hardneg.objective.tilted_log_negative_mass`), which reuses them."""
+    (:func:`hardneg.objective.tilted_log_negative_mass`), which reuses them; ``E`` is a buffer
+    of ``buffers`` if given."""
     logits = scores.logits.detach().float()
     pos = scores.pos_logits.detach()
     row_max = logits.amax(dim=1)
-    e = (logits - row_max.unsqueeze(1)).exp_()  # masked -inf -> 0
+    if buffers is None:
+        e = logits - row_max.unsqueeze(1)
+    else:
+        e = buffers.get("exp", tuple(logits.shape), logits.dtype, logits.device)
+        torch.sub(logits, row_max.unsqueeze(1), out=e)
+    e.exp_()  # masked -inf -> 0
     # the row maximum contributes e^0 = 1, so the log is finite; e^{a - m} may be huge
     log_z = torch.logaddexp(e.sum(dim=1).log(), pos - row_max)
     return e, row_max, log_z
@@ -196,6 +254,7 @@ class UnReMixNegatives(ImportanceNegatives):
         self.representativeness = check_choice(
             "representativeness", representativeness, ("diversity", "density")
         )
+        self._free_buffers = _FreeBuffers()  # CPU buffers of E and the mix
 
     def hparams(self) -> dict[str, object]:
         return {
@@ -229,7 +288,15 @@ class UnReMixNegatives(ImportanceNegatives):
             return (delta_c.norm(dim=1) * h_norm).unsqueeze(0)
         unit_a = F.normalize(delta_a, dim=1)
         unit_c = unit_a if delta_c is delta_a else F.normalize(delta_c, dim=1)
-        u = unit_a @ unit_c.T
+        if exact_h or torch.is_autocast_enabled(unit_a.device.type):
+            u = unit_a @ unit_c.T
+        else:  # the mix, saved by the objective for the backward
+            shape = (unit_a.shape[0], unit_c.shape[0])
+            u = torch.mm(
+                unit_a,
+                unit_c.T,
+                out=self._free_buffers.get("mix", shape, unit_a.dtype, unit_a.device),
+            )
         if h_a is None or h_c is None:
             if exact_h:
                 cos_h = scores.similarities.detach()  # h = z: cos(z_i, z_j) = s_ij
@@ -354,7 +421,7 @@ class UnReMixNegatives(ImportanceNegatives):
             return super().select(scores, inputs)  # the eps factor is a constant: HCL exactly
         with torch.no_grad():
             # E = e^{c - max c} serves the influence score and the objective's tilted mass
-            parts = _row_softmax_parts(scores) if self.lambda_u > 0 else None
+            parts = _row_softmax_parts(scores, self._free_buffers) if self.lambda_u > 0 else None
             mix = self._mix(scores, inputs, parts)
         return NegativeSelection(
             logits=scores.logits,
