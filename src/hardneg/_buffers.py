@@ -38,11 +38,15 @@ class FreeBuffers:
 
     @staticmethod
     def _storage_refs(buf: Tensor) -> int:
-        return torch._C._storage_Use_Count(buf.untyped_storage()._cdata)
+        # private torch API; without it (-1) no buffer is ever reused: fresh tensors, as before
+        use_count = getattr(torch._C, "_storage_Use_Count", None)
+        return -1 if use_count is None else use_count(buf.untyped_storage()._cdata)
 
     @classmethod
     def _free(cls, buf: Tensor, storage_refs: int) -> bool:
         # the tensor itself (saved as is) and its storage (views, detached aliases)
+        if storage_refs < 0 or not hasattr(buf, "_use_count"):
+            return False
         return buf._use_count() == 1 and cls._storage_refs(buf) == storage_refs
 
     def __deepcopy__(self, memo: dict) -> FreeBuffers:
