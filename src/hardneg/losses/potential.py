@@ -203,6 +203,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hardneg._buffers import FreeBuffers
 from hardneg._checks import check_choice, check_embeddings, check_labels, check_number
 from hardneg.diagnostics import NegativeDiagnostics, negative_diagnostics
 from hardneg.losses.contrastive import LossOutput, check_views
@@ -238,6 +239,7 @@ class _Scratch:
 
     def __init__(self) -> None:
         self._buffers: dict[str, Tensor] = {}
+        self._saved = FreeBuffers()  # tensors saved for the backward: reused once released
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
         device = torch.device(device)
@@ -252,6 +254,11 @@ class _Scratch:
             self._buffers[name] = buf
         return buf
 
+    def saved(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+        """A buffer for a tensor saved for the backward: handed out again only once nothing
+        holds it any more (:class:`~hardneg._buffers.FreeBuffers`)."""
+        return self._saved.get(name, shape, dtype, device)
+
     def __deepcopy__(self, memo: dict) -> _Scratch:
         return _Scratch()
 
@@ -260,6 +267,7 @@ class _Scratch:
 
     def __setstate__(self, state: dict) -> None:
         self._buffers = {}
+        self._saved = FreeBuffers()
 
 
 def _buffer(
@@ -268,6 +276,15 @@ def _buffer(
     if scratch is None:
         return torch.empty(shape, dtype=dtype, device=device)
     return scratch.get(name, shape, dtype, device)
+
+
+def _product(scratch: _Scratch | None, name: str, a: Tensor, b: Tensor) -> Tensor:
+    """``a * b`` (same shapes), into a reused buffer of ``scratch`` if given: the product is
+    saved for the backward."""
+    if scratch is None:
+        return a * b
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return torch.mul(a, b, out=scratch.saved(name, tuple(a.shape), dtype, a.device))
 
 
 def _random_bytes(
@@ -470,7 +487,10 @@ def _log_sums_forward(
     """Forward of :class:`_RowLogSums` (``saved``: more tensors to save, first)."""
     e = _buffer(scratch, "exp", tuple(logits.shape), logits.dtype, logits.device)
     torch.exp(logits, out=e)
-    prods = [torch.mul(e[r0:r1, c0:c1], w) for (r0, r1, c0, c1), w in zip(blocks, weights)]
+    prods = [
+        _product(scratch, f"prod{i}", e[r0:r1, c0:c1], w)
+        for i, ((r0, r1, c0, c1), w) in enumerate(zip(blocks, weights))
+    ]
     sums = [p.sum(dim=1) for p in prods]
     ctx.blocks, ctx.shape, ctx.extra = blocks, logits.shape, len(saved)
     ctx.save_for_backward(*saved, index, *prods, *sums)

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hardneg._buffers import FreeBuffers
 from hardneg._checks import check_choice, check_number
 from hardneg.objective import _row_blocks
 from hardneg.pool import ContrastiveScores
@@ -50,15 +51,23 @@ from hardneg.strategies.base import NegativeSelection, StrategyInputs
 from hardneg.strategies.importance import ImportanceNegatives
 
 
-def _row_softmax_parts(scores: ContrastiveScores) -> tuple[Tensor, Tensor, Tensor]:
+def _row_softmax_parts(
+    scores: ContrastiveScores, buffers: FreeBuffers | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """``E = e^{c - m}`` ``[A, C]``, the row maxima of the logits ``m`` ``[A]`` and the log
     partition ``log Z = log(sum_k E_k + e^{a - m})`` ``[A]`` of each anchor's softmax over
     positive and negatives. ``E`` and ``m`` are exactly the objective's shifted exponentials
-    (:func:`hardneg.objective.tilted_log_negative_mass`), which reuses them."""
+    (:func:`hardneg.objective.tilted_log_negative_mass`), which reuses them; ``E`` is a buffer
+    of ``buffers`` if given."""
     logits = scores.logits.detach().float()
     pos = scores.pos_logits.detach()
     row_max = logits.amax(dim=1)
-    e = (logits - row_max.unsqueeze(1)).exp_()  # masked -inf -> 0
+    if buffers is None:
+        e = logits - row_max.unsqueeze(1)
+    else:
+        e = buffers.get("exp", tuple(logits.shape), logits.dtype, logits.device)
+        torch.sub(logits, row_max.unsqueeze(1), out=e)
+    e.exp_()  # masked -inf -> 0
     # the row maximum contributes e^0 = 1, so the log is finite; e^{a - m} may be huge
     log_z = torch.logaddexp(e.sum(dim=1).log(), pos - row_max)
     return e, row_max, log_z
@@ -196,6 +205,7 @@ class UnReMixNegatives(ImportanceNegatives):
         self.representativeness = check_choice(
             "representativeness", representativeness, ("diversity", "density")
         )
+        self._free_buffers = FreeBuffers()  # CPU buffers of E and the mix
 
     def hparams(self) -> dict[str, object]:
         return {
@@ -229,7 +239,15 @@ class UnReMixNegatives(ImportanceNegatives):
             return (delta_c.norm(dim=1) * h_norm).unsqueeze(0)
         unit_a = F.normalize(delta_a, dim=1)
         unit_c = unit_a if delta_c is delta_a else F.normalize(delta_c, dim=1)
-        u = unit_a @ unit_c.T
+        if exact_h or torch.is_autocast_enabled(unit_a.device.type):
+            u = unit_a @ unit_c.T
+        else:  # the mix, saved by the objective for the backward
+            shape = (unit_a.shape[0], unit_c.shape[0])
+            u = torch.mm(
+                unit_a,
+                unit_c.T,
+                out=self._free_buffers.get("mix", shape, unit_a.dtype, unit_a.device),
+            )
         if h_a is None or h_c is None:
             if exact_h:
                 cos_h = scores.similarities.detach()  # h = z: cos(z_i, z_j) = s_ij
@@ -354,7 +372,7 @@ class UnReMixNegatives(ImportanceNegatives):
             return super().select(scores, inputs)  # the eps factor is a constant: HCL exactly
         with torch.no_grad():
             # E = e^{c - max c} serves the influence score and the objective's tilted mass
-            parts = _row_softmax_parts(scores) if self.lambda_u > 0 else None
+            parts = _row_softmax_parts(scores, self._free_buffers) if self.lambda_u > 0 else None
             mix = self._mix(scores, inputs, parts)
         return NegativeSelection(
             logits=scores.logits,
