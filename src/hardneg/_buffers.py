@@ -10,8 +10,9 @@ from torch import Tensor
 
 class FreeBuffers:
     """Reusable CPU buffers for the ``[A, C]`` matrices of a call that outlive its forward
-    (saved for the backward). On the CPU a fresh matrix of a few MB is paged in afresh on every call (the allocator hands freed large blocks back to the system), which
-    at small ``A`` costs as much as the pass that fills it. A buffer is handed out again only
+    (saved for the backward). On the CPU a fresh matrix of a few MB is paged in afresh on every
+    call (the allocator hands freed large blocks back to the system), which at small ``A`` costs
+    as much as the pass that fills it. A buffer is handed out again only
     when nothing but this pool refers to it (its tensor and storage reference counts are back
     to the pool's own): no result, view or tensor saved for a backward that may still run (two
     calls before one backward, ``retain_graph``) ever shares it. Copies and pickles start
