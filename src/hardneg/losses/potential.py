@@ -133,10 +133,9 @@ that at most doubles them: ``topk`` then runs a partial sort, about twice as fas
 ``N = 256, K = 5``), ``O(N^2)`` elementwise work (about 15 float passes over ``[2N, 2N]``
 against InfoNCE's 10, two byte transposes ``[N, 2N]``, and byte passes over the trials) and
 ``16 N^2`` Bernoulli trials (``N(K+1)`` per anchor and direction for ``L_mined``, ``2N`` per
-row for ``L_aug``, with ``K = 5``); on the CPU the module keeps about ``(100 + 6 K) N^2`` bytes
-of buffers (none over 64 MiB; one module must not run in several threads at once). With a
-bank: the lookup
-``[N, d] x [d, Q]`` (no gradient) and its top-``K``, ``[N, d] x [d, N + U]``, the ``L_aug``
+row for ``L_aug``, with ``K = 5``); on the CPU the module keeps about ``(124 + 6 K) N^2`` bytes
+of buffers (none over 64 MiB; those of the saved products are reused only once released; one
+module must not run in several threads at once). With a bank: the lookup ``[N, d] x [d, Q]`` (no gradient) and its top-``K``, ``[N, d] x [d, N + U]``, the ``L_aug``
 matmul ``[2N, d] x [d, 2N]`` (the last two with their backward), and ``N(K+1) N + 4 N^2``
 ``torch.rand`` numbers; InfoNCE with the same bank: one ``[N, d] x [d, Q]`` and its backward.
 Everything is float32 in log space, so ``T = 0.05`` and bf16 autocast stay finite.
