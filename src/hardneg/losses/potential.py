@@ -136,8 +136,9 @@ against InfoNCE's 10, two byte transposes ``[N, 2N]``, and byte passes over the 
 row for ``L_aug``, with ``K = 5``); on the CPU the module keeps about ``(124 + 6 K) N^2`` bytes
 of buffers (none over 64 MiB; those of the saved products are reused only once released; one
 module must not run in several threads at once). With a bank: the lookup ``[N, d] x [d, Q]``
-(no gradient) and its top-``K``, ``[N, d] x [d, N + U]``, the ``L_aug`` matmul ``[2N, d] x [d, 2N]`` (the last two with their backward), and ``N(K+1) N + 4 N^2``
-``torch.rand`` numbers; InfoNCE with the same bank: one ``[N, d] x [d, Q]`` and its backward.
+(no gradient) and its top-``K``, ``[N, d] x [d, N + U]``, the ``L_aug`` matmul
+``[2N, d] x [d, 2N]`` (the last two with their backward), and ``N(K+1) N + 4 N^2`` ``torch.rand``
+numbers; InfoNCE with the same bank: one ``[N, d] x [d, Q]`` and its backward.
 Everything is float32 in log space, so ``T = 0.05`` and bf16 autocast stay finite.
 
 Checked line by line against the code; where it and ``docs/methods.md`` section 4 disagree, we
