@@ -203,7 +203,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hardneg._buffers import FreeBuffers
+from hardneg._buffers import FreeBuffers, ScratchBuffers
 from hardneg._checks import check_choice, check_embeddings, check_labels, check_number
 from hardneg.diagnostics import NegativeDiagnostics, negative_diagnostics
 from hardneg.losses.contrastive import LossOutput, check_views
@@ -226,48 +226,20 @@ def _normalise(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=1)
 
 
-class _Scratch:
-    """Reusable CPU buffers for the large temporaries of one call (the draws, the kernel, the
-    exponentials). A fresh 16 MB tensor is paged in afresh on every call on the CPU, which cost
-    as much as the pass that fills it; other devices have a caching allocator and get fresh
-    tensors. Nothing saved for the backward lives here (the module may be called twice before
-    one backward); copies and pickles of the module start empty. A buffer over ``max_bytes`` is
-    never kept, so at most about 0.6 GB stays allocated whatever the batch size (about
-    ``(100 + 6 K) N^2`` bytes in-batch, ``K`` neighbours; the most near ``N = 2048``)."""
-
-    max_bytes = 64 * 2**20  # per buffer (a [2N, 2N] float32 up to N = 2048)
+class _Scratch(ScratchBuffers):
+    """The buffers of one potential module (:mod:`hardneg._buffers`): the large temporaries of a
+    call (the draws, the kernel, the exponentials) and, apart, the products saved for the
+    backward (:meth:`saved`). At most about 0.6 GB stays allocated whatever the batch size
+    (about ``(124 + 6 K) N^2`` bytes in-batch, ``K`` neighbours; the most near ``N = 2048``)."""
 
     def __init__(self) -> None:
-        self._buffers: dict[str, Tensor] = {}
+        super().__init__()
         self._saved = FreeBuffers()  # tensors saved for the backward: reused once released
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
-        device = torch.device(device)
-        too_big = math.prod(shape) * dtype.itemsize > self.max_bytes
-        if device.type != "cpu" or too_big:
-            # huge batches: the page faults are small next to the work, keep no memory
-            self._buffers.pop(name, None)
-            return torch.empty(shape, dtype=dtype, device=device)
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = torch.empty(shape, dtype=dtype)
-            self._buffers[name] = buf
-        return buf
 
     def saved(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
         """A buffer for a tensor saved for the backward: handed out again only once nothing
         holds it any more (:class:`~hardneg._buffers.FreeBuffers`)."""
         return self._saved.get(name, shape, dtype, device)
-
-    def __deepcopy__(self, memo: dict) -> _Scratch:
-        return _Scratch()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self._buffers = {}
-        self._saved = FreeBuffers()
 
 
 def _buffer(
