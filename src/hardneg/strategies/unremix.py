@@ -130,24 +130,6 @@ def _in_batch_masked_index(scores: ContrastiveScores) -> tuple[Tensor, Tensor, T
     return rows, rows, scores.positive_index
 
 
-def _row_range(x: Tensor, scores: ContrastiveScores) -> tuple[Tensor, Tensor]:
-    """Per-row min and max of ``x`` ``[A, C]`` over each anchor's negatives (``x`` is modified
-    at the non-negative positions in-batch, which are overwritten later anyway)."""
-    if scores.neg_mask is None:
-        return x.amin(dim=1), x.amax(dim=1)
-    if scores.in_batch:
-        # give the two non-negatives of every row the value of a negative: (i + 1) mod 2N is one
-        rows, own, pos = _in_batch_masked_index(scores)
-        filler = x[rows, (rows + 1) % x.shape[1]]
-        x[rows, own] = filler
-        x[rows, pos] = filler
-        return x.amin(dim=1), x.amax(dim=1)
-    return (
-        x.masked_fill(~scores.neg_mask, float("inf")).amin(dim=1),
-        x.masked_fill(~scores.neg_mask, float("-inf")).amax(dim=1),
-    )
-
-
 def _column_range(col: Tensor, scores: ContrastiveScores) -> tuple[Tensor, Tensor]:
     """Per-row min and max of a per-candidate score ``col`` ``[C]`` over each anchor's negatives."""
     a = scores.logits.shape[0]
@@ -257,7 +239,7 @@ class UnReMixNegatives(ImportanceNegatives):
             logits = scores.logits.detach()
             if scores.neg_mask is not None and not scores.in_batch:
                 logits = logits.masked_fill(~scores.neg_mask, 0.0)
-            # in-batch the two non-negatives per row turn non-finite here; _row_range and
+            # in-batch the two non-negatives per row turn non-finite here; _finish_rows and
             # mix() overwrite exactly those entries
             return u.mul_(logits)
         cos_h = (
@@ -297,22 +279,17 @@ class UnReMixNegatives(ImportanceNegatives):
         if self.lambda_u > 0:
             parts = _row_softmax_parts(scores) if parts is None else parts
             u = self._influence(scores, inputs, parts, exact_h=False)
-        if u is not None and u.shape[0] > 1 and (scores.neg_mask is None or scores.in_batch):
+        if u is not None and self.influence == "gradient_similarity":
             # every step below is row-wise: run them a block of rows at a time, in cache
             for rows in _row_blocks(u):
                 self._finish_rows(u, rows, scores, eps, d, d_term, d_off)
             return u
         offset = eps
         mix = None
-        if u is not None:
-            if u.shape[0] == 1:  # gradient_norm: one score per candidate
-                lo, hi = _column_range(u[0], scores)
-                scale, off = _affine_to_unit(lo, hi)
-                mix = torch.outer(scale * self.lambda_u, u[0])
-            else:
-                lo, hi = _row_range(u, scores)
-                scale, off = _affine_to_unit(lo, hi)
-                mix = u.mul_((scale * self.lambda_u).unsqueeze(1))
+        if u is not None:  # gradient_norm: one score per candidate
+            lo, hi = _column_range(u[0], scores)
+            scale, off = _affine_to_unit(lo, hi)
+            mix = torch.outer(scale * self.lambda_u, u[0])
             offset = offset + self.lambda_u * off
         if d is not None:
             assert d_term is not None and d_off is not None
@@ -345,8 +322,8 @@ class UnReMixNegatives(ImportanceNegatives):
         """Turn rows ``rows`` of the influence matrix into the mix, in place: the same
         operations, in the same order, as on the whole matrix (:meth:`_mix`)."""
         block = u[rows]
-        index = None
-        if scores.in_batch and scores.neg_mask is not None:
+        index = mask = None
+        if scores.neg_mask is not None and scores.in_batch:
             assert scores.positive_index is not None
             index = torch.arange(rows.start, rows.start + block.shape[0], device=u.device)
             local = torch.arange(block.shape[0], device=u.device)
@@ -354,7 +331,14 @@ class UnReMixNegatives(ImportanceNegatives):
             filler = block[local, (index + 1) % u.shape[1]]
             block[local, index] = filler
             block[local, scores.positive_index[rows]] = filler
-        scale, off = _affine_to_unit(block.amin(dim=1), block.amax(dim=1))
+        elif scores.neg_mask is not None:
+            mask = scores.neg_mask[rows]
+        if mask is None:
+            lo, hi = block.amin(dim=1), block.amax(dim=1)
+        else:  # the range over the anchor's negatives only
+            lo = block.masked_fill(~mask, float("inf")).amin(dim=1)
+            hi = block.masked_fill(~mask, float("-inf")).amax(dim=1)
+        scale, off = _affine_to_unit(lo, hi)
         block.mul_((scale * self.lambda_u).unsqueeze(1))
         offset = eps[rows] + self.lambda_u * off
         if d is not None:
@@ -365,6 +349,8 @@ class UnReMixNegatives(ImportanceNegatives):
         if index is not None:
             block[local, index] = 0.0
             block[local, scores.positive_index[rows]] = 0.0
+        elif mask is not None:
+            block.masked_fill_(~mask, 0.0)
 
     def select(self, scores: ContrastiveScores, inputs: StrategyInputs) -> NegativeSelection:
         beta = self.current_beta(inputs.progress)
