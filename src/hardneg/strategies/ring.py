@@ -66,12 +66,8 @@ def _order_keys(x: Tensor) -> Tensor:
 
 
 def _order_keys_np(x: np.ndarray) -> np.ndarray:
-    """:func:`_order_keys` of a float32 array, in numpy."""
-    bits = x.view(np.int32)
-    keys = bits >> 31
-    keys &= 0x7FFFFFFF
-    keys ^= bits
-    return keys
+    """:func:`_order_keys` of a contiguous float32 array (through a tensor sharing its memory)."""
+    return _order_keys(torch.from_numpy(x)).numpy()
 
 
 # numpy's selection (introselect with SIMD partitioning in numpy >= 2) takes less than half the
