@@ -9,7 +9,15 @@ True
 
 from hardneg.diagnostics import NegativeDiagnostics
 from hardneg.losses import ContrastiveLoss, LossOutput
-from hardneg.registry import create_loss, list_losses, loss_hparams, register_loss
+from hardneg.registry import (
+    create_loss,
+    describe_loss,
+    list_losses,
+    loss_hparams,
+    register_loss,
+    register_strategy,
+)
+from hardneg.strategies import Selection, StepContext, Strategy
 
 __version__ = "0.1.0"
 
@@ -17,9 +25,14 @@ __all__ = [
     "ContrastiveLoss",
     "LossOutput",
     "NegativeDiagnostics",
+    "Selection",
+    "StepContext",
+    "Strategy",
     "create_loss",
+    "describe_loss",
     "list_losses",
     "loss_hparams",
     "register_loss",
+    "register_strategy",
     "__version__",
 ]

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hardneg.pool import ContrastiveScores
-from hardneg.strategies.base import NegativeSelection
+from hardneg.contrast import ContrastSet
+from hardneg.strategies.base import Selection
 
 
 @dataclass
@@ -72,37 +72,49 @@ class NegativeDiagnostics:
 
 
 def negative_diagnostics(
-    scores: ContrastiveScores,
-    selection: NegativeSelection,
+    contrast: ContrastSet,
+    selection: Selection,
     *,
     anchor_labels: Tensor | None = None,
-    candidate_labels: Tensor | None = None,
+    column_labels: Tensor | None = None,
     top_k: int = 10,
 ) -> NegativeDiagnostics:
-    """Summarise a selection; labels (``[A]`` and ``[C]``) are used for analysis only."""
+    """Summarise a selection over a contrast set. Labels (``[A]`` and ``[C]``, by default the
+    contrast set's own) are used for analysis only; per-anchor columns count as other-class."""
+    if anchor_labels is None:
+        anchor_labels = contrast.anchor_labels
+    if column_labels is None:
+        column_labels = contrast.column_labels
     with torch.no_grad():
-        logits = selection.logits.detach().float()
-        kept = torch.isfinite(logits)
-        dense = selection.dense_log_weights()
-        log_w = torch.zeros_like(logits) if dense is None else dense.detach().float()
+        logits = contrast.negative_logits.detach().float()
+        log_w = torch.zeros_like(logits)
+        if selection.negative_log_weights is not None:
+            log_w = selection.negative_log_weights.detach().float()
+        kept = torch.isfinite(logits) & torch.isfinite(log_w)
+        if selection.extra_negative_logits is not None:
+            extra = selection.extra_negative_logits.detach().float()
+            logits = torch.cat([logits, extra], dim=1)
+            log_w = torch.cat([log_w, torch.zeros_like(extra)], dim=1)
+            kept = torch.cat([kept, torch.ones_like(extra, dtype=torch.bool)], dim=1)
         log_w = log_w.masked_fill(~kept, float("-inf"))
         sampling = torch.softmax(log_w, dim=1)
-        gradient = torch.softmax(log_w + logits, dim=1)
+        gradient = torch.softmax(log_w + logits.masked_fill(~kept, 0.0), dim=1)
         ess = 1.0 / (sampling**2).sum(dim=1)
         diag = NegativeDiagnostics(
             sampling_weights=sampling,
             gradient_weights=gradient,
             effective_negatives=ess,
             kept_negatives=(sampling > 0).sum(dim=1),
-            similarities=logits * scores.temperature,
+            similarities=(logits * contrast.temperature).masked_fill(~kept, float("-inf")),
         )
-        if anchor_labels is not None and candidate_labels is not None:
-            cand = candidate_labels.to(logits.device)
-            if selection.indices is None:
-                col_labels = cand.unsqueeze(0).expand(logits.shape[0], -1)
-            else:
-                col_labels = cand[selection.indices]
-            same = (col_labels == anchor_labels.to(logits.device).unsqueeze(1)) & kept
+        if anchor_labels is not None and column_labels is not None:
+            a = logits.shape[0]
+            col = column_labels.to(logits.device).unsqueeze(0).expand(a, -1)
+            same = col == anchor_labels.to(logits.device).unsqueeze(1)
+            if same.shape[1] < logits.shape[1]:  # per-anchor and synthetic columns
+                pad = torch.zeros(a, logits.shape[1] - same.shape[1], dtype=torch.bool, device=logits.device)
+                same = torch.cat([same, pad], dim=1)
+            same = same & kept
             diag.false_negative_mass = (sampling * same).sum(dim=1)
             diag.false_negative_gradient_mass = (gradient * same).sum(dim=1)
             k = min(top_k, logits.shape[1])
@@ -110,4 +122,5 @@ def negative_diagnostics(
             top_kept = kept.gather(1, top)
             true_neg = (~same.gather(1, top)) & top_kept
             diag.top_k_precision = true_neg.sum(dim=1) / top_kept.sum(dim=1).clamp_min(1)
+        diag.extras.update(selection.extras)
         return diag

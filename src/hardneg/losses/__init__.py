@@ -1,5 +1,5 @@
-"""Loss modules: a strategy plugged into the contrastive objective."""
+"""Loss modules: a strategy plugged into an objective over a contrast set."""
 
-from hardneg.losses.contrastive import ContrastiveLoss, LossOutput
+from hardneg.losses.contrastive import ContrastInputs, ContrastiveLoss, LossOutput
 
-__all__ = ["ContrastiveLoss", "LossOutput"]
+__all__ = ["ContrastInputs", "ContrastiveLoss", "LossOutput"]

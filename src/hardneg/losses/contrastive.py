@@ -1,11 +1,16 @@
-"""``ContrastiveLoss``: pool -> strategy -> objective, in one ``nn.Module``.
+"""``ContrastiveLoss``: contrast set -> strategy -> objective, in one ``nn.Module``.
 
-Two call forms:
+Call forms (embeddings need not be normalised):
 
-* ``loss(z1, z2)``: two views' projections ``[N, d]`` (not yet normalised); in-batch negatives,
-  averaged over all ``2N`` anchors (SimCLR set-up).
+* ``loss(z1, z2)``: two views ``[N, d]``; in-batch negatives, averaged over all ``2N`` anchors
+  (SimCLR). ``extra_views=[z3, ...]`` adds views (each anchor then has ``V - 1`` positives);
+  ``ids=[N]`` masks duplicates.
 * ``loss(q, k, negatives=pool)``: queries, their positive keys and an external pool ``[K, d]``
-  (MoCo queue, memory bank); averaged over the ``N`` queries.
+  (MoCo queue, memory bank); averaged over the ``N`` queries; ``exclude_index=[N]`` masks each
+  query's own bank row.
+* ``loss(anchor, positive, hard_negatives=neg)``: retrieval batches, ``neg [N, h, d]``; every
+  positive and hard negative of the batch is a candidate of every anchor
+  (``MultipleNegativesRankingLoss`` layout), averaged over the ``N`` anchors.
 
 Example:
     >>> import torch, hardneg
@@ -20,22 +25,24 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from hardneg._checks import (
+    check_choice,
     check_embeddings,
+    check_index,
     check_labels,
     check_number,
     check_same_shape,
 )
+from hardneg.contrast import ContrastSet, in_batch_contrast, pool_contrast, retrieval_contrast
 from hardneg.diagnostics import NegativeDiagnostics, negative_diagnostics
-from hardneg.objective import contrastive_objective
-from hardneg.pool import ContrastiveScores, in_batch_scores, pool_scores
+from hardneg.objectives import OBJECTIVES, POSITIVE_MODES, POSITIVE_REDUCTIONS, objective_loss
 from hardneg.schedules import check_progress
-from hardneg.strategies.base import NegativeStrategy, StrategyInputs
+from hardneg.strategies.base import StepContext, Strategy
 
 
 @dataclass
@@ -45,6 +52,66 @@ class LossOutput:
     loss: Tensor
     per_anchor: Tensor
     diagnostics: NegativeDiagnostics
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ContrastInputs:
+    """Everything one call hands to a strategy's :meth:`~hardneg.strategies.Strategy.terms`."""
+
+    z1: Tensor
+    z2: Tensor
+    temperature: float
+    negatives: Tensor | None = None
+    hard_negatives: Tensor | None = None
+    extra_views: tuple[Tensor, ...] = ()
+    ids: Tensor | None = None
+    exclude_index: Tensor | None = None
+    h1: Tensor | None = None
+    h2: Tensor | None = None
+    negative_h: Tensor | None = None
+    labels: Tensor | None = None
+    negative_labels: Tensor | None = None
+    normalize: bool = True
+
+    @property
+    def form(self) -> str:
+        if self.negatives is not None:
+            return "pool"
+        if self.hard_negatives is not None:
+            return "retrieval"
+        return "in_batch"
+
+    def standard_contrast(self) -> ContrastSet:
+        """The contrast set of the call form, with features and labels attached."""
+        t = self.temperature
+        if self.negatives is not None:
+            contrast = pool_contrast(
+                self.z1,
+                self.z2,
+                self.negatives,
+                temperature=t,
+                exclude_index=self.exclude_index,
+                normalize=self.normalize,
+            )
+            contrast.anchor_features, contrast.column_features = self.h1, self.negative_h
+            contrast.anchor_labels, contrast.column_labels = self.labels, self.negative_labels
+            if self.negative_labels is None:
+                contrast.anchor_labels = None
+            return contrast
+        if self.hard_negatives is not None:
+            contrast = retrieval_contrast(
+                self.z1, self.z2, self.hard_negatives, temperature=t, normalize=self.normalize
+            )
+            contrast.anchor_features = self.h1
+            return contrast
+        views = (self.z1, self.z2, *self.extra_views)
+        contrast = in_batch_contrast(views, temperature=t, ids=self.ids, normalize=self.normalize)
+        if self.h1 is not None and self.h2 is not None and not self.extra_views:
+            contrast.anchor_features = contrast.column_features = torch.cat([self.h1, self.h2])
+        if self.labels is not None:
+            contrast.anchor_labels = contrast.column_labels = self.labels.repeat(len(views))
+        return contrast
 
 
 def check_views(z1: Tensor, z2: Tensor, names: tuple[str, str] = ("z1", "z2")) -> None:
@@ -67,23 +134,38 @@ def check_optional_features(name: str, h: Tensor | None, rows: int) -> None:
 
 
 class ContrastiveLoss(nn.Module):
-    """A negative strategy plugged into the (debiased) contrastive objective.
+    """A strategy plugged into an objective (InfoNCE family or Jensen-Shannon).
 
     Args:
-        strategy: decides the weights or the selection of negatives.
+        strategy: decides the weights or the selection of negatives (and maybe positives).
         temperature: ``t > 0``.
         tau_plus: class prior of the debiased estimator, in [0, 1) (0 = none).
-        check_inputs: validate shapes and finiteness on every call (one host sync).
+        objective: ``'infonce'`` (log-space InfoNCE, debiased with ``tau_plus``) or ``'jsd'``
+            (Jensen-Shannon / Fenchel-dual, as InfoGraph).
+        positive_mode: with several positives, ``'separate'`` (each its own partition, SupCon
+            ``L_out``) or ``'joint'`` (all positives in the partition).
+        normalize: L2-normalise the embeddings (cosine similarity); False uses raw dot
+            products, as InfoGraph's Jensen-Shannon objective does.
+        check_inputs: validate shapes, dtypes and finiteness on every call (host syncs).
+        fast: let strategies take their fast paths (:mod:`hardneg.fastpaths`; equal to the
+            plain ones, tested); ignored under ``torch.compile``.
     """
 
     def __init__(
         self,
-        strategy: NegativeStrategy,
+        strategy: Strategy,
+        *,
         temperature: float = 0.5,
         tau_plus: float = 0.0,
+        objective: str = "infonce",
+        positive_mode: str = "separate",
+        normalize: bool = True,
         check_inputs: bool = True,
+        fast: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(strategy, Strategy):
+            raise ValueError(f"strategy must be a hardneg Strategy, got {type(strategy).__name__}")
         self.strategy = strategy
         self.temperature = check_number("temperature", temperature, low=0.0, low_inclusive=False)
         self.tau_plus = check_number("tau_plus", tau_plus, low=0.0, high=1.0, high_inclusive=False)
@@ -92,34 +174,87 @@ class ContrastiveLoss(nn.Module):
                 f"tau_plus must be 0 for the {type(strategy).__name__} strategy "
                 f"(it selects negatives and has no debiased estimator), got {tau_plus!r}"
             )
+        self.objective = check_choice("objective", objective, OBJECTIVES)
+        self.positive_mode = check_choice("positive_mode", positive_mode, POSITIVE_MODES)
+        if not isinstance(check_inputs, bool):
+            raise ValueError(f"check_inputs must be True or False, got {check_inputs!r}")
+        if not isinstance(fast, bool):
+            raise ValueError(f"fast must be True or False, got {fast!r}")
+        if not isinstance(normalize, bool):
+            raise ValueError(f"normalize must be True or False, got {normalize!r}")
+        self.normalize = normalize
         self.check_inputs = check_inputs
+        self.fast = fast
+
+    # what a framework asks the loss (and through it the strategy)
+    @property
+    def feature_kind(self) -> str | None:
+        return self.strategy.feature_kind
+
+    @property
+    def draws(self) -> bool:
+        return self.strategy.draws
+
+    def hparams(self) -> dict[str, object]:
+        """Loss-level settings and the strategy's hyper-parameters, for logs and checkpoints."""
+        out: dict[str, object] = {
+            "temperature": self.temperature,
+            "tau_plus": self.tau_plus,
+            "objective": self.objective,
+            "positive_mode": self.positive_mode,
+            "normalize": self.normalize,
+        }
+        out.update(self.strategy.hparams())
+        return out
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, tau_plus={self.tau_plus}"
+        return (
+            f"temperature={self.temperature}, tau_plus={self.tau_plus}, "
+            f"objective={self.objective!r}"
+        )
 
-    def scores(
-        self,
-        z1: Tensor,
-        z2: Tensor,
-        negatives: Tensor | None = None,
-        *,
-        exclude_index: Tensor | None = None,
-    ) -> ContrastiveScores:
-        """Validate the inputs and compute the anchor-candidate scores."""
-        if self.check_inputs:
-            if negatives is None:
-                check_views(z1, z2)
-            else:
-                check_views(z1, z2, ("q", "k"))
-                check_embeddings("negatives", negatives)
-                if negatives.shape[1] != z1.shape[1]:
-                    raise ValueError(
-                        f"negatives must have the embedding dim of q ({z1.shape[1]}), "
-                        f"got shape {tuple(negatives.shape)}"
-                    )
+    def _validate(self, inputs: ContrastInputs, progress: float | None) -> None:
+        z1, z2, negatives = inputs.z1, inputs.z2, inputs.negatives
         if negatives is None:
-            return in_batch_scores(z1, z2, self.temperature)
-        return pool_scores(z1, z2, negatives, self.temperature, exclude_index=exclude_index)
+            check_views(z1, z2)
+            for i, v in enumerate(inputs.extra_views):
+                check_embeddings(f"extra_views[{i}]", v)
+                check_same_shape("z1", z1, f"extra_views[{i}]", v)
+        else:
+            check_views(z1, z2, ("q", "k"))
+            check_embeddings("negatives", negatives)
+            if negatives.shape[1] != z1.shape[1]:
+                raise ValueError(
+                    f"negatives must have the embedding dim of q ({z1.shape[1]}), "
+                    f"got shape {tuple(negatives.shape)}"
+                )
+        if inputs.hard_negatives is not None:
+            if negatives is not None:
+                raise ValueError("give either negatives (a pool) or hard_negatives, not both")
+            h = inputs.hard_negatives
+            if not isinstance(h, Tensor) or h.dim() != 3 or h.shape[0] != z1.shape[0] or h.shape[2] != z1.shape[1]:
+                shape = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
+                raise ValueError(
+                    f"hard_negatives must have shape (N, k, d) = ({z1.shape[0]}, k, {z1.shape[1]}), got {shape}"
+                )
+            check_embeddings("hard_negatives", h.reshape(-1, h.shape[-1]))
+        n = z1.shape[0]
+        check_optional_features("h1", inputs.h1, n)
+        check_optional_features("h2", inputs.h2, n)
+        if negatives is not None:
+            check_optional_features("negative_h", inputs.negative_h, negatives.shape[0])
+        if inputs.exclude_index is not None:
+            if negatives is None:
+                raise ValueError("exclude_index needs an external pool (negatives=...)")
+            check_index("exclude_index", inputs.exclude_index, n, negatives.shape[0])
+            if negatives.shape[0] < 2:
+                raise ValueError("a pool with exclude_index needs at least 2 entries")
+        if inputs.ids is not None:
+            check_labels("ids", inputs.ids, n)
+        if inputs.labels is not None:
+            check_labels("labels", inputs.labels, n)
+        if inputs.negative_labels is not None and negatives is not None:
+            check_labels("negative_labels", inputs.negative_labels, negatives.shape[0])
 
     def forward(
         self,
@@ -127,6 +262,9 @@ class ContrastiveLoss(nn.Module):
         z2: Tensor,
         negatives: Tensor | None = None,
         *,
+        hard_negatives: Tensor | None = None,
+        extra_views: list[Tensor] | tuple[Tensor, ...] = (),
+        ids: Tensor | None = None,
         progress: float | None = None,
         h1: Tensor | None = None,
         h2: Tensor | None = None,
@@ -140,70 +278,67 @@ class ContrastiveLoss(nn.Module):
         """Loss for one step.
 
         Args:
-            z1, z2: ``[N, d]`` views (or queries ``q`` and positive keys ``k`` with a pool).
-            negatives: ``[K, d]`` external pool, or None for in-batch negatives.
-            progress: fraction of training done, for annealed strategies.
-            h1, h2: ``[N, h]`` pre-projection features of the two views (UnReMix influence).
-            negative_h: ``[K, h]`` pre-projection features of the pool entries.
-            exclude_index: ``[N]`` pool row of each query's own entry (memory bank), masked out.
+            z1, z2: ``[N, d]`` views (queries and positive keys with a pool; anchors and
+                positives with ``hard_negatives``).
+            negatives: ``[K, d]`` external pool, or None.
+            hard_negatives: ``[N, h, d]`` explicit hard negatives per anchor (retrieval).
+            extra_views: further ``[N, d]`` views (in-batch only).
+            ids: ``[N]`` sample ids; equal ids are duplicates (masked), in-batch only.
+            progress: fraction of training done, in [0, 1], for annealed strategies.
+            h1, h2: ``[N, h]`` features of the two views (see ``strategy.feature_kind``).
+            negative_h: ``[K, h]`` the same features of the pool entries.
+            exclude_index: ``[N]`` pool row of each query's own entry (memory bank), masked.
             generator: random generator for strategies that draw.
             labels, negative_labels: class ids for diagnostics only; never used by the loss.
             return_diagnostics: return a :class:`LossOutput` instead of the scalar.
         """
         if progress is not None:
             progress = check_progress(progress)
-        n = z1.shape[0] if isinstance(z1, Tensor) else 0
-        scores = self.scores(z1, z2, negatives, exclude_index=exclude_index)
-        if self.check_inputs:
-            check_optional_features("h1", h1, n)
-            check_optional_features("h2", h2, n)
-            if negatives is not None:
-                check_optional_features("negative_h", negative_h, negatives.shape[0])
-        if negatives is None:
-            anchor_h = None if h1 is None or h2 is None else torch.cat([h1, h2], dim=0)
-            candidate_h = anchor_h
-        else:
-            anchor_h, candidate_h = h1, negative_h
-        inputs = StrategyInputs(
-            progress=progress,
-            anchor_features=anchor_h,
-            candidate_features=candidate_h,
-            generator=generator,
-        )
-        selection = self.strategy.select(scores, inputs)
-        per_anchor = contrastive_objective(
-            scores.pos_logits,
-            selection.logits,
-            selection.log_weights,
-            tau_plus=self.tau_plus,
-            num_negatives=scores.num_negatives,
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        inputs = ContrastInputs(
+            z1=z1,
+            z2=z2,
             temperature=self.temperature,
-            tilt=selection.tilt,
-            tilt_factor=selection.tilt_factor,
-            tilt_grad=selection.tilt_grad,
-            tilt_shifted=selection.tilt_shifted,
+            negatives=negatives,
+            hard_negatives=hard_negatives,
+            extra_views=tuple(extra_views),
+            ids=ids,
+            exclude_index=exclude_index,
+            h1=h1,
+            h2=h2,
+            negative_h=negative_h,
+            labels=labels if return_diagnostics else None,
+            negative_labels=negative_labels if return_diagnostics else None,
+            normalize=self.normalize,
         )
-        loss = per_anchor.mean()
+        if self.check_inputs:
+            self._validate(inputs, progress)
+        fast = self.fast and not return_diagnostics and not torch.compiler.is_compiling()
+        context = StepContext(
+            progress=progress,
+            generator=generator,
+            fast=fast,
+            want_log_mass=self.objective == "infonce" and not return_diagnostics,
+        )
+        loss: Tensor | None = None
+        main_per_anchor: Tensor | None = None
+        main = None
+        term_values: dict[str, float] = {}
+        for weight, contrast, role in self.strategy.terms(inputs, context):
+            selection = self.strategy.select_term(contrast, context, role)
+            options = {"positive_mode": self.positive_mode, **self.strategy.objective_options(role)}
+            per_anchor = objective_loss(
+                self.objective, contrast, selection, tau_plus=self.tau_plus, **options
+            )
+            value = per_anchor.mean()
+            loss = weight * value if loss is None else loss + weight * value
+            if main is None:
+                main, main_per_anchor = (contrast, selection), per_anchor
+            if return_diagnostics:
+                term_values[role] = term_values.get(role, 0.0) + float(weight * value.detach())
+        assert loss is not None and main is not None and main_per_anchor is not None
         if not return_diagnostics:
             return loss
-        anchor_labels, candidate_labels = self._diagnostic_labels(
-            labels, negative_labels, n, negatives
-        )
-        diag = negative_diagnostics(
-            scores, selection, anchor_labels=anchor_labels, candidate_labels=candidate_labels
-        )
-        return LossOutput(loss=loss, per_anchor=per_anchor, diagnostics=diag)
-
-    @staticmethod
-    def _diagnostic_labels(
-        labels: Tensor | None, negative_labels: Tensor | None, n: int, negatives: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None]:
-        if labels is None:
-            return None, None
-        labels = check_labels("labels", labels, n)
-        if negatives is None:
-            both = torch.cat([labels, labels])
-            return both, both
-        if negative_labels is None:
-            return None, None
-        return labels, check_labels("negative_labels", negative_labels, negatives.shape[0])
+        diag = negative_diagnostics(*main)
+        return LossOutput(loss=loss, per_anchor=main_per_anchor, diagnostics=diag, terms=term_values)

@@ -1,22 +1,27 @@
-"""Negative strategies: per-anchor scores -> weights or a selection of negatives."""
+"""Strategies: a contrast set -> weights or a selection of negatives (and positives).
+
+Each strategy is one file that registers itself (:func:`hardneg.registry.register_strategy`);
+importing this package registers the built-ins, in this order.
+"""
 
 from hardneg.strategies.base import (
-    NegativeSelection,
-    NegativeStrategy,
-    StrategyInputs,
+    Selection,
+    StepContext,
+    Strategy,
     normalised_log_weights,
 )
-from hardneg.strategies.importance import ImportanceNegatives
-from hardneg.strategies.ring import RingNegatives, ring_band
-from hardneg.strategies.uniform import UniformNegatives
-from hardneg.strategies.unremix import UnReMixNegatives
+from hardneg.strategies.uniform import DebiasedNegatives, UniformNegatives  # isort: skip
+from hardneg.strategies.importance import ImportanceNegatives  # isort: skip
+from hardneg.strategies.ring import RingNegatives, ring_band  # isort: skip
+from hardneg.strategies.unremix import UnReMixNegatives  # isort: skip
 
 __all__ = [
+    "DebiasedNegatives",
     "ImportanceNegatives",
-    "NegativeSelection",
-    "NegativeStrategy",
     "RingNegatives",
-    "StrategyInputs",
+    "Selection",
+    "StepContext",
+    "Strategy",
     "UniformNegatives",
     "UnReMixNegatives",
     "normalised_log_weights",

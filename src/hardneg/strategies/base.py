@@ -1,112 +1,168 @@
-"""What a negative strategy is: a map from per-anchor scores to weights or a selection.
+"""What a strategy is: a map from a contrast set to a selection of negatives (and positives).
 
-A strategy never computes a loss. It receives :class:`~hardneg.pool.ContrastiveScores` (and,
-through :class:`StrategyInputs`, whatever else it declares it needs: training progress, the
-head's pre-projection features, a random generator) and returns a :class:`NegativeSelection`:
-the negative logits it keeps, optionally their log-weights, and which candidate each column is.
-The objective (:mod:`hardneg.objective`) turns that into the loss.
+A strategy never computes a loss. It receives a :class:`~hardneg.contrast.ContrastSet` and a
+:class:`StepContext` (training progress, a random generator) and returns a :class:`Selection`:
+log-weights over the negative columns (``-inf`` = dropped), optionally synthetic negatives, extra
+positives or changed positive weights. An objective (:mod:`hardneg.objectives`) turns the
+selection into the loss.
+
+Writing a strategy (one file, registered where it is defined)::
+
+    @register_strategy("my_strategy")
+    class MyNegatives(Strategy):
+        '''Paper, equation, reference code.'''
+
+        def __init__(self, *, alpha: float = 1.0) -> None:
+            super().__init__()
+            self.alpha = check_number("alpha", alpha, low=0.0)   # stored under its own name
+
+        def select(self, contrast, context):
+            return Selection(negative_log_weights=...)
+
+The keyword-only ``__init__`` is the single source of the hyper-parameters and their defaults:
+the registry, ``hardneg losses``, configs, ``compare`` and the docs read its signature, and
+:meth:`Strategy.hparams` reads the attributes of the same names.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from hardneg.pool import ContrastiveScores
+from hardneg.contrast import ContrastSet
+
+if TYPE_CHECKING:
+    from hardneg.losses.contrastive import ContrastInputs
 
 
 @dataclass
-class StrategyInputs:
-    """Optional inputs a strategy may use; all are explicit, none is hidden state.
+class StepContext:
+    """Explicit per-step inputs of a strategy; none of them is hidden state.
 
     Attributes:
-        progress: fraction of training done, in [0, 1]; drives schedules (None = no schedule).
-        anchor_features: ``[A, h]`` pre-projection features of the anchors (UnReMix influence).
-        candidate_features: ``[C, h]`` pre-projection features of the candidates.
+        progress: fraction of training done, in [0, 1] (None = no schedule).
         generator: random generator for strategies that draw (None = torch's global RNG).
+        fast: allow the strategy's fast path (:mod:`hardneg.fastpaths`), tested equal to the
+            plain one; False under ``torch.compile`` and for diagnostics.
+        want_log_mass: the objective only needs each anchor's weighted negative log-mass
+            (InfoNCE), so a strategy may return ``negative_log_mass`` instead of dense weights.
     """
 
     progress: float | None = None
-    anchor_features: Tensor | None = None
-    candidate_features: Tensor | None = None
     generator: torch.Generator | None = None
+    fast: bool = True
+    want_log_mass: bool = True
 
 
 @dataclass
-class NegativeSelection:
-    """The negatives a strategy keeps for each anchor and how much each one counts.
-
-    The weights are given either explicitly (``log_weights``) or, for importance strategies, as a
-    *tilt* that the objective evaluates in one fused pass without materialising them:
-    ``w_ij ∝ e^{tilt c_ij} f_ij`` with mean 1 over the ``M`` negatives (``f`` = ``tilt_factor``,
-    1 when not given; the ``imp / imp.mean()`` of the HCL reference code).
+class Selection:
+    """The negatives (and positives) a strategy keeps for each anchor and how much each counts.
 
     Attributes:
-        logits: ``[A, S]`` negative logits ``s/t`` (``-inf`` = not kept).
-        log_weights: ``[A, S]`` ``log w`` or None for unit weights. Importance strategies
-            normalise the weights to mean 1 over the ``M`` negatives, as the HCL estimator does.
-        indices: ``[A, S]`` candidate index of each column, or None when the columns are the
-            candidates themselves (``S = C``).
-        tilt: ``beta >= 0`` of the tilted weights (0 and no ``tilt_factor`` = no tilt).
-        tilt_factor: ``[A, S]`` constant positive factor of the tilted weights (no gradient
-            flows through it); 0 wherever ``logits`` is ``-inf``.
-        tilt_grad: let the gradient flow through the tilt (the HCL reference does).
-        tilt_shifted: optional ``(max_j c_ij [A], e^{c_ij - max_j c_ij} [A, S])`` of the
-            detached ``logits`` in float32, when the strategy computed them anyway; the
-            objective then reuses them (they must be exactly what it would compute).
+        negative_log_weights: ``[A, S]`` ``log w_ij`` over the contrast set's negative columns
+            (``-inf`` = dropped); None = weight 1 on every negative. Importance strategies
+            normalise ``w`` to mean 1 over the anchor's ``M`` negatives, as HCL's estimator does.
+        negative_log_mass: ``[A]`` ``log sum_j w_ij e^{c_ij}`` when the strategy computed it
+            directly (a fast path); the InfoNCE objective then skips its own sum.
+        extra_negative_logits: ``[A, E]`` synthetic negatives (e.g. MoCHi's mixes), weight 1.
+        extra_positive_logits: ``[A, Q]`` further positives of each anchor (mined neighbours,
+            cancelled false negatives); their columns should be dropped from the negatives.
+        extra_positive_weight: ``[A, Q]`` their weights (default 1; 0 = padding).
+        positive_weight: ``[A, P]`` replaces the contrast set's positive weights.
+        num_negatives: ``M`` of the debiased estimator if the strategy changes it.
+        extras: scalar facts for diagnostics (e.g. the band used), never used by the loss.
     """
 
-    logits: Tensor
-    log_weights: Tensor | None = None
-    indices: Tensor | None = None
-    tilt: float = 0.0
-    tilt_factor: Tensor | None = None
-    tilt_grad: bool = True
-    tilt_shifted: tuple[Tensor, Tensor] | None = None
-
-    @property
-    def tilted(self) -> bool:
-        return self.tilt != 0.0 or self.tilt_factor is not None
-
-    def dense_log_weights(self) -> Tensor | None:
-        """``log w`` as an ``[A, S]`` tensor (up to a per-row constant for tilted weights), or
-        None for unit weights; for analysis, the objective never materialises it."""
-        if not self.tilted:
-            return self.log_weights
-        logits = self.logits if self.tilt_grad else self.logits.detach()
-        log_w = logits * self.tilt if self.tilt != 0.0 else torch.zeros_like(logits)
-        if self.tilt_factor is not None:
-            log_w = log_w + self.tilt_factor.log()
-        return log_w.masked_fill(~torch.isfinite(self.logits), float("-inf"))
+    negative_log_weights: Tensor | None = None
+    negative_log_mass: Tensor | None = None
+    extra_negative_logits: Tensor | None = None
+    extra_positive_logits: Tensor | None = None
+    extra_positive_weight: Tensor | None = None
+    positive_weight: Tensor | None = None
+    num_negatives: int | Tensor | None = None
+    extras: dict[str, float] = field(default_factory=dict)
 
 
-class NegativeStrategy(nn.Module, ABC):
-    """Base class: decides the weights (or the selection) of negatives over a pool."""
-
-    #: True when the debiased estimator (class prior ``tau_plus``) is meaningful on top.
-    supports_debiasing: bool = True
-
-    @abstractmethod
-    def select(self, scores: ContrastiveScores, inputs: StrategyInputs) -> NegativeSelection:
-        """Return the selection for every anchor of ``scores``."""
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
-
-    def hparams(self) -> dict[str, object]:
-        """The strategy's hyper-parameters (for logs and checkpoints)."""
-        return {}
-
-
-def normalised_log_weights(log_w: Tensor, scores: ContrastiveScores) -> Tensor:
+def normalised_log_weights(log_w: Tensor, contrast: ContrastSet) -> Tensor:
     """Shift ``log w`` so that the weights average 1 over each anchor's ``M`` negatives.
 
     This is the ``imp / imp.mean()`` of the HCL reference code, in log space:
-    ``log w - logsumexp(log w) + log M``. Masked candidates stay at ``-inf``.
+    ``log w - logsumexp_j(log w) + log M``. Masked columns stay at ``-inf``.
     """
-    if scores.neg_mask is not None:
-        log_w = log_w.masked_fill(~scores.neg_mask, float("-inf"))
-    return log_w - torch.logsumexp(log_w, dim=1, keepdim=True) + scores.log_num_negatives
+    if contrast.negative_mask is not None:
+        log_w = log_w.masked_fill(~contrast.negative_mask, float("-inf"))
+    log_m = contrast.log_num_negatives()
+    if isinstance(log_m, Tensor):
+        log_m = log_m.unsqueeze(1)
+    return log_w - torch.logsumexp(log_w, dim=1, keepdim=True) + log_m
+
+
+class Strategy(nn.Module):
+    """Base class: decides the weights (or the selection) of negatives, and maybe positives.
+
+    Class attributes a strategy may set (what a framework or the loss asks it):
+
+    * ``loss_defaults``: defaults of the loss-level settings for this strategy
+      (``temperature``, ``tau_plus``, ``objective``), e.g. Ring's ``t = 0.07``;
+    * ``supports_debiasing``: False when ``tau_plus > 0`` is meaningless (pure selection);
+    * ``feature_kind``: None, ``'hidden'`` (the input of the head's last linear layer) or
+      ``'projection'`` (the projection before a predictor): what ``h1``/``h2`` it uses;
+    * ``draws``: True when it draws random numbers (a ``generator`` makes runs repeatable).
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    loss_defaults: ClassVar[dict[str, Any]] = {}
+    supports_debiasing: ClassVar[bool] = True
+    feature_kind: ClassVar[str | None] = None
+    draws: ClassVar[bool] = False
+
+    def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
+        """Return the selection for every anchor of ``contrast`` (default: every negative)."""
+        return Selection()
+
+    def terms(self, inputs: ContrastInputs, context: StepContext) -> list[tuple[float, ContrastSet, str]]:
+        """The weighted contrast sets of one step, ``[(weight, contrast, role), ...]``.
+
+        The default is the one standard set of the call form (in-batch, pool or retrieval,
+        see :class:`~hardneg.losses.contrastive.ContrastInputs`). A strategy with several terms
+        (potential-sample mining: mined and augmentation losses) overrides it; ``role`` is
+        handed back to :meth:`select_term`.
+        """
+        return [(1.0, inputs.standard_contrast(), "main")]
+
+    def select_term(self, contrast: ContrastSet, context: StepContext, role: str) -> Selection:
+        """Selection of one term (default: :meth:`select`)."""
+        return self.select(contrast, context)
+
+    def objective_options(self, role: str) -> dict[str, Any]:
+        """Options of the objective for term ``role`` (e.g. joint positives); default none."""
+        return {}
+
+    @classmethod
+    def hparam_names(cls) -> list[str]:
+        """Keyword-only parameters of ``__init__``: the strategy's hyper-parameters."""
+        return [
+            p.name
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        ]
+
+    @classmethod
+    def hparam_defaults(cls) -> dict[str, Any]:
+        return {
+            p.name: p.default
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+
+    def hparams(self) -> dict[str, Any]:
+        """The strategy's hyper-parameters, read from the attributes named as in ``__init__``."""
+        return {name: getattr(self, name) for name in self.hparam_names()}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())

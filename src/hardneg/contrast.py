@@ -1,0 +1,360 @@
+"""The contrast set: who each anchor is compared with, and how much each comparison counts.
+
+One description serves every method, modality and framework (the "pool" of the data flow
+data -> views -> encoder -> **contrast set** -> strategy -> objective):
+
+* ``A`` anchors, each with ``P >= 1`` positives (``positive_logits [A, P]``, weights
+  ``positive_weight [A, P]``; a weight of 0 marks padding when anchors have different numbers
+  of positives);
+* ``S`` negative columns (``negative_logits [A, S]``, ``-inf`` where a column is *not* a negative
+  of that anchor: itself, one of its positives, a duplicate, a known false negative, an excluded
+  bank entry). The first ``C`` columns are shared by all anchors (``columns [C, d]``: in-batch
+  views, a queue, a memory bank, every positive and hard negative of a retrieval batch); the
+  last ``h`` are each anchor's own explicit columns (``anchor_columns [A, h, d]``, the
+  ``(anchor, positive, negative_1..h)`` layout of retrieval data), so ``S = C + h``.
+
+Logits are ``s / t`` with ``s`` the cosine similarity (``normalize=True``) or the raw dot product
+(``normalize=False``, what InfoGraph's Jensen-Shannon objective uses). They are computed in the
+inputs' precision: float64 inputs give float64 logits; float16 / bfloat16 inputs are promoted to
+float32 before any exponential.
+
+Builders:
+
+* :func:`in_batch_contrast` — SimCLR: ``V >= 2`` views of ``N`` samples give ``A = VN`` anchors,
+  each with ``V - 1`` positives (the sample's other views) and ``VN - V`` negatives; optional
+  ``ids`` mask duplicates (rows of other samples with the same id are neither positive nor
+  negative).
+* :func:`pool_contrast` — MoCo queue / memory bank: queries ``q [N, d]``, positive keys
+  ``k [N, d]``, an external pool ``[K, d]`` (never back-propagated); ``exclude_index`` masks each
+  query's own bank entry.
+* :func:`retrieval_contrast` — text retrieval: anchors, positives and ``k`` hard-negative
+  columns; every positive and hard negative of the batch is a candidate of every anchor
+  (sentence-transformers' ``MultipleNegativesRankingLoss`` layout), ids mask duplicates.
+* :func:`build_contrast` — the general form the others reduce to.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class ContrastSet:
+    """Per-anchor positives and negative columns of one step.
+
+    Attributes:
+        anchors: ``[A, d]`` anchor embeddings (L2-normalised when ``normalized``).
+        columns: ``[C, d]`` shared column embeddings.
+        anchor_columns: ``[A, h, d]`` each anchor's own explicit columns, or None (``h = 0``).
+        positives: ``[A, P, d]`` embeddings of each anchor's positives.
+        positive_logits: ``[A, P]`` ``s(i, p) / t``.
+        positive_weight: ``[A, P]`` weight of each positive (0 = padding).
+        positive_index: ``[A, P]`` column index of each positive when it is also a shared
+            column (in-batch, retrieval), else -1; None when no positive is a column.
+        negative_logits: ``[A, S]`` ``s(i, j) / t``, ``-inf`` where ``j`` is not a negative of ``i``.
+        negative_mask: ``[A, S]`` bool, True where ``j`` is a negative of ``i``; None = all are.
+        num_negatives: ``M``: an int when every anchor has as many negatives, else ``[A]``.
+        temperature: ``t``.
+        normalized: whether embeddings were L2-normalised (``s`` is a cosine).
+        anchor_features: ``[A, h']`` pre-projection features of the anchors, or None.
+        column_features: ``[C, h']`` pre-projection features of the shared columns, or None.
+        column_labels: ``[C]`` class ids of the shared columns (diagnostics only), or None.
+        anchor_labels: ``[A]`` class ids of the anchors (diagnostics only), or None.
+    """
+
+    anchors: Tensor
+    columns: Tensor
+    anchor_columns: Tensor | None
+    positives: Tensor
+    positive_logits: Tensor
+    positive_weight: Tensor
+    positive_index: Tensor | None
+    negative_logits: Tensor
+    negative_mask: Tensor | None
+    num_negatives: int | Tensor
+    temperature: float
+    normalized: bool = True
+    anchor_features: Tensor | None = None
+    column_features: Tensor | None = None
+    column_labels: Tensor | None = None
+    anchor_labels: Tensor | None = None
+
+    @property
+    def num_anchors(self) -> int:
+        return self.negative_logits.shape[0]
+
+    @property
+    def num_shared(self) -> int:
+        """``C``, the number of shared columns."""
+        return self.columns.shape[0]
+
+    @property
+    def single_positive(self) -> bool:
+        return self.positive_logits.shape[1] == 1
+
+    def mask(self) -> Tensor:
+        """``[A, S]`` bool negative mask (materialised when ``negative_mask`` is None)."""
+        if self.negative_mask is not None:
+            return self.negative_mask
+        return torch.ones_like(self.negative_logits, dtype=torch.bool)
+
+    def log_num_negatives(self) -> float | Tensor:
+        """``log M`` (a float, or ``[A]``)."""
+        if isinstance(self.num_negatives, int):
+            return math.log(self.num_negatives)
+        return self.num_negatives.to(self.negative_logits.dtype).log()
+
+    def column_embeddings(self) -> Tensor:
+        """``[A, S, d]`` embeddings of every column of every anchor (for analysis and tests)."""
+        shared = self.columns.unsqueeze(0).expand(self.num_anchors, -1, -1)
+        if self.anchor_columns is None:
+            return shared
+        return torch.cat([shared, self.anchor_columns], dim=1)
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32 (half precisions are promoted)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _prepare(x: Tensor, dtype: torch.dtype, normalize: bool) -> Tensor:
+    x = x.to(dtype)
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+def build_contrast(
+    anchors: Tensor,
+    columns: Tensor,
+    *,
+    temperature: float,
+    positive_index: Tensor | None = None,
+    positives: Tensor | None = None,
+    positive_weight: Tensor | None = None,
+    anchor_columns: Tensor | None = None,
+    negative_mask: Tensor | None = None,
+    normalize: bool = True,
+    detach_columns: bool = False,
+) -> ContrastSet:
+    """The general contrast set.
+
+    Args:
+        anchors: ``[A, d]``.
+        columns: ``[C, d]`` shared columns.
+        temperature: ``t > 0``.
+        positive_index: ``[A, P]`` column index of each anchor's positives among the shared
+            columns; those columns are never negatives of that anchor.
+        positives: ``[A, P, d]`` (or ``[A, d]``) explicit positives that are not columns
+            (a MoCo key); give exactly one of ``positive_index`` and ``positives``.
+        positive_weight: ``[A, P]`` (default: all 1; 0 marks padding).
+        anchor_columns: ``[A, h, d]`` per-anchor explicit negatives, appended after the ``C``.
+        negative_mask: ``[A, C]`` bool, False where a shared column must not be a negative
+            (besides the anchor's positives, which are always excluded).
+        normalize: L2-normalise every embedding (cosine similarity).
+        detach_columns: no gradient through the shared columns (a queue, a bank).
+    """
+    dtype = compute_dtype(anchors, columns)
+    a = _prepare(anchors, dtype, normalize)
+    c = _prepare(columns.detach() if detach_columns else columns, dtype, normalize)
+    if (positive_index is None) == (positives is None):
+        raise ValueError("give exactly one of positive_index and positives")
+    # 1/t folded into the [A, d] operand: one pass less over the [A, C] logits
+    logits = (a / temperature) @ c.T
+    if positives is not None:
+        p = _prepare(positives if positives.dim() == 3 else positives.unsqueeze(1), dtype, normalize)
+        pos_logits = torch.einsum("ad,apd->ap", a, p) / temperature
+        pos_index = None
+    else:
+        assert positive_index is not None
+        pos_index = positive_index.to(device=logits.device, dtype=torch.long)
+        if pos_index.dim() == 1:
+            pos_index = pos_index.unsqueeze(1)
+        p = c[pos_index]
+        pos_logits = logits.gather(1, pos_index)
+    mask = None
+    if pos_index is not None or negative_mask is not None:
+        mask = (
+            torch.ones_like(logits, dtype=torch.bool)
+            if negative_mask is None
+            else negative_mask.to(logits.device).clone()
+        )
+        if pos_index is not None:
+            mask.scatter_(1, pos_index, False)
+        logits = logits.masked_fill(~mask, float("-inf"))
+    if anchor_columns is not None:
+        ac = _prepare(anchor_columns, dtype, normalize)
+        own = torch.einsum("ad,ahd->ah", a, ac) / temperature
+        logits = torch.cat([logits, own], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(own, dtype=torch.bool)], dim=1)
+    if negative_mask is not None:
+        num: int | Tensor = mask.sum(dim=1)  # per anchor; no host sync
+    else:  # the positives (distinct columns of each row) are the only excluded columns
+        num = logits.shape[1] - (0 if pos_index is None else pos_index.shape[1])
+    weight = (
+        torch.ones_like(pos_logits)
+        if positive_weight is None
+        else positive_weight.to(device=pos_logits.device, dtype=pos_logits.dtype).reshape(
+            pos_logits.shape
+        )
+    )
+    return ContrastSet(
+        anchors=a,
+        columns=c,
+        anchor_columns=None if anchor_columns is None else _prepare(anchor_columns, dtype, normalize),
+        positives=p,
+        positive_logits=pos_logits,
+        positive_weight=weight,
+        positive_index=pos_index,
+        negative_logits=logits,
+        negative_mask=mask,
+        num_negatives=num,
+        temperature=float(temperature),
+        normalized=normalize,
+    )
+
+
+def in_batch_contrast(
+    views: list[Tensor] | tuple[Tensor, ...],
+    *,
+    temperature: float,
+    ids: Tensor | None = None,
+    normalize: bool = True,
+) -> ContrastSet:
+    """SimCLR: every view of every sample is an anchor and a column.
+
+    ``views``: ``V >= 2`` tensors ``[N, d]`` (row ``i`` of each is sample ``i``). Anchor ``v N + i``
+    has the positives ``v' N + i`` (``v' != v``, in increasing order of ``v'``) and every view of
+    every other sample as negatives; itself is neither. ``ids`` ``[N]`` (optional): samples with
+    equal ids are duplicates, neither positives nor negatives of each other.
+    """
+    v = len(views)
+    n = views[0].shape[0]
+    dtype = compute_dtype(*views)
+    z = _prepare(torch.cat(list(views), dim=0), dtype, normalize)
+    device = z.device
+    logits = (z / temperature) @ z.T
+    index = torch.arange(v * n, device=device)
+    sample = index % n
+    view = index // n
+    # positives: the same sample in the other views, in increasing view order
+    others = torch.arange(1, v, device=device)
+    other_view = (view.unsqueeze(1) + others.unsqueeze(0)) % v  # [A, V-1]
+    other_view = other_view.sort(dim=1).values
+    pos_index = other_view * n + sample.unsqueeze(1)
+    positives = z[pos_index]
+    # a row-wise product, not a gather from the logits: those are masked in place below
+    pos_logits = torch.einsum("ad,apd->ap", z, positives) / temperature
+    if ids is None:
+        # in place on the matmul output (its backward does not need it): no mask pass
+        rows = index.repeat_interleave(v)
+        cols = (torch.arange(v, device=device).repeat(v * n) * n) + sample.repeat_interleave(v)
+        logits.index_put_((rows, cols), torch.tensor(float("-inf"), device=device, dtype=dtype))
+        mask = torch.ones_like(logits, dtype=torch.bool)
+        mask[rows, cols] = False
+        num: int | Tensor = v * n - v
+    else:
+        ids = ids.to(device)
+        col_ids = ids.repeat(v)
+        mask = col_ids.unsqueeze(0) != col_ids.unsqueeze(1)
+        logits = logits.masked_fill(~mask, float("-inf"))
+        num = mask.sum(dim=1)
+    return ContrastSet(
+        anchors=z,
+        columns=z,
+        anchor_columns=None,
+        positives=positives,
+        positive_logits=pos_logits,
+        positive_weight=torch.ones_like(pos_logits),
+        positive_index=pos_index,
+        negative_logits=logits,
+        negative_mask=mask,
+        num_negatives=num,
+        temperature=float(temperature),
+        normalized=normalize,
+    )
+
+
+def pool_contrast(
+    q: Tensor,
+    k: Tensor,
+    pool: Tensor,
+    *,
+    temperature: float,
+    exclude_index: Tensor | None = None,
+    normalize: bool = True,
+) -> ContrastSet:
+    """MoCo / memory bank: queries ``q [N, d]``, their positive keys ``k [N, d]`` and an external
+    pool ``[K, d]`` (detached) whose rows are all negatives, except ``exclude_index[i]`` (each
+    query's own bank entry), which is masked, leaving ``K - 1``."""
+    dtype = compute_dtype(q, k, pool)
+    qn = _prepare(q, dtype, normalize)
+    kn = _prepare(k, dtype, normalize)
+    bank = _prepare(pool.detach(), dtype, normalize)
+    pos_logits = (qn * kn).sum(dim=1, keepdim=True) / temperature
+    logits = (qn / temperature) @ bank.T
+    mask = None
+    num: int | Tensor = bank.shape[0]
+    if exclude_index is not None:
+        rows = torch.arange(q.shape[0], device=logits.device)
+        cols = exclude_index.to(device=logits.device, dtype=torch.long)
+        mask = torch.ones_like(logits, dtype=torch.bool)
+        mask[rows, cols] = False
+        logits.index_put_((rows, cols), torch.tensor(float("-inf"), device=logits.device, dtype=dtype))
+        num = bank.shape[0] - 1
+    return ContrastSet(
+        anchors=qn,
+        columns=bank,
+        anchor_columns=None,
+        positives=kn.unsqueeze(1),
+        positive_logits=pos_logits,
+        positive_weight=torch.ones_like(pos_logits),
+        positive_index=None,
+        negative_logits=logits,
+        negative_mask=mask,
+        num_negatives=num,
+        temperature=float(temperature),
+        normalized=normalize,
+    )
+
+
+def retrieval_contrast(
+    anchors: Tensor,
+    positives: Tensor,
+    hard_negatives: Tensor | None = None,
+    *,
+    temperature: float,
+    ids: Tensor | None = None,
+    candidate_ids: Tensor | None = None,
+    normalize: bool = True,
+) -> ContrastSet:
+    """Text retrieval: anchor ``i``'s positive is ``positives[i]``; its negatives are every other
+    positive and every hard negative of the batch (``hard_negatives [B, h, d]``, flattened
+    row-major after the ``B`` positives: column ``B + i h + m`` is anchor ``i``'s ``m``-th hard
+    negative), as in sentence-transformers' ``MultipleNegativesRankingLoss``.
+
+    ``ids [B]`` and ``candidate_ids [B (1 + h)]`` (optional, e.g. hashes of the texts): a column
+    with the same id as the anchor's positive is a duplicate of it and is masked (neither).
+    """
+    b = anchors.shape[0]
+    cols = [positives]
+    if hard_negatives is not None:
+        cols.append(hard_negatives.reshape(-1, hard_negatives.shape[-1]))
+    columns = torch.cat(cols, dim=0)
+    mask = None
+    if candidate_ids is not None:
+        if ids is None:
+            ids = candidate_ids[:b]
+        mask = candidate_ids.to(anchors.device).unsqueeze(0) != ids.to(anchors.device).unsqueeze(1)
+    return build_contrast(
+        anchors,
+        columns,
+        temperature=temperature,
+        positive_index=torch.arange(b, device=anchors.device).unsqueeze(1),
+        negative_mask=mask,
+        normalize=normalize,
+    )

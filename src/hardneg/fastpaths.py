@@ -1,0 +1,287 @@
+"""Fast paths: the speed code of the strategies, apart from their plain form.
+
+Each function here computes exactly what a plain expression in a strategy file computes, only
+faster on some hardware; each is tested equal to its plain twin (``tests/test_fastpaths.py``).
+Strategies call them only when ``StepContext.fast`` is set (never under ``torch.compile``, whose
+own fusion is the accelerator's fast path, and never for diagnostics). Public torch and numpy API
+only; no kept buffers.
+
+* :func:`tilted_log_mass` — HCL/UnReMix: ``log sum_j w_ij e^{c_ij}`` with
+  ``w_ij = M e^{beta c_ij} f_ij / sum_k e^{beta c_ik} f_ik`` in one shifted pass and a
+  hand-written backward (plain twin: ``logsumexp(c + normalised_log_weights(beta c + log f))``).
+* :func:`top_k_indices` / :func:`drop_top` — Ring on CPU: linear-time selection over int32 keys
+  that order like the floats, with numpy's SIMD partition on long rows (plain twin:
+  ``torch.topk``).
+* :func:`band_logits` — Ring: the ring's logits read from the score matrix with a sparse
+  backward through the ring's members only (plain twin: back-propagating through the gather).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# On CPU, row blocks of about this many elements keep the temporaries of row-wise products in
+# cache instead of allocating a whole [A, S] matrix; every row is reduced exactly as in one
+# call, so the results are bit-identical.
+_BLOCK = 1 << 18
+
+
+def row_blocks(x: Tensor, block: int = _BLOCK) -> list[slice]:
+    """Slices of rows of about ``block`` elements on CPU; one slice on an accelerator."""
+    if x.device.type != "cpu":  # on an accelerator one launch per op beats cache blocking
+        return [slice(0, x.shape[0])]
+    rows = max(1, block // max(1, x.shape[1]))
+    return [slice(start, start + rows) for start in range(0, x.shape[0], rows)]
+
+
+class _TiltedLogMass(torch.autograd.Function):
+    """``log R_i = log sum_j w_ij e^{c_ij}`` with ``w_ij = M e^{beta c_ij} f_ij / sum_k e^{beta c_ik} f_ik``.
+
+    Equal to ``log M + LSE_j((1 + beta) c_ij + log f_ij) - LSE_j(beta c_ij + log f_ij)`` but
+    computed from one shifted copy of the logits: with ``s = c - max_j c``, ``e = e^{s}`` and
+    ``q = e^{beta s} f``, ``log R = log M + max_j c + log sum(q e) - log sum(q)``; the backward
+    pass is ``dlogR/dc = (1 + beta) q e / sum(q e) - beta q / sum(q)`` (only the first term when
+    the tilt is detached), three in-place passes. With ``beta = 1`` and a factor, ``q = e f`` is
+    formed a block of rows at a time and never stored (saved: ``e`` and ``f``; the backward pass
+    multiplies by ``e`` and then by ``f`` in place, no ``[A, S]`` temporary). Every exponent is
+    <= 0 and the row maximum contributes ``e^0 f``, so nothing overflows and the sums stay
+    positive for ``f > 0``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, factor, beta, log_m, tilt_grad, shifted=None):  # type: ignore[override]
+        if shifted is None:
+            row_max = logits.amax(dim=1, keepdim=True)
+            s = logits - row_max  # <= 0, -inf where absent
+            e = None
+        else:  # the strategy already has e = exp(c - max_j c): reuse it, a pass and a copy less
+            row_max, e = shifted
+            row_max = row_max.unsqueeze(1)
+            s = None if beta in (0.0, 1.0, 2.0) else logits - row_max
+        if beta in (0.0, 1.0, 2.0):
+            # the common betas need no second exponential: e^{beta s} = 1, e or e * e
+            if e is None:
+                e = s.exp_()
+            q = None if beta == 0.0 else (e if beta == 1.0 else e.square())
+        else:
+            assert s is not None
+            q = (s * beta).exp_()
+            if e is None:
+                e = s.exp_()
+        product = factor is not None and q is e  # q = e * f: never stored, formed per block
+        if factor is not None and not product:
+            # a fresh e^{beta s} (beta != 1) is scaled in place
+            q = factor if q is None else q.mul_(factor)  # factor is 0 where absent
+        assert q is not None and e is not None
+        if product:
+            sum_q, sum_qe = _product_sums(e, factor)
+            ctx.save_for_backward(e, e, sum_q, sum_qe, factor)
+        else:
+            sum_q = q.sum(dim=1)
+            sum_qe = _row_dot(q, e)
+            ctx.save_for_backward(q, e, sum_q, sum_qe)
+        ctx.beta, ctx.tilt_grad, ctx.product = beta, tilt_grad, product
+        return log_m + row_max.squeeze(1) + sum_qe.log() - sum_q.log()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        q, e, sum_q, sum_qe, *factor = ctx.saved_tensors
+        beta = ctx.beta if ctx.tilt_grad else 0.0
+        out = e * ((1.0 + beta) * grad / sum_qe).unsqueeze(1)
+        if beta != 0.0:
+            out.sub_((beta * grad / sum_q).unsqueeze(1))
+        if ctx.product:
+            for rows in row_blocks(out):  # (out e) f: within an ulp of out (e f), no temporary
+                out[rows].mul_(e[rows]).mul_(factor[0][rows])
+        else:
+            out.mul_(q)
+        return out, None, None, None, None, None
+
+
+def _row_dot(x: Tensor, y: Tensor) -> Tensor:
+    """``sum_j x_ij y_ij`` per row, a block of rows at a time."""
+    blocks = row_blocks(x)
+    if len(blocks) == 1:
+        return torch.linalg.vecdot(x, y, dim=1)
+    out = x.new_empty(x.shape[0])
+    for rows in blocks:
+        torch.linalg.vecdot(x[rows], y[rows], dim=1, out=out[rows])
+    return out
+
+
+def _product_sums(e: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:
+    """``sum_j q_ij`` and ``sum_j q_ij e_ij`` for ``q = e * factor``, without storing ``q``."""
+    sum_q = e.new_empty(e.shape[0])
+    sum_qe = e.new_empty(e.shape[0])
+    # quarter blocks: the temporary q (~256 KiB) is reused from the heap block after block
+    # instead of a fresh [A, S]-sized allocation (page faults) at small A * S
+    for rows in row_blocks(e, _BLOCK >> 2):
+        q = e[rows] * factor[rows]
+        torch.sum(q, dim=1, out=sum_q[rows])
+        # vecdot(q, e) is this product and sum, here without a second temporary
+        torch.sum(q.mul_(e[rows]), dim=1, out=sum_qe[rows])
+    return sum_q, sum_qe
+
+
+def tilted_log_mass(
+    logits: Tensor,
+    beta: float,
+    num_negatives: int | Tensor,
+    *,
+    factor: Tensor | None = None,
+    tilt_grad: bool = True,
+    shifted: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """``[A]`` ``log sum_j w_ij e^{c_ij}`` for ``w_ij = M e^{beta c_ij} f_ij / sum_k e^{beta c_ik} f_ik``
+    (mean 1 over the ``M`` negatives), in one fused pass; see :class:`_TiltedLogMass`.
+
+    ``logits`` ``[A, S]`` (``-inf`` = not a negative); ``factor`` ``f`` (detached, 0 where the
+    logits are ``-inf``; None = 1); ``tilt_grad``: let the gradient flow through the weights;
+    ``shifted``: ``(max_j c_ij [A], e^{c - max_j c} [A, S])`` of the detached logits, exactly as
+    computed here, when the caller already has them. Computes in the logits' dtype.
+    """
+    log_m = (
+        num_negatives.to(logits.dtype).log()
+        if isinstance(num_negatives, Tensor)
+        else math.log(num_negatives)
+    )
+    f = None if factor is None else factor.detach().to(logits.dtype)
+    return _TiltedLogMass.apply(logits, f, float(beta), log_m, bool(tilt_grad), shifted)
+
+
+def _order_keys(x: Tensor) -> Tensor:
+    """int32 keys ordered as the float32 values: the IEEE bit pattern, with the magnitude bits
+    of negative numbers flipped (``-inf`` lowest, ``-0.0`` just below ``+0.0``, a NaN with the
+    sign bit clear above ``+inf`` as in ``torch.topk``)."""
+    bits = x.view(torch.int32)
+    keys = bits >> 31  # -1 for negative numbers, else 0
+    keys &= 0x7FFFFFFF
+    keys ^= bits
+    return keys
+
+
+def _order_keys_np(x: np.ndarray) -> np.ndarray:
+    """:func:`_order_keys` of a contiguous float32 array (through a tensor sharing its memory)."""
+    return _order_keys(torch.from_numpy(x)).numpy()
+
+
+# numpy's selection (introselect with SIMD partitioning in numpy >= 2) takes less than half the
+# time of torch.topk per element on CPU (measured: 256 x 4096, top 409), but costs a few
+# microseconds per row and per call: it wins on long rows and past a few thousand entries
+_NUMPY_MIN_COLUMNS = 1024
+_NUMPY_MIN_ELEMENTS = 1 << 12
+_NUMPY_BLOCK = 1 << 17  # entries per block of rows: measured a few % faster than 1 << 18
+
+
+def _numpy_selects(x: Tensor, k: int) -> bool:
+    """Whether the CPU selection of the top ``k`` of each row of ``x`` goes through numpy."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 2
+        and x.shape[1] >= _NUMPY_MIN_COLUMNS
+        and 0 < k < x.shape[1]
+    )
+
+
+def top_k_indices(x: Tensor, k: int) -> Tensor:
+    """``[A, k]`` column indices of the ``k`` largest entries of each row, in no order.
+
+    On CPU the selection runs over int32 keys that order like the floats (:func:`_order_keys`;
+    integer comparisons, no NaN-aware ones), a block of rows at a time so that the keys stay in
+    cache: ``numpy.argpartition`` for rows of at least ``_NUMPY_MIN_COLUMNS`` entries,
+    ``torch.topk`` for shorter ones. The members are those of ``x.topk(k)``; only which of
+    several *equal* values is taken may differ (their logits, hence the loss, are the same).
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
+        return x.topk(k, dim=1, sorted=False).indices
+    x = x.detach().contiguous()
+    rows, cols = x.shape
+    if _numpy_selects(x, k):
+        values = x.numpy()
+        out = np.empty((rows, k), dtype=np.int64)
+        step = max(1, _NUMPY_BLOCK // cols)  # keys and argpartition's int64 output in cache
+        for start in range(0, rows, step):
+            keys = _order_keys_np(values[start : start + step])
+            out[start : start + step] = np.argpartition(keys, cols - k, axis=1)[:, cols - k :]
+        return torch.from_numpy(out)
+    blocks = row_blocks(x)  # ~1 MiB of keys per block
+    if len(blocks) == 1:
+        return _order_keys(x).topk(k, dim=1, sorted=False).indices
+    out = torch.empty(rows, k, dtype=torch.long)
+    for block in blocks:
+        out[block] = _order_keys(x[block]).topk(k, dim=1, sorted=False).indices
+    return out
+
+
+def drop_top(values: Tensor, k: int) -> None:
+    """Set the ``k`` largest entries of each row of ``values`` to ``-inf``, in place.
+
+    On CPU, a block of rows at a time (in cache): the ``k``-th largest order key of each row
+    by ``numpy.partition`` (values only, cheaper than an index selection), then every entry at
+    or above it; a block where that is not exactly ``k`` entries in some row (equal values at
+    the edge) takes the index selection instead.
+    """
+    cols = values.shape[1]
+    small = values.numel() < _NUMPY_MIN_ELEMENTS  # numpy's fixed cost would dominate
+    if small or values.device.type != "cpu" or values.dtype != torch.float32:
+        values.scatter_(1, top_k_indices(values, k), float("-inf"))
+        return
+    array = values.detach().numpy()  # shares memory with values
+    kth = cols - k
+    for rows in row_blocks(values):
+        keys = _order_keys_np(array[rows])
+        top = keys >= np.partition(keys, kth, axis=1)[:, kth : kth + 1]
+        block = values[rows]
+        if bool((np.count_nonzero(top, axis=1) == k).all()):
+            block.masked_fill_(torch.from_numpy(top), float("-inf"))
+        else:
+            block.scatter_(1, top_k_indices(block, k), float("-inf"))
+
+
+def band_logits(
+    anchors: Tensor, columns: Tensor, band: Tensor, indices: Tensor, temperature: float
+) -> Tensor:
+    """The ring's logits ``band`` (``[A, U]``, read from ``anchors @ columns.T / t`` at
+    ``indices``; ``-inf`` = dropped) with a sparse backward to ``anchors`` and ``columns``."""
+    return _BandLogits.apply(anchors, columns, band, indices, temperature)
+
+
+class _BandLogits(torch.autograd.Function):
+    """The ring's logits ``c_ij = <a_i, x_k> / t`` (``k = indices[i, j]``), read from the score
+    matrix, with a sparse backward: the ring holds ~``rho_out`` of the candidates, so
+
+        dL/da_i = (1/t) sum_j g_ij x_{k_ij}             (an ``embedding_bag``, no [A, C] matrix)
+        dL/dx_k = (1/t) sum_{i,j: k_ij = k} g_ij a_i    (in-batch only; dense ``G^T a``)
+
+    replaces the gather's dense ``[A, C]`` gradient and the two products of the score matrix's
+    backward. Same gradient as back-propagating through ``logits = a @ x.T / t``; only the
+    summation order differs. ``-inf`` entries (dropped top ``L``) get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, candidates, band, indices, temperature):  # type: ignore[override]
+        ctx.save_for_backward(anchors, candidates, indices, torch.isfinite(band))
+        ctx.temperature = temperature
+        return band.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        anchors, candidates, indices, kept = ctx.saved_tensors
+        g = torch.where(kept, grad, 0.0).div_(ctx.temperature)
+        grad_anchors = grad_candidates = None
+        if ctx.needs_input_grad[0]:
+            grad_anchors = F.embedding_bag(
+                indices, candidates, per_sample_weights=g.to(candidates.dtype), mode="sum"
+            ).to(anchors.dtype)
+        if ctx.needs_input_grad[1]:
+            dense = g.new_zeros(indices.shape[0], candidates.shape[0]).scatter_(1, indices, g)
+            grad_candidates = (dense.T @ anchors.to(g.dtype)).to(candidates.dtype)
+        return grad_anchors, grad_candidates, None, None, None

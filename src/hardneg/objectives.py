@@ -1,0 +1,212 @@
+"""Objectives: a contrast set and a strategy's selection -> per-anchor loss, in log space.
+
+**InfoNCE family** (:func:`infonce_objective`). For anchor ``i`` with positives ``a_ip = s(i,p)/t``
+(weights ``v_ip``), the strategy's negatives ``c_ij = s(i,j)/t`` with weights ``w_ij`` and ``M_i``
+negatives:
+
+    R_i     = sum_j w_ij e^{c_ij}                                       (weighted negative mass)
+    Ng_ip   = max( (R_i - tau_plus M_i e^{a_ip}) / (1 - tau_plus),  M_i e^{-1/t} )
+    separate: l_ip = log(e^{a_ip} + Ng_ip) - a_ip                  (each positive its own partition)
+    joint:    l_ip = log(sum_{p'} e^{a_ip'} + Ng_ip) - a_ip        (all positives in the partition)
+    l_i     = sum_p v_ip l_ip / sum_p v_ip      (``positive_reduction='mean'``; ``'sum'``: no division)
+
+The debiasing and its clamp (Chuang et al., NeurIPS 2020, "Debiased Contrastive Learning") apply
+only when ``tau_plus > 0``; with one positive, ``tau_plus = 0`` and ``w = 1`` this is InfoNCE /
+NT-Xent exactly. ``separate`` with several positives is SupCon's ``L_out`` form (Khosla et al.
+2020); ``joint`` with ``'sum'`` is potential-sample mining's mined loss (Dong et al. 2023).
+
+**Jensen-Shannon family** (:func:`jsd_objective`), the Fenchel-dual estimator of Deep InfoMax /
+InfoGraph (Hjelm et al. 2019; Sun et al., ICLR 2020) on the same contrast set, with the
+strategy's weights (mean 1 over the negatives) on the negative expectation:
+
+    E+_i = sum_p v_ip (log 2 - softplus(-a_ip)) / sum_p v_ip
+    E-_i = (1/M_i) sum_j w_ij softplus(c_ij)  - log 2
+    l_i  = E-_i - E+_i
+
+and with ``tau_plus > 0`` the debiased form of HCL's graph code (``JSD_hard``):
+``E-_i -> (E-_i + log 2) / (1 - tau_plus) - log 2`` and ``E+_i -> E+_i - tau_plus / (1 - tau_plus)
+* sum_p v_ip softplus(a_ip) / sum_p v_ip``. (The authors' code keeps the ``- log 2`` of ``Eq``
+inside the division for ``beta = 0``; that differs by a constant, not in any gradient.)
+
+Every sum is a log-sum-exp or a softplus, so ``t = 0.05`` with ``beta = 10`` neither overflows nor
+underflows; logits arrive in float32 or float64 (:mod:`hardneg.contrast`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hardneg.contrast import ContrastSet
+from hardneg.strategies.base import Selection
+
+OBJECTIVES = ("infonce", "jsd")
+POSITIVE_MODES = ("separate", "joint")
+POSITIVE_REDUCTIONS = ("mean", "sum")
+
+
+def _num_negatives(contrast: ContrastSet, selection: Selection) -> int | Tensor:
+    m = contrast.num_negatives if selection.num_negatives is None else selection.num_negatives
+    extra = selection.extra_negative_logits
+    if extra is not None:
+        m = m + extra.shape[1]
+    return m
+
+
+def _column(x: int | float | Tensor, like: Tensor) -> float | Tensor:
+    """A per-anchor quantity as something that broadcasts against ``[A, P]``."""
+    if isinstance(x, Tensor):
+        return x.to(like.dtype).unsqueeze(1)
+    return float(x)
+
+
+def positive_terms(contrast: ContrastSet, selection: Selection) -> tuple[Tensor, Tensor]:
+    """``(a [A, P'], v [A, P'])``: every positive logit and its weight (extras appended)."""
+    pos = contrast.positive_logits
+    weight = contrast.positive_weight if selection.positive_weight is None else selection.positive_weight
+    if selection.extra_positive_logits is not None:
+        extra = selection.extra_positive_logits
+        extra_w = (
+            torch.ones_like(extra)
+            if selection.extra_positive_weight is None
+            else selection.extra_positive_weight.to(extra.dtype)
+        )
+        pos = torch.cat([pos, extra], dim=1)
+        weight = torch.cat([weight, extra_w], dim=1)
+    return pos, weight.to(pos.dtype)
+
+
+def log_negative_mass(contrast: ContrastSet, selection: Selection) -> Tensor:
+    """``log R_i = log sum_j w_ij e^{c_ij}`` ``[A]`` (``-inf`` entries are absent negatives)."""
+    if selection.negative_log_mass is not None:
+        log_mass = selection.negative_log_mass
+    else:
+        logits = contrast.negative_logits
+        if selection.negative_log_weights is not None:
+            logits = logits + selection.negative_log_weights
+        log_mass = torch.logsumexp(logits, dim=1)
+    if selection.extra_negative_logits is not None:
+        log_mass = torch.logaddexp(log_mass, torch.logsumexp(selection.extra_negative_logits, dim=1))
+    return log_mass
+
+
+def debias_log_mass(
+    log_mass: Tensor,
+    pos_logits: Tensor,
+    *,
+    tau_plus: float,
+    num_negatives: int | float | Tensor,
+    temperature: float,
+) -> Tensor:
+    """``log Ng`` of the debiased estimator from ``log R`` (broadcast against ``pos_logits``).
+
+    ``R - tau_plus M e^{a}`` is ``log R + log(1 - exp(log(tau_plus M e^a) - log R))``; where that
+    is not positive the clamp ``M e^{-1/t}`` holds, as ``torch.clamp`` does in the reference code
+    (no gradient through the clamped branch, never NaN).
+    """
+    if tau_plus == 0.0:
+        return log_mass
+    log_m = (
+        num_negatives.to(pos_logits.dtype).log()
+        if isinstance(num_negatives, Tensor)
+        else math.log(num_negatives)
+    )
+    floor = log_m - 1.0 / temperature
+    gap = math.log(tau_plus) + log_m + pos_logits - log_mass  # < 0: a positive mass remains
+    positive = gap < 0
+    safe_gap = torch.where(positive, gap, -1.0)  # keep the unused branch finite
+    corrected = log_mass + torch.log(-torch.expm1(safe_gap)) - math.log1p(-tau_plus)
+    corrected = torch.where(positive, corrected, floor)
+    return torch.maximum(corrected, torch.as_tensor(floor, dtype=corrected.dtype, device=corrected.device))
+
+
+def infonce_objective(
+    contrast: ContrastSet,
+    selection: Selection,
+    *,
+    tau_plus: float = 0.0,
+    positive_mode: str = "separate",
+    positive_reduction: str = "mean",
+) -> Tensor:
+    """Per-anchor InfoNCE-family loss ``[A]`` (see the module docstring)."""
+    pos, weight = positive_terms(contrast, selection)
+    log_mass = log_negative_mass(contrast, selection).unsqueeze(1)  # [A, 1]
+    if tau_plus > 0.0:
+        m = _column(_num_negatives(contrast, selection), pos)
+        log_ng = debias_log_mass(
+            log_mass, pos, tau_plus=tau_plus, num_negatives=m, temperature=contrast.temperature
+        )
+    else:
+        log_ng = log_mass
+    if positive_mode == "joint" and pos.shape[1] > 1:
+        present = torch.where(weight > 0, pos, float("-inf"))
+        log_pos = torch.logsumexp(present, dim=1, keepdim=True)
+        per_positive = torch.logaddexp(log_pos, log_ng) - pos
+    else:
+        per_positive = torch.logaddexp(pos, log_ng) - pos
+    if pos.shape[1] == 1 and positive_reduction == "mean":
+        return per_positive.squeeze(1)  # one positive: its weight cancels
+    per_positive = torch.where(weight > 0, per_positive, 0.0)  # padding may be non-finite
+    total = (weight * per_positive).sum(dim=1)
+    if positive_reduction == "sum":
+        return total
+    return total / weight.sum(dim=1)
+
+
+def negative_weights(contrast: ContrastSet, selection: Selection) -> Tensor:
+    """``[A, S]`` weights ``w_ij`` over the negative columns (0 = not a negative or dropped)."""
+    if selection.negative_log_weights is None:
+        return contrast.mask().to(contrast.negative_logits.dtype)
+    return selection.negative_log_weights.exp().masked_fill(
+        ~torch.isfinite(contrast.negative_logits), 0.0
+    )
+
+
+def jsd_objective(contrast: ContrastSet, selection: Selection, *, tau_plus: float = 0.0) -> Tensor:
+    """Per-anchor Jensen-Shannon (Fenchel-dual) loss ``[A]`` (see the module docstring)."""
+    if selection.negative_log_mass is not None and selection.negative_log_weights is None:
+        raise ValueError("the Jensen-Shannon objective needs dense negative weights")
+    log2 = math.log(2.0)
+    pos, weight = positive_terms(contrast, selection)
+    weight = torch.where(weight > 0, weight, 0.0)
+    norm = weight.sum(dim=1)
+    e_pos = (weight * (log2 - F.softplus(-pos))).sum(dim=1) / norm
+    w = negative_weights(contrast, selection)
+    logits = torch.where(w > 0, contrast.negative_logits, 0.0)  # no -inf * 0
+    neg_sum = (w * F.softplus(logits)).sum(dim=1)
+    count = w.new_zeros(()) + contrast.num_negatives if isinstance(contrast.num_negatives, int) else contrast.num_negatives.to(w.dtype)
+    if selection.extra_negative_logits is not None:
+        neg_sum = neg_sum + F.softplus(selection.extra_negative_logits).sum(dim=1)
+        count = count + selection.extra_negative_logits.shape[1]
+    mean_neg = neg_sum / count
+    if tau_plus > 0.0:
+        mean_neg = mean_neg / (1.0 - tau_plus)
+        e_pos = e_pos - tau_plus / (1.0 - tau_plus) * (weight * F.softplus(pos)).sum(dim=1) / norm
+    e_neg = mean_neg - log2
+    return e_neg - e_pos
+
+
+def objective_loss(
+    name: str,
+    contrast: ContrastSet,
+    selection: Selection,
+    *,
+    tau_plus: float = 0.0,
+    positive_mode: str = "separate",
+    positive_reduction: str = "mean",
+) -> Tensor:
+    """Dispatch to the objective called ``name`` (``'infonce'`` or ``'jsd'``)."""
+    if name == "infonce":
+        return infonce_objective(
+            contrast,
+            selection,
+            tau_plus=tau_plus,
+            positive_mode=positive_mode,
+            positive_reduction=positive_reduction,
+        )
+    if name == "jsd":
+        return jsd_objective(contrast, selection, tau_plus=tau_plus)
+    raise ValueError(f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {name!r}")
