@@ -93,11 +93,15 @@ def check_labels(name: str, labels: object, rows: int) -> Tensor:
 def check_index(name: str, index: object, rows: int, size: int) -> Tensor:
     """A ``[rows]`` integer tensor of positions in ``[0, size)``."""
     if not isinstance(index, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of integer positions, got {type(index).__name__}")
+        raise ValueError(
+            f"{name} must be a torch.Tensor of integer positions, got {type(index).__name__}"
+        )
     if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer positions, got dtype {index.dtype}")
     if index.shape != (rows,):
-        raise ValueError(f"{name} must have shape ({rows},) (one entry per query), got {tuple(index.shape)}")
+        raise ValueError(
+            f"{name} must have shape ({rows},) (one entry per query), got {tuple(index.shape)}"
+        )
     if rows and not bool(((index >= 0) & (index < size)).all()):
         bad = index[(index < 0) | (index >= size)][0]
         raise ValueError(f"{name} must hold positions in [0, {size}) of the pool, got {int(bad)}")

@@ -163,10 +163,13 @@ def build_contrast(
     if (positive_index is None) == (positives is None):
         raise ValueError("give exactly one of positive_index and positives")
     # 1/t folded into the [A, d] operand: one pass less over the [A, C] logits
-    logits = (a / temperature) @ c.T
+    # under autocast the product may run in half precision: promote before any exponential
+    logits = ((a / temperature) @ c.T).to(dtype)
     if positives is not None:
-        p = _prepare(positives if positives.dim() == 3 else positives.unsqueeze(1), dtype, normalize)
-        pos_logits = torch.einsum("ad,apd->ap", a, p) / temperature
+        p = _prepare(
+            positives if positives.dim() == 3 else positives.unsqueeze(1), dtype, normalize
+        )
+        pos_logits = torch.einsum("ad,apd->ap", a, p).to(dtype) / temperature
         pos_index = None
     else:
         assert positive_index is not None
@@ -187,7 +190,7 @@ def build_contrast(
         logits = logits.masked_fill(~mask, float("-inf"))
     if anchor_columns is not None:
         ac = _prepare(anchor_columns, dtype, normalize)
-        own = torch.einsum("ad,ahd->ah", a, ac) / temperature
+        own = torch.einsum("ad,ahd->ah", a, ac).to(dtype) / temperature
         logits = torch.cat([logits, own], dim=1)
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(own, dtype=torch.bool)], dim=1)
@@ -205,7 +208,9 @@ def build_contrast(
     return ContrastSet(
         anchors=a,
         columns=c,
-        anchor_columns=None if anchor_columns is None else _prepare(anchor_columns, dtype, normalize),
+        anchor_columns=None
+        if anchor_columns is None
+        else _prepare(anchor_columns, dtype, normalize),
         positives=p,
         positive_logits=pos_logits,
         positive_weight=weight,
@@ -237,7 +242,7 @@ def in_batch_contrast(
     dtype = compute_dtype(*views)
     z = _prepare(torch.cat(list(views), dim=0), dtype, normalize)
     device = z.device
-    logits = (z / temperature) @ z.T
+    logits = ((z / temperature) @ z.T).to(dtype)  # autocast: promote
     index = torch.arange(v * n, device=device)
     sample = index % n
     view = index // n
@@ -248,7 +253,7 @@ def in_batch_contrast(
     pos_index = other_view * n + sample.unsqueeze(1)
     positives = z[pos_index]
     # a row-wise product, not a gather from the logits: those are masked in place below
-    pos_logits = torch.einsum("ad,apd->ap", z, positives) / temperature
+    pos_logits = torch.einsum("ad,apd->ap", z, positives).to(dtype) / temperature
     if ids is None:
         # in place on the matmul output (its backward does not need it): no mask pass
         rows = index.repeat_interleave(v)
@@ -295,8 +300,8 @@ def pool_contrast(
     qn = _prepare(q, dtype, normalize)
     kn = _prepare(k, dtype, normalize)
     bank = _prepare(pool.detach(), dtype, normalize)
-    pos_logits = (qn * kn).sum(dim=1, keepdim=True) / temperature
-    logits = (qn / temperature) @ bank.T
+    pos_logits = (qn * kn).sum(dim=1, keepdim=True).to(dtype) / temperature
+    logits = ((qn / temperature) @ bank.T).to(dtype)  # autocast: promote
     mask = None
     num: int | Tensor = bank.shape[0]
     if exclude_index is not None:
@@ -304,7 +309,9 @@ def pool_contrast(
         cols = exclude_index.to(device=logits.device, dtype=torch.long)
         mask = torch.ones_like(logits, dtype=torch.bool)
         mask[rows, cols] = False
-        logits.index_put_((rows, cols), torch.tensor(float("-inf"), device=logits.device, dtype=dtype))
+        logits.index_put_(
+            (rows, cols), torch.tensor(float("-inf"), device=logits.device, dtype=dtype)
+        )
         num = bank.shape[0] - 1
     return ContrastSet(
         anchors=qn,

@@ -112,7 +112,9 @@ def negative_diagnostics(
             col = column_labels.to(logits.device).unsqueeze(0).expand(a, -1)
             same = col == anchor_labels.to(logits.device).unsqueeze(1)
             if same.shape[1] < logits.shape[1]:  # per-anchor and synthetic columns
-                pad = torch.zeros(a, logits.shape[1] - same.shape[1], dtype=torch.bool, device=logits.device)
+                pad = torch.zeros(
+                    a, logits.shape[1] - same.shape[1], dtype=torch.bool, device=logits.device
+                )
                 same = torch.cat([same, pad], dim=1)
             same = same & kept
             diag.false_negative_mass = (sampling * same).sum(dim=1)

@@ -66,7 +66,9 @@ def _column(x: int | float | Tensor, like: Tensor) -> float | Tensor:
 def positive_terms(contrast: ContrastSet, selection: Selection) -> tuple[Tensor, Tensor]:
     """``(a [A, P'], v [A, P'])``: every positive logit and its weight (extras appended)."""
     pos = contrast.positive_logits
-    weight = contrast.positive_weight if selection.positive_weight is None else selection.positive_weight
+    weight = (
+        contrast.positive_weight if selection.positive_weight is None else selection.positive_weight
+    )
     if selection.extra_positive_logits is not None:
         extra = selection.extra_positive_logits
         extra_w = (
@@ -89,7 +91,9 @@ def log_negative_mass(contrast: ContrastSet, selection: Selection) -> Tensor:
             logits = logits + selection.negative_log_weights
         log_mass = torch.logsumexp(logits, dim=1)
     if selection.extra_negative_logits is not None:
-        log_mass = torch.logaddexp(log_mass, torch.logsumexp(selection.extra_negative_logits, dim=1))
+        log_mass = torch.logaddexp(
+            log_mass, torch.logsumexp(selection.extra_negative_logits, dim=1)
+        )
     return log_mass
 
 
@@ -120,7 +124,9 @@ def debias_log_mass(
     safe_gap = torch.where(positive, gap, -1.0)  # keep the unused branch finite
     corrected = log_mass + torch.log(-torch.expm1(safe_gap)) - math.log1p(-tau_plus)
     corrected = torch.where(positive, corrected, floor)
-    return torch.maximum(corrected, torch.as_tensor(floor, dtype=corrected.dtype, device=corrected.device))
+    return torch.maximum(
+        corrected, torch.as_tensor(floor, dtype=corrected.dtype, device=corrected.device)
+    )
 
 
 def infonce_objective(
@@ -177,7 +183,11 @@ def jsd_objective(contrast: ContrastSet, selection: Selection, *, tau_plus: floa
     w = negative_weights(contrast, selection)
     logits = torch.where(w > 0, contrast.negative_logits, 0.0)  # no -inf * 0
     neg_sum = (w * F.softplus(logits)).sum(dim=1)
-    count = w.new_zeros(()) + contrast.num_negatives if isinstance(contrast.num_negatives, int) else contrast.num_negatives.to(w.dtype)
+    count = (
+        w.new_zeros(()) + contrast.num_negatives
+        if isinstance(contrast.num_negatives, int)
+        else contrast.num_negatives.to(w.dtype)
+    )
     if selection.extra_negative_logits is not None:
         neg_sum = neg_sum + F.softplus(selection.extra_negative_logits).sum(dim=1)
         count = count + selection.extra_negative_logits.shape[1]

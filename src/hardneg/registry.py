@@ -34,7 +34,9 @@ def register_strategy(name: str, *, summary: str | None = None) -> Callable[[typ
         from hardneg.strategies.base import Strategy
 
         if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-            raise ValueError(f"register_strategy({name!r}) expects a Strategy subclass, got {cls!r}")
+            raise ValueError(
+                f"register_strategy({name!r}) expects a Strategy subclass, got {cls!r}"
+            )
         if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
             raise ValueError(f"a strategy name must be lower_snake_case, got {name!r}")
         if name in _REGISTRY and _REGISTRY[name] is not cls:

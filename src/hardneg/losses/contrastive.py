@@ -40,7 +40,7 @@ from hardneg._checks import (
 )
 from hardneg.contrast import ContrastSet, in_batch_contrast, pool_contrast, retrieval_contrast
 from hardneg.diagnostics import NegativeDiagnostics, negative_diagnostics
-from hardneg.objectives import OBJECTIVES, POSITIVE_MODES, POSITIVE_REDUCTIONS, objective_loss
+from hardneg.objectives import OBJECTIVES, POSITIVE_MODES, objective_loss
 from hardneg.schedules import check_progress
 from hardneg.strategies.base import StepContext, Strategy
 
@@ -232,7 +232,12 @@ class ContrastiveLoss(nn.Module):
             if negatives is not None:
                 raise ValueError("give either negatives (a pool) or hard_negatives, not both")
             h = inputs.hard_negatives
-            if not isinstance(h, Tensor) or h.dim() != 3 or h.shape[0] != z1.shape[0] or h.shape[2] != z1.shape[1]:
+            if (
+                not isinstance(h, Tensor)
+                or h.dim() != 3
+                or h.shape[0] != z1.shape[0]
+                or h.shape[2] != z1.shape[1]
+            ):
                 shape = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
                 raise ValueError(
                     f"hard_negatives must have shape (N, k, d) = ({z1.shape[0]}, k, {z1.shape[1]}), got {shape}"
@@ -341,4 +346,6 @@ class ContrastiveLoss(nn.Module):
         if not return_diagnostics:
             return loss
         diag = negative_diagnostics(*main)
-        return LossOutput(loss=loss, per_anchor=main_per_anchor, diagnostics=diag, terms=term_values)
+        return LossOutput(
+            loss=loss, per_anchor=main_per_anchor, diagnostics=diag, terms=term_values
+        )

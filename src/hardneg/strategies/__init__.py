@@ -10,6 +10,7 @@ from hardneg.strategies.base import (
     Strategy,
     normalised_log_weights,
 )
+
 from hardneg.strategies.uniform import DebiasedNegatives, UniformNegatives  # isort: skip
 from hardneg.strategies.importance import ImportanceNegatives  # isort: skip
 from hardneg.strategies.ring import RingNegatives, ring_band  # isort: skip

@@ -125,7 +125,9 @@ class Strategy(nn.Module):
         """Return the selection for every anchor of ``contrast`` (default: every negative)."""
         return Selection()
 
-    def terms(self, inputs: ContrastInputs, context: StepContext) -> list[tuple[float, ContrastSet, str]]:
+    def terms(
+        self, inputs: ContrastInputs, context: StepContext
+    ) -> list[tuple[float, ContrastSet, str]]:
         """The weighted contrast sets of one step, ``[(weight, contrast, role), ...]``.
 
         The default is the one standard set of the call form (in-batch, pool or retrieval,

@@ -127,7 +127,11 @@ class RingNegatives(Strategy):
                 f"anneal={self.anneal!r} needs the training progress: pass progress=<fraction in [0, 1]>"
             )
         return ring_rho_out(
-            self.rho_out, progress, until=self.anneal_until, kind=self.anneal, steps=self.anneal_steps
+            self.rho_out,
+            progress,
+            until=self.anneal_until,
+            kind=self.anneal,
+            steps=self.anneal_steps,
         )
 
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
@@ -144,7 +148,9 @@ class RingNegatives(Strategy):
                     negative_log_weights=self._draw(logits, lower, upper, context), extras=extras
                 )
             if context.fast and context.want_log_mass:
-                return Selection(negative_log_mass=self._fast_log_mass(contrast, lower, upper), extras=extras)
+                return Selection(
+                    negative_log_mass=self._fast_log_mass(contrast, lower, upper), extras=extras
+                )
         elif self.num_samples is not None:
             raise ValueError("num_samples needs the same number of negatives for every anchor")
         # plain form: the band of ranks [L_i, U_i) of each row
