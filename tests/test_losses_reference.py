@@ -469,8 +469,11 @@ def test_ring_keeps_exactly_its_band_when_every_negative_ties(band):
     assert out.loss.item() == pytest.approx(math.log(1 + upper - lower), rel=1e-6)
 
 
-def test_ring_band_arithmetic_is_floor_of_fractions_with_the_inner_cut_inside_the_outer_set():
+def test_ring_band_arithmetic_truncates_like_the_authors_int_with_the_inner_cut_inside():
     assert ring_band(65536, 0.1, 0.1) == (655, 6553)
+    # int() truncates where the float product falls just below an integer (0.7 * 90 = 62.99..)
+    assert ring_band(90, 0.7, 0.0) == (0, int(0.7 * 90)) == (0, 62)
+    assert ring_band(50, 0.58, 0.0) == (0, 28)
     assert ring_band(4096, 0.1, 0.1) == (40, 409)
     assert ring_band(510, 0.5, 0.1) == (25, 255)
     assert ring_band(100, 1.0, 0.0) == (0, 100)
