@@ -36,7 +36,7 @@ Builders:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,9 @@ class ContrastSet:
         column_features: ``[C, h']`` pre-projection features of the shared columns, or None.
         column_labels: ``[C]`` class ids of the shared columns (diagnostics only), or None.
         anchor_labels: ``[A]`` class ids of the anchors (diagnostics only), or None.
+        own_columns: ``[A, S]`` bool, the shared columns that belong to the anchor's own tuple
+            (retrieval: its positive and its hard negatives), or None (see
+            :meth:`own_column_mask`).
     """
 
     anchors: Tensor
@@ -83,6 +86,17 @@ class ContrastSet:
     column_features: Tensor | None = None
     column_labels: Tensor | None = None
     anchor_labels: Tensor | None = None
+    own_columns: Tensor | None = None
+
+    def own_column_mask(self) -> Tensor:
+        """``[A, S]`` bool: the columns of the anchor's own tuple (its positives and its own
+        explicit hard negatives, in the retrieval layout, and its per-anchor columns)."""
+        if self.own_columns is not None:
+            return self.own_columns
+        own = torch.zeros_like(self.negative_logits, dtype=torch.bool)
+        if self.anchor_columns is not None:
+            own[:, self.num_shared :] = True
+        return own
 
     @property
     def num_anchors(self) -> int:
@@ -108,6 +122,17 @@ class ContrastSet:
         if isinstance(self.num_negatives, int):
             return math.log(self.num_negatives)
         return self.num_negatives.to(self.negative_logits.dtype).log()
+
+    def restricted(self, keep: Tensor) -> ContrastSet:
+        """The same contrast set with only the negatives where ``keep`` ``[A, S]`` is True (a
+        filter in front of a strategy); ``num_negatives`` becomes the per-anchor count."""
+        mask = self.mask() & keep
+        return replace(
+            self,
+            negative_logits=self.negative_logits.masked_fill(~keep, float("-inf")),
+            negative_mask=mask,
+            num_negatives=mask.sum(dim=1),
+        )
 
     def column_embeddings(self) -> Tensor:
         """``[A, S, d]`` embeddings of every column of every anchor (for analysis and tests)."""
@@ -357,7 +382,7 @@ def retrieval_contrast(
         if ids is None:
             ids = candidate_ids[:b]
         mask = candidate_ids.to(anchors.device).unsqueeze(0) != ids.to(anchors.device).unsqueeze(1)
-    return build_contrast(
+    contrast = build_contrast(
         anchors,
         columns,
         temperature=temperature,
@@ -365,3 +390,10 @@ def retrieval_contrast(
         negative_mask=mask,
         normalize=normalize,
     )
+    # column c belongs to anchor (c mod B) for the positives, (c - B) // h for hard negatives
+    owner = torch.arange(columns.shape[0], device=anchors.device)
+    if hard_negatives is not None:
+        h = hard_negatives.shape[1]
+        owner = torch.where(owner < b, owner, (owner - b) // h)
+    contrast.own_columns = owner.unsqueeze(0) == torch.arange(b, device=anchors.device).unsqueeze(1)
+    return contrast

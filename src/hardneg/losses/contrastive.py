@@ -146,6 +146,9 @@ class ContrastiveLoss(nn.Module):
             ``L_out``) or ``'joint'`` (all positives in the partition).
         normalize: L2-normalise the embeddings (cosine similarity); False uses raw dot
             products, as InfoGraph's Jensen-Shannon objective does.
+        filter: a registered filter strategy (``is_filter``, e.g. ``'positive_aware'``) that
+            drops negatives before ``strategy`` weights or samples the rest.
+        filter_options: the filter's hyper-parameters (a dict).
         check_inputs: validate shapes, dtypes and finiteness on every call (host syncs).
         fast: let strategies take their fast paths (:mod:`hardneg.fastpaths`; equal to the
             plain ones, tested); ignored under ``torch.compile``.
@@ -160,6 +163,8 @@ class ContrastiveLoss(nn.Module):
         objective: str = "infonce",
         positive_mode: str = "separate",
         normalize: bool = True,
+        filter: str | None = None,
+        filter_options: dict | None = None,
         check_inputs: bool = True,
         fast: bool = True,
     ) -> None:
@@ -183,6 +188,21 @@ class ContrastiveLoss(nn.Module):
         if not isinstance(normalize, bool):
             raise ValueError(f"normalize must be True or False, got {normalize!r}")
         self.normalize = normalize
+        self.filter = filter
+        self.filter_options = dict(filter_options or {})
+        self.filter_strategy: Strategy | None = None
+        if filter is not None:
+            from hardneg.registry import strategy_class
+
+            cls = strategy_class(filter)
+            if not cls.is_filter:
+                raise ValueError(
+                    f"filter must name a filter strategy (one that only drops negatives), "
+                    f"got {filter!r}"
+                )
+            self.filter_strategy = cls(**self.filter_options)
+        elif filter_options:
+            raise ValueError("filter_options needs a filter (filter='positive_aware', ...)")
         self.check_inputs = check_inputs
         self.fast = fast
 
@@ -203,6 +223,8 @@ class ContrastiveLoss(nn.Module):
             "objective": self.objective,
             "positive_mode": self.positive_mode,
             "normalize": self.normalize,
+            "filter": self.filter,
+            "filter_options": dict(self.filter_options),
         }
         out.update(self.strategy.hparams())
         return out
@@ -331,6 +353,8 @@ class ContrastiveLoss(nn.Module):
         main = None
         term_values: dict[str, float] = {}
         for weight, contrast, role in self.strategy.terms(inputs, context):
+            if self.filter_strategy is not None:
+                contrast = contrast.restricted(self.filter_strategy.keep(contrast, context))
             selection = self.strategy.select_term(contrast, context, role)
             options = {"positive_mode": self.positive_mode, **self.strategy.objective_options(role)}
             per_anchor = objective_loss(

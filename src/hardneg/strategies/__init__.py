@@ -15,9 +15,15 @@ from hardneg.strategies.uniform import DebiasedNegatives, UniformNegatives  # is
 from hardneg.strategies.importance import ImportanceNegatives  # isort: skip
 from hardneg.strategies.ring import RingNegatives, ring_band  # isort: skip
 from hardneg.strategies.unremix import UnReMixNegatives  # isort: skip
+from hardneg.strategies.positive_aware import PositiveAwareFilter  # isort: skip
+from hardneg.strategies.simans import SimANSNegatives  # isort: skip
+from hardneg.strategies.hardness import HardnessWeighting  # isort: skip
 
 __all__ = [
     "DebiasedNegatives",
+    "HardnessWeighting",
+    "PositiveAwareFilter",
+    "SimANSNegatives",
     "ImportanceNegatives",
     "RingNegatives",
     "Selection",

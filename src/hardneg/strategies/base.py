@@ -111,7 +111,9 @@ class Strategy(nn.Module):
     * ``supports_debiasing``: False when ``tau_plus > 0`` is meaningless (pure selection);
     * ``feature_kind``: None, ``'hidden'`` (the input of the head's last linear layer) or
       ``'projection'`` (the projection before a predictor): what ``h1``/``h2`` it uses;
-    * ``draws``: True when it draws random numbers (a ``generator`` makes runs repeatable).
+    * ``draws``: True when it draws random numbers (a ``generator`` makes runs repeatable);
+    * ``is_filter``: True when it only drops negatives (:meth:`keep`); a filter can stand in
+      front of any other strategy (``create_loss("hcl", filter="positive_aware")``).
     """
 
     name: ClassVar[str] = ""
@@ -120,6 +122,11 @@ class Strategy(nn.Module):
     supports_debiasing: ClassVar[bool] = True
     feature_kind: ClassVar[str | None] = None
     draws: ClassVar[bool] = False
+    is_filter: ClassVar[bool] = False
+
+    def keep(self, contrast: ContrastSet, context: StepContext) -> Tensor:
+        """Filters only: ``[A, S]`` bool, the negatives that pass (see ``is_filter``)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a filter")
 
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
         """Return the selection for every anchor of ``contrast`` (default: every negative)."""

@@ -1,0 +1,90 @@
+"""SimANS: sampling ambiguous negatives (Zhou, Gong, Liu, Zhao, Shen, Dong, Lu, Majumder, Wen,
+Duan, Chen, EMNLP 2022, "SimANS: Simple Ambiguous Negatives Sampling for Dense Text Retrieval";
+code: microsoft/SimXNS, folder SimANS).
+
+Negatives about as similar to the anchor as its positive are the informative ("ambiguous")
+ones; far harder ones are likely false negatives and far easier ones carry no gradient. Each
+negative is sampled with probability
+
+    p_ij ∝ exp( -a (c_ij - c+_i - b)^2 )          c = s / t (the logits), c+ = the positive's
+
+(the kernel potential-sample mining also uses). ``num_samples`` negatives per anchor are drawn
+*without replacement*, by the Gumbel-top-k trick on ``log p`` (exact for sampling without
+replacement; no normalisation, no underflow: everything stays in log space, Kool et al. 2019).
+``num_samples=None`` draws nothing and uses ``p`` as importance weights with mean 1 over the
+anchor's negatives (the expectation of the sampled set's mass up to a constant).
+
+The authors apply the kernel to a retriever's raw scores; ours are the logits ``s/t``, on the
+scale the loss itself uses (``a`` and ``b`` are in those units).
+
+Example:
+    >>> import torch, hardneg
+    >>> loss_fn = hardneg.create_loss("simans", num_samples=4, a=0.5, b=0.0)
+    >>> bool(loss_fn(torch.randn(8, 16), torch.randn(8, 16)) > 0)
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hardneg._checks import check_number
+from hardneg.contrast import ContrastSet
+from hardneg.registry import register_strategy
+from hardneg.strategies.base import Selection, StepContext, Strategy, normalised_log_weights
+
+
+def simans_log_kernel(contrast: ContrastSet, a: float, b: float) -> Tensor:
+    """``[A, S]`` ``log p`` up to a per-anchor constant: ``-a (c - c+ - b)^2`` (``-inf`` where
+    a column is not a negative); detached, no gradient flows through the sampling."""
+    logits = contrast.negative_logits.detach()
+    positive = contrast.positive_logits.detach()[:, :1]
+    kernel = -a * (logits - positive - b).square()
+    return kernel.masked_fill(~torch.isfinite(logits), float("-inf"))
+
+
+def gumbel_top_k(log_p: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+    """``[A, S]`` bool: ``k`` columns per row drawn without replacement with probabilities
+    ``softmax(log_p)`` (``-inf`` columns are never drawn; rows with fewer keep all)."""
+    u = torch.rand(log_p.shape, generator=generator, device=log_p.device, dtype=log_p.dtype)
+    u = u.clamp_min(torch.finfo(log_p.dtype).tiny)  # log(0) would give an infinite key
+    keys = log_p - (-u.log()).log()  # log p + Gumbel(0, 1)
+    top = keys.topk(min(k, log_p.shape[1]), dim=1).indices
+    chosen = torch.zeros_like(log_p, dtype=torch.bool).scatter_(1, top, True)
+    return chosen & torch.isfinite(log_p)
+
+
+@register_strategy("simans", summary="SimANS ambiguous-negative sampling (Zhou et al., EMNLP 2022)")
+class SimANSNegatives(Strategy):
+    """Sample negatives with ``p ∝ exp(-a (c - c+ - b)^2)``, without replacement.
+
+    Args:
+        a: sharpness of the kernel around ``c+ + b``, ``>= 0`` (0 = uniform).
+        b: shift of the kernel's centre from the positive's logit.
+        num_samples: negatives drawn per anchor without replacement (capped at ``M``); None
+            uses the kernel as importance weights instead of drawing.
+    """
+
+    loss_defaults = {"temperature": 0.1}
+    supports_debiasing = False
+    draws = True
+
+    def __init__(self, *, a: float = 0.5, b: float = 0.0, num_samples: int | None = 64) -> None:
+        super().__init__()
+        self.a = check_number("a", a, low=0.0)
+        self.b = check_number("b", b)
+        self.num_samples = (
+            None
+            if num_samples is None
+            else int(check_number("num_samples", num_samples, low=1, integer=True))
+        )
+        self.draws = self.num_samples is not None
+
+    def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
+        log_p = simans_log_kernel(contrast, self.a, self.b)
+        if self.num_samples is None:
+            return Selection(negative_log_weights=normalised_log_weights(log_p, contrast))
+        chosen = gumbel_top_k(log_p, self.num_samples, context.generator)
+        log_w = torch.zeros_like(log_p).masked_fill(~chosen, float("-inf"))
+        return Selection(negative_log_weights=log_w)

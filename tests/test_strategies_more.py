@@ -1,0 +1,243 @@
+"""Strategies beyond the four papers, each against a re-statement of its published rule.
+
+positive-aware filtering (NV-Retriever), SimANS sampling, stop-gradient hardness weighting
+(LLaVE / sentence-transformers), and a filter composed in front of another strategy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hardneg
+from hardneg.contrast import in_batch_contrast
+from hardneg.strategies import StepContext
+from hardneg.strategies.simans import gumbel_top_k
+
+
+def views(n=8, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(n, d, generator=g)
+    z2 = z1 + 0.8 * torch.randn(n, d, generator=g)
+    return z1, z2
+
+
+def simclr_rows(z1, z2, t):
+    """Per anchor of the SimCLR set-up: (positive cosine, [negative cosines]) in float64."""
+    z = F.normalize(torch.cat([z1, z2]).double(), dim=1)
+    n2 = z.shape[0]
+    sims = z @ z.T
+    rows = []
+    for i in range(n2):
+        p = (i + n2 // 2) % n2
+        rows.append((sims[i, p].item(), [sims[i, j].item() for j in range(n2) if j not in (i, p)]))
+    return rows
+
+
+def infonce_over(pos, negs, t, weights=None):
+    weights = [1.0] * len(negs) if weights is None else weights
+    mass = sum(w * math.exp(s / t) for w, s in zip(weights, negs))
+    return math.log(math.exp(pos / t) + mass) - pos / t
+
+
+def kept_by_rule(pos, negs, mode, margin, percent):
+    limit = pos - margin if mode == "margin" else percent * pos
+    kept = [s for s in negs if s <= limit]
+    return kept or [min(negs)]  # our rule: never empty
+
+
+@pytest.mark.parametrize("mode", ["margin", "percent"])
+def test_positive_aware_filter_keeps_exactly_the_negatives_below_the_positive_rule(mode):
+    z1, z2 = views(seed=1)
+    t, margin, percent = 0.2, 0.1, 0.6
+    loss = hardneg.create_loss(
+        "positive_aware", temperature=t, mode=mode, margin=margin, percent=percent
+    )
+    expected = [
+        infonce_over(p, kept_by_rule(p, negs, mode, margin, percent), t)
+        for p, negs in simclr_rows(z1, z2, t)
+    ]
+    assert loss(z1, z2).item() == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+
+
+def test_an_anchor_whose_negatives_all_fail_keeps_its_least_similar_one_and_stays_finite():
+    z1 = torch.randn(4, 3)
+    z1.requires_grad_()
+    z2 = z1.detach() * -1.0  # every positive is the least similar vector: all negatives fail
+    loss = hardneg.create_loss("positive_aware", mode="margin", margin=0.0)
+    out = loss(z1, z2, return_diagnostics=True)
+    assert bool((out.diagnostics.kept_negatives == 1).all())
+    out.loss.backward()
+    assert torch.isfinite(z1.grad).all()
+
+
+def test_a_filter_in_front_of_hcl_equals_hcl_over_the_kept_negatives():
+    z1, z2 = views(seed=2)
+    t, beta, tau = 0.3, 1.5, 0.1
+    composed = hardneg.create_loss(
+        "hcl",
+        temperature=t,
+        beta=beta,
+        tau_plus=tau,
+        filter="positive_aware",
+        filter_options={"mode": "margin", "margin": 0.05},
+    )
+    expected = []
+    for pos, negs in simclr_rows(z1, z2, t):
+        kept = kept_by_rule(pos, negs, "margin", 0.05, None)
+        m = len(kept)
+        neg = [math.exp(s / t) for s in kept]
+        imp = [x**beta for x in neg]
+        reweight = sum(i * x for i, x in zip(imp, neg)) / (sum(imp) / m)
+        ng = max((reweight - tau * m * math.exp(pos / t)) / (1 - tau), m * math.exp(-1 / t))
+        expected.append(math.log(math.exp(pos / t) + ng) - pos / t)
+    for fast in (True, False):
+        composed.fast = fast
+        assert composed(z1, z2).item() == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+
+
+def test_a_filter_must_be_a_filter():
+    with pytest.raises(ValueError, match="filter must name a filter strategy"):
+        hardneg.create_loss("hcl", filter="ring")
+    with pytest.raises(ValueError, match="filter_options needs a filter"):
+        hardneg.create_loss("hcl", filter_options={"margin": 0.1})
+
+
+# ------------------------------------------------------------------------------- SimANS
+
+
+def inclusion_probabilities(p, k):
+    """Exact probability that each item is among ``k`` draws without replacement (enumeration)."""
+    n = len(p)
+    out = [0.0] * n
+    for order in itertools.permutations(range(n), k):
+        prob, left = 1.0, 1.0
+        for i in order:
+            prob *= p[i] / left
+            left -= p[i]
+        for i in order:
+            out[i] += prob
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_gumbel_top_k_draws_without_replacement_with_the_sequential_law(k):
+    log_p = torch.tensor([[0.0, -1.0, 1.5, -3.0, float("-inf")]])
+    p = torch.softmax(log_p[0, :4].double(), 0).tolist()
+    expected = inclusion_probabilities(p, k) + [0.0]
+    trials = 20000
+    g = torch.Generator().manual_seed(3)
+    counts = gumbel_top_k(log_p.expand(trials, -1).contiguous(), k, g).double().mean(dim=0)
+    assert bool((gumbel_top_k(log_p.expand(50, -1), k, g).sum(dim=1) == k).all())
+    for got, want in zip(counts.tolist(), expected):
+        assert got == pytest.approx(want, abs=0.015)
+
+
+def test_simans_weights_mode_is_the_kernel_normalised_over_the_negatives():
+    z1, z2 = views(seed=4)
+    t, a, b = 0.2, 0.3, -1.0
+    loss = hardneg.create_loss("simans", temperature=t, a=a, b=b, num_samples=None)
+    expected = []
+    for pos, negs in simclr_rows(z1, z2, t):
+        kernel = [math.exp(-a * (s / t - pos / t - b) ** 2) for s in negs]
+        mean = sum(kernel) / len(kernel)
+        expected.append(infonce_over(pos, negs, t, [k / mean for k in kernel]))
+    assert loss(z1, z2).item() == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+
+
+def test_simans_sampling_keeps_num_samples_negatives_and_is_repeatable_with_a_generator():
+    z1, z2 = views(n=10, seed=5)
+    loss = hardneg.create_loss("simans", num_samples=5)
+    out = loss(z1, z2, generator=torch.Generator().manual_seed(0), return_diagnostics=True)
+    assert bool((out.diagnostics.kept_negatives == 5).all())
+    again = loss(z1, z2, generator=torch.Generator().manual_seed(0))
+    assert again.item() == out.loss.item()
+
+
+def test_simans_kernel_stays_in_log_space_at_a_tiny_temperature():
+    z1, z2 = views(seed=6)
+    contrast = in_batch_contrast([z1, z2], temperature=0.001)
+    strategy = hardneg.registry.strategy_class("simans")(a=5.0, num_samples=3)
+    sel = strategy.select(contrast, StepContext(generator=torch.Generator().manual_seed(1)))
+    kept = torch.isfinite(sel.negative_log_weights) & contrast.negative_mask
+    assert bool((kept.sum(dim=1) == 3).all())  # exp(-5 * 1e6) underflows; the log does not
+    value = hardneg.create_loss("simans", temperature=0.001, a=5.0, num_samples=3)(z1, z2)
+    assert torch.isfinite(value)
+
+
+# ------------------------------------------------------------------- stop-gradient hardness
+
+
+def test_hardness_equals_cross_entropy_with_the_stop_gradient_bonus_on_negatives():
+    z1, z2 = views(seed=7)
+    t, alpha = 0.05, 9.0
+    a1, a2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    got = hardneg.create_loss("hardness", temperature=t, alpha=alpha)(a1, a2)
+    got.backward()
+    b1, b2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    z = F.normalize(torch.cat([b1, b2]), dim=1)
+    cos = z @ z.T
+    n2 = cos.shape[0]
+    target = (torch.arange(n2) + n2 // 2) % n2
+    bonus = alpha * cos.detach()
+    bonus[torch.arange(n2), target] = 0.0  # the positive is unchanged
+    logits = (cos / t + bonus).masked_fill(torch.eye(n2, dtype=torch.bool), float("-inf"))
+    ref = F.cross_entropy(logits, target)
+    ref.backward()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(a1.grad, b1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a2.grad, b2.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_hardness_and_detached_hcl_share_relative_weights_and_differ_by_hcls_normaliser():
+    z1, z2 = views(seed=8)
+    t, beta = 0.5, 1.2
+    alpha = beta / t
+    hard = hardneg.create_loss("hardness", temperature=t, alpha=alpha)
+    hcl = hardneg.create_loss("hcl", temperature=t, beta=beta, tau_plus=0.0, detach_weights=True)
+    # the same distribution over each anchor's negatives
+    d_hard = hard(z1, z2, return_diagnostics=True).diagnostics.sampling_weights
+    d_hcl = hcl(z1, z2, return_diagnostics=True).diagnostics.sampling_weights
+    torch.testing.assert_close(d_hard, d_hcl, rtol=1e-5, atol=1e-7)
+    # ... but HCL divides out mean_j e^{beta c_ij}: the losses agree only after that shift
+    rows = simclr_rows(z1, z2, t)
+    hcl_ref = hard_ref = 0.0
+    for pos, negs in rows:
+        w = [math.exp(beta * s / t) for s in negs]
+        mean = sum(w) / len(w)
+        hard_ref += infonce_over(pos, negs, t, w)
+        hcl_ref += infonce_over(pos, negs, t, [x / mean for x in w])
+    assert hard(z1, z2).item() == pytest.approx(hard_ref / len(rows), rel=1e-5)
+    assert hcl(z1, z2).item() == pytest.approx(hcl_ref / len(rows), rel=1e-5)
+    assert abs(hard_ref - hcl_ref) > 1e-3  # they differ when the mean is not 1
+    zero = [
+        hardneg.create_loss(n, temperature=t, **kw)(z1, z2).item()
+        for n, kw in (("hardness", dict(alpha=0.0)), ("hcl", dict(beta=0.0, tau_plus=0.0)))
+    ]
+    assert zero[0] == pytest.approx(zero[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["all_negatives", "in_batch_negatives", "hard_negatives"])
+def test_hardness_modes_touch_the_negatives_sentence_transformers_names(mode):
+    a, p, n = torch.randn(4, 5), torch.randn(4, 5), torch.randn(4, 2, 5)
+    t, alpha = 0.1, 5.0
+    loss = hardneg.create_loss("hardness", temperature=t, alpha=alpha, mode=mode)
+    cand = F.normalize(torch.cat([p, n.reshape(-1, 5)]), dim=1)
+    cos = F.normalize(a, dim=1) @ cand.T
+    owner = torch.tensor([0, 1, 2, 3, 0, 0, 1, 1, 2, 2, 3, 3])  # column -> its anchor's tuple
+    own = owner.unsqueeze(0) == torch.arange(4).unsqueeze(1)
+    hard = torch.zeros(4, 12, dtype=torch.bool)
+    hard[:, 4:] = True
+    chosen = {
+        "all_negatives": ~own | hard,
+        "in_batch_negatives": ~own,
+        "hard_negatives": own & hard,
+    }
+    bonus = torch.where(chosen[mode], alpha * cos, 0.0)
+    bonus[torch.arange(4), torch.arange(4)] = 0.0  # never the positive
+    ref = F.cross_entropy(cos / t + bonus, torch.arange(4))
+    assert loss(a, p, hard_negatives=n).item() == pytest.approx(ref.item(), rel=1e-5)
