@@ -18,9 +18,13 @@ from hardneg.strategies.unremix import UnReMixNegatives  # isort: skip
 from hardneg.strategies.positive_aware import PositiveAwareFilter  # isort: skip
 from hardneg.strategies.simans import SimANSNegatives  # isort: skip
 from hardneg.strategies.hardness import HardnessWeighting  # isort: skip
+from hardneg.strategies.mochi import HardNegativeMixing  # isort: skip
+from hardneg.strategies.false_negatives import FalseNegativeCancellation  # isort: skip
 
 __all__ = [
     "DebiasedNegatives",
+    "FalseNegativeCancellation",
+    "HardNegativeMixing",
     "HardnessWeighting",
     "PositiveAwareFilter",
     "SimANSNegatives",

@@ -1,0 +1,139 @@
+"""MoCHi and false-negative cancellation against re-statements of their papers' rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hardneg
+from hardneg.contrast import in_batch_contrast, pool_contrast
+from hardneg.registry import strategy_class
+from hardneg.strategies import StepContext
+
+
+def lse(xs):
+    m = max(xs)
+    return m + math.log(sum(math.exp(x - m) for x in xs))
+
+
+def test_mochi_mixes_are_unit_convex_combinations_of_two_of_the_hardest_negatives():
+    g = torch.Generator().manual_seed(0)
+    q, k, pool = (
+        torch.randn(3, 4, generator=g),
+        torch.randn(3, 4, generator=g),
+        torch.randn(12, 4, generator=g),
+    )
+    contrast = pool_contrast(q, k, pool, temperature=0.2)
+    n = 4
+    mochi = strategy_class("mochi")(num_hardest=n, num_mixed=6, num_query_mixed=5)
+    synth = mochi.synthetic_negatives(
+        contrast, StepContext(generator=torch.Generator().manual_seed(1))
+    )
+    assert synth.shape == (3, 11, 4)
+    torch.testing.assert_close(synth.norm(dim=2), torch.ones(3, 11))
+    bank = F.normalize(pool, dim=1)
+    qn = F.normalize(q, dim=1)
+    for i in range(3):
+        hardest = (qn[i] @ bank.T).argsort(descending=True)[:n].tolist()
+        for row, h in enumerate(synth[i]):
+            # h = c1 x + c2 y with c1, c2 >= 0 for some pair of the hardest (x = the query for
+            # the second kind): least squares over every pair, the best must fit exactly
+            fits = []
+            for a_idx in hardest:
+                for b_idx in hardest:
+                    x = qn[i] if row >= 6 else bank[a_idx]
+                    basis = torch.stack([x, bank[b_idx]], dim=1).double()
+                    coef = torch.linalg.lstsq(basis, h.double().unsqueeze(1)).solution.flatten()
+                    err = float((basis @ coef - h.double()).norm())
+                    fits.append((err, coef))
+            err, coef = min(fits, key=lambda f: f[0])
+            assert err < 1e-4, (i, row)
+            assert bool((coef >= -1e-4).all())
+            if row >= 6:  # the query's share stays below one half
+                assert float(coef[0] / coef.sum()) < 0.5 + 1e-4
+
+
+def test_mochi_loss_is_infonce_with_the_synthetic_logits_appended_and_no_gradient_through_them():
+    g = torch.Generator().manual_seed(2)
+    z1 = torch.randn(5, 4, generator=g).requires_grad_()
+    z2 = torch.randn(5, 4, generator=g).requires_grad_()
+    t = 0.3
+    loss_fn = hardneg.create_loss(
+        "mochi", temperature=t, num_hardest=3, num_mixed=4, num_query_mixed=2
+    )
+    loss = loss_fn(z1, z2, generator=torch.Generator().manual_seed(3))
+    loss.backward()
+    contrast = in_batch_contrast([z1.detach(), z2.detach()], temperature=t)
+    synth = loss_fn.strategy.synthetic_negatives(
+        contrast, StepContext(generator=torch.Generator().manual_seed(3))
+    )
+    a1, a2 = z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()
+    z = F.normalize(torch.cat([a1, a2]), dim=1)
+    expected = 0.0
+    for i in range(10):
+        p = (i + 5) % 10
+        negs = [z[i] @ z[j] / t for j in range(10) if j not in (i, p)]
+        negs += [z[i] @ h / t for h in synth[i]]  # detached mixes: gradient only through z_i
+        pos = z[i] @ z[p] / t
+        expected = expected + torch.logsumexp(torch.stack([pos, *negs]), 0) - pos
+    expected = expected / 10
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(z1.grad, a1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(z2.grad, a2.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_mochi_without_mixes_is_infonce():
+    z1, z2 = torch.randn(6, 4), torch.randn(6, 4)
+    a = hardneg.create_loss("mochi", temperature=0.2, num_mixed=0, num_query_mixed=0)(z1, z2)
+    b = hardneg.create_loss("infonce", temperature=0.2)(z1, z2)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def fnc_reference(views, t, mode, top_k):
+    """Per anchor: support = its other views; score = max cosine to them; top-k false negatives."""
+    v, n = len(views), views[0].shape[0]
+    z = [F.normalize(x.double(), dim=1) for x in views]
+    total = 0.0
+    for av in range(v):
+        for i in range(n):
+            anchor = z[av][i]
+            support = [z[w][i] for w in range(v) if w != av]
+            cols = [(w, j) for w in range(v) for j in range(n) if j != i]
+            score = {c: max(float(s @ z[c[0]][c[1]]) for s in support) for c in cols}
+            found = sorted(cols, key=lambda c: -score[c])[:top_k]
+            negs = [float(anchor @ z[w][j]) / t for (w, j) in cols if (w, j) not in found]
+            pos = [float(s @ anchor) / t for s in support]
+            if mode == "attract":
+                pos += [float(anchor @ z[w][j]) / t for (w, j) in found]
+            log_r = lse(negs)
+            terms = [lse([p, log_r]) - p for p in pos]
+            total += sum(terms) / len(terms)
+    return total / (v * n)
+
+
+@pytest.mark.parametrize("mode", ["eliminate", "attract"])
+@pytest.mark.parametrize("num_views", [2, 3])
+def test_false_negative_cancellation_equals_the_support_set_rule(mode, num_views):
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(5, 4, generator=g)
+    views = [base + 0.5 * torch.randn(5, 4, generator=g) for _ in range(num_views)]
+    t = 0.4
+    loss = hardneg.create_loss("fnc", temperature=t, mode=mode, top_k=2)
+    got = loss(views[0], views[1], extra_views=views[2:])
+    assert got.item() == pytest.approx(fnc_reference(views, t, mode, 2), rel=1e-5)
+
+
+def test_false_negative_threshold_and_the_kept_least_similar_negative():
+    z = F.normalize(torch.randn(4, 3), dim=1)
+    contrast = in_batch_contrast([z, z.clone()], temperature=1.0)
+    fnc = strategy_class("fnc")(top_k=0, threshold=-2.0, mode="eliminate")  # every cosine > -2
+    found = fnc.false_negatives(contrast)
+    assert bool((found.sum(dim=1) == contrast.num_negatives - 1).all())  # one always stays
+    value = hardneg.create_loss("fnc", top_k=0, threshold=-2.0, mode="eliminate")(z, z.clone())
+    assert torch.isfinite(value)
+    with pytest.raises(ValueError, match="top_k >= 1 or a threshold"):
+        strategy_class("fnc")(top_k=0)
