@@ -290,3 +290,28 @@ def test_describe_loss_lists_every_hyper_parameter_with_its_meaning():
             line = next(x for x in text.splitlines() if x.strip().startswith(f"{key}="))
             assert repr(default) in line
             assert len(line.split(": ", 1)) == 2 and line.split(": ", 1)[1].strip(), line
+
+
+def test_label_free_diagnostics_count_what_they_name():
+    # one anchor pair with hand-made cosines: positive 0.5; negatives 0.9, 0.48, 0.2, -0.3
+    from hardneg.diagnostics import negative_diagnostics
+    from hardneg.strategies.base import Selection
+
+    t = 0.5
+    pos = torch.tensor([[0.5]]) / t
+    neg = torch.tensor([[0.995, 0.48, 0.2, -0.3]]) / t
+    contrast = pos_neg_contrast(pos, neg, t)
+    d = negative_diagnostics(contrast, Selection(), margin=0.05, duplicate_threshold=0.99)
+    assert d.positive_rank.tolist() == [1]
+    assert d.near_duplicate_rate.item() == pytest.approx(0.25)
+    assert d.margin_removal_share.item() == pytest.approx(0.5)  # 0.995 and 0.48 >= 0.45
+    w = torch.softmax(neg[0], 0)
+    assert d.mass_above_positive.item() == pytest.approx(w[0].item(), rel=1e-6)
+    summary = d.summary()
+    for key in (
+        "mass_above_positive",
+        "positive_rank",
+        "near_duplicate_rate",
+        "margin_removal_share",
+    ):
+        assert key in summary

@@ -39,6 +39,14 @@ class NegativeDiagnostics:
         false_negative_gradient_mass: ``[A]`` gradient mass on same-class negatives.
         top_k_precision: ``[A]`` fraction of the ``top_k`` negatives with the largest gradient
             weight that belong to another class (true negatives).
+        mass_above_positive: ``[A]`` label-free: gradient mass on kept negatives that score
+            above the anchor's (first) positive.
+        positive_rank: ``[A]`` label-free: number of kept negatives scoring above the positive
+            (0 = the positive ranks first).
+        near_duplicate_rate: ``[A]`` label-free: share of kept negatives with cosine
+            ``>= duplicate_threshold`` to the anchor (likely duplicates).
+        margin_removal_share: ``[A]`` label-free: share of kept negatives that a positive-aware
+            margin filter (``s >= s+ - margin``) would remove.
     """
 
     sampling_weights: Tensor
@@ -49,6 +57,10 @@ class NegativeDiagnostics:
     false_negative_mass: Tensor | None = None
     false_negative_gradient_mass: Tensor | None = None
     top_k_precision: Tensor | None = None
+    mass_above_positive: Tensor | None = None
+    positive_rank: Tensor | None = None
+    near_duplicate_rate: Tensor | None = None
+    margin_removal_share: Tensor | None = None
     extras: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
@@ -67,6 +79,15 @@ class NegativeDiagnostics:
             out["false_negative_gradient_mass"] = float(self.false_negative_gradient_mass.mean())
         if self.top_k_precision is not None:
             out["top_k_precision"] = float(self.top_k_precision.mean())
+        for name in (
+            "mass_above_positive",
+            "positive_rank",
+            "near_duplicate_rate",
+            "margin_removal_share",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = float(value.float().mean())
         out.update(self.extras)
         return out
 
@@ -78,6 +99,8 @@ def negative_diagnostics(
     anchor_labels: Tensor | None = None,
     column_labels: Tensor | None = None,
     top_k: int = 10,
+    margin: float = 0.05,
+    duplicate_threshold: float = 0.99,
 ) -> NegativeDiagnostics:
     """Summarise a selection over a contrast set. Labels (``[A]`` and ``[C]``, by default the
     contrast set's own) are used for analysis only; per-anchor columns count as other-class."""
@@ -107,6 +130,16 @@ def negative_diagnostics(
             kept_negatives=(sampling > 0).sum(dim=1),
             similarities=(logits * contrast.temperature).masked_fill(~kept, float("-inf")),
         )
+        # label-free facts about the negatives, relative to the (first) positive
+        pos = contrast.positive_logits.detach().float()[:, :1]
+        above = (logits > pos) & kept
+        count = kept.sum(dim=1).clamp_min(1)
+        sims = diag.similarities
+        diag.mass_above_positive = (gradient * above).sum(dim=1)
+        diag.positive_rank = above.sum(dim=1)
+        diag.near_duplicate_rate = ((sims >= duplicate_threshold) & kept).sum(dim=1) / count
+        would_remove = (sims >= pos * contrast.temperature - margin) & kept
+        diag.margin_removal_share = would_remove.sum(dim=1) / count
         if anchor_labels is not None and column_labels is not None:
             a = logits.shape[0]
             col = column_labels.to(logits.device).unsqueeze(0).expand(a, -1)

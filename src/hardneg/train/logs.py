@@ -40,6 +40,10 @@ HISTORY_FIELDS = (
     "false_negative_gradient_mass",
     "top_k_precision",
     "mean_negative_similarity",
+    "mass_above_positive",
+    "positive_rank",
+    "near_duplicate_rate",
+    "margin_removal_share",
 )
 
 
