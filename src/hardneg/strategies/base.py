@@ -111,7 +111,10 @@ class Strategy(nn.Module):
     * ``supports_debiasing``: False when ``tau_plus > 0`` is meaningless (pure selection);
     * ``feature_kind``: None, ``'hidden'`` (the input of the head's last linear layer) or
       ``'projection'`` (the projection before a predictor): what ``h1``/``h2`` it uses;
-    * ``draws``: True when it draws random numbers (a ``generator`` makes runs repeatable).
+    * ``draws``: True when it draws random numbers (a ``generator`` makes runs repeatable);
+    * ``in_batch_defaults``: hyper-parameters (loss-level or the strategy's) that ``hardneg
+      compare`` / ``demo`` use on in-batch negatives (SimCLR) instead of the registry defaults,
+      e.g. Ring's wider band for a small pool.
     """
 
     name: ClassVar[str] = ""
@@ -120,6 +123,7 @@ class Strategy(nn.Module):
     supports_debiasing: ClassVar[bool] = True
     feature_kind: ClassVar[str | None] = None
     draws: ClassVar[bool] = False
+    in_batch_defaults: ClassVar[dict[str, Any]] = {}
 
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
         """Return the selection for every anchor of ``contrast`` (default: every negative)."""
