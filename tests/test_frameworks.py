@@ -356,6 +356,18 @@ def test_plain_ir_draws_its_noise_per_anchor_as_the_authors_nce():
         MemoryBank(*parts(), dataset_size=50, out_dim=8, draws="per_batch")
 
 
+def test_a_strategy_that_scores_shared_columns_gets_a_shared_bank_draw():
+    backbone, head, loss = parts("unremix")
+    assert not loss.per_anchor_columns
+    model = MemoryBank(backbone, head, loss, dataset_size=50, out_dim=8, negatives=7)
+    assert model.draws == "shared" and torch.isfinite(step(model).loss)
+    assert MemoryBank(*parts(), dataset_size=50, out_dim=8, negatives=7).draws == "per_anchor"
+    forced = MemoryBank(*parts("unremix"), dataset_size=50, out_dim=8, negatives=7,
+                        draws="per_anchor")  # fmt: skip
+    with pytest.raises(ValueError, match="shared columns"):
+        step(forced)
+
+
 def test_per_anchor_pool_is_each_querys_own_infonce_and_has_diagnostics():
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(5, 8, generator=g, requires_grad=True), torch.randn(5, 8, generator=g)

@@ -110,9 +110,10 @@ class FrameworkConfig:
     )
     bank_negatives: int | str = _opt(4096, "memory_bank: uniform draws per step, or 'all'", low=1)
     bank_draws: str = _opt(
-        "per_anchor",
-        "memory_bank: each anchor draws its own rows (IR's NCE) or the batch shares one draw",
-        choices=("per_anchor", "shared"),
+        "auto",
+        "memory_bank: each anchor draws its own rows (per_anchor, IR's NCE) or the batch shares "
+        "one draw (shared); auto = per_anchor unless the strategy scores shared columns only",
+        choices=("auto", "per_anchor", "shared"),
     )
 
 

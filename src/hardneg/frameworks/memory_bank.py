@@ -18,8 +18,9 @@ Noise draws: IR's NCE draws ``K`` noise indices *per anchor*, with replacement
 weights), so that is the default here: the loss gets a per-anchor pool ``[B, K, d]`` (each anchor
 compared with its own ``K`` rows, a row drawn twice counts twice). A draw may hit the image's own
 entry (probability ``K / N`` per draw), as in IR's noise draws. ``draws='shared'`` draws one set
-of ``K`` rows for the whole batch (cheaper, ``K x d`` instead of ``B x K x d``; strategies that
-score the shared columns, like UnReMix, need it or ``'all'``).
+of ``K`` rows for the whole batch (cheaper, ``K x d`` instead of ``B x K x d``); ``'auto'`` (the
+default) draws per anchor unless the loss says it scores shared columns only
+(``loss.per_anchor_columns`` False, UnReMix), which then gets a shared draw.
 
 IR-Ring (Wu et al. 2021) scores each query against the whole bank: ``bank_negatives='all'``
 with the ``ring`` loss and ``num_samples=4095``. **Deviation from the authors' ranking**: here the
@@ -46,7 +47,7 @@ from torch import Tensor, nn
 from hardneg.distributed import gather_no_grad, gather_with_grad
 from hardneg.frameworks.base import Framework, StepOutput, gather_labels
 
-DRAWS = ("per_anchor", "shared")
+DRAWS = ("auto", "per_anchor", "shared")
 
 
 class MemoryBank(Framework):
@@ -58,8 +59,9 @@ class MemoryBank(Framework):
         out_dim: projection dimension ``d``.
         momentum: bank momentum ``m`` (IR: 0.5).
         negatives: rows drawn uniformly per step (``K``), or ``'all'`` for the whole bank.
-        draws: ``'per_anchor'`` (IR's NCE: each anchor its own ``K`` rows) or ``'shared'``
-            (one draw of ``K`` rows for the batch); ignored with ``negatives='all'``.
+        draws: ``'per_anchor'`` (IR's NCE: each anchor its own ``K`` rows), ``'shared'``
+            (one draw of ``K`` rows for the batch) or ``'auto'`` (per anchor when the loss takes
+            per-anchor columns, else shared); ignored with ``negatives='all'``.
     """
 
     num_views = 1
@@ -74,7 +76,7 @@ class MemoryBank(Framework):
         out_dim: int,
         momentum: float = 0.5,
         negatives: int | str = 4096,
-        draws: str = "per_anchor",
+        draws: str = "auto",
     ) -> None:
         super().__init__(backbone, head, loss)
         if negatives != "all" and not (isinstance(negatives, int) and negatives >= 1):
@@ -85,6 +87,8 @@ class MemoryBank(Framework):
             raise ValueError(f"draws must be one of {', '.join(DRAWS)}, got {draws!r}")
         self.momentum = momentum
         self.negatives = negatives
+        if draws == "auto":
+            draws = "per_anchor" if getattr(loss, "per_anchor_columns", True) else "shared"
         self.draws = draws
         self.register_buffer("bank", F.normalize(torch.randn(dataset_size, out_dim), dim=1))
         self.register_buffer("bank_labels", torch.full((dataset_size,), -1, dtype=torch.long))

@@ -216,6 +216,10 @@ class ContrastiveLoss(nn.Module):
     def draws(self) -> bool:
         return self.strategy.draws
 
+    @property
+    def per_anchor_columns(self) -> bool:
+        return self.strategy.per_anchor_columns
+
     def hparams(self) -> dict[str, object]:
         """Loss-level settings and the strategy's hyper-parameters, for logs and checkpoints."""
         out: dict[str, object] = {

@@ -112,6 +112,8 @@ class Strategy(nn.Module):
     * ``feature_kind``: None, ``'hidden'`` (the input of the head's last linear layer) or
       ``'projection'`` (the projection before a predictor): what ``h1``/``h2`` it uses;
     * ``draws``: True when it draws random numbers (a ``generator`` makes runs repeatable);
+    * ``per_anchor_columns``: False when it scores the shared columns only (UnReMix), so it
+      cannot take per-anchor explicit columns (a memory bank then draws one shared pool);
     * ``in_batch_defaults``: hyper-parameters (loss-level or the strategy's) that ``hardneg
       compare`` / ``demo`` use on in-batch negatives (SimCLR) instead of the registry defaults,
       e.g. Ring's wider band for a small pool.
@@ -123,6 +125,7 @@ class Strategy(nn.Module):
     supports_debiasing: ClassVar[bool] = True
     feature_kind: ClassVar[str | None] = None
     draws: ClassVar[bool] = False
+    per_anchor_columns: ClassVar[bool] = True
     in_batch_defaults: ClassVar[dict[str, Any]] = {}
 
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:

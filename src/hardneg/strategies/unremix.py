@@ -113,6 +113,7 @@ class UnReMixNegatives(Strategy):
 
     loss_defaults = {"tau_plus": 0.1}
     feature_kind = "hidden"
+    per_anchor_columns = False
 
     def __init__(
         self,
