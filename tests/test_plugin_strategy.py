@@ -10,6 +10,7 @@ it anywhere; ``in_batch_defaults`` gives it another ``k`` under ``compare`` on i
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -109,8 +110,8 @@ def test_the_plugin_appears_in_compare(plugin, tmp_path, capsys):
             "--no-linear", "--tsne-points", "0", f"{NAME}.temperature=0.4", *TINY]  # fmt: skip
     assert main(args) == 0
     text = capsys.readouterr().out
-    table = text[text.index("strategy  seeds") :]
-    assert any(line.startswith(NAME) for line in table.splitlines())
+    table = text[re.search(r"strategy +seeds", text).start() :]
+    assert re.search(rf"^{NAME} +1 ", table, re.MULTILINE)
     assert f"| {NAME} | 1 |" in (out / "report.md").read_text()
     config = (out / NAME / "seed0" / "config.yaml").read_text()
     assert "k: 6" in config and "temperature: 0.4" in config  # in_batch_defaults, overrides
