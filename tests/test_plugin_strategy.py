@@ -87,6 +87,8 @@ def test_hardneg_losses_describes_the_plugin_from_its_signature(plugin, capsys):
     assert "topk_hardest: the k hardest negatives (test plug-in)" in text
     assert "k=8: negatives kept per anchor, an integer >= 1." in text
     assert "check_inputs=True" in text.split("topk_hardest:")[1]  # loss-level settings too
+    for name in hardneg.list_losses():  # every registered loss, with its full help
+        assert hardneg.describe_loss(name) in text
 
 
 TINY = ["data.subset=256", "train.batch_size=128", "train.device=cpu", "model.out_dim=16",
