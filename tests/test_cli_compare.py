@@ -61,7 +61,7 @@ def config(strategy, *overrides, framework=None):
 def test_every_strategy_gets_the_base_temperature_and_its_registry_defaults():
     from hardneg.registry import loss_hparams
 
-    for strategy in compare_cmd.STRATEGIES:
+    for strategy in compare_cmd.default_strategies():
         cfg = config(strategy, "loss.temperature=0.2")
         assert cfg.loss.name == strategy and cfg.seed == 3 and cfg.train.epochs == 2
         assert cfg.loss.params["temperature"] == 0.2
@@ -72,14 +72,28 @@ def test_every_strategy_gets_the_base_temperature_and_its_registry_defaults():
 
 
 def test_ring_keeps_a_wide_band_on_in_batch_negatives_only():
+    from hardneg.strategies import RingNegatives
+
+    assert RingNegatives.in_batch_defaults == {"rho_out": 0.5}  # data, not a name in compare
     assert config("ring").loss.params["rho_out"] == 0.5
     assert "rho_out" not in config("ring", framework="moco").loss.params
     assert config("ring", "ring.rho_out=0.3").loss.params["rho_out"] == 0.3
+    assert "rho_out" not in config("hcl").loss.params
+
+
+def test_every_registered_strategy_is_compared_by_default():
+    import hardneg
+
+    assert compare_cmd.default_strategies() == hardneg.list_losses()
+    assert compare_cmd.parse_strategies(None) == hardneg.list_losses()
+    assert compare_cmd.parse_strategies(" hcl, ring,") == ["hcl", "ring"]
+    assert "debiased" in Overrides.parse(["debiased.tau_plus=0.2"]).per_strategy
 
 
 def test_loss_overrides_go_to_the_strategies_that_have_the_key():
     assert config("hcl", "loss.tau_plus=0.05").loss.params["tau_plus"] == 0.05
-    assert "tau_plus" not in config("infonce", "loss.tau_plus=0.05").loss.params
+    assert config("infonce", "loss.tau_plus=0.05").loss.params["tau_plus"] == 0.05
+    assert "tau_plus" not in config("ring", "loss.tau_plus=0.05").loss.params  # no debiasing
     assert config("hcl", "hcl.beta=2").loss.params["beta"] == 2
     assert "beta" not in config("unremix", "hcl.beta=2").loss.params
 
@@ -106,7 +120,9 @@ def test_unknown_strategy_suggests_the_closest_name(tmp_path, capsys):
     assert "did you mean 'hcl'" in capsys.readouterr().err
 
 
-def test_demo_compares_all_six_strategies_on_mnist1d_with_one_seed(monkeypatch, tmp_path, capsys):
+def test_demo_compares_every_registered_strategy_on_mnist1d_with_one_seed(
+    monkeypatch, tmp_path, capsys
+):
     seen = {}
 
     def fake_compare(**kwargs):
@@ -116,7 +132,7 @@ def test_demo_compares_all_six_strategies_on_mnist1d_with_one_seed(monkeypatch, 
     monkeypatch.setattr(demo_cmd, "compare", fake_compare)
     assert main(["demo", "--out", str(tmp_path)]) == 0
     assert seen["dataset"] == "mnist1d" and list(seen["seeds"]) == [0]
-    assert seen["strategies"] == list(compare_cmd.STRATEGIES)
+    assert seen["strategies"] == compare_cmd.default_strategies()
     assert set(demo_cmd.DEMO_OVERRIDES) <= set(seen["overrides"])
     out = capsys.readouterr().out
     assert "TABLE" in out and str(tmp_path / "report.md") in out

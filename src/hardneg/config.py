@@ -109,6 +109,12 @@ class FrameworkConfig:
         0.5, "memory_bank: m of M[i] = normalize(m M[i] + (1-m) q)", low=0.0, high=1.0
     )
     bank_negatives: int | str = _opt(4096, "memory_bank: uniform draws per step, or 'all'", low=1)
+    bank_draws: str = _opt(
+        "auto",
+        "memory_bank: each anchor draws its own rows (per_anchor, IR's NCE) or the batch shares "
+        "one draw (shared); auto = per_anchor unless the strategy scores shared columns only",
+        choices=("auto", "per_anchor", "shared"),
+    )
 
 
 @dataclass

@@ -103,7 +103,8 @@ def negative_diagnostics(
     duplicate_threshold: float = 0.99,
 ) -> NegativeDiagnostics:
     """Summarise a selection over a contrast set. Labels (``[A]`` and ``[C]``, by default the
-    contrast set's own) are used for analysis only; per-anchor columns count as other-class."""
+    contrast set's own; ``[A, S]`` column labels label every column of every anchor) are used for
+    analysis only; unlabelled per-anchor columns count as other-class."""
     if anchor_labels is None:
         anchor_labels = contrast.anchor_labels
     if column_labels is None:
@@ -142,7 +143,8 @@ def negative_diagnostics(
         diag.margin_removal_share = would_remove.sum(dim=1) / count
         if anchor_labels is not None and column_labels is not None:
             a = logits.shape[0]
-            col = column_labels.to(logits.device).unsqueeze(0).expand(a, -1)
+            col = column_labels.to(logits.device)
+            col = col if col.dim() == 2 else col.unsqueeze(0).expand(a, -1)  # [A, h]: per anchor
             same = col == anchor_labels.to(logits.device).unsqueeze(1)
             if same.shape[1] < logits.shape[1]:  # per-anchor and synthetic columns
                 pad = torch.zeros(

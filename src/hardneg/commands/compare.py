@@ -1,14 +1,17 @@
 """``hardneg compare``: train every strategy x seed on one data set, evaluate, report.
 
 Each run is a normal training run (:func:`hardneg.train.train`) from one base config; only the loss
-section changes between strategies. The loss hyper-parameters are the registry defaults
-(``hardneg losses``) with two adaptations, so that the strategies differ in how they pick and weight
-negatives and not in their scale:
+section changes between strategies. The strategies are those of the registry
+(:func:`hardneg.registry.list_losses`, ``hardneg losses``; by default all of them, a strategy
+registered by a plug-in included). The loss hyper-parameters are the registry defaults with two
+adaptations, so that the strategies differ in how they pick and weight negatives and not in their
+scale:
 
 * ``temperature`` is the base config's loss temperature for every strategy (the registry's Ring
   default 0.07 is the MoCo / IR value; SimCLR-style runs use 0.5);
-* Ring on in-batch negatives (``framework: simclr``) keeps the outer band ``rho_out = 0.5``, the
-  authors' SimCLR-Ring value for a small pool (their 0.1 is for a 65536-key queue).
+* on in-batch negatives (``framework: simclr``) a strategy's ``in_batch_defaults`` (a class
+  attribute, e.g. Ring's ``rho_out = 0.5``, the authors' SimCLR-Ring value for a small pool; their
+  0.1 is for a 65536-key queue) replace the registry defaults.
 
 Overrides ``section.key=value`` apply to every run; ``loss.KEY=value`` goes to each strategy that
 has ``KEY``; ``STRATEGY.KEY=value`` (e.g. ``hcl.beta=2``) to that strategy only. After training, each
@@ -30,16 +33,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-STRATEGIES = ("infonce", "debiased", "hcl", "ring", "unremix", "potential")
-IN_BATCH_RING_RHO_OUT = 0.5
+
+def default_strategies() -> list[str]:
+    """Every registered loss, in registration order (``hardneg losses``)."""
+    from hardneg.registry import list_losses
+
+    return list_losses()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="mnist1d", help="data set (default mnist1d)")
     parser.add_argument(
         "--strategies",
-        default=",".join(STRATEGIES),
-        help=f"comma-separated loss names (default {','.join(STRATEGIES)})",
+        help="comma-separated loss names (default: every registered loss, see hardneg losses)",
     )
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per strategy")
     parser.add_argument("--epochs", type=int, help="training epochs (default: the base config's)")
@@ -65,12 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = (
         "Loss hyper-parameters are the registry defaults (hardneg losses), with the base "
-        "config's temperature for every strategy and Ring's rho_out=0.5 on in-batch negatives."
+        "config's temperature for every strategy and each strategy's in-batch defaults "
+        "(e.g. Ring's rho_out=0.5) on in-batch negatives."
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    strategies = parse_strategies(args.strategies)
     out = Path(args.out) if args.out else default_out(f"compare-{args.dataset}")
     outcome = compare(
         dataset=args.dataset,
@@ -99,6 +106,13 @@ class Outcome:
     table: str
     report: Path
     seconds: float
+
+
+def parse_strategies(text: str | None) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]``; None -> every registered loss."""
+    if text is None:
+        return default_strategies()
+    return [s.strip() for s in text.split(",") if s.strip()]
 
 
 def default_out(name: str) -> Path:
@@ -196,12 +210,17 @@ def compare(
         raise ValueError("every run failed: " + "; ".join(failed))
     table = format_table(summarize(records))
     first = next(iter(configs.values()))
+    in_batch = []  # the strategies' in-batch defaults that were used
+    for strategy in strategies:
+        values = in_batch_defaults(strategy, first)
+        if values:
+            in_batch.append(f"{strategy} " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
     notes = [
         f"base config: {base_config or 'defaults'}; {first.train.epochs} epochs, batch "
         f"{first.train.batch_size}, framework {first.framework.name}, backbone "
         f"{first.model.backbone}",
         "loss hyper-parameters: registry defaults, temperature from the base config"
-        + (f", Ring rho_out={IN_BATCH_RING_RHO_OUT} in-batch" if "ring" in strategies else "")
+        + (f"; in-batch defaults: {'; '.join(in_batch)}" if in_batch else "")
         + " (each run's config.yaml has them all)",
         *notes,
         *(f"FAILED: {f}" for f in failed),
@@ -231,6 +250,7 @@ class Overrides:
         from hardneg.config import SECTIONS
 
         sections = ["seed", *SECTIONS]
+        strategies = default_strategies()
         parsed = cls([], {}, {})
         for item in items:
             key, sep, value = item.partition("=")
@@ -243,12 +263,12 @@ class Overrides:
                 parsed.loss[rest] = value
             elif head in sections:
                 parsed.common.append(item)
-            elif head in STRATEGIES and rest:
+            elif head in strategies and rest:
                 parsed.per_strategy.setdefault(head, {})[rest] = value
             else:
                 raise ValueError(
                     f"override {item!r}: {head!r} is neither a config section "
-                    f"({', '.join(sections)}) nor a strategy ({', '.join(STRATEGIES)})"
+                    f"({', '.join(sections)}) nor a strategy ({', '.join(strategies)})"
                 )
         return parsed
 
@@ -282,8 +302,7 @@ def build_run_config(
     loss: dict[str, object] = {"name": strategy}
     if "temperature" in hparams and temperature is not None:
         loss["temperature"] = temperature
-    if strategy == "ring" and base.framework.name == "simclr":
-        loss["rho_out"] = IN_BATCH_RING_RHO_OUT
+    loss.update(in_batch_defaults(strategy, base))
     for key, value in overrides.loss.items():
         if key in hparams:
             apply_override(loss, f"{key}={value}")
@@ -292,6 +311,15 @@ def build_run_config(
     raw = base.to_dict()
     raw["loss"] = loss
     return TrainConfig.from_dict(raw)
+
+
+def in_batch_defaults(strategy: str, config) -> dict[str, object]:
+    """The strategy's ``in_batch_defaults`` when ``config`` trains on in-batch negatives."""
+    from hardneg.registry import strategy_class
+
+    if config.framework.name != "simclr":
+        return {}
+    return dict(strategy_class(strategy).in_batch_defaults)
 
 
 def default_base_config(dataset: str, framework: str | None) -> str | None:

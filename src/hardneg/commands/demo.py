@@ -1,7 +1,7 @@
 """``hardneg demo``: every strategy on the embedded mnist1d data, one seed, a few minutes on a CPU.
 
 It is ``hardneg compare`` with a dedicated short schedule (:data:`DEMO_OVERRIDES` on top of the
-packaged mnist1d config): all six strategies are trained with SimCLR and the same encoder, then
+packaged mnist1d config): every registered strategy (``hardneg losses``) is trained with SimCLR and the same encoder, then
 evaluated on frozen features (weighted kNN and linear probe), and one comparison report is written.
 The schedule is sized to finish within 5 minutes on 2 CPU cores; the README lists what it prints.
 """
@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from hardneg.commands.compare import STRATEGIES, compare, default_out
+from hardneg.commands.compare import compare, default_out, parse_strategies
 
 DEMO_DATASET = "mnist1d"
 DEMO_OVERRIDES = [
@@ -29,7 +29,8 @@ DEMO_TSNE_POINTS = 600
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output folder (default runs/demo-TIME)")
     parser.add_argument(
-        "--strategies", default=",".join(STRATEGIES), help="comma-separated subset to run"
+        "--strategies",
+        help="comma-separated subset to run (default: every registered loss, see hardneg losses)",
     )
     parser.add_argument(
         "overrides",
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out("demo")
     outcome = compare(
         dataset=DEMO_DATASET,
-        strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
+        strategies=parse_strategies(args.strategies),
         seeds=[0],
         out=out,
         overrides=[*DEMO_OVERRIDES, *args.overrides],

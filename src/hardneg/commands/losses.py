@@ -1,10 +1,10 @@
-"""``hardneg losses``: list the registered losses and their hyper-parameters."""
+"""``hardneg losses``: every registered loss with its hyper-parameters, defaults and meanings."""
 
 from __future__ import annotations
 
 import argparse
 
-from hardneg.registry import list_losses, loss_hparams
+from hardneg.registry import describe_loss, list_losses
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,7 +13,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     names = [args.name] if args.name else list_losses()
-    for name in names:
-        params = ", ".join(f"{k}={v!r}" for k, v in loss_hparams(name).items())
-        print(f"{name}: {params}")
+    print("\n\n".join(describe_loss(name) for name in names))
     return 0

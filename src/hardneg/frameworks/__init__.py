@@ -2,7 +2,12 @@
 
 ``build_framework(config, backbone, head, loss, dataset_size)`` builds the one named by
 ``config.framework.name``; every loss of :func:`hardneg.create_loss` works in every framework
-(in-batch: ``loss(z1, z2)``; queue / bank: ``loss(q, k, negatives=pool)``).
+(in-batch: ``loss(z1, z2)``; queue / bank: ``loss(q, k, negatives=pool)``). A framework never
+names a loss: it asks it (:meth:`Framework.loss_features`) which features the strategy needs
+(``loss.feature_kind``: None, ``'hidden'`` = the input of the head's last linear layer,
+``'projection'`` = the online projection before a predictor) and whether it draws random numbers
+(``loss.draws``: then the step's ``generator``, owned, seeded and checkpointed by the trainer,
+is passed to it).
 """
 
 from __future__ import annotations
@@ -16,9 +21,6 @@ from hardneg.frameworks.base import Framework, StepOutput
 from hardneg.frameworks.memory_bank import MemoryBank
 from hardneg.frameworks.moco import MoCo
 from hardneg.frameworks.simclr import SimCLR
-
-# losses that use the head's hidden features of the negatives (UnReMix's influence score)
-LOSSES_USING_HIDDEN = ("unremix",)
 
 
 def _simclr(
@@ -52,7 +54,6 @@ def _moco(
         symmetric=fw.symmetric,
         predictor=predictor,
         enqueue=fw.enqueue,
-        keep_hidden=config.loss.name in LOSSES_USING_HIDDEN,
         shuffle_bn=shuffle_bn,
     )
 
@@ -69,6 +70,7 @@ def _memory_bank(
         out_dim=head.out_dim,
         momentum=fw.bank_momentum,
         negatives=fw.bank_negatives,
+        draws=fw.bank_draws,
     )
 
 

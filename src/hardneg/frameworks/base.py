@@ -12,6 +12,19 @@ In a ``torchrun`` run every framework computes its loss on the *global* batch: p
 gathered with :func:`hardneg.distributed.gather_with_grad`, keys, labels and indices with
 :func:`~hardneg.distributed.gather_no_grad`; the queue / bank is fed with the global batch, so
 it stays identical on every rank.
+
+A framework never names a loss; it asks it what it needs (class attributes of the strategy,
+read through the loss):
+
+* ``loss.feature_kind``: None (nothing), ``'hidden'`` (the input of the head's last linear
+  layer, detached: UnReMix's influence score) or ``'projection'`` (the online projection before
+  the predictor, with gradient: potential's soft positive weights; without a predictor it is the
+  query itself). They reach the loss as ``h1`` / ``h2``, and as ``negative_h`` for a pool whose
+  entries' features the framework keeps (MoCo keeps a queue of hidden features when asked);
+* ``loss.draws``: the loss draws random numbers, so the step's ``generator`` (owned, seeded and
+  checkpointed by the trainer) is passed to it; other losses get none.
+
+A loss module without these attributes gets neither.
 """
 
 from __future__ import annotations
@@ -22,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from hardneg.diagnostics import NegativeDiagnostics
-from hardneg.distributed import gather_no_grad
+from hardneg.distributed import gather_no_grad, gather_with_grad
 from hardneg.losses import LossOutput
 
 
@@ -57,10 +70,34 @@ class Framework(nn.Module):
         self.backbone = backbone
         self.head = head
         self.loss = loss
+        kind = getattr(loss, "feature_kind", None)
+        if kind not in FEATURE_KINDS:
+            raise ValueError(
+                f"loss.feature_kind must be one of {', '.join(map(repr, FEATURE_KINDS))}, "
+                f"got {kind!r}"
+            )
+        self.feature_kind: str | None = kind
+
+    @property
+    def loss_draws(self) -> bool:
+        """Whether the loss draws random numbers (it then gets the step's generator)."""
+        return bool(getattr(self.loss, "draws", False))
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(z, h)``: projection and the input of the head's last linear layer (UnReMix)."""
+        """``(z, h)``: projection and the input of the head's last linear layer."""
         return self.head(self.backbone(x), return_hidden=True)
+
+    def features(self, projection: Tensor, hidden: Tensor) -> Tensor | None:
+        """The global-batch features the loss asked for (``feature_kind``), or None.
+
+        ``projection``: the online projection before any predictor (local rows, with
+        gradient); ``hidden``: the head's hidden features of the same rows.
+        """
+        if self.feature_kind == "hidden":
+            return gather_no_grad(hidden)
+        if self.feature_kind == "projection":
+            return gather_with_grad(projection)
+        return None
 
     def commit(self, out: StepOutput) -> None:
         """Apply ``out.pending`` after an accepted optimizer step (queue / bank writes)."""
@@ -74,9 +111,15 @@ class Framework(nn.Module):
         diagnostics: bool = False,
         labels: Tensor | None = None,
         negative_labels: Tensor | None = None,
+        generator: torch.Generator | None = None,
         **kwargs: object,
     ) -> tuple[Tensor, NegativeDiagnostics | None]:
-        """Call the loss; labels go to it only on diagnostics steps (analysis only)."""
+        """Call the loss; the generator goes to it only when it draws, labels only on
+        diagnostics steps (analysis only), other keywords (``h1``, ``exclude_index``, ...) only
+        when not None."""
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if self.loss_draws:
+            kwargs["generator"] = generator
         if not diagnostics:
             return self.loss(q, k, negatives=negatives, **kwargs), None
         out: LossOutput = self.loss(
@@ -89,6 +132,9 @@ class Framework(nn.Module):
             **kwargs,
         )
         return out.loss, out.diagnostics
+
+
+FEATURE_KINDS = (None, "hidden", "projection")
 
 
 def gather_labels(labels: Tensor | None) -> Tensor | None:

@@ -9,14 +9,17 @@ One step, for views ``x1, x2`` of a batch::
     loss = (L(q1, k2, queue) + L(q2, k1, queue)) / 2    # symmetric=True
     queue <- enqueue(k2)  (or k1 and k2, enqueue='both')   # after the optimizer step
 
-With a predictor, a loss whose ``forward`` takes ``proj1`` (``potential``, for its soft positive
-weights) also gets the online projections *before* the predictor:
-``L(q1, k2, queue, proj1=g(f(x1)))`` and ``L(q2, k1, queue, proj1=g(f(x2)))``, as the PSM code
-passes ``q1_pre`` / ``q2_pre``; other losses get no such argument.
+The framework asks the loss what else it needs (:class:`~hardneg.frameworks.base.Framework`):
+``loss.feature_kind == 'projection'`` (potential, for its soft positive weights) gets the online
+projections *before* the predictor, ``L(q1, k2, queue, h1=g(f(x1)))`` and
+``L(q2, k1, queue, h1=g(f(x2)))``, as the PSM code passes ``q1_pre`` / ``q2_pre`` (without a
+predictor they are the queries themselves); ``'hidden'`` (UnReMix) gets the head's hidden
+features of the queries as ``h1`` and those of the queued keys as ``negative_h``; a loss that
+draws gets the step's ``generator``.
 
 Keys are detached; the queue (``queue_size x d``, initialised with random unit vectors as in
 MoCo) holds the last keys, a queue of their labels is kept for diagnostics only, and, when the
-loss uses the head's hidden features (UnReMix), a queue of the keys' hidden features.
+loss asks for hidden features, a queue of the keys' hidden features.
 
 Potential-sample mining (Dong et al. 2023) is this framework with ``predictor=True``,
 ``symmetric=True``, ``enqueue='second'`` and the ``potential`` loss, which treats the queue as its
@@ -35,13 +38,11 @@ every rank), once per key batch, before the loss of that direction.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hardneg.distributed import gather_no_grad, gather_unshuffled, gather_with_grad, shuffle_batch
+from hardneg.distributed import gather_unshuffled, gather_with_grad, shuffle_batch
 from hardneg.frameworks.base import Framework, StepOutput, ema_, freeze_copy, gather_labels
 
 
@@ -57,7 +58,6 @@ class MoCo(Framework):
         predictor: optional online predictor applied to the queries (PSM).
         enqueue: with ``symmetric``, ``'both'`` enqueues ``k1`` and ``k2``, ``'second'`` only
             ``k2`` (PSM's neighbour bank holds view-2 keys); without it only ``k2`` exists.
-        keep_hidden: also queue the keys' hidden features (for UnReMix's ``negative_h``).
         shuffle_bn: under ``torchrun``, compute keys on a batch shuffled across ranks
             (MoCo v2's shuffle-BN); no effect in one process.
     """
@@ -76,7 +76,6 @@ class MoCo(Framework):
         symmetric: bool = False,
         predictor: nn.Module | None = None,
         enqueue: str = "both",
-        keep_hidden: bool = False,
         shuffle_bn: bool = True,
     ) -> None:
         super().__init__(backbone, head, loss)
@@ -87,11 +86,10 @@ class MoCo(Framework):
         self.symmetric = symmetric
         self.enqueue = enqueue
         self.shuffle_bn = shuffle_bn
-        # the pre-predictor projection goes only to losses that name it (PSM's soft weights)
-        self.pass_proj1 = predictor is not None and takes_keyword(loss, "proj1")
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, out_dim), dim=1))
         self.register_buffer("queue_labels", torch.full((queue_size,), -1, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        keep_hidden = self.feature_kind == "hidden"  # the keys' features, for negative_h
         hidden = torch.zeros(queue_size, hidden_dim(head, backbone)) if keep_hidden else None
         self.register_buffer("queue_hidden", hidden)  # None: not kept (not in state_dict)
 
@@ -131,8 +129,10 @@ class MoCo(Framework):
         for i, (xq, xk) in enumerate(pairs):
             q, z, h = self.query(xq)
             k, kh = self.key(xk, generator)
-            q, h = gather_with_grad(q), gather_no_grad(h)
-            extra = {"proj1": gather_with_grad(z)} if self.pass_proj1 else {}
+            q = gather_with_grad(q)
+            # without a predictor the projection is the query itself (no second gather)
+            same = self.predictor is None and self.feature_kind == "projection"
+            features = q if same else self.features(z, h)
             loss, d = self.contrast(
                 q,
                 k,
@@ -141,10 +141,9 @@ class MoCo(Framework):
                 labels=labels,
                 negative_labels=self.queue_labels,
                 progress=progress,
-                h1=h,
+                h1=features,
                 negative_h=negative_h,
                 generator=generator,
-                **extra,
             )
             losses.append(loss)
             queries.append(q.detach())
@@ -178,20 +177,6 @@ class MoCo(Framework):
         if self.queue_hidden is not None:
             self.queue_hidden[slots] = out.pending["hidden"][-size:].float()
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
-
-
-def takes_keyword(loss: nn.Module, name: str) -> bool:
-    """Whether ``loss.forward`` has a parameter called ``name`` (``**kwargs`` does not count:
-    a wrapper that forwards them may reach a loss that rejects the name)."""
-    try:
-        params = inspect.signature(loss.forward).parameters
-    except (TypeError, ValueError):  # no introspectable signature
-        return False
-    param = params.get(name)
-    return param is not None and param.kind in (
-        inspect.Parameter.KEYWORD_ONLY,
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-    )
 
 
 @torch.no_grad()

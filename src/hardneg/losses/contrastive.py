@@ -7,7 +7,8 @@ Call forms (embeddings need not be normalised):
   ``ids=[N]`` masks duplicates.
 * ``loss(q, k, negatives=pool)``: queries, their positive keys and an external pool ``[K, d]``
   (MoCo queue, memory bank); averaged over the ``N`` queries; ``exclude_index=[N]`` masks each
-  query's own bank row.
+  query's own bank row. A per-anchor pool ``negatives=[N, K, d]`` gives each query its own ``K``
+  rows (IR's per-anchor noise draws from a memory bank).
 * ``loss(anchor, positive, hard_negatives=neg)``: retrieval batches, ``neg [N, h, d]``; every
   positive and hard negative of the batch is a candidate of every anchor
   (``MultipleNegativesRankingLoss`` layout), averaged over the ``N`` anchors.
@@ -38,7 +39,13 @@ from hardneg._checks import (
     check_number,
     check_same_shape,
 )
-from hardneg.contrast import ContrastSet, in_batch_contrast, pool_contrast, retrieval_contrast
+from hardneg.contrast import (
+    ContrastSet,
+    build_contrast,
+    in_batch_contrast,
+    pool_contrast,
+    retrieval_contrast,
+)
 from hardneg.diagnostics import NegativeDiagnostics, negative_diagnostics
 from hardneg.objectives import OBJECTIVES, POSITIVE_MODES, objective_loss
 from hardneg.schedules import check_progress
@@ -85,6 +92,20 @@ class ContrastInputs:
     def standard_contrast(self) -> ContrastSet:
         """The contrast set of the call form, with features and labels attached."""
         t = self.temperature
+        if self.negatives is not None and self.negatives.dim() == 3:  # a pool per anchor
+            contrast = build_contrast(
+                self.z1,
+                self.negatives.new_zeros(0, self.negatives.shape[-1]),
+                positives=self.z2,
+                anchor_columns=self.negatives.detach(),
+                temperature=t,
+                normalize=self.normalize,
+            )
+            contrast.anchor_features = self.h1
+            contrast.anchor_labels, contrast.column_labels = self.labels, self.negative_labels
+            if self.negative_labels is None:
+                contrast.anchor_labels = None
+            return contrast
         if self.negatives is not None:
             contrast = pool_contrast(
                 self.z1,
@@ -215,6 +236,10 @@ class ContrastiveLoss(nn.Module):
     def draws(self) -> bool:
         return self.strategy.draws
 
+    @property
+    def per_anchor_columns(self) -> bool:
+        return self.strategy.per_anchor_columns
+
     def hparams(self) -> dict[str, object]:
         """Loss-level settings and the strategy's hyper-parameters, for logs and checkpoints."""
         out: dict[str, object] = {
@@ -244,8 +269,14 @@ class ContrastiveLoss(nn.Module):
                 check_same_shape("z1", z1, f"extra_views[{i}]", v)
         else:
             check_views(z1, z2, ("q", "k"))
-            check_embeddings("negatives", negatives)
-            if negatives.shape[1] != z1.shape[1]:
+            per_anchor = isinstance(negatives, Tensor) and negatives.dim() == 3
+            if per_anchor and negatives.shape[0] != z1.shape[0]:
+                raise ValueError(
+                    f"a per-anchor pool must have shape (N, K, d) with N = {z1.shape[0]} "
+                    f"queries, got {tuple(negatives.shape)}"
+                )
+            check_embeddings("negatives", negatives.flatten(0, 1) if per_anchor else negatives)
+            if negatives.shape[-1] != z1.shape[1]:
                 raise ValueError(
                     f"negatives must have the embedding dim of q ({z1.shape[1]}), "
                     f"got shape {tuple(negatives.shape)}"
@@ -268,11 +299,14 @@ class ContrastiveLoss(nn.Module):
         n = z1.shape[0]
         check_optional_features("h1", inputs.h1, n)
         check_optional_features("h2", inputs.h2, n)
-        if negatives is not None:
+        per_anchor = negatives is not None and negatives.dim() == 3
+        if per_anchor and inputs.negative_h is not None:
+            raise ValueError("negative_h needs a shared pool (negatives [K, d]), not a per-anchor one")
+        if negatives is not None and not per_anchor:
             check_optional_features("negative_h", inputs.negative_h, negatives.shape[0])
         if inputs.exclude_index is not None:
-            if negatives is None:
-                raise ValueError("exclude_index needs an external pool (negatives=...)")
+            if negatives is None or per_anchor:
+                raise ValueError("exclude_index needs a shared external pool (negatives=[K, d])")
             check_index("exclude_index", inputs.exclude_index, n, negatives.shape[0])
             if negatives.shape[0] < 2:
                 raise ValueError("a pool with exclude_index needs at least 2 entries")
@@ -280,7 +314,14 @@ class ContrastiveLoss(nn.Module):
             check_labels("ids", inputs.ids, n)
         if inputs.labels is not None:
             check_labels("labels", inputs.labels, n)
-        if inputs.negative_labels is not None and negatives is not None:
+        if inputs.negative_labels is not None and per_anchor:
+            check_labels("negative_labels", inputs.negative_labels.flatten(), negatives.shape[:2].numel())
+            if inputs.negative_labels.shape != negatives.shape[:2]:
+                raise ValueError(
+                    f"negative_labels of a per-anchor pool must have shape "
+                    f"{tuple(negatives.shape[:2])}, got {tuple(inputs.negative_labels.shape)}"
+                )
+        elif inputs.negative_labels is not None and negatives is not None:
             check_labels("negative_labels", inputs.negative_labels, negatives.shape[0])
 
     def forward(
@@ -307,7 +348,7 @@ class ContrastiveLoss(nn.Module):
         Args:
             z1, z2: ``[N, d]`` views (queries and positive keys with a pool; anchors and
                 positives with ``hard_negatives``).
-            negatives: ``[K, d]`` external pool, or None.
+            negatives: ``[K, d]`` external pool, ``[N, K, d]`` a pool per query, or None.
             hard_negatives: ``[N, h, d]`` explicit hard negatives per anchor (retrieval).
             extra_views: further ``[N, d]`` views (in-batch only).
             ids: ``[N]`` sample ids; equal ids are duplicates (masked), in-batch only.
@@ -316,7 +357,8 @@ class ContrastiveLoss(nn.Module):
             negative_h: ``[K, h]`` the same features of the pool entries.
             exclude_index: ``[N]`` pool row of each query's own entry (memory bank), masked.
             generator: random generator for strategies that draw.
-            labels, negative_labels: class ids for diagnostics only; never used by the loss.
+            labels, negative_labels: class ids for diagnostics only (``negative_labels``
+                ``[K]``, or ``[N, K]`` with a per-anchor pool); never used by the loss.
             return_diagnostics: return a :class:`LossOutput` instead of the scalar.
         """
         if progress is not None:

@@ -114,6 +114,11 @@ class Strategy(nn.Module):
     * ``draws``: True when it draws random numbers (a ``generator`` makes runs repeatable);
     * ``is_filter``: True when it only drops negatives (:meth:`keep`); a filter can stand in
       front of any other strategy (``create_loss("hcl", filter="positive_aware")``).
+    * ``per_anchor_columns``: False when it scores the shared columns only (UnReMix), so it
+      cannot take per-anchor explicit columns (a memory bank then draws one shared pool);
+    * ``in_batch_defaults``: hyper-parameters (loss-level or the strategy's) that ``hardneg
+      compare`` / ``demo`` use on in-batch negatives (SimCLR) instead of the registry defaults,
+      e.g. Ring's wider band for a small pool.
     """
 
     name: ClassVar[str] = ""
@@ -123,6 +128,8 @@ class Strategy(nn.Module):
     feature_kind: ClassVar[str | None] = None
     draws: ClassVar[bool] = False
     is_filter: ClassVar[bool] = False
+    per_anchor_columns: ClassVar[bool] = True
+    in_batch_defaults: ClassVar[dict[str, Any]] = {}
 
     def keep(self, contrast: ContrastSet, context: StepContext) -> Tensor:
         """Filters only: ``[A, S]`` bool, the negatives that pass (see ``is_filter``)."""

@@ -78,6 +78,8 @@ class RingNegatives(Strategy):
 
     loss_defaults = {"temperature": 0.07}
     supports_debiasing = False
+    # the authors' SimCLR-Ring band for a small in-batch pool (their 0.1 is for a 65536 queue)
+    in_batch_defaults = {"rho_out": 0.5}
 
     def __init__(
         self,

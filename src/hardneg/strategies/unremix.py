@@ -114,6 +114,7 @@ class UnReMixNegatives(Strategy):
 
     loss_defaults = {"tau_plus": 0.1}
     feature_kind = "hidden"
+    per_anchor_columns = False
 
     def __init__(
         self,

@@ -384,12 +384,12 @@ def build_model(cfg: TrainConfig, backbone_args: dict[str, Any], dataset_size: i
     """Backbone (``build_backbone(**backbone_args)``) + projection head + loss inside the
     configured framework."""
     from hardneg.models import build_backbone, build_head
-    from hardneg.registry import create_loss, loss_hparams
+    from hardneg.registry import create_loss, loss_settings
 
     backbone = build_backbone(**backbone_args)
     head = build_head(cfg.model.head, backbone.out_dim, cfg.model.out_dim, cfg.model.head_hidden)
     params = dict(cfg.loss.params)
-    if "check_inputs" in loss_hparams(cfg.loss.name):
+    if "check_inputs" in loss_settings(cfg.loss.name):  # a loss-level setting of every loss
         # the trainer checks the loss and the embeddings itself (one host sync per step)
         params.setdefault("check_inputs", False)
     loss = create_loss(cfg.loss.name, **params)

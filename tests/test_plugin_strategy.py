@@ -1,0 +1,122 @@
+"""A strategy is one file: a class registered from *this* test module trains through
+``hardneg train``, is listed and described by ``hardneg losses`` and appears in ``hardneg
+compare``, with no other file of the library changed.
+
+The plug-in keeps each anchor's ``k`` hardest (most similar) negatives. It declares
+``feature_kind = 'hidden'``, so the framework hands it the head's hidden features without naming
+it anywhere; ``in_batch_defaults`` gives it another ``k`` under ``compare`` on in-batch negatives.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+import hardneg
+from hardneg.cli import main
+from hardneg.contrast import ContrastSet
+from hardneg.registry import register_strategy, unregister_strategy
+from hardneg.strategies import Selection, StepContext, Strategy
+
+NAME = "topk_hardest"
+
+
+class TopKHardest(Strategy):
+    """Keep the k hardest negatives of each anchor (a test plug-in).
+
+    Args:
+        k: negatives kept per anchor, an integer >= 1.
+    """
+
+    supports_debiasing = False
+    feature_kind = "hidden"
+    in_batch_defaults = {"k": 6}
+    seen: list[tuple[int, int | None]] = []  # (negatives M, hidden width) of each call
+
+    def __init__(self, *, k: int = 8) -> None:
+        super().__init__()
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        self.k = k
+
+    def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
+        features = contrast.anchor_features
+        width = None if features is None else features.shape[1]
+        TopKHardest.seen.append((int(contrast.num_negatives), width))
+        logits = contrast.negative_logits.detach()
+        top = logits.topk(min(self.k, logits.shape[1]), dim=1).indices
+        log_w = torch.full_like(logits, float("-inf")).scatter(1, top, 0.0)
+        return Selection(
+            negative_log_weights=log_w.masked_fill(~torch.isfinite(logits), -torch.inf)
+        )
+
+
+@pytest.fixture
+def plugin():
+    register_strategy(NAME, summary="the k hardest negatives (test plug-in)")(TopKHardest)
+    TopKHardest.seen.clear()
+    yield TopKHardest
+    unregister_strategy(NAME)
+    assert NAME not in hardneg.list_losses()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_plugin_selects_the_hardest_negatives(plugin):
+    loss = hardneg.create_loss(NAME, k=2, temperature=0.5)
+    z1, z2 = torch.randn(6, 4), torch.randn(6, 4)
+    out = loss(z1, z2, return_diagnostics=True)
+    assert (out.diagnostics.kept_negatives == 2).all()
+    assert not torch.allclose(out.loss, hardneg.create_loss("infonce", temperature=0.5)(z1, z2))
+    with pytest.raises(ValueError, match="tau_plus"):
+        hardneg.create_loss(NAME, tau_plus=0.1)  # the registry read supports_debiasing
+
+
+def test_hardneg_losses_describes_the_plugin_from_its_signature(plugin, capsys):
+    assert main(["losses"]) == 0
+    text = capsys.readouterr().out
+    assert "topk_hardest: the k hardest negatives (test plug-in)" in text
+    assert "k=8: negatives kept per anchor, an integer >= 1." in text
+    assert "check_inputs=True" in text.split("topk_hardest:")[1]  # loss-level settings too
+    for name in hardneg.list_losses():  # every registered loss, with its full help
+        assert hardneg.describe_loss(name) in text
+
+
+TINY = ["data.subset=256", "train.batch_size=128", "train.device=cpu", "model.out_dim=16",
+        "train.diagnostics_every=1", "train.knn_every=1", "train.epochs=1"]  # fmt: skip
+
+
+def test_the_plugin_trains_through_hardneg_train(plugin, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--config", "mnist1d_simclr_hcl", "--run-dir", str(run), "--no-progress",
+            "loss={name: topk_hardest, k: 4, temperature: 0.5}", *TINY]  # fmt: skip
+    assert main(args) == 0
+    assert "name: topk_hardest" in (run / "config.yaml").read_text()
+    assert (run / "checkpoints" / "final.pt").is_file()
+    # 2 steps of 2 x 128 anchors: 254 negatives each, the head's hidden features (width 512)
+    assert plugin.seen and all(seen == (254, 512) for seen in plugin.seen)
+
+
+def test_the_plugin_appears_in_compare(plugin, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--strategies", f"infonce,{NAME}", "--seeds", "1", "--out", str(out),
+            "--no-linear", "--tsne-points", "0", f"{NAME}.temperature=0.4", *TINY]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    table = text[re.search(r"strategy +seeds", text).start() :]
+    assert re.search(rf"^{NAME} +1 ", table, re.MULTILINE)
+    assert f"| {NAME} | 1 |" in (out / "report.md").read_text()
+    config = (out / NAME / "seed0" / "config.yaml").read_text()
+    assert "k: 6" in config and "temperature: 0.4" in config  # in_batch_defaults, overrides
+    metrics = json.loads((out / NAME / "seed0" / "metrics.json").read_text())
+    assert 0 <= metrics["knn_top1"] <= 100
+    assert plugin.seen
