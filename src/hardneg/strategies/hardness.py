@@ -30,7 +30,6 @@ from hardneg.contrast import ContrastSet
 from hardneg.registry import register_strategy
 from hardneg.strategies.base import Selection, StepContext, Strategy
 
-
 MODES = ("all_negatives", "in_batch_negatives", "hard_negatives")
 
 
