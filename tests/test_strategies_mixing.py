@@ -137,3 +137,27 @@ def test_false_negative_threshold_and_the_kept_least_similar_negative():
     assert torch.isfinite(value)
     with pytest.raises(ValueError, match="top_k >= 1 or a threshold"):
         strategy_class("fnc")(top_k=0)
+
+
+def test_mochi_mixes_the_columns_of_a_pool_per_anchor():
+    g = torch.Generator().manual_seed(5)
+    # 3 rows per anchor in 8 dimensions: their span is a proper subspace
+    q, k = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    per_anchor = torch.randn(3, 3, 8, generator=g)
+    loss = hardneg.create_loss("mochi", num_hardest=2, num_mixed=3, num_query_mixed=0)
+    contrast = loss.strategy  # the synthetic vectors lie in the span of the anchor's own rows
+    from hardneg.contrast import build_contrast
+
+    c = build_contrast(
+        q, per_anchor.new_zeros(0, 4), positives=k, anchor_columns=per_anchor, temperature=0.2
+    )
+    synth = contrast.synthetic_negatives(c, StepContext(generator=torch.Generator().manual_seed(0)))
+    rows = F.normalize(per_anchor, dim=2)
+    for i in range(3):
+        basis = rows[i].T.double()  # [d, 3]
+        coef = torch.linalg.lstsq(basis, synth[i].T.double()).solution
+        assert float((basis @ coef - synth[i].T.double()).norm()) < 1e-5
+        other = rows[(i + 1) % 3].T.double()  # not in another anchor's span
+        coef = torch.linalg.lstsq(other, synth[i].T.double()).solution
+        assert float((other @ coef - synth[i].T.double()).norm()) > 1e-2
+    assert torch.isfinite(loss(q, k, negatives=per_anchor))

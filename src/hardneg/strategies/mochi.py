@@ -100,12 +100,16 @@ class HardNegativeMixing(Strategy):
     def _column_vectors(contrast: ContrastSet, index: Tensor) -> Tensor:
         """Embeddings ``[A, n, d]`` of the columns ``index`` ``[A, n]`` of each anchor."""
         c = contrast.num_shared
+        d = contrast.anchors.shape[1]
+        own = None
+        if contrast.anchor_columns is not None:
+            own_index = (index - c).clamp(min=0).unsqueeze(2).expand(-1, -1, d)
+            own = contrast.anchor_columns.detach().gather(1, own_index)
+            if c == 0:  # a pool per anchor: every column is the anchor's own
+                return own
         shared = contrast.columns.detach()[index.clamp(max=c - 1)]
-        if contrast.anchor_columns is None:
+        if own is None:
             return shared
-        own = contrast.anchor_columns.detach().gather(
-            1, (index - c).clamp(min=0).unsqueeze(2).expand(-1, -1, shared.shape[2])
-        )
         return torch.where((index < c).unsqueeze(2), shared, own)
 
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
