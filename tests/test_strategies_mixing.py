@@ -149,7 +149,7 @@ def test_mochi_mixes_the_columns_of_a_pool_per_anchor():
     from hardneg.contrast import build_contrast
 
     c = build_contrast(
-        q, per_anchor.new_zeros(0, 4), positives=k, anchor_columns=per_anchor, temperature=0.2
+        q, per_anchor.new_zeros(0, 8), positives=k, anchor_columns=per_anchor, temperature=0.2
     )
     synth = contrast.synthetic_negatives(c, StepContext(generator=torch.Generator().manual_seed(0)))
     rows = F.normalize(per_anchor, dim=2)
