@@ -14,10 +14,12 @@ from hardneg.strategies.uniform import DebiasedNegatives, UniformNegatives  # is
 from hardneg.strategies.importance import ImportanceNegatives  # isort: skip
 from hardneg.strategies.ring import RingNegatives, ring_band  # isort: skip
 from hardneg.strategies.unremix import UnReMixNegatives  # isort: skip
+from hardneg.strategies.potential import PotentialMining  # isort: skip
 
 __all__ = [
     "DebiasedNegatives",
     "ImportanceNegatives",
+    "PotentialMining",
     "RingNegatives",
     "Selection",
     "StepContext",
