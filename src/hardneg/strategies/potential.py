@@ -85,8 +85,11 @@ class CellContrast(ContrastSet):
     neighbours: Tensor | None = None
 
 
+_FIELDS = tuple(f.name for f in fields(ContrastSet))  # read once: torch.compile traces getattr
+
+
 def _with_cells(contrast: ContrastSet, **extra: Tensor | None) -> CellContrast:
-    return CellContrast(**{f.name: getattr(contrast, f.name) for f in fields(ContrastSet)}, **extra)
+    return CellContrast(**{name: getattr(contrast, name) for name in _FIELDS}, **extra)
 
 
 @register_strategy("potential", summary="Potential-sample mining, PSM (Dong, Long, Li 2023)")
@@ -243,7 +246,10 @@ class PotentialMining(Strategy):
         with torch.no_grad():
             if self.select_on == "raw":  # the code's kernel on unnormalised dot products
                 x = torch.cat([inputs.z1, inputs.z2]).detach().to(contrast.anchors.dtype)
-                sims, centre = x @ x.T, (x * x.roll(inputs.z1.shape[0], dims=0)).sum(dim=1)
+                sims, centre = (
+                    (x @ x.T).to(x.dtype),
+                    (x * x.roll(inputs.z1.shape[0], dims=0)).sum(dim=1),
+                )
             else:
                 t = inputs.temperature
                 sims, centre = contrast.negative_logits * t, contrast.positive_logits[:, 0] * t
@@ -279,7 +285,7 @@ class PotentialMining(Strategy):
             mined = contrast.columns[contrast.neighbours]  # [A, K, d]
             selection.extra_positive_logits = (
                 torch.einsum("ad,akd->ak", contrast.anchors, mined) / contrast.temperature
-            )
+            ).to(logits.dtype)
             if self.weighting == "soft":
                 g = (
                     contrast.anchors
@@ -287,9 +293,11 @@ class PotentialMining(Strategy):
                     else contrast.anchor_features
                 )
                 g = F.normalize(g.to(mined.dtype), dim=1)
-                selection.extra_positive_weight = torch.einsum(
-                    "ad,akd->ak", g, F.normalize(mined, dim=-1)
-                ).softmax(dim=1)
+                selection.extra_positive_weight = (
+                    torch.einsum("ad,akd->ak", g, F.normalize(mined, dim=-1))
+                    .to(logits.dtype)
+                    .softmax(dim=1)
+                )
         return selection
 
     def objective_options(self, role: str) -> dict[str, str]:
