@@ -350,9 +350,9 @@ def test_drawn_weights_have_the_mean_and_variance_of_the_expected_mode(role_inde
         var = torch.zeros_like(mean).scatter_add_(1, contrast.cells.expand(6, -1), var)
     sem = (var / draws).sqrt()
     assert ((counts.mean(0) - mean).abs() <= 5 * sem + 1e-9).all()
-    informative = var > 0.05
+    informative = var > 0.15  # a Bernoulli far from 0 and 1: its sample variance is +-4%
     ratio = counts.var(0)[informative] / var[informative]
-    assert ((ratio > 0.8) & (ratio < 1.2)).all()
+    assert informative.sum() > 5 and ((ratio > 0.8) & (ratio < 1.2)).all()
 
 
 def test_a_fixed_generator_repeats_the_draws_and_another_seed_does_not():
