@@ -42,6 +42,14 @@ with ``pool_as_negatives``; ``L_aug``: ``[2N, 2N]``; masked cells are drawn too.
 masks its grid and draws in another order, so the same seed does not give their selections;
 the law (independent Bernoulli cells) is the same. ``'expected'`` uses ``pi`` without a draw.
 
+Differences from the code, besides the options above: the in-batch form, its own-positive rule
+and its single ``L_aug`` selection are ours; ``exclude_index`` is ours; one temperature serves
+both losses (the code: ``self.T`` and ``args.temperature``); batch size and ``K`` are not
+hard-coded; a kept negative with ``s = 0`` exactly counts (the code's ``exp(0 * s/T)`` trick drops
+it). Cost: the neighbour look-up ``[N, d] x [d, N or Q]`` (no gradient), the mined logits
+``[N, N (+ Q)]`` per direction, the ``L_aug`` Gram ``[2N, 2N]`` and ``N^2 (K + 1)`` uniforms per
+mined direction: no fast path yet.
+
 Example:
     >>> import torch, hardneg
     >>> loss_fn = hardneg.create_loss("potential", num_neighbors=5)
@@ -61,13 +69,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from hardneg.losses.contrastive import ContrastInputs
-
 from hardneg._checks import check_choice, check_flag, check_number
 from hardneg.contrast import ContrastSet, build_contrast, in_batch_contrast
 from hardneg.registry import register_strategy
 from hardneg.strategies.base import Selection, StepContext, Strategy
+
+if TYPE_CHECKING:
+    from hardneg.losses.contrastive import ContrastInputs
 
 
 @dataclass
@@ -187,40 +195,39 @@ class PotentialMining(Strategy):
             offset = 0 if pool is None else n  # the pool's rows follow the n keys
             blocks = torch.cat([rows.unsqueeze(1), lookup.topk(num, dim=1).indices + offset], dim=1)
             cells = blocks.reshape(-1)  # [N(K+1)], block j's members at j(K+1)..j(K+1)+K
-            cell_mask = rows.repeat_interleave(num + 1).unsqueeze(0) != rows.unsqueeze(1)
-            if pool is None:  # (our rule) a key among i's positives is no negative of i
-                own = torch.zeros(n, n, dtype=torch.bool, device=q.device).scatter_(1, blocks, True)
-                cell_mask &= ~own[:, cells]
-                if inputs.ids is not None:  # duplicates of the anchor are no negatives
-                    cell_mask &= inputs.ids[cells].unsqueeze(0) != inputs.ids.unsqueeze(1)
-            elif exclude is not None:
-                cell_mask &= cells.unsqueeze(0) != (exclude + n).unsqueeze(1)
-            if pool is not None and self.pool_as_negatives:  # one more cell per pool row
-                pool_mask = torch.ones(n, pool.shape[0], dtype=torch.bool, device=q.device)
-                pool_mask.scatter_(1, blocks[:, 1:] - n, False)  # own neighbours: positives
-                if exclude is not None:
-                    pool_mask[rows, exclude] = False
-                cells = torch.cat([cells, torch.arange(n, n + pool.shape[0], device=q.device)])
-                cell_mask = torch.cat([cell_mask, pool_mask], dim=1)
             columns = n + (0 if pool is None else pool.shape[0])
-            reach = torch.zeros(n, columns, device=q.device).scatter_add_(
-                1, cells.expand(n, -1), cell_mask.float()
+            own = torch.zeros(n, columns, dtype=torch.bool, device=q.device).scatter_(
+                1, blocks, True
             )
+            if pool is None:  # (our rule) a key among i's positives is no negative of i
+                negative = ~own
+                if inputs.ids is not None:  # nor is a duplicate of the anchor
+                    negative &= inputs.ids.unsqueeze(0) != inputs.ids.unsqueeze(1)
+            else:  # a column with a cell outside i's own block (or a pool cell) is a negative
+                in_blocks = torch.zeros(columns, dtype=torch.long, device=q.device)
+                negative = in_blocks.scatter_add_(0, cells, torch.ones_like(cells)) > own.long()
+                if self.pool_as_negatives:
+                    negative[:, n:] |= ~own[:, n:]
+                if exclude is not None:
+                    negative[rows, exclude + n] = False
         contrast = build_contrast(
             q,
             k if pool is None else torch.cat([k, pool.detach()]),
             temperature=inputs.temperature,
             positive_index=rows.unsqueeze(1),
-            negative_mask=reach > 0,
+            negative_mask=negative,
             normalize=inputs.normalize,
         )
-        with torch.no_grad():
+        with torch.no_grad():  # log pi per column, then per cell; the own block holds positives
             t = inputs.temperature
             sims = contrast.negative_logits * t
             log_pi = self.log_keep(sims, contrast.positive_logits[:, 0] * t, contrast.mask())
-            cell_log_keep = log_pi.gather(1, cells.expand(n, -1)).masked_fill(
-                ~cell_mask, float("-inf")
-            )
+            cell_log_keep = log_pi[:, cells]
+            cell_log_keep.view(n, n, -1)[rows, rows] = float("-inf")
+            if pool is not None and self.pool_as_negatives:  # one more cell per pool row
+                cells = torch.cat([cells, torch.arange(n, columns, device=q.device)])
+                pool_cells = log_pi[:, n:].masked_fill(own[:, n:], float("-inf"))
+                cell_log_keep = torch.cat([cell_log_keep, pool_cells], dim=1)
         contrast.anchor_features = g
         if inputs.labels is not None:
             contrast.anchor_labels = inputs.labels
