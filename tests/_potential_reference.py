@@ -71,7 +71,7 @@ class ReferencePotentialLoss(nn.Module):
     def _log_weights(
         self, sims: Tensor, pos_sims: Tensor, mask: Tensor, generator: torch.Generator | None
     ) -> Tensor:
-        """``log m`` (0 / -inf) or ``log pi`` of every cell of ``sims`` ``[A, C]``; -inf off ``mask``.
+        """``log m`` (0 or -inf) or ``log pi`` of each cell of ``sims`` ``[A, C]``, -inf off mask.
 
         ``log pi = min(log clamp, -a (s - s+ - b)^2)`` is computed without an exponential.
         """

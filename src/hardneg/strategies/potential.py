@@ -14,10 +14,10 @@ keys of the batch. Mined loss, one direction::
 (the SimANS kernel, no gradient through ``m`` or ``pi``). ``weighting='hard'`` (the code):
 ``w = 1``; ``'soft'``: ``w_{i,k_i} = 1``, ``w_{i,n_im} = softmax_m s(g_i, n_im)`` with ``g`` the
 online projection before the predictor (``h1``/``h2``, ``feature_kind='projection'``; without it
-``q`` itself). ``D`` sums the positives unweighted, as the code does. Augmentation loss: SimCLR
-over the ``2N`` rows ``r`` of ``[q; k]``, partner ``r'``, negatives selected by the same kernel
-around ``sigma(r, r')``, ``sigma`` the cosine or (``select_on='raw'``, the code) the raw dot
-product of the unnormalised inputs::
+``q`` itself; the weights are not detached, as in the code). ``D`` sums the positives
+unweighted, as the code does. Augmentation loss: SimCLR over the ``2N`` rows ``r`` of ``[q; k]``,
+partner ``r'``, negatives selected by the same kernel around ``sigma(r, r')``, ``sigma`` the
+cosine or (``select_on='raw'``, the code) the raw dot product of the unnormalised inputs::
 
     l_r = log(e^{s(r,r')/T} + Ng_r) - s(r,r')/T,   Ng_r = sum_{u != r, r'} m_ru e^{s(r,u)/T}
 
@@ -48,7 +48,8 @@ both losses (the code: ``self.T`` and ``args.temperature``); batch size and ``K`
 hard-coded; a kept negative with ``s = 0`` exactly counts (the code's ``exp(0 * s/T)`` trick drops
 it). Cost: the neighbour look-up ``[N, d] x [d, N or Q]`` (no gradient), the mined logits
 ``[N, N (+ Q)]`` per direction, the ``L_aug`` Gram ``[2N, 2N]`` and ``N^2 (K + 1)`` uniforms per
-mined direction: no fast path yet.
+mined direction: no fast path yet. Diagnostics describe the first term, ``L_mined(z1; z2)``, per
+column; ``LossOutput.terms`` holds the ``'mined'`` and ``'aug'`` parts of the loss.
 
 Example:
     >>> import torch, hardneg
@@ -158,14 +159,16 @@ class PotentialMining(Strategy):
     ) -> list[tuple[float, ContrastSet, str]]:
         if inputs.hard_negatives is not None or inputs.extra_views:
             raise ValueError(
-                "potential takes two views or (q, k, negatives=pool), not hard_negatives or extra_views"
+                "potential takes two views, or (q, k, negatives=pool); "
+                "not hard_negatives or extra_views"
             )
         z1, z2 = inputs.z1, inputs.z2
         for name, h in (("h1", inputs.h1), ("h2", inputs.h2)):
             if self.weighting == "soft" and h is not None and h.shape[-1] != z1.shape[-1]:
                 raise ValueError(
-                    f"potential's soft weights compare {name} (the projection before the predictor) "
-                    f"with the mined keys: it needs their dim {z1.shape[-1]}, got {tuple(h.shape)}"
+                    f"potential's soft weights compare {name} (the projection before the "
+                    f"predictor) with the mined keys: it needs their dim {z1.shape[-1]}, "
+                    f"got {tuple(h.shape)}"
                 )
         if inputs.negatives is None:
             out = [
