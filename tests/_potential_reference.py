@@ -1,35 +1,23 @@
-"""The original, unoptimised implementation of :class:`hardneg.losses.potential.PotentialLoss`
-(every block member a column of the mined grid ``[N, N(K+1)]``, one matmul per direction, one
-draw per grid cell), kept as an oracle: the fast implementation must give the same values and
-gradients in every mode, and the same draws wherever the draw layout is unchanged (with a pool).
+"""The first implementation of potential-sample mining (every block member a column of the mined
+grid ``[N, N(K+1)]``, one matmul per direction, one ``torch.rand`` per term over its grid, float32),
+kept as a second oracle beside the loop-by-loop one of ``test_potential.py``; its diagnostics
+were removed with the old API. It has no ``exclude_index`` and no ``ids``, and in-batch it draws
+``L_aug(z1, z2)`` and ``L_aug(z2, z1)`` separately (the strategy draws one selection for both).
+Draw order: the mined grid ``[N, N(K+1) (+ Q)]`` of each direction, then the ``L_aug`` grids
+``[2N, 2N]``, as the strategy does with a bank.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hardneg._checks import check_choice, check_embeddings, check_labels, check_number
-from hardneg.diagnostics import NegativeDiagnostics, negative_diagnostics
-from hardneg.losses.contrastive import LossOutput, check_views
-from hardneg.pool import ContrastiveScores
-from hardneg.strategies.base import NegativeSelection
+from hardneg._checks import check_choice, check_number
 
 _NEG_INF = float("-inf")
-
-
-@dataclass
-class _Mined:
-    """One direction of ``L_mined`` and what the diagnostics need."""
-
-    per_anchor: Tensor  # [N]
-    scores: ContrastiveScores  # logits [N, C] of the candidate negatives (-inf = not a negative)
-    selection: NegativeSelection  # the selected negatives, log-weights, candidate ids [N, C]
-    num_neighbors: int  # K actually mined (capped at the support size)
 
 
 def _normalise(x: Tensor) -> Tensor:
@@ -50,45 +38,8 @@ def _multi_positive_nll(pos_logits: Tensor, neg_terms: Tensor, weights: Tensor |
     return terms.sum(dim=1)
 
 
-def _sanitise(diag: NegativeDiagnostics) -> NegativeDiagnostics:
-    """Zero the NaNs of anchors that kept no negative (a softmax over nothing)."""
-    for f in fields(diag):
-        value = getattr(diag, f.name)
-        if isinstance(value, Tensor) and value.is_floating_point():
-            setattr(diag, f.name, torch.where(torch.isnan(value), torch.zeros_like(value), value))
-    return diag
-
-
-def _cat_diagnostics(parts: list[NegativeDiagnostics]) -> NegativeDiagnostics:
-    """Stack the per-anchor diagnostics of the two in-batch directions (same column count)."""
-    out = parts[0]
-    for f in fields(out):
-        values = [getattr(p, f.name) for p in parts]
-        if all(isinstance(v, Tensor) for v in values):
-            setattr(out, f.name, torch.cat(values, dim=0))
-        elif any(isinstance(v, Tensor) for v in values):
-            setattr(out, f.name, None)
-    return out
-
-
 class ReferencePotentialLoss(nn.Module):
-    """The straightforward implementation: every block member is a column of an ``[N, N(K+1)]`` grid.
-
-    Args:
-        temperature: ``T > 0`` of both losses.
-        num_neighbors: ``K >= 0`` nearest neighbours mined per key (capped at the support size).
-        aug_weight: ``lambda >= 0``, weight of ``L_aug`` (0 skips it).
-        a: ``>= 0``, width of the SimANS kernel ``exp(-a (s - s+ - b)^2)`` (0 = keep with ``clamp``).
-        b: shift of the kernel's peak relative to the positive similarity.
-        clamp: upper bound of the keep probability, in (0, 1] (code: 0.999).
-        weighting: ``'hard'`` (all positive weights 1; what the code runs) or ``'soft'``.
-        sample: ``'bernoulli'`` (draw the selection) or ``'expected'`` (probabilities as weights).
-        select_on: similarity the kernel of ``L_aug`` uses: ``'cosine'`` or ``'raw'`` (the code).
-        aug_pairing: ``'matched'`` (each row's positive with its own negatives: SimCLR) or
-            ``'broadcast'`` (the code's shape bug: every positive with every row's negatives).
-        pool_as_negatives: also use every pool row as a (selected) negative of ``L_mined``.
-        check_inputs: validate shapes and finiteness on every call (one host sync).
-    """
+    """``L_mined + aug_weight * L_aug`` (module doc); hyper-parameters as the strategy's."""
 
     def __init__(
         self,
@@ -103,7 +54,6 @@ class ReferencePotentialLoss(nn.Module):
         select_on: str = "cosine",
         aug_pairing: str = "matched",
         pool_as_negatives: bool = False,
-        check_inputs: bool = True,
     ) -> None:
         super().__init__()
         self.temperature = check_number("temperature", temperature, low=0.0, low_inclusive=False)
@@ -116,30 +66,12 @@ class ReferencePotentialLoss(nn.Module):
         self.sample = check_choice("sample", sample, ("bernoulli", "expected"))
         self.select_on = check_choice("select_on", select_on, ("cosine", "raw"))
         self.aug_pairing = check_choice("aug_pairing", aug_pairing, ("matched", "broadcast"))
-        for name, flag in (
-            ("pool_as_negatives", pool_as_negatives),
-            ("check_inputs", check_inputs),
-        ):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.pool_as_negatives = pool_as_negatives
-        self.check_inputs = check_inputs
-
-    def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, num_neighbors={self.num_neighbors}, "
-            f"aug_weight={self.aug_weight}, a={self.a}, b={self.b}, clamp={self.clamp}, "
-            f"weighting={self.weighting!r}, sample={self.sample!r}, "
-            f"select_on={self.select_on!r}, aug_pairing={self.aug_pairing!r}, "
-            f"pool_as_negatives={self.pool_as_negatives}"
-        )
-
-    # -- selection ---------------------------------------------------------------------------
 
     def _log_weights(
         self, sims: Tensor, pos_sims: Tensor, mask: Tensor, generator: torch.Generator | None
     ) -> Tensor:
-        """``log m`` (0 / -inf) or ``log pi`` of every cell of ``sims`` ``[A, C]``; -inf off ``mask``.
+        """``log m`` (0 or -inf) or ``log pi`` of each cell of ``sims`` ``[A, C]``, -inf off mask.
 
         ``log pi = min(log clamp, -a (s - s+ - b)^2)`` is computed without an exponential.
         """
@@ -151,8 +83,6 @@ class ReferencePotentialLoss(nn.Module):
                 log_pi = torch.zeros_like(log_pi).masked_fill(u >= log_pi.exp(), _NEG_INF)
             return log_pi.masked_fill(~mask, _NEG_INF)
 
-    # -- the two losses ----------------------------------------------------------------------
-
     def _mined(
         self,
         q: Tensor,
@@ -161,7 +91,7 @@ class ReferencePotentialLoss(nn.Module):
         pool: Tensor | None,
         proj: Tensor | None,
         generator: torch.Generator | None,
-    ) -> _Mined:
+    ) -> Tensor:
         """``L_mined(q; k)`` per anchor; ``support=None`` mines among the other keys."""
         n = q.shape[0]
         qn, kn = _normalise(q), _normalise(k)
@@ -211,26 +141,7 @@ class ReferencePotentialLoss(nn.Module):
             weights = torch.cat([attention.new_ones(n, 1), attention], dim=1)
         logits = sims / self.temperature
         per_anchor = _multi_positive_nll(pos_sims / self.temperature, logits + log_w, weights)
-
-        kept = torch.isfinite(log_w)
-        scores = ContrastiveScores(
-            anchors=qn,
-            positives=kn,
-            candidates=blocks,
-            pos_logits=pos_sims[:, 0] / self.temperature,
-            logits=logits.masked_fill(~neg_mask, _NEG_INF),
-            neg_mask=neg_mask,
-            num_negatives=sims.shape[1] - size,
-            temperature=self.temperature,
-            positive_index=None,
-            in_batch=support is None,
-        )
-        selection = NegativeSelection(
-            logits=logits.detach().masked_fill(~kept, _NEG_INF),
-            log_weights=log_w,
-            indices=ids.unsqueeze(0).expand(n, -1),
-        )
-        return _Mined(per_anchor, scores, selection, k_eff)
+        return per_anchor
 
     def _aug(self, q: Tensor, k: Tensor, generator: torch.Generator | None) -> Tensor:
         """``L_aug(q, k)`` per row of ``[q; k]`` ``[2N]``."""
@@ -261,57 +172,21 @@ class ReferencePotentialLoss(nn.Module):
         pos = pos.unsqueeze(1)
         return (torch.logaddexp(pos, log_ng.unsqueeze(0)) - pos).mean(dim=1)
 
-    # -- forward -----------------------------------------------------------------------------
-
     def forward(
         self,
         z1: Tensor,
         z2: Tensor,
         negatives: Tensor | None = None,
         *,
-        support: Tensor | None = None,
         proj1: Tensor | None = None,
         proj2: Tensor | None = None,
-        progress: float | None = None,
-        h1: Tensor | None = None,
-        h2: Tensor | None = None,
-        negative_h: Tensor | None = None,
-        exclude_index: Tensor | None = None,
         generator: torch.Generator | None = None,
-        labels: Tensor | None = None,
-        negative_labels: Tensor | None = None,
-        support_labels: Tensor | None = None,
-        return_diagnostics: bool = False,
-    ) -> Tensor | LossOutput:
-        """Loss for one step.
-
-        Args:
-            z1, z2: ``[N, d]`` the two views (in-batch), or queries ``q`` (online, after the
-                predictor) and their positive keys ``k`` when a pool or support set is given.
-            negatives: ``[Q, d]`` pool (FIFO of momentum keys): the support set of the neighbour
-                lookup, and candidate negatives too with ``pool_as_negatives``.
-            support: ``[S, d]`` explicit support set (overrides ``negatives`` for the lookup).
-            proj1, proj2: ``[N, d']`` online projections before the predictor of the rows of
-                ``z1`` / ``z2`` (soft weighting only; default ``z1`` / ``z2`` themselves).
-            progress, h1, h2, negative_h, exclude_index: accepted for API compatibility with the
-                other hardneg losses and ignored (the mined blocks never contain the anchor).
-            generator: random generator of the Bernoulli draws (on the embeddings' device).
-            labels: ``[N]`` class ids of the samples, diagnostics only.
-            negative_labels, support_labels: ``[Q]`` / ``[S]`` class ids of the pool / support
-                rows, diagnostics only.
-            return_diagnostics: return a :class:`~hardneg.losses.contrastive.LossOutput` whose
-                diagnostics describe the negatives of ``L_mined`` (``2N`` anchors in-batch).
-        """
-        del progress, h1, h2, negative_h, exclude_index  # not used by this method
-        one_direction = negatives is not None or support is not None
-        bank = support if support is not None else negatives
-        if self.check_inputs:
-            self._check(z1, z2, negatives, support, proj1, proj2, one_direction)
-        self._check_generator(generator, z1)
+    ) -> Tensor:
+        """``loss(z1, z2)`` in-batch and symmetric, or ``loss(q, k, negatives=bank)``."""
         n = z1.shape[0]
-        if one_direction:
+        if negatives is not None:
             pool = negatives if self.pool_as_negatives else None
-            mined = [self._mined(z1, z2, bank, pool, proj1, generator)]
+            mined = [self._mined(z1, z2, negatives, pool, proj1, generator)]
             pairs = [(z1, z2)]
         else:
             mined = [
@@ -319,114 +194,11 @@ class ReferencePotentialLoss(nn.Module):
                 self._mined(z2, z1, None, None, proj2, generator),
             ]
             pairs = [(z1, z2), (z2, z1)]
-        mined_part = torch.cat([m.per_anchor for m in mined])
-        per_anchor = mined_part
-        aug_part = None
+        per_anchor = torch.cat(mined)
         if self.aug_weight > 0:
             # row i of L_aug(q, k) is q_i, row N+i is k_i: both belong to sample i
             rows = [self._aug(q, k, generator) for q, k in pairs]
-            aug_part = torch.cat([(r[:n] + r[n:]) / 2 for r in rows])
-            per_anchor = mined_part + self.aug_weight * aug_part
-        loss = per_anchor.mean()
-        if not return_diagnostics:
-            return loss
-        label_vector = self._label_vector(
-            labels, negative_labels, support_labels, n, negatives, support
-        )
-        anchor_labels = None if labels is None else check_labels("labels", labels, n)
-        parts = [
-            _sanitise(
-                negative_diagnostics(
-                    m.scores,
-                    m.selection,
-                    anchor_labels=None if label_vector is None else anchor_labels,
-                    candidate_labels=label_vector,
-                )
+            per_anchor = per_anchor + self.aug_weight * torch.cat(
+                [(r[:n] + r[n:]) / 2 for r in rows]
             )
-            for m in mined
-        ]
-        diag = _cat_diagnostics(parts)
-        diag.extras = {
-            "num_neighbors": float(mined[0].num_neighbors),
-            "mined_loss": float(mined_part.detach().mean()),
-            "aug_loss": 0.0 if aug_part is None else float(aug_part.detach().mean()),
-        }
-        return LossOutput(loss=loss, per_anchor=per_anchor, diagnostics=diag)
-
-    # -- validation and labels -----------------------------------------------------------------
-
-    def _check(
-        self,
-        z1: Tensor,
-        z2: Tensor,
-        negatives: Tensor | None,
-        support: Tensor | None,
-        proj1: Tensor | None,
-        proj2: Tensor | None,
-        one_direction: bool,
-    ) -> None:
-        check_views(z1, z2, ("q", "k") if one_direction else ("z1", "z2"))
-        for name, pool in (("negatives", negatives), ("support", support)):
-            if pool is None:
-                continue
-            check_embeddings(name, pool)
-            if pool.shape[1] != z1.shape[1]:
-                raise ValueError(
-                    f"{name} must have the embedding dim of q ({z1.shape[1]}), "
-                    f"got shape {tuple(pool.shape)}"
-                )
-        for name, proj in (("proj1", proj1), ("proj2", proj2)):
-            if proj is None:
-                continue
-            check_embeddings(name, proj)
-            if proj.shape != z1.shape:
-                raise ValueError(
-                    f"{name} must have the shape of the embeddings {tuple(z1.shape)} "
-                    f"(one online projection per sample), got {tuple(proj.shape)}"
-                )
-        if proj2 is not None and one_direction:
-            raise ValueError("proj2 is only used in-batch (no negatives/support); pass proj1 for q")
-
-    @staticmethod
-    def _check_generator(generator: object, z: Tensor) -> None:
-        if generator is None:
-            return
-        if not isinstance(generator, torch.Generator):
-            raise ValueError(
-                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
-            )
-        if isinstance(z, Tensor) and generator.device.type != z.device.type:
-            raise ValueError(
-                f"generator must live on the embeddings' device ({z.device.type}), "
-                f"got a generator on {generator.device.type}"
-            )
-
-    def _label_vector(
-        self,
-        labels: Tensor | None,
-        negative_labels: Tensor | None,
-        support_labels: Tensor | None,
-        n: int,
-        negatives: Tensor | None,
-        support: Tensor | None,
-    ) -> Tensor | None:
-        """Labels of every candidate id of :meth:`_mined`, or None when some are unknown.
-
-        In-batch the ids are the batch rows; with a bank they index ``[labels; bank labels]``, and
-        ``[labels; support labels; pool labels]`` when a separate pool adds negatives.
-        """
-        if labels is None:
-            return None
-        labels = check_labels("labels", labels, n)
-        if negatives is None and support is None:
-            return labels
-        if negatives is not None and negative_labels is not None:
-            negative_labels = check_labels("negative_labels", negative_labels, negatives.shape[0])
-        if support is not None and support_labels is not None:
-            support_labels = check_labels("support_labels", support_labels, support.shape[0])
-        parts = [labels, support_labels if support is not None else negative_labels]
-        if support is not None and negatives is not None and self.pool_as_negatives:
-            parts.append(negative_labels)
-        if any(p is None for p in parts):
-            return None
-        return torch.cat([p.to(labels.device) for p in parts])
+        return per_anchor.mean()

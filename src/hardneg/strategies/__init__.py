@@ -15,6 +15,7 @@ from hardneg.strategies.uniform import DebiasedNegatives, UniformNegatives  # is
 from hardneg.strategies.importance import ImportanceNegatives  # isort: skip
 from hardneg.strategies.ring import RingNegatives, ring_band  # isort: skip
 from hardneg.strategies.unremix import UnReMixNegatives  # isort: skip
+from hardneg.strategies.potential import PotentialMining  # isort: skip
 from hardneg.strategies.positive_aware import PositiveAwareFilter  # isort: skip
 from hardneg.strategies.simans import SimANSNegatives  # isort: skip
 from hardneg.strategies.hardness import HardnessWeighting  # isort: skip
@@ -29,6 +30,7 @@ __all__ = [
     "PositiveAwareFilter",
     "SimANSNegatives",
     "ImportanceNegatives",
+    "PotentialMining",
     "RingNegatives",
     "Selection",
     "StepContext",
