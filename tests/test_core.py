@@ -315,3 +315,15 @@ def test_label_free_diagnostics_count_what_they_name():
         "margin_removal_share",
     ):
         assert key in summary
+
+
+def test_an_anchor_with_every_negative_dropped_contributes_zero_loss_and_no_nan_gradient():
+    pos = torch.tensor([[0.3], [0.2]], dtype=torch.float64, requires_grad=True)
+    neg = torch.tensor([[0.1, -0.4], [0.5, 0.0]], dtype=torch.float64, requires_grad=True)
+    log_w = torch.tensor([[0.0, 0.0], [float("-inf"), float("-inf")]], dtype=torch.float64)
+    contrast = pos_neg_contrast(pos, neg)
+    per_anchor = infonce_objective(contrast, Selection(negative_log_weights=log_w))
+    assert per_anchor[1].item() == 0.0
+    per_anchor.sum().backward()
+    assert torch.isfinite(neg.grad).all() and torch.isfinite(pos.grad).all()
+    assert neg.grad[1].abs().sum().item() == 0.0

@@ -81,15 +81,24 @@ def positive_terms(contrast: ContrastSet, selection: Selection) -> tuple[Tensor,
     return pos, weight.to(pos.dtype)
 
 
+def safe_logsumexp(x: Tensor, dim: int = 1) -> Tensor:
+    """``logsumexp`` that is ``-inf`` with a zero gradient (not NaN) on an all ``-inf`` row."""
+    kept = torch.isfinite(x).any(dim=dim, keepdim=True)
+    out = torch.logsumexp(torch.where(kept, x, 0.0), dim=dim)
+    return out.masked_fill(~kept.squeeze(dim), float("-inf"))
+
+
 def log_negative_mass(contrast: ContrastSet, selection: Selection) -> Tensor:
-    """``log R_i = log sum_j w_ij e^{c_ij}`` ``[A]`` (``-inf`` entries are absent negatives)."""
+    """``log R_i = log sum_j w_ij e^{c_ij}`` ``[A]`` (``-inf`` entries are absent negatives).
+
+    With weights, a strategy may drop every negative of an anchor: the sum is then empty,
+    ``log R = -inf`` and the loss term ``log(e^a + 0) - a = 0`` with a zero gradient."""
     if selection.negative_log_mass is not None:
         log_mass = selection.negative_log_mass
+    elif selection.negative_log_weights is not None:
+        log_mass = safe_logsumexp(contrast.negative_logits + selection.negative_log_weights)
     else:
-        logits = contrast.negative_logits
-        if selection.negative_log_weights is not None:
-            logits = logits + selection.negative_log_weights
-        log_mass = torch.logsumexp(logits, dim=1)
+        log_mass = torch.logsumexp(contrast.negative_logits, dim=1)
     if selection.extra_negative_logits is not None:
         log_mass = torch.logaddexp(
             log_mass, torch.logsumexp(selection.extra_negative_logits, dim=1)

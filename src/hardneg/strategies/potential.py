@@ -122,6 +122,7 @@ class PotentialMining(Strategy):
     supports_debiasing = False
     feature_kind = "projection"
     draws = True
+    per_anchor_columns = False  # the support set is one shared bank
 
     def __init__(
         self,
@@ -161,6 +162,11 @@ class PotentialMining(Strategy):
             raise ValueError(
                 "potential takes two views, or (q, k, negatives=pool); "
                 "not hard_negatives or extra_views"
+            )
+        if inputs.negatives is not None and inputs.negatives.dim() != 2:
+            raise ValueError(
+                "potential mines neighbours in one shared support set: negatives must be "
+                f"[K, d], got shape {tuple(inputs.negatives.shape)} (a pool per anchor)"
             )
         z1, z2 = inputs.z1, inputs.z2
         for name, h in (("h1", inputs.h1), ("h2", inputs.h2)):
