@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 import pytest
@@ -54,7 +53,7 @@ def value_and_grads(model, loss, cols):
 def assert_same(a, b, rtol=1e-4, atol=1e-6):
     (va, ga), (vb, gb) = a, b
     torch.testing.assert_close(va, vb, rtol=rtol, atol=atol)
-    assert ga.keys() == gb.keys() and len(ga) > 10
+    assert ga.keys() == gb.keys() and len(ga) >= 3
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], rtol=rtol, atol=1e-5, msg=name)
 
@@ -71,14 +70,21 @@ def test_symmetric_equals_mnrl_both_directions(model):
     cols = columns(1)
     ours = value_and_grads(model, HardNegativeLoss(model, symmetric=True, scale=10.0), cols)
     ref = MultipleNegativesRankingLoss(
-        model, scale=10.0, directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"
+        model,
+        scale=10.0,
+        directions=("query_to_doc", "doc_to_query"),
+        partition_mode="per_direction",
     )
     assert_same(ours, value_and_grads(model, ref, cols))
 
 
 @pytest.mark.parametrize(
     "name, hp",
-    [("hcl", {"beta": 0.5, "tau_plus": 0.05}), ("debiased", {"tau_plus": 0.1}), ("ring", {"rho_out": 0.6, "rho_in": 0.2})],
+    [
+        ("hcl", {"beta": 0.5, "tau_plus": 0.05}),
+        ("debiased", {"tau_plus": 0.1}),
+        ("ring", {"rho_out": 0.6, "rho_in": 0.2}),
+    ],
 )
 def test_strategies_equal_create_loss_on_the_same_embeddings(model, name, hp):
     cols = columns(2)
@@ -146,12 +152,15 @@ def test_every_registered_strategy_trains_or_says_why(model, name):
 
 
 @pytest.mark.parametrize(
-    "name, kw", [("infonce", {"symmetric": True}), ("hcl", {"beta": 1.0}), ("ring", {"rho_out": 0.5})]
+    "name, kw",
+    [("infonce", {"symmetric": True}), ("hcl", {"beta": 1.0}), ("ring", {"rho_out": 0.5})],
 )
 def test_cached_equals_plain(model, name, kw):
     cols = columns(2, batch=7)
     plain = value_and_grads(model, HardNegativeLoss(model, name, **kw), cols)
-    cached = value_and_grads(model, CachedHardNegativeLoss(model, name, mini_batch_size=3, **kw), cols)
+    cached = value_and_grads(
+        model, CachedHardNegativeLoss(model, name, mini_batch_size=3, **kw), cols
+    )
     assert_same(plain, cached)
 
 
@@ -218,6 +227,21 @@ def test_trainer_and_fit_update_the_model(tmp_path, model):
     SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=loss).train()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
+    # the older model.fit path
+    from sentence_transformers import InputExample
+    from torch.utils.data import DataLoader
+
+    examples = [InputExample(texts=[a, p, n]) for a, p, n in zip(*cols)]
+    before = [p.detach().clone() for p in model.parameters()]
+    model.fit(
+        train_objectives=[
+            (DataLoader(examples, batch_size=4), CachedHardNegativeLoss(model, mini_batch_size=2))
+        ],
+        epochs=1,
+        show_progress_bar=False,
+    )
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
 
 def test_packaged_minilm_matches_mnrl():
     from hardneg.text.models import load_sentence_model, packaged_minilm_path
@@ -245,40 +269,24 @@ def test_import_without_sentence_transformers_names_the_extra(monkeypatch):
     assert importlib.import_module("hardneg.integrations.sentence_transformers")
 
 
-def _gather_worker(rank, world, port, model_dir, cols, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = tiny_model(model_dir)
-        half = len(cols[0]) // world
-        local = [c[rank * half : (rank + 1) * half] for c in cols]
-        loss = HardNegativeLoss(model, "hcl", beta=1.0, gather_across_devices=True, symmetric=True)
-        value, grads = value_and_grads(model, loss, local)
-        for g in grads.values():  # DDP's gradient averaging
-            torch.distributed.all_reduce(g)
-            g /= world
-        if rank == 0:
-            torch.save({"value": value, "grads": grads}, out)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_gather_across_two_processes_equals_one_process_with_the_doubled_batch(tmp_path, model):
+def test_gather_across_two_processes_equals_one_process_with_the_doubled_batch(tmp_path):
+    # the gather is a property of the loss, not of the encoder: a small torch encoder keeps the
+    # spawned processes free of the transformers import
     import socket
 
     import torch.multiprocessing as mp
+    from _text_gather import BagEncoder, batch, run_rank
 
-    cols = columns(2, batch=8)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "rank0.pt"
-    model_dir = tmp_path / "model"
-    tiny_model(model_dir)  # built once, loaded by both processes
-    mp.spawn(_gather_worker, args=(2, port, model_dir, cols, out), nprocs=2, join=True)
+    mp.spawn(run_rank, args=(2, port, out), nprocs=2, join=True)
     got = torch.load(out)
-    single = tiny_model(model_dir)
-    loss = HardNegativeLoss(single, "hcl", beta=1.0, symmetric=True)
-    want = value_and_grads(single, loss, cols)
-    assert_same((got["value"], got["grads"]), want)
+    single = BagEncoder()
+    loss = HardNegativeLoss(single, "hcl", beta=1.0, gather_across_devices=True, symmetric=True)
+    single.zero_grad(set_to_none=True)
+    value = loss(batch(), None)
+    value.backward()
+    want = {n: p.grad.clone() for n, p in single.named_parameters()}
+    assert_same((got["value"], got["grads"]), (value.detach(), want))

@@ -40,23 +40,25 @@ reason. Strategies with a schedule (``beta_anneal``, ``anneal``) read ``loss.pro
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-try:
-    from sentence_transformers import SentenceTransformer
-except ImportError as err:  # pragma: no cover - exercised with a monkeypatched import
+if importlib.util.find_spec("sentence_transformers") is None:
     raise ImportError(
         "hardneg.integrations.sentence_transformers needs sentence-transformers and "
         "transformers; install them with: pip install 'hardneg[text]'"
-    ) from err
+    )
 
 from hardneg import distributed
 from hardneg._checks import check_number
 from hardneg.registry import create_loss, strategy_class
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 __all__ = [
     "CachedHardNegativeLoss",
@@ -263,9 +265,7 @@ class HardNegativeLoss(nn.Module):
         out = self.model(features)
         emb = out.get("sentence_embedding") if isinstance(out, Mapping) else None
         if not isinstance(emb, Tensor) or emb.dim() != 2 or not emb.is_floating_point():
-            got = (
-                f"keys {sorted(out)}" if isinstance(out, Mapping) else f"a {type(out).__name__}"
-            )
+            got = f"keys {sorted(out)}" if isinstance(out, Mapping) else f"a {type(out).__name__}"
             if isinstance(emb, Tensor):
                 got = f"'sentence_embedding' of shape {tuple(emb.shape)}, dtype {emb.dtype}"
             raise ValueError(
@@ -313,9 +313,7 @@ class HardNegativeLoss(nn.Module):
         gen = self.generator(anchor.device)
         if gen is not None:
             kwargs["generator"] = gen
-        loss = self.loss_fn(
-            anchor, positive, hard_negatives=negatives, ids=candidate_ids, **kwargs
-        )
+        loss = self.loss_fn(anchor, positive, hard_negatives=negatives, ids=candidate_ids, **kwargs)
         if self.symmetric:  # positive -> anchor: the batch's anchors are the candidates
             back = self.loss_fn(
                 positive,
@@ -402,7 +400,9 @@ class CachedHardNegativeLoss(HardNegativeLoss):
             seed=seed,
             **strategy_hparams,
         )
-        self.mini_batch_size = int(check_number("mini_batch_size", mini_batch_size, low=1, integer=True))
+        self.mini_batch_size = int(
+            check_number("mini_batch_size", mini_batch_size, low=1, integer=True)
+        )
 
     def get_config_dict(self) -> dict[str, Any]:
         return {**super().get_config_dict(), "mini_batch_size": self.mini_batch_size}
