@@ -125,7 +125,9 @@ def embed_texts(
                 f"{type(emb).__name__} {tuple(getattr(emb, 'shape', ()))}"
             )
         parts.append(torch.nn.functional.normalize(emb.float().cpu(), dim=-1))
-    out = torch.cat(parts) if parts else torch.zeros(0, 1)
+    if not parts:
+        return torch.zeros(0, 1)
+    out = torch.cat(parts)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, out.numpy())
@@ -291,8 +293,16 @@ def mine_hard_negatives(
         name: embed_texts(
             model, texts, batch_size=batch_size, cache_dir=cache_dir, model_key=model_key
         )
-        for name, texts in (("corpus", c_texts), ("queries", q_texts), ("positives", p_texts))
+        for name, texts in (("corpus", c_texts), ("queries", q_texts))
     }
+    # positives already in the corpus reuse its embeddings; only the others are embedded
+    missing = list(dict.fromkeys(p for p in p_texts if p not in where))
+    more = embed_texts(
+        model, missing, batch_size=batch_size, cache_dir=cache_dir, model_key=model_key
+    )
+    row_of = {t: emb["corpus"][where[t][0]] for t in set(p_texts) if t in where}
+    row_of.update({t: more[i] for i, t in enumerate(missing)})
+    emb["positives"] = torch.stack([row_of[p] for p in p_texts])
     stats.seconds["embed"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     scores, index = chunked_top_k(
