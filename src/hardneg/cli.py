@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("hardneg.commands.evaluate", "kNN and linear evaluation of a checkpoint"),
     "compare": ("hardneg.commands.compare", "train several strategies x seeds and compare them"),
     "losses": ("hardneg.commands.losses", "list the losses and their hyper-parameters"),
+    "mine": ("hardneg.commands.mine", "mine hard negatives for (query, positive) text pairs"),
 }
 
 

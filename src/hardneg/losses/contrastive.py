@@ -11,7 +11,10 @@ Call forms (embeddings need not be normalised):
   rows (IR's per-anchor noise draws from a memory bank).
 * ``loss(anchor, positive, hard_negatives=neg)``: retrieval batches, ``neg [N, h, d]``; every
   positive and hard negative of the batch is a candidate of every anchor
-  (``MultipleNegativesRankingLoss`` layout), averaged over the ``N`` anchors.
+  (``MultipleNegativesRankingLoss`` layout), averaged over the ``N`` anchors. ``h = 0``
+  (``neg`` of shape ``[N, 0, d]``) is the pair layout: the other positives are the negatives.
+  ``ids=[N (1 + h)]`` (one per candidate: the positives, then the hard negatives row-major)
+  masks every candidate with the same id as the anchor's positive.
 
 Example:
     >>> import torch, hardneg
@@ -122,7 +125,12 @@ class ContrastInputs:
             return contrast
         if self.hard_negatives is not None:
             contrast = retrieval_contrast(
-                self.z1, self.z2, self.hard_negatives, temperature=t, normalize=self.normalize
+                self.z1,
+                self.z2,
+                self.hard_negatives,
+                temperature=t,
+                candidate_ids=self.ids,
+                normalize=self.normalize,
             )
             contrast.anchor_features = self.h1
             return contrast
@@ -295,7 +303,8 @@ class ContrastiveLoss(nn.Module):
                 raise ValueError(
                     f"hard_negatives must have shape (N, k, d) = ({z1.shape[0]}, k, {z1.shape[1]}), got {shape}"
                 )
-            check_embeddings("hard_negatives", h.reshape(-1, h.shape[-1]))
+            if h.shape[1] > 0:  # h = 0: pairs in the retrieval layout
+                check_embeddings("hard_negatives", h.reshape(-1, h.shape[-1]))
         n = z1.shape[0]
         check_optional_features("h1", inputs.h1, n)
         check_optional_features("h2", inputs.h2, n)
@@ -311,7 +320,10 @@ class ContrastiveLoss(nn.Module):
             if negatives.shape[0] < 2:
                 raise ValueError("a pool with exclude_index needs at least 2 entries")
         if inputs.ids is not None:
-            check_labels("ids", inputs.ids, n)
+            if inputs.hard_negatives is not None:  # one id per candidate column
+                check_labels("ids", inputs.ids, n * (1 + inputs.hard_negatives.shape[1]))
+            else:
+                check_labels("ids", inputs.ids, n)
         if inputs.labels is not None:
             check_labels("labels", inputs.labels, n)
         if inputs.negative_labels is not None and per_anchor:
@@ -351,7 +363,9 @@ class ContrastiveLoss(nn.Module):
             negatives: ``[K, d]`` external pool, ``[N, K, d]`` a pool per query, or None.
             hard_negatives: ``[N, h, d]`` explicit hard negatives per anchor (retrieval).
             extra_views: further ``[N, d]`` views (in-batch only).
-            ids: ``[N]`` sample ids; equal ids are duplicates (masked), in-batch only.
+            ids: ``[N]`` sample ids; equal ids are duplicates (masked). With ``hard_negatives``:
+                ``[N (1 + h)]``, one per candidate (positives, then hard negatives row-major);
+                a candidate with the id of the anchor's positive is masked.
             progress: fraction of training done, in [0, 1], for annealed strategies.
             h1, h2: ``[N, h]`` features of the two views (see ``strategy.feature_kind``).
             negative_h: ``[K, h]`` the same features of the pool entries.

@@ -1,0 +1,105 @@
+"""``hardneg mine``: offline hard-negative mining (:func:`hardneg.mining.mine_hard_negatives`).
+
+Example::
+
+    hardneg mine --data pairs.jsonl --model all-MiniLM-L6-v2 --num-negatives 3 \\
+        --sampling simans --relative-margin 0.05 --format n-tuple --output mined.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", required=True, help="(anchor, positive) rows: .jsonl/.parquet/.csv"
+    )
+    parser.add_argument(
+        "--corpus",
+        help="candidate texts: .txt (one per line) or rows with --corpus-column (default: the positives)",
+    )
+    parser.add_argument("--corpus-column", default="text")
+    parser.add_argument("--anchor-column", default="anchor")
+    parser.add_argument("--positive-column", default="positive")
+    parser.add_argument(
+        "--model",
+        default="all-MiniLM-L6-v2",
+        help="name or path (the packaged MiniLM needs no hub)",
+    )
+    parser.add_argument("--output", required=True, help="output file, .jsonl or .parquet")
+    parser.add_argument(
+        "--format", dest="output_format", default="triplet", choices=["triplet", "n-tuple"]
+    )
+    parser.add_argument("--num-negatives", type=int, default=1)
+    parser.add_argument(
+        "--sampling", default="top", choices=["top", "random", "simans", "hcl", "ring"]
+    )
+    parser.add_argument("--range-min", type=int, default=0)
+    parser.add_argument("--range-max", type=int)
+    parser.add_argument("--min-score", type=float)
+    parser.add_argument("--max-score", type=float)
+    parser.add_argument("--absolute-margin", type=float)
+    parser.add_argument("--relative-margin", type=float)
+    parser.add_argument("--simans-a", type=float, default=1.0)
+    parser.add_argument("--simans-b", type=float, default=0.0)
+    parser.add_argument("--hcl-beta", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=0.05)
+    parser.add_argument("--ring-rho-out", type=float, default=0.5)
+    parser.add_argument("--ring-rho-in", type=float, default=0.1)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--query-chunk-size", type=int, default=1024)
+    parser.add_argument("--corpus-chunk-size", type=int, default=16384)
+    parser.add_argument("--cache-dir", help="cache embeddings here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hardneg.mining import load_rows, mine_hard_negatives, save_rows
+    from hardneg.text.models import load_sentence_model, resolve_model
+
+    rows = load_rows(args.data)
+    if not rows:
+        raise ValueError(f"{args.data} holds no rows")
+    found = sorted(rows[0])
+    for col in (args.anchor_column, args.positive_column):
+        if col not in rows[0]:
+            raise ValueError(
+                f"{args.data}: expected the layout ({args.anchor_column}, {args.positive_column}); "
+                f"found columns {found} (set --anchor-column / --positive-column)"
+            )
+    corpus = None
+    if args.corpus:
+        crow = load_rows(args.corpus)
+        if crow and args.corpus_column not in crow[0]:
+            raise ValueError(
+                f"{args.corpus}: expected a column {args.corpus_column!r}, found {sorted(crow[0])}"
+            )
+        corpus = [r[args.corpus_column] for r in crow]
+    model = load_sentence_model(args.model, device=args.device)
+    keys = (
+        "output_format num_negatives sampling range_min range_max min_score max_score "
+        "absolute_margin relative_margin simans_a simans_b hcl_beta temperature ring_rho_out "
+        "ring_rho_in batch_size query_chunk_size corpus_chunk_size cache_dir seed"
+    ).split()
+    mined, stats = mine_hard_negatives(
+        [r[args.anchor_column] for r in rows],
+        [r[args.positive_column] for r in rows],
+        corpus,
+        model=model,
+        model_key=resolve_model(args.model),
+        return_stats=True,
+        **{k: getattr(args, k) for k in keys},
+    )
+    path = save_rows(mined, args.output)
+    print(
+        f"mined {stats.rows} rows for {stats.queries} queries from a corpus of {stats.corpus} "
+        f"({stats.short_queries} queries with fewer than {args.num_negatives} negatives) -> {path}"
+    )
+    print(
+        "seconds: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in stats.seconds.items())
+        + f"; mean score: positive {stats.mean_positive_score:.3f}, negative {stats.mean_negative_score:.3f}"
+    )
+    return 0

@@ -1,0 +1,475 @@
+"""Every hardneg strategy as a sentence-transformers loss.
+
+Retrieval data come as columns ``(anchor, positive, negative_1, ..., negative_k)`` (``k >= 0``).
+For anchor ``i`` the candidates are every positive and every hard negative of the batch; the
+target is its own positive (the layout of sentence-transformers' ``MultipleNegativesRankingLoss``,
+built by :func:`hardneg.contrast.retrieval_contrast`). Logits are ``scale * cos(anchor,
+candidate)``, i.e. the temperature is ``t = 1 / scale``; the chosen strategy then weights or
+selects the negatives of each anchor exactly as it does for images (``hardneg.create_loss``).
+
+Example::
+
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from hardneg.integrations.sentence_transformers import HardNegativeLoss
+
+    model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
+    loss = HardNegativeLoss(model, strategy="hcl", beta=0.5, tau_plus=0.0)
+    trainer = SentenceTransformerTrainer(model=model, train_dataset=dataset, loss=loss)
+    trainer.train()
+
+What the module adds to the plain loss:
+
+* ``symmetric=True`` adds the positive -> anchor direction (candidates: the batch's anchors) and
+  averages the two, as ``MultipleNegativesSymmetricRankingLoss`` does;
+* ``mask_duplicates=True`` (default) hashes each input's token ids: a candidate whose text equals
+  the anchor's positive (two anchors sharing a positive, a mined negative that is the positive
+  again) is neither positive nor negative, instead of a false negative;
+* ``gather_across_devices=True`` gathers anchors, positives, hard negatives and ids of every
+  process (with gradients, :func:`hardneg.distributed.gather_with_grad`), so each process computes
+  the loss of the whole global batch in the single-process layout: the same value, and under
+  DDP's gradient averaging the same parameter gradients, as one process with the concatenated
+  batch, whatever the number of hard-negative columns;
+* :class:`CachedHardNegativeLoss` embeds in mini-batches (GradCache, Gao et al. 2021): the
+  negatives of a step do not depend on encoder memory, and loss and parameter gradients equal
+  the plain loss's.
+
+A strategy that cannot take the retrieval layout fails at construction with its name and the
+reason. Strategies with a schedule (``beta_anneal``, ``anneal``) read ``loss.progress``, which
+:class:`ProgressCallback` keeps up to date inside ``SentenceTransformerTrainer``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+if importlib.util.find_spec("sentence_transformers") is None:
+    raise ImportError(
+        "hardneg.integrations.sentence_transformers needs sentence-transformers and "
+        "transformers; install them with: pip install 'hardneg[text]'"
+    )
+
+from hardneg import distributed
+from hardneg._checks import check_number
+from hardneg.registry import create_loss, strategy_class
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+__all__ = [
+    "CachedHardNegativeLoss",
+    "HardNegativeLoss",
+    "ProgressCallback",
+    "text_ids",
+]
+
+CITATIONS: dict[str, str] = {
+    "infonce": """@misc{henderson2017efficient,
+    title={Efficient Natural Language Response Suggestion for Smart Reply},
+    author={Matthew Henderson and Rami Al-Rfou and Brian Strope and Yun-hsuan Sung and Laszlo Lukacs and Ruiqi Guo and Sanjiv Kumar and Balint Miklos and Ray Kurzweil},
+    year={2017},
+    eprint={1705.00652},
+    archivePrefix={arXiv}
+}""",
+    "debiased": """@inproceedings{chuang2020debiased,
+    title={Debiased Contrastive Learning},
+    author={Ching-Yao Chuang and Joshua Robinson and Lin Yen-Chen and Antonio Torralba and Stefanie Jegelka},
+    booktitle={Advances in Neural Information Processing Systems},
+    year={2020}
+}""",
+    "hcl": """@inproceedings{robinson2021contrastive,
+    title={Contrastive Learning with Hard Negative Samples},
+    author={Joshua Robinson and Ching-Yao Chuang and Suvrit Sra and Stefanie Jegelka},
+    booktitle={International Conference on Learning Representations},
+    year={2021}
+}""",
+    "ring": """@inproceedings{wu2021conditional,
+    title={Conditional Negative Sampling for Contrastive Learning of Visual Representations},
+    author={Mike Wu and Milan Mosse and Chengxu Zhuang and Daniel Yamins and Noah Goodman},
+    booktitle={International Conference on Learning Representations},
+    year={2021}
+}""",
+    "unremix": """@misc{tabassum2022hard,
+    title={Hard Negative Sampling Strategies for Contrastive Representation Learning},
+    author={Afrina Tabassum and Muntasir Wahed and Hoda Eldardiry and Ismini Lourentzou},
+    year={2022},
+    eprint={2206.01197},
+    archivePrefix={arXiv}
+}""",
+    "potential": """@misc{dong2023potential,
+    title={Contrastive Learning with Potential Sample Mining},
+    author={Dong, Jiahui and Long, Tianhang and Li, Xiaobo},
+    year={2023},
+    eprint={2311.00358},
+    archivePrefix={arXiv}
+}""",
+}
+
+_GRADCACHE = """@inproceedings{gao2021scaling,
+    title={Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup},
+    author={Luyu Gao and Yunyi Zhang and Jiawei Han and Jamie Callan},
+    booktitle={Proceedings of the 6th Workshop on Representation Learning for NLP},
+    year={2021}
+}"""
+
+_HASH_WEIGHTS: dict[tuple[str, int], Tensor] = {}
+
+
+def _hash_weights(length: int, device: torch.device) -> Tensor:
+    """Fixed pseudo-random odd int64 multipliers, one per token position (grown on demand)."""
+    key = (str(device), length)
+    if key not in _HASH_WEIGHTS:
+        gen = torch.Generator().manual_seed(0x5EED)
+        w = torch.randint(-(2**62), 2**62, (max(length, 512),), generator=gen) * 2 + 1
+        _HASH_WEIGHTS[key] = w.to(device)
+    return _HASH_WEIGHTS[key][:length]
+
+
+def text_ids(features: dict[str, Tensor]) -> Tensor:
+    """``[B]`` int64 hash of each row's tokens: equal texts (same tokenizer) get equal ids.
+
+    The hash runs on the features' device without a host sync: each kept token (attention mask 1)
+    times a fixed random multiplier of its position among the kept tokens, summed with int64
+    wrap-around, plus the length; left or right padding give the same id.
+    """
+    if "input_ids" not in features:
+        raise ValueError(
+            "mask_duplicates hashes the tokens of each text, but the features have no "
+            f"'input_ids' (keys: {sorted(features)}); pass mask_duplicates=False"
+        )
+    tokens = features["input_ids"].long()
+    mask = features.get("attention_mask")
+    mask = torch.ones_like(tokens) if mask is None else mask.long()
+    position = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    weights = _hash_weights(int(tokens.shape[1]), tokens.device)[position]
+    return ((tokens + 1) * weights * mask).sum(dim=1) + mask.sum(dim=1) * 1_000_003
+
+
+def _probe_retrieval(name: str, loss_fn: nn.Module) -> None:
+    """Fail early, naming the strategy, if it cannot take the retrieval layout."""
+    gen = torch.Generator().manual_seed(0)
+    a, p = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    n = torch.randn(4, 1, 8, generator=gen)
+    kwargs: dict[str, Any] = {"hard_negatives": n, "progress": 0.0}
+    if getattr(loss_fn, "draws", False):
+        kwargs["generator"] = torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad():
+            loss_fn(a, p, **kwargs)
+    except Exception as err:
+        raise ValueError(
+            f"strategy {name!r} cannot take the retrieval layout (anchor, positive, "
+            f"hard negatives) of sentence-transformers: {err}"
+        ) from err
+
+
+class HardNegativeLoss(nn.Module):
+    """A hardneg strategy as a sentence-transformers loss (in-batch plus hard-negative columns).
+
+    Args:
+        model: the ``SentenceTransformer`` to train.
+        strategy: a registered strategy name (``hardneg.list_losses()``).
+        scale: logits are ``scale * cos``; the temperature is ``1 / scale`` (20 = t 0.05, the
+            default of ``MultipleNegativesRankingLoss``).
+        symmetric: also the positive -> anchor direction; the loss is the mean of both.
+        gather_across_devices: gather every process's batch with gradients (see module doc).
+        mask_duplicates: mask candidates whose tokens equal the anchor's positive's.
+        seed: seed of the generator of strategies that draw (the same on every process).
+        **strategy_hparams: the strategy's hyper-parameters and loss settings
+            (``tau_plus``, ``beta``, ``rho_out``, ...; not ``temperature``: use ``scale``).
+    """
+
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        strategy: str = "infonce",
+        scale: float = 20.0,
+        symmetric: bool = False,
+        gather_across_devices: bool = False,
+        mask_duplicates: bool = True,
+        seed: int = 0,
+        **strategy_hparams: Any,
+    ) -> None:
+        super().__init__()
+        if "temperature" in strategy_hparams:
+            raise ValueError(
+                "give the temperature as scale = 1 / temperature (sentence-transformers' "
+                f"convention), got temperature={strategy_hparams['temperature']!r}"
+            )
+        for flag, value in (
+            ("symmetric", symmetric),
+            ("gather_across_devices", gather_across_devices),
+            ("mask_duplicates", mask_duplicates),
+        ):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}")
+        strategy_class(strategy)  # an unknown name fails with the closest valid one
+        self.model = model
+        self.strategy = strategy
+        self.scale = check_number("scale", scale, low=0.0, low_inclusive=False)
+        self.symmetric = symmetric
+        self.gather_across_devices = gather_across_devices
+        self.mask_duplicates = mask_duplicates
+        self.seed = int(seed)
+        self.strategy_hparams = dict(strategy_hparams)
+        self.loss_fn = create_loss(strategy, temperature=1.0 / self.scale, **strategy_hparams)
+        _probe_retrieval(strategy, self.loss_fn)
+        self.progress: float | None = None
+        self._generator: torch.Generator | None = None
+
+    # -- sentence-transformers' loss interface --------------------------------------------------
+    def forward(
+        self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None
+    ) -> Tensor:
+        features = list(sentence_features)
+        self._check_columns(features)
+        embeddings = [self.embed(f) for f in features]
+        ids = [text_ids(f) for f in features] if self.mask_duplicates else None
+        return self.compute_loss_from_embeddings(embeddings, ids)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "scale": self.scale,
+            "symmetric": self.symmetric,
+            "gather_across_devices": self.gather_across_devices,
+            "mask_duplicates": self.mask_duplicates,
+            **self.strategy_hparams,
+        }
+
+    @property
+    def citation(self) -> str:
+        return CITATIONS.get(self.strategy, "")
+
+    # -- the parts ------------------------------------------------------------------------------
+    @staticmethod
+    def _check_columns(features: list[dict[str, Tensor]]) -> None:
+        if len(features) < 2:
+            raise ValueError(
+                "HardNegativeLoss needs the columns (anchor, positive[, negative_1, ..., "
+                f"negative_k]), got {len(features)} column(s)"
+            )
+        sizes = [_batch_size(f) for f in features]
+        if len(set(sizes)) != 1:
+            raise ValueError(
+                "every column (anchor, positive, negative_1..k) needs one row per sample: "
+                f"got {sizes} rows per column (mismatched n-tuple widths)"
+            )
+
+    def embed(self, features: dict[str, Tensor]) -> Tensor:
+        """``[B, d]`` sentence embeddings of one column."""
+        out = self.model(features)
+        emb = out.get("sentence_embedding") if isinstance(out, Mapping) else None
+        if not isinstance(emb, Tensor) or emb.dim() != 2 or not emb.is_floating_point():
+            got = f"keys {sorted(out)}" if isinstance(out, Mapping) else f"a {type(out).__name__}"
+            if isinstance(emb, Tensor):
+                got = f"'sentence_embedding' of shape {tuple(emb.shape)}, dtype {emb.dtype}"
+            raise ValueError(
+                "the model's output must hold a 'sentence_embedding' float tensor [batch, dim] "
+                f"(a SentenceTransformer ending in a Pooling module), got {got}"
+            )
+        return emb
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The strategy's generator (only for strategies that draw), seeded identically on
+        every process so that gathered losses agree."""
+        if not self.loss_fn.draws:
+            return None
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    def compute_loss_from_embeddings(
+        self, embeddings: list[Tensor], ids: list[Tensor] | None = None
+    ) -> Tensor:
+        """The loss from the columns' embeddings ``[anchor, positive, negative_1..k]`` (each
+        ``[B, d]``) and optionally their ``[B]`` ids (equal id = duplicate text)."""
+        anchor, positive = embeddings[0], embeddings[1]
+        b, d = anchor.shape
+        if len(embeddings) > 2:
+            negatives = torch.stack(embeddings[2:], dim=1)
+        else:
+            negatives = anchor.new_zeros(b, 0, d)
+        id_cols = None if ids is None else torch.stack(ids, dim=1)  # [B, 2 + k]
+        if self.gather_across_devices and distributed.get_world_size() > 1:
+            anchor = distributed.gather_with_grad(anchor)
+            positive = distributed.gather_with_grad(positive)
+            if negatives.shape[1] > 0:
+                negatives = distributed.gather_with_grad(negatives)
+            else:
+                negatives = anchor.new_zeros(anchor.shape[0], 0, d)
+            if id_cols is not None:
+                id_cols = distributed.gather_no_grad(id_cols)
+        candidate_ids = anchor_ids = None
+        if id_cols is not None:
+            # positives, then the hard negatives row-major (retrieval_contrast's column order)
+            candidate_ids = torch.cat([id_cols[:, 1], id_cols[:, 2:].reshape(-1)])
+            anchor_ids = id_cols[:, 0]
+        kwargs: dict[str, Any] = {"progress": self.progress}
+        gen = self.generator(anchor.device)
+        if gen is not None:
+            kwargs["generator"] = gen
+        loss = self.loss_fn(anchor, positive, hard_negatives=negatives, ids=candidate_ids, **kwargs)
+        if self.symmetric:  # positive -> anchor: the batch's anchors are the candidates
+            back = self.loss_fn(
+                positive,
+                anchor,
+                hard_negatives=anchor.new_zeros(anchor.shape[0], 0, d),
+                ids=anchor_ids,
+                **kwargs,
+            )
+            loss = (loss + back) / 2
+        return loss
+
+
+def _batch_size(features: dict[str, Tensor]) -> int:
+    for value in features.values():
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    raise ValueError(f"a column's features hold no tensor (keys: {sorted(features)})")
+
+
+def _split(features: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
+    total = _batch_size(features)
+    return [
+        {
+            k: (v[start : start + size] if isinstance(v, Tensor) and v.dim() > 0 else v)
+            for k, v in features.items()
+        }
+        for start in range(0, total, size)
+    ]
+
+
+class _RandomState:
+    """The CPU and CUDA random states at one point, to replay a forward pass (dropout)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cpu = torch.get_rng_state()
+        self.devices = [device.index or 0] if device.type == "cuda" else []
+        self.cuda = [torch.cuda.get_rng_state(i) for i in self.devices]
+
+    def replay(self):
+        ctx = torch.random.fork_rng(devices=self.devices)
+        ctx.__enter__()
+        torch.set_rng_state(self.cpu)
+        for i, state in zip(self.devices, self.cuda):
+            torch.cuda.set_rng_state(state, i)
+        return ctx
+
+
+class CachedHardNegativeLoss(HardNegativeLoss):
+    """:class:`HardNegativeLoss` with GradCache: the batch is embedded ``mini_batch_size`` rows at
+    a time, so the number of negatives per step does not depend on encoder memory.
+
+    1. embed every column in mini-batches without gradients (recording the random state);
+    2. compute the loss on those embeddings and its gradient w.r.t. them;
+    3. on ``backward()``, re-embed each mini-batch with the recorded random state and
+       back-propagate the cached embedding gradients into the model.
+
+    The loss and the parameter gradients equal :class:`HardNegativeLoss`'s (dropout included,
+    when the plain loss would see the same masks; tested without dropout).
+
+    Args:
+        mini_batch_size: rows per encoder pass.
+        (the rest as :class:`HardNegativeLoss`)
+    """
+
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        strategy: str = "infonce",
+        scale: float = 20.0,
+        symmetric: bool = False,
+        gather_across_devices: bool = False,
+        mask_duplicates: bool = True,
+        seed: int = 0,
+        mini_batch_size: int = 32,
+        **strategy_hparams: Any,
+    ) -> None:
+        super().__init__(
+            model,
+            strategy,
+            scale=scale,
+            symmetric=symmetric,
+            gather_across_devices=gather_across_devices,
+            mask_duplicates=mask_duplicates,
+            seed=seed,
+            **strategy_hparams,
+        )
+        self.mini_batch_size = int(
+            check_number("mini_batch_size", mini_batch_size, low=1, integer=True)
+        )
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {**super().get_config_dict(), "mini_batch_size": self.mini_batch_size}
+
+    @property
+    def citation(self) -> str:
+        return "\n\n".join(c for c in (super().citation, _GRADCACHE) if c)
+
+    def forward(
+        self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None
+    ) -> Tensor:
+        features = list(sentence_features)
+        self._check_columns(features)
+        chunks = [_split(f, self.mini_batch_size) for f in features]
+        cached: list[Tensor] = []
+        states: list[list[_RandomState]] = []
+        with torch.no_grad():
+            for column in chunks:
+                parts, column_states = [], []
+                for chunk in column:
+                    device = next(v for v in chunk.values() if isinstance(v, Tensor)).device
+                    column_states.append(_RandomState(device))
+                    parts.append(self.embed(chunk))
+                cached.append(torch.cat(parts).detach())
+                states.append(column_states)
+        ids = [text_ids(f) for f in features] if self.mask_duplicates else None
+        if not torch.is_grad_enabled():
+            return self.compute_loss_from_embeddings(cached, ids)
+        leaves = [c.requires_grad_() for c in cached]
+        with torch.enable_grad():
+            loss = self.compute_loss_from_embeddings(leaves, ids)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+        out = loss.detach().requires_grad_()
+
+        def backward_into_model(grad_output: Tensor) -> None:
+            with torch.enable_grad():
+                for column, column_states, grad in zip(chunks, states, grads):
+                    start = 0
+                    for chunk, state in zip(column, column_states):
+                        ctx = state.replay()
+                        try:
+                            emb = self.embed(chunk)
+                        finally:
+                            ctx.__exit__(None, None, None)
+                        rows = emb.shape[0]
+                        g = grad[start : start + rows] * grad_output.to(grad.dtype)
+                        start += rows
+                        emb.backward(g.to(emb.dtype))
+
+        out.register_hook(backward_into_model)
+        return out
+
+
+class ProgressCallback:
+    """Keeps ``loss.progress`` (fraction of training done) current in
+    ``SentenceTransformerTrainer``, for strategies with a schedule::
+
+        trainer = SentenceTransformerTrainer(..., loss=loss, callbacks=[ProgressCallback(loss)])
+    """
+
+    def __new__(cls, loss: HardNegativeLoss):
+        from transformers import TrainerCallback
+
+        class _Progress(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.max_steps:
+                    loss.progress = min(1.0, state.global_step / state.max_steps)
+
+        return _Progress()

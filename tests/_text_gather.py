@@ -1,0 +1,58 @@
+"""Worker of the two-process gather test: torch and hardneg only (fast to spawn)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from hardneg.integrations.sentence_transformers import HardNegativeLoss, text_ids
+
+VOCAB, BATCH, COLUMNS = 40, 8, 4  # anchor, positive, 2 hard negatives
+
+
+class BagEncoder(nn.Module):
+    """Token bag -> linear: returns a sentence-transformers style dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = nn.EmbeddingBag(VOCAB, 16, mode="mean")
+        self.proj = nn.Linear(16, 8)
+
+    def forward(self, features):
+        emb = self.proj(torch.tanh(self.bag(features["input_ids"])))
+        return {**features, "sentence_embedding": emb}
+
+
+def batch(rank: int | None = None, world: int = 1):
+    """``COLUMNS`` columns of ``BATCH`` token rows; anchors 0 and 5 share a positive."""
+    gen = torch.Generator().manual_seed(1)
+    cols = [torch.randint(1, VOCAB, (BATCH, 5), generator=gen) for _ in range(COLUMNS)]
+    cols[1][5] = cols[1][0]
+    feats = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in cols]
+    assert text_ids(feats[1])[0] == text_ids(feats[1])[5]
+    if rank is None:
+        return feats
+    half = BATCH // world
+    return [{k: v[rank * half : (rank + 1) * half] for k, v in f.items()} for f in feats]
+
+
+def run_rank(rank: int, world: int, port: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = BagEncoder()
+        loss = HardNegativeLoss(model, "hcl", beta=1.0, gather_across_devices=True, symmetric=True)
+        value = loss(batch(rank, world), None)
+        value.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        for g in grads.values():  # what DDP does: average the ranks' gradients
+            torch.distributed.all_reduce(g)
+            g /= world
+        if rank == 0:
+            torch.save({"value": value.detach(), "grads": grads}, out)
+    finally:
+        torch.distributed.destroy_process_group()

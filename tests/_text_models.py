@@ -1,0 +1,53 @@
+"""A tiny randomly initialised BERT sentence model, built locally (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+WORDS = (
+    "the a cat dog bird fish car bus train road city river tree house door window red blue "
+    "green big small fast slow old new runs sits eats sees likes jumps swims reads writes "
+    "sings book song music film news game team player ball goal win loses happy sad good bad "
+    "day night sun rain snow cold warm"
+).split()
+
+
+def sentences(n: int, seed: int = 0, length: int = 6) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, length))) for _ in range(n)]
+
+
+def tiny_model(directory: Path, *, seed: int = 0, dropout: float = 0.0, dim: int = 32):
+    """A 2-layer BERT (hidden ``dim``) with mean pooling, as a ``SentenceTransformer``."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory = Path(directory) / f"tiny_bert_{seed}_{dim}_{dropout}"
+    if not (directory / "config.json").exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+        (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        tokenizer = BertTokenizerFast(vocab=str(directory / "vocab.txt"), do_lower_case=True)
+        config = BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=dim,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=2 * dim,
+            max_position_embeddings=64,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+        )
+        torch.manual_seed(seed)
+        BertModel(config).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    transformer = models.Transformer(str(directory), max_seq_length=32)
+    pooling = models.Pooling(transformer.get_word_embedding_dimension(), "mean")
+    return SentenceTransformer(modules=[transformer, pooling], device="cpu")

