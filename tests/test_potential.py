@@ -496,6 +496,8 @@ def test_registry_defaults_and_what_the_strategy_asks_for():
         "objective": "infonce",
         "positive_mode": "separate",
         "normalize": True,
+        "filter": None,
+        "filter_options": None,
         "check_inputs": True,
         "fast": True,
         "num_neighbors": 5,
@@ -513,6 +515,8 @@ def test_registry_defaults_and_what_the_strategy_asks_for():
     assert loss.feature_kind == "projection" and loss.draws
     with pytest.raises(ValueError, match="tau_plus"):
         hardneg.create_loss("potential", tau_plus=0.1)
+    with pytest.raises(ValueError, match="several contrast terms"):
+        hardneg.create_loss("potential", filter="positive_aware")
 
 
 @pytest.mark.parametrize(

@@ -229,6 +229,11 @@ class ContrastiveLoss(nn.Module):
                     f"filter must name a filter strategy (one that only drops negatives), "
                     f"got {filter!r}"
                 )
+            if type(strategy).terms is not Strategy.terms:
+                raise ValueError(
+                    f"a filter cannot stand in front of {type(strategy).__name__}: it builds "
+                    "several contrast terms of its own"
+                )
             self.filter_strategy = cls(**self.filter_options)
         elif filter_options:
             raise ValueError("filter_options needs a filter (filter='positive_aware', ...)")
