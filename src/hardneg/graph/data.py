@@ -175,7 +175,9 @@ def load_tu(
     return finish_graphs(graphs, name, degree, info={"root": str(root)})
 
 
-def _motif_graph(rng: np.random.Generator, motif: str, min_nodes: int, max_nodes: int, extra: float):
+def _motif_graph(
+    rng: np.random.Generator, motif: str, min_nodes: int, max_nodes: int, extra: float
+):
     n_base = int(rng.integers(min_nodes, max_nodes + 1))
     edges = [(i, int(rng.integers(0, i))) for i in range(1, n_base)]  # random recursive tree
     present = {tuple(sorted(e)) for e in edges}

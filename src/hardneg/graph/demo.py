@@ -97,12 +97,22 @@ def run_graph_demo(
     data = motif_graphs(num_graphs, seed=seed)
     rows: list[dict] = []
     start = time.perf_counter()
-    rows.append({"framework": "baseline", "strategy": "degree histogram + logistic regression",
-                 "svm": degree_baseline(data, seed)})
+    rows.append(
+        {
+            "framework": "baseline",
+            "strategy": "degree histogram + logistic regression",
+            "svm": degree_baseline(data, seed),
+        }
+    )
     encoder = GraphCL(data.num_features).encoder
     emb, labels = embed(encoder, data)
-    rows.append({"framework": "baseline", "strategy": "untrained GIN encoder",
-                 **evaluate_quick(emb, labels, seed)})
+    rows.append(
+        {
+            "framework": "baseline",
+            "strategy": "untrained GIN encoder",
+            **evaluate_quick(emb, labels, seed),
+        }
+    )
     log(f"baselines done ({time.perf_counter() - start:.0f} s)")
     for framework, label, factory in demo_models(data.num_features, strategies):
         torch.manual_seed(seed)

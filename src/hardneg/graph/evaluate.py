@@ -19,7 +19,11 @@ SVM_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 
 
 def _arrays(embeddings, labels) -> tuple[np.ndarray, np.ndarray]:
-    x = embeddings.detach().cpu().double().numpy() if isinstance(embeddings, Tensor) else np.asarray(embeddings, dtype=float)
+    x = (
+        embeddings.detach().cpu().double().numpy()
+        if isinstance(embeddings, Tensor)
+        else np.asarray(embeddings, dtype=float)
+    )
     y = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
     if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
         raise ValueError(f"need embeddings [n, d] and labels [n], got {x.shape} and {y.shape}")

@@ -52,7 +52,9 @@ def load_graph_config(name_or_path: str) -> dict:
     cfg = yaml.safe_load(path.read_text()) or {}
     unknown = set(cfg) - CONFIG_KEYS
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}")
+        raise ValueError(
+            f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}"
+        )
     if cfg.get("framework", "infograph") != "infograph":
         raise ValueError(f"{path}: the protocol runs framework 'infograph'")
     return cfg
@@ -111,15 +113,21 @@ def format_results(cfg: dict, results: dict[float, list[float]]) -> str:
     for beta, accs in results.items():
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         pub = published.get("beta_0", "") if beta == 0.0 else "bar chart only (HCL)"
-        lines.append(f"| {beta:g} | {statistics.mean(accs):.2f} ± {std:.2f} | {len(accs)} | {pub} |")
+        lines.append(
+            f"| {beta:g} | {statistics.mean(accs):.2f} ± {std:.2f} | {len(accs)} | {pub} |"
+        )
     if published:
         lines.append(f"\npublished: {published.get('source', '')}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hardneg.graph.protocol", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="mutag", help=f"one of {', '.join(list_graph_configs())} or a YAML file")
+    parser = argparse.ArgumentParser(
+        prog="python -m hardneg.graph.protocol", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--config", default="mutag", help=f"one of {', '.join(list_graph_configs())} or a YAML file"
+    )
     parser.add_argument("--data-dir", required=True, help="folder holding <DATASET>/raw/")
     parser.add_argument("--epochs", type=int, help="override the config's epochs")
     parser.add_argument("--repeats", type=int, help="override the config's repeats")
@@ -146,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"config": cfg, "results": {str(k): v for k, v in results.items()}}, indent=2))
+        (out / "results.json").write_text(
+            json.dumps(
+                {"config": cfg, "results": {str(k): v for k, v in results.items()}}, indent=2
+            )
+        )
         (out / "table.md").write_text(f"{table}\n\ncommand: `{command}`\n")
     return 0
 
