@@ -85,7 +85,9 @@ def knn_accuracy(embeddings, labels, *, folds: int = 10, k: int = 20, seed: int 
     return 100.0 * correct / len(y)
 
 
-def linear_accuracy(embeddings, labels, *, folds: int = 10, seed: int = 0) -> float:
+def linear_accuracy(
+    embeddings, labels, *, folds: int = 10, seed: int = 0, max_iter: int = 1000
+) -> float:
     """Linear probe accuracy in percent (features standardised on each training fold)."""
     from hardneg.evaluation.linear import linear_probe
 
@@ -101,6 +103,7 @@ def linear_accuracy(embeddings, labels, *, folds: int = 10, seed: int = 0) -> fl
             yt[test],
             num_classes=int(y.max()) + 1,
             seed=seed,
+            max_iter=max_iter,
         )
         correct += out["top1"] / 100.0 * len(test)
     return 100.0 * correct / len(y)

@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="override the config's repeats")
     parser.add_argument("--betas", help="comma-separated override, e.g. 0,1,2,10")
     parser.add_argument("--out", help="folder for results.json and table.md")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
     try:
         cfg = load_graph_config(args.config)
         if args.epochs is not None:
