@@ -392,7 +392,7 @@ def retrieval_contrast(
     )
     # column c belongs to anchor (c mod B) for the positives, (c - B) // h for hard negatives
     owner = torch.arange(columns.shape[0], device=anchors.device)
-    if hard_negatives is not None:
+    if hard_negatives is not None and hard_negatives.shape[1] > 0:
         h = hard_negatives.shape[1]
         owner = torch.where(owner < b, owner, (owner - b) // h)
     contrast.own_columns = owner.unsqueeze(0) == torch.arange(b, device=anchors.device).unsqueeze(1)

@@ -27,6 +27,12 @@ DEMO_TSNE_POINTS = 600
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--modality",
+        choices=("image", "graph"),
+        default="image",
+        help="image: mnist1d (default); graph: motif graphs (needs hardneg[graph])",
+    )
     parser.add_argument("--out", help="output folder (default runs/demo-TIME)")
     parser.add_argument(
         "--strategies",
@@ -41,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "modality", "image") == "graph":
+        from hardneg.graph.demo import run_cli
+
+        return run_cli(args)
     out = Path(args.out) if args.out else default_out("demo")
     outcome = compare(
         dataset=DEMO_DATASET,

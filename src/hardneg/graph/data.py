@@ -1,0 +1,246 @@
+"""Graph data: TU data sets from a folder, and motif graphs the library generates offline.
+
+**TU data sets** (:func:`load_tu`). PyTorch Geometric's ``TUDataset(root, name)`` reads the TU
+Dortmund raw text files from ``<root>/<name>/raw/`` and writes ``processed/`` beside it. The folder
+is checked first (one message naming the missing files and where to put them, no download); a
+read-only folder is copied to a writable cache. Nodes without features get degree features
+(:func:`hardneg.graph.encoder.degree_feature_transform`) unless ``degree=None``.
+
+**Motif graphs** (:func:`motif_graphs`). Every graph is a random tree (its size drawn in
+``[min_nodes, max_nodes]``) with a few random extra edges, and one planted 6-node motif joined to
+it by one edge; the motif's type is the class. The four motifs have the **same degree sequence**
+(two nodes of degree 3, four of degree 2, seven edges) and differ only in how they are wired:
+
+* ``ladder``: two squares sharing an edge (a 2 x 3 grid);
+* ``fused_rings``: a triangle and a pentagon sharing an edge;
+* ``dumbbell``: two triangles joined by an edge;
+* ``theta``: two degree-3 nodes joined by three paths of 2, 2 and 3 edges.
+
+So a degree histogram carries no class information beyond chance (measured: see
+``docs/graphs.md``), while a message-passing encoder can tell the cycle structure apart.
+Nodes have no features; the loader gives them one-hot degrees, as for unlabelled TU sets.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch_geometric.data import Data
+
+from hardneg._checks import check_number
+from hardneg.graph.encoder import degree_feature_transform
+
+TU_REQUIRED = ("A", "graph_indicator", "graph_labels")
+TU_OPTIONAL = ("node_labels", "node_attributes", "edge_labels", "edge_attributes")
+DEGREE_OPTIONS = ("auto", None)
+
+#: the motifs' edge lists over nodes 0..5 (all with degree sequence 3, 3, 2, 2, 2, 2)
+MOTIFS: dict[str, tuple[tuple[int, int], ...]] = {
+    "ladder": ((0, 1), (1, 2), (3, 4), (4, 5), (0, 3), (1, 4), (2, 5)),
+    "fused_rings": ((0, 1), (1, 2), (2, 0), (1, 3), (3, 4), (4, 5), (5, 0)),
+    "dumbbell": ((0, 1), (1, 2), (2, 0), (3, 4), (4, 5), (5, 3), (2, 3)),
+    "theta": ((0, 2), (2, 1), (0, 3), (3, 1), (0, 4), (4, 5), (5, 1)),
+}
+
+
+@dataclass
+class GraphSet:
+    """A list of PyG ``Data`` graphs with node features, labels ``y`` and a description."""
+
+    graphs: list
+    name: str
+    num_features: int
+    num_classes: int
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.cat([g.y.view(-1) for g in self.graphs])
+
+
+def tu_files(name: str) -> list[str]:
+    return [f"{name}_{part}.txt" for part in TU_REQUIRED]
+
+
+def check_tu_folder(root: str | os.PathLike, name: str) -> Path:
+    """``<root>/<name>/raw`` after checking that the TU raw files are there."""
+    raw = Path(root) / name / "raw"
+    missing = [f for f in tu_files(name) if not (raw / f).is_file()]
+    if missing:
+        found = sorted(p.name for p in raw.iterdir()) if raw.is_dir() else []
+        hint = ""
+        if not raw.is_dir() and (Path(root) / name).is_dir():
+            loose = sorted(p.name for p in (Path(root) / name).iterdir())
+            hint = f" ({Path(root) / name} holds {', '.join(loose) or 'nothing'}: move the .txt files into raw/)"
+        elif found:
+            hint = f" (it holds {', '.join(found)})"
+        raise FileNotFoundError(
+            f"TU data set {name!r} not found: put {', '.join(tu_files(name))} "
+            f"(and any {name}_node_labels.txt etc.) in {raw}{hint}. "
+            f"They are at https://chrsmrrs.github.io/datasets/ (hardneg never downloads)"
+        )
+    return raw
+
+
+def _writable_root(root: Path, name: str, cache_dir: str | os.PathLike | None) -> Path:
+    """``root`` if PyG can write ``processed/`` there, else a cache copy of the raw files."""
+    target = root / name
+    if os.access(target, os.W_OK) and cache_dir is None:
+        return root
+    cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "hardneg-tu"
+    dest = cache / name / "raw"
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in (root / name / "raw").iterdir():
+        if f.is_file() and not (dest / f.name).exists():
+            shutil.copy2(f, dest / f.name)
+    return cache
+
+
+def finish_graphs(
+    graphs: list, name: str, degree: str | None = "auto", info: dict | None = None
+) -> GraphSet:
+    """Check the graphs (none empty), give featureless nodes degree features, count classes."""
+    if not graphs:
+        raise ValueError(f"data set {name!r} has no graphs")
+    empty = [i for i, g in enumerate(graphs) if g.num_nodes == 0]
+    if empty:
+        raise ValueError(
+            f"data set {name!r} has {len(empty)} empty graph(s) (no nodes), e.g. index "
+            f"{empty[:5]}: remove them before training"
+        )
+    has_x = [g.x is not None and g.x.numel() > 0 for g in graphs]
+    if any(has_x) and not all(has_x):
+        raise ValueError(f"data set {name!r}: some graphs have node features and some do not")
+    if not has_x[0]:
+        if degree is None:
+            raise ValueError(
+                f"the graphs of {name!r} have no node features and degree=None: "
+                "use degree='auto' (one-hot degrees, as InfoGraph / HCL) or give node features"
+            )
+        if degree not in DEGREE_OPTIONS:
+            raise ValueError(f"degree must be 'auto' or None, got {degree!r}")
+        transform = degree_feature_transform(graphs)
+        graphs = [transform(g.clone()) for g in graphs]
+        info = {**(info or {}), "node_features": repr(transform)}
+    widths = {int(g.x.shape[1]) for g in graphs}
+    if len(widths) != 1:
+        raise ValueError(f"data set {name!r}: node feature widths differ {sorted(widths)}")
+    for g in graphs:
+        g.x = g.x.float()
+    labels = torch.cat([g.y.view(-1) for g in graphs])
+    return GraphSet(
+        graphs=graphs,
+        name=name,
+        num_features=widths.pop(),
+        num_classes=int(labels.max()) + 1,
+        info=dict(info or {}),
+    )
+
+
+def load_tu(
+    root: str | os.PathLike,
+    name: str,
+    *,
+    degree: str | None = "auto",
+    cache_dir: str | os.PathLike | None = None,
+) -> GraphSet:
+    """A TU data set from ``<root>/<name>/raw/`` (never downloads).
+
+    Args:
+        root: the folder holding ``<name>/raw/<name>_A.txt`` etc.
+        name: the data set's name (``MUTAG``, ``PTC_MR``, ``NCI1``, ``PROTEINS``...).
+        degree: ``'auto'`` gives featureless nodes degree features; None raises instead.
+        cache_dir: where to copy the raw files when ``root`` is read-only (default: a folder
+            in the system's temporary directory).
+    """
+    from torch_geometric.datasets import TUDataset
+
+    root = Path(root)
+    check_tu_folder(root, name)
+    where = _writable_root(root, name, cache_dir)
+    dataset = TUDataset(str(where), name=name)
+    graphs = [dataset[i] for i in range(len(dataset))]
+    for g in graphs:
+        if g.x is not None and g.x.numel() == 0:
+            g.x = None
+    return finish_graphs(graphs, name, degree, info={"root": str(root)})
+
+
+def _motif_graph(
+    rng: np.random.Generator, motif: str, min_nodes: int, max_nodes: int, extra: float
+):
+    n_base = int(rng.integers(min_nodes, max_nodes + 1))
+    edges = [(i, int(rng.integers(0, i))) for i in range(1, n_base)]  # random recursive tree
+    present = {tuple(sorted(e)) for e in edges}
+    for _ in range(int(rng.poisson(extra))):
+        u, v = (int(a) for a in rng.integers(0, n_base, size=2))
+        if u != v and tuple(sorted((u, v))) not in present:
+            present.add(tuple(sorted((u, v))))
+            edges.append((u, v))
+    # the motif, its node labels permuted, joined by one edge to a random tree node
+    perm = rng.permutation(6) + n_base
+    edges += [(int(perm[a]), int(perm[b])) for a, b in MOTIFS[motif]]
+    edges.append((int(rng.integers(0, n_base)), int(perm[int(rng.integers(0, 6))])))
+    # shuffle node ids so that the motif is not always at the end
+    n = n_base + 6
+    relabel = rng.permutation(n)
+    e = torch.tensor([[relabel[u], relabel[v]] for u, v in edges], dtype=torch.long).T
+    return torch.cat([e, e.flip(0)], dim=1), n
+
+
+def motif_graphs(
+    num_graphs: int = 400,
+    *,
+    seed: int = 0,
+    min_nodes: int = 4,
+    max_nodes: int = 10,
+    extra_edges: float = 0.5,
+    motifs: tuple[str, ...] = tuple(MOTIFS),
+    degree: str | None = "auto",
+) -> GraphSet:
+    """The embedded motif classification set (see the module docstring); balanced classes.
+
+    Args:
+        num_graphs: number of graphs (classes take turns).
+        seed: seeds the generator: the same arguments give the same graphs.
+        min_nodes, max_nodes: range of the random tree's size.
+        extra_edges: mean (Poisson) number of random extra edges in the tree.
+        motifs: the classes, names from :data:`MOTIFS`.
+        degree: ``'auto'`` gives one-hot degree features; None leaves ``x`` empty (an error).
+    """
+    num_graphs = int(check_number("num_graphs", num_graphs, low=2, integer=True))
+    min_nodes = int(check_number("min_nodes", min_nodes, low=1, integer=True))
+    max_nodes = int(check_number("max_nodes", max_nodes, low=min_nodes, integer=True))
+    extra_edges = check_number("extra_edges", extra_edges, low=0.0)
+    unknown = [m for m in motifs if m not in MOTIFS]
+    if unknown or len(motifs) < 2:
+        raise ValueError(f"motifs must be at least two of {', '.join(MOTIFS)}, got {motifs!r}")
+    rng = np.random.default_rng(seed)
+    graphs = []
+    for i in range(num_graphs):
+        label = i % len(motifs)
+        edge_index, n = _motif_graph(rng, motifs[label], min_nodes, max_nodes, extra_edges)
+        graphs.append(Data(edge_index=edge_index, num_nodes=n, y=torch.tensor([label])))
+    info = {"motifs": list(motifs), "seed": seed}
+    return finish_graphs(graphs, "motifs", degree, info=info)
+
+
+def degree_histograms(graphs: list, max_degree: int | None = None) -> np.ndarray:
+    """``[graphs, max_degree + 1]`` counts of nodes of each degree (a raw-feature baseline)."""
+    from torch_geometric.utils import degree
+
+    degs = [degree(g.edge_index[0], num_nodes=g.num_nodes, dtype=torch.long) for g in graphs]
+    top = max(int(d.max()) for d in degs) if max_degree is None else max_degree
+    out = np.zeros((len(graphs), top + 1))
+    for i, d in enumerate(degs):
+        out[i] = np.bincount(d.clamp(max=top).numpy(), minlength=top + 1)
+    return out

@@ -1,0 +1,559 @@
+"""Graph contrastive learning (hardneg.graph): encoder, HCL's JSD_hard, frameworks, data, eval."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("torch_geometric", reason="the graph extra (torch_geometric) is not installed")
+
+from torch_geometric.data import Batch, Data  # noqa: E402
+
+from hardneg.contrast import build_contrast  # noqa: E402
+from hardneg.graph import augment as aug  # noqa: E402
+from hardneg.graph.data import (  # noqa: E402
+    MOTIFS,
+    degree_histograms,
+    finish_graphs,
+    load_tu,
+    motif_graphs,
+)
+from hardneg.graph.encoder import (  # noqa: E402
+    GINEncoder,
+    OneHotDegree,
+    StandardisedDegree,
+    degree_feature_transform,
+)
+from hardneg.graph.evaluate import knn_accuracy, linear_accuracy, svm_accuracy  # noqa: E402
+from hardneg.graph.graphcl import GraphCL  # noqa: E402
+from hardneg.graph.infograph import InfoGraph  # noqa: E402
+from hardneg.graph.jsd_hard import jsd_hard_loss  # noqa: E402
+from hardneg.graph.train import embed, train_graphs  # noqa: E402
+from hardneg.registry import list_losses  # noqa: E402
+
+SHARED_TU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "TU"
+if not SHARED_TU.is_dir():
+    SHARED_TU = Path("/work/shared/data/TU")
+
+
+# --- HCL's JSD_hard, restated the way the authors' code writes it --------------------------------
+def authors_jsd_hard(l_enc, g_enc, batch, beta, tau_plus=0.5, sign=-1.0):
+    """graph/losses.py local_global_loss_ with graph/cortex_DIM/functions/gan_losses.py JSD_hard,
+    restated term by term: 0/1 masks multiply the score matrix, sums over all cells."""
+    n, g = l_enc.shape[0], g_enc.shape[0]
+    pos_mask = torch.zeros(n, g, dtype=l_enc.dtype)
+    pos_mask[torch.arange(n), batch] = 1.0
+    neg_mask = 1.0 - pos_mask
+    res = l_enc @ g_enc.T
+    log_2 = math.log(2.0)
+    p = res * pos_mask
+    ep = log_2 - F.softplus(-p) - (tau_plus / (1 - tau_plus)) * (F.softplus(-p) + p)
+    e_pos = ep.sum() / n
+    q = res * neg_mask
+    if beta == 0:
+        eq = (F.softplus(-q) + q - log_2) / (1 - tau_plus)
+    else:
+        eq = F.softplus(-q) + q
+        reweight = sign * 2 * q / max(q.max(), q.min().abs())
+        reweight = (beta * reweight).exp()
+        reweight = reweight / reweight.mean(dim=1).view(-1, 1)
+        eq = reweight * eq / (1 - tau_plus) - log_2
+    e_neg = eq.sum() / (n * (g - 1))
+    return e_neg - e_pos
+
+
+def random_node_graph(seed, n=40, g=6, d=8):
+    gen = torch.Generator().manual_seed(seed)
+    batch = torch.sort(torch.randint(0, g, (n,), generator=gen)).values
+    batch[:g] = torch.arange(g)  # every graph has a node
+    batch = torch.sort(batch).values
+    l_enc = torch.randn(n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    g_enc = torch.randn(g, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    return l_enc, g_enc, batch
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 2.0, 10.0])
+@pytest.mark.parametrize("direction", ["authors", "hard"])
+def test_jsd_hard_equals_the_authors_formula(beta, direction):
+    for seed in range(3):
+        l_enc, g_enc, batch = random_node_graph(seed)
+        contrast = build_contrast(
+            l_enc, g_enc, positive_index=batch[:, None], normalize=False, temperature=1.0
+        )
+        ours = jsd_hard_loss(contrast, beta=beta, direction=direction)
+        theirs = authors_jsd_hard(
+            l_enc, g_enc, batch, beta, sign=-1.0 if direction == "authors" else 1.0
+        )
+        assert torch.allclose(ours, theirs, atol=1e-6, rtol=0), (float(ours), float(theirs))
+        g1 = torch.autograd.grad(ours, (l_enc, g_enc))
+        g2 = torch.autograd.grad(theirs, (l_enc, g_enc))
+        for a, b in zip(g1, g2):
+            assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_jsd_hard_float32_and_the_directions_differ():
+    l_enc, g_enc, batch = random_node_graph(7)
+    l32, g32 = l_enc.detach().float(), g_enc.detach().float()
+    contrast = build_contrast(
+        l32, g32, positive_index=batch[:, None], normalize=False, temperature=1.0
+    )
+    ours = jsd_hard_loss(contrast, beta=2.0)
+    assert abs(float(ours) - float(authors_jsd_hard(l32, g32, batch, 2.0))) < 1e-5
+    hard = jsd_hard_loss(contrast, beta=2.0, direction="hard")
+    assert abs(float(ours) - float(hard)) > 1e-3
+
+
+def test_authors_weights_favour_low_scores():
+    # the direction of the code: a lower-scoring negative gets the larger weight
+    q = torch.tensor([[0.0, -2.0, 1.0, 3.0]])
+    m = max(q.max(), q.min().abs())
+    w = torch.exp(-2 * q / m)
+    w = w / w.mean(1, keepdim=True)
+    assert w[0, 1] > w[0, 0] > w[0, 2] > w[0, 3]
+
+
+def test_jsd_hard_needs_two_graphs_and_valid_options():
+    l_enc, g_enc, batch = random_node_graph(0, g=1)
+    contrast = build_contrast(
+        l_enc,
+        g_enc[:1],
+        positive_index=torch.zeros(40, 1, dtype=torch.long),
+        normalize=False,
+        temperature=1.0,
+    )
+    with pytest.raises(ValueError, match="at least 2 graphs"):
+        jsd_hard_loss(contrast, beta=1.0)
+    l_enc, g_enc, batch = random_node_graph(0)
+    contrast = build_contrast(
+        l_enc, g_enc, positive_index=batch[:, None], normalize=False, temperature=1.0
+    )
+    with pytest.raises(ValueError, match="direction"):
+        jsd_hard_loss(contrast, beta=1.0, direction="easy")
+    with pytest.raises(ValueError, match="beta"):
+        jsd_hard_loss(contrast, beta=-1.0)
+
+
+# --- small graphs ---------------------------------------------------------------------------------
+def cycle(n, label=0, features=None):
+    src = torch.arange(n)
+    dst = (src + 1) % n
+    ei = torch.cat([torch.stack([src, dst]), torch.stack([dst, src])], dim=1)
+    x = None if features is None else torch.eye(features)[torch.arange(n) % features]
+    return Data(x=x, edge_index=ei, num_nodes=n, y=torch.tensor([label]))
+
+
+def small_set(num=12, features=3):
+    return finish_graphs([cycle(4 + i % 5, i % 2, features) for i in range(num)], "cycles")
+
+
+# --- encoder --------------------------------------------------------------------------------------
+def test_gin_encoder_structure_and_pooling():
+    enc = GINEncoder(5, hidden=32, num_layers=3)
+    assert enc.embedding_dim == 96
+    for conv, norm in zip(enc.convs, enc.norms):
+        layers = list(conv.nn)
+        assert [type(m).__name__ for m in layers] == ["Linear", "ReLU", "Linear"]
+        assert isinstance(norm, torch.nn.BatchNorm1d)
+    batch = Batch.from_data_list([cycle(4, features=5), cycle(6, features=5)])
+    enc.eval()
+    y, m = enc(batch.x, batch.edge_index, batch.batch)
+    assert y.shape == (2, 96) and m.shape == (10, 96)
+    # the graph embedding is the sum of the node encodings of each layer
+    assert torch.allclose(y[0], m[:4].sum(0), atol=1e-5)
+    assert torch.allclose(y[1], m[4:].sum(0), atol=1e-5)
+    # layer l is BN(ReLU(GINConv(h_{l-1})))
+    h = enc.norms[0](F.relu(enc.convs[0](batch.x, batch.edge_index)))
+    assert torch.allclose(m[:, :32], h, atol=1e-6)
+
+
+def test_encoder_rejects_mismatched_or_missing_features():
+    enc = GINEncoder(5)
+    batch = Batch.from_data_list([cycle(4, features=3), cycle(5, features=3)])
+    with pytest.raises(ValueError, match="expects node features of dimension 5"):
+        enc(batch.x, batch.edge_index, batch.batch)
+    with pytest.raises(ValueError, match="no node features"):
+        enc(None, batch.edge_index, batch.batch)
+
+
+def test_degree_features_one_hot_and_standardised():
+    graphs = [cycle(5), cycle(3)]
+    t = degree_feature_transform(graphs)
+    assert isinstance(t, OneHotDegree) and t.max_degree == 2
+    x = t(graphs[0].clone()).x
+    assert x.shape == (5, 3) and torch.equal(x.argmax(1), torch.full((5,), 2))
+    # a star with 1000 leaves: the degree is standardised instead (InfoGraph / HCL)
+    leaves = torch.arange(1, 1001)
+    ei = torch.cat(
+        [
+            torch.stack([torch.zeros(1000, dtype=torch.long), leaves]),
+            torch.stack([leaves, torch.zeros(1000, dtype=torch.long)]),
+        ],
+        dim=1,
+    )
+    star = Data(edge_index=ei, num_nodes=1001, y=torch.tensor([0]))
+    t = degree_feature_transform([star])
+    assert isinstance(t, StandardisedDegree)
+    x = t(star.clone()).x
+    assert x.shape == (1001, 1) and abs(float(x.mean())) < 1e-5
+
+
+def test_import_error_names_the_extra(monkeypatch):
+    import importlib
+
+    for mod in [m for m in sys.modules if m == "hardneg.graph" or m.startswith("hardneg.graph.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "torch_geometric", None)  # "not installed"
+    with pytest.raises(ImportError, match=r'pip install "hardneg\[graph\]"'):
+        importlib.import_module("hardneg.graph")
+
+
+# --- augmentations --------------------------------------------------------------------------------
+def tensors(num=6):
+    batch = Batch.from_data_list([cycle(5 + i, features=4) for i in range(num)])
+    return batch.x, batch.edge_index, batch.batch
+
+
+def _check_graph(x, ei, b, num_graphs):
+    assert x.shape[0] == b.shape[0]
+    assert int(ei.max()) < x.shape[0] if ei.numel() else True
+    assert torch.equal(b[ei[0]], b[ei[1]])  # edges stay inside their graph
+    assert torch.equal(torch.unique(b), torch.arange(num_graphs))  # no graph lost
+
+
+@pytest.mark.parametrize("name", list(aug.AUGMENTATIONS))
+def test_augmentations_are_seeded_and_keep_every_graph(name):
+    x, ei, b = tensors()
+    a = aug.augment(x, ei, b, name, ratio=0.4, generator=torch.Generator().manual_seed(3))
+    c = aug.augment(x, ei, b, name, ratio=0.4, generator=torch.Generator().manual_seed(3))
+    d = aug.augment(x, ei, b, name, ratio=0.4, generator=torch.Generator().manual_seed(4))
+    assert all(torch.equal(u, v) for u, v in zip(a, c))
+    assert not all(u.shape == v.shape and torch.equal(u, v) for u, v in zip(a, d))
+    _check_graph(*a, 6)
+    # an extreme ratio still leaves one node per graph
+    _check_graph(
+        *aug.augment(x, ei, b, name, ratio=0.99, generator=torch.Generator().manual_seed(0)), 6
+    )
+
+
+def test_drop_nodes_keeps_the_induced_subgraph():
+    x, ei, b = tensors()
+    x = torch.arange(x.shape[0], dtype=torch.float).unsqueeze(1)  # node ids as features
+    nx, nei, nb = aug.drop_nodes(x, ei, b, ratio=0.3, generator=torch.Generator().manual_seed(1))
+    kept = nx[:, 0].long()
+    old_edges = {(int(u), int(v)) for u, v in ei.T}
+    new_edges = {(int(kept[u]), int(kept[v])) for u, v in nei.T}
+    expected = {(u, v) for u, v in old_edges if u in set(kept.tolist()) and v in set(kept.tolist())}
+    assert new_edges == expected and nx.shape[0] < x.shape[0]
+
+
+def test_subgraph_is_connected_and_of_the_target_size():
+    x, ei, b = tensors()
+    sizes = torch.bincount(b)
+    nx, nei, nb = aug.sample_subgraph(
+        x, ei, b, ratio=0.4, generator=torch.Generator().manual_seed(2)
+    )
+    got = torch.bincount(nb)
+    assert got.tolist() == [aug.expected_kept(int(s), 0.4) for s in sizes]
+    for g in range(6):  # cycles: a grown region of a cycle is a path, connected
+        nodes = (nb == g).nonzero().view(-1).tolist()
+        adj = {n: set() for n in nodes}
+        for u, v in nei.T.tolist():
+            if u in adj:
+                adj[u].add(v)
+        seen, stack = {nodes[0]}, [nodes[0]]
+        while stack:
+            for w in adj[stack.pop()] - seen:
+                seen.add(w)
+                stack.append(w)
+        assert seen == set(nodes)
+
+
+def test_perturb_edges_stays_undirected_and_mask_zeroes_rows():
+    x, ei, b = tensors()
+    _, nei, _ = aug.perturb_edges(x, ei, b, ratio=0.5, generator=torch.Generator().manual_seed(0))
+    pairs = {(int(u), int(v)) for u, v in nei.T}
+    assert all((v, u) in pairs for u, v in pairs) and all(u != v for u, v in pairs)
+    assert pairs != {(int(u), int(v)) for u, v in ei.T}
+    nx, _, _ = aug.mask_attributes(x, ei, b, ratio=0.5, generator=torch.Generator().manual_seed(0))
+    zero = (nx == 0).all(1)
+    assert 0 < int(zero.sum()) < x.shape[0] and torch.equal(nx[~zero], x[~zero])
+
+
+# --- frameworks: every registered strategy --------------------------------------------------------
+def one_batch(num=8):
+    data = small_set(num)
+    return data, Batch.from_data_list(data.graphs)
+
+
+def test_infograph_contrast_pairs_nodes_with_their_graph():
+    data, batch = one_batch()
+    model = InfoGraph(data.num_features, loss="infonce")
+    contrast, _ = model.contrast(batch)
+    assert torch.equal(contrast.positive_index[:, 0], batch.batch)
+    assert contrast.num_negatives == 8 - 1
+    assert torch.isinf(contrast.negative_logits[torch.arange(batch.num_nodes), batch.batch]).all()
+
+
+def test_infograph_jsd_is_infographs_loss():
+    # InfoGraph's measure 'JSD' through local_global_loss_ (masked cells add 0 for JSD)
+    data, batch = one_batch()
+    torch.manual_seed(0)
+    model = InfoGraph(data.num_features, loss="infonce")
+    contrast, _ = model.contrast(batch)
+    n, g = contrast.negative_logits.shape
+    res = contrast.anchors @ contrast.columns.T
+    pos = torch.zeros(n, g)
+    pos[torch.arange(n), batch.batch] = 1
+    log2 = math.log(2.0)
+    e_pos = (log2 - F.softplus(-(res * pos))).sum() / n
+    e_neg = (F.softplus(-(res * (1 - pos))) + res * (1 - pos) - log2).sum() / (n * (g - 1))
+    torch.manual_seed(0)
+    assert torch.allclose(model(batch), e_neg - e_pos, atol=1e-5)
+
+
+def test_infograph_defaults_and_errors():
+    data, _ = one_batch()
+    assert InfoGraph(data.num_features, loss="hcl").objective == "jsd_hard"
+    assert InfoGraph(data.num_features, loss="infonce").objective == "jsd"
+    with pytest.raises(ValueError, match="needs the 'hcl' strategy"):
+        InfoGraph(data.num_features, loss="ring", objective="jsd_hard")
+    with pytest.raises(ValueError, match="unknown hyper-parameter"):
+        InfoGraph(data.num_features, loss="hcl", loss_hparams={"betta": 1.0})
+
+
+@pytest.mark.parametrize("name", list_losses())
+@pytest.mark.parametrize("objective", ["jsd", "infonce"])
+def test_infograph_trains_with_every_strategy(name, objective):
+    data, batch = one_batch()
+    torch.manual_seed(0)
+    model = InfoGraph(data.num_features, loss=name, objective=objective)
+    loss = model(batch, progress=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all() for p in model.encoder.parameters()
+    )
+
+
+@pytest.mark.parametrize("name", list_losses())
+def test_graphcl_trains_with_every_strategy(name):
+    data, batch = one_batch()
+    torch.manual_seed(0)
+    model = GraphCL(data.num_features, loss=name)
+    loss = model(batch, progress=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in model.encoder.parameters())
+
+
+def test_graphcl_views_are_reproducible_with_a_generator():
+    data, batch = one_batch()
+    torch.manual_seed(0)
+    model = GraphCL(data.num_features, loss="infonce").eval()
+    a = model(batch, generator=torch.Generator().manual_seed(5))
+    b = model(batch, generator=torch.Generator().manual_seed(5))
+    c = model(batch, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_training_checks_run_before_the_first_step():
+    data = small_set(12, features=3)
+    with pytest.raises(ValueError, match="expects 4 node features but 'cycles' has 3"):
+        train_graphs(InfoGraph(4, loss="infonce"), data, epochs=1, batch_size=4)
+    with pytest.raises(ValueError, match="last batch of one graph"):
+        train_graphs(InfoGraph(3, loss="infonce"), small_set(9), epochs=1, batch_size=4)
+
+
+def test_training_lowers_the_loss_and_embeds():
+    data = small_set(16)
+    torch.manual_seed(0)
+    model = InfoGraph(data.num_features, loss="hcl", loss_hparams={"beta": 1.0})
+    losses = []
+    train_graphs(model, data, epochs=15, batch_size=8, log=lambda e, v: losses.append(v))
+    assert losses[-1] < losses[0]
+    emb, y = embed(model.encoder, data)
+    assert emb.shape == (16, 96) and torch.equal(y, data.labels)
+
+
+# --- data -----------------------------------------------------------------------------------------
+def write_tu(root: Path, name: str, graphs: list[tuple[int, list[tuple[int, int]]]], labels=True):
+    """Write graphs [(num_nodes, edges), ...] in the TU raw format under root/name/raw."""
+    raw = root / name / "raw"
+    raw.mkdir(parents=True)
+    a, ind, offset = [], [], 0
+    for gi, (n, edges) in enumerate(graphs):
+        ind += [gi + 1] * n
+        for u, v in edges:
+            a += [(u + offset + 1, v + offset + 1), (v + offset + 1, u + offset + 1)]
+        offset += n
+    (raw / f"{name}_A.txt").write_text("".join(f"{u}, {v}\n" for u, v in a))
+    (raw / f"{name}_graph_indicator.txt").write_text("".join(f"{i}\n" for i in ind))
+    (raw / f"{name}_graph_labels.txt").write_text(
+        "".join(f"{gi % 2}\n" for gi in range(len(graphs)))
+    )
+    if labels:
+        (raw / f"{name}_node_labels.txt").write_text("".join(f"{i % 3}\n" for i in range(len(ind))))
+    return raw
+
+
+TRIANGLE = (3, [(0, 1), (1, 2), (2, 0)])
+PATH = (4, [(0, 1), (1, 2), (2, 3)])
+
+
+def test_load_tu_from_files_written_here(tmp_path):
+    write_tu(tmp_path, "TOY", [TRIANGLE, PATH, TRIANGLE, PATH])
+    data = load_tu(tmp_path, "TOY")
+    assert len(data) == 4 and data.num_features == 3 and data.num_classes == 2
+    assert data.labels.tolist() == [0, 1, 0, 1]
+
+
+def test_load_tu_unlabelled_nodes_get_degrees_or_a_clear_error(tmp_path):
+    write_tu(tmp_path, "BARE", [TRIANGLE, PATH], labels=False)
+    data = load_tu(tmp_path, "BARE")
+    assert data.num_features == 3  # one-hot degree 0..2
+    assert "OneHotDegree" in data.info["node_features"]
+    with pytest.raises(ValueError, match="no node features and degree=None"):
+        load_tu(tmp_path, "BARE", degree=None)
+
+
+def test_load_tu_missing_or_misplaced_files(tmp_path):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"NOPE_A\.txt.*NOPE_graph_indicator\.txt.*NOPE_graph_labels\.txt.* in .*NOPE/raw",
+    ):
+        load_tu(tmp_path, "NOPE")
+    raw = write_tu(tmp_path, "FLAT", [TRIANGLE, PATH])
+    for f in raw.iterdir():  # wrong layout: the files next to raw/ instead of in it
+        shutil.move(str(f), str(tmp_path / "FLAT" / f.name))
+    raw.rmdir()
+    with pytest.raises(FileNotFoundError, match="move the .txt files into raw/"):
+        load_tu(tmp_path, "FLAT")
+
+
+def test_load_tu_read_only_folder_uses_a_cache(tmp_path):
+    write_tu(tmp_path / "ro", "TOY", [TRIANGLE, PATH])
+    folder = tmp_path / "ro" / "TOY"
+    os.chmod(folder, 0o555)
+    try:
+        data = load_tu(tmp_path / "ro", "TOY", cache_dir=tmp_path / "cache")
+    finally:
+        os.chmod(folder, 0o755)
+    assert len(data) == 2 and (tmp_path / "cache" / "TOY" / "processed").is_dir()
+    assert not (folder / "processed").exists()
+
+
+def test_empty_graphs_and_mixed_features_are_rejected():
+    empty = Data(edge_index=torch.zeros(2, 0, dtype=torch.long), num_nodes=0, y=torch.tensor([0]))
+    with pytest.raises(ValueError, match="empty graph"):
+        finish_graphs([cycle(3), empty], "bad")
+    with pytest.raises(ValueError, match="some graphs have node features"):
+        finish_graphs([cycle(3, features=2), cycle(3)], "bad")
+
+
+@pytest.mark.skipif(
+    not (SHARED_TU / "MUTAG" / "raw").is_dir(), reason="shared TU data (MUTAG) not on this machine"
+)
+def test_mutag_from_the_shared_folder(tmp_path):
+    data = load_tu(SHARED_TU, "MUTAG", cache_dir=tmp_path)
+    assert len(data) == 188 and data.num_features == 7 and data.num_classes == 2
+
+
+def test_motif_degree_sequences_are_identical():
+    seqs = set()
+    for edges in MOTIFS.values():
+        deg = np.bincount(np.array(edges).ravel(), minlength=6)
+        seqs.add(tuple(sorted(deg)))
+        assert len(edges) == 7
+    assert seqs == {(2, 2, 2, 2, 3, 3)}
+
+    # and the wirings differ (different numbers of triangles or squares)
+    def triangles(edges):
+        adj = {(u, v) for u, v in edges} | {(v, u) for u, v in edges}
+        return sum(
+            (a, b) in adj and (b, c) in adj and (a, c) in adj
+            for a in range(6)
+            for b in range(a + 1, 6)
+            for c in range(b + 1, 6)
+        )
+
+    assert sorted(triangles(e) for e in MOTIFS.values()) == [0, 0, 1, 2]
+
+
+def test_motif_graphs_are_seeded_and_degree_histograms_do_not_solve_them():
+    a, b = motif_graphs(40, seed=1), motif_graphs(40, seed=1)
+    assert all(torch.equal(g.edge_index, h.edge_index) for g, h in zip(a.graphs, b.graphs))
+    assert not torch.equal(a.graphs[0].edge_index, motif_graphs(40, seed=2).graphs[0].edge_index)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    data = motif_graphs(200, seed=0)
+    x = degree_histograms(data.graphs)
+    acc = cross_val_score(LogisticRegression(max_iter=2000), x, data.labels.numpy(), cv=5).mean()
+    assert acc < 0.35  # 4 classes: chance is 0.25
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+def test_svm_knn_linear_on_separable_and_random_labels():
+    gen = np.random.default_rng(0)
+    y = np.repeat([0, 1], 30)
+    x = gen.normal(size=(60, 5)) + 6.0 * np.eye(5)[y]  # apart in direction too (cosine kNN)
+    assert svm_accuracy(x, y, c_grid=(1.0, 10.0))["svm"] == 100.0
+    assert knn_accuracy(x, y, folds=3) == 100.0 and linear_accuracy(x, y, folds=3) == 100.0
+    noise = gen.normal(size=(60, 5))
+    assert svm_accuracy(noise, y, c_grid=(1.0, 10.0))["svm"] < 80.0
+    with pytest.raises(ValueError, match="NaN"):
+        svm_accuracy(np.full((4, 2), np.nan), [0, 1, 0, 1])
+
+
+def test_graph_demo_runs_end_to_end(tmp_path, monkeypatch):
+    import hardneg.graph.demo as gd
+
+    evaluated = []
+
+    def fake_eval(emb, labels, seed):  # the protocol's scorers are tested above; keep this fast
+        evaluated.append(emb.shape)
+        return {"svm": 50.0, "svm_std": 1.0, "knn": 40.0, "linear": 45.0}
+
+    monkeypatch.setattr(gd, "evaluate_quick", fake_eval)
+    rows = gd.run_graph_demo(
+        tmp_path,
+        strategies=["infonce", "hcl"],
+        num_graphs=40,
+        epochs=1,
+        batch_size=20,
+        log=lambda s: None,
+    )
+    assert all("error" not in r for r in rows)
+    assert len(rows) == 2 + 2 + 3 and len(evaluated) == 1 + 2 + 3
+    assert all(shape == (40, 96) for shape in evaluated)
+    report = (tmp_path / "report.md").read_text()
+    assert "| graphcl | hcl | 50.0 ± 1.0 | 40.0 | 45.0 |" in report
+    assert (tmp_path / "accuracy.png").is_file()
+
+
+def test_demo_cli_hook_dispatches_to_the_graph_demo(monkeypatch, tmp_path):
+    import hardneg.graph.demo as gd
+    from hardneg.cli import main
+
+    seen = {}
+    monkeypatch.setattr(gd, "run_graph_demo", lambda out, **kw: seen.update(kw, out=out) or [])
+    assert main(["demo", "--modality", "graph", "--out", str(tmp_path), "epochs=2"]) == 0
+    assert seen["strategies"] is None and seen["epochs"] == 2
+
+
+def test_packaged_graph_configs():
+    from hardneg.graph.protocol import list_graph_configs, load_graph_config
+
+    assert list_graph_configs() == ["mutag", "nci1", "proteins", "ptc_mr"]
+    for name in list_graph_configs():
+        cfg = load_graph_config(name)
+        assert cfg["betas"] == [0.0, 1.0, 2.0, 10.0] and cfg["epochs"] == 200
+        assert cfg["dataset"].lower() == name
