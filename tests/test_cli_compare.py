@@ -67,21 +67,28 @@ def test_every_strategy_gets_the_base_temperature_and_its_registry_defaults():
         assert cfg.loss.params["temperature"] == 0.2
         assert cfg.model.backbone == "cnn1d"  # the packaged mnist1d base config
     assert config("infonce").loss.params["temperature"] == config("hcl").loss.params["temperature"]
-    assert "beta" not in config("hcl").loss.params  # registry default, beta=1
-    assert loss_hparams("hcl")["beta"] == 1.0
+    # every hyper-parameter is written out: the registry defaults, updated where set
+    assert config("hcl").loss.params["beta"] == loss_hparams("hcl")["beta"]
+    assert set(config("potential").loss.params) == set(loss_hparams("potential")) - {"check_inputs"}
 
 
 def test_ring_keeps_a_wide_band_on_in_batch_negatives_only():
+    from hardneg.registry import loss_hparams
+
     assert config("ring").loss.params["rho_out"] == 0.5
-    assert "rho_out" not in config("ring", framework="moco").loss.params
+    assert (
+        config("ring", framework="moco").loss.params["rho_out"] == loss_hparams("ring")["rho_out"]
+    )
     assert config("ring", "ring.rho_out=0.3").loss.params["rho_out"] == 0.3
 
 
 def test_loss_overrides_go_to_the_strategies_that_have_the_key():
+    from hardneg.registry import loss_hparams
+
     assert config("hcl", "loss.tau_plus=0.05").loss.params["tau_plus"] == 0.05
     assert "tau_plus" not in config("infonce", "loss.tau_plus=0.05").loss.params
     assert config("hcl", "hcl.beta=2").loss.params["beta"] == 2
-    assert "beta" not in config("unremix", "hcl.beta=2").loss.params
+    assert config("unremix", "hcl.beta=2").loss.params["beta"] == loss_hparams("unremix")["beta"]
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,9 @@ def fabricate_run(run_dir: Path, epochs: int = 4, fn_mass: float = 0.1, seed: in
     """A run folder as the trainer writes it (knn_top1 logged every other epoch)."""
     rng = np.random.default_rng(seed)
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text("seed: 0\nloss: {name: hcl, beta: 1.0}\n")
+    (run_dir / "config.yaml").write_text(
+        "seed: 0\nloss: {name: hcl, temperature: 0.5, tau_plus: 0.1, beta: 2.0}\n"
+    )
     with (run_dir / "history.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
@@ -94,7 +96,7 @@ def test_run_report_writes_valid_pngs_that_the_markdown_references(tmp_path):
     assert {Path(link).name for link in links} == expected
     for link in links:
         assert_png(run / link)
-    assert "loss: {name: hcl, beta: 1.0}" in text  # the configuration
+    assert "loss: {name: hcl, temperature: 0.5, tau_plus: 0.1, beta: 2.0}" in text  # the config
     assert "| knn_top1 | 81.25 |" in text and "| linear_top1 | 84 |" in text
 
 
@@ -155,7 +157,8 @@ def test_comparison_report_has_table_side_by_side_figures_and_run_links(tmp_path
                                      tsne_points=30)  # fmt: skip
     text = report.read_text()
     assert "| infonce | 2 |" in text and "hardneg compare" in text
-    assert "| infonce | beta=1.0 |" in text  # each strategy's loss section, from config.yaml
+    # each strategy's loss section from config.yaml: temperature and what differs from defaults
+    assert "| infonce | temperature=0.5, beta=2.0 |" in text
     for link in image_links(text):
         assert_png(out / link)
     assert len(image_links(text)) == 5
