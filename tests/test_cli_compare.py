@@ -148,3 +148,44 @@ def test_the_default_base_config_is_the_data_sets_packaged_config_for_the_framew
     assert compare_cmd.default_base_config("mnist1d", "moco").startswith("mnist1d_moco_")
     assert compare_cmd.default_base_config("tiny-imagenet", None).startswith("tiny_imagenet_")
     assert compare_cmd.default_base_config("no-such-data", None) is None
+
+
+def test_demo_refuses_an_out_folder_holding_other_strategies(tmp_path, capsys):
+    """Reusing ``--out`` with fewer strategies would overwrite report.md and the figures with
+    the subset: refused before anything is trained."""
+    held = tmp_path / "infonce" / "seed0"
+    held.mkdir(parents=True)
+    (held / "config.yaml").write_text("seed: 0\n")
+    report = tmp_path / "report.md"
+    report.write_text("the six-strategy report\n")
+    code = main(["demo", "--out", str(tmp_path), "--strategies", "hcl", "--reseed", "none"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "already holds runs that this comparison does not include (infonce seed0)" in err
+    assert "Choose a new --out" in err and "Traceback" not in err
+    assert report.read_text() == "the six-strategy report\n"
+    assert not (tmp_path / "hcl").exists()
+
+
+def test_demo_re_seeds_one_strategy_for_the_noise_and_prints_the_verdict(
+    monkeypatch, tmp_path, capsys
+):
+    seen = {}
+
+    def fake_compare(**kwargs):
+        seen.update(kwargs)
+        verdict = ["- **Best kNN top-1: hcl (80.00%)**", "- Seed noise: `measured`"]
+        return compare_cmd.Outcome([], [], "TABLE", tmp_path / "report.md", 1.0, verdict)
+
+    monkeypatch.setattr(demo_cmd, "compare", fake_compare)
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert seen["reseed"] == ["infonce"]
+    out = capsys.readouterr().out
+    assert "Verdict:\n- Best kNN top-1: hcl (80.00%)\n- Seed noise: measured" in out
+    assert main(["demo", "--strategies", "hcl", "--out", str(tmp_path)]) == 2
+    assert "--reseed infonce is not among --strategies" in capsys.readouterr().err
+
+
+def test_available_negatives_per_framework():
+    assert compare_cmd.available_negatives(config("hcl")) == 2 * 256 - 2  # in-batch, 2B - 2
+    assert compare_cmd.available_negatives(config("hcl", framework="moco")) == 4096

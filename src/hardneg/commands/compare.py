@@ -330,6 +330,14 @@ class Overrides:
             elif head in STRATEGIES and rest:
                 parsed.per_strategy.setdefault(head, {})[rest] = value
             else:
+                from hardneg.config import where_is
+
+                homes = where_is(head) if not rest else []
+                if homes:  # temperature=0.5 -> loss.temperature=0.5
+                    raise ValueError(
+                        f"override {item!r}: {head!r} is not a section; did you mean "
+                        f"{' or '.join(h + '=' + value for h in homes)}?"
+                    )
                 raise ValueError(
                     f"override {item!r}: {head!r} is neither a config section "
                     f"({', '.join(sections)}) nor a strategy ({', '.join(STRATEGIES)})"

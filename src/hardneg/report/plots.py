@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,44 @@ def strategy_styles(labels: Sequence[str]) -> dict[str, dict]:
     }
 
 
+@dataclass
+class Curve:
+    """One line of a curve figure: epochs, mean and std over the runs, legend name."""
+
+    name: str
+    epochs: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    runs: int
+
+
+def metric_curves(
+    histories: Mapping[str, Sequence[History]], key: str, *, relative: bool = False
+) -> dict[str, Curve]:
+    """The lines :func:`plot_metric_curves` draws, per label (labels without ``key`` left out).
+
+    ``relative``: each curve divided by its own first value, which the legend name states.
+    """
+    curves = {}
+    for label, runs in histories.items():
+        by_epoch: dict[float, list[float]] = {}
+        for history in runs:
+            for epoch, value in zip(*history_column(history, key)):
+                by_epoch.setdefault(float(epoch), []).append(float(value))
+        if not by_epoch:
+            continue
+        epochs = np.array(sorted(by_epoch))
+        mean = np.array([np.mean(by_epoch[e]) for e in epochs])
+        std = np.array([np.std(by_epoch[e]) for e in epochs])
+        name = label
+        if relative and mean[0] != 0:
+            name = f"{label} (epoch {epochs[0]:g}: {mean[0]:.3g})"
+            mean, std = mean / mean[0], std / abs(mean[0])
+        runs_n = max(len(v) for v in by_epoch.values())
+        curves[label] = Curve(name, epochs, mean, std, runs_n)
+    return curves
+
+
 def plot_metric_curves(
     histories: Mapping[str, Sequence[History]],
     key: str,
@@ -67,32 +106,19 @@ def plot_metric_curves(
     positive terms and starts near 40 where the others start near 5.
     """
     styles = strategy_styles(list(histories))
+    curves = metric_curves(histories, key, relative=relative)
+    if not curves:
+        return None
     fig = Figure(figsize=(6.4, 3.4), dpi=DPI)
     ax = fig.add_subplot()
-    drawn = False
-    for label, runs in histories.items():
-        by_epoch: dict[float, list[float]] = {}
-        for history in runs:
-            for epoch, value in zip(*history_column(history, key)):
-                by_epoch.setdefault(float(epoch), []).append(float(value))
-        if not by_epoch:
-            continue
-        epochs = np.array(sorted(by_epoch))
-        mean = np.array([np.mean(by_epoch[e]) for e in epochs])
-        std = np.array([np.std(by_epoch[e]) for e in epochs])
-        name = label
-        if relative and mean[0] != 0:
-            name = f"{label} (epoch {epochs[0]:g}: {mean[0]:.3g})"
-            mean, std = mean / mean[0], std / abs(mean[0])
+    for label, curve in curves.items():
         style = dict(styles[label])
-        if len(epochs) >= 15:
+        if len(curve.epochs) >= 15:
             style.pop("marker")
-        ax.plot(epochs, mean, label=name, **style)
-        if max(len(v) for v in by_epoch.values()) > 1:
-            ax.fill_between(epochs, mean - std, mean + std, color=style["color"], alpha=0.2)
-        drawn = True
-    if not drawn:
-        return None
+        ax.plot(curve.epochs, curve.mean, label=curve.name, **style)
+        if curve.runs > 1:
+            low, high = curve.mean - curve.std, curve.mean + curve.std
+            ax.fill_between(curve.epochs, low, high, color=style["color"], alpha=0.2)
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
