@@ -102,9 +102,7 @@ def test_a_read_only_or_full_file_system_is_named_before_the_data_are_loaded(
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
-def test_a_full_disk_while_saving_a_checkpoint_names_the_file_and_the_cause(
-    tmp_path, monkeypatch
-):
+def test_a_full_disk_while_saving_a_checkpoint_names_the_file_and_the_cause(tmp_path, monkeypatch):
     """torch's own message for this is 'enforce fail ... unexpected pos N vs M'."""
     real_fdopen = os.fdopen
 
