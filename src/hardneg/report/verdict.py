@@ -33,6 +33,7 @@ COUNTED_PER_CELL = {
 class Noise:
     std: float  # per-run standard deviation of kNN top-1 (points), floored
     source: str  # one sentence: where it comes from
+    measured: bool = True  # False: only the assumed floor (one seed, no re-seed)
 
 
 def seed_noise(records: Sequence[RunRecord], reseeded: Sequence[RunRecord] = ()) -> Noise:
@@ -48,7 +49,11 @@ def seed_noise(records: Sequence[RunRecord], reseeded: Sequence[RunRecord] = ())
         "points are usual at this scale)"
     )
     if not spread:
-        return Noise(MIN_SEED_STD, f"not measured (one seed per strategy); {floor}")
+        return Noise(
+            MIN_SEED_STD,
+            f"not measured (one seed per strategy, no re-seeded run); {floor}",
+            measured=False,
+        )
     pooled = math.sqrt(statistics.fmean(statistics.variance(v) for v in spread.values()))
     if reseeded and all(len(v) == 2 for v in spread.values()):
         parts = [
@@ -122,7 +127,7 @@ def verdict_lines(
                 + ("; these runs cannot rank them." if len(level) + 1 == len(ranked) else ".")
             )
         for s in behind:
-            lines.append("- " + _behind(s, best, knn, mean, histories[s], one))
+            lines.append("- " + _behind(s, best, knn, mean, histories[s], one, noise.measured))
         if one:
             lines.append(
                 "- To rank strategies, run several seeds and the full schedule: "
@@ -141,9 +146,9 @@ def _best_linear(groups, mean) -> str:
     return f"; best linear top-1: {top} ({linear[top]:.2f}%)"
 
 
-def _behind(strategy, best, knn, mean, histories, one_seed: bool) -> str:
+def _behind(strategy, best, knn, mean, histories, one_seed: bool, measured: bool) -> str:
     text = f"{strategy} is {knn[best] - knn[strategy]:.1f} kNN points behind {best}, more than "
-    text += "the noise"
+    text += "the noise" if measured else "the assumed noise (short runs can vary more)"
     lin_s, lin_b = mean(strategy, "linear_top1"), mean(best, "linear_top1")
     if not (math.isnan(lin_s) or math.isnan(lin_b)):
         diff = lin_b - lin_s
