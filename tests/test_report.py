@@ -204,11 +204,14 @@ def test_verdict_measures_the_seed_noise_and_separates_only_larger_gaps(tmp_path
     eff = {"infonce": 510.0, "hcl": 400.0, "potential": 996.0}
     records = verdict_records(tmp_path, knn, eff)
     reseed_run = fabricate_run(tmp_path / "infonce" / "seed1")
-    reseed = RunRecord("infonce", 1, reseed_run, {"knn_top1": 81.5}, load_history(reseed_run))
+    reseed = RunRecord(
+        "infonce", 1, reseed_run, {"knn_top1": 81.5, "linear_top1": 83.0}, load_history(reseed_run)
+    )
     lines = verdict_lines(records, reseeded=[reseed], available_negatives=510, epochs=8)
     text = "\n".join(lines)
     assert lines[0].startswith("- **Best kNN top-1: hcl (81.00%)**")
-    assert "moved its kNN top-1 from 80.00 to 81.50 (1.50 points from the seed alone)" in text
+    assert "moved its kNN top-1 from 80.00 to 81.50 (1.50 points from the seed alone; " in text
+    assert "linear top-1 85.00 -> 83.00)" in text
     # noise std = sample std of (80, 81.5) = 1.06; a difference needs 2 * 1.06 * sqrt(2) = 3.0
     assert "under about 3.0 points" in text
     assert "- Level with hcl within the noise: infonce; these runs cannot" not in text

@@ -56,9 +56,19 @@ def seed_noise(records: Sequence[RunRecord], reseeded: Sequence[RunRecord] = ())
         )
     pooled = math.sqrt(statistics.fmean(statistics.variance(v) for v in spread.values()))
     if reseeded and all(len(v) == 2 for v in spread.values()):
+        linear: dict[str, list[float]] = {}
+        for record in [*records, *reseeded]:
+            value = run_values(record)["linear_top1"]
+            if not math.isnan(value):
+                linear.setdefault(record.strategy, []).append(value)
         parts = [
             f"re-training {s} with another seed moved its kNN top-1 from {v[0]:.2f} to "
-            f"{v[1]:.2f} ({abs(v[1] - v[0]):.2f} points from the seed alone)"
+            f"{v[1]:.2f} ({abs(v[1] - v[0]):.2f} points from the seed alone"
+            + (
+                f"; linear top-1 {linear[s][0]:.2f} -> {linear[s][1]:.2f})"
+                if len(linear.get(s, [])) == 2
+                else ")"
+            )
             for s, v in spread.items()
         ]
         source = "; ".join(parts)
