@@ -67,16 +67,20 @@ def test_every_strategy_gets_the_base_temperature_and_its_registry_defaults():
         assert cfg.loss.params["temperature"] == 0.2
         assert cfg.model.backbone == "cnn1d"  # the packaged mnist1d base config
     assert config("infonce").loss.params["temperature"] == config("hcl").loss.params["temperature"]
-    assert "beta" not in config("hcl").loss.params  # registry default, beta=1
-    assert loss_hparams("hcl")["beta"] == 1.0
+    # every hyper-parameter is written out: the registry defaults, updated where set
+    assert config("hcl").loss.params["beta"] == loss_hparams("hcl")["beta"]
+    assert set(config("potential").loss.params) == set(loss_hparams("potential")) - {"check_inputs"}
 
 
 def test_ring_keeps_a_wide_band_on_in_batch_negatives_only():
+    from hardneg.registry import loss_hparams
     from hardneg.strategies import RingNegatives
 
     assert RingNegatives.in_batch_defaults == {"rho_out": 0.5}  # data, not a name in compare
     assert config("ring").loss.params["rho_out"] == 0.5
-    assert "rho_out" not in config("ring", framework="moco").loss.params
+    assert (
+        config("ring", framework="moco").loss.params["rho_out"] == loss_hparams("ring")["rho_out"]
+    )
     assert config("ring", "ring.rho_out=0.3").loss.params["rho_out"] == 0.3
     assert "rho_out" not in config("hcl").loss.params
 
@@ -91,11 +95,13 @@ def test_every_registered_strategy_is_compared_by_default():
 
 
 def test_loss_overrides_go_to_the_strategies_that_have_the_key():
+    from hardneg.registry import loss_hparams
+
     assert config("hcl", "loss.tau_plus=0.05").loss.params["tau_plus"] == 0.05
     assert config("infonce", "loss.tau_plus=0.05").loss.params["tau_plus"] == 0.05
     assert "tau_plus" not in config("ring", "loss.tau_plus=0.05").loss.params  # no debiasing
     assert config("hcl", "hcl.beta=2").loss.params["beta"] == 2
-    assert "beta" not in config("unremix", "hcl.beta=2").loss.params
+    assert config("unremix", "hcl.beta=2").loss.params["beta"] == loss_hparams("unremix")["beta"]
 
 
 @pytest.mark.parametrize(
@@ -157,3 +163,44 @@ def test_the_default_base_config_is_the_data_sets_packaged_config_for_the_framew
     assert compare_cmd.default_base_config("mnist1d", "moco").startswith("mnist1d_moco_")
     assert compare_cmd.default_base_config("tiny-imagenet", None).startswith("tiny_imagenet_")
     assert compare_cmd.default_base_config("no-such-data", None) is None
+
+
+def test_demo_refuses_an_out_folder_holding_other_strategies(tmp_path, capsys):
+    """Reusing ``--out`` with fewer strategies would overwrite report.md and the figures with
+    the subset: refused before anything is trained."""
+    held = tmp_path / "infonce" / "seed0"
+    held.mkdir(parents=True)
+    (held / "config.yaml").write_text("seed: 0\n")
+    report = tmp_path / "report.md"
+    report.write_text("the six-strategy report\n")
+    code = main(["demo", "--out", str(tmp_path), "--strategies", "hcl", "--reseed", "none"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "already holds runs that this comparison does not include (infonce seed0)" in err
+    assert "Choose a new --out" in err and "Traceback" not in err
+    assert report.read_text() == "the six-strategy report\n"
+    assert not (tmp_path / "hcl").exists()
+
+
+def test_demo_re_seeds_one_strategy_for_the_noise_and_prints_the_verdict(
+    monkeypatch, tmp_path, capsys
+):
+    seen = {}
+
+    def fake_compare(**kwargs):
+        seen.update(kwargs)
+        verdict = ["- **Best kNN top-1: hcl (80.00%)**", "- Seed noise: `measured`"]
+        return compare_cmd.Outcome([], [], "TABLE", tmp_path / "report.md", 1.0, verdict)
+
+    monkeypatch.setattr(demo_cmd, "compare", fake_compare)
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert seen["reseed"] == ["infonce"]
+    out = capsys.readouterr().out
+    assert "Verdict:\n- Best kNN top-1: hcl (80.00%)\n- Seed noise: measured" in out
+    assert main(["demo", "--strategies", "hcl", "--out", str(tmp_path)]) == 2
+    assert "--reseed infonce is not among --strategies" in capsys.readouterr().err
+
+
+def test_available_negatives_per_framework():
+    assert compare_cmd.available_negatives(config("hcl")) == 2 * 256 - 2  # in-batch, 2B - 2
+    assert compare_cmd.available_negatives(config("hcl", framework="moco")) == 4096

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 
 import hardneg.data
-from hardneg.config import TrainConfig, list_configs, load_config, resolve_config_path
+from hardneg.config import (
+    TrainConfig,
+    list_configs,
+    load_config,
+    resolve_config_path,
+    resolved_loss_params,
+)
 from hardneg.frameworks import FRAMEWORKS
 
 
@@ -30,7 +36,7 @@ def test_overrides_are_parsed_as_yaml():
             "data.subset=null",
         ],
     )
-    assert config.loss.name == "hcl" and config.loss.params == {"beta": 2}
+    assert config.loss.name == "hcl" and config.loss.params["beta"] == 2
     assert config.optim.lr == pytest.approx(1e-3)
     assert config.framework.symmetric is True
     assert config.train.channels_last is False
@@ -39,13 +45,15 @@ def test_overrides_are_parsed_as_yaml():
 
 def test_a_dict_override_replaces_the_whole_loss_section():
     config = load_config(None, ["loss.name=hcl", "loss.beta=2", "loss={name: ring, rho_out: 0.5}"])
-    assert config.loss.name == "ring" and config.loss.params == {"rho_out": 0.5}
+    assert config.loss.name == "ring" and config.loss.params["rho_out"] == 0.5
+    assert "beta" not in config.loss.params  # nothing of hcl's section is left
 
 
 def test_to_dict_flattens_loss_and_augment_parameters():
     config = load_config(None, ["loss.name=hcl", "loss.beta=0.5", "augment.noise_std=0.2"])
     d = config.to_dict()
-    assert d["loss"] == {"name": "hcl", "beta": 0.5}
+    assert d["loss"] == {"name": "hcl", **resolved_loss_params("hcl", {"beta": 0.5})}
+    assert d["loss"]["beta"] == 0.5 and d["loss"]["tau_plus"] == 0.1  # every hparam, stated
     assert d["augment"] == {"recipe": "simclr", "noise_std": 0.2}
 
 

@@ -457,3 +457,27 @@ def test_nccl_without_cuda_is_reported(monkeypatch):
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
     _worker(Path(sys.argv[2]))
+
+
+def test_wrap_ddp_turns_off_buffer_syncs_without_a_deprecation_warning(tmp_path):
+    """torch >= 2.13 deprecates ``broadcast_buffers`` with a FutureWarning that every torchrun
+    rank printed; the trainer's wrapper uses the current spelling (one-process gloo group)."""
+    import warnings
+
+    from torch import distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        module = nn.BatchNorm1d(4)  # has buffers
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # any warning fails the test
+            model = hd.wrap_ddp(module, torch.device("cpu"))
+        assert model.module is module and not model.will_sync_module_buffers()
+    finally:
+        dist.destroy_process_group()
+    kwargs = hd.ddp_buffer_kwargs()
+    assert list(kwargs.values()) == [False]
+    params = __import__("inspect").signature(DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in params:
+        assert kwargs == {"forward_sync_buffers": False}

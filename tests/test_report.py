@@ -30,7 +30,9 @@ def fabricate_run(run_dir: Path, epochs: int = 4, fn_mass: float = 0.1, seed: in
     """A run folder as the trainer writes it (knn_top1 logged every other epoch)."""
     rng = np.random.default_rng(seed)
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text("seed: 0\nloss: {name: hcl, beta: 1.0}\n")
+    (run_dir / "config.yaml").write_text(
+        "seed: 0\nloss: {name: hcl, temperature: 0.5, tau_plus: 0.1, beta: 2.0}\n"
+    )
     with (run_dir / "history.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
@@ -94,7 +96,7 @@ def test_run_report_writes_valid_pngs_that_the_markdown_references(tmp_path):
     assert {Path(link).name for link in links} == expected
     for link in links:
         assert_png(run / link)
-    assert "loss: {name: hcl, beta: 1.0}" in text  # the configuration
+    assert "loss: {name: hcl, temperature: 0.5, tau_plus: 0.1, beta: 2.0}" in text  # the config
     assert "| knn_top1 | 81.25 |" in text and "| linear_top1 | 84 |" in text
 
 
@@ -155,7 +157,8 @@ def test_comparison_report_has_table_side_by_side_figures_and_run_links(tmp_path
                                      tsne_points=30)  # fmt: skip
     text = report.read_text()
     assert "| infonce | 2 |" in text and "hardneg compare" in text
-    assert "| infonce | beta=1.0 |" in text  # each strategy's loss section, from config.yaml
+    # each strategy's loss section from config.yaml: temperature and what differs from defaults
+    assert "| infonce | temperature=0.5, beta=2.0 |" in text
     for link in image_links(text):
         assert_png(out / link)
     assert len(image_links(text)) == 5
@@ -163,3 +166,83 @@ def test_comparison_report_has_table_side_by_side_figures_and_run_links(tmp_path
     assert any(line.count("![") == 3 for line in text.splitlines())
     for record in records:
         assert f"../runs/{record.strategy}/seed{record.seed}/report.md" in text
+
+
+def test_loss_curves_are_drawn_relative_to_their_own_start():
+    """A loss on another scale (potential starts near 40, the others near 5) must not flatten
+    the others: each curve is divided by its first value, which its legend entry states."""
+    from hardneg.report.plots import metric_curves
+
+    histories = {
+        "infonce": [[{"epoch": 1, "loss": 5.0}, {"epoch": 2, "loss": 4.0}]],
+        "potential": [[{"epoch": 1, "loss": 40.0}, {"epoch": 2, "loss": 38.0}]],
+    }
+    curves = metric_curves(histories, "loss", relative=True)
+    np.testing.assert_allclose(curves["infonce"].mean, [1.0, 0.8])
+    np.testing.assert_allclose(curves["potential"].mean, [1.0, 0.95])
+    assert curves["potential"].name == "potential (epoch 1: 40)"
+    absolute = metric_curves(histories, "loss")
+    np.testing.assert_allclose(absolute["potential"].mean, [40.0, 38.0])
+    assert absolute["potential"].name == "potential"
+
+
+def verdict_records(tmp_path: Path, knn: dict[str, float], eff: dict[str, float]):
+    records = []
+    for i, (strategy, acc) in enumerate(knn.items()):
+        run = fabricate_run(tmp_path / strategy / "seed0", fn_mass=0.1 * (1 + i), seed=i)
+        history = load_history(run)
+        for row in history:
+            row["effective_negatives"] = eff[strategy]
+        records.append(RunRecord(strategy, 0, run, {"knn_top1": acc, "linear_top1": 85.0}, history))
+    return records
+
+
+def test_verdict_measures_the_seed_noise_and_separates_only_larger_gaps(tmp_path):
+    from hardneg.report import verdict_lines
+
+    knn = {"infonce": 80.0, "hcl": 81.0, "potential": 72.0}
+    eff = {"infonce": 510.0, "hcl": 400.0, "potential": 996.0}
+    records = verdict_records(tmp_path, knn, eff)
+    reseed_run = fabricate_run(tmp_path / "infonce" / "seed1")
+    reseed = RunRecord(
+        "infonce", 1, reseed_run, {"knn_top1": 81.5, "linear_top1": 83.0}, load_history(reseed_run)
+    )
+    lines = verdict_lines(records, reseeded=[reseed], available_negatives=510, epochs=8)
+    text = "\n".join(lines)
+    assert lines[0].startswith("- **Best kNN top-1: hcl (81.00%)**")
+    assert "moved its kNN top-1 from 80.00 to 81.50 (1.50 points from the seed alone; " in text
+    assert "linear top-1 85.00 -> 83.00)" in text
+    # noise std = sample std of (80, 81.5) = 1.06; a difference needs 2 * 1.06 * sqrt(2) = 3.0
+    assert "under about 3.0 points" in text
+    assert "- Level with hcl within the noise: infonce; these runs cannot" not in text
+    assert "- Level with hcl within the noise: infonce." in text
+    assert "potential is 9.0 kNN points behind hcl, more than the noise" in text
+    # the monitor (fabricated: 55 -> 60 -> ... over even epochs) was still rising
+    assert "still rising" in text
+    assert "uniform over all 510 negatives" in text  # infonce
+    assert "400 effective negatives (78% of 510)" in text  # hcl
+    assert "996 effective negatives, more than the 510 that exist" in text  # potential: why
+    assert "counted once per block" in text
+
+
+def test_verdict_uses_the_spread_over_seeds_when_there_are_several(tmp_path):
+    from hardneg.report import verdict_lines
+
+    records = make_records(tmp_path)  # two seeds each: kNN 80/82 and 84/86
+    text = "\n".join(verdict_lines(records))
+    assert "pooled per-seed standard deviation 1.41 points over 2 seeds of 2 strategies" in text
+    # gap 4 points > 2 * 1.41 * sqrt(1/2 + 1/2) = 2.83: hcl is ahead of infonce
+    assert "Best kNN top-1: hcl (85.00%)" in text and "infonce is 4.0 kNN points behind" in text
+
+
+def test_comparison_report_has_the_verdict_and_lists_the_re_seed_run(tmp_path):
+    records = make_records(tmp_path / "runs")
+    extra = records.pop()  # hcl seed 1 plays the re-seed run
+    verdict = ["- **Best kNN top-1: hcl**", "- Seed noise: 1 point"]
+    report = write_comparison_report(tmp_path / "cmp", records, verdict=verdict, reseeded=[extra],
+                                     tsne_points=0)  # fmt: skip
+    text = report.read_text()
+    assert "## Verdict\n\n- **Best kNN top-1: hcl**\n- Seed noise: 1 point\n" in text
+    assert text.index("## Results") < text.index("## Verdict") < text.index("## Figures")
+    assert "| hcl | 1 |" in text  # the re-seed run is not in the table
+    assert "hcl, seed 1 (re-seed: measures the seed noise, not in the table)" in text

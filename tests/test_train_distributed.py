@@ -33,6 +33,7 @@ def test_torchrun_two_processes_train_moco(tmp_path):
     done = torchrun(run_dir, "framework.name=moco", "framework.queue_size=48")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done:") == 1  # rank 0 only
+    assert "broadcast_buffers" not in done.stderr  # no deprecation warning from any rank
     payload = load_checkpoint(run_dir / "checkpoints" / "final.pt")
     assert payload["step"] == 4  # 64 images / global batch 16
     # 4 steps x 16 gathered keys = 64 keys through a queue of 48: the pointer is at 16

@@ -28,22 +28,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module_name)
+        p.set_defaults(_module=module_name, command=name)
         # arguments are declared by the command's module; importing it only for its parser
         # keeps each command's options next to its code
         importlib.import_module(module_name).add_arguments(p)
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; a command's options may sit anywhere among its ``key=value`` overrides
+    (``train a=1 --run-dir D b=2``). argparse's intermixed parsing does not support sub-parsers,
+    so the command's own parser does it."""
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if argv and argv[0] in subparsers.choices:
+        return subparsers.choices[argv[0]].parse_intermixed_args(argv[1:])
+    return parser.parse_args(argv)  # --help, no or an unknown command: argparse's messages
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for a failed file operation: the file and why (``No space left on device``)."""
+    text = str(err).strip()
+    why = err.strerror or (text.splitlines()[0] if text else type(err).__name__)
+    return f"{err.filename}: {why}" if err.filename else why
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, sys.argv[1:] if argv is None else list(argv))
     module = importlib.import_module(args._module)
     try:
         code = module.run(args)
     except (ValueError, FileNotFoundError) as err:
         # user errors: one readable line, no stack trace
         print(f"hardneg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only file system, a folder we may not write
+        print(f"hardneg {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     return int(code or 0)
 

@@ -6,7 +6,7 @@ or choices and, in one line, what it does (``hardneg train --help`` and the READ
     seed: 0
     data: {dataset: mnist1d}
     augment: {recipe: simclr}                 # extra keys are passed to build_augmentation
-    model: {backbone: cnn1d, head: simclr, out_dim: 128}
+    model: {backbone: cnn1d, head: simclr, out_dim: 128}     # backbone auto: the data set's
     framework: {name: simclr}
     loss: {name: hcl, beta: 1.0, tau_plus: 0.1, temperature: 0.5}   # keys = create_loss hparams
     optim: {name: adam, lr: 1.0e-3, weight_decay: 1.0e-6}
@@ -73,7 +73,11 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = _opt("resnet18", "encoder (hardneg.models.BACKBONES)")
+    backbone: str = _opt(
+        "auto",
+        "encoder (hardneg.models.BACKBONES); auto = the data set's: cnn1d for 1-D signals, "
+        "digits_cnn for 8 px digits, resnet18 for other images",
+    )
     head: str = _opt("simclr", "projection head (hardneg.models.HEADS)")
     out_dim: int = _opt(128, "projection dimension (not used by head 'none')", low=1)
     head_hidden: int | None = _opt(
@@ -286,9 +290,17 @@ def load_config(
             raise ValueError(
                 f"{file}: a config must be a mapping of sections, got {type(raw).__name__}"
             )
+    empty_file = path is not None and not isinstance(path, dict) and not raw
     for item in overrides:
         apply_override(raw, item)
-    return _build(raw)
+    try:
+        return _build(raw)
+    except ValueError as err:
+        if empty_file:  # every key took its default: say so
+            raise ValueError(
+                f"config {path} is empty, so every key has its default: {err}"
+            ) from None
+        raise
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -338,7 +350,22 @@ def _build(raw: dict[str, Any]) -> TrainConfig:
         kwargs[name] = _build_section(name, cls, section)
     config = TrainConfig(**kwargs)
     _check_combinations(config)
+    config.loss.params = resolved_loss_params(config.loss.name, config.loss.params)
     return config
+
+
+# runtime switches of a loss, not hyper-parameters: left out of the resolved loss section
+_LOSS_SWITCHES = ("check_inputs",)
+
+
+def resolved_loss_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Every hyper-parameter of loss ``name``: the registry defaults
+    (:func:`hardneg.loss_hparams`) updated with ``given``, in the registry's order, so a run's
+    ``config.yaml`` states them all. Runtime switches (``check_inputs``) stay out unless given."""
+    from hardneg.registry import loss_hparams
+
+    defaults = {k: v for k, v in loss_hparams(name).items() if k not in _LOSS_SWITCHES}
+    return {**defaults, **given}
 
 
 def _build_section(name: str, cls: type, section: dict[str, Any]) -> Any:
@@ -358,12 +385,31 @@ def _build_section(name: str, cls: type, section: dict[str, Any]) -> Any:
 def _reject_unknown(given: dict[str, Any], valid: list[str], prefix: str) -> None:
     for key in given:
         if key not in valid:
+            homes = where_is(str(key)) if not prefix else []
             close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            if homes:  # a section's key given at the top level: temperature -> loss.temperature
+                hint = f"; did you mean {' or '.join(homes)}?"
+            else:
+                hint = f"; did you mean {prefix}{close[0]}?" if close else ""
             raise ValueError(
                 f"unknown config key {prefix}{key}{hint} (valid keys"
                 f"{' in ' + prefix[:-1] if prefix else ''}: {', '.join(valid)})"
             )
+
+
+def where_is(key: str) -> list[str]:
+    """The dotted names a bare ``key`` has in the config: ``temperature`` -> ``loss.temperature``,
+    ``epochs`` -> ``train.epochs``, ``batch_size`` -> ``train.batch_size``, ``eval.batch_size``."""
+    from hardneg.registry import list_losses, loss_hparams
+
+    homes = [
+        f"{name}.{key}"
+        for name, cls in SECTIONS.items()
+        if key in {f.name for f in dataclasses.fields(cls)} and key != _FREE_FORM.get(name)
+    ]
+    if f"loss.{key}" not in homes and any(key in loss_hparams(n) for n in list_losses()):
+        homes.append(f"loss.{key}")
+    return sorted(homes, key=lambda h: (not h.startswith("train."), h))
 
 
 def _field(cls: type, name: str) -> tuple[dataclasses.Field[Any], Any]:
@@ -451,6 +497,7 @@ def _check_combinations(config: TrainConfig) -> None:
     """Checks that need several keys or another module's registry (all cheap, no data)."""
     from hardneg.registry import create_loss
 
+    _check_loss_keys(config.loss)
     try:
         create_loss(config.loss.name, **config.loss.params)
     except (ValueError, TypeError) as err:
@@ -479,13 +526,16 @@ def _check_combinations(config: TrainConfig) -> None:
         raise ValueError(f"augment: {err}") from None
 
     for key, value, allowed in (
-        ("model.backbone", config.model.backbone, BACKBONES),
+        ("model.backbone", config.model.backbone, ("auto", *BACKBONES)),
         ("model.head", config.model.head, HEADS),
     ):
         if value not in allowed:
             close = difflib.get_close_matches(value, allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}{hint}")
+    if config.model.backbone == "auto":  # resolved here, so config.yaml names the encoder
+        config.model.backbone = default_backbone(info)
+    _check_backbone_fits_data(config.model.backbone, info)
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.train.device):
         raise ValueError(
             f"train.device must be auto, cpu, mps, cuda or cuda:N, got {config.train.device!r}"
@@ -498,3 +548,59 @@ def _check_combinations(config: TrainConfig) -> None:
                 f"framework.{key} applies to moco only, "
                 f"got framework.name={config.framework.name!r}"
             )
+
+
+def _check_loss_keys(loss: LossConfig) -> None:
+    """Keys of another loss left in the loss section (``loss.name=ring`` on an HCL config keeps
+    ``tau_plus``): say so, and how to replace the whole section."""
+    from hardneg.registry import list_losses, loss_hparams
+
+    try:
+        allowed = loss_hparams(loss.name)
+    except ValueError as err:  # an unknown name, with a suggestion
+        raise ValueError(f"loss: {err}") from None
+    others = {k for n in list_losses() if n != loss.name for k in loss_hparams(n)}
+    leftover = [k for k in loss.params if k not in allowed and k in others]
+    if not leftover:
+        return  # a typo gets create_loss's "did you mean" message
+    keep = {k: v for k, v in loss.params.items() if k in allowed and k not in _LOSS_SWITCHES}
+    section = ", ".join([f"name: {loss.name}", *(f"{k}: {v}" for k, v in keep.items())])
+    names = ", ".join(k for k in allowed if k not in _LOSS_SWITCHES)
+    raise ValueError(
+        f"loss: {loss.name!r} has no hyper-parameter {', '.join(map(repr, leftover))} (left in the "
+        f"loss section by another loss); to switch losses replace the whole section, e.g. "
+        f"'loss={{{section}}}' ({loss.name} takes: {names})"
+    )
+
+
+# which encoders read which kind of data set (hardneg.data.DatasetInfo.kind)
+BACKBONES_FOR_KIND = {
+    "signal": ("cnn1d",),
+    "image": ("resnet18", "resnet50", "digits_cnn"),
+}
+
+
+def _backbones_for(info: Any) -> tuple[str, ...]:
+    """The encoders that read data set ``info``, its default first."""
+    allowed = BACKBONES_FOR_KIND.get(info.kind, ())
+    if info.image_size is not None and info.image_size < 32 and "digits_cnn" in allowed:
+        allowed = ("digits_cnn", *(a for a in allowed if a != "digits_cnn"))  # 8 px digits
+    return allowed
+
+
+def default_backbone(info: Any) -> str:
+    """``model.backbone: auto`` for data set ``info`` (cnn1d, digits_cnn or resnet18)."""
+    allowed = _backbones_for(info)
+    return allowed[0] if allowed else "resnet18"
+
+
+def _check_backbone_fits_data(backbone: str, info: Any) -> None:
+    allowed = _backbones_for(info)
+    if not allowed or backbone in allowed:
+        return
+    what = "1-D signals" if info.kind == "signal" else "images"
+    raise ValueError(
+        f"model.backbone={backbone!r} does not fit data set {info.name!r}, which holds "
+        f"{what}; allowed for {info.name}: {', '.join(allowed)} "
+        f"(e.g. model.backbone={allowed[0]}, or model.backbone=auto)"
+    )

@@ -17,6 +17,7 @@ functions are identities, so the same training code runs in one process.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -34,6 +35,7 @@ __all__ = [
     "shuffle_batch",
     "gather_unshuffled",
     "convert_sync_batchnorm",
+    "wrap_ddp",
     "check_sync_bn",
     "barrier",
     "is_main_process",
@@ -378,3 +380,29 @@ def all_reduce_mean(x: Tensor | float) -> Tensor | float:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor /= dist.get_world_size()
     return float(tensor.item()) if as_number else tensor
+
+
+def ddp_buffer_kwargs() -> dict[str, bool]:
+    """The keyword that turns off DDP's buffer broadcast before each forward, in this torch's
+    spelling: ``forward_sync_buffers=False`` since torch 2.13 (where ``broadcast_buffers`` is
+    deprecated and warns on every rank), ``broadcast_buffers=False`` before."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in params:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel`` over ``module`` without the per-forward buffer broadcast.
+
+    The MoCo queue and the memory bank are fed the gathered global batch on every rank, so each
+    rank's copy is already the same, and batch-norm statistics stay per rank (or go through
+    SyncBatchNorm / shuffle-BN). With ``forward_sync_buffers=False`` the buffers are still
+    broadcast once from rank 0 at construction; every rank built them from the same seed (or
+    loaded them from the same checkpoint), so that copies equal values.
+    """
+    return nn.parallel.DistributedDataParallel(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        **ddp_buffer_kwargs(),
+    )

@@ -29,7 +29,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -95,8 +95,17 @@ def run(args: argparse.Namespace) -> int:
     )
     print()
     print(outcome.table)
+    print_verdict(outcome.verdict)
     print(f"\nreport: {outcome.report}")
     return 0 if not outcome.failed else 1
+
+
+def print_verdict(lines: Sequence[str]) -> None:
+    """The verdict's Markdown bullets for a terminal (bold marks and backticks removed)."""
+    if lines:
+        print("\nVerdict:")
+        for line in lines:
+            print(line.replace("**", "").replace("`", ""))
 
 
 @dataclass
@@ -106,6 +115,8 @@ class Outcome:
     table: str
     report: Path
     seconds: float
+    verdict: list[str] = field(default_factory=list)  # Markdown bullets, also printed
+    reseeded: list = field(default_factory=list)  # RunRecords of the re-seed runs (noise only)
 
 
 def parse_strategies(text: str | None) -> list[str]:
@@ -135,12 +146,16 @@ def compare(
     progress_bar: bool = False,
     command: str | None = None,
     notes: Sequence[str] = (),
+    reseed: Sequence[str] = (),
     say: Callable[[str], None] = print,
 ) -> Outcome:
     """Train, evaluate and report every ``strategy x seed``; returns the records and report path.
 
     All configs are built and validated before the first run starts, so a typo fails at once.
     A run that stops on a non-finite loss is reported as failed and the others go on.
+    ``reseed``: strategies trained once more with the next seed, for the verdict's measure of
+    the seed noise only (not in the table or the figures). An ``out`` folder holding runs that
+    this comparison does not plan is refused: its report and figures would lose them.
     """
     from hardneg.report import (
         RunRecord,
@@ -149,6 +164,7 @@ def compare(
         load_metrics,
         save_metrics,
         summarize,
+        verdict_lines,
         write_comparison_report,
         write_run_report,
     )
@@ -169,11 +185,26 @@ def compare(
         for seed in seeds
         for s in strategies
     }
+    unknown = [s for s in reseed if s not in strategies]
+    if unknown:
+        raise ValueError(f"re-seed strategy {', '.join(unknown)} is not among --strategies")
+    extra_seed = max(seeds) + 1
+    reseed_configs = {
+        (s, extra_seed): build_run_config(
+            dataset, s, extra_seed, base_config, parsed, epochs, framework
+        )
+        for s in reseed
+    }
+    check_out_folder(out, [*configs, *reseed_configs])
     start = time.perf_counter()
-    records, failed, embeddings = [], [], {}
-    for i, ((strategy, seed), cfg) in enumerate(configs.items(), 1):
+    records, failed, embeddings, reseeded = [], [], {}, []
+    planned = [(key, cfg, False) for key, cfg in configs.items()]
+    planned += [(key, cfg, True) for key, cfg in reseed_configs.items()]
+    for i, ((strategy, seed), cfg, is_reseed) in enumerate(planned, 1):
         run_dir = out / strategy / f"seed{seed}"
-        tag = f"[{i}/{len(configs)}] {strategy} seed {seed}"
+        tag = f"[{i}/{len(planned)}] {strategy} seed {seed}" + (
+            " (re-seed, for the noise estimate)" if is_reseed else ""
+        )
         t0 = time.perf_counter()
         state = run_state(run_dir, cfg)
         reused = state == "finished"
@@ -188,7 +219,7 @@ def compare(
                 failed.append(f"{strategy} seed {seed}: {err}")
                 say(f"{tag}: FAILED ({err})")
                 continue
-        want_tsne = tsne_points > 0 and strategy not in embeddings
+        want_tsne = tsne_points > 0 and strategy not in embeddings and not is_reseed
         metrics = load_metrics(run_dir) if reused and not want_tsne else {}
         if not metrics:
             metrics = evaluate_run(run_dir, cfg, linear, want_tsne)
@@ -200,7 +231,7 @@ def compare(
             save_metrics(run_dir, metrics)
             write_run_report(run_dir, metrics, title=f"{strategy}, seed {seed}")
         record = RunRecord(strategy, seed, run_dir, metrics, load_history(run_dir))
-        records.append(record)
+        (reseeded if is_reseed else records).append(record)
         linear_txt = f"  linear {metrics['linear_top1']:.2f}" if "linear_top1" in metrics else ""
         say(
             f"{tag}: kNN {metrics['knn_top1']:.2f}{linear_txt}"
@@ -215,13 +246,31 @@ def compare(
         values = in_batch_defaults(strategy, first)
         if values:
             in_batch.append(f"{strategy} " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
+    available = available_negatives(first)
+    verdict = verdict_lines(
+        records, reseeded=reseeded, available_negatives=available, epochs=first.train.epochs
+    )
     notes = [
         f"base config: {base_config or 'defaults'}; {first.train.epochs} epochs, batch "
         f"{first.train.batch_size}, framework {first.framework.name}, backbone "
         f"{first.model.backbone}",
         "loss hyper-parameters: registry defaults, temperature from the base config"
         + (f"; in-batch defaults: {'; '.join(in_batch)}" if in_batch else "")
-        + " (each run's config.yaml has them all)",
+        + " (each run's config.yaml lists every one)",
+        *(
+            [
+                f"eff. negatives: Kish effective number (sum w)^2 / sum w^2 of the sampling "
+                f"weights; each anchor has {available} negatives"
+                + (
+                    "; potential counts cells of its mined blocks (a key that is a neighbour of "
+                    "several keys counts once per block), so its number can exceed them"
+                    if "potential" in strategies
+                    else ""
+                )
+            ]
+            if available
+            else []
+        ),
         *notes,
         *(f"FAILED: {f}" for f in failed),
     ]
@@ -233,8 +282,43 @@ def compare(
         device=machine_description(first.train.device),
         notes=notes,
         tsne_points=tsne_points,
+        verdict=verdict,
+        reseeded=reseeded,
     )
-    return Outcome(records, failed, table, report, time.perf_counter() - start)
+    return Outcome(records, failed, table, report, time.perf_counter() - start, verdict, reseeded)
+
+
+def available_negatives(cfg) -> int | None:
+    """How many negatives each anchor has: ``2B - 2`` in-batch (SimCLR), the queue (MoCo),
+    the bank draws (memory bank); ``None`` when not a fixed number."""
+    framework = cfg.framework
+    if framework.name == "simclr":
+        return 2 * cfg.train.batch_size - 2
+    if framework.name == "moco":
+        return framework.queue_size
+    if isinstance(framework.bank_negatives, int):
+        return framework.bank_negatives
+    return None
+
+
+def check_out_folder(out: Path, planned: Sequence[tuple[str, int]]) -> None:
+    """Refuse an ``out`` folder that holds runs this comparison does not plan (another set of
+    strategies or seeds): its ``report.md`` and figures would be rewritten without them."""
+    planned_dirs = {out / strategy / f"seed{seed}" for strategy, seed in planned}
+    existing = sorted(
+        run.parent
+        for run in out.glob("*/seed*/config.yaml")
+        if run.parent.name[4:].isdigit() and run.parent not in planned_dirs
+    )
+    if existing:
+        held = ", ".join(f"{d.parent.name} {d.name}" for d in existing)
+        strategies = sorted({s for s, _ in planned})
+        raise ValueError(
+            f"--out {out} already holds runs that this comparison does not include ({held}); "
+            f"its report.md and figures would be overwritten with {', '.join(strategies)} only. "
+            "Choose a new --out (or leave --out out for a fresh folder), or run the same "
+            "strategies and seeds again to reuse the finished runs"
+        )
 
 
 @dataclass
@@ -266,6 +350,14 @@ class Overrides:
             elif head in strategies and rest:
                 parsed.per_strategy.setdefault(head, {})[rest] = value
             else:
+                from hardneg.config import where_is
+
+                homes = where_is(head) if not rest else []
+                if homes:  # temperature=0.5 -> loss.temperature=0.5
+                    raise ValueError(
+                        f"override {item!r}: {head!r} is not a section; did you mean "
+                        f"{' or '.join(h + '=' + value for h in homes)}?"
+                    )
                 raise ValueError(
                     f"override {item!r}: {head!r} is neither a config section "
                     f"({', '.join(sections)}) nor a strategy ({', '.join(strategies)})"

@@ -82,8 +82,35 @@ def run(args: argparse.Namespace) -> int:
     summary = ", ".join(
         f"{k}={result.metrics[k]:.4g}" for k in ("loss", "knn_top1") if k in result.metrics
     )
-    print(f"done: {result.run_dir} ({summary}); checkpoint {result.checkpoint}")
+    report = write_report(result, config)
+    print(f"done: {result.run_dir} ({summary}); checkpoint {result.checkpoint}; report {report}")
     return 0
+
+
+def write_report(result, config) -> Path:
+    """``RUN/report.md`` with the curves and hardness histograms of the run and the last kNN
+    monitor (``hardneg eval CKPT --report`` adds the linear probe and a t-SNE)."""
+    from hardneg.report import write_run_report
+
+    metrics = {k: result.metrics[k] for k in ("knn_top1", "knn_top5") if k in result.metrics}
+    if metrics:
+        metrics = {
+            "knn_k": config.eval.knn_k,
+            "knn_t": config.eval.knn_temperature,
+            **metrics,
+        }
+    title = (
+        f"{config.loss.name}, {config.framework.name}, {config.data.dataset}, seed {config.seed}"
+    )
+    return write_run_report(
+        result.run_dir,
+        metrics,
+        title=title,
+        notes=[
+            "kNN: the training monitor's weighted kNN on the last epoch; "
+            f"`hardneg eval {result.checkpoint} --report` adds the linear probe and a t-SNE"
+        ],
+    )
 
 
 def config_from_checkpoint(resume: str | bool, run_dir: str | None, overrides: list[str]):

@@ -9,6 +9,7 @@
 from hardneg.report.markdown import write_comparison_report, write_run_report
 from hardneg.report.runs import load_hardness, load_history, load_metrics, save_metrics
 from hardneg.report.table import RunRecord, format_table, summarize
+from hardneg.report.verdict import verdict_lines
 
 __all__ = [
     "RunRecord",
@@ -19,5 +20,6 @@ __all__ = [
     "save_metrics",
     "summarize",
     "write_comparison_report",
+    "verdict_lines",
     "write_run_report",
 ]

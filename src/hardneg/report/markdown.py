@@ -20,15 +20,17 @@ from hardneg.report import plots
 from hardneg.report.runs import load_hardness, load_history
 from hardneg.report.table import RunRecord, format_table, summarize
 
-# history.csv columns drawn over epochs: (column, file stem, y label, title)
+# history.csv columns drawn over epochs: (column, file stem, y label, title, relative); a
+# relative curve is divided by its own first value (the losses have different scales)
 CURVES = [
-    ("loss", "loss", "training loss", "Training loss"),
-    ("knn_top1", "knn", "kNN top-1 (%)", "kNN monitor accuracy"),
+    ("loss", "loss", "loss / first-epoch loss", "Training loss (relative to its start)", True),
+    ("knn_top1", "knn", "kNN top-1 (%)", "kNN monitor accuracy", False),
     (
         "false_negative_mass",
         "false_negative_mass",
         "mass on same-class negatives",
         "False-negative mass (sampling weights)",
+        False,
     ),
 ]
 FINAL_HISTORY_KEYS = [
@@ -53,6 +55,7 @@ def write_run_report(
     title: str | None = None,
     tsne_points: int = 1000,
     seed: int = 0,
+    notes: Sequence[str] = (),
 ) -> Path:
     """Write ``run_dir/report.md`` and its figures under ``run_dir/plots/``.
 
@@ -61,6 +64,7 @@ def write_run_report(
         metrics: the evaluation result (``evaluate_checkpoint``); its scalar entries are listed.
         embeddings: ``(test features, test labels)`` for the t-SNE panel; skipped when ``None``.
         tsne_points: subsample size for t-SNE.
+        notes: extra bullet points under the title (e.g. where the metrics come from).
     """
     run_dir = Path(run_dir)
     label = title or run_dir.name
@@ -75,6 +79,8 @@ def write_run_report(
         seed,
     )
     lines = [f"# Run report: {label}", ""]
+    if notes:
+        lines += [*(f"- {note}" for note in notes), ""]
     config = run_dir / "config.yaml"
     if config.exists():
         lines += ["## Configuration", "", "```yaml", config.read_text().rstrip(), "```", ""]
@@ -105,8 +111,11 @@ def write_comparison_report(
     notes: Sequence[str] = (),
     tsne_points: int = 1000,
     seed: int = 0,
+    verdict: Sequence[str] = (),
+    reseeded: Sequence[RunRecord] = (),
 ) -> Path:
-    """Write ``out_dir/report.md``: the table, side-by-side figures, links to each run's report.
+    """Write ``out_dir/report.md``: the table, the verdict, side-by-side figures, links to each
+    run's report.
 
     Args:
         records: every evaluated run (several seeds per strategy allowed).
@@ -114,6 +123,8 @@ def write_comparison_report(
         command: the command line that produced the runs (printed in the report).
         device: where they ran, e.g. ``"cpu (2 cores)"``.
         notes: extra bullet points (e.g. how hyper-parameters were chosen).
+        verdict: Markdown bullet lines (:func:`hardneg.report.verdict_lines`), after the table.
+        reseeded: runs trained only to measure the seed noise (listed, not in the table).
     """
     out_dir = Path(out_dir)
     histories: dict[str, list] = {}
@@ -139,15 +150,22 @@ def write_comparison_report(
     ]
     lines += [f"- {note}" for note in notes]
     lines += ["", "## Results", "", format_table(summarize(records), markdown=True), ""]
+    if verdict:
+        lines += ["## Verdict", "", *verdict, ""]
     lines += _loss_table(records)
     lines += _figure_section(figures, out_dir)
     lines += ["## Runs", ""]
-    for record in records:
+    for record in [*records, *reseeded]:
         report = record.run_dir / "report.md"
         target = (
             _relative(report, out_dir) if report.exists() else _relative(record.run_dir, out_dir)
         )
-        lines.append(f"- {record.strategy}, seed {record.seed}: [{target}]({target})")
+        extra = (
+            " (re-seed: measures the seed noise, not in the table)"
+            if any(record is r for r in reseeded)
+            else ""
+        )
+        lines.append(f"- {record.strategy}, seed {record.seed}{extra}: [{target}]({target})")
     path = out_dir / "report.md"
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -156,9 +174,9 @@ def write_comparison_report(
 
 def _draw_figures(folder, histories, hardness, embeddings, tsne_points, seed) -> dict[str, Path]:
     figures: dict[str, Path] = {}
-    for key, stem, ylabel, title in CURVES:
+    for key, stem, ylabel, title, relative in CURVES:
         path = plots.plot_metric_curves(
-            histories, key, folder / f"{stem}.png", ylabel=ylabel, title=title
+            histories, key, folder / f"{stem}.png", ylabel=ylabel, title=title, relative=relative
         )
         if path is not None:
             figures[stem] = path
@@ -173,18 +191,34 @@ def _draw_figures(folder, histories, hardness, embeddings, tsne_points, seed) ->
 
 
 def _loss_table(records: Sequence[RunRecord]) -> list[str]:
-    """Each strategy's loss section as trained (from its first run's ``config.yaml``)."""
+    """Each strategy's loss hyper-parameters as trained (from its first run's ``config.yaml``,
+    which lists them all): temperature and those that differ from the registry defaults."""
+    from hardneg.registry import loss_hparams
+
     rows = {}
     for record in records:
         config = record.run_dir / "config.yaml"
         if record.strategy in rows or not config.exists():
             continue
         loss = dict((yaml.safe_load(config.read_text()) or {}).get("loss") or {})
-        loss.pop("name", None)
-        rows[record.strategy] = ", ".join(f"{k}={v}" for k, v in loss.items()) or "defaults"
+        name = loss.pop("name", None)
+        try:
+            defaults = loss_hparams(name)
+        except ValueError:  # a loss this version does not know: show everything
+            defaults = {}
+        shown = {
+            k: v
+            for k, v in loss.items()
+            if k == "temperature" or k not in defaults or defaults[k] != v
+        }
+        rows[record.strategy] = ", ".join(f"{k}={v}" for k, v in shown.items()) or "defaults"
     if not rows:
         return []
-    lines = ["Loss hyper-parameters (other keys: registry defaults, `hardneg losses`):", ""]
+    lines = [
+        "Loss hyper-parameters: the temperature and those that differ from the registry defaults "
+        "(`hardneg losses`); each run's `config.yaml` lists every one.",
+        "",
+    ]
     lines += ["| strategy | loss hyper-parameters |", "|---|---|"]
     lines += [f"| {name} | {params} |" for name, params in rows.items()]
     return [*lines, ""]
@@ -194,7 +228,7 @@ def _figure_section(figures: dict[str, Path], base: Path) -> list[str]:
     if not figures:
         return ["No figures: the run logged no history.", ""]
     lines = ["## Figures", ""]
-    curves = [figures[stem] for _, stem, _, _ in CURVES if stem in figures]
+    curves = [figures[stem] for _, stem, *_ in CURVES if stem in figures]
     if curves:  # side by side: one Markdown table row of images
         lines += [
             "| " + " | ".join(p.stem.replace("_", " ") for p in curves) + " |",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,20 +29,47 @@ def strategy_colors(labels: Sequence[str]) -> dict[str, tuple]:
     return {label: cmap(i % 10) for i, label in enumerate(labels)}
 
 
-def plot_metric_curves(
-    histories: Mapping[str, Sequence[History]],
-    key: str,
-    path: str | Path,
-    *,
-    ylabel: str | None = None,
-    title: str | None = None,
-) -> Path | None:
-    """Column ``key`` of ``history.csv`` over epochs, one line per label (mean over its runs,
-    shaded +- std when there are several). Returns ``None`` when no run logged ``key``."""
-    colors = strategy_colors(list(histories))
-    fig = Figure(figsize=(5.0, 3.4), dpi=DPI)
-    ax = fig.add_subplot()
-    drawn = False
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def strategy_styles(labels: Sequence[str]) -> dict[str, dict]:
+    """Colour, marker and line style per label. Markers are hollow and shrink with the label's
+    index, and the line styles alternate, so two labels whose curves coincide (InfoNCE and the
+    debiased loss sample negatives the same way) both stay visible."""
+    colors = strategy_colors(labels)
+    return {
+        label: {
+            "color": colors[label],
+            "marker": MARKERS[i % len(MARKERS)],
+            "ms": max(3.0, 8.0 - 0.9 * i),
+            "mfc": "none",
+            "mew": 1.2,
+            "ls": "-" if i % 2 == 0 else "--",
+            "lw": 1.4,
+        }
+        for i, label in enumerate(labels)
+    }
+
+
+@dataclass
+class Curve:
+    """One line of a curve figure: epochs, mean and std over the runs, legend name."""
+
+    name: str
+    epochs: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    runs: int
+
+
+def metric_curves(
+    histories: Mapping[str, Sequence[History]], key: str, *, relative: bool = False
+) -> dict[str, Curve]:
+    """The lines :func:`plot_metric_curves` draws, per label (labels without ``key`` left out).
+
+    ``relative``: each curve divided by its own first value, which the legend name states.
+    """
+    curves = {}
     for label, runs in histories.items():
         by_epoch: dict[float, list[float]] = {}
         for history in runs:
@@ -51,25 +79,55 @@ def plot_metric_curves(
             continue
         epochs = np.array(sorted(by_epoch))
         mean = np.array([np.mean(by_epoch[e]) for e in epochs])
-        ax.plot(
-            epochs,
-            mean,
-            marker="o" if len(epochs) < 15 else None,
-            ms=3,
-            color=colors[label],
-            label=label,
-        )
-        if max(len(v) for v in by_epoch.values()) > 1:
-            std = np.array([np.std(by_epoch[e]) for e in epochs])
-            ax.fill_between(epochs, mean - std, mean + std, color=colors[label], alpha=0.2)
-        drawn = True
-    if not drawn:
+        std = np.array([np.std(by_epoch[e]) for e in epochs])
+        name = label
+        if relative and mean[0] != 0:
+            name = f"{label} (epoch {epochs[0]:g}: {mean[0]:.3g})"
+            mean, std = mean / mean[0], std / abs(mean[0])
+        runs_n = max(len(v) for v in by_epoch.values())
+        curves[label] = Curve(name, epochs, mean, std, runs_n)
+    return curves
+
+
+def plot_metric_curves(
+    histories: Mapping[str, Sequence[History]],
+    key: str,
+    path: str | Path,
+    *,
+    ylabel: str | None = None,
+    title: str | None = None,
+    relative: bool = False,
+) -> Path | None:
+    """Column ``key`` of ``history.csv`` over epochs, one line per label (mean over its runs,
+    shaded +- std when there are several). Returns ``None`` when no run logged ``key``.
+
+    ``relative=True`` divides each label's curve by its own first value (the legend gives that
+    value), so curves on different scales share one axis: the potential loss sums ``K + 1``
+    positive terms and starts near 40 where the others start near 5.
+    """
+    styles = strategy_styles(list(histories))
+    curves = metric_curves(histories, key, relative=relative)
+    if not curves:
         return None
+    fig = Figure(figsize=(6.4, 3.4), dpi=DPI)
+    ax = fig.add_subplot()
+    for label, curve in curves.items():
+        style = dict(styles[label])
+        if len(curve.epochs) >= 15:
+            style.pop("marker")
+        ax.plot(curve.epochs, curve.mean, label=curve.name, **style)
+        if curve.runs > 1:
+            low, high = curve.mean - curve.std, curve.mean + curve.std
+            ax.fill_between(curve.epochs, low, high, color=style["color"], alpha=0.2)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel or key)
     ax.set_title(title or key, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    # outside the axes, so it never hides a curve
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save(fig, path)
 
 
@@ -142,10 +200,17 @@ def plot_tsne(
 
     if not embeddings:
         return None
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
     n = len(embeddings)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(max(3.3 * cols, 4.4), 3.2 * rows), dpi=DPI)
+    classes = sorted({int(c) for _, labels in embeddings.values() for c in np.asarray(labels)})
+    cmap = colormaps["tab10" if len(classes) <= 10 else "tab20"]
+    class_colors = {c: cmap(i % cmap.N) for i, c in enumerate(classes)}
+    legend_width = 0.8 if len(classes) <= 12 else 1.3  # inches, right of the panels
+    fig = Figure(figsize=(max(3.3 * cols, 4.4) + legend_width, 3.2 * rows), dpi=DPI)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
@@ -159,14 +224,25 @@ def plot_tsne(
         tsne = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed)
         with threadpool_limits(limits=threads):
             xy = tsne.fit_transform(x)
-        ax.scatter(
-            xy[:, 0], xy[:, 1], c=y, cmap="tab10" if y.max() < 10 else "tab20", s=4, linewidths=0
-        )
+        ax.scatter(xy[:, 0], xy[:, 1], c=[class_colors[c] for c in y], s=4, linewidths=0)
         ax.set_title(label, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"t-SNE of {len(x)} test embeddings (colour = class)", fontsize=10)
-    return _save(fig, path)
+    handles = [
+        Line2D([], [], ls="", marker="o", ms=5, color=class_colors[c], label=str(c))
+        for c in classes
+    ]
+    fig.legend(
+        handles=handles,
+        title="class",
+        fontsize=7,
+        title_fontsize=8,
+        loc="center right",
+        ncols=1 if len(classes) <= 12 else 2,
+    )
+    fig.tight_layout(rect=(0, 0, 1 - legend_width / fig.get_figwidth(), 1))
+    return _save(fig, path, layout=False)
 
 
 def _spread(count: int, k: int) -> list[int]:
@@ -176,9 +252,10 @@ def _spread(count: int, k: int) -> list[int]:
     return sorted({round(i * (count - 1) / (k - 1)) for i in range(k)}) if k > 1 else [count - 1]
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path, layout: bool = True) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, format="png")
     return path

@@ -36,11 +36,12 @@ def run_values(record: RunRecord) -> dict[str, float]:
     """The table's numbers for one run.
 
     kNN / linear: the final evaluation (``metrics``); false-negative mass and effective negatives:
-    the last epoch's batch means of the diagnostics; time per epoch: the median ``epoch_time_s``
+    the last epoch's batch means of the diagnostics (also ``mean_negative_similarity``, not a
+    table column); time per epoch: the median ``epoch_time_s``
     (robust to the first epoch's warm-up).
     """
     values = {k: float(record.metrics.get(k, math.nan)) for k in ("knn_top1", "linear_top1")}
-    for key in ("false_negative_mass", "effective_negatives"):
+    for key in ("false_negative_mass", "effective_negatives", "mean_negative_similarity"):
         _, column = history_column(record.history, key)
         values[key] = float(column[-1]) if len(column) else math.nan
     _, times = history_column(record.history, "epoch_time_s")

@@ -190,15 +190,41 @@ def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> No
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+            try:
+                torch.save(payload, handle)
+            except RuntimeError as err:
+                # torch reports a failed write into the file object (a full disk) as an
+                # "enforce fail ... unexpected pos" error: raise the OSError behind it
+                cause = _os_error_behind(err)
+                if cause is not None:
+                    raise cause from None
+                handle.flush()  # a write still buffered fails here with its OSError
+                raise
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        # one line naming the checkpoint and the cause, not torch's message about zip offsets
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_directory(directory)
+
+
+def _os_error_behind(err: BaseException) -> OSError | None:
+    """The first ``OSError`` in the chain of causes / contexts of ``err`` (``None`` if none)."""
+    seen: set[int] = set()
+    node: BaseException | None = err
+    while node is not None and id(node) not in seen:
+        if isinstance(node, OSError):
+            return node
+        seen.add(id(node))
+        node = node.__cause__ or node.__context__
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

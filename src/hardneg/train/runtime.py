@@ -3,9 +3,12 @@ graceful stop on SIGINT / SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -61,6 +64,44 @@ def place_inputs(inputs: Tensor, device: torch.device, fraction: float = 0.4) ->
         if inputs.numel() * inputs.element_size() > fraction * free:
             return inputs.pin_memory()
     return inputs.to(device)
+
+
+def run_dir_problem(run_dir: str | Path) -> str | None:
+    """Why ``run_dir`` cannot hold a run (one line), or ``None`` when it can.
+
+    Checked before any data are loaded: each missing folder of the path is created, a small
+    file is written, flushed and removed, and the folders created here are removed again, so a
+    folder under a file, on a read-only file system, where we may not write (``/sys``) or on a
+    full disk is named at once instead of failing in the middle of the run.
+    """
+    run_dir = Path(run_dir)
+    created: list[Path] = []
+    try:
+        for folder in [*reversed(run_dir.parents), run_dir]:
+            if folder.is_dir():
+                continue
+            if folder.exists() or folder.is_symlink():
+                return f"cannot use the run folder {run_dir}: {folder} is a file, not a folder"
+            folder.mkdir()
+            created.append(folder)
+        probe = run_dir / f".hardneg-write-test-{os.getpid()}"
+        try:
+            with open(probe, "wb") as fh:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+                os.fsync(fh.fileno())
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+    except OSError as err:
+        why = err.strerror or str(err)
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(run_dir) else ""
+        return f"cannot write the run folder {run_dir}: {why}{where}"
+    finally:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    return None
 
 
 class StopSignal:

@@ -44,6 +44,7 @@ from hardneg.distributed import (
     convert_sync_batchnorm,
     gather_no_grad,
     init_distributed,
+    wrap_ddp,
 )
 from hardneg.frameworks import Framework, StepOutput, build_framework
 from hardneg.train.checkpoint import checkpoint_meta, load_checkpoint, save_checkpoint
@@ -54,6 +55,7 @@ from hardneg.train.runtime import (
     StopSignal,
     autocast_dtype,
     place_inputs,
+    run_dir_problem,
     select_device,
     use_channels_last,
 )
@@ -118,6 +120,7 @@ def train(
     if cfg.train.sync_bn:
         check_sync_bn(device)  # fail before the data are loaded
     run_dir, resume_path = resolve_run_dir(cfg, run_dir, resume)
+    check_run_dir(run_dir, ctx, device)  # before the data are loaded
     local_batch = cfg.train.batch_size // ctx.world_size
 
     # ---- data ---------------------------------------------------------------------------
@@ -175,11 +178,7 @@ def train(
         restore_rank_generator(payload["augment_rng"], augment_generator, ctx)
     model: nn.Module = framework
     if ctx.enabled:
-        model = nn.parallel.DistributedDataParallel(
-            framework,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,  # queue / bank are fed the global batch on every rank
-        )
+        model = wrap_ddp(framework, device)  # queue / bank: fed the global batch on every rank
 
     # ---- outputs (rank 0) ---------------------------------------------------------------
     eval_sets = load_eval_splits(cfg, info, data) if ctx.is_main and cfg.eval.knn else None
@@ -353,6 +352,18 @@ def resolve_run_dir(
     if resume_path is not None and not resume_path.exists():
         raise FileNotFoundError(f"cannot resume: checkpoint {resume_path} does not exist")
     return run_dir, resume_path
+
+
+def check_run_dir(run_dir: Path, ctx: DistContext, device: torch.device) -> None:
+    """Fail in one line, on every rank, when rank 0 cannot write the run folder."""
+    problem = run_dir_problem(run_dir) if ctx.is_main else None
+    if ctx.enabled:  # the other ranks must stop too, not wait for rank 0 in a collective
+        flag = torch.tensor([float(problem is not None)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and problem is None:
+            problem = f"rank 0 cannot write the run folder {run_dir}"
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def load_pretrain_split(cfg: TrainConfig, info: Any) -> Any:
