@@ -163,10 +163,10 @@ def build_contrast(
     if (positive_index is None) == (positives is None):
         raise ValueError("give exactly one of positive_index and positives")
     # 1/t folded into the [A, d] operand: one pass less over the [A, C] logits
-    logits = (a / temperature) @ c.T
+    logits = ((a / temperature) @ c.T).to(dtype)  # autocast may run the product in half
     if positives is not None:
         p = _prepare(positives if positives.dim() == 3 else positives.unsqueeze(1), dtype, normalize)
-        pos_logits = torch.einsum("ad,apd->ap", a, p) / temperature
+        pos_logits = (torch.einsum("ad,apd->ap", a, p) / temperature).to(dtype)
         pos_index = None
     else:
         assert positive_index is not None
@@ -187,7 +187,7 @@ def build_contrast(
         logits = logits.masked_fill(~mask, float("-inf"))
     if anchor_columns is not None:
         ac = _prepare(anchor_columns, dtype, normalize)
-        own = torch.einsum("ad,ahd->ah", a, ac) / temperature
+        own = (torch.einsum("ad,ahd->ah", a, ac) / temperature).to(dtype)
         logits = torch.cat([logits, own], dim=1)
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(own, dtype=torch.bool)], dim=1)
@@ -237,7 +237,7 @@ def in_batch_contrast(
     dtype = compute_dtype(*views)
     z = _prepare(torch.cat(list(views), dim=0), dtype, normalize)
     device = z.device
-    logits = (z / temperature) @ z.T
+    logits = ((z / temperature) @ z.T).to(dtype)  # autocast may run the product in half
     index = torch.arange(v * n, device=device)
     sample = index % n
     view = index // n
@@ -248,7 +248,7 @@ def in_batch_contrast(
     pos_index = other_view * n + sample.unsqueeze(1)
     positives = z[pos_index]
     # a row-wise product, not a gather from the logits: those are masked in place below
-    pos_logits = torch.einsum("ad,apd->ap", z, positives) / temperature
+    pos_logits = (torch.einsum("ad,apd->ap", z, positives) / temperature).to(dtype)
     if ids is None:
         # in place on the matmul output (its backward does not need it): no mask pass
         rows = index.repeat_interleave(v)
@@ -296,7 +296,7 @@ def pool_contrast(
     kn = _prepare(k, dtype, normalize)
     bank = _prepare(pool.detach(), dtype, normalize)
     pos_logits = (qn * kn).sum(dim=1, keepdim=True) / temperature
-    logits = (qn / temperature) @ bank.T
+    logits = ((qn / temperature) @ bank.T).to(dtype)  # autocast may run the product in half
     mask = None
     num: int | Tensor = bank.shape[0]
     if exclude_index is not None:
