@@ -165,7 +165,9 @@ def build_contrast(
     # 1/t folded into the [A, d] operand: one pass less over the [A, C] logits
     logits = ((a / temperature) @ c.T).to(dtype)  # autocast may run the product in half
     if positives is not None:
-        p = _prepare(positives if positives.dim() == 3 else positives.unsqueeze(1), dtype, normalize)
+        p = _prepare(
+            positives if positives.dim() == 3 else positives.unsqueeze(1), dtype, normalize
+        )
         pos_logits = (torch.einsum("ad,apd->ap", a, p) / temperature).to(dtype)
         pos_index = None
     else:
@@ -205,7 +207,9 @@ def build_contrast(
     return ContrastSet(
         anchors=a,
         columns=c,
-        anchor_columns=None if anchor_columns is None else _prepare(anchor_columns, dtype, normalize),
+        anchor_columns=None
+        if anchor_columns is None
+        else _prepare(anchor_columns, dtype, normalize),
         positives=p,
         positive_logits=pos_logits,
         positive_weight=weight,
@@ -304,7 +308,9 @@ def pool_contrast(
         cols = exclude_index.to(device=logits.device, dtype=torch.long)
         mask = torch.ones_like(logits, dtype=torch.bool)
         mask[rows, cols] = False
-        logits.index_put_((rows, cols), torch.tensor(float("-inf"), device=logits.device, dtype=dtype))
+        logits.index_put_(
+            (rows, cols), torch.tensor(float("-inf"), device=logits.device, dtype=dtype)
+        )
         num = bank.shape[0] - 1
     return ContrastSet(
         anchors=qn,
