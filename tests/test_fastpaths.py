@@ -247,7 +247,11 @@ def plain_tilted_log_mass(logits, beta, m, factor=None, tilt_grad=True):
 def tilted_inputs(rows, cols, dtype, seed, *, masked=True):
     g = torch.Generator().manual_seed(seed)
     logits = (3 * torch.randn(rows, cols, generator=g, dtype=torch.float64)).to(dtype)
-    mask = torch.rand(rows, cols, generator=g) > 0.2 if masked else torch.ones(rows, cols, dtype=torch.bool)
+    mask = (
+        torch.rand(rows, cols, generator=g) > 0.2
+        if masked
+        else torch.ones(rows, cols, dtype=torch.bool)
+    )
     mask[:, 0] = True
     logits = logits.masked_fill(~mask, float("-inf"))
     factor = (torch.rand(rows, cols, generator=g, dtype=torch.float64) + 0.05).to(dtype)
@@ -308,6 +312,12 @@ def topk_inputs(rows, cols, dtype, seed, kind):
         x = x.masked_fill(torch.rand(rows, cols, generator=g) < 0.3, float("-inf"))
     elif kind == "ties":
         x = (x * 2).round() / 2  # few distinct values
+    elif kind == "ulp" and dtype == torch.float32:
+        # neighbouring floats (negative and positive): order keys must keep every last bit
+        start = torch.tensor([-1.5, 0.75]).view(torch.int32)
+        offsets = torch.stack([torch.randperm(cols, generator=g) for _ in range(rows)]).int()
+        sign = torch.rand(rows, 1, generator=g) < 0.5
+        x = (torch.where(sign, start[0], start[1]) + offsets).view(torch.float32)
     elif kind == "signed_zero":
         x = torch.where(torch.rand(rows, cols, generator=g) < 0.5, x, torch.zeros_like(x))
         x = torch.where(torch.rand(rows, cols, generator=g) < 0.5, x, -torch.zeros_like(x))
@@ -324,7 +334,7 @@ SELECT_SHAPES = [
 
 @pytest.mark.parametrize(("rows", "cols"), SELECT_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["plain", "inf", "ties", "signed_zero"])
+@pytest.mark.parametrize("kind", ["plain", "ulp", "inf", "ties", "signed_zero"])
 def test_top_k_indices_has_the_members_of_torch_topk(rows, cols, dtype, kind):
     x = topk_inputs(rows, cols, dtype, seed=rows + cols, kind=kind)
     for k in sorted({1, 2, cols // 10 or 1, cols // 2, cols - 1, cols}):
@@ -333,7 +343,7 @@ def test_top_k_indices_has_the_members_of_torch_topk(rows, cols, dtype, kind):
         assert got.shape == (rows, k) and got.dtype == torch.long
         # distinct columns per row
         assert bool((got.sort(dim=1).values.diff(dim=1) > 0).all()) if k > 1 else True
-        if kind == "plain":  # no ties: exactly the same members
+        if kind in ("plain", "ulp"):  # no ties: exactly the same members
             assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values), k
         else:  # ties: the same values (which equal entry is taken may differ)
             a = x.gather(1, got).sort(dim=1).values
@@ -343,7 +353,7 @@ def test_top_k_indices_has_the_members_of_torch_topk(rows, cols, dtype, kind):
 
 @pytest.mark.parametrize(("rows", "cols"), [*SELECT_SHAPES, pytest.param(100, 300, id="100x300")])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["plain", "inf", "ties"])
+@pytest.mark.parametrize("kind", ["plain", "ulp", "inf", "ties"])
 def test_drop_top_sets_the_topk_members_to_minus_inf(rows, cols, dtype, kind):
     x = topk_inputs(rows, cols, dtype, seed=3 * rows + cols, kind=kind)
     for k in sorted({1, cols // 10 or 1, cols // 2, cols - 1}):
@@ -356,7 +366,7 @@ def test_drop_top_sets_the_topk_members_to_minus_inf(rows, cols, dtype, kind):
             dropped = torch.isneginf(got) & ~torch.isneginf(x)
             assert bool((dropped.sum(dim=1) <= k).all())
             assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values), k
-            if kind == "plain":
+            if kind in ("plain", "ulp"):
                 assert torch.equal(got, want), k
 
 
