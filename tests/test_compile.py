@@ -27,7 +27,7 @@ import hardneg
 
 LOSSES = hardneg.list_losses()
 FORMS = ["in_batch", "pool", "pool_exclude", "retrieval"]
-UNSUPPORTED = {("unremix", "retrieval")}  # unremix scores shared columns only (ValueError)
+UNSUPPORTED: set[tuple[str, str]] = set()  # (loss, form) pairs a loss rejects by design
 BACKEND = "aot_eager"
 
 

@@ -54,7 +54,7 @@ VARIANTS: dict[str, list[dict]] = {
 }
 
 # call forms a loss rejects by design
-UNSUPPORTED = {("unremix", "retrieval")}
+UNSUPPORTED: set[tuple[str, str]] = set()
 
 FORMS = ["in_batch", "pool", "pool_exclude", "ids", "retrieval"]
 
