@@ -406,3 +406,20 @@ def test_band_logits_backward_equals_the_gather(dtype, shared, lower):
     for a, b in zip(gf, gp):
         assert a.dtype == dtype
         assert_close_rel(a, b, what="band gradient")
+
+
+def test_unremix_in_batch_computes_the_softmax_expectation_once(monkeypatch):
+    """In-batch the columns are the anchors: one pass of ``sum_k p_ik z_k`` (an [A, C] exp and
+    a product) serves both the anchors' and the columns' deltas."""
+    from hardneg.strategies import unremix
+
+    calls = []
+    original = unremix.softmax_expectation
+    monkeypatch.setattr(unremix, "softmax_expectation", lambda c: calls.append(1) or original(c))
+    z1, z2, kwargs = make_inputs("in_batch", torch.float32)
+    hardneg.create_loss("unremix")(z1, z2, **kwargs)
+    assert len(calls) == 1
+    calls.clear()
+    z1, z2, kwargs = make_inputs("pool", torch.float32)
+    hardneg.create_loss("unremix")(z1, z2, **kwargs)
+    assert len(calls) == 1  # the pool's deltas have their own form (column_gradients)

@@ -96,7 +96,8 @@ def minmax_over_negatives(x: Tensor, mask: Tensor) -> Tensor:
 
 
 @register_strategy(
-    "unremix", summary="UnReMix (Tabassum et al. 2022), our reconstruction: similarity x uncertainty x representativeness"
+    "unremix",
+    summary="UnReMix (Tabassum et al. 2022), our reconstruction: similarity x uncertainty x representativeness",
 )
 class UnReMixNegatives(Strategy):
     """Similarity × uncertainty × representativeness weights (reconstruction, see module doc).
@@ -130,7 +131,9 @@ class UnReMixNegatives(Strategy):
         self.lambda_u = check_number("lambda_u", lambda_u, low=0.0)
         self.lambda_d = check_number("lambda_d", lambda_d, low=0.0)
         self.eps = check_number("eps", eps, low=0.0, low_inclusive=False)
-        self.influence = check_choice("influence", influence, ("gradient_similarity", "gradient_norm"))
+        self.influence = check_choice(
+            "influence", influence, ("gradient_similarity", "gradient_norm")
+        )
         self.representativeness = check_choice(
             "representativeness", representativeness, ("diversity", "density")
         )
@@ -140,7 +143,10 @@ class UnReMixNegatives(Strategy):
         """``U``: ``[A, C]`` for ``gradient_similarity``, ``[1, C]`` for ``gradient_norm``."""
         with torch.no_grad():
             delta_a = anchor_gradients(contrast)
-            delta_c = column_gradients(contrast)
+            # in-batch the columns are the anchors: their deltas are the same, computed once
+            delta_c = (
+                delta_a if contrast.columns is contrast.anchors else column_gradients(contrast)
+            )
             h_a, h_c = contrast.anchor_features, contrast.column_features
             if h_a is None or h_c is None:  # h = z
                 h_a, h_c = contrast.anchors, contrast.columns
@@ -188,7 +194,11 @@ class UnReMixNegatives(Strategy):
         logits = contrast.negative_logits
         if context.fast and context.want_log_mass:
             log_mass = fastpaths.tilted_log_mass(
-                logits, self.beta, contrast.num_negatives, factor=mix, tilt_grad=not self.detach_weights
+                logits,
+                self.beta,
+                contrast.num_negatives,
+                factor=mix,
+                tilt_grad=not self.detach_weights,
             )
             return Selection(negative_log_mass=log_mass)
         tilted = logits.detach() if self.detach_weights else logits
