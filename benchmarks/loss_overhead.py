@@ -1,35 +1,51 @@
-"""Forward + backward time of every registered loss relative to ``infonce``, measured in one run.
+"""Forward + backward time and peak memory of every registered loss relative to ``infonce``,
+and each loss's graph breaks under ``torch.compile``, measured in one run.
 
-For each set-up (in-batch, or a pool of K negatives) and batch size N the losses are timed in
-interleaved rounds (infonce, debiased, hcl, ..., then the reverse order), so that a change of
-machine load hits all of them alike; the table reports, per loss, the median over rounds of
-its time divided by the time of ``infonce`` in the same round, and infonce's median time.
-Inputs are not validated (``check_inputs=False``), so the ratios are those of the losses.
+**Time.** For each set-up (in-batch, or a pool of K negatives) and batch size N the losses are
+timed in interleaved rounds: each round runs every thread setting of ``--threads`` (e.g.
+torch's default and 1) and, within it, every loss (infonce, debiased, hcl, ..., the order
+reversed every other round), so that a change of machine load hits all of them alike; the table
+reports, per thread setting and loss, the median over rounds of its time divided by the time of
+``infonce`` in the same round and thread setting, and infonce's median time. Inputs are not
+validated (``check_inputs=False``), so the ratios are those of the losses.
+
+**Product floor** (``--floor``, default): the time of the matrix products (``mm``, ``addmm``,
+``bmm``) that one forward + backward of the loss performs, recorded from the loss itself in the
+same cell and replayed alone on operands of the same shapes and layouts, divided by infonce's
+full step, in the same interleaved rounds. No implementation of the same products can run below
+it. A loss that weights every candidate also does at least infonce's own non-product work (the
+log-sum-exp over the logits and its backward); the list of misses adds that share,
+``1 - floor(infonce)``, to the loss's product floor.
+
+**Peak memory** (``--memory``): one forward + backward per loss, each in a fresh subprocess, on
+the CPU: the process's resident-set high-water mark (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs`` just before the step) minus its resident set just before the step
+(inputs already allocated, torch warmed up on a tiny call). This counts the pages the step
+actually touches, torch's allocations included (``tracemalloc`` does not see them); on CUDA the
+same is read from ``torch.cuda.max_memory_allocated``.
+
+**Graph breaks** (``--graph-breaks``): ``torch._dynamo.explain`` of each loss and call form at
+``check_inputs=False`` (the plain path: fast paths are off under ``torch.compile``).
 
 Examples:
-    python benchmarks/loss_overhead.py                  # full table (several minutes on 2 cores)
-    python benchmarks/loss_overhead.py --quick          # N = 256 only, in-batch and K = 4096
-    python benchmarks/loss_overhead.py --sizes 512,1024 --pools 0,65536 --repeats 15
+    python benchmarks/loss_overhead.py --threads default,1      # full run (~10 min on 2 cores)
+    python benchmarks/loss_overhead.py --quick                  # N = 256, in-batch and K = 4096
+    python benchmarks/loss_overhead.py --sizes 512 --pools 0 --no-memory --no-graph-breaks
 
-With ``--floor`` (default) a second table gives each loss's *product floor*: the time of the
-matrix products (``mm``, ``addmm``, ``bmm``) that one forward + backward of the loss performs,
-recorded from the loss itself in the same cell and replayed alone on operands of the same shapes
-and layouts, divided by infonce's full step, in the same interleaved rounds. No implementation of
-the same products can run below it, so a target under the floor is out of reach by arithmetic
-(the loss docstrings say why each product is needed). A loss that weights every candidate
-(debiased, hcl, unremix, potential) also does at least infonce's own non-product work (the
-log-sum-exp over the logits and its backward); the list of misses adds that share,
-``1 - floor(infonce)``, to the loss's product floor (ring's band can skip part of it).
-
-Targets (README): <= 1.15x for debiased, hcl, ring; <= 1.5x for unremix and potential.
+Targets (issue 15): <= 1.15x for debiased, hcl, ring; <= 1.5x for unremix and potential;
+peak memory <= 2x infonce's; 0 graph breaks.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -37,22 +53,38 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import hardneg
 
 TARGETS = {"debiased": 1.15, "hcl": 1.15, "ring": 1.15, "unremix": 1.5, "potential": 1.5}
+MEMORY_TARGET = 2.0
 
 
 def parse_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def parse_threads(text: str) -> list[int]:
+    """``'default,1'`` -> ``[torch's default thread count, 1]`` (duplicates kept once)."""
+    out: list[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        value = DEFAULT_THREADS if item == "default" else int(item)
+        if value not in out:
+            out.append(value)
+    return out
+
+
+DEFAULT_THREADS = torch.get_num_threads()
+
+
 def make_step(loss_fn, z1, z2, pool):
     """One forward + backward, gradients cleared so every call does the same work."""
+    gen = torch.Generator(device=z1.device).manual_seed(0) if loss_fn.draws else None
 
     def step() -> None:
         z1.grad = None
         z2.grad = None
-        if pool is None:
-            loss = loss_fn(z1, z2)
-        else:
-            loss = loss_fn(z1, z2, negatives=pool)
+        kwargs = {} if gen is None else {"generator": gen}
+        loss = loss_fn(z1, z2, negatives=pool, **kwargs)
         loss.backward()
 
     return step
@@ -124,17 +156,20 @@ def time_cell(
     repeats: int,
     warmup: int,
     seed: int,
+    threads: list[int] | None = None,
     min_seconds: float = 3.0,
     max_repeats: int = 60,
     estimator: str = "median",
     floors: bool = False,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Median seconds per forward+backward of each loss in one (N, K) cell, and the median over
-    rounds of each loss's time divided by infonce's time in the same round (robust to load that
-    drifts between rounds). Runs at least ``repeats`` rounds and, for fast cells, more until
-    ``min_seconds`` have passed (at most ``max_repeats``). ``estimator='min'`` uses the fastest
-    round of each loss instead (times and ratios). ``floors`` adds, for every loss ``x``, an
-    entry ``floor:x``: its matrix products replayed alone (:func:`products_step`)."""
+) -> dict[int, tuple[dict[str, float], dict[str, float]]]:
+    """Per thread setting: median seconds per forward+backward of each loss in one (N, K) cell,
+    and the median over rounds of each loss's time divided by infonce's time in the same round
+    and thread setting (robust to load that drifts between rounds). Each round runs every thread
+    setting, and within it every loss, in alternating orders. Runs at least ``repeats`` rounds
+    and, for fast cells, more until ``min_seconds`` have passed (at most ``max_repeats``).
+    ``estimator='min'`` uses the fastest round of each loss instead. ``floors`` adds, for every
+    loss ``x``, an entry ``floor:x``: its matrix products replayed alone (:func:`products_step`)."""
+    threads = threads or [torch.get_num_threads()]
     gen = torch.Generator().manual_seed(seed)
     z1 = torch.randn(n, dim, generator=gen).requires_grad_()
     z2 = torch.randn(n, dim, generator=gen).requires_grad_()
@@ -147,31 +182,165 @@ def time_cell(
         for name in names:
             steps[f"floor:{name}"] = products_step(steps[name], seed)
         names = [*names, *(f"floor:{name}" for name in names)]
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in names}
+    for t in threads:
+        torch.set_num_threads(t)
+        for _ in range(warmup):
+            for step in steps.values():
+                step()
+    times = {t: {name: [] for name in names} for t in threads}
     start_cell = time.perf_counter()
     r = 0
     while r < repeats or (time.perf_counter() - start_cell < min_seconds and r < max_repeats):
-        # alternate the order so that no loss always runs right after the same neighbour
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
+        # alternate the orders so that no loss always runs right after the same neighbour
+        for t in threads if r % 2 == 0 else threads[::-1]:
+            torch.set_num_threads(t)
+            for name in names if r % 2 == 0 else names[::-1]:
+                start = time.perf_counter()
+                steps[name]()
+                times[t][name].append(time.perf_counter() - start)
         r += 1
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    base = times[names[0]]
-    ratios = {name: statistics.median(a / b for a, b in zip(t, base)) for name, t in times.items()}
-    return medians, ratios
+    torch.set_num_threads(DEFAULT_THREADS)
+    pick = statistics.median if estimator == "median" else min
+    out = {}
+    for t in threads:
+        per = times[t]
+        base = per[names[0]]
+        medians = {name: pick(v) for name, v in per.items()}
+        if estimator == "median":
+            ratios = {
+                name: statistics.median(a / b for a, b in zip(v, base)) for name, v in per.items()
+            }
+        else:
+            ratios = {name: min(v) / min(base) for name, v in per.items()}
+        out[t] = (medians, ratios)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# peak memory
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_peak(
+    name: str, n: int, dim: int, pool_size: int, device: str = "cpu", seed: int = 0
+) -> dict:
+    """Peak memory (bytes) of one forward + backward of loss ``name`` in this process, above
+    what the inputs already hold: CUDA's ``max_memory_allocated``, or on the CPU the resident-set
+    high-water mark reset just before the step (Linux). Meant to run in a fresh subprocess."""
+    gen = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(n, dim, generator=gen).to(device).requires_grad_()
+    z2 = torch.randn(n, dim, generator=gen).to(device).requires_grad_()
+    pool = None if pool_size == 0 else torch.randn(pool_size, dim, generator=gen).to(device)
+    loss_fn = hardneg.create_loss(name, check_inputs=False)
+    # warm-up on tiny inputs: kernels, thread pools and lazy imports are not the loss's memory
+    tiny = [torch.randn(8, dim, device=device).requires_grad_() for _ in range(2)]
+    make_step(loss_fn, tiny[0], tiny[1], None if pool is None else pool[:16])()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        make_step(loss_fn, z1, z2, pool)()
+        torch.cuda.synchronize()
+        return {"peak": torch.cuda.max_memory_allocated() - before, "method": "cuda"}
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    before = _status_kib("VmRSS")
+    make_step(loss_fn, z1, z2, pool)()
+    return {"peak": (_status_kib("VmHWM") - before) * 1024, "method": "rss"}
+
+
+def peak_in_subprocess(
+    name: str, n: int, dim: int, pool_size: int, threads: int, device: str = "cpu"
+) -> int:
+    """:func:`measure_peak` in a fresh Python process (nothing freed earlier is reused)."""
+    code = (
+        f"import json, sys, torch; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import loss_overhead as b; "
+        f"torch.set_num_threads({threads}); "
+        f"print(json.dumps(b.measure_peak({name!r}, {n}, {dim}, {pool_size}, {device!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(json.loads(out.stdout.strip().splitlines()[-1])["peak"])
+
+
+def memory_table(
+    names: list[str], cells: list[tuple[int, int]], dim: int, threads: int, device: str = "cpu"
+) -> tuple[list[str], list[str]]:
+    """Markdown rows of peak memory per loss (MiB for infonce, then ratios) and the misses."""
+    rows, misses = [], []
+    for n, pool_size in cells:
+        peaks = {
+            name: peak_in_subprocess(name, n, dim, pool_size, threads, device) for name in names
+        }
+        base = peaks[names[0]]
+        setup = "in-batch" if pool_size == 0 else f"pool K={pool_size}"
+        cells_txt = []
+        for name in names[1:]:
+            ratio = peaks[name] / base if base > 0 else float("nan")
+            flag = " (!)" if ratio > MEMORY_TARGET else ""
+            if flag:
+                misses.append(
+                    f"{name} {setup} N={n}: peak {ratio:.2f}x infonce ({peaks[name] / 2**20:.0f} MiB)"
+                )
+            cells_txt.append(f"{ratio:.2f}{flag}")
+        rows.append(f"| {setup} | {n} | {base / 2**20:.0f} | " + " | ".join(cells_txt) + " |")
+        print(rows[-1], flush=True)
+    return rows, misses
+
+
+# ------------------------------------------------------------------------------------------------
+# graph breaks
+
+
+GRAPH_FORMS = ("in-batch", "pool", "pool+exclude_index", "hard_negatives")
+
+
+def graph_breaks(name: str, form: str, *, check_inputs: bool = False) -> str:
+    """Graph breaks of ``torch._dynamo.explain`` for one loss and call form (``'-'``: the loss
+    rejects that form; ``'error'``: capture failed)."""
+    import torch._dynamo
+
+    gen = torch.Generator().manual_seed(0)
+    z1 = torch.randn(8, 6, generator=gen).requires_grad_()
+    z2 = torch.randn(8, 6, generator=gen).requires_grad_()
+    kwargs: dict = {}
+    if form.startswith("pool"):
+        kwargs["negatives"] = torch.randn(24, 6, generator=gen)
+        if form == "pool+exclude_index":
+            kwargs["exclude_index"] = torch.arange(8)
+    elif form == "hard_negatives":
+        kwargs["hard_negatives"] = torch.randn(8, 2, 6, generator=gen)
+    loss_fn = hardneg.create_loss(name, check_inputs=check_inputs)
+    if loss_fn.draws:
+        kwargs["generator"] = torch.Generator().manual_seed(1)
+    try:
+        loss_fn(z1, z2, **kwargs)
+    except ValueError:
+        return "-"
+    torch._dynamo.reset()
+    try:
+        explanation = torch._dynamo.explain(loss_fn)(z1, z2, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        return f"error ({type(exc).__name__})"
+    finally:
+        torch._dynamo.reset()
+    return str(explanation.graph_break_count)
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="256,512,1024", help="batch sizes N (comma-separated)")
     parser.add_argument(
-        "--pools", default="0,4096,65536", help="pool sizes K, 0 = in-batch (comma-separated)"
+        "--pools", default="0,4096", help="pool sizes K, 0 = in-batch (comma-separated)"
     )
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument(
@@ -185,7 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--losses", default=None, help="losses besides infonce (default: all)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--threads",
+        default="default",
+        help="thread counts, comma-separated, 'default' = torch's default (e.g. default,1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--quick", action="store_true", help="N = 256, in-batch and K = 4096, 5 rounds"
@@ -196,10 +369,28 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="also time each loss's matrix products alone (the product floor table)",
     )
+    parser.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="peak-memory table (one forward+backward per loss, a subprocess each)",
+    )
+    parser.add_argument(
+        "--memory-cells",
+        default="4096:0,1024:65536",
+        help="N:K cells of the memory table (K = 0: in-batch)",
+    )
+    parser.add_argument(
+        "--graph-breaks",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="graph breaks per loss and call form under torch.compile",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (memory table)")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.pools, args.repeats = "256", "0,4096", 5
-    torch.set_num_threads(args.threads)
+    threads = parse_threads(args.threads)
     others = (
         [x for x in hardneg.list_losses() if x != "infonce"]
         if args.losses is None
@@ -208,77 +399,139 @@ def main(argv: list[str] | None = None) -> int:
     names = ["infonce", *others]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s), d = {args.dim}, "
-        f">= {args.repeats} interleaved rounds per cell, estimator {args.estimator}; "
-        f"load average at start {load:.2f}"
+        f"torch {torch.__version__}, {os.cpu_count()} CPU(s), threads {threads} "
+        f"(torch's default: {DEFAULT_THREADS}), d = {args.dim}, >= {args.repeats} interleaved rounds "
+        f"per cell, estimator {args.estimator}; load average at start {load:.2f}"
     )
-    print()
-    header = ["set-up", "N", f"infonce ({args.estimator}, ms)", *(f"{x} (x)" for x in others)]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join(["---"] * len(header)) + "|")
-    misses = []
-    floor_rows = []
-    for pool_size in parse_ints(args.pools):
-        for n in parse_ints(args.sizes):
-            med, ratios = time_cell(
-                names,
-                n,
-                args.dim,
-                pool_size,
-                args.repeats,
-                args.warmup,
-                args.seed,
-                estimator=args.estimator,
-                floors=args.floor,
-            )
-            base = med["infonce"]
-            setup = "in-batch" if pool_size == 0 else f"pool K={pool_size}"
-            cells = []
-            for name in others:
-                ratio = ratios[name]
-                target = TARGETS.get(name)
-                flag = ""
-                if target is not None and ratio > target:
-                    flag = " (!)"
-                    floor = ratios.get(f"floor:{name}")
-                    why = ""
-                    if floor is not None:
-                        # infonce's own non-product work: the log-sum-exp over the logits and
-                        # its backward, which every loss that weights all candidates also does
-                        rest = max(0.0, 1.0 - ratios["floor:infonce"])
-                        why = (
-                            f" (product floor {floor:.2f}x; with infonce's non-product work "
-                            f"{floor + rest:.2f}x)"
-                        )
-                    misses.append(f"{name} N={n} K={pool_size or 'in-batch'}: {ratio:.2f}x{why}")
-                cells.append(f"{ratio:.2f}{flag}")
-            print(f"| {setup} | {n} | {base * 1e3:.1f} | " + " | ".join(cells) + " |", flush=True)
-            if args.floor:
-                floor_rows.append(
-                    f"| {setup} | {n} | "
-                    + " | ".join(
-                        f"{ratios[f'floor:{name}']:.2f}"
-                        + (
-                            " (!)"
-                            if ratios[f"floor:{name}"] > TARGETS.get(name, float("inf"))
-                            else ""
-                        )
-                        for name in names
-                    )
-                    + " |"
+    misses: list[str] = []
+    pools, sizes = parse_ints(args.pools), parse_ints(args.sizes)
+    if pools and sizes:
+        tables: dict[int, list[str]] = {t: [] for t in threads}
+        floor_rows: dict[int, list[str]] = {t: [] for t in threads}
+        for pool_size in pools:
+            for n in sizes:
+                cell = time_cell(
+                    names,
+                    n,
+                    args.dim,
+                    pool_size,
+                    args.repeats,
+                    args.warmup,
+                    args.seed,
+                    threads=threads,
+                    estimator=args.estimator,
+                    floors=args.floor,
                 )
-    if floor_rows:
+                setup = "in-batch" if pool_size == 0 else f"pool K={pool_size}"
+                for t, (med, ratios) in cell.items():
+                    cells = []
+                    for name in others:
+                        ratio = ratios[name]
+                        target = TARGETS.get(name)
+                        flag = ""
+                        if target is not None and ratio > target:
+                            flag = " (!)"
+                            why = ""
+                            floor = ratios.get(f"floor:{name}")
+                            if floor is not None:
+                                rest = max(0.0, 1.0 - ratios["floor:infonce"])
+                                why = (
+                                    f" (product floor {floor:.2f}x; with infonce's non-product work "
+                                    f"{floor + rest:.2f}x)"
+                                )
+                            misses.append(f"{name} {t} thread(s) N={n} {setup}: {ratio:.2f}x{why}")
+                        cells.append(f"{ratio:.2f}{flag}")
+                    row = (
+                        f"| {t} | {setup} | {n} | {med['infonce'] * 1e3:.1f} | "
+                        + " | ".join(cells)
+                        + " |"
+                    )
+                    tables[t].append(row)
+                    print(row, flush=True)
+                    if args.floor:
+                        floor_rows[t].append(
+                            f"| {t} | {setup} | {n} | "
+                            + " | ".join(
+                                f"{ratios[f'floor:{x}']:.2f}"
+                                + (
+                                    " (!)"
+                                    if ratios[f"floor:{x}"] > TARGETS.get(x, float("inf"))
+                                    else ""
+                                )
+                                for x in names
+                            )
+                            + " |"
+                        )
         print()
-        print("Product floor: the loss's matrix products alone, relative to infonce's full step")
-        print("((!) = the products alone exceed the target)")
+        print(
+            f"Time of one forward+backward relative to infonce in the same round ({args.estimator} over rounds)"
+        )
         print()
-        header = ["set-up", "N", *(f"{x} (x)" for x in names)]
+        header = [
+            "threads",
+            "set-up",
+            "N",
+            f"infonce ({args.estimator}, ms)",
+            *(f"{x} (x)" for x in others),
+        ]
         print("| " + " | ".join(header) + " |")
         print("|" + "|".join(["---"] * len(header)) + "|")
-        print("\n".join(floor_rows))
+        for t in threads:
+            print("\n".join(tables[t]))
+        if args.floor:
+            print()
+            print(
+                "Product floor: the loss's matrix products alone, relative to infonce's full step"
+            )
+            print("((!) = the products alone exceed the target)")
+            print()
+            header = ["threads", "set-up", "N", *(f"{x} (x)" for x in names)]
+            print("| " + " | ".join(header) + " |")
+            print("|" + "|".join(["---"] * len(header)) + "|")
+            for t in threads:
+                print("\n".join(floor_rows[t]))
+    if args.memory:
+        cells = []
+        for item in args.memory_cells.split(","):
+            n_text, _, k_text = item.partition(":")
+            cells.append((int(n_text), int(k_text or 0)))
+        print()
+        print(
+            "Peak memory of one forward+backward, relative to infonce "
+            + (
+                "(CUDA max_memory_allocated above the inputs)"
+                if args.device == "cuda"
+                else "(CPU: resident-set high-water mark above the resident set just before the "
+                "step, a fresh process per measurement; Linux VmHWM reset through /proc/self/clear_refs)"
+            )
+        )
+        print()
+        header = ["set-up", "N", "infonce (MiB)", *(f"{x} (x)" for x in others)]
+        print("| " + " | ".join(header) + " |")
+        print("|" + "|".join(["---"] * len(header)) + "|")
+        _, mem_misses = memory_table(names, cells, args.dim, threads[0], args.device)
+        misses.extend(mem_misses)
+    if args.graph_breaks:
+        print()
+        print(
+            "Graph breaks under torch.compile (torch._dynamo.explain, check_inputs=False; '-' = form not supported)"
+        )
+        print()
+        print("| loss | " + " | ".join(GRAPH_FORMS) + " |")
+        print("|" + "|".join(["---"] * (len(GRAPH_FORMS) + 1)) + "|")
+        for name in names:
+            counts = [graph_breaks(name, form) for form in GRAPH_FORMS]
+            print(f"| {name} | " + " | ".join(counts) + " |", flush=True)
+            misses.extend(
+                f"{name} {form}: {c} graph breaks"
+                for form, c in zip(GRAPH_FORMS, counts)
+                if c not in ("0", "-")
+            )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print()
-    print(f"load average at end {load:.2f}; (!) = above target {TARGETS}")
+    print(
+        f"load average at end {load:.2f}; (!) = above target {TARGETS}, memory <= {MEMORY_TARGET}x"
+    )
     for miss in misses:
         print(f"  miss: {miss}")
     return 0

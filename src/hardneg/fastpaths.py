@@ -68,6 +68,8 @@ class _TiltedLogMass(torch.autograd.Function):
             if e is None:
                 e = s.exp_()
             q = None if beta == 0.0 else (e if beta == 1.0 else e.square())
+            if q is None and factor is None:  # uniform weights over the present columns
+                q = torch.isfinite(logits).to(e.dtype)
         else:
             assert s is not None
             q = (s * beta).exp_()

@@ -144,7 +144,10 @@ class UnReMixNegatives(Strategy):
         """``U``: ``[A, C]`` for ``gradient_similarity``, ``[1, C]`` for ``gradient_norm``."""
         with torch.no_grad():
             delta_a = anchor_gradients(contrast)
-            delta_c = column_gradients(contrast)
+            # in-batch the columns are the anchors: their deltas are the same, computed once
+            delta_c = (
+                delta_a if contrast.columns is contrast.anchors else column_gradients(contrast)
+            )
             h_a, h_c = contrast.anchor_features, contrast.column_features
             if h_a is None or h_c is None:  # h = z
                 h_a, h_c = contrast.anchors, contrast.columns
