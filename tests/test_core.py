@@ -227,8 +227,8 @@ def test_jensen_shannon_objective_equals_the_fenchel_dual_formula(tau):
     sp = lambda x: math.log1p(math.exp(x))  # noqa: E731
     for i in range(4):
         cols = [j for j in range(5) if neg[i, j] != float("-inf")]
-        m = len(cols)
-        e_neg = sum(math.exp(log_w[i, j]) * sp(neg[i, j].item()) for j in cols) / m
+        total = sum(math.exp(log_w[i, j]) for j in cols)
+        e_neg = sum(math.exp(log_w[i, j]) * sp(neg[i, j].item()) for j in cols) / total
         e_neg = e_neg / (1 - tau) - math.log(2)
         a = pos[i, 0].item()
         e_pos = math.log(2) - sp(-a) - tau / (1 - tau) * sp(a)

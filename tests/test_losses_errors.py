@@ -90,9 +90,7 @@ def test_features_with_the_wrong_number_of_rows_are_rejected():
 
 
 def test_an_exclude_index_outside_the_pool_is_rejected():
-    with raises(
-        "exclude_index must hold positions in [0, 10) of the pool, got 10"
-    ):
+    with raises("exclude_index must hold positions in [0, 10) of the pool, got 10"):
         hardneg.create_loss("infonce")(
             z(), z(), negatives=z(10), exclude_index=torch.tensor([0, 1, 2, 10])
         )

@@ -20,7 +20,7 @@ InfoGraph (Hjelm et al. 2019; Sun et al., ICLR 2020) on the same contrast set, w
 strategy's weights (mean 1 over the negatives) on the negative expectation:
 
     E+_i = sum_p v_ip (log 2 - softplus(-a_ip)) / sum_p v_ip
-    E-_i = (1/M_i) sum_j w_ij softplus(c_ij)  - log 2
+    E-_i = sum_j w_ij softplus(c_ij) / sum_j w_ij  - log 2      (mean over the kept negatives)
     l_i  = E-_i - E+_i
 
 and with ``tau_plus > 0`` the debiased form of HCL's graph code (``JSD_hard``):
@@ -181,7 +181,11 @@ def negative_weights(contrast: ContrastSet, selection: Selection) -> Tensor:
 
 
 def jsd_objective(contrast: ContrastSet, selection: Selection, *, tau_plus: float = 0.0) -> Tensor:
-    """Per-anchor Jensen-Shannon (Fenchel-dual) loss ``[A]`` (see the module docstring)."""
+    """Per-anchor Jensen-Shannon (Fenchel-dual) loss ``[A]`` (see the module docstring).
+
+    The negative expectation is the strategy-weighted mean over the anchor's kept negatives,
+    ``sum_j w_ij sp(c_ij) / sum_j w_ij`` (a softmax of the log-weights: no overflow whatever the
+    scale of ``w``); uniform weights give InfoGraph's mean, mean-1 weights HCL's estimator."""
     if selection.negative_log_mass is not None and selection.negative_log_weights is None:
         raise ValueError("the Jensen-Shannon objective needs dense negative weights")
     log2 = math.log(2.0)
@@ -189,18 +193,20 @@ def jsd_objective(contrast: ContrastSet, selection: Selection, *, tau_plus: floa
     weight = torch.where(weight > 0, weight, 0.0)
     norm = weight.sum(dim=1)
     e_pos = (weight * (log2 - F.softplus(-pos))).sum(dim=1) / norm
-    w = negative_weights(contrast, selection)
-    logits = torch.where(w > 0, contrast.negative_logits, 0.0)  # no -inf * 0
-    neg_sum = (w * F.softplus(logits)).sum(dim=1)
-    count = (
-        w.new_zeros(()) + contrast.num_negatives
-        if isinstance(contrast.num_negatives, int)
-        else contrast.num_negatives.to(w.dtype)
+    logits = contrast.negative_logits
+    log_w = (
+        torch.zeros_like(logits)
+        if selection.negative_log_weights is None
+        else selection.negative_log_weights
     )
-    if selection.extra_negative_logits is not None:
-        neg_sum = neg_sum + F.softplus(selection.extra_negative_logits).sum(dim=1)
-        count = count + selection.extra_negative_logits.shape[1]
-    mean_neg = neg_sum / count
+    log_w = log_w.masked_fill(~torch.isfinite(logits), float("-inf"))
+    if selection.extra_negative_logits is not None:  # synthetic negatives, weight 1
+        extra = selection.extra_negative_logits
+        logits = torch.cat([logits, extra], dim=1)
+        log_w = torch.cat([log_w, torch.zeros_like(extra)], dim=1)
+    share = torch.softmax(log_w, dim=1)  # w / sum w, 0 where dropped
+    finite = torch.where(share > 0, logits, 0.0)  # no -inf * 0
+    mean_neg = (share * F.softplus(finite)).sum(dim=1)
     if tau_plus > 0.0:
         mean_neg = mean_neg / (1.0 - tau_plus)
         e_pos = e_pos - tau_plus / (1.0 - tau_plus) * (weight * F.softplus(pos)).sum(dim=1) / norm

@@ -206,9 +206,7 @@ def _print(line: str) -> None:
 
 def run_cli(args) -> int:
     """Entry from ``hardneg demo --modality graph``."""
-    from hardneg.commands.compare import STRATEGIES
-
-    if args.strategies == ",".join(STRATEGIES):  # the image demo's default: use the registry
+    if not args.strategies:  # default: every registered strategy
         strategies = None
     else:
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]

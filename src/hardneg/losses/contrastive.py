@@ -315,7 +315,9 @@ class ContrastiveLoss(nn.Module):
         check_optional_features("h2", inputs.h2, n)
         per_anchor = negatives is not None and negatives.dim() == 3
         if per_anchor and inputs.negative_h is not None:
-            raise ValueError("negative_h needs a shared pool (negatives [K, d]), not a per-anchor one")
+            raise ValueError(
+                "negative_h needs a shared pool (negatives [K, d]), not a per-anchor one"
+            )
         if negatives is not None and not per_anchor:
             check_optional_features("negative_h", inputs.negative_h, negatives.shape[0])
         if inputs.exclude_index is not None:
@@ -332,7 +334,9 @@ class ContrastiveLoss(nn.Module):
         if inputs.labels is not None:
             check_labels("labels", inputs.labels, n)
         if inputs.negative_labels is not None and per_anchor:
-            check_labels("negative_labels", inputs.negative_labels.flatten(), negatives.shape[:2].numel())
+            check_labels(
+                "negative_labels", inputs.negative_labels.flatten(), negatives.shape[:2].numel()
+            )
             if inputs.negative_labels.shape != negatives.shape[:2]:
                 raise ValueError(
                     f"negative_labels of a per-anchor pool must have shape "

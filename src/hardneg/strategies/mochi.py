@@ -8,7 +8,8 @@ hardest kept, ``Q~ = {n_1..n_N}``. Synthetic negatives are feature-level mixes o
     h'_k = normalise( b_k q + (1 - b_k) n_j ),        n_j ∈ Q~,       b_k ~ U(0, 0.5), k = 1..s'
 
 (the second kind, mixing the query itself in with a coefficient below 0.5, gives even harder
-negatives). They are appended to the anchor's negatives with logits ``q · h / t``; no gradient
+negatives). With raw dot products (``normalize=False``, e.g. the Jensen-Shannon objective) the
+mixes are left unnormalised. They are appended to the anchor's negatives with logits ``q · h / t``; no gradient
 flows through the synthesis (the mixes are detached, only ``q`` in ``q · h`` carries one). The
 pairs ``(i, j)`` are drawn uniformly from ``Q~`` (``i != j`` is not enforced: a pair with
 ``i = j`` gives ``n_i`` itself, as in the paper's sampling). Defaults ``N = 1024``, ``s = 1024``,
@@ -85,16 +86,21 @@ class HardNegativeMixing(Strategy):
                 alpha = _uniform((a_rows, self.num_mixed, 1), g, logits)
                 first = embeddings.gather(1, pick[..., :1].expand(-1, -1, embeddings.shape[2]))
                 second = embeddings.gather(1, pick[..., 1:].expand(-1, -1, embeddings.shape[2]))
-                mixes.append(F.normalize(alpha * first + (1 - alpha) * second, dim=2))
+                mixes.append(self._unit(alpha * first + (1 - alpha) * second, contrast))
             if self.num_query_mixed:
                 pick = (_uniform((a_rows, self.num_query_mixed), g, logits) * available).long()
                 beta = _uniform((a_rows, self.num_query_mixed, 1), g, logits, high=0.5)
                 other = embeddings.gather(1, pick.unsqueeze(2).expand(-1, -1, embeddings.shape[2]))
                 query = contrast.anchors.detach().unsqueeze(1)
-                mixes.append(F.normalize(beta * query + (1 - beta) * other, dim=2))
+                mixes.append(self._unit(beta * query + (1 - beta) * other, contrast))
             if not mixes:
                 return embeddings[:, :0]
             return torch.cat(mixes, dim=1)
+
+    @staticmethod
+    def _unit(x: Tensor, contrast: ContrastSet) -> Tensor:
+        """Normalised as in the paper; raw dot products (``normalize=False``) keep raw mixes."""
+        return F.normalize(x, dim=2) if contrast.normalized else x
 
     @staticmethod
     def _column_vectors(contrast: ContrastSet, index: Tensor) -> Tensor:
@@ -113,8 +119,6 @@ class HardNegativeMixing(Strategy):
         return torch.where((index < c).unsqueeze(2), shared, own)
 
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
-        if not contrast.normalized:
-            raise ValueError("mochi mixes unit vectors: use it with normalize=True")
         synthetic = self.synthetic_negatives(contrast, context)
         if synthetic.shape[1] == 0:
             return Selection()
