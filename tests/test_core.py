@@ -327,3 +327,34 @@ def test_an_anchor_with_every_negative_dropped_contributes_zero_loss_and_no_nan_
     per_anchor.sum().backward()
     assert torch.isfinite(neg.grad).all() and torch.isfinite(pos.grad).all()
     assert neg.grad[1].abs().sum().item() == 0.0
+
+
+def test_help_of_create_loss_and_of_each_strategy_is_generated_from_the_registry():
+    from hardneg.registry import register_strategy, strategy_class, unregister_strategy
+    from hardneg.strategies import Strategy
+
+    doc = hardneg.create_loss.__doc__
+    for name in hardneg.list_losses():
+        assert f"\n{name}: " in doc
+        cls_doc = strategy_class(name).__doc__
+        for key, default in hardneg.loss_hparams(name).items():
+            assert f"{key}={default!r}" in doc and f"{key}={default!r}" in cls_doc
+
+    @register_strategy("doc_probe")
+    class DocProbe(Strategy):
+        """A probe.
+
+        Args:
+            gamma: the probe's only knob.
+        """
+
+        def __init__(self, *, gamma: float = 3.0) -> None:
+            super().__init__()
+            self.gamma = gamma
+
+    try:
+        assert "gamma=3.0: the probe's only knob." in hardneg.create_loss.__doc__
+    finally:
+        unregister_strategy("doc_probe")
+        hardneg.registry.refresh_docs()
+    assert "doc_probe" not in hardneg.create_loss.__doc__

@@ -9,6 +9,7 @@ True
 
 from hardneg.diagnostics import NegativeDiagnostics
 from hardneg.losses import ContrastiveLoss, LossOutput
+from hardneg import registry
 from hardneg.registry import (
     create_loss,
     describe_loss,
@@ -18,6 +19,8 @@ from hardneg.registry import (
     register_strategy,
 )
 from hardneg.strategies import Selection, StepContext, Strategy
+
+registry.refresh_docs()  # help(hardneg.create_loss) lists every loss, generated from the registry
 
 __version__ = "0.1.0"
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the strategies import this module to register themselves
     from hardneg.strategies.base import Strategy
 
 _REGISTRY: dict[str, type[Strategy]] = {}
+_DOCS: dict[str, object] = {"ready": False, "create_loss": None, "classes": {}}
 
 
 def register_strategy(name: str, *, summary: str | None = None) -> Callable[[type], type]:
@@ -46,6 +47,8 @@ def register_strategy(name: str, *, summary: str | None = None) -> Callable[[typ
         cls.name = name
         if summary is not None:
             cls.summary = summary
+        if _DOCS["ready"]:  # a plug-in registered after import: its help appears too
+            refresh_docs()
         return cls
 
     return wrap
@@ -154,6 +157,24 @@ def describe_loss(name: str) -> str:
     for key, default in loss_hparams(name).items():
         lines.append(f"  {key}={default!r}: {meanings.get(key, '')}".rstrip(": ").rstrip())
     return "\n".join(lines)
+
+
+def refresh_docs() -> None:
+    """Write the registry's help into ``create_loss.__doc__`` and each strategy class's
+    docstring: every loss with every hyper-parameter, its default and its meaning, generated
+    from the signatures and ``Args:`` sections (``help(hardneg.create_loss)``)."""
+    if _DOCS["create_loss"] is None:
+        _DOCS["create_loss"] = create_loss.__doc__ or ""
+    parts = [str(_DOCS["create_loss"]).rstrip(), "", "Registered losses:", ""]
+    classes: dict = _DOCS["classes"]  # type: ignore[assignment]
+    for name, cls in _REGISTRY.items():
+        text = describe_loss(name)
+        parts.append(text)
+        parts.append("")
+        base = classes.setdefault(cls, cls.__doc__ or "")
+        cls.__doc__ = f"{base.rstrip()}\n\n{text}\n"
+    create_loss.__doc__ = "\n".join(parts)
+    _DOCS["ready"] = True
 
 
 def _arg_docs(cls: type) -> dict[str, str]:
