@@ -7,9 +7,9 @@
 True
 """
 
+from hardneg import registry
 from hardneg.diagnostics import NegativeDiagnostics
 from hardneg.losses import ContrastiveLoss, LossOutput
-from hardneg import registry
 from hardneg.registry import (
     create_loss,
     describe_loss,
