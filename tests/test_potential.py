@@ -505,16 +505,46 @@ def test_registry_defaults():
     }
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_runs_on_the_gpu_with_a_cuda_generator():
-    z1, z2 = (t.cuda() for t in embeddings(64, d=128, seed=26))
-    bank = torch.randn(4096, 128, device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    loss_fn = PotentialLoss()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = assert_finite_with_grads(loss_fn, z1, z2, negatives=bank, generator=g)
-    cpu = loss_fn(z1.cpu(), z2.cpu(), negatives=bank.cpu(), generator=torch.Generator())
-    assert abs(float(loss) - float(cpu)) < 0.5  # same objective, different draws and precision
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+    ),
+]
+
+
+@pytest.mark.parametrize("with_bank", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_expected_mode_on_each_device_equals_the_float64_equations(device, with_bank):
+    """On every device, float32: the value and the gradients of the deterministic (expected)
+    loss equal the float64 loop re-statement of the equations to 1e-5 (the same oracle as
+    test_gradient_oracles.py; a wrong device branch cannot hide behind a loose tolerance)."""
+    from test_gradient_oracles import as64, potential_reference
+
+    z1, z2 = embeddings(24, d=32, seed=26)
+    bank = torch.randn(256, 32, generator=torch.Generator().manual_seed(27)) if with_bank else None
+    loss_fn = PotentialLoss(temperature=0.5, num_neighbors=5, aug_weight=0.5, sample="expected")
+    x1, x2 = (z.to(device).requires_grad_() for z in (z1, z2))
+    pool = None if bank is None else bank.to(device)
+    loss = loss_fn(x1, x2, negatives=pool)
+    g1, g2 = torch.autograd.grad(loss, (x1, x2))
+    r1, r2 = as64(z1, z2)
+    want = potential_reference(5, 0.5, "hard")(r1, r2, None if bank is None else bank.double())
+    w1, w2 = torch.autograd.grad(want, (r1, r2))
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.detach().cpu().double(), want.detach(), **tol)
+    torch.testing.assert_close(g1.cpu().double(), w1, **tol)
+    torch.testing.assert_close(g2.cpu().double(), w2, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_drawn_mode_runs_with_a_generator_on_each_device_under_bf16_autocast(device):
+    z1, z2 = (t.to(device) for t in embeddings(64, d=128, seed=26))
+    bank = torch.randn(4096, 128, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = assert_finite_with_grads(PotentialLoss(), z1, z2, negatives=bank, generator=g)
+    assert loss.dtype == torch.float32
 
 
 def test_cpu_scratch_buffers_are_capped_and_do_not_change_the_loss(monkeypatch):
