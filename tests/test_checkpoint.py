@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import random
+import re
 import signal
 import stat
 import subprocess
@@ -231,6 +232,15 @@ UNLOADABLE = [
     (Path("x"), "Path"),
     (frozenset([1]), "frozenset"),
 ]
+# the full message of each: where, the exact type, and how to convert it
+MESSAGES = {
+    "numpy.float64": "numpy.float64, {tail} (convert it explicitly, e.g. float(x), int(x) or x.item())",
+    "numpy.int64": "numpy.int64, {tail} (convert it explicitly, e.g. float(x), int(x) or x.item())",
+    "numpy.ndarray": "numpy.ndarray, {tail} (convert it explicitly, e.g. torch.from_numpy(x) or x.tolist())",
+    "_Custom": f"{_Custom.__module__}._Custom, {{tail}} (store only tensors, dicts, lists, tuples, int, float, bool, str and None)",
+    "Path": f"pathlib.{type(Path('x')).__qualname__}, {{tail}} (convert it explicitly, e.g. str(x))",
+    "frozenset": "frozenset, {tail} (convert it explicitly, e.g. sorted(x))",
+}
 
 
 @pytest.mark.parametrize(("value", "type_name"), UNLOADABLE, ids=[t for _, t in UNLOADABLE])
@@ -246,8 +256,9 @@ def test_unloadable_value_is_refused_with_its_key_path(tmp_path, value, type_nam
     payload = {"history": [{"epoch": 1}, {"epoch": 2, "loss": value}]}
     with pytest.raises(ValueError, match=r"payload\['history'\]\[1\]\['loss'\]") as info:
         save_checkpoint(path, payload)
-    assert type_name in str(info.value)
-    assert "weights_only" in str(info.value)
+    tail = "which torch.load(weights_only=True) cannot read back"
+    expected = "payload['history'][1]['loss'] has type " + MESSAGES[type_name].format(tail=tail)
+    assert str(info.value) == expected
     assert not path.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -449,8 +460,14 @@ def test_corrupted_tensor_bytes_are_detected(tmp_path):
 def test_garbage_file_gives_clear_error(tmp_path):
     path = tmp_path / "last.pt"
     path.write_bytes(b"this is not a checkpoint\n" * 10)
-    with pytest.raises(ValueError, match="truncated or corrupt"):
+    with pytest.raises(ValueError, match="truncated or corrupt") as info:
         load_checkpoint(path)
+    # one line: the error's type and the first line of its message, in parentheses
+    message = str(info.value)
+    assert "\n" not in message and "\x1b" not in message
+    assert re.fullmatch(
+        r"checkpoint \S+ is truncated or corrupt \(\w+(Error|Exception): .+\)", message
+    )
 
 
 def test_not_a_dict(tmp_path):

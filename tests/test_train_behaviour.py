@@ -99,10 +99,9 @@ class Spy:
         self.indices.append(kwargs["index"].clone())
 
     def epoch_orders(self) -> list[list[int]]:
+        """The dataset indices seen, epoch by epoch (64 images per epoch)."""
         flat = torch.cat(self.indices).tolist()
-        size = len(flat) // STEPS_PER_EPOCH * STEPS_PER_EPOCH
-        per_epoch = STEPS_PER_EPOCH * 16
-        return [flat[i : i + per_epoch] for i in range(0, size, per_epoch)]
+        return [flat[i : i + 64] for i in range(0, len(flat), 64)]
 
 
 # ------------------------------------------------------------------- learning-rate schedule
