@@ -521,8 +521,8 @@ def test_expected_mode_on_each_device_equals_the_float64_equations(device, with_
     test_gradient_oracles.py; a wrong device branch cannot hide behind a loose tolerance)."""
     from test_gradient_oracles import as64, potential_reference
 
-    z1, z2 = embeddings(24, d=32, seed=26)
-    bank = torch.randn(256, 32, generator=torch.Generator().manual_seed(27)) if with_bank else None
+    z1, z2 = embeddings(16, d=32, seed=26)
+    bank = torch.randn(128, 32, generator=torch.Generator().manual_seed(27)) if with_bank else None
     loss_fn = PotentialLoss(temperature=0.5, num_neighbors=5, aug_weight=0.5, sample="expected")
     x1, x2 = (z.to(device).requires_grad_() for z in (z1, z2))
     pool = None if bank is None else bank.to(device)
