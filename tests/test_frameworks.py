@@ -365,7 +365,9 @@ def test_memory_bank_draws_its_negatives_from_the_whole_bank_with_the_generator(
 
 @pytest.mark.parametrize("dataset_size", [1])
 def test_memory_bank_with_every_negative_needs_two_images(dataset_size):
-    with pytest.raises(ValueError, match="needs at least 2 images"):
+    with pytest.raises(
+        ValueError, match="^a memory bank with negatives='all' needs at least 2 images$"
+    ):
         MemoryBank(*parts(), dataset_size=dataset_size, out_dim=8, negatives="all")
     MemoryBank(*parts(), dataset_size=2, out_dim=8, negatives="all")
     MemoryBank(*parts(), dataset_size=1, out_dim=8, negatives=1)  # drawn negatives: fine

@@ -393,3 +393,46 @@ def test_memory_bank_entries_follow_the_momentum_update_in_a_training_run(tmp_pa
     assert sorted(written.tolist()) == list(range(64))
     final = load_checkpoint(tmp_path / "checkpoints/final.pt")["model"]["bank"]
     assert torch.equal(final, updates[-1][3])
+
+
+# --------------------------------------------------------------------------------- optimizer
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)],
+)
+def test_the_optimizer_is_the_configured_one_over_the_trainable_parameters(name, cls):
+    from torch import nn
+
+    from hardneg.train.optim import build_optimizer
+
+    config = tiny(
+        f"optim.name={name}",
+        "optim.lr=0.03",
+        "optim.weight_decay=0.002",
+        "optim.momentum=0.8",
+        "optim.nesterov=true",
+    )
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model[1].weight.requires_grad_(False)  # e.g. a momentum encoder's: not optimised
+    optimizer = build_optimizer(config.optim, model)
+    assert type(optimizer) is cls
+    (group,) = optimizer.param_groups
+    assert group["lr"] == 0.03 and group["weight_decay"] == 0.002
+    assert [id(p) for p in group["params"]] == [
+        id(model[0].weight),
+        id(model[0].bias),
+        id(model[1].bias),
+    ]
+    if name == "sgd":
+        assert group["momentum"] == 0.8 and group["nesterov"] is True
+
+
+def test_an_unknown_optimizer_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from hardneg.train.optim import build_optimizer
+
+    with pytest.raises(ValueError, match="optim.name must be adam, adamw or sgd, got 'lamb'"):
+        build_optimizer(SimpleNamespace(name="lamb"), torch.nn.Linear(2, 2))
