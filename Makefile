@@ -1,7 +1,7 @@
 # Routine tasks. `make test` is what CI runs (via .ci/run).
 PY ?= python3
 
-.PHONY: install install-test demo test lint format typecheck bench-loss bench-train docs-defaults clean
+.PHONY: install install-test demo test lint format typecheck bench-loss bench-train docs-defaults mutation clean
 
 install:            ## install the package (torch pinned for our machines)
 	$(PY) -m pip install -c constraints.txt -e .
@@ -33,5 +33,11 @@ bench-train:        ## training throughput vs the torchvision + DataLoader pipel
 docs-defaults:      ## rewrite the defaults table of docs/methods.md from the registry
 	$(PY) docs/update_defaults.py
 
+mutation:           ## mutation testing of trainer/checkpoint/optim/moco/memory bank (slow; see docs/testing.md)
+	$(PY) -m pip install -q mutmut
+	rm -rf mutants
+	OMP_NUM_THREADS=1 mutmut run --max-children 2
+	mutmut results --all true > mutants/results.txt; mutmut export-cicd-stats; cat mutants/mutmut-cicd-stats.json
+
 clean:
-	rm -rf build *.egg-info .pytest_cache .ruff_cache .mypy_cache runs
+	rm -rf build *.egg-info .pytest_cache .ruff_cache .mypy_cache runs mutants

@@ -6,7 +6,9 @@ import io
 import os
 import pickle
 import random
+import re
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -108,6 +110,103 @@ def test_round_trip(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
 
 
+class _SyncSpy:
+    """Records, in order, every ``os.fsync`` (what it synced: a file with its size on disk, or a
+    directory), ``os.replace`` and ``os.close`` made while a checkpoint is saved."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[tuple] = []
+        fsync, replace, close = os.fsync, os.replace, os.close
+
+        def spy_fsync(fd):
+            info = os.fstat(fd)
+            kind = "dir" if stat.S_ISDIR(info.st_mode) else "file"
+            self.events.append(("fsync", kind, info.st_ino, info.st_size))
+            return fsync(fd)
+
+        def spy_replace(src, dst, *args, **kwargs):
+            self.events.append(("replace", Path(src), Path(dst), os.stat(src).st_ino))
+            return replace(src, dst, *args, **kwargs)
+
+        def spy_close(fd):
+            self.events.append(("close", fd))
+            return close(fd)
+
+        monkeypatch.setattr(os, "fsync", spy_fsync)
+        monkeypatch.setattr(os, "replace", spy_replace)
+        monkeypatch.setattr(os, "close", spy_close)
+
+    def kinds(self) -> list[str]:
+        return [
+            e[0] if e[0] != "fsync" else f"fsync-{e[1]}" for e in self.events if e[0] != "close"
+        ]
+
+
+def test_the_file_is_synced_before_the_rename_and_the_directory_after_it(tmp_path, monkeypatch):
+    """Durability (not only atomicity): the temporary's bytes reach the disk (flushed, then
+    ``fsync``) before ``os.replace`` puts it in place, and the directory entry of the rename is
+    made durable by an ``fsync`` of the directory after it."""
+    path = tmp_path / "ckpt" / "last.pt"
+    save_checkpoint(path, {"epoch": 0})  # the directory exists and holds an older checkpoint
+    spy = _SyncSpy(monkeypatch)
+    save_checkpoint(path, {"epoch": 1, "w": torch.arange(3001.0)})  # not a multiple of a page
+    monkeypatch.undo()
+    assert spy.kinds() == ["fsync-file", "replace", "fsync-dir"]
+    (_, _, file_inode, synced_size), (_, src, dst, moved_inode), (_, _, dir_inode, _) = [
+        e for e in spy.events if e[0] != "close"
+    ]
+    assert file_inode == moved_inode == os.stat(path).st_ino  # the synced file is the one moved
+    assert synced_size == os.stat(path).st_size  # every byte was flushed before the sync
+    assert src.parent == dst.parent == path.parent and dst == path and src != path
+    assert dir_inode == os.stat(path.parent).st_ino  # the directory that holds the new entry
+    assert load_checkpoint(path)["epoch"] == 1
+
+
+def test_a_directory_that_cannot_be_synced_does_not_fail_the_save(tmp_path, monkeypatch):
+    """Some file systems refuse ``fsync`` on a directory: the save still succeeds, and the
+    directory's descriptor is closed all the same."""
+    path = tmp_path / "last.pt"
+    fsync = os.fsync
+    closed, opened = [], []
+
+    def no_directory_sync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            opened.append(fd)
+            raise OSError("fsync not supported on directories here")
+        return fsync(fd)
+
+    close = os.close
+
+    def spy_close(fd):
+        closed.append(fd)
+        return close(fd)
+
+    monkeypatch.setattr(os, "fsync", no_directory_sync)
+    monkeypatch.setattr(os, "close", spy_close)
+    save_checkpoint(path, {"epoch": 3})
+    monkeypatch.undo()
+    assert len(opened) == 1 and opened[0] in closed
+    assert load_checkpoint(path)["epoch"] == 3
+
+
+def test_a_directory_that_cannot_be_opened_does_not_fail_the_save(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    real_open = os.open
+    refused = []
+
+    def no_directory_open(target, flags, *args, **kwargs):
+        if Path(target) == tmp_path:
+            refused.append(flags)
+            raise PermissionError("cannot open a directory here")
+        return real_open(target, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_directory_open)
+    save_checkpoint(path, {"epoch": 4})
+    monkeypatch.undo()
+    assert len(refused) == 1 and not refused[0] & (os.O_WRONLY | os.O_RDWR)
+    assert load_checkpoint(path)["epoch"] == 4
+
+
 def test_cuda_tensors_load_on_cpu(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -133,6 +232,15 @@ UNLOADABLE = [
     (Path("x"), "Path"),
     (frozenset([1]), "frozenset"),
 ]
+# the full message of each: where, the exact type, and how to convert it
+MESSAGES = {
+    "numpy.float64": "numpy.float64, {tail} (convert it explicitly, e.g. float(x), int(x) or x.item())",
+    "numpy.int64": "numpy.int64, {tail} (convert it explicitly, e.g. float(x), int(x) or x.item())",
+    "numpy.ndarray": "numpy.ndarray, {tail} (convert it explicitly, e.g. torch.from_numpy(x) or x.tolist())",
+    "_Custom": f"{_Custom.__module__}._Custom, {{tail}} (store only tensors, dicts, lists, tuples, int, float, bool, str and None)",
+    "Path": f"pathlib.{type(Path('x')).__qualname__}, {{tail}} (convert it explicitly, e.g. str(x))",
+    "frozenset": "frozenset, {tail} (convert it explicitly, e.g. sorted(x))",
+}
 
 
 @pytest.mark.parametrize(("value", "type_name"), UNLOADABLE, ids=[t for _, t in UNLOADABLE])
@@ -148,8 +256,9 @@ def test_unloadable_value_is_refused_with_its_key_path(tmp_path, value, type_nam
     payload = {"history": [{"epoch": 1}, {"epoch": 2, "loss": value}]}
     with pytest.raises(ValueError, match=r"payload\['history'\]\[1\]\['loss'\]") as info:
         save_checkpoint(path, payload)
-    assert type_name in str(info.value)
-    assert "weights_only" in str(info.value)
+    tail = "which torch.load(weights_only=True) cannot read back"
+    expected = "payload['history'][1]['loss'] has type " + MESSAGES[type_name].format(tail=tail)
+    assert str(info.value) == expected
     assert not path.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -351,8 +460,14 @@ def test_corrupted_tensor_bytes_are_detected(tmp_path):
 def test_garbage_file_gives_clear_error(tmp_path):
     path = tmp_path / "last.pt"
     path.write_bytes(b"this is not a checkpoint\n" * 10)
-    with pytest.raises(ValueError, match="truncated or corrupt"):
+    with pytest.raises(ValueError, match="truncated or corrupt") as info:
         load_checkpoint(path)
+    # one line: the error's type and the first line of its message, in parentheses
+    message = str(info.value)
+    assert "\n" not in message and "\x1b" not in message
+    assert re.fullmatch(
+        r"checkpoint \S+ is truncated or corrupt \(\w+(Error|Exception): .+\)", message
+    )
 
 
 def test_not_a_dict(tmp_path):

@@ -453,3 +453,95 @@ def test_shuffle_bn_is_a_no_op_in_one_process():
     model_b = MoCo(*parts(), out_dim=8, queue_size=16, shuffle_bn=False)
     a, b = step(model_a), step(model_b)
     assert torch.equal(a.loss, b.loss) and torch.equal(a.pending["keys"], b.pending["keys"])
+
+
+class Recording(nn.Module):
+    """A real loss that records the keyword arguments of every call (what the framework feeds)."""
+
+    def __init__(self, name="infonce", **hparams):
+        super().__init__()
+        self.inner = hardneg.create_loss(name, **hparams)
+        self.calls = []
+
+    def forward(self, z1, z2, negatives=None, **kwargs):
+        self.calls.append(dict(kwargs, z1=z1, z2=z2, negatives=negatives))
+        return self.inner(z1, z2, negatives=negatives, **kwargs)
+
+
+def test_memory_bank_feeds_the_loss_everything_it_needs():
+    backbone, head, _ = parts()
+    loss = Recording()
+    model = MemoryBank(
+        backbone, head, loss, dataset_size=20, out_dim=8, momentum=0.5, negatives="all"
+    )
+    bank = model.bank.clone()
+    assert torch.allclose(bank.norm(dim=1), torch.ones(20))  # unit rows at the start
+    assert torch.equal(model.bank_labels, torch.full((20,), -1))  # no label known yet
+    generator = torch.Generator().manual_seed(2)
+    (x,) = views()[:1]
+    out = model([x], index=torch.arange(6), labels=torch.arange(6) % 3, progress=0.25,
+                generator=generator, diagnostics=True)  # fmt: skip
+    (call,) = loss.calls
+    _, h = head(backbone(x), return_hidden=True)
+    assert call["progress"] == 0.25 and call["generator"] is generator
+    assert torch.allclose(call["h1"], h) and call["return_diagnostics"] is True
+    assert torch.equal(call["labels"], torch.arange(6) % 3)
+    assert call["negative_labels"] is model.bank_labels and call["negatives"] is model.bank
+    assert torch.equal(call["exclude_index"], torch.arange(6))
+    assert torch.equal(call["z2"], bank[:6])
+    assert out.diagnostics is not None and out.diagnostics.false_negative_mass is not None
+    plain = model([x], index=torch.arange(6), progress=0.25, generator=generator)
+    assert plain.diagnostics is None and "labels" not in loss.calls[-1]
+
+
+def test_memory_bank_draws_its_negatives_from_the_whole_bank_with_the_generator():
+    backbone, head, _ = parts()
+    loss = Recording()
+    model = MemoryBank(backbone, head, loss, dataset_size=50, out_dim=8, negatives=300)
+    (x,) = views()[:1]
+    model([x], index=torch.arange(6), generator=torch.Generator().manual_seed(5))
+    drawn = loss.calls[-1]["negatives"]
+    expected = torch.randint(0, 50, (300,), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(drawn, model.bank[expected])
+    assert loss.calls[-1]["exclude_index"] is None
+    # 300 uniform draws over 50 rows reach the first and the last rows
+    assert int(expected.min()) == 0 and int(expected.max()) == 49
+
+
+@pytest.mark.parametrize("dataset_size", [1])
+def test_memory_bank_with_every_negative_needs_two_images(dataset_size):
+    with pytest.raises(
+        ValueError, match="^a memory bank with negatives='all' needs at least 2 images$"
+    ):
+        MemoryBank(*parts(), dataset_size=dataset_size, out_dim=8, negatives="all")
+    MemoryBank(*parts(), dataset_size=2, out_dim=8, negatives="all")
+    MemoryBank(*parts(), dataset_size=1, out_dim=8, negatives=1)  # drawn negatives: fine
+
+
+def test_memory_bank_default_momentum_is_irs():
+    model = MemoryBank(*parts(), dataset_size=20, out_dim=8)
+    assert model.momentum == 0.5 and model.negatives == 4096
+
+
+def test_moco_feeds_the_loss_everything_it_needs():
+    backbone, head, _ = parts()
+    loss = Recording("unremix")
+    model = MoCo(backbone, head, loss, out_dim=8, queue_size=16, keep_hidden=True, symmetric=True)
+    generator = torch.Generator().manual_seed(2)
+    x1, x2 = views()
+    out = model([x1, x2], index=torch.arange(6), labels=torch.arange(6) % 3, progress=0.75,
+                generator=generator, diagnostics=True)  # fmt: skip
+    first, second = loss.calls
+    for call, xq in ((first, x1), (second, x2)):
+        _, h = head(backbone(xq), return_hidden=True)
+        assert call["progress"] == 0.75 and call["generator"] is generator
+        assert torch.allclose(call["h1"], h)
+        assert call["negative_h"] is model.queue_hidden
+        assert call["negatives"] is model.queue
+    # labels (analysis only) go with the diagnostics, of the first direction only
+    assert torch.equal(first["labels"], torch.arange(6) % 3)
+    assert first["negative_labels"] is model.queue_labels
+    assert first["return_diagnostics"] is True and "return_diagnostics" not in second
+    assert "labels" not in second
+    assert out.diagnostics is not None
+    assert torch.equal(out.pending["labels"], torch.cat([torch.arange(6) % 3] * 2))

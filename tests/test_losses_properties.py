@@ -5,6 +5,8 @@ embeddings, in-batch and with a pool; plus hypothesis property tests over random
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -166,6 +168,137 @@ def batches(draw):
     return z1, z2, pool
 
 
+# float64 references, vectorised so that hypothesis can draw batches of 512 (the loop versions,
+# one anchor at a time, are in test_gradient_oracles.py); every loss's equation from
+# docs/methods.md, computed with a common shift so that t = 0.02 with beta = 10 cannot overflow.
+
+
+def _unit(x):
+    x = x.double()
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)
+
+
+def _layout(z1, z2, pool):
+    """``(a [A], c [A, M])``: positive and candidate-negative cosines of every anchor."""
+    if pool is None:
+        n = z1.shape[0]
+        v = _unit(torch.cat([z1, z2]))
+        cos = v @ v.T
+        partner = (torch.arange(2 * n) + n) % (2 * n)
+        a = cos[torch.arange(2 * n), partner]
+        keep = torch.ones_like(cos, dtype=torch.bool)
+        keep[torch.arange(2 * n), torch.arange(2 * n)] = False
+        keep[torch.arange(2 * n), partner] = False
+        return a, cos[keep].view(2 * n, 2 * n - 2)
+    q, k = _unit(z1), _unit(z2)
+    return (q * k).sum(1), q @ _unit(pool).T
+
+
+def ref_hcl(z1, z2, pool, t, beta=0.0, tau_plus=0.0):
+    """HCL (methods.md section 1); beta = 0 is the debiased loss, tau+ = 0 too is InfoNCE."""
+    a, c = _layout(z1, z2, pool)
+    a, c = a / t, c / t
+    m = c.shape[1]
+    shift = torch.maximum(torch.maximum(a, c.max(1).values), torch.full_like(a, -1 / t))
+    pos = torch.exp(a - shift)
+    reweight = m * (torch.softmax(beta * c, dim=1) * torch.exp(c - shift[:, None])).sum(1)
+    ng = (reweight - tau_plus * m * pos) / (1 - tau_plus)
+    ng = torch.maximum(ng, m * torch.exp(-1 / t - shift))
+    return (torch.log(pos + ng) - torch.log(pos)).mean()
+
+
+def ref_ring(z1, z2, pool, t, rho_out=0.1, rho_in=0.1):
+    """Ring (methods.md section 2): ranks [floor(rho_in U), U) of the sorted candidates, U =
+    floor(rho_out M), with the positive in the partition; at least one member (U >= 1,
+    L <= U - 1: the module docstring's edge case for tiny batches)."""
+    a, c = _layout(z1, z2, pool)
+    m = c.shape[1]
+    # the documented edge cases (strategies/ring.py): the band keeps at least one member
+    upper = max(1, math.floor(rho_out * m + 1e-9))
+    lower = min(math.floor(rho_in * upper + 1e-9), upper - 1)
+    ring = c.sort(dim=1, descending=True).values[:, lower:upper]
+    logits = torch.cat([a[:, None], ring], dim=1) / t
+    return (torch.logsumexp(logits, dim=1) - a / t).mean()
+
+
+def _kernel(s, s_plus, a=0.5, b=0.0, clamp=0.999):
+    return torch.exp(-a * (s - s_plus[:, None] - b) ** 2).clamp(max=clamp)
+
+
+def _ref_mined(z1, z2, bank, t, k):
+    """L_mined(q; k) in expected mode (methods.md section 4, potential.py docstring)."""
+    q, key = _unit(z1), _unit(z2)
+    n = q.shape[0]
+    s = q @ key.T
+    s_plus = s.diagonal()
+    if bank is None:  # support: the other keys; own positives are no negatives
+        kk = min(k, n - 1)
+        near = key @ key.T
+        near.fill_diagonal_(-math.inf)
+        nb = near.topk(kk, dim=1).indices
+        own = torch.eye(n, dtype=torch.bool)
+        own[torch.arange(n)[:, None], nb] = True
+        mult = 1.0 + torch.bincount(nb.flatten(), minlength=n).double()
+        weight = torch.where(own, torch.ones_like(s), mult[None, :] * _kernel(s, s_plus))
+        log_d = torch.logsumexp(s / t + torch.log(weight), dim=1)
+        return (((log_d[:, None] - s / t) * own).sum(1)).mean()
+    b = _unit(bank)
+    kk = min(k, b.shape[0])
+    nb = (key @ b.T).topk(kk, dim=1).indices
+    sb = q @ b.T
+    in_own = torch.zeros_like(sb, dtype=torch.bool)
+    in_own[torch.arange(n)[:, None], nb] = True
+    count = torch.bincount(nb.flatten(), minlength=b.shape[0]).double()[None, :] - in_own.double()
+    key_w = torch.where(torch.eye(n, dtype=torch.bool), torch.ones_like(s), _kernel(s, s_plus))
+    bank_w = in_own.double() + count * _kernel(sb, s_plus)
+    terms = torch.cat([s / t + torch.log(key_w), sb / t + torch.log(bank_w)], dim=1)
+    log_d = torch.logsumexp(terms, dim=1)
+    pos = torch.cat([s_plus[:, None], sb.gather(1, nb)], dim=1) / t
+    return (log_d[:, None] - pos).sum(1).mean()
+
+
+def _ref_aug(z1, z2, t):
+    n = z1.shape[0]
+    v = _unit(torch.cat([z1, z2]))
+    cos = v @ v.T
+    partner = (torch.arange(2 * n) + n) % (2 * n)
+    s_plus = cos[torch.arange(2 * n), partner]
+    weight = _kernel(cos, s_plus)
+    weight[torch.arange(2 * n), torch.arange(2 * n)] = 0.0
+    weight[torch.arange(2 * n), partner] = 1.0  # the positive itself
+    log_d = torch.logsumexp(cos / t + torch.log(weight), dim=1)
+    return (log_d - s_plus / t).mean()
+
+
+def ref_potential(z1, z2, pool, t, num_neighbors=5, aug_weight=0.5):
+    if pool is None:
+        mined = (
+            _ref_mined(z1, z2, None, t, num_neighbors) + _ref_mined(z2, z1, None, t, num_neighbors)
+        ) / 2
+    else:
+        mined = _ref_mined(z1, z2, pool, t, num_neighbors)
+    return mined + aug_weight * _ref_aug(z1, z2, t)
+
+
+def reference(name, z1, z2, pool, temperature, beta):
+    """The float64 value of loss ``name`` with its default hyper-parameters (unremix with
+    lambda_u = lambda_d = 0, which must equal HCL)."""
+    if name == "infonce":
+        return ref_hcl(z1, z2, pool, temperature)
+    if name == "debiased":
+        return ref_hcl(z1, z2, pool, temperature, tau_plus=0.1)
+    if name in ("hcl", "unremix"):
+        return ref_hcl(z1, z2, pool, temperature, beta=beta, tau_plus=0.1)
+    if name == "ring":
+        return ref_ring(z1, z2, pool, temperature)
+    if name == "potential":
+        return ref_potential(z1, z2, pool, temperature)
+    raise AssertionError(f"no float64 reference for {name!r}: add one")
+
+
+REFERENCE_KWARGS = {"unremix": dict(lambda_u=0.0, lambda_d=0.0), "potential": DETERMINISTIC}
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     name=st.sampled_from(LOSSES),
@@ -174,16 +307,26 @@ def batches(draw):
     beta=st.sampled_from([0.0, 1.0, 10.0]),
     autocast=st.booleans(),
 )
-def test_property_finite_loss_and_gradients_for_random_inputs(
+def test_property_loss_equals_its_float64_equation_for_random_inputs(
     name, batch, temperature, beta, autocast
 ):
+    """Finite loss and gradients for any input, and the value of the paper's equation: to 1e-4
+    in float32, and within the bf16 rounding of the logits (2^-8 / t, amplified at most
+    2 (beta + 2) times by the estimators) under autocast."""
     z1, z2, pool = batch
     z1, z2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
     loss_fn = make(name, temperature=temperature, beta=beta)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = run(loss_fn, z1, z2, pool)
     assert_finite_with_grads(loss, z1, z2)
-    assert loss.item() >= -1e-4  # every objective is a log-partition minus a member of it
+    checked = make(name, temperature=temperature, beta=beta, **REFERENCE_KWARGS.get(name, {}))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        value = float(run(checked, z1.detach(), z2.detach(), pool))
+    want = float(reference(name, z1.detach(), z2.detach(), pool, temperature, beta))
+    if autocast:
+        assert abs(value - want) <= 2 * (beta + 2) * 2**-8 / temperature + 1e-3 * abs(want)
+    else:
+        assert value == pytest.approx(want, rel=1e-4, abs=1e-4)
 
 
 @settings(max_examples=20, deadline=None)

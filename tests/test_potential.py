@@ -567,3 +567,51 @@ def test_bad_inputs_name_the_argument(call, name):
     loss = hardneg.create_loss("potential", weighting="soft")
     with pytest.raises(ValueError, match=name):
         call(loss, z, bank)
+
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+    ),
+]
+
+
+@pytest.mark.parametrize("with_bank", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_expected_mode_on_each_device_equals_the_float64_equations(device, with_bank):
+    """On every device, float32: the value and the gradients of the deterministic (expected)
+    loss equal the float64 loop re-statement of the equations to 1e-5 (the oracle of
+    test_gradient_oracles.py; a wrong device branch cannot hide behind a loose tolerance)."""
+    from test_gradient_oracles import as64, potential_reference
+
+    g = torch.Generator().manual_seed(26)
+    z1, z2 = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
+    bank = torch.randn(128, 32, generator=torch.Generator().manual_seed(27)) if with_bank else None
+    loss_fn = hardneg.create_loss(
+        "potential", temperature=0.5, num_neighbors=5, aug_weight=0.5, sample="expected"
+    )
+    x1, x2 = (z.to(device).requires_grad_() for z in (z1, z2))
+    pool = None if bank is None else bank.to(device)
+    loss = loss_fn(x1, x2, negatives=pool)
+    g1, g2 = torch.autograd.grad(loss, (x1, x2))
+    r1, r2 = as64(z1, z2)
+    want = potential_reference(5, 0.5, "hard")(r1, r2, None if bank is None else bank.double())
+    w1, w2 = torch.autograd.grad(want, (r1, r2))
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.detach().cpu().double(), want.detach(), **tol)
+    torch.testing.assert_close(g1.cpu().double(), w1, **tol)
+    torch.testing.assert_close(g2.cpu().double(), w2, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_drawn_mode_runs_with_a_generator_on_each_device_under_bf16_autocast(device):
+    g = torch.Generator().manual_seed(28)
+    z1, z2 = (torch.randn(64, 128, generator=g).to(device) for _ in range(2))
+    bank = torch.randn(4096, 128, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = assert_finite_with_grads(
+            hardneg.create_loss("potential"), z1, z2, negatives=bank, generator=gen
+        )
+    assert loss.dtype == torch.float32

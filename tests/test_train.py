@@ -210,13 +210,14 @@ def test_resume_after_a_crash_at_an_epoch_boundary_is_bit_exact(
 def test_sigint_saves_mid_epoch_and_the_resumed_run_is_bit_exact(tmp_path, monkeypatch):
     overrides = ["framework.name=simclr", "loss.name=unremix", "train.epochs=2"]
     full = train(tiny(*overrides), run_dir=tmp_path / "full", progress_bar=False)
+    handler = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup
     with monkeypatch.context() as patch:
         CrashAt(patch, at=5, action=lambda: os.kill(os.getpid(), signal.SIGINT))
         with pytest.raises(TrainingInterrupted) as err:
             train(tiny(*overrides), run_dir=tmp_path / "cut", progress_bar=False)
     assert err.value.checkpoint == tmp_path / "cut" / "checkpoints" / "last.pt"
     assert load_checkpoint(err.value.checkpoint)["step"] == 6  # step 5 finished, then saved
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler  # the previous handler is back
     resumed = train(
         tiny(*overrides), progress_bar=False, resume=tmp_path / "cut/checkpoints/last.pt"
     )

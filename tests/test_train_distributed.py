@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hardneg.train.checkpoint import load_checkpoint
 
@@ -38,7 +39,9 @@ def test_torchrun_two_processes_train_moco(tmp_path):
     assert payload["step"] == 4  # 64 images / global batch 16
     # 4 steps x 16 gathered keys = 64 keys through a queue of 48: the pointer is at 16
     assert int(payload["model"]["queue_ptr"]) == 16
-    assert payload["augment_rng"].shape[0] == 2  # one augmentation generator state per rank
+    states = payload["augment_rng"]
+    assert states.shape[0] == 2  # one augmentation generator state per rank
+    assert not torch.equal(states[0], states[1])  # each rank draws its own augmentations
 
 
 @pytest.mark.slow
