@@ -27,7 +27,9 @@ import hardneg
 
 LOSSES = hardneg.list_losses()
 FORMS = ["in_batch", "pool", "pool_exclude", "retrieval"]
-UNSUPPORTED: set[tuple[str, str]] = set()  # (loss, form) pairs a loss rejects by design
+# (loss, form) pairs a loss rejects by design, with a clear error (tested in test_potential.py):
+# potential needs two views or a shared bank, not retrieval columns
+UNSUPPORTED: set[tuple[str, str]] = {("potential", "retrieval")}  # (loss, form) pairs a loss rejects by design
 BACKEND = "aot_eager"
 
 
@@ -48,7 +50,9 @@ def inputs(form: str, dtype=torch.float32, *, n=8, d=6, k=24, h=2, seed=0):
 def value_and_grads(fn, z1, z2, kwargs, draws: bool):
     kw = dict(kwargs)
     if draws:
-        kw["generator"] = torch.Generator().manual_seed(3)
+        # dynamo cannot trace a torch.Generator argument: a compiled loss that draws uses
+        # torch's global RNG, seeded the same way for the eager and the compiled call
+        torch.manual_seed(3)
     loss = fn(z1, z2, **kw)
     return loss, torch.autograd.grad(loss, (z1, z2))
 
@@ -161,10 +165,9 @@ def test_float64_inputs_compute_in_float64(name, form):
 
 
 def plain_value(loss_fn, z1, z2, kwargs):
-    kw = dict(kwargs)
     if loss_fn.draws:
-        kw["generator"] = torch.Generator().manual_seed(3)
-    return loss_fn(z1, z2, **kw)
+        torch.manual_seed(3)  # the same draws for every call
+    return loss_fn(z1, z2, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

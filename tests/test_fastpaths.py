@@ -54,7 +54,9 @@ VARIANTS: dict[str, list[dict]] = {
 }
 
 # call forms a loss rejects by design
-UNSUPPORTED: set[tuple[str, str]] = set()
+# (loss, form) pairs a loss rejects by design, with a clear error (tested in test_potential.py):
+# potential needs two views or a shared bank, not retrieval columns
+UNSUPPORTED: set[tuple[str, str]] = {("potential", "retrieval")}
 
 FORMS = ["in_batch", "pool", "pool_exclude", "ids", "retrieval"]
 

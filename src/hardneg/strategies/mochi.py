@@ -38,7 +38,9 @@ from hardneg.strategies.base import Selection, StepContext, Strategy
 
 
 def _uniform(shape, generator, like: Tensor, high: float = 1.0) -> Tensor:
-    return torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype) * high
+    # drawn in float32 whatever the compute dtype: a seed gives the same mixes in float64
+    u = torch.rand(shape, generator=generator, device=like.device, dtype=torch.float32)
+    return u.to(like.dtype) * high
 
 
 @register_strategy("mochi", summary="MoCHi hard negative mixing (Kalantidis et al., NeurIPS 2020)")

@@ -47,8 +47,9 @@ def simans_log_kernel(contrast: ContrastSet, a: float, b: float) -> Tensor:
 def gumbel_top_k(log_p: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
     """``[A, S]`` bool: ``k`` columns per row drawn without replacement with probabilities
     ``softmax(log_p)`` (``-inf`` columns are never drawn; rows with fewer keep all)."""
-    u = torch.rand(log_p.shape, generator=generator, device=log_p.device, dtype=log_p.dtype)
-    u = u.clamp_min(torch.finfo(log_p.dtype).tiny)  # log(0) would give an infinite key
+    # drawn in float32 whatever the compute dtype: a seed gives the same draws in float64
+    u = torch.rand(log_p.shape, generator=generator, device=log_p.device, dtype=torch.float32)
+    u = u.clamp_min(torch.finfo(torch.float32).tiny).to(log_p.dtype)  # log(0): infinite key
     keys = log_p - (-u.log()).log()  # log p + Gumbel(0, 1)
     top = keys.topk(min(k, log_p.shape[1]), dim=1).indices
     chosen = torch.zeros_like(log_p, dtype=torch.bool).scatter_(1, top, True)
