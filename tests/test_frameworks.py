@@ -463,6 +463,14 @@ class Recording(nn.Module):
         self.inner = hardneg.create_loss(name, **hparams)
         self.calls = []
 
+    # what a framework asks a loss: hidden features and the generator are always wanted here
+    feature_kind = "hidden"
+    draws = True
+
+    @property
+    def per_anchor_columns(self):
+        return self.inner.per_anchor_columns
+
     def forward(self, z1, z2, negatives=None, **kwargs):
         self.calls.append(dict(kwargs, z1=z1, z2=z2, negatives=negatives))
         return self.inner(z1, z2, negatives=negatives, **kwargs)
@@ -501,9 +509,10 @@ def test_memory_bank_draws_its_negatives_from_the_whole_bank_with_the_generator(
     (x,) = views()[:1]
     model([x], index=torch.arange(6), generator=torch.Generator().manual_seed(5))
     drawn = loss.calls[-1]["negatives"]
-    expected = torch.randint(0, 50, (300,), generator=torch.Generator().manual_seed(5))
+    # each anchor its own 300 rows (IR's NCE noise), from the given generator
+    expected = torch.randint(0, 50, (6, 300), generator=torch.Generator().manual_seed(5))
     assert torch.equal(drawn, model.bank[expected])
-    assert loss.calls[-1]["exclude_index"] is None
+    assert loss.calls[-1].get("exclude_index") is None
     # 300 uniform draws over 50 rows reach the first and the last rows
     assert int(expected.min()) == 0 and int(expected.max()) == 49
 
@@ -526,7 +535,7 @@ def test_memory_bank_default_momentum_is_irs():
 def test_moco_feeds_the_loss_everything_it_needs():
     backbone, head, _ = parts()
     loss = Recording("unremix")
-    model = MoCo(backbone, head, loss, out_dim=8, queue_size=16, keep_hidden=True, symmetric=True)
+    model = MoCo(backbone, head, loss, out_dim=8, queue_size=16, symmetric=True)
     generator = torch.Generator().manual_seed(2)
     x1, x2 = views()
     out = model([x1, x2], index=torch.arange(6), labels=torch.arange(6) % 3, progress=0.75,
