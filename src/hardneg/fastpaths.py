@@ -12,6 +12,13 @@ only; no kept buffers.
 * :func:`top_k_indices` / :func:`drop_top` — Ring on CPU: linear-time selection over int32 keys
   that order like the floats, with numpy's SIMD partition on long rows (plain twin:
   ``torch.topk``).
+* :func:`kept_counts` — potential: the kept cells per column drawn per column, ``Binomial(m, pi)``
+  as layers of Bernoulli draws over the columns with more than ``r`` cells, or ``m pi`` in
+  expected mode (plain twin: one uniform per grid cell, compared with ``pi`` and summed per
+  column with ``scatter_add``; same law, not the same draws).
+* :func:`weighted_log_mass` — potential: ``log sum_j w_ij e^{c_ij}`` from the counts themselves,
+  no ``log w`` pass over ``[A, S]`` and a two-pass backward (plain twin:
+  ``logsumexp(c + log w)``, ``-inf`` with a zero gradient on a row with nothing kept).
 * :func:`band_logits` — Ring: the ring's logits read from the score matrix with a sparse
   backward through the ring's members only (plain twin: back-propagating through the gather).
 """
@@ -287,3 +294,65 @@ class _BandLogits(torch.autograd.Function):
             dense = g.new_zeros(indices.shape[0], candidates.shape[0]).scatter_(1, indices, g)
             grad_candidates = (dense.T @ anchors.to(g.dtype)).to(candidates.dtype)
         return grad_anchors, grad_candidates, None, None, None
+
+
+def kept_counts(
+    log_keep: Tensor,
+    multiplicity: Tensor | None,
+    *,
+    sample: str,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``[A, C]`` kept cells per column: ``m_ij`` cells of probability ``pi_ij = e^{log_keep_ij}``.
+
+    ``multiplicity`` ``m`` ``[A, C]`` (integer-valued, None = 1): how many grid cells of row ``i``
+    read column ``j``; every cell of a column shares its ``pi``. ``sample='expected'``: ``m pi``
+    (what summing ``pi`` over the cells gives); ``'bernoulli'``: ``Binomial(m, pi)``, the law of
+    the sum of the cells' independent draws, as layers: layer ``r`` draws one Bernoulli per entry
+    of the columns where some row has more than ``r`` cells (``sum_j max_i m_ij`` draws per row,
+    at most the grid's count, Bernoulli draws instead of uniforms, no per-cell gather or scatter).
+    """
+    pi = log_keep.exp()
+    if sample == "expected":
+        return pi if multiplicity is None else pi.mul_(multiplicity.to(pi.dtype))
+    if multiplicity is None:
+        return torch.bernoulli(pi.float(), generator=generator).to(pi.dtype)
+    # draws from float32 probabilities whatever the dtype: a seed gives the same draws in float64
+    dtype, pi = pi.dtype, pi.float()
+    m = multiplicity if multiplicity.dtype == pi.dtype else multiplicity.to(pi.dtype)
+    counts = torch.bernoulli(pi.masked_fill_(m == 0, 0.0), generator=generator)
+    top = m.amax(dim=0)  # [C]
+    layers = int(top.max()) if top.numel() else 0
+    for r in range(1, layers):
+        cols = (top > r).nonzero().squeeze(1)
+        p = pi[:, cols] * (m[:, cols] > r)
+        counts.index_add_(1, cols, torch.bernoulli(p, generator=generator))
+    return counts.to(dtype)
+
+
+class _WeightedLogMass(torch.autograd.Function):
+    """``log sum_j w_ij e^{c_ij}`` for ``w >= 0``: shifted by the row maximum over the kept
+    entries (``w > 0``; the others read as ``-inf``, so nothing overflows), gradient
+    ``w e^{c - log R}``; a row with nothing kept is ``-inf`` with a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, weights):  # type: ignore[override]
+        kept = torch.where(weights > 0, logits, float("-inf"))
+        row_max = kept.amax(dim=1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+        e = kept.sub_(row_max).exp_()  # 0 where not kept
+        total = _row_dot(e, weights)
+        ctx.save_for_backward(e, weights, torch.where(total > 0, total, 1.0))
+        return row_max.squeeze(1) + total.log()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        e, weights, total = ctx.saved_tensors
+        return e.mul(weights).mul_((grad / total).unsqueeze(1)), None
+
+
+def weighted_log_mass(logits: Tensor, weights: Tensor) -> Tensor:
+    """``[A]`` ``log sum_j w_ij e^{c_ij}`` for detached weights ``w >= 0`` ``[A, S]`` (``-inf``
+    logits only where ``w = 0``); ``-inf`` with a zero gradient where a row keeps nothing."""
+    return _WeightedLogMass.apply(logits, weights.detach().to(logits.dtype))
