@@ -50,6 +50,9 @@ VARIANTS: dict[str, list[dict]] = {
         {"beta": 2.0, "lambda_d": 0.0},
         {"beta": 0.7, "influence": "gradient_norm", "representativeness": "density"},
         {"beta": 1.0, "detach_weights": True},
+        {"lambda_u": 0.0, "representativeness": "density"},  # the mix without U
+        {"lambda_d": 0.0, "influence": "gradient_norm", "eps": 0.01},  # U [1, C] alone
+        {"lambda_u": 3.0, "lambda_d": 0.5, "beta": 1.0},
     ],
     # random draws: equal in expected mode; the Bernoulli law is tested below
     "potential": [
@@ -415,21 +418,25 @@ def test_band_logits_backward_equals_the_gather(dtype, shared, lower):
         assert_close_rel(a, b, what="band gradient")
 
 
-def test_unremix_in_batch_computes_the_softmax_expectation_once(monkeypatch):
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_unremix_in_batch_computes_the_softmax_expectation_once(monkeypatch, fast):
     """In-batch the columns are the anchors: one pass of ``sum_k p_ik z_k`` (an [A, C] exp and
-    a product) serves both the anchors' and the columns' deltas."""
+    a product) serves both the anchors' and the columns' deltas; on the fast path the row
+    exponentials are computed once for that and for the objective's tilted mass."""
     from hardneg.strategies import unremix
 
-    calls = []
-    original = unremix.softmax_expectation
-    monkeypatch.setattr(unremix, "softmax_expectation", lambda c: calls.append(1) or original(c))
-    z1, z2, kwargs = make_inputs("in_batch", torch.float32)
-    hardneg.create_loss("unremix")(z1, z2, **kwargs)
-    assert len(calls) == 1
-    calls.clear()
-    z1, z2, kwargs = make_inputs("pool", torch.float32)
-    hardneg.create_loss("unremix")(z1, z2, **kwargs)
-    assert len(calls) == 1  # the pool's deltas have their own form (column_gradients)
+    module = fastpaths if fast else unremix
+    calls, exps = [], []
+    original = module.softmax_expectation
+    monkeypatch.setattr(module, "softmax_expectation", lambda *a: calls.append(1) or original(*a))
+    row_exp = fastpaths.row_exponentials
+    monkeypatch.setattr(fastpaths, "row_exponentials", lambda x: exps.append(1) or row_exp(x))
+    for form in ("in_batch", "pool"):  # the pool's deltas have their own form (column_gradients)
+        calls.clear(), exps.clear()
+        z1, z2, kwargs = make_inputs(form, torch.float32)
+        hardneg.create_loss("unremix", fast=fast)(z1, z2, **kwargs)
+        assert len(calls) == 1, form
+        assert len(exps) == int(fast), form
 
 
 # potential: per-column counts (fastpaths.kept_counts) against the per-cell grid

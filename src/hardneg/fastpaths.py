@@ -19,6 +19,11 @@ only; no kept buffers.
 * :func:`weighted_log_mass` — potential: ``log sum_j w_ij e^{c_ij}`` from the counts themselves,
   no ``log w`` pass over ``[A, S]`` and a two-pass backward (plain twin:
   ``logsumexp(c + log w)``, ``-inf`` with a zero gradient on a row with nothing kept).
+* :func:`row_exponentials` / :func:`unremix_mix` — UnReMix: the row-shifted exponentials
+  ``e^{c - max_j c}`` computed once for the influence score's softmax and the objective's tilted
+  mass, and the mix ``lambda_u U~ + lambda_d D~ + eps`` built in one ``[A, C]`` buffer (per-row
+  affine in place, representativeness as a rank-1 update) (plain twin:
+  ``UnReMixNegatives.mix`` with ``minmax_over_negatives``).
 * :func:`band_logits` — Ring: the ring's logits read from the score matrix with a sparse
   backward through the ring's members only (plain twin: back-propagating through the gather).
 """
@@ -356,3 +361,68 @@ def weighted_log_mass(logits: Tensor, weights: Tensor) -> Tensor:
     """``[A]`` ``log sum_j w_ij e^{c_ij}`` for detached weights ``w >= 0`` ``[A, S]`` (``-inf``
     logits only where ``w = 0``); ``-inf`` with a zero gradient where a row keeps nothing."""
     return _WeightedLogMass.apply(logits, weights.detach().to(logits.dtype))
+
+
+def row_exponentials(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``(max_j c_ij [A], e^{c - max_j c} [A, S])`` of the detached logits, exactly as
+    :func:`tilted_log_mass` computes them (its ``shifted`` argument)."""
+    with torch.no_grad():
+        row_max = logits.amax(dim=1, keepdim=True)
+        return row_max.squeeze(1), (logits - row_max).exp_()
+
+
+def softmax_expectation(
+    shifted: tuple[Tensor, Tensor], positive: Tensor, columns: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(sum_k p_ik z_k [A, d], p_i+ [A])`` under the softmax over the positive logit
+    ``positive`` ``[A]`` and the negatives, from the shifted exponentials: the product with the
+    unnormalised ``e`` and a row scale after it (plain twin:
+    ``hardneg.strategies.unremix.softmax_expectation``)."""
+    row_max, e = shifted
+    log_z = torch.logaddexp(e.sum(dim=1).log(), positive - row_max)  # log Z - max
+    return (e @ columns) * (-log_z).exp().unsqueeze(1), (positive - row_max - log_z).exp()
+
+
+def _row_range(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` ``[A, 1]`` of the min-max map ``(x - lo) / (hi - lo)`` over each row's
+    masked entries (0 and 0 on a constant or empty row, as the plain form)."""
+    lo = torch.where(mask, x, float("inf")).amin(dim=1, keepdim=True)
+    hi = torch.where(mask, x, float("-inf")).amax(dim=1, keepdim=True)
+    span = hi - lo
+    ok = span > 0
+    scale = torch.where(ok, 1.0 / torch.where(ok, span, 1.0), 0.0)
+    return scale, torch.where(ok, -lo * scale, 0.0)
+
+
+def unremix_mix(
+    u: Tensor | None,
+    d: Tensor | None,
+    mask: Tensor,
+    *,
+    lambda_u: float,
+    lambda_d: float,
+    eps: float,
+    density: bool,
+) -> Tensor:
+    """``lambda_u U~ + lambda_d D~' + eps`` ``[A, C]``, 0 off ``mask`` (``~``: min-max over each
+    row's masked entries; ``D~' = 1 - D~`` when ``density``). ``u``: ``[A, C]`` (overwritten) or
+    ``[1, C]``; ``d``: ``[1, C]``; None where the weight is 0. One buffer: ``U``'s per-row affine
+    in place, ``D`` as a rank-1 update, the row constants in one pass."""
+    a, c = mask.shape
+    dtype = (u if u is not None else d).dtype
+    const = torch.full((a, 1), eps, dtype=dtype, device=mask.device)
+    if u is not None:
+        scale, shift = _row_range(u.expand(a, c), mask)
+        const += lambda_u * shift
+        if u.shape[0] == a:
+            mix = u.mul_(lambda_u * scale)
+        else:
+            mix = torch.outer(lambda_u * scale.squeeze(1), u[0])
+    else:
+        mix = torch.zeros(a, c, dtype=dtype, device=mask.device)
+    if d is not None:
+        scale, shift = _row_range(d.expand(a, c), mask)
+        sign = -1.0 if density else 1.0
+        const += lambda_d * (sign * shift + (1.0 if density else 0.0))
+        mix.addr_(sign * lambda_d * scale.squeeze(1), d[0])
+    return mix.add_(const).masked_fill_(~mask, 0.0)
