@@ -84,6 +84,10 @@ def eager_and_compiled(name: str):
     """One loss module and its compiled twin per loss, shared by the tests of this file."""
     if name not in _LOSS:
         _LOSS[name] = hardneg.create_loss(name, check_inputs=False)
+        # compiled code is the plain form; a loss that draws takes other (equally distributed)
+        # draws on its fast path, so its eager twin is the plain form too (fast = plain:
+        # tests/test_fastpaths.py)
+        _LOSS[name].fast = not _LOSS[name].draws
         _COMPILED[name] = torch.compile(_LOSS[name], backend=BACKEND, fullgraph=True)
     return _LOSS[name], _COMPILED[name]
 

@@ -50,6 +50,16 @@ VARIANTS: dict[str, list[dict]] = {
         {"beta": 2.0, "lambda_d": 0.0},
         {"beta": 0.7, "influence": "gradient_norm", "representativeness": "density"},
         {"beta": 1.0, "detach_weights": True},
+        {"lambda_u": 0.0, "representativeness": "density"},  # the mix without U
+        {"lambda_d": 0.0, "influence": "gradient_norm", "eps": 0.01},  # U [1, C] alone
+        {"lambda_u": 3.0, "lambda_d": 0.5, "beta": 1.0},
+    ],
+    # random draws: equal in expected mode; the Bernoulli law is tested below
+    "potential": [
+        {"sample": "expected"},
+        {"sample": "expected", "pool_as_negatives": True, "weighting": "soft"},
+        {"sample": "expected", "select_on": "raw", "aug_pairing": "broadcast", "a": 0.0},
+        {"sample": "expected", "num_neighbors": 0, "aug_weight": 0.0, "clamp": 1.0},
     ],
 }
 
@@ -410,18 +420,145 @@ def test_band_logits_backward_equals_the_gather(dtype, shared, lower):
         assert_close_rel(a, b, what="band gradient")
 
 
-def test_unremix_in_batch_computes_the_softmax_expectation_once(monkeypatch):
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_unremix_in_batch_computes_the_softmax_expectation_once(monkeypatch, fast):
     """In-batch the columns are the anchors: one pass of ``sum_k p_ik z_k`` (an [A, C] exp and
-    a product) serves both the anchors' and the columns' deltas."""
+    a product) serves both the anchors' and the columns' deltas; on the fast path the row
+    exponentials are computed once for that and for the objective's tilted mass."""
     from hardneg.strategies import unremix
 
-    calls = []
-    original = unremix.softmax_expectation
-    monkeypatch.setattr(unremix, "softmax_expectation", lambda c: calls.append(1) or original(c))
-    z1, z2, kwargs = make_inputs("in_batch", torch.float32)
-    hardneg.create_loss("unremix")(z1, z2, **kwargs)
-    assert len(calls) == 1
-    calls.clear()
-    z1, z2, kwargs = make_inputs("pool", torch.float32)
-    hardneg.create_loss("unremix")(z1, z2, **kwargs)
-    assert len(calls) == 1  # the pool's deltas have their own form (column_gradients)
+    module = fastpaths if fast else unremix
+    calls, exps = [], []
+    original = module.softmax_expectation
+    monkeypatch.setattr(module, "softmax_expectation", lambda *a: calls.append(1) or original(*a))
+    row_exp = fastpaths.row_exponentials
+    monkeypatch.setattr(fastpaths, "row_exponentials", lambda x: exps.append(1) or row_exp(x))
+    for form in ("in_batch", "pool"):  # the pool's deltas have their own form (column_gradients)
+        calls.clear(), exps.clear()
+        z1, z2, kwargs = make_inputs(form, torch.float32)
+        hardneg.create_loss("unremix", fast=fast)(z1, z2, **kwargs)
+        assert len(calls) == 1, form
+        assert len(exps) == int(fast), form
+
+
+# potential: per-column counts (fastpaths.kept_counts) against the per-cell grid
+
+
+def potential_terms(hp, z1, z2, kwargs, fast):
+    from hardneg.losses.contrastive import ContrastInputs
+    from hardneg.strategies.base import StepContext
+
+    loss_fn = hardneg.create_loss("potential", **hp)
+    inputs = ContrastInputs(z1=z1, z2=z2, temperature=loss_fn.temperature, **kwargs)
+    return loss_fn.strategy.terms(inputs, StepContext(fast=fast))
+
+
+@pytest.mark.parametrize("form", ["in_batch", "pool", "pool_exclude", "ids"])
+@pytest.mark.parametrize("pool_as_negatives", [False, True])
+@pytest.mark.parametrize("k", [0, 3, 7])
+def test_potential_multiplicity_counts_the_grid_cells(form, pool_as_negatives, k):
+    """Each column's cells that can be kept (finite ``log pi``) per anchor: the fast path's
+    multiplicity equals the plain grid's count, so both draw ``Binomial(m, pi)`` per column."""
+    z1, z2, kwargs = make_inputs(form, torch.float64, n=12)
+    hp = {"num_neighbors": k, "pool_as_negatives": pool_as_negatives}
+    fast = potential_terms(hp, z1, z2, kwargs, True)
+    plain = potential_terms(hp, z1, z2, kwargs, False)
+    assert [role for _, _, role in fast] == [role for _, _, role in plain]
+    for (_, f, role), (_, p, _) in zip(fast, plain):
+        if role != "mined":
+            assert f.multiplicity is None and p.multiplicity is None
+            continue
+        assert f.cells is None and f.multiplicity is not None and p.cells is not None
+        finite = torch.isfinite(p.cell_log_keep).double()
+        grid = torch.zeros_like(f.cell_log_keep).scatter_add_(
+            1, p.cells.expand(finite.shape[0], -1), finite
+        )
+        fast_count = f.multiplicity.double() * torch.isfinite(f.cell_log_keep)
+        assert torch.equal(fast_count, grid)
+        assert int(grid.max()) >= (2 if k > 0 else 1)  # columns with several cells are met
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kept_counts_draws_binomial_counts(dtype):
+    """Bernoulli mode: mean ``m pi`` and variance ``m pi (1 - pi)`` per entry, ``0 <= x <= m``,
+    exactly 0 where ``m = 0`` or ``pi = 0`` and ``m`` where ``pi = 1``; expected mode is ``m pi``."""
+    g = torch.Generator().manual_seed(3)
+    m = torch.tensor([[0, 1, 2, 5, 9, 3], [4, 0, 1, 7, 2, 3]])
+    pi = torch.tensor(
+        [[0.3, 0.5, 0.2, 0.9, 0.4, 0.0], [0.6, 0.7, 1.0, 0.05, 1.0, 0.5]], dtype=dtype
+    )
+    log_keep = pi.log()
+    expected = fastpaths.kept_counts(log_keep, m, sample="expected")
+    assert expected.dtype == dtype and torch.allclose(expected, m * pi)
+    draws = torch.stack(
+        [fastpaths.kept_counts(log_keep, m, sample="bernoulli", generator=g) for _ in range(6000)]
+    )
+    assert draws.dtype == dtype
+    assert torch.equal(draws, draws.round()) and bool((draws >= 0).all() and (draws <= m).all())
+    assert bool((draws[:, m == 0] == 0).all() and (draws[:, pi == 0] == 0).all())
+    sure = pi == 1
+    assert torch.equal(draws[:, sure], m[sure].to(dtype).expand(len(draws), -1))
+    mean, var = m * pi, m * pi * (1 - pi)
+    se = (var / len(draws)).sqrt().clamp(min=1e-9)
+    assert bool(((draws.mean(0) - mean).abs() <= 5 * se).all()), (draws.mean(0), mean)
+    loose = var > 0
+    assert bool(((draws.var(0)[loose] / var[loose]) - 1).abs().max() < 0.12)
+    # every value of a Binomial(5, 0.9) turns up in proportion to its probability
+    col = draws[:, 0, 3]
+    for x in range(6):
+        p = math.comb(5, x) * 0.9**x * 0.1 ** (5 - x)
+        freq = float((col == x).double().mean())
+        assert abs(freq - p) <= 5 * math.sqrt(p * (1 - p) / len(col)) + 1e-3, (x, freq, p)
+    # no multiplicity: one cell per column
+    one = torch.stack(
+        [
+            fastpaths.kept_counts(log_keep, None, sample="bernoulli", generator=g)
+            for _ in range(4000)
+        ]
+    )
+    assert torch.equal(one, one.round()) and bool((one <= 1).all())
+    se1 = (pi * (1 - pi) / len(one)).sqrt().clamp(min=1e-9)
+    assert bool(((one.mean(0) - pi).abs() <= 5 * se1).all())
+
+
+@pytest.mark.parametrize("form", ["in_batch", "pool_exclude"])
+def test_potential_bernoulli_fast_path_has_the_plain_law(form):
+    """The loss under fresh draws: fast and plain have the same mean and spread over seeds."""
+    z1, z2, kwargs = make_inputs(form, torch.float64, n=10)
+
+    def losses(fast):
+        loss_fn = hardneg.create_loss("potential", fast=fast, aug_weight=0.0)
+        g = torch.Generator().manual_seed(11 if fast else 12)
+        return torch.stack([loss_fn(z1, z2, generator=g, **kwargs) for _ in range(1500)]).detach()
+
+    lf, lp = losses(True), losses(False)
+    se = math.sqrt(float(lf.var() + lp.var()) / len(lf))
+    assert abs(float(lf.mean() - lp.mean())) <= 5 * se
+    assert abs(float(lf.std() / lp.std()) - 1) < 0.15
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weighted_log_mass_equals_logsumexp_of_the_log_weights(dtype):
+    """Against ``logsumexp(c + log w)``: random counts, a row with nothing kept (``-inf``, zero
+    gradient), kept logits far below an unkept maximum (no underflow to ``-inf``), ``-inf``
+    logits where ``w = 0``."""
+    from hardneg.objectives import safe_logsumexp
+
+    g = torch.Generator().manual_seed(5)
+    c = torch.randn(6, 9, generator=g, dtype=torch.float64).to(dtype) * 3
+    w = torch.randint(0, 4, (6, 9), generator=g).to(dtype)
+    w[1] = 0.0  # nothing kept
+    c[2, :4], w[2, :4], w[2, 4:] = 1000.0, 0.0, 1.0  # the kept ones 1000 below the row's max
+    c[3, ::2], w[3, ::2] = float("-inf"), 0.0
+    c.requires_grad_(True)
+    fast = fastpaths.weighted_log_mass(c, w)
+    plain = safe_logsumexp(c + w.log())
+    assert fast[1] == float("-inf") and bool(torch.isfinite(fast[[0, 2, 3, 4, 5]]).all())
+    finite = torch.isfinite(plain)
+    assert torch.equal(finite, torch.isfinite(fast))
+    assert_close_rel(fast[finite], plain[finite], what="value")
+    up = torch.linspace(0.5, 2.0, 6, dtype=dtype)
+    (gf,) = torch.autograd.grad(torch.where(finite, fast, 0.0).mul(up).sum(), c)
+    (gp,) = torch.autograd.grad(torch.where(finite, plain, 0.0).mul(up).sum(), c)
+    assert bool(torch.isfinite(gf).all()) and bool((gf[1] == 0).all())
+    assert_close_rel(gf, gp, what="gradient")

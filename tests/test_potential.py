@@ -128,7 +128,9 @@ def full_hp(**over):
 
 
 def make(hp):
-    return hardneg.create_loss("potential", **hp)
+    # the plain form: its draws are the documented grid's (the fast path draws per column, same
+    # law; fast = plain in expected mode and the law are tested in tests/test_fastpaths.py)
+    return hardneg.create_loss("potential", fast=False, **hp)
 
 
 def data(n=6, d=8, seed=0, scale=1.0, dtype=torch.float64, bank=20):
@@ -258,11 +260,13 @@ def test_the_own_bank_entry_is_never_mined_as_a_positive():
     q, k, _, bank, idx = memory_bank_batch(seed=8)
     strategy = hardneg.create_loss("potential", **hp).strategy
     inputs = ContrastInputs(q, k, temperature=0.5, negatives=bank, exclude_index=idx)
-    mined = strategy.terms(inputs, StepContext())[0][1]
+    mined = strategy.terms(inputs, StepContext(fast=False))[0][1]
     own_column = (idx + q.shape[0]).unsqueeze(1)  # bank row r is column N + r
     assert not (mined.neighbours == own_column).any()
     assert not torch.isfinite(mined.negative_logits.gather(1, own_column)).any()
-    unmasked = strategy.terms(ContrastInputs(q, k, temperature=0.5, negatives=bank), StepContext())
+    unmasked = strategy.terms(
+        ContrastInputs(q, k, temperature=0.5, negatives=bank), StepContext(fast=False)
+    )
     assert (unmasked[0][1].neighbours[:, 0:1] == own_column).all()  # what the exclusion prevents
 
 
@@ -281,9 +285,9 @@ def test_a_zero_with_clamp_one_keeps_every_negative(with_bank):
     if with_bank:
         strategy = drawn.strategy
         inputs = ContrastInputs(z1, z2, temperature=0.5, negatives=bank)
-        contrast = strategy.terms(inputs, StepContext())[0][1]
+        contrast = strategy.terms(inputs, StepContext(fast=False))[0][1]
         selection = strategy.select_term(
-            contrast, StepContext(generator=torch.Generator()), "mined"
+            contrast, StepContext(generator=torch.Generator(), fast=False), "mined"
         )
         assert torch.equal(selection.negative_log_weights.exp().sum(1), torch.full((6,), 20.0))
 
@@ -313,13 +317,15 @@ def test_no_neighbours_and_no_aug_loss_is_infonce_over_q_and_k():
 def test_neighbours_are_capped_at_the_support_size():
     strategy = PotentialMining(num_neighbors=5)
     z1, z2, _, _, bank = data(n=3, seed=11, bank=4)
-    terms = strategy.terms(ContrastInputs(z1, z2, temperature=0.5), StepContext())
+    terms = strategy.terms(ContrastInputs(z1, z2, temperature=0.5), StepContext(fast=False))
     assert terms[0][1].neighbours.shape == (3, 2)
-    terms = strategy.terms(ContrastInputs(z1, z2, temperature=0.5, negatives=bank), StepContext())
+    terms = strategy.terms(
+        ContrastInputs(z1, z2, temperature=0.5, negatives=bank), StepContext(fast=False)
+    )
     assert terms[0][1].neighbours.shape == (3, 4)
     exclude = torch.tensor([0, 1, 2])
     inputs = ContrastInputs(z1, z2, temperature=0.5, negatives=bank, exclude_index=exclude)
-    assert strategy.terms(inputs, StepContext())[0][1].neighbours.shape == (3, 3)
+    assert strategy.terms(inputs, StepContext(fast=False))[0][1].neighbours.shape == (3, 3)
 
 
 # -- (d) the law of the draws -------------------------------------------------------------------
@@ -332,13 +338,19 @@ def test_drawn_weights_have_the_mean_and_variance_of_the_expected_mode(role_inde
     z1, z2, *_ = data(n=6, seed=12, dtype=torch.float32)
     inputs = ContrastInputs(z1, z2, temperature=0.5)
     drawn, expected = PotentialMining(**hp), PotentialMining(**hp, sample="expected")
-    _, contrast, role = drawn.terms(inputs, StepContext())[role_index]
-    mean = expected.select_term(contrast, StepContext(), role).negative_log_weights.exp().double()
+    _, contrast, role = drawn.terms(inputs, StepContext(fast=False))[role_index]
+    mean = (
+        expected.select_term(contrast, StepContext(fast=False), role)
+        .negative_log_weights.exp()
+        .double()
+    )
     g = torch.Generator().manual_seed(0)
     draws = 1500
     counts = torch.stack(
         [
-            drawn.select_term(contrast, StepContext(generator=g), role).negative_log_weights.exp()
+            drawn.select_term(
+                contrast, StepContext(generator=g, fast=False), role
+            ).negative_log_weights.exp()
             for _ in range(draws)
         ]
     ).double()
@@ -457,9 +469,11 @@ def test_duplicate_ids_are_no_negatives():
     z1, z2, *_ = data(n=6, seed=19)
     ids = torch.tensor([0, 0, 1, 2, 3, 4])
     strategy = PotentialMining(**HP, sample="expected")
-    terms = strategy.terms(ContrastInputs(z1, z2, temperature=0.5, ids=ids), StepContext())
+    terms = strategy.terms(
+        ContrastInputs(z1, z2, temperature=0.5, ids=ids), StepContext(fast=False)
+    )
     for _, contrast, _ in terms:
-        sel = strategy.select_term(contrast, StepContext(), "x")
+        sel = strategy.select_term(contrast, StepContext(fast=False), "x")
         w = sel.negative_log_weights.exp()
         assert float(w[0, 1]) == 0 and float(w[1, 0]) == 0
         if contrast.cells is None:  # L_aug over [z1; z2]: the duplicate's other view too

@@ -28,7 +28,8 @@ def run(new, hp, with_bank, z1, z2, proj, bank, seed=5):
     generator = torch.Generator().manual_seed(seed)
     negatives = bank if with_bank else None
     if new:
-        loss = hardneg.create_loss("potential", **hp)(
+        # the plain form draws the reference's grid (the fast path: same law, other draws)
+        loss = hardneg.create_loss("potential", fast=False, **hp)(
             a, b, negatives, h1=p1, h2=None if with_bank else p2, generator=generator
         )
     else:

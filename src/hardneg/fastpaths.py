@@ -12,6 +12,18 @@ only; no kept buffers.
 * :func:`top_k_indices` / :func:`drop_top` — Ring on CPU: linear-time selection over int32 keys
   that order like the floats, with numpy's SIMD partition on long rows (plain twin:
   ``torch.topk``).
+* :func:`kept_counts` — potential: the kept cells per column drawn per column, ``Binomial(m, pi)``
+  as layers of Bernoulli draws over the columns with more than ``r`` cells, or ``m pi`` in
+  expected mode (plain twin: one uniform per grid cell, compared with ``pi`` and summed per
+  column with ``scatter_add``; same law, not the same draws).
+* :func:`weighted_log_mass` — potential: ``log sum_j w_ij e^{c_ij}`` from the counts themselves,
+  no ``log w`` pass over ``[A, S]`` and a two-pass backward (plain twin:
+  ``logsumexp(c + log w)``, ``-inf`` with a zero gradient on a row with nothing kept).
+* :func:`row_exponentials` / :func:`unremix_mix` — UnReMix: the row-shifted exponentials
+  ``e^{c - max_j c}`` computed once for the influence score's softmax and the objective's tilted
+  mass, and the mix ``lambda_u U~ + lambda_d D~ + eps`` built in one ``[A, C]`` buffer (per-row
+  affine in place, representativeness as a rank-1 update) (plain twin:
+  ``UnReMixNegatives.mix`` with ``minmax_over_negatives``).
 * :func:`band_logits` — Ring: the ring's logits read from the score matrix with a sparse
   backward through the ring's members only (plain twin: back-propagating through the gather).
 """
@@ -287,3 +299,130 @@ class _BandLogits(torch.autograd.Function):
             dense = g.new_zeros(indices.shape[0], candidates.shape[0]).scatter_(1, indices, g)
             grad_candidates = (dense.T @ anchors.to(g.dtype)).to(candidates.dtype)
         return grad_anchors, grad_candidates, None, None, None
+
+
+def kept_counts(
+    log_keep: Tensor,
+    multiplicity: Tensor | None,
+    *,
+    sample: str,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``[A, C]`` kept cells per column: ``m_ij`` cells of probability ``pi_ij = e^{log_keep_ij}``.
+
+    ``multiplicity`` ``m`` ``[A, C]`` (integer-valued, None = 1): how many grid cells of row ``i``
+    read column ``j``; every cell of a column shares its ``pi``. ``sample='expected'``: ``m pi``
+    (what summing ``pi`` over the cells gives); ``'bernoulli'``: ``Binomial(m, pi)``, the law of
+    the sum of the cells' independent draws, as layers: layer ``r`` draws one Bernoulli per entry
+    of the columns where some row has more than ``r`` cells (``sum_j max_i m_ij`` draws per row,
+    at most the grid's count, Bernoulli draws instead of uniforms, no per-cell gather or scatter).
+    """
+    pi = log_keep.exp()
+    if sample == "expected":
+        return pi if multiplicity is None else pi.mul_(multiplicity.to(pi.dtype))
+    if multiplicity is None:
+        return torch.bernoulli(pi.float(), generator=generator).to(pi.dtype)
+    # draws from float32 probabilities whatever the dtype: a seed gives the same draws in float64
+    dtype, pi = pi.dtype, pi.float()
+    m = multiplicity if multiplicity.dtype == pi.dtype else multiplicity.to(pi.dtype)
+    counts = torch.bernoulli(pi.masked_fill_(m == 0, 0.0), generator=generator)
+    top = m.amax(dim=0)  # [C]
+    layers = int(top.max()) if top.numel() else 0
+    for r in range(1, layers):
+        cols = (top > r).nonzero().squeeze(1)
+        p = pi[:, cols] * (m[:, cols] > r)
+        counts.index_add_(1, cols, torch.bernoulli(p, generator=generator))
+    return counts.to(dtype)
+
+
+class _WeightedLogMass(torch.autograd.Function):
+    """``log sum_j w_ij e^{c_ij}`` for ``w >= 0``: shifted by the row maximum over the kept
+    entries (``w > 0``; the others read as ``-inf``, so nothing overflows), gradient
+    ``w e^{c - log R}``; a row with nothing kept is ``-inf`` with a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, weights):  # type: ignore[override]
+        kept = torch.where(weights > 0, logits, float("-inf"))
+        row_max = kept.amax(dim=1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+        e = kept.sub_(row_max).exp_()  # 0 where not kept
+        total = _row_dot(e, weights)
+        ctx.save_for_backward(e, weights, torch.where(total > 0, total, 1.0))
+        return row_max.squeeze(1) + total.log()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        e, weights, total = ctx.saved_tensors
+        return e.mul(weights).mul_((grad / total).unsqueeze(1)), None
+
+
+def weighted_log_mass(logits: Tensor, weights: Tensor) -> Tensor:
+    """``[A]`` ``log sum_j w_ij e^{c_ij}`` for detached weights ``w >= 0`` ``[A, S]`` (``-inf``
+    logits only where ``w = 0``); ``-inf`` with a zero gradient where a row keeps nothing."""
+    return _WeightedLogMass.apply(logits, weights.detach().to(logits.dtype))
+
+
+def row_exponentials(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``(max_j c_ij [A], e^{c - max_j c} [A, S])`` of the detached logits, exactly as
+    :func:`tilted_log_mass` computes them (its ``shifted`` argument)."""
+    with torch.no_grad():
+        row_max = logits.amax(dim=1, keepdim=True)
+        return row_max.squeeze(1), (logits - row_max).exp_()
+
+
+def softmax_expectation(
+    shifted: tuple[Tensor, Tensor], positive: Tensor, columns: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(sum_k p_ik z_k [A, d], p_i+ [A])`` under the softmax over the positive logit
+    ``positive`` ``[A]`` and the negatives, from the shifted exponentials: the product with the
+    unnormalised ``e`` and a row scale after it (plain twin:
+    ``hardneg.strategies.unremix.softmax_expectation``)."""
+    row_max, e = shifted
+    log_z = torch.logaddexp(e.sum(dim=1).log(), positive - row_max)  # log Z - max
+    return (e @ columns) * (-log_z).exp().unsqueeze(1), (positive - row_max - log_z).exp()
+
+
+def _row_range(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` ``[A, 1]`` of the min-max map ``(x - lo) / (hi - lo)`` over each row's
+    masked entries (0 and 0 on a constant or empty row, as the plain form)."""
+    lo = torch.where(mask, x, float("inf")).amin(dim=1, keepdim=True)
+    hi = torch.where(mask, x, float("-inf")).amax(dim=1, keepdim=True)
+    span = hi - lo
+    ok = span > 0
+    scale = torch.where(ok, 1.0 / torch.where(ok, span, 1.0), 0.0)
+    return scale, torch.where(ok, -lo * scale, 0.0)
+
+
+def unremix_mix(
+    u: Tensor | None,
+    d: Tensor | None,
+    mask: Tensor,
+    *,
+    lambda_u: float,
+    lambda_d: float,
+    eps: float,
+    density: bool,
+) -> Tensor:
+    """``lambda_u U~ + lambda_d D~' + eps`` ``[A, C]``, 0 off ``mask`` (``~``: min-max over each
+    row's masked entries; ``D~' = 1 - D~`` when ``density``). ``u``: ``[A, C]`` (overwritten) or
+    ``[1, C]``; ``d``: ``[1, C]``; None where the weight is 0. One buffer: ``U``'s per-row affine
+    in place, ``D`` as a rank-1 update, the row constants in one pass."""
+    a, c = mask.shape
+    dtype = (u if u is not None else d).dtype
+    const = torch.full((a, 1), eps, dtype=dtype, device=mask.device)
+    if u is not None:
+        scale, shift = _row_range(u.expand(a, c), mask)
+        const += lambda_u * shift
+        if u.shape[0] == a:
+            mix = u.mul_(lambda_u * scale)
+        else:
+            mix = torch.outer(lambda_u * scale.squeeze(1), u[0])
+    else:
+        mix = torch.zeros(a, c, dtype=dtype, device=mask.device)
+    if d is not None:
+        scale, shift = _row_range(d.expand(a, c), mask)
+        sign = -1.0 if density else 1.0
+        const += lambda_d * (sign * shift + (1.0 if density else 0.0))
+        mix.addr_(sign * lambda_d * scale.squeeze(1), d[0])
+    return mix.add_(const).masked_fill_(~mask, 0.0)

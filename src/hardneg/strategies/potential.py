@@ -35,12 +35,17 @@ L_aug(q, k)``, and two MoCo calls averaged are the paper's symmetric ``L``. ``ex
 ``q_i``. In-batch a key that is one of ``i``'s positives is not its negative (our rule); with a
 bank, a neighbour of ``k_i`` that also sits in another block is both, as in the code.
 
-Draws (``sample='bernoulli'``, ``generator``), per term in order (in-batch: direction 1, direction
-2, then ``L_aug``): one float32 ``torch.rand`` over the term's cells, row-major. ``L_mined``:
+Draws (``sample='bernoulli'``, ``generator``) of the plain form (``fast=False``), per term in
+order (in-batch: direction 1, direction 2, then ``L_aug``): one float32 ``torch.rand`` over the
+term's cells, row-major. ``L_mined``:
 ``[N, N(K+1)]`` (column ``j(K+1) + m`` is member ``m`` of block ``j``), then ``Q`` pool cells
 with ``pool_as_negatives``; ``L_aug``: ``[2N, 2N]``; masked cells are drawn too. The authors' code
 masks its grid and draws in another order, so the same seed does not give their selections;
-the law (independent Bernoulli cells) is the same. ``'expected'`` uses ``pi`` without a draw.
+the law (independent Bernoulli cells) is the same. The fast path (``fast=True``, the default
+outside ``torch.compile``) draws each column's count of kept cells instead,
+``Binomial(m_ij, pi_ij)`` for the ``m_ij`` cells of row ``i`` that read column ``j``
+(:func:`hardneg.fastpaths.kept_counts`): the same law, other draws for the same seed.
+``'expected'`` uses ``pi`` without a draw (``m pi`` per column, equal on both paths).
 
 Differences from the code, besides the options above: the in-batch form, its own-positive rule
 and its single ``L_aug`` selection are ours; ``exclude_index`` is ours; one temperature serves
@@ -48,7 +53,8 @@ both losses (the code: ``self.T`` and ``args.temperature``); batch size and ``K`
 hard-coded; a kept negative with ``s = 0`` exactly counts (the code's ``exp(0 * s/T)`` trick drops
 it). Cost: the neighbour look-up ``[N, d] x [d, N or Q]`` (no gradient), the mined logits
 ``[N, N (+ Q)]`` per direction, the ``L_aug`` Gram ``[2N, 2N]`` and ``N^2 (K + 1)`` uniforms per
-mined direction: no fast path yet. Diagnostics describe the first term, ``L_mined(z1; z2)``, per
+mined direction (the fast path: a Bernoulli draw per column and layer of cells, no grid, and
+the negative mass from the counts, :func:`hardneg.fastpaths.weighted_log_mass`). Diagnostics describe the first term, ``L_mined(z1; z2)``, per
 column; ``LossOutput.terms`` holds the ``'mined'`` and ``'aug'`` parts of the loss.
 
 Example:
@@ -70,6 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hardneg import fastpaths
 from hardneg._checks import check_choice, check_flag, check_number
 from hardneg.contrast import ContrastSet, build_contrast, in_batch_contrast
 from hardneg.registry import register_strategy
@@ -86,11 +93,14 @@ class CellContrast(ContrastSet):
     Attributes (besides :class:`~hardneg.contrast.ContrastSet`'s):
         cell_log_keep: ``[A, G]`` ``log pi`` of every cell, ``-inf`` where it is no negative.
         cells: ``[G]`` column of each cell (None: cell ``c`` is column ``c``).
+        multiplicity: fast path (``cells`` None, ``cell_log_keep`` per column ``[A, C]``): the
+            number of row ``i``'s cells that read column ``j`` ``[A, C]``.
         neighbours: ``[A, K]`` columns of each anchor's mined positives, or None.
     """
 
     cell_log_keep: Tensor | None = None
     cells: Tensor | None = None
+    multiplicity: Tensor | None = None
     neighbours: Tensor | None = None
 
 
@@ -178,17 +188,21 @@ class PotentialMining(Strategy):
                 )
         if inputs.negatives is None:
             out = [
-                (0.5, self.mined(inputs, z1, z2, inputs.h1), "mined"),
-                (0.5, self.mined(inputs, z2, z1, inputs.h2), "mined"),
+                (0.5, self.mined(inputs, z1, z2, inputs.h1, fast=context.fast), "mined"),
+                (0.5, self.mined(inputs, z2, z1, inputs.h2, fast=context.fast), "mined"),
             ]
         else:
-            out = [(1.0, self.mined(inputs, z1, z2, inputs.h1), "mined")]
+            out = [(1.0, self.mined(inputs, z1, z2, inputs.h1, fast=context.fast), "mined")]
         if self.aug_weight > 0:
             out.append((self.aug_weight, self.augmentation(inputs), "aug"))
         return out
 
-    def mined(self, inputs: ContrastInputs, q: Tensor, k: Tensor, g: Tensor | None) -> CellContrast:
-        """The contrast set of ``L_mined(q; k)`` with its grid cells and their ``log pi``."""
+    def mined(
+        self, inputs: ContrastInputs, q: Tensor, k: Tensor, g: Tensor | None, *, fast: bool = False
+    ) -> CellContrast:
+        """The contrast set of ``L_mined(q; k)`` with its grid cells and their ``log pi``
+        (``fast``: ``log pi`` per column and each column's number of cells per anchor instead,
+        for :func:`hardneg.fastpaths.kept_counts`)."""
         n, pool, exclude = q.shape[0], inputs.negatives, inputs.exclude_index
         rows = torch.arange(n, device=q.device)
         with torch.no_grad():  # neighbour look-up and the grid's structure
@@ -231,12 +245,20 @@ class PotentialMining(Strategy):
             t = inputs.temperature
             sims = contrast.negative_logits * t
             log_pi = self.log_keep(sims, contrast.positive_logits[:, 0] * t, contrast.mask())
-            cell_log_keep = log_pi[:, cells]
-            cell_log_keep.view(n, n, -1)[rows, rows] = float("-inf")
-            if pool is not None and self.pool_as_negatives:  # one more cell per pool row
-                cells = torch.cat([cells, torch.arange(n, columns, device=q.device)])
-                pool_cells = log_pi[:, n:].masked_fill(own[:, n:], float("-inf"))
-                cell_log_keep = torch.cat([cell_log_keep, pool_cells], dim=1)
+            if fast:  # cells per column: all of the column's cells but those of i's own block
+                total = torch.bincount(cells, minlength=columns).to(log_pi.dtype)
+                others = total.clone()  # the column's cells when i's block holds none of them
+                if pool is not None and self.pool_as_negatives:  # one more cell per pool row,
+                    others[n:] += 1  # kept only for the anchors whose block does not hold it
+                multiplicity = torch.where(own, total - 1, others)
+        if fast:
+            cell_log_keep, cells = log_pi, None
+        else:
+            multiplicity = None
+            with torch.no_grad():
+                cell_log_keep, cells = self.cell_grid(
+                    log_pi, cells, own, n, columns, pool is not None
+                )
         contrast.anchor_features = g
         if inputs.labels is not None:
             contrast.anchor_labels = inputs.labels
@@ -247,8 +269,26 @@ class PotentialMining(Strategy):
                     [inputs.labels, inputs.negative_labels.to(inputs.labels.device)]
                 )
         return _with_cells(
-            contrast, cell_log_keep=cell_log_keep, cells=cells, neighbours=blocks[:, 1:]
+            contrast,
+            cell_log_keep=cell_log_keep,
+            cells=cells,
+            multiplicity=multiplicity,
+            neighbours=blocks[:, 1:],
         )
+
+    def cell_grid(
+        self, log_pi: Tensor, cells: Tensor, own: Tensor, n: int, columns: int, pooled: bool
+    ) -> tuple[Tensor, Tensor]:
+        """``log pi`` of every grid cell ``[A, G]`` (the anchor's own block ``-inf``) and the cells'
+        columns ``[G]``."""
+        cell_log_keep = log_pi[:, cells]
+        rows = torch.arange(n, device=log_pi.device)
+        cell_log_keep.view(n, n, -1)[rows, rows] = float("-inf")
+        if pooled and self.pool_as_negatives:  # one more cell per pool row
+            cells = torch.cat([cells, torch.arange(n, columns, device=log_pi.device)])
+            pool_cells = log_pi[:, n:].masked_fill(own[:, n:], float("-inf"))
+            cell_log_keep = torch.cat([cell_log_keep, pool_cells], dim=1)
+        return cell_log_keep, cells
 
     def augmentation(self, inputs: ContrastInputs) -> CellContrast:
         """The contrast set of ``L_aug(z1, z2)``: SimCLR over ``[z1; z2]``, one cell per column."""
@@ -278,14 +318,19 @@ class PotentialMining(Strategy):
         assert isinstance(contrast, CellContrast) and contrast.cell_log_keep is not None
         logits = contrast.negative_logits
         with torch.no_grad():
-            pi = contrast.cell_log_keep.exp()
-            if self.sample == "bernoulli":
-                u = torch.rand(pi.shape, generator=context.generator, device=pi.device)
-                pi = (u < pi).to(pi.dtype)
-            counts = pi
-            if contrast.cells is not None:  # kept cells per column
-                index = contrast.cells.expand(pi.shape[0], -1)
-                counts = torch.zeros_like(logits).scatter_add_(1, index, pi)
+            if context.fast and contrast.cells is None:  # per column, no grid
+                counts = fastpaths.kept_counts(
+                    contrast.cell_log_keep,
+                    contrast.multiplicity,
+                    sample=self.sample,
+                    generator=context.generator,
+                )
+            else:
+                counts = self.grid_counts(contrast, context)
+        if context.fast and context.want_log_mass:  # the mass from the counts, no log w
+            mass = fastpaths.weighted_log_mass(logits, counts)
+            return self.positives(Selection(negative_log_mass=mass), contrast, role)
+        with torch.no_grad():
             log_w = counts.log()
         # log sum_j w_ij e^{c_ij}, -inf (with a zero gradient, not NaN) where nothing is kept
         terms = logits + log_w
@@ -294,6 +339,11 @@ class PotentialMining(Strategy):
             ~kept.squeeze(1), float("-inf")
         )
         selection = Selection(negative_log_weights=log_w, negative_log_mass=log_mass)
+        return self.positives(selection, contrast, role)
+
+    def positives(self, selection: Selection, contrast: CellContrast, role: str) -> Selection:
+        """The term's positives: the mined ones (``L_mined``) or the broadcast pairing (``L_aug``)."""
+        logits = contrast.negative_logits
         if role == "aug" and self.aug_pairing == "broadcast":  # every row's positive, each row's Ng
             selection.positive_weight = torch.zeros_like(contrast.positive_logits)
             selection.extra_positive_logits = contrast.positive_logits.T.expand(logits.shape[0], -1)
@@ -315,6 +365,19 @@ class PotentialMining(Strategy):
                     .softmax(dim=1)
                 )
         return selection
+
+    def grid_counts(self, contrast: CellContrast, context: StepContext) -> Tensor:
+        """Plain form: kept cells per column ``[A, C]``, one uniform per grid cell (or ``pi``)."""
+        assert contrast.cell_log_keep is not None
+        pi = contrast.cell_log_keep.exp()
+        if self.sample == "bernoulli":
+            u = torch.rand(pi.shape, generator=context.generator, device=pi.device)
+            pi = (u < pi).to(pi.dtype)
+        counts = pi
+        if contrast.cells is not None:  # kept cells per column
+            index = contrast.cells.expand(pi.shape[0], -1)
+            counts = torch.zeros_like(contrast.negative_logits).scatter_add_(1, index, pi)
+        return counts
 
     def objective_options(self, role: str) -> dict[str, str]:
         if role == "mined":  # l_i = sum_p w_ip (log D_i - a_ip), every positive inside D_i
