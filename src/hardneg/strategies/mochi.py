@@ -55,6 +55,9 @@ class HardNegativeMixing(Strategy):
 
     loss_defaults = {"temperature": 0.2}
     draws = True
+    # a batch holds far fewer negatives than the paper's queue (16k-65k): compare / demo on
+    # in-batch negatives mix fewer (the full defaults would mix 2x the batch per anchor)
+    in_batch_defaults = {"num_hardest": 128, "num_mixed": 128, "num_query_mixed": 32}
 
     def __init__(
         self, *, num_hardest: int = 1024, num_mixed: int = 1024, num_query_mixed: int = 128
