@@ -304,7 +304,9 @@ REFERENCED = ("infonce", "debiased", "hcl", "unremix", "ring", "potential")
 REFERENCE_KWARGS = {"unremix": dict(lambda_u=0.0, lambda_d=0.0), "potential": DETERMINISTIC}
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
 @given(
     name=st.sampled_from(LOSSES),
     batch=batches(),
@@ -326,6 +328,10 @@ def test_property_loss_equals_its_float64_equation_for_random_inputs(
     assert_finite_with_grads(loss, z1, z2)
     if name not in REFERENCED:
         return
+    if autocast and name == "potential":
+        # bf16 rounding can flip a near-tie in the neighbour look-up (a discontinuous choice),
+        # so no rounding bound holds there; its float32 value is checked below without autocast
+        autocast = False
     checked = make(name, temperature=temperature, beta=beta, **REFERENCE_KWARGS.get(name, {}))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         value = float(run(checked, z1.detach(), z2.detach(), pool))
@@ -336,7 +342,7 @@ def test_property_loss_equals_its_float64_equation_for_random_inputs(
         assert value == pytest.approx(want, rel=1e-4, abs=1e-4)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(name=st.sampled_from(LOSSES), batch=batches(), seed=st.integers(0, 1000))
 def test_property_permuting_the_batch_does_not_change_the_loss(name, batch, seed):
     z1, z2, pool = batch
