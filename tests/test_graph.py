@@ -557,3 +557,212 @@ def test_packaged_graph_configs():
         cfg = load_graph_config(name)
         assert cfg["betas"] == [0.0, 1.0, 2.0, 10.0] and cfg["epochs"] == 200
         assert cfg["dataset"].lower() == name
+
+
+# --- hardneg compare on graph configs -------------------------------------------------------------
+def toy_tu(root: Path, name: str = "TOY", num: int = 24, labels: bool = True) -> Path:
+    """A TU-format set of small graphs: triangles / squares + a tail, two classes."""
+    graphs = []
+    for i in range(num):
+        ring = 3 if i % 2 == 0 else 4
+        tail = 1 + i % 3
+        edges = [(k, (k + 1) % ring) for k in range(ring)]
+        edges += [(ring - 1 + k, ring + k) for k in range(tail)]
+        graphs.append((ring + tail, edges))
+    write_tu(root, name, graphs, labels=labels)
+    return root
+
+
+def graph_config(path: Path, **extra) -> Path:
+    cfg = {
+        "dataset": "TOY",
+        "framework": "infograph",
+        "loss": "hcl",
+        "objective": "jsd_hard",
+        "direction": "authors",
+        "betas": [0.0, 2.0],
+        "repeats": 2,
+        "epochs": 1,
+        "batch_size": 8,
+        "lr": 0.001,
+        "hidden": 8,
+        "num_layers": 2,
+        "svm_folds": 3,
+        "published": {"source": "nowhere", "beta_0": "99.9", "rows": {"infonce": "11.1"}},
+        **extra,
+    }
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def table_rows(report: str) -> dict[str, list[str]]:
+    """``{'strategy beta': [cells]}`` of the comparison table in a report."""
+    rows = {}
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[2] in ("jsd_hard", "jsd", "infonce"):
+            rows[f"{cells[0]} {cells[1]}".strip()] = cells
+    return rows
+
+
+def test_compare_runs_a_graph_config_and_its_table_matches_the_runs(tmp_path, capsys):
+    import json
+    import statistics
+
+    from hardneg.cli import main
+    from hardneg.graph.protocol import load_graph_config, run_protocol
+
+    toy_tu(tmp_path / "tu")
+    config = graph_config(tmp_path / "toy.yaml")
+    out = tmp_path / "out"
+    argv = ["compare", "--config", str(config), "--data-dir", str(tmp_path / "tu"),
+            "--strategies", "hcl,infonce", "--out", str(out), "betas=1"]  # fmt: skip
+    assert main(argv) == 0
+    report = (out / "report.md").read_text()
+    rows = table_rows(report)
+    assert sorted(rows) == ["hcl 1", "infonce"]  # hcl swept over betas=[1]; infonce has none
+    assert rows["hcl 1"][2] == "jsd_hard" and rows["infonce"][2] == "jsd"
+    assert rows["infonce"][5] == "11.1" and rows["hcl 1"][5] == ""
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 2 * 2
+    for label, key in (("hcl beta=1", "hcl 1"), ("infonce", "infonce")):
+        accs = [r["svm"] for r in results["runs"] if r["setting"] == label]
+        per_run = [
+            json.loads(Path(r["file"]).read_text())["svm"]
+            for r in results["runs"]
+            if r["setting"] == label
+        ]
+        assert accs == per_run and len(accs) == 2
+        mean, std = rows[key][3].split(" ± ")
+        assert float(mean) == round(statistics.mean(accs), 2)
+        assert float(std) == round(statistics.stdev(accs), 2)
+        assert rows[key][4] == "2"
+    # the hcl runs are the protocol's runs (same seeds, same data order)
+    cfg = load_graph_config(str(config))
+    cfg["betas"] = [1.0]
+    protocol = run_protocol(cfg, load_tu(tmp_path / "tu", "TOY"), log=lambda s: None)
+    hcl = [r["svm"] for r in results["runs"] if r["setting"] == "hcl beta=1"]
+    assert protocol[1.0] == pytest.approx(hcl, abs=1e-9)
+    # a second call reuses every finished run and writes the same table
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("(reused)") == 4
+    assert table_rows((out / "report.md").read_text()) == rows
+    # another plan in the same folder is refused
+    assert main([*argv[:-1], "betas=2"]) == 2
+    assert "does not include" in capsys.readouterr().err
+
+
+def test_compare_graph_settings_enumerate_the_registry():
+    from hardneg.graph.compare import plan_settings
+    from hardneg.registry import loss_hparams, strategy_class
+
+    cfg = {"betas": [0.0, 1.0, 2.0, 10.0], "objective": "jsd_hard"}
+    settings = plan_settings(cfg, list_losses())
+    for name in list_losses():
+        mine = [s for s in settings if s.strategy == name]
+        if "beta" in loss_hparams(name):
+            assert [s.beta for s in mine] == cfg["betas"]
+        else:
+            assert [s.beta for s in mine] == [None]
+        expected = "jsd_hard" if hasattr(strategy_class(name), "current_beta") else "jsd"
+        assert {s.objective for s in mine} == {expected}
+    assert [s.label for s in settings if s.strategy == "hcl"] == [
+        "hcl beta=0", "hcl beta=1", "hcl beta=2", "hcl beta=10"
+    ]  # fmt: skip
+    pinned = plan_settings(cfg, ["hcl"], per_strategy={"hcl": {"beta": 5.0}})
+    assert [s.label for s in pinned] == ["hcl beta=5"]
+    with pytest.raises((ValueError, KeyError), match="nope"):
+        plan_settings(cfg, ["nope"])
+
+
+def test_compare_finds_graph_configs_without_the_graph_import(tmp_path):
+    from hardneg.commands.compare import find_graph_config, graph_config_names
+
+    assert graph_config_names() == ["mutag", "nci1", "proteins", "ptc_mr"]
+    assert find_graph_config("mutag", "mnist1d") == "mutag"
+    assert find_graph_config(None, "MUTAG") == "mutag"
+    assert find_graph_config(None, "PTC-MR") == "ptc_mr"
+    assert find_graph_config(None, "mnist1d") is None
+    assert find_graph_config("mnist1d_simclr_hcl", "mnist1d") is None
+    assert find_graph_config(str(graph_config(tmp_path / "g.yaml")), "x") == str(
+        tmp_path / "g.yaml"
+    )
+    image = tmp_path / "image.yaml"
+    image.write_text("train:\n  epochs: 2\n")
+    assert find_graph_config(str(image), "mnist1d") is None
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    import hardneg.graph.compare as gc
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before the inputs were checked")
+
+    monkeypatch.setattr(gc, "train_and_score", refuse)
+
+
+def compare_error(argv, capsys) -> str:
+    from hardneg.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_compare_graph_bad_input_fails_before_training(tmp_path, capsys, no_training):
+    config = str(graph_config(tmp_path / "toy.yaml"))
+    out = ["--out", str(tmp_path / "out")]
+    base = ["compare", "--config", config, *out]
+    # no data folder
+    assert "--data-dir" in compare_error(base, capsys)
+    # a data set folder in the wrong layout: the files next to raw/ instead of in it
+    raw = toy_tu(tmp_path / "flat") / "TOY" / "raw"
+    for f in raw.iterdir():
+        shutil.move(str(f), str(raw.parent / f.name))
+    raw.rmdir()
+    err = compare_error([*base, "--data-dir", str(tmp_path / "flat")], capsys)
+    assert "TOY_A.txt" in err and "move the .txt files into raw/" in err
+    # the data set's own folder instead of the folder above it
+    toy_tu(tmp_path / "tu")
+    err = compare_error([*base, "--data-dir", str(tmp_path / "tu" / "TOY")], capsys)
+    assert f"give the folder above it, {tmp_path / 'tu'}" in err
+    # graphs without node features and no degree option
+    toy_tu(tmp_path / "bare", labels=False)
+    err = compare_error([*base, "--data-dir", str(tmp_path / "bare"), "degree=none"], capsys)
+    assert "no node features and degree=None" in err
+    # an empty graph: graph 24 keeps its label but no node names it (its nodes become graph 25)
+    empty = toy_tu(tmp_path / "empty") / "TOY" / "raw"
+    indicator = (empty / "TOY_graph_indicator.txt").read_text().split()
+    (empty / "TOY_graph_indicator.txt").write_text(
+        "".join(f"{25 if i == '24' else i}\n" for i in indicator)
+    )
+    with open(empty / "TOY_graph_labels.txt", "a") as f:
+        f.write("0\n")
+    err = compare_error([*base, "--data-dir", str(tmp_path / "empty")], capsys)
+    assert "1 empty graph(s)" in err and "index [23]" in err
+    # a label file that does not match the graphs
+    extra = toy_tu(tmp_path / "extra") / "TOY" / "raw"
+    with open(extra / "TOY_graph_labels.txt", "a") as f:
+        f.write("0\n")
+    err = compare_error([*base, "--data-dir", str(tmp_path / "extra")], capsys)
+    assert "has 25 labels but TOY_graph_indicator.txt numbers 24 graphs" in err
+    # a batch size that leaves a one-graph batch (24 graphs in batches of 23)
+    good = ["--data-dir", str(tmp_path / "tu")]
+    assert "last batch of one graph" in compare_error([*base, *good, "batch_size=23"], capsys)
+    # unknown strategy, override, framework
+    assert "nope" in compare_error([*base, *good, "--strategies", "hcl,nope"], capsys)
+    assert "graph override 'temperatur=1'" in compare_error([*base, *good, "temperatur=1"], capsys)
+    assert "infograph" in compare_error([*base, *good, "--framework", "moco"], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_tu_names_the_folder_above_a_data_sets_own_folder(tmp_path):
+    toy_tu(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"give the folder above it, {tmp_path}"):
+        load_tu(tmp_path / "TOY", "TOY")
+    with pytest.raises(FileNotFoundError, match=f"give the folder above it, {tmp_path}"):
+        load_tu(tmp_path / "TOY" / "raw", "TOY")

@@ -19,6 +19,12 @@ run's frozen backbone is evaluated (weighted kNN + linear probe), ``metrics.json
 are written in its folder, and one comparison report (table + side-by-side figures) in ``--out``.
 Runs found in ``--out`` with the same config are reused when finished and resumed from
 ``checkpoints/last.pt`` when interrupted, so an interrupted comparison continues where it stopped.
+
+**Graphs.** A graph config (``--config mutag``, ``ptc_mr``, ``nci1``, ``proteins`` or a graph YAML;
+or ``--dataset MUTAG`` etc. without ``--config``) runs HCL's graph protocol instead
+(:mod:`hardneg.graph.compare`): InfoGraph for every requested strategy, the ``beta`` sweep for
+strategies that have a ``beta``, ``--seeds`` repeats (default: the config's), the RBF-SVM
+protocol, and a table with the published figure beside it; ``--data-dir`` names the TU folder.
 """
 
 from __future__ import annotations
@@ -45,9 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="mnist1d", help="data set (default mnist1d)")
     parser.add_argument(
         "--strategies",
-        help="comma-separated loss names (default: every registered loss, see hardneg losses)",
+        help="comma-separated loss names, or all (default: every registered loss, see hardneg "
+        "losses; graph configs: the config's loss, hcl)",
     )
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per strategy")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        help="seeds 0..N-1 per strategy (default 3; graph configs: repeats, default the config's)",
+    )
     parser.add_argument("--epochs", type=int, help="training epochs (default: the base config's)")
     parser.add_argument("--framework", help="simclr | moco | memory_bank (default: base config's)")
     parser.add_argument(
@@ -56,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "data set, e.g. mnist1d_simclr_hcl; its loss section only lends its temperature)",
     )
     parser.add_argument("--out", help="output folder (default runs/compare-DATASET-TIME)")
+    parser.add_argument(
+        "--data-dir",
+        help="data folder (graph configs: the folder holding DATASET/raw/ in TU format; "
+        "image configs: data.data_dir)",
+    )
     parser.add_argument("--no-linear", action="store_true", help="skip the linear probe")
     parser.add_argument(
         "--tsne-points", type=int, default=1000, help="t-SNE subsample size (0 = no t-SNE)"
@@ -77,14 +93,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    graph_config = find_graph_config(args.config, args.dataset)
+    if graph_config is not None:
+        return run_graph(args, graph_config)
     strategies = parse_strategies(args.strategies)
     out = Path(args.out) if args.out else default_out(f"compare-{args.dataset}")
+    overrides = list(args.overrides)
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
     outcome = compare(
         dataset=args.dataset,
         strategies=strategies,
-        seeds=range(args.seeds),
+        seeds=range(3 if args.seeds is None else args.seeds),
         base_config=args.config,
-        overrides=args.overrides,
+        overrides=overrides,
         epochs=args.epochs,
         framework=args.framework,
         out=out,
@@ -97,6 +119,73 @@ def run(args: argparse.Namespace) -> int:
     print(outcome.table)
     print_verdict(outcome.verdict)
     print(f"\nreport: {outcome.report}")
+    return 0 if not outcome.failed else 1
+
+
+def graph_config_names() -> list[str]:
+    """The packaged graph configs (``hardneg/graph/configs/*.yaml``), found without importing
+    :mod:`hardneg.graph` (which needs the graph extra)."""
+    import hardneg
+
+    folder = Path(hardneg.__file__).parent / "graph" / "configs"
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def find_graph_config(config: str | None, dataset: str | None) -> str | None:
+    """The graph config that ``--config`` / ``--dataset`` names, or None (an image comparison).
+
+    A graph config is a packaged one (``mutag``...) or a YAML file whose top level has
+    ``framework: infograph`` or ``betas``; without ``--config``, ``--dataset`` that names a
+    packaged graph config (``MUTAG``, ``PTC_MR``...) selects it.
+    """
+    names = graph_config_names()
+    if config is not None:
+        path = Path(config)
+        if path.is_file():
+            import yaml
+
+            try:
+                raw = yaml.safe_load(path.read_text())
+            except yaml.YAMLError:
+                return None  # the image loader reports the syntax error
+            if isinstance(raw, dict) and (raw.get("framework") == "infograph" or "betas" in raw):
+                return str(path)
+            return None
+        return config.lower() if config.lower() in names else None
+    if dataset is not None and dataset.lower().replace("-", "_") in names:
+        return dataset.lower().replace("-", "_")
+    return None
+
+
+def run_graph(args: argparse.Namespace, config: str) -> int:
+    """``hardneg compare`` on a graph config (:func:`hardneg.graph.compare.compare_graphs`)."""
+    try:
+        from hardneg.graph.compare import compare_graphs
+    except ImportError as err:
+        raise ValueError(f"a graph comparison needs the graph extra: {err}") from err
+
+    if args.framework not in (None, "infograph"):
+        raise ValueError(f"graph configs run framework 'infograph', not {args.framework!r}")
+    strategies = None
+    if args.strategies is not None:
+        strategies = parse_strategies(args.strategies)
+        if not strategies:
+            raise ValueError("--strategies is empty")
+    stem = Path(config).stem
+    out = Path(args.out) if args.out else default_out(f"compare-{stem}")
+    outcome = compare_graphs(
+        config,
+        strategies=strategies,
+        data_dir=args.data_dir,
+        out=out,
+        repeats=args.seeds,
+        epochs=args.epochs,
+        overrides=args.overrides,
+        command="hardneg " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    print()
+    print(outcome.table)
+    print(f"\n{outcome.seconds:.0f} s; report: {outcome.report}")
     return 0 if not outcome.failed else 1
 
 
@@ -120,8 +209,8 @@ class Outcome:
 
 
 def parse_strategies(text: str | None) -> list[str]:
-    """``"a,b"`` -> ``["a", "b"]``; None -> every registered loss."""
-    if text is None:
+    """``"a,b"`` -> ``["a", "b"]``; None or ``"all"`` -> every registered loss."""
+    if text is None or text.strip() == "all":
         return default_strategies()
     return [s.strip() for s in text.split(",") if s.strip()]
 

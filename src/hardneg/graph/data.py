@@ -78,7 +78,24 @@ def check_tu_folder(root: str | os.PathLike, name: str) -> Path:
     if missing:
         found = sorted(p.name for p in raw.iterdir()) if raw.is_dir() else []
         hint = ""
-        if not raw.is_dir() and (Path(root) / name).is_dir():
+        root_path = Path(root)
+        own_raw = all((root_path / "raw" / f).is_file() for f in tu_files(name))
+        flat = all((root_path / f).is_file() for f in tu_files(name))
+        if own_raw or (flat and root_path.name == "raw"):
+            # the data set's own folder (or its raw/) was given instead of the folder above it
+            above = root_path.parent if own_raw else root_path.parent.parent
+            hint = (
+                f" ({root_path} is the data set's own folder: give the folder above it, "
+                f"{above}, which holds {name}/raw/)"
+            )
+        elif flat and root_path.name == name:
+            hint = (
+                f" ({root_path} holds the files themselves: put them in {root_path}/raw/ and "
+                f"give the folder above, {root_path.parent})"
+            )
+        elif flat:
+            hint = f" (they sit directly in {root_path}: move them into {raw})"
+        elif not raw.is_dir() and (Path(root) / name).is_dir():
             loose = sorted(p.name for p in (Path(root) / name).iterdir())
             hint = f" ({Path(root) / name} holds {', '.join(loose) or 'nothing'}: move the .txt files into raw/)"
         elif found:
@@ -169,6 +186,15 @@ def load_tu(
     where = _writable_root(root, name, cache_dir)
     dataset = TUDataset(str(where), name=name)
     graphs = [dataset[i] for i in range(len(dataset))]
+    raw = root / name / "raw"
+    labels = [
+        ln for ln in (raw / f"{name}_graph_labels.txt").read_text().splitlines() if ln.strip()
+    ]
+    if len(labels) != len(graphs):
+        raise ValueError(
+            f"{raw}: {name}_graph_labels.txt has {len(labels)} labels but "
+            f"{name}_graph_indicator.txt numbers {len(graphs)} graphs: the files do not match"
+        )
     for g in graphs:
         if g.x is not None and g.x.numel() == 0:
             g.x = None

@@ -32,7 +32,7 @@ from hardneg.graph.train import embed, train_graphs
 CONFIG_DIR = Path(__file__).parent / "configs"
 CONFIG_KEYS = {
     "dataset", "framework", "loss", "objective", "direction", "betas", "repeats", "epochs",
-    "batch_size", "lr", "hidden", "num_layers", "svm_folds", "published",
+    "batch_size", "lr", "hidden", "num_layers", "svm_folds", "published", "degree",
 }  # fmt: skip
 
 
@@ -60,10 +60,65 @@ def load_graph_config(name_or_path: str) -> dict:
     return cfg
 
 
+def degree_option(cfg: dict) -> str | None:
+    """The config's ``degree`` for :func:`~hardneg.graph.data.load_tu`: ``'auto'`` (default)
+    or None (``degree: null`` / ``none``: featureless nodes are an error)."""
+    value = cfg.get("degree", "auto")
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        return None
+    if value != "auto":
+        raise ValueError(f"degree must be 'auto' or none, got {value!r}")
+    return "auto"
+
+
 def shuffled(data: GraphSet, seed: int) -> GraphSet:
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
     return GraphSet([data.graphs[i] for i in order], data.name, data.num_features,
                     data.num_classes, data.info)  # fmt: skip
+
+
+def run_seed(repeat: int, beta: float | None) -> int:
+    """The seed of one run: ``1000 * repeat + int(10 * beta)`` (``beta`` None counts as 0), so
+    every strategy of a repeat sees the same shuffle and initialisation as HCL's ``beta = 0``."""
+    return 1000 * int(repeat) + int(10 * float(beta or 0.0))
+
+
+def train_and_score(
+    cfg: dict,
+    data: GraphSet,
+    *,
+    loss: str,
+    loss_hparams: dict,
+    objective: str | None,
+    seed: int,
+) -> dict[str, float]:
+    """One protocol run: shuffle once, train a fresh InfoGraph, score the frozen embeddings.
+
+    Returns ``{"svm": accuracy (percent), "svm_std": std over the folds, "train_s", "loss"}``.
+    """
+    torch.manual_seed(seed)
+    model = InfoGraph(
+        data.num_features,
+        loss=loss,
+        loss_hparams=loss_hparams,
+        objective=objective,
+        direction=cfg.get("direction", "authors"),
+        hidden=int(cfg.get("hidden", 32)),
+        num_layers=int(cfg.get("num_layers", 3)),
+    )
+    run_data = shuffled(data, seed)
+    fit = train_graphs(
+        model,
+        run_data,
+        epochs=int(cfg["epochs"]),
+        batch_size=int(cfg.get("batch_size", 128)),
+        lr=float(cfg.get("lr", 1e-3)),
+        seed=seed,
+        shuffle=False,
+    )
+    emb, labels = embed(model.encoder, run_data)
+    scores = svm_accuracy(emb, labels, folds=int(cfg.get("svm_folds", 10)), seed=seed)
+    return {**scores, "train_s": fit["seconds"], "loss": fit["loss"]}
 
 
 def run_protocol(
@@ -76,43 +131,40 @@ def run_protocol(
     results: dict[float, list[float]] = {float(b): [] for b in cfg["betas"]}
     for r in range(int(cfg["repeats"])):
         for beta in results:
-            seed = 1000 * r + int(10 * beta)
-            torch.manual_seed(seed)
-            model = InfoGraph(
-                data.num_features,
+            run = train_and_score(
+                cfg,
+                data,
                 loss=cfg.get("loss", "hcl"),
                 loss_hparams={"beta": beta},
                 objective=cfg.get("objective"),
-                direction=cfg.get("direction", "authors"),
-                hidden=int(cfg.get("hidden", 32)),
-                num_layers=int(cfg.get("num_layers", 3)),
+                seed=run_seed(r, beta),
             )
-            run_data = shuffled(data, seed)
-            fit = train_graphs(
-                model,
-                run_data,
-                epochs=int(cfg["epochs"]),
-                batch_size=int(cfg.get("batch_size", 128)),
-                lr=float(cfg.get("lr", 1e-3)),
-                seed=seed,
-                shuffle=False,
-            )
-            emb, labels = embed(model.encoder, run_data)
-            acc = svm_accuracy(emb, labels, folds=int(cfg.get("svm_folds", 10)), seed=seed)["svm"]
-            results[beta].append(acc)
-            log(f"repeat {r + 1} beta {beta:g}: {acc:.2f}% (train {fit['seconds']:.1f} s)")
+            results[beta].append(run["svm"])
+            log(f"repeat {r + 1} beta {beta:g}: {run['svm']:.2f}% (train {run['train_s']:.1f} s)")
     return results
+
+
+def published_figure(row: dict, published: dict) -> str:
+    """The config's published figure for a row: ``published.rows[label]``, else ``beta_0``
+    beside ``beta = 0``."""
+    by_label = published.get("rows") or {}
+    if row["label"] in by_label:
+        return str(by_label[row["label"]])
+    if row["beta"] == 0.0 and "beta_0" in published:
+        return str(published["beta_0"])
+    return ""
 
 
 def format_results(cfg: dict, results: dict[float, list[float]]) -> str:
     published = cfg.get("published") or {}
+    loss = cfg.get("loss", "hcl")
     lines = [
         f"| beta | {cfg['dataset']} SVM accuracy (%), mean ± std | repeats | published |",
         "|---:|---:|---:|---|",
     ]
     for beta, accs in results.items():
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        pub = published.get("beta_0", "") if beta == 0.0 else "bar chart only (HCL)"
+        pub = published_figure({"label": f"{loss} beta={beta:g}", "beta": beta}, published)
         lines.append(
             f"| {beta:g} | {statistics.mean(accs):.2f} ± {std:.2f} | {len(accs)} | {pub} |"
         )
@@ -144,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg["repeats"] = args.repeats
         if args.betas:
             cfg["betas"] = [float(b) for b in args.betas.split(",")]
-        data = load_tu(args.data_dir, cfg["dataset"])
+        data = load_tu(args.data_dir, cfg["dataset"], degree=degree_option(cfg))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
