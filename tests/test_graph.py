@@ -561,10 +561,11 @@ def test_packaged_graph_configs():
 
 # --- hardneg compare on graph configs -------------------------------------------------------------
 def toy_tu(root: Path, name: str = "TOY", num: int = 24, labels: bool = True) -> Path:
-    """A TU-format set of small graphs: triangles / squares + a tail, two classes."""
+    """A TU-format set of small graphs: triangles / squares + a tail, two classes (the label is
+    ``i % 2``; every fifth graph has the other class's ring, so the accuracy is not 100 %)."""
     graphs = []
     for i in range(num):
-        ring = 3 if i % 2 == 0 else 4
+        ring = 3 if (i % 2 == 0) != (i % 5 == 0) else 4
         tail = 1 + i % 3
         edges = [(k, (k + 1) % ring) for k in range(ring)]
         edges += [(ring - 1 + k, ring + k) for k in range(tail)]
@@ -635,6 +636,7 @@ def test_compare_runs_a_graph_config_and_its_table_matches_the_runs(tmp_path, ca
             if r["setting"] == label
         ]
         assert accs == per_run and len(accs) == 2
+        assert accs[0] != accs[1]  # else the std below checks nothing
         mean, std = rows[key][3].split(" ± ")
         assert float(mean) == round(statistics.mean(accs), 2)
         assert float(std) == round(statistics.stdev(accs), 2)

@@ -64,7 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         help="base YAML config, path or packaged name (default: the packaged config of the "
-        "data set, e.g. mnist1d_simclr_hcl; its loss section only lends its temperature)",
+        "data set, e.g. mnist1d_simclr_hcl; its loss section only lends its temperature); "
+        "a graph config (mutag, ptc_mr, nci1, proteins or a graph YAML) runs HCL's graph "
+        "protocol",
     )
     parser.add_argument("--out", help="output folder (default runs/compare-DATASET-TIME)")
     parser.add_argument(
@@ -83,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="key=value",
         help="config overrides: section.key=value for every run (train.batch_size=128), "
         "loss.KEY=value for each strategy that has KEY (loss.tau_plus=0.05), "
-        "STRATEGY.KEY=value for one strategy (hcl.beta=2)",
+        "STRATEGY.KEY=value for one strategy (hcl.beta=2); graph configs also take the "
+        "config's keys (epochs=50, betas=0,2, degree=none)",
     )
     parser.epilog = (
         "Loss hyper-parameters are the registry defaults (hardneg losses), with the base "
