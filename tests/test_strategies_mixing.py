@@ -246,3 +246,33 @@ def test_mochi_dot_product_logits_equal_the_explicit_mixes(form, dtype, fast, no
     torch.testing.assert_close(loss.detach().double(), expected.detach(), **tol)
     torch.testing.assert_close(z1.grad.double(), a1.grad, **tol)
     torch.testing.assert_close(z2.grad.double(), a2.grad, **tol)
+
+
+@pytest.mark.parametrize("form", ["in_batch", "in_batch_ids", "pool", "pool_exclude", "retrieval"])
+@pytest.mark.parametrize("mode", ["eliminate", "attract"])
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_false_negative_cancellation_in_every_call_form(form, mode, top_k):
+    """Support = the anchor's positive; score = cosine of the support with each negative
+    column, from the embeddings; the top-k are dropped (and attracted), restated per anchor."""
+    from hardneg.losses.contrastive import ContrastInputs
+
+    t = 0.4
+    z1, z2, kwargs, _ = _mochi_inputs(form, torch.float64)
+    loss = hardneg.create_loss("fnc", temperature=t, mode=mode, top_k=top_k)
+    got = loss(z1, z2, **kwargs)
+    c = ContrastInputs(z1=z1.detach(), z2=z2.detach(), temperature=t, **kwargs)
+    c = c.standard_contrast()
+    vectors = c.column_embeddings()
+    total = 0.0
+    for i in range(c.num_anchors):
+        q, support = c.anchors[i], c.positives[i, 0]
+        cols = [j for j in range(vectors.shape[1]) if bool(torch.isfinite(c.negative_logits[i, j]))]
+        score = {j: float(support @ vectors[i, j]) for j in cols}
+        found = sorted(cols, key=lambda j: -score[j])[:top_k]
+        negs = [float(q @ vectors[i, j]) / t for j in cols if j not in found]
+        pos = [float(q @ support) / t]
+        if mode == "attract":
+            pos += [float(q @ vectors[i, j]) / t for j in found]
+        log_r = lse(negs)
+        total += sum(lse([p, log_r]) - p for p in pos) / len(pos)
+    assert got.item() == pytest.approx(total / c.num_anchors, rel=1e-9)
