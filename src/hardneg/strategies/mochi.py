@@ -215,10 +215,8 @@ class HardNegativeMixing(Strategy):
                 query_scale = _inverse_mix_norm(b, dots[:, 2 * s :] * t)
             else:  # raw dot products: the mixes are not normalised
                 pair_scale = query_scale = torch.ones_like(a[:, :1])
-            coefficient = torch.empty_like(dots)
-            first = torch.mul(a, pair_scale, out=coefficient[:, :s])
-            torch.sub(pair_scale, first, out=coefficient[:, s : 2 * s])
-            torch.sub(query_scale, b * query_scale, out=coefficient[:, 2 * s :])
+            first = a * pair_scale
+            coefficient = torch.cat([first, pair_scale - first, query_scale - b * query_scale], 1)
         weighted = dots * coefficient
         pairs = weighted[:, :s] + weighted[:, s : 2 * s]
         q = contrast.anchors
