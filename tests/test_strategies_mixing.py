@@ -177,7 +177,9 @@ def _mochi_inputs(form: str, dtype: torch.dtype):
     if form == "in_batch_ids":
         kwargs["ids"] = torch.tensor([0, 1, 0, 2, 3, 1])  # duplicates: fewer negatives
     if form in ("pool", "pool_exclude"):
-        kwargs["negatives"] = torch.randn(20, d, generator=g, dtype=dtype)
+        # a pool of 20 gives the Gram-matrix path of the pair similarities, 120 the row dots
+        k = 20 if form == "pool" else 120
+        kwargs["negatives"] = torch.randn(k, d, generator=g, dtype=dtype)
     if form == "pool_exclude":
         kwargs["exclude_index"] = torch.tensor([0, 3, 5, 7, 9, 11])
     if form == "retrieval":
@@ -195,10 +197,15 @@ def _mochi_inputs(form: str, dtype: torch.dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
 @pytest.mark.parametrize("normalize", [True, False], ids=["cos", "raw"])
-def test_mochi_dot_product_logits_equal_the_explicit_mixes(form, dtype, fast, normalize):
+def test_mochi_dot_product_logits_equal_the_explicit_mixes(
+    form, dtype, fast, normalize, monkeypatch
+):
     """The loss computes the mixes' logits from dot products; restated here in float64 with
     every mixed vector built explicitly, ``h = normalise(a n_i + (1 - a) n_j)`` and
     ``h' = normalise(b q + (1 - b) n_j)``, detached, appended to the negatives."""
+    import hardneg.strategies.mochi as mochi_module
+
+    monkeypatch.setattr(mochi_module, "_BLOCK", 40)  # row dots: one anchor per block
     t = 0.3
     hp = {"num_hardest": 4, "num_mixed": 9, "num_query_mixed": 5}
     z1, z2, kwargs, contrast_of = _mochi_inputs(form, dtype)

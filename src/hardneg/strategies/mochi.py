@@ -37,7 +37,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,16 @@ from hardneg._checks import check_number
 from hardneg.contrast import ContrastSet
 from hardneg.registry import register_strategy
 from hardneg.strategies.base import Selection, StepContext, Strategy
+
+# elements of the gathered column vectors per block of anchors in the row-wise dot products
+_BLOCK = 1 << 22
+
+
+def _rows(contrast: ContrastSet, part: slice) -> ContrastSet:
+    """The anchors ``part`` of ``contrast`` as far as :meth:`HardNegativeMixing._column_vectors`
+    reads it (the shared columns, and the anchors' own columns)."""
+    own = None if contrast.anchor_columns is None else contrast.anchor_columns[part]
+    return replace(contrast, anchors=contrast.anchors[part], anchor_columns=own)
 
 
 @dataclass
@@ -185,15 +195,22 @@ class HardNegativeMixing(Strategy):
         return torch.where((index < c).unsqueeze(2), shared, own)
 
     def pair_similarity(self, contrast: ContrastSet, first: Tensor, second: Tensor) -> Tensor:
-        """``[A, s]`` ``n_i · n_j`` of the drawn pairs: entries of the columns' Gram matrix when
-        it is smaller than the pairs' vectors, else row-wise dot products."""
+        """``[A, s]`` ``n_i · n_j`` of the drawn pairs: entries of the columns' Gram matrix (one
+        matrix product, far faster than row-wise dot products) when it is at most 16 times the
+        size of the logits, else row-wise dot products in blocks of anchors of bounded size."""
         with torch.no_grad():
             columns = contrast.columns.detach()
             c = columns.shape[0]
-            if contrast.anchor_columns is None and c * c <= first.numel() * columns.shape[1]:
+            if contrast.anchor_columns is None and c * c <= 16 * contrast.negative_logits.numel():
                 return (columns @ columns.T).take(torch.add(second, first, alpha=c))
-            x = self._column_vectors(contrast, first)
-            return torch.linalg.vecdot(x, self._column_vectors(contrast, second))
+            rows = max(1, _BLOCK // max(1, first.shape[1] * columns.shape[1]))
+            blocks = []
+            for start in range(0, first.shape[0], rows):
+                part = slice(start, start + rows)
+                x = self._column_vectors(_rows(contrast, part), first[part])
+                y = self._column_vectors(_rows(contrast, part), second[part])
+                blocks.append(torch.linalg.vecdot(x, y))
+            return torch.cat(blocks)
 
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
         s = self.num_mixed
