@@ -61,6 +61,12 @@ VARIANTS: dict[str, list[dict]] = {
         {"sample": "expected", "select_on": "raw", "aug_pairing": "broadcast", "a": 0.0},
         {"sample": "expected", "num_neighbors": 0, "aug_weight": 0.0, "clamp": 1.0},
     ],
+    "mochi": [
+        {},  # N >= every anchor's M: the hardest set is every negative
+        {"num_hardest": 5, "num_mixed": 16, "num_query_mixed": 4},
+        {"num_hardest": 3, "num_mixed": 0, "num_query_mixed": 6},
+        {"num_hardest": 4, "num_mixed": 7, "num_query_mixed": 0, "normalize": False},
+    ],
 }
 
 # call forms a loss rejects by design
@@ -562,3 +568,34 @@ def test_weighted_log_mass_equals_logsumexp_of_the_log_weights(dtype):
     (gp,) = torch.autograd.grad(torch.where(finite, plain, 0.0).mul(up).sum(), c)
     assert bool(torch.isfinite(gf).all()) and bool((gf[1] == 0).all())
     assert_close_rel(gf, gp, what="gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", [*FORMS, "per_anchor_pool"])
+def test_mochi_mixed_column_logits_equal_the_plain_product(dtype, form):
+    """``mixed_column_logits`` reads the logits of the negative columns from the contrast set
+    and sends the gradient to the anchors only: equal to ``q @ C.detach().T / t`` gathered."""
+    from hardneg.losses.contrastive import ContrastInputs
+    from hardneg.strategies.mochi import anchor_column_logits
+
+    g = torch.Generator().manual_seed(8)
+    if form == "per_anchor_pool":
+        z1, z2, _ = make_inputs("in_batch", dtype)
+        kwargs = {"negatives": torch.randn(12, 9, 6, generator=g, dtype=dtype)}
+    else:
+        z1, z2, kwargs = make_inputs(form, dtype)
+    contrast = ContrastInputs(z1=z1, z2=z2, temperature=0.3, **kwargs).standard_contrast()
+    negatives = torch.isfinite(contrast.negative_logits)
+    # random negative columns of each anchor, with repeats
+    keys = torch.rand(negatives.shape, generator=g, dtype=torch.float64).masked_fill(~negatives, -1)
+    index = torch.cat([keys.topk(3, dim=1).indices] * 2, dim=1)
+    weight = torch.randn(index.shape, generator=g, dtype=dtype)
+    fast = fastpaths.mixed_column_logits(contrast, index)
+    plain = anchor_column_logits(contrast).gather(1, index)
+    assert_close_rel(fast, plain, what="values")
+    gf = torch.autograd.grad((fast * weight).sum(), (z1, z2), allow_unused=True, retain_graph=True)
+    gp = torch.autograd.grad((plain * weight).sum(), (z1, z2), allow_unused=True)
+    for a, b in zip(gf, gp):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close_rel(a, b, what="gradient")

@@ -161,3 +161,125 @@ def test_mochi_mixes_the_columns_of_a_pool_per_anchor():
         coef = torch.linalg.lstsq(other, synth[i].T.double()).solution
         assert float((other @ coef - synth[i].T.double()).norm()) > 1e-2
     assert torch.isfinite(loss(q, k, negatives=per_anchor))
+
+
+MOCHI_FORMS = ["in_batch", "in_batch_ids", "pool", "pool_exclude", "retrieval", "per_anchor_pool"]
+
+
+def _mochi_inputs(form: str, dtype: torch.dtype):
+    from hardneg.losses.contrastive import ContrastInputs
+
+    g = torch.Generator().manual_seed(11)
+    n, d = 6, 5
+    z1 = torch.randn(n, d, generator=g, dtype=dtype).requires_grad_()
+    z2 = torch.randn(n, d, generator=g, dtype=dtype).requires_grad_()
+    kwargs: dict = {}
+    if form == "in_batch_ids":
+        kwargs["ids"] = torch.tensor([0, 1, 0, 2, 3, 1])  # duplicates: fewer negatives
+    if form in ("pool", "pool_exclude"):
+        # a pool of 20 gives the Gram-matrix path of the pair similarities, 120 the row dots
+        k = 20 if form == "pool" else 120
+        kwargs["negatives"] = torch.randn(k, d, generator=g, dtype=dtype)
+    if form == "pool_exclude":
+        kwargs["exclude_index"] = torch.tensor([0, 3, 5, 7, 9, 11])
+    if form == "retrieval":
+        kwargs["hard_negatives"] = torch.randn(n, 2, d, generator=g, dtype=dtype)
+    if form == "per_anchor_pool":
+        kwargs["negatives"] = torch.randn(n, 7, d, generator=g, dtype=dtype)
+
+    def contrast(a, b, t, normalize):
+        return ContrastInputs(z1=a, z2=b, temperature=t, normalize=normalize, **kwargs)
+
+    return z1, z2, kwargs, contrast
+
+
+@pytest.mark.parametrize("form", MOCHI_FORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["cos", "raw"])
+def test_mochi_dot_product_logits_equal_the_explicit_mixes(
+    form, dtype, fast, normalize, monkeypatch
+):
+    """The loss computes the mixes' logits from dot products; restated here in float64 with
+    every mixed vector built explicitly, ``h = normalise(a n_i + (1 - a) n_j)`` and
+    ``h' = normalise(b q + (1 - b) n_j)``, detached, appended to the negatives."""
+    import hardneg.strategies.mochi as mochi_module
+
+    monkeypatch.setattr(mochi_module, "_BLOCK", 40)  # row dots: one anchor per block
+    t = 0.3
+    hp = {"num_hardest": 4, "num_mixed": 9, "num_query_mixed": 5}
+    z1, z2, kwargs, contrast_of = _mochi_inputs(form, dtype)
+    loss_fn = hardneg.create_loss("mochi", temperature=t, normalize=normalize, fast=fast, **hp)
+    loss = loss_fn(z1, z2, generator=torch.Generator().manual_seed(3), **kwargs)
+    loss.backward()
+    # the same draws: they depend on the detached logits and the generator only
+    contrast = contrast_of(z1.detach(), z2.detach(), t, normalize).standard_contrast()
+    draws = loss_fn.strategy.draw(contrast, StepContext(generator=torch.Generator().manual_seed(3)))
+    a1 = z1.detach().double().requires_grad_()
+    a2 = z2.detach().double().requires_grad_()
+    k64 = {k: (v.double() if v.is_floating_point() else v) for k, v in kwargs.items()}
+    from hardneg.losses.contrastive import ContrastInputs
+
+    c64 = ContrastInputs(z1=a1, z2=a2, temperature=t, normalize=normalize, **k64)
+    c64 = c64.standard_contrast()
+    vectors = c64.column_embeddings().detach()  # [A, S, d]
+    s = hp["num_mixed"]
+    total = 0.0
+    for i in range(c64.num_anchors):
+        q = c64.anchors[i]
+        cols = draws.columns[i].tolist()
+        mixes = []
+        for k in range(s):
+            a = float(draws.alpha[i, k])
+            mixes.append(a * vectors[i, cols[k]] + (1 - a) * vectors[i, cols[s + k]])
+        for k in range(hp["num_query_mixed"]):
+            b = float(draws.beta[i, k])
+            assert 0.0 <= b < 0.5
+            mixes.append(b * q.detach() + (1 - b) * vectors[i, cols[2 * s + k]])
+        h = torch.stack(mixes)
+        if normalize:
+            h = h / h.norm(dim=1, keepdim=True)
+        negatives = c64.negative_logits[i]
+        drawn = set(cols)  # only the anchor's negatives are mixed
+        assert all(bool(torch.isfinite(negatives[j])) for j in drawn)
+        hardest = negatives.topk(min(4, int(torch.isfinite(negatives).sum()))).values.min()
+        assert all(bool(negatives[j] >= hardest) for j in drawn)  # and only the hardest
+        pos = c64.positive_logits[i, 0]
+        every = torch.cat([pos.view(1), negatives[torch.isfinite(negatives)], h @ q / t])
+        total = total + torch.logsumexp(every, 0) - pos
+    expected = total / c64.num_anchors
+    expected.backward()
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(loss.detach().double(), expected.detach(), **tol)
+    torch.testing.assert_close(z1.grad.double(), a1.grad, **tol)
+    torch.testing.assert_close(z2.grad.double(), a2.grad, **tol)
+
+
+@pytest.mark.parametrize("form", ["in_batch", "in_batch_ids", "pool", "pool_exclude", "retrieval"])
+@pytest.mark.parametrize("mode", ["eliminate", "attract"])
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_false_negative_cancellation_in_every_call_form(form, mode, top_k):
+    """Support = the anchor's positive; score = cosine of the support with each negative
+    column, from the embeddings; the top-k are dropped (and attracted), restated per anchor."""
+    from hardneg.losses.contrastive import ContrastInputs
+
+    t = 0.4
+    z1, z2, kwargs, _ = _mochi_inputs(form, torch.float64)
+    loss = hardneg.create_loss("fnc", temperature=t, mode=mode, top_k=top_k)
+    got = loss(z1, z2, **kwargs)
+    c = ContrastInputs(z1=z1.detach(), z2=z2.detach(), temperature=t, **kwargs)
+    c = c.standard_contrast()
+    vectors = c.column_embeddings()
+    total = 0.0
+    for i in range(c.num_anchors):
+        q, support = c.anchors[i], c.positives[i, 0]
+        cols = [j for j in range(vectors.shape[1]) if bool(torch.isfinite(c.negative_logits[i, j]))]
+        score = {j: float(support @ vectors[i, j]) for j in cols}
+        found = sorted(cols, key=lambda j: -score[j])[:top_k]
+        negs = [float(q @ vectors[i, j]) / t for j in cols if j not in found]
+        pos = [float(q @ support) / t]
+        if mode == "attract":
+            pos += [float(q @ vectors[i, j]) / t for j in found]
+        log_r = lse(negs)
+        total += sum(lse([p, log_r]) - p for p in pos) / len(pos)
+    assert got.item() == pytest.approx(total / c.num_anchors, rel=1e-9)

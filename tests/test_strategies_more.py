@@ -137,6 +137,36 @@ def test_gumbel_top_k_draws_without_replacement_with_the_sequential_law(k):
         assert got == pytest.approx(want, abs=0.015)
 
 
+@pytest.mark.parametrize(("a", "b", "k"), [(0.3, -1.0, 1), (0.3, -1.0, 2), (0.0, 0.0, 2)])
+def test_simans_draws_follow_the_kernel_without_replacement(a, b, k):
+    """The strategy's own draws: inclusion frequencies of each negative against the exact
+    probabilities of ``k`` sequential draws without replacement, ``p ∝ e^{-a (c - c+ - b)^2}``;
+    the masked column (the query's own bank entry) is never drawn."""
+    from hardneg.contrast import pool_contrast
+
+    g = torch.Generator().manual_seed(9)
+    q, key, pool = torch.randn(1, 4, generator=g), torch.randn(1, 4, generator=g), torch.randn(5, 4)
+    t, trials = 0.5, 20000
+    contrast = pool_contrast(
+        q.expand(trials, -1),
+        key.expand(trials, -1),
+        pool,
+        temperature=t,
+        exclude_index=torch.full((trials,), 2),
+    )
+    strategy = hardneg.registry.strategy_class("simans")(a=a, b=b, num_samples=k)
+    drawn = strategy.draw(contrast, StepContext(generator=torch.Generator().manual_seed(4)))
+    counts = torch.zeros(trials, 5).scatter_(1, drawn, 1.0)
+    assert bool((counts.sum(dim=1) == k).all())
+    c, c_pos = contrast.negative_logits[0].double(), contrast.positive_logits[0, 0].double()
+    negatives = [0, 1, 3, 4]
+    kernel = [math.exp(-a * float(c[j] - c_pos - b) ** 2) for j in negatives]
+    expected = inclusion_probabilities([x / sum(kernel) for x in kernel], k)
+    assert float(counts[:, 2].sum()) == 0.0
+    for j, want in zip(negatives, expected):
+        assert float(counts[:, j].mean()) == pytest.approx(want, abs=0.015)
+
+
 def test_simans_weights_mode_is_the_kernel_normalised_over_the_negatives():
     z1, z2 = views(seed=4)
     t, a, b = 0.2, 0.3, -1.0
@@ -154,15 +184,19 @@ def test_simans_sampling_keeps_num_samples_negatives_and_is_repeatable_with_a_ge
     loss = hardneg.create_loss("simans", num_samples=5)
     out = loss(z1, z2, generator=torch.Generator().manual_seed(0), return_diagnostics=True)
     assert bool((out.diagnostics.kept_negatives == 5).all())
+    once = loss(z1, z2, generator=torch.Generator().manual_seed(0))
     again = loss(z1, z2, generator=torch.Generator().manual_seed(0))
-    assert again.item() == out.loss.item()
+    assert again.item() == once.item()
+    # the same draws whether the loss sums the drawn columns or weighs every column
+    assert once.item() == pytest.approx(out.loss.item(), rel=1e-6)
 
 
 def test_simans_kernel_stays_in_log_space_at_a_tiny_temperature():
     z1, z2 = views(seed=6)
     contrast = in_batch_contrast([z1, z2], temperature=0.001)
     strategy = hardneg.registry.strategy_class("simans")(a=5.0, num_samples=3)
-    sel = strategy.select(contrast, StepContext(generator=torch.Generator().manual_seed(1)))
+    context = StepContext(generator=torch.Generator().manual_seed(1), want_log_mass=False)
+    sel = strategy.select(contrast, context)
     kept = torch.isfinite(sel.negative_log_weights) & contrast.negative_mask
     assert bool((kept.sum(dim=1) == 3).all())  # exp(-5 * 1e6) underflows; the log does not
     value = hardneg.create_loss("simans", temperature=0.001, a=5.0, num_samples=3)(z1, z2)

@@ -24,6 +24,10 @@ only; no kept buffers.
   mass, and the mix ``lambda_u U~ + lambda_d D~ + eps`` built in one ``[A, C]`` buffer (per-row
   affine in place, representativeness as a rank-1 update) (plain twin:
   ``UnReMixNegatives.mix`` with ``minmax_over_negatives``).
+* :func:`mixed_column_logits` — MoCHi: the logits ``q · n_j / t`` of the drawn columns read
+  from the contrast set's own logits, with a hand-written backward to the anchors only (plain
+  twin: ``anchor_column_logits(contrast).gather(1, index)``, a second product with the columns
+  detached).
 * :func:`band_logits` — Ring: the ring's logits read from the score matrix with a sparse
   backward through the ring's members only (plain twin: back-propagating through the gather).
 """
@@ -426,3 +430,41 @@ def unremix_mix(
         const += lambda_d * (sign * shift + (1.0 if density else 0.0))
         mix.addr_(sign * lambda_d * scale.squeeze(1), d[0])
     return mix.add_(const).masked_fill_(~mask, 0.0)
+
+
+class _MixedColumnLogits(torch.autograd.Function):
+    """Values: entries of the contrast set's own logits (no new product); gradient: to the
+    anchors only, ``dL/dq = (G_shared @ C + sum_h G_own n_h) / t``, the columns detached."""
+
+    @staticmethod
+    def forward(ctx, anchors, logits, index, columns, anchor_columns, temperature):  # type: ignore[override]
+        ctx.save_for_backward(index, columns, anchor_columns)
+        ctx.temperature = temperature
+        ctx.shape = logits.shape
+        return logits.gather(1, index)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        index, columns, anchor_columns = ctx.saved_tensors
+        dense = grad.new_zeros(ctx.shape).scatter_add_(1, index, grad)
+        c = columns.shape[0]
+        grad_q = dense[:, :c] @ columns
+        if anchor_columns is not None:
+            grad_q = grad_q + torch.einsum("ah,ahd->ad", dense[:, c:], anchor_columns)
+        return grad_q / ctx.temperature, None, None, None, None, None
+
+
+def mixed_column_logits(contrast, index: Tensor) -> Tensor:
+    """MoCHi: ``[A, n]`` ``q · n_j / t`` of the columns ``index`` ``[A, n]`` of each anchor, with
+    a gradient to the anchors only, read from the contrast set's logits instead of a second
+    product (plain twin: ``anchor_column_logits(contrast).gather(1, index)`` in
+    ``hardneg.strategies.mochi``). Equal on negative columns, the only ones MoCHi draws."""
+    own = None if contrast.anchor_columns is None else contrast.anchor_columns.detach()
+    return _MixedColumnLogits.apply(
+        contrast.anchors,
+        contrast.negative_logits.detach(),
+        index,
+        contrast.columns.detach(),
+        own,
+        contrast.temperature,
+    )

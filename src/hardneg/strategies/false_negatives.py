@@ -8,7 +8,9 @@ similarity to the support views, aggregated over them::
     score_ij = agg_{v in support(i)} s(v, j)          agg = mean or max
 
 and the candidates with the top-``k`` scores (or every score above ``threshold``) are the
-anchor's false negatives. They are then either
+anchor's false negatives (an anchor always keeps at least one negative: with ``top_k`` below
+its ``M`` and no threshold that holds by itself, otherwise its least similar one to the
+support views stays). They are then either
 
 * ``mode='eliminate'``: removed from the anchor's negatives, or
 * ``mode='attract'``: removed from the negatives *and* attracted as extra positives (weight 1
@@ -67,37 +69,77 @@ class FalseNegativeCancellation(Strategy):
         if self.top_k == 0 and self.threshold is None:
             raise ValueError("fnc needs top_k >= 1 or a threshold to find false negatives")
 
+    def support_logits(self, contrast: ContrastSet) -> Tensor:
+        """``[A, S]`` similarity ``/ t`` of every negative column with the anchor's support
+        views, aggregated (``-inf`` where a column is not a negative); detached."""
+        with torch.no_grad():
+            logits = contrast.negative_logits.detach()
+            in_batch = contrast.positive_index is not None and contrast.columns is contrast.anchors
+            if in_batch:
+                # every support view is itself an anchor: its similarities are its own row of
+                # the logits, masked where the anchor's row is (the views of a sample, and its
+                # duplicates, are masked in every row of that sample)
+                sims = logits[contrast.positive_index]  # [A, P, S]
+            else:
+                support = contrast.positives.detach() / contrast.temperature  # [A, P, d]
+                sims = torch.einsum("apd,cd->apc", support, contrast.columns.detach())
+                if contrast.anchor_columns is not None:
+                    own = torch.einsum("apd,ahd->aph", support, contrast.anchor_columns.detach())
+                    sims = torch.cat([sims, own], dim=2)
+            if sims.shape[1] == 1:  # one support view: nothing to aggregate
+                score = sims[:, 0]
+            else:
+                present = (contrast.positive_weight > 0).unsqueeze(2)  # padding is not support
+                if self.agg == "max":
+                    score = sims.masked_fill(~present, float("-inf")).amax(dim=1)
+                else:
+                    score = (sims * present).sum(dim=1) / present.sum(dim=1).clamp_min(1)
+            if in_batch:
+                return score
+            if contrast.negative_mask is not None:
+                return score.masked_fill(~contrast.negative_mask, float("-inf"))
+            return score.masked_fill(~torch.isfinite(logits), float("-inf"))
+
     def support_scores(self, contrast: ContrastSet) -> Tensor:
         """``[A, S]`` cosine of every negative column with the anchor's support views,
         aggregated (``-inf`` where a column is not a negative)."""
-        with torch.no_grad():
-            support = contrast.positives.detach()  # [A, P, d]
-            present = (contrast.positive_weight > 0).unsqueeze(2)  # padding is not support
-            sims = torch.einsum("apd,cd->apc", support, contrast.columns.detach())
-            if contrast.anchor_columns is not None:
-                own = torch.einsum("apd,ahd->aph", support, contrast.anchor_columns.detach())
-                sims = torch.cat([sims, own], dim=2)
-            if self.agg == "max":
-                score = sims.masked_fill(~present, float("-inf")).amax(dim=1)
-            else:
-                score = (sims * present).sum(dim=1) / present.sum(dim=1).clamp_min(1)
-            return score.masked_fill(~torch.isfinite(contrast.negative_logits), float("-inf"))
+        return self.support_logits(contrast) * contrast.temperature
 
     def false_negatives(self, contrast: ContrastSet) -> Tensor:
         """``[A, S]`` bool, the detected false negatives of every anchor."""
-        score = self.support_scores(contrast)
+        score = self.support_logits(contrast)
         found = torch.zeros_like(score, dtype=torch.bool)
         if self.top_k:
             k = min(self.top_k, score.shape[1])
             found.scatter_(1, score.topk(k, dim=1).indices, True)
         if self.threshold is not None:
-            found |= score > self.threshold
+            found |= score > self.threshold / contrast.temperature
         found &= torch.isfinite(score)
         # never every negative: keep the one least like the support views
         lowest = torch.where(torch.isfinite(score), score, float("inf")).argmin(dim=1, keepdim=True)
         return found.scatter(1, lowest, False)
 
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
+        m = contrast.num_negatives
+        if (
+            context.want_log_mass
+            and self.threshold is None
+            and isinstance(m, int)
+            and m > self.top_k
+        ):
+            # exactly the top-k columns are found, and at least one negative stays: no dense mask
+            score = self.support_logits(contrast)
+            if self.top_k == 1:
+                top = score.argmax(dim=1, keepdim=True)
+            else:
+                top = score.topk(self.top_k, dim=1, sorted=False).indices
+            logits = contrast.negative_logits
+            log_mass = torch.logsumexp(logits.scatter(1, top, float("-inf")), dim=1)
+            if self.mode == "eliminate":
+                return Selection(negative_log_mass=log_mass)
+            return Selection(
+                negative_log_mass=log_mass, extra_positive_logits=logits.gather(1, top)
+            )
         found = self.false_negatives(contrast)
         log_w = torch.zeros_like(contrast.negative_logits).masked_fill(found, float("-inf"))
         if self.mode == "eliminate":

@@ -58,9 +58,22 @@ class HardnessWeighting(Strategy):
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
         if self.alpha == 0.0:
             return Selection()  # InfoNCE (and no -inf * 0)
-        logits = contrast.negative_logits.detach()
+        logits = contrast.negative_logits
+        scale = self.alpha * contrast.temperature  # alpha s = alpha t c
+        every = isinstance(contrast.num_negatives, int) and contrast.num_negatives > 0
+        if context.want_log_mass and every:
+            # log sum_j e^{c_ij + alpha sg(s_ij)}; a column that is not a negative stays -inf
+            if self.mode == "all_negatives":
+                tilted = torch.add(logits, logits.detach(), alpha=scale)  # one pass
+            else:
+                own = contrast.own_column_mask()
+                bonus = (logits.detach() * scale).masked_fill(
+                    ~own if self.mode == "hard_negatives" else own, 0.0
+                )
+                tilted = logits + bonus
+            return Selection(negative_log_mass=torch.logsumexp(tilted, dim=1))
         finite = torch.isfinite(logits)
-        bonus = torch.where(finite, logits * (self.alpha * contrast.temperature), 0.0)
+        bonus = torch.where(finite, logits.detach() * scale, 0.0)
         if self.mode != "all_negatives":
             own = contrast.own_column_mask()
             bonus = bonus.masked_fill(~own if self.mode == "hard_negatives" else own, 0.0)

@@ -18,6 +18,16 @@ pairs ``(i, j)`` are drawn uniformly from ``Q~`` (``i != j`` is not enforced: a 
 Every other negative keeps weight 1 (MoCHi is InfoNCE with more negatives); the debiased
 estimator applies on top if ``tau_plus > 0`` with ``M`` counting the synthetic ones.
 
+The mixes are never built: their logits follow from dot products the loss already has. For
+unit vectors, with ``g_ij = n_i · n_j`` (an entry of the columns' Gram matrix)::
+
+    q · h_k  = (a_k q·n_i + (1 - a_k) q·n_j) / sqrt(a_k^2 + (1 - a_k)^2 + 2 a_k (1 - a_k) g_ij)
+    q · h'_k = (b_k q·q + (1 - b_k) q·n_j)   / sqrt(b_k^2 + (1 - b_k)^2 + 2 b_k (1 - b_k) q·n_j)
+
+with the mixing coefficients and the norms detached, so the gradient is ``h / t`` as with the
+detached mixes (:meth:`HardNegativeMixing.synthetic_negatives` builds them explicitly, for
+analysis and tests). This costs ``O(A (s + s'))`` instead of ``O(A (s + s') d)``.
+
 Example:
     >>> import torch, hardneg
     >>> loss_fn = hardneg.create_loss("mochi", num_hardest=8, num_mixed=8, num_query_mixed=4)
@@ -27,20 +37,65 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hardneg import fastpaths
 from hardneg._checks import check_number
 from hardneg.contrast import ContrastSet
 from hardneg.registry import register_strategy
 from hardneg.strategies.base import Selection, StepContext, Strategy
 
+# elements of the gathered column vectors per block of anchors in the row-wise dot products
+_BLOCK = 1 << 22
 
-def _uniform(shape, generator, like: Tensor, high: float = 1.0) -> Tensor:
-    # drawn in float32 whatever the compute dtype: a seed gives the same mixes in float64
-    u = torch.rand(shape, generator=generator, device=like.device, dtype=torch.float32)
-    return u.to(like.dtype) * high
+
+def _rows(contrast: ContrastSet, part: slice) -> ContrastSet:
+    """The anchors ``part`` of ``contrast`` as far as :meth:`HardNegativeMixing._column_vectors`
+    reads it (the shared columns, and the anchors' own columns)."""
+    own = None if contrast.anchor_columns is None else contrast.anchor_columns[part]
+    return replace(contrast, anchors=contrast.anchors[part], anchor_columns=own)
+
+
+@dataclass
+class MixDraws:
+    """The random part of one step: which columns are mixed, and with which coefficients.
+
+    ``columns`` ``[A, 2 s + s']``: the column indices ``i`` (first ``s``) and ``j`` (next ``s``)
+    of the pair mixes, then the column ``j`` of the query mixes; ``alpha`` ``[A, s]`` the pair
+    mixes' ``a_k`` and ``beta`` ``[A, s']`` the query mixes' ``b_k``.
+    """
+
+    columns: Tensor
+    alpha: Tensor
+    beta: Tensor
+
+    @property
+    def first(self) -> Tensor:
+        return self.columns[:, : self.alpha.shape[1]]
+
+    @property
+    def second(self) -> Tensor:
+        s = self.alpha.shape[1]
+        return self.columns[:, s : 2 * s]
+
+    @property
+    def other(self) -> Tensor:
+        return self.columns[:, 2 * self.alpha.shape[1] :]
+
+
+def anchor_column_logits(contrast: ContrastSet) -> Tensor:
+    """``[A, S]`` ``q · n / t`` for every column, with a gradient to the anchors only (the
+    columns are detached, as the synthesis is)."""
+    q = contrast.anchors / contrast.temperature
+    logits = q @ contrast.columns.detach().T
+    if contrast.anchor_columns is not None:
+        own = torch.einsum("ad,ahd->ah", q, contrast.anchor_columns.detach())
+        logits = torch.cat([logits, own], dim=1)
+    return logits.to(contrast.negative_logits.dtype)
 
 
 @register_strategy("mochi", summary="MoCHi hard negative mixing (Kalantidis et al., NeurIPS 2020)")
@@ -69,43 +124,59 @@ class HardNegativeMixing(Strategy):
             check_number("num_query_mixed", num_query_mixed, low=0, integer=True)
         )
 
-    def synthetic_negatives(self, contrast: ContrastSet, context: StepContext) -> Tensor:
-        """``[A, s + s', d]`` the normalised, detached synthetic negatives of every anchor."""
-        with torch.no_grad():
-            logits = contrast.negative_logits.detach()
-            n = min(self.num_hardest, logits.shape[1])
-            hardest = logits.topk(n, dim=1).indices  # masked columns (-inf) come last
-            # a row with fewer than n negatives must not mix a masked column: clamp to its M
-            m = torch.as_tensor(contrast.num_negatives, device=logits.device).expand(
-                logits.shape[0]
-            )
-            available = m.clamp(max=n).unsqueeze(1)
-            embeddings = self._column_vectors(contrast, hardest)  # [A, n, d]
-            g = context.generator
-            a_rows = logits.shape[0]
-            mixes = []
-            if self.num_mixed:
-                pick = (
-                    _uniform((a_rows, self.num_mixed, 2), g, logits) * available.unsqueeze(2)
-                ).long()
-                alpha = _uniform((a_rows, self.num_mixed, 1), g, logits)
-                first = embeddings.gather(1, pick[..., :1].expand(-1, -1, embeddings.shape[2]))
-                second = embeddings.gather(1, pick[..., 1:].expand(-1, -1, embeddings.shape[2]))
-                mixes.append(self._unit(alpha * first + (1 - alpha) * second, contrast))
-            if self.num_query_mixed:
-                pick = (_uniform((a_rows, self.num_query_mixed), g, logits) * available).long()
-                beta = _uniform((a_rows, self.num_query_mixed, 1), g, logits, high=0.5)
-                other = embeddings.gather(1, pick.unsqueeze(2).expand(-1, -1, embeddings.shape[2]))
-                query = contrast.anchors.detach().unsqueeze(1)
-                mixes.append(self._unit(beta * query + (1 - beta) * other, contrast))
-            if not mixes:
-                return embeddings[:, :0]
-            return torch.cat(mixes, dim=1)
+    def hardest(self, contrast: ContrastSet) -> tuple[Tensor, Tensor]:
+        """``(index [A, k], count [A, 1])``: the first ``count_a = min(N, M_a)`` entries of row
+        ``a`` are the columns of its hardest negatives ``Q~``, in no particular order (the
+        pairs are drawn uniformly from the set, so no sort is needed)."""
+        logits = contrast.negative_logits.detach()
+        rows, cols = logits.shape
+        k = min(self.num_hardest, cols)
+        if k < cols:
+            values, index = logits.topk(k, dim=1, sorted=False)
+        else:  # every column is a candidate
+            values = logits
+            index = torch.arange(cols, device=logits.device).expand(rows, cols)
+        m = torch.as_tensor(contrast.num_negatives, device=logits.device)
+        count = m.clamp(max=k).expand(rows).unsqueeze(1)
+        if not (isinstance(contrast.num_negatives, int) and contrast.num_negatives >= k):
+            # a row with fewer than k negatives holds masked (-inf) candidates: move its real
+            # ones to the front, in order (slot k collects the masked ones and is dropped)
+            real = contrast.negative_mask if k == cols else None
+            real = torch.isfinite(values) if real is None else real
+            slot = real.cumsum(dim=1).sub_(1).masked_fill_(~real, k)
+            index = index.new_zeros(rows, k + 1).scatter_(1, slot, index)[:, :k]
+        return index, count
 
-    @staticmethod
-    def _unit(x: Tensor, contrast: ContrastSet) -> Tensor:
-        """Normalised as in the paper; raw dot products (``normalize=False``) keep raw mixes."""
-        return F.normalize(x, dim=2) if contrast.normalized else x
+    def draw(self, contrast: ContrastSet, context: StepContext) -> MixDraws:
+        """Draw the pairs ``(i, j)`` uniformly from ``Q~``, ``a ~ U(0, 1)``, ``b ~ U(0, 0.5)``."""
+        s, s_query = self.num_mixed, self.num_query_mixed
+        with torch.no_grad():
+            index, count = self.hardest(contrast)
+            g = context.generator
+            rows = index.shape[0]
+            # float32 draws whatever the compute dtype: a seed gives the same mixes in float64;
+            # u * count < count for u < 1 and count < 2^24 (no clamp)
+            u = torch.rand((rows, 2 * s + s_query), generator=g, device=index.device)
+            columns = index.gather(1, u.mul_(count).long())
+            coefficient = torch.rand((rows, s + s_query), generator=g, device=index.device)
+            coefficient = coefficient.to(contrast.negative_logits.dtype)
+            return MixDraws(columns, alpha=coefficient[:, :s], beta=coefficient[:, s:] * 0.5)
+
+    def synthetic_negatives(
+        self, contrast: ContrastSet, context: StepContext, draws: MixDraws | None = None
+    ) -> Tensor:
+        """``[A, s + s', d]`` the synthetic negatives of every anchor, built explicitly and
+        detached (analysis and tests; the loss uses their dot products only)."""
+        with torch.no_grad():
+            draws = self.draw(contrast, context) if draws is None else draws
+            first = self._column_vectors(contrast, draws.first)
+            second = self._column_vectors(contrast, draws.second)
+            pairs = draws.alpha.unsqueeze(2) * first + (1 - draws.alpha.unsqueeze(2)) * second
+            other = self._column_vectors(contrast, draws.other)
+            query = contrast.anchors.detach().unsqueeze(1)
+            b = draws.beta.unsqueeze(2)
+            mixes = torch.cat([pairs, b * query + (1 - b) * other], dim=1)
+            return F.normalize(mixes, dim=2) if contrast.normalized else mixes
 
     @staticmethod
     def _column_vectors(contrast: ContrastSet, index: Tensor) -> Tensor:
@@ -123,9 +194,60 @@ class HardNegativeMixing(Strategy):
             return shared
         return torch.where((index < c).unsqueeze(2), shared, own)
 
+    def pair_similarity(self, contrast: ContrastSet, first: Tensor, second: Tensor) -> Tensor:
+        """``[A, s]`` ``n_i · n_j`` of the drawn pairs: entries of the columns' Gram matrix (one
+        matrix product, far faster than row-wise dot products) when it is at most 16 times the
+        size of the logits, else row-wise dot products in blocks of anchors of bounded size."""
+        with torch.no_grad():
+            columns = contrast.columns.detach()
+            c = columns.shape[0]
+            if contrast.anchor_columns is None and c * c <= 16 * contrast.negative_logits.numel():
+                return (columns @ columns.T).take(torch.add(second, first, alpha=c))
+            rows = max(1, _BLOCK // max(1, first.shape[1] * columns.shape[1]))
+            blocks = []
+            for start in range(0, first.shape[0], rows):
+                part = slice(start, start + rows)
+                x = self._column_vectors(_rows(contrast, part), first[part])
+                y = self._column_vectors(_rows(contrast, part), second[part])
+                blocks.append(torch.linalg.vecdot(x, y))
+            return torch.cat(blocks)
+
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
-        synthetic = self.synthetic_negatives(contrast, context)
-        if synthetic.shape[1] == 0:
+        s = self.num_mixed
+        if s + self.num_query_mixed == 0:
             return Selection()
-        logits = torch.einsum("ad,akd->ak", contrast.anchors, synthetic) / contrast.temperature
-        return Selection(extra_negative_logits=logits.to(contrast.negative_logits.dtype))
+        draws = self.draw(contrast, context)
+        t = contrast.temperature
+        # q · n / t of every mixed column (n_i, n_j of the pairs, n_j of the query mixes), with
+        # a gradient to q only; the coefficients (a, 1 - a, b, 1 - b over the norm) are detached
+        if context.fast:
+            dots = fastpaths.mixed_column_logits(contrast, draws.columns)
+        else:
+            dots = anchor_column_logits(contrast).gather(1, draws.columns)
+        with torch.no_grad():
+            a, b = draws.alpha, draws.beta
+            if contrast.normalized:
+                g = self.pair_similarity(contrast, draws.first, draws.second)
+                pair_scale = _inverse_mix_norm(a, g)
+                query_scale = _inverse_mix_norm(b, dots[:, 2 * s :] * t)
+            else:  # raw dot products: the mixes are not normalised
+                pair_scale = query_scale = torch.ones_like(a[:, :1])
+            first = a * pair_scale
+            coefficient = torch.cat([first, pair_scale - first, query_scale - b * query_scale], 1)
+        weighted = dots * coefficient
+        pairs = weighted[:, :s] + weighted[:, s : 2 * s]
+        q = contrast.anchors
+        q_dot_q = (q * q.detach()).sum(dim=1, keepdim=True) / t  # gradient q.detach() / t
+        queries = torch.addcmul(weighted[:, 2 * s :], b * query_scale, q_dot_q)
+        extra = torch.cat([pairs, queries], dim=1)
+        if isinstance(contrast.num_negatives, Tensor):  # a row without negatives mixes nothing
+            extra = extra.masked_fill((contrast.num_negatives == 0).unsqueeze(1), float("-inf"))
+        return Selection(extra_negative_logits=extra.to(contrast.negative_logits.dtype))
+
+
+def _inverse_mix_norm(a: Tensor, cosine: Tensor) -> Tensor:
+    """``1 / ||a x + (1 - a) y||`` of unit vectors with ``x · y = cosine``: the squared norm is
+    ``a^2 + (1 - a)^2 + 2 a (1 - a) cosine = 1 - 2 a (1 - a) (1 - cosine)`` (the norm at least
+    ``1e-12``, as :func:`torch.nn.functional.normalize` divides)."""
+    square = (cosine - 1).mul_(a * (1 - a)).mul_(2).add_(1)
+    return square.clamp_(min=1e-24).rsqrt_()

@@ -13,8 +13,10 @@ while mining; :func:`hardneg.mining` does the same offline). Every kept negative
 so on its own this is InfoNCE over the filtered set; as a ``filter`` it stands in front of any
 other strategy: ``create_loss("hcl", filter="positive_aware", filter_options={"margin": 0.1})``.
 
-Our addition: an anchor whose every negative would be dropped keeps its least similar one, so
-the loss is never an empty sum (a ``logsumexp`` over nothing has a NaN gradient).
+Our addition: an anchor whose every negative would be dropped keeps its least similar one (all
+of them on an exact tie), so the loss is never an empty sum (a ``logsumexp`` over nothing has a
+NaN gradient). The rule is applied to the logits ``c = s / t`` themselves (the same inequality,
+no ``[A, S]`` pass to undo the temperature).
 
 Example:
     >>> import torch, hardneg
@@ -57,17 +59,39 @@ class PositiveAwareFilter(Strategy):
         self.margin = check_number("margin", margin)
         self.percent = check_number("percent", percent)
 
+    def _limit(self, contrast: ContrastSet) -> Tensor:
+        """``[A, 1]`` the highest negative logit the rule keeps, in logit units ``c = s / t``:
+        ``s <= s+ - margin`` is ``c <= c+ - margin / t``; ``s <= percent s+`` is
+        ``c <= percent c+``. It is raised to the anchor's lowest negative logit, so that the
+        least similar negative always stays (the loss is never an empty sum)."""
+        logits = contrast.negative_logits.detach()  # -inf where not a negative
+        positive = contrast.positive_logits.detach()[:, :1]
+        if self.mode == "margin":
+            limit = positive - self.margin / contrast.temperature
+        else:
+            limit = positive * self.percent
+        masked = (
+            logits
+            if contrast.negative_mask is None
+            else logits.masked_fill(~contrast.negative_mask, float("inf"))
+        )
+        return torch.maximum(limit, masked.amin(dim=1, keepdim=True))
+
     def keep(self, contrast: ContrastSet, context: StepContext) -> Tensor:
-        t = contrast.temperature
-        sims = contrast.negative_logits.detach() * t  # -inf where not a negative
-        positive = contrast.positive_logits.detach()[:, :1] * t
-        limit = positive - self.margin if self.mode == "margin" else positive * self.percent
-        keep = sims <= limit
-        # never an empty set: the least similar negative of each anchor always stays
-        lowest = torch.where(torch.isfinite(sims), sims, float("inf")).argmin(dim=1, keepdim=True)
-        return keep.scatter(1, lowest, True) & torch.isfinite(sims)
+        keep = contrast.negative_logits.detach() <= self._limit(contrast)
+        return keep if contrast.negative_mask is None else keep & contrast.negative_mask
 
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
-        keep = self.keep(contrast, context)
-        log_w = torch.zeros_like(contrast.negative_logits).masked_fill(~keep, float("-inf"))
+        logits = contrast.negative_logits
+        dropped = logits.detach() > self._limit(contrast)  # never a masked column (-inf)
+        if context.want_log_mass and _every_anchor_has_negatives(contrast):
+            # every anchor keeps at least one negative: a plain log-sum-exp over the kept ones
+            kept = logits.masked_fill(dropped, float("-inf"))
+            return Selection(negative_log_mass=torch.logsumexp(kept, dim=1))
+        log_w = torch.zeros_like(logits).masked_fill(dropped, float("-inf"))
         return Selection(negative_log_weights=log_w)
+
+
+def _every_anchor_has_negatives(contrast: ContrastSet) -> bool:
+    """True when every anchor has the same, positive, number of negatives (known on the host)."""
+    return isinstance(contrast.num_negatives, int) and contrast.num_negatives > 0

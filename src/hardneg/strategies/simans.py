@@ -11,8 +11,9 @@ negative is sampled with probability
 (the kernel potential-sample mining also uses). ``num_samples`` negatives per anchor are drawn
 *without replacement*, by the Gumbel-top-k trick on ``log p`` (exact for sampling without
 replacement; no normalisation, no underflow: everything stays in log space, Kool et al. 2019).
-``num_samples=None`` draws nothing and uses ``p`` as importance weights with mean 1 over the
-anchor's negatives (the expectation of the sampled set's mass up to a constant).
+The loss sums the drawn columns' logits. ``num_samples=None`` draws nothing and uses ``p`` as
+importance weights with mean 1 over the anchor's negatives (the expectation of the sampled
+set's mass up to a constant).
 
 The authors apply the kernel to a retriever's raw scores; ours are the logits ``s/t``, on the
 scale the loss itself uses (``a`` and ``b`` are in those units).
@@ -82,10 +83,36 @@ class SimANSNegatives(Strategy):
         )
         self.draws = self.num_samples is not None
 
+    def draw(self, contrast: ContrastSet, context: StepContext) -> Tensor:
+        """``[A, k]`` the columns drawn without replacement, ``k = min(num_samples, S)`` (a row
+        with fewer negatives also returns masked columns, which the loss ignores)."""
+        with torch.no_grad():
+            logits = contrast.negative_logits.detach()
+            # Gumbel-top-k on log p = -a (c - c+ - b)^2: the k smallest of
+            # -(log p + Gumbel) = a (c - c+ - b)^2 + log(-log u) are drawn
+            u = torch.rand(
+                logits.shape, generator=context.generator, device=logits.device, dtype=torch.float32
+            )  # float32 whatever the compute dtype: a seed gives the same draws in float64
+            u = u.clamp_min_(torch.finfo(torch.float32).tiny).to(logits.dtype)
+            minus_gumbel = u.log_().neg_().log_()
+            centre = contrast.positive_logits.detach()[:, :1] + self.b
+            distance = logits - centre  # -inf on a masked column: its key is +inf if a > 0
+            keys = torch.addcmul(minus_gumbel, distance, distance, value=self.a)
+            if self.a == 0.0:
+                keys = keys.masked_fill(~torch.isfinite(logits), float("inf"))
+            k = min(self.num_samples, logits.shape[1])
+            return keys.topk(k, dim=1, largest=False, sorted=False).indices
+
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
-        log_p = simans_log_kernel(contrast, self.a, self.b)
         if self.num_samples is None:
+            log_p = simans_log_kernel(contrast, self.a, self.b)
             return Selection(negative_log_weights=normalised_log_weights(log_p, contrast))
-        chosen = gumbel_top_k(log_p, self.num_samples, context.generator)
-        log_w = torch.zeros_like(log_p).masked_fill(~chosen, float("-inf"))
+        drawn = self.draw(contrast, context)
+        logits = contrast.negative_logits
+        if context.want_log_mass and isinstance(contrast.num_negatives, int):
+            if contrast.num_negatives > 0:  # every anchor draws at least one negative
+                return Selection(negative_log_mass=logits.gather(1, drawn).logsumexp(dim=1))
+        chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, drawn, True)
+        chosen &= torch.isfinite(logits)
+        log_w = torch.zeros_like(logits).masked_fill(~chosen, float("-inf"))
         return Selection(negative_log_weights=log_w)
