@@ -470,10 +470,13 @@ def test_potential_multiplicity_counts_the_grid_cells(form, pool_as_negatives, k
             continue
         assert f.cells is None and f.multiplicity is not None and p.cells is not None
         finite = torch.isfinite(p.cell_log_keep).double()
-        grid = torch.zeros_like(f.cell_log_keep).scatter_add_(
+        grid = torch.zeros_like(f.multiplicity, dtype=torch.float64).scatter_add_(
             1, p.cells.expand(finite.shape[0], -1), finite
         )
-        fast_count = f.multiplicity.double() * torch.isfinite(f.cell_log_keep)
+        if f.cell_log_keep is None:  # in-batch fast path: 0 off the negatives already
+            fast_count = f.multiplicity.double()
+        else:
+            fast_count = f.multiplicity.double() * torch.isfinite(f.cell_log_keep)
         assert torch.equal(fast_count, grid)
         assert int(grid.max()) >= (2 if k > 0 else 1)  # columns with several cells are met
 

@@ -426,3 +426,316 @@ def unremix_mix(
         const += lambda_d * (sign * shift + (1.0 if density else 0.0))
         mix.addr_(sign * lambda_d * scale.squeeze(1), d[0])
     return mix.add_(const).masked_fill_(~mask, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# potential, in-batch: one Gram matrix of [z1; z2] for every logit, the neighbour look-up and the
+# keep probabilities of all three terms; draws from random bytes; the three negative masses in
+# one pass over one exponential
+
+
+def random_bytes(shape: tuple[int, ...], generator: torch.Generator | None, device) -> Tensor:
+    """Uniform random bytes (``uint8``) of ``shape``, cut from int64 words drawn over the full
+    64-bit range: one call of the generator gives 8 bytes (``torch.rand`` gives one number)."""
+    size = math.prod(shape)
+    words = torch.empty(-(-size // 8), dtype=torch.int64, device=device)
+    words.random_(-(2**63), None, generator=generator)
+    return words.view(torch.uint8)[:size].view(shape)
+
+
+def _threshold_bytes(p: Tensor) -> Tensor:
+    """``floor(256 p)`` as ``uint8`` (255 at most: ``p = 1`` then keeps on every tie)."""
+    return (p * 256.0).clamp_(max=255.0).to(torch.uint8)
+
+
+def _find(mask: Tensor) -> Tensor:
+    """Flat positions of the True entries of a contiguous bool tensor that is mostly False:
+    the scan runs over 8-byte words, and only the words that hold a True are opened."""
+    flat = mask.reshape(-1)
+    whole = flat.numel() // 8 * 8
+    hit = flat[:whole].view(torch.int64).nonzero().squeeze(1)
+    at = (hit.unsqueeze(1) * 8 + torch.arange(8, device=mask.device)).reshape(-1)
+    at = torch.cat([at, torch.arange(whole, flat.numel(), device=mask.device)])
+    return at[flat[at]]
+
+
+def _settle_ties(
+    v: Tensor, need: Tensor, p_at, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor] | None:
+    """The draws whose byte equals its threshold (probability 1/256 each): flat positions and
+    whether each keeps, kept with probability ``256 p - floor(256 p)`` by one float32 uniform
+    (``p_at(positions)`` gives ``256 p`` there). Then ``P(keep) = floor(256 p) / 256 +
+    (256 p - floor(256 p)) / 256 = p``."""
+    at = _find(v == need)
+    if at.numel() == 0:
+        return None
+    rest = p_at(at) - need.view(-1)[at].to(torch.float64)
+    u = torch.rand(at.shape, generator=generator, device=v.device)
+    return at, u < rest
+
+
+def bernoulli_bytes(p: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One ``Bernoulli(p)`` draw per entry of ``p`` (0/1 in ``p``'s dtype): a random byte
+    ``v < floor(256 p)`` keeps, ``v > floor(256 p)`` drops, a tie is settled by a uniform
+    (:func:`_settle_ties`). Draw order: the bytes (row-major), then one uniform per tie.
+    (Plain twin: ``torch.rand(p.shape) < p``; same law to float32, other draws.)"""
+    need = _threshold_bytes(p)
+    v = random_bytes(tuple(p.shape), generator, p.device)
+    kept = (v < need).to(p.dtype)
+    flat = p.reshape(-1)
+    ties = _settle_ties(v, need, lambda at: flat[at].to(torch.float64) * 256.0, generator)
+    if ties is not None:
+        kept.view(-1)[ties[0]] = ties[1].to(p.dtype)
+    return kept
+
+
+def binomial_bytes(p: Tensor, trials: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """``[A, C]`` counts ``Binomial(trials_j, p_ij)``: ``trials_j`` independent draws of
+    :func:`bernoulli_bytes` per entry of column ``j`` (``trials`` ``[C]``, integers >= 0).
+
+    The draws run with the columns as rows: trial ``r`` of column ``j`` is a row of ``A`` bytes
+    (one per anchor). The columns are taken in the stable ascending order of ``trials``, each
+    with its ``trials_j`` rows in a row, ``[sum_j trials_j, A]`` bytes in all, so that the
+    columns with the same count ``m`` form one block ``[C_m, m, A]`` summed at once; then one
+    uniform per tie, in the order of the bytes. (Plain twin: one uniform per grid cell summed
+    per column; same law, other draws.)"""
+    a, c = p.shape
+    device = p.device
+    need_by_column = _threshold_bytes(p).T.contiguous()  # [C, A]
+    trials = trials.to(device)
+    order = torch.argsort(trials, stable=True)
+    sorted_trials = trials[order]
+    values, sizes = torch.unique_consecutive(sorted_trials, return_counts=True)
+    key = order.repeat_interleave(sorted_trials)  # the column of each row of bytes
+    need = need_by_column.index_select(0, key)  # [G, A]
+    v = random_bytes(tuple(need.shape), generator, device)
+    wide = bool(values.numel()) and int(values[-1]) > 255  # a uint8 sum holds 255 trials
+    count_dtype = torch.int32 if wide else torch.uint8
+    kept = (v < need).view(torch.uint8)
+    below = torch.empty(c, a, dtype=count_dtype, device=device)
+    start = offset = 0
+    for m, size in zip(values.tolist(), sizes.tolist()):
+        out = below[start : start + size]
+        if m == 0:
+            out.zero_()
+        elif m == 1:
+            out.copy_(kept[offset : offset + size])
+        else:
+            torch.sum(kept[offset : offset + m * size].view(size, m, a), dim=1, out=out)
+        start += size
+        offset += m * size
+    counts = torch.empty_like(below).index_copy_(0, order, below)  # back in column order
+
+    def p_at(at: Tensor) -> Tensor:
+        return p[at % a, key[at // a]].to(torch.float64) * 256.0
+
+    ties = _settle_ties(v, need, p_at, generator)
+    if ties is not None:
+        at, keep = ties
+        counts.view(-1).index_add_(0, key[at // a] * a + at % a, keep.to(count_dtype))
+    return torch.empty(a, c, dtype=p.dtype, device=device).copy_(counts.T)
+
+
+class _BlockLogMasses(torch.autograd.Function):
+    """``log sum_j w_ij e^{c_ij}`` for several weight matrices ``w`` (no gradient), each on a
+    block of rows and columns of one logits matrix ``c``, and logits read at given places of
+    ``c`` (``c[r0:r1, c0:].gather(1, index)``: mined positives): one shifted exponential
+    ``e = e^{c - max_j c}`` (the maximum of the whole row) serves every block, and the backward
+    pass ``dc = e sum_blocks w g / R`` plus the read logits' gradients fills one buffer (no
+    zero-filled ``[A, S]`` gradient per read or block). The caller guarantees that no kept entry
+    lies so far below its row's maximum that ``e`` underflows; a row of a block with nothing
+    kept is ``-inf`` with a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, blocks, reads, *tensors):  # type: ignore[override]
+        weights, indices = tensors[: len(blocks)], tensors[len(blocks) :]
+        row_max = logits.amax(dim=1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+        e = (logits - row_max).exp_()
+        outs, totals = [], []
+        for (r0, r1, c0, c1), w in zip(blocks, weights):
+            total = torch.linalg.vecdot(e[r0:r1, c0:c1], w, dim=1)
+            outs.append(row_max[r0:r1, 0] + total.log())
+            totals.append(torch.where(total > 0, total, 1.0))
+        for (r0, c0), index in zip(reads, indices):
+            outs.append(logits[r0 : r0 + index.shape[0], c0:].gather(1, index))
+        ctx.blocks, ctx.reads = blocks, reads
+        ctx.save_for_backward(e, *weights, *totals, *indices)
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):  # type: ignore[override]
+        e, *rest = ctx.saved_tensors
+        k = len(ctx.blocks)
+        weights, totals, indices = rest[:k], rest[k : 2 * k], rest[2 * k :]
+        out = None
+        # a block over the whole matrix first: it writes the buffer instead of zero-filling it
+        order = sorted(range(k), key=lambda b: ctx.blocks[b] != (0, e.shape[0], 0, e.shape[1]))
+        for b in order:
+            (r0, r1, c0, c1), g = ctx.blocks[b], grads[b]
+            if g is None:
+                continue
+            scale = (g / totals[b]).unsqueeze(1)
+            if out is None and (r0, c0, r1, c1) == (0, 0, *e.shape):
+                out = weights[b] * scale
+                continue
+            if out is None:
+                out = torch.zeros_like(e)
+            out[r0:r1, c0:c1].addcmul_(weights[b], scale)
+        out = torch.zeros_like(e) if out is None else out.mul_(e)
+        for (r0, c0), index, g in zip(ctx.reads, indices, grads[k:]):
+            if g is not None:
+                out[r0 : r0 + index.shape[0], c0:].scatter_add_(1, index, g)
+        return (out, None, None, *([None] * (k + len(indices))))
+
+
+def block_log_masses(
+    logits: Tensor,
+    blocks: list[tuple[int, int, int, int]],
+    weights: list[Tensor],
+    reads: list[tuple[int, int, Tensor]] = (),
+) -> tuple[Tensor, ...]:
+    """``log sum_j w_ij e^{c_ij}`` per row of each block ``(r0, r1, c0, c1)`` of ``logits``
+    with its detached weights ``w >= 0`` (``-inf`` logits only where ``w = 0``), then the
+    logits ``logits[r0:, c0:].gather(1, index)`` of each read ``(r0, c0, index)`` (distinct
+    columns per row); see :class:`_BlockLogMasses`. (Plain twin:
+    ``weighted_log_mass(logits[r0:r1, c0:c1], w)`` and the gather.)"""
+    ws = [w.detach().to(logits.dtype) for w in weights]
+    spots = tuple((r0, c0) for r0, c0, _ in reads)
+    return _BlockLogMasses.apply(
+        logits, tuple(blocks), spots, *ws, *[index for _, _, index in reads]
+    )
+
+
+def _keep_probability(
+    values: Tensor, centre: Tensor, scale: float, *, a: float, b: float, clamp: float
+) -> Tensor:
+    """``pi = min(clamp, exp(-a (scale v - scale c - b)^2))`` per entry of ``values`` ``[R, S]``
+    with the row centres ``centre`` ``[R]``; 0 where ``values`` is ``-inf`` (no negative)."""
+    if a == 0.0:
+        return torch.where(torch.isinf(values), 0.0, clamp).to(values.dtype)
+    x = values - (centre + b / scale).unsqueeze(1)
+    return x.square_().mul_(-a * scale * scale).exp_().clamp_(max=clamp)
+
+
+def potential_in_batch_fits(strategy, inputs, context) -> bool:
+    """Whether :func:`potential_in_batch_terms` serves this call: two views, no ids, cosine
+    logits (the Gram matrix is the neighbour look-up), the InfoNCE objective (log masses), and a
+    temperature at which no kept exponential underflows: ``e^{-2 / t}`` stays normal."""
+    if inputs.negatives is not None or inputs.ids is not None or not inputs.normalize:
+        return False
+    if not context.want_log_mass:
+        return False
+    dtype = torch.float64 if torch.float64 in (inputs.z1.dtype, inputs.z2.dtype) else None
+    limit = 600.0 if dtype is torch.float64 else 60.0
+    return 2.0 / inputs.temperature <= limit
+
+
+def potential_in_batch_terms(strategy, inputs, context):
+    """Potential-sample mining's three in-batch terms from one Gram matrix of ``[z1; z2]``.
+
+    Plain twin: ``PotentialMining.mined`` twice and ``PotentialMining.augmentation`` (two
+    neighbour look-ups, three score products). Here the ``L_aug`` contrast set's logits ``G``
+    (``[2N, 2N]``, ``s / t``, ``-inf`` on the diagonal and the partners) give everything: the
+    mined logits of ``L_mined(z1; z2)`` and ``L_mined(z2; z1)`` are its blocks ``G[:N, N:]`` and
+    ``G[N:, :N]``, the keys' neighbours come from ``G[N:, N:]`` and ``G[:N, :N]`` (same ranking
+    as the cosines), the keep probabilities of the mined terms are those of ``L_aug``'s kernel
+    on the same blocks (same similarity and centre; ``select_on='cosine'``). The kept cells per
+    column are ``Binomial(m_j, pi_ij)`` (:func:`binomial_bytes`; ``m_j`` the column's cells,
+    ``m pi`` in expected mode), and the three negative masses come from one exponential
+    (:func:`block_log_masses`). Returns the terms of ``strategy.terms`` with each mass attached
+    (``fast_log_mass``)."""
+    from hardneg.contrast import in_batch_contrast
+    from hardneg.strategies.potential import _with_cells
+
+    z1, z2 = inputs.z1, inputs.z2
+    n, t = z1.shape[0], inputs.temperature
+    aug = in_batch_contrast((z1, z2), temperature=t, normalize=True)
+    g = aug.negative_logits
+    zn = aug.anchors
+    kernel = {"a": strategy.a, "b": strategy.b, "clamp": strategy.clamp}
+    bernoulli = strategy.sample == "bernoulli"
+    with torch.no_grad():
+        gd = g.detach()
+        centre = aug.positive_logits.detach()[:, 0]
+        rows = torch.arange(n, device=g.device)
+        num = min(strategy.num_neighbors, n - 1)
+        # the keys' neighbours: z2 among z2 (direction 1), z1 among z1 (direction 2); the
+        # Gram's diagonal is -inf, so a key is not its own neighbour
+        nb1 = gd[n:, n:].topk(num, dim=1).indices
+        nb2 = gd[:n, :n].topk(num, dim=1).indices
+        blocks1 = torch.cat([rows.unsqueeze(1), nb1], dim=1)
+        blocks2 = torch.cat([rows.unsqueeze(1), nb2], dim=1)
+        own = torch.zeros(n, 2 * n, dtype=torch.bool, device=g.device)
+        own[:, :n].scatter_(1, blocks1, True)
+        own[:, n:].scatter_(1, blocks2, True)
+        trials = torch.cat(
+            [
+                torch.bincount(blocks1.reshape(-1), minlength=n),
+                torch.bincount(blocks2.reshape(-1), minlength=n),
+            ]
+        )
+        pi_aug = None
+        if strategy.aug_weight > 0:
+            if strategy.select_on == "raw":  # the code's kernel on unnormalised dot products
+                x = torch.cat([z1, z2]).detach().to(g.dtype)
+                sims = x @ x.T
+                pi_aug = _keep_probability(
+                    sims, (x * x.roll(n, dims=0)).sum(dim=1), 1.0, **kernel
+                ).masked_fill_(~aug.mask(), 0.0)
+            else:
+                pi_aug = _keep_probability(gd, centre, t, **kernel)
+        if pi_aug is not None and strategy.select_on == "cosine":
+            mined_pi = torch.cat([pi_aug[:n, n:], pi_aug[n:, :n]], dim=1)
+        else:
+            mined_pi = torch.cat(
+                [
+                    _keep_probability(gd[:n, n:], centre[:n], t, **kernel),
+                    _keep_probability(gd[n:, :n], centre[n:], t, **kernel),
+                ],
+                dim=1,
+            )
+        mined_pi.masked_fill_(own, 0.0)  # [N, 2N]: direction 1's columns, then direction 2's
+        multiplicity = torch.where(own, 0.0, trials.to(g.dtype))
+        if bernoulli:
+            counts = binomial_bytes(mined_pi, trials, context.generator)
+            kept_aug = None if pi_aug is None else bernoulli_bytes(pi_aug, context.generator)
+        else:
+            counts = mined_pi.mul_(multiplicity)
+            kept_aug = pi_aug
+    blocks = [(0, n, n, 2 * n), (n, 2 * n, 0, n)]
+    weights = [counts[:, :n], counts[:, n:]]
+    if kept_aug is not None:
+        blocks.append((0, 2 * n, 0, 2 * n))
+        weights.append(kept_aug)
+    reads = []
+    if strategy.weighting == "hard" and num > 0:  # the mined positives' logits, read from G
+        reads = [(0, n, nb1), (n, 0, nb2)]
+    masses = block_log_masses(g, blocks, weights, reads)
+    extra = masses[len(blocks) :] if reads else (None, None)
+    out = []
+    for d, (r0, c0), nb, h in ((0, (0, n), nb1, inputs.h1), (1, (n, 0), nb2, inputs.h2)):
+        negative = ~own[:, d * n : (d + 1) * n]
+        anchors, columns = zn[r0 : r0 + n], zn[c0 : c0 + n]
+        mined = _with_cells(
+            aug,
+            anchors=anchors,
+            columns=columns,
+            positives=columns.unsqueeze(1),
+            positive_logits=aug.positive_logits[r0 : r0 + n],
+            positive_weight=aug.positive_weight[r0 : r0 + n],
+            positive_index=rows.unsqueeze(1),
+            negative_logits=g[r0 : r0 + n, c0 : c0 + n].masked_fill(~negative, float("-inf")),
+            negative_mask=negative,
+            num_negatives=n - 1 - num,
+            multiplicity=multiplicity[:, d * n : (d + 1) * n],
+            neighbours=nb,
+            anchor_features=h,
+            fast_log_mass=masses[d],
+            fast_extra_positive_logits=extra[d],
+        )
+        out.append((0.5, mined, "mined"))
+    if kept_aug is not None:
+        out.append((strategy.aug_weight, _with_cells(aug, fast_log_mass=masses[2]), "aug"))
+    return out

@@ -96,19 +96,26 @@ class CellContrast(ContrastSet):
         multiplicity: fast path (``cells`` None, ``cell_log_keep`` per column ``[A, C]``): the
             number of row ``i``'s cells that read column ``j`` ``[A, C]``.
         neighbours: ``[A, K]`` columns of each anchor's mined positives, or None.
+        fast_log_mass: ``[A]`` the negative log-mass when the fast path already drew and summed
+            the kept cells (:func:`hardneg.fastpaths.potential_in_batch_terms`), else None.
+        fast_extra_positive_logits: ``[A, K]`` the mined positives' logits read by the fast
+            path (hard weighting), else None.
     """
 
     cell_log_keep: Tensor | None = None
     cells: Tensor | None = None
     multiplicity: Tensor | None = None
     neighbours: Tensor | None = None
+    fast_log_mass: Tensor | None = None
+    fast_extra_positive_logits: Tensor | None = None
 
 
 _FIELDS = tuple(f.name for f in fields(ContrastSet))  # read once: torch.compile traces getattr
 
 
-def _with_cells(contrast: ContrastSet, **extra: Tensor | None) -> CellContrast:
-    return CellContrast(**{name: getattr(contrast, name) for name in _FIELDS}, **extra)
+def _with_cells(contrast: ContrastSet, **extra) -> CellContrast:
+    """``contrast`` as a :class:`CellContrast`, with the fields in ``extra`` set or replaced."""
+    return CellContrast(**{**{name: getattr(contrast, name) for name in _FIELDS}, **extra})
 
 
 @register_strategy("potential", summary="Potential-sample mining, PSM (Dong, Long, Li 2023)")
@@ -186,6 +193,8 @@ class PotentialMining(Strategy):
                     f"predictor) with the mined keys: it needs their dim {z1.shape[-1]}, "
                     f"got {tuple(h.shape)}"
                 )
+        if context.fast and fastpaths.potential_in_batch_fits(self, inputs, context):
+            return fastpaths.potential_in_batch_terms(self, inputs, context)
         if inputs.negatives is None:
             out = [
                 (0.5, self.mined(inputs, z1, z2, inputs.h1, fast=context.fast), "mined"),
@@ -315,7 +324,14 @@ class PotentialMining(Strategy):
         return _with_cells(contrast, cell_log_keep=log_pi)
 
     def select_term(self, contrast: ContrastSet, context: StepContext, role: str) -> Selection:
-        assert isinstance(contrast, CellContrast) and contrast.cell_log_keep is not None
+        assert isinstance(contrast, CellContrast)
+        if contrast.fast_log_mass is not None:  # drawn and summed by the fast path
+            selection = Selection(negative_log_mass=contrast.fast_log_mass)
+            if contrast.fast_extra_positive_logits is not None:
+                selection.extra_positive_logits = contrast.fast_extra_positive_logits
+                return selection
+            return self.positives(selection, contrast, role)
+        assert contrast.cell_log_keep is not None
         logits = contrast.negative_logits
         with torch.no_grad():
             if context.fast and contrast.cells is None:  # per column, no grid
