@@ -475,33 +475,56 @@ def _settle_ties(
 
 
 def bernoulli_bytes(p: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One ``Bernoulli(p)`` draw per entry of ``p`` (0/1 in ``p``'s dtype): a random byte
-    ``v < floor(256 p)`` keeps, ``v > floor(256 p)`` drops, a tie is settled by a uniform
-    (:func:`_settle_ties`). Draw order: the bytes (row-major), then one uniform per tie.
-    (Plain twin: ``torch.rand(p.shape) < p``; same law to float32, other draws.)"""
-    need = _threshold_bytes(p)
-    v = random_bytes(tuple(p.shape), generator, p.device)
-    kept = (v < need).to(p.dtype)
+    """One ``Bernoulli(p)`` draw per entry of ``p`` (0/1 in ``p``'s dtype); see
+    :func:`bernoulli_draws`. (Plain twin: ``torch.rand(p.shape) < p``; same law to float32,
+    other draws.)"""
     flat = p.reshape(-1)
-    ties = _settle_ties(v, need, lambda at: flat[at].to(torch.float64) * 256.0, generator)
+    kept = bernoulli_draws(
+        _threshold_bytes(p), lambda at: flat[at].to(torch.float64) * 256.0, generator
+    )
+    return kept.to(p.dtype)
+
+
+def bernoulli_draws(need: Tensor, p256_at, generator: torch.Generator | None = None) -> Tensor:
+    """One Bernoulli draw per entry (``uint8`` 0/1) from the thresholds ``need = floor(256 p)``
+    (``uint8``): a random byte ``v < need`` keeps, ``v > need`` drops, a tie is settled by a
+    uniform (:func:`_settle_ties`; ``p256_at(flat positions)`` gives ``256 p`` there). Draw
+    order: the bytes (row-major), then one uniform per tie."""
+    v = random_bytes(tuple(need.shape), generator, need.device)
+    kept = (v < need).view(torch.uint8)
+    ties = _settle_ties(v, need, p256_at, generator)
     if ties is not None:
-        kept.view(-1)[ties[0]] = ties[1].to(p.dtype)
+        kept.view(-1)[ties[0]] = ties[1].view(torch.uint8)
     return kept
 
 
 def binomial_bytes(p: Tensor, trials: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """``[A, C]`` counts ``Binomial(trials_j, p_ij)``: ``trials_j`` independent draws of
-    :func:`bernoulli_bytes` per entry of column ``j`` (``trials`` ``[C]``, integers >= 0).
+    """``[A, C]`` counts ``Binomial(trials_j, p_ij)`` in ``p``'s dtype; see
+    :func:`binomial_draws`. (Plain twin: one uniform per grid cell summed per column; same law,
+    other draws.)"""
+    a = p.shape[0]
 
-    The draws run with the columns as rows: trial ``r`` of column ``j`` is a row of ``A`` bytes
-    (one per anchor). The columns are taken in the stable ascending order of ``trials``, each
-    with its ``trials_j`` rows in a row, ``[sum_j trials_j, A]`` bytes in all, so that the
-    columns with the same count ``m`` form one block ``[C_m, m, A]`` summed at once; then one
-    uniform per tie, in the order of the bytes. (Plain twin: one uniform per grid cell summed
-    per column; same law, other draws.)"""
-    a, c = p.shape
-    device = p.device
-    need_by_column = _threshold_bytes(p).T.contiguous()  # [C, A]
+    def p256_at(column: Tensor, anchor: Tensor) -> Tensor:
+        return p[anchor, column].to(torch.float64) * 256.0
+
+    counts = binomial_draws(_threshold_bytes(p).T.contiguous(), trials, p256_at, generator)
+    return torch.empty(a, p.shape[1], dtype=p.dtype, device=p.device).copy_(counts.T)
+
+
+def binomial_draws(
+    need_by_column: Tensor, trials: Tensor, p256_at, generator: torch.Generator | None = None
+) -> Tensor:
+    """``[C, A]`` counts (``uint8``, or ``int32`` past 255 trials) ``Binomial(trials_j, p_ij)``:
+    ``trials_j`` independent draws of :func:`bernoulli_draws` per entry of column ``j``, from
+    the thresholds ``floor(256 p)`` with the columns as rows (``need_by_column`` ``[C, A]``,
+    ``uint8``; ``p256_at(column, anchor)`` gives ``256 p`` there).
+
+    Trial ``r`` of column ``j`` is a row of ``A`` bytes (one per anchor). The columns are taken
+    in the stable ascending order of ``trials``, each with its ``trials_j`` rows in a row,
+    ``[sum_j trials_j, A]`` bytes in all, so that the columns with the same count ``m`` form one
+    block ``[C_m, m, A]`` summed at once; then one uniform per tie, in the order of the bytes."""
+    c, a = need_by_column.shape
+    device = need_by_column.device
     trials = trials.to(device)
     order = torch.argsort(trials, stable=True)
     sorted_trials = trials[order]
@@ -525,15 +548,11 @@ def binomial_bytes(p: Tensor, trials: Tensor, generator: torch.Generator | None 
         start += size
         offset += m * size
     counts = torch.empty_like(below).index_copy_(0, order, below)  # back in column order
-
-    def p_at(at: Tensor) -> Tensor:
-        return p[at % a, key[at // a]].to(torch.float64) * 256.0
-
-    ties = _settle_ties(v, need, p_at, generator)
+    ties = _settle_ties(v, need, lambda at: p256_at(key[at // a], at % a), generator)
     if ties is not None:
         at, keep = ties
         counts.view(-1).index_add_(0, key[at // a] * a + at % a, keep.to(count_dtype))
-    return torch.empty(a, c, dtype=p.dtype, device=device).copy_(counts.T)
+    return counts
 
 
 class _BlockLogMasses(torch.autograd.Function):
@@ -608,15 +627,23 @@ def block_log_masses(
     )
 
 
-def _keep_probability(
-    values: Tensor, centre: Tensor, scale: float, *, a: float, b: float, clamp: float
+def _kernel(
+    values: Tensor, shift: Tensor, coef: float, *, scale: float = 1.0, cap: float = 1.0
 ) -> Tensor:
-    """``pi = min(clamp, exp(-a (scale v - scale c - b)^2))`` per entry of ``values`` ``[R, S]``
-    with the row centres ``centre`` ``[R]``; 0 where ``values`` is ``-inf`` (no negative)."""
-    if a == 0.0:
-        return torch.where(torch.isinf(values), 0.0, clamp).to(values.dtype)
-    x = values - (centre + b / scale).unsqueeze(1)
-    return x.square_().mul_(-a * scale * scale).exp_().clamp_(max=clamp)
+    """``min(cap, scale exp(coef (v - shift_r)^2))`` per entry of ``values`` ``[R, S]`` (row
+    shifts ``shift`` ``[R]``, ``coef <= 0``), 0 where ``values`` is ``-inf`` (no negative): the
+    square, the factor and ``log scale`` in one ``addcmul`` pass."""
+    if coef == 0.0:
+        return torch.where(torch.isinf(values), 0.0, min(cap, scale)).to(values.dtype)
+    x = values - shift.unsqueeze(1)
+    base = torch.tensor(math.log(scale), dtype=x.dtype, device=x.device)
+    return torch.addcmul(base, x, x, value=coef, out=x).exp_().clamp_(max=cap)
+
+
+def _kernel_at(values: Tensor, shift: Tensor, coef: float, cap: float) -> Tensor:
+    """:func:`_kernel` with ``scale = 1`` at a few entries, in float64 (the ties' ``p``)."""
+    x = values.to(torch.float64) - shift.to(torch.float64)
+    return torch.where(torch.isinf(x), 0.0, (coef * x * x).exp().clamp(max=cap))
 
 
 def potential_in_batch_fits(strategy, inputs, context) -> bool:
@@ -654,19 +681,21 @@ def potential_in_batch_terms(strategy, inputs, context):
     aug = in_batch_contrast((z1, z2), temperature=t, normalize=True)
     g = aug.negative_logits
     zn = aug.anchors
-    kernel = {"a": strategy.a, "b": strategy.b, "clamp": strategy.clamp}
     bernoulli = strategy.sample == "bernoulli"
+    clamp = strategy.clamp
     with torch.no_grad():
         gd = g.detach()
-        centre = aug.positive_logits.detach()[:, 0]
+        # the kernel exp(-a (s - s+ - b)^2) on s / t: coefficient -a t^2, shift (s+ + b) / t
+        coef = -strategy.a * t * t
+        shift = aug.positive_logits.detach()[:, 0] + strategy.b / t
         rows = torch.arange(n, device=g.device)
         num = min(strategy.num_neighbors, n - 1)
         # the keys' neighbours: z2 among z2 (direction 1), z1 among z1 (direction 2); the
         # Gram's diagonal is -inf, so a key is not its own neighbour
-        nb1 = gd[n:, n:].topk(num, dim=1).indices
-        nb2 = gd[:n, :n].topk(num, dim=1).indices
-        blocks1 = torch.cat([rows.unsqueeze(1), nb1], dim=1)
-        blocks2 = torch.cat([rows.unsqueeze(1), nb2], dim=1)
+        nb1 = top_k_indices(gd[n:, n:], num) if num > 0 else rows.new_zeros(n, 0)
+        nb2 = top_k_indices(gd[:n, :n], num) if num > 0 else rows.new_zeros(n, 0)
+        blocks1 = torch.cat([rows.unsqueeze(1), nb1.to(rows.device)], dim=1)
+        blocks2 = torch.cat([rows.unsqueeze(1), nb2.to(rows.device)], dim=1)
         own = torch.zeros(n, 2 * n, dtype=torch.bool, device=g.device)
         own[:, :n].scatter_(1, blocks1, True)
         own[:, n:].scatter_(1, blocks2, True)
@@ -676,33 +705,66 @@ def potential_in_batch_terms(strategy, inputs, context):
                 torch.bincount(blocks2.reshape(-1), minlength=n),
             ]
         )
-        pi_aug = None
-        if strategy.aug_weight > 0:
-            if strategy.select_on == "raw":  # the code's kernel on unnormalised dot products
-                x = torch.cat([z1, z2]).detach().to(g.dtype)
-                sims = x @ x.T
-                pi_aug = _keep_probability(
-                    sims, (x * x.roll(n, dims=0)).sum(dim=1), 1.0, **kernel
-                ).masked_fill_(~aug.mask(), 0.0)
-            else:
-                pi_aug = _keep_probability(gd, centre, t, **kernel)
-        if pi_aug is not None and strategy.select_on == "cosine":
-            mined_pi = torch.cat([pi_aug[:n, n:], pi_aug[n:, :n]], dim=1)
-        else:
-            mined_pi = torch.cat(
-                [
-                    _keep_probability(gd[:n, n:], centre[:n], t, **kernel),
-                    _keep_probability(gd[n:, :n], centre[n:], t, **kernel),
-                ],
-                dim=1,
-            )
-        mined_pi.masked_fill_(own, 0.0)  # [N, 2N]: direction 1's columns, then direction 2's
         multiplicity = torch.where(own, 0.0, trials.to(g.dtype))
-        if bernoulli:
-            counts = binomial_bytes(mined_pi, trials, context.generator)
-            kept_aug = None if pi_aug is None else bernoulli_bytes(pi_aug, context.generator)
+        use_aug = strategy.aug_weight > 0
+        raw = strategy.select_on == "raw"
+        if use_aug and raw:  # the code's kernel on unnormalised dot products
+            x = torch.cat([z1, z2]).detach().to(g.dtype)
+            aug_values = x @ x.T
+            aug_shift, aug_coef = (x * x.roll(n, dims=0)).sum(dim=1) + strategy.b, -strategy.a
+            aug_values.masked_fill_(~aug.mask(), float("-inf"))
         else:
-            counts = mined_pi.mul_(multiplicity)
+            aug_values, aug_shift, aug_coef = gd, shift, coef
+        # the mined terms read L_aug's kernel on the same blocks (select_on='cosine')
+        shared = use_aug and not raw
+        if bernoulli:
+            cap = min(255.0, 256.0 * clamp)
+            kept_aug = need_aug = None
+            if use_aug:
+                need_aug = _kernel(aug_values, aug_shift, aug_coef, scale=256.0, cap=cap)
+                need_aug = need_aug.to(torch.uint8)
+            if shared:
+                need_by_column = torch.cat([need_aug[:n, n:].T, need_aug[n:, :n].T])
+            else:
+                need_by_column = torch.cat(
+                    [
+                        _kernel(gd[:n, n:], shift[:n], coef, scale=256.0, cap=cap).T,
+                        _kernel(gd[n:, :n], shift[n:], coef, scale=256.0, cap=cap).T,
+                    ]
+                ).to(torch.uint8)
+            need_by_column.masked_fill_(own.T, 0)  # [2N, N]: direction 1's columns, then 2's
+
+            def mined_p256(column: Tensor, anchor: Tensor) -> Tensor:
+                second = column >= n  # direction 2: anchor z2_i (row N + i), column z1_c
+                r = torch.where(second, anchor + n, anchor)
+                c = torch.where(second, column - n, column + n)
+                p256 = 256.0 * _kernel_at(gd[r, c], shift[r], coef, clamp)
+                return p256.masked_fill_(own[anchor, column], 0.0)  # own block: no negative
+
+            by_column = binomial_draws(need_by_column, trials, mined_p256, context.generator)
+            counts = torch.empty(n, 2 * n, dtype=g.dtype, device=g.device)
+            counts[:, :n].copy_(by_column[:n].T)
+            counts[:, n:].copy_(by_column[n:].T)
+            if use_aug:
+                flat, width = aug_values.reshape(-1), aug_values.shape[1]
+
+                def aug_p256(at: Tensor) -> Tensor:
+                    return 256.0 * _kernel_at(flat[at], aug_shift[at // width], aug_coef, clamp)
+
+                kept_aug = bernoulli_draws(need_aug, aug_p256, context.generator)
+        else:
+            pi_aug = _kernel(aug_values, aug_shift, aug_coef, cap=clamp) if use_aug else None
+            if shared:
+                mined_pi = torch.cat([pi_aug[:n, n:], pi_aug[n:, :n]], dim=1)
+            else:
+                mined_pi = torch.cat(
+                    [
+                        _kernel(gd[:n, n:], shift[:n], coef, cap=clamp),
+                        _kernel(gd[n:, :n], shift[n:], coef, cap=clamp),
+                    ],
+                    dim=1,
+                )
+            counts = mined_pi.mul_(multiplicity)  # 0 on each anchor's own block
             kept_aug = pi_aug
     blocks = [(0, n, n, 2 * n), (n, 2 * n, 0, n)]
     weights = [counts[:, :n], counts[:, n:]]
