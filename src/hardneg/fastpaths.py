@@ -445,7 +445,13 @@ def random_bytes(shape: tuple[int, ...], generator: torch.Generator | None, devi
 
 def _threshold_bytes(p: Tensor) -> Tensor:
     """``floor(256 p)`` as ``uint8`` (255 at most: ``p = 1`` then keeps on every tie)."""
-    return (p * 256.0).clamp_(max=255.0).to(torch.uint8)
+    return _to_bytes((p * 256.0).clamp_(max=255.0))
+
+
+def _to_bytes(x: Tensor) -> Tensor:
+    """``uint8`` of values in [0, 255] (truncated), through ``int32``: a direct float ->
+    ``uint8`` conversion is several times slower on the CPU."""
+    return x.to(torch.int32).to(torch.uint8)
 
 
 def _find(mask: Tensor) -> Tensor:
@@ -453,10 +459,11 @@ def _find(mask: Tensor) -> Tensor:
     the scan runs over 8-byte words, and only the words that hold a True are opened."""
     flat = mask.reshape(-1)
     whole = flat.numel() // 8 * 8
-    hit = flat[:whole].view(torch.int64).nonzero().squeeze(1)
-    at = (hit.unsqueeze(1) * 8 + torch.arange(8, device=mask.device)).reshape(-1)
-    at = torch.cat([at, torch.arange(whole, flat.numel(), device=mask.device)])
-    return at[flat[at]]
+    words = flat[:whole].view(torch.int64)
+    hit = words.nonzero().squeeze(1)
+    word, byte = words[hit].view(torch.uint8).view(-1, 8).nonzero().unbind(1)
+    at = torch.cat([hit[word] * 8 + byte, torch.arange(whole, flat.numel(), device=mask.device)])
+    return at[flat[at]] if whole < flat.numel() else at
 
 
 def _settle_ties(
@@ -559,9 +566,10 @@ class _BlockLogMasses(torch.autograd.Function):
     """``log sum_j w_ij e^{c_ij}`` for several weight matrices ``w`` (no gradient), each on a
     block of rows and columns of one logits matrix ``c``, and logits read at given places of
     ``c`` (``c[r0:r1, c0:].gather(1, index)``: mined positives): one shifted exponential
-    ``e = e^{c - max_j c}`` (the maximum of the whole row) serves every block, and the backward
-    pass ``dc = e sum_blocks w g / R`` plus the read logits' gradients fills one buffer (no
-    zero-filled ``[A, S]`` gradient per read or block). The caller guarantees that no kept entry
+    ``e = e^{c - max_j c}`` (the maximum of the whole row) serves every block; the products
+    ``w e`` give the sums and are saved (not ``e`` and ``w``), so the backward pass
+    ``dc = sum_blocks (w e) g / R`` plus the read logits' gradients fills one buffer in one pass
+    (no zero-filled ``[A, S]`` gradient per read or block). The caller guarantees that no kept entry
     lies so far below its row's maximum that ``e`` underflows; a row of a block with nothing
     kept is ``-inf`` with a zero gradient."""
 
@@ -571,38 +579,41 @@ class _BlockLogMasses(torch.autograd.Function):
         row_max = logits.amax(dim=1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
         e = (logits - row_max).exp_()
-        outs, totals = [], []
+        outs, products, totals = [], [], []
         for (r0, r1, c0, c1), w in zip(blocks, weights):
-            total = torch.linalg.vecdot(e[r0:r1, c0:c1], w, dim=1)
+            product = e[r0:r1, c0:c1] * w  # w e: the sum here, the gradient's shape later
+            total = product.sum(dim=1)
             outs.append(row_max[r0:r1, 0] + total.log())
+            products.append(product)
             totals.append(torch.where(total > 0, total, 1.0))
         for (r0, c0), index in zip(reads, indices):
             outs.append(logits[r0 : r0 + index.shape[0], c0:].gather(1, index))
-        ctx.blocks, ctx.reads = blocks, reads
-        ctx.save_for_backward(e, *weights, *totals, *indices)
+        ctx.blocks, ctx.reads, ctx.shape = blocks, reads, logits.shape
+        ctx.save_for_backward(*products, *totals, *indices)
         return tuple(outs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):  # type: ignore[override]
-        e, *rest = ctx.saved_tensors
+        saved = ctx.saved_tensors
         k = len(ctx.blocks)
-        weights, totals, indices = rest[:k], rest[k : 2 * k], rest[2 * k :]
+        products, totals, indices = saved[:k], saved[k : 2 * k], saved[2 * k :]
+        whole = (0, ctx.shape[0], 0, ctx.shape[1])
         out = None
         # a block over the whole matrix first: it writes the buffer instead of zero-filling it
-        order = sorted(range(k), key=lambda b: ctx.blocks[b] != (0, e.shape[0], 0, e.shape[1]))
-        for b in order:
+        for b in sorted(range(k), key=lambda b: ctx.blocks[b] != whole):
             (r0, r1, c0, c1), g = ctx.blocks[b], grads[b]
             if g is None:
                 continue
             scale = (g / totals[b]).unsqueeze(1)
-            if out is None and (r0, c0, r1, c1) == (0, 0, *e.shape):
-                out = weights[b] * scale
+            if out is None and ctx.blocks[b] == whole:
+                out = products[b] * scale
                 continue
             if out is None:
-                out = torch.zeros_like(e)
-            out[r0:r1, c0:c1].addcmul_(weights[b], scale)
-        out = torch.zeros_like(e) if out is None else out.mul_(e)
+                out = products[0].new_zeros(ctx.shape)
+            out[r0:r1, c0:c1].addcmul_(products[b], scale)
+        if out is None:
+            out = products[0].new_zeros(ctx.shape) if k else None
         for (r0, c0), index, g in zip(ctx.reads, indices, grads[k:]):
             if g is not None:
                 out[r0 : r0 + index.shape[0], c0:].scatter_add_(1, index, g)
@@ -722,7 +733,7 @@ def potential_in_batch_terms(strategy, inputs, context):
             kept_aug = need_aug = None
             if use_aug:
                 need_aug = _kernel(aug_values, aug_shift, aug_coef, scale=256.0, cap=cap)
-                need_aug = need_aug.to(torch.uint8)
+                need_aug = _to_bytes(need_aug)
             if shared:
                 need_by_column = torch.cat([need_aug[:n, n:].T, need_aug[n:, :n].T])
             else:
@@ -731,14 +742,18 @@ def potential_in_batch_terms(strategy, inputs, context):
                         _kernel(gd[:n, n:], shift[:n], coef, scale=256.0, cap=cap).T,
                         _kernel(gd[n:, :n], shift[n:], coef, scale=256.0, cap=cap).T,
                     ]
-                ).to(torch.uint8)
-            need_by_column.masked_fill_(own.T, 0)  # [2N, N]: direction 1's columns, then 2's
+                )
+                need_by_column = _to_bytes(need_by_column)
+            # [2N, N]: direction 1's columns, then direction 2's; 0 on each anchor's own block
+            anchor_of = rows.repeat_interleave(num + 1)
+            need_by_column[blocks1.reshape(-1), anchor_of] = 0
+            need_by_column[blocks2.reshape(-1) + n, anchor_of] = 0
 
             def mined_p256(column: Tensor, anchor: Tensor) -> Tensor:
                 second = column >= n  # direction 2: anchor z2_i (row N + i), column z1_c
                 r = torch.where(second, anchor + n, anchor)
                 c = torch.where(second, column - n, column + n)
-                p256 = 256.0 * _kernel_at(gd[r, c], shift[r], coef, clamp)
+                p256 = 256.0 * _kernel_at(gd.reshape(-1)[r * 2 * n + c], shift[r], coef, clamp)
                 return p256.masked_fill_(own[anchor, column], 0.0)  # own block: no negative
 
             by_column = binomial_draws(need_by_column, trials, mined_p256, context.generator)
