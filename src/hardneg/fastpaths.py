@@ -315,23 +315,24 @@ def kept_counts(
     (what summing ``pi`` over the cells gives); ``'bernoulli'``: ``Binomial(m, pi)``, the law of
     the sum of the cells' independent draws, as layers: layer ``r`` draws one Bernoulli per entry
     of the columns where some row has more than ``r`` cells (``sum_j max_i m_ij`` draws per row,
-    at most the grid's count, Bernoulli draws instead of uniforms, no per-cell gather or scatter).
+    at most the grid's count, no per-cell gather or scatter), each a random byte against
+    ``floor(256 pi)`` (:func:`bernoulli_bytes`) instead of a float uniform.
     """
     pi = log_keep.exp()
     if sample == "expected":
         return pi if multiplicity is None else pi.mul_(multiplicity.to(pi.dtype))
     if multiplicity is None:
-        return torch.bernoulli(pi.float(), generator=generator).to(pi.dtype)
+        return bernoulli_bytes(pi.float(), generator).to(pi.dtype)
     # draws from float32 probabilities whatever the dtype: a seed gives the same draws in float64
     dtype, pi = pi.dtype, pi.float()
     m = multiplicity if multiplicity.dtype == pi.dtype else multiplicity.to(pi.dtype)
-    counts = torch.bernoulli(pi.masked_fill_(m == 0, 0.0), generator=generator)
+    counts = bernoulli_bytes(pi.masked_fill_(m == 0, 0.0), generator)
     top = m.amax(dim=0)  # [C]
     layers = int(top.max()) if top.numel() else 0
     for r in range(1, layers):
         cols = (top > r).nonzero().squeeze(1)
         p = pi[:, cols] * (m[:, cols] > r)
-        counts.index_add_(1, cols, torch.bernoulli(p, generator=generator))
+        counts.index_add_(1, cols, bernoulli_bytes(p, generator))
     return counts.to(dtype)
 
 
