@@ -24,6 +24,14 @@ only; no kept buffers.
   mass, and the mix ``lambda_u U~ + lambda_d D~ + eps`` built in one ``[A, C]`` buffer (per-row
   affine in place, representativeness as a rank-1 update) (plain twin:
   ``UnReMixNegatives.mix`` with ``minmax_over_negatives``).
+* :func:`potential_in_batch_terms` — potential, in-batch: the three terms from one Gram matrix
+  of ``[z1; z2]`` (every logit, the neighbour look-up, one keep kernel for ``L_aug`` and both
+  mined terms, computed as threshold bytes ``floor(256 pi)``), the draws from random bytes
+  (:func:`bernoulli_draws`, :func:`binomial_draws`: a byte against ``floor(256 pi)``, a float
+  uniform on a tie; same law as the plain grid's uniforms, other draws) and the negative masses
+  and mined positives' logits from one exponential with a one-pass backward
+  (:func:`block_log_masses`) (plain twin: ``PotentialMining.mined`` twice and
+  ``PotentialMining.augmentation``, three products and two look-ups).
 * :func:`band_logits` — Ring: the ring's logits read from the score matrix with a sparse
   backward through the ring's members only (plain twin: back-propagating through the gather).
 """

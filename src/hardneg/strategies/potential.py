@@ -46,6 +46,10 @@ outside ``torch.compile``) draws each column's count of kept cells instead,
 ``Binomial(m_ij, pi_ij)`` for the ``m_ij`` cells of row ``i`` that read column ``j``
 (:func:`hardneg.fastpaths.kept_counts`): the same law, other draws for the same seed.
 ``'expected'`` uses ``pi`` without a draw (``m pi`` per column, equal on both paths).
+In-batch (two views, no ``ids``, cosine logits, InfoNCE) the fast path builds all three terms
+from the one Gram matrix of ``[z1; z2]`` (:func:`hardneg.fastpaths.potential_in_batch_terms`):
+the neighbours, logits and keep probabilities are read from it, and the draws are random bytes
+against ``floor(256 pi)`` with a uniform on a tie (same law, other draws).
 
 Differences from the code, besides the options above: the in-batch form, its own-positive rule
 and its single ``L_aug`` selection are ours; ``exclude_index`` is ours; one temperature serves
