@@ -490,10 +490,20 @@ def _settle_ties(
     return at, u < rest
 
 
+_DRAW_BLOCK = 1 << 22  # entries per block of rows of bernoulli_bytes
+
+
 def bernoulli_bytes(p: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One ``Bernoulli(p)`` draw per entry of ``p`` (0/1 in ``p``'s dtype); see
     :func:`bernoulli_draws`. (Plain twin: ``torch.rand(p.shape) < p``; same law to float32,
-    other draws.)"""
+    other draws.) A large ``p`` draws a block of rows at a time, so that the thresholds and
+    bytes stay small next to the result."""
+    if p.dim() == 2 and p.numel() > _DRAW_BLOCK and p.shape[0] > 1:
+        out = torch.empty_like(p)
+        rows = max(1, _DRAW_BLOCK // max(1, p.shape[1]))
+        for start in range(0, p.shape[0], rows):
+            out[start : start + rows] = bernoulli_bytes(p[start : start + rows], generator)
+        return out
     flat = p.reshape(-1)
     kept = bernoulli_draws(
         _threshold_bytes(p), lambda at: flat[at].to(torch.float64) * 256.0, generator

@@ -230,6 +230,7 @@ class PotentialMining(Strategy):
             num = min(self.num_neighbors, support.shape[0] - int(masked))
             offset = 0 if pool is None else n  # the pool's rows follow the n keys
             blocks = torch.cat([rows.unsqueeze(1), lookup.topk(num, dim=1).indices + offset], dim=1)
+            del lookup  # [N, Q] with a bank: not kept alive next to the mined logits
             cells = blocks.reshape(-1)  # [N(K+1)], block j's members at j(K+1)..j(K+1)+K
             columns = n + (0 if pool is None else pool.shape[0])
             own = torch.zeros(n, columns, dtype=torch.bool, device=q.device).scatter_(
