@@ -29,7 +29,9 @@ LOSSES = hardneg.list_losses()
 FORMS = ["in_batch", "pool", "pool_exclude", "retrieval"]
 # (loss, form) pairs a loss rejects by design, with a clear error (tested in test_potential.py):
 # potential needs two views or a shared bank, not retrieval columns
-UNSUPPORTED: set[tuple[str, str]] = {("potential", "retrieval")}  # (loss, form) pairs a loss rejects by design
+UNSUPPORTED: set[tuple[str, str]] = {
+    ("potential", "retrieval")
+}  # (loss, form) pairs a loss rejects by design
 BACKEND = "aot_eager"
 
 

@@ -476,10 +476,13 @@ def test_potential_multiplicity_counts_the_grid_cells(form, pool_as_negatives, k
             continue
         assert f.cells is None and f.multiplicity is not None and p.cells is not None
         finite = torch.isfinite(p.cell_log_keep).double()
-        grid = torch.zeros_like(f.cell_log_keep).scatter_add_(
+        grid = torch.zeros_like(f.multiplicity, dtype=torch.float64).scatter_add_(
             1, p.cells.expand(finite.shape[0], -1), finite
         )
-        fast_count = f.multiplicity.double() * torch.isfinite(f.cell_log_keep)
+        if f.cell_log_keep is None:  # in-batch fast path: 0 off the negatives already
+            fast_count = f.multiplicity.double()
+        else:
+            fast_count = f.multiplicity.double() * torch.isfinite(f.cell_log_keep)
         assert torch.equal(fast_count, grid)
         assert int(grid.max()) >= (2 if k > 0 else 1)  # columns with several cells are met
 
@@ -599,3 +602,136 @@ def test_mochi_mixed_column_logits_equal_the_plain_product(dtype, form):
         assert (a is None) == (b is None)
         if a is not None:
             assert_close_rel(a, b, what="gradient")
+
+
+# potential in-batch: byte draws, block masses, the fused terms
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bernoulli_and_binomial_bytes_have_the_binomial_law(dtype):
+    """Random-byte draws (with their ties settled by a uniform): mean ``m p``, variance
+    ``m p (1 - p)``, 0 where ``p = 0`` or ``m = 0``, ``m`` where ``p = 1``, every value of a
+    ``Binomial(5, 0.9)`` in proportion; ``p`` just above a multiple of 1/256 (ties matter)."""
+    g = torch.Generator().manual_seed(4)
+    p = torch.tensor(
+        [[0.3, 0.5, 0.2, 0.9, 0.4, 0.0], [0.6, 0.7, 1.0, 3 / 256 + 1e-3, 1.0, 0.5]], dtype=dtype
+    )
+    trials = torch.tensor([0, 1, 2, 5, 9, 300])  # past 255: the int32 sums
+    draws = torch.stack([fastpaths.binomial_bytes(p, trials, g) for _ in range(5000)])
+    assert draws.dtype == dtype and torch.equal(draws, draws.round())
+    m = trials.to(dtype).expand_as(p)
+    assert bool((draws >= 0).all() and (draws <= m).all())
+    assert bool((draws[:, :, 0] == 0).all() and (draws[:, 0, 5] == 0).all())
+    assert torch.equal(draws[:, 1, 2], torch.full_like(draws[:, 1, 2], 2.0))
+    mean, var = m * p, m * p * (1 - p)
+    se = (var / len(draws)).sqrt().clamp(min=1e-9)
+    assert bool(((draws.mean(0) - mean).abs() <= 5 * se).all()), (draws.mean(0), mean)
+    loose = var > 0
+    assert bool(((draws.var(0)[loose] / var[loose]) - 1).abs().max() < 0.12)
+    col = draws[:, 0, 3]
+    for x in range(6):
+        q = math.comb(5, x) * 0.9**x * 0.1 ** (5 - x)
+        freq = float((col == x).double().mean())
+        assert abs(freq - q) <= 5 * math.sqrt(q * (1 - q) / len(col)) + 1e-3, (x, freq, q)
+    one = torch.stack([fastpaths.bernoulli_bytes(p, g) for _ in range(5000)])
+    assert one.dtype == dtype and bool(((one == 0) | (one == 1)).all())
+    se1 = (p * (1 - p) / len(one)).sqrt().clamp(min=1e-9)
+    assert bool(((one.mean(0) - p).abs() <= 5 * se1).all())
+    # a probability 1/256 above a byte edge is kept only through ties: p = 3/256 + 1e-3
+    edge = torch.full((200_000,), 3 / 256 + 1e-3, dtype=dtype)
+    freq = float(fastpaths.bernoulli_bytes(edge, g).double().mean())
+    assert abs(freq - float(edge[0])) <= 5 * math.sqrt(float(edge[0]) / len(edge))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_log_masses_equal_the_plain_sums_and_gathers(dtype):
+    """Against ``weighted_log_mass``'s plain twin ``logsumexp(c + log w)`` per block and a
+    gather: values and gradients, a whole-matrix block, off-diagonal blocks, a row with nothing
+    kept (``-inf``, zero gradient), ``-inf`` logits where ``w = 0``, reads of single entries."""
+    from hardneg.objectives import safe_logsumexp
+
+    g = torch.Generator().manual_seed(6)
+    n = 5
+    c = torch.randn(2 * n, 2 * n, generator=g, dtype=torch.float64).to(dtype) * 2
+    c[torch.arange(2 * n), torch.arange(2 * n)] = float("-inf")
+    w_all = torch.randint(0, 3, (2 * n, 2 * n), generator=g).to(dtype)
+    w_all[torch.arange(2 * n), torch.arange(2 * n)] = 0.0
+    w1 = torch.rand(n, n, generator=g, dtype=torch.float64).to(dtype)
+    w2 = torch.randint(0, 4, (n, n), generator=g).to(dtype)
+    w2[2] = 0.0  # nothing kept
+    index = torch.stack([torch.randperm(n, generator=g)[:2] for _ in range(n)])
+    c.requires_grad_(True)
+    blocks = [(0, 2 * n, 0, 2 * n), (0, n, n, 2 * n), (n, 2 * n, 0, n)]
+    fast = fastpaths.block_log_masses(c, blocks, [w_all, w1, w2], [(0, n, index), (n, 0, index)])
+    plain = [
+        safe_logsumexp(c + w_all.log()),
+        safe_logsumexp(c[:n, n:] + w1.log()),
+        safe_logsumexp(c[n:, :n] + w2.log()),
+        c[:n, n:].gather(1, index),
+        c[n:, :n].gather(1, index),
+    ]
+    assert fast[2][2] == float("-inf")
+    ups = [torch.linspace(0.5, 2.0, x.numel(), dtype=dtype).view_as(x) for x in plain]
+    for f, p in zip(fast, plain):
+        finite = torch.isfinite(p)
+        assert torch.equal(finite, torch.isfinite(f))
+        assert_close_rel(f[finite], p[finite], what="value")
+
+    def total(outs):
+        return sum(torch.where(torch.isfinite(o), o, 0.0).mul(u).sum() for o, u in zip(outs, ups))
+
+    (gf,) = torch.autograd.grad(total(fast), c)
+    (gp,) = torch.autograd.grad(total(plain), c)
+    assert bool(torch.isfinite(gf).all())
+    assert_close_rel(gf, gp, what="gradient")
+    # without the whole-matrix block (the buffer is zero-filled) and with an unused output
+    two = fastpaths.block_log_masses(c, blocks[1:], [w1, w2])
+    (gf,) = torch.autograd.grad(torch.where(torch.isfinite(two[1]), two[1], 0.0).sum(), c)
+    again = safe_logsumexp(c[n:, :n] + w2.log())
+    (gp,) = torch.autograd.grad(torch.where(torch.isfinite(again), again, 0.0).sum(), c)
+    assert_close_rel(gf, gp, what="gradient, one block")
+
+
+@pytest.mark.parametrize(
+    "hp",
+    [
+        {},
+        {"select_on": "raw", "aug_pairing": "broadcast", "weighting": "soft"},
+        {"a": 0.0, "num_neighbors": 2, "clamp": 1.0},
+    ],
+)
+def test_potential_in_batch_fused_terms_have_the_plain_law(hp):
+    """The fused in-batch terms (one Gram, byte draws, block masses) under fresh draws: the
+    loss has the plain grid's mean and spread, with ``L_aug`` and every kernel option."""
+    z1, z2, kwargs = make_inputs("in_batch", torch.float64, n=8)
+
+    def losses(fast):
+        loss_fn = hardneg.create_loss("potential", fast=fast, **hp)
+        g = torch.Generator().manual_seed(21 if fast else 22)
+        return torch.stack([loss_fn(z1, z2, generator=g) for _ in range(1200)]).detach()
+
+    lf, lp = losses(True), losses(False)
+    se = math.sqrt(float(lf.var() + lp.var()) / len(lf))
+    assert abs(float(lf.mean() - lp.mean())) <= 5 * se + 1e-12
+    if float(lp.std()) > 0:
+        assert abs(float(lf.std() / lp.std()) - 1) < 0.15
+
+
+def test_potential_in_batch_fused_path_is_taken(monkeypatch):
+    """In-batch InfoNCE with cosine logits goes through one Gram matrix (the fused terms); ids,
+    the Jensen-Shannon objective and a pool do not."""
+    calls = []
+    real = fastpaths.potential_in_batch_terms
+    monkeypatch.setattr(
+        fastpaths, "potential_in_batch_terms", lambda *a: calls.append(1) or real(*a)
+    )
+    z1, z2, kwargs = make_inputs("in_batch", torch.float32)
+    hardneg.create_loss("potential")(z1, z2)
+    assert len(calls) == 1
+    hardneg.create_loss("potential", objective="jsd")(z1, z2)
+    z1, z2, kwargs = make_inputs("ids", torch.float32)
+    hardneg.create_loss("potential")(z1, z2, **kwargs)
+    z1, z2, kwargs = make_inputs("pool", torch.float32)
+    hardneg.create_loss("potential")(z1, z2, **kwargs)
+    hardneg.create_loss("potential", temperature=0.02)(z1, z2)  # e^{-2/t} would underflow
+    assert len(calls) == 1

@@ -28,6 +28,14 @@ only; no kept buffers.
   from the contrast set's own logits, with a hand-written backward to the anchors only (plain
   twin: ``anchor_column_logits(contrast).gather(1, index)``, a second product with the columns
   detached).
+* :func:`potential_in_batch_terms` — potential, in-batch: the three terms from one Gram matrix
+  of ``[z1; z2]`` (every logit, the neighbour look-up, one keep kernel for ``L_aug`` and both
+  mined terms, computed as threshold bytes ``floor(256 pi)``), the draws from random bytes
+  (:func:`bernoulli_draws`, :func:`binomial_draws`: a byte against ``floor(256 pi)``, a float
+  uniform on a tie; same law as the plain grid's uniforms, other draws) and the negative masses
+  and mined positives' logits from one exponential with a one-pass backward
+  (:func:`block_log_masses`) (plain twin: ``PotentialMining.mined`` twice and
+  ``PotentialMining.augmentation``, three products and two look-ups).
 * :func:`band_logits` — Ring: the ring's logits read from the score matrix with a sparse
   backward through the ring's members only (plain twin: back-propagating through the gather).
 """
@@ -319,23 +327,24 @@ def kept_counts(
     (what summing ``pi`` over the cells gives); ``'bernoulli'``: ``Binomial(m, pi)``, the law of
     the sum of the cells' independent draws, as layers: layer ``r`` draws one Bernoulli per entry
     of the columns where some row has more than ``r`` cells (``sum_j max_i m_ij`` draws per row,
-    at most the grid's count, Bernoulli draws instead of uniforms, no per-cell gather or scatter).
+    at most the grid's count, no per-cell gather or scatter), each a random byte against
+    ``floor(256 pi)`` (:func:`bernoulli_bytes`) instead of a float uniform.
     """
     pi = log_keep.exp()
     if sample == "expected":
         return pi if multiplicity is None else pi.mul_(multiplicity.to(pi.dtype))
     if multiplicity is None:
-        return torch.bernoulli(pi.float(), generator=generator).to(pi.dtype)
+        return bernoulli_bytes(pi.float(), generator).to(pi.dtype)
     # draws from float32 probabilities whatever the dtype: a seed gives the same draws in float64
     dtype, pi = pi.dtype, pi.float()
     m = multiplicity if multiplicity.dtype == pi.dtype else multiplicity.to(pi.dtype)
-    counts = torch.bernoulli(pi.masked_fill_(m == 0, 0.0), generator=generator)
+    counts = bernoulli_bytes(pi.masked_fill_(m == 0, 0.0), generator)
     top = m.amax(dim=0)  # [C]
     layers = int(top.max()) if top.numel() else 0
     for r in range(1, layers):
         cols = (top > r).nonzero().squeeze(1)
         p = pi[:, cols] * (m[:, cols] > r)
-        counts.index_add_(1, cols, torch.bernoulli(p, generator=generator))
+        counts.index_add_(1, cols, bernoulli_bytes(p, generator))
     return counts.to(dtype)
 
 
@@ -468,3 +477,403 @@ def mixed_column_logits(contrast, index: Tensor) -> Tensor:
         own,
         contrast.temperature,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# potential, in-batch: one Gram matrix of [z1; z2] for every logit, the neighbour look-up and the
+# keep probabilities of all three terms; draws from random bytes; the three negative masses in
+# one pass over one exponential
+
+
+def random_bytes(shape: tuple[int, ...], generator: torch.Generator | None, device) -> Tensor:
+    """Uniform random bytes (``uint8``) of ``shape``, cut from int64 words drawn over the full
+    64-bit range: one call of the generator gives 8 bytes (``torch.rand`` gives one number)."""
+    size = math.prod(shape)
+    words = torch.empty(-(-size // 8), dtype=torch.int64, device=device)
+    words.random_(-(2**63), None, generator=generator)
+    return words.view(torch.uint8)[:size].view(shape)
+
+
+def _threshold_bytes(p: Tensor) -> Tensor:
+    """``floor(256 p)`` as ``uint8`` (255 at most: ``p = 1`` then keeps on every tie)."""
+    return _to_bytes((p * 256.0).clamp_(max=255.0))
+
+
+def _to_bytes(x: Tensor) -> Tensor:
+    """``uint8`` of values in [0, 255] (truncated), through ``int32``: a direct float ->
+    ``uint8`` conversion is several times slower on the CPU."""
+    return x.to(torch.int32).to(torch.uint8)
+
+
+def _find(mask: Tensor) -> Tensor:
+    """Flat positions of the True entries of a contiguous bool tensor that is mostly False:
+    the scan runs over 8-byte words, and only the words that hold a True are opened."""
+    flat = mask.reshape(-1)
+    whole = flat.numel() // 8 * 8
+    words = flat[:whole].view(torch.int64)
+    hit = words.nonzero().squeeze(1)
+    word, byte = words[hit].view(torch.uint8).view(-1, 8).nonzero().unbind(1)
+    at = torch.cat([hit[word] * 8 + byte, torch.arange(whole, flat.numel(), device=mask.device)])
+    return at[flat[at]] if whole < flat.numel() else at
+
+
+def _settle_ties(
+    v: Tensor, need: Tensor, p_at, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor] | None:
+    """The draws whose byte equals its threshold (probability 1/256 each): flat positions and
+    whether each keeps, kept with probability ``256 p - floor(256 p)`` by one float32 uniform
+    (``p_at(positions)`` gives ``256 p`` there). Then ``P(keep) = floor(256 p) / 256 +
+    (256 p - floor(256 p)) / 256 = p``."""
+    at = _find(v == need)
+    if at.numel() == 0:
+        return None
+    rest = p_at(at) - need.view(-1)[at].to(torch.float64)
+    u = torch.rand(at.shape, generator=generator, device=v.device)
+    return at, u < rest
+
+
+_DRAW_BLOCK = 1 << 22  # entries per block of rows of bernoulli_bytes
+
+
+def bernoulli_bytes(p: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One ``Bernoulli(p)`` draw per entry of ``p`` (0/1 in ``p``'s dtype); see
+    :func:`bernoulli_draws`. (Plain twin: ``torch.rand(p.shape) < p``; same law to float32,
+    other draws.) A large ``p`` draws a block of rows at a time, so that the thresholds and
+    bytes stay small next to the result."""
+    if p.dim() == 2 and p.numel() > _DRAW_BLOCK and p.shape[0] > 1:
+        out = torch.empty_like(p)
+        rows = max(1, _DRAW_BLOCK // max(1, p.shape[1]))
+        for start in range(0, p.shape[0], rows):
+            out[start : start + rows] = bernoulli_bytes(p[start : start + rows], generator)
+        return out
+    flat = p.reshape(-1)
+    kept = bernoulli_draws(
+        _threshold_bytes(p), lambda at: flat[at].to(torch.float64) * 256.0, generator
+    )
+    return kept.to(p.dtype)
+
+
+def bernoulli_draws(need: Tensor, p256_at, generator: torch.Generator | None = None) -> Tensor:
+    """One Bernoulli draw per entry (``uint8`` 0/1) from the thresholds ``need = floor(256 p)``
+    (``uint8``): a random byte ``v < need`` keeps, ``v > need`` drops, a tie is settled by a
+    uniform (:func:`_settle_ties`; ``p256_at(flat positions)`` gives ``256 p`` there). Draw
+    order: the bytes (row-major), then one uniform per tie."""
+    v = random_bytes(tuple(need.shape), generator, need.device)
+    kept = (v < need).view(torch.uint8)
+    ties = _settle_ties(v, need, p256_at, generator)
+    if ties is not None:
+        kept.view(-1)[ties[0]] = ties[1].view(torch.uint8)
+    return kept
+
+
+def binomial_bytes(p: Tensor, trials: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """``[A, C]`` counts ``Binomial(trials_j, p_ij)`` in ``p``'s dtype; see
+    :func:`binomial_draws`. (Plain twin: one uniform per grid cell summed per column; same law,
+    other draws.)"""
+    a = p.shape[0]
+
+    def p256_at(column: Tensor, anchor: Tensor) -> Tensor:
+        return p[anchor, column].to(torch.float64) * 256.0
+
+    counts = binomial_draws(_threshold_bytes(p).T.contiguous(), trials, p256_at, generator)
+    return torch.empty(a, p.shape[1], dtype=p.dtype, device=p.device).copy_(counts.T)
+
+
+def binomial_draws(
+    need_by_column: Tensor, trials: Tensor, p256_at, generator: torch.Generator | None = None
+) -> Tensor:
+    """``[C, A]`` counts (``uint8``, or ``int32`` past 255 trials) ``Binomial(trials_j, p_ij)``:
+    ``trials_j`` independent draws of :func:`bernoulli_draws` per entry of column ``j``, from
+    the thresholds ``floor(256 p)`` with the columns as rows (``need_by_column`` ``[C, A]``,
+    ``uint8``; ``p256_at(column, anchor)`` gives ``256 p`` there).
+
+    Trial ``r`` of column ``j`` is a row of ``A`` bytes (one per anchor). The columns are taken
+    in the stable ascending order of ``trials``, each with its ``trials_j`` rows in a row,
+    ``[sum_j trials_j, A]`` bytes in all, so that the columns with the same count ``m`` form one
+    block ``[C_m, m, A]`` summed at once; then one uniform per tie, in the order of the bytes."""
+    c, a = need_by_column.shape
+    device = need_by_column.device
+    trials = trials.to(device)
+    order = torch.argsort(trials, stable=True)
+    sorted_trials = trials[order]
+    values, sizes = torch.unique_consecutive(sorted_trials, return_counts=True)
+    key = order.repeat_interleave(sorted_trials)  # the column of each row of bytes
+    need = need_by_column.index_select(0, key)  # [G, A]
+    v = random_bytes(tuple(need.shape), generator, device)
+    wide = bool(values.numel()) and int(values[-1]) > 255  # a uint8 sum holds 255 trials
+    count_dtype = torch.int32 if wide else torch.uint8
+    kept = (v < need).view(torch.uint8)
+    below = torch.empty(c, a, dtype=count_dtype, device=device)
+    start = offset = 0
+    for m, size in zip(values.tolist(), sizes.tolist()):
+        out = below[start : start + size]
+        if m == 0:
+            out.zero_()
+        elif m == 1:
+            out.copy_(kept[offset : offset + size])
+        else:
+            torch.sum(kept[offset : offset + m * size].view(size, m, a), dim=1, out=out)
+        start += size
+        offset += m * size
+    counts = torch.empty_like(below).index_copy_(0, order, below)  # back in column order
+    ties = _settle_ties(v, need, lambda at: p256_at(key[at // a], at % a), generator)
+    if ties is not None:
+        at, keep = ties
+        counts.view(-1).index_add_(0, key[at // a] * a + at % a, keep.to(count_dtype))
+    return counts
+
+
+class _BlockLogMasses(torch.autograd.Function):
+    """``log sum_j w_ij e^{c_ij}`` for several weight matrices ``w`` (no gradient), each on a
+    block of rows and columns of one logits matrix ``c``, and logits read at given places of
+    ``c`` (``c[r0:r1, c0:].gather(1, index)``: mined positives): one shifted exponential
+    ``e = e^{c - max_j c}`` (the maximum of the whole row) serves every block; the products
+    ``w e`` give the sums and are saved (not ``e`` and ``w``), so the backward pass
+    ``dc = sum_blocks (w e) g / R`` plus the read logits' gradients fills one buffer in one pass
+    (no zero-filled ``[A, S]`` gradient per read or block). The caller guarantees that no kept entry
+    lies so far below its row's maximum that ``e`` underflows; a row of a block with nothing
+    kept is ``-inf`` with a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, blocks, reads, *tensors):  # type: ignore[override]
+        weights, indices = tensors[: len(blocks)], tensors[len(blocks) :]
+        row_max = logits.amax(dim=1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+        e = (logits - row_max).exp_()
+        outs, products, totals = [], [], []
+        for (r0, r1, c0, c1), w in zip(blocks, weights):
+            product = e[r0:r1, c0:c1] * w  # w e: the sum here, the gradient's shape later
+            total = product.sum(dim=1)
+            outs.append(row_max[r0:r1, 0] + total.log())
+            products.append(product)
+            totals.append(torch.where(total > 0, total, 1.0))
+        for (r0, c0), index in zip(reads, indices):
+            outs.append(logits[r0 : r0 + index.shape[0], c0:].gather(1, index))
+        ctx.blocks, ctx.reads, ctx.shape = blocks, reads, logits.shape
+        ctx.save_for_backward(*products, *totals, *indices)
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        k = len(ctx.blocks)
+        products, totals, indices = saved[:k], saved[k : 2 * k], saved[2 * k :]
+        whole = (0, ctx.shape[0], 0, ctx.shape[1])
+        out = None
+        # a block over the whole matrix first: it writes the buffer instead of zero-filling it
+        for b in sorted(range(k), key=lambda b: ctx.blocks[b] != whole):
+            (r0, r1, c0, c1), g = ctx.blocks[b], grads[b]
+            if g is None:
+                continue
+            scale = (g / totals[b]).unsqueeze(1)
+            if out is None and ctx.blocks[b] == whole:
+                out = products[b] * scale
+                continue
+            if out is None:
+                out = products[0].new_zeros(ctx.shape)
+            out[r0:r1, c0:c1].addcmul_(products[b], scale)
+        if out is None:
+            out = products[0].new_zeros(ctx.shape) if k else None
+        for (r0, c0), index, g in zip(ctx.reads, indices, grads[k:]):
+            if g is not None:
+                out[r0 : r0 + index.shape[0], c0:].scatter_add_(1, index, g)
+        return (out, None, None, *([None] * (k + len(indices))))
+
+
+def block_log_masses(
+    logits: Tensor,
+    blocks: list[tuple[int, int, int, int]],
+    weights: list[Tensor],
+    reads: list[tuple[int, int, Tensor]] = (),
+) -> tuple[Tensor, ...]:
+    """``log sum_j w_ij e^{c_ij}`` per row of each block ``(r0, r1, c0, c1)`` of ``logits``
+    with its detached weights ``w >= 0`` (``-inf`` logits only where ``w = 0``), then the
+    logits ``logits[r0:, c0:].gather(1, index)`` of each read ``(r0, c0, index)`` (distinct
+    columns per row); see :class:`_BlockLogMasses`. (Plain twin:
+    ``weighted_log_mass(logits[r0:r1, c0:c1], w)`` and the gather.)"""
+    ws = [w.detach().to(logits.dtype) for w in weights]
+    spots = tuple((r0, c0) for r0, c0, _ in reads)
+    return _BlockLogMasses.apply(
+        logits, tuple(blocks), spots, *ws, *[index for _, _, index in reads]
+    )
+
+
+def _kernel(
+    values: Tensor, shift: Tensor, coef: float, *, scale: float = 1.0, cap: float = 1.0
+) -> Tensor:
+    """``min(cap, scale exp(coef (v - shift_r)^2))`` per entry of ``values`` ``[R, S]`` (row
+    shifts ``shift`` ``[R]``, ``coef <= 0``), 0 where ``values`` is ``-inf`` (no negative): the
+    square, the factor and ``log scale`` in one ``addcmul`` pass."""
+    if coef == 0.0:
+        return torch.where(torch.isinf(values), 0.0, min(cap, scale)).to(values.dtype)
+    x = values - shift.unsqueeze(1)
+    base = torch.tensor(math.log(scale), dtype=x.dtype, device=x.device)
+    return torch.addcmul(base, x, x, value=coef, out=x).exp_().clamp_(max=cap)
+
+
+def _kernel_at(values: Tensor, shift: Tensor, coef: float, cap: float) -> Tensor:
+    """:func:`_kernel` with ``scale = 1`` at a few entries, in float64 (the ties' ``p``)."""
+    x = values.to(torch.float64) - shift.to(torch.float64)
+    return torch.where(torch.isinf(x), 0.0, (coef * x * x).exp().clamp(max=cap))
+
+
+def potential_in_batch_fits(strategy, inputs, context) -> bool:
+    """Whether :func:`potential_in_batch_terms` serves this call: two views, no ids, cosine
+    logits (the Gram matrix is the neighbour look-up), the InfoNCE objective (log masses), and a
+    temperature at which no kept exponential underflows: ``e^{-2 / t}`` stays normal."""
+    if inputs.negatives is not None or inputs.ids is not None or not inputs.normalize:
+        return False
+    if not context.want_log_mass:
+        return False
+    dtype = torch.float64 if torch.float64 in (inputs.z1.dtype, inputs.z2.dtype) else None
+    limit = 600.0 if dtype is torch.float64 else 60.0
+    return 2.0 / inputs.temperature <= limit
+
+
+def potential_in_batch_terms(strategy, inputs, context):
+    """Potential-sample mining's three in-batch terms from one Gram matrix of ``[z1; z2]``.
+
+    Plain twin: ``PotentialMining.mined`` twice and ``PotentialMining.augmentation`` (two
+    neighbour look-ups, three score products). Here the ``L_aug`` contrast set's logits ``G``
+    (``[2N, 2N]``, ``s / t``, ``-inf`` on the diagonal and the partners) give everything: the
+    mined logits of ``L_mined(z1; z2)`` and ``L_mined(z2; z1)`` are its blocks ``G[:N, N:]`` and
+    ``G[N:, :N]``, the keys' neighbours come from ``G[N:, N:]`` and ``G[:N, :N]`` (same ranking
+    as the cosines), the keep probabilities of the mined terms are those of ``L_aug``'s kernel
+    on the same blocks (same similarity and centre; ``select_on='cosine'``). The kept cells per
+    column are ``Binomial(m_j, pi_ij)`` (:func:`binomial_bytes`; ``m_j`` the column's cells,
+    ``m pi`` in expected mode), and the three negative masses come from one exponential
+    (:func:`block_log_masses`). Returns the terms of ``strategy.terms`` with each mass attached
+    (``fast_log_mass``)."""
+    from hardneg.contrast import in_batch_contrast
+    from hardneg.strategies.potential import _with_cells
+
+    z1, z2 = inputs.z1, inputs.z2
+    n, t = z1.shape[0], inputs.temperature
+    aug = in_batch_contrast((z1, z2), temperature=t, normalize=True)
+    g = aug.negative_logits
+    zn = aug.anchors
+    bernoulli = strategy.sample == "bernoulli"
+    clamp = strategy.clamp
+    with torch.no_grad():
+        gd = g.detach()
+        # the kernel exp(-a (s - s+ - b)^2) on s / t: coefficient -a t^2, shift (s+ + b) / t
+        coef = -strategy.a * t * t
+        shift = aug.positive_logits.detach()[:, 0] + strategy.b / t
+        rows = torch.arange(n, device=g.device)
+        num = min(strategy.num_neighbors, n - 1)
+        # the keys' neighbours: z2 among z2 (direction 1), z1 among z1 (direction 2); the
+        # Gram's diagonal is -inf, so a key is not its own neighbour
+        nb1 = top_k_indices(gd[n:, n:], num) if num > 0 else rows.new_zeros(n, 0)
+        nb2 = top_k_indices(gd[:n, :n], num) if num > 0 else rows.new_zeros(n, 0)
+        blocks1 = torch.cat([rows.unsqueeze(1), nb1.to(rows.device)], dim=1)
+        blocks2 = torch.cat([rows.unsqueeze(1), nb2.to(rows.device)], dim=1)
+        own = torch.zeros(n, 2 * n, dtype=torch.bool, device=g.device)
+        own[:, :n].scatter_(1, blocks1, True)
+        own[:, n:].scatter_(1, blocks2, True)
+        trials = torch.cat(
+            [
+                torch.bincount(blocks1.reshape(-1), minlength=n),
+                torch.bincount(blocks2.reshape(-1), minlength=n),
+            ]
+        )
+        multiplicity = torch.where(own, 0.0, trials.to(g.dtype))
+        use_aug = strategy.aug_weight > 0
+        raw = strategy.select_on == "raw"
+        if use_aug and raw:  # the code's kernel on unnormalised dot products
+            x = torch.cat([z1, z2]).detach().to(g.dtype)
+            aug_values = x @ x.T
+            aug_shift, aug_coef = (x * x.roll(n, dims=0)).sum(dim=1) + strategy.b, -strategy.a
+            aug_values.masked_fill_(~aug.mask(), float("-inf"))
+        else:
+            aug_values, aug_shift, aug_coef = gd, shift, coef
+        # the mined terms read L_aug's kernel on the same blocks (select_on='cosine')
+        shared = use_aug and not raw
+        if bernoulli:
+            cap = min(255.0, 256.0 * clamp)
+            kept_aug = need_aug = None
+            if use_aug:
+                need_aug = _kernel(aug_values, aug_shift, aug_coef, scale=256.0, cap=cap)
+                need_aug = _to_bytes(need_aug)
+            if shared:
+                need_by_column = torch.cat([need_aug[:n, n:].T, need_aug[n:, :n].T])
+            else:
+                need_by_column = torch.cat(
+                    [
+                        _kernel(gd[:n, n:], shift[:n], coef, scale=256.0, cap=cap).T,
+                        _kernel(gd[n:, :n], shift[n:], coef, scale=256.0, cap=cap).T,
+                    ]
+                )
+                need_by_column = _to_bytes(need_by_column)
+            # [2N, N]: direction 1's columns, then direction 2's; 0 on each anchor's own block
+            anchor_of = rows.repeat_interleave(num + 1)
+            need_by_column[blocks1.reshape(-1), anchor_of] = 0
+            need_by_column[blocks2.reshape(-1) + n, anchor_of] = 0
+
+            def mined_p256(column: Tensor, anchor: Tensor) -> Tensor:
+                second = column >= n  # direction 2: anchor z2_i (row N + i), column z1_c
+                r = torch.where(second, anchor + n, anchor)
+                c = torch.where(second, column - n, column + n)
+                p256 = 256.0 * _kernel_at(gd.reshape(-1)[r * 2 * n + c], shift[r], coef, clamp)
+                return p256.masked_fill_(own[anchor, column], 0.0)  # own block: no negative
+
+            by_column = binomial_draws(need_by_column, trials, mined_p256, context.generator)
+            counts = torch.empty(n, 2 * n, dtype=g.dtype, device=g.device)
+            counts[:, :n].copy_(by_column[:n].T)
+            counts[:, n:].copy_(by_column[n:].T)
+            if use_aug:
+                flat, width = aug_values.reshape(-1), aug_values.shape[1]
+
+                def aug_p256(at: Tensor) -> Tensor:
+                    return 256.0 * _kernel_at(flat[at], aug_shift[at // width], aug_coef, clamp)
+
+                kept_aug = bernoulli_draws(need_aug, aug_p256, context.generator)
+        else:
+            pi_aug = _kernel(aug_values, aug_shift, aug_coef, cap=clamp) if use_aug else None
+            if shared:
+                mined_pi = torch.cat([pi_aug[:n, n:], pi_aug[n:, :n]], dim=1)
+            else:
+                mined_pi = torch.cat(
+                    [
+                        _kernel(gd[:n, n:], shift[:n], coef, cap=clamp),
+                        _kernel(gd[n:, :n], shift[n:], coef, cap=clamp),
+                    ],
+                    dim=1,
+                )
+            counts = mined_pi.mul_(multiplicity)  # 0 on each anchor's own block
+            kept_aug = pi_aug
+    blocks = [(0, n, n, 2 * n), (n, 2 * n, 0, n)]
+    weights = [counts[:, :n], counts[:, n:]]
+    if kept_aug is not None:
+        blocks.append((0, 2 * n, 0, 2 * n))
+        weights.append(kept_aug)
+    reads = []
+    if strategy.weighting == "hard" and num > 0:  # the mined positives' logits, read from G
+        reads = [(0, n, nb1), (n, 0, nb2)]
+    masses = block_log_masses(g, blocks, weights, reads)
+    extra = masses[len(blocks) :] if reads else (None, None)
+    out = []
+    for d, (r0, c0), nb, h in ((0, (0, n), nb1, inputs.h1), (1, (n, 0), nb2, inputs.h2)):
+        negative = ~own[:, d * n : (d + 1) * n]
+        anchors, columns = zn[r0 : r0 + n], zn[c0 : c0 + n]
+        mined = _with_cells(
+            aug,
+            anchors=anchors,
+            columns=columns,
+            positives=columns.unsqueeze(1),
+            positive_logits=aug.positive_logits[r0 : r0 + n],
+            positive_weight=aug.positive_weight[r0 : r0 + n],
+            positive_index=rows.unsqueeze(1),
+            negative_logits=g[r0 : r0 + n, c0 : c0 + n].masked_fill(~negative, float("-inf")),
+            negative_mask=negative,
+            num_negatives=n - 1 - num,
+            multiplicity=multiplicity[:, d * n : (d + 1) * n],
+            neighbours=nb,
+            anchor_features=h,
+            fast_log_mass=masses[d],
+            fast_extra_positive_logits=extra[d],
+        )
+        out.append((0.5, mined, "mined"))
+    if kept_aug is not None:
+        out.append((strategy.aug_weight, _with_cells(aug, fast_log_mass=masses[2]), "aug"))
+    return out

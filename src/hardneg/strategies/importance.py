@@ -83,14 +83,22 @@ class ImportanceNegatives(Strategy):
         return hcl_beta_down(self.beta, progress, epochs=self.anneal_epochs)
 
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
-        beta = self.current_beta(context.progress)
-        if beta == 0.0:
-            return Selection()  # uniform: w = 1
-        logits = contrast.negative_logits
-        tilted = logits.detach() if self.detach_weights else logits
-        if context.fast and context.want_log_mass:
-            log_mass = fastpaths.tilted_log_mass(
-                logits, beta, contrast.num_negatives, tilt_grad=not self.detach_weights
-            )
-            return Selection(negative_log_mass=log_mass)
-        return Selection(negative_log_weights=normalised_log_weights(tilted * beta, contrast))
+        return hcl_selection(
+            contrast, context, self.current_beta(context.progress), self.detach_weights
+        )
+
+
+def hcl_selection(
+    contrast: ContrastSet, context: StepContext, beta: float, detach_weights: bool
+) -> Selection:
+    """HCL's weights ``w ∝ e^{beta c}`` (mean 1) over the negatives of ``contrast``."""
+    if beta == 0.0:
+        return Selection()  # uniform: w = 1
+    logits = contrast.negative_logits
+    if context.fast and context.want_log_mass:
+        log_mass = fastpaths.tilted_log_mass(
+            logits, beta, contrast.num_negatives, tilt_grad=not detach_weights
+        )
+        return Selection(negative_log_mass=log_mass)
+    tilted = logits.detach() if detach_weights else logits
+    return Selection(negative_log_weights=normalised_log_weights(tilted * beta, contrast))

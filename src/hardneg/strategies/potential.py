@@ -46,6 +46,10 @@ outside ``torch.compile``) draws each column's count of kept cells instead,
 ``Binomial(m_ij, pi_ij)`` for the ``m_ij`` cells of row ``i`` that read column ``j``
 (:func:`hardneg.fastpaths.kept_counts`): the same law, other draws for the same seed.
 ``'expected'`` uses ``pi`` without a draw (``m pi`` per column, equal on both paths).
+In-batch (two views, no ``ids``, cosine logits, InfoNCE) the fast path builds all three terms
+from the one Gram matrix of ``[z1; z2]`` (:func:`hardneg.fastpaths.potential_in_batch_terms`):
+the neighbours, logits and keep probabilities are read from it, and the draws are random bytes
+against ``floor(256 pi)`` with a uniform on a tie (same law, other draws).
 
 Differences from the code, besides the options above: the in-batch form, its own-positive rule
 and its single ``L_aug`` selection are ours; ``exclude_index`` is ours; one temperature serves
@@ -96,19 +100,26 @@ class CellContrast(ContrastSet):
         multiplicity: fast path (``cells`` None, ``cell_log_keep`` per column ``[A, C]``): the
             number of row ``i``'s cells that read column ``j`` ``[A, C]``.
         neighbours: ``[A, K]`` columns of each anchor's mined positives, or None.
+        fast_log_mass: ``[A]`` the negative log-mass when the fast path already drew and summed
+            the kept cells (:func:`hardneg.fastpaths.potential_in_batch_terms`), else None.
+        fast_extra_positive_logits: ``[A, K]`` the mined positives' logits read by the fast
+            path (hard weighting), else None.
     """
 
     cell_log_keep: Tensor | None = None
     cells: Tensor | None = None
     multiplicity: Tensor | None = None
     neighbours: Tensor | None = None
+    fast_log_mass: Tensor | None = None
+    fast_extra_positive_logits: Tensor | None = None
 
 
 _FIELDS = tuple(f.name for f in fields(ContrastSet))  # read once: torch.compile traces getattr
 
 
-def _with_cells(contrast: ContrastSet, **extra: Tensor | None) -> CellContrast:
-    return CellContrast(**{name: getattr(contrast, name) for name in _FIELDS}, **extra)
+def _with_cells(contrast: ContrastSet, **extra) -> CellContrast:
+    """``contrast`` as a :class:`CellContrast`, with the fields in ``extra`` set or replaced."""
+    return CellContrast(**{**{name: getattr(contrast, name) for name in _FIELDS}, **extra})
 
 
 @register_strategy("potential", summary="Potential-sample mining, PSM (Dong, Long, Li 2023)")
@@ -186,6 +197,8 @@ class PotentialMining(Strategy):
                     f"predictor) with the mined keys: it needs their dim {z1.shape[-1]}, "
                     f"got {tuple(h.shape)}"
                 )
+        if context.fast and fastpaths.potential_in_batch_fits(self, inputs, context):
+            return fastpaths.potential_in_batch_terms(self, inputs, context)
         if inputs.negatives is None:
             out = [
                 (0.5, self.mined(inputs, z1, z2, inputs.h1, fast=context.fast), "mined"),
@@ -217,6 +230,7 @@ class PotentialMining(Strategy):
             num = min(self.num_neighbors, support.shape[0] - int(masked))
             offset = 0 if pool is None else n  # the pool's rows follow the n keys
             blocks = torch.cat([rows.unsqueeze(1), lookup.topk(num, dim=1).indices + offset], dim=1)
+            del lookup  # [N, Q] with a bank: not kept alive next to the mined logits
             cells = blocks.reshape(-1)  # [N(K+1)], block j's members at j(K+1)..j(K+1)+K
             columns = n + (0 if pool is None else pool.shape[0])
             own = torch.zeros(n, columns, dtype=torch.bool, device=q.device).scatter_(
@@ -315,7 +329,14 @@ class PotentialMining(Strategy):
         return _with_cells(contrast, cell_log_keep=log_pi)
 
     def select_term(self, contrast: ContrastSet, context: StepContext, role: str) -> Selection:
-        assert isinstance(contrast, CellContrast) and contrast.cell_log_keep is not None
+        assert isinstance(contrast, CellContrast)
+        if contrast.fast_log_mass is not None:  # drawn and summed by the fast path
+            selection = Selection(negative_log_mass=contrast.fast_log_mass)
+            if contrast.fast_extra_positive_logits is not None:
+                selection.extra_positive_logits = contrast.fast_extra_positive_logits
+                return selection
+            return self.positives(selection, contrast, role)
+        assert contrast.cell_log_keep is not None
         logits = contrast.negative_logits
         with torch.no_grad():
             if context.fast and contrast.cells is None:  # per column, no grid

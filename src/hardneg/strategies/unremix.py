@@ -56,7 +56,7 @@ from hardneg._checks import check_choice, check_flag, check_number
 from hardneg.contrast import ContrastSet
 from hardneg.registry import register_strategy
 from hardneg.strategies.base import Selection, StepContext, Strategy, normalised_log_weights
-from hardneg.strategies.importance import ImportanceNegatives
+from hardneg.strategies.importance import hcl_selection
 
 
 def softmax_expectation(contrast: ContrastSet) -> tuple[Tensor, Tensor]:
@@ -198,9 +198,7 @@ class UnReMixNegatives(Strategy):
                 "are not supported (use hcl, ring or another strategy with hard_negatives)"
             )
         if self.lambda_u == 0 and self.lambda_d == 0:  # the eps factor is a constant: HCL exactly
-            return ImportanceNegatives(beta=self.beta, detach_weights=self.detach_weights).select(
-                contrast, context
-            )
+            return hcl_selection(contrast, context, self.beta, self.detach_weights)
         logits = contrast.negative_logits
         if context.fast and context.want_log_mass:
             # e^{c - max} once: the influence score's softmax and the objective's tilted mass
