@@ -42,6 +42,14 @@ def default_strategies() -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--modality",
+        choices=("image", "text"),
+        default="image",
+        help="image: train from a YAML config (default); text: fine-tune a sentence model on "
+        "gensim's Lee corpus and score it against human judgments (needs hardneg[text]; "
+        "key=value overrides: see hardneg.text.benchmark.TextBenchmarkConfig)",
+    )
     parser.add_argument("--dataset", default="mnist1d", help="data set (default mnist1d)")
     parser.add_argument(
         "--strategies",
@@ -77,6 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "modality", "image") == "text":
+        from hardneg.text.cli import run_compare
+
+        return run_compare(args)
     strategies = parse_strategies(args.strategies)
     out = Path(args.out) if args.out else default_out(f"compare-{args.dataset}")
     outcome = compare(
