@@ -684,6 +684,26 @@ def _run(out, strategies, cfg, hparams, model, title, command, log) -> TextOutco
 
     runs: list[dict[str, Any]] = []
     failed: list[str] = []
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write() -> tuple[list[dict], str, Path]:
+        """results.json and report.md from the runs so far (rewritten after each run)."""
+        nonlocal seconds
+        rows = [baseline, *summarize_runs(runs, strategies)]
+        seconds = time.perf_counter() - start
+        table = format_text_table(rows)
+        (out / "results.json").write_text(
+            json.dumps({"config": asdict(cfg), "rows": rows, "runs": runs}, indent=2)
+        )
+        text = _report_text(
+            title, cfg, strategies, table, seconds, command, layer_note, pairs, failed
+        )
+        if len(runs) < len(strategies) * len(cfg.seeds):
+            text += f"\n**Partial: {len(runs)} of {len(strategies) * len(cfg.seeds)} runs done.**\n"
+        (out / "report.md").write_text(text)
+        return rows, table, out / "report.md"
+
+    seconds = 0.0
     try:
         baseline = {"strategy": BASELINE, "seeds": "", "layout": "", **evaluate()}
         log(f"{BASELINE:30s} " + _metrics_text(baseline))
@@ -703,24 +723,15 @@ def _run(out, strategies, cfg, hparams, model, title, command, log) -> TextOutco
                     failed.append(f"{strategy} seed {seed}: {run['error']}")
                 runs.append(run)
                 log(f"{strategy:18s} seed {seed}  " + _metrics_text(run))
+                write()
     finally:
         restore()
         if cache is not None:
             cache.remove()
         for p in model.parameters():
             p.requires_grad_(True)
-    rows = [baseline, *summarize_runs(runs, strategies)]
-    seconds = time.perf_counter() - start
-    table = format_text_table(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(
-        json.dumps({"config": asdict(cfg), "rows": rows, "runs": runs}, indent=2)
-    )
+    rows, table, report = write()
     _plot(rows, out / "metrics.png")
-    report = out / "report.md"
-    report.write_text(
-        _report_text(title, cfg, strategies, table, seconds, command, layer_note, pairs, failed)
-    )
     return TextOutcome(rows, runs, table, report, seconds, failed)
 
 
