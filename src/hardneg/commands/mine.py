@@ -65,10 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hardneg import distributed
     from hardneg.mining import load_rows, mine_hard_negatives, save_rows
     from hardneg.text.models import load_sentence_model, resolve_model
-
-    from hardneg import distributed
 
     ctx = distributed.init_distributed()  # torchrun: each process ranks its corpus shard
     rows = load_rows(args.data)
