@@ -23,22 +23,34 @@ def sentences(n: int, seed: int = 0, length: int = 6) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, length))) for _ in range(n)]
 
 
-def tiny_model(directory: Path, *, seed: int = 0, dropout: float = 0.0, dim: int = 32):
-    """A 2-layer BERT (hidden ``dim``) with mean pooling, as a ``SentenceTransformer``."""
+def tiny_model(
+    directory: Path,
+    *,
+    seed: int = 0,
+    dropout: float = 0.0,
+    dim: int = 32,
+    words: tuple[str, ...] = WORDS,
+    layers: int = 2,
+):
+    """A ``layers``-layer BERT (hidden ``dim``, vocabulary ``words``) with mean pooling, as a
+    ``SentenceTransformer``."""
+    import hashlib
+
     import torch
     from sentence_transformers import SentenceTransformer, models
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    directory = Path(directory) / f"tiny_bert_{seed}_{dim}_{dropout}"
+    tag = "" if words == WORDS else "_" + hashlib.sha1(" ".join(words).encode()).hexdigest()[:8]
+    directory = Path(directory) / f"tiny_bert_{seed}_{dim}_{dropout}_{layers}{tag}"
     if not (directory / "config.json").exists():
         directory.mkdir(parents=True, exist_ok=True)
-        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
         (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
         tokenizer = BertTokenizerFast(vocab=str(directory / "vocab.txt"), do_lower_case=True)
         config = BertConfig(
             vocab_size=len(vocab),
             hidden_size=dim,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=2,
             intermediate_size=2 * dim,
             max_position_embeddings=64,

@@ -87,7 +87,7 @@ def test_top_window_matches_brute_force():
         assert row["anchor"] == queries[i] and row["positive"] == positives[i]
 
 
-@pytest.mark.parametrize("sampling", ["top", "random", "simans", "hcl", "ring"])
+@pytest.mark.parametrize("sampling", ["top", "random", "simans", "hcl", "ring", "potential"])
 def test_margins_hold_and_positives_never_come_back(sampling):
     model = FakeModel()
     queries, positives, corpus = data()
@@ -277,3 +277,146 @@ def test_cli_mine_writes_the_file(tmp_path, monkeypatch):
         "negative_2",
     }
     assert cli.main(argv) == 2  # wrong columns: one readable error
+
+
+def test_shard_bounds_cover_the_corpus_once():
+    from hardneg.mining import shard_bounds
+
+    for n in (0, 1, 5, 10, 101):
+        for world in (1, 2, 3, 4):
+            bounds = [shard_bounds(n, r, world) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+            sizes = [hi - lo for lo, hi in bounds]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_two_gloo_processes_mine_the_same_negatives_as_one(tmp_path):
+    """Each rank embeds and ranks half of the corpus; the merged top-k lists give the rows of
+    one process, for every sampling (uneven shards, positives inside and outside the corpus, a
+    duplicate of a positive in the corpus)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from _mining_gather import SETTINGS, mine_all, run_rank
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(run_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    single = json.loads(json.dumps(mine_all()))
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert set(got) == set(SETTINGS)
+        for name in SETTINGS:
+            assert got[name] == single[name], (rank, name)
+            assert len(single[name]) >= 12  # the comparison is not vacuous
+
+
+def sorted_candidates(rows: int, width: int, seed: int = 0):
+    """Queries, descending scores [rows, width], positive scores [rows, 1], survivors."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(rows, width, generator=gen).sort(dim=1, descending=True).values
+    positive = scores[:, :1] + 0.2
+    keep = torch.rand(rows, width, generator=gen) < 0.8
+    queries = torch.nn.functional.normalize(torch.randn(rows, 4, generator=gen), dim=1)
+    return queries, scores, positive, keep
+
+
+def test_hcl_pick_is_gumbel_top_k_of_beta_s_over_t():
+    from hardneg.mining import pick_negatives
+
+    q, s, pos, keep = sorted_candidates(50, 12)
+    beta, t = 0.7, 0.05
+    chosen, used = pick_negatives(
+        "hcl", q, s, pos, keep, 3, torch.Generator().manual_seed(5), hcl_beta=beta, temperature=t
+    )
+    want = gumbel_top_k(
+        (beta * s.double() / t).masked_fill(~keep, float("-inf")),
+        3,
+        torch.Generator().manual_seed(5),
+    )
+    assert torch.equal(chosen, want) and torch.equal(used, keep)
+
+
+def test_simans_and_potential_picks_follow_their_kernels_in_law():
+    from hardneg.mining import pick_negatives
+
+    n = 40000
+    s = torch.tensor([[0.9, 0.7, 0.5, 0.2]]).expand(n, -1)
+    pos = torch.full((n, 1), 0.8)
+    keep = torch.ones(n, 4, dtype=torch.bool)
+    q = torch.nn.functional.normalize(torch.ones(n, 4), dim=1)
+    a, b = 8.0, -0.1
+    kernel = torch.exp(-a * (s[0].double() - 0.8 - b) ** 2)
+    gen = torch.Generator().manual_seed(0)
+    chosen, drawn = pick_negatives("simans", q, s, pos, keep, 1, gen, simans_a=a, simans_b=b)
+    assert (drawn.sum(1) == 1).all()
+    freq = torch.bincount(chosen[:, 0], minlength=4).double() / n
+    torch.testing.assert_close(freq, kernel / kernel.sum(), atol=0.01, rtol=0)
+    # potential: each candidate kept independently with min(clamp, kernel); kept ones in order
+    clamp = 0.6
+    gen = torch.Generator().manual_seed(1)
+    chosen, kept = pick_negatives(
+        "potential", q, s, pos, keep, 4, gen, potential_a=a, potential_b=b, potential_clamp=clamp
+    )
+    torch.testing.assert_close(kept.double().mean(0), kernel.clamp(max=clamp), atol=0.01, rtol=0)
+    first = kept.double().argmax(1)  # the most similar kept candidate comes first
+    rows = kept.any(1)
+    assert torch.equal(chosen[rows, 0], first[rows])
+
+
+def test_ring_pick_stays_in_the_band_of_each_querys_survivors():
+    from hardneg.mining import pick_negatives
+
+    q, s, pos, keep = sorted_candidates(200, 20, seed=3)
+    rho_out, rho_in = 0.6, 0.25
+    chosen, band = pick_negatives(
+        "ring",
+        q,
+        s,
+        pos,
+        keep,
+        2,
+        torch.Generator().manual_seed(0),
+        ring_rho_out=rho_out,
+        ring_rho_in=rho_in,
+    )
+    for i in range(200):
+        survivors = keep[i].nonzero().flatten().tolist()  # already in rank order
+        m = len(survivors)
+        upper = max(1, min(m, int(rho_out * m)))
+        lower = min(int(rho_in * upper), upper - 1)
+        assert band[i].nonzero().flatten().tolist() == survivors[lower:upper]
+        picks = [c for c in chosen[i].tolist() if band[i, c]]
+        assert len(picks) == min(2, upper - lower) and len(set(picks)) == len(picks)
+
+
+def test_the_samplers_call_the_strategy_classes(monkeypatch):
+    from hardneg.strategies.importance import ImportanceNegatives
+    from hardneg.strategies.potential import PotentialMining
+    from hardneg.strategies.ring import RingNegatives
+    from hardneg.strategies.simans import SimANSNegatives
+
+    model = FakeModel()
+    queries, positives, corpus = data()
+    for sampling, cls, method in (
+        ("hcl", ImportanceNegatives, "select"),
+        ("simans", SimANSNegatives, "select"),
+        ("ring", RingNegatives, "select"),
+        ("potential", PotentialMining, "log_keep"),
+    ):
+        calls = []
+        original = getattr(cls, method)
+
+        def spy(self, *args, _original=original, _calls=calls, **kwargs):
+            _calls.append(type(self).__name__)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, spy)
+        rows = mine_hard_negatives(
+            queries, positives, corpus, model=model, num_negatives=2, sampling=sampling
+        )
+        assert calls == [cls.__name__] and rows, sampling

@@ -15,16 +15,34 @@ Pipeline (:func:`mine_hard_negatives`):
    positive-aware margins of NV-Retriever (Moreira et al. 2024): ``absolute_margin`` keeps
    ``s <= s_pos - m`` (TopK-MarginPos), ``relative_margin`` keeps ``s <= s_pos (1 - m)``
    (TopK-PercPos; 0.05 = "95%").
-4. **Sampling** ``num_negatives`` among the survivors, without replacement by Gumbel top-k in
-   log space (``argtop_k(log p + Gumbel)`` draws without replacement with probabilities ``∝ p``):
+4. **Sampling** ``num_negatives`` among the survivors, without replacement, by the strategy
+   classes that weight negatives in the loss (:func:`pick_negatives`, on the candidates as a
+   :class:`~hardneg.contrast.ContrastSet`):
 
    * ``top``: the most similar survivors;
-   * ``random``: uniform;
-   * ``simans``: SimANS (Zhou et al., EMNLP 2022), ``log p = -a (s - s_pos - b)^2``;
-   * ``hcl``: HCL's importance weights (Robinson et al., ICLR 2021), ``log p = beta s / t``;
-   * ``ring``: Ring's band (Wu et al., ICLR 2021): the survivors ranked by similarity, ranks
-     ``[int(rho_in U), U)`` with ``U = int(rho_out M)`` (:func:`hardneg.strategies.ring.ring_band`),
-     uniform inside the band.
+   * ``random``: uniform (Gumbel top-k: ``argtop_k(log p + Gumbel)`` draws without replacement
+     with probabilities ``∝ p``);
+   * ``simans``: SimANS (Zhou et al., EMNLP 2022), ``p ∝ exp(-a (s - s_pos - b)^2)``, drawn by
+     ``SimANSNegatives(num_samples=num_negatives)`` itself;
+   * ``hcl``: HCL's importance weights (Robinson et al., ICLR 2021) from
+     ``ImportanceNegatives.select``, ``p ∝ exp(beta s / t)``;
+   * ``ring``: Ring's band (Wu et al., ICLR 2021) from ``RingNegatives.select``: the survivors
+     ranked by similarity, ranks ``[int(rho_in U), U)`` with ``U = int(rho_out M)``, uniform
+     inside the band;
+   * ``potential``: potential-sample mining's kernel (Dong et al. 2023) from
+     ``PotentialMining.log_keep``: each survivor is kept with probability
+     ``min(clamp, exp(-a (s - s_pos - b)^2))`` (one Bernoulli draw each, as the loss draws its
+     cells) and the most similar kept ones are taken.
+
+**Several processes** (``torchrun``, or any initialised ``torch.distributed`` group): the corpus is
+split into contiguous shards, one per rank; each rank embeds and ranks only its shard
+(``chunked_top_k`` over its rows), the queries and the positives outside the corpus are embedded
+in shards too and all-gathered, and the per-query top-``K`` lists of the ranks are all-gathered
+and merged (the ``K`` best of the ``R K`` candidates). Every rank then holds the top-``K`` that
+one process computes and selects the same negatives (the sampling generator is seeded alike);
+only the corpus embeddings of one shard and ``Q x R K`` merged scores are held per rank.
+:func:`hardneg.commands.mine` joins the group from torchrun's environment and writes the output on
+rank 0 only.
 
 Queries with fewer than ``num_negatives`` survivors yield fewer triplets, and no n-tuple row.
 Rows come back as a list of dicts in sentence-transformers' formats (``triplet``: ``anchor,
@@ -48,9 +66,9 @@ import torch
 from torch import Tensor
 
 from hardneg._checks import check_choice, check_number
-from hardneg.strategies.ring import ring_band
+from hardneg.contrast import ContrastSet
 
-SAMPLING = ("top", "random", "simans", "hcl", "ring")
+SAMPLING = ("top", "random", "simans", "hcl", "ring", "potential")
 FORMATS = ("triplet", "n-tuple")
 
 
@@ -171,12 +189,200 @@ def chunked_top_k(
     return torch.cat(all_scores), torch.cat(all_index)
 
 
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of rank ``rank`` when ``n`` rows are split into ``world`` contiguous
+    shards whose sizes differ by at most one."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def _world() -> tuple[int, int]:
+    from hardneg import distributed
+
+    return distributed.get_rank(), distributed.get_world_size()
+
+
+def _gather_rows(x: Tensor) -> Tensor:
+    """Every rank's rows of ``x`` concatenated in rank order (sizes may differ)."""
+    from hardneg import distributed
+
+    device = _collective_device()
+    return distributed.gather_no_grad(x.to(device)).cpu()
+
+
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    if "nccl" in str(dist.get_backend()).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _embed_sharded(model: Any, texts: Sequence[str], **kwargs: Any) -> Tensor:
+    """:func:`embed_texts` with the texts split over the ranks and the result all-gathered
+    (every rank embeds all of them when there are fewer texts than ranks)."""
+    rank, world = _world()
+    if world == 1 or len(texts) < world:
+        return embed_texts(model, texts, **kwargs)
+    lo, hi = shard_bounds(len(texts), rank, world)
+    return _gather_rows(embed_texts(model, texts[lo:hi], **kwargs))
+
+
+def sharded_top_k(
+    queries: Tensor,
+    corpus_shard: Tensor,
+    offset: int,
+    k: int,
+    *,
+    exclude: list[set[int]] | None = None,
+    query_chunk_size: int = 1024,
+    corpus_chunk_size: int = 16384,
+) -> tuple[Tensor, Tensor]:
+    """The global top-``k`` ``(scores, indices)`` per query when each rank holds the corpus rows
+    ``[offset, offset + len(corpus_shard))``: a local :func:`chunked_top_k` (global indices,
+    ``-inf`` / ``-1`` padding when the shard has fewer than ``k`` rows), the ranks' lists
+    all-gathered and merged."""
+    _, world = _world()
+    q = queries.shape[0]
+    local_k = min(k, corpus_shard.shape[0])
+    scores = torch.full((q, k), float("-inf"))
+    index = torch.full((q, k), -1, dtype=torch.long)
+    if local_k > 0:
+        hi = offset + corpus_shard.shape[0]
+        local_exclude = None
+        if exclude is not None:
+            local_exclude = [{j - offset for j in e if offset <= j < hi} for e in exclude]
+        s, i = chunked_top_k(
+            queries,
+            corpus_shard,
+            local_k,
+            exclude=local_exclude,
+            query_chunk_size=query_chunk_size,
+            corpus_chunk_size=corpus_chunk_size,
+        )
+        scores[:, :local_k], index[:, :local_k] = s, i + offset
+    if world == 1:
+        return scores, index
+    all_scores = _gather_rows(scores).reshape(world, q, k).permute(1, 0, 2).reshape(q, world * k)
+    all_index = _gather_rows(index).reshape(world, q, k).permute(1, 0, 2).reshape(q, world * k)
+    best, pos = all_scores.topk(k, dim=1)
+    return best, all_index.gather(1, pos)
+
+
 def gumbel_top_k(log_p: Tensor, k: int, generator: torch.Generator) -> Tensor:
     """``[Q, k]`` column indices drawn without replacement with probabilities ``∝ exp(log_p)``
     per row (Gumbel top-k); ``-inf`` entries are drawn only after every finite one."""
     u = torch.rand(log_p.shape, generator=generator, dtype=torch.float64).clamp_(1e-300, 1.0)
     keys = log_p.double() - torch.log(-torch.log(u))
     return keys.topk(k, dim=1).indices
+
+
+def candidate_contrast(
+    queries: Tensor, scores: Tensor, positive: Tensor, keep: Tensor, temperature: float
+) -> ContrastSet:
+    """The mined candidates as a :class:`~hardneg.contrast.ContrastSet`: anchors the queries,
+    negative logits ``s / t`` of the surviving candidates (``-inf`` elsewhere), the positive's
+    logit ``s_pos / t`` and per-query counts of survivors, so that a strategy's ``select`` weighs
+    them exactly as it weighs a batch's negatives in the loss."""
+    q, width = scores.shape
+    logits = (scores.double() / temperature).masked_fill(~keep, float("-inf"))
+    anchors = queries.double()
+    return ContrastSet(
+        anchors=anchors,
+        columns=anchors.new_zeros(width, anchors.shape[1]),  # not read by the selections here
+        anchor_columns=None,
+        positives=anchors.new_zeros(q, 1, anchors.shape[1]),
+        positive_logits=positive.double() / temperature,
+        positive_weight=anchors.new_ones(q, 1),
+        positive_index=None,
+        negative_logits=logits,
+        negative_mask=keep,
+        num_negatives=keep.sum(dim=1),
+        temperature=float(temperature),
+    )
+
+
+def pick_negatives(
+    sampling: str,
+    queries: Tensor,
+    scores: Tensor,
+    positive: Tensor,
+    keep: Tensor,
+    num_negatives: int,
+    generator: torch.Generator,
+    *,
+    simans_a: float = 1.0,
+    simans_b: float = 0.0,
+    hcl_beta: float = 1.0,
+    temperature: float = 0.05,
+    ring_rho_out: float = 0.5,
+    ring_rho_in: float = 0.1,
+    potential_a: float = 0.5,
+    potential_b: float = 0.0,
+    potential_clamp: float = 0.999,
+) -> tuple[Tensor, Tensor]:
+    """``(chosen [Q, num_negatives] column indices, keep [Q, W])``: the candidates picked per
+    query among the survivors ``keep`` of the ranked ``scores [Q, W]`` (descending), and the
+    survivors that the pick may use (``chosen`` columns outside it are not negatives).
+
+    The weighting strategies pick through their own classes (the code that weights negatives
+    in the loss), on :func:`candidate_contrast`:
+
+    * ``hcl``: ``ImportanceNegatives(beta).select`` gives ``log w = beta s / t`` (normalised),
+      drawn without replacement by :func:`gumbel_top_k`;
+    * ``simans``: ``SimANSNegatives(a, b, num_samples=num_negatives).select`` draws in the
+      strategy (its Gumbel top-k over ``-a (s - s_pos - b)^2``; cosines, i.e. ``t = 1``);
+    * ``ring``: ``RingNegatives(rho_out, rho_in).select`` gives the band of ranks among each
+      query's survivors (its per-anchor form), uniform without replacement inside;
+    * ``potential``: ``PotentialMining(a, b, clamp).log_keep`` is the keep probability of each
+      candidate, one Bernoulli draw each (as the loss draws its cells); the most similar kept
+      candidates are taken.
+    """
+    from hardneg.strategies.base import StepContext
+    from hardneg.strategies.importance import ImportanceNegatives
+    from hardneg.strategies.potential import PotentialMining
+    from hardneg.strategies.ring import RingNegatives
+    from hardneg.strategies.simans import SimANSNegatives
+
+    plain = StepContext(generator=generator, fast=False, want_log_mass=False)
+    rank_order = -torch.arange(scores.shape[1], dtype=torch.float64).expand(scores.shape) * 1e6
+
+    def weights(selection, contrast) -> Tensor:
+        log_w = selection.negative_log_weights
+        if log_w is None:  # the strategy keeps every negative with weight 1
+            log_w = torch.zeros_like(contrast.negative_logits)
+        return log_w.masked_fill(~keep, float("-inf"))
+
+    if sampling == "top":
+        return rank_order.masked_fill(~keep, float("-inf")).topk(num_negatives, dim=1).indices, keep
+    if sampling == "random":
+        log_p = torch.zeros_like(scores, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+        return gumbel_top_k(log_p, num_negatives, generator), keep
+    if sampling == "hcl":
+        contrast = candidate_contrast(queries, scores, positive, keep, temperature)
+        log_w = weights(ImportanceNegatives(beta=hcl_beta).select(contrast, plain), contrast)
+        return gumbel_top_k(log_w, num_negatives, generator), keep
+    if sampling == "simans":
+        contrast = candidate_contrast(queries, scores, positive, keep, 1.0)
+        strategy = SimANSNegatives(a=simans_a, b=simans_b, num_samples=num_negatives)
+        drawn = torch.isfinite(weights(strategy.select(contrast, plain), contrast))
+        # the drawn columns, most similar first (scores are sorted), then the others
+        return rank_order.masked_fill(~drawn, float("-inf")).topk(
+            num_negatives, dim=1
+        ).indices, drawn
+    if sampling == "ring":
+        contrast = candidate_contrast(queries, scores, positive, keep, temperature)
+        strategy = RingNegatives(rho_out=ring_rho_out, rho_in=ring_rho_in)
+        band = torch.isfinite(weights(strategy.select(contrast, plain), contrast))
+        log_p = torch.zeros_like(scores, dtype=torch.float64).masked_fill(~band, float("-inf"))
+        return gumbel_top_k(log_p, num_negatives, generator), band
+    # potential: one Bernoulli draw per candidate with the loss's keep probability
+    strategy = PotentialMining(a=potential_a, b=potential_b, clamp=potential_clamp)
+    log_pi = strategy.log_keep(scores.double(), positive.double()[:, 0], keep)
+    u = torch.rand(scores.shape, generator=generator, dtype=torch.float64)
+    kept = keep & (u < log_pi.exp())
+    return rank_order.masked_fill(~kept, float("-inf")).topk(num_negatives, dim=1).indices, kept
 
 
 def mine_hard_negatives(
@@ -200,6 +406,9 @@ def mine_hard_negatives(
     temperature: float = 0.05,
     ring_rho_out: float = 0.5,
     ring_rho_in: float = 0.1,
+    potential_a: float = 0.5,
+    potential_b: float = 0.0,
+    potential_clamp: float = 0.999,
     batch_size: int = 64,
     query_chunk_size: int = 1024,
     corpus_chunk_size: int = 16384,
@@ -221,7 +430,8 @@ def mine_hard_negatives(
         model: anything with ``encode(texts, batch_size=..., convert_to_tensor=True)``.
         num_negatives: negatives per query.
         output_format: ``'triplet'`` (one row per negative) or ``'n-tuple'`` (one row per query).
-        sampling: ``'top'``, ``'random'``, ``'simans'``, ``'hcl'`` or ``'ring'``.
+        sampling: ``'top'``, ``'random'``, ``'simans'``, ``'hcl'``, ``'ring'`` or
+            ``'potential'``.
         range_min, range_max: rank window ``[range_min, range_max)`` of the candidates
             (default ``range_max = range_min + max(30, 3 num_negatives)``, capped by the corpus).
         min_score, max_score: keep candidates with ``min_score <= s <= max_score``.
@@ -230,6 +440,8 @@ def mine_hard_negatives(
         simans_a, simans_b: SimANS kernel ``exp(-a (s - s_pos - b)^2)``.
         hcl_beta, temperature: HCL weights ``exp(beta s / t)``.
         ring_rho_out, ring_rho_in: Ring's band over the surviving candidates.
+        potential_a, potential_b, potential_clamp: potential-sample mining's keep probability
+            ``min(clamp, exp(-a (s - s_pos - b)^2))``.
         batch_size: encoder batch.
         query_chunk_size, corpus_chunk_size: score block of the top-k.
         cache_dir: cache embeddings here (``model_key`` names the model in the cache key).
@@ -274,6 +486,8 @@ def mine_hard_negatives(
         if value is not None:
             check_number(name, value, low=0.0)
     check_number("temperature", temperature, low=0.0, low_inclusive=False)
+    check_number("potential_a", potential_a, low=0.0)
+    check_number("potential_clamp", potential_clamp, low=0.0, low_inclusive=False, high=1.0)
     stats.queries, stats.corpus = len(q_texts), len(c_texts)
 
     # positives are never negatives of their query: skip corpus rows with the same text
@@ -289,25 +503,32 @@ def mine_hard_negatives(
             f"({len(c_texts)} entries); lower range_max"
         )
 
+    rank, world = _world()
+    lo, hi = shard_bounds(len(c_texts), rank, world)
+    embed_kw = {"batch_size": batch_size, "cache_dir": cache_dir, "model_key": model_key}
     emb = {
-        name: embed_texts(
-            model, texts, batch_size=batch_size, cache_dir=cache_dir, model_key=model_key
-        )
-        for name, texts in (("corpus", c_texts), ("queries", q_texts))
+        "corpus": embed_texts(model, c_texts[lo:hi], **embed_kw),  # this rank's shard only
+        "queries": _embed_sharded(model, q_texts, **embed_kw),
     }
     # positives already in the corpus reuse its embeddings; only the others are embedded
+    in_corpus = sorted({where[p][0] for p in p_texts if p in where})
+    mine = [j for j in in_corpus if lo <= j < hi]
+    held = emb["corpus"][[j - lo for j in mine]] if mine else torch.zeros(0, 0)
+    if world > 1:
+        if not mine:  # an empty part still needs the embedding width to be gathered
+            held = torch.zeros(0, emb["queries"].shape[1])
+        held = _gather_rows(held)  # rank order = corpus order: the rows of in_corpus
+    row_of = {c_texts[j]: held[n] for n, j in enumerate(in_corpus)}
     missing = list(dict.fromkeys(p for p in p_texts if p not in where))
-    more = embed_texts(
-        model, missing, batch_size=batch_size, cache_dir=cache_dir, model_key=model_key
-    )
-    row_of = {t: emb["corpus"][where[t][0]] for t in set(p_texts) if t in where}
+    more = _embed_sharded(model, missing, **embed_kw)
     row_of.update({t: more[i] for i, t in enumerate(missing)})
     emb["positives"] = torch.stack([row_of[p] for p in p_texts])
     stats.seconds["embed"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    scores, index = chunked_top_k(
+    scores, index = sharded_top_k(
         emb["queries"],
         emb["corpus"],
+        lo,
         k,
         exclude=exclude,
         query_chunk_size=query_chunk_size,
@@ -329,30 +550,24 @@ def mine_hard_negatives(
         keep &= scores <= pos * (1 - relative_margin)
 
     gen = torch.Generator().manual_seed(int(seed))
-    if sampling == "top":
-        log_p = -torch.arange(scores.shape[1], dtype=torch.float64).expand_as(scores) * 1e6
-        chosen = log_p.masked_fill(~keep, float("-inf")).topk(num_negatives, dim=1).indices
-    else:
-        if sampling == "random":
-            log_p = torch.zeros_like(scores, dtype=torch.float64)
-        elif sampling == "simans":
-            log_p = -simans_a * (scores.double() - pos.double() - simans_b) ** 2
-        elif sampling == "hcl":
-            log_p = hcl_beta * scores.double() / temperature
-        else:  # ring: the band of ranks among each query's survivors
-            survivors = keep.long()
-            rank = survivors.cumsum(dim=1) - 1  # rank among survivors (scores are sorted)
-            count = survivors.sum(dim=1)
-            band = torch.zeros_like(keep)
-            for i in range(scores.shape[0]):
-                m = int(count[i])
-                if m == 0:
-                    continue
-                lower, upper = ring_band(m, ring_rho_out, ring_rho_in)
-                band[i] = keep[i] & (rank[i] >= lower) & (rank[i] < upper)
-            keep = band
-            log_p = torch.zeros_like(scores, dtype=torch.float64)
-        chosen = gumbel_top_k(log_p.masked_fill(~keep, float("-inf")), num_negatives, gen)
+    chosen, keep = pick_negatives(
+        sampling,
+        emb["queries"],
+        scores,
+        pos,
+        keep,
+        num_negatives,
+        gen,
+        simans_a=simans_a,
+        simans_b=simans_b,
+        hcl_beta=hcl_beta,
+        temperature=temperature,
+        ring_rho_out=ring_rho_out,
+        ring_rho_in=ring_rho_in,
+        potential_a=potential_a,
+        potential_b=potential_b,
+        potential_clamp=potential_clamp,
+    )
     valid = keep.gather(1, chosen)
     chosen_scores = scores.gather(1, chosen)
     chosen_index = index.gather(1, chosen)

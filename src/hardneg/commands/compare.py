@@ -48,6 +48,14 @@ def default_strategies() -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--modality",
+        choices=("image", "text"),
+        default="image",
+        help="image: train from a YAML config (default); text: fine-tune a sentence model on "
+        "gensim's Lee corpus and score it against human judgments (needs hardneg[text]; "
+        "key=value overrides: see hardneg.text.benchmark.TextBenchmarkConfig)",
+    )
     parser.add_argument("--dataset", default="mnist1d", help="data set (default mnist1d)")
     parser.add_argument(
         "--strategies",
@@ -96,6 +104,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "modality", "image") == "text":
+        from hardneg.text.cli import run_compare
+
+        return run_compare(args)
     graph_config = find_graph_config(args.config, args.dataset)
     if graph_config is not None:
         return run_graph(args, graph_config)

@@ -32,9 +32,10 @@ DEMO_TSNE_POINTS = 600
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modality",
-        choices=("image", "graph"),
+        choices=("image", "graph", "text"),
         default="image",
-        help="image: mnist1d (default); graph: motif graphs (needs hardneg[graph])",
+        help="image: mnist1d (default); graph: motif graphs (needs hardneg[graph]); text: "
+        "MiniLM fine-tuned on gensim's Lee corpus, 3 seeds (needs hardneg[text])",
     )
     parser.add_argument("--out", help="output folder (default runs/demo-TIME)")
     parser.add_argument(
@@ -61,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
         from hardneg.graph.demo import run_cli
 
         return run_cli(args)
+    if getattr(args, "modality", "image") == "text":
+        from hardneg.text.cli import run_demo
+
+        return run_demo(args)
     out = Path(args.out) if args.out else default_out("demo")
     strategies = parse_strategies(args.strategies)
     reseed = [] if args.reseed in ("none", "") else [args.reseed]

@@ -1,5 +1,9 @@
 """``hardneg mine``: offline hard-negative mining (:func:`hardneg.mining.mine_hard_negatives`).
 
+Under ``torchrun --nproc-per-node N hardneg mine ...`` (or ``python -m torch.distributed.run``)
+each process embeds and ranks its shard of the corpus, the top-k lists are merged, and rank 0
+writes the output (the same rows as one process).
+
 Example::
 
     hardneg mine --data pairs.jsonl --model all-MiniLM-L6-v2 --num-negatives 3 \\
@@ -33,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-negatives", type=int, default=1)
     parser.add_argument(
-        "--sampling", default="top", choices=["top", "random", "simans", "hcl", "ring"]
+        "--sampling",
+        default="top",
+        choices=["top", "random", "simans", "hcl", "ring", "potential"],
     )
     parser.add_argument("--range-min", type=int, default=0)
     parser.add_argument("--range-max", type=int)
@@ -47,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--ring-rho-out", type=float, default=0.5)
     parser.add_argument("--ring-rho-in", type=float, default=0.1)
+    parser.add_argument("--potential-a", type=float, default=0.5)
+    parser.add_argument("--potential-b", type=float, default=0.0)
+    parser.add_argument("--potential-clamp", type=float, default=0.999)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--query-chunk-size", type=int, default=1024)
     parser.add_argument("--corpus-chunk-size", type=int, default=16384)
@@ -56,9 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hardneg import distributed
     from hardneg.mining import load_rows, mine_hard_negatives, save_rows
     from hardneg.text.models import load_sentence_model, resolve_model
 
+    ctx = distributed.init_distributed()  # torchrun: each process ranks its corpus shard
     rows = load_rows(args.data)
     if not rows:
         raise ValueError(f"{args.data} holds no rows")
@@ -77,11 +88,14 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.corpus}: expected a column {args.corpus_column!r}, found {sorted(crow[0])}"
             )
         corpus = [r[args.corpus_column] for r in crow]
-    model = load_sentence_model(args.model, device=args.device)
+    device = args.device
+    if ctx.world_size > 1 and device == "cuda":
+        device = str(ctx.device)  # one GPU per process
+    model = load_sentence_model(args.model, device=device)
     keys = (
         "output_format num_negatives sampling range_min range_max min_score max_score "
         "absolute_margin relative_margin simans_a simans_b hcl_beta temperature ring_rho_out "
-        "ring_rho_in batch_size query_chunk_size corpus_chunk_size cache_dir seed"
+        "ring_rho_in potential_a potential_b potential_clamp batch_size query_chunk_size corpus_chunk_size cache_dir seed"
     ).split()
     mined, stats = mine_hard_negatives(
         [r[args.anchor_column] for r in rows],
@@ -92,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         return_stats=True,
         **{k: getattr(args, k) for k in keys},
     )
+    if not ctx.is_main:
+        return 0  # every rank holds the same rows; rank 0 writes them
     path = save_rows(mined, args.output)
     print(
         f"mined {stats.rows} rows for {stats.queries} queries from a corpus of {stats.corpus} "

