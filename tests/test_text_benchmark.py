@@ -323,3 +323,20 @@ def test_packaged_minilm_cache_replays_encode():
     finally:
         cache.remove()
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_text_compare_defaults_to_three_seeds(monkeypatch):
+    """``--seeds`` has no parser default (graph configs read their own repeats): text uses 3."""
+    import argparse
+
+    from hardneg.commands import compare as compare_command
+    from hardneg.text import cli as text_cli
+
+    seen = {}
+    monkeypatch.setattr(text_cli, "_run", lambda args, title, name, extra: seen.update(extra) or 0)
+    parser = argparse.ArgumentParser()
+    compare_command.add_arguments(parser)
+    assert text_cli.run_compare(parser.parse_args(["--modality", "text"])) == 0
+    assert seen["seeds"] == (0, 1, 2)
+    with pytest.raises(ValueError, match="--seeds must be >= 1"):
+        text_cli.run_compare(parser.parse_args(["--modality", "text", "--seeds", "0"]))

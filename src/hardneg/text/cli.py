@@ -87,8 +87,7 @@ def run_compare(args: argparse.Namespace) -> int:
                 f"{flag} does not apply to --modality text; use key=value overrides "
                 "(steps=, model=, train_file=, ...)"
             )
-    if args.seeds < 1:
+    seeds = 3 if args.seeds is None else args.seeds  # --seeds has no default: graphs read theirs
+    if seeds < 1:
         raise ValueError("--seeds must be >= 1")
-    return _run(
-        args, "hardneg text comparison", "text-compare", {"seeds": tuple(range(args.seeds))}
-    )
+    return _run(args, "hardneg text comparison", "text-compare", {"seeds": tuple(range(seeds))})
