@@ -171,15 +171,6 @@ def infonce_objective(
     return total / weight.sum(dim=1)
 
 
-def negative_weights(contrast: ContrastSet, selection: Selection) -> Tensor:
-    """``[A, S]`` weights ``w_ij`` over the negative columns (0 = not a negative or dropped)."""
-    if selection.negative_log_weights is None:
-        return contrast.mask().to(contrast.negative_logits.dtype)
-    return selection.negative_log_weights.exp().masked_fill(
-        ~torch.isfinite(contrast.negative_logits), 0.0
-    )
-
-
 def jsd_objective(contrast: ContrastSet, selection: Selection, *, tau_plus: float = 0.0) -> Tensor:
     """Per-anchor Jensen-Shannon (Fenchel-dual) loss ``[A]`` (see the module docstring).
 
