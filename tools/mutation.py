@@ -24,6 +24,7 @@ import sys
 # through them (the public API and the float64 oracles); none is marked slow.
 LOSS_TESTS = [
     "tests/test_objectives.py",
+    "tests/test_contrast.py",
     "tests/test_core.py",
     "tests/test_losses_reference.py",
     "tests/test_gradient_oracles.py",

@@ -134,13 +134,6 @@ class ContrastSet:
             num_negatives=mask.sum(dim=1),
         )
 
-    def column_embeddings(self) -> Tensor:
-        """``[A, S, d]`` embeddings of every column of every anchor (for analysis and tests)."""
-        shared = self.columns.unsqueeze(0).expand(self.num_anchors, -1, -1)
-        if self.anchor_columns is None:
-            return shared
-        return torch.cat([shared, self.anchor_columns], dim=1)
-
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """float64 when any input is float64, else float32 (half precisions are promoted)."""
