@@ -207,6 +207,19 @@ def test_debias_log_mass_is_the_clamped_estimator():
     assert debias_log_mass(log_mass, pos, tau_plus=0.0, num_negatives=m, temperature=t) is log_mass
 
 
+def test_a_remainder_of_exactly_zero_is_clamped_with_a_zero_gradient():
+    """``R = tau_plus M e^a`` exactly (``log(0.5) + log(2) == 0`` in floating point): the floor
+    holds and no gradient (not NaN) flows into ``log R`` or the positive."""
+    log_mass = torch.tensor([[0.0], [0.0]], dtype=torch.float64, requires_grad=True)
+    pos = torch.tensor([[0.0], [-1.0]], dtype=torch.float64, requires_grad=True)
+    got = debias_log_mass(log_mass, pos, tau_plus=0.5, num_negatives=2, temperature=0.5)
+    assert got[0, 0].item() == math.log(2) - 2.0
+    assert got[1, 0].item() == pytest.approx(math.log((1 - math.exp(-1)) / 0.5), rel=1e-12)
+    got.sum().backward()
+    assert log_mass.grad[0, 0].item() == 0.0 and pos.grad[0, 0].item() == 0.0
+    assert log_mass.grad[1, 0].item() != 0.0
+
+
 def test_safe_logsumexp_of_an_empty_row_is_minus_infinity_with_a_zero_gradient():
     x = torch.tensor([[0.5, NEG_INF, 1.0], [NEG_INF, NEG_INF, NEG_INF]], requires_grad=True)
     out = safe_logsumexp(x)

@@ -56,10 +56,10 @@ def _num_negatives(contrast: ContrastSet, selection: Selection) -> int | Tensor:
     return m
 
 
-def _column(x: int | float | Tensor, like: Tensor) -> float | Tensor:
+def _column(x: int | float | Tensor) -> float | Tensor:
     """A per-anchor quantity as something that broadcasts against ``[A, P]``."""
     if isinstance(x, Tensor):
-        return x.to(like.dtype).unsqueeze(1)
+        return x.unsqueeze(1)  # debias_log_mass converts it to the logits' dtype
     return float(x)
 
 
@@ -150,7 +150,7 @@ def infonce_objective(
     pos, weight = positive_terms(contrast, selection)
     log_mass = log_negative_mass(contrast, selection).unsqueeze(1)  # [A, 1]
     if tau_plus > 0.0:
-        m = _column(_num_negatives(contrast, selection), pos)
+        m = _column(_num_negatives(contrast, selection))
         log_ng = debias_log_mass(
             log_mass, pos, tau_plus=tau_plus, num_negatives=m, temperature=contrast.temperature
         )
