@@ -25,6 +25,7 @@ import sys
 LOSS_TESTS = [
     "tests/test_objectives.py",
     "tests/test_contrast.py",
+    "tests/test_contrastive_loss.py",
     "tests/test_core.py",
     "tests/test_losses_reference.py",
     "tests/test_gradient_oracles.py",
