@@ -329,3 +329,16 @@ def test_objective_loss_names_the_objectives_it_knows():
     with pytest.raises(ValueError) as err:
         objective_loss("nce", contrast, Selection())
     assert str(err.value) == "objective must be one of 'infonce', 'jsd', got 'nce'"
+
+
+def test_the_defaults_are_plain_infonce_with_separate_positives_averaged():
+    contrast, sel, _, _ = case("weighted separate, padding")
+    expected = oracle_infonce(contrast, sel, 0.0, "separate", "mean")
+    torch.testing.assert_close(infonce_objective(contrast, sel), expected)
+    torch.testing.assert_close(objective_loss("infonce", contrast, sel), expected)
+    contrast, sel, _, _ = case("debiased per-anchor M, extras")  # finite padding for JSD
+    plain = Selection(negative_log_weights=sel.negative_log_weights)
+    torch.testing.assert_close(
+        objective_loss("jsd", contrast, plain), jsd_objective(contrast, plain, tau_plus=0.0)
+    )
+    torch.testing.assert_close(jsd_objective(contrast, plain), oracle_jsd(contrast, plain, 0.0))
