@@ -121,7 +121,9 @@ def test_restricted_keeps_only_the_chosen_negatives_and_counts_them_per_anchor()
     r = cs.restricted(keep)
     assert r.negative_mask.tolist() == [[False, False, True, True], [True, False, False, False]]
     assert r.num_negatives.tolist() == [2, 1]
-    assert r.log_num_negatives().tolist() == pytest.approx([math.log(2), 0.0])
+    log_m = r.log_num_negatives()
+    assert log_m.dtype == torch.float64  # the logits' precision, not the default float32
+    assert log_m.tolist() == [math.log(2), 0.0]
     for i in range(2):
         for j in range(4):
             if keep[i, j]:
@@ -222,3 +224,16 @@ def test_retrieval_contrast_marks_each_anchors_own_tuple_and_masks_duplicate_can
     assert pairs.own_column_mask().tolist() == torch.eye(b, dtype=torch.bool).tolist()
     empty = retrieval_contrast(anchors, positives, hard[:, :0], temperature=1.0)
     assert empty.own_column_mask().tolist() == torch.eye(b, dtype=torch.bool).tolist()
+
+
+def test_retrieval_contrast_with_one_hard_negative_each_and_raw_dot_products():
+    b = 3
+    anchors, positives = randn(b, 4, seed=43) * 2, randn(b, 4, seed=44)
+    hard = randn(b, 1, 4, seed=45) * 3
+    cs = retrieval_contrast(anchors, positives, hard, temperature=0.5, normalize=False)
+    for i in range(b):
+        assert cs.own_column_mask()[i].nonzero().flatten().tolist() == [i, b + i]
+        expected = float(anchors[i] @ hard[i, 0]) / 0.5
+        assert cs.negative_logits[i, b + i].item() == pytest.approx(expected, rel=1e-10)
+        expected = float(anchors[i] @ positives[i]) / 0.5
+        assert cs.positive_logits[i, 0].item() == pytest.approx(expected, rel=1e-10)
