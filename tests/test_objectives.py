@@ -342,3 +342,17 @@ def test_the_defaults_are_plain_infonce_with_separate_positives_averaged():
         objective_loss("jsd", contrast, plain), jsd_objective(contrast, plain, tau_plus=0.0)
     )
     torch.testing.assert_close(jsd_objective(contrast, plain), oracle_jsd(contrast, plain, 0.0))
+
+
+def test_an_unknown_positive_mode_or_reduction_is_refused():
+    contrast, sel, _, _ = case("one positive, weight")
+    message = (
+        "positive_mode must be one of ('separate', 'joint') and positive_reduction one of "
+        "('mean', 'sum'), got {!r} and {!r}"
+    )
+    for mode, reduction in [("jiont", "mean"), ("separate", "avg")]:
+        with pytest.raises(ValueError) as err:
+            objective_loss(
+                "infonce", contrast, sel, positive_mode=mode, positive_reduction=reduction
+            )
+        assert str(err.value) == message.format(mode, reduction)

@@ -147,6 +147,11 @@ def infonce_objective(
     positive_reduction: str = "mean",
 ) -> Tensor:
     """Per-anchor InfoNCE-family loss ``[A]`` (see the module docstring)."""
+    if positive_mode not in POSITIVE_MODES or positive_reduction not in POSITIVE_REDUCTIONS:
+        raise ValueError(
+            f"positive_mode must be one of {POSITIVE_MODES} and positive_reduction one of "
+            f"{POSITIVE_REDUCTIONS}, got {positive_mode!r} and {positive_reduction!r}"
+        )
     pos, weight = positive_terms(contrast, selection)
     log_mass = log_negative_mass(contrast, selection).unsqueeze(1)  # [A, 1]
     if tau_plus > 0.0:
