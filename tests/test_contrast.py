@@ -237,3 +237,78 @@ def test_retrieval_contrast_with_one_hard_negative_each_and_raw_dot_products():
         assert cs.negative_logits[i, b + i].item() == pytest.approx(expected, rel=1e-10)
         expected = float(anchors[i] @ positives[i]) / 0.5
         assert cs.positive_logits[i, 0].item() == pytest.approx(expected, rel=1e-10)
+
+
+def _inputs(names, wide):
+    """float32 inputs except ``wide`` (float64); each drawn in float64 and rounded to float32, so
+    the float64 reference of the float32 ones is exact."""
+    out = {}
+    for k, name in enumerate(names):
+        x = randn(3, 4, seed=50 + k).float().double()
+        out[name] = x if name == wide else x.float()
+    return out
+
+
+@pytest.mark.parametrize("wide", ["q", "k", "pool"])
+def test_pool_contrast_computes_in_float64_when_any_input_is_float64(wide):
+    x = _inputs(["q", "k", "pool"], wide)
+    cs = pool_contrast(x["q"], x["k"], x["pool"], temperature=0.5)
+    assert cs.negative_logits.dtype == cs.positive_logits.dtype == torch.float64
+    q, k, pool = (F.normalize(x[n].double(), dim=1) for n in ("q", "k", "pool"))
+    torch.testing.assert_close(cs.negative_logits, q @ pool.T / 0.5, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        cs.positive_logits[:, 0], (q * k).sum(1) / 0.5, rtol=1e-12, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("wide", ["anchors", "columns", "positives", "anchor_columns"])
+def test_build_contrast_computes_in_float64_when_any_input_is_float64(wide):
+    x = _inputs(["anchors", "columns", "positives", "anchor_columns"], wide)
+    own = x["anchor_columns"].unsqueeze(1)
+    cs = build_contrast(
+        x["anchors"], x["columns"], temperature=2.0, positives=x["positives"], anchor_columns=own
+    )
+    a, c, p, o = (F.normalize(x[n].double(), dim=-1) for n in x)
+    expected = torch.cat([a @ c.T, (a * o).sum(1, keepdim=True)], dim=1) / 2.0
+    assert cs.negative_logits.dtype == cs.positive_logits.dtype == torch.float64
+    torch.testing.assert_close(cs.negative_logits, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cs.positive_logits[:, 0], (a * p).sum(1) / 2.0, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("wide", ["z1", "z2"])
+def test_in_batch_and_retrieval_contrasts_compute_in_float64_when_any_view_is(wide):
+    x = _inputs(["z1", "z2"], wide)
+    z = F.normalize(torch.cat([x["z1"].double(), x["z2"].double()]), dim=1)
+    cs = in_batch_contrast([x["z1"], x["z2"]], temperature=0.5)
+    assert cs.negative_logits.dtype == cs.positive_logits.dtype == torch.float64
+    finite = torch.isfinite(cs.negative_logits)
+    torch.testing.assert_close(cs.negative_logits[finite], (z @ z.T / 0.5)[finite], rtol=1e-12, atol=1e-12)  # fmt: skip
+    r = retrieval_contrast(x["z1"], x["z2"], temperature=0.5)
+    assert r.negative_logits.dtype == torch.float64
+    expected = z[:3] @ z[3:].T / 0.5
+    torch.testing.assert_close(r.positive_logits[:, 0], expected.diagonal(), rtol=1e-12, atol=0)
+
+
+def test_half_precision_inputs_and_bfloat16_autocast_give_float32_logits():
+    h = [randn(3, 4, seed=60 + k).half() for k in range(5)]
+    hard = h[3].unsqueeze(1)
+    built = [
+        pool_contrast(h[0], h[1], h[2], temperature=0.5),
+        build_contrast(h[0], h[2], temperature=0.5, positives=h[1], anchor_columns=hard),
+        in_batch_contrast([h[0], h[1]], temperature=0.5),
+        retrieval_contrast(h[0], h[1], hard, temperature=0.5),
+    ]
+    f = [x.float() for x in h]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        built += [
+            pool_contrast(f[0], f[1], f[2], temperature=0.5),
+            build_contrast(
+                f[0], f[2], temperature=0.5, positives=f[1], anchor_columns=hard.float()
+            ),
+            in_batch_contrast([f[0], f[1]], temperature=0.5),
+            retrieval_contrast(f[0], f[1], hard.float(), temperature=0.5),
+        ]
+    for k, cs in enumerate(built):
+        assert cs.negative_logits.dtype == torch.float32, k
+        assert cs.positive_logits.dtype == torch.float32, k
+        assert cs.anchors.dtype == torch.float32, k

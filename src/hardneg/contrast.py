@@ -175,7 +175,8 @@ def build_contrast(
         normalize: L2-normalise every embedding (cosine similarity).
         detach_columns: no gradient through the shared columns (a queue, a bank).
     """
-    dtype = compute_dtype(anchors, columns)
+    given = (anchors, columns, positives, anchor_columns)
+    dtype = compute_dtype(*[x for x in given if x is not None])
     a = _prepare(anchors, dtype, normalize)
     c = _prepare(columns.detach() if detach_columns else columns, dtype, normalize)
     if (positive_index is None) == (positives is None):
