@@ -312,3 +312,14 @@ def test_half_precision_inputs_and_bfloat16_autocast_give_float32_logits():
         assert cs.negative_logits.dtype == torch.float32, k
         assert cs.positive_logits.dtype == torch.float32, k
         assert cs.anchors.dtype == torch.float32, k
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
+def test_pool_contrast_reads_an_exclude_index_of_any_integer_dtype_as_positions(dtype):
+    q, k, pool = randn(3, 4, seed=70), randn(3, 4, seed=71), randn(5, 4, seed=72)
+    index = torch.tensor([4, 0, 1])
+    want = pool_contrast(q, k, pool, temperature=0.5, exclude_index=index)
+    got = pool_contrast(q, k, pool, temperature=0.5, exclude_index=index.to(dtype))
+    assert torch.equal(got.negative_mask, want.negative_mask)
+    assert torch.equal(got.negative_logits, want.negative_logits)
+    assert [int(x) for x in (~got.negative_mask).nonzero()[:, 1]] == [4, 0, 1]
