@@ -356,3 +356,33 @@ def test_an_unknown_positive_mode_or_reduction_is_refused():
                 "infonce", contrast, sel, positive_mode=mode, positive_reduction=reduction
             )
         assert str(err.value) == message.format(mode, reduction)
+
+
+def test_two_positives_of_unequal_weight_are_averaged_per_anchor():
+    pos, neg = draw(30, 3, 2).detach(), draw(31, 3, 4).detach()
+    weight = torch.tensor([[1.0, 0.25], [0.5, 2.0], [1.0, 1.0]], dtype=torch.float64)
+    contrast = contrast_of(pos, neg, weight=weight)
+    got = infonce_objective(contrast, Selection())
+    assert got.shape == (3,)
+    torch.testing.assert_close(got, oracle_infonce(contrast, Selection(), 0.0, "separate", "mean"))
+
+
+def test_a_single_positives_weight_cancels_exactly():
+    pos, neg = draw(32, 16, 1).detach(), draw(33, 16, 5).detach()
+    plain = infonce_objective(contrast_of(pos, neg), Selection())
+    weighted = Selection(positive_weight=torch.full((16, 1), 0.1, dtype=torch.float64))
+    assert torch.equal(infonce_objective(contrast_of(pos, neg), weighted), plain)
+
+
+def test_the_loss_has_the_logits_precision_whatever_the_weights_dtype():
+    pos, neg = draw(34, 3, 2).float(), draw(35, 3, 4).float()
+    sel = Selection(
+        positive_weight=torch.tensor([[1.0, 0.5]] * 3, dtype=torch.float64),
+        extra_positive_logits=torch.zeros(3, 1),
+        extra_positive_weight=torch.ones(3, 1, dtype=torch.float64),
+    )
+    for mode in ("separate", "joint"):
+        assert (
+            infonce_objective(contrast_of(pos, neg), sel, positive_mode=mode).dtype == torch.float32
+        )
+    assert jsd_objective(contrast_of(pos, neg), sel).dtype == torch.float32
