@@ -323,3 +323,35 @@ def test_pool_contrast_reads_an_exclude_index_of_any_integer_dtype_as_positions(
     assert torch.equal(got.negative_mask, want.negative_mask)
     assert torch.equal(got.negative_logits, want.negative_logits)
     assert [int(x) for x in (~got.negative_mask).nonzero()[:, 1]] == [4, 0, 1]
+
+
+def test_every_builder_fills_the_fields_it_documents():
+    q, k, pool = randn(3, 4, seed=80), randn(3, 4, seed=81), randn(5, 4, seed=82)
+    hard = randn(3, 2, 4, seed=83)
+    for normalize in (True, False):
+        prep = (lambda x: F.normalize(x, dim=-1)) if normalize else (lambda x: x)
+        sets = {
+            "pool": pool_contrast(
+                q, k, pool, temperature=0.5, exclude_index=torch.tensor([0, 1, 2]),
+                normalize=normalize,
+            ),
+            "pool, no index": pool_contrast(q, k, pool, temperature=0.5, normalize=normalize),
+            "in batch": in_batch_contrast([q, k], temperature=0.5, normalize=normalize),
+            "retrieval": retrieval_contrast(q, k, hard, temperature=0.5, normalize=normalize),
+            "build": build_contrast(
+                q, pool, temperature=0.5, positives=k, anchor_columns=hard, normalize=normalize
+            ),
+        }  # fmt: skip
+        for name, cs in sets.items():
+            assert cs.normalized is normalize, name
+            assert cs.mask().dtype == torch.bool, name
+            assert cs.own_column_mask().dtype == torch.bool, name
+            assert cs.temperature == 0.5 and isinstance(cs.temperature, float), name
+        torch.testing.assert_close(sets["pool"].positives, prep(k).unsqueeze(1))
+        torch.testing.assert_close(sets["pool"].anchors, prep(q))
+        torch.testing.assert_close(sets["pool"].columns, prep(pool))
+        assert sets["pool"].negative_mask.dtype == torch.bool
+        torch.testing.assert_close(sets["build"].positives, prep(k).unsqueeze(1))
+        torch.testing.assert_close(sets["in batch"].positives[:3, 0], prep(k))
+        torch.testing.assert_close(sets["in batch"].positives[3:, 0], prep(q))
+        torch.testing.assert_close(sets["retrieval"].positives[:, 0], prep(k))
