@@ -41,7 +41,7 @@ mutation:           ## mutation testing (slow, not CI): make mutation MODULE=obj
 	  echo "== $$m"; rm -rf mutants; \
 	  OMP_NUM_THREADS=1 nice -n 19 $(PY) tools/mutation.py $$m run --max-children 2 || exit 1; \
 	  $(PY) tools/mutation.py $$m results --all true > build/mutation/$$(echo $$m | tr / _).txt; \
-	  grep -c ": killed" build/mutation/$$(echo $$m | tr / _).txt; \
+	  awk '{print $$NF}' build/mutation/$$(echo $$m | tr / _).txt | sort | uniq -c; \
 	done
 
 clean:
