@@ -68,6 +68,8 @@ def test_build_contrast_masks_positives_and_masked_columns_and_appends_own_colum
                 )
         assert int(cs.num_negatives[i]) == int(cs.negative_mask[i].sum())
     assert cs.num_negatives.tolist() == [5, 6, 5]
+    assert cs.negative_mask.dtype == torch.bool
+    assert cs.positive_weight.dtype == torch.float64  # the logits' dtype, not the weight's
     torch.testing.assert_close(cs.anchor_columns, F.normalize(own, dim=-1))
     assert cs.own_column_mask().tolist() == [[False] * 5 + [True] * 2] * 3
     # gradient reaches the shared columns unless they are detached
@@ -355,3 +357,13 @@ def test_every_builder_fills_the_fields_it_documents():
         torch.testing.assert_close(sets["in batch"].positives[:3, 0], prep(k))
         torch.testing.assert_close(sets["in batch"].positives[3:, 0], prep(q))
         torch.testing.assert_close(sets["retrieval"].positives[:, 0], prep(k))
+
+
+def test_build_contrast_reads_a_positive_index_of_any_integer_dtype():
+    a, c = randn(3, 4, seed=90), randn(5, 4, seed=91)
+    index = torch.tensor([[0, 2], [4, 1], [3, 0]])
+    want = build_contrast(a, c, temperature=0.5, positive_index=index)
+    got = build_contrast(a, c, temperature=0.5, positive_index=index.to(torch.int32))
+    assert got.positive_index.dtype == torch.long
+    assert torch.equal(got.negative_logits, want.negative_logits)
+    assert torch.equal(got.positive_logits, want.positive_logits)
