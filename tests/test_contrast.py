@@ -273,6 +273,7 @@ def test_build_contrast_computes_in_float64_when_any_input_is_float64(wide):
     a, c, p, o = (F.normalize(x[n].double(), dim=-1) for n in x)
     expected = torch.cat([a @ c.T, (a * o).sum(1, keepdim=True)], dim=1) / 2.0
     assert cs.negative_logits.dtype == cs.positive_logits.dtype == torch.float64
+    assert cs.anchor_columns.dtype == cs.positives.dtype == cs.anchors.dtype == torch.float64
     torch.testing.assert_close(cs.negative_logits, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(cs.positive_logits[:, 0], (a * p).sum(1) / 2.0, rtol=1e-12, atol=0)
 
