@@ -218,3 +218,19 @@ def test_standard_contrast_attaches_features_and_labels_of_each_call_form():
     assert ContrastInputs(q, k, 1.0).form == "in_batch"
     raw = ContrastInputs(q * 3, k, 0.5, normalize=False).standard_contrast()
     assert raw.positive_logits[0, 0].item() == pytest.approx(float(3 * q[0] @ k[0]) / 0.5)
+
+
+def test_every_call_form_honours_normalize_false():
+    q, k = z(3, seed=16) * 2, z(3, seed=17)
+    pool = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
+    forms = {
+        "per-anchor pool": dict(negatives=pool),
+        "pool": dict(negatives=pool[0]),
+        "retrieval": dict(hard_negatives=pool),
+        "in batch": {},
+    }
+    for name, extra in forms.items():
+        cs = ContrastInputs(q, k, 0.5, normalize=False, **extra).standard_contrast()
+        assert cs.normalized is False, name
+        expected = (q * k).sum(1) / 0.5
+        torch.testing.assert_close(cs.positive_logits[:3, 0], expected, rtol=1e-12, atol=0)
