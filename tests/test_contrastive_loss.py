@@ -234,3 +234,50 @@ def test_every_call_form_honours_normalize_false():
         assert cs.normalized is False, name
         expected = (q * k).sum(1) / 0.5
         torch.testing.assert_close(cs.positive_logits[:3, 0], expected, rtol=1e-12, atol=0)
+
+
+def test_non_finite_pools_and_features_are_located_exactly():
+    loss = hardneg.create_loss("infonce")
+    q, k = z(4, seed=19), z(4, seed=20)
+    pool = torch.zeros(4, 3, 5, dtype=torch.float64)
+    pool[1, 2, 0] = float("nan")  # row 1 * 3 + 2 of the flattened pool
+    with exactly(
+        "negatives contains 1 NaN or Inf value(s) (first in row 5); only finite embeddings are allowed"
+    ):
+        loss(z(4, 5), z(4, 5), negatives=pool)
+    hard = torch.zeros(4, 1, 3, dtype=torch.float64)
+    hard[2, 0, 1] = float("inf")  # h = 1: row 2 of the flattened hard negatives
+    with exactly(
+        "hard_negatives contains 1 NaN or Inf value(s) (first in row 2); "
+        "only finite embeddings are allowed"
+    ):
+        loss(q, k, hard_negatives=hard)
+    hard = torch.zeros(4, 2, 3, dtype=torch.float64)
+    hard[1, 1, 2] = float("nan")
+    with exactly(
+        "hard_negatives contains 1 NaN or Inf value(s) (first in row 3); "
+        "only finite embeddings are allowed"
+    ):
+        loss(q, k, hard_negatives=hard)
+    # h = 0 is the pair layout, not an empty set of embeddings
+    assert torch.isfinite(loss(q, k, hard_negatives=torch.zeros(4, 0, 3, dtype=torch.float64)))
+    with exactly("h1 must be 2-D (rows x embedding dim), got shape (4,)"):
+        loss(q, k, h1=torch.zeros(4, dtype=torch.float64))
+    # features have a row per sample and any width
+    assert torch.isfinite(loss(q, k, h1=z(4, 2), h2=z(4, 2)))
+
+
+def test_the_smallest_batch_is_two_and_the_message_names_the_inputs():
+    loss = hardneg.create_loss("infonce")
+    assert torch.isfinite(loss(z(2, seed=21), z(2, seed=22)))
+    assert torch.isfinite(loss(z(2, seed=21), z(2, seed=22), negatives=z(3)))
+    with exactly(
+        "q and k need a batch of at least N = 2 samples (a contrastive loss needs negatives), "
+        "got N = 1"
+    ):
+        loss(z(1), z(1), negatives=z(3))
+    with exactly(
+        "z1 and z2 need a batch of at least N = 2 samples (a contrastive loss needs negatives), "
+        "got N = 1"
+    ):
+        loss(z(1), z(1))
