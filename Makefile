@@ -33,11 +33,16 @@ bench-train:        ## training throughput vs the torchvision + DataLoader pipel
 docs-defaults:      ## rewrite the defaults table of docs/methods.md from the registry
 	$(PY) docs/update_defaults.py
 
-mutation:           ## mutation testing of trainer/checkpoint/optim/moco/memory bank (slow; see docs/testing.md)
-	$(PY) -m pip install -q mutmut
-	rm -rf mutants
-	OMP_NUM_THREADS=1 mutmut run --max-children 2
-	mutmut results --all true > mutants/results.txt; mutmut export-cicd-stats; cat mutants/mutmut-cicd-stats.json
+MUTATION_MODULES = objectives contrast losses strategies moco memory_bank checkpoint optim trainer
+mutation:           ## mutation testing (slow, not CI): make mutation MODULE=objectives (docs/testing.md)
+	$(PY) -m pip install -q "mutmut>=3.8,<4"
+	@mkdir -p build/mutation
+	@for m in $(or $(MODULE),$(MUTATION_MODULES)); do \
+	  echo "== $$m"; rm -rf mutants; \
+	  OMP_NUM_THREADS=1 nice -n 19 $(PY) tools/mutation.py $$m run --max-children 2 || exit 1; \
+	  $(PY) tools/mutation.py $$m results --all true > build/mutation/$$(echo $$m | tr / _).txt; \
+	  awk '{print $$NF}' build/mutation/$$(echo $$m | tr / _).txt | sort | uniq -c; \
+	done
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache .mypy_cache runs mutants

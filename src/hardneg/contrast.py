@@ -134,13 +134,6 @@ class ContrastSet:
             num_negatives=mask.sum(dim=1),
         )
 
-    def column_embeddings(self) -> Tensor:
-        """``[A, S, d]`` embeddings of every column of every anchor (for analysis and tests)."""
-        shared = self.columns.unsqueeze(0).expand(self.num_anchors, -1, -1)
-        if self.anchor_columns is None:
-            return shared
-        return torch.cat([shared, self.anchor_columns], dim=1)
-
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """float64 when any input is float64, else float32 (half precisions are promoted)."""
@@ -182,7 +175,8 @@ def build_contrast(
         normalize: L2-normalise every embedding (cosine similarity).
         detach_columns: no gradient through the shared columns (a queue, a bank).
     """
-    dtype = compute_dtype(anchors, columns)
+    given = (anchors, columns, positives, anchor_columns)
+    dtype = compute_dtype(*[x for x in given if x is not None])
     a = _prepare(anchors, dtype, normalize)
     c = _prepare(columns.detach() if detach_columns else columns, dtype, normalize)
     if (positive_index is None) == (positives is None):

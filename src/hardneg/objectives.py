@@ -56,10 +56,10 @@ def _num_negatives(contrast: ContrastSet, selection: Selection) -> int | Tensor:
     return m
 
 
-def _column(x: int | float | Tensor, like: Tensor) -> float | Tensor:
+def _column(x: int | float | Tensor) -> float | Tensor:
     """A per-anchor quantity as something that broadcasts against ``[A, P]``."""
     if isinstance(x, Tensor):
-        return x.to(like.dtype).unsqueeze(1)
+        return x.unsqueeze(1)  # debias_log_mass converts it to the logits' dtype
     return float(x)
 
 
@@ -147,10 +147,15 @@ def infonce_objective(
     positive_reduction: str = "mean",
 ) -> Tensor:
     """Per-anchor InfoNCE-family loss ``[A]`` (see the module docstring)."""
+    if positive_mode not in POSITIVE_MODES or positive_reduction not in POSITIVE_REDUCTIONS:
+        raise ValueError(
+            f"positive_mode must be one of {POSITIVE_MODES} and positive_reduction one of "
+            f"{POSITIVE_REDUCTIONS}, got {positive_mode!r} and {positive_reduction!r}"
+        )
     pos, weight = positive_terms(contrast, selection)
     log_mass = log_negative_mass(contrast, selection).unsqueeze(1)  # [A, 1]
     if tau_plus > 0.0:
-        m = _column(_num_negatives(contrast, selection), pos)
+        m = _column(_num_negatives(contrast, selection))
         log_ng = debias_log_mass(
             log_mass, pos, tau_plus=tau_plus, num_negatives=m, temperature=contrast.temperature
         )
@@ -169,15 +174,6 @@ def infonce_objective(
     if positive_reduction == "sum":
         return total
     return total / weight.sum(dim=1)
-
-
-def negative_weights(contrast: ContrastSet, selection: Selection) -> Tensor:
-    """``[A, S]`` weights ``w_ij`` over the negative columns (0 = not a negative or dropped)."""
-    if selection.negative_log_weights is None:
-        return contrast.mask().to(contrast.negative_logits.dtype)
-    return selection.negative_log_weights.exp().masked_fill(
-        ~torch.isfinite(contrast.negative_logits), 0.0
-    )
 
 
 def jsd_objective(contrast: ContrastSet, selection: Selection, *, tau_plus: float = 0.0) -> Tensor:

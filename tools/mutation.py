@@ -1,0 +1,109 @@
+"""Mutation testing (mutmut 3) of one module at a time: ``make mutation MODULE=objectives``.
+
+``python3 tools/mutation.py MODULE [mutmut arguments]`` runs ``mutmut`` with the
+``[tool.mutmut]`` settings of ``pyproject.toml`` except two: only MODULE's file is mutated, and
+the test selection is MODULE's fast tests below. mutmut 3 then records once which of those tests
+reach each mutated function and runs, for each mutant, only those tests (``-x``), so a whole
+module fits in minutes to an hour on 2 cores. Examples::
+
+    python3 tools/mutation.py objectives run --max-children 2
+    python3 tools/mutation.py objectives results --all true
+    python3 tools/mutation.py objectives show hardneg.objectives.x_safe_logsumexp__mutmut_3
+
+Every module shares the one ``mutants/`` directory mutmut uses: delete it (``rm -rf mutants``)
+before switching modules (``make mutation`` does). ``python3 tools/mutation.py list`` prints the
+modules. See docs/testing.md for the scores measured and the survivors judged equivalent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+# The fast tests of the loss core: every strategy, objective and contrast builder is reached
+# through them (the public API and the float64 oracles); none is marked slow.
+LOSS_TESTS = [
+    "tests/test_objectives.py",
+    "tests/test_contrast.py",
+    "tests/test_contrastive_loss.py",
+    "tests/test_core.py",
+    "tests/test_losses_reference.py",
+    "tests/test_gradient_oracles.py",
+    "tests/test_losses_errors.py",
+    "tests/test_strategies_more.py",
+    "tests/test_strategies_mixing.py",
+    "tests/test_potential.py",
+    "tests/test_plugin_strategy.py",
+]
+# torch.compile cannot trace mutmut's trampolines (every mutated function is wrapped)
+DESELECT = ["tests/test_potential.py::test_eager_and_compiled_agree_in_values_and_gradients"]
+TRAIN_TESTS = [
+    "tests/test_train.py",
+    "tests/test_train_behaviour.py",
+    "tests/test_checkpoint.py",
+    "tests/test_checkpoint_rng.py",
+    "tests/test_frameworks.py",
+]
+
+# The direct oracles of the loss core (float64 loops, one entry at a time): the selection for the
+# objective, the contrast sets and the loss module. The broader LOSS_TESTS also reach them but
+# take minutes per surviving mutant on 2 shared cores; the scores in docs/testing.md are lower
+# bounds of what the whole suite kills.
+ORACLES = ["tests/test_core.py", "tests/test_gradient_oracles.py"]
+
+# name -> (files mutated, tests run)
+MODULES: dict[str, tuple[list[str], list[str]]] = {
+    "objectives": (["src/hardneg/objectives.py"], ["tests/test_objectives.py", *ORACLES]),
+    "contrast": (["src/hardneg/contrast.py"], ["tests/test_contrast.py", *ORACLES]),
+    "losses": (
+        ["src/hardneg/losses/contrastive.py"],
+        ["tests/test_contrastive_loss.py", "tests/test_losses_errors.py", *ORACLES],
+    ),
+    "strategies": (["src/hardneg/strategies/*.py"], LOSS_TESTS),
+    **{
+        f"strategies/{name}": ([f"src/hardneg/strategies/{name}.py"], LOSS_TESTS)
+        for name in (
+            "base",
+            "uniform",
+            "importance",
+            "ring",
+            "unremix",
+            "potential",
+            "positive_aware",
+            "simans",
+            "hardness",
+            "mochi",
+            "false_negatives",
+        )
+    },
+    "moco": (["src/hardneg/frameworks/moco.py"], TRAIN_TESTS),
+    "memory_bank": (["src/hardneg/frameworks/memory_bank.py"], TRAIN_TESTS),
+    "checkpoint": (["src/hardneg/train/checkpoint.py"], TRAIN_TESTS),
+    "optim": (["src/hardneg/train/optim.py"], TRAIN_TESTS),
+    "trainer": (["src/hardneg/train/trainer.py"], TRAIN_TESTS),
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in MODULES:
+        print(__doc__.strip().splitlines()[0])
+        print("modules:", " ".join(MODULES))
+        return 0 if argv[:1] == ["list"] else 2
+    from mutmut import configuration
+    from mutmut.__main__ import cli
+
+    files, tests = MODULES[argv[0]]
+    cfg = configuration.config()
+    deselect = [arg for test in DESELECT for arg in ("--deselect", test)]
+    configuration._config = dataclasses.replace(
+        cfg,
+        only_mutate=files,
+        pytest_add_cli_args_test_selection=tests,
+        pytest_add_cli_args=[*cfg.pytest_add_cli_args, *deselect],
+    )
+    sys.argv = ["mutmut", *argv[1:]]
+    return cli()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
