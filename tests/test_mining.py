@@ -420,3 +420,54 @@ def test_the_samplers_call_the_strategy_classes(monkeypatch):
             queries, positives, corpus, model=model, num_negatives=2, sampling=sampling
         )
         assert calls == [cls.__name__] and rows, sampling
+
+
+def test_torchrun_cli_writes_the_rows_of_one_process_from_rank_0_only(tmp_path):
+    """``python -m torch.distributed.run --nproc_per_node 2 -m hardneg mine`` (gloo, a tiny
+    local BERT) writes the file that one process writes, and only rank 0 writes it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from _text_models import sentences, tiny_model
+
+    from hardneg import cli
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    model_dir = tmp_path / "model"
+    tiny_model(tmp_path / "bert").save(str(model_dir))
+    texts = list(dict.fromkeys(sentences(80, seed=5)))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"anchor": a, "positive": p}) + "\n" for a, p in zip(texts, texts[1:21]))
+    )
+    (tmp_path / "corpus.txt").write_text("\n".join(texts[10:]) + "\n")  # 1..9 are outside
+    common = ["--data", str(pairs), "--corpus", str(tmp_path / "corpus.txt")]
+    common += ["--model", str(model_dir), "--num-negatives", "3", "--format", "n-tuple"]
+    common += ["--sampling", "simans", "--range-max", "12", "--corpus-chunk-size", "7"]
+    single = tmp_path / "single.jsonl"
+    assert cli.main(["mine", *common, "--output", str(single)]) == 0
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    multi = tmp_path / "multi.jsonl"
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    launch += ["-m", "hardneg", "mine", *common, "--output", str(multi)]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert multi.read_text() == single.read_text()
+    assert len(load_rows(single)) == 20  # the comparison is not vacuous
+    # rank 0 alone saves the rows and reports them
+    assert (done.stdout + done.stderr).count("mined ") == 1, done.stdout
