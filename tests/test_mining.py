@@ -111,7 +111,7 @@ def test_margins_hold_and_positives_never_come_back(sampling):
         assert row["negative"] != row["positive"]
         neg = s[i, corpus.index(row["negative"])].item()
         assert neg <= pos[row["anchor"]] - 0.1 + 1e-6
-        assert neg <= pos[row["anchor"]] * 0.95 + 1e-6
+        assert neg <= pos[row["anchor"]] - abs(pos[row["anchor"]]) * 0.05 + 1e-6
 
 
 def test_gumbel_top_k_draws_without_replacement_with_the_given_probabilities():
@@ -471,3 +471,51 @@ def test_torchrun_cli_writes_the_rows_of_one_process_from_rank_0_only(tmp_path):
     assert len(load_rows(single)) == 20  # the comparison is not vacuous
     # rank 0 alone saves the rows and reports them
     assert (done.stdout + done.stderr).count("mined ") == 1, done.stdout
+
+
+class TableModel:
+    """Fixed 2-d vectors at given angles from the query direction (cosine = cos(angle))."""
+
+    def __init__(self, cosines: dict[str, float]) -> None:
+        self.cosines = cosines
+
+    def encode(self, texts, batch_size=32, convert_to_tensor=True, show_progress_bar=False):
+        rows = []
+        for t in texts:
+            c = self.cosines[t]
+            rows.append(torch.tensor([c, (1 - c * c) ** 0.5], dtype=torch.float64))
+        return torch.stack(rows).float()
+
+
+def test_relative_margin_keeps_negatives_below_a_negative_positive_score():
+    """s_pos = -0.2, m = 0.5: the threshold is s_pos - |s_pos| m = -0.3; a candidate at -0.15
+    scores above the positive and is no negative (s_pos (1 - m) = -0.1 would keep it)."""
+    cosines = {"q": 1.0, "pos": -0.2, "above": -0.15, "below": -0.35, "far": -0.9}
+    rows = mine_hard_negatives(
+        ["q"],
+        ["pos"],
+        ["above", "below", "far", "pos"],
+        model=TableModel(cosines),
+        num_negatives=2,
+        relative_margin=0.5,
+        range_max=3,
+        output_format="n-tuple",
+    )
+    assert rows == [{"anchor": "q", "positive": "pos", "negative_1": "below", "negative_2": "far"}]
+
+
+def test_no_positive_of_an_anchor_is_mined_as_a_negative_of_its_other_pairs():
+    cosines = {"q": 1.0, "a": 0.9, "b": 0.8, "c": 0.7, "d": 0.6, "e": 0.5}
+    rows = mine_hard_negatives(
+        ["q", "q"],
+        ["a", "b"],
+        ["a", "b", "c", "d", "e"],
+        model=TableModel(cosines),
+        num_negatives=2,
+        range_max=3,
+        output_format="n-tuple",
+    )
+    want = [
+        {"anchor": "q", "positive": p, "negative_1": "c", "negative_2": "d"} for p in ("a", "b")
+    ]
+    assert rows == want
