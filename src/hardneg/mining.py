@@ -8,13 +8,13 @@ Pipeline (:func:`mine_hard_negatives`):
    when read back).
 2. **Top-k in chunks**: ``query_chunk_size x corpus_chunk_size`` score blocks, each merged into a
    running top-``K`` per query; the full ``queries x corpus`` matrix never exists, so peak
-   memory is bounded by the chunk sizes and ``K``. Corpus entries whose text equals the query's
-   positive are skipped.
+   memory is bounded by the chunk sizes and ``K``. Corpus entries whose text equals a positive
+   of the query (of any pair with the same anchor text) are skipped.
 3. **Window and filters** on the ranked candidates (ranks count from 0 = most similar, the
    positive excluded): ranks ``[range_min, range_max)``; ``min_score``/``max_score``; the
    positive-aware margins of NV-Retriever (Moreira et al. 2024): ``absolute_margin`` keeps
-   ``s <= s_pos - m`` (TopK-MarginPos), ``relative_margin`` keeps ``s <= s_pos (1 - m)``
-   (TopK-PercPos; 0.05 = "95%").
+   ``s <= s_pos - m`` (TopK-MarginPos), ``relative_margin`` keeps ``s <= s_pos - |s_pos| m``
+   (TopK-PercPos, ``s_pos (1 - m)`` for ``s_pos >= 0``; 0.05 = "95%").
 4. **Sampling** ``num_negatives`` among the survivors, without replacement, by the strategy
    classes that weight negatives in the loss (:func:`pick_negatives`, on the candidates as a
    :class:`~hardneg.contrast.ContrastSet`):
@@ -436,7 +436,7 @@ def mine_hard_negatives(
             (default ``range_max = range_min + max(30, 3 num_negatives)``, capped by the corpus).
         min_score, max_score: keep candidates with ``min_score <= s <= max_score``.
         absolute_margin: keep ``s <= s_pos - absolute_margin`` (TopK-MarginPos).
-        relative_margin: keep ``s <= s_pos (1 - relative_margin)`` (TopK-PercPos).
+        relative_margin: keep ``s <= s_pos - |s_pos| relative_margin`` (TopK-PercPos).
         simans_a, simans_b: SimANS kernel ``exp(-a (s - s_pos - b)^2)``.
         hcl_beta, temperature: HCL weights ``exp(beta s / t)``.
         ring_rho_out, ring_rho_in: Ring's band over the surviving candidates.
@@ -490,11 +490,15 @@ def mine_hard_negatives(
     check_number("potential_clamp", potential_clamp, low=0.0, low_inclusive=False, high=1.0)
     stats.queries, stats.corpus = len(q_texts), len(c_texts)
 
-    # positives are never negatives of their query: skip corpus rows with the same text
+    # positives are never negatives of their query: skip the corpus rows equal to any positive
+    # of the same anchor text (an anchor listed with several positives keeps all of them out)
     where: dict[str, list[int]] = {}
     for j, text in enumerate(c_texts):
         where.setdefault(text, []).append(j)
-    exclude = [set(where.get(p, ())) for p in p_texts]
+    of_anchor: dict[str, set[int]] = {}
+    for q, p in zip(q_texts, p_texts):
+        of_anchor.setdefault(q, set()).update(where.get(p, ()))
+    exclude = [of_anchor[q] for q in q_texts]
     extra = max(len(e) for e in exclude)
     k = range_max + extra
     if k > len(c_texts):
@@ -547,7 +551,9 @@ def mine_hard_negatives(
     if absolute_margin is not None:
         keep &= scores <= pos - absolute_margin
     if relative_margin is not None:
-        keep &= scores <= pos * (1 - relative_margin)
+        # s_pos - |s_pos| m: below the positive whatever its sign (s_pos (1 - m) is above a
+        # negative s_pos)
+        keep &= scores <= pos - pos.abs() * relative_margin
 
     gen = torch.Generator().manual_seed(int(seed))
     chosen, keep = pick_negatives(
