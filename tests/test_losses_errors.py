@@ -105,9 +105,10 @@ def test_progress_outside_0_1_is_rejected(progress):
 def test_annealing_without_progress_names_what_is_missing():
     with raises("anneal='linear' needs the training progress: pass progress=<fraction in [0, 1]>"):
         hardneg.create_loss("ring", anneal="linear")(z(), z())
-    with raises(
+    hcl_message = (
         "beta_anneal='down' needs the training progress: pass progress=<fraction in [0, 1]>"
-    ):
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(hcl_message)}$"):  # the whole message
         hardneg.create_loss("hcl", beta_anneal="down")(z(), z())
 
 
