@@ -214,6 +214,17 @@ def test_hcl_gradients_equal_the_float64_equation(pool, detach, beta, tau_plus):
     check(loss_fn, hcl_reference(0.5, beta, tau_plus, detach), z1, z2, bank)
 
 
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("detach", [False, True])
+def test_hcl_plain_log_weights_give_the_float64_equation(pool, detach):
+    """``fast=False``: the weights go through the log-space form, not the fused log-mass."""
+    z1, z2, bank = make_inputs(pool=pool, seed=4)
+    loss_fn = hardneg.create_loss(
+        "hcl", temperature=0.5, beta=1.0, tau_plus=0.1, detach_weights=detach, fast=False
+    )
+    check(loss_fn, hcl_reference(0.5, 1.0, 0.1, detach), z1, z2, bank)
+
+
 def test_hcl_detached_and_attached_weights_have_different_gradients():
     """The switch matters (else the detach tests above could not tell the two apart)."""
     z1, z2, _ = make_inputs(seed=5)

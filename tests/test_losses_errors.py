@@ -105,6 +105,11 @@ def test_progress_outside_0_1_is_rejected(progress):
 def test_annealing_without_progress_names_what_is_missing():
     with raises("anneal='linear' needs the training progress: pass progress=<fraction in [0, 1]>"):
         hardneg.create_loss("ring", anneal="linear")(z(), z())
+    hcl_message = (
+        "beta_anneal='down' needs the training progress: pass progress=<fraction in [0, 1]>"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(hcl_message)}$"):  # the whole message
+        hardneg.create_loss("hcl", beta_anneal="down")(z(), z())
 
 
 # ------------------------------------------------------------------ names and hyper-parameters
@@ -153,6 +158,8 @@ def test_temperature_must_be_positive(name, t):
         ("hcl", dict(beta=float("nan")), "beta must be finite, got nan"),
         ("hcl", dict(beta_anneal="up"), "beta_anneal must be one of 'down', got 'up'"),
         ("hcl", dict(detach_weights="yes"), "detach_weights must be True or False, got 'yes'"),
+        ("hcl", dict(anneal_epochs=0), "anneal_epochs must be in [1, inf), got 0"),
+        ("hcl", dict(anneal_epochs=2.5), "anneal_epochs must be an integer, got 2.5"),
         ("ring", dict(rho_out=0.0), "rho_out must be in (0, 1], got 0.0"),
         ("ring", dict(rho_out=1.5), "rho_out must be in (0, 1], got 1.5"),
         ("ring", dict(rho_in=1.0), "rho_in must be in [0, 1), got 1.0"),

@@ -637,6 +637,28 @@ def test_hcl_anneal_down_changes_the_loss_like_a_smaller_beta():
         annealed(z1, z2)
 
 
+def test_hcl_anneal_down_with_anneal_epochs_follows_the_reference_epoch_stairs():
+    """20 epochs: the reference changes beta after every 20 // 9 = 2 epochs, so at epoch 10
+    (progress 0.5) it has taken 5 values of linspace(2, 0, 9): beta = 2 - 4 * 0.25 = 1.0. The
+    ninths of training without ``anneal_epochs`` give floor(4.5) = 4 stairs there: 1.25. A run of
+    one epoch keeps beta throughout."""
+    z1, z2 = views(n=8, d=8, seed=18)
+    annealed = hardneg.create_loss("hcl", beta=2.0, beta_anneal="down", anneal_epochs=20)
+    assert annealed.strategy.anneal_epochs == 20
+    torch.testing.assert_close(
+        annealed(z1, z2, progress=0.5), hardneg.create_loss("hcl", beta=1.0)(z1, z2)
+    )
+    ninths = hardneg.create_loss("hcl", beta=2.0, beta_anneal="down")
+    torch.testing.assert_close(
+        ninths(z1, z2, progress=0.5), hardneg.create_loss("hcl", beta=1.25)(z1, z2)
+    )
+    one = hardneg.create_loss("hcl", beta=2.0, beta_anneal="down", anneal_epochs=1)
+    assert one.strategy.anneal_epochs == 1
+    torch.testing.assert_close(
+        one(z1, z2, progress=0.9), hardneg.create_loss("hcl", beta=2.0)(z1, z2)
+    )
+
+
 # ------------------------------------------------------------------------ UnReMix
 
 

@@ -275,3 +275,25 @@ def test_hardness_modes_touch_the_negatives_sentence_transformers_names(mode):
     bonus[torch.arange(4), torch.arange(4)] = 0.0  # never the positive
     ref = F.cross_entropy(cos / t + bonus, torch.arange(4))
     assert loss(a, p, hard_negatives=n).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_hcl_takes_the_fused_log_mass_only_when_fast_and_the_objective_needs_just_the_mass(
+    monkeypatch,
+):
+    """``fastpaths`` is called only under ``fast=True`` with the InfoNCE objective (which reads
+    nothing but each anchor's log-mass); ``fast=False``, diagnostics and JSD take the weights."""
+    calls = []
+    fused = hardneg.fastpaths.tilted_log_mass
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(hardneg.fastpaths, "tilted_log_mass", spy)
+    z1, z2 = views(n=6, d=5, seed=3)
+    hardneg.create_loss("hcl", beta=1.0)(z1, z2)
+    assert len(calls) == 1
+    hardneg.create_loss("hcl", beta=1.0, fast=False)(z1, z2)
+    hardneg.create_loss("hcl", beta=1.0)(z1, z2, return_diagnostics=True)
+    hardneg.create_loss("hcl", beta=1.0, objective="jsd")(z1, z2)
+    assert len(calls) == 1
