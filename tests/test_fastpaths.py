@@ -131,6 +131,23 @@ def compare_fast_plain(name, hp, z1, z2, kwargs, *, grads=True):
     return gf, gp
 
 
+def assert_binomial_law(draws, trials, p):
+    """``draws [R, ...]`` follow Binomial(trials, p) cell by cell: mean within 5 standard errors,
+    variance within 12 %, and cell ``[0, 3]`` (Binomial(5, 0.9) in both callers) takes every value
+    in proportion to its probability."""
+    mean, var = trials * p, trials * p * (1 - p)
+    se = (var / len(draws)).sqrt().clamp(min=1e-9)
+    assert bool(((draws.mean(0) - mean).abs() <= 5 * se).all()), (draws.mean(0), mean)
+    loose = var > 0
+    assert bool(((draws.var(0)[loose] / var[loose]) - 1).abs().max() < 0.12)
+    assert float(trials[0, 3]) == 5 and abs(float(p[0, 3]) - 0.9) < 1e-6
+    col = draws[:, 0, 3]
+    for x in range(6):
+        q = math.comb(5, x) * 0.9**x * 0.1 ** (5 - x)
+        freq = float((col == x).double().mean())
+        assert abs(freq - q) <= 5 * math.sqrt(q * (1 - q) / len(col)) + 1e-3, (x, freq, q)
+
+
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("name", "hp"), cases())
@@ -507,17 +524,7 @@ def test_kept_counts_draws_binomial_counts(dtype):
     assert bool((draws[:, m == 0] == 0).all() and (draws[:, pi == 0] == 0).all())
     sure = pi == 1
     assert torch.equal(draws[:, sure], m[sure].to(dtype).expand(len(draws), -1))
-    mean, var = m * pi, m * pi * (1 - pi)
-    se = (var / len(draws)).sqrt().clamp(min=1e-9)
-    assert bool(((draws.mean(0) - mean).abs() <= 5 * se).all()), (draws.mean(0), mean)
-    loose = var > 0
-    assert bool(((draws.var(0)[loose] / var[loose]) - 1).abs().max() < 0.12)
-    # every value of a Binomial(5, 0.9) turns up in proportion to its probability
-    col = draws[:, 0, 3]
-    for x in range(6):
-        p = math.comb(5, x) * 0.9**x * 0.1 ** (5 - x)
-        freq = float((col == x).double().mean())
-        assert abs(freq - p) <= 5 * math.sqrt(p * (1 - p) / len(col)) + 1e-3, (x, freq, p)
+    assert_binomial_law(draws, m, pi)
     # no multiplicity: one cell per column
     one = torch.stack(
         [
@@ -623,16 +630,7 @@ def test_bernoulli_and_binomial_bytes_have_the_binomial_law(dtype):
     assert bool((draws >= 0).all() and (draws <= m).all())
     assert bool((draws[:, :, 0] == 0).all() and (draws[:, 0, 5] == 0).all())
     assert torch.equal(draws[:, 1, 2], torch.full_like(draws[:, 1, 2], 2.0))
-    mean, var = m * p, m * p * (1 - p)
-    se = (var / len(draws)).sqrt().clamp(min=1e-9)
-    assert bool(((draws.mean(0) - mean).abs() <= 5 * se).all()), (draws.mean(0), mean)
-    loose = var > 0
-    assert bool(((draws.var(0)[loose] / var[loose]) - 1).abs().max() < 0.12)
-    col = draws[:, 0, 3]
-    for x in range(6):
-        q = math.comb(5, x) * 0.9**x * 0.1 ** (5 - x)
-        freq = float((col == x).double().mean())
-        assert abs(freq - q) <= 5 * math.sqrt(q * (1 - q) / len(col)) + 1e-3, (x, freq, q)
+    assert_binomial_law(draws, m, p)
     one = torch.stack([fastpaths.bernoulli_bytes(p, g) for _ in range(5000)])
     assert one.dtype == dtype and bool(((one == 0) | (one == 1)).all())
     se1 = (p * (1 - p) / len(one)).sqrt().clamp(min=1e-9)

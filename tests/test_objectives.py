@@ -54,17 +54,23 @@ def lse(values):
     return torch.logsumexp(torch.stack(values), dim=0)
 
 
+def oracle_positives(contrast, sel, i):
+    """Anchor ``i``'s positive logits and weights, extras (weight 1 unless given) appended."""
+    pos = list(contrast.positive_logits[i])
+    pw = contrast.positive_weight if sel.positive_weight is None else sel.positive_weight
+    weights = [float(w) for w in pw[i]]
+    if sel.extra_positive_logits is not None:
+        pos += list(sel.extra_positive_logits[i])
+        ew = sel.extra_positive_weight
+        weights += [1.0] * len(sel.extra_positive_logits[i]) if ew is None else ew[i].tolist()
+    return pos, weights
+
+
 def oracle_infonce(contrast, sel, tau, mode, reduction):
     """Per-anchor loss, anchor by anchor, from the module docstring's equations."""
     out = []
     for i in range(contrast.positive_logits.shape[0]):
-        pos = list(contrast.positive_logits[i])
-        pw = contrast.positive_weight if sel.positive_weight is None else sel.positive_weight
-        weights = [float(w) for w in pw[i]]
-        if sel.extra_positive_logits is not None:
-            pos += list(sel.extra_positive_logits[i])
-            ew = sel.extra_positive_weight
-            weights += [1.0] * len(sel.extra_positive_logits[i]) if ew is None else ew[i].tolist()
+        pos, weights = oracle_positives(contrast, sel, i)
         terms = []  # log of each term of R_i
         if sel.negative_log_mass is not None:
             terms.append(sel.negative_log_mass[i])
@@ -238,12 +244,7 @@ def oracle_jsd(contrast, sel, tau):
     log2 = math.log(2.0)
     out = []
     for i in range(contrast.positive_logits.shape[0]):
-        pos = list(contrast.positive_logits[i])
-        pw = contrast.positive_weight if sel.positive_weight is None else sel.positive_weight
-        weights = [float(w) for w in pw[i]]
-        if sel.extra_positive_logits is not None:
-            pos += list(sel.extra_positive_logits[i])
-            weights += [1.0] * sel.extra_positive_logits.shape[1]
+        pos, weights = oracle_positives(contrast, sel, i)
         kept = [(a, w) for a, w in zip(pos, weights) if w > 0]
         norm = sum(w for _, w in kept)
         e_pos = sum(w * (log2 - sp(-a)) for a, w in kept) / norm
