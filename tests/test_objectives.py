@@ -268,11 +268,15 @@ def oracle_jsd(contrast, sel, tau):
 
 @pytest.mark.parametrize("tau", [0.0, 0.3])
 @pytest.mark.parametrize("extras", [False, True])
-def test_jsd_objective_equals_the_equations_with_padding_and_synthetic_columns(tau, extras):
+# a padding positive (weight 0) may hold any logit, -inf or +inf included: it must not count
+@pytest.mark.parametrize("padding", [40.0, NEG_INF, float("inf")], ids=["40", "-inf", "+inf"])
+def test_jsd_objective_equals_the_equations_with_padding_and_synthetic_columns(
+    tau, extras, padding
+):
     pos, neg = draw(11, 3, 2, scale=2.0), draw(12, 3, 5, scale=2.0)
     log_w = draw(13, 3, 5)
     with torch.no_grad():
-        pos[1, 1] = 40.0  # padding (weight 0): far from the other logits
+        pos[1, 1] = padding  # padding (weight 0): far from the other logits
         neg[0, 3] = NEG_INF
         log_w[2, 0] = NEG_INF
     weight = torch.tensor([[1.0, 0.5], [2.0, 0.0], [1.0, 1.0]], dtype=torch.float64)

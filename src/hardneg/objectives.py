@@ -187,6 +187,8 @@ def jsd_objective(contrast: ContrastSet, selection: Selection, *, tau_plus: floa
     log2 = math.log(2.0)
     pos, weight = positive_terms(contrast, selection)
     weight = torch.where(weight > 0, weight, 0.0)
+    # a padding positive (weight 0) may hold any logit, +-inf included: 0 * inf would be NaN
+    pos = torch.where(weight > 0, pos, 0.0)
     norm = weight.sum(dim=1)
     e_pos = (weight * (log2 - F.softplus(-pos))).sum(dim=1) / norm
     logits = contrast.negative_logits
