@@ -519,3 +519,36 @@ def test_no_positive_of_an_anchor_is_mined_as_a_negative_of_its_other_pairs():
         {"anchor": "q", "positive": p, "negative_1": "c", "negative_2": "d"} for p in ("a", "b")
     ]
     assert rows == want
+
+
+class RecordingModel(FakeModel):
+    """FakeModel that records every text it is asked to encode."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__(dim)
+        self.texts: list[str] = []
+
+    def encode(self, texts, **kwargs):
+        self.texts.extend(texts)
+        return super().encode(texts, **kwargs)
+
+
+def test_an_anchor_with_several_positives_is_embedded_once_and_mined_for_each_pair():
+    queries = ["query 0", "query 1", "query 0", "query 0"]
+    positives = ["doc 0", "doc 1", "doc 2", "doc 3"]
+    corpus = [f"doc {i}" for i in range(40)]
+    model = RecordingModel()
+    rows = mine_hard_negatives(
+        queries, positives, corpus, model=model, num_negatives=2, output_format="n-tuple"
+    )
+    assert sorted(t for t in model.texts if t.startswith("query")) == ["query 0", "query 1"]
+    # every pair still gets its own row; an anchor's positives are never its negatives, and the
+    # negatives are the corpus entries most similar to the anchor, computed independently here
+    assert [(r["anchor"], r["positive"]) for r in rows] == list(zip(queries, positives))
+    sims = scores_of(model, ["query 0", "query 1"], corpus)
+    own = {"query 0": {0, 2, 3}, "query 1": {1}}
+    for r in rows:
+        s = sims[0 if r["anchor"] == "query 0" else 1].clone()
+        s[list(own[r["anchor"]])] = float("-inf")
+        want = [corpus[j] for j in s.topk(2).indices.tolist()]
+        assert [r["negative_1"], r["negative_2"]] == want

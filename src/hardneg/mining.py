@@ -510,9 +510,12 @@ def mine_hard_negatives(
     rank, world = _world()
     lo, hi = shard_bounds(len(c_texts), rank, world)
     embed_kw = {"batch_size": batch_size, "cache_dir": cache_dir, "model_key": model_key}
+    # an anchor listed with several positives is embedded once (retrieval data repeats anchors)
+    distinct_q = list(dict.fromkeys(q_texts))
+    q_row = {t: n for n, t in enumerate(distinct_q)}
     emb = {
         "corpus": embed_texts(model, c_texts[lo:hi], **embed_kw),  # this rank's shard only
-        "queries": _embed_sharded(model, q_texts, **embed_kw),
+        "queries": _embed_sharded(model, distinct_q, **embed_kw)[[q_row[t] for t in q_texts]],
     }
     # positives already in the corpus reuse its embeddings; only the others are embedded
     in_corpus = sorted({where[p][0] for p in p_texts if p in where})
