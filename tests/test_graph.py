@@ -704,7 +704,10 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("training started before the inputs were checked")
 
+    import hardneg.graph.run as gr
+
     monkeypatch.setattr(gc, "train_and_score", refuse)
+    monkeypatch.setattr(gr, "fit_and_score", refuse)
 
 
 def compare_error(argv, capsys) -> str:
@@ -768,3 +771,62 @@ def test_load_tu_names_the_folder_above_a_data_sets_own_folder(tmp_path):
         load_tu(tmp_path / "TOY", "TOY")
     with pytest.raises(FileNotFoundError, match=f"give the folder above it, {tmp_path}"):
         load_tu(tmp_path / "TOY" / "raw", "TOY")
+
+
+# --- hardneg train on graph configs ---------------------------------------------------------------
+def test_train_on_a_graph_config_saves_the_trained_weights_and_the_protocol_score(tmp_path):
+    import json
+
+    from hardneg.cli import main
+    from hardneg.graph.protocol import build_model, fit_and_score, load_graph_config, run_protocol
+    from hardneg.train.checkpoint import load_checkpoint
+
+    toy_tu(tmp_path / "tu")
+    config = graph_config(tmp_path / "toy.yaml", epochs=2)
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(config), "--data-dir", str(tmp_path / "tu"),
+            "--run-dir", str(run), "loss.beta=2", "seed=1"]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert (results["strategy"], results["beta"], results["objective"]) == ("hcl", 2.0, "jsd_hard")
+    assert results["seed"] == 1000 * 1 + 20 and results["repeat"] == 1
+    # the score is repeat 1 of the protocol at beta = 2 (the same recipe, run again here)
+    cfg = load_graph_config(str(config))
+    cfg.update(betas=[2.0], repeats=2, epochs=2)
+    data = load_tu(tmp_path / "tu", "TOY")
+    assert run_protocol(cfg, data, log=lambda s: None)[2.0][1] == pytest.approx(results["svm"])
+    # the saved weights are the trained model's, not its initialisation
+    hp = {"loss": "hcl", "loss_hparams": {"beta": 2.0}, "objective": "jsd_hard"}
+    trained, _ = fit_and_score(cfg, data, **hp, seed=results["seed"])
+    torch.manual_seed(results["seed"])
+    initial = build_model(cfg, data, **hp)
+    saved = load_checkpoint(run / "model.pt")
+    assert saved["model"].keys() == trained.state_dict().keys()
+    for key, value in trained.state_dict().items():
+        assert torch.equal(saved["model"][key], value), key
+    assert any(not torch.equal(saved["model"][k], v) for k, v in initial.state_dict().items())
+    assert saved["setting"]["hparams"] == {"beta": 2.0} and saved["in_features"] == data.num_features
+
+
+def test_train_on_a_graph_config_checks_its_input_before_training(
+    tmp_path, capsys, monkeypatch, no_training
+):
+    from hardneg.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the default run folder is runs/ here
+
+    toy_tu(tmp_path / "tu")
+    config = str(graph_config(tmp_path / "toy.yaml"))
+    data = ["--data-dir", str(tmp_path / "tu")]
+    cases = [
+        ([], "needs the TU data folder"),
+        ([*data, "loss.name=nosuch"], "nosuch"),
+        ([*data, "seed=-1"], "seed must be a whole number >= 0"),
+        ([*data, "epochs=-1"], "epochs must be >= 0"),
+        ([*data, "bogus=1"], "graph override 'bogus=1'"),
+        (["--data-dir", str(tmp_path)], "TOY"),
+    ]
+    for extra, message in cases:
+        assert main(["train", "--config", config, *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "runs").exists()

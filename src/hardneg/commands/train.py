@@ -4,6 +4,10 @@
     hardneg train --config mnist1d_simclr_hcl train.epochs=5 loss.beta=0.5 # packaged name + overrides
     hardneg train --resume runs/x                                        # continue a run
     torchrun --nproc_per_node=4 -m hardneg train --config cifar10_simclr_hcl
+    hardneg train --config mutag --data-dir /path/to/TU loss.beta=2      # a graph config
+
+A graph config (``mutag``, ``ptc_mr``, ``nci1``, ``proteins`` or a graph YAML) trains one
+InfoGraph run of HCL's graph protocol and scores it (:mod:`hardneg.graph.run`).
 
 Overrides are ``section.key=value`` with YAML values; the whole config is validated before any
 data is loaded. Exit codes: 0 done, 2 bad config / arguments, 3 stopped on a NaN/Inf loss,
@@ -40,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "RUN_DIR/checkpoints/last.pt when no CKPT is given",
     )
     parser.add_argument("--run-dir", metavar="DIR", help="output folder (default runs/<name>)")
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="data folder: data.data_dir of an image config; for a graph config (mutag, "
+        "ptc_mr, nci1, proteins or a graph YAML) the folder holding DATASET/raw/ in TU format",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--list-configs", action="store_true", help="list the packaged configs and exit"
@@ -52,7 +62,19 @@ def run(args: argparse.Namespace) -> int:
     if args.list_configs:
         for name in list_configs():
             print(name)
+        from hardneg.commands.compare import graph_config_names
+
+        for name in graph_config_names():
+            print(f"{name} (graph: needs --data-dir)")
         return 0
+    if args.config is not None and args.resume is None:
+        from hardneg.commands.compare import find_graph_config
+
+        graph_config = find_graph_config(args.config, None)
+        if graph_config is not None:
+            return run_graph(args, graph_config)
+    if args.data_dir:
+        args.overrides = [*args.overrides, f"data.data_dir={args.data_dir}"]
     if args.resume is True and not args.run_dir:
         raise ValueError("--resume without a checkpoint needs --run-dir (or give --resume CKPT)")
     if args.config is not None:
@@ -122,3 +144,13 @@ def config_from_checkpoint(resume: str | bool, run_dir: str | None, overrides: l
     if path.is_dir():
         path = path / "checkpoints" / "last.pt"
     return load_config(load_checkpoint(path)["config"], overrides)
+
+
+def run_graph(args: argparse.Namespace, config: str) -> int:
+    """One InfoGraph run of a graph config (:func:`hardneg.graph.run.train_graph_run`)."""
+    try:
+        from hardneg.graph.run import train_graph_run
+    except ImportError as err:
+        raise ValueError(f"training on graphs needs the graph extra: {err}") from err
+    train_graph_run(config, data_dir=args.data_dir, run_dir=args.run_dir, overrides=args.overrides)
+    return 0

@@ -32,6 +32,7 @@ import yaml
 
 from hardneg.graph.protocol import (
     CONFIG_KEYS,
+    build_model,
     degree_option,
     load_graph_config,
     published_figure,
@@ -262,7 +263,6 @@ def compare_graphs(
     import torch
 
     from hardneg.graph.data import load_tu
-    from hardneg.graph.infograph import InfoGraph
     from hardneg.graph.train import check_model_data
 
     cfg = load_graph_config(str(config))
@@ -287,14 +287,8 @@ def compare_graphs(
     settings = plan_settings(cfg, strategies, loss_wide, per_strategy)
     data = load_tu(data_dir, cfg["dataset"], degree=degree_option(cfg))
     for s in settings:  # every model is built and checked against the data before training
-        model = InfoGraph(
-            data.num_features,
-            loss=s.strategy,
-            loss_hparams=s.loss_hparams(),
-            objective=s.objective,
-            direction=cfg.get("direction", "authors"),
-            hidden=int(cfg.get("hidden", 32)),
-            num_layers=int(cfg.get("num_layers", 3)),
+        model = build_model(
+            cfg, data, loss=s.strategy, loss_hparams=s.loss_hparams(), objective=s.objective
         )
         check_model_data(model, data, int(cfg.get("batch_size", 128)))
     out = Path(out)

@@ -83,21 +83,11 @@ def run_seed(repeat: int, beta: float | None) -> int:
     return 1000 * int(repeat) + int(10 * float(beta or 0.0))
 
 
-def train_and_score(
-    cfg: dict,
-    data: GraphSet,
-    *,
-    loss: str,
-    loss_hparams: dict,
-    objective: str | None,
-    seed: int,
-) -> dict[str, float]:
-    """One protocol run: shuffle once, train a fresh InfoGraph, score the frozen embeddings.
-
-    Returns ``{"svm": accuracy (percent), "svm_std": std over the folds, "train_s", "loss"}``.
-    """
-    torch.manual_seed(seed)
-    model = InfoGraph(
+def build_model(
+    cfg: dict, data: GraphSet, *, loss: str, loss_hparams: dict, objective: str | None
+) -> InfoGraph:
+    """The config's InfoGraph (GIN width and depth, scoring direction) for ``data``."""
+    return InfoGraph(
         data.num_features,
         loss=loss,
         loss_hparams=loss_hparams,
@@ -106,6 +96,24 @@ def train_and_score(
         hidden=int(cfg.get("hidden", 32)),
         num_layers=int(cfg.get("num_layers", 3)),
     )
+
+
+def fit_and_score(
+    cfg: dict,
+    data: GraphSet,
+    *,
+    loss: str,
+    loss_hparams: dict,
+    objective: str | None,
+    seed: int,
+) -> tuple[InfoGraph, dict[str, float]]:
+    """One protocol run: shuffle once, train a fresh InfoGraph, score the frozen embeddings.
+
+    Returns the trained model and ``{"svm": accuracy (percent), "svm_std": std over the folds,
+    "train_s", "loss"}``.
+    """
+    torch.manual_seed(seed)
+    model = build_model(cfg, data, loss=loss, loss_hparams=loss_hparams, objective=objective)
     run_data = shuffled(data, seed)
     fit = train_graphs(
         model,
@@ -118,7 +126,22 @@ def train_and_score(
     )
     emb, labels = embed(model.encoder, run_data)
     scores = svm_accuracy(emb, labels, folds=int(cfg.get("svm_folds", 10)), seed=seed)
-    return {**scores, "train_s": fit["seconds"], "loss": fit["loss"]}
+    return model, {**scores, "train_s": fit["seconds"], "loss": fit["loss"]}
+
+
+def train_and_score(
+    cfg: dict,
+    data: GraphSet,
+    *,
+    loss: str,
+    loss_hparams: dict,
+    objective: str | None,
+    seed: int,
+) -> dict[str, float]:
+    """:func:`fit_and_score` without the model (what the protocol keeps of a run)."""
+    return fit_and_score(
+        cfg, data, loss=loss, loss_hparams=loss_hparams, objective=objective, seed=seed
+    )[1]
 
 
 def run_protocol(

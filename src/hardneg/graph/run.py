@@ -1,0 +1,150 @@
+"""``hardneg train`` on a graph config: one InfoGraph training run, its weights and its score.
+
+``hardneg train --config mutag --data-dir /path/to/TU loss.beta=2`` trains the model that one run
+of HCL's protocol (:mod:`hardneg.graph.protocol`) trains: the config's strategy, objective,
+GIN width and depth, epochs, batch size and learning rate, the graphs shuffled once with the
+run's seed. It then scores the frozen sum-pooled embeddings with the protocol's SVM and writes,
+in the run folder:
+
+* ``model.pt``: the whole InfoGraph's and the encoder's ``state_dict``, the config and the
+  setting (strategy, ``beta``, objective, hyper-parameters, seed), saved atomically;
+* ``results.json``: the SVM accuracy (mean and std over the folds), the last epoch's loss,
+  the training time and everything that decided the run.
+
+Which run: ``seed=R`` is the protocol's repeat ``R`` (default 0), whose seed is
+``1000 R + int(10 beta)`` (:func:`~hardneg.graph.protocol.run_seed`), so the score equals that
+repeat's row of ``hardneg compare`` / the protocol. ``loss.name=STRATEGY`` trains another
+registered strategy; ``loss.KEY=value`` sets its hyper-parameters. A strategy with a ``beta``
+trains ``loss.beta`` when given, else the registry default (a config's ``betas`` list is the
+protocol's sweep, not one run). The config's keys (``epochs=50``, ``degree=none``...) are
+overrides too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hardneg.graph.compare import apply_overrides, plan_settings
+from hardneg.graph.protocol import (
+    build_model,
+    degree_option,
+    fit_and_score,
+    load_graph_config,
+    run_seed,
+)
+
+
+def split_run_overrides(overrides: Sequence[str]) -> tuple[list[str], str | None, int]:
+    """``(the other overrides, loss.name or None, seed=R or 0)``."""
+    rest, name, repeat = [], None, 0
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "loss.name":
+            name = value.strip()
+        elif sep and key.strip() == "seed":
+            try:
+                repeat = int(value)
+            except ValueError:
+                raise ValueError(f"seed must be a whole number >= 0, got {value!r}") from None
+            if repeat < 0:
+                raise ValueError(f"seed must be a whole number >= 0, got {repeat}")
+        else:
+            rest.append(item)
+    return rest, name, repeat
+
+
+def train_graph_run(
+    config: str | Path,
+    *,
+    data_dir: str | Path | None,
+    run_dir: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train and score one run of a graph config; returns what ``results.json`` holds.
+
+    Everything (config, overrides, strategy, data folder, the model against the data) is
+    checked before training starts."""
+    from hardneg.graph.data import load_tu
+    from hardneg.graph.train import check_model_data
+    from hardneg.registry import loss_hparams
+    from hardneg.train.checkpoint import save_checkpoint
+
+    cfg = load_graph_config(str(config))
+    rest, name, repeat = split_run_overrides(overrides)
+    strategy = name or cfg.get("loss", "hcl")
+    defaults = loss_hparams(strategy)  # an unknown strategy fails here, with the known ones
+    cfg, loss_wide, per_strategy, override_dir = apply_overrides(cfg, rest, [strategy])
+    if (
+        "beta" in defaults
+        and "beta" not in loss_wide
+        and "beta" not in per_strategy.get(strategy, {})
+    ):
+        loss_wide["beta"] = defaults["beta"]  # one run: the registry default, not the sweep
+    if int(cfg["epochs"]) < 0:
+        raise ValueError(f"epochs must be >= 0, got {cfg['epochs']}")
+    (setting,) = plan_settings(cfg, [strategy], loss_wide, per_strategy)
+    data_dir = data_dir or override_dir
+    if not data_dir:
+        raise ValueError(
+            f"a graph config needs the TU data folder: --data-dir DIR (DIR/{cfg['dataset']}"
+            f"/raw/ holds {cfg['dataset']}_A.txt etc.)"
+        )
+    data = load_tu(data_dir, cfg["dataset"], degree=degree_option(cfg))
+    probe = build_model(
+        cfg, data, loss=setting.strategy, loss_hparams=setting.loss_hparams(),
+        objective=setting.objective,
+    )  # fmt: skip
+    check_model_data(probe, data, int(cfg.get("batch_size", 128)))
+    seed = run_seed(repeat, setting.beta)
+    out = Path(run_dir) if run_dir else Path("runs") / f"{Path(str(config)).stem}-{setting.folder}"
+    out.mkdir(parents=True, exist_ok=True)
+    say(
+        f"training {setting.label} on {cfg['dataset']} ({len(data)} graphs, objective "
+        f"{setting.objective}, {cfg['epochs']} epochs, repeat {repeat}, seed {seed})"
+    )
+    start = time.perf_counter()
+    model, scores = fit_and_score(
+        cfg,
+        data,
+        loss=setting.strategy,
+        loss_hparams=setting.loss_hparams(),
+        objective=setting.objective,
+        seed=seed,
+    )
+    described = {
+        "strategy": setting.strategy,
+        "beta": setting.beta,
+        "objective": setting.objective,
+        "hparams": setting.loss_hparams(),
+        "repeat": repeat,
+        "seed": seed,
+    }
+    save_checkpoint(
+        out / "model.pt",
+        {
+            "model": model.state_dict(),
+            "encoder": model.encoder.state_dict(),
+            "in_features": data.num_features,
+            "config": {k: v for k, v in cfg.items() if k != "published"},
+            "setting": described,
+        },
+    )
+    results = {
+        **scores,
+        "dataset": cfg["dataset"],
+        "graphs": len(data),
+        "epochs": int(cfg["epochs"]),
+        **described,
+        "seconds": time.perf_counter() - start,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    say(
+        f"SVM accuracy {scores['svm']:.2f} % (± {scores['svm_std']:.2f} over the folds); "
+        f"weights: {out / 'model.pt'}"
+    )
+    return results
