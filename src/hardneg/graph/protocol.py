@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -129,19 +130,10 @@ def fit_and_score(
     return model, {**scores, "train_s": fit["seconds"], "loss": fit["loss"]}
 
 
-def train_and_score(
-    cfg: dict,
-    data: GraphSet,
-    *,
-    loss: str,
-    loss_hparams: dict,
-    objective: str | None,
-    seed: int,
-) -> dict[str, float]:
-    """:func:`fit_and_score` without the model (what the protocol keeps of a run)."""
-    return fit_and_score(
-        cfg, data, loss=loss, loss_hparams=loss_hparams, objective=objective, seed=seed
-    )[1]
+def train_and_score(cfg: dict, data: GraphSet, **run: Any) -> dict[str, float]:
+    """:func:`fit_and_score` (same keyword arguments) without the model: what the protocol
+    keeps of a run."""
+    return fit_and_score(cfg, data, **run)[1]
 
 
 def run_protocol(
