@@ -552,3 +552,35 @@ def test_an_anchor_with_several_positives_is_embedded_once_and_mined_for_each_pa
         s[list(own[r["anchor"]])] = float("-inf")
         want = [corpus[j] for j in s.topk(2).indices.tolist()]
         assert [r["negative_1"], r["negative_2"]] == want
+
+
+class CallRecordingModel(FakeModel):
+    """FakeModel that records the texts of each encode call."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__(dim)
+        self.batches: list[list[str]] = []
+
+    def encode(self, texts, **kwargs):
+        self.batches.append(list(texts))
+        return super().encode(texts, **kwargs)
+
+
+def test_embed_texts_encodes_longest_first_in_bounded_calls_and_keeps_the_input_order(
+    monkeypatch,
+):
+    import hardneg.mining as mining
+
+    monkeypatch.setattr(mining, "ENCODE_BATCHES_PER_CALL", 2)
+    texts = [f"text {'x' * ((7 * i) % 11)} {i}" for i in range(23)]
+    model = CallRecordingModel()
+    out = mining.embed_texts(model, texts, batch_size=3)
+    # rows in the input order: each row is its own text's unit vector
+    want = torch.nn.functional.normalize(torch.stack([model.vector(t) for t in texts]), dim=1)
+    torch.testing.assert_close(out, want)
+    # every text once, in calls of at most 2 batches of 3, longest texts first overall
+    seen = [t for batch in model.batches for t in batch]
+    assert sorted(seen) == sorted(texts)
+    assert all(len(batch) <= 6 for batch in model.batches) and len(model.batches) == 4
+    lengths = [len(t) for t in seen]
+    assert lengths == sorted(lengths, reverse=True)

@@ -109,6 +109,9 @@ def _from_dataset(data: Any, anchor_column: str, positive_column: str) -> tuple[
     return list(data[anchor_column]), list(data[positive_column])
 
 
+ENCODE_BATCHES_PER_CALL = 16
+
+
 def embed_texts(
     model: Any,
     texts: Sequence[str],
@@ -128,11 +131,16 @@ def embed_texts(
         path = Path(cache_dir) / f"emb_{key.hexdigest()[:20]}.npy"
         if path.exists():
             return torch.from_numpy(np.load(path, mmap_mode="r").copy())
+    # longest texts first, as sentence-transformers' own encode does within one call: batches of
+    # similar lengths carry little padding (measured 1.7-1.8x faster than batches in input order
+    # on Lee sentences with MiniLM); blocks of several batches bound the memory of one call
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    block = batch_size * ENCODE_BATCHES_PER_CALL
     parts = []
-    for start in range(0, len(texts), batch_size):
+    for start in range(0, len(order), block):
         with torch.no_grad():
             emb = model.encode(
-                list(texts[start : start + batch_size]),
+                [texts[i] for i in order[start : start + block]],
                 batch_size=batch_size,
                 convert_to_tensor=True,
                 show_progress_bar=False,
@@ -145,7 +153,8 @@ def embed_texts(
         parts.append(torch.nn.functional.normalize(emb.float().cpu(), dim=-1))
     if not parts:
         return torch.zeros(0, 1)
-    out = torch.cat(parts)
+    out = torch.empty(len(texts), parts[0].shape[1])
+    out[torch.tensor(order)] = torch.cat(parts)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, out.numpy())
