@@ -32,11 +32,14 @@ columns; per-anchor explicit columns (retrieval hard negatives) are not supporte
 
 Cost: the influence score needs, by its definition, ``sum_k p_ik z_k`` for every anchor and
 ``delta_i . delta_j`` for every pair, two (with a pool three) products of the size of the score
-matrix on top of InfoNCE's. Fast path (``context.fast``, InfoNCE objective): the row
-exponentials ``e^{c - max}`` once for the influence score's softmax and the objective
-(:func:`hardneg.fastpaths.row_exponentials`), the mix in one buffer
-(:func:`hardneg.fastpaths.unremix_mix`) and the weighted negative mass with the mix as a factor
-in one fused pass (:func:`hardneg.fastpaths.tilted_log_mass`), tested equal to the plain form.
+matrix on top of InfoNCE's, and ``cos(h_i, h_j)`` one more. Fast path (``context.fast``, InfoNCE
+objective): the row exponentials ``e^{c - max}`` once for the influence score's softmax, the
+pool's column softmax and the objective (:func:`hardneg.fastpaths.row_exponentials`);
+``cos(h_i, h_j) = t c_ij`` read from the logits when ``h = z`` is L2-normalised; the mix in one
+buffer, up to a per-row constant that the normalised weights cancel
+(:func:`hardneg.fastpaths.unremix_factor`); the weighted negative mass with the mix as a factor
+in one fused pass (:func:`hardneg.fastpaths.tilted_log_mass`); each tested equal to the plain
+form.
 
 Example:
     >>> import torch, hardneg
@@ -204,14 +207,16 @@ class UnReMixNegatives(Strategy):
             # e^{c - max} once: the influence score's softmax and the objective's tilted mass
             shifted = fastpaths.row_exponentials(logits)
             with torch.no_grad():
-                mix = fastpaths.unremix_mix(
-                    self.influence_scores(contrast, shifted) if self.lambda_u > 0 else None,
-                    self.representativeness_scores(contrast) if self.lambda_d > 0 else None,
-                    contrast.mask(),
+                mix = fastpaths.unremix_factor(
+                    contrast,
+                    shifted,
                     lambda_u=self.lambda_u,
                     lambda_d=self.lambda_d,
                     eps=self.eps,
+                    gradient_norm=self.influence == "gradient_norm",
                     density=self.representativeness == "density",
+                    zero_absent=self.beta == 0,
+                    plain_column_deltas=column_gradients,
                 )
             log_mass = fastpaths.tilted_log_mass(
                 logits,
