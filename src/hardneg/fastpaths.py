@@ -435,6 +435,22 @@ def _minmax_coefficients(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     return scale, torch.where(ok, -lo * scale, 0.0)
 
 
+def _zeroed_row_range(u: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(lo, hi)`` ``[A]`` of ``u`` over each row's negatives, ``u`` being 0 off them: one
+    ``amin`` and one ``amax`` pass (no masked copy); a row whose minimum is not below 0 (maximum
+    not above 0) may owe it to a zero off the negatives, and only those rows are reduced again
+    under the mask."""
+    lo, hi = u.amin(dim=1), u.amax(dim=1)
+    if mask is None:
+        return lo, hi
+    again = ((lo >= 0) | (hi <= 0)).nonzero().squeeze(1)
+    if again.numel():
+        rows, keep = u[again], mask[again]
+        lo[again] = torch.where(keep, rows, float("inf")).amin(dim=1)
+        hi[again] = torch.where(keep, rows, float("-inf")).amax(dim=1)
+    return lo, hi
+
+
 def unremix_column_deltas(contrast, shifted: tuple[Tensor, Tensor]) -> Tensor | None:
     """With a pool: ``delta_j = (1/t)(sum_i p~_ji q_i - z_j)``, ``p~_j = softmax_i(c_ij)`` ``[C, d]``
     from the row exponentials ``e_ij = e^{c_ij - m_i}`` already computed: with ``M = max_i m_i``
@@ -482,11 +498,13 @@ def unremix_factor(
       product (the masked ``-inf`` entries are overwritten before the min-max);
     * ``cos(delta_i, delta_j) t c_ij`` as one product of rows normalised first (``t`` folded into
       the ``[A, d]`` side), multiplied in place by the logits;
-    * ``U``'s row range in one ``aminmax`` pass after its off-negative entries are set to a value
-      of the same row; ``D`` (and ``U`` for ``gradient_norm``) are ``[C]`` vectors: their row
-      ranges from :func:`_vector_row_range`, no ``[A, C]`` pass;
-    * the mix as ``U + [B_i, C_i] [D; 1]`` in one ``addmm_`` pass over ``U`` (``k_i = 1 /
-      (lambda_u scale_i)``), or one rank-``r`` product when ``U`` is a vector;
+    * ``U`` is 0 off the negatives; its row range from one ``amin`` and one ``amax`` pass (the
+      rows that could owe an end to such a 0 reduced again under the mask,
+      :func:`_zeroed_row_range`); ``D`` (and ``U`` for ``gradient_norm``) are ``[C]`` vectors:
+      their row ranges without an ``[A, C]`` pass (:func:`_vector_row_range`);
+    * the mix as ``U - lo`` plus the row constants plus one in-place rank-1 update per vector
+      (``k_i = 1 / (lambda_u scale_i)``, so ``U~`` is never scaled), no ``[A, C]`` temporary
+      and no masked pass (``-inf`` logits make the exponentials 0 off the negatives);
     * with a pool, the column softmax over anchors from the row exponentials
       (:func:`unremix_column_deltas`); ``plain_column_deltas(contrast)`` is the fallback.
 
@@ -496,8 +514,9 @@ def unremix_factor(
     a, c = logits.shape
     dtype = logits.dtype
     mask = contrast.negative_mask
-    vectors: list[Tensor] = [logits.new_ones(c)]  # [C] rows of the rank-r part
-    coefs: list[Tensor] = [logits.new_full((a,), eps)]  # [A] their per-row coefficients
+    # the mix minus U's term: coefs[0]_i + sum_r coefs[r]_i vectors[r]_j ([A] and [C] each)
+    vectors: list[Tensor] = [logits.new_ones(c)]  # vectors[0] = 1: the row constants
+    coefs: list[Tensor] = [logits.new_full((a,), eps)]
     u = None
     scale_u = None
     if lambda_u > 0:
@@ -526,17 +545,18 @@ def unremix_factor(
                     delta_c, dim=1
                 ).T
                 u.mul_(logits)
+                if mask is not None:  # -inf logits off the negatives: +-inf or nan -> 0
+                    u.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             else:
                 u = F.normalize(delta_a, dim=1) @ F.normalize(delta_c, dim=1).T
                 u.mul_(F.normalize(h_a, dim=1) @ F.normalize(h_c, dim=1).T)
-            if mask is not None:
-                # off the negatives (-inf logits): a negative's value of the same row, so that
-                # one aminmax pass gives the range over the negatives
-                first = mask.to(torch.uint8).argmax(dim=1, keepdim=True)
-                torch.where(mask, u, u.gather(1, first), out=u)
-            lo, hi = torch.aminmax(u, dim=1)
-            scale_u, shift = _minmax_coefficients(lo, hi)
-            coefs[0] = coefs[0] + lambda_u * shift
+                if mask is not None:
+                    u.masked_fill_(~mask, 0.0)
+            lo, hi = _zeroed_row_range(u, mask)
+            scale_u, _ = _minmax_coefficients(lo, hi)
+            # U - lo first (exact for close values, as the plain form's x - lo), 0 on a
+            # constant row; U's scale is applied below
+            u.sub_(torch.where(scale_u > 0, lo, 0.0).unsqueeze(1))
     if lambda_d > 0:
         z = contrast.columns.detach().to(dtype)
         d_vec = 1.0 - (z @ z.sum(dim=0) - (z * z).sum(dim=1)) / max(c - 1, 1)
@@ -545,17 +565,21 @@ def unremix_factor(
         vectors.append(d_vec)
         coefs.append(sign * lambda_d * scale)
         coefs[0] = coefs[0] + lambda_d * (sign * shift + (1.0 if density else 0.0))
-    basis = torch.stack(vectors)  # [r, C]
-    coef = torch.stack(coefs, dim=1)  # [A, r]
     if u is None:
-        out = coef @ basis
+        out = torch.addcmul(coefs[0].unsqueeze(1), coefs[1].unsqueeze(1), vectors[1].unsqueeze(0))
+        terms = zip(coefs[2:], vectors[2:])
     else:
         assert scale_u is not None
         k = lambda_u * scale_u
-        if bool((k > 0).all()):  # k_i U~ + ... = k_i (U + (...) / k_i): one pass over U
-            out = u.addmm_(coef / k.unsqueeze(1), basis)
+        if bool((k > 0).all()):  # k_i (U - lo) + ... = k_i (U - lo + (...) / k_i)
+            coefs = [x / k for x in coefs]
+            out = u
         else:  # a row whose U is constant over its negatives: k_i = 1
-            out = u.mul_(k.unsqueeze(1)).addmm_(coef, basis)
+            out = u.mul_(k.unsqueeze(1))
+        out.add_(coefs[0].unsqueeze(1))
+        terms = zip(coefs[1:], vectors[1:])
+    for coef, vector in terms:  # rank-1 terms in place (a K = 1 product is slower on CPU)
+        out.addcmul_(coef.unsqueeze(1), vector.unsqueeze(0))
     if zero_absent and mask is not None:
         out.masked_fill_(~mask, 0.0)
     return out
