@@ -400,18 +400,19 @@ def softmax_expectation(
 
 def _vector_row_range(v: Tensor, contrast) -> tuple[Tensor, Tensor]:
     """``(lo, hi)`` ``[A]`` of a column vector ``v`` ``[C]`` over each anchor's negatives, without
-    an ``[A, C]`` pass when every row has the same count ``M`` of negatives: the ``C - M + 1``
+    an ``[A, C]`` pass: with ``M`` the smallest count of negatives of a row, the ``C - M + 1``
     smallest (largest) entries hold at least one negative of every row, and the first of them in
-    order is the row's minimum (maximum); a look-up of ``[A, C - M + 1]`` mask bits. Otherwise
-    (per-anchor counts) the masked reduction over ``[A, C]``."""
+    order is the row's minimum (maximum); a look-up of ``[A, C - M + 1]`` mask bits. When that
+    is more than a quarter of the columns, the masked reduction over ``[A, C]``."""
     mask = contrast.negative_mask
     if mask is None:  # every column is a negative of every anchor
         a = contrast.negative_logits.shape[0]
         return v.amin().expand(a), v.amax().expand(a)
     m = contrast.num_negatives
+    m = m if isinstance(m, int) else (int(m.min()) if m.numel() else 0)
     c = v.shape[0]
-    if isinstance(m, int) and 0 < m <= c and mask.shape[1] == c:
-        k = c - m + 1
+    k = c - m + 1
+    if 0 < m <= c and 4 * k <= c and mask.shape[1] == c:
         ends = []
         for largest in (False, True):
             order = v.topk(k, largest=largest).indices  # sorted
