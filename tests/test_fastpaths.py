@@ -558,6 +558,15 @@ def test_unremix_factor_equals_the_plain_mix_up_to_a_row_constant(form, hp):
         assert bool((fast[~mask] == 0).all())
 
 
+@pytest.mark.parametrize("form", UNREMIX_FORMS)
+def test_unremix_anchor_deltas_equal_the_plain_gradients(form):
+    from hardneg.strategies.unremix import anchor_gradients
+
+    c = unremix_contrast(form)
+    got = fastpaths.anchor_deltas(c, fastpaths.row_exponentials(c.negative_logits))
+    torch.testing.assert_close(got, anchor_gradients(c), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("form", ["pool", "pool_exclude", "masked"])
 def test_unremix_column_deltas_equal_the_column_softmax_form(form):
     from hardneg.strategies.unremix import column_gradients

@@ -72,26 +72,20 @@ def softmax_expectation(contrast: ContrastSet) -> tuple[Tensor, Tensor]:
     return p @ contrast.columns.detach(), (pos - log_z).exp().squeeze(1)
 
 
-def anchor_gradients(contrast: ContrastSet, shifted: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def anchor_gradients(contrast: ContrastSet) -> Tensor:
     """``delta_i = (1/t)(sum_k p_ik z_k - z_{i+})``: InfoNCE gradient w.r.t. each anchor ``[A, d]``
-    (``z_k`` over the positive and the negatives; the first positive when there are several).
-    ``shifted``: the fast path's row exponentials (:func:`hardneg.fastpaths.row_exponentials`)."""
-    if shifted is None:
-        expected, p_pos = softmax_expectation(contrast)
-    else:
-        expected, p_pos = fastpaths.softmax_expectation(
-            shifted, contrast.positive_logits.detach()[:, 0], contrast.columns.detach()
-        )
+    (``z_k`` over the positive and the negatives; the first positive when there are several)."""
+    expected, p_pos = softmax_expectation(contrast)
     positive = contrast.positives.detach()[:, 0]
     return (expected + p_pos.unsqueeze(1) * positive - positive) / contrast.temperature
 
 
-def column_gradients(contrast: ContrastSet, shifted: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def column_gradients(contrast: ContrastSet) -> Tensor:
     """``delta_j`` of each shared column as an anchor of its own: in-batch, the anchors' own
     (the columns are the anchors); otherwise (a pool) ``(1/t)(sum_i p~_ji q_i - z_j)`` with
     ``p~_j = softmax_i(c_ij)`` over the anchors that have ``j`` as a negative."""
     if contrast.columns is contrast.anchors:
-        return anchor_gradients(contrast, shifted)
+        return anchor_gradients(contrast)
     p = torch.softmax(contrast.negative_logits.detach(), dim=0)
     p = torch.nan_to_num(p, nan=0.0)  # a column masked for every anchor has no distribution
     return (p.T @ contrast.anchors.detach() - contrast.columns.detach()) / contrast.temperature
@@ -151,13 +145,10 @@ class UnReMixNegatives(Strategy):
         )
         self.detach_weights = check_flag("detach_weights", detach_weights)
 
-    def influence_scores(
-        self, contrast: ContrastSet, shifted: tuple[Tensor, Tensor] | None = None
-    ) -> Tensor:
-        """``U``: ``[A, C]`` for ``gradient_similarity``, ``[1, C]`` for ``gradient_norm``
-        (``shifted``: the fast path's row exponentials, see :func:`anchor_gradients`)."""
+    def influence_scores(self, contrast: ContrastSet) -> Tensor:
+        """``U``: ``[A, C]`` for ``gradient_similarity``, ``[1, C]`` for ``gradient_norm``."""
         with torch.no_grad():
-            delta_a = anchor_gradients(contrast, shifted)
+            delta_a = anchor_gradients(contrast)
             # in-batch the columns are the anchors: their deltas are the same, computed once
             delta_c = (
                 delta_a if contrast.columns is contrast.anchors else column_gradients(contrast)
