@@ -170,7 +170,8 @@ def tilted_log_mass(
     (mean 1 over the ``M`` negatives), in one fused pass; see :class:`_TiltedLogMass`.
 
     ``logits`` ``[A, S]`` (``-inf`` = not a negative); ``factor`` ``f`` (detached, 0 where the
-    logits are ``-inf``; None = 1); ``tilt_grad``: let the gradient flow through the weights;
+    logits are ``-inf``, or any finite value there when ``beta > 0``, where ``e^{beta s}`` is 0;
+    None = 1); ``tilt_grad``: let the gradient flow through the weights;
     ``shifted``: ``(max_j c_ij [A], e^{c - max_j c} [A, S])`` of the detached logits, exactly as
     computed here, when the caller already has them. Computes in the logits' dtype.
     """
