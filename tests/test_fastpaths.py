@@ -53,6 +53,7 @@ VARIANTS: dict[str, list[dict]] = {
         {"lambda_u": 0.0, "representativeness": "density"},  # the mix without U
         {"lambda_d": 0.0, "influence": "gradient_norm", "eps": 0.01},  # U [1, C] alone
         {"lambda_u": 3.0, "lambda_d": 0.5, "beta": 1.0},
+        {"beta": 0.0, "lambda_d": 0.0},  # U [A, C], factor used without the exponential
     ],
     # random draws: equal in expected mode; the Bernoulli law is tested below
     "potential": [
@@ -462,6 +463,220 @@ def test_unremix_in_batch_computes_the_softmax_expectation_once(monkeypatch, fas
         hardneg.create_loss("unremix", fast=fast)(z1, z2, **kwargs)
         assert len(calls) == 1, form
         assert len(exps) == int(fast), form
+
+
+# unremix: the fast factor, row ranges and column deltas against the plain forms
+
+
+def unremix_contrast(form, dtype=torch.float64, *, n=9, d=5, k=30, seed=40, hidden=False):
+    """A contrast set of each layout unremix scores: in-batch (with and without duplicate ids),
+    a pool (with and without excluded entries), and a general one whose row 0 has a single
+    negative (a constant U row) and whose column 3 is nobody's negative."""
+    from hardneg.contrast import build_contrast, in_batch_contrast, pool_contrast
+
+    g = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+    z2 = (z1 + 0.8 * torch.randn(n, d, generator=g, dtype=torch.float64)).to(dtype)
+    pool = torch.randn(k, d, generator=g, dtype=torch.float64).to(dtype)
+    h = torch.randn(2 * n + k, 7, generator=g, dtype=torch.float64).to(dtype)
+    t = 0.3
+    if form == "in_batch":
+        c = in_batch_contrast([z1, z2], temperature=t)
+    elif form == "ids":
+        c = in_batch_contrast([z1, z2], temperature=t, ids=torch.arange(n) % (n - 3))
+    elif form in ("pool", "pool_exclude"):
+        own = torch.randperm(k, generator=g)[:n] if form == "pool_exclude" else None
+        c = pool_contrast(z1, z2, pool, temperature=t, exclude_index=own)
+    else:  # "masked": per-anchor negatives from a mask
+        keep = torch.rand(n, k, generator=g) > 0.3
+        keep[0] = False
+        keep[0, 5] = True
+        keep[:, 3] = False
+        c = build_contrast(z1, pool, temperature=t, positives=z2, negative_mask=keep)
+    if hidden:
+        c.anchor_features = h[: c.anchors.shape[0]]
+        c.column_features = (
+            c.anchor_features if c.columns is c.anchors else h[2 * n : 2 * n + c.columns.shape[0]]
+        )
+    return c
+
+
+UNREMIX_FORMS = ["in_batch", "ids", "pool", "pool_exclude", "masked"]
+
+
+def assert_same_row_weights(fast, plain, mask):
+    """Equal up to a positive constant per row on the negatives: the tilted mass's weights
+    ``f_ij / sum_k f_ik`` agree (float64, 1e-10)."""
+    wf = fast.masked_fill(~mask, 0.0)
+    wp = plain.masked_fill(~mask, 0.0)
+    sf, sp = wf.sum(dim=1, keepdim=True), wp.sum(dim=1, keepdim=True)
+    assert bool(torch.isfinite(fast).all())
+    assert bool((wf[mask] > 0).all())
+    torch.testing.assert_close(wf / sf, wp / sp, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", UNREMIX_FORMS)
+@pytest.mark.parametrize(
+    "hp",
+    [
+        {},
+        {"influence": "gradient_norm", "representativeness": "density"},
+        {"lambda_u": 0.0},
+        {"lambda_d": 0.0, "eps": 0.01},
+        {"lambda_u": 2.0, "lambda_d": 0.3, "representativeness": "density"},
+        {"hidden": True},
+        {"hidden": True, "influence": "gradient_norm"},
+        {"unnormalised": True},
+        {"beta": 0.0},  # zero_absent: exactly 0 off the negatives
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults",
+)
+def test_unremix_factor_equals_the_plain_mix_up_to_a_row_constant(form, hp):
+    from hardneg.strategies import unremix
+
+    hp = dict(hp)
+    c = unremix_contrast(form, hidden=hp.pop("hidden", False))
+    if hp.pop("unnormalised", False):
+        c.normalized = False  # the logits are then not read as cosines: own product
+    strategy = unremix.UnReMixNegatives(**hp)
+    mask = c.mask()
+    plain = strategy.mix(c)
+    fast = fastpaths.unremix_factor(
+        c,
+        fastpaths.row_exponentials(c.negative_logits),
+        lambda_u=strategy.lambda_u,
+        lambda_d=strategy.lambda_d,
+        eps=strategy.eps,
+        gradient_norm=strategy.influence == "gradient_norm",
+        density=strategy.representativeness == "density",
+        zero_absent=strategy.beta == 0,
+        plain_column_deltas=unremix.column_gradients,
+    )
+    assert fast.dtype == plain.dtype and fast.shape == plain.shape
+    assert_same_row_weights(fast, plain, mask)
+    if strategy.beta == 0:
+        assert bool((fast[~mask] == 0).all())
+
+
+@pytest.mark.parametrize("form", UNREMIX_FORMS)
+def test_unremix_anchor_deltas_equal_the_plain_gradients(form):
+    from hardneg.strategies.unremix import anchor_gradients
+
+    c = unremix_contrast(form)
+    got = fastpaths.anchor_deltas(c, fastpaths.row_exponentials(c.negative_logits))
+    torch.testing.assert_close(got, anchor_gradients(c), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["pool", "pool_exclude", "masked"])
+def test_unremix_column_deltas_equal_the_column_softmax_form(form):
+    from hardneg.strategies.unremix import column_gradients
+
+    c = unremix_contrast(form)
+    got = fastpaths.unremix_column_deltas(c, fastpaths.row_exponentials(c.negative_logits))
+    assert got is not None
+    # column 3 of "masked" is nobody's negative: p~ = 0, delta = -z / t as in the plain form
+    torch.testing.assert_close(got, column_gradients(c), rtol=1e-10, atol=1e-12)
+
+
+def test_unremix_column_deltas_hand_back_when_a_column_mass_would_underflow():
+    """A column whose best anchor is far below the best row maximum: e^{c - M} underflows in
+    float32 while the column softmax resolves it; the fast form declines (the caller then takes
+    the plain one) and the loss still equals the plain loss."""
+    from hardneg.strategies.unremix import column_gradients
+
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    k = q.clone()
+    pool = torch.tensor([[1.0, 0.0], [-1.0, -1.0], [0.5, 0.5]])
+    from hardneg.contrast import pool_contrast
+
+    # column 1: its best logit is -70.7 against M = 100, e^{-170.7} underflows in float32
+    c = pool_contrast(q, k, pool, temperature=0.01)
+    assert fastpaths.unremix_column_deltas(c, fastpaths.row_exponentials(c.negative_logits)) is None
+    c64 = pool_contrast(q.double(), k.double(), pool.double(), temperature=0.01)
+    got = fastpaths.unremix_column_deltas(c64, fastpaths.row_exponentials(c64.negative_logits))
+    torch.testing.assert_close(got, column_gradients(c64), rtol=1e-10, atol=1e-12)
+    hp = {"temperature": 0.01}
+    compare_fast_plain("unremix", hp, q.requires_grad_(), k.requires_grad_(), {"negatives": pool})
+
+
+@pytest.mark.parametrize("form", [*UNREMIX_FORMS, "ids_large"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_unremix_vector_row_range_equals_the_masked_min_and_max(form, ties):
+    # ids_large: per-anchor counts (36 or 38 of 40) take the look-up, not the masked reduction
+    c = unremix_contrast("ids", n=20) if form == "ids_large" else unremix_contrast(form)
+    g = torch.Generator().manual_seed(41)
+    v = torch.randn(c.columns.shape[0], generator=g, dtype=torch.float64)
+    if ties:
+        v = v.round()  # a handful of distinct values, each on many columns
+    mask = c.mask()
+    lo, hi = fastpaths._vector_row_range(v, c)
+    row = v.expand_as(mask)
+    has = mask.any(dim=1)
+    assert torch.equal(lo[has], torch.where(mask, row, math.inf).amin(dim=1)[has])
+    assert torch.equal(hi[has], torch.where(mask, row, -math.inf).amax(dim=1)[has])
+
+
+def test_unremix_vector_row_range_takes_the_first_negative_in_order():
+    """Every row has M = 2 of C = 4 columns: the 3 smallest (largest) values hold a negative of
+    each row, and the row's minimum (maximum) is the first negative among them in order."""
+    from hardneg.contrast import build_contrast
+
+    keep = torch.tensor([[True, True, False, False], [False, False, True, True]])
+    x = torch.eye(4, dtype=torch.float64)[:2]
+    c = build_contrast(x, torch.eye(4, dtype=torch.float64), temperature=1.0, positives=x)
+    c.negative_mask, c.num_negatives = keep, 2
+    v = torch.tensor([3.0, 1.0, 4.0, 2.0], dtype=torch.float64)
+    lo, hi = fastpaths._vector_row_range(v, c)
+    assert lo.tolist() == [1.0, 2.0] and hi.tolist() == [3.0, 4.0]
+
+
+def test_unremix_zeroed_row_range_reduces_again_the_rows_a_zero_could_end():
+    """U is 0 off the negatives: a row whose negatives are all positive (negative) would read 0
+    as its minimum (maximum) from the plain reductions."""
+    u = torch.tensor([[0.0, 0.5, 0.9, 0.0], [-0.2, 0.0, -0.7, 0.3], [0.0, -0.4, -0.6, 0.0]])
+    mask = torch.tensor(
+        [[False, True, True, False], [True, False, True, True], [False] + [True] * 3]
+    )
+    lo, hi = fastpaths._zeroed_row_range(u.clone(), mask)
+    assert lo.tolist() == pytest.approx([0.5, -0.7, -0.6])
+    assert hi.tolist() == pytest.approx([0.9, 0.3, 0.0])
+
+
+@pytest.mark.parametrize("form", ["in_batch", "ids", "pool_exclude"])
+def test_unremix_unnormalised_fast_equals_plain(form):
+    """normalize=False: the logits are not cosines, so cos(h) is a product of its own. Equal in
+    float64; in float32 the anchors' deltas are nearly 0 (p_i+ near 1 with raw dot products)
+    and their directions ill-conditioned (measured: both forms about 1e-3 off float64), so the
+    fast form must only be no less accurate than the plain one there."""
+    hp = {"normalize": False}
+    z1, z2, kwargs = make_inputs(form, torch.float64)
+    compare_fast_plain("unremix", hp, z1, z2, kwargs)
+    ref = hardneg.create_loss("unremix", check_inputs=False, fast=False, **hp)
+    ref_loss, _ = loss_and_grads(ref, z1, z2, kwargs)
+    a, b = (z.detach().float().requires_grad_() for z in (z1, z2))
+    kw32 = {k: v.float() if v.is_floating_point() else v for k, v in kwargs.items()}
+    errors = {}
+    for fast in (True, False):
+        loss_fn = hardneg.create_loss("unremix", check_inputs=False, fast=fast, **hp)
+        loss, _ = loss_and_grads(loss_fn, a, b, kw32)
+        errors[fast] = abs(float(loss.detach()) - float(ref_loss.detach()))
+    assert errors[True] <= max(1e-5, 2 * errors[False]), errors
+
+
+def test_unremix_fast_path_with_hidden_features_equals_plain():
+    """h1 / h2 / negative_h given: cos(h) is a product of its own on the fast path too."""
+    g = torch.Generator().manual_seed(42)
+    z1, z2 = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    h1, h2 = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    pool, pool_h = torch.randn(20, 5, generator=g), torch.randn(20, 6, generator=g)
+    for dtype in (torch.float32, torch.float64):
+        a = z1.to(dtype).requires_grad_()
+        b = z2.to(dtype).requires_grad_()
+        kw = {"h1": h1.to(dtype), "h2": h2.to(dtype)}
+        compare_fast_plain("unremix", {}, a, b, kw)
+        kw.update(negatives=pool.to(dtype), negative_h=pool_h.to(dtype))
+        compare_fast_plain("unremix", {"influence": "gradient_norm"}, a, b, kw)
+        compare_fast_plain("unremix", {}, a, b, kw)
 
 
 # potential: per-column counts (fastpaths.kept_counts) against the per-cell grid

@@ -19,10 +19,12 @@ only; no kept buffers.
 * :func:`weighted_log_mass` — potential: ``log sum_j w_ij e^{c_ij}`` from the counts themselves,
   no ``log w`` pass over ``[A, S]`` and a two-pass backward (plain twin:
   ``logsumexp(c + log w)``, ``-inf`` with a zero gradient on a row with nothing kept).
-* :func:`row_exponentials` / :func:`unremix_mix` — UnReMix: the row-shifted exponentials
-  ``e^{c - max_j c}`` computed once for the influence score's softmax and the objective's tilted
-  mass, and the mix ``lambda_u U~ + lambda_d D~ + eps`` built in one ``[A, C]`` buffer (per-row
-  affine in place, representativeness as a rank-1 update) (plain twin:
+* :func:`row_exponentials` / :func:`unremix_factor` — UnReMix: the row-shifted exponentials
+  ``e^{c - max_j c}`` computed once for the influence score's softmax, the pool's column softmax
+  over anchors (:func:`unremix_column_deltas`) and the objective's tilted mass; ``cos(h_i, h_j)``
+  read from the logits when ``h = z`` is L2-normalised; the mix, up to a per-row constant the
+  tilted mass cancels, as ``U`` plus a rank-``r`` product in one pass over one ``[A, C]``
+  buffer, row ranges of ``[C]`` vectors without an ``[A, C]`` pass (plain twin:
   ``UnReMixNegatives.mix`` with ``minmax_over_negatives``).
 * :func:`mixed_column_logits` — MoCHi: the logits ``q · n_j / t`` of the drawn columns read
   from the contrast set's own logits, with a hand-written backward to the anchors only (plain
@@ -168,7 +170,8 @@ def tilted_log_mass(
     (mean 1 over the ``M`` negatives), in one fused pass; see :class:`_TiltedLogMass`.
 
     ``logits`` ``[A, S]`` (``-inf`` = not a negative); ``factor`` ``f`` (detached, 0 where the
-    logits are ``-inf``; None = 1); ``tilt_grad``: let the gradient flow through the weights;
+    logits are ``-inf``, or any finite value there when ``beta > 0``, where ``e^{beta s}`` is 0;
+    None = 1); ``tilt_grad``: let the gradient flow through the weights;
     ``shifted``: ``(max_j c_ij [A], e^{c - max_j c} [A, S])`` of the detached logits, exactly as
     computed here, when the caller already has them. Computes in the logits' dtype.
     """
@@ -396,49 +399,202 @@ def softmax_expectation(
     return (e @ columns) * (-log_z).exp().unsqueeze(1), (positive - row_max - log_z).exp()
 
 
-def _row_range(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """``(scale, shift)`` ``[A, 1]`` of the min-max map ``(x - lo) / (hi - lo)`` over each row's
-    masked entries (0 and 0 on a constant or empty row, as the plain form)."""
-    lo = torch.where(mask, x, float("inf")).amin(dim=1, keepdim=True)
-    hi = torch.where(mask, x, float("-inf")).amax(dim=1, keepdim=True)
+def _vector_row_range(v: Tensor, contrast) -> tuple[Tensor, Tensor]:
+    """``(lo, hi)`` ``[A]`` of a column vector ``v`` ``[C]`` over each anchor's negatives, without
+    an ``[A, C]`` pass: with ``M`` the smallest count of negatives of a row, the ``C - M + 1``
+    smallest (largest) entries hold at least one negative of every row, and the first of them in
+    order is the row's minimum (maximum); a look-up of ``[A, C - M + 1]`` mask bits. When that
+    is more than a quarter of the columns, the masked reduction over ``[A, C]``."""
+    mask = contrast.negative_mask
+    if mask is None:  # every column is a negative of every anchor
+        a = contrast.negative_logits.shape[0]
+        return v.amin().expand(a), v.amax().expand(a)
+    m = contrast.num_negatives
+    m = m if isinstance(m, int) else (int(m.min()) if m.numel() else 0)
+    c = v.shape[0]
+    k = c - m + 1
+    if 0 < m <= c and 4 * k <= c and mask.shape[1] == c:
+        ends = []
+        for largest in (False, True):
+            order = v.topk(k, largest=largest).indices  # sorted
+            hits = mask[:, order]
+            if not bool(hits.any(dim=1).all()):  # a row with fewer than M negatives
+                break
+            ends.append(v[order[hits.to(torch.uint8).argmax(dim=1)]])  # first hit in order
+        else:
+            return ends[0], ends[1]
+    lo = torch.where(mask, v, float("inf")).amin(dim=1)
+    hi = torch.where(mask, v, float("-inf")).amax(dim=1)
+    return lo, hi
+
+
+def _minmax_coefficients(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` of the min-max map ``x -> (x - lo) / (hi - lo)`` (0 and 0 on a constant
+    or empty row, as ``hardneg.strategies.unremix.minmax_over_negatives``)."""
     span = hi - lo
     ok = span > 0
     scale = torch.where(ok, 1.0 / torch.where(ok, span, 1.0), 0.0)
     return scale, torch.where(ok, -lo * scale, 0.0)
 
 
-def unremix_mix(
-    u: Tensor | None,
-    d: Tensor | None,
-    mask: Tensor,
+def _zeroed_row_range(u: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(lo, hi)`` ``[A]`` of ``u`` over each row's negatives, ``u`` being 0 off them: one
+    ``amin`` and one ``amax`` pass (no masked copy); a row whose minimum is not below 0 (maximum
+    not above 0) may owe it to a zero off the negatives, and only those rows are reduced again
+    under the mask."""
+    lo, hi = u.amin(dim=1), u.amax(dim=1)
+    if mask is None:
+        return lo, hi
+    again = ((lo >= 0) | (hi <= 0)).nonzero().squeeze(1)
+    if again.numel():
+        rows, keep = u[again], mask[again]
+        lo[again] = torch.where(keep, rows, float("inf")).amin(dim=1)
+        hi[again] = torch.where(keep, rows, float("-inf")).amax(dim=1)
+    return lo, hi
+
+
+def unremix_column_deltas(contrast, shifted: tuple[Tensor, Tensor]) -> Tensor | None:
+    """With a pool: ``delta_j = (1/t)(sum_i p~_ji q_i - z_j)``, ``p~_j = softmax_i(c_ij)`` ``[C, d]``
+    from the row exponentials ``e_ij = e^{c_ij - m_i}`` already computed: with ``M = max_i m_i``
+    and ``w_i = e^{m_i - M}``, ``p~_ij = e_ij w_i / sum_k e_kj w_k``, so ``sum_i p~_ji q_i`` is one
+    product ``e^T (w q)`` and a column scale (no ``[A, C]`` softmax over anchors). None when that
+    could underflow (a column whose largest ``c_ij - M`` is below about ``log tiny / 2``, which
+    the plain column softmax still resolves, or a row without negatives): the caller then uses
+    the plain form (plain twin: ``hardneg.strategies.unremix.column_gradients``)."""
+    row_max, e = shifted
+    if not bool(torch.isfinite(row_max).all()):
+        return None
+    w = (row_max - row_max.max()).exp()  # <= 1, one entry = 1
+    total = w @ e  # [C]: sum_i e^{c_ij - M}
+    low = total < torch.finfo(e.dtype).tiny ** 0.5
+    if bool(low.any()):
+        mask = contrast.negative_mask
+        if mask is None or bool(mask[:, low].any()):  # a negative whose mass would underflow
+            return None
+        total = torch.where(low, 1.0, total)  # columns no anchor has: p~ = 0, as plain
+    anchors = contrast.anchors.detach().to(e.dtype)
+    expected = (e.T @ (anchors * w.unsqueeze(1))).div_(total.unsqueeze(1))
+    return expected.sub_(contrast.columns.detach().to(e.dtype)).div_(contrast.temperature)
+
+
+def unremix_factor(
+    contrast,
+    shifted: tuple[Tensor, Tensor],
     *,
     lambda_u: float,
     lambda_d: float,
     eps: float,
+    gradient_norm: bool,
     density: bool,
+    zero_absent: bool,
+    plain_column_deltas=None,
 ) -> Tensor:
-    """``lambda_u U~ + lambda_d D~' + eps`` ``[A, C]``, 0 off ``mask`` (``~``: min-max over each
-    row's masked entries; ``D~' = 1 - D~`` when ``density``). ``u``: ``[A, C]`` (overwritten) or
-    ``[1, C]``; ``d``: ``[1, C]``; None where the weight is 0. One buffer: ``U``'s per-row affine
-    in place, ``D`` as a rank-1 update, the row constants in one pass."""
-    a, c = mask.shape
-    dtype = (u if u is not None else d).dtype
-    const = torch.full((a, 1), eps, dtype=dtype, device=mask.device)
-    if u is not None:
-        scale, shift = _row_range(u.expand(a, c), mask)
-        const += lambda_u * shift
-        if u.shape[0] == a:
-            mix = u.mul_(lambda_u * scale)
+    """``[A, C]`` ``k_i (lambda_u U~_ij + lambda_d D~'_j + eps)`` on each anchor's negatives, for a
+    per-row constant ``k_i > 0`` (the tilted mass normalises the weights per row, so it does not
+    change the loss); finite off the negatives, and 0 there when ``zero_absent`` (needed when the
+    factor is used without the exponential, ``beta = 0``). Plain twin:
+    ``hardneg.strategies.unremix.UnReMixNegatives.mix`` (``k_i = 1``). Detached; computes in the
+    logits' dtype. What it saves over the plain form:
+
+    * with no hidden features on L2-normalised embeddings, ``cos(h_i, h_j)`` is ``t c_ij``: no
+      product (the masked ``-inf`` entries are overwritten before the min-max);
+    * ``cos(delta_i, delta_j) t c_ij`` as one product of rows normalised first (``t`` folded into
+      the ``[A, d]`` side), multiplied in place by the logits;
+    * ``U`` is 0 off the negatives; its row range from one ``amin`` and one ``amax`` pass (the
+      rows that could owe an end to such a 0 reduced again under the mask,
+      :func:`_zeroed_row_range`); ``D`` (and ``U`` for ``gradient_norm``) are ``[C]`` vectors:
+      their row ranges without an ``[A, C]`` pass (:func:`_vector_row_range`);
+    * the mix as ``U - lo`` plus the row constants plus one in-place rank-1 update per vector
+      (``k_i = 1 / (lambda_u scale_i)``, so ``U~`` is never scaled), no ``[A, C]`` temporary
+      and no masked pass (``-inf`` logits make the exponentials 0 off the negatives);
+    * with a pool, the column softmax over anchors from the row exponentials
+      (:func:`unremix_column_deltas`); ``plain_column_deltas(contrast)`` is the fallback.
+
+    ``shifted``: :func:`row_exponentials` of the logits.
+    """
+    logits = contrast.negative_logits.detach()
+    a, c = logits.shape
+    dtype = logits.dtype
+    mask = contrast.negative_mask
+    # the mix minus U's term: coefs[0]_i + sum_r coefs[r]_i vectors[r]_j ([A] and [C] each)
+    vectors: list[Tensor] = [logits.new_ones(c)]  # vectors[0] = 1: the row constants
+    coefs: list[Tensor] = [logits.new_full((a,), eps)]
+    u = None
+    scale_u = None
+    if lambda_u > 0:
+        delta_a = anchor_deltas(contrast, shifted)
+        if contrast.columns is contrast.anchors:
+            delta_c = delta_a
         else:
-            mix = torch.outer(lambda_u * scale.squeeze(1), u[0])
-    else:
-        mix = torch.zeros(a, c, dtype=dtype, device=mask.device)
-    if d is not None:
-        scale, shift = _row_range(d.expand(a, c), mask)
+            delta_c = unremix_column_deltas(contrast, shifted)
+            if delta_c is None:
+                delta_c = plain_column_deltas(contrast).to(dtype)
+        h_a, h_c = contrast.anchor_features, contrast.column_features
+        from_logits = h_a is None or h_c is None
+        if from_logits:
+            h_a, h_c = contrast.anchors, contrast.columns
+        h_a, h_c = h_a.detach().to(dtype), h_c.detach().to(dtype)
+        if gradient_norm:
+            u_vec = delta_c.norm(dim=1) * h_c.norm(dim=1)
+            scale, shift = _minmax_coefficients(*_vector_row_range(u_vec, contrast))
+            vectors.append(u_vec)
+            coefs.append(lambda_u * scale)
+            coefs[0] = coefs[0] + lambda_u * shift
+        else:
+            if from_logits and contrast.normalized:
+                # t * normalize(delta_a) @ normalize(delta_c).T * c  (t c = cos(z_i, z_j))
+                u = (F.normalize(delta_a, dim=1) * contrast.temperature) @ F.normalize(
+                    delta_c, dim=1
+                ).T
+                u.mul_(logits)
+                if mask is not None:  # -inf logits off the negatives: +-inf or nan -> 0
+                    u.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            else:
+                u = F.normalize(delta_a, dim=1) @ F.normalize(delta_c, dim=1).T
+                u.mul_(F.normalize(h_a, dim=1) @ F.normalize(h_c, dim=1).T)
+                if mask is not None:
+                    u.masked_fill_(~mask, 0.0)
+            lo, hi = _zeroed_row_range(u, mask)
+            scale_u, _ = _minmax_coefficients(lo, hi)
+            # U - lo first (exact for close values, as the plain form's x - lo), 0 on a
+            # constant row; U's scale is applied below
+            u.sub_(torch.where(scale_u > 0, lo, 0.0).unsqueeze(1))
+    if lambda_d > 0:
+        z = contrast.columns.detach().to(dtype)
+        d_vec = 1.0 - (z @ z.sum(dim=0) - (z * z).sum(dim=1)) / max(c - 1, 1)
+        scale, shift = _minmax_coefficients(*_vector_row_range(d_vec, contrast))
         sign = -1.0 if density else 1.0
-        const += lambda_d * (sign * shift + (1.0 if density else 0.0))
-        mix.addr_(sign * lambda_d * scale.squeeze(1), d[0])
-    return mix.add_(const).masked_fill_(~mask, 0.0)
+        vectors.append(d_vec)
+        coefs.append(sign * lambda_d * scale)
+        coefs[0] = coefs[0] + lambda_d * (sign * shift + (1.0 if density else 0.0))
+    if u is None:
+        out = torch.addcmul(coefs[0].unsqueeze(1), coefs[1].unsqueeze(1), vectors[1].unsqueeze(0))
+        terms = zip(coefs[2:], vectors[2:])
+    else:
+        assert scale_u is not None
+        k = lambda_u * scale_u
+        if bool((k > 0).all()):  # k_i (U - lo) + ... = k_i (U - lo + (...) / k_i)
+            coefs = [x / k for x in coefs]
+            out = u
+        else:  # a row whose U is constant over its negatives: k_i = 1
+            out = u.mul_(k.unsqueeze(1))
+        out.add_(coefs[0].unsqueeze(1))
+        terms = zip(coefs[1:], vectors[1:])
+    for coef, vector in terms:  # rank-1 terms in place (a K = 1 product is slower on CPU)
+        out.addcmul_(coef.unsqueeze(1), vector.unsqueeze(0))
+    if zero_absent and mask is not None:
+        out.masked_fill_(~mask, 0.0)
+    return out
+
+
+def anchor_deltas(contrast, shifted: tuple[Tensor, Tensor]) -> Tensor:
+    """``delta_i = (1/t)(sum_k p_ik z_k - z_{i+})`` ``[A, d]`` from the row exponentials (plain
+    twin: ``hardneg.strategies.unremix.anchor_gradients``)."""
+    expected, p_pos = softmax_expectation(
+        shifted, contrast.positive_logits.detach()[:, 0], contrast.columns.detach()
+    )
+    positive = contrast.positives.detach()[:, 0].to(expected.dtype)
+    return expected.add_(positive * (p_pos.unsqueeze(1) - 1.0)).div_(contrast.temperature)
 
 
 class _MixedColumnLogits(torch.autograd.Function):

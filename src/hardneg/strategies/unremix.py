@@ -32,11 +32,14 @@ columns; per-anchor explicit columns (retrieval hard negatives) are not supporte
 
 Cost: the influence score needs, by its definition, ``sum_k p_ik z_k`` for every anchor and
 ``delta_i . delta_j`` for every pair, two (with a pool three) products of the size of the score
-matrix on top of InfoNCE's. Fast path (``context.fast``, InfoNCE objective): the row
-exponentials ``e^{c - max}`` once for the influence score's softmax and the objective
-(:func:`hardneg.fastpaths.row_exponentials`), the mix in one buffer
-(:func:`hardneg.fastpaths.unremix_mix`) and the weighted negative mass with the mix as a factor
-in one fused pass (:func:`hardneg.fastpaths.tilted_log_mass`), tested equal to the plain form.
+matrix on top of InfoNCE's, and ``cos(h_i, h_j)`` one more. Fast path (``context.fast``, InfoNCE
+objective): the row exponentials ``e^{c - max}`` once for the influence score's softmax, the
+pool's column softmax and the objective (:func:`hardneg.fastpaths.row_exponentials`);
+``cos(h_i, h_j) = t c_ij`` read from the logits when ``h = z`` is L2-normalised; the mix in one
+buffer, up to a per-row constant that the normalised weights cancel
+(:func:`hardneg.fastpaths.unremix_factor`); the weighted negative mass with the mix as a factor
+in one fused pass (:func:`hardneg.fastpaths.tilted_log_mass`); each tested equal to the plain
+form.
 
 Example:
     >>> import torch, hardneg
@@ -69,26 +72,20 @@ def softmax_expectation(contrast: ContrastSet) -> tuple[Tensor, Tensor]:
     return p @ contrast.columns.detach(), (pos - log_z).exp().squeeze(1)
 
 
-def anchor_gradients(contrast: ContrastSet, shifted: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def anchor_gradients(contrast: ContrastSet) -> Tensor:
     """``delta_i = (1/t)(sum_k p_ik z_k - z_{i+})``: InfoNCE gradient w.r.t. each anchor ``[A, d]``
-    (``z_k`` over the positive and the negatives; the first positive when there are several).
-    ``shifted``: the fast path's row exponentials (:func:`hardneg.fastpaths.row_exponentials`)."""
-    if shifted is None:
-        expected, p_pos = softmax_expectation(contrast)
-    else:
-        expected, p_pos = fastpaths.softmax_expectation(
-            shifted, contrast.positive_logits.detach()[:, 0], contrast.columns.detach()
-        )
+    (``z_k`` over the positive and the negatives; the first positive when there are several)."""
+    expected, p_pos = softmax_expectation(contrast)
     positive = contrast.positives.detach()[:, 0]
     return (expected + p_pos.unsqueeze(1) * positive - positive) / contrast.temperature
 
 
-def column_gradients(contrast: ContrastSet, shifted: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def column_gradients(contrast: ContrastSet) -> Tensor:
     """``delta_j`` of each shared column as an anchor of its own: in-batch, the anchors' own
     (the columns are the anchors); otherwise (a pool) ``(1/t)(sum_i p~_ji q_i - z_j)`` with
     ``p~_j = softmax_i(c_ij)`` over the anchors that have ``j`` as a negative."""
     if contrast.columns is contrast.anchors:
-        return anchor_gradients(contrast, shifted)
+        return anchor_gradients(contrast)
     p = torch.softmax(contrast.negative_logits.detach(), dim=0)
     p = torch.nan_to_num(p, nan=0.0)  # a column masked for every anchor has no distribution
     return (p.T @ contrast.anchors.detach() - contrast.columns.detach()) / contrast.temperature
@@ -148,13 +145,10 @@ class UnReMixNegatives(Strategy):
         )
         self.detach_weights = check_flag("detach_weights", detach_weights)
 
-    def influence_scores(
-        self, contrast: ContrastSet, shifted: tuple[Tensor, Tensor] | None = None
-    ) -> Tensor:
-        """``U``: ``[A, C]`` for ``gradient_similarity``, ``[1, C]`` for ``gradient_norm``
-        (``shifted``: the fast path's row exponentials, see :func:`anchor_gradients`)."""
+    def influence_scores(self, contrast: ContrastSet) -> Tensor:
+        """``U``: ``[A, C]`` for ``gradient_similarity``, ``[1, C]`` for ``gradient_norm``."""
         with torch.no_grad():
-            delta_a = anchor_gradients(contrast, shifted)
+            delta_a = anchor_gradients(contrast)
             # in-batch the columns are the anchors: their deltas are the same, computed once
             delta_c = (
                 delta_a if contrast.columns is contrast.anchors else column_gradients(contrast)
@@ -204,14 +198,16 @@ class UnReMixNegatives(Strategy):
             # e^{c - max} once: the influence score's softmax and the objective's tilted mass
             shifted = fastpaths.row_exponentials(logits)
             with torch.no_grad():
-                mix = fastpaths.unremix_mix(
-                    self.influence_scores(contrast, shifted) if self.lambda_u > 0 else None,
-                    self.representativeness_scores(contrast) if self.lambda_d > 0 else None,
-                    contrast.mask(),
+                mix = fastpaths.unremix_factor(
+                    contrast,
+                    shifted,
                     lambda_u=self.lambda_u,
                     lambda_d=self.lambda_d,
                     eps=self.eps,
+                    gradient_norm=self.influence == "gradient_norm",
                     density=self.representativeness == "density",
+                    zero_absent=self.beta == 0,
+                    plain_column_deltas=column_gradients,
                 )
             log_mass = fastpaths.tilted_log_mass(
                 logits,
