@@ -402,6 +402,79 @@ class _BandLogits(torch.autograd.Function):
         return grad_anchors, grad_candidates, None, None, None
 
 
+class _KeptLogMass(torch.autograd.Function):
+    """``log sum_j k_ij e^{c_ij}`` over the kept entries: ``k_ij = [c_ij <= limit_i]`` (no limit:
+    every entry) and 0 at the columns ``drop`` ``[A, k]``; optionally the logits at ``drop``.
+
+    One shifted exponential ``e = e^{c - max_j c}`` over every entry (no ``-inf`` written into
+    the logits: ``exp(-inf)`` and data-dependent masked writes are slow on CPU), zeroed where
+    not kept by a product with the float mask ``c <= limit``; saved for the backward pass
+    ``dc = e g / R`` (one pass; the read logits' gradients added at their columns). A row whose
+    kept sum is below ``sqrt(tiny)`` (nothing kept, or kept entries so far below the row
+    maximum that ``e`` underflows) is recomputed exactly, shifted by its kept maximum, with the
+    limit raised to its least negative (``negative_mask``) when it keeps nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, limit, drop, negative_mask, read):  # type: ignore[override]
+        row_max = logits.amax(dim=1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+        e = (logits - row_max).exp_()
+        if limit is not None:
+            e.mul_(torch.le(logits, limit, out=torch.empty_like(e)))
+        if drop is not None:
+            e.scatter_(1, drop, 0.0)
+        total = e.sum(dim=1)
+        bad = total < math.sqrt(torch.finfo(e.dtype).tiny)
+        if bool(bad.any()):
+            rows = bad.nonzero().squeeze(1)
+            x = logits[rows]
+            keep = torch.isfinite(x) if negative_mask is None else negative_mask[rows].clone()
+            if limit is not None:
+                low = torch.where(keep, x, float("inf")).amin(dim=1, keepdim=True)
+                keep &= x <= torch.maximum(limit[rows], low)
+            if drop is not None:
+                keep.scatter_(1, drop[rows], False)
+            kept = torch.where(keep, x, float("-inf"))
+            top = kept.amax(dim=1, keepdim=True)
+            top = torch.where(torch.isfinite(top), top, 0.0)
+            e_rows = (kept - top).exp_()
+            e[rows], row_max[rows], total[rows] = e_rows, top, e_rows.sum(dim=1)
+        ctx.save_for_backward(e, torch.where(total > 0, total, 1.0), drop)
+        ctx.read = read
+        out = row_max.squeeze(1) + total.log()
+        if read:
+            return out, logits.gather(1, drop)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, *read_grad):  # type: ignore[override]
+        e, total, drop = ctx.saved_tensors
+        out = e * (grad / total).unsqueeze(1)
+        if ctx.read and read_grad[0] is not None:
+            out.scatter_add_(1, drop, read_grad[0])
+        return out, None, None, None, None
+
+
+def kept_log_mass(
+    logits: Tensor,
+    *,
+    limit: Tensor | None = None,
+    drop: Tensor | None = None,
+    negative_mask: Tensor | None = None,
+    read: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``[A]`` ``log sum_j e^{c_ij}`` over the entries with ``c_ij <= limit_i`` (``limit``
+    ``[A, 1]``, detached; a row that would keep nothing keeps its least negatives, as
+    ``PositiveAwareFilter._limit``) other than the columns ``drop`` ``[A, k]`` (distinct per
+    row); with ``read``, also ``logits.gather(1, drop)``. See :class:`_KeptLogMass`. Plain
+    twins: ``logsumexp(logits.masked_fill(logits > limit, -inf))`` (positive_aware) and
+    ``logsumexp(logits.scatter(1, drop, -inf))`` with the gather (fnc)."""
+    limit = None if limit is None else limit.detach().to(logits.dtype)
+    return _KeptLogMass.apply(logits, limit, drop, negative_mask, read)
+
+
 def kept_counts(
     log_keep: Tensor,
     multiplicity: Tensor | None,
