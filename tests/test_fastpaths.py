@@ -61,6 +61,8 @@ VARIANTS: dict[str, list[dict]] = {
         {"sample": "expected", "select_on": "raw", "aug_pairing": "broadcast", "a": 0.0},
         {"sample": "expected", "num_neighbors": 0, "aug_weight": 0.0, "clamp": 1.0},
     ],
+    "positive_aware": [{}, {"mode": "margin", "margin": 0.3}, {"mode": "margin", "margin": -5.0}],
+    "fnc": [{}, {"mode": "eliminate", "top_k": 3}, {"top_k": 2}],
     "mochi": [
         {},  # N >= every anchor's M: the hardest set is every negative
         {"num_hardest": 5, "num_mixed": 16, "num_query_mixed": 4},
@@ -795,3 +797,75 @@ def test_potential_in_batch_fused_path_is_taken(monkeypatch):
     hardneg.create_loss("potential")(z1, z2, **kwargs)
     hardneg.create_loss("potential", temperature=0.02)(z1, z2)  # e^{-2/t} would underflow
     assert len(calls) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# low level: kept_log_mass (positive_aware, fnc)
+
+
+def plain_limited(logits, limit, mask):
+    """positive_aware's plain form: the limit raised to the row's least negative, then a
+    log-sum-exp over the entries at or below it."""
+    low = (logits if mask is None else logits.masked_fill(~mask, float("inf"))).amin(1, True)
+    kept = logits.masked_fill(logits > torch.maximum(limit, low), float("-inf"))
+    return torch.logsumexp(kept, dim=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True], ids=["pool", "masked"])
+@pytest.mark.parametrize("scale", [1.0, 300.0], ids=["t1", "underflow"])
+def test_kept_log_mass_with_a_limit_equals_the_masked_logsumexp(dtype, masked, scale):
+    """Rows that keep some entries, rows whose limit is below every negative (they keep their
+    least negatives, ties included), rows whose kept entries lie far below the row maximum
+    (``scale`` 300: ``e^{c - max}`` underflows in float32, recomputed exactly)."""
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(9, 30, generator=g, dtype=torch.float64) * scale).to(dtype)
+    logits[3, 5] = logits[3, 7] = logits[3].min() - 1  # a tie at the least negative
+    mask = None
+    if masked:
+        mask = torch.rand(9, 30, generator=g) > 0.2
+        logits = logits.masked_fill(~mask, float("-inf"))
+    limit = logits.masked_fill(torch.isinf(logits), 0).median(dim=1, keepdim=True).values
+    limit[2] = limit[3] = -1e9  # nothing kept under the rule
+    limit[4] = logits[4].masked_fill(torch.isinf(logits[4]), float("inf")).min()  # c == limit
+    for weights in (torch.ones(9, dtype=dtype), torch.linspace(0.5, 2, 9, dtype=dtype)):
+        a = logits.clone().requires_grad_()
+        b = logits.clone().requires_grad_()
+        fast = fastpaths.kept_log_mass(a, limit=limit, negative_mask=mask)
+        plain = plain_limited(b, limit, mask)
+        assert_close_rel(fast, plain, rtol=1e-6 if dtype == torch.float64 else 1e-5)
+        (ga,) = torch.autograd.grad(fast @ weights, a)
+        (gb,) = torch.autograd.grad(plain @ weights, b)
+        # float32 logits of size ~700 carry an ulp of 6e-5: both forms round e^{c - m} so
+        rtol = 1e-4 if scale > 1 and dtype == torch.float32 else 1e-5
+        assert_close_rel(ga, gb, rtol=rtol, what="kept_log_mass gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("read", [False, True])
+@pytest.mark.parametrize("scale", [1.0, 300.0], ids=["t1", "underflow"])
+def test_kept_log_mass_without_dropped_columns_equals_the_scatter(dtype, read, scale):
+    """fnc's form: the dropped columns out of the sum (the row maximum among them: scale 300
+    underflows every other entry in float32) and, with ``read``, their logits as outputs whose
+    gradient lands in the same buffer."""
+    g = torch.Generator().manual_seed(6)
+    logits = (torch.randn(7, 25, generator=g, dtype=torch.float64) * scale).to(dtype)
+    logits[:, 0] = float("-inf")  # a masked column, as in-batch
+    drop = torch.stack([torch.randperm(24, generator=g)[:2] + 1 for _ in range(7)])
+    drop[:, 0] = logits.argmax(dim=1)
+    weights = torch.linspace(0.5, 2, 7, dtype=dtype)
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    out = fastpaths.kept_log_mass(a, drop=drop, read=read)
+    fast = out[0] if read else out
+    plain = torch.logsumexp(b.scatter(1, drop, float("-inf")), dim=1)
+    assert_close_rel(fast, plain, rtol=1e-6 if dtype == torch.float64 else 1e-5)
+    value_a, value_b = fast @ weights, plain @ weights
+    if read:
+        assert torch.equal(out[1], logits.gather(1, drop))
+        value_a = value_a + (out[1] * weights.unsqueeze(1)).sum()
+        value_b = value_b + (b.gather(1, drop) * weights.unsqueeze(1)).sum()
+    (ga,) = torch.autograd.grad(value_a, a)
+    (gb,) = torch.autograd.grad(value_b, b)
+    rtol = 1e-4 if scale > 1 and dtype == torch.float32 else 1e-5  # see above
+    assert_close_rel(ga, gb, rtol=rtol, what="kept_log_mass gradient")
