@@ -19,7 +19,8 @@ support views stays). They are then either
 The support set here is the anchor's positives (``extra_views`` of the in-batch call form are
 the paper's support views; with two views it is the one other view, as in the paper's
 smallest support set). Scores are detached. Defaults: ``mode='attract'``, ``top_k=1``,
-``agg='max'``, no threshold.
+``agg='max'``, no threshold. Fast path (``context.fast``, top-k without a threshold, InfoNCE
+objective): :func:`hardneg.fastpaths.kept_log_mass`, tested equal to the scatter form below.
 
 Example:
     >>> import torch, hardneg

@@ -16,7 +16,8 @@ other strategy: ``create_loss("hcl", filter="positive_aware", filter_options={"m
 Our addition: an anchor whose every negative would be dropped keeps its least similar one (all
 of them on an exact tie), so the loss is never an empty sum (a ``logsumexp`` over nothing has a
 NaN gradient). The rule is applied to the logits ``c = s / t`` themselves (the same inequality,
-no ``[A, S]`` pass to undo the temperature).
+no ``[A, S]`` pass to undo the temperature). Fast path (``context.fast``, InfoNCE objective):
+:func:`hardneg.fastpaths.kept_log_mass`, tested equal to the masked ``logsumexp`` below.
 
 Example:
     >>> import torch, hardneg
