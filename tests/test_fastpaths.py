@@ -8,7 +8,7 @@ Two levels:
   with duplicate ``ids`` and with retrieval hard negatives; Ring across band sizes (``L = 0``,
   ``U = M``, tiny pools below the numpy threshold, rows of >= 1024 columns above it) and ties;
 * the low-level functions against a plain expression written here: ``tilted_log_mass`` against
-  ``logsumexp(c + log w)`` with HCL's normalised weights, ``top_k_indices`` / ``drop_top``
+  ``logsumexp(c + log w)`` with HCL's normalised weights, ``top_k_indices`` / ``band_indices``
   against ``torch.topk``, ``band_logits``' sparse backward against back-propagating through the
   gather.
 """
@@ -62,6 +62,8 @@ VARIANTS: dict[str, list[dict]] = {
         {"sample": "expected", "select_on": "raw", "aug_pairing": "broadcast", "a": 0.0},
         {"sample": "expected", "num_neighbors": 0, "aug_weight": 0.0, "clamp": 1.0},
     ],
+    "positive_aware": [{}, {"mode": "margin", "margin": 0.3}, {"mode": "margin", "margin": -5.0}],
+    "fnc": [{}, {"mode": "eliminate", "top_k": 3}, {"top_k": 2}],
     "mochi": [
         {},  # N >= every anchor's M: the hardest set is every negative
         {"num_hardest": 5, "num_mixed": 16, "num_query_mixed": 4},
@@ -338,7 +340,7 @@ def test_tilted_log_mass_extreme_logits_stay_finite():
 
 
 # ---------------------------------------------------------------------------------------------
-# low level: top_k_indices and drop_top
+# low level: top_k_indices and band_indices
 
 
 def topk_inputs(rows, cols, dtype, seed, kind):
@@ -387,23 +389,76 @@ def test_top_k_indices_has_the_members_of_torch_topk(rows, cols, dtype, kind):
             assert torch.equal(a, b), k
 
 
-@pytest.mark.parametrize(("rows", "cols"), [*SELECT_SHAPES, pytest.param(100, 300, id="100x300")])
+BAND_SHAPES = [
+    pytest.param(5, 9, id="5x9"),  # below numpy's minimum: torch top-k
+    pytest.param(300, 256, id="300x256"),  # numpy threshold exactly, several row blocks
+    pytest.param(70, 1500, id="70x1500"),  # numpy, several blocks per thread
+]
+
+
+@pytest.mark.parametrize(("rows", "cols"), BAND_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["plain", "ulp", "inf", "ties"])
-def test_drop_top_sets_the_topk_members_to_minus_inf(rows, cols, dtype, kind):
-    x = topk_inputs(rows, cols, dtype, seed=3 * rows + cols, kind=kind)
-    for k in sorted({1, cols // 10 or 1, cols // 2, cols - 1}):
-        got = x.clone()
-        fastpaths.drop_top(got, k)
-        want = x.clone().scatter_(1, x.topk(k, dim=1).indices, float("-inf"))
-        if kind == "ties":  # the same multiset of surviving values per row
-            assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values), k
-        else:
-            dropped = torch.isneginf(got) & ~torch.isneginf(x)
-            assert bool((dropped.sum(dim=1) <= k).all())
-            assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values), k
-            if kind in ("plain", "ulp"):
-                assert torch.equal(got, want), k
+@pytest.mark.parametrize("kind", ["plain", "ulp", "inf", "ties", "signed_zero"])
+def test_band_indices_hold_the_values_of_the_sorted_ranks(rows, cols, dtype, kind):
+    """Ranks ``[lower, upper)`` of each row against ``topk(upper, sorted=True)``: distinct
+    columns, the same multiset of values (ties: which equal entry is taken may differ), the
+    very same columns where no two values are equal (threads: the test below)."""
+    x = topk_inputs(rows, cols, dtype, seed=5 * rows + cols, kind=kind)
+    for lower, upper in sorted(
+        {
+            (0, 1),
+            (0, cols),
+            (1, 2),
+            (cols // 10, cols // 2 + 1),
+            (cols - 2, cols),
+            (3, cols - 1),
+        }
+    ):
+        got = fastpaths.band_indices(x, lower, upper)
+        want = x.topk(upper, dim=1, sorted=True).indices[:, lower:]
+        assert got.shape == (rows, upper - lower) and got.dtype == torch.long
+        assert bool((got.sort(dim=1).values.diff(dim=1) > 0).all())  # distinct columns
+        a = x.gather(1, got).sort(dim=1).values
+        b = x.gather(1, want).sort(dim=1).values
+        assert torch.equal(a, b), (lower, upper)
+        if kind in ("plain", "ulp"):
+            assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
+
+
+def test_band_indices_split_rows_over_threads_like_one_thread(monkeypatch):
+    """Small row blocks and chunks over 4 threads: every row's band, none skipped or shifted."""
+    monkeypatch.setattr(fastpaths, "_NUMPY_BLOCK", 2048)  # 4 rows per block
+    monkeypatch.setattr(fastpaths, "_BAND_MIN_ROWS", 1)
+    x = topk_inputs(37, 512, torch.float32, seed=2, kind="plain")
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        got = fastpaths.band_indices(x, 7, 60).sort(dim=1).values
+    finally:
+        torch.set_num_threads(previous)
+    want = x.topk(60, dim=1).indices[:, 7:].sort(dim=1).values
+    assert torch.equal(got, want)
+
+
+def test_on_threads_covers_every_row_once_and_reraises():
+    seen = []
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        fastpaths._on_threads(lambda a, b: seen.append((a, b)), 10, 2)
+        assert sorted(seen) == [(0, 3), (3, 6), (6, 10)]
+        seen.clear()
+        fastpaths._on_threads(lambda a, b: seen.append((a, b)), 10, 4)  # 2 chunks of >= 4
+        assert sorted(seen) == [(0, 5), (5, 10)]
+
+        def fail(a, b):
+            if a > 0:
+                raise RuntimeError("worker")
+
+        with pytest.raises(RuntimeError, match="worker"):
+            fastpaths._on_threads(fail, 10, 2)
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,29 +466,32 @@ def test_drop_top_sets_the_topk_members_to_minus_inf(rows, cols, dtype, kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shared", [False, True], ids=["pool", "in-batch"])
+@pytest.mark.parametrize("form", ["columns", "bank", "in-batch"])
 @pytest.mark.parametrize("lower", [0, 3])
-def test_band_logits_backward_equals_the_gather(dtype, shared, lower):
+@pytest.mark.parametrize("upper", [8, 30], ids=["narrow", "wide"])  # bag / dense product
+def test_band_logits_backward_equals_the_gather(dtype, form, lower, upper):
+    """The anchors' gradient by the bag (narrow band) or a dense product (wide band), the
+    columns' when they have one (retrieval-like columns; a detached bank has none), and the
+    in-batch ``(G + G^T) z``, against back-propagating through the gather of the logits."""
     g = torch.Generator().manual_seed(11 + lower)
+    shared = form == "in-batch"
     a0 = torch.randn(20, 6, generator=g, dtype=torch.float64).to(dtype)
     x0 = a0 if shared else torch.randn(50, 6, generator=g, dtype=torch.float64).to(dtype)
-    t, upper = 0.3, 12
+    t, upper = 0.3, min(upper, 18 if shared else 50)
 
     def run(fast):
         a = a0.clone().requires_grad_()
-        x = a if shared else x0.clone().requires_grad_()
+        x = a if shared else x0.clone().requires_grad_(form == "columns")
         logits = (a / t) @ x.T
         with torch.no_grad():
-            indices = logits.topk(upper, dim=1).indices
+            indices = logits.topk(upper, dim=1).indices[:, lower:]
             band = logits.gather(1, indices)
-            if lower:
-                band.scatter_(1, band.topk(lower, dim=1).indices, float("-inf"))
         if fast:
             out = fastpaths.band_logits(a, x, band, indices, t)
         else:
-            out = logits.gather(1, indices).masked_fill(~torch.isfinite(band), float("-inf"))
+            out = logits.gather(1, indices)
         value = torch.logsumexp(out, dim=1) @ torch.linspace(0.5, 1.5, a.shape[0], dtype=dtype)
-        leaves = (a,) if shared else (a, x)
+        leaves = (a, x) if form == "columns" else (a,)
         return value, torch.autograd.grad(value, leaves)
 
     vf, gf = run(True)
@@ -948,3 +1006,75 @@ def test_potential_in_batch_fused_path_is_taken(monkeypatch):
     hardneg.create_loss("potential")(z1, z2, **kwargs)
     hardneg.create_loss("potential", temperature=0.02)(z1, z2)  # e^{-2/t} would underflow
     assert len(calls) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# low level: kept_log_mass (positive_aware, fnc)
+
+
+def plain_limited(logits, limit, mask):
+    """positive_aware's plain form: the limit raised to the row's least negative, then a
+    log-sum-exp over the entries at or below it."""
+    low = (logits if mask is None else logits.masked_fill(~mask, float("inf"))).amin(1, True)
+    kept = logits.masked_fill(logits > torch.maximum(limit, low), float("-inf"))
+    return torch.logsumexp(kept, dim=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True], ids=["pool", "masked"])
+@pytest.mark.parametrize("scale", [1.0, 300.0], ids=["t1", "underflow"])
+def test_kept_log_mass_with_a_limit_equals_the_masked_logsumexp(dtype, masked, scale):
+    """Rows that keep some entries, rows whose limit is below every negative (they keep their
+    least negatives, ties included), rows whose kept entries lie far below the row maximum
+    (``scale`` 300: ``e^{c - max}`` underflows in float32, recomputed exactly)."""
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(9, 30, generator=g, dtype=torch.float64) * scale).to(dtype)
+    logits[3, 5] = logits[3, 7] = logits[3].min() - 1  # a tie at the least negative
+    mask = None
+    if masked:
+        mask = torch.rand(9, 30, generator=g) > 0.2
+        logits = logits.masked_fill(~mask, float("-inf"))
+    limit = logits.masked_fill(torch.isinf(logits), 0).median(dim=1, keepdim=True).values
+    limit[2] = limit[3] = -1e9  # nothing kept under the rule
+    limit[4] = logits[4].masked_fill(torch.isinf(logits[4]), float("inf")).min()  # c == limit
+    for weights in (torch.ones(9, dtype=dtype), torch.linspace(0.5, 2, 9, dtype=dtype)):
+        a = logits.clone().requires_grad_()
+        b = logits.clone().requires_grad_()
+        fast = fastpaths.kept_log_mass(a, limit=limit, negative_mask=mask)
+        plain = plain_limited(b, limit, mask)
+        assert_close_rel(fast, plain, rtol=1e-6 if dtype == torch.float64 else 1e-5)
+        (ga,) = torch.autograd.grad(fast @ weights, a)
+        (gb,) = torch.autograd.grad(plain @ weights, b)
+        # float32 logits of size ~700 carry an ulp of 6e-5: both forms round e^{c - m} so
+        rtol = 1e-4 if scale > 1 and dtype == torch.float32 else 1e-5
+        assert_close_rel(ga, gb, rtol=rtol, what="kept_log_mass gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("read", [False, True])
+@pytest.mark.parametrize("scale", [1.0, 300.0], ids=["t1", "underflow"])
+def test_kept_log_mass_without_dropped_columns_equals_the_scatter(dtype, read, scale):
+    """fnc's form: the dropped columns out of the sum (the row maximum among them: scale 300
+    underflows every other entry in float32) and, with ``read``, their logits as outputs whose
+    gradient lands in the same buffer."""
+    g = torch.Generator().manual_seed(6)
+    logits = (torch.randn(7, 25, generator=g, dtype=torch.float64) * scale).to(dtype)
+    logits[:, 0] = float("-inf")  # a masked column, as in-batch
+    drop = torch.stack([torch.randperm(24, generator=g)[:2] + 1 for _ in range(7)])
+    drop[:, 0] = logits.argmax(dim=1)
+    weights = torch.linspace(0.5, 2, 7, dtype=dtype)
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    out = fastpaths.kept_log_mass(a, drop=drop, read=read)
+    fast = out[0] if read else out
+    plain = torch.logsumexp(b.scatter(1, drop, float("-inf")), dim=1)
+    assert_close_rel(fast, plain, rtol=1e-6 if dtype == torch.float64 else 1e-5)
+    value_a, value_b = fast @ weights, plain @ weights
+    if read:
+        assert torch.equal(out[1], logits.gather(1, drop))
+        value_a = value_a + (out[1] * weights.unsqueeze(1)).sum()
+        value_b = value_b + (b.gather(1, drop) * weights.unsqueeze(1)).sum()
+    (ga,) = torch.autograd.grad(value_a, a)
+    (gb,) = torch.autograd.grad(value_b, b)
+    rtol = 1e-4 if scale > 1 and dtype == torch.float32 else 1e-5  # see above
+    assert_close_rel(ga, gb, rtol=rtol, what="kept_log_mass gradient")

@@ -368,8 +368,8 @@ def test_plain_ring_keeps_the_ranks_lower_to_upper_of_each_row(ties):
 
 
 @pytest.mark.parametrize("ties", [False, True, "in one block"])
-def test_fast_top_k_keeps_the_top_upper_and_drop_top_removes_the_top_lower(ties):
-    from hardneg.fastpaths import drop_top, top_k_indices
+def test_fast_band_indices_keep_exactly_the_ranks_lower_to_upper(ties):
+    from hardneg.fastpaths import band_indices, top_k_indices
 
     # 300 rows of 3000: several blocks of integer keys; zeros of both signs tie as floats
     x = torch.randn(300, 3000, generator=torch.Generator().manual_seed(31))
@@ -385,12 +385,11 @@ def test_fast_top_k_keeps_the_top_upper_and_drop_top_removes_the_top_lower(ties)
         assert all(len(set(row.tolist())) == upper for row in top[:20])
         got = x.gather(1, top).sort(dim=1, descending=True).values
         torch.testing.assert_close(got, ranked[:, :upper], rtol=0, atol=0)
-        band = x.gather(1, top)
-        if lower:
-            drop_top(band, lower)
-        kept = band.sort(dim=1, descending=True).values[:, : upper - lower]  # -inf sort last
+        band = band_indices(x, lower, upper)
+        assert band.shape == (300, upper - lower)
+        assert all(len(set(row.tolist())) == upper - lower for row in band[:20])
+        kept = x.gather(1, band).sort(dim=1, descending=True).values
         torch.testing.assert_close(kept, ranked[:, lower:upper], rtol=0, atol=0)
-        assert bool((torch.isinf(band).sum(dim=1) == lower).all())
 
 
 @pytest.mark.parametrize("columns", [600, 2000])  # torch.topk and numpy selection paths
@@ -408,23 +407,6 @@ def test_ring_top_k_ranks_nans_and_signed_zeros_by_their_order_keys(columns):
     assert not bool((keep == 4).any())  # the negative NaN ranks last
 
 
-@pytest.mark.parametrize("ties", ["none", "some rows", "every row"])
-def test_ring_drop_top_sets_exactly_the_top_lower_to_minus_inf(ties):
-    from hardneg.fastpaths import drop_top
-
-    values = torch.randn(40, 409, generator=torch.Generator().manual_seed(34))
-    if ties != "none":
-        rows = slice(0, 40) if ties == "every row" else slice(3, 5)
-        values[rows] = values[rows].round(decimals=1)  # equal values at the edge
-    values[7, :3] = float("-inf")
-    expected = values.clone().scatter_(1, values.topk(40, dim=1).indices, float("-inf"))
-    got = values.clone()
-    drop_top(got, 40)
-    assert bool((torch.isinf(got).sum(dim=1) == 40 + 3 * (torch.arange(40) == 7)).all())
-    # the same multiset of kept values per row (which of equal values is dropped may differ)
-    torch.testing.assert_close(got.sort(dim=1).values, expected.sort(dim=1).values, rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("pooled", [False, True])
 def test_ring_numpy_selection_matches_the_torch_topk_selection(pooled, monkeypatch):
     import hardneg.fastpaths as fastpaths
@@ -434,7 +416,7 @@ def test_ring_numpy_selection_matches_the_torch_topk_selection(pooled, monkeypat
     loss_fn = hardneg.create_loss("ring", temperature=0.1)
     run = lambda a, b: loss_fn(a, b, negatives=pool)  # noqa: E731
     numpy_path = value_and_grads(run, z1, z2)
-    monkeypatch.setattr(fastpaths, "_NUMPY_MIN_COLUMNS", 1 << 30)
+    monkeypatch.setattr(fastpaths, "_BAND_MIN_COLUMNS", 1 << 30)
     torch_path = value_and_grads(run, z1, z2)
     assert_same(numpy_path, torch_path, tol=dict(rtol=0, atol=1e-6))
 

@@ -9,9 +9,11 @@ only; no kept buffers.
 * :func:`tilted_log_mass` — HCL/UnReMix: ``log sum_j w_ij e^{c_ij}`` with
   ``w_ij = M e^{beta c_ij} f_ij / sum_k e^{beta c_ik} f_ik`` in one shifted pass and a
   hand-written backward (plain twin: ``logsumexp(c + normalised_log_weights(beta c + log f))``).
-* :func:`top_k_indices` / :func:`drop_top` — Ring on CPU: linear-time selection over int32 keys
-  that order like the floats, with numpy's SIMD partition on long rows (plain twin:
-  ``torch.topk``).
+* :func:`top_k_indices` — linear-time selection over int32 keys that order like the floats,
+  with numpy's SIMD partition on long rows (plain twin: ``torch.topk``); potential's neighbours.
+* :func:`band_indices` — Ring on CPU: the members of ranks ``[L, U)`` of each row by two
+  ``numpy.argpartition`` calls over order keys, row blocks split over torch's intra-op threads
+  (numpy releases the GIL) (plain twin: ``torch.topk(U, sorted=True).indices[:, L:]``).
 * :func:`kept_counts` — potential: the kept cells per column drawn per column, ``Binomial(m, pi)``
   as layers of Bernoulli draws over the columns with more than ``r`` cells, or ``m pi`` in
   expected mode (plain twin: one uniform per grid cell, compared with ``pi`` and summed per
@@ -39,12 +41,15 @@ only; no kept buffers.
   (:func:`block_log_masses`) (plain twin: ``PotentialMining.mined`` twice and
   ``PotentialMining.augmentation``, three products and two look-ups).
 * :func:`band_logits` — Ring: the ring's logits read from the score matrix with a sparse
-  backward through the ring's members only (plain twin: back-propagating through the gather).
+  backward through the ring's members only (in-batch one product ``(G + G^T) z``; a wide band
+  a dense product instead of an ``embedding_bag``) (plain twin: back-propagating through the
+  gather).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -249,37 +254,107 @@ def top_k_indices(x: Tensor, k: int) -> Tensor:
     return out
 
 
-def drop_top(values: Tensor, k: int) -> None:
-    """Set the ``k`` largest entries of each row of ``values`` to ``-inf``, in place.
+def _np_order_keys(x: np.ndarray) -> np.ndarray:
+    """:func:`_order_keys` in numpy, for float32 (int32 keys) or float64 (int64 keys): numpy's
+    ufuncs release the GIL, so row blocks can run on several threads."""
+    bits = x.view(np.int32 if x.dtype == np.float32 else np.int64)
+    width = bits.dtype.itemsize * 8
+    keys = bits >> (width - 1)  # -1 for negative numbers, else 0
+    keys &= np.iinfo(bits.dtype).max
+    keys ^= bits
+    return keys
 
-    On CPU, a block of rows at a time (in cache): the ``k``-th largest order key of each row
-    by ``numpy.partition`` (values only, cheaper than an index selection), then every entry at
-    or above it; a block where that is not exactly ``k`` entries in some row (equal values at
-    the edge) takes the index selection instead.
-    """
-    cols = values.shape[1]
-    small = values.numel() < _NUMPY_MIN_ELEMENTS  # numpy's fixed cost would dominate
-    if small or values.device.type != "cpu" or values.dtype != torch.float32:
-        values.scatter_(1, top_k_indices(values, k), float("-inf"))
+
+def _on_threads(work, rows: int, min_rows: int) -> None:
+    """Run ``work(start, stop)`` over ``[0, rows)`` split into contiguous chunks, one per torch
+    intra-op thread (``torch.get_num_threads()``; the calling thread takes the first chunk).
+    For numpy calls that release the GIL: they then use the cores that torch's own operations
+    would use. No kept thread pool (fork-safe); one chunk when there is too little work."""
+    workers = max(1, min(torch.get_num_threads(), rows // max(1, min_rows)))
+    if workers == 1:
+        work(0, rows)
         return
-    array = values.detach().numpy()  # shares memory with values
-    kth = cols - k
-    for rows in row_blocks(values):
-        keys = _order_keys_np(array[rows])
-        top = keys >= np.partition(keys, kth, axis=1)[:, kth : kth + 1]
-        block = values[rows]
-        if bool((np.count_nonzero(top, axis=1) == k).all()):
-            block.masked_fill_(torch.from_numpy(top), float("-inf"))
-        else:
-            block.scatter_(1, top_k_indices(block, k), float("-inf"))
+    bounds = [rows * i // workers for i in range(workers + 1)]
+    errors: list[BaseException] = []
+
+    def run(start: int, stop: int) -> None:
+        try:
+            work(start, stop)
+        except BaseException as exc:  # re-raised in the calling thread
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=run, args=(bounds[i], bounds[i + 1])) for i in range(1, workers)
+    ]
+    for thread in threads:
+        thread.start()
+    run(bounds[0], bounds[1])
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+# numpy's selection beats torch.topk on CPU from rows of a few hundred entries (measured, one
+# thread: 1024 x 1024, top 102: 6.5 ms against 12.5 ms); on shorter rows its per-row cost wins
+_BAND_MIN_COLUMNS = 256
+_BAND_MIN_ROWS = 64  # rows per thread: below this, one thread (a thread start is ~0.1 ms)
+
+
+def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
+    """``[A, upper - lower]`` column indices of the entries of ranks ``[lower, upper)`` of each
+    row of ``x`` in decreasing order (rank 0 = the largest), in no order.
+
+    Plain twin: ``x.topk(upper, dim=1, sorted=True).indices[:, lower:]``. The members have the
+    values of those ranks; among *equal* values at a band edge, which entry is taken may differ
+    (the loss depends on the values only). Order as ``torch.topk``: ``-inf`` lowest, NaN highest.
+    On CPU (float32 / float64, rows of at least ``_BAND_MIN_COLUMNS``): ``numpy.argpartition``
+    over integer keys that order like the floats (:func:`_np_order_keys`) to the top ``upper``,
+    then over those keys to their ``upper - lower`` smallest; a block of rows at a time (keys in
+    cache), the blocks split over torch's intra-op threads (:func:`_on_threads`).
+    """
+    rows, cols = x.shape
+    width = upper - lower
+    numpy_path = (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and cols >= _BAND_MIN_COLUMNS
+        and 0 < width
+        and upper <= cols
+    )
+    if not numpy_path:
+        return x.detach().topk(upper, dim=1, sorted=True).indices[:, lower:]
+    values = x.detach().contiguous().numpy()
+    out = np.empty((rows, width), dtype=np.int64)
+    step = max(1, _NUMPY_BLOCK // cols)
+
+    def work(start: int, stop: int) -> None:
+        for first in range(start, stop, step):
+            last = min(first + step, stop)
+            keys = _np_order_keys(values[first:last])
+            top = np.argpartition(keys, cols - upper, axis=1)[:, cols - upper :]
+            if lower:  # the width smallest of the top upper: ranks [lower, upper)
+                top_keys = np.take_along_axis(keys, top, axis=1)
+                keep = np.argpartition(top_keys, width - 1, axis=1)[:, :width]
+                top = np.take_along_axis(top, keep, axis=1)
+            out[first:last] = top
+
+    _on_threads(work, rows, max(step, _BAND_MIN_ROWS))
+    return torch.from_numpy(out)
 
 
 def band_logits(
     anchors: Tensor, columns: Tensor, band: Tensor, indices: Tensor, temperature: float
 ) -> Tensor:
-    """The ring's logits ``band`` (``[A, U]``, read from ``anchors @ columns.T / t`` at
-    ``indices``; ``-inf`` = dropped) with a sparse backward to ``anchors`` and ``columns``."""
+    """The ring's logits ``band`` (``[A, W]``, read from ``anchors @ columns.T / t`` at
+    ``indices``) with a sparse backward to ``anchors`` and ``columns``."""
     return _BandLogits.apply(anchors, columns, band, indices, temperature)
+
+
+# above this share of the columns in the band, the anchors' gradient is one dense product
+# (BLAS) rather than an embedding_bag (measured, one thread, d = 128: the bag's cost per member
+# is ~3x a product's per entry)
+_DENSE_BAND_SHARE = 0.25
 
 
 class _BandLogits(torch.autograd.Function):
@@ -287,33 +362,120 @@ class _BandLogits(torch.autograd.Function):
     matrix, with a sparse backward: the ring holds ~``rho_out`` of the candidates, so
 
         dL/da_i = (1/t) sum_j g_ij x_{k_ij}             (an ``embedding_bag``, no [A, C] matrix)
-        dL/dx_k = (1/t) sum_{i,j: k_ij = k} g_ij a_i    (in-batch only; dense ``G^T a``)
+        dL/dx_k = (1/t) sum_{i,j: k_ij = k} g_ij a_i    (dense ``G^T a``)
 
-    replaces the gather's dense ``[A, C]`` gradient and the two products of the score matrix's
-    backward. Same gradient as back-propagating through ``logits = a @ x.T / t``; only the
-    summation order differs. ``-inf`` entries (dropped top ``L``) get no gradient.
+    replaces the gather's dense ``[A, C]`` gradient and the products of the score matrix's
+    backward. A band wider than ``_DENSE_BAND_SHARE`` of the columns takes the anchors' part as
+    one dense product ``G x`` instead of the bag. In-batch (the anchors are the columns, one
+    tensor ``z``) the two parts are one product ``(G + G^T) z``, ``G^T`` scattered into the same
+    buffer. Same gradient as back-propagating through ``logits = a @ x.T / t``; only the
+    summation order differs.
     """
 
     @staticmethod
     def forward(ctx, anchors, candidates, band, indices, temperature):  # type: ignore[override]
-        ctx.save_for_backward(anchors, candidates, indices, torch.isfinite(band))
+        ctx.save_for_backward(anchors, candidates, indices)
         ctx.temperature = temperature
+        ctx.shared = anchors is candidates
         return band.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        anchors, candidates, indices, kept = ctx.saved_tensors
-        g = torch.where(kept, grad, 0.0).div_(ctx.temperature)
-        grad_anchors = grad_candidates = None
-        if ctx.needs_input_grad[0]:
-            grad_anchors = F.embedding_bag(
-                indices, candidates, per_sample_weights=g.to(candidates.dtype), mode="sum"
-            ).to(anchors.dtype)
-        if ctx.needs_input_grad[1]:
+        anchors, candidates, indices = ctx.saved_tensors
+        g = grad / ctx.temperature
+        if ctx.shared:  # dL/dz = (G + G^T) z: one product (None for the same tensor's twin)
+            dense = g.new_zeros(indices.shape[0], candidates.shape[0])
+            dense.scatter_(1, indices, g)
+            dense.T.scatter_add_(1, indices, g)
+            return (dense @ anchors.to(g.dtype)).to(anchors.dtype), None, None, None, None
+        grad_anchors = grad_candidates = dense = None
+        wide = indices.shape[1] > _DENSE_BAND_SHARE * candidates.shape[0]
+        if ctx.needs_input_grad[1] or wide:
             dense = g.new_zeros(indices.shape[0], candidates.shape[0]).scatter_(1, indices, g)
+        if ctx.needs_input_grad[0]:
+            if wide:
+                grad_anchors = (dense @ candidates.to(g.dtype)).to(anchors.dtype)
+            else:
+                grad_anchors = F.embedding_bag(
+                    indices, candidates, per_sample_weights=g.to(candidates.dtype), mode="sum"
+                ).to(anchors.dtype)
+        if ctx.needs_input_grad[1]:
             grad_candidates = (dense.T @ anchors.to(g.dtype)).to(candidates.dtype)
         return grad_anchors, grad_candidates, None, None, None
+
+
+class _KeptLogMass(torch.autograd.Function):
+    """``log sum_j k_ij e^{c_ij}`` over the kept entries: ``k_ij = [c_ij <= limit_i]`` (no limit:
+    every entry) and 0 at the columns ``drop`` ``[A, k]``; optionally the logits at ``drop``.
+
+    One shifted exponential ``e = e^{c - max_j c}`` over every entry (no ``-inf`` written into
+    the logits: ``exp(-inf)`` and data-dependent masked writes are slow on CPU), zeroed where
+    not kept by a product with the float mask ``c <= limit``; saved for the backward pass
+    ``dc = e g / R`` (one pass; the read logits' gradients added at their columns). A row whose
+    kept sum is below ``sqrt(tiny)`` (nothing kept, or kept entries so far below the row
+    maximum that ``e`` underflows) is recomputed exactly, shifted by its kept maximum, with the
+    limit raised to its least negative (``negative_mask``) when it keeps nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, limit, drop, negative_mask, read):  # type: ignore[override]
+        row_max = logits.amax(dim=1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+        e = (logits - row_max).exp_()
+        if limit is not None:
+            e.mul_(torch.le(logits, limit, out=torch.empty_like(e)))
+        if drop is not None:
+            e.scatter_(1, drop, 0.0)
+        total = e.sum(dim=1)
+        bad = total < math.sqrt(torch.finfo(e.dtype).tiny)
+        if bool(bad.any()):
+            rows = bad.nonzero().squeeze(1)
+            x = logits[rows]
+            keep = torch.isfinite(x) if negative_mask is None else negative_mask[rows].clone()
+            if limit is not None:
+                low = torch.where(keep, x, float("inf")).amin(dim=1, keepdim=True)
+                keep &= x <= torch.maximum(limit[rows], low)
+            if drop is not None:
+                keep.scatter_(1, drop[rows], False)
+            kept = torch.where(keep, x, float("-inf"))
+            top = kept.amax(dim=1, keepdim=True)
+            top = torch.where(torch.isfinite(top), top, 0.0)
+            e_rows = (kept - top).exp_()
+            e[rows], row_max[rows], total[rows] = e_rows, top, e_rows.sum(dim=1)
+        ctx.save_for_backward(e, torch.where(total > 0, total, 1.0), drop)
+        ctx.read = read
+        out = row_max.squeeze(1) + total.log()
+        if read:
+            return out, logits.gather(1, drop)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, *read_grad):  # type: ignore[override]
+        e, total, drop = ctx.saved_tensors
+        out = e * (grad / total).unsqueeze(1)
+        if ctx.read and read_grad[0] is not None:
+            out.scatter_add_(1, drop, read_grad[0])
+        return out, None, None, None, None
+
+
+def kept_log_mass(
+    logits: Tensor,
+    *,
+    limit: Tensor | None = None,
+    drop: Tensor | None = None,
+    negative_mask: Tensor | None = None,
+    read: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``[A]`` ``log sum_j e^{c_ij}`` over the entries with ``c_ij <= limit_i`` (``limit``
+    ``[A, 1]``, detached; a row that would keep nothing keeps its least negatives, as
+    ``PositiveAwareFilter._limit``) other than the columns ``drop`` ``[A, k]`` (distinct per
+    row); with ``read``, also ``logits.gather(1, drop)``. See :class:`_KeptLogMass`. Plain
+    twins: ``logsumexp(logits.masked_fill(logits > limit, -inf))`` (positive_aware) and
+    ``logsumexp(logits.scatter(1, drop, -inf))`` with the gather (fnc)."""
+    limit = None if limit is None else limit.detach().to(logits.dtype)
+    return _KeptLogMass.apply(logits, limit, drop, negative_mask, read)
 
 
 def kept_counts(

@@ -19,7 +19,8 @@ support views stays). They are then either
 The support set here is the anchor's positives (``extra_views`` of the in-batch call form are
 the paper's support views; with two views it is the one other view, as in the paper's
 smallest support set). Scores are detached. Defaults: ``mode='attract'``, ``top_k=1``,
-``agg='max'``, no threshold.
+``agg='max'``, no threshold. Fast path (``context.fast``, top-k without a threshold, InfoNCE
+objective): :func:`hardneg.fastpaths.kept_log_mass`, tested equal to the scatter form below.
 
 Example:
     >>> import torch, hardneg
@@ -34,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hardneg import fastpaths
 from hardneg._checks import check_choice, check_number
 from hardneg.contrast import ContrastSet
 from hardneg.registry import register_strategy
@@ -94,11 +96,9 @@ class FalseNegativeCancellation(Strategy):
                     score = sims.masked_fill(~present, float("-inf")).amax(dim=1)
                 else:
                     score = (sims * present).sum(dim=1) / present.sum(dim=1).clamp_min(1)
-            if in_batch:
+            if in_batch or contrast.negative_mask is None:  # None: every column is a negative
                 return score
-            if contrast.negative_mask is not None:
-                return score.masked_fill(~contrast.negative_mask, float("-inf"))
-            return score.masked_fill(~torch.isfinite(logits), float("-inf"))
+            return score.masked_fill(~contrast.negative_mask, float("-inf"))
 
     def support_scores(self, contrast: ContrastSet) -> Tensor:
         """``[A, S]`` cosine of every negative column with the anchor's support views,
@@ -134,6 +134,16 @@ class FalseNegativeCancellation(Strategy):
             else:
                 top = score.topk(self.top_k, dim=1, sorted=False).indices
             logits = contrast.negative_logits
+            if context.fast:  # one exponential, the read logits' gradient in the same buffer
+                out = fastpaths.kept_log_mass(
+                    logits,
+                    drop=top,
+                    negative_mask=contrast.negative_mask,
+                    read=self.mode == "attract",
+                )
+                if self.mode == "eliminate":
+                    return Selection(negative_log_mass=out)
+                return Selection(negative_log_mass=out[0], extra_positive_logits=out[1])
             log_mass = torch.logsumexp(logits.scatter(1, top, float("-inf")), dim=1)
             if self.mode == "eliminate":
                 return Selection(negative_log_mass=log_mass)

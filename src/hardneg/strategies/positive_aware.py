@@ -16,7 +16,8 @@ other strategy: ``create_loss("hcl", filter="positive_aware", filter_options={"m
 Our addition: an anchor whose every negative would be dropped keeps its least similar one (all
 of them on an exact tie), so the loss is never an empty sum (a ``logsumexp`` over nothing has a
 NaN gradient). The rule is applied to the logits ``c = s / t`` themselves (the same inequality,
-no ``[A, S]`` pass to undo the temperature).
+no ``[A, S]`` pass to undo the temperature). Fast path (``context.fast``, InfoNCE objective):
+:func:`hardneg.fastpaths.kept_log_mass`, tested equal to the masked ``logsumexp`` below.
 
 Example:
     >>> import torch, hardneg
@@ -30,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hardneg import fastpaths
 from hardneg._checks import check_choice, check_number
 from hardneg.contrast import ContrastSet
 from hardneg.registry import register_strategy
@@ -59,17 +61,20 @@ class PositiveAwareFilter(Strategy):
         self.margin = check_number("margin", margin)
         self.percent = check_number("percent", percent)
 
-    def _limit(self, contrast: ContrastSet) -> Tensor:
+    def _rule_limit(self, contrast: ContrastSet) -> Tensor:
         """``[A, 1]`` the highest negative logit the rule keeps, in logit units ``c = s / t``:
         ``s <= s+ - margin`` is ``c <= c+ - margin / t``; ``s <= percent s+`` is
-        ``c <= percent c+``. It is raised to the anchor's lowest negative logit, so that the
-        least similar negative always stays (the loss is never an empty sum)."""
-        logits = contrast.negative_logits.detach()  # -inf where not a negative
+        ``c <= percent c+``."""
         positive = contrast.positive_logits.detach()[:, :1]
         if self.mode == "margin":
-            limit = positive - self.margin / contrast.temperature
-        else:
-            limit = positive * self.percent
+            return positive - self.margin / contrast.temperature
+        return positive * self.percent
+
+    def _limit(self, contrast: ContrastSet) -> Tensor:
+        """``[A, 1]`` the rule's limit raised to the anchor's lowest negative logit, so that the
+        least similar negative always stays (the loss is never an empty sum)."""
+        logits = contrast.negative_logits.detach()  # -inf where not a negative
+        limit = self._rule_limit(contrast)
         masked = (
             logits
             if contrast.negative_mask is None
@@ -83,6 +88,12 @@ class PositiveAwareFilter(Strategy):
 
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
         logits = contrast.negative_logits
+        if context.fast and context.want_log_mass and _every_anchor_has_negatives(contrast):
+            # the same sum from one exponential, no -inf pass (tested equal to the form below)
+            mass = fastpaths.kept_log_mass(
+                logits, limit=self._rule_limit(contrast), negative_mask=contrast.negative_mask
+            )
+            return Selection(negative_log_mass=mass)
         dropped = logits.detach() > self._limit(contrast)  # never a masked column (-inf)
         if context.want_log_mass and _every_anchor_has_negatives(contrast):
             # every anchor keeps at least one negative: a plain log-sum-exp over the kept ones

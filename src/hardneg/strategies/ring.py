@@ -22,9 +22,10 @@ ranks ``[L, U)`` only, so which of several equal logits at a band edge is taken 
 
 Plain form: ranks from one ``argsort`` per row (works when anchors have different ``M``, e.g.
 with duplicate masks). Fast path (``context.fast``, one ``M`` for all anchors, InfoNCE
-objective): ``topk(U)`` (on CPU numpy's partition over order-preserving int32 keys), the top
-``L`` set to ``-inf`` in place, and a sparse backward through the ring's members only
-(:mod:`hardneg.fastpaths`), tested equal to the plain form.
+objective): the members of ranks ``[L, U)`` by selection (:func:`hardneg.fastpaths.band_indices`:
+``topk`` on an accelerator, on CPU numpy's partition over order-preserving integer keys, row
+blocks on torch's threads), and a sparse backward through the ring's members only
+(:func:`hardneg.fastpaths.band_logits`), tested equal to the plain form.
 
 Example:
     >>> import torch, hardneg
@@ -183,15 +184,12 @@ class RingNegatives(Strategy):
     @staticmethod
     def _fast_log_mass(contrast: ContrastSet, lower: int, upper: int) -> Tensor:
         logits = contrast.negative_logits
-        with torch.no_grad():
-            indices = fastpaths.top_k_indices(logits.detach(), upper)
-            band = logits.detach().gather(1, indices)
-            if lower > 0:
-                fastpaths.drop_top(band, lower)
+        indices = fastpaths.band_indices(logits.detach(), lower, upper)  # ranks [L, U)
         if contrast.anchor_columns is None and logits.requires_grad:
+            band = logits.detach().gather(1, indices)
             band = fastpaths.band_logits(
                 contrast.anchors, contrast.columns, band, indices, contrast.temperature
             )
-        elif logits.requires_grad:  # per-anchor columns: back-propagate through the gather
-            band = logits.gather(1, indices).masked_fill(~torch.isfinite(band), float("-inf"))
+        else:  # per-anchor columns: back-propagate through the gather
+            band = logits.gather(1, indices)
         return torch.logsumexp(band, dim=1)
