@@ -28,6 +28,10 @@ only; no kept buffers.
   from the contrast set's own logits, with a hand-written backward to the anchors only (plain
   twin: ``anchor_column_logits(contrast).gather(1, index)``, a second product with the columns
   detached).
+* :func:`simans_draw` — SimANS: the Gumbel-top-k draw a block of rows at a time, uniforms from
+  random int64 words (two per generator call) and the ``k`` smallest keys by numpy's partition
+  (plain twin: ``SimANSNegatives.draw`` with ``torch.rand`` and ``torch.topk``; same law,
+  other draws).
 * :func:`potential_in_batch_terms` — potential, in-batch: the three terms from one Gram matrix
   of ``[z1; z2]`` (every logit, the neighbour look-up, one keep kernel for ``L_aug`` and both
   mined terms, computed as threshold bytes ``floor(256 pi)``), the draws from random bytes
@@ -477,6 +481,61 @@ def mixed_column_logits(contrast, index: Tensor) -> Tensor:
         own,
         contrast.temperature,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# SimANS: the Gumbel-top-k draw a block of rows at a time, uniforms cut from random words and the
+# smallest k keys selected by numpy's partition
+
+
+def unit_uniforms(words: Tensor, count: int) -> Tensor:
+    """``count`` float32 uniforms from the int64 ``words`` (filled here from the full 64-bit
+    range: two uniforms per word, one generator call): 23 random bits ``j`` each, placed as
+    the mantissa of ``1 + j 2^-23`` and shifted to ``(2 j + 1) 2^-24``, the midpoints of
+    ``2^23`` equal cells of ``(0, 1)`` (exact in float32; never 0 or 1, so ``log(-log u)`` is
+    finite). ``torch.rand`` gives one uniform per generator call on a grid of ``2^-24``."""
+    bits = words.view(torch.int32)[:count]
+    bits &= 0x7FFFFF
+    bits |= 0x3F800000  # the bit pattern of 1 + j 2^-23
+    return bits.view(torch.float32).sub_(1.0 - 2.0**-24)
+
+
+def simans_draw(
+    logits: Tensor, centre: Tensor, a: float, k: int, generator: torch.Generator | None
+) -> Tensor:
+    """SimANS: ``[A, k]`` columns per row drawn without replacement with probabilities
+    ``∝ exp(-a (c - centre)^2)``, as the ``k`` smallest keys ``a (c - centre)^2 + log(-log u)``
+    (Gumbel-top-k; ``-inf`` logits are drawn last). Plain twin: ``SimANSNegatives.draw`` with
+    ``fast=False`` (one ``torch.rand`` per entry and ``torch.topk``): the same law, other draws.
+
+    Here a block of rows at a time (keys in cache): the uniforms from random int64 words
+    (:func:`unit_uniforms`, half the generator calls of ``torch.rand``), and on CPU the
+    selection by ``numpy.argpartition`` (several times faster than ``torch.topk`` here);
+    ``k >= S`` returns every column."""
+    rows, cols = logits.shape
+    if k >= cols:
+        return torch.arange(cols, device=logits.device).expand(rows, cols)
+    numpy_select = logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64)
+    blocks = row_blocks(logits, 1 << 16)
+    out = torch.empty(rows, k, dtype=torch.long, device=logits.device)
+    step = blocks[0].stop - blocks[0].start
+    words = torch.empty(-(-min(step, rows) * cols // 2), dtype=torch.int64, device=logits.device)
+    for part in blocks:
+        x = logits[part]
+        n = x.numel()
+        words[: -(-n // 2)].random_(-(2**63), None, generator=generator)
+        u = unit_uniforms(words, n).view(x.shape).to(logits.dtype)
+        keys = u.log_().neg_().log_()  # log(-log u) = -Gumbel
+        distance = x - centre[part]  # -inf on a masked column: its key is +inf if a > 0
+        keys = torch.addcmul(keys, distance, distance, value=a)
+        if a == 0.0:
+            keys.masked_fill_(~torch.isfinite(x), float("inf"))
+        if numpy_select:
+            index = np.argpartition(keys.numpy(), k - 1, axis=1)[:, :k]
+            out[part] = torch.from_numpy(index)
+        else:
+            out[part] = keys.topk(k, dim=1, largest=False, sorted=False).indices
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
