@@ -655,6 +655,37 @@ def test_simans_draw_takes_real_columns_first_and_every_column_when_k_covers_the
     assert one.sort(dim=1).values.tolist() == two.sort(dim=1).values.tolist()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", [*FORMS, "ties"])
+@pytest.mark.parametrize("n_hardest", [1, 4, 100])
+def test_mochi_hardest_set_fast_equals_plain_in_column_order(dtype, form, n_hardest):
+    """``HardNegativeMixing.hardest`` with ``fast=True`` (``kth_largest`` by numpy, compaction
+    by ``nonzero``) gives the plain entries: per row, the first ``count = min(N, M)`` columns,
+    in increasing order, are the ``N`` hardest negatives (on a tie at the threshold, the first
+    ones in column order)."""
+    from hardneg.losses.contrastive import ContrastInputs
+
+    if form == "ties":  # every pool row three times: each logit tied with two others
+        z1, z2, kwargs = make_inputs("pool", dtype)
+        kwargs["negatives"] = torch.cat([kwargs["negatives"]] * 3)
+    else:
+        z1, z2, kwargs = make_inputs(form, dtype)
+    contrast = ContrastInputs(z1=z1, z2=z2, temperature=0.3, **kwargs).standard_contrast()
+    strategy = hardneg.registry.strategy_class("mochi")(num_hardest=n_hardest)
+    fast_index, fast_count = strategy.hardest(contrast, fast=True)
+    plain_index, plain_count = strategy.hardest(contrast, fast=False)
+    assert fast_count.tolist() == plain_count.tolist()
+    logits = contrast.negative_logits.detach()
+    for row, m in enumerate(plain_count.flatten().tolist()):
+        members = plain_index[row, :m]
+        assert fast_index[row, :m].tolist() == members.tolist()
+        assert members.tolist() == sorted(set(members.tolist()))
+        finite = logits[row][torch.isfinite(logits[row])]
+        assert m == min(n_hardest, finite.numel())
+        expected = finite.sort(descending=True).values[:m]
+        assert logits[row, members].sort(descending=True).values.tolist() == expected.tolist()
+
+
 # potential in-batch: byte draws, block masses, the fused terms
 
 

@@ -223,7 +223,8 @@ def test_mochi_dot_product_logits_equal_the_explicit_mixes(
     loss.backward()
     # the same draws: they depend on the detached logits and the generator only
     contrast = contrast_of(z1.detach(), z2.detach(), t, normalize).standard_contrast()
-    draws = loss_fn.strategy.draw(contrast, StepContext(generator=torch.Generator().manual_seed(3)))
+    context = StepContext(generator=torch.Generator().manual_seed(3), fast=fast)
+    draws = loss_fn.strategy.draw(contrast, context)
     a1 = z1.detach().double().requires_grad_()
     a2 = z2.detach().double().requires_grad_()
     k64 = {k: (v.double() if v.is_floating_point() else v) for k, v in kwargs.items()}

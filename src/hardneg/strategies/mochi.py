@@ -124,34 +124,50 @@ class HardNegativeMixing(Strategy):
             check_number("num_query_mixed", num_query_mixed, low=0, integer=True)
         )
 
-    def hardest(self, contrast: ContrastSet) -> tuple[Tensor, Tensor]:
-        """``(index [A, k], count [A, 1])``: the first ``count_a = min(N, M_a)`` entries of row
-        ``a`` are the columns of its hardest negatives ``Q~``, in no particular order (the
-        pairs are drawn uniformly from the set, so no sort is needed)."""
+    def hardest(self, contrast: ContrastSet, fast: bool = False) -> tuple[Tensor, Tensor]:
+        """``(index [A, k'], count [A, 1])``: the first ``count_a = min(N, M_a)`` entries of row
+        ``a`` are the columns of its hardest negatives ``Q~``, in increasing column order (the
+        pairs are drawn uniformly from the set; a fixed order gives a seed the same draws
+        however the set is found). ``Q~`` holds the negatives above the ``N``-th largest logit
+        and as many of those equal to it as fit, the first in column order. ``k' = min(N, M)``
+        when every anchor has ``M`` negatives, else ``min(N, S)``. ``fast``: the ``N``-th
+        largest logit by :func:`fastpaths.kth_largest` (numpy's partition) instead of
+        ``torch.topk``; the same result."""
         logits = contrast.negative_logits.detach()
         rows, cols = logits.shape
         k = min(self.num_hardest, cols)
+        m = contrast.num_negatives
+        count = torch.as_tensor(m, device=logits.device).clamp(max=k).expand(rows).unsqueeze(1)
         if k < cols:
-            values, index = logits.topk(k, dim=1, sorted=False)
-        else:  # every column is a candidate
-            values = logits
-            index = torch.arange(cols, device=logits.device).expand(rows, cols)
-        m = torch.as_tensor(contrast.num_negatives, device=logits.device)
-        count = m.clamp(max=k).expand(rows).unsqueeze(1)
-        if not (isinstance(contrast.num_negatives, int) and contrast.num_negatives >= k):
-            # a row with fewer than k negatives holds masked (-inf) candidates: move its real
-            # ones to the front, in order (slot k collects the masked ones and is dropped)
-            real = contrast.negative_mask if k == cols else None
-            real = torch.isfinite(values) if real is None else real
-            slot = real.cumsum(dim=1).sub_(1).masked_fill_(~real, k)
-            index = index.new_zeros(rows, k + 1).scatter_(1, slot, index)[:, :k]
-        return index, count
+            if fast:
+                kth = fastpaths.kth_largest(logits, k)
+            else:
+                kth = logits.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+            member = logits >= kth  # kth = -inf on a row with fewer than k negatives
+            if not (isinstance(m, int) and m >= k):
+                member &= torch.isfinite(logits)
+            if not bool((member.sum(dim=1, keepdim=True) == count).all()):  # a tie at the k-th
+                member = logits > kth
+                tied = (logits == kth) & torch.isfinite(kth)
+                tied &= tied.cumsum(dim=1) <= count - member.sum(dim=1, keepdim=True)
+                member |= tied
+        elif contrast.negative_mask is None:  # every column is a negative
+            return torch.arange(cols, device=logits.device).expand(rows, cols), count
+        else:
+            member = contrast.negative_mask
+        row, column = member.nonzero().unbind(1)  # row by row, in column order
+        if isinstance(m, int):  # count = min(m, k) members in every row
+            return column.view(rows, -1), count
+        # each member at its rank within its row
+        start = count.flatten().cumsum(dim=0) - count.flatten()
+        rank = torch.arange(row.shape[0], device=row.device) - start[row]
+        return column.new_zeros(rows, k).index_put_((row, rank), column), count
 
     def draw(self, contrast: ContrastSet, context: StepContext) -> MixDraws:
         """Draw the pairs ``(i, j)`` uniformly from ``Q~``, ``a ~ U(0, 1)``, ``b ~ U(0, 0.5)``."""
         s, s_query = self.num_mixed, self.num_query_mixed
         with torch.no_grad():
-            index, count = self.hardest(contrast)
+            index, count = self.hardest(contrast, fast=context.fast)
             g = context.generator
             rows = index.shape[0]
             # float32 draws whatever the compute dtype: a seed gives the same mixes in float64;
@@ -202,7 +218,8 @@ class HardNegativeMixing(Strategy):
             columns = contrast.columns.detach()
             c = columns.shape[0]
             if contrast.anchor_columns is None and c * c <= 16 * contrast.negative_logits.numel():
-                return (columns @ columns.T).take(torch.add(second, first, alpha=c))
+                flat = torch.add(second, first, alpha=c).view(-1)  # a flat look-up: index_select
+                return (columns @ columns.T).view(-1).index_select(0, flat).view(first.shape)
             rows = max(1, _BLOCK // max(1, first.shape[1] * columns.shape[1]))
             blocks = []
             for start in range(0, first.shape[0], rows):
