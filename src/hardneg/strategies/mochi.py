@@ -168,14 +168,12 @@ class HardNegativeMixing(Strategy):
         s, s_query = self.num_mixed, self.num_query_mixed
         with torch.no_grad():
             index, count = self.hardest(contrast, fast=context.fast)
-            g = context.generator
             rows = index.shape[0]
             # float32 draws whatever the compute dtype: a seed gives the same mixes in float64;
             # u * count < count for u < 1 and count < 2^24 (no clamp)
-            u = torch.rand((rows, 2 * s + s_query), generator=g, device=index.device)
-            columns = index.gather(1, u.mul_(count).long())
-            coefficient = torch.rand((rows, s + s_query), generator=g, device=index.device)
-            coefficient = coefficient.to(contrast.negative_logits.dtype)
+            u = _unit_uniforms((rows, 3 * s + 2 * s_query), context.generator, index.device)
+            columns = index.gather(1, u[:, : 2 * s + s_query].mul(count).long())
+            coefficient = u[:, 2 * s + s_query :].to(contrast.negative_logits.dtype)
             return MixDraws(columns, alpha=coefficient[:, :s], beta=coefficient[:, s:] * 0.5)
 
     def synthetic_negatives(
@@ -260,6 +258,18 @@ class HardNegativeMixing(Strategy):
         if isinstance(contrast.num_negatives, Tensor):  # a row without negatives mixes nothing
             extra = extra.masked_fill((contrast.num_negatives == 0).unsqueeze(1), float("-inf"))
         return Selection(extra_negative_logits=extra.to(contrast.negative_logits.dtype))
+
+
+def _unit_uniforms(shape: tuple[int, int], generator, device) -> Tensor:
+    """``shape`` float32 uniforms on ``(0, 1)``, two per random int64 word (one generator call,
+    half the calls of ``torch.rand``): 23 random bits ``j`` each, as the mantissa of
+    ``1 + j 2^-23``, shifted to ``(2 j + 1) 2^-24`` (the midpoints of ``2^23`` equal cells)."""
+    n = shape[0] * shape[1]
+    words = torch.empty(-(-n // 2), dtype=torch.int64, device=device)
+    bits = words.random_(-(2**63), None, generator=generator).view(torch.int32)[:n]
+    bits &= 0x7FFFFF
+    bits |= 0x3F800000  # the bit pattern of 1 + j 2^-23
+    return bits.view(torch.float32).sub_(1.0 - 2.0**-24).view(shape)
 
 
 def _inverse_mix_norm(a: Tensor, cosine: Tensor) -> Tensor:
