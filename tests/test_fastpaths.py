@@ -686,6 +686,22 @@ def test_mochi_hardest_set_fast_equals_plain_in_column_order(dtype, form, n_hard
         assert logits[row, members].sort(descending=True).values.tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [7, 1100, 2100])
+def test_mochi_pair_gram_equals_the_full_gram_matrix_at_the_pairs(dtype, c):
+    """``pair_gram`` (the upper triangle by blocks of rows: 1, 2 and 4 blocks here) equals the
+    full Gram matrix looked up at the pairs, ``i < j``, ``i > j`` and ``i = j`` alike."""
+    g = torch.Generator().manual_seed(4)
+    columns = torch.randn(c, 6, generator=g, dtype=torch.float64).to(dtype)
+    first = torch.randint(0, c, (9, 300), generator=g)
+    second = torch.randint(0, c, (9, 300), generator=g)
+    second[:, :10] = first[:, :10]
+    got = fastpaths.pair_gram(columns, first, second)
+    want = (columns @ columns.T)[first, second]
+    assert got.shape == first.shape
+    assert_close_rel(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-12, what="gram")
+
+
 # potential in-batch: byte draws, block masses, the fused terms
 
 

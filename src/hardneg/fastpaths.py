@@ -34,6 +34,8 @@ only; no kept buffers.
   other draws).
 * :func:`kth_largest` — MoCHi: the ``N``-th largest logit of each row (the threshold of the
   hardest set) by numpy's partition (plain twin: ``torch.topk``'s ``k``-th value).
+* :func:`pair_gram` — MoCHi: the pairs' ``n_i · n_j`` from the upper triangle of the columns'
+  Gram matrix, by blocks of rows (plain twin: the full Gram matrix, looked up at the pairs).
 * :func:`potential_in_batch_terms` — potential, in-batch: the three terms from one Gram matrix
   of ``[z1; z2]`` (every logit, the neighbour look-up, one keep kernel for ``L_aug`` and both
   mined terms, computed as threshold bytes ``floor(256 pi)``), the draws from random bytes
@@ -552,6 +554,24 @@ def kth_largest(x: Tensor, k: int) -> Tensor:
     for rows in row_blocks(x):
         out[rows] = np.partition(array[rows], cols - k, axis=1)[:, cols - k : cols - k + 1]
     return torch.from_numpy(out)
+
+
+def pair_gram(columns: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """MoCHi: ``[A, s]`` ``n_i · n_j`` of the pairs ``(first, second)`` of rows of ``columns``
+    ``[C, d]``, looked up in the upper triangle of the Gram matrix (``i <= j`` after swapping),
+    which alone is computed: one product per block of rows from its diagonal on (up to 8
+    blocks of at least 512 rows: about 56 % of the full product's work). Plain twin:
+    ``(columns @ columns.T)`` at ``[first, second]`` (``HardNegativeMixing.pair_similarity``)."""
+    c = columns.shape[0]
+    parts = max(1, min(8, c // 512))
+    gram = columns.new_empty(c, c)
+    step = -(-c // parts)
+    for start in range(0, c, step):
+        rows = columns[start : start + step]
+        torch.mm(rows, columns[start:].T, out=gram[start : start + step, start:])
+    low, high = torch.minimum(first, second), torch.maximum(first, second)
+    flat = torch.add(high, low, alpha=c).view(-1)
+    return gram.view(-1).index_select(0, flat).view(first.shape)
 
 
 # ---------------------------------------------------------------------------------------------

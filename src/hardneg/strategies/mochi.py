@@ -208,7 +208,9 @@ class HardNegativeMixing(Strategy):
             return shared
         return torch.where((index < c).unsqueeze(2), shared, own)
 
-    def pair_similarity(self, contrast: ContrastSet, first: Tensor, second: Tensor) -> Tensor:
+    def pair_similarity(
+        self, contrast: ContrastSet, first: Tensor, second: Tensor, fast: bool = False
+    ) -> Tensor:
         """``[A, s]`` ``n_i · n_j`` of the drawn pairs: entries of the columns' Gram matrix (one
         matrix product, far faster than row-wise dot products) when it is at most 16 times the
         size of the logits, else row-wise dot products in blocks of anchors of bounded size."""
@@ -216,6 +218,8 @@ class HardNegativeMixing(Strategy):
             columns = contrast.columns.detach()
             c = columns.shape[0]
             if contrast.anchor_columns is None and c * c <= 16 * contrast.negative_logits.numel():
+                if fast:  # the upper triangle of the Gram matrix only
+                    return fastpaths.pair_gram(columns, first, second)
                 flat = torch.add(second, first, alpha=c).view(-1)  # a flat look-up: index_select
                 return (columns @ columns.T).view(-1).index_select(0, flat).view(first.shape)
             rows = max(1, _BLOCK // max(1, first.shape[1] * columns.shape[1]))
@@ -242,7 +246,7 @@ class HardNegativeMixing(Strategy):
         with torch.no_grad():
             a, b = draws.alpha, draws.beta
             if contrast.normalized:
-                g = self.pair_similarity(contrast, draws.first, draws.second)
+                g = self.pair_similarity(contrast, draws.first, draws.second, context.fast)
                 pair_scale = _inverse_mix_norm(a, g)
                 query_scale = _inverse_mix_norm(b, dots[:, 2 * s :] * t)
             else:  # raw dot products: the mixes are not normalised
