@@ -28,8 +28,8 @@ only; no kept buffers.
   from the contrast set's own logits, with a hand-written backward to the anchors only (plain
   twin: ``anchor_column_logits(contrast).gather(1, index)``, a second product with the columns
   detached).
-* :func:`simans_draw` — SimANS: the Gumbel-top-k draw a block of rows at a time, uniforms from
-  random int64 words (two per generator call) and the ``k`` smallest keys by numpy's partition
+* :func:`simans_draw` — SimANS: the Gumbel-top-k draw with uniforms from random int64 words
+  (two per generator call) and the ``k`` smallest keys by numpy's partition (by row blocks)
   (plain twin: ``SimANSNegatives.draw`` with ``torch.rand`` and ``torch.topk``; same law,
   other draws).
 * :func:`kth_largest` — MoCHi: the ``N``-th largest logit of each row (the threshold of the
@@ -488,8 +488,8 @@ def mixed_column_logits(contrast, index: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# SimANS: the Gumbel-top-k draw a block of rows at a time, uniforms cut from random words and the
-# smallest k keys selected by numpy's partition
+# SimANS: the Gumbel-top-k draw, uniforms cut from random words and the smallest k keys selected
+# by numpy's partition
 
 
 def unit_uniforms(words: Tensor, count: int) -> Tensor:
@@ -512,34 +512,30 @@ def simans_draw(
     (Gumbel-top-k; ``-inf`` logits are drawn last). Plain twin: ``SimANSNegatives.draw`` with
     ``fast=False`` (one ``torch.rand`` per entry and ``torch.topk``): the same law, other draws.
 
-    Here a block of rows at a time (keys in cache): the uniforms from random int64 words
-    (:func:`unit_uniforms`, half the generator calls of ``torch.rand``), and on CPU the
-    selection by ``numpy.argpartition`` (several times faster than ``torch.topk`` here);
-    ``k >= S`` returns every column."""
+    The uniforms come from random int64 words (:func:`unit_uniforms`, half the generator calls
+    of ``torch.rand``) and the keys are computed in place in their memory (few passes, each over
+    the whole matrix: a loop of small parallel operations stalls when the cores are shared);
+    on CPU the selection is ``numpy.argpartition`` a block of rows at a time (several times
+    faster than ``torch.topk`` here, single-threaded). ``k >= S`` returns every column."""
     rows, cols = logits.shape
     if k >= cols:
         return torch.arange(cols, device=logits.device).expand(rows, cols)
-    numpy_select = logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64)
-    blocks = row_blocks(logits, 1 << 16)
-    out = torch.empty(rows, k, dtype=torch.long, device=logits.device)
-    step = blocks[0].stop - blocks[0].start
-    words = torch.empty(-(-min(step, rows) * cols // 2), dtype=torch.int64, device=logits.device)
-    for part in blocks:
-        x = logits[part]
-        n = x.numel()
-        words[: -(-n // 2)].random_(-(2**63), None, generator=generator)
-        u = unit_uniforms(words, n).view(x.shape).to(logits.dtype)
-        keys = u.log_().neg_().log_()  # log(-log u) = -Gumbel
-        distance = x - centre[part]  # -inf on a masked column: its key is +inf if a > 0
-        keys = torch.addcmul(keys, distance, distance, value=a)
-        if a == 0.0:
-            keys.masked_fill_(~torch.isfinite(x), float("inf"))
-        if numpy_select:
-            index = np.argpartition(keys.numpy(), k - 1, axis=1)[:, :k]
-            out[part] = torch.from_numpy(index)
-        else:
-            out[part] = keys.topk(k, dim=1, largest=False, sorted=False).indices
-    return out
+    n = rows * cols
+    words = torch.empty(-(-n // 2), dtype=torch.int64, device=logits.device)
+    words.random_(-(2**63), None, generator=generator)
+    keys = unit_uniforms(words, n).view(rows, cols).to(logits.dtype)
+    keys.log_().neg_().log_()  # log(-log u) = -Gumbel
+    distance = logits - centre  # -inf on a masked column: its key is +inf if a > 0
+    keys.addcmul_(distance, distance, value=a)
+    if a == 0.0:
+        keys.masked_fill_(~torch.isfinite(logits), float("inf"))
+    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64):
+        return keys.topk(k, dim=1, largest=False, sorted=False).indices
+    values = keys.numpy()
+    out = np.empty((rows, k), dtype=np.int64)
+    for part in row_blocks(keys, 1 << 16):  # keys and argpartition's output in cache
+        out[part] = np.argpartition(values[part], k - 1, axis=1)[:, :k]
+    return torch.from_numpy(out)
 
 
 def kth_largest(x: Tensor, k: int) -> Tensor:
