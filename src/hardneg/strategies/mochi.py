@@ -129,10 +129,10 @@ class HardNegativeMixing(Strategy):
         ``a`` are the columns of its hardest negatives ``Q~``, in increasing column order (the
         pairs are drawn uniformly from the set; a fixed order gives a seed the same draws
         however the set is found). ``Q~`` holds the negatives above the ``N``-th largest logit
-        and as many of those equal to it as fit, the first in column order. ``k' = min(N, M)``
-        when every anchor has ``M`` negatives, else ``min(N, S)``. ``fast``: the ``N``-th
+        and as many of those equal to it as fit, the first in column order. ``k' = min(N, S)``,
+        or ``min(N, M)`` on the fast path when every anchor has ``M``. ``fast``: the ``N``-th
         largest logit by :func:`fastpaths.kth_largest` (numpy's partition) instead of
-        ``torch.topk``; the same result."""
+        ``torch.topk`` and the compaction by one ``nonzero``; the same result."""
         logits = contrast.negative_logits.detach()
         rows, cols = logits.shape
         k = min(self.num_hardest, cols)
@@ -146,7 +146,8 @@ class HardNegativeMixing(Strategy):
             member = logits >= kth  # kth = -inf on a row with fewer than k negatives
             if not (isinstance(m, int) and m >= k):
                 member &= torch.isfinite(logits)
-            if not bool((member.sum(dim=1, keepdim=True) == count).all()):  # a tie at the k-th
+            # a tie at the k-th logit (the plain form never branches on data: torch.compile)
+            if not fast or not bool((member.sum(dim=1, keepdim=True) == count).all()):
                 member = logits > kth
                 tied = (logits == kth) & torch.isfinite(kth)
                 tied &= tied.cumsum(dim=1) <= count - member.sum(dim=1, keepdim=True)
@@ -155,13 +156,17 @@ class HardNegativeMixing(Strategy):
             return torch.arange(cols, device=logits.device).expand(rows, cols), count
         else:
             member = contrast.negative_mask
-        row, column = member.nonzero().unbind(1)  # row by row, in column order
-        if isinstance(m, int):  # count = min(m, k) members in every row
-            return column.view(rows, -1), count
-        # each member at its rank within its row
-        start = count.flatten().cumsum(dim=0) - count.flatten()
-        rank = torch.arange(row.shape[0], device=row.device) - start[row]
-        return column.new_zeros(rows, k).index_put_((row, rank), column), count
+        if fast:  # one nonzero, row by row in column order (an output of data-dependent size)
+            row, column = member.nonzero().unbind(1)
+            if isinstance(m, int):  # count = min(m, k) members in every row
+                return column.view(rows, -1), count
+            start = count.flatten().cumsum(dim=0) - count.flatten()
+            rank = torch.arange(row.shape[0], device=row.device) - start[row]
+            return column.new_zeros(rows, k).index_put_((row, rank), column), count
+        # each member moved to its rank within its row (slot k collects the rest, dropped)
+        slot = member.cumsum(dim=1).sub_(1).masked_fill_(~member, k)
+        index = torch.arange(cols, device=logits.device).expand(rows, cols)
+        return slot.new_zeros(rows, k + 1).scatter_(1, slot, index)[:, :k], count
 
     def draw(self, contrast: ContrastSet, context: StepContext) -> MixDraws:
         """Draw the pairs ``(i, j)`` uniformly from ``Q~``, ``a ~ U(0, 1)``, ``b ~ U(0, 0.5)``."""
@@ -269,11 +274,10 @@ def _unit_uniforms(shape: tuple[int, int], generator, device) -> Tensor:
     half the calls of ``torch.rand``): 23 random bits ``j`` each, as the mantissa of
     ``1 + j 2^-23``, shifted to ``(2 j + 1) 2^-24`` (the midpoints of ``2^23`` equal cells)."""
     n = shape[0] * shape[1]
-    words = torch.empty(-(-n // 2), dtype=torch.int64, device=device)
-    bits = words.random_(-(2**63), None, generator=generator).view(torch.int32)[:n]
-    bits &= 0x7FFFFF
-    bits |= 0x3F800000  # the bit pattern of 1 + j 2^-23
-    return bits.view(torch.float32).sub_(1.0 - 2.0**-24).view(shape)
+    # out of place (torch.compile traces it); 2^64 - 1 values, one fewer than 64 random bits
+    words = torch.randint(-(2**63), 2**63 - 1, (-(-n // 2),), generator=generator, device=device)
+    bits = words.view(torch.int32)[:n] & 0x7FFFFF | 0x3F800000  # the bits of 1 + j 2^-23
+    return bits.view(torch.float32).sub(1.0 - 2.0**-24).view(shape)
 
 
 def _inverse_mix_norm(a: Tensor, cosine: Tensor) -> Tensor:
