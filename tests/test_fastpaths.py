@@ -884,6 +884,97 @@ def test_mochi_mixed_column_logits_equal_the_plain_product(dtype, form):
             assert_close_rel(a, b, what="gradient")
 
 
+# SimANS: uniforms from random words, the Gumbel-top-k draw by blocks
+
+
+def test_simans_unit_uniforms_are_the_midpoints_of_2_to_the_23_cells_with_every_bit_random():
+    """Each uniform is ``(2 j + 1) 2^-24`` with ``j`` an integer in ``[0, 2^23)`` (never 0 or
+    1), and each of ``j``'s 23 bits is set in about half of the draws (a bit lost to the mask
+    would be always 0 or always 1)."""
+    g = torch.Generator().manual_seed(5)
+    n = 1 << 16
+    words = torch.empty(n // 2, dtype=torch.int64).random_(-(2**63), None, generator=g)
+    u = fastpaths.unit_uniforms(words, n).double()
+    assert u.dtype == torch.float64 and u.numel() == n
+    j = (u * 2.0**24 - 1) / 2
+    assert bool((j == j.round()).all()) and bool((j >= 0).all()) and bool((j < 2**23).all())
+    bits = (j.long().unsqueeze(1) >> torch.arange(23)) & 1
+    share = bits.double().mean(dim=0)
+    assert bool(((share - 0.5).abs() < 5 * 0.5 / math.sqrt(n)).all()), share
+
+
+def test_simans_draw_takes_real_columns_first_and_every_column_when_k_covers_the_row():
+    """``a = 0`` (the uniform law) with masked columns: a row with at least ``k`` negatives
+    draws only negatives, ``k`` distinct ones; a row with fewer draws all of them; ``k >= S``
+    gives every column; float64 logits draw as float32 ones do (same generator, same keys up
+    to rounding)."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 9, generator=g)
+    logits[:3, :4] = float("-inf")  # rows 0-2: 5 negatives
+    centre = torch.zeros(6, 1)
+    for a in (0.0, 0.7):
+        drawn = fastpaths.simans_draw(logits, centre, a, 5, torch.Generator().manual_seed(0))
+        assert drawn.shape == (6, 5)
+        assert bool(torch.isfinite(logits.gather(1, drawn)).all())
+        assert all(len(set(row)) == 5 for row in drawn.tolist())
+        drawn = fastpaths.simans_draw(logits, centre, a, 7, torch.Generator().manual_seed(0))
+        assert all(set(range(4, 9)) <= set(row) for row in drawn[:3].tolist())
+    every = fastpaths.simans_draw(logits, centre, 0.7, 9, None)
+    assert bool((every == torch.arange(9)).all())
+    one = fastpaths.simans_draw(logits, centre, 0.7, 3, torch.Generator().manual_seed(1))
+    two = fastpaths.simans_draw(
+        logits.double(), centre.double(), 0.7, 3, torch.Generator().manual_seed(1)
+    )
+    assert one.sort(dim=1).values.tolist() == two.sort(dim=1).values.tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", [*FORMS, "ties"])
+@pytest.mark.parametrize("n_hardest", [1, 4, 100])
+def test_mochi_hardest_set_fast_equals_plain_in_column_order(dtype, form, n_hardest):
+    """``HardNegativeMixing.hardest`` with ``fast=True`` (``kth_largest`` by numpy, compaction
+    by ``nonzero``) gives the plain entries: per row, the first ``count = min(N, M)`` columns,
+    in increasing order, are the ``N`` hardest negatives (on a tie at the threshold, the first
+    ones in column order)."""
+    from hardneg.losses.contrastive import ContrastInputs
+
+    if form == "ties":  # every pool row three times: each logit tied with two others
+        z1, z2, kwargs = make_inputs("pool", dtype)
+        kwargs["negatives"] = torch.cat([kwargs["negatives"]] * 3)
+    else:
+        z1, z2, kwargs = make_inputs(form, dtype)
+    contrast = ContrastInputs(z1=z1, z2=z2, temperature=0.3, **kwargs).standard_contrast()
+    strategy = hardneg.registry.strategy_class("mochi")(num_hardest=n_hardest)
+    fast_index, fast_count = strategy.hardest(contrast, fast=True)
+    plain_index, plain_count = strategy.hardest(contrast, fast=False)
+    assert fast_count.tolist() == plain_count.tolist()
+    logits = contrast.negative_logits.detach()
+    for row, m in enumerate(plain_count.flatten().tolist()):
+        members = plain_index[row, :m]
+        assert fast_index[row, :m].tolist() == members.tolist()
+        assert members.tolist() == sorted(set(members.tolist()))
+        finite = logits[row][torch.isfinite(logits[row])]
+        assert m == min(n_hardest, finite.numel())
+        expected = finite.sort(descending=True).values[:m]
+        assert logits[row, members].sort(descending=True).values.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [7, 1100, 2100])
+def test_mochi_pair_gram_equals_the_full_gram_matrix_at_the_pairs(dtype, c):
+    """``pair_gram`` (the upper triangle by blocks of rows: 1, 2 and 4 blocks here) equals the
+    full Gram matrix looked up at the pairs, ``i < j``, ``i > j`` and ``i = j`` alike."""
+    g = torch.Generator().manual_seed(4)
+    columns = torch.randn(c, 6, generator=g, dtype=torch.float64).to(dtype)
+    first = torch.randint(0, c, (9, 300), generator=g)
+    second = torch.randint(0, c, (9, 300), generator=g)
+    second[:, :10] = first[:, :10]
+    got = fastpaths.pair_gram(columns, first, second)
+    want = (columns @ columns.T)[first, second]
+    assert got.shape == first.shape
+    assert_close_rel(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-12, what="gram")
+
+
 # potential in-batch: byte draws, block masses, the fused terms
 
 

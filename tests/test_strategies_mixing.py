@@ -65,6 +65,44 @@ def test_mochi_mixes_are_unit_convex_combinations_of_two_of_the_hardest_negative
                 assert float(coef[0] / coef.sum()) < 0.5 + 1e-4
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_mochi_draws_pairs_uniformly_from_the_hardest_set_and_uniform_coefficients(fast):
+    """The law of the draws: every column of a pair or query mix uniform over the anchor's 4
+    hardest of its 6 negatives (the excluded bank entry and the 2 easiest never), ``i`` and
+    ``j`` independent (``P(i = j) = 1/4``), ``a ~ U(0, 1)`` and ``b ~ U(0, 0.5)`` (mean and
+    quartiles, within 5 standard errors)."""
+    g = torch.Generator().manual_seed(6)
+    q, k, pool = torch.randn(1, 4, generator=g), torch.randn(1, 4, generator=g), torch.randn(7, 4)
+    rows = 4000
+    contrast = pool_contrast(
+        q.expand(rows, -1),
+        k.expand(rows, -1),
+        pool,
+        temperature=0.2,
+        exclude_index=torch.full((rows,), 5),
+    )
+    mochi = strategy_class("mochi")(num_hardest=4, num_mixed=6, num_query_mixed=3)
+    draws = mochi.draw(contrast, StepContext(generator=torch.Generator().manual_seed(2), fast=fast))
+    logits = contrast.negative_logits[0].clone()
+    logits[5] = float("-inf")
+    hardest = set(logits.topk(4).indices.tolist())
+    counts = torch.bincount(draws.columns.flatten(), minlength=7).double() / draws.columns.numel()
+    n = draws.columns.numel()
+    for column in range(7):
+        want = 0.25 if column in hardest else 0.0
+        assert float(counts[column]) == pytest.approx(want, abs=5 * math.sqrt(0.25 * 0.75 / n))
+    same = (draws.first == draws.second).double().mean()
+    assert float(same) == pytest.approx(0.25, abs=5 * math.sqrt(0.25 * 0.75 / draws.first.numel()))
+    for x, top in ((draws.alpha, 1.0), (draws.beta, 0.5)):
+        x = x.double().flatten() / top
+        assert bool((x > 0).all()) and bool((x < 1).all())
+        se = 1 / math.sqrt(12 * x.numel())
+        assert float(x.mean()) == pytest.approx(0.5, abs=5 * se)
+        for p in (0.25, 0.75):
+            share = float((x < p).double().mean())
+            assert share == pytest.approx(p, abs=5 * math.sqrt(p * (1 - p) / x.numel()))
+
+
 def test_mochi_loss_is_infonce_with_the_synthetic_logits_appended_and_no_gradient_through_them():
     g = torch.Generator().manual_seed(2)
     z1 = torch.randn(5, 4, generator=g).requires_grad_()
@@ -223,7 +261,8 @@ def test_mochi_dot_product_logits_equal_the_explicit_mixes(
     loss.backward()
     # the same draws: they depend on the detached logits and the generator only
     contrast = contrast_of(z1.detach(), z2.detach(), t, normalize).standard_contrast()
-    draws = loss_fn.strategy.draw(contrast, StepContext(generator=torch.Generator().manual_seed(3)))
+    context = StepContext(generator=torch.Generator().manual_seed(3), fast=fast)
+    draws = loss_fn.strategy.draw(contrast, context)
     a1 = z1.detach().double().requires_grad_()
     a2 = z2.detach().double().requires_grad_()
     k64 = {k: (v.double() if v.is_floating_point() else v) for k, v in kwargs.items()}

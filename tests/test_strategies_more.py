@@ -137,11 +137,14 @@ def test_gumbel_top_k_draws_without_replacement_with_the_sequential_law(k):
         assert got == pytest.approx(want, abs=0.015)
 
 
+@pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize(("a", "b", "k"), [(0.3, -1.0, 1), (0.3, -1.0, 2), (0.0, 0.0, 2)])
-def test_simans_draws_follow_the_kernel_without_replacement(a, b, k):
-    """The strategy's own draws: inclusion frequencies of each negative against the exact
-    probabilities of ``k`` sequential draws without replacement, ``p ∝ e^{-a (c - c+ - b)^2}``;
-    the masked column (the query's own bank entry) is never drawn."""
+def test_simans_draws_follow_the_kernel_without_replacement(a, b, k, fast):
+    """The strategy's own draws, plain and fast (``fastpaths.simans_draw``, a block of rows at
+    a time: 20000 rows are two blocks): inclusion frequencies of each negative against the
+    exact probabilities of ``k`` sequential draws without replacement,
+    ``p ∝ e^{-a (c - c+ - b)^2}``; the masked column (the query's own bank entry) is never
+    drawn."""
     from hardneg.contrast import pool_contrast
 
     g = torch.Generator().manual_seed(9)
@@ -155,7 +158,8 @@ def test_simans_draws_follow_the_kernel_without_replacement(a, b, k):
         exclude_index=torch.full((trials,), 2),
     )
     strategy = hardneg.registry.strategy_class("simans")(a=a, b=b, num_samples=k)
-    drawn = strategy.draw(contrast, StepContext(generator=torch.Generator().manual_seed(4)))
+    context = StepContext(generator=torch.Generator().manual_seed(4), fast=fast)
+    drawn = strategy.draw(contrast, context)
     counts = torch.zeros(trials, 5).scatter_(1, drawn, 1.0)
     assert bool((counts.sum(dim=1) == k).all())
     c, c_pos = contrast.negative_logits[0].double(), contrast.positive_logits[0, 0].double()
@@ -187,7 +191,10 @@ def test_simans_sampling_keeps_num_samples_negatives_and_is_repeatable_with_a_ge
     once = loss(z1, z2, generator=torch.Generator().manual_seed(0))
     again = loss(z1, z2, generator=torch.Generator().manual_seed(0))
     assert again.item() == once.item()
-    # the same draws whether the loss sums the drawn columns or weighs every column
+    # the same draws whether the loss sums the drawn columns or weighs every column (the
+    # diagnostics take the plain path; the fast path draws other columns by the same law)
+    plain = hardneg.create_loss("simans", num_samples=5, fast=False)
+    once = plain(z1, z2, generator=torch.Generator().manual_seed(0))
     assert once.item() == pytest.approx(out.loss.item(), rel=1e-6)
 
 

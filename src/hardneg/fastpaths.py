@@ -32,6 +32,14 @@ only; no kept buffers.
   from the contrast set's own logits, with a hand-written backward to the anchors only (plain
   twin: ``anchor_column_logits(contrast).gather(1, index)``, a second product with the columns
   detached).
+* :func:`simans_draw` — SimANS: the Gumbel-top-k draw with uniforms from random int64 words
+  (two per generator call) and the ``k`` smallest keys by numpy's partition (by row blocks)
+  (plain twin: ``SimANSNegatives.draw`` with ``torch.rand`` and ``torch.topk``; same law,
+  other draws).
+* :func:`kth_largest` — MoCHi: the ``N``-th largest logit of each row (the threshold of the
+  hardest set) by numpy's partition (plain twin: ``torch.topk``'s ``k``-th value).
+* :func:`pair_gram` — MoCHi: the pairs' ``n_i · n_j`` from the upper triangle of the columns'
+  Gram matrix, by blocks of rows (plain twin: the full Gram matrix, looked up at the pairs).
 * :func:`potential_in_batch_terms` — potential, in-batch: the three terms from one Gram matrix
   of ``[z1; z2]`` (every logit, the neighbour look-up, one keep kernel for ``L_aug`` and both
   mined terms, computed as threshold bytes ``floor(256 pi)``), the draws from random bytes
@@ -795,6 +803,89 @@ def mixed_column_logits(contrast, index: Tensor) -> Tensor:
         own,
         contrast.temperature,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# SimANS: the Gumbel-top-k draw, uniforms cut from random words and the smallest k keys selected
+# by numpy's partition
+
+
+def unit_uniforms(words: Tensor, count: int) -> Tensor:
+    """``count`` float32 uniforms from the int64 ``words`` (filled here from the full 64-bit
+    range: two uniforms per word, one generator call): 23 random bits ``j`` each, placed as
+    the mantissa of ``1 + j 2^-23`` and shifted to ``(2 j + 1) 2^-24``, the midpoints of
+    ``2^23`` equal cells of ``(0, 1)`` (exact in float32; never 0 or 1, so ``log(-log u)`` is
+    finite). ``torch.rand`` gives one uniform per generator call on a grid of ``2^-24``."""
+    bits = words.view(torch.int32)[:count]
+    bits &= 0x7FFFFF
+    bits |= 0x3F800000  # the bit pattern of 1 + j 2^-23
+    return bits.view(torch.float32).sub_(1.0 - 2.0**-24)
+
+
+def simans_draw(
+    logits: Tensor, centre: Tensor, a: float, k: int, generator: torch.Generator | None
+) -> Tensor:
+    """SimANS: ``[A, k]`` columns per row drawn without replacement with probabilities
+    ``∝ exp(-a (c - centre)^2)``, as the ``k`` smallest keys ``a (c - centre)^2 + log(-log u)``
+    (Gumbel-top-k; ``-inf`` logits are drawn last). Plain twin: ``SimANSNegatives.draw`` with
+    ``fast=False`` (one ``torch.rand`` per entry and ``torch.topk``): the same law, other draws.
+
+    The uniforms come from random int64 words (:func:`unit_uniforms`, half the generator calls
+    of ``torch.rand``) and the keys are computed in place in their memory (few passes, each over
+    the whole matrix: a loop of small parallel operations stalls when the cores are shared);
+    on CPU the selection is ``numpy.argpartition`` a block of rows at a time (several times
+    faster than ``torch.topk`` here, single-threaded). ``k >= S`` returns every column."""
+    rows, cols = logits.shape
+    if k >= cols:
+        return torch.arange(cols, device=logits.device).expand(rows, cols)
+    n = rows * cols
+    words = torch.empty(-(-n // 2), dtype=torch.int64, device=logits.device)
+    words.random_(-(2**63), None, generator=generator)
+    keys = unit_uniforms(words, n).view(rows, cols).to(logits.dtype)
+    keys.log_().neg_().log_()  # log(-log u) = -Gumbel
+    distance = logits - centre  # -inf on a masked column: its key is +inf if a > 0
+    keys.addcmul_(distance, distance, value=a)
+    if a == 0.0:
+        keys.masked_fill_(~torch.isfinite(logits), float("inf"))
+    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64):
+        return keys.topk(k, dim=1, largest=False, sorted=False).indices
+    values = keys.numpy()
+    out = np.empty((rows, k), dtype=np.int64)
+    for part in row_blocks(keys, 1 << 16):  # keys and argpartition's output in cache
+        out[part] = np.argpartition(values[part], k - 1, axis=1)[:, :k]
+    return torch.from_numpy(out)
+
+
+def kth_largest(x: Tensor, k: int) -> Tensor:
+    """MoCHi: ``[A, 1]`` the ``k``-th largest entry of each row (``1 <= k <= S``); on CPU by
+    ``numpy.partition`` a block of rows at a time (values only, several times faster than
+    ``torch.topk``). Plain twin: ``x.topk(k, dim=1).values.amin(dim=1, keepdim=True)``."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return x.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    array = x.detach().contiguous().numpy()
+    cols = array.shape[1]
+    out = np.empty((array.shape[0], 1), dtype=array.dtype)
+    for rows in row_blocks(x):
+        out[rows] = np.partition(array[rows], cols - k, axis=1)[:, cols - k : cols - k + 1]
+    return torch.from_numpy(out)
+
+
+def pair_gram(columns: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """MoCHi: ``[A, s]`` ``n_i · n_j`` of the pairs ``(first, second)`` of rows of ``columns``
+    ``[C, d]``, looked up in the upper triangle of the Gram matrix (``i <= j`` after swapping),
+    which alone is computed: one product per block of rows from its diagonal on (up to 8
+    blocks of at least 512 rows: about 56 % of the full product's work). Plain twin:
+    ``(columns @ columns.T)`` at ``[first, second]`` (``HardNegativeMixing.pair_similarity``)."""
+    c = columns.shape[0]
+    parts = max(1, min(8, c // 512))
+    gram = columns.new_empty(c, c)
+    step = -(-c // parts)
+    for start in range(0, c, step):
+        rows = columns[start : start + step]
+        torch.mm(rows, columns[start:].T, out=gram[start : start + step, start:])
+    low, high = torch.minimum(first, second), torch.maximum(first, second)
+    flat = torch.add(high, low, alpha=c).view(-1)
+    return gram.view(-1).index_select(0, flat).view(first.shape)
 
 
 # ---------------------------------------------------------------------------------------------

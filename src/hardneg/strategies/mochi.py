@@ -124,42 +124,61 @@ class HardNegativeMixing(Strategy):
             check_number("num_query_mixed", num_query_mixed, low=0, integer=True)
         )
 
-    def hardest(self, contrast: ContrastSet) -> tuple[Tensor, Tensor]:
-        """``(index [A, k], count [A, 1])``: the first ``count_a = min(N, M_a)`` entries of row
-        ``a`` are the columns of its hardest negatives ``Q~``, in no particular order (the
-        pairs are drawn uniformly from the set, so no sort is needed)."""
+    def hardest(self, contrast: ContrastSet, fast: bool = False) -> tuple[Tensor, Tensor]:
+        """``(index [A, k'], count [A, 1])``: the first ``count_a = min(N, M_a)`` entries of row
+        ``a`` are the columns of its hardest negatives ``Q~``, in increasing column order (the
+        pairs are drawn uniformly from the set; a fixed order gives a seed the same draws
+        however the set is found). ``Q~`` holds the negatives above the ``N``-th largest logit
+        and as many of those equal to it as fit, the first in column order. ``k' = min(N, S)``,
+        or ``min(N, M)`` on the fast path when every anchor has ``M``. ``fast``: the ``N``-th
+        largest logit by :func:`fastpaths.kth_largest` (numpy's partition) instead of
+        ``torch.topk`` and the compaction by one ``nonzero``; the same result."""
         logits = contrast.negative_logits.detach()
         rows, cols = logits.shape
         k = min(self.num_hardest, cols)
+        m = contrast.num_negatives
+        count = torch.as_tensor(m, device=logits.device).clamp(max=k).expand(rows).unsqueeze(1)
         if k < cols:
-            values, index = logits.topk(k, dim=1, sorted=False)
-        else:  # every column is a candidate
-            values = logits
-            index = torch.arange(cols, device=logits.device).expand(rows, cols)
-        m = torch.as_tensor(contrast.num_negatives, device=logits.device)
-        count = m.clamp(max=k).expand(rows).unsqueeze(1)
-        if not (isinstance(contrast.num_negatives, int) and contrast.num_negatives >= k):
-            # a row with fewer than k negatives holds masked (-inf) candidates: move its real
-            # ones to the front, in order (slot k collects the masked ones and is dropped)
-            real = contrast.negative_mask if k == cols else None
-            real = torch.isfinite(values) if real is None else real
-            slot = real.cumsum(dim=1).sub_(1).masked_fill_(~real, k)
-            index = index.new_zeros(rows, k + 1).scatter_(1, slot, index)[:, :k]
-        return index, count
+            if fast:
+                kth = fastpaths.kth_largest(logits, k)
+            else:
+                kth = logits.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+            member = logits >= kth  # kth = -inf on a row with fewer than k negatives
+            if not (isinstance(m, int) and m >= k):
+                member &= torch.isfinite(logits)
+            # a tie at the k-th logit (the plain form never branches on data: torch.compile)
+            if not fast or not bool((member.sum(dim=1, keepdim=True) == count).all()):
+                member = logits > kth
+                tied = (logits == kth) & torch.isfinite(kth)
+                tied &= tied.cumsum(dim=1) <= count - member.sum(dim=1, keepdim=True)
+                member |= tied
+        elif contrast.negative_mask is None:  # every column is a negative
+            return torch.arange(cols, device=logits.device).expand(rows, cols), count
+        else:
+            member = contrast.negative_mask
+        if fast:  # one nonzero, row by row in column order (an output of data-dependent size)
+            row, column = member.nonzero().unbind(1)
+            if isinstance(m, int):  # count = min(m, k) members in every row
+                return column.view(rows, -1), count
+            start = count.flatten().cumsum(dim=0) - count.flatten()
+            rank = torch.arange(row.shape[0], device=row.device) - start[row]
+            return column.new_zeros(rows, k).index_put_((row, rank), column), count
+        # each member moved to its rank within its row (slot k collects the rest, dropped)
+        slot = member.cumsum(dim=1).sub_(1).masked_fill_(~member, k)
+        index = torch.arange(cols, device=logits.device).expand(rows, cols)
+        return slot.new_zeros(rows, k + 1).scatter_(1, slot, index)[:, :k], count
 
     def draw(self, contrast: ContrastSet, context: StepContext) -> MixDraws:
         """Draw the pairs ``(i, j)`` uniformly from ``Q~``, ``a ~ U(0, 1)``, ``b ~ U(0, 0.5)``."""
         s, s_query = self.num_mixed, self.num_query_mixed
         with torch.no_grad():
-            index, count = self.hardest(contrast)
-            g = context.generator
+            index, count = self.hardest(contrast, fast=context.fast)
             rows = index.shape[0]
             # float32 draws whatever the compute dtype: a seed gives the same mixes in float64;
             # u * count < count for u < 1 and count < 2^24 (no clamp)
-            u = torch.rand((rows, 2 * s + s_query), generator=g, device=index.device)
-            columns = index.gather(1, u.mul_(count).long())
-            coefficient = torch.rand((rows, s + s_query), generator=g, device=index.device)
-            coefficient = coefficient.to(contrast.negative_logits.dtype)
+            u = _unit_uniforms((rows, 3 * s + 2 * s_query), context.generator, index.device)
+            columns = index.gather(1, u[:, : 2 * s + s_query].mul(count).long())
+            coefficient = u[:, 2 * s + s_query :].to(contrast.negative_logits.dtype)
             return MixDraws(columns, alpha=coefficient[:, :s], beta=coefficient[:, s:] * 0.5)
 
     def synthetic_negatives(
@@ -194,7 +213,9 @@ class HardNegativeMixing(Strategy):
             return shared
         return torch.where((index < c).unsqueeze(2), shared, own)
 
-    def pair_similarity(self, contrast: ContrastSet, first: Tensor, second: Tensor) -> Tensor:
+    def pair_similarity(
+        self, contrast: ContrastSet, first: Tensor, second: Tensor, fast: bool = False
+    ) -> Tensor:
         """``[A, s]`` ``n_i · n_j`` of the drawn pairs: entries of the columns' Gram matrix (one
         matrix product, far faster than row-wise dot products) when it is at most 16 times the
         size of the logits, else row-wise dot products in blocks of anchors of bounded size."""
@@ -202,7 +223,10 @@ class HardNegativeMixing(Strategy):
             columns = contrast.columns.detach()
             c = columns.shape[0]
             if contrast.anchor_columns is None and c * c <= 16 * contrast.negative_logits.numel():
-                return (columns @ columns.T).take(torch.add(second, first, alpha=c))
+                if fast:  # the upper triangle of the Gram matrix only
+                    return fastpaths.pair_gram(columns, first, second)
+                flat = torch.add(second, first, alpha=c).view(-1)  # a flat look-up: index_select
+                return (columns @ columns.T).view(-1).index_select(0, flat).view(first.shape)
             rows = max(1, _BLOCK // max(1, first.shape[1] * columns.shape[1]))
             blocks = []
             for start in range(0, first.shape[0], rows):
@@ -227,7 +251,7 @@ class HardNegativeMixing(Strategy):
         with torch.no_grad():
             a, b = draws.alpha, draws.beta
             if contrast.normalized:
-                g = self.pair_similarity(contrast, draws.first, draws.second)
+                g = self.pair_similarity(contrast, draws.first, draws.second, context.fast)
                 pair_scale = _inverse_mix_norm(a, g)
                 query_scale = _inverse_mix_norm(b, dots[:, 2 * s :] * t)
             else:  # raw dot products: the mixes are not normalised
@@ -243,6 +267,17 @@ class HardNegativeMixing(Strategy):
         if isinstance(contrast.num_negatives, Tensor):  # a row without negatives mixes nothing
             extra = extra.masked_fill((contrast.num_negatives == 0).unsqueeze(1), float("-inf"))
         return Selection(extra_negative_logits=extra.to(contrast.negative_logits.dtype))
+
+
+def _unit_uniforms(shape: tuple[int, int], generator, device) -> Tensor:
+    """``shape`` float32 uniforms on ``(0, 1)``, two per random int64 word (one generator call,
+    half the calls of ``torch.rand``): 23 random bits ``j`` each, as the mantissa of
+    ``1 + j 2^-23``, shifted to ``(2 j + 1) 2^-24`` (the midpoints of ``2^23`` equal cells)."""
+    n = shape[0] * shape[1]
+    # out of place (torch.compile traces it); 2^64 - 1 values, one fewer than 64 random bits
+    words = torch.randint(-(2**63), 2**63 - 1, (-(-n // 2),), generator=generator, device=device)
+    bits = words.view(torch.int32)[:n] & 0x7FFFFF | 0x3F800000  # the bits of 1 + j 2^-23
+    return bits.view(torch.float32).sub(1.0 - 2.0**-24).view(shape)
 
 
 def _inverse_mix_norm(a: Tensor, cosine: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hardneg import fastpaths
 from hardneg._checks import check_number
 from hardneg.contrast import ContrastSet
 from hardneg.registry import register_strategy
@@ -88,6 +89,10 @@ class SimANSNegatives(Strategy):
         with fewer negatives also returns masked columns, which the loss ignores)."""
         with torch.no_grad():
             logits = contrast.negative_logits.detach()
+            if context.fast:  # same law, other draws (uniforms from random words, numpy select)
+                centre = contrast.positive_logits.detach()[:, :1] + self.b
+                k = min(self.num_samples, logits.shape[1])
+                return fastpaths.simans_draw(logits, centre, self.a, k, context.generator)
             # Gumbel-top-k on log p = -a (c - c+ - b)^2: the k smallest of
             # -(log p + Gumbel) = a (c - c+ - b)^2 + log(-log u) are drawn
             u = torch.rand(
