@@ -635,6 +635,7 @@ def test_moco_commit_without_labels_forgets_the_labels_of_the_slots_it_writes():
     x1, x2 = views()
     out = model([x1, x2], index=torch.arange(6))  # no labels
     assert "labels" not in out.pending
+    assert out.diagnostics is None  # diagnostics only when asked for
     model.commit(out)  # slots 6..9, 0, 1
     assert torch.equal(model.queue_labels, torch.tensor([-1, -1, 2, 0, 1, 2, -1, -1, -1, -1]))
     assert int(model.queue_ptr) == 2
@@ -676,3 +677,27 @@ def test_moco_shuffle_bn_shuffles_the_key_batch_with_the_step_generator_and_rest
     (k1, kh1), (k2, kh2) = _keys(model, x1), _keys(model, x2)
     torch.testing.assert_close(out.pending["keys"], torch.cat([k1, k2]))
     torch.testing.assert_close(out.pending["hidden"], torch.cat([kh1, kh2]))
+
+
+@pytest.mark.parametrize("predictor", [False, True])
+def test_moco_gathers_the_queries_once_when_they_are_the_projections_the_loss_asks_for(
+    monkeypatch, predictor
+):
+    """Without a predictor the queries are the projections: the loss's ``h1`` is the gathered
+    queries, not a second all-gather of the same rows (one collective per direction saved under
+    ``torchrun``); with a predictor the projections before it are gathered separately."""
+    import hardneg.frameworks.base as base_module
+    import hardneg.frameworks.moco as moco_module
+
+    gathered = []
+
+    def counting_gather(x, **kwargs):
+        gathered.append(x)
+        return x
+
+    monkeypatch.setattr(moco_module, "gather_with_grad", counting_gather)
+    monkeypatch.setattr(base_module, "gather_with_grad", counting_gather)
+    loss = SpyLoss("projection")
+    model = spy_model("moco", loss, predictor=predictor)
+    step(model)
+    assert len(gathered) == (2 if predictor else 1)
