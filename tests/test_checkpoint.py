@@ -973,3 +973,32 @@ def test_checkpoint_meta_reads_dataclasses_objects_with_to_dict_and_attribute_se
     assert str(info.value) == "config must be a dict or a dataclass, got type"
     with pytest.raises(ValueError, match="got int"):
         checkpoint_meta(3)
+
+
+def test_tensors_are_placed_where_map_location_says(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"w": torch.arange(3.0)})
+    assert load_checkpoint(path)["w"].device.type == "cpu"
+    assert load_checkpoint(path, map_location="meta")["w"].device.type == "meta"
+
+
+@pytest.mark.parametrize("stage", ["verify", "load"])
+@pytest.mark.parametrize("error", [PermissionError("no access"), MemoryError()])
+def test_permission_and_memory_errors_are_not_reported_as_corruption(
+    tmp_path, monkeypatch, stage, error
+):
+    """A file that cannot be read now, or a machine out of memory, is not a corrupt checkpoint:
+    the error goes through as it is (a MemoryError while verifying is not caught either)."""
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"w": torch.arange(3.0)})
+
+    def fail(*args, **kwargs):
+        raise error
+
+    if stage == "verify":
+        monkeypatch.setattr(ckpt_module, "_check_zip_integrity", fail)
+    else:
+        monkeypatch.setattr(ckpt_module.torch, "load", fail)
+    with pytest.raises(type(error)) as info:
+        load_checkpoint(path)
+    assert info.value is error
