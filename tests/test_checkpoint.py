@@ -720,13 +720,21 @@ def test_stale_temporaries_are_recognised_only_by_their_exact_name(tmp_path, mon
         f".last.pt.{host}.{pid}.dead.beef.tmp",  # four fields
         f".last.pt.{host}.{pid}.tmp",  # two fields
         f".last.pt.{host}.{pid}.deadbeef.part",  # not a temporary
+        f".last.pt.{host}.{pid}.deadbeefXpart",  # not a temporary (3 fields if cut at -4)
         f"last.pt.{host}.{pid}.deadbeef.tmp",  # not hidden
     ]
     for name in kept:
         (tmp_path / name).write_bytes(b"x")
     removed = tmp_path / f".last.pt.{host}.{pid}.deadbeef.tmp"
     removed.write_bytes(b"x")
+    listing = Path.iterdir  # every other entry first: a non-match does not end the scan
+
+    def others_first(self):
+        return iter(sorted(listing(self), key=lambda p: p == removed))
+
+    monkeypatch.setattr(Path, "iterdir", others_first)
     save_checkpoint(path, {"epoch": 1})
+    monkeypatch.undo()
     assert not removed.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "last.pt"])
 
@@ -893,6 +901,9 @@ def test_meta_values_are_compared_by_value_type_and_shape():
     assert not same(torch.tensor([1, 2]), torch.tensor([1, 3]))
     assert not same(torch.tensor([1, 2]), torch.tensor([[1, 2]]))  # equal values, other shape
     assert not same(torch.tensor([1]), [1]) and not same([1], torch.tensor([1]))
+    assert not same(torch.tensor(1), 1) and not same(1, torch.tensor(1))  # 0-dim == int is True
+    assert not same({"a": 1}, 1) and not same(1, {"a": 1})
+    assert not same([1], 1) and not same(1, [1]) and not same((1,), "a")
     assert same({"a": [1, 2.0]}, {"a": (1, 2.0)}) and not same({"a": 1}, {"a": 1, "b": 2})
     assert not same({"a": 1}, {"a": 2}) and not same({"a": 1}, {"b": 1})
     assert not same([1, 2], [1, 2, 3]) and not same([1, 2], [1, 3])
@@ -1002,3 +1013,98 @@ def test_permission_and_memory_errors_are_not_reported_as_corruption(
     with pytest.raises(type(error)) as info:
         load_checkpoint(path)
     assert info.value is error
+
+
+def test_numpy_types_of_numpy_submodules_get_the_numpy_hint():
+    masked = np.ma.masked_array([1.0, 2.0])
+    assert type(masked).__module__.startswith("numpy.")
+    with pytest.raises(ValueError, match=r"e\.g\. torch\.from_numpy\(x\) or x\.tolist\(\)\)$"):
+        validate_payload({"x": masked})
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_a_temporary_that_cannot_be_removed_after_a_failure_does_not_hide_the_failure(
+    tmp_path, monkeypatch, error
+):
+    _fail_save_with(monkeypatch, error)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("cannot remove")
+
+    monkeypatch.setattr(ckpt_module.os, "unlink", refuse)
+    with pytest.raises(type(error)) as info:
+        save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+    assert "disk full" in str(info.value) or isinstance(info.value, KeyboardInterrupt)
+
+
+def _member_data_offset(path: Path, suffix: str) -> tuple[int, int]:
+    """Offset and size of the stored bytes of the zip member ending with ``suffix``."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        (info,) = [i for i in archive.infolist() if i.filename.endswith(suffix)]
+    data = path.read_bytes()
+    name_len, extra_len = struct.unpack(
+        "<HH", data[info.header_offset + 26 : info.header_offset + 30]
+    )
+    return info.header_offset + 30 + name_len + extra_len, info.compress_size
+
+
+def test_a_corrupt_one_byte_member_is_detected(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"b": torch.tensor([7], dtype=torch.uint8)})
+    offset, size = _member_data_offset(path, "data/0")
+    assert size == 1
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert int(torch.load(path, weights_only=True)["b"]) == 7 ^ 0xFF  # torch alone: silently wrong
+    with pytest.raises(
+        ValueError,
+        match=r"is truncated or corrupt \(BadZipFile: Bad CRC-32 for file '\S*data/0'\)$",
+    ):
+        load_checkpoint(path)
+
+
+def test_a_member_without_a_crc_does_not_end_the_check_of_the_others(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"w": torch.zeros(20_000), "epoch": 3})
+    _zip_with_crc_zero(path, "data.pkl")  # the first member: skipped, not the end of the scan
+    offset, size = _member_data_offset(path, "data/0")
+    data = bytearray(path.read_bytes())
+    data[offset + size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+def test_an_unpickling_error_that_is_not_a_refusal_is_reported_as_corruption(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"epoch": 1})
+
+    def fail(*args, **kwargs):
+        raise pickle.UnpicklingError("invalid load key, 'x'.")
+
+    monkeypatch.setattr(ckpt_module.torch, "load", fail)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == (
+        f"checkpoint {path} is truncated or corrupt (UnpicklingError: invalid load key, 'x'.)"
+    )
+
+
+def test_a_refusal_that_names_no_global_gets_no_detail(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"epoch": 1})
+
+    def fail(*args, **kwargs):
+        raise pickle.UnpicklingError("Weights only load failed. Unsupported operand 149")
+
+    monkeypatch.setattr(ckpt_module.torch, "load", fail)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(
+        f"checkpoint {path} contains objects that torch.load(weights_only=True) refuses to "
+        "load: unpickling them could run code."
+    )
