@@ -564,3 +564,547 @@ def test_checkpoint_meta_from_config():
         "out_dim": 128,
     }
     validate_payload({"meta": meta})
+
+
+# ---------------------------------------------------------------------------------------------
+# details of the writer and the reader, each against an independent expectation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_host_tag_keeps_safe_characters_and_at_most_32_of_them(monkeypatch):
+    monkeypatch.setattr(ckpt_module.socket, "gethostname", lambda: "node-7_a.b c/é")
+    assert ckpt_module._host_tag() == "node-7_a_b_c__"
+    monkeypatch.setattr(ckpt_module.socket, "gethostname", lambda: "Ab9" * 20)
+    assert ckpt_module._host_tag() == ("Ab9" * 20)[:32]
+    monkeypatch.setattr(ckpt_module.socket, "gethostname", lambda: "")
+    assert ckpt_module._host_tag() == "host"
+
+
+def test_the_temporary_is_named_after_the_target_host_and_process(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    moved = []
+    replace = os.replace
+    monkeypatch.setattr(
+        os, "replace", lambda src, dst: moved.append(Path(src)) or replace(src, dst)
+    )
+    save_checkpoint(path, {"epoch": 1})
+    monkeypatch.undo()
+    (src,) = moved
+    pattern = (
+        rf"\.last\.pt\.{re.escape(ckpt_module._host_tag())}\.{os.getpid()}\.[0-9a-f]{{8}}\.tmp"
+    )
+    assert src.parent == tmp_path and re.fullmatch(pattern, src.name)
+
+
+def test_a_new_checkpoint_gets_the_usual_file_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "last.pt").st_mode) == 0o644
+
+
+def test_an_existing_temporary_of_the_same_name_is_never_overwritten(tmp_path, monkeypatch):
+    """The temporary is created exclusively: a name collision fails instead of writing into
+    another writer's file."""
+    monkeypatch.setattr(ckpt_module.secrets, "token_hex", lambda n: "abcd1234")
+    host, pid = ckpt_module._host_tag(), os.getpid()
+    other = tmp_path / f".last.pt.{host}.{pid}.abcd1234.tmp"
+    other.write_bytes(b"someone else's bytes")
+    with pytest.raises(FileExistsError):
+        save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+    assert other.read_bytes() == b"someone else's bytes"
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_the_directory_is_opened_read_only_as_a_directory(tmp_path, monkeypatch):
+    real_open = os.open
+    flags = []
+
+    def spy_open(target, flag, *args, **kwargs):
+        if Path(target) == tmp_path:
+            flags.append(flag)
+        return real_open(target, flag, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+    monkeypatch.undo()
+    assert flags == [os.O_RDONLY | os.O_DIRECTORY]
+
+
+def _fail_save_with(monkeypatch, error):
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial bytes")
+        raise error
+
+    monkeypatch.setattr(ckpt_module.torch, "save", failing_save)
+
+
+def test_a_full_disk_reported_by_torch_is_raised_as_the_os_error_naming_the_checkpoint(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    path = tmp_path / "last.pt"
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    try:  # torch wraps the failed write of its file object in a RuntimeError
+        try:
+            raise disk_full
+        except OSError as inner:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") from inner
+    except RuntimeError as wrapped:
+        error = wrapped
+    _fail_save_with(monkeypatch, error)
+    with pytest.raises(OSError) as info:
+        save_checkpoint(path, {"epoch": 1})
+    assert type(info.value) is OSError and info.value.errno == errno.ENOSPC
+    assert info.value.strerror == "No space left on device" and info.value.filename == str(path)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_runtime_error_without_an_os_error_behind_it_is_raised_as_it_is(tmp_path, monkeypatch):
+    error = RuntimeError("torch could not pickle this")
+    _fail_save_with(monkeypatch, error)
+    with pytest.raises(RuntimeError) as info:
+        save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+    assert info.value is error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_os_error_without_errno_keeps_its_message(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    _fail_save_with(monkeypatch, OSError("disk full"))
+    with pytest.raises(OSError) as info:
+        save_checkpoint(path, {"epoch": 1})
+    assert info.value.errno is None and info.value.strerror == "disk full"
+    assert info.value.filename == str(path)
+
+
+def test_an_interrupted_save_removes_its_temporary_and_is_re_raised(tmp_path, monkeypatch):
+    _fail_save_with(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_os_error_behind_follows_causes_and_contexts_and_stops_on_a_cycle():
+    disk = OSError(28, "No space left on device")
+    middle = ValueError("middle")
+    middle.__context__ = disk
+    top = RuntimeError("top")
+    top.__cause__ = middle
+    assert ckpt_module._os_error_behind(top) is disk
+    assert ckpt_module._os_error_behind(disk) is disk
+    a, b = RuntimeError("a"), RuntimeError("b")
+    a.__context__, b.__context__ = b, a  # a cycle without an OSError
+    assert ckpt_module._os_error_behind(a) is None
+
+
+def test_the_first_line_of_an_error_drops_colours_and_the_rest():
+    error = RuntimeError("\x1b[31mbad\x1b[0m file\nsecond line\n")
+    assert ckpt_module._first_line(error) == "RuntimeError: bad file"
+    assert ckpt_module._first_line(EOFError()) == "EOFError"
+    assert ckpt_module._first_line(ValueError("  \n ")) == "ValueError"  # blank message
+
+
+def test_stale_temporaries_are_recognised_only_by_their_exact_name(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host, pid = ckpt_module._host_tag(), dead.pid
+    kept = [
+        f".last.pt.other-host.{pid}.deadbeef.tmp",  # another host: its pid means nothing here
+        f".last.pt.{host}.x{pid}.deadbeef.tmp",  # not a pid
+        f".last.pt.{host}.{pid}.dead.beef.tmp",  # four fields
+        f".last.pt.{host}.{pid}.tmp",  # two fields
+        f".last.pt.{host}.{pid}.deadbeef.part",  # not a temporary
+        f".last.pt.{host}.{pid}.deadbeefXpart",  # not a temporary (3 fields if cut at -4)
+        f"last.pt.{host}.{pid}.deadbeef.tmp",  # not hidden
+    ]
+    for name in kept:
+        (tmp_path / name).write_bytes(b"x")
+    removed = tmp_path / f".last.pt.{host}.{pid}.deadbeef.tmp"
+    removed.write_bytes(b"x")
+    listing = Path.iterdir  # every other entry first: a non-match does not end the scan
+
+    def others_first(self):
+        return iter(sorted(listing(self), key=lambda p: p == removed))
+
+    monkeypatch.setattr(Path, "iterdir", others_first)
+    save_checkpoint(path, {"epoch": 1})
+    monkeypatch.undo()
+    assert not removed.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "last.pt"])
+
+
+def test_a_temporary_that_cannot_be_removed_or_a_missing_directory_is_not_an_error(
+    tmp_path, monkeypatch
+):
+    ckpt_module._remove_stale_temporaries(tmp_path / "missing" / "last.pt")  # nothing to list
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".last.pt.{ckpt_module._host_tag()}.{dead.pid}.deadbeef.tmp"
+    stale.write_bytes(b"x")
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    ckpt_module._remove_stale_temporaries(tmp_path / "last.pt")
+    monkeypatch.undo()
+    assert stale.exists()
+
+
+@pytest.mark.parametrize(
+    ("error", "alive"),
+    [(None, True), (ProcessLookupError(), False), (PermissionError(), True), (OSError(), True)],
+)
+def test_a_writer_counts_as_alive_unless_its_process_is_known_to_be_gone(monkeypatch, error, alive):
+    calls = []
+
+    def fake_kill(pid, sig):
+        calls.append((pid, sig))
+        if error is not None:
+            raise error
+
+    monkeypatch.setattr(ckpt_module.os, "kill", fake_kill)
+    assert ckpt_module._pid_alive(12345) is alive
+    assert calls == [(12345, 0)]  # signal 0: only asks whether the process exists
+    assert ckpt_module._pid_alive(os.getpid()) is True and len(calls) == 1  # itself: no call
+
+
+def _zip_with_crc_zero(path: Path, member_suffix: str) -> None:
+    """Set the stored CRC-32 of the member ending with ``member_suffix`` to 0 (local header and
+    central directory), as a writer that does not compute CRCs would."""
+    import zipfile
+
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        (info,) = [i for i in archive.infolist() if i.filename.endswith(member_suffix)]
+        crc = info.CRC.to_bytes(4, "little")
+    assert crc != b"\0\0\0\0" and data.count(crc) == 2
+    data = data.replace(crc, b"\0\0\0\0")
+    path.write_bytes(bytes(data))
+
+
+def test_members_without_a_stored_crc_are_not_checked(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"w": torch.arange(1000.0), "epoch": 3})
+    _zip_with_crc_zero(path, "data/0")
+    loaded = load_checkpoint(path)  # the CRC of 0 is skipped, not compared
+    assert torch.equal(loaded["w"], torch.arange(1000.0)) and loaded["epoch"] == 3
+
+
+def test_verify_false_skips_the_crc_check(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"w": torch.zeros(20_000), "epoch": 3})
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4] = b"\x01\x02\x03\x04"
+    path.write_bytes(bytes(data))
+    assert load_checkpoint(path, verify=False)["epoch"] == 3
+
+
+def test_the_refusal_names_the_global_the_pickle_references(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _Exploit(tmp_path / "pwned")}, path)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == (
+        f"checkpoint {path} contains objects that torch.load(weights_only=True) refuses to load "
+        "(it references posix.mkdir): unpickling them could run code. hardneg only writes "
+        "tensors and plain containers, so this file was not written by hardneg or was tampered "
+        "with. It was not loaded"
+    )
+
+
+def test_loading_errors_name_the_file_exactly(tmp_path):
+    path = tmp_path / "last.pt"
+    with pytest.raises(FileNotFoundError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == f"checkpoint {path} does not exist"
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(tmp_path)
+    assert str(info.value) == f"checkpoint {tmp_path} is a directory, not a checkpoint file"
+    with pytest.raises(ValueError) as info:
+        save_checkpoint(tmp_path, {"a": 1})
+    assert str(info.value) == (
+        f"checkpoint path {tmp_path} is a directory; give a file name such as last.pt"
+    )
+    with pytest.raises(ValueError) as info:
+        save_checkpoint(path, [1])  # type: ignore[arg-type]
+    assert str(info.value) == "a checkpoint payload must be a dict, got list"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == f"checkpoint {path} does not contain a checkpoint dict (found list)"
+    path.write_bytes(b"PK\x03\x04" + b"\0" * 40)  # a zip header and nothing after it
+    with pytest.raises(ValueError, match=r"^checkpoint \S+ is truncated or corrupt \(\w+: "):
+        load_checkpoint(path)
+
+
+def test_a_tensor_key_names_the_key_and_its_type():
+    with pytest.raises(ValueError) as info:
+        validate_payload({"model": {1.5: 1}})
+    assert str(info.value) == (
+        "payload['model'] has a key 1.5 of type float; checkpoint dict keys must be str or int "
+        "so that torch.load(weights_only=True) can read them back"
+    )
+    with pytest.raises(ValueError) as info:
+        validate_payload({"a": [1, (2, {"b": np.float32(1)})]}, name="state")
+    assert str(info.value).startswith("state['a'][1][1]['b'] has type numpy.float32, ")
+    cyclic: list = []
+    cyclic.append(cyclic)
+    with pytest.raises(ValueError) as info:
+        validate_payload({"x": cyclic})
+    # named where the list is met again inside itself
+    assert str(info.value) == "payload['x'][0] contains itself (a reference cycle); cannot save it"
+
+
+def test_every_readable_type_is_accepted_and_read_back(tmp_path):
+    payload = {
+        1: "int key",
+        "scalars": [1, 1.5, True, "s", None],
+        "atoms": (torch.float16, torch.device("cpu"), torch.Size([2, 3])),
+        "tensors": [torch.zeros(2), nn.Parameter(torch.ones(2))],
+        "ordered": OrderedDict(b=1, a=2),
+        "numpy_tensor": torch.from_numpy(np.arange(3)),
+    }
+    validate_payload(payload)
+    save_checkpoint(tmp_path / "last.pt", payload)
+    loaded = load_checkpoint(tmp_path / "last.pt")
+    assert loaded[1] == "int key" and loaded["scalars"] == [1, 1.5, True, "s", None]
+    assert loaded["atoms"] == (torch.float16, torch.device("cpu"), torch.Size([2, 3]))
+    assert list(loaded["ordered"]) == ["b", "a"]
+
+
+def test_numpy_scalars_of_zero_dimensions_get_the_scalar_hint():
+    with pytest.raises(ValueError, match=r"e\.g\. float\(x\), int\(x\) or x\.item\(\)\)$"):
+        validate_payload({"x": np.array(1.0)})
+    with pytest.raises(ValueError, match=r"torch\.from_numpy\(x\) or x\.tolist\(\)\)$"):
+        validate_payload({"x": np.zeros((1,))})
+    with pytest.raises(ValueError, match=r"x\.as_subclass\(torch\.Tensor\)\)$"):
+        validate_payload({"x": torch.zeros(2).as_subclass(_TensorSubclass)})
+    with pytest.raises(ValueError, match=r"e\.g\. sorted\(x\)\)$"):
+        validate_payload({"x": {1}})
+
+
+class _TensorSubclass(torch.Tensor):
+    pass
+
+
+def test_meta_values_are_compared_by_value_type_and_shape():
+    same = ckpt_module._same
+    assert same(torch.tensor([1, 2]), torch.tensor([1, 2]))
+    assert not same(torch.tensor([1, 2]), torch.tensor([1, 3]))
+    assert not same(torch.tensor([1, 2]), torch.tensor([[1, 2]]))  # equal values, other shape
+    assert not same(torch.tensor([1]), [1]) and not same([1], torch.tensor([1]))
+    assert not same(torch.tensor(1), 1) and not same(1, torch.tensor(1))  # 0-dim == int is True
+    assert not same({"a": 1}, 1) and not same(1, {"a": 1})
+    assert not same([1], 1) and not same(1, [1]) and not same((1,), "a")
+    assert same({"a": [1, 2.0]}, {"a": (1, 2.0)}) and not same({"a": 1}, {"a": 1, "b": 2})
+    assert not same({"a": 1}, {"a": 2}) and not same({"a": 1}, {"b": 1})
+    assert not same([1, 2], [1, 2, 3]) and not same([1, 2], [1, 3])
+    assert same(float("nan"), float("nan")) and not same(float("nan"), 1.0)
+    assert not same(True, 1) and not same(1, True) and same(True, True) and same(1, 1.0)
+
+    class Unequal:
+        def __eq__(self, other):
+            raise TypeError("cannot compare")
+
+    assert not same(Unequal(), 1)
+
+
+def test_meta_differences_list_expected_keys_first_then_stored_only_keys():
+    stored = {"loss": "hcl", "extra": 1, "framework": "moco"}
+    expected = {"framework": "moco", "loss": "ring", "dataset": "cifar10"}
+    assert ckpt_module.meta_differences(stored, expected) == [
+        "checkpoint was trained with loss='hcl', this run uses loss='ring'",
+        "checkpoint has no 'dataset', this run uses dataset='cifar10'",
+        "checkpoint was trained with extra=1, this run sets no 'extra'",
+    ]
+    assert ckpt_module.meta_differences({"a": None}, {"a": None}) == []
+
+
+def test_a_meta_mismatch_message_is_one_line_per_key():
+    with pytest.raises(ValueError) as info:
+        ckpt_module.check_meta({"meta": {"a": 1, "b": 2}}, {"a": 2, "b": 3}, path="run/last.pt")
+    assert str(info.value) == (
+        "checkpoint run/last.pt does not match this run:\n"
+        "  checkpoint was trained with a=1, this run uses a=2\n"
+        "  checkpoint was trained with b=2, this run uses b=3"
+    )
+    ckpt_module.check_meta({"meta": {"a": 1}}, {"a": 1})  # equal: no error
+    with pytest.raises(ValueError) as info:
+        ckpt_module.check_meta({"meta": [1]}, {"a": 1})
+    assert str(info.value) == (
+        "checkpoint <payload> has 'meta' of type list; cannot check that it matches this run "
+        "(expected meta {'a': 1})"
+    )
+    with pytest.raises(ValueError) as info:
+        ckpt_module.check_meta({}, {"a": 1}, path="x.pt")
+    assert str(info.value).startswith("checkpoint x.pt has no 'meta' entry; cannot check")
+
+
+def test_checkpoint_meta_reads_dataclasses_objects_with_to_dict_and_attribute_sections():
+    import dataclasses
+    from types import SimpleNamespace
+
+    @dataclasses.dataclass
+    class Model:
+        backbone: str = "resnet18"
+        head: str = "mlp"
+        out_dim: int = 64
+
+    @dataclasses.dataclass
+    class Config:
+        model: Model = dataclasses.field(default_factory=Model)
+        loss: dict = dataclasses.field(default_factory=lambda: {"name": "ring"})
+
+    expected = {
+        "framework": None,
+        "loss": "ring",
+        "dataset": None,
+        "backbone": "resnet18",
+        "head": "mlp",
+        "out_dim": 64,
+    }
+    assert checkpoint_meta(Config()) == expected
+
+    class WithToDict:
+        def to_dict(self):
+            return {"framework": SimpleNamespace(name="moco"), "data": {"dataset": "stl10"}}
+
+    meta = checkpoint_meta(WithToDict())
+    assert meta["framework"] == "moco" and meta["dataset"] == "stl10" and meta["loss"] is None
+    with pytest.raises(ValueError) as info:
+        checkpoint_meta(Config)  # the class, not an instance
+    assert str(info.value) == "config must be a dict or a dataclass, got type"
+    with pytest.raises(ValueError, match="got int"):
+        checkpoint_meta(3)
+
+
+def test_tensors_are_placed_where_map_location_says(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"w": torch.arange(3.0)})
+    assert load_checkpoint(path)["w"].device.type == "cpu"
+    assert load_checkpoint(path, map_location="meta")["w"].device.type == "meta"
+
+
+@pytest.mark.parametrize("stage", ["verify", "load"])
+@pytest.mark.parametrize("error", [PermissionError("no access"), MemoryError()])
+def test_permission_and_memory_errors_are_not_reported_as_corruption(
+    tmp_path, monkeypatch, stage, error
+):
+    """A file that cannot be read now, or a machine out of memory, is not a corrupt checkpoint:
+    the error goes through as it is (a MemoryError while verifying is not caught either)."""
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"w": torch.arange(3.0)})
+
+    def fail(*args, **kwargs):
+        raise error
+
+    if stage == "verify":
+        monkeypatch.setattr(ckpt_module, "_check_zip_integrity", fail)
+    else:
+        monkeypatch.setattr(ckpt_module.torch, "load", fail)
+    with pytest.raises(type(error)) as info:
+        load_checkpoint(path)
+    assert info.value is error
+
+
+def test_numpy_types_of_numpy_submodules_get_the_numpy_hint():
+    masked = np.ma.masked_array([1.0, 2.0])
+    assert type(masked).__module__.startswith("numpy.")
+    with pytest.raises(ValueError, match=r"e\.g\. torch\.from_numpy\(x\) or x\.tolist\(\)\)$"):
+        validate_payload({"x": masked})
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_a_temporary_that_cannot_be_removed_after_a_failure_does_not_hide_the_failure(
+    tmp_path, monkeypatch, error
+):
+    _fail_save_with(monkeypatch, error)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("cannot remove")
+
+    monkeypatch.setattr(ckpt_module.os, "unlink", refuse)
+    with pytest.raises(type(error)) as info:
+        save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+    assert "disk full" in str(info.value) or isinstance(info.value, KeyboardInterrupt)
+
+
+def _member_data_offset(path: Path, suffix: str) -> tuple[int, int]:
+    """Offset and size of the stored bytes of the zip member ending with ``suffix``."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        (info,) = [i for i in archive.infolist() if i.filename.endswith(suffix)]
+    data = path.read_bytes()
+    name_len, extra_len = struct.unpack(
+        "<HH", data[info.header_offset + 26 : info.header_offset + 30]
+    )
+    return info.header_offset + 30 + name_len + extra_len, info.compress_size
+
+
+def test_a_corrupt_one_byte_member_is_detected(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"b": torch.tensor([7], dtype=torch.uint8)})
+    offset, size = _member_data_offset(path, "data/0")
+    assert size == 1
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert int(torch.load(path, weights_only=True)["b"]) == 7 ^ 0xFF  # torch alone: silently wrong
+    with pytest.raises(
+        ValueError,
+        match=r"is truncated or corrupt \(BadZipFile: Bad CRC-32 for file '\S*data/0'\)$",
+    ):
+        load_checkpoint(path)
+
+
+def test_a_member_without_a_crc_does_not_end_the_check_of_the_others(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"w": torch.zeros(20_000), "epoch": 3})
+    _zip_with_crc_zero(path, "data.pkl")  # the first member: skipped, not the end of the scan
+    offset, size = _member_data_offset(path, "data/0")
+    data = bytearray(path.read_bytes())
+    data[offset + size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+def test_an_unpickling_error_that_is_not_a_refusal_is_reported_as_corruption(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"epoch": 1})
+
+    def fail(*args, **kwargs):
+        raise pickle.UnpicklingError("invalid load key, 'x'.")
+
+    monkeypatch.setattr(ckpt_module.torch, "load", fail)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == (
+        f"checkpoint {path} is truncated or corrupt (UnpicklingError: invalid load key, 'x'.)"
+    )
+
+
+def test_a_refusal_that_names_no_global_gets_no_detail(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"epoch": 1})
+
+    def fail(*args, **kwargs):
+        raise pickle.UnpicklingError("Weights only load failed. Unsupported operand 149")
+
+    monkeypatch.setattr(ckpt_module.torch, "load", fail)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(
+        f"checkpoint {path} contains objects that torch.load(weights_only=True) refuses to "
+        "load: unpickling them could run code."
+    )

@@ -10,6 +10,7 @@ from torch import nn
 
 import hardneg
 from hardneg.frameworks import MemoryBank, MoCo, SimCLR
+from hardneg.frameworks.base import StepOutput
 from hardneg.models import build_head, build_predictor
 
 # the potential loss is being ported to the new core (strategies/potential.py); its framework
@@ -554,3 +555,149 @@ def test_moco_feeds_the_loss_everything_it_needs():
     assert "labels" not in second
     assert out.diagnostics is not None
     assert torch.equal(out.pending["labels"], torch.cat([torch.arange(6) % 3] * 2))
+
+
+# ------------------------------------------------- MoCo: state, enqueue order, shuffle-BN wiring
+
+
+def test_moco_defaults_and_initial_state():
+    backbone, head, loss = parts()
+    model = MoCo(backbone, head, loss, out_dim=8)
+    assert model.momentum == 0.99 and model.symmetric is False and model.enqueue == "both"
+    assert model.shuffle_bn is True and model.predictor is None
+    assert model.queue.shape == (4096, 8) and model.queue.dtype == torch.float32
+    # random unit rows (MoCo's initial queue), not all the same
+    torch.testing.assert_close(model.queue.norm(dim=1), torch.ones(4096))
+    assert model.queue.std(dim=0).min() > 0.1
+    assert model.queue_labels.dtype == torch.long
+    assert torch.equal(model.queue_labels, torch.full((4096,), -1))
+    assert model.queue_ptr.dtype == torch.long and model.queue_ptr.shape == ()
+    assert int(model.queue_ptr) == 0 and model.queue_hidden is None
+    # the key encoder starts as a frozen copy of the query encoder
+    for key, query in ((model.key_backbone, backbone), (model.key_head, head)):
+        for k, q in zip(key.parameters(), query.parameters()):
+            assert torch.equal(k, q) and not k.requires_grad and q.requires_grad
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_moco_reads_the_hidden_width_without_changing_the_heads_mode(training):
+    backbone, head, loss = parts("unremix")
+    head.train(training)
+    model = MoCo(backbone, head, loss, out_dim=8, queue_size=16)
+    assert head.training is training
+    assert model.queue_hidden.shape == (16, 10) and model.queue_hidden.dtype == torch.float32
+    assert torch.equal(model.queue_hidden, torch.zeros(16, 10))  # nothing queued yet
+
+
+def _keys(model, x):
+    with torch.no_grad():
+        return model.key_head(model.key_backbone(x), return_hidden=True)
+
+
+def test_symmetric_moco_enqueues_view_1_keys_then_view_2_keys():
+    backbone, head, loss = parts("unremix")
+    model = MoCo(backbone, head, loss, out_dim=8, queue_size=32, symmetric=True, enqueue="both")
+    out = step(model)
+    x1, x2 = views()
+    (k1, kh1), (k2, kh2) = _keys(model, x1), _keys(model, x2)
+    torch.testing.assert_close(out.pending["keys"], torch.cat([k1, k2]))
+    torch.testing.assert_close(out.pending["hidden"], torch.cat([kh1, kh2]))
+    assert torch.equal(out.pending["labels"], torch.cat([torch.arange(6) % 3] * 2))
+    # the embeddings of the step are the queries of both directions, detached
+    q1, q2 = head(backbone(x1)), head(backbone(x2))
+    torch.testing.assert_close(out.embeddings, torch.cat([q1, q2]).detach())
+    assert not out.embeddings.requires_grad
+
+    second = MoCo(*parts("unremix"), out_dim=8, queue_size=32, symmetric=True, enqueue="second")
+    out = step(second)
+    (k2, kh2) = _keys(second, views()[1])
+    torch.testing.assert_close(out.pending["keys"], k2)
+    torch.testing.assert_close(out.pending["hidden"], kh2)
+    assert torch.equal(out.pending["labels"], torch.arange(6) % 3)
+
+
+def test_moco_commit_of_more_keys_than_the_queue_keeps_the_newest():
+    backbone, head, loss = parts("unremix")
+    model = MoCo(backbone, head, loss, out_dim=8, queue_size=8, symmetric=True, enqueue="both")
+    out = step(model)  # 12 keys for 8 slots
+    model.commit(out)
+    newest = F.normalize(out.pending["keys"][4:], dim=1)
+    torch.testing.assert_close(model.queue, newest)
+    assert torch.equal(model.queue_labels, out.pending["labels"][4:])
+    torch.testing.assert_close(model.queue_hidden, out.pending["hidden"][4:])
+    assert int(model.queue_ptr) == 0
+
+
+def test_moco_commit_without_labels_forgets_the_labels_of_the_slots_it_writes():
+    model = MoCo(*parts(), out_dim=8, queue_size=10)
+    model.commit(step(model))  # labelled keys in slots 0..5
+    assert torch.equal(model.queue_labels[:6], torch.arange(6) % 3)
+    x1, x2 = views()
+    out = model([x1, x2], index=torch.arange(6))  # no labels
+    assert "labels" not in out.pending
+    assert out.diagnostics is None  # diagnostics only when asked for
+    model.commit(out)  # slots 6..9, 0, 1
+    assert torch.equal(model.queue_labels, torch.tensor([-1, -1, 2, 0, 1, 2, -1, -1, -1, -1]))
+    assert int(model.queue_ptr) == 2
+
+
+def test_moco_commit_normalises_half_precision_keys_in_float32():
+    model = MoCo(*parts(), out_dim=8, queue_size=10)
+    keys = torch.randn(4, 8, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16) * 7
+    model.commit(StepOutput(torch.zeros(()), keys, pending={"keys": keys}))
+    assert model.queue.dtype == torch.float32
+    assert torch.equal(model.queue[:4], F.normalize(keys.float(), dim=1))
+
+
+@pytest.mark.parametrize("shuffle_bn", [True, False])
+def test_moco_shuffle_bn_shuffles_the_key_batch_with_the_step_generator_and_restores_its_order(
+    monkeypatch, shuffle_bn
+):
+    """In one process shuffle-BN does nothing; a stand-in for the multi-process shuffle (a real
+    permutation, its inverse as ``restore``) shows the wiring: each key batch is shuffled with the
+    step's generator and both the keys and their hidden features come back in batch order."""
+    import hardneg.frameworks.moco as moco_module
+
+    calls = []
+
+    def fake_shuffle(x, generator=None):
+        calls.append(generator)
+        perm = torch.tensor([3, 0, 5, 1, 4, 2])
+        return x[perm], torch.argsort(perm)
+
+    monkeypatch.setattr(moco_module, "shuffle_batch", fake_shuffle)
+    backbone, head, loss = parts("unremix")
+    head.eval()  # per-row outputs: the order of the rows cannot change them
+    model = MoCo(backbone, head, loss, out_dim=8, queue_size=32, symmetric=True,
+                 shuffle_bn=shuffle_bn)  # fmt: skip
+    generator = torch.Generator().manual_seed(2)
+    x1, x2 = views()
+    out = model([x1, x2], index=torch.arange(6), generator=generator)
+    assert calls == ([generator, generator] if shuffle_bn else [])
+    (k1, kh1), (k2, kh2) = _keys(model, x1), _keys(model, x2)
+    torch.testing.assert_close(out.pending["keys"], torch.cat([k1, k2]))
+    torch.testing.assert_close(out.pending["hidden"], torch.cat([kh1, kh2]))
+
+
+@pytest.mark.parametrize("predictor", [False, True])
+def test_moco_gathers_the_queries_once_when_they_are_the_projections_the_loss_asks_for(
+    monkeypatch, predictor
+):
+    """Without a predictor the queries are the projections: the loss's ``h1`` is the gathered
+    queries, not a second all-gather of the same rows (one collective per direction saved under
+    ``torchrun``); with a predictor the projections before it are gathered separately."""
+    import hardneg.frameworks.base as base_module
+    import hardneg.frameworks.moco as moco_module
+
+    gathered = []
+
+    def counting_gather(x, **kwargs):
+        gathered.append(x)
+        return x
+
+    monkeypatch.setattr(moco_module, "gather_with_grad", counting_gather)
+    monkeypatch.setattr(base_module, "gather_with_grad", counting_gather)
+    loss = SpyLoss("projection")
+    model = spy_model("moco", loss, predictor=predictor)
+    step(model)
+    assert len(gathered) == (2 if predictor else 1)

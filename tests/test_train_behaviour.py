@@ -171,6 +171,24 @@ def test_a_resumed_run_continues_the_schedule_where_it_stopped(tmp_path, monkeyp
     assert spy.lrs == pytest.approx(expected[STEPS_PER_EPOCH:], rel=1e-12)
 
 
+def test_the_schedule_ends_at_its_floor_and_stays_there_even_with_one_post_warmup_step():
+    """``lr_factor`` at given steps against the formula: past the planned steps the cosine stays
+    at ``min_ratio`` (it does not rise again), and a cosine of a single step (or of none, when the
+    warm-up takes every step) goes from the peak to the floor in that step."""
+    from hardneg.train.optim import lr_factor
+
+    def factor(step, warmup, total):
+        return lr_factor(
+            step, warmup_steps=warmup, total_steps=total, schedule="cosine", min_ratio=0.1
+        )
+
+    mid = 0.1 + 0.9 * (1 + math.cos(math.pi * 2 / 8)) / 2
+    assert factor(6, 4, 12) == pytest.approx(mid, rel=1e-12)
+    assert [factor(s, 4, 12) for s in (12, 13, 16, 20, 100)] == pytest.approx([0.1] * 5)
+    assert [factor(s, 4, 5) for s in (3, 4, 5, 6)] == pytest.approx([1.0, 1.0, 0.1, 0.1])
+    assert [factor(s, 4, 4) for s in (3, 4, 5)] == pytest.approx([1.0, 1.0, 0.1])
+
+
 # --------------------------------------------------------------------------- gradient clipping
 
 

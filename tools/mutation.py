@@ -44,6 +44,16 @@ TRAIN_TESTS = [
     "tests/test_checkpoint_rng.py",
     "tests/test_frameworks.py",
 ]
+# Narrower selections for modules that every training run reaches: with TRAIN_TESTS each
+# surviving mutant of MoCo or the checkpoint writer re-runs every training test (minutes each on
+# 2 shared cores). The framework's unit tests and the trainer's behaviour tests (MoCo's momentum
+# update and queue inside a run) assert MoCo's formulas; the checkpoint tests assert the writer's
+# and reader's behaviour. The scores in docs/testing.md are lower bounds of what TRAIN_TESTS kill.
+FRAMEWORK_TESTS = ["tests/test_frameworks.py", "tests/test_train_behaviour.py"]
+CHECKPOINT_TESTS = ["tests/test_checkpoint.py", "tests/test_checkpoint_rng.py"]
+# trainer.py: every mutant of train() would re-run every training test; the behaviour tests
+# (schedule, clipping, data order, ranks, framework state in a run) are the fast selection
+TRAINER_TESTS = ["tests/test_train_behaviour.py"]
 
 # The direct oracles of the loss core (float64 loops, one entry at a time): the selection for the
 # objective, the contrast sets and the loss module. The broader LOSS_TESTS also reach them but
@@ -76,11 +86,11 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
             "false_negatives",
         )
     },
-    "moco": (["src/hardneg/frameworks/moco.py"], TRAIN_TESTS),
+    "moco": (["src/hardneg/frameworks/moco.py"], FRAMEWORK_TESTS),
     "memory_bank": (["src/hardneg/frameworks/memory_bank.py"], TRAIN_TESTS),
-    "checkpoint": (["src/hardneg/train/checkpoint.py"], TRAIN_TESTS),
+    "checkpoint": (["src/hardneg/train/checkpoint.py"], CHECKPOINT_TESTS),
     "optim": (["src/hardneg/train/optim.py"], TRAIN_TESTS),
-    "trainer": (["src/hardneg/train/trainer.py"], TRAIN_TESTS),
+    "trainer": (["src/hardneg/train/trainer.py"], TRAINER_TESTS),
 }
 
 
