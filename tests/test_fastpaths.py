@@ -493,13 +493,26 @@ def test_potential_multiplicity_counts_the_grid_cells(form, pool_as_negatives, k
             continue
         assert f.cells is None and f.multiplicity is not None and p.cells is not None
         finite = torch.isfinite(p.cell_log_keep).double()
-        grid = torch.zeros_like(f.multiplicity, dtype=torch.float64).scatter_add_(
+        grid = torch.zeros_like(p.negative_logits, dtype=torch.float64).scatter_add_(
             1, p.cells.expand(finite.shape[0], -1), finite
         )
-        if f.cell_log_keep is None:  # in-batch fast path: 0 off the negatives already
+        if f.cell_log_keep is None:  # fused fast paths: 0 off the negatives already
             fast_count = f.multiplicity.double()
         else:
             fast_count = f.multiplicity.double() * torch.isfinite(f.cell_log_keep)
+        if f.column_index is not None:  # the bank path keeps only the columns with a cell
+            assert f.column_index.unique().numel() == f.column_index.numel()  # distinct
+            # its logits are the plain form's on those columns, -inf off the negatives
+            assert torch.equal(f.negative_mask, fast_count > 0)
+            full = torch.zeros_like(grid)
+            full[:, f.column_index] = fast_count
+            fast_count = full
+            kept = p.negative_logits[:, f.column_index]
+            assert_close_rel(
+                f.negative_logits.masked_fill(~f.negative_mask, 0),
+                kept.masked_fill(~f.negative_mask, 0),
+            )
+            assert bool(torch.isinf(f.negative_logits[~f.negative_mask]).all())
         assert torch.equal(fast_count, grid)
         assert int(grid.max()) >= (2 if k > 0 else 1)  # columns with several cells are met
 

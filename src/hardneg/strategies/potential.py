@@ -104,6 +104,9 @@ class CellContrast(ContrastSet):
             the kept cells (:func:`hardneg.fastpaths.potential_in_batch_terms`), else None.
         fast_extra_positive_logits: ``[A, K]`` the mined positives' logits read by the fast
             path (hard weighting), else None.
+        column_index: ``[C]`` when the fast path with a bank keeps only the columns that hold a
+            cell (:func:`hardneg.fastpaths.potential_pool_terms`): each column's place in the
+            plain form's columns ``[k; bank]``; else None (the columns are the plain form's).
     """
 
     cell_log_keep: Tensor | None = None
@@ -112,6 +115,7 @@ class CellContrast(ContrastSet):
     neighbours: Tensor | None = None
     fast_log_mass: Tensor | None = None
     fast_extra_positive_logits: Tensor | None = None
+    column_index: Tensor | None = None
 
 
 _FIELDS = tuple(f.name for f in fields(ContrastSet))  # read once: torch.compile traces getattr
@@ -199,6 +203,8 @@ class PotentialMining(Strategy):
                 )
         if context.fast and fastpaths.potential_in_batch_fits(self, inputs, context):
             return fastpaths.potential_in_batch_terms(self, inputs, context)
+        if context.fast and fastpaths.potential_pool_fits(self, inputs, context):
+            return fastpaths.potential_pool_terms(self, inputs, context)
         if inputs.negatives is None:
             out = [
                 (0.5, self.mined(inputs, z1, z2, inputs.h1, fast=context.fast), "mined"),
