@@ -746,3 +746,47 @@ def test_potential_in_batch_fused_path_is_taken(monkeypatch):
     hardneg.create_loss("potential")(z1, z2, **kwargs)
     hardneg.create_loss("potential", temperature=0.02)(z1, z2)  # e^{-2/t} would underflow
     assert len(calls) == 1
+
+
+def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch):
+    """The bank path's kept counts, read where its masses take them: per anchor and column,
+    ``Binomial(m, pi)`` with ``m`` the plain grid's cells of that column for that anchor (the
+    own block's cell and the excluded entry left out) and ``pi`` the plain form's keep
+    probability: mean within 5 standard errors everywhere, the variance pooled over the
+    entries within 10 %, 0 draws on the non-negatives; bank rows in several blocks are met."""
+    from hardneg.losses.contrastive import ContrastInputs
+    from hardneg.strategies.base import StepContext
+
+    z1, z2, kwargs = make_inputs("pool_exclude", torch.float64, n=9, k=14, seed=3)
+    loss_fn = hardneg.create_loss("potential", num_neighbors=3, a=2.0)
+    inputs = ContrastInputs(z1=z1, z2=z2, temperature=loss_fn.temperature, **kwargs)
+    strategy = loss_fn.strategy
+    plain = strategy.mined(inputs, z1, z2, None, fast=True)  # log pi and m per column
+    seen = []
+    real = fastpaths.block_log_masses
+    monkeypatch.setattr(
+        fastpaths,
+        "block_log_masses",
+        lambda c, b, w, r=(): seen.append([x.clone() for x in w]) or real(c, b, w, r),
+    )
+    g = torch.Generator().manual_seed(5)
+    context = StepContext(generator=g)
+    draws = []
+    for _ in range(800):
+        seen.clear()
+        (_, mined, _), _ = fastpaths.potential_pool_terms(strategy, inputs, context)
+        keys, _, pool = seen[0][0], seen[0][1], seen[1][0]
+        draws.append(torch.cat([keys, pool], dim=1))
+    draws = torch.stack(draws)  # [R, N, N + U]
+    index = mined.column_index
+    m = plain.multiplicity[:, index] * torch.isfinite(plain.cell_log_keep[:, index])
+    pi = plain.cell_log_keep[:, index].exp()
+    assert torch.equal(mined.multiplicity, m)
+    assert int(m.max()) >= 3  # bank rows in several blocks
+    assert torch.equal(draws, draws.round()) and bool((draws >= 0).all() and (draws <= m).all())
+    mean, var = m * pi, m * pi * (1 - pi)
+    se = (var / len(draws)).sqrt().clamp(min=1e-9)
+    assert bool(((draws.mean(0) - mean).abs() <= 5 * se).all())
+    loose = var > 0
+    spread = ((draws - mean) ** 2)[:, loose].mean() / var[loose].mean()
+    assert abs(float(spread) - 1) < 0.1, float(spread)
