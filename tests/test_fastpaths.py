@@ -790,3 +790,58 @@ def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch):
     loose = var > 0
     spread = ((draws - mean) ** 2)[:, loose].mean() / var[loose].mean()
     assert abs(float(spread) - 1) < 0.1, float(spread)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pair_contrast_equals_in_batch_contrast(dtype):
+    """``pair_contrast`` (the potential fast paths' Gram with a one-product backward) against
+    ``in_batch_contrast`` of two views: every field, and the gradients of the logits and the
+    partners' logits under arbitrary upstream gradients, the masked entries included (their
+    gradient must not reach the inputs)."""
+    from hardneg.contrast import in_batch_contrast
+
+    g = torch.Generator().manual_seed(9)
+    z1 = torch.randn(5, 4, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    z2 = torch.randn(5, 4, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    fast = fastpaths.pair_contrast(z1, z2, temperature=0.3)
+    plain = in_batch_contrast((z1, z2), temperature=0.3)
+    for name in ("positive_weight", "positive_index", "negative_mask"):
+        assert torch.equal(getattr(fast, name), getattr(plain, name)), name
+    assert fast.num_negatives == plain.num_negatives and fast.temperature == plain.temperature
+    for name in ("anchors", "positives", "positive_logits"):
+        assert_close_rel(getattr(fast, name), getattr(plain, name), what=name)
+    finite = torch.isfinite(plain.negative_logits)
+    assert torch.equal(finite, torch.isfinite(fast.negative_logits))
+    assert_close_rel(fast.negative_logits[finite], plain.negative_logits[finite], what="logits")
+    up = torch.randn(10, 10, generator=g, dtype=torch.float64).to(dtype)
+    up_pos = torch.randn(10, 1, generator=g, dtype=torch.float64).to(dtype)
+
+    # upstream gradients at every entry, the masked ones too: they must not reach z
+    gf = torch.autograd.grad(
+        (fast.negative_logits, fast.positive_logits), (z1, z2), (up, up_pos), retain_graph=True
+    )
+    gp = torch.autograd.grad((plain.negative_logits, plain.positive_logits), (z1, z2), (up, up_pos))
+    for a, b in zip(gf, gp):
+        assert_close_rel(a, b, what="gradient")
+    # the Gram itself on rows that are not unit vectors (normalising hides a radial leak)
+    z = torch.cat([z1, z2]).detach().mul(1.5).requires_grad_()
+    logits, pos = fastpaths._PairGram.apply(z, 0.3)
+    idx = torch.arange(10)
+    plain_logits = (z @ z.T / 0.3).index_put((idx, idx), torch.tensor(float("-inf"), dtype=dtype))
+    plain_logits = plain_logits.index_put(
+        (idx, idx.roll(5)), torch.tensor(float("-inf"), dtype=dtype)
+    )
+    plain_pos = (z * z.roll(5, dims=0)).sum(dim=1) / 0.3
+    assert_close_rel(pos, plain_pos, what="partners")
+    (gf,) = torch.autograd.grad((logits, pos), z, (up, up_pos[:, 0]))
+    (gp,) = torch.autograd.grad((plain_logits, plain_pos), z, (up, up_pos[:, 0]))
+    assert_close_rel(gf, gp, what="Gram gradient")
+    # one output only: the other's gradient is None in the backward pass
+    for pick in ("negative_logits", "positive_logits"):
+        f = getattr(fastpaths.pair_contrast(z1, z2, temperature=0.3), pick)
+        p = getattr(in_batch_contrast((z1, z2), temperature=0.3), pick)
+        w = torch.randn(f.shape, generator=g, dtype=torch.float64).to(dtype)
+        gf = torch.autograd.grad(f, (z1, z2), w)
+        gp = torch.autograd.grad(p, (z1, z2), w)
+        for a, b in zip(gf, gp):
+            assert_close_rel(a, b, what=f"gradient of {pick}")

@@ -719,6 +719,72 @@ def _kernel_at(values: Tensor, shift: Tensor, coef: float, cap: float) -> Tensor
     return torch.where(torch.isinf(x), 0.0, (coef * x * x).exp().clamp(max=cap))
 
 
+class _PairGram(torch.autograd.Function):
+    """SimCLR's logits of two views from the rows ``z`` ``[2N, d]`` of ``[z1; z2]``: the Gram
+    matrix ``G = z z^T / t`` with ``-inf`` on the diagonal and the partners ``(i, i +- N)``,
+    and the partners' logits ``G_{i, p(i)}`` read before they are masked. The backward pass uses
+    the symmetry: ``dz = (M + M^T) z / t`` with ``M`` the incoming ``dG`` (0 at the masked
+    entries) plus the partners' gradients: one product where autograd's ``(z / t) @ z.T``
+    takes two, and no gradient pass of its own for the masking or the partners' logits."""
+
+    @staticmethod
+    def forward(ctx, z, temperature):  # type: ignore[override]
+        two = z.shape[0]
+        idx = torch.arange(two, device=z.device)
+        partner = idx.roll(two // 2)
+        logits = (z / temperature) @ z.T
+        pos = logits[idx, partner]  # a copy
+        logits[idx, idx] = float("-inf")
+        logits[idx, partner] = float("-inf")
+        ctx.temperature = temperature
+        ctx.save_for_backward(z)
+        return logits, pos
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logits, grad_pos):  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        two = z.shape[0]
+        idx = torch.arange(two, device=z.device)
+        partner = idx.roll(two // 2)
+        # (an unused output's gradient arrives as zeros: autograd materialises it)
+        m = grad_logits + grad_logits.T
+        m[idx, idx] = 0.0
+        m[idx, partner] = grad_pos + grad_pos[partner]
+        return (m @ z) / ctx.temperature, None
+
+
+def pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float):
+    """``in_batch_contrast((z1, z2), temperature=t, normalize=True)`` with its logits and the
+    partners' logits from :class:`_PairGram` (one product in the backward pass, not two, and
+    no einsum for the partners). Same fields, same values."""
+    from hardneg.contrast import ContrastSet, compute_dtype
+
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).to(compute_dtype(z1, z2)), dim=-1)
+    logits, pos = _PairGram.apply(z, float(temperature))
+    idx = torch.arange(2 * n, device=z.device)
+    partner = idx.roll(n).unsqueeze(1)
+    mask = torch.ones_like(logits, dtype=torch.bool)
+    mask[idx, idx] = False
+    mask[idx, partner[:, 0]] = False
+    pos = pos.unsqueeze(1)
+    return ContrastSet(
+        anchors=z,
+        columns=z,
+        anchor_columns=None,
+        positives=z[partner],
+        positive_logits=pos,
+        positive_weight=torch.ones_like(pos),
+        positive_index=partner,
+        negative_logits=logits,
+        negative_mask=mask,
+        num_negatives=2 * n - 2,
+        temperature=float(temperature),
+        normalized=True,
+    )
+
+
 def potential_in_batch_fits(strategy, inputs, context) -> bool:
     """Whether :func:`potential_in_batch_terms` serves this call: two views, no ids, cosine
     logits (the Gram matrix is the neighbour look-up), the InfoNCE objective (log masses), and a
@@ -746,12 +812,11 @@ def potential_in_batch_terms(strategy, inputs, context):
     ``m pi`` in expected mode), and the three negative masses come from one exponential
     (:func:`block_log_masses`). Returns the terms of ``strategy.terms`` with each mass attached
     (``fast_log_mass``)."""
-    from hardneg.contrast import in_batch_contrast
     from hardneg.strategies.potential import _with_cells
 
     z1, z2 = inputs.z1, inputs.z2
     n, t = z1.shape[0], inputs.temperature
-    aug = in_batch_contrast((z1, z2), temperature=t, normalize=True)
+    aug = pair_contrast(z1, z2, temperature=t)
     g = aug.negative_logits
     zn = aug.anchors
     bernoulli = strategy.sample == "bernoulli"
@@ -924,12 +989,11 @@ def potential_pool_terms(strategy, inputs, context):
     The masses: the keys' and ``L_aug``'s from one exponential of ``G``, the bank's with the
     mined positives' logits from one of ``q bank[U]^T`` (:func:`block_log_masses`), summed per
     anchor. Returns the terms of ``strategy.terms`` with each mass attached."""
-    from hardneg.contrast import in_batch_contrast
     from hardneg.strategies.potential import _with_cells
 
     q, k, pool, exclude = inputs.z1, inputs.z2, inputs.negatives, inputs.exclude_index
     n, t = q.shape[0], inputs.temperature
-    aug = in_batch_contrast((q, k), temperature=t, normalize=True)
+    aug = pair_contrast(q, k, temperature=t)
     g = aug.negative_logits
     zn = aug.anchors
     bernoulli = strategy.sample == "bernoulli"
