@@ -36,6 +36,13 @@ only; no kept buffers.
   and mined positives' logits from one exponential with a one-pass backward
   (:func:`block_log_masses`) (plain twin: ``PotentialMining.mined`` twice and
   ``PotentialMining.augmentation``, three products and two look-ups).
+* :func:`potential_pool_terms` — potential with a bank: only the keys (read from ``L_aug``'s
+  Gram matrix) and the bank rows in some block (one product ``q bank[U]^T``) are touched, the
+  bank's cells drawn in layers of byte draws (plain twin: ``PotentialMining.mined`` over
+  ``[k; bank]`` and ``PotentialMining.augmentation``; same law, other draws).
+* :func:`pair_contrast` — potential's fast paths: ``in_batch_contrast`` of two views whose
+  Gram matrix has a one-product symmetric backward and reads the partners' logits (plain
+  twin: ``in_batch_contrast((z1, z2), ...)``).
 * :func:`band_logits` — Ring: the ring's logits read from the score matrix with a sparse
   backward through the ring's members only (plain twin: back-propagating through the gather).
 """
