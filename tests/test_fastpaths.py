@@ -794,7 +794,7 @@ def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pair_contrast_equals_in_batch_contrast(dtype):
-    """``pair_contrast`` (the potential fast paths' Gram with a one-product backward) against
+    """``pair_contrast`` (the potential fast paths' Gram, the masked entries corrected in its backward) against
     ``in_batch_contrast`` of two views: every field, and the gradients of the logits and the
     partners' logits under arbitrary upstream gradients, the masked entries included (their
     gradient must not reach the inputs)."""

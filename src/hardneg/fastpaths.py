@@ -41,8 +41,8 @@ only; no kept buffers.
   bank's cells drawn in layers of byte draws (plain twin: ``PotentialMining.mined`` over
   ``[k; bank]`` and ``PotentialMining.augmentation``; same law, other draws).
 * :func:`pair_contrast` — potential's fast paths: ``in_batch_contrast`` of two views whose
-  Gram matrix has a one-product symmetric backward and reads the partners' logits (plain
-  twin: ``in_batch_contrast((z1, z2), ...)``).
+  Gram matrix reads the partners' logits and whose backward corrects the masked entries in
+  ``O(N d)`` (plain twin: ``in_batch_contrast((z1, z2), ...)``).
 * :func:`band_logits` — Ring: the ring's logits read from the score matrix with a sparse
   backward through the ring's members only (plain twin: back-propagating through the gather).
 """
@@ -729,10 +729,11 @@ def _kernel_at(values: Tensor, shift: Tensor, coef: float, cap: float) -> Tensor
 class _PairGram(torch.autograd.Function):
     """SimCLR's logits of two views from the rows ``z`` ``[2N, d]`` of ``[z1; z2]``: the Gram
     matrix ``G = z z^T / t`` with ``-inf`` on the diagonal and the partners ``(i, i +- N)``,
-    and the partners' logits ``G_{i, p(i)}`` read before they are masked. The backward pass uses
-    the symmetry: ``dz = (M + M^T) z / t`` with ``M`` the incoming ``dG`` (0 at the masked
-    entries) plus the partners' gradients: one product where autograd's ``(z / t) @ z.T``
-    takes two, and no gradient pass of its own for the masking or the partners' logits."""
+    and the partners' logits ``G_{i, p(i)}`` read before they are masked. The backward pass:
+    ``dz = (M + M^T) z / t`` with ``M`` the incoming ``dG`` whose masked entries are replaced
+    (the diagonal by 0, the partners by their logits' gradients) by an ``O(N d)`` correction:
+    no ``[2N, 2N]`` pass for the masking (autograd's ``index_put`` backward) nor a product for
+    the partners' logits (an ``einsum`` and its backward)."""
 
     @staticmethod
     def forward(ctx, z, temperature):  # type: ignore[override]
@@ -754,17 +755,23 @@ class _PairGram(torch.autograd.Function):
         two = z.shape[0]
         idx = torch.arange(two, device=z.device)
         partner = idx.roll(two // 2)
-        # (an unused output's gradient arrives as zeros: autograd materialises it)
-        m = grad_logits + grad_logits.T
-        m[idx, idx] = 0.0
-        m[idx, partner] = grad_pos + grad_pos[partner]
-        return (m @ z) / ctx.temperature, None
+        # dz = (M + M^T) z with M = dG, its masked entries replaced: the diagonal by 0, the
+        # partners by their logits' gradients. Two products with dG as it came (a transposed
+        # operand costs BLAS nothing; an explicit M + M^T pass costs about a product on a CPU),
+        # then the replaced entries' share, O(N d). (An unused output's gradient arrives as
+        # zeros: autograd materialises it.)
+        m = grad_logits
+        out = torch.mm(m, z).addmm_(m.T, z)
+        out.sub_(z * (2.0 * m[idx, idx]).unsqueeze(1))
+        c = grad_pos - m[idx, partner]
+        out.add_(z[partner] * (c + c[partner]).unsqueeze(1))
+        return out / ctx.temperature, None
 
 
 def pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float):
     """``in_batch_contrast((z1, z2), temperature=t, normalize=True)`` with its logits and the
-    partners' logits from :class:`_PairGram` (one product in the backward pass, not two, and
-    no einsum for the partners). Same fields, same values."""
+    partners' logits from :class:`_PairGram` (no masking pass in the backward, no einsum for
+    the partners). Same fields, same values."""
     from hardneg.contrast import ContrastSet, compute_dtype
 
     n = z1.shape[0]
