@@ -740,7 +740,7 @@ class _PairGram(torch.autograd.Function):
         two = z.shape[0]
         idx = torch.arange(two, device=z.device)
         partner = idx.roll(two // 2)
-        logits = (z / temperature) @ z.T
+        logits = ((z / temperature) @ z.T).to(z.dtype)  # autocast: promote, as the plain form
         pos = logits[idx, partner]  # a copy
         logits[idx, idx] = float("-inf")
         logits[idx, partner] = float("-inf")
@@ -760,11 +760,12 @@ class _PairGram(torch.autograd.Function):
         # operand costs BLAS nothing; an explicit M + M^T pass costs about a product on a CPU),
         # then the replaced entries' share, O(N d). (An unused output's gradient arrives as
         # zeros: autograd materialises it.)
-        m = grad_logits
-        out = torch.mm(m, z).addmm_(m.T, z)
-        out.sub_(z * (2.0 * m[idx, idx]).unsqueeze(1))
-        c = grad_pos - m[idx, partner]
-        out.add_(z[partner] * (c + c[partner]).unsqueeze(1))
+        with torch.autocast(z.device.type, enabled=False):  # z's dtype, whatever the caller's
+            m = grad_logits.to(z.dtype)
+            out = torch.mm(m, z).addmm_(m.T, z)
+            out.sub_(z * (2.0 * m[idx, idx]).unsqueeze(1))
+            c = grad_pos.to(z.dtype) - m[idx, partner]
+            out.add_(z[partner] * (c + c[partner]).unsqueeze(1))
         return out / ctx.temperature, None
 
 
@@ -1045,7 +1046,7 @@ def potential_pool_terms(strategy, inputs, context):
             gone = remap[exclude]
         held_rows = bank[held]
     # the mined logits of the bank's held rows: gradient to q only (the bank is detached)
-    p = (zn[:n] / t) @ held_rows.T.to(zn.dtype)
+    p = ((zn[:n] / t) @ held_rows.T.to(zn.dtype)).to(zn.dtype)  # autocast: promote
     with torch.no_grad():
         pd = p.detach()
         aug_values, aug_shift, aug_coef = gd, shift, coef
