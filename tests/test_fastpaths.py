@@ -766,13 +766,26 @@ def test_potential_multiplicity_counts_the_grid_cells(form, pool_as_negatives, k
             continue
         assert f.cells is None and f.multiplicity is not None and p.cells is not None
         finite = torch.isfinite(p.cell_log_keep).double()
-        grid = torch.zeros_like(f.multiplicity, dtype=torch.float64).scatter_add_(
+        grid = torch.zeros_like(p.negative_logits, dtype=torch.float64).scatter_add_(
             1, p.cells.expand(finite.shape[0], -1), finite
         )
-        if f.cell_log_keep is None:  # in-batch fast path: 0 off the negatives already
+        if f.cell_log_keep is None:  # fused fast paths: 0 off the negatives already
             fast_count = f.multiplicity.double()
         else:
             fast_count = f.multiplicity.double() * torch.isfinite(f.cell_log_keep)
+        if f.column_index is not None:  # the bank path keeps only the columns with a cell
+            assert f.column_index.unique().numel() == f.column_index.numel()  # distinct
+            # its logits are the plain form's on those columns, -inf off the negatives
+            assert torch.equal(f.negative_mask, fast_count > 0)
+            full = torch.zeros_like(grid)
+            full[:, f.column_index] = fast_count
+            fast_count = full
+            kept = p.negative_logits[:, f.column_index]
+            assert_close_rel(
+                f.negative_logits.masked_fill(~f.negative_mask, 0),
+                kept.masked_fill(~f.negative_mask, 0),
+            )
+            assert bool(torch.isinf(f.negative_logits[~f.negative_mask]).all())
         assert torch.equal(fast_count, grid)
         assert int(grid.max()) >= (2 if k > 0 else 1)  # columns with several cells are met
 
@@ -1169,3 +1182,100 @@ def test_kept_log_mass_without_dropped_columns_equals_the_scatter(dtype, read, s
     (gb,) = torch.autograd.grad(value_b, b)
     rtol = 1e-4 if scale > 1 and dtype == torch.float32 else 1e-5  # see above
     assert_close_rel(ga, gb, rtol=rtol, what="kept_log_mass gradient")
+def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch):
+    """The bank path's kept counts, read where its masses take them: per anchor and column,
+    ``Binomial(m, pi)`` with ``m`` the plain grid's cells of that column for that anchor (the
+    own block's cell and the excluded entry left out) and ``pi`` the plain form's keep
+    probability: mean within 5 standard errors everywhere, the variance pooled over the
+    entries within 10 %, 0 draws on the non-negatives; bank rows in several blocks are met."""
+    from hardneg.losses.contrastive import ContrastInputs
+    from hardneg.strategies.base import StepContext
+
+    z1, z2, kwargs = make_inputs("pool_exclude", torch.float64, n=9, k=14, seed=3)
+    loss_fn = hardneg.create_loss("potential", num_neighbors=3, a=2.0)
+    inputs = ContrastInputs(z1=z1, z2=z2, temperature=loss_fn.temperature, **kwargs)
+    strategy = loss_fn.strategy
+    plain = strategy.mined(inputs, z1, z2, None, fast=True)  # log pi and m per column
+    seen = []
+    real = fastpaths.block_log_masses
+    monkeypatch.setattr(
+        fastpaths,
+        "block_log_masses",
+        lambda c, b, w, r=(): seen.append([x.clone() for x in w]) or real(c, b, w, r),
+    )
+    g = torch.Generator().manual_seed(5)
+    context = StepContext(generator=g)
+    draws = []
+    for _ in range(800):
+        seen.clear()
+        (_, mined, _), _ = fastpaths.potential_pool_terms(strategy, inputs, context)
+        keys, _, pool = seen[0][0], seen[0][1], seen[1][0]
+        draws.append(torch.cat([keys, pool], dim=1))
+    draws = torch.stack(draws)  # [R, N, N + U]
+    index = mined.column_index
+    m = plain.multiplicity[:, index] * torch.isfinite(plain.cell_log_keep[:, index])
+    pi = plain.cell_log_keep[:, index].exp()
+    assert torch.equal(mined.multiplicity, m)
+    assert int(m.max()) >= 3  # bank rows in several blocks
+    assert torch.equal(draws, draws.round()) and bool((draws >= 0).all() and (draws <= m).all())
+    mean, var = m * pi, m * pi * (1 - pi)
+    se = (var / len(draws)).sqrt().clamp(min=1e-9)
+    assert bool(((draws.mean(0) - mean).abs() <= 5 * se).all())
+    loose = var > 0
+    spread = ((draws - mean) ** 2)[:, loose].mean() / var[loose].mean()
+    assert abs(float(spread) - 1) < 0.1, float(spread)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pair_contrast_equals_in_batch_contrast(dtype):
+    """``pair_contrast`` (the potential fast paths' Gram, the masked entries corrected in its backward) against
+    ``in_batch_contrast`` of two views: every field, and the gradients of the logits and the
+    partners' logits under arbitrary upstream gradients, the masked entries included (their
+    gradient must not reach the inputs)."""
+    from hardneg.contrast import in_batch_contrast
+
+    g = torch.Generator().manual_seed(9)
+    z1 = torch.randn(5, 4, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    z2 = torch.randn(5, 4, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    fast = fastpaths.pair_contrast(z1, z2, temperature=0.3)
+    plain = in_batch_contrast((z1, z2), temperature=0.3)
+    for name in ("positive_weight", "positive_index", "negative_mask"):
+        assert torch.equal(getattr(fast, name), getattr(plain, name)), name
+    assert fast.num_negatives == plain.num_negatives and fast.temperature == plain.temperature
+    for name in ("anchors", "positives", "positive_logits"):
+        assert_close_rel(getattr(fast, name), getattr(plain, name), what=name)
+    finite = torch.isfinite(plain.negative_logits)
+    assert torch.equal(finite, torch.isfinite(fast.negative_logits))
+    assert_close_rel(fast.negative_logits[finite], plain.negative_logits[finite], what="logits")
+    up = torch.randn(10, 10, generator=g, dtype=torch.float64).to(dtype)
+    up_pos = torch.randn(10, 1, generator=g, dtype=torch.float64).to(dtype)
+
+    # upstream gradients at every entry, the masked ones too: they must not reach z
+    gf = torch.autograd.grad(
+        (fast.negative_logits, fast.positive_logits), (z1, z2), (up, up_pos), retain_graph=True
+    )
+    gp = torch.autograd.grad((plain.negative_logits, plain.positive_logits), (z1, z2), (up, up_pos))
+    for a, b in zip(gf, gp):
+        assert_close_rel(a, b, what="gradient")
+    # the Gram itself on rows that are not unit vectors (normalising hides a radial leak)
+    z = torch.cat([z1, z2]).detach().mul(1.5).requires_grad_()
+    logits, pos = fastpaths._PairGram.apply(z, 0.3)
+    idx = torch.arange(10)
+    plain_logits = (z @ z.T / 0.3).index_put((idx, idx), torch.tensor(float("-inf"), dtype=dtype))
+    plain_logits = plain_logits.index_put(
+        (idx, idx.roll(5)), torch.tensor(float("-inf"), dtype=dtype)
+    )
+    plain_pos = (z * z.roll(5, dims=0)).sum(dim=1) / 0.3
+    assert_close_rel(pos, plain_pos, what="partners")
+    (gf,) = torch.autograd.grad((logits, pos), z, (up, up_pos[:, 0]))
+    (gp,) = torch.autograd.grad((plain_logits, plain_pos), z, (up, up_pos[:, 0]))
+    assert_close_rel(gf, gp, what="Gram gradient")
+    # one output only: the other's gradient is None in the backward pass
+    for pick in ("negative_logits", "positive_logits"):
+        f = getattr(fastpaths.pair_contrast(z1, z2, temperature=0.3), pick)
+        p = getattr(in_batch_contrast((z1, z2), temperature=0.3), pick)
+        w = torch.randn(f.shape, generator=g, dtype=torch.float64).to(dtype)
+        gf = torch.autograd.grad(f, (z1, z2), w)
+        gp = torch.autograd.grad(p, (z1, z2), w)
+        for a, b in zip(gf, gp):
+            assert_close_rel(a, b, what=f"gradient of {pick}")

@@ -48,6 +48,13 @@ only; no kept buffers.
   and mined positives' logits from one exponential with a one-pass backward
   (:func:`block_log_masses`) (plain twin: ``PotentialMining.mined`` twice and
   ``PotentialMining.augmentation``, three products and two look-ups).
+* :func:`potential_pool_terms` — potential with a bank: only the keys (read from ``L_aug``'s
+  Gram matrix) and the bank rows in some block (one product ``q bank[U]^T``) are touched, the
+  bank's cells drawn in layers of byte draws (plain twin: ``PotentialMining.mined`` over
+  ``[k; bank]`` and ``PotentialMining.augmentation``; same law, other draws).
+* :func:`pair_contrast` — potential's fast paths: ``in_batch_contrast`` of two views whose
+  Gram matrix reads the partners' logits and whose backward corrects the masked entries in
+  ``O(N d)`` (plain twin: ``in_batch_contrast((z1, z2), ...)``).
 * :func:`band_logits` — Ring: the ring's logits read from the score matrix with a sparse
   backward through the ring's members only (in-batch one product ``(G + G^T) z``; a wide band
   a dense product instead of an ``embedding_bag``) (plain twin: back-propagating through the
@@ -1115,7 +1122,8 @@ def _kernel(
     shifts ``shift`` ``[R]``, ``coef <= 0``), 0 where ``values`` is ``-inf`` (no negative): the
     square, the factor and ``log scale`` in one ``addcmul`` pass."""
     if coef == 0.0:
-        return torch.where(torch.isinf(values), 0.0, min(cap, scale)).to(values.dtype)
+        keep = torch.tensor(min(cap, scale), dtype=values.dtype, device=values.device)
+        return torch.where(torch.isinf(values), 0.0, keep)  # (a float scalar: float32 only)
     x = values - shift.unsqueeze(1)
     base = torch.tensor(math.log(scale), dtype=x.dtype, device=x.device)
     return torch.addcmul(base, x, x, value=coef, out=x).exp_().clamp_(max=cap)
@@ -1125,6 +1133,80 @@ def _kernel_at(values: Tensor, shift: Tensor, coef: float, cap: float) -> Tensor
     """:func:`_kernel` with ``scale = 1`` at a few entries, in float64 (the ties' ``p``)."""
     x = values.to(torch.float64) - shift.to(torch.float64)
     return torch.where(torch.isinf(x), 0.0, (coef * x * x).exp().clamp(max=cap))
+
+
+class _PairGram(torch.autograd.Function):
+    """SimCLR's logits of two views from the rows ``z`` ``[2N, d]`` of ``[z1; z2]``: the Gram
+    matrix ``G = z z^T / t`` with ``-inf`` on the diagonal and the partners ``(i, i +- N)``,
+    and the partners' logits ``G_{i, p(i)}`` read before they are masked. The backward pass:
+    ``dz = (M + M^T) z / t`` with ``M`` the incoming ``dG`` whose masked entries are replaced
+    (the diagonal by 0, the partners by their logits' gradients) by an ``O(N d)`` correction:
+    no ``[2N, 2N]`` pass for the masking (autograd's ``index_put`` backward) nor a product for
+    the partners' logits (an ``einsum`` and its backward)."""
+
+    @staticmethod
+    def forward(ctx, z, temperature):  # type: ignore[override]
+        two = z.shape[0]
+        idx = torch.arange(two, device=z.device)
+        partner = idx.roll(two // 2)
+        logits = ((z / temperature) @ z.T).to(z.dtype)  # autocast: promote, as the plain form
+        pos = logits[idx, partner]  # a copy
+        logits[idx, idx] = float("-inf")
+        logits[idx, partner] = float("-inf")
+        ctx.temperature = temperature
+        ctx.save_for_backward(z)
+        return logits, pos
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logits, grad_pos):  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        two = z.shape[0]
+        idx = torch.arange(two, device=z.device)
+        partner = idx.roll(two // 2)
+        # dz = (M + M^T) z with M = dG, its masked entries replaced: the diagonal by 0, the
+        # partners by their logits' gradients. Two products with dG as it came (a transposed
+        # operand costs BLAS nothing; an explicit M + M^T pass costs about a product on a CPU),
+        # then the replaced entries' share, O(N d). (An unused output's gradient arrives as
+        # zeros: autograd materialises it.)
+        with torch.autocast(z.device.type, enabled=False):  # z's dtype, whatever the caller's
+            m = grad_logits.to(z.dtype)
+            out = torch.mm(m, z).addmm_(m.T, z)
+            out.sub_(z * (2.0 * m[idx, idx]).unsqueeze(1))
+            c = grad_pos.to(z.dtype) - m[idx, partner]
+            out.add_(z[partner] * (c + c[partner]).unsqueeze(1))
+        return out / ctx.temperature, None
+
+
+def pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float):
+    """``in_batch_contrast((z1, z2), temperature=t, normalize=True)`` with its logits and the
+    partners' logits from :class:`_PairGram` (no masking pass in the backward, no einsum for
+    the partners). Same fields, same values."""
+    from hardneg.contrast import ContrastSet, compute_dtype
+
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).to(compute_dtype(z1, z2)), dim=-1)
+    logits, pos = _PairGram.apply(z, float(temperature))
+    idx = torch.arange(2 * n, device=z.device)
+    partner = idx.roll(n).unsqueeze(1)
+    mask = torch.ones_like(logits, dtype=torch.bool)
+    mask[idx, idx] = False
+    mask[idx, partner[:, 0]] = False
+    pos = pos.unsqueeze(1)
+    return ContrastSet(
+        anchors=z,
+        columns=z,
+        anchor_columns=None,
+        positives=z[partner],
+        positive_logits=pos,
+        positive_weight=torch.ones_like(pos),
+        positive_index=partner,
+        negative_logits=logits,
+        negative_mask=mask,
+        num_negatives=2 * n - 2,
+        temperature=float(temperature),
+        normalized=True,
+    )
 
 
 def potential_in_batch_fits(strategy, inputs, context) -> bool:
@@ -1154,12 +1236,11 @@ def potential_in_batch_terms(strategy, inputs, context):
     ``m pi`` in expected mode), and the three negative masses come from one exponential
     (:func:`block_log_masses`). Returns the terms of ``strategy.terms`` with each mass attached
     (``fast_log_mass``)."""
-    from hardneg.contrast import in_batch_contrast
     from hardneg.strategies.potential import _with_cells
 
     z1, z2 = inputs.z1, inputs.z2
     n, t = z1.shape[0], inputs.temperature
-    aug = in_batch_contrast((z1, z2), temperature=t, normalize=True)
+    aug = pair_contrast(z1, z2, temperature=t)
     g = aug.negative_logits
     zn = aug.anchors
     bernoulli = strategy.sample == "bernoulli"
@@ -1285,4 +1366,216 @@ def potential_in_batch_terms(strategy, inputs, context):
         out.append((0.5, mined, "mined"))
     if kept_aug is not None:
         out.append((strategy.aug_weight, _with_cells(aug, fast_log_mass=masses[2]), "aug"))
+    return out
+
+
+def _safe_logaddexp(a: Tensor, b: Tensor) -> Tensor:
+    """``log(e^a + e^b)`` per entry, ``-inf`` with a zero gradient (not NaN) where both are."""
+    kept = torch.isfinite(a) | torch.isfinite(b)
+    out = torch.logaddexp(torch.where(kept, a, 0.0), torch.where(kept, b, 0.0))
+    return out.masked_fill(~kept, float("-inf"))
+
+
+def potential_pool_fits(strategy, inputs, context) -> bool:
+    """Whether :func:`potential_pool_terms` serves this call: a shared bank ``[Q, d]``, cosine
+    logits, the InfoNCE objective (log masses), no ``pool_as_negatives`` (every bank row a
+    candidate: nothing to skip), one compute dtype for the queries, keys and bank, and a
+    temperature at which no kept exponential underflows (as :func:`potential_in_batch_fits`)."""
+    from hardneg.contrast import compute_dtype
+
+    pool = inputs.negatives
+    if pool is None or pool.dim() != 2 or not inputs.normalize or not context.want_log_mass:
+        return False
+    if strategy.pool_as_negatives:
+        return False
+    dtype = compute_dtype(inputs.z1, inputs.z2)
+    if compute_dtype(inputs.z1, inputs.z2, pool) != dtype:
+        return False
+    limit = 600.0 if dtype is torch.float64 else 60.0
+    return 2.0 / inputs.temperature <= limit
+
+
+def potential_pool_terms(strategy, inputs, context):
+    """Potential-sample mining's terms with a bank: ``L_mined(q; k)`` and ``L_aug(q, k)``.
+
+    Plain twin: ``PotentialMining.mined`` (the mined logits ``q [k; bank]^T`` ``[N, N + Q]``, the
+    keep probabilities and one draw per column over all of them) and
+    ``PotentialMining.augmentation``. Here only the columns that hold a cell are touched: the
+    keys, read from ``L_aug``'s Gram matrix ``G`` of ``[q; k]`` (its block ``G[:N, N:]``, whose
+    diagonal, the partners, is already ``-inf``), and the ``U`` bank rows that are some key's
+    neighbour (a bank row in no block is no negative: its probability and draw are never
+    needed), through one product ``q bank[U]^T`` ``[N, U]``. Per column ``u`` of ``U`` with
+    ``m_u`` cells, anchor ``i`` draws ``Binomial(m_u - own_iu, pi_iu)`` (its own block's cell is a
+    positive; ``exclude_index`` drops the column) as one Bernoulli layer where ``own_iu = 0``
+    (:func:`bernoulli_draws`) plus ``Binomial(m_u - 1, pi_iu)`` (:func:`binomial_draws`); the keys
+    one Bernoulli each. Draw order: the keys (row-major), the bank's first layer, its other
+    layers, then ``L_aug``'s cells (the in-batch order of :func:`potential_in_batch_terms`).
+    The masses: the keys' and ``L_aug``'s from one exponential of ``G``, the bank's with the
+    mined positives' logits from one of ``q bank[U]^T`` (:func:`block_log_masses`), summed per
+    anchor. Returns the terms of ``strategy.terms`` with each mass attached."""
+    from hardneg.strategies.potential import _with_cells
+
+    q, k, pool, exclude = inputs.z1, inputs.z2, inputs.negatives, inputs.exclude_index
+    n, t = q.shape[0], inputs.temperature
+    aug = pair_contrast(q, k, temperature=t)
+    g = aug.negative_logits
+    zn = aug.anchors
+    bernoulli = strategy.sample == "bernoulli"
+    clamp = strategy.clamp
+    use_aug = strategy.aug_weight > 0
+    raw = strategy.select_on == "raw"
+    with torch.no_grad():
+        gd = g.detach()
+        coef = -strategy.a * t * t
+        shift = aug.positive_logits.detach()[:, 0] + strategy.b / t
+        rows = torch.arange(n, device=g.device)
+        # the neighbour look-up of the plain form: each key among the bank (cosine)
+        key = F.normalize(k.detach().to(g.dtype), dim=1)
+        bank = F.normalize(pool.detach().to(g.dtype), dim=1)
+        lookup = key @ bank.T
+        if exclude is not None:
+            exclude = exclude.to(device=g.device, dtype=torch.long)
+            lookup[rows, exclude] = float("-inf")  # nor its sample's own bank entry
+        num = min(strategy.num_neighbors, bank.shape[0] - int(exclude is not None))
+        nb = top_k_indices(lookup, num).to(g.device) if num > 0 else rows.new_zeros(n, 0)
+        del lookup
+        # the bank rows in some block, U of them, ordered by their number of cells (most
+        # first, ties by row): the columns with more than r cells are then the first c_r
+        cells = torch.bincount(nb.reshape(-1), minlength=bank.shape[0])
+        held = cells.nonzero().squeeze(1)
+        held = held[torch.argsort(cells[held], descending=True, stable=True)]
+        u = held.shape[0]
+        trials = cells[held]  # [U], >= 1 each, non-increasing
+        remap = torch.full((bank.shape[0],), -1, dtype=torch.long, device=g.device)
+        remap[held] = torch.arange(u, device=g.device)
+        nbu = remap[nb]  # [N, K] neighbours as columns of bank[U]
+        own = torch.zeros(n, u, dtype=torch.bool, device=g.device).scatter_(1, nbu, True)
+        gone = None  # [N] column of U of each anchor's excluded bank entry, -1 if none
+        if exclude is not None:
+            gone = remap[exclude]
+        held_rows = bank[held]
+    # the mined logits of the bank's held rows: gradient to q only (the bank is detached)
+    p = ((zn[:n] / t) @ held_rows.T.to(zn.dtype)).to(zn.dtype)  # autocast: promote
+    with torch.no_grad():
+        pd = p.detach()
+        aug_values, aug_shift, aug_coef = gd, shift, coef
+        if use_aug and raw:  # the code's kernel on unnormalised dot products
+            x = torch.cat([q, k]).detach().to(g.dtype)
+            aug_values = x @ x.T
+            aug_shift, aug_coef = (x * x.roll(n, dims=0)).sum(dim=1) + strategy.b, -strategy.a
+            aug_values.masked_fill_(~aug.mask(), float("-inf"))
+        shared = use_aug and not raw  # the keys' kernel is L_aug's on the block G[:N, N:]
+        kept_aug = None
+        if bernoulli:
+            cap = min(255.0, 256.0 * clamp)
+            need_aug = None
+            if use_aug:
+                need_aug = _to_bytes(_kernel(aug_values, aug_shift, aug_coef, scale=256.0, cap=cap))
+            if shared:
+                need_keys = need_aug[:n, n:].contiguous()
+            else:
+                need_keys = _to_bytes(_kernel(gd[:n, n:], shift[:n], coef, scale=256.0, cap=cap))
+
+            def keys_p256(at: Tensor) -> Tensor:
+                r, c = at // n, at % n
+                return 256.0 * _kernel_at(gd[r, c + n], shift[r], coef, clamp)
+
+            counts_keys = bernoulli_draws(need_keys, keys_p256, context.generator)
+            need = _to_bytes(_kernel(pd, shift[:n], coef, scale=256.0, cap=cap))  # [N, U]
+            if gone is not None:
+                need[rows[gone >= 0], gone[gone >= 0]] = 0
+
+            def pool_p256(width: int, first: bool):
+                def p256_at(at: Tensor) -> Tensor:  # at: flat positions in [N, width]
+                    r, c = at // width, at % width
+                    p256 = 256.0 * _kernel_at(pd[r, c], shift[r], coef, clamp)
+                    if gone is not None:
+                        p256.masked_fill_(gone[r] == c, 0.0)
+                    return p256.masked_fill_(own[r, c], 0.0) if first else p256
+
+                return p256_at
+
+            # layer r draws one cell of each column with more than r cells; the first layer
+            # skips each anchor's own block (that cell is a positive), the others do not
+            later = [(r, int((trials > r).sum())) for r in range(1, int(trials[0]) if u else 1)]
+            later_need = [need[:, :width].contiguous() for _, width in later]
+            need.masked_fill_(own, 0)
+            counts_pool = bernoulli_draws(need, pool_p256(u, True), context.generator)
+            counts_pool = counts_pool.to(g.dtype)
+            for (_, width), need_r in zip(later, later_need):
+                kept = bernoulli_draws(need_r, pool_p256(width, False), context.generator)
+                counts_pool[:, :width] += kept
+            if use_aug:
+                flat, width = aug_values.reshape(-1), aug_values.shape[1]
+
+                def aug_p256(at: Tensor) -> Tensor:
+                    return 256.0 * _kernel_at(flat[at], aug_shift[at // width], aug_coef, clamp)
+
+                kept_aug = bernoulli_draws(need_aug, aug_p256, context.generator)
+            counts_keys = counts_keys.to(g.dtype)
+        else:
+            pi_aug = _kernel(aug_values, aug_shift, aug_coef, cap=clamp) if use_aug else None
+            if shared:
+                counts_keys = pi_aug[:n, n:].clone()
+            else:
+                counts_keys = _kernel(gd[:n, n:], shift[:n], coef, cap=clamp)
+            counts_pool = _kernel(pd, shift[:n], coef, cap=clamp)
+            counts_pool.mul_(trials.to(pd.dtype) - own.to(pd.dtype))
+            if gone is not None:
+                counts_pool[rows[gone >= 0], gone[gone >= 0]] = 0.0
+            kept_aug = pi_aug
+    blocks, weights = [(0, n, n, 2 * n)], [counts_keys]
+    if kept_aug is not None:
+        blocks.append((0, 2 * n, 0, 2 * n))
+        weights.append(kept_aug)
+    key_masses = block_log_masses(g, blocks, weights)
+    hard = strategy.weighting == "hard" and num > 0
+    if u > 0:
+        reads = [(0, 0, nbu)] if hard else []
+        pool_masses = block_log_masses(p, [(0, n, 0, u)], [counts_pool], reads)
+        mass = _safe_logaddexp(key_masses[0], pool_masses[0])
+    else:  # K = 0: no bank row holds a cell
+        mass = key_masses[0]
+    with torch.no_grad():  # the columns [k; bank[U]] of the contrast set, their cells per anchor
+        multiplicity = torch.empty(n, n + u, dtype=g.dtype, device=g.device)
+        multiplicity[:, :n] = 1.0
+        multiplicity[rows, rows] = 0.0  # the own key is the positive
+        multiplicity[:, n:] = trials.to(g.dtype)
+        # the own block's cell is no negative; nor is the excluded bank entry
+        off_rows, off_cols = rows.repeat_interleave(nbu.shape[1]), n + nbu.reshape(-1)
+        multiplicity[off_rows, off_cols] -= 1.0
+        if gone is not None:
+            off_rows = torch.cat([off_rows, rows[gone >= 0]])
+            off_cols = torch.cat([off_cols, n + gone[gone >= 0]])
+            multiplicity[rows[gone >= 0], n + gone[gone >= 0]] = 0.0
+        dropped = multiplicity[off_rows, off_cols] == 0
+        off_rows, off_cols = off_rows[dropped], off_cols[dropped]
+        negative = multiplicity > 0
+    # the partners (own keys) are -inf in G already; the few dropped bank entries set here
+    logits = torch.cat([g[:n, n:], p], dim=1)
+    minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    logits.index_put_((off_rows, off_cols), minus_inf)
+    column_index = torch.cat([rows, n + held])  # in the plain form's [k; bank]
+    columns = torch.cat([zn[n:], held_rows.to(zn.dtype)])
+    mined = _with_cells(
+        aug,
+        anchors=zn[:n],
+        columns=columns,
+        positives=zn[n:].unsqueeze(1),
+        positive_logits=aug.positive_logits[:n],
+        positive_weight=aug.positive_weight[:n],
+        positive_index=rows.unsqueeze(1),
+        negative_logits=logits,
+        negative_mask=negative,
+        num_negatives=negative.sum(dim=1),
+        multiplicity=multiplicity,
+        neighbours=nbu + n,
+        column_index=column_index,
+        anchor_features=inputs.h1,
+        fast_log_mass=mass,
+        fast_extra_positive_logits=pool_masses[1] if hard else None,
+    )
+    out = [(1.0, mined, "mined")]
+    if kept_aug is not None:
+        out.append((strategy.aug_weight, _with_cells(aug, fast_log_mass=key_masses[1]), "aug"))
     return out

@@ -49,7 +49,11 @@ outside ``torch.compile``) draws each column's count of kept cells instead,
 In-batch (two views, no ``ids``, cosine logits, InfoNCE) the fast path builds all three terms
 from the one Gram matrix of ``[z1; z2]`` (:func:`hardneg.fastpaths.potential_in_batch_terms`):
 the neighbours, logits and keep probabilities are read from it, and the draws are random bytes
-against ``floor(256 pi)`` with a uniform on a tie (same law, other draws).
+against ``floor(256 pi)`` with a uniform on a tie (same law, other draws). With a bank (cosine
+logits, InfoNCE, no ``pool_as_negatives``) the fast path
+(:func:`hardneg.fastpaths.potential_pool_terms`) touches only the keys, read from ``L_aug``'s
+Gram matrix, and the bank rows that sit in some block (the others are no candidates), with
+the same byte draws, layer by layer.
 
 Differences from the code, besides the options above: the in-batch form, its own-positive rule
 and its single ``L_aug`` selection are ours; ``exclude_index`` is ours; one temperature serves
@@ -104,6 +108,9 @@ class CellContrast(ContrastSet):
             the kept cells (:func:`hardneg.fastpaths.potential_in_batch_terms`), else None.
         fast_extra_positive_logits: ``[A, K]`` the mined positives' logits read by the fast
             path (hard weighting), else None.
+        column_index: ``[C]`` when the fast path with a bank keeps only the columns that hold a
+            cell (:func:`hardneg.fastpaths.potential_pool_terms`): each column's place in the
+            plain form's columns ``[k; bank]``; else None (the columns are the plain form's).
     """
 
     cell_log_keep: Tensor | None = None
@@ -112,6 +119,7 @@ class CellContrast(ContrastSet):
     neighbours: Tensor | None = None
     fast_log_mass: Tensor | None = None
     fast_extra_positive_logits: Tensor | None = None
+    column_index: Tensor | None = None
 
 
 _FIELDS = tuple(f.name for f in fields(ContrastSet))  # read once: torch.compile traces getattr
@@ -199,6 +207,8 @@ class PotentialMining(Strategy):
                 )
         if context.fast and fastpaths.potential_in_batch_fits(self, inputs, context):
             return fastpaths.potential_in_batch_terms(self, inputs, context)
+        if context.fast and fastpaths.potential_pool_fits(self, inputs, context):
+            return fastpaths.potential_pool_terms(self, inputs, context)
         if inputs.negatives is None:
             out = [
                 (0.5, self.mined(inputs, z1, z2, inputs.h1, fast=context.fast), "mined"),
