@@ -1182,6 +1182,8 @@ def test_kept_log_mass_without_dropped_columns_equals_the_scatter(dtype, read, s
     (gb,) = torch.autograd.grad(value_b, b)
     rtol = 1e-4 if scale > 1 and dtype == torch.float32 else 1e-5  # see above
     assert_close_rel(ga, gb, rtol=rtol, what="kept_log_mass gradient")
+
+
 def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch):
     """The bank path's kept counts, read where its masses take them: per anchor and column,
     ``Binomial(m, pi)`` with ``m`` the plain grid's cells of that column for that anchor (the
