@@ -440,6 +440,24 @@ def test_band_indices_split_rows_over_threads_like_one_thread(monkeypatch):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_accelerator_branch_of_every_selection_equals_its_plain_twin(monkeypatch, dtype):
+    """On an accelerator the selections take ``torch.topk`` instead of numpy's partition (the
+    branch a CUDA machine runs); forced here on the CPU through ``numpy_partitions``. Each
+    result is checked against a full sort of the row, not against the numpy branch."""
+    x = topk_inputs(30, 1500, dtype, seed=11, kind="plain")
+    order = x.argsort(dim=1, descending=True)
+    monkeypatch.setattr(fastpaths, "numpy_partitions", lambda t: False)
+    for k in (1, 17, 1500):
+        want = x.gather(1, order[:, k - 1 : k])
+        assert torch.equal(fastpaths.kth_largest(x, k), want), k
+        got = fastpaths.top_k_indices(x, k).sort(dim=1).values
+        assert torch.equal(got, order[:, :k].sort(dim=1).values), k
+    for lower, upper in ((0, 1), (7, 60), (300, 1500)):
+        got = fastpaths.band_indices(x, lower, upper).sort(dim=1).values
+        assert torch.equal(got, order[:, lower:upper].sort(dim=1).values), (lower, upper)
+
+
 def test_on_threads_covers_every_row_once_and_reraises():
     seen = []
     previous = torch.get_num_threads()

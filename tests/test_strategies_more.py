@@ -137,15 +137,21 @@ def test_gumbel_top_k_draws_without_replacement_with_the_sequential_law(k):
         assert got == pytest.approx(want, abs=0.015)
 
 
-@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("fast", [True, False, "accelerator"])
 @pytest.mark.parametrize(("a", "b", "k"), [(0.3, -1.0, 1), (0.3, -1.0, 2), (0.0, 0.0, 2)])
-def test_simans_draws_follow_the_kernel_without_replacement(a, b, k, fast):
+def test_simans_draws_follow_the_kernel_without_replacement(a, b, k, fast, monkeypatch):
     """The strategy's own draws, plain and fast (``fastpaths.simans_draw``, a block of rows at
     a time: 20000 rows are two blocks): inclusion frequencies of each negative against the
     exact probabilities of ``k`` sequential draws without replacement,
     ``p ∝ e^{-a (c - c+ - b)^2}``; the masked column (the query's own bank entry) is never
-    drawn."""
+    drawn. ``'accelerator'``: the fast draw's ``torch.topk`` branch (what a CUDA machine
+    runs), forced on the CPU."""
+    from hardneg import fastpaths
     from hardneg.contrast import pool_contrast
+
+    if fast == "accelerator":
+        monkeypatch.setattr(fastpaths, "numpy_partitions", lambda t: False)
+        fast = True
 
     g = torch.Generator().manual_seed(9)
     q, key, pool = torch.randn(1, 4, generator=g), torch.randn(1, 4, generator=g), torch.randn(5, 4)

@@ -228,10 +228,17 @@ _NUMPY_MIN_ELEMENTS = 1 << 12
 _NUMPY_BLOCK = 1 << 17  # entries per block of rows: measured a few % faster than 1 << 18
 
 
+def numpy_partitions(x: Tensor) -> bool:
+    """Whether a row selection on ``x`` may run through numpy's partition: a float32 / float64
+    tensor on the CPU. Elsewhere (an accelerator, other dtypes) the selections take
+    ``torch.topk``; tests force that branch on the CPU by patching this function."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
 def _numpy_selects(x: Tensor, k: int) -> bool:
     """Whether the CPU selection of the top ``k`` of each row of ``x`` goes through numpy."""
     return (
-        x.device.type == "cpu"
+        numpy_partitions(x)
         and x.dtype == torch.float32
         and x.dim() == 2
         and x.shape[1] >= _NUMPY_MIN_COLUMNS
@@ -248,7 +255,7 @@ def top_k_indices(x: Tensor, k: int) -> Tensor:
     ``torch.topk`` for shorter ones. The members are those of ``x.topk(k)``; only which of
     several *equal* values is taken may differ (their logits, hence the loss, are the same).
     """
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
+    if not numpy_partitions(x) or x.dtype != torch.float32 or x.dim() != 2:
         return x.topk(k, dim=1, sorted=False).indices
     x = x.detach().contiguous()
     rows, cols = x.shape
@@ -330,13 +337,7 @@ def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
     """
     rows, cols = x.shape
     width = upper - lower
-    numpy_path = (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and cols >= _BAND_MIN_COLUMNS
-        and 0 < width
-        and upper <= cols
-    )
+    numpy_path = numpy_partitions(x) and cols >= _BAND_MIN_COLUMNS and 0 < width and upper <= cols
     if not numpy_path:
         return x.detach().topk(upper, dim=1, sorted=True).indices[:, lower:]
     values = x.detach().contiguous().numpy()
@@ -854,7 +855,7 @@ def simans_draw(
     keys.addcmul_(distance, distance, value=a)
     if a == 0.0:
         keys.masked_fill_(~torch.isfinite(logits), float("inf"))
-    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64):
+    if not numpy_partitions(keys):
         return keys.topk(k, dim=1, largest=False, sorted=False).indices
     values = keys.numpy()
     out = np.empty((rows, k), dtype=np.int64)
@@ -867,7 +868,7 @@ def kth_largest(x: Tensor, k: int) -> Tensor:
     """MoCHi: ``[A, 1]`` the ``k``-th largest entry of each row (``1 <= k <= S``); on CPU by
     ``numpy.partition`` a block of rows at a time (values only, several times faster than
     ``torch.topk``). Plain twin: ``x.topk(k, dim=1).values.amin(dim=1, keepdim=True)``."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    if not numpy_partitions(x):
         return x.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
     array = x.detach().contiguous().numpy()
     cols = array.shape[1]
