@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import hardneg
 from hardneg.losses.contrastive import ContrastInputs, ContrastiveLoss
+from hardneg.registry import register_strategy, unregister_strategy
 from hardneg.strategies.base import Selection, StepContext, Strategy
 from hardneg.strategies.ring import RingNegatives
 from hardneg.strategies.uniform import UniformNegatives
@@ -431,3 +432,30 @@ def test_terms_are_weighted_summed_and_reported_per_role_with_the_first_terms_di
     assert out.per_anchor.tolist() == pytest.approx(per_anchor, rel=1e-10)
     # every anchor keeps its 2N - 2 = 6 negatives at weight 1
     assert out.diagnostics.effective_negatives.tolist() == pytest.approx([6.0] * 8)
+
+
+class KeepAll(Strategy):
+    """A test filter that keeps every negative and records the step context it is handed."""
+
+    is_filter = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[StepContext] = []
+
+    def keep(self, contrast, context):
+        self.seen.append(context)
+        return torch.isfinite(contrast.negative_logits)
+
+
+def test_a_filter_is_handed_the_step_context_of_the_strategy():
+    register_strategy("keep_all_test_filter", summary="test filter")(KeepAll)
+    try:
+        loss = ContrastiveLoss(Recorder(), filter="keep_all_test_filter")
+        g = torch.Generator()
+        loss(z(4, seed=38), z(4, seed=39), progress=0.5, generator=g)
+        (context,) = loss.filter_strategy.seen
+        assert context is loss.strategy.seen[0][0]
+        assert context.progress == 0.5 and context.generator is g
+    finally:
+        unregister_strategy("keep_all_test_filter")
