@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 import hardneg
 from hardneg.losses.contrastive import ContrastInputs, ContrastiveLoss
+from hardneg.registry import register_strategy, unregister_strategy
+from hardneg.strategies.base import Selection, StepContext, Strategy
 from hardneg.strategies.ring import RingNegatives
 from hardneg.strategies.uniform import UniformNegatives
 
@@ -45,6 +47,8 @@ def cos(x, y):
         (dict(fast="no"), "fast must be True or False, got 'no'"),
         (dict(normalize=None), "normalize must be True or False, got None"),
         (dict(filter_options={"a": 1}), "filter_options needs a filter (filter='positive_aware', ...)"),
+        (dict(objective="nce"), "objective must be one of 'infonce', 'jsd', got 'nce'"),
+        (dict(positive_mode="both"), "positive_mode must be one of 'separate', 'joint', got 'both'"),
     ],
 )  # fmt: skip
 def test_the_constructor_refuses_bad_settings_with_exact_messages(kwargs, message):
@@ -62,7 +66,10 @@ def test_the_constructor_refuses_a_non_strategy_and_tau_plus_for_selecting_strat
         ContrastiveLoss(RingNegatives(), tau_plus=0.1)
     with exactly("filter must name a filter strategy (one that only drops negatives), got 'hcl'"):
         hardneg.create_loss("infonce", filter="hcl")
-    with pytest.raises(ValueError, match="^a filter cannot stand in front of "):
+    with exactly(
+        "a filter cannot stand in front of PotentialMining: it builds several contrast "
+        "terms of its own"
+    ):
         hardneg.create_loss("potential", filter="positive_aware")
 
 
@@ -281,3 +288,174 @@ def test_the_smallest_batch_is_two_and_the_message_names_the_inputs():
         "got N = 1"
     ):
         loss(z(1), z(1))
+
+
+class Recorder(Strategy):
+    """Every negative once (InfoNCE); records the step context and the labels it is handed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[StepContext, object, object]] = []
+
+    def select(self, contrast, context):
+        self.seen.append((context, contrast.anchor_labels, contrast.column_labels))
+        return Selection()
+
+
+def test_the_strategy_gets_the_calls_progress_and_generator_and_the_fast_path_choice():
+    q, k, g = z(4, seed=23), z(4, seed=24), torch.Generator()
+    cases = [  # (loss settings, call options) -> (fast, want_log_mass)
+        ({}, dict(progress=0.25, generator=g), (True, True)),
+        ({}, dict(return_diagnostics=True), (False, False)),  # diagnostics need dense weights
+        (dict(fast=False), {}, (False, True)),
+        (dict(objective="jsd"), {}, (True, False)),  # JSD needs every weight, not the mass
+        (dict(objective="jsd", fast=False), dict(return_diagnostics=True), (False, False)),
+    ]
+    for settings, call, (fast, want_log_mass) in cases:
+        recorder = Recorder()
+        ContrastiveLoss(recorder, **settings)(q, k, **call)
+        ((context, _, _),) = recorder.seen
+        assert (context.fast, context.want_log_mass) == (fast, want_log_mass), (settings, call)
+        assert context.progress == call.get("progress")
+        assert context.generator is call.get("generator")
+
+
+def test_labels_reach_the_strategy_only_when_diagnostics_are_asked_for():
+    q, k, labels = z(4, seed=25), z(4, seed=26), torch.tensor([0, 1, 0, 2])
+    pool, pool_labels = z(5, seed=27), torch.tensor([2, 0, 0, 1, 3])
+    per_anchor = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(28))
+    per_anchor_labels = torch.tensor([[0, 1], [1, 1], [2, 0], [3, 2]])
+    forms = [
+        ({}, [0, 1, 0, 2] * 2, [0, 1, 0, 2] * 2),
+        (dict(negatives=pool, negative_labels=pool_labels), [0, 1, 0, 2], [2, 0, 0, 1, 3]),
+        (
+            dict(negatives=per_anchor, negative_labels=per_anchor_labels),
+            [0, 1, 0, 2],
+            [[0, 1], [1, 1], [2, 0], [3, 2]],
+        ),
+    ]
+    for form, anchor_labels, column_labels in forms:
+        recorder = Recorder()
+        loss = ContrastiveLoss(recorder)
+        loss(q, k, labels=labels, **form)  # never used by the loss, not even checked
+        loss(q, k, labels=torch.arange(7), **form)
+        loss(q, k, labels=labels, return_diagnostics=True, **form)
+        assert [(a, c) for _, a, c in recorder.seen[:2]] == [(None, None), (None, None)]
+        _, a, c = recorder.seen[2]
+        assert (a.tolist(), c.tolist()) == (anchor_labels, column_labels)
+
+
+def test_a_pool_of_two_with_exclude_index_leaves_each_query_the_other_entry():
+    q, k, pool = z(3, seed=29), z(3, seed=30), z(2, seed=31)
+    exclude = torch.tensor([0, 1, 0])
+    t = 0.5
+    out = hardneg.create_loss("infonce", temperature=t)(
+        q, k, negatives=pool, exclude_index=exclude, return_diagnostics=True
+    )
+    expected = []
+    for i in range(3):
+        a = cos(q[i], k[i]) / t
+        expected.append(lse([a, cos(q[i], pool[1 - exclude[i]]) / t]) - a)
+    assert out.per_anchor.tolist() == pytest.approx(expected, rel=1e-10)
+
+
+def in_batch_infonce(z1, z2, t, keep=lambda i, j: True):
+    """Per-anchor float64 InfoNCE over the 2N in-batch anchors, negatives filtered by keep."""
+    views = torch.cat([z1, z2])
+    n2 = views.shape[0]
+    out = []
+    for i in range(n2):
+        p = (i + n2 // 2) % n2
+        a = cos(views[i], views[p]) / t
+        negs = [cos(views[i], views[j]) / t for j in range(n2) if j not in (i, p) and keep(i, j)]
+        out.append(lse([a] + negs) - a)
+    return out
+
+
+def test_the_defaults_are_temperature_one_half_normalised_and_checked():
+    loss = ContrastiveLoss(UniformNegatives())
+    assert loss.hparams() == {
+        "temperature": 0.5,
+        "tau_plus": 0.0,
+        "objective": "infonce",
+        "positive_mode": "separate",
+        "normalize": True,
+        "filter": None,
+        "filter_options": {},
+    }
+    q, k = z(4, seed=32), z(4, seed=33)
+    expected = sum(in_batch_infonce(q, k, 0.5)) / 8
+    assert loss(3 * q, k).item() == pytest.approx(expected, rel=1e-10)  # cosine: scale-free
+    with exactly("z1 must be 2-D (rows x embedding dim), got shape (4,)"):
+        loss(torch.zeros(4, dtype=torch.float64), k)
+
+
+def test_a_filter_drops_the_negatives_its_rule_rejects_before_the_strategy_runs():
+    q, k = z(4, seed=34), z(4, seed=35)
+    t, margin = 0.5, 0.1
+    views = torch.cat([q, k])
+
+    def keep(i, j):  # NV-Retriever's TopK-MarginPos, raised to the least similar negative
+        p = (i + 4) % 8
+        sims = [cos(views[i], views[c]) for c in range(8) if c not in (i, p)]
+        limit = max(cos(views[i], views[p]) - margin, min(sims))
+        return cos(views[i], views[j]) <= limit
+
+    dropped = sum(not keep(i, j) for i in range(8) for j in range(8) if j not in (i, (i + 4) % 8))
+    assert 0 < dropped < 48  # the data exercise the rule
+    loss = hardneg.create_loss(
+        "infonce",
+        temperature=t,
+        filter="positive_aware",
+        filter_options=dict(mode="margin", margin=margin),
+    )
+    out = loss(q, k, return_diagnostics=True)
+    assert out.per_anchor.tolist() == pytest.approx(in_batch_infonce(q, k, t, keep), rel=1e-10)
+    assert loss(q, k).item() == pytest.approx(out.loss.item(), rel=1e-12)
+
+
+class ThreeTerms(Strategy):
+    """The standard set three times, two of the terms under the same role."""
+
+    def terms(self, inputs, context):
+        contrast = inputs.standard_contrast()
+        return [(0.5, contrast, "main"), (0.25, contrast, "main"), (2.0, contrast, "extra")]
+
+
+def test_terms_are_weighted_summed_and_reported_per_role_with_the_first_terms_diagnostics():
+    q, k = z(4, seed=36), z(4, seed=37)
+    per_anchor = in_batch_infonce(q, k, 0.5)
+    value = sum(per_anchor) / 8
+    out = ContrastiveLoss(ThreeTerms())(q, k, return_diagnostics=True)
+    assert out.loss.item() == pytest.approx(2.75 * value, rel=1e-10)
+    assert out.terms == {"main": pytest.approx(0.75 * value), "extra": pytest.approx(2 * value)}
+    assert out.per_anchor.tolist() == pytest.approx(per_anchor, rel=1e-10)
+    # every anchor keeps its 2N - 2 = 6 negatives at weight 1
+    assert out.diagnostics.effective_negatives.tolist() == pytest.approx([6.0] * 8)
+
+
+class KeepAll(Strategy):
+    """A test filter that keeps every negative and records the step context it is handed."""
+
+    is_filter = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[StepContext] = []
+
+    def keep(self, contrast, context):
+        self.seen.append(context)
+        return torch.isfinite(contrast.negative_logits)
+
+
+def test_a_filter_is_handed_the_step_context_of_the_strategy():
+    register_strategy("keep_all_test_filter", summary="test filter")(KeepAll)
+    try:
+        loss = ContrastiveLoss(Recorder(), filter="keep_all_test_filter")
+        g = torch.Generator()
+        loss(z(4, seed=38), z(4, seed=39), progress=0.5, generator=g)
+        (context,) = loss.filter_strategy.seen
+        assert context is loss.strategy.seen[0][0]
+        assert context.progress == 0.5 and context.generator is g
+    finally:
+        unregister_strategy("keep_all_test_filter")

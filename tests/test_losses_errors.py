@@ -198,6 +198,15 @@ def test_temperature_must_be_positive(name, t):
             dict(representativeness="both"),
             "representativeness must be one of 'diversity', 'density', got 'both'",
         ),
+        ("hardness", dict(alpha=-1.0), "alpha must be in [0, inf), got -1.0"),
+        (
+            "hardness",
+            dict(mode="hard"),
+            "mode must be one of 'all_negatives', 'in_batch_negatives', 'hard_negatives', got 'hard'",
+        ),
+        ("positive_aware", dict(mode="top"), "mode must be one of 'margin', 'percent', got 'top'"),
+        ("positive_aware", dict(margin="0.1"), "margin must be a number, got '0.1' (str)"),
+        ("positive_aware", dict(percent=float("nan")), "percent must be finite, got nan"),
     ],
 )
 def test_out_of_range_hyper_parameters_name_the_parameter_value_and_range(name, kwargs, message):

@@ -17,7 +17,7 @@ import torch
 
 import hardneg
 from hardneg.cli import main
-from hardneg.contrast import ContrastSet
+from hardneg.contrast import ContrastSet, in_batch_contrast
 from hardneg.registry import register_strategy, unregister_strategy
 from hardneg.strategies import Selection, StepContext, Strategy
 
@@ -120,3 +120,19 @@ def test_the_plugin_appears_in_compare(plugin, tmp_path, capsys):
     metrics = json.loads((out / NAME / "seed0" / "metrics.json").read_text())
     assert 0 <= metrics["knn_top1"] <= 100
     assert plugin.seen
+
+
+class TwoKnobs(Strategy):
+    """A plug-in with two hyper-parameters, for the base class's repr."""
+
+    def __init__(self, *, alpha: float = 1.0, mode: str = "a") -> None:
+        super().__init__()
+        self.alpha, self.mode = alpha, mode
+
+
+def test_the_base_class_prints_the_hyper_parameters_and_refuses_keep_for_a_non_filter():
+    assert repr(TwoKnobs(alpha=0.5, mode="b")) == "TwoKnobs(alpha=0.5, mode='b')"
+    assert repr(TopKHardest(k=3)) == "TopKHardest(k=3)"
+    contrast = in_batch_contrast((torch.randn(3, 2), torch.randn(3, 2)), temperature=1.0)
+    with pytest.raises(NotImplementedError, match="^TopKHardest is not a filter$"):
+        TopKHardest().keep(contrast, StepContext())

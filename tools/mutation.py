@@ -34,6 +34,8 @@ LOSS_TESTS = [
     "tests/test_strategies_mixing.py",
     "tests/test_potential.py",
     "tests/test_plugin_strategy.py",
+    "tests/test_hardness.py",
+    "tests/test_positive_aware_filter.py",
 ]
 # torch.compile cannot trace mutmut's trampolines (every mutated function is wrapped)
 DESELECT = ["tests/test_potential.py::test_eager_and_compiled_agree_in_values_and_gradients"]
