@@ -820,9 +820,10 @@ def test_kept_counts_draws_binomial_counts(dtype):
     log_keep = pi.log()
     expected = fastpaths.kept_counts(log_keep, m, sample="expected")
     assert expected.dtype == dtype and torch.allclose(expected, m * pi)
-    draws = torch.stack(
-        [fastpaths.kept_counts(log_keep, m, sample="bernoulli", generator=g) for _ in range(6000)]
-    )
+    # 6000 independent copies of the [2, 6] matrix in one call (every entry is drawn on its own)
+    draws = fastpaths.kept_counts(
+        log_keep.repeat(6000, 1), m.repeat(6000, 1), sample="bernoulli", generator=g
+    ).view(6000, *m.shape)
     assert draws.dtype == dtype
     assert torch.equal(draws, draws.round()) and bool((draws >= 0).all() and (draws <= m).all())
     assert bool((draws[:, m == 0] == 0).all() and (draws[:, pi == 0] == 0).all())
@@ -830,12 +831,9 @@ def test_kept_counts_draws_binomial_counts(dtype):
     assert torch.equal(draws[:, sure], m[sure].to(dtype).expand(len(draws), -1))
     assert_binomial_law(draws, m, pi)
     # no multiplicity: one cell per column
-    one = torch.stack(
-        [
-            fastpaths.kept_counts(log_keep, None, sample="bernoulli", generator=g)
-            for _ in range(4000)
-        ]
-    )
+    one = fastpaths.kept_counts(
+        log_keep.repeat(4000, 1), None, sample="bernoulli", generator=g
+    ).view(4000, *m.shape)
     assert torch.equal(one, one.round()) and bool((one <= 1).all())
     se1 = (pi * (1 - pi) / len(one)).sqrt().clamp(min=1e-9)
     assert bool(((one.mean(0) - pi).abs() <= 5 * se1).all())
