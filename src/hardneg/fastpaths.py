@@ -11,9 +11,11 @@ only; no kept buffers.
   hand-written backward (plain twin: ``logsumexp(c + normalised_log_weights(beta c + log f))``).
 * :func:`top_k_indices` — linear-time selection over int32 keys that order like the floats,
   with numpy's SIMD partition on long rows (plain twin: ``torch.topk``); potential's neighbours.
-* :func:`band_indices` — Ring on CPU: the members of ranks ``[L, U)`` of each row by two
-  ``numpy.argpartition`` calls over order keys, row blocks split over torch's intra-op threads
-  (numpy releases the GIL) (plain twin: ``torch.topk(U, sorted=True).indices[:, L:]``).
+* :func:`band_indices` — Ring on CPU: the band's edge values of each row by ``numpy.partition``
+  (values only) and its members as the entries between them (``flatnonzero``); two
+  ``numpy.argpartition`` calls over order keys where an edge value repeats or a row holds a NaN;
+  row blocks split over torch's intra-op threads (numpy releases the GIL) (plain twin:
+  ``torch.topk(U, sorted=True).indices[:, L:]``).
 * :func:`kept_counts` — potential: the kept cells per column drawn per column, ``Binomial(m, pi)``
   as layers of Bernoulli draws over the columns with more than ``r`` cells, or ``m pi`` in
   expected mode (plain twin: one uniform per grid cell, compared with ``pi`` and summed per
