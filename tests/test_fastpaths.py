@@ -425,6 +425,38 @@ def test_band_indices_hold_the_values_of_the_sorted_ranks(rows, cols, dtype, kin
             assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_band_indices_read_distinct_values_by_their_edge_values(monkeypatch, dtype):
+    """Distinct values take the edge-value path (no integer keys, no argpartition): the very
+    columns of the sorted ranks. A NaN (highest, as in ``torch.topk``) or a repeated edge value
+    sends its row block to the keys."""
+    x = topk_inputs(70, 700, dtype, seed=3, kind="plain")
+
+    def no_keys(values):
+        raise AssertionError("keys path taken for distinct values")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fastpaths, "_np_order_keys", no_keys)
+        for lower, upper in ((0, 1), (0, 70), (7, 70), (69, 70), (1, 700)):
+            got = fastpaths.band_indices(x, lower, upper).sort(dim=1).values
+            want = x.topk(upper, dim=1).indices[:, lower:].sort(dim=1).values
+            assert torch.equal(got, want), (lower, upper)
+    # row 5: a NaN (rank 0, in a band from 0); row 9: its rank-69 value repeated once (one
+    # entry too many): the block's count is right, but not its rows'
+    x[5, 3] = float("nan")
+    x[9, x[9].argmin()] = x[9].topk(70).values[-1]
+    y = x.clone()
+    y[40, :] = y[40, 11]  # one value over a whole row
+    for data, bands in ((x, ((0, 70),)), (y, ((0, 1), (7, 70), (1, 700)))):
+        for lower, upper in bands:
+            got = fastpaths.band_indices(data, lower, upper)
+            want = data.topk(upper, dim=1).indices[:, lower:]
+            assert bool((got.sort(dim=1).values.diff(dim=1) > 0).all())
+            a = data.gather(1, got).sort(dim=1).values.nan_to_num(nan=7.0)
+            b = data.gather(1, want).sort(dim=1).values.nan_to_num(nan=7.0)
+            assert torch.equal(a, b), (lower, upper)
+
+
 def test_band_indices_split_rows_over_threads_like_one_thread(monkeypatch):
     """Small row blocks and chunks over 4 threads: every row's band, none skipped or shifted."""
     monkeypatch.setattr(fastpaths, "_NUMPY_BLOCK", 2048)  # 4 rows per block

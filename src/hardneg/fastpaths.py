@@ -11,9 +11,11 @@ only; no kept buffers.
   hand-written backward (plain twin: ``logsumexp(c + normalised_log_weights(beta c + log f))``).
 * :func:`top_k_indices` — linear-time selection over int32 keys that order like the floats,
   with numpy's SIMD partition on long rows (plain twin: ``torch.topk``); potential's neighbours.
-* :func:`band_indices` — Ring on CPU: the members of ranks ``[L, U)`` of each row by two
-  ``numpy.argpartition`` calls over order keys, row blocks split over torch's intra-op threads
-  (numpy releases the GIL) (plain twin: ``torch.topk(U, sorted=True).indices[:, L:]``).
+* :func:`band_indices` — Ring on CPU: the band's edge values of each row by ``numpy.partition``
+  (values only) and its members as the entries between them (``flatnonzero``); two
+  ``numpy.argpartition`` calls over order keys where an edge value repeats or a row holds a NaN;
+  row blocks split over torch's intra-op threads (numpy releases the GIL) (plain twin:
+  ``torch.topk(U, sorted=True).indices[:, L:]``).
 * :func:`kept_counts` — potential: the kept cells per column drawn per column, ``Binomial(m, pi)``
   as layers of Bernoulli draws over the columns with more than ``r`` cells, or ``m pi`` in
   expected mode (plain twin: one uniform per grid cell, compared with ``pi`` and summed per
@@ -330,10 +332,15 @@ def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
     Plain twin: ``x.topk(upper, dim=1, sorted=True).indices[:, lower:]``. The members have the
     values of those ranks; among *equal* values at a band edge, which entry is taken may differ
     (the loss depends on the values only). Order as ``torch.topk``: ``-inf`` lowest, NaN highest.
-    On CPU (float32 / float64, rows of at least ``_BAND_MIN_COLUMNS``): ``numpy.argpartition``
-    over integer keys that order like the floats (:func:`_np_order_keys`) to the top ``upper``,
-    then over those keys to their ``upper - lower`` smallest; a block of rows at a time (keys in
-    cache), the blocks split over torch's intra-op threads (:func:`_on_threads`).
+    On CPU (float32 / float64, rows of at least ``_BAND_MIN_COLUMNS``), a block of rows at a time
+    (in cache), the blocks split over torch's intra-op threads (:func:`_on_threads`): the band's
+    edge values by ``numpy.partition`` (values only, no index array moved: ~3x cheaper than
+    ``argpartition``), the smallest ``lo`` to the top ``upper``, then the largest ``hi`` among
+    those; the members are then the entries with ``lo <= c <= hi``, read by ``flatnonzero`` in
+    column order. Each row has at least ``upper - lower`` such entries, exactly that many unless
+    a value at an edge is repeated; a block with more (ties) or with a NaN in a row's top takes
+    two ``numpy.argpartition`` calls over integer keys that order like the floats
+    (:func:`_np_order_keys`) instead.
     """
     rows, cols = x.shape
     width = upper - lower
@@ -344,16 +351,32 @@ def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
     out = np.empty((rows, width), dtype=np.int64)
     step = max(1, _NUMPY_BLOCK // cols)
 
+    def by_keys(first: int, last: int) -> None:
+        keys = _np_order_keys(values[first:last])
+        top = np.argpartition(keys, cols - upper, axis=1)[:, cols - upper :]
+        if lower:  # the width smallest of the top upper: ranks [lower, upper)
+            top_keys = np.take_along_axis(keys, top, axis=1)
+            keep = np.argpartition(top_keys, width - 1, axis=1)[:, :width]
+            top = np.take_along_axis(top, keep, axis=1)
+        out[first:last] = top
+
     def work(start: int, stop: int) -> None:
         for first in range(start, stop, step):
             last = min(first + step, stop)
-            keys = _np_order_keys(values[first:last])
-            top = np.argpartition(keys, cols - upper, axis=1)[:, cols - upper :]
-            if lower:  # the width smallest of the top upper: ranks [lower, upper)
-                top_keys = np.take_along_axis(keys, top, axis=1)
-                keep = np.argpartition(top_keys, width - 1, axis=1)[:, :width]
-                top = np.take_along_axis(top, keep, axis=1)
-            out[first:last] = top
+            block = values[first:last]
+            top = np.partition(block, cols - upper, axis=1)[:, cols - upper :]
+            if np.isnan(top).any():
+                by_keys(first, last)
+                continue
+            mask = block >= top[:, :1]  # lo: rank upper - 1
+            if lower:  # hi: rank lower, the width-th smallest of the top upper
+                mask &= block <= np.partition(top, width - 1, axis=1)[:, width - 1 : width]
+            flat = np.flatnonzero(mask)
+            if flat.size != (last - first) * width:  # a repeated value at an edge
+                by_keys(first, last)
+                continue
+            flat -= np.repeat(np.arange(last - first) * cols, width)
+            out[first:last] = flat.reshape(last - first, width)
 
     _on_threads(work, rows, max(step, _BAND_MIN_ROWS))
     return torch.from_numpy(out)
