@@ -127,3 +127,26 @@ def test_keep_marks_only_negatives_that_pass_the_rule():
         limit = max(s_pos - margin, min(negs.values()))
         expected.append([j in negs and negs[j] <= limit for j in range(6)])
     assert keep.tolist() == expected  # the anchor itself and its positive are not negatives
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_log_mass_and_the_jsd_objective_sum_over_the_negatives_the_rule_keeps(fast):
+    q, k, t, margin = z(4, seed=36), z(4, seed=37), 0.5, 0.05  # 1 to 5 of 6 kept
+    views = torch.cat([q, k])
+    infonce, jsd = [], []
+    for i in range(8):
+        pos = (i + 4) % 8
+        a = cos(views[i], views[pos]) / t
+        negs = [cos(views[i], views[j]) for j in range(8) if j not in (i, pos)]
+        limit = max(a * t - margin, min(negs))
+        kept = [s / t for s in negs if s <= limit]
+        infonce.append(lse([a] + kept) - a)
+        softplus = [math.log1p(math.exp(c)) for c in kept]  # JSD: E_neg sp(c) - log 2 - E_pos
+        jsd.append(
+            sum(softplus) / len(kept) - math.log(2) - (math.log(2) - math.log1p(math.exp(-a)))
+        )
+    options = dict(mode="margin", margin=margin, temperature=t, fast=fast)
+    loss = hardneg.create_loss("positive_aware", **options)
+    assert loss(q, k).item() == pytest.approx(sum(infonce) / 8, rel=1e-10)
+    loss = hardneg.create_loss("positive_aware", objective="jsd", **options)
+    assert loss(q, k).item() == pytest.approx(sum(jsd) / 8, rel=1e-10)
