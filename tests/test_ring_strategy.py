@@ -89,3 +89,27 @@ def test_ring_over_a_pool_per_anchor_has_the_values_and_gradients_of_the_float64
     assert value.item() == pytest.approx(expected.item(), rel=1e-10)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+def test_the_jsd_objective_averages_the_softplus_over_the_band():
+    q, k, pool, t = z(3, 4, seed=13), z(3, 4, seed=14), z(10, 4, seed=15), 0.5
+    qn, kn, pn = F.normalize(q, dim=-1), F.normalize(k, dim=-1), F.normalize(pool, dim=-1)
+    expected = []
+    for i in range(3):  # ranks [2, 5) of 10 (rho_out 0.5, rho_in 0.4)
+        a = float(qn[i] @ kn[i]) / t
+        band = sorted((float(qn[i] @ pn[j]) / t for j in range(10)), reverse=True)[2:5]
+        e_neg = sum(math.log1p(math.exp(c)) for c in band) / 3 - math.log(2)
+        expected.append(e_neg - (math.log(2) - math.log1p(math.exp(-a))))
+    loss = hardneg.create_loss("ring", temperature=t, rho_out=0.5, rho_in=0.4, objective="jsd")
+    assert loss(q, k, negatives=pool).item() == pytest.approx(sum(expected) / 3, rel=1e-10)
+
+
+def test_only_ir_ring_draws_and_its_step_count_and_duplicates_are_checked():
+    assert hardneg.create_loss("ring").draws is False
+    assert hardneg.create_loss("ring", num_samples=4).draws is True
+    with pytest.raises(ValueError, match=r"^anneal_steps must be an integer, got 2\.5$"):
+        hardneg.create_loss("ring", anneal="staircase", anneal_steps=2.5)
+    loss = hardneg.create_loss("ring", rho_out=0.5, num_samples=2)
+    message = "^num_samples needs the same number of negatives for every anchor$"
+    with pytest.raises(ValueError, match=message):  # duplicates: a count per anchor
+        loss(z(4, 3, seed=16), z(4, 3, seed=17), ids=torch.tensor([0, 0, 1, 2]))
