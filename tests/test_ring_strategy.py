@@ -44,6 +44,15 @@ def test_the_diagnostics_report_the_ranks_of_the_band(options, band):
     assert (summary["ring_lower"], summary["ring_upper"]) == (float(band[0]), float(band[1]))
 
 
+def test_with_duplicates_each_anchor_keeps_the_band_of_its_own_count_and_reports_no_single_band():
+    ids = torch.tensor([0, 0, 1, 2])  # samples 0 and 1: 4 negatives each (of 8 views), else 6
+    loss = hardneg.create_loss("ring", temperature=0.5, rho_out=0.5, rho_in=0.25)
+    out = loss(z(4, 3, seed=18), z(4, 3, seed=19), ids=ids, return_diagnostics=True)
+    # U = int(0.5 M), L = int(0.25 U) = 0: 2 of 4 and 3 of 6
+    assert out.diagnostics.kept_negatives.tolist() == [2, 2, 3, 3, 2, 2, 3, 3]
+    assert "ring_lower" not in out.diagnostics.summary()
+
+
 @pytest.mark.parametrize(
     "anneal, band",
     [
