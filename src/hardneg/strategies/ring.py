@@ -141,6 +141,7 @@ class RingNegatives(Strategy):
         rho_out = self.current_rho_out(context.progress)
         logits = contrast.negative_logits
         m = contrast.num_negatives
+        extras: dict[str, float] = {}  # the band's ranks, when every anchor has the same
         if isinstance(m, int):
             lower, upper = ring_band(m, rho_out, self.rho_in)
             extras = {"ring_lower": float(lower), "ring_upper": float(upper)}
@@ -163,7 +164,7 @@ class RingNegatives(Strategy):
         ranks = descending_ranks(logits)
         band = (ranks >= lower_row.unsqueeze(1)) & (ranks < upper_row.unsqueeze(1))
         log_w = torch.zeros_like(logits).masked_fill(~band, float("-inf"))
-        return Selection(negative_log_weights=log_w)
+        return Selection(negative_log_weights=log_w, extras=extras)
 
     def _draw(self, logits: Tensor, lower: int, upper: int, context: StepContext) -> Tensor:
         """IR-Ring: ``num_samples`` uniform ranks of the sorted ring per anchor, with
