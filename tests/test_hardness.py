@@ -5,29 +5,14 @@ testing (docs/testing.md)."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
+from _float64_loops import cos, lse, z
 
 import hardneg
 from hardneg.contrast import pool_contrast
 from hardneg.strategies.base import StepContext
 from hardneg.strategies.hardness import HardnessWeighting
-
-
-def z(n, d=3, seed=0):
-    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def lse(values):
-    m = max(values)
-    return m + math.log(sum(math.exp(v - m) for v in values))
-
-
-def cos(x, y):
-    return float(F.normalize(x, dim=-1) @ F.normalize(y, dim=-1))
 
 
 @pytest.mark.parametrize("mode", ["all_negatives", "in_batch_negatives", "hard_negatives"])

@@ -8,25 +8,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from _float64_loops import cos, lse, z
 
 import hardneg
 from hardneg.contrast import in_batch_contrast, pool_contrast
 from hardneg.strategies.base import StepContext
 from hardneg.strategies.positive_aware import PositiveAwareFilter
-
-
-def z(n, d=3, seed=0):
-    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def lse(values):
-    m = max(values)
-    return m + math.log(sum(math.exp(v - m) for v in values))
-
-
-def cos(x, y):
-    return float(F.normalize(x, dim=-1) @ F.normalize(y, dim=-1))
 
 
 def test_an_anchor_whose_every_negative_breaks_the_rule_keeps_its_least_similar_one():
