@@ -584,3 +584,26 @@ def test_embed_texts_encodes_longest_first_in_bounded_calls_and_keeps_the_input_
     assert all(len(batch) <= 6 for batch in model.batches) and len(model.batches) == 4
     lengths = [len(t) for t in seen]
     assert lengths == sorted(lengths, reverse=True)
+
+
+def test_sampler_settings_are_checked_with_a_clear_error_in_pick_negatives_too():
+    from hardneg.mining import SamplerOptions, pick_negatives
+
+    q, s, pos, keep = sorted_candidates(8, 6)
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"unknown sampler option\(s\) \['simans_alpha'\]"):
+        pick_negatives("simans", q, s, pos, keep, 1, gen, simans_alpha=2.0)
+    with pytest.raises(ValueError, match="either as options or as keywords"):
+        pick_negatives("hcl", q, s, pos, keep, 1, gen, SamplerOptions(), hcl_beta=2.0)
+    with pytest.raises(ValueError, match="temperature"):
+        pick_negatives("hcl", q, s, pos, keep, 1, gen, temperature=0.0)
+    with pytest.raises(ValueError, match="potential_clamp"):
+        SamplerOptions(potential_clamp=1.5)
+    # an options object is read as its keywords are: beta = 0 is a uniform draw
+    chosen, _ = pick_negatives("hcl", q, s, pos, keep, 2, gen, SamplerOptions(hcl_beta=0.0))
+    want = gumbel_top_k(
+        torch.zeros_like(s, dtype=torch.float64).masked_fill(~keep, float("-inf")),
+        2,
+        torch.Generator().manual_seed(0),
+    )
+    assert torch.equal(chosen, want)

@@ -57,7 +57,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,44 @@ from hardneg.contrast import ContrastSet
 
 SAMPLING = ("top", "random", "simans", "hcl", "ring", "potential")
 FORMATS = ("triplet", "n-tuple")
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """The hyper-parameters of the weighted samplers of :func:`pick_negatives`: the one place
+    where their defaults live and where the ones no strategy class checks are checked
+    (:func:`mine_hard_negatives` and ``hardneg mine`` take them as flat keywords)."""
+
+    simans_a: float = 1.0
+    simans_b: float = 0.0
+    hcl_beta: float = 1.0
+    temperature: float = 0.05
+    ring_rho_out: float = 0.5
+    ring_rho_in: float = 0.1
+    potential_a: float = 0.5
+    potential_b: float = 0.0
+    potential_clamp: float = 0.999
+
+    def __post_init__(self) -> None:
+        # the strategy classes check their own settings when built; these three are read
+        # before (temperature) or outside (the potential kernel) a class's checks
+        check_number("temperature", self.temperature, low=0.0, low_inclusive=False)
+        check_number("potential_a", self.potential_a, low=0.0)
+        check_number(
+            "potential_clamp", self.potential_clamp, low=0.0, low_inclusive=False, high=1.0
+        )
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> SamplerOptions:
+        """Options from keywords, with a clear error for a name that is not an option."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise ValueError(f"unknown sampler option(s) {unknown}; the options are {names}")
+        return cls(**settings)
+
+
+_DEFAULTS = SamplerOptions()
 
 
 @dataclass
@@ -320,16 +358,8 @@ def pick_negatives(
     keep: Tensor,
     num_negatives: int,
     generator: torch.Generator,
-    *,
-    simans_a: float = 1.0,
-    simans_b: float = 0.0,
-    hcl_beta: float = 1.0,
-    temperature: float = 0.05,
-    ring_rho_out: float = 0.5,
-    ring_rho_in: float = 0.1,
-    potential_a: float = 0.5,
-    potential_b: float = 0.0,
-    potential_clamp: float = 0.999,
+    options: SamplerOptions | None = None,
+    **settings: float,
 ) -> tuple[Tensor, Tensor]:
     """``(chosen [Q, num_negatives] column indices, keep [Q, W])``: the candidates picked per
     query among the survivors ``keep`` of the ranked ``scores [Q, W]`` (descending), and the
@@ -347,7 +377,13 @@ def pick_negatives(
     * ``potential``: ``PotentialMining(a, b, clamp).log_keep`` is the keep probability of each
       candidate, one Bernoulli draw each (as the loss draws its cells); the most similar kept
       candidates are taken.
+
+    The samplers' settings come from ``options`` (a :class:`SamplerOptions`) or, instead, as
+    keywords (``simans_a=...``).
     """
+    if options is not None and settings:
+        raise ValueError("give the sampler settings either as options or as keywords, not both")
+    o = options if options is not None else SamplerOptions.from_settings(settings)
     from hardneg.strategies.base import StepContext
     from hardneg.strategies.importance import ImportanceNegatives
     from hardneg.strategies.potential import PotentialMining
@@ -369,25 +405,25 @@ def pick_negatives(
         log_p = torch.zeros_like(scores, dtype=torch.float64).masked_fill(~keep, float("-inf"))
         return gumbel_top_k(log_p, num_negatives, generator), keep
     if sampling == "hcl":
-        contrast = candidate_contrast(queries, scores, positive, keep, temperature)
-        log_w = weights(ImportanceNegatives(beta=hcl_beta).select(contrast, plain), contrast)
+        contrast = candidate_contrast(queries, scores, positive, keep, o.temperature)
+        log_w = weights(ImportanceNegatives(beta=o.hcl_beta).select(contrast, plain), contrast)
         return gumbel_top_k(log_w, num_negatives, generator), keep
     if sampling == "simans":
         contrast = candidate_contrast(queries, scores, positive, keep, 1.0)
-        strategy = SimANSNegatives(a=simans_a, b=simans_b, num_samples=num_negatives)
+        strategy = SimANSNegatives(a=o.simans_a, b=o.simans_b, num_samples=num_negatives)
         drawn = torch.isfinite(weights(strategy.select(contrast, plain), contrast))
         # the drawn columns, most similar first (scores are sorted), then the others
         return rank_order.masked_fill(~drawn, float("-inf")).topk(
             num_negatives, dim=1
         ).indices, drawn
     if sampling == "ring":
-        contrast = candidate_contrast(queries, scores, positive, keep, temperature)
-        strategy = RingNegatives(rho_out=ring_rho_out, rho_in=ring_rho_in)
+        contrast = candidate_contrast(queries, scores, positive, keep, o.temperature)
+        strategy = RingNegatives(rho_out=o.ring_rho_out, rho_in=o.ring_rho_in)
         band = torch.isfinite(weights(strategy.select(contrast, plain), contrast))
         log_p = torch.zeros_like(scores, dtype=torch.float64).masked_fill(~band, float("-inf"))
         return gumbel_top_k(log_p, num_negatives, generator), band
     # potential: one Bernoulli draw per candidate with the loss's keep probability
-    strategy = PotentialMining(a=potential_a, b=potential_b, clamp=potential_clamp)
+    strategy = PotentialMining(a=o.potential_a, b=o.potential_b, clamp=o.potential_clamp)
     log_pi = strategy.log_keep(scores.double(), positive.double()[:, 0], keep)
     u = torch.rand(scores.shape, generator=generator, dtype=torch.float64)
     kept = keep & (u < log_pi.exp())
@@ -409,15 +445,15 @@ def mine_hard_negatives(
     max_score: float | None = None,
     absolute_margin: float | None = None,
     relative_margin: float | None = None,
-    simans_a: float = 1.0,
-    simans_b: float = 0.0,
-    hcl_beta: float = 1.0,
-    temperature: float = 0.05,
-    ring_rho_out: float = 0.5,
-    ring_rho_in: float = 0.1,
-    potential_a: float = 0.5,
-    potential_b: float = 0.0,
-    potential_clamp: float = 0.999,
+    simans_a: float = _DEFAULTS.simans_a,
+    simans_b: float = _DEFAULTS.simans_b,
+    hcl_beta: float = _DEFAULTS.hcl_beta,
+    temperature: float = _DEFAULTS.temperature,
+    ring_rho_out: float = _DEFAULTS.ring_rho_out,
+    ring_rho_in: float = _DEFAULTS.ring_rho_in,
+    potential_a: float = _DEFAULTS.potential_a,
+    potential_b: float = _DEFAULTS.potential_b,
+    potential_clamp: float = _DEFAULTS.potential_clamp,
     batch_size: int = 64,
     query_chunk_size: int = 1024,
     corpus_chunk_size: int = 16384,
@@ -494,9 +530,17 @@ def mine_hard_negatives(
     for name, value in (("absolute_margin", absolute_margin), ("relative_margin", relative_margin)):
         if value is not None:
             check_number(name, value, low=0.0)
-    check_number("temperature", temperature, low=0.0, low_inclusive=False)
-    check_number("potential_a", potential_a, low=0.0)
-    check_number("potential_clamp", potential_clamp, low=0.0, low_inclusive=False, high=1.0)
+    options = SamplerOptions(
+        simans_a=simans_a,
+        simans_b=simans_b,
+        hcl_beta=hcl_beta,
+        temperature=temperature,
+        ring_rho_out=ring_rho_out,
+        ring_rho_in=ring_rho_in,
+        potential_a=potential_a,
+        potential_b=potential_b,
+        potential_clamp=potential_clamp,
+    )
     stats.queries, stats.corpus = len(q_texts), len(c_texts)
 
     # positives are never negatives of their query: skip the corpus rows equal to any positive
@@ -576,15 +620,7 @@ def mine_hard_negatives(
         keep,
         num_negatives,
         gen,
-        simans_a=simans_a,
-        simans_b=simans_b,
-        hcl_beta=hcl_beta,
-        temperature=temperature,
-        ring_rho_out=ring_rho_out,
-        ring_rho_in=ring_rho_in,
-        potential_a=potential_a,
-        potential_b=potential_b,
-        potential_clamp=potential_clamp,
+        options,
     )
     valid = keep.gather(1, chosen)
     chosen_scores = scores.gather(1, chosen)

@@ -13,6 +13,9 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
+
+from hardneg.mining import SamplerOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,15 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-score", type=float)
     parser.add_argument("--absolute-margin", type=float)
     parser.add_argument("--relative-margin", type=float)
-    parser.add_argument("--simans-a", type=float, default=1.0)
-    parser.add_argument("--simans-b", type=float, default=0.0)
-    parser.add_argument("--hcl-beta", type=float, default=1.0)
-    parser.add_argument("--temperature", type=float, default=0.05)
-    parser.add_argument("--ring-rho-out", type=float, default=0.5)
-    parser.add_argument("--ring-rho-in", type=float, default=0.1)
-    parser.add_argument("--potential-a", type=float, default=0.5)
-    parser.add_argument("--potential-b", type=float, default=0.0)
-    parser.add_argument("--potential-clamp", type=float, default=0.999)
+    for option in dataclasses.fields(SamplerOptions):  # --simans-a, --hcl-beta, ...
+        parser.add_argument(
+            "--" + option.name.replace("_", "-"), type=float, default=option.default
+        )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--query-chunk-size", type=int, default=1024)
     parser.add_argument("--corpus-chunk-size", type=int, default=16384)
@@ -94,9 +92,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_sentence_model(args.model, device=device)
     keys = (
         "output_format num_negatives sampling range_min range_max min_score max_score "
-        "absolute_margin relative_margin simans_a simans_b hcl_beta temperature ring_rho_out "
-        "ring_rho_in potential_a potential_b potential_clamp batch_size query_chunk_size corpus_chunk_size cache_dir seed"
-    ).split()
+        "absolute_margin relative_margin batch_size query_chunk_size corpus_chunk_size cache_dir seed"
+    ).split() + [f.name for f in dataclasses.fields(SamplerOptions)]
     mined, stats = mine_hard_negatives(
         [r[args.anchor_column] for r in rows],
         [r[args.positive_column] for r in rows],
