@@ -95,6 +95,9 @@ def train_graph_run(
             f"/raw/ holds {cfg['dataset']}_A.txt etc.)"
         )
     data = load_tu(data_dir, cfg["dataset"], degree=degree_option(cfg))
+    # a throw-away model checks the config against the data before any training; the trained
+    # one is built again inside fit_and_score after its seed, so this run is exactly the
+    # protocol's run (a GIN of this size builds in milliseconds)
     probe = build_model(
         cfg, data, loss=setting.strategy, loss_hparams=setting.loss_hparams(),
         objective=setting.objective,
