@@ -273,7 +273,7 @@ class ContrastiveLoss(nn.Module):
             f"objective={self.objective!r}"
         )
 
-    def _validate(self, inputs: ContrastInputs, progress: float | None) -> None:
+    def _validate(self, inputs: ContrastInputs) -> None:
         z1, z2, negatives = inputs.z1, inputs.z2, inputs.negatives
         if negatives is None:
             check_views(z1, z2)
@@ -405,7 +405,7 @@ class ContrastiveLoss(nn.Module):
             normalize=self.normalize,
         )
         if self.check_inputs:
-            self._validate(inputs, progress)
+            self._validate(inputs)
         fast = self.fast and not return_diagnostics and not torch.compiler.is_compiling()
         context = StepContext(
             progress=progress,
