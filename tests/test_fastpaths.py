@@ -989,6 +989,103 @@ def test_simans_draw_takes_real_columns_first_and_every_column_when_k_covers_the
     assert one.sort(dim=1).values.tolist() == two.sort(dim=1).values.tolist()
 
 
+def _simans_inclusion(p: list[float], k: int) -> list[float]:
+    """Exact probability that each item is among ``k`` sequential draws without replacement
+    with probabilities ``p`` (enumeration of the ordered draws)."""
+    import itertools
+
+    out = [0.0] * len(p)
+    for order in itertools.permutations(range(len(p)), k):
+        prob, left = 1.0, 1.0
+        for i in order:
+            prob *= p[i] / left
+            left -= p[i]
+        for i in order:
+            out[i] += prob
+    return out
+
+
+@pytest.mark.parametrize(
+    ("a", "k", "dtype"), [(0.8, 1, torch.float32), (0.8, 2, torch.float64), (0.0, 3, torch.float32)]
+)
+def test_simans_cpu_draw_follows_the_kernel_over_many_streams_and_threads(monkeypatch, dtype, a, k):
+    """The CPU draw with one random stream per 10 rows (``_DRAW_CHUNK`` = 60 entries) split over
+    3 threads: inclusion frequencies of each column against the exact probabilities of ``k``
+    sequential draws without replacement, ``p ∝ e^{-a (c - centre)^2}``; the masked column
+    (``-inf``) is never drawn, every row draws ``k`` distinct columns."""
+    monkeypatch.setattr(fastpaths, "_DRAW_CHUNK", 60)
+    c = torch.tensor([0.3, -1.1, float("-inf"), 1.7, 0.9, -0.2], dtype=dtype)
+    trials = 12000
+    logits = c.expand(trials, -1).contiguous()
+    centre = torch.full((trials, 1), 0.4, dtype=dtype)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        drawn = fastpaths.simans_draw(logits, centre, a, k, torch.Generator().manual_seed(3))
+    finally:
+        torch.set_num_threads(previous)
+    assert drawn.shape == (trials, k)
+    counts = torch.zeros(trials, 6, dtype=torch.float64).scatter_(1, drawn, 1.0)
+    assert bool((counts.sum(dim=1) == k).all())
+    negatives = [0, 1, 3, 4, 5]
+    kernel = [math.exp(-a * (float(c[j]) - 0.4) ** 2) for j in negatives]
+    expected = _simans_inclusion([x / sum(kernel) for x in kernel], k)
+    assert float(counts[:, 2].sum()) == 0.0
+    for j, want in zip(negatives, expected):
+        assert float(counts[:, j].mean()) == pytest.approx(want, abs=0.015)
+    # the streams are independent: two chunks' draws agree only as often as chance says
+    first, second = drawn[0::20].sort(dim=1).values, drawn[10::20].sort(dim=1).values
+    same = float((first == second).all(dim=1).double().mean())
+    chance = sum(x * x for x in expected) if k == 1 else None
+    assert same < 0.9
+    if chance is not None:
+        assert same == pytest.approx(chance, abs=0.03)
+
+
+def test_simans_cpu_draw_is_the_same_on_any_number_of_threads(monkeypatch):
+    """A seed gives the same columns with 1 or 4 threads (the streams follow the chunks, not
+    the threads), and other columns with another seed."""
+    monkeypatch.setattr(fastpaths, "_DRAW_CHUNK", 300)
+    g = torch.Generator().manual_seed(8)
+    logits, centre = torch.randn(41, 50, generator=g), torch.randn(41, 1, generator=g)
+    previous = torch.get_num_threads()
+    draws = []
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            gen = torch.Generator().manual_seed(5)
+            draws.append(fastpaths.simans_draw(logits, centre, 0.6, 7, gen).sort(dim=1).values)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(draws[0], draws[1])
+    other = fastpaths.simans_draw(logits, centre, 0.6, 7, torch.Generator().manual_seed(6))
+    assert not torch.equal(other.sort(dim=1).values, draws[0])
+
+
+def test_simans_smallest_takes_the_k_smallest_with_ties_and_nan_like_topk():
+    """``_np_smallest``: the ``k`` smallest of each row, as ``torch.topk(largest=False)``: by
+    the edge value when it is unique; by ``argpartition`` when the edge value repeats, a row
+    holds a NaN among its ``k`` smallest or ``+inf`` is reached (rows with fewer finite keys)."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(9, 40, generator=g)
+    keys[1, :5] = keys[1, 5]  # the edge value repeated
+    keys[2, 3] = float("nan")
+    keys[3, 10:] = float("inf")  # 10 finite keys, k = 12
+    keys[4] = torch.arange(40.0).flip(0)
+    for k in (1, 6, 12, 39):
+        got = torch.from_numpy(fastpaths._np_smallest(keys.numpy(), k))
+        assert got.shape == (9, k)
+        assert all(len(set(row)) == k for row in got.tolist())
+        want = keys.topk(k, dim=1, largest=False).values.sort(dim=1).values
+        values = keys.gather(1, got).sort(dim=1).values
+        assert torch.equal(values.nan_to_num(nan=99.0), want.nan_to_num(nan=99.0)), k
+    distinct = torch.randn(5, 40, generator=g).numpy()
+    got = fastpaths._np_smallest(distinct, 6)
+    assert bool((np.diff(got, axis=1) > 0).all())  # the edge-value path: column order
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("form", [*FORMS, "ties"])
 @pytest.mark.parametrize("n_hardest", [1, 4, 100])
