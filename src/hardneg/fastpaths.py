@@ -34,10 +34,10 @@ only; no kept buffers.
   from the contrast set's own logits, with a hand-written backward to the anchors only (plain
   twin: ``anchor_column_logits(contrast).gather(1, index)``, a second product with the columns
   detached).
-* :func:`simans_draw` — SimANS: the Gumbel-top-k draw with uniforms from random int64 words
-  (two per generator call) and the ``k`` smallest keys by numpy's partition (by row blocks)
-  (plain twin: ``SimANSNegatives.draw`` with ``torch.rand`` and ``torch.topk``; same law,
-  other draws).
+* :func:`simans_draw` — SimANS: the Gumbel-top-k draw; on CPU chunks of rows on torch's
+  threads, each with its own numpy random stream seeded from the generator, its keys in place
+  and its ``k`` smallest keys by a values-only partition (plain twin: ``SimANSNegatives.draw``
+  with ``torch.rand`` and ``torch.topk``; same law, other draws).
 * :func:`kth_largest` — MoCHi: the ``N``-th largest logit of each row (the threshold of the
   hardest set) by numpy's partition (plain twin: ``torch.topk``'s ``k``-th value).
 * :func:`pair_gram` — MoCHi: the pairs' ``n_i · n_j`` from the upper triangle of the columns'
