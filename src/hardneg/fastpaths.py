@@ -34,9 +34,9 @@ only; no kept buffers.
   from the contrast set's own logits, with a hand-written backward to the anchors only (plain
   twin: ``anchor_column_logits(contrast).gather(1, index)``, a second product with the columns
   detached).
-* :func:`simans_draw` — SimANS: the Gumbel-top-k draw; on CPU chunks of rows on torch's
-  threads, each with its own numpy random stream seeded from the generator, its keys in place
-  and its ``k`` smallest keys by a values-only partition (plain twin: ``SimANSNegatives.draw``
+* :func:`simans_draw` — SimANS: the Gumbel-top-k draw with uniforms from random 64-bit words
+  (two per word; on CPU from a numpy stream seeded by the generator), the keys in place and the
+  ``k`` smallest keys by a values-only partition on CPU (plain twin: ``SimANSNegatives.draw``
   with ``torch.rand`` and ``torch.topk``; same law, other draws).
 * :func:`kth_largest` — MoCHi: the ``N``-th largest logit of each row (the threshold of the
   hardest set) by numpy's partition (plain twin: ``torch.topk``'s ``k``-th value).
@@ -853,12 +853,6 @@ def unit_uniforms(words: Tensor, count: int) -> Tensor:
     return bits.view(torch.float32).sub_(1.0 - 2.0**-24)
 
 
-# entries per random stream of simans_draw on CPU: fixed by the shape alone (never by the number
-# of threads), so that a seed gives the same draws on any machine; a stream costs ~20 us to seed,
-# its 2^17 uniforms ~0.2 ms to draw
-_DRAW_CHUNK = 1 << 17
-
-
 def simans_draw(
     logits: Tensor, centre: Tensor, a: float, k: int, generator: torch.Generator | None
 ) -> Tensor:
@@ -867,36 +861,41 @@ def simans_draw(
     (Gumbel-top-k; ``-inf`` logits are drawn last). Plain twin: ``SimANSNegatives.draw`` with
     ``fast=False`` (one ``torch.rand`` per entry and ``torch.topk``): the same law, other draws.
 
-    On CPU (:func:`simans_cpu_draw`) every step runs a chunk of rows at a time on torch's
-    intra-op threads, the uniforms from one numpy random stream per chunk seeded from the
-    generator; elsewhere the uniforms come from random int64 words (:func:`unit_uniforms`, half
-    the generator calls of ``torch.rand``), the keys are computed in place in their memory and
-    selected by ``torch.topk``. ``k >= S`` returns every column."""
+    The uniforms are cut from random 64-bit words (:func:`unit_uniforms`, two per word) and the
+    keys computed in place in their memory, one torch operation per pass over ``[A, S]`` (on
+    torch's threads). On CPU the words come from one numpy ``PCG64`` stream seeded by two random
+    words of ``generator`` (a third faster than the generator's own words, whose Mersenne
+    twister runs on one thread) and each row's ``k`` smallest keys are those at or below its
+    ``k``-th smallest (:func:`_np_smallest`: a values-only ``numpy.partition``, several times
+    faster than ``torch.topk``), a block of rows at a time, on the calling thread: a second
+    Python thread would share its core with the OpenMP worker that spins for milliseconds after
+    each parallel torch operation. Elsewhere: the generator's words and ``torch.topk``.
+    ``k >= S`` returns every column."""
     rows, cols = logits.shape
     if k >= cols:
         return torch.arange(cols, device=logits.device).expand(rows, cols)
-    if numpy_partitions(logits):
-        return simans_cpu_draw(logits, centre, a, k, generator)
     n = rows * cols
-    words = torch.empty(-(-n // 2), dtype=torch.int64, device=logits.device)
-    words.random_(-(2**63), None, generator=generator)
+    on_cpu = numpy_partitions(logits)
+    if on_cpu:
+        seed = torch.empty(2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
+        stream = np.random.PCG64(np.random.SeedSequence([word % 2**64 for word in seed.tolist()]))
+        words = torch.from_numpy(stream.random_raw(-(-n // 2)).view(np.int64))
+    else:
+        words = torch.empty(-(-n // 2), dtype=torch.int64, device=logits.device)
+        words.random_(-(2**63), None, generator=generator)
     keys = unit_uniforms(words, n).view(rows, cols).to(logits.dtype)
     keys.log_().neg_().log_()  # log(-log u) = -Gumbel
     distance = logits - centre  # -inf on a masked column: its key is +inf if a > 0
     keys.addcmul_(distance, distance, value=a)
     if a == 0.0:
         keys.masked_fill_(~torch.isfinite(logits), float("inf"))
-    return keys.topk(k, dim=1, largest=False, sorted=False).indices
-
-
-def _np_unit_uniforms(words: np.ndarray, count: int) -> np.ndarray:
-    """:func:`unit_uniforms` of uint64 ``words`` in numpy, in their memory."""
-    bits = words.view(np.uint32)[:count]
-    bits &= 0x7FFFFF
-    bits |= 0x3F800000
-    u = bits.view(np.float32)
-    u -= np.float32(1.0 - 2.0**-24)
-    return u
+    if not on_cpu:
+        return keys.topk(k, dim=1, largest=False, sorted=False).indices
+    values = keys.numpy()
+    out = np.empty((rows, k), dtype=np.int64)
+    for part in row_blocks(keys, 1 << 16):  # keys and the mask in cache
+        out[part] = _np_smallest(values[part], k)
+    return torch.from_numpy(out)
 
 
 def _np_smallest(keys: np.ndarray, k: int) -> np.ndarray:
@@ -911,49 +910,6 @@ def _np_smallest(keys: np.ndarray, k: int) -> np.ndarray:
         return np.argpartition(keys, k - 1, axis=1)[:, :k]
     flat -= np.repeat(np.arange(rows) * cols, k)
     return flat.reshape(rows, k)
-
-
-def simans_cpu_draw(
-    logits: Tensor, centre: Tensor, a: float, k: int, generator: torch.Generator | None
-) -> Tensor:
-    """:func:`simans_draw` on CPU (float32 / float64, ``1 <= k < S``): the rows in chunks of
-    about ``_DRAW_CHUNK`` entries, each chunk's uniforms from its own numpy ``PCG64`` stream
-    (``SeedSequence`` of two random words of ``generator``, spawn key = the chunk's number:
-    independent streams, the same draws whatever the number of threads), its keys computed in
-    place (float32 Gumbel noise, as ``torch.rand``'s; the distance in the logits' dtype) and
-    its ``k`` smallest keys found by :func:`_np_smallest`; the chunks split over torch's
-    intra-op threads (:func:`_on_threads`; numpy releases the GIL). One pass per chunk in cache
-    instead of one per operation over ``[A, S]``, no serial generator or selection."""
-    rows, cols = logits.shape
-    seed = torch.empty(2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
-    entropy = [word % 2**64 for word in seed.tolist()]
-    values = logits.detach().contiguous().numpy()
-    shift = centre.detach().to(logits.dtype).expand(rows, 1).contiguous().numpy()
-    out = np.empty((rows, k), dtype=np.int64)
-    step = max(1, _DRAW_CHUNK // cols)
-
-    def work(first_chunk: int, last_chunk: int) -> None:
-        for chunk in range(first_chunk, last_chunk):
-            start, stop = chunk * step, min(rows, (chunk + 1) * step)
-            count = (stop - start) * cols
-            stream = np.random.PCG64(np.random.SeedSequence(entropy, spawn_key=(chunk,)))
-            keys = _np_unit_uniforms(stream.random_raw(-(-count // 2)), count)
-            np.log(keys, out=keys)
-            np.negative(keys, out=keys)
-            np.log(keys, out=keys)  # log(-log u) = -Gumbel
-            keys = keys.reshape(stop - start, cols).astype(values.dtype, copy=False)
-            block = values[start:stop]
-            if a == 0.0:
-                keys[~np.isfinite(block)] = np.inf
-            else:  # a masked column (-inf) has an infinite distance: key +inf
-                distance = block - shift[start:stop]
-                np.square(distance, out=distance)
-                distance *= a
-                keys += distance
-            out[start:stop] = _np_smallest(keys, k)
-
-    _on_threads(work, -(-rows // step), 1)
-    return torch.from_numpy(out)
 
 
 def kth_largest(x: Tensor, k: int) -> Tensor:
