@@ -461,6 +461,7 @@ def test_band_indices_split_rows_over_threads_like_one_thread(monkeypatch):
     """Small row blocks and chunks over 4 threads: every row's band, none skipped or shifted."""
     monkeypatch.setattr(fastpaths, "_NUMPY_BLOCK", 2048)  # 4 rows per block
     monkeypatch.setattr(fastpaths, "_BAND_MIN_ROWS", 1)
+    monkeypatch.setattr(fastpaths, "_THREAD_MIN_ENTRIES", 1)
     x = topk_inputs(37, 512, torch.float32, seed=2, kind="plain")
     previous = torch.get_num_threads()
     try:

@@ -14,8 +14,8 @@ only; no kept buffers.
 * :func:`band_indices` — Ring on CPU: the band's edge values of each row by ``numpy.partition``
   (values only) and its members as the entries between them (``flatnonzero``); two
   ``numpy.argpartition`` calls over order keys where an edge value repeats or a row holds a NaN;
-  row blocks split over torch's intra-op threads (numpy releases the GIL) (plain twin:
-  ``torch.topk(U, sorted=True).indices[:, L:]``).
+  row blocks split over torch's intra-op threads from 2^20 entries per thread (numpy releases
+  the GIL) (plain twin: ``torch.topk(U, sorted=True).indices[:, L:]``).
 * :func:`kept_counts` — potential: the kept cells per column drawn per column, ``Binomial(m, pi)``
   as layers of Bernoulli draws over the columns with more than ``r`` cells, or ``m pi`` in
   expected mode (plain twin: one uniform per grid cell, compared with ``pi`` and summed per
@@ -323,6 +323,12 @@ def _on_threads(work, rows: int, min_rows: int) -> None:
 # thread: 1024 x 1024, top 102: 6.5 ms against 12.5 ms); on shorter rows its per-row cost wins
 _BAND_MIN_COLUMNS = 256
 _BAND_MIN_ROWS = 64  # rows per thread: below this, one thread (a thread start is ~0.1 ms)
+# entries per thread: below this, one thread. After each parallel torch operation libgomp's
+# worker spins for ~5 ms (measured on the 2-core CPU: CPU burned in a sleep right after a
+# product), so a second Python thread shares its core with the spinner for about that long;
+# measured under load, two threads were slower than one up to 1024 x 1024 (x1.2-5.5) and faster
+# from 512 x 4096 (x0.8-0.93)
+_THREAD_MIN_ENTRIES = 1 << 20
 
 
 def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
@@ -333,11 +339,11 @@ def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
     values of those ranks; among *equal* values at a band edge, which entry is taken may differ
     (the loss depends on the values only). Order as ``torch.topk``: ``-inf`` lowest, NaN highest.
     On CPU (float32 / float64, rows of at least ``_BAND_MIN_COLUMNS``), a block of rows at a time
-    (in cache), the blocks split over torch's intra-op threads (:func:`_on_threads`): the band's
-    edge values by ``numpy.partition`` (values only, no index array moved: ~3x cheaper than
-    ``argpartition``), the smallest ``lo`` to the top ``upper``, then the largest ``hi`` among
-    those; the members are then the entries with ``lo <= c <= hi``, read by ``flatnonzero`` in
-    column order. Each row has at least ``upper - lower`` such entries, exactly that many unless
+    (in cache), the blocks split over torch's intra-op threads (:func:`_on_threads`) from
+    ``_THREAD_MIN_ENTRIES`` per thread: the band's edge values by ``numpy.partition`` (values
+    only, no index array moved: ~3x cheaper than ``argpartition``), the smallest ``lo`` to the
+    top ``upper``, then the largest ``hi`` among those; the members are then the entries with
+    ``lo <= c <= hi``, read by ``flatnonzero`` in column order. Each row has at least ``upper - lower`` such entries, exactly that many unless
     a value at an edge is repeated; a block with more (ties) or with a NaN in a row's top takes
     two ``numpy.argpartition`` calls over integer keys that order like the floats
     (:func:`_np_order_keys`) instead.
@@ -378,7 +384,7 @@ def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
             flat -= np.repeat(np.arange(last - first) * cols, width)
             out[first:last] = flat.reshape(last - first, width)
 
-    _on_threads(work, rows, max(step, _BAND_MIN_ROWS))
+    _on_threads(work, rows, max(step, _BAND_MIN_ROWS, _THREAD_MIN_ENTRIES // cols))
     return torch.from_numpy(out)
 
 
