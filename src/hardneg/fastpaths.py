@@ -343,10 +343,10 @@ def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
     ``_THREAD_MIN_ENTRIES`` per thread: the band's edge values by ``numpy.partition`` (values
     only, no index array moved: ~3x cheaper than ``argpartition``), the smallest ``lo`` to the
     top ``upper``, then the largest ``hi`` among those; the members are then the entries with
-    ``lo <= c <= hi``, read by ``flatnonzero`` in column order. Each row has at least ``upper - lower`` such entries, exactly that many unless
-    a value at an edge is repeated; a block with more (ties) or with a NaN in a row's top takes
-    two ``numpy.argpartition`` calls over integer keys that order like the floats
-    (:func:`_np_order_keys`) instead.
+    ``lo <= c <= hi``, read by ``flatnonzero`` in column order. Each row has at least
+    ``upper - lower`` such entries, exactly that many unless a value at an edge is repeated; a
+    block with more (ties) or with a NaN in a row's top takes two ``numpy.argpartition`` calls
+    over integer keys that order like the floats (:func:`_np_order_keys`) instead.
     """
     rows, cols = x.shape
     width = upper - lower
