@@ -1322,6 +1322,36 @@ def test_kept_log_mass_without_dropped_columns_equals_the_scatter(dtype, read, s
     assert_close_rel(ga, gb, rtol=rtol, what="kept_log_mass gradient")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bound", [10.0, 60.0, 100.0])
+def test_kept_log_mass_with_a_bound_equals_the_scatter(dtype, bound):
+    """fnc with cosine logits passes ``bound = 1/t`` (``|c| <= bound``): with ``e^{±bound}`` a
+    normal float the row maximum is skipped (``e = e^c``), with the same values and gradients
+    as the scatter form: rows spread over ``[-bound, bound]``, a row near ``-bound`` (at 60 in
+    float32 its unshifted sum is below ``sqrt(tiny)``: recomputed exactly), a row near
+    ``+bound`` and a masked column. At 100 in float32 (``e^100`` overflows) the row maximum is
+    kept."""
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.rand(6, 30, generator=g, dtype=torch.float64) * 2 - 1) * bound
+    logits[1] = -bound * (0.9 + 0.1 * torch.rand(30, generator=g, dtype=torch.float64))
+    logits[2] = bound * (0.9 + 0.1 * torch.rand(30, generator=g, dtype=torch.float64))
+    logits[:, 0] = float("-inf")
+    logits = logits.to(dtype)
+    drop = torch.stack([torch.randperm(29, generator=g)[:2] + 1 for _ in range(6)])
+    weights = torch.linspace(0.5, 2, 6, dtype=dtype)
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    mass, read = fastpaths.kept_log_mass(a, drop=drop, read=True, bound=bound)
+    plain = torch.logsumexp(b.scatter(1, drop, float("-inf")), dim=1)
+    assert_close_rel(mass, plain, rtol=1e-6 if dtype == torch.float64 else 1e-5)
+    assert torch.equal(read, logits.gather(1, drop))
+    (ga,) = torch.autograd.grad(mass @ weights + (read * weights.unsqueeze(1)).sum(), a)
+    (gb,) = torch.autograd.grad(
+        plain @ weights + (b.gather(1, drop) * weights.unsqueeze(1)).sum(), b
+    )
+    assert_close_rel(ga, gb, what="kept_log_mass gradient")
+
+
 def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch):
     """The bank path's kept counts, read where its masses take them: per anchor and column,
     ``Binomial(m, pi)`` with ``m`` the plain grid's cells of that column for that anchor (the

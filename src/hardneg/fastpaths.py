@@ -461,13 +461,22 @@ class _KeptLogMass(torch.autograd.Function):
     kept sum is below ``sqrt(tiny)`` (nothing kept, or kept entries so far below the row
     maximum that ``e`` underflows) is recomputed exactly, shifted by its kept maximum, with the
     limit raised to its least negative (``negative_mask``) when it keeps nothing.
+
+    ``bound``: every finite logit lies in ``[-bound, bound]`` (cosine logits: ``1/t``). When
+    ``e^{±bound}`` is a normal float (``_EXP_RANGE``) the shift is 0: ``e = e^c`` neither
+    overflows nor loses precision, and the row maximum and the subtraction (two of the passes
+    over ``[A, S]``) are skipped; the result is the same up to rounding.
     """
 
     @staticmethod
-    def forward(ctx, logits, limit, drop, negative_mask, read):  # type: ignore[override]
-        row_max = logits.amax(dim=1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-        e = (logits - row_max).exp_()
+    def forward(ctx, logits, limit, drop, negative_mask, read, bound):  # type: ignore[override]
+        if bound is not None and bound <= _EXP_RANGE[logits.dtype]:
+            row_max = logits.new_zeros(logits.shape[0], 1)
+            e = logits.exp()
+        else:
+            row_max = logits.amax(dim=1, keepdim=True)
+            row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+            e = (logits - row_max).exp_()
         if limit is not None:
             e.mul_(torch.le(logits, limit, out=torch.empty_like(e)))
         if drop is not None:
@@ -502,7 +511,12 @@ class _KeptLogMass(torch.autograd.Function):
         out = e * (grad / total).unsqueeze(1)
         if ctx.read and read_grad[0] is not None:
             out.scatter_add_(1, drop, read_grad[0])
-        return out, None, None, None, None
+        return out, None, None, None, None, None
+
+
+# |logit| below which e^{logit} is a normal float with room to sum a row (float32: e^{±88.7}
+# overflows / turns subnormal)
+_EXP_RANGE = {torch.float32: 64.0, torch.float64: 640.0}
 
 
 def kept_log_mass(
@@ -512,15 +526,18 @@ def kept_log_mass(
     drop: Tensor | None = None,
     negative_mask: Tensor | None = None,
     read: bool = False,
+    bound: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``[A]`` ``log sum_j e^{c_ij}`` over the entries with ``c_ij <= limit_i`` (``limit``
     ``[A, 1]``, detached; a row that would keep nothing keeps its least negatives, as
     ``PositiveAwareFilter._limit``) other than the columns ``drop`` ``[A, k]`` (distinct per
-    row); with ``read``, also ``logits.gather(1, drop)``. See :class:`_KeptLogMass`. Plain
+    row); with ``read``, also ``logits.gather(1, drop)``; ``bound``: a bound on ``|logits|``
+    (finite entries), which may spare the row maximum. See :class:`_KeptLogMass`. Plain
     twins: ``logsumexp(logits.masked_fill(logits > limit, -inf))`` (positive_aware) and
     ``logsumexp(logits.scatter(1, drop, -inf))`` with the gather (fnc)."""
     limit = None if limit is None else limit.detach().to(logits.dtype)
-    return _KeptLogMass.apply(logits, limit, drop, negative_mask, read)
+    bound = None if bound is None else float(bound)
+    return _KeptLogMass.apply(logits, limit, drop, negative_mask, read, bound)
 
 
 def kept_counts(
