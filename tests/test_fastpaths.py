@@ -461,6 +461,7 @@ def test_band_indices_split_rows_over_threads_like_one_thread(monkeypatch):
     """Small row blocks and chunks over 4 threads: every row's band, none skipped or shifted."""
     monkeypatch.setattr(fastpaths, "_NUMPY_BLOCK", 2048)  # 4 rows per block
     monkeypatch.setattr(fastpaths, "_BAND_MIN_ROWS", 1)
+    monkeypatch.setattr(fastpaths, "_THREAD_MIN_ENTRIES", 1)
     x = topk_inputs(37, 512, torch.float32, seed=2, kind="plain")
     previous = torch.get_num_threads()
     try:
@@ -989,6 +990,95 @@ def test_simans_draw_takes_real_columns_first_and_every_column_when_k_covers_the
     assert one.sort(dim=1).values.tolist() == two.sort(dim=1).values.tolist()
 
 
+def _simans_inclusion(p: list[float], k: int) -> list[float]:
+    """Exact probability that each item is among ``k`` sequential draws without replacement
+    with probabilities ``p`` (enumeration of the ordered draws)."""
+    import itertools
+
+    out = [0.0] * len(p)
+    for order in itertools.permutations(range(len(p)), k):
+        prob, left = 1.0, 1.0
+        for i in order:
+            prob *= p[i] / left
+            left -= p[i]
+        for i in order:
+            out[i] += prob
+    return out
+
+
+@pytest.mark.parametrize(
+    ("a", "k", "dtype"), [(0.8, 1, torch.float32), (0.8, 2, torch.float64), (0.0, 3, torch.float32)]
+)
+def test_simans_cpu_draw_follows_the_kernel_over_row_blocks(a, k, dtype):
+    """The CPU draw (numpy stream, the ``k`` smallest keys a block of rows at a time: 12000 rows
+    of 6 are two blocks): inclusion frequencies of each column against the exact probabilities
+    of ``k`` sequential draws without replacement, ``p ∝ e^{-a (c - centre)^2}``; the masked
+    column (``-inf``) is never drawn, every row draws ``k`` distinct columns, and rows of the two
+    blocks agree only as often as independent draws do."""
+    c = torch.tensor([0.3, -1.1, float("-inf"), 1.7, 0.9, -0.2], dtype=dtype)
+    trials = 12000
+    logits = c.expand(trials, -1).contiguous()
+    centre = torch.full((trials, 1), 0.4, dtype=dtype)
+    drawn = fastpaths.simans_draw(logits, centre, a, k, torch.Generator().manual_seed(3))
+    assert drawn.shape == (trials, k)
+    counts = torch.zeros(trials, 6, dtype=torch.float64).scatter_(1, drawn, 1.0)
+    assert bool((counts.sum(dim=1) == k).all())
+    negatives = [0, 1, 3, 4, 5]
+    kernel = [math.exp(-a * (float(c[j]) - 0.4) ** 2) for j in negatives]
+    expected = _simans_inclusion([x / sum(kernel) for x in kernel], k)
+    assert float(counts[:, 2].sum()) == 0.0
+    for j, want in zip(negatives, expected):
+        assert float(counts[:, j].mean()) == pytest.approx(want, abs=0.015)
+    first, second = counts[:2000], counts[-2000:]  # one row block each
+    same = float((first == second).all(dim=1).double().mean())
+    if k == 1:  # two independent draws agree with probability sum_j p_j^2
+        assert same == pytest.approx(sum(x * x for x in expected), abs=0.04)
+    assert same < 0.9
+
+
+def test_simans_cpu_draw_is_the_same_on_any_number_of_threads():
+    """A seed gives the same columns with 1 or 4 torch threads, and other columns with another
+    seed."""
+    g = torch.Generator().manual_seed(8)
+    logits, centre = torch.randn(41, 50, generator=g), torch.randn(41, 1, generator=g)
+    previous = torch.get_num_threads()
+    draws = []
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            gen = torch.Generator().manual_seed(5)
+            draws.append(fastpaths.simans_draw(logits, centre, 0.6, 7, gen).sort(dim=1).values)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(draws[0], draws[1])
+    other = fastpaths.simans_draw(logits, centre, 0.6, 7, torch.Generator().manual_seed(6))
+    assert not torch.equal(other.sort(dim=1).values, draws[0])
+
+
+def test_simans_smallest_takes_the_k_smallest_with_ties_and_nan_like_topk():
+    """``_np_smallest``: the ``k`` smallest of each row, as ``torch.topk(largest=False)``: by
+    the edge value when it is unique; by ``argpartition`` when the edge value repeats, a row
+    holds a NaN among its ``k`` smallest or ``+inf`` is reached (rows with fewer finite keys)."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(9, 40, generator=g)
+    keys[1, :5] = keys[1, 5]  # the edge value repeated
+    keys[2, 3] = float("nan")
+    keys[3, 10:] = float("inf")  # 10 finite keys, k = 12
+    keys[4] = torch.arange(40.0).flip(0)
+    for k in (1, 6, 12, 39):
+        got = torch.from_numpy(fastpaths._np_smallest(keys.numpy(), k))
+        assert got.shape == (9, k)
+        assert all(len(set(row)) == k for row in got.tolist())
+        want = keys.topk(k, dim=1, largest=False).values.sort(dim=1).values
+        values = keys.gather(1, got).sort(dim=1).values
+        assert torch.equal(values.nan_to_num(nan=99.0), want.nan_to_num(nan=99.0)), k
+    distinct = torch.randn(5, 40, generator=g).numpy()
+    got = fastpaths._np_smallest(distinct, 6)
+    assert bool((np.diff(got, axis=1) > 0).all())  # the edge-value path: column order
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("form", [*FORMS, "ties"])
 @pytest.mark.parametrize("n_hardest", [1, 4, 100])
@@ -1230,6 +1320,36 @@ def test_kept_log_mass_without_dropped_columns_equals_the_scatter(dtype, read, s
     (gb,) = torch.autograd.grad(value_b, b)
     rtol = 1e-4 if scale > 1 and dtype == torch.float32 else 1e-5  # see above
     assert_close_rel(ga, gb, rtol=rtol, what="kept_log_mass gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bound", [10.0, 60.0, 100.0])
+def test_kept_log_mass_with_a_bound_equals_the_scatter(dtype, bound):
+    """fnc with cosine logits passes ``bound = 1/t`` (``|c| <= bound``): with ``e^{±bound}`` a
+    normal float the row maximum is skipped (``e = e^c``), with the same values and gradients
+    as the scatter form: rows spread over ``[-bound, bound]``, a row near ``-bound`` (at 60 in
+    float32 its unshifted sum is below ``sqrt(tiny)``: recomputed exactly), a row near
+    ``+bound`` and a masked column. At 100 in float32 (``e^100`` overflows) the row maximum is
+    kept."""
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.rand(6, 30, generator=g, dtype=torch.float64) * 2 - 1) * bound
+    logits[1] = -bound * (0.9 + 0.1 * torch.rand(30, generator=g, dtype=torch.float64))
+    logits[2] = bound * (0.9 + 0.1 * torch.rand(30, generator=g, dtype=torch.float64))
+    logits[:, 0] = float("-inf")
+    logits = logits.to(dtype)
+    drop = torch.stack([torch.randperm(29, generator=g)[:2] + 1 for _ in range(6)])
+    weights = torch.linspace(0.5, 2, 6, dtype=dtype)
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    mass, read = fastpaths.kept_log_mass(a, drop=drop, read=True, bound=bound)
+    plain = torch.logsumexp(b.scatter(1, drop, float("-inf")), dim=1)
+    assert_close_rel(mass, plain, rtol=1e-6 if dtype == torch.float64 else 1e-5)
+    assert torch.equal(read, logits.gather(1, drop))
+    (ga,) = torch.autograd.grad(mass @ weights + (read * weights.unsqueeze(1)).sum(), a)
+    (gb,) = torch.autograd.grad(
+        plain @ weights + (b.gather(1, drop) * weights.unsqueeze(1)).sum(), b
+    )
+    assert_close_rel(ga, gb, what="kept_log_mass gradient")
 
 
 def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch):

@@ -14,8 +14,8 @@ only; no kept buffers.
 * :func:`band_indices` — Ring on CPU: the band's edge values of each row by ``numpy.partition``
   (values only) and its members as the entries between them (``flatnonzero``); two
   ``numpy.argpartition`` calls over order keys where an edge value repeats or a row holds a NaN;
-  row blocks split over torch's intra-op threads (numpy releases the GIL) (plain twin:
-  ``torch.topk(U, sorted=True).indices[:, L:]``).
+  row blocks split over torch's intra-op threads from 2^20 entries per thread (numpy releases
+  the GIL) (plain twin: ``torch.topk(U, sorted=True).indices[:, L:]``).
 * :func:`kept_counts` — potential: the kept cells per column drawn per column, ``Binomial(m, pi)``
   as layers of Bernoulli draws over the columns with more than ``r`` cells, or ``m pi`` in
   expected mode (plain twin: one uniform per grid cell, compared with ``pi`` and summed per
@@ -34,10 +34,10 @@ only; no kept buffers.
   from the contrast set's own logits, with a hand-written backward to the anchors only (plain
   twin: ``anchor_column_logits(contrast).gather(1, index)``, a second product with the columns
   detached).
-* :func:`simans_draw` — SimANS: the Gumbel-top-k draw with uniforms from random int64 words
-  (two per generator call) and the ``k`` smallest keys by numpy's partition (by row blocks)
-  (plain twin: ``SimANSNegatives.draw`` with ``torch.rand`` and ``torch.topk``; same law,
-  other draws).
+* :func:`simans_draw` — SimANS: the Gumbel-top-k draw with uniforms from random 64-bit words
+  (two per word; on CPU from a numpy stream seeded by the generator), the keys in place and the
+  ``k`` smallest keys by a values-only partition on CPU (plain twin: ``SimANSNegatives.draw``
+  with ``torch.rand`` and ``torch.topk``; same law, other draws).
 * :func:`kth_largest` — MoCHi: the ``N``-th largest logit of each row (the threshold of the
   hardest set) by numpy's partition (plain twin: ``torch.topk``'s ``k``-th value).
 * :func:`pair_gram` — MoCHi: the pairs' ``n_i · n_j`` from the upper triangle of the columns'
@@ -323,6 +323,12 @@ def _on_threads(work, rows: int, min_rows: int) -> None:
 # thread: 1024 x 1024, top 102: 6.5 ms against 12.5 ms); on shorter rows its per-row cost wins
 _BAND_MIN_COLUMNS = 256
 _BAND_MIN_ROWS = 64  # rows per thread: below this, one thread (a thread start is ~0.1 ms)
+# entries per thread: below this, one thread. After each parallel torch operation libgomp's
+# worker spins for ~5 ms (measured on the 2-core CPU: CPU burned in a sleep right after a
+# product), so a second Python thread shares its core with the spinner for about that long;
+# measured under load, two threads were slower than one up to 1024 x 1024 (x1.2-5.5) and faster
+# from 512 x 4096 (x0.8-0.93)
+_THREAD_MIN_ENTRIES = 1 << 20
 
 
 def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
@@ -333,14 +339,14 @@ def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
     values of those ranks; among *equal* values at a band edge, which entry is taken may differ
     (the loss depends on the values only). Order as ``torch.topk``: ``-inf`` lowest, NaN highest.
     On CPU (float32 / float64, rows of at least ``_BAND_MIN_COLUMNS``), a block of rows at a time
-    (in cache), the blocks split over torch's intra-op threads (:func:`_on_threads`): the band's
-    edge values by ``numpy.partition`` (values only, no index array moved: ~3x cheaper than
-    ``argpartition``), the smallest ``lo`` to the top ``upper``, then the largest ``hi`` among
-    those; the members are then the entries with ``lo <= c <= hi``, read by ``flatnonzero`` in
-    column order. Each row has at least ``upper - lower`` such entries, exactly that many unless
-    a value at an edge is repeated; a block with more (ties) or with a NaN in a row's top takes
-    two ``numpy.argpartition`` calls over integer keys that order like the floats
-    (:func:`_np_order_keys`) instead.
+    (in cache), the blocks split over torch's intra-op threads (:func:`_on_threads`) from
+    ``_THREAD_MIN_ENTRIES`` per thread: the band's edge values by ``numpy.partition`` (values
+    only, no index array moved: ~3x cheaper than ``argpartition``), the smallest ``lo`` to the
+    top ``upper``, then the largest ``hi`` among those; the members are then the entries with
+    ``lo <= c <= hi``, read by ``flatnonzero`` in column order. Each row has at least
+    ``upper - lower`` such entries, exactly that many unless a value at an edge is repeated; a
+    block with more (ties) or with a NaN in a row's top takes two ``numpy.argpartition`` calls
+    over integer keys that order like the floats (:func:`_np_order_keys`) instead.
     """
     rows, cols = x.shape
     width = upper - lower
@@ -378,7 +384,7 @@ def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
             flat -= np.repeat(np.arange(last - first) * cols, width)
             out[first:last] = flat.reshape(last - first, width)
 
-    _on_threads(work, rows, max(step, _BAND_MIN_ROWS))
+    _on_threads(work, rows, max(step, _BAND_MIN_ROWS, _THREAD_MIN_ENTRIES // cols))
     return torch.from_numpy(out)
 
 
@@ -455,13 +461,22 @@ class _KeptLogMass(torch.autograd.Function):
     kept sum is below ``sqrt(tiny)`` (nothing kept, or kept entries so far below the row
     maximum that ``e`` underflows) is recomputed exactly, shifted by its kept maximum, with the
     limit raised to its least negative (``negative_mask``) when it keeps nothing.
+
+    ``bound``: every finite logit lies in ``[-bound, bound]`` (cosine logits: ``1/t``). When
+    ``e^{±bound}`` is a normal float (``_EXP_RANGE``) the shift is 0: ``e = e^c`` neither
+    overflows nor loses precision, and the row maximum and the subtraction (two of the passes
+    over ``[A, S]``) are skipped; the result is the same up to rounding.
     """
 
     @staticmethod
-    def forward(ctx, logits, limit, drop, negative_mask, read):  # type: ignore[override]
-        row_max = logits.amax(dim=1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-        e = (logits - row_max).exp_()
+    def forward(ctx, logits, limit, drop, negative_mask, read, bound):  # type: ignore[override]
+        if bound is not None and bound <= _EXP_RANGE[logits.dtype]:
+            row_max = logits.new_zeros(logits.shape[0], 1)
+            e = logits.exp()
+        else:
+            row_max = logits.amax(dim=1, keepdim=True)
+            row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+            e = (logits - row_max).exp_()
         if limit is not None:
             e.mul_(torch.le(logits, limit, out=torch.empty_like(e)))
         if drop is not None:
@@ -496,7 +511,12 @@ class _KeptLogMass(torch.autograd.Function):
         out = e * (grad / total).unsqueeze(1)
         if ctx.read and read_grad[0] is not None:
             out.scatter_add_(1, drop, read_grad[0])
-        return out, None, None, None, None
+        return out, None, None, None, None, None
+
+
+# |logit| below which e^{logit} is a normal float with room to sum a row (float32: e^{±88.7}
+# overflows / turns subnormal)
+_EXP_RANGE = {torch.float32: 64.0, torch.float64: 640.0}
 
 
 def kept_log_mass(
@@ -506,15 +526,18 @@ def kept_log_mass(
     drop: Tensor | None = None,
     negative_mask: Tensor | None = None,
     read: bool = False,
+    bound: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``[A]`` ``log sum_j e^{c_ij}`` over the entries with ``c_ij <= limit_i`` (``limit``
     ``[A, 1]``, detached; a row that would keep nothing keeps its least negatives, as
     ``PositiveAwareFilter._limit``) other than the columns ``drop`` ``[A, k]`` (distinct per
-    row); with ``read``, also ``logits.gather(1, drop)``. See :class:`_KeptLogMass`. Plain
+    row); with ``read``, also ``logits.gather(1, drop)``; ``bound``: a bound on ``|logits|``
+    (finite entries), which may spare the row maximum. See :class:`_KeptLogMass`. Plain
     twins: ``logsumexp(logits.masked_fill(logits > limit, -inf))`` (positive_aware) and
     ``logsumexp(logits.scatter(1, drop, -inf))`` with the gather (fnc)."""
     limit = None if limit is None else limit.detach().to(logits.dtype)
-    return _KeptLogMass.apply(logits, limit, drop, negative_mask, read)
+    bound = None if bound is None else float(bound)
+    return _KeptLogMass.apply(logits, limit, drop, negative_mask, read, bound)
 
 
 def kept_counts(
@@ -861,30 +884,55 @@ def simans_draw(
     (Gumbel-top-k; ``-inf`` logits are drawn last). Plain twin: ``SimANSNegatives.draw`` with
     ``fast=False`` (one ``torch.rand`` per entry and ``torch.topk``): the same law, other draws.
 
-    The uniforms come from random int64 words (:func:`unit_uniforms`, half the generator calls
-    of ``torch.rand``) and the keys are computed in place in their memory (few passes, each over
-    the whole matrix: a loop of small parallel operations stalls when the cores are shared);
-    on CPU the selection is ``numpy.argpartition`` a block of rows at a time (several times
-    faster than ``torch.topk`` here, single-threaded). ``k >= S`` returns every column."""
+    The uniforms are cut from random 64-bit words (:func:`unit_uniforms`, two per word) and the
+    keys computed in place in their memory, one torch operation per pass over ``[A, S]`` (on
+    torch's threads). On CPU the words come from one numpy ``PCG64`` stream seeded by two random
+    words of ``generator`` (a third faster than the generator's own words, whose Mersenne
+    twister runs on one thread) and each row's ``k`` smallest keys are those at or below its
+    ``k``-th smallest (:func:`_np_smallest`: a values-only ``numpy.partition``, several times
+    faster than ``torch.topk``), a block of rows at a time, on the calling thread: a second
+    Python thread would share its core with the OpenMP worker that spins for milliseconds after
+    each parallel torch operation. Elsewhere: the generator's words and ``torch.topk``.
+    ``k >= S`` returns every column."""
     rows, cols = logits.shape
     if k >= cols:
         return torch.arange(cols, device=logits.device).expand(rows, cols)
     n = rows * cols
-    words = torch.empty(-(-n // 2), dtype=torch.int64, device=logits.device)
-    words.random_(-(2**63), None, generator=generator)
+    on_cpu = numpy_partitions(logits)
+    if on_cpu:
+        seed = torch.empty(2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
+        stream = np.random.PCG64(np.random.SeedSequence([word % 2**64 for word in seed.tolist()]))
+        words = torch.from_numpy(stream.random_raw(-(-n // 2)).view(np.int64))
+    else:
+        words = torch.empty(-(-n // 2), dtype=torch.int64, device=logits.device)
+        words.random_(-(2**63), None, generator=generator)
     keys = unit_uniforms(words, n).view(rows, cols).to(logits.dtype)
     keys.log_().neg_().log_()  # log(-log u) = -Gumbel
     distance = logits - centre  # -inf on a masked column: its key is +inf if a > 0
     keys.addcmul_(distance, distance, value=a)
     if a == 0.0:
         keys.masked_fill_(~torch.isfinite(logits), float("inf"))
-    if not numpy_partitions(keys):
+    if not on_cpu:
         return keys.topk(k, dim=1, largest=False, sorted=False).indices
     values = keys.numpy()
     out = np.empty((rows, k), dtype=np.int64)
-    for part in row_blocks(keys, 1 << 16):  # keys and argpartition's output in cache
-        out[part] = np.argpartition(values[part], k - 1, axis=1)[:, :k]
+    for part in row_blocks(keys, 1 << 16):  # keys and the mask in cache
+        out[part] = _np_smallest(values[part], k)
     return torch.from_numpy(out)
+
+
+def _np_smallest(keys: np.ndarray, k: int) -> np.ndarray:
+    """``[R, k]`` the columns of the ``k`` smallest entries of each row of ``keys`` (NaN
+    largest, as ``torch.topk``): the ``k``-th smallest value by ``numpy.partition`` (values only)
+    and the entries at or below it by ``flatnonzero``, in column order; ``numpy.argpartition``
+    where that does not give ``k`` per row (a value repeated at the edge, or a NaN)."""
+    rows, cols = keys.shape
+    edge = np.partition(keys, k - 1, axis=1)[:, k - 1 : k]
+    flat = np.flatnonzero(keys <= edge)
+    if flat.size != rows * k:
+        return np.argpartition(keys, k - 1, axis=1)[:, :k]
+    flat -= np.repeat(np.arange(rows) * cols, k)
+    return flat.reshape(rows, k)
 
 
 def kth_largest(x: Tensor, k: int) -> Tensor:

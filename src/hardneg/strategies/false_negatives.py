@@ -140,6 +140,7 @@ class FalseNegativeCancellation(Strategy):
                     drop=top,
                     negative_mask=contrast.negative_mask,
                     read=self.mode == "attract",
+                    bound=1.0 / contrast.temperature if contrast.normalized else None,
                 )
                 if self.mode == "eliminate":
                     return Selection(negative_log_mass=out)
