@@ -91,7 +91,10 @@ class PositiveAwareFilter(Strategy):
         if context.fast and context.want_log_mass and _every_anchor_has_negatives(contrast):
             # the same sum from one exponential, no -inf pass (tested equal to the form below)
             mass = fastpaths.kept_log_mass(
-                logits, limit=self._rule_limit(contrast), negative_mask=contrast.negative_mask
+                logits,
+                limit=self._rule_limit(contrast),
+                negative_mask=contrast.negative_mask,
+                bound=1.0 / contrast.temperature if contrast.normalized else None,
             )
             return Selection(negative_log_mass=mass)
         dropped = logits.detach() > self._limit(contrast)  # never a masked column (-inf)
