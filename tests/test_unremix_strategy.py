@@ -38,11 +38,13 @@ def cos(x, y):
 
 
 class Layout:
-    """Anchors, their positives, the shared columns and each anchor's negatives (positions)."""
+    """Anchors, their (first) positives, the shared columns and each anchor's negatives
+    (positions); ``every_positive``: each anchor's list of positives when it has several."""
 
     def __init__(self, anchors, positives, columns, negatives, in_batch, h_a=None, h_c=None):
         self.anchors, self.positives, self.columns = anchors, positives, columns
         self.negatives, self.in_batch = negatives, in_batch
+        self.every_positive = [[p] for p in positives]
         self.h_a = anchors.detach() if h_a is None else h_a.double()
         self.h_c = columns.detach() if h_c is None else h_c.double()
 
@@ -54,6 +56,18 @@ def in_batch_layout(z1, z2, h=None, ids=None):
     sample = list(range(n)) * 2 if ids is None else list(ids) * 2  # duplicates: equal ids
     negatives = [[j for j in range(n2) if sample[j] != sample[i]] for i in range(n2)]
     return Layout(zz, zz[partner], zz, negatives, True, h, h)
+
+
+def three_view_layout(v1, v2, v3):
+    """In-batch over 3 views: each anchor's positives are its sample's 2 other views, in view
+    order (the first one is the one the influence score's gradient uses)."""
+    zz = F.normalize(torch.cat([v1, v2, v3]), dim=1)
+    n = v1.shape[0]
+    others = [[v * n + i % n for v in range(3) if v != i // n] for i in range(3 * n)]
+    negatives = [[j for j in range(3 * n) if j % n != i % n] for i in range(3 * n)]
+    lay = Layout(zz, zz[[o[0] for o in others]], zz, negatives, True)
+    lay.every_positive = [[zz[j] for j in o] for o in others]
+    return lay
 
 
 def pool_layout(q, k, pool, exclude=None, h_a=None, h_c=None):
@@ -131,8 +145,11 @@ def oracle(
     influence="gradient_similarity",
     representativeness="diversity",
     detach_weights=False,
+    objective="infonce",
 ):
-    """Mean over anchors of ``log(e^a + M sum_j w_j e^{c_j} / sum_j w_j) - a``, differentiable."""
+    """Mean over anchors of ``log(e^a + M sum_j w_j e^{c_j} / sum_j w_j) - a`` (averaged over the
+    anchor's positives ``a``), or with ``objective='jsd'`` of
+    ``sum_j w_j softplus(c_j) / sum_j w_j - log 2 - (log 2 - softplus(-a))``; differentiable."""
     mix = mixes(
         lay,
         t,
@@ -144,14 +161,23 @@ def oracle(
     )
     terms = []
     for i, negs in enumerate(lay.negatives):
-        a = lay.anchors[i] @ lay.positives[i] / t
         c = [lay.anchors[i] @ lay.columns[j] / t for j in negs]
         log_w = [
             beta * (x.detach() if detach_weights else x) + math.log(mix[i, j])
             for x, j in zip(c, negs)
         ]
+        if objective == "jsd":
+            a = lay.anchors[i] @ lay.positives[i] / t
+            share = torch.softmax(torch.stack(log_w), dim=0)
+            e_neg = (share * F.softplus(torch.stack(c))).sum() - math.log(2)
+            terms.append(e_neg - (math.log(2) - F.softplus(-a)))
+            continue
         log_mass = math.log(len(negs)) + lse(lw + x for lw, x in zip(log_w, c)) - lse(log_w)
-        terms.append(torch.logaddexp(a, log_mass) - a)
+        per_positive = []
+        for positive in lay.every_positive[i]:
+            a = lay.anchors[i] @ positive / t
+            per_positive.append(torch.logaddexp(a, log_mass) - a)
+        terms.append(torch.stack(per_positive).mean())
     return torch.stack(terms).mean()
 
 
@@ -350,3 +376,81 @@ def test_the_plain_selection_gives_mean_one_weights_over_each_anchors_negatives(
         for j in range(log_w.shape[1]):
             want = raw[negs.index(j)] / mean if j in negs else 0.0
             assert log_w[i, j].exp().item() == pytest.approx(want, rel=1e-10, abs=1e-300), (i, j)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_with_three_views_the_gradient_takes_the_first_positive_and_the_loss_both(fast):
+    t, options = 0.5, dict(lambda_u=1.0, lambda_d=0.0, beta=0.5)
+    loss = hardneg.create_loss("unremix", temperature=t, tau_plus=0.0, fast=fast, **options)
+    v1, v2, v3 = z(3, seed=29), z(3, seed=30), z(3, seed=31)
+    got = value_and_grads(lambda a, b, c: loss(a, b, extra_views=[c]), v1, v2, v3)
+    expected = value_and_grads(
+        lambda a, b, c: oracle(three_view_layout(a, b, c), t, **options), v1, v2, v3
+    )
+    assert_same(got, expected)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_the_jsd_objective_averages_the_softplus_under_the_unremix_weights(fast):
+    # the JSD objective needs dense weights: the fast path (a log mass) must not be taken
+    t, exclude, options = 0.5, torch.tensor([1, 0, 4]), dict(beta=0.8, lambda_d=0.5)
+    loss = hardneg.create_loss(
+        "unremix", temperature=t, tau_plus=0.0, objective="jsd", fast=fast, **options
+    )
+    pool = z(6, seed=32)
+    got = value_and_grads(
+        lambda a, b: loss(a, b, negatives=pool, exclude_index=exclude), z(3, seed=33), z(3, seed=34)
+    )
+    expected = value_and_grads(
+        lambda a, b: oracle(
+            pool_layout(a, b, pool, exclude.tolist()), t, objective="jsd", **options
+        ),
+        z(3, seed=33),
+        z(3, seed=34),
+    )
+    assert_same(got, expected)
+
+
+def test_in_batch_the_column_deltas_are_the_anchor_deltas():
+    from hardneg.contrast import in_batch_contrast
+
+    t, z1, z2 = 0.5, z(3, seed=35), z(3, seed=36)
+    _, expected = deltas(in_batch_layout(z1, z2), t)
+    got = column_gradients(in_batch_contrast([z1, z2], temperature=t))
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-12, atol=1e-12)
+
+
+def test_representativeness_of_two_columns_is_one_minus_their_similarity():
+    from hardneg.contrast import pool_contrast
+
+    q, k, pool = z(2, seed=37), z(2, seed=38), z(2, seed=39)
+    contrast = pool_contrast(q, k, pool, temperature=0.5)
+    s = cos(pool[0], pool[1])
+    got = UnReMixNegatives.representativeness_scores(contrast)
+    torch.testing.assert_close(got, torch.tensor([[1.0 - s, 1.0 - s]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("features", ["anchors only", "float32"])
+def test_hidden_features_missing_for_the_pool_or_in_another_dtype(features, fast):
+    # h1 without negative_h: h = z on both sides; float32 h with float64 embeddings: the cosines
+    # of h computed in float64 (the loop's, up to float32 rounding of h)
+    t, options = 0.4, dict(lambda_u=1.0, lambda_d=0.0, beta=0.5)
+    loss = hardneg.create_loss("unremix", temperature=t, tau_plus=0.0, fast=fast, **options)
+    q, k, pool = z(3, seed=40), z(3, seed=41), z(5, seed=42)
+    h1, pool_h = z(3, 4, seed=43), z(5, 4, seed=44)
+    if features == "anchors only":
+        got = loss(q, k, negatives=pool, h1=h1, h2=h1)
+        lay = pool_layout(q, k, pool)
+    else:
+        h1, pool_h = h1.float(), pool_h.float()
+        got = loss(q, k, negatives=pool, h1=h1, h2=h1, negative_h=pool_h)
+        lay = pool_layout(q, k, pool, h_a=h1, h_c=pool_h)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(oracle(lay, t, **options).item(), rel=1e-12)
+
+
+def test_a_non_flag_detach_weights_is_refused_by_name():
+    with pytest.raises(ValueError) as info:
+        hardneg.create_loss("unremix", detach_weights="yes")
+    assert str(info.value) == "detach_weights must be True or False, got 'yes'"
