@@ -171,37 +171,35 @@ def test_the_plain_draw_is_the_k_smallest_keys_and_the_loss_is_over_those(name, 
     assert_same(value_and_grads(fn, *inputs), value_and_grads(expected, *inputs))
 
 
+def fast_draw_loss(rows, t, a, b, k, seed):
+    """The loss over the columns ``fastpaths.simans_draw`` draws with the logits and centres
+    ``c+ + b`` of the loop (the law of that draw: tests/test_fastpaths.py and
+    tests/test_strategies_more.py)."""
+    anchors, first, columns, negatives, _ = (r.detach() if torch.is_tensor(r) else r for r in rows)
+    logits = torch.full((anchors.shape[0], columns.shape[0]), float("-inf"), dtype=torch.float64)
+    for i, negs in enumerate(negatives):
+        for j in negs:
+            logits[i, j] = float(anchors[i] @ columns[j]) / t
+    centre = torch.tensor(
+        [[float(anchors[i] @ first[i]) / t + b] for i in range(len(first))], dtype=torch.float64
+    )
+    k = min(k, columns.shape[0])
+    drawn = fastpaths.simans_draw(logits, centre, a, k, torch.Generator().manual_seed(seed))
+    cols = [[j for j in row if j in negatives[i]] for i, row in enumerate(drawn.tolist())]
+    assert all(len(c) == min(k, len(n)) for c, n in zip(cols, negatives))
+    return loss_over(rows, t, cols)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_the_fast_draw_sums_the_logits_of_the_columns_it_draws(name):
-    # the fast draw's columns come from fastpaths.simans_draw (its law: tests/test_fastpaths.py,
-    # tests/test_strategies_more.py); here: the loss is over exactly those columns
     setup, a, b, k = CASES[name]
     t, seed = 0.5, 12
     loss = hardneg.create_loss("simans", temperature=t, a=a, b=b, num_samples=k, fast=True)
     fn, rows_of, inputs = call(setup, loss, seed)
-
-    def expected(x, y):
-        rows = rows_of(x, y)
-        anchors, first, columns, negatives, _ = (
-            x.detach() if torch.is_tensor(x) else x for x in rows
-        )
-        logits = torch.full((anchors.shape[0], columns.shape[0]), float("-inf"), dtype=x.dtype)
-        for i, negs in enumerate(negatives):
-            for j in negs:
-                logits[i, j] = float(anchors[i] @ columns[j]) / t
-        centre = torch.tensor([[float(anchors[i] @ first[i]) / t + b] for i in range(len(first))])
-        drawn = fastpaths.simans_draw(
-            logits,
-            centre.double(),
-            a,
-            min(k, columns.shape[0]),
-            torch.Generator().manual_seed(seed),
-        )
-        cols = [[j for j in row if j in negatives[i]] for i, row in enumerate(drawn.tolist())]
-        assert all(len(c) == min(k, len(n)) for c, n in zip(cols, negatives))
-        return loss_over(rows, t, cols)
-
-    assert_same(value_and_grads(fn, *inputs), value_and_grads(expected, *inputs))
+    assert_same(
+        value_and_grads(fn, *inputs),
+        value_and_grads(lambda x, y: fast_draw_loss(rows_of(x, y), t, a, b, k, seed), *inputs),
+    )
 
 
 @pytest.mark.parametrize("setup", ["pool", "three views"])
@@ -236,13 +234,16 @@ def test_without_num_samples_the_kernel_weighs_every_negative(setup):
     assert_same(value_and_grads(fn, *inputs), value_and_grads(expected, *inputs))
 
 
-def test_with_three_views_the_kernel_is_centred_on_the_first_positive():
+@pytest.mark.parametrize("fast", [False, True])
+def test_with_three_views_the_kernel_is_centred_on_the_first_positive(fast):
     t, a, b, k, seed = 0.5, 1.5, 0.2, 2, 13
-    loss = hardneg.create_loss("simans", temperature=t, a=a, b=b, num_samples=k, fast=False)
+    loss = hardneg.create_loss("simans", temperature=t, a=a, b=b, num_samples=k, fast=fast)
     extra = z(3, seed=14)
 
     def expected(x, y):
         rows = three_view_rows(x, y, extra)
+        if fast:
+            return fast_draw_loss(rows, t, a, b, k, seed)
         return loss_over(rows, t, plain_draws(rows, t, a, b, k, seed))
 
     g = torch.Generator().manual_seed
