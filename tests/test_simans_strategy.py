@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 import hardneg
 from hardneg import fastpaths
-from hardneg.strategies.simans import gumbel_top_k
 
 
 def z(n, d=3, seed=0):
@@ -255,22 +254,6 @@ def test_with_three_views_the_kernel_is_centred_on_the_first_positive(fast):
         ),
         value_and_grads(expected, z(3, seed=15), z(3, seed=16)),
     )
-
-
-def test_gumbel_top_k_takes_the_k_largest_perturbed_log_probabilities():
-    log_p = torch.tensor(
-        [[0.0, -1.0, 1.5, -3.0, float("-inf")], [0.5, float("-inf"), float("-inf"), 0.0, -2.0]],
-        dtype=torch.float64,
-    )
-    u = torch.rand(log_p.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float32)
-    for k in (1, 2, 3, 9):
-        got = gumbel_top_k(log_p, k, torch.Generator().manual_seed(5))
-        assert got.dtype == torch.bool
-        for i in range(2):
-            finite = [j for j in range(5) if math.isfinite(float(log_p[i, j]))]
-            keys = {j: float(log_p[i, j]) - math.log(-math.log(float(u[i, j]))) for j in finite}
-            want = sorted(finite, key=keys.get, reverse=True)[:k]
-            assert sorted(got[i].nonzero().squeeze(1).tolist()) == sorted(want), (k, i)
 
 
 def test_the_draws_flag_and_the_checked_arguments():

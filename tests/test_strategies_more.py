@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import hardneg
 from hardneg.contrast import in_batch_contrast
 from hardneg.strategies import StepContext
-from hardneg.strategies.simans import gumbel_top_k
+from hardneg.mining import gumbel_top_k
 
 
 def views(n=8, d=5, seed=0):
@@ -131,8 +131,11 @@ def test_gumbel_top_k_draws_without_replacement_with_the_sequential_law(k):
     expected = inclusion_probabilities(p, k) + [0.0]
     trials = 20000
     g = torch.Generator().manual_seed(3)
-    counts = gumbel_top_k(log_p.expand(trials, -1).contiguous(), k, g).double().mean(dim=0)
-    assert bool((gumbel_top_k(log_p.expand(50, -1), k, g).sum(dim=1) == k).all())
+    # the miner's draw (indices) as a mask of the drawn columns
+    picks = gumbel_top_k(log_p.expand(trials, -1).contiguous(), k, g)
+    drawn = torch.zeros(trials, 5, dtype=torch.bool).scatter_(1, picks, True)
+    assert bool((drawn.sum(dim=1) == k).all())  # k distinct columns: without replacement
+    counts = drawn.double().mean(dim=0)
     for got, want in zip(counts.tolist(), expected):
         assert got == pytest.approx(want, abs=0.015)
 

@@ -46,18 +46,6 @@ def simans_log_kernel(contrast: ContrastSet, a: float, b: float) -> Tensor:
     return kernel.masked_fill(~torch.isfinite(logits), float("-inf"))
 
 
-def gumbel_top_k(log_p: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
-    """``[A, S]`` bool: ``k`` columns per row drawn without replacement with probabilities
-    ``softmax(log_p)`` (``-inf`` columns are never drawn; rows with fewer keep all)."""
-    # drawn in float32 whatever the compute dtype: a seed gives the same draws in float64
-    u = torch.rand(log_p.shape, generator=generator, device=log_p.device, dtype=torch.float32)
-    u = u.clamp_min(torch.finfo(torch.float32).tiny).to(log_p.dtype)  # log(0): infinite key
-    keys = log_p - (-u.log()).log()  # log p + Gumbel(0, 1)
-    top = keys.topk(min(k, log_p.shape[1]), dim=1).indices
-    chosen = torch.zeros_like(log_p, dtype=torch.bool).scatter_(1, top, True)
-    return chosen & torch.isfinite(log_p)
-
-
 @register_strategy("simans", summary="SimANS ambiguous-negative sampling (Zhou et al., EMNLP 2022)")
 class SimANSNegatives(Strategy):
     """Sample negatives with ``p ∝ exp(-a (c - c+ - b)^2)``, without replacement.
