@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import hardneg
 from hardneg.contrast import in_batch_contrast
-from hardneg.strategies import StepContext
 from hardneg.mining import gumbel_top_k
+from hardneg.strategies import StepContext
 
 
 def views(n=8, d=5, seed=0):
