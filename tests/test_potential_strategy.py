@@ -1,0 +1,308 @@
+"""Potential-sample mining (``potential``) where ``tests/test_potential.py`` does not reach: the
+call forms the fast paths of ``fastpaths.py`` refuse (``ids``, ``normalize=False``,
+``pool_as_negatives``, the JSD objective) on both forms, the contrast set's negatives, the exact
+law of a cell's draw, half-precision look-ups and the messages. Expectations are float64 loops of
+the module docstring's equations. Written for mutation testing (docs/testing.md)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import hardneg
+from hardneg.losses.contrastive import ContrastInputs
+from hardneg.strategies import PotentialMining, StepContext
+
+HP = dict(num_neighbors=2, aug_weight=0.7, a=2.0, b=0.1, clamp=0.95)
+
+
+def z(n, d=5, seed=0, scale=0.6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) * scale
+
+
+# -- the equations, one anchor and one cell at a time, float64 ------------------------------------
+
+
+def keep_prob(s, s_plus, hp):
+    """pi = min(clamp, exp(-a (s - s+ - b)^2)), a plain float."""
+    return min(hp["clamp"], math.exp(-hp["a"] * (s - s_plus - hp["b"]) ** 2))
+
+
+def cosine(x, y):
+    return x @ y / (x.norm() * y.norm())
+
+
+def oracle(z1, z2, hp, bank=None, ids=None, exclude=None, normalize=True, h1=None, h2=None):
+    """The loss of one call in expected mode (each candidate cell weighted by its pi)."""
+    t, kk = hp["temperature"], hp["num_neighbors"]
+
+    def sim(x, y):  # the similarity of the logits: cosine, or the raw dot product
+        return cosine(x, y) if normalize else x @ y
+
+    def mined(q, k, g):
+        n = q.shape[0]
+        support = {("k", j): k[j] for j in range(n)}
+        if bank is not None:
+            support |= {("b", r): bank[r] for r in range(bank.shape[0])}
+        blocks = []
+        for j in range(n):
+            if bank is None:
+                cands = [("k", m) for m in range(n) if m != j]
+            else:
+                cands = [("b", r) for r in range(bank.shape[0])]
+                cands = [c for c in cands if exclude is None or c[1] != int(exclude[j])]
+            cands.sort(key=lambda c: -float(cosine(k[j], support[c]).detach()))
+            blocks.append([("k", j), *cands[:kk]])
+        total = 0.0
+        for i in range(n):
+            pos = [sim(q[i], support[c]) for c in blocks[i]]
+            s_plus = float(pos[0].detach())
+            cells = [c for j in range(n) if j != i for c in blocks[j]]
+            if bank is not None and hp.get("pool_as_negatives"):
+                cells += [("b", r) for r in range(bank.shape[0]) if ("b", r) not in blocks[i][1:]]
+            d = sum(torch.exp(s / t) for s in pos)
+            for c in cells:
+                if bank is None and c in blocks[i]:
+                    continue  # in-batch: one of i's positives is no negative
+                if bank is None and ids is not None and int(ids[c[1]]) == int(ids[i]):
+                    continue  # nor a duplicate of the anchor
+                if exclude is not None and c == ("b", int(exclude[i])):
+                    continue  # nor the anchor's own bank entry
+                s = sim(q[i], support[c])
+                d = d + keep_prob(float(s.detach()), s_plus, hp) * torch.exp(s / t)
+            w = [1.0] * len(pos)
+            if hp.get("weighting") == "soft" and len(pos) > 1:
+                gi = q[i] if g is None else g[i]
+                att = torch.stack([cosine(gi, support[c]) for c in blocks[i][1:]])
+                w = [1.0, *torch.softmax(att, dim=0)]
+            total = total + sum(wp * (torch.log(d) - s / t) for wp, s in zip(w, pos))
+        return total / n
+
+    def aug():
+        n = z1.shape[0]
+        x = torch.cat([z1, z2])
+        row_ids = None if ids is None or bank is not None else ids.repeat(2)
+        pos, mass = [], []
+        for r in range(2 * n):
+            p = (r + n) % (2 * n)
+            sigma = (
+                (lambda u, v: x[u] @ x[v])
+                if hp["select_on"] == "raw"
+                else (lambda u, v: sim(x[u], x[v]))
+            )
+            s_plus = float(sigma(r, p).detach())
+            m = 0.0
+            for c in range(2 * n):
+                if c in (r, p) or (row_ids is not None and int(row_ids[c]) == int(row_ids[r])):
+                    continue
+                m = m + keep_prob(float(sigma(r, c).detach()), s_plus, hp) * torch.exp(
+                    sim(x[r], x[c]) / t
+                )
+            pos.append(sim(x[r], x[p]) / t)
+            mass.append(m)
+        if hp["aug_pairing"] == "broadcast":
+            terms = [torch.log(torch.exp(a) + g) - a for a in pos for g in mass]
+        else:
+            terms = [torch.log(torch.exp(a) + g) - a for a, g in zip(pos, mass)]
+        return sum(terms) / len(terms)
+
+    if bank is None:
+        loss = (mined(z1, z2, h1) + mined(z2, z1, h2)) / 2
+    else:
+        loss = mined(z1, z2, h1)
+    return loss + hp["aug_weight"] * aug() if hp["aug_weight"] > 0 else loss
+
+
+def full_hp(**over):
+    hp = dict(HP, temperature=0.5, weighting="hard", select_on="cosine", aug_pairing="matched")
+    hp.update(pool_as_negatives=False)
+    hp.update(over)
+    return hp
+
+
+def make(hp, **loss_options):
+    return hardneg.create_loss("potential", sample="expected", **hp, **loss_options)
+
+
+def value_and_grads(fn, *tensors):
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    out.backward()
+    return out.detach(), [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]
+
+
+def assert_same(got, want, tol=1e-9):
+    torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol)
+    for x, y in zip(got[1], want[1]):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+
+
+# -- (a) the call forms the fast paths refuse, on both forms --------------------------------------
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("weighting", ["hard", "soft"])
+def test_a_bank_with_pool_as_negatives_equals_the_loops(fast, weighting):
+    hp = full_hp(weighting=weighting, pool_as_negatives=True, num_neighbors=3)
+    q, k, h1, bank = z(5, seed=1), z(5, seed=2), z(5, seed=3), z(9, seed=4)
+    loss = make(hp, fast=fast)
+    got = value_and_grads(lambda a, b, g: loss(a, b, negatives=bank, h1=g), q, k, h1)
+    want = value_and_grads(lambda a, b, g: oracle(a, b, hp, bank=bank, h1=g), q, k, h1)
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_bank_with_pool_as_negatives_and_exclude_index_equals_the_loops(fast):
+    hp = full_hp(pool_as_negatives=True, num_neighbors=3)
+    bank, idx = z(9, seed=5), torch.tensor([4, 0, 7, 2, 8])
+    q, k = z(5, seed=6), bank[idx] + 0.1 * z(5, seed=7)  # the own entry: each key's nearest row
+    loss = make(hp, fast=fast)
+    got = value_and_grads(lambda a, b: loss(a, b, negatives=bank, exclude_index=idx), q, k)
+    want = value_and_grads(lambda a, b: oracle(a, b, hp, bank=bank, exclude=idx), q, k)
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("ids", [[0, 1, 2, 3, 4, 5], [0, 0, 1, 2, 3, 1]])
+def test_in_batch_with_ids_equals_the_loops(fast, ids):
+    # distinct ids: the loss without ids; equal ids: the duplicates are no negatives either
+    hp = full_hp(num_neighbors=2)
+    ids = torch.tensor(ids)
+    z1, z2 = z(6, seed=8), z(6, seed=9)
+    loss = make(hp, fast=fast)
+    got = value_and_grads(lambda a, b: loss(a, b, ids=ids), z1, z2)
+    want = value_and_grads(lambda a, b: oracle(a, b, hp, ids=ids), z1, z2)
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_raw_logits_equal_the_loops(fast, with_bank):
+    # normalize=False: raw dot products in the logits and the kernel; the look-up stays cosine
+    hp = full_hp(num_neighbors=2, temperature=2.0)
+    z1, z2, bank = z(5, seed=10), z(5, seed=11), z(8, seed=12)
+    pool = bank if with_bank else None
+    loss = make(hp, fast=fast, normalize=False)
+    got = value_and_grads(lambda a, b: loss(a, b, negatives=pool), z1, z2)
+    want = value_and_grads(lambda a, b: oracle(a, b, hp, bank=pool, normalize=False), z1, z2)
+    assert_same(got, want)
+
+
+# -- (b) the mined term's structure: blocks, negatives, cells per column ---------------------------
+
+
+def blocks_by_loop(k, bank=None, exclude=None, kk=2):
+    """Support index of each block's members: key j, then its kk nearest support rows (cosine,
+    float64); in-batch the other keys (support index = key index), with a bank its rows."""
+    support = k if bank is None else bank
+    out = []
+    for j in range(k.shape[0]):
+        rows = [
+            r
+            for r in range(support.shape[0])
+            if not (bank is None and r == j) and not (exclude is not None and r == exclude[j])
+        ]
+        rows.sort(key=lambda r: -float(cosine(k[j].double(), support[r].double())))
+        out.append(rows[:kk])
+    return out
+
+
+@pytest.mark.parametrize("pool_as_negatives", [False, True])
+@pytest.mark.parametrize("with_bank, exclude", [(False, None), (True, None), (True, [3, 0, 6, 1])])
+def test_the_mined_term_marks_the_negatives_and_counts_the_cells_of_each_column(
+    with_bank, exclude, pool_as_negatives
+):
+    # column c of [k; bank] is a negative of anchor i iff a cell of another block reads it (or,
+    # with pool_as_negatives, it is a bank row outside i's block), never the own bank entry;
+    # in-batch, never one of i's positives. multiplicity: the cells of column c that anchor i
+    # draws (the fast form), the grid (plain form, the default of mined) has none
+    n, kk = 4, 2
+    q, k, bank = z(n, seed=20), z(n, seed=21), z(7, seed=22)
+    bank[6] = -k.sum(0)  # far from every key: the last column is in no block
+    strategy = PotentialMining(**dict(HP, num_neighbors=kk), pool_as_negatives=pool_as_negatives)
+    pool = bank if with_bank else None
+    inputs = ContrastInputs(
+        q, k, temperature=0.5, negatives=pool, exclude_index=exclude and torch.tensor(exclude)
+    )
+    near = blocks_by_loop(k, pool, exclude, kk)
+    offset = n if with_bank else 0
+    blocks = [[j] + [offset + r for r in near[j]] for j in range(n)]
+    assert not with_bank or all(6 not in b for b in near)
+    columns = n + (7 if with_bank else 0)
+    negative, count = [], []
+    for i in range(n):
+        row, cnt = [], []
+        for c in range(columns):
+            cells = sum(c in blocks[j] for j in range(n) if j != i)
+            if with_bank and pool_as_negatives and c >= n and c not in blocks[i]:
+                cells += 1
+            own_entry = exclude is not None and c == n + exclude[i]
+            row.append(cells > 0 and not own_entry and (with_bank or c not in blocks[i]))
+            cnt.append(float(cells))
+        negative.append(row)
+        count.append(cnt)
+
+    plain = strategy.mined(inputs, q, k, None)  # the default: the grid of the plain form
+    fast = strategy.mined(inputs, q, k, None, fast=True)
+    for mined in (plain, fast):
+        assert mined.neighbours.tolist() == [b[1:] for b in blocks]
+        assert mined.negative_mask.tolist() == negative
+    grid = [c for b in blocks for c in b] + (list(range(n, columns)) if pool_as_negatives else [])
+    if not with_bank:
+        grid = grid[: n * (kk + 1)]
+    assert plain.cells.tolist() == grid and plain.multiplicity is None
+    assert plain.cell_log_keep.shape == (n, len(grid))
+    assert fast.cells is None and fast.multiplicity.tolist() == count
+    assert fast.cell_log_keep.shape == (n, columns)
+
+
+def test_neighbours_of_half_precision_keys_are_ranked_in_float32():
+    # bfloat16 keys and bank whose cosines differ by ~4e-5: bfloat16 arithmetic (8 bits) ranks
+    # them otherwise; the look-up computes in float32, as every half-precision input does
+    g = torch.Generator().manual_seed(6)
+    k = torch.randn(3, 8, generator=g)
+    bank = (k.repeat_interleave(4, 0) + 0.02 * torch.randn(12, 8, generator=g)).bfloat16()
+    k = k.bfloat16()
+    want = blocks_by_loop(k, bank, kk=2)
+    strategy = PotentialMining(**HP)
+    inputs = ContrastInputs(k, k, temperature=0.5, negatives=bank)
+    mined = strategy.terms(inputs, StepContext(fast=False))[0][1]
+    assert (mined.neighbours - 3).tolist() == want
+
+
+# -- (c) the draw of one cell ----------------------------------------------------------------------
+
+
+def test_a_cell_is_kept_exactly_when_its_uniform_is_below_its_keep_probability():
+    # the plain form draws one float32 uniform u per cell (torch.rand over the term's cells,
+    # row-major) and keeps the cell iff u < pi: P(keep) = pi exactly on the uniforms' grid
+    # (a cell with pi = u is dropped; pi = 1 always kept, pi = 0 never)
+    z1, z2 = z(4, seed=30), z(4, seed=31)
+    strategy = PotentialMining(**HP)  # sample='bernoulli'
+    terms = strategy.terms(ContrastInputs(z1, z2, temperature=0.5), StepContext(fast=False))
+    _, aug, role = terms[2]  # L_aug: one cell per column
+    u = torch.rand(aug.cell_log_keep.shape, generator=torch.Generator().manual_seed(5)).double()
+    kind = torch.arange(u.numel()).reshape(u.shape) % 5  # 0: pi = u, 1: above, 2: below, 3: 1, 4: 0
+    log_keep = torch.stack(
+        [
+            u.log(),
+            u.log() + 1e-9,
+            u.log() - 1e-9,
+            torch.zeros_like(u),
+            torch.full_like(u, -math.inf),
+        ]
+    )
+    log_keep = log_keep.gather(0, kind.unsqueeze(0))[0]
+    boundary = (kind == 0) & (log_keep.exp() == u) & aug.mask()
+    assert int(boundary.sum()) >= 5  # exp(log u) == u for most uniforms
+    aug.cell_log_keep = log_keep.masked_fill(~aug.mask(), -math.inf)
+    context = StepContext(generator=torch.Generator().manual_seed(5), fast=False)
+    kept = strategy.select_term(aug, context, role).negative_log_weights.exp()
+    by_kind = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0], dtype=kept.dtype)[kind]
+    want = torch.where(aug.mask(), by_kind, 0.0)  # no cell off the mask (pi = 0 there)
+    known = ~aug.mask() | (kind != 0) | boundary  # pi = exp(log u) may round off u elsewhere
+    assert torch.equal(kept[known], want[known])
+    assert float(kept[boundary].sum()) == 0 and float(kept[aug.mask() & (kind == 1)].min()) == 1
