@@ -7,6 +7,7 @@ the module docstring's equations. Written for mutation testing (docs/testing.md)
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -306,3 +307,104 @@ def test_a_cell_is_kept_exactly_when_its_uniform_is_below_its_keep_probability()
     known = ~aug.mask() | (kind != 0) | boundary  # pi = exp(log u) may round off u elsewhere
     assert torch.equal(kept[known], want[known])
     assert float(kept[boundary].sum()) == 0 and float(kept[aug.mask() & (kind == 1)].min()) == 1
+
+
+# -- (d) settings, call forms and messages ---------------------------------------------------------
+
+BAD_SETTINGS = [
+    (dict(num_neighbors=-1), "num_neighbors must be in [0, inf), got -1"),
+    (dict(num_neighbors=1.5), "num_neighbors must be an integer, got 1.5"),
+    (dict(aug_weight=-1.0), "aug_weight must be in [0, inf), got -1.0"),
+    (dict(a=-1.0), "a must be in [0, inf), got -1.0"),
+    (dict(b=math.nan), "b must be finite, got nan"),
+    (dict(clamp=0.0), "clamp must be in (0, 1], got 0.0"),
+    (dict(clamp=1.5), "clamp must be in (0, 1], got 1.5"),
+    (dict(weighting="x"), "weighting must be one of 'hard', 'soft', got 'x'"),
+    (dict(sample="x"), "sample must be one of 'bernoulli', 'expected', got 'x'"),
+    (dict(select_on="x"), "select_on must be one of 'cosine', 'raw', got 'x'"),
+    (dict(aug_pairing="x"), "aug_pairing must be one of 'matched', 'broadcast', got 'x'"),
+    (dict(pool_as_negatives="yes"), "pool_as_negatives must be True or False, got 'yes'"),
+]
+
+
+@pytest.mark.parametrize("setting, message", BAD_SETTINGS)
+def test_a_bad_setting_is_refused_with_its_name_range_and_value(setting, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        PotentialMining(**setting)
+
+
+def test_the_edges_of_the_ranges_are_accepted():
+    strategy = PotentialMining(num_neighbors=0, aug_weight=0.0, a=0.0, b=-3.0, clamp=1.0)
+    assert (strategy.num_neighbors, strategy.aug_weight, strategy.a) == (0, 0.0, 0.0)
+    assert (strategy.b, strategy.clamp) == (-3.0, 1.0)
+
+
+FORMS = "potential takes two views, or (q, k, negatives=pool); not hard_negatives or extra_views"
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda f, x: f(x, x, hard_negatives=x.unsqueeze(1)), FORMS),
+        (lambda f, x: f(x, x, extra_views=[x]), FORMS),
+        (
+            lambda f, x: f(x, x, negatives=torch.randn(6, 3, 8)),
+            "potential mines neighbours in one shared support set: negatives must be [K, d], "
+            "got shape (6, 3, 8) (a pool per anchor)",
+        ),
+        (
+            lambda f, x: f(x, x, h1=x[:, :3]),
+            "potential's soft weights compare h1 (the projection before the predictor) with the "
+            "mined keys: it needs their dim 8, got (6, 3)",
+        ),
+        (
+            lambda f, x: f(x, x, h2=x[:, :3]),
+            "potential's soft weights compare h2 (the projection before the predictor) with the "
+            "mined keys: it needs their dim 8, got (6, 3)",
+        ),
+    ],
+)
+def test_a_call_the_strategy_cannot_serve_is_refused_with_the_reason(call, message):
+    loss = hardneg.create_loss("potential", weighting="soft")
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        call(loss, torch.randn(6, 8))
+
+
+def test_hard_weights_never_read_the_projections():
+    # h1 / h2 serve only the soft weights: with hard weights any width is accepted, unused
+    hp = full_hp(weighting="hard")
+    z1, z2 = z(5, seed=40), z(5, seed=41)
+    loss = make(hp, fast=False)
+    got = loss(z1, z2, h1=z(5, d=3, seed=42), h2=z(5, d=3, seed=43))
+    torch.testing.assert_close(got, oracle(z1, z2, hp), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_a_zero_aug_weight_skips_the_augmentation_term(with_bank):
+    z1, z2, bank = z(5, seed=44), z(5, seed=45), z(8, seed=46)
+    inputs = ContrastInputs(z1, z2, temperature=0.5, negatives=bank if with_bank else None)
+    for fast in (False, True):
+        terms = PotentialMining(aug_weight=0.0).terms(inputs, StepContext(fast=fast))
+        assert [role for _, _, role in terms] == ["mined"] * (1 if with_bank else 2)
+        terms = PotentialMining(aug_weight=0.25).terms(inputs, StepContext(fast=fast))
+        assert [(w, role) for w, _, role in terms][-1] == (0.25, "aug")
+
+
+def test_with_a_bank_ids_are_ignored_as_in_every_pool_call():
+    # the pool form has no duplicates to mask (as InfoNCE's): the loss is the one without ids
+    hp = full_hp()
+    q, k, bank = z(6, seed=47), z(6, seed=48), z(10, seed=49)
+    ids = torch.tensor([0, 0, 1, 1, 2, 2])
+    got = make(hp, fast=False)(q, k, negatives=bank, ids=ids)
+    torch.testing.assert_close(got, oracle(q, k, hp, bank=bank), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_one_neighbour_is_a_mined_positive(with_bank):
+    hp = full_hp(num_neighbors=1, weighting="soft", pool_as_negatives=with_bank)
+    z1, z2, h1, bank = z(5, seed=50), z(5, seed=51), z(5, seed=52), z(7, seed=53)
+    pool = bank if with_bank else None
+    loss = make(hp, fast=False)
+    got = value_and_grads(lambda a, b: loss(a, b, negatives=pool, h1=h1), z1, z2)
+    want = value_and_grads(lambda a, b: oracle(a, b, hp, bank=pool, h1=h1), z1, z2)
+    assert_same(got, want)
