@@ -36,7 +36,32 @@ def cosine(x, y):
     return x @ y / (x.norm() * y.norm())
 
 
-def oracle(z1, z2, hp, bank=None, ids=None, exclude=None, normalize=True, h1=None, h2=None):
+def anchor_loss(pos, weights, cells, t, objective):
+    """One anchor's loss from its positives' similarities and weights and its negative cells
+    ``(s, pi)``: InfoNCE ``sum_p w_p (log D - s_p/t)`` with ``D = sum_p e^{s_p/t} + sum pi e^{s/t}``,
+    or Jensen-Shannon ``E- - E+``: ``E+ = sum_p w_p (log 2 - sp(-s_p/t)) / sum_p w_p``,
+    ``E- = sum pi sp(s/t) / sum pi - log 2`` (``sp`` the softplus)."""
+    if objective == "infonce":
+        d = sum(torch.exp(s / t) for s in pos) + sum(pi * torch.exp(s / t) for s, pi in cells)
+        return sum(w * (torch.log(d) - s / t) for w, s in zip(weights, pos))
+    sp, log2 = torch.nn.functional.softplus, math.log(2.0)
+    e_pos = sum(w * (log2 - sp(-s / t)) for w, s in zip(weights, pos)) / sum(weights)
+    e_neg = sum(pi * sp(s / t) for s, pi in cells) / sum(pi for _, pi in cells) - log2
+    return e_neg - e_pos
+
+
+def oracle(
+    z1,
+    z2,
+    hp,
+    bank=None,
+    ids=None,
+    exclude=None,
+    normalize=True,
+    h1=None,
+    h2=None,
+    objective="infonce",
+):
     """The loss of one call in expected mode (each candidate cell weighted by its pi)."""
     t, kk = hp["temperature"], hp["num_neighbors"]
 
@@ -64,7 +89,7 @@ def oracle(z1, z2, hp, bank=None, ids=None, exclude=None, normalize=True, h1=Non
             cells = [c for j in range(n) if j != i for c in blocks[j]]
             if bank is not None and hp.get("pool_as_negatives"):
                 cells += [("b", r) for r in range(bank.shape[0]) if ("b", r) not in blocks[i][1:]]
-            d = sum(torch.exp(s / t) for s in pos)
+            kept = []
             for c in cells:
                 if bank is None and c in blocks[i]:
                     continue  # in-batch: one of i's positives is no negative
@@ -73,41 +98,38 @@ def oracle(z1, z2, hp, bank=None, ids=None, exclude=None, normalize=True, h1=Non
                 if exclude is not None and c == ("b", int(exclude[i])):
                     continue  # nor the anchor's own bank entry
                 s = sim(q[i], support[c])
-                d = d + keep_prob(float(s.detach()), s_plus, hp) * torch.exp(s / t)
+                kept.append((s, keep_prob(float(s.detach()), s_plus, hp)))
             w = [1.0] * len(pos)
             if hp.get("weighting") == "soft" and len(pos) > 1:
                 gi = q[i] if g is None else g[i]
                 att = torch.stack([cosine(gi, support[c]) for c in blocks[i][1:]])
                 w = [1.0, *torch.softmax(att, dim=0)]
-            total = total + sum(wp * (torch.log(d) - s / t) for wp, s in zip(w, pos))
+            total = total + anchor_loss(pos, w, kept, t, objective)
         return total / n
 
     def aug():
         n = z1.shape[0]
         x = torch.cat([z1, z2])
         row_ids = None if ids is None or bank is not None else ids.repeat(2)
-        pos, mass = [], []
+
+        def sigma(u, v):  # the kernel's similarity
+            return x[u] @ x[v] if hp["select_on"] == "raw" else sim(x[u], x[v])
+
+        pos, cells = [], []
         for r in range(2 * n):
             p = (r + n) % (2 * n)
-            sigma = (
-                (lambda u, v: x[u] @ x[v])
-                if hp["select_on"] == "raw"
-                else (lambda u, v: sim(x[u], x[v]))
-            )
             s_plus = float(sigma(r, p).detach())
-            m = 0.0
+            kept = []
             for c in range(2 * n):
                 if c in (r, p) or (row_ids is not None and int(row_ids[c]) == int(row_ids[r])):
                     continue
-                m = m + keep_prob(float(sigma(r, c).detach()), s_plus, hp) * torch.exp(
-                    sim(x[r], x[c]) / t
-                )
-            pos.append(sim(x[r], x[p]) / t)
-            mass.append(m)
-        if hp["aug_pairing"] == "broadcast":
-            terms = [torch.log(torch.exp(a) + g) - a for a in pos for g in mass]
+                kept.append((sim(x[r], x[c]), keep_prob(float(sigma(r, c).detach()), s_plus, hp)))
+            pos.append(sim(x[r], x[p]))
+            cells.append(kept)
+        if hp["aug_pairing"] == "broadcast":  # every row's positive with every row's negatives
+            terms = [anchor_loss([a], [1.0], c, t, objective) for a in pos for c in cells]
         else:
-            terms = [torch.log(torch.exp(a) + g) - a for a, g in zip(pos, mass)]
+            terms = [anchor_loss([a], [1.0], c, t, objective) for a, c in zip(pos, cells)]
         return sum(terms) / len(terms)
 
     if bank is None:
@@ -408,3 +430,98 @@ def test_one_neighbour_is_a_mined_positive(with_bank):
     got = value_and_grads(lambda a, b: loss(a, b, negatives=pool, h1=h1), z1, z2)
     want = value_and_grads(lambda a, b: oracle(a, b, hp, bank=pool, h1=h1), z1, z2)
     assert_same(got, want)
+
+
+# -- (e) the objectives that need dense weights ------------------------------------------------------
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("weighting", ["hard", "soft"])
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_the_jsd_objective_equals_the_loops(fast, weighting, with_bank):
+    # Jensen-Shannon needs each negative's weight (m pi per column): no log-mass shortcut
+    hp = full_hp(weighting=weighting, num_neighbors=2)
+    z1, z2, h1, bank = z(6, seed=60), z(6, seed=61), z(6, seed=62), z(9, seed=63)
+    pool = bank if with_bank else None
+    loss = make(hp, fast=fast, objective="jsd")
+    got = value_and_grads(lambda a, b: loss(a, b, negatives=pool, h1=h1), z1, z2)
+    want = value_and_grads(lambda a, b: oracle(a, b, hp, bank=pool, h1=h1, objective="jsd"), z1, z2)
+    assert_same(got, want)
+
+
+def test_the_log_mass_of_a_term_is_minus_infinity_with_a_zero_gradient_where_nothing_is_kept():
+    # select_term's log sum_j w_ij e^{c_ij} over the L_aug term (square: [2N, 2N]): row 0 keeps
+    # no cell, the others their pi; row 0 is -inf with a zero gradient (no NaN)
+    z1, z2 = z(3, seed=64).requires_grad_(), z(3, seed=65)
+    strategy = PotentialMining(**HP, sample="expected")
+    terms = strategy.terms(ContrastInputs(z1, z2, temperature=0.5), StepContext(fast=False))
+    _, aug, role = terms[2]
+    aug.cell_log_keep[0] = -math.inf
+    selection = strategy.select_term(aug, StepContext(fast=False), role)
+    mass = selection.negative_log_mass
+    logits, log_keep = aug.negative_logits.detach(), aug.cell_log_keep
+    for r in range(6):
+        values = [
+            float(logits[r, c] + log_keep[r, c]) for c in range(6) if math.isfinite(log_keep[r, c])
+        ]
+        want = (
+            max(values) + math.log(sum(math.exp(v - max(values)) for v in values))
+            if values
+            else -math.inf
+        )
+        assert float(mass[r].detach()) == pytest.approx(want, rel=1e-12, abs=1e-12)
+    (grad,) = torch.autograd.grad(torch.where(torch.isfinite(mass), mass, 0.0).sum(), z1)
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_the_diagnostics_weigh_each_column_by_its_expected_kept_cells(with_bank):
+    # diagnostics describe L_mined(z1; z2): column c's weight for anchor i is the sum of pi over
+    # i's cells of c, normalised; the false-negative mass is the share of same-label columns
+    n, kk = 5, 2
+    z1, z2, bank = z(n, seed=66), z(n, seed=67), z(7, seed=68)
+    pool = bank if with_bank else None
+    labels, bank_labels = torch.tensor([0, 1, 0, 1, 2]), torch.tensor([1, 0, 2, 2, 0, 1, 1])
+    column_labels = torch.cat([labels, bank_labels]) if with_bank else labels
+    hp = full_hp(num_neighbors=kk)
+    loss = make(hp)
+    out = loss(
+        z1,
+        z2,
+        negatives=pool,
+        labels=labels,
+        negative_labels=bank_labels if with_bank else None,
+        return_diagnostics=True,
+    )
+    near = blocks_by_loop(z2, pool, kk=kk)
+    offset = n if with_bank else 0
+    blocks = [[j] + [offset + r for r in near[j]] for j in range(n)]
+    support = torch.cat([z2, bank]) if with_bank else z2
+    for i in range(n):
+        s_plus = float(cosine(z1[i], z2[i]))
+        weight = [0.0] * support.shape[0]
+        for j in range(n):
+            for c in blocks[j]:
+                if j != i and (with_bank or c not in blocks[i]):
+                    weight[c] += keep_prob(float(cosine(z1[i], support[c])), s_plus, hp)
+        share = [w / sum(weight) for w in weight]
+        got = out.diagnostics.sampling_weights[i].double()
+        torch.testing.assert_close(
+            got, torch.tensor(share, dtype=torch.float64), rtol=1e-6, atol=1e-7
+        )
+        same = sum(w for w, c in zip(share, column_labels) if int(c) == int(labels[i]))
+        assert float(out.diagnostics.false_negative_mass[i]) == pytest.approx(same, abs=1e-6)
+
+
+def test_the_cells_drawn_per_column_repeat_with_the_generator_not_the_global_seed():
+    # the fast form's draws per column (pool_as_negatives: no fast path for the terms) read the
+    # call's generator only
+    q, k, bank = z(6, seed=69), z(6, seed=70), z(12, seed=71)
+    loss = hardneg.create_loss("potential", pool_as_negatives=True, a=1.0, clamp=0.9)
+
+    def run(seed, global_seed):
+        torch.manual_seed(global_seed)
+        return float(loss(q, k, negatives=bank, generator=torch.Generator().manual_seed(seed)))
+
+    first = run(0, 1)
+    assert run(0, 2) == first and run(1, 1) != first
