@@ -525,3 +525,63 @@ def test_the_cells_drawn_per_column_repeat_with_the_generator_not_the_global_see
 
     first = run(0, 1)
     assert run(0, 2) == first and run(1, 1) != first
+
+
+# -- (f) half precision ----------------------------------------------------------------------------
+
+
+def test_the_raw_kernel_of_half_precision_inputs_is_computed_in_float32():
+    # bfloat16 inputs compute in float32: the raw dot products of the L_aug kernel too
+    hp = full_hp(select_on="raw", a=4.0, num_neighbors=2)
+    z1, z2 = (z(6, d=16, seed=s, scale=1.0).bfloat16() for s in (72, 73))
+    got = make(hp, fast=False)(z1, z2)
+    want = oracle(z1.double(), z2.double(), hp)
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(float(want), abs=2e-5)
+
+
+def test_soft_weights_read_a_half_precision_projection_in_float32():
+    hp = full_hp(weighting="soft", num_neighbors=3)
+    z1, z2 = z(6, seed=74).float(), z(6, seed=75).float()
+    h1, h2 = (z(6, seed=s).bfloat16() for s in (76, 77))
+    got = make(hp, fast=False)(z1, z2, h1=h1, h2=h2)
+    want = oracle(z1.double(), z2.double(), hp, h1=h1.double(), h2=h2.double())
+    assert float(got) == pytest.approx(float(want), abs=2e-5)
+
+
+def test_under_bfloat16_autocast_the_mined_positives_logits_and_weights_stay_float32():
+    # autocast runs the products in bfloat16; the mined positives' logits and their softmax
+    # weights are then kept in the logits' float32 (weights summing to 1 to float32 precision)
+    z1, z2 = z(6, seed=78).float(), z(6, seed=79).float()
+    strategy = PotentialMining(weighting="soft", num_neighbors=4, sample="expected")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = strategy.terms(ContrastInputs(z1, z2, temperature=0.5), StepContext(fast=False))
+        _, mined, role = terms[0]
+        selection = strategy.select_term(mined, StepContext(fast=False), role)
+    assert mined.negative_logits.dtype == torch.float32
+    assert selection.extra_positive_logits.dtype == torch.float32
+    weights = selection.extra_positive_weight
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(weights.sum(1), torch.ones(6), rtol=0, atol=1e-6)
+
+
+def test_the_augmentation_term_labels_its_rows_for_the_diagnostics():
+    # L_aug's rows are [z1; z2]: labels repeated twice; its diagnostics give the same-label
+    # share of each row's expected weights (pi over the 2N - 2 candidates)
+    from hardneg.diagnostics import negative_diagnostics
+
+    n = 4
+    z1, z2, labels = z(n, seed=80), z(n, seed=81), torch.tensor([0, 1, 0, 1])
+    strategy = PotentialMining(**HP, sample="expected")
+    inputs = ContrastInputs(z1, z2, temperature=0.5, labels=labels)
+    _, aug, role = strategy.terms(inputs, StepContext(fast=False))[2]
+    selection = strategy.select_term(aug, StepContext(fast=False, want_log_mass=False), role)
+    diag = negative_diagnostics(aug, selection)
+    x, rows = torch.cat([z1, z2]), labels.repeat(2)
+    for r in range(2 * n):
+        p = (r + n) % (2 * n)
+        s_plus = float(cosine(x[r], x[p]))
+        pi = {c: keep_prob(float(cosine(x[r], x[c])), s_plus, full_hp()) for c in range(2 * n)}
+        pi = {c: w for c, w in pi.items() if c not in (r, p)}
+        same = sum(w for c, w in pi.items() if rows[c] == rows[r]) / sum(pi.values())
+        assert float(diag.false_negative_mass[r]) == pytest.approx(same, abs=1e-6)
