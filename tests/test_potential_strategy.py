@@ -609,3 +609,17 @@ def test_where_no_fast_path_serves_the_call_the_fast_form_draws_per_column(with_
         assert mined.cells is None and mined.multiplicity.shape == (5, columns)
     for mined in plain:
         assert mined.cells is not None and mined.multiplicity is None
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_the_broadcast_pairing_where_no_fast_path_serves_the_call_equals_the_loops(fast, with_bank):
+    # the code's shape bug (every row's positive with every row's negative mass) also on the
+    # strategy's own per-column form: pool_as_negatives (a bank) or ids (in-batch)
+    hp = full_hp(aug_pairing="broadcast", pool_as_negatives=with_bank)
+    z1, z2, bank = z(5, seed=85), z(5, seed=86), z(8, seed=87)
+    pool, ids = (bank, None) if with_bank else (None, torch.arange(5))
+    loss = make(hp, fast=fast)
+    got = value_and_grads(lambda a, b: loss(a, b, negatives=pool, ids=ids), z1, z2)
+    want = value_and_grads(lambda a, b: oracle(a, b, hp, bank=pool, ids=ids), z1, z2)
+    assert_same(got, want)
