@@ -589,9 +589,10 @@ def test_the_augmentation_term_labels_its_rows_for_the_diagnostics():
 
 @pytest.mark.parametrize("with_bank", [False, True])
 def test_where_no_fast_path_serves_the_call_the_fast_form_draws_per_column(with_bank):
-    # fast=True, but ids (in-batch) or pool_as_negatives (a bank) leave the terms to the
-    # strategy: its mined terms are then the per-column form (Binomial(m, pi) per column, the
-    # documented draws of the fast form), fast=False the grid of one uniform per cell
+    # fast=True for an objective that needs dense weights (JSD: no log mass wanted, so no fast
+    # path of fastpaths.py serves the call): the strategy's mined terms are the per-column form
+    # (Binomial(m, pi) per column, the documented draws of the fast form); fast=False the grid
+    # of one uniform per cell
     z1, z2, bank = z(5, seed=82), z(5, seed=83), z(8, seed=84)
     strategy = PotentialMining(num_neighbors=2, pool_as_negatives=with_bank)
     inputs = ContrastInputs(
@@ -602,8 +603,13 @@ def test_where_no_fast_path_serves_the_call_the_fast_form_draws_per_column(with_
         ids=None if with_bank else torch.arange(5),
     )
     columns = 13 if with_bank else 5
-    fast = [c for _, c, role in strategy.terms(inputs, StepContext(fast=True)) if role == "mined"]
-    plain = [c for _, c, role in strategy.terms(inputs, StepContext(fast=False)) if role == "mined"]
+    dense = dict(want_log_mass=False)
+    fast = [
+        c for _, c, r in strategy.terms(inputs, StepContext(fast=True, **dense)) if r == "mined"
+    ]
+    plain = [
+        c for _, c, r in strategy.terms(inputs, StepContext(fast=False, **dense)) if r == "mined"
+    ]
     assert len(fast) == len(plain) == (1 if with_bank else 2)
     for mined in fast:
         assert mined.cells is None and mined.multiplicity.shape == (5, columns)
