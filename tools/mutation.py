@@ -39,6 +39,7 @@ LOSS_TESTS = [
     "tests/test_ring_strategy.py",
     "tests/test_unremix_strategy.py",
     "tests/test_simans_strategy.py",
+    "tests/test_potential_strategy.py",
 ]
 # torch.compile cannot trace mutmut's trampolines (every mutated function is wrapped)
 DESELECT = ["tests/test_potential.py::test_eager_and_compiled_agree_in_values_and_gradients"]
