@@ -955,19 +955,20 @@ def _find(mask: Tensor) -> Tensor:
     return flat.nonzero().squeeze(1)
 
 
-def _settle_ties(
-    v: Tensor, need: Tensor, p_at, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor] | None:
-    """The draws whose byte equals its threshold (probability 1/256 each): flat positions and
-    whether each keeps, kept with probability ``256 p - floor(256 p)`` by one float32 uniform
-    (``p_at(positions)`` gives ``256 p`` there). Then ``P(keep) = floor(256 p) / 256 +
-    (256 p - floor(256 p)) / 256 = p``."""
-    at = _find(v == need)
-    if at.numel() == 0:
-        return None
-    rest = p_at(at) - need.view(-1)[at].to(torch.float64)
-    u = torch.rand(at.shape, generator=generator, device=v.device)
-    return at, u < rest
+def _tie_keeps(
+    at: Tensor, need_at: Tensor, p256: Tensor, generator: torch.Generator | None
+) -> Tensor:
+    """Whether each tie (a byte equal to its threshold ``floor(256 p)``, probability 1/256)
+    keeps: with probability ``256 p - floor(256 p)``, one float32 uniform per tie in the order
+    of ``at``. Then ``P(keep) = floor(256 p) / 256 + (256 p - floor(256 p)) / 256 = p``."""
+    u = torch.rand(at.shape, generator=generator, device=at.device)
+    return u < p256 - need_at.to(torch.float64)
+
+
+# bytes of draws compared per step of bernoulli_draws / binomial_draws: the comparisons, the
+# tie scan and the sums of one chunk read its bytes from cache (measured on this CPU: 1 MiB
+# chunks 2.8 ms, 256 KiB 7.9 ms, the whole [6N, N] at once far slower for N = 1024)
+_CHUNK = 1 << 20
 
 
 _DRAW_BLOCK = 1 << 22  # entries per block of rows of bernoulli_bytes
@@ -991,17 +992,41 @@ def bernoulli_bytes(p: Tensor, generator: torch.Generator | None = None) -> Tens
     return kept.to(p.dtype)
 
 
-def bernoulli_draws(need: Tensor, p256_at, generator: torch.Generator | None = None) -> Tensor:
-    """One Bernoulli draw per entry (``uint8`` 0/1) from the thresholds ``need = floor(256 p)``
-    (``uint8``): a random byte ``v < need`` keeps, ``v > need`` drops, a tie is settled by a
-    uniform (:func:`_settle_ties`; ``p256_at(flat positions)`` gives ``256 p`` there). Draw
-    order: the bytes (row-major), then one uniform per tie."""
+def bernoulli_draws(
+    need: Tensor,
+    p256_at,
+    generator: torch.Generator | None = None,
+    *,
+    dtype: torch.dtype = torch.uint8,
+    out: Tensor | None = None,
+) -> Tensor:
+    """One Bernoulli draw per entry (0/1 in ``dtype``) from the thresholds ``need = floor(256
+    p)`` (``uint8``, contiguous): a random byte ``v < need`` keeps, ``v > need`` drops, a tie
+    is settled by a uniform (:func:`_tie_keeps`; ``p256_at(flat positions)`` gives ``256 p``
+    there). Draw order: the bytes (row-major), then one uniform per tie in the order of the
+    bytes. The comparisons and the tie scan run by chunks of ``_CHUNK`` bytes. ``out``: a
+    contiguous tensor of ``need``'s shape to write the draws into (its dtype, not ``dtype``)."""
     v = random_bytes(tuple(need.shape), generator, need.device)
-    kept = (v < need).view(torch.uint8)
-    ties = _settle_ties(v, need, p256_at, generator)
-    if ties is not None:
-        kept.view(-1)[ties[0]] = ties[1].view(torch.uint8)
-    return kept
+    # the comparisons write bool (or float) directly: a bool -> uint8 cast is free (a view),
+    # a uint8 output of torch.lt about 1.4x slower than a bool one on the CPU
+    if out is not None:
+        dtype = out.dtype
+    out_dtype = torch.bool if dtype == torch.uint8 else dtype
+    kept = torch.empty(need.shape, dtype=out_dtype, device=need.device) if out is None else out
+    flat_v, flat_need, flat_kept = v.view(-1), need.reshape(-1), kept.view(-1)
+    scratch = torch.empty(min(_CHUNK, flat_v.numel()), dtype=torch.bool, device=need.device)
+    found = []
+    for s0 in range(0, flat_v.numel(), _CHUNK):
+        vv, nn = flat_v[s0 : s0 + _CHUNK], flat_need[s0 : s0 + _CHUNK]
+        torch.lt(vv, nn, out=flat_kept[s0 : s0 + _CHUNK])
+        at = _find(torch.eq(vv, nn, out=scratch[: vv.numel()]))
+        if at.numel():
+            found.append(at + s0)
+    if found:
+        at = torch.cat(found)
+        keep = _tie_keeps(at, flat_need[at], p256_at(at), generator)
+        flat_kept[at] = keep.to(out_dtype)
+    return kept.view(torch.uint8) if kept.dtype != dtype else kept
 
 
 def binomial_bytes(p: Tensor, trials: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -1027,53 +1052,72 @@ def binomial_draws(
 
     Trial ``r`` of column ``j`` is a row of ``A`` bytes (one per anchor). The columns are taken
     in the stable ascending order of ``trials``, each with its ``trials_j`` rows in a row,
-    ``[sum_j trials_j, A]`` bytes in all, so that the columns with the same count ``m`` form one
-    block ``[C_m, m, A]`` summed at once; then one uniform per tie, in the order of the bytes."""
+    ``[sum_j trials_j, A]`` bytes in all (drawn at once), so that the columns with the same
+    count ``m`` form one block ``[C_m, m, A]``; then one uniform per tie, in the order of the
+    bytes. The block is compared with its columns' thresholds broadcast over the ``m`` trials
+    (no ``[sum_j trials_j, A]`` copy of the thresholds), summed and scanned for ties by chunks
+    of about ``_CHUNK`` bytes."""
     c, a = need_by_column.shape
     device = need_by_column.device
     trials = trials.to(device)
     order = torch.argsort(trials, stable=True)
     sorted_trials = trials[order]
     values, sizes = torch.unique_consecutive(sorted_trials, return_counts=True)
-    key = order.repeat_interleave(sorted_trials)  # the column of each row of bytes
-    need = need_by_column.index_select(0, key)  # [G, A]
-    v = random_bytes(tuple(need.shape), generator, device)
-    wide = bool(values.numel()) and int(values[-1]) > 255  # a uint8 sum holds 255 trials
-    count_dtype = torch.int32 if wide else torch.uint8
-    kept = (v < need).view(torch.uint8)
+    total = int(sorted_trials.sum())
+    v = random_bytes((total, a), generator, device)
+    most = int(values[-1]) if values.numel() else 0
+    count_dtype = torch.int32 if most > 255 else torch.uint8  # a uint8 sum holds 255 trials
     below = torch.empty(c, a, dtype=count_dtype, device=device)
-    start = offset = 0
+    chunk = max(min(_CHUNK, total * a), most * a)  # at least one column's m rows
+    scratch = torch.empty(chunk, dtype=torch.bool, device=device)
+    found = []
+    start = offset = 0  # the group's first column (sorted order) and first row of bytes
     for m, size in zip(values.tolist(), sizes.tolist()):
-        out = below[start : start + size]
         if m == 0:
-            out.zero_()
-        elif m == 1:
-            out.copy_(kept[offset : offset + size])
-        else:
-            torch.sum(kept[offset : offset + m * size].view(size, m, a), dim=1, out=out)
+            below[start : start + size].zero_()
+            start += size
+            continue
+        step = max(1, _CHUNK // (m * a))  # columns per chunk
+        for s0 in range(0, size, step):
+            s1 = min(size, s0 + step)
+            need = need_by_column.index_select(0, order[start + s0 : start + s1]).unsqueeze(1)
+            vv = v[offset + s0 * m : offset + s1 * m].view(s1 - s0, m, a)
+            buf = scratch[: vv.numel()].view(vv.shape)
+            out = below[start + s0 : start + s1]
+            torch.lt(vv, need, out=buf)
+            if m == 1:
+                out.copy_(buf[:, 0])
+            else:
+                torch.sum(buf.view(torch.uint8), dim=1, out=out)
+            at = _find(torch.eq(vv, need, out=buf))
+            if at.numel():
+                found.append(at + (offset + s0 * m) * a)
         start += size
         offset += m * size
     counts = below.index_select(0, torch.argsort(order))  # back in column order
-    ties = _settle_ties(v, need, lambda at: p256_at(key[at // a], at % a), generator)
-    if ties is not None:
-        at, keep = ties
-        counts.view(-1).index_add_(0, key[at // a] * a + at % a, keep.to(count_dtype))
+    if found:
+        at = torch.cat(found)
+        key = order.repeat_interleave(sorted_trials)  # the column of each row of bytes
+        column, anchor = key[at // a], at % a
+        need_at = need_by_column[column, anchor]
+        keep = _tie_keeps(at, need_at, p256_at(column, anchor), generator)
+        counts.view(-1).index_add_(0, column * a + anchor, keep.to(count_dtype))
     return counts
 
 
 class _BlockLogMasses(torch.autograd.Function):
     """``log sum_j w_ij e^{c_ij}`` for several weight matrices ``w`` (no gradient), each on a
     block of rows and columns of one logits matrix ``c``, and logits read at given places of
-    ``c`` (``c[r0:r1, c0:].gather(1, index)``: mined positives): one shifted exponential
-    ``e = e^{c - max_j c}`` (the maximum of the whole row) serves every block; the products
-    ``w e`` give the sums and are saved (not ``e`` and ``w``), so the backward pass
-    ``dc = sum_blocks (w e) g / R`` plus the read logits' gradients fills one buffer in one pass
-    (no zero-filled ``[A, S]`` gradient per read or block). The caller guarantees that no kept entry
-    lies so far below its row's maximum that ``e`` underflows; a row of a block with nothing
-    kept is ``-inf`` with a zero gradient."""
+    ``c`` (``c[r0:r1, c0:].gather(1, index)``: mined positives): one exponential serves every
+    block, shifted ``e = e^{c - max_j c}`` (the maximum of the whole row) or, for logits bounded
+    by the caller, ``e^c`` itself; the products ``w e`` give the sums and are saved (not ``e``
+    and ``w``), so the backward pass ``dc = sum_blocks (w e) g / R`` plus the read logits'
+    gradients fills one buffer in one pass (no zero-filled ``[A, S]`` gradient per read or
+    block). The caller guarantees that no kept entry lies so far below its row's maximum that
+    ``e`` underflows; a row of a block with nothing kept is ``-inf`` with a zero gradient."""
 
     @staticmethod
-    def forward(ctx, logits, blocks, reads, unshifted, *tensors):  # type: ignore[override]
+    def forward(ctx, logits, blocks, reads, unshifted, scratch, *tensors):  # type: ignore[override]
         weights, indices = tensors[: len(blocks)], tensors[len(blocks) :]
         whole = (0, logits.shape[0], 0, logits.shape[1])
         if unshifted:  # |c| small enough that e^c neither overflows nor underflows
@@ -1084,11 +1128,14 @@ class _BlockLogMasses(torch.autograd.Function):
             row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
             e = (logits - row_max).exp_()
         outs, products, totals = [None] * len(blocks), [None] * len(blocks), [None] * len(blocks)
-        # the blocks over the whole matrix last: the last one's product overwrites e in place
+        # no new [A, S] buffer where it can be helped: with scratch weights each product
+        # overwrites its weights; else the last block over the whole matrix overwrites e
         order = sorted(range(len(blocks)), key=lambda b: blocks[b] == whole)
         for b in order:
             (r0, r1, c0, c1), w = blocks[b], weights[b]
-            if b == order[-1] and blocks[b] == whole:
+            if scratch:
+                product = w.mul_(e[r0:r1, c0:c1])
+            elif b == order[-1] and blocks[b] == whole:
                 product = e.mul_(w)
             else:
                 product = e[r0:r1, c0:c1] * w  # w e: the sum here, the gradient's shape later
@@ -1127,7 +1174,7 @@ class _BlockLogMasses(torch.autograd.Function):
         for (r0, c0), index, g in zip(ctx.reads, indices, grads[k:]):
             if g is not None:
                 out[r0 : r0 + index.shape[0], c0:].scatter_add_(1, index, g)
-        return (out, None, None, None, *([None] * (k + len(indices))))
+        return (out, None, None, None, None, *([None] * (k + len(indices))))
 
 
 def block_log_masses(
@@ -1137,20 +1184,29 @@ def block_log_masses(
     reads: list[tuple[int, int, Tensor]] = (),
     *,
     bound: float | None = None,
+    scratch: bool = False,
 ) -> tuple[Tensor, ...]:
     """``log sum_j w_ij e^{c_ij}`` per row of each block ``(r0, r1, c0, c1)`` of ``logits``
     with its detached weights ``w >= 0`` (``-inf`` logits only where ``w = 0``), then the
     logits ``logits[r0:, c0:].gather(1, index)`` of each read ``(r0, c0, index)`` (distinct
     columns per row); see :class:`_BlockLogMasses`. ``bound``: the caller's bound on the finite
     ``|c|`` (cosine logits: ``1 / t``); up to 60 (float32) or 600 (float64) ``e^c`` is taken
-    without the row maximum (no ``amax`` and subtraction passes). (Plain twin:
+    without the row maximum (no ``amax`` and subtraction passes). ``scratch``: the weights are
+    the caller's scratch (distinct tensors, not used after the call): each product ``w e`` is
+    written over its weights, no new buffer. (Plain twin:
     ``weighted_log_mass(logits[r0:r1, c0:c1], w)`` and the gather.)"""
     ws = [w.detach().to(logits.dtype) for w in weights]
     spots = tuple((r0, c0) for r0, c0, _ in reads)
     limit = 600.0 if logits.dtype == torch.float64 else 60.0
     unshifted = bound is not None and bound <= limit
     return _BlockLogMasses.apply(
-        logits, tuple(blocks), spots, unshifted, *ws, *[index for _, _, index in reads]
+        logits,
+        tuple(blocks),
+        spots,
+        unshifted,
+        bool(scratch),
+        *ws,
+        *[index for _, _, index in reads],
     )
 
 
@@ -1333,9 +1389,9 @@ def potential_in_batch_terms(strategy, inputs, context):
         if bernoulli:
             cap = min(255.0, 256.0 * clamp)
             kept_aug = need_aug = None
-            if use_aug:
-                need_aug = _kernel(aug_values, aug_shift, aug_coef, scale=256.0, cap=cap)
-                need_aug = _to_bytes(need_aug)
+            if use_aug:  # the kernel's float buffer takes L_aug's draws later
+                kernel_aug = _kernel(aug_values, aug_shift, aug_coef, scale=256.0, cap=cap)
+                need_aug = _to_bytes(kernel_aug)
             if shared:
                 need_by_column = torch.cat([need_aug[:n, n:].T, need_aug[n:, :n].T])
             else:
@@ -1368,7 +1424,7 @@ def potential_in_batch_terms(strategy, inputs, context):
                 def aug_p256(at: Tensor) -> Tensor:
                     return 256.0 * _kernel_at(flat[at], aug_shift[at // width], aug_coef, clamp)
 
-                kept_aug = bernoulli_draws(need_aug, aug_p256, context.generator)
+                kept_aug = bernoulli_draws(need_aug, aug_p256, context.generator, out=kernel_aug)
         else:
             pi_aug = _kernel(aug_values, aug_shift, aug_coef, cap=clamp) if use_aug else None
             if shared:
@@ -1391,7 +1447,8 @@ def potential_in_batch_terms(strategy, inputs, context):
     reads = []
     if strategy.weighting == "hard" and num > 0:  # the mined positives' logits, read from G
         reads = [(0, n, nb1), (n, 0, nb2)]
-    masses = block_log_masses(g, blocks, weights, reads, bound=1.0 / t)
+    # the weights are this call's own buffers: the products overwrite them
+    masses = block_log_masses(g, blocks, weights, reads, bound=1.0 / t, scratch=True)
     extra = masses[len(blocks) :] if reads else (None, None)
     out = []
     for d, (r0, c0), nb, h in ((0, (0, n), nb1, inputs.h1), (1, (n, 0), nb2, inputs.h2)):
