@@ -934,15 +934,45 @@ def random_bytes(shape: tuple[int, ...], generator: torch.Generator | None, devi
     return words.view(torch.uint8)[:size].view(shape)
 
 
+class _ByteStream:
+    """Random bytes taken piece by piece into one reused buffer: on the CPU the same bytes as
+    one :func:`random_bytes` call over their total (int64 words over the full range, drawn in
+    order; the bytes of a word that one piece leaves over start the next), without a buffer of
+    the total's size. A piece is a view, valid until the next :meth:`take`."""
+
+    def __init__(self, generator: torch.Generator | None, device, size: int) -> None:
+        self.generator = generator
+        self.words = torch.empty(1 + -(-size // 8), dtype=torch.int64, device=device)
+        self.tail = None  # the bytes of the last word not yet taken
+
+    def take(self, size: int) -> Tensor:
+        left = 0 if self.tail is None else self.tail.numel()
+        fresh = -(-(size - left) // 8) if size > left else 0  # words to draw
+        if 1 + fresh > self.words.numel():
+            self.words = torch.empty(1 + fresh, dtype=torch.int64, device=self.words.device)
+        data = self.words.view(torch.uint8)  # the tail at bytes [8 - left, 8), then the words
+        if left:
+            data[8 - left : 8].copy_(self.tail)
+        if fresh:
+            self.words[1 : 1 + fresh].random_(-(2**63), None, generator=self.generator)
+        used, end = 8 - left + size, 8 + 8 * fresh
+        self.tail = data[used:end].clone() if end > used else None
+        return data[8 - left : used]
+
+
 def _threshold_bytes(p: Tensor) -> Tensor:
     """``floor(256 p)`` as ``uint8`` (255 at most: ``p = 1`` then keeps on every tie)."""
     return _to_bytes((p * 256.0).clamp_(max=255.0))
 
 
-def _to_bytes(x: Tensor) -> Tensor:
+def _to_bytes(x: Tensor, scratch: Tensor | None = None) -> Tensor:
     """``uint8`` of values in [0, 255] (truncated), through ``int32``: a direct float ->
-    ``uint8`` conversion is several times slower on the CPU."""
-    return x.to(torch.int32).to(torch.uint8)
+    ``uint8`` conversion is several times slower on the CPU. ``scratch``: a buffer of ``x``'s
+    shape and dtype to hold the integers (viewed as the integer type of the same width)."""
+    if scratch is None:
+        return x.to(torch.int32).to(torch.uint8)
+    ints = scratch.view(torch.int64 if scratch.element_size() == 8 else torch.int32)
+    return ints.copy_(x).to(torch.uint8)
 
 
 def _find(mask: Tensor) -> Tensor:
@@ -1004,20 +1034,23 @@ def bernoulli_draws(
     p)`` (``uint8``, contiguous): a random byte ``v < need`` keeps, ``v > need`` drops, a tie
     is settled by a uniform (:func:`_tie_keeps`; ``p256_at(flat positions)`` gives ``256 p``
     there). Draw order: the bytes (row-major), then one uniform per tie in the order of the
-    bytes. The comparisons and the tie scan run by chunks of ``_CHUNK`` bytes. ``out``: a
+    bytes. The bytes are drawn, compared and scanned for ties by chunks of ``_CHUNK``
+    (:class:`_ByteStream`: no buffer of all the bytes). ``out``: a
     contiguous tensor of ``need``'s shape to write the draws into (its dtype, not ``dtype``)."""
-    v = random_bytes(tuple(need.shape), generator, need.device)
+    size = need.numel()
+    stream = _ByteStream(generator, need.device, min(_CHUNK, size))
     # the comparisons write bool (or float) directly: a bool -> uint8 cast is free (a view),
     # a uint8 output of torch.lt about 1.4x slower than a bool one on the CPU
     if out is not None:
         dtype = out.dtype
     out_dtype = torch.bool if dtype == torch.uint8 else dtype
     kept = torch.empty(need.shape, dtype=out_dtype, device=need.device) if out is None else out
-    flat_v, flat_need, flat_kept = v.view(-1), need.reshape(-1), kept.view(-1)
-    scratch = torch.empty(min(_CHUNK, flat_v.numel()), dtype=torch.bool, device=need.device)
+    flat_need, flat_kept = need.reshape(-1), kept.view(-1)
+    scratch = torch.empty(min(_CHUNK, size), dtype=torch.bool, device=need.device)
     found = []
-    for s0 in range(0, flat_v.numel(), _CHUNK):
-        vv, nn = flat_v[s0 : s0 + _CHUNK], flat_need[s0 : s0 + _CHUNK]
+    for s0 in range(0, size, _CHUNK):
+        nn = flat_need[s0 : s0 + _CHUNK]
+        vv = stream.take(nn.numel())
         torch.lt(vv, nn, out=flat_kept[s0 : s0 + _CHUNK])
         at = _find(torch.eq(vv, nn, out=scratch[: vv.numel()]))
         if at.numel():
@@ -1052,11 +1085,12 @@ def binomial_draws(
 
     Trial ``r`` of column ``j`` is a row of ``A`` bytes (one per anchor). The columns are taken
     in the stable ascending order of ``trials``, each with its ``trials_j`` rows in a row,
-    ``[sum_j trials_j, A]`` bytes in all (drawn at once), so that the columns with the same
-    count ``m`` form one block ``[C_m, m, A]``; then one uniform per tie, in the order of the
-    bytes. The block is compared with its columns' thresholds broadcast over the ``m`` trials
-    (no ``[sum_j trials_j, A]`` copy of the thresholds), summed and scanned for ties by chunks
-    of about ``_CHUNK`` bytes."""
+    ``[sum_j trials_j, A]`` bytes in all (one stream of bytes), so that the columns with the
+    same count ``m`` form one block ``[C_m, m, A]``; then one uniform per tie, in the order of
+    the bytes. The block is compared with its columns' thresholds broadcast over the ``m``
+    trials (no ``[sum_j trials_j, A]`` copy of the thresholds), summed and scanned for ties by
+    chunks of about ``_CHUNK`` bytes, each drawn just before (:class:`_ByteStream`: no buffer
+    of all the bytes)."""
     c, a = need_by_column.shape
     device = need_by_column.device
     trials = trials.to(device)
@@ -1064,12 +1098,12 @@ def binomial_draws(
     sorted_trials = trials[order]
     values, sizes = torch.unique_consecutive(sorted_trials, return_counts=True)
     total = int(sorted_trials.sum())
-    v = random_bytes((total, a), generator, device)
     most = int(values[-1]) if values.numel() else 0
     count_dtype = torch.int32 if most > 255 else torch.uint8  # a uint8 sum holds 255 trials
     below = torch.empty(c, a, dtype=count_dtype, device=device)
     chunk = max(min(_CHUNK, total * a), most * a)  # at least one column's m rows
     scratch = torch.empty(chunk, dtype=torch.bool, device=device)
+    stream = _ByteStream(generator, device, chunk)
     found = []
     start = offset = 0  # the group's first column (sorted order) and first row of bytes
     for m, size in zip(values.tolist(), sizes.tolist()):
@@ -1081,7 +1115,7 @@ def binomial_draws(
         for s0 in range(0, size, step):
             s1 = min(size, s0 + step)
             need = need_by_column.index_select(0, order[start + s0 : start + s1]).unsqueeze(1)
-            vv = v[offset + s0 * m : offset + s1 * m].view(s1 - s0, m, a)
+            vv = stream.take((s1 - s0) * m * a).view(s1 - s0, m, a)
             buf = scratch[: vv.numel()].view(vv.shape)
             out = below[start + s0 : start + s1]
             torch.lt(vv, need, out=buf)
@@ -1117,16 +1151,17 @@ class _BlockLogMasses(torch.autograd.Function):
     ``e`` underflows; a row of a block with nothing kept is ``-inf`` with a zero gradient."""
 
     @staticmethod
-    def forward(ctx, logits, blocks, reads, unshifted, scratch, *tensors):  # type: ignore[override]
+    def forward(ctx, logits, blocks, reads, unshifted, scratch, e, *tensors):  # type: ignore[override]
         weights, indices = tensors[: len(blocks)], tensors[len(blocks) :]
         whole = (0, logits.shape[0], 0, logits.shape[1])
+        e = torch.empty_like(logits) if e is None else e
         if unshifted:  # |c| small enough that e^c neither overflows nor underflows
             row_max = None
-            e = logits.exp()
+            torch.exp(logits, out=e)
         else:
             row_max = logits.amax(dim=1, keepdim=True)
             row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-            e = (logits - row_max).exp_()
+            torch.sub(logits, row_max, out=e).exp_()
         outs, products, totals = [None] * len(blocks), [None] * len(blocks), [None] * len(blocks)
         # no new [A, S] buffer where it can be helped: with scratch weights each product
         # overwrites its weights; else the last block over the whole matrix overwrites e
@@ -1174,7 +1209,7 @@ class _BlockLogMasses(torch.autograd.Function):
         for (r0, c0), index, g in zip(ctx.reads, indices, grads[k:]):
             if g is not None:
                 out[r0 : r0 + index.shape[0], c0:].scatter_add_(1, index, g)
-        return (out, None, None, None, None, *([None] * (k + len(indices))))
+        return (out, None, None, None, None, None, *([None] * (k + len(indices))))
 
 
 def block_log_masses(
@@ -1185,6 +1220,7 @@ def block_log_masses(
     *,
     bound: float | None = None,
     scratch: bool = False,
+    exp_out: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """``log sum_j w_ij e^{c_ij}`` per row of each block ``(r0, r1, c0, c1)`` of ``logits``
     with its detached weights ``w >= 0`` (``-inf`` logits only where ``w = 0``), then the
@@ -1193,7 +1229,8 @@ def block_log_masses(
     ``|c|`` (cosine logits: ``1 / t``); up to 60 (float32) or 600 (float64) ``e^c`` is taken
     without the row maximum (no ``amax`` and subtraction passes). ``scratch``: the weights are
     the caller's scratch (distinct tensors, not used after the call): each product ``w e`` is
-    written over its weights, no new buffer. (Plain twin:
+    written over its weights, no new buffer; ``exp_out``: a free buffer of ``logits``' shape
+    and dtype for the exponentials. (Plain twin:
     ``weighted_log_mass(logits[r0:r1, c0:c1], w)`` and the gather.)"""
     ws = [w.detach().to(logits.dtype) for w in weights]
     spots = tuple((r0, c0) for r0, c0, _ in reads)
@@ -1205,6 +1242,7 @@ def block_log_masses(
         spots,
         unshifted,
         bool(scratch),
+        exp_out,
         *ws,
         *[index for _, _, index in reads],
     )
@@ -1350,6 +1388,7 @@ def potential_in_batch_terms(strategy, inputs, context):
     zn = aug.anchors
     bernoulli = strategy.sample == "bernoulli"
     clamp = strategy.clamp
+    spare = None  # a free [2N, 2N] buffer of g's dtype, if any
     with torch.no_grad():
         gd = g.detach()
         # the kernel exp(-a (s - s+ - b)^2) on s / t: coefficient -a t^2, shift (s+ + b) / t
@@ -1372,9 +1411,11 @@ def potential_in_batch_terms(strategy, inputs, context):
                 torch.bincount(blocks2.reshape(-1), minlength=n),
             ]
         )
-        multiplicity = trials.to(g.dtype).repeat(n, 1)  # 0 on each anchor's own block
-        multiplicity[:, :n].scatter_(1, blocks1, 0.0)
-        multiplicity[:, n:].scatter_(1, blocks2, 0.0)
+        multiplicity = None  # [N, 2N], only for the expected weights: the draws take trials
+        if not bernoulli:
+            multiplicity = trials.to(g.dtype).repeat(n, 1)  # 0 on each anchor's own block
+            multiplicity[:, :n].scatter_(1, blocks1, 0.0)
+            multiplicity[:, n:].scatter_(1, blocks2, 0.0)
         use_aug = strategy.aug_weight > 0
         raw = strategy.select_on == "raw"
         if use_aug and raw:  # the code's kernel on unnormalised dot products
@@ -1389,9 +1430,11 @@ def potential_in_batch_terms(strategy, inputs, context):
         if bernoulli:
             cap = min(255.0, 256.0 * clamp)
             kept_aug = need_aug = None
-            if use_aug:  # the kernel's float buffer takes L_aug's draws later
+            if use_aug:  # the kernel's float buffer takes L_aug's draws later; the buffer of
+                # its integer conversion takes e^G (block_log_masses): no third [2N, 2N] one
                 kernel_aug = _kernel(aug_values, aug_shift, aug_coef, scale=256.0, cap=cap)
-                need_aug = _to_bytes(kernel_aug)
+                spare = torch.empty_like(kernel_aug)
+                need_aug = _to_bytes(kernel_aug, spare)
             if shared:
                 need_by_column = torch.cat([need_aug[:n, n:].T, need_aug[n:, :n].T])
             else:
@@ -1448,7 +1491,7 @@ def potential_in_batch_terms(strategy, inputs, context):
     if strategy.weighting == "hard" and num > 0:  # the mined positives' logits, read from G
         reads = [(0, n, nb1), (n, 0, nb2)]
     # the weights are this call's own buffers: the products overwrite them
-    masses = block_log_masses(g, blocks, weights, reads, bound=1.0 / t, scratch=True)
+    masses = block_log_masses(g, blocks, weights, reads, bound=1.0 / t, scratch=True, exp_out=spare)
     extra = masses[len(blocks) :] if reads else (None, None)
     out = []
     for d, (r0, c0), nb, h in ((0, (0, n), nb1, inputs.h1), (1, (n, 0), nb2, inputs.h2)):
@@ -1465,7 +1508,7 @@ def potential_in_batch_terms(strategy, inputs, context):
             negative_logits=g[r0 : r0 + n, c0 : c0 + n].masked_fill(~negative, float("-inf")),
             negative_mask=negative,
             num_negatives=n - 1 - num,
-            multiplicity=multiplicity[:, d * n : (d + 1) * n],
+            multiplicity=None if multiplicity is None else multiplicity[:, d * n : (d + 1) * n],
             neighbours=nb,
             anchor_features=h,
             fast_log_mass=masses[d],
