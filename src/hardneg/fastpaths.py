@@ -1451,10 +1451,12 @@ def potential_in_batch_terms(strategy, inputs, context):
             need_by_column[blocks2.reshape(-1) + n, anchor_of] = 0
 
             def mined_p256(column: Tensor, anchor: Tensor) -> Tensor:
-                second = column >= n  # direction 2: anchor z2_i (row N + i), column z1_c
-                r = torch.where(second, anchor + n, anchor)
-                c = torch.where(second, column - n, column + n)
-                p256 = 256.0 * _kernel_at(gd.reshape(-1)[r * 2 * n + c], shift[r], coef, clamp)
+                # direction 1 (column c < N): G[a, N + c]; direction 2: G[N + a, c - N], the
+                # flat position 2N a + c + N plus 2N^2 - 2N
+                second = (column >= n).long()
+                flat = anchor * (2 * n) + column + n + second * (2 * n * n - 2 * n)
+                r = anchor + second * n
+                p256 = 256.0 * _kernel_at(gd.reshape(-1)[flat], shift[r], coef, clamp)
                 return p256.masked_fill_(own[anchor, column], 0.0)  # own block: no negative
 
             by_column = binomial_draws(need_by_column, trials, mined_p256, context.generator)
@@ -1494,8 +1496,11 @@ def potential_in_batch_terms(strategy, inputs, context):
     masses = block_log_masses(g, blocks, weights, reads, bound=1.0 / t, scratch=True, exp_out=spare)
     extra = masses[len(blocks) :] if reads else (None, None)
     out = []
-    for d, (r0, c0), nb, h in ((0, (0, n), nb1, inputs.h1), (1, (n, 0), nb2, inputs.h2)):
-        negative = ~own[:, d * n : (d + 1) * n]
+    terms = ((0, (0, n), nb1, blocks1, inputs.h1), (1, (n, 0), nb2, blocks2, inputs.h2))
+    for d, (r0, c0), nb, own_block, h in terms:
+        # (a copy and a scatter over each anchor's own block: no [N, N] mask passes)
+        negative = torch.ones(n, n, dtype=torch.bool, device=g.device).scatter_(1, own_block, False)
+        negative_logits = g[r0 : r0 + n, c0 : c0 + n].scatter(1, own_block, float("-inf"))
         anchors, columns = zn[r0 : r0 + n], zn[c0 : c0 + n]
         mined = _with_cells(
             aug,
@@ -1505,7 +1510,7 @@ def potential_in_batch_terms(strategy, inputs, context):
             positive_logits=aug.positive_logits[r0 : r0 + n],
             positive_weight=aug.positive_weight[r0 : r0 + n],
             positive_index=rows.unsqueeze(1),
-            negative_logits=g[r0 : r0 + n, c0 : c0 + n].masked_fill(~negative, float("-inf")),
+            negative_logits=negative_logits,
             negative_mask=negative,
             num_negatives=n - 1 - num,
             multiplicity=None if multiplicity is None else multiplicity[:, d * n : (d + 1) * n],
