@@ -1075,6 +1075,32 @@ def binomial_bytes(p: Tensor, trials: Tensor, generator: torch.Generator | None 
     return torch.empty(a, p.shape[1], dtype=p.dtype, device=p.device).copy_(counts.T)
 
 
+def _chunks(values: list[int], sizes: list[int], rows: int):
+    """The chunks of :func:`binomial_draws`: consecutive columns (sorted order; ``sizes[g]``
+    columns with ``values[g]`` trials each) whose rows of bytes number at most ``rows`` (at
+    least one column). Yields ``((first row, end row), runs)``, a run ``(m, first column, end
+    column, first row within the chunk)`` per group met; ``m = 0`` columns come as runs of
+    an empty chunk."""
+    runs, first_row, row, column = [], 0, 0, 0
+    for m, size in zip(values, sizes):
+        done = 0
+        while done < size:
+            room = rows - (row - first_row)
+            take = size - done if m == 0 else min(size - done, max(room // m, 0))
+            if take == 0:  # the chunk is full: flush it (a chunk holds at least one column)
+                if runs:
+                    yield (first_row, row), runs
+                    runs, first_row = [], row
+                    continue
+                take = 1
+            runs.append((m, column, column + take, row - first_row))
+            column += take
+            row += take * m
+            done += take
+    if runs:
+        yield (first_row, row), runs
+
+
 def binomial_draws(
     need_by_column: Tensor, trials: Tensor, p256_at, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -1104,34 +1130,28 @@ def binomial_draws(
     chunk = max(min(_CHUNK, total * a), most * a)  # at least one column's m rows
     scratch = torch.empty(chunk, dtype=torch.bool, device=device)
     stream = _ByteStream(generator, device, chunk)
+    key = order.repeat_interleave(sorted_trials)  # the column of each row of bytes
     found = []
-    start = offset = 0  # the group's first column (sorted order) and first row of bytes
-    for m, size in zip(values.tolist(), sizes.tolist()):
-        if m == 0:
-            below[start : start + size].zero_()
-            start += size
-            continue
-        step = max(1, _CHUNK // (m * a))  # columns per chunk
-        for s0 in range(0, size, step):
-            s1 = min(size, s0 + step)
-            need = need_by_column.index_select(0, order[start + s0 : start + s1]).unsqueeze(1)
-            vv = stream.take((s1 - s0) * m * a).view(s1 - s0, m, a)
-            buf = scratch[: vv.numel()].view(vv.shape)
-            out = below[start + s0 : start + s1]
-            torch.lt(vv, need, out=buf)
-            if m == 1:
-                out.copy_(buf[:, 0])
+    for rows, runs in _chunks(values.tolist(), sizes.tolist(), max(1, chunk // max(1, a))):
+        need = need_by_column.index_select(0, key[rows[0] : rows[1]])  # [R, A]
+        vv = stream.take(need.numel()).view(need.shape)
+        buf = scratch[: vv.numel()].view(vv.shape)
+        torch.lt(vv, need, out=buf)
+        kept = buf.view(torch.uint8)
+        for m, c0, c1, r0 in runs:  # columns [c0, c1) (sorted order) with m trials each
+            out = below[c0:c1]
+            if m == 0:
+                out.zero_()
+            elif m == 1:
+                out.copy_(kept[r0 : r0 + c1 - c0])
             else:
-                torch.sum(buf.view(torch.uint8), dim=1, out=out)
-            at = _find(torch.eq(vv, need, out=buf))
-            if at.numel():
-                found.append(at + (offset + s0 * m) * a)
-        start += size
-        offset += m * size
+                torch.sum(kept[r0 : r0 + (c1 - c0) * m].view(c1 - c0, m, a), dim=1, out=out)
+        at = _find(torch.eq(vv, need, out=buf))
+        if at.numel():
+            found.append(at + rows[0] * a)
     counts = below.index_select(0, torch.argsort(order))  # back in column order
     if found:
         at = torch.cat(found)
-        key = order.repeat_interleave(sorted_trials)  # the column of each row of bytes
         column, anchor = key[at // a], at % a
         need_at = need_by_column[column, anchor]
         keep = _tie_keeps(at, need_at, p256_at(column, anchor), generator)
