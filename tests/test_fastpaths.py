@@ -1251,7 +1251,7 @@ def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch):
     monkeypatch.setattr(
         fastpaths,
         "block_log_masses",
-        lambda c, b, w, r=(): seen.append([x.clone() for x in w]) or real(c, b, w, r),
+        lambda c, b, w, r=(), **kw: seen.append([x.clone() for x in w]) or real(c, b, w, r, **kw),
     )
     g = torch.Generator().manual_seed(5)
     context = StepContext(generator=g)

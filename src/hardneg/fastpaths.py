@@ -1646,8 +1646,9 @@ def potential_pool_terms(strategy, inputs, context):
         if bernoulli:
             cap = min(255.0, 256.0 * clamp)
             need_aug = None
-            if use_aug:
-                need_aug = _to_bytes(_kernel(aug_values, aug_shift, aug_coef, scale=256.0, cap=cap))
+            if use_aug:  # the kernel's float buffer takes L_aug's draws later
+                kernel_aug = _kernel(aug_values, aug_shift, aug_coef, scale=256.0, cap=cap)
+                need_aug = _to_bytes(kernel_aug)
             if shared:
                 need_keys = need_aug[:n, n:].contiguous()
             else:
@@ -1688,7 +1689,7 @@ def potential_pool_terms(strategy, inputs, context):
                 def aug_p256(at: Tensor) -> Tensor:
                     return 256.0 * _kernel_at(flat[at], aug_shift[at // width], aug_coef, clamp)
 
-                kept_aug = bernoulli_draws(need_aug, aug_p256, context.generator)
+                kept_aug = bernoulli_draws(need_aug, aug_p256, context.generator, out=kernel_aug)
             counts_keys = counts_keys.to(g.dtype)
         else:
             pi_aug = _kernel(aug_values, aug_shift, aug_coef, cap=clamp) if use_aug else None
@@ -1705,11 +1706,14 @@ def potential_pool_terms(strategy, inputs, context):
     if kept_aug is not None:
         blocks.append((0, 2 * n, 0, 2 * n))
         weights.append(kept_aug)
-    key_masses = block_log_masses(g, blocks, weights)
+    # cosine logits, |c| <= 1 / t; the weights are this call's own buffers (scratch)
+    key_masses = block_log_masses(g, blocks, weights, bound=1.0 / t, scratch=True)
     hard = strategy.weighting == "hard" and num > 0
     if u > 0:
         reads = [(0, 0, nbu)] if hard else []
-        pool_masses = block_log_masses(p, [(0, n, 0, u)], [counts_pool], reads)
+        pool_masses = block_log_masses(
+            p, [(0, n, 0, u)], [counts_pool], reads, bound=1.0 / t, scratch=True
+        )
         mass = _safe_logaddexp(key_masses[0], pool_masses[0])
     else:  # K = 0: no bank row holds a cell
         mass = key_masses[0]
