@@ -965,14 +965,17 @@ def _threshold_bytes(p: Tensor) -> Tensor:
     return _to_bytes((p * 256.0).clamp_(max=255.0))
 
 
-def _to_bytes(x: Tensor, scratch: Tensor | None = None) -> Tensor:
+def _to_bytes(x: Tensor) -> Tensor:
     """``uint8`` of values in [0, 255] (truncated), through ``int32``: a direct float ->
-    ``uint8`` conversion is several times slower on the CPU. ``scratch``: a buffer of ``x``'s
-    shape and dtype to hold the integers (viewed as the integer type of the same width)."""
-    if scratch is None:
+    ``uint8`` conversion is several times slower on the CPU. A large 2-D ``x`` converts a
+    block of rows at a time, so that the ``int32`` temporary stays small (no fresh buffer of
+    ``x``'s size to fault in)."""
+    if x.dim() != 2 or x.numel() <= _BLOCK:
         return x.to(torch.int32).to(torch.uint8)
-    ints = scratch.view(torch.int64 if scratch.element_size() == 8 else torch.int32)
-    return ints.copy_(x).to(torch.uint8)
+    out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    for block in row_blocks(x):
+        out[block] = x[block].to(torch.int32)
+    return out
 
 
 def _find(mask: Tensor) -> Tensor:
@@ -1409,7 +1412,6 @@ def potential_in_batch_terms(strategy, inputs, context):
     zn = aug.anchors
     bernoulli = strategy.sample == "bernoulli"
     clamp = strategy.clamp
-    spare = None  # a free [2N, 2N] buffer of g's dtype, if any
     with torch.no_grad():
         gd = g.detach()
         # the kernel exp(-a (s - s+ - b)^2) on s / t: coefficient -a t^2, shift (s+ + b) / t
@@ -1432,11 +1434,9 @@ def potential_in_batch_terms(strategy, inputs, context):
                 torch.bincount(blocks2.reshape(-1), minlength=n),
             ]
         )
-        multiplicity = None  # [N, 2N], only for the expected weights: the draws take trials
-        if not bernoulli:
-            multiplicity = trials.to(g.dtype).repeat(n, 1)  # 0 on each anchor's own block
-            multiplicity[:, :n].scatter_(1, blocks1, 0.0)
-            multiplicity[:, n:].scatter_(1, blocks2, 0.0)
+        multiplicity = trials.to(g.dtype).repeat(n, 1)  # 0 on each anchor's own block
+        multiplicity[:, :n].scatter_(1, blocks1, 0.0)
+        multiplicity[:, n:].scatter_(1, blocks2, 0.0)
         use_aug = strategy.aug_weight > 0
         raw = strategy.select_on == "raw"
         if use_aug and raw:  # the code's kernel on unnormalised dot products
@@ -1451,11 +1451,9 @@ def potential_in_batch_terms(strategy, inputs, context):
         if bernoulli:
             cap = min(255.0, 256.0 * clamp)
             kept_aug = need_aug = None
-            if use_aug:  # the kernel's float buffer takes L_aug's draws later; the buffer of
-                # its integer conversion takes e^G (block_log_masses): no third [2N, 2N] one
+            if use_aug:  # the kernel's float buffer takes L_aug's draws later
                 kernel_aug = _kernel(aug_values, aug_shift, aug_coef, scale=256.0, cap=cap)
-                spare = torch.empty_like(kernel_aug)
-                need_aug = _to_bytes(kernel_aug, spare)
+                need_aug = _to_bytes(kernel_aug)
             if shared:
                 need_by_column = torch.cat([need_aug[:n, n:].T, need_aug[n:, :n].T])
             else:
@@ -1514,7 +1512,7 @@ def potential_in_batch_terms(strategy, inputs, context):
     if strategy.weighting == "hard" and num > 0:  # the mined positives' logits, read from G
         reads = [(0, n, nb1), (n, 0, nb2)]
     # the weights are this call's own buffers: the products overwrite them
-    masses = block_log_masses(g, blocks, weights, reads, bound=1.0 / t, scratch=True, exp_out=spare)
+    masses = block_log_masses(g, blocks, weights, reads, bound=1.0 / t, scratch=True)
     extra = masses[len(blocks) :] if reads else (None, None)
     out = []
     terms = ((0, (0, n), nb1, blocks1, inputs.h1), (1, (n, 0), nb2, blocks2, inputs.h2))
@@ -1534,7 +1532,7 @@ def potential_in_batch_terms(strategy, inputs, context):
             negative_logits=negative_logits,
             negative_mask=negative,
             num_negatives=n - 1 - num,
-            multiplicity=None if multiplicity is None else multiplicity[:, d * n : (d + 1) * n],
+            multiplicity=multiplicity[:, d * n : (d + 1) * n],
             neighbours=nb,
             anchor_features=h,
             fast_log_mass=masses[d],
