@@ -1656,7 +1656,7 @@ def potential_pool_terms(strategy, inputs, context):
                 r, c = at // n, at % n
                 return 256.0 * _kernel_at(gd[r, c + n], shift[r], coef, clamp)
 
-            counts_keys = bernoulli_draws(need_keys, keys_p256, context.generator)
+            counts_keys = bernoulli_draws(need_keys, keys_p256, context.generator, dtype=g.dtype)
             need = _to_bytes(_kernel(pd, shift[:n], coef, scale=256.0, cap=cap))  # [N, U]
             if gone is not None:
                 need[rows[gone >= 0], gone[gone >= 0]] = 0
@@ -1676,8 +1676,9 @@ def potential_pool_terms(strategy, inputs, context):
             later = [(r, int((trials > r).sum())) for r in range(1, int(trials[0]) if u else 1)]
             later_need = [need[:, :width].contiguous() for _, width in later]
             need.masked_fill_(own, 0)
-            counts_pool = bernoulli_draws(need, pool_p256(u, True), context.generator)
-            counts_pool = counts_pool.to(g.dtype)
+            counts_pool = bernoulli_draws(
+                need, pool_p256(u, True), context.generator, dtype=g.dtype
+            )
             for (_, width), need_r in zip(later, later_need):
                 kept = bernoulli_draws(need_r, pool_p256(width, False), context.generator)
                 counts_pool[:, :width] += kept
@@ -1688,7 +1689,6 @@ def potential_pool_terms(strategy, inputs, context):
                     return 256.0 * _kernel_at(flat[at], aug_shift[at // width], aug_coef, clamp)
 
                 kept_aug = bernoulli_draws(need_aug, aug_p256, context.generator, out=kernel_aug)
-            counts_keys = counts_keys.to(g.dtype)
         else:
             pi_aug = _kernel(aug_values, aug_shift, aug_coef, cap=clamp) if use_aug else None
             if shared:
