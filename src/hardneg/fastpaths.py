@@ -46,9 +46,11 @@ only; no kept buffers.
   of ``[z1; z2]`` (every logit, the neighbour look-up, one keep kernel for ``L_aug`` and both
   mined terms, computed as threshold bytes ``floor(256 pi)``), the draws from random bytes
   (:func:`bernoulli_draws`, :func:`binomial_draws`: a byte against ``floor(256 pi)``, a float
-  uniform on a tie; same law as the plain grid's uniforms, other draws) and the negative masses
-  and mined positives' logits from one exponential with a one-pass backward
-  (:func:`block_log_masses`) (plain twin: ``PotentialMining.mined`` twice and
+  uniform on a tie; same law as the plain grid's uniforms, other draws; the bytes drawn,
+  compared, summed and scanned for ties by 1 MiB chunks) and the negative masses and mined
+  positives' logits from one unshifted exponential (cosine logits are bounded by ``1 / t``)
+  with a one-pass backward, the products written over the weights (:func:`block_log_masses`)
+  (plain twin: ``PotentialMining.mined`` twice and
   ``PotentialMining.augmentation``, three products and two look-ups).
 * :func:`potential_pool_terms` — potential with a bank: only the keys (read from ``L_aug``'s
   Gram matrix) and the bank rows in some block (one product ``q bank[U]^T``) are touched, the
