@@ -1084,8 +1084,7 @@ def _chunks(values: list[int], sizes: list[int], rows: int):
     """The chunks of :func:`binomial_draws`: consecutive columns (sorted order; ``sizes[g]``
     columns with ``values[g]`` trials each) whose rows of bytes number at most ``rows`` (at
     least one column). Yields ``((first row, end row), runs)``, a run ``(m, first column, end
-    column, first row within the chunk)`` per group met; ``m = 0`` columns come as runs of
-    an empty chunk."""
+    column, first row within the chunk)`` per group met (a run of ``m = 0`` takes no rows)."""
     runs, first_row, row, column = [], 0, 0, 0
     for m, size in zip(values, sizes):
         done = 0
