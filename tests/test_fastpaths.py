@@ -1156,6 +1156,196 @@ def test_bernoulli_and_binomial_bytes_have_the_binomial_law(dtype):
     assert abs(freq - float(edge[0])) <= 5 * math.sqrt(float(edge[0]) / len(edge))
 
 
+def test_byte_stream_pieces_are_the_bytes_of_one_call():
+    """``_ByteStream.take`` in pieces of any size (aligned to the 8-byte words or not, smaller
+    than the bytes a word leaves over, larger than the first buffer) gives the bytes of one
+    ``random_bytes`` call over their total, and leaves the generator where that call does."""
+    sizes = [5, 1, 8, 13, 0, 3, 4000, 7, 250, 16]
+    one = torch.Generator().manual_seed(3)
+    whole = fastpaths.random_bytes((sum(sizes),), one, "cpu")
+    two = torch.Generator().manual_seed(3)
+    stream = fastpaths._ByteStream(two, "cpu", 16)
+    pieces = [stream.take(size).clone() for size in sizes]
+    assert [x.numel() for x in pieces] == sizes
+    assert torch.equal(torch.cat(pieces), whole)
+    assert torch.equal(torch.rand(4, generator=one), torch.rand(4, generator=two))
+
+
+def whole_array_bernoulli(need, p256_at, generator):
+    """The whole-array form of ``bernoulli_draws`` (every byte at once, then a uniform per tie
+    in flat order): the chunked form must give the same draws."""
+    v = fastpaths.random_bytes(tuple(need.shape), generator, "cpu")
+    kept = (v < need).to(torch.uint8)
+    at = (v == need).reshape(-1).nonzero().squeeze(1)
+    if at.numel():
+        u = torch.rand(at.shape, generator=generator)
+        keep = u < p256_at(at) - need.reshape(-1)[at].double()
+        kept.view(-1)[at] = keep.to(torch.uint8)
+    return kept
+
+
+def whole_array_binomial(need_by_column, trials, p256_at, generator):
+    """The whole-array form of ``binomial_draws``: the rows of bytes of the columns in the
+    stable ascending order of ``trials``, compared at once, summed per column, a uniform per
+    tie in flat order."""
+    c, a = need_by_column.shape
+    order = torch.argsort(trials, stable=True)
+    key = order.repeat_interleave(trials[order])
+    need = need_by_column[key]
+    v = fastpaths.random_bytes(tuple(need.shape), generator, "cpu")
+    counts = torch.zeros(c, a, dtype=torch.int64)
+    counts.index_add_(0, key, (v < need).long())
+    at = (v == need).reshape(-1).nonzero().squeeze(1)
+    if at.numel():
+        column, anchor = key[at // a], at % a
+        u = torch.rand(at.shape, generator=generator)
+        keep = u < p256_at(column, anchor) - need_by_column[column, anchor].double()
+        counts.view(-1).index_add_(0, column * a + anchor, keep.long())
+    return counts
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 20], ids=["chunks", "one-chunk"])
+@pytest.mark.parametrize(("c", "a"), [(40, 37), (9, 64), (1, 3)])
+def test_chunked_byte_draws_equal_the_whole_array_draws(monkeypatch, chunk, c, a):
+    """``bernoulli_draws`` and ``binomial_draws`` (bytes drawn, compared, summed and scanned for
+    ties chunk by chunk; 64-byte chunks split groups and rows off the 8-byte words) give the
+    draws of the whole-array form for the same seed, ties (p just above a byte edge) and 0,
+    1, many and more than 255 trials included; ``out`` and ``dtype`` only change the type."""
+    monkeypatch.setattr(fastpaths, "_CHUNK", chunk)
+    g = torch.Generator().manual_seed(c + a)
+    p = torch.rand(c, a, generator=g, dtype=torch.float64)
+    p[:, ::3] = (torch.randint(0, 256, (c, len(range(0, a, 3))), generator=g) + 0.3) / 256
+    need = (p * 256).floor().clamp(max=255).to(torch.uint8)
+    trials = torch.randint(0, 7, (c,), generator=g)
+    trials[0] = 0
+    if c > 5:
+        trials[3], trials[5] = 1, 300  # past 255: int32 sums
+
+    def p256_at(column, anchor):
+        return p[column, anchor] * 256
+
+    def flat_p256(at):
+        return p.reshape(-1)[at] * 256
+
+    got = fastpaths.binomial_draws(need, trials, p256_at, torch.Generator().manual_seed(1))
+    want = whole_array_binomial(need, trials, p256_at, torch.Generator().manual_seed(1))
+    assert torch.equal(got.long(), want)
+    assert got.dtype == (torch.int32 if int(trials.max()) > 255 else torch.uint8)
+    got = fastpaths.bernoulli_draws(need, flat_p256, torch.Generator().manual_seed(2))
+    want = whole_array_bernoulli(need, flat_p256, torch.Generator().manual_seed(2))
+    assert got.dtype == torch.uint8 and torch.equal(got, want)
+    out = torch.empty(c, a, dtype=torch.float64)
+    got = fastpaths.bernoulli_draws(need, flat_p256, torch.Generator().manual_seed(2), out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(got, want.double())
+    got = fastpaths.bernoulli_draws(
+        need, flat_p256, torch.Generator().manual_seed(2), dtype=torch.float32
+    )
+    assert got.dtype == torch.float32 and torch.equal(got, want.float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "options",
+    [{"bound": 2.5}, {"scratch": True}, {"bound": 2.5, "scratch": True, "exp_out": True}],
+    ids=["bound", "scratch", "all"],
+)
+def test_block_log_masses_options_change_no_value(dtype, options):
+    """``bound`` (no row maximum), ``scratch`` (the products written over the weights) and
+    ``exp_out`` (the exponentials in the caller's buffer) give the default form's values and
+    gradients; with ``scratch`` the weights hold the products ``w e^c`` (shifted by the row
+    maximum without a bound) afterwards."""
+    g = torch.Generator().manual_seed(8)
+    n = 6
+    c = (torch.rand(2 * n, 2 * n, generator=g, dtype=torch.float64) * 5 - 2.5).to(dtype)
+    c[torch.arange(2 * n), torch.arange(2 * n)] = float("-inf")
+    w_all = torch.randint(0, 3, (2 * n, 2 * n), generator=g).to(dtype)
+    w_all[torch.arange(2 * n), torch.arange(2 * n)] = 0.0
+    w1 = torch.rand(n, n, generator=g, dtype=torch.float64).to(dtype)
+    w1[1] = 0.0  # nothing kept
+    index = torch.stack([torch.randperm(n, generator=g)[:2] for _ in range(n)])
+    blocks = [(0, n, n, 2 * n), (0, 2 * n, 0, 2 * n)]
+    ups = torch.linspace(0.5, 2.0, 2 * n, dtype=dtype)
+
+    def run(**kw):
+        x = c.clone().requires_grad_(True)
+        weights = [w1.clone(), w_all.clone()]
+        if kw.pop("exp_out", False):
+            kw["exp_out"] = torch.empty_like(c)
+        outs = fastpaths.block_log_masses(x, blocks, weights, [(0, n, index)], **kw)
+        total = sum(
+            torch.where(torch.isfinite(o), o, 0.0)
+            .mul(ups[: o.shape[0]].view(-1, *[1] * (o.dim() - 1)))
+            .sum()
+            for o in outs
+        )
+        (grad,) = torch.autograd.grad(total, x)
+        return [o.detach() for o in outs], grad, weights
+
+    plain, plain_grad, _ = run()
+    fast, fast_grad, weights = run(**options)
+    for f, p in zip(fast, plain):
+        assert torch.equal(torch.isfinite(f), torch.isfinite(p))
+        assert_close_rel(f[torch.isfinite(p)], p[torch.isfinite(p)], what="value")
+    assert_close_rel(fast_grad, plain_grad, what="gradient")
+    if options.get("scratch"):  # w e^c, or w e^{c - max_j c} without a bound
+        shift = 0.0 if "bound" in options else c.amax(dim=1, keepdim=True)
+        assert_close_rel(weights[1], w_all * (c - shift).exp(), what="products")
+    else:
+        assert torch.equal(weights[1], w_all)
+
+
+def test_potential_in_batch_fused_draws_have_the_exact_binomial_law(monkeypatch):
+    """The fused in-batch path's weights, read where its masses take them: per anchor and
+    column of each mined direction ``Binomial(m, pi)``, with ``m`` the plain grid's cells of
+    that column for that anchor and ``pi`` the plain keep probability, and ``L_aug``'s kept
+    cells ``Bernoulli(pi)`` of its own kernel: means within 5 standard errors everywhere,
+    the variance pooled over the cells within 10 %, 0 on the non-negatives."""
+    from hardneg.losses.contrastive import ContrastInputs
+    from hardneg.strategies.base import StepContext
+
+    z1, z2, _ = make_inputs("in_batch", torch.float64, n=8, seed=4)
+    loss_fn = hardneg.create_loss("potential", num_neighbors=3, a=3.0)
+    inputs = ContrastInputs(z1=z1, z2=z2, temperature=loss_fn.temperature)
+    strategy = loss_fn.strategy
+    plain = [
+        strategy.mined(inputs, z1, z2, None, fast=True),
+        strategy.mined(inputs, z2, z1, None, fast=True),
+    ]
+    aug = strategy.augmentation(inputs)
+    seen = []
+    real = fastpaths.block_log_masses
+    monkeypatch.setattr(
+        fastpaths,
+        "block_log_masses",
+        lambda c, b, w, r=(), **kw: seen.append([x.clone() for x in w]) or real(c, b, w, r, **kw),
+    )
+    g = torch.Generator().manual_seed(5)
+    context = StepContext(generator=g)
+    draws = [[], [], []]
+    for _ in range(500):
+        seen.clear()
+        fastpaths.potential_in_batch_terms(strategy, inputs, context)
+        for i in range(3):
+            draws[i].append(seen[0][i])
+    assert int(plain[0].multiplicity.max()) >= 3  # keys in several blocks
+    cases = [
+        (plain[0].multiplicity, plain[0].cell_log_keep.exp()),
+        (plain[1].multiplicity, plain[1].cell_log_keep.exp()),
+        (torch.isfinite(aug.cell_log_keep).double(), aug.cell_log_keep.exp()),
+    ]
+    for drawn, (m, pi) in zip(draws, cases):
+        drawn = torch.stack(drawn)
+        m = m * (pi > 0)
+        assert torch.equal(drawn, drawn.round())
+        assert bool((drawn >= 0).all() and (drawn <= m).all())
+        mean, var = m * pi, m * pi * (1 - pi)
+        se = (var / len(drawn)).sqrt().clamp(min=1e-9)
+        assert bool(((drawn.mean(0) - mean).abs() <= 5 * se).all())
+        loose = var > 0
+        spread = ((drawn - mean) ** 2)[:, loose].mean() / var[loose].mean()
+        assert abs(float(spread) - 1) < 0.1, float(spread)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_block_log_masses_equal_the_plain_sums_and_gathers(dtype):
     """Against ``weighted_log_mass``'s plain twin ``logsumexp(c + log w)`` per block and a
@@ -1371,7 +1561,7 @@ def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch):
     monkeypatch.setattr(
         fastpaths,
         "block_log_masses",
-        lambda c, b, w, r=(): seen.append([x.clone() for x in w]) or real(c, b, w, r),
+        lambda c, b, w, r=(), **kw: seen.append([x.clone() for x in w]) or real(c, b, w, r, **kw),
     )
     g = torch.Generator().manual_seed(5)
     context = StepContext(generator=g)
