@@ -248,8 +248,7 @@ def oracle_jsd(contrast, sel, tau):
         kept = [(a, w) for a, w in zip(pos, weights) if w > 0]
         norm = sum(w for _, w in kept)
         e_pos = sum(w * (log2 - sp(-a)) for a, w in kept) / norm
-        if tau > 0:
-            e_pos = e_pos - tau / (1 - tau) * sum(w * sp(a) for a, w in kept) / norm
+        correction = tau / (1 - tau) * sum(w * sp(a) for a, w in kept) / norm
         num, den = 0.0, 0.0
         for j, c in enumerate(contrast.negative_logits[i]):
             lw = 0.0 if sel.negative_log_weights is None else sel.negative_log_weights[i, j]
@@ -259,9 +258,13 @@ def oracle_jsd(contrast, sel, tau):
         if sel.extra_negative_logits is not None:
             for c in sel.extra_negative_logits[i]:
                 num, den = num + sp(c), den + 1.0
+        if isinstance(den, float) and den == 0.0:  # no negative kept: no negative side at all
+            out.append(-e_pos)
+            continue
         mean_neg = num / den
         if tau > 0:
             mean_neg = mean_neg / (1 - tau)
+            e_pos = e_pos - correction
         out.append(mean_neg - log2 - e_pos)
     return torch.stack(out)
 
@@ -306,6 +309,30 @@ def test_jsd_without_weights_is_the_plain_mean_over_the_negatives():
     contrast = contrast_of(pos, neg)
     got = jsd_objective(contrast, Selection())
     torch.testing.assert_close(got, oracle_jsd(contrast, Selection(), 0.0), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.3])
+@pytest.mark.parametrize("how", ["weights", "mask"])
+def test_jsd_of_an_anchor_that_keeps_no_negative_is_its_positive_side_alone(tau, how):
+    # InfoNCE's loss of such an anchor is 0; the Jensen-Shannon estimator has no negative
+    # expectation to take: -E+ (no debiasing correction), finite, with finite gradients
+    pos, neg, log_w = draw(21, 3, 2), draw(22, 3, 4), draw(23, 3, 4)
+    with torch.no_grad():
+        if how == "weights":
+            log_w[1] = NEG_INF  # the strategy drops every negative of anchor 1
+        else:
+            neg[1] = NEG_INF  # anchor 1 has no negative column at all
+    contrast = contrast_of(pos, neg)
+    sel = Selection(negative_log_weights=log_w)
+    got = jsd_objective(contrast, sel, tau_plus=tau)
+    sp = torch.nn.functional.softplus
+    alone = (math.log(2.0) - sp(-pos[1])).mean()
+    torch.testing.assert_close(got[1], -alone, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got, oracle_jsd(contrast, sel, tau), rtol=1e-10, atol=1e-12)
+    leaves = [pos, neg, log_w]
+    grads = torch.autograd.grad(got.sum(), leaves, allow_unused=True)
+    assert all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+    assert float(grads[0][1].abs().sum()) > 0  # the positive side still trains anchor 1
 
 
 def test_jsd_refuses_a_selection_with_only_a_log_mass():

@@ -23,6 +23,9 @@ strategy's weights (mean 1 over the negatives) on the negative expectation:
     E-_i = sum_j w_ij softplus(c_ij) / sum_j w_ij  - log 2      (mean over the kept negatives)
     l_i  = E-_i - E+_i
 
+An anchor that keeps no negative (all ``w_ij = 0``) has no negative expectation: ``E-_i = 0``
+(no debiasing correction either) and ``l_i = -E+_i``.
+
 and with ``tau_plus > 0`` the debiased form of HCL's graph code (``JSD_hard``):
 ``E-_i -> (E-_i + log 2) / (1 - tau_plus) - log 2`` and ``E+_i -> E+_i - tau_plus / (1 - tau_plus)
 * sum_p v_ip softplus(a_ip) / sum_p v_ip``. (The authors' code keeps the ``- log 2`` of ``Eq``
@@ -202,13 +205,19 @@ def jsd_objective(contrast: ContrastSet, selection: Selection, *, tau_plus: floa
         extra = selection.extra_negative_logits
         logits = torch.cat([logits, extra], dim=1)
         log_w = torch.cat([log_w, torch.zeros_like(extra)], dim=1)
+    # an anchor that keeps no negative has no negative expectation (a mean over nothing): its
+    # negative side, the debiasing correction included, is 0 and only E+ trains it (a softmax
+    # over all -inf would be NaN)
+    has_negative = (log_w > float("-inf")).any(dim=1)
+    log_w = torch.where(has_negative.unsqueeze(1), log_w, 0.0)
     share = torch.softmax(log_w, dim=1)  # w / sum w, 0 where dropped
     finite = torch.where(share > 0, logits, 0.0)  # no -inf * 0
     mean_neg = (share * F.softplus(finite)).sum(dim=1)
     if tau_plus > 0.0:
         mean_neg = mean_neg / (1.0 - tau_plus)
-        e_pos = e_pos - tau_plus / (1.0 - tau_plus) * (weight * F.softplus(pos)).sum(dim=1) / norm
-    e_neg = mean_neg - log2
+        correction = tau_plus / (1.0 - tau_plus) * (weight * F.softplus(pos)).sum(dim=1) / norm
+        e_pos = e_pos - torch.where(has_negative, correction, 0.0)
+    e_neg = torch.where(has_negative, mean_neg - log2, 0.0)
     return e_neg - e_pos
 
 
