@@ -327,3 +327,19 @@ def test_bad_hyper_parameters_are_refused_with_exact_messages(kwargs, message):
 def test_top_k_zero_with_a_threshold_is_accepted_and_a_threshold_is_a_float():
     fnc = strategy_class("fnc")(top_k=0, threshold=1)
     assert fnc.top_k == 0 and fnc.threshold == 1.0 and isinstance(fnc.threshold, float)
+
+
+@pytest.mark.parametrize("agg", ["max", "mean"])
+def test_a_single_column_is_scored_by_every_support_view(agg):
+    """One negative column and two support views: the score still aggregates both views."""
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    column = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    positives = torch.randn(2, 2, 4, generator=g, dtype=torch.float64)
+    contrast = build_contrast(a, column, positives=positives, temperature=0.3)
+    got = strategy_class("fnc")(agg=agg).support_scores(contrast)
+    c, p = unit(column)[0], unit(positives)
+    for i in range(2):
+        cosines = [float(p[i, 0] @ c), float(p[i, 1] @ c)]
+        want = max(cosines) if agg == "max" else sum(cosines) / 2
+        assert float(got[i, 0]) == pytest.approx(want, rel=1e-12)
