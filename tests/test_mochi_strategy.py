@@ -118,3 +118,123 @@ def test_a_row_without_negatives_mixes_nothing():
         assert extra.shape == (3, 5)
         assert bool(torch.isneginf(extra[1]).all())
         assert bool(torch.isfinite(extra[[0, 2]]).all())
+
+
+def test_the_plain_hardest_set_is_the_default_and_has_min_n_s_slots():
+    """``hardest(contrast)`` is the plain form: ``k' = min(N, S)`` slots per row even where
+    every anchor has fewer negatives (the fast form may return ``min(N, M)``)."""
+    contrast = contrasts()["pool_exclude_ties"]  # S = 12, M = 11
+    for n, width in ((30, 12), (12, 12), (11, 11), (4, 4)):
+        index, count = mochi(num_hardest=n).hardest(contrast)
+        assert index.shape == (4, width)
+        assert count.flatten().tolist() == [min(n, 11)] * 4
+
+
+def vectors_of(contrast):
+    """``[A, S, d]`` float64 embedding of every column of every anchor, by hand: shared
+    columns first, then the anchor's own."""
+    rows = []
+    for i in range(contrast.num_anchors):
+        row = [contrast.columns[j].double() for j in range(contrast.num_shared)]
+        if contrast.anchor_columns is not None:
+            row += [v.double() for v in contrast.anchor_columns[i]]
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def mixes_by_hand(contrast, draws):
+    """``[A, s + s', d]``: ``a n_i + (1 - a) n_j`` and ``b q + (1 - b) n_j``, normalised when
+    the contrast set is."""
+    vectors = vectors_of(contrast)
+    s = draws.alpha.shape[1]
+    out = []
+    for i in range(contrast.num_anchors):
+        cols = draws.columns[i].tolist()
+        q = contrast.anchors[i].double()
+        row = []
+        for k in range(s):
+            a = float(draws.alpha[i, k])
+            row.append(a * vectors[i, cols[k]] + (1 - a) * vectors[i, cols[s + k]])
+        for k in range(draws.beta.shape[1]):
+            b = float(draws.beta[i, k])
+            row.append(b * q + (1 - b) * vectors[i, cols[2 * s + k]])
+        h = torch.stack(row)
+        out.append(h / h.norm(dim=1, keepdim=True) if contrast.normalized else h)
+    return torch.stack(out)
+
+
+def mixed_layout(normalize=True):
+    """Shared columns and each anchor's own columns in one contrast set (``build_contrast``)."""
+    g = torch.Generator().manual_seed(9)
+    a, columns = torch.randn(3, 4, generator=g), torch.randn(4, 4, generator=g)
+    positives, own = torch.randn(3, 4, generator=g), torch.randn(3, 2, 4, generator=g)
+    return build_contrast(
+        a, columns, positives=positives, anchor_columns=own, temperature=0.3, normalize=normalize
+    )
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_mixes_of_shared_and_own_columns_take_each_columns_own_vector(fast):
+    """Columns ``0..C-1`` are the shared vectors, ``C..S-1`` the anchor's own: the mixes and
+    their logits ``q . h / t`` match vectors looked up by hand."""
+    contrast = mixed_layout()
+    strategy = mochi(num_hardest=6, num_mixed=8, num_query_mixed=4)
+    context = StepContext(generator=torch.Generator().manual_seed(4), fast=fast)
+    draws = strategy.draw(contrast, context)
+    assert {4, 5} & set(draws.columns.flatten().tolist())  # own columns are drawn
+    assert set(range(4)) & set(draws.columns.flatten().tolist())
+    want = mixes_by_hand(contrast, draws)
+    got = strategy.synthetic_negatives(contrast, context, draws)
+    assert (got.double() - want).abs().max().item() < 1e-6
+    context = StepContext(generator=torch.Generator().manual_seed(4), fast=fast)
+    extra = strategy.select(contrast, context).extra_negative_logits
+    logits = torch.einsum("ad,akd->ak", contrast.anchors.double(), want) / 0.3
+    assert (extra.double() - logits).abs().max().item() < 1e-5
+
+
+def test_given_draws_are_used_and_raw_dot_products_are_not_normalised():
+    from hardneg.strategies.mochi import MixDraws
+
+    contrast = mixed_layout(normalize=False)
+    draws = MixDraws(
+        columns=torch.tensor([[0, 4, 5, 2, 1], [3, 3, 4, 0, 5], [5, 1, 2, 4, 3]]),
+        alpha=torch.tensor([[0.25, 0.5], [0.75, 0.125], [0.5, 0.5]]),
+        beta=torch.tensor([[0.25], [0.125], [0.375]]),
+    )
+    strategy = mochi(num_hardest=6, num_mixed=2, num_query_mixed=1)
+    context = StepContext(generator=torch.Generator().manual_seed(0))
+    got = strategy.synthetic_negatives(contrast, context, draws)
+    want = mixes_by_hand(contrast, draws)
+    assert (got.double() - want).abs().max().item() < 1e-6
+    assert float(want.norm(dim=2).sub(1).abs().max()) > 0.1  # the test can tell
+
+
+@pytest.mark.parametrize("s,s_query", [(1, 0), (0, 1), (3, 3)])
+def test_each_anchor_gets_num_mixed_plus_num_query_mixed_synthetic_negatives(s, s_query):
+    contrast = contrasts()["pool_exclude_ties"]
+    strategy = mochi(num_hardest=3, num_mixed=s, num_query_mixed=s_query)
+    context = StepContext(generator=torch.Generator().manual_seed(5))
+    extra = strategy.select(contrast, context).extra_negative_logits
+    assert extra.shape == (4, s + s_query)
+    context = StepContext(generator=torch.Generator().manual_seed(5))
+    draws = strategy.draw(contrast, context)
+    h = mixes_by_hand(contrast, draws)
+    want = torch.einsum("ad,akd->ak", contrast.anchors.double(), h) / 0.5
+    assert (extra.double() - want).abs().max().item() < 1e-5
+
+
+def test_pair_similarity_row_by_row_covers_every_anchor(monkeypatch):
+    """Row-wise dot products in blocks of one anchor (``_BLOCK`` tiny) with fewer pairs than
+    anchors: every anchor's ``n_i . n_j``, by hand."""
+    import hardneg.strategies.mochi as mochi_module
+
+    monkeypatch.setattr(mochi_module, "_BLOCK", 1)
+    contrast = mixed_layout()
+    first = torch.tensor([[0, 5], [4, 1], [2, 3]])
+    second = torch.tensor([[4, 5], [3, 3], [5, 0]])
+    got = mochi().pair_similarity(contrast, first, second)
+    vectors = vectors_of(contrast)
+    for i in range(3):
+        for k in range(2):
+            want = float(vectors[i, first[i, k]] @ vectors[i, second[i, k]])
+            assert float(got[i, k]) == pytest.approx(want, abs=1e-6)
