@@ -1,0 +1,240 @@
+"""MoCHi (``mochi``): its hyper-parameters, the hardest set ``Q~`` restated by sorting in Python
+(ties at the ``N``-th logit settled by column order), the law of its uniforms and the rows
+without negatives; the mixes themselves are checked in ``tests/test_strategies_mixing.py``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import hardneg
+from hardneg.contrast import build_contrast, in_batch_contrast, pool_contrast
+from hardneg.registry import strategy_class
+from hardneg.strategies import StepContext
+
+
+def mochi(**kw):
+    return strategy_class("mochi")(**kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(num_hardest=0), "num_hardest must be in [1, inf), got 0"),
+        (dict(num_hardest=2.5), "num_hardest must be an integer, got 2.5"),
+        (dict(num_mixed=-1), "num_mixed must be in [0, inf), got -1"),
+        (dict(num_mixed=1.5), "num_mixed must be an integer, got 1.5"),
+        (dict(num_query_mixed=-1), "num_query_mixed must be in [0, inf), got -1"),
+        (dict(num_query_mixed="3"), "num_query_mixed must be an integer, got '3' (str)"),
+    ],
+)
+def test_bad_hyper_parameters_are_refused_with_exact_messages(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        hardneg.create_loss("mochi", **kwargs)
+    assert str(info.value) == message
+
+
+def test_the_defaults_are_the_papers_configuration_and_the_lower_bounds_are_accepted():
+    assert mochi().hparams() == {"num_hardest": 1024, "num_mixed": 1024, "num_query_mixed": 128}
+    edge = mochi(num_hardest=1, num_mixed=0, num_query_mixed=0)
+    assert edge.hparams() == {"num_hardest": 1, "num_mixed": 0, "num_query_mixed": 0}
+    assert all(type(v) is int for v in mochi(num_hardest=3.0, num_mixed=2.0).hparams().values())
+
+
+def hardest_by_sorting(logits, n):
+    """Per row, the columns of the ``n`` largest finite logits (a tie settled by the smaller
+    column), in increasing column order."""
+    rows = []
+    for row in logits.tolist():
+        finite = [(v, j) for j, v in enumerate(row) if math.isfinite(v)]
+        best = sorted(finite, key=lambda vj: (-vj[0], vj[1]))[:n]
+        rows.append(sorted(j for _, j in best))
+    return rows
+
+
+def contrasts():
+    """Contrast sets with ties at the ``N``-th logit, per-anchor counts below ``N``, a mask."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    pool = torch.randn(5, 3, generator=g)
+    tied = torch.cat([pool, pool, pool[:2]])  # every logit of the first 2 rows three times
+    views = [torch.randn(6, 3, generator=g) for _ in range(2)]
+    ids = torch.tensor([0, 0, 0, 0, 1, 2])  # anchors of sample 0..3: M = 4; of 4, 5: M = 10
+    return {
+        "pool_ties": pool_contrast(q, k, tied, temperature=0.5),
+        "pool_exclude_ties": pool_contrast(
+            q, k, tied, temperature=0.5, exclude_index=torch.tensor([0, 5, 11, 3])
+        ),
+        "in_batch_ids": in_batch_contrast(views, temperature=0.5, ids=ids),
+        "in_batch": in_batch_contrast(views, temperature=0.5),
+    }
+
+
+@pytest.mark.parametrize("name", ["pool_ties", "pool_exclude_ties", "in_batch_ids", "in_batch"])
+@pytest.mark.parametrize("n", [1, 4, 7, 11, 12, 30])
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_the_hardest_set_is_the_n_largest_logits_first_in_column_order(name, n, fast):
+    contrast = contrasts()[name]
+    index, count = mochi(num_hardest=n).hardest(contrast, fast=fast)
+    want = hardest_by_sorting(contrast.negative_logits, n)
+    assert count.shape == (contrast.num_anchors, 1)
+    assert count.flatten().tolist() == [len(row) for row in want]
+    assert [index[i, : len(row)].tolist() for i, row in enumerate(want)] == want
+
+
+def test_the_uniforms_are_odd_multiples_of_2_to_the_minus_24_with_every_bit_random():
+    """``(2 j + 1) 2^-24`` with ``j`` of 23 random bits: each bit of ``j`` is set half of the
+    time (5 standard errors), every value strictly inside ``(0, 1)``."""
+    from hardneg.strategies.mochi import _unit_uniforms
+
+    u = _unit_uniforms((301, 7), torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert u.shape == (301, 7) and u.dtype == torch.float32
+    scaled = u.double() * 2**24
+    assert torch.equal(scaled, scaled.round())
+    j = ((scaled - 1) / 2).long().flatten()
+    assert bool(((scaled.long() % 2) == 1).all())
+    assert bool((j >= 0).all()) and bool((j < 2**23).all())
+    n = j.numel()
+    for bit in range(23):
+        share = float(((j >> bit) & 1).double().mean())
+        assert share == pytest.approx(0.5, abs=5 * math.sqrt(0.25 / n)), bit
+    assert len(set(j.tolist())) > n - 5  # 2107 draws of 2^23 values: almost no repeat
+
+
+def test_a_row_without_negatives_mixes_nothing():
+    g = torch.Generator().manual_seed(1)
+    a, columns = torch.randn(3, 4, generator=g), torch.randn(5, 4, generator=g)
+    positives = torch.randn(3, 4, generator=g)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1] = False  # anchor 1 has no negative
+    mask[2, :3] = False
+    contrast = build_contrast(a, columns, positives=positives, negative_mask=mask, temperature=0.2)
+    strategy = mochi(num_hardest=2, num_mixed=3, num_query_mixed=2)
+    for fast in (False, True):
+        context = StepContext(generator=torch.Generator().manual_seed(2), fast=fast)
+        extra = strategy.select(contrast, context).extra_negative_logits
+        assert extra.shape == (3, 5)
+        assert bool(torch.isneginf(extra[1]).all())
+        assert bool(torch.isfinite(extra[[0, 2]]).all())
+
+
+def test_the_plain_hardest_set_is_the_default_and_has_min_n_s_slots():
+    """``hardest(contrast)`` is the plain form: ``k' = min(N, S)`` slots per row even where
+    every anchor has fewer negatives (the fast form may return ``min(N, M)``)."""
+    contrast = contrasts()["pool_exclude_ties"]  # S = 12, M = 11
+    for n, width in ((30, 12), (12, 12), (11, 11), (4, 4)):
+        index, count = mochi(num_hardest=n).hardest(contrast)
+        assert index.shape == (4, width)
+        assert count.flatten().tolist() == [min(n, 11)] * 4
+
+
+def vectors_of(contrast):
+    """``[A, S, d]`` float64 embedding of every column of every anchor, by hand: shared
+    columns first, then the anchor's own."""
+    rows = []
+    for i in range(contrast.num_anchors):
+        row = [contrast.columns[j].double() for j in range(contrast.num_shared)]
+        if contrast.anchor_columns is not None:
+            row += [v.double() for v in contrast.anchor_columns[i]]
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def mixes_by_hand(contrast, draws):
+    """``[A, s + s', d]``: ``a n_i + (1 - a) n_j`` and ``b q + (1 - b) n_j``, normalised when
+    the contrast set is."""
+    vectors = vectors_of(contrast)
+    s = draws.alpha.shape[1]
+    out = []
+    for i in range(contrast.num_anchors):
+        cols = draws.columns[i].tolist()
+        q = contrast.anchors[i].double()
+        row = []
+        for k in range(s):
+            a = float(draws.alpha[i, k])
+            row.append(a * vectors[i, cols[k]] + (1 - a) * vectors[i, cols[s + k]])
+        for k in range(draws.beta.shape[1]):
+            b = float(draws.beta[i, k])
+            row.append(b * q + (1 - b) * vectors[i, cols[2 * s + k]])
+        h = torch.stack(row)
+        out.append(h / h.norm(dim=1, keepdim=True) if contrast.normalized else h)
+    return torch.stack(out)
+
+
+def mixed_layout(normalize=True):
+    """Shared columns and each anchor's own columns in one contrast set (``build_contrast``)."""
+    g = torch.Generator().manual_seed(9)
+    a, columns = torch.randn(3, 4, generator=g), torch.randn(4, 4, generator=g)
+    positives, own = torch.randn(3, 4, generator=g), torch.randn(3, 2, 4, generator=g)
+    return build_contrast(
+        a, columns, positives=positives, anchor_columns=own, temperature=0.3, normalize=normalize
+    )
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_mixes_of_shared_and_own_columns_take_each_columns_own_vector(fast):
+    """Columns ``0..C-1`` are the shared vectors, ``C..S-1`` the anchor's own: the mixes and
+    their logits ``q . h / t`` match vectors looked up by hand."""
+    contrast = mixed_layout()
+    strategy = mochi(num_hardest=6, num_mixed=8, num_query_mixed=4)
+    context = StepContext(generator=torch.Generator().manual_seed(4), fast=fast)
+    draws = strategy.draw(contrast, context)
+    assert {4, 5} & set(draws.columns.flatten().tolist())  # own columns are drawn
+    assert set(range(4)) & set(draws.columns.flatten().tolist())
+    want = mixes_by_hand(contrast, draws)
+    got = strategy.synthetic_negatives(contrast, context, draws)
+    assert (got.double() - want).abs().max().item() < 1e-6
+    context = StepContext(generator=torch.Generator().manual_seed(4), fast=fast)
+    extra = strategy.select(contrast, context).extra_negative_logits
+    logits = torch.einsum("ad,akd->ak", contrast.anchors.double(), want) / 0.3
+    assert (extra.double() - logits).abs().max().item() < 1e-5
+
+
+def test_given_draws_are_used_and_raw_dot_products_are_not_normalised():
+    from hardneg.strategies.mochi import MixDraws
+
+    contrast = mixed_layout(normalize=False)
+    draws = MixDraws(
+        columns=torch.tensor([[0, 4, 5, 2, 1], [3, 3, 4, 0, 5], [5, 1, 2, 4, 3]]),
+        alpha=torch.tensor([[0.25, 0.5], [0.75, 0.125], [0.5, 0.5]]),
+        beta=torch.tensor([[0.25], [0.125], [0.375]]),
+    )
+    strategy = mochi(num_hardest=6, num_mixed=2, num_query_mixed=1)
+    context = StepContext(generator=torch.Generator().manual_seed(0))
+    got = strategy.synthetic_negatives(contrast, context, draws)
+    want = mixes_by_hand(contrast, draws)
+    assert (got.double() - want).abs().max().item() < 1e-6
+    assert float(want.norm(dim=2).sub(1).abs().max()) > 0.1  # the test can tell
+
+
+@pytest.mark.parametrize("s,s_query", [(1, 0), (0, 1), (3, 3)])
+def test_each_anchor_gets_num_mixed_plus_num_query_mixed_synthetic_negatives(s, s_query):
+    contrast = contrasts()["pool_exclude_ties"]
+    strategy = mochi(num_hardest=3, num_mixed=s, num_query_mixed=s_query)
+    context = StepContext(generator=torch.Generator().manual_seed(5))
+    extra = strategy.select(contrast, context).extra_negative_logits
+    assert extra.shape == (4, s + s_query)
+    context = StepContext(generator=torch.Generator().manual_seed(5))
+    draws = strategy.draw(contrast, context)
+    h = mixes_by_hand(contrast, draws)
+    want = torch.einsum("ad,akd->ak", contrast.anchors.double(), h) / 0.5
+    assert (extra.double() - want).abs().max().item() < 1e-5
+
+
+def test_pair_similarity_row_by_row_covers_every_anchor(monkeypatch):
+    """Row-wise dot products in blocks of one anchor (``_BLOCK`` tiny) with fewer pairs than
+    anchors: every anchor's ``n_i . n_j``, by hand."""
+    import hardneg.strategies.mochi as mochi_module
+
+    monkeypatch.setattr(mochi_module, "_BLOCK", 1)
+    contrast = mixed_layout()
+    first = torch.tensor([[0, 5], [4, 1], [2, 3]])
+    second = torch.tensor([[4, 5], [3, 3], [5, 0]])
+    got = mochi().pair_similarity(contrast, first, second)
+    vectors = vectors_of(contrast)
+    for i in range(3):
+        for k in range(2):
+            want = float(vectors[i, first[i, k]] @ vectors[i, second[i, k]])
+            assert float(got[i, k]) == pytest.approx(want, abs=1e-6)
