@@ -836,6 +836,134 @@ def mixed_column_logits(contrast, index: Tensor) -> Tensor:
     )
 
 
+class _MixLogMass(torch.autograd.Function):
+    """MoCHi's synthetic negatives: forward ``log sum_k e^{x_k}`` of their logits, built in place
+    in one ``[A, s + s']`` buffer from the gathered logits; backward to the anchors only, one
+    product ``W @ C`` with ``W [A, S]`` the scatter-added coefficients times the softmax weights
+    (no ``[A, s + s']`` logits graph, no gather backward)."""
+
+    @staticmethod
+    def forward(ctx, anchors, e, lse, index, pair, query, q_term, columns, anchor_columns, t):  # type: ignore[override]
+        ctx.save_for_backward(e, lse, index, pair, query, q_term, columns, anchor_columns)
+        ctx.temperature = t
+        return lse.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        e, lse, index, pair, query, q_term, columns, anchor_columns = ctx.saved_tensors
+        s, s_query = pair.shape[1] // 2, query.shape[1] // 2
+        # softmax weights times the incoming gradient, 0 on a row with no synthetic negative
+        scale = torch.where(torch.isfinite(lse), grad, 0.0).unsqueeze(1)
+        p = e * scale
+        coefficient = torch.empty_like(index, dtype=e.dtype)
+        # pair mixes: column i gets p a r, column j p (1 - a) r (pair = [a r, (1 - a) r])
+        torch.mul(pair[:, :s], p[:, :s], out=coefficient[:, :s])
+        torch.mul(pair[:, s:], p[:, :s], out=coefficient[:, s : 2 * s])
+        # query mixes: column j gets p (1 - b) r', the anchor itself p b r' (q · q.detach())
+        torch.mul(query[:, s_query:], p[:, s:], out=coefficient[:, 2 * s :])
+        self_weight = _row_dot(query[:, :s_query], p[:, s:]).unsqueeze(1)
+        c = columns.shape[0]
+        width = c if anchor_columns is None else c + anchor_columns.shape[1]
+        dense = e.new_zeros(e.shape[0], width).scatter_add_(1, index, coefficient)
+        grad_q = dense[:, :c] @ columns if c > 0 else None
+        if anchor_columns is not None:
+            own = torch.einsum("ah,ahd->ad", dense[:, c:], anchor_columns)
+            grad_q = own if grad_q is None else grad_q + own
+        grad_q = (
+            torch.addcmul(grad_q, self_weight, q_term)
+            if grad_q is not None
+            else self_weight * q_term
+        )
+        return grad_q.div_(ctx.temperature), *([None] * 9)
+
+
+def mochi_mix_log_mass(
+    contrast, index: Tensor, alpha: Tensor, beta: Tensor, cosine: Tensor | None
+) -> Tensor:
+    """MoCHi: ``[A]`` ``log sum_k e^{q · h_k / t}`` over the anchor's ``s + s'`` synthetic
+    negatives (``-inf`` on a row without negatives), with a gradient to the anchors only.
+    ``index [A, 2 s + s']``: the drawn columns ``i``, ``j`` of the pairs and ``j`` of the query
+    mixes; ``alpha [A, s]``, ``beta [A, s']`` their coefficients; ``cosine [A, s]`` the pairs'
+    ``n_i · n_j`` (None: raw dot products, the mixes not normalised). Plain twin: the logits
+    of ``HardNegativeMixing.select`` (``q · h`` from the gathered dot products, coefficients
+    detached) and the objective's ``logsumexp`` over them.
+
+    The logits ``(d_j + a (d_i - d_j)) r`` and ``(b q·q / t + (1 - b) d_j) r'`` (``d = q · n / t``
+    read from the contrast set's own logits, ``r``, ``r'`` the inverse norms of the mixes) are
+    built in place in one buffer; the backward is one product ``W C / t`` (``W`` the
+    coefficients ``p a r``, ``p (1 - a) r``, ``p (1 - b) r'`` scatter-added per column, ``p``
+    the softmax weights) plus ``p b r' q / t``, without a graph over ``[A, s + s']``."""
+    with torch.no_grad():
+        logits = contrast.negative_logits.detach()
+        t = contrast.temperature
+        s, s_query = alpha.shape[1], beta.shape[1]
+        rows = logits.shape[0]
+        d = logits.gather(1, index)
+        q = contrast.anchors.detach()
+        x = d.new_empty(rows, s + s_query)
+        pair = d.new_empty(rows, 2 * s)  # [a r, (1 - a) r]
+        query = d.new_empty(rows, 2 * s_query)  # [b r', (1 - b) r']
+        if s > 0:
+            r = pair[:, s:]
+            if cosine is None:
+                r.fill_(1.0)
+            else:  # 1 / ||a n_i + (1 - a) n_j|| = (1 - 2 a (1 - a) (1 - g))^-1/2
+                spread = torch.addcmul(alpha, alpha, alpha, value=-1.0)  # a (1 - a)
+                torch.sub(cosine, 1.0, out=r).mul_(spread).mul_(2.0).add_(1.0)
+                r.clamp_(min=1e-24).rsqrt_()
+            torch.mul(alpha, r, out=pair[:, :s])
+            r.sub_(pair[:, :s])
+            torch.mul(pair[:, :s], d[:, :s], out=x[:, :s])
+            x[:, :s].addcmul_(pair[:, s:], d[:, s : 2 * s])
+        q_term = q
+        if s_query > 0:
+            q_term = q.to(logits.dtype)
+            self_logit = _row_dot(q_term, q_term).div_(t).unsqueeze(1)
+            r = query[:, s_query:]
+            d_query = d[:, 2 * s :]
+            if cosine is None:
+                r.fill_(1.0)
+            else:  # the query mix's cosine is q · n_j = t d_j
+                spread = torch.addcmul(beta, beta, beta, value=-1.0)
+                torch.mul(d_query, t, out=r).sub_(1.0).mul_(spread).mul_(2.0).add_(1.0)
+                r.clamp_(min=1e-24).rsqrt_()
+            torch.mul(beta, r, out=query[:, :s_query])
+            r.sub_(query[:, :s_query])
+            torch.mul(query[:, s_query:], d_query, out=x[:, s:])
+            x[:, s:].addcmul_(query[:, :s_query], self_logit)
+        if isinstance(contrast.num_negatives, Tensor):  # a row without negatives mixes nothing
+            x.masked_fill_((contrast.num_negatives == 0).unsqueeze(1), float("-inf"))
+        top = x.amax(dim=1, keepdim=True)
+        top.masked_fill_(~torch.isfinite(top), 0.0)
+        x.sub_(top).exp_()
+        total = x.sum(dim=1, keepdim=True)
+        x.div_(torch.where(total > 0, total, 1.0))  # the softmax weights (0 on an empty row)
+        lse = total.log_().add_(top).squeeze(1)
+    own = None if contrast.anchor_columns is None else contrast.anchor_columns.detach()
+    return _MixLogMass.apply(
+        contrast.anchors, x, lse, index, pair, query, q_term, contrast.columns.detach(), own, t
+    )
+
+
+def mochi_in_batch_cosine(contrast, first: Tensor, second: Tensor) -> Tensor | None:
+    """MoCHi in-batch (the anchors are the columns): ``[A, s]`` the pairs' ``n_i · n_j`` read
+    from the logits, ``t c_ij``, no Gram matrix; the few pairs on a masked entry (``i = j``, a
+    positive pair, a duplicate) by row-wise dot products. None if the anchors are not the
+    columns. Plain twin: ``HardNegativeMixing.pair_similarity`` (the Gram matrix)."""
+    if contrast.anchors is not contrast.columns or contrast.anchor_columns is not None:
+        return None
+    logits = contrast.negative_logits.detach()
+    c = logits.shape[1]
+    flat = torch.add(second, first, alpha=c).view(-1)
+    cosine = logits.view(-1).index_select(0, flat).mul_(contrast.temperature)
+    masked = torch.isinf(cosine).nonzero().squeeze(1)
+    if masked.numel():
+        columns = contrast.columns.detach()
+        i, j = first.reshape(-1)[masked], second.reshape(-1)[masked]
+        cosine[masked] = _row_dot(columns[i], columns[j]).to(cosine.dtype)
+    return cosine.view(first.shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # SimANS: the Gumbel-top-k draw, uniforms cut from random words and the smallest k keys selected
 # by numpy's partition
@@ -899,6 +1027,37 @@ def kth_largest(x: Tensor, k: int) -> Tensor:
     for rows in row_blocks(x):
         out[rows] = np.partition(array[rows], cols - k, axis=1)[:, cols - k : cols - k + 1]
     return torch.from_numpy(out)
+
+
+def row_members(member: Tensor, count: Tensor, width: int, same_count: bool) -> Tensor:
+    """MoCHi: the columns of the ``True`` entries of each row of ``member [A, S]``, in
+    increasing column order, row ``a`` holding its ``count[a]`` (``count [A, 1]``) first:
+    ``[A, count]`` when every row has the same count (``same_count``), else ``[A, width]``
+    padded with 0. On CPU the flat positions by ``numpy.flatnonzero`` (about 10x faster than
+    torch's 2-D ``nonzero`` on a 2048 x 2048 mask); elsewhere one ``nonzero``. Plain twin: the
+    cumsum / scatter compaction of ``HardNegativeMixing.hardest``."""
+    rows, cols = member.shape
+    if member.device.type == "cpu":
+        flat = torch.from_numpy(np.flatnonzero(member.contiguous().numpy()))
+        row = torch.div(flat, cols, rounding_mode="floor")
+        column = flat - row * cols
+    else:
+        row, column = member.nonzero().unbind(1)
+    if same_count:
+        return column.view(rows, -1)
+    counts = count.flatten()
+    start = counts.cumsum(dim=0) - counts
+    rank = torch.arange(row.shape[0], device=row.device) - start[row]
+    return column.new_zeros(rows, width).index_put_((row, rank), column)
+
+
+def mochi_uniforms(shape: tuple[int, int], generator, device) -> Tensor:
+    """MoCHi's float32 uniforms (``hardneg.strategies.mochi._unit_uniforms``: the same random
+    words, the same numbers), the bits cut in place in the words' own memory
+    (:func:`unit_uniforms`; the plain twin is out of place for ``torch.compile``)."""
+    n = shape[0] * shape[1]
+    words = torch.randint(-(2**63), 2**63 - 1, (-(-n // 2),), generator=generator, device=device)
+    return unit_uniforms(words, n).view(shape)
 
 
 def pair_gram(columns: Tensor, first: Tensor, second: Tensor) -> Tensor:
