@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -836,113 +837,189 @@ def mixed_column_logits(contrast, index: Tensor) -> Tensor:
     )
 
 
+# entries of a [rows, 2 s + s'] block of MoCHi's draws: every temporary of a block stays in cache
+# (whole-matrix temporaries of N = 1024 in-batch, 2048 x 2176 int64, exceed glibc's 32 MiB mmap
+# threshold and page-fault on every call)
+_MIX_BLOCK = 1 << 18
+
+
 class _MixLogMass(torch.autograd.Function):
-    """MoCHi's synthetic negatives: forward ``log sum_k e^{x_k}`` of their logits, built in place
-    in one ``[A, s + s']`` buffer from the gathered logits; backward to the anchors only, one
-    product ``W @ C`` with ``W [A, S]`` the scatter-added coefficients times the softmax weights
-    (no ``[A, s + s']`` logits graph, no gather backward)."""
+    """MoCHi's synthetic negatives: forward the log-mass computed by :func:`mochi_mix_log_mass`;
+    backward to the anchors only: the incoming gradient ``g [A]`` times ``(W C + w q) / t``, with
+    ``W [A, S]`` the softmax weights times the mixing coefficients scatter-added per column and
+    ``w [A, 1]`` the query mixes' share of the anchor itself (``q · q.detach()``), both from the
+    forward (one product, no graph over ``[A, s + s']``)."""
 
     @staticmethod
-    def forward(ctx, anchors, e, lse, index, pair, query, q_term, columns, anchor_columns, t):  # type: ignore[override]
-        ctx.save_for_backward(e, lse, index, pair, query, q_term, columns, anchor_columns)
+    def forward(ctx, anchors, lse, weights, self_weight, q, columns, anchor_columns, t):  # type: ignore[override]
+        ctx.save_for_backward(lse, weights, self_weight, q, columns, anchor_columns)
         ctx.temperature = t
         return lse.clone()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        e, lse, index, pair, query, q_term, columns, anchor_columns = ctx.saved_tensors
-        s, s_query = pair.shape[1] // 2, query.shape[1] // 2
-        # softmax weights times the incoming gradient, 0 on a row with no synthetic negative
-        scale = torch.where(torch.isfinite(lse), grad, 0.0).unsqueeze(1)
-        p = e * scale
-        coefficient = torch.empty_like(index, dtype=e.dtype)
-        # pair mixes: column i gets p a r, column j p (1 - a) r (pair = [a r, (1 - a) r])
-        torch.mul(pair[:, :s], p[:, :s], out=coefficient[:, :s])
-        torch.mul(pair[:, s:], p[:, :s], out=coefficient[:, s : 2 * s])
-        # query mixes: column j gets p (1 - b) r', the anchor itself p b r' (q · q.detach())
-        torch.mul(query[:, s_query:], p[:, s:], out=coefficient[:, 2 * s :])
-        self_weight = _row_dot(query[:, :s_query], p[:, s:]).unsqueeze(1)
+        lse, weights, self_weight, q, columns, anchor_columns = ctx.saved_tensors
         c = columns.shape[0]
-        width = c if anchor_columns is None else c + anchor_columns.shape[1]
-        dense = e.new_zeros(e.shape[0], width).scatter_add_(1, index, coefficient)
-        grad_q = dense[:, :c] @ columns if c > 0 else None
+        grad_q = weights[:, :c] @ columns
         if anchor_columns is not None:
-            own = torch.einsum("ah,ahd->ad", dense[:, c:], anchor_columns)
-            grad_q = own if grad_q is None else grad_q + own
-        grad_q = (
-            torch.addcmul(grad_q, self_weight, q_term)
-            if grad_q is not None
-            else self_weight * q_term
-        )
-        return grad_q.div_(ctx.temperature), *([None] * 9)
+            grad_q += torch.einsum("ah,ahd->ad", weights[:, c:], anchor_columns)
+        grad_q.addcmul_(self_weight, q)
+        scale = torch.where(torch.isfinite(lse), grad, 0.0).div(ctx.temperature).unsqueeze(1)
+        return grad_q.mul_(scale), *([None] * 7)
 
 
-def mochi_mix_log_mass(
-    contrast, index: Tensor, alpha: Tensor, beta: Tensor, cosine: Tensor | None
-) -> Tensor:
-    """MoCHi: ``[A]`` ``log sum_k e^{q · h_k / t}`` over the anchor's ``s + s'`` synthetic
+def _logit_cosine(logits: Tensor, columns: Tensor, t: float, first: Tensor, second: Tensor):
+    """In-batch (anchor ``i`` is column ``i``): ``n_i · n_j = t c_ij`` read from the logits; the
+    few pairs on a masked entry (``i = j``, a positive pair, a duplicate) by row-wise dots."""
+    cols = logits.shape[1]
+    flat = torch.add(second, first, alpha=cols).view(-1)
+    cosine = logits.reshape(-1).index_select(0, flat).mul_(t)
+    masked = torch.isinf(cosine).nonzero().squeeze(1)
+    if masked.numel():
+        i, j = first.reshape(-1)[masked], second.reshape(-1)[masked]
+        cosine[masked] = torch.linalg.vecdot(columns[i], columns[j]).to(cosine.dtype)
+    return cosine.view(first.shape)
+
+
+def _upper_gram(columns: Tensor) -> Tensor:
+    """``[C, C]`` the columns' Gram matrix on and above its diagonal only (one product per block
+    of rows from its diagonal on: up to 8 blocks of at least 512 rows, about 56 % of the full
+    product's work); the entries below are left unset."""
+    c = columns.shape[0]
+    parts = max(1, min(8, c // 512))
+    gram = columns.new_empty(c, c)
+    step = -(-c // parts)
+    for start in range(0, c, step):
+        rows = columns[start : start + step]
+        torch.mm(rows, columns[start:].T, out=gram[start : start + step, start:])
+    return gram
+
+
+def _upper_gram_at(gram: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """``gram[i, j]`` at the pairs, read at ``(min, max)`` (the upper triangle)."""
+    low, high = torch.minimum(first, second), torch.maximum(first, second)
+    flat = torch.add(high, low, alpha=gram.shape[0]).view(-1)
+    return gram.view(-1).index_select(0, flat).view(first.shape)
+
+
+def _inverse_norm_into(out: Tensor, a: Tensor, cosine: Tensor) -> Tensor:
+    """``out = (1 - 2 a (1 - a) (1 - cosine))^-1/2`` (MoCHi's ``_inverse_mix_norm``, the
+    squared norm clamped at ``1e-24``)."""
+    spread = torch.addcmul(a, a, a, value=-1.0)  # a (1 - a)
+    torch.sub(cosine, 1.0, out=out).mul_(spread).mul_(2.0).add_(1.0)
+    return out.clamp_(min=1e-24).rsqrt_()
+
+
+def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
+    """MoCHi: ``[A]`` ``log sum_k e^{q · h_k / t}`` over each anchor's ``s + s'`` synthetic
     negatives (``-inf`` on a row without negatives), with a gradient to the anchors only.
-    ``index [A, 2 s + s']``: the drawn columns ``i``, ``j`` of the pairs and ``j`` of the query
-    mixes; ``alpha [A, s]``, ``beta [A, s']`` their coefficients; ``cosine [A, s]`` the pairs'
-    ``n_i · n_j`` (None: raw dot products, the mixes not normalised). Plain twin: the logits
-    of ``HardNegativeMixing.select`` (``q · h`` from the gathered dot products, coefficients
-    detached) and the objective's ``logsumexp`` over them.
+    Plain twin: ``HardNegativeMixing.draw`` and ``select`` (the mixes' logits from gathered
+    dot products, coefficients detached) and the objective's ``logsumexp`` over them: the same
+    draws for a seed (the uniforms of a block of rows are the next words of the generator, as
+    in one call on the CPU; one block on an accelerator), the same logits up to rounding.
 
-    The logits ``(d_j + a (d_i - d_j)) r`` and ``(b q·q / t + (1 - b) d_j) r'`` (``d = q · n / t``
-    read from the contrast set's own logits, ``r``, ``r'`` the inverse norms of the mixes) are
-    built in place in one buffer; the backward is one product ``W C / t`` (``W`` the
-    coefficients ``p a r``, ``p (1 - a) r``, ``p (1 - b) r'`` scatter-added per column, ``p``
-    the softmax weights) plus ``p b r' q / t``, without a graph over ``[A, s + s']``."""
+    A block of rows at a time: its uniforms, the drawn columns ``i``, ``j`` (from the hardest set
+    ``Q~``, :meth:`HardNegativeMixing.hardest`), their logits ``d = q · n / t`` read from the
+    contrast set's own logits, the pairs' ``n_i · n_j`` (in-batch read from the logits as
+    ``t c_ij``; a shared pool from the upper triangle of its Gram matrix; otherwise row-wise
+    dots of the gathered columns), the logits ``(d_j + a (d_i - d_j)) r`` and ``(b q·q / t +
+    (1 - b) d_j) r'`` (``r``, ``r'`` the mixes' inverse norms; 1 with raw dot products), their
+    log-sum-exp and softmax, and the softmax weights times the coefficients scatter-added into
+    ``W [A, S]``, so that the backward is one product ``W C`` (:class:`_MixLogMass`)."""
+    s, s_query = strategy.num_mixed, strategy.num_query_mixed
+    logits = contrast.negative_logits.detach()
+    rows, width = logits.shape
+    t = contrast.temperature
+    dtype = logits.dtype
+    n_draw, per_row = 2 * s + s_query, 3 * s + 2 * s_query
     with torch.no_grad():
-        logits = contrast.negative_logits.detach()
-        t = contrast.temperature
-        s, s_query = alpha.shape[1], beta.shape[1]
-        rows = logits.shape[0]
-        d = logits.gather(1, index)
-        q = contrast.anchors.detach()
-        x = d.new_empty(rows, s + s_query)
-        pair = d.new_empty(rows, 2 * s)  # [a r, (1 - a) r]
-        query = d.new_empty(rows, 2 * s_query)  # [b r', (1 - b) r']
-        if s > 0:
-            r = pair[:, s:]
-            if cosine is None:
-                r.fill_(1.0)
-            else:  # 1 / ||a n_i + (1 - a) n_j|| = (1 - 2 a (1 - a) (1 - g))^-1/2
-                spread = torch.addcmul(alpha, alpha, alpha, value=-1.0)  # a (1 - a)
-                torch.sub(cosine, 1.0, out=r).mul_(spread).mul_(2.0).add_(1.0)
-                r.clamp_(min=1e-24).rsqrt_()
-            torch.mul(alpha, r, out=pair[:, :s])
-            r.sub_(pair[:, :s])
-            torch.mul(pair[:, :s], d[:, :s], out=x[:, :s])
-            x[:, :s].addcmul_(pair[:, s:], d[:, s : 2 * s])
-        q_term = q
-        if s_query > 0:
-            q_term = q.to(logits.dtype)
-            self_logit = _row_dot(q_term, q_term).div_(t).unsqueeze(1)
-            r = query[:, s_query:]
-            d_query = d[:, 2 * s :]
-            if cosine is None:
-                r.fill_(1.0)
-            else:  # the query mix's cosine is q · n_j = t d_j
-                spread = torch.addcmul(beta, beta, beta, value=-1.0)
-                torch.mul(d_query, t, out=r).sub_(1.0).mul_(spread).mul_(2.0).add_(1.0)
-                r.clamp_(min=1e-24).rsqrt_()
-            torch.mul(beta, r, out=query[:, :s_query])
-            r.sub_(query[:, :s_query])
-            torch.mul(query[:, s_query:], d_query, out=x[:, s:])
-            x[:, s:].addcmul_(query[:, :s_query], self_logit)
-        if isinstance(contrast.num_negatives, Tensor):  # a row without negatives mixes nothing
-            x.masked_fill_((contrast.num_negatives == 0).unsqueeze(1), float("-inf"))
-        top = x.amax(dim=1, keepdim=True)
-        top.masked_fill_(~torch.isfinite(top), 0.0)
-        x.sub_(top).exp_()
-        total = x.sum(dim=1, keepdim=True)
-        x.div_(torch.where(total > 0, total, 1.0))  # the softmax weights (0 on an empty row)
-        lse = total.log_().add_(top).squeeze(1)
-    own = None if contrast.anchor_columns is None else contrast.anchor_columns.detach()
-    return _MixLogMass.apply(
-        contrast.anchors, x, lse, index, pair, query, q_term, contrast.columns.detach(), own, t
-    )
+        index, count = strategy.hardest(contrast, fast=True)
+        columns = contrast.columns.detach()
+        c = columns.shape[0]
+        own = None if contrast.anchor_columns is None else contrast.anchor_columns.detach()
+        q = contrast.anchors.detach().to(dtype)
+        in_batch = contrast.anchors is contrast.columns and own is None
+        gram = None
+        step = max(2, _MIX_BLOCK // max(1, n_draw))
+        if contrast.normalized and not in_batch:
+            if own is None and c * c <= 16 * logits.numel():
+                gram = _upper_gram(columns)
+            else:  # row-wise dots: [rows, s, d] gathered columns per block
+                step = min(step, max(2, (1 << 22) // max(1, s * columns.shape[1])))
+        step -= step % 2  # an even number of uniforms per block: whole random words
+        if logits.device.type != "cpu":
+            step = rows
+        weights = logits.new_zeros(rows, width)
+        lse = logits.new_empty(rows)
+        self_weight = logits.new_zeros(rows, 1)
+        empty = None
+        if isinstance(contrast.num_negatives, Tensor):
+            empty = (contrast.num_negatives == 0).unsqueeze(1)
+        for start in range(0, rows, step):
+            part = slice(start, start + step)
+            m = min(step, rows - start)
+            u = mochi_uniforms((m, per_row), context.generator, logits.device)
+            drawn = index[part].gather(1, u[:, :n_draw].mul(count[part]).long())
+            d = logits[part].gather(1, drawn)
+            mixing = u[:, n_draw:].to(dtype)
+            alpha, beta = mixing[:, :s], mixing[:, s:].mul_(0.5)
+            x = d.new_empty(m, s + s_query)
+            pair = d.new_empty(m, 2 * s)  # [a r, (1 - a) r]
+            query = d.new_empty(m, 2 * s_query)  # [b r', (1 - b) r']
+            if s > 0:
+                first, second = drawn[:, :s], drawn[:, s : 2 * s]
+                r = pair[:, s:]
+                if not contrast.normalized:
+                    r.fill_(1.0)
+                else:
+                    if in_batch:
+                        cosine = _logit_cosine(logits, columns, t, first, second)
+                    elif gram is not None:
+                        cosine = _upper_gram_at(gram, first, second)
+                    else:
+                        sub = replace(
+                            contrast,
+                            anchors=contrast.anchors[part],
+                            anchor_columns=None if own is None else contrast.anchor_columns[part],
+                        )
+                        cosine = torch.linalg.vecdot(
+                            strategy._column_vectors(sub, first),
+                            strategy._column_vectors(sub, second),
+                        )
+                    _inverse_norm_into(r, alpha, cosine)
+                torch.mul(alpha, r, out=pair[:, :s])
+                r.sub_(pair[:, :s])
+                torch.mul(pair[:, :s], d[:, :s], out=x[:, :s])
+                x[:, :s].addcmul_(pair[:, s:], d[:, s : 2 * s])
+            if s_query > 0:
+                r = query[:, s_query:]
+                d_query = d[:, 2 * s :]
+                if not contrast.normalized:
+                    r.fill_(1.0)
+                else:  # the query mix's cosine is q · n_j = t d_j
+                    _inverse_norm_into(r, beta, d_query * t)
+                torch.mul(beta, r, out=query[:, :s_query])
+                r.sub_(query[:, :s_query])
+                self_logit = _row_dot(q[part], q[part]).div_(t).unsqueeze(1)
+                torch.mul(query[:, s_query:], d_query, out=x[:, s:])
+                x[:, s:].addcmul_(query[:, :s_query], self_logit)
+            if empty is not None:  # a row without negatives mixes nothing
+                x.masked_fill_(empty[part], float("-inf"))
+            top = x.amax(dim=1, keepdim=True)
+            top.masked_fill_(~torch.isfinite(top), 0.0)
+            x.sub_(top).exp_()
+            total = x.sum(dim=1, keepdim=True)
+            x.div_(torch.where(total > 0, total, 1.0))  # softmax weights, 0 on an empty row
+            torch.add(total.log_(), top, out=lse[part].unsqueeze(1))
+            coefficient = d  # reused: the softmax weight times each drawn column's coefficient
+            if s > 0:
+                torch.mul(pair[:, :s], x[:, :s], out=coefficient[:, :s])
+                torch.mul(pair[:, s:], x[:, :s], out=coefficient[:, s : 2 * s])
+            if s_query > 0:
+                torch.mul(query[:, s_query:], x[:, s:], out=coefficient[:, 2 * s :])
+                self_weight[part] = _row_dot(query[:, :s_query], x[:, s:]).unsqueeze(1)
+            weights[part].scatter_add_(1, drawn, coefficient)
+    return _MixLogMass.apply(contrast.anchors, lse, weights, self_weight, q, columns, own, t)
 
 
 def mochi_in_batch_cosine(contrast, first: Tensor, second: Tensor) -> Tensor | None:
@@ -953,15 +1030,7 @@ def mochi_in_batch_cosine(contrast, first: Tensor, second: Tensor) -> Tensor | N
     if contrast.anchors is not contrast.columns or contrast.anchor_columns is not None:
         return None
     logits = contrast.negative_logits.detach()
-    c = logits.shape[1]
-    flat = torch.add(second, first, alpha=c).view(-1)
-    cosine = logits.view(-1).index_select(0, flat).mul_(contrast.temperature)
-    masked = torch.isinf(cosine).nonzero().squeeze(1)
-    if masked.numel():
-        columns = contrast.columns.detach()
-        i, j = first.reshape(-1)[masked], second.reshape(-1)[masked]
-        cosine[masked] = _row_dot(columns[i], columns[j]).to(cosine.dtype)
-    return cosine.view(first.shape)
+    return _logit_cosine(logits, contrast.columns.detach(), contrast.temperature, first, second)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1063,19 +1132,9 @@ def mochi_uniforms(shape: tuple[int, int], generator, device) -> Tensor:
 def pair_gram(columns: Tensor, first: Tensor, second: Tensor) -> Tensor:
     """MoCHi: ``[A, s]`` ``n_i · n_j`` of the pairs ``(first, second)`` of rows of ``columns``
     ``[C, d]``, looked up in the upper triangle of the Gram matrix (``i <= j`` after swapping),
-    which alone is computed: one product per block of rows from its diagonal on (up to 8
-    blocks of at least 512 rows: about 56 % of the full product's work). Plain twin:
-    ``(columns @ columns.T)`` at ``[first, second]`` (``HardNegativeMixing.pair_similarity``)."""
-    c = columns.shape[0]
-    parts = max(1, min(8, c // 512))
-    gram = columns.new_empty(c, c)
-    step = -(-c // parts)
-    for start in range(0, c, step):
-        rows = columns[start : start + step]
-        torch.mm(rows, columns[start:].T, out=gram[start : start + step, start:])
-    low, high = torch.minimum(first, second), torch.maximum(first, second)
-    flat = torch.add(high, low, alpha=c).view(-1)
-    return gram.view(-1).index_select(0, flat).view(first.shape)
+    which alone is computed (:func:`_upper_gram`). Plain twin: ``(columns @ columns.T)`` at
+    ``[first, second]`` (``HardNegativeMixing.pair_similarity``)."""
+    return _upper_gram_at(_upper_gram(columns), first, second)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -241,17 +241,14 @@ class HardNegativeMixing(Strategy):
         s = self.num_mixed
         if s + self.num_query_mixed == 0:
             return Selection()
-        draws = self.draw(contrast, context)
-        if context.fast and context.want_log_mass:  # the mixes' log-mass with its own backward
-            g = None
-            if contrast.normalized:
-                g = self.pair_similarity(contrast, draws.first, draws.second, fast=True)
-            mass = fastpaths.mochi_mix_log_mass(contrast, draws.columns, draws.alpha, draws.beta, g)
+        if context.fast and context.want_log_mass:  # by blocks of rows, a one-product backward
+            mass = fastpaths.mochi_mix_log_mass(self, contrast, context)
             real = torch.logsumexp(contrast.negative_logits, dim=1)
             return Selection(
                 negative_log_mass=torch.logaddexp(real, mass),
                 num_negatives=contrast.num_negatives + s + self.num_query_mixed,
             )
+        draws = self.draw(contrast, context)
         t = contrast.temperature
         # q · n / t of every mixed column (n_i, n_j of the pairs, n_j of the query mixes), with
         # a gradient to q only; the coefficients (a, 1 - a, b, 1 - b over the norm) are detached
