@@ -952,9 +952,6 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
         weights = logits.new_zeros(rows, width)
         lse = logits.new_empty(rows)
         self_weight = logits.new_zeros(rows, 1)
-        empty = None
-        if isinstance(contrast.num_negatives, Tensor):
-            empty = (contrast.num_negatives == 0).unsqueeze(1)
         for start in range(0, rows, step):
             part = slice(start, start + step)
             m = min(step, rows - start)
@@ -1003,8 +1000,8 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
                 self_logit = _row_dot(q[part], q[part]).div_(t).unsqueeze(1)
                 torch.mul(query[:, s_query:], d_query, out=x[:, s:])
                 x[:, s:].addcmul_(query[:, :s_query], self_logit)
-            if empty is not None:  # a row without negatives mixes nothing
-                x.masked_fill_(empty[part], float("-inf"))
+            # a row without negatives draws masked columns (index 0 of an empty ``Q~``): its
+            # logits d are -inf, so are its mixes'
             top = x.amax(dim=1, keepdim=True)
             top.masked_fill_(~torch.isfinite(top), 0.0)
             x.sub_(top).exp_()
