@@ -40,8 +40,16 @@ only; no kept buffers.
   other draws).
 * :func:`kth_largest` — MoCHi: the ``N``-th largest logit of each row (the threshold of the
   hardest set) by numpy's partition (plain twin: ``torch.topk``'s ``k``-th value).
+* :func:`row_members` — MoCHi: the hardest set's columns in column order by
+  ``numpy.flatnonzero`` (plain twin: a cumsum / scatter compaction).
 * :func:`pair_gram` — MoCHi: the pairs' ``n_i · n_j`` from the upper triangle of the columns'
-  Gram matrix, by blocks of rows (plain twin: the full Gram matrix, looked up at the pairs).
+  Gram matrix, by blocks of rows (plain twin: the full Gram matrix, looked up at the pairs);
+  :func:`mochi_in_batch_cosine`: in-batch, read from the logits as ``t c_ij`` (no product).
+* :func:`mochi_mix_log_mass` — MoCHi with InfoNCE: the synthetic negatives' log-mass drawn and
+  summed a block of rows at a time (the draws of the plain path, bit for bit), the backward
+  one product ``W C`` with ``W`` the softmax weights times the mixing coefficients
+  scatter-added per column (plain twin: ``HardNegativeMixing.select``'s logits and the
+  objective's ``logsumexp``, back-propagated through the gathers).
 * :func:`potential_in_batch_terms` — potential, in-batch: the three terms from one Gram matrix
   of ``[z1; z2]`` (every logit, the neighbour look-up, one keep kernel for ``L_aug`` and both
   mined terms, computed as threshold bytes ``floor(256 pi)``), the draws from random bytes
