@@ -889,6 +889,24 @@ def _logit_cosine(logits: Tensor, columns: Tensor, t: float, first: Tensor, seco
     return cosine.view(first.shape)
 
 
+# a shared pool's pair cosines: the (half) Gram matrix when C^2 <= this many times A s, else
+# row-wise dots of the pairs (measured on CPU: a Gram entry costs about 1/27 of a row-wise dot)
+_GRAM_PER_PAIR = 48
+
+
+def _pair_dots(columns: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """``columns[first] · columns[second]`` per pair, about 4096 pairs (of ``d = 128``) at a
+    time so that the gathered rows stay in cache."""
+    out = columns.new_empty(first.numel())
+    i, j = first.reshape(-1), second.reshape(-1)
+    step = max(1, (1 << 19) // max(1, columns.shape[1]))
+    for start in range(0, out.numel(), step):
+        part = slice(start, start + step)
+        x, y = columns.index_select(0, i[part]), columns.index_select(0, j[part])
+        torch.linalg.vecdot(x, y, out=out[part])
+    return out.view(first.shape)
+
+
 def _upper_gram(columns: Tensor) -> Tensor:
     """``[C, C]`` the columns' Gram matrix on and above its diagonal only (one product per block
     of rows from its diagonal on: up to 8 blocks of at least 512 rows, about 56 % of the full
@@ -950,9 +968,9 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
         gram = None
         step = max(2, _MIX_BLOCK // max(1, n_draw))
         if contrast.normalized and not in_batch:
-            if own is None and c * c <= 16 * logits.numel():
+            if own is None and c * c <= _GRAM_PER_PAIR * rows * s:
                 gram = _upper_gram(columns)
-            else:  # row-wise dots: [rows, s, d] gathered columns per block
+            elif own is not None:  # row-wise dots: [rows, s, d] gathered columns per block
                 step = min(step, max(2, (1 << 22) // max(1, s * columns.shape[1])))
         step -= step % 2  # an even number of uniforms per block: whole random words
         if logits.device.type != "cpu":
@@ -981,6 +999,8 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
                         cosine = _logit_cosine(logits, columns, t, first, second)
                     elif gram is not None:
                         cosine = _upper_gram_at(gram, first, second)
+                    elif own is None:
+                        cosine = _pair_dots(columns, first, second)
                     else:
                         sub = replace(
                             contrast,
