@@ -845,10 +845,12 @@ def mixed_column_logits(contrast, index: Tensor) -> Tensor:
     )
 
 
-# entries of a [rows, 2 s + s'] block of MoCHi's draws: every temporary of a block stays in cache
-# (whole-matrix temporaries of N = 1024 in-batch, 2048 x 2176 int64, exceed glibc's 32 MiB mmap
-# threshold and page-fault on every call)
-_MIX_BLOCK = 1 << 18
+# entries of a [rows, 2 s + s'] block of MoCHi's draws: a block's temporaries stay in cache, and
+# none reaches glibc's 32 MiB mmap threshold (N = 1024 in-batch drew 2048 x 2176 int64 columns,
+# 36 MB, which page-fault on every call); measured at 1 thread (loaded machine) 2^18-2^19 best,
+# 2^20 and one block 10-30 % slower; with 2 threads on the loaded machine fewer, larger blocks
+# stall less (as SimANS's draw, docs/benchmarks.md)
+_MIX_BLOCK = 1 << 19
 
 
 class _MixLogMass(torch.autograd.Function):
