@@ -132,7 +132,7 @@ class HardNegativeMixing(Strategy):
         and as many of those equal to it as fit, the first in column order. ``k' = min(N, S)``,
         or ``min(N, M)`` on the fast path when every anchor has ``M``. ``fast``: the ``N``-th
         largest logit by :func:`fastpaths.kth_largest` (numpy's partition) instead of
-        ``torch.topk`` and the compaction by one ``nonzero``; the same result."""
+        ``torch.topk`` and the compaction by :func:`fastpaths.row_members`; the same result."""
         logits = contrast.negative_logits.detach()
         rows, cols = logits.shape
         k = min(self.num_hardest, cols)
