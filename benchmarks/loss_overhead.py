@@ -32,6 +32,12 @@ Examples:
     python benchmarks/loss_overhead.py --quick                  # N = 256, in-batch and K = 4096
     python benchmarks/loss_overhead.py --sizes 512 --pools 0 --no-memory --no-graph-breaks
 
+**In-batch defaults** (``--in-batch-defaults``, default ``mochi``): for each loss named there
+that is measured and whose strategy has ``in_batch_defaults`` (the hyper-parameters ``hardneg
+compare`` / ``demo`` use on in-batch negatives), an extra column ``NAME (in-batch defaults)``
+times it with those settings, next to the registry defaults' column (MoCHi: ``N = 128, s = 128,
+s' = 32`` against the paper's ``1024 / 1024 / 128``), in every set-up.
+
 Targets (issue 15): <= 1.15x for debiased, hcl, ring; <= 1.5x for unremix and potential;
 peak memory <= 2x infonce's; 0 graph breaks.
 """
@@ -74,6 +80,19 @@ def parse_threads(text: str) -> list[int]:
 
 
 DEFAULT_THREADS = torch.get_num_threads()
+
+
+IN_BATCH_SUFFIX = " (in-batch defaults)"
+
+
+def make_loss(label: str, **settings):
+    """The loss of a table column: a registered name, or ``NAME (in-batch defaults)`` for the
+    strategy's ``in_batch_defaults`` (what ``compare`` / ``demo`` use on in-batch negatives)."""
+    if label.endswith(IN_BATCH_SUFFIX):
+        name = label[: -len(IN_BATCH_SUFFIX)]
+        defaults = hardneg.registry.strategy_class(name).in_batch_defaults
+        return hardneg.create_loss(name, **{**defaults, **settings})
+    return hardneg.create_loss(label, **settings)
 
 
 def make_step(loss_fn, z1, z2, pool):
@@ -176,7 +195,7 @@ def time_cell(
     pool = None if pool_size == 0 else torch.randn(pool_size, dim, generator=gen)
     steps = {}
     for name in names:
-        loss_fn = hardneg.create_loss(name, check_inputs=False)
+        loss_fn = make_loss(name, check_inputs=False)
         steps[name] = make_step(loss_fn, z1, z2, pool)
     if floors:
         for name in names:
@@ -238,7 +257,7 @@ def measure_peak(
     z1 = torch.randn(n, dim, generator=gen).to(device).requires_grad_()
     z2 = torch.randn(n, dim, generator=gen).to(device).requires_grad_()
     pool = None if pool_size == 0 else torch.randn(pool_size, dim, generator=gen).to(device)
-    loss_fn = hardneg.create_loss(name, check_inputs=False)
+    loss_fn = make_loss(name, check_inputs=False)
     # warm-up on tiny inputs: kernels, thread pools and lazy imports are not the loss's memory
     tiny = [torch.randn(8, dim, device=device).requires_grad_() for _ in range(2)]
     make_step(loss_fn, tiny[0], tiny[1], None if pool is None else pool[:16])()
@@ -316,7 +335,7 @@ def graph_breaks(name: str, form: str, *, check_inputs: bool = False) -> str:
             kwargs["exclude_index"] = torch.arange(8)
     elif form == "hard_negatives":
         kwargs["hard_negatives"] = torch.randn(8, 2, 6, generator=gen)
-    loss_fn = hardneg.create_loss(name, check_inputs=check_inputs)
+    loss_fn = make_loss(name, check_inputs=check_inputs)
     if loss_fn.draws:
         kwargs["generator"] = torch.Generator().manual_seed(1)
     try:
@@ -387,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
         help="graph breaks per loss and call form under torch.compile",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (memory table)")
+    parser.add_argument(
+        "--in-batch-defaults",
+        default="mochi",
+        help="losses that also get a column with their strategy's in_batch_defaults "
+        "(comma-separated, '' = none)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.pools, args.repeats = "256", "0,4096", 5
@@ -396,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.losses is None
         else [x.strip() for x in args.losses.split(",") if x.strip() and x.strip() != "infonce"]
     )
+    for name in [x.strip() for x in args.in_batch_defaults.split(",") if x.strip()]:
+        if name in others and hardneg.registry.strategy_class(name).in_batch_defaults:
+            others.insert(others.index(name) + 1, name + IN_BATCH_SUFFIX)
     names = ["infonce", *others]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(

@@ -100,3 +100,17 @@ def test_main_prints_time_floor_memory_and_graph_break_tables(bench, capsys):
         )
     assert "Product floor" in out and "Peak memory" in out and "| in-batch | 16 |" in out
     assert "Graph breaks" in out and "| hcl | 0 | 0 | 0 | 0 |" in out
+
+
+def test_in_batch_defaults_get_their_own_column(bench, capsys):
+    """``mochi`` is timed with the registry defaults and, in a column of its own, with the
+    ``in_batch_defaults`` that compare / demo use; ``--in-batch-defaults ''`` drops it."""
+    loss = bench.make_loss("mochi (in-batch defaults)")
+    assert loss.strategy.hparams() == {"num_hardest": 128, "num_mixed": 128, "num_query_mixed": 32}
+    assert bench.make_loss("mochi").strategy.num_hardest == 1024
+    args = "--sizes 8 --pools 0 --repeats 1 --warmup 0 --threads 1 --losses mochi --no-floor"
+    args += " --no-memory --no-graph-breaks"
+    assert bench.main(args.split()) == 0
+    assert "| mochi (x) | mochi (in-batch defaults) (x) |" in capsys.readouterr().out
+    assert bench.main([*args.split(), "--in-batch-defaults", ""]) == 0
+    assert "in-batch defaults" not in capsys.readouterr().out

@@ -946,6 +946,126 @@ def test_mochi_mixed_column_logits_equal_the_plain_product(dtype, form):
             assert_close_rel(a, b, what="gradient")
 
 
+def _mochi_contrast(form, dtype, normalize=True, *, seed=3):
+    """A contrast set of each layout MoCHi's fast path reads: in-batch (the cosines from the
+    logits), ids, a shared pool small enough for the Gram matrix, a large one (row-wise dots),
+    retrieval and a pool per anchor (the anchors' own columns), one with empty rows."""
+    from hardneg.losses.contrastive import ContrastInputs
+
+    g = torch.Generator().manual_seed(seed)
+    if form == "per_anchor_pool":
+        z1, z2, _ = make_inputs("in_batch", dtype)
+        kwargs = {"negatives": torch.randn(12, 9, 6, generator=g, dtype=dtype)}
+    elif form == "big_pool":  # C^2 > 16 A S: row-wise dots
+        z1, z2, kwargs = make_inputs("pool_exclude", dtype, k=300)
+    else:
+        z1, z2, kwargs = make_inputs("in_batch" if form == "empty_rows" else form, dtype)
+    inputs = ContrastInputs(z1=z1, z2=z2, temperature=0.3, normalize=normalize, **kwargs)
+    contrast = inputs.standard_contrast()
+    if form == "empty_rows":  # anchors 0 and 5 keep no negative
+        keep = torch.ones_like(contrast.negative_logits, dtype=torch.bool)
+        keep[[0, 5]] = False
+        contrast = contrast.restricted(keep)
+    return z1, z2, contrast
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["cos", "raw"])
+@pytest.mark.parametrize("block", [1, 1 << 18], ids=["rows-of-2", "one-block"])
+@pytest.mark.parametrize("form", [*FORMS, "big_pool", "per_anchor_pool", "empty_rows"])
+def test_mochi_mix_log_mass_equals_the_plain_logsumexp_of_the_mixes(
+    form, block, normalize, monkeypatch
+):
+    """``mochi_mix_log_mass`` (by blocks of rows: here 2 rows a block, or one block) equals the
+    plain path in float64: ``logsumexp`` over the mixes' logits of ``select`` with
+    ``fast=False`` for the same seed (so the blocks' uniforms are the plain draw's), value and
+    gradients to both views for per-anchor weights of the log-mass; ``-inf`` and a zero
+    gradient on a row without negatives."""
+    from hardneg.strategies.base import StepContext
+
+    monkeypatch.setattr(fastpaths, "_MIX_BLOCK", block)
+    strategy = hardneg.registry.strategy_class("mochi")(
+        num_hardest=5, num_mixed=7, num_query_mixed=3
+    )
+    z1, z2, contrast = _mochi_contrast(form, torch.float64, normalize)
+    fast = fastpaths.mochi_mix_log_mass(
+        strategy, contrast, StepContext(generator=torch.Generator().manual_seed(9))
+    )
+    plain_context = StepContext(generator=torch.Generator().manual_seed(9), fast=False)
+    extra = strategy.select(contrast, plain_context).extra_negative_logits
+    plain = torch.logsumexp(extra, dim=1)
+    finite = torch.isfinite(plain)
+    assert torch.equal(finite, torch.isfinite(fast))
+    assert bool(finite.all()) == (form != "empty_rows")
+    assert_close_rel(fast[finite], plain[finite], rtol=1e-12, what="value")
+    up = torch.linspace(0.5, 2.0, fast.shape[0], dtype=torch.float64)
+    gf = torch.autograd.grad(
+        torch.where(finite, fast, 0.0).mul(up).sum(), (z1, z2), allow_unused=True, retain_graph=True
+    )
+    gp = torch.autograd.grad(
+        torch.where(finite, plain, 0.0).mul(up).sum(), (z1, z2), allow_unused=True
+    )
+    assert gf[0] is not None
+    for a, b in zip(gf, gp):
+        assert (a is None) == (b is None)  # a pool's keys are no columns: no gradient
+        if a is not None:
+            assert bool(torch.isfinite(a).all())
+            assert_close_rel(a, b, rtol=1e-12, what="gradient")
+
+
+def test_mochi_loss_takes_the_block_path_with_infonce_only(monkeypatch):
+    """The fast InfoNCE loss sums the mixes by :func:`fastpaths.mochi_mix_log_mass` (and counts
+    them in ``M``: the debiased estimator agrees with the plain path); the Jensen-Shannon
+    objective and diagnostics keep the dense logits."""
+    calls = []
+    original = fastpaths.mochi_mix_log_mass
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(fastpaths, "mochi_mix_log_mass", spy)
+    z1, z2, kwargs = make_inputs("pool", torch.float64)
+    hp = {"num_hardest": 6, "num_mixed": 5, "num_query_mixed": 2, "tau_plus": 0.1}
+    compare_fast_plain("mochi", hp, z1, z2, kwargs)
+    assert len(calls) == 1
+    jsd = hardneg.create_loss("mochi", objective="jsd", **hp)
+    jsd(z1, z2, generator=torch.Generator().manual_seed(1), **kwargs)
+    hardneg.create_loss("mochi", **hp)(z1, z2, return_diagnostics=True, **kwargs)
+    assert len(calls) == 1
+
+
+def test_mochi_uniforms_are_the_plain_uniforms_and_blocks_continue_the_stream():
+    """``mochi_uniforms`` gives the plain ``_unit_uniforms`` bit for bit, and two calls for two
+    blocks of rows (an even count each) give the numbers of one call for all rows."""
+    from hardneg.strategies.mochi import _unit_uniforms
+
+    one = _unit_uniforms((7, 10), torch.Generator().manual_seed(4), "cpu")
+    assert torch.equal(
+        fastpaths.mochi_uniforms((7, 10), torch.Generator().manual_seed(4), "cpu"), one
+    )
+    g = torch.Generator().manual_seed(4)
+    parts = [fastpaths.mochi_uniforms((m, 10), g, "cpu") for m in (2, 4, 1)]
+    assert torch.equal(torch.cat(parts), one)
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_mochi_row_members_list_each_rows_true_columns_in_order(same):
+    g = torch.Generator().manual_seed(6)
+    member = torch.rand(9, 40, generator=g) < 0.3
+    if same:
+        member = torch.zeros(9, 40, dtype=torch.bool)
+        member[torch.arange(9).unsqueeze(1), torch.rand(9, 40, generator=g).argsort(1)[:, :7]] = (
+            True
+        )
+    count = member.sum(dim=1, keepdim=True)
+    got = fastpaths.row_members(member, count, 40, same)
+    assert got.shape == ((9, 7) if same else (9, 40))
+    for row in range(9):
+        want = member[row].nonzero().flatten().tolist()
+        assert got[row, : len(want)].tolist() == want
+        assert bool((got[row, len(want) :] == 0).all())
+
+
 # SimANS: uniforms from random words, the Gumbel-top-k draw by blocks
 
 

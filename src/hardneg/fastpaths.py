@@ -40,8 +40,16 @@ only; no kept buffers.
   with ``torch.rand`` and ``torch.topk``; same law, other draws).
 * :func:`kth_largest` — MoCHi: the ``N``-th largest logit of each row (the threshold of the
   hardest set) by numpy's partition (plain twin: ``torch.topk``'s ``k``-th value).
+* :func:`row_members` — MoCHi: the hardest set's columns in column order by
+  ``numpy.flatnonzero`` (plain twin: a cumsum / scatter compaction).
 * :func:`pair_gram` — MoCHi: the pairs' ``n_i · n_j`` from the upper triangle of the columns'
-  Gram matrix, by blocks of rows (plain twin: the full Gram matrix, looked up at the pairs).
+  Gram matrix, by blocks of rows (plain twin: the full Gram matrix, looked up at the pairs);
+  :func:`mochi_in_batch_cosine`: in-batch, read from the logits as ``t c_ij`` (no product).
+* :func:`mochi_mix_log_mass` — MoCHi with InfoNCE: the synthetic negatives' log-mass drawn and
+  summed a block of rows at a time (the draws of the plain path, bit for bit), the backward
+  one product ``W C`` with ``W`` the softmax weights times the mixing coefficients
+  scatter-added per column (plain twin: ``HardNegativeMixing.select``'s logits and the
+  objective's ``logsumexp``, back-propagated through the gathers).
 * :func:`potential_in_batch_terms` — potential, in-batch: the three terms from one Gram matrix
   of ``[z1; z2]`` (every logit, the neighbour look-up, one keep kernel for ``L_aug`` and both
   mined terms, computed as threshold bytes ``floor(256 pi)``), the draws from random bytes
@@ -69,6 +77,7 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -861,6 +870,221 @@ def mixed_column_logits(contrast, index: Tensor) -> Tensor:
     )
 
 
+# entries of a [rows, 2 s + s'] block of MoCHi's draws: a block's temporaries stay in cache, and
+# none reaches glibc's 32 MiB mmap threshold (N = 1024 in-batch drew 2048 x 2176 int64 columns,
+# 36 MB, which page-fault on every call); measured at 1 thread (loaded machine) 2^18-2^19 best,
+# 2^20 and one block 10-30 % slower; with 2 threads on the loaded machine fewer, larger blocks
+# stall less (as SimANS's draw, docs/benchmarks.md)
+_MIX_BLOCK = 1 << 19
+
+
+class _MixLogMass(torch.autograd.Function):
+    """MoCHi's synthetic negatives: forward the log-mass computed by :func:`mochi_mix_log_mass`;
+    backward to the anchors only: the incoming gradient ``g [A]`` times ``(W C + w q) / t``, with
+    ``W [A, S]`` the softmax weights times the mixing coefficients scatter-added per column and
+    ``w [A, 1]`` the query mixes' share of the anchor itself (``q · q.detach()``), both from the
+    forward (one product, no graph over ``[A, s + s']``)."""
+
+    @staticmethod
+    def forward(ctx, anchors, lse, weights, self_weight, q, columns, anchor_columns, t):  # type: ignore[override]
+        ctx.save_for_backward(lse, weights, self_weight, q, columns, anchor_columns)
+        ctx.temperature = t
+        return lse.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        lse, weights, self_weight, q, columns, anchor_columns = ctx.saved_tensors
+        c = columns.shape[0]
+        grad_q = weights[:, :c] @ columns
+        if anchor_columns is not None:
+            grad_q += torch.einsum("ah,ahd->ad", weights[:, c:], anchor_columns)
+        grad_q.addcmul_(self_weight, q)
+        scale = torch.where(torch.isfinite(lse), grad, 0.0).div(ctx.temperature).unsqueeze(1)
+        return grad_q.mul_(scale), *([None] * 7)
+
+
+def _logit_cosine(logits: Tensor, columns: Tensor, t: float, first: Tensor, second: Tensor):
+    """In-batch (anchor ``i`` is column ``i``): ``n_i · n_j = t c_ij`` read from the logits; the
+    few pairs on a masked entry (``i = j``, a positive pair, a duplicate) by row-wise dots."""
+    cols = logits.shape[1]
+    flat = torch.add(second, first, alpha=cols).view(-1)
+    cosine = logits.reshape(-1).index_select(0, flat).mul_(t)
+    masked = torch.isinf(cosine).nonzero().squeeze(1)
+    if masked.numel():
+        i, j = first.reshape(-1)[masked], second.reshape(-1)[masked]
+        cosine[masked] = torch.linalg.vecdot(columns[i], columns[j]).to(cosine.dtype)
+    return cosine.view(first.shape)
+
+
+# a shared pool's pair cosines: the (half) Gram matrix when C^2 <= this many times A s, else
+# row-wise dots of the pairs (measured on CPU: a Gram entry costs about 1/27 of a row-wise dot)
+_GRAM_PER_PAIR = 48
+
+
+def _pair_dots(columns: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """``columns[first] · columns[second]`` per pair, about 4096 pairs (of ``d = 128``) at a
+    time so that the gathered rows stay in cache."""
+    out = columns.new_empty(first.numel())
+    i, j = first.reshape(-1), second.reshape(-1)
+    step = max(1, (1 << 19) // max(1, columns.shape[1]))
+    for start in range(0, out.numel(), step):
+        part = slice(start, start + step)
+        x, y = columns.index_select(0, i[part]), columns.index_select(0, j[part])
+        torch.linalg.vecdot(x, y, out=out[part])
+    return out.view(first.shape)
+
+
+def _upper_gram(columns: Tensor) -> Tensor:
+    """``[C, C]`` the columns' Gram matrix on and above its diagonal only (one product per block
+    of rows from its diagonal on: up to 8 blocks of at least 512 rows, about 56 % of the full
+    product's work); the entries below are left unset."""
+    c = columns.shape[0]
+    parts = max(1, min(8, c // 512))
+    gram = columns.new_empty(c, c)
+    step = -(-c // parts)
+    for start in range(0, c, step):
+        rows = columns[start : start + step]
+        torch.mm(rows, columns[start:].T, out=gram[start : start + step, start:])
+    return gram
+
+
+def _upper_gram_at(gram: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """``gram[i, j]`` at the pairs, read at ``(min, max)`` (the upper triangle)."""
+    low, high = torch.minimum(first, second), torch.maximum(first, second)
+    flat = torch.add(high, low, alpha=gram.shape[0]).view(-1)
+    return gram.view(-1).index_select(0, flat).view(first.shape)
+
+
+def _inverse_norm_into(out: Tensor, a: Tensor, cosine: Tensor) -> Tensor:
+    """``out = (1 - 2 a (1 - a) (1 - cosine))^-1/2`` (MoCHi's ``_inverse_mix_norm``, the
+    squared norm clamped at ``1e-24``)."""
+    spread = torch.addcmul(a, a, a, value=-1.0)  # a (1 - a)
+    torch.sub(cosine, 1.0, out=out).mul_(spread).mul_(2.0).add_(1.0)
+    return out.clamp_(min=1e-24).rsqrt_()
+
+
+def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
+    """MoCHi: ``[A]`` ``log sum_k e^{q · h_k / t}`` over each anchor's ``s + s'`` synthetic
+    negatives (``-inf`` on a row without negatives), with a gradient to the anchors only.
+    Plain twin: ``HardNegativeMixing.draw`` and ``select`` (the mixes' logits from gathered
+    dot products, coefficients detached) and the objective's ``logsumexp`` over them: the same
+    draws for a seed (the uniforms of a block of rows are the next words of the generator, as
+    in one call on the CPU; one block on an accelerator), the same logits up to rounding.
+
+    A block of rows at a time: its uniforms, the drawn columns ``i``, ``j`` (from the hardest set
+    ``Q~``, :meth:`HardNegativeMixing.hardest`), their logits ``d = q · n / t`` read from the
+    contrast set's own logits, the pairs' ``n_i · n_j`` (in-batch read from the logits as
+    ``t c_ij``; a shared pool from the upper triangle of its Gram matrix; otherwise row-wise
+    dots of the gathered columns), the logits ``(d_j + a (d_i - d_j)) r`` and ``(b q·q / t +
+    (1 - b) d_j) r'`` (``r``, ``r'`` the mixes' inverse norms; 1 with raw dot products), their
+    log-sum-exp and softmax, and the softmax weights times the coefficients scatter-added into
+    ``W [A, S]``, so that the backward is one product ``W C`` (:class:`_MixLogMass`)."""
+    s, s_query = strategy.num_mixed, strategy.num_query_mixed
+    logits = contrast.negative_logits.detach()
+    rows, width = logits.shape
+    t = contrast.temperature
+    dtype = logits.dtype
+    n_draw, per_row = 2 * s + s_query, 3 * s + 2 * s_query
+    with torch.no_grad():
+        index, count = strategy.hardest(contrast, fast=True)
+        columns = contrast.columns.detach()
+        c = columns.shape[0]
+        own = None if contrast.anchor_columns is None else contrast.anchor_columns.detach()
+        q = contrast.anchors.detach().to(dtype)
+        in_batch = contrast.anchors is contrast.columns and own is None
+        gram = None
+        step = max(2, _MIX_BLOCK // max(1, n_draw))
+        if contrast.normalized and not in_batch:
+            if own is None and c * c <= _GRAM_PER_PAIR * rows * s:
+                gram = _upper_gram(columns)
+            elif own is not None:  # row-wise dots: [rows, s, d] gathered columns per block
+                step = min(step, max(2, (1 << 22) // max(1, s * columns.shape[1])))
+        step -= step % 2  # an even number of uniforms per block: whole random words
+        if logits.device.type != "cpu":
+            step = rows
+        weights = logits.new_zeros(rows, width)
+        lse = logits.new_empty(rows)
+        self_weight = logits.new_zeros(rows, 1)
+        for start in range(0, rows, step):
+            part = slice(start, start + step)
+            m = min(step, rows - start)
+            u = mochi_uniforms((m, per_row), context.generator, logits.device)
+            drawn = index[part].gather(1, u[:, :n_draw].mul(count[part]).long())
+            d = logits[part].gather(1, drawn)
+            mixing = u[:, n_draw:].to(dtype)
+            alpha, beta = mixing[:, :s], mixing[:, s:].mul_(0.5)
+            x = d.new_empty(m, s + s_query)
+            pair = d.new_empty(m, 2 * s)  # [a r, (1 - a) r]
+            query = d.new_empty(m, 2 * s_query)  # [b r', (1 - b) r']
+            if s > 0:
+                first, second = drawn[:, :s], drawn[:, s : 2 * s]
+                r = pair[:, s:]
+                if not contrast.normalized:
+                    r.fill_(1.0)
+                else:
+                    if in_batch:
+                        cosine = _logit_cosine(logits, columns, t, first, second)
+                    elif gram is not None:
+                        cosine = _upper_gram_at(gram, first, second)
+                    elif own is None:
+                        cosine = _pair_dots(columns, first, second)
+                    else:
+                        sub = replace(
+                            contrast,
+                            anchors=contrast.anchors[part],
+                            anchor_columns=None if own is None else contrast.anchor_columns[part],
+                        )
+                        cosine = torch.linalg.vecdot(
+                            strategy._column_vectors(sub, first),
+                            strategy._column_vectors(sub, second),
+                        )
+                    _inverse_norm_into(r, alpha, cosine)
+                torch.mul(alpha, r, out=pair[:, :s])
+                r.sub_(pair[:, :s])
+                torch.mul(pair[:, :s], d[:, :s], out=x[:, :s])
+                x[:, :s].addcmul_(pair[:, s:], d[:, s : 2 * s])
+            if s_query > 0:
+                r = query[:, s_query:]
+                d_query = d[:, 2 * s :]
+                if not contrast.normalized:
+                    r.fill_(1.0)
+                else:  # the query mix's cosine is q · n_j = t d_j
+                    _inverse_norm_into(r, beta, d_query * t)
+                torch.mul(beta, r, out=query[:, :s_query])
+                r.sub_(query[:, :s_query])
+                self_logit = _row_dot(q[part], q[part]).div_(t).unsqueeze(1)
+                torch.mul(query[:, s_query:], d_query, out=x[:, s:])
+                x[:, s:].addcmul_(query[:, :s_query], self_logit)
+            # a row without negatives draws masked columns (index 0 of an empty ``Q~``): its
+            # logits d are -inf, so are its mixes'
+            top = x.amax(dim=1, keepdim=True)
+            top.masked_fill_(~torch.isfinite(top), 0.0)
+            x.sub_(top).exp_()
+            total = x.sum(dim=1, keepdim=True)
+            x.div_(torch.where(total > 0, total, 1.0))  # softmax weights, 0 on an empty row
+            torch.add(total.log_(), top, out=lse[part].unsqueeze(1))
+            coefficient = d  # reused: the softmax weight times each drawn column's coefficient
+            if s > 0:
+                torch.mul(pair[:, :s], x[:, :s], out=coefficient[:, :s])
+                torch.mul(pair[:, s:], x[:, :s], out=coefficient[:, s : 2 * s])
+            if s_query > 0:
+                torch.mul(query[:, s_query:], x[:, s:], out=coefficient[:, 2 * s :])
+                self_weight[part] = _row_dot(query[:, :s_query], x[:, s:]).unsqueeze(1)
+            weights[part].scatter_add_(1, drawn, coefficient)
+    return _MixLogMass.apply(contrast.anchors, lse, weights, self_weight, q, columns, own, t)
+
+
+def mochi_in_batch_cosine(contrast, first: Tensor, second: Tensor) -> Tensor | None:
+    """MoCHi in-batch (the anchors are the columns): ``[A, s]`` the pairs' ``n_i · n_j`` read
+    from the logits, ``t c_ij``, no Gram matrix; the few pairs on a masked entry (``i = j``, a
+    positive pair, a duplicate) by row-wise dot products. None if the anchors are not the
+    columns. Plain twin: ``HardNegativeMixing.pair_similarity`` (the Gram matrix)."""
+    if contrast.anchors is not contrast.columns or contrast.anchor_columns is not None:
+        return None
+    logits = contrast.negative_logits.detach()
+    return _logit_cosine(logits, contrast.columns.detach(), contrast.temperature, first, second)
+
+
 # ---------------------------------------------------------------------------------------------
 # SimANS: the Gumbel-top-k draw, uniforms cut from random words and the smallest k keys selected
 # by numpy's partition
@@ -951,22 +1175,43 @@ def kth_largest(x: Tensor, k: int) -> Tensor:
     return torch.from_numpy(out)
 
 
+def row_members(member: Tensor, count: Tensor, width: int, same_count: bool) -> Tensor:
+    """MoCHi: the columns of the ``True`` entries of each row of ``member [A, S]``, in
+    increasing column order, row ``a`` holding its ``count[a]`` (``count [A, 1]``) first:
+    ``[A, count]`` when every row has the same count (``same_count``), else ``[A, width]``
+    padded with 0. On CPU the flat positions by ``numpy.flatnonzero`` (about 10x faster than
+    torch's 2-D ``nonzero`` on a 2048 x 2048 mask); elsewhere one ``nonzero``. Plain twin: the
+    cumsum / scatter compaction of ``HardNegativeMixing.hardest``."""
+    rows, cols = member.shape
+    if member.device.type == "cpu":
+        flat = torch.from_numpy(np.flatnonzero(member.contiguous().numpy()))
+        row = torch.div(flat, cols, rounding_mode="floor")
+        column = flat - row * cols
+    else:
+        row, column = member.nonzero().unbind(1)
+    if same_count:
+        return column.view(rows, -1)
+    counts = count.flatten()
+    start = counts.cumsum(dim=0) - counts
+    rank = torch.arange(row.shape[0], device=row.device) - start[row]
+    return column.new_zeros(rows, width).index_put_((row, rank), column)
+
+
+def mochi_uniforms(shape: tuple[int, int], generator, device) -> Tensor:
+    """MoCHi's float32 uniforms (``hardneg.strategies.mochi._unit_uniforms``: the same random
+    words, the same numbers), the bits cut in place in the words' own memory
+    (:func:`unit_uniforms`; the plain twin is out of place for ``torch.compile``)."""
+    n = shape[0] * shape[1]
+    words = torch.randint(-(2**63), 2**63 - 1, (-(-n // 2),), generator=generator, device=device)
+    return unit_uniforms(words, n).view(shape)
+
+
 def pair_gram(columns: Tensor, first: Tensor, second: Tensor) -> Tensor:
     """MoCHi: ``[A, s]`` ``n_i · n_j`` of the pairs ``(first, second)`` of rows of ``columns``
     ``[C, d]``, looked up in the upper triangle of the Gram matrix (``i <= j`` after swapping),
-    which alone is computed: one product per block of rows from its diagonal on (up to 8
-    blocks of at least 512 rows: about 56 % of the full product's work). Plain twin:
-    ``(columns @ columns.T)`` at ``[first, second]`` (``HardNegativeMixing.pair_similarity``)."""
-    c = columns.shape[0]
-    parts = max(1, min(8, c // 512))
-    gram = columns.new_empty(c, c)
-    step = -(-c // parts)
-    for start in range(0, c, step):
-        rows = columns[start : start + step]
-        torch.mm(rows, columns[start:].T, out=gram[start : start + step, start:])
-    low, high = torch.minimum(first, second), torch.maximum(first, second)
-    flat = torch.add(high, low, alpha=c).view(-1)
-    return gram.view(-1).index_select(0, flat).view(first.shape)
+    which alone is computed (:func:`_upper_gram`). Plain twin: ``(columns @ columns.T)`` at
+    ``[first, second]`` (``HardNegativeMixing.pair_similarity``)."""
+    return _upper_gram_at(_upper_gram(columns), first, second)
 
 
 # ---------------------------------------------------------------------------------------------

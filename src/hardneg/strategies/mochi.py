@@ -132,7 +132,7 @@ class HardNegativeMixing(Strategy):
         and as many of those equal to it as fit, the first in column order. ``k' = min(N, S)``,
         or ``min(N, M)`` on the fast path when every anchor has ``M``. ``fast``: the ``N``-th
         largest logit by :func:`fastpaths.kth_largest` (numpy's partition) instead of
-        ``torch.topk`` and the compaction by one ``nonzero``; the same result."""
+        ``torch.topk`` and the compaction by :func:`fastpaths.row_members`; the same result."""
         logits = contrast.negative_logits.detach()
         rows, cols = logits.shape
         k = min(self.num_hardest, cols)
@@ -147,7 +147,9 @@ class HardNegativeMixing(Strategy):
             if not (isinstance(m, int) and m >= k):
                 member &= torch.isfinite(logits)
             # a tie at the k-th logit (the plain form never branches on data: torch.compile)
-            if not fast or not bool((member.sum(dim=1, keepdim=True) == count).all()):
+            if not fast or not bool(
+                (member.sum(1, keepdim=True, dtype=torch.int32) == count).all()
+            ):
                 member = logits > kth
                 tied = (logits == kth) & torch.isfinite(kth)
                 tied &= tied.cumsum(dim=1) <= count - member.sum(dim=1, keepdim=True)
@@ -156,13 +158,8 @@ class HardNegativeMixing(Strategy):
             return torch.arange(cols, device=logits.device).expand(rows, cols), count
         else:
             member = contrast.negative_mask
-        if fast:  # one nonzero, row by row in column order (an output of data-dependent size)
-            row, column = member.nonzero().unbind(1)
-            if isinstance(m, int):  # count = min(m, k) members in every row
-                return column.view(rows, -1), count
-            start = count.flatten().cumsum(dim=0) - count.flatten()
-            rank = torch.arange(row.shape[0], device=row.device) - start[row]
-            return column.new_zeros(rows, k).index_put_((row, rank), column), count
+        if fast:  # the members row by row in column order (an output of data-dependent size)
+            return fastpaths.row_members(member, count, k, isinstance(m, int)), count
         # each member moved to its rank within its row (slot k collects the rest, dropped)
         slot = member.cumsum(dim=1).sub_(1).masked_fill_(~member, k)
         index = torch.arange(cols, device=logits.device).expand(rows, cols)
@@ -176,7 +173,8 @@ class HardNegativeMixing(Strategy):
             rows = index.shape[0]
             # float32 draws whatever the compute dtype: a seed gives the same mixes in float64;
             # u * count < count for u < 1 and count < 2^24 (no clamp)
-            u = _unit_uniforms((rows, 3 * s + 2 * s_query), context.generator, index.device)
+            uniforms = fastpaths.mochi_uniforms if context.fast else _unit_uniforms
+            u = uniforms((rows, 3 * s + 2 * s_query), context.generator, index.device)
             columns = index.gather(1, u[:, : 2 * s + s_query].mul(count).long())
             coefficient = u[:, 2 * s + s_query :].to(contrast.negative_logits.dtype)
             return MixDraws(columns, alpha=coefficient[:, :s], beta=coefficient[:, s:] * 0.5)
@@ -223,6 +221,9 @@ class HardNegativeMixing(Strategy):
             columns = contrast.columns.detach()
             c = columns.shape[0]
             if contrast.anchor_columns is None and c * c <= 16 * contrast.negative_logits.numel():
+                cosine = fastpaths.mochi_in_batch_cosine(contrast, first, second) if fast else None
+                if cosine is not None:  # in-batch: read from the logits
+                    return cosine
                 if fast:  # the upper triangle of the Gram matrix only
                     return fastpaths.pair_gram(columns, first, second)
                 flat = torch.add(second, first, alpha=c).view(-1)  # a flat look-up: index_select
@@ -240,6 +241,13 @@ class HardNegativeMixing(Strategy):
         s = self.num_mixed
         if s + self.num_query_mixed == 0:
             return Selection()
+        if context.fast and context.want_log_mass:  # by blocks of rows, a one-product backward
+            mass = fastpaths.mochi_mix_log_mass(self, contrast, context)
+            real = torch.logsumexp(contrast.negative_logits, dim=1)
+            return Selection(
+                negative_log_mass=torch.logaddexp(real, mass),
+                num_negatives=contrast.num_negatives + s + self.num_query_mixed,
+            )
         draws = self.draw(contrast, context)
         t = contrast.temperature
         # q · n / t of every mixed column (n_i, n_j of the pairs, n_j of the query mixes), with
