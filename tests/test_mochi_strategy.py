@@ -113,11 +113,19 @@ def test_a_row_without_negatives_mixes_nothing():
     contrast = build_contrast(a, columns, positives=positives, negative_mask=mask, temperature=0.2)
     strategy = mochi(num_hardest=2, num_mixed=3, num_query_mixed=2)
     for fast in (False, True):
-        context = StepContext(generator=torch.Generator().manual_seed(2), fast=fast)
+        context = StepContext(
+            generator=torch.Generator().manual_seed(2), fast=fast, want_log_mass=False
+        )
         extra = strategy.select(contrast, context).extra_negative_logits
         assert extra.shape == (3, 5)
         assert bool(torch.isneginf(extra[1]).all())
         assert bool(torch.isfinite(extra[[0, 2]]).all())
+    # the fast log mass: nothing for anchor 1, the real and the mixed logits for the others
+    context = StepContext(generator=torch.Generator().manual_seed(2), fast=True)
+    mass = strategy.select(contrast, context).negative_log_mass
+    want = torch.cat([contrast.negative_logits, extra], 1).logsumexp(1)
+    assert bool(torch.isneginf(mass[1])) and bool(torch.isfinite(mass[[0, 2]]).all())
+    torch.testing.assert_close(mass, want, rtol=1e-5, atol=1e-6)
 
 
 def test_the_plain_hardest_set_is_the_default_and_has_min_n_s_slots():
@@ -186,10 +194,21 @@ def test_mixes_of_shared_and_own_columns_take_each_columns_own_vector(fast):
     want = mixes_by_hand(contrast, draws)
     got = strategy.synthetic_negatives(contrast, context, draws)
     assert (got.double() - want).abs().max().item() < 1e-6
-    context = StepContext(generator=torch.Generator().manual_seed(4), fast=fast)
+    context = StepContext(
+        generator=torch.Generator().manual_seed(4), fast=fast, want_log_mass=False
+    )
     extra = strategy.select(contrast, context).extra_negative_logits
     logits = torch.einsum("ad,akd->ak", contrast.anchors.double(), want) / 0.3
     assert (extra.double() - logits).abs().max().item() < 1e-5
+    # the objective's log mass (the fast path's only output): the real and synthetic logits
+    context = StepContext(generator=torch.Generator().manual_seed(4), fast=fast)
+    selection = strategy.select(contrast, context)
+    real = contrast.negative_logits.double()
+    mass = selection.negative_log_mass
+    if mass is None:  # the plain form gives the synthetic logits
+        mass = torch.cat([real, selection.extra_negative_logits.double()], 1).logsumexp(1)
+    want_mass = torch.cat([real, logits], 1).logsumexp(1)
+    assert (mass.double() - want_mass).abs().max().item() < 1e-5
 
 
 def test_given_draws_are_used_and_raw_dot_products_are_not_normalised():
@@ -213,7 +232,7 @@ def test_given_draws_are_used_and_raw_dot_products_are_not_normalised():
 def test_each_anchor_gets_num_mixed_plus_num_query_mixed_synthetic_negatives(s, s_query):
     contrast = contrasts()["pool_exclude_ties"]
     strategy = mochi(num_hardest=3, num_mixed=s, num_query_mixed=s_query)
-    context = StepContext(generator=torch.Generator().manual_seed(5))
+    context = StepContext(generator=torch.Generator().manual_seed(5), want_log_mass=False)
     extra = strategy.select(contrast, context).extra_negative_logits
     assert extra.shape == (4, s + s_query)
     context = StepContext(generator=torch.Generator().manual_seed(5))
