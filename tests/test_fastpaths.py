@@ -19,6 +19,7 @@ import math
 
 import pytest
 import torch
+from _laws import inclusion_probabilities
 
 import hardneg
 from hardneg import fastpaths
@@ -1110,22 +1111,6 @@ def test_simans_draw_takes_real_columns_first_and_every_column_when_k_covers_the
     assert one.sort(dim=1).values.tolist() == two.sort(dim=1).values.tolist()
 
 
-def _simans_inclusion(p: list[float], k: int) -> list[float]:
-    """Exact probability that each item is among ``k`` sequential draws without replacement
-    with probabilities ``p`` (enumeration of the ordered draws)."""
-    import itertools
-
-    out = [0.0] * len(p)
-    for order in itertools.permutations(range(len(p)), k):
-        prob, left = 1.0, 1.0
-        for i in order:
-            prob *= p[i] / left
-            left -= p[i]
-        for i in order:
-            out[i] += prob
-    return out
-
-
 @pytest.mark.parametrize(
     ("a", "k", "dtype"), [(0.8, 1, torch.float32), (0.8, 2, torch.float64), (0.0, 3, torch.float32)]
 )
@@ -1145,7 +1130,7 @@ def test_simans_cpu_draw_follows_the_kernel_over_row_blocks(a, k, dtype):
     assert bool((counts.sum(dim=1) == k).all())
     negatives = [0, 1, 3, 4, 5]
     kernel = [math.exp(-a * (float(c[j]) - 0.4) ** 2) for j in negatives]
-    expected = _simans_inclusion([x / sum(kernel) for x in kernel], k)
+    expected = inclusion_probabilities([x / sum(kernel) for x in kernel], k)
     assert float(counts[:, 2].sum()) == 0.0
     for j, want in zip(negatives, expected):
         assert float(counts[:, j].mean()) == pytest.approx(want, abs=0.015)

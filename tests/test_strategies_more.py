@@ -6,12 +6,12 @@ positive-aware filtering (NV-Retriever), SimANS sampling, stop-gradient hardness
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _laws import inclusion_probabilities
 
 import hardneg
 from hardneg.contrast import in_batch_contrast
@@ -108,20 +108,6 @@ def test_a_filter_must_be_a_filter():
 
 
 # ------------------------------------------------------------------------------- SimANS
-
-
-def inclusion_probabilities(p, k):
-    """Exact probability that each item is among ``k`` draws without replacement (enumeration)."""
-    n = len(p)
-    out = [0.0] * n
-    for order in itertools.permutations(range(n), k):
-        prob, left = 1.0, 1.0
-        for i in order:
-            prob *= p[i] / left
-            left -= p[i]
-        for i in order:
-            out[i] += prob
-    return out
 
 
 @pytest.mark.parametrize("k", [1, 2])
