@@ -353,3 +353,17 @@ def test_in_batch_pair_similarity_on_the_fast_path_is_each_pairs_dot_product():
     assert bool((draws.first == draws.second).any()) and bool((draws.first != draws.second).any())
     want = torch.einsum("ad,akd->ak", contrast.anchors.double(), mixes_by_hand(contrast, draws))
     assert (extra.double() - want / 0.5).abs().max().item() < 1e-5
+
+
+def test_the_fast_hardest_set_has_min_n_m_slots_when_every_anchor_has_m():
+    """The fast form's index is as wide as the set when every anchor has the same ``M`` (an
+    int): ``min(N, M)`` slots, no padding; with a count per anchor ``min(N, S)``, padded."""
+    contrast = contrasts()["pool_exclude_ties"]  # S = 12, M = 11 for every anchor
+    for n, width in ((30, 11), (12, 11), (11, 11), (4, 4)):
+        index, count = mochi(num_hardest=n).hardest(contrast, fast=True)
+        assert index.shape == (4, width)
+        assert count.flatten().tolist() == [min(n, 11)] * 4
+    contrast = contrasts()["in_batch_ids"]  # S = 12, M = 4 or 10
+    for n, width in ((30, 12), (7, 7)):
+        index, count = mochi(num_hardest=n).hardest(contrast, fast=True)
+        assert index.shape == (12, width)
