@@ -257,3 +257,113 @@ def test_pair_similarity_row_by_row_covers_every_anchor(monkeypatch):
         for k in range(2):
             want = float(vectors[i, first[i, k]] @ vectors[i, second[i, k]])
             assert float(got[i, k]) == pytest.approx(want, abs=1e-6)
+
+
+def layouts():
+    """Every kind of contrast set the fast log mass serves: in-batch (the anchors are the
+    columns; duplicates masked), a shared pool with an excluded column, shared and own columns,
+    and raw dot products."""
+    g = torch.Generator().manual_seed(11)
+    views = [torch.randn(6, 3, generator=g) for _ in range(2)]
+    q, k, pool = (torch.randn(n, 3, generator=g) for n in (4, 4, 9))
+    return {
+        "in_batch_ids": in_batch_contrast(
+            views, temperature=0.5, ids=torch.tensor([0, 0, 1, 2, 3, 4])
+        ),
+        "pool_exclude": pool_contrast(
+            q, k, pool, temperature=0.4, exclude_index=torch.tensor([0, 3, 8, 1])
+        ),
+        "shared_and_own": mixed_layout(),
+        "raw": mixed_layout(normalize=False),
+    }
+
+
+@pytest.mark.parametrize("name", ["in_batch_ids", "pool_exclude", "shared_and_own", "raw"])
+def test_the_fast_log_mass_is_the_logsumexp_of_the_real_and_hand_made_synthetic_logits(name):
+    """With ``want_log_mass`` the fast path returns only ``log sum e^logit`` over the real
+    negatives and the ``s + s'`` mixes: equal to the log-sum-exp of the real logits and of
+    ``q . h / t`` with ``h`` built by hand from the draws of the same seed; and the count ``M``
+    the debiased estimator reads includes the mixes."""
+    contrast = layouts()[name]
+    s, s_query = 5, 3
+    strategy = mochi(num_hardest=3, num_mixed=s, num_query_mixed=s_query)
+    context = StepContext(generator=torch.Generator().manual_seed(6), fast=True)
+    selection = strategy.select(contrast, context)
+    assert selection.extra_negative_logits is None
+    draws = strategy.draw(contrast, StepContext(generator=torch.Generator().manual_seed(6)))
+    h = mixes_by_hand(contrast, draws)
+    t = contrast.temperature
+    synthetic = torch.einsum("ad,akd->ak", contrast.anchors.double(), h) / t
+    real = contrast.negative_logits.double()
+    want = torch.cat([real, synthetic], 1).logsumexp(1)
+    assert selection.negative_log_mass.shape == (contrast.num_anchors,)
+    assert (selection.negative_log_mass.double() - want).abs().max().item() < 1e-5
+    # the mixes change the mass (the test can tell them from the real negatives alone)
+    assert (want - real.logsumexp(1)).abs().min().item() > 1e-3
+    m = contrast.num_negatives
+    got = selection.num_negatives
+    if isinstance(m, int):
+        assert got == m + s + s_query
+    else:
+        assert got.tolist() == [v + s + s_query for v in m.tolist()]
+
+
+def test_the_plain_form_calls_no_fast_path(monkeypatch):
+    """``fast=False`` (torch.compile, diagnostics) stays on the plain torch form: nothing of
+    :mod:`hardneg.fastpaths` runs, whether or not the objective wants only the log mass, and
+    the plain form returns the synthetic logits (the objective sums them)."""
+    from hardneg import fastpaths
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a fast path on the plain form")
+
+    for name in dir(fastpaths):
+        if callable(getattr(fastpaths, name)) and not name.startswith("_"):
+            monkeypatch.setattr(fastpaths, name, refuse)
+    strategy = mochi(num_hardest=3, num_mixed=4, num_query_mixed=2)
+    for contrast in layouts().values():
+        for want_log_mass in (True, False):
+            context = StepContext(
+                generator=torch.Generator().manual_seed(1), fast=False, want_log_mass=want_log_mass
+            )
+            selection = strategy.select(contrast, context)
+            assert selection.negative_log_mass is None
+            assert selection.extra_negative_logits.shape == (contrast.num_anchors, 6)
+
+
+def test_in_batch_pair_similarity_on_the_fast_path_is_each_pairs_dot_product():
+    """In-batch, the fast form reads ``n_i . n_j = t c_ij`` from the logits; pairs on a masked
+    entry (``i = j``, the two views of a sample, duplicates) by row-wise dots: every pair's dot
+    product equals the vectors' by hand, and so do the synthetic logits of the fast path."""
+    contrast = layouts()["in_batch_ids"]  # 12 anchors = columns; 0, 1, 6, 7 one sample
+    vectors = contrast.columns.double()
+    first = torch.tensor([[0, 1, 2, 5], [6, 3, 11, 0]]).repeat(6, 1)
+    second = torch.tensor([[0, 6, 7, 4], [0, 9, 11, 1]]).repeat(6, 1)
+    assert bool(torch.isneginf(contrast.negative_logits[first, second]).any())
+    assert bool(torch.isfinite(contrast.negative_logits[first, second]).any())
+    for fast in (False, True):
+        got = mochi().pair_similarity(contrast, first, second, fast)
+        want = (vectors[first] * vectors[second]).sum(-1)
+        assert got.shape == (12, 4)
+        assert (got.double() - want).abs().max().item() < 1e-6
+    strategy = mochi(num_hardest=2, num_mixed=12, num_query_mixed=2)  # pairs i = j drawn
+    context = StepContext(generator=torch.Generator().manual_seed(8), want_log_mass=False)
+    extra = strategy.select(contrast, context).extra_negative_logits
+    draws = strategy.draw(contrast, StepContext(generator=torch.Generator().manual_seed(8)))
+    assert bool((draws.first == draws.second).any()) and bool((draws.first != draws.second).any())
+    want = torch.einsum("ad,akd->ak", contrast.anchors.double(), mixes_by_hand(contrast, draws))
+    assert (extra.double() - want / 0.5).abs().max().item() < 1e-5
+
+
+def test_the_fast_hardest_set_has_min_n_m_slots_when_every_anchor_has_m():
+    """The fast form's index is as wide as the set when every anchor has the same ``M`` (an
+    int): ``min(N, M)`` slots, no padding; with a count per anchor ``min(N, S)``, padded."""
+    contrast = contrasts()["pool_exclude_ties"]  # S = 12, M = 11 for every anchor
+    for n, width in ((30, 11), (12, 11), (11, 11), (4, 4)):
+        index, count = mochi(num_hardest=n).hardest(contrast, fast=True)
+        assert index.shape == (4, width)
+        assert count.flatten().tolist() == [min(n, 11)] * 4
+    contrast = contrasts()["in_batch_ids"]  # S = 12, M = 4 or 10
+    for n, width in ((30, 12), (7, 7)):
+        index, count = mochi(num_hardest=n).hardest(contrast, fast=True)
+        assert index.shape == (12, width)
