@@ -10,10 +10,163 @@ No training run here: the helpers are called directly (the collectives through a
 
 from __future__ import annotations
 
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
 import torch
 
 import hardneg.train.trainer as trainer
+from hardneg.config import load_config
 from hardneg.distributed import DistContext
+from hardneg.frameworks import StepOutput
+from hardneg.train.checkpoint import save_checkpoint
+
+TINY = [
+    "data.dataset=digits",
+    "data.subset=64",
+    "model.backbone=digits_cnn",
+    "train.batch_size=16",
+    "train.device=cpu",
+    "eval.knn=false",
+]
+
+
+def tiny(*overrides: str):
+    return load_config(None, [*TINY, *overrides])
+
+
+def touch_checkpoint(folder: Path) -> Path:
+    path = folder / "checkpoints" / "last.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    return path
+
+
+class FakeAllReduce:
+    """Plays the other ranks of ``torch.distributed.all_reduce``: records each call's operation,
+    tensor and device, and combines the local tensor with ``others`` as a MAX would."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, others: float) -> None:
+        self.others, self.calls = others, []
+        monkeypatch.setattr(torch.distributed, "all_reduce", self)
+
+    def __call__(self, tensor, op=torch.distributed.ReduceOp.SUM):
+        self.calls.append((op, tensor.clone()))
+        tensor.clamp_(min=self.others)
+
+
+# --------------------------------------------------------------------------- resolve_run_dir
+
+
+def test_a_fresh_run_gets_a_stamped_folder_under_runs(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    before = datetime.now().replace(microsecond=0)
+    run_dir, resume_path = trainer.resolve_run_dir(tiny("loss.name=hcl"), None, None)
+    after = datetime.now()
+    assert resume_path is None
+    assert run_dir.parent == Path("runs")
+    found = re.fullmatch(r"digits-simclr-hcl-(\d{8}-\d{6})", run_dir.name)
+    assert found, run_dir.name
+    stamp = datetime.strptime(found.group(1), "%Y%m%d-%H%M%S")
+    assert before <= stamp <= after + timedelta(seconds=1)
+    # a given folder is taken as it is, as a Path
+    assert trainer.resolve_run_dir(tiny(), str(tmp_path / "mine"), False) == (
+        tmp_path / "mine",
+        None,
+    )
+
+
+def test_resume_true_reads_the_last_checkpoint_of_the_given_folder(tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("resume=True needs the run_dir to resume (or give a checkpoint path)"),
+    ):
+        trainer.resolve_run_dir(tiny(), None, True)
+    last = touch_checkpoint(tmp_path / "run")
+    assert trainer.resolve_run_dir(tiny(), tmp_path / "run", True) == (tmp_path / "run", last)
+
+
+def test_resume_from_a_run_folder_continues_in_that_folder_unless_another_is_given(tmp_path):
+    last = touch_checkpoint(tmp_path / "run")
+    assert trainer.resolve_run_dir(tiny(), None, tmp_path / "run") == (tmp_path / "run", last)
+    assert trainer.resolve_run_dir(tiny(), tmp_path / "new", str(tmp_path / "run")) == (
+        tmp_path / "new",
+        last,
+    )
+
+
+def test_resume_from_a_checkpoint_path_continues_in_its_run_folder(monkeypatch, tmp_path):
+    last = touch_checkpoint(tmp_path / "run")
+    assert trainer.resolve_run_dir(tiny(), None, last) == (tmp_path / "run", last)
+    assert trainer.resolve_run_dir(tiny(), tmp_path / "new", last) == (tmp_path / "new", last)
+    # a checkpoint outside a checkpoints/ folder belongs to no run folder: a fresh stamped one
+    loose = tmp_path / "elsewhere" / "weights.pt"
+    loose.parent.mkdir()
+    loose.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    run_dir, resume_path = trainer.resolve_run_dir(tiny(), None, loose)
+    assert resume_path == loose and run_dir.parent == Path("runs")
+
+
+def test_a_used_folder_or_a_missing_checkpoint_is_refused(tmp_path):
+    touch_checkpoint(tmp_path / "used")
+    with pytest.raises(ValueError) as err:
+        trainer.resolve_run_dir(tiny(), tmp_path / "used", None)
+    assert str(err.value) == (
+        f"{tmp_path / 'used'} already holds a run (checkpoints/last.pt); continue it with "
+        "--resume or choose another --run-dir"
+    )
+    # a folder with other files (but no checkpoints/last.pt) is fine
+    (tmp_path / "other" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "other" / "checkpoints" / "final.pt").write_bytes(b"")
+    assert trainer.resolve_run_dir(tiny(), tmp_path / "other", None) == (tmp_path / "other", None)
+    missing = tmp_path / "gone" / "checkpoints" / "last.pt"
+    with pytest.raises(FileNotFoundError) as err:
+        trainer.resolve_run_dir(tiny(), None, missing)
+    assert str(err.value) == f"cannot resume: checkpoint {missing} does not exist"
+
+
+# ----------------------------------------------------------------------------- check_run_dir
+
+
+def test_an_unwritable_run_folder_is_refused_by_rank_0_in_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    bad = tmp_path / "file" / "run"
+    with pytest.raises(ValueError) as err:
+        trainer.check_run_dir(bad, DistContext(), torch.device("cpu"))
+    assert (
+        str(err.value)
+        == f"cannot use the run folder {bad}: {tmp_path / 'file'} is a file, not a folder"
+    )
+    trainer.check_run_dir(tmp_path / "fine", DistContext(), torch.device("cpu"))  # no error
+    # another rank of a run without a process group does not look at the folder
+    trainer.check_run_dir(bad, DistContext(rank=1, is_main=False), torch.device("cpu"))
+
+
+def test_every_rank_stops_when_rank_0_cannot_write_the_run_folder(monkeypatch, tmp_path):
+    (tmp_path / "file").write_text("x")
+    bad = tmp_path / "file" / "run"
+    other = DistContext(rank=1, world_size=2, is_main=False, enabled=True)
+    reduce = FakeAllReduce(monkeypatch, others=1.0)  # rank 0 reports a problem
+    with pytest.raises(ValueError) as err:
+        trainer.check_run_dir(tmp_path / "fine", other, torch.device("cpu"))
+    assert str(err.value) == f"rank 0 cannot write the run folder {tmp_path / 'fine'}"
+    ((op, flag),) = reduce.calls
+    assert op == torch.distributed.ReduceOp.MAX and flag.tolist() == [0.0]  # this rank: none
+    # rank 0 raises its own reason, having told the others (flag 1)
+    main = DistContext(rank=0, world_size=2, is_main=True, enabled=True)
+    reduce = FakeAllReduce(monkeypatch, others=0.0)
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        trainer.check_run_dir(bad, main, torch.device("cpu"))
+    ((op, flag),) = reduce.calls
+    assert op == torch.distributed.ReduceOp.MAX and flag.tolist() == [1.0]
+    # nobody has a problem: nobody raises
+    FakeAllReduce(monkeypatch, others=0.0)
+    trainer.check_run_dir(tmp_path / "fine", main, torch.device("cpu"))
+    trainer.check_run_dir(tmp_path / "fine", other, torch.device("cpu"))
+
 
 # -------------------------------------------------------------------- restore_rank_generator
 
@@ -42,3 +195,176 @@ def test_another_number_of_ranks_reseeds_each_rank_from_the_global_generator():
         assert generator.initial_seed() == expected
         seeds.append(generator.initial_seed())
     assert seeds[1] == seeds[0] + 1 and seeds[2] == seeds[0] + 2  # one stream per rank
+
+
+# ------------------------------------------------------------------------------ step_health
+
+
+@pytest.mark.parametrize(
+    ("loss", "embedding", "finite"),
+    [
+        (2.5, 0.0, True),
+        (float("nan"), 0.0, False),
+        (float("inf"), 0.0, False),
+        (2.5, float("nan"), False),
+        (2.5, float("-inf"), False),
+    ],
+)
+def test_a_step_is_healthy_when_its_loss_and_embeddings_are_finite(loss, embedding, finite):
+    embeddings = torch.ones(4, 3)
+    embeddings[2, 1] = embedding
+    out = StepOutput(loss=torch.tensor(loss, requires_grad=True), embeddings=embeddings)
+    value, ok = trainer.step_health(out)
+    assert ok is finite
+    assert value == loss or (value != value and loss != loss)  # the loss itself (NaN too)
+
+
+# --------------------------------------------------------------------------- stop_requested
+
+
+def test_one_process_stops_when_it_got_the_signal(monkeypatch):
+    stop = trainer.StopSignal()
+    assert trainer.stop_requested(stop, DistContext(), torch.device("cpu")) is False
+    stop.requested = True
+    assert trainer.stop_requested(stop, DistContext(), torch.device("cpu")) is True
+
+
+def test_every_rank_stops_when_any_rank_got_the_signal(monkeypatch):
+    ctx = DistContext(rank=1, world_size=2, is_main=False, enabled=True)
+    stop = trainer.StopSignal()
+    for mine, others, expected in [(False, 1.0, True), (True, 0.0, True), (False, 0.0, False)]:
+        stop.requested = mine
+        reduce = FakeAllReduce(monkeypatch, others=others)
+        assert trainer.stop_requested(stop, ctx, torch.device("cpu")) is expected
+        ((op, flag),) = reduce.calls
+        assert op == torch.distributed.ReduceOp.MAX and flag.tolist() == [float(mine)]
+
+
+# ---------------------------------------------------------------------------------- run_meta
+
+
+def test_a_checkpoint_must_match_the_identity_and_the_state_shaping_settings():
+    config = tiny(
+        "framework.name=moco",
+        "framework.momentum=0.9",
+        "loss.name=hcl",
+        "loss.beta=0.7",
+        "data.split=train",
+        "data.image_size=8",
+    )
+    meta = trainer.run_meta(config)
+    assert meta["framework"] == "moco" and meta["loss"] == "hcl" and meta["dataset"] == "digits"
+    assert meta["loss_params"] == dict(config.loss.params) and meta["loss_params"]["beta"] == 0.7
+    assert meta["framework_params"]["momentum"] == 0.9
+    assert meta["framework_params"]["queue_size"] == config.framework.queue_size
+    assert "name" not in meta["framework_params"] and "shuffle_bn" not in meta["framework_params"]
+    assert meta["split"] == "train" and meta["subset"] == 64 and meta["image_size"] == 8
+    assert meta["batch_size"] == 16
+
+
+# ----------------------------------------------------------------------- load_pretrain_split
+
+
+def test_the_pretraining_split_is_the_configured_one_cut_to_the_first_subset_images():
+    from hardneg.data import dataset_info, load_dataset
+
+    info = dataset_info("digits")
+    full = load_dataset("digits", "train")
+    data = trainer.load_pretrain_split(tiny("data.subset=40"), info)
+    assert len(data) == 40 and torch.equal(data.inputs, full.inputs[:40])
+    assert torch.equal(data.labels, full.labels[:40])
+    everything = trainer.load_pretrain_split(tiny("data.subset=null"), info)
+    assert len(everything) == len(full)
+    test = load_dataset("digits", "test")
+    chosen = trainer.load_pretrain_split(tiny("data.split=test", "data.subset=null"), info)
+    assert torch.equal(chosen.inputs, test.inputs)
+
+
+def test_the_pretraining_split_is_loaded_with_the_data_settings(monkeypatch, tmp_path):
+    import hardneg.data as data_module
+
+    calls = []
+    load = data_module.load_dataset
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(data_module, "load_dataset", spy)
+    info = data_module.dataset_info("digits")
+    config = tiny(f"data.data_dir={tmp_path}", "data.download=true", "data.image_size=6")
+    trainer.load_pretrain_split(config, info)
+    # digits have a native size: they are loaded at it (the augmentation makes 6 px views)
+    assert calls == [
+        (("digits", "train"), {"data_dir": str(tmp_path), "download": True, "image_size": None})
+    ]
+
+
+# ----------------------------------------------------------------------- messages and lines
+
+
+def step_output(loss: float, embedding: float = 0.0) -> StepOutput:
+    embeddings = torch.zeros(2, 2)
+    embeddings[0, 0] = embedding
+    return StepOutput(loss=torch.tensor(loss), embeddings=embeddings)
+
+
+def test_the_non_finite_message_names_the_step_the_culprit_and_the_way_out(tmp_path):
+    from types import SimpleNamespace
+
+    def config(loss: str, params: dict, framework: str):
+        return SimpleNamespace(
+            loss=SimpleNamespace(name=loss, params=params),
+            framework=SimpleNamespace(name=framework),
+        )
+
+    last = touch_checkpoint(tmp_path)
+    hcl = config("hcl", {"beta": 0.5, "tau_plus": 0.1}, "moco")
+    message = trainer.nonfinite_message(hcl, step_output(float("nan")), 7, (1.25, 6), last)
+    assert message == (
+        "training stopped at step 7: the loss became NaN/Inf with loss 'hcl' (beta=0.5, "
+        "tau_plus=0.1) in framework 'moco'; the last finite loss was 1.25 at step 6; the last "
+        f"good checkpoint {last} is intact (resume with --resume). Try a lower optim.lr, "
+        "precision=fp32, or train.nonfinite=skip to skip such steps"
+    )
+    plain = config("infonce", {}, "simclr")
+    missing = tmp_path / "none.pt"
+    message = trainer.nonfinite_message(plain, step_output(1.0, float("inf")), 0, None, missing)
+    assert message == (
+        "training stopped at step 0: the embeddings became NaN/Inf with loss 'infonce' in "
+        "framework 'simclr'; no step had a finite loss; no checkpoint was written yet. Try a "
+        "lower optim.lr, precision=fp32, or train.nonfinite=skip to skip such steps"
+    )
+
+
+def test_the_interruption_carries_its_message_and_checkpoint(tmp_path):
+    err = trainer.TrainingInterrupted("stopped here", tmp_path / "last.pt")
+    assert str(err) == "stopped here" and err.checkpoint == tmp_path / "last.pt"
+    assert isinstance(err, KeyboardInterrupt)
+
+
+def test_the_epoch_line_shows_the_main_columns_in_order():
+    row = {
+        "images_per_s": 1234.5678,
+        "epoch": 12345,
+        "lr": 0.1,
+        "false_negative_mass": 0.012345,
+        "loss": 2.345678,
+        "effective_negatives": 17.0,
+        "knn_top1": 55.55555,
+    }
+    assert trainer.format_row(row) == (
+        "epoch=12345  loss=2.346  knn_top1=55.56  effective_negatives=17  "
+        "false_negative_mass=0.01235  images_per_s=1235"
+    )
+    assert trainer.format_row({"epoch": 3}) == "epoch=3"
+
+
+def test_a_file_that_is_not_a_training_checkpoint_is_refused_by_load_backbone(tmp_path):
+    for payload in ({"model": {}}, {"config": "text", "backbone_args": {}}, {"config": {}}):
+        path = tmp_path / "other.pt"
+        save_checkpoint(path, payload)
+        with pytest.raises(ValueError) as err:
+            trainer.load_backbone(path)
+        assert str(err.value) == f"{path} is not a hardneg training checkpoint"
+        path.unlink()
