@@ -21,7 +21,8 @@ import hardneg.train.trainer as trainer
 from hardneg.config import load_config
 from hardneg.distributed import DistContext
 from hardneg.frameworks import StepOutput
-from hardneg.train.checkpoint import save_checkpoint
+from hardneg.train import train
+from hardneg.train.checkpoint import load_checkpoint, save_checkpoint
 
 TINY = [
     "data.dataset=digits",
@@ -368,3 +369,166 @@ def test_a_file_that_is_not_a_training_checkpoint_is_refused_by_load_backbone(tm
             trainer.load_backbone(path)
         assert str(err.value) == f"{path} is not a hardneg training checkpoint"
         path.unlink()
+
+
+# ------------------------------------------------------------------ the loop, in tiny runs
+# (digits, 64 images, batch 16: 4 steps per epoch; under a second per run)
+
+RUN = ["model.head_hidden=32", "model.out_dim=16", "train.epochs=1", "train.threads=1"]
+RUN += ["train.diagnostics_every=0", "framework.bank_negatives=32"]
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(*overrides: str):
+    return tiny(*RUN, *overrides)
+
+
+class Generators:
+    """Records, before each step, the state of the loss generator the framework is handed and of
+    the augmentation generator (its first draw of the step), and the dataset indices."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import hardneg.augment as augment_module
+
+        self.loss: list[torch.Tensor] = []
+        self.augment: list[torch.Tensor] = []
+        self.indices: list[list[int]] = []
+        build_model, build_augmentation = trainer.build_model, augment_module.build_augmentation
+
+        def before_forward(module, args, kwargs):
+            self.loss.append(kwargs["generator"].get_state().clone())
+            self.indices.append(kwargs["index"].tolist())
+            self.augment.append(self._first)
+            self._first = None
+
+        def spy_model(*args, **kwargs):
+            model = build_model(*args, **kwargs)
+            model.register_forward_pre_hook(before_forward, with_kwargs=True)
+            return model
+
+        def record(module, args, kwargs):
+            self._calls += 1
+            if self._calls > 1 and self._first is None:  # call 1 is the size probe
+                self._first = kwargs["generator"].get_state().clone()
+
+        def spy_augmentation(*args, **kwargs):
+            augment = build_augmentation(*args, **kwargs)
+            augment.register_forward_pre_hook(record, with_kwargs=True)
+            self._calls, self._first = 0, None
+            return augment
+
+        monkeypatch.setattr(trainer, "build_model", spy_model)
+        monkeypatch.setattr(augment_module, "build_augmentation", spy_augmentation)
+
+
+def crash_at(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
+    calls = {"n": 0}
+    original = trainer.step_health
+
+    def crash(out):
+        if calls["n"] == at:
+            raise RuntimeError("simulated crash")
+        calls["n"] += 1
+        return original(out)
+
+    monkeypatch.setattr(trainer, "step_health", crash)
+
+
+def test_a_resumed_run_draws_from_the_generators_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """Mid-epoch resume of a memory bank (its negatives are drawn with the loss generator): at
+    every resumed step the loss and augmentation generators are where the uninterrupted run had
+    them, and the checkpoint says 1 epoch and 3 steps done (32 images: 2 steps per epoch)."""
+    overrides = (
+        "framework.name=memory_bank",
+        "data.subset=32",
+        "train.epochs=2",
+        "train.checkpoint_every_steps=1",
+    )
+    with monkeypatch.context() as patch:
+        full = Generators(patch)
+        train(run(*overrides), run_dir=tmp_path / "full", progress_bar=False)
+    assert len(full.loss) == 4
+    assert not torch.equal(full.loss[0], full.loss[3])  # the bank drew from it
+    assert not torch.equal(full.augment[0], full.augment[3])
+    with monkeypatch.context() as patch:
+        crash_at(patch, 3)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(run(*overrides), run_dir=tmp_path / "cut", progress_bar=False)
+    payload = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert payload["step"] == 3 and payload["epoch"] == 1 and isinstance(payload["epoch"], int)
+    resumed = Generators(monkeypatch)
+    train(run(*overrides), run_dir=tmp_path / "cut", progress_bar=False, resume=True)
+    assert len(resumed.loss) == 1
+    assert torch.equal(resumed.loss[0], full.loss[3])
+    assert torch.equal(resumed.augment[0], full.augment[3])
+
+
+def test_an_fp16_run_keeps_and_resumes_its_loss_scale(tmp_path, monkeypatch):
+    """With ``precision=fp16`` the gradient scaler is on (and off in fp32), its state is saved,
+    and a resumed run continues with the saved scale (here set to 1024 in the checkpoint)."""
+    fp16 = ("train.precision=fp16", "optim.lr=0.01", "data.subset=32")
+    train(run(*fp16), run_dir=tmp_path, progress_bar=False)
+    last = tmp_path / "checkpoints" / "last.pt"
+    payload = load_checkpoint(last)
+    assert payload["scaler"]["scale"] == 2.0**16  # the default initial scale: no overflow
+    payload["scaler"]["scale"] = 1024.0
+    torch.save(payload, last)
+    train(run(*fp16, "train.epochs=2"), run_dir=tmp_path, progress_bar=False, resume=True)
+    assert load_checkpoint(tmp_path / "checkpoints" / "final.pt")["scaler"]["scale"] == 1024.0
+    fp32 = train(run("data.subset=32"), run_dir=tmp_path / "fp32", progress_bar=False)
+    fp32 = load_checkpoint(fp32.checkpoint)
+    assert fp32["scaler"] == {}  # a disabled scaler has no state
+
+
+def test_the_ranks_split_each_global_batch_and_only_rank_0_writes_or_prints(
+    tmp_path, monkeypatch, capsys
+):
+    """Two ranks (played one after the other, no process group): at every step rank 0 takes the
+    first half and rank 1 the second half of the single-process batch; rank 1 writes no file and
+    prints nothing."""
+    with monkeypatch.context() as patch:
+        single = Generators(patch)
+        train(run(), run_dir=tmp_path / "single", progress_bar=False)
+    capsys.readouterr()
+    halves = []
+    for rank in (0, 1):
+        ctx = DistContext(rank=rank, world_size=2, is_main=rank == 0, enabled=False)
+        with monkeypatch.context() as patch:
+            patch.setattr(trainer, "init_distributed", lambda ctx=ctx: ctx)
+            spy = Generators(patch)
+            train(run(), run_dir=tmp_path / f"rank{rank}", progress_bar=False)
+        halves.append(spy.indices)
+        printed = capsys.readouterr().out
+        if rank == 0:
+            assert printed.startswith("epoch=1  loss=")
+            assert (tmp_path / "rank0" / "checkpoints" / "final.pt").is_file()
+        else:
+            assert printed == ""
+            assert not (tmp_path / "rank1").exists()
+    assert len(single.indices) == 4
+    for batch, first, second in zip(single.indices, *halves, strict=True):
+        assert first == batch[:8] and second == batch[8:]
+
+
+def test_the_progress_bar_counts_the_steps_of_the_run(tmp_path, monkeypatch, capsys):
+    """On rank 0 with ``progress_bar=True``: a bar over all steps (in ``step`` units, starting at
+    the checkpoint's step after a resume) with the loss and images/s, then the epoch line."""
+    train(run(), run_dir=tmp_path, progress_bar=True)
+    captured = capsys.readouterr()
+    assert "4/4" in captured.err and ("step/s" in captured.err or "s/step" in captured.err)
+    assert "loss=" in captured.err and "img_s=" in captured.err
+    assert "0/4" in captured.err
+    assert captured.out.startswith("epoch=1  loss=")
+    train(run("train.epochs=2"), run_dir=tmp_path, progress_bar=True, resume=True)
+    captured = capsys.readouterr()
+    assert "4/8" in captured.err and "8/8" in captured.err and "0/8" not in captured.err
+    assert captured.out.startswith("epoch=2  loss=")
+    # a bar only when asked for
+    train(run(), run_dir=tmp_path / "quiet", progress_bar=False)
+    assert capsys.readouterr().err == ""
