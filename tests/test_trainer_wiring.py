@@ -532,3 +532,48 @@ def test_the_progress_bar_counts_the_steps_of_the_run(tmp_path, monkeypatch, cap
     # a bar only when asked for
     train(run(), run_dir=tmp_path / "quiet", progress_bar=False)
     assert capsys.readouterr().err == ""
+
+
+class FirstStep(Exception):
+    """Raised by the spy at the first forward: the set-up is all these tests need."""
+
+
+def first_step_generators(monkeypatch: pytest.MonkeyPatch, ctx: DistContext, tmp_path: Path):
+    """(loss generator state, augmentation generator state) at the first step of rank ``ctx``,
+    neither drawn from yet; the run stops there."""
+    spy = Generators(monkeypatch)
+    monkeypatch.setattr(trainer, "init_distributed", lambda: ctx)
+    build_model = trainer.build_model  # the spy's
+
+    def stop_at_first_step(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+
+        def stop(module, args, kwargs):
+            raise FirstStep
+
+        model.register_forward_pre_hook(stop, with_kwargs=True)  # after the spy's hook
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", stop_at_first_step)
+    with pytest.raises(FirstStep):
+        train(run(), run_dir=tmp_path / f"rank{ctx.rank}", progress_bar=False)
+    return spy.loss[0], spy.augment[0]
+
+
+def test_every_rank_shares_the_loss_stream_and_draws_its_own_augmentations(tmp_path, monkeypatch):
+    """Four ranks: the loss generator starts in the same state on every rank (the ranks draw the
+    same negatives of the global batch); each augmentation generator starts in its own state,
+    different from every other rank's and from the loss generator's (no two streams repeat each
+    other's draws)."""
+    starts = []
+    for rank in range(4):
+        ctx = DistContext(rank=rank, world_size=4, is_main=rank == 0, enabled=False)
+        with monkeypatch.context() as patch:
+            starts.append(first_step_generators(patch, ctx, tmp_path))
+    loss_states = [loss for loss, _ in starts]
+    augment_states = [augment for _, augment in starts]
+    assert all(torch.equal(state, loss_states[0]) for state in loss_states)
+    streams = [loss_states[0], *augment_states]
+    for i, a in enumerate(streams):
+        for b in streams[i + 1 :]:
+            assert not torch.equal(a, b)
