@@ -23,6 +23,7 @@ from hardneg.distributed import DistContext
 from hardneg.frameworks import StepOutput
 from hardneg.train import train
 from hardneg.train.checkpoint import load_checkpoint, save_checkpoint
+from hardneg.train.logs import TensorBoard
 
 TINY = [
     "data.dataset=digits",
@@ -577,3 +578,106 @@ def test_every_rank_shares_the_loss_stream_and_draws_its_own_augmentations(tmp_p
     for i, a in enumerate(streams):
         for b in streams[i + 1 :]:
             assert not torch.equal(a, b)
+
+
+class Board(TensorBoard):
+    """TensorBoard that records what the trainer writes (and still writes it)."""
+
+    opened: list[tuple[Path, int | None]] = []
+    scalar_rows: list[tuple[str, dict, int]] = []
+    histogram_rows: list[tuple[object, int]] = []
+
+    def __init__(self, directory, purge_step=None):
+        Board.opened.append((directory, purge_step))
+        super().__init__(directory, purge_step=purge_step)
+
+    def scalars(self, prefix, values, step):
+        Board.scalar_rows.append((prefix, dict(values), step))
+        super().scalars(prefix, values, step)
+
+    def histograms(self, histograms, step):
+        Board.histogram_rows.append((histograms, step))
+        super().histograms(histograms, step)
+
+
+@pytest.fixture
+def board(monkeypatch):
+    monkeypatch.setattr(Board, "opened", [])
+    monkeypatch.setattr(Board, "scalar_rows", [])
+    monkeypatch.setattr(Board, "histogram_rows", [])
+    monkeypatch.setattr(trainer, "TensorBoard", Board)
+    return Board
+
+
+def test_checkpoints_logs_and_knn_follow_their_schedules(tmp_path, monkeypatch, board):
+    """4 epochs of 2 steps, ``checkpoint_every=3`` epochs, ``checkpoint_every_steps=3``,
+    ``knn_every=3``, scalars every step, diagnostics every step: ``last.pt`` after step 3
+    (mid-epoch), after epochs 3 and 4 (the end), then ``final.pt``; kNN after epochs 3 and 4;
+    TensorBoard gets the step's loss and rate after every step, the epoch's row and hardness
+    histograms after every epoch; a resumed run's writer drops what followed its checkpoint."""
+    saved = []
+    save = trainer.save_checkpoint
+
+    def spy_save(path, payload):
+        saved.append((path.name, payload["step"], payload["epoch"]))
+        return save(path, payload)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", spy_save)
+    overrides = [
+        "data.subset=32",
+        "train.checkpoint_every=3",
+        "train.checkpoint_every_steps=3",
+        "train.log_every=1",
+        "train.diagnostics_every=1",
+        "eval.knn=true",
+        "train.knn_every=3",
+    ]
+    folder = tmp_path / "runs" / "nested"  # its parent does not exist yet
+    result = train(run(*overrides, "train.epochs=4"), run_dir=folder, progress_bar=False)
+    assert saved == [("last.pt", 3, 1), ("last.pt", 6, 3), ("last.pt", 8, 4), ("final.pt", 8, 4)]
+    assert result.run_dir == folder and result.checkpoint == folder / "checkpoints" / "final.pt"
+    history = result.history
+    assert [(row["epoch"], row["step"]) for row in history] == [(1, 2), (2, 4), (3, 6), (4, 8)]
+    assert ["knn_top1" in row for row in history] == [False, False, True, True]
+    assert result.metrics == history[-1] and result.metrics is not history[-1]
+    assert board.opened == [(folder / "tb", None)]
+    rows = {}
+    for prefix in ("train", "epoch", "diagnostics"):
+        rows[prefix] = [(values, step) for p, values, step in board.scalar_rows if p == prefix]
+    assert [step for _, step in rows["train"]] == list(range(1, 9))
+    assert all(sorted(values) == ["loss", "lr"] for values, _ in rows["train"])
+    step_losses = [values["loss"] for values, _ in rows["train"]]
+    for epoch, row in enumerate(history):  # the epoch's loss is the mean of its steps'
+        assert row["loss"] == pytest.approx(sum(step_losses[2 * epoch : 2 * epoch + 2]) / 2)
+    assert [step for _, step in rows["epoch"]] == [2, 4, 6, 8]
+    for (values, _), row in zip(rows["epoch"], history, strict=True):
+        assert sorted(values) == sorted(row) and values["epoch"] == row["epoch"]
+    assert [step for _, step in rows["diagnostics"]] == list(range(8))
+    assert [step for _, step in board.histogram_rows] == [2, 4, 6, 8]
+    assert all(histograms is not None for histograms, _ in board.histogram_rows)
+    train(run(*overrides, "train.epochs=5"), run_dir=folder, progress_bar=False, resume=True)
+    assert board.opened[-1] == (folder / "tb", 8)
+
+
+def test_the_knn_monitor_runs_every_knn_every_epochs_and_at_the_end(tmp_path):
+    overrides = ("data.subset=32", "train.epochs=2", "eval.knn=true")
+    every = train(run(*overrides, "train.knn_every=1"), run_dir=tmp_path / "a", progress_bar=False)
+    assert ["knn_top1" in row for row in every.history] == [True, True]
+    end = train(run(*overrides, "train.knn_every=0"), run_dir=tmp_path / "b", progress_bar=False)
+    assert ["knn_top1" in row for row in end.history] == [False, True]
+    off = train(
+        run("data.subset=32", "train.knn_every=1"), run_dir=tmp_path / "c", progress_bar=False
+    )
+    assert "knn_top1" not in off.history[0]
+
+
+def test_a_stop_request_saves_the_step_and_names_the_resume_command(tmp_path, monkeypatch):
+    votes = iter([False, False, True])
+    monkeypatch.setattr(trainer, "stop_requested", lambda stop, ctx, device: next(votes))
+    with pytest.raises(trainer.TrainingInterrupted) as err:
+        train(run("train.epochs=2"), run_dir=tmp_path, progress_bar=False)
+    last = tmp_path / "checkpoints" / "last.pt"
+    assert str(err.value) == (
+        f"interrupted at step 3/8; saved {last}; continue with: hardneg train --resume {last}"
+    )
+    assert err.value.checkpoint == last and load_checkpoint(last)["step"] == 3
