@@ -11,6 +11,7 @@ No training run here: the helpers are called directly (the collectives through a
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -473,8 +474,18 @@ def test_a_resumed_run_draws_from_the_generators_of_an_uninterrupted_run(tmp_pat
 def test_an_fp16_run_keeps_and_resumes_its_loss_scale(tmp_path, monkeypatch):
     """With ``precision=fp16`` the gradient scaler is on (and off in fp32), its state is saved,
     and a resumed run continues with the saved scale (here set to 1024 in the checkpoint)."""
+    dtypes = []
+    build_model = trainer.build_model
+
+    def spy_model(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        model.backbone.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", spy_model)
     fp16 = ("train.precision=fp16", "optim.lr=0.01", "data.subset=32")
     train(run(*fp16), run_dir=tmp_path, progress_bar=False)
+    assert dtypes and set(dtypes) == {torch.float16}  # the forward ran under fp16 autocast
     last = tmp_path / "checkpoints" / "last.pt"
     payload = load_checkpoint(last)
     assert payload["scaler"]["scale"] == 2.0**16  # the default initial scale: no overflow
@@ -482,7 +493,9 @@ def test_an_fp16_run_keeps_and_resumes_its_loss_scale(tmp_path, monkeypatch):
     torch.save(payload, last)
     train(run(*fp16, "train.epochs=2"), run_dir=tmp_path, progress_bar=False, resume=True)
     assert load_checkpoint(tmp_path / "checkpoints" / "final.pt")["scaler"]["scale"] == 1024.0
+    dtypes.clear()
     fp32 = train(run("data.subset=32"), run_dir=tmp_path / "fp32", progress_bar=False)
+    assert dtypes and set(dtypes) == {torch.float32}  # no autocast
     fp32 = load_checkpoint(fp32.checkpoint)
     assert fp32["scaler"] == {}  # a disabled scaler has no state
 
@@ -520,11 +533,19 @@ def test_the_ranks_split_each_global_batch_and_only_rank_0_writes_or_prints(
 def test_the_progress_bar_counts_the_steps_of_the_run(tmp_path, monkeypatch, capsys):
     """On rank 0 with ``progress_bar=True``: a bar over all steps (in ``step`` units, starting at
     the checkpoint's step after a resume) with the loss and images/s, then the epoch line."""
-    train(run(), run_dir=tmp_path, progress_bar=True)
+    start = time.perf_counter()
+    result = train(run(), run_dir=tmp_path, progress_bar=True)
+    wall = time.perf_counter() - start
     captured = capsys.readouterr()
-    assert "4/4" in captured.err and ("step/s" in captured.err or "s/step" in captured.err)
-    assert "loss=" in captured.err and "img_s=" in captured.err
-    assert "0/4" in captured.err
+    counts = [int(n) for n in re.findall(r"\| *(\d+)/4 \[", captured.err)]
+    assert counts[0] == 0 and max(counts) == 4 and counts[-1] == 4
+    assert "step/s" in captured.err or "s/step" in captured.err
+    # the last postfix: the last step's loss, and the epoch's images/s so far
+    (row,) = result.history
+    postfix = re.findall(r"img_s=(\d+), loss=(\d+\.\d{4})\]", captured.err)
+    assert postfix and postfix[-1][0] == f"{row['images_per_s']:.0f}"
+    assert 0 < row["epoch_time_s"] <= wall
+    assert row["images_per_s"] == pytest.approx(64 / row["epoch_time_s"])
     assert captured.out.startswith("epoch=1  loss=")
     train(run("train.epochs=2"), run_dir=tmp_path, progress_bar=True, resume=True)
     captured = capsys.readouterr()
@@ -681,3 +702,65 @@ def test_a_stop_request_saves_the_step_and_names_the_resume_command(tmp_path, mo
         f"interrupted at step 3/8; saved {last}; continue with: hardneg train --resume {last}"
     )
     assert err.value.checkpoint == last and load_checkpoint(last)["step"] == 3
+
+
+def test_each_step_hands_the_framework_its_progress_labels_and_diagnostics_flag(
+    tmp_path, monkeypatch
+):
+    from hardneg.data import load_dataset
+
+    seen = []
+    build_model = trainer.build_model
+
+    def spy_model(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+
+        def record(module, args, kwargs):
+            seen.append(
+                (kwargs["index"], kwargs["labels"], kwargs["progress"], kwargs["diagnostics"])
+            )
+
+        model.register_forward_pre_hook(record, with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", spy_model)
+    train(run("train.diagnostics_every=2"), run_dir=tmp_path, progress_bar=False)
+    labels = load_dataset("digits", "train").labels[:64]
+    assert [progress for _, _, progress, _ in seen] == [0.0, 0.25, 0.5, 0.75]
+    assert [flag for _, _, _, flag in seen] == [True, False, True, False]
+    for index, step_labels, _, _ in seen:
+        assert torch.equal(step_labels, labels[index])
+
+
+def test_a_non_finite_step_is_skipped_reported_and_still_advances_the_schedule(
+    tmp_path, monkeypatch, capsys
+):
+    """``nonfinite=skip``: the optimizer does not step at the bad step (2 of 4), the schedule
+    does (step 3 gets step 3's warm-up rate), the epoch counts one skipped step."""
+    lrs = []
+    build_optimizer = trainer.build_optimizer
+
+    def spy_optimizer(*args, **kwargs):
+        optimizer = build_optimizer(*args, **kwargs)
+        optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"])
+        )
+        return optimizer
+
+    calls = {"n": 0}
+    original = trainer.step_health
+
+    def bad_step_2(out):
+        value, finite = original(out)
+        calls["n"] += 1
+        return (float("nan"), False) if calls["n"] == 3 else (value, finite)
+
+    monkeypatch.setattr(trainer, "build_optimizer", spy_optimizer)
+    monkeypatch.setattr(trainer, "step_health", bad_step_2)
+    config = run("train.nonfinite=skip", "optim.lr=0.1", "optim.warmup_epochs=1")
+    result = train(config, run_dir=tmp_path, progress_bar=False)
+    assert lrs == pytest.approx([0.025, 0.05, 0.1])
+    assert result.history[0]["skipped_steps"] == 1
+    assert capsys.readouterr().out.startswith(
+        "step 2: non-finite loss or embeddings, step skipped\n"
+    )
