@@ -504,20 +504,22 @@ def test_the_ranks_split_each_global_batch_and_only_rank_0_writes_or_prints(
     tmp_path, monkeypatch, capsys
 ):
     """Two ranks (played one after the other, no process group): at every step rank 0 takes the
-    first half and rank 1 the second half of the single-process batch; rank 1 writes no file and
-    prints nothing."""
+    first half and rank 1 the second half of the single-process batch; rank 1 writes no file,
+    prints nothing and runs no kNN monitor."""
     with monkeypatch.context() as patch:
         single = Generators(patch)
         train(run(), run_dir=tmp_path / "single", progress_bar=False)
     capsys.readouterr()
     halves = []
+    knn = ("eval.knn=true", "train.knn_every=1")
     for rank in (0, 1):
         ctx = DistContext(rank=rank, world_size=2, is_main=rank == 0, enabled=False)
         with monkeypatch.context() as patch:
             patch.setattr(trainer, "init_distributed", lambda ctx=ctx: ctx)
             spy = Generators(patch)
-            train(run(), run_dir=tmp_path / f"rank{rank}", progress_bar=False)
+            result = train(run(*knn), run_dir=tmp_path / f"rank{rank}", progress_bar=False)
         halves.append(spy.indices)
+        assert ("knn_top1" in result.history[0]) is (rank == 0)  # only rank 0 evaluates
         printed = capsys.readouterr().out
         if rank == 0:
             assert printed.startswith("epoch=1  loss=")
@@ -764,3 +766,43 @@ def test_a_non_finite_step_is_skipped_reported_and_still_advances_the_schedule(
     assert capsys.readouterr().out.startswith(
         "step 2: non-finite loss or embeddings, step skipped\n"
     )
+
+
+def test_with_a_process_group_the_loop_calls_the_ddp_wrapper_of_the_framework(
+    tmp_path, monkeypatch
+):
+    """One rank of an enabled group (collectives played by stand-ins): the framework is wrapped
+    once for the run's device and every step goes through the wrapper; the folder check and one
+    stop vote per step go through the MAX all-reduce."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    wrapped = []
+
+    def wrap_ddp(module, device):
+        wrapped.append((module, device, Wrapper(module)))
+        return wrapped[-1][2]
+
+    built = []
+    build_model = trainer.build_model
+
+    def spy_model(*args, **kwargs):
+        built.append(build_model(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(trainer, "build_model", spy_model)
+    monkeypatch.setattr(trainer, "wrap_ddp", wrap_ddp)
+    ctx = DistContext(rank=0, world_size=1, is_main=True, enabled=True)
+    monkeypatch.setattr(trainer, "init_distributed", lambda: ctx)
+    reduce = FakeAllReduce(monkeypatch, others=0.0)
+    train(run(), run_dir=tmp_path, progress_bar=False)
+    ((module, device, wrapper),) = wrapped
+    assert module is built[0] and device == torch.device("cpu") and wrapper.calls == 4
+    assert [op for op, _ in reduce.calls] == [torch.distributed.ReduceOp.MAX] * 5
