@@ -806,3 +806,65 @@ def test_with_a_process_group_the_loop_calls_the_ddp_wrapper_of_the_framework(
     ((module, device, wrapper),) = wrapped
     assert module is built[0] and device == torch.device("cpu") and wrapper.calls == 4
     assert [op for op, _ in reduce.calls] == [torch.distributed.ReduceOp.MAX] * 5
+
+
+# ------------------------------------------------------- model, evaluation splits, kNN monitor
+
+
+def test_the_model_is_the_configured_backbone_head_and_loss_without_per_call_checks():
+    config = tiny(
+        "framework.name=memory_bank",
+        "model.head_hidden=24",
+        "model.out_dim=12",
+        "loss.name=hcl",
+        "loss.beta=0.7",
+    )
+    args = {"name": "digits_cnn", "in_channels": 1, "image_size": 8}
+    model = trainer.build_model(config, args, 40)
+    linears = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears[0].in_features == model.backbone.out_dim
+    assert linears[0].out_features == 24 and linears[-1].out_features == 12
+    assert model.bank.shape == (40, 12)  # one entry per training image
+    assert model.loss.strategy.beta == 0.7
+    assert model.loss.check_inputs is False  # the loop checks loss and embeddings itself
+    checked = trainer.build_model(tiny("loss.check_inputs=true"), args, 40)
+    assert checked.loss.check_inputs is True  # unless the config asks for them
+
+
+def test_the_eval_splits_reuse_the_pretraining_split_only_when_it_is_whole():
+    from hardneg.data import ArrayDataset, dataset_info, load_dataset
+
+    info = dataset_info("digits")
+    full, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    train_split, test_split = trainer.load_eval_splits(tiny("data.subset=null"), info, full)
+    assert train_split is full  # not loaded twice
+    assert torch.equal(test_split.inputs, test.inputs) and torch.equal(
+        test_split.labels, test.labels
+    )
+    cut = full.subset(slice(0, 64))
+    train_split, _ = trainer.load_eval_splits(tiny("data.subset=64"), info, cut)
+    assert len(train_split) == len(full)  # the whole labelled split, not the subset
+    _, test_split = trainer.load_eval_splits(
+        tiny("data.split=test", "data.subset=null"), info, test
+    )
+    assert test_split is test
+    # unlabeled images (label -1, as STL-10's) are left out; class 0 is kept
+    labels = full.labels.clone()
+    labels[:5] = -1
+    mixed = ArrayDataset(full.inputs, labels, 10, "image", "digits", "train")
+    train_split, _ = trainer.load_eval_splits(tiny("data.subset=null"), info, mixed)
+    assert torch.equal(train_split.labels, labels[5:]) and 0 in train_split.labels.tolist()
+
+
+def test_the_knn_monitor_finds_each_test_image_among_the_train_images():
+    """Test split = train split and k = 1: each image's nearest neighbour is itself."""
+    from hardneg.data import load_dataset
+
+    data = load_dataset("digits", "train").subset(slice(0, 30))
+    config = tiny("eval.knn_k=1", "eval.batch_size=7")
+    result = trainer.knn_monitor(torch.nn.Flatten(), (data, data), config, torch.device("cpu"))
+    assert result == {"knn_top1": 100.0, "knn_top5": 100.0}
+    # with every train image as a neighbour (k = 30, temperature 1) the votes are not all right
+    blurred = tiny("eval.knn_k=30", "eval.knn_temperature=1.0")
+    result = trainer.knn_monitor(torch.nn.Flatten(), (data, data), blurred, torch.device("cpu"))
+    assert result["knn_top1"] < 100.0
