@@ -869,3 +869,75 @@ def test_the_knn_monitor_finds_each_test_image_among_the_train_images():
     assert result == {"knn_top1": 100.0, "knn_top5": 100.0}
     everyone = tiny("eval.knn_k=30", "eval.knn_temperature=100")
     assert trainer.knn_monitor(flat, (data, data), everyone, cpu)["knn_top1"] < 50.0
+
+
+# ------------------------------------------------------------------------------- set-up
+
+
+def test_a_dict_config_trains_with_its_threads_and_the_default_bar(tmp_path, capsys):
+    config = run("data.subset=16", "train.threads=2").to_dict()  # one step per epoch
+    result = train(config, run_dir=tmp_path)
+    assert torch.get_num_threads() == 2
+    assert result.history[0]["step"] == 1 and "1/1" in capsys.readouterr().err
+
+
+def test_the_global_batch_must_split_over_the_ranks_and_fit_in_the_data(tmp_path, monkeypatch):
+    ctx = DistContext(rank=0, world_size=3, is_main=True, enabled=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "init_distributed", lambda: ctx)
+        with pytest.raises(ValueError) as err:
+            train(run(), run_dir=tmp_path / "a", progress_bar=False)
+    assert str(err.value) == (
+        "train.batch_size=16 must be divisible by the number of processes (3); it is the global "
+        "batch"
+    )
+    with pytest.raises(ValueError) as err:
+        train(run("data.subset=8"), run_dir=tmp_path / "b", progress_bar=False)
+    assert str(err.value) == (
+        "train.batch_size=16 is larger than the 8 training images of digits; lower it"
+    )
+
+
+def test_sync_bn_and_channels_last_are_applied_to_the_framework_before_training(
+    tmp_path, monkeypatch
+):
+    """Stand-ins for the process-group helpers: with ``sync_bn`` the device is checked before
+    the data are loaded and the framework is converted for the run's device; with
+    ``channels_last`` the views and the convolution weights are channels-last."""
+    calls = []
+    monkeypatch.setattr(trainer, "check_sync_bn", lambda device: calls.append(("check", device)))
+
+    def convert(framework, device):
+        calls.append(("convert", framework, device))
+        return framework
+
+    monkeypatch.setattr(trainer, "convert_sync_batchnorm", convert)
+    layouts = []
+    build_model = trainer.build_model
+
+    def spy_model(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        calls.append(("built", model))
+
+        def record(module, args, kwargs):
+            channels_last = torch.channels_last
+            weights = [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+            layouts.append(
+                all(v.is_contiguous(memory_format=channels_last) for v in args[0])
+                and all(w.is_contiguous(memory_format=channels_last) for w in weights)
+            )
+
+        model.register_forward_pre_hook(record, with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", spy_model)
+    cpu = torch.device("cpu")
+    config = run("train.sync_bn=true", "train.channels_last=true", "data.subset=32")
+    train(config, run_dir=tmp_path, progress_bar=False)
+    assert calls[0] == ("check", cpu)
+    assert calls[2] == ("convert", calls[1][1], cpu)
+    assert layouts == [True, True]
+    calls.clear()
+    layouts.clear()
+    train(run("data.subset=32"), run_dir=tmp_path / "plain", progress_bar=False)
+    assert [call[0] for call in calls] == ["built"] and layouts == [False, False]
