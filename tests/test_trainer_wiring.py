@@ -941,3 +941,21 @@ def test_sync_bn_and_channels_last_are_applied_to_the_framework_before_training(
     layouts.clear()
     train(run("data.subset=32"), run_dir=tmp_path / "plain", progress_bar=False)
     assert [call[0] for call in calls] == ["built"] and layouts == [False, False]
+
+
+def test_a_run_on_the_whole_split_evaluates_on_it_without_reloading_it(tmp_path, monkeypatch):
+    """``data.subset`` unset: the kNN monitor's train split is the pre-training split itself
+    (digits: 1438 images, 2 steps of 719)."""
+    import hardneg.data as data_module
+
+    loads = []
+    load = data_module.load_dataset
+
+    def spy(name, split, *args, **kwargs):
+        loads.append(split)
+        return load(name, split, *args, **kwargs)
+
+    monkeypatch.setattr(data_module, "load_dataset", spy)
+    config = run("data.subset=null", "train.batch_size=719", "eval.knn=true")
+    result = train(config, run_dir=tmp_path, progress_bar=False)
+    assert loads == ["train", "test"] and "knn_top1" in result.history[0]
