@@ -508,13 +508,13 @@ def test_the_ranks_split_each_global_batch_and_only_rank_0_writes_or_prints(
 ):
     """Two ranks (played one after the other, no process group): at every step rank 0 takes the
     first half and rank 1 the second half of the single-process batch; rank 1 writes no file,
-    prints nothing and runs no kNN monitor."""
+    prints nothing, logs nothing and runs no kNN monitor."""
     with monkeypatch.context() as patch:
         single = Generators(patch)
         train(run(), run_dir=tmp_path / "single", progress_bar=False)
     capsys.readouterr()
     halves = []
-    knn = ("eval.knn=true", "train.knn_every=1")
+    knn = ("eval.knn=true", "train.knn_every=1", "train.log_every=1")  # rank 0 logs each step
     for rank in (0, 1):
         ctx = DistContext(rank=rank, world_size=2, is_main=rank == 0, enabled=False)
         with monkeypatch.context() as patch:
