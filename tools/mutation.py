@@ -60,8 +60,28 @@ TRAIN_TESTS = [
 FRAMEWORK_TESTS = ["tests/test_frameworks.py", "tests/test_train_behaviour.py"]
 CHECKPOINT_TESTS = ["tests/test_checkpoint.py", "tests/test_checkpoint_rng.py"]
 # trainer.py: every mutant of train() would re-run every training test; the behaviour tests
-# (schedule, clipping, data order, ranks, framework state in a run) are the fast selection
-TRAINER_TESTS = ["tests/test_train_behaviour.py"]
+# (schedule, clipping, data order, ranks, framework state in a run) and the wiring tests (what
+# the run hands each helper, the files it writes) are the fast selection, plus the few
+# test_train.py runs that alone check what the loop writes and restores: the run's files and
+# kNN columns, the bit-exact resume after SIGINT, the non-finite stop / skip, the refusal of a
+# used or mismatched run folder (about 15 s in all; not the framework x strategy grid or the CLI)
+TRAIN_FILE_TESTS = [
+    f"tests/test_train.py::{name}"
+    for name in (
+        "test_a_run_writes_its_files",
+        "test_a_run_dir_is_not_overwritten",
+        "test_sigint_saves_mid_epoch_and_the_resumed_run_is_bit_exact",
+        "test_shuffle_bn_does_not_block_a_resume",
+        "test_resuming_with_another_set_up_explains_the_mismatch",
+        "test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint",
+        "test_nan_loss_steps_are_skipped_with_nonfinite_skip",
+    )
+]
+TRAINER_TESTS = [
+    "tests/test_train_behaviour.py",
+    "tests/test_trainer_wiring.py",
+    *TRAIN_FILE_TESTS,
+]
 
 # The direct oracles of the loss core (float64 loops, one entry at a time): the selection for the
 # objective, the contrast sets and the loss module. The broader LOSS_TESTS also reach them but

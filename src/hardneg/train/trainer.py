@@ -428,7 +428,7 @@ def restore_rank_generator(states: Tensor, generator: torch.Generator, ctx: Dist
     """Give each rank its own augmentation generator state back (reseed if the number of
     processes changed since the checkpoint)."""
     if states.shape[0] == ctx.world_size:
-        generator.set_state(states[ctx.rank].to(torch.uint8).cpu().contiguous())
+        generator.set_state(states[ctx.rank].to(torch.uint8).cpu().clone())
     else:
         generator.manual_seed(int(torch.randint(0, 2**62, ())) + ctx.rank)
 
