@@ -1399,6 +1399,19 @@ def test_block_log_masses_options_change_no_value(dtype, options):
         assert torch.equal(weights[1], w_all)
 
 
+def _record_block_weights(monkeypatch) -> list:
+    """Spy on ``fastpaths.block_log_masses``: each call appends copies of the weights it is given
+    (the drawn cells) to the returned list, then computes as usual."""
+    seen = []
+    real = fastpaths.block_log_masses
+    monkeypatch.setattr(
+        fastpaths,
+        "block_log_masses",
+        lambda c, b, w, r=(), **kw: seen.append([x.clone() for x in w]) or real(c, b, w, r, **kw),
+    )
+    return seen
+
+
 def test_potential_in_batch_fused_draws_have_the_exact_binomial_law(monkeypatch):
     """The fused in-batch path's weights, read where its masses take them: per anchor and
     column of each mined direction ``Binomial(m, pi)``, with ``m`` the plain grid's cells of
@@ -1417,13 +1430,7 @@ def test_potential_in_batch_fused_draws_have_the_exact_binomial_law(monkeypatch)
         strategy.mined(inputs, z2, z1, None, fast=True),
     ]
     aug = strategy.augmentation(inputs)
-    seen = []
-    real = fastpaths.block_log_masses
-    monkeypatch.setattr(
-        fastpaths,
-        "block_log_masses",
-        lambda c, b, w, r=(), **kw: seen.append([x.clone() for x in w]) or real(c, b, w, r, **kw),
-    )
+    seen = _record_block_weights(monkeypatch)
     g = torch.Generator().manual_seed(5)
     context = StepContext(generator=g)
     draws = [[], [], []]
@@ -1661,13 +1668,7 @@ def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch):
     inputs = ContrastInputs(z1=z1, z2=z2, temperature=loss_fn.temperature, **kwargs)
     strategy = loss_fn.strategy
     plain = strategy.mined(inputs, z1, z2, None, fast=True)  # log pi and m per column
-    seen = []
-    real = fastpaths.block_log_masses
-    monkeypatch.setattr(
-        fastpaths,
-        "block_log_masses",
-        lambda c, b, w, r=(), **kw: seen.append([x.clone() for x in w]) or real(c, b, w, r, **kw),
-    )
+    seen = _record_block_weights(monkeypatch)
     g = torch.Generator().manual_seed(5)
     context = StepContext(generator=g)
     draws = []
