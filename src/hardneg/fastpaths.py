@@ -1585,6 +1585,26 @@ def _kernel_at(values: Tensor, shift: Tensor, coef: float, cap: float) -> Tensor
     return torch.where(torch.isinf(x), 0.0, (coef * x * x).exp().clamp(max=cap))
 
 
+def _aug_draws(
+    need: Tensor,
+    values: Tensor,
+    shift: Tensor,
+    coef: float,
+    cap: float,
+    generator: torch.Generator | None,
+    out: Tensor,
+) -> Tensor:
+    """Potential's ``L_aug`` cells kept by one Bernoulli draw each (:func:`bernoulli_draws`,
+    written into ``out``), from their thresholds ``need`` and, for the ties, the kernel of
+    ``values`` ``[R, W]`` around each row's ``shift`` (the in-batch and the bank fast paths)."""
+    flat, width = values.reshape(-1), values.shape[1]
+
+    def p256_at(at: Tensor) -> Tensor:
+        return 256.0 * _kernel_at(flat[at], shift[at // width], coef, cap)
+
+    return bernoulli_draws(need, p256_at, generator, out=out)
+
+
 class _PairGram(torch.autograd.Function):
     """SimCLR's logits of two views from the rows ``z`` ``[2N, d]`` of ``[z1; z2]``: the Gram
     matrix ``G = z z^T / t`` with ``-inf`` on the diagonal and the partners ``(i, i +- N)``,
@@ -1777,12 +1797,9 @@ def potential_in_batch_terms(strategy, inputs, context):
             counts[:, :n].copy_(by_column[:n].T)
             counts[:, n:].copy_(by_column[n:].T)
             if use_aug:
-                flat, width = aug_values.reshape(-1), aug_values.shape[1]
-
-                def aug_p256(at: Tensor) -> Tensor:
-                    return 256.0 * _kernel_at(flat[at], aug_shift[at // width], aug_coef, clamp)
-
-                kept_aug = bernoulli_draws(need_aug, aug_p256, context.generator, out=kernel_aug)
+                kept_aug = _aug_draws(
+                    need_aug, aug_values, aug_shift, aug_coef, clamp, context.generator, kernel_aug
+                )
         else:
             pi_aug = _kernel(aug_values, aug_shift, aug_coef, cap=clamp) if use_aug else None
             if shared:
@@ -1977,12 +1994,9 @@ def potential_pool_terms(strategy, inputs, context):
                 kept = bernoulli_draws(need_r, pool_p256(width, False), context.generator)
                 counts_pool[:, :width] += kept
             if use_aug:
-                flat, width = aug_values.reshape(-1), aug_values.shape[1]
-
-                def aug_p256(at: Tensor) -> Tensor:
-                    return 256.0 * _kernel_at(flat[at], aug_shift[at // width], aug_coef, clamp)
-
-                kept_aug = bernoulli_draws(need_aug, aug_p256, context.generator, out=kernel_aug)
+                kept_aug = _aug_draws(
+                    need_aug, aug_values, aug_shift, aug_coef, clamp, context.generator, kernel_aug
+                )
         else:
             pi_aug = _kernel(aug_values, aug_shift, aug_coef, cap=clamp) if use_aug else None
             if shared:
