@@ -1079,32 +1079,33 @@ def test_a_member_without_a_crc_does_not_end_the_check_of_the_others(tmp_path):
         load_checkpoint(path)
 
 
-def test_an_unpickling_error_that_is_not_a_refusal_is_reported_as_corruption(tmp_path, monkeypatch):
+def _message_when_torch_load_raises(tmp_path, monkeypatch, error: Exception) -> tuple[str, str]:
+    """``(path, message)``: the ValueError that ``load_checkpoint`` of a valid file gives when
+    ``torch.load`` itself raises ``error``."""
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"epoch": 1})
 
     def fail(*args, **kwargs):
-        raise pickle.UnpicklingError("invalid load key, 'x'.")
+        raise error
 
     monkeypatch.setattr(ckpt_module.torch, "load", fail)
     with pytest.raises(ValueError) as info:
         load_checkpoint(path)
-    assert str(info.value) == (
+    return str(path), str(info.value)
+
+
+def test_an_unpickling_error_that_is_not_a_refusal_is_reported_as_corruption(tmp_path, monkeypatch):
+    error = pickle.UnpicklingError("invalid load key, 'x'.")
+    path, message = _message_when_torch_load_raises(tmp_path, monkeypatch, error)
+    assert message == (
         f"checkpoint {path} is truncated or corrupt (UnpicklingError: invalid load key, 'x'.)"
     )
 
 
 def test_a_refusal_that_names_no_global_gets_no_detail(tmp_path, monkeypatch):
-    path = tmp_path / "last.pt"
-    save_checkpoint(path, {"epoch": 1})
-
-    def fail(*args, **kwargs):
-        raise pickle.UnpicklingError("Weights only load failed. Unsupported operand 149")
-
-    monkeypatch.setattr(ckpt_module.torch, "load", fail)
-    with pytest.raises(ValueError) as info:
-        load_checkpoint(path)
-    assert str(info.value).startswith(
+    error = pickle.UnpicklingError("Weights only load failed. Unsupported operand 149")
+    path, message = _message_when_torch_load_raises(tmp_path, monkeypatch, error)
+    assert message.startswith(
         f"checkpoint {path} contains objects that torch.load(weights_only=True) refuses to "
         "load: unpickling them could run code."
     )
