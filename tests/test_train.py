@@ -15,6 +15,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from _crash import CrashAt, boom
 
 import hardneg
 import hardneg.train.trainer as trainer
@@ -164,25 +165,6 @@ def test_same_seed_same_weights(tmp_path):
         progress_bar=False,
     )
     assert_same_weights(a.checkpoint, b.checkpoint)
-
-
-class CrashAt:
-    """Replaces ``step_health`` so that step ``at`` fails (as a crash or a SIGINT would)."""
-
-    def __init__(self, monkeypatch, at: int, action) -> None:
-        self.calls, self.at, self.action = 0, at, action
-        self.original = trainer.step_health
-        monkeypatch.setattr(trainer, "step_health", self)
-
-    def __call__(self, out):
-        if self.calls == self.at:
-            self.action()
-        self.calls += 1
-        return self.original(out)
-
-
-def boom():
-    raise RuntimeError("simulated crash")
 
 
 @pytest.mark.parametrize(

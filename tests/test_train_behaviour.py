@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _crash import CrashAt, boom
 
 import hardneg.augment as augment_module
 import hardneg.train.trainer as trainer
@@ -246,17 +247,8 @@ def test_a_resumed_run_sees_the_data_in_the_order_of_an_uninterrupted_run(
     with monkeypatch.context() as patch:
         full = Spy(patch)
         train(tiny(*overrides), run_dir=tmp_path / "full", progress_bar=False)
-    calls = {"n": 0}
-    original = trainer.step_health
-
-    def crash(out):
-        if calls["n"] == crash_at:
-            raise RuntimeError("simulated crash")
-        calls["n"] += 1
-        return original(out)
-
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "step_health", crash)
+        CrashAt(patch, at=crash_at, action=boom)
         with pytest.raises(RuntimeError, match="simulated crash"):
             train(tiny(*overrides), run_dir=tmp_path / "cut", progress_bar=False)
     assert load_checkpoint(tmp_path / "cut/checkpoints/last.pt")["step"] == crash_at

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _crash import CrashAt, boom
 
 import hardneg.train.trainer as trainer
 from hardneg.config import load_config
@@ -432,19 +433,6 @@ class Generators:
         monkeypatch.setattr(augment_module, "build_augmentation", spy_augmentation)
 
 
-def crash_at(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
-    calls = {"n": 0}
-    original = trainer.step_health
-
-    def crash(out):
-        if calls["n"] == at:
-            raise RuntimeError("simulated crash")
-        calls["n"] += 1
-        return original(out)
-
-    monkeypatch.setattr(trainer, "step_health", crash)
-
-
 def test_a_resumed_run_draws_from_the_generators_of_an_uninterrupted_run(tmp_path, monkeypatch):
     """Mid-epoch resume of a memory bank (its negatives are drawn with the loss generator): at
     every resumed step the loss and augmentation generators are where the uninterrupted run had
@@ -462,7 +450,7 @@ def test_a_resumed_run_draws_from_the_generators_of_an_uninterrupted_run(tmp_pat
     assert not torch.equal(full.loss[0], full.loss[3])  # the bank drew from it
     assert not torch.equal(full.augment[0], full.augment[3])
     with monkeypatch.context() as patch:
-        crash_at(patch, 3)
+        CrashAt(patch, at=3, action=boom)
         with pytest.raises(RuntimeError, match="simulated crash"):
             train(run(*overrides), run_dir=tmp_path / "cut", progress_bar=False)
     payload = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
