@@ -221,11 +221,11 @@ class HardNegativeMixing(Strategy):
             columns = contrast.columns.detach()
             c = columns.shape[0]
             if contrast.anchor_columns is None and c * c <= 16 * contrast.negative_logits.numel():
-                cosine = fastpaths.mochi_in_batch_cosine(contrast, first, second) if fast else None
-                if cosine is not None:  # in-batch: read from the logits
+                if fast:  # in-batch: read from the logits; else the Gram's upper triangle only
+                    cosine = fastpaths.mochi_in_batch_cosine(contrast, first, second)
+                    if cosine is None:
+                        cosine = fastpaths.pair_gram(columns, first, second)
                     return cosine
-                if fast:  # the upper triangle of the Gram matrix only
-                    return fastpaths.pair_gram(columns, first, second)
                 flat = torch.add(second, first, alpha=c).view(-1)  # a flat look-up: index_select
                 return (columns @ columns.T).view(-1).index_select(0, flat).view(first.shape)
             rows = max(1, _BLOCK // max(1, first.shape[1] * columns.shape[1]))
