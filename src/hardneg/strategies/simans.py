@@ -77,9 +77,9 @@ class SimANSNegatives(Strategy):
         with fewer negatives also returns masked columns, which the loss ignores)."""
         with torch.no_grad():
             logits = contrast.negative_logits.detach()
+            centre = contrast.positive_logits.detach()[:, :1] + self.b
+            k = min(self.num_samples, logits.shape[1])
             if context.fast:  # same law, other draws (uniforms from random words, numpy select)
-                centre = contrast.positive_logits.detach()[:, :1] + self.b
-                k = min(self.num_samples, logits.shape[1])
                 return fastpaths.simans_draw(logits, centre, self.a, k, context.generator)
             # Gumbel-top-k on log p = -a (c - c+ - b)^2: the k smallest of
             # -(log p + Gumbel) = a (c - c+ - b)^2 + log(-log u) are drawn
@@ -88,12 +88,10 @@ class SimANSNegatives(Strategy):
             )  # float32 whatever the compute dtype: a seed gives the same draws in float64
             u = u.clamp_min_(torch.finfo(torch.float32).tiny).to(logits.dtype)
             minus_gumbel = u.log_().neg_().log_()
-            centre = contrast.positive_logits.detach()[:, :1] + self.b
             distance = logits - centre  # -inf on a masked column: its key is +inf if a > 0
             keys = torch.addcmul(minus_gumbel, distance, distance, value=self.a)
             if self.a == 0.0:
                 keys = keys.masked_fill(~torch.isfinite(logits), float("inf"))
-            k = min(self.num_samples, logits.shape[1])
             return keys.topk(k, dim=1, largest=False, sorted=False).indices
 
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
