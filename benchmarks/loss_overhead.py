@@ -25,7 +25,9 @@ actually touches, torch's allocations included (``tracemalloc`` does not see the
 same is read from ``torch.cuda.max_memory_allocated``.
 
 **Graph breaks** (``--graph-breaks``): ``torch._dynamo.explain`` of each loss and call form at
-``check_inputs=False`` (the plain path: fast paths are off under ``torch.compile``).
+``check_inputs=False`` (the plain path: fast paths are off under ``torch.compile``), with no
+``generator=`` argument: the losses that draw take torch's global RNG when compiled (dynamo
+cannot trace a ``torch.Generator`` input; given one, they break the graph at each draw).
 
 Examples:
     python benchmarks/loss_overhead.py --threads default,1      # full run (~10 min on 2 cores)
@@ -336,8 +338,10 @@ def graph_breaks(name: str, form: str, *, check_inputs: bool = False) -> str:
     elif form == "hard_negatives":
         kwargs["hard_negatives"] = torch.randn(8, 2, 6, generator=gen)
     loss_fn = make_loss(name, check_inputs=check_inputs)
-    if loss_fn.draws:
-        kwargs["generator"] = torch.Generator().manual_seed(1)
+    # no generator= argument: dynamo cannot trace a torch.Generator input (a loss given one
+    # breaks the graph and runs its draws eagerly), so a compiled loss that draws takes torch's
+    # global RNG, as in tests/test_compile.py
+    torch.manual_seed(1)
     try:
         loss_fn(z1, z2, **kwargs)
     except ValueError:
