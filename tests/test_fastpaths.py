@@ -303,8 +303,14 @@ def tilted_inputs(rows, cols, dtype, seed, *, masked=True):
 @pytest.mark.parametrize("with_factor", [False, True], ids=["nofactor", "factor"])
 @pytest.mark.parametrize("tilt_grad", [True, False], ids=["tilt-grad", "tilt-detached"])
 @pytest.mark.parametrize("shape", [(7, 13), (300, 400)], ids=["small", "blocks"])
-@pytest.mark.parametrize("shifted", [False, True], ids=["own-shift", "given-shift"])
+@pytest.mark.parametrize(
+    "shifted", [False, True, "overwrite"], ids=["own-shift", "given-shift", "overwrite"]
+)
 def test_tilted_log_mass_equals_plain(dtype, beta, with_factor, tilt_grad, shape, shifted):
+    """``overwrite``: the factor and the given exponentials are scratch (UnReMix's fast path):
+    ``q`` and ``q e`` are formed in their buffers; same value and gradient."""
+    if shifted == "overwrite" and not with_factor:
+        pytest.skip("overwrite needs a factor")
     logits, mask, factor = tilted_inputs(*shape, dtype, seed=int(beta * 10) + shape[0])
     f = factor if with_factor else None
     m = mask.sum(dim=1) if with_factor else int(shape[1])  # a tensor M and an int M
@@ -315,9 +321,20 @@ def test_tilted_log_mass_equals_plain(dtype, beta, with_factor, tilt_grad, shape
         with torch.no_grad():
             row_max = logits.amax(dim=1)
             given = (row_max, (logits - row_max.unsqueeze(1)).exp())
+    scratch = shifted == "overwrite"
+    if scratch:
+        e_before = given[1].clone()
     fast = fastpaths.tilted_log_mass(
-        leaf_fast, beta, m, factor=f, tilt_grad=tilt_grad, shifted=given
+        leaf_fast,
+        beta,
+        m,
+        factor=f.clone() if scratch else f,
+        tilt_grad=tilt_grad,
+        shifted=given,
+        overwrite=scratch,
     )
+    if scratch:  # the in-place form was taken: q e is in the exponentials' buffer
+        assert not torch.equal(given[1], e_before)
     plain = plain_tilted_log_mass(leaf_plain, beta, m, factor=f, tilt_grad=tilt_grad)
     assert fast.dtype == dtype
     assert_close_rel(fast, plain, what="log mass")

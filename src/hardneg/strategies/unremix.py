@@ -216,6 +216,7 @@ class UnReMixNegatives(Strategy):
                 factor=mix,
                 tilt_grad=not self.detach_weights,
                 shifted=shifted,
+                overwrite=True,  # the mix and the exponentials are this step's scratch
             )
             return Selection(negative_log_mass=log_mass)
         with torch.no_grad():
