@@ -115,9 +115,10 @@ class _TiltedLogMass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, factor, beta, log_m, tilt_grad, shifted=None, overwrite=False):  # type: ignore[override]
         if overwrite:
-            return _TiltedLogMass.forward_in_place(
-                ctx, logits, factor, beta, log_m, tilt_grad, shifted
-            )
+            out, saved = _tilted_in_place(logits, factor, beta, log_m, shifted)
+            ctx.save_for_backward(*saved)
+            ctx.beta, ctx.tilt_grad, ctx.product, ctx.overwrite = beta, tilt_grad, False, True
+            return out
         if shifted is None:
             row_max = logits.amax(dim=1, keepdim=True)
             s = logits - row_max  # <= 0, -inf where absent
@@ -154,35 +155,12 @@ class _TiltedLogMass(torch.autograd.Function):
         return log_m + row_max.squeeze(1) + sum_qe.log() - sum_q.log()
 
     @staticmethod
-    def forward_in_place(ctx, logits, factor, beta, log_m, tilt_grad, shifted):
-        """``overwrite``: the factor ``f`` and the exponentials ``e`` are the caller's scratch.
-        ``q = e^{beta s} f`` is formed in ``f``'s buffer and ``q e`` in ``e``'s, so the forward
-        is two in-place passes and two row sums (no ``[A, S]`` temporary, no row blocks) and the
-        backward ``((1 + beta) a qe - beta b q)`` two passes over them."""
-        row_max, e = shifted
-        if beta == 0.0:
-            q = factor
-        elif beta in (1.0, 2.0):
-            q = factor.mul_(e) if beta == 1.0 else factor.mul_(e).mul_(e)
-        else:
-            q = factor.mul_((logits.detach() - row_max.unsqueeze(1)).mul_(beta).exp_())
-        qe = e.mul_(q)
-        sum_q, sum_qe = q.sum(dim=1), qe.sum(dim=1)
-        ctx.save_for_backward(qe, q, sum_q, sum_qe)
-        ctx.beta, ctx.tilt_grad, ctx.product, ctx.overwrite = beta, tilt_grad, False, True
-        return log_m + row_max + sum_qe.log() - sum_q.log()
-
-    @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         q, e, sum_q, sum_qe, *factor = ctx.saved_tensors
         beta = ctx.beta if ctx.tilt_grad else 0.0
         if ctx.overwrite:
-            qe, q = q, e  # saved as (q e, q)
-            out = qe * ((1.0 + beta) * grad / sum_qe).unsqueeze(1)
-            if beta != 0.0:
-                out.addcmul_(q, (beta * grad / sum_q).unsqueeze(1), value=-1.0)
-            return out, None, None, None, None, None, None
+            return _tilted_in_place_grad(ctx.saved_tensors, beta, grad), *(None,) * 6
         out = e * ((1.0 + beta) * grad / sum_qe).unsqueeze(1)
         if beta != 0.0:
             out.sub_((beta * grad / sum_q).unsqueeze(1))
@@ -192,6 +170,57 @@ class _TiltedLogMass(torch.autograd.Function):
         else:
             out.mul_(q)
         return out, None, None, None, None, None, None
+
+
+def _tilted_in_place(logits, factor, beta, log_m, shifted):
+    """:class:`_TiltedLogMass` with ``overwrite``: the factor ``f`` and the exponentials ``e``
+    are the caller's scratch. ``q = e^{beta s} f`` is formed in ``f``'s buffer and ``q e`` in
+    ``e``'s: two in-place passes and two row sums (no ``[A, S]`` temporary, no row blocks).
+    Returns the log-mass and the tensors the backward pass reads."""
+    row_max, e = shifted
+    if beta == 0.0:
+        q = factor
+    elif beta in (1.0, 2.0):
+        q = factor.mul_(e) if beta == 1.0 else factor.mul_(e).mul_(e)
+    else:
+        q = factor.mul_((logits.detach() - row_max.unsqueeze(1)).mul_(beta).exp_())
+    qe = e.mul_(q)
+    sum_q, sum_qe = q.sum(dim=1), qe.sum(dim=1)
+    return log_m + row_max + sum_qe.log() - sum_q.log(), (qe, q, sum_q, sum_qe)
+
+
+def _tilted_in_place_grad(saved, beta: float, grad: Tensor) -> Tensor:
+    """``dlogR/dc`` times ``grad`` from :func:`_tilted_in_place`'s tensors: ``(1 + beta) q e /
+    sum(q e) - beta q / sum(q)``, two passes (``beta = 0`` when the tilt is detached)."""
+    qe, q, sum_q, sum_qe = saved
+    out = qe * ((1.0 + beta) * grad / sum_qe).unsqueeze(1)
+    if beta != 0.0:
+        out.addcmul_(q, (beta * grad / sum_q).unsqueeze(1), value=-1.0)
+    return out
+
+
+class _GramTiltedLogMass(torch.autograd.Function):
+    """:func:`_tilted_in_place` for in-batch logits ``c = z z^T / t`` (the anchors are the
+    columns), differentiated with respect to ``z`` directly: ``dL/dz = (G + G^T) z / t`` with
+    ``G = dL/dc`` is one product, where the score matrix's own backward takes two (``G z`` and
+    ``G^T z``). ``G^T`` is a blocked transposed copy (``contiguous``), a fraction of a product's
+    time; a transposed element-wise add would cost more than the product it saves."""
+
+    @staticmethod
+    def forward(ctx, z, logits, factor, beta, log_m, tilt_grad, shifted, temperature):  # type: ignore[override]
+        out, saved = _tilted_in_place(logits, factor, beta, log_m, shifted)
+        ctx.save_for_backward(z, *saved)
+        ctx.beta = beta if tilt_grad else 0.0
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        z, *saved = ctx.saved_tensors
+        g = _tilted_in_place_grad(saved, ctx.beta, grad / ctx.temperature)
+        sym = g.T.contiguous().add_(g)
+        return (sym @ z.to(g.dtype)).to(z.dtype), *(None,) * 7
 
 
 def _row_dot(x: Tensor, y: Tensor) -> Tensor:
@@ -228,6 +257,7 @@ def tilted_log_mass(
     tilt_grad: bool = True,
     shifted: tuple[Tensor, Tensor] | None = None,
     overwrite: bool = False,
+    gram: tuple[Tensor, float] | None = None,
 ) -> Tensor:
     """``[A]`` ``log sum_j w_ij e^{c_ij}`` for ``w_ij = M e^{beta c_ij} f_ij / sum_k e^{beta c_ik} f_ik``
     (mean 1 over the ``M`` negatives), in one fused pass; see :class:`_TiltedLogMass`.
@@ -238,7 +268,10 @@ def tilted_log_mass(
     ``shifted``: ``(max_j c_ij [A], e^{c - max_j c} [A, S])`` of the detached logits, exactly as
     computed here, when the caller already has them; ``overwrite`` (with ``shifted`` and a
     ``factor`` of the logits' dtype): both are the caller's scratch, overwritten by ``q = e^{beta
-    s} f`` and ``q e`` (no ``[A, S]`` temporary in the forward pass). Computes in the logits' dtype.
+    s} f`` and ``q e`` (no ``[A, S]`` temporary in the forward pass); ``gram = (z, t)`` (with
+    ``overwrite``): the logits are ``z z^T / t`` (in-batch: the contrast set's anchors are its
+    columns) and the gradient goes to ``z`` by one product (:class:`_GramTiltedLogMass`), not
+    through ``logits``. Computes in the logits' dtype.
     """
     log_m = (
         num_negatives.to(logits.dtype).log()
@@ -253,6 +286,11 @@ def tilted_log_mass(
         and factor is not None
         and factor.dtype == logits.dtype
     )
+    if overwrite and gram is not None:
+        z, temperature = gram
+        return _GramTiltedLogMass.apply(
+            z, logits.detach(), f, float(beta), log_m, bool(tilt_grad), shifted, float(temperature)
+        )
     return _TiltedLogMass.apply(logits, f, float(beta), log_m, bool(tilt_grad), shifted, overwrite)
 
 

@@ -217,6 +217,10 @@ class UnReMixNegatives(Strategy):
                 tilt_grad=not self.detach_weights,
                 shifted=shifted,
                 overwrite=True,  # the mix and the exponentials are this step's scratch
+                # in-batch (c = z z^T / t): the gradient to z by one product, (G + G^T) z / t
+                gram=(contrast.anchors, contrast.temperature)
+                if contrast.columns is contrast.anchors and contrast.anchor_columns is None
+                else None,
             )
             return Selection(negative_log_mass=log_mass)
         with torch.no_grad():
