@@ -8,7 +8,10 @@ only; no kept buffers.
 
 * :func:`tilted_log_mass` — HCL/UnReMix: ``log sum_j w_ij e^{c_ij}`` with
   ``w_ij = M e^{beta c_ij} f_ij / sum_k e^{beta c_ik} f_ik`` in one shifted pass and a
-  hand-written backward (plain twin: ``logsumexp(c + normalised_log_weights(beta c + log f))``).
+  hand-written backward (plain twin: ``logsumexp(c + normalised_log_weights(beta c + log f))``);
+  ``overwrite``: the factor and the given exponentials are the caller's scratch (two in-place
+  passes, no row blocks); ``gram = (z, t)``: in-batch logits ``z z^T / t`` differentiated to
+  ``z`` by one product ``(G + G^T) z / t`` (plain twin: the score matrix's backward, two).
 * :func:`top_k_indices` — linear-time selection over int32 keys that order like the floats,
   with numpy's SIMD partition on long rows (plain twin: ``torch.topk``); potential's neighbours.
 * :func:`band_indices` — Ring on CPU: the band's edge values of each row by ``numpy.partition``
