@@ -480,3 +480,18 @@ def test_the_fast_mass_works_in_its_own_buffers_and_in_batch_differentiates_z(mo
             assert z.shape == (12, 4) and t == 0.4
         else:
             assert seen[0]["gram"] is None
+
+
+def test_behind_a_filter_the_in_batch_fast_path_equals_the_plain_one():
+    """A filter restricts the in-batch contrast set (``-inf`` at the dropped negatives, the same
+    ``z``): the fast path's gradient to ``z`` by one product still equals the plain loss's."""
+    g = torch.Generator().manual_seed(5)
+    z1 = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    z2 = z1 + 0.5 * torch.randn(40, 8, generator=g, dtype=torch.float64)
+    results = []
+    for fast in (True, False):
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        loss = hardneg.create_loss("unremix", filter="positive_aware", fast=fast)(a, b)
+        results.append((loss, *torch.autograd.grad(loss, (a, b))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
