@@ -303,8 +303,14 @@ def tilted_inputs(rows, cols, dtype, seed, *, masked=True):
 @pytest.mark.parametrize("with_factor", [False, True], ids=["nofactor", "factor"])
 @pytest.mark.parametrize("tilt_grad", [True, False], ids=["tilt-grad", "tilt-detached"])
 @pytest.mark.parametrize("shape", [(7, 13), (300, 400)], ids=["small", "blocks"])
-@pytest.mark.parametrize("shifted", [False, True], ids=["own-shift", "given-shift"])
+@pytest.mark.parametrize(
+    "shifted", [False, True, "overwrite"], ids=["own-shift", "given-shift", "overwrite"]
+)
 def test_tilted_log_mass_equals_plain(dtype, beta, with_factor, tilt_grad, shape, shifted):
+    """``overwrite``: the factor and the given exponentials are scratch (UnReMix's fast path):
+    ``q`` and ``q e`` are formed in their buffers; same value and gradient."""
+    if shifted == "overwrite" and not with_factor:
+        pytest.skip("overwrite needs a factor")
     logits, mask, factor = tilted_inputs(*shape, dtype, seed=int(beta * 10) + shape[0])
     f = factor if with_factor else None
     m = mask.sum(dim=1) if with_factor else int(shape[1])  # a tensor M and an int M
@@ -315,9 +321,20 @@ def test_tilted_log_mass_equals_plain(dtype, beta, with_factor, tilt_grad, shape
         with torch.no_grad():
             row_max = logits.amax(dim=1)
             given = (row_max, (logits - row_max.unsqueeze(1)).exp())
+    scratch = shifted == "overwrite"
+    if scratch:
+        e_before = given[1].clone()
     fast = fastpaths.tilted_log_mass(
-        leaf_fast, beta, m, factor=f, tilt_grad=tilt_grad, shifted=given
+        leaf_fast,
+        beta,
+        m,
+        factor=f.clone() if scratch else f,
+        tilt_grad=tilt_grad,
+        shifted=given,
+        overwrite=scratch,
     )
+    if scratch:  # the in-place form was taken: q e is in the exponentials' buffer
+        assert not torch.equal(given[1], e_before)
     plain = plain_tilted_log_mass(leaf_plain, beta, m, factor=f, tilt_grad=tilt_grad)
     assert fast.dtype == dtype
     assert_close_rel(fast, plain, what="log mass")
@@ -327,6 +344,68 @@ def test_tilted_log_mass_equals_plain(dtype, beta, with_factor, tilt_grad, shape
     g_plain = torch.nan_to_num(g_plain, nan=0.0)  # -inf entries: no gradient either way
     assert bool((g_fast[~torch.isfinite(logits)] == 0).all())
     assert_close_rel(g_fast, g_plain, what="gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [0.0, 1.0, 2.0, 0.7])
+@pytest.mark.parametrize("tilt_grad", [True, False], ids=["tilt-grad", "tilt-detached"])
+@pytest.mark.parametrize("rows", [9, 300])
+def test_tilted_log_mass_gram_gradient_equals_the_score_matrix_backward(
+    dtype, beta, tilt_grad, rows
+):
+    """``gram=(z, t)``: in-batch logits ``c = z z^T / t`` (masked entries ``-inf``); the gradient
+    goes to ``z`` as ``(G + G^T) z / t`` by one product. Equal to back-propagating the same
+    in-place tilted mass through the score matrix (value and gradient, 1e-5)."""
+    g = torch.Generator().manual_seed(rows + int(10 * beta))
+    z64 = torch.nn.functional.normalize(
+        torch.randn(rows, 7, generator=g, dtype=torch.float64), dim=1
+    )
+    mask = torch.rand(rows, rows, generator=g) > 0.3
+    mask.fill_diagonal_(False)
+    mask[:, (torch.arange(rows) + 1) % rows] = True
+    mask.fill_diagonal_(False)
+    factor = (torch.rand(rows, rows, generator=g, dtype=torch.float64) + 0.05).to(dtype)
+    t = 0.3
+    m = mask.sum(dim=1)
+    results = []
+    for gram in (False, True):
+        z = z64.to(dtype).requires_grad_()
+        logits = ((z / t) @ z.T).masked_fill(~mask, float("-inf"))
+        with torch.no_grad():
+            row_max = logits.amax(dim=1)
+            shifted = (row_max, (logits - row_max.unsqueeze(1)).exp())
+        out = fastpaths.tilted_log_mass(
+            logits,
+            beta,
+            m,
+            factor=factor.clone(),
+            tilt_grad=tilt_grad,
+            shifted=shifted,
+            overwrite=True,
+            gram=(z, t) if gram else None,
+        )
+        upstream = torch.linspace(0.5, 1.5, rows, dtype=dtype)
+        (grad,) = torch.autograd.grad(out, z, upstream)
+        results.append((out, grad))
+    (v_ref, g_ref), (v_gram, g_gram) = results
+    assert g_gram.dtype == dtype
+    assert_close_rel(v_gram, v_ref, what="log mass")
+    assert_close_rel(g_gram, g_ref, what="gradient to z")
+
+
+def test_unremix_in_batch_fast_path_differentiates_z_by_one_product(monkeypatch):
+    """In-batch (anchors are the columns) the tilted mass takes the gram form; with a pool, the
+    score matrix's own backward (one product there)."""
+    calls = []
+    original = fastpaths._GramTiltedLogMass.apply
+    monkeypatch.setattr(
+        fastpaths._GramTiltedLogMass, "apply", lambda *a: calls.append(1) or original(*a)
+    )
+    for form, expected in (("in_batch", 1), ("ids", 1), ("pool", 0)):
+        calls.clear()
+        z1, z2, kwargs = make_inputs(form, torch.float64)
+        hardneg.create_loss("unremix", fast=True)(z1, z2, **kwargs).backward()
+        assert len(calls) == expected, form
 
 
 def test_tilted_log_mass_extreme_logits_stay_finite():

@@ -454,3 +454,44 @@ def test_a_non_flag_detach_weights_is_refused_by_name():
     with pytest.raises(ValueError) as info:
         hardneg.create_loss("unremix", detach_weights="yes")
     assert str(info.value) == "detach_weights must be True or False, got 'yes'"
+
+
+def test_the_fast_mass_works_in_its_own_buffers_and_in_batch_differentiates_z(monkeypatch):
+    """The fast path hands the tilted mass its mix and exponentials as scratch (``overwrite``)
+    and, in-batch, ``gram = (z, t)`` (one product for the gradient to ``z``); with a pool no
+    ``gram``. Values and gradients are the float64 loop's (tests above); this pins the form."""
+    from hardneg import fastpaths
+
+    seen = []
+    original = fastpaths.tilted_log_mass
+    monkeypatch.setattr(
+        fastpaths, "tilted_log_mass", lambda *a, **k: seen.append(k) or original(*a, **k)
+    )
+    g = torch.Generator().manual_seed(3)
+    z1, z2 = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    pool = torch.randn(11, 4, generator=g)
+    for negatives in (None, pool):
+        seen.clear()
+        loss_fn = hardneg.create_loss("unremix", fast=True, temperature=0.4)
+        loss_fn(z1.requires_grad_(), z2.requires_grad_(), negatives=negatives).backward()
+        assert len(seen) == 1 and seen[0]["overwrite"] is True
+        if negatives is None:
+            z, t = seen[0]["gram"]
+            assert z.shape == (12, 4) and t == 0.4
+        else:
+            assert seen[0]["gram"] is None
+
+
+def test_behind_a_filter_the_in_batch_fast_path_equals_the_plain_one():
+    """A filter restricts the in-batch contrast set (``-inf`` at the dropped negatives, the same
+    ``z``): the fast path's gradient to ``z`` by one product still equals the plain loss's."""
+    g = torch.Generator().manual_seed(5)
+    z1 = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    z2 = z1 + 0.5 * torch.randn(40, 8, generator=g, dtype=torch.float64)
+    results = []
+    for fast in (True, False):
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        loss = hardneg.create_loss("unremix", filter="positive_aware", fast=fast)(a, b)
+        results.append((loss, *torch.autograd.grad(loss, (a, b))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

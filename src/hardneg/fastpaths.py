@@ -8,7 +8,10 @@ only; no kept buffers.
 
 * :func:`tilted_log_mass` — HCL/UnReMix: ``log sum_j w_ij e^{c_ij}`` with
   ``w_ij = M e^{beta c_ij} f_ij / sum_k e^{beta c_ik} f_ik`` in one shifted pass and a
-  hand-written backward (plain twin: ``logsumexp(c + normalised_log_weights(beta c + log f))``).
+  hand-written backward (plain twin: ``logsumexp(c + normalised_log_weights(beta c + log f))``);
+  ``overwrite``: the factor and the given exponentials are the caller's scratch (two in-place
+  passes, no row blocks); ``gram = (z, t)``: in-batch logits ``z z^T / t`` differentiated to
+  ``z`` by one product ``(G + G^T) z / t`` (plain twin: the score matrix's backward, two).
 * :func:`top_k_indices` — linear-time selection over int32 keys that order like the floats,
   with numpy's SIMD partition on long rows (plain twin: ``torch.topk``); potential's neighbours.
 * :func:`band_indices` — Ring on CPU: the band's edge values of each row by ``numpy.partition``
@@ -113,7 +116,12 @@ class _TiltedLogMass(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, factor, beta, log_m, tilt_grad, shifted=None):  # type: ignore[override]
+    def forward(ctx, logits, factor, beta, log_m, tilt_grad, shifted=None, overwrite=False):  # type: ignore[override]
+        if overwrite:
+            out, saved = _tilted_in_place(logits, factor, beta, log_m, shifted)
+            ctx.save_for_backward(*saved)
+            ctx.beta, ctx.tilt_grad, ctx.product, ctx.overwrite = beta, tilt_grad, False, True
+            return out
         if shifted is None:
             row_max = logits.amax(dim=1, keepdim=True)
             s = logits - row_max  # <= 0, -inf where absent
@@ -146,7 +154,7 @@ class _TiltedLogMass(torch.autograd.Function):
             sum_q = q.sum(dim=1)
             sum_qe = _row_dot(q, e)
             ctx.save_for_backward(q, e, sum_q, sum_qe)
-        ctx.beta, ctx.tilt_grad, ctx.product = beta, tilt_grad, product
+        ctx.beta, ctx.tilt_grad, ctx.product, ctx.overwrite = beta, tilt_grad, product, False
         return log_m + row_max.squeeze(1) + sum_qe.log() - sum_q.log()
 
     @staticmethod
@@ -154,6 +162,8 @@ class _TiltedLogMass(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         q, e, sum_q, sum_qe, *factor = ctx.saved_tensors
         beta = ctx.beta if ctx.tilt_grad else 0.0
+        if ctx.overwrite:
+            return _tilted_in_place_grad(ctx.saved_tensors, beta, grad), *(None,) * 6
         out = e * ((1.0 + beta) * grad / sum_qe).unsqueeze(1)
         if beta != 0.0:
             out.sub_((beta * grad / sum_q).unsqueeze(1))
@@ -162,7 +172,58 @@ class _TiltedLogMass(torch.autograd.Function):
                 out[rows].mul_(e[rows]).mul_(factor[0][rows])
         else:
             out.mul_(q)
-        return out, None, None, None, None, None
+        return out, None, None, None, None, None, None
+
+
+def _tilted_in_place(logits, factor, beta, log_m, shifted):
+    """:class:`_TiltedLogMass` with ``overwrite``: the factor ``f`` and the exponentials ``e``
+    are the caller's scratch. ``q = e^{beta s} f`` is formed in ``f``'s buffer and ``q e`` in
+    ``e``'s: two in-place passes and two row sums (no ``[A, S]`` temporary, no row blocks).
+    Returns the log-mass and the tensors the backward pass reads."""
+    row_max, e = shifted
+    if beta == 0.0:
+        q = factor
+    elif beta in (1.0, 2.0):
+        q = factor.mul_(e) if beta == 1.0 else factor.mul_(e).mul_(e)
+    else:
+        q = factor.mul_((logits.detach() - row_max.unsqueeze(1)).mul_(beta).exp_())
+    qe = e.mul_(q)
+    sum_q, sum_qe = q.sum(dim=1), qe.sum(dim=1)
+    return log_m + row_max + sum_qe.log() - sum_q.log(), (qe, q, sum_q, sum_qe)
+
+
+def _tilted_in_place_grad(saved, beta: float, grad: Tensor) -> Tensor:
+    """``dlogR/dc`` times ``grad`` from :func:`_tilted_in_place`'s tensors: ``(1 + beta) q e /
+    sum(q e) - beta q / sum(q)``, two passes (``beta = 0`` when the tilt is detached)."""
+    qe, q, sum_q, sum_qe = saved
+    out = qe * ((1.0 + beta) * grad / sum_qe).unsqueeze(1)
+    if beta != 0.0:
+        out.addcmul_(q, (beta * grad / sum_q).unsqueeze(1), value=-1.0)
+    return out
+
+
+class _GramTiltedLogMass(torch.autograd.Function):
+    """:func:`_tilted_in_place` for in-batch logits ``c = z z^T / t`` (the anchors are the
+    columns), differentiated with respect to ``z`` directly: ``dL/dz = (G + G^T) z / t`` with
+    ``G = dL/dc`` is one product, where the score matrix's own backward takes two (``G z`` and
+    ``G^T z``). ``G^T`` is a blocked transposed copy (``contiguous``), a fraction of a product's
+    time; a transposed element-wise add would cost more than the product it saves."""
+
+    @staticmethod
+    def forward(ctx, z, logits, factor, beta, log_m, tilt_grad, shifted, temperature):  # type: ignore[override]
+        out, saved = _tilted_in_place(logits, factor, beta, log_m, shifted)
+        ctx.save_for_backward(z, *saved)
+        ctx.beta = beta if tilt_grad else 0.0
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        z, *saved = ctx.saved_tensors
+        g = _tilted_in_place_grad(saved, ctx.beta, grad / ctx.temperature)
+        sym = g.T.contiguous().add_(g)
+        return (sym @ z.to(g.dtype)).to(z.dtype), *(None,) * 7
 
 
 def _row_dot(x: Tensor, y: Tensor) -> Tensor:
@@ -198,6 +259,8 @@ def tilted_log_mass(
     factor: Tensor | None = None,
     tilt_grad: bool = True,
     shifted: tuple[Tensor, Tensor] | None = None,
+    overwrite: bool = False,
+    gram: tuple[Tensor, float] | None = None,
 ) -> Tensor:
     """``[A]`` ``log sum_j w_ij e^{c_ij}`` for ``w_ij = M e^{beta c_ij} f_ij / sum_k e^{beta c_ik} f_ik``
     (mean 1 over the ``M`` negatives), in one fused pass; see :class:`_TiltedLogMass`.
@@ -206,7 +269,12 @@ def tilted_log_mass(
     logits are ``-inf``, or any finite value there when ``beta > 0``, where ``e^{beta s}`` is 0;
     None = 1); ``tilt_grad``: let the gradient flow through the weights;
     ``shifted``: ``(max_j c_ij [A], e^{c - max_j c} [A, S])`` of the detached logits, exactly as
-    computed here, when the caller already has them. Computes in the logits' dtype.
+    computed here, when the caller already has them; ``overwrite`` (with ``shifted`` and a
+    ``factor`` of the logits' dtype): both are the caller's scratch, overwritten by ``q = e^{beta
+    s} f`` and ``q e`` (no ``[A, S]`` temporary in the forward pass); ``gram = (z, t)`` (with
+    ``overwrite``): the logits are ``z z^T / t`` (in-batch: the contrast set's anchors are its
+    columns) and the gradient goes to ``z`` by one product (:class:`_GramTiltedLogMass`), not
+    through ``logits``. Computes in the logits' dtype.
     """
     log_m = (
         num_negatives.to(logits.dtype).log()
@@ -214,7 +282,19 @@ def tilted_log_mass(
         else math.log(num_negatives)
     )
     f = None if factor is None else factor.detach().to(logits.dtype)
-    return _TiltedLogMass.apply(logits, f, float(beta), log_m, bool(tilt_grad), shifted)
+    # the caller's own buffers (same dtype: no copy was made) may be overwritten
+    overwrite = (
+        bool(overwrite)
+        and shifted is not None
+        and factor is not None
+        and factor.dtype == logits.dtype
+    )
+    if overwrite and gram is not None:
+        z, temperature = gram
+        return _GramTiltedLogMass.apply(
+            z, logits.detach(), f, float(beta), log_m, bool(tilt_grad), shifted, float(temperature)
+        )
+    return _TiltedLogMass.apply(logits, f, float(beta), log_m, bool(tilt_grad), shifted, overwrite)
 
 
 def _order_keys(x: Tensor) -> Tensor:
@@ -668,8 +748,8 @@ def _minmax_coefficients(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     or empty row, as ``hardneg.strategies.unremix.minmax_over_negatives``)."""
     span = hi - lo
     ok = span > 0
-    scale = torch.where(ok, 1.0 / torch.where(ok, span, 1.0), 0.0)
-    return scale, torch.where(ok, -lo * scale, 0.0)
+    scale = torch.where(ok, span.reciprocal(), 0.0)  # 1 / span where it is positive
+    return scale, torch.where(ok, scale * -lo, 0.0)
 
 
 def _zeroed_row_range(u: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -751,11 +831,11 @@ def unremix_factor(
     a, c = logits.shape
     dtype = logits.dtype
     mask = contrast.negative_mask
-    # the mix minus U's term: coefs[0]_i + sum_r coefs[r]_i vectors[r]_j ([A] and [C] each)
-    vectors: list[Tensor] = [logits.new_ones(c)]  # vectors[0] = 1: the row constants
-    coefs: list[Tensor] = [logits.new_full((a,), eps)]
-    u = None
-    scale_u = None
+    # the mix minus U's term: const_i + sum_r coefs[r]_i vectors[r]_j ([A] and [C] each)
+    const: float | Tensor = eps
+    vectors: list[Tensor] = []
+    coefs: list[Tensor] = []
+    u = lo_u = scale_u = None
     if lambda_u > 0:
         delta_a = anchor_deltas(contrast, shifted)
         if contrast.columns is contrast.anchors:
@@ -773,14 +853,15 @@ def unremix_factor(
             u_vec = delta_c.norm(dim=1) * h_c.norm(dim=1)
             scale, shift = _minmax_coefficients(*_vector_row_range(u_vec, contrast))
             vectors.append(u_vec)
-            coefs.append(lambda_u * scale)
-            coefs[0] = coefs[0] + lambda_u * shift
+            coefs.append(scale * lambda_u)
+            const = shift.mul(lambda_u).add_(const)
         else:
             if from_logits and contrast.normalized:
-                # t * normalize(delta_a) @ normalize(delta_c).T * c  (t c = cos(z_i, z_j))
-                u = (F.normalize(delta_a, dim=1) * contrast.temperature) @ F.normalize(
-                    delta_c, dim=1
-                ).T
+                # t * normalize(delta_a) @ normalize(delta_c).T * c  (t c = cos(z_i, z_j));
+                # in-batch the two sides are one normalised tensor
+                unit_c = F.normalize(delta_c, dim=1)
+                unit_a = unit_c if delta_c is delta_a else F.normalize(delta_a, dim=1)
+                u = (unit_a * contrast.temperature) @ unit_c.T
                 u.mul_(logits)
                 if mask is not None:  # -inf logits off the negatives: +-inf or nan -> 0
                     u.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
@@ -789,32 +870,31 @@ def unremix_factor(
                 u.mul_(F.normalize(h_a, dim=1) @ F.normalize(h_c, dim=1).T)
                 if mask is not None:
                     u.masked_fill_(~mask, 0.0)
-            lo, hi = _zeroed_row_range(u, mask)
-            scale_u, _ = _minmax_coefficients(lo, hi)
-            # U - lo first (exact for close values, as the plain form's x - lo), 0 on a
-            # constant row; U's scale is applied below
-            u.sub_(torch.where(scale_u > 0, lo, 0.0).unsqueeze(1))
+            lo_u, hi_u = _zeroed_row_range(u, mask)
+            scale_u, _ = _minmax_coefficients(lo_u, hi_u)
     if lambda_d > 0:
         z = contrast.columns.detach().to(dtype)
         d_vec = 1.0 - (z @ z.sum(dim=0) - (z * z).sum(dim=1)) / max(c - 1, 1)
         scale, shift = _minmax_coefficients(*_vector_row_range(d_vec, contrast))
         sign = -1.0 if density else 1.0
         vectors.append(d_vec)
-        coefs.append(sign * lambda_d * scale)
-        coefs[0] = coefs[0] + lambda_d * (sign * shift + (1.0 if density else 0.0))
+        coefs.append(scale * (sign * lambda_d))
+        const = shift.mul(sign * lambda_d).add_(const + (lambda_d if density else 0.0))
     if u is None:
-        out = torch.addcmul(coefs[0].unsqueeze(1), coefs[1].unsqueeze(1), vectors[1].unsqueeze(0))
-        terms = zip(coefs[2:], vectors[2:])
-    else:
-        assert scale_u is not None
-        k = lambda_u * scale_u
-        if bool((k > 0).all()):  # k_i (U - lo) + ... = k_i (U - lo + (...) / k_i)
-            coefs = [x / k for x in coefs]
-            out = u
-        else:  # a row whose U is constant over its negatives: k_i = 1
-            out = u.mul_(k.unsqueeze(1))
-        out.add_(coefs[0].unsqueeze(1))
+        const = torch.as_tensor(const, dtype=dtype).expand(a)
+        out = torch.addcmul(const.unsqueeze(1), coefs[0].unsqueeze(1), vectors[0].unsqueeze(0))
         terms = zip(coefs[1:], vectors[1:])
+    elif bool(scale_u.all()):  # k_i = lambda_u / span_i > 0: k_i (U - lo + (...) / k_i)
+        # U - lo first (exact for close values, as the plain form's x - lo)
+        inv_k = scale_u.reciprocal().div_(lambda_u)
+        out = u.sub_(lo_u.unsqueeze(1)).add_((inv_k * const).unsqueeze(1))
+        terms = ((coef.mul_(inv_k), vector) for coef, vector in zip(coefs, vectors))
+    else:  # a row whose U is constant over its negatives: k_i = 1, U~ = 0 there
+        out = u.sub_(torch.where(scale_u > 0, lo_u, 0.0).unsqueeze(1))
+        out.mul_((scale_u * lambda_u).unsqueeze(1)).add_(
+            torch.as_tensor(const, dtype=dtype).unsqueeze(-1)
+        )
+        terms = zip(coefs, vectors)
     for coef, vector in terms:  # rank-1 terms in place (a K = 1 product is slower on CPU)
         out.addcmul_(coef.unsqueeze(1), vector.unsqueeze(0))
     if zero_absent and mask is not None:
@@ -829,7 +909,7 @@ def anchor_deltas(contrast, shifted: tuple[Tensor, Tensor]) -> Tensor:
         shifted, contrast.positive_logits.detach()[:, 0], contrast.columns.detach()
     )
     positive = contrast.positives.detach()[:, 0].to(expected.dtype)
-    return expected.add_(positive * (p_pos.unsqueeze(1) - 1.0)).div_(contrast.temperature)
+    return expected.addcmul_(positive, (p_pos - 1.0).unsqueeze(1)).div_(contrast.temperature)
 
 
 class _MixedColumnLogits(torch.autograd.Function):

@@ -38,8 +38,11 @@ pool's column softmax and the objective (:func:`hardneg.fastpaths.row_exponentia
 ``cos(h_i, h_j) = t c_ij`` read from the logits when ``h = z`` is L2-normalised; the mix in one
 buffer, up to a per-row constant that the normalised weights cancel
 (:func:`hardneg.fastpaths.unremix_factor`); the weighted negative mass with the mix as a factor
-in one fused pass (:func:`hardneg.fastpaths.tilted_log_mass`); each tested equal to the plain
-form.
+in one fused pass over the mix's and the exponentials' own buffers, and in-batch a backward to
+the embeddings by one product ``(G + G^T) z / t`` where the score matrix's takes two
+(:func:`hardneg.fastpaths.tilted_log_mass` with ``overwrite`` and ``gram``): in-batch four
+products of the score matrix's size against InfoNCE's three, with a pool five against two; each
+tested equal to the plain form.
 
 Example:
     >>> import torch, hardneg
@@ -216,6 +219,11 @@ class UnReMixNegatives(Strategy):
                 factor=mix,
                 tilt_grad=not self.detach_weights,
                 shifted=shifted,
+                overwrite=True,  # the mix and the exponentials are this step's scratch
+                # in-batch (c = z z^T / t): the gradient to z by one product, (G + G^T) z / t
+                gram=(contrast.anchors, contrast.temperature)
+                if contrast.columns is contrast.anchors and contrast.anchor_columns is None
+                else None,
             )
             return Selection(negative_log_mass=log_mass)
         with torch.no_grad():
