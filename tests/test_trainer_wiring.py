@@ -382,10 +382,7 @@ RUN += ["train.diagnostics_every=0", "framework.bank_negatives=32"]
 
 
 @pytest.fixture(autouse=True)
-def keep_thread_count(monkeypatch):
-    from tqdm import tqdm
-
-    monkeypatch.setattr(tqdm, "monitor_interval", 0)  # no monitor thread in the test process
+def keep_thread_count():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
