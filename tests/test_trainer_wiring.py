@@ -869,7 +869,9 @@ def test_a_dict_config_trains_with_its_threads_and_the_default_bar(tmp_path, mon
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     config = run("data.subset=16", "train.threads=3").to_dict()  # one step per epoch
     result = train(config, run_dir=tmp_path)
-    assert threads == [3]
+    # the trainer's call comes first; the augmentations then switch to one thread and back
+    # around each call (augment.image.intra_op_threads) unless the process already has one
+    assert threads[:1] == [3] and set(threads[1:]) <= {1, torch.get_num_threads()}
     assert result.history[0]["step"] == 1 and "1/1" in capsys.readouterr().err
 
 
