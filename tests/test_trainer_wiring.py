@@ -83,11 +83,9 @@ def test_a_fresh_run_gets_a_stamped_folder_under_runs(monkeypatch, tmp_path):
 
 
 def test_resume_true_reads_the_last_checkpoint_of_the_given_folder(tmp_path):
-    with pytest.raises(
-        ValueError,
-        match=re.escape("resume=True needs the run_dir to resume (or give a checkpoint path)"),
-    ):
+    with pytest.raises(ValueError) as err:
         trainer.resolve_run_dir(tiny(), None, True)
+    assert str(err.value) == "resume=True needs the run_dir to resume (or give a checkpoint path)"
     last = touch_checkpoint(tmp_path / "run")
     assert trainer.resolve_run_dir(tiny(), tmp_path / "run", True) == (tmp_path / "run", last)
 
@@ -301,6 +299,16 @@ def test_the_pretraining_split_is_loaded_with_the_data_settings(monkeypatch, tmp
     # digits have a native size: they are loaded at it (the augmentation makes 6 px views)
     assert calls == [
         (("digits", "train"), {"data_dir": str(tmp_path), "download": True, "image_size": None})
+    ]
+    # the load size is decode_size's answer for the configured view size (a data set without a
+    # native size, as imagefolder, is resized at load)
+    monkeypatch.setattr(data_module, "decode_size", lambda name, size: ("decoded", name, size))
+    loaded = load("digits", "train")
+    monkeypatch.setattr(data_module, "load_dataset", lambda *a, **kw: calls.append(kw) or loaded)
+    calls.clear()
+    assert len(trainer.load_pretrain_split(config, info)) == 64
+    assert calls == [
+        {"data_dir": str(tmp_path), "download": True, "image_size": ("decoded", "digits", 6)}
     ]
 
 
