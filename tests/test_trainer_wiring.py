@@ -83,11 +83,9 @@ def test_a_fresh_run_gets_a_stamped_folder_under_runs(monkeypatch, tmp_path):
 
 
 def test_resume_true_reads_the_last_checkpoint_of_the_given_folder(tmp_path):
-    with pytest.raises(
-        ValueError,
-        match=re.escape("resume=True needs the run_dir to resume (or give a checkpoint path)"),
-    ):
+    with pytest.raises(ValueError) as err:
         trainer.resolve_run_dir(tiny(), None, True)
+    assert str(err.value) == "resume=True needs the run_dir to resume (or give a checkpoint path)"
     last = touch_checkpoint(tmp_path / "run")
     assert trainer.resolve_run_dir(tiny(), tmp_path / "run", True) == (tmp_path / "run", last)
 
@@ -302,6 +300,16 @@ def test_the_pretraining_split_is_loaded_with_the_data_settings(monkeypatch, tmp
     assert calls == [
         (("digits", "train"), {"data_dir": str(tmp_path), "download": True, "image_size": None})
     ]
+    # the load size is decode_size's answer for the configured view size (a data set without a
+    # native size, as imagefolder, is resized at load)
+    monkeypatch.setattr(data_module, "decode_size", lambda name, size: ("decoded", name, size))
+    loaded = load("digits", "train")
+    monkeypatch.setattr(data_module, "load_dataset", lambda *a, **kw: calls.append(kw) or loaded)
+    calls.clear()
+    assert len(trainer.load_pretrain_split(config, info)) == 64
+    assert calls == [
+        {"data_dir": str(tmp_path), "download": True, "image_size": ("decoded", "digits", 6)}
+    ]
 
 
 # ----------------------------------------------------------------------- messages and lines
@@ -382,10 +390,7 @@ RUN += ["train.diagnostics_every=0", "framework.bank_negatives=32"]
 
 
 @pytest.fixture(autouse=True)
-def keep_thread_count(monkeypatch):
-    from tqdm import tqdm
-
-    monkeypatch.setattr(tqdm, "monitor_interval", 0)  # no monitor thread in the test process
+def keep_thread_count():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
@@ -526,10 +531,19 @@ def test_the_ranks_split_each_global_batch_and_only_rank_0_writes_or_prints(
 def test_the_progress_bar_counts_the_steps_of_the_run(tmp_path, monkeypatch, capsys):
     """On rank 0 with ``progress_bar=True``: a bar over all steps (in ``step`` units, starting at
     the checkpoint's step after a resume) with the loss and images/s, then the epoch line."""
+    bars = []
+    bar = trainer.tqdm
+
+    def spy_bar(*args, **kwargs):
+        bars.append(kwargs)
+        return bar(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "tqdm", spy_bar)
     start = time.perf_counter()
     result = train(run(), run_dir=tmp_path, progress_bar=True)
     wall = time.perf_counter() - start
     captured = capsys.readouterr()
+    assert bars[0]["dynamic_ncols"] is True  # the bar follows a resized terminal
     counts = [int(n) for n in re.findall(r"\| *(\d+)/4 \[", captured.err)]
     assert counts[0] == 0 and max(counts) == 4 and counts[-1] == 4
     assert "step/s" in captured.err or "s/step" in captured.err
@@ -788,12 +802,21 @@ def test_with_a_process_group_the_loop_calls_the_ddp_wrapper_of_the_framework(
         built.append(build_model(*args, **kwargs))
         return built[-1]
 
+    selected = []
+    select_device = trainer.select_device
+
+    def spy_select(*args):
+        selected.append(args)
+        return select_device(*args)
+
     monkeypatch.setattr(trainer, "build_model", spy_model)
     monkeypatch.setattr(trainer, "wrap_ddp", wrap_ddp)
+    monkeypatch.setattr(trainer, "select_device", spy_select)
     ctx = DistContext(rank=0, world_size=1, is_main=True, enabled=True)
     monkeypatch.setattr(trainer, "init_distributed", lambda: ctx)
     reduce = FakeAllReduce(monkeypatch, others=0.0)
     train(run(), run_dir=tmp_path, progress_bar=False)
+    assert selected == [("cpu", ctx.device)]  # with a group, "auto" would take the group's device
     ((module, device, wrapper),) = wrapped
     assert module is built[0] and device == torch.device("cpu") and wrapper.calls == 4
     assert [op for op, _ in reduce.calls] == [torch.distributed.ReduceOp.MAX] * 5
@@ -872,7 +895,9 @@ def test_a_dict_config_trains_with_its_threads_and_the_default_bar(tmp_path, mon
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     config = run("data.subset=16", "train.threads=3").to_dict()  # one step per epoch
     result = train(config, run_dir=tmp_path)
-    assert threads == [3]
+    # the trainer's call comes first; the augmentations then switch to one thread and back
+    # around each call (augment.image.intra_op_threads) unless the process already has one
+    assert threads[:1] == [3] and set(threads[1:]) <= {1, torch.get_num_threads()}
     assert result.history[0]["step"] == 1 and "1/1" in capsys.readouterr().err
 
 
@@ -954,3 +979,168 @@ def test_a_run_on_the_whole_split_evaluates_on_it_without_reloading_it(tmp_path,
     config = run("data.subset=null", "train.batch_size=719", "eval.knn=true")
     result = train(config, run_dir=tmp_path, progress_bar=False)
     assert loads == ["train", "test"] and "knn_top1" in result.history[0]
+
+
+def test_a_run_without_a_run_dir_gets_a_stamped_folder_named_after_its_set_up(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    config = run("framework.name=memory_bank", "loss.name=hcl")
+    result = train(config, progress_bar=False)
+    assert result.run_dir.parent == Path("runs")
+    assert re.fullmatch(r"digits-memory_bank-hcl-\d{8}-\d{6}", result.run_dir.name)
+    assert (tmp_path / result.checkpoint).is_file()
+
+
+class Moves:
+    """Wraps an object's ``to`` to record the device each call asks for."""
+
+    def __init__(self, obj) -> None:
+        self.devices, to = [], obj.to
+
+        def record(*args, **kwargs):
+            self.devices.append(args[0] if args else kwargs.get("device"))
+            return to(*args, **kwargs)
+
+        obj.to = record
+
+
+def test_the_set_up_hands_each_builder_the_configured_values_and_the_run_device(
+    tmp_path, monkeypatch
+):
+    """One process without a group: the device is chosen from ``train.device`` alone, and the
+    folder check, the size probe, the augmentation and the framework get that device; the
+    augmentation is the configured recipe, view size and overrides."""
+    import hardneg.augment as augment_module
+
+    calls: dict[str, list] = {"select": [], "check": [], "size": [], "augment": [], "model": []}
+    select_device, check_run_dir = trainer.select_device, trainer.check_run_dir
+    augmented_size, build_augmentation = trainer.augmented_size, augment_module.build_augmentation
+    build_model = trainer.build_model
+
+    def spy_select(*args):
+        calls["select"].append(args)
+        return select_device(*args)
+
+    def spy_check(run_dir, ctx, device):
+        calls["check"].append(device)
+        return check_run_dir(run_dir, ctx, device)
+
+    def spy_size(augment, inputs, device):
+        calls["size"].append(device)
+        return augmented_size(augment, inputs, device)
+
+    def spy_augmentation(*args, **kwargs):
+        augment = build_augmentation(*args, **kwargs)
+        calls["augment"].append((args, kwargs, Moves(augment)))
+        return augment
+
+    def spy_model(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        calls["model"].append(Moves(model))
+        return model
+
+    load_pretrain_split = trainer.load_pretrain_split
+
+    def spy_split(*args):
+        data = load_pretrain_split(*args)
+        calls["labels"] = Moves(data.labels)  # diagnostics: next to the images
+        return data
+
+    monkeypatch.setattr(trainer, "load_pretrain_split", spy_split)
+    monkeypatch.setattr(trainer, "select_device", spy_select)
+    monkeypatch.setattr(trainer, "check_run_dir", spy_check)
+    monkeypatch.setattr(trainer, "augmented_size", spy_size)
+    monkeypatch.setattr(augment_module, "build_augmentation", spy_augmentation)
+    monkeypatch.setattr(trainer, "build_model", spy_model)
+    config = run("augment.recipe=hcl", "augment.flip_p=0.25", "data.image_size=6")
+    result = train(config, run_dir=tmp_path, progress_bar=False)
+    cpu = torch.device("cpu")
+    assert calls["select"] == [("cpu", None)]
+    assert calls["check"] == [cpu] and calls["size"] == [cpu]
+    args, kwargs, moves = calls["augment"][-1]  # the first may be the config's own check
+    assert args == ("digits", 6, "hcl") and kwargs == {"flip_p": 0.25} and moves.devices == [cpu]
+    assert calls["model"][0].devices[:1] == [cpu] and calls["labels"].devices == [cpu]
+    assert result.history[0]["step"] == 4
+
+
+def test_the_eval_splits_are_loaded_with_the_data_settings(monkeypatch, tmp_path):
+    """A cut pre-training split: both kNN splits are loaded, each with the data settings and the
+    load size that ``decode_size`` gives for the configured view size."""
+    import hardneg.data as data_module
+
+    info = data_module.dataset_info("digits")
+    full = data_module.load_dataset("digits", "train")
+    calls = []
+
+    def stand_in(*args, **kwargs):
+        calls.append((args, kwargs))
+        return full
+
+    monkeypatch.setattr(data_module, "load_dataset", stand_in)
+    monkeypatch.setattr(data_module, "decode_size", lambda name, size: ("decoded", name, size))
+    config = tiny(f"data.data_dir={tmp_path}", "data.download=true", "data.image_size=6")
+    trainer.load_eval_splits(config, info, full.subset(slice(0, 64)))
+    settings = {"data_dir": str(tmp_path), "download": True, "image_size": ("decoded", "digits", 6)}
+    assert calls == [(("digits", "train"), settings), (("digits", "test"), settings)]
+
+
+def test_the_knn_monitor_hands_its_transform_features_and_classes_on(monkeypatch):
+    """Stand-ins for the evaluation helpers: the configured eval transform, moved to the device,
+    extracts the features of both splits with the configured batch size on that device; the
+    features and labels go to the device and the kNN vote gets k, temperature and classes."""
+    import hardneg.augment as augment_module
+    import hardneg.evaluation as evaluation
+
+    class Moved:
+        def __init__(self, what) -> None:
+            self.what = what
+
+        def to(self, device):
+            return ("on", self.what, device)
+
+    transforms, extracted, votes = [], [], []
+
+    def build_eval_transform(*args):
+        transforms.append(args)
+        return Moved("transform")
+
+    def extract_features(backbone, dataset, transform, batch_size, device):
+        extracted.append((backbone, dataset, transform, batch_size, device))
+        return Moved(f"{dataset}-features"), Moved(f"{dataset}-labels")
+
+    def weighted_knn(*args, **kwargs):
+        votes.append((args, kwargs))
+        return {"top1": 1.0, "top5": 5.0}
+
+    class Split:
+        def __init__(self, name: str, num_classes: int) -> None:
+            self.name, self.num_classes = name, num_classes
+
+        def __str__(self) -> str:
+            return self.name
+
+    monkeypatch.setattr(augment_module, "build_eval_transform", build_eval_transform)
+    monkeypatch.setattr(evaluation, "extract_features", extract_features)
+    monkeypatch.setattr(evaluation, "weighted_knn", weighted_knn)
+    device = torch.device("meta")  # any device the stand-ins can tell from the default
+    backbone, train_split, test_split = torch.nn.Flatten(), Split("a", 7), Split("b", 9)
+    config = tiny(
+        "data.image_size=6",
+        "augment.recipe=hcl",
+        "eval.batch_size=5",
+        "eval.knn_k=3",
+        "eval.knn_temperature=0.5",
+    )
+    result = trainer.knn_monitor(backbone, (train_split, test_split), config, device)
+    assert result == {"knn_top1": 1.0, "knn_top5": 5.0}
+    assert transforms == [("digits", 6, "hcl")]
+    moved = ("on", "transform", device)
+    assert extracted == [
+        (backbone, train_split, moved, 5, device),
+        (backbone, test_split, moved, 5, device),
+    ]
+    features = [
+        ("on", f"{name}-{kind}", device) for name in "ab" for kind in ("features", "labels")
+    ]
+    assert votes == [(tuple(features), {"k": 3, "temperature": 0.5, "num_classes": 7})]
