@@ -1437,8 +1437,8 @@ def test_potential_in_batch_fused_draws_have_the_exact_binomial_law(monkeypatch)
     for _ in range(500):
         seen.clear()
         fastpaths.potential_in_batch_terms(strategy, inputs, context)
-        for i in range(3):
-            draws[i].append(seen[0][i])
+        for i in range(3):  # the weights are laid out [column, anchor] (the Gram's symmetry)
+            draws[i].append(seen[0][i].T.double())
     assert int(plain[0].multiplicity.max()) >= 3  # keys in several blocks
     cases = [
         (plain[0].multiplicity, plain[0].cell_log_keep.exp()),
@@ -1675,7 +1675,9 @@ def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch):
     for _ in range(800):
         seen.clear()
         (_, mined, _), _ = fastpaths.potential_pool_terms(strategy, inputs, context)
-        keys, _, pool = seen[0][0], seen[0][1], seen[1][0]
+        # the keys' weights are laid out [key, anchor] (the Gram's symmetry), the bank's
+        # [anchor, column]
+        keys, pool = seen[0][0].T.double(), seen[1][0].double()
         draws.append(torch.cat([keys, pool], dim=1))
     draws = torch.stack(draws)  # [R, N, N + U]
     index = mined.column_index
