@@ -2050,13 +2050,19 @@ def potential_pool_terms(strategy, inputs, context):
         # the neighbour look-up of the plain form: each key among the bank (cosine)
         key = F.normalize(k.detach().to(g.dtype), dim=1)
         bank = F.normalize(pool.detach().to(g.dtype), dim=1)
-        lookup = key @ bank.T
         if exclude is not None:
             exclude = exclude.to(device=g.device, dtype=torch.long)
-            lookup[rows, exclude] = float("-inf")  # nor its sample's own bank entry
         num = min(strategy.num_neighbors, bank.shape[0] - int(exclude is not None))
-        nb = _top_few(lookup, num).to(g.device) if num > 0 else rows.new_zeros(n, 0)
-        del lookup
+        nb = rows.new_zeros(n, 0)
+        if num > 0:  # key @ bank^T a block of rows at a time (no [N, Q] buffer)
+            nb = torch.empty(n, num, dtype=torch.long, device=g.device)
+            step = max(1, _BLOCK // max(1, bank.shape[0]))
+            for s0 in range(0, n, step):
+                lookup = key[s0 : s0 + step] @ bank.T
+                if exclude is not None:  # nor its sample's own bank entry
+                    lookup[rows[: lookup.shape[0]], exclude[s0 : s0 + step]] = float("-inf")
+                nb[s0 : s0 + step] = _top_few(lookup, num)
+            del lookup
         # the bank rows in some block, U of them, ordered by their number of cells (most
         # first, ties by row): the columns with more than r cells are then the first c_r
         cells = torch.bincount(nb.reshape(-1), minlength=bank.shape[0])
