@@ -51,19 +51,24 @@ only; no kept buffers.
   scatter-added per column (plain twin: ``HardNegativeMixing.select``'s logits and the
   objective's ``logsumexp``, back-propagated through the gathers).
 * :func:`potential_in_batch_terms` — potential, in-batch: the three terms from one Gram matrix
-  of ``[z1; z2]`` (every logit, the neighbour look-up, one keep kernel for ``L_aug`` and both
-  mined terms, computed as threshold bytes ``floor(256 pi)``), the draws from random bytes
-  (:func:`bernoulli_draws`, :func:`binomial_draws`: a byte against ``floor(256 pi)``, a float
-  uniform on a tie; same law as the plain grid's uniforms, other draws; the bytes drawn,
-  compared, summed and scanned for ties by 1 MiB chunks) and the negative masses and mined
-  positives' logits from one unshifted exponential (cosine logits are bounded by ``1 / t``)
-  with a one-pass backward, the products written over the weights (:func:`block_log_masses`)
-  (plain twin: ``PotentialMining.mined`` twice and
+  of ``[z1; z2]`` (every logit, the neighbour look-up, one keep kernel pass for ``L_aug`` and
+  both mined terms, with the anchors as the columns of the symmetric Gram matrix, so that each
+  mined direction's thresholds ``floor(256 pi)`` are a block of it with the columns as rows: no
+  transposed copy), the draws from one byte stream (:class:`_ByteStream`; on CPU numpy's
+  ``PCG64`` seeded by the generator) (:func:`bernoulli_draws`, :func:`binomial_draws`: a byte
+  against ``floor(256 pi)``, a float uniform on a tie settled with the kernel's own ``256 pi``;
+  same law as the plain grid's uniforms, other draws; the bytes drawn, compared, summed and
+  scanned for ties by 1 MiB chunks) and the negative masses (column sums) and mined positives'
+  logits from one unshifted exponential (cosine logits are bounded by ``1 / t``) taken a block
+  of rows at a time, with a one-pass backward, the products written over the weights
+  (:func:`block_log_masses`) (plain twin: ``PotentialMining.mined`` twice and
   ``PotentialMining.augmentation``, three products and two look-ups).
 * :func:`potential_pool_terms` — potential with a bank: only the keys (read from ``L_aug``'s
-  Gram matrix) and the bank rows in some block (one product ``q bank[U]^T``) are touched, the
-  bank's cells drawn in layers of byte draws (plain twin: ``PotentialMining.mined`` over
-  ``[k; bank]`` and ``PotentialMining.augmentation``; same law, other draws).
+  Gram matrix, laid out as in-batch) and the bank rows in some block (one product
+  ``q bank[U]^T``) are touched; the look-up ``k bank^T`` a block of rows at a time; the bank's
+  cells drawn in layers of byte draws (:func:`layer_draws`) (plain twin:
+  ``PotentialMining.mined`` over ``[k; bank]`` and ``PotentialMining.augmentation``; same law,
+  other draws).
 * :func:`pair_contrast` — potential's fast paths: ``in_batch_contrast`` of two views whose
   Gram matrix reads the partners' logits and whose backward corrects the masked entries in
   ``O(N d)`` (plain twin: ``in_batch_contrast((z1, z2), ...)``).
