@@ -1458,6 +1458,35 @@ def test_potential_in_batch_fused_draws_have_the_exact_binomial_law(monkeypatch)
         assert abs(float(spread) - 1) < 0.1, float(spread)
 
 
+@pytest.mark.parametrize("chunk", [64, 1 << 20], ids=["chunks", "one-chunk"])
+def test_binomial_draws_read_each_columns_thresholds_from_its_row(monkeypatch, chunk):
+    """``rows`` (column ``j``'s thresholds in row ``rows[j]`` of a larger, strided matrix, as
+    potential's in-batch path reads both directions from one ``[4N, N]`` view) gives the draws
+    of the gathered thresholds ``need[rows]`` for the same seed, ties included."""
+    monkeypatch.setattr(fastpaths, "_CHUNK", chunk)
+    g = torch.Generator().manual_seed(8)
+    p = torch.rand(12, 10, generator=g, dtype=torch.float64)
+    p[::2] = (torch.randint(0, 256, (6, 10), generator=g) + 0.5) / 256
+    need = fastpaths._to_bytes((p * 256).float())
+    rows = torch.tensor([3, 0, 11, 7, 7, 2])
+    trials = torch.tensor([2, 0, 5, 1, 3, 4])
+
+    def p256_at(column, anchor):
+        return p[rows[column], anchor] * 256
+
+    def gathered_p256(column, anchor):
+        return p[rows][column, anchor] * 256
+
+    got = fastpaths.binomial_draws(
+        need, trials, p256_at, torch.Generator().manual_seed(1), rows=rows
+    )
+    want = fastpaths.binomial_draws(
+        need[rows], trials, gathered_p256, torch.Generator().manual_seed(1)
+    )
+    assert got.shape == (6, 10) and torch.equal(got, want)
+    assert int(got[1].sum()) == 0 and bool((got <= trials.unsqueeze(1).to(got.dtype)).all())
+
+
 def _layer_case(seed=3):
     """Thresholds of ``[A, C]`` probabilities (ties: some just above a multiple of 1/256; one
     column of p = 1), trials in non-increasing order and a mask of first-layer skips."""

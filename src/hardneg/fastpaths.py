@@ -1427,6 +1427,7 @@ def binomial_draws(
     p256_at,
     generator: torch.Generator | None = None,
     *,
+    rows: Tensor | None = None,
     stream: _ByteStream | None = None,
 ) -> Tensor:
     """``[C, A]`` counts (``uint8``, or ``int32`` past 255 trials) ``Binomial(trials_j, p_ij)``:
@@ -1442,8 +1443,9 @@ def binomial_draws(
     trials (no ``[sum_j trials_j, A]`` copy of the thresholds), summed and scanned for ties by
     chunks of about ``_CHUNK`` bytes, each drawn just before (:class:`_ByteStream`: no buffer
     of all the bytes; ``stream``: one to go on with). ``need_by_column`` may be a strided view
-    (each chunk gathers its rows)."""
-    c, a = need_by_column.shape
+    (each chunk gathers its rows); ``rows`` ``[C]``: the row of ``need_by_column`` that holds
+    column ``j``'s thresholds (default ``j``)."""
+    c, a = len(trials), need_by_column.shape[1]
     device = need_by_column.device
     trials = trials.to(device)
     order = torch.argsort(trials, stable=True)
@@ -1458,9 +1460,10 @@ def binomial_draws(
     if stream is None:
         stream = _ByteStream(generator, device, chunk)
     key = order.repeat_interleave(sorted_trials)  # the column of each row of bytes
+    source = key if rows is None else rows.to(device)[key]  # its row of need_by_column
     found = []
-    for rows, runs in _chunks(values.tolist(), sizes.tolist(), max(1, chunk // max(1, a))):
-        need = need_by_column.index_select(0, key[rows[0] : rows[1]])  # [R, A]
+    for span, runs in _chunks(values.tolist(), sizes.tolist(), max(1, chunk // max(1, a))):
+        need = need_by_column.index_select(0, source[span[0] : span[1]])  # [R, A]
         vv = stream.take(need.numel()).view(need.shape)
         buf = scratch[: vv.numel()].view(vv.shape)
         torch.lt(vv, need, out=buf)
@@ -1475,12 +1478,12 @@ def binomial_draws(
                 torch.sum(kept[r0 : r0 + (c1 - c0) * m].view(c1 - c0, m, a), dim=1, out=out)
         at = _find(torch.eq(vv, need, out=buf))
         if at.numel():
-            found.append(at + rows[0] * a)
+            found.append(at + span[0] * a)
     counts = below.index_select(0, torch.argsort(order))  # back in column order
     if found:
         at = torch.cat(found)
         column, anchor = key[at // a], at % a
-        need_at = need_by_column[column, anchor]
+        need_at = need_by_column[source[at // a], anchor]
         keep = _tie_keeps(at, need_at, p256_at(column, anchor), generator)
         counts.view(-1).index_add_(0, column * a + anchor, keep.to(count_dtype))
     return counts
@@ -1855,8 +1858,8 @@ def potential_in_batch_terms(strategy, inputs, context):
     ``G``'s transposed entries, which the Gram's backward ``(M + M^T) z`` treats alike. The kept
     cells per column are ``Binomial(m_j, pi_ij)`` (``m_j`` the column's cells; the anchor's own
     block set to 0 after the draw; ``m pi`` in expected mode), ``L_aug``'s one Bernoulli per
-    cell, all from one :class:`_ByteStream` (direction 1, direction 2, then ``L_aug``, each
-    followed by its ties' uniforms), and the three negative masses come from one exponential
+    cell, all from one :class:`_ByteStream` (both directions' columns in one
+    :func:`binomial_draws`, then ``L_aug``, each followed by its ties' uniforms), and the three negative masses come from one exponential
     written over the kernel's buffer. Returns the terms of ``strategy.terms`` with each mass
     attached (``fast_log_mass``)."""
     from hardneg.strategies.potential import _with_cells
@@ -1909,23 +1912,31 @@ def potential_in_batch_terms(strategy, inputs, context):
             k2 = _kernel(gd[:n, n:], shift[n:], coef, scale=scale, cap=cap, columns=True)
         if bernoulli:
             need = _to_bytes(whole) if use_aug else None
-            need1, need2 = (
-                (need[n:, :n], need[:n, n:]) if shared else (_to_bytes(k1), _to_bytes(k2))
-            )
+            # both directions in one call: columns 0..N-1 direction 1's keys, N..2N-1 direction
+            # 2's; shared, row 2x + h of need.view(4N, N) is need[x, hN:(h + 1)N]
+            if shared:
+                need_cols, source = need.view(4 * n, n), torch.cat([2 * (n + rows), 2 * rows + 1])
+            else:
+                need_cols, source = torch.cat([_to_bytes(k1), _to_bytes(k2)]), None
 
-            def p256_1(column: Tensor, anchor: Tensor) -> Tensor:
-                return k1[column, anchor]
-
-            def p256_2(column: Tensor, anchor: Tensor) -> Tensor:
-                return k2[column, anchor]
+            def p256_mined(column: Tensor, anchor: Tensor) -> Tensor:  # the kernel's 256 pi
+                c = column % n
+                return torch.where(column < n, k1[c, anchor], k2[c, anchor])
 
             def p256_aug(at: Tensor) -> Tensor:  # read before the draws overwrite the kernel
                 return whole.view(-1)[at]
 
             stream = _ByteStream(context.generator, g.device, _CHUNK)
-            w1 = binomial_draws(need1, trials1, p256_1, context.generator, stream=stream)
-            w2 = binomial_draws(need2, trials2, p256_2, context.generator, stream=stream)
-            del need1, need2, k1, k2
+            w = binomial_draws(
+                need_cols,
+                torch.cat([trials1, trials2]),
+                p256_mined,
+                context.generator,
+                rows=source,
+                stream=stream,
+            )
+            w1, w2 = w[:n], w[n:]
+            del need_cols, k1, k2, w
             kept_aug = None
             if use_aug:  # the kernel is spent: its float buffer takes L_aug's draws
                 kept_aug = bernoulli_draws(
