@@ -1487,6 +1487,44 @@ def test_binomial_draws_read_each_columns_thresholds_from_its_row(monkeypatch, c
     assert int(got[1].sum()) == 0 and bool((got <= trials.unsqueeze(1).to(got.dtype)).all())
 
 
+@pytest.mark.parametrize("form", ["in_batch", "pool_exclude"])
+def test_potential_fused_paths_make_their_dense_fields_only_when_read(form):
+    """The fused paths' mined contrast sets hold ``negative_logits``, ``negative_mask`` and
+    ``multiplicity`` (with a bank ``num_negatives`` too) as thunks: a loss step (forward and
+    backward) reads none of them; read afterwards, they equal the eager fields of the plain
+    fast form on the same columns."""
+    z1, z2, kwargs = make_inputs(form, torch.float64, n=10)
+    loss_fn = hardneg.create_loss("potential")
+    seen = []
+    real = loss_fn.strategy.terms
+
+    def spy(inputs, context):
+        out = real(inputs, context)
+        seen.extend(c for _, c, role in out if role == "mined")
+        return out
+
+    loss_fn.strategy.terms = spy
+    loss_fn(z1, z2, generator=torch.Generator().manual_seed(0), **kwargs).backward()
+    assert seen
+    want = {"negative_logits", "negative_mask", "multiplicity"}
+    if form != "in_batch":
+        want.add("num_negatives")
+    for mined in seen:
+        assert set(mined.__dict__["_lazy"]) == want  # none was read
+    from hardneg.losses.contrastive import ContrastInputs
+
+    inputs = ContrastInputs(z1=z1, z2=z2, temperature=loss_fn.temperature, **kwargs)
+    plain = loss_fn.strategy.mined(inputs, z1, z2, None, fast=True)
+    mined = seen[0]
+    index = mined.column_index if mined.column_index is not None else slice(None)
+    m = plain.multiplicity[:, index] * torch.isfinite(plain.cell_log_keep[:, index])
+    assert torch.equal(mined.multiplicity, m)
+    assert torch.equal(mined.negative_mask, m > 0)
+    finite = m > 0
+    assert_close_rel(mined.negative_logits[finite], plain.negative_logits[:, index][finite])
+    assert bool(torch.isinf(mined.negative_logits[~finite]).all())
+
+
 def _layer_case(seed=3):
     """Thresholds of ``[A, C]`` probabilities (ties: some just above a multiple of 1/256; one
     column of p = 1), trials in non-increasing order and a mask of first-layer skips."""

@@ -1311,10 +1311,11 @@ def _tie_keeps(
     return u < p256.to(torch.float64) - need_at.to(torch.float64)
 
 
-# bytes of draws compared per step of bernoulli_draws / binomial_draws: the comparisons, the
-# tie scan and the sums of one chunk read its bytes from cache (measured on this CPU: 1 MiB
-# chunks 2.8 ms, 256 KiB 7.9 ms, the whole [6N, N] at once far slower for N = 1024)
-_CHUNK = 1 << 20
+# bytes of draws compared per step of bernoulli_draws / binomial_draws / layer_draws: the
+# comparisons, the tie scan and the sums of one chunk read its bytes from cache (session 8,
+# potential's loss step on this CPU, 1 thread, CPU time relative to InfoNCE's: 256 KiB chunks
+# 1.47-1.57x at N = 256 against 1.71-1.78x with 1 MiB, the same at N = 512 and 1024)
+_CHUNK = 1 << 18
 
 
 _DRAW_BLOCK = 1 << 22  # entries per block of rows of bernoulli_bytes
@@ -1971,24 +1972,36 @@ def potential_in_batch_terms(strategy, inputs, context):
         (1, (n, 0), nb2, blocks2, trials2, inputs.h2),
     )
     for d, (r0, c0), nb, own_block, trials, h in terms:
-        # (a copy and a scatter over each anchor's own block: no [N, N] mask passes)
-        negative = torch.ones(n, n, dtype=torch.bool, device=g.device).scatter_(1, own_block, False)
-        negative_logits = g[r0 : r0 + n, c0 : c0 + n].scatter(1, own_block, float("-inf"))
         anchors, columns = zn[r0 : r0 + n], zn[c0 : c0 + n]
-        with torch.no_grad():  # the cells of each column, 0 on the anchor's own block
-            multiplicity = trials.to(g.dtype).repeat(n, 1).scatter_(1, own_block, 0.0)
-        mined = _with_cells(
+
+        # the dense fields the loss never reads, made on first read (a copy and a scatter
+        # over each anchor's own block: no [N, N] mask passes)
+        def negative(own_block=own_block):
+            mask = torch.ones(n, n, dtype=torch.bool, device=g.device)
+            return mask.scatter_(1, own_block, False)
+
+        def negative_logits(r0=r0, c0=c0, own_block=own_block):
+            return g[r0 : r0 + n, c0 : c0 + n].scatter(1, own_block, float("-inf"))
+
+        def multiplicity(trials=trials, own_block=own_block):
+            with torch.no_grad():  # the cells of each column, 0 on the anchor's own block
+                return trials.to(g.dtype).repeat(n, 1).scatter_(1, own_block, 0.0)
+
+        lazy = {
+            "negative_mask": negative,
+            "negative_logits": negative_logits,
+            "multiplicity": multiplicity,
+        }
+        mined = _lazy_cells(
             aug,
+            lazy,
             anchors=anchors,
             columns=columns,
             positives=columns.unsqueeze(1),
             positive_logits=aug.positive_logits[r0 : r0 + n],
             positive_weight=aug.positive_weight[r0 : r0 + n],
             positive_index=rows.unsqueeze(1),
-            negative_logits=negative_logits,
-            negative_mask=negative,
             num_negatives=n - 1 - num,
-            multiplicity=multiplicity,
             neighbours=nb,
             anchor_features=h,
             fast_log_mass=masses[d],
@@ -2005,6 +2018,51 @@ def _safe_logaddexp(a: Tensor, b: Tensor) -> Tensor:
     kept = torch.isfinite(a) | torch.isfinite(b)
     out = torch.logaddexp(torch.where(kept, a, 0.0), torch.where(kept, b, 0.0))
     return out.masked_fill(~kept, float("-inf"))
+
+
+class _LazyField:
+    """A field of :func:`_lazy_cells`' contrast sets: its value is made by the instance's thunk
+    for it on first read, then kept (a set value is kept as given)."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        values = obj.__dict__
+        if self.name not in values:
+            values[self.name] = values["_lazy"].pop(self.name)()
+        return values[self.name]
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.name] = value
+
+
+_LAZY_CLASS: list = []  # the class of _lazy_cells, made once (it subclasses CellContrast)
+_LAZY_FIELDS = ("negative_logits", "negative_mask", "num_negatives", "multiplicity")
+
+
+def _lazy_cells(contrast, lazy: dict, **extra):
+    """``potential``'s ``_with_cells(contrast, **extra)`` whose fields named in ``lazy`` (some of
+    ``negative_logits``, ``negative_mask``, ``num_negatives``, ``multiplicity``) are made by
+    their thunks on first read: the fused fast paths' dense ``[A, C]`` fields that the InfoNCE
+    loss never reads (it takes ``fast_log_mass``), so that a loss step allocates and fills none
+    of them; any reader (a test, soft weights) gets the values of the eager fields."""
+    from dataclasses import fields
+
+    from hardneg.strategies.potential import CellContrast, _with_cells
+
+    if not _LAZY_CLASS:
+        namespace = {name: _LazyField() for name in _LAZY_FIELDS}
+        _LAZY_CLASS.append(type("LazyCellContrast", (CellContrast,), namespace))
+    eager = _with_cells(contrast, **{k: v for k, v in extra.items() if k not in lazy})
+    out = object.__new__(_LAZY_CLASS[0])
+    out.__dict__["_lazy"] = dict(lazy)
+    for f in fields(CellContrast):
+        if f.name not in lazy:
+            setattr(out, f.name, getattr(eager, f.name))
+    return out
 
 
 def potential_pool_fits(strategy, inputs, context) -> bool:
@@ -2173,40 +2231,62 @@ def potential_pool_terms(strategy, inputs, context):
     else:  # K = 0: no bank row holds a cell
         mass = key_masses[0]
     del counts_pool
-    with torch.no_grad():  # the columns [k; bank[U]] of the contrast set, their cells per anchor
-        multiplicity = torch.empty(n, n + u, dtype=g.dtype, device=g.device)
-        multiplicity[:, :n] = 1.0
-        multiplicity[rows, rows] = 0.0  # the own key is the positive
-        multiplicity[:, n:] = trials.to(g.dtype)
-        # the own block's cell is no negative; nor is the excluded bank entry
-        off_rows, off_cols = rows.repeat_interleave(nbu.shape[1]), n + nbu.reshape(-1)
-        multiplicity[off_rows, off_cols] -= 1.0
-        if gone is not None:
-            off_rows = torch.cat([off_rows, rows[gone >= 0]])
-            off_cols = torch.cat([off_cols, n + gone[gone >= 0]])
-            multiplicity[rows[gone >= 0], n + gone[gone >= 0]] = 0.0
-        dropped = multiplicity[off_rows, off_cols] == 0
-        off_rows, off_cols = off_rows[dropped], off_cols[dropped]
-        negative = multiplicity > 0
-    # the partners (own keys) are -inf in G already; the few dropped bank entries set here
-    logits = torch.cat([g[:n, n:], p], dim=1)
-    minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
-    logits.index_put_((off_rows, off_cols), minus_inf)
+    # the columns [k; bank[U]] of the contrast set and their dense fields, which the loss never
+    # reads: made on first read
+    cells = {}
+
+    def multiplicity() -> Tensor:  # each column's cells per anchor
+        if "m" in cells:
+            return cells["m"]
+        with torch.no_grad():
+            m = torch.empty(n, n + u, dtype=g.dtype, device=g.device)
+            m[:, :n] = 1.0
+            m[rows, rows] = 0.0  # the own key is the positive
+            m[:, n:] = trials.to(g.dtype)
+            # the own block's cell is no negative; nor is the excluded bank entry
+            off_rows, off_cols = rows.repeat_interleave(nbu.shape[1]), n + nbu.reshape(-1)
+            m[off_rows, off_cols] -= 1.0
+            if gone is not None:
+                off_rows = torch.cat([off_rows, rows[gone >= 0]])
+                off_cols = torch.cat([off_cols, n + gone[gone >= 0]])
+                m[rows[gone >= 0], n + gone[gone >= 0]] = 0.0
+            dropped = m[off_rows, off_cols] == 0
+            cells.update(m=m, off=(off_rows[dropped], off_cols[dropped]))
+        return m
+
+    def negative() -> Tensor:
+        if "negative" not in cells:
+            cells["negative"] = multiplicity() > 0
+        return cells["negative"]
+
+    def negative_logits() -> Tensor:
+        multiplicity()
+        # the partners (own keys) are -inf in G already; the few dropped bank entries set here
+        logits = torch.cat([g[:n, n:], p], dim=1)
+        minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+        return logits.index_put_(cells["off"], minus_inf)
+
+    def num_negatives() -> Tensor:
+        # (a bool sum accumulates in int64 element by element: 10x slower than in int32)
+        return negative().view(torch.uint8).sum(dim=1, dtype=torch.int32).long()
+
+    lazy = {
+        "multiplicity": multiplicity,
+        "negative_mask": negative,
+        "negative_logits": negative_logits,
+        "num_negatives": num_negatives,
+    }
     column_index = torch.cat([rows, n + held])  # in the plain form's [k; bank]
     columns = torch.cat([zn[n:], held_rows.to(zn.dtype)])
-    mined = _with_cells(
+    mined = _lazy_cells(
         aug,
+        lazy,
         anchors=zn[:n],
         columns=columns,
         positives=zn[n:].unsqueeze(1),
         positive_logits=aug.positive_logits[:n],
         positive_weight=aug.positive_weight[:n],
         positive_index=rows.unsqueeze(1),
-        negative_logits=logits,
-        negative_mask=negative,
-        # (a bool sum accumulates in int64 element by element: 10x slower than in int32)
-        num_negatives=negative.view(torch.uint8).sum(dim=1, dtype=torch.int32).long(),
-        multiplicity=multiplicity,
         neighbours=nbu + n,
         column_index=column_index,
         anchor_features=inputs.h1,
