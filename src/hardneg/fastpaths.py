@@ -1278,16 +1278,21 @@ def _threshold_bytes(p: Tensor) -> Tensor:
     return _to_bytes((p * 256.0).clamp_(max=255.0))
 
 
+_BYTE_BLOCK = 1 << 15  # entries per block of rows of _to_bytes: a 64 KiB int16 temporary
+
+
 def _to_bytes(x: Tensor) -> Tensor:
-    """``uint8`` of values in [0, 256] (truncated, 256 taken as 255), through ``int32``: a
-    direct float -> ``uint8`` conversion is several times slower on the CPU. A large 2-D ``x``
-    converts a block of rows at a time, so that the ``int32`` temporary stays small (no fresh
-    buffer of ``x``'s size to fault in)."""
-    if x.dim() != 2 or x.numel() <= _BLOCK:
-        return x.to(torch.int32).clamp_(max=255).to(torch.uint8)
+    """``uint8`` of values in [0, 256] (truncated, 256 taken as 255), through ``int16``: a
+    direct float -> ``uint8`` conversion is several times slower on the CPU. A 2-D ``x`` of more
+    than ``_BYTE_BLOCK`` entries converts a block of rows at a time, so that the ``int16``
+    temporary stays small and in cache (a fresh buffer of ``x``'s size costs more to fault in
+    than the conversion itself: session 8, 0.45 ms against 0.05 ms for 512 x 512 in a loss
+    step)."""
+    if x.dim() != 2 or x.numel() <= _BYTE_BLOCK:
+        return x.to(torch.int16).clamp_(max=255).to(torch.uint8)
     out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    for block in row_blocks(x):
-        out[block] = x[block].to(torch.int32).clamp_(max=255)
+    for block in row_blocks(x, _BYTE_BLOCK):
+        out[block] = x[block].to(torch.int16).clamp_(max=255)
     return out
 
 
