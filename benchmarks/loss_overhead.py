@@ -114,7 +114,6 @@ _PRODUCTS = {
     torch.ops.aten.mm.out: (0, 1),
     torch.ops.aten.addmm.default: (1, 2),
     torch.ops.aten.addmm.out: (1, 2),
-    torch.ops.aten.addmm_.default: (1, 2),  # (potential's Gram backward; session 8)
     torch.ops.aten.bmm.default: (0, 1),
     torch.ops.aten.baddbmm.default: (1, 2),
 }
