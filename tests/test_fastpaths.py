@@ -1516,8 +1516,8 @@ def test_potential_in_batch_fused_draws_have_the_exact_binomial_law(monkeypatch)
     for _ in range(500):
         seen.clear()
         fastpaths.potential_in_batch_terms(strategy, inputs, context)
-        for i in range(3):
-            draws[i].append(seen[0][i])
+        for i in range(3):  # the weights are laid out [column, anchor] (the Gram's symmetry)
+            draws[i].append(seen[0][i].T.double())
     assert int(plain[0].multiplicity.max()) >= 3  # keys in several blocks
     cases = [
         (plain[0].multiplicity, plain[0].cell_log_keep.exp()),
@@ -1535,6 +1535,250 @@ def test_potential_in_batch_fused_draws_have_the_exact_binomial_law(monkeypatch)
         loose = var > 0
         spread = ((drawn - mean) ** 2)[:, loose].mean() / var[loose].mean()
         assert abs(float(spread) - 1) < 0.1, float(spread)
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 20], ids=["chunks", "one-chunk"])
+def test_binomial_draws_read_each_columns_thresholds_from_its_row(monkeypatch, chunk):
+    """``rows`` (column ``j``'s thresholds in row ``rows[j]`` of a larger, strided matrix, as
+    potential's in-batch path reads both directions from one ``[4N, N]`` view) gives the draws
+    of the gathered thresholds ``need[rows]`` for the same seed, ties included."""
+    monkeypatch.setattr(fastpaths, "_CHUNK", chunk)
+    g = torch.Generator().manual_seed(8)
+    p = torch.rand(12, 10, generator=g, dtype=torch.float64)
+    p[::2] = (torch.randint(0, 256, (6, 10), generator=g) + 0.5) / 256
+    need = fastpaths._to_bytes((p * 256).float())
+    rows = torch.tensor([3, 0, 11, 7, 7, 2])
+    trials = torch.tensor([2, 0, 5, 1, 3, 4])
+
+    def p256_at(column, anchor):
+        return p[rows[column], anchor] * 256
+
+    def gathered_p256(column, anchor):
+        return p[rows][column, anchor] * 256
+
+    got = fastpaths.binomial_draws(
+        need, trials, p256_at, torch.Generator().manual_seed(1), rows=rows
+    )
+    want = fastpaths.binomial_draws(
+        need[rows], trials, gathered_p256, torch.Generator().manual_seed(1)
+    )
+    assert got.shape == (6, 10) and torch.equal(got, want)
+    assert int(got[1].sum()) == 0 and bool((got <= trials.unsqueeze(1).to(got.dtype)).all())
+
+
+@pytest.mark.parametrize("form", ["in_batch", "pool_exclude"])
+def test_potential_fused_paths_make_their_dense_fields_only_when_read(form):
+    """The fused paths' mined contrast sets hold ``negative_logits``, ``negative_mask`` and
+    ``multiplicity`` (with a bank ``num_negatives`` too) as thunks: a loss step (forward and
+    backward) reads none of them; read afterwards, they equal the eager fields of the plain
+    fast form on the same columns."""
+    z1, z2, kwargs = make_inputs(form, torch.float64, n=10)
+    loss_fn = hardneg.create_loss("potential")
+    seen = []
+    real = loss_fn.strategy.terms
+
+    def spy(inputs, context):
+        out = real(inputs, context)
+        seen.extend(c for _, c, role in out if role == "mined")
+        return out
+
+    loss_fn.strategy.terms = spy
+    loss_fn(z1, z2, generator=torch.Generator().manual_seed(0), **kwargs).backward()
+    assert seen
+    want = {"negative_logits", "negative_mask", "multiplicity"}
+    if form != "in_batch":
+        want.add("num_negatives")
+    for mined in seen:
+        assert set(mined.__dict__["_lazy"]) == want  # none was read
+    from hardneg.losses.contrastive import ContrastInputs
+
+    inputs = ContrastInputs(z1=z1, z2=z2, temperature=loss_fn.temperature, **kwargs)
+    plain = loss_fn.strategy.mined(inputs, z1, z2, None, fast=True)
+    mined = seen[0]
+    index = mined.column_index if mined.column_index is not None else slice(None)
+    m = plain.multiplicity[:, index] * torch.isfinite(plain.cell_log_keep[:, index])
+    assert torch.equal(mined.multiplicity, m)
+    assert torch.equal(mined.negative_mask, m > 0)
+    finite = m > 0
+    assert_close_rel(mined.negative_logits[finite], plain.negative_logits[:, index][finite])
+    assert bool(torch.isinf(mined.negative_logits[~finite]).all())
+
+
+def _layer_case(seed=3):
+    """Thresholds of ``[A, C]`` probabilities (ties: some just above a multiple of 1/256; one
+    column of p = 1), trials in non-increasing order and a mask of first-layer skips."""
+    g = torch.Generator().manual_seed(seed)
+    a, c = 9, 7
+    p = torch.rand(a, c, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    p[:, ::2] = (torch.randint(0, 256, (a, len(range(0, c, 2))), generator=g) + 0.4) / 256
+    p[:, 1] = 1.0
+    trials = torch.tensor([6, 5, 3, 3, 2, 1, 1])
+    skip = torch.rand(a, c, generator=g) < 0.3
+    p256 = (p * 256).float()  # what a kernel buffer holds (float32)
+    need = fastpaths._to_bytes(p256)
+    return p, p256, need, trials, skip
+
+
+def test_layer_draws_have_the_binomial_law_with_the_first_layer_skipped():
+    """``layer_draws``: per entry ``Binomial(trials_j - skip_ij, p_ij)`` (mean within 5 standard
+    errors, variance pooled within 10 %), ``p = 1`` keeps every trial, never more than the trials;
+    ``p`` 0.4/256 above a byte edge is kept through the ties."""
+    p, p256, need, trials, skip = _layer_case()
+    g = torch.Generator().manual_seed(11)
+
+    def p256_at(r, c):
+        return p256[r, c]
+
+    draws = torch.stack(
+        [
+            fastpaths.layer_draws(need, trials, p256_at, g, skip_first=skip).double()
+            for _ in range(4000)
+        ]
+    )
+    m = (trials.unsqueeze(0) - skip.long()).double()
+    assert bool((draws >= 0).all() and (draws <= m).all())
+    assert torch.equal(draws[:, :, 1], m[:, 1].expand(len(draws), -1))  # p = 1
+    mean, var = m * p, m * p * (1 - p)
+    se = (var / len(draws)).sqrt().clamp(min=1e-9)
+    assert bool(((draws.mean(0) - mean).abs() <= 5 * se).all())
+    loose = var > 0
+    spread = ((draws - mean) ** 2)[:, loose].mean() / var[loose].mean()
+    assert abs(float(spread) - 1) < 0.1, float(spread)
+
+
+def test_layer_draws_are_the_same_whatever_the_row_blocks(monkeypatch):
+    """The bytes are taken layer by layer, row-major, however the rows are split into blocks
+    (``_CHUNK`` bytes): a seed gives the same counts with 16-byte blocks as in one block."""
+    _, p256, need, trials, skip = _layer_case(seed=5)
+
+    def p256_at(r, c):
+        return p256[r, c]
+
+    one = fastpaths.layer_draws(
+        need, trials, p256_at, torch.Generator().manual_seed(2), skip_first=skip
+    )
+    monkeypatch.setattr(fastpaths, "_CHUNK", 16)
+    small = fastpaths.layer_draws(
+        need, trials, p256_at, torch.Generator().manual_seed(2), skip_first=skip
+    )
+    assert torch.equal(one, small)
+    assert one.dtype == torch.uint8
+
+
+def test_to_bytes_truncates_and_caps_at_255():
+    """Thresholds ``floor(256 p)``, 255 for ``256 p`` in [255, 256] (the tie then carries the
+    rest), in one call and by row blocks."""
+    x = torch.tensor([[0.0, 0.99, 1.0, 254.9, 255.0, 255.7, 256.0]])
+    want = torch.tensor([[0, 0, 1, 254, 255, 255, 255]], dtype=torch.uint8)
+    assert torch.equal(fastpaths._to_bytes(x), want)
+    big = x.repeat(fastpaths._BLOCK // 7 + 3, 1)
+    assert torch.equal(fastpaths._to_bytes(big), want.repeat(big.shape[0], 1))
+
+
+@pytest.mark.parametrize("clamp", [0.999, 1.0])
+def test_potential_fused_draws_keep_with_the_clamped_probability(monkeypatch, clamp):
+    """``a = 0``: every negative cell has ``pi = clamp`` (above 255/256): the in-batch fused
+    weights keep a fraction ``clamp`` of the cells (0.999 is 5 standard errors from 255/256:
+    the bytes alone would give 255/256), every cell with ``clamp = 1``."""
+    from hardneg.losses.contrastive import ContrastInputs
+    from hardneg.strategies.base import StepContext
+
+    z1, z2, _ = make_inputs("in_batch", torch.float32, n=16, seed=2)
+    loss_fn = hardneg.create_loss("potential", num_neighbors=2, a=0.0, clamp=clamp)
+    inputs = ContrastInputs(z1=z1, z2=z2, temperature=loss_fn.temperature)
+    strategy = loss_fn.strategy
+    cells = []
+    for q, k in ((z1, z2), (z2, z1)):  # the plain form's negative cells of each direction
+        plain = strategy.mined(inputs, q, k, None, fast=True)
+        cells.append((plain.multiplicity * torch.isfinite(plain.cell_log_keep)).sum())
+    cells.append(torch.tensor(float(2 * 16 * (2 * 16 - 2))))
+    seen = _record_block_weights(monkeypatch)
+    context = StepContext(generator=torch.Generator().manual_seed(3))
+    kept = torch.zeros(3, dtype=torch.float64)
+    runs = 300
+    for _ in range(runs):
+        seen.clear()
+        fastpaths.potential_in_batch_terms(strategy, inputs, context)
+        kept += torch.stack([w.double().sum() for w in seen[0]])
+    total = torch.stack(cells).double() * runs
+    frac = kept / total
+    if clamp == 1.0:
+        assert torch.equal(kept, total)
+    else:
+        se = math.sqrt(clamp * (1 - clamp) / float(total.sum()))
+        assert abs(float(kept.sum() / total.sum()) - clamp) <= 5 * se, frac
+        assert float(kept.sum() / total.sum()) - 255 / 256 > 5 * se
+
+
+@pytest.mark.parametrize("width", [7, 300, 600])
+def test_top_few_has_the_members_of_topk(width):
+    """``_top_few`` (numpy's values-only partition up to ``_FEW_WIDTH`` columns, else
+    ``torch.topk``): the members of ``torch.topk`` on random rows with ``-inf`` entries, and on
+    rows with a tie at the edge or a NaN (where it falls back to ``torch.topk`` itself)."""
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(40, width, generator=g)
+    x[torch.arange(0, 40, 3), torch.arange(0, 40, 3) % width] = float("-inf")
+    for k in (1, 3, min(5, width - 1)):
+        got = fastpaths._top_few(x, k)
+        want = x.topk(k, dim=1).indices
+        assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
+    if width < 5:
+        return
+    tied = x.clone()
+    tied[5, :4] = torch.tensor([9.0, 8.0, 7.0, 7.0])  # 4 entries at or above the 3rd largest
+    tied[7, 0] = float("nan")  # numpy ranks NaN first: 2 entries at or above its 3rd
+    got = fastpaths._top_few(tied, 3)  # (the two rows together hold 3 + 3 entries)
+    assert torch.equal(got, tied.topk(3, dim=1, sorted=False).indices)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["bound", "shifted", "exp_out"])
+@pytest.mark.parametrize("block", [1 << 18, 12], ids=["one-block", "row-blocks"])
+def test_block_log_masses_by_columns_equal_the_rows_of_the_transposes(
+    monkeypatch, dtype, mode, block
+):
+    """``dim = 0`` (per column of each block) against ``dim = 1`` on the transposed logits and
+    weights: values and gradients, float and integer (``uint8``) weights, with the exponentials
+    all at once (``exp_out``) or a block of rows at a time (12 entries a block: several), with
+    or without the bound; a column with nothing kept is ``-inf``."""
+    monkeypatch.setattr(fastpaths, "_BLOCK", block)
+    g = torch.Generator().manual_seed(12)
+    n = 5
+    c = (torch.rand(2 * n, 2 * n, generator=g, dtype=torch.float64) * 4 - 2).to(dtype)
+    c[torch.arange(2 * n), torch.arange(2 * n)] = float("-inf")
+    w_all = torch.randint(0, 2, (2 * n, 2 * n), generator=g).to(dtype)
+    w_all[torch.arange(2 * n), torch.arange(2 * n)] = 0.0
+    w1 = torch.randint(0, 4, (n, n), generator=g, dtype=torch.uint8)
+    w1[:, 2] = 0  # nothing kept in column 2
+    w2 = torch.rand(n, n, generator=g, dtype=torch.float64).to(dtype)
+    index = torch.stack([torch.randperm(n, generator=g)[:2] for _ in range(n)])
+    blocks = [(n, 2 * n, 0, n), (0, n, n, 2 * n), (0, 2 * n, 0, 2 * n)]
+    blocks_t = [(c0, c1, r0, r1) for r0, r1, c0, c1 in blocks]
+    ups = [torch.linspace(0.5, 2.0, m, dtype=dtype) for m in (n, n, 2 * n)]
+    kw = {"bound": 2.0} if mode != "shifted" else {}
+
+    def run(x, bs, ws, dim, **extra):
+        outs = fastpaths.block_log_masses(x, bs, ws, [(0, n, index)], dim=dim, **kw, **extra)
+        total = sum(torch.where(torch.isfinite(o), o, 0.0).mul(u).sum() for o, u in zip(outs, ups))
+        total = total + outs[3].sum()
+        return outs, torch.autograd.grad(total, x)[0]
+
+    x = c.clone().requires_grad_(True)
+    extra = {"exp_out": torch.empty_like(c)} if mode == "exp_out" else {}
+    cols, grad = run(x, blocks, [w1.clone(), w2.clone(), w_all.clone()], 0, scratch=True, **extra)
+    # the same masses as rows of the transposes; the read stays a row gather of c
+    xt = c.T.clone().requires_grad_(True)
+    ws = [w1.T.to(dtype).contiguous(), w2.T.contiguous(), w_all.T.contiguous()]
+    rows = fastpaths.block_log_masses(xt, blocks_t, ws, dim=1, **kw)
+    for f, p_ in zip(cols[:3], rows):
+        assert torch.equal(torch.isfinite(f), torch.isfinite(p_))
+        assert_close_rel(f[torch.isfinite(p_)], p_[torch.isfinite(p_)], what="value")
+    assert cols[0][2] == float("-inf")
+    total = sum(torch.where(torch.isfinite(o), o, 0.0).mul(u).sum() for o, u in zip(rows, ups))
+    (gt,) = torch.autograd.grad(total, xt)
+    want = gt.T.clone()
+    want[:n, n:].scatter_add_(1, index, torch.ones(n, 2, dtype=dtype))  # the read's gradient
+    assert_close_rel(grad, want, what="gradient")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -1754,7 +1998,9 @@ def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch):
     for _ in range(800):
         seen.clear()
         (_, mined, _), _ = fastpaths.potential_pool_terms(strategy, inputs, context)
-        keys, _, pool = seen[0][0], seen[0][1], seen[1][0]
+        # the keys' weights are laid out [key, anchor] (the Gram's symmetry), the bank's
+        # [anchor, column]
+        keys, pool = seen[0][0].T.double(), seen[1][0].double()
         draws.append(torch.cat([keys, pool], dim=1))
     draws = torch.stack(draws)  # [R, N, N + U]
     index = mined.column_index

@@ -54,19 +54,24 @@ only; no kept buffers.
   scatter-added per column (plain twin: ``HardNegativeMixing.select``'s logits and the
   objective's ``logsumexp``, back-propagated through the gathers).
 * :func:`potential_in_batch_terms` — potential, in-batch: the three terms from one Gram matrix
-  of ``[z1; z2]`` (every logit, the neighbour look-up, one keep kernel for ``L_aug`` and both
-  mined terms, computed as threshold bytes ``floor(256 pi)``), the draws from random bytes
-  (:func:`bernoulli_draws`, :func:`binomial_draws`: a byte against ``floor(256 pi)``, a float
-  uniform on a tie; same law as the plain grid's uniforms, other draws; the bytes drawn,
-  compared, summed and scanned for ties by 1 MiB chunks) and the negative masses and mined
-  positives' logits from one unshifted exponential (cosine logits are bounded by ``1 / t``)
-  with a one-pass backward, the products written over the weights (:func:`block_log_masses`)
-  (plain twin: ``PotentialMining.mined`` twice and
+  of ``[z1; z2]`` (every logit, the neighbour look-up, one keep kernel pass for ``L_aug`` and
+  both mined terms, with the anchors as the columns of the symmetric Gram matrix, so that each
+  mined direction's thresholds ``floor(256 pi)`` are a block of it with the columns as rows: no
+  transposed copy), the draws from one byte stream (:class:`_ByteStream`; on CPU numpy's
+  ``PCG64`` seeded by the generator) (:func:`bernoulli_draws`, :func:`binomial_draws`: a byte
+  against ``floor(256 pi)``, a float uniform on a tie settled with the kernel's own ``256 pi``;
+  same law as the plain grid's uniforms, other draws; the bytes drawn, compared, summed and
+  scanned for ties by 1 MiB chunks) and the negative masses (column sums) and mined positives'
+  logits from one unshifted exponential (cosine logits are bounded by ``1 / t``) taken a block
+  of rows at a time, with a one-pass backward, the products written over the weights
+  (:func:`block_log_masses`) (plain twin: ``PotentialMining.mined`` twice and
   ``PotentialMining.augmentation``, three products and two look-ups).
 * :func:`potential_pool_terms` — potential with a bank: only the keys (read from ``L_aug``'s
-  Gram matrix) and the bank rows in some block (one product ``q bank[U]^T``) are touched, the
-  bank's cells drawn in layers of byte draws (plain twin: ``PotentialMining.mined`` over
-  ``[k; bank]`` and ``PotentialMining.augmentation``; same law, other draws).
+  Gram matrix, laid out as in-batch) and the bank rows in some block (one product
+  ``q bank[U]^T``) are touched; the look-up ``k bank^T`` a block of rows at a time; the bank's
+  cells drawn in layers of byte draws (:func:`layer_draws`) (plain twin:
+  ``PotentialMining.mined`` over ``[k; bank]`` and ``PotentialMining.augmentation``; same law,
+  other draws).
 * :func:`pair_contrast` — potential's fast paths: ``in_batch_contrast`` of two views whose
   Gram matrix reads the partners' logits and whose backward corrects the masked entries in
   ``O(N d)`` (plain twin: ``in_batch_contrast((z1, z2), ...)``).
@@ -1301,24 +1306,37 @@ def pair_gram(columns: Tensor, first: Tensor, second: Tensor) -> Tensor:
 
 
 def random_bytes(shape: tuple[int, ...], generator: torch.Generator | None, device) -> Tensor:
-    """Uniform random bytes (``uint8``) of ``shape``, cut from int64 words drawn over the full
-    64-bit range: one call of the generator gives 8 bytes (``torch.rand`` gives one number)."""
+    """Uniform random bytes (``uint8``) of ``shape``: the bytes of :class:`_ByteStream` (on the
+    CPU cut from numpy ``PCG64`` words seeded by two words of ``generator``; elsewhere from
+    int64 words of the generator over the full 64-bit range, 8 bytes per call)."""
     size = math.prod(shape)
-    words = torch.empty(-(-size // 8), dtype=torch.int64, device=device)
-    words.random_(-(2**63), None, generator=generator)
-    return words.view(torch.uint8)[:size].view(shape)
+    return _ByteStream(generator, device, size).take(size).view(shape)
 
 
 class _ByteStream:
-    """Random bytes taken piece by piece into one reused buffer: on the CPU the same bytes as
-    one :func:`random_bytes` call over their total (int64 words over the full range, drawn in
-    order; the bytes of a word that one piece leaves over start the next), without a buffer of
-    the total's size. A piece is a view, valid until the next :meth:`take`."""
+    """Random bytes taken piece by piece into one reused buffer: the same bytes as one
+    :func:`random_bytes` call over their total (64-bit words drawn in order; the bytes of a word
+    that one piece leaves over start the next), without a buffer of the total's size. A piece
+    is a view, valid until the next :meth:`take`. On the CPU the words come from one numpy
+    ``PCG64`` stream seeded (``SeedSequence``) by two int64 words of ``generator`` (about 1.5x
+    faster than the generator's Mersenne twister; the generator advances by two words per
+    stream), elsewhere from the generator itself."""
 
     def __init__(self, generator: torch.Generator | None, device, size: int) -> None:
         self.generator = generator
+        device = torch.device(device)
         self.words = torch.empty(1 + -(-size // 8), dtype=torch.int64, device=device)
+        self.bits = None
+        if device.type == "cpu":
+            seed = torch.empty(2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
+            self.bits = np.random.PCG64(np.random.SeedSequence([w % 2**64 for w in seed.tolist()]))
         self.tail = None  # the bytes of the last word not yet taken
+
+    def _fill(self, words: Tensor) -> None:
+        if self.bits is None:
+            words.random_(-(2**63), None, generator=self.generator)
+        else:
+            words.copy_(torch.from_numpy(self.bits.random_raw(words.numel()).view(np.int64)))
 
     def take(self, size: int) -> Tensor:
         left = 0 if self.tail is None else self.tail.numel()
@@ -1329,7 +1347,7 @@ class _ByteStream:
         if left:
             data[8 - left : 8].copy_(self.tail)
         if fresh:
-            self.words[1 : 1 + fresh].random_(-(2**63), None, generator=self.generator)
+            self._fill(self.words[1 : 1 + fresh])
         used, end = 8 - left + size, 8 + 8 * fresh
         self.tail = data[used:end].clone() if end > used else None
         return data[8 - left : used]
@@ -1340,16 +1358,21 @@ def _threshold_bytes(p: Tensor) -> Tensor:
     return _to_bytes((p * 256.0).clamp_(max=255.0))
 
 
+_BYTE_BLOCK = 1 << 15  # entries per block of rows of _to_bytes: a 64 KiB int16 temporary
+
+
 def _to_bytes(x: Tensor) -> Tensor:
-    """``uint8`` of values in [0, 255] (truncated), through ``int32``: a direct float ->
-    ``uint8`` conversion is several times slower on the CPU. A large 2-D ``x`` converts a
-    block of rows at a time, so that the ``int32`` temporary stays small (no fresh buffer of
-    ``x``'s size to fault in)."""
-    if x.dim() != 2 or x.numel() <= _BLOCK:
-        return x.to(torch.int32).to(torch.uint8)
+    """``uint8`` of values in [0, 256] (truncated, 256 taken as 255), through ``int16``: a
+    direct float -> ``uint8`` conversion is several times slower on the CPU. A 2-D ``x`` of more
+    than ``_BYTE_BLOCK`` entries converts a block of rows at a time, so that the ``int16``
+    temporary stays small and in cache (a fresh buffer of ``x``'s size costs more to fault in
+    than the conversion itself: session 8, 0.45 ms against 0.05 ms for 512 x 512 in a loss
+    step)."""
+    if x.dim() != 2 or x.numel() <= _BYTE_BLOCK:
+        return x.to(torch.int16).clamp_(max=255).to(torch.uint8)
     out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    for block in row_blocks(x):
-        out[block] = x[block].to(torch.int32)
+    for block in row_blocks(x, _BYTE_BLOCK):
+        out[block] = x[block].to(torch.int16).clamp_(max=255)
     return out
 
 
@@ -1370,13 +1393,14 @@ def _tie_keeps(
     keeps: with probability ``256 p - floor(256 p)``, one float32 uniform per tie in the order
     of ``at``. Then ``P(keep) = floor(256 p) / 256 + (256 p - floor(256 p)) / 256 = p``."""
     u = torch.rand(at.shape, generator=generator, device=at.device)
-    return u < p256 - need_at.to(torch.float64)
+    return u < p256.to(torch.float64) - need_at.to(torch.float64)
 
 
-# bytes of draws compared per step of bernoulli_draws / binomial_draws: the comparisons, the
-# tie scan and the sums of one chunk read its bytes from cache (measured on this CPU: 1 MiB
-# chunks 2.8 ms, 256 KiB 7.9 ms, the whole [6N, N] at once far slower for N = 1024)
-_CHUNK = 1 << 20
+# bytes of draws compared per step of bernoulli_draws / binomial_draws / layer_draws: the
+# comparisons, the tie scan and the sums of one chunk read its bytes from cache (session 8,
+# potential's loss step on this CPU, 1 thread, CPU time relative to InfoNCE's: 256 KiB chunks
+# 1.47-1.57x at N = 256 against 1.71-1.78x with 1 MiB, the same at N = 512 and 1024)
+_CHUNK = 1 << 18
 
 
 _DRAW_BLOCK = 1 << 22  # entries per block of rows of bernoulli_bytes
@@ -1407,16 +1431,20 @@ def bernoulli_draws(
     *,
     dtype: torch.dtype = torch.uint8,
     out: Tensor | None = None,
+    stream: _ByteStream | None = None,
 ) -> Tensor:
     """One Bernoulli draw per entry (0/1 in ``dtype``) from the thresholds ``need = floor(256
     p)`` (``uint8``, contiguous): a random byte ``v < need`` keeps, ``v > need`` drops, a tie
     is settled by a uniform (:func:`_tie_keeps`; ``p256_at(flat positions)`` gives ``256 p``
-    there). Draw order: the bytes (row-major), then one uniform per tie in the order of the
+    there, called for each chunk's ties before its draws are written: ``out`` may hold ``256
+    p`` until then). Draw order: the bytes (row-major), then one uniform per tie in the order of the
     bytes. The bytes are drawn, compared and scanned for ties by chunks of ``_CHUNK``
     (:class:`_ByteStream`: no buffer of all the bytes). ``out``: a
-    contiguous tensor of ``need``'s shape to write the draws into (its dtype, not ``dtype``)."""
+    contiguous tensor of ``need``'s shape to write the draws into (its dtype, not ``dtype``);
+    ``stream``: the bytes' source (:class:`_ByteStream`) to go on with instead of a new one."""
     size = need.numel()
-    stream = _ByteStream(generator, need.device, min(_CHUNK, size))
+    if stream is None:
+        stream = _ByteStream(generator, need.device, min(_CHUNK, size))
     # the comparisons write bool (or float) directly: a bool -> uint8 cast is free (a view),
     # a uint8 output of torch.lt about 1.4x slower than a bool one on the CPU
     if out is not None:
@@ -1425,17 +1453,18 @@ def bernoulli_draws(
     kept = torch.empty(need.shape, dtype=out_dtype, device=need.device) if out is None else out
     flat_need, flat_kept = need.reshape(-1), kept.view(-1)
     scratch = torch.empty(min(_CHUNK, size), dtype=torch.bool, device=need.device)
-    found = []
+    found, p256 = [], []
     for s0 in range(0, size, _CHUNK):
         nn = flat_need[s0 : s0 + _CHUNK]
         vv = stream.take(nn.numel())
-        torch.lt(vv, nn, out=flat_kept[s0 : s0 + _CHUNK])
         at = _find(torch.eq(vv, nn, out=scratch[: vv.numel()]))
-        if at.numel():
+        if at.numel():  # 256 p at the ties before the chunk's draws are written (into out)
             found.append(at + s0)
+            p256.append(p256_at(found[-1]))
+        torch.lt(vv, nn, out=flat_kept[s0 : s0 + _CHUNK])
     if found:
         at = torch.cat(found)
-        keep = _tie_keeps(at, flat_need[at], p256_at(at), generator)
+        keep = _tie_keeps(at, flat_need[at], torch.cat(p256), generator)
         flat_kept[at] = keep.to(out_dtype)
     return kept.view(torch.uint8) if kept.dtype != dtype else kept
 
@@ -1479,7 +1508,13 @@ def _chunks(values: list[int], sizes: list[int], rows: int):
 
 
 def binomial_draws(
-    need_by_column: Tensor, trials: Tensor, p256_at, generator: torch.Generator | None = None
+    need_by_column: Tensor,
+    trials: Tensor,
+    p256_at,
+    generator: torch.Generator | None = None,
+    *,
+    rows: Tensor | None = None,
+    stream: _ByteStream | None = None,
 ) -> Tensor:
     """``[C, A]`` counts (``uint8``, or ``int32`` past 255 trials) ``Binomial(trials_j, p_ij)``:
     ``trials_j`` independent draws of :func:`bernoulli_draws` per entry of column ``j``, from
@@ -1493,8 +1528,10 @@ def binomial_draws(
     the bytes. The block is compared with its columns' thresholds broadcast over the ``m``
     trials (no ``[sum_j trials_j, A]`` copy of the thresholds), summed and scanned for ties by
     chunks of about ``_CHUNK`` bytes, each drawn just before (:class:`_ByteStream`: no buffer
-    of all the bytes)."""
-    c, a = need_by_column.shape
+    of all the bytes; ``stream``: one to go on with). ``need_by_column`` may be a strided view
+    (each chunk gathers its rows); ``rows`` ``[C]``: the row of ``need_by_column`` that holds
+    column ``j``'s thresholds (default ``j``)."""
+    c, a = len(trials), need_by_column.shape[1]
     device = need_by_column.device
     trials = trials.to(device)
     order = torch.argsort(trials, stable=True)
@@ -1506,11 +1543,13 @@ def binomial_draws(
     below = torch.empty(c, a, dtype=count_dtype, device=device)
     chunk = max(min(_CHUNK, total * a), most * a)  # at least one column's m rows
     scratch = torch.empty(chunk, dtype=torch.bool, device=device)
-    stream = _ByteStream(generator, device, chunk)
+    if stream is None:
+        stream = _ByteStream(generator, device, chunk)
     key = order.repeat_interleave(sorted_trials)  # the column of each row of bytes
+    source = key if rows is None else rows.to(device)[key]  # its row of need_by_column
     found = []
-    for rows, runs in _chunks(values.tolist(), sizes.tolist(), max(1, chunk // max(1, a))):
-        need = need_by_column.index_select(0, key[rows[0] : rows[1]])  # [R, A]
+    for span, runs in _chunks(values.tolist(), sizes.tolist(), max(1, chunk // max(1, a))):
+        need = need_by_column.index_select(0, source[span[0] : span[1]])  # [R, A]
         vv = stream.take(need.numel()).view(need.shape)
         buf = scratch[: vv.numel()].view(vv.shape)
         torch.lt(vv, need, out=buf)
@@ -1525,14 +1564,73 @@ def binomial_draws(
                 torch.sum(kept[r0 : r0 + (c1 - c0) * m].view(c1 - c0, m, a), dim=1, out=out)
         at = _find(torch.eq(vv, need, out=buf))
         if at.numel():
-            found.append(at + rows[0] * a)
+            found.append(at + span[0] * a)
     counts = below.index_select(0, torch.argsort(order))  # back in column order
     if found:
         at = torch.cat(found)
         column, anchor = key[at // a], at % a
-        need_at = need_by_column[column, anchor]
+        need_at = need_by_column[source[at // a], anchor]
         keep = _tie_keeps(at, need_at, p256_at(column, anchor), generator)
         counts.view(-1).index_add_(0, column * a + anchor, keep.to(count_dtype))
+    return counts
+
+
+def layer_draws(
+    need: Tensor,
+    trials: Tensor,
+    p256_at,
+    generator: torch.Generator | None = None,
+    *,
+    skip_first: Tensor | None = None,
+    stream: _ByteStream | None = None,
+) -> Tensor:
+    """``[A, C]`` counts (``uint8``, or ``int32`` past 255 trials) ``Binomial(trials_j, p_ij)``
+    from the thresholds ``need = floor(256 p)`` ``[A, C]`` (``uint8``, rows the anchors) whose
+    columns are in non-increasing order of ``trials`` (``trials_j >= 1``): layer ``r`` is one
+    byte draw (:func:`bernoulli_draws`' rule) per entry of the columns with more than ``r``
+    trials, a prefix ``need[:, :w_r]`` (no copy of the thresholds), compared and added to the
+    counts a block of rows at a time (about ``_CHUNK`` bytes), drawn just before. Draw order:
+    layer 0, 1, ..., each row-major; then one uniform per tie in that order (``p256_at(rows,
+    columns)`` gives ``256 p`` there). ``skip_first`` ``[A, C]`` (bool): the entries whose layer
+    0 is no trial (their count is ``Binomial(trials_j - 1, p_ij)``). (Plain twin: one uniform
+    per cell summed per column; same law, other draws.)"""
+    a, c = need.shape
+    device = need.device
+    top = int(trials.max()) if c else 0
+    count_dtype = torch.int32 if top > 255 else torch.uint8
+    counts = torch.zeros(a, c, dtype=count_dtype, device=device)
+    if top == 0 or a == 0:
+        return counts
+    if stream is None:
+        stream = _ByteStream(generator, device, _CHUNK)
+    layers = torch.arange(top, device=trials.device).unsqueeze(1)
+    widths = (trials.unsqueeze(0) > layers).sum(dim=1).tolist()  # [top], non-increasing
+    scratch = torch.empty(max(_CHUNK, widths[0]), dtype=torch.bool, device=device)
+    found_rows, found_cols, found_need = [], [], []
+    for r, w in enumerate(widths):
+        step = max(1, _CHUNK // w)
+        for r0 in range(0, a, step):
+            r1 = min(a, r0 + step)
+            nn = need[r0:r1, :w]
+            vv = stream.take((r1 - r0) * w).view(r1 - r0, w)
+            buf = scratch[: vv.numel()].view(vv.shape)
+            torch.lt(vv, nn, out=buf)
+            if r == 0 and skip_first is not None:
+                buf.masked_fill_(skip_first[r0:r1, :w], False)
+            counts[r0:r1, :w] += buf.view(torch.uint8)
+            at = _find(torch.eq(vv, nn, out=buf))
+            if at.numel():
+                rr, cc = at // w + r0, at % w
+                if r == 0 and skip_first is not None:
+                    live = ~skip_first[rr, cc]
+                    rr, cc = rr[live], cc[live]
+                found_rows.append(rr)
+                found_cols.append(cc)
+                found_need.append(need[rr, cc])
+    if found_rows:
+        rr, cc = torch.cat(found_rows), torch.cat(found_cols)
+        keep = _tie_keeps(rr, torch.cat(found_need), p256_at(rr, cc), generator)
+        counts.index_put_((rr, cc), keep.to(count_dtype), accumulate=True)
     return counts
 
 
@@ -1545,39 +1643,75 @@ class _BlockLogMasses(torch.autograd.Function):
     and ``w``), so the backward pass ``dc = sum_blocks (w e) g / R`` plus the read logits'
     gradients fills one buffer in one pass (no zero-filled ``[A, S]`` gradient per read or
     block). The caller guarantees that no kept entry lies so far below its row's maximum that
-    ``e`` underflows; a row of a block with nothing kept is ``-inf`` with a zero gradient."""
+    ``e`` underflows; a row of a block with nothing kept is ``-inf`` with a zero gradient.
+    ``dim = 0``: every block sums its columns instead (``sum_i w_ij e^{c_ij}`` per column ``j``,
+    shifted by the column maximum): the anchors are the columns."""
 
     @staticmethod
-    def forward(ctx, logits, blocks, reads, unshifted, scratch, e, *tensors):  # type: ignore[override]
+    def forward(ctx, logits, blocks, reads, unshifted, scratch, e, dim, *tensors):  # type: ignore[override]
         weights, indices = tensors[: len(blocks)], tensors[len(blocks) :]
         whole = (0, logits.shape[0], 0, logits.shape[1])
-        e = torch.empty_like(logits) if e is None else e
-        if unshifted:  # |c| small enough that e^c neither overflows nor underflows
-            row_max = None
-            torch.exp(logits, out=e)
-        else:
-            row_max = logits.amax(dim=1, keepdim=True)
-            row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-            torch.sub(logits, row_max, out=e).exp_()
-        outs, products, totals = [None] * len(blocks), [None] * len(blocks), [None] * len(blocks)
-        # no new [A, S] buffer where it can be helped: with scratch weights each product
-        # overwrites its weights; else the last block over the whole matrix overwrites e
-        order = sorted(range(len(blocks)), key=lambda b: blocks[b] == whole)
-        for b in order:
-            (r0, r1, c0, c1), w = blocks[b], weights[b]
-            if scratch:
-                product = w.mul_(e[r0:r1, c0:c1])
-            elif b == order[-1] and blocks[b] == whole:
-                product = e.mul_(w)
+        top = None  # the row (dim 1) or column (dim 0) maxima, unless |c| is bounded
+        if not unshifted:
+            top = logits.amax(dim=dim, keepdim=True)
+            top = torch.where(torch.isfinite(top), top, 0.0)
+        # float scratch weights take their products; the others get a buffer each
+        in_place = [scratch and w.is_floating_point() for w in weights]
+        if e is not None:  # the exponentials in the caller's buffer, all at once
+            if top is None:
+                torch.exp(logits, out=e)
             else:
-                product = e[r0:r1, c0:c1] * w  # w e: the sum here, the gradient's shape later
-            total = product.sum(dim=1)
-            outs[b] = total.log() if row_max is None else row_max[r0:r1, 0] + total.log()
-            products[b] = product
-            totals[b] = torch.where(total > 0, total, 1.0)
+                torch.sub(logits, top, out=e).exp_()
+            products = []
+            order = sorted(range(len(blocks)), key=lambda b: blocks[b] == whole)
+            by_block = {}
+            for b in order:  # the last block over the whole matrix may overwrite e
+                (r0, r1, c0, c1), w = blocks[b], weights[b]
+                if in_place[b]:
+                    by_block[b] = w.mul_(e[r0:r1, c0:c1])
+                elif b == order[-1] and blocks[b] == whole:
+                    by_block[b] = e.mul_(w)
+                else:
+                    by_block[b] = e[r0:r1, c0:c1] * w
+            products = [by_block[b] for b in range(len(blocks))]
+        else:  # the exponentials a block of rows at a time, in cache: no [A, S] buffer
+            products = [
+                w if in_place[b] else torch.empty(w.shape, dtype=logits.dtype, device=w.device)
+                for b, w in enumerate(weights)
+            ]
+            rows, width = logits.shape
+            step = max(1, _BLOCK // max(1, width))
+            buf = torch.empty(min(step, rows), width, dtype=logits.dtype, device=logits.device)
+            for s0 in range(0, rows, step):
+                s1 = min(rows, s0 + step)
+                part = buf[: s1 - s0]
+                if top is None:
+                    torch.exp(logits[s0:s1], out=part)
+                else:
+                    shift = top[s0:s1] if dim == 1 else top
+                    torch.sub(logits[s0:s1], shift, out=part).exp_()
+                for b, (r0, r1, c0, c1) in enumerate(blocks):
+                    lo, hi = max(s0, r0), min(s1, r1)
+                    if lo >= hi:
+                        continue
+                    here = part[lo - s0 : hi - s0, c0:c1]
+                    if in_place[b]:
+                        products[b][lo - r0 : hi - r0].mul_(here)
+                    else:
+                        torch.mul(
+                            here, weights[b][lo - r0 : hi - r0], out=products[b][lo - r0 : hi - r0]
+                        )
+        outs, totals = [], []
+        for b, (r0, r1, c0, c1) in enumerate(blocks):
+            total = products[b].sum(dim=dim)
+            if top is None:
+                outs.append(total.log())
+            else:
+                outs.append((top[r0:r1, 0] if dim == 1 else top[0, c0:c1]) + total.log())
+            totals.append(torch.where(total > 0, total, 1.0))
         for (r0, c0), index in zip(reads, indices):
             outs.append(logits[r0 : r0 + index.shape[0], c0:].gather(1, index))
-        ctx.blocks, ctx.reads, ctx.shape = blocks, reads, logits.shape
+        ctx.blocks, ctx.reads, ctx.shape, ctx.dim = blocks, reads, logits.shape, dim
         ctx.save_for_backward(*products, *totals, *indices)
         return tuple(outs)
 
@@ -1594,7 +1728,7 @@ class _BlockLogMasses(torch.autograd.Function):
             (r0, r1, c0, c1), g = ctx.blocks[b], grads[b]
             if g is None:
                 continue
-            scale = (g / totals[b]).unsqueeze(1)
+            scale = (g / totals[b]).unsqueeze(ctx.dim)
             if out is None and ctx.blocks[b] == whole:
                 out = products[b] * scale
                 continue
@@ -1606,7 +1740,7 @@ class _BlockLogMasses(torch.autograd.Function):
         for (r0, c0), index, g in zip(ctx.reads, indices, grads[k:]):
             if g is not None:
                 out[r0 : r0 + index.shape[0], c0:].scatter_add_(1, index, g)
-        return (out, None, None, None, None, None, *([None] * (k + len(indices))))
+        return (out, None, None, None, None, None, None, *([None] * (k + len(indices))))
 
 
 def block_log_masses(
@@ -1618,6 +1752,7 @@ def block_log_masses(
     bound: float | None = None,
     scratch: bool = False,
     exp_out: Tensor | None = None,
+    dim: int = 1,
 ) -> tuple[Tensor, ...]:
     """``log sum_j w_ij e^{c_ij}`` per row of each block ``(r0, r1, c0, c1)`` of ``logits``
     with its detached weights ``w >= 0`` (``-inf`` logits only where ``w = 0``), then the
@@ -1626,10 +1761,13 @@ def block_log_masses(
     ``|c|`` (cosine logits: ``1 / t``); up to 60 (float32) or 600 (float64) ``e^c`` is taken
     without the row maximum (no ``amax`` and subtraction passes). ``scratch``: the weights are
     the caller's scratch (distinct tensors, not used after the call): each product ``w e`` is
-    written over its weights, no new buffer; ``exp_out``: a free buffer of ``logits``' shape
-    and dtype for the exponentials. (Plain twin:
-    ``weighted_log_mass(logits[r0:r1, c0:c1], w)`` and the gather.)"""
-    ws = [w.detach().to(logits.dtype) for w in weights]
+    written over its weights, no new buffer (integer or bool weights, taken as they are, get a
+    float buffer for their products); ``exp_out``: a free buffer of ``logits``' shape and dtype
+    for the exponentials, all at once; without it they are taken a block of rows at a time
+    (``_BLOCK`` entries, a buffer in cache: no ``[A, S]`` one; the same values). ``dim = 0``: per column of each block, ``log sum_i w_ij e^{c_ij}`` (the reads stay
+    row gathers). (Plain twin: ``weighted_log_mass(logits[r0:r1, c0:c1], w)`` and the gather;
+    with ``dim = 0`` on the transposes.)"""
+    ws = [w.detach() if not w.is_floating_point() else w.detach().to(logits.dtype) for w in weights]
     spots = tuple((r0, c0) for r0, c0, _ in reads)
     limit = 600.0 if logits.dtype == torch.float64 else 60.0
     unshifted = bound is not None and bound <= limit
@@ -1640,21 +1778,29 @@ def block_log_masses(
         unshifted,
         bool(scratch),
         exp_out,
+        int(dim),
         *ws,
         *[index for _, _, index in reads],
     )
 
 
 def _kernel(
-    values: Tensor, shift: Tensor, coef: float, *, scale: float = 1.0, cap: float = 1.0
+    values: Tensor,
+    shift: Tensor,
+    coef: float,
+    *,
+    scale: float = 1.0,
+    cap: float = 1.0,
+    columns: bool = False,
 ) -> Tensor:
     """``min(cap, scale exp(coef (v - shift_r)^2))`` per entry of ``values`` ``[R, S]`` (row
-    shifts ``shift`` ``[R]``, ``coef <= 0``), 0 where ``values`` is ``-inf`` (no negative): the
-    square, the factor and ``log scale`` in one ``addcmul`` pass."""
+    shifts ``shift`` ``[R]``, or with ``columns`` column shifts ``[S]``; ``coef <= 0``), 0 where
+    ``values`` is ``-inf`` (no negative): the square, the factor and ``log scale`` in one
+    ``addcmul`` pass."""
     if coef == 0.0:
         keep = torch.tensor(min(cap, scale), dtype=values.dtype, device=values.device)
         return torch.where(torch.isinf(values), 0.0, keep)  # (a float scalar: float32 only)
-    x = values - shift.unsqueeze(1)
+    x = values - (shift.unsqueeze(0) if columns else shift.unsqueeze(1))
     base = torch.tensor(math.log(scale), dtype=x.dtype, device=x.device)
     return torch.addcmul(base, x, x, value=coef, out=x).exp_().clamp_(max=cap)
 
@@ -1663,26 +1809,6 @@ def _kernel_at(values: Tensor, shift: Tensor, coef: float, cap: float) -> Tensor
     """:func:`_kernel` with ``scale = 1`` at a few entries, in float64 (the ties' ``p``)."""
     x = values.to(torch.float64) - shift.to(torch.float64)
     return torch.where(torch.isinf(x), 0.0, (coef * x * x).exp().clamp(max=cap))
-
-
-def _aug_draws(
-    need: Tensor,
-    values: Tensor,
-    shift: Tensor,
-    coef: float,
-    cap: float,
-    generator: torch.Generator | None,
-    out: Tensor,
-) -> Tensor:
-    """Potential's ``L_aug`` cells kept by one Bernoulli draw each (:func:`bernoulli_draws`,
-    written into ``out``), from their thresholds ``need`` and, for the ties, the kernel of
-    ``values`` ``[R, W]`` around each row's ``shift`` (the in-batch and the bank fast paths)."""
-    flat, width = values.reshape(-1), values.shape[1]
-
-    def p256_at(at: Tensor) -> Tensor:
-        return 256.0 * _kernel_at(flat[at], shift[at // width], coef, cap)
-
-    return bernoulli_draws(need, p256_at, generator, out=out)
 
 
 class _PairGram(torch.autograd.Function):
@@ -1721,7 +1847,8 @@ class _PairGram(torch.autograd.Function):
         # zeros: autograd materialises it.)
         with torch.autocast(z.device.type, enabled=False):  # z's dtype, whatever the caller's
             m = grad_logits.to(z.dtype)
-            out = torch.mm(m, z).addmm_(m.T, z)
+            # (addmm out of place: the benchmark's product floor and the flop counter see it)
+            out = torch.addmm(torch.mm(m, z), m.T, z)
             out.sub_(z * (2.0 * m[idx, idx]).unsqueeze(1))
             c = grad_pos.to(z.dtype) - m[idx, partner]
             out.add_(z[partner] * (c + c[partner]).unsqueeze(1))
@@ -1759,15 +1886,30 @@ def pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float):
     )
 
 
+# rows at most this wide take the values-only partition of _top_few (measured on this CPU, k = 5:
+# 0.13 ms against torch.topk's 0.5 ms on 256 x 256; 2.3 ms against 2.0 ms on 1024 x 1024)
+_FEW_WIDTH = 384
+
+
 def _top_few(x: Tensor, k: int) -> Tensor:
     """``[A, k]`` columns of the ``k`` largest entries of each row for a small ``k`` (the
-    neighbours): ``torch.topk`` (its partial selection beats :func:`top_k_indices`' numpy
-    partition for ``k`` of a few, measured 3 ms against 10 ms on 1024 x 1024, 7 ms against
-    15 ms on 1024 x 4096); else :func:`top_k_indices`. Same members as
-    ``x.topk(k)``."""
-    if k <= 32:
-        return x.topk(k, dim=1, sorted=False).indices
-    return top_k_indices(x, k)
+    neighbours). Rows of at most ``_FEW_WIDTH`` on the CPU: each row's ``k``-th largest value by
+    numpy's values-only partition, then the entries at or above it (``flatnonzero``, in column
+    order) where that gives exactly ``k`` in every row (no tie at the edge, no NaN), else
+    ``torch.topk``; wider rows: ``torch.topk`` (its partial selection beats
+    :func:`top_k_indices`' numpy partition for ``k`` of a few, measured 3 ms against 10 ms on
+    1024 x 1024, 7 ms against 15 ms on 1024 x 4096); ``k > 32``: :func:`top_k_indices`. Same
+    members as ``x.topk(k)``."""
+    if k > 32:
+        return top_k_indices(x, k)
+    rows, width = x.shape
+    if 0 < k < width and width <= _FEW_WIDTH and rows > 0 and numpy_partitions(x):
+        values = x.detach().numpy()
+        edge = np.partition(values, width - k, axis=1)[:, width - k : width - k + 1]
+        top = values >= edge
+        if bool((np.count_nonzero(top, axis=1) == k).all()):  # exactly k per row: the k largest
+            return torch.from_numpy(np.flatnonzero(top) % width).view(rows, k)
+    return x.topk(k, dim=1, sorted=False).indices
 
 
 def potential_in_batch_fits(strategy, inputs, context) -> bool:
@@ -1792,11 +1934,21 @@ def potential_in_batch_terms(strategy, inputs, context):
     mined logits of ``L_mined(z1; z2)`` and ``L_mined(z2; z1)`` are its blocks ``G[:N, N:]`` and
     ``G[N:, :N]``, the keys' neighbours come from ``G[N:, N:]`` and ``G[:N, :N]`` (same ranking
     as the cosines), the keep probabilities of the mined terms are those of ``L_aug``'s kernel
-    on the same blocks (same similarity and centre; ``select_on='cosine'``). The kept cells per
-    column are ``Binomial(m_j, pi_ij)`` (:func:`binomial_bytes`; ``m_j`` the column's cells,
-    ``m pi`` in expected mode), and the three negative masses come from one exponential
-    (:func:`block_log_masses`). Returns the terms of ``strategy.terms`` with each mass attached
-    (``fast_log_mass``)."""
+    on the same blocks (same similarity and centre; ``select_on='cosine'``).
+
+    ``G`` is symmetric, so every term is laid out with its anchors as the columns: the cell
+    (anchor ``y``, column ``x``) is read at ``G[x, y]`` and its kernel taken around the anchor's
+    centre, one shift per column. Then one kernel pass over ``G`` gives ``L_aug``'s cells and,
+    as its off-diagonal blocks ``[N:, :N]`` and ``[:N, N:]``, each mined direction's cells with
+    the columns as rows, the layout of :func:`binomial_draws` (no transposed copy); the masses
+    are column sums (:func:`block_log_masses` with ``dim = 0``), and their gradients land on
+    ``G``'s transposed entries, which the Gram's backward ``(M + M^T) z`` treats alike. The kept
+    cells per column are ``Binomial(m_j, pi_ij)`` (``m_j`` the column's cells; the anchor's own
+    block set to 0 after the draw; ``m pi`` in expected mode), ``L_aug``'s one Bernoulli per
+    cell, all from one :class:`_ByteStream` (both directions' columns in one
+    :func:`binomial_draws`, then ``L_aug``, each followed by its ties' uniforms), and the three negative masses come from one exponential
+    written over the kernel's buffer. Returns the terms of ``strategy.terms`` with each mass
+    attached (``fast_log_mass``)."""
     from hardneg.strategies.potential import _with_cells
 
     z1, z2 = inputs.z1, inputs.z2
@@ -1806,6 +1958,8 @@ def potential_in_batch_terms(strategy, inputs, context):
     zn = aug.anchors
     bernoulli = strategy.sample == "bernoulli"
     clamp = strategy.clamp
+    use_aug = strategy.aug_weight > 0
+    raw = strategy.select_on == "raw"
     with torch.no_grad():
         gd = g.detach()
         # the kernel exp(-a (s - s+ - b)^2) on s / t: coefficient -a t^2, shift (s+ + b) / t
@@ -1819,118 +1973,128 @@ def potential_in_batch_terms(strategy, inputs, context):
         nb2 = _top_few(gd[:n, :n], num) if num > 0 else rows.new_zeros(n, 0)
         blocks1 = torch.cat([rows.unsqueeze(1), nb1.to(rows.device)], dim=1)
         blocks2 = torch.cat([rows.unsqueeze(1), nb2.to(rows.device)], dim=1)
-        own = torch.zeros(n, 2 * n, dtype=torch.bool, device=g.device)
-        own[:, :n].scatter_(1, blocks1, True)
-        own[:, n:].scatter_(1, blocks2, True)
-        trials = torch.cat(
-            [
-                torch.bincount(blocks1.reshape(-1), minlength=n),
-                torch.bincount(blocks2.reshape(-1), minlength=n),
-            ]
-        )
-        multiplicity = trials.to(g.dtype).repeat(n, 1)  # 0 on each anchor's own block
-        multiplicity[:, :n].scatter_(1, blocks1, 0.0)
-        multiplicity[:, n:].scatter_(1, blocks2, 0.0)
-        use_aug = strategy.aug_weight > 0
-        raw = strategy.select_on == "raw"
-        if use_aug and raw:  # the code's kernel on unnormalised dot products
+        trials1 = torch.bincount(blocks1.reshape(-1), minlength=n)
+        trials2 = torch.bincount(blocks2.reshape(-1), minlength=n)
+        own1, own2 = blocks1.reshape(-1), blocks2.reshape(-1)  # [N (K+1)] rows (key) of ...
+        anchor_of = rows.repeat_interleave(num + 1)  # ... each anchor's own block
+        aug_values, aug_shift, aug_coef = gd, shift, coef
+        if use_aug and raw:  # the code's kernel on unnormalised dot products (symmetric too)
             x = torch.cat([z1, z2]).detach().to(g.dtype)
             aug_values = x @ x.T
             aug_shift, aug_coef = (x * x.roll(n, dims=0)).sum(dim=1) + strategy.b, -strategy.a
             aug_values.masked_fill_(~aug.mask(), float("-inf"))
-        else:
-            aug_values, aug_shift, aug_coef = gd, shift, coef
         # the mined terms read L_aug's kernel on the same blocks (select_on='cosine')
         shared = use_aug and not raw
-        if bernoulli:
-            cap = min(255.0, 256.0 * clamp)
-            kept_aug = need_aug = None
-            if use_aug:  # the kernel's float buffer takes L_aug's draws later
-                kernel_aug = _kernel(aug_values, aug_shift, aug_coef, scale=256.0, cap=cap)
-                need_aug = _to_bytes(kernel_aug)
-            if shared:
-                need_by_column = torch.cat([need_aug[:n, n:].T, need_aug[n:, :n].T])
-            else:
-                need_by_column = torch.cat(
-                    [
-                        _kernel(gd[:n, n:], shift[:n], coef, scale=256.0, cap=cap).T,
-                        _kernel(gd[n:, :n], shift[n:], coef, scale=256.0, cap=cap).T,
-                    ]
-                )
-                need_by_column = _to_bytes(need_by_column)
-            # [2N, N]: direction 1's columns, then direction 2's; 0 on each anchor's own block
-            anchor_of = rows.repeat_interleave(num + 1)
-            need_by_column[blocks1.reshape(-1), anchor_of] = 0
-            need_by_column[blocks2.reshape(-1) + n, anchor_of] = 0
-
-            def mined_p256(column: Tensor, anchor: Tensor) -> Tensor:
-                # direction 1 (column c < N): G[a, N + c]; direction 2: G[N + a, c - N], the
-                # flat position 2N a + c + N plus 2N^2 - 2N
-                second = (column >= n).long()
-                flat = anchor * (2 * n) + column + n + second * (2 * n * n - 2 * n)
-                r = anchor + second * n
-                p256 = 256.0 * _kernel_at(gd.reshape(-1)[flat], shift[r], coef, clamp)
-                return p256.masked_fill_(own[anchor, column], 0.0)  # own block: no negative
-
-            by_column = binomial_draws(need_by_column, trials, mined_p256, context.generator)
-            counts = torch.empty(n, 2 * n, dtype=g.dtype, device=g.device)
-            counts[:, :n].copy_(by_column[:n].T)
-            counts[:, n:].copy_(by_column[n:].T)
-            if use_aug:
-                kept_aug = _aug_draws(
-                    need_aug, aug_values, aug_shift, aug_coef, clamp, context.generator, kernel_aug
-                )
+        # bernoulli: 256 pi, whose bytes floor(256 pi) (255 at most) are the thresholds and whose
+        # fraction above them settles a tie (read from this buffer)
+        scale, cap = (256.0, 256.0 * clamp) if bernoulli else (1.0, clamp)
+        # column layout: entry (x, y) around the centre of the anchor y
+        whole = None  # L_aug's kernel [2N, 2N]; after the draws, the exponentials' buffer
+        if use_aug:
+            whole = _kernel(aug_values, aug_shift, aug_coef, scale=scale, cap=cap, columns=True)
+        if shared:
+            k1, k2 = whole[n:, :n], whole[:n, n:]  # [key, anchor] of each direction
         else:
-            pi_aug = _kernel(aug_values, aug_shift, aug_coef, cap=clamp) if use_aug else None
+            k1 = _kernel(gd[n:, :n], shift[:n], coef, scale=scale, cap=cap, columns=True)
+            k2 = _kernel(gd[:n, n:], shift[n:], coef, scale=scale, cap=cap, columns=True)
+        if bernoulli:
+            need = _to_bytes(whole) if use_aug else None
+            # both directions in one call: columns 0..N-1 direction 1's keys, N..2N-1 direction
+            # 2's; shared, row 2x + h of need.view(4N, N) is need[x, hN:(h + 1)N]
             if shared:
-                mined_pi = torch.cat([pi_aug[:n, n:], pi_aug[n:, :n]], dim=1)
+                need_cols, source = need.view(4 * n, n), torch.cat([2 * (n + rows), 2 * rows + 1])
             else:
-                mined_pi = torch.cat(
-                    [
-                        _kernel(gd[:n, n:], shift[:n], coef, cap=clamp),
-                        _kernel(gd[n:, :n], shift[n:], coef, cap=clamp),
-                    ],
-                    dim=1,
+                need_cols, source = torch.cat([_to_bytes(k1), _to_bytes(k2)]), None
+
+            def p256_mined(column: Tensor, anchor: Tensor) -> Tensor:  # the kernel's 256 pi
+                c = column % n
+                return torch.where(column < n, k1[c, anchor], k2[c, anchor])
+
+            def p256_aug(at: Tensor) -> Tensor:  # read before the draws overwrite the kernel
+                return whole.view(-1)[at]
+
+            stream = _ByteStream(context.generator, g.device, _CHUNK)
+            w = binomial_draws(
+                need_cols,
+                torch.cat([trials1, trials2]),
+                p256_mined,
+                context.generator,
+                rows=source,
+                stream=stream,
+            )
+            w1, w2 = w[:n], w[n:]
+            del need_cols, k1, k2, w
+            kept_aug = None
+            if use_aug:  # the kernel is spent: its float buffer takes L_aug's draws
+                kept_aug = bernoulli_draws(
+                    need, p256_aug, context.generator, out=whole, stream=stream
                 )
-            counts = mined_pi.mul_(multiplicity)  # 0 on each anchor's own block
-            kept_aug = pi_aug
-    blocks = [(0, n, n, 2 * n), (n, 2 * n, 0, n)]
-    weights = [counts[:, :n], counts[:, n:]]
+            del need
+        else:
+            w1 = k1 * trials1.to(k1.dtype).unsqueeze(1) if shared else k1.mul_(trials1.unsqueeze(1))
+            w2 = k2 * trials2.to(k2.dtype).unsqueeze(1) if shared else k2.mul_(trials2.unsqueeze(1))
+            kept_aug = whole
+        # the anchor's own block holds its positives, no negatives (drawn, then dropped)
+        w1[own1, anchor_of] = 0
+        w2[own2, anchor_of] = 0
+        whole = None  # (kept_aug holds it now)
+    blocks = [(n, 2 * n, 0, n), (0, n, n, 2 * n)]  # [keys, anchors] of each direction
+    weights = [w1, w2]
     if kept_aug is not None:
         blocks.append((0, 2 * n, 0, 2 * n))
         weights.append(kept_aug)
+    del w1, w2, kept_aug
     reads = []
     if strategy.weighting == "hard" and num > 0:  # the mined positives' logits, read from G
         reads = [(0, n, nb1), (n, 0, nb2)]
-    # the weights are this call's own buffers: the products overwrite them
-    masses = block_log_masses(g, blocks, weights, reads, bound=1.0 / t, scratch=True)
+    # cosine logits, |c| <= 1 / t; the weights are this call's own buffers: the float products
+    # overwrite them, the counts' get their own
+    masses = block_log_masses(g, blocks, weights, reads, bound=1.0 / t, scratch=True, dim=0)
+    del weights
     extra = masses[len(blocks) :] if reads else (None, None)
     out = []
-    terms = ((0, (0, n), nb1, blocks1, inputs.h1), (1, (n, 0), nb2, blocks2, inputs.h2))
-    for d, (r0, c0), nb, own_block, h in terms:
-        # (a copy and a scatter over each anchor's own block: no [N, N] mask passes)
-        negative = torch.ones(n, n, dtype=torch.bool, device=g.device).scatter_(1, own_block, False)
-        negative_logits = g[r0 : r0 + n, c0 : c0 + n].scatter(1, own_block, float("-inf"))
+    terms = (
+        (0, (0, n), nb1, blocks1, trials1, inputs.h1),
+        (1, (n, 0), nb2, blocks2, trials2, inputs.h2),
+    )
+    for d, (r0, c0), nb, own_block, trials, h in terms:
         anchors, columns = zn[r0 : r0 + n], zn[c0 : c0 + n]
-        mined = _with_cells(
+
+        # the dense fields the loss never reads, made on first read (a copy and a scatter
+        # over each anchor's own block: no [N, N] mask passes)
+        def negative(own_block=own_block):
+            mask = torch.ones(n, n, dtype=torch.bool, device=g.device)
+            return mask.scatter_(1, own_block, False)
+
+        def negative_logits(r0=r0, c0=c0, own_block=own_block):
+            return g[r0 : r0 + n, c0 : c0 + n].scatter(1, own_block, float("-inf"))
+
+        def multiplicity(trials=trials, own_block=own_block):
+            with torch.no_grad():  # the cells of each column, 0 on the anchor's own block
+                return trials.to(g.dtype).repeat(n, 1).scatter_(1, own_block, 0.0)
+
+        lazy = {
+            "negative_mask": negative,
+            "negative_logits": negative_logits,
+            "multiplicity": multiplicity,
+        }
+        mined = _lazy_cells(
             aug,
+            lazy,
             anchors=anchors,
             columns=columns,
             positives=columns.unsqueeze(1),
             positive_logits=aug.positive_logits[r0 : r0 + n],
             positive_weight=aug.positive_weight[r0 : r0 + n],
             positive_index=rows.unsqueeze(1),
-            negative_logits=negative_logits,
-            negative_mask=negative,
             num_negatives=n - 1 - num,
-            multiplicity=multiplicity[:, d * n : (d + 1) * n],
             neighbours=nb,
             anchor_features=h,
             fast_log_mass=masses[d],
             fast_extra_positive_logits=extra[d],
         )
         out.append((0.5, mined, "mined"))
-    if kept_aug is not None:
+    if use_aug:
         out.append((strategy.aug_weight, _with_cells(aug, fast_log_mass=masses[2]), "aug"))
     return out
 
@@ -1940,6 +2104,51 @@ def _safe_logaddexp(a: Tensor, b: Tensor) -> Tensor:
     kept = torch.isfinite(a) | torch.isfinite(b)
     out = torch.logaddexp(torch.where(kept, a, 0.0), torch.where(kept, b, 0.0))
     return out.masked_fill(~kept, float("-inf"))
+
+
+class _LazyField:
+    """A field of :func:`_lazy_cells`' contrast sets: its value is made by the instance's thunk
+    for it on first read, then kept (a set value is kept as given)."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        values = obj.__dict__
+        if self.name not in values:
+            values[self.name] = values["_lazy"].pop(self.name)()
+        return values[self.name]
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.name] = value
+
+
+_LAZY_CLASS: list = []  # the class of _lazy_cells, made once (it subclasses CellContrast)
+_LAZY_FIELDS = ("negative_logits", "negative_mask", "num_negatives", "multiplicity")
+
+
+def _lazy_cells(contrast, lazy: dict, **extra):
+    """``potential``'s ``_with_cells(contrast, **extra)`` whose fields named in ``lazy`` (some of
+    ``negative_logits``, ``negative_mask``, ``num_negatives``, ``multiplicity``) are made by
+    their thunks on first read: the fused fast paths' dense ``[A, C]`` fields that the InfoNCE
+    loss never reads (it takes ``fast_log_mass``), so that a loss step allocates and fills none
+    of them; any reader (a test, soft weights) gets the values of the eager fields."""
+    from dataclasses import fields
+
+    from hardneg.strategies.potential import CellContrast, _with_cells
+
+    if not _LAZY_CLASS:
+        namespace = {name: _LazyField() for name in _LAZY_FIELDS}
+        _LAZY_CLASS.append(type("LazyCellContrast", (CellContrast,), namespace))
+    eager = _with_cells(contrast, **{k: v for k, v in extra.items() if k not in lazy})
+    out = object.__new__(_LAZY_CLASS[0])
+    out.__dict__["_lazy"] = dict(lazy)
+    for f in fields(CellContrast):
+        if f.name not in lazy:
+            setattr(out, f.name, getattr(eager, f.name))
+    return out
 
 
 def potential_pool_fits(strategy, inputs, context) -> bool:
@@ -1967,18 +2176,21 @@ def potential_pool_terms(strategy, inputs, context):
     Plain twin: ``PotentialMining.mined`` (the mined logits ``q [k; bank]^T`` ``[N, N + Q]``, the
     keep probabilities and one draw per column over all of them) and
     ``PotentialMining.augmentation``. Here only the columns that hold a cell are touched: the
-    keys, read from ``L_aug``'s Gram matrix ``G`` of ``[q; k]`` (its block ``G[:N, N:]``, whose
-    diagonal, the partners, is already ``-inf``), and the ``U`` bank rows that are some key's
-    neighbour (a bank row in no block is no negative: its probability and draw are never
-    needed), through one product ``q bank[U]^T`` ``[N, U]``. Per column ``u`` of ``U`` with
-    ``m_u`` cells, anchor ``i`` draws ``Binomial(m_u - own_iu, pi_iu)`` (its own block's cell is a
-    positive; ``exclude_index`` drops the column) as one Bernoulli layer where ``own_iu = 0``
-    (:func:`bernoulli_draws`) plus ``Binomial(m_u - 1, pi_iu)`` (:func:`binomial_draws`); the keys
-    one Bernoulli each. Draw order: the keys (row-major), the bank's first layer, its other
-    layers, then ``L_aug``'s cells (the in-batch order of :func:`potential_in_batch_terms`).
-    The masses: the keys' and ``L_aug``'s from one exponential of ``G``, the bank's with the
-    mined positives' logits from one of ``q bank[U]^T`` (:func:`block_log_masses`), summed per
-    anchor. Returns the terms of ``strategy.terms`` with each mass attached."""
+    keys, read from ``L_aug``'s Gram matrix ``G`` of ``[q; k]``, and the ``U`` bank rows that are
+    some key's neighbour (a bank row in no block is no negative: its probability and draw are
+    never needed), through one product ``q bank[U]^T`` ``[N, U]``. ``L_aug`` and the keys are
+    laid out as in :func:`potential_in_batch_terms` (anchors as the columns of the symmetric
+    ``G``: one kernel pass gives ``L_aug``'s cells and, as its block ``[N:, :N]``, the keys'; the
+    partners, the own keys, are ``-inf`` there); the bank with the anchors as rows, its columns
+    ordered by their number of cells (most first). Per column ``u`` of ``U`` with ``m_u``
+    cells, anchor ``i`` draws ``Binomial(m_u - own_iu, pi_iu)`` (its own block's cell is a
+    positive; ``exclude_index`` drops the column) by layers (:func:`layer_draws`, layer 0
+    skipping the own cells); the keys one Bernoulli each. Draw order, from one
+    :class:`_ByteStream`: the keys, the bank's layers, then ``L_aug``'s cells, each followed by
+    its ties' uniforms. The masses: the keys' and ``L_aug``'s from one exponential of ``G``
+    (column sums), the bank's with the mined positives' logits from one of ``q bank[U]^T``
+    (:func:`block_log_masses`), each written over its kernel's buffer, summed per anchor.
+    Returns the terms of ``strategy.terms`` with each mass attached."""
     from hardneg.strategies.potential import _with_cells
 
     q, k, pool, exclude = inputs.z1, inputs.z2, inputs.negatives, inputs.exclude_index
@@ -1998,13 +2210,19 @@ def potential_pool_terms(strategy, inputs, context):
         # the neighbour look-up of the plain form: each key among the bank (cosine)
         key = F.normalize(k.detach().to(g.dtype), dim=1)
         bank = F.normalize(pool.detach().to(g.dtype), dim=1)
-        lookup = key @ bank.T
         if exclude is not None:
             exclude = exclude.to(device=g.device, dtype=torch.long)
-            lookup[rows, exclude] = float("-inf")  # nor its sample's own bank entry
         num = min(strategy.num_neighbors, bank.shape[0] - int(exclude is not None))
-        nb = _top_few(lookup, num).to(g.device) if num > 0 else rows.new_zeros(n, 0)
-        del lookup
+        nb = rows.new_zeros(n, 0)
+        if num > 0:  # key @ bank^T a block of rows at a time (no [N, Q] buffer)
+            nb = torch.empty(n, num, dtype=torch.long, device=g.device)
+            step = max(1, _BLOCK // max(1, bank.shape[0]))
+            for s0 in range(0, n, step):
+                lookup = key[s0 : s0 + step] @ bank.T
+                if exclude is not None:  # nor its sample's own bank entry
+                    lookup[rows[: lookup.shape[0]], exclude[s0 : s0 + step]] = float("-inf")
+                nb[s0 : s0 + step] = _top_few(lookup, num)
+            del lookup
         # the bank rows in some block, U of them, ordered by their number of cells (most
         # first, ties by row): the columns with more than r cells are then the first c_r
         cells = torch.bincount(nb.reshape(-1), minlength=bank.shape[0])
@@ -2025,75 +2243,70 @@ def potential_pool_terms(strategy, inputs, context):
     with torch.no_grad():
         pd = p.detach()
         aug_values, aug_shift, aug_coef = gd, shift, coef
-        if use_aug and raw:  # the code's kernel on unnormalised dot products
+        if use_aug and raw:  # the code's kernel on unnormalised dot products (symmetric too)
             x = torch.cat([q, k]).detach().to(g.dtype)
             aug_values = x @ x.T
             aug_shift, aug_coef = (x * x.roll(n, dims=0)).sum(dim=1) + strategy.b, -strategy.a
             aug_values.masked_fill_(~aug.mask(), float("-inf"))
-        shared = use_aug and not raw  # the keys' kernel is L_aug's on the block G[:N, N:]
-        kept_aug = None
-        if bernoulli:
-            cap = min(255.0, 256.0 * clamp)
-            need_aug = None
-            if use_aug:  # the kernel's float buffer takes L_aug's draws later
-                kernel_aug = _kernel(aug_values, aug_shift, aug_coef, scale=256.0, cap=cap)
-                need_aug = _to_bytes(kernel_aug)
-            if shared:
-                need_keys = need_aug[:n, n:].contiguous()
-            else:
-                need_keys = _to_bytes(_kernel(gd[:n, n:], shift[:n], coef, scale=256.0, cap=cap))
-
-            def keys_p256(at: Tensor) -> Tensor:
-                r, c = at // n, at % n
-                return 256.0 * _kernel_at(gd[r, c + n], shift[r], coef, clamp)
-
-            counts_keys = bernoulli_draws(need_keys, keys_p256, context.generator, dtype=g.dtype)
-            need = _to_bytes(_kernel(pd, shift[:n], coef, scale=256.0, cap=cap))  # [N, U]
-            if gone is not None:
-                need[rows[gone >= 0], gone[gone >= 0]] = 0
-
-            def pool_p256(width: int, first: bool):
-                def p256_at(at: Tensor) -> Tensor:  # at: flat positions in [N, width]
-                    r, c = at // width, at % width
-                    p256 = 256.0 * _kernel_at(pd[r, c], shift[r], coef, clamp)
-                    if gone is not None:
-                        p256.masked_fill_(gone[r] == c, 0.0)
-                    return p256.masked_fill_(own[r, c], 0.0) if first else p256
-
-                return p256_at
-
-            # layer r draws one cell of each column with more than r cells; the first layer
-            # skips each anchor's own block (that cell is a positive), the others do not
-            later = [(r, int((trials > r).sum())) for r in range(1, int(trials[0]) if u else 1)]
-            later_need = [need[:, :width].contiguous() for _, width in later]
-            need.masked_fill_(own, 0)
-            counts_pool = bernoulli_draws(
-                need, pool_p256(u, True), context.generator, dtype=g.dtype
-            )
-            for (_, width), need_r in zip(later, later_need):
-                kept = bernoulli_draws(need_r, pool_p256(width, False), context.generator)
-                counts_pool[:, :width] += kept
-            if use_aug:
-                kept_aug = _aug_draws(
-                    need_aug, aug_values, aug_shift, aug_coef, clamp, context.generator, kernel_aug
-                )
+        shared = use_aug and not raw  # the keys' kernel is L_aug's on the block G[N:, :N]
+        # bernoulli: 256 pi, whose bytes floor(256 pi) (255 at most) are the thresholds and whose
+        # fraction above them settles a tie (read from this buffer)
+        scale, cap = (256.0, 256.0 * clamp) if bernoulli else (1.0, clamp)
+        whole = None  # L_aug's kernel, column layout; after the draws the exponentials' buffer
+        if use_aug:
+            whole = _kernel(aug_values, aug_shift, aug_coef, scale=scale, cap=cap, columns=True)
+        if shared:
+            keys = whole[n:, :n]  # [key, anchor]; the own key (the partner) is -inf: 0
         else:
-            pi_aug = _kernel(aug_values, aug_shift, aug_coef, cap=clamp) if use_aug else None
-            if shared:
-                counts_keys = pi_aug[:n, n:].clone()
-            else:
-                counts_keys = _kernel(gd[:n, n:], shift[:n], coef, cap=clamp)
-            counts_pool = _kernel(pd, shift[:n], coef, cap=clamp)
-            counts_pool.mul_(trials.to(pd.dtype) - own.to(pd.dtype))
-            if gone is not None:
-                counts_pool[rows[gone >= 0], gone[gone >= 0]] = 0.0
-            kept_aug = pi_aug
-    blocks, weights = [(0, n, n, 2 * n)], [counts_keys]
+            keys = _kernel(gd[n:, :n], shift[:n], coef, scale=scale, cap=cap, columns=True)
+        kp = _kernel(pd, shift[:n], coef, scale=scale, cap=cap)  # [N, U], anchors as rows
+        if bernoulli:
+            need = _to_bytes(whole) if use_aug else None
+            need_keys = need[n:, :n].contiguous() if shared else _to_bytes(keys)
+            need_pool = _to_bytes(kp)
+
+            # 256 pi at a tie, read from the kernels' buffers (before the draws overwrite them)
+            def keys_p256(at: Tensor) -> Tensor:  # flat positions of [key, anchor]
+                return keys[at // n, at % n]
+
+            def pool_p256(r: Tensor, c: Tensor) -> Tensor:
+                return kp[r, c]
+
+            def aug_p256(at: Tensor) -> Tensor:
+                return whole.view(-1)[at]
+
+            stream = _ByteStream(context.generator, g.device, _CHUNK)
+            counts_keys = bernoulli_draws(
+                need_keys, keys_p256, context.generator, dtype=g.dtype, stream=stream
+            )
+            del need_keys, keys
+            drawn = layer_draws(
+                need_pool, trials, pool_p256, context.generator, skip_first=own, stream=stream
+            )
+            del need_pool
+            counts_pool = kp.copy_(drawn)  # the kernels are spent: their buffers take the draws
+            del drawn
+            kept_aug = None
+            if use_aug:
+                kept_aug = bernoulli_draws(
+                    need, aug_p256, context.generator, out=whole, stream=stream
+                )
+            del need
+        else:
+            counts_keys = keys.clone() if shared else keys
+            counts_pool = kp.mul_(trials.to(pd.dtype) - own.to(pd.dtype))
+            kept_aug = whole
+        if gone is not None:  # the excluded entry's cells are no negatives
+            counts_pool[rows[gone >= 0], gone[gone >= 0]] = 0
+        whole = kp = None  # (the weights hold them now)
+    blocks, weights = [(n, 2 * n, 0, n)], [counts_keys]
     if kept_aug is not None:
         blocks.append((0, 2 * n, 0, 2 * n))
         weights.append(kept_aug)
+    del counts_keys, kept_aug
     # cosine logits, |c| <= 1 / t; the weights are this call's own buffers (scratch)
-    key_masses = block_log_masses(g, blocks, weights, bound=1.0 / t, scratch=True)
+    key_masses = block_log_masses(g, blocks, weights, bound=1.0 / t, scratch=True, dim=0)
+    del weights
     hard = strategy.weighting == "hard" and num > 0
     if u > 0:
         reads = [(0, 0, nbu)] if hard else []
@@ -2103,40 +2316,63 @@ def potential_pool_terms(strategy, inputs, context):
         mass = _safe_logaddexp(key_masses[0], pool_masses[0])
     else:  # K = 0: no bank row holds a cell
         mass = key_masses[0]
-    with torch.no_grad():  # the columns [k; bank[U]] of the contrast set, their cells per anchor
-        multiplicity = torch.empty(n, n + u, dtype=g.dtype, device=g.device)
-        multiplicity[:, :n] = 1.0
-        multiplicity[rows, rows] = 0.0  # the own key is the positive
-        multiplicity[:, n:] = trials.to(g.dtype)
-        # the own block's cell is no negative; nor is the excluded bank entry
-        off_rows, off_cols = rows.repeat_interleave(nbu.shape[1]), n + nbu.reshape(-1)
-        multiplicity[off_rows, off_cols] -= 1.0
-        if gone is not None:
-            off_rows = torch.cat([off_rows, rows[gone >= 0]])
-            off_cols = torch.cat([off_cols, n + gone[gone >= 0]])
-            multiplicity[rows[gone >= 0], n + gone[gone >= 0]] = 0.0
-        dropped = multiplicity[off_rows, off_cols] == 0
-        off_rows, off_cols = off_rows[dropped], off_cols[dropped]
-        negative = multiplicity > 0
-    # the partners (own keys) are -inf in G already; the few dropped bank entries set here
-    logits = torch.cat([g[:n, n:], p], dim=1)
-    minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
-    logits.index_put_((off_rows, off_cols), minus_inf)
+    del counts_pool
+    # the columns [k; bank[U]] of the contrast set and their dense fields, which the loss never
+    # reads: made on first read
+    cells = {}
+
+    def multiplicity() -> Tensor:  # each column's cells per anchor
+        if "m" in cells:
+            return cells["m"]
+        with torch.no_grad():
+            m = torch.empty(n, n + u, dtype=g.dtype, device=g.device)
+            m[:, :n] = 1.0
+            m[rows, rows] = 0.0  # the own key is the positive
+            m[:, n:] = trials.to(g.dtype)
+            # the own block's cell is no negative; nor is the excluded bank entry
+            off_rows, off_cols = rows.repeat_interleave(nbu.shape[1]), n + nbu.reshape(-1)
+            m[off_rows, off_cols] -= 1.0
+            if gone is not None:
+                off_rows = torch.cat([off_rows, rows[gone >= 0]])
+                off_cols = torch.cat([off_cols, n + gone[gone >= 0]])
+                m[rows[gone >= 0], n + gone[gone >= 0]] = 0.0
+            dropped = m[off_rows, off_cols] == 0
+            cells.update(m=m, off=(off_rows[dropped], off_cols[dropped]))
+        return m
+
+    def negative() -> Tensor:
+        if "negative" not in cells:
+            cells["negative"] = multiplicity() > 0
+        return cells["negative"]
+
+    def negative_logits() -> Tensor:
+        multiplicity()
+        # the partners (own keys) are -inf in G already; the few dropped bank entries set here
+        logits = torch.cat([g[:n, n:], p], dim=1)
+        minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+        return logits.index_put_(cells["off"], minus_inf)
+
+    def num_negatives() -> Tensor:
+        # (a bool sum accumulates in int64 element by element: 10x slower than in int32)
+        return negative().view(torch.uint8).sum(dim=1, dtype=torch.int32).long()
+
+    lazy = {
+        "multiplicity": multiplicity,
+        "negative_mask": negative,
+        "negative_logits": negative_logits,
+        "num_negatives": num_negatives,
+    }
     column_index = torch.cat([rows, n + held])  # in the plain form's [k; bank]
     columns = torch.cat([zn[n:], held_rows.to(zn.dtype)])
-    mined = _with_cells(
+    mined = _lazy_cells(
         aug,
+        lazy,
         anchors=zn[:n],
         columns=columns,
         positives=zn[n:].unsqueeze(1),
         positive_logits=aug.positive_logits[:n],
         positive_weight=aug.positive_weight[:n],
         positive_index=rows.unsqueeze(1),
-        negative_logits=logits,
-        negative_mask=negative,
-        # (a bool sum accumulates in int64 element by element: 10x slower than in int32)
-        num_negatives=negative.view(torch.uint8).sum(dim=1, dtype=torch.int32).long(),
-        multiplicity=multiplicity,
         neighbours=nbu + n,
         column_index=column_index,
         anchor_features=inputs.h1,
@@ -2144,6 +2380,6 @@ def potential_pool_terms(strategy, inputs, context):
         fast_extra_positive_logits=pool_masses[1] if hard else None,
     )
     out = [(1.0, mined, "mined")]
-    if kept_aug is not None:
+    if use_aug:
         out.append((strategy.aug_weight, _with_cells(aug, fast_log_mass=key_masses[1]), "aug"))
     return out

@@ -49,8 +49,9 @@ outside ``torch.compile``) draws each column's count of kept cells instead,
 In-batch (two views, no ``ids``, cosine logits, InfoNCE) the fast path builds all three terms
 from the one Gram matrix of ``[z1; z2]`` (:func:`hardneg.fastpaths.potential_in_batch_terms`):
 the neighbours, logits and keep probabilities are read from it, and the draws are random bytes
-against ``floor(256 pi)`` with a uniform on a tie (same law, other draws). With a bank (cosine
-logits, InfoNCE, no ``pool_as_negatives``) the fast path
+against ``floor(256 pi)`` with a uniform on a tie (same law, other draws; one byte stream per
+call, on CPU numpy's ``PCG64`` seeded by the generator: docs/deviations.md, D-X9). With a bank
+(cosine logits, InfoNCE, no ``pool_as_negatives``) the fast path
 (:func:`hardneg.fastpaths.potential_pool_terms`) touches only the keys, read from ``L_aug``'s
 Gram matrix, and the bank rows that sit in some block (the others are no candidates), with
 the same byte draws, layer by layer.
