@@ -201,6 +201,14 @@ def test_demo_re_seeds_one_strategy_for_the_noise_and_prints_the_verdict(
     assert "--reseed infonce is not among --strategies" in capsys.readouterr().err
 
 
+def test_potential_is_described_by_its_mined_term():
+    assert compare_cmd.described_negatives(config("hcl"), "hcl") == 2 * 256 - 2
+    assert compare_cmd.described_negatives(config("potential"), "potential") == 256 - 1
+    assert (
+        compare_cmd.described_negatives(config("potential", framework="moco"), "potential") is None
+    )
+
+
 def test_available_negatives_per_framework():
     assert compare_cmd.available_negatives(config("hcl")) == 2 * 256 - 2  # in-batch, 2B - 2
     assert compare_cmd.available_negatives(config("hcl", framework="moco")) == 4096

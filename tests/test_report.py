@@ -201,7 +201,7 @@ def test_verdict_measures_the_seed_noise_and_separates_only_larger_gaps(tmp_path
     from hardneg.report import verdict_lines
 
     knn = {"infonce": 80.0, "hcl": 81.0, "potential": 72.0}
-    eff = {"infonce": 510.0, "hcl": 400.0, "potential": 996.0}
+    eff = {"infonce": 510.0, "hcl": 400.0, "potential": 600.0}
     records = verdict_records(tmp_path, knn, eff)
     reseed_run = fabricate_run(tmp_path / "infonce" / "seed1")
     reseed = RunRecord(
@@ -221,8 +221,24 @@ def test_verdict_measures_the_seed_noise_and_separates_only_larger_gaps(tmp_path
     assert "still rising" in text
     assert "uniform over all 510 negatives" in text  # infonce
     assert "400 effective negatives (78% of 510)" in text  # hcl
-    assert "996 effective negatives, more than the 510 that exist" in text  # potential: why
-    assert "counted once per block" in text
+    assert "600 effective negatives, more than the 510 that exist" in text  # potential
+    assert "it counts weighted copies of some negatives" in text
+
+
+def test_each_strategy_is_measured_against_the_negatives_of_the_term_it_describes(tmp_path):
+    """potential's diagnostics describe its mined term (the other B - 1 keys), not SimCLR's
+    2B - 2 negatives: its share is of its own count; a strategy with no count gets none."""
+    from hardneg.report import verdict_lines
+
+    knn = {"infonce": 80.0, "potential": 79.0, "mochi": 79.5}
+    eff = {"infonce": 510.0, "potential": 189.0, "mochi": 300.0}
+    records = verdict_records(tmp_path, knn, eff)
+    available = {"infonce": 510, "potential": 255, "mochi": None}
+    text = "\n".join(verdict_lines(records, available_negatives=available))
+    assert "out of the negatives each anchor has in the term they describe" in text
+    assert "uniform over all 510 negatives" in text  # infonce
+    assert "189 effective negatives (74% of 255)" in text  # potential: 189 / 255
+    assert "300 effective negatives" in text and "300 effective negatives (" not in text
 
 
 def test_verdict_uses_the_spread_over_seeds_when_there_are_several(tmp_path):

@@ -351,8 +351,9 @@ def compare(
         if values:
             in_batch.append(f"{strategy} " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
     available = available_negatives(first)
+    described = {s: described_negatives(first, s) for s in strategies}
     verdict = verdict_lines(
-        records, reseeded=reseeded, available_negatives=available, epochs=first.train.epochs
+        records, reseeded=reseeded, available_negatives=described, epochs=first.train.epochs
     )
     notes = [
         f"base config: {base_config or 'defaults'}; {first.train.epochs} epochs, batch "
@@ -366,8 +367,14 @@ def compare(
                 f"eff. negatives: Kish effective number (sum w)^2 / sum w^2 of the sampling "
                 f"weights; each anchor has {available} negatives"
                 + (
-                    "; potential counts cells of its mined blocks (a key that is a neighbour of "
-                    "several keys counts once per block), so its number can exceed them"
+                    "; potential describes its mined term: its negatives are the other keys of "
+                    "the batch (with a queue or bank, also the rows of the mined blocks), each "
+                    "weighted by its count of kept cells"
+                    + (
+                        f", {described['potential']} per anchor here"
+                        if described.get("potential")
+                        else ""
+                    )
                     if "potential" in strategies
                     else ""
                 )
@@ -403,6 +410,16 @@ def available_negatives(cfg) -> int | None:
     if isinstance(framework.bank_negatives, int):
         return framework.bank_negatives
     return None
+
+
+def described_negatives(cfg, strategy: str) -> int | None:
+    """The negatives per anchor of the term a strategy's diagnostics describe: those of
+    :func:`available_negatives`, except potential's, whose diagnostics describe its mined term
+    (anchors one view, columns the other view's keys): ``B - 1`` in-batch, not a fixed number
+    with a queue or bank (the bank rows count only inside mined blocks)."""
+    if strategy == "potential":
+        return cfg.train.batch_size - 1 if cfg.framework.name == "simclr" else None
+    return available_negatives(cfg)
 
 
 def check_out_folder(out: Path, planned: Sequence[tuple[str, int]]) -> None:

@@ -14,19 +14,13 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from hardneg.report.runs import history_column
 from hardneg.report.table import RunRecord, run_values
 
 MIN_SEED_STD = 1.0  # kNN top-1 points; see the module docstring
-# effective negatives above the negatives that exist: why, per strategy
-COUNTED_PER_CELL = {
-    "potential": "it counts grid cells (anchor, member of another sample's mined block): a key "
-    "that is a mined neighbour of several keys is counted once per block, so the number can "
-    "exceed the distinct negatives",
-}
 
 
 @dataclass
@@ -87,10 +81,14 @@ def verdict_lines(
     records: Sequence[RunRecord],
     *,
     reseeded: Sequence[RunRecord] = (),
-    available_negatives: int | None = None,
+    available_negatives: int | Mapping[str, int | None] | None = None,
     epochs: int | None = None,
 ) -> list[str]:
-    """Markdown bullet lines (``- ...``, sub-points indented) of the verdict."""
+    """Markdown bullet lines (``- ...``, sub-points indented) of the verdict.
+
+    ``available_negatives``: how many negatives each anchor has, one number for every strategy
+    or one per strategy (a strategy whose diagnostics describe another set of columns, such as
+    potential's mined term: the other keys only)."""
     groups: dict[str, list[dict[str, float]]] = {}
     histories: dict[str, list] = {}
     for record in records:
@@ -186,7 +184,7 @@ def _last_rise(histories) -> float | None:
     return statistics.fmean(rises) if rises else None
 
 
-def _negatives(groups, mean, available: int | None) -> list[str]:
+def _negatives(groups, mean, available_negatives) -> list[str]:
     """One sub-bullet per strategy: how many negatives count, same-class mass, hardness."""
     rows = {
         s: (
@@ -199,19 +197,26 @@ def _negatives(groups, mean, available: int | None) -> list[str]:
     if all(math.isnan(v[0]) and math.isnan(v[1]) for v in rows.values()):
         return []
     uniform = rows.get("infonce", (math.nan, math.nan, math.nan))[1]
+    per_strategy = isinstance(available_negatives, Mapping)
+    shared = None if per_strategy else available_negatives
     lines = [
         "- What the diagnostics show about the negatives (last epoch; labels used for analysis "
         "only; *effective negatives* = (sum w)^2 / sum w^2 of the sampling weights"
-        + (f", out of the {available} negatives each anchor has" if available else "")
+        + (f", out of the {shared} negatives each anchor has" if shared else "")
+        + (
+            ", out of the negatives each anchor has in the term they describe"
+            if per_strategy
+            else ""
+        )
         + "):"
     ]
     for s, (eff, fn, cos) in rows.items():
+        available = available_negatives.get(s) if per_strategy else shared
         parts = []
         if not math.isnan(eff):
             if available and eff > 1.01 * available:
-                why = COUNTED_PER_CELL.get(s, "it counts weighted copies of some negatives")
                 parts.append(f"{eff:.0f} effective negatives, more than the {available} that "
-                             f"exist: {why}")  # fmt: skip
+                             "exist: it counts weighted copies of some negatives")  # fmt: skip
             elif available and eff >= 0.99 * available:
                 parts.append(f"uniform over all {available} negatives")
             elif available:
