@@ -883,24 +883,33 @@ class _MixLogMass(torch.autograd.Function):
     backward to the anchors only: the incoming gradient ``g [A]`` times ``(W C + w q) / t``, with
     ``W [A, S]`` the softmax weights times the mixing coefficients scatter-added per column and
     ``w [A, 1]`` the query mixes' share of the anchor itself (``q · q.detach()``), both from the
-    forward (one product, no graph over ``[A, s + s']``)."""
+    forward (one product, no graph over ``[A, s + s']``).
+
+    With a ``target`` (``[A, S]``, a tensor whose gradient ``G`` reaches the anchors as ``G C /
+    t`` and nothing else: the logits when no column carries a gradient, or the anchor port of
+    :func:`ported_pair_contrast`), ``g W`` goes to it instead and the product ``W C`` joins the
+    one that the logits' own backward computes (no product here)."""
 
     @staticmethod
-    def forward(ctx, anchors, lse, weights, self_weight, q, columns, anchor_columns, t):  # type: ignore[override]
+    def forward(ctx, anchors, target, lse, weights, self_weight, q, columns, anchor_columns, t):  # type: ignore[override]
         ctx.save_for_backward(lse, weights, self_weight, q, columns, anchor_columns)
         ctx.temperature = t
+        ctx.routed = target is not None
         return lse.clone()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         lse, weights, self_weight, q, columns, anchor_columns = ctx.saved_tensors
+        scale = torch.where(torch.isfinite(lse), grad, 0.0).unsqueeze(1)
+        if ctx.routed:  # W g to the target, the anchor's own share here
+            grad_q = q * (self_weight * scale).div_(ctx.temperature)
+            return grad_q, weights * scale, *([None] * 7)
         c = columns.shape[0]
         grad_q = weights[:, :c] @ columns
         if anchor_columns is not None:
             grad_q += torch.einsum("ah,ahd->ad", weights[:, c:], anchor_columns)
         grad_q.addcmul_(self_weight, q)
-        scale = torch.where(torch.isfinite(lse), grad, 0.0).div(ctx.temperature).unsqueeze(1)
-        return grad_q.mul_(scale), *([None] * 7)
+        return grad_q.mul_(scale.div_(ctx.temperature)), *([None] * 8)
 
 
 def _logit_cosine(logits: Tensor, columns: Tensor, t: float, first: Tensor, second: Tensor):
@@ -1071,7 +1080,29 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
                 torch.mul(query[:, s_query:], x[:, s:], out=coefficient[:, 2 * s :])
                 self_weight[part] = _row_dot(query[:, :s_query], x[:, s:]).unsqueeze(1)
             weights[part].scatter_add_(1, drawn, coefficient)
-    return _MixLogMass.apply(contrast.anchors, lse, weights, self_weight, q, columns, own, t)
+    return _MixLogMass.apply(
+        contrast.anchors, _mix_target(contrast), lse, weights, self_weight, q, columns, own, t
+    )
+
+
+def _mix_target(contrast) -> Tensor | None:
+    """The tensor through which MoCHi's mixes send ``g W`` (:class:`_MixLogMass`): the anchor
+    port of :func:`ported_pair_contrast`; else the logits themselves where neither the shared
+    nor the anchors' own columns carry a gradient (a pool or memory bank: the logits' gradient
+    then reaches the anchors only, as ``G C / t``); else None (the product ``W C`` in
+    :class:`_MixLogMass`)."""
+    port = getattr(contrast, "anchor_port", None)
+    if port is not None:
+        return port
+    own = contrast.anchor_columns
+    logits = contrast.negative_logits
+    if (
+        logits.requires_grad
+        and not contrast.columns.requires_grad
+        and (own is None or not own.requires_grad)
+    ):
+        return logits
+    return None
 
 
 def mochi_in_batch_cosine(contrast, first: Tensor, second: Tensor) -> Tensor | None:
@@ -1172,6 +1203,37 @@ def kth_largest(x: Tensor, k: int) -> Tensor:
     out = np.empty((array.shape[0], 1), dtype=array.dtype)
     for rows in row_blocks(x):
         out[rows] = np.partition(array[rows], cols - k, axis=1)[:, cols - k : cols - k + 1]
+    return torch.from_numpy(out)
+
+
+# entries of logits per block of hardest_columns: the block, its partition and its mask stay in
+# cache (measured, 1 thread: 2^16 against 2^14 and 2^18, 2048 x 2048 and 1024 x 4096)
+_HARDEST_BLOCK = 1 << 16
+
+
+def hardest_columns(logits: Tensor, k: int) -> Tensor | None:
+    """MoCHi: ``[A, k]`` the columns of each row's ``k`` largest logits in increasing column
+    order (``0 < k < S``), when every row holds exactly ``k`` entries at or above its ``k``-th
+    largest (no tie at that edge, no NaN); else None. On CPU, a block of rows at a time while it
+    is in cache: the ``k``-th largest by ``numpy.partition`` (values only), the entries at or
+    above it and their columns by ``flatnonzero``. None on an accelerator. Plain twin:
+    ``HardNegativeMixing.hardest`` with ``fast=False`` (``torch.topk``'s ``k``-th value and a
+    cumsum / scatter compaction)."""
+    if not numpy_partitions(logits):
+        return None
+    x = logits.detach().contiguous().numpy()
+    rows, cols = x.shape
+    out = np.empty((rows, k), dtype=np.int64)
+    step = max(1, _HARDEST_BLOCK // cols)
+    offsets = np.arange(min(step, rows), dtype=np.int64).reshape(-1, 1) * cols
+    for start in range(0, rows, step):
+        block = x[start : start + step]
+        r = block.shape[0]
+        edge = np.partition(block, cols - k, axis=1)[:, cols - k : cols - k + 1]
+        flat = np.flatnonzero(block >= edge)
+        if flat.size != r * k:  # a tie at the edge, or a NaN
+            return None
+        out[start : start + r] = flat.reshape(r, k) - offsets[:r]
     return torch.from_numpy(out)
 
 
@@ -1631,32 +1693,47 @@ class _PairGram(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logits, grad_pos):  # type: ignore[override]
         (z,) = ctx.saved_tensors
-        two = z.shape[0]
-        idx = torch.arange(two, device=z.device)
-        partner = idx.roll(two // 2)
-        # dz = (M + M^T) z with M = dG, its masked entries replaced: the diagonal by 0, the
-        # partners by their logits' gradients. Two products with dG as it came (a transposed
-        # operand costs BLAS nothing; an explicit M + M^T pass costs about a product on a CPU),
-        # then the replaced entries' share, O(N d). (An unused output's gradient arrives as
-        # zeros: autograd materialises it.)
-        with torch.autocast(z.device.type, enabled=False):  # z's dtype, whatever the caller's
-            m = grad_logits.to(z.dtype)
-            out = torch.mm(m, z).addmm_(m.T, z)
-            out.sub_(z * (2.0 * m[idx, idx]).unsqueeze(1))
-            c = grad_pos.to(z.dtype) - m[idx, partner]
-            out.add_(z[partner] * (c + c[partner]).unsqueeze(1))
-        return out / ctx.temperature, None
+        return _pair_gram_grad(z, ctx.temperature, grad_logits, grad_pos), None
+
+
+def _pair_gram_grad(z: Tensor, t: float, grad_logits: Tensor, grad_pos: Tensor, port=None):
+    """:class:`_PairGram`'s ``dz`` (``port``: :class:`_PortedPairGram`'s anchor-side term,
+    added to the first product's operand in place)."""
+    two = z.shape[0]
+    idx = torch.arange(two, device=z.device)
+    partner = idx.roll(two // 2)
+    # dz = (M + M^T) z with M = dG, its masked entries replaced: the diagonal by 0, the
+    # partners by their logits' gradients. Two products with dG as it came (a transposed
+    # operand costs BLAS nothing; an explicit M + M^T pass costs about a product on a CPU),
+    # then the replaced entries' share, O(N d). (An unused output's gradient arrives as
+    # zeros: autograd materialises it.)
+    with torch.autocast(z.device.type, enabled=False):  # z's dtype, whatever the caller's
+        m = grad_logits.to(z.dtype)
+        first = m if port is None else port.to(z.dtype).add_(m)
+        out = torch.mm(first, z).addmm_(m.T, z)
+        out.sub_(z * (2.0 * m[idx, idx]).unsqueeze(1))
+        c = grad_pos.to(z.dtype) - m[idx, partner]
+        out.add_(z[partner] * (c + c[partner]).unsqueeze(1))
+    return out / t
 
 
 def pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float):
     """``in_batch_contrast((z1, z2), temperature=t, normalize=True)`` with its logits and the
     partners' logits from :class:`_PairGram` (no masking pass in the backward, no einsum for
     the partners). Same fields, same values."""
-    from hardneg.contrast import ContrastSet, compute_dtype
+    from hardneg.contrast import compute_dtype
 
-    n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).to(compute_dtype(z1, z2)), dim=-1)
     logits, pos = _PairGram.apply(z, float(temperature))
+    return _pair_contrast_set(z, logits, pos, float(temperature))
+
+
+def _pair_contrast_set(z: Tensor, logits: Tensor, pos: Tensor, temperature: float):
+    """The in-batch contrast set of two views from ``z = [z1; z2]`` normalised, the masked
+    logits and the partners' logits ``pos [2N]``."""
+    from hardneg.contrast import ContrastSet
+
+    n = z.shape[0] // 2
     idx = torch.arange(2 * n, device=z.device)
     partner = idx.roll(n).unsqueeze(1)
     mask = torch.ones_like(logits, dtype=torch.bool)
@@ -1674,8 +1751,62 @@ def pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float):
         negative_logits=logits,
         negative_mask=mask,
         num_negatives=2 * n - 2,
-        temperature=float(temperature),
+        temperature=temperature,
         normalized=True,
+    )
+
+
+class _PortedPairGram(torch.autograd.Function):
+    """:class:`_PairGram` with a third output, the anchor port: a zero-stride ``[2N, 2N]`` view
+    of one zero whose incoming gradient ``P`` reaches the rows of ``z`` as anchors only,
+    ``dz += P z / t`` (MoCHi's mixes, whose columns are detached): added to the first operand
+    of the Gram's own backward product, ``dz = ((M + P) z + M^T z) / t``, no product of its own.
+    ``P`` must be zero on the masked entries (the diagonal and the partners), and it is written
+    over (the caller hands a fresh buffer)."""
+
+    @staticmethod
+    def forward(ctx, z, temperature):  # type: ignore[override]
+        logits, pos = _PairGram.forward(ctx, z, temperature)
+        ctx.set_materialize_grads(False)
+        return logits, pos, logits.new_zeros(1, 1).expand(logits.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logits, grad_pos, grad_port):  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        two = z.shape[0]
+        if grad_logits is None:
+            grad_logits = z.new_zeros(two, two)
+        if grad_pos is None:
+            grad_pos = z.new_zeros(two)
+        return _pair_gram_grad(z, ctx.temperature, grad_logits, grad_pos, grad_port), None
+
+
+def ported_pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float):
+    """MoCHi in-batch: ``(contrast, port)``, :func:`pair_contrast`'s contrast set (the same
+    fields and values as ``in_batch_contrast((z1, z2), temperature=t)``) and the anchor port of
+    :class:`_PortedPairGram`: a gradient ``P [2N, 2N]`` sent to the port reaches the anchors
+    as ``P z / t`` inside the Gram's own backward product (the mixes' ``W z``, the columns
+    detached, without a product of its own). Plain twin: ``in_batch_contrast`` with the
+    mixes' gradient ``(W z) / t`` by a product (:class:`_MixLogMass` without a target)."""
+    from hardneg.contrast import compute_dtype
+
+    z = F.normalize(torch.cat([z1, z2]).to(compute_dtype(z1, z2)), dim=-1)
+    logits, pos, port = _PortedPairGram.apply(z, float(temperature))
+    return _pair_contrast_set(z, logits, pos, float(temperature)), port
+
+
+def mochi_in_batch_fits(strategy, inputs, context) -> bool:
+    """Whether MoCHi's in-batch step takes :func:`ported_pair_contrast`: two views, no ids,
+    cosine logits, the InfoNCE objective (the mixes' log-mass) and some mixes."""
+    return (
+        context.want_log_mass
+        and inputs.negatives is None
+        and inputs.hard_negatives is None
+        and not inputs.extra_views
+        and inputs.ids is None
+        and inputs.normalize
+        and strategy.num_mixed + strategy.num_query_mixed > 0
     )
 
 
