@@ -883,33 +883,24 @@ class _MixLogMass(torch.autograd.Function):
     backward to the anchors only: the incoming gradient ``g [A]`` times ``(W C + w q) / t``, with
     ``W [A, S]`` the softmax weights times the mixing coefficients scatter-added per column and
     ``w [A, 1]`` the query mixes' share of the anchor itself (``q · q.detach()``), both from the
-    forward (one product, no graph over ``[A, s + s']``).
-
-    With a ``target`` (``[A, S]``, a tensor whose gradient ``G`` reaches the anchors as ``G C /
-    t`` and nothing else: the logits when no column carries a gradient, or the anchor port of
-    :func:`ported_pair_contrast`), ``g W`` goes to it instead and the product ``W C`` joins the
-    one that the logits' own backward computes (no product here)."""
+    forward (one product, no graph over ``[A, s + s']``)."""
 
     @staticmethod
-    def forward(ctx, anchors, target, lse, weights, self_weight, q, columns, anchor_columns, t):  # type: ignore[override]
+    def forward(ctx, anchors, lse, weights, self_weight, q, columns, anchor_columns, t):  # type: ignore[override]
         ctx.save_for_backward(lse, weights, self_weight, q, columns, anchor_columns)
         ctx.temperature = t
-        ctx.routed = target is not None
         return lse.clone()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         lse, weights, self_weight, q, columns, anchor_columns = ctx.saved_tensors
-        scale = torch.where(torch.isfinite(lse), grad, 0.0).unsqueeze(1)
-        if ctx.routed:  # W g to the target, the anchor's own share here
-            grad_q = q * (self_weight * scale).div_(ctx.temperature)
-            return grad_q, weights * scale, *([None] * 7)
         c = columns.shape[0]
         grad_q = weights[:, :c] @ columns
         if anchor_columns is not None:
             grad_q += torch.einsum("ah,ahd->ad", weights[:, c:], anchor_columns)
         grad_q.addcmul_(self_weight, q)
-        return grad_q.mul_(scale.div_(ctx.temperature)), *([None] * 8)
+        scale = torch.where(torch.isfinite(lse), grad, 0.0).div(ctx.temperature).unsqueeze(1)
+        return grad_q.mul_(scale), *([None] * 7)
 
 
 def _logit_cosine(logits: Tensor, columns: Tensor, t: float, first: Tensor, second: Tensor):
@@ -919,9 +910,10 @@ def _logit_cosine(logits: Tensor, columns: Tensor, t: float, first: Tensor, seco
     flat = torch.add(second, first, alpha=cols).view(-1)
     cosine = logits.reshape(-1).index_select(0, flat).mul_(t)
     masked = torch.isinf(cosine).nonzero().squeeze(1)
-    if masked.numel():
-        i, j = first.reshape(-1)[masked], second.reshape(-1)[masked]
-        cosine[masked] = torch.linalg.vecdot(columns[i], columns[j]).to(cosine.dtype)
+    if masked.numel():  # the pair from its flat position (no copy of the strided first, second)
+        at = flat[masked]
+        i = torch.div(at, cols, rounding_mode="floor")
+        cosine[masked] = torch.linalg.vecdot(columns[i], columns[at - i * cols]).to(cosine.dtype)
     return cosine.view(first.shape)
 
 
@@ -1011,15 +1003,28 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
         step -= step % 2  # an even number of uniforms per block: whole random words
         if logits.device.type != "cpu":
             step = rows
-        weights = logits.new_zeros(rows, width)
+        # shared columns: the drawn columns and their weights kept for the backward's
+        # embedding_bag; the anchors' own columns: the weights per column W [A, S]
+        bag = own is None
+        if bag:
+            drawn_all = index.new_empty(rows, n_draw)
+            coefficient_all = logits.new_empty(rows, n_draw)
+            weights = None
+        else:
+            weights = logits.new_zeros(rows, width)
         lse = logits.new_empty(rows)
         self_weight = logits.new_zeros(rows, 1)
         for start in range(0, rows, step):
             part = slice(start, start + step)
             m = min(step, rows - start)
             u = mochi_uniforms((m, per_row), context.generator, logits.device)
-            drawn = index[part].gather(1, u[:, :n_draw].mul(count[part]).long())
-            d = logits[part].gather(1, drawn)
+            position = u[:, :n_draw].mul_(count[part]).long()
+            if bag:
+                drawn = torch.gather(index[part], 1, position, out=drawn_all[part])
+                d = torch.gather(logits[part], 1, drawn, out=coefficient_all[part])
+            else:
+                drawn = index[part].gather(1, position)
+                d = logits[part].gather(1, drawn)
             mixing = u[:, n_draw:].to(dtype)
             alpha, beta = mixing[:, :s], mixing[:, s:].mul_(0.5)
             x = d.new_empty(m, s + s_query)
@@ -1079,30 +1084,35 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
             if s_query > 0:
                 torch.mul(query[:, s_query:], x[:, s:], out=coefficient[:, 2 * s :])
                 self_weight[part] = _row_dot(query[:, :s_query], x[:, s:]).unsqueeze(1)
-            weights[part].scatter_add_(1, drawn, coefficient)
-    return _MixLogMass.apply(
-        contrast.anchors, _mix_target(contrast), lse, weights, self_weight, q, columns, own, t
-    )
+            if not bag:
+                weights[part].scatter_add_(1, drawn, coefficient)
+    if bag:
+        return _MixBagLogMass.apply(
+            contrast.anchors, lse, drawn_all, coefficient_all, self_weight, q, columns, t
+        )
+    return _MixLogMass.apply(contrast.anchors, lse, weights, self_weight, q, columns, own, t)
 
 
-def _mix_target(contrast) -> Tensor | None:
-    """The tensor through which MoCHi's mixes send ``g W`` (:class:`_MixLogMass`): the anchor
-    port of :func:`ported_pair_contrast`; else the logits themselves where neither the shared
-    nor the anchors' own columns carry a gradient (a pool or memory bank: the logits' gradient
-    then reaches the anchors only, as ``G C / t``); else None (the product ``W C`` in
-    :class:`_MixLogMass`)."""
-    port = getattr(contrast, "anchor_port", None)
-    if port is not None:
-        return port
-    own = contrast.anchor_columns
-    logits = contrast.negative_logits
-    if (
-        logits.requires_grad
-        and not contrast.columns.requires_grad
-        and (own is None or not own.requires_grad)
-    ):
-        return logits
-    return None
+class _MixBagLogMass(torch.autograd.Function):
+    """MoCHi's synthetic negatives over shared columns: forward the log-mass computed by
+    :func:`mochi_mix_log_mass`; backward to the anchors only, ``g (sum_k w_k n_{j_k} + w q) /
+    t`` with ``j_k`` the drawn columns and ``w_k`` their softmax weights times their mixing
+    coefficients, by ``embedding_bag`` (a weighted sum of gathered rows per anchor: no ``[A, S]``
+    buffer, no product)."""
+
+    @staticmethod
+    def forward(ctx, anchors, lse, drawn, coefficient, self_weight, q, columns, t):  # type: ignore[override]
+        ctx.save_for_backward(lse, drawn, coefficient, self_weight, q, columns)
+        ctx.temperature = t
+        return lse.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        lse, drawn, coefficient, self_weight, q, columns = ctx.saved_tensors
+        scale = torch.where(torch.isfinite(lse), grad, 0.0).unsqueeze(1)
+        grad_q = F.embedding_bag(drawn, columns, per_sample_weights=coefficient, mode="sum")
+        grad_q.addcmul_(self_weight, q)
+        return grad_q.mul_(scale.div_(ctx.temperature)), *([None] * 7)
 
 
 def mochi_in_batch_cosine(contrast, first: Tensor, second: Tensor) -> Tensor | None:
@@ -1693,47 +1703,32 @@ class _PairGram(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logits, grad_pos):  # type: ignore[override]
         (z,) = ctx.saved_tensors
-        return _pair_gram_grad(z, ctx.temperature, grad_logits, grad_pos), None
-
-
-def _pair_gram_grad(z: Tensor, t: float, grad_logits: Tensor, grad_pos: Tensor, port=None):
-    """:class:`_PairGram`'s ``dz`` (``port``: :class:`_PortedPairGram`'s anchor-side term,
-    added to the first product's operand in place)."""
-    two = z.shape[0]
-    idx = torch.arange(two, device=z.device)
-    partner = idx.roll(two // 2)
-    # dz = (M + M^T) z with M = dG, its masked entries replaced: the diagonal by 0, the
-    # partners by their logits' gradients. Two products with dG as it came (a transposed
-    # operand costs BLAS nothing; an explicit M + M^T pass costs about a product on a CPU),
-    # then the replaced entries' share, O(N d). (An unused output's gradient arrives as
-    # zeros: autograd materialises it.)
-    with torch.autocast(z.device.type, enabled=False):  # z's dtype, whatever the caller's
-        m = grad_logits.to(z.dtype)
-        first = m if port is None else port.to(z.dtype).add_(m)
-        out = torch.mm(first, z).addmm_(m.T, z)
-        out.sub_(z * (2.0 * m[idx, idx]).unsqueeze(1))
-        c = grad_pos.to(z.dtype) - m[idx, partner]
-        out.add_(z[partner] * (c + c[partner]).unsqueeze(1))
-    return out / t
+        two = z.shape[0]
+        idx = torch.arange(two, device=z.device)
+        partner = idx.roll(two // 2)
+        # dz = (M + M^T) z with M = dG, its masked entries replaced: the diagonal by 0, the
+        # partners by their logits' gradients. Two products with dG as it came (a transposed
+        # operand costs BLAS nothing; an explicit M + M^T pass costs about a product on a CPU),
+        # then the replaced entries' share, O(N d). (An unused output's gradient arrives as
+        # zeros: autograd materialises it.)
+        with torch.autocast(z.device.type, enabled=False):  # z's dtype, whatever the caller's
+            m = grad_logits.to(z.dtype)
+            out = torch.mm(m, z).addmm_(m.T, z)
+            out.sub_(z * (2.0 * m[idx, idx]).unsqueeze(1))
+            c = grad_pos.to(z.dtype) - m[idx, partner]
+            out.add_(z[partner] * (c + c[partner]).unsqueeze(1))
+        return out / ctx.temperature, None
 
 
 def pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float):
     """``in_batch_contrast((z1, z2), temperature=t, normalize=True)`` with its logits and the
     partners' logits from :class:`_PairGram` (no masking pass in the backward, no einsum for
     the partners). Same fields, same values."""
-    from hardneg.contrast import compute_dtype
+    from hardneg.contrast import ContrastSet, compute_dtype
 
+    n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).to(compute_dtype(z1, z2)), dim=-1)
     logits, pos = _PairGram.apply(z, float(temperature))
-    return _pair_contrast_set(z, logits, pos, float(temperature))
-
-
-def _pair_contrast_set(z: Tensor, logits: Tensor, pos: Tensor, temperature: float):
-    """The in-batch contrast set of two views from ``z = [z1; z2]`` normalised, the masked
-    logits and the partners' logits ``pos [2N]``."""
-    from hardneg.contrast import ContrastSet
-
-    n = z.shape[0] // 2
     idx = torch.arange(2 * n, device=z.device)
     partner = idx.roll(n).unsqueeze(1)
     mask = torch.ones_like(logits, dtype=torch.bool)
@@ -1751,54 +1746,14 @@ def _pair_contrast_set(z: Tensor, logits: Tensor, pos: Tensor, temperature: floa
         negative_logits=logits,
         negative_mask=mask,
         num_negatives=2 * n - 2,
-        temperature=temperature,
+        temperature=float(temperature),
         normalized=True,
     )
 
 
-class _PortedPairGram(torch.autograd.Function):
-    """:class:`_PairGram` with a third output, the anchor port: a zero-stride ``[2N, 2N]`` view
-    of one zero whose incoming gradient ``P`` reaches the rows of ``z`` as anchors only,
-    ``dz += P z / t`` (MoCHi's mixes, whose columns are detached): added to the first operand
-    of the Gram's own backward product, ``dz = ((M + P) z + M^T z) / t``, no product of its own.
-    ``P`` must be zero on the masked entries (the diagonal and the partners), and it is written
-    over (the caller hands a fresh buffer)."""
-
-    @staticmethod
-    def forward(ctx, z, temperature):  # type: ignore[override]
-        logits, pos = _PairGram.forward(ctx, z, temperature)
-        ctx.set_materialize_grads(False)
-        return logits, pos, logits.new_zeros(1, 1).expand(logits.shape)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logits, grad_pos, grad_port):  # type: ignore[override]
-        (z,) = ctx.saved_tensors
-        two = z.shape[0]
-        if grad_logits is None:
-            grad_logits = z.new_zeros(two, two)
-        if grad_pos is None:
-            grad_pos = z.new_zeros(two)
-        return _pair_gram_grad(z, ctx.temperature, grad_logits, grad_pos, grad_port), None
-
-
-def ported_pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float):
-    """MoCHi in-batch: ``(contrast, port)``, :func:`pair_contrast`'s contrast set (the same
-    fields and values as ``in_batch_contrast((z1, z2), temperature=t)``) and the anchor port of
-    :class:`_PortedPairGram`: a gradient ``P [2N, 2N]`` sent to the port reaches the anchors
-    as ``P z / t`` inside the Gram's own backward product (the mixes' ``W z``, the columns
-    detached, without a product of its own). Plain twin: ``in_batch_contrast`` with the
-    mixes' gradient ``(W z) / t`` by a product (:class:`_MixLogMass` without a target)."""
-    from hardneg.contrast import compute_dtype
-
-    z = F.normalize(torch.cat([z1, z2]).to(compute_dtype(z1, z2)), dim=-1)
-    logits, pos, port = _PortedPairGram.apply(z, float(temperature))
-    return _pair_contrast_set(z, logits, pos, float(temperature)), port
-
-
 def mochi_in_batch_fits(strategy, inputs, context) -> bool:
-    """Whether MoCHi's in-batch step takes :func:`ported_pair_contrast`: two views, no ids,
-    cosine logits, the InfoNCE objective (the mixes' log-mass) and some mixes."""
+    """Whether MoCHi's in-batch step takes :func:`pair_contrast`: two views, no ids, cosine
+    logits, the InfoNCE objective (the mixes' log-mass) and some mixes."""
     return (
         context.want_log_mass
         and inputs.negatives is None

@@ -37,7 +37,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -91,18 +91,6 @@ class MixDraws:
         return self.columns[:, 2 * self.alpha.shape[1] :]
 
 
-@dataclass
-class PortedContrast(ContrastSet):
-    """The in-batch contrast set of MoCHi's fast path (:func:`fastpaths.ported_pair_contrast`)
-    with ``anchor_port``: a ``[A, S]`` tensor whose gradient ``P`` reaches the anchors only, as
-    ``P C / t`` (the mixes' ``W C`` inside the logits' own backward product)."""
-
-    anchor_port: Tensor | None = None
-
-
-_FIELDS = tuple(f.name for f in fields(ContrastSet))
-
-
 def anchor_column_logits(contrast: ContrastSet) -> Tensor:
     """``[A, S]`` ``q · n / t`` for every column, with a gradient to the anchors only (the
     columns are detached, as the synthesis is)."""
@@ -144,19 +132,16 @@ class HardNegativeMixing(Strategy):
         self, inputs: ContrastInputs, context: StepContext
     ) -> list[tuple[float, ContrastSet, str]]:
         """The standard contrast set; in-batch on the fast path with InfoNCE, the same set from
-        :func:`fastpaths.ported_pair_contrast`, whose anchor port takes the mixes' gradient."""
+        :func:`fastpaths.pair_contrast` (its backward without the masking passes)."""
         if context.fast and fastpaths.mochi_in_batch_fits(self, inputs, context):
-            contrast, port = fastpaths.ported_pair_contrast(
-                inputs.z1, inputs.z2, temperature=inputs.temperature
-            )
+            contrast = fastpaths.pair_contrast(inputs.z1, inputs.z2, temperature=inputs.temperature)
             if inputs.h1 is not None and inputs.h2 is not None:
                 contrast.anchor_features = contrast.column_features = torch.cat(
                     [inputs.h1, inputs.h2]
                 )
             if inputs.labels is not None:
                 contrast.anchor_labels = contrast.column_labels = inputs.labels.repeat(2)
-            values = {name: getattr(contrast, name) for name in _FIELDS}
-            return [(1.0, PortedContrast(**values, anchor_port=port), "main")]
+            return [(1.0, contrast, "main")]
         return super().terms(inputs, context)
 
     def hardest(self, contrast: ContrastSet, fast: bool = False) -> tuple[Tensor, Tensor]:
