@@ -1141,6 +1141,43 @@ def test_simans_cpu_draw_follows_the_kernel_over_row_blocks(a, k, dtype):
     assert same < 0.9
 
 
+@pytest.mark.parametrize("a", [0.0, 0.6])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [21, 1 << 16], ids=["blocks-of-4-rows", "one-block"])
+def test_simans_cpu_draw_by_numpy_blocks_equals_the_keys_of_one_torch_pass(
+    a, dtype, block, monkeypatch
+):
+    """The CPU draw (numpy, a block of an even number of rows at a time) takes the columns that
+    one pass of torch operations takes on the same random words (the seed's ``PCG64`` stream,
+    two uniforms per word, read in order across the blocks): 13 rows of 7 columns (odd) in
+    blocks of 4 rows or one block, masked columns and a row with fewer negatives than ``k``."""
+    import numpy as np
+
+    monkeypatch.setattr(fastpaths, "_SIMANS_BLOCK", block)
+    g = torch.Generator().manual_seed(11)
+    rows, cols, k = 13, 7, 3
+    logits = (torch.randn(rows, cols, generator=g, dtype=torch.float64) * 2).to(dtype)
+    logits[:, 5] = float("-inf")
+    logits[4, 1:] = float("-inf")  # one negative only
+    centre = torch.randn(rows, 1, generator=g, dtype=torch.float64).to(dtype)
+    got = fastpaths.simans_draw(logits, centre, a, k, torch.Generator().manual_seed(2))
+    # the reference: the same two seed words, the whole stream at once, torch's key passes
+    seed = torch.empty(2, dtype=torch.int64).random_(
+        -(2**63), None, generator=torch.Generator().manual_seed(2)
+    )
+    stream = np.random.PCG64(np.random.SeedSequence([w % 2**64 for w in seed.tolist()]))
+    n = rows * cols
+    words = torch.from_numpy(stream.random_raw(-(-n // 2)).view(np.int64))
+    keys = fastpaths.unit_uniforms(words, n).view(rows, cols).to(dtype)
+    keys = keys.log().neg().log() + a * (logits - centre).square()
+    keys = keys.masked_fill(~torch.isfinite(logits), float("inf"))
+    want = keys.topk(k, dim=1, largest=False).indices
+    assert got.shape == (rows, k)
+    full = [r for r in range(rows) if r != 4]  # row 4: which masked columns fill it is a tie
+    assert got[full].sort(dim=1).values.tolist() == want[full].sort(dim=1).values.tolist()
+    assert 0 in got[4].tolist() and len(set(got[4].tolist())) == k  # its one negative drawn
+
+
 def test_simans_cpu_draw_is_the_same_on_any_number_of_threads():
     """A seed gives the same columns with 1 or 4 torch threads, and other columns with another
     seed."""

@@ -1143,6 +1143,12 @@ def unit_uniforms(words: Tensor, count: int) -> Tensor:
     return bits.view(torch.float32).sub_(1.0 - 2.0**-24)
 
 
+# entries per block of rows of the CPU draw: the block's keys, the scratch buffer and the random
+# words stay in cache (measured, 1 thread: 2^14 and 2^16 alike, both faster than the [A, S] passes)
+_SIMANS_BLOCK = 1 << 16
+_ONE_LESS_HALF_CELL = np.float32(1.0 - 2.0**-24)
+
+
 def simans_draw(
     logits: Tensor, centre: Tensor, a: float, k: int, generator: torch.Generator | None
 ) -> Tensor:
@@ -1151,40 +1157,70 @@ def simans_draw(
     (Gumbel-top-k; ``-inf`` logits are drawn last). Plain twin: ``SimANSNegatives.draw`` with
     ``fast=False`` (one ``torch.rand`` per entry and ``torch.topk``): the same law, other draws.
 
-    The uniforms are cut from random 64-bit words (:func:`unit_uniforms`, two per word) and the
-    keys computed in place in their memory, one torch operation per pass over ``[A, S]`` (on
-    torch's threads). On CPU the words come from one numpy ``PCG64`` stream seeded by two random
-    words of ``generator`` (a third faster than the generator's own words, whose Mersenne
-    twister runs on one thread) and each row's ``k`` smallest keys are those at or below its
-    ``k``-th smallest (:func:`_np_smallest`: a values-only ``numpy.partition``, several times
-    faster than ``torch.topk``), a block of rows at a time, on the calling thread: a second
-    Python thread would share its core with the OpenMP worker that spins for milliseconds after
-    each parallel torch operation. Elsewhere: the generator's words and ``torch.topk``.
-    ``k >= S`` returns every column."""
+    The uniforms are cut from random 64-bit words (:func:`unit_uniforms`, two per word). On CPU
+    the words come from one numpy ``PCG64`` stream seeded by two random words of ``generator``
+    (a third faster than the generator's own words, whose Mersenne twister runs on one thread)
+    and the whole draw runs in numpy a block of rows at a time, in cache, on the calling thread:
+    the block's words, its uniforms, keys and each row's ``k`` smallest keys, those at or below
+    its ``k``-th smallest (:func:`_np_smallest`: a values-only ``numpy.partition``, several
+    times faster than ``torch.topk``). No torch operation runs between the logits and the
+    draw: after each parallel torch operation the OpenMP worker spins for milliseconds, and
+    torch passes over ``[A, S]`` would fault their pages in anew. Elsewhere: the generator's
+    words, the keys by torch operations and ``torch.topk``. ``k >= S`` returns every column."""
     rows, cols = logits.shape
     if k >= cols:
         return torch.arange(cols, device=logits.device).expand(rows, cols)
+    if numpy_partitions(logits):
+        return _simans_draw_numpy(logits, centre, a, k, generator)
     n = rows * cols
-    on_cpu = numpy_partitions(logits)
-    if on_cpu:
-        seed = torch.empty(2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
-        stream = np.random.PCG64(np.random.SeedSequence([word % 2**64 for word in seed.tolist()]))
-        words = torch.from_numpy(stream.random_raw(-(-n // 2)).view(np.int64))
-    else:
-        words = torch.empty(-(-n // 2), dtype=torch.int64, device=logits.device)
-        words.random_(-(2**63), None, generator=generator)
+    words = torch.empty(-(-n // 2), dtype=torch.int64, device=logits.device)
+    words.random_(-(2**63), None, generator=generator)
     keys = unit_uniforms(words, n).view(rows, cols).to(logits.dtype)
     keys.log_().neg_().log_()  # log(-log u) = -Gumbel
     distance = logits - centre  # -inf on a masked column: its key is +inf if a > 0
     keys.addcmul_(distance, distance, value=a)
     if a == 0.0:
         keys.masked_fill_(~torch.isfinite(logits), float("inf"))
-    if not on_cpu:
-        return keys.topk(k, dim=1, largest=False, sorted=False).indices
-    values = keys.numpy()
+    return keys.topk(k, dim=1, largest=False, sorted=False).indices
+
+
+def _simans_draw_numpy(
+    logits: Tensor, centre: Tensor, a: float, k: int, generator: torch.Generator | None
+) -> Tensor:
+    """:func:`simans_draw` on CPU: numpy, a block of an even number of rows at a time (whole
+    random words: a seed draws the same columns whatever the blocks)."""
+    rows, cols = logits.shape
+    seed = torch.empty(2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
+    stream = np.random.PCG64(np.random.SeedSequence([word % 2**64 for word in seed.tolist()]))
+    x = logits.detach().contiguous().numpy()
+    shift = centre.detach().to(logits.dtype).expand(rows, 1).contiguous().numpy()
+    step = max(2, _SIMANS_BLOCK // cols)
+    step += step % 2
+    keys = np.empty((min(step, rows), cols), dtype=x.dtype)
+    distance = np.empty_like(keys)
     out = np.empty((rows, k), dtype=np.int64)
-    for part in row_blocks(keys, 1 << 16):  # keys and the mask in cache
-        out[part] = _np_smallest(values[part], k)
+    for start in range(0, rows, step):
+        r = min(step, rows - start)
+        n = r * cols
+        bits = stream.random_raw(-(-n // 2)).view(np.uint32)[:n]
+        bits &= 0x7FFFFF
+        bits |= 0x3F800000  # the bit pattern of 1 + j 2^-23
+        u = bits.view(np.float32).reshape(r, cols)
+        np.subtract(u, _ONE_LESS_HALF_CELL, out=u)  # (2 j + 1) 2^-24, in float32
+        block, d = keys[:r], distance[:r]
+        block[...] = u
+        np.log(block, out=block)
+        np.negative(block, out=block)
+        np.log(block, out=block)  # log(-log u) = -Gumbel
+        values = x[start : start + r]
+        np.subtract(values, shift[start : start + r], out=d)  # -inf on a masked column
+        if a == 0.0:
+            block[~np.isfinite(values)] = np.inf
+        else:  # a (c - centre)^2: +inf on a masked column
+            np.multiply(d, d, out=d)
+            np.multiply(d, a, out=d)
+            block += d
+        out[start : start + r] = _np_smallest(block, k)
     return torch.from_numpy(out)
 
 
