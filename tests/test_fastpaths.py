@@ -1253,6 +1253,51 @@ def test_mochi_hardest_set_fast_equals_plain_in_column_order(dtype, form, n_hard
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [600, 1 << 16], ids=["blocks-of-2-rows", "one-block"])
+def test_mochi_hardest_columns_are_the_plain_hardest_set_or_none_on_a_tie(
+    dtype, block, monkeypatch
+):
+    """``hardest_columns`` (numpy, a block of rows at a time) gives the plain hardest set's
+    columns in column order, rows with masked columns included, for ``k`` of 1, a few and all
+    but one; None when a row holds a tie at the ``k``-th largest logit or a NaN (the caller then
+    takes the general path)."""
+    from hardneg.contrast import ContrastSet
+
+    monkeypatch.setattr(fastpaths, "_HARDEST_BLOCK", block)
+    g = torch.Generator().manual_seed(12)
+    rows, cols = 9, 300
+    logits = torch.randn(rows, cols, generator=g, dtype=torch.float64).to(dtype)
+    logits[:, 7] = float("-inf")
+    logits[torch.arange(rows), torch.arange(rows)] = float("-inf")
+    for k in (1, 50, cols - 2):
+        got = fastpaths.hardest_columns(logits, k)
+        strategy = hardneg.registry.strategy_class("mochi")(num_hardest=k)
+        contrast = ContrastSet(
+            anchors=torch.zeros(rows, 2, dtype=dtype),
+            columns=torch.zeros(cols, 2, dtype=dtype),
+            anchor_columns=None,
+            positives=torch.zeros(rows, 1, 2, dtype=dtype),
+            positive_logits=torch.zeros(rows, 1, dtype=dtype),
+            positive_weight=torch.ones(rows, 1, dtype=dtype),
+            positive_index=None,
+            negative_logits=logits,
+            negative_mask=torch.isfinite(logits),
+            num_negatives=cols - 2,
+            temperature=0.5,
+        )
+        want, count = strategy.hardest(contrast, fast=False)
+        assert got.shape == (rows, k) and count.flatten().tolist() == [k] * rows
+        assert got.tolist() == want.tolist()
+    tied = logits.clone()
+    tied[3, 10] = tied[3, 11] = tied[3].max() + 1.0  # the two largest tie: k = 1 has two
+    assert fastpaths.hardest_columns(tied, 1) is None
+    assert fastpaths.hardest_columns(tied, 2) is not None
+    nan = logits.clone()
+    nan[5, 20] = float("nan")
+    assert fastpaths.hardest_columns(nan, 50) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("c", [7, 1100, 2100])
 def test_mochi_pair_gram_equals_the_full_gram_matrix_at_the_pairs(dtype, c):
     """``pair_gram`` (the upper triangle by blocks of rows: 1, 2 and 4 blocks here) equals the
