@@ -1253,17 +1253,31 @@ def test_mochi_hardest_set_fast_equals_plain_in_column_order(dtype, form, n_hard
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block", [600, 1 << 16], ids=["blocks-of-2-rows", "one-block"])
+@pytest.mark.parametrize(
+    ("block", "threads"),
+    [(600, 1), (1 << 16, 1), (600, 2)],
+    ids=["blocks-of-2-rows", "one-block", "two-threads"],
+)
 def test_mochi_hardest_columns_are_the_plain_hardest_set_or_none_on_a_tie(
-    dtype, block, monkeypatch
+    dtype, block, threads, monkeypatch
 ):
-    """``hardest_columns`` (numpy, a block of rows at a time) gives the plain hardest set's
-    columns in column order, rows with masked columns included, for ``k`` of 1, a few and all
-    but one; None when a row holds a tie at the ``k``-th largest logit or a NaN (the caller then
-    takes the general path)."""
+    """``hardest_columns`` (numpy, a block of rows at a time, on one or two threads) gives the
+    plain hardest set's columns in column order, rows with masked columns included, for ``k`` of
+    1, a few and all but one; None when a row holds a tie at the ``k``-th largest logit or a NaN
+    (the caller then takes the general path)."""
+    monkeypatch.setattr(fastpaths, "_HARDEST_BLOCK", block)
+    monkeypatch.setattr(fastpaths, "_THREAD_MIN_ENTRIES", 1200)  # 4 rows a thread
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_hardest_columns(dtype)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _check_hardest_columns(dtype):
     from hardneg.contrast import ContrastSet
 
-    monkeypatch.setattr(fastpaths, "_HARDEST_BLOCK", block)
     g = torch.Generator().manual_seed(12)
     rows, cols = 9, 300
     logits = torch.randn(rows, cols, generator=g, dtype=torch.float64).to(dtype)

@@ -1285,9 +1285,10 @@ def hardest_columns(logits: Tensor, k: int) -> Tensor | None:
     order (``0 < k < S``), when every row holds exactly ``k`` entries at or above its ``k``-th
     largest (no tie at that edge, no NaN); else None. On CPU, a block of rows at a time while it
     is in cache: the ``k``-th largest by ``numpy.partition`` (values only), the entries at or
-    above it and their columns by ``flatnonzero``. None on an accelerator. Plain twin:
-    ``HardNegativeMixing.hardest`` with ``fast=False`` (``torch.topk``'s ``k``-th value and a
-    cumsum / scatter compaction)."""
+    above it and their columns by ``flatnonzero``; the blocks split over torch's intra-op
+    threads from ``_THREAD_MIN_ENTRIES`` per thread (numpy releases the GIL). None on an
+    accelerator. Plain twin: ``HardNegativeMixing.hardest`` with ``fast=False``
+    (``torch.topk``'s ``k``-th value and a cumsum / scatter compaction)."""
     if not numpy_partitions(logits):
         return None
     x = logits.detach().contiguous().numpy()
@@ -1295,15 +1296,21 @@ def hardest_columns(logits: Tensor, k: int) -> Tensor | None:
     out = np.empty((rows, k), dtype=np.int64)
     step = max(1, _HARDEST_BLOCK // cols)
     offsets = np.arange(min(step, rows), dtype=np.int64).reshape(-1, 1) * cols
-    for start in range(0, rows, step):
-        block = x[start : start + step]
-        r = block.shape[0]
-        edge = np.partition(block, cols - k, axis=1)[:, cols - k : cols - k + 1]
-        flat = np.flatnonzero(block >= edge)
-        if flat.size != r * k:  # a tie at the edge, or a NaN
-            return None
-        out[start : start + r] = flat.reshape(r, k) - offsets[:r]
-    return torch.from_numpy(out)
+    tied: list[bool] = []
+
+    def work(begin: int, end: int) -> None:
+        for start in range(begin, end, step):
+            block = x[start : min(start + step, end)]
+            r = block.shape[0]
+            edge = np.partition(block, cols - k, axis=1)[:, cols - k : cols - k + 1]
+            flat = np.flatnonzero(block >= edge)
+            if flat.size != r * k:  # a tie at the edge, or a NaN
+                tied.append(True)
+                return
+            out[start : start + r] = flat.reshape(r, k) - offsets[:r]
+
+    _on_threads(work, rows, max(step, _THREAD_MIN_ENTRIES // cols))
+    return None if tied else torch.from_numpy(out)
 
 
 def row_members(member: Tensor, count: Tensor, width: int, same_count: bool) -> Tensor:
