@@ -35,21 +35,27 @@ only; no kept buffers.
   twin: ``anchor_column_logits(contrast).gather(1, index)``, a second product with the columns
   detached).
 * :func:`simans_draw` — SimANS: the Gumbel-top-k draw with uniforms from random 64-bit words
-  (two per word; on CPU from a numpy stream seeded by the generator), the keys in place and the
-  ``k`` smallest keys by a values-only partition on CPU (plain twin: ``SimANSNegatives.draw``
+  (two per word; on CPU from a numpy stream seeded by the generator); on CPU the whole draw in
+  numpy a block of rows at a time (words, keys and the ``k`` smallest keys by a values-only
+  partition, in cache; no torch pass over ``[A, S]``) (plain twin: ``SimANSNegatives.draw``
   with ``torch.rand`` and ``torch.topk``; same law, other draws).
-* :func:`kth_largest` — MoCHi: the ``N``-th largest logit of each row (the threshold of the
-  hardest set) by numpy's partition (plain twin: ``torch.topk``'s ``k``-th value).
-* :func:`row_members` — MoCHi: the hardest set's columns in column order by
+* :func:`hardest_columns` — MoCHi: the hardest set's columns in column order when no row ties
+  at its ``N``-th largest logit, a block of rows at a time in numpy (partition, compare,
+  ``flatnonzero``) (plain twin: ``HardNegativeMixing.hardest`` with ``torch.topk``);
+  :func:`kth_largest` and :func:`row_members` take a tie: the ``N``-th largest logit by numpy's
+  partition (plain twin: ``torch.topk``'s ``k``-th value) and the members by
   ``numpy.flatnonzero`` (plain twin: a cumsum / scatter compaction).
 * :func:`pair_gram` — MoCHi: the pairs' ``n_i · n_j`` from the upper triangle of the columns'
   Gram matrix, by blocks of rows (plain twin: the full Gram matrix, looked up at the pairs);
   :func:`mochi_in_batch_cosine`: in-batch, read from the logits as ``t c_ij`` (no product).
 * :func:`mochi_mix_log_mass` — MoCHi with InfoNCE: the synthetic negatives' log-mass drawn and
   summed a block of rows at a time (the draws of the plain path, bit for bit), the backward
-  one product ``W C`` with ``W`` the softmax weights times the mixing coefficients
-  scatter-added per column (plain twin: ``HardNegativeMixing.select``'s logits and the
-  objective's ``logsumexp``, back-propagated through the gathers).
+  over shared columns one ``embedding_bag`` of the drawn columns weighted by the softmax
+  weights times the mixing coefficients (no ``[A, S]`` buffer, no product), over the anchors'
+  own columns one product ``W C`` with those weights scatter-added per column (plain twin:
+  ``HardNegativeMixing.select``'s logits and the objective's ``logsumexp``, back-propagated
+  through the gathers). In-batch, MoCHi's contrast set comes from :func:`pair_contrast`
+  (:func:`mochi_in_batch_fits`).
 * :func:`potential_in_batch_terms` — potential, in-batch: the three terms from one Gram matrix
   of ``[z1; z2]`` (every logit, the neighbour look-up, one keep kernel for ``L_aug`` and both
   mined terms, computed as threshold bytes ``floor(256 pi)``), the draws from random bytes
@@ -998,8 +1004,10 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
     ``t c_ij``; a shared pool from the upper triangle of its Gram matrix; otherwise row-wise
     dots of the gathered columns), the logits ``(d_j + a (d_i - d_j)) r`` and ``(b q·q / t +
     (1 - b) d_j) r'`` (``r``, ``r'`` the mixes' inverse norms; 1 with raw dot products), their
-    log-sum-exp and softmax, and the softmax weights times the coefficients scatter-added into
-    ``W [A, S]``, so that the backward is one product ``W C`` (:class:`_MixLogMass`)."""
+    log-sum-exp and softmax, and the softmax weights times the coefficients: kept with the
+    drawn columns for an ``embedding_bag`` in the backward where the columns are shared
+    (:class:`_MixBagLogMass`), else scatter-added into ``W [A, S]`` for one product ``W C``
+    (:class:`_MixLogMass`)."""
     s, s_query = strategy.num_mixed, strategy.num_query_mixed
     logits = contrast.negative_logits.detach()
     rows, width = logits.shape
