@@ -50,9 +50,9 @@ only; no kept buffers.
   :func:`mochi_in_batch_cosine`: in-batch, read from the logits as ``t c_ij`` (no product).
 * :func:`mochi_mix_log_mass` — MoCHi with InfoNCE: the synthetic negatives' log-mass drawn and
   summed a block of rows at a time (the draws of the plain path, bit for bit), the backward
-  over shared columns one ``embedding_bag`` of the drawn columns weighted by the softmax
-  weights times the mixing coefficients (no ``[A, S]`` buffer, no product), over the anchors'
-  own columns one product ``W C`` with those weights scatter-added per column (plain twin:
+  over shared columns, at most ``S`` drawn per row, one ``embedding_bag`` of the drawn columns
+  weighted by the softmax weights times the mixing coefficients (no ``[A, S]`` buffer, no
+  product), else one product ``W C`` with those weights scatter-added per column (plain twin:
   ``HardNegativeMixing.select``'s logits and the objective's ``logsumexp``, back-propagated
   through the gathers). In-batch, MoCHi's contrast set comes from :func:`pair_contrast`
   (:func:`mochi_in_batch_fits`).
@@ -1005,9 +1005,9 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
     dots of the gathered columns), the logits ``(d_j + a (d_i - d_j)) r`` and ``(b q·q / t +
     (1 - b) d_j) r'`` (``r``, ``r'`` the mixes' inverse norms; 1 with raw dot products), their
     log-sum-exp and softmax, and the softmax weights times the coefficients: kept with the
-    drawn columns for an ``embedding_bag`` in the backward where the columns are shared
-    (:class:`_MixBagLogMass`), else scatter-added into ``W [A, S]`` for one product ``W C``
-    (:class:`_MixLogMass`)."""
+    drawn columns for an ``embedding_bag`` in the backward where the columns are shared and a
+    row draws at most ``S`` of them (:class:`_MixBagLogMass`), else scatter-added into ``W [A,
+    S]`` for one product ``W C`` (:class:`_MixLogMass`)."""
     s, s_query = strategy.num_mixed, strategy.num_query_mixed
     logits = contrast.negative_logits.detach()
     rows, width = logits.shape
@@ -1031,9 +1031,11 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
         step -= step % 2  # an even number of uniforms per block: whole random words
         if logits.device.type != "cpu":
             step = rows
-        # shared columns: the drawn columns and their weights kept for the backward's
-        # embedding_bag; the anchors' own columns: the weights per column W [A, S]
-        bag = own is None
+        # shared columns and fewer drawn columns than columns per row: the drawn columns and
+        # their weights kept for the backward's embedding_bag (measured on CPU: a bag row of d
+        # entries costs about as much as a column of W C, d multiply-adds per anchor, and W
+        # needs a fresh [A, S] buffer); else the weights per column W [A, S] for one product
+        bag = own is None and n_draw <= width
         if bag:
             drawn_all = index.new_empty(rows, n_draw)
             coefficient_all = logits.new_empty(rows, n_draw)
