@@ -944,7 +944,7 @@ _GRAM_PER_PAIR = 48
 
 
 # entries of the gathered rows per chunk of _pair_dots: 1024 pairs of d = 128, two 512 KiB
-# buffers in cache (measured in the loss, 1 thread: 2^17 faster than 2^15 and 2^19, 3-18 %)
+# buffers in cache (measured in the loss, 1 thread: 2^17 3-8 % faster than 2^15, 5-14 % than 2^19)
 _PAIR_DOTS_BLOCK = 1 << 17
 
 
