@@ -1049,22 +1049,25 @@ def _mochi_contrast(form, dtype, normalize=True, *, seed=3):
     return z1, z2, contrast
 
 
+@pytest.mark.parametrize("mixed", [7, 40], ids=["bag", "dense"])
 @pytest.mark.parametrize("normalize", [True, False], ids=["cos", "raw"])
 @pytest.mark.parametrize("block", [1, 1 << 18], ids=["rows-of-2", "one-block"])
 @pytest.mark.parametrize("form", [*FORMS, "big_pool", "per_anchor_pool", "empty_rows"])
 def test_mochi_mix_log_mass_equals_the_plain_logsumexp_of_the_mixes(
-    form, block, normalize, monkeypatch
+    form, block, normalize, mixed, monkeypatch
 ):
     """``mochi_mix_log_mass`` (by blocks of rows: here 2 rows a block, or one block) equals the
     plain path in float64: ``logsumexp`` over the mixes' logits of ``select`` with
     ``fast=False`` for the same seed (so the blocks' uniforms are the plain draw's), value and
     gradients to both views for per-anchor weights of the log-mass; ``-inf`` and a zero
-    gradient on a row without negatives."""
+    gradient on a row without negatives. 7 pair mixes (17 drawn columns a row: the backward's
+    ``embedding_bag`` over shared columns) and 40 (83: more than a row's columns but the big
+    pool's, the product ``W C``)."""
     from hardneg.strategies.base import StepContext
 
     monkeypatch.setattr(fastpaths, "_MIX_BLOCK", block)
     strategy = hardneg.registry.strategy_class("mochi")(
-        num_hardest=5, num_mixed=7, num_query_mixed=3
+        num_hardest=5, num_mixed=mixed, num_query_mixed=3
     )
     z1, z2, contrast = _mochi_contrast(form, torch.float64, normalize)
     fast = fastpaths.mochi_mix_log_mass(
@@ -1220,6 +1223,43 @@ def test_simans_cpu_draw_follows_the_kernel_over_row_blocks(a, k, dtype):
     assert same < 0.9
 
 
+@pytest.mark.parametrize("a", [0.0, 0.6])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [21, 1 << 16], ids=["blocks-of-4-rows", "one-block"])
+def test_simans_cpu_draw_by_numpy_blocks_equals_the_keys_of_one_torch_pass(
+    a, dtype, block, monkeypatch
+):
+    """The CPU draw (numpy, a block of an even number of rows at a time) takes the columns that
+    one pass of torch operations takes on the same random words (the seed's ``PCG64`` stream,
+    two uniforms per word, read in order across the blocks): 13 rows of 7 columns (odd) in
+    blocks of 4 rows or one block, masked columns and a row with fewer negatives than ``k``."""
+    import numpy as np
+
+    monkeypatch.setattr(fastpaths, "_SIMANS_BLOCK", block)
+    g = torch.Generator().manual_seed(11)
+    rows, cols, k = 13, 7, 3
+    logits = (torch.randn(rows, cols, generator=g, dtype=torch.float64) * 2).to(dtype)
+    logits[:, 5] = float("-inf")
+    logits[4, 1:] = float("-inf")  # one negative only
+    centre = torch.randn(rows, 1, generator=g, dtype=torch.float64).to(dtype)
+    got = fastpaths.simans_draw(logits, centre, a, k, torch.Generator().manual_seed(2))
+    # the reference: the same two seed words, the whole stream at once, torch's key passes
+    seed = torch.empty(2, dtype=torch.int64).random_(
+        -(2**63), None, generator=torch.Generator().manual_seed(2)
+    )
+    stream = np.random.PCG64(np.random.SeedSequence([w % 2**64 for w in seed.tolist()]))
+    n = rows * cols
+    words = torch.from_numpy(stream.random_raw(-(-n // 2)).view(np.int64))
+    keys = fastpaths.unit_uniforms(words, n).view(rows, cols).to(dtype)
+    keys = keys.log().neg().log() + a * (logits - centre).square()
+    keys = keys.masked_fill(~torch.isfinite(logits), float("inf"))
+    want = keys.topk(k, dim=1, largest=False).indices
+    assert got.shape == (rows, k)
+    full = [r for r in range(rows) if r != 4]  # row 4: which masked columns fill it is a tie
+    assert got[full].sort(dim=1).values.tolist() == want[full].sort(dim=1).values.tolist()
+    assert 0 in got[4].tolist() and len(set(got[4].tolist())) == k  # its one negative drawn
+
+
 def test_simans_cpu_draw_is_the_same_on_any_number_of_threads():
     """A seed gives the same columns with 1 or 4 torch threads, and other columns with another
     seed."""
@@ -1292,6 +1332,65 @@ def test_mochi_hardest_set_fast_equals_plain_in_column_order(dtype, form, n_hard
         assert m == min(n_hardest, finite.numel())
         expected = finite.sort(descending=True).values[:m]
         assert logits[row, members].sort(descending=True).values.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("block", "threads"),
+    [(600, 1), (1 << 16, 1), (600, 2)],
+    ids=["blocks-of-2-rows", "one-block", "two-threads"],
+)
+def test_mochi_hardest_columns_are_the_plain_hardest_set_or_none_on_a_tie(
+    dtype, block, threads, monkeypatch
+):
+    """``hardest_columns`` (numpy, a block of rows at a time, on one or two threads) gives the
+    plain hardest set's columns in column order, rows with masked columns included, for ``k`` of
+    1, a few and all but one; None when a row holds a tie at the ``k``-th largest logit or a NaN
+    (the caller then takes the general path)."""
+    monkeypatch.setattr(fastpaths, "_HARDEST_BLOCK", block)
+    monkeypatch.setattr(fastpaths, "_THREAD_MIN_ENTRIES", 1200)  # 4 rows a thread
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_hardest_columns(dtype)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _check_hardest_columns(dtype):
+    from hardneg.contrast import ContrastSet
+
+    g = torch.Generator().manual_seed(12)
+    rows, cols = 9, 300
+    logits = torch.randn(rows, cols, generator=g, dtype=torch.float64).to(dtype)
+    logits[:, 7] = float("-inf")
+    logits[torch.arange(rows), torch.arange(rows)] = float("-inf")
+    for k in (1, 50, cols - 2):
+        got = fastpaths.hardest_columns(logits, k)
+        strategy = hardneg.registry.strategy_class("mochi")(num_hardest=k)
+        contrast = ContrastSet(
+            anchors=torch.zeros(rows, 2, dtype=dtype),
+            columns=torch.zeros(cols, 2, dtype=dtype),
+            anchor_columns=None,
+            positives=torch.zeros(rows, 1, 2, dtype=dtype),
+            positive_logits=torch.zeros(rows, 1, dtype=dtype),
+            positive_weight=torch.ones(rows, 1, dtype=dtype),
+            positive_index=None,
+            negative_logits=logits,
+            negative_mask=torch.isfinite(logits),
+            num_negatives=cols - 2,
+            temperature=0.5,
+        )
+        want, count = strategy.hardest(contrast, fast=False)
+        assert got.shape == (rows, k) and count.flatten().tolist() == [k] * rows
+        assert got.tolist() == want.tolist()
+    tied = logits.clone()
+    tied[3, 10] = tied[3, 11] = tied[3].max() + 1.0  # the two largest tie: k = 1 has two
+    assert fastpaths.hardest_columns(tied, 1) is None
+    assert fastpaths.hardest_columns(tied, 2) is not None
+    nan = logits.clone()
+    nan[5, 20] = float("nan")
+    assert fastpaths.hardest_columns(nan, 50) is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

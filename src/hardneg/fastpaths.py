@@ -38,21 +38,27 @@ only; no kept buffers.
   twin: ``anchor_column_logits(contrast).gather(1, index)``, a second product with the columns
   detached).
 * :func:`simans_draw` — SimANS: the Gumbel-top-k draw with uniforms from random 64-bit words
-  (two per word; on CPU from a numpy stream seeded by the generator), the keys in place and the
-  ``k`` smallest keys by a values-only partition on CPU (plain twin: ``SimANSNegatives.draw``
+  (two per word; on CPU from a numpy stream seeded by the generator); on CPU the whole draw in
+  numpy a block of rows at a time (words, keys and the ``k`` smallest keys by a values-only
+  partition, in cache; no torch pass over ``[A, S]``) (plain twin: ``SimANSNegatives.draw``
   with ``torch.rand`` and ``torch.topk``; same law, other draws).
-* :func:`kth_largest` — MoCHi: the ``N``-th largest logit of each row (the threshold of the
-  hardest set) by numpy's partition (plain twin: ``torch.topk``'s ``k``-th value).
-* :func:`row_members` — MoCHi: the hardest set's columns in column order by
+* :func:`hardest_columns` — MoCHi: the hardest set's columns in column order when no row ties
+  at its ``N``-th largest logit, a block of rows at a time in numpy (partition, compare,
+  ``flatnonzero``) (plain twin: ``HardNegativeMixing.hardest`` with ``torch.topk``);
+  :func:`kth_largest` and :func:`row_members` take a tie: the ``N``-th largest logit by numpy's
+  partition (plain twin: ``torch.topk``'s ``k``-th value) and the members by
   ``numpy.flatnonzero`` (plain twin: a cumsum / scatter compaction).
 * :func:`pair_gram` — MoCHi: the pairs' ``n_i · n_j`` from the upper triangle of the columns'
   Gram matrix, by blocks of rows (plain twin: the full Gram matrix, looked up at the pairs);
   :func:`mochi_in_batch_cosine`: in-batch, read from the logits as ``t c_ij`` (no product).
 * :func:`mochi_mix_log_mass` — MoCHi with InfoNCE: the synthetic negatives' log-mass drawn and
   summed a block of rows at a time (the draws of the plain path, bit for bit), the backward
-  one product ``W C`` with ``W`` the softmax weights times the mixing coefficients
-  scatter-added per column (plain twin: ``HardNegativeMixing.select``'s logits and the
-  objective's ``logsumexp``, back-propagated through the gathers).
+  over shared columns, at most ``S`` drawn per row, one ``embedding_bag`` of the drawn columns
+  weighted by the softmax weights times the mixing coefficients (no ``[A, S]`` buffer, no
+  product), else one product ``W C`` with those weights scatter-added per column (plain twin:
+  ``HardNegativeMixing.select``'s logits and the objective's ``logsumexp``, back-propagated
+  through the gathers). In-batch, MoCHi's contrast set comes from :func:`pair_contrast`
+  (:func:`mochi_in_batch_fits`).
 * :func:`potential_in_batch_terms` — potential, in-batch: the three terms from one Gram matrix
   of ``[z1; z2]`` (every logit, the neighbour look-up, one keep kernel pass for ``L_aug`` and
   both mined terms, with the anchors as the columns of the symmetric Gram matrix, so that each
@@ -988,16 +994,32 @@ class _MixLogMass(torch.autograd.Function):
         return grad_q.mul_(scale), *([None] * 7)
 
 
-def _logit_cosine(logits: Tensor, columns: Tensor, t: float, first: Tensor, second: Tensor):
+def _logit_cosine(
+    logits: Tensor,
+    columns: Tensor,
+    t: float,
+    first: Tensor,
+    second: Tensor,
+    scratch: tuple[Tensor, Tensor] | None = None,
+):
     """In-batch (anchor ``i`` is column ``i``): ``n_i · n_j = t c_ij`` read from the logits; the
-    few pairs on a masked entry (``i = j``, a positive pair, a duplicate) by row-wise dots."""
+    few pairs on a masked entry (``i = j``, a positive pair, a duplicate) by row-wise dots.
+    ``scratch``: contiguous int64 and float buffers of ``first.numel()`` entries for the flat
+    positions and the result (the caller's dead memory: no fresh pages)."""
     cols = logits.shape[1]
-    flat = torch.add(second, first, alpha=cols).view(-1)
-    cosine = logits.reshape(-1).index_select(0, flat).mul_(t)
+    if scratch is None:
+        flat = torch.add(second, first, alpha=cols).view(-1)
+        cosine = logits.reshape(-1).index_select(0, flat)
+    else:
+        flat, cosine = scratch
+        torch.add(second, first, alpha=cols, out=flat.view(first.shape))
+        torch.index_select(logits.reshape(-1), 0, flat, out=cosine)
+    cosine.mul_(t)
     masked = torch.isinf(cosine).nonzero().squeeze(1)
-    if masked.numel():
-        i, j = first.reshape(-1)[masked], second.reshape(-1)[masked]
-        cosine[masked] = torch.linalg.vecdot(columns[i], columns[j]).to(cosine.dtype)
+    if masked.numel():  # the pair from its flat position (no copy of the strided first, second)
+        at = flat[masked]
+        i = torch.div(at, cols, rounding_mode="floor")
+        cosine[masked] = torch.linalg.vecdot(columns[i], columns[at - i * cols]).to(cosine.dtype)
     return cosine.view(first.shape)
 
 
@@ -1006,12 +1028,17 @@ def _logit_cosine(logits: Tensor, columns: Tensor, t: float, first: Tensor, seco
 _GRAM_PER_PAIR = 48
 
 
+# entries of the gathered rows per chunk of _pair_dots: 1024 pairs of d = 128, two 512 KiB
+# buffers in cache (measured in the loss, 1 thread: 2^17 3-8 % faster than 2^15, 5-14 % than 2^19)
+_PAIR_DOTS_BLOCK = 1 << 17
+
+
 def _pair_dots(columns: Tensor, first: Tensor, second: Tensor) -> Tensor:
-    """``columns[first] · columns[second]`` per pair, about 4096 pairs (of ``d = 128``) at a
+    """``columns[first] · columns[second]`` per pair, about 1024 pairs (of ``d = 128``) at a
     time so that the gathered rows stay in cache."""
     out = columns.new_empty(first.numel())
     i, j = first.reshape(-1), second.reshape(-1)
-    step = max(1, (1 << 19) // max(1, columns.shape[1]))
+    step = max(1, _PAIR_DOTS_BLOCK // max(1, columns.shape[1]))
     for start in range(0, out.numel(), step):
         part = slice(start, start + step)
         x, y = columns.index_select(0, i[part]), columns.index_select(0, j[part])
@@ -1062,8 +1089,10 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
     ``t c_ij``; a shared pool from the upper triangle of its Gram matrix; otherwise row-wise
     dots of the gathered columns), the logits ``(d_j + a (d_i - d_j)) r`` and ``(b q·q / t +
     (1 - b) d_j) r'`` (``r``, ``r'`` the mixes' inverse norms; 1 with raw dot products), their
-    log-sum-exp and softmax, and the softmax weights times the coefficients scatter-added into
-    ``W [A, S]``, so that the backward is one product ``W C`` (:class:`_MixLogMass`)."""
+    log-sum-exp and softmax, and the softmax weights times the coefficients: kept with the
+    drawn columns for an ``embedding_bag`` in the backward where the columns are shared and a
+    row draws at most ``S`` of them (:class:`_MixBagLogMass`), else scatter-added into ``W [A,
+    S]`` for one product ``W C`` (:class:`_MixLogMass`)."""
     s, s_query = strategy.num_mixed, strategy.num_query_mixed
     logits = contrast.negative_logits.detach()
     rows, width = logits.shape
@@ -1087,15 +1116,30 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
         step -= step % 2  # an even number of uniforms per block: whole random words
         if logits.device.type != "cpu":
             step = rows
-        weights = logits.new_zeros(rows, width)
+        # shared columns and fewer drawn columns than columns per row: the drawn columns and
+        # their weights kept for the backward's embedding_bag (measured on CPU: a bag row of d
+        # entries costs about as much as a column of W C, d multiply-adds per anchor, and W
+        # needs a fresh [A, S] buffer); else the weights per column W [A, S] for one product
+        bag = own is None and n_draw <= width
+        if bag:
+            drawn_all = index.new_empty(rows, n_draw)
+            coefficient_all = logits.new_empty(rows, n_draw)
+            weights = None
+        else:
+            weights = logits.new_zeros(rows, width)
         lse = logits.new_empty(rows)
         self_weight = logits.new_zeros(rows, 1)
         for start in range(0, rows, step):
             part = slice(start, start + step)
             m = min(step, rows - start)
             u = mochi_uniforms((m, per_row), context.generator, logits.device)
-            drawn = index[part].gather(1, u[:, :n_draw].mul(count[part]).long())
-            d = logits[part].gather(1, drawn)
+            position = u[:, :n_draw].mul_(count[part]).long()
+            if bag:
+                drawn = torch.gather(index[part], 1, position, out=drawn_all[part])
+                d = torch.gather(logits[part], 1, drawn, out=coefficient_all[part])
+            else:
+                drawn = index[part].gather(1, position)
+                d = logits[part].gather(1, drawn)
             mixing = u[:, n_draw:].to(dtype)
             alpha, beta = mixing[:, :s], mixing[:, s:].mul_(0.5)
             x = d.new_empty(m, s + s_query)
@@ -1108,7 +1152,10 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
                     r.fill_(1.0)
                 else:
                     if in_batch:
-                        cosine = _logit_cosine(logits, columns, t, first, second)
+                        # the flat positions in position's memory (dead after the gather),
+                        # the cosines in x's (written after they are read)
+                        scratch = (position.view(-1)[: m * s], x.view(-1)[: m * s])
+                        cosine = _logit_cosine(logits, columns, t, first, second, scratch)
                     elif gram is not None:
                         cosine = _upper_gram_at(gram, first, second)
                     elif own is None:
@@ -1155,8 +1202,35 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
             if s_query > 0:
                 torch.mul(query[:, s_query:], x[:, s:], out=coefficient[:, 2 * s :])
                 self_weight[part] = _row_dot(query[:, :s_query], x[:, s:]).unsqueeze(1)
-            weights[part].scatter_add_(1, drawn, coefficient)
+            if not bag:
+                weights[part].scatter_add_(1, drawn, coefficient)
+    if bag:
+        return _MixBagLogMass.apply(
+            contrast.anchors, lse, drawn_all, coefficient_all, self_weight, q, columns, t
+        )
     return _MixLogMass.apply(contrast.anchors, lse, weights, self_weight, q, columns, own, t)
+
+
+class _MixBagLogMass(torch.autograd.Function):
+    """MoCHi's synthetic negatives over shared columns: forward the log-mass computed by
+    :func:`mochi_mix_log_mass`; backward to the anchors only, ``g (sum_k w_k n_{j_k} + w q) /
+    t`` with ``j_k`` the drawn columns and ``w_k`` their softmax weights times their mixing
+    coefficients, by ``embedding_bag`` (a weighted sum of gathered rows per anchor: no ``[A, S]``
+    buffer, no product)."""
+
+    @staticmethod
+    def forward(ctx, anchors, lse, drawn, coefficient, self_weight, q, columns, t):  # type: ignore[override]
+        ctx.save_for_backward(lse, drawn, coefficient, self_weight, q, columns)
+        ctx.temperature = t
+        return lse.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        lse, drawn, coefficient, self_weight, q, columns = ctx.saved_tensors
+        scale = torch.where(torch.isfinite(lse), grad, 0.0).unsqueeze(1)
+        grad_q = F.embedding_bag(drawn, columns, per_sample_weights=coefficient, mode="sum")
+        grad_q.addcmul_(self_weight, q)
+        return grad_q.mul_(scale.div_(ctx.temperature)), *([None] * 7)
 
 
 def mochi_in_batch_cosine(contrast, first: Tensor, second: Tensor) -> Tensor | None:
@@ -1187,6 +1261,12 @@ def unit_uniforms(words: Tensor, count: int) -> Tensor:
     return bits.view(torch.float32).sub_(1.0 - 2.0**-24)
 
 
+# entries per block of rows of the CPU draw: the block's keys, the scratch buffer and the random
+# words stay in cache (measured, 1 thread: 2^14 and 2^16 alike, both faster than the [A, S] passes)
+_SIMANS_BLOCK = 1 << 16
+_ONE_LESS_HALF_CELL = np.float32(1.0 - 2.0**-24)
+
+
 def simans_draw(
     logits: Tensor, centre: Tensor, a: float, k: int, generator: torch.Generator | None
 ) -> Tensor:
@@ -1195,40 +1275,70 @@ def simans_draw(
     (Gumbel-top-k; ``-inf`` logits are drawn last). Plain twin: ``SimANSNegatives.draw`` with
     ``fast=False`` (one ``torch.rand`` per entry and ``torch.topk``): the same law, other draws.
 
-    The uniforms are cut from random 64-bit words (:func:`unit_uniforms`, two per word) and the
-    keys computed in place in their memory, one torch operation per pass over ``[A, S]`` (on
-    torch's threads). On CPU the words come from one numpy ``PCG64`` stream seeded by two random
-    words of ``generator`` (a third faster than the generator's own words, whose Mersenne
-    twister runs on one thread) and each row's ``k`` smallest keys are those at or below its
-    ``k``-th smallest (:func:`_np_smallest`: a values-only ``numpy.partition``, several times
-    faster than ``torch.topk``), a block of rows at a time, on the calling thread: a second
-    Python thread would share its core with the OpenMP worker that spins for milliseconds after
-    each parallel torch operation. Elsewhere: the generator's words and ``torch.topk``.
-    ``k >= S`` returns every column."""
+    The uniforms are cut from random 64-bit words (:func:`unit_uniforms`, two per word). On CPU
+    the words come from one numpy ``PCG64`` stream seeded by two random words of ``generator``
+    (a third faster than the generator's own words, whose Mersenne twister runs on one thread)
+    and the whole draw runs in numpy a block of rows at a time, in cache, on the calling thread:
+    the block's words, its uniforms, keys and each row's ``k`` smallest keys, those at or below
+    its ``k``-th smallest (:func:`_np_smallest`: a values-only ``numpy.partition``, several
+    times faster than ``torch.topk``). No torch operation runs between the logits and the
+    draw: after each parallel torch operation the OpenMP worker spins for milliseconds, and
+    torch passes over ``[A, S]`` would fault their pages in anew. Elsewhere: the generator's
+    words, the keys by torch operations and ``torch.topk``. ``k >= S`` returns every column."""
     rows, cols = logits.shape
     if k >= cols:
         return torch.arange(cols, device=logits.device).expand(rows, cols)
+    if numpy_partitions(logits):
+        return _simans_draw_numpy(logits, centre, a, k, generator)
     n = rows * cols
-    on_cpu = numpy_partitions(logits)
-    if on_cpu:
-        seed = torch.empty(2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
-        stream = np.random.PCG64(np.random.SeedSequence([word % 2**64 for word in seed.tolist()]))
-        words = torch.from_numpy(stream.random_raw(-(-n // 2)).view(np.int64))
-    else:
-        words = torch.empty(-(-n // 2), dtype=torch.int64, device=logits.device)
-        words.random_(-(2**63), None, generator=generator)
+    words = torch.empty(-(-n // 2), dtype=torch.int64, device=logits.device)
+    words.random_(-(2**63), None, generator=generator)
     keys = unit_uniforms(words, n).view(rows, cols).to(logits.dtype)
     keys.log_().neg_().log_()  # log(-log u) = -Gumbel
     distance = logits - centre  # -inf on a masked column: its key is +inf if a > 0
     keys.addcmul_(distance, distance, value=a)
     if a == 0.0:
         keys.masked_fill_(~torch.isfinite(logits), float("inf"))
-    if not on_cpu:
-        return keys.topk(k, dim=1, largest=False, sorted=False).indices
-    values = keys.numpy()
+    return keys.topk(k, dim=1, largest=False, sorted=False).indices
+
+
+def _simans_draw_numpy(
+    logits: Tensor, centre: Tensor, a: float, k: int, generator: torch.Generator | None
+) -> Tensor:
+    """:func:`simans_draw` on CPU: numpy, a block of an even number of rows at a time (whole
+    random words: a seed draws the same columns whatever the blocks)."""
+    rows, cols = logits.shape
+    seed = torch.empty(2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
+    stream = np.random.PCG64(np.random.SeedSequence([word % 2**64 for word in seed.tolist()]))
+    x = logits.detach().contiguous().numpy()
+    shift = centre.detach().to(logits.dtype).expand(rows, 1).contiguous().numpy()
+    step = max(2, _SIMANS_BLOCK // cols)
+    step += step % 2
+    keys = np.empty((min(step, rows), cols), dtype=x.dtype)
+    distance = np.empty_like(keys)
     out = np.empty((rows, k), dtype=np.int64)
-    for part in row_blocks(keys, 1 << 16):  # keys and the mask in cache
-        out[part] = _np_smallest(values[part], k)
+    for start in range(0, rows, step):
+        r = min(step, rows - start)
+        n = r * cols
+        bits = stream.random_raw(-(-n // 2)).view(np.uint32)[:n]
+        bits &= 0x7FFFFF
+        bits |= 0x3F800000  # the bit pattern of 1 + j 2^-23
+        u = bits.view(np.float32).reshape(r, cols)
+        np.subtract(u, _ONE_LESS_HALF_CELL, out=u)  # (2 j + 1) 2^-24, in float32
+        block, d = keys[:r], distance[:r]
+        block[...] = u
+        np.log(block, out=block)
+        np.negative(block, out=block)
+        np.log(block, out=block)  # log(-log u) = -Gumbel
+        values = x[start : start + r]
+        np.subtract(values, shift[start : start + r], out=d)  # -inf on a masked column
+        if a == 0.0:
+            block[~np.isfinite(values)] = np.inf
+        else:  # a (c - centre)^2: +inf on a masked column
+            np.multiply(d, d, out=d)
+            np.multiply(d, a, out=d)
+            block += d
+        out[start : start + r] = _np_smallest(block, k)
     return torch.from_numpy(out)
 
 
@@ -1258,6 +1368,44 @@ def kth_largest(x: Tensor, k: int) -> Tensor:
     for rows in row_blocks(x):
         out[rows] = np.partition(array[rows], cols - k, axis=1)[:, cols - k : cols - k + 1]
     return torch.from_numpy(out)
+
+
+# entries of logits per block of hardest_columns: the block, its partition and its mask stay in
+# cache (measured, 1 thread: 2^16 against 2^14 and 2^18, 2048 x 2048 and 1024 x 4096)
+_HARDEST_BLOCK = 1 << 16
+
+
+def hardest_columns(logits: Tensor, k: int) -> Tensor | None:
+    """MoCHi: ``[A, k]`` the columns of each row's ``k`` largest logits in increasing column
+    order (``0 < k < S``), when every row holds exactly ``k`` entries at or above its ``k``-th
+    largest (no tie at that edge, no NaN); else None. On CPU, a block of rows at a time while it
+    is in cache: the ``k``-th largest by ``numpy.partition`` (values only), the entries at or
+    above it and their columns by ``flatnonzero``; the blocks split over torch's intra-op
+    threads from ``_THREAD_MIN_ENTRIES`` per thread (numpy releases the GIL). None on an
+    accelerator. Plain twin: ``HardNegativeMixing.hardest`` with ``fast=False``
+    (``torch.topk``'s ``k``-th value and a cumsum / scatter compaction)."""
+    if not numpy_partitions(logits):
+        return None
+    x = logits.detach().contiguous().numpy()
+    rows, cols = x.shape
+    out = np.empty((rows, k), dtype=np.int64)
+    step = max(1, _HARDEST_BLOCK // cols)
+    offsets = np.arange(min(step, rows), dtype=np.int64).reshape(-1, 1) * cols
+    tied: list[bool] = []
+
+    def work(begin: int, end: int) -> None:
+        for start in range(begin, end, step):
+            block = x[start : min(start + step, end)]
+            r = block.shape[0]
+            edge = np.partition(block, cols - k, axis=1)[:, cols - k : cols - k + 1]
+            flat = np.flatnonzero(block >= edge)
+            if flat.size != r * k:  # a tie at the edge, or a NaN
+                tied.append(True)
+                return
+            out[start : start + r] = flat.reshape(r, k) - offsets[:r]
+
+    _on_threads(work, rows, max(step, _THREAD_MIN_ENTRIES // cols))
+    return None if tied else torch.from_numpy(out)
 
 
 def row_members(member: Tensor, count: Tensor, width: int, same_count: bool) -> Tensor:
@@ -1883,6 +2031,20 @@ def pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float):
         num_negatives=2 * n - 2,
         temperature=float(temperature),
         normalized=True,
+    )
+
+
+def mochi_in_batch_fits(strategy, inputs, context) -> bool:
+    """Whether MoCHi's in-batch step takes :func:`pair_contrast`: two views, no ids, cosine
+    logits, the InfoNCE objective (the mixes' log-mass) and some mixes."""
+    return (
+        context.want_log_mass
+        and inputs.negatives is None
+        and inputs.hard_negatives is None
+        and not inputs.extra_views
+        and inputs.ids is None
+        and inputs.normalize
+        and strategy.num_mixed + strategy.num_query_mixed > 0
     )
 
 

@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,9 @@ from hardneg._checks import check_number
 from hardneg.contrast import ContrastSet
 from hardneg.registry import register_strategy
 from hardneg.strategies.base import Selection, StepContext, Strategy
+
+if TYPE_CHECKING:
+    from hardneg.losses.contrastive import ContrastInputs
 
 # elements of the gathered column vectors per block of anchors in the row-wise dot products
 _BLOCK = 1 << 22
@@ -124,6 +128,22 @@ class HardNegativeMixing(Strategy):
             check_number("num_query_mixed", num_query_mixed, low=0, integer=True)
         )
 
+    def terms(
+        self, inputs: ContrastInputs, context: StepContext
+    ) -> list[tuple[float, ContrastSet, str]]:
+        """The standard contrast set; in-batch on the fast path with InfoNCE, the same set from
+        :func:`fastpaths.pair_contrast` (its backward without the masking passes)."""
+        if context.fast and fastpaths.mochi_in_batch_fits(self, inputs, context):
+            contrast = fastpaths.pair_contrast(inputs.z1, inputs.z2, temperature=inputs.temperature)
+            if inputs.h1 is not None and inputs.h2 is not None:
+                contrast.anchor_features = contrast.column_features = torch.cat(
+                    [inputs.h1, inputs.h2]
+                )
+            if inputs.labels is not None:
+                contrast.anchor_labels = contrast.column_labels = inputs.labels.repeat(2)
+            return [(1.0, contrast, "main")]
+        return super().terms(inputs, context)
+
     def hardest(self, contrast: ContrastSet, fast: bool = False) -> tuple[Tensor, Tensor]:
         """``(index [A, k'], count [A, 1])``: the first ``count_a = min(N, M_a)`` entries of row
         ``a`` are the columns of its hardest negatives ``Q~``, in increasing column order (the
@@ -139,6 +159,10 @@ class HardNegativeMixing(Strategy):
         m = contrast.num_negatives
         count = torch.as_tensor(m, device=logits.device).clamp(max=k).expand(rows).unsqueeze(1)
         if k < cols:
+            if fast and isinstance(m, int) and m >= k:  # k members per row: one numpy pass
+                index = fastpaths.hardest_columns(logits, k)
+                if index is not None:
+                    return index, count
             if fast:
                 kth = fastpaths.kth_largest(logits, k)
             else:
