@@ -1881,6 +1881,48 @@ def test_block_log_masses_by_columns_equal_the_rows_of_the_transposes(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [0, 1])
+def test_block_log_masses_exp_out_with_integer_weights_equals_float_weights(
+    monkeypatch, dtype, dim
+):
+    """With ``exp_out``, integer weights (``uint8`` counts on a block, a ``uint8`` 0/1 draw on
+    the whole matrix, the last block, multiplied into the exponentials' buffer a block of rows
+    at a time: ``_CAST_BLOCK`` set to 12 entries, several blocks, the last one short) give the
+    same values and gradients as the same weights in float, bit for bit, and leave the weights
+    as they were; the whole block's product is written over ``exp_out``."""
+    monkeypatch.setattr(fastpaths, "_CAST_BLOCK", 12)
+    g = torch.Generator().manual_seed(21)
+    n = 5
+    c = (torch.rand(2 * n, 2 * n, generator=g, dtype=torch.float64) * 4 - 2).to(dtype)
+    c[torch.arange(2 * n), torch.arange(2 * n)] = float("-inf")
+    counts = torch.randint(0, 6, (n, n), generator=g, dtype=torch.uint8)
+    kept = torch.randint(0, 2, (2 * n, 2 * n), generator=g, dtype=torch.uint8)
+    kept[torch.arange(2 * n), torch.arange(2 * n)] = 0
+    kept[2 * n - 1, :n] = 0  # the last row block drops and keeps: a skipped block shows
+    kept[2 * n - 1, n : 2 * n - 1] = 1
+    blocks = [(n, 2 * n, 0, n), (0, 2 * n, 0, 2 * n)]
+    ups = [torch.linspace(0.5, 2.0, m, dtype=dtype) for m in (n, 2 * n)]
+
+    def run(weights):
+        x = c.clone().requires_grad_(True)
+        e = torch.empty_like(c)
+        outs = fastpaths.block_log_masses(
+            x, blocks, weights, bound=2.0, scratch=True, exp_out=e, dim=dim
+        )
+        total = sum(torch.where(torch.isfinite(o), o, 0.0).mul(u).sum() for o, u in zip(outs, ups))
+        return [o.detach() for o in outs], torch.autograd.grad(total, x)[0], e
+
+    ints = [counts.clone(), kept.clone()]
+    got, got_grad, e = run(ints)
+    want, want_grad, _ = run([counts.to(dtype), kept.to(dtype)])
+    for f, p_ in zip(got, want):
+        assert torch.equal(f, p_)
+    assert torch.equal(got_grad, want_grad)
+    assert torch.equal(ints[0], counts) and torch.equal(ints[1], kept)
+    assert torch.equal(e, c.exp() * kept.to(dtype))  # the whole block's product, in exp_out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_block_log_masses_equal_the_plain_sums_and_gathers(dtype):
     """Against ``weighted_log_mass``'s plain twin ``logsumexp(c + log w)`` per block and a
     gather: values and gradients, a whole-matrix block, off-diagonal blocks, a row with nothing
