@@ -1996,6 +1996,47 @@ def test_potential_in_batch_fused_terms_have_the_plain_law(hp):
         assert abs(float(lf.std() / lp.std()) - 1) < 0.15
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_potential_in_batch_small_and_large_forms_give_the_same_masses(monkeypatch, dtype):
+    """Up to ``_BLOCK`` entries of the Gram matrix, ``L_aug``'s draws are bytes and the masses'
+    exponentials go into the spent kernel buffer (``exp_out``); above it (``_BLOCK`` set to 16
+    here) the draws go into the kernel buffer and the exponentials a block of rows at a time.
+    Same seed, same draws: the same three masses and the same gradient of ``z1`` and ``z2``."""
+    from hardneg.losses.contrastive import ContrastInputs
+    from hardneg.strategies.base import StepContext
+
+    z1, z2, _ = make_inputs("in_batch", dtype, n=8, seed=6)
+    strategy = hardneg.create_loss("potential", num_neighbors=3, a=3.0).strategy
+    forms = []
+    real = fastpaths.block_log_masses
+    monkeypatch.setattr(
+        fastpaths,
+        "block_log_masses",
+        lambda *a, **kw: forms.append(kw.get("exp_out") is not None) or real(*a, **kw),
+    )
+
+    def run():
+        x1, x2 = z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()
+        inputs = ContrastInputs(z1=x1, z2=x2, temperature=0.5)
+        context = StepContext(generator=torch.Generator().manual_seed(3))
+        terms = fastpaths.potential_in_batch_terms(strategy, inputs, context)
+        masses = [c.fast_log_mass for _, c, _ in terms]
+        total = sum(
+            torch.where(torch.isfinite(m), m, 0.0).sum() * (i + 1) for i, m in enumerate(masses)
+        )
+        return [m.detach() for m in masses], torch.autograd.grad(total, (x1, x2))
+
+    small, small_grad = run()
+    monkeypatch.setattr(fastpaths, "_BLOCK", 16)
+    large, large_grad = run()
+    assert forms == [True, False]
+    for a, b in zip(small, large):
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+        assert_close_rel(a[torch.isfinite(a)], b[torch.isfinite(a)], what="mass")
+    for a, b in zip(small_grad, large_grad):
+        assert_close_rel(a, b, what="gradient")
+
+
 def test_potential_in_batch_fused_path_is_taken(monkeypatch):
     """In-batch InfoNCE with cosine logits goes through one Gram matrix (the fused terms); ids,
     the Jensen-Shannon objective and a pool do not."""

@@ -2208,10 +2208,16 @@ def potential_in_batch_terms(strategy, inputs, context):
             w1, w2 = w[:n], w[n:]
             del need_cols, k1, k2, w
             kept_aug = None
-            if use_aug:  # L_aug's draws as bytes; the kernel's float buffer is then spent and
-                # takes the masses' exponentials (no fresh [2N, 2N] float buffer)
+            if use_aug and whole.numel() <= _BLOCK:  # L_aug's draws as bytes; the kernel's
+                # float buffer is then spent and takes the masses' exponentials, all at once (no
+                # fresh [2N, 2N] float buffer: the row-block form's buffer would be as large)
                 kept_aug = bernoulli_draws(need, p256_aug, context.generator, stream=stream)
                 exp_out = whole
+            elif use_aug:  # the kernel is spent: its float buffer takes L_aug's draws, the
+                # exponentials go a block of rows at a time (in cache)
+                kept_aug = bernoulli_draws(
+                    need, p256_aug, context.generator, out=whole, stream=stream
+                )
             del need
         else:
             w1 = k1 * trials1.to(k1.dtype).unsqueeze(1) if shared else k1.mul_(trials1.unsqueeze(1))
