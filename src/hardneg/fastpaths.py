@@ -2191,6 +2191,11 @@ def potential_in_batch_terms(strategy, inputs, context):
 
             def p256_mined(column: Tensor, anchor: Tensor) -> Tensor:  # the kernel's 256 pi
                 c = column % n
+                if shared:  # one gather from the kernel: k1[c, y] = whole[N + c, y],
+                    # k2[c, y] = whole[c, N + y]
+                    at = c * (2 * n) + anchor
+                    at += torch.where(column < n, 2 * n * n, n)
+                    return whole.view(-1)[at]
                 return torch.where(column < n, k1[c, anchor], k2[c, anchor])
 
             def p256_aug(at: Tensor) -> Tensor:  # read before the draws overwrite the kernel
