@@ -1892,6 +1892,48 @@ def test_block_log_masses_by_columns_equal_the_rows_of_the_transposes(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [0, 1])
+def test_block_log_masses_exp_out_with_integer_weights_equals_float_weights(
+    monkeypatch, dtype, dim
+):
+    """With ``exp_out``, integer weights (``uint8`` counts on a block, a ``uint8`` 0/1 draw on
+    the whole matrix, the last block, multiplied into the exponentials' buffer a block of rows
+    at a time: ``_CAST_BLOCK`` set to 12 entries, several blocks, the last one short) give the
+    same values and gradients as the same weights in float, bit for bit, and leave the weights
+    as they were; the whole block's product is written over ``exp_out``."""
+    monkeypatch.setattr(fastpaths, "_CAST_BLOCK", 12)
+    g = torch.Generator().manual_seed(21)
+    n = 5
+    c = (torch.rand(2 * n, 2 * n, generator=g, dtype=torch.float64) * 4 - 2).to(dtype)
+    c[torch.arange(2 * n), torch.arange(2 * n)] = float("-inf")
+    counts = torch.randint(0, 6, (n, n), generator=g, dtype=torch.uint8)
+    kept = torch.randint(0, 2, (2 * n, 2 * n), generator=g, dtype=torch.uint8)
+    kept[torch.arange(2 * n), torch.arange(2 * n)] = 0
+    kept[2 * n - 1, :n] = 0  # the last row block drops and keeps: a skipped block shows
+    kept[2 * n - 1, n : 2 * n - 1] = 1
+    blocks = [(n, 2 * n, 0, n), (0, 2 * n, 0, 2 * n)]
+    ups = [torch.linspace(0.5, 2.0, m, dtype=dtype) for m in (n, 2 * n)]
+
+    def run(weights):
+        x = c.clone().requires_grad_(True)
+        e = torch.empty_like(c)
+        outs = fastpaths.block_log_masses(
+            x, blocks, weights, bound=2.0, scratch=True, exp_out=e, dim=dim
+        )
+        total = sum(torch.where(torch.isfinite(o), o, 0.0).mul(u).sum() for o, u in zip(outs, ups))
+        return [o.detach() for o in outs], torch.autograd.grad(total, x)[0], e
+
+    ints = [counts.clone(), kept.clone()]
+    got, got_grad, e = run(ints)
+    want, want_grad, _ = run([counts.to(dtype), kept.to(dtype)])
+    for f, p_ in zip(got, want):
+        assert torch.equal(f, p_)
+    assert torch.equal(got_grad, want_grad)
+    assert torch.equal(ints[0], counts) and torch.equal(ints[1], kept)
+    assert torch.equal(e, c.exp() * kept.to(dtype))  # the whole block's product, in exp_out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_block_log_masses_equal_the_plain_sums_and_gathers(dtype):
     """Against ``weighted_log_mass``'s plain twin ``logsumexp(c + log w)`` per block and a
     gather: values and gradients, a whole-matrix block, off-diagonal blocks, a row with nothing
@@ -1963,6 +2005,47 @@ def test_potential_in_batch_fused_terms_have_the_plain_law(hp):
     assert abs(float(lf.mean() - lp.mean())) <= 5 * se + 1e-12
     if float(lp.std()) > 0:
         assert abs(float(lf.std() / lp.std()) - 1) < 0.15
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_potential_in_batch_small_and_large_forms_give_the_same_masses(monkeypatch, dtype):
+    """Up to ``_BLOCK`` entries of the Gram matrix, ``L_aug``'s draws are bytes and the masses'
+    exponentials go into the spent kernel buffer (``exp_out``); above it (``_BLOCK`` set to 16
+    here) the draws go into the kernel buffer and the exponentials a block of rows at a time.
+    Same seed, same draws: the same three masses and the same gradient of ``z1`` and ``z2``."""
+    from hardneg.losses.contrastive import ContrastInputs
+    from hardneg.strategies.base import StepContext
+
+    z1, z2, _ = make_inputs("in_batch", dtype, n=8, seed=6)
+    strategy = hardneg.create_loss("potential", num_neighbors=3, a=3.0).strategy
+    forms = []
+    real = fastpaths.block_log_masses
+    monkeypatch.setattr(
+        fastpaths,
+        "block_log_masses",
+        lambda *a, **kw: forms.append(kw.get("exp_out") is not None) or real(*a, **kw),
+    )
+
+    def run():
+        x1, x2 = z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()
+        inputs = ContrastInputs(z1=x1, z2=x2, temperature=0.5)
+        context = StepContext(generator=torch.Generator().manual_seed(3))
+        terms = fastpaths.potential_in_batch_terms(strategy, inputs, context)
+        masses = [c.fast_log_mass for _, c, _ in terms]
+        total = sum(
+            torch.where(torch.isfinite(m), m, 0.0).sum() * (i + 1) for i, m in enumerate(masses)
+        )
+        return [m.detach() for m in masses], torch.autograd.grad(total, (x1, x2))
+
+    small, small_grad = run()
+    monkeypatch.setattr(fastpaths, "_BLOCK", 16)
+    large, large_grad = run()
+    assert forms == [True, False]
+    for a, b in zip(small, large):
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+        assert_close_rel(a[torch.isfinite(a)], b[torch.isfinite(a)], what="mass")
+    for a, b in zip(small_grad, large_grad):
+        assert_close_rel(a, b, what="gradient")
 
 
 def test_potential_in_batch_fused_path_is_taken(monkeypatch):

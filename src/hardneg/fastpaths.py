@@ -1691,13 +1691,20 @@ def binomial_draws(
     below = torch.empty(c, a, dtype=count_dtype, device=device)
     chunk = max(min(_CHUNK, total * a), most * a)  # at least one column's m rows
     scratch = torch.empty(chunk, dtype=torch.bool, device=device)
+    gathered = torch.empty(chunk, dtype=need_by_column.dtype, device=device)  # each chunk's
+    # thresholds, one buffer for every chunk (not a fresh one per chunk)
     if stream is None:
         stream = _ByteStream(generator, device, chunk)
     key = order.repeat_interleave(sorted_trials)  # the column of each row of bytes
     source = key if rows is None else rows.to(device)[key]  # its row of need_by_column
     found = []
     for span, runs in _chunks(values.tolist(), sizes.tolist(), max(1, chunk // max(1, a))):
-        need = need_by_column.index_select(0, source[span[0] : span[1]])  # [R, A]
+        need = torch.index_select(
+            need_by_column,
+            0,
+            source[span[0] : span[1]],
+            out=gathered[: (span[1] - span[0]) * a].view(span[1] - span[0], a),
+        )  # [R, A]
         vv = stream.take(need.numel()).view(need.shape)
         buf = scratch[: vv.numel()].view(vv.shape)
         torch.lt(vv, need, out=buf)
@@ -1782,6 +1789,11 @@ def layer_draws(
     return counts
 
 
+# entries per block of rows of an in-place product with integer weights (_BlockLogMasses): the
+# weights' float copy (type promotion) is a 128 KiB temporary, reused from block to block
+_CAST_BLOCK = 1 << 15
+
+
 class _BlockLogMasses(torch.autograd.Function):
     """``log sum_j w_ij e^{c_ij}`` for several weight matrices ``w`` (no gradient), each on a
     block of rows and columns of one logits matrix ``c``, and logits read at given places of
@@ -1818,9 +1830,17 @@ class _BlockLogMasses(torch.autograd.Function):
                 if in_place[b]:
                     by_block[b] = w.mul_(e[r0:r1, c0:c1])
                 elif b == order[-1] and blocks[b] == whole:
-                    by_block[b] = e.mul_(w)
-                else:
+                    if w.is_floating_point():
+                        by_block[b] = e.mul_(w)
+                    else:  # a block of rows at a time: the integer weights' float copy (type
+                        # promotion) stays small, not a fresh buffer of e's size per call
+                        for part in row_blocks(e, _CAST_BLOCK):
+                            e[part].mul_(w[part])
+                        by_block[b] = e
+                elif w.is_floating_point():
                     by_block[b] = e[r0:r1, c0:c1] * w
+                else:  # the product in the weights' float copy: one new buffer, not two
+                    by_block[b] = w.to(e.dtype).mul_(e[r0:r1, c0:c1])
             products = [by_block[b] for b in range(len(blocks))]
         else:  # the exponentials a block of rows at a time, in cache: no [A, S] buffer
             products = [
@@ -2122,6 +2142,7 @@ def potential_in_batch_terms(strategy, inputs, context):
     clamp = strategy.clamp
     use_aug = strategy.aug_weight > 0
     raw = strategy.select_on == "raw"
+    exp_out = None  # a free float buffer of G's shape for the masses' exponentials
     with torch.no_grad():
         gd = g.detach()
         # the kernel exp(-a (s - s+ - b)^2) on s / t: coefficient -a t^2, shift (s+ + b) / t
@@ -2170,6 +2191,11 @@ def potential_in_batch_terms(strategy, inputs, context):
 
             def p256_mined(column: Tensor, anchor: Tensor) -> Tensor:  # the kernel's 256 pi
                 c = column % n
+                if shared:  # one gather from the kernel: k1[c, y] = whole[N + c, y],
+                    # k2[c, y] = whole[c, N + y]
+                    at = c * (2 * n) + anchor
+                    at += torch.where(column < n, 2 * n * n, n)
+                    return whole.view(-1)[at]
                 return torch.where(column < n, k1[c, anchor], k2[c, anchor])
 
             def p256_aug(at: Tensor) -> Tensor:  # read before the draws overwrite the kernel
@@ -2187,7 +2213,13 @@ def potential_in_batch_terms(strategy, inputs, context):
             w1, w2 = w[:n], w[n:]
             del need_cols, k1, k2, w
             kept_aug = None
-            if use_aug:  # the kernel is spent: its float buffer takes L_aug's draws
+            if use_aug and whole.numel() <= _BLOCK:  # L_aug's draws as bytes; the kernel's
+                # float buffer is then spent and takes the masses' exponentials, all at once (no
+                # fresh [2N, 2N] float buffer: the row-block form's buffer would be as large)
+                kept_aug = bernoulli_draws(need, p256_aug, context.generator, stream=stream)
+                exp_out = whole
+            elif use_aug:  # the kernel is spent: its float buffer takes L_aug's draws, the
+                # exponentials go a block of rows at a time (in cache)
                 kept_aug = bernoulli_draws(
                     need, p256_aug, context.generator, out=whole, stream=stream
                 )
@@ -2210,9 +2242,12 @@ def potential_in_batch_terms(strategy, inputs, context):
     if strategy.weighting == "hard" and num > 0:  # the mined positives' logits, read from G
         reads = [(0, n, nb1), (n, 0, nb2)]
     # cosine logits, |c| <= 1 / t; the weights are this call's own buffers: the float products
-    # overwrite them, the counts' get their own
-    masses = block_log_masses(g, blocks, weights, reads, bound=1.0 / t, scratch=True, dim=0)
-    del weights
+    # overwrite them, the counts' get their own (with exp_out, L_aug's product is written over
+    # the exponentials, the last block taken)
+    masses = block_log_masses(
+        g, blocks, weights, reads, bound=1.0 / t, scratch=True, exp_out=exp_out, dim=0
+    )
+    del weights, exp_out
     extra = masses[len(blocks) :] if reads else (None, None)
     out = []
     terms = (
