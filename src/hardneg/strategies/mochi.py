@@ -132,15 +132,11 @@ class HardNegativeMixing(Strategy):
         self, inputs: ContrastInputs, context: StepContext
     ) -> list[tuple[float, ContrastSet, str]]:
         """The standard contrast set; in-batch on the fast path with InfoNCE, the same set from
-        :func:`fastpaths.pair_contrast` (its backward without the masking passes)."""
+        :func:`fastpaths.pair_contrast` (its backward without the masking passes). That set
+        carries no features or labels: MoCHi reads neither, and the fast path is off when
+        diagnostics (the labels' only reader) are asked for."""
         if context.fast and fastpaths.mochi_in_batch_fits(self, inputs, context):
             contrast = fastpaths.pair_contrast(inputs.z1, inputs.z2, temperature=inputs.temperature)
-            if inputs.h1 is not None and inputs.h2 is not None:
-                contrast.anchor_features = contrast.column_features = torch.cat(
-                    [inputs.h1, inputs.h2]
-                )
-            if inputs.labels is not None:
-                contrast.anchor_labels = contrast.column_labels = inputs.labels.repeat(2)
             return [(1.0, contrast, "main")]
         return super().terms(inputs, context)
 
