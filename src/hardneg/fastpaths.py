@@ -1386,7 +1386,7 @@ def hardest_columns(logits: Tensor, k: int) -> Tensor | None:
     (``torch.topk``'s ``k``-th value and a cumsum / scatter compaction)."""
     if not numpy_partitions(logits):
         return None
-    x = logits.detach().contiguous().numpy()
+    x = logits.detach().numpy()  # a strided view is fine: the blocks' masks are new arrays
     rows, cols = x.shape
     out = np.empty((rows, k), dtype=np.int64)
     step = max(1, _HARDEST_BLOCK // cols)
@@ -1398,11 +1398,13 @@ def hardest_columns(logits: Tensor, k: int) -> Tensor | None:
             block = x[start : min(start + step, end)]
             r = block.shape[0]
             edge = np.partition(block, cols - k, axis=1)[:, cols - k : cols - k + 1]
-            flat = np.flatnonzero(block >= edge)
-            if flat.size != r * k:  # a tie at the edge, or a NaN
+            member = block >= edge
+            # per row: a NaN leaves its row short, a tie at the edge another row long, and
+            # the two can add up to r * k in all
+            if not (np.count_nonzero(member, axis=1) == k).all():
                 tied.append(True)
                 return
-            out[start : start + r] = flat.reshape(r, k) - offsets[:r]
+            out[start : start + r] = np.flatnonzero(member).reshape(r, k) - offsets[:r]
 
     _on_threads(work, rows, max(step, _THREAD_MIN_ENTRIES // cols))
     return None if tied else torch.from_numpy(out)
@@ -2085,12 +2087,10 @@ def _top_few(x: Tensor, k: int) -> Tensor:
     if k > 32:
         return top_k_indices(x, k)
     rows, width = x.shape
-    if 0 < k < width and width <= _FEW_WIDTH and rows > 0 and numpy_partitions(x):
-        values = x.detach().numpy()
-        edge = np.partition(values, width - k, axis=1)[:, width - k : width - k + 1]
-        top = values >= edge
-        if bool((np.count_nonzero(top, axis=1) == k).all()):  # exactly k per row: the k largest
-            return torch.from_numpy(np.flatnonzero(top) % width).view(rows, k)
+    if 0 < k < width and width <= _FEW_WIDTH and rows > 0:
+        index = hardest_columns(x, k)  # None on an accelerator, a tie at the edge or a NaN
+        if index is not None:
+            return index
     return x.topk(k, dim=1, sorted=False).indices
 
 
