@@ -89,6 +89,7 @@ only; no kept buffers.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import replace
@@ -2322,8 +2323,16 @@ class _LazyField:
         obj.__dict__[self.name] = value
 
 
-_LAZY_CLASS: list = []  # the class of _lazy_cells, made once (it subclasses CellContrast)
 _LAZY_FIELDS = ("negative_logits", "negative_mask", "num_negatives", "multiplicity")
+
+
+@functools.cache
+def _lazy_cell_class() -> type:
+    """The class of :func:`_lazy_cells`' sets, made on first use (it subclasses ``potential``'s
+    ``CellContrast``, which imports this module)."""
+    from hardneg.strategies.potential import CellContrast
+
+    return type("LazyCellContrast", (CellContrast,), {n: _LazyField() for n in _LAZY_FIELDS})
 
 
 def _lazy_cells(contrast, lazy: dict, **extra):
@@ -2336,11 +2345,8 @@ def _lazy_cells(contrast, lazy: dict, **extra):
 
     from hardneg.strategies.potential import CellContrast, _with_cells
 
-    if not _LAZY_CLASS:
-        namespace = {name: _LazyField() for name in _LAZY_FIELDS}
-        _LAZY_CLASS.append(type("LazyCellContrast", (CellContrast,), namespace))
     eager = _with_cells(contrast, **{k: v for k, v in extra.items() if k not in lazy})
-    out = object.__new__(_LAZY_CLASS[0])
+    out = object.__new__(_lazy_cell_class())
     out.__dict__["_lazy"] = dict(lazy)
     for f in fields(CellContrast):
         if f.name not in lazy:
