@@ -481,3 +481,52 @@ def test_wrap_ddp_turns_off_buffer_syncs_without_a_deprecation_warning(tmp_path)
     params = __import__("inspect").signature(DistributedDataParallel.__init__).parameters
     if "forward_sync_buffers" in params:
         assert kwargs == {"forward_sync_buffers": False}
+
+
+def _one_rank_group(tmp_path) -> None:
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_command_line_leaves_the_process_group_its_command_joined(tmp_path, monkeypatch, fails):
+    """A process that exits with a live gloo group can abort in the group's teardown (rank 1 of
+    ``torchrun ... hardneg mine``: "terminate called without an active exception"): the command
+    line destroys the group its command created, after success and after a user error alike."""
+    from hardneg import cli
+    from hardneg.commands import losses
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    waited = []
+    monkeypatch.setattr(hd, "barrier", lambda: waited.append(True))
+
+    def run(args):
+        _one_rank_group(tmp_path)
+        if fails:
+            raise ValueError("bad input")
+        return 0
+
+    monkeypatch.setattr(losses, "run", run)
+    try:
+        assert cli.main(["losses"]) == (2 if fails else 0)
+        assert not torch.distributed.is_initialized()
+        # a rank that failed does not wait for the others at a barrier
+        assert waited == ([] if fails else [True])
+    finally:
+        hd.cleanup()
+
+
+def test_the_command_line_keeps_a_process_group_it_did_not_create(tmp_path, monkeypatch):
+    from hardneg import cli
+    from hardneg.commands import losses
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    monkeypatch.setattr(losses, "run", lambda args: 0)
+    _one_rank_group(tmp_path)
+    try:
+        assert cli.main(["losses"]) == 0
+        assert torch.distributed.is_initialized()  # the caller's group is the caller's to end
+    finally:
+        hd.cleanup()

@@ -56,8 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, sys.argv[1:] if argv is None else list(argv))
     module = importlib.import_module(args._module)
+    from hardneg import distributed
+
+    # under torchrun a command joins the process group; the command line, which owns the
+    # process, leaves it (a group that was there before the command belongs to the caller)
+    owns_group = not distributed.is_initialized()
+    succeeded = False
     try:
         code = module.run(args)
+        succeeded = True
     except (ValueError, FileNotFoundError) as err:
         # user errors: one readable line, no stack trace
         print(f"hardneg {args.command}: error: {err}", file=sys.stderr)
@@ -65,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a full disk, a read-only file system, a folder we may not write
         print(f"hardneg {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
+    finally:
+        if owns_group:
+            distributed.finish(wait=succeeded)
     return int(code or 0)
 
 

@@ -189,6 +189,22 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def is_initialized() -> bool:
+    """True while a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def finish(*, wait: bool = True) -> None:
+    """Leave the process group at the end of a command: wait for every rank (``wait=True``,
+    after a run that succeeded), then destroy the group. A process that exits with a live gloo
+    group can abort in its teardown ("terminate called without an active exception") while
+    another rank still works; a rank that failed must not wait for the others (``wait=False``),
+    or it would block until the collective times out."""
+    if wait:
+        barrier()
+    cleanup()
+
+
 # Row counts are exchanged on the CPU, so that learning them never waits for the GPU: through the
 # default group when its backend handles CPU tensors (gloo), otherwise through a gloo group
 # created on first use (every rank reaches its first gather at the same point of the step).
