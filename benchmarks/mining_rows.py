@@ -3,7 +3,7 @@
 Embeds the Lee corpus sentences once (every query and positive is one of them; ``--cache``
 keeps the ``.npy``), then runs both ``mine_hard_negatives`` on those embeddings through a
 lookup model, on all pairs, on the distinct pairs, and hardneg with ``range_max + 1``
-(sentence-transformers' effective window). See docs/text.md, "Why 946 vs 929 rows".
+(sentence-transformers' effective window). See docs/text.md, "Why the row counts differ".
 
     python benchmarks/mining_rows.py --cache /tmp/lee_minilm.npy
 """

@@ -521,6 +521,23 @@ def test_no_positive_of_an_anchor_is_mined_as_a_negative_of_its_other_pairs():
     assert rows == want
 
 
+def test_the_query_s_own_text_in_the_corpus_is_no_negative_and_takes_no_window_rank():
+    """Retrieval corpora often hold the queries themselves (score 1 against themselves): the
+    query's own rows are skipped like its positives, so the window ``[0, range_max)`` holds
+    ``range_max`` other texts (sentence-transformers >= 6.3 masks the query's row as well)."""
+    cosines = {"q": 1.0, "a": 0.2, "b": 0.9, "c": 0.8, "d": 0.7, "e": 0.6}
+    rows = mine_hard_negatives(
+        ["q"],
+        ["a"],
+        ["q", "a", "b", "c", "d", "e", "q"],
+        model=TableModel(cosines),
+        num_negatives=2,
+        range_max=2,
+        output_format="n-tuple",
+    )
+    assert rows == [{"anchor": "q", "positive": "a", "negative_1": "b", "negative_2": "c"}]
+
+
 class RecordingModel(FakeModel):
     """FakeModel that records every text it is asked to encode."""
 

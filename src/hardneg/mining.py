@@ -8,8 +8,8 @@ Pipeline (:func:`mine_hard_negatives`):
    when read back).
 2. **Top-k in chunks**: ``query_chunk_size x corpus_chunk_size`` score blocks, each merged into a
    running top-``K`` per query; the full ``queries x corpus`` matrix never exists, so peak
-   memory is bounded by the chunk sizes and ``K``. Corpus entries whose text equals a positive
-   of the query (of any pair with the same anchor text) are skipped.
+   memory is bounded by the chunk sizes and ``K``. Corpus entries whose text equals the query
+   or a positive of the query (of any pair with the same anchor text) are skipped.
 3. **Window and filters** on the ranked candidates (ranks count from 0 = most similar, the
    positive excluded): ranks ``[range_min, range_max)``; ``min_score``/``max_score``; the
    positive-aware margins of NV-Retriever (Moreira et al. 2024): ``absolute_margin`` keeps
@@ -544,20 +544,22 @@ def mine_hard_negatives(
     stats.queries, stats.corpus = len(q_texts), len(c_texts)
 
     # positives are never negatives of their query: skip the corpus rows equal to any positive
-    # of the same anchor text (an anchor listed with several positives keeps all of them out)
+    # of the same anchor text (an anchor listed with several positives keeps all of them out),
+    # and the rows equal to the query itself (a text is not its own negative; it would only
+    # take rank 0 of the window before a margin removed it)
     where: dict[str, list[int]] = {}
     for j, text in enumerate(c_texts):
         where.setdefault(text, []).append(j)
     of_anchor: dict[str, set[int]] = {}
     for q, p in zip(q_texts, p_texts):
-        of_anchor.setdefault(q, set()).update(where.get(p, ()))
+        of_anchor.setdefault(q, set(where.get(q, ()))).update(where.get(p, ()))
     exclude = [of_anchor[q] for q in q_texts]
     extra = max(len(e) for e in exclude)
     k = range_max + extra
     if k > len(c_texts):
         raise ValueError(
-            f"k = range_max + positives in the corpus = {k} is larger than the corpus "
-            f"({len(c_texts)} entries); lower range_max"
+            f"k = range_max + the rows skipped for one query (its own text and its positives) "
+            f"= {k} is larger than the corpus ({len(c_texts)} entries); lower range_max"
         )
 
     rank, world = _world()
