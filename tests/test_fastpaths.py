@@ -1132,6 +1132,24 @@ def test_mochi_loss_takes_the_block_path_with_infonce_only(monkeypatch):
     assert len(calls) == 1
 
 
+def test_scratch_views_are_disjoint_and_reused_from_call_to_call_on_the_cpu():
+    """``_scratch`` (MoCHi's block temporaries): views of the asked shapes and dtypes that share
+    no byte, from one buffer per thread kept between calls (the same memory the next call),
+    grown when a call asks for more; on another device, fresh tensors."""
+    specs = [((3, 5), torch.int64), ((7,), torch.float32), ((2, 2), torch.float64)]
+    first = fastpaths._scratch(specs, "cpu")
+    assert [(tuple(x.shape), x.dtype) for x in first] == [(s, d) for s, d in specs]
+    for i, x in enumerate(first):
+        x.fill_(i + 1)
+    for i, x in enumerate(first):
+        assert bool((x == i + 1).all())  # no other view wrote over it
+    again = fastpaths._scratch(specs, "cpu")
+    assert [x.data_ptr() for x in again] == [x.data_ptr() for x in first]
+    big = fastpaths._scratch([((1 << 16,), torch.float64)], "cpu")[0]
+    assert big.numel() == 1 << 16
+    assert fastpaths._scratch(specs, "meta")[0].device.type == "meta"
+
+
 def test_mochi_uniforms_are_the_plain_uniforms_and_blocks_continue_the_stream():
     """``mochi_uniforms`` gives the plain ``_unit_uniforms`` bit for bit, and two calls for two
     blocks of rows (an even count each) give the numbers of one call for all rows."""

@@ -53,8 +53,8 @@ only; no kept buffers.
   :func:`mochi_in_batch_cosine`: in-batch, read from the logits as ``t c_ij`` (no product).
 * :func:`mochi_mix_log_mass` — MoCHi with InfoNCE: the synthetic negatives' log-mass drawn and
   summed a block of rows at a time (the draws of the plain path, bit for bit), the backward
-  over shared columns, at most ``S`` drawn per row, one ``embedding_bag`` of the drawn columns
-  weighted by the softmax weights times the mixing coefficients (no ``[A, S]`` buffer, no
+  over shared columns one ``embedding_bag`` of the hardest set's members weighted by the
+  softmax weights times the mixing coefficients summed per member (no ``[A, S]`` buffer, no
   product), else one product ``W C`` with those weights scatter-added per column (plain twin:
   ``HardNegativeMixing.select``'s logits and the objective's ``logsumexp``, back-propagated
   through the gathers). In-batch, MoCHi's contrast set comes from :func:`pair_contrast`
@@ -962,6 +962,30 @@ def mixed_column_logits(contrast, index: Tensor) -> Tensor:
     )
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(specs: list[tuple[tuple[int, ...], torch.dtype]], device) -> list[Tensor]:
+    """Tensors of the given shapes and dtypes for a call's temporaries: on the CPU views of one
+    byte buffer per thread kept from call to call (grown as needed), elsewhere fresh tensors
+    (an accelerator's caching allocator reuses memory). On the CPU a temporary of a few hundred
+    KiB or more is fresh pages on most calls (glibc hands freed memory back to the OS): MoCHi's
+    block temporaries cost ~600 page faults per step at N = 256 in-batch, ~1 ms of a 5 ms step.
+    Only for temporaries that do not outlive the call (nothing saved for the backward)."""
+    if torch.device(device).type != "cpu":
+        return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
+    sizes = [-(-math.prod(shape) * dtype.itemsize // 64) * 64 for shape, dtype in specs]
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.numel() < sum(sizes):
+        buffer = _SCRATCH.buffer = torch.empty(sum(sizes), dtype=torch.uint8)
+    out, at = [], 0
+    for (shape, dtype), size in zip(specs, sizes):
+        n = math.prod(shape) * dtype.itemsize
+        out.append(buffer[at : at + n].view(dtype).view(shape))
+        at += size
+    return out
+
+
 # entries of a [rows, 2 s + s'] block of MoCHi's draws: a block's temporaries stay in cache, and
 # none reaches glibc's 32 MiB mmap threshold (N = 1024 in-batch drew 2048 x 2176 int64 columns,
 # 36 MB, which page-fault on every call); measured at 1 thread (loaded machine) 2^18-2^19 best,
@@ -1078,10 +1102,12 @@ def _upper_gram_at(gram: Tensor, first: Tensor, second: Tensor) -> Tensor:
     return gram.view(-1).index_select(0, flat).view(first.shape)
 
 
-def _inverse_norm_into(out: Tensor, a: Tensor, cosine: Tensor) -> Tensor:
+def _inverse_norm_into(
+    out: Tensor, a: Tensor, cosine: Tensor, spread: Tensor | None = None
+) -> Tensor:
     """``out = (1 - 2 a (1 - a) (1 - cosine))^-1/2`` (MoCHi's ``_inverse_mix_norm``, the
-    squared norm clamped at ``1e-24``)."""
-    spread = torch.addcmul(a, a, a, value=-1.0)  # a (1 - a)
+    squared norm clamped at ``1e-24``); ``spread``: a buffer of ``a``'s shape for ``a (1 - a)``."""
+    spread = torch.addcmul(a, a, a, value=-1.0, out=spread)  # a (1 - a)
     torch.sub(cosine, 1.0, out=out).mul_(spread).mul_(2.0).add_(1.0)
     return out.clamp_(min=1e-24).rsqrt_()
 
@@ -1100,10 +1126,11 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
     ``t c_ij``; a shared pool from the upper triangle of its Gram matrix; otherwise row-wise
     dots of the gathered columns), the logits ``(d_j + a (d_i - d_j)) r`` and ``(b q·q / t +
     (1 - b) d_j) r'`` (``r``, ``r'`` the mixes' inverse norms; 1 with raw dot products), their
-    log-sum-exp and softmax, and the softmax weights times the coefficients: kept with the
-    drawn columns for an ``embedding_bag`` in the backward where the columns are shared and a
-    row draws at most ``S`` of them (:class:`_MixBagLogMass`), else scatter-added into ``W [A,
-    S]`` for one product ``W C`` (:class:`_MixLogMass`)."""
+    log-sum-exp and softmax, and the softmax weights times the coefficients: summed per member
+    of ``Q~`` (``[A, k']``) for an ``embedding_bag`` of the members in the backward where the
+    columns are shared and not every column is a member (:class:`_MixBagLogMass`), else
+    scatter-added into ``W [A, S]`` for one product ``W C`` (:class:`_MixLogMass`). The block's
+    temporaries are views of one buffer kept between calls on the CPU (:func:`_scratch`)."""
     s, s_query = strategy.num_mixed, strategy.num_query_mixed
     logits = contrast.negative_logits.detach()
     rows, width = logits.shape
@@ -1127,35 +1154,49 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
         step -= step % 2  # an even number of uniforms per block: whole random words
         if logits.device.type != "cpu":
             step = rows
-        # shared columns and fewer drawn columns than columns per row: the drawn columns and
-        # their weights kept for the backward's embedding_bag (measured on CPU: a bag row of d
-        # entries costs about as much as a column of W C, d multiply-adds per anchor, and W
-        # needs a fresh [A, S] buffer); else the weights per column W [A, S] for one product
-        bag = own is None and n_draw <= width
-        if bag:
-            drawn_all = index.new_empty(rows, n_draw)
-            coefficient_all = logits.new_empty(rows, n_draw)
-            weights = None
-        else:
-            weights = logits.new_zeros(rows, width)
+        # shared columns: the softmax weights times the coefficients summed per member of Q~
+        # (a scatter-add at the drawn positions) for the backward's embedding_bag over the
+        # k' members of a row (measured on CPU: a bag row of d entries costs about as much as
+        # a column of W C, d multiply-adds per anchor, and k' <= S; the drawn columns need
+        # not outlive the call); every column a member (index the expanded arange) or the
+        # anchors' own columns: the weights per column W [A, S] for one product
+        members = own is None and index.stride(0) != 0
+        weights = logits.new_zeros(index.shape if members else (rows, width))
         lse = logits.new_empty(rows)
         self_weight = logits.new_zeros(rows, 1)
+        block = min(step, rows)
+        # the block's temporaries, reused block after block (and call after call on the CPU)
+        words, positions, drawns, ds, flats, mixes, pairs, queries, spreads, query_cosines = (
+            _scratch(
+                [
+                    ((-(-block * per_row // 2),), torch.int64),
+                    ((block * n_draw,), torch.int64),
+                    ((block * n_draw,), torch.int64),
+                    ((block * n_draw,), dtype),
+                    ((block * s,), torch.int64),
+                    ((block * (s + s_query),), dtype),
+                    ((block * 2 * s,), dtype),
+                    ((block * 2 * s_query,), dtype),
+                    ((block * max(s, s_query),), dtype),
+                    ((block * s_query,), dtype),
+                ],
+                logits.device,
+            )
+        )
         for start in range(0, rows, step):
             part = slice(start, start + step)
             m = min(step, rows - start)
-            u = mochi_uniforms((m, per_row), context.generator, logits.device)
-            position = u[:, :n_draw].mul_(count[part]).long()
-            if bag:
-                drawn = torch.gather(index[part], 1, position, out=drawn_all[part])
-                d = torch.gather(logits[part], 1, drawn, out=coefficient_all[part])
-            else:
-                drawn = index[part].gather(1, position)
-                d = logits[part].gather(1, drawn)
+            u = mochi_uniforms((m, per_row), context.generator, logits.device, out=words)
+            position = positions[: m * n_draw].view(m, n_draw)
+            position.copy_(u[:, :n_draw].mul_(count[part]))  # truncated, as .long()
+            drawn = drawns[: m * n_draw].view(m, n_draw)
+            torch.gather(index[part], 1, position, out=drawn)
+            d = torch.gather(logits[part], 1, drawn, out=ds[: m * n_draw].view(m, n_draw))
             mixing = u[:, n_draw:].to(dtype)
             alpha, beta = mixing[:, :s], mixing[:, s:].mul_(0.5)
-            x = d.new_empty(m, s + s_query)
-            pair = d.new_empty(m, 2 * s)  # [a r, (1 - a) r]
-            query = d.new_empty(m, 2 * s_query)  # [b r', (1 - b) r']
+            x = mixes[: m * (s + s_query)].view(m, s + s_query)
+            pair = pairs[: m * 2 * s].view(m, 2 * s)  # [a r, (1 - a) r]
+            query = queries[: m * 2 * s_query].view(m, 2 * s_query)  # [b r', (1 - b) r']
             if s > 0:
                 first, second = drawn[:, :s], drawn[:, s : 2 * s]
                 r = pair[:, s:]
@@ -1163,9 +1204,8 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
                     r.fill_(1.0)
                 else:
                     if in_batch:
-                        # the flat positions in position's memory (dead after the gather),
-                        # the cosines in x's (written after they are read)
-                        scratch = (position.view(-1)[: m * s], x.view(-1)[: m * s])
+                        # the cosines in x's memory (written after they are read)
+                        scratch = (flats[: m * s], x.view(-1)[: m * s])
                         cosine = _logit_cosine(logits, columns, t, first, second, scratch)
                     elif gram is not None:
                         cosine = _upper_gram_at(gram, first, second)
@@ -1181,7 +1221,7 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
                             strategy._column_vectors(sub, first),
                             strategy._column_vectors(sub, second),
                         )
-                    _inverse_norm_into(r, alpha, cosine)
+                    _inverse_norm_into(r, alpha, cosine, spreads[: m * s].view(m, s))
                 torch.mul(alpha, r, out=pair[:, :s])
                 r.sub_(pair[:, :s])
                 torch.mul(pair[:, :s], d[:, :s], out=x[:, :s])
@@ -1192,7 +1232,10 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
                 if not contrast.normalized:
                     r.fill_(1.0)
                 else:  # the query mix's cosine is q · n_j = t d_j
-                    _inverse_norm_into(r, beta, d_query * t)
+                    cosine = torch.mul(
+                        d_query, t, out=query_cosines[: m * s_query].view(m, s_query)
+                    )
+                    _inverse_norm_into(r, beta, cosine, spreads[: m * s_query].view(m, s_query))
                 torch.mul(beta, r, out=query[:, :s_query])
                 r.sub_(query[:, :s_query])
                 self_logit = _row_dot(q[part], q[part]).div_(t).unsqueeze(1)
@@ -1213,11 +1256,10 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
             if s_query > 0:
                 torch.mul(query[:, s_query:], x[:, s:], out=coefficient[:, 2 * s :])
                 self_weight[part] = _row_dot(query[:, :s_query], x[:, s:]).unsqueeze(1)
-            if not bag:
-                weights[part].scatter_add_(1, drawn, coefficient)
-    if bag:
+            weights[part].scatter_add_(1, position if members else drawn, coefficient)
+    if members:
         return _MixBagLogMass.apply(
-            contrast.anchors, lse, drawn_all, coefficient_all, self_weight, q, columns, t
+            contrast.anchors, lse, index, weights, self_weight, q, columns, t
         )
     return _MixLogMass.apply(contrast.anchors, lse, weights, self_weight, q, columns, own, t)
 
@@ -1225,9 +1267,9 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
 class _MixBagLogMass(torch.autograd.Function):
     """MoCHi's synthetic negatives over shared columns: forward the log-mass computed by
     :func:`mochi_mix_log_mass`; backward to the anchors only, ``g (sum_k w_k n_{j_k} + w q) /
-    t`` with ``j_k`` the drawn columns and ``w_k`` their softmax weights times their mixing
-    coefficients, by ``embedding_bag`` (a weighted sum of gathered rows per anchor: no ``[A, S]``
-    buffer, no product)."""
+    t`` with ``j_k`` the members of ``Q~`` and ``w_k`` the softmax weights times the mixing
+    coefficients summed over a member's draws, by ``embedding_bag`` (a weighted sum of gathered
+    rows per anchor: no ``[A, S]`` buffer, no product)."""
 
     @staticmethod
     def forward(ctx, anchors, lse, drawn, coefficient, self_weight, q, columns, t):  # type: ignore[override]
@@ -1449,12 +1491,18 @@ def row_members(member: Tensor, count: Tensor, width: int, same_count: bool) -> 
     return column.new_zeros(rows, width).index_put_((row, rank), column)
 
 
-def mochi_uniforms(shape: tuple[int, int], generator, device) -> Tensor:
+def mochi_uniforms(shape: tuple[int, int], generator, device, out: Tensor | None = None) -> Tensor:
     """MoCHi's float32 uniforms (``hardneg.strategies.mochi._unit_uniforms``: the same random
     words, the same numbers), the bits cut in place in the words' own memory
-    (:func:`unit_uniforms`; the plain twin is out of place for ``torch.compile``)."""
+    (:func:`unit_uniforms`; the plain twin is out of place for ``torch.compile``). ``out``: an
+    int64 buffer of at least ``ceil(n / 2)`` entries for the words."""
     n = shape[0] * shape[1]
-    words = torch.randint(-(2**63), 2**63 - 1, (-(-n // 2),), generator=generator, device=device)
+    size = (-(-n // 2),)
+    if out is None:
+        words = torch.randint(-(2**63), 2**63 - 1, size, generator=generator, device=device)
+    else:
+        words = out[: size[0]]
+        torch.randint(-(2**63), 2**63 - 1, size, generator=generator, out=words)
     return unit_uniforms(words, n).view(shape)
 
 
