@@ -1166,22 +1166,21 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
         self_weight = logits.new_zeros(rows, 1)
         block = min(step, rows)
         # the block's temporaries, reused block after block (and call after call on the CPU)
-        words, positions, drawns, ds, flats, mixes, pairs, queries, spreads, query_cosines = (
-            _scratch(
-                [
-                    ((-(-block * per_row // 2),), torch.int64),
-                    ((block * n_draw,), torch.int64),
-                    ((block * n_draw,), torch.int64),
-                    ((block * n_draw,), dtype),
-                    ((block * s,), torch.int64),
-                    ((block * (s + s_query),), dtype),
-                    ((block * 2 * s,), dtype),
-                    ((block * 2 * s_query,), dtype),
-                    ((block * max(s, s_query),), dtype),
-                    ((block * s_query,), dtype),
-                ],
-                logits.device,
-            )
+        n_mix = s + s_query
+        words, positions, drawns, ds, flats, cosines, mixes, norms, firsts, spreads = _scratch(
+            [
+                ((-(-block * per_row // 2),), torch.int64),
+                ((block * n_draw,), torch.int64),
+                ((block * n_draw,), torch.int64),
+                ((block * n_draw,), dtype),
+                ((block * s,), torch.int64),
+                ((block * s,), dtype),
+                ((block * n_mix,), dtype),
+                ((block * n_mix,), dtype),
+                ((block * n_mix,), dtype),
+                ((block * n_mix,), dtype),
+            ],
+            logits.device,
         )
         for start in range(0, rows, step):
             part = slice(start, start + step)
@@ -1192,20 +1191,18 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
             drawn = drawns[: m * n_draw].view(m, n_draw)
             torch.gather(index[part], 1, position, out=drawn)
             d = torch.gather(logits[part], 1, drawn, out=ds[: m * n_draw].view(m, n_draw))
-            mixing = u[:, n_draw:].to(dtype)
-            alpha, beta = mixing[:, :s], mixing[:, s:].mul_(0.5)
-            x = mixes[: m * (s + s_query)].view(m, s + s_query)
-            pair = pairs[: m * 2 * s].view(m, 2 * s)  # [a r, (1 - a) r]
-            query = queries[: m * 2 * s_query].view(m, 2 * s_query)  # [b r', (1 - b) r']
-            if s > 0:
-                first, second = drawn[:, :s], drawn[:, s : 2 * s]
-                r = pair[:, s:]
-                if not contrast.normalized:
-                    r.fill_(1.0)
-                else:
+            # g = [a | b]: each mix's coefficient of its first vector (n_i; the query itself),
+            # 1 - g that of its second (n_j; the drawn column), with d = [d_i | d_j | d_q]
+            g = u[:, n_draw:].to(dtype)
+            g[:, s:].mul_(0.5)
+            r = norms[: m * n_mix].view(m, n_mix)  # the mixes' cosines, then inverse norms
+            if not contrast.normalized:
+                r.fill_(1.0)
+            else:
+                if s > 0:
+                    first, second = drawn[:, :s], drawn[:, s : 2 * s]
                     if in_batch:
-                        # the cosines in x's memory (written after they are read)
-                        scratch = (flats[: m * s], x.view(-1)[: m * s])
+                        scratch = (flats[: m * s], cosines[: m * s])
                         cosine = _logit_cosine(logits, columns, t, first, second, scratch)
                     elif gram is not None:
                         cosine = _upper_gram_at(gram, first, second)
@@ -1221,41 +1218,30 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
                             strategy._column_vectors(sub, first),
                             strategy._column_vectors(sub, second),
                         )
-                    _inverse_norm_into(r, alpha, cosine, spreads[: m * s].view(m, s))
-                torch.mul(alpha, r, out=pair[:, :s])
-                r.sub_(pair[:, :s])
-                torch.mul(pair[:, :s], d[:, :s], out=x[:, :s])
-                x[:, :s].addcmul_(pair[:, s:], d[:, s : 2 * s])
-            if s_query > 0:
-                r = query[:, s_query:]
-                d_query = d[:, 2 * s :]
-                if not contrast.normalized:
-                    r.fill_(1.0)
-                else:  # the query mix's cosine is q · n_j = t d_j
-                    cosine = torch.mul(
-                        d_query, t, out=query_cosines[: m * s_query].view(m, s_query)
-                    )
-                    _inverse_norm_into(r, beta, cosine, spreads[: m * s_query].view(m, s_query))
-                torch.mul(beta, r, out=query[:, :s_query])
-                r.sub_(query[:, :s_query])
-                self_logit = _row_dot(q[part], q[part]).div_(t).unsqueeze(1)
-                torch.mul(query[:, s_query:], d_query, out=x[:, s:])
-                x[:, s:].addcmul_(query[:, :s_query], self_logit)
-            # a row without negatives draws masked columns (index 0 of an empty ``Q~``): its
-            # logits d are -inf, so are its mixes'
-            top = x.amax(dim=1, keepdim=True)
-            top.masked_fill_(~torch.isfinite(top), 0.0)
-            x.sub_(top).exp_()
-            total = x.sum(dim=1, keepdim=True)
-            x.div_(torch.where(total > 0, total, 1.0))  # softmax weights, 0 on an empty row
-            torch.add(total.log_(), top, out=lse[part].unsqueeze(1))
-            coefficient = d  # reused: the softmax weight times each drawn column's coefficient
+                    r[:, :s].copy_(cosine)
+                if s_query > 0:  # the query mix's cosine is q · n_j = t d_j
+                    torch.mul(d[:, 2 * s :], t, out=r[:, s:])
+                _inverse_norm_into(r, g, r, spreads[: m * n_mix].view(m, n_mix))
+            first_scale = torch.mul(g, r, out=firsts[: m * n_mix].view(m, n_mix))  # g r
+            second_scale = r.sub_(first_scale)  # (1 - g) r
+            # the mixes' logits: (1 - g) r [d_j | d_q] + g r [d_i | q · q / t]
+            x = torch.mul(second_scale, d[:, s:], out=mixes[: m * n_mix].view(m, n_mix))
             if s > 0:
-                torch.mul(pair[:, :s], x[:, :s], out=coefficient[:, :s])
-                torch.mul(pair[:, s:], x[:, :s], out=coefficient[:, s : 2 * s])
+                x[:, :s].addcmul_(first_scale[:, :s], d[:, :s])
             if s_query > 0:
-                torch.mul(query[:, s_query:], x[:, s:], out=coefficient[:, 2 * s :])
-                self_weight[part] = _row_dot(query[:, :s_query], x[:, s:]).unsqueeze(1)
+                self_logit = _row_dot(q[part], q[part]).div_(t).unsqueeze(1)
+                x[:, s:].addcmul_(first_scale[:, s:], self_logit)
+            # their log-sum-exp, and the softmax weights exp(x - lse): 0 on a row without
+            # negatives (it draws masked columns, index 0 of an empty Q~: its d and x are -inf)
+            block_lse = torch.logsumexp(x, dim=1, out=lse[part])
+            x.sub_(torch.where(torch.isfinite(block_lse), block_lse, 0.0).unsqueeze(1)).exp_()
+            # the softmax weight times each drawn column's coefficient, in d's memory
+            coefficient = d
+            if s > 0:
+                torch.mul(first_scale[:, :s], x[:, :s], out=coefficient[:, :s])
+            torch.mul(second_scale, x, out=coefficient[:, s:])
+            if s_query > 0:
+                self_weight[part] = _row_dot(first_scale[:, s:], x[:, s:]).unsqueeze(1)
             weights[part].scatter_add_(1, position if members else drawn, coefficient)
     if members:
         return _MixBagLogMass.apply(
