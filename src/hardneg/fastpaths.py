@@ -1464,7 +1464,12 @@ def row_members(member: Tensor, count: Tensor, width: int, same_count: bool) -> 
     cumsum / scatter compaction of ``HardNegativeMixing.hardest``."""
     rows, cols = member.shape
     if member.device.type == "cpu":
-        flat = torch.from_numpy(np.flatnonzero(member.contiguous().numpy()))
+        flat = np.flatnonzero(member.contiguous().numpy())
+        if same_count and rows > 0:  # the rows' offsets taken off in place (no [A, S] passes)
+            column = flat.reshape(rows, -1)
+            column -= np.arange(0, rows * cols, cols, dtype=np.int64).reshape(-1, 1)
+            return torch.from_numpy(column)
+        flat = torch.from_numpy(flat)
         row = torch.div(flat, cols, rounding_mode="floor")
         column = flat - row * cols
     else:
