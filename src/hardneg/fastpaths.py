@@ -4,7 +4,8 @@ Each function here computes exactly what a plain expression in a strategy file c
 faster on some hardware; each is tested equal to its plain twin (``tests/test_fastpaths.py``).
 Strategies call them only when ``StepContext.fast`` is set (never under ``torch.compile``, whose
 own fusion is the accelerator's fast path, and never for diagnostics). Public torch and numpy API
-only; no kept buffers.
+only; no kept buffers but one: :func:`_scratch`'s per-thread byte buffer on the CPU (MoCHi's
+block temporaries, which do not outlive a call; at most ~20 MiB a thread).
 
 * :func:`tilted_log_mass` — HCL/UnReMix: ``log sum_j w_ij e^{c_ij}`` with
   ``w_ij = M e^{beta c_ij} f_ij / sum_k e^{beta c_ik} f_ik`` in one shifted pass and a
@@ -1258,16 +1259,16 @@ class _MixBagLogMass(torch.autograd.Function):
     rows per anchor: no ``[A, S]`` buffer, no product)."""
 
     @staticmethod
-    def forward(ctx, anchors, lse, drawn, coefficient, self_weight, q, columns, t):  # type: ignore[override]
-        ctx.save_for_backward(lse, drawn, coefficient, self_weight, q, columns)
+    def forward(ctx, anchors, lse, members, weights, self_weight, q, columns, t):  # type: ignore[override]
+        ctx.save_for_backward(lse, members, weights, self_weight, q, columns)
         ctx.temperature = t
         return lse.clone()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        lse, drawn, coefficient, self_weight, q, columns = ctx.saved_tensors
+        lse, members, weights, self_weight, q, columns = ctx.saved_tensors
         scale = torch.where(torch.isfinite(lse), grad, 0.0).unsqueeze(1)
-        grad_q = F.embedding_bag(drawn, columns, per_sample_weights=coefficient, mode="sum")
+        grad_q = F.embedding_bag(members, columns, per_sample_weights=weights, mode="sum")
         grad_q.addcmul_(self_weight, q)
         return grad_q.mul_(scale.div_(ctx.temperature)), *([None] * 7)
 
