@@ -1060,12 +1060,13 @@ def _mochi_contrast(form, dtype, normalize=True, *, seed=3):
     return z1, z2, contrast
 
 
+@pytest.mark.parametrize("numpy", [True, False], ids=["numpy", "torch"])
 @pytest.mark.parametrize("mixed", [7, 40], ids=["bag", "dense"])
 @pytest.mark.parametrize("normalize", [True, False], ids=["cos", "raw"])
 @pytest.mark.parametrize("block", [1, 1 << 18], ids=["rows-of-2", "one-block"])
 @pytest.mark.parametrize("form", [*FORMS, "big_pool", "per_anchor_pool", "empty_rows"])
 def test_mochi_mix_log_mass_equals_the_plain_logsumexp_of_the_mixes(
-    form, block, normalize, mixed, monkeypatch
+    form, block, normalize, mixed, numpy, monkeypatch
 ):
     """``mochi_mix_log_mass`` (by blocks of rows: here 2 rows a block, or one block) equals the
     plain path in float64: ``logsumexp`` over the mixes' logits of ``select`` with
@@ -1073,10 +1074,13 @@ def test_mochi_mix_log_mass_equals_the_plain_logsumexp_of_the_mixes(
     gradients to both views for per-anchor weights of the log-mass; ``-inf`` and a zero
     gradient on a row without negatives. 7 pair mixes (17 drawn columns a row: the backward's
     ``embedding_bag`` over shared columns) and 40 (83: more than a row's columns but the big
-    pool's, the product ``W C``)."""
+    pool's, the product ``W C``). ``torch``: the accelerators' branches on the CPU (the hardest
+    set by ``torch.topk``, the masked in-batch pair cosines by torch's ``nonzero``)."""
     from hardneg.strategies.base import StepContext
 
     monkeypatch.setattr(fastpaths, "_MIX_BLOCK", block)
+    if not numpy:
+        monkeypatch.setattr(fastpaths, "numpy_partitions", lambda x: False)
     strategy = hardneg.registry.strategy_class("mochi")(
         num_hardest=5, num_mixed=mixed, num_query_mixed=3
     )
@@ -1126,6 +1130,24 @@ def test_mochi_loss_takes_the_block_path_with_infonce_only(monkeypatch):
     jsd(z1, z2, generator=torch.Generator().manual_seed(1), **kwargs)
     hardneg.create_loss("mochi", **hp)(z1, z2, return_diagnostics=True, **kwargs)
     assert len(calls) == 1
+
+
+def test_scratch_views_are_disjoint_and_reused_from_call_to_call_on_the_cpu():
+    """``_scratch`` (MoCHi's block temporaries): views of the asked shapes and dtypes that share
+    no byte, from one buffer per thread kept between calls (the same memory the next call),
+    grown when a call asks for more; on another device, fresh tensors."""
+    specs = [((3, 5), torch.int64), ((7,), torch.float32), ((2, 2), torch.float64)]
+    first = fastpaths._scratch(specs, "cpu")
+    assert [(tuple(x.shape), x.dtype) for x in first] == [(s, d) for s, d in specs]
+    for i, x in enumerate(first):
+        x.fill_(i + 1)
+    for i, x in enumerate(first):
+        assert bool((x == i + 1).all())  # no other view wrote over it
+    again = fastpaths._scratch(specs, "cpu")
+    assert [x.data_ptr() for x in again] == [x.data_ptr() for x in first]
+    big = fastpaths._scratch([((1 << 16,), torch.float64)], "cpu")[0]
+    assert big.numel() == 1 << 16
+    assert fastpaths._scratch(specs, "meta")[0].device.type == "meta"
 
 
 def test_mochi_uniforms_are_the_plain_uniforms_and_blocks_continue_the_stream():

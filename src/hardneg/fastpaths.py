@@ -4,7 +4,8 @@ Each function here computes exactly what a plain expression in a strategy file c
 faster on some hardware; each is tested equal to its plain twin (``tests/test_fastpaths.py``).
 Strategies call them only when ``StepContext.fast`` is set (never under ``torch.compile``, whose
 own fusion is the accelerator's fast path, and never for diagnostics). Public torch and numpy API
-only; no kept buffers.
+only; no kept buffers but one: :func:`_scratch`'s per-thread byte buffer on the CPU (MoCHi's
+block temporaries, which do not outlive a call; at most ~20 MiB a thread).
 
 * :func:`tilted_log_mass` — HCL/UnReMix: ``log sum_j w_ij e^{c_ij}`` with
   ``w_ij = M e^{beta c_ij} f_ij / sum_k e^{beta c_ik} f_ik`` in one shifted pass and a
@@ -53,8 +54,8 @@ only; no kept buffers.
   :func:`mochi_in_batch_cosine`: in-batch, read from the logits as ``t c_ij`` (no product).
 * :func:`mochi_mix_log_mass` — MoCHi with InfoNCE: the synthetic negatives' log-mass drawn and
   summed a block of rows at a time (the draws of the plain path, bit for bit), the backward
-  over shared columns, at most ``S`` drawn per row, one ``embedding_bag`` of the drawn columns
-  weighted by the softmax weights times the mixing coefficients (no ``[A, S]`` buffer, no
+  over shared columns one ``embedding_bag`` of the hardest set's members weighted by the
+  softmax weights times the mixing coefficients summed per member (no ``[A, S]`` buffer, no
   product), else one product ``W C`` with those weights scatter-added per column (plain twin:
   ``HardNegativeMixing.select``'s logits and the objective's ``logsumexp``, back-propagated
   through the gathers). In-batch, MoCHi's contrast set comes from :func:`pair_contrast`
@@ -962,6 +963,30 @@ def mixed_column_logits(contrast, index: Tensor) -> Tensor:
     )
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(specs: list[tuple[tuple[int, ...], torch.dtype]], device) -> list[Tensor]:
+    """Tensors of the given shapes and dtypes for a call's temporaries: on the CPU views of one
+    byte buffer per thread kept from call to call (grown as needed), elsewhere fresh tensors
+    (an accelerator's caching allocator reuses memory). On the CPU a temporary of a few hundred
+    KiB or more is fresh pages on most calls (glibc hands freed memory back to the OS): MoCHi's
+    block temporaries cost ~600 page faults per step at N = 256 in-batch, ~1 ms of a 5 ms step.
+    Only for temporaries that do not outlive the call (nothing saved for the backward)."""
+    if torch.device(device).type != "cpu":
+        return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
+    sizes = [-(-math.prod(shape) * dtype.itemsize // 64) * 64 for shape, dtype in specs]
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.numel() < sum(sizes):
+        buffer = _SCRATCH.buffer = torch.empty(sum(sizes), dtype=torch.uint8)
+    out, at = [], 0
+    for (shape, dtype), size in zip(specs, sizes):
+        n = math.prod(shape) * dtype.itemsize
+        out.append(buffer[at : at + n].view(dtype).view(shape))
+        at += size
+    return out
+
+
 # entries of a [rows, 2 s + s'] block of MoCHi's draws: a block's temporaries stay in cache, and
 # none reaches glibc's 32 MiB mmap threshold (N = 1024 in-batch drew 2048 x 2176 int64 columns,
 # 36 MB, which page-fault on every call); measured at 1 thread (loaded machine) 2^18-2^19 best,
@@ -1016,6 +1041,16 @@ def _logit_cosine(
         torch.add(second, first, alpha=cols, out=flat.view(first.shape))
         torch.index_select(logits.reshape(-1), 0, flat, out=cosine)
     cosine.mul_(t)
+    if numpy_partitions(cosine) and numpy_partitions(columns):
+        # the same in numpy (measured at N = 256 in-batch, 65k pairs of which ~700 masked:
+        # 0.05 ms against torch's isinf / nonzero / gathers 0.34 ms)
+        values = cosine.numpy()
+        masked_at = np.flatnonzero(np.isinf(values))
+        if masked_at.size:
+            i, j = np.divmod(flat.numpy()[masked_at], cols)
+            z = columns.numpy()
+            values[masked_at] = np.einsum("ij,ij->i", z[i], z[j])
+        return cosine.view(first.shape)
     masked = torch.isinf(cosine).nonzero().squeeze(1)
     if masked.numel():  # the pair from its flat position (no copy of the strided first, second)
         at = flat[masked]
@@ -1068,10 +1103,12 @@ def _upper_gram_at(gram: Tensor, first: Tensor, second: Tensor) -> Tensor:
     return gram.view(-1).index_select(0, flat).view(first.shape)
 
 
-def _inverse_norm_into(out: Tensor, a: Tensor, cosine: Tensor) -> Tensor:
+def _inverse_norm_into(
+    out: Tensor, a: Tensor, cosine: Tensor, spread: Tensor | None = None
+) -> Tensor:
     """``out = (1 - 2 a (1 - a) (1 - cosine))^-1/2`` (MoCHi's ``_inverse_mix_norm``, the
-    squared norm clamped at ``1e-24``)."""
-    spread = torch.addcmul(a, a, a, value=-1.0)  # a (1 - a)
+    squared norm clamped at ``1e-24``); ``spread``: a buffer of ``a``'s shape for ``a (1 - a)``."""
+    spread = torch.addcmul(a, a, a, value=-1.0, out=spread)  # a (1 - a)
     torch.sub(cosine, 1.0, out=out).mul_(spread).mul_(2.0).add_(1.0)
     return out.clamp_(min=1e-24).rsqrt_()
 
@@ -1090,10 +1127,11 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
     ``t c_ij``; a shared pool from the upper triangle of its Gram matrix; otherwise row-wise
     dots of the gathered columns), the logits ``(d_j + a (d_i - d_j)) r`` and ``(b q·q / t +
     (1 - b) d_j) r'`` (``r``, ``r'`` the mixes' inverse norms; 1 with raw dot products), their
-    log-sum-exp and softmax, and the softmax weights times the coefficients: kept with the
-    drawn columns for an ``embedding_bag`` in the backward where the columns are shared and a
-    row draws at most ``S`` of them (:class:`_MixBagLogMass`), else scatter-added into ``W [A,
-    S]`` for one product ``W C`` (:class:`_MixLogMass`)."""
+    log-sum-exp and softmax, and the softmax weights times the coefficients: summed per member
+    of ``Q~`` (``[A, k']``) for an ``embedding_bag`` of the members in the backward where the
+    columns are shared and not every column is a member (:class:`_MixBagLogMass`), else
+    scatter-added into ``W [A, S]`` for one product ``W C`` (:class:`_MixLogMass`). The block's
+    temporaries are views of one buffer kept between calls on the CPU (:func:`_scratch`)."""
     s, s_query = strategy.num_mixed, strategy.num_query_mixed
     logits = contrast.negative_logits.detach()
     rows, width = logits.shape
@@ -1117,45 +1155,55 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
         step -= step % 2  # an even number of uniforms per block: whole random words
         if logits.device.type != "cpu":
             step = rows
-        # shared columns and fewer drawn columns than columns per row: the drawn columns and
-        # their weights kept for the backward's embedding_bag (measured on CPU: a bag row of d
-        # entries costs about as much as a column of W C, d multiply-adds per anchor, and W
-        # needs a fresh [A, S] buffer); else the weights per column W [A, S] for one product
-        bag = own is None and n_draw <= width
-        if bag:
-            drawn_all = index.new_empty(rows, n_draw)
-            coefficient_all = logits.new_empty(rows, n_draw)
-            weights = None
-        else:
-            weights = logits.new_zeros(rows, width)
+        # shared columns: the softmax weights times the coefficients summed per member of Q~
+        # (a scatter-add at the drawn positions) for the backward's embedding_bag over the
+        # k' members of a row (measured on CPU: a bag row of d entries costs about as much as
+        # a column of W C, d multiply-adds per anchor, and k' <= S; the drawn columns need
+        # not outlive the call); every column a member (index the expanded arange) or the
+        # anchors' own columns: the weights per column W [A, S] for one product
+        members = own is None and index.stride(0) != 0
+        weights = logits.new_zeros(index.shape if members else (rows, width))
         lse = logits.new_empty(rows)
         self_weight = logits.new_zeros(rows, 1)
+        block = min(step, rows)
+        # the block's temporaries, reused block after block (and call after call on the CPU)
+        n_mix = s + s_query
+        words, positions, drawns, ds, flats, cosines, mixes, norms, firsts, spreads = _scratch(
+            [
+                ((-(-block * per_row // 2),), torch.int64),
+                ((block * n_draw,), torch.int64),
+                ((block * n_draw,), torch.int64),
+                ((block * n_draw,), dtype),
+                ((block * s,), torch.int64),
+                ((block * s,), dtype),
+                ((block * n_mix,), dtype),
+                ((block * n_mix,), dtype),
+                ((block * n_mix,), dtype),
+                ((block * n_mix,), dtype),
+            ],
+            logits.device,
+        )
         for start in range(0, rows, step):
             part = slice(start, start + step)
             m = min(step, rows - start)
-            u = mochi_uniforms((m, per_row), context.generator, logits.device)
-            position = u[:, :n_draw].mul_(count[part]).long()
-            if bag:
-                drawn = torch.gather(index[part], 1, position, out=drawn_all[part])
-                d = torch.gather(logits[part], 1, drawn, out=coefficient_all[part])
+            u = mochi_uniforms((m, per_row), context.generator, logits.device, out=words)
+            position = positions[: m * n_draw].view(m, n_draw)
+            position.copy_(u[:, :n_draw].mul_(count[part]))  # truncated, as .long()
+            drawn = drawns[: m * n_draw].view(m, n_draw)
+            torch.gather(index[part], 1, position, out=drawn)
+            d = torch.gather(logits[part], 1, drawn, out=ds[: m * n_draw].view(m, n_draw))
+            # g = [a | b]: each mix's coefficient of its first vector (n_i; the query itself),
+            # 1 - g that of its second (n_j; the drawn column), with d = [d_i | d_j | d_q]
+            g = u[:, n_draw:].to(dtype)
+            g[:, s:].mul_(0.5)
+            r = norms[: m * n_mix].view(m, n_mix)  # the mixes' cosines, then inverse norms
+            if not contrast.normalized:
+                r.fill_(1.0)
             else:
-                drawn = index[part].gather(1, position)
-                d = logits[part].gather(1, drawn)
-            mixing = u[:, n_draw:].to(dtype)
-            alpha, beta = mixing[:, :s], mixing[:, s:].mul_(0.5)
-            x = d.new_empty(m, s + s_query)
-            pair = d.new_empty(m, 2 * s)  # [a r, (1 - a) r]
-            query = d.new_empty(m, 2 * s_query)  # [b r', (1 - b) r']
-            if s > 0:
-                first, second = drawn[:, :s], drawn[:, s : 2 * s]
-                r = pair[:, s:]
-                if not contrast.normalized:
-                    r.fill_(1.0)
-                else:
+                if s > 0:
+                    first, second = drawn[:, :s], drawn[:, s : 2 * s]
                     if in_batch:
-                        # the flat positions in position's memory (dead after the gather),
-                        # the cosines in x's (written after they are read)
-                        scratch = (position.view(-1)[: m * s], x.view(-1)[: m * s])
+                        scratch = (flats[: m * s], cosines[: m * s])
                         cosine = _logit_cosine(logits, columns, t, first, second, scratch)
                     elif gram is not None:
                         cosine = _upper_gram_at(gram, first, second)
@@ -1171,43 +1219,34 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
                             strategy._column_vectors(sub, first),
                             strategy._column_vectors(sub, second),
                         )
-                    _inverse_norm_into(r, alpha, cosine)
-                torch.mul(alpha, r, out=pair[:, :s])
-                r.sub_(pair[:, :s])
-                torch.mul(pair[:, :s], d[:, :s], out=x[:, :s])
-                x[:, :s].addcmul_(pair[:, s:], d[:, s : 2 * s])
-            if s_query > 0:
-                r = query[:, s_query:]
-                d_query = d[:, 2 * s :]
-                if not contrast.normalized:
-                    r.fill_(1.0)
-                else:  # the query mix's cosine is q · n_j = t d_j
-                    _inverse_norm_into(r, beta, d_query * t)
-                torch.mul(beta, r, out=query[:, :s_query])
-                r.sub_(query[:, :s_query])
-                self_logit = _row_dot(q[part], q[part]).div_(t).unsqueeze(1)
-                torch.mul(query[:, s_query:], d_query, out=x[:, s:])
-                x[:, s:].addcmul_(query[:, :s_query], self_logit)
-            # a row without negatives draws masked columns (index 0 of an empty ``Q~``): its
-            # logits d are -inf, so are its mixes'
-            top = x.amax(dim=1, keepdim=True)
-            top.masked_fill_(~torch.isfinite(top), 0.0)
-            x.sub_(top).exp_()
-            total = x.sum(dim=1, keepdim=True)
-            x.div_(torch.where(total > 0, total, 1.0))  # softmax weights, 0 on an empty row
-            torch.add(total.log_(), top, out=lse[part].unsqueeze(1))
-            coefficient = d  # reused: the softmax weight times each drawn column's coefficient
+                    r[:, :s].copy_(cosine)
+                if s_query > 0:  # the query mix's cosine is q · n_j = t d_j
+                    torch.mul(d[:, 2 * s :], t, out=r[:, s:])
+                _inverse_norm_into(r, g, r, spreads[: m * n_mix].view(m, n_mix))
+            first_scale = torch.mul(g, r, out=firsts[: m * n_mix].view(m, n_mix))  # g r
+            second_scale = r.sub_(first_scale)  # (1 - g) r
+            # the mixes' logits: (1 - g) r [d_j | d_q] + g r [d_i | q · q / t]
+            x = torch.mul(second_scale, d[:, s:], out=mixes[: m * n_mix].view(m, n_mix))
             if s > 0:
-                torch.mul(pair[:, :s], x[:, :s], out=coefficient[:, :s])
-                torch.mul(pair[:, s:], x[:, :s], out=coefficient[:, s : 2 * s])
+                x[:, :s].addcmul_(first_scale[:, :s], d[:, :s])
             if s_query > 0:
-                torch.mul(query[:, s_query:], x[:, s:], out=coefficient[:, 2 * s :])
-                self_weight[part] = _row_dot(query[:, :s_query], x[:, s:]).unsqueeze(1)
-            if not bag:
-                weights[part].scatter_add_(1, drawn, coefficient)
-    if bag:
+                self_logit = _row_dot(q[part], q[part]).div_(t).unsqueeze(1)
+                x[:, s:].addcmul_(first_scale[:, s:], self_logit)
+            # their log-sum-exp, and the softmax weights exp(x - lse): 0 on a row without
+            # negatives (it draws masked columns, index 0 of an empty Q~: its d and x are -inf)
+            block_lse = torch.logsumexp(x, dim=1, out=lse[part])
+            x.sub_(torch.where(torch.isfinite(block_lse), block_lse, 0.0).unsqueeze(1)).exp_()
+            # the softmax weight times each drawn column's coefficient, in d's memory
+            coefficient = d
+            if s > 0:
+                torch.mul(first_scale[:, :s], x[:, :s], out=coefficient[:, :s])
+            torch.mul(second_scale, x, out=coefficient[:, s:])
+            if s_query > 0:
+                self_weight[part] = _row_dot(first_scale[:, s:], x[:, s:]).unsqueeze(1)
+            weights[part].scatter_add_(1, position if members else drawn, coefficient)
+    if members:
         return _MixBagLogMass.apply(
-            contrast.anchors, lse, drawn_all, coefficient_all, self_weight, q, columns, t
+            contrast.anchors, lse, index, weights, self_weight, q, columns, t
         )
     return _MixLogMass.apply(contrast.anchors, lse, weights, self_weight, q, columns, own, t)
 
@@ -1215,21 +1254,21 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
 class _MixBagLogMass(torch.autograd.Function):
     """MoCHi's synthetic negatives over shared columns: forward the log-mass computed by
     :func:`mochi_mix_log_mass`; backward to the anchors only, ``g (sum_k w_k n_{j_k} + w q) /
-    t`` with ``j_k`` the drawn columns and ``w_k`` their softmax weights times their mixing
-    coefficients, by ``embedding_bag`` (a weighted sum of gathered rows per anchor: no ``[A, S]``
-    buffer, no product)."""
+    t`` with ``j_k`` the members of ``Q~`` and ``w_k`` the softmax weights times the mixing
+    coefficients summed over a member's draws, by ``embedding_bag`` (a weighted sum of gathered
+    rows per anchor: no ``[A, S]`` buffer, no product)."""
 
     @staticmethod
-    def forward(ctx, anchors, lse, drawn, coefficient, self_weight, q, columns, t):  # type: ignore[override]
-        ctx.save_for_backward(lse, drawn, coefficient, self_weight, q, columns)
+    def forward(ctx, anchors, lse, members, weights, self_weight, q, columns, t):  # type: ignore[override]
+        ctx.save_for_backward(lse, members, weights, self_weight, q, columns)
         ctx.temperature = t
         return lse.clone()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        lse, drawn, coefficient, self_weight, q, columns = ctx.saved_tensors
+        lse, members, weights, self_weight, q, columns = ctx.saved_tensors
         scale = torch.where(torch.isfinite(lse), grad, 0.0).unsqueeze(1)
-        grad_q = F.embedding_bag(drawn, columns, per_sample_weights=coefficient, mode="sum")
+        grad_q = F.embedding_bag(members, columns, per_sample_weights=weights, mode="sum")
         grad_q.addcmul_(self_weight, q)
         return grad_q.mul_(scale.div_(ctx.temperature)), *([None] * 7)
 
@@ -1399,13 +1438,19 @@ def hardest_columns(logits: Tensor, k: int) -> Tensor | None:
             block = x[start : min(start + step, end)]
             r = block.shape[0]
             edge = np.partition(block, cols - k, axis=1)[:, cols - k : cols - k + 1]
-            member = block >= edge
-            # per row: a NaN leaves its row short, a tie at the edge another row long, and
-            # the two can add up to r * k in all
-            if not (np.count_nonzero(member, axis=1) == k).all():
+            flat = np.flatnonzero(block >= edge)
+            # k per row: r k in all, and each row's first and last slots in the row (the flat
+            # positions are sorted); a NaN leaves its row short, a tie at the edge another row
+            # long, and the two can add up to r k in all
+            if flat.size != r * k:
                 tied.append(True)
                 return
-            out[start : start + r] = np.flatnonzero(member).reshape(r, k) - offsets[:r]
+            flat = flat.reshape(r, k)
+            flat -= offsets[:r]
+            if flat[:, 0].min() < 0 or flat[:, -1].max() >= cols:
+                tied.append(True)
+                return
+            out[start : start + r] = flat
 
     _on_threads(work, rows, max(step, _THREAD_MIN_ENTRIES // cols))
     return None if tied else torch.from_numpy(out)
@@ -1420,7 +1465,12 @@ def row_members(member: Tensor, count: Tensor, width: int, same_count: bool) -> 
     cumsum / scatter compaction of ``HardNegativeMixing.hardest``."""
     rows, cols = member.shape
     if member.device.type == "cpu":
-        flat = torch.from_numpy(np.flatnonzero(member.contiguous().numpy()))
+        flat = np.flatnonzero(member.contiguous().numpy())
+        if same_count and rows > 0:  # the rows' offsets taken off in place (no [A, S] passes)
+            column = flat.reshape(rows, -1)
+            column -= np.arange(0, rows * cols, cols, dtype=np.int64).reshape(-1, 1)
+            return torch.from_numpy(column)
+        flat = torch.from_numpy(flat)
         row = torch.div(flat, cols, rounding_mode="floor")
         column = flat - row * cols
     else:
@@ -1433,12 +1483,18 @@ def row_members(member: Tensor, count: Tensor, width: int, same_count: bool) -> 
     return column.new_zeros(rows, width).index_put_((row, rank), column)
 
 
-def mochi_uniforms(shape: tuple[int, int], generator, device) -> Tensor:
+def mochi_uniforms(shape: tuple[int, int], generator, device, out: Tensor | None = None) -> Tensor:
     """MoCHi's float32 uniforms (``hardneg.strategies.mochi._unit_uniforms``: the same random
     words, the same numbers), the bits cut in place in the words' own memory
-    (:func:`unit_uniforms`; the plain twin is out of place for ``torch.compile``)."""
+    (:func:`unit_uniforms`; the plain twin is out of place for ``torch.compile``). ``out``: an
+    int64 buffer of at least ``ceil(n / 2)`` entries for the words."""
     n = shape[0] * shape[1]
-    words = torch.randint(-(2**63), 2**63 - 1, (-(-n // 2),), generator=generator, device=device)
+    size = (-(-n // 2),)
+    if out is None:
+        words = torch.randint(-(2**63), 2**63 - 1, size, generator=generator, device=device)
+    else:
+        words = out[: size[0]]
+        torch.randint(-(2**63), 2**63 - 1, size, generator=generator, out=words)
     return unit_uniforms(words, n).view(shape)
 
 
