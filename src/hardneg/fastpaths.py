@@ -4,8 +4,7 @@ Each function here computes exactly what a plain expression in a strategy file c
 faster on some hardware; each is tested equal to its plain twin (``tests/test_fastpaths.py``).
 Strategies call them only when ``StepContext.fast`` is set (never under ``torch.compile``, whose
 own fusion is the accelerator's fast path, and never for diagnostics). Public torch and numpy API
-only; no kept buffers but one: :func:`_scratch`'s per-thread byte buffer on the CPU (MoCHi's
-block temporaries, which do not outlive a call; at most ~20 MiB a thread).
+only; no buffers kept between calls.
 
 * :func:`tilted_log_mass` — HCL/UnReMix: ``log sum_j w_ij e^{c_ij}`` with
   ``w_ij = M e^{beta c_ij} f_ij / sum_k e^{beta c_ik} f_ik`` in one shifted pass and a
@@ -963,22 +962,14 @@ def mixed_column_logits(contrast, index: Tensor) -> Tensor:
     )
 
 
-_SCRATCH = threading.local()
-
-
 def _scratch(specs: list[tuple[tuple[int, ...], torch.dtype]], device) -> list[Tensor]:
-    """Tensors of the given shapes and dtypes for a call's temporaries: on the CPU views of one
-    byte buffer per thread kept from call to call (grown as needed), elsewhere fresh tensors
-    (an accelerator's caching allocator reuses memory). On the CPU a temporary of a few hundred
-    KiB or more is fresh pages on most calls (glibc hands freed memory back to the OS): MoCHi's
-    block temporaries cost ~600 page faults per step at N = 256 in-batch, ~1 ms of a 5 ms step.
-    Only for temporaries that do not outlive the call (nothing saved for the backward)."""
-    if torch.device(device).type != "cpu":
-        return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
+    """Tensors of the given shapes and dtypes for a call's temporaries: views of one fresh byte
+    buffer (one allocation instead of one per temporary). Nothing is kept between calls: a
+    buffer kept per thread cut MoCHi's page faults on the CPU, but its gain depended on the
+    allocator's state (1.50 against 1.90x InfoNCE first in a process, 1.70 against 1.65 later;
+    session 9) and the issue asks for no kept buffers."""
     sizes = [-(-math.prod(shape) * dtype.itemsize // 64) * 64 for shape, dtype in specs]
-    buffer = getattr(_SCRATCH, "buffer", None)
-    if buffer is None or buffer.numel() < sum(sizes):
-        buffer = _SCRATCH.buffer = torch.empty(sum(sizes), dtype=torch.uint8)
+    buffer = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
     out, at = [], 0
     for (shape, dtype), size in zip(specs, sizes):
         n = math.prod(shape) * dtype.itemsize
@@ -1131,7 +1122,7 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
     of ``Q~`` (``[A, k']``) for an ``embedding_bag`` of the members in the backward where the
     columns are shared and not every column is a member (:class:`_MixBagLogMass`), else
     scatter-added into ``W [A, S]`` for one product ``W C`` (:class:`_MixLogMass`). The block's
-    temporaries are views of one buffer kept between calls on the CPU (:func:`_scratch`)."""
+    temporaries are views of one buffer of the call (:func:`_scratch`)."""
     s, s_query = strategy.num_mixed, strategy.num_query_mixed
     logits = contrast.negative_logits.detach()
     rows, width = logits.shape
