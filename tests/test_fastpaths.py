@@ -644,6 +644,34 @@ def test_band_logits_backward_equals_the_gather(dtype, form, lower, upper):
         assert_close_rel(a, b, what="band gradient")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", [*FORMS, "three_views", "own_pools"])
+@pytest.mark.parametrize("k", [5, 15], ids=["bag", "dense"])  # below / above a quarter of S
+def test_simans_mass_over_its_draws_by_column_logits_equals_the_gather(dtype, form, k, monkeypatch):
+    """SimANS's fast mass reads the drawn logits by ``column_logits`` (``band_logits``' sparse
+    backward: in-batch one product, a detached pool an ``embedding_bag`` or a dense product, no
+    ``[A, S]`` gradient through the score matrix), against the plain gather of the same draws
+    (same seed): value and gradients (retrieval: the columns' too); the sparse form is taken
+    wherever the mass is (the same ``M`` for every anchor) but with a pool per anchor."""
+    z1, z2, kwargs = make_inputs(form if form != "three_views" else "in_batch", dtype)
+    if form == "three_views":
+        kwargs["extra_views"] = [z1.detach() * 0.5 + 0.3]
+    elif form == "own_pools":  # a pool per anchor: per-anchor columns, the gather
+        kwargs["negatives"] = torch.randn(z1.shape[0], 20, z1.shape[1], dtype=dtype)
+    loss = hardneg.create_loss("simans", check_inputs=False, num_samples=k)
+    calls = []
+    real = fastpaths.band_logits
+    monkeypatch.setattr(fastpaths, "band_logits", lambda *a: calls.append(1) or real(*a))
+    lf, gf = loss_and_grads(loss, z1, z2, kwargs)
+    assert len(calls) == (form not in ("ids", "own_pools")), form  # ids: a per-anchor M
+    monkeypatch.setattr(fastpaths, "column_logits", lambda c, i: c.negative_logits.gather(1, i))
+    lp, gp = loss_and_grads(loss, z1, z2, kwargs)
+    assert_close_rel(lf, lp, what="simans loss")
+    for a, b in zip(gf, gp):
+        assert a.dtype == dtype
+        assert_close_rel(a, b, rtol=1e-5 if dtype == torch.float32 else 1e-10, what="grad")
+
+
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
 def test_unremix_in_batch_computes_the_softmax_expectation_once(monkeypatch, fast):
     """In-batch the columns are the anchors: one pass of ``sum_k p_ik z_k`` (an [A, C] exp and

@@ -84,7 +84,8 @@ only; no kept buffers.
 * :func:`band_logits` — Ring: the ring's logits read from the score matrix with a sparse
   backward through the ring's members only (in-batch one product ``(G + G^T) z``; a wide band
   a dense product instead of an ``embedding_bag``) (plain twin: back-propagating through the
-  gather).
+  gather). :func:`column_logits`: the same for Ring's band and SimANS's drawn columns wherever
+  the logits are ``anchors @ columns.T / t`` (plain twin: ``negative_logits.gather``).
 """
 
 from __future__ import annotations
@@ -497,6 +498,19 @@ def band_logits(
     """The ring's logits ``band`` (``[A, W]``, read from ``anchors @ columns.T / t`` at
     ``indices``) with a sparse backward to ``anchors`` and ``columns``."""
     return _BandLogits.apply(anchors, columns, band, indices, temperature)
+
+
+def column_logits(contrast, indices: Tensor) -> Tensor:
+    """Ring's band, SimANS's draws: ``[A, W]`` the negative logits at the columns ``indices``,
+    with :func:`band_logits`' sparse backward where the logits are ``anchors @ columns.T / t``
+    (no per-anchor columns) and need a gradient: no ``[A, S]`` gradient through the score
+    matrix's two products (in-batch one product; with a detached pool an ``embedding_bag``, no
+    product). Plain twin: ``contrast.negative_logits.gather(1, indices)``."""
+    logits = contrast.negative_logits
+    if contrast.anchor_columns is None and logits.requires_grad:
+        band = logits.detach().gather(1, indices)
+        return band_logits(contrast.anchors, contrast.columns, band, indices, contrast.temperature)
+    return logits.gather(1, indices)  # per-anchor columns: back-propagate through the gather
 
 
 # above this share of the columns in the band, the anchors' gradient is one dense product
