@@ -518,20 +518,23 @@ def test_band_indices_hold_the_values_of_the_sorted_ranks(rows, cols, dtype, kin
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_band_indices_read_distinct_values_by_their_edge_values(monkeypatch, dtype):
-    """Distinct values take the edge-value path (no integer keys, no argpartition): the very
-    columns of the sorted ranks. A NaN (highest, as in ``torch.topk``) or a repeated edge value
-    sends its row block to the keys."""
+    """Distinct values take the edge-value path (no argpartition): the very columns of the
+    sorted ranks. A NaN (highest, as in ``torch.topk``) or a repeated edge value sends its row
+    block to ``argpartition`` over the keys."""
+    import numpy as np
+
     x = topk_inputs(70, 700, dtype, seed=3, kind="plain")
 
-    def no_keys(values):
-        raise AssertionError("keys path taken for distinct values")
+    def no_keys(*args, **kwargs):
+        raise AssertionError("argpartition taken for distinct values")
 
     with monkeypatch.context() as patch:
-        patch.setattr(fastpaths, "_np_order_keys", no_keys)
-        for lower, upper in ((0, 1), (0, 70), (7, 70), (69, 70), (1, 700)):
-            got = fastpaths.band_indices(x, lower, upper).sort(dim=1).values
-            want = x.topk(upper, dim=1).indices[:, lower:].sort(dim=1).values
-            assert torch.equal(got, want), (lower, upper)
+        patch.setattr(np, "argpartition", no_keys)
+        for data in (x, x - 10.0):  # the edges negative: their keys mapped back to values
+            for lower, upper in ((0, 1), (0, 70), (7, 70), (69, 70), (1, 700)):
+                got = fastpaths.band_indices(data, lower, upper).sort(dim=1).values
+                want = data.topk(upper, dim=1).indices[:, lower:].sort(dim=1).values
+                assert torch.equal(got, want), (lower, upper)
     # row 5: a NaN (rank 0, in a band from 0); row 9: its rank-69 value repeated once (one
     # entry too many): the block's count is right, but not its rows'
     x[5, 3] = float("nan")
@@ -642,6 +645,34 @@ def test_band_logits_backward_equals_the_gather(dtype, form, lower, upper):
     for a, b in zip(gf, gp):
         assert a.dtype == dtype
         assert_close_rel(a, b, what="band gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", [*FORMS, "three_views", "own_pools"])
+@pytest.mark.parametrize("k", [5, 15], ids=["bag", "dense"])  # below / above a quarter of S
+def test_simans_mass_over_its_draws_by_column_logits_equals_the_gather(dtype, form, k, monkeypatch):
+    """SimANS's fast mass reads the drawn logits by ``column_logits`` (``band_logits``' sparse
+    backward: in-batch one product, a detached pool an ``embedding_bag`` or a dense product, no
+    ``[A, S]`` gradient through the score matrix), against the plain gather of the same draws
+    (same seed): value and gradients (retrieval: the columns' too); the sparse form is taken
+    wherever the mass is (the same ``M`` for every anchor) but with a pool per anchor."""
+    z1, z2, kwargs = make_inputs(form if form != "three_views" else "in_batch", dtype)
+    if form == "three_views":
+        kwargs["extra_views"] = [z1.detach() * 0.5 + 0.3]
+    elif form == "own_pools":  # a pool per anchor: per-anchor columns, the gather
+        kwargs["negatives"] = torch.randn(z1.shape[0], 20, z1.shape[1], dtype=dtype)
+    loss = hardneg.create_loss("simans", check_inputs=False, num_samples=k)
+    calls = []
+    real = fastpaths.band_logits
+    monkeypatch.setattr(fastpaths, "band_logits", lambda *a: calls.append(1) or real(*a))
+    lf, gf = loss_and_grads(loss, z1, z2, kwargs)
+    assert len(calls) == (form not in ("ids", "own_pools")), form  # ids: a per-anchor M
+    monkeypatch.setattr(fastpaths, "column_logits", lambda c, i: c.negative_logits.gather(1, i))
+    lp, gp = loss_and_grads(loss, z1, z2, kwargs)
+    assert_close_rel(lf, lp, what="simans loss")
+    for a, b in zip(gf, gp):
+        assert a.dtype == dtype
+        assert_close_rel(a, b, rtol=1e-5 if dtype == torch.float32 else 1e-10, what="grad")
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
@@ -1313,28 +1344,60 @@ def test_simans_cpu_draw_is_the_same_on_any_number_of_threads():
     assert not torch.equal(other.sort(dim=1).values, draws[0])
 
 
-def test_simans_smallest_takes_the_k_smallest_with_ties_and_nan_like_topk():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_simans_smallest_takes_the_k_smallest_with_ties_and_nan_like_topk(dtype):
     """``_np_smallest``: the ``k`` smallest of each row, as ``torch.topk(largest=False)``: by
     the edge value when it is unique; by ``argpartition`` when the edge value repeats, a row
-    holds a NaN among its ``k`` smallest or ``+inf`` is reached (rows with fewer finite keys)."""
+    holds a NaN among its ``k`` smallest (either sign: the integer keys put a NaN with its
+    sign bit set lowest), ``-0.0`` and ``+0.0`` meet at the edge or ``+inf`` is reached (rows
+    with fewer finite keys); with and without a scratch buffer for the keys."""
     import numpy as np
 
     g = torch.Generator().manual_seed(4)
-    keys = torch.randn(9, 40, generator=g)
+    keys = torch.randn(9, 40, generator=g, dtype=torch.float64).to(dtype)
     keys[1, :5] = keys[1, 5]  # the edge value repeated
     keys[2, 3] = float("nan")
     keys[3, 10:] = float("inf")  # 10 finite keys, k = 12
     keys[4] = torch.arange(40.0).flip(0)
-    for k in (1, 6, 12, 39):
-        got = torch.from_numpy(fastpaths._np_smallest(keys.numpy(), k))
+    keys[5, 7] = -float("nan")  # sign bit set
+    assert bool(keys[5, 7].view(torch.int32 if dtype == torch.float32 else torch.int64) < 0)
+    keys[6] = keys[6].abs() + 1.0
+    keys[6, :20:2], keys[6, 1:20:2] = 0.0, -0.0  # 20 zeros below the rest, of both signs
+    scratch = np.empty((9, 40), dtype=np.int32 if dtype == torch.float32 else np.int64)
+    for k, buffer in ((1, None), (6, scratch), (12, None), (20, scratch), (39, scratch)):
+        got = torch.from_numpy(fastpaths._np_smallest(keys.numpy(), k, buffer))
         assert got.shape == (9, k)
         assert all(len(set(row)) == k for row in got.tolist())
         want = keys.topk(k, dim=1, largest=False).values.sort(dim=1).values
         values = keys.gather(1, got).sort(dim=1).values
         assert torch.equal(values.nan_to_num(nan=99.0), want.nan_to_num(nan=99.0)), k
-    distinct = torch.randn(5, 40, generator=g).numpy()
+    distinct = torch.randn(5, 40, generator=g, dtype=torch.float64).to(dtype).numpy()
     got = fastpaths._np_smallest(distinct, 6)
     assert bool((np.diff(got, axis=1) > 0).all())  # the edge-value path: column order
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(7, 300), (64, 512), (3, 4096), (1, 64)])
+def test_flat_members_equals_flatnonzero_at_every_density(rows, cols):
+    """``_flat_members``: the mask written into a buffer padded with ``True`` entries where the
+    expected density is 3-10 % (numpy's branchless nonzero), those entries cut off the result:
+    ``numpy.flatnonzero`` of the mask, whatever the density and whether or not the expected
+    count is the actual one."""
+    import numpy as np
+
+    rng = np.random.default_rng(rows * cols)
+    n = rows * cols
+    for density in (0.0, 0.01, 0.029, 0.03, 0.05, 0.09, 0.1, 0.101, 0.2, 1.0):
+        mask = rng.random((rows, cols)) < density
+        for count in (int(density * n), int(density * n * 0.7), int(density * n * 1.4) + 3):
+            shapes = []
+
+            def write(out, mask=mask, shapes=shapes):
+                shapes.append(out.shape)
+                out[...] = mask
+
+            got = fastpaths._flat_members(write, rows, cols, count)
+            assert shapes == [(rows, cols)]
+            assert np.array_equal(got, np.flatnonzero(mask)), (density, count)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -15,7 +15,8 @@ only; no buffers kept between calls.
 * :func:`top_k_indices` — linear-time selection over int32 keys that order like the floats,
   with numpy's SIMD partition on long rows (plain twin: ``torch.topk``); potential's neighbours.
 * :func:`band_indices` — Ring on CPU: the band's edge values of each row by ``numpy.partition``
-  (values only) and its members as the entries between them (``flatnonzero``); two
+  (values only, in place, over integer keys that order like the floats) and its members as the
+  entries between them (``flatnonzero``, :func:`_flat_members`); two
   ``numpy.argpartition`` calls over order keys where an edge value repeats or a row holds a NaN;
   row blocks split over torch's intra-op threads from 2^20 entries per thread (numpy releases
   the GIL) (plain twin: ``torch.topk(U, sorted=True).indices[:, L:]``).
@@ -40,8 +41,8 @@ only; no buffers kept between calls.
 * :func:`simans_draw` — SimANS: the Gumbel-top-k draw with uniforms from random 64-bit words
   (two per word; on CPU from a numpy stream seeded by the generator); on CPU the whole draw in
   numpy a block of rows at a time (words, keys and the ``k`` smallest keys by a values-only
-  partition, in cache; no torch pass over ``[A, S]``) (plain twin: ``SimANSNegatives.draw``
-  with ``torch.rand`` and ``torch.topk``; same law, other draws).
+  partition of integer keys, in cache; no torch pass over ``[A, S]``) (plain twin:
+  ``SimANSNegatives.draw`` with ``torch.rand`` and ``torch.topk``; same law, other draws).
 * :func:`hardest_columns` — MoCHi: the hardest set's columns in column order when no row ties
   at its ``N``-th largest logit, a block of rows at a time in numpy (partition, compare,
   ``flatnonzero``) (plain twin: ``HardNegativeMixing.hardest`` with ``torch.topk``);
@@ -84,7 +85,8 @@ only; no buffers kept between calls.
 * :func:`band_logits` — Ring: the ring's logits read from the score matrix with a sparse
   backward through the ring's members only (in-batch one product ``(G + G^T) z``; a wide band
   a dense product instead of an ``embedding_bag``) (plain twin: back-propagating through the
-  gather).
+  gather). :func:`column_logits`: the same for Ring's band and SimANS's drawn columns wherever
+  the logits are ``anchors @ columns.T / t`` (plain twin: ``negative_logits.gather``).
 """
 
 from __future__ import annotations
@@ -381,12 +383,13 @@ def top_k_indices(x: Tensor, k: int) -> Tensor:
     return out
 
 
-def _np_order_keys(x: np.ndarray) -> np.ndarray:
-    """:func:`_order_keys` in numpy, for float32 (int32 keys) or float64 (int64 keys): numpy's
-    ufuncs release the GIL, so row blocks can run on several threads."""
-    bits = x.view(np.int32 if x.dtype == np.float32 else np.int64)
+def _np_order_keys(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """:func:`_order_keys` in numpy, for float32 (int32 keys) or float64 (int64 keys), into
+    ``out`` if given: numpy's ufuncs release the GIL, so row blocks can run on several threads.
+    The map is its own inverse: the keys of the keys (as floats) are the values' bits."""
+    bits = x.view(np.int32 if x.dtype.itemsize == 4 else np.int64)
     width = bits.dtype.itemsize * 8
-    keys = bits >> (width - 1)  # -1 for negative numbers, else 0
+    keys = np.right_shift(bits, width - 1, out=out)  # -1 for negative numbers, else 0
     keys &= np.iinfo(bits.dtype).max
     keys ^= bits
     return keys
@@ -422,6 +425,27 @@ def _on_threads(work, rows: int, min_rows: int) -> None:
         raise errors[0]
 
 
+# numpy's nonzero on a bool array runs a branchy loop (a memchr from member to member) up to a
+# density of 10 % and a branchless one above: measured 1.4 ms per million entries at 9 % (ring's
+# default band), 0.8 at 5 %, 0.4 above 10 % and with the padding below, 0.2-0.4 at 2 %
+_SPARSE_NONZERO = (0.03, 0.1)
+
+
+def _flat_members(write_mask, rows: int, cols: int, count: int) -> np.ndarray:
+    """``numpy.flatnonzero`` of the ``[rows, cols]`` bool mask that ``write_mask(out)`` writes,
+    expected to hold about ``count`` members. Between 3 % and 10 % the mask is written into a
+    buffer followed by enough ``True`` entries to lift the density above 10 % (numpy's
+    branchless loop), whose positions are then cut off the result."""
+    n = rows * cols
+    low, high = _SPARSE_NONZERO
+    pad = int((high * n - count) / (1.0 - high)) + 64 if low * n <= count <= high * n else 0
+    buffer = np.empty(n + pad, dtype=bool)
+    buffer[n:] = True
+    write_mask(buffer[:n].reshape(rows, cols))
+    flat = np.flatnonzero(buffer)
+    return flat[: flat.size - pad]
+
+
 # numpy's selection beats torch.topk on CPU from rows of a few hundred entries (measured, one
 # thread: 1024 x 1024, top 102: 6.5 ms against 12.5 ms); on shorter rows its per-row cost wins
 _BAND_MIN_COLUMNS = 256
@@ -443,13 +467,14 @@ def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
     (the loss depends on the values only). Order as ``torch.topk``: ``-inf`` lowest, NaN highest.
     On CPU (float32 / float64, rows of at least ``_BAND_MIN_COLUMNS``), a block of rows at a time
     (in cache), the blocks split over torch's intra-op threads (:func:`_on_threads`) from
-    ``_THREAD_MIN_ENTRIES`` per thread: the band's edge values by ``numpy.partition`` (values
-    only, no index array moved: ~3x cheaper than ``argpartition``), the smallest ``lo`` to the
-    top ``upper``, then the largest ``hi`` among those; the members are then the entries with
-    ``lo <= c <= hi``, read by ``flatnonzero`` in column order. Each row has at least
-    ``upper - lower`` such entries, exactly that many unless a value at an edge is repeated; a
-    block with more (ties) or with a NaN in a row's top takes two ``numpy.argpartition`` calls
-    over integer keys that order like the floats (:func:`_np_order_keys`) instead.
+    ``_THREAD_MIN_ENTRIES`` per thread, over integer keys that order like the floats
+    (:func:`_np_order_keys`: numpy partitions integers about twice as fast as floats): the
+    band's edge keys by ``numpy.partition`` (values only, no index array moved: ~3x cheaper than
+    ``argpartition``), the smallest ``lo`` of the top ``upper``, then the largest ``hi`` among
+    those; the members are then the entries with ``lo <= key <= hi``, read by
+    :func:`_flat_members` in column order. Each row has at least ``upper - lower`` such
+    entries, exactly that many unless a value at an edge is repeated; a block with more (ties)
+    or with a NaN in a row's top takes two ``numpy.argpartition`` calls over the keys instead.
     """
     rows, cols = x.shape
     width = upper - lower
@@ -459,6 +484,8 @@ def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
     values = x.detach().contiguous().numpy()
     out = np.empty((rows, width), dtype=np.int64)
     step = max(1, _NUMPY_BLOCK // cols)
+    key_type = np.int32 if values.dtype == np.float32 else np.int64
+    above_inf = _np_order_keys(np.array(np.inf, dtype=values.dtype))  # a NaN's key is larger
 
     def by_keys(first: int, last: int) -> None:
         keys = _np_order_keys(values[first:last])
@@ -470,22 +497,40 @@ def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
         out[first:last] = top
 
     def work(start: int, stop: int) -> None:
+        # the block's keys partitioned in place and its masks in buffers of the call: fresh
+        # pages cost ~2 us each on a VM, about what the partition costs per page of keys
+        r_max = min(step, stop - start)
+        scratch = np.empty((r_max, cols), dtype=key_type)
+        below = np.empty((r_max, cols), dtype=bool)
+        offsets = np.arange(r_max, dtype=np.int64).reshape(-1, 1) * cols
         for first in range(start, stop, step):
             last = min(first + step, stop)
-            block = values[first:last]
-            top = np.partition(block, cols - upper, axis=1)[:, cols - upper :]
-            if np.isnan(top).any():
+            r = last - first
+            block, keys = values[first:last], scratch[:r]
+            _np_order_keys(block, out=keys)
+            keys.partition(cols - upper, axis=1)
+            top = keys[:, cols - upper :]
+            if (top > above_inf).any():  # a NaN (sign bit clear: the largest, as torch.topk)
                 by_keys(first, last)
                 continue
-            mask = block >= top[:, :1]  # lo: rank upper - 1
-            if lower:  # hi: rank lower, the width-th smallest of the top upper
-                mask &= block <= np.partition(top, width - 1, axis=1)[:, width - 1 : width]
-            flat = np.flatnonzero(mask)
-            if flat.size != (last - first) * width:  # a repeated value at an edge
+            # the edge keys back to values (the map is its own inverse): lo = rank upper - 1,
+            # hi = rank lower, the width-th smallest of the top upper
+            lo = _np_order_keys(top[:, :1].copy()).view(values.dtype)
+            hi = None
+            if lower:
+                top.partition(width - 1, axis=1)
+                hi = _np_order_keys(top[:, width - 1 : width].copy()).view(values.dtype)
+
+            def members(mask: np.ndarray, block=block, lo=lo, hi=hi, r=r) -> None:
+                np.greater_equal(block, lo, out=mask)
+                if hi is not None:
+                    mask &= np.less_equal(block, hi, out=below[:r])
+
+            flat = _flat_members(members, r, cols, r * width)
+            if flat.size != r * width:  # a repeated value at an edge (or -0.0 and +0.0)
                 by_keys(first, last)
                 continue
-            flat -= np.repeat(np.arange(last - first) * cols, width)
-            out[first:last] = flat.reshape(last - first, width)
+            np.subtract(flat.reshape(r, width), offsets[:r], out=out[first:last])
 
     _on_threads(work, rows, max(step, _BAND_MIN_ROWS, _THREAD_MIN_ENTRIES // cols))
     return torch.from_numpy(out)
@@ -497,6 +542,19 @@ def band_logits(
     """The ring's logits ``band`` (``[A, W]``, read from ``anchors @ columns.T / t`` at
     ``indices``) with a sparse backward to ``anchors`` and ``columns``."""
     return _BandLogits.apply(anchors, columns, band, indices, temperature)
+
+
+def column_logits(contrast, indices: Tensor) -> Tensor:
+    """Ring's band, SimANS's draws: ``[A, W]`` the negative logits at the columns ``indices``,
+    with :func:`band_logits`' sparse backward where the logits are ``anchors @ columns.T / t``
+    (no per-anchor columns) and need a gradient: no ``[A, S]`` gradient through the score
+    matrix's two products (in-batch one product; with a detached pool an ``embedding_bag``, no
+    product). Plain twin: ``contrast.negative_logits.gather(1, indices)``."""
+    logits = contrast.negative_logits
+    if contrast.anchor_columns is None and logits.requires_grad:
+        band = logits.detach().gather(1, indices)
+        return band_logits(contrast.anchors, contrast.columns, band, indices, contrast.temperature)
+    return logits.gather(1, indices)  # per-anchor columns: back-propagate through the gather
 
 
 # above this share of the columns in the band, the anchors' gradient is one dense product
@@ -1311,8 +1369,8 @@ def simans_draw(
     (a third faster than the generator's own words, whose Mersenne twister runs on one thread)
     and the whole draw runs in numpy a block of rows at a time, in cache, on the calling thread:
     the block's words, its uniforms, keys and each row's ``k`` smallest keys, those at or below
-    its ``k``-th smallest (:func:`_np_smallest`: a values-only ``numpy.partition``, several
-    times faster than ``torch.topk``). No torch operation runs between the logits and the
+    its ``k``-th smallest (:func:`_np_smallest`: a values-only ``numpy.partition`` of integer
+    keys, several times faster than ``torch.topk``). No torch operation runs between the logits and the
     draw: after each parallel torch operation the OpenMP worker spins for milliseconds, and
     torch passes over ``[A, S]`` would fault their pages in anew. Elsewhere: the generator's
     words, the keys by torch operations and ``torch.topk``. ``k >= S`` returns every column."""
@@ -1347,6 +1405,7 @@ def _simans_draw_numpy(
     step += step % 2
     keys = np.empty((min(step, rows), cols), dtype=x.dtype)
     distance = np.empty_like(keys)
+    order = np.empty(keys.shape, dtype=np.int32 if x.dtype == np.float32 else np.int64)
     out = np.empty((rows, k), dtype=np.int64)
     for start in range(0, rows, step):
         r = min(step, rows - start)
@@ -1357,8 +1416,7 @@ def _simans_draw_numpy(
         u = bits.view(np.float32).reshape(r, cols)
         np.subtract(u, _ONE_LESS_HALF_CELL, out=u)  # (2 j + 1) 2^-24, in float32
         block, d = keys[:r], distance[:r]
-        block[...] = u
-        np.log(block, out=block)
+        np.log(u, out=block)
         np.negative(block, out=block)
         np.log(block, out=block)  # log(-log u) = -Gumbel
         values = x[start : start + r]
@@ -1369,22 +1427,31 @@ def _simans_draw_numpy(
             np.multiply(d, d, out=d)
             np.multiply(d, a, out=d)
             block += d
-        out[start : start + r] = _np_smallest(block, k)
+        out[start : start + r] = _np_smallest(block, k, order)
     return torch.from_numpy(out)
 
 
-def _np_smallest(keys: np.ndarray, k: int) -> np.ndarray:
+def _np_smallest(keys: np.ndarray, k: int, scratch: np.ndarray | None = None) -> np.ndarray:
     """``[R, k]`` the columns of the ``k`` smallest entries of each row of ``keys`` (NaN
-    largest, as ``torch.topk``): the ``k``-th smallest value by ``numpy.partition`` (values only)
-    and the entries at or below it by ``flatnonzero``, in column order; ``numpy.argpartition``
-    where that does not give ``k`` per row (a value repeated at the edge, or a NaN)."""
+    largest, as ``torch.topk``): the ``k``-th smallest value by ``numpy.partition`` of integer
+    keys that order like the floats (:func:`_np_order_keys`, written into ``scratch`` if given
+    and partitioned in place: about twice as fast as a float partition, no copy) and the
+    entries at or below it by ``flatnonzero`` (:func:`_flat_members`), in column order;
+    ``numpy.argpartition`` where that does not give ``k`` per row (a value repeated at the
+    edge, or a NaN)."""
     rows, cols = keys.shape
-    edge = np.partition(keys, k - 1, axis=1)[:, k - 1 : k]
-    flat = np.flatnonzero(keys <= edge)
-    if flat.size != rows * k:
+    order = _np_order_keys(keys, out=None if scratch is None else scratch[:rows])
+    order.partition(k - 1, axis=1)
+    below_minus_inf = _np_order_keys(np.array(-np.inf, dtype=keys.dtype))  # a negative NaN
+    if (order[:, :k] < below_minus_inf).any():
         return np.argpartition(keys, k - 1, axis=1)[:, :k]
-    flat -= np.repeat(np.arange(rows) * cols, k)
-    return flat.reshape(rows, k)
+    edge = _np_order_keys(order[:, k - 1 : k].copy()).view(keys.dtype)  # the map is an involution
+    flat = _flat_members(lambda mask: np.less_equal(keys, edge, out=mask), rows, cols, rows * k)
+    if flat.size != rows * k:  # a tie at the edge (-0.0 and +0.0 too), or a NaN edge
+        return np.argpartition(keys, k - 1, axis=1)[:, :k]
+    flat = flat.reshape(rows, k)
+    flat -= np.arange(0, rows * cols, cols).reshape(-1, 1)
+    return flat
 
 
 def kth_largest(x: Tensor, k: int) -> Tensor:

@@ -25,7 +25,7 @@ with duplicate masks). Fast path (``context.fast``, one ``M`` for all anchors, I
 objective): the members of ranks ``[L, U)`` by selection (:func:`hardneg.fastpaths.band_indices`:
 ``topk`` on an accelerator, on CPU numpy's partition over order-preserving integer keys, row
 blocks on torch's threads), and a sparse backward through the ring's members only
-(:func:`hardneg.fastpaths.band_logits`), tested equal to the plain form.
+(:func:`hardneg.fastpaths.column_logits`), tested equal to the plain form.
 
 Example:
     >>> import torch, hardneg
@@ -184,13 +184,5 @@ class RingNegatives(Strategy):
 
     @staticmethod
     def _fast_log_mass(contrast: ContrastSet, lower: int, upper: int) -> Tensor:
-        logits = contrast.negative_logits
-        indices = fastpaths.band_indices(logits.detach(), lower, upper)  # ranks [L, U)
-        if contrast.anchor_columns is None and logits.requires_grad:
-            band = logits.detach().gather(1, indices)
-            band = fastpaths.band_logits(
-                contrast.anchors, contrast.columns, band, indices, contrast.temperature
-            )
-        else:  # per-anchor columns: back-propagate through the gather
-            band = logits.gather(1, indices)
-        return torch.logsumexp(band, dim=1)
+        indices = fastpaths.band_indices(contrast.negative_logits.detach(), lower, upper)
+        return torch.logsumexp(fastpaths.column_logits(contrast, indices), dim=1)  # ranks [L, U)

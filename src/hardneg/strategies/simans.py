@@ -102,7 +102,13 @@ class SimANSNegatives(Strategy):
         logits = contrast.negative_logits
         if context.want_log_mass and isinstance(contrast.num_negatives, int):
             if contrast.num_negatives > 0:  # every anchor draws at least one negative
-                return Selection(negative_log_mass=logits.gather(1, drawn).logsumexp(dim=1))
+                # fast: the gradient through the drawn logits only (no [A, S] gradient)
+                chosen = (
+                    fastpaths.column_logits(contrast, drawn)
+                    if context.fast
+                    else logits.gather(1, drawn)
+                )
+                return Selection(negative_log_mass=chosen.logsumexp(dim=1))
         chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, drawn, True)
         chosen &= torch.isfinite(logits)
         log_w = torch.zeros_like(logits).masked_fill(~chosen, float("-inf"))
