@@ -1557,6 +1557,108 @@ _CHUNK = 1 << 18
 _DRAW_BLOCK = 1 << 22  # entries per block of rows of bernoulli_bytes
 
 
+# on the CPU the draws run in numpy (numpy's calls cost about a microsecond each against a few
+# for a dispatched torch op; none starts torch's intra-op threads): the same bytes, the same
+# comparisons and the same uniforms as the torch form, so the same draws for a seed
+_NUMPY_DRAWS = True
+
+
+def _numpy_draws(device) -> bool:
+    return _NUMPY_DRAWS and torch.device(device).type == "cpu"
+
+
+def _tie_keeps_np(count: int, need_at: np.ndarray, p256: np.ndarray, generator) -> np.ndarray:
+    """:func:`_tie_keeps` in numpy: the same float32 uniforms of ``generator``, the same
+    float64 comparison."""
+    u = torch.rand(count, generator=generator).numpy()
+    return u < p256.astype(np.float64) - need_at
+
+
+def _bernoulli_draws_np(
+    need: np.ndarray, p256_at, generator, kept: np.ndarray, stream: _ByteStream
+) -> None:
+    """:func:`bernoulli_draws` in numpy into ``kept`` (``need``'s shape, contiguous, any dtype):
+    ``p256_at`` takes and gives numpy arrays."""
+    flat_need, flat_kept = need.reshape(-1), kept.reshape(-1)
+    size = flat_need.size
+    scratch = np.empty(min(_CHUNK, size), dtype=np.bool_)
+    found, p256 = [], []
+    for s0 in range(0, size, _CHUNK):
+        nn = flat_need[s0 : s0 + _CHUNK]
+        vv = stream.take(nn.size).numpy()
+        at = np.flatnonzero(np.equal(vv, nn, out=scratch[: nn.size]))
+        if at.size:  # 256 p at the ties before the chunk's draws are written (into kept)
+            at += s0
+            found.append(at)
+            p256.append(p256_at(at))
+        np.less(vv, nn, out=flat_kept[s0 : s0 + _CHUNK])
+    if found:
+        at = np.concatenate(found)
+        keep = _tie_keeps_np(at.size, flat_need[at], np.concatenate(p256), generator)
+        flat_kept[at] = keep
+
+
+def _binomial_draws_np(
+    need_by_column: np.ndarray,
+    trials: np.ndarray,
+    p256_at,
+    generator,
+    rows: np.ndarray | None,
+    stream: _ByteStream | None,
+) -> np.ndarray:
+    """:func:`binomial_draws` in numpy (``p256_at`` takes and gives numpy arrays): the same
+    chunks, bytes, sums and ties."""
+    c, a = trials.shape[0], need_by_column.shape[1]
+    order = np.argsort(trials, kind="stable")
+    sorted_trials = trials[order]
+    most = int(sorted_trials[-1]) if c else 0
+    count_dtype = np.int32 if most > 255 else np.uint8  # a uint8 sum holds 255 trials
+    total = int(sorted_trials.sum())
+    below = np.empty((c, a), dtype=count_dtype)
+    chunk = max(min(_CHUNK, total * a), most * a, 1)  # at least one column's m rows
+    if stream is None:
+        stream = _ByteStream(generator, "cpu", chunk)
+    key = np.repeat(order, sorted_trials)  # the column of each row of bytes
+    source = key if rows is None else rows[key]  # its row of need_by_column
+    edges = np.flatnonzero(np.diff(sorted_trials)) + 1 if c else np.zeros(0, dtype=np.int64)
+    values = sorted_trials[np.concatenate([[0], edges])].tolist() if c else []
+    sizes = np.diff(np.concatenate([[0], edges, [c]])).tolist() if c else []
+    gathered = np.empty(chunk, dtype=np.uint8)  # each chunk's thresholds
+    flags = np.empty(chunk, dtype=np.bool_)
+    found, found_need = [], []
+    for (r0, r1), runs in _chunks(values, sizes, max(1, chunk // max(1, a))):
+        size = (r1 - r0) * a
+        need = np.take(need_by_column, source[r0:r1], axis=0, out=gathered[:size].reshape(-1, a))
+        vv = stream.take(size).numpy().reshape(-1, a)
+        buf = flags[:size].reshape(-1, a)
+        kept = np.less(vv, need, out=buf).view(np.uint8)
+        for m, c0, c1, q0 in runs:  # columns [c0, c1) (sorted order) with m trials each
+            if m == 0:
+                below[c0:c1] = 0
+            elif m == 1:
+                below[c0:c1] = kept[q0 : q0 + c1 - c0]
+            else:
+                np.add.reduce(
+                    kept[q0 : q0 + (c1 - c0) * m].reshape(c1 - c0, m, a), axis=1, out=below[c0:c1]
+                )
+        at = np.flatnonzero(np.equal(vv, need, out=buf))
+        if at.size:
+            found_need.append(need.reshape(-1)[at])
+            at += r0 * a
+            found.append(at)
+    counts = np.empty_like(below)
+    counts[order] = below  # back in column order
+    if found:
+        at = np.concatenate(found)
+        row = at // a
+        column, anchor = key[row], at - row * a
+        keep = _tie_keeps_np(
+            at.size, np.concatenate(found_need), p256_at(column, anchor), generator
+        )
+        np.add.at(counts.reshape(-1), column * a + anchor, keep.astype(count_dtype))
+    return counts
+
+
 def bernoulli_bytes(p: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One ``Bernoulli(p)`` draw per entry of ``p`` (0/1 in ``p``'s dtype); see
     :func:`bernoulli_draws`. (Plain twin: ``torch.rand(p.shape) < p``; same law to float32,
@@ -1602,6 +1704,15 @@ def bernoulli_draws(
         dtype = out.dtype
     out_dtype = torch.bool if dtype == torch.uint8 else dtype
     kept = torch.empty(need.shape, dtype=out_dtype, device=need.device) if out is None else out
+    if _numpy_draws(need.device):
+        _bernoulli_draws_np(
+            need.contiguous().numpy(),
+            lambda at: p256_at(torch.from_numpy(at)).numpy(),
+            generator,
+            kept.numpy(),
+            stream,
+        )
+        return kept.view(torch.uint8) if kept.dtype != dtype else kept
     flat_need, flat_kept = need.reshape(-1), kept.view(-1)
     scratch = torch.empty(min(_CHUNK, size), dtype=torch.bool, device=need.device)
     found, p256 = [], []
@@ -1684,6 +1795,16 @@ def binomial_draws(
     column ``j``'s thresholds (default ``j``)."""
     c, a = len(trials), need_by_column.shape[1]
     device = need_by_column.device
+    if _numpy_draws(device):
+        counts = _binomial_draws_np(
+            need_by_column.numpy(),
+            trials.cpu().numpy(),
+            lambda c, a: p256_at(torch.from_numpy(c), torch.from_numpy(a)).numpy(),
+            generator,
+            None if rows is None else rows.cpu().numpy(),
+            stream,
+        )
+        return torch.from_numpy(counts)
     trials = trials.to(device)
     order = torch.argsort(trials, stable=True)
     sorted_trials = trials[order]
