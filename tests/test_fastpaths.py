@@ -1402,6 +1402,9 @@ def _check_hardest_columns(dtype):
     nan = logits.clone()
     nan[5, 20] = float("nan")
     assert fastpaths.hardest_columns(nan, 50) is None
+    both = tied.clone()  # row 3 one long, row 5 (a NaN) one short: r * k in all
+    both[5, 20] = float("nan")
+    assert fastpaths.hardest_columns(both, 1) is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
