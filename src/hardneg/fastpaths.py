@@ -1481,20 +1481,33 @@ class _ByteStream:
     def __init__(self, generator: torch.Generator | None, device, size: int) -> None:
         self.generator = generator
         device = torch.device(device)
-        self.words = torch.empty(1 + -(-size // 8), dtype=torch.int64, device=device)
         self.bits = None
-        if device.type == "cpu":
+        if device.type == "cpu":  # numpy words: a piece is a numpy view (take_np), no torch op
             seed = torch.empty(2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
             self.bits = np.random.PCG64(np.random.SeedSequence([w % 2**64 for w in seed.tolist()]))
+            self.words = np.empty(1 + -(-size // 8), dtype=np.int64)
+        else:
+            self.words = torch.empty(1 + -(-size // 8), dtype=torch.int64, device=device)
         self.tail = None  # the bytes of the last word not yet taken
 
-    def _fill(self, words: Tensor) -> None:
-        if self.bits is None:
-            words.random_(-(2**63), None, generator=self.generator)
-        else:
-            words.copy_(torch.from_numpy(self.bits.random_raw(words.numel()).view(np.int64)))
+    def take_np(self, size: int) -> np.ndarray:
+        """CPU: the next ``size`` bytes, a numpy view valid until the next take."""
+        left = 0 if self.tail is None else self.tail.size
+        fresh = -(-(size - left) // 8) if size > left else 0  # words to draw
+        if 1 + fresh > self.words.size:
+            self.words = np.empty(1 + fresh, dtype=np.int64)
+        data = self.words.view(np.uint8)  # the tail at bytes [8 - left, 8), then the words
+        if left:
+            data[8 - left : 8] = self.tail
+        if fresh:
+            self.words[1 : 1 + fresh] = self.bits.random_raw(fresh).view(np.int64)
+        used, end = 8 - left + size, 8 + 8 * fresh
+        self.tail = data[used:end].copy() if end > used else None
+        return data[8 - left : used]
 
     def take(self, size: int) -> Tensor:
+        if self.bits is not None:
+            return torch.from_numpy(self.take_np(size))
         left = 0 if self.tail is None else self.tail.numel()
         fresh = -(-(size - left) // 8) if size > left else 0  # words to draw
         if 1 + fresh > self.words.numel():
@@ -1503,7 +1516,7 @@ class _ByteStream:
         if left:
             data[8 - left : 8].copy_(self.tail)
         if fresh:
-            self._fill(self.words[1 : 1 + fresh])
+            self.words[1 : 1 + fresh].random_(-(2**63), None, generator=self.generator)
         used, end = 8 - left + size, 8 + 8 * fresh
         self.tail = data[used:end].clone() if end > used else None
         return data[8 - left : used]
@@ -1594,7 +1607,7 @@ def _bernoulli_draws_np(
     found, p256 = [], []
     for s0 in range(0, size, _CHUNK):
         nn = flat_need[s0 : s0 + _CHUNK]
-        vv = stream.take(nn.size).numpy()
+        vv = stream.take_np(nn.size)
         at = np.flatnonzero(np.equal(vv, nn, out=scratch[: nn.size]))
         if at.size:  # 256 p at the ties before the chunk's draws are written (into kept)
             at += s0
@@ -1638,7 +1651,7 @@ def _binomial_draws_np(
     for (r0, r1), runs in _chunks(values, sizes, max(1, chunk // max(1, a))):
         size = (r1 - r0) * a
         need = np.take(need_by_column, source[r0:r1], axis=0, out=gathered[:size].reshape(-1, a))
-        vv = stream.take(size).numpy().reshape(-1, a)
+        vv = stream.take_np(size).reshape(-1, a)
         buf = flags[:size].reshape(-1, a)
         kept = np.less(vv, need, out=buf).view(np.uint8)
         for m, c0, c1, q0 in runs:  # columns [c0, c1) (sorted order) with m trials each
@@ -1694,6 +1707,7 @@ def bernoulli_draws(
     dtype: torch.dtype = torch.uint8,
     out: Tensor | None = None,
     stream: _ByteStream | None = None,
+    p256_np=None,
 ) -> Tensor:
     """One Bernoulli draw per entry (0/1 in ``dtype``) from the thresholds ``need = floor(256
     p)`` (``uint8``, contiguous): a random byte ``v < need`` keeps, ``v > need`` drops, a tie
@@ -1703,7 +1717,9 @@ def bernoulli_draws(
     bytes. The bytes are drawn, compared and scanned for ties by chunks of ``_CHUNK``
     (:class:`_ByteStream`: no buffer of all the bytes). ``out``: a
     contiguous tensor of ``need``'s shape to write the draws into (its dtype, not ``dtype``);
-    ``stream``: the bytes' source (:class:`_ByteStream`) to go on with instead of a new one."""
+    ``stream``: the bytes' source (:class:`_ByteStream`) to go on with instead of a new one;
+    ``p256_np``: ``p256_at`` on numpy arrays, for the CPU's numpy form (default: ``p256_at``
+    through tensors that share the arrays' memory)."""
     size = need.numel()
     if stream is None:
         stream = _ByteStream(generator, need.device, min(_CHUNK, size))
@@ -1716,7 +1732,7 @@ def bernoulli_draws(
     if _numpy_draws(need.device):
         _bernoulli_draws_np(
             need.contiguous().numpy(),
-            lambda at: p256_at(torch.from_numpy(at)).numpy(),
+            p256_np or (lambda at: p256_at(torch.from_numpy(at)).numpy()),
             generator,
             kept.numpy(),
             stream,
@@ -1786,6 +1802,7 @@ def binomial_draws(
     *,
     rows: Tensor | None = None,
     stream: _ByteStream | None = None,
+    p256_np=None,
 ) -> Tensor:
     """``[C, A]`` counts (``uint8``, or ``int32`` past 255 trials) ``Binomial(trials_j, p_ij)``:
     ``trials_j`` independent draws of :func:`bernoulli_draws` per entry of column ``j``, from
@@ -1801,14 +1818,15 @@ def binomial_draws(
     chunks of about ``_CHUNK`` bytes, each drawn just before (:class:`_ByteStream`: no buffer
     of all the bytes; ``stream``: one to go on with). ``need_by_column`` may be a strided view
     (each chunk gathers its rows); ``rows`` ``[C]``: the row of ``need_by_column`` that holds
-    column ``j``'s thresholds (default ``j``)."""
+    column ``j``'s thresholds (default ``j``); ``p256_np``: ``p256_at`` on numpy arrays, for the
+    CPU's numpy form (default: ``p256_at`` through tensors that share the arrays' memory)."""
     c, a = len(trials), need_by_column.shape[1]
     device = need_by_column.device
     if _numpy_draws(device):
         counts = _binomial_draws_np(
             need_by_column.numpy(),
             trials.cpu().numpy(),
-            lambda c, a: p256_at(torch.from_numpy(c), torch.from_numpy(a)).numpy(),
+            p256_np or (lambda c, a: p256_at(torch.from_numpy(c), torch.from_numpy(a)).numpy()),
             generator,
             None if rows is None else rows.cpu().numpy(),
             stream,
@@ -2339,6 +2357,22 @@ def potential_in_batch_terms(strategy, inputs, context):
             def p256_aug(at: Tensor) -> Tensor:  # read before the draws overwrite the kernel
                 return whole.view(-1)[at]
 
+            p256_mined_np = p256_aug_np = None  # the same look-ups on numpy arrays (CPU)
+            if _numpy_draws(g.device):
+                flat = whole.view(-1).numpy() if use_aug else None
+                k1n, k2n = (None, None) if shared else (k1.numpy(), k2.numpy())
+
+                def p256_mined_np(column: np.ndarray, anchor: np.ndarray) -> np.ndarray:
+                    c = column % n
+                    if shared:
+                        at = c * (2 * n) + anchor
+                        at += np.where(column < n, 2 * n * n, n)
+                        return flat[at]
+                    return np.where(column < n, k1n[c, anchor], k2n[c, anchor])
+
+                def p256_aug_np(at: np.ndarray) -> np.ndarray:
+                    return flat[at]
+
             stream = _ByteStream(context.generator, g.device, _CHUNK)
             w = binomial_draws(
                 need_cols,
@@ -2347,6 +2381,7 @@ def potential_in_batch_terms(strategy, inputs, context):
                 context.generator,
                 rows=source,
                 stream=stream,
+                p256_np=p256_mined_np,
             )
             w1, w2 = w[:n], w[n:]
             del need_cols, k1, k2, w
@@ -2354,12 +2389,14 @@ def potential_in_batch_terms(strategy, inputs, context):
             if use_aug and whole.numel() <= _BLOCK:  # L_aug's draws as bytes; the kernel's
                 # float buffer is then spent and takes the masses' exponentials, all at once (no
                 # fresh [2N, 2N] float buffer: the row-block form's buffer would be as large)
-                kept_aug = bernoulli_draws(need, p256_aug, context.generator, stream=stream)
+                kept_aug = bernoulli_draws(
+                    need, p256_aug, context.generator, stream=stream, p256_np=p256_aug_np
+                )
                 exp_out = whole
             elif use_aug:  # the kernel is spent: its float buffer takes L_aug's draws, the
                 # exponentials go a block of rows at a time (in cache)
                 kept_aug = bernoulli_draws(
-                    need, p256_aug, context.generator, out=whole, stream=stream
+                    need, p256_aug, context.generator, out=whole, stream=stream, p256_np=p256_aug_np
                 )
             del need
         else:
