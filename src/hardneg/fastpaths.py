@@ -1538,7 +1538,7 @@ def _to_bytes(x: Tensor, top: float = 256.0) -> Tensor:
     than the conversion itself: session 8, 0.45 ms against 0.05 ms for 512 x 512 in a loss
     step). ``top < 256``: the caller's bound on ``x``; on the CPU numpy's direct conversion
     (one call, no temporary: 22 us against 105 us for 512 x 512, 1 thread)."""
-    if top < 256.0 and x.device.type == "cpu" and x.is_contiguous():
+    if top < 256.0 and _cpu_numpy(x.device) and x.is_contiguous():
         with np.errstate(invalid="ignore"):  # (NaN inputs: NaN draws' thresholds, as torch's)
             return torch.from_numpy(x.numpy().astype(np.uint8))
     if x.dim() != 2 or x.numel() <= _BYTE_BLOCK:
@@ -1579,14 +1579,17 @@ _CHUNK = 1 << 18
 _DRAW_BLOCK = 1 << 22  # entries per block of rows of bernoulli_bytes
 
 
-# on the CPU the draws run in numpy (numpy's calls cost about a microsecond each against a few
-# for a dispatched torch op; none starts torch's intra-op threads): the same bytes, the same
-# comparisons and the same uniforms as the torch form, so the same draws for a seed
-_NUMPY_DRAWS = True
+# on the CPU the byte draws (bernoulli_draws, binomial_draws), the masses' products with integer
+# weights (_BlockLogMasses) and the bounded byte casts (_to_bytes) run in numpy: a numpy call
+# costs about a microsecond against a few for a dispatched torch op, casts its operands in small
+# buffers as it goes (torch first makes a float copy of an integer operand) and starts no
+# intra-op threads. The same bytes, comparisons, uniforms and products as the torch form: the
+# same draws and values for a seed. Tests set it False to run the torch form on the CPU.
+_CPU_NUMPY = True
 
 
-def _numpy_draws(device) -> bool:
-    return _NUMPY_DRAWS and torch.device(device).type == "cpu"
+def _cpu_numpy(device) -> bool:
+    return _CPU_NUMPY and torch.device(device).type == "cpu"
 
 
 def _tie_keeps_np(count: int, need_at: np.ndarray, p256: np.ndarray, generator) -> np.ndarray:
@@ -1729,7 +1732,7 @@ def bernoulli_draws(
         dtype = out.dtype
     out_dtype = torch.bool if dtype == torch.uint8 else dtype
     kept = torch.empty(need.shape, dtype=out_dtype, device=need.device) if out is None else out
-    if _numpy_draws(need.device):
+    if _cpu_numpy(need.device):
         _bernoulli_draws_np(
             need.contiguous().numpy(),
             p256_np or (lambda at: p256_at(torch.from_numpy(at)).numpy()),
@@ -1822,7 +1825,7 @@ def binomial_draws(
     CPU's numpy form (default: ``p256_at`` through tensors that share the arrays' memory)."""
     c, a = len(trials), need_by_column.shape[1]
     device = need_by_column.device
-    if _numpy_draws(device):
+    if _cpu_numpy(device):
         counts = _binomial_draws_np(
             need_by_column.numpy(),
             trials.cpu().numpy(),
@@ -1983,7 +1986,7 @@ class _BlockLogMasses(torch.autograd.Function):
                 elif b == order[-1] and blocks[b] == whole:
                     if w.is_floating_point():
                         by_block[b] = e.mul_(w)
-                    elif e.device.type == "cpu":  # numpy casts the integer weights in small
+                    elif _cpu_numpy(e.device):  # numpy casts the integer weights in small
                         # buffers as it goes: one call, no float copy of w
                         np.multiply(e.numpy(), w.numpy(), out=e.numpy())
                         by_block[b] = e
@@ -1994,7 +1997,7 @@ class _BlockLogMasses(torch.autograd.Function):
                         by_block[b] = e
                 elif w.is_floating_point():
                     by_block[b] = e[r0:r1, c0:c1] * w
-                elif e.device.type == "cpu":  # the product straight into a new buffer
+                elif _cpu_numpy(e.device):  # the product straight into a new buffer
                     by_block[b] = torch.empty(w.shape, dtype=e.dtype)
                     np.multiply(e[r0:r1, c0:c1].numpy(), w.numpy(), out=by_block[b].numpy())
                 else:  # the product in the weights' float copy: one new buffer, not two
@@ -2358,7 +2361,7 @@ def potential_in_batch_terms(strategy, inputs, context):
                 return whole.view(-1)[at]
 
             p256_mined_np = p256_aug_np = None  # the same look-ups on numpy arrays (CPU)
-            if _numpy_draws(g.device):
+            if _cpu_numpy(g.device):
                 flat = whole.view(-1).numpy() if use_aug else None
                 k1n, k2n = (None, None) if shared else (k1.numpy(), k2.numpy())
 
