@@ -67,7 +67,8 @@ only; no kept buffers.
   ``PCG64`` seeded by the generator) (:func:`bernoulli_draws`, :func:`binomial_draws`: a byte
   against ``floor(256 pi)``, a float uniform on a tie settled with the kernel's own ``256 pi``;
   same law as the plain grid's uniforms, other draws; the bytes drawn, compared, summed and
-  scanned for ties by 1 MiB chunks) and the negative masses (column sums) and mined positives'
+  scanned for ties by 256 KiB chunks, on the CPU in numpy: ``_CPU_NUMPY``) and the negative
+  masses (column sums) and mined positives'
   logits from one unshifted exponential (cosine logits are bounded by ``1 / t``) taken a block
   of rows at a time, with a one-pass backward, the products written over the weights
   (:func:`block_log_masses`) (plain twin: ``PotentialMining.mined`` twice and
