@@ -1783,17 +1783,25 @@ def test_potential_fused_paths_make_their_dense_fields_only_when_read(form):
     fast form on the same columns."""
     z1, z2, kwargs = make_inputs(form, torch.float64, n=10)
     loss_fn = hardneg.create_loss("potential")
-    seen = []
+    seen, augs = [], []
     real = loss_fn.strategy.terms
 
     def spy(inputs, context):
         out = real(inputs, context)
         seen.extend(c for _, c, role in out if role == "mined")
+        augs.extend(c for _, c, role in out if role == "aug")
         return out
 
     loss_fn.strategy.terms = spy
     loss_fn(z1, z2, generator=torch.Generator().manual_seed(0), **kwargs).backward()
     assert seen
+    if form == "in_batch":  # L_aug's [2N, 2N] mask too, equal to in_batch_contrast's when read
+        from hardneg.contrast import in_batch_contrast
+
+        (aug,) = augs
+        assert set(aug.__dict__["_lazy"]) == {"negative_mask"}
+        want = in_batch_contrast((z1, z2), temperature=0.5, normalize=True).negative_mask
+        assert torch.equal(aug.negative_mask, want)
     want = {"negative_logits", "negative_mask", "multiplicity"}
     if form != "in_batch":
         want.add("num_negatives")

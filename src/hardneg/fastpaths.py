@@ -2185,10 +2185,22 @@ class _PairGram(torch.autograd.Function):
         return out / ctx.temperature, None
 
 
-def pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float):
+def _pair_mask(logits: Tensor) -> Tensor:
+    """The negative mask of :func:`pair_contrast`'s ``[2N, 2N]`` logits: all but the diagonal
+    and the partners ``(i, i +- N)``."""
+    two = logits.shape[0]
+    idx = torch.arange(two, device=logits.device)
+    mask = torch.ones_like(logits, dtype=torch.bool)
+    mask[idx, idx] = False
+    mask[idx, idx.roll(two // 2)] = False
+    return mask
+
+
+def pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float, mask: bool = True):
     """``in_batch_contrast((z1, z2), temperature=t, normalize=True)`` with its logits and the
     partners' logits from :class:`_PairGram` (no masking pass in the backward, no einsum for
-    the partners). Same fields, same values."""
+    the partners). Same fields, same values; ``mask=False``: ``negative_mask`` None (the caller
+    makes it, :func:`_pair_mask`, if something reads it)."""
     from hardneg.contrast import ContrastSet, compute_dtype
 
     n = z1.shape[0]
@@ -2196,9 +2208,6 @@ def pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float):
     logits, pos = _PairGram.apply(z, float(temperature))
     idx = torch.arange(2 * n, device=z.device)
     partner = idx.roll(n).unsqueeze(1)
-    mask = torch.ones_like(logits, dtype=torch.bool)
-    mask[idx, idx] = False
-    mask[idx, partner[:, 0]] = False
     pos = pos.unsqueeze(1)
     return ContrastSet(
         anchors=z,
@@ -2209,7 +2218,7 @@ def pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float):
         positive_weight=torch.ones_like(pos),
         positive_index=partner,
         negative_logits=logits,
-        negative_mask=mask,
+        negative_mask=_pair_mask(logits) if mask else None,
         num_negatives=2 * n - 2,
         temperature=float(temperature),
         normalized=True,
@@ -2291,11 +2300,10 @@ def potential_in_batch_terms(strategy, inputs, context):
     :func:`binomial_draws`, then ``L_aug``, each followed by its ties' uniforms), and the three negative masses come from one exponential
     written over the kernel's buffer. Returns the terms of ``strategy.terms`` with each mass
     attached (``fast_log_mass``)."""
-    from hardneg.strategies.potential import _with_cells
-
     z1, z2 = inputs.z1, inputs.z2
     n, t = z1.shape[0], inputs.temperature
-    aug = pair_contrast(z1, z2, temperature=t)
+    # no [2N, 2N] mask: the loss reads none (L_aug's is made on first read, _lazy_cells)
+    aug = pair_contrast(z1, z2, temperature=t, mask=False)
     g = aug.negative_logits
     zn = aug.anchors
     bernoulli = strategy.sample == "bernoulli"
@@ -2325,7 +2333,7 @@ def potential_in_batch_terms(strategy, inputs, context):
             x = torch.cat([z1, z2]).detach().to(g.dtype)
             aug_values = x @ x.T
             aug_shift, aug_coef = (x * x.roll(n, dims=0)).sum(dim=1) + strategy.b, -strategy.a
-            aug_values.masked_fill_(~aug.mask(), float("-inf"))
+            aug_values.masked_fill_(~_pair_mask(g), float("-inf"))
         # the mined terms read L_aug's kernel on the same blocks (select_on='cosine')
         shared = use_aug and not raw
         # bernoulli: 256 pi, whose bytes floor(256 pi) (255 at most) are the thresholds and whose
@@ -2471,7 +2479,8 @@ def potential_in_batch_terms(strategy, inputs, context):
         )
         out.append((0.5, mined, "mined"))
     if use_aug:
-        out.append((strategy.aug_weight, _with_cells(aug, fast_log_mass=masses[2]), "aug"))
+        lazy = {"negative_mask": lambda: _pair_mask(g)}
+        out.append((strategy.aug_weight, _lazy_cells(aug, lazy, fast_log_mass=masses[2]), "aug"))
     return out
 
 
