@@ -1882,6 +1882,29 @@ def test_layer_draws_are_the_same_whatever_the_row_blocks(monkeypatch):
     assert one.dtype == torch.uint8
 
 
+@pytest.mark.parametrize("chunk", [16, 1 << 20], ids=["blocks", "one-block"])
+@pytest.mark.parametrize("many", [False, True], ids=["uint8", "int32"])
+def test_numpy_layer_draws_equal_the_torch_form(monkeypatch, chunk, many):
+    """On the CPU ``layer_draws`` runs in numpy (``_CPU_NUMPY``): the torch form's counts for
+    the same seed, first-layer skips, ties, row blocks and more than 255 trials included."""
+    monkeypatch.setattr(fastpaths, "_CHUNK", chunk)
+    _, p256, need, trials, skip = _layer_case(seed=7)
+    if many:
+        trials = trials.clone()
+        trials[0] = 300
+
+    def draws():
+        return fastpaths.layer_draws(
+            need, trials, lambda r, c: p256[r, c], torch.Generator().manual_seed(4), skip_first=skip
+        )
+
+    fast = draws()
+    monkeypatch.setattr(fastpaths, "_CPU_NUMPY", False)
+    plain = draws()
+    assert fast.dtype == plain.dtype == (torch.int32 if many else torch.uint8)
+    assert torch.equal(fast, plain)
+
+
 def test_to_bytes_truncates_and_caps_at_255():
     """Thresholds ``floor(256 p)``, 255 for ``256 p`` in [255, 256] (the tie then carries the
     rest), in one call and by row blocks."""

@@ -1906,6 +1906,18 @@ def layer_draws(
     per cell summed per column; same law, other draws.)"""
     a, c = need.shape
     device = need.device
+    if _cpu_numpy(device):
+        if stream is None:
+            stream = _ByteStream(generator, device, _CHUNK)
+        counts = _layer_draws_np(
+            need.numpy(),
+            trials.cpu().numpy(),
+            lambda r, c: p256_at(torch.from_numpy(r), torch.from_numpy(c)).numpy(),
+            generator,
+            None if skip_first is None else skip_first.numpy(),
+            stream,
+        )
+        return torch.from_numpy(counts)
     top = int(trials.max()) if c else 0
     count_dtype = torch.int32 if top > 255 else torch.uint8
     counts = torch.zeros(a, c, dtype=count_dtype, device=device)
@@ -1941,6 +1953,52 @@ def layer_draws(
         rr, cc = torch.cat(found_rows), torch.cat(found_cols)
         keep = _tie_keeps(rr, torch.cat(found_need), p256_at(rr, cc), generator)
         counts.index_put_((rr, cc), keep.to(count_dtype), accumulate=True)
+    return counts
+
+
+def _layer_draws_np(
+    need: np.ndarray,
+    trials: np.ndarray,
+    p256_at,
+    generator,
+    skip_first: np.ndarray | None,
+    stream: _ByteStream,
+) -> np.ndarray:
+    """:func:`layer_draws` in numpy (``p256_at`` takes and gives numpy arrays): the same
+    layers, blocks of rows, bytes, sums and ties."""
+    a, c = need.shape
+    top = int(trials.max()) if c else 0
+    count_dtype = np.int32 if top > 255 else np.uint8
+    counts = np.zeros((a, c), dtype=count_dtype)
+    if top == 0 or a == 0:
+        return counts
+    widths = (trials[None, :] > np.arange(top)[:, None]).sum(axis=1).tolist()  # non-increasing
+    scratch = np.empty(max(_CHUNK, widths[0]), dtype=np.bool_)
+    found_rows, found_cols, found_need = [], [], []
+    for r, w in enumerate(widths):
+        step = max(1, _CHUNK // w)
+        for r0 in range(0, a, step):
+            r1 = min(a, r0 + step)
+            nn = need[r0:r1, :w]
+            vv = stream.take_np((r1 - r0) * w).reshape(r1 - r0, w)
+            buf = scratch[: vv.size].reshape(vv.shape)
+            np.less(vv, nn, out=buf)
+            if r == 0 and skip_first is not None:
+                buf[skip_first[r0:r1, :w]] = False
+            counts[r0:r1, :w] += buf.view(np.uint8)
+            at = np.flatnonzero(np.equal(vv, nn, out=buf))
+            if at.size:
+                rr, cc = at // w, at % w
+                if r == 0 and skip_first is not None:
+                    live = ~skip_first[rr + r0, cc]
+                    rr, cc = rr[live], cc[live]
+                found_need.append(nn[rr, cc])
+                found_rows.append(rr + r0)
+                found_cols.append(cc)
+    if found_rows:
+        rr, cc = np.concatenate(found_rows), np.concatenate(found_cols)
+        keep = _tie_keeps_np(rr.size, np.concatenate(found_need), p256_at(rr, cc), generator)
+        np.add.at(counts, (rr, cc), keep.astype(count_dtype))
     return counts
 
 
