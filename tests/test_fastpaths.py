@@ -1488,6 +1488,9 @@ def _check_hardest_columns(dtype):
     nan = logits.clone()
     nan[5, 20] = float("nan")
     assert fastpaths.hardest_columns(nan, 50) is None
+    both = tied.clone()  # row 3 one long, row 5 (a NaN) one short: r * k in all
+    both[5, 20] = float("nan")
+    assert fastpaths.hardest_columns(both, 1) is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -1762,6 +1765,102 @@ def test_binomial_draws_read_each_columns_thresholds_from_its_row(monkeypatch, c
     assert int(got[1].sum()) == 0 and bool((got <= trials.unsqueeze(1).to(got.dtype)).all())
 
 
+@pytest.mark.parametrize("chunk", [64, 1 << 20], ids=["chunks", "one-chunk"])
+def test_numpy_byte_draws_equal_the_torch_form(monkeypatch, chunk):
+    """On the CPU ``bernoulli_draws`` and ``binomial_draws`` run in numpy (``_CPU_NUMPY``): the
+    draws of the torch form for the same seed, ties (p just above a byte edge), 0, 1, many and
+    more than 255 trials, ``rows``, a float ``out`` and chunks that split groups included."""
+    monkeypatch.setattr(fastpaths, "_CHUNK", chunk)
+    g = torch.Generator().manual_seed(11)
+    c, a = 40, 37
+    p = torch.rand(c, a, generator=g, dtype=torch.float64)
+    p[:, ::3] = (torch.randint(0, 256, (c, len(range(0, a, 3))), generator=g) + 0.3) / 256
+    need = (p * 256).floor().clamp(max=255).to(torch.uint8)
+    trials = torch.randint(0, 7, (c,), generator=g)
+    trials[0], trials[3], trials[5] = 0, 1, 300
+    rows = torch.randint(0, c, (c,), generator=g)
+
+    def draws():
+        out = torch.empty(c, a, dtype=torch.float32)
+        return [
+            fastpaths.binomial_draws(
+                need,
+                trials,
+                lambda column, anchor: p[rows[column], anchor] * 256,
+                torch.Generator().manual_seed(1),
+                rows=rows,
+            ),
+            fastpaths.bernoulli_draws(
+                need, lambda at: p.reshape(-1)[at] * 256, torch.Generator().manual_seed(2)
+            ),
+            fastpaths.bernoulli_draws(
+                need, lambda at: p.reshape(-1)[at] * 256, torch.Generator().manual_seed(3), out=out
+            ),
+        ]
+
+    fast = draws()
+    monkeypatch.setattr(fastpaths, "_CPU_NUMPY", False)
+    plain = draws()
+    assert fast[0].dtype == torch.int32 and fast[1].dtype == torch.uint8
+    for f, q in zip(fast, plain):
+        assert f.dtype == q.dtype and torch.equal(f, q)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bounded_byte_cast_equals_the_int16_route(monkeypatch, dtype):
+    """``_to_bytes(x, top)`` with ``top < 256`` (numpy's direct cast on the CPU) gives the bytes
+    of the ``int16`` route: every integer edge, values just below and above them, 0 and the
+    largest value below 256; small and blocked shapes."""
+    edges = torch.arange(256, dtype=torch.float64)
+    values = torch.cat([edges, (edges - 1e-4).clamp(min=0), edges + 1e-4, torch.tensor([255.999])])
+    for x in (values.to(dtype), (torch.rand(300, 200, dtype=torch.float64) * 255.999).to(dtype)):
+        got = fastpaths._to_bytes(x, 255.999)
+        monkeypatch.setattr(fastpaths, "_CPU_NUMPY", False)
+        want = fastpaths._to_bytes(x, 255.999)
+        monkeypatch.setattr(fastpaths, "_CPU_NUMPY", True)
+        assert got.dtype == torch.uint8 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("block", [None, 64], ids=["whole", "row-blocks"])
+@pytest.mark.parametrize(
+    "form",
+    [
+        {},
+        {"select_on": "raw"},
+        {"aug_weight": 0.0},
+        {"clamp": 1.0, "a": 0.0},
+        {"pool": True},
+        {"pool": True, "aug_weight": 0.0},
+    ],
+    ids=["in-batch", "raw", "no-aug", "clamp-1", "pool", "pool-no-aug"],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_potential_numpy_form_equals_the_torch_form(monkeypatch, form, block, dtype):
+    """potential's fused paths with numpy on the CPU (``_CPU_NUMPY``: byte draws, tie look-ups,
+    integer-weight products, byte casts) give the torch form's loss and gradients bit for bit
+    for the same seed, draws included; ``_BLOCK`` small takes the row-block form (``L_aug``'s
+    draws written into the kernel's buffer)."""
+    if block is not None:
+        monkeypatch.setattr(fastpaths, "_BLOCK", block)
+    hp = {k: v for k, v in form.items() if k != "pool"}
+    z1, z2, kwargs = make_inputs("pool" if form.get("pool") else "in_batch", dtype, n=24, d=5)
+    loss_fn = hardneg.create_loss("potential", **{"num_neighbors": 3, "a": 3.0, **hp})
+
+    def run():
+        g = torch.Generator().manual_seed(5)
+        return [
+            (x, *torch.autograd.grad(x, (z1, z2)))
+            for x in [loss_fn(z1, z2, generator=g, **kwargs) for _ in range(3)]
+        ]
+
+    fast = run()
+    monkeypatch.setattr(fastpaths, "_CPU_NUMPY", False)
+    plain = run()
+    for f, q in zip(fast, plain):
+        for a, b in zip(f, q):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("form", ["in_batch", "pool_exclude"])
 def test_potential_fused_paths_make_their_dense_fields_only_when_read(form):
     """The fused paths' mined contrast sets hold ``negative_logits``, ``negative_mask`` and
@@ -1770,17 +1869,25 @@ def test_potential_fused_paths_make_their_dense_fields_only_when_read(form):
     fast form on the same columns."""
     z1, z2, kwargs = make_inputs(form, torch.float64, n=10)
     loss_fn = hardneg.create_loss("potential")
-    seen = []
+    seen, augs = [], []
     real = loss_fn.strategy.terms
 
     def spy(inputs, context):
         out = real(inputs, context)
         seen.extend(c for _, c, role in out if role == "mined")
+        augs.extend(c for _, c, role in out if role == "aug")
         return out
 
     loss_fn.strategy.terms = spy
     loss_fn(z1, z2, generator=torch.Generator().manual_seed(0), **kwargs).backward()
     assert seen
+    if form == "in_batch":  # L_aug's [2N, 2N] mask too, equal to in_batch_contrast's when read
+        from hardneg.contrast import in_batch_contrast
+
+        (aug,) = augs
+        assert set(aug.__dict__["_lazy"]) == {"negative_mask"}
+        want = in_batch_contrast((z1, z2), temperature=0.5, normalize=True).negative_mask
+        assert torch.equal(aug.negative_mask, want)
     want = {"negative_logits", "negative_mask", "multiplicity"}
     if form != "in_batch":
         want.add("num_negatives")
@@ -1859,6 +1966,29 @@ def test_layer_draws_are_the_same_whatever_the_row_blocks(monkeypatch):
     )
     assert torch.equal(one, small)
     assert one.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("chunk", [16, 1 << 20], ids=["blocks", "one-block"])
+@pytest.mark.parametrize("many", [False, True], ids=["uint8", "int32"])
+def test_numpy_layer_draws_equal_the_torch_form(monkeypatch, chunk, many):
+    """On the CPU ``layer_draws`` runs in numpy (``_CPU_NUMPY``): the torch form's counts for
+    the same seed, first-layer skips, ties, row blocks and more than 255 trials included."""
+    monkeypatch.setattr(fastpaths, "_CHUNK", chunk)
+    _, p256, need, trials, skip = _layer_case(seed=7)
+    if many:
+        trials = trials.clone()
+        trials[0] = 300
+
+    def draws():
+        return fastpaths.layer_draws(
+            need, trials, lambda r, c: p256[r, c], torch.Generator().manual_seed(4), skip_first=skip
+        )
+
+    fast = draws()
+    monkeypatch.setattr(fastpaths, "_CPU_NUMPY", False)
+    plain = draws()
+    assert fast.dtype == plain.dtype == (torch.int32 if many else torch.uint8)
+    assert torch.equal(fast, plain)
 
 
 def test_to_bytes_truncates_and_caps_at_255():

@@ -68,7 +68,8 @@ only; no buffers kept between calls.
   ``PCG64`` seeded by the generator) (:func:`bernoulli_draws`, :func:`binomial_draws`: a byte
   against ``floor(256 pi)``, a float uniform on a tie settled with the kernel's own ``256 pi``;
   same law as the plain grid's uniforms, other draws; the bytes drawn, compared, summed and
-  scanned for ties by 1 MiB chunks) and the negative masses (column sums) and mined positives'
+  scanned for ties by 256 KiB chunks, on the CPU in numpy: ``_CPU_NUMPY``) and the negative
+  masses (column sums) and mined positives'
   logits from one unshifted exponential (cosine logits are bounded by ``1 / t``) taken a block
   of rows at a time, with a one-pass backward, the products written over the weights
   (:func:`block_log_masses`) (plain twin: ``PotentialMining.mined`` twice and
@@ -1590,20 +1591,33 @@ class _ByteStream:
     def __init__(self, generator: torch.Generator | None, device, size: int) -> None:
         self.generator = generator
         device = torch.device(device)
-        self.words = torch.empty(1 + -(-size // 8), dtype=torch.int64, device=device)
         self.bits = None
-        if device.type == "cpu":
+        if device.type == "cpu":  # numpy words: a piece is a numpy view (take_np), no torch op
             seed = torch.empty(2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
             self.bits = np.random.PCG64(np.random.SeedSequence([w % 2**64 for w in seed.tolist()]))
+            self.words = np.empty(1 + -(-size // 8), dtype=np.int64)
+        else:
+            self.words = torch.empty(1 + -(-size // 8), dtype=torch.int64, device=device)
         self.tail = None  # the bytes of the last word not yet taken
 
-    def _fill(self, words: Tensor) -> None:
-        if self.bits is None:
-            words.random_(-(2**63), None, generator=self.generator)
-        else:
-            words.copy_(torch.from_numpy(self.bits.random_raw(words.numel()).view(np.int64)))
+    def take_np(self, size: int) -> np.ndarray:
+        """CPU: the next ``size`` bytes, a numpy view valid until the next take."""
+        left = 0 if self.tail is None else self.tail.size
+        fresh = -(-(size - left) // 8) if size > left else 0  # words to draw
+        if 1 + fresh > self.words.size:
+            self.words = np.empty(1 + fresh, dtype=np.int64)
+        data = self.words.view(np.uint8)  # the tail at bytes [8 - left, 8), then the words
+        if left:
+            data[8 - left : 8] = self.tail
+        if fresh:
+            self.words[1 : 1 + fresh] = self.bits.random_raw(fresh).view(np.int64)
+        used, end = 8 - left + size, 8 + 8 * fresh
+        self.tail = data[used:end].copy() if end > used else None
+        return data[8 - left : used]
 
     def take(self, size: int) -> Tensor:
+        if self.bits is not None:
+            return torch.from_numpy(self.take_np(size))
         left = 0 if self.tail is None else self.tail.numel()
         fresh = -(-(size - left) // 8) if size > left else 0  # words to draw
         if 1 + fresh > self.words.numel():
@@ -1612,7 +1626,7 @@ class _ByteStream:
         if left:
             data[8 - left : 8].copy_(self.tail)
         if fresh:
-            self._fill(self.words[1 : 1 + fresh])
+            self.words[1 : 1 + fresh].random_(-(2**63), None, generator=self.generator)
         used, end = 8 - left + size, 8 + 8 * fresh
         self.tail = data[used:end].clone() if end > used else None
         return data[8 - left : used]
@@ -1626,13 +1640,17 @@ def _threshold_bytes(p: Tensor) -> Tensor:
 _BYTE_BLOCK = 1 << 15  # entries per block of rows of _to_bytes: a 64 KiB int16 temporary
 
 
-def _to_bytes(x: Tensor) -> Tensor:
+def _to_bytes(x: Tensor, top: float = 256.0) -> Tensor:
     """``uint8`` of values in [0, 256] (truncated, 256 taken as 255), through ``int16``: a
     direct float -> ``uint8`` conversion is several times slower on the CPU. A 2-D ``x`` of more
     than ``_BYTE_BLOCK`` entries converts a block of rows at a time, so that the ``int16``
     temporary stays small and in cache (a fresh buffer of ``x``'s size costs more to fault in
     than the conversion itself: session 8, 0.45 ms against 0.05 ms for 512 x 512 in a loss
-    step)."""
+    step). ``top < 256``: the caller's bound on ``x``; on the CPU numpy's direct conversion
+    (one call, no temporary: 22 us against 105 us for 512 x 512, 1 thread)."""
+    if top < 256.0 and _cpu_numpy(x.device) and x.is_contiguous():
+        with np.errstate(invalid="ignore"):  # (NaN inputs: NaN draws' thresholds, as torch's)
+            return torch.from_numpy(x.numpy().astype(np.uint8))
     if x.dim() != 2 or x.numel() <= _BYTE_BLOCK:
         return x.to(torch.int16).clamp_(max=255).to(torch.uint8)
     out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
@@ -1671,6 +1689,111 @@ _CHUNK = 1 << 18
 _DRAW_BLOCK = 1 << 22  # entries per block of rows of bernoulli_bytes
 
 
+# on the CPU the byte draws (bernoulli_draws, binomial_draws), the masses' products with integer
+# weights (_BlockLogMasses) and the bounded byte casts (_to_bytes) run in numpy: a numpy call
+# costs about a microsecond against a few for a dispatched torch op, casts its operands in small
+# buffers as it goes (torch first makes a float copy of an integer operand) and starts no
+# intra-op threads. The same bytes, comparisons, uniforms and products as the torch form: the
+# same draws and values for a seed. Tests set it False to run the torch form on the CPU.
+_CPU_NUMPY = True
+
+
+def _cpu_numpy(device) -> bool:
+    return _CPU_NUMPY and torch.device(device).type == "cpu"
+
+
+def _tie_keeps_np(count: int, need_at: np.ndarray, p256: np.ndarray, generator) -> np.ndarray:
+    """:func:`_tie_keeps` in numpy: the same float32 uniforms of ``generator``, the same
+    float64 comparison."""
+    u = torch.rand(count, generator=generator).numpy()
+    return u < p256.astype(np.float64) - need_at
+
+
+def _bernoulli_draws_np(
+    need: np.ndarray, p256_at, generator, kept: np.ndarray, stream: _ByteStream
+) -> None:
+    """:func:`bernoulli_draws` in numpy into ``kept`` (``need``'s shape, contiguous, any dtype):
+    ``p256_at`` takes and gives numpy arrays."""
+    flat_need, flat_kept = need.reshape(-1), kept.reshape(-1)
+    size = flat_need.size
+    scratch = np.empty(min(_CHUNK, size), dtype=np.bool_)
+    found, p256 = [], []
+    for s0 in range(0, size, _CHUNK):
+        nn = flat_need[s0 : s0 + _CHUNK]
+        vv = stream.take_np(nn.size)
+        at = np.flatnonzero(np.equal(vv, nn, out=scratch[: nn.size]))
+        if at.size:  # 256 p at the ties before the chunk's draws are written (into kept)
+            at += s0
+            found.append(at)
+            p256.append(p256_at(at))
+        np.less(vv, nn, out=flat_kept[s0 : s0 + _CHUNK])
+    if found:
+        at = np.concatenate(found)
+        keep = _tie_keeps_np(at.size, flat_need[at], np.concatenate(p256), generator)
+        flat_kept[at] = keep
+
+
+def _binomial_draws_np(
+    need_by_column: np.ndarray,
+    trials: np.ndarray,
+    p256_at,
+    generator,
+    rows: np.ndarray | None,
+    stream: _ByteStream | None,
+) -> np.ndarray:
+    """:func:`binomial_draws` in numpy (``p256_at`` takes and gives numpy arrays): the same
+    chunks, bytes, sums and ties."""
+    c, a = trials.shape[0], need_by_column.shape[1]
+    order = np.argsort(trials, kind="stable")
+    sorted_trials = trials[order]
+    most = int(sorted_trials[-1]) if c else 0
+    count_dtype = np.int32 if most > 255 else np.uint8  # a uint8 sum holds 255 trials
+    total = int(sorted_trials.sum())
+    below = np.empty((c, a), dtype=count_dtype)
+    chunk = max(min(_CHUNK, total * a), most * a, 1)  # at least one column's m rows
+    if stream is None:
+        stream = _ByteStream(generator, "cpu", chunk)
+    key = np.repeat(order, sorted_trials)  # the column of each row of bytes
+    source = key if rows is None else rows[key]  # its row of need_by_column
+    edges = np.flatnonzero(np.diff(sorted_trials)) + 1 if c else np.zeros(0, dtype=np.int64)
+    values = sorted_trials[np.concatenate([[0], edges])].tolist() if c else []
+    sizes = np.diff(np.concatenate([[0], edges, [c]])).tolist() if c else []
+    gathered = np.empty(chunk, dtype=np.uint8)  # each chunk's thresholds
+    flags = np.empty(chunk, dtype=np.bool_)
+    found, found_need = [], []
+    for (r0, r1), runs in _chunks(values, sizes, max(1, chunk // max(1, a))):
+        size = (r1 - r0) * a
+        need = np.take(need_by_column, source[r0:r1], axis=0, out=gathered[:size].reshape(-1, a))
+        vv = stream.take_np(size).reshape(-1, a)
+        buf = flags[:size].reshape(-1, a)
+        kept = np.less(vv, need, out=buf).view(np.uint8)
+        for m, c0, c1, q0 in runs:  # columns [c0, c1) (sorted order) with m trials each
+            if m == 0:
+                below[c0:c1] = 0
+            elif m == 1:
+                below[c0:c1] = kept[q0 : q0 + c1 - c0]
+            else:
+                np.add.reduce(
+                    kept[q0 : q0 + (c1 - c0) * m].reshape(c1 - c0, m, a), axis=1, out=below[c0:c1]
+                )
+        at = np.flatnonzero(np.equal(vv, need, out=buf))
+        if at.size:
+            found_need.append(need.reshape(-1)[at])
+            at += r0 * a
+            found.append(at)
+    counts = np.empty_like(below)
+    counts[order] = below  # back in column order
+    if found:
+        at = np.concatenate(found)
+        row = at // a
+        column, anchor = key[row], at - row * a
+        keep = _tie_keeps_np(
+            at.size, np.concatenate(found_need), p256_at(column, anchor), generator
+        )
+        np.add.at(counts.reshape(-1), column * a + anchor, keep.astype(count_dtype))
+    return counts
+
+
 def bernoulli_bytes(p: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One ``Bernoulli(p)`` draw per entry of ``p`` (0/1 in ``p``'s dtype); see
     :func:`bernoulli_draws`. (Plain twin: ``torch.rand(p.shape) < p``; same law to float32,
@@ -1697,6 +1820,7 @@ def bernoulli_draws(
     dtype: torch.dtype = torch.uint8,
     out: Tensor | None = None,
     stream: _ByteStream | None = None,
+    p256_np=None,
 ) -> Tensor:
     """One Bernoulli draw per entry (0/1 in ``dtype``) from the thresholds ``need = floor(256
     p)`` (``uint8``, contiguous): a random byte ``v < need`` keeps, ``v > need`` drops, a tie
@@ -1706,7 +1830,9 @@ def bernoulli_draws(
     bytes. The bytes are drawn, compared and scanned for ties by chunks of ``_CHUNK``
     (:class:`_ByteStream`: no buffer of all the bytes). ``out``: a
     contiguous tensor of ``need``'s shape to write the draws into (its dtype, not ``dtype``);
-    ``stream``: the bytes' source (:class:`_ByteStream`) to go on with instead of a new one."""
+    ``stream``: the bytes' source (:class:`_ByteStream`) to go on with instead of a new one;
+    ``p256_np``: ``p256_at`` on numpy arrays, for the CPU's numpy form (default: ``p256_at``
+    through tensors that share the arrays' memory)."""
     size = need.numel()
     if stream is None:
         stream = _ByteStream(generator, need.device, min(_CHUNK, size))
@@ -1716,6 +1842,15 @@ def bernoulli_draws(
         dtype = out.dtype
     out_dtype = torch.bool if dtype == torch.uint8 else dtype
     kept = torch.empty(need.shape, dtype=out_dtype, device=need.device) if out is None else out
+    if _cpu_numpy(need.device):
+        _bernoulli_draws_np(
+            need.contiguous().numpy(),
+            p256_np or (lambda at: p256_at(torch.from_numpy(at)).numpy()),
+            generator,
+            kept.numpy(),
+            stream,
+        )
+        return kept.view(torch.uint8) if kept.dtype != dtype else kept
     flat_need, flat_kept = need.reshape(-1), kept.view(-1)
     scratch = torch.empty(min(_CHUNK, size), dtype=torch.bool, device=need.device)
     found, p256 = [], []
@@ -1780,6 +1915,7 @@ def binomial_draws(
     *,
     rows: Tensor | None = None,
     stream: _ByteStream | None = None,
+    p256_np=None,
 ) -> Tensor:
     """``[C, A]`` counts (``uint8``, or ``int32`` past 255 trials) ``Binomial(trials_j, p_ij)``:
     ``trials_j`` independent draws of :func:`bernoulli_draws` per entry of column ``j``, from
@@ -1795,9 +1931,20 @@ def binomial_draws(
     chunks of about ``_CHUNK`` bytes, each drawn just before (:class:`_ByteStream`: no buffer
     of all the bytes; ``stream``: one to go on with). ``need_by_column`` may be a strided view
     (each chunk gathers its rows); ``rows`` ``[C]``: the row of ``need_by_column`` that holds
-    column ``j``'s thresholds (default ``j``)."""
+    column ``j``'s thresholds (default ``j``); ``p256_np``: ``p256_at`` on numpy arrays, for the
+    CPU's numpy form (default: ``p256_at`` through tensors that share the arrays' memory)."""
     c, a = len(trials), need_by_column.shape[1]
     device = need_by_column.device
+    if _cpu_numpy(device):
+        counts = _binomial_draws_np(
+            need_by_column.numpy(),
+            trials.cpu().numpy(),
+            p256_np or (lambda c, a: p256_at(torch.from_numpy(c), torch.from_numpy(a)).numpy()),
+            generator,
+            None if rows is None else rows.cpu().numpy(),
+            stream,
+        )
+        return torch.from_numpy(counts)
     trials = trials.to(device)
     order = torch.argsort(trials, stable=True)
     sorted_trials = trials[order]
@@ -1868,6 +2015,18 @@ def layer_draws(
     per cell summed per column; same law, other draws.)"""
     a, c = need.shape
     device = need.device
+    if _cpu_numpy(device):
+        if stream is None:
+            stream = _ByteStream(generator, device, _CHUNK)
+        counts = _layer_draws_np(
+            need.numpy(),
+            trials.cpu().numpy(),
+            lambda r, c: p256_at(torch.from_numpy(r), torch.from_numpy(c)).numpy(),
+            generator,
+            None if skip_first is None else skip_first.numpy(),
+            stream,
+        )
+        return torch.from_numpy(counts)
     top = int(trials.max()) if c else 0
     count_dtype = torch.int32 if top > 255 else torch.uint8
     counts = torch.zeros(a, c, dtype=count_dtype, device=device)
@@ -1903,6 +2062,52 @@ def layer_draws(
         rr, cc = torch.cat(found_rows), torch.cat(found_cols)
         keep = _tie_keeps(rr, torch.cat(found_need), p256_at(rr, cc), generator)
         counts.index_put_((rr, cc), keep.to(count_dtype), accumulate=True)
+    return counts
+
+
+def _layer_draws_np(
+    need: np.ndarray,
+    trials: np.ndarray,
+    p256_at,
+    generator,
+    skip_first: np.ndarray | None,
+    stream: _ByteStream,
+) -> np.ndarray:
+    """:func:`layer_draws` in numpy (``p256_at`` takes and gives numpy arrays): the same
+    layers, blocks of rows, bytes, sums and ties."""
+    a, c = need.shape
+    top = int(trials.max()) if c else 0
+    count_dtype = np.int32 if top > 255 else np.uint8
+    counts = np.zeros((a, c), dtype=count_dtype)
+    if top == 0 or a == 0:
+        return counts
+    widths = (trials[None, :] > np.arange(top)[:, None]).sum(axis=1).tolist()  # non-increasing
+    scratch = np.empty(max(_CHUNK, widths[0]), dtype=np.bool_)
+    found_rows, found_cols, found_need = [], [], []
+    for r, w in enumerate(widths):
+        step = max(1, _CHUNK // w)
+        for r0 in range(0, a, step):
+            r1 = min(a, r0 + step)
+            nn = need[r0:r1, :w]
+            vv = stream.take_np((r1 - r0) * w).reshape(r1 - r0, w)
+            buf = scratch[: vv.size].reshape(vv.shape)
+            np.less(vv, nn, out=buf)
+            if r == 0 and skip_first is not None:
+                buf[skip_first[r0:r1, :w]] = False
+            counts[r0:r1, :w] += buf.view(np.uint8)
+            at = np.flatnonzero(np.equal(vv, nn, out=buf))
+            if at.size:
+                rr, cc = at // w, at % w
+                if r == 0 and skip_first is not None:
+                    live = ~skip_first[rr + r0, cc]
+                    rr, cc = rr[live], cc[live]
+                found_need.append(nn[rr, cc])
+                found_rows.append(rr + r0)
+                found_cols.append(cc)
+    if found_rows:
+        rr, cc = np.concatenate(found_rows), np.concatenate(found_cols)
+        keep = _tie_keeps_np(rr.size, np.concatenate(found_need), p256_at(rr, cc), generator)
+        np.add.at(counts, (rr, cc), keep.astype(count_dtype))
     return counts
 
 
@@ -1949,6 +2154,10 @@ class _BlockLogMasses(torch.autograd.Function):
                 elif b == order[-1] and blocks[b] == whole:
                     if w.is_floating_point():
                         by_block[b] = e.mul_(w)
+                    elif _cpu_numpy(e.device):  # numpy casts the integer weights in small
+                        # buffers as it goes: one call, no float copy of w
+                        np.multiply(e.numpy(), w.numpy(), out=e.numpy())
+                        by_block[b] = e
                     else:  # a block of rows at a time: the integer weights' float copy (type
                         # promotion) stays small, not a fresh buffer of e's size per call
                         for part in row_blocks(e, _CAST_BLOCK):
@@ -1956,6 +2165,9 @@ class _BlockLogMasses(torch.autograd.Function):
                         by_block[b] = e
                 elif w.is_floating_point():
                     by_block[b] = e[r0:r1, c0:c1] * w
+                elif _cpu_numpy(e.device):  # the product straight into a new buffer
+                    by_block[b] = torch.empty(w.shape, dtype=e.dtype)
+                    np.multiply(e[r0:r1, c0:c1].numpy(), w.numpy(), out=by_block[b].numpy())
                 else:  # the product in the weights' float copy: one new buffer, not two
                     by_block[b] = w.to(e.dtype).mul_(e[r0:r1, c0:c1])
             products = [by_block[b] for b in range(len(blocks))]
@@ -2140,10 +2352,22 @@ class _PairGram(torch.autograd.Function):
         return out / ctx.temperature, None
 
 
-def pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float):
+def _pair_mask(logits: Tensor) -> Tensor:
+    """The negative mask of :func:`pair_contrast`'s ``[2N, 2N]`` logits: all but the diagonal
+    and the partners ``(i, i +- N)``."""
+    two = logits.shape[0]
+    idx = torch.arange(two, device=logits.device)
+    mask = torch.ones_like(logits, dtype=torch.bool)
+    mask[idx, idx] = False
+    mask[idx, idx.roll(two // 2)] = False
+    return mask
+
+
+def pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float, mask: bool = True):
     """``in_batch_contrast((z1, z2), temperature=t, normalize=True)`` with its logits and the
     partners' logits from :class:`_PairGram` (no masking pass in the backward, no einsum for
-    the partners). Same fields, same values."""
+    the partners). Same fields, same values; ``mask=False``: ``negative_mask`` None (the caller
+    makes it, :func:`_pair_mask`, if something reads it)."""
     from hardneg.contrast import ContrastSet, compute_dtype
 
     n = z1.shape[0]
@@ -2151,9 +2375,6 @@ def pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float):
     logits, pos = _PairGram.apply(z, float(temperature))
     idx = torch.arange(2 * n, device=z.device)
     partner = idx.roll(n).unsqueeze(1)
-    mask = torch.ones_like(logits, dtype=torch.bool)
-    mask[idx, idx] = False
-    mask[idx, partner[:, 0]] = False
     pos = pos.unsqueeze(1)
     return ContrastSet(
         anchors=z,
@@ -2164,7 +2385,7 @@ def pair_contrast(z1: Tensor, z2: Tensor, *, temperature: float):
         positive_weight=torch.ones_like(pos),
         positive_index=partner,
         negative_logits=logits,
-        negative_mask=mask,
+        negative_mask=_pair_mask(logits) if mask else None,
         num_negatives=2 * n - 2,
         temperature=float(temperature),
         normalized=True,
@@ -2246,11 +2467,10 @@ def potential_in_batch_terms(strategy, inputs, context):
     :func:`binomial_draws`, then ``L_aug``, each followed by its ties' uniforms), and the three negative masses come from one exponential
     written over the kernel's buffer. Returns the terms of ``strategy.terms`` with each mass
     attached (``fast_log_mass``)."""
-    from hardneg.strategies.potential import _with_cells
-
     z1, z2 = inputs.z1, inputs.z2
     n, t = z1.shape[0], inputs.temperature
-    aug = pair_contrast(z1, z2, temperature=t)
+    # no [2N, 2N] mask: the loss reads none (L_aug's is made on first read, _lazy_cells)
+    aug = pair_contrast(z1, z2, temperature=t, mask=False)
     g = aug.negative_logits
     zn = aug.anchors
     bernoulli = strategy.sample == "bernoulli"
@@ -2280,7 +2500,7 @@ def potential_in_batch_terms(strategy, inputs, context):
             x = torch.cat([z1, z2]).detach().to(g.dtype)
             aug_values = x @ x.T
             aug_shift, aug_coef = (x * x.roll(n, dims=0)).sum(dim=1) + strategy.b, -strategy.a
-            aug_values.masked_fill_(~aug.mask(), float("-inf"))
+            aug_values.masked_fill_(~_pair_mask(g), float("-inf"))
         # the mined terms read L_aug's kernel on the same blocks (select_on='cosine')
         shared = use_aug and not raw
         # bernoulli: 256 pi, whose bytes floor(256 pi) (255 at most) are the thresholds and whose
@@ -2296,13 +2516,13 @@ def potential_in_batch_terms(strategy, inputs, context):
             k1 = _kernel(gd[n:, :n], shift[:n], coef, scale=scale, cap=cap, columns=True)
             k2 = _kernel(gd[:n, n:], shift[n:], coef, scale=scale, cap=cap, columns=True)
         if bernoulli:
-            need = _to_bytes(whole) if use_aug else None
+            need = _to_bytes(whole, cap) if use_aug else None
             # both directions in one call: columns 0..N-1 direction 1's keys, N..2N-1 direction
             # 2's; shared, row 2x + h of need.view(4N, N) is need[x, hN:(h + 1)N]
             if shared:
                 need_cols, source = need.view(4 * n, n), torch.cat([2 * (n + rows), 2 * rows + 1])
             else:
-                need_cols, source = torch.cat([_to_bytes(k1), _to_bytes(k2)]), None
+                need_cols, source = torch.cat([_to_bytes(k1, cap), _to_bytes(k2, cap)]), None
 
             def p256_mined(column: Tensor, anchor: Tensor) -> Tensor:  # the kernel's 256 pi
                 c = column % n
@@ -2316,6 +2536,22 @@ def potential_in_batch_terms(strategy, inputs, context):
             def p256_aug(at: Tensor) -> Tensor:  # read before the draws overwrite the kernel
                 return whole.view(-1)[at]
 
+            p256_mined_np = p256_aug_np = None  # the same look-ups on numpy arrays (CPU)
+            if _cpu_numpy(g.device):
+                flat = whole.view(-1).numpy() if use_aug else None
+                k1n, k2n = (None, None) if shared else (k1.numpy(), k2.numpy())
+
+                def p256_mined_np(column: np.ndarray, anchor: np.ndarray) -> np.ndarray:
+                    c = column % n
+                    if shared:
+                        at = c * (2 * n) + anchor
+                        at += np.where(column < n, 2 * n * n, n)
+                        return flat[at]
+                    return np.where(column < n, k1n[c, anchor], k2n[c, anchor])
+
+                def p256_aug_np(at: np.ndarray) -> np.ndarray:
+                    return flat[at]
+
             stream = _ByteStream(context.generator, g.device, _CHUNK)
             w = binomial_draws(
                 need_cols,
@@ -2324,6 +2560,7 @@ def potential_in_batch_terms(strategy, inputs, context):
                 context.generator,
                 rows=source,
                 stream=stream,
+                p256_np=p256_mined_np,
             )
             w1, w2 = w[:n], w[n:]
             del need_cols, k1, k2, w
@@ -2331,12 +2568,14 @@ def potential_in_batch_terms(strategy, inputs, context):
             if use_aug and whole.numel() <= _BLOCK:  # L_aug's draws as bytes; the kernel's
                 # float buffer is then spent and takes the masses' exponentials, all at once (no
                 # fresh [2N, 2N] float buffer: the row-block form's buffer would be as large)
-                kept_aug = bernoulli_draws(need, p256_aug, context.generator, stream=stream)
+                kept_aug = bernoulli_draws(
+                    need, p256_aug, context.generator, stream=stream, p256_np=p256_aug_np
+                )
                 exp_out = whole
             elif use_aug:  # the kernel is spent: its float buffer takes L_aug's draws, the
                 # exponentials go a block of rows at a time (in cache)
                 kept_aug = bernoulli_draws(
-                    need, p256_aug, context.generator, out=whole, stream=stream
+                    need, p256_aug, context.generator, out=whole, stream=stream, p256_np=p256_aug_np
                 )
             del need
         else:
@@ -2407,7 +2646,8 @@ def potential_in_batch_terms(strategy, inputs, context):
         )
         out.append((0.5, mined, "mined"))
     if use_aug:
-        out.append((strategy.aug_weight, _with_cells(aug, fast_log_mass=masses[2]), "aug"))
+        lazy = {"negative_mask": lambda: _pair_mask(g)}
+        out.append((strategy.aug_weight, _lazy_cells(aug, lazy, fast_log_mass=masses[2]), "aug"))
     return out
 
 
@@ -2578,9 +2818,9 @@ def potential_pool_terms(strategy, inputs, context):
             keys = _kernel(gd[n:, :n], shift[:n], coef, scale=scale, cap=cap, columns=True)
         kp = _kernel(pd, shift[:n], coef, scale=scale, cap=cap)  # [N, U], anchors as rows
         if bernoulli:
-            need = _to_bytes(whole) if use_aug else None
-            need_keys = need[n:, :n].contiguous() if shared else _to_bytes(keys)
-            need_pool = _to_bytes(kp)
+            need = _to_bytes(whole, cap) if use_aug else None
+            need_keys = need[n:, :n].contiguous() if shared else _to_bytes(keys, cap)
+            need_pool = _to_bytes(kp, cap)
 
             # 256 pi at a tie, read from the kernels' buffers (before the draws overwrite them)
             def keys_p256(at: Tensor) -> Tensor:  # flat positions of [key, anchor]
