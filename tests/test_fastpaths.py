@@ -647,22 +647,29 @@ def test_band_logits_backward_equals_the_gather(dtype, form, lower, upper):
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
 def test_unremix_in_batch_computes_the_softmax_expectation_once(monkeypatch, fast):
     """In-batch the columns are the anchors: one pass of ``sum_k p_ik z_k`` (an [A, C] exp and
-    a product) serves both the anchors' and the columns' deltas; on the fast path the row
-    exponentials are computed once for that and for the objective's tilted mass."""
+    a product) serves both the anchors' and the columns' deltas; on the fast path (the anchors'
+    deltas, as directions, by ``anchor_deltas``) the row exponentials are computed once for
+    that and for the objective's tilted mass, and the pool's columns have their own deltas."""
     from hardneg.strategies import unremix
 
     module = fastpaths if fast else unremix
-    calls, exps = [], []
-    original = module.softmax_expectation
-    monkeypatch.setattr(module, "softmax_expectation", lambda *a: calls.append(1) or original(*a))
+    name = "anchor_deltas" if fast else "softmax_expectation"
+    calls, exps, columns = [], [], []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or original(*a, **k))
     row_exp = fastpaths.row_exponentials
-    monkeypatch.setattr(fastpaths, "row_exponentials", lambda x: exps.append(1) or row_exp(x))
+    monkeypatch.setattr(fastpaths, "row_exponentials", lambda *a: exps.append(1) or row_exp(*a))
+    col = fastpaths.unremix_column_deltas
+    monkeypatch.setattr(
+        fastpaths, "unremix_column_deltas", lambda *a, **k: columns.append(1) or col(*a, **k)
+    )
     for form in ("in_batch", "pool"):  # the pool's deltas have their own form (column_gradients)
-        calls.clear(), exps.clear()
+        calls.clear(), exps.clear(), columns.clear()
         z1, z2, kwargs = make_inputs(form, torch.float32)
         hardneg.create_loss("unremix", fast=fast)(z1, z2, **kwargs)
         assert len(calls) == 1, form
         assert len(exps) == int(fast), form
+        assert len(columns) == int(fast and form == "pool"), form
 
 
 # unremix: the fast factor, row ranges and column deltas against the plain forms

@@ -198,8 +198,11 @@ class UnReMixNegatives(Strategy):
             return hcl_selection(contrast, context, self.beta, self.detach_weights)
         logits = contrast.negative_logits
         if context.fast and context.want_log_mass:
-            # e^{c - max} once: the influence score's softmax and the objective's tilted mass
-            shifted = fastpaths.row_exponentials(logits)
+            # e^{c - m} once: the influence score's softmax and the objective's tilted mass;
+            # cosine logits (|c| <= 1/t): the tilted mass forms e^{(1 + beta) c}, so no shift
+            # (m = 0) when that stays within range
+            bound = (1.0 + max(self.beta, 1.0)) / contrast.temperature
+            shifted = fastpaths.row_exponentials(logits, bound if contrast.normalized else None)
             with torch.no_grad():
                 mix = fastpaths.unremix_factor(
                     contrast,
