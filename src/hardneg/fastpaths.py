@@ -923,7 +923,10 @@ def unremix_factor(
         z = contrast.columns.detach().to(dtype)
         # D_j = 1 + d_j / max(C - 1, 1) for d_j = |z_j|^2 - z_j . sum_k z_k: the min-max over
         # each row is the same for d as for D (a positive scale and a shift)
-        d_vec = torch.addmv((z * z).sum(dim=1), z, z.sum(dim=0), alpha=-1.0)
+        # (|z_j|^2 by a norm: no [C, d] temporary, whose fresh pages cost more than the sum)
+        d_vec = torch.addmv(
+            torch.linalg.vector_norm(z, dim=1).square_(), z, z.sum(dim=0), alpha=-1.0
+        )
         weight = -lambda_d if density else lambda_d  # 1 - D~ for density
         ranges.append((d_vec, weight, *_vector_row_range(d_vec, contrast)))
         base += lambda_d if density else 0.0
