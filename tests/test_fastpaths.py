@@ -419,6 +419,62 @@ def test_unremix_in_batch_fast_path_differentiates_z_by_one_product(monkeypatch)
         assert len(calls) == expected, form
 
 
+@pytest.mark.parametrize("tau", [0.01, 0.1, 0.5])
+@pytest.mark.parametrize("per_anchor_m", [False, True])
+def test_debiased_infonce_equals_the_plain_objective(tau, per_anchor_m):
+    """``debiased_infonce`` against ``logaddexp(a, debias_log_mass(log R, a)) - a`` in float64:
+    rows above the floor, on it (``gap >= 0``: a tiny ``log R``; a large positive logit) and
+    without negatives (``log R = -inf``), an int and a per-anchor ``M``; values and gradients."""
+    from hardneg.objectives import debias_log_mass
+
+    g = torch.Generator().manual_seed(int(100 * tau) + per_anchor_m)
+    a = 40
+    log_mass = 3.0 + torch.randn(a, generator=g, dtype=torch.float64)
+    pos = torch.randn(a, generator=g, dtype=torch.float64)
+    log_mass[:5] = -4.0  # far below tau M e^a: on the floor
+    pos[5:8] = 6.0
+    log_mass[8] = -math.inf
+    m = torch.randint(5, 30, (a,), generator=g) if per_anchor_m else 20
+    t = 0.5
+    results = []
+    for fast in (True, False):
+        lm, p = log_mass.clone().requires_grad_(), pos.clone().requires_grad_()
+        if fast:
+            out = fastpaths.debiased_infonce(lm, p, tau_plus=tau, num_negatives=m, temperature=t)
+        else:
+            mm = m.unsqueeze(1) if isinstance(m, torch.Tensor) else float(m)
+            ng = debias_log_mass(
+                lm.unsqueeze(1), p.unsqueeze(1), tau_plus=tau, num_negatives=mm, temperature=t
+            )
+            out = (torch.logaddexp(p.unsqueeze(1), ng) - p.unsqueeze(1)).squeeze(1)
+        up = torch.linspace(0.5, 1.5, a, dtype=torch.float64)
+        results.append((out, *torch.autograd.grad(out, (lm, p), up)))
+    floor = results[1][1] == 0  # d/dlog R = 0 on the floor
+    assert bool(floor[:9].all()) and not bool(floor[9:].all())  # both branches are taken
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_the_objective_takes_the_fused_debiased_terms_only_when_fast(monkeypatch):
+    """``fast=True`` (a loss outside ``torch.compile``) with one positive and ``tau_plus > 0``:
+    the fused terms; the plain expression otherwise (``fast=False``, ``tau_plus = 0``)."""
+    calls = []
+    original = fastpaths.debiased_infonce
+    monkeypatch.setattr(
+        fastpaths, "debiased_infonce", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    z1, z2, kwargs = make_inputs("in_batch", torch.float64)
+    for name, fast, expected in (
+        ("debiased", True, 1),
+        ("debiased", False, 0),
+        ("unremix", True, 1),
+        ("infonce", True, 0),
+    ):
+        calls.clear()
+        hardneg.create_loss(name, fast=fast)(z1, z2, **kwargs)
+        assert len(calls) == expected, (name, fast)
+
+
 def test_tilted_log_mass_extreme_logits_stay_finite():
     logits = torch.tensor([[200.0, -200.0, 150.0, float("-inf")], [-300.0, -301.0, -299.0, -302.0]])
     leaf = logits.clone().requires_grad_()
