@@ -893,6 +893,49 @@ def test_unremix_vector_row_range_takes_the_first_negative_in_order():
     assert lo.tolist() == [1.0, 2.0] and hi.tolist() == [3.0, 4.0]
 
 
+def test_unremix_factor_with_a_row_whose_influence_is_positive_on_every_negative():
+    """U is 0 off the negatives: a row whose U is positive on each of its negatives reads 0 as
+    its minimum from the plain reduction; the factor must reduce that row again under the mask
+    (not take the straight-line mix, which assumes lo < 0 < hi on masked rows). Hidden features
+    make row 1's U = |cos(delta_1, delta_j)|."""
+    from hardneg.contrast import build_contrast
+    from hardneg.strategies import unremix
+
+    g = torch.Generator().manual_seed(44)
+    n, k, d = 6, 12, 5
+    q = torch.randn(n, d, generator=g, dtype=torch.float64)
+    keep = torch.rand(n, k, generator=g) > 0.3
+    keep[:, :3] = True  # at least three negatives per row, so no row is constant
+    keep[1, 7:] = False  # row 1: some columns are not its negatives
+    c = build_contrast(
+        q,
+        torch.randn(k, d, generator=g, dtype=torch.float64),
+        temperature=0.3,
+        positives=q + 0.5 * torch.randn(n, d, generator=g, dtype=torch.float64),
+        negative_mask=keep,
+    )
+    cos_d = torch.nn.functional.normalize(unremix.anchor_gradients(c), dim=1) @ (
+        torch.nn.functional.normalize(unremix.column_gradients(c), dim=1).T
+    )
+    v = torch.randn(7, generator=g, dtype=torch.float64)
+    c.anchor_features = torch.randn(n, 7, generator=g, dtype=torch.float64)
+    c.anchor_features[1] = v
+    c.column_features = cos_d[1].sign().unsqueeze(1) * v  # cos(h_1, h_j) = sign(cos_delta_1j)
+    strategy = unremix.UnReMixNegatives()
+    fast = fastpaths.unremix_factor(
+        c,
+        fastpaths.row_exponentials(c.negative_logits),
+        lambda_u=1.0,
+        lambda_d=1.0,
+        eps=0.1,
+        gradient_norm=False,
+        density=False,
+        zero_absent=False,
+        plain_column_deltas=unremix.column_gradients,
+    )
+    assert_same_row_weights(fast, strategy.mix(c), c.mask())
+
+
 def test_unremix_zeroed_row_range_reduces_again_the_rows_a_zero_could_end():
     """U is 0 off the negatives: a row whose negatives are all positive (negative) would read 0
     as its minimum (maximum) from the plain reductions."""
