@@ -27,12 +27,19 @@ only; no kept buffers.
   no ``log w`` pass over ``[A, S]`` and a two-pass backward (plain twin:
   ``logsumexp(c + log w)``, ``-inf`` with a zero gradient on a row with nothing kept).
 * :func:`row_exponentials` / :func:`unremix_factor` — UnReMix: the row-shifted exponentials
-  ``e^{c - max_j c}`` computed once for the influence score's softmax, the pool's column softmax
-  over anchors (:func:`unremix_column_deltas`) and the objective's tilted mass; ``cos(h_i, h_j)``
+  ``e^{c - max_j c}`` (cosine logits: unshifted ``e^{c}`` when ``e^{(1 + beta) c}`` stays in
+  range, no row maximum and subtraction passes) computed once for the influence score's
+  softmax, the pool's column softmax over anchors (:func:`unremix_column_deltas`) and the
+  objective's tilted mass; ``cos(delta_i, delta_j)`` from the deltas' directions only
+  (``sum_j e_ij z_j - (sum_j e_ij) z_{i+}``: no softmax normaliser); ``cos(h_i, h_j)``
   read from the logits when ``h = z`` is L2-normalised; the mix, up to a per-row constant the
   tilted mass cancels, as ``U`` plus a rank-``r`` product in one pass over one ``[A, C]``
-  buffer, row ranges of ``[C]`` vectors without an ``[A, C]`` pass (plain twin:
-  ``UnReMixNegatives.mix`` with ``minmax_over_negatives``).
+  buffer, row ranges of ``[C]`` vectors without an ``[A, C]`` pass (one mask look-up for both
+  ends), the representativeness up to a positive scale and a shift (the min-max is the same)
+  (plain twin: ``UnReMixNegatives.mix`` with ``minmax_over_negatives``).
+* :func:`debiased_infonce` — the InfoNCE objective with ``tau_plus > 0`` and one positive: the
+  debiased terms ``log(e^a + Ng) - a`` in one autograd node with a four-op backward (plain
+  twin: ``objectives.debias_log_mass`` and ``logaddexp``, ~45 autograd ops of ``[A]``).
 * :func:`mixed_column_logits` — MoCHi: the logits ``q · n_j / t`` of the drawn columns read
   from the contrast set's own logits, with a hand-written backward to the anchors only (plain
   twin: ``anchor_column_logits(contrast).gather(1, index)``, a second product with the columns
@@ -286,7 +293,8 @@ def tilted_log_mass(
     logits are ``-inf``, or any finite value there when ``beta > 0``, where ``e^{beta s}`` is 0;
     None = 1); ``tilt_grad``: let the gradient flow through the weights;
     ``shifted``: ``(max_j c_ij [A], e^{c - max_j c} [A, S])`` of the detached logits, exactly as
-    computed here, when the caller already has them; ``overwrite`` (with ``shifted`` and a
+    computed here, when the caller already has them, or ``(None, e^{c})`` (no shift; the caller
+    keeps every ``e^{(1 + beta) c}`` in range, :func:`row_exponentials`); ``overwrite`` (with ``shifted`` and a
     ``factor`` of the logits' dtype): both are the caller's scratch, overwritten by ``q = e^{beta
     s} f`` and ``q e`` (no ``[A, S]`` temporary in the forward pass); ``gram = (z, t)`` (with
     ``overwrite``): the logits are ``z z^T / t`` (in-batch: the contrast set's anchors are its

@@ -33,8 +33,10 @@ columns; per-anchor explicit columns (retrieval hard negatives) are not supporte
 Cost: the influence score needs, by its definition, ``sum_k p_ik z_k`` for every anchor and
 ``delta_i . delta_j`` for every pair, two (with a pool three) products of the size of the score
 matrix on top of InfoNCE's, and ``cos(h_i, h_j)`` one more. Fast path (``context.fast``, InfoNCE
-objective): the row exponentials ``e^{c - max}`` once for the influence score's softmax, the
-pool's column softmax and the objective (:func:`hardneg.fastpaths.row_exponentials`);
+objective): the row exponentials ``e^{c - max}`` (cosine logits in range: ``e^{c}``, no shift)
+once for the influence score's softmax, the pool's column softmax and the objective
+(:func:`hardneg.fastpaths.row_exponentials`); for ``cos(delta_i, delta_j)`` only the deltas'
+directions (no softmax normaliser);
 ``cos(h_i, h_j) = t c_ij`` read from the logits when ``h = z`` is L2-normalised; the mix in one
 buffer, up to a per-row constant that the normalised weights cancel
 (:func:`hardneg.fastpaths.unremix_factor`); the weighted negative mass with the mix as a factor
