@@ -163,7 +163,7 @@ def infonce_objective(
     if fast and tau_plus > 0.0 and pos.shape[1] == 1 and positive_reduction == "mean":
         return fastpaths.debiased_infonce(
             log_negative_mass(contrast, selection),
-            pos[:, 0],
+            pos.squeeze(1),  # a view (its backward too; a select's backward writes zeros)
             tau_plus=tau_plus,
             num_negatives=_num_negatives(contrast, selection),
             temperature=contrast.temperature,
