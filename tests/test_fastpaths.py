@@ -404,6 +404,54 @@ def test_tilted_log_mass_gram_gradient_equals_the_score_matrix_backward(
     assert_close_rel(g_gram, g_ref, what="gradient to z")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.7])
+@pytest.mark.parametrize("tilt_grad", [True, False], ids=["tilt-grad", "tilt-detached"])
+@pytest.mark.parametrize("rows", [9, 700])  # 700 x 400: two row blocks in the backward
+def test_tilted_log_mass_columns_gradient_equals_the_score_matrix_backward(
+    dtype, beta, tilt_grad, rows
+):
+    """``columns=(q, C, t)``: logits ``c = q C^T / t`` with ``C`` taking no gradient (a pool,
+    masked entries ``-inf``); the gradient goes to ``q`` as ``G C / t`` a block of rows at a
+    time. Equal to back-propagating the same in-place tilted mass through the score matrix."""
+    g = torch.Generator().manual_seed(rows + int(10 * beta))
+    q64 = torch.nn.functional.normalize(
+        torch.randn(rows, 7, generator=g, dtype=torch.float64), dim=1
+    )
+    cols = torch.nn.functional.normalize(
+        torch.randn(400, 7, generator=g, dtype=torch.float64), dim=1
+    ).to(dtype)
+    mask = torch.rand(rows, 400, generator=g) > 0.2
+    mask[:, 0] = True
+    factor = (torch.rand(rows, 400, generator=g, dtype=torch.float64) + 0.05).to(dtype)
+    t = 0.3
+    m = mask.sum(dim=1)
+    results = []
+    for blocked in (False, True):
+        q = q64.to(dtype).requires_grad_()
+        logits = ((q / t) @ cols.T).masked_fill(~mask, float("-inf"))
+        with torch.no_grad():
+            row_max = logits.amax(dim=1)
+            shifted = (row_max, (logits - row_max.unsqueeze(1)).exp())
+        out = fastpaths.tilted_log_mass(
+            logits,
+            beta,
+            m,
+            factor=factor.clone(),
+            tilt_grad=tilt_grad,
+            shifted=shifted,
+            overwrite=True,
+            columns=(q, cols, t) if blocked else None,
+        )
+        upstream = torch.linspace(0.5, 1.5, rows, dtype=dtype)
+        (grad,) = torch.autograd.grad(out, q, upstream)
+        results.append((out, grad))
+    (v_ref, g_ref), (v_col, g_col) = results
+    assert g_col.dtype == dtype
+    assert_close_rel(v_col, v_ref, what="log mass")
+    assert_close_rel(g_col, g_ref, what="gradient to q")
+
+
 def test_unremix_in_batch_fast_path_differentiates_z_by_one_product(monkeypatch):
     """In-batch (anchors are the columns) the tilted mass takes the gram form; with a pool, the
     score matrix's own backward (one product there)."""
@@ -412,11 +460,19 @@ def test_unremix_in_batch_fast_path_differentiates_z_by_one_product(monkeypatch)
     monkeypatch.setattr(
         fastpaths._GramTiltedLogMass, "apply", lambda *a: calls.append(1) or original(*a)
     )
-    for form, expected in (("in_batch", 1), ("ids", 1), ("pool", 0)):
-        calls.clear()
+    pool_calls = []
+    pool_original = fastpaths._ColumnsTiltedLogMass.apply
+    monkeypatch.setattr(
+        fastpaths._ColumnsTiltedLogMass,
+        "apply",
+        lambda *a: pool_calls.append(1) or pool_original(*a),
+    )
+    for form, expected in (("in_batch", 1), ("ids", 1), ("pool", 0), ("pool_exclude", 0)):
+        calls.clear(), pool_calls.clear()
         z1, z2, kwargs = make_inputs(form, torch.float64)
         hardneg.create_loss("unremix", fast=True)(z1, z2, **kwargs).backward()
         assert len(calls) == expected, form
+        assert len(pool_calls) == 1 - expected, form  # a pool: the blocked G C / t
 
 
 @pytest.mark.parametrize("tau", [0.01, 0.1, 0.5])

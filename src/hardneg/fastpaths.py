@@ -250,6 +250,39 @@ class _GramTiltedLogMass(torch.autograd.Function):
         return (sym @ z.to(g.dtype)).to(z.dtype), *(None,) * 7
 
 
+class _ColumnsTiltedLogMass(torch.autograd.Function):
+    """:func:`_tilted_in_place` for logits ``c = q C^T / t`` whose columns ``C`` take no gradient
+    (a pool), differentiated with respect to ``q`` directly: ``dL/dq = G C / t`` with
+    ``G = dL/dc``, the score matrix's own backward product, but ``G`` formed a block of rows at a
+    time and multiplied while in cache: no ``[A, C]`` gradient buffer (its fresh pages cost about
+    as much as a pass over it) and no pass writing and re-reading it."""
+
+    @staticmethod
+    def forward(ctx, q, logits, factor, beta, log_m, tilt_grad, shifted, columns, temperature):  # type: ignore[override]
+        out, saved = _tilted_in_place(logits, factor, beta, log_m, shifted)
+        ctx.save_for_backward(q, columns, *saved)
+        ctx.beta = beta if tilt_grad else 0.0
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        q, columns, qe, qq, sum_q, sum_qe = ctx.saved_tensors
+        beta = ctx.beta
+        g = grad / ctx.temperature
+        a = ((1.0 + beta) * g / sum_qe).unsqueeze(1)
+        b = (beta * g / sum_q).unsqueeze(1) if beta != 0.0 else None
+        cols = columns.to(qe.dtype)
+        out = qe.new_empty(q.shape)
+        for rows in row_blocks(qe):  # (1 + beta) q e / sum(q e) - beta q / sum(q), then @ C
+            block = qe[rows] * a[rows]
+            if b is not None:
+                block.addcmul_(qq[rows], b[rows], value=-1.0)
+            torch.mm(block, cols, out=out[rows])
+        return out.to(q.dtype), *(None,) * 8
+
+
 def _row_dot(x: Tensor, y: Tensor) -> Tensor:
     """``sum_j x_ij y_ij`` per row, a block of rows at a time."""
     blocks = row_blocks(x)
@@ -285,6 +318,7 @@ def tilted_log_mass(
     shifted: tuple[Tensor, Tensor] | None = None,
     overwrite: bool = False,
     gram: tuple[Tensor, float] | None = None,
+    columns: tuple[Tensor, Tensor, float] | None = None,
 ) -> Tensor:
     """``[A]`` ``log sum_j w_ij e^{c_ij}`` for ``w_ij = M e^{beta c_ij} f_ij / sum_k e^{beta c_ik} f_ik``
     (mean 1 over the ``M`` negatives), in one fused pass; see :class:`_TiltedLogMass`.
@@ -299,7 +333,10 @@ def tilted_log_mass(
     s} f`` and ``q e`` (no ``[A, S]`` temporary in the forward pass); ``gram = (z, t)`` (with
     ``overwrite``): the logits are ``z z^T / t`` (in-batch: the contrast set's anchors are its
     columns) and the gradient goes to ``z`` by one product (:class:`_GramTiltedLogMass`), not
-    through ``logits``. Computes in the logits' dtype.
+    through ``logits``; ``columns = (q, C, t)`` (with ``overwrite``): the logits are
+    ``q C^T / t`` with ``C`` taking no gradient (a pool), and the gradient goes to ``q`` as
+    ``G C / t`` a block of rows at a time (:class:`_ColumnsTiltedLogMass`). Computes in the
+    logits' dtype.
     """
     log_m = (
         num_negatives.to(logits.dtype).log()
@@ -318,6 +355,19 @@ def tilted_log_mass(
         z, temperature = gram
         return _GramTiltedLogMass.apply(
             z, logits.detach(), f, float(beta), log_m, bool(tilt_grad), shifted, float(temperature)
+        )
+    if overwrite and columns is not None:
+        q, cols, temperature = columns
+        return _ColumnsTiltedLogMass.apply(
+            q,
+            logits.detach(),
+            f,
+            float(beta),
+            log_m,
+            bool(tilt_grad),
+            shifted,
+            cols.detach(),
+            float(temperature),
         )
     return _TiltedLogMass.apply(logits, f, float(beta), log_m, bool(tilt_grad), shifted, overwrite)
 

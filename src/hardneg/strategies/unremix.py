@@ -229,6 +229,11 @@ class UnReMixNegatives(Strategy):
                 gram=(contrast.anchors, contrast.temperature)
                 if contrast.columns is contrast.anchors and contrast.anchor_columns is None
                 else None,
+                # columns that take no gradient (a pool): the gradient to the anchors, G C / t,
+                # a block of rows at a time (no [A, C] gradient buffer)
+                columns=(contrast.anchors, contrast.columns, contrast.temperature)
+                if contrast.columns is not contrast.anchors and not contrast.columns.requires_grad
+                else None,
             )
             return Selection(negative_log_mass=log_mass)
         with torch.no_grad():
