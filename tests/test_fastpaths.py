@@ -360,7 +360,7 @@ def test_tilted_log_mass_equals_plain(dtype, beta, with_factor, tilt_grad, shape
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("beta", [0.0, 1.0, 2.0, 0.7])
 @pytest.mark.parametrize("tilt_grad", [True, False], ids=["tilt-grad", "tilt-detached"])
-@pytest.mark.parametrize("rows", [9, 300])
+@pytest.mark.parametrize("rows", [9, 300, 1100])  # 1100: the blocked backward, a partial block
 def test_tilted_log_mass_gram_gradient_equals_the_score_matrix_backward(
     dtype, beta, tilt_grad, rows
 ):
