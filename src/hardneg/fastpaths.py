@@ -11,7 +11,8 @@ only; no kept buffers.
   hand-written backward (plain twin: ``logsumexp(c + normalised_log_weights(beta c + log f))``);
   ``overwrite``: the factor and the given exponentials are the caller's scratch (two in-place
   passes, no row blocks); ``gram = (z, t)``: in-batch logits ``z z^T / t`` differentiated to
-  ``z`` by one product ``(G + G^T) z / t`` (plain twin: the score matrix's backward, two);
+  ``z`` by one product ``(G + G^T) z / t`` (from 1024 anchors on CPU a block of rows at a time,
+  ``G[I, :] + G[:, I]^T`` in cache) (plain twin: the score matrix's backward, two);
   ``columns = (q, C, t)``: pool logits ``q C^T / t`` differentiated to ``q`` by ``G C / t`` with
   ``G`` formed a block of rows at a time in cache (plain twin: the score matrix's backward, no
   ``[A, S]`` gradient buffer here).
