@@ -360,7 +360,7 @@ def test_tilted_log_mass_equals_plain(dtype, beta, with_factor, tilt_grad, shape
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("beta", [0.0, 1.0, 2.0, 0.7])
 @pytest.mark.parametrize("tilt_grad", [True, False], ids=["tilt-grad", "tilt-detached"])
-@pytest.mark.parametrize("rows", [9, 300])
+@pytest.mark.parametrize("rows", [9, 300, 1100])  # 1100: the blocked backward, a partial block
 def test_tilted_log_mass_gram_gradient_equals_the_score_matrix_backward(
     dtype, beta, tilt_grad, rows
 ):
@@ -404,6 +404,54 @@ def test_tilted_log_mass_gram_gradient_equals_the_score_matrix_backward(
     assert_close_rel(g_gram, g_ref, what="gradient to z")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.7])
+@pytest.mark.parametrize("tilt_grad", [True, False], ids=["tilt-grad", "tilt-detached"])
+@pytest.mark.parametrize("rows", [9, 700])  # 700 x 400: two row blocks in the backward
+def test_tilted_log_mass_columns_gradient_equals_the_score_matrix_backward(
+    dtype, beta, tilt_grad, rows
+):
+    """``columns=(q, C, t)``: logits ``c = q C^T / t`` with ``C`` taking no gradient (a pool,
+    masked entries ``-inf``); the gradient goes to ``q`` as ``G C / t`` a block of rows at a
+    time. Equal to back-propagating the same in-place tilted mass through the score matrix."""
+    g = torch.Generator().manual_seed(rows + int(10 * beta))
+    q64 = torch.nn.functional.normalize(
+        torch.randn(rows, 7, generator=g, dtype=torch.float64), dim=1
+    )
+    cols = torch.nn.functional.normalize(
+        torch.randn(400, 7, generator=g, dtype=torch.float64), dim=1
+    ).to(dtype)
+    mask = torch.rand(rows, 400, generator=g) > 0.2
+    mask[:, 0] = True
+    factor = (torch.rand(rows, 400, generator=g, dtype=torch.float64) + 0.05).to(dtype)
+    t = 0.3
+    m = mask.sum(dim=1)
+    results = []
+    for blocked in (False, True):
+        q = q64.to(dtype).requires_grad_()
+        logits = ((q / t) @ cols.T).masked_fill(~mask, float("-inf"))
+        with torch.no_grad():
+            row_max = logits.amax(dim=1)
+            shifted = (row_max, (logits - row_max.unsqueeze(1)).exp())
+        out = fastpaths.tilted_log_mass(
+            logits,
+            beta,
+            m,
+            factor=factor.clone(),
+            tilt_grad=tilt_grad,
+            shifted=shifted,
+            overwrite=True,
+            columns=(q, cols, t) if blocked else None,
+        )
+        upstream = torch.linspace(0.5, 1.5, rows, dtype=dtype)
+        (grad,) = torch.autograd.grad(out, q, upstream)
+        results.append((out, grad))
+    (v_ref, g_ref), (v_col, g_col) = results
+    assert g_col.dtype == dtype
+    assert_close_rel(v_col, v_ref, what="log mass")
+    assert_close_rel(g_col, g_ref, what="gradient to q")
+
+
 def test_unremix_in_batch_fast_path_differentiates_z_by_one_product(monkeypatch):
     """In-batch (anchors are the columns) the tilted mass takes the gram form; with a pool, the
     score matrix's own backward (one product there)."""
@@ -412,11 +460,75 @@ def test_unremix_in_batch_fast_path_differentiates_z_by_one_product(monkeypatch)
     monkeypatch.setattr(
         fastpaths._GramTiltedLogMass, "apply", lambda *a: calls.append(1) or original(*a)
     )
-    for form, expected in (("in_batch", 1), ("ids", 1), ("pool", 0)):
-        calls.clear()
+    pool_calls = []
+    pool_original = fastpaths._ColumnsTiltedLogMass.apply
+    monkeypatch.setattr(
+        fastpaths._ColumnsTiltedLogMass,
+        "apply",
+        lambda *a: pool_calls.append(1) or pool_original(*a),
+    )
+    for form, expected in (("in_batch", 1), ("ids", 1), ("pool", 0), ("pool_exclude", 0)):
+        calls.clear(), pool_calls.clear()
         z1, z2, kwargs = make_inputs(form, torch.float64)
         hardneg.create_loss("unremix", fast=True)(z1, z2, **kwargs).backward()
         assert len(calls) == expected, form
+        assert len(pool_calls) == 1 - expected, form  # a pool: the blocked G C / t
+
+
+@pytest.mark.parametrize("tau", [0.01, 0.1, 0.5])
+@pytest.mark.parametrize("per_anchor_m", [False, True])
+def test_debiased_infonce_equals_the_plain_objective(tau, per_anchor_m):
+    """``debiased_infonce`` against ``logaddexp(a, debias_log_mass(log R, a)) - a`` in float64:
+    rows above the floor, on it (``gap >= 0``: a tiny ``log R``; a large positive logit) and
+    without negatives (``log R = -inf``), an int and a per-anchor ``M``; values and gradients."""
+    from hardneg.objectives import debias_log_mass
+
+    g = torch.Generator().manual_seed(int(100 * tau) + per_anchor_m)
+    a = 40
+    log_mass = 3.0 + torch.randn(a, generator=g, dtype=torch.float64)
+    pos = torch.randn(a, generator=g, dtype=torch.float64)
+    log_mass[:5] = -4.0  # far below tau M e^a: on the floor
+    pos[5:8] = 6.0
+    log_mass[8] = -math.inf
+    m = torch.randint(5, 30, (a,), generator=g) if per_anchor_m else 20
+    t = 0.5
+    results = []
+    for fast in (True, False):
+        lm, p = log_mass.clone().requires_grad_(), pos.clone().requires_grad_()
+        if fast:
+            out = fastpaths.debiased_infonce(lm, p, tau_plus=tau, num_negatives=m, temperature=t)
+        else:
+            mm = m.unsqueeze(1) if isinstance(m, torch.Tensor) else float(m)
+            ng = debias_log_mass(
+                lm.unsqueeze(1), p.unsqueeze(1), tau_plus=tau, num_negatives=mm, temperature=t
+            )
+            out = (torch.logaddexp(p.unsqueeze(1), ng) - p.unsqueeze(1)).squeeze(1)
+        up = torch.linspace(0.5, 1.5, a, dtype=torch.float64)
+        results.append((out, *torch.autograd.grad(out, (lm, p), up)))
+    floor = results[1][1] == 0  # d/dlog R = 0 on the floor
+    assert bool(floor[:9].all()) and not bool(floor[9:].all())  # both branches are taken
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_the_objective_takes_the_fused_debiased_terms_only_when_fast(monkeypatch):
+    """``fast=True`` (a loss outside ``torch.compile``) with one positive and ``tau_plus > 0``:
+    the fused terms; the plain expression otherwise (``fast=False``, ``tau_plus = 0``)."""
+    calls = []
+    original = fastpaths.debiased_infonce
+    monkeypatch.setattr(
+        fastpaths, "debiased_infonce", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    z1, z2, kwargs = make_inputs("in_batch", torch.float64)
+    for name, fast, expected in (
+        ("debiased", True, 1),
+        ("debiased", False, 0),
+        ("unremix", True, 1),
+        ("infonce", True, 0),
+    ):
+        calls.clear()
+        hardneg.create_loss(name, fast=fast)(z1, z2, **kwargs)
+        assert len(calls) == expected, (name, fast)
 
 
 def test_tilted_log_mass_extreme_logits_stay_finite():
@@ -678,22 +790,29 @@ def test_simans_mass_over_its_draws_by_column_logits_equals_the_gather(dtype, fo
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
 def test_unremix_in_batch_computes_the_softmax_expectation_once(monkeypatch, fast):
     """In-batch the columns are the anchors: one pass of ``sum_k p_ik z_k`` (an [A, C] exp and
-    a product) serves both the anchors' and the columns' deltas; on the fast path the row
-    exponentials are computed once for that and for the objective's tilted mass."""
+    a product) serves both the anchors' and the columns' deltas; on the fast path (the anchors'
+    deltas, as directions, by ``anchor_deltas``) the row exponentials are computed once for
+    that and for the objective's tilted mass, and the pool's columns have their own deltas."""
     from hardneg.strategies import unremix
 
     module = fastpaths if fast else unremix
-    calls, exps = [], []
-    original = module.softmax_expectation
-    monkeypatch.setattr(module, "softmax_expectation", lambda *a: calls.append(1) or original(*a))
+    name = "anchor_deltas" if fast else "softmax_expectation"
+    calls, exps, columns = [], [], []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or original(*a, **k))
     row_exp = fastpaths.row_exponentials
-    monkeypatch.setattr(fastpaths, "row_exponentials", lambda x: exps.append(1) or row_exp(x))
+    monkeypatch.setattr(fastpaths, "row_exponentials", lambda *a: exps.append(1) or row_exp(*a))
+    col = fastpaths.unremix_column_deltas
+    monkeypatch.setattr(
+        fastpaths, "unremix_column_deltas", lambda *a, **k: columns.append(1) or col(*a, **k)
+    )
     for form in ("in_batch", "pool"):  # the pool's deltas have their own form (column_gradients)
-        calls.clear(), exps.clear()
+        calls.clear(), exps.clear(), columns.clear()
         z1, z2, kwargs = make_inputs(form, torch.float32)
         hardneg.create_loss("unremix", fast=fast)(z1, z2, **kwargs)
         assert len(calls) == 1, form
         assert len(exps) == int(fast), form
+        assert len(columns) == int(fast and form == "pool"), form
 
 
 # unremix: the fast factor, row ranges and column deltas against the plain forms
@@ -859,6 +978,49 @@ def test_unremix_vector_row_range_takes_the_first_negative_in_order():
     v = torch.tensor([3.0, 1.0, 4.0, 2.0], dtype=torch.float64)
     lo, hi = fastpaths._vector_row_range(v, c)
     assert lo.tolist() == [1.0, 2.0] and hi.tolist() == [3.0, 4.0]
+
+
+def test_unremix_factor_with_a_row_whose_influence_is_positive_on_every_negative():
+    """U is 0 off the negatives: a row whose U is positive on each of its negatives reads 0 as
+    its minimum from the plain reduction; the factor must reduce that row again under the mask
+    (not take the straight-line mix, which assumes lo < 0 < hi on masked rows). Hidden features
+    make row 1's U = |cos(delta_1, delta_j)|."""
+    from hardneg.contrast import build_contrast
+    from hardneg.strategies import unremix
+
+    g = torch.Generator().manual_seed(44)
+    n, k, d = 6, 12, 5
+    q = torch.randn(n, d, generator=g, dtype=torch.float64)
+    keep = torch.rand(n, k, generator=g) > 0.3
+    keep[:, :3] = True  # at least three negatives per row, so no row is constant
+    keep[1, 7:] = False  # row 1: some columns are not its negatives
+    c = build_contrast(
+        q,
+        torch.randn(k, d, generator=g, dtype=torch.float64),
+        temperature=0.3,
+        positives=q + 0.5 * torch.randn(n, d, generator=g, dtype=torch.float64),
+        negative_mask=keep,
+    )
+    cos_d = torch.nn.functional.normalize(unremix.anchor_gradients(c), dim=1) @ (
+        torch.nn.functional.normalize(unremix.column_gradients(c), dim=1).T
+    )
+    v = torch.randn(7, generator=g, dtype=torch.float64)
+    c.anchor_features = torch.randn(n, 7, generator=g, dtype=torch.float64)
+    c.anchor_features[1] = v
+    c.column_features = cos_d[1].sign().unsqueeze(1) * v  # cos(h_1, h_j) = sign(cos_delta_1j)
+    strategy = unremix.UnReMixNegatives()
+    fast = fastpaths.unremix_factor(
+        c,
+        fastpaths.row_exponentials(c.negative_logits),
+        lambda_u=1.0,
+        lambda_d=1.0,
+        eps=0.1,
+        gradient_norm=False,
+        density=False,
+        zero_absent=False,
+        plain_column_deltas=unremix.column_gradients,
+    )
+    assert_same_row_weights(fast, strategy.mix(c), c.mask())
 
 
 def test_unremix_zeroed_row_range_reduces_again_the_rows_a_zero_could_end():

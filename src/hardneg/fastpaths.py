@@ -11,7 +11,11 @@ only; no buffers kept between calls.
   hand-written backward (plain twin: ``logsumexp(c + normalised_log_weights(beta c + log f))``);
   ``overwrite``: the factor and the given exponentials are the caller's scratch (two in-place
   passes, no row blocks); ``gram = (z, t)``: in-batch logits ``z z^T / t`` differentiated to
-  ``z`` by one product ``(G + G^T) z / t`` (plain twin: the score matrix's backward, two).
+  ``z`` by one product ``(G + G^T) z / t`` (from 1024 anchors on CPU a block of rows at a time,
+  ``G[I, :] + G[:, I]^T`` in cache) (plain twin: the score matrix's backward, two);
+  ``columns = (q, C, t)``: pool logits ``q C^T / t`` differentiated to ``q`` by ``G C / t`` with
+  ``G`` formed a block of rows at a time in cache (plain twin: the score matrix's backward, no
+  ``[A, S]`` gradient buffer here).
 * :func:`top_k_indices` — linear-time selection over int32 keys that order like the floats,
   with numpy's SIMD partition on long rows (plain twin: ``torch.topk``); potential's neighbours.
 * :func:`band_indices` — Ring on CPU: the band's edge values of each row by ``numpy.partition``
@@ -28,12 +32,19 @@ only; no buffers kept between calls.
   no ``log w`` pass over ``[A, S]`` and a two-pass backward (plain twin:
   ``logsumexp(c + log w)``, ``-inf`` with a zero gradient on a row with nothing kept).
 * :func:`row_exponentials` / :func:`unremix_factor` — UnReMix: the row-shifted exponentials
-  ``e^{c - max_j c}`` computed once for the influence score's softmax, the pool's column softmax
-  over anchors (:func:`unremix_column_deltas`) and the objective's tilted mass; ``cos(h_i, h_j)``
+  ``e^{c - max_j c}`` (cosine logits: unshifted ``e^{c}`` when ``e^{(1 + beta) c}`` stays in
+  range, no row maximum and subtraction passes) computed once for the influence score's
+  softmax, the pool's column softmax over anchors (:func:`unremix_column_deltas`) and the
+  objective's tilted mass; ``cos(delta_i, delta_j)`` from the deltas' directions only
+  (``sum_j e_ij z_j - (sum_j e_ij) z_{i+}``: no softmax normaliser); ``cos(h_i, h_j)``
   read from the logits when ``h = z`` is L2-normalised; the mix, up to a per-row constant the
   tilted mass cancels, as ``U`` plus a rank-``r`` product in one pass over one ``[A, C]``
-  buffer, row ranges of ``[C]`` vectors without an ``[A, C]`` pass (plain twin:
-  ``UnReMixNegatives.mix`` with ``minmax_over_negatives``).
+  buffer, row ranges of ``[C]`` vectors without an ``[A, C]`` pass (one mask look-up for both
+  ends), the representativeness up to a positive scale and a shift (the min-max is the same)
+  (plain twin: ``UnReMixNegatives.mix`` with ``minmax_over_negatives``).
+* :func:`debiased_infonce` — the InfoNCE objective with ``tau_plus > 0`` and one positive: the
+  debiased terms ``log(e^a + Ng) - a`` in one autograd node with a four-op backward (plain
+  twin: ``objectives.debias_log_mass`` and ``logaddexp``, ~45 autograd ops of ``[A]``).
 * :func:`mixed_column_logits` — MoCHi: the logits ``q · n_j / t`` of the drawn columns read
   from the contrast set's own logits, with a hand-written backward to the anchors only (plain
   twin: ``anchor_column_logits(contrast).gather(1, index)``, a second product with the columns
@@ -141,9 +152,11 @@ class _TiltedLogMass(torch.autograd.Function):
             row_max = logits.amax(dim=1, keepdim=True)
             s = logits - row_max  # <= 0, -inf where absent
             e = None
-        else:  # the strategy already has e = exp(c - max_j c): reuse it, a pass and a copy less
+        else:  # the strategy already has e = exp(c - m): reuse it, a pass and a copy less
             row_max, e = shifted
-            row_max = row_max.unsqueeze(1)
+            row_max = (
+                logits.new_zeros(logits.shape[0], 1) if row_max is None else row_max.unsqueeze(1)
+            )
             s = None if beta in (0.0, 1.0, 2.0) else logits - row_max
         if beta in (0.0, 1.0, 2.0):
             # the common betas need no second exponential: e^{beta s} = 1, e or e * e
@@ -200,11 +213,14 @@ def _tilted_in_place(logits, factor, beta, log_m, shifted):
         q = factor
     elif beta in (1.0, 2.0):
         q = factor.mul_(e) if beta == 1.0 else factor.mul_(e).mul_(e)
+    elif row_max is None:  # unshifted: e^{beta c}
+        q = factor.mul_(logits.detach().mul(beta).exp_())
     else:
         q = factor.mul_((logits.detach() - row_max.unsqueeze(1)).mul_(beta).exp_())
     qe = e.mul_(q)
     sum_q, sum_qe = q.sum(dim=1), qe.sum(dim=1)
-    return log_m + row_max + sum_qe.log() - sum_q.log(), (qe, q, sum_q, sum_qe)
+    out = sum_qe.log().sub_(sum_q.log()).add_(log_m)  # sum_q, sum_qe are saved: not in place
+    return (out if row_max is None else out.add_(row_max)), (qe, q, sum_q, sum_qe)
 
 
 def _tilted_in_place_grad(saved, beta: float, grad: Tensor) -> Tensor:
@@ -236,9 +252,69 @@ class _GramTiltedLogMass(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         z, *saved = ctx.saved_tensors
-        g = _tilted_in_place_grad(saved, ctx.beta, grad / ctx.temperature)
-        sym = g.T.contiguous().add_(g)
-        return (sym @ z.to(g.dtype)).to(z.dtype), *(None,) * 7
+        qe, q, sum_q, sum_qe = saved
+        if qe.device.type != "cpu" or qe.shape[0] < _GRAM_BLOCKED_FROM:
+            g = _tilted_in_place_grad(saved, ctx.beta, grad / ctx.temperature)
+            sym = g.T.contiguous().add_(g)
+            return (sym @ z.to(g.dtype)).to(z.dtype), *(None,) * 7
+        # large A on CPU: (G + G^T) z a block of rows I at a time, G[I, :] + (G[:, I])^T formed
+        # in cache from q e and q (no [A, A] G or G^T buffer: their fresh pages cost more than
+        # the block loop's extra ops from A = 1024 on)
+        beta = ctx.beta
+        g = grad / ctx.temperature
+        a = (1.0 + beta) * g / sum_qe
+        b = beta * g / sum_q if beta != 0.0 else None
+        zz = z.to(qe.dtype)
+        out = qe.new_empty(zz.shape)
+        for start in range(0, qe.shape[0], _GRAM_BLOCK_ROWS):
+            rows = slice(start, start + _GRAM_BLOCK_ROWS)
+            block = qe[rows] * a[rows].unsqueeze(1)
+            column = torch.mul(qe[:, rows].T, a.unsqueeze(0))  # (G[:, I])^T, a transposed read
+            if b is not None:
+                block.addcmul_(q[rows], b[rows].unsqueeze(1), value=-1.0)
+                column.addcmul_(q[:, rows].T, b.unsqueeze(0), value=-1.0)
+            torch.mm(block.add_(column), zz, out=out[rows])
+        return out.to(z.dtype), *(None,) * 7
+
+
+# _GramTiltedLogMass' backward by blocks of rows from this many anchors (CPU), in blocks of
+# this many rows (measured at N = 256 / 512 / 1024 in-batch: 1.02-1.04x / 0.92-0.99x /
+# 0.79-0.92x the one-buffer form's step; 256-row blocks lost at N = 512)
+_GRAM_BLOCKED_FROM = 1024
+_GRAM_BLOCK_ROWS = 128
+
+
+class _ColumnsTiltedLogMass(torch.autograd.Function):
+    """:func:`_tilted_in_place` for logits ``c = q C^T / t`` whose columns ``C`` take no gradient
+    (a pool), differentiated with respect to ``q`` directly: ``dL/dq = G C / t`` with
+    ``G = dL/dc``, the score matrix's own backward product, but ``G`` formed a block of rows at a
+    time and multiplied while in cache: no ``[A, C]`` gradient buffer (its fresh pages cost about
+    as much as a pass over it) and no pass writing and re-reading it."""
+
+    @staticmethod
+    def forward(ctx, q, logits, factor, beta, log_m, tilt_grad, shifted, columns, temperature):  # type: ignore[override]
+        out, saved = _tilted_in_place(logits, factor, beta, log_m, shifted)
+        ctx.save_for_backward(q, columns, *saved)
+        ctx.beta = beta if tilt_grad else 0.0
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        q, columns, qe, qq, sum_q, sum_qe = ctx.saved_tensors
+        beta = ctx.beta
+        g = grad / ctx.temperature
+        a = ((1.0 + beta) * g / sum_qe).unsqueeze(1)
+        b = (beta * g / sum_q).unsqueeze(1) if beta != 0.0 else None
+        cols = columns.to(qe.dtype)
+        out = qe.new_empty(q.shape)
+        for rows in row_blocks(qe):  # (1 + beta) q e / sum(q e) - beta q / sum(q), then @ C
+            block = qe[rows] * a[rows]
+            if b is not None:
+                block.addcmul_(qq[rows], b[rows], value=-1.0)
+            torch.mm(block, cols, out=out[rows])
+        return out.to(q.dtype), *(None,) * 8
 
 
 def _row_dot(x: Tensor, y: Tensor) -> Tensor:
@@ -276,6 +352,7 @@ def tilted_log_mass(
     shifted: tuple[Tensor, Tensor] | None = None,
     overwrite: bool = False,
     gram: tuple[Tensor, float] | None = None,
+    columns: tuple[Tensor, Tensor, float] | None = None,
 ) -> Tensor:
     """``[A]`` ``log sum_j w_ij e^{c_ij}`` for ``w_ij = M e^{beta c_ij} f_ij / sum_k e^{beta c_ik} f_ik``
     (mean 1 over the ``M`` negatives), in one fused pass; see :class:`_TiltedLogMass`.
@@ -284,12 +361,16 @@ def tilted_log_mass(
     logits are ``-inf``, or any finite value there when ``beta > 0``, where ``e^{beta s}`` is 0;
     None = 1); ``tilt_grad``: let the gradient flow through the weights;
     ``shifted``: ``(max_j c_ij [A], e^{c - max_j c} [A, S])`` of the detached logits, exactly as
-    computed here, when the caller already has them; ``overwrite`` (with ``shifted`` and a
+    computed here, when the caller already has them, or ``(None, e^{c})`` (no shift; the caller
+    keeps every ``e^{(1 + beta) c}`` in range, :func:`row_exponentials`); ``overwrite`` (with ``shifted`` and a
     ``factor`` of the logits' dtype): both are the caller's scratch, overwritten by ``q = e^{beta
     s} f`` and ``q e`` (no ``[A, S]`` temporary in the forward pass); ``gram = (z, t)`` (with
     ``overwrite``): the logits are ``z z^T / t`` (in-batch: the contrast set's anchors are its
     columns) and the gradient goes to ``z`` by one product (:class:`_GramTiltedLogMass`), not
-    through ``logits``. Computes in the logits' dtype.
+    through ``logits``; ``columns = (q, C, t)`` (with ``overwrite``): the logits are
+    ``q C^T / t`` with ``C`` taking no gradient (a pool), and the gradient goes to ``q`` as
+    ``G C / t`` a block of rows at a time (:class:`_ColumnsTiltedLogMass`). Computes in the
+    logits' dtype.
     """
     log_m = (
         num_negatives.to(logits.dtype).log()
@@ -309,7 +390,78 @@ def tilted_log_mass(
         return _GramTiltedLogMass.apply(
             z, logits.detach(), f, float(beta), log_m, bool(tilt_grad), shifted, float(temperature)
         )
+    if overwrite and columns is not None:
+        q, cols, temperature = columns
+        return _ColumnsTiltedLogMass.apply(
+            q,
+            logits.detach(),
+            f,
+            float(beta),
+            log_m,
+            bool(tilt_grad),
+            shifted,
+            cols.detach(),
+            float(temperature),
+        )
     return _TiltedLogMass.apply(logits, f, float(beta), log_m, bool(tilt_grad), shifted, overwrite)
+
+
+class _DebiasedInfoNCE(torch.autograd.Function):
+    """Per-anchor ``log(e^a + Ng) - a`` with the debiased ``log Ng`` of ``log R``: the clamped
+    estimator ``max(log R + log(1 - e^{gap}) - log(1 - tau), floor)``, ``gap = log(tau M) + a -
+    log R``, ``floor = log M - 1/t`` (the floor where ``gap >= 0``), in ~15 ops on ``[A]`` and a
+    four-op backward: ``dL/dlog R = s / r`` and ``dL/da = -s / r`` where the estimate is above
+    the floor (``r = 1 - e^{gap}``), ``0`` and ``-s`` on the floor, ``s = sigmoid(log Ng - a)``
+    (autograd through the plain expression: ~45 ops)."""
+
+    @staticmethod
+    def forward(ctx, log_mass, pos, log_m, tau_plus, floor):  # type: ignore[override]
+        gap = (pos - log_mass).add_(log_m).add_(math.log(tau_plus))
+        r = torch.expm1(gap).neg_()  # 1 - e^{gap}: > 0 where gap < 0, else <= 0 (log: nan/-inf)
+        corrected = r.log().add_(log_mass).sub_(math.log1p(-tau_plus))
+        corrected.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+        active = corrected > floor
+        log_ng = (
+            torch.maximum(corrected, floor)
+            if isinstance(floor, Tensor)
+            else corrected.clamp_min_(floor)
+        )
+        out = torch.logaddexp(pos, log_ng).sub_(pos)
+        inactive = ~active
+        w_mass = r.reciprocal_()  # d log Ng / d log R above the floor
+        w_pos = w_mass.masked_fill(inactive, 1.0).neg_()
+        w_mass.masked_fill_(inactive, 0.0)
+        ctx.save_for_backward(log_ng.sub_(pos), w_mass, w_pos)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        x, w_mass, w_pos = ctx.saved_tensors
+        s = torch.sigmoid(x).mul_(grad)
+        return s * w_mass, s.mul_(w_pos), None, None, None
+
+
+def debiased_infonce(
+    log_mass: Tensor,
+    pos: Tensor,
+    *,
+    tau_plus: float,
+    num_negatives: int | float | Tensor,
+    temperature: float,
+) -> Tensor:
+    """``[A]`` per-anchor debiased InfoNCE ``log(e^{a_i} + Ng_i) - a_i`` for one positive logit
+    ``a`` ``[A]`` and the negative log-mass ``log R`` ``[A]``, ``0 < tau_plus < 1`` (plain twin:
+    ``logaddexp(a, objectives.debias_log_mass(log R, a, ...)) - a``); see
+    :class:`_DebiasedInfoNCE`. Equal values and gradients, but at ``log R`` where the estimate
+    is exactly the floor (``torch.maximum`` splits the gradient there, this takes the floor's)."""
+    log_m = (
+        num_negatives.to(pos.dtype).log()
+        if isinstance(num_negatives, Tensor)
+        else math.log(num_negatives)
+    )
+    floor = log_m - 1.0 / temperature
+    return _DebiasedInfoNCE.apply(log_mass.to(pos.dtype), pos, log_m, float(tau_plus), floor)
 
 
 def _order_keys(x: Tensor) -> Tensor:
@@ -765,10 +917,18 @@ def weighted_log_mass(logits: Tensor, weights: Tensor) -> Tensor:
     return _WeightedLogMass.apply(logits, weights.detach().to(logits.dtype))
 
 
-def row_exponentials(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """``(max_j c_ij [A], e^{c - max_j c} [A, S])`` of the detached logits, exactly as
-    :func:`tilted_log_mass` computes them (its ``shifted`` argument)."""
+def row_exponentials(logits: Tensor, bound: float | None = None) -> tuple[Tensor | None, Tensor]:
+    """``(m [A], e^{c - m} [A, S])`` of the detached logits for a row constant ``m``: the row
+    maximum ``max_j c_ij`` (every exponent ``<= 0``, as :func:`tilted_log_mass` computes them;
+    its ``shifted`` argument), or ``(None, e^{c})`` (no shift) when ``bound`` is given and at
+    most ``_EXP_RANGE / 2``. ``bound``: the largest ``|x|`` of any exponential ``e^{x}`` the
+    caller forms from these (the tilted mass of cosine logits, ``|c| <= 1/t``, forms ``e^{c}``
+    and ``e^{(1 + beta) c}``: ``(1 + max(beta, 1)) / t``); then ``e^{c}`` and its products
+    neither overflow nor leave the normal range (with room for sums and factors), and the row
+    maximum and the subtraction (two passes over ``[A, S]``) are skipped."""
     with torch.no_grad():
+        if bound is not None and bound <= _EXP_RANGE.get(logits.dtype, 0.0) / 2:
+            return None, logits.exp()
         row_max = logits.amax(dim=1, keepdim=True)
         return row_max.squeeze(1), (logits - row_max).exp_()
 
@@ -789,8 +949,9 @@ def _vector_row_range(v: Tensor, contrast) -> tuple[Tensor, Tensor]:
     """``(lo, hi)`` ``[A]`` of a column vector ``v`` ``[C]`` over each anchor's negatives, without
     an ``[A, C]`` pass: with ``M`` the smallest count of negatives of a row, the ``C - M + 1``
     smallest (largest) entries hold at least one negative of every row, and the first of them in
-    order is the row's minimum (maximum); a look-up of ``[A, C - M + 1]`` mask bits. When that
-    is more than a quarter of the columns, the masked reduction over ``[A, C]``."""
+    order is the row's minimum (maximum); one look-up of ``[A, 2 (C - M + 1)]`` mask bits for
+    both ends. When that is more than a quarter of the columns, the masked reduction over
+    ``[A, C]``."""
     mask = contrast.negative_mask
     if mask is None:  # every column is a negative of every anchor
         a = contrast.negative_logits.shape[0]
@@ -800,18 +961,23 @@ def _vector_row_range(v: Tensor, contrast) -> tuple[Tensor, Tensor]:
     c = v.shape[0]
     k = c - m + 1
     if 0 < m <= c and 4 * k <= c and mask.shape[1] == c:
-        ends = []
-        for largest in (False, True):
-            order = v.topk(k, largest=largest).indices  # sorted
-            hits = mask[:, order]
-            if not bool(hits.any(dim=1).all()):  # a row with fewer than M negatives
-                break
-            ends.append(v[order[hits.to(torch.uint8).argmax(dim=1)]])  # first hit in order
-        else:
+        low, high = v.topk(k, largest=False), v.topk(k)  # each sorted from its end inwards
+        hits = mask.index_select(1, torch.cat([low.indices, high.indices])).view(-1, 2, k)
+        if bool(hits.any(dim=2).all()):  # else a row with fewer than M negatives
+            first = hits.to(torch.uint8).argmax(dim=2)  # [A, 2]: the first hit in order
+            ends = torch.stack([low.values, high.values]).gather(1, first.T)  # [2, A]
             return ends[0], ends[1]
     lo = torch.where(mask, v, float("inf")).amin(dim=1)
     hi = torch.where(mask, v, float("-inf")).amax(dim=1)
     return lo, hi
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    """``x`` with each row divided by its norm, in place (0 rows stay 0); ``F.normalize`` but
+    for its floor of ``1e-12`` on the norm (rows given up to a positive scale)."""
+    return x.div_(
+        torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(torch.finfo(x.dtype).tiny)
+    )
 
 
 def _minmax_coefficients(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -823,44 +989,59 @@ def _minmax_coefficients(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     return scale, torch.where(ok, scale * -lo, 0.0)
 
 
-def _zeroed_row_range(u: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+def _zeroed_row_range(
+    u: Tensor, mask: Tensor | None, lo: Tensor | None = None, hi: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """``(lo, hi)`` ``[A]`` of ``u`` over each row's negatives, ``u`` being 0 off them: one
-    ``amin`` and one ``amax`` pass (no masked copy); a row whose minimum is not below 0 (maximum
-    not above 0) may owe it to a zero off the negatives, and only those rows are reduced again
-    under the mask."""
-    lo, hi = u.amin(dim=1), u.amax(dim=1)
-    if mask is None:
+    ``amin`` and one ``amax`` pass (no masked copy; or their results given, written over); a
+    row whose minimum is not below 0 (maximum not above 0, so ``lo hi >= 0``) may owe it to a
+    zero off the negatives, and only those rows are reduced again under the mask."""
+    if lo is None or hi is None:
+        lo, hi = u.amin(dim=1), u.amax(dim=1)
+    if mask is None or not bool((lo * hi >= 0).any()):
         return lo, hi
     again = ((lo >= 0) | (hi <= 0)).nonzero().squeeze(1)
-    if again.numel():
-        rows, keep = u[again], mask[again]
-        lo[again] = torch.where(keep, rows, float("inf")).amin(dim=1)
-        hi[again] = torch.where(keep, rows, float("-inf")).amax(dim=1)
+    rows, keep = u[again], mask[again]
+    lo[again] = torch.where(keep, rows, float("inf")).amin(dim=1)
+    hi[again] = torch.where(keep, rows, float("-inf")).amax(dim=1)
     return lo, hi
 
 
-def unremix_column_deltas(contrast, shifted: tuple[Tensor, Tensor]) -> Tensor | None:
+def unremix_column_deltas(
+    contrast, shifted: tuple[Tensor | None, Tensor], *, direction: bool = False
+) -> Tensor | None:
     """With a pool: ``delta_j = (1/t)(sum_i p~_ji q_i - z_j)``, ``p~_j = softmax_i(c_ij)`` ``[C, d]``
     from the row exponentials ``e_ij = e^{c_ij - m_i}`` already computed: with ``M = max_i m_i``
     and ``w_i = e^{m_i - M}``, ``p~_ij = e_ij w_i / sum_k e_kj w_k``, so ``sum_i p~_ji q_i`` is one
-    product ``e^T (w q)`` and a column scale (no ``[A, C]`` softmax over anchors). None when that
-    could underflow (a column whose largest ``c_ij - M`` is below about ``log tiny / 2``, which
-    the plain column softmax still resolves, or a row without negatives): the caller then uses
-    the plain form (plain twin: ``hardneg.strategies.unremix.column_gradients``)."""
+    product ``e^T (w q)`` and a column scale (no ``[A, C]`` softmax over anchors; ``w = 1`` when
+    the exponentials are unshifted, ``m = None``). None when that could underflow (a column
+    whose largest ``c_ij - M`` is below about ``log tiny / 2``, which the plain column softmax
+    still resolves, or a row without negatives): the caller then uses the plain form (plain
+    twin: ``hardneg.strategies.unremix.column_gradients``). ``direction``: ``delta_j`` times
+    ``t sum_k e_kj w_k > 0`` instead, ``e^T (w q) - (sum_k e_kj w_k) z_j`` (no column scale; for
+    ``cos(delta_i, delta_j)``, which only needs the directions)."""
     row_max, e = shifted
-    if not bool(torch.isfinite(row_max).all()):
-        return None
-    w = (row_max - row_max.max()).exp()  # <= 1, one entry = 1
-    total = w @ e  # [C]: sum_i e^{c_ij - M}
+    anchors = contrast.anchors.detach().to(e.dtype)
+    if row_max is None:
+        total = e.sum(dim=0)  # [C]: sum_i e^{c_ij}
+    else:
+        if not bool(torch.isfinite(row_max).all()):
+            return None
+        w = (row_max - row_max.max()).exp()  # <= 1, one entry = 1
+        total = w @ e  # [C]: sum_i e^{c_ij - M}
+        anchors = anchors * w.unsqueeze(1)
     low = total < torch.finfo(e.dtype).tiny ** 0.5
     if bool(low.any()):
         mask = contrast.negative_mask
         if mask is None or bool(mask[:, low].any()):  # a negative whose mass would underflow
             return None
         total = torch.where(low, 1.0, total)  # columns no anchor has: p~ = 0, as plain
-    anchors = contrast.anchors.detach().to(e.dtype)
-    expected = (e.T @ (anchors * w.unsqueeze(1))).div_(total.unsqueeze(1))
-    return expected.sub_(contrast.columns.detach().to(e.dtype)).div_(contrast.temperature)
+    expected = e.T @ anchors
+    columns = contrast.columns.detach().to(e.dtype)
+    if direction:
+        return expected.addcmul_(columns, total.unsqueeze(1), value=-1.0)
+    expected.div_(total.unsqueeze(1))
+    return expected.sub_(columns).div_(contrast.temperature)
 
 
 def unremix_factor(
@@ -902,55 +1083,92 @@ def unremix_factor(
     a, c = logits.shape
     dtype = logits.dtype
     mask = contrast.negative_mask
-    # the mix minus U's term: const_i + sum_r coefs[r]_i vectors[r]_j ([A] and [C] each)
-    const: float | Tensor = eps
-    vectors: list[Tensor] = []
-    coefs: list[Tensor] = []
-    u = lo_u = scale_u = None
+    # the [C] scores (D, and U for gradient_norm): (vector, weight, lo [A], hi [A]); the mix
+    # minus U's term is base + sum_r weight_r (vector_rj - lo_ri) / (hi_ri - lo_ri)
+    ranges: list[tuple[Tensor, float, Tensor, Tensor]] = []
+    base = eps
+    u = lo_u = hi_u = scale_u = None
     if lambda_u > 0:
-        delta_a = anchor_deltas(contrast, shifted)
-        if contrast.columns is contrast.anchors:
-            delta_c = delta_a
-        else:
-            delta_c = unremix_column_deltas(contrast, shifted)
-            if delta_c is None:
-                delta_c = plain_column_deltas(contrast).to(dtype)
+        in_batch = contrast.columns is contrast.anchors  # the columns' deltas are the anchors'
         h_a, h_c = contrast.anchor_features, contrast.column_features
         from_logits = h_a is None or h_c is None
         if from_logits:
             h_a, h_c = contrast.anchors, contrast.columns
         h_a, h_c = h_a.detach().to(dtype), h_c.detach().to(dtype)
-        if gradient_norm:
+        if gradient_norm:  # ||delta_j||: the columns' deltas themselves
+            delta_c = anchor_deltas(contrast, shifted) if in_batch else None
+            if delta_c is None:
+                delta_c = unremix_column_deltas(contrast, shifted)
+            if delta_c is None:
+                delta_c = plain_column_deltas(contrast).to(dtype)
             u_vec = delta_c.norm(dim=1) * h_c.norm(dim=1)
-            scale, shift = _minmax_coefficients(*_vector_row_range(u_vec, contrast))
-            vectors.append(u_vec)
-            coefs.append(scale * lambda_u)
-            const = shift.mul(lambda_u).add_(const)
+            ranges.append((u_vec, lambda_u, *_vector_row_range(u_vec, contrast)))
         else:
+            # cos(delta_i, delta_j) needs only the deltas' directions (positive row scales)
+            unit_a = _unit_rows(anchor_deltas(contrast, shifted, direction=True))
+            if in_batch:
+                unit_c = unit_a
+            else:
+                dir_c = unremix_column_deltas(contrast, shifted, direction=True)
+                if dir_c is None:
+                    dir_c = plain_column_deltas(contrast).to(dtype)
+                unit_c = _unit_rows(dir_c)
+            u = unit_a @ unit_c.T
             if from_logits and contrast.normalized:
-                # t * normalize(delta_a) @ normalize(delta_c).T * c  (t c = cos(z_i, z_j));
-                # in-batch the two sides are one normalised tensor
-                unit_c = F.normalize(delta_c, dim=1)
-                unit_a = unit_c if delta_c is delta_a else F.normalize(delta_a, dim=1)
-                u = (unit_a * contrast.temperature) @ unit_c.T
+                # cos(h_i, h_j) = t c_ij: U / t = cos(delta_i, delta_j) c_ij (the min-max is
+                # the same for U / t)
                 u.mul_(logits)
                 if mask is not None:  # -inf logits off the negatives: +-inf or nan -> 0
                     u.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             else:
-                u = F.normalize(delta_a, dim=1) @ F.normalize(delta_c, dim=1).T
                 u.mul_(F.normalize(h_a, dim=1) @ F.normalize(h_c, dim=1).T)
                 if mask is not None:
                     u.masked_fill_(~mask, 0.0)
-            lo_u, hi_u = _zeroed_row_range(u, mask)
-            scale_u, _ = _minmax_coefficients(lo_u, hi_u)
+            lo_u, hi_u = u.amin(dim=1), u.amax(dim=1)
     if lambda_d > 0:
         z = contrast.columns.detach().to(dtype)
-        d_vec = 1.0 - (z @ z.sum(dim=0) - (z * z).sum(dim=1)) / max(c - 1, 1)
-        scale, shift = _minmax_coefficients(*_vector_row_range(d_vec, contrast))
-        sign = -1.0 if density else 1.0
-        vectors.append(d_vec)
-        coefs.append(scale * (sign * lambda_d))
-        const = shift.mul(sign * lambda_d).add_(const + (lambda_d if density else 0.0))
+        # D_j = 1 + d_j / max(C - 1, 1) for d_j = |z_j|^2 - z_j . sum_k z_k: the min-max over
+        # each row is the same for d as for D (a positive scale and a shift)
+        # (|z_j|^2 by a norm: no [C, d] temporary, whose fresh pages cost more than the sum)
+        d_vec = torch.addmv(
+            torch.linalg.vector_norm(z, dim=1).square_(), z, z.sum(dim=0), alpha=-1.0
+        )
+        weight = -lambda_d if density else lambda_d  # 1 - D~ for density
+        ranges.append((d_vec, weight, *_vector_row_range(d_vec, contrast)))
+        base += lambda_d if density else 0.0
+    if u is not None:
+        span_u = hi_u - lo_u
+        # lo < 0 < hi: no end is owed to a 0 off the negatives (else _zeroed_row_range)
+        ok = span_u > 0 if mask is None else lo_u * hi_u < 0
+        spans = [hi - lo for _, _, lo, hi in ranges]
+        for span in spans:
+            ok &= span > 0
+        if bool(ok.all()):  # no constant row: k_i = lambda_u / span_u_i > 0
+            # k_i (U - lo_u + span_u / lambda_u (base + sum_r w_r (v_rj - lo_ri) / span_ri)),
+            # U - lo first (exact for close values, as the plain form's x - lo)
+            inv_k = span_u.mul_(1.0 / lambda_u)
+            shift: float | Tensor = base
+            terms = []
+            for (vector, weight, lo, _), span in zip(ranges, spans):
+                coef = span.reciprocal_().mul_(weight)
+                shift = torch.addcmul(torch.as_tensor(shift, dtype=dtype), coef, lo, value=-1.0)
+                terms.append((coef.mul_(inv_k), vector))
+            out = u.sub_(lo_u.unsqueeze(1)).add_((inv_k * shift).unsqueeze(1))
+            for coef, vector in terms:  # rank-1 terms in place (a K = 1 product is slower)
+                out.addcmul_(coef.unsqueeze(1), vector.unsqueeze(0))
+            if zero_absent and mask is not None:
+                out.masked_fill_(~mask, 0.0)
+            return out
+        lo_u, hi_u = _zeroed_row_range(u, mask, lo_u, hi_u)
+        scale_u, _ = _minmax_coefficients(lo_u, hi_u)
+    const: float | Tensor = base
+    vectors: list[Tensor] = []
+    coefs: list[Tensor] = []
+    for vector, weight, lo, hi in ranges:
+        scale, shift = _minmax_coefficients(lo, hi)
+        vectors.append(vector)
+        coefs.append(scale * weight)
+        const = shift.mul(weight).add_(const)
     if u is None:
         const = torch.as_tensor(const, dtype=dtype).expand(a)
         out = torch.addcmul(const.unsqueeze(1), coefs[0].unsqueeze(1), vectors[0].unsqueeze(0))
@@ -973,13 +1191,24 @@ def unremix_factor(
     return out
 
 
-def anchor_deltas(contrast, shifted: tuple[Tensor, Tensor]) -> Tensor:
+def anchor_deltas(
+    contrast, shifted: tuple[Tensor | None, Tensor], *, direction: bool = False
+) -> Tensor:
     """``delta_i = (1/t)(sum_k p_ik z_k - z_{i+})`` ``[A, d]`` from the row exponentials (plain
-    twin: ``hardneg.strategies.unremix.anchor_gradients``)."""
+    twin: ``hardneg.strategies.unremix.anchor_gradients``). ``direction``: ``delta_i`` times
+    ``t Z_i e^{-m_i} > 0`` instead (``Z_i`` the softmax's normaliser), which is
+    ``sum_j e_ij z_j - (sum_j e_ij) z_{i+}`` over the negatives (the positive's term of
+    ``sum_k p_ik (z_k - z_{i+})`` is 0): one product and one row sum, no normaliser (for
+    ``cos(delta_i, delta_j)``, which only needs the directions)."""
+    row_max, e = shifted
+    positive = contrast.positives.detach()[:, 0].to(e.dtype)
+    if direction:
+        expected = e @ contrast.columns.detach().to(e.dtype)
+        return expected.addcmul_(positive, e.sum(dim=1, keepdim=True), value=-1.0)
+    pos_logit = contrast.positive_logits.detach()[:, 0]
     expected, p_pos = softmax_expectation(
-        shifted, contrast.positive_logits.detach()[:, 0], contrast.columns.detach()
+        (0.0 if row_max is None else row_max, e), pos_logit, contrast.columns.detach()
     )
-    positive = contrast.positives.detach()[:, 0].to(expected.dtype)
     return expected.addcmul_(positive, (p_pos - 1.0).unsqueeze(1)).div_(contrast.temperature)
 
 

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hardneg import fastpaths
 from hardneg.contrast import ContrastSet
 from hardneg.strategies.base import Selection
 
@@ -148,14 +149,25 @@ def infonce_objective(
     tau_plus: float = 0.0,
     positive_mode: str = "separate",
     positive_reduction: str = "mean",
+    fast: bool = False,
 ) -> Tensor:
-    """Per-anchor InfoNCE-family loss ``[A]`` (see the module docstring)."""
+    """Per-anchor InfoNCE-family loss ``[A]`` (see the module docstring). ``fast``: with one
+    positive and ``tau_plus > 0``, the debiased terms by :func:`hardneg.fastpaths.debiased_infonce`
+    (fewer ops, equal values and gradients; never under ``torch.compile``)."""
     if positive_mode not in POSITIVE_MODES or positive_reduction not in POSITIVE_REDUCTIONS:
         raise ValueError(
             f"positive_mode must be one of {POSITIVE_MODES} and positive_reduction one of "
             f"{POSITIVE_REDUCTIONS}, got {positive_mode!r} and {positive_reduction!r}"
         )
     pos, weight = positive_terms(contrast, selection)
+    if fast and tau_plus > 0.0 and pos.shape[1] == 1 and positive_reduction == "mean":
+        return fastpaths.debiased_infonce(
+            log_negative_mass(contrast, selection),
+            pos.squeeze(1),  # a view (its backward too; a select's backward writes zeros)
+            tau_plus=tau_plus,
+            num_negatives=_num_negatives(contrast, selection),
+            temperature=contrast.temperature,
+        )
     log_mass = log_negative_mass(contrast, selection).unsqueeze(1)  # [A, 1]
     if tau_plus > 0.0:
         m = _column(_num_negatives(contrast, selection))
@@ -229,8 +241,10 @@ def objective_loss(
     tau_plus: float = 0.0,
     positive_mode: str = "separate",
     positive_reduction: str = "mean",
+    fast: bool = False,
 ) -> Tensor:
-    """Dispatch to the objective called ``name`` (``'infonce'`` or ``'jsd'``)."""
+    """Dispatch to the objective called ``name`` (``'infonce'`` or ``'jsd'``); ``fast``: see
+    :func:`infonce_objective`."""
     if name == "infonce":
         return infonce_objective(
             contrast,
@@ -238,6 +252,7 @@ def objective_loss(
             tau_plus=tau_plus,
             positive_mode=positive_mode,
             positive_reduction=positive_reduction,
+            fast=fast,
         )
     if name == "jsd":
         return jsd_objective(contrast, selection, tau_plus=tau_plus)

@@ -423,7 +423,7 @@ class ContrastiveLoss(nn.Module):
             selection = self.strategy.select_term(contrast, context, role)
             options = {"positive_mode": self.positive_mode, **self.strategy.objective_options(role)}
             per_anchor = objective_loss(
-                self.objective, contrast, selection, tau_plus=self.tau_plus, **options
+                self.objective, contrast, selection, tau_plus=self.tau_plus, fast=fast, **options
             )
             value = per_anchor.mean()
             loss = weight * value if loss is None else loss + weight * value

@@ -33,8 +33,10 @@ columns; per-anchor explicit columns (retrieval hard negatives) are not supporte
 Cost: the influence score needs, by its definition, ``sum_k p_ik z_k`` for every anchor and
 ``delta_i . delta_j`` for every pair, two (with a pool three) products of the size of the score
 matrix on top of InfoNCE's, and ``cos(h_i, h_j)`` one more. Fast path (``context.fast``, InfoNCE
-objective): the row exponentials ``e^{c - max}`` once for the influence score's softmax, the
-pool's column softmax and the objective (:func:`hardneg.fastpaths.row_exponentials`);
+objective): the row exponentials ``e^{c - max}`` (cosine logits in range: ``e^{c}``, no shift)
+once for the influence score's softmax, the pool's column softmax and the objective
+(:func:`hardneg.fastpaths.row_exponentials`); for ``cos(delta_i, delta_j)`` only the deltas'
+directions (no softmax normaliser);
 ``cos(h_i, h_j) = t c_ij`` read from the logits when ``h = z`` is L2-normalised; the mix in one
 buffer, up to a per-row constant that the normalised weights cancel
 (:func:`hardneg.fastpaths.unremix_factor`); the weighted negative mass with the mix as a factor
@@ -198,8 +200,11 @@ class UnReMixNegatives(Strategy):
             return hcl_selection(contrast, context, self.beta, self.detach_weights)
         logits = contrast.negative_logits
         if context.fast and context.want_log_mass:
-            # e^{c - max} once: the influence score's softmax and the objective's tilted mass
-            shifted = fastpaths.row_exponentials(logits)
+            # e^{c - m} once: the influence score's softmax and the objective's tilted mass;
+            # cosine logits (|c| <= 1/t): the tilted mass forms e^{(1 + beta) c}, so no shift
+            # (m = 0) when that stays within range
+            bound = (1.0 + max(self.beta, 1.0)) / contrast.temperature
+            shifted = fastpaths.row_exponentials(logits, bound if contrast.normalized else None)
             with torch.no_grad():
                 mix = fastpaths.unremix_factor(
                     contrast,
@@ -223,6 +228,11 @@ class UnReMixNegatives(Strategy):
                 # in-batch (c = z z^T / t): the gradient to z by one product, (G + G^T) z / t
                 gram=(contrast.anchors, contrast.temperature)
                 if contrast.columns is contrast.anchors and contrast.anchor_columns is None
+                else None,
+                # columns that take no gradient (a pool): the gradient to the anchors, G C / t,
+                # a block of rows at a time (no [A, C] gradient buffer)
+                columns=(contrast.anchors, contrast.columns, contrast.temperature)
+                if contrast.columns is not contrast.anchors and not contrast.columns.requires_grad
                 else None,
             )
             return Selection(negative_log_mass=log_mass)
