@@ -1720,12 +1720,23 @@ def hardest_columns(logits: Tensor, k: int) -> Tensor | None:
     step = max(1, _HARDEST_BLOCK // cols)
     offsets = np.arange(min(step, rows), dtype=np.int64).reshape(-1, 1) * cols
     tied: list[bool] = []
+    # a NaN with its sign bit set: its key is below -inf's (a positive NaN's above +inf's)
+    below_minus_inf = _np_order_keys(np.array(-np.inf, dtype=x.dtype))
 
     def work(begin: int, end: int) -> None:
+        keys = np.empty((min(step, end - begin), cols), dtype=below_minus_inf.dtype)
         for start in range(begin, end, step):
             block = x[start : min(start + step, end)]
             r = block.shape[0]
-            edge = np.partition(block, cols - k, axis=1)[:, cols - k : cols - k + 1]
+            # the k-th largest from integer keys that order like the floats, partitioned in
+            # place (about twice as fast as numpy's float partition); the members by the
+            # floats (a NaN is no member: its row comes up short, as with the float partition)
+            order = _np_order_keys(block, out=keys[:r])
+            order.partition(cols - k, axis=1)
+            if order.min() < below_minus_inf:  # a negative NaN, ranked last by the keys
+                tied.append(True)
+                return
+            edge = _np_order_keys(order[:, cols - k : cols - k + 1].copy()).view(x.dtype)
             flat = np.flatnonzero(block >= edge)
             # k per row: r k in all, and each row's first and last slots in the row (the flat
             # positions are sorted); a NaN leaves its row short, a tie at the edge another row
