@@ -1282,21 +1282,21 @@ class _MixLogMass(torch.autograd.Function):
     forward (one product, no graph over ``[A, s + s']``)."""
 
     @staticmethod
-    def forward(ctx, anchors, lse, weights, self_weight, q, columns, anchor_columns, t):  # type: ignore[override]
-        ctx.save_for_backward(lse, weights, self_weight, q, columns, anchor_columns)
+    def forward(ctx, anchors, lse, row_scale, weights, self_weight, q, columns, anchor_columns, t):  # type: ignore[override]
+        ctx.save_for_backward(lse, row_scale, weights, self_weight, q, columns, anchor_columns)
         ctx.temperature = t
         return lse.clone()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        lse, weights, self_weight, q, columns, anchor_columns = ctx.saved_tensors
+        lse, row_scale, weights, self_weight, q, columns, anchor_columns = ctx.saved_tensors
         c = columns.shape[0]
         grad_q = weights[:, :c] @ columns
         if anchor_columns is not None:
             grad_q += torch.einsum("ah,ahd->ad", weights[:, c:], anchor_columns)
         grad_q.addcmul_(self_weight, q)
-        scale = torch.where(torch.isfinite(lse), grad, 0.0).div(ctx.temperature).unsqueeze(1)
-        return grad_q.mul_(scale), *([None] * 7)
+        scale = torch.where(torch.isfinite(lse), grad * row_scale, 0.0)
+        return grad_q.mul_(scale.div_(ctx.temperature).unsqueeze(1)), *([None] * 8)
 
 
 def _logit_cosine(
@@ -1443,10 +1443,11 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
         members = own is None and index.stride(0) != 0
         weights = logits.new_zeros(index.shape if members else (rows, width))
         lse = logits.new_empty(rows)
+        row_scale = logits.new_empty(rows)  # 1 / the exponentials' row sum
         self_weight = logits.new_zeros(rows, 1)
         block = min(step, rows)
-        # the block's temporaries, reused block after block (and call after call on the CPU)
         n_mix = s + s_query
+        # the block's temporaries, reused block after block
         words, positions, drawns, ds, flats, cosines, mixes, norms, firsts, spreads = _scratch(
             [
                 ((-(-block * per_row // 2),), torch.int64),
@@ -1511,10 +1512,14 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
             if s_query > 0:
                 self_logit = _row_dot(q[part], q[part]).div_(t).unsqueeze(1)
                 x[:, s:].addcmul_(first_scale[:, s:], self_logit)
-            # their log-sum-exp, and the softmax weights exp(x - lse): 0 on a row without
-            # negatives (it draws masked columns, index 0 of an empty Q~: its d and x are -inf)
-            block_lse = torch.logsumexp(x, dim=1, out=lse[part])
-            x.sub_(torch.where(torch.isfinite(block_lse), block_lse, 0.0).unsqueeze(1)).exp_()
+            # their log-sum-exp from one exponential exp(x - max) (the max 0 where infinite, as
+            # in torch.logsumexp): 0 on a row without negatives (it draws masked columns, index
+            # 0 of an empty Q~: its d and x are -inf); the softmax weights are these
+            # exponentials over their row sum, the division left to the backward's row scale
+            top = torch.amax(x, dim=1, keepdim=True).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            block_lse = torch.sum(x.sub_(top).exp_(), dim=1, out=lse[part])
+            torch.reciprocal(block_lse, out=row_scale[part])
+            block_lse.log_().add_(top.squeeze(1))
             # the softmax weight times each drawn column's coefficient, in d's memory
             coefficient = d
             if s > 0:
@@ -1525,9 +1530,11 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
             weights[part].scatter_add_(1, position if members else drawn, coefficient)
     if members:
         return _MixBagLogMass.apply(
-            contrast.anchors, lse, index, weights, self_weight, q, columns, t
+            contrast.anchors, lse, row_scale, index, weights, self_weight, q, columns, t
         )
-    return _MixLogMass.apply(contrast.anchors, lse, weights, self_weight, q, columns, own, t)
+    return _MixLogMass.apply(
+        contrast.anchors, lse, row_scale, weights, self_weight, q, columns, own, t
+    )
 
 
 class _MixBagLogMass(torch.autograd.Function):
@@ -1538,18 +1545,18 @@ class _MixBagLogMass(torch.autograd.Function):
     rows per anchor: no ``[A, S]`` buffer, no product)."""
 
     @staticmethod
-    def forward(ctx, anchors, lse, members, weights, self_weight, q, columns, t):  # type: ignore[override]
-        ctx.save_for_backward(lse, members, weights, self_weight, q, columns)
+    def forward(ctx, anchors, lse, row_scale, members, weights, self_weight, q, columns, t):  # type: ignore[override]
+        ctx.save_for_backward(lse, row_scale, members, weights, self_weight, q, columns)
         ctx.temperature = t
         return lse.clone()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        lse, members, weights, self_weight, q, columns = ctx.saved_tensors
-        scale = torch.where(torch.isfinite(lse), grad, 0.0).unsqueeze(1)
+        lse, row_scale, members, weights, self_weight, q, columns = ctx.saved_tensors
+        scale = torch.where(torch.isfinite(lse), grad * row_scale, 0.0).unsqueeze(1)
         grad_q = F.embedding_bag(members, columns, per_sample_weights=weights, mode="sum")
         grad_q.addcmul_(self_weight, q)
-        return grad_q.mul_(scale.div_(ctx.temperature)), *([None] * 7)
+        return grad_q.mul_(scale.div_(ctx.temperature)), *([None] * 8)
 
 
 def mochi_in_batch_cosine(contrast, first: Tensor, second: Tensor) -> Tensor | None:
