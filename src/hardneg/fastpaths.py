@@ -1714,9 +1714,10 @@ def hardest_columns(logits: Tensor, k: int) -> Tensor | None:
     """MoCHi: ``[A, k]`` the columns of each row's ``k`` largest logits in increasing column
     order (``0 < k < S``), when every row holds exactly ``k`` entries at or above its ``k``-th
     largest (no tie at that edge, no NaN); else None. On CPU, a block of rows at a time while it
-    is in cache: the ``k``-th largest by ``numpy.partition`` (values only), the entries at or
-    above it and their columns by ``flatnonzero``; the blocks split over torch's intra-op
-    threads from ``_THREAD_MIN_ENTRIES`` per thread (numpy releases the GIL). None on an
+    is in cache: the ``k``-th largest by ``numpy.partition`` of integer keys that order like the
+    floats (:func:`_np_order_keys`, in place; values only), the entries at or above it and
+    their columns by ``flatnonzero``; the blocks split over torch's intra-op threads from
+    ``_THREAD_MIN_ENTRIES`` per thread (numpy releases the GIL). None on an
     accelerator. Plain twin: ``HardNegativeMixing.hardest`` with ``fast=False``
     (``torch.topk``'s ``k``-th value and a cumsum / scatter compaction)."""
     if not numpy_partitions(logits):
