@@ -1650,6 +1650,9 @@ def _check_hardest_columns(dtype):
     nan = logits.clone()
     nan[5, 20] = float("nan")
     assert fastpaths.hardest_columns(nan, 50) is None
+    nan[5, 20] = -float("nan")  # sign bit set: the integer keys rank it last, not first
+    assert torch.signbit(nan[5, 20])
+    assert fastpaths.hardest_columns(nan, 50) is None
     both = tied.clone()  # row 3 one long, row 5 (a NaN) one short: r * k in all
     both[5, 20] = float("nan")
     assert fastpaths.hardest_columns(both, 1) is None

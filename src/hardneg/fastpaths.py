@@ -1282,21 +1282,21 @@ class _MixLogMass(torch.autograd.Function):
     forward (one product, no graph over ``[A, s + s']``)."""
 
     @staticmethod
-    def forward(ctx, anchors, lse, weights, self_weight, q, columns, anchor_columns, t):  # type: ignore[override]
-        ctx.save_for_backward(lse, weights, self_weight, q, columns, anchor_columns)
+    def forward(ctx, anchors, lse, row_scale, weights, self_weight, q, columns, anchor_columns, t):  # type: ignore[override]
+        ctx.save_for_backward(lse, row_scale, weights, self_weight, q, columns, anchor_columns)
         ctx.temperature = t
         return lse.clone()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        lse, weights, self_weight, q, columns, anchor_columns = ctx.saved_tensors
+        lse, row_scale, weights, self_weight, q, columns, anchor_columns = ctx.saved_tensors
         c = columns.shape[0]
         grad_q = weights[:, :c] @ columns
         if anchor_columns is not None:
             grad_q += torch.einsum("ah,ahd->ad", weights[:, c:], anchor_columns)
         grad_q.addcmul_(self_weight, q)
-        scale = torch.where(torch.isfinite(lse), grad, 0.0).div(ctx.temperature).unsqueeze(1)
-        return grad_q.mul_(scale), *([None] * 7)
+        scale = torch.where(torch.isfinite(lse), grad * row_scale, 0.0)
+        return grad_q.mul_(scale.div_(ctx.temperature).unsqueeze(1)), *([None] * 8)
 
 
 def _logit_cosine(
@@ -1443,10 +1443,11 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
         members = own is None and index.stride(0) != 0
         weights = logits.new_zeros(index.shape if members else (rows, width))
         lse = logits.new_empty(rows)
+        row_scale = logits.new_empty(rows)  # 1 / the exponentials' row sum
         self_weight = logits.new_zeros(rows, 1)
         block = min(step, rows)
-        # the block's temporaries, reused block after block (and call after call on the CPU)
         n_mix = s + s_query
+        # the block's temporaries, reused block after block
         words, positions, drawns, ds, flats, cosines, mixes, norms, firsts, spreads = _scratch(
             [
                 ((-(-block * per_row // 2),), torch.int64),
@@ -1511,10 +1512,14 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
             if s_query > 0:
                 self_logit = _row_dot(q[part], q[part]).div_(t).unsqueeze(1)
                 x[:, s:].addcmul_(first_scale[:, s:], self_logit)
-            # their log-sum-exp, and the softmax weights exp(x - lse): 0 on a row without
-            # negatives (it draws masked columns, index 0 of an empty Q~: its d and x are -inf)
-            block_lse = torch.logsumexp(x, dim=1, out=lse[part])
-            x.sub_(torch.where(torch.isfinite(block_lse), block_lse, 0.0).unsqueeze(1)).exp_()
+            # their log-sum-exp from one exponential exp(x - max) (the max 0 where infinite, as
+            # in torch.logsumexp): 0 on a row without negatives (it draws masked columns, index
+            # 0 of an empty Q~: its d and x are -inf); the softmax weights are these
+            # exponentials over their row sum, the division left to the backward's row scale
+            top = torch.amax(x, dim=1, keepdim=True).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            block_lse = torch.sum(x.sub_(top).exp_(), dim=1, out=lse[part])
+            torch.reciprocal(block_lse, out=row_scale[part])
+            block_lse.log_().add_(top.squeeze(1))
             # the softmax weight times each drawn column's coefficient, in d's memory
             coefficient = d
             if s > 0:
@@ -1525,9 +1530,11 @@ def mochi_mix_log_mass(strategy, contrast, context) -> Tensor:
             weights[part].scatter_add_(1, position if members else drawn, coefficient)
     if members:
         return _MixBagLogMass.apply(
-            contrast.anchors, lse, index, weights, self_weight, q, columns, t
+            contrast.anchors, lse, row_scale, index, weights, self_weight, q, columns, t
         )
-    return _MixLogMass.apply(contrast.anchors, lse, weights, self_weight, q, columns, own, t)
+    return _MixLogMass.apply(
+        contrast.anchors, lse, row_scale, weights, self_weight, q, columns, own, t
+    )
 
 
 class _MixBagLogMass(torch.autograd.Function):
@@ -1538,18 +1545,18 @@ class _MixBagLogMass(torch.autograd.Function):
     rows per anchor: no ``[A, S]`` buffer, no product)."""
 
     @staticmethod
-    def forward(ctx, anchors, lse, members, weights, self_weight, q, columns, t):  # type: ignore[override]
-        ctx.save_for_backward(lse, members, weights, self_weight, q, columns)
+    def forward(ctx, anchors, lse, row_scale, members, weights, self_weight, q, columns, t):  # type: ignore[override]
+        ctx.save_for_backward(lse, row_scale, members, weights, self_weight, q, columns)
         ctx.temperature = t
         return lse.clone()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        lse, members, weights, self_weight, q, columns = ctx.saved_tensors
-        scale = torch.where(torch.isfinite(lse), grad, 0.0).unsqueeze(1)
+        lse, row_scale, members, weights, self_weight, q, columns = ctx.saved_tensors
+        scale = torch.where(torch.isfinite(lse), grad * row_scale, 0.0).unsqueeze(1)
         grad_q = F.embedding_bag(members, columns, per_sample_weights=weights, mode="sum")
         grad_q.addcmul_(self_weight, q)
-        return grad_q.mul_(scale.div_(ctx.temperature)), *([None] * 7)
+        return grad_q.mul_(scale.div_(ctx.temperature)), *([None] * 8)
 
 
 def mochi_in_batch_cosine(contrast, first: Tensor, second: Tensor) -> Tensor | None:
@@ -1707,9 +1714,10 @@ def hardest_columns(logits: Tensor, k: int) -> Tensor | None:
     """MoCHi: ``[A, k]`` the columns of each row's ``k`` largest logits in increasing column
     order (``0 < k < S``), when every row holds exactly ``k`` entries at or above its ``k``-th
     largest (no tie at that edge, no NaN); else None. On CPU, a block of rows at a time while it
-    is in cache: the ``k``-th largest by ``numpy.partition`` (values only), the entries at or
-    above it and their columns by ``flatnonzero``; the blocks split over torch's intra-op
-    threads from ``_THREAD_MIN_ENTRIES`` per thread (numpy releases the GIL). None on an
+    is in cache: the ``k``-th largest by ``numpy.partition`` of integer keys that order like the
+    floats (:func:`_np_order_keys`, in place; values only), the entries at or above it and
+    their columns by ``flatnonzero``; the blocks split over torch's intra-op threads from
+    ``_THREAD_MIN_ENTRIES`` per thread (numpy releases the GIL). None on an
     accelerator. Plain twin: ``HardNegativeMixing.hardest`` with ``fast=False``
     (``torch.topk``'s ``k``-th value and a cumsum / scatter compaction)."""
     if not numpy_partitions(logits):
@@ -1720,12 +1728,23 @@ def hardest_columns(logits: Tensor, k: int) -> Tensor | None:
     step = max(1, _HARDEST_BLOCK // cols)
     offsets = np.arange(min(step, rows), dtype=np.int64).reshape(-1, 1) * cols
     tied: list[bool] = []
+    # a NaN with its sign bit set: its key is below -inf's (a positive NaN's above +inf's)
+    below_minus_inf = _np_order_keys(np.array(-np.inf, dtype=x.dtype))
 
     def work(begin: int, end: int) -> None:
+        keys = np.empty((min(step, end - begin), cols), dtype=below_minus_inf.dtype)
         for start in range(begin, end, step):
             block = x[start : min(start + step, end)]
             r = block.shape[0]
-            edge = np.partition(block, cols - k, axis=1)[:, cols - k : cols - k + 1]
+            # the k-th largest from integer keys that order like the floats, partitioned in
+            # place (about twice as fast as numpy's float partition); the members by the
+            # floats (a NaN is no member: its row comes up short, as with the float partition)
+            order = _np_order_keys(block, out=keys[:r])
+            order.partition(cols - k, axis=1)
+            if order.min() < below_minus_inf:  # a negative NaN, ranked last by the keys
+                tied.append(True)
+                return
+            edge = _np_order_keys(order[:, cols - k : cols - k + 1].copy()).view(x.dtype)
             flat = np.flatnonzero(block >= edge)
             # k per row: r k in all, and each row's first and last slots in the row (the flat
             # positions are sorted); a NaN leaves its row short, a tie at the edge another row
