@@ -2718,12 +2718,24 @@ def potential_in_batch_terms(strategy, inputs, context):
         # Gram's diagonal is -inf, so a key is not its own neighbour
         nb1 = _top_few(gd[n:, n:], num) if num > 0 else rows.new_zeros(n, 0)
         nb2 = _top_few(gd[:n, :n], num) if num > 0 else rows.new_zeros(n, 0)
-        blocks1 = torch.cat([rows.unsqueeze(1), nb1.to(rows.device)], dim=1)
-        blocks2 = torch.cat([rows.unsqueeze(1), nb2.to(rows.device)], dim=1)
-        trials1 = torch.bincount(blocks1.reshape(-1), minlength=n)
-        trials2 = torch.bincount(blocks2.reshape(-1), minlength=n)
-        own1, own2 = blocks1.reshape(-1), blocks2.reshape(-1)  # [N (K+1)] rows (key) of ...
-        anchor_of = rows.repeat_interleave(num + 1)  # ... each anchor's own block
+        on_numpy = _cpu_numpy(g.device)
+        if on_numpy:  # the blocks' bookkeeping in numpy on the same memory (no torch ops)
+            col = np.arange(n).reshape(-1, 1)
+            b1, b2 = (np.concatenate([col, nb.numpy()], axis=1) for nb in (nb1, nb2))
+            blocks1, blocks2 = torch.from_numpy(b1), torch.from_numpy(b2)
+            both = np.concatenate([np.bincount(b.reshape(-1), minlength=n) for b in (b1, b2)])
+            both_trials = torch.from_numpy(both)
+            trials1, trials2 = both_trials[:n], both_trials[n:]
+            anchor_of = np.repeat(np.arange(n), num + 1)
+            own1, own2 = b1.reshape(-1), b2.reshape(-1)
+        else:
+            blocks1 = torch.cat([rows.unsqueeze(1), nb1.to(rows.device)], dim=1)
+            blocks2 = torch.cat([rows.unsqueeze(1), nb2.to(rows.device)], dim=1)
+            trials1 = torch.bincount(blocks1.reshape(-1), minlength=n)
+            trials2 = torch.bincount(blocks2.reshape(-1), minlength=n)
+            both_trials = torch.cat([trials1, trials2])
+            anchor_of = rows.repeat_interleave(num + 1)  # each anchor's own block: the rows ...
+            own1, own2 = blocks1.reshape(-1), blocks2.reshape(-1)  # ... (keys) [N (K+1)]
         aug_values, aug_shift, aug_coef = gd, shift, coef
         if use_aug and raw:  # the code's kernel on unnormalised dot products (symmetric too)
             x = torch.cat([z1, z2]).detach().to(g.dtype)
@@ -2749,7 +2761,13 @@ def potential_in_batch_terms(strategy, inputs, context):
             # both directions in one call: columns 0..N-1 direction 1's keys, N..2N-1 direction
             # 2's; shared, row 2x + h of need.view(4N, N) is need[x, hN:(h + 1)N]
             if shared:
-                need_cols, source = need.view(4 * n, n), torch.cat([2 * (n + rows), 2 * rows + 1])
+                need_cols = need.view(4 * n, n)
+                if on_numpy:
+                    source = torch.from_numpy(
+                        np.concatenate([2 * (n + col[:, 0]), 2 * col[:, 0] + 1])
+                    )
+                else:
+                    source = torch.cat([2 * (n + rows), 2 * rows + 1])
             else:
                 need_cols, source = torch.cat([_to_bytes(k1, cap), _to_bytes(k2, cap)]), None
 
@@ -2784,7 +2802,7 @@ def potential_in_batch_terms(strategy, inputs, context):
             stream = _ByteStream(context.generator, g.device, _CHUNK)
             w = binomial_draws(
                 need_cols,
-                torch.cat([trials1, trials2]),
+                both_trials,
                 p256_mined,
                 context.generator,
                 rows=source,
@@ -2812,8 +2830,12 @@ def potential_in_batch_terms(strategy, inputs, context):
             w2 = k2 * trials2.to(k2.dtype).unsqueeze(1) if shared else k2.mul_(trials2.unsqueeze(1))
             kept_aug = whole
         # the anchor's own block holds its positives, no negatives (drawn, then dropped)
-        w1[own1, anchor_of] = 0
-        w2[own2, anchor_of] = 0
+        if on_numpy:
+            w1.numpy()[own1, anchor_of] = 0
+            w2.numpy()[own2, anchor_of] = 0
+        else:
+            w1[own1, anchor_of] = 0
+            w2[own2, anchor_of] = 0
         whole = None  # (kept_aug holds it now)
     blocks = [(n, 2 * n, 0, n), (0, n, n, 2 * n)]  # [keys, anchors] of each direction
     weights = [w1, w2]
