@@ -2644,3 +2644,87 @@ def test_pair_contrast_equals_in_batch_contrast(dtype):
         gp = torch.autograd.grad(p, (z1, z2), w)
         for a, b in zip(gf, gp):
             assert_close_rel(a, b, what=f"gradient of {pick}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_joint_positive_infonce_equals_the_weighted_objective(dtype):
+    """``joint_positive_infonce`` (every positive weight 1) gives ``infonce_objective``'s joint
+    summed terms bit for bit, values and gradients: an anchor with an empty negative mass
+    (``-inf``) and one with a ``-inf`` extra positive included."""
+    from hardneg.contrast import ContrastSet
+    from hardneg.objectives import infonce_objective
+    from hardneg.strategies.base import Selection
+
+    gen = torch.Generator().manual_seed(3)
+    a, q = 9, 4
+    pos = torch.randn(a, 1, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    extra = torch.randn(a, q, generator=gen, dtype=torch.float64).to(dtype)
+    extra[2, 1] = float("-inf")
+    extra.requires_grad_()
+    mass = torch.randn(a, generator=gen, dtype=torch.float64).to(dtype)
+    mass[4] = float("-inf")
+    mass.requires_grad_()
+    out = torch.randn(a, generator=gen, dtype=torch.float64).to(dtype)
+    got = fastpaths.joint_positive_infonce(pos, extra, mass)
+    got_grads = torch.autograd.grad(got, (pos, extra, mass), out)
+    contrast = ContrastSet(
+        anchors=torch.zeros(a, 2, dtype=dtype),
+        columns=torch.zeros(a, 2, dtype=dtype),
+        anchor_columns=None,
+        positives=torch.zeros(a, 1, 2, dtype=dtype),
+        positive_logits=pos,
+        positive_weight=torch.ones_like(pos),
+        positive_index=None,
+        negative_logits=torch.zeros(a, a, dtype=dtype),
+        negative_mask=None,
+        num_negatives=a,
+        temperature=0.5,
+    )
+    selection = Selection(negative_log_mass=mass, extra_positive_logits=extra)
+    want = infonce_objective(contrast, selection, positive_mode="joint", positive_reduction="sum")
+    want_grads = torch.autograd.grad(want, (pos, extra, mass), out)
+    assert torch.equal(got, want)
+    for x, y in zip(got_grads, want_grads):
+        assert torch.equal(x, y)
+    # the objective takes it only when the strategy vouches for unit weights, on the fast path
+    selection.unit_positive_weights = True
+    for fast in (True, False):
+        again = infonce_objective(
+            contrast, selection, positive_mode="joint", positive_reduction="sum", fast=fast
+        )
+        assert torch.equal(again, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_potential_unit_positive_weights_change_nothing(monkeypatch, dtype):
+    """potential's fused in-batch path vouches for unit positive weights (hard weighting): the
+    loss and gradients with the objective's shortcut equal those without it bit for bit."""
+    z1, z2, kwargs = make_inputs("in_batch", dtype, n=24, d=5)
+    loss_fn = hardneg.create_loss("potential", num_neighbors=3, a=3.0)
+
+    def run():
+        g = torch.Generator().manual_seed(5)
+        x = loss_fn(z1, z2, generator=g, **kwargs)
+        return (x, *torch.autograd.grad(x, (z1, z2)))
+
+    flags = []
+    real = type(loss_fn.strategy).select_term
+
+    def spy(self, contrast, context, role):
+        selection = real(self, contrast, context, role)
+        flags.append(selection.unit_positive_weights)
+        return selection
+
+    monkeypatch.setattr(type(loss_fn.strategy), "select_term", spy)
+    fast = run()
+    assert flags == [True, True, False]
+
+    def without(self, contrast, context, role):
+        selection = real(self, contrast, context, role)
+        selection.unit_positive_weights = False
+        return selection
+
+    monkeypatch.setattr(type(loss_fn.strategy), "select_term", without)
+    plain = run()
+    for a, b in zip(fast, plain):
+        assert torch.equal(a, b)

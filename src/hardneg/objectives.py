@@ -159,6 +159,19 @@ def infonce_objective(
             f"positive_mode must be one of {POSITIVE_MODES} and positive_reduction one of "
             f"{POSITIVE_REDUCTIONS}, got {positive_mode!r} and {positive_reduction!r}"
         )
+    if (
+        fast
+        and selection.unit_positive_weights
+        and tau_plus == 0.0
+        and positive_mode == "joint"
+        and positive_reduction == "sum"
+        and selection.extra_positive_logits is not None
+    ):  # every weight 1: the joint terms without the weights' ops (the same values)
+        return fastpaths.joint_positive_infonce(
+            contrast.positive_logits,
+            selection.extra_positive_logits,
+            log_negative_mass(contrast, selection),
+        )
     pos, weight = positive_terms(contrast, selection)
     if fast and tau_plus > 0.0 and pos.shape[1] == 1 and positive_reduction == "mean":
         return fastpaths.debiased_infonce(

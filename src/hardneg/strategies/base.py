@@ -74,6 +74,9 @@ class Selection:
         extra_positive_weight: ``[A, Q]`` their weights (default 1; 0 = padding).
         positive_weight: ``[A, P]`` replaces the contrast set's positive weights.
         num_negatives: ``M`` of the debiased estimator if the strategy changes it.
+        unit_positive_weights: the strategy guarantees that every positive weight (the contrast
+            set's and ``extra_positive_weight``'s) is 1, so that the fast objective may skip
+            them (:func:`hardneg.fastpaths.joint_positive_infonce`).
         extras: scalar facts for diagnostics (e.g. the band used), never used by the loss.
     """
 
@@ -85,6 +88,7 @@ class Selection:
     positive_weight: Tensor | None = None
     num_negatives: int | Tensor | None = None
     extras: dict[str, float] = field(default_factory=dict)
+    unit_positive_weights: bool = False
 
 
 def normalised_log_weights(log_w: Tensor, contrast: ContrastSet) -> Tensor:

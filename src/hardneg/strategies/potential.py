@@ -343,8 +343,9 @@ class PotentialMining(Strategy):
         assert isinstance(contrast, CellContrast)
         if contrast.fast_log_mass is not None:  # drawn and summed by the fast path
             selection = Selection(negative_log_mass=contrast.fast_log_mass)
-            if contrast.fast_extra_positive_logits is not None:
+            if contrast.fast_extra_positive_logits is not None:  # hard weighting: weights 1
                 selection.extra_positive_logits = contrast.fast_extra_positive_logits
+                selection.unit_positive_weights = True
                 return selection
             return self.positives(selection, contrast, role)
         assert contrast.cell_log_keep is not None
