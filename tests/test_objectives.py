@@ -151,6 +151,13 @@ def case(name):
         contrast = contrast_of(pos[:, :1], neg)
         sel = Selection(positive_weight=torch.full((4, 1), 0.5, dtype=torch.float64))
         return contrast, sel, 0.0, leaves
+    if name == "debiased one positive":  # the fused debiased terms when fast
+        contrast = contrast_of(pos[:, :1], neg, t=0.5)
+        return contrast, Selection(negative_log_weights=log_w), 0.3, leaves + [log_w]
+    if name == "unit weights, extras":  # the joint terms without weights when fast
+        contrast = contrast_of(pos[:, :1], neg, t=0.5)
+        sel = Selection(extra_positive_logits=draw(9, 4, 2), unit_positive_weights=True)
+        return contrast, sel, 0.0, leaves + [sel.extra_positive_logits]
     raise AssertionError(name)
 
 
@@ -160,16 +167,21 @@ CASES = [
     "debiased int M override, clamp",
     "log mass, extra negatives",
     "one positive, weight",
+    "debiased one positive",
+    "unit weights, extras",
 ]
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("mode", ["separate", "joint"])
 @pytest.mark.parametrize("name", CASES)
-def test_infonce_objective_equals_the_equations_in_value_and_gradient(name, mode, reduction):
+def test_infonce_objective_equals_the_equations_in_value_and_gradient(name, mode, reduction, fast):
+    """Plain and fast (the fused terms of hardneg.fastpaths where they apply: one positive with
+    ``tau_plus > 0``, or every positive weight 1 in the joint sum) against the equations."""
     contrast, sel, tau, leaves = case(name)
     got = infonce_objective(
-        contrast, sel, tau_plus=tau, positive_mode=mode, positive_reduction=reduction
+        contrast, sel, tau_plus=tau, positive_mode=mode, positive_reduction=reduction, fast=fast
     )
     expected = oracle_infonce(contrast, sel, tau, mode, reduction)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
