@@ -475,11 +475,6 @@ def _order_keys(x: Tensor) -> Tensor:
     return keys
 
 
-def _order_keys_np(x: np.ndarray) -> np.ndarray:
-    """:func:`_order_keys` of a contiguous float32 array (through a tensor sharing its memory)."""
-    return _order_keys(torch.from_numpy(x)).numpy()
-
-
 # numpy's selection (introselect with SIMD partitioning in numpy >= 2) takes less than half the
 # time of torch.topk per element on CPU (measured: 256 x 4096, top 409), but costs a few
 # microseconds per row and per call: it wins on long rows and past a few thousand entries
@@ -524,7 +519,7 @@ def top_k_indices(x: Tensor, k: int) -> Tensor:
         out = np.empty((rows, k), dtype=np.int64)
         step = max(1, _NUMPY_BLOCK // cols)  # keys and argpartition's int64 output in cache
         for start in range(0, rows, step):
-            keys = _order_keys_np(values[start : start + step])
+            keys = _np_order_keys(values[start : start + step])
             out[start : start + step] = np.argpartition(keys, cols - k, axis=1)[:, cols - k :]
         return torch.from_numpy(out)
     blocks = row_blocks(x)  # ~1 MiB of keys per block
