@@ -1269,6 +1269,16 @@ def _scratch(specs: list[tuple[tuple[int, ...], torch.dtype]], device) -> list[T
 _MIX_BLOCK = 1 << 19
 
 
+def _mix_anchor_gradient(grad_q, ctx, grad, lse, row_scale, self_weight, q) -> tuple:
+    """The end of both MoCHi mix backwards (:class:`_MixLogMass`, :class:`_MixBagLogMass`):
+    ``grad_q`` (the columns' weighted sum) plus the query mixes' share ``w q``, times the
+    incoming gradient and the row's softmax scale over ``t`` (0 on a row with no mix), and no
+    gradient for the other eight inputs."""
+    grad_q.addcmul_(self_weight, q)
+    scale = torch.where(torch.isfinite(lse), grad * row_scale, 0.0)
+    return grad_q.mul_(scale.div_(ctx.temperature).unsqueeze(1)), *([None] * 8)
+
+
 class _MixLogMass(torch.autograd.Function):
     """MoCHi's synthetic negatives: forward the log-mass computed by :func:`mochi_mix_log_mass`;
     backward to the anchors only: the incoming gradient ``g [A]`` times ``(W C + w q) / t``, with
@@ -1289,9 +1299,7 @@ class _MixLogMass(torch.autograd.Function):
         grad_q = weights[:, :c] @ columns
         if anchor_columns is not None:
             grad_q += torch.einsum("ah,ahd->ad", weights[:, c:], anchor_columns)
-        grad_q.addcmul_(self_weight, q)
-        scale = torch.where(torch.isfinite(lse), grad * row_scale, 0.0)
-        return grad_q.mul_(scale.div_(ctx.temperature).unsqueeze(1)), *([None] * 8)
+        return _mix_anchor_gradient(grad_q, ctx, grad, lse, row_scale, self_weight, q)
 
 
 def _logit_cosine(
@@ -1548,10 +1556,8 @@ class _MixBagLogMass(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         lse, row_scale, members, weights, self_weight, q, columns = ctx.saved_tensors
-        scale = torch.where(torch.isfinite(lse), grad * row_scale, 0.0).unsqueeze(1)
         grad_q = F.embedding_bag(members, columns, per_sample_weights=weights, mode="sum")
-        grad_q.addcmul_(self_weight, q)
-        return grad_q.mul_(scale.div_(ctx.temperature)), *([None] * 8)
+        return _mix_anchor_gradient(grad_q, ctx, grad, lse, row_scale, self_weight, q)
 
 
 def mochi_in_batch_cosine(contrast, first: Tensor, second: Tensor) -> Tensor | None:
