@@ -9,6 +9,12 @@ reports, per thread setting and loss, the median over rounds of its time divided
 ``infonce`` in the same round and thread setting, and infonce's median time. Inputs are not
 validated (``check_inputs=False``), so the ratios are those of the losses.
 
+**On a GPU** (``--device cuda``): the inputs, the losses' generators and the replayed products
+of the floor live on the GPU, and every timed step runs between two ``torch.cuda.synchronize()``
+calls, so that it counts the host's dispatch and the kernels up to their end, and nothing queued
+by the step before. Thread settings do not apply (the host keeps torch's default): the tables
+have one setting, labelled ``cuda``. The memory and graph-break tables run on the GPU too.
+
 **Product floor** (``--floor``, default): the time of the matrix products (``mm``, ``addmm``,
 ``bmm``) that one forward + backward of the loss performs, recorded from the loss itself in the
 same cell and replayed alone on operands of the same shapes and layouts, divided by infonce's
@@ -33,6 +39,7 @@ Examples:
     python benchmarks/loss_overhead.py --threads default,1      # full run (~10 min on 2 cores)
     python benchmarks/loss_overhead.py --quick                  # N = 256, in-batch and K = 4096
     python benchmarks/loss_overhead.py --sizes 512 --pools 0 --no-memory --no-graph-breaks
+    python benchmarks/loss_overhead.py --device cuda --repeats 5   # on a GPU (tools/device_check.sh)
 
 **In-batch defaults** (``--in-batch-defaults``, default ``mochi``): for each loss named there
 that is measured and whose strategy has ``in_batch_defaults`` (the hyper-parameters ``hardneg
@@ -123,7 +130,8 @@ _PRODUCTS = {
 
 class RecordProducts(TorchDispatchMode):
     """Records the operands' shape, strides and dtype of every matrix product dispatched while
-    active (forward and backward run on this thread on the CPU)."""
+    active (on the CPU the backward runs on this thread; on CUDA on autograd's device thread,
+    which inherits the active dispatch modes with the rest of the thread-local state)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -182,6 +190,7 @@ def time_cell(
     max_repeats: int = 60,
     estimator: str = "median",
     floors: bool = False,
+    device: str = "cpu",
 ) -> dict[int, tuple[dict[str, float], dict[str, float]]]:
     """Per thread setting: median seconds per forward+backward of each loss in one (N, K) cell,
     and the median over rounds of each loss's time divided by infonce's time in the same round
@@ -189,12 +198,15 @@ def time_cell(
     setting, and within it every loss, in alternating orders. Runs at least ``repeats`` rounds
     and, for fast cells, more until ``min_seconds`` have passed (at most ``max_repeats``).
     ``estimator='min'`` uses the fastest round of each loss instead. ``floors`` adds, for every
-    loss ``x``, an entry ``floor:x``: its matrix products replayed alone (:func:`products_step`)."""
+    loss ``x``, an entry ``floor:x``: its matrix products replayed alone (:func:`products_step`).
+    ``device='cuda'``: inputs on the GPU, each timed step between two synchronisations."""
     threads = threads or [torch.get_num_threads()]
-    gen = torch.Generator().manual_seed(seed)
-    z1 = torch.randn(n, dim, generator=gen).requires_grad_()
-    z2 = torch.randn(n, dim, generator=gen).requires_grad_()
-    pool = None if pool_size == 0 else torch.randn(pool_size, dim, generator=gen)
+    on_cuda = torch.device(device).type == "cuda"
+    # drawn on the device by its own generator (on the CPU: the same draws as before the option)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    z1 = torch.randn(n, dim, generator=gen, device=device).requires_grad_()
+    z2 = torch.randn(n, dim, generator=gen, device=device).requires_grad_()
+    pool = None if pool_size == 0 else torch.randn(pool_size, dim, generator=gen, device=device)
     steps = {}
     for name in names:
         loss_fn = make_loss(name, check_inputs=False)
@@ -208,6 +220,8 @@ def time_cell(
         for _ in range(warmup):
             for step in steps.values():
                 step()
+    if on_cuda:
+        torch.cuda.synchronize()
     times = {t: {name: [] for name in names} for t in threads}
     start_cell = time.perf_counter()
     r = 0
@@ -216,8 +230,14 @@ def time_cell(
         for t in threads if r % 2 == 0 else threads[::-1]:
             torch.set_num_threads(t)
             for name in names if r % 2 == 0 else names[::-1]:
+                if on_cuda:
+                    # kernels are asynchronous: wait for the queue before the clock starts and
+                    # for the step's own kernels before it stops (host time + device time)
+                    torch.cuda.synchronize()
                 start = time.perf_counter()
                 steps[name]()
+                if on_cuda:
+                    torch.cuda.synchronize()
                 times[t][name].append(time.perf_counter() - start)
         r += 1
     torch.set_num_threads(DEFAULT_THREADS)
@@ -322,21 +342,21 @@ def memory_table(
 GRAPH_FORMS = ("in-batch", "pool", "pool+exclude_index", "hard_negatives")
 
 
-def graph_breaks(name: str, form: str, *, check_inputs: bool = False) -> str:
-    """Graph breaks of ``torch._dynamo.explain`` for one loss and call form (``'-'``: the loss
-    rejects that form; ``'error'``: capture failed)."""
+def graph_breaks(name: str, form: str, *, check_inputs: bool = False, device: str = "cpu") -> str:
+    """Graph breaks of ``torch._dynamo.explain`` for one loss and call form, on inputs of
+    ``device`` (``'-'``: the loss rejects that form; ``'error'``: capture failed)."""
     import torch._dynamo
 
     gen = torch.Generator().manual_seed(0)
-    z1 = torch.randn(8, 6, generator=gen).requires_grad_()
-    z2 = torch.randn(8, 6, generator=gen).requires_grad_()
+    z1 = torch.randn(8, 6, generator=gen).to(device).requires_grad_()
+    z2 = torch.randn(8, 6, generator=gen).to(device).requires_grad_()
     kwargs: dict = {}
     if form.startswith("pool"):
-        kwargs["negatives"] = torch.randn(24, 6, generator=gen)
+        kwargs["negatives"] = torch.randn(24, 6, generator=gen).to(device)
         if form == "pool+exclude_index":
-            kwargs["exclude_index"] = torch.arange(8)
+            kwargs["exclude_index"] = torch.arange(8, device=device)
     elif form == "hard_negatives":
-        kwargs["hard_negatives"] = torch.randn(8, 2, 6, generator=gen)
+        kwargs["hard_negatives"] = torch.randn(8, 2, 6, generator=gen).to(device)
     loss_fn = make_loss(name, check_inputs=check_inputs)
     # no generator= argument: dynamo cannot trace a torch.Generator input (a loss given one
     # breaks the graph and runs its draws eagerly), so a compiled loss that draws takes torch's
@@ -409,7 +429,12 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="graph breaks per loss and call form under torch.compile",
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (memory table)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the losses run: time, memory and graph-break tables (cuda: one thread setting)",
+    )
     parser.add_argument(
         "--in-batch-defaults",
         default="mochi",
@@ -417,9 +442,23 @@ def main(argv: list[str] | None = None) -> int:
         "(comma-separated, '' = none)",
     )
     args = parser.parse_args(argv)
+    on_cuda = args.device == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        # one line, no traceback: the device check script stops on it
+        print(
+            f"loss_overhead.py: error: --device cuda, but torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})",
+            file=sys.stderr,
+        )
+        return 2
     if args.quick:
         args.sizes, args.pools, args.repeats = "256", "0,4096", 5
-    threads = parse_threads(args.threads)
+    # on a GPU the host's thread count is not what is measured: one setting, torch's default
+    threads = [DEFAULT_THREADS] if on_cuda else parse_threads(args.threads)
+    # the first column of the time tables, and how a miss names its setting
+    column = "device" if on_cuda else "threads"
+    label = {t: "cuda" if on_cuda else str(t) for t in threads}
+    setting = {t: "cuda" if on_cuda else f"{t} thread(s)" for t in threads}
     others = (
         [x for x in hardneg.list_losses() if x != "infonce"]
         if args.losses is None
@@ -430,11 +469,20 @@ def main(argv: list[str] | None = None) -> int:
             others.insert(others.index(name) + 1, name + IN_BATCH_SUFFIX)
     names = ["infonce", *others]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(
-        f"torch {torch.__version__}, {os.cpu_count()} CPU(s), threads {threads} "
-        f"(torch's default: {DEFAULT_THREADS}), d = {args.dim}, >= {args.repeats} interleaved rounds "
-        f"per cell, estimator {args.estimator}; load average at start {load:.2f}"
-    )
+    if on_cuda:
+        print(
+            f"torch {torch.__version__}, device cuda ({torch.cuda.get_device_name()}, CUDA "
+            f"{torch.version.cuda}), each timed step between torch.cuda.synchronize() calls; "
+            f"threads: not applicable on cuda, one column (host: {os.cpu_count()} CPU(s), torch's "
+            f"default {DEFAULT_THREADS} threads), d = {args.dim}, >= {args.repeats} interleaved "
+            f"rounds per cell, estimator {args.estimator}; load average at start {load:.2f}"
+        )
+    else:
+        print(
+            f"torch {torch.__version__}, {os.cpu_count()} CPU(s), threads {threads} "
+            f"(torch's default: {DEFAULT_THREADS}), d = {args.dim}, >= {args.repeats} interleaved rounds "
+            f"per cell, estimator {args.estimator}; load average at start {load:.2f}"
+        )
     misses: list[str] = []
     pools, sizes = parse_ints(args.pools), parse_ints(args.sizes)
     if pools and sizes:
@@ -453,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                     threads=threads,
                     estimator=args.estimator,
                     floors=args.floor,
+                    device=args.device,
                 )
                 setup = "in-batch" if pool_size == 0 else f"pool K={pool_size}"
                 for t, (med, ratios) in cell.items():
@@ -471,10 +520,10 @@ def main(argv: list[str] | None = None) -> int:
                                     f" (product floor {floor:.2f}x; with infonce's non-product work "
                                     f"{floor + rest:.2f}x)"
                                 )
-                            misses.append(f"{name} {t} thread(s) N={n} {setup}: {ratio:.2f}x{why}")
+                            misses.append(f"{name} {setting[t]} N={n} {setup}: {ratio:.2f}x{why}")
                         cells.append(f"{ratio:.2f}{flag}")
                     row = (
-                        f"| {t} | {setup} | {n} | {med['infonce'] * 1e3:.1f} | "
+                        f"| {label[t]} | {setup} | {n} | {med['infonce'] * 1e3:.1f} | "
                         + " | ".join(cells)
                         + " |"
                     )
@@ -482,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(row, flush=True)
                     if args.floor:
                         floor_rows[t].append(
-                            f"| {t} | {setup} | {n} | "
+                            f"| {label[t]} | {setup} | {n} | "
                             + " | ".join(
                                 f"{ratios[f'floor:{x}']:.2f}"
                                 + (
@@ -497,10 +546,11 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(
             f"Time of one forward+backward relative to infonce in the same round ({args.estimator} over rounds)"
+            + (" on cuda, synchronised before and after each step" if on_cuda else "")
         )
         print()
         header = [
-            "threads",
+            column,
             "set-up",
             "N",
             f"infonce ({args.estimator}, ms)",
@@ -517,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print("((!) = the products alone exceed the target)")
             print()
-            header = ["threads", "set-up", "N", *(f"{x} (x)" for x in names)]
+            header = [column, "set-up", "N", *(f"{x} (x)" for x in names)]
             print("| " + " | ".join(header) + " |")
             print("|" + "|".join(["---"] * len(header)) + "|")
             for t in threads:
@@ -547,12 +597,13 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(
             "Graph breaks under torch.compile (torch._dynamo.explain, check_inputs=False; '-' = form not supported)"
+            + (" on cuda inputs" if on_cuda else "")
         )
         print()
         print("| loss | " + " | ".join(GRAPH_FORMS) + " |")
         print("|" + "|".join(["---"] * (len(GRAPH_FORMS) + 1)) + "|")
         for name in names:
-            counts = [graph_breaks(name, form) for form in GRAPH_FORMS]
+            counts = [graph_breaks(name, form, device=args.device) for form in GRAPH_FORMS]
             print(f"| {name} | " + " | ".join(counts) + " |", flush=True)
             misses.extend(
                 f"{name} {form}: {c} graph breaks"
