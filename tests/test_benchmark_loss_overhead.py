@@ -4,6 +4,10 @@ its tables (time per thread setting, peak memory, graph breaks) come out of one 
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +121,155 @@ def test_in_batch_defaults_get_their_own_column(bench, capsys):
     assert "| mochi (x) | mochi (in-batch defaults) (x) |" in capsys.readouterr().out
     assert bench.main([*args.split(), "--in-batch-defaults", ""]) == 0
     assert "in-batch defaults" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# --device: the CPU tables keep their form; CUDA runs where there is one (tools/device_check.sh)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def _spy_inputs(bench, monkeypatch) -> list:
+    """The (z1, z2, pool) every step of ``time_cell`` is built on."""
+    seen = []
+    real = bench.make_step
+
+    def spy(loss_fn, z1, z2, pool):
+        seen.append((z1, z2, pool))
+        return real(loss_fn, z1, z2, pool)
+
+    monkeypatch.setattr(bench, "make_step", spy)
+    return seen
+
+
+def test_cpu_inputs_are_the_draws_of_a_cpu_generator(bench, monkeypatch):
+    """The default device keeps the inputs of earlier tables: z1, z2 and the pool are torch's
+    first three draws of a CPU generator seeded with ``seed``."""
+    seen = _spy_inputs(bench, monkeypatch)
+    bench.time_cell(["infonce"], 8, 4, 16, 1, 0, 5, threads=[1], min_seconds=0)
+    g = torch.Generator().manual_seed(5)
+    want = [torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)]
+    want.append(torch.randn(16, 4, generator=g))
+    for got, expected in zip(seen[0], want):
+        assert got.device.type == "cpu" and torch.equal(got.detach(), expected)
+
+
+def test_cpu_tables_keep_their_form(bench, capsys):
+    """The CPU output people compare with earlier tables: the header line, the column names and
+    one row per thread setting, as before ``--device`` timed on a GPU."""
+    args = "--sizes 8 --pools 0 --repeats 1 --warmup 0 --threads 1 --losses hcl --no-memory"
+    assert bench.main(args.split()) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(
+        r"torch \S+, \d+ CPU\(s\), threads \[1\] \(torch's default: \d+\), d = 128, >= 1 "
+        r"interleaved rounds per cell, estimator median; load average at start [\d.]+",
+        lines[0],
+    ), lines[0]
+    row = r"\| 1 \| in-batch \| 8 \| \d+\.\d \| \d+\.\d\d( \(!\))? \|"
+    assert re.fullmatch(row, lines[1]), lines[1]
+    at = lines.index("| threads | set-up | N | infonce (median, ms) | hcl (x) |")
+    assert lines[at + 1] == "|---|---|---|---|---|" and re.fullmatch(row, lines[at + 2])
+    at = lines.index("| threads | set-up | N | infonce (x) | hcl (x) |")  # the product floor
+    assert re.fullmatch(
+        r"\| 1 \| in-batch \| 8 \| \d+\.\d\d \| \d+\.\d\d( \(!\))? \|", lines[at + 2]
+    )
+    assert lines.index("| loss | in-batch | pool | pool+exclude_index | hard_negatives |") > at
+    assert not any("cuda" in line for line in lines)
+
+
+def test_cuda_without_a_gpu_is_a_one_line_error(bench, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--device", "cuda", "--sizes", "8", "--pools", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing measured, not even the header
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and "--device cuda" in lines[0]
+    assert "torch.cuda.is_available() is False" in lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_cuda_without_a_gpu_has_no_traceback_from_the_command_line():
+    env = {**os.environ, "PYTHONPATH": str(_PATH.parents[1] / "src")}
+    run = subprocess.run(
+        [sys.executable, str(_PATH), "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.startswith("loss_overhead.py: error: --device cuda, but ")
+    assert len(run.stderr.splitlines()) == 1 and "Traceback" not in run.stderr
+
+
+@needs_cuda
+def test_time_cell_on_cuda_synchronises_around_every_timed_step(bench, monkeypatch):
+    """Inputs drawn on the GPU by a CUDA generator, and a synchronisation before and after each
+    timed step (plus one after the warm-up): without them the clock would stop at the launch."""
+    seen = _spy_inputs(bench, monkeypatch)
+    calls = []
+    real_sync = torch.cuda.synchronize
+
+    def counting_sync(*args, **kwargs):
+        calls.append(1)
+        return real_sync(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", counting_sync)
+    out = bench.time_cell(
+        ["infonce", "hcl"], 8, 4, 16, 3, 1, 5, threads=[1], min_seconds=0, device="cuda"
+    )
+    assert len(calls) == 2 * 3 * 2 + 1  # 3 rounds x 2 losses x (before, after) + warm-up
+    g = torch.Generator(device="cuda").manual_seed(5)
+    want = [torch.randn(8, 4, generator=g, device="cuda") for _ in range(2)]
+    want.append(torch.randn(16, 4, generator=g, device="cuda"))
+    for got, expected in zip(seen[0], want):
+        assert got.device.type == "cuda" and torch.equal(got.detach(), expected)
+    medians, ratios = out[1]
+    assert ratios["infonce"] == 1.0 and ratios["hcl"] > 0 and medians["hcl"] > 0
+
+
+@needs_cuda
+def test_replayed_products_on_cuda_include_the_backward(bench):
+    """On CUDA the backward runs on autograd's device thread: the recorder must still see its
+    products (more flops than the forward alone), and the replay has the loss's flops."""
+    for name in [x for x in hardneg.list_losses() if x != "debiased"]:
+        for pool_size in (0, 96):
+            gen = torch.Generator().manual_seed(0)
+            z1 = torch.randn(16, 8, generator=gen).cuda().requires_grad_()
+            z2 = torch.randn(16, 8, generator=gen).cuda().requires_grad_()
+            pool = torch.randn(pool_size, 8, generator=gen).cuda() if pool_size else None
+            loss_fn = hardneg.create_loss(name)
+            with FlopCounterMode(display=False) as forward:
+                kwargs = {"generator": torch.Generator("cuda")} if loss_fn.draws else {}
+                loss_fn(z1, z2, negatives=pool, **kwargs)
+            step = bench.make_step(loss_fn, z1, z2, pool)
+            with FlopCounterMode(display=False) as counter:
+                step()
+            replay = bench.products_step(step)
+            assert replay.flops == counter.get_total_flops(), (name, pool_size)
+            assert replay.flops > forward.get_total_flops() > 0, (name, pool_size)
+
+
+@needs_cuda
+def test_peak_memory_on_cuda_grows_with_the_problem(bench):
+    small = bench.peak_in_subprocess("infonce", 64, 16, 0, 1, "cuda")
+    large = bench.peak_in_subprocess("infonce", 1024, 16, 0, 1, "cuda")
+    # CUDA's allocator counts tensors only: at least the [N, 2N] float32 logits (8 MiB)
+    assert large > 8 * 2**20 > small >= 0
+
+
+@needs_cuda
+def test_main_on_cuda_prints_every_table(bench, capsys):
+    args = (
+        "--device cuda --sizes 8 --pools 0,32 --repeats 1 --warmup 0 --threads default,1 "
+        "--losses hcl --memory-cells 16:0"
+    )
+    assert bench.main(args.split()) == 0
+    out = capsys.readouterr().out
+    assert "threads: not applicable on cuda, one column" in out.splitlines()[0]
+    # one setting whatever --threads says: rows as measured, in the table and in the floor's
+    assert out.count("| cuda | in-batch | 8 |") == 3 and out.count("| cuda | pool K=32 | 8 |") == 3
+    assert "| device | set-up | N | infonce (median, ms) | hcl (x) |" in out
+    assert "| 1 | in-batch" not in out and "| threads |" not in out
+    assert "(CUDA max_memory_allocated above the inputs)" in out and "| in-batch | 16 |" in out
+    assert "on cuda inputs" in out and "| hcl | 0 | 0 | 0 | 0 |" in out

@@ -117,6 +117,44 @@ def test_compiled_equals_eager(name, form):
         assert_close(a, b, what=f"{name} {form} grad z{i + 1}")
 
 
+def compiled_mismatches(device: str) -> list[str]:
+    """Every loss and call form on ``device``: the failures of compiled (``fullgraph=True``) =
+    eager within 1e-5, value and gradients, as lines (empty: all agree). Every case is tried, so
+    one run lists them all."""
+    torch._dynamo.reset()
+    failures = []
+    pairs: dict[str, tuple[torch.nn.Module, object]] = {}
+    for param in supported_forms():
+        name, form = param.values
+        if name not in pairs:
+            eager = hardneg.create_loss(name, check_inputs=False)
+            eager.fast = not eager.draws  # as in eager_and_compiled
+            pairs[name] = (eager, torch.compile(eager, backend=BACKEND, fullgraph=True))
+        eager, compiled = pairs[name]
+        z1, z2, kwargs = inputs(form)
+        z1, z2 = (z.detach().to(device).requires_grad_() for z in (z1, z2))
+        kwargs = {k: v.to(device) for k, v in kwargs.items()}
+        try:
+            le, ge = value_and_grads(eager, z1, z2, kwargs, eager.draws)
+            lc, gc = value_and_grads(compiled, z1, z2, kwargs, eager.draws)
+            assert lc.device == z1.device and lc.dtype == torch.float32, (lc.device, lc.dtype)
+            assert_close(lc, le, what="loss")
+            for i, (a, b) in enumerate(zip(gc, ge)):
+                assert_close(a, b, what=f"grad z{i + 1}")
+        except Exception as exc:  # noqa: BLE001 - a graph break or a mismatch, listed
+            failures.append(f"{name} {form}: {type(exc).__name__}: {str(exc)[:300]}")
+    torch._dynamo.reset()
+    return failures
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_compiled_equals_eager_on_cuda():
+    """The test above on CUDA tensors: the GPU's kernels and the losses' device paths (one test,
+    so that a machine without a GPU skips once)."""
+    failures = compiled_mismatches("cuda")
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.parametrize("name", LOSSES)
 def test_compiled_float64_equals_eager(name):
     eager, compiled = eager_and_compiled(name)
