@@ -1,7 +1,7 @@
 # Routine tasks. `make test` is what CI runs (via .ci/run).
 PY ?= python3
 
-.PHONY: install install-test demo test lint format typecheck bench-loss bench-train docs-defaults mutation clean
+.PHONY: install install-test demo test lint format typecheck bench-loss bench-train device-check docs-defaults mutation clean
 
 install:            ## install the package (torch pinned for our machines)
 	$(PY) -m pip install -c constraints.txt -e .
@@ -29,6 +29,9 @@ bench-loss:         ## loss forward+backward time relative to infonce
 
 bench-train:        ## training throughput vs the torchvision + DataLoader pipeline
 	$(PY) benchmarks/train_throughput.py
+
+device-check:       ## on a GPU: the CUDA tests and bench-loss --device cuda (docs/benchmarks.md)
+	PYTHON=$(PY) bash tools/device_check.sh
 
 docs-defaults:      ## rewrite the defaults table of docs/methods.md from the registry
 	$(PY) docs/update_defaults.py

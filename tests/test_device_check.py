@@ -227,3 +227,24 @@ def test_every_step_passing_exits_0(tmp_path):
         "device_check: every step passed; outputs in " + str(tmp_path / "out")
     )
     assert len(calls(tmp_path)) == 5
+
+
+def test_the_docs_table_names_each_step_with_its_limit_and_output(tmp_path):
+    """docs/benchmarks.md's "Running the GPU check" table follows the script: the same steps,
+    limits and output files as the dry run."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    section = text.split("## Running the GPU check\n", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith("| step ")
+    ]
+    documented = {row[0].replace(" ", "-"): (row[2], row[3].strip("`")) for row in rows}
+    run = run_script(tmp_path, "--dry-run")
+    expected = {}
+    for line in run.stdout.splitlines():
+        step, _, rest = line.partition("] ")
+        words = shlex.split(rest)
+        limit = words[3] if words[1] == "-k" else words[1]
+        expected[step.lstrip("[")] = (f"{limit} s", Path(words[-1]).name)
+    assert documented == expected
