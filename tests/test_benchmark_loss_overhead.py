@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,42 @@ def test_cuda_without_a_gpu_is_a_one_line_error(bench, capsys, monkeypatch):
     lines = captured.err.splitlines()
     assert len(lines) == 1 and "--device cuda" in lines[0]
     assert "torch.cuda.is_available() is False" in lines[0]
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_memory_rows_map_each_peak_to_its_loss(bench, monkeypatch, capsys, workers):
+    """One measuring process per loss, one at a time or ``workers`` at a time (as on CUDA): each
+    loss's ratio is its own peak over infonce's. With 3 workers the three measurements of a
+    cell must be in flight together (a barrier of 3 would break if they ran one by one)."""
+    peaks = {"infonce": 4 * 2**20, "hcl": 2 * 2**20, "ring": 10 * 2**20}
+    barrier = threading.Barrier(workers, timeout=30)
+
+    def fake_peak(name, n, dim, pool_size, threads, device):
+        assert (dim, threads, device) == (16, 1, "cpu")
+        barrier.wait()
+        return peaks[name] * (2 if pool_size else 1)
+
+    monkeypatch.setattr(bench, "peak_in_subprocess", fake_peak)
+    rows, misses = bench.memory_table(
+        ["infonce", "hcl", "ring"], [(8, 0), (8, 32)], 16, 1, "cpu", workers
+    )
+    assert rows == [
+        "| in-batch | 8 | 4 | 0.50 | 2.50 (!) |",
+        "| pool K=32 | 8 | 8 | 0.50 | 2.50 (!) |",
+    ]
+    assert misses == [
+        "ring in-batch N=8: peak 2.50x infonce (10 MiB)",
+        "ring pool K=32 N=8: peak 2.50x infonce (20 MiB)",
+    ]
+    assert capsys.readouterr().out.splitlines() == rows
+
+
+def test_cpu_memory_is_measured_one_process_at_a_time(bench, monkeypatch):
+    """Resident-set peaks of the earlier CPU tables were taken with nothing else measuring."""
+    seen = []
+    monkeypatch.setattr(bench, "memory_table", lambda *args: (seen.append(args), ([], []))[1])
+    assert bench.main(["--sizes", "", "--no-graph-breaks", "--memory-cells", "16:0"]) == 0
+    assert len(seen) == 1 and seen[0][1:] == ([(16, 0)], 128, bench.DEFAULT_THREADS, "cpu", 1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")

@@ -45,29 +45,30 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
-# tqdm and torch's compile workers write progress to the logs otherwise
+# every line reaches its log file as it is printed: a step stopped at its limit keeps them
 export PYTHONUNBUFFERED=1
 
 # per-step limits in seconds (sum 480 s, with nvidia-smi's 20 s and at most 10 s of grace per
 # step: under 9 minutes in the worst case)
 T_ENV="${T_ENV:-30}"
-T_TESTS="${T_TESTS:-180}"
+T_TESTS="${T_TESTS:-200}"
 T_TIME="${T_TIME:-120}"
-T_MEMORY="${T_MEMORY:-100}"
+T_MEMORY="${T_MEMORY:-80}"
 T_GRAPH="${T_GRAPH:-50}"
 
-# The tests that take a GPU when there is one: CUDA cases of the benchmark, compile (every loss
-# compiled = eager on CUDA tensors), potential, augment and checkpoint tests, the RNG state
-# capture (which saves CUDA's state when it is initialised) and the distributed helpers' device
-# choice. Elsewhere they skip; `--maxfail` keeps the log short, the step's limit bounds the time.
+# The tests that take a GPU when there is one: CUDA cases of the benchmark, potential, augment
+# and checkpoint tests, the RNG state capture (which saves CUDA's state when it is initialised),
+# the distributed helpers' device choice, and compile (every loss and call form compiled =
+# eager on CUDA tensors: the longest, so last). Elsewhere they skip; `--maxfail` keeps the log
+# short, the step's limit bounds the time.
 TEST_FILES=(
     tests/test_benchmark_loss_overhead.py
-    tests/test_compile.py
     tests/test_potential.py
     tests/test_augment.py
     tests/test_checkpoint.py
     tests/test_checkpoint_rng.py
     tests/test_distributed.py
+    tests/test_compile.py
 )
 TEST_SELECTION="cuda or checkpoint_rng or test_single_process_is_a_no_op"
 
@@ -119,7 +120,6 @@ run_step() {
     return 0
 }
 
-
 if ((!DRY_RUN)); then
     if ! command -v timeout >/dev/null; then
         echo "device_check: stopped: coreutils' timeout is not on PATH" >&2
@@ -138,7 +138,7 @@ if ((!DRY_RUN)); then
 fi
 
 if ((DRY_RUN)); then
-    echo "[nvidia-smi] timeout 20 nvidia-smi > $OUT/nvidia-smi.txt"
+    echo "[nvidia-smi] timeout -k 5 20 nvidia-smi > $OUT/nvidia-smi.txt"
 elif command -v nvidia-smi >/dev/null; then
     timeout -k 5 20 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "(nvidia-smi: exit $?)" >>"$OUT/nvidia-smi.txt"
     cat "$OUT/nvidia-smi.txt"
@@ -157,13 +157,14 @@ if ((!DRY_RUN)); then
 fi
 
 run_step tests "$T_TESTS" tests_cuda.txt \
-    "$PY" -m pytest -q -rfEs -p no:cacheprovider --maxfail=3 "${TEST_FILES[@]}" -k "$TEST_SELECTION"
+    "$PY" -m pytest -q -p no:cacheprovider --maxfail=3 "${TEST_FILES[@]}" -k "$TEST_SELECTION"
 # N = 256 / 512 / 1024, in-batch and a pool of K = 4096, 5 rounds (fast cells run more, up to
 # 3 s each), with the product floor
 run_step time "$T_TIME" loss_overhead_time.md \
     "$PY" "${BENCH[@]}" --sizes 256,512,1024 --pools 0,4096 --repeats 5 --warmup 2 \
     --no-memory --no-graph-breaks
-# the default cells (N = 4096 in-batch, N = 1024 with a pool of 65536), a process per loss
+# the default cells (N = 4096 in-batch, N = 1024 with a pool of 65536), a process per loss,
+# up to 8 at a time
 run_step memory "$T_MEMORY" loss_overhead_memory.md "$PY" "${BENCH[@]}" --sizes "" --no-graph-breaks
 run_step graph-breaks "$T_GRAPH" loss_overhead_graph_breaks.md \
     "$PY" "${BENCH[@]}" --sizes "" --no-memory
