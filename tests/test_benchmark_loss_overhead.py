@@ -277,7 +277,7 @@ def test_replayed_products_on_cuda_include_the_backward(bench):
             pool = torch.randn(pool_size, 8, generator=gen).cuda() if pool_size else None
             loss_fn = hardneg.create_loss(name)
             with FlopCounterMode(display=False) as forward:
-                kwargs = {"generator": torch.Generator("cuda")} if loss_fn.draws else {}
+                kwargs = {"generator": torch.Generator(device="cuda")} if loss_fn.draws else {}
                 loss_fn(z1, z2, negatives=pool, **kwargs)
             step = bench.make_step(loss_fn, z1, z2, pool)
             with FlopCounterMode(display=False) as counter:
