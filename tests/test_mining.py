@@ -624,3 +624,31 @@ def test_sampler_settings_are_checked_with_a_clear_error_in_pick_negatives_too()
         torch.Generator().manual_seed(0),
     )
     assert torch.equal(chosen, want)
+
+
+def test_the_default_window_fits_a_corpus_smaller_than_30_candidates():
+    """With the defaults, a small data set mines out of the box: the default ``range_max``
+    (30) is capped by the candidates a query can have (the corpus less its own text and its
+    positives), not by the corpus size, which left no room for the skipped rows."""
+    model = FakeModel()
+    queries, positives, _ = data(n_queries=12)
+    # the corpus defaults to the positives: 12 texts, one of them each query's positive
+    rows = mine_hard_negatives(
+        queries, positives, model=model, num_negatives=3, output_format="n-tuple"
+    )
+    s = scores_of(model, queries, positives)
+    assert len(rows) == len(queries)
+    for i, row in enumerate(rows):
+        others = [j for j in s[i].argsort(descending=True).tolist() if j != i]
+        assert [row[f"negative_{m}"] for m in (1, 2, 3)] == [positives[j] for j in others[:3]]
+
+
+def test_a_corpus_too_small_for_the_window_or_the_count_says_how_large_it_may_be():
+    model = FakeModel()
+    queries, positives, corpus = data(n_queries=12, n_corpus=20)
+    # 20 texts, one positive per query: 19 candidates per query
+    with pytest.raises(ValueError, match="lower range_max to at most 19"):
+        mine_hard_negatives(queries, positives, corpus, model=model, range_max=20)
+    assert mine_hard_negatives(queries, positives, corpus, model=model, range_max=19)
+    with pytest.raises(ValueError, match="at most 0 candidates are left, fewer than num_neg"):
+        mine_hard_negatives(["q"], ["p"], model=model)  # the corpus is the positive alone

@@ -478,7 +478,8 @@ def mine_hard_negatives(
         sampling: ``'top'``, ``'random'``, ``'simans'``, ``'hcl'``, ``'ring'`` or
             ``'potential'``.
         range_min, range_max: rank window ``[range_min, range_max)`` of the candidates
-            (default ``range_max = range_min + max(30, 3 num_negatives)``, capped by the corpus).
+            (default ``range_max = range_min + max(30, 3 num_negatives)``, capped by the
+            candidates a query can have: the corpus less its own text and its positives).
         min_score, max_score: keep candidates with ``min_score <= s <= max_score``.
         absolute_margin: keep ``s <= s_pos - absolute_margin`` (TopK-MarginPos).
         relative_margin: keep ``s <= s_pos - |s_pos| relative_margin`` (TopK-PercPos).
@@ -515,11 +516,37 @@ def mine_hard_negatives(
     num_negatives = int(check_number("num_negatives", num_negatives, low=1, integer=True))
     check_choice("output_format", output_format, FORMATS)
     check_choice("sampling", sampling, SAMPLING)
+    # positives are never negatives of their query: skip the corpus rows equal to any positive
+    # of the same anchor text (an anchor listed with several positives keeps all of them out),
+    # and the rows equal to the query itself (a text is not its own negative; it would only
+    # take rank 0 of the window before a margin removed it)
+    where: dict[str, list[int]] = {}
+    for j, text in enumerate(c_texts):
+        where.setdefault(text, []).append(j)
+    of_anchor: dict[str, set[int]] = {}
+    for q, p in zip(q_texts, p_texts):
+        of_anchor.setdefault(q, set(where.get(q, ()))).update(where.get(p, ()))
+    exclude = [of_anchor[q] for q in q_texts]
+    extra = max(len(e) for e in exclude)
+    # the candidates a query can have: the corpus less its own text and positives
+    available = len(c_texts) - extra
+    if available < num_negatives:
+        raise ValueError(
+            f"the corpus holds {len(c_texts)} texts; without a query's own text and its "
+            f"positives (up to {extra} rows) at most {available} candidates are left, fewer "
+            f"than num_negatives = {num_negatives}: give a larger corpus"
+        )
     range_min = int(check_number("range_min", range_min, low=0, integer=True))
     if range_max is None:
-        range_max = range_min + max(30, 3 * num_negatives)
-        range_max = min(range_max, len(c_texts))
+        # the default window is capped by the corpus, so a small data set mines out of the box
+        range_max = min(range_min + max(30, 3 * num_negatives), available)
     range_max = int(check_number("range_max", range_max, low=1, integer=True))
+    if range_max > available:
+        raise ValueError(
+            f"range_max = {range_max} is larger than the corpus allows: a query has at most "
+            f"{available} candidates (the corpus's {len(c_texts)} texts less its own text and "
+            f"its positives, up to {extra} rows); lower range_max to at most {available}"
+        )
     if range_max <= range_min:
         raise ValueError(f"range_max ({range_max}) must be larger than range_min ({range_min})")
     if range_max - range_min < num_negatives:
@@ -543,24 +570,7 @@ def mine_hard_negatives(
     )
     stats.queries, stats.corpus = len(q_texts), len(c_texts)
 
-    # positives are never negatives of their query: skip the corpus rows equal to any positive
-    # of the same anchor text (an anchor listed with several positives keeps all of them out),
-    # and the rows equal to the query itself (a text is not its own negative; it would only
-    # take rank 0 of the window before a margin removed it)
-    where: dict[str, list[int]] = {}
-    for j, text in enumerate(c_texts):
-        where.setdefault(text, []).append(j)
-    of_anchor: dict[str, set[int]] = {}
-    for q, p in zip(q_texts, p_texts):
-        of_anchor.setdefault(q, set(where.get(q, ()))).update(where.get(p, ()))
-    exclude = [of_anchor[q] for q in q_texts]
-    extra = max(len(e) for e in exclude)
     k = range_max + extra
-    if k > len(c_texts):
-        raise ValueError(
-            f"k = range_max + the rows skipped for one query (its own text and its positives) "
-            f"= {k} is larger than the corpus ({len(c_texts)} entries); lower range_max"
-        )
 
     rank, world = _world()
     lo, hi = shard_bounds(len(c_texts), rank, world)
