@@ -652,3 +652,49 @@ def test_a_corpus_too_small_for_the_window_or_the_count_says_how_large_it_may_be
     assert mine_hard_negatives(queries, positives, corpus, model=model, range_max=19)
     with pytest.raises(ValueError, match="at most 0 candidates are left, fewer than num_neg"):
         mine_hard_negatives(["q"], ["p"], model=model)  # the corpus is the positive alone
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (
+            ['{"anchor": "a", "positive": "b"}', '{"anchor": "c"}'],
+            "row 2: has no column 'positive'",
+        ),
+        (
+            ['{"anchor": "a", "positive": "b"}', '{"anchor": "c", "positive": null}'],
+            "row 2: has null",
+        ),
+        (['{"anchor": "a", "positive": "b"}', '{"anchor": 3, "positive": "d"}'], "row 2: has int"),
+        (['{"anchor": "a", "positive": "b"}', "{bad json"], "line 2: not valid JSON"),
+        (['{"anchor": "a", "positive": "b"}', '["c", "d"]'], "line 2: expected a JSON object"),
+    ],
+)
+def test_cli_mine_names_the_file_and_row_of_a_bad_input_row(
+    tmp_path, monkeypatch, capsys, lines, message
+):
+    from hardneg import cli
+    from hardneg.text import models
+
+    monkeypatch.setattr(models, "load_sentence_model", lambda name, device=None: FakeModel())
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(lines) + "\n\n")  # a blank last line is no row
+    argv = ["mine", "--data", str(pairs), "--output", str(tmp_path / "out.jsonl")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hardneg mine: error: {pairs}, ") and message in err
+    assert "Traceback" not in err and not (tmp_path / "out.jsonl").exists()
+
+
+def test_cli_mine_refuses_an_output_format_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    from hardneg import cli
+    from hardneg.text import models
+
+    def no_model(name, device=None):
+        raise AssertionError("the model was loaded before the output name was checked")
+
+    monkeypatch.setattr(models, "load_sentence_model", no_model)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"anchor": "a", "positive": "b"}) + "\n")
+    assert cli.main(["mine", "--data", str(pairs), "--output", str(tmp_path / "o.csv")]) == 2
+    assert "--output must end in .jsonl or .parquet, got" in capsys.readouterr().err

@@ -694,7 +694,7 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        return _read_jsonl(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -707,3 +707,22 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
     if path.suffix == ".txt":
         return [{"text": line} for line in path.read_text(encoding="utf-8").splitlines() if line]
     raise ValueError(f"input must be .jsonl, .parquet, .csv or .txt, got {path.name!r}")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per line; a bad line fails naming the file and its line number."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue  # blank lines (a trailing newline, an editor's empty last line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"{path}, line {number}: expected a JSON object with named columns, "
+                f"got a {type(row).__name__}"
+            )
+        rows.append(row)
+    return rows

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from hardneg.mining import SamplerOptions
 
@@ -62,11 +63,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
+def _column(rows: list[dict], column: str, path: str, option: str) -> list[str]:
+    """The texts of one column; a row without it or with a non-text value fails naming the
+    file and the row (1-based: the line of a .jsonl or .txt file)."""
+    texts = []
+    for number, row in enumerate(rows, start=1):
+        value = row.get(column)
+        if not isinstance(value, str):
+            what = "has no" if column not in row else f"has {type(value).__name__} in"
+            if column in row and value is None:
+                what = "has null in"
+            raise ValueError(
+                f"{path}, row {number}: {what} column {column!r} (every row needs a text "
+                f"there; its columns: {sorted(row)}; set {option} for another name)"
+            )
+        texts.append(value)
+    return texts
+
+
 def run(args: argparse.Namespace) -> int:
     from hardneg import distributed
     from hardneg.mining import load_rows, mine_hard_negatives, save_rows
     from hardneg.text.models import load_sentence_model, resolve_model
 
+    # the output's format is checked before the model is loaded and the corpus embedded
+    if Path(args.output).suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"--output must end in .jsonl or .parquet, got {args.output!r}")
     ctx = distributed.init_distributed()  # torchrun: each process ranks its corpus shard
     rows = load_rows(args.data)
     if not rows:
@@ -78,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.data}: expected the layout ({args.anchor_column}, {args.positive_column}); "
                 f"found columns {found} (set --anchor-column / --positive-column)"
             )
+    anchors = _column(rows, args.anchor_column, args.data, "--anchor-column")
+    positives = _column(rows, args.positive_column, args.data, "--positive-column")
     corpus = None
     if args.corpus:
         crow = load_rows(args.corpus)
@@ -85,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"{args.corpus}: expected a column {args.corpus_column!r}, found {sorted(crow[0])}"
             )
-        corpus = [r[args.corpus_column] for r in crow]
+        corpus = _column(crow, args.corpus_column, args.corpus, "--corpus-column")
     device = args.device
     if ctx.world_size > 1 and device == "cuda":
         device = str(ctx.device)  # one GPU per process
@@ -95,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
         "absolute_margin relative_margin batch_size query_chunk_size corpus_chunk_size cache_dir seed"
     ).split() + [f.name for f in dataclasses.fields(SamplerOptions)]
     mined, stats = mine_hard_negatives(
-        [r[args.anchor_column] for r in rows],
-        [r[args.positive_column] for r in rows],
+        anchors,
+        positives,
         corpus,
         model=model,
         model_key=resolve_model(args.model),
