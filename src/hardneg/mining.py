@@ -56,7 +56,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -707,6 +707,31 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
     if path.suffix == ".txt":
         return [{"text": line} for line in path.read_text(encoding="utf-8").splitlines() if line]
     raise ValueError(f"input must be .jsonl, .parquet, .csv or .txt, got {path.name!r}")
+
+
+def column_texts(
+    rows: Sequence[Mapping[str, Any]],
+    column: str,
+    source: str | Path,
+    option: str | None = None,
+) -> list[str]:
+    """The texts of one column of ``rows`` (read from ``source``); a row without the column or
+    with a non-text value (null, a number) fails naming the file and the row (1-based), and
+    ``option``, the setting that names another column, if there is one."""
+    hint = f"; set {option} for another name" if option else ""
+    texts = []
+    for number, row in enumerate(rows, start=1):
+        value = row.get(column)
+        if not isinstance(value, str):
+            what = "has no" if column not in row else f"has {type(value).__name__} in"
+            if column in row and value is None:
+                what = "has null in"
+            raise ValueError(
+                f"{source}, row {number}: {what} column {column!r} (every row needs a text "
+                f"there; its columns: {sorted(row)}{hint})"
+            )
+        texts.append(value)
+    return texts
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

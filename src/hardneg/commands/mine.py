@@ -63,27 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
-def _column(rows: list[dict], column: str, path: str, option: str) -> list[str]:
-    """The texts of one column; a row without it or with a non-text value fails naming the
-    file and the row (1-based: the line of a .jsonl or .txt file)."""
-    texts = []
-    for number, row in enumerate(rows, start=1):
-        value = row.get(column)
-        if not isinstance(value, str):
-            what = "has no" if column not in row else f"has {type(value).__name__} in"
-            if column in row and value is None:
-                what = "has null in"
-            raise ValueError(
-                f"{path}, row {number}: {what} column {column!r} (every row needs a text "
-                f"there; its columns: {sorted(row)}; set {option} for another name)"
-            )
-        texts.append(value)
-    return texts
-
-
 def run(args: argparse.Namespace) -> int:
     from hardneg import distributed
-    from hardneg.mining import load_rows, mine_hard_negatives, save_rows
+    from hardneg.mining import column_texts, load_rows, mine_hard_negatives, save_rows
     from hardneg.text.models import load_sentence_model, resolve_model
 
     # the output's format is checked before the model is loaded and the corpus embedded
@@ -100,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.data}: expected the layout ({args.anchor_column}, {args.positive_column}); "
                 f"found columns {found} (set --anchor-column / --positive-column)"
             )
-    anchors = _column(rows, args.anchor_column, args.data, "--anchor-column")
-    positives = _column(rows, args.positive_column, args.data, "--positive-column")
+    anchors = column_texts(rows, args.anchor_column, args.data, "--anchor-column")
+    positives = column_texts(rows, args.positive_column, args.data, "--positive-column")
     corpus = None
     if args.corpus:
         crow = load_rows(args.corpus)
@@ -109,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"{args.corpus}: expected a column {args.corpus_column!r}, found {sorted(crow[0])}"
             )
-        corpus = _column(crow, args.corpus_column, args.corpus, "--corpus-column")
+        corpus = column_texts(crow, args.corpus_column, args.corpus, "--corpus-column")
     device = args.device
     if ctx.world_size > 1 and device == "cuda":
         device = str(ctx.device)  # one GPU per process
