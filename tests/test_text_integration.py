@@ -290,3 +290,31 @@ def test_gather_across_two_processes_equals_one_process_with_the_doubled_batch(t
     value.backward()
     want = {n: p.grad.clone() for n, p in single.named_parameters()}
     assert_same((got["value"], got["grads"]), (value.detach(), want))
+
+
+@pytest.mark.parametrize("name", hardneg.list_losses())
+def test_every_builtin_strategy_cites_its_paper_in_the_model_card(name):
+    """The model card's citation block comes from ``citation``: each built-in strategy names
+    the first author of the paper the README's method table gives for it."""
+    from hardneg.integrations.sentence_transformers import CITATIONS
+    from hardneg.registry import strategy_class
+
+    if not strategy_class(name).__module__.startswith("hardneg."):
+        pytest.skip("a plug-in registered by another test")
+    first_author = {
+        "infonce": "Henderson",  # MultipleNegativesRankingLoss's own citation
+        "debiased": "Chuang",
+        "hcl": "Robinson",
+        "ring": "Wu",
+        "unremix": "Tabassum",
+        "potential": "Dong",
+        "positive_aware": "Moreira",
+        "simans": "Zhou",
+        "hardness": "Lan",
+        "mochi": "Kalantidis",
+        "fnc": "Huynh",
+    }
+    assert name in first_author, f"{name}: add its paper's first author to this test"
+    entry = CITATIONS.get(name, "")
+    authors = entry.split("author={", 1)[-1].split("}", 1)[0]
+    assert entry.startswith("@") and first_author[name] in authors.split(" and ")[0], entry
