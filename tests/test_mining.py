@@ -698,3 +698,31 @@ def test_cli_mine_refuses_an_output_format_before_loading_the_model(tmp_path, mo
     pairs.write_text(json.dumps({"anchor": "a", "positive": "b"}) + "\n")
     assert cli.main(["mine", "--data", str(pairs), "--output", str(tmp_path / "o.csv")]) == 2
     assert "--output must end in .jsonl or .parquet, got" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["batch_size", "query_chunk_size", "corpus_chunk_size"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_a_size_below_one_is_refused_not_an_empty_result(name, value):
+    """0 was a bare ``range() arg 3`` error; -1 embedded or ranked nothing: no rows, exit 0."""
+    model = FakeModel()
+    queries, positives, corpus = data()
+    with pytest.raises(ValueError, match=rf"{name} must be in \[1, inf\), got {value}"):
+        mine_hard_negatives(queries, positives, corpus, model=model, **{name: value})
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("cuda", "--device cuda: no cuda device is available"), ("gpu", "is not a torch device")],
+)
+def test_cli_mine_names_a_device_it_cannot_use(tmp_path, monkeypatch, capsys, device, message):
+    from hardneg import cli
+    from hardneg.text import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "load_sentence_model", lambda name, device=None: FakeModel())
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"anchor": "a", "positive": "b"}) + "\n")
+    argv = ["mine", "--data", str(pairs), "--output", str(tmp_path / "o.jsonl")]
+    assert cli.main([*argv, "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

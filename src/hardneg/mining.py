@@ -514,6 +514,14 @@ def mine_hard_negatives(
     if not c_texts:
         raise ValueError("the corpus is empty")
     num_negatives = int(check_number("num_negatives", num_negatives, low=1, integer=True))
+    # a zero or negative size is a range() step: 0 raised a bare "range() arg 3", a negative
+    # one embedded or ranked nothing (0 rows, exit 0)
+    for name, value in (
+        ("batch_size", batch_size),
+        ("query_chunk_size", query_chunk_size),
+        ("corpus_chunk_size", corpus_chunk_size),
+    ):
+        check_number(name, value, low=1, integer=True)
     check_choice("output_format", output_format, FORMATS)
     check_choice("sampling", sampling, SAMPLING)
     # positives are never negatives of their query: skip the corpus rows equal to any positive

@@ -63,6 +63,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
+def _check_device(device: str) -> None:
+    """A device string that torch cannot parse or that this machine lacks fails in one line
+    (torch raises a RuntimeError with a stack trace when the model is moved there)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(
+            f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)"
+        ) from None
+    available = {
+        "cuda": torch.cuda.is_available,
+        "mps": lambda: torch.backends.mps.is_available(),
+    }.get(kind, lambda: True)
+    if not available():
+        raise ValueError(f"--device {device}: no {kind} device is available here; use --device cpu")
+
+
 def run(args: argparse.Namespace) -> int:
     from hardneg import distributed
     from hardneg.mining import column_texts, load_rows, mine_hard_negatives, save_rows
@@ -95,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device
     if ctx.world_size > 1 and device == "cuda":
         device = str(ctx.device)  # one GPU per process
+    _check_device(device)
     model = load_sentence_model(args.model, device=device)
     keys = (
         "output_format num_negatives sampling range_min range_max min_score max_score "
