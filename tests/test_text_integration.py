@@ -318,3 +318,17 @@ def test_every_builtin_strategy_cites_its_paper_in_the_model_card(name):
     entry = CITATIONS.get(name, "")
     authors = entry.split("author={", 1)[-1].split("}", 1)[0]
     assert entry.startswith("@") and first_author[name] in authors.split(" and ")[0], entry
+
+
+@pytest.mark.parametrize("k, symmetric", [(0, False), (2, False), (0, True), (1, True)])
+def test_a_batch_of_one_row_equals_mnrl(model, k, symmetric):
+    """The last batch of an epoch can hold one row (17 rows in batches of 8): it trained into a
+    'need a batch of at least N = 2' error. MultipleNegativesRankingLoss gives 0 for one pair
+    (one candidate) and a real loss over the hard negatives of one n-tuple; so must we."""
+    cols = columns(k, batch=1)
+    ours = value_and_grads(model, HardNegativeLoss(model, symmetric=symmetric), cols)
+    kw = {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction"}
+    ref = MultipleNegativesRankingLoss(model, scale=20.0, **(kw if symmetric else {}))
+    theirs = value_and_grads(model, ref, cols)
+    assert_same(ours, theirs)
+    assert (float(theirs[0]) == 0.0) == (k == 0)  # the k > 0 cases are not vacuous

@@ -348,15 +348,27 @@ class HardNegativeLoss(nn.Module):
         gen = self.generator(anchor.device)
         if gen is not None:
             kwargs["generator"] = gen
-        loss = self.loss_fn(anchor, positive, hard_negatives=negatives, ids=candidate_ids, **kwargs)
-        if self.symmetric:  # positive -> anchor: the batch's anchors are the candidates
-            back = self.loss_fn(
-                positive,
-                anchor,
-                hard_negatives=anchor.new_zeros(anchor.shape[0], 0, d),
-                ids=anchor_ids,
-                **kwargs,
+        # a batch of one pair (the short last batch of an epoch) has no negative in a
+        # direction without hard negatives: its one candidate takes all the softmax mass, so
+        # the loss is 0, as MultipleNegativesRankingLoss gives; kept in the graph for backward()
+        no_negative = (anchor.sum() + positive.sum()) * 0.0 if anchor.shape[0] == 1 else None
+        if no_negative is not None and negatives.shape[1] == 0:
+            loss = no_negative
+        else:
+            loss = self.loss_fn(
+                anchor, positive, hard_negatives=negatives, ids=candidate_ids, **kwargs
             )
+        if self.symmetric:  # positive -> anchor: the batch's anchors are the candidates
+            if no_negative is not None:
+                back = no_negative
+            else:
+                back = self.loss_fn(
+                    positive,
+                    anchor,
+                    hard_negatives=anchor.new_zeros(anchor.shape[0], 0, d),
+                    ids=anchor_ids,
+                    **kwargs,
+                )
             loss = (loss + back) / 2
         return loss
 
