@@ -726,3 +726,18 @@ def test_cli_mine_names_a_device_it_cannot_use(tmp_path, monkeypatch, capsys, de
     assert cli.main([*argv, "--device", device]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_mine_help_gives_the_default_of_every_option_that_has_one():
+    import argparse
+
+    from hardneg.commands import mine as mine_command
+
+    parser = argparse.ArgumentParser()
+    mine_command.add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    defaults = vars(parser.parse_args(["--data", "d.jsonl", "--output", "o.jsonl"]))
+    for action in parser._actions:
+        value = defaults.get(action.dest)
+        if action.option_strings and value is not None and action.dest not in ("data", "output"):
+            assert f"default: {value}" in text, f"{action.option_strings[0]}: no default in --help"

@@ -27,40 +27,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--corpus",
         help="candidate texts: .txt (one per line) or rows with --corpus-column (default: the positives)",
     )
-    parser.add_argument("--corpus-column", default="text")
-    parser.add_argument("--anchor-column", default="anchor")
-    parser.add_argument("--positive-column", default="positive")
+    parser.add_argument(
+        "--corpus-column",
+        default="text",
+        help="text column of --corpus rows (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--anchor-column", default="anchor", help="query column of --data (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--positive-column",
+        default="positive",
+        help="positive column of --data (default: %(default)s)",
+    )
     parser.add_argument(
         "--model",
         default="all-MiniLM-L6-v2",
-        help="name or path (the packaged MiniLM needs no hub)",
+        help="name or path (default: %(default)s; the packaged MiniLM needs no hub)",
     )
     parser.add_argument("--output", required=True, help="output file, .jsonl or .parquet")
     parser.add_argument(
-        "--format", dest="output_format", default="triplet", choices=["triplet", "n-tuple"]
+        "--format",
+        dest="output_format",
+        default="triplet",
+        choices=["triplet", "n-tuple"],
+        help="triplet: one (anchor, positive, negative) row per negative; n-tuple: one "
+        "(anchor, positive, negative_1..k) row per query (default: %(default)s)",
     )
-    parser.add_argument("--num-negatives", type=int, default=1)
+    parser.add_argument(
+        "--num-negatives", type=int, default=1, help="negatives per query (default: %(default)s)"
+    )
     parser.add_argument(
         "--sampling",
         default="top",
         choices=["top", "random", "simans", "hcl", "ring", "potential"],
+        help="how the negatives are picked among the candidates (default: %(default)s)",
     )
-    parser.add_argument("--range-min", type=int, default=0)
-    parser.add_argument("--range-max", type=int)
-    parser.add_argument("--min-score", type=float)
-    parser.add_argument("--max-score", type=float)
-    parser.add_argument("--absolute-margin", type=float)
-    parser.add_argument("--relative-margin", type=float)
+    parser.add_argument(
+        "--range-min", type=int, default=0, help="first candidate rank (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--range-max",
+        type=int,
+        help="end of the candidate ranks (default: range-min + max(30, 3 num-negatives), "
+        "capped by the corpus)",
+    )
+    parser.add_argument("--min-score", type=float, help="keep candidates scoring >= this")
+    parser.add_argument("--max-score", type=float, help="keep candidates scoring <= this")
+    parser.add_argument(
+        "--absolute-margin", type=float, help="keep s <= s_pos - margin (TopK-MarginPos)"
+    )
+    parser.add_argument(
+        "--relative-margin", type=float, help="keep s <= s_pos - |s_pos| margin (TopK-PercPos)"
+    )
     for option in dataclasses.fields(SamplerOptions):  # --simans-a, --hcl-beta, ...
         parser.add_argument(
-            "--" + option.name.replace("_", "-"), type=float, default=option.default
+            "--" + option.name.replace("_", "-"),
+            type=float,
+            default=option.default,
+            help="(default: %(default)s)",
         )
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--query-chunk-size", type=int, default=1024)
-    parser.add_argument("--corpus-chunk-size", type=int, default=16384)
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="encoder batch (default: %(default)s)"
+    )
+    parser.add_argument("--query-chunk-size", type=int, default=1024, help="(default: %(default)s)")
+    parser.add_argument(
+        "--corpus-chunk-size", type=int, default=16384, help="(default: %(default)s)"
+    )
     parser.add_argument("--cache-dir", help="cache embeddings here")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the sampling (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: %(default)s)"
+    )
 
 
 def _check_device(device: str) -> None:
