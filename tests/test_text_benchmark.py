@@ -385,3 +385,15 @@ def test_a_training_file_row_without_a_text_names_the_row(tmp_path, row, message
         tb.load_training_pairs(str(path))
     path.write_text(json.dumps(good) + "\n")
     assert tb.load_training_pairs(str(path)) == [("the first text", "its neighbour")]
+
+
+def test_text_demo_refuses_reseed_instead_of_ignoring_it(monkeypatch, capsys):
+    from hardneg.text import models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the demo ran although --reseed does not apply to it")
+
+    monkeypatch.setattr(models, "load_sentence_model", no_model)
+    argv = ["demo", "--modality", "text", "--strategies", "hcl", "--reseed", "none"]
+    assert main(argv) == 2
+    assert "--reseed applies to the image demo only" in capsys.readouterr().err
