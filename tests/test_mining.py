@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zlib
 
 import pytest
@@ -741,3 +742,16 @@ def test_mine_help_gives_the_default_of_every_option_that_has_one():
         value = defaults.get(action.dest)
         if action.option_strings and value is not None and action.dest not in ("data", "output"):
             assert f"default: {value}" in text, f"{action.option_strings[0]}: no default in --help"
+
+
+def test_a_txt_corpus_skips_blank_lines_and_a_non_utf8_file_is_named(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("A fire burns near the town.\n   \n\t\n  The cat sat on the mat. \n\n")
+    assert load_rows(path) == [
+        {"text": "A fire burns near the town."},
+        {"text": "The cat sat on the mat."},
+    ]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=re.escape(f"{latin}: not UTF-8 text")):
+        load_rows(latin)

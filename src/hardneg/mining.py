@@ -697,10 +697,20 @@ def save_rows(rows: Any, path: str | Path) -> Path:
 
 
 def load_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Read ``.jsonl``, ``.parquet`` or ``.csv`` rows (inputs of ``hardneg mine``)."""
+    """Read ``.jsonl``, ``.parquet`` or ``.csv`` rows, or a ``.txt`` of one text per line
+    (``{"text": line}``; blank lines skipped), the inputs of ``hardneg mine``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
+    try:
+        return _read_rows(path)
+    except UnicodeDecodeError as err:  # names neither the file nor what to do
+        raise ValueError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+        ) from None
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     if path.suffix == ".parquet":
@@ -713,7 +723,10 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
         with path.open(encoding="utf-8", newline="") as f:
             return list(csv.DictReader(f))
     if path.suffix == ".txt":
-        return [{"text": line} for line in path.read_text(encoding="utf-8").splitlines() if line]
+        # a whitespace-only line is no text (it became a blank corpus entry, minable as a
+        # negative), and spaces around a line would keep it from matching its positive
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [{"text": line.strip()} for line in lines if line.strip()]
     raise ValueError(f"input must be .jsonl, .parquet, .csv or .txt, got {path.name!r}")
 
 
