@@ -397,3 +397,18 @@ def test_text_demo_refuses_reseed_instead_of_ignoring_it(monkeypatch, capsys):
     argv = ["demo", "--modality", "text", "--strategies", "hcl", "--reseed", "none"]
     assert main(argv) == 2
     assert "--reseed applies to the image demo only" in capsys.readouterr().err
+
+
+def test_text_demo_checks_its_out_folder_before_loading_anything(tmp_path, monkeypatch, capsys):
+    from hardneg.text import models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the out folder was checked")
+
+    monkeypatch.setattr(models, "load_sentence_model", no_model)
+    monkeypatch.setattr(tb, "load_training_pairs", no_model)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    argv = ["demo", "--modality", "text", "--strategies", "hcl", "--out", str(a_file / "run")]
+    assert main(argv) == 2
+    assert f"{a_file} is a file, not a folder" in capsys.readouterr().err
