@@ -699,6 +699,9 @@ def test_cli_mine_refuses_an_output_format_before_loading_the_model(tmp_path, mo
     pairs.write_text(json.dumps({"anchor": "a", "positive": "b"}) + "\n")
     assert cli.main(["mine", "--data", str(pairs), "--output", str(tmp_path / "o.csv")]) == 2
     assert "--output must end in .jsonl or .parquet, got" in capsys.readouterr().err
+    under_a_file = str(pairs / "o.jsonl")  # a folder we cannot write: checked first too
+    assert cli.main(["mine", "--data", str(pairs), "--output", under_a_file]) == 2
+    assert f"{pairs} is a file, not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["batch_size", "query_chunk_size", "corpus_chunk_size"])

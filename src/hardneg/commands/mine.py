@@ -130,6 +130,11 @@ def run(args: argparse.Namespace) -> int:
     # the output's format is checked before the model is loaded and the corpus embedded
     if Path(args.output).suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"--output must end in .jsonl or .parquet, got {args.output!r}")
+    from hardneg.train.runtime import run_dir_problem
+
+    problem = run_dir_problem(Path(args.output).parent)  # a folder we cannot write to
+    if problem:
+        raise ValueError(f"--output {args.output}: {problem}")
     ctx = distributed.init_distributed()  # torchrun: each process ranks its corpus shard
     rows = load_rows(args.data)
     if not rows:
