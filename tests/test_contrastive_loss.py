@@ -459,3 +459,38 @@ def test_a_filter_is_handed_the_step_context_of_the_strategy():
         assert context.progress == 0.5 and context.generator is g
     finally:
         unregister_strategy("keep_all_test_filter")
+
+
+def test_one_anchor_with_hard_negatives_is_a_batch_and_equals_cross_entropy():
+    """A single (anchor, positive, negatives) row has k negatives: it is accepted and equals
+    the cross-entropy over [positive, negatives] (float64, written out); without hard
+    negatives one anchor has none and is refused."""
+    loss = hardneg.create_loss("infonce", temperature=0.1)
+    a, p, n = z(1, d=5, seed=1), z(1, d=5, seed=2), z(3, d=5, seed=3)
+    unit = torch.nn.functional.normalize
+    logits = (unit(a, dim=1) @ unit(torch.cat([p, n]), dim=1).T / 0.1)[0]
+    want = -(logits[0] - torch.logsumexp(logits, dim=0))
+    torch.testing.assert_close(loss(a, p, hard_negatives=n[None]), want)
+    with exactly(
+        "z1 and z2 need a batch of at least N = 2 samples (a contrastive loss needs negatives), "
+        "got N = 1"
+    ):
+        loss(a, p, hard_negatives=n[None, :0])
+
+
+@pytest.mark.parametrize("name", hardneg.list_losses())
+def test_every_strategy_takes_one_anchor_with_hard_negatives(name):
+    from hardneg.registry import strategy_class
+
+    if not strategy_class(name).__module__.startswith("hardneg."):
+        pytest.skip("a plug-in registered by another test")
+    loss = hardneg.create_loss(name, temperature=0.05)
+    a = z(1, d=6, seed=4).requires_grad_()
+    kw = {"generator": torch.Generator().manual_seed(0)} if loss.draws else {}
+    try:
+        value = loss(a, z(1, d=6, seed=5), hard_negatives=z(3, d=6, seed=6)[None], **kw)
+    except ValueError as err:
+        assert "not hard_negatives" in str(err)  # potential: no retrieval layout at all
+        return
+    (grad,) = torch.autograd.grad(value, a)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()

@@ -189,3 +189,28 @@ def test_readme_method_table_lists_every_loss_with_the_ledgers_status(deviations
             f"README says {name} is {table[name]!r}; docs/deviations.md says {status[name]!r}"
         )
     assert "docs/methods.md" in text and "docs/deviations.md" in text
+
+
+def readme_python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+
+
+def test_the_readme_s_python_examples_run_as_written():
+    """Each self-contained ```python block of the README runs in a fresh interpreter (its own
+    registry). The plug-in example is also used once, since its ``select`` runs only then; the
+    sentence-transformers fragment (it needs a model) is left out."""
+    import subprocess
+    import sys
+
+    blocks = [b for b in readme_python_blocks() if "HardNegativeLoss(model" not in b]
+    assert len(blocks) >= 3, "the README's quick-start, API and plug-in examples are gone"
+    use = {
+        "register_strategy(": "\nimport hardneg as _hn, torch as _t\n"
+        "_hn.create_loss('top_k_hardest', k=4)(_t.randn(8, 16), _t.randn(8, 16))\n"
+    }
+    for block in blocks:
+        code = block + "".join(extra for key, extra in use.items() if key in block)
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, f"README example failed:\n{block}\n{done.stderr[-2000:]}"

@@ -219,3 +219,12 @@ def test_check_inputs_false_skips_validation_but_keeps_the_hyper_parameter_check
     assert torch.isfinite(loss_fn(z(), z()))
     with raises("temperature must be in (0, inf), got -1.0"):
         hardneg.create_loss("infonce", temperature=-1.0, check_inputs=False)
+
+
+def test_a_sentence_transformers_scale_points_to_the_temperature():
+    """``scale`` (sentence-transformers' 1 / temperature) is no hyper-parameter here: the error
+    gives the temperature it means."""
+    with raises("sentence-transformers' scale=20 is temperature=0.05)"):
+        hardneg.create_loss("infonce", scale=20)
+    with raises("sentence-transformers' scale=-1 is temperature=1/scale)"):
+        hardneg.create_loss("hcl", scale=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zlib
 
 import pytest
@@ -624,3 +625,136 @@ def test_sampler_settings_are_checked_with_a_clear_error_in_pick_negatives_too()
         torch.Generator().manual_seed(0),
     )
     assert torch.equal(chosen, want)
+
+
+def test_the_default_window_fits_a_corpus_smaller_than_30_candidates():
+    """With the defaults, a small data set mines out of the box: the default ``range_max``
+    (30) is capped by the candidates a query can have (the corpus less its own text and its
+    positives), not by the corpus size, which left no room for the skipped rows."""
+    model = FakeModel()
+    queries, positives, _ = data(n_queries=12)
+    # the corpus defaults to the positives: 12 texts, one of them each query's positive
+    rows = mine_hard_negatives(
+        queries, positives, model=model, num_negatives=3, output_format="n-tuple"
+    )
+    s = scores_of(model, queries, positives)
+    assert len(rows) == len(queries)
+    for i, row in enumerate(rows):
+        others = [j for j in s[i].argsort(descending=True).tolist() if j != i]
+        assert [row[f"negative_{m}"] for m in (1, 2, 3)] == [positives[j] for j in others[:3]]
+
+
+def test_a_corpus_too_small_for_the_window_or_the_count_says_how_large_it_may_be():
+    model = FakeModel()
+    queries, positives, corpus = data(n_queries=12, n_corpus=20)
+    # 20 texts, one positive per query: 19 candidates per query
+    with pytest.raises(ValueError, match="lower range_max to at most 19"):
+        mine_hard_negatives(queries, positives, corpus, model=model, range_max=20)
+    assert mine_hard_negatives(queries, positives, corpus, model=model, range_max=19)
+    with pytest.raises(ValueError, match="at most 0 candidates are left, fewer than num_neg"):
+        mine_hard_negatives(["q"], ["p"], model=model)  # the corpus is the positive alone
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (
+            ['{"anchor": "a", "positive": "b"}', '{"anchor": "c"}'],
+            "row 2: has no column 'positive'",
+        ),
+        (
+            ['{"anchor": "a", "positive": "b"}', '{"anchor": "c", "positive": null}'],
+            "row 2: has null",
+        ),
+        (['{"anchor": "a", "positive": "b"}', '{"anchor": 3, "positive": "d"}'], "row 2: has int"),
+        (['{"anchor": "a", "positive": "b"}', "{bad json"], "line 2: not valid JSON"),
+        (['{"anchor": "a", "positive": "b"}', '["c", "d"]'], "line 2: expected a JSON object"),
+    ],
+)
+def test_cli_mine_names_the_file_and_row_of_a_bad_input_row(
+    tmp_path, monkeypatch, capsys, lines, message
+):
+    from hardneg import cli
+    from hardneg.text import models
+
+    monkeypatch.setattr(models, "load_sentence_model", lambda name, device=None: FakeModel())
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(lines) + "\n\n")  # a blank last line is no row
+    argv = ["mine", "--data", str(pairs), "--output", str(tmp_path / "out.jsonl")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hardneg mine: error: {pairs}, ") and message in err
+    assert "Traceback" not in err and not (tmp_path / "out.jsonl").exists()
+
+
+def test_cli_mine_refuses_an_output_format_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    from hardneg import cli
+    from hardneg.text import models
+
+    def no_model(name, device=None):
+        raise AssertionError("the model was loaded before the output name was checked")
+
+    monkeypatch.setattr(models, "load_sentence_model", no_model)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"anchor": "a", "positive": "b"}) + "\n")
+    assert cli.main(["mine", "--data", str(pairs), "--output", str(tmp_path / "o.csv")]) == 2
+    assert "--output must end in .jsonl or .parquet, got" in capsys.readouterr().err
+    under_a_file = str(pairs / "o.jsonl")  # a folder we cannot write: checked first too
+    assert cli.main(["mine", "--data", str(pairs), "--output", under_a_file]) == 2
+    assert f"{pairs} is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["batch_size", "query_chunk_size", "corpus_chunk_size"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_a_size_below_one_is_refused_not_an_empty_result(name, value):
+    """0 was a bare ``range() arg 3`` error; -1 embedded or ranked nothing: no rows, exit 0."""
+    model = FakeModel()
+    queries, positives, corpus = data()
+    with pytest.raises(ValueError, match=rf"{name} must be in \[1, inf\), got {value}"):
+        mine_hard_negatives(queries, positives, corpus, model=model, **{name: value})
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("cuda", "--device cuda: no cuda device is available"), ("gpu", "is not a torch device")],
+)
+def test_cli_mine_names_a_device_it_cannot_use(tmp_path, monkeypatch, capsys, device, message):
+    from hardneg import cli
+    from hardneg.text import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "load_sentence_model", lambda name, device=None: FakeModel())
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"anchor": "a", "positive": "b"}) + "\n")
+    argv = ["mine", "--data", str(pairs), "--output", str(tmp_path / "o.jsonl")]
+    assert cli.main([*argv, "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_mine_help_gives_the_default_of_every_option_that_has_one():
+    import argparse
+
+    from hardneg.commands import mine as mine_command
+
+    parser = argparse.ArgumentParser()
+    mine_command.add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    defaults = vars(parser.parse_args(["--data", "d.jsonl", "--output", "o.jsonl"]))
+    for action in parser._actions:
+        value = defaults.get(action.dest)
+        if action.option_strings and value is not None and action.dest not in ("data", "output"):
+            assert f"default: {value}" in text, f"{action.option_strings[0]}: no default in --help"
+
+
+def test_a_txt_corpus_skips_blank_lines_and_a_non_utf8_file_is_named(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("A fire burns near the town.\n   \n\t\n  The cat sat on the mat. \n\n")
+    assert load_rows(path) == [
+        {"text": "A fire burns near the town."},
+        {"text": "The cat sat on the mat."},
+    ]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=re.escape(f"{latin}: not UTF-8 text")):
+        load_rows(latin)

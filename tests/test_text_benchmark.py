@@ -340,3 +340,75 @@ def test_text_compare_defaults_to_three_seeds(monkeypatch):
     assert seen["seeds"] == (0, 1, 2)
     with pytest.raises(ValueError, match="--seeds must be >= 1"):
         text_cli.run_compare(parser.parse_args(["--modality", "text", "--seeds", "0"]))
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("steps=abc", "steps takes an integer, got 'abc'"),
+        ("seeds=0,x", "seeds takes comma-separated integers, got '0,x'"),
+        ("lr=fast", "lr takes a number, got 'fast'"),
+        ("lr=-1", "lr must be a finite number > 0, got -1.0"),
+        ("scale=0", "scale must be a finite number > 0, got 0.0"),
+        ("lr=nan", "lr must be a finite number > 0, got nan"),
+    ],
+)
+def test_text_overrides_that_cannot_run_fail_before_any_model_is_loaded(
+    item, message, monkeypatch, capsys
+):
+    from hardneg.text import models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the overrides were checked")
+
+    monkeypatch.setattr(models, "load_sentence_model", no_model)
+    assert main(["demo", "--modality", "text", "--strategies", "hcl", item]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"anchor": "a second text"}, "row 2: has no column 'positive'"),
+        ({"anchor": "a second text", "positive": None}, "row 2: has null in column 'positive'"),
+        ({"anchor": 7, "positive": "a text"}, "row 2: has int in column 'anchor'"),
+    ],
+)
+def test_a_training_file_row_without_a_text_names_the_row(tmp_path, row, message):
+    """Every row is checked, not the first one only: a missing text was a KeyError and a null
+    one trained on the string 'None'."""
+    path = tmp_path / "pairs.jsonl"
+    good = {"anchor": "the first text", "positive": "its neighbour"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}, {message}")):
+        tb.load_training_pairs(str(path))
+    path.write_text(json.dumps(good) + "\n")
+    assert tb.load_training_pairs(str(path)) == [("the first text", "its neighbour")]
+
+
+def test_text_demo_refuses_reseed_instead_of_ignoring_it(monkeypatch, capsys):
+    from hardneg.text import models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the demo ran although --reseed does not apply to it")
+
+    monkeypatch.setattr(models, "load_sentence_model", no_model)
+    argv = ["demo", "--modality", "text", "--strategies", "hcl", "--reseed", "none"]
+    assert main(argv) == 2
+    assert "--reseed applies to the image demo only" in capsys.readouterr().err
+
+
+def test_text_demo_checks_its_out_folder_before_loading_anything(tmp_path, monkeypatch, capsys):
+    from hardneg.text import models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the out folder was checked")
+
+    monkeypatch.setattr(models, "load_sentence_model", no_model)
+    monkeypatch.setattr(tb, "load_training_pairs", no_model)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    argv = ["demo", "--modality", "text", "--strategies", "hcl", "--out", str(a_file / "run")]
+    assert main(argv) == 2
+    assert f"{a_file} is a file, not a folder" in capsys.readouterr().err

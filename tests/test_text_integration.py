@@ -290,3 +290,45 @@ def test_gather_across_two_processes_equals_one_process_with_the_doubled_batch(t
     value.backward()
     want = {n: p.grad.clone() for n, p in single.named_parameters()}
     assert_same((got["value"], got["grads"]), (value.detach(), want))
+
+
+@pytest.mark.parametrize("name", hardneg.list_losses())
+def test_every_builtin_strategy_cites_its_paper_in_the_model_card(name):
+    """The model card's citation block comes from ``citation``: each built-in strategy names
+    the first author of the paper the README's method table gives for it."""
+    from hardneg.integrations.sentence_transformers import CITATIONS
+    from hardneg.registry import strategy_class
+
+    if not strategy_class(name).__module__.startswith("hardneg."):
+        pytest.skip("a plug-in registered by another test")
+    first_author = {
+        "infonce": "Henderson",  # MultipleNegativesRankingLoss's own citation
+        "debiased": "Chuang",
+        "hcl": "Robinson",
+        "ring": "Wu",
+        "unremix": "Tabassum",
+        "potential": "Dong",
+        "positive_aware": "Moreira",
+        "simans": "Zhou",
+        "hardness": "Lan",
+        "mochi": "Kalantidis",
+        "fnc": "Huynh",
+    }
+    assert name in first_author, f"{name}: add its paper's first author to this test"
+    entry = CITATIONS.get(name, "")
+    authors = entry.split("author={", 1)[-1].split("}", 1)[0]
+    assert entry.startswith("@") and first_author[name] in authors.split(" and ")[0], entry
+
+
+@pytest.mark.parametrize("k, symmetric", [(0, False), (2, False), (0, True), (1, True)])
+def test_a_batch_of_one_row_equals_mnrl(model, k, symmetric):
+    """The last batch of an epoch can hold one row (17 rows in batches of 8): it trained into a
+    'need a batch of at least N = 2' error. MultipleNegativesRankingLoss gives 0 for one pair
+    (one candidate) and a real loss over the hard negatives of one n-tuple; so must we."""
+    cols = columns(k, batch=1)
+    ours = value_and_grads(model, HardNegativeLoss(model, symmetric=symmetric), cols)
+    kw = {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction"}
+    ref = MultipleNegativesRankingLoss(model, scale=20.0, **(kw if symmetric else {}))
+    theirs = value_and_grads(model, ref, cols)
+    assert_same(ours, theirs)
+    assert (float(theirs[0]) == 0.0) == (k == 0)  # the k > 0 cases are not vacuous

@@ -56,7 +56,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -478,7 +478,8 @@ def mine_hard_negatives(
         sampling: ``'top'``, ``'random'``, ``'simans'``, ``'hcl'``, ``'ring'`` or
             ``'potential'``.
         range_min, range_max: rank window ``[range_min, range_max)`` of the candidates
-            (default ``range_max = range_min + max(30, 3 num_negatives)``, capped by the corpus).
+            (default ``range_max = range_min + max(30, 3 num_negatives)``, capped by the
+            candidates a query can have: the corpus less its own text and its positives).
         min_score, max_score: keep candidates with ``min_score <= s <= max_score``.
         absolute_margin: keep ``s <= s_pos - absolute_margin`` (TopK-MarginPos).
         relative_margin: keep ``s <= s_pos - |s_pos| relative_margin`` (TopK-PercPos).
@@ -513,13 +514,47 @@ def mine_hard_negatives(
     if not c_texts:
         raise ValueError("the corpus is empty")
     num_negatives = int(check_number("num_negatives", num_negatives, low=1, integer=True))
+    # a zero or negative size is a range() step: 0 raised a bare "range() arg 3", a negative
+    # one embedded or ranked nothing (0 rows, exit 0)
+    for name, value in (
+        ("batch_size", batch_size),
+        ("query_chunk_size", query_chunk_size),
+        ("corpus_chunk_size", corpus_chunk_size),
+    ):
+        check_number(name, value, low=1, integer=True)
     check_choice("output_format", output_format, FORMATS)
     check_choice("sampling", sampling, SAMPLING)
+    # positives are never negatives of their query: skip the corpus rows equal to any positive
+    # of the same anchor text (an anchor listed with several positives keeps all of them out),
+    # and the rows equal to the query itself (a text is not its own negative; it would only
+    # take rank 0 of the window before a margin removed it)
+    where: dict[str, list[int]] = {}
+    for j, text in enumerate(c_texts):
+        where.setdefault(text, []).append(j)
+    of_anchor: dict[str, set[int]] = {}
+    for q, p in zip(q_texts, p_texts):
+        of_anchor.setdefault(q, set(where.get(q, ()))).update(where.get(p, ()))
+    exclude = [of_anchor[q] for q in q_texts]
+    extra = max(len(e) for e in exclude)
+    # the candidates a query can have: the corpus less its own text and positives
+    available = len(c_texts) - extra
+    if available < num_negatives:
+        raise ValueError(
+            f"the corpus holds {len(c_texts)} texts; without a query's own text and its "
+            f"positives (up to {extra} rows) at most {available} candidates are left, fewer "
+            f"than num_negatives = {num_negatives}: give a larger corpus"
+        )
     range_min = int(check_number("range_min", range_min, low=0, integer=True))
     if range_max is None:
-        range_max = range_min + max(30, 3 * num_negatives)
-        range_max = min(range_max, len(c_texts))
+        # the default window is capped by the corpus, so a small data set mines out of the box
+        range_max = min(range_min + max(30, 3 * num_negatives), available)
     range_max = int(check_number("range_max", range_max, low=1, integer=True))
+    if range_max > available:
+        raise ValueError(
+            f"range_max = {range_max} is larger than the corpus allows: a query has at most "
+            f"{available} candidates (the corpus's {len(c_texts)} texts less its own text and "
+            f"its positives, up to {extra} rows); lower range_max to at most {available}"
+        )
     if range_max <= range_min:
         raise ValueError(f"range_max ({range_max}) must be larger than range_min ({range_min})")
     if range_max - range_min < num_negatives:
@@ -543,24 +578,7 @@ def mine_hard_negatives(
     )
     stats.queries, stats.corpus = len(q_texts), len(c_texts)
 
-    # positives are never negatives of their query: skip the corpus rows equal to any positive
-    # of the same anchor text (an anchor listed with several positives keeps all of them out),
-    # and the rows equal to the query itself (a text is not its own negative; it would only
-    # take rank 0 of the window before a margin removed it)
-    where: dict[str, list[int]] = {}
-    for j, text in enumerate(c_texts):
-        where.setdefault(text, []).append(j)
-    of_anchor: dict[str, set[int]] = {}
-    for q, p in zip(q_texts, p_texts):
-        of_anchor.setdefault(q, set(where.get(q, ()))).update(where.get(p, ()))
-    exclude = [of_anchor[q] for q in q_texts]
-    extra = max(len(e) for e in exclude)
     k = range_max + extra
-    if k > len(c_texts):
-        raise ValueError(
-            f"k = range_max + the rows skipped for one query (its own text and its positives) "
-            f"= {k} is larger than the corpus ({len(c_texts)} entries); lower range_max"
-        )
 
     rank, world = _world()
     lo, hi = shard_bounds(len(c_texts), rank, world)
@@ -679,12 +697,22 @@ def save_rows(rows: Any, path: str | Path) -> Path:
 
 
 def load_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Read ``.jsonl``, ``.parquet`` or ``.csv`` rows (inputs of ``hardneg mine``)."""
+    """Read ``.jsonl``, ``.parquet`` or ``.csv`` rows, or a ``.txt`` of one text per line
+    (``{"text": line}``; blank lines skipped), the inputs of ``hardneg mine``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
+    try:
+        return _read_rows(path)
+    except UnicodeDecodeError as err:  # names neither the file nor what to do
+        raise ValueError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+        ) from None
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        return _read_jsonl(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -695,5 +723,52 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
         with path.open(encoding="utf-8", newline="") as f:
             return list(csv.DictReader(f))
     if path.suffix == ".txt":
-        return [{"text": line} for line in path.read_text(encoding="utf-8").splitlines() if line]
+        # a whitespace-only line is no text (it became a blank corpus entry, minable as a
+        # negative), and spaces around a line would keep it from matching its positive
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [{"text": line.strip()} for line in lines if line.strip()]
     raise ValueError(f"input must be .jsonl, .parquet, .csv or .txt, got {path.name!r}")
+
+
+def column_texts(
+    rows: Sequence[Mapping[str, Any]],
+    column: str,
+    source: str | Path,
+    option: str | None = None,
+) -> list[str]:
+    """The texts of one column of ``rows`` (read from ``source``); a row without the column or
+    with a non-text value (null, a number) fails naming the file and the row (1-based), and
+    ``option``, the setting that names another column, if there is one."""
+    hint = f"; set {option} for another name" if option else ""
+    texts = []
+    for number, row in enumerate(rows, start=1):
+        value = row.get(column)
+        if not isinstance(value, str):
+            what = "has no" if column not in row else f"has {type(value).__name__} in"
+            if column in row and value is None:
+                what = "has null in"
+            raise ValueError(
+                f"{source}, row {number}: {what} column {column!r} (every row needs a text "
+                f"there; its columns: {sorted(row)}{hint})"
+            )
+        texts.append(value)
+    return texts
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per line; a bad line fails naming the file and its line number."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue  # blank lines (a trailing newline, an editor's empty last line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"{path}, line {number}: expected a JSON object with named columns, "
+                f"got a {type(row).__name__}"
+            )
+        rows.append(row)
+    return rows

@@ -135,6 +135,15 @@ def create_loss(name: str, **hparams: Any):
             extra = ""
             if key == "tau_plus":
                 extra = f" ({name} selects negatives: the debiased estimator does not apply)"
+            if key == "scale" and "temperature" in settings:
+                # sentence-transformers' losses take scale = 1 / temperature
+                value = hparams[key]
+                as_t = (
+                    f"temperature={1 / value:g}"
+                    if isinstance(value, (int, float)) and value > 0
+                    else "temperature=1/scale"
+                )
+                extra = f" (logits are cos / temperature: sentence-transformers' scale={value!r} is {as_t})"
             raise ValueError(
                 f"unknown hyper-parameter {key!r} for loss {name!r}{hint}{extra}. "
                 f"Allowed: {', '.join(allowed)}"

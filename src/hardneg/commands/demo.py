@@ -44,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--reseed",
-        default="infonce",
+        default=None,  # None: infonce for images; text and graphs measure the noise otherwise
         metavar="STRATEGY",
-        help="train this strategy once more with seed 1 to measure the seed noise "
+        help="image demo: train this strategy once more with seed 1 to measure the seed noise "
         "(default infonce; 'none' to skip)",
     )
     parser.add_argument(
@@ -58,7 +58,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "modality", "image") == "graph":
+    modality = getattr(args, "modality", "image")
+    if modality != "image" and getattr(args, "reseed", None) is not None:
+        # it was ignored without a word: the text demo runs 3 seeds of every strategy
+        raise ValueError(
+            f"--reseed applies to the image demo only, not to --modality {modality}"
+            + (
+                " (it runs seeds 0, 1, 2 of every strategy; set seeds=0,1 to change them)"
+                if modality == "text"
+                else ""
+            )
+        )
+    if modality == "graph":
         from hardneg.graph.demo import run_cli
 
         return run_cli(args)
@@ -68,10 +79,11 @@ def run(args: argparse.Namespace) -> int:
         return run_demo(args)
     out = Path(args.out) if args.out else default_out("demo")
     strategies = parse_strategies(args.strategies)
-    reseed = [] if args.reseed in ("none", "") else [args.reseed]
+    choice = "infonce" if args.reseed is None else args.reseed
+    reseed = [] if choice in ("none", "") else [choice]
     if reseed and reseed[0] not in strategies:
         raise ValueError(
-            f"--reseed {args.reseed} is not among --strategies ({', '.join(strategies)}); "
+            f"--reseed {choice} is not among --strategies ({', '.join(strategies)}); "
             "name one of them, or --reseed none"
         )
     outcome = compare(

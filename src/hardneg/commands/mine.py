@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from hardneg.mining import SamplerOptions
 
@@ -26,47 +27,114 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--corpus",
         help="candidate texts: .txt (one per line) or rows with --corpus-column (default: the positives)",
     )
-    parser.add_argument("--corpus-column", default="text")
-    parser.add_argument("--anchor-column", default="anchor")
-    parser.add_argument("--positive-column", default="positive")
+    parser.add_argument(
+        "--corpus-column",
+        default="text",
+        help="text column of --corpus rows (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--anchor-column", default="anchor", help="query column of --data (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--positive-column",
+        default="positive",
+        help="positive column of --data (default: %(default)s)",
+    )
     parser.add_argument(
         "--model",
         default="all-MiniLM-L6-v2",
-        help="name or path (the packaged MiniLM needs no hub)",
+        help="name or path (default: %(default)s; the packaged MiniLM needs no hub)",
     )
     parser.add_argument("--output", required=True, help="output file, .jsonl or .parquet")
     parser.add_argument(
-        "--format", dest="output_format", default="triplet", choices=["triplet", "n-tuple"]
+        "--format",
+        dest="output_format",
+        default="triplet",
+        choices=["triplet", "n-tuple"],
+        help="triplet: one (anchor, positive, negative) row per negative; n-tuple: one "
+        "(anchor, positive, negative_1..k) row per query (default: %(default)s)",
     )
-    parser.add_argument("--num-negatives", type=int, default=1)
+    parser.add_argument(
+        "--num-negatives", type=int, default=1, help="negatives per query (default: %(default)s)"
+    )
     parser.add_argument(
         "--sampling",
         default="top",
         choices=["top", "random", "simans", "hcl", "ring", "potential"],
+        help="how the negatives are picked among the candidates (default: %(default)s)",
     )
-    parser.add_argument("--range-min", type=int, default=0)
-    parser.add_argument("--range-max", type=int)
-    parser.add_argument("--min-score", type=float)
-    parser.add_argument("--max-score", type=float)
-    parser.add_argument("--absolute-margin", type=float)
-    parser.add_argument("--relative-margin", type=float)
+    parser.add_argument(
+        "--range-min", type=int, default=0, help="first candidate rank (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--range-max",
+        type=int,
+        help="end of the candidate ranks (default: range-min + max(30, 3 num-negatives), "
+        "capped by the corpus)",
+    )
+    parser.add_argument("--min-score", type=float, help="keep candidates scoring >= this")
+    parser.add_argument("--max-score", type=float, help="keep candidates scoring <= this")
+    parser.add_argument(
+        "--absolute-margin", type=float, help="keep s <= s_pos - margin (TopK-MarginPos)"
+    )
+    parser.add_argument(
+        "--relative-margin", type=float, help="keep s <= s_pos - |s_pos| margin (TopK-PercPos)"
+    )
     for option in dataclasses.fields(SamplerOptions):  # --simans-a, --hcl-beta, ...
         parser.add_argument(
-            "--" + option.name.replace("_", "-"), type=float, default=option.default
+            "--" + option.name.replace("_", "-"),
+            type=float,
+            default=option.default,
+            help="(default: %(default)s)",
         )
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--query-chunk-size", type=int, default=1024)
-    parser.add_argument("--corpus-chunk-size", type=int, default=16384)
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="encoder batch (default: %(default)s)"
+    )
+    parser.add_argument("--query-chunk-size", type=int, default=1024, help="(default: %(default)s)")
+    parser.add_argument(
+        "--corpus-chunk-size", type=int, default=16384, help="(default: %(default)s)"
+    )
     parser.add_argument("--cache-dir", help="cache embeddings here")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the sampling (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: %(default)s)"
+    )
+
+
+def _check_device(device: str) -> None:
+    """A device string that torch cannot parse or that this machine lacks fails in one line
+    (torch raises a RuntimeError with a stack trace when the model is moved there)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(
+            f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)"
+        ) from None
+    available = {
+        "cuda": torch.cuda.is_available,
+        "mps": lambda: torch.backends.mps.is_available(),
+    }.get(kind, lambda: True)
+    if not available():
+        raise ValueError(f"--device {device}: no {kind} device is available here; use --device cpu")
 
 
 def run(args: argparse.Namespace) -> int:
     from hardneg import distributed
-    from hardneg.mining import load_rows, mine_hard_negatives, save_rows
+    from hardneg.mining import column_texts, load_rows, mine_hard_negatives, save_rows
     from hardneg.text.models import load_sentence_model, resolve_model
 
+    # the output's format is checked before the model is loaded and the corpus embedded
+    if Path(args.output).suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"--output must end in .jsonl or .parquet, got {args.output!r}")
+    from hardneg.train.runtime import run_dir_problem
+
+    problem = run_dir_problem(Path(args.output).parent)  # a folder we cannot write to
+    if problem:
+        raise ValueError(f"--output {args.output}: {problem}")
     ctx = distributed.init_distributed()  # torchrun: each process ranks its corpus shard
     rows = load_rows(args.data)
     if not rows:
@@ -78,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.data}: expected the layout ({args.anchor_column}, {args.positive_column}); "
                 f"found columns {found} (set --anchor-column / --positive-column)"
             )
+    anchors = column_texts(rows, args.anchor_column, args.data, "--anchor-column")
+    positives = column_texts(rows, args.positive_column, args.data, "--positive-column")
     corpus = None
     if args.corpus:
         crow = load_rows(args.corpus)
@@ -85,18 +155,19 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"{args.corpus}: expected a column {args.corpus_column!r}, found {sorted(crow[0])}"
             )
-        corpus = [r[args.corpus_column] for r in crow]
+        corpus = column_texts(crow, args.corpus_column, args.corpus, "--corpus-column")
     device = args.device
     if ctx.world_size > 1 and device == "cuda":
         device = str(ctx.device)  # one GPU per process
+    _check_device(device)
     model = load_sentence_model(args.model, device=device)
     keys = (
         "output_format num_negatives sampling range_min range_max min_score max_score "
         "absolute_margin relative_margin batch_size query_chunk_size corpus_chunk_size cache_dir seed"
     ).split() + [f.name for f in dataclasses.fields(SamplerOptions)]
     mined, stats = mine_hard_negatives(
-        [r[args.anchor_column] for r in rows],
-        [r[args.positive_column] for r in rows],
+        anchors,
+        positives,
         corpus,
         model=model,
         model_key=resolve_model(args.model),

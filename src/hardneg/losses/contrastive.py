@@ -143,13 +143,15 @@ class ContrastInputs:
         return contrast
 
 
-def check_views(z1: Tensor, z2: Tensor, names: tuple[str, str] = ("z1", "z2")) -> None:
+def check_views(
+    z1: Tensor, z2: Tensor, names: tuple[str, str] = ("z1", "z2"), *, min_rows: int = 2
+) -> None:
     check_embeddings(names[0], z1)
     check_embeddings(names[1], z2)
     check_same_shape(names[0], z1, names[1], z2)
-    if z1.shape[0] < 2:
+    if z1.shape[0] < min_rows:
         raise ValueError(
-            f"{names[0]} and {names[1]} need a batch of at least N = 2 samples "
+            f"{names[0]} and {names[1]} need a batch of at least N = {min_rows} samples "
             f"(a contrastive loss needs negatives), got N = {z1.shape[0]}"
         )
 
@@ -276,7 +278,11 @@ class ContrastiveLoss(nn.Module):
     def _validate(self, inputs: ContrastInputs) -> None:
         z1, z2, negatives = inputs.z1, inputs.z2, inputs.negatives
         if negatives is None:
-            check_views(z1, z2)
+            # one anchor with k >= 1 hard negatives still has negatives: the last, short batch
+            # of a sentence-transformers epoch can hold a single (anchor, positive, negatives)
+            hard = inputs.hard_negatives
+            has_hard = isinstance(hard, Tensor) and hard.dim() == 3 and hard.shape[1] > 0
+            check_views(z1, z2, min_rows=1 if has_hard else 2)
             for i, v in enumerate(inputs.extra_views):
                 check_embeddings(f"extra_views[{i}]", v)
                 check_same_shape("z1", z1, f"extra_views[{i}]", v)

@@ -100,18 +100,31 @@ class TextBenchmarkConfig:
                     f"{', '.join(types)}"
                 )
             current = getattr(cfg, key)
-            if key == "seeds":
-                parsed: Any = tuple(int(s) for s in value.split(",") if s.strip())
-            elif key == "train_layers":
-                parsed = value.strip()
-            elif isinstance(current, bool):
-                parsed = value.lower() in ("1", "true", "yes")
-            elif isinstance(current, int):
-                parsed = int(value)
-            elif isinstance(current, float):
-                parsed = float(value)
-            else:
-                parsed = value if value.lower() not in ("none", "") else None
+            try:
+                if key == "seeds":
+                    parsed: Any = tuple(int(s) for s in value.split(",") if s.strip())
+                elif key == "train_layers":
+                    parsed = value.strip()
+                elif isinstance(current, bool):
+                    parsed = value.lower() in ("1", "true", "yes")
+                elif isinstance(current, int):
+                    parsed = int(value)
+                elif isinstance(current, float):
+                    parsed = float(value)
+                else:
+                    parsed = value if value.lower() not in ("none", "") else None
+            except ValueError:
+                # int('abc') names neither the key nor what it takes
+                kind = (
+                    "comma-separated integers"
+                    if key == "seeds"
+                    else "an integer"
+                    if isinstance(current, int)
+                    else "a number"
+                )
+                raise ValueError(
+                    f"text benchmark override {item!r}: {key} takes {kind}, got {value!r}"
+                ) from None
             setattr(cfg, key, parsed)
         cfg.validate()
         return cfg
@@ -122,6 +135,12 @@ class TextBenchmarkConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (in-batch negatives)")
+        # checked here, not when the first strategy's optimiser or loss is built: that comes
+        # after the baseline's evaluation, and every run would fail one by one
+        for name in ("lr", "scale"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
         if self.train_layers != "all" and (
@@ -180,18 +199,25 @@ def load_training_pairs(path: str | None, *, min_words: int = 4) -> list[tuple[s
         path = _gensim_path("lee_background.cor")
     suffix = Path(path).suffix
     if suffix in (".jsonl", ".parquet", ".csv"):
-        from hardneg.mining import load_rows
+        from hardneg.mining import column_texts, load_rows
 
         rows = load_rows(path)
         if rows and not {"anchor", "positive"} <= set(rows[0]):
             raise ValueError(
                 f"{path}: expected the layout (anchor, positive); found columns {sorted(rows[0])}"
             )
-        pairs = [(str(r["anchor"]), str(r["positive"])) for r in rows]
+        # every row is checked: a missing or null text would otherwise train on the word "None"
+        anchors = column_texts(rows, "anchor", path)
+        positives = column_texts(rows, "positive", path)
+        pairs = list(zip(anchors, positives, strict=True))
     else:
         pairs = next_sentence_pairs(_read_lines(path), min_words=min_words)
     if not pairs:
-        raise ValueError(f"{path} gives no training pairs")
+        raise ValueError(
+            f"{path} gives no training pairs (a .txt holds one document per line and pairs "
+            f"each sentence of at least min_words = {min_words} words with the next one of "
+            "its document; .jsonl/.parquet/.csv rows hold anchor and positive columns)"
+        )
     return pairs
 
 

@@ -53,6 +53,12 @@ def _run(args: argparse.Namespace, title: str, prefix: str, base: dict[str, Any]
     config_items, per_strategy = split_overrides(list(args.overrides))
     cfg = TextBenchmarkConfig.with_overrides(config_items, **base)
     out = Path(args.out) if args.out else Path("runs") / time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
+    # before the model loads and the evaluation texts are embedded (about half a minute)
+    from hardneg.train.runtime import run_dir_problem
+
+    problem = run_dir_problem(out)
+    if problem:
+        raise ValueError(problem)
     outcome = run_text_benchmark(
         out,
         strategies=_strategies(args.strategies),
