@@ -1,0 +1,83 @@
+"""Edge cases of the speed paths of HCL / debiased, Ring, SimANS, MoCHi and UnReMix
+(``hardneg.fastpaths``) that the twin comparisons of ``tests/test_fastpaths.py`` do not reach.
+
+Each test compares the fast path with an independent expectation: its plain twin (``fast=False``
+or the plain expression) in float64 to 1e-10, the equation re-stated here, or, for the draws
+that the docs promise equal for a seed, the plain twin's draws. They were written against the
+survivors of the mutation run of ``fastpaths.py`` (docs/testing.md, "fastpaths.py: mixing,
+band and tilt paths").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hardneg import fastpaths
+from hardneg.objectives import debias_log_mass
+
+
+def _plain_debiased(log_mass, pos, *, tau, m, t):
+    """The plain twin of ``debiased_infonce``: ``logaddexp(a, debias_log_mass(log R, a)) - a``."""
+    ng = debias_log_mass(
+        log_mass.unsqueeze(1), pos.unsqueeze(1), tau_plus=tau, num_negatives=m, temperature=t
+    )
+    return (torch.logaddexp(pos.unsqueeze(1), ng) - pos.unsqueeze(1)).squeeze(1)
+
+
+def test_debiased_infonce_at_a_zero_estimate_and_an_infinite_mass_equals_the_plain_terms():
+    """Two edges of the estimator ``R - tau M e^a``: exactly 0 (``tau M e^a = R``: here
+    ``tau = 1/2``, ``M = 2``, ``a = log R``, so ``log(1 - e^gap) = log 0 = -inf``), where the
+    floor holds, and ``log R = +inf`` (an overflowed mass), where the term is ``+inf`` as in the
+    plain objective (not a huge finite number that would hide the overflow). Values and, on the
+    finite rows, gradients against the plain twin in float64."""
+    t, tau, m = 0.5, 0.5, 2
+    log_mass = torch.tensor([1.25, -0.5, 3.0, math.inf], dtype=torch.float64)
+    pos = torch.tensor([1.25, -0.5, 0.2, 0.1], dtype=torch.float64)  # rows 0, 1: gap exactly 0
+    fast = fastpaths.debiased_infonce(log_mass, pos, tau_plus=tau, num_negatives=m, temperature=t)
+    plain = _plain_debiased(log_mass, pos, tau=tau, m=float(m), t=t)
+    floor = math.log(m) - 1.0 / t
+    expected_floor = torch.logaddexp(pos[:2], torch.tensor(floor, dtype=torch.float64)) - pos[:2]
+    torch.testing.assert_close(fast[:2], expected_floor, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+    assert fast[3] == math.inf and plain[3] == math.inf
+
+    finite = slice(0, 3)
+    results = []
+    for fused in (True, False):
+        lm = log_mass[finite].clone().requires_grad_()
+        p = pos[finite].clone().requires_grad_()
+        if fused:
+            out = fastpaths.debiased_infonce(lm, p, tau_plus=tau, num_negatives=m, temperature=t)
+        else:
+            out = _plain_debiased(lm, p, tau=tau, m=float(m), t=t)
+        up = torch.tensor([0.7, 1.3, 0.9], dtype=torch.float64)
+        results.append(torch.autograd.grad(out, (lm, p), up))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert bool((results[0][0][:2] == 0).all())  # on the floor: no gradient to log R
+
+
+def test_debiased_infonce_exactly_on_the_floor_takes_the_floors_gradient():
+    """An estimate exactly equal to the floor ``log M - 1/t`` takes the floor's gradient (the
+    documented choice: 0 to ``log R``, ``-sigmoid(floor - a)`` to ``a``), where
+    ``torch.maximum`` in the plain twin would split it. Built exactly: ``a`` far below ``log R``
+    makes ``1 - e^{gap}`` round to 1, so the estimate is ``log R - log(1 - tau)``, and ``log R``
+    is chosen with ``(floor + log(1 - tau)) - log(1 - tau) == floor`` in float64."""
+    t, tau = 0.5, 0.3
+    shift = math.log1p(-tau)
+    m = next(
+        m for m in range(2, 2000) if ((math.log(m) - 1.0 / t) + shift) - shift == math.log(m) - 2.0
+    )
+    floor = math.log(m) - 1.0 / t
+    log_mass = torch.tensor([floor + shift], dtype=torch.float64, requires_grad=True)
+    pos = torch.tensor([floor + shift - 60.0], dtype=torch.float64, requires_grad=True)
+    out = fastpaths.debiased_infonce(log_mass, pos, tau_plus=tau, num_negatives=m, temperature=t)
+    a = float(pos.detach())
+    expected = math.log1p(math.exp(floor - a))  # logaddexp(a, floor) - a
+    assert abs(float(out) - expected) <= 1e-12 * expected
+    grad_mass, grad_pos = torch.autograd.grad(out, (log_mass, pos))
+    sigmoid = 1.0 / (1.0 + math.exp(a - floor))
+    assert float(grad_mass) == 0.0
+    assert abs(float(grad_pos) + sigmoid) <= 1e-12
