@@ -76,7 +76,7 @@ def test_debiased_infonce_exactly_on_the_floor_takes_the_floors_gradient():
     out = fastpaths.debiased_infonce(log_mass, pos, tau_plus=tau, num_negatives=m, temperature=t)
     a = float(pos.detach())
     expected = math.log1p(math.exp(floor - a))  # logaddexp(a, floor) - a
-    assert abs(float(out) - expected) <= 1e-12 * expected
+    assert abs(float(out.detach()) - expected) <= 1e-12 * expected
     grad_mass, grad_pos = torch.autograd.grad(out, (log_mass, pos))
     sigmoid = 1.0 / (1.0 + math.exp(a - floor))
     assert float(grad_mass) == 0.0
@@ -97,6 +97,23 @@ def _mixed_layout(dtype=torch.float64, *, normalize=True, seed=9):
         a, columns, positives=positives, anchor_columns=own, temperature=0.3, normalize=normalize
     )
     return a, contrast
+
+
+def _assert_mix_log_mass_is_plain(strategy, contrast, anchors, seed=4):
+    """``mochi_mix_log_mass`` against the plain path's ``logsumexp`` over ``select``'s mixes for
+    the same seed, in float64: values to 1e-12, the gradient to ``anchors`` to 1e-10."""
+    from hardneg.strategies.base import StepContext
+
+    fast = fastpaths.mochi_mix_log_mass(
+        strategy, contrast, StepContext(generator=torch.Generator().manual_seed(seed))
+    )
+    plain_context = StepContext(generator=torch.Generator().manual_seed(seed), fast=False)
+    plain = torch.logsumexp(strategy.select(contrast, plain_context).extra_negative_logits, 1)
+    torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+    up = torch.linspace(0.5, 2.0, fast.shape[0], dtype=torch.float64)
+    (gf,) = torch.autograd.grad((fast * up).sum(), anchors, retain_graph=True)
+    (gp,) = torch.autograd.grad((plain * up).sum(), anchors)
+    torch.testing.assert_close(gf, gp, rtol=1e-10, atol=1e-12)
 
 
 def test_mochi_mix_log_mass_over_shared_and_own_columns_equals_the_plain_logsumexp():
@@ -125,3 +142,35 @@ def test_mochi_mix_log_mass_over_shared_and_own_columns_equals_the_plain_logsume
         (gf,) = torch.autograd.grad((fast * up).sum(), a, retain_graph=True)
         (gp,) = torch.autograd.grad((plain * up).sum(), a)
         torch.testing.assert_close(gf, gp, rtol=1e-10, atol=1e-12)
+
+
+def test_mochi_mix_log_mass_by_blocks_with_a_short_last_block_and_wide_own_columns(monkeypatch):
+    """The block loop of ``mochi_mix_log_mass``: 7 anchors by blocks of 2 rows (the last block
+    holds one row: its uniforms are the stream's next words, as in the plain draw), with a
+    shared pool, and in-batch with three views (21 anchors); and anchors with their own columns of width ``d = 64`` (the
+    row-wise dots' block bound ``2^22 / (s d)`` below the default block): both equal the plain
+    path for the same seed."""
+    import hardneg
+    from hardneg.contrast import build_contrast, in_batch_contrast, pool_contrast
+
+    strategy = hardneg.registry.strategy_class("mochi")(
+        num_hardest=5, num_mixed=7, num_query_mixed=3
+    )
+    g = torch.Generator().manual_seed(5)
+    z1 = torch.randn(7, 6, generator=g, dtype=torch.float64).requires_grad_()
+    z2 = torch.randn(7, 6, generator=g, dtype=torch.float64)
+    pool = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    with monkeypatch.context() as patch:
+        patch.setattr(fastpaths, "_MIX_BLOCK", 1)  # blocks of 2 rows
+        three = in_batch_contrast((z1, z2, z2 + 0.3 * pool[:7]), temperature=0.3)
+        _assert_mix_log_mass_is_plain(strategy, three, z1)
+        _assert_mix_log_mass_is_plain(strategy, pool_contrast(z1, z2, pool, temperature=0.3), z1)
+    a = torch.randn(6, 64, generator=g, dtype=torch.float64).requires_grad_()
+    contrast = build_contrast(
+        a,
+        torch.zeros(0, 64, dtype=torch.float64),
+        positives=torch.randn(6, 64, generator=g, dtype=torch.float64),
+        anchor_columns=torch.randn(6, 9, 64, generator=g, dtype=torch.float64),
+        temperature=0.3,
+    )
+    _assert_mix_log_mass_is_plain(strategy, contrast, a)
