@@ -174,3 +174,21 @@ def test_mochi_mix_log_mass_by_blocks_with_a_short_last_block_and_wide_own_colum
         temperature=0.3,
     )
     _assert_mix_log_mass_is_plain(strategy, contrast, a)
+
+
+def test_mochi_mix_log_mass_with_one_pair_mix_equals_the_plain_path():
+    """``num_mixed = 1``: one pair mix per anchor, whose cosine ``n_i · n_j`` must still be
+    formed (in-batch from the logits, with a pool from the Gram matrix) for its inverse norm;
+    against the plain path for the same seed (float64)."""
+    import hardneg
+    from hardneg.contrast import in_batch_contrast, pool_contrast
+
+    strategy = hardneg.registry.strategy_class("mochi")(
+        num_hardest=4, num_mixed=1, num_query_mixed=2
+    )
+    g = torch.Generator().manual_seed(6)
+    z1 = torch.randn(8, 5, generator=g, dtype=torch.float64).requires_grad_()
+    z2 = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    pool = torch.randn(10, 5, generator=g, dtype=torch.float64)
+    _assert_mix_log_mass_is_plain(strategy, in_batch_contrast((z1, z2), temperature=0.3), z1)
+    _assert_mix_log_mass_is_plain(strategy, pool_contrast(z1, z2, pool, temperature=0.3), z1)
