@@ -176,19 +176,46 @@ def test_mochi_mix_log_mass_by_blocks_with_a_short_last_block_and_wide_own_colum
     _assert_mix_log_mass_is_plain(strategy, contrast, a)
 
 
-def test_mochi_mix_log_mass_with_one_pair_mix_equals_the_plain_path():
-    """``num_mixed = 1``: one pair mix per anchor, whose cosine ``n_i · n_j`` must still be
-    formed (in-batch from the logits, with a pool from the Gram matrix) for its inverse norm;
-    against the plain path for the same seed (float64)."""
+def test_mochi_mix_log_mass_with_one_mix_of_each_kind_equals_the_plain_path():
+    """``num_mixed = num_query_mixed = 1``: one pair mix and one query mix per anchor, whose
+    cosines (``n_i · n_j``: in-batch from the logits, with a pool from the Gram matrix; ``q ·
+    n_j = t d_j``), logits and softmax weights (the pair's first coefficient, the query's share
+    ``w q``, which reaches the anchors only with raw dot products: the normalisation's backward
+    projects it out) must still be formed; cosine and raw logits, against the plain path for
+    the same seed (float64)."""
     import hardneg
     from hardneg.contrast import in_batch_contrast, pool_contrast
 
     strategy = hardneg.registry.strategy_class("mochi")(
-        num_hardest=4, num_mixed=1, num_query_mixed=2
+        num_hardest=4, num_mixed=1, num_query_mixed=1
     )
     g = torch.Generator().manual_seed(6)
     z1 = torch.randn(8, 5, generator=g, dtype=torch.float64).requires_grad_()
     z2 = torch.randn(8, 5, generator=g, dtype=torch.float64)
     pool = torch.randn(10, 5, generator=g, dtype=torch.float64)
-    _assert_mix_log_mass_is_plain(strategy, in_batch_contrast((z1, z2), temperature=0.3), z1)
-    _assert_mix_log_mass_is_plain(strategy, pool_contrast(z1, z2, pool, temperature=0.3), z1)
+    for normalize in (True, False):  # raw: the query's share w q reaches z1 (no projection)
+        in_batch = in_batch_contrast((z1, z2), temperature=0.3, normalize=normalize)
+        _assert_mix_log_mass_is_plain(strategy, in_batch, z1)
+        with_pool = pool_contrast(z1, z2, pool, temperature=0.3, normalize=normalize)
+        _assert_mix_log_mass_is_plain(strategy, with_pool, z1)
+
+
+def test_mochi_mix_log_mass_of_raw_logits_far_apart_shifts_each_row_by_its_own_maximum():
+    """Raw dot products (``normalize=False``) with anchors of norms 1 and 300: one row's mixes
+    lie thousands below another's, so a log-sum-exp shifted by anything but each row's own
+    maximum would underflow; values and gradients equal the plain path (float64)."""
+    import hardneg
+    from hardneg.contrast import pool_contrast
+
+    strategy = hardneg.registry.strategy_class("mochi")(
+        num_hardest=4, num_mixed=3, num_query_mixed=2
+    )
+    g = torch.Generator().manual_seed(7)
+    scale = torch.tensor([1.0, 300.0] * 3, dtype=torch.float64).unsqueeze(1)
+    z1 = (scale * torch.randn(6, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    z2 = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    pool = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    contrast = pool_contrast(z1, z2, pool, temperature=0.3, normalize=False)
+    logits = contrast.negative_logits.detach()
+    assert float(logits[1].max() - logits[0].max()) > 800  # e^{-800} underflows in float64
+    _assert_mix_log_mass_is_plain(strategy, contrast, z1)
