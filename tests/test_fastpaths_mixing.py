@@ -219,3 +219,25 @@ def test_mochi_mix_log_mass_of_raw_logits_far_apart_shifts_each_row_by_its_own_m
     logits = contrast.negative_logits.detach()
     assert float(logits[1].max() - logits[0].max()) > 800  # e^{-800} underflows in float64
     _assert_mix_log_mass_is_plain(strategy, contrast, z1)
+
+
+def test_band_indices_of_half_precision_rows_and_empty_bands_equal_the_topk_band():
+    """``band_indices`` beyond its numpy path's dtypes and widths: float16 / bfloat16 rows (no
+    integer order keys of that width: ``torch.topk``) of 300 columns, above and below the numpy
+    threshold of columns, hold the values of ranks ``[L, U)`` as ``topk(U, sorted=True)``; an
+    empty band (``L = U``, also ``0 = 0``) is ``[A, 0]`` on either path."""
+    g = torch.Generator().manual_seed(11)
+    for dtype in (torch.float16, torch.bfloat16):
+        for cols in (300, 40):
+            x = torch.randn(6, cols, generator=g).to(dtype)
+            got = fastpaths.band_indices(x, 3, 17)
+            want = x.topk(17, dim=1, sorted=True).indices[:, 3:]
+            assert got.shape == (6, 14) and got.dtype == torch.long
+            assert bool((got.sort(dim=1).values.diff(dim=1) > 0).all())  # distinct columns
+            values = x.gather(1, got).sort(dim=1).values
+            assert torch.equal(values, x.gather(1, want).sort(dim=1).values), (dtype, cols)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(5, 300, generator=g, dtype=torch.float64).to(dtype)
+        for band in ((3, 3), (0, 0)):
+            got = fastpaths.band_indices(x, *band)
+            assert got.shape == (5, 0) and got.dtype == torch.long, (dtype, band)
