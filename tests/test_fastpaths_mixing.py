@@ -241,3 +241,19 @@ def test_band_indices_of_half_precision_rows_and_empty_bands_equal_the_topk_band
         for band in ((3, 3), (0, 0)):
             got = fastpaths.band_indices(x, *band)
             assert got.shape == (5, 0) and got.dtype == torch.long, (dtype, band)
+
+
+def test_band_indices_with_a_nan_in_an_early_row_block_equals_the_topk_band(monkeypatch):
+    """A row with a NaN (ranked above ``+inf``, as ``torch.topk``) sends its block of rows to the
+    ``argpartition`` fallback; the blocks after it still take the partition path. 40 rows of
+    300 distinct values by blocks of 4 rows, NaNs in rows 1 and 22: every row's band holds the
+    very columns of ``topk(U, sorted=True)[:, L:]``."""
+    monkeypatch.setattr(fastpaths, "_NUMPY_BLOCK", 4 * 300)
+    g = torch.Generator().manual_seed(12)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(40, 300, generator=g, dtype=torch.float64).to(dtype)
+        x[1, 7] = x[22, 250] = math.nan
+        for lower, upper in ((0, 9), (2, 30)):
+            got = fastpaths.band_indices(x, lower, upper)
+            want = x.topk(upper, dim=1, sorted=True).indices[:, lower:]
+            assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values), (dtype, lower)
