@@ -257,3 +257,22 @@ def test_band_indices_with_a_nan_in_an_early_row_block_equals_the_topk_band(monk
             got = fastpaths.band_indices(x, lower, upper)
             want = x.topk(upper, dim=1, sorted=True).indices[:, lower:]
             assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values), (dtype, lower)
+
+
+def test_band_indices_split_over_fewer_chunks_than_threads_equals_the_topk_band(monkeypatch):
+    """Rows split over threads when the rows per thread (``_THREAD_MIN_ENTRIES // cols``, a
+    whole number of rows) allow fewer chunks than torch's threads: 14 rows of 512 at 4.19 rows'
+    worth of entries per thread (3 chunks), 4 threads; every row's band as ``topk``."""
+    monkeypatch.setattr(fastpaths, "_NUMPY_BLOCK", 2048)  # 4 rows per block
+    monkeypatch.setattr(fastpaths, "_BAND_MIN_ROWS", 1)
+    monkeypatch.setattr(fastpaths, "_THREAD_MIN_ENTRIES", 4 * 512 + 100)
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(14, 512, generator=g)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        got = fastpaths.band_indices(x, 7, 60).sort(dim=1).values
+    finally:
+        torch.set_num_threads(previous)
+    want = x.topk(60, dim=1).indices[:, 7:].sort(dim=1).values
+    assert torch.equal(got, want)
