@@ -276,3 +276,19 @@ def test_band_indices_split_over_fewer_chunks_than_threads_equals_the_topk_band(
         torch.set_num_threads(previous)
     want = x.topk(60, dim=1).indices[:, 7:].sort(dim=1).values
     assert torch.equal(got, want)
+
+
+def test_hardest_columns_is_none_when_a_short_row_meets_a_long_row_at_column_0():
+    """``hardest_columns`` (MoCHi, ``k = 3``): row 0 holds a NaN (no member: 2 entries at or
+    above its 3rd largest key), row 1 a tie at its edge (4 entries, the first at column 0).
+    The counts add up to ``2 k``, and the flat positions cut into rows of ``k`` would give row
+    0 the column ``6 = S`` (row 1's column 0): not the hardest set, so None (the caller then
+    takes the plain form), in float32 and float64."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.tensor(
+            [[math.nan, 5.0, 4.0, 1.0, 0.0, -1.0], [9.0, 8.0, 3.0, 3.0, 0.0, 0.0]], dtype=dtype
+        )
+        assert fastpaths.hardest_columns(x, 3) is None, dtype
+        distinct = torch.arange(12.0, dtype=dtype).view(2, 6)  # no tie, no NaN: the set
+        want = torch.tensor([[3, 4, 5], [3, 4, 5]])
+        assert torch.equal(fastpaths.hardest_columns(distinct, 3), want)
