@@ -292,3 +292,21 @@ def test_hardest_columns_is_none_when_a_short_row_meets_a_long_row_at_column_0()
         distinct = torch.arange(12.0, dtype=dtype).view(2, 6)  # no tie, no NaN: the set
         want = torch.tensor([[3, 4, 5], [3, 4, 5]])
         assert torch.equal(fastpaths.hardest_columns(distinct, 3), want)
+
+
+def test_hardest_columns_split_over_fewer_chunks_than_threads_are_the_topk_columns(monkeypatch):
+    """``hardest_columns`` split over threads when the rows per thread (a whole number of rows)
+    allow fewer chunks than torch's threads: 14 rows of 512 at 4.19 rows' worth of entries per
+    thread (3 chunks), 4 threads; each row's ``k`` largest in column order, as ``topk``."""
+    monkeypatch.setattr(fastpaths, "_HARDEST_BLOCK", 2048)  # 4 rows per block
+    monkeypatch.setattr(fastpaths, "_THREAD_MIN_ENTRIES", 4 * 512 + 100)
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(14, 512, generator=g)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        got = fastpaths.hardest_columns(x, 20)
+    finally:
+        torch.set_num_threads(previous)
+    assert got is not None
+    assert torch.equal(got, x.topk(20, dim=1).indices.sort(dim=1).values)
