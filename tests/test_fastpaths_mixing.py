@@ -310,3 +310,67 @@ def test_hardest_columns_split_over_fewer_chunks_than_threads_are_the_topk_colum
         torch.set_num_threads(previous)
     assert got is not None
     assert torch.equal(got, x.topk(20, dim=1).indices.sort(dim=1).values)
+
+
+def test_simans_accelerator_draw_is_seeded_by_its_generator_for_an_odd_entry_count(monkeypatch):
+    """SimANS' torch draw (the accelerators' branch, forced on the CPU): 5 rows of 41 columns
+    (an odd number of uniforms: half of the last word unused) draw ``k`` distinct columns, the
+    same for the same seed (the words come from the given generator, not the global one)."""
+    monkeypatch.setattr(fastpaths, "numpy_partitions", lambda x: False)
+    g = torch.Generator().manual_seed(15)
+    logits = torch.randn(5, 41, generator=g, dtype=torch.float64)
+    centre = logits.mean(dim=1, keepdim=True)
+    draws = [
+        fastpaths.simans_draw(logits, centre, 0.5, 6, torch.Generator().manual_seed(3))
+        for _ in range(2)
+    ]
+    assert draws[0].shape == (5, 6)
+    assert all(len(set(row)) == 6 for row in draws[0].tolist())
+    torch.manual_seed(0)  # the global generator moves between the draws: it must not be read
+    assert torch.equal(draws[0], draws[1])
+    other = fastpaths.simans_draw(logits, centre, 0.5, 6, torch.Generator().manual_seed(3))
+    assert torch.equal(draws[0], other)
+
+
+def test_simans_cpu_draw_reads_the_stream_seeded_by_both_words_even_negative_ones():
+    """The CPU draw's ``PCG64`` stream is seeded by the generator's two words taken modulo
+    ``2^64`` (a negative word as its unsigned bits): for a seed with a negative word, the draw
+    equals the keys re-stated from that stream (``a = 0``: the ``k`` largest uniforms)."""
+    import numpy as np
+
+    def words(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return torch.empty(2, dtype=torch.int64).random_(-(2**63), None, generator=gen).tolist()
+
+    seed = next(s for s in range(100) if min(words(s)) < 0)
+    rows, cols, k = 4, 64, 9
+    logits = torch.zeros(rows, cols, dtype=torch.float64)
+    got = fastpaths.simans_draw(logits, logits[:, :1], 0.0, k, torch.Generator().manual_seed(seed))
+    stream = np.random.PCG64(
+        np.random.SeedSequence([w + 2**64 if w < 0 else w for w in words(seed)])
+    )
+    raw = torch.from_numpy(stream.random_raw(rows * cols // 2).view(np.int64))
+    u = fastpaths.unit_uniforms(raw, rows * cols).view(rows, cols)
+    want = u.topk(k, dim=1).indices  # the smallest log(-log u): the largest u
+    assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
+
+
+def test_np_smallest_with_a_tie_at_the_edge_takes_the_k_smallest_values():
+    """``_np_smallest`` where each row's ``k``-th and ``k+1``-th smallest are equal (the
+    ``argpartition`` fallback): 20 rows of 1000, ``k = 300`` (long rows: numpy's partition
+    leaves the entries before its pivot unsorted); the values taken are each row's ``k``
+    smallest, as ``torch.topk(largest=False)``."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(16)
+    keys = torch.randn(20, 1000, generator=g, dtype=torch.float64)
+    ranked = keys.sort(dim=1).values
+    rows = torch.arange(20)
+    edge = keys.argsort(dim=1)[:, 300]  # the k+1-th smallest takes the k-th's value
+    keys[rows, edge] = ranked[:, 299]
+    for dtype in (np.float64, np.float32):
+        x = keys.numpy().astype(dtype)
+        got = torch.from_numpy(fastpaths._np_smallest(x, 300))
+        xt = torch.from_numpy(x)
+        want = xt.topk(300, dim=1, largest=False).values.sort(dim=1).values
+        assert torch.equal(xt.gather(1, got).sort(dim=1).values, want), dtype
