@@ -335,7 +335,8 @@ def test_simans_accelerator_draw_is_seeded_by_its_generator_for_an_odd_entry_cou
 def test_simans_cpu_draw_reads_the_stream_seeded_by_both_words_even_negative_ones():
     """The CPU draw's ``PCG64`` stream is seeded by the generator's two words taken modulo
     ``2^64`` (a negative word as its unsigned bits): for a seed with a negative word, the draw
-    equals the keys re-stated from that stream (``a = 0``: the ``k`` largest uniforms)."""
+    equals the keys ``log(-log u) + a (c - centre)^2`` re-stated from that stream, for ``a = 0``
+    (the ``k`` largest uniforms) and ``a = 1``."""
     import numpy as np
 
     def words(seed):
@@ -344,15 +345,17 @@ def test_simans_cpu_draw_reads_the_stream_seeded_by_both_words_even_negative_one
 
     seed = next(s for s in range(100) if min(words(s)) < 0)
     rows, cols, k = 4, 64, 9
-    logits = torch.zeros(rows, cols, dtype=torch.float64)
-    got = fastpaths.simans_draw(logits, logits[:, :1], 0.0, k, torch.Generator().manual_seed(seed))
-    stream = np.random.PCG64(
-        np.random.SeedSequence([w + 2**64 if w < 0 else w for w in words(seed)])
-    )
-    raw = torch.from_numpy(stream.random_raw(rows * cols // 2).view(np.int64))
-    u = fastpaths.unit_uniforms(raw, rows * cols).view(rows, cols)
-    want = u.topk(k, dim=1).indices  # the smallest log(-log u): the largest u
-    assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
+    logits = torch.randn(rows, cols, generator=torch.Generator().manual_seed(17)).double()
+    centre = logits[:, :1] + 0.5
+    for a in (0.0, 1.0):
+        got = fastpaths.simans_draw(logits, centre, a, k, torch.Generator().manual_seed(seed))
+        unsigned = [w + 2**64 if w < 0 else w for w in words(seed)]
+        stream = np.random.PCG64(np.random.SeedSequence(unsigned))
+        raw = torch.from_numpy(stream.random_raw(rows * cols // 2).view(np.int64))
+        u = fastpaths.unit_uniforms(raw, rows * cols).view(rows, cols).double()
+        keys = u.log().neg().log() + a * (logits - centre).square()
+        want = keys.topk(k, dim=1, largest=False).indices
+        assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values), a
 
 
 def test_np_smallest_with_a_tie_at_the_edge_takes_the_k_smallest_values():
