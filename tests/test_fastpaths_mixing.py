@@ -377,3 +377,25 @@ def test_np_smallest_with_a_tie_at_the_edge_takes_the_k_smallest_values():
         xt = torch.from_numpy(x)
         want = xt.topk(300, dim=1, largest=False).values.sort(dim=1).values
         assert torch.equal(xt.gather(1, got).sort(dim=1).values, want), dtype
+
+
+def test_unremix_column_deltas_hand_back_an_underflowing_negative_under_a_mask():
+    """``unremix_column_deltas`` with a negative mask (a pool with ``exclude_index``): column 1
+    is a negative of both anchors whose mass ``e^{c - M}`` underflows in float32 (its best logit
+    -70.7 against ``M = 100``), so the fast form declines (None: the caller takes the plain
+    column softmax); column 2, excluded for every anchor, alone would not make it decline."""
+    from hardneg.contrast import pool_contrast
+    from hardneg.strategies.unremix import column_gradients
+
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pool = torch.tensor([[1.0, 0.0], [-1.0, -1.0], [0.5, 0.5]])
+    exclude = torch.tensor([2, 2])
+    c = pool_contrast(q, q.clone(), pool, temperature=0.01, exclude_index=exclude)
+    assert c.negative_mask is not None
+    shifted = fastpaths.row_exponentials(c.negative_logits)
+    assert fastpaths.unremix_column_deltas(c, shifted) is None
+    near = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], dtype=torch.float64)
+    c64 = pool_contrast(q.double(), q.double(), near, temperature=0.01, exclude_index=exclude)
+    got = fastpaths.unremix_column_deltas(c64, fastpaths.row_exponentials(c64.negative_logits))
+    want = column_gradients(c64)
+    torch.testing.assert_close(got[:2], want[:2], rtol=1e-10, atol=1e-12)  # the negatives
