@@ -163,7 +163,9 @@ def supported_cases():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("name", "hp", "form"), supported_cases())
+# a list, not the generator: mutmut collects this module twice in one process, and a generator
+# would be used up by the first collection (the second would find no test_fast_equals_plain)
+@pytest.mark.parametrize(("name", "hp", "form"), list(supported_cases()))
 def test_fast_equals_plain(name, hp, dtype, form):
     z1, z2, kwargs = make_inputs(form, dtype)
     compare_fast_plain(name, hp, z1, z2, kwargs)
