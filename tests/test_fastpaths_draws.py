@@ -142,15 +142,20 @@ def test_no_columns_draw_an_empty_count(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("c", "a", "most"),
-    [(50, 1, 3), (6, 2, 40), (7, 3, 0)],
-    ids=["one-anchor", "few-anchors", "no-trials"],
+    ("c", "a", "most", "chunk"),
+    [(50, 1, 3, None), (6, 2, 40, None), (7, 3, 0, None), (9, 37, 1, 64)],
+    ids=["one-anchor", "few-anchors", "no-trials", "one-row-chunks"],
 )
-def test_numpy_binomial_draws_of_narrow_thresholds_equal_the_torch_form(monkeypatch, c, a, most):
+def test_numpy_binomial_draws_of_narrow_thresholds_equal_the_torch_form(
+    monkeypatch, c, a, most, chunk
+):
     """Shapes the loss steps never make: one or two anchors under many columns (a chunk of
-    more rows than bytes per row), columns that all have 0 trials; ties at every threshold
-    (``p`` a multiple of 1/256 plus a half): the numpy form's counts are the torch form's for
-    the same seed, and within ``[0, trials]``."""
+    more rows than bytes per row), columns that all have 0 trials, chunks of one row of bytes
+    (64-byte chunks, 37 anchors, at most 1 trial); ties at every threshold (``p`` a multiple
+    of 1/256 plus a half): the numpy form's counts are the torch form's for the same seed, and
+    within ``[0, trials]``."""
+    if chunk is not None:
+        monkeypatch.setattr(fastpaths, "_CHUNK", chunk)
     g = torch.Generator().manual_seed(c * a + most)
     p = (torch.randint(0, 256, (c, a), generator=g).double() + 0.5) / 256
     need = (p * 256).floor().to(torch.uint8)
