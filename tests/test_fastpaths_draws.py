@@ -175,3 +175,34 @@ def test_numpy_binomial_draws_of_narrow_thresholds_equal_the_torch_form(
     assert bool((fast.long() <= trials.unsqueeze(1)).all())
     if most:
         assert int(fast.sum()) > 0
+
+
+def test_a_tie_keeps_exactly_when_its_uniform_is_below_the_fraction_of_256p(monkeypatch):
+    """Every byte ties (its threshold is the byte drawn, read from the stream's definition),
+    and ``256 p`` is the byte plus the tie's own float32 uniform (the generator's next uniforms
+    after the stream's seed words), plus ``2^-40`` on every other entry: a tie keeps only where
+    ``u < 256 p - floor(256 p)``, i.e. on those entries (``u <= ...`` would keep them all). The
+    same rule in ``bernoulli_draws``, ``binomial_draws`` (one trial per column, one anchor) and
+    ``layer_draws``, in both forms."""
+    n = 12
+    byte, after = pcg_bytes(7, n)
+    u = torch.rand(n, generator=after).double()
+    need = torch.from_numpy(byte.copy())
+    p256 = need.double() + u + torch.tensor([0.0, 2.0**-40]).repeat(n // 2)
+    want = torch.tensor([0, 1]).repeat(n // 2)
+    ones = torch.ones(n, dtype=torch.long)
+
+    def draw():
+        return (
+            fastpaths.bernoulli_draws(need, lambda at: p256[at], torch.Generator().manual_seed(7)),
+            fastpaths.binomial_draws(
+                need.view(n, 1), ones, lambda c, a: p256[c], torch.Generator().manual_seed(7)
+            )[:, 0],
+            fastpaths.layer_draws(
+                need.view(1, n), ones, lambda r, c: p256[c], torch.Generator().manual_seed(7)
+            )[0],
+        )
+
+    for got in both_forms(monkeypatch, draw):
+        for kept in got:
+            assert torch.equal(kept.long(), want)
