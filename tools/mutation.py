@@ -116,10 +116,16 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     },
     # the speed paths: each is tested equal to its plain twin (tests/test_fastpaths.py) and is
     # reached by the strategies' tests; mutate a subset of functions at a time (run NAMES...);
-    # tests/test_fastpaths_mixing.py: the edge cases of the mixing, band and tilt paths
+    # tests/test_fastpaths_mixing.py: the edge cases of the mixing, band and tilt paths,
+    # tests/test_fastpaths_draws.py: the random-byte draws against their definition
     "fastpaths": (
         ["src/hardneg/fastpaths.py"],
-        [*LOSS_TESTS, "tests/test_fastpaths.py", "tests/test_fastpaths_mixing.py"],
+        [
+            *LOSS_TESTS,
+            "tests/test_fastpaths.py",
+            "tests/test_fastpaths_mixing.py",
+            "tests/test_fastpaths_draws.py",
+        ],
     ),
     "moco": (["src/hardneg/frameworks/moco.py"], FRAMEWORK_TESTS),
     "memory_bank": (["src/hardneg/frameworks/memory_bank.py"], TRAIN_TESTS),

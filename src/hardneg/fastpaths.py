@@ -1828,6 +1828,13 @@ def random_bytes(shape: tuple[int, ...], generator: torch.Generator | None, devi
     return _ByteStream(generator, device, size).take(size).view(shape)
 
 
+def _numpy_words(device: torch.device) -> bool:
+    """Whether :class:`_ByteStream` cuts its bytes from numpy ``PCG64`` words: on the CPU.
+    Elsewhere the words come from the generator itself (``random_``); tests force that branch
+    on the CPU by patching this function."""
+    return device.type == "cpu"
+
+
 class _ByteStream:
     """Random bytes taken piece by piece into one reused buffer: the same bytes as one
     :func:`random_bytes` call over their total (64-bit words drawn in order; the bytes of a word
@@ -1841,7 +1848,7 @@ class _ByteStream:
         self.generator = generator
         device = torch.device(device)
         self.bits = None
-        if device.type == "cpu":  # numpy words: a piece is a numpy view (take_np), no torch op
+        if _numpy_words(device):  # numpy words: a piece is a numpy view (take_np), no torch op
             seed = torch.empty(2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
             self.bits = np.random.PCG64(np.random.SeedSequence([w % 2**64 for w in seed.tolist()]))
             self.words = np.empty(1 + -(-size // 8), dtype=np.int64)
