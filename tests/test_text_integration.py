@@ -332,3 +332,23 @@ def test_a_batch_of_one_row_equals_mnrl(model, k, symmetric):
     theirs = value_and_grads(model, ref, cols)
     assert_same(ours, theirs)
     assert (float(theirs[0]) == 0.0) == (k == 0)  # the k > 0 cases are not vacuous
+
+
+@pytest.mark.parametrize("name", ["potential", "unremix"])
+def test_a_citation_s_arxiv_id_and_title_are_those_the_strategy_s_docstring_quotes(name):
+    """The model card cites the paper the strategy's module docstring names (its arXiv id and
+    title), not a look-alike: potential's entry once carried another title and invented
+    first names."""
+    import re
+    import sys
+
+    from hardneg.integrations.sentence_transformers import CITATIONS
+    from hardneg.registry import strategy_class
+
+    entry = CITATIONS[name]
+    doc = " ".join((sys.modules[strategy_class(name).__module__].__doc__ or "").split())
+    eprint = re.search(r"eprint=\{([^}]+)\}", entry).group(1)
+    title = re.search(r"title=\{([^}]+)\}", entry).group(1)
+    assert eprint in doc, (eprint, doc[:300])
+    if name == "potential":  # the docstring quotes the full title
+        assert title in doc, (title, doc[:300])

@@ -104,8 +104,8 @@ CITATIONS: dict[str, str] = {
     archivePrefix={arXiv}
 }""",
     "potential": """@misc{dong2023potential,
-    title={Contrastive Learning with Potential Sample Mining},
-    author={Dong, Jiahui and Long, Tianhang and Li, Xiaobo},
+    title={Rethinking Samples Selection for Contrastive Learning: Mining of Potential Samples},
+    author={Hengkui Dong and Xianzhong Long and Yun Li},
     year={2023},
     eprint={2311.00358},
     archivePrefix={arXiv}
