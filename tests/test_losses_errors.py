@@ -125,6 +125,12 @@ def test_an_unknown_loss_name_suggests_the_closest():
 def test_an_unknown_hyper_parameter_suggests_the_closest():
     with raises("unknown hyper-parameter 'betta' for loss 'hcl'; did you mean 'beta'?"):
         hardneg.create_loss("hcl", betta=1.0)
+    with pytest.raises(ValueError) as caught:  # the suggestion ends its sentence: no "?."
+        hardneg.create_loss("hcl", betta=1.0)
+    assert "did you mean 'beta'? Allowed: " in str(caught.value)
+    with pytest.raises(ValueError) as caught:  # without a suggestion, a full stop
+        hardneg.create_loss("hcl", zzzz=1.0)
+    assert "for loss 'hcl'. Allowed: " in str(caught.value)
     with raises("unknown hyper-parameter 'tau' for loss 'ring'"):
         hardneg.create_loss("ring", tau=0.1)
     with pytest.raises(ValueError, match="Allowed: .*rho_in.*rho_out"):

@@ -144,10 +144,9 @@ def create_loss(name: str, **hparams: Any):
                     else "temperature=1/scale"
                 )
                 extra = f" (logits are cos / temperature: sentence-transformers' scale={value!r} is {as_t})"
-            raise ValueError(
-                f"unknown hyper-parameter {key!r} for loss {name!r}{hint}{extra}. "
-                f"Allowed: {', '.join(allowed)}"
-            )
+            message = f"unknown hyper-parameter {key!r} for loss {name!r}{hint}{extra}"
+            end = " " if message.endswith("?") else ". "  # no "?." after a suggestion
+            raise ValueError(f"{message}{end}Allowed: {', '.join(allowed)}")
     strategy = cls(**{k: v for k, v in hparams.items() if k in strategy_keys})
     loss_kw = {**settings, **{k: v for k, v in hparams.items() if k in settings}}
     return ContrastiveLoss(strategy, **loss_kw)
