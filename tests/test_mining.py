@@ -758,3 +758,30 @@ def test_a_txt_corpus_skips_blank_lines_and_a_non_utf8_file_is_named(tmp_path):
     latin.write_bytes("Caf\xe9 au lait\n".encode("latin-1"))
     with pytest.raises(ValueError, match=re.escape(f"{latin}: not UTF-8 text")):
         load_rows(latin)
+
+
+def test_cli_mine_warns_with_what_to_loosen_when_no_row_is_mined(tmp_path, monkeypatch, capsys):
+    """A ring band too narrow for a tiny corpus mines nothing: exit 0 (a legitimate outcome), a
+    warning naming the options to loosen; a run that mines rows prints no warning."""
+    from hardneg import cli
+    from hardneg.text import models
+
+    queries, positives, _ = data()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"anchor": q, "positive": p}) + "\n"
+            for q, p in zip(queries[:3], positives[:3])
+        )
+    )
+    monkeypatch.setattr(models, "load_sentence_model", lambda name, device=None: FakeModel())
+    base = ["mine", "--data", str(pairs), "--format", "n-tuple"]
+    out = tmp_path / "ring.jsonl"
+    argv = [*base, "--output", str(out), "--sampling", "ring", "--num-negatives", "2"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert load_rows(out) == [] and "no row was written" in err
+    assert "--ring-rho-out (now 0.5)" in err and "--num-negatives (now 2)" in err
+    out = tmp_path / "top.jsonl"
+    assert cli.main([*base, "--output", str(out), "--num-negatives", "1"]) == 0
+    assert load_rows(out) and "no row was written" not in capsys.readouterr().err

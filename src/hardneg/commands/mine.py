@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 from hardneg.mining import SamplerOptions
@@ -181,9 +182,35 @@ def run(args: argparse.Namespace) -> int:
         f"mined {stats.rows} rows for {stats.queries} queries from a corpus of {stats.corpus} "
         f"({stats.short_queries} queries with fewer than {args.num_negatives} negatives) -> {path}"
     )
+    if stats.rows == 0:  # a legitimate outcome, but never a silent one
+        print(_no_rows_hint(args), file=sys.stderr)
     print(
         "seconds: "
         + ", ".join(f"{k} {v:.2f}" for k, v in stats.seconds.items())
         + f"; mean score: positive {stats.mean_positive_score:.3f}, negative {stats.mean_negative_score:.3f}"
     )
     return 0
+
+
+def _no_rows_hint(args: argparse.Namespace) -> str:
+    """What to loosen when no query kept ``--num-negatives`` negatives."""
+    loosen = [
+        f"lower --num-negatives (now {args.num_negatives})",
+        "widen the window (--range-min "
+        f"{args.range_min}, --range-max {'default' if args.range_max is None else args.range_max})",
+    ]
+    if any(
+        getattr(args, k) is not None
+        for k in ("min_score", "max_score", "absolute_margin", "relative_margin")
+    ):
+        loosen.append("loosen --min-score / --max-score / the margins")
+    if args.sampling == "ring":
+        loosen.append(
+            f"raise --ring-rho-out (now {args.ring_rho_out}): the band keeps only the candidates "
+            "ranked between the rho_in and rho_out shares of the window"
+        )
+    elif args.sampling == "potential":
+        loosen.append("lower --potential-a (a narrower kernel keeps fewer candidates)")
+    return "warning: no row was written: every query had fewer candidates left; " + "; ".join(
+        loosen
+    )
