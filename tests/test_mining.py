@@ -785,3 +785,52 @@ def test_cli_mine_warns_with_what_to_loosen_when_no_row_is_mined(tmp_path, monke
     out = tmp_path / "top.jsonl"
     assert cli.main([*base, "--output", str(out), "--num-negatives", "1"]) == 0
     assert load_rows(out) and "no row was written" not in capsys.readouterr().err
+
+
+def test_cli_mine_checks_its_settings_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """A wrong setting fails in one line without loading the model; a valid run loads it once,
+    and a rerun whose embeddings are all cached never loads it."""
+    from hardneg import cli
+    from hardneg.text import models
+
+    queries, positives, corpus = data()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"anchor": q, "positive": p}) + "\n" for q, p in zip(queries, positives))
+    )
+    (tmp_path / "corpus.txt").write_text("\n".join(corpus) + "\n")
+    loads = []
+
+    def load(name, device=None):
+        loads.append(name)
+        return FakeModel()
+
+    monkeypatch.setattr(models, "load_sentence_model", load)
+    base = ["mine", "--data", str(pairs), "--corpus", str(tmp_path / "corpus.txt")]
+    base += ["--cache-dir", str(tmp_path / "cache")]
+    bad = [
+        ["--num-negatives", "0"],
+        ["--range-min", "5", "--range-max", "3"],
+        ["--sampling", "ring", "--ring-rho-out", "1.5"],
+    ]
+    for extra in bad:
+        assert cli.main([*base, "--output", str(tmp_path / "bad.jsonl"), *extra]) == 2
+        assert "Traceback" not in capsys.readouterr().err
+    assert loads == []
+    out = tmp_path / "good.jsonl"
+    assert cli.main([*base, "--output", str(out), "--num-negatives", "2"]) == 0
+    assert len(loads) == 1
+    assert load_rows(out)
+    assert cli.main([*base, "--output", str(tmp_path / "again.jsonl"), "--num-negatives", "2"]) == 0
+    assert len(loads) == 1  # every embedding came from the cache
+
+
+def test_pick_negatives_refuses_an_unknown_sampling_name():
+    from hardneg.mining import pick_negatives
+
+    scores = torch.rand(2, 5).sort(dim=1, descending=True).values
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="sampling"):
+        pick_negatives(
+            "potentail", torch.randn(2, 4), scores, scores[:, :1] + 1, keep, 2, torch.Generator()
+        )

@@ -350,6 +350,27 @@ def candidate_contrast(
     )
 
 
+def sampler_strategy(sampling: str, options: SamplerOptions, num_negatives: int) -> Any:
+    """The strategy class instance that ``sampling`` picks through (None for ``top`` and
+    ``random``), built from ``options``: building it checks its settings, so
+    :func:`mine_hard_negatives` calls it before embedding anything."""
+    from hardneg.strategies.importance import ImportanceNegatives
+    from hardneg.strategies.potential import PotentialMining
+    from hardneg.strategies.ring import RingNegatives
+    from hardneg.strategies.simans import SimANSNegatives
+
+    o = options
+    if sampling == "hcl":
+        return ImportanceNegatives(beta=o.hcl_beta)
+    if sampling == "simans":
+        return SimANSNegatives(a=o.simans_a, b=o.simans_b, num_samples=num_negatives)
+    if sampling == "ring":
+        return RingNegatives(rho_out=o.ring_rho_out, rho_in=o.ring_rho_in)
+    if sampling == "potential":
+        return PotentialMining(a=o.potential_a, b=o.potential_b, clamp=o.potential_clamp)
+    return None
+
+
 def pick_negatives(
     sampling: str,
     queries: Tensor,
@@ -384,12 +405,10 @@ def pick_negatives(
     if options is not None and settings:
         raise ValueError("give the sampler settings either as options or as keywords, not both")
     o = options if options is not None else SamplerOptions.from_settings(settings)
+    check_choice("sampling", sampling, SAMPLING)  # (an unknown name once ran potential's pick)
     from hardneg.strategies.base import StepContext
-    from hardneg.strategies.importance import ImportanceNegatives
-    from hardneg.strategies.potential import PotentialMining
-    from hardneg.strategies.ring import RingNegatives
-    from hardneg.strategies.simans import SimANSNegatives
 
+    strategy = sampler_strategy(sampling, o, num_negatives)
     plain = StepContext(generator=generator, fast=False, want_log_mass=False)
     rank_order = -torch.arange(scores.shape[1], dtype=torch.float64).expand(scores.shape) * 1e6
 
@@ -406,11 +425,10 @@ def pick_negatives(
         return gumbel_top_k(log_p, num_negatives, generator), keep
     if sampling == "hcl":
         contrast = candidate_contrast(queries, scores, positive, keep, o.temperature)
-        log_w = weights(ImportanceNegatives(beta=o.hcl_beta).select(contrast, plain), contrast)
+        log_w = weights(strategy.select(contrast, plain), contrast)
         return gumbel_top_k(log_w, num_negatives, generator), keep
     if sampling == "simans":
         contrast = candidate_contrast(queries, scores, positive, keep, 1.0)
-        strategy = SimANSNegatives(a=o.simans_a, b=o.simans_b, num_samples=num_negatives)
         drawn = torch.isfinite(weights(strategy.select(contrast, plain), contrast))
         # the drawn columns, most similar first (scores are sorted), then the others
         return rank_order.masked_fill(~drawn, float("-inf")).topk(
@@ -418,12 +436,10 @@ def pick_negatives(
         ).indices, drawn
     if sampling == "ring":
         contrast = candidate_contrast(queries, scores, positive, keep, o.temperature)
-        strategy = RingNegatives(rho_out=o.ring_rho_out, rho_in=o.ring_rho_in)
         band = torch.isfinite(weights(strategy.select(contrast, plain), contrast))
         log_p = torch.zeros_like(scores, dtype=torch.float64).masked_fill(~band, float("-inf"))
         return gumbel_top_k(log_p, num_negatives, generator), band
     # potential: one Bernoulli draw per candidate with the loss's keep probability
-    strategy = PotentialMining(a=o.potential_a, b=o.potential_b, clamp=o.potential_clamp)
     log_pi = strategy.log_keep(scores.double(), positive.double()[:, 0], keep)
     u = torch.rand(scores.shape, generator=generator, dtype=torch.float64)
     kept = keep & (u < log_pi.exp())
@@ -576,6 +592,7 @@ def mine_hard_negatives(
         potential_b=potential_b,
         potential_clamp=potential_clamp,
     )
+    sampler_strategy(sampling, options, num_negatives)  # its settings, before any embedding
     stats.queries, stats.corpus = len(q_texts), len(c_texts)
 
     k = range_max + extra

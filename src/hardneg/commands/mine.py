@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     if ctx.world_size > 1 and device == "cuda":
         device = str(ctx.device)  # one GPU per process
     _check_device(device)
-    model = load_sentence_model(args.model, device=device)
+    model = _ModelOnFirstUse(lambda: load_sentence_model(args.model, device=device))
     keys = (
         "output_format num_negatives sampling range_min range_max min_score max_score "
         "absolute_margin relative_margin batch_size query_chunk_size corpus_chunk_size cache_dir seed"
@@ -214,3 +214,19 @@ def _no_rows_hint(args: argparse.Namespace) -> str:
     return "warning: no row was written: every query had fewer candidates left; " + "; ".join(
         loosen
     )
+
+
+class _ModelOnFirstUse:
+    """The sentence model, loaded on its first ``encode``: ``mine_hard_negatives`` checks every
+    setting before it embeds, so a wrong setting fails before the model loads (seconds for
+    MiniLM, a minute for a large model), and a run whose embeddings are all cached
+    (``--cache-dir``) never loads it."""
+
+    def __init__(self, load) -> None:
+        self._load = load
+        self._model = None
+
+    def encode(self, *args, **kwargs):
+        if self._model is None:
+            self._model = self._load()
+        return self._model.encode(*args, **kwargs)
