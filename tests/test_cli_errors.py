@@ -178,3 +178,23 @@ def test_a_run_writes_every_loss_hyper_parameter_and_a_report(tmp_path, capsys):
     report = (run / "report.md").read_text()
     assert "# Run report: hcl" in report and "![loss](plots/loss.png)" in report
     assert (run / "plots" / "loss.png").is_file()
+
+
+def test_a_device_this_machine_lacks_is_named_in_one_line_by_train_and_mine(monkeypatch):
+    """``train.device`` and ``hardneg mine --device`` read one availability check
+    (``runtime.device_available``), each with its own wording."""
+    import torch
+
+    from hardneg.commands.mine import _check_device
+    from hardneg.train.runtime import device_available, select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not device_available(torch.device("cuda:1"))
+    assert device_available(torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"^train.device='cuda:1' but CUDA is not available here$"):
+        select_device("cuda:1")
+    with pytest.raises(ValueError, match=r"^--device cuda:1: no cuda device is available here"):
+        _check_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_device("cuda:1") == torch.device("cuda:1")
+    _check_device("cuda:1")  # no error

@@ -109,18 +109,18 @@ def _check_device(device: str) -> None:
     (torch raises a RuntimeError with a stack trace when the model is moved there)."""
     import torch
 
+    from hardneg.train.runtime import device_available
+
     try:
-        kind = torch.device(device).type
+        parsed = torch.device(device)
     except RuntimeError:
         raise ValueError(
             f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)"
         ) from None
-    available = {
-        "cuda": torch.cuda.is_available,
-        "mps": lambda: torch.backends.mps.is_available(),
-    }.get(kind, lambda: True)
-    if not available():
-        raise ValueError(f"--device {device}: no {kind} device is available here; use --device cpu")
+    if not device_available(parsed):
+        raise ValueError(
+            f"--device {device}: no {parsed.type} device is available here; use --device cpu"
+        )
 
 
 def run(args: argparse.Namespace) -> int:

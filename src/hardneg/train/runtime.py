@@ -16,14 +16,23 @@ import torch
 from torch import Tensor
 
 
+def device_available(device: torch.device) -> bool:
+    """Whether this machine has a device of ``device``'s kind (CUDA, MPS; other kinds: True)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    return True
+
+
 def select_device(name: str, dist_device: torch.device | None = None) -> torch.device:
     """``auto``: the distributed context's device, else CUDA, else MPS, else CPU."""
     if name != "auto":
         device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"train.device={name!r} but CUDA is not available here")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"train.device={name!r} but MPS is not available here")
+        if not device_available(device):
+            raise ValueError(
+                f"train.device={name!r} but {device.type.upper()} is not available here"
+            )
         return device
     if dist_device is not None and dist_device.type != "cpu":
         return dist_device
