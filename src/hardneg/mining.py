@@ -761,9 +761,12 @@ def column_texts(
     for number, row in enumerate(rows, start=1):
         value = row.get(column)
         if not isinstance(value, str):
-            what = "has no" if column not in row else f"has {type(value).__name__} in"
-            if column in row and value is None:
+            if column not in row:
+                what = "has no"
+            elif value is None:
                 what = "has null in"
+            else:
+                what = f"has {type(value).__name__} in"
             raise ValueError(
                 f"{source}, row {number}: {what} column {column!r} (every row needs a text "
                 f"there; its columns: {sorted(row)}{hint})"
