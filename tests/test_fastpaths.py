@@ -672,6 +672,105 @@ def test_band_indices_read_distinct_values_by_their_edge_values(monkeypatch, dty
             assert torch.equal(a, b), (lower, upper)
 
 
+def _count_sampled(monkeypatch) -> list[bool]:
+    """Records what each call of ``_band_from_sample`` returned (True: it wrote the band)."""
+    calls: list[bool] = []
+    sampled = fastpaths._band_from_sample
+
+    def counted(*args, **kwargs):
+        calls.append(sampled(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(fastpaths, "_band_from_sample", counted)
+    return calls
+
+
+def _rows_whose_sample_overstates_them(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Rows whose sampled columns (``c % _BAND_STRIDE == 0``) hold their largest values: the
+    sample's threshold then lies among those, far above the row's ``upper``-th value, and
+    the row has fewer candidates than ``upper``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    x[:, :: fastpaths._BAND_STRIDE] += 10.0
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["plain", "ulp", "inf", "ascending", "descending"])
+def test_band_indices_from_a_sample_of_each_row_equal_the_topk_band(monkeypatch, dtype, kind):
+    """Rows of at least ``_BAND_SAMPLE_MIN_COLUMNS`` whose band ends in their top quarter take
+    the sampled pre-selection (checked: it wrote every block), and its band is the very columns
+    of ``topk(upper, sorted=True)[:, lower:]``; rows sorted along the columns give the strided
+    sample a structure (every value's neighbours are its neighbours in rank)."""
+    calls = _count_sampled(monkeypatch)
+    rows, cols = 300, 1024
+    x = topk_inputs(
+        rows, cols, dtype, seed=17, kind="plain" if kind in ("ascending", "descending") else kind
+    )
+    if kind in ("ascending", "descending"):
+        x = x.sort(dim=1, descending=kind == "descending").values
+    for lower, upper in ((0, 1), (0, 5), (10, 102), (60, 100), (99, 100)):
+        calls.clear()
+        got = fastpaths.band_indices(x, lower, upper).sort(dim=1).values
+        want = x.topk(upper, dim=1, sorted=True).indices[:, lower:].sort(dim=1).values
+        assert torch.equal(got, want), (lower, upper)
+        if kind != "inf":  # (30 % -inf: a sample's threshold may be -inf, too many candidates)
+            assert calls and all(calls), (lower, upper, calls)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_band_indices_fall_back_to_whole_rows_when_the_sample_misses_or_ties(monkeypatch, dtype):
+    """The sampled pre-selection gives up, writing nothing, on a block with a row whose top
+    values the sample does not see (too few candidates), a repeated value at a band edge, or
+    too many candidates; the whole-row partition then gives the topk band."""
+    calls = _count_sampled(monkeypatch)
+    upper = 102
+    x = _rows_whose_sample_overstates_them(200, 1024, seed=3).to(dtype)
+    got = fastpaths.band_indices(x, 10, upper).sort(dim=1).values
+    want = x.topk(upper, dim=1).indices[:, 10:].sort(dim=1).values
+    assert torch.equal(got, want)
+    assert calls and not any(calls)
+    ties = topk_inputs(200, 1024, dtype, seed=5, kind="plain")
+    ties[7, :] = ties[7, 3]  # one value over a whole row: a tie at both edges
+    calls.clear()
+    got = fastpaths.band_indices(ties, 10, upper)
+    want = ties.topk(upper, dim=1).indices[:, 10:]
+    assert bool((got.sort(dim=1).values.diff(dim=1) > 0).all())
+    assert torch.equal(
+        ties.gather(1, got).sort(dim=1).values, ties.gather(1, want).sort(dim=1).values
+    )
+    assert False in calls
+    # the sample's edge far below the band's: more candidates than the gain allows
+    wide = topk_inputs(128, 1024, dtype, seed=6, kind="plain")
+    monkeypatch.setattr(fastpaths, "_BAND_SIGMAS", 40.0)
+    calls.clear()
+    got = fastpaths.band_indices(wide, 0, 60).sort(dim=1).values
+    assert torch.equal(got, wide.topk(60, dim=1).indices.sort(dim=1).values)
+    assert calls == [False]
+
+
+@pytest.mark.parametrize("sign", ["positive", "negative"])
+def test_selections_rank_a_nan_of_either_sign_highest_as_torch_topk(sign):
+    """``torch.topk`` ranks every NaN highest. The order keys rank a NaN whose sign bit is set
+    (x86's default NaN, what ``0 * inf`` gives) below ``-inf``: the numpy paths must see it
+    and rank it highest too, or a NaN logit could drop out of the band silently."""
+    nan = torch.tensor(0.0) * torch.tensor(float("inf"))
+    nan = -nan.abs() if sign == "negative" else nan.abs()
+    assert bool(torch.isnan(nan)) and (nan.view(torch.int32) < 0) == (sign == "negative")
+    for rows, cols, lower, upper in ((300, 1024, 10, 102), (300, 400, 3, 40), (40, 3000, 0, 7)):
+        x = topk_inputs(rows, cols, torch.float32, seed=cols, kind="plain")
+        x[1, 5] = nan
+        x[rows - 1, cols - 1] = nan
+        want = x.topk(upper, dim=1).indices
+        got = fastpaths.band_indices(x, lower, upper).sort(dim=1).values
+        assert torch.equal(got, want[:, lower:].sort(dim=1).values), (rows, cols)
+        if lower == 0:  # a NaN is rank 0: in the band
+            assert bool((got[1] == 5).any())
+        got = fastpaths.top_k_indices(x, upper).sort(dim=1).values
+        assert torch.equal(got, want.sort(dim=1).values), (rows, cols)
+        assert bool((got[1] == 5).any())
+
+
 def test_band_indices_split_rows_over_threads_like_one_thread(monkeypatch):
     """Small row blocks and chunks over 4 threads: every row's band, none skipped or shifted."""
     monkeypatch.setattr(fastpaths, "_NUMPY_BLOCK", 2048)  # 4 rows per block
