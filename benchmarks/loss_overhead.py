@@ -15,6 +15,11 @@ calls, so that it counts the host's dispatch and the kernels up to their end, an
 by the step before. Thread settings do not apply (the host keeps torch's default): the tables
 have one setting, labelled ``cuda``. The memory and graph-break tables run on the GPU too.
 
+**Heap** (``--heap``, default ``steady``): the timing process pins glibc's malloc thresholds
+(:func:`steady_heap`), so that a step's buffers reuse the pages of the step before whatever
+ran before it; ``--heap adaptive`` keeps glibc's adaptive thresholds (the tables of sessions
+before 11). The peak-memory subprocesses keep glibc's defaults.
+
 **Product floor** (``--floor``, default): the time of the matrix products (``mm``, ``addmm``,
 ``bmm``) that one forward + backward of the loss performs, recorded from the loss itself in the
 same cell and replayed alone on operands of the same shapes and layouts, divided by infonce's
@@ -70,6 +75,31 @@ import hardneg
 
 TARGETS = {"debiased": 1.15, "hcl": 1.15, "ring": 1.15, "unremix": 1.5, "potential": 1.5}
 MEMORY_TARGET = 2.0
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit (4 * 1024 * 1024 * sizeof(long))
+
+
+def steady_heap() -> bool:
+    """Pin glibc's allocator: blocks up to 32 MiB come from the heap (``M_MMAP_THRESHOLD``) and
+    freed memory is not handed back to the system (``M_TRIM_THRESHOLD`` 1 GiB), so that every
+    step reuses the pages of the one before, as with tcmalloc or jemalloc. By default glibc
+    adapts both thresholds to the blocks freed so far: whether a loss's ``[2N, 2N]`` buffers
+    cost fresh pages (page faults, ~2 us a page here) then depends on which losses ran before
+    it in the process, and the ratios of one cell moved by up to 0.4x with the set of losses
+    measured (``--losses``). False (nothing changed) off glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    )
 
 
 def parse_ints(text: str) -> list[int]:
@@ -454,6 +484,13 @@ def main(argv: list[str] | None = None) -> int:
         help="losses that also get a column with their strategy's in_batch_defaults "
         "(comma-separated, '' = none)",
     )
+    parser.add_argument(
+        "--heap",
+        choices=("steady", "adaptive"),
+        default="steady",
+        help="steady: pin glibc's malloc thresholds (no page faults from one step to the next, "
+        "whatever ran before); adaptive: glibc's defaults",
+    )
     args = parser.parse_args(argv)
     on_cuda = args.device == "cuda"
     if on_cuda and not torch.cuda.is_available():
@@ -482,19 +519,23 @@ def main(argv: list[str] | None = None) -> int:
             others.insert(others.index(name) + 1, name + IN_BATCH_SUFFIX)
     names = ["infonce", *others]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    heap = "adaptive (glibc's defaults)"
+    if args.heap == "steady":
+        heap = "steady (glibc thresholds pinned)" if steady_heap() else "adaptive (not glibc)"
     if on_cuda:
         print(
             f"torch {torch.__version__}, device cuda ({torch.cuda.get_device_name()}, CUDA "
             f"{torch.version.cuda}), each timed step between torch.cuda.synchronize() calls; "
             f"threads: not applicable on cuda, one column (host: {os.cpu_count()} CPU(s), torch's "
             f"default {DEFAULT_THREADS} threads), d = {args.dim}, >= {args.repeats} interleaved "
-            f"rounds per cell, estimator {args.estimator}; load average at start {load:.2f}"
+            f"rounds per cell, estimator {args.estimator}; heap {heap}; load average at start "
+            f"{load:.2f}"
         )
     else:
         print(
             f"torch {torch.__version__}, {os.cpu_count()} CPU(s), threads {threads} "
             f"(torch's default: {DEFAULT_THREADS}), d = {args.dim}, >= {args.repeats} interleaved rounds "
-            f"per cell, estimator {args.estimator}; load average at start {load:.2f}"
+            f"per cell, estimator {args.estimator}; heap {heap}; load average at start {load:.2f}"
         )
     misses: list[str] = []
     pools, sizes = parse_ints(args.pools), parse_ints(args.sizes)

@@ -310,3 +310,52 @@ def test_main_on_cuda_prints_every_table(bench, capsys):
     assert "| 1 | in-batch" not in out and "| threads |" not in out
     assert "(CUDA max_memory_allocated above the inputs)" in out and "| in-batch | 16 |" in out
     assert "on cuda inputs" in out and "| hcl | 0 | 0 | 0 | 0 |" in out
+
+
+def test_steady_heap_pins_glibcs_two_thresholds(bench, monkeypatch):
+    """``--heap steady`` sets glibc's mmap threshold to its 64-bit ceiling (32 MiB: the
+    ``[2N, 2N]`` buffers of N = 1024 and the N x 4096 pool logits come from the heap) and its
+    trim threshold to 1 GiB (freed pages stay), through ``mallopt``; False off glibc."""
+    import ctypes
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    assert bench.steady_heap() is True
+    assert calls == [(-3, 32 << 20), (-1, 1 << 30)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+    def no_libc(name):
+        raise OSError(name)
+
+    monkeypatch.setattr(ctypes, "CDLL", no_libc)
+    assert bench.steady_heap() is False
+
+
+def test_steady_heap_keeps_freed_pages_for_the_next_step():
+    """In a fresh process after :func:`steady_heap`, a step's 4 MiB and 16 MiB buffers, freed
+    and allocated again, cost no new page faults (counted by ``getrusage``): the pages stay
+    with the process. Linux glibc only."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt and ru_minflt: Linux only")
+    code = f"""
+import importlib.util, resource, numpy as np
+spec = importlib.util.spec_from_file_location("b", {str(_PATH)!r})
+b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
+assert b.steady_heap()
+faults = []
+for size in [16 << 20, 4 << 20, 16 << 20, 4 << 20, 16 << 20]:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = np.ones(size // 4, dtype=np.float32)
+    del a
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(faults)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    faults = [int(x) for x in run.stdout.strip().strip("[]").split(",")]
+    assert faults[0] > 0  # the first 16 MiB: fresh pages (fewer with transparent huge pages)
+    assert max(faults[1:]) * 10 < faults[0], faults
