@@ -831,3 +831,57 @@ def test_train_on_a_graph_config_checks_its_input_before_training(
         assert main(["train", "--config", config, *extra]) == 2, extra
         assert message in capsys.readouterr().err, extra
     assert not (tmp_path / "runs").exists()
+
+
+# --- benchmarks/graph_selection.py: the evaluation epoch chosen on test accuracy -------------------
+def _graph_selection():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "graph_selection.py"
+    spec = importlib.util.spec_from_file_location("graph_selection", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_graph_selection_scores_every_epoch_without_changing_the_protocols_run(tmp_path):
+    """Scoring the frozen embeddings during training leaves the run as the protocol trains it:
+    the last epoch's score is the protocol's own run (``fit_and_score``, trained without any
+    scoring in between) for that repeat; 'scale' is the protocol's SVM."""
+    from hardneg.graph.protocol import fit_and_score, load_graph_config, run_seed
+
+    bench = _graph_selection()
+    toy_tu(tmp_path / "tu")
+    cfg = load_graph_config(str(graph_config(tmp_path / "toy.yaml", epochs=3)))
+    data = load_tu(tmp_path / "tu", "TOY")
+    got = bench.scores_over_training(cfg, data, repeat=1, every=2, gammas=("scale", "auto"))
+    assert sorted(got["scale"]) == [0, 2, 3]  # epoch 0, every 2nd, and the last
+    _, want = fit_and_score(
+        cfg, data, loss="infonce", loss_hparams={}, objective="jsd", seed=run_seed(1, None)
+    )
+    assert got["scale"][3] == pytest.approx(want["svm"])
+
+
+def test_graph_selection_summary_picks_the_best_mean_epoch():
+    """Against the numbers by hand: epoch means (80, 85, 83) -> the best is epoch 10 (85,
+    population std 1), the final epoch 83 ± 1.414 (sample std), each run's best averaged 85.5."""
+    bench = _graph_selection()
+    runs = [{0: 80.0, 10: 84.0, 20: 82.0}, {0: 80.0, 10: 86.0, 20: 84.0}]
+    s = bench.summarise(runs)
+    assert (s["best_epoch"], s["best"], s["best_std"]) == (10.0, 85.0, 1.0)
+    assert s["final"] == 83.0 and s["final_std"] == pytest.approx(math.sqrt(2.0))
+    assert s["per_run_best"] == 85.0
+
+
+def test_graph_selection_main_prints_the_table(tmp_path, capsys):
+    bench = _graph_selection()
+    toy_tu(tmp_path / "tu")
+    config = graph_config(tmp_path / "toy.yaml", epochs=2)
+    argv = ["--data-dir", str(tmp_path / "tu"), "--config", str(config), "--repeats", "2",
+            "--every", "1", "--gamma", "scale,auto"]  # fmt: skip
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| epoch | 0 | 1 | 2 |" in out
+    assert out.count("final epoch") == 2 and "gamma = 'auto'" in out
+    with pytest.raises(SystemExit):
+        bench.main(["--data-dir", str(tmp_path / "tu"), "--every", "0"])
