@@ -351,6 +351,7 @@ def test_text_compare_defaults_to_three_seeds(monkeypatch):
         ("lr=-1", "lr must be a finite number > 0, got -1.0"),
         ("scale=0", "scale must be a finite number > 0, got 0.0"),
         ("lr=nan", "lr must be a finite number > 0, got nan"),
+        ("model=all-MiniLM-L6-v3", "is not a local directory; did you mean 'all-MiniLM-L6-v2'"),
     ],
 )
 def test_text_overrides_that_cannot_run_fail_before_any_model_is_loaded(

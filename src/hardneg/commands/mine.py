@@ -126,11 +126,12 @@ def _check_device(device: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from hardneg import distributed
     from hardneg.mining import column_texts, load_rows, mine_hard_negatives, save_rows
-    from hardneg.text.models import load_sentence_model, resolve_model
+    from hardneg.text.models import check_model_name, load_sentence_model, resolve_model
 
     # the output's format is checked before the model is loaded and the corpus embedded
     if Path(args.output).suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"--output must end in .jsonl or .parquet, got {args.output!r}")
+    check_model_name(args.model)  # a misspelt name: "did you mean", before the data are read
     from hardneg.train.runtime import run_dir_problem
 
     problem = run_dir_problem(Path(args.output).parent)  # a folder we cannot write to

@@ -143,6 +143,9 @@ class TextBenchmarkConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        from hardneg.text.models import check_model_name
+
+        check_model_name(self.model)  # a misspelt name: "did you mean", before any data loads
         if self.train_layers != "all" and (
             not str(self.train_layers).isdigit() or int(self.train_layers) < 1
         ):
