@@ -109,7 +109,7 @@ def _check_device(device: str) -> None:
     (torch raises a RuntimeError with a stack trace when the model is moved there)."""
     import torch
 
-    from hardneg.train.runtime import device_available
+    from hardneg.train.runtime import device_available, device_problem
 
     try:
         parsed = torch.device(device)
@@ -117,10 +117,11 @@ def _check_device(device: str) -> None:
         raise ValueError(
             f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)"
         ) from None
-    if not device_available(parsed):
-        raise ValueError(
-            f"--device {device}: no {parsed.type} device is available here; use --device cpu"
-        )
+    problem = device_problem(parsed)
+    if problem:
+        if not device_available(torch.device(parsed.type)):  # none of its kind at all
+            problem += "; use --device cpu"
+        raise ValueError(f"--device {device}: {problem}")
 
 
 def run(args: argparse.Namespace) -> int:
