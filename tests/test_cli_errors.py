@@ -193,8 +193,42 @@ def test_a_device_this_machine_lacks_is_named_in_one_line_by_train_and_mine(monk
     assert device_available(torch.device("cpu"))
     with pytest.raises(ValueError, match=r"^train.device='cuda:1' but CUDA is not available here$"):
         select_device("cuda:1")
-    with pytest.raises(ValueError, match=r"^--device cuda:1: no cuda device is available here"):
+    with pytest.raises(
+        ValueError, match=r"^--device cuda:1: CUDA is not available here; use --device cpu$"
+    ):
         _check_device("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert select_device("cuda:1") == torch.device("cuda:1")
     _check_device("cuda:1")  # no error
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_cuda_index_past_the_machines_gpus_is_refused_by_train_and_mine(monkeypatch, count):
+    """``cuda:N`` with N >= ``torch.cuda.device_count()`` passed the old check (CUDA is there)
+    and failed when the first tensor moved to it; now both callers name the indices there are.
+    The indices below the count, and ``cuda`` without one, pass."""
+    import torch
+
+    from hardneg.commands.mine import _check_device
+    from hardneg.train.runtime import device_available, select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    have = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+    why = (
+        f"this machine has {count} CUDA device{'s' if count > 1 else ''}, so the index must be "
+        f"below {count}: use {have}"
+    )
+    for name in ("cuda", *(f"cuda:{i}" for i in range(count))):
+        assert device_available(torch.device(name))
+        assert select_device(name) == torch.device(name)
+        _check_device(name)  # no error
+    for index in (count, count + 4):
+        assert not device_available(torch.device(f"cuda:{index}"))
+        with pytest.raises(ValueError) as info:
+            select_device(f"cuda:{index}")
+        assert str(info.value) == f"train.device='cuda:{index}' but {why}"
+        with pytest.raises(ValueError) as info:
+            _check_device(f"cuda:{index}")
+        assert str(info.value) == f"--device cuda:{index}: {why}"

@@ -20,6 +20,7 @@ import math
 import pytest
 import torch
 from _laws import inclusion_probabilities
+from _threads import band_over_four_threads
 
 import hardneg
 from hardneg import fastpaths
@@ -773,16 +774,8 @@ def test_selections_rank_a_nan_of_either_sign_highest_as_torch_topk(sign):
 
 def test_band_indices_split_rows_over_threads_like_one_thread(monkeypatch):
     """Small row blocks and chunks over 4 threads: every row's band, none skipped or shifted."""
-    monkeypatch.setattr(fastpaths, "_NUMPY_BLOCK", 2048)  # 4 rows per block
-    monkeypatch.setattr(fastpaths, "_BAND_MIN_ROWS", 1)
-    monkeypatch.setattr(fastpaths, "_THREAD_MIN_ENTRIES", 1)
     x = topk_inputs(37, 512, torch.float32, seed=2, kind="plain")
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(4)
-        got = fastpaths.band_indices(x, 7, 60).sort(dim=1).values
-    finally:
-        torch.set_num_threads(previous)
+    got = band_over_four_threads(monkeypatch, x, 7, 60, thread_min_entries=1)
     want = x.topk(60, dim=1).indices[:, 7:].sort(dim=1).values
     assert torch.equal(got, want)
 

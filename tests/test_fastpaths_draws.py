@@ -141,6 +141,38 @@ def test_no_columns_draw_an_empty_count(monkeypatch):
         assert by_layer.shape == (4, 0) and by_layer.dtype == torch.uint8
 
 
+@pytest.mark.parametrize("top", [3, 300], ids=["uint8", "int32"])
+def test_no_anchors_draw_an_empty_count_in_both_forms(monkeypatch, top):
+    """``A = 0`` under ``C = 3`` columns with trials: ``[3, 0]`` counts (``binomial_draws``;
+    ``binomial_bytes`` of a ``[0, 3]`` ``p`` gives ``[0, 3]``), ``[0, 3]`` for ``layer_draws``,
+    in the type of the most trials, the same in both forms, and the generator left where the
+    torch form leaves it (its next uniforms equal)."""
+    trials = torch.tensor([top, 0, 2])
+    layered = torch.tensor([top, 2, 1])  # layer_draws: non-increasing, >= 1
+
+    def draw():
+        out = []
+        for call in (
+            lambda g: fastpaths.binomial_draws(
+                torch.zeros(3, 0, dtype=torch.uint8), trials, None, g
+            ),
+            lambda g: fastpaths.binomial_bytes(torch.rand(0, 3), trials, g),
+            lambda g: fastpaths.layer_draws(torch.zeros(0, 3, dtype=torch.uint8), layered, None, g),
+        ):
+            g = torch.Generator().manual_seed(4)
+            out.append((call(g), torch.rand(3, generator=g)))
+        return out
+
+    fast, plain = both_forms(monkeypatch, draw)
+    want_type = torch.uint8 if top <= 255 else torch.int32
+    shapes = [(3, 0), (0, 3), (0, 3)]
+    types = [want_type, torch.float32, want_type]  # binomial_bytes: p's dtype
+    for (got, after), (twin, twin_after), shape, dtype in zip(fast, plain, shapes, types):
+        assert got.shape == twin.shape == shape
+        assert got.dtype == twin.dtype == dtype
+        assert torch.equal(after, twin_after)
+
+
 @pytest.mark.parametrize(
     ("c", "a", "most", "chunk"),
     [(50, 1, 3, None), (6, 2, 40, None), (7, 3, 0, None), (9, 37, 1, 64)],

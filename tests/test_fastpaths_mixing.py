@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from _threads import band_over_four_threads, torch_threads
 
 from hardneg import fastpaths
 from hardneg.objectives import debias_log_mass
@@ -263,17 +264,9 @@ def test_band_indices_split_over_fewer_chunks_than_threads_equals_the_topk_band(
     """Rows split over threads when the rows per thread (``_THREAD_MIN_ENTRIES // cols``, a
     whole number of rows) allow fewer chunks than torch's threads: 14 rows of 512 at 4.19 rows'
     worth of entries per thread (3 chunks), 4 threads; every row's band as ``topk``."""
-    monkeypatch.setattr(fastpaths, "_NUMPY_BLOCK", 2048)  # 4 rows per block
-    monkeypatch.setattr(fastpaths, "_BAND_MIN_ROWS", 1)
-    monkeypatch.setattr(fastpaths, "_THREAD_MIN_ENTRIES", 4 * 512 + 100)
     g = torch.Generator().manual_seed(13)
     x = torch.randn(14, 512, generator=g)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(4)
-        got = fastpaths.band_indices(x, 7, 60).sort(dim=1).values
-    finally:
-        torch.set_num_threads(previous)
+    got = band_over_four_threads(monkeypatch, x, 7, 60, thread_min_entries=4 * 512 + 100)
     want = x.topk(60, dim=1).indices[:, 7:].sort(dim=1).values
     assert torch.equal(got, want)
 
@@ -302,12 +295,8 @@ def test_hardest_columns_split_over_fewer_chunks_than_threads_are_the_topk_colum
     monkeypatch.setattr(fastpaths, "_THREAD_MIN_ENTRIES", 4 * 512 + 100)
     g = torch.Generator().manual_seed(14)
     x = torch.randn(14, 512, generator=g)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(4)
+    with torch_threads(4):
         got = fastpaths.hardest_columns(x, 20)
-    finally:
-        torch.set_num_threads(previous)
     assert got is not None
     assert torch.equal(got, x.topk(20, dim=1).indices.sort(dim=1).values)
 

@@ -54,6 +54,20 @@ def test_a_batch_of_one_is_rejected(name):
 
 
 @pytest.mark.parametrize("name", LOSSES)
+def test_an_empty_batch_or_bank_is_rejected_before_any_strategy_runs(name):
+    """No anchor (N = 0), in-batch or with a bank, gets the batch-size message (not a bare row
+    count, nor an error from deep inside a strategy: potential's numpy draws once failed on
+    zero anchors); an empty bank names the bank."""
+    need = "need a batch of at least N = 2 samples (a contrastive loss needs negatives), got N = 0"
+    with raises("z1 and z2 " + need):
+        hardneg.create_loss(name)(z(0), z(0))
+    with raises("q and k " + need):
+        hardneg.create_loss(name)(z(0), z(0), negatives=z(10))
+    with raises("negatives must have at least 1 rows, got 0"):
+        hardneg.create_loss(name)(z(4), z(4), negatives=z(0))
+
+
+@pytest.mark.parametrize("name", LOSSES)
 def test_non_2d_and_non_float_inputs_are_rejected(name):
     with raises("z1 must be 2-D (rows x embedding dim), got shape (8,)"):
         hardneg.create_loss(name)(torch.randn(8), torch.randn(8))

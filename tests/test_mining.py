@@ -716,7 +716,10 @@ def test_a_size_below_one_is_refused_not_an_empty_result(name, value):
 
 @pytest.mark.parametrize(
     "device, message",
-    [("cuda", "--device cuda: no cuda device is available"), ("gpu", "is not a torch device")],
+    [
+        ("cuda", "--device cuda: CUDA is not available here; use --device cpu"),
+        ("gpu", "is not a torch device"),
+    ],
 )
 def test_cli_mine_names_a_device_it_cannot_use(tmp_path, monkeypatch, capsys, device, message):
     from hardneg import cli

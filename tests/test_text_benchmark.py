@@ -351,6 +351,7 @@ def test_text_compare_defaults_to_three_seeds(monkeypatch):
         ("lr=-1", "lr must be a finite number > 0, got -1.0"),
         ("scale=0", "scale must be a finite number > 0, got 0.0"),
         ("lr=nan", "lr must be a finite number > 0, got nan"),
+        ("model=all-MiniLM-L6-v3", "is not a local directory; did you mean 'all-MiniLM-L6-v2'"),
     ],
 )
 def test_text_overrides_that_cannot_run_fail_before_any_model_is_loaded(
@@ -412,3 +413,74 @@ def test_text_demo_checks_its_out_folder_before_loading_anything(tmp_path, monke
     argv = ["demo", "--modality", "text", "--strategies", "hcl", "--out", str(a_file / "run")]
     assert main(argv) == 2
     assert f"{a_file} is a file, not a folder" in capsys.readouterr().err
+
+
+def recorded_batches(monkeypatch, pairs, batch_size, steps):
+    """The batches ``train_once`` hands to the loss, with the loss and the model stubbed (a
+    one-weight model, the texts as their own features)."""
+    batches = []
+    weight = torch.nn.Linear(1, 1)
+
+    def loss_fn(anchors, positives):
+        batches.append(list(zip(anchors, positives, strict=True)))
+        return weight.weight.sum() * 0.0
+
+    monkeypatch.setattr(tb, "strategy_loss", lambda *args: (loss_fn, "retrieval"))
+    cfg = tb.TextBenchmarkConfig(steps=steps, batch_size=batch_size)
+    tb.train_once(weight, list, pairs, "infonce", 0, cfg, {})
+    return batches
+
+
+@pytest.mark.parametrize("n, batch_size", [(5, 8), (2, 32), (10, 4)])
+def test_no_training_batch_holds_a_pair_twice(monkeypatch, n, batch_size):
+    """Fewer pairs than batch_size: each batch is every pair once (the old batches repeated the
+    pairs to fill batch_size, each repeat a false negative of its twin); more pairs: batches
+    of batch_size, walking one shuffled order."""
+    pairs = [(f"anchor {i}", f"positive {i}") for i in range(n)]
+    batches = recorded_batches(monkeypatch, pairs, batch_size, steps=4)
+    assert len(batches) == 4
+    for batch in batches:
+        assert len(batch) == min(n, batch_size)
+        assert len(set(batch)) == len(batch)
+        assert set(batch) <= set(pairs)
+    if n <= batch_size:
+        assert all(set(batch) == set(pairs) for batch in batches)
+    else:  # one permutation of the pairs, then again from its start
+        walk = [p for batch in batches for p in batch]
+        assert sorted(walk[:n]) == sorted(pairs) and walk[n:] == walk[: len(walk) - n]
+
+
+def test_text_demo_with_fewer_pairs_than_the_batch_says_so_and_trains_on_them(
+    tiny_dir, tmp_path, capsys
+):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"anchor": f"the cat sees dog {i}", "positive": f"a dog {i} runs"} for i in range(5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "demo"
+    argv = ["demo", "--modality", "text", "--strategies", "infonce", "--out", str(out)]
+    argv += [f"model={tiny_dir}", f"train_file={path}", "steps=2", "batch_size=8", "seeds=0"]
+    assert main([*argv, "max_seq_length=32", "threads=1"]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        f"note: {path} gives 5 training pairs, fewer than batch_size = 8: every batch holds "
+        "the 5 pairs (batch_size = 5)"
+    ) in printed
+    assert read(out)["config"]["batch_size"] == 5
+    assert "of batch 5 with in-batch negatives" in (out / "report.md").read_text()
+
+
+def test_text_demo_refuses_a_single_training_pair_before_loading_the_model(
+    tmp_path, monkeypatch, capsys
+):
+    from hardneg.text import models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for a file of one pair")
+
+    monkeypatch.setattr(models, "load_sentence_model", no_model)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"anchor": "one text", "positive": "its neighbour"}) + "\n")
+    argv = ["demo", "--modality", "text", "--strategies", "hcl", f"train_file={path}"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} gives 1 training pair; in-batch negatives need at least 2" in err

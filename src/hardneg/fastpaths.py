@@ -2106,9 +2106,11 @@ def _binomial_draws_np(
     found, found_need = [], []
     for (r0, r1), runs in _chunks(values, sizes, max(1, chunk // max(1, a))):
         size = (r1 - r0) * a
-        need = np.take(need_by_column, source[r0:r1], axis=0, out=gathered[:size].reshape(-1, a))
-        vv = stream.take_np(size).reshape(-1, a)
-        buf = flags[:size].reshape(-1, a)
+        # the row count spelt out: reshape(-1, 0) of zero anchors' empty chunk is ambiguous
+        shape = (r1 - r0, a)
+        need = np.take(need_by_column, source[r0:r1], axis=0, out=gathered[:size].reshape(shape))
+        vv = stream.take_np(size).reshape(shape)
+        buf = flags[:size].reshape(shape)
         kept = np.less(vv, need, out=buf).view(np.uint8)
         for m, c0, c1, q0 in runs:  # columns [c0, c1) (sorted order) with m trials each
             if m == 0:
@@ -2358,6 +2360,11 @@ def layer_draws(
     per cell summed per column; same law, other draws.)"""
     a, c = need.shape
     device = need.device
+    top = int(trials.max()) if c else 0
+    count_dtype = torch.int32 if top > 255 else torch.uint8
+    if top == 0 or a == 0:  # nothing to draw: no stream, so that both forms leave the
+        # generator alone (a CPU stream takes two seed words from it)
+        return torch.zeros(a, c, dtype=count_dtype, device=device)
     if _cpu_numpy(device):
         if stream is None:
             stream = _ByteStream(generator, device, _CHUNK)
@@ -2370,11 +2377,7 @@ def layer_draws(
             stream,
         )
         return torch.from_numpy(counts)
-    top = int(trials.max()) if c else 0
-    count_dtype = torch.int32 if top > 255 else torch.uint8
     counts = torch.zeros(a, c, dtype=count_dtype, device=device)
-    if top == 0 or a == 0:
-        return counts
     if stream is None:
         stream = _ByteStream(generator, device, _CHUNK)
     layers = torch.arange(top, device=trials.device).unsqueeze(1)

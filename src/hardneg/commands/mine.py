@@ -109,7 +109,7 @@ def _check_device(device: str) -> None:
     (torch raises a RuntimeError with a stack trace when the model is moved there)."""
     import torch
 
-    from hardneg.train.runtime import device_available
+    from hardneg.train.runtime import device_available, device_problem
 
     try:
         parsed = torch.device(device)
@@ -117,20 +117,22 @@ def _check_device(device: str) -> None:
         raise ValueError(
             f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)"
         ) from None
-    if not device_available(parsed):
-        raise ValueError(
-            f"--device {device}: no {parsed.type} device is available here; use --device cpu"
-        )
+    problem = device_problem(parsed)
+    if problem:
+        if not device_available(torch.device(parsed.type)):  # none of its kind at all
+            problem += "; use --device cpu"
+        raise ValueError(f"--device {device}: {problem}")
 
 
 def run(args: argparse.Namespace) -> int:
     from hardneg import distributed
     from hardneg.mining import column_texts, load_rows, mine_hard_negatives, save_rows
-    from hardneg.text.models import load_sentence_model, resolve_model
+    from hardneg.text.models import check_model_name, load_sentence_model, resolve_model
 
     # the output's format is checked before the model is loaded and the corpus embedded
     if Path(args.output).suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"--output must end in .jsonl or .parquet, got {args.output!r}")
+    check_model_name(args.model)  # a misspelt name: "did you mean", before the data are read
     from hardneg.train.runtime import run_dir_problem
 
     problem = run_dir_problem(Path(args.output).parent)  # a folder we cannot write to

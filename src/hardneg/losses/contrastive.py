@@ -146,8 +146,9 @@ class ContrastInputs:
 def check_views(
     z1: Tensor, z2: Tensor, names: tuple[str, str] = ("z1", "z2"), *, min_rows: int = 2
 ) -> None:
-    check_embeddings(names[0], z1)
-    check_embeddings(names[1], z2)
+    # rows checked below, with the reason (an empty batch included: no anchor, no negative)
+    check_embeddings(names[0], z1, min_rows=0)
+    check_embeddings(names[1], z2, min_rows=0)
     check_same_shape(names[0], z1, names[1], z2)
     if z1.shape[0] < min_rows:
         raise ValueError(

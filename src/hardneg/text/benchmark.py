@@ -48,7 +48,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,9 @@ class TextBenchmarkConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        from hardneg.text.models import check_model_name
+
+        check_model_name(self.model)  # a misspelt name: "did you mean", before any data loads
         if self.train_layers != "all" and (
             not str(self.train_layers).isdigit() or int(self.train_layers) < 1
         ):
@@ -501,19 +504,22 @@ def train_once(
     cfg: TextBenchmarkConfig,
     hparams: dict[str, Any],
 ) -> tuple[float, str]:
-    """``cfg.steps`` AdamW steps of ``strategy`` on batches of ``pairs``; returns ``(mean loss of
-    the last steps, layout)``."""
+    """``cfg.steps`` AdamW steps of ``strategy`` on batches of ``pairs`` (one shuffled order of
+    the pairs, repeated as the steps need it); returns ``(mean loss of the last steps,
+    layout)``. Fewer pairs than ``cfg.batch_size``: every batch holds each pair once."""
     torch.manual_seed(seed)
     loss_fn, layout = strategy_loss(model, strategy, cfg.scale, seed, hparams)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
+    # a batch wider than the data would hold a pair twice: its own false negative
+    size = min(cfg.batch_size, len(pairs))
     order = np.random.default_rng(seed).permutation(len(pairs))
-    need = cfg.steps * cfg.batch_size
+    need = cfg.steps * size
     order = np.concatenate([order] * math.ceil(need / len(order)))[:need]
     model.train()
     losses = []
     for step in range(cfg.steps):
-        batch = [pairs[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+        batch = [pairs[i] for i in order[step * size : (step + 1) * size]]
         loss = loss_fn(make_features([a for a, _ in batch]), make_features([p for _, p in batch]))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}")
@@ -676,6 +682,20 @@ def _run(out, strategies, cfg, hparams, model, title, command, log) -> TextOutco
 
     start = time.perf_counter()
     pairs = load_training_pairs(cfg.train_file, min_words=cfg.min_words)
+    source = cfg.train_file or "the Lee background corpus"
+    if len(pairs) < 2:  # before the model loads: one pair has no in-batch negative
+        raise ValueError(
+            f"{source} gives {len(pairs)} training pair; in-batch negatives need at least 2"
+        )
+    if len(pairs) < cfg.batch_size:
+        # as a sentence-transformers DataLoader: a batch holds at most the whole data, each
+        # pair once (a pair twice in one batch would be its own false negative)
+        log(
+            f"note: {source} gives {len(pairs)} training pairs, fewer than batch_size = "
+            f"{cfg.batch_size}: every batch holds the {len(pairs)} pairs (batch_size = "
+            f"{len(pairs)})"
+        )
+        cfg = replace(cfg, batch_size=len(pairs))
     lee_docs, human = load_lee(cfg.lee_docs, cfg.lee_similarity)
     pol_texts, pol_labels = load_polarity(cfg.polarity)
     if model is None:

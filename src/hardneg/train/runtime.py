@@ -16,23 +16,39 @@ import torch
 from torch import Tensor
 
 
-def device_available(device: torch.device) -> bool:
-    """Whether this machine has a device of ``device``'s kind (CUDA, MPS; other kinds: True)."""
+def device_problem(device: torch.device) -> str | None:
+    """Why this machine cannot run on ``device``, in words (None: it can): no device of its
+    kind (CUDA, MPS; other kinds are always there), or a CUDA index past
+    ``torch.cuda.device_count()`` (``cuda:1`` on a one-GPU machine passed the kind check and
+    failed later, with a stack trace, when the first tensor moved there)."""
     if device.type == "cuda":
-        return torch.cuda.is_available()
-    if device.type == "mps":
-        return torch.backends.mps.is_available()
-    return True
+        if not torch.cuda.is_available():
+            return "CUDA is not available here"
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            have = f"cuda:0 to cuda:{count - 1}" if count > 1 else "cuda:0"
+            plural = "s" if count != 1 else ""
+            return (
+                f"this machine has {count} CUDA device{plural}, so the index must be below "
+                f"{count}: use {have}"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available here"
+    return None
+
+
+def device_available(device: torch.device) -> bool:
+    """Whether this machine has ``device`` (:func:`device_problem` finds nothing)."""
+    return device_problem(device) is None
 
 
 def select_device(name: str, dist_device: torch.device | None = None) -> torch.device:
     """``auto``: the distributed context's device, else CUDA, else MPS, else CPU."""
     if name != "auto":
         device = torch.device(name)
-        if not device_available(device):
-            raise ValueError(
-                f"train.device={name!r} but {device.type.upper()} is not available here"
-            )
+        problem = device_problem(device)
+        if problem:
+            raise ValueError(f"train.device={name!r} but {problem}")
         return device
     if dist_device is not None and dist_device.type != "cpu":
         return dist_device
