@@ -4,23 +4,16 @@ small matrix over 4 threads."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 
 from hardneg import fastpaths
+from hardneg.augment.image import intra_op_threads
 
 
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """``torch.set_num_threads(count)`` inside the block, the previous count after it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+def torch_threads(count: int):
+    """``torch.set_num_threads(count)`` inside the block, the previous count after it (the
+    library's own :func:`hardneg.augment.image.intra_op_threads` on the CPU)."""
+    return intra_op_threads(count, torch.device("cpu"))
 
 
 def band_over_four_threads(
