@@ -25,6 +25,12 @@ def bench():
     spec = importlib.util.spec_from_file_location("loss_overhead", _PATH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    # main() pins glibc's malloc thresholds by default (--heap steady): not in the test process,
+    # where it would outlive the test; the calls are counted instead (the real function:
+    # real_steady_heap, tested below in a subprocess)
+    module.real_steady_heap = module.steady_heap
+    module.heap_calls = []
+    module.steady_heap = lambda: module.heap_calls.append(1) or True
     return module
 
 
@@ -163,7 +169,8 @@ def test_cpu_tables_keep_their_form(bench, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(
         r"torch \S+, \d+ CPU\(s\), threads \[1\] \(torch's default: \d+\), d = 128, >= 1 "
-        r"interleaved rounds per cell, estimator median; load average at start [\d.]+",
+        r"interleaved rounds per cell, estimator median; heap steady \(glibc thresholds "
+        r"pinned\); load average at start [\d.]+",
         lines[0],
     ), lines[0]
     row = r"\| 1 \| in-batch \| 8 \| \d+\.\d \| \d+\.\d\d( \(!\))? \|"
@@ -326,14 +333,28 @@ def test_steady_heap_pins_glibcs_two_thresholds(bench, monkeypatch):
             return 1
 
     monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
-    assert bench.steady_heap() is True
+    assert bench.real_steady_heap() is True
     assert calls == [(-3, 32 << 20), (-1, 1 << 30)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 
     def no_libc(name):
         raise OSError(name)
 
     monkeypatch.setattr(ctypes, "CDLL", no_libc)
-    assert bench.steady_heap() is False
+    assert bench.real_steady_heap() is False
+
+
+def test_main_pins_the_heap_unless_told_adaptive(bench, capsys):
+    """``--heap steady`` (the default) calls :func:`steady_heap` once before timing and says so
+    in the header; ``--heap adaptive`` leaves glibc as it is and says that."""
+    args = "--sizes 8 --pools 0 --repeats 1 --warmup 0 --threads 1 --losses hcl --no-memory"
+    args += " --no-graph-breaks --no-floor"
+    bench.heap_calls.clear()
+    assert bench.main(args.split()) == 0
+    assert bench.heap_calls == [1]
+    assert "; heap steady (glibc thresholds pinned);" in capsys.readouterr().out
+    assert bench.main([*args.split(), "--heap", "adaptive"]) == 0
+    assert bench.heap_calls == [1]
+    assert "; heap adaptive (glibc's defaults);" in capsys.readouterr().out
 
 
 def test_steady_heap_keeps_freed_pages_for_the_next_step():
