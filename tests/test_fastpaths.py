@@ -2170,6 +2170,11 @@ def test_potential_fused_paths_make_their_dense_fields_only_when_read(form):
 
     inputs = ContrastInputs(z1=z1, z2=z2, temperature=loss_fn.temperature, **kwargs)
     plain = loss_fn.strategy.mined(inputs, z1, z2, None, fast=True)
+    # each anchor's negatives: the columns outside its own block (itself and its neighbours),
+    # as the plain form counts them (the same in both in-batch directions)
+    for mined in seen:
+        count = torch.as_tensor(mined.num_negatives).expand(len(z1))
+        assert torch.equal(count, plain.num_negatives)
     mined = seen[0]
     index = mined.column_index if mined.column_index is not None else slice(None)
     m = plain.multiplicity[:, index] * torch.isfinite(plain.cell_log_keep[:, index])
@@ -2313,11 +2318,12 @@ def test_potential_fused_draws_keep_with_the_clamped_probability(monkeypatch, cl
 def test_top_few_has_the_members_of_topk(width):
     """``_top_few`` (numpy's values-only partition up to ``_FEW_WIDTH`` columns, else
     ``torch.topk``): the members of ``torch.topk`` on random rows with ``-inf`` entries, and on
-    rows with a tie at the edge or a NaN (where it falls back to ``torch.topk`` itself)."""
+    rows with a tie at the edge or a NaN (where it falls back to ``torch.topk`` itself); no
+    member for ``k = 0`` (``hardest_columns`` would raise)."""
     g = torch.Generator().manual_seed(width)
     x = torch.randn(40, width, generator=g)
     x[torch.arange(0, 40, 3), torch.arange(0, 40, 3) % width] = float("-inf")
-    for k in (1, 3, min(5, width - 1)):
+    for k in (0, 1, 3, min(5, width - 1)):  # (k = 0: no neighbour, an empty [A, 0])
         got = fastpaths._top_few(x, k)
         want = x.topk(k, dim=1).indices
         assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
@@ -2328,6 +2334,19 @@ def test_top_few_has_the_members_of_topk(width):
     tied[7, 0] = float("nan")  # numpy ranks NaN first: 2 entries at or above its 3rd
     got = fastpaths._top_few(tied, 3)  # (the two rows together hold 3 + 3 entries)
     assert torch.equal(got, tied.topk(3, dim=1, sorted=False).indices)
+
+
+@pytest.mark.parametrize("width", [100, 600])
+def test_top_few_of_more_than_32_neighbours_has_the_members_of_topk(width):
+    """``_top_few`` hands ``k > 32`` to :func:`top_k_indices`: the members of ``torch.topk``
+    (distinct values: one set of members), on rows narrow and wide of ``_FEW_WIDTH``."""
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(20, width, generator=g, dtype=torch.float64)
+    for k in (33, 40):
+        got = fastpaths._top_few(x, k)
+        want = x.topk(k, dim=1).indices
+        assert got.shape == (20, k)
+        assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
