@@ -2773,6 +2773,32 @@ def test_pair_contrast_equals_in_batch_contrast(dtype):
             assert_close_rel(a, b, what=f"gradient of {pick}")
 
 
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.float64, torch.float32),
+        (torch.float32, torch.float64),
+        (torch.float16, torch.float16),
+    ],
+    ids=["f64-f32", "f32-f64", "f16-f16"],
+)
+def test_pair_contrast_of_views_of_different_precisions_computes_as_in_batch_contrast(dtypes):
+    """``pair_contrast`` computes in ``in_batch_contrast``'s dtype whichever view is the wider
+    (float64 if either is, else float32: half precisions promoted): the same dtype and values."""
+    from hardneg.contrast import in_batch_contrast
+
+    g = torch.Generator().manual_seed(4)
+    z1 = torch.randn(5, 4, generator=g, dtype=torch.float64).to(dtypes[0])
+    z2 = torch.randn(5, 4, generator=g, dtype=torch.float64).to(dtypes[1])
+    fast = fastpaths.pair_contrast(z1, z2, temperature=0.3)
+    plain = in_batch_contrast((z1, z2), temperature=0.3)
+    for name in ("anchors", "positive_logits"):
+        assert_close_rel(getattr(fast, name), getattr(plain, name), what=name)
+    finite = torch.isfinite(plain.negative_logits)
+    assert torch.equal(finite, torch.isfinite(fast.negative_logits))
+    assert_close_rel(fast.negative_logits[finite], plain.negative_logits[finite], what="logits")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_joint_positive_infonce_equals_the_weighted_objective(dtype):
     """``joint_positive_infonce`` (every positive weight 1) gives ``infonce_objective``'s joint
