@@ -2314,6 +2314,33 @@ def test_potential_fused_draws_keep_with_the_clamped_probability(monkeypatch, cl
         assert float(kept.sum() / total.sum()) - 255 / 256 > 5 * se
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("columns", [False, True], ids=["row-shifts", "column-shifts"])
+@pytest.mark.parametrize("coef", [0.0, -0.7])
+def test_kernel_is_the_capped_scaled_gaussian_of_the_shifted_values(dtype, columns, coef):
+    """``_kernel`` (potential's keep probabilities, or ``256 pi`` for the byte draws) against a
+    float64 re-statement ``min(cap, scale e^{coef (v - shift)^2})``, 0 at ``-inf`` values: row or
+    column shifts, the ``coef = 0`` shortcut, in the values' dtype; the defaults are ``scale =
+    cap = 1`` and row shifts."""
+    g = torch.Generator().manual_seed(2)
+    values = torch.randn(4, 6, generator=g, dtype=torch.float64).to(dtype)
+    values[1, 2] = float("-inf")
+    shift = torch.randn(6 if columns else 4, generator=g, dtype=torch.float64).to(dtype)
+    v, s = values.double(), shift.double()
+    s = s.view(1, -1) if columns else s.view(-1, 1)
+    rtol = 1e-13 if dtype == torch.float64 else 1e-5
+    for scale, cap in ((1.0, 1.0), (1.0, 0.6), (256.0, 256.0 * 0.9), (256.0, 300.0)):
+        got = fastpaths._kernel(values, shift, coef, scale=scale, cap=cap, columns=columns)
+        want = (scale * torch.exp(coef * (v - s) ** 2)).clamp(max=cap)
+        want = torch.where(torch.isinf(v), 0.0, want)
+        assert got.dtype == dtype
+        assert torch.allclose(got.double(), want, rtol=rtol, atol=0), (scale, cap)
+    if not columns:
+        got = fastpaths._kernel(values, shift, coef)
+        want = torch.where(torch.isinf(v), 0.0, torch.exp(coef * (v - s) ** 2).clamp(max=1.0))
+        assert torch.allclose(got.double(), want, rtol=rtol, atol=0)
+
+
 @pytest.mark.parametrize("width", [7, 300, 600])
 def test_top_few_has_the_members_of_topk(width):
     """``_top_few`` (numpy's values-only partition up to ``_FEW_WIDTH`` columns, else
