@@ -2761,6 +2761,9 @@ def test_pair_contrast_equals_in_batch_contrast(dtype):
     for name in ("positive_weight", "positive_index", "negative_mask"):
         assert torch.equal(getattr(fast, name), getattr(plain, name)), name
     assert fast.num_negatives == plain.num_negatives and fast.temperature == plain.temperature
+    assert fast.normalized
+    # mask=False: no [2N, 2N] mask (the caller makes one if something reads it)
+    assert fastpaths.pair_contrast(z1, z2, temperature=0.3, mask=False).negative_mask is None
     for name in ("anchors", "positives", "positive_logits"):
         assert_close_rel(getattr(fast, name), getattr(plain, name), what=name)
     finite = torch.isfinite(plain.negative_logits)
