@@ -2341,6 +2341,32 @@ def test_kernel_is_the_capped_scaled_gaussian_of_the_shifted_values(dtype, colum
         assert torch.allclose(got.double(), want, rtol=rtol, atol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_safe_logaddexp_of_empty_masses_is_minus_inf_with_a_zero_gradient(dtype):
+    """``_safe_logaddexp`` (potential's pool term: the keys' mass and the pool's) is
+    ``log(e^a + e^b)``: the finite side alone where the other is ``-inf`` (gradient 1 to it, 0 to
+    the empty one), ``-inf`` with a zero gradient (not NaN) where both are."""
+    inf = float("inf")
+    a0 = torch.tensor([0.3, -inf, 1.2, -inf, -2.0], dtype=dtype)
+    b0 = torch.tensor([-0.5, 0.7, -inf, -inf, 5.0], dtype=dtype)
+    a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    out = fastpaths._safe_logaddexp(a, b)
+    ad, bd = a0.double(), b0.double()
+    top = torch.maximum(ad, bd).clamp(min=-1e300)  # a finite shift where both are -inf
+    want = top + torch.log(torch.exp(ad - top) + torch.exp(bd - top))
+    assert out.dtype == dtype
+    assert torch.equal(torch.isinf(out), torch.isinf(want))
+    assert torch.allclose(out.double()[:3], want[:3], rtol=1e-6, atol=0)
+    assert torch.allclose(out.double()[4:], want[4:], rtol=1e-6, atol=0)
+    ga, gb = torch.autograd.grad(out.sum(), (a, b))
+    # d/da log(e^a + e^b) = e^a / (e^a + e^b): 1 where b = -inf, 0 where a = -inf or both are
+    share = torch.where(torch.isinf(want), 0.0, torch.exp(ad - want))
+    share_b = torch.where(torch.isinf(want), 0.0, torch.exp(bd - want))
+    assert torch.allclose(ga.double(), share, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(gb.double(), share_b, rtol=1e-5, atol=1e-7)
+    assert not bool(torch.isnan(ga).any() or torch.isnan(gb).any())
+
+
 @pytest.mark.parametrize("width", [7, 300, 600])
 def test_top_few_has_the_members_of_topk(width):
     """``_top_few`` (numpy's values-only partition up to ``_FEW_WIDTH`` columns, else
