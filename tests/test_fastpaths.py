@@ -1902,13 +1902,19 @@ def test_chunked_byte_draws_equal_the_whole_array_draws(monkeypatch, chunk, c, a
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "options",
-    [{"bound": 2.5}, {"scratch": True}, {"bound": 2.5, "scratch": True, "exp_out": True}],
-    ids=["bound", "scratch", "all"],
+    [
+        {"bound": 2.5},
+        {"scratch": True},
+        {"exp_out": True},
+        {"scratch": True, "exp_out": True},
+        {"bound": 2.5, "scratch": True, "exp_out": True},
+    ],
+    ids=["bound", "scratch", "exp_out", "scratch-exp_out", "all"],
 )
 def test_block_log_masses_options_change_no_value(dtype, options):
     """``bound`` (no row maximum), ``scratch`` (the products written over the weights) and
-    ``exp_out`` (the exponentials in the caller's buffer) give the default form's values and
-    gradients; with ``scratch`` the weights hold the products ``w e^c`` (shifted by the row
+    ``exp_out`` (the exponentials in the caller's buffer, shifted by the row maximum without a
+    bound) give the default form's values and gradients; with ``scratch`` the weights hold the products ``w e^c`` (shifted by the row
     maximum without a bound) afterwards."""
     g = torch.Generator().manual_seed(8)
     n = 6
@@ -2403,7 +2409,7 @@ def test_top_few_of_more_than_32_neighbours_has_the_members_of_topk(width):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ["bound", "shifted", "exp_out"])
+@pytest.mark.parametrize("mode", ["bound", "shifted", "exp_out", "exp_out-shifted"])
 @pytest.mark.parametrize("block", [1 << 18, 12], ids=["one-block", "row-blocks"])
 def test_block_log_masses_by_columns_equal_the_rows_of_the_transposes(
     monkeypatch, dtype, mode, block
@@ -2426,7 +2432,7 @@ def test_block_log_masses_by_columns_equal_the_rows_of_the_transposes(
     blocks = [(n, 2 * n, 0, n), (0, n, n, 2 * n), (0, 2 * n, 0, 2 * n)]
     blocks_t = [(c0, c1, r0, r1) for r0, r1, c0, c1 in blocks]
     ups = [torch.linspace(0.5, 2.0, m, dtype=dtype) for m in (n, n, 2 * n)]
-    kw = {"bound": 2.0} if mode != "shifted" else {}
+    kw = {} if mode.endswith("shifted") else {"bound": 2.0}
 
     def run(x, bs, ws, dim, **extra):
         outs = fastpaths.block_log_masses(x, bs, ws, [(0, n, index)], dim=dim, **kw, **extra)
@@ -2435,7 +2441,7 @@ def test_block_log_masses_by_columns_equal_the_rows_of_the_transposes(
         return outs, torch.autograd.grad(total, x)[0]
 
     x = c.clone().requires_grad_(True)
-    extra = {"exp_out": torch.empty_like(c)} if mode == "exp_out" else {}
+    extra = {"exp_out": torch.empty_like(c)} if mode.startswith("exp_out") else {}
     cols, grad = run(x, blocks, [w1.clone(), w2.clone(), w_all.clone()], 0, scratch=True, **extra)
     # the same masses as rows of the transposes; the read stays a row gather of c
     xt = c.T.clone().requires_grad_(True)
