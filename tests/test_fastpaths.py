@@ -2547,6 +2547,16 @@ def test_block_log_masses_equal_the_plain_sums_and_gathers(dtype):
     again = safe_logsumexp(c[n:, :n] + w2.log())
     (gp,) = torch.autograd.grad(torch.where(torch.isfinite(again), again, 0.0).sum(), c)
     assert_close_rel(gf, gp, what="gradient, one block")
+    # the same two blocks with the exponentials in a caller's buffer (shifted or not): only a
+    # whole-matrix block may write its product over that buffer, these get buffers of their own
+    for kw in ({}, {"bound": 20.0}):
+        outs = fastpaths.block_log_masses(
+            c, blocks[1:], [w1, w2], exp_out=torch.empty_like(c.detach()), **kw
+        )
+        for f, p in zip(outs, plain[1:3]):
+            finite = torch.isfinite(p)
+            assert torch.equal(finite, torch.isfinite(f))
+            assert_close_rel(f[finite], p[finite], what=f"value, exp_out {kw}")
 
 
 @pytest.mark.parametrize(
