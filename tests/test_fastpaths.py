@@ -2502,11 +2502,19 @@ def test_block_log_masses_exp_out_with_integer_weights_equals_float_weights(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_block_log_masses_equal_the_plain_sums_and_gathers(dtype):
+@pytest.mark.parametrize("scratch", [False, True], ids=["own-buffers", "scratch"])
+@pytest.mark.parametrize("block", [None, 30], ids=["one-block", "row-blocks"])
+def test_block_log_masses_equal_the_plain_sums_and_gathers(monkeypatch, dtype, scratch, block):
     """Against ``weighted_log_mass``'s plain twin ``logsumexp(c + log w)`` per block and a
     gather: values and gradients, a whole-matrix block, off-diagonal blocks, a row with nothing
-    kept (``-inf``, zero gradient), ``-inf`` logits where ``w = 0``, reads of single entries."""
+    kept (``-inf``, zero gradient), ``-inf`` logits where ``w = 0``, reads of single entries;
+    the products in buffers of their own or over the weights (``scratch``), the exponentials of
+    all rows at once or by blocks of 3 rows (``_BLOCK`` 30 entries: the last block short, the
+    logits' blocks starting and ending inside a row block)."""
     from hardneg.objectives import safe_logsumexp
+
+    if block is not None:
+        monkeypatch.setattr(fastpaths, "_BLOCK", block)
 
     g = torch.Generator().manual_seed(6)
     n = 5
@@ -2523,7 +2531,11 @@ def test_block_log_masses_equal_the_plain_sums_and_gathers(dtype):
     with warnings.catch_warnings():  # (no out= buffer of the wrong shape, resized by torch)
         warnings.simplefilter("error")
         fast = fastpaths.block_log_masses(
-            c, blocks, [w_all, w1, w2], [(0, n, index), (n, 0, index)]
+            c,
+            blocks,
+            [w_all.clone(), w1.clone(), w2.clone()],
+            [(0, n, index), (n, 0, index)],
+            scratch=scratch,
         )
     plain = [
         safe_logsumexp(c + w_all.log()),
