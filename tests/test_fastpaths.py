@@ -2565,6 +2565,15 @@ def test_block_log_masses_equal_the_plain_sums_and_gathers(monkeypatch, dtype, s
     again = safe_logsumexp(c[n:, :n] + w2.log())
     (gp,) = torch.autograd.grad(torch.where(torch.isfinite(again), again, 0.0).sum(), c)
     assert_close_rel(gf, gp, what="gradient, one block")
+    if dtype == torch.float64:  # float32 weights are cast to the logits' dtype first (with
+        # scratch, their products are not rounded to float32)
+        w32 = [w.float() for w in (w_all, w1, w2)]
+        outs = fastpaths.block_log_masses(c, blocks, [w.clone() for w in w32], scratch=scratch)
+        for (r0, r1, c0, c1), w, f in zip(blocks, w32, outs):
+            p = safe_logsumexp(c[r0:r1, c0:c1] + w.double().log())
+            finite = torch.isfinite(p)
+            assert torch.equal(finite, torch.isfinite(f))
+            assert_close_rel(f[finite], p[finite], rtol=rtol, what="value, float32 weights")
     # the same two blocks with the exponentials in a caller's buffer (shifted or not): only a
     # whole-matrix block may write its product over that buffer, these get buffers of their own
     for kw in ({}, {"bound": 20.0}):
@@ -2861,6 +2870,23 @@ def test_pair_contrast_equals_in_batch_contrast(dtype):
         gp = torch.autograd.grad(p, (z1, z2), w)
         for a, b in zip(gf, gp):
             assert_close_rel(a, b, what=f"gradient of {pick}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_log_masses_with_a_bound_beyond_float32s_exponent_range_shift_float32(dtype):
+    """``bound`` 100 (cosine logits at ``t = 0.01``): float32 overflows ``e^{90}``, so there
+    the exponentials are shifted by the row maximum whatever the bound (up to 60 they are
+    not); float64 takes ``e^c`` up to 600. Both equal the plain ``logsumexp(c + log w)``."""
+    from hardneg.objectives import safe_logsumexp
+
+    g = torch.Generator().manual_seed(11)
+    c = (torch.rand(6, 8, generator=g, dtype=torch.float64) * 190 - 95).to(dtype)
+    c[:, 0] = 95.0  # a logit whose exponential overflows float32
+    w = torch.rand(6, 8, generator=g, dtype=torch.float64).to(dtype) + 0.5
+    (got,) = fastpaths.block_log_masses(c, [(0, 6, 0, 8)], [w], bound=100.0)
+    want = safe_logsumexp(c.double() + w.double().log())
+    assert bool(torch.isfinite(got).all())
+    assert_close_rel(got.double(), want, rtol=1e-12 if dtype == torch.float64 else 1e-6)
 
 
 @pytest.mark.parametrize(
