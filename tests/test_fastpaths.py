@@ -1861,14 +1861,19 @@ def whole_array_binomial(need_by_column, trials, p256_at, generator):
     return counts
 
 
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("numpy_form", [True, False], ids=["numpy", "torch"])
 @pytest.mark.parametrize("chunk", [64, 1 << 20], ids=["chunks", "one-chunk"])
 @pytest.mark.parametrize(("c", "a"), [(40, 37), (9, 64), (1, 3)])
-def test_chunked_byte_draws_equal_the_whole_array_draws(monkeypatch, chunk, c, a):
+def test_chunked_byte_draws_equal_the_whole_array_draws(monkeypatch, chunk, c, a, numpy_form):
     """``bernoulli_draws`` and ``binomial_draws`` (bytes drawn, compared, summed and scanned for
     ties chunk by chunk; 64-byte chunks split groups and rows off the 8-byte words) give the
     draws of the whole-array form for the same seed, ties (p just above a byte edge) and 0,
-    1, many and more than 255 trials included; ``out`` and ``dtype`` only change the type."""
+    1, many and more than 255 trials included; ``out`` and ``dtype`` only change the type. The
+    CPU's numpy form and the torch form (``_CPU_NUMPY`` off) alike, without warnings (no
+    ``out=`` of the wrong shape, resized by torch)."""
     monkeypatch.setattr(fastpaths, "_CHUNK", chunk)
+    monkeypatch.setattr(fastpaths, "_CPU_NUMPY", numpy_form)
     g = torch.Generator().manual_seed(c + a)
     p = torch.rand(c, a, generator=g, dtype=torch.float64)
     p[:, ::3] = (torch.randint(0, 256, (c, len(range(0, a, 3))), generator=g) + 0.3) / 256
