@@ -2106,6 +2106,17 @@ def test_bounded_byte_cast_equals_the_int16_route(monkeypatch, dtype):
         assert got.dtype == torch.uint8 and torch.equal(got, want)
 
 
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bounded_byte_cast_of_a_nan_warns_nothing(dtype):
+    """A NaN among the values (a NaN draw's threshold, undefined as in torch's cast) gives numpy's
+    direct cast no ``RuntimeWarning``; the other bytes are the truncated values."""
+    x = torch.tensor([1.5, float("nan"), 200.2, 0.0], dtype=dtype)
+    got = fastpaths._to_bytes(x, 255.999)
+    assert got.dtype == torch.uint8
+    assert got[[0, 2, 3]].tolist() == [1, 200, 0]
+
+
 @pytest.mark.parametrize("block", [None, 64], ids=["whole", "row-blocks"])
 @pytest.mark.parametrize(
     "form",
