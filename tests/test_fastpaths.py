@@ -2294,12 +2294,14 @@ def test_numpy_layer_draws_equal_the_torch_form(monkeypatch, chunk, many):
 
 def test_to_bytes_truncates_and_caps_at_255():
     """Thresholds ``floor(256 p)``, 255 for ``256 p`` in [255, 256] (the tie then carries the
-    rest), in one call and by row blocks."""
+    rest), as ``uint8``, in one call and by row blocks."""
     x = torch.tensor([[0.0, 0.99, 1.0, 254.9, 255.0, 255.7, 256.0]])
     want = torch.tensor([[0, 0, 1, 254, 255, 255, 255]], dtype=torch.uint8)
-    assert torch.equal(fastpaths._to_bytes(x), want)
+    got = fastpaths._to_bytes(x)
+    assert got.dtype == torch.uint8 and torch.equal(got, want)  # (equal ignores the dtype)
     big = x.repeat(fastpaths._BLOCK // 7 + 3, 1)
-    assert torch.equal(fastpaths._to_bytes(big), want.repeat(big.shape[0], 1))
+    got = fastpaths._to_bytes(big)
+    assert got.dtype == torch.uint8 and torch.equal(got, want.repeat(big.shape[0], 1))
 
 
 @pytest.mark.parametrize("clamp", [0.999, 1.0])
