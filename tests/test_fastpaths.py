@@ -16,6 +16,7 @@ Two levels:
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -1853,14 +1854,19 @@ def whole_array_binomial(need_by_column, trials, p256_at, generator):
     return counts
 
 
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("numpy_form", [True, False], ids=["numpy", "torch"])
 @pytest.mark.parametrize("chunk", [64, 1 << 20], ids=["chunks", "one-chunk"])
 @pytest.mark.parametrize(("c", "a"), [(40, 37), (9, 64), (1, 3)])
-def test_chunked_byte_draws_equal_the_whole_array_draws(monkeypatch, chunk, c, a):
+def test_chunked_byte_draws_equal_the_whole_array_draws(monkeypatch, chunk, c, a, numpy_form):
     """``bernoulli_draws`` and ``binomial_draws`` (bytes drawn, compared, summed and scanned for
     ties chunk by chunk; 64-byte chunks split groups and rows off the 8-byte words) give the
     draws of the whole-array form for the same seed, ties (p just above a byte edge) and 0,
-    1, many and more than 255 trials included; ``out`` and ``dtype`` only change the type."""
+    1, many and more than 255 trials included; ``out`` and ``dtype`` only change the type. The
+    CPU's numpy form and the torch form (``_CPU_NUMPY`` off) alike, without warnings (no
+    ``out=`` of the wrong shape, resized by torch)."""
     monkeypatch.setattr(fastpaths, "_CHUNK", chunk)
+    monkeypatch.setattr(fastpaths, "_CPU_NUMPY", numpy_form)
     g = torch.Generator().manual_seed(c + a)
     p = torch.rand(c, a, generator=g, dtype=torch.float64)
     p[:, ::3] = (torch.randint(0, 256, (c, len(range(0, a, 3))), generator=g) + 0.3) / 256
@@ -1895,13 +1901,19 @@ def test_chunked_byte_draws_equal_the_whole_array_draws(monkeypatch, chunk, c, a
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "options",
-    [{"bound": 2.5}, {"scratch": True}, {"bound": 2.5, "scratch": True, "exp_out": True}],
-    ids=["bound", "scratch", "all"],
+    [
+        {"bound": 2.5},
+        {"scratch": True},
+        {"exp_out": True},
+        {"scratch": True, "exp_out": True},
+        {"bound": 2.5, "scratch": True, "exp_out": True},
+    ],
+    ids=["bound", "scratch", "exp_out", "scratch-exp_out", "all"],
 )
 def test_block_log_masses_options_change_no_value(dtype, options):
     """``bound`` (no row maximum), ``scratch`` (the products written over the weights) and
-    ``exp_out`` (the exponentials in the caller's buffer) give the default form's values and
-    gradients; with ``scratch`` the weights hold the products ``w e^c`` (shifted by the row
+    ``exp_out`` (the exponentials in the caller's buffer, shifted by the row maximum without a
+    bound) give the default form's values and gradients; with ``scratch`` the weights hold the products ``w e^c`` (shifted by the row
     maximum without a bound) afterwards."""
     g = torch.Generator().manual_seed(8)
     n = 6
@@ -2087,6 +2099,17 @@ def test_bounded_byte_cast_equals_the_int16_route(monkeypatch, dtype):
         assert got.dtype == torch.uint8 and torch.equal(got, want)
 
 
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bounded_byte_cast_of_a_nan_warns_nothing(dtype):
+    """A NaN among the values (a NaN draw's threshold, undefined as in torch's cast) gives numpy's
+    direct cast no ``RuntimeWarning``; the other bytes are the truncated values."""
+    x = torch.tensor([1.5, float("nan"), 200.2, 0.0], dtype=dtype)
+    got = fastpaths._to_bytes(x, 255.999)
+    assert got.dtype == torch.uint8
+    assert got[[0, 2, 3]].tolist() == [1, 200, 0]
+
+
 @pytest.mark.parametrize("block", [None, 64], ids=["whole", "row-blocks"])
 @pytest.mark.parametrize(
     "form",
@@ -2163,6 +2186,11 @@ def test_potential_fused_paths_make_their_dense_fields_only_when_read(form):
 
     inputs = ContrastInputs(z1=z1, z2=z2, temperature=loss_fn.temperature, **kwargs)
     plain = loss_fn.strategy.mined(inputs, z1, z2, None, fast=True)
+    # each anchor's negatives: the columns outside its own block (itself and its neighbours),
+    # as the plain form counts them (the same in both in-batch directions)
+    for mined in seen:
+        count = torch.as_tensor(mined.num_negatives).expand(len(z1))
+        assert torch.equal(count, plain.num_negatives)
     mined = seen[0]
     index = mined.column_index if mined.column_index is not None else slice(None)
     m = plain.multiplicity[:, index] * torch.isfinite(plain.cell_log_keep[:, index])
@@ -2259,12 +2287,14 @@ def test_numpy_layer_draws_equal_the_torch_form(monkeypatch, chunk, many):
 
 def test_to_bytes_truncates_and_caps_at_255():
     """Thresholds ``floor(256 p)``, 255 for ``256 p`` in [255, 256] (the tie then carries the
-    rest), in one call and by row blocks."""
+    rest), as ``uint8``, in one call and by row blocks."""
     x = torch.tensor([[0.0, 0.99, 1.0, 254.9, 255.0, 255.7, 256.0]])
     want = torch.tensor([[0, 0, 1, 254, 255, 255, 255]], dtype=torch.uint8)
-    assert torch.equal(fastpaths._to_bytes(x), want)
+    got = fastpaths._to_bytes(x)
+    assert got.dtype == torch.uint8 and torch.equal(got, want)  # (equal ignores the dtype)
     big = x.repeat(fastpaths._BLOCK // 7 + 3, 1)
-    assert torch.equal(fastpaths._to_bytes(big), want.repeat(big.shape[0], 1))
+    got = fastpaths._to_bytes(big)
+    assert got.dtype == torch.uint8 and torch.equal(got, want.repeat(big.shape[0], 1))
 
 
 @pytest.mark.parametrize("clamp", [0.999, 1.0])
@@ -2302,15 +2332,69 @@ def test_potential_fused_draws_keep_with_the_clamped_probability(monkeypatch, cl
         assert float(kept.sum() / total.sum()) - 255 / 256 > 5 * se
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("columns", [False, True], ids=["row-shifts", "column-shifts"])
+@pytest.mark.parametrize("coef", [0.0, -0.7])
+def test_kernel_is_the_capped_scaled_gaussian_of_the_shifted_values(dtype, columns, coef):
+    """``_kernel`` (potential's keep probabilities, or ``256 pi`` for the byte draws) against a
+    float64 re-statement ``min(cap, scale e^{coef (v - shift)^2})``, 0 at ``-inf`` values: row or
+    column shifts, the ``coef = 0`` shortcut, in the values' dtype; the defaults are ``scale =
+    cap = 1`` and row shifts."""
+    g = torch.Generator().manual_seed(2)
+    values = torch.randn(4, 6, generator=g, dtype=torch.float64).to(dtype)
+    values[1, 2] = float("-inf")
+    shift = torch.randn(6 if columns else 4, generator=g, dtype=torch.float64).to(dtype)
+    v, s = values.double(), shift.double()
+    s = s.view(1, -1) if columns else s.view(-1, 1)
+    rtol = 1e-13 if dtype == torch.float64 else 1e-5
+    for scale, cap in ((1.0, 1.0), (1.0, 0.6), (256.0, 256.0 * 0.9), (256.0, 300.0)):
+        got = fastpaths._kernel(values, shift, coef, scale=scale, cap=cap, columns=columns)
+        want = (scale * torch.exp(coef * (v - s) ** 2)).clamp(max=cap)
+        want = torch.where(torch.isinf(v), 0.0, want)
+        assert got.dtype == dtype
+        assert torch.allclose(got.double(), want, rtol=rtol, atol=0), (scale, cap)
+    if not columns:
+        got = fastpaths._kernel(values, shift, coef)
+        want = torch.where(torch.isinf(v), 0.0, torch.exp(coef * (v - s) ** 2).clamp(max=1.0))
+        assert torch.allclose(got.double(), want, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_safe_logaddexp_of_empty_masses_is_minus_inf_with_a_zero_gradient(dtype):
+    """``_safe_logaddexp`` (potential's pool term: the keys' mass and the pool's) is
+    ``log(e^a + e^b)``: the finite side alone where the other is ``-inf`` (gradient 1 to it, 0 to
+    the empty one), ``-inf`` with a zero gradient (not NaN) where both are."""
+    inf = float("inf")
+    a0 = torch.tensor([0.3, -inf, 1.2, -inf, -2.0], dtype=dtype)
+    b0 = torch.tensor([-0.5, 0.7, -inf, -inf, 5.0], dtype=dtype)
+    a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    out = fastpaths._safe_logaddexp(a, b)
+    ad, bd = a0.double(), b0.double()
+    top = torch.maximum(ad, bd).clamp(min=-1e300)  # a finite shift where both are -inf
+    want = top + torch.log(torch.exp(ad - top) + torch.exp(bd - top))
+    assert out.dtype == dtype
+    assert torch.equal(torch.isinf(out), torch.isinf(want))
+    assert torch.allclose(out.double()[:3], want[:3], rtol=1e-6, atol=0)
+    assert torch.allclose(out.double()[4:], want[4:], rtol=1e-6, atol=0)
+    ga, gb = torch.autograd.grad(out.sum(), (a, b))
+    # d/da log(e^a + e^b) = e^a / (e^a + e^b): 1 where b = -inf, 0 where a = -inf or both are
+    share = torch.where(torch.isinf(want), 0.0, torch.exp(ad - want))
+    share_b = torch.where(torch.isinf(want), 0.0, torch.exp(bd - want))
+    assert torch.allclose(ga.double(), share, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(gb.double(), share_b, rtol=1e-5, atol=1e-7)
+    assert not bool(torch.isnan(ga).any() or torch.isnan(gb).any())
+
+
 @pytest.mark.parametrize("width", [7, 300, 600])
 def test_top_few_has_the_members_of_topk(width):
     """``_top_few`` (numpy's values-only partition up to ``_FEW_WIDTH`` columns, else
     ``torch.topk``): the members of ``torch.topk`` on random rows with ``-inf`` entries, and on
-    rows with a tie at the edge or a NaN (where it falls back to ``torch.topk`` itself)."""
+    rows with a tie at the edge or a NaN (where it falls back to ``torch.topk`` itself); no
+    member for ``k = 0`` (``hardest_columns`` would raise)."""
     g = torch.Generator().manual_seed(width)
     x = torch.randn(40, width, generator=g)
     x[torch.arange(0, 40, 3), torch.arange(0, 40, 3) % width] = float("-inf")
-    for k in (1, 3, min(5, width - 1)):
+    for k in (0, 1, 3, min(5, width - 1)):  # (k = 0: no neighbour, an empty [A, 0])
         got = fastpaths._top_few(x, k)
         want = x.topk(k, dim=1).indices
         assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
@@ -2323,8 +2407,21 @@ def test_top_few_has_the_members_of_topk(width):
     assert torch.equal(got, tied.topk(3, dim=1, sorted=False).indices)
 
 
+@pytest.mark.parametrize("width", [100, 600])
+def test_top_few_of_more_than_32_neighbours_has_the_members_of_topk(width):
+    """``_top_few`` hands ``k > 32`` to :func:`top_k_indices`: the members of ``torch.topk``
+    (distinct values: one set of members), on rows narrow and wide of ``_FEW_WIDTH``."""
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(20, width, generator=g, dtype=torch.float64)
+    for k in (33, 40):
+        got = fastpaths._top_few(x, k)
+        want = x.topk(k, dim=1).indices
+        assert got.shape == (20, k)
+        assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ["bound", "shifted", "exp_out"])
+@pytest.mark.parametrize("mode", ["bound", "shifted", "exp_out", "exp_out-shifted"])
 @pytest.mark.parametrize("block", [1 << 18, 12], ids=["one-block", "row-blocks"])
 def test_block_log_masses_by_columns_equal_the_rows_of_the_transposes(
     monkeypatch, dtype, mode, block
@@ -2347,7 +2444,7 @@ def test_block_log_masses_by_columns_equal_the_rows_of_the_transposes(
     blocks = [(n, 2 * n, 0, n), (0, n, n, 2 * n), (0, 2 * n, 0, 2 * n)]
     blocks_t = [(c0, c1, r0, r1) for r0, r1, c0, c1 in blocks]
     ups = [torch.linspace(0.5, 2.0, m, dtype=dtype) for m in (n, n, 2 * n)]
-    kw = {"bound": 2.0} if mode != "shifted" else {}
+    kw = {} if mode.endswith("shifted") else {"bound": 2.0}
 
     def run(x, bs, ws, dim, **extra):
         outs = fastpaths.block_log_masses(x, bs, ws, [(0, n, index)], dim=dim, **kw, **extra)
@@ -2356,7 +2453,7 @@ def test_block_log_masses_by_columns_equal_the_rows_of_the_transposes(
         return outs, torch.autograd.grad(total, x)[0]
 
     x = c.clone().requires_grad_(True)
-    extra = {"exp_out": torch.empty_like(c)} if mode == "exp_out" else {}
+    extra = {"exp_out": torch.empty_like(c)} if mode.startswith("exp_out") else {}
     cols, grad = run(x, blocks, [w1.clone(), w2.clone(), w_all.clone()], 0, scratch=True, **extra)
     # the same masses as rows of the transposes; the read stays a row gather of c
     xt = c.T.clone().requires_grad_(True)
@@ -2416,11 +2513,19 @@ def test_block_log_masses_exp_out_with_integer_weights_equals_float_weights(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_block_log_masses_equal_the_plain_sums_and_gathers(dtype):
+@pytest.mark.parametrize("scratch", [False, True], ids=["own-buffers", "scratch"])
+@pytest.mark.parametrize("block", [None, 30], ids=["one-block", "row-blocks"])
+def test_block_log_masses_equal_the_plain_sums_and_gathers(monkeypatch, dtype, scratch, block):
     """Against ``weighted_log_mass``'s plain twin ``logsumexp(c + log w)`` per block and a
     gather: values and gradients, a whole-matrix block, off-diagonal blocks, a row with nothing
-    kept (``-inf``, zero gradient), ``-inf`` logits where ``w = 0``, reads of single entries."""
+    kept (``-inf``, zero gradient), ``-inf`` logits where ``w = 0``, reads of single entries;
+    the products in buffers of their own or over the weights (``scratch``), the exponentials of
+    all rows at once or by blocks of 3 rows (``_BLOCK`` 30 entries: the last block short, the
+    logits' blocks starting and ending inside a row block)."""
     from hardneg.objectives import safe_logsumexp
+
+    if block is not None:
+        monkeypatch.setattr(fastpaths, "_BLOCK", block)
 
     g = torch.Generator().manual_seed(6)
     n = 5
@@ -2434,7 +2539,15 @@ def test_block_log_masses_equal_the_plain_sums_and_gathers(dtype):
     index = torch.stack([torch.randperm(n, generator=g)[:2] for _ in range(n)])
     c.requires_grad_(True)
     blocks = [(0, 2 * n, 0, 2 * n), (0, n, n, 2 * n), (n, 2 * n, 0, n)]
-    fast = fastpaths.block_log_masses(c, blocks, [w_all, w1, w2], [(0, n, index), (n, 0, index)])
+    with warnings.catch_warnings():  # (no out= buffer of the wrong shape, resized by torch)
+        warnings.simplefilter("error")
+        fast = fastpaths.block_log_masses(
+            c,
+            blocks,
+            [w_all.clone(), w1.clone(), w2.clone()],
+            [(0, n, index), (n, 0, index)],
+            scratch=scratch,
+        )
     plain = [
         safe_logsumexp(c + w_all.log()),
         safe_logsumexp(c[:n, n:] + w1.log()),
@@ -2444,10 +2557,11 @@ def test_block_log_masses_equal_the_plain_sums_and_gathers(dtype):
     ]
     assert fast[2][2] == float("-inf")
     ups = [torch.linspace(0.5, 2.0, x.numel(), dtype=dtype).view_as(x) for x in plain]
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5  # (float64: no float32 step anywhere)
     for f, p in zip(fast, plain):
         finite = torch.isfinite(p)
         assert torch.equal(finite, torch.isfinite(f))
-        assert_close_rel(f[finite], p[finite], what="value")
+        assert_close_rel(f[finite], p[finite], rtol=rtol, what="value")
 
     def total(outs):
         return sum(torch.where(torch.isfinite(o), o, 0.0).mul(u).sum() for o, u in zip(outs, ups))
@@ -2455,13 +2569,32 @@ def test_block_log_masses_equal_the_plain_sums_and_gathers(dtype):
     (gf,) = torch.autograd.grad(total(fast), c)
     (gp,) = torch.autograd.grad(total(plain), c)
     assert bool(torch.isfinite(gf).all())
-    assert_close_rel(gf, gp, what="gradient")
+    assert_close_rel(gf, gp, rtol=rtol, what="gradient")
     # without the whole-matrix block (the buffer is zero-filled) and with an unused output
     two = fastpaths.block_log_masses(c, blocks[1:], [w1, w2])
     (gf,) = torch.autograd.grad(torch.where(torch.isfinite(two[1]), two[1], 0.0).sum(), c)
     again = safe_logsumexp(c[n:, :n] + w2.log())
     (gp,) = torch.autograd.grad(torch.where(torch.isfinite(again), again, 0.0).sum(), c)
     assert_close_rel(gf, gp, what="gradient, one block")
+    if dtype == torch.float64:  # float32 weights are cast to the logits' dtype first (with
+        # scratch, their products are not rounded to float32)
+        w32 = [w.float() for w in (w_all, w1, w2)]
+        outs = fastpaths.block_log_masses(c, blocks, [w.clone() for w in w32], scratch=scratch)
+        for (r0, r1, c0, c1), w, f in zip(blocks, w32, outs):
+            p = safe_logsumexp(c[r0:r1, c0:c1] + w.double().log())
+            finite = torch.isfinite(p)
+            assert torch.equal(finite, torch.isfinite(f))
+            assert_close_rel(f[finite], p[finite], rtol=rtol, what="value, float32 weights")
+    # the same two blocks with the exponentials in a caller's buffer (shifted or not): only a
+    # whole-matrix block may write its product over that buffer, these get buffers of their own
+    for kw in ({}, {"bound": 20.0}):
+        outs = fastpaths.block_log_masses(
+            c, blocks[1:], [w1, w2], exp_out=torch.empty_like(c.detach()), **kw
+        )
+        for f, p in zip(outs, plain[1:3]):
+            finite = torch.isfinite(p)
+            assert torch.equal(finite, torch.isfinite(f))
+            assert_close_rel(f[finite], p[finite], what=f"value, exp_out {kw}")
 
 
 @pytest.mark.parametrize(
@@ -2708,6 +2841,9 @@ def test_pair_contrast_equals_in_batch_contrast(dtype):
     for name in ("positive_weight", "positive_index", "negative_mask"):
         assert torch.equal(getattr(fast, name), getattr(plain, name)), name
     assert fast.num_negatives == plain.num_negatives and fast.temperature == plain.temperature
+    assert fast.normalized
+    # mask=False: no [2N, 2N] mask (the caller makes one if something reads it)
+    assert fastpaths.pair_contrast(z1, z2, temperature=0.3, mask=False).negative_mask is None
     for name in ("anchors", "positives", "positive_logits"):
         assert_close_rel(getattr(fast, name), getattr(plain, name), what=name)
     finite = torch.isfinite(plain.negative_logits)
@@ -2745,6 +2881,49 @@ def test_pair_contrast_equals_in_batch_contrast(dtype):
         gp = torch.autograd.grad(p, (z1, z2), w)
         for a, b in zip(gf, gp):
             assert_close_rel(a, b, what=f"gradient of {pick}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_log_masses_with_a_bound_beyond_float32s_exponent_range_shift_float32(dtype):
+    """``bound`` 100 (cosine logits at ``t = 0.01``): float32 overflows ``e^{90}``, so there
+    the exponentials are shifted by the row maximum whatever the bound (up to 60 they are
+    not); float64 takes ``e^c`` up to 600. Both equal the plain ``logsumexp(c + log w)``."""
+    from hardneg.objectives import safe_logsumexp
+
+    g = torch.Generator().manual_seed(11)
+    c = (torch.rand(6, 8, generator=g, dtype=torch.float64) * 190 - 95).to(dtype)
+    c[:, 0] = 95.0  # a logit whose exponential overflows float32
+    w = torch.rand(6, 8, generator=g, dtype=torch.float64).to(dtype) + 0.5
+    (got,) = fastpaths.block_log_masses(c, [(0, 6, 0, 8)], [w], bound=100.0)
+    want = safe_logsumexp(c.double() + w.double().log())
+    assert bool(torch.isfinite(got).all())
+    assert_close_rel(got.double(), want, rtol=1e-12 if dtype == torch.float64 else 1e-6)
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.float64, torch.float32),
+        (torch.float32, torch.float64),
+        (torch.float16, torch.float16),
+    ],
+    ids=["f64-f32", "f32-f64", "f16-f16"],
+)
+def test_pair_contrast_of_views_of_different_precisions_computes_as_in_batch_contrast(dtypes):
+    """``pair_contrast`` computes in ``in_batch_contrast``'s dtype whichever view is the wider
+    (float64 if either is, else float32: half precisions promoted): the same dtype and values."""
+    from hardneg.contrast import in_batch_contrast
+
+    g = torch.Generator().manual_seed(4)
+    z1 = torch.randn(5, 4, generator=g, dtype=torch.float64).to(dtypes[0])
+    z2 = torch.randn(5, 4, generator=g, dtype=torch.float64).to(dtypes[1])
+    fast = fastpaths.pair_contrast(z1, z2, temperature=0.3)
+    plain = in_batch_contrast((z1, z2), temperature=0.3)
+    for name in ("anchors", "positive_logits"):
+        assert_close_rel(getattr(fast, name), getattr(plain, name), what=name)
+    finite = torch.isfinite(plain.negative_logits)
+    assert torch.equal(finite, torch.isfinite(fast.negative_logits))
+    assert_close_rel(fast.negative_logits[finite], plain.negative_logits[finite], what="logits")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -238,3 +238,37 @@ def test_a_tie_keeps_exactly_when_its_uniform_is_below_the_fraction_of_256p(monk
     for got in both_forms(monkeypatch, draw):
         for kept in got:
             assert torch.equal(kept.long(), want)
+
+
+@pytest.mark.parametrize(
+    "values, sizes, rows",
+    [
+        ([0, 1, 3, 4], [2, 5, 4, 3], 7),  # groups split over chunks, the rest of one smaller
+        ([2, 9], [6, 2], 5),  # a column of more rows than a chunk holds: a chunk of its own
+        ([1, 2], [10, 10], 64),  # everything in one chunk
+        ([0], [4], 3),  # only columns of no trial: no row
+        ([5], [7], 10),  # one group over several chunks of two columns
+    ],
+)
+def test_binomial_chunks_pack_the_sorted_columns_greedily(values, sizes, rows):
+    """``_chunks`` (the chunks of ``binomial_draws``) against its rule, re-stated column by
+    column: the columns in order, each once with its trials ``m`` and ``m`` rows; each chunk's
+    runs consecutive from its first row, the chunks' rows consecutive; a chunk holds at most
+    ``rows`` rows unless it is one column; a chunk ends only when its next column would not fit
+    (greedy: no chunk smaller than it needs to be)."""
+    trials = [m for m, size in zip(values, sizes) for _ in range(size)]  # each column's m
+    chunks = list(fastpaths._chunks(values, sizes, rows))
+    seen, next_row = [], 0
+    for number, ((first_row, end_row), runs) in enumerate(chunks):
+        assert first_row == next_row and runs
+        at = 0
+        for m, c0, c1, r0 in runs:
+            assert c0 == len(seen) and c1 > c0 and r0 == at
+            seen.extend([m] * (c1 - c0))
+            at += (c1 - c0) * m
+        assert end_row - first_row == at
+        assert at <= rows or sum(c1 - c0 for _, c0, c1, _ in runs) == 1
+        if number + 1 < len(chunks):  # the next column did not fit
+            assert at + trials[len(seen)] > rows
+        next_row = end_row
+    assert seen == trials
