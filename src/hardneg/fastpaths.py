@@ -2648,12 +2648,6 @@ def _kernel(
     return torch.addcmul(base, x, x, value=coef, out=x).exp_().clamp_(max=cap)
 
 
-def _kernel_at(values: Tensor, shift: Tensor, coef: float, cap: float) -> Tensor:
-    """:func:`_kernel` with ``scale = 1`` at a few entries, in float64 (the ties' ``p``)."""
-    x = values.to(torch.float64) - shift.to(torch.float64)
-    return torch.where(torch.isinf(x), 0.0, (coef * x * x).exp().clamp(max=cap))
-
-
 class _PairGram(torch.autograd.Function):
     """SimCLR's logits of two views from the rows ``z`` ``[2N, d]`` of ``[z1; z2]``: the Gram
     matrix ``G = z z^T / t`` with ``-inf`` on the diagonal and the partners ``(i, i +- N)``,
