@@ -706,24 +706,15 @@ def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
     step = max(1, _NUMPY_BLOCK // cols)
     key_type = np.int32 if values.dtype == np.float32 else np.int64
 
-    def by_keys(first: int, last: int) -> None:
-        keys = _np_order_keys(values[first:last])
-        top = np.argpartition(keys, cols - upper, axis=1)[:, cols - upper :]
+    def by_argpartition(first: int, last: int, order: np.ndarray) -> None:
+        # two argpartitions of the block's order array: its keys (ties at an edge), or its
+        # floats when it holds a NaN (numpy's float partition ranks every NaN highest,
+        # whatever its sign bit, as torch.topk; the keys rank a NaN with the sign bit set, the
+        # default NaN of an invalid operation on x86, below -inf)
+        top = np.argpartition(order, cols - upper, axis=1)[:, cols - upper :]
         if lower:  # the width smallest of the top upper: ranks [lower, upper)
-            top_keys = np.take_along_axis(keys, top, axis=1)
-            keep = np.argpartition(top_keys, width - 1, axis=1)[:, :width]
-            top = np.take_along_axis(top, keep, axis=1)
-        out[first:last] = top
-
-    def by_values(first: int, last: int) -> None:
-        # numpy's float partition ranks every NaN highest, whatever its sign bit, as
-        # torch.topk does (the keys rank a NaN with the sign bit set, the default NaN of an
-        # invalid operation on x86, below -inf)
-        block = values[first:last]
-        top = np.argpartition(block, cols - upper, axis=1)[:, cols - upper :]
-        if lower:
-            top_values = np.take_along_axis(block, top, axis=1)
-            keep = np.argpartition(top_values, width - 1, axis=1)[:, :width]
+            top_order = np.take_along_axis(order, top, axis=1)
+            keep = np.argpartition(top_order, width - 1, axis=1)[:, :width]
             top = np.take_along_axis(top, keep, axis=1)
         out[first:last] = top
 
@@ -741,7 +732,7 @@ def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
             r = last - first
             block, keys = values[first:last], scratch[:r]
             if math.isnan(block.max()):  # a NaN of either sign: the float partition
-                by_values(first, last)
+                by_argpartition(first, last, block)
                 continue
             if sampled and _band_from_sample(block, lower, upper, out[first:last], below[:r]):
                 continue
@@ -763,7 +754,7 @@ def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
 
             flat = _flat_members(members, r, cols, r * width)
             if flat.size != r * width:  # a repeated value at an edge (or -0.0 and +0.0)
-                by_keys(first, last)
+                by_argpartition(first, last, _np_order_keys(block))
                 continue
             np.subtract(flat.reshape(r, width), offsets[:r], out=out[first:last])
 
