@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from hardneg.graph.data import GraphSet, load_tu
-from hardneg.graph.evaluate import SVM_C_GRID, _arrays, _folds
+from hardneg.graph.evaluate import svm_accuracy
 from hardneg.graph.protocol import (
     build_model,
     degree_option,
@@ -38,22 +38,6 @@ from hardneg.graph.protocol import (
     shuffled,
 )
 from hardneg.graph.train import embed, train_graphs
-
-
-def svm_accuracy_with_gamma(embeddings, labels, *, seed: int, gamma: str, folds: int = 10) -> float:
-    """The protocol's SVM score (:func:`hardneg.graph.evaluate.svm_accuracy`: ``C`` by a 5-fold
-    grid search inside each of ``folds`` stratified folds, the same folds for a seed) with the
-    RBF width ``gamma`` (``'scale'``: the protocol's; ``'auto'``: scikit-learn < 0.22)."""
-    from sklearn.model_selection import GridSearchCV
-    from sklearn.svm import SVC
-
-    x, y = _arrays(embeddings, labels)
-    scores = []
-    for train, test in _folds(y, folds, seed):
-        model = GridSearchCV(SVC(gamma=gamma), {"C": list(SVM_C_GRID)}, cv=5, scoring="accuracy")
-        model.fit(x[train], y[train])
-        scores.append(float((model.predict(x[test]) == y[test]).mean()))
-    return 100.0 * float(np.mean(scores))
 
 
 def scores_over_training(
@@ -82,7 +66,7 @@ def scores_over_training(
             return
         emb, labels = embed(model.encoder, run_data)
         for g in gammas:
-            out[g][epoch] = svm_accuracy_with_gamma(emb, labels, seed=seed, gamma=g, folds=folds)
+            out[g][epoch] = svm_accuracy(emb, labels, folds=folds, seed=seed, gamma=g)["svm"]
 
     score(0)
     train_graphs(
