@@ -720,6 +720,55 @@ def test_band_indices_from_a_sample_of_each_row_equal_the_topk_band(monkeypatch,
             assert calls and all(calls), (lower, upper, calls)
 
 
+def test_rows_from_the_wide_threshold_take_every_eighth_column_as_their_sample(monkeypatch):
+    """From ``_BAND_WIDE_COLUMNS`` columns the sample is every ``_BAND_WIDE_STRIDE``-th entry.
+    Rows whose largest values sit at the columns ``c % 8 == 4``: a sample of every 4th column
+    sees them and sets its threshold among them (too few candidates: the whole-row fallback);
+    every 8th column misses them, so the sampled path serves each block. Either way the band
+    is the topk band."""
+    assert fastpaths._BAND_WIDE_STRIDE == 8 and fastpaths._BAND_STRIDE == 4
+    calls = _count_sampled(monkeypatch)
+    g = torch.Generator().manual_seed(8)
+    for cols, sampled in ((fastpaths._BAND_WIDE_COLUMNS + 52, True), (1600, False)):
+        x = torch.randn(120, cols, generator=g)
+        x[:, 4::8] += 10.0
+        calls.clear()
+        got = fastpaths.band_indices(x, 10, 100).sort(dim=1).values
+        assert torch.equal(got, x.topk(100, dim=1).indices[:, 10:].sort(dim=1).values)
+        assert calls and all(c == sampled for c in calls), (cols, calls)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", [1024, 2100])
+def test_mochi_hardest_columns_of_wide_rows_come_from_the_sample_and_equal_topk(
+    monkeypatch, dtype, cols
+):
+    """``hardest_columns`` on rows of at least ``_BAND_SAMPLE_MIN_COLUMNS`` whose ``k`` is at
+    most a quarter of the row selects among the sample's candidates (checked taken on every
+    block, for ``k`` below a quarter) and gives topk's members in column order, masked (``-inf``) columns included; a
+    NaN of either sign, or a tie at the ``k``-th value, still gives None (the general path)."""
+    calls = _count_sampled(monkeypatch)
+    rows = 150
+    x = topk_inputs(rows, cols, dtype, seed=cols, kind="plain")
+    x[torch.arange(rows), torch.arange(rows)] = float("-inf")
+    for k in (1, 40, 128, cols // 4):
+        calls.clear()
+        got = fastpaths.hardest_columns(x, k)
+        assert got is not None and got.shape == (rows, k)
+        assert torch.equal(got, x.topk(k, dim=1).indices.sort(dim=1).values), k
+        if k < cols // 4:  # (a quarter of the row: too many candidates expected, not tried)
+            assert calls and all(calls), (k, calls)
+    for sign in (1.0, -1.0):
+        nan = x.clone()
+        nan[70, 9] = sign * float("nan")
+        assert fastpaths.hardest_columns(nan, 128) is None, sign
+    tied = x.clone()
+    top = tied[30].topk(41)
+    tied[30, top.indices[40]] = top.values[39]  # the 40th value twice: a tie at k = 40's edge
+    assert fastpaths.hardest_columns(tied, 40) is None
+    assert fastpaths.hardest_columns(tied, 41) is not None
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_band_indices_fall_back_to_whole_rows_when_the_sample_misses_or_ties(monkeypatch, dtype):
     """The sampled pre-selection gives up, writing nothing, on a block with a row whose top
