@@ -848,23 +848,52 @@ def test_the_accelerator_branch_of_every_selection_equals_its_plain_twin(monkeyp
         assert torch.equal(got, order[:, lower:upper].sort(dim=1).values), (lower, upper)
 
 
-def test_on_threads_covers_every_row_once_and_reraises():
-    seen = []
+def test_on_threads_hands_every_block_to_one_thread_and_reraises():
+    """``_on_threads`` cuts the rows into blocks of ``step`` rows and its threads take them
+    from one shared iterator: every block is worked on exactly once, on at most as many threads
+    as torch's setting and the rows allow (``rows // min_rows``); a thread that stalls leaves its
+    blocks to the others; a worker's error is re-raised in the caller."""
+    import threading
+    import time
+
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(3)
-        fastpaths._on_threads(lambda a, b: seen.append((a, b)), 10, 2)
-        assert sorted(seen) == [(0, 3), (3, 6), (6, 10)]
-        seen.clear()
-        fastpaths._on_threads(lambda a, b: seen.append((a, b)), 10, 4)  # 2 chunks of >= 4
-        assert sorted(seen) == [(0, 5), (5, 10)]
+        for rows, min_rows, step, most in ((10, 2, 3, 3), (10, 4, 1, 2), (10, 20, 4, 1)):
+            seen, idents = [], set()
 
-        def fail(a, b):
-            if a > 0:
-                raise RuntimeError("worker")
+            def work(blocks, seen=seen, idents=idents):
+                for block in blocks:
+                    idents.add(threading.get_ident())
+                    seen.append(block)
+                    time.sleep(0.002)  # (so that the other threads start and take some)
 
+            fastpaths._on_threads(work, rows, min_rows, step)
+            firsts = list(range(0, rows, step))
+            assert sorted(seen) == [(f, min(f + step, rows)) for f in firsts], (rows, step)
+            assert 1 <= len(idents) <= most, (rows, min_rows, idents)
+        # the calling thread stalls on its first block: the others take every other block
+        caller, taken = threading.get_ident(), []
+
+        def stalling(blocks):
+            for block in blocks:
+                taken.append((threading.get_ident() == caller, block))
+                if threading.get_ident() == caller:
+                    time.sleep(0.2)
+
+        torch.set_num_threads(2)
+        fastpaths._on_threads(stalling, 40, 2, 4)
+        assert sorted(b for _, b in taken) == [(f, f + 4) for f in range(0, 40, 4)]
+        assert sum(by_caller for by_caller, _ in taken) <= 2, taken
+
+        def fail(blocks):
+            for first, _ in blocks:
+                if first > 0:
+                    raise RuntimeError("worker")
+
+        torch.set_num_threads(3)
         with pytest.raises(RuntimeError, match="worker"):
-            fastpaths._on_threads(fail, 10, 2)
+            fastpaths._on_threads(fail, 10, 2, 2)
     finally:
         torch.set_num_threads(previous)
 

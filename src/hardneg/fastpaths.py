@@ -550,30 +550,32 @@ def _np_order_keys(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return keys
 
 
-def _on_threads(work, rows: int, min_rows: int) -> None:
-    """Run ``work(start, stop)`` over ``[0, rows)`` split into contiguous chunks, one per torch
-    intra-op thread (``torch.get_num_threads()``; the calling thread takes the first chunk).
-    For numpy calls that release the GIL: they then use the cores that torch's own operations
-    would use. No kept thread pool (fork-safe); one chunk when there is too little work."""
+def _on_threads(work, rows: int, min_rows: int, step: int) -> None:
+    """Run ``work(blocks)`` on up to ``torch.get_num_threads()`` threads (the calling thread
+    one of them), ``blocks`` one shared iterator over the ``(first, last)`` row ranges of
+    ``step`` rows that cover ``[0, rows)``: each thread takes the next block when it is done
+    with one, so every block is worked on once, and a thread slowed down (after each parallel
+    torch operation libgomp's worker spins on a core for milliseconds) takes fewer blocks
+    instead of holding up the call. For numpy calls that release the GIL: they then use the
+    cores that torch's own operations would use. One thread when there are fewer than
+    ``2 * min_rows`` rows; no kept thread pool (fork-safe)."""
+    blocks = iter([(first, min(first + step, rows)) for first in range(0, rows, step)])
     workers = max(1, min(torch.get_num_threads(), rows // max(1, min_rows)))
     if workers == 1:
-        work(0, rows)
+        work(blocks)
         return
-    bounds = [rows * i // workers for i in range(workers + 1)]
     errors: list[BaseException] = []
 
-    def run(start: int, stop: int) -> None:
+    def run() -> None:
         try:
-            work(start, stop)
+            work(blocks)  # (a list iterator's next() is atomic under the GIL)
         except BaseException as exc:  # re-raised in the calling thread
             errors.append(exc)
 
-    threads = [
-        threading.Thread(target=run, args=(bounds[i], bounds[i + 1])) for i in range(1, workers)
-    ]
+    threads = [threading.Thread(target=run) for _ in range(workers - 1)]
     for thread in threads:
         thread.start()
-    run(bounds[0], bounds[1])
+    run()
     for thread in threads:
         thread.join()
     if errors:
@@ -730,15 +732,14 @@ def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
 
     sampled = cols >= _BAND_SAMPLE_MIN_COLUMNS and upper * _BAND_SAMPLE_MAX_SHARE <= cols
 
-    def work(start: int, stop: int) -> None:
-        # the block's keys partitioned in place and its masks in buffers of the call: fresh
+    def work(blocks) -> None:
+        # the block's keys partitioned in place and its masks in buffers of the thread: fresh
         # pages cost ~2 us each on a VM, about what the partition costs per page of keys
-        r_max = min(step, stop - start)
+        r_max = min(step, rows)
         scratch = np.empty((r_max, cols), dtype=key_type)
         below = np.empty((r_max, cols), dtype=bool)
         offsets = np.arange(r_max, dtype=np.int64).reshape(-1, 1) * cols
-        for first in range(start, stop, step):
-            last = min(first + step, stop)
+        for first, last in blocks:
             r = last - first
             block, keys = values[first:last], scratch[:r]
             if math.isnan(block.max()):  # a NaN of either sign: the float partition
@@ -768,7 +769,7 @@ def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
                 continue
             np.subtract(flat.reshape(r, width), offsets[:r], out=out[first:last])
 
-    _on_threads(work, rows, max(step, _BAND_MIN_ROWS, _THREAD_MIN_ENTRIES // cols))
+    _on_threads(work, rows, max(step, _BAND_MIN_ROWS, _THREAD_MIN_ENTRIES // cols), step)
     return torch.from_numpy(out)
 
 
@@ -1827,11 +1828,11 @@ def hardest_columns(logits: Tensor, k: int) -> Tensor | None:
     # wide rows whose k ends in their top quarter: the members among a few candidates a row
     sampled = cols >= _BAND_SAMPLE_MIN_COLUMNS and k * _BAND_SAMPLE_MAX_SHARE <= cols
 
-    def work(begin: int, end: int) -> None:
-        keys = np.empty((min(step, end - begin), cols), dtype=below_minus_inf.dtype)
+    def work(blocks) -> None:
+        keys = np.empty((min(step, rows), cols), dtype=below_minus_inf.dtype)
         mask = np.empty(keys.shape, dtype=bool) if sampled else None
-        for start in range(begin, end, step):
-            block = x[start : min(start + step, end)]
+        for start, end in blocks:
+            block = x[start:end]
             r = block.shape[0]
             if math.isnan(block.max()) if sampled else False:
                 tied.append(True)  # a NaN of either sign: the general path
@@ -1862,7 +1863,7 @@ def hardest_columns(logits: Tensor, k: int) -> Tensor | None:
                 return
             out[start : start + r] = flat
 
-    _on_threads(work, rows, max(step, _THREAD_MIN_ENTRIES // cols))
+    _on_threads(work, rows, max(step, _THREAD_MIN_ENTRIES // cols), step)
     return None if tied else torch.from_numpy(out)
 
 
