@@ -2262,11 +2262,12 @@ def test_layer_draws_are_the_same_whatever_the_row_blocks(monkeypatch):
     assert one.dtype == torch.uint8
 
 
-@pytest.mark.parametrize("chunk", [16, 1 << 20], ids=["blocks", "one-block"])
+@pytest.mark.parametrize("chunk", [4, 16, 1 << 20], ids=["wide-rows", "blocks", "one-block"])
 @pytest.mark.parametrize("many", [False, True], ids=["uint8", "int32"])
 def test_numpy_layer_draws_equal_the_torch_form(monkeypatch, chunk, many):
     """On the CPU ``layer_draws`` runs in numpy (``_CPU_NUMPY``): the torch form's counts for
-    the same seed, first-layer skips, ties, row blocks and more than 255 trials included."""
+    the same seed, first-layer skips, ties, row blocks and more than 255 trials included;
+    ``_CHUNK = 4`` under layers 5 to 7 columns wide: blocks of one row, wider than a chunk."""
     monkeypatch.setattr(fastpaths, "_CHUNK", chunk)
     _, p256, need, trials, skip = _layer_case(seed=7)
     if many:
