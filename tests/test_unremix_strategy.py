@@ -322,11 +322,13 @@ def test_a_pool_entry_no_anchor_has_as_a_negative_gets_the_delta_of_an_empty_sof
     )
 
 
+@pytest.mark.parametrize("influence", ["gradient_similarity", "gradient_norm"])
 @pytest.mark.parametrize("fast", [False, True])
-def test_a_pool_entry_far_from_every_anchor_keeps_its_influence_score(fast):
+def test_a_pool_entry_far_from_every_anchor_keeps_its_influence_score(fast, influence):
     # t = 0.002: the entry 3 (at a cosine of about 0 to every anchor) has c - max c < -400, the
     # column softmax of the fast path would underflow, and it falls back to the plain column
-    # deltas; the loss stays the loop's
+    # deltas (their directions for gradient_similarity, the deltas themselves for
+    # gradient_norm); the loss stays the loop's
     t = 0.002
     q = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.95, 0.0, 0.05]], dtype=torch.float64)
     k = q + 0.01 * z(3, seed=23)
@@ -334,7 +336,7 @@ def test_a_pool_entry_far_from_every_anchor_keeps_its_influence_score(fast):
         [[1.0, 0.02, 0.0], [0.97, 0.0, 0.02], [0.99, 0.01, 0.01], [0.0, 0.0, 1.0]],
         dtype=torch.float64,
     )
-    options = dict(beta=0.0, lambda_u=1.0, lambda_d=0.0)
+    options = dict(beta=0.0, lambda_u=1.0, lambda_d=0.0, influence=influence)
     loss = hardneg.create_loss("unremix", temperature=t, tau_plus=0.0, fast=fast, **options)
     got = loss(q, k, negatives=pool)
     expected = oracle(pool_layout(q, k, pool), t, **options)
