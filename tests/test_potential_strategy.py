@@ -189,6 +189,36 @@ def test_a_bank_with_pool_as_negatives_and_exclude_index_equals_the_loops(fast):
 
 
 @pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("weighting", ["hard", "soft"])
+@pytest.mark.parametrize(
+    ("num_neighbors", "exclude"),
+    [(2, None), (2, [4, 0, 7, 2, 8]), (1, None), (9, None), (9, [4, 0, 7, 2, 8])],
+    ids=["two", "two-exclude", "one", "whole-bank", "whole-bank-exclude"],
+)
+def test_a_bank_by_the_fused_pool_path_equals_the_loops(
+    monkeypatch, fast, weighting, num_neighbors, exclude
+):
+    # the call fastpaths.potential_pool_terms serves (a bank, cosine logits, InfoNCE, the
+    # bank's rows as candidates only), b != 0 in the kernel; one neighbour, and as many
+    # neighbours as the bank has rows (with exclude_index: all but the own entry)
+    from hardneg import fastpaths
+
+    calls = []
+    real = fastpaths.potential_pool_terms
+    monkeypatch.setattr(fastpaths, "potential_pool_terms", lambda *a: calls.append(1) or real(*a))
+    hp = full_hp(weighting=weighting, num_neighbors=num_neighbors)
+    bank, q, k, h1 = z(9, seed=5), z(5, seed=6), z(5, seed=7), z(5, seed=8)
+    idx = None if exclude is None else torch.tensor(exclude)
+    loss = make(hp, fast=fast)
+    got = value_and_grads(
+        lambda a, b, g: loss(a, b, negatives=bank, exclude_index=idx, h1=g), q, k, h1
+    )
+    want = value_and_grads(lambda a, b, g: oracle(a, b, hp, bank=bank, exclude=idx, h1=g), q, k, h1)
+    assert_same(got, want)
+    assert bool(calls) == fast
+
+
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("ids", [[0, 1, 2, 3, 4, 5], [0, 0, 1, 2, 3, 1]])
 def test_in_batch_with_ids_equals_the_loops(fast, ids):
     # distinct ids: the loss without ids; equal ids: the duplicates are no negatives either
