@@ -218,6 +218,26 @@ def test_a_bank_by_the_fused_pool_path_equals_the_loops(
     assert bool(calls) == fast
 
 
+@pytest.mark.parametrize("halves", ["key", "bank"])
+def test_a_half_precision_key_or_bank_on_the_fused_pool_path_equals_the_plain_form(halves):
+    # float32 queries with a float16 key or bank: one compute dtype, float32 (half precision
+    # promoted), so the fused pool path serves the call; the neighbour look-up and the kernel
+    # compute in float32 as the plain form's
+    hp = full_hp(num_neighbors=2)
+    bank, q, k = z(9, seed=5).float(), z(5, seed=6).float(), z(5, seed=7).float()
+    if halves == "key":
+        k = k.half()
+    else:
+        bank = bank.half()
+    fused, plain = make(hp, fast=True), make(hp, fast=False)
+    got = value_and_grads(lambda a, b: fused(a, b, negatives=bank), q, k)
+    want = value_and_grads(lambda a, b: plain(a, b, negatives=bank), q, k)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for x, y in zip(got[1], want[1]):  # a half key's gradient is float16: its own resolution
+        tol = 2e-3 if x.dtype == torch.float16 else 1e-5
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("ids", [[0, 1, 2, 3, 4, 5], [0, 0, 1, 2, 3, 1]])
 def test_in_batch_with_ids_equals_the_loops(fast, ids):
