@@ -191,23 +191,31 @@ def test_a_bank_with_pool_as_negatives_and_exclude_index_equals_the_loops(fast):
 @pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("weighting", ["hard", "soft"])
 @pytest.mark.parametrize(
-    ("num_neighbors", "exclude"),
-    [(2, None), (2, [4, 0, 7, 2, 8]), (1, None), (9, None), (9, [4, 0, 7, 2, 8])],
-    ids=["two", "two-exclude", "one", "whole-bank", "whole-bank-exclude"],
+    ("num_neighbors", "exclude", "rows"),
+    [
+        (2, None, 9),
+        (2, [4, 0, 7, 2, 8], 9),
+        (1, None, 9),
+        (9, None, 9),
+        (9, [4, 0, 7, 2, 8], 9),
+        (2, [3, 0, 2, 1, 3], 4),
+    ],
+    ids=["two", "two-exclude", "one", "whole-bank", "whole-bank-exclude", "small-bank-exclude"],
 )
 def test_a_bank_by_the_fused_pool_path_equals_the_loops(
-    monkeypatch, fast, weighting, num_neighbors, exclude
+    monkeypatch, fast, weighting, num_neighbors, exclude, rows
 ):
     # the call fastpaths.potential_pool_terms serves (a bank, cosine logits, InfoNCE, the
     # bank's rows as candidates only), b != 0 in the kernel; one neighbour, and as many
-    # neighbours as the bank has rows (with exclude_index: all but the own entry)
+    # neighbours as the bank has rows (with exclude_index: all but the own entry); a bank of
+    # fewer rows (4) than queries (5)
     from hardneg import fastpaths
 
     calls = []
     real = fastpaths.potential_pool_terms
     monkeypatch.setattr(fastpaths, "potential_pool_terms", lambda *a: calls.append(1) or real(*a))
     hp = full_hp(weighting=weighting, num_neighbors=num_neighbors)
-    bank, q, k, h1 = z(9, seed=5), z(5, seed=6), z(5, seed=7), z(5, seed=8)
+    bank, q, k, h1 = z(rows, seed=5), z(5, seed=6), z(5, seed=7), z(5, seed=8)
     idx = None if exclude is None else torch.tensor(exclude)
     loss = make(hp, fast=fast)
     got = value_and_grads(
