@@ -189,7 +189,7 @@ def test_a_bank_with_pool_as_negatives_and_exclude_index_equals_the_loops(fast):
 
 
 @pytest.mark.parametrize("fast", [False, True])
-@pytest.mark.parametrize("weighting", ["hard", "soft"])
+@pytest.mark.parametrize("weighting", ["hard", "soft", "raw"])
 @pytest.mark.parametrize(
     ("num_neighbors", "exclude", "rows"),
     [
@@ -208,13 +208,16 @@ def test_a_bank_by_the_fused_pool_path_equals_the_loops(
     # the call fastpaths.potential_pool_terms serves (a bank, cosine logits, InfoNCE, the
     # bank's rows as candidates only), b != 0 in the kernel; one neighbour, and as many
     # neighbours as the bank has rows (with exclude_index: all but the own entry); a bank of
-    # fewer rows (4) than queries (5)
+    # fewer rows (4) than queries (5); "raw": hard weights, L_aug's kernel on raw dot products
     from hardneg import fastpaths
 
     calls = []
     real = fastpaths.potential_pool_terms
     monkeypatch.setattr(fastpaths, "potential_pool_terms", lambda *a: calls.append(1) or real(*a))
-    hp = full_hp(weighting=weighting, num_neighbors=num_neighbors)
+    if weighting == "raw":
+        hp = full_hp(select_on="raw", num_neighbors=num_neighbors)
+    else:
+        hp = full_hp(weighting=weighting, num_neighbors=num_neighbors)
     bank, q, k, h1 = z(rows, seed=5), z(5, seed=6), z(5, seed=7), z(5, seed=8)
     idx = None if exclude is None else torch.tensor(exclude)
     loss = make(hp, fast=fast)
