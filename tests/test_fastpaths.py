@@ -2194,7 +2194,8 @@ def test_potential_fused_paths_make_their_dense_fields_only_when_read(form):
     mined = seen[0]
     index = mined.column_index if mined.column_index is not None else slice(None)
     m = plain.multiplicity[:, index] * torch.isfinite(plain.cell_log_keep[:, index])
-    assert torch.equal(mined.multiplicity, m)
+    # (torch.equal ignores the dtype: the counts in the logits' dtype, float64, as the plain's)
+    assert torch.equal(mined.multiplicity, m) and mined.multiplicity.dtype == m.dtype
     assert torch.equal(mined.negative_mask, m > 0)
     finite = m > 0
     assert_close_rel(mined.negative_logits[finite], plain.negative_logits[:, index][finite])

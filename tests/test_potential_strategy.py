@@ -199,8 +199,17 @@ def test_a_bank_with_pool_as_negatives_and_exclude_index_equals_the_loops(fast):
         (9, None, 9),
         (9, [4, 0, 7, 2, 8], 9),
         (2, [3, 0, 2, 1, 3], 4),
+        (1, None, 0),
     ],
-    ids=["two", "two-exclude", "one", "whole-bank", "whole-bank-exclude", "small-bank-exclude"],
+    ids=[
+        "two",
+        "two-exclude",
+        "one",
+        "whole-bank",
+        "whole-bank-exclude",
+        "small-bank-exclude",
+        "one-row-held",
+    ],
 )
 def test_a_bank_by_the_fused_pool_path_equals_the_loops(
     monkeypatch, fast, weighting, num_neighbors, exclude, rows
@@ -219,6 +228,10 @@ def test_a_bank_by_the_fused_pool_path_equals_the_loops(
     else:
         hp = full_hp(weighting=weighting, num_neighbors=num_neighbors)
     bank, q, k, h1 = z(rows, seed=5), z(5, seed=6), z(5, seed=7), z(5, seed=8)
+    if rows == 0:  # positive keys, one positive bank row among negative ones: every key's
+        # only neighbour is that row (one bank column holds cells)
+        k = k.abs()
+        bank = torch.cat([torch.ones(1, k.shape[1], dtype=k.dtype), -z(4, seed=5).abs()])
     idx = None if exclude is None else torch.tensor(exclude)
     loss = make(hp, fast=fast)
     got = value_and_grads(
