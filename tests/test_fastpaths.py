@@ -2787,17 +2787,19 @@ def test_kept_log_mass_with_a_bound_equals_the_scatter(dtype, bound):
     assert_close_rel(ga, gb, what="kept_log_mass gradient")
 
 
-def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch):
+@pytest.mark.parametrize("clamp", [0.999, 0.5], ids=["default", "clamped"])
+def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch, clamp):
     """The bank path's kept counts, read where its masses take them: per anchor and column,
     ``Binomial(m, pi)`` with ``m`` the plain grid's cells of that column for that anchor (the
     own block's cell and the excluded entry left out) and ``pi`` the plain form's keep
     probability: mean within 5 standard errors everywhere, the variance pooled over the
-    entries within 10 %, 0 draws on the non-negatives; bank rows in several blocks are met."""
+    entries within 10 %, 0 draws on the non-negatives; bank rows in several blocks are met.
+    ``clamp = 0.5``: many kernels above the clamp, whose cap then binds."""
     from hardneg.losses.contrastive import ContrastInputs
     from hardneg.strategies.base import StepContext
 
     z1, z2, kwargs = make_inputs("pool_exclude", torch.float64, n=9, k=14, seed=3)
-    loss_fn = hardneg.create_loss("potential", num_neighbors=3, a=2.0)
+    loss_fn = hardneg.create_loss("potential", num_neighbors=3, a=2.0, clamp=clamp)
     inputs = ContrastInputs(z1=z1, z2=z2, temperature=loss_fn.temperature, **kwargs)
     strategy = loss_fn.strategy
     plain = strategy.mined(inputs, z1, z2, None, fast=True)  # log pi and m per column
