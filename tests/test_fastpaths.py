@@ -2272,7 +2272,8 @@ def test_potential_fused_paths_make_their_dense_fields_only_when_read(form):
     mined = seen[0]
     index = mined.column_index if mined.column_index is not None else slice(None)
     m = plain.multiplicity[:, index] * torch.isfinite(plain.cell_log_keep[:, index])
-    assert torch.equal(mined.multiplicity, m)
+    # (torch.equal ignores the dtype: the counts in the logits' dtype, float64, as the plain's)
+    assert torch.equal(mined.multiplicity, m) and mined.multiplicity.dtype == m.dtype
     assert torch.equal(mined.negative_mask, m > 0)
     finite = m > 0
     assert_close_rel(mined.negative_logits[finite], plain.negative_logits[:, index][finite])
@@ -2340,11 +2341,12 @@ def test_layer_draws_are_the_same_whatever_the_row_blocks(monkeypatch):
     assert one.dtype == torch.uint8
 
 
-@pytest.mark.parametrize("chunk", [16, 1 << 20], ids=["blocks", "one-block"])
+@pytest.mark.parametrize("chunk", [4, 16, 1 << 20], ids=["wide-rows", "blocks", "one-block"])
 @pytest.mark.parametrize("many", [False, True], ids=["uint8", "int32"])
 def test_numpy_layer_draws_equal_the_torch_form(monkeypatch, chunk, many):
     """On the CPU ``layer_draws`` runs in numpy (``_CPU_NUMPY``): the torch form's counts for
-    the same seed, first-layer skips, ties, row blocks and more than 255 trials included."""
+    the same seed, first-layer skips, ties, row blocks and more than 255 trials included;
+    ``_CHUNK = 4`` under layers 5 to 7 columns wide: blocks of one row, wider than a chunk."""
     monkeypatch.setattr(fastpaths, "_CHUNK", chunk)
     _, p256, need, trials, skip = _layer_case(seed=7)
     if many:
@@ -2863,17 +2865,19 @@ def test_kept_log_mass_with_a_bound_equals_the_scatter(dtype, bound):
     assert_close_rel(ga, gb, what="kept_log_mass gradient")
 
 
-def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch):
+@pytest.mark.parametrize("clamp", [0.999, 0.5], ids=["default", "clamped"])
+def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch, clamp):
     """The bank path's kept counts, read where its masses take them: per anchor and column,
     ``Binomial(m, pi)`` with ``m`` the plain grid's cells of that column for that anchor (the
     own block's cell and the excluded entry left out) and ``pi`` the plain form's keep
     probability: mean within 5 standard errors everywhere, the variance pooled over the
-    entries within 10 %, 0 draws on the non-negatives; bank rows in several blocks are met."""
+    entries within 10 %, 0 draws on the non-negatives; bank rows in several blocks are met.
+    ``clamp = 0.5``: many kernels above the clamp, whose cap then binds."""
     from hardneg.losses.contrastive import ContrastInputs
     from hardneg.strategies.base import StepContext
 
     z1, z2, kwargs = make_inputs("pool_exclude", torch.float64, n=9, k=14, seed=3)
-    loss_fn = hardneg.create_loss("potential", num_neighbors=3, a=2.0)
+    loss_fn = hardneg.create_loss("potential", num_neighbors=3, a=2.0, clamp=clamp)
     inputs = ContrastInputs(z1=z1, z2=z2, temperature=loss_fn.temperature, **kwargs)
     strategy = loss_fn.strategy
     plain = strategy.mined(inputs, z1, z2, None, fast=True)  # log pi and m per column

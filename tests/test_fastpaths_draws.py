@@ -141,6 +141,22 @@ def test_no_columns_draw_an_empty_count(monkeypatch):
         assert by_layer.shape == (4, 0) and by_layer.dtype == torch.uint8
 
 
+@pytest.mark.parametrize(
+    ("a", "trials"),
+    [(4, []), (4, [0, 0, 0]), (0, [2, 1])],
+    ids=["no-columns", "no-trials", "no-anchors"],
+)
+def test_numpy_layer_draws_with_nothing_to_draw_are_zeros_without_a_byte(a, trials):
+    """``_layer_draws_np`` called directly (``layer_draws`` returns before it in these cases):
+    no column, columns of no trial, or no anchor give ``[A, C]`` ``uint8`` zeros and read
+    nothing (no stream, no generator, no ``p256_at`` is given)."""
+    trials = np.array(trials, dtype=np.int64)
+    need = np.zeros((a, len(trials)), dtype=np.uint8)
+    counts = fastpaths._layer_draws_np(need, trials, None, None, None, None)
+    assert counts.shape == (a, len(trials)) and counts.dtype == np.uint8
+    assert not counts.any()
+
+
 @pytest.mark.parametrize("top", [3, 300], ids=["uint8", "int32"])
 def test_no_anchors_draw_an_empty_count_in_both_forms(monkeypatch, top):
     """``A = 0`` under ``C = 3`` columns with trials: ``[3, 0]`` counts (``binomial_draws``;
@@ -207,6 +223,66 @@ def test_numpy_binomial_draws_of_narrow_thresholds_equal_the_torch_form(
     assert bool((fast.long() <= trials.unsqueeze(1)).all())
     if most:
         assert int(fast.sum()) > 0
+
+
+def layers_by_definition(need, trials, p256, skip, seed):
+    """``layer_draws`` re-stated entry by entry: layer ``r`` is one byte per anchor and column
+    with more than ``r`` trials, row-major, from the CPU stream's bytes; a byte below its
+    threshold keeps, a tie (not skipped in layer 0) waits for its uniform; then one float32
+    uniform per tie, in the order met, keeps where ``u < 256 p - need``."""
+    a, c = need.shape
+    top = int(trials.max())
+    widths = [int((trials > r).sum()) for r in range(top)]
+    byte, g = pcg_bytes(seed, a * sum(widths))
+    counts = torch.zeros(a, c, dtype=torch.int64)
+    ties, at = [], 0
+    for r, w in enumerate(widths):
+        for i in range(a):
+            for j in range(w):
+                v, n = int(byte[at]), int(need[i, j])
+                at += 1
+                if r == 0 and skip is not None and bool(skip[i, j]):
+                    continue
+                counts[i, j] += int(v < n)
+                if v == n:
+                    ties.append((i, j))
+    u = torch.rand(len(ties), generator=g).double()
+    for (i, j), uu in zip(ties, u.tolist()):
+        counts[i, j] += int(uu < float(p256[i, j]) - int(need[i, j]))
+    return counts
+
+
+@pytest.mark.parametrize("chunk", [4, 16, 1 << 20], ids=["wide-rows", "row-blocks", "one-block"])
+def test_layer_draws_of_many_ties_follow_their_definition(monkeypatch, chunk):
+    """Layer 0's thresholds are its own bytes (read from the stream's definition) but for a
+    few entries one above or below: nearly every entry of layer 0 ties, so the first-layer
+    skips, the tie order and the tie rule show in the counts. Both forms, with blocks of rows
+    (``_CHUNK`` 16: two rows of 7; 4: one row wider than a chunk) or one block, give the
+    counts of the entry-by-entry definition."""
+    monkeypatch.setattr(fastpaths, "_CHUNK", chunk)
+    a, trials = 9, torch.tensor([4, 3, 3, 2, 1, 1, 1])
+    c = len(trials)
+    byte, _ = pcg_bytes(6, a * c)
+    need = torch.from_numpy(byte.copy()).view(a, c).long()
+    g = torch.Generator().manual_seed(12)
+    moved = torch.rand(a, c, generator=g) < 0.2  # these entries one above or below their byte
+    need = (need + torch.randint(-1, 2, (a, c), generator=g) * moved).clamp(0, 255).to(torch.uint8)
+    p256 = need.double() + torch.rand(a, c, generator=g, dtype=torch.float64)
+    skip = torch.rand(a, c, generator=g) < 0.4
+    want = layers_by_definition(need, trials, p256, skip, 6)
+
+    def draw():
+        return fastpaths.layer_draws(
+            need,
+            trials,
+            lambda r, c: p256[r, c],
+            torch.Generator().manual_seed(6),
+            skip_first=skip,
+        )
+
+    for got in both_forms(monkeypatch, draw):
+        assert got.dtype == torch.uint8 and torch.equal(got.long(), want)
+    assert int(want.sum()) > 0
 
 
 def test_a_tie_keeps_exactly_when_its_uniform_is_below_the_fraction_of_256p(monkeypatch):

@@ -189,6 +189,80 @@ def test_a_bank_with_pool_as_negatives_and_exclude_index_equals_the_loops(fast):
 
 
 @pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("weighting", ["hard", "soft", "raw"])
+@pytest.mark.parametrize(
+    ("num_neighbors", "exclude", "rows"),
+    [
+        (2, None, 9),
+        (2, [4, 0, 7, 2, 8], 9),
+        (1, None, 9),
+        (9, None, 9),
+        (9, [4, 0, 7, 2, 8], 9),
+        (2, [3, 0, 2, 1, 3], 4),
+        (1, None, 0),
+    ],
+    ids=[
+        "two",
+        "two-exclude",
+        "one",
+        "whole-bank",
+        "whole-bank-exclude",
+        "small-bank-exclude",
+        "one-row-held",
+    ],
+)
+def test_a_bank_by_the_fused_pool_path_equals_the_loops(
+    monkeypatch, fast, weighting, num_neighbors, exclude, rows
+):
+    # the call fastpaths.potential_pool_terms serves (a bank, cosine logits, InfoNCE, the
+    # bank's rows as candidates only), b != 0 in the kernel; one neighbour, and as many
+    # neighbours as the bank has rows (with exclude_index: all but the own entry); a bank of
+    # fewer rows (4) than queries (5); "raw": hard weights, L_aug's kernel on raw dot products
+    from hardneg import fastpaths
+
+    calls = []
+    real = fastpaths.potential_pool_terms
+    monkeypatch.setattr(fastpaths, "potential_pool_terms", lambda *a: calls.append(1) or real(*a))
+    if weighting == "raw":
+        hp = full_hp(select_on="raw", num_neighbors=num_neighbors)
+    else:
+        hp = full_hp(weighting=weighting, num_neighbors=num_neighbors)
+    bank, q, k, h1 = z(rows, seed=5), z(5, seed=6), z(5, seed=7), z(5, seed=8)
+    if rows == 0:  # positive keys, one positive bank row among negative ones: every key's
+        # only neighbour is that row (one bank column holds cells)
+        k = k.abs()
+        bank = torch.cat([torch.ones(1, k.shape[1], dtype=k.dtype), -z(4, seed=5).abs()])
+    idx = None if exclude is None else torch.tensor(exclude)
+    loss = make(hp, fast=fast)
+    got = value_and_grads(
+        lambda a, b, g: loss(a, b, negatives=bank, exclude_index=idx, h1=g), q, k, h1
+    )
+    want = value_and_grads(lambda a, b, g: oracle(a, b, hp, bank=bank, exclude=idx, h1=g), q, k, h1)
+    assert_same(got, want)
+    assert bool(calls) == fast
+
+
+@pytest.mark.parametrize("halves", ["key", "bank"])
+def test_a_half_precision_key_or_bank_on_the_fused_pool_path_equals_the_plain_form(halves):
+    # float32 queries with a float16 key or bank: one compute dtype, float32 (half precision
+    # promoted), so the fused pool path serves the call; the neighbour look-up and the kernel
+    # compute in float32 as the plain form's
+    hp = full_hp(num_neighbors=2)
+    bank, q, k = z(9, seed=5).float(), z(5, seed=6).float(), z(5, seed=7).float()
+    if halves == "key":
+        k = k.half()
+    else:
+        bank = bank.half()
+    fused, plain = make(hp, fast=True), make(hp, fast=False)
+    got = value_and_grads(lambda a, b: fused(a, b, negatives=bank), q, k)
+    want = value_and_grads(lambda a, b: plain(a, b, negatives=bank), q, k)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for x, y in zip(got[1], want[1]):  # a half key's gradient is float16: its own resolution
+        tol = 2e-3 if x.dtype == torch.float16 else 1e-5
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("ids", [[0, 1, 2, 3, 4, 5], [0, 0, 1, 2, 3, 1]])
 def test_in_batch_with_ids_equals_the_loops(fast, ids):
     # distinct ids: the loss without ids; equal ids: the duplicates are no negatives either

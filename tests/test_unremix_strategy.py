@@ -322,11 +322,13 @@ def test_a_pool_entry_no_anchor_has_as_a_negative_gets_the_delta_of_an_empty_sof
     )
 
 
+@pytest.mark.parametrize("influence", ["gradient_similarity", "gradient_norm"])
 @pytest.mark.parametrize("fast", [False, True])
-def test_a_pool_entry_far_from_every_anchor_keeps_its_influence_score(fast):
+def test_a_pool_entry_far_from_every_anchor_keeps_its_influence_score(fast, influence):
     # t = 0.002: the entry 3 (at a cosine of about 0 to every anchor) has c - max c < -400, the
     # column softmax of the fast path would underflow, and it falls back to the plain column
-    # deltas; the loss stays the loop's
+    # deltas (their directions for gradient_similarity, the deltas themselves for
+    # gradient_norm); the loss stays the loop's
     t = 0.002
     q = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.95, 0.0, 0.05]], dtype=torch.float64)
     k = q + 0.01 * z(3, seed=23)
@@ -334,10 +336,51 @@ def test_a_pool_entry_far_from_every_anchor_keeps_its_influence_score(fast):
         [[1.0, 0.02, 0.0], [0.97, 0.0, 0.02], [0.99, 0.01, 0.01], [0.0, 0.0, 1.0]],
         dtype=torch.float64,
     )
-    options = dict(beta=0.0, lambda_u=1.0, lambda_d=0.0)
+    options = dict(beta=0.0, lambda_u=1.0, lambda_d=0.0, influence=influence)
     loss = hardneg.create_loss("unremix", temperature=t, tau_plus=0.0, fast=fast, **options)
     got = loss(q, k, negatives=pool)
     expected = oracle(pool_layout(q, k, pool), t, **options)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("lambda_d", [0.0, 1.0])
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_pool_of_one_entry_is_infonce_with_one_negative(fast, lambda_d):
+    # one negative per anchor: U and D are constant over each row (min-max 0), and the weights
+    # of a single negative normalise to 1 whatever its mix: log(e^a + e^c) - a per anchor
+    t, q, k, pool = 0.5, z(3, seed=40), z(3, seed=41), z(1, seed=42)
+    options = dict(beta=1.0, lambda_u=1.0, lambda_d=lambda_d)
+    loss = hardneg.create_loss("unremix", temperature=t, tau_plus=0.0, fast=fast, **options)
+    got = loss(q, k, negatives=pool)
+    qn, kn, pn = (F.normalize(x, dim=1) for x in (q, k, pool))
+    a, c = (qn * kn).sum(dim=1) / t, (qn @ pn.T)[:, 0] / t
+    assert got.item() == pytest.approx((torch.logaddexp(a, c) - a).mean().item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_two_pool_entries_of_equal_representativeness_take_the_loops_weights(fast):
+    # two orthogonal unit entries: D_1 = D_2 exactly (|z_j|^2 - z_j . (z_1 + z_2) = 1 - 1 for
+    # both), so every row's D is constant over its negatives (D~ = 0) while U is not
+    t, q, k = 0.5, z(3, seed=43), z(3, seed=44)
+    pool = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    options = dict(beta=1.0, lambda_u=1.0, lambda_d=1.0)
+    loss = hardneg.create_loss("unremix", temperature=t, tau_plus=0.0, fast=fast, **options)
+    got = loss(q, k, negatives=pool)
+    expected = oracle(pool_layout(q, k, pool), t, **options)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_row_whose_influence_is_negative_on_all_its_negatives_takes_the_loops_weights(fast):
+    # two of three pool entries per anchor (one excluded): for some rows U < 0 on both
+    # negatives, so the row maximum over all columns, 0, is the excluded entry's (U is 0
+    # off the negatives) and the row is reduced again under the mask
+    t, q, k, pool = 0.5, z(3, seed=69), z(3, seed=169), z(3, seed=269)
+    exclude = [0, 1, 2]
+    options = dict(beta=1.0, lambda_u=1.0, lambda_d=0.0)
+    loss = hardneg.create_loss("unremix", temperature=t, tau_plus=0.0, fast=fast, **options)
+    got = loss(q, k, negatives=pool, exclude_index=torch.tensor(exclude))
+    expected = oracle(pool_layout(q, k, pool, exclude), t, **options)
     assert got.item() == pytest.approx(expected.item(), rel=1e-9)
 
 
