@@ -2043,7 +2043,8 @@ def test_binomial_draws_read_each_columns_thresholds_from_its_row(monkeypatch, c
     want = fastpaths.binomial_draws(
         need[rows], trials, gathered_p256, torch.Generator().manual_seed(1)
     )
-    assert got.shape == (6, 10) and torch.equal(got, want)
+    assert got.shape == (6, 10)
+    assert_same(got, want)
     assert int(got[1].sum()) == 0 and bool((got <= trials.unsqueeze(1).to(got.dtype)).all())
 
 
@@ -2401,14 +2402,14 @@ def test_top_few_has_the_members_of_topk(width):
     for k in (0, 1, 3, min(5, width - 1)):  # (k = 0: no neighbour, an empty [A, 0])
         got = fastpaths._top_few(x, k)
         want = x.topk(k, dim=1).indices
-        assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
+        assert_same(got.sort(dim=1).values, want.sort(dim=1).values)
     if width < 5:
         return
     tied = x.clone()
     tied[5, :4] = torch.tensor([9.0, 8.0, 7.0, 7.0])  # 4 entries at or above the 3rd largest
     tied[7, 0] = float("nan")  # numpy ranks NaN first: 2 entries at or above its 3rd
     got = fastpaths._top_few(tied, 3)  # (the two rows together hold 3 + 3 entries)
-    assert torch.equal(got, tied.topk(3, dim=1, sorted=False).indices)
+    assert_same(got, tied.topk(3, dim=1, sorted=False).indices)
 
 
 @pytest.mark.parametrize("width", [100, 600])
@@ -2421,7 +2422,7 @@ def test_top_few_of_more_than_32_neighbours_has_the_members_of_topk(width):
         got = fastpaths._top_few(x, k)
         want = x.topk(k, dim=1).indices
         assert got.shape == (20, k)
-        assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
+        assert_same(got.sort(dim=1).values, want.sort(dim=1).values)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -2750,7 +2751,7 @@ def test_kept_log_mass_without_dropped_columns_equals_the_scatter(dtype, read, s
     assert_close_rel(fast, plain, rtol=1e-6 if dtype == torch.float64 else 1e-5)
     value_a, value_b = fast @ weights, plain @ weights
     if read:
-        assert torch.equal(out[1], logits.gather(1, drop))
+        assert_same(out[1], logits.gather(1, drop))
         value_a = value_a + (out[1] * weights.unsqueeze(1)).sum()
         value_b = value_b + (b.gather(1, drop) * weights.unsqueeze(1)).sum()
     (ga,) = torch.autograd.grad(value_a, a)
@@ -2781,7 +2782,7 @@ def test_kept_log_mass_with_a_bound_equals_the_scatter(dtype, bound):
     mass, read = fastpaths.kept_log_mass(a, drop=drop, read=True, bound=bound)
     plain = torch.logsumexp(b.scatter(1, drop, float("-inf")), dim=1)
     assert_close_rel(mass, plain, rtol=1e-6 if dtype == torch.float64 else 1e-5)
-    assert torch.equal(read, logits.gather(1, drop))
+    assert_same(read, logits.gather(1, drop))
     (ga,) = torch.autograd.grad(mass @ weights + (read * weights.unsqueeze(1)).sum(), a)
     (gb,) = torch.autograd.grad(
         plain @ weights + (b.gather(1, drop) * weights.unsqueeze(1)).sum(), b
