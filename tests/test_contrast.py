@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _same import assert_same
 
 from hardneg.contrast import build_contrast, in_batch_contrast, pool_contrast, retrieval_contrast
 
@@ -323,8 +324,8 @@ def test_pool_contrast_reads_an_exclude_index_of_any_integer_dtype_as_positions(
     index = torch.tensor([4, 0, 1])
     want = pool_contrast(q, k, pool, temperature=0.5, exclude_index=index)
     got = pool_contrast(q, k, pool, temperature=0.5, exclude_index=index.to(dtype))
-    assert torch.equal(got.negative_mask, want.negative_mask)
-    assert torch.equal(got.negative_logits, want.negative_logits)
+    assert_same(got.negative_mask, want.negative_mask)
+    assert_same(got.negative_logits, want.negative_logits)
     assert [int(x) for x in (~got.negative_mask).nonzero()[:, 1]] == [4, 0, 1]
 
 
@@ -366,5 +367,5 @@ def test_build_contrast_reads_a_positive_index_of_any_integer_dtype():
     want = build_contrast(a, c, temperature=0.5, positive_index=index)
     got = build_contrast(a, c, temperature=0.5, positive_index=index.to(torch.int32))
     assert got.positive_index.dtype == torch.long
-    assert torch.equal(got.negative_logits, want.negative_logits)
-    assert torch.equal(got.positive_logits, want.positive_logits)
+    assert_same(got.negative_logits, want.negative_logits)
+    assert_same(got.positive_logits, want.positive_logits)

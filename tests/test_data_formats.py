@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from _same import assert_same
 from PIL import Image
 
 from hardneg.data import DatasetFormatError, DatasetNotFoundError, load_dataset
@@ -136,7 +137,7 @@ def test_cifar100_fine_labels(tmp_path):
     _, out = write_cifar100(tmp_path)
     ds = load_dataset("cifar100", "test", data_dir=tmp_path)
     assert ds.num_classes == 100 and ds.labels.tolist() == out["test"][1]
-    assert torch.equal(ds.inputs.reshape(6, -1), torch.from_numpy(out["test"][0]))
+    assert_same(ds.inputs.reshape(6, -1), torch.from_numpy(out["test"][0]))
     assert ds.classes[:2] == ["f0", "f1"]
 
 
@@ -200,7 +201,7 @@ def test_stl10_splits(tmp_path):
     _, out = write_stl10(tmp_path)
     train = load_dataset("stl10", "train", data_dir=tmp_path)
     assert tuple(train.inputs.shape) == (3, 3, 96, 96)
-    assert torch.equal(train.inputs, torch.from_numpy(out["train"][0]))
+    assert_same(train.inputs, torch.from_numpy(out["train"][0]))
     assert train.labels.tolist() == (out["train"][1].astype(int) - 1).tolist()
     unl = load_dataset("stl10", "unlabeled", data_dir=tmp_path)
     assert len(unl) == 4 and (unl.labels == -1).all()
@@ -275,7 +276,7 @@ def test_imagefolder_exact_pixels(tmp_path):
     train = load_dataset("imagefolder", "train", data_dir=tmp_path)
     assert train.classes == ["cat", "dog"] and train.labels.tolist() == [0, 0, 1, 1]
     expect = torch.from_numpy(written[tmp_path / "train" / "dog" / "1.png"]).permute(2, 0, 1)
-    assert torch.equal(train.inputs[3], expect)
+    assert_same(train.inputs[3], expect)
     assert len(load_dataset("imagefolder", "test", data_dir=tmp_path)) == 4
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from _same import assert_same
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -383,9 +384,10 @@ def test_single_process_is_a_no_op(monkeypatch):
     x = torch.randn(3, 2, requires_grad=True)
     assert hd.gather_with_grad(x) is x
     gathered = hd.gather_no_grad(x)
-    assert torch.equal(gathered, x) and not gathered.requires_grad
+    assert_same(gathered, x.detach())
+    assert not gathered.requires_grad
     assert hd.all_reduce_mean(2.5) == 2.5
-    assert torch.equal(hd.all_reduce_mean(x), x.detach())
+    assert_same(hd.all_reduce_mean(x), x.detach())
     assert hd.is_main_process() and hd.get_rank() == 0 and hd.get_world_size() == 1
     hd.barrier()
     hd.cleanup()
@@ -400,7 +402,8 @@ def test_shuffle_bn_and_sync_bn_helpers_in_one_process(monkeypatch):
     assert shuffled is x and restore is None  # nothing to shuffle: BN sees the whole batch
     assert torch.equal(generator.get_state(), state)  # and nothing is drawn
     back = hd.gather_unshuffled(x, None)
-    assert torch.equal(back, x) and not back.requires_grad
+    assert_same(back, x.detach())
+    assert not back.requires_grad
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     assert hd.convert_sync_batchnorm(model, torch.device("cpu")) is model  # one process: no-op
     assert isinstance(model[1], nn.BatchNorm1d)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _same import assert_same
 from torch import nn
 
 from hardneg.data import ArrayDataset
@@ -195,7 +196,7 @@ def test_extract_features_runs_in_eval_mode_without_grad_and_restores_the_mode()
     feats, labels = extract_features(model, data, transform=None, batch_size=7)
     assert model.training  # mode restored
     assert feats.shape == (50, 8) and feats.dtype == torch.float32 and not feats.requires_grad
-    assert torch.equal(labels, data.labels)
+    assert_same(labels, data.labels)
     with torch.no_grad():
         expected = model.eval()(data.inputs)
     torch.testing.assert_close(feats, expected)  # eval mode: deterministic, running stats

@@ -21,6 +21,7 @@ import warnings
 import pytest
 import torch
 from _laws import inclusion_probabilities
+from _same import assert_same
 from _threads import band_over_four_threads
 
 import hardneg
@@ -657,7 +658,7 @@ def test_band_indices_read_distinct_values_by_their_edge_values(monkeypatch, dty
             for lower, upper in ((0, 1), (0, 70), (7, 70), (69, 70), (1, 700)):
                 got = fastpaths.band_indices(data, lower, upper).sort(dim=1).values
                 want = data.topk(upper, dim=1).indices[:, lower:].sort(dim=1).values
-                assert torch.equal(got, want), (lower, upper)
+                assert_same(got, want, (lower, upper))
     # row 5: a NaN (rank 0, in a band from 0); row 9: its rank-69 value repeated once (one
     # entry too many): the block's count is right, but not its rows'
     x[5, 3] = float("nan")
@@ -715,7 +716,7 @@ def test_band_indices_from_a_sample_of_each_row_equal_the_topk_band(monkeypatch,
         calls.clear()
         got = fastpaths.band_indices(x, lower, upper).sort(dim=1).values
         want = x.topk(upper, dim=1, sorted=True).indices[:, lower:].sort(dim=1).values
-        assert torch.equal(got, want), (lower, upper)
+        assert_same(got, want, (lower, upper))
         if kind != "inf":  # (30 % -inf: a sample's threshold may be -inf, too many candidates)
             assert calls and all(calls), (lower, upper, calls)
 
@@ -779,7 +780,7 @@ def test_band_indices_fall_back_to_whole_rows_when_the_sample_misses_or_ties(mon
     x = _rows_whose_sample_overstates_them(200, 1024, seed=3).to(dtype)
     got = fastpaths.band_indices(x, 10, upper).sort(dim=1).values
     want = x.topk(upper, dim=1).indices[:, 10:].sort(dim=1).values
-    assert torch.equal(got, want)
+    assert_same(got, want)
     assert calls and not any(calls)
     ties = topk_inputs(200, 1024, dtype, seed=5, kind="plain")
     ties[7, :] = ties[7, 3]  # one value over a whole row: a tie at both edges
@@ -796,7 +797,7 @@ def test_band_indices_fall_back_to_whole_rows_when_the_sample_misses_or_ties(mon
     monkeypatch.setattr(fastpaths, "_BAND_SIGMAS", 40.0)
     calls.clear()
     got = fastpaths.band_indices(wide, 0, 60).sort(dim=1).values
-    assert torch.equal(got, wide.topk(60, dim=1).indices.sort(dim=1).values)
+    assert_same(got, wide.topk(60, dim=1).indices.sort(dim=1).values)
     assert calls == [False]
 
 
@@ -814,11 +815,11 @@ def test_selections_rank_a_nan_of_either_sign_highest_as_torch_topk(sign):
         x[rows - 1, cols - 1] = nan
         want = x.topk(upper, dim=1).indices
         got = fastpaths.band_indices(x, lower, upper).sort(dim=1).values
-        assert torch.equal(got, want[:, lower:].sort(dim=1).values), (rows, cols)
+        assert_same(got, want[:, lower:].sort(dim=1).values, (rows, cols))
         if lower == 0:  # a NaN is rank 0: in the band
             assert bool((got[1] == 5).any())
         got = fastpaths.top_k_indices(x, upper).sort(dim=1).values
-        assert torch.equal(got, want.sort(dim=1).values), (rows, cols)
+        assert_same(got, want.sort(dim=1).values, (rows, cols))
         assert bool((got[1] == 5).any())
 
 
@@ -827,7 +828,7 @@ def test_band_indices_split_rows_over_threads_like_one_thread(monkeypatch):
     x = topk_inputs(37, 512, torch.float32, seed=2, kind="plain")
     got = band_over_four_threads(monkeypatch, x, 7, 60, thread_min_entries=1)
     want = x.topk(60, dim=1).indices[:, 7:].sort(dim=1).values
-    assert torch.equal(got, want)
+    assert_same(got, want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -840,12 +841,12 @@ def test_the_accelerator_branch_of_every_selection_equals_its_plain_twin(monkeyp
     monkeypatch.setattr(fastpaths, "numpy_partitions", lambda t: False)
     for k in (1, 17, 1500):
         want = x.gather(1, order[:, k - 1 : k])
-        assert torch.equal(fastpaths.kth_largest(x, k), want), k
+        assert_same(fastpaths.kth_largest(x, k), want, k)
         got = fastpaths.top_k_indices(x, k).sort(dim=1).values
-        assert torch.equal(got, order[:, :k].sort(dim=1).values), k
+        assert_same(got, order[:, :k].sort(dim=1).values, k)
     for lower, upper in ((0, 1), (7, 60), (300, 1500)):
         got = fastpaths.band_indices(x, lower, upper).sort(dim=1).values
-        assert torch.equal(got, order[:, lower:upper].sort(dim=1).values), (lower, upper)
+        assert_same(got, order[:, lower:upper].sort(dim=1).values, (lower, upper))
 
 
 def test_on_threads_hands_every_block_to_one_thread_and_reraises():
@@ -1291,7 +1292,7 @@ def test_potential_multiplicity_counts_the_grid_cells(form, pool_as_negatives, k
         if f.column_index is not None:  # the bank path keeps only the columns with a cell
             assert f.column_index.unique().numel() == f.column_index.numel()  # distinct
             # its logits are the plain form's on those columns, -inf off the negatives
-            assert torch.equal(f.negative_mask, fast_count > 0)
+            assert_same(f.negative_mask, fast_count > 0)
             full = torch.zeros_like(grid)
             full[:, f.column_index] = fast_count
             fast_count = full
@@ -1550,6 +1551,7 @@ def test_mochi_row_members_list_each_rows_true_columns_in_order(same):
     count = member.sum(dim=1, keepdim=True)
     got = fastpaths.row_members(member, count, 40, same)
     assert got.shape == ((9, 7) if same else (9, 40))
+    assert got.dtype == torch.long  # indices that gather and index_put read
     for row in range(9):
         want = member[row].nonzero().flatten().tolist()
         assert got[row, : len(want)].tolist() == want
@@ -1762,6 +1764,8 @@ def test_mochi_hardest_set_fast_equals_plain_in_column_order(dtype, form, n_hard
     fast_index, fast_count = strategy.hardest(contrast, fast=True)
     plain_index, plain_count = strategy.hardest(contrast, fast=False)
     assert fast_count.tolist() == plain_count.tolist()
+    assert fast_index.dtype == plain_index.dtype == torch.long  # (tolist ignores the dtype)
+    assert fast_count.dtype == plain_count.dtype
     logits = contrast.negative_logits.detach()
     for row, m in enumerate(plain_count.flatten().tolist()):
         members = plain_index[row, :m]
@@ -1822,7 +1826,7 @@ def _check_hardest_columns(dtype):
         )
         want, count = strategy.hardest(contrast, fast=False)
         assert got.shape == (rows, k) and count.flatten().tolist() == [k] * rows
-        assert got.tolist() == want.tolist()
+        assert_same(got, want)
     tied = logits.clone()
     tied[3, 10] = tied[3, 11] = tied[3].max() + 1.0  # the two largest tie: k = 1 has two
     assert fastpaths.hardest_columns(tied, 1) is None
@@ -2117,7 +2121,8 @@ def test_binomial_draws_read_each_columns_thresholds_from_its_row(monkeypatch, c
     want = fastpaths.binomial_draws(
         need[rows], trials, gathered_p256, torch.Generator().manual_seed(1)
     )
-    assert got.shape == (6, 10) and torch.equal(got, want)
+    assert got.shape == (6, 10)
+    assert_same(got, want)
     assert int(got[1].sum()) == 0 and bool((got <= trials.unsqueeze(1).to(got.dtype)).all())
 
 
@@ -2272,9 +2277,8 @@ def test_potential_fused_paths_make_their_dense_fields_only_when_read(form):
     mined = seen[0]
     index = mined.column_index if mined.column_index is not None else slice(None)
     m = plain.multiplicity[:, index] * torch.isfinite(plain.cell_log_keep[:, index])
-    # (torch.equal ignores the dtype: the counts in the logits' dtype, float64, as the plain's)
-    assert torch.equal(mined.multiplicity, m) and mined.multiplicity.dtype == m.dtype
-    assert torch.equal(mined.negative_mask, m > 0)
+    assert_same(mined.multiplicity, m)
+    assert_same(mined.negative_mask, m > 0)
     finite = m > 0
     assert_close_rel(mined.negative_logits[finite], plain.negative_logits[:, index][finite])
     assert bool(torch.isinf(mined.negative_logits[~finite]).all())
@@ -2477,14 +2481,14 @@ def test_top_few_has_the_members_of_topk(width):
     for k in (0, 1, 3, min(5, width - 1)):  # (k = 0: no neighbour, an empty [A, 0])
         got = fastpaths._top_few(x, k)
         want = x.topk(k, dim=1).indices
-        assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
+        assert_same(got.sort(dim=1).values, want.sort(dim=1).values)
     if width < 5:
         return
     tied = x.clone()
     tied[5, :4] = torch.tensor([9.0, 8.0, 7.0, 7.0])  # 4 entries at or above the 3rd largest
     tied[7, 0] = float("nan")  # numpy ranks NaN first: 2 entries at or above its 3rd
     got = fastpaths._top_few(tied, 3)  # (the two rows together hold 3 + 3 entries)
-    assert torch.equal(got, tied.topk(3, dim=1, sorted=False).indices)
+    assert_same(got, tied.topk(3, dim=1, sorted=False).indices)
 
 
 @pytest.mark.parametrize("width", [100, 600])
@@ -2497,7 +2501,7 @@ def test_top_few_of_more_than_32_neighbours_has_the_members_of_topk(width):
         got = fastpaths._top_few(x, k)
         want = x.topk(k, dim=1).indices
         assert got.shape == (20, k)
-        assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
+        assert_same(got.sort(dim=1).values, want.sort(dim=1).values)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -2586,8 +2590,8 @@ def test_block_log_masses_exp_out_with_integer_weights_equals_float_weights(
     got, got_grad, e = run(ints)
     want, want_grad, _ = run([counts.to(dtype), kept.to(dtype)])
     for f, p_ in zip(got, want):
-        assert torch.equal(f, p_)
-    assert torch.equal(got_grad, want_grad)
+        assert_same(f, p_)
+    assert_same(got_grad, want_grad)
     assert torch.equal(ints[0], counts) and torch.equal(ints[1], kept)
     assert torch.equal(e, c.exp() * kept.to(dtype))  # the whole block's product, in exp_out
 
@@ -2826,7 +2830,7 @@ def test_kept_log_mass_without_dropped_columns_equals_the_scatter(dtype, read, s
     assert_close_rel(fast, plain, rtol=1e-6 if dtype == torch.float64 else 1e-5)
     value_a, value_b = fast @ weights, plain @ weights
     if read:
-        assert torch.equal(out[1], logits.gather(1, drop))
+        assert_same(out[1], logits.gather(1, drop))
         value_a = value_a + (out[1] * weights.unsqueeze(1)).sum()
         value_b = value_b + (b.gather(1, drop) * weights.unsqueeze(1)).sum()
     (ga,) = torch.autograd.grad(value_a, a)
@@ -2857,7 +2861,7 @@ def test_kept_log_mass_with_a_bound_equals_the_scatter(dtype, bound):
     mass, read = fastpaths.kept_log_mass(a, drop=drop, read=True, bound=bound)
     plain = torch.logsumexp(b.scatter(1, drop, float("-inf")), dim=1)
     assert_close_rel(mass, plain, rtol=1e-6 if dtype == torch.float64 else 1e-5)
-    assert torch.equal(read, logits.gather(1, drop))
+    assert_same(read, logits.gather(1, drop))
     (ga,) = torch.autograd.grad(mass @ weights + (read * weights.unsqueeze(1)).sum(), a)
     (gb,) = torch.autograd.grad(
         plain @ weights + (b.gather(1, drop) * weights.unsqueeze(1)).sum(), b
@@ -2896,7 +2900,7 @@ def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch, c
     index = mined.column_index
     m = plain.multiplicity[:, index] * torch.isfinite(plain.cell_log_keep[:, index])
     pi = plain.cell_log_keep[:, index].exp()
-    assert torch.equal(mined.multiplicity, m)
+    assert_same(mined.multiplicity, m)
     assert int(m.max()) >= 3  # bank rows in several blocks
     assert torch.equal(draws, draws.round()) and bool((draws >= 0).all() and (draws <= m).all())
     mean, var = m * pi, m * pi * (1 - pi)
@@ -2921,7 +2925,7 @@ def test_pair_contrast_equals_in_batch_contrast(dtype):
     fast = fastpaths.pair_contrast(z1, z2, temperature=0.3)
     plain = in_batch_contrast((z1, z2), temperature=0.3)
     for name in ("positive_weight", "positive_index", "negative_mask"):
-        assert torch.equal(getattr(fast, name), getattr(plain, name)), name
+        assert_same(getattr(fast, name), getattr(plain, name), name)
     assert fast.num_negatives == plain.num_negatives and fast.temperature == plain.temperature
     assert fast.normalized
     # mask=False: no [2N, 2N] mask (the caller makes one if something reads it)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from _same import assert_same
 from _threads import band_over_four_threads, torch_threads
 
 from hardneg import fastpaths
@@ -257,7 +258,7 @@ def test_band_indices_with_a_nan_in_an_early_row_block_equals_the_topk_band(monk
         for lower, upper in ((0, 9), (2, 30)):
             got = fastpaths.band_indices(x, lower, upper)
             want = x.topk(upper, dim=1, sorted=True).indices[:, lower:]
-            assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values), (dtype, lower)
+            assert_same(got.sort(dim=1).values, want.sort(dim=1).values, (dtype, lower))
 
 
 def test_band_indices_split_over_fewer_chunks_than_threads_equals_the_topk_band(monkeypatch):
@@ -268,7 +269,7 @@ def test_band_indices_split_over_fewer_chunks_than_threads_equals_the_topk_band(
     x = torch.randn(14, 512, generator=g)
     got = band_over_four_threads(monkeypatch, x, 7, 60, thread_min_entries=4 * 512 + 100)
     want = x.topk(60, dim=1).indices[:, 7:].sort(dim=1).values
-    assert torch.equal(got, want)
+    assert_same(got, want)
 
 
 def test_hardest_columns_is_none_when_a_short_row_meets_a_long_row_at_column_0():
@@ -284,7 +285,7 @@ def test_hardest_columns_is_none_when_a_short_row_meets_a_long_row_at_column_0()
         assert fastpaths.hardest_columns(x, 3) is None, dtype
         distinct = torch.arange(12.0, dtype=dtype).view(2, 6)  # no tie, no NaN: the set
         want = torch.tensor([[3, 4, 5], [3, 4, 5]])
-        assert torch.equal(fastpaths.hardest_columns(distinct, 3), want)
+        assert_same(fastpaths.hardest_columns(distinct, 3), want)
 
 
 def test_hardest_columns_split_over_fewer_chunks_than_threads_are_the_topk_columns(monkeypatch):
@@ -298,7 +299,7 @@ def test_hardest_columns_split_over_fewer_chunks_than_threads_are_the_topk_colum
     with torch_threads(4):
         got = fastpaths.hardest_columns(x, 20)
     assert got is not None
-    assert torch.equal(got, x.topk(20, dim=1).indices.sort(dim=1).values)
+    assert_same(got, x.topk(20, dim=1).indices.sort(dim=1).values)
 
 
 def test_simans_accelerator_draw_is_seeded_by_its_generator_for_an_odd_entry_count(monkeypatch):
@@ -344,7 +345,7 @@ def test_simans_cpu_draw_reads_the_stream_seeded_by_both_words_even_negative_one
         u = fastpaths.unit_uniforms(raw, rows * cols).view(rows, cols).double()
         keys = u.log().neg().log() + a * (logits - centre).square()
         want = keys.topk(k, dim=1, largest=False).indices
-        assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values), a
+        assert_same(got.sort(dim=1).values, want.sort(dim=1).values, a)
 
 
 def test_np_smallest_with_a_tie_at_the_edge_takes_the_k_smallest_values():

