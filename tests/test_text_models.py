@@ -189,6 +189,23 @@ def test_an_uncached_hub_name_offline_fails_at_once_without_asking_sentence_tran
     assert probed == ([] if how == "hf-hub-offline" else [("huggingface.co", 443)])
 
 
+def test_the_offline_message_names_the_mirror_that_hf_endpoint_sets(monkeypatch):
+    """With ``HF_ENDPOINT`` pointing at a mirror, the probe and the message both name the
+    mirror's host, not huggingface.co."""
+    import socket
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hf-mirror.example.org")
+    probed = connections(monkeypatch, socket.gaierror(-2, "Name or service not known"))
+    asked = loader(monkeypatch, OSError(OFFLINE))
+    with pytest.raises(OSError) as info:
+        models.load_sentence_model("my-org/my-model")
+    assert asked == [] and probed == [("hf-mirror.example.org", 443)]
+    want = OFFLINE_MESSAGE.format(name="my-org/my-model")
+    assert str(info.value) == want.replace("(huggingface.co)", "(hf-mirror.example.org)")
+
+
 def _cache_entry(root, repo: str, file: str) -> None:
     """``file`` of ``repo`` at ``main`` in a hub cache laid out as ``huggingface_hub`` writes it."""
     folder = root / ("models--" + repo.replace("/", "--"))

@@ -158,9 +158,19 @@ def _offline_message(name_or_path: str) -> str:
     )
     return (
         f"cannot load the sentence model {name_or_path!r}: it is not a local directory nor "
-        "in the Hugging Face cache, and the hub (huggingface.co) cannot be reached "
+        f"in the Hugging Face cache, and the hub ({_hub_host()}) cannot be reached "
         f"(offline?); {ways}"
     )
+
+
+def _hub_host() -> str:
+    """The host of the hub that would be asked: ``HF_ENDPOINT``'s (a mirror's), else
+    huggingface.co."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return "huggingface.co"
+    return urllib.parse.urlsplit(constants.ENDPOINT).hostname or "huggingface.co"
 
 
 def load_sentence_model(name_or_path: str = "all-MiniLM-L6-v2", *, device: str | None = None):
