@@ -56,7 +56,8 @@ only; no buffers kept between calls.
   ``SimANSNegatives.draw`` with ``torch.rand`` and ``torch.topk``; same law, other draws).
 * :func:`hardest_columns` — MoCHi: the hardest set's columns in column order when no row ties
   at its ``N``-th largest logit, a block of rows at a time in numpy (partition, compare,
-  ``flatnonzero``) (plain twin: ``HardNegativeMixing.hardest`` with ``torch.topk``);
+  ``flatnonzero``; on wide rows among a sample's candidates first, as Ring's band) (plain twin:
+  ``HardNegativeMixing.hardest`` with ``torch.topk``);
   :func:`kth_largest` and :func:`row_members` take a tie: the ``N``-th largest logit by numpy's
   partition (plain twin: ``torch.topk``'s ``k``-th value) and the members by
   ``numpy.flatnonzero`` (plain twin: a cumsum / scatter compaction).
