@@ -895,6 +895,14 @@ def test_on_threads_hands_every_block_to_one_thread_and_reraises():
         torch.set_num_threads(3)
         with pytest.raises(RuntimeError, match="worker"):
             fastpaths._on_threads(fail, 10, 2, 2)
+
+        def fail_once(blocks):  # one failing block: the one error is the one raised
+            for first, _ in blocks:
+                if first == 4:
+                    raise RuntimeError("block 4")
+
+        with pytest.raises(RuntimeError, match="block 4"):
+            fastpaths._on_threads(fail_once, 10, 2, 2)
     finally:
         torch.set_num_threads(previous)
 
