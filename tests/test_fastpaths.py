@@ -1677,6 +1677,43 @@ def test_simans_cpu_draw_by_numpy_blocks_equals_the_keys_of_one_torch_pass(
     assert 0 in got[4].tolist() and len(set(got[4].tolist())) == k  # its one negative drawn
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_simans_cpu_draw_of_wide_rows_takes_the_sample_and_the_keys_topk_members(
+    dtype, monkeypatch
+):
+    """Rows of at least ``_BAND_SAMPLE_MIN_COLUMNS`` with ``k`` in their first quarter: the
+    ``k`` smallest keys come from a sample's candidates of the negated keys (checked taken on
+    every block), and they are the members of one torch pass's ``topk(largest=False)`` on the
+    same random words: masked columns included; a block with a NaN logit takes the whole-row
+    path (NaN keys last, as ``topk``)."""
+    import numpy as np
+
+    calls = _count_sampled(monkeypatch)
+    g = torch.Generator().manual_seed(21)
+    rows, cols = 40, 1100
+    logits = (torch.randn(rows, cols, generator=g, dtype=torch.float64) * 2).to(dtype)
+    logits[:, 17] = float("-inf")
+    centre = torch.randn(rows, 1, generator=g, dtype=torch.float64).to(dtype)
+    for k, nan in ((1, False), (30, False), (64, False), (64, True)):
+        x = logits.clone()
+        if nan:
+            x[3, 40] = float("nan")
+        calls.clear()
+        got = fastpaths.simans_draw(x, centre, 0.6, k, torch.Generator().manual_seed(4))
+        seed = torch.empty(2, dtype=torch.int64).random_(
+            -(2**63), None, generator=torch.Generator().manual_seed(4)
+        )
+        stream = np.random.PCG64(np.random.SeedSequence([w % 2**64 for w in seed.tolist()]))
+        n = rows * cols
+        words = torch.from_numpy(stream.random_raw(-(-n // 2)).view(np.int64))
+        keys = fastpaths.unit_uniforms(words, n).view(rows, cols).to(dtype)
+        keys = keys.log().neg().log() + 0.6 * (x - centre).square()
+        want = keys.topk(k, dim=1, largest=False).indices.sort(dim=1).values
+        assert torch.equal(got.sort(dim=1).values, want), (k, nan)
+        assert got.dtype == torch.int64 and 17 not in got.flatten().tolist()
+        assert calls == ([] if nan else [True] * len(calls)) and (nan or calls), (k, calls)
+
+
 def test_simans_cpu_draw_is_the_same_on_any_number_of_threads():
     """A seed gives the same columns with 1 or 4 torch threads, and other columns with another
     seed."""
