@@ -1640,6 +1640,23 @@ def test_simans_cpu_draw_follows_the_kernel_over_row_blocks(a, k, dtype):
     assert same < 0.9
 
 
+def _simans_reference_keys(logits, centre, a: float, seed: int):
+    """The keys of the CPU draw seeded by ``manual_seed(seed)``, by one pass of torch
+    operations: the same two seed words, the whole ``PCG64`` stream at once, two uniforms per
+    word, ``log(-log u) + a (c - centre)^2``."""
+    import numpy as np
+
+    rows, cols = logits.shape
+    words = torch.empty(2, dtype=torch.int64).random_(
+        -(2**63), None, generator=torch.Generator().manual_seed(seed)
+    )
+    stream = np.random.PCG64(np.random.SeedSequence([w % 2**64 for w in words.tolist()]))
+    n = rows * cols
+    bits = torch.from_numpy(stream.random_raw(-(-n // 2)).view(np.int64))
+    keys = fastpaths.unit_uniforms(bits, n).view(rows, cols).to(logits.dtype)
+    return keys.log().neg().log() + a * (logits - centre).square()
+
+
 @pytest.mark.parametrize("a", [0.0, 0.6])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block", [21, 1 << 16], ids=["blocks-of-4-rows", "one-block"])
@@ -1650,7 +1667,6 @@ def test_simans_cpu_draw_by_numpy_blocks_equals_the_keys_of_one_torch_pass(
     one pass of torch operations takes on the same random words (the seed's ``PCG64`` stream,
     two uniforms per word, read in order across the blocks): 13 rows of 7 columns (odd) in
     blocks of 4 rows or one block, masked columns and a row with fewer negatives than ``k``."""
-    import numpy as np
 
     monkeypatch.setattr(fastpaths, "_SIMANS_BLOCK", block)
     g = torch.Generator().manual_seed(11)
@@ -1660,15 +1676,7 @@ def test_simans_cpu_draw_by_numpy_blocks_equals_the_keys_of_one_torch_pass(
     logits[4, 1:] = float("-inf")  # one negative only
     centre = torch.randn(rows, 1, generator=g, dtype=torch.float64).to(dtype)
     got = fastpaths.simans_draw(logits, centre, a, k, torch.Generator().manual_seed(2))
-    # the reference: the same two seed words, the whole stream at once, torch's key passes
-    seed = torch.empty(2, dtype=torch.int64).random_(
-        -(2**63), None, generator=torch.Generator().manual_seed(2)
-    )
-    stream = np.random.PCG64(np.random.SeedSequence([w % 2**64 for w in seed.tolist()]))
-    n = rows * cols
-    words = torch.from_numpy(stream.random_raw(-(-n // 2)).view(np.int64))
-    keys = fastpaths.unit_uniforms(words, n).view(rows, cols).to(dtype)
-    keys = keys.log().neg().log() + a * (logits - centre).square()
+    keys = _simans_reference_keys(logits, centre, a, seed=2)
     keys = keys.masked_fill(~torch.isfinite(logits), float("inf"))
     want = keys.topk(k, dim=1, largest=False).indices
     assert got.shape == (rows, k)
@@ -1686,7 +1694,6 @@ def test_simans_cpu_draw_of_wide_rows_takes_the_sample_and_the_keys_topk_members
     every block), and they are the members of one torch pass's ``topk(largest=False)`` on the
     same random words: masked columns included; a block with a NaN logit takes the whole-row
     path (NaN keys last, as ``topk``)."""
-    import numpy as np
 
     calls = _count_sampled(monkeypatch)
     g = torch.Generator().manual_seed(21)
@@ -1700,14 +1707,7 @@ def test_simans_cpu_draw_of_wide_rows_takes_the_sample_and_the_keys_topk_members
             x[3, 40] = float("nan")
         calls.clear()
         got = fastpaths.simans_draw(x, centre, 0.6, k, torch.Generator().manual_seed(4))
-        seed = torch.empty(2, dtype=torch.int64).random_(
-            -(2**63), None, generator=torch.Generator().manual_seed(4)
-        )
-        stream = np.random.PCG64(np.random.SeedSequence([w % 2**64 for w in seed.tolist()]))
-        n = rows * cols
-        words = torch.from_numpy(stream.random_raw(-(-n // 2)).view(np.int64))
-        keys = fastpaths.unit_uniforms(words, n).view(rows, cols).to(dtype)
-        keys = keys.log().neg().log() + 0.6 * (x - centre).square()
+        keys = _simans_reference_keys(x, centre, 0.6, seed=4)
         want = keys.topk(k, dim=1, largest=False).indices.sort(dim=1).values
         assert torch.equal(got.sort(dim=1).values, want), (k, nan)
         assert got.dtype == torch.int64 and 17 not in got.flatten().tolist()
