@@ -633,6 +633,12 @@ _BAND_WIDE_COLUMNS = 2048
 _BAND_SIGMAS = 3.0
 
 
+def _samples_rows(cols: int, upper: int) -> bool:
+    """Whether rows of ``cols`` columns whose selection ends at rank ``upper`` try
+    :func:`_band_from_sample` first: wide rows, the selection in their top quarter."""
+    return cols >= _BAND_SAMPLE_MIN_COLUMNS and upper * _BAND_SAMPLE_MAX_SHARE <= cols
+
+
 def _band_from_sample(
     block: np.ndarray, lower: int, upper: int, out: np.ndarray, mask: np.ndarray
 ) -> bool:
@@ -731,7 +737,7 @@ def band_indices(x: Tensor, lower: int, upper: int) -> Tensor:
             top = np.take_along_axis(top, keep, axis=1)
         out[first:last] = top
 
-    sampled = cols >= _BAND_SAMPLE_MIN_COLUMNS and upper * _BAND_SAMPLE_MAX_SHARE <= cols
+    sampled = _samples_rows(cols, upper)
 
     def work(blocks) -> None:
         # the block's keys partitioned in place and its masks in buffers of the thread: fresh
@@ -1741,7 +1747,7 @@ def _simans_draw_numpy(
     out = np.empty((rows, k), dtype=np.int64)
     # wide rows, k in their first quarter: the k smallest keys are the k largest of the
     # negated keys, taken among a sample's candidates (_band_from_sample; the same members)
-    sampled = cols >= _BAND_SAMPLE_MIN_COLUMNS and k * _BAND_SAMPLE_MAX_SHARE <= cols
+    sampled = _samples_rows(cols, k)
     mask = np.empty(keys.shape, dtype=bool) if sampled else None
     for start in range(0, rows, step):
         r = min(step, rows - start)
@@ -1842,7 +1848,7 @@ def hardest_columns(logits: Tensor, k: int) -> Tensor | None:
     below_minus_inf = _np_order_keys(np.array(-np.inf, dtype=x.dtype))
 
     # wide rows whose k ends in their top quarter: the members among a few candidates a row
-    sampled = cols >= _BAND_SAMPLE_MIN_COLUMNS and k * _BAND_SAMPLE_MAX_SHARE <= cols
+    sampled = _samples_rows(cols, k)
 
     def work(blocks) -> None:
         keys = np.empty((min(step, rows), cols), dtype=below_minus_inf.dtype)
@@ -1850,7 +1856,7 @@ def hardest_columns(logits: Tensor, k: int) -> Tensor | None:
         for start, end in blocks:
             block = x[start:end]
             r = block.shape[0]
-            if math.isnan(block.max()) if sampled else False:
+            if sampled and math.isnan(block.max()):
                 tied.append(True)  # a NaN of either sign: the general path
                 return
             # (_band_from_sample's members come in column order, as below)
