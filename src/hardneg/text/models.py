@@ -134,8 +134,8 @@ def _hub_known_unreachable() -> bool:
         return True
     if {"https", "http", "all"} & set(urllib.request.getproxies()):
         return False
-    url = urllib.parse.urlsplit(constants.ENDPOINT)
-    if url.hostname is None:
+    url = _hub_endpoint()
+    if url is None or url.hostname is None:
         return False
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
@@ -163,14 +163,20 @@ def _offline_message(name_or_path: str) -> str:
     )
 
 
-def _hub_host() -> str:
-    """The host of the hub that would be asked: ``HF_ENDPOINT``'s (a mirror's), else
-    huggingface.co."""
+def _hub_endpoint() -> urllib.parse.SplitResult | None:
+    """The hub's address, ``HF_ENDPOINT`` (a mirror) or huggingface.co, as
+    ``huggingface_hub`` reads it; None without ``huggingface_hub``."""
     try:
         from huggingface_hub import constants
     except ImportError:
-        return "huggingface.co"
-    return urllib.parse.urlsplit(constants.ENDPOINT).hostname or "huggingface.co"
+        return None
+    return urllib.parse.urlsplit(constants.ENDPOINT)
+
+
+def _hub_host() -> str:
+    """The host of the hub that would be asked (the probe's and the message's)."""
+    url = _hub_endpoint()
+    return (url.hostname if url is not None else None) or "huggingface.co"
 
 
 def load_sentence_model(name_or_path: str = "all-MiniLM-L6-v2", *, device: str | None = None):
