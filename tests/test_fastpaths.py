@@ -1212,6 +1212,44 @@ def test_unremix_factor_with_a_row_whose_influence_is_positive_on_every_negative
     assert_same_row_weights(fast, strategy.mix(c), c.mask())
 
 
+@pytest.mark.parametrize(
+    "hp",
+    [{}, {"influence": "gradient_norm"}, {"lambda_u": 0.0}, {"beta": 0.0}],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults",
+)
+def test_unremix_factor_is_finite_on_a_row_without_negatives(hp):
+    """A direct caller may pass a contrast set with a row that has no negatives (the loss never
+    builds one). Its range is empty (``lo = +inf``, ``hi = -inf``): the factor must stay finite
+    on that row (0 with ``zero_absent``), not ``(u - inf) * 0 = NaN``, and the other rows keep
+    the plain mix's weights."""
+    from hardneg.strategies import unremix
+
+    c = unremix_contrast("masked")
+    mask = c.mask().clone()
+    mask[2] = False
+    c.negative_mask = mask
+    c.negative_logits = c.negative_logits.masked_fill(~mask, float("-inf"))
+    c.num_negatives = mask.sum(dim=1)
+    strategy = unremix.UnReMixNegatives(**hp)
+    fast = fastpaths.unremix_factor(
+        c,
+        fastpaths.row_exponentials(c.negative_logits),
+        lambda_u=strategy.lambda_u,
+        lambda_d=strategy.lambda_d,
+        eps=strategy.eps,
+        gradient_norm=strategy.influence == "gradient_norm",
+        density=strategy.representativeness == "density",
+        zero_absent=strategy.beta == 0,
+        plain_column_deltas=unremix.column_gradients,
+    )
+    assert bool(torch.isfinite(fast).all())
+    if strategy.beta == 0:
+        assert bool((fast[2] == 0).all())
+    others = torch.ones(fast.shape[0], dtype=torch.bool)
+    others[2] = False
+    assert_same_row_weights(fast[others], strategy.mix(c)[others], mask[others])
+
+
 def test_unremix_zeroed_row_range_reduces_again_the_rows_a_zero_could_end():
     """U is 0 off the negatives: a row whose negatives are all positive (negative) would read 0
     as its minimum (maximum) from the plain reductions."""
