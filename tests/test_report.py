@@ -225,6 +225,20 @@ def test_verdict_measures_the_seed_noise_and_separates_only_larger_gaps(tmp_path
     assert "it counts weighted copies of some negatives" in text
 
 
+def test_one_seed_verdict_counts_its_epochs_in_words(tmp_path):
+    """One seed per strategy: the caveat names the schedule, '1 epoch' (not '1 epochs')."""
+    from hardneg.report import counted, verdict_lines
+
+    records = verdict_records(
+        tmp_path, {"infonce": 80.0, "hcl": 81.0}, {"infonce": 510.0, "hcl": 400.0}
+    )
+    assert "With one seed and 1 epoch per strategy, " in "\n".join(verdict_lines(records, epochs=1))
+    assert "With one seed and 20 epochs per strategy, " in "\n".join(
+        verdict_lines(records, epochs=20)
+    )
+    assert [counted(n, "seed") for n in (0, 1, 2)] == ["0 seeds", "1 seed", "2 seeds"]
+
+
 def test_each_strategy_is_measured_against_the_negatives_of_the_term_it_describes(tmp_path):
     """potential's diagnostics describe its mined term (the other B - 1 keys), not SimCLR's
     2B - 2 negatives: its share is of its own count; a strategy with no count gets none."""

@@ -263,6 +263,7 @@ def compare(
     """
     from hardneg.report import (
         RunRecord,
+        counted,
         format_table,
         load_history,
         load_metrics,
@@ -315,7 +316,7 @@ def compare(
         if not reused:
             resume = state == "interrupted"
             say(
-                f"{tag}: {'resuming' if resume else 'training'} {cfg.train.epochs} epochs -> {run_dir}"
+                f"{tag}: {'resuming' if resume else 'training'} {counted(cfg.train.epochs, 'epoch')} -> {run_dir}"
             )
             try:
                 train(cfg, run_dir=run_dir, progress_bar=progress_bar, resume=resume)
@@ -356,7 +357,7 @@ def compare(
         records, reseeded=reseeded, available_negatives=described, epochs=first.train.epochs
     )
     notes = [
-        f"base config: {base_config or 'defaults'}; {first.train.epochs} epochs, batch "
+        f"base config: {base_config or 'defaults'}; {counted(first.train.epochs, 'epoch')}, batch "
         f"{first.train.batch_size}, framework {first.framework.name}, backbone "
         f"{first.model.backbone}",
         "loss hyper-parameters: registry defaults, temperature from the base config"

@@ -9,10 +9,11 @@
 from hardneg.report.markdown import write_comparison_report, write_run_report
 from hardneg.report.runs import load_hardness, load_history, load_metrics, save_metrics
 from hardneg.report.table import RunRecord, format_table, summarize
-from hardneg.report.verdict import verdict_lines
+from hardneg.report.verdict import counted, verdict_lines
 
 __all__ = [
     "RunRecord",
+    "counted",
     "format_table",
     "load_hardness",
     "load_history",

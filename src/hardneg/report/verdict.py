@@ -23,6 +23,11 @@ from hardneg.report.table import RunRecord, run_values
 MIN_SEED_STD = 1.0  # kNN top-1 points; see the module docstring
 
 
+def counted(number: int, noun: str) -> str:
+    """``'1 epoch'``, ``'3 epochs'``: a count and its noun, plural unless the count is 1."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 @dataclass
 class Noise:
     std: float  # per-run standard deviation of kNN top-1 (points), floored
@@ -116,7 +121,7 @@ def verdict_lines(
         lines.append(
             f"- Seed noise: {noise.source}. "
             + (
-                f"With one seed{f' and {epochs} epochs' if epochs else ''} per strategy, "
+                f"With one seed{' and ' + counted(epochs, 'epoch') if epochs else ''} per strategy, "
                 if one
                 else ""
             )
