@@ -64,7 +64,10 @@ def test_the_constructor_refuses_a_non_strategy_and_tau_plus_for_selecting_strat
         "debiased estimator), got 0.1"
     ):
         ContrastiveLoss(RingNegatives(), tau_plus=0.1)
-    with exactly("filter must name a filter strategy (one that only drops negatives), got 'hcl'"):
+    with exactly(
+        "filter must name a filter strategy (one that only drops negatives), got 'hcl'; "
+        "allowed: positive_aware, fnc"
+    ):
         hardneg.create_loss("infonce", filter="hcl")
     with exactly(
         "a filter cannot stand in front of PotentialMining: it builds several contrast "

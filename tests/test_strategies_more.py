@@ -100,9 +100,82 @@ def test_a_filter_in_front_of_hcl_equals_hcl_over_the_kept_negatives():
         assert composed(z1, z2).item() == pytest.approx(sum(expected) / len(expected), rel=1e-5)
 
 
+def hcl_over(pos, kept, t, beta, tau):
+    """HCL's per-anchor loss (Robinson et al., eq. 5 with the estimator's floor) over ``kept``."""
+    m = len(kept)
+    neg = [math.exp(s / t) for s in kept]
+    imp = [x**beta for x in neg]
+    reweight = sum(i * x for i, x in zip(imp, neg)) / (sum(imp) / m)
+    ng = max((reweight - tau * m * math.exp(pos / t)) / (1 - tau), m * math.exp(-1 / t))
+    return math.log(math.exp(pos / t) + ng) - pos / t
+
+
+def test_false_negative_cancellation_as_a_filter_in_front_of_hcl_drops_the_found_negatives():
+    """Huynh et al.'s elimination in front of HCL: each anchor's support view is its positive
+    (two views); the ``top_k`` negatives most similar to it leave, and HCL weights the rest."""
+    z1, z2 = views(n=7, seed=5)
+    t, beta, tau, top_k = 0.4, 1.0, 0.1, 2
+    composed = hardneg.create_loss(
+        "hcl", temperature=t, beta=beta, tau_plus=tau, filter="fnc", filter_options={"top_k": top_k}
+    )
+    assert composed.filter_strategy.mode == "eliminate"  # the filter's default
+    z = F.normalize(torch.cat([z1, z2]).double(), dim=1)
+    n2 = z.shape[0]
+    sims = (z @ z.T).tolist()
+    expected = []
+    for i in range(n2):
+        p = (i + n2 // 2) % n2
+        negatives = [j for j in range(n2) if j not in (i, p)]
+        found = sorted(negatives, key=lambda j: -sims[p][j])[:top_k]  # support: the positive
+        kept = [sims[i][j] for j in negatives if j not in found]
+        expected.append(hcl_over(sims[i][p], kept, t, beta, tau))
+    for fast in (True, False):
+        composed.fast = fast
+        assert composed(z1, z2).item() == pytest.approx(sum(expected) / n2, rel=1e-5)
+    plain = hardneg.create_loss("hcl", temperature=t, beta=beta, tau_plus=tau)
+    assert plain(z1, z2).item() != pytest.approx(sum(expected) / n2, rel=1e-3)
+
+
+def test_false_negative_cancellation_as_a_filter_on_retrieval_rows():
+    """Text retrieval ``(anchor, positive, negative_1..h)``: anchor ``i``'s candidates are the
+    other positives and every hard negative of the batch; the one most similar to its positive
+    (the support view) is cancelled, and InfoNCE runs over the rest."""
+    g = torch.Generator().manual_seed(9)
+    b, h, d, t = 5, 2, 6, 0.2
+    q = torch.randn(b, d, generator=g)
+    pos = q + 0.7 * torch.randn(b, d, generator=g)
+    hard = pos.unsqueeze(1) + 0.5 * torch.randn(b, h, d, generator=g)  # near the positives
+    loss = hardneg.create_loss("infonce", temperature=t, filter="fnc")
+    unit = lambda x: F.normalize(x.double(), dim=-1)  # noqa: E731
+    qn, columns = unit(q), unit(torch.cat([pos, hard.reshape(-1, d)]))
+    expected = []
+    for i in range(b):
+        candidates = [c for c in range(columns.shape[0]) if c != i]
+        support = [float(columns[i] @ columns[c]) for c in candidates]
+        found = candidates[max(range(len(candidates)), key=support.__getitem__)]
+        kept = [float(qn[i] @ columns[c]) for c in candidates if c != found]
+        expected.append(infonce_over(float(qn[i] @ columns[i]), kept, t))
+    got = loss(q, pos, hard_negatives=hard).item()
+    assert got == pytest.approx(sum(expected) / b, rel=1e-5)
+
+
+def test_false_negative_cancellation_cannot_attract_as_a_filter():
+    message = (
+        "as a filter, fnc can only eliminate its false negatives (mode='eliminate'); got "
+        "mode='attract': to attract them as positives, use the fnc loss itself"
+    )
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        hardneg.create_loss("hcl", filter="fnc", filter_options={"mode": "attract"})
+
+
 def test_a_filter_must_be_a_filter():
     with pytest.raises(ValueError, match="filter must name a filter strategy"):
         hardneg.create_loss("hcl", filter="ring")
+    with pytest.raises(
+        ValueError,
+        match=r"got 'positive_awre' \(did you mean 'positive_aware'\?\); allowed: positive_aware, fnc$",
+    ):
+        hardneg.create_loss("hcl", filter="positive_awre")
     with pytest.raises(ValueError, match="filter_options needs a filter"):
         hardneg.create_loss("hcl", filter_options={"margin": 0.1})
 

@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 
 import torch
@@ -178,9 +179,10 @@ class ContrastiveLoss(nn.Module):
             ``L_out``) or ``'joint'`` (all positives in the partition).
         normalize: L2-normalise the embeddings (cosine similarity); False uses raw dot
             products, as InfoGraph's Jensen-Shannon objective does.
-        filter: a registered filter strategy (``is_filter``, e.g. ``'positive_aware'``) that
-            drops negatives before ``strategy`` weights or samples the rest.
-        filter_options: the filter's hyper-parameters (a dict).
+        filter: a registered filter strategy (``is_filter``: ``'positive_aware'``, or
+            ``'fnc'`` eliminating its false negatives) that drops negatives before ``strategy``
+            weights or samples the rest.
+        filter_options: the filter's hyper-parameters (a dict; over its ``filter_defaults``).
         check_inputs: validate shapes, dtypes and finiteness on every call (host syncs).
         fast: let strategies take their fast paths (:mod:`hardneg.fastpaths`; equal to the
             plain ones, tested); ignored under ``torch.compile``.
@@ -224,20 +226,24 @@ class ContrastiveLoss(nn.Module):
         self.filter_options = dict(filter_options or {})
         self.filter_strategy: Strategy | None = None
         if filter is not None:
-            from hardneg.registry import strategy_class
+            from hardneg.registry import list_losses, strategy_class
 
-            cls = strategy_class(filter)
-            if not cls.is_filter:
+            filters = [name for name in list_losses() if strategy_class(name).is_filter]
+            if filter not in filters:
+                close = difflib.get_close_matches(str(filter), filters, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(
-                    f"filter must name a filter strategy (one that only drops negatives), "
-                    f"got {filter!r}"
+                    f"filter must name a filter strategy (one that only drops negatives), got "
+                    f"{filter!r}{hint}; allowed: {', '.join(filters)}"
                 )
+            cls = strategy_class(filter)
             if type(strategy).terms is not Strategy.terms:
                 raise ValueError(
                     f"a filter cannot stand in front of {type(strategy).__name__}: it builds "
                     "several contrast terms of its own"
                 )
-            self.filter_strategy = cls(**self.filter_options)
+            self.filter_strategy = cls(**{**cls.filter_defaults, **self.filter_options})
+            self.filter_strategy.check_filter()
         elif filter_options:
             raise ValueError("filter_options needs a filter (filter='positive_aware', ...)")
         self.check_inputs = check_inputs

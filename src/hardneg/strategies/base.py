@@ -116,8 +116,10 @@ class Strategy(nn.Module):
     * ``feature_kind``: None, ``'hidden'`` (the input of the head's last linear layer) or
       ``'projection'`` (the projection before a predictor): what ``h1``/``h2`` it uses;
     * ``draws``: True when it draws random numbers (a ``generator`` makes runs repeatable);
-    * ``is_filter``: True when it only drops negatives (:meth:`keep`); a filter can stand in
-      front of any other strategy (``create_loss("hcl", filter="positive_aware")``).
+    * ``is_filter``: True when it can drop negatives in front of any other strategy
+      (:meth:`keep`; ``create_loss("hcl", filter="positive_aware")``);
+    * ``filter_defaults``: hyper-parameters it takes as a filter unless ``filter_options``
+      say otherwise (false-negative cancellation: ``mode='eliminate'``);
     * ``per_anchor_columns``: False when it scores the shared columns only (UnReMix), so it
       cannot take per-anchor explicit columns (a memory bank then draws one shared pool);
     * ``in_batch_defaults``: hyper-parameters (loss-level or the strategy's) that ``hardneg
@@ -132,12 +134,17 @@ class Strategy(nn.Module):
     feature_kind: ClassVar[str | None] = None
     draws: ClassVar[bool] = False
     is_filter: ClassVar[bool] = False
+    filter_defaults: ClassVar[dict[str, Any]] = {}
     per_anchor_columns: ClassVar[bool] = True
     in_batch_defaults: ClassVar[dict[str, Any]] = {}
 
     def keep(self, contrast: ContrastSet, context: StepContext) -> Tensor:
         """Filters only: ``[A, S]`` bool, the negatives that pass (see ``is_filter``)."""
         raise NotImplementedError(f"{type(self).__name__} is not a filter")
+
+    def check_filter(self) -> None:
+        """Filters only: raise ``ValueError`` when these settings cannot stand in front of
+        another strategy (default: any settings can)."""
 
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
         """Return the selection for every anchor of ``contrast`` (default: every negative)."""

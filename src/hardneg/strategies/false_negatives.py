@@ -22,6 +22,11 @@ smallest support set). Scores are detached. Defaults: ``mode='attract'``, ``top_
 ``agg='max'``, no threshold. Fast path (``context.fast``, top-k without a threshold, InfoNCE
 objective): :func:`hardneg.fastpaths.kept_log_mass`, tested equal to the scatter form below.
 
+As a filter in front of another strategy (``create_loss("hcl", filter="fnc",
+filter_options={"top_k": 2})``), it eliminates: the found false negatives leave the contrast
+set and the strategy weights or samples the rest (``mode='eliminate'`` is then the default;
+``'attract'`` adds positives, which a filter cannot).
+
 Example:
     >>> import torch, hardneg
     >>> loss_fn = hardneg.create_loss("fnc", mode="eliminate", top_k=2)
@@ -54,6 +59,8 @@ class FalseNegativeCancellation(Strategy):
     """
 
     supports_debiasing = False
+    is_filter = True
+    filter_defaults = {"mode": "eliminate"}
 
     def __init__(
         self,
@@ -118,6 +125,17 @@ class FalseNegativeCancellation(Strategy):
         # never every negative: keep the one least like the support views
         lowest = torch.where(torch.isfinite(score), score, float("inf")).argmin(dim=1, keepdim=True)
         return found.scatter(1, lowest, False)
+
+    def check_filter(self) -> None:
+        if self.mode != "eliminate":
+            raise ValueError(
+                "as a filter, fnc can only eliminate its false negatives (mode='eliminate'); "
+                f"got mode={self.mode!r}: to attract them as positives, use the fnc loss itself"
+            )
+
+    def keep(self, contrast: ContrastSet, context: StepContext) -> Tensor:
+        """``[A, S]`` the anchor's negatives that are not found false negatives."""
+        return contrast.mask() & ~self.false_negatives(contrast)
 
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
         m = contrast.num_negatives
