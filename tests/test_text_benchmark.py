@@ -115,6 +115,62 @@ def test_metrics_equal_independent_computations():
     assert tb.logistic_accuracy(x, labels) == pytest.approx(want)
 
 
+def test_next_sentence_task_pairs_each_sentence_with_the_next_of_its_document():
+    docs = [
+        "The cat sat down. Then it slept soundly. Short one. It woke at noon!",
+        "Rain fell all day. Then it slept soundly. Nobody went outside then.",
+    ]
+    sentences, following = tb.next_sentence_task(docs, min_words=3)
+    assert sentences == [
+        "The cat sat down.",
+        "Then it slept soundly.",
+        "It woke at noon!",
+        "Rain fell all day.",
+        "Nobody went outside then.",
+    ]
+    # "Short one." has 2 words: dropped before pairing, as in next_sentence_pairs; the repeated
+    # sentence keeps its first document's next one
+    assert following.tolist() == [1, 2, -1, 1, -1]
+    pairs = tb.next_sentence_pairs(docs, min_words=3)
+    assert {(sentences[i], sentences[j]) for i, j in enumerate(following) if j >= 0} <= set(pairs)
+
+
+def retrieval_by_semantic_search(emb: np.ndarray, following: np.ndarray, k: int = 10):
+    """MRR@k and R@1 from sentence-transformers' own top-k search (the query's own hit
+    dropped), written out per query."""
+    from sentence_transformers.util import semantic_search
+
+    x = torch.from_numpy(emb)
+    queries = [i for i in range(len(emb)) if following[i] >= 0]
+    hits = semantic_search(x[queries], x, top_k=k + 1)
+    reciprocal, first = [], []
+    for i, found in zip(queries, hits, strict=True):
+        ranked = [h["corpus_id"] for h in found if h["corpus_id"] != i][:k]
+        rank = ranked.index(following[i]) + 1 if following[i] in ranked else None
+        reciprocal.append(1.0 / rank if rank else 0.0)
+        first.append(rank == 1)
+    return float(np.mean(reciprocal)), 100.0 * float(np.mean(first))
+
+
+def test_next_sentence_retrieval_equals_an_independent_search():
+    # by hand: 0 -> 1 ranks first; 1 -> 2 ranks second (0 is closer); 2 is a document's last
+    emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    got = tb.next_sentence_retrieval(emb, np.array([1, 2, -1]))
+    assert got == {"mrr": pytest.approx((1 + 1 / 2) / 2), "recall_1": 50.0}
+    gen = np.random.default_rng(3)
+    emb = gen.normal(size=(60, 5))
+    following = np.where(np.arange(60) % 4 == 3, -1, np.arange(1, 61))  # documents of 4
+    emb[following[following >= 0]] += 0.8 * emb[following >= 0]  # next sentences nearby
+    for k in (1, 3, 10):
+        mrr, recall = retrieval_by_semantic_search(emb, following, k=k)
+        got = tb.next_sentence_retrieval(emb, following, k=k)
+        assert got["mrr"] == pytest.approx(mrr, abs=1e-12)
+        assert got["recall_1"] == pytest.approx(recall, abs=1e-12)
+    assert 0 < got["recall_1"] < 100 and got["mrr"] < 1  # not every query trivially right
+    with pytest.raises(ValueError, match="needs a document with two sentences or more"):
+        tb.next_sentence_retrieval(emb, np.full(60, -1))
+
+
 def vocabulary(limit: int = 1500) -> tuple[str, ...]:
     """The most frequent words of the benchmark's texts (fewer [UNK] than the default list)."""
     docs, _ = tb.load_lee()
@@ -240,9 +296,20 @@ def test_text_demo_rows_and_metrics(tiny_dir, tmp_path, capsys):
     pol = model.encode(texts, convert_to_numpy=True).astype(np.float64)
     assert rows[0]["lee_spearman"] == pytest.approx(spearman_by_hand(lee, human), abs=1e-4)
     assert rows[0]["polarity_knn"] == pytest.approx(knn_by_sklearn(pol, labels), abs=1.0)
+    sentences, following = tb.next_sentence_task(docs)
+    mrr, _ = retrieval_by_semantic_search(
+        model.encode(sentences, convert_to_numpy=True).astype(np.float64), following
+    )
+    assert rows[0]["next_mrr"] == pytest.approx(mrr, abs=1e-3)
     # one seed: each row is its run; training moved the embeddings
     for row, run in zip(rows[1:], results["runs"], strict=True):
-        for key in ("lee_spearman", "polarity_knn", "polarity_logistic"):
+        for key in (
+            "lee_spearman",
+            "next_mrr",
+            "next_recall_1",
+            "polarity_knn",
+            "polarity_logistic",
+        ):
             assert row[key] == run[key] and row[key + "_std"] == 0.0
     assert rows[1]["lee_spearman"] != rows[0]["lee_spearman"]
     report = (out / "report.md").read_text()

@@ -195,6 +195,27 @@ def next_sentence_pairs(documents: Sequence[str], *, min_words: int = 4) -> list
     return pairs
 
 
+def next_sentence_task(
+    documents: Sequence[str], *, min_words: int = 4
+) -> tuple[list[str], np.ndarray]:
+    """Next-sentence retrieval over ``documents``: their sentences of at least ``min_words``
+    words, each text once in order of appearance, and ``following [n]``, the index of each
+    sentence's next one in its document (the pairs of :func:`next_sentence_pairs`; -1 for the
+    last of a document; a text met again keeps its first document's next sentence)."""
+    index: dict[str, int] = {}
+    following: list[int] = []
+    for doc in documents:
+        sents = [s for s in split_sentences(doc) if len(s.split()) >= min_words]
+        for s in sents:
+            if s not in index:
+                index[s] = len(following)
+                following.append(-1)
+        for s, nxt in zip(sents[:-1], sents[1:], strict=True):
+            if following[index[s]] == -1 and nxt != s:
+                following[index[s]] = index[nxt]
+    return list(index), np.array(following, dtype=np.int64)
+
+
 def load_training_pairs(path: str | None, *, min_words: int = 4) -> list[tuple[str, str]]:
     """Training pairs: next-sentence pairs of a ``.txt`` (one document per line; default the Lee
     background corpus) or ``(anchor, positive)`` rows of a ``.jsonl``/``.parquet``/``.csv``."""
@@ -264,6 +285,31 @@ def lee_spearman(embeddings: np.ndarray, human: np.ndarray) -> float:
     return float(spearmanr((x @ x.T)[iu], human[iu]).statistic)
 
 
+RETRIEVAL_K = 10  # MRR@10, as sentence-transformers' InformationRetrievalEvaluator reports
+
+
+def next_sentence_retrieval(
+    embeddings: np.ndarray, following: np.ndarray, *, k: int = RETRIEVAL_K
+) -> dict[str, float]:
+    """Each sentence with a next one (``following >= 0``) queries all the other sentences by
+    cosine similarity; its next sentence is the one relevant candidate. ``mrr``: the mean of
+    ``1 / rank`` over the queries, 0 below rank ``k`` (MRR@k); ``recall_1``: the percent of
+    queries whose next sentence ranks first. A candidate exactly as similar as the next
+    sentence does not rank above it."""
+    x = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    queries = np.flatnonzero(following >= 0)
+    if not queries.size:
+        raise ValueError("next-sentence retrieval needs a document with two sentences or more")
+    sims = x[queries] @ x.T
+    sims[np.arange(queries.size), queries] = -np.inf  # a sentence does not retrieve itself
+    target = sims[np.arange(queries.size), following[queries]]
+    rank = 1 + (sims > target[:, None]).sum(axis=1)
+    return {
+        "mrr": float(np.where(rank <= k, 1.0 / rank, 0.0).mean()),
+        "recall_1": 100.0 * float((rank == 1).mean()),
+    }
+
+
 def _folds(labels: np.ndarray, folds: int, seed: int):
     from sklearn.model_selection import StratifiedKFold
 
@@ -304,11 +350,24 @@ def logistic_accuracy(
 
 
 def score_embeddings(
-    lee: np.ndarray, human: np.ndarray, polarity: np.ndarray, labels: np.ndarray, cfg
+    lee: np.ndarray,
+    human: np.ndarray,
+    polarity: np.ndarray,
+    labels: np.ndarray,
+    cfg,
+    sentences: np.ndarray | None = None,
+    following: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """The three metrics of one set of embeddings (fold split fixed: seed 0)."""
+    """The metrics of one set of embeddings (fold split fixed: seed 0); with the Lee
+    documents' ``sentences`` embedded and their ``following`` indices, next-sentence retrieval
+    too (:func:`next_sentence_retrieval`)."""
+    retrieval = {}
+    if sentences is not None and following is not None:
+        found = next_sentence_retrieval(sentences, following)
+        retrieval = {"next_mrr": found["mrr"], "next_recall_1": found["recall_1"]}
     return {
         "lee_spearman": lee_spearman(lee, human),
+        **retrieval,
         "polarity_knn": knn_accuracy(polarity, labels, k=cfg.knn_k, folds=cfg.folds),
         "polarity_logistic": logistic_accuracy(polarity, labels, folds=cfg.folds),
     }
@@ -536,6 +595,8 @@ def train_once(
 BASELINE = "pretrained (no fine-tuning)"
 METRICS = (
     ("lee_spearman", "Lee Spearman", "{:.3f}"),
+    ("next_mrr", f"next-sentence MRR@{RETRIEVAL_K}", "{:.3f}"),
+    ("next_recall_1", "next-sentence R@1 (%)", "{:.1f}"),
     ("polarity_knn", "polarity kNN (%)", "{:.1f}"),
     ("polarity_logistic", "polarity logistic (%)", "{:.1f}"),
 )
@@ -697,6 +758,8 @@ def _run(out, strategies, cfg, hparams, model, title, command, log) -> TextOutco
         )
         cfg = replace(cfg, batch_size=len(pairs))
     lee_docs, human = load_lee(cfg.lee_docs, cfg.lee_similarity)
+    # held out from training: the 50 rated documents are not in the background corpus
+    lee_sentences, following = next_sentence_task(lee_docs, min_words=cfg.min_words)
     pol_texts, pol_labels = load_polarity(cfg.polarity)
     if model is None:
         model = load_sentence_model(cfg.model)
@@ -707,20 +770,23 @@ def _run(out, strategies, cfg, hparams, model, title, command, log) -> TextOutco
     make_features = _plain_features(model)
     if trained is not None:
         cache = FrozenLayerCache(model, layers, trained)
-        texts = [t for pair in pairs for t in pair] + lee_docs + pol_texts
+        texts = [t for pair in pairs for t in pair] + lee_docs + lee_sentences + pol_texts
         cache.add(texts)
         cache.install()
         make_features = cache.features
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     log(
-        f"{len(pairs)} training pairs, {len(lee_docs)} Lee documents, {len(pol_texts)} polarity "
-        f"sentences; {layer_note}; prepared in {time.perf_counter() - start:.0f} s"
+        f"{len(pairs)} training pairs, {len(lee_docs)} Lee documents "
+        f"({int((following >= 0).sum())} next-sentence queries among {len(lee_sentences)} "
+        f"sentences), {len(pol_texts)} polarity sentences; {layer_note}; prepared in "
+        f"{time.perf_counter() - start:.0f} s"
     )
 
     def evaluate() -> dict[str, float]:
         lee = embed(model, make_features, lee_docs)
+        sentences = embed(model, make_features, lee_sentences)
         pol = embed(model, make_features, pol_texts)
-        return score_embeddings(lee, human, pol, pol_labels, cfg)
+        return score_embeddings(lee, human, pol, pol_labels, cfg, sentences, following)
 
     def restore() -> None:
         with torch.no_grad():
@@ -806,6 +872,11 @@ def _report_text(title, cfg, strategies, table, seconds, command, layer_note, pa
         "",
         "* Lee Spearman: Spearman correlation of the cosine similarities of the 50 Lee documents "
         "with the mean human ratings (1,225 pairs);",
+        f"* next-sentence MRR@{RETRIEVAL_K} / R@1: held-out retrieval on the same 50 documents "
+        "(not in the training corpus): each sentence with a next one in its document queries "
+        "every other sentence of the 50 by cosine, and its next sentence is the one relevant "
+        f"answer (MRR@{RETRIEVAL_K}: mean reciprocal rank, 0 below rank {RETRIEVAL_K}; R@1: "
+        "percent ranked first);",
         f"* polarity kNN / logistic: {cfg.folds}-fold stratified cross-validated accuracy on the "
         f"200 Pang-Lee sentences (cosine kNN, majority of {cfg.knn_k}; logistic regression C=1 "
         "on L2-normalised embeddings);",
