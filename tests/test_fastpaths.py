@@ -1054,6 +1054,11 @@ def assert_same_row_weights(fast, plain, mask):
     torch.testing.assert_close(wf / sf, wp / sp, rtol=1e-10, atol=1e-12)
 
 
+def strategy_factor(c, strategy):
+    """``fastpaths.unremix_factor`` with ``strategy``'s hyper-parameters, as UnReMix calls it."""
+    return strategy.fast_mix(c, fastpaths.row_exponentials(c.negative_logits))
+
+
 @pytest.mark.parametrize("form", UNREMIX_FORMS)
 @pytest.mark.parametrize(
     "hp",
@@ -1080,17 +1085,7 @@ def test_unremix_factor_equals_the_plain_mix_up_to_a_row_constant(form, hp):
     strategy = unremix.UnReMixNegatives(**hp)
     mask = c.mask()
     plain = strategy.mix(c)
-    fast = fastpaths.unremix_factor(
-        c,
-        fastpaths.row_exponentials(c.negative_logits),
-        lambda_u=strategy.lambda_u,
-        lambda_d=strategy.lambda_d,
-        eps=strategy.eps,
-        gradient_norm=strategy.influence == "gradient_norm",
-        density=strategy.representativeness == "density",
-        zero_absent=strategy.beta == 0,
-        plain_column_deltas=unremix.column_gradients,
-    )
+    fast = strategy_factor(c, strategy)
     assert fast.dtype == plain.dtype and fast.shape == plain.shape
     assert_same_row_weights(fast, plain, mask)
     if strategy.beta == 0:
@@ -1231,17 +1226,7 @@ def test_unremix_factor_is_finite_on_a_row_without_negatives(hp):
     c.negative_logits = c.negative_logits.masked_fill(~mask, float("-inf"))
     c.num_negatives = mask.sum(dim=1)
     strategy = unremix.UnReMixNegatives(**hp)
-    fast = fastpaths.unremix_factor(
-        c,
-        fastpaths.row_exponentials(c.negative_logits),
-        lambda_u=strategy.lambda_u,
-        lambda_d=strategy.lambda_d,
-        eps=strategy.eps,
-        gradient_norm=strategy.influence == "gradient_norm",
-        density=strategy.representativeness == "density",
-        zero_absent=strategy.beta == 0,
-        plain_column_deltas=unremix.column_gradients,
-    )
+    fast = strategy_factor(c, strategy)
     assert bool(torch.isfinite(fast).all())
     if strategy.beta == 0:
         assert bool((fast[2] == 0).all())

@@ -190,6 +190,23 @@ class UnReMixNegatives(Strategy):
             mix = mix + self.lambda_d * d
         return mix.masked_fill(~mask, 0.0)
 
+    def fast_mix(self, contrast: ContrastSet, shifted: tuple[Tensor | None, Tensor]) -> Tensor:
+        """:meth:`mix` up to a positive constant per row, from the row exponentials ``shifted``
+        (:func:`hardneg.fastpaths.row_exponentials`): :func:`hardneg.fastpaths.unremix_factor`
+        with these hyper-parameters. Detached."""
+        with torch.no_grad():
+            return fastpaths.unremix_factor(
+                contrast,
+                shifted,
+                lambda_u=self.lambda_u,
+                lambda_d=self.lambda_d,
+                eps=self.eps,
+                gradient_norm=self.influence == "gradient_norm",
+                density=self.representativeness == "density",
+                zero_absent=self.beta == 0,
+                plain_column_deltas=column_gradients,
+            )
+
     def select(self, contrast: ContrastSet, context: StepContext) -> Selection:
         if contrast.anchor_columns is not None:
             raise ValueError(
@@ -205,18 +222,7 @@ class UnReMixNegatives(Strategy):
             # (m = 0) when that stays within range
             bound = (1.0 + max(self.beta, 1.0)) / contrast.temperature
             shifted = fastpaths.row_exponentials(logits, bound if contrast.normalized else None)
-            with torch.no_grad():
-                mix = fastpaths.unremix_factor(
-                    contrast,
-                    shifted,
-                    lambda_u=self.lambda_u,
-                    lambda_d=self.lambda_d,
-                    eps=self.eps,
-                    gradient_norm=self.influence == "gradient_norm",
-                    density=self.representativeness == "density",
-                    zero_absent=self.beta == 0,
-                    plain_column_deltas=column_gradients,
-                )
+            mix = self.fast_mix(contrast, shifted)
             log_mass = fastpaths.tilted_log_mass(
                 logits,
                 self.beta,
