@@ -201,6 +201,11 @@ def test_config_and_citation(model):
     assert cfg["strategy"] == "hcl" and cfg["beta"] == 0.5 and cfg["mini_batch_size"] == 8
     assert "Robinson" in loss.citation and "GradCache" not in loss.citation
     assert "Gao" in loss.citation
+    from hardneg.integrations.sentence_transformers import CITATIONS
+
+    filtered = HardNegativeLoss(model, "ring", filter="fnc", filter_options={"top_k": 2})
+    assert filtered.citation == CITATIONS["ring"] + "\n\n" + CITATIONS["fnc"]
+    assert HardNegativeLoss(model, "fnc", filter="fnc").citation == CITATIONS["fnc"]
 
 
 def test_trainer_and_fit_update_the_model(tmp_path, model):

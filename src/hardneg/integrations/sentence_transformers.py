@@ -278,7 +278,9 @@ class HardNegativeLoss(nn.Module):
 
     @property
     def citation(self) -> str:
-        return CITATIONS.get(self.strategy, "")
+        """The strategy's paper, then its filter's (``filter=...``), for the model card."""
+        names = [self.strategy, self.strategy_hparams.get("filter")]
+        return "\n\n".join(CITATIONS[n] for n in dict.fromkeys(names) if n in CITATIONS)
 
     # -- the parts ------------------------------------------------------------------------------
     @staticmethod
