@@ -174,6 +174,34 @@ def test_fast_equals_plain(name, hp, dtype, form):
     compare_fast_plain(name, hp, z1, z2, kwargs)
 
 
+def test_the_standard_in_batch_set_comes_from_pair_contrast_on_the_fast_path(monkeypatch):
+    """Two views without ids on cosines: every strategy's standard set is ``pair_contrast``'s
+    on the fast path (so ``test_fast_equals_plain`` compares it with ``in_batch_contrast``);
+    ids, a third view, raw dot products or ``fast=False`` keep ``in_batch_contrast``."""
+    calls = []
+    real = fastpaths.pair_contrast
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastpaths, "pair_contrast", spy)
+    g = torch.Generator().manual_seed(0)
+    z1, z2, z3 = (torch.randn(6, 4, generator=g) for _ in range(3))
+    cases = [
+        ({}, {}, 1),
+        ({}, {"ids": torch.tensor([0, 1, 2, 3, 4, 0])}, 0),
+        ({}, {"extra_views": [z3]}, 0),
+        ({"normalize": False}, {}, 0),
+        ({"fast": False}, {}, 0),
+    ]
+    for settings, kwargs, expected in cases:
+        for name in ("infonce", "hcl", "ring"):
+            calls.clear()
+            hardneg.create_loss(name, **settings)(z1, z2, **kwargs)
+            assert len(calls) == expected, (name, settings, kwargs)
+
+
 # Ring: band sizes against the numpy / torch selection thresholds of the fast path
 RING_BANDS = [
     pytest.param(0.5, 0.0, id="L0"),

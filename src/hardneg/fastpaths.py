@@ -92,9 +92,11 @@ only; no buffers kept between calls.
   cells drawn in layers of byte draws (:func:`layer_draws`) (plain twin:
   ``PotentialMining.mined`` over ``[k; bank]`` and ``PotentialMining.augmentation``; same law,
   other draws).
-* :func:`pair_contrast` — potential's fast paths: ``in_batch_contrast`` of two views whose
-  Gram matrix reads the partners' logits and whose backward corrects the masked entries in
-  ``O(N d)`` (plain twin: ``in_batch_contrast((z1, z2), ...)``).
+* :func:`pair_contrast` — the in-batch contrast set of two views without ids on cosines,
+  for every strategy on the fast path (``ContrastInputs.standard_contrast(fast=True)``,
+  potential's and MoCHi's own terms): ``in_batch_contrast`` whose Gram matrix reads the
+  partners' logits and whose backward corrects the masked entries in ``O(N d)`` (plain twin:
+  ``in_batch_contrast((z1, z2), ...)``).
 * :func:`band_logits` — Ring: the ring's logits read from the score matrix with a sparse
   backward through the ring's members only (in-batch one product ``(G + G^T) z``; a wide band
   a dense product instead of an ``embedding_bag``) (plain twin: back-propagating through the

@@ -93,8 +93,11 @@ class ContrastInputs:
             return "retrieval"
         return "in_batch"
 
-    def standard_contrast(self) -> ContrastSet:
-        """The contrast set of the call form, with features and labels attached."""
+    def standard_contrast(self, fast: bool = False) -> ContrastSet:
+        """The contrast set of the call form, with features and labels attached. ``fast``: two
+        views without ids on cosines take :func:`hardneg.fastpaths.pair_contrast` (the same
+        fields and values; its backward has no masking pass and no product for the positives'
+        logits)."""
         t = self.temperature
         if self.negatives is not None and self.negatives.dim() == 3:  # a pool per anchor
             contrast = build_contrast(
@@ -136,7 +139,14 @@ class ContrastInputs:
             contrast.anchor_features = self.h1
             return contrast
         views = (self.z1, self.z2, *self.extra_views)
-        contrast = in_batch_contrast(views, temperature=t, ids=self.ids, normalize=self.normalize)
+        if fast and len(views) == 2 and self.ids is None and self.normalize:
+            from hardneg import fastpaths
+
+            contrast = fastpaths.pair_contrast(self.z1, self.z2, temperature=t)
+        else:
+            contrast = in_batch_contrast(
+                views, temperature=t, ids=self.ids, normalize=self.normalize
+            )
         if self.h1 is not None and self.h2 is not None and not self.extra_views:
             contrast.anchor_features = contrast.column_features = torch.cat([self.h1, self.h2])
         if self.labels is not None:

@@ -160,7 +160,7 @@ class Strategy(nn.Module):
         (potential-sample mining: mined and augmentation losses) overrides it; ``role`` is
         handed back to :meth:`select_term`.
         """
-        return [(1.0, inputs.standard_contrast(), "main")]
+        return [(1.0, inputs.standard_contrast(fast=context.fast), "main")]
 
     def select_term(self, contrast: ContrastSet, context: StepContext, role: str) -> Selection:
         """Selection of one term (default: :meth:`select`)."""
