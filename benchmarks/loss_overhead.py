@@ -15,6 +15,13 @@ calls, so that it counts the host's dispatch and the kernels up to their end, an
 by the step before. Thread settings do not apply (the host keeps torch's default): the tables
 have one setting, labelled ``cuda``. The memory and graph-break tables run on the GPU too.
 
+**Reference** (``--reference``, default): a last column ``cross-entropy`` times InfoNCE as most
+SimCLR / MoCo code bases write it (``F.cross_entropy`` over the masked ``[2N, 2N]`` logits, or
+over ``[q . k | q . pool]``; :class:`CrossEntropyReference`, the same value), relative to
+hardneg's ``infonce`` like every other column: what the targets' baseline costs against the
+usual alternative, measured in the same rounds. A loss's ratio to the reference is its ratio
+divided by the reference's.
+
 **Heap** (``--heap``, default ``steady``): the timing process pins glibc's malloc thresholds
 (:func:`steady_heap`), so that a step's buffers reuse the pages of the step before whatever
 ran before it; ``--heap adaptive`` keeps glibc's adaptive thresholds (the tables of sessions
@@ -125,10 +132,48 @@ DEFAULT_THREADS = torch.get_num_threads()
 
 IN_BATCH_SUFFIX = " (in-batch defaults)"
 
+# the usual hand-written form, timed beside infonce (``--reference``): hardneg's own InfoNCE is
+# the baseline of the targets; this column says what that baseline costs against the two-line
+# form most SimCLR / MoCo code bases use
+REFERENCE = "cross-entropy"
+
+
+class CrossEntropyReference(torch.nn.Module):
+    """InfoNCE as SimCLR and MoCo code bases usually write it, with ``F.cross_entropy``.
+
+    In-batch (SimCLR's ``info_nce_loss``): the ``[2N, 2N]`` cosine logits of ``[z1; z2]`` over
+    ``t``, the diagonal at ``-inf``, the partner ``(i + N) mod 2N`` as the label. With a pool
+    (MoCo): the logits ``[q . k | q . pool] / t`` of the normalised rows, label 0. The same
+    value as ``hardneg.create_loss("infonce")``."""
+
+    draws = False
+
+    def __init__(self, temperature: float = 0.5) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, z1, z2, negatives=None, **_):
+        t = self.temperature
+        if negatives is None:
+            z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+            logits = z @ z.T / t
+            logits.fill_diagonal_(float("-inf"))
+            n = z1.shape[0]
+            labels = torch.arange(2 * n, device=z.device).roll(n)
+            return torch.nn.functional.cross_entropy(logits, labels)
+        q = torch.nn.functional.normalize(z1, dim=1)
+        k = torch.nn.functional.normalize(z2, dim=1)
+        queue = torch.nn.functional.normalize(negatives.detach(), dim=1)
+        logits = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.T], dim=1) / t
+        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        return torch.nn.functional.cross_entropy(logits, labels)
+
 
 def make_loss(label: str, **settings):
     """The loss of a table column: a registered name, or ``NAME (in-batch defaults)`` for the
     strategy's ``in_batch_defaults`` (what ``compare`` / ``demo`` use on in-batch negatives)."""
+    if label == REFERENCE:
+        return CrossEntropyReference(settings.get("temperature", 0.5))
     if label.endswith(IN_BATCH_SUFFIX):
         name = label[: -len(IN_BATCH_SUFFIX)]
         defaults = hardneg.registry.strategy_class(name).in_batch_defaults
@@ -442,6 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--losses", default=None, help="losses besides infonce (default: all)")
     parser.add_argument(
+        "--reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"time the hand-written F.cross_entropy InfoNCE too (column {REFERENCE!r})",
+    )
+    parser.add_argument(
         "--threads",
         default="default",
         help="thread counts, comma-separated, 'default' = torch's default (e.g. default,1)",
@@ -519,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
         if name in others and hardneg.registry.strategy_class(name).in_batch_defaults:
             others.insert(others.index(name) + 1, name + IN_BATCH_SUFFIX)
     names = ["infonce", *others]
+    # the time tables' columns: the losses, then the hand-written reference
+    timed = [*others, REFERENCE] if args.reference else others
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     heap = "adaptive (glibc's defaults)"
     if args.heap == "steady":
@@ -546,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         for pool_size in pools:
             for n in sizes:
                 cell = time_cell(
-                    names,
+                    ["infonce", *timed],
                     n,
                     args.dim,
                     pool_size,
@@ -561,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
                 setup = "in-batch" if pool_size == 0 else f"pool K={pool_size}"
                 for t, (med, ratios) in cell.items():
                     cells = []
-                    for name in others:
+                    for name in timed:
                         ratio = ratios[name]
                         target = TARGETS.get(name)
                         flag = ""
@@ -594,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
                                     if ratios[f"floor:{x}"] > TARGETS.get(x, float("inf"))
                                     else ""
                                 )
-                                for x in names
+                                for x in ["infonce", *timed]
                             )
                             + " |"
                         )
@@ -609,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             "set-up",
             "N",
             f"infonce ({args.estimator}, ms)",
-            *(f"{x} (x)" for x in others),
+            *(f"{x} (x)" for x in timed),
         ]
         print("| " + " | ".join(header) + " |")
         print("|" + "|".join(["---"] * len(header)) + "|")
@@ -622,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print("((!) = the products alone exceed the target)")
             print()
-            header = [column, "set-up", "N", *(f"{x} (x)" for x in names)]
+            header = [column, "set-up", "N", *(f"{x} (x)" for x in ["infonce", *timed])]
             print("| " + " | ".join(header) + " |")
             print("|" + "|".join(["---"] * len(header)) + "|")
             for t in threads:

@@ -117,6 +117,23 @@ def test_main_prints_time_floor_memory_and_graph_break_tables(bench, capsys):
     assert "Graph breaks" in out and "| hcl | 0 | 0 | 0 | 0 |" in out
 
 
+@pytest.mark.parametrize("pool_size", [0, 24])
+def test_the_cross_entropy_reference_is_infonce(bench, pool_size):
+    """The reference column computes the same loss as hardneg's infonce (in-batch: SimCLR's
+    masked cross-entropy; with a pool: MoCo's ``[l_pos | l_neg]`` with label 0), with the same
+    gradients, in float64."""
+    g = torch.Generator().manual_seed(3)
+    z1 = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    pool = torch.randn(pool_size, 5, generator=g, dtype=torch.float64) if pool_size else None
+    ours = hardneg.create_loss("infonce", temperature=0.3)(z1, z2, negatives=pool)
+    ref = bench.make_loss(bench.REFERENCE, temperature=0.3)(z1, z2, negatives=pool)
+    torch.testing.assert_close(ref, ours, rtol=1e-12, atol=1e-12)
+    grads = [torch.autograd.grad(x, (z1, z2)) for x in (ref, ours)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_in_batch_defaults_get_their_own_column(bench, capsys):
     """``mochi`` is timed with the registry defaults and, in a column of its own, with the
     ``in_batch_defaults`` that compare / demo use; ``--in-batch-defaults ''`` drops it."""
@@ -174,13 +191,18 @@ def test_cpu_tables_keep_their_form(bench, capsys):
         r"pinned\); load average at start [\d.]+",
         lines[0],
     ), lines[0]
-    row = r"\| 1 \| in-batch \| 8 \| \d+\.\d \| \d+\.\d\d( \(!\))? \|"
+    row = r"\| 1 \| in-batch \| 8 \| \d+\.\d \| \d+\.\d\d( \(!\))? \| \d+\.\d\d \|"
     assert re.fullmatch(row, lines[1]), lines[1]
-    at = lines.index("| threads | set-up | N | infonce (median, ms) | hcl (x) |")
-    assert lines[at + 1] == "|---|---|---|---|---|" and re.fullmatch(row, lines[at + 2])
-    at = lines.index("| threads | set-up | N | infonce (x) | hcl (x) |")  # the product floor
+    at = lines.index(
+        "| threads | set-up | N | infonce (median, ms) | hcl (x) | cross-entropy (x) |"
+    )
+    assert lines[at + 1] == "|---|---|---|---|---|---|" and re.fullmatch(row, lines[at + 2])
+    at = lines.index(  # the product floor
+        "| threads | set-up | N | infonce (x) | hcl (x) | cross-entropy (x) |"
+    )
     assert re.fullmatch(
-        r"\| 1 \| in-batch \| 8 \| \d+\.\d\d \| \d+\.\d\d( \(!\))? \|", lines[at + 2]
+        r"\| 1 \| in-batch \| 8 \| \d+\.\d\d \| \d+\.\d\d( \(!\))? \| \d+\.\d\d \|",
+        lines[at + 2],
     )
     assert lines.index("| loss | in-batch | pool | pool+exclude_index | hard_negatives |") > at
     assert not any("cuda" in line for line in lines)
