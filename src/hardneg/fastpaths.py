@@ -2708,6 +2708,11 @@ class _PairGram(torch.autograd.Function):
             logits.diagonal(offset).fill_(float("-inf"))
         ctx.temperature = temperature
         ctx.save_for_backward(z)
+        # an output that nothing differentiates arrives as None, not as zeros: a strategy that
+        # reads its negatives' logits with a backward of its own (Ring's band, SimANS's draws)
+        # back-propagates only the positives' logits here, O(N d), not two [2N, 2N] products
+        # with a zero matrix
+        ctx.set_materialize_grads(False)
         return logits, pos
 
     @staticmethod
@@ -2718,14 +2723,19 @@ class _PairGram(torch.autograd.Function):
         # dz = (M + M^T) z with M = dG, its masked entries replaced: the diagonal by 0, the
         # partners by their logits' gradients. Two products with dG as it came (a transposed
         # operand costs BLAS nothing; an explicit M + M^T pass costs about a product on a CPU),
-        # then the replaced entries' share, O(N d). (An unused output's gradient arrives as
-        # zeros: autograd materialises it.)
+        # then the replaced entries' share, O(N d).
         with torch.autocast(z.device.type, enabled=False):  # z's dtype, whatever the caller's
-            m = grad_logits.to(z.dtype)
-            # (addmm out of place: the benchmark's product floor and the flop counter see it)
-            out = torch.addmm(torch.mm(m, z), m.T, z)
-            out.sub_(z * (2.0 * m.diagonal()).unsqueeze(1))
-            c = grad_pos.to(z.dtype) - torch.cat([m.diagonal(n), m.diagonal(-n)])
+            c = torch.zeros(2 * n, dtype=z.dtype, device=z.device)
+            if grad_pos is not None:
+                c = c + grad_pos.to(z.dtype)
+            if grad_logits is None:
+                out = torch.zeros_like(z)
+            else:
+                m = grad_logits.to(z.dtype)
+                # (addmm out of place: the benchmark's product floor and the flop counter see it)
+                out = torch.addmm(torch.mm(m, z), m.T, z)
+                out.sub_(z * (2.0 * m.diagonal()).unsqueeze(1))
+                c = c - torch.cat([m.diagonal(n), m.diagonal(-n)])
             # the partner of row i is row (i + N) mod 2N: a roll by N
             out.add_(z.roll(n, 0) * (c + c.roll(n)).unsqueeze(1))
         return out / ctx.temperature, None
