@@ -1340,9 +1340,25 @@ def test_kept_counts_draws_binomial_counts(dtype):
     one = fastpaths.kept_counts(
         log_keep.repeat(4000, 1), None, sample="bernoulli", generator=g
     ).view(4000, *m.shape)
+    assert one.dtype == dtype  # drawn from float32 probabilities, handed back in pi's dtype
     assert torch.equal(one, one.round()) and bool((one <= 1).all())
     se1 = (pi * (1 - pi) / len(one)).sqrt().clamp(min=1e-9)
     assert bool(((one.mean(0) - pi).abs() <= 5 * se1).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0, 6), (3, 0)], ids=["no-anchors", "no-columns"])
+def test_kept_counts_of_an_empty_grid_are_empty_in_every_mode(dtype, shape):
+    """No anchors or no columns: ``[A, C]`` counts in ``pi``'s dtype (nothing to draw), with and
+    without a multiplicity, in both modes (a multiplicity's layer count reads its largest
+    entry, which an empty matrix does not have)."""
+    log_keep = torch.full(shape, -0.5, dtype=dtype)
+    for multiplicity in (None, torch.full(shape, 3)):
+        for sample in ("expected", "bernoulli"):
+            counts = fastpaths.kept_counts(
+                log_keep, multiplicity, sample=sample, generator=torch.Generator().manual_seed(0)
+            )
+            assert_same(counts, torch.zeros(shape, dtype=dtype), (sample, multiplicity))
 
 
 @pytest.mark.parametrize("form", ["in_batch", "pool_exclude"])
