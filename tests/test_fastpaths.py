@@ -2930,6 +2930,52 @@ def test_kept_log_mass_with_a_bound_equals_the_scatter(dtype, bound):
     assert_close_rel(ga, gb, what="kept_log_mass gradient")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bound", [None, 10.0], ids=["row-max", "bound"])
+def test_kept_log_mass_of_a_row_that_keeps_nothing_is_minus_inf_with_a_zero_gradient(dtype, bound):
+    """fnc's dropped columns can be every negative of a row (``top_k`` at least its count): its
+    mass is ``-inf`` and it passes a zero gradient, not ``0 / 0`` (NaN), even under a nonzero
+    upstream gradient; the other rows equal the scatter form. (The scatter form's ``logsumexp``
+    of an all ``-inf`` row back-propagates NaN, so its rows are compared without that one.)"""
+    g = torch.Generator().manual_seed(8)
+    logits = (torch.randn(4, 7, generator=g, dtype=torch.float64) * 3).to(dtype)
+    logits[1, 3:] = float("-inf")  # row 1: three negatives, all of them dropped
+    mask = torch.isfinite(logits)
+    drop = torch.stack([torch.randperm(7, generator=g)[:3] for _ in range(4)])
+    drop[1] = torch.tensor([2, 0, 1])
+    a = logits.clone().requires_grad_()
+    fast = fastpaths.kept_log_mass(a, drop=drop, negative_mask=mask, bound=bound)
+    assert fast[1] == float("-inf")
+    up = torch.linspace(0.5, 2, 4, dtype=dtype)
+    (ga,) = torch.autograd.grad(fast, a, up)
+    assert bool((ga[1] == 0).all())
+    others = [0, 2, 3]
+    b = logits[others].clone().requires_grad_()
+    plain = torch.logsumexp(b.scatter(1, drop[others], float("-inf")), dim=1)
+    assert_close_rel(fast[others], plain, rtol=1e-6 if dtype == torch.float64 else 1e-5)
+    (gb,) = torch.autograd.grad(plain, b, up[others])
+    assert_close_rel(ga[others], gb, what="kept_log_mass gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kept_log_mass_raises_the_limit_to_the_least_negative_of_the_mask(dtype):
+    """A row whose limit is below every negative keeps its least negative, the least among
+    ``negative_mask``'s columns (the plain form's ``_limit``), not among the finite logits: a
+    negative whose logit is ``-inf`` (an overflowed raw logit) is that least negative, so the
+    row keeps only it and its mass is ``-inf``, as the plain form's. Row 0: the same rule
+    without such a negative (its least negatives kept, a finite mass)."""
+    logits = torch.tensor(
+        [[0.5, -1.0, 2.0, float("-inf"), 1.5], [0.5, -1.0, 2.0, float("-inf"), 1.5]],
+        dtype=dtype,
+    )
+    mask = torch.tensor([[True, True, True, False, True], [True, True, True, True, True]])
+    limit = torch.full((2, 1), -3.0, dtype=dtype)  # below every finite logit
+    fast = fastpaths.kept_log_mass(logits, limit=limit, negative_mask=mask)
+    plain = plain_limited(logits, limit, mask)
+    assert torch.isfinite(plain[0]) and plain[1] == float("-inf")
+    assert fast[0] == -1.0 and fast[1] == float("-inf")  # row 0 keeps its -1.0 alone
+
+
 @pytest.mark.parametrize("clamp", [0.999, 0.5], ids=["default", "clamped"])
 def test_potential_pool_fast_path_draws_the_exact_binomial_counts(monkeypatch, clamp):
     """The bank path's kept counts, read where its masses take them: per anchor and column,
