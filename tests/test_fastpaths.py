@@ -1405,6 +1405,54 @@ def test_weighted_log_mass_equals_logsumexp_of_the_log_weights(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_weighted_log_mass_of_rows_far_apart_shifts_each_row_by_its_own_maximum(dtype):
+    """Raw logits need not share a range: rows kept around 0, around 1000 and around -1000 (one
+    shift for every row would underflow the others' exponentials to a ``-inf`` mass). Against
+    ``logsumexp(c + log w)``, values and gradients."""
+    from hardneg.objectives import safe_logsumexp
+
+    g = torch.Generator().manual_seed(6)
+    c = torch.randn(3, 8, generator=g, dtype=torch.float64).to(dtype)
+    c[1] += 1000.0
+    c[2] -= 1000.0
+    w = torch.randint(1, 4, (3, 8), generator=g).to(dtype)
+    w[:, ::3] = 0.0
+    leaf = c.clone().requires_grad_()
+    fast = fastpaths.weighted_log_mass(leaf, w)
+    plain_leaf = c.clone().requires_grad_()
+    plain = safe_logsumexp(plain_leaf + w.log())
+    assert bool(torch.isfinite(plain).all())
+    assert_close_rel(fast, plain, what="value")
+    up = torch.tensor([0.5, 1.0, 2.0], dtype=dtype)
+    (gf,) = torch.autograd.grad(fast, leaf, up)
+    (gp,) = torch.autograd.grad(plain, plain_leaf, up)
+    # float32 logits of size ~1000 carry an ulp of 6e-5: both forms round e^{c - m} so
+    assert_close_rel(gf, gp, rtol=1e-4 if dtype == torch.float32 else 1e-5, what="gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weighted_log_mass_takes_weights_of_another_dtype_in_the_logits_dtype(dtype):
+    """Integer cell counts (``int64``) or float32 weights of float64 logits: the mass and its
+    gradient in the logits' dtype, equal to ``logsumexp(c + log w)`` of the weights cast to it."""
+    from hardneg.objectives import safe_logsumexp
+
+    g = torch.Generator().manual_seed(7)
+    c = torch.randn(4, 9, generator=g, dtype=torch.float64).to(dtype)
+    counts = torch.randint(0, 4, (4, 9), generator=g)
+    counts[:, 0] = 1
+    up = torch.linspace(0.5, 2.0, 4, dtype=dtype)
+    for w in (counts, counts.float()):
+        got_leaf, want_leaf = c.clone().requires_grad_(), c.clone().requires_grad_()
+        got = fastpaths.weighted_log_mass(got_leaf, w)
+        want = safe_logsumexp(want_leaf + w.to(dtype).log())
+        assert got.dtype == dtype, w.dtype
+        assert_close_rel(got, want, what=f"value, {w.dtype} weights")
+        (g_got,) = torch.autograd.grad(got, got_leaf, up)
+        (g_want,) = torch.autograd.grad(want, want_leaf, up)
+        assert_close_rel(g_got, g_want, what=f"gradient, {w.dtype} weights")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("form", [*FORMS, "per_anchor_pool"])
 def test_mochi_mixed_column_logits_equal_the_plain_product(dtype, form):
     """``mixed_column_logits`` reads the logits of the negative columns from the contrast set
