@@ -375,13 +375,19 @@ def test_tilted_log_mass_equals_plain(dtype, beta, with_factor, tilt_grad, shape
 def test_tilted_log_mass_of_unshifted_exponentials_equals_plain(dtype, beta, with_factor):
     """``shifted=(None, e^c)`` (``row_exponentials`` with a bound: no row maximum, the shift is
     0) without ``overwrite``: every beta's route (``e^{beta c}`` from ``e`` or from ``beta c``),
-    on a non-square ``[A, S]``; value and gradient against the plain expression."""
+    on a non-square ``[A, S]``; value and gradient (the default: through the weights too)
+    against the plain expression. The caller's exponentials and factor are left as they were
+    (only ``overwrite=True`` makes them scratch)."""
     logits, mask, factor = tilted_inputs(5, 11, dtype, seed=int(beta * 10) + 3)
     f = factor if with_factor else None
     m = mask.sum(dim=1)
+    e = logits.exp()
     leaf_fast = logits.clone().requires_grad_()
     leaf_plain = logits.clone().requires_grad_()
-    fast = fastpaths.tilted_log_mass(leaf_fast, beta, m, factor=f, shifted=(None, logits.exp()))
+    fast = fastpaths.tilted_log_mass(leaf_fast, beta, m, factor=f, shifted=(None, e))
+    assert_same(e, logits.exp(), "the given exponentials")
+    if with_factor:
+        assert_same(factor, tilted_inputs(5, 11, dtype, seed=int(beta * 10) + 3)[2], "factor")
     plain = plain_tilted_log_mass(leaf_plain, beta, m, factor=f)
     assert fast.shape == plain.shape == (5,)
     assert_close_rel(fast, plain, what="log mass")
@@ -389,6 +395,47 @@ def test_tilted_log_mass_of_unshifted_exponentials_equals_plain(dtype, beta, wit
     (g_fast,) = torch.autograd.grad(fast, leaf_fast, upstream)
     (g_plain,) = torch.autograd.grad(plain, leaf_plain, upstream)
     assert_close_rel(g_fast, torch.nan_to_num(g_plain, nan=0.0), what="gradient")
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.3])
+def test_tilted_log_mass_takes_a_factor_of_another_dtype_in_the_logits_dtype(beta):
+    """A float32 factor of float64 logits: the mass and its gradient in float64, against the
+    plain expression with the factor cast to float64 (``beta = 0``: the factor is the weights
+    alone; ``1``: formed with ``e`` a block at a time; ``0.3``: scales ``e^{beta s}``)."""
+    logits, mask, factor = tilted_inputs(6, 13, torch.float64, seed=int(beta * 10) + 21)
+    f32 = factor.float()
+    m = mask.sum(dim=1)
+    leaf_fast = logits.clone().requires_grad_()
+    leaf_plain = logits.clone().requires_grad_()
+    fast = fastpaths.tilted_log_mass(leaf_fast, beta, m, factor=f32)
+    plain = plain_tilted_log_mass(leaf_plain, beta, m, factor=f32.double())
+    assert fast.dtype == torch.float64
+    assert_close_rel(fast, plain, what="log mass")
+    upstream = torch.linspace(0.5, 1.5, 6, dtype=torch.float64)
+    (g_fast,) = torch.autograd.grad(fast, leaf_fast, upstream)
+    (g_plain,) = torch.autograd.grad(plain, leaf_plain, upstream)
+    assert g_fast.dtype == torch.float64
+    assert_close_rel(g_fast, torch.nan_to_num(g_plain, nan=0.0), what="gradient")
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_tilted_and_weighted_log_mass_of_more_than_a_block_of_entries_equal_plain(beta):
+    """``[300, 1000]`` (more than ``_BLOCK = 2^18`` entries: the row sums ``sum_j q_ij e_ij``
+    and ``sum_j w_ij e_ij`` are taken a block of rows at a time, every earlier case fitted one
+    block): ``tilted_log_mass`` without a factor and ``weighted_log_mass`` with integer-valued
+    weights, against their plain expressions in float64."""
+    from hardneg.objectives import safe_logsumexp
+
+    logits, mask, _ = tilted_inputs(300, 1000, torch.float64, seed=31 + int(beta * 10))
+    assert logits.numel() > fastpaths._BLOCK
+    m = mask.sum(dim=1)
+    tilted = fastpaths.tilted_log_mass(logits, beta, m)
+    assert_close_rel(tilted, plain_tilted_log_mass(logits, beta, m), what="tilted log mass")
+    w = torch.randint(0, 3, logits.shape, generator=torch.Generator().manual_seed(2))
+    w = w.to(torch.float64).masked_fill_(~mask, 0.0)
+    w[:, 0] = 1.0
+    weighted = fastpaths.weighted_log_mass(logits, w)
+    assert_close_rel(weighted, safe_logsumexp(logits + w.log()), what="weighted log mass")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
