@@ -398,6 +398,75 @@ def test_tilted_log_mass_equals_plain(dtype, beta, with_factor, tilt_grad, shape
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [0.0, 1.0, 2.0, 3.0, 0.3])
+@pytest.mark.parametrize("with_factor", [False, True], ids=["nofactor", "factor"])
+def test_tilted_log_mass_of_unshifted_exponentials_equals_plain(dtype, beta, with_factor):
+    """``shifted=(None, e^c)`` (``row_exponentials`` with a bound: no row maximum, the shift is
+    0) without ``overwrite``: every beta's route (``e^{beta c}`` from ``e`` or from ``beta c``),
+    on a non-square ``[A, S]``; value and gradient (the default: through the weights too)
+    against the plain expression. The caller's exponentials and factor are left as they were
+    (only ``overwrite=True`` makes them scratch)."""
+    logits, mask, factor = tilted_inputs(5, 11, dtype, seed=int(beta * 10) + 3)
+    f = factor if with_factor else None
+    m = mask.sum(dim=1)
+    e = logits.exp()
+    leaf_fast = logits.clone().requires_grad_()
+    leaf_plain = logits.clone().requires_grad_()
+    fast = fastpaths.tilted_log_mass(leaf_fast, beta, m, factor=f, shifted=(None, e))
+    assert_same(e, logits.exp(), "the given exponentials")
+    if with_factor:
+        assert_same(factor, tilted_inputs(5, 11, dtype, seed=int(beta * 10) + 3)[2], "factor")
+    plain = plain_tilted_log_mass(leaf_plain, beta, m, factor=f)
+    assert fast.shape == plain.shape == (5,)
+    assert_close_rel(fast, plain, what="log mass")
+    upstream = torch.linspace(0.5, 1.5, 5, dtype=dtype)
+    (g_fast,) = torch.autograd.grad(fast, leaf_fast, upstream)
+    (g_plain,) = torch.autograd.grad(plain, leaf_plain, upstream)
+    assert_close_rel(g_fast, torch.nan_to_num(g_plain, nan=0.0), what="gradient")
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.3])
+def test_tilted_log_mass_takes_a_factor_of_another_dtype_in_the_logits_dtype(beta):
+    """A float32 factor of float64 logits: the mass and its gradient in float64, against the
+    plain expression with the factor cast to float64 (``beta = 0``: the factor is the weights
+    alone; ``1``: formed with ``e`` a block at a time; ``0.3``: scales ``e^{beta s}``)."""
+    logits, mask, factor = tilted_inputs(6, 13, torch.float64, seed=int(beta * 10) + 21)
+    f32 = factor.float()
+    m = mask.sum(dim=1)
+    leaf_fast = logits.clone().requires_grad_()
+    leaf_plain = logits.clone().requires_grad_()
+    fast = fastpaths.tilted_log_mass(leaf_fast, beta, m, factor=f32)
+    plain = plain_tilted_log_mass(leaf_plain, beta, m, factor=f32.double())
+    assert fast.dtype == torch.float64
+    assert_close_rel(fast, plain, what="log mass")
+    upstream = torch.linspace(0.5, 1.5, 6, dtype=torch.float64)
+    (g_fast,) = torch.autograd.grad(fast, leaf_fast, upstream)
+    (g_plain,) = torch.autograd.grad(plain, leaf_plain, upstream)
+    assert g_fast.dtype == torch.float64
+    assert_close_rel(g_fast, torch.nan_to_num(g_plain, nan=0.0), what="gradient")
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_tilted_and_weighted_log_mass_of_more_than_a_block_of_entries_equal_plain(beta):
+    """``[300, 1000]`` (more than ``_BLOCK = 2^18`` entries: the row sums ``sum_j q_ij e_ij``
+    and ``sum_j w_ij e_ij`` are taken a block of rows at a time, every earlier case fitted one
+    block): ``tilted_log_mass`` without a factor and ``weighted_log_mass`` with integer-valued
+    weights, against their plain expressions in float64."""
+    from hardneg.objectives import safe_logsumexp
+
+    logits, mask, _ = tilted_inputs(300, 1000, torch.float64, seed=31 + int(beta * 10))
+    assert logits.numel() > fastpaths._BLOCK
+    m = mask.sum(dim=1)
+    tilted = fastpaths.tilted_log_mass(logits, beta, m)
+    assert_close_rel(tilted, plain_tilted_log_mass(logits, beta, m), what="tilted log mass")
+    w = torch.randint(0, 3, logits.shape, generator=torch.Generator().manual_seed(2))
+    w = w.to(torch.float64).masked_fill_(~mask, 0.0)
+    w[:, 0] = 1.0
+    weighted = fastpaths.weighted_log_mass(logits, w)
+    assert_close_rel(weighted, safe_logsumexp(logits + w.log()), what="weighted log mass")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("beta", [0.0, 1.0, 2.0, 0.7])
 @pytest.mark.parametrize("tilt_grad", [True, False], ids=["tilt-grad", "tilt-detached"])
 @pytest.mark.parametrize("rows", [9, 300, 1100])  # 1100: the blocked backward, a partial block
@@ -1391,9 +1460,25 @@ def test_kept_counts_draws_binomial_counts(dtype):
     one = fastpaths.kept_counts(
         log_keep.repeat(4000, 1), None, sample="bernoulli", generator=g
     ).view(4000, *m.shape)
+    assert one.dtype == dtype  # drawn from float32 probabilities, handed back in pi's dtype
     assert torch.equal(one, one.round()) and bool((one <= 1).all())
     se1 = (pi * (1 - pi) / len(one)).sqrt().clamp(min=1e-9)
     assert bool(((one.mean(0) - pi).abs() <= 5 * se1).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0, 6), (3, 0)], ids=["no-anchors", "no-columns"])
+def test_kept_counts_of_an_empty_grid_are_empty_in_every_mode(dtype, shape):
+    """No anchors or no columns: ``[A, C]`` counts in ``pi``'s dtype (nothing to draw), with and
+    without a multiplicity, in both modes (a multiplicity's layer count reads its largest
+    entry, which an empty matrix does not have)."""
+    log_keep = torch.full(shape, -0.5, dtype=dtype)
+    for multiplicity in (None, torch.full(shape, 3)):
+        for sample in ("expected", "bernoulli"):
+            counts = fastpaths.kept_counts(
+                log_keep, multiplicity, sample=sample, generator=torch.Generator().manual_seed(0)
+            )
+            assert_same(counts, torch.zeros(shape, dtype=dtype), (sample, multiplicity))
 
 
 @pytest.mark.parametrize("form", ["in_batch", "pool_exclude"])
@@ -1437,6 +1522,54 @@ def test_weighted_log_mass_equals_logsumexp_of_the_log_weights(dtype):
     (gp,) = torch.autograd.grad(torch.where(finite, plain, 0.0).mul(up).sum(), c)
     assert bool(torch.isfinite(gf).all()) and bool((gf[1] == 0).all())
     assert_close_rel(gf, gp, what="gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weighted_log_mass_of_rows_far_apart_shifts_each_row_by_its_own_maximum(dtype):
+    """Raw logits need not share a range: rows kept around 0, around 1000 and around -1000 (one
+    shift for every row would underflow the others' exponentials to a ``-inf`` mass). Against
+    ``logsumexp(c + log w)``, values and gradients."""
+    from hardneg.objectives import safe_logsumexp
+
+    g = torch.Generator().manual_seed(6)
+    c = torch.randn(3, 8, generator=g, dtype=torch.float64).to(dtype)
+    c[1] += 1000.0
+    c[2] -= 1000.0
+    w = torch.randint(1, 4, (3, 8), generator=g).to(dtype)
+    w[:, ::3] = 0.0
+    leaf = c.clone().requires_grad_()
+    fast = fastpaths.weighted_log_mass(leaf, w)
+    plain_leaf = c.clone().requires_grad_()
+    plain = safe_logsumexp(plain_leaf + w.log())
+    assert bool(torch.isfinite(plain).all())
+    assert_close_rel(fast, plain, what="value")
+    up = torch.tensor([0.5, 1.0, 2.0], dtype=dtype)
+    (gf,) = torch.autograd.grad(fast, leaf, up)
+    (gp,) = torch.autograd.grad(plain, plain_leaf, up)
+    # float32 logits of size ~1000 carry an ulp of 6e-5: both forms round e^{c - m} so
+    assert_close_rel(gf, gp, rtol=1e-4 if dtype == torch.float32 else 1e-5, what="gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weighted_log_mass_takes_weights_of_another_dtype_in_the_logits_dtype(dtype):
+    """Integer cell counts (``int64``) or float32 weights of float64 logits: the mass and its
+    gradient in the logits' dtype, equal to ``logsumexp(c + log w)`` of the weights cast to it."""
+    from hardneg.objectives import safe_logsumexp
+
+    g = torch.Generator().manual_seed(7)
+    c = torch.randn(4, 9, generator=g, dtype=torch.float64).to(dtype)
+    counts = torch.randint(0, 4, (4, 9), generator=g)
+    counts[:, 0] = 1
+    up = torch.linspace(0.5, 2.0, 4, dtype=dtype)
+    for w in (counts, counts.float()):
+        got_leaf, want_leaf = c.clone().requires_grad_(), c.clone().requires_grad_()
+        got = fastpaths.weighted_log_mass(got_leaf, w)
+        want = safe_logsumexp(want_leaf + w.to(dtype).log())
+        assert got.dtype == dtype, w.dtype
+        assert_close_rel(got, want, what=f"value, {w.dtype} weights")
+        (g_got,) = torch.autograd.grad(got, got_leaf, up)
+        (g_want,) = torch.autograd.grad(want, want_leaf, up)
+        assert_close_rel(g_got, g_want, what=f"gradient, {w.dtype} weights")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -2963,6 +3096,52 @@ def test_kept_log_mass_with_a_bound_equals_the_scatter(dtype, bound):
         plain @ weights + (b.gather(1, drop) * weights.unsqueeze(1)).sum(), b
     )
     assert_close_rel(ga, gb, what="kept_log_mass gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bound", [None, 10.0], ids=["row-max", "bound"])
+def test_kept_log_mass_of_a_row_that_keeps_nothing_is_minus_inf_with_a_zero_gradient(dtype, bound):
+    """fnc's dropped columns can be every negative of a row (``top_k`` at least its count): its
+    mass is ``-inf`` and it passes a zero gradient, not ``0 / 0`` (NaN), even under a nonzero
+    upstream gradient; the other rows equal the scatter form. (The scatter form's ``logsumexp``
+    of an all ``-inf`` row back-propagates NaN, so its rows are compared without that one.)"""
+    g = torch.Generator().manual_seed(8)
+    logits = (torch.randn(4, 7, generator=g, dtype=torch.float64) * 3).to(dtype)
+    logits[1, 3:] = float("-inf")  # row 1: three negatives, all of them dropped
+    mask = torch.isfinite(logits)
+    drop = torch.stack([torch.randperm(7, generator=g)[:3] for _ in range(4)])
+    drop[1] = torch.tensor([2, 0, 1])
+    a = logits.clone().requires_grad_()
+    fast = fastpaths.kept_log_mass(a, drop=drop, negative_mask=mask, bound=bound)
+    assert fast[1] == float("-inf")
+    up = torch.linspace(0.5, 2, 4, dtype=dtype)
+    (ga,) = torch.autograd.grad(fast, a, up)
+    assert bool((ga[1] == 0).all())
+    others = [0, 2, 3]
+    b = logits[others].clone().requires_grad_()
+    plain = torch.logsumexp(b.scatter(1, drop[others], float("-inf")), dim=1)
+    assert_close_rel(fast[others], plain, rtol=1e-6 if dtype == torch.float64 else 1e-5)
+    (gb,) = torch.autograd.grad(plain, b, up[others])
+    assert_close_rel(ga[others], gb, what="kept_log_mass gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kept_log_mass_raises_the_limit_to_the_least_negative_of_the_mask(dtype):
+    """A row whose limit is below every negative keeps its least negative, the least among
+    ``negative_mask``'s columns (the plain form's ``_limit``), not among the finite logits: a
+    negative whose logit is ``-inf`` (an overflowed raw logit) is that least negative, so the
+    row keeps only it and its mass is ``-inf``, as the plain form's. Row 0: the same rule
+    without such a negative (its least negatives kept, a finite mass)."""
+    logits = torch.tensor(
+        [[0.5, -1.0, 2.0, float("-inf"), 1.5], [0.5, -1.0, 2.0, float("-inf"), 1.5]],
+        dtype=dtype,
+    )
+    mask = torch.tensor([[True, True, True, False, True], [True, True, True, True, True]])
+    limit = torch.full((2, 1), -3.0, dtype=dtype)  # below every finite logit
+    fast = fastpaths.kept_log_mass(logits, limit=limit, negative_mask=mask)
+    plain = plain_limited(logits, limit, mask)
+    assert torch.isfinite(plain[0]) and plain[1] == float("-inf")
+    assert fast[0] == -1.0 and fast[1] == float("-inf")  # row 0 keeps its -1.0 alone
 
 
 @pytest.mark.parametrize("clamp", [0.999, 0.5], ids=["default", "clamped"])

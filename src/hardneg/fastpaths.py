@@ -973,7 +973,8 @@ def kept_counts(
     dtype, pi = pi.dtype, pi.float()
     m = multiplicity if multiplicity.dtype == pi.dtype else multiplicity.to(pi.dtype)
     counts = bernoulli_bytes(pi.masked_fill_(m == 0, 0.0), generator)
-    top = m.amax(dim=0)  # [C]
+    # [C]; no anchors: no layer (amax has no row to reduce)
+    top = m.amax(dim=0) if m.shape[0] else m.new_zeros(m.shape[1])
     layers = int(top.max()) if top.numel() else 0
     for r in range(1, layers):
         cols = (top > r).nonzero().squeeze(1)
