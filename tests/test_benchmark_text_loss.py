@@ -1,0 +1,60 @@
+"""The text-loss benchmark against ``MultipleNegativesRankingLoss``: it compares the same
+computation (infonce is MNRL on the benchmark's embeddings, and a different loss is caught) and
+prints one row per cell."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sentence_transformers")
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "text_loss.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("text_loss", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("negatives", [0, 2])
+def test_infonce_is_mnrl_on_the_benchmark_embeddings(bench, negatives):
+    losses, skipped = bench.make_losses(["infonce", "potential"], 20.0)
+    assert skipped == ["potential"] and list(losses) == ["mnrl", "infonce"]
+    cols = bench.columns(8, negatives, 16, seed=1)
+    assert len(cols) == 2 + negatives and all(c.requires_grad for c in cols)
+    bench.check_same_computation(losses, cols)  # raises when they differ
+    # another scale is another loss: the check must notice
+    other, _ = bench.make_losses(["infonce"], 10.0)
+    mixed = {"mnrl": losses["mnrl"], "infonce": other["infonce"]}
+    with pytest.raises(AssertionError):
+        bench.check_same_computation(mixed, cols)
+
+
+def test_a_step_leaves_fresh_gradients_on_the_embeddings(bench):
+    losses, _ = bench.make_losses(["hcl"], 20.0)
+    cols = bench.columns(6, 1, 8, seed=0)
+    first = bench.step(losses["hcl"], cols)
+    grads = [c.grad.clone() for c in cols]
+    second = bench.step(losses["hcl"], cols)  # cleared, not accumulated
+    assert torch.equal(first, second)
+    for c, g in zip(cols, grads):
+        torch.testing.assert_close(c.grad, g)
+
+
+def test_main_prints_one_row_per_cell_and_the_skipped_strategies(bench, capsys):
+    args = "--batch-sizes 8 --negatives 0,1 --rounds 1 --warmup 0 --dim 16 --threads 1"
+    assert bench.main([*args.split(), "--strategies", "infonce,potential,hcl"]) == 0
+    out = capsys.readouterr().out
+    assert "| B | k | MNRL (ms) | infonce (x) | hcl (x) |" in out
+    for k in (0, 1):
+        row = rf"\| 8 \| {k} \| \d+\.\d\d \| \d+\.\d\d \| \d+\.\d\d \|"
+        assert len(re.findall(row, out)) == 2  # as measured, then in the table
+    assert "skipped (reject the retrieval layout): potential" in out
