@@ -3,6 +3,7 @@ value it got and what is allowed."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -88,6 +89,31 @@ def test_nan_or_inf_in_the_inputs_is_rejected(name, bad):
         hardneg.create_loss(name)(z(), x)
     with raises("negatives contains 1 NaN or Inf value(s) (first in row 2)"):
         hardneg.create_loss(name)(z(), z(), negatives=torch.cat([x, z()]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_finite_check_agrees_with_isfinite_entry_by_entry(dtype):
+    """The check reads one float64 sum first: it must accept every tensor of finite entries,
+    those whose sum overflows included (float64 entries near its largest value), and reject
+    an infinity of either sign, both signs together (their sum is NaN, not an infinity) and a
+    NaN, counting them as ``torch.isfinite`` does."""
+    from hardneg._checks import check_embeddings
+
+    top = torch.finfo(dtype).max
+    finite = [torch.full((3, 4), top, dtype=dtype), torch.full((3, 4), -top, dtype=dtype)]
+    finite.append(torch.randn(3, 4).to(dtype))
+    for x in finite:
+        assert check_embeddings("x", x) is x
+    if dtype == torch.float64:
+        assert not math.isfinite(float(finite[0].sum()))  # the sum overflows; the entries do not
+    for bad in ([float("inf")], [float("-inf")], [float("inf"), float("-inf")], [float("nan")]):
+        x = torch.randn(3, 4).to(dtype)
+        x[1, : len(bad)] = torch.tensor(bad, dtype=dtype)
+        with raises(
+            f"x contains {len(bad)} NaN or Inf value(s) (first in row 1); "
+            "only finite embeddings are allowed"
+        ):
+            check_embeddings("x", x)
 
 
 def test_labels_of_the_wrong_shape_or_type_are_rejected():
