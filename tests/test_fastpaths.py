@@ -174,6 +174,29 @@ def test_fast_equals_plain(name, hp, dtype, form):
     compare_fast_plain(name, hp, z1, z2, kwargs)
 
 
+@pytest.mark.parametrize("shape", [(7, 5), (3, 4, 6)])
+def test_unit_rows_equal_f_normalize_in_value_and_gradient(shape):
+    """The written-out backward against autograd's through ``F.normalize`` (float64), along the
+    last dimension of 2-D and 3-D inputs, a zero row and a row whose norm is below ``eps``
+    (clamped: ``x / eps``, linear) and one just above it included; and ``gradcheck`` of the
+    function itself."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x[..., 0, :] = 0.0  # clamped: linear there
+    x[..., 1, :] = 1e-13 * torch.randn(shape[-1], generator=g, dtype=torch.float64)  # clamped
+    x[..., 2, :] = 1e-11 * torch.randn(shape[-1], generator=g, dtype=torch.float64)  # above eps
+    x.requires_grad_()
+    up = torch.randn(shape, generator=g, dtype=torch.float64)
+    fast = fastpaths.unit_rows(x)
+    plain = torch.nn.functional.normalize(x, dim=-1)
+    assert_close_rel(fast, plain, what="values", rtol=1e-12)
+    (gf,) = torch.autograd.grad(fast, x, up)
+    (gp,) = torch.autograd.grad(plain, x, up)
+    torch.testing.assert_close(gf, gp, rtol=1e-10, atol=1e-6)
+    y = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fastpaths.unit_rows, (y,))
+
+
 def test_the_standard_in_batch_set_comes_from_pair_contrast_on_the_fast_path(monkeypatch):
     """Two views without ids on cosines: every strategy's standard set is ``pair_contrast``'s
     on the fast path (so ``test_fast_equals_plain`` compares it with ``in_batch_contrast``);

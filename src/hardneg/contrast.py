@@ -140,9 +140,15 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _prepare(x: Tensor, dtype: torch.dtype, normalize: bool) -> Tensor:
+def _prepare(x: Tensor, dtype: torch.dtype, normalize: bool, fast: bool = False) -> Tensor:
     x = x.to(dtype)
-    return F.normalize(x, dim=-1) if normalize else x
+    if not normalize:
+        return x
+    if fast:  # the same rows with a written-out backward (hardneg.fastpaths.unit_rows)
+        from hardneg.fastpaths import unit_rows
+
+        return unit_rows(x)
+    return F.normalize(x, dim=-1)
 
 
 def build_contrast(
@@ -157,6 +163,7 @@ def build_contrast(
     negative_mask: Tensor | None = None,
     normalize: bool = True,
     detach_columns: bool = False,
+    fast: bool = False,
 ) -> ContrastSet:
     """The general contrast set.
 
@@ -174,11 +181,13 @@ def build_contrast(
             (besides the anchor's positives, which are always excluded).
         normalize: L2-normalise every embedding (cosine similarity).
         detach_columns: no gradient through the shared columns (a queue, a bank).
+        fast: normalise with :func:`hardneg.fastpaths.unit_rows` (same values, a cheaper
+            backward) instead of ``F.normalize``.
     """
     given = (anchors, columns, positives, anchor_columns)
     dtype = compute_dtype(*[x for x in given if x is not None])
-    a = _prepare(anchors, dtype, normalize)
-    c = _prepare(columns.detach() if detach_columns else columns, dtype, normalize)
+    a = _prepare(anchors, dtype, normalize, fast)
+    c = _prepare(columns.detach() if detach_columns else columns, dtype, normalize, fast)
     if (positive_index is None) == (positives is None):
         raise ValueError("give exactly one of positive_index and positives")
     # 1/t folded into the [A, d] operand: one pass less over the [A, C] logits
@@ -186,7 +195,7 @@ def build_contrast(
     logits = ((a / temperature) @ c.T).to(dtype)
     if positives is not None:
         p = _prepare(
-            positives if positives.dim() == 3 else positives.unsqueeze(1), dtype, normalize
+            positives if positives.dim() == 3 else positives.unsqueeze(1), dtype, normalize, fast
         )
         pos_logits = torch.einsum("ad,apd->ap", a, p).to(dtype) / temperature
         pos_index = None
@@ -207,8 +216,9 @@ def build_contrast(
         if pos_index is not None:
             mask.scatter_(1, pos_index, False)
         logits = logits.masked_fill(~mask, float("-inf"))
+    ac = None
     if anchor_columns is not None:
-        ac = _prepare(anchor_columns, dtype, normalize)
+        ac = _prepare(anchor_columns, dtype, normalize, fast)
         own = torch.einsum("ad,ahd->ah", a, ac).to(dtype) / temperature
         logits = torch.cat([logits, own], dim=1)
         if mask is not None:
@@ -227,9 +237,7 @@ def build_contrast(
     return ContrastSet(
         anchors=a,
         columns=c,
-        anchor_columns=None
-        if anchor_columns is None
-        else _prepare(anchor_columns, dtype, normalize),
+        anchor_columns=ac,
         positives=p,
         positive_logits=pos_logits,
         positive_weight=weight,
@@ -248,18 +256,20 @@ def in_batch_contrast(
     temperature: float,
     ids: Tensor | None = None,
     normalize: bool = True,
+    fast: bool = False,
 ) -> ContrastSet:
     """SimCLR: every view of every sample is an anchor and a column.
 
     ``views``: ``V >= 2`` tensors ``[N, d]`` (row ``i`` of each is sample ``i``). Anchor ``v N + i``
     has the positives ``v' N + i`` (``v' != v``, in increasing order of ``v'``) and every view of
     every other sample as negatives; itself is neither. ``ids`` ``[N]`` (optional): samples with
-    equal ids are duplicates, neither positives nor negatives of each other.
+    equal ids are duplicates, neither positives nor negatives of each other. ``fast``: normalise
+    with :func:`hardneg.fastpaths.unit_rows` (same values, a cheaper backward).
     """
     v = len(views)
     n = views[0].shape[0]
     dtype = compute_dtype(*views)
-    z = _prepare(torch.cat(list(views), dim=0), dtype, normalize)
+    z = _prepare(torch.cat(list(views), dim=0), dtype, normalize, fast)
     device = z.device
     logits = ((z / temperature) @ z.T).to(dtype)  # autocast: promote
     index = torch.arange(v * n, device=device)
@@ -311,14 +321,16 @@ def pool_contrast(
     temperature: float,
     exclude_index: Tensor | None = None,
     normalize: bool = True,
+    fast: bool = False,
 ) -> ContrastSet:
     """MoCo / memory bank: queries ``q [N, d]``, their positive keys ``k [N, d]`` and an external
     pool ``[K, d]`` (detached) whose rows are all negatives, except ``exclude_index[i]`` (each
-    query's own bank entry), which is masked, leaving ``K - 1``."""
+    query's own bank entry), which is masked, leaving ``K - 1``. ``fast``: normalise with
+    :func:`hardneg.fastpaths.unit_rows` (same values, a cheaper backward)."""
     dtype = compute_dtype(q, k, pool)
-    qn = _prepare(q, dtype, normalize)
-    kn = _prepare(k, dtype, normalize)
-    bank = _prepare(pool.detach(), dtype, normalize)
+    qn = _prepare(q, dtype, normalize, fast)
+    kn = _prepare(k, dtype, normalize, fast)
+    bank = _prepare(pool.detach(), dtype, normalize)  # detached: no backward to save
     pos_logits = (qn * kn).sum(dim=1, keepdim=True).to(dtype) / temperature
     logits = ((qn / temperature) @ bank.T).to(dtype)  # autocast: promote
     mask = None
@@ -357,6 +369,7 @@ def retrieval_contrast(
     ids: Tensor | None = None,
     candidate_ids: Tensor | None = None,
     normalize: bool = True,
+    fast: bool = False,
 ) -> ContrastSet:
     """Text retrieval: anchor ``i``'s positive is ``positives[i]``; its negatives are every other
     positive and every hard negative of the batch (``hard_negatives [B, h, d]``, flattened
@@ -365,6 +378,8 @@ def retrieval_contrast(
 
     ``ids [B]`` and ``candidate_ids [B (1 + h)]`` (optional, e.g. hashes of the texts): a column
     with the same id as the anchor's positive is a duplicate of it and is masked (neither).
+    ``fast``: normalise with :func:`hardneg.fastpaths.unit_rows` (same values, a cheaper
+    backward).
     """
     b = anchors.shape[0]
     cols = [positives]
@@ -383,6 +398,7 @@ def retrieval_contrast(
         positive_index=torch.arange(b, device=anchors.device).unsqueeze(1),
         negative_mask=mask,
         normalize=normalize,
+        fast=fast,
     )
     # column c belongs to anchor (c mod B) for the positives, (c - B) // h for hard negatives
     owner = torch.arange(columns.shape[0], device=anchors.device)

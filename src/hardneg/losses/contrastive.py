@@ -97,7 +97,7 @@ class ContrastInputs:
         """The contrast set of the call form, with features and labels attached. ``fast``: two
         views without ids on cosines take :func:`hardneg.fastpaths.pair_contrast` (the same
         fields and values; its backward has no masking pass and no product for the positives'
-        logits)."""
+        logits), and every form normalises with :func:`hardneg.fastpaths.unit_rows`."""
         t = self.temperature
         if self.negatives is not None and self.negatives.dim() == 3:  # a pool per anchor
             contrast = build_contrast(
@@ -107,6 +107,7 @@ class ContrastInputs:
                 anchor_columns=self.negatives.detach(),
                 temperature=t,
                 normalize=self.normalize,
+                fast=fast,
             )
             contrast.anchor_features = self.h1
             contrast.anchor_labels, contrast.column_labels = self.labels, self.negative_labels
@@ -121,6 +122,7 @@ class ContrastInputs:
                 temperature=t,
                 exclude_index=self.exclude_index,
                 normalize=self.normalize,
+                fast=fast,
             )
             contrast.anchor_features, contrast.column_features = self.h1, self.negative_h
             contrast.anchor_labels, contrast.column_labels = self.labels, self.negative_labels
@@ -135,6 +137,7 @@ class ContrastInputs:
                 temperature=t,
                 candidate_ids=self.ids,
                 normalize=self.normalize,
+                fast=fast,
             )
             contrast.anchor_features = self.h1
             return contrast
@@ -145,7 +148,7 @@ class ContrastInputs:
             contrast = fastpaths.pair_contrast(self.z1, self.z2, temperature=t)
         else:
             contrast = in_batch_contrast(
-                views, temperature=t, ids=self.ids, normalize=self.normalize
+                views, temperature=t, ids=self.ids, normalize=self.normalize, fast=fast
             )
         if self.h1 is not None and self.h2 is not None and not self.extra_views:
             contrast.anchor_features = contrast.column_features = torch.cat([self.h1, self.h2])
