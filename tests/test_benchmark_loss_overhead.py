@@ -3,7 +3,6 @@ its tables (time per thread setting, peak memory, graph breaks) come out of one 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _bench import load_benchmark
 from _same import assert_same
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -23,9 +23,7 @@ _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "loss_overhead.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("loss_overhead", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("loss_overhead")
     # main() pins glibc's malloc thresholds by default (--heap steady): not in the test process,
     # where it would outlive the test; the calls are counted instead (the real function:
     # real_steady_heap, tested below in a subprocess)

@@ -4,24 +4,18 @@ prints one row per cell."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from _bench import load_benchmark
 
 pytest.importorskip("sentence_transformers")
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "text_loss.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("text_loss", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("text_loss")
 
 
 @pytest.mark.parametrize("negatives", [0, 2])
