@@ -319,6 +319,34 @@ def test_text_demo_rows_and_metrics(tiny_dir, tmp_path, capsys):
     assert "| potential | 1 | two-view |" in printed
 
 
+def test_documents_of_one_sentence_leave_the_retrieval_columns_n_a(tiny_dir, tmp_path, capsys):
+    """A user's ``lee_docs`` of one sentence each has no next-sentence query: the run goes on,
+    says so, and reports those columns as n/a (not a crash after the baseline, not 0)."""
+    docs = [
+        "The market rose sharply today.",
+        "Rain is expected over the weekend.",
+        "A new bridge opened in the city.",
+    ]
+    (tmp_path / "docs.txt").write_text("\n".join(docs) + "\n")
+    np.savetxt(tmp_path / "sim.txt", np.array([[1.0, 0.2, 0.4], [0.2, 1.0, 0.1], [0.4, 0.1, 1.0]]))
+    out = tmp_path / "demo"
+    args = ["demo", "--modality", "text", "--strategies", "infonce", "--out", str(out)]
+    args += [f"model={tiny_dir}", "steps=1", "batch_size=8", "max_seq_length=32", "seeds=0"]
+    args += [
+        "threads=1",
+        f"lee_docs={tmp_path / 'docs.txt'}",
+        f"lee_similarity={tmp_path / 'sim.txt'}",
+    ]
+    assert main(args) == 0
+    rows = read(out)["rows"]
+    assert all(np.isnan(r["next_mrr"]) and np.isnan(r["next_recall_1"]) for r in rows)
+    assert not np.isnan(rows[1]["lee_spearman"])
+    printed = capsys.readouterr().out
+    assert "the next-sentence retrieval columns are n/a" in printed
+    assert "| infonce | 1 | retrieval |" in printed and "| n/a | n/a |" in printed
+    assert (out / "metrics.png").stat().st_size > 1000
+
+
 class TextPlugin(strategy_class("hcl")):
     """HCL under another name (a test plug-in: compare must list it without being told)."""
 

@@ -360,9 +360,9 @@ def score_embeddings(
 ) -> dict[str, float]:
     """The metrics of one set of embeddings (fold split fixed: seed 0); with the Lee
     documents' ``sentences`` embedded and their ``following`` indices, next-sentence retrieval
-    too (:func:`next_sentence_retrieval`)."""
-    retrieval = {}
-    if sentences is not None and following is not None:
+    too (:func:`next_sentence_retrieval`), else NaN there (documents of one sentence each)."""
+    retrieval = {"next_mrr": math.nan, "next_recall_1": math.nan}
+    if sentences is not None and following is not None and bool((following >= 0).any()):
         found = next_sentence_retrieval(sentences, following)
         retrieval = {"next_mrr": found["mrr"], "next_recall_1": found["recall_1"]}
     return {
@@ -644,6 +644,9 @@ def format_text_table(rows: Sequence[dict[str, Any]]) -> str:
             continue
         cells = []
         for key, _, fmt in METRICS:
+            if math.isnan(r[key]):  # not computable on these data (no next-sentence query)
+                cells.append("n/a")
+                continue
             text = fmt.format(r[key])
             if isinstance(r.get("seeds"), int) and r["seeds"] > 1:
                 text += " ± " + fmt.format(r[key + "_std"])
@@ -669,6 +672,10 @@ def _plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     labels = [r["strategy"] for r in ok]
     for ax, (key, title, _) in zip(axes, METRICS, strict=True):
         values = [r[key] for r in ok]
+        if all(math.isnan(v) for v in values):  # not computable on these data
+            ax.set_title(f"{title}: n/a")
+            ax.set_yticks([])
+            continue
         errors = [r.get(key + "_std", 0.0) for r in ok]
         colors = ["0.6" if r["strategy"] == BASELINE else "C0" for r in ok]
         ax.barh(labels, values, xerr=errors, color=colors)
@@ -760,6 +767,12 @@ def _run(out, strategies, cfg, hparams, model, title, command, log) -> TextOutco
     lee_docs, human = load_lee(cfg.lee_docs, cfg.lee_similarity)
     # held out from training: the 50 rated documents are not in the background corpus
     lee_sentences, following = next_sentence_task(lee_docs, min_words=cfg.min_words)
+    if not bool((following >= 0).any()):
+        log(
+            f"note: no Lee document has two sentences of at least min_words = {cfg.min_words} "
+            "words: the next-sentence retrieval columns are n/a"
+        )
+        lee_sentences = []
     pol_texts, pol_labels = load_polarity(cfg.polarity)
     if model is None:
         model = load_sentence_model(cfg.model)
@@ -784,7 +797,7 @@ def _run(out, strategies, cfg, hparams, model, title, command, log) -> TextOutco
 
     def evaluate() -> dict[str, float]:
         lee = embed(model, make_features, lee_docs)
-        sentences = embed(model, make_features, lee_sentences)
+        sentences = embed(model, make_features, lee_sentences) if lee_sentences else None
         pol = embed(model, make_features, pol_texts)
         return score_embeddings(lee, human, pol, pol_labels, cfg, sentences, following)
 
