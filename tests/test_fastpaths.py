@@ -197,6 +197,26 @@ def test_unit_rows_equal_f_normalize_in_value_and_gradient(shape):
     assert torch.autograd.gradcheck(fastpaths.unit_rows, (y,))
 
 
+def test_unit_rows_of_a_row_whose_norm_is_exactly_eps_is_clamped_as_f_normalize():
+    """At a norm of exactly ``eps`` ``F.normalize`` takes the clamped branch: the row is
+    ``x / eps``, linear, and its gradient ``g / eps`` has no projection onto the row. (The
+    earlier test's rows are clearly below or above ``eps``.)"""
+    eps = 1e-12
+    x = torch.tensor(
+        [[eps, 0.0, 0.0], [0.6 * eps, 0.8 * eps, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64
+    )
+    assert torch.equal(
+        torch.linalg.vector_norm(x[:2], dim=-1), torch.full((2,), eps, dtype=x.dtype)
+    )
+    x.requires_grad_()
+    up = torch.tensor([[1.0, 2.0, 3.0]] * 3, dtype=torch.float64)
+    (gf,) = torch.autograd.grad(fastpaths.unit_rows(x, eps), x, up)
+    (gp,) = torch.autograd.grad(torch.nn.functional.normalize(x, dim=-1, eps=eps), x, up)
+    torch.testing.assert_close(gf, gp, rtol=1e-12, atol=0.0)
+    # the clamped rows by hand: g / eps
+    torch.testing.assert_close(gf[:2], up[:2] / eps, rtol=1e-12, atol=0.0)
+
+
 def test_the_standard_in_batch_set_comes_from_pair_contrast_on_the_fast_path(monkeypatch):
     """Two views without ids on cosines: every strategy's standard set is ``pair_contrast``'s
     on the fast path (so ``test_fast_equals_plain`` compares it with ``in_batch_contrast``);

@@ -116,6 +116,27 @@ def test_the_finite_check_agrees_with_isfinite_entry_by_entry(dtype):
             check_embeddings("x", x)
 
 
+@pytest.mark.parametrize("name", LOSSES)
+def test_embeddings_without_a_column_are_rejected_and_one_column_is_enough(name):
+    """Zero columns get their own message with the shape; a single column is a valid (if
+    degenerate) embedding: every loss takes it and gives a finite value."""
+    with raises("z1 must have at least one column, got shape (4, 0)"):
+        hardneg.create_loss(name)(z(4, 0), z(4, 0))
+    with raises("q must have at least one column, got shape (4, 0)"):
+        hardneg.create_loss(name)(z(4, 0), z(4, 0), negatives=z(10, 0))
+    loss = hardneg.create_loss(name)(z(4, 1, seed=1), z(4, 1, seed=2))
+    assert math.isfinite(float(loss))
+
+
+def test_the_embedding_check_accepts_a_single_column():
+    from hardneg._checks import check_embeddings
+
+    x = z(3, 1)
+    assert check_embeddings("x", x) is x
+    with raises("x must have at least one column, got shape (3, 0)"):
+        check_embeddings("x", z(3, 0))
+
+
 def test_labels_of_the_wrong_shape_or_type_are_rejected():
     loss_fn = hardneg.create_loss("hcl")
     with raises("labels must have shape (4,), got (3,)"):
