@@ -2162,6 +2162,25 @@ def test_mochi_pair_gram_equals_the_full_gram_matrix_at_the_pairs(dtype, c):
     assert_close_rel(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-12, what="gram")
 
 
+def test_mochi_pair_dots_over_several_blocks_equal_a_float64_loop(monkeypatch):
+    """``_pair_dots`` (the row-wise dots of the pairs a pool too large for its Gram matrix
+    takes) a block of pairs at a time: with 2 pairs a block (``_PAIR_DOTS_BLOCK = 8``,
+    ``d = 4``) the 15 pairs take 8 blocks, the last one short; every pair is set."""
+    monkeypatch.setattr(fastpaths, "_PAIR_DOTS_BLOCK", 8)
+    g = torch.Generator().manual_seed(46)
+    columns = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    first = torch.randint(0, 7, (3, 5), generator=g)
+    second = torch.randint(0, 7, (3, 5), generator=g)
+    got = fastpaths._pair_dots(columns, first, second)
+    rows = columns.tolist()
+    want = [
+        [sum(x * y for x, y in zip(rows[i], rows[j])) for i, j in zip(fi, se)]
+        for fi, se in zip(first.tolist(), second.tolist())
+    ]
+    assert got.shape == first.shape
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
 # potential in-batch: byte draws, block masses, the fused terms
 
 
