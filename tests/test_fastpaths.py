@@ -1304,6 +1304,58 @@ def test_unremix_vector_row_range_takes_the_first_negative_in_order():
     assert lo.tolist() == [1.0, 2.0] and hi.tolist() == [3.0, 4.0]
 
 
+def test_unremix_vector_row_range_checks_the_look_up_against_a_row_short_of_the_count():
+    """C = 8 columns, a stated count of M = 7 negatives per row: the look-up reads the k = 2
+    smallest and largest entries. Row 1's mask has fewer negatives than stated, none among
+    those ends: that row (not only the set as a whole) must fall back to the masked reduction,
+    not take the ends of columns it does not have. No anchors: empty ranges."""
+    from types import SimpleNamespace
+
+    v = torch.arange(8, dtype=torch.float64)
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[0, 0] = False  # row 0: 7 negatives, its ends among the look-up's
+    keep[1] = False
+    keep[1, 3:5] = True  # row 1: columns 3 and 4 only
+    c = SimpleNamespace(negative_mask=keep, num_negatives=7)
+    lo, hi = fastpaths._vector_row_range(v, c)
+    row = v.expand_as(keep)
+    assert lo.tolist() == torch.where(keep, row, math.inf).amin(dim=1).tolist() == [1.0, 3.0]
+    assert hi.tolist() == torch.where(keep, row, -math.inf).amax(dim=1).tolist() == [7.0, 4.0]
+    empty = SimpleNamespace(
+        negative_mask=torch.zeros(0, 8, dtype=torch.bool),
+        num_negatives=torch.zeros(0, dtype=torch.long),
+    )
+    lo, hi = fastpaths._vector_row_range(v, empty)
+    assert lo.shape == hi.shape == (0,)
+
+
+def test_row_exponentials_shift_by_the_row_maximum_unless_the_bound_keeps_exp_in_range():
+    """``(m, e^{c - m})`` with ``m`` each row's maximum, or ``(None, e^c)`` when the bound is at
+    most half the dtype's exponent range (float32 64, float64 640; none listed for the half
+    precisions: always shifted). Rows 50 apart: a shared shift would underflow the low row."""
+    g = torch.Generator().manual_seed(45)
+    base = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    far = base + torch.tensor([[50.0], [0.0], [-50.0]], dtype=torch.float64)
+    for dtype, half_range in ((torch.float32, 32.0), (torch.float64, 320.0)):
+        x = far.to(dtype)
+        for bound in (None, half_range * 1.01):
+            m, e = fastpaths.row_exponentials(x, bound)
+            expected_m = [max(float(v) for v in row) for row in x.double()]
+            assert m is not None and m.shape == (3,) and m.tolist() == expected_m
+            ref = (x.double() - torch.tensor(expected_m, dtype=torch.float64)[:, None]).exp()
+            torch.testing.assert_close(e.double(), ref, rtol=1e-6, atol=0.0)
+        m, e = fastpaths.row_exponentials(base.to(dtype), half_range)  # on the bound: no shift
+        assert m is None
+        torch.testing.assert_close(e.double(), base.to(dtype).double().exp(), rtol=1e-6, atol=0.0)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = base.to(dtype)
+        m, e = fastpaths.row_exponentials(x, 0.25)
+        assert m is not None and m.tolist() == [max(float(v) for v in row) for row in x.double()]
+        assert e.dtype == dtype and float(e.amax()) == 1.0
+    m, _ = fastpaths.row_exponentials(far[:1].float())  # one anchor: still a [1] maximum
+    assert m.shape == (1,)
+
+
 def test_unremix_factor_with_a_row_whose_influence_is_positive_on_every_negative():
     """U is 0 off the negatives: a row whose U is positive on each of its negatives reads 0 as
     its minimum from the plain reduction; the factor must reduce that row again under the mask
@@ -2128,6 +2180,25 @@ def test_mochi_pair_gram_equals_the_full_gram_matrix_at_the_pairs(dtype, c):
     want = (columns @ columns.T)[first, second]
     assert got.shape == first.shape
     assert_close_rel(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-12, what="gram")
+
+
+def test_mochi_pair_dots_over_several_blocks_equal_a_float64_loop(monkeypatch):
+    """``_pair_dots`` (the row-wise dots of the pairs a pool too large for its Gram matrix
+    takes) a block of pairs at a time: with 2 pairs a block (``_PAIR_DOTS_BLOCK = 8``,
+    ``d = 4``) the 15 pairs take 8 blocks, the last one short; every pair is set."""
+    monkeypatch.setattr(fastpaths, "_PAIR_DOTS_BLOCK", 8)
+    g = torch.Generator().manual_seed(46)
+    columns = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    first = torch.randint(0, 7, (3, 5), generator=g)
+    second = torch.randint(0, 7, (3, 5), generator=g)
+    got = fastpaths._pair_dots(columns, first, second)
+    rows = columns.tolist()
+    want = [
+        [sum(x * y for x, y in zip(rows[i], rows[j])) for i, j in zip(fi, se)]
+        for fi, se in zip(first.tolist(), second.tolist())
+    ]
+    assert got.shape == first.shape
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
 # potential in-batch: byte draws, block masses, the fused terms
