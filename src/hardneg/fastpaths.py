@@ -2726,9 +2726,8 @@ class _PairGram(torch.autograd.Function):
         # operand costs BLAS nothing; an explicit M + M^T pass costs about a product on a CPU),
         # then the replaced entries' share, O(N d).
         with torch.autocast(z.device.type, enabled=False):  # z's dtype, whatever the caller's
-            c = torch.zeros(2 * n, dtype=z.dtype, device=z.device)
-            if grad_pos is not None:
-                c = c + grad_pos.to(z.dtype)
+            # (None: an output nothing differentiates, see forward)
+            c = z.new_zeros(2 * n) if grad_pos is None else grad_pos.to(z.dtype)
             if grad_logits is None:
                 out = torch.zeros_like(z)
             else:

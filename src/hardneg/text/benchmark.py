@@ -767,7 +767,8 @@ def _run(out, strategies, cfg, hparams, model, title, command, log) -> TextOutco
     lee_docs, human = load_lee(cfg.lee_docs, cfg.lee_similarity)
     # held out from training: the 50 rated documents are not in the background corpus
     lee_sentences, following = next_sentence_task(lee_docs, min_words=cfg.min_words)
-    if not bool((following >= 0).any()):
+    queries = int((following >= 0).sum())
+    if not queries:
         log(
             f"note: no Lee document has two sentences of at least min_words = {cfg.min_words} "
             "words: the next-sentence retrieval columns are n/a"
@@ -790,7 +791,7 @@ def _run(out, strategies, cfg, hparams, model, title, command, log) -> TextOutco
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     log(
         f"{len(pairs)} training pairs, {len(lee_docs)} Lee documents "
-        f"({int((following >= 0).sum())} next-sentence queries among {len(lee_sentences)} "
+        f"({queries} next-sentence queries among {len(lee_sentences)} "
         f"sentences), {len(pol_texts)} polarity sentences; {layer_note}; prepared in "
         f"{time.perf_counter() - start:.0f} s"
     )
