@@ -33,8 +33,11 @@ DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id=
 # hyper-parameter variants per loss that reach each branch of its fast path; a loss registered
 # later gets its defaults (and a seeded generator, so that draws repeat)
 VARIANTS: dict[str, list[dict]] = {
-    "infonce": [{}],
+    # t = 0.01: e^{1/t} overflows float32, the log-mass is shifted by the row maximum
+    "infonce": [{}, {"temperature": 0.01}, {"normalize": False}],
     "debiased": [{}],
+    # alpha 100 at t = 0.05: the tilt's bound 1/t + alpha = 120 is past float32's range
+    "hardness": [{}, {"alpha": 100.0}, {"mode": "hard_negatives"}],
     "hcl": [
         {},
         {"beta": 0.5},
@@ -243,6 +246,28 @@ def test_the_standard_in_batch_set_comes_from_pair_contrast_on_the_fast_path(mon
             calls.clear()
             hardneg.create_loss(name, **settings)(z1, z2, **kwargs)
             assert len(calls) == expected, (name, settings, kwargs)
+
+
+def test_the_objective_takes_the_one_pass_log_mass_on_the_fast_path(monkeypatch):
+    """InfoNCE and debiased take :func:`fastpaths.log_mass` for the unweighted negative mass
+    on the fast path (so ``test_fast_equals_plain`` compares it with ``torch.logsumexp``), with
+    the ``1/t`` bound on cosines only; ``fast=False`` keeps ``torch.logsumexp``."""
+    calls = []
+    real = fastpaths.log_mass
+
+    def spy(logits, bound=None):
+        calls.append(bound)
+        return real(logits, bound)
+
+    monkeypatch.setattr(fastpaths, "log_mass", spy)
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = (torch.randn(6, 4, generator=g) for _ in range(2))
+    cases = [({}, [1 / 0.5]), ({"normalize": False}, [None]), ({"fast": False}, [])]
+    for name in ("infonce", "debiased"):
+        for settings, expected in cases:
+            calls.clear()
+            hardneg.create_loss(name, temperature=0.5, **settings)(z1, z2)
+            assert calls == expected, (name, settings)
 
 
 # Ring: band sizes against the numpy / torch selection thresholds of the fast path
@@ -3237,6 +3262,63 @@ def test_kept_log_mass_of_a_row_that_keeps_nothing_is_minus_inf_with_a_zero_grad
     assert_close_rel(fast[others], plain, rtol=1e-6 if dtype == torch.float64 else 1e-5)
     (gb,) = torch.autograd.grad(plain, b, up[others])
     assert_close_rel(ga[others], gb, what="kept_log_mass gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "bound", [None, 2.0, 60.0, 100.0], ids=["row-max", "t0.5", "t1/60", "t0.01"]
+)
+def test_log_mass_equals_logsumexp_in_value_and_gradient(dtype, bound):
+    """The InfoNCE objective's mass: :func:`fastpaths.log_mass` against ``torch.logsumexp``
+    (float64 loops as a second reference) on logits spread over ``[-bound, bound]``, with the
+    in-batch set's two masked entries per row, a row near ``-bound`` (its unshifted float32
+    sum at 60 falls below ``sqrt(tiny)``: recomputed exactly) and a row near ``+bound``; an
+    all-masked row is ``-inf`` with a zero gradient (``logsumexp``'s is NaN there)."""
+    g = torch.Generator().manual_seed(11)
+    top = 3.0 if bound is None else bound
+    logits = (torch.rand(6, 20, generator=g, dtype=torch.float64) * 2 - 1) * top
+    logits[1] = -top * (0.9 + 0.1 * torch.rand(20, generator=g, dtype=torch.float64))
+    logits[2] = top * (0.9 + 0.1 * torch.rand(20, generator=g, dtype=torch.float64))
+    rows = torch.arange(6)
+    logits[rows, rows] = logits[rows, rows + 6] = float("-inf")
+    logits[5] = float("-inf")
+    logits = logits.to(dtype)
+    up = torch.linspace(0.5, 2.0, 6, dtype=dtype)
+    a = logits.clone().requires_grad_()
+    b = logits[:5].clone().requires_grad_()
+    fast = fastpaths.log_mass(a, bound)
+    plain = torch.logsumexp(b, dim=1)
+    assert fast[5] == float("-inf")
+    assert_close_rel(fast[:5], plain, rtol=1e-6 if dtype == torch.float64 else 1e-5)
+    by_loop = [
+        math.log(sum(math.exp(float(x)) for x in row if x > -math.inf)) for row in logits[:5]
+    ]
+    assert_close_rel(fast[:5].double(), torch.tensor(by_loop, dtype=torch.float64), rtol=1e-5)
+    (ga,) = torch.autograd.grad(fast, a, up)
+    (gb,) = torch.autograd.grad(plain, b, up[:5])
+    assert_close_rel(ga[:5], gb, what="log_mass gradient")
+    assert torch.equal(ga[5], torch.zeros_like(ga[5]))
+
+
+def test_log_mass_of_half_precision_takes_logsumexp():
+    """float16 / bfloat16 logits (outside ``_EXP_RANGE``) take ``torch.logsumexp`` itself."""
+    x = torch.randn(3, 5).to(torch.bfloat16)
+    assert torch.equal(fastpaths.log_mass(x, 1.0), torch.logsumexp(x, dim=1))
+
+
+def test_contrast_log_mass_bounds_only_cosine_logits():
+    """Raw dot products (``normalized=False``) are not bounded by ``1/t``: the row maximum
+    shifts them (unshifted, ``e^{150}`` overflows float32 and the mass would be ``inf``);
+    cosines take the bound. Both equal ``torch.logsumexp``."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(12)
+    for normalized, scale in ((False, 150.0), (True, 1.0 / 0.1)):
+        logits = (torch.rand(4, 9, generator=g) * 2 - 1) * scale
+        contrast = SimpleNamespace(negative_logits=logits, temperature=0.1, normalized=normalized)
+        out = fastpaths.contrast_log_mass(contrast)
+        assert torch.isfinite(out).all(), normalized
+        assert_close_rel(out, torch.logsumexp(logits, dim=1), what=f"normalized={normalized}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -24,6 +24,10 @@ only; no buffers kept between calls.
   ``numpy.argpartition`` calls over order keys where an edge value repeats or a row holds a NaN;
   row blocks split over torch's intra-op threads from 2^20 entries per thread (numpy releases
   the GIL) (plain twin: ``torch.topk(U, sorted=True).indices[:, L:]``).
+* :func:`log_mass` / :func:`contrast_log_mass` — the InfoNCE objective's unweighted negative
+  log-mass (and MoCHi's real negatives, Ring's band, the hardness tilt):
+  :func:`kept_log_mass`'s one-exponential forward and one-pass backward (plain twin:
+  ``torch.logsumexp``, seven passes over ``[A, S]`` with its backward).
 * :func:`kept_counts` — potential: the kept cells per column drawn per column, ``Binomial(m, pi)``
   as layers of Bernoulli draws over the columns with more than ``r`` cells, or ``m pi`` in
   expected mode (plain twin: one uniform per grid cell, compared with ``pi`` and summed per
@@ -945,6 +949,28 @@ def kept_log_mass(
     limit = None if limit is None else limit.detach().to(logits.dtype)
     bound = None if bound is None else float(bound)
     return _KeptLogMass.apply(logits, limit, drop, negative_mask, read, bound)
+
+
+def log_mass(logits: Tensor, bound: float | None = None) -> Tensor:
+    """``[A]`` ``log sum_j e^{c_ij}`` (``-inf`` entries absent) by :class:`_KeptLogMass`: one
+    exponential (unshifted where ``bound`` bounds ``|c|`` and ``e^{±bound}`` is a normal float,
+    else shifted by the row maximum), one sum, and a backward of one pass ``e g / R`` from the
+    saved exponentials; ``-inf`` with a zero gradient on a row without entries. Plain twin:
+    ``torch.logsumexp(logits, dim=1)``, whose backward recomputes the exponentials (``x - lse``,
+    ``exp``, ``* g``: three passes over ``[A, S]``) after a forward of four (row maximum, shift,
+    exponential, sum). Other dtypes than float32 / float64 take the plain twin."""
+    if logits.dtype not in _EXP_RANGE or logits.dim() != 2:
+        return torch.logsumexp(logits, dim=1)
+    return _KeptLogMass.apply(
+        logits, None, None, None, False, None if bound is None else float(bound)
+    )
+
+
+def contrast_log_mass(contrast) -> Tensor:
+    """:func:`log_mass` of a contrast set's negative logits, bounded by ``1/t`` when they are
+    cosines over the temperature (the InfoNCE objective's unweighted negative mass)."""
+    bound = 1.0 / contrast.temperature if contrast.normalized else None
+    return log_mass(contrast.negative_logits, bound)
 
 
 def kept_counts(

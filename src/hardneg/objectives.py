@@ -92,15 +92,19 @@ def safe_logsumexp(x: Tensor, dim: int = 1) -> Tensor:
     return out.masked_fill(~kept.squeeze(dim), float("-inf"))
 
 
-def log_negative_mass(contrast: ContrastSet, selection: Selection) -> Tensor:
+def log_negative_mass(contrast: ContrastSet, selection: Selection, fast: bool = False) -> Tensor:
     """``log R_i = log sum_j w_ij e^{c_ij}`` ``[A]`` (``-inf`` entries are absent negatives).
 
     With weights, a strategy may drop every negative of an anchor: the sum is then empty,
-    ``log R = -inf`` and the loss term ``log(e^a + 0) - a = 0`` with a zero gradient."""
+    ``log R = -inf`` and the loss term ``log(e^a + 0) - a = 0`` with a zero gradient.
+    ``fast``: unweighted logits by :func:`hardneg.fastpaths.contrast_log_mass` (the same
+    values; a one-pass backward)."""
     if selection.negative_log_mass is not None:
         log_mass = selection.negative_log_mass
     elif selection.negative_log_weights is not None:
         log_mass = safe_logsumexp(contrast.negative_logits + selection.negative_log_weights)
+    elif fast:
+        log_mass = fastpaths.contrast_log_mass(contrast)
     else:
         log_mass = torch.logsumexp(contrast.negative_logits, dim=1)
     if selection.extra_negative_logits is not None:
@@ -170,18 +174,18 @@ def infonce_objective(
         return fastpaths.joint_positive_infonce(
             contrast.positive_logits,
             selection.extra_positive_logits,
-            log_negative_mass(contrast, selection),
+            log_negative_mass(contrast, selection, fast),
         )
     pos, weight = positive_terms(contrast, selection)
     if fast and tau_plus > 0.0 and pos.shape[1] == 1 and positive_reduction == "mean":
         return fastpaths.debiased_infonce(
-            log_negative_mass(contrast, selection),
+            log_negative_mass(contrast, selection, fast),
             pos.squeeze(1),  # a view (its backward too; a select's backward writes zeros)
             tau_plus=tau_plus,
             num_negatives=_num_negatives(contrast, selection),
             temperature=contrast.temperature,
         )
-    log_mass = log_negative_mass(contrast, selection).unsqueeze(1)  # [A, 1]
+    log_mass = log_negative_mass(contrast, selection, fast).unsqueeze(1)  # [A, 1]
     if tau_plus > 0.0:
         m = _column(_num_negatives(contrast, selection))
         log_ng = debias_log_mass(

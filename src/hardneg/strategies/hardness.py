@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from hardneg import fastpaths
 from hardneg._checks import check_choice, check_number
 from hardneg.contrast import ContrastSet
 from hardneg.registry import register_strategy
@@ -71,6 +72,9 @@ class HardnessWeighting(Strategy):
                     ~own if self.mode == "hard_negatives" else own, 0.0
                 )
                 tilted = logits + bonus
+            if context.fast:  # |c + alpha sg(s)| <= 1/t + alpha on cosines
+                bound = 1.0 / contrast.temperature + self.alpha if contrast.normalized else None
+                return Selection(negative_log_mass=fastpaths.log_mass(tilted, bound))
             return Selection(negative_log_mass=torch.logsumexp(tilted, dim=1))
         finite = torch.isfinite(logits)
         bonus = torch.where(finite, logits.detach() * scale, 0.0)

@@ -263,7 +263,7 @@ class HardNegativeMixing(Strategy):
             return Selection()
         if context.fast and context.want_log_mass:  # by blocks of rows, a one-product backward
             mass = fastpaths.mochi_mix_log_mass(self, contrast, context)
-            real = torch.logsumexp(contrast.negative_logits, dim=1)
+            real = fastpaths.contrast_log_mass(contrast)
             return Selection(
                 negative_log_mass=torch.logaddexp(real, mass),
                 num_negatives=contrast.num_negatives + s + self.num_query_mixed,

@@ -185,4 +185,5 @@ class RingNegatives(Strategy):
     @staticmethod
     def _fast_log_mass(contrast: ContrastSet, lower: int, upper: int) -> Tensor:
         indices = fastpaths.band_indices(contrast.negative_logits.detach(), lower, upper)
-        return torch.logsumexp(fastpaths.column_logits(contrast, indices), dim=1)  # ranks [L, U)
+        band = fastpaths.column_logits(contrast, indices)  # ranks [L, U)
+        return fastpaths.log_mass(band, 1.0 / contrast.temperature if contrast.normalized else None)
