@@ -97,12 +97,14 @@ def log_negative_mass(contrast: ContrastSet, selection: Selection, fast: bool = 
 
     With weights, a strategy may drop every negative of an anchor: the sum is then empty,
     ``log R = -inf`` and the loss term ``log(e^a + 0) - a = 0`` with a zero gradient.
-    ``fast``: unweighted logits by :func:`hardneg.fastpaths.contrast_log_mass` (the same
-    values; a one-pass backward)."""
+    ``fast``: by :func:`hardneg.fastpaths.log_mass` (the same values, ``-inf`` with a zero
+    gradient on an empty row too; a one-pass backward), unweighted cosine logits with the
+    ``1/t`` bound (:func:`hardneg.fastpaths.contrast_log_mass`)."""
     if selection.negative_log_mass is not None:
         log_mass = selection.negative_log_mass
     elif selection.negative_log_weights is not None:
-        log_mass = safe_logsumexp(contrast.negative_logits + selection.negative_log_weights)
+        terms = contrast.negative_logits + selection.negative_log_weights
+        log_mass = fastpaths.log_mass(terms) if fast else safe_logsumexp(terms)
     elif fast:
         log_mass = fastpaths.contrast_log_mass(contrast)
     else:
