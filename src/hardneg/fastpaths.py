@@ -881,7 +881,13 @@ class _KeptLogMass(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, limit, drop, negative_mask, read, bound):  # type: ignore[override]
-        if bound is not None and bound <= _EXP_RANGE[logits.dtype]:
+        floor = math.sqrt(torch.finfo(logits.dtype).tiny)
+        unshifted = bound is not None and bound <= _EXP_RANGE[logits.dtype]
+        # nothing dropped and every kept e at least the floor (e^0 = 1 at the row maximum, or
+        # e^{-bound} unshifted): only an empty row sums to less, and it is -inf with a zero
+        # gradient as it stands; no look at the sums (on an accelerator, no sync)
+        exact = limit is None and drop is None and (not unshifted or math.exp(-bound) >= floor)
+        if unshifted:
             row_max = logits.new_zeros(logits.shape[0], 1)
             e = logits.exp()
         else:
@@ -893,8 +899,8 @@ class _KeptLogMass(torch.autograd.Function):
         if drop is not None:
             e.scatter_(1, drop, 0.0)
         total = e.sum(dim=1)
-        bad = total < math.sqrt(torch.finfo(e.dtype).tiny)
-        if bool(bad.any()):
+        bad = None if exact else total < floor
+        if bad is not None and bool(bad.any()):
             rows = bad.nonzero().squeeze(1)
             x = logits[rows]
             keep = torch.isfinite(x) if negative_mask is None else negative_mask[rows].clone()
