@@ -357,3 +357,58 @@ def test_a_citation_s_arxiv_id_and_title_are_those_the_strategy_s_docstring_quot
     assert eprint in doc, (eprint, doc[:300])
     if name == "potential":  # the docstring quotes the full title
         assert title in doc, (title, doc[:300])
+
+
+@pytest.mark.parametrize(
+    "name, schedule", [("hcl", {"beta_anneal": "down"}), ("ring", {"anneal": "linear"})]
+)
+def test_a_schedule_without_progress_names_the_progress_callback(model, name, schedule):
+    """A strategy with a schedule inside SentenceTransformerTrainer and no ProgressCallback
+    failed at its first step with the core API's "pass progress=<fraction>", which a Trainer
+    user cannot do; the message must name the callback. The same strategy without a schedule
+    needs no progress, and with loss.progress set the scheduled one trains."""
+    cols = columns(1, batch=4)
+    loss = HardNegativeLoss(model, name, **schedule)
+    with pytest.raises(ValueError, match=r"callbacks=\[ProgressCallback\(loss\)\]"):
+        loss(features(model, cols), None)
+    assert torch.isfinite(HardNegativeLoss(model, name)(features(model, cols), None))
+    loss.progress = 0.5
+    assert torch.isfinite(loss(features(model, cols), None))
+
+
+def test_progress_callback_gives_the_loss_the_fraction_of_steps_done(tmp_path, model):
+    """ProgressCallback sets loss.progress to global_step / max_steps before each step, so an
+    annealed strategy sees 0, 1/3, 2/3 over three steps (the fraction done, as the image
+    trainer passes it)."""
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+
+    from hardneg.integrations.sentence_transformers import ProgressCallback
+
+    seen: list[float | None] = []
+
+    class Spy(HardNegativeLoss):
+        def compute_loss_from_embeddings(self, embeddings, ids=None):
+            seen.append(self.progress)
+            return super().compute_loss_from_embeddings(embeddings, ids)
+
+    cols = columns(0, batch=12)
+    data = Dataset.from_dict({"anchor": cols[0], "positive": cols[1]})
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    loss = Spy(model, "hcl", beta=0.5, beta_anneal="down")
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=data, loss=loss, callbacks=[ProgressCallback(loss)]
+    )
+    trainer.train()
+    assert seen == pytest.approx([0.0, 1 / 3, 2 / 3])

@@ -184,22 +184,33 @@ def text_ids(features: dict[str, Tensor]) -> Tensor:
     return ((tokens + 1) * weights * mask).sum(dim=1) + mask.sum(dim=1) * 1_000_003
 
 
-def _probe_retrieval(name: str, loss_fn: nn.Module) -> None:
-    """Fail early, naming the strategy, if it cannot take the retrieval layout."""
+def _probe_retrieval(name: str, loss_fn: nn.Module) -> bool:
+    """Fail early, naming the strategy, if it cannot take the retrieval layout; return whether
+    it needs the training progress (a schedule: ``beta_anneal``, ``anneal``, a plug-in's own),
+    i.e. whether it fails without ``progress`` where it runs with it."""
     gen = torch.Generator().manual_seed(0)
     a, p = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
     n = torch.randn(4, 1, 8, generator=gen)
-    kwargs: dict[str, Any] = {"hard_negatives": n, "progress": 0.0}
-    if getattr(loss_fn, "draws", False):
-        kwargs["generator"] = torch.Generator().manual_seed(0)
-    try:
+
+    def call(progress: float | None) -> None:
+        kwargs: dict[str, Any] = {"hard_negatives": n, "progress": progress}
+        if getattr(loss_fn, "draws", False):
+            kwargs["generator"] = torch.Generator().manual_seed(0)
         with torch.no_grad():
             loss_fn(a, p, **kwargs)
+
+    try:
+        call(0.0)
     except Exception as err:
         raise ValueError(
             f"strategy {name!r} cannot take the retrieval layout (anchor, positive, "
             f"hard negatives) of sentence-transformers: {err}"
         ) from err
+    try:
+        call(None)
+    except ValueError:
+        return True
+    return False
 
 
 class HardNegativeLoss(nn.Module):
@@ -252,7 +263,9 @@ class HardNegativeLoss(nn.Module):
         self.seed = int(seed)
         self.strategy_hparams = dict(strategy_hparams)
         self.loss_fn = create_loss(strategy, temperature=1.0 / self.scale, **strategy_hparams)
-        _probe_retrieval(strategy, self.loss_fn)
+        # a schedule read at every step: without ProgressCallback the first step would fail
+        # with the core API's advice (pass progress=...), which a Trainer user cannot follow
+        self.needs_progress = _probe_retrieval(strategy, self.loss_fn)
         self.progress: float | None = None
         self._generator: torch.Generator | None = None
 
@@ -325,6 +338,14 @@ class HardNegativeLoss(nn.Module):
     ) -> Tensor:
         """The loss from the columns' embeddings ``[anchor, positive, negative_1..k]`` (each
         ``[B, d]``) and optionally their ``[B]`` ids (equal id = duplicate text)."""
+        if self.needs_progress and self.progress is None:
+            schedule = {k: v for k, v in self.strategy_hparams.items() if "anneal" in k}
+            raise ValueError(
+                f"strategy {self.strategy!r}{f' with {schedule}' if schedule else ''} follows a "
+                "schedule over training and reads loss.progress, which is not set: pass "
+                "callbacks=[ProgressCallback(loss)] to SentenceTransformerTrainer, or set "
+                "loss.progress (fraction of training done, 0 to 1) before each step"
+            )
         anchor, positive = embeddings[0], embeddings[1]
         b, d = anchor.shape
         if len(embeddings) > 2:
