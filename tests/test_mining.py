@@ -227,6 +227,28 @@ def test_bad_inputs_say_what_is_wrong():
         mine_hard_negatives(queries, positives, corpus, model=model, num_negatives=5, range_max=3)
 
 
+@pytest.mark.parametrize(
+    "scores, message",
+    [
+        ({"min_score": 0.9, "max_score": 0.1}, r"min_score \(0.9\) is above max_score \(0.1\)"),
+        ({"min_score": float("nan")}, "min_score must be finite, got nan"),
+        ({"max_score": float("nan")}, "max_score must be finite, got nan"),
+        ({"max_score": "0.5"}, "max_score must be a number"),
+    ],
+)
+def test_score_bounds_that_keep_nothing_are_refused_before_embedding(scores, message):
+    """min_score above max_score (or a NaN bound, which no score passes) kept no candidate:
+    0 rows and exit 0 after the whole corpus was embedded, with a warning to loosen the
+    filters; it is a setting error, named before the model runs."""
+    model = FakeModel()
+    queries, positives, corpus = data()
+    with pytest.raises(ValueError, match=message):
+        mine_hard_negatives(queries, positives, corpus, model=model, **scores)
+    assert model.calls == 0
+    # equal bounds are a legitimate (if narrow) window: no error
+    mine_hard_negatives(queries, positives, corpus, model=model, min_score=0.1, max_score=0.1)
+
+
 def test_short_queries_drop_from_n_tuples_but_keep_triplets():
     model = FakeModel()
     queries, positives, corpus = data()

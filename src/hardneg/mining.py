@@ -581,6 +581,16 @@ def mine_hard_negatives(
     for name, value in (("absolute_margin", absolute_margin), ("relative_margin", relative_margin)):
         if value is not None:
             check_number(name, value, low=0.0)
+    # bounds that no score can pass (a NaN, min above max) mined 0 rows after embedding the
+    # whole corpus: a setting error, named before the model runs
+    for name, value in (("min_score", min_score), ("max_score", max_score)):
+        if value is not None:
+            check_number(name, value)
+    if min_score is not None and max_score is not None and min_score > max_score:
+        raise ValueError(
+            f"min_score ({min_score:g}) is above max_score ({max_score:g}): no score can pass "
+            "both; min_score must be <= max_score"
+        )
     options = SamplerOptions(
         simans_a=simans_a,
         simans_b=simans_b,
