@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 import pytest
@@ -412,3 +413,43 @@ def test_progress_callback_gives_the_loss_the_fraction_of_steps_done(tmp_path, m
     )
     trainer.train()
     assert seen == pytest.approx([0.0, 1 / 3, 2 / 3])
+
+
+@pytest.mark.parametrize(
+    "key, value, hint",
+    [
+        ("similarity_fct", "dot_score", "pass normalize=False"),
+        ("directions", ("query_to_doc", "doc_to_query"), "symmetric=True"),
+        ("partition_mode", "per_direction", "symmetric=True"),
+        ("hardness_mode", "in_batch_negatives", "strategy='hardness'"),
+        ("hardness_strength", 5.0, "strategy='hardness'"),
+    ],
+)
+def test_a_multiple_negatives_ranking_loss_argument_names_our_equivalent(model, key, value, hint):
+    """MNRL's keywords fell through to the strategy as 'unknown hyper-parameter', listing the
+    strategy's options without saying which of them means the same thing."""
+    with pytest.raises(ValueError, match=re.escape(hint)) as err:
+        HardNegativeLoss(model, **{key: value})
+    assert "MultipleNegativesRankingLoss" in str(err.value)
+
+
+def test_the_equivalents_the_mnrl_argument_errors_name_equal_mnrl(model):
+    """What the messages above promise: normalize=False is MNRL's similarity_fct=dot_score, and
+    strategy='hardness' (alpha, mode) is its hardness_mode / hardness_strength, value and
+    gradients, with two hard-negative columns."""
+    import inspect
+
+    from sentence_transformers import util
+
+    cols = columns(2, batch=5)
+    ours = value_and_grads(model, HardNegativeLoss(model, normalize=False, scale=0.5), cols)
+    ref = MultipleNegativesRankingLoss(model, scale=0.5, similarity_fct=util.dot_score)
+    assert_same(ours, value_and_grads(model, ref, cols))
+    if "hardness_mode" not in inspect.signature(MultipleNegativesRankingLoss).parameters:
+        pytest.skip("this sentence-transformers has no hardness_mode")
+    for mode in ("all_negatives", "in_batch_negatives", "hard_negatives"):
+        ours = value_and_grads(
+            model, HardNegativeLoss(model, "hardness", alpha=5.0, mode=mode), cols
+        )
+        ref = MultipleNegativesRankingLoss(model, hardness_mode=mode, hardness_strength=5.0)
+        assert_same(ours, value_and_grads(model, ref, cols))

@@ -153,6 +153,22 @@ _GRADCACHE = """@inproceedings{gao2021scaling,
 
 _HASH_WEIGHTS: dict[tuple[str, int], Tensor] = {}
 
+# MultipleNegativesRankingLoss's own arguments, passed by users switching losses: the generic
+# "unknown hyper-parameter" error listed the strategy's options without saying which one means
+# the same thing
+_MNRL_ARGUMENTS: dict[str, str] = {
+    "similarity_fct": "the logits are scale * cos; for dot products (util.dot_score) pass "
+    "normalize=False",
+    "directions": "symmetric=True adds doc_to_query to query_to_doc (the per_direction "
+    "partition); the query_to_query and doc_to_doc directions are not offered",
+    "partition_mode": "symmetric=True is partition_mode='per_direction' with directions "
+    "query_to_doc and doc_to_query",
+    "hardness_mode": "use strategy='hardness' with mode=<hardness_mode> and "
+    "alpha=<hardness_strength>",
+    "hardness_strength": "use strategy='hardness' with alpha=<hardness_strength> and "
+    "mode=<hardness_mode>",
+}
+
 
 def _hash_weights(length: int, device: torch.device) -> Tensor:
     """Fixed pseudo-random odd int64 multipliers, one per token position (grown on demand)."""
@@ -241,6 +257,12 @@ class HardNegativeLoss(nn.Module):
         **strategy_hparams: Any,
     ) -> None:
         super().__init__()
+        for key in strategy_hparams:
+            if key in _MNRL_ARGUMENTS:
+                raise ValueError(
+                    f"{key}={strategy_hparams[key]!r} is an argument of sentence-transformers' "
+                    f"MultipleNegativesRankingLoss, not of HardNegativeLoss: {_MNRL_ARGUMENTS[key]}"
+                )
         if "temperature" in strategy_hparams:
             raise ValueError(
                 "give the temperature as scale = 1 / temperature (sentence-transformers' "
