@@ -546,6 +546,33 @@ def test_no_positive_of_an_anchor_is_mined_as_a_negative_of_its_other_pairs():
     assert rows == want
 
 
+def test_a_text_repeated_in_the_corpus_is_one_candidate():
+    """A corpus holding a text twice (the Lee corpus repeats documents) gave n-tuples with the
+    same negative twice and repeated triplets: each copy was its own candidate and took a
+    window rank. A repeated text is one candidate, as sentence-transformers deduplicates its
+    corpus: the rows equal those of the corpus without the repeats."""
+    cosines = {"q": 1.0, "pos": 0.95, "b": 0.9, "c": 0.8, "d": 0.7, "e": 0.6}
+    rows = mine_hard_negatives(
+        ["q"],
+        ["pos"],
+        ["pos", "b", "b", "c", "c", "d", "e", "b"],
+        model=TableModel(cosines),
+        num_negatives=3,
+        range_max=3,
+        output_format="n-tuple",
+    )
+    want = {"anchor": "q", "positive": "pos", "negative_1": "b", "negative_2": "c"}
+    assert rows == [{**want, "negative_3": "d"}]
+    model = FakeModel()
+    queries, positives, corpus = data()
+    repeated = corpus + corpus[20:40] + corpus[:5]
+    for fmt in ("n-tuple", "triplet"):
+        kw = {"model": model, "num_negatives": 3, "output_format": fmt, "sampling": "top"}
+        got = mine_hard_negatives(queries, positives, repeated, **kw)
+        assert got == mine_hard_negatives(queries, positives, corpus, **kw)
+        assert len({tuple(r.values()) for r in got}) == len(got)
+
+
 def test_the_query_s_own_text_in_the_corpus_is_no_negative_and_takes_no_window_rank():
     """Retrieval corpora often hold the queries themselves (score 1 against themselves): the
     query's own rows are skipped like its positives, so the window ``[0, range_max)`` holds

@@ -487,7 +487,8 @@ def mine_hard_negatives(
         queries: query texts, or a ``datasets.Dataset`` with ``anchor_column`` and
             ``positive_column`` (then ``positives`` must be None).
         positives: one positive text per query.
-        corpus: candidate texts (default: the distinct positives, as sentence-transformers does).
+        corpus: candidate texts, each distinct text once (default: the distinct positives, as
+            sentence-transformers does).
         model: anything with ``encode(texts, batch_size=..., convert_to_tensor=True)``.
         num_negatives: negatives per query.
         output_format: ``'triplet'`` (one row per negative) or ``'n-tuple'`` (one row per query).
@@ -526,7 +527,9 @@ def mine_hard_negatives(
         )
     if not q_texts:
         raise ValueError("no queries to mine for")
-    c_texts = list(dict.fromkeys(p_texts)) if corpus is None else _texts("corpus", corpus)
+    # a text repeated in the corpus is one candidate (as sentence-transformers deduplicates
+    # it): each copy took a window rank and could be picked twice for one query
+    c_texts = list(dict.fromkeys(p_texts if corpus is None else _texts("corpus", corpus)))
     if not c_texts:
         raise ValueError("the corpus is empty")
     num_negatives = int(check_number("num_negatives", num_negatives, low=1, integer=True))
