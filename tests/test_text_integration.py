@@ -276,26 +276,30 @@ def test_import_without_sentence_transformers_names_the_extra(monkeypatch):
 
 
 def test_gather_across_two_processes_equals_one_process_with_the_doubled_batch(tmp_path):
+    """Plain, and the GradCache form (whose embedding gradients come from a separate
+    autograd.grad through the gather, then re-enter each process's encoder)."""
     # the gather is a property of the loss, not of the encoder: a small torch encoder keeps the
     # spawned processes free of the transformers import
     import socket
 
     import torch.multiprocessing as mp
-    from _text_gather import BagEncoder, batch, run_rank
+    from _text_gather import BagEncoder, batch, make_loss, run_rank
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "rank0.pt"
     mp.spawn(run_rank, args=(2, port, out), nprocs=2, join=True)
-    got = torch.load(out)
+    results = torch.load(out)
     single = BagEncoder()
-    loss = HardNegativeLoss(single, "hcl", beta=1.0, gather_across_devices=True, symmetric=True)
+    loss = make_loss(single)  # the plain loss on one process: the reference for both
     single.zero_grad(set_to_none=True)
     value = loss(batch(), None)
     value.backward()
     want = {n: p.grad.clone() for n, p in single.named_parameters()}
-    assert_same((got["value"], got["grads"]), (value.detach(), want))
+    for form in ("cached", "plain"):
+        got = results[form]
+        assert_same((got["value"], got["grads"]), (value.detach(), want))
 
 
 @pytest.mark.parametrize("name", hardneg.list_losses())
