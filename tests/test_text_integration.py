@@ -457,3 +457,26 @@ def test_the_equivalents_the_mnrl_argument_errors_name_equal_mnrl(model):
         )
         ref = MultipleNegativesRankingLoss(model, hardness_mode=mode, hardness_strength=5.0)
         assert_same(ours, value_and_grads(model, ref, cols))
+
+
+def test_a_label_column_is_named_once_as_ignored(model):
+    """A dataset with a 'label' / 'score' column reaches the loss as ``labels``; every row still
+    trains as a positive pair (as MultipleNegativesRankingLoss does), so rows labelled 0 became
+    positives without a word. The loss now says so, once per loss, and the value is that of
+    the rows without the labels."""
+    import warnings
+
+    cols = columns(1, batch=4)
+    loss = HardNegativeLoss(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no label: no warning
+        plain = loss(features(model, cols), None)
+    with pytest.warns(UserWarning, match=r"ignores the dataset.s label column \(values 0, 1;"):
+        labelled = loss(features(model, cols), torch.tensor([1, 0, 1, 0]))
+    torch.testing.assert_close(labelled, plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        loss(features(model, cols), torch.tensor([1, 0, 1, 0]))
+    cached = CachedHardNegativeLoss(model, mini_batch_size=2)
+    with pytest.warns(UserWarning, match=r"values 0\.5, 1"):
+        cached(features(model, cols), torch.tensor([0.5, 1.0, 1.0, 0.5]))

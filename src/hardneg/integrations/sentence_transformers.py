@@ -44,6 +44,7 @@ reason. Strategies with a schedule (``beta_anneal``, ``anneal``) read ``loss.pro
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -290,6 +291,7 @@ class HardNegativeLoss(nn.Module):
         self.needs_progress = _probe_retrieval(strategy, self.loss_fn)
         self.progress: float | None = None
         self._generator: torch.Generator | None = None
+        self._labels_noted = False
 
     # -- sentence-transformers' loss interface --------------------------------------------------
     def forward(
@@ -297,6 +299,7 @@ class HardNegativeLoss(nn.Module):
     ) -> Tensor:
         features = list(sentence_features)
         self._check_columns(features)
+        self._note_labels(labels)
         embeddings = [self.embed(f) for f in features]
         ids = [text_ids(f) for f in features] if self.mask_duplicates else None
         return self.compute_loss_from_embeddings(embeddings, ids)
@@ -318,6 +321,23 @@ class HardNegativeLoss(nn.Module):
         return "\n\n".join(CITATIONS[n] for n in dict.fromkeys(names) if n in CITATIONS)
 
     # -- the parts ------------------------------------------------------------------------------
+    def _note_labels(self, labels: Tensor | None) -> None:
+        """Say once that a label / score column is not used: every row trains as a positive
+        tuple, so rows labelled 0 (pair-classification data) would silently become positives."""
+        if labels is None or self._labels_noted:
+            return
+        self._labels_noted = True
+        values = torch.as_tensor(labels).detach().flatten().unique().tolist()  # one host sync
+        shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        warnings.warn(
+            f"HardNegativeLoss ignores the dataset's label column (values {shown}; sentence-"
+            "transformers passes a 'label' or 'score' column as labels): every row trains as "
+            "(anchor, positive[, negatives]), a row labelled 0 too. Remove the column "
+            "(dataset.remove_columns(...)) or keep only the positive rows.",
+            UserWarning,
+            stacklevel=3,
+        )
+
     @staticmethod
     def _check_columns(features: list[dict[str, Tensor]]) -> None:
         if len(features) < 2:
@@ -508,6 +528,7 @@ class CachedHardNegativeLoss(HardNegativeLoss):
     ) -> Tensor:
         features = list(sentence_features)
         self._check_columns(features)
+        self._note_labels(labels)
         chunks = [_split(f, self.mini_batch_size) for f in features]
         cached: list[Tensor] = []
         states: list[list[_RandomState]] = []
