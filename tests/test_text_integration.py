@@ -196,6 +196,19 @@ def test_bad_inputs_say_what_is_wrong(model):
         HardNegativeLoss(NotAnEmbedder())(features(model, cols), None)
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_an_empty_batch_says_so(model, cached):
+    """A batch of 0 rows (a filtered batch of a custom loop) failed deep inside: "KeyError ''"
+    from the plain loss, "torch.cat(): expected a non-empty list" from the cached one, and
+    preprocess([]) features ({}) as "features hold no tensor"."""
+    loss = CachedHardNegativeLoss(model) if cached else HardNegativeLoss(model)
+    feats = features(model, columns(1, batch=2))
+    zero_rows = [{k: v[:0] for k, v in f.items()} for f in feats]
+    for batch in (zero_rows, [model.preprocess([]), model.preprocess([])]):
+        with pytest.raises(ValueError, match=r"empty batch \(0 rows\)"):
+            loss(batch, None)
+
+
 def test_config_and_citation(model):
     loss = CachedHardNegativeLoss(model, "hcl", beta=0.5, mini_batch_size=8)
     cfg = loss.get_config_dict()

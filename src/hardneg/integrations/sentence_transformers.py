@@ -346,6 +346,11 @@ class HardNegativeLoss(nn.Module):
                 f"negative_k]), got {len(features)} column(s)"
             )
         sizes = [_batch_size(f) for f in features]
+        if max(sizes) == 0:  # the encoder or torch.cat failed on it with an unrelated message
+            raise ValueError(
+                "HardNegativeLoss got an empty batch (0 rows): every column (anchor, positive, "
+                "negative_1..k) needs one row per sample, and a batch at least one sample"
+            )
         if len(set(sizes)) != 1:
             raise ValueError(
                 "every column (anchor, positive, negative_1..k) needs one row per sample: "
@@ -439,6 +444,8 @@ class HardNegativeLoss(nn.Module):
 
 
 def _batch_size(features: dict[str, Tensor]) -> int:
+    if not features:
+        return 0  # what a model's preprocess([]) gives
     for value in features.values():
         if isinstance(value, Tensor) and value.dim() > 0:
             return int(value.shape[0])
