@@ -888,3 +888,80 @@ def test_pick_negatives_refuses_an_unknown_sampling_name():
         pick_negatives(
             "potentail", torch.randn(2, 4), scores, scores[:, :1] + 1, keep, 2, torch.Generator()
         )
+
+
+class ModuleModel(torch.nn.Module):
+    """A torch encoder with ``encode``: a fixed random code per text times a trainable matrix
+    (what a fine-tuned SentenceTransformer is to the cache: the same class, new weights)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 8, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(
+                torch.randn(8, 16, generator=torch.Generator().manual_seed(seed))
+            )
+        self.calls = 0
+
+    def encode(self, texts, batch_size=32, convert_to_tensor=True, show_progress_bar=False):
+        self.calls += 1
+        return self.proj(torch.stack([FakeModel().vector(t) for t in texts]))
+
+
+def test_the_embedding_cache_does_not_serve_another_model_s_embeddings(tmp_path):
+    """Without ``model_key`` the cache key was the model's class name, so re-mining with the
+    fine-tuned model (iterative hard-negative mining) in the same cache_dir read the first
+    model's embeddings back and mined the old negatives. The key now follows the weights:
+    unchanged weights hit the cache, new weights embed again and mine what an uncached run
+    mines."""
+    queries, positives, corpus = data()
+    kw = {"num_negatives": 3, "output_format": "n-tuple", "cache_dir": tmp_path}
+    model = ModuleModel(seed=0)
+    first = mine_hard_negatives(queries, positives, corpus, model=model, **kw)
+    calls = model.calls
+    assert mine_hard_negatives(queries, positives, corpus, model=model, **kw) == first
+    assert model.calls == calls  # same weights: every embedding from the cache
+    with torch.no_grad():  # a training step
+        model.proj.weight.copy_(ModuleModel(seed=1).proj.weight)
+    again = mine_hard_negatives(queries, positives, corpus, model=model, **kw)
+    assert model.calls > calls
+    uncached = {k: v for k, v in kw.items() if k != "cache_dir"}
+    assert again == mine_hard_negatives(queries, positives, corpus, model=model, **uncached)
+    assert again != first
+
+
+def test_cli_mine_cache_follows_a_model_directory_saved_again(tmp_path, monkeypatch):
+    """``hardneg mine --model DIR --cache-dir C`` keyed the cache by the path: a model trained
+    and saved to the same folder was never loaded again and its old embeddings were mined. The
+    key now includes the folder's files (names, sizes, modification times), so a re-saved model
+    is loaded and embedded, and an unchanged one still never loads."""
+    import os
+
+    from hardneg import cli
+    from hardneg.text import models
+
+    queries, positives, corpus = data()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"anchor": q, "positive": p}) + "\n" for q, p in zip(queries, positives))
+    )
+    model_dir = tmp_path / "model"
+    (model_dir / "1_Pooling").mkdir(parents=True)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(b"first weights")
+    (model_dir / "1_Pooling" / "config.json").write_text("{}")
+    loads = []
+
+    def load(name, device=None):
+        loads.append(name)
+        return FakeModel()
+
+    monkeypatch.setattr(models, "load_sentence_model", load)
+    argv = ["mine", "--data", str(pairs), "--model", str(model_dir)]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "o.jsonl")]
+    assert cli.main(argv) == 0 and len(loads) == 1
+    assert cli.main(argv) == 0 and len(loads) == 1  # unchanged: all from the cache
+    weights.write_bytes(b"weights after training")  # saved again, same folder
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert cli.main(argv) == 0 and len(loads) == 2

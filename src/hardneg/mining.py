@@ -150,6 +150,24 @@ def _from_dataset(data: Any, anchor_column: str, positive_column: str) -> tuple[
 ENCODE_BATCHES_PER_CALL = 16
 
 
+def model_fingerprint(model: Any) -> str:
+    """The name of ``model``'s weights in the embedding cache: for a torch module, its class and,
+    per tensor of its ``state_dict``, the name, shape, dtype and the float64 sum and sum of
+    squares (a training step changes them; one host transfer for the whole model); for anything
+    else, its class name."""
+    if not isinstance(model, torch.nn.Module):
+        return type(model).__name__
+    key = hashlib.sha1(type(model).__name__.encode())
+    sums = []
+    for name, tensor in model.state_dict().items():
+        key.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        values = tensor.detach().double()
+        sums.append(torch.stack([values.sum(), values.square().sum()]).cpu())
+    if sums:
+        key.update(torch.cat(sums).numpy().tobytes())
+    return f"{type(model).__name__}-{key.hexdigest()[:20]}"
+
+
 def embed_texts(
     model: Any,
     texts: Sequence[str],
@@ -507,7 +525,10 @@ def mine_hard_negatives(
             ``min(clamp, exp(-a (s - s_pos - b)^2))``.
         batch_size: encoder batch.
         query_chunk_size, corpus_chunk_size: score block of the top-k.
-        cache_dir: cache embeddings here (``model_key`` names the model in the cache key).
+        cache_dir: cache embeddings here.
+        model_key: names the model in the cache key; default: :func:`model_fingerprint`, which
+            follows a torch model's weights, so a fine-tuned model re-mining into the same
+            ``cache_dir`` embeds again instead of reading the old model's embeddings.
         anchor_column, positive_column: column names of a dataset input.
         seed: seed of the sampling.
         as_dataset: return a ``datasets.Dataset`` instead of a list of dicts.
@@ -612,6 +633,9 @@ def mine_hard_negatives(
 
     rank, world = _world()
     lo, hi = shard_bounds(len(c_texts), rank, world)
+    if cache_dir is not None and model_key is None:
+        # the class name alone served a fine-tuned model its base model's embeddings
+        model_key = model_fingerprint(model)
     embed_kw = {"batch_size": batch_size, "cache_dir": cache_dir, "model_key": model_key}
     # an anchor listed with several positives is embedded once (retrieval data repeats anchors)
     distinct_q = list(dict.fromkeys(q_texts))
