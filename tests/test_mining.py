@@ -753,6 +753,11 @@ def test_cli_mine_refuses_an_output_format_before_loading_the_model(tmp_path, mo
     under_a_file = str(pairs / "o.jsonl")  # a folder we cannot write: checked first too
     assert cli.main(["mine", "--data", str(pairs), "--output", under_a_file]) == 2
     assert f"{pairs} is a file, not a folder" in capsys.readouterr().err
+    # an output name that is a folder failed with "Is a directory" only after the mining
+    folder = tmp_path / "mined.jsonl"
+    folder.mkdir()
+    assert cli.main(["mine", "--data", str(pairs), "--output", str(folder)]) == 2
+    assert f"--output {folder} is a folder; give a file name" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["batch_size", "query_chunk_size", "corpus_chunk_size"])

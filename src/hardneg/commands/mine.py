@@ -135,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     check_model_name(args.model)  # a misspelt name: "did you mean", before the data are read
     from hardneg.train.runtime import run_dir_problem
 
+    if Path(args.output).is_dir():  # open() failed on it only after the whole mining
+        raise ValueError(f"--output {args.output} is a folder; give a file name (.jsonl, .parquet)")
     problem = run_dir_problem(Path(args.output).parent)  # a folder we cannot write to
     if problem:
         raise ValueError(f"--output {args.output}: {problem}")
