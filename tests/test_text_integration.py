@@ -213,6 +213,8 @@ def test_config_and_citation(model):
     loss = CachedHardNegativeLoss(model, "hcl", beta=0.5, mini_batch_size=8)
     cfg = loss.get_config_dict()
     assert cfg["strategy"] == "hcl" and cfg["beta"] == 0.5 and cfg["mini_batch_size"] == 8
+    assert "seed" not in cfg  # hcl draws nothing; a strategy that draws records its seed
+    assert HardNegativeLoss(model, "simans", seed=7).get_config_dict()["seed"] == 7
     assert "Robinson" in loss.citation and "GradCache" not in loss.citation
     assert "Gao" in loss.citation
     from hardneg.integrations.sentence_transformers import CITATIONS

@@ -311,6 +311,8 @@ class HardNegativeLoss(nn.Module):
             "symmetric": self.symmetric,
             "gather_across_devices": self.gather_across_devices,
             "mask_duplicates": self.mask_duplicates,
+            # the draws of simans, mochi, ring's num_samples follow it: the model card must say
+            **({"seed": self.seed} if self.loss_fn.draws else {}),
             **self.strategy_hparams,
         }
 
