@@ -130,6 +130,40 @@ def test_duplicates_are_masked_by_text(model):
     assert not torch.allclose(masked, plain)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_candidate_with_the_anchor_s_own_text_is_masked(model, symmetric):
+    """Chained pairs (s0, s1), (s1, s2) put anchor 1's own text among its candidates (positive
+    0), at cosine 1 to it: a false negative above its positive that mask_duplicates, which only
+    compared candidates with the anchor's positive, let through. Paraphrase data listed in both
+    directions does the same. The anchor's own text is now masked like a duplicate of its
+    positive, in both directions (the oracle: per-anchor cross-entropy over the listed
+    candidates)."""
+    cols = columns(1, batch=4)
+    cols[0][1] = cols[1][0]  # anchor 1 is positive 0: chained pairs
+    cols[2][0] = cols[0][3]  # row 0's mined negative is anchor 3's own text
+    feats = features(model, cols)
+    with torch.no_grad():
+        emb = [model(f)["sentence_embedding"] for f in feats]
+        got = HardNegativeLoss(model, symmetric=symmetric)(feats, None)
+    # candidates: positives 0..3, then the hard negatives 4..7
+    want = manual_mnrl(emb[0], emb[1], emb[2].unsqueeze(1), 20.0, {(1, 0), (3, 4)})
+    if symmetric:  # positive -> anchor: positive 0 is anchor 1's text
+        back = manual_mnrl(emb[1], emb[0], emb[0][:, None, :0], 20.0, {(0, 1)})
+        want = (want + back) / 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_anchor_ids_belong_to_the_retrieval_form_with_ids():
+    loss = hardneg.create_loss("infonce")
+    a, p, n = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 1, 8)
+    with pytest.raises(ValueError, match="anchor_ids .* pass hard_negatives and ids"):
+        loss(a, p, anchor_ids=torch.arange(4))
+    with pytest.raises(ValueError, match="anchor_ids .* pass hard_negatives and ids"):
+        loss(a, p, hard_negatives=n, anchor_ids=torch.arange(4))
+    with pytest.raises(ValueError, match="anchor_ids"):
+        loss(a, p, hard_negatives=n, ids=torch.arange(8), anchor_ids=torch.arange(3))
+
+
 def test_text_ids_ignore_padding_side():
     tokens = torch.tensor([[5, 6, 7, 0], [0, 5, 6, 7], [5, 6, 8, 0]])
     mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [1, 1, 1, 0]])

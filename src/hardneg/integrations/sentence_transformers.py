@@ -26,7 +26,8 @@ What the module adds to the plain loss:
   averages the two, as ``MultipleNegativesSymmetricRankingLoss`` does;
 * ``mask_duplicates=True`` (default) hashes each input's token ids: a candidate whose text equals
   the anchor's positive (two anchors sharing a positive, a mined negative that is the positive
-  again) is neither positive nor negative, instead of a false negative;
+  again) or the anchor itself (chained pairs, paraphrases listed both ways) is neither positive
+  nor negative, instead of a false negative;
 * ``gather_across_devices=True`` gathers anchors, positives, hard negatives and ids of every
   process (with gradients, :func:`hardneg.distributed.gather_with_grad`), so each process computes
   the loss of the whole global batch in the single-process layout: the same value, and under
@@ -428,7 +429,12 @@ class HardNegativeLoss(nn.Module):
             loss = no_negative
         else:
             loss = self.loss_fn(
-                anchor, positive, hard_negatives=negatives, ids=candidate_ids, **kwargs
+                anchor,
+                positive,
+                hard_negatives=negatives,
+                ids=candidate_ids,
+                anchor_ids=anchor_ids,  # a candidate with the anchor's own text: masked too
+                **kwargs,
             )
         if self.symmetric:  # positive -> anchor: the batch's anchors are the candidates
             if no_negative is not None:
@@ -439,6 +445,7 @@ class HardNegativeLoss(nn.Module):
                     anchor,
                     hard_negatives=anchor.new_zeros(anchor.shape[0], 0, d),
                     ids=anchor_ids,
+                    anchor_ids=None if id_cols is None else id_cols[:, 1],
                     **kwargs,
                 )
             loss = (loss + back) / 2
