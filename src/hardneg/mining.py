@@ -162,9 +162,9 @@ def model_fingerprint(model: Any) -> str:
     for name, tensor in model.state_dict().items():
         key.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         values = tensor.detach().double()
-        sums.append(torch.stack([values.sum(), values.square().sum()]).cpu())
-    if sums:
-        key.update(torch.cat(sums).numpy().tobytes())
+        sums.append(torch.stack([values.sum(), values.square().sum()]))
+    if sums:  # gathered where the first tensor lives, then one copy to the host
+        key.update(torch.cat([x.to(sums[0].device) for x in sums]).cpu().numpy().tobytes())
     return f"{type(model).__name__}-{key.hexdigest()[:20]}"
 
 
