@@ -706,6 +706,31 @@ def test_a_corpus_too_small_for_the_window_or_the_count_says_how_large_it_may_be
         mine_hard_negatives(["q"], ["p"], model=model)  # the corpus is the positive alone
 
 
+def test_an_anchor_with_many_positives_limits_only_its_own_candidates():
+    """The candidates a query can have were counted for the query with the most positives: one
+    anchor listed with 15 positives in a corpus of 30 refused num_negatives = 20 for every
+    query ("at most 15 candidates are left") and capped everyone's default window at 15. Now
+    each query has its own count: the others mine as they do without that anchor, and the
+    anchor itself gets the 15 texts it has left (short: triplets, no n-tuple)."""
+    model = FakeModel()
+    queries, positives, corpus = data(n_queries=12, n_corpus=30)
+    many = [f"doc {j}" for j in range(12, 26)]  # query 0's extra positives
+    kw = {"model": model, "num_negatives": 20}
+    q_all, p_all = queries + ["query 0"] * len(many), positives + many
+    for fmt in ("n-tuple", "triplet"):
+        got = mine_hard_negatives(q_all, p_all, corpus, output_format=fmt, **kw)
+        alone = mine_hard_negatives(queries[1:], positives[1:], corpus, output_format=fmt, **kw)
+        assert [r for r in got if r["anchor"] != "query 0"] == alone
+        mine = [r for r in got if r["anchor"] == "query 0"]
+        if fmt == "n-tuple":
+            assert mine == []
+        else:  # each of its 15 pairs: the 15 corpus texts that are none of its positives
+            left = {f"doc {j}" for j in range(1, 12)} | {f"doc {j}" for j in range(26, 30)}
+            assert len(mine) == 15 * 15 and {r["negative"] for r in mine} == left
+    with pytest.raises(ValueError, match="at most 29 candidates"):  # no query can give 30
+        mine_hard_negatives(q_all, p_all, corpus, model=model, num_negatives=30)
+
+
 @pytest.mark.parametrize(
     "lines, message",
     [

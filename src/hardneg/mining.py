@@ -576,12 +576,16 @@ def mine_hard_negatives(
         of_anchor.setdefault(q, set(where.get(q, ()))).update(where.get(p, ()))
     exclude = [of_anchor[q] for q in q_texts]
     extra = max(len(e) for e in exclude)
-    # the candidates a query can have: the corpus less its own text and positives
-    available = len(c_texts) - extra
+    # the candidates a query can have: the corpus less its own text and positives. The limits
+    # below take the query with the most left (they took the one with the fewest: an anchor
+    # listed with many positives refused or narrowed every query's window); a query with
+    # fewer finds -inf at the end of its window and is short, like one the filters thin out
+    least = min(len(e) for e in exclude)
+    available = len(c_texts) - least
     if available < num_negatives:
         raise ValueError(
             f"the corpus holds {len(c_texts)} texts; without a query's own text and its "
-            f"positives (up to {extra} rows) at most {available} candidates are left, fewer "
+            f"positives (at least {least} rows) at most {available} candidates are left, fewer "
             f"than num_negatives = {num_negatives}: give a larger corpus"
         )
     range_min = int(check_number("range_min", range_min, low=0, integer=True))
@@ -593,7 +597,7 @@ def mine_hard_negatives(
         raise ValueError(
             f"range_max = {range_max} is larger than the corpus allows: a query has at most "
             f"{available} candidates (the corpus's {len(c_texts)} texts less its own text and "
-            f"its positives, up to {extra} rows); lower range_max to at most {available}"
+            f"its positives, at least {least} rows); lower range_max to at most {available}"
         )
     if range_max <= range_min:
         raise ValueError(f"range_max ({range_max}) must be larger than range_min ({range_min})")
@@ -629,7 +633,8 @@ def mine_hard_negatives(
     sampler_strategy(sampling, options, num_negatives)  # its settings, before any embedding
     stats.queries, stats.corpus = len(q_texts), len(c_texts)
 
-    k = range_max + extra
+    # every query's window rows rank before its excluded rows (set to -inf)
+    k = min(range_max + extra, len(c_texts))
 
     rank, world = _world()
     lo, hi = shard_bounds(len(c_texts), rank, world)
