@@ -514,7 +514,8 @@ def mine_hard_negatives(
             ``'potential'``.
         range_min, range_max: rank window ``[range_min, range_max)`` of the candidates
             (default ``range_max = range_min + max(30, 3 num_negatives)``, capped by the
-            candidates a query can have: the corpus less its own text and its positives).
+            most candidates a query has: the corpus less its own text and its positives; a
+            query with fewer is short, like one the filters thin out).
         min_score, max_score: keep candidates with ``min_score <= s <= max_score``.
         absolute_margin: keep ``s <= s_pos - absolute_margin`` (TopK-MarginPos).
         relative_margin: keep ``s <= s_pos - |s_pos| relative_margin`` (TopK-PercPos).
