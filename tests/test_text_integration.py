@@ -153,6 +153,16 @@ def test_a_candidate_with_the_anchor_s_own_text_is_masked(model, symmetric):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_pairs_of_a_text_with_itself_still_equal_mnrl(model):
+    """Unsupervised SimCSE data, (text, text) rows with dropout as the augmentation: each
+    positive has its anchor's own text, and the mask of the anchor's text must leave it the
+    positive (value and gradients equal MultipleNegativesRankingLoss's)."""
+    texts = columns(0, batch=6)[0]
+    cols = [texts, list(texts)]
+    ours = value_and_grads(model, HardNegativeLoss(model), cols)
+    assert_same(ours, value_and_grads(model, MultipleNegativesRankingLoss(model), cols))
+
+
 def test_anchor_ids_belong_to_the_retrieval_form_with_ids():
     loss = hardneg.create_loss("infonce")
     a, p, n = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 1, 8)
