@@ -393,8 +393,9 @@ class HardNegativeLoss(nn.Module):
             raise ValueError(
                 f"strategy {self.strategy!r}{f' with {schedule}' if schedule else ''} follows a "
                 "schedule over training and reads loss.progress, which is not set: pass "
-                "callbacks=[ProgressCallback(loss)] to SentenceTransformerTrainer, or set "
-                "loss.progress (fraction of training done, 0 to 1) before each step"
+                "callbacks=[ProgressCallback(loss)] to SentenceTransformerTrainer (model.fit "
+                "takes no Trainer callbacks), or set loss.progress (fraction of training done, "
+                "0 to 1) before each step"
             )
         anchor, positive = embeddings[0], embeddings[1]
         b, d = anchor.shape
