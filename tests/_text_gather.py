@@ -7,7 +7,11 @@ import os
 import torch
 from torch import nn
 
-from hardneg.integrations.sentence_transformers import HardNegativeLoss, text_ids
+from hardneg.integrations.sentence_transformers import (
+    CachedHardNegativeLoss,
+    HardNegativeLoss,
+    text_ids,
+)
 
 VOCAB, BATCH, COLUMNS = 40, 8, 4  # anchor, positive, 2 hard negatives
 
@@ -39,20 +43,33 @@ def batch(rank: int | None = None, world: int = 1):
     return [{k: v[rank * half : (rank + 1) * half] for k, v in f.items()} for f in feats]
 
 
+def make_loss(model: nn.Module, cached: bool = False) -> HardNegativeLoss:
+    """The loss of the gather tests; ``cached``: the GradCache form in mini-batches of 3 rows
+    (each process holds 4 rows: a full and a short mini-batch)."""
+    kwargs = {"gather_across_devices": True, "symmetric": True, "beta": 1.0}
+    if cached:
+        return CachedHardNegativeLoss(model, "hcl", mini_batch_size=3, **kwargs)
+    return HardNegativeLoss(model, "hcl", **kwargs)
+
+
 def run_rank(rank: int, world: int, port: int, out) -> None:
+    """Loss value and DDP-averaged gradients of the plain and of the cached form on this
+    process's half of the batch (rank 0 saves them)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = BagEncoder()
-        loss = HardNegativeLoss(model, "hcl", beta=1.0, gather_across_devices=True, symmetric=True)
-        value = loss(batch(rank, world), None)
-        value.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        for g in grads.values():  # what DDP does: average the ranks' gradients
-            torch.distributed.all_reduce(g)
-            g /= world
+        results = {}
+        for name, cached in (("plain", False), ("cached", True)):
+            model = BagEncoder()
+            value = make_loss(model, cached)(batch(rank, world), None)
+            value.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            for g in grads.values():  # what DDP does: average the ranks' gradients
+                torch.distributed.all_reduce(g)
+                g /= world
+            results[name] = {"value": value.detach(), "grads": grads}
         if rank == 0:
-            torch.save({"value": value.detach(), "grads": grads}, out)
+            torch.save(results, out)
     finally:
         torch.distributed.destroy_process_group()

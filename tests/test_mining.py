@@ -227,6 +227,28 @@ def test_bad_inputs_say_what_is_wrong():
         mine_hard_negatives(queries, positives, corpus, model=model, num_negatives=5, range_max=3)
 
 
+@pytest.mark.parametrize(
+    "scores, message",
+    [
+        ({"min_score": 0.9, "max_score": 0.1}, r"min_score \(0.9\) is above max_score \(0.1\)"),
+        ({"min_score": float("nan")}, "min_score must be finite, got nan"),
+        ({"max_score": float("nan")}, "max_score must be finite, got nan"),
+        ({"max_score": "0.5"}, "max_score must be a number"),
+    ],
+)
+def test_score_bounds_that_keep_nothing_are_refused_before_embedding(scores, message):
+    """min_score above max_score (or a NaN bound, which no score passes) kept no candidate:
+    0 rows and exit 0 after the whole corpus was embedded, with a warning to loosen the
+    filters; it is a setting error, named before the model runs."""
+    model = FakeModel()
+    queries, positives, corpus = data()
+    with pytest.raises(ValueError, match=message):
+        mine_hard_negatives(queries, positives, corpus, model=model, **scores)
+    assert model.calls == 0
+    # equal bounds are a legitimate (if narrow) window: no error
+    mine_hard_negatives(queries, positives, corpus, model=model, min_score=0.1, max_score=0.1)
+
+
 def test_short_queries_drop_from_n_tuples_but_keep_triplets():
     model = FakeModel()
     queries, positives, corpus = data()
@@ -524,6 +546,33 @@ def test_no_positive_of_an_anchor_is_mined_as_a_negative_of_its_other_pairs():
     assert rows == want
 
 
+def test_a_text_repeated_in_the_corpus_is_one_candidate():
+    """A corpus holding a text twice (the Lee corpus repeats documents) gave n-tuples with the
+    same negative twice and repeated triplets: each copy was its own candidate and took a
+    window rank. A repeated text is one candidate, as sentence-transformers deduplicates its
+    corpus: the rows equal those of the corpus without the repeats."""
+    cosines = {"q": 1.0, "pos": 0.95, "b": 0.9, "c": 0.8, "d": 0.7, "e": 0.6}
+    rows = mine_hard_negatives(
+        ["q"],
+        ["pos"],
+        ["pos", "b", "b", "c", "c", "d", "e", "b"],
+        model=TableModel(cosines),
+        num_negatives=3,
+        range_max=3,
+        output_format="n-tuple",
+    )
+    want = {"anchor": "q", "positive": "pos", "negative_1": "b", "negative_2": "c"}
+    assert rows == [{**want, "negative_3": "d"}]
+    model = FakeModel()
+    queries, positives, corpus = data()
+    repeated = corpus + corpus[20:40] + corpus[:5]
+    for fmt in ("n-tuple", "triplet"):
+        kw = {"model": model, "num_negatives": 3, "output_format": fmt, "sampling": "top"}
+        got = mine_hard_negatives(queries, positives, repeated, **kw)
+        assert got == mine_hard_negatives(queries, positives, corpus, **kw)
+        assert len({tuple(r.values()) for r in got}) == len(got)
+
+
 def test_the_query_s_own_text_in_the_corpus_is_no_negative_and_takes_no_window_rank():
     """Retrieval corpora often hold the queries themselves (score 1 against themselves): the
     query's own rows are skipped like its positives, so the window ``[0, range_max)`` holds
@@ -657,6 +706,31 @@ def test_a_corpus_too_small_for_the_window_or_the_count_says_how_large_it_may_be
         mine_hard_negatives(["q"], ["p"], model=model)  # the corpus is the positive alone
 
 
+def test_an_anchor_with_many_positives_limits_only_its_own_candidates():
+    """The candidates a query can have were counted for the query with the most positives: one
+    anchor listed with 15 positives in a corpus of 30 refused num_negatives = 20 for every
+    query ("at most 15 candidates are left") and capped everyone's default window at 15. Now
+    each query has its own count: the others mine as they do without that anchor, and the
+    anchor itself gets the 15 texts it has left (short: triplets, no n-tuple)."""
+    model = FakeModel()
+    queries, positives, corpus = data(n_queries=12, n_corpus=30)
+    many = [f"doc {j}" for j in range(12, 26)]  # query 0's extra positives
+    kw = {"model": model, "num_negatives": 20}
+    q_all, p_all = queries + ["query 0"] * len(many), positives + many
+    for fmt in ("n-tuple", "triplet"):
+        got = mine_hard_negatives(q_all, p_all, corpus, output_format=fmt, **kw)
+        alone = mine_hard_negatives(queries[1:], positives[1:], corpus, output_format=fmt, **kw)
+        assert [r for r in got if r["anchor"] != "query 0"] == alone
+        mine = [r for r in got if r["anchor"] == "query 0"]
+        if fmt == "n-tuple":
+            assert mine == []
+        else:  # each of its 15 pairs: the 15 corpus texts that are none of its positives
+            left = {f"doc {j}" for j in range(1, 12)} | {f"doc {j}" for j in range(26, 30)}
+            assert len(mine) == 15 * 15 and {r["negative"] for r in mine} == left
+    with pytest.raises(ValueError, match="at most 29 candidates"):  # no query can give 30
+        mine_hard_negatives(q_all, p_all, corpus, model=model, num_negatives=30)
+
+
 @pytest.mark.parametrize(
     "lines, message",
     [
@@ -704,6 +778,11 @@ def test_cli_mine_refuses_an_output_format_before_loading_the_model(tmp_path, mo
     under_a_file = str(pairs / "o.jsonl")  # a folder we cannot write: checked first too
     assert cli.main(["mine", "--data", str(pairs), "--output", under_a_file]) == 2
     assert f"{pairs} is a file, not a folder" in capsys.readouterr().err
+    # an output name that is a folder failed with "Is a directory" only after the mining
+    folder = tmp_path / "mined.jsonl"
+    folder.mkdir()
+    assert cli.main(["mine", "--data", str(pairs), "--output", str(folder)]) == 2
+    assert f"--output {folder} is a folder; give a file name" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["batch_size", "query_chunk_size", "corpus_chunk_size"])
@@ -839,3 +918,80 @@ def test_pick_negatives_refuses_an_unknown_sampling_name():
         pick_negatives(
             "potentail", torch.randn(2, 4), scores, scores[:, :1] + 1, keep, 2, torch.Generator()
         )
+
+
+class ModuleModel(torch.nn.Module):
+    """A torch encoder with ``encode``: a fixed random code per text times a trainable matrix
+    (what a fine-tuned SentenceTransformer is to the cache: the same class, new weights)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 8, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(
+                torch.randn(8, 16, generator=torch.Generator().manual_seed(seed))
+            )
+        self.calls = 0
+
+    def encode(self, texts, batch_size=32, convert_to_tensor=True, show_progress_bar=False):
+        self.calls += 1
+        return self.proj(torch.stack([FakeModel().vector(t) for t in texts]))
+
+
+def test_the_embedding_cache_does_not_serve_another_model_s_embeddings(tmp_path):
+    """Without ``model_key`` the cache key was the model's class name, so re-mining with the
+    fine-tuned model (iterative hard-negative mining) in the same cache_dir read the first
+    model's embeddings back and mined the old negatives. The key now follows the weights:
+    unchanged weights hit the cache, new weights embed again and mine what an uncached run
+    mines."""
+    queries, positives, corpus = data()
+    kw = {"num_negatives": 3, "output_format": "n-tuple", "cache_dir": tmp_path}
+    model = ModuleModel(seed=0)
+    first = mine_hard_negatives(queries, positives, corpus, model=model, **kw)
+    calls = model.calls
+    assert mine_hard_negatives(queries, positives, corpus, model=model, **kw) == first
+    assert model.calls == calls  # same weights: every embedding from the cache
+    with torch.no_grad():  # a training step
+        model.proj.weight.copy_(ModuleModel(seed=1).proj.weight)
+    again = mine_hard_negatives(queries, positives, corpus, model=model, **kw)
+    assert model.calls > calls
+    uncached = {k: v for k, v in kw.items() if k != "cache_dir"}
+    assert again == mine_hard_negatives(queries, positives, corpus, model=model, **uncached)
+    assert again != first
+
+
+def test_cli_mine_cache_follows_a_model_directory_saved_again(tmp_path, monkeypatch):
+    """``hardneg mine --model DIR --cache-dir C`` keyed the cache by the path: a model trained
+    and saved to the same folder was never loaded again and its old embeddings were mined. The
+    key now includes the folder's files (names, sizes, modification times), so a re-saved model
+    is loaded and embedded, and an unchanged one still never loads."""
+    import os
+
+    from hardneg import cli
+    from hardneg.text import models
+
+    queries, positives, corpus = data()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"anchor": q, "positive": p}) + "\n" for q, p in zip(queries, positives))
+    )
+    model_dir = tmp_path / "model"
+    (model_dir / "1_Pooling").mkdir(parents=True)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(b"first weights")
+    (model_dir / "1_Pooling" / "config.json").write_text("{}")
+    loads = []
+
+    def load(name, device=None):
+        loads.append(name)
+        return FakeModel()
+
+    monkeypatch.setattr(models, "load_sentence_model", load)
+    argv = ["mine", "--data", str(pairs), "--model", str(model_dir)]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "o.jsonl")]
+    assert cli.main(argv) == 0 and len(loads) == 1
+    assert cli.main(argv) == 0 and len(loads) == 1  # unchanged: all from the cache
+    weights.write_bytes(b"weights after training")  # saved again, same folder
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert cli.main(argv) == 0 and len(loads) == 2

@@ -510,20 +510,45 @@ def test_text_demo_checks_its_out_folder_before_loading_anything(tmp_path, monke
     assert f"{a_file} is a file, not a folder" in capsys.readouterr().err
 
 
-def recorded_batches(monkeypatch, pairs, batch_size, steps):
+def recorded_batches(monkeypatch, pairs, batch_size, steps, progress=None):
     """The batches ``train_once`` hands to the loss, with the loss and the model stubbed (a
-    one-weight model, the texts as their own features)."""
+    one-weight model, the texts as their own features); the progress of each call goes into
+    ``progress`` when given a list."""
     batches = []
     weight = torch.nn.Linear(1, 1)
 
-    def loss_fn(anchors, positives):
+    def loss_fn(anchors, positives, done):
         batches.append(list(zip(anchors, positives, strict=True)))
+        if progress is not None:
+            progress.append(done)
         return weight.weight.sum() * 0.0
 
     monkeypatch.setattr(tb, "strategy_loss", lambda *args: (loss_fn, "retrieval"))
     cfg = tb.TextBenchmarkConfig(steps=steps, batch_size=batch_size)
     tb.train_once(weight, list, pairs, "infonce", 0, cfg, {})
     return batches
+
+
+def test_each_training_step_hands_the_loss_the_fraction_of_steps_done(monkeypatch):
+    """A schedule (hcl.beta_anneal=down, ring.anneal=linear) reads the progress: step s of S
+    is s / S, the fraction done before it (ProgressCallback's global_step / max_steps)."""
+    seen: list[float] = []
+    pairs = [(f"anchor {i}", f"positive {i}") for i in range(8)]
+    recorded_batches(monkeypatch, pairs, batch_size=4, steps=4, progress=seen)
+    assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75])
+
+
+@pytest.mark.parametrize(
+    "strategy, hparams", [("hcl", {"beta_anneal": "down"}), ("ring", {"anneal": "linear"})]
+)
+def test_strategies_with_a_schedule_train_in_the_text_benchmark(tiny_dir, strategy, hparams):
+    """``hardneg demo --modality text hcl.beta_anneal=down`` failed every run with 'needs the
+    training progress': the benchmark never passed it."""
+    pairs = tb.load_training_pairs(None)[:16]
+    cfg = tb.TextBenchmarkConfig(steps=2, batch_size=8, max_seq_length=32)
+    model = load(tiny_dir)
+    loss, layout = tb.train_once(model, tb._plain_features(model), pairs, strategy, 0, cfg, hparams)
+    assert layout == "retrieval" and np.isfinite(loss)
 
 
 @pytest.mark.parametrize("n, batch_size", [(5, 8), (2, 32), (10, 4)])

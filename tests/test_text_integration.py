@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 import pytest
@@ -129,6 +130,50 @@ def test_duplicates_are_masked_by_text(model):
     assert not torch.allclose(masked, plain)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_candidate_with_the_anchor_s_own_text_is_masked(model, symmetric):
+    """Chained pairs (s0, s1), (s1, s2) put anchor 1's own text among its candidates (positive
+    0), at cosine 1 to it: a false negative above its positive that mask_duplicates, which only
+    compared candidates with the anchor's positive, let through. Paraphrase data listed in both
+    directions does the same. The anchor's own text is now masked like a duplicate of its
+    positive, in both directions (the oracle: per-anchor cross-entropy over the listed
+    candidates)."""
+    cols = columns(1, batch=4)
+    cols[0][1] = cols[1][0]  # anchor 1 is positive 0: chained pairs
+    cols[2][0] = cols[0][3]  # row 0's mined negative is anchor 3's own text
+    feats = features(model, cols)
+    with torch.no_grad():
+        emb = [model(f)["sentence_embedding"] for f in feats]
+        got = HardNegativeLoss(model, symmetric=symmetric)(feats, None)
+    # candidates: positives 0..3, then the hard negatives 4..7
+    want = manual_mnrl(emb[0], emb[1], emb[2].unsqueeze(1), 20.0, {(1, 0), (3, 4)})
+    if symmetric:  # positive -> anchor: positive 0 is anchor 1's text
+        back = manual_mnrl(emb[1], emb[0], emb[0][:, None, :0], 20.0, {(0, 1)})
+        want = (want + back) / 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_pairs_of_a_text_with_itself_still_equal_mnrl(model):
+    """Unsupervised SimCSE data, (text, text) rows with dropout as the augmentation: each
+    positive has its anchor's own text, and the mask of the anchor's text must leave it the
+    positive (value and gradients equal MultipleNegativesRankingLoss's)."""
+    texts = columns(0, batch=6)[0]
+    cols = [texts, list(texts)]
+    ours = value_and_grads(model, HardNegativeLoss(model), cols)
+    assert_same(ours, value_and_grads(model, MultipleNegativesRankingLoss(model), cols))
+
+
+def test_anchor_ids_belong_to_the_retrieval_form_with_ids():
+    loss = hardneg.create_loss("infonce")
+    a, p, n = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 1, 8)
+    with pytest.raises(ValueError, match="anchor_ids .* pass hard_negatives and ids"):
+        loss(a, p, anchor_ids=torch.arange(4))
+    with pytest.raises(ValueError, match="anchor_ids .* pass hard_negatives and ids"):
+        loss(a, p, hard_negatives=n, anchor_ids=torch.arange(4))
+    with pytest.raises(ValueError, match="anchor_ids"):
+        loss(a, p, hard_negatives=n, ids=torch.arange(8), anchor_ids=torch.arange(3))
+
+
 def test_text_ids_ignore_padding_side():
     tokens = torch.tensor([[5, 6, 7, 0], [0, 5, 6, 7], [5, 6, 8, 0]])
     mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [1, 1, 1, 0]])
@@ -195,10 +240,25 @@ def test_bad_inputs_say_what_is_wrong(model):
         HardNegativeLoss(NotAnEmbedder())(features(model, cols), None)
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_an_empty_batch_says_so(model, cached):
+    """A batch of 0 rows (a filtered batch of a custom loop) failed deep inside: "KeyError ''"
+    from the plain loss, "torch.cat(): expected a non-empty list" from the cached one, and
+    preprocess([]) features ({}) as "features hold no tensor"."""
+    loss = CachedHardNegativeLoss(model) if cached else HardNegativeLoss(model)
+    feats = features(model, columns(1, batch=2))
+    zero_rows = [{k: v[:0] for k, v in f.items()} for f in feats]
+    for batch in (zero_rows, [model.preprocess([]), model.preprocess([])]):
+        with pytest.raises(ValueError, match=r"empty batch \(0 rows\)"):
+            loss(batch, None)
+
+
 def test_config_and_citation(model):
     loss = CachedHardNegativeLoss(model, "hcl", beta=0.5, mini_batch_size=8)
     cfg = loss.get_config_dict()
     assert cfg["strategy"] == "hcl" and cfg["beta"] == 0.5 and cfg["mini_batch_size"] == 8
+    assert "seed" not in cfg  # hcl draws nothing; a strategy that draws records its seed
+    assert HardNegativeLoss(model, "simans", seed=7).get_config_dict()["seed"] == 7
     assert "Robinson" in loss.citation and "GradCache" not in loss.citation
     assert "Gao" in loss.citation
     from hardneg.integrations.sentence_transformers import CITATIONS
@@ -275,26 +335,30 @@ def test_import_without_sentence_transformers_names_the_extra(monkeypatch):
 
 
 def test_gather_across_two_processes_equals_one_process_with_the_doubled_batch(tmp_path):
+    """Plain, and the GradCache form (whose embedding gradients come from a separate
+    autograd.grad through the gather, then re-enter each process's encoder)."""
     # the gather is a property of the loss, not of the encoder: a small torch encoder keeps the
     # spawned processes free of the transformers import
     import socket
 
     import torch.multiprocessing as mp
-    from _text_gather import BagEncoder, batch, run_rank
+    from _text_gather import BagEncoder, batch, make_loss, run_rank
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "rank0.pt"
     mp.spawn(run_rank, args=(2, port, out), nprocs=2, join=True)
-    got = torch.load(out)
+    results = torch.load(out)
     single = BagEncoder()
-    loss = HardNegativeLoss(single, "hcl", beta=1.0, gather_across_devices=True, symmetric=True)
+    loss = make_loss(single)  # the plain loss on one process: the reference for both
     single.zero_grad(set_to_none=True)
     value = loss(batch(), None)
     value.backward()
     want = {n: p.grad.clone() for n, p in single.named_parameters()}
-    assert_same((got["value"], got["grads"]), (value.detach(), want))
+    for form in ("cached", "plain"):
+        got = results[form]
+        assert_same((got["value"], got["grads"]), (value.detach(), want))
 
 
 @pytest.mark.parametrize("name", hardneg.list_losses())
@@ -357,3 +421,121 @@ def test_a_citation_s_arxiv_id_and_title_are_those_the_strategy_s_docstring_quot
     assert eprint in doc, (eprint, doc[:300])
     if name == "potential":  # the docstring quotes the full title
         assert title in doc, (title, doc[:300])
+
+
+@pytest.mark.parametrize(
+    "name, schedule", [("hcl", {"beta_anneal": "down"}), ("ring", {"anneal": "linear"})]
+)
+def test_a_schedule_without_progress_names_the_progress_callback(model, name, schedule):
+    """A strategy with a schedule inside SentenceTransformerTrainer and no ProgressCallback
+    failed at its first step with the core API's "pass progress=<fraction>", which a Trainer
+    user cannot do; the message must name the callback. The same strategy without a schedule
+    needs no progress, and with loss.progress set the scheduled one trains."""
+    cols = columns(1, batch=4)
+    loss = HardNegativeLoss(model, name, **schedule)
+    with pytest.raises(ValueError, match=r"callbacks=\[ProgressCallback\(loss\)\]"):
+        loss(features(model, cols), None)
+    assert torch.isfinite(HardNegativeLoss(model, name)(features(model, cols), None))
+    loss.progress = 0.5
+    assert torch.isfinite(loss(features(model, cols), None))
+
+
+def test_progress_callback_gives_the_loss_the_fraction_of_steps_done(tmp_path, model):
+    """ProgressCallback sets loss.progress to global_step / max_steps before each step, so an
+    annealed strategy sees 0, 1/3, 2/3 over three steps (the fraction done, as the image
+    trainer passes it)."""
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+
+    from hardneg.integrations.sentence_transformers import ProgressCallback
+
+    seen: list[float | None] = []
+
+    class Spy(HardNegativeLoss):
+        def compute_loss_from_embeddings(self, embeddings, ids=None):
+            seen.append(self.progress)
+            return super().compute_loss_from_embeddings(embeddings, ids)
+
+    cols = columns(0, batch=12)
+    data = Dataset.from_dict({"anchor": cols[0], "positive": cols[1]})
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    loss = Spy(model, "hcl", beta=0.5, beta_anneal="down")
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=data, loss=loss, callbacks=[ProgressCallback(loss)]
+    )
+    trainer.train()
+    assert seen == pytest.approx([0.0, 1 / 3, 2 / 3])
+
+
+@pytest.mark.parametrize(
+    "key, value, hint",
+    [
+        ("similarity_fct", "dot_score", "pass normalize=False"),
+        ("directions", ("query_to_doc", "doc_to_query"), "symmetric=True"),
+        ("partition_mode", "per_direction", "symmetric=True"),
+        ("hardness_mode", "in_batch_negatives", "strategy='hardness'"),
+        ("hardness_strength", 5.0, "strategy='hardness'"),
+    ],
+)
+def test_a_multiple_negatives_ranking_loss_argument_names_our_equivalent(model, key, value, hint):
+    """MNRL's keywords fell through to the strategy as 'unknown hyper-parameter', listing the
+    strategy's options without saying which of them means the same thing."""
+    with pytest.raises(ValueError, match=re.escape(hint)) as err:
+        HardNegativeLoss(model, **{key: value})
+    assert "MultipleNegativesRankingLoss" in str(err.value)
+
+
+def test_the_equivalents_the_mnrl_argument_errors_name_equal_mnrl(model):
+    """What the messages above promise: normalize=False is MNRL's similarity_fct=dot_score, and
+    strategy='hardness' (alpha, mode) is its hardness_mode / hardness_strength, value and
+    gradients, with two hard-negative columns."""
+    import inspect
+
+    from sentence_transformers import util
+
+    cols = columns(2, batch=5)
+    ours = value_and_grads(model, HardNegativeLoss(model, normalize=False, scale=0.5), cols)
+    ref = MultipleNegativesRankingLoss(model, scale=0.5, similarity_fct=util.dot_score)
+    assert_same(ours, value_and_grads(model, ref, cols))
+    if "hardness_mode" not in inspect.signature(MultipleNegativesRankingLoss).parameters:
+        pytest.skip("this sentence-transformers has no hardness_mode")
+    for mode in ("all_negatives", "in_batch_negatives", "hard_negatives"):
+        ours = value_and_grads(
+            model, HardNegativeLoss(model, "hardness", alpha=5.0, mode=mode), cols
+        )
+        ref = MultipleNegativesRankingLoss(model, hardness_mode=mode, hardness_strength=5.0)
+        assert_same(ours, value_and_grads(model, ref, cols))
+
+
+def test_a_label_column_is_named_once_as_ignored(model):
+    """A dataset with a 'label' / 'score' column reaches the loss as ``labels``; every row still
+    trains as a positive pair (as MultipleNegativesRankingLoss does), so rows labelled 0 became
+    positives without a word. The loss now says so, once per loss, and the value is that of
+    the rows without the labels."""
+    import warnings
+
+    cols = columns(1, batch=4)
+    loss = HardNegativeLoss(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no label: no warning
+        plain = loss(features(model, cols), None)
+    with pytest.warns(UserWarning, match=r"ignores the dataset.s label column \(values 0, 1;"):
+        labelled = loss(features(model, cols), torch.tensor([1, 0, 1, 0]))
+    torch.testing.assert_close(labelled, plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        loss(features(model, cols), torch.tensor([1, 0, 1, 0]))
+    cached = CachedHardNegativeLoss(model, mini_batch_size=2)
+    with pytest.warns(UserWarning, match=r"values 0\.5, 1"):
+        cached(features(model, cols), torch.tensor([0.5, 1.0, 1.0, 0.5]))

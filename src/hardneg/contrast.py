@@ -368,6 +368,7 @@ def retrieval_contrast(
     temperature: float,
     ids: Tensor | None = None,
     candidate_ids: Tensor | None = None,
+    anchor_ids: Tensor | None = None,
     normalize: bool = True,
     fast: bool = False,
 ) -> ContrastSet:
@@ -378,6 +379,9 @@ def retrieval_contrast(
 
     ``ids [B]`` and ``candidate_ids [B (1 + h)]`` (optional, e.g. hashes of the texts): a column
     with the same id as the anchor's positive is a duplicate of it and is masked (neither).
+    ``anchor_ids [B]`` (with ``candidate_ids``): the anchors' own ids; a column with the
+    anchor's own id is masked too (a text is not its own negative: chained pairs ``(s1, s2),
+    (s2, s3)`` put the second anchor's text among its candidates, at cosine 1).
     ``fast``: normalise with :func:`hardneg.fastpaths.unit_rows` (same values, a cheaper
     backward).
     """
@@ -390,7 +394,10 @@ def retrieval_contrast(
     if candidate_ids is not None:
         if ids is None:
             ids = candidate_ids[:b]
-        mask = candidate_ids.to(anchors.device).unsqueeze(0) != ids.to(anchors.device).unsqueeze(1)
+        candidates = candidate_ids.to(anchors.device).unsqueeze(0)
+        mask = candidates != ids.to(anchors.device).unsqueeze(1)
+        if anchor_ids is not None:
+            mask = mask & (candidates != anchor_ids.to(anchors.device).unsqueeze(1))
     contrast = build_contrast(
         anchors,
         columns,

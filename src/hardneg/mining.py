@@ -150,6 +150,24 @@ def _from_dataset(data: Any, anchor_column: str, positive_column: str) -> tuple[
 ENCODE_BATCHES_PER_CALL = 16
 
 
+def model_fingerprint(model: Any) -> str:
+    """The name of ``model``'s weights in the embedding cache: for a torch module, its class and,
+    per tensor of its ``state_dict``, the name, shape, dtype and the float64 sum and sum of
+    squares (a training step changes them; one host transfer for the whole model); for anything
+    else, its class name."""
+    if not isinstance(model, torch.nn.Module):
+        return type(model).__name__
+    key = hashlib.sha1(type(model).__name__.encode())
+    sums = []
+    for name, tensor in model.state_dict().items():
+        key.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        values = tensor.detach().double()
+        sums.append(torch.stack([values.sum(), values.square().sum()]))
+    if sums:  # gathered where the first tensor lives, then one copy to the host
+        key.update(torch.cat([x.to(sums[0].device) for x in sums]).cpu().numpy().tobytes())
+    return f"{type(model).__name__}-{key.hexdigest()[:20]}"
+
+
 def embed_texts(
     model: Any,
     texts: Sequence[str],
@@ -487,7 +505,8 @@ def mine_hard_negatives(
         queries: query texts, or a ``datasets.Dataset`` with ``anchor_column`` and
             ``positive_column`` (then ``positives`` must be None).
         positives: one positive text per query.
-        corpus: candidate texts (default: the distinct positives, as sentence-transformers does).
+        corpus: candidate texts, each distinct text once (default: the distinct positives, as
+            sentence-transformers does).
         model: anything with ``encode(texts, batch_size=..., convert_to_tensor=True)``.
         num_negatives: negatives per query.
         output_format: ``'triplet'`` (one row per negative) or ``'n-tuple'`` (one row per query).
@@ -495,7 +514,8 @@ def mine_hard_negatives(
             ``'potential'``.
         range_min, range_max: rank window ``[range_min, range_max)`` of the candidates
             (default ``range_max = range_min + max(30, 3 num_negatives)``, capped by the
-            candidates a query can have: the corpus less its own text and its positives).
+            most candidates a query has: the corpus less its own text and its positives; a
+            query with fewer is short, like one the filters thin out).
         min_score, max_score: keep candidates with ``min_score <= s <= max_score``.
         absolute_margin: keep ``s <= s_pos - absolute_margin`` (TopK-MarginPos).
         relative_margin: keep ``s <= s_pos - |s_pos| relative_margin`` (TopK-PercPos).
@@ -506,7 +526,10 @@ def mine_hard_negatives(
             ``min(clamp, exp(-a (s - s_pos - b)^2))``.
         batch_size: encoder batch.
         query_chunk_size, corpus_chunk_size: score block of the top-k.
-        cache_dir: cache embeddings here (``model_key`` names the model in the cache key).
+        cache_dir: cache embeddings here.
+        model_key: names the model in the cache key; default: :func:`model_fingerprint`, which
+            follows a torch model's weights, so a fine-tuned model re-mining into the same
+            ``cache_dir`` embeds again instead of reading the old model's embeddings.
         anchor_column, positive_column: column names of a dataset input.
         seed: seed of the sampling.
         as_dataset: return a ``datasets.Dataset`` instead of a list of dicts.
@@ -526,7 +549,9 @@ def mine_hard_negatives(
         )
     if not q_texts:
         raise ValueError("no queries to mine for")
-    c_texts = list(dict.fromkeys(p_texts)) if corpus is None else _texts("corpus", corpus)
+    # a text repeated in the corpus is one candidate (as sentence-transformers deduplicates
+    # it): each copy took a window rank and could be picked twice for one query
+    c_texts = list(dict.fromkeys(p_texts if corpus is None else _texts("corpus", corpus)))
     if not c_texts:
         raise ValueError("the corpus is empty")
     num_negatives = int(check_number("num_negatives", num_negatives, low=1, integer=True))
@@ -552,12 +577,16 @@ def mine_hard_negatives(
         of_anchor.setdefault(q, set(where.get(q, ()))).update(where.get(p, ()))
     exclude = [of_anchor[q] for q in q_texts]
     extra = max(len(e) for e in exclude)
-    # the candidates a query can have: the corpus less its own text and positives
-    available = len(c_texts) - extra
+    # the candidates a query can have: the corpus less its own text and positives. The limits
+    # below take the query with the most left (they took the one with the fewest: an anchor
+    # listed with many positives refused or narrowed every query's window); a query with
+    # fewer finds -inf at the end of its window and is short, like one the filters thin out
+    least = min(len(e) for e in exclude)
+    available = len(c_texts) - least
     if available < num_negatives:
         raise ValueError(
             f"the corpus holds {len(c_texts)} texts; without a query's own text and its "
-            f"positives (up to {extra} rows) at most {available} candidates are left, fewer "
+            f"positives (at least {least} rows) at most {available} candidates are left, fewer "
             f"than num_negatives = {num_negatives}: give a larger corpus"
         )
     range_min = int(check_number("range_min", range_min, low=0, integer=True))
@@ -569,7 +598,7 @@ def mine_hard_negatives(
         raise ValueError(
             f"range_max = {range_max} is larger than the corpus allows: a query has at most "
             f"{available} candidates (the corpus's {len(c_texts)} texts less its own text and "
-            f"its positives, up to {extra} rows); lower range_max to at most {available}"
+            f"its positives, at least {least} rows); lower range_max to at most {available}"
         )
     if range_max <= range_min:
         raise ValueError(f"range_max ({range_max}) must be larger than range_min ({range_min})")
@@ -581,6 +610,16 @@ def mine_hard_negatives(
     for name, value in (("absolute_margin", absolute_margin), ("relative_margin", relative_margin)):
         if value is not None:
             check_number(name, value, low=0.0)
+    # bounds that no score can pass (a NaN, min above max) mined 0 rows after embedding the
+    # whole corpus: a setting error, named before the model runs
+    for name, value in (("min_score", min_score), ("max_score", max_score)):
+        if value is not None:
+            check_number(name, value)
+    if min_score is not None and max_score is not None and min_score > max_score:
+        raise ValueError(
+            f"min_score ({min_score:g}) is above max_score ({max_score:g}): no score can pass "
+            "both; min_score must be <= max_score"
+        )
     options = SamplerOptions(
         simans_a=simans_a,
         simans_b=simans_b,
@@ -595,10 +634,14 @@ def mine_hard_negatives(
     sampler_strategy(sampling, options, num_negatives)  # its settings, before any embedding
     stats.queries, stats.corpus = len(q_texts), len(c_texts)
 
-    k = range_max + extra
+    # every query's window rows rank before its excluded rows (set to -inf)
+    k = min(range_max + extra, len(c_texts))
 
     rank, world = _world()
     lo, hi = shard_bounds(len(c_texts), rank, world)
+    if cache_dir is not None and model_key is None:
+        # the class name alone served a fine-tuned model its base model's embeddings
+        model_key = model_fingerprint(model)
     embed_kw = {"batch_size": batch_size, "cache_dir": cache_dir, "model_key": model_key}
     # an anchor listed with several positives is embedded once (retrieval data repeats anchors)
     distinct_q = list(dict.fromkeys(q_texts))

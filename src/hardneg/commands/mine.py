@@ -135,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     check_model_name(args.model)  # a misspelt name: "did you mean", before the data are read
     from hardneg.train.runtime import run_dir_problem
 
+    if Path(args.output).is_dir():  # open() failed on it only after the whole mining
+        raise ValueError(f"--output {args.output} is a folder; give a file name (.jsonl, .parquet)")
     problem = run_dir_problem(Path(args.output).parent)  # a folder we cannot write to
     if problem:
         raise ValueError(f"--output {args.output}: {problem}")
@@ -173,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         positives,
         corpus,
         model=model,
-        model_key=resolve_model(args.model),
+        model_key=_cache_key(resolve_model(args.model)),
         return_stats=True,
         **{k: getattr(args, k) for k in keys},
     )
@@ -192,6 +194,19 @@ def run(args: argparse.Namespace) -> int:
         + f"; mean score: positive {stats.mean_positive_score:.3f}, negative {stats.mean_negative_score:.3f}"
     )
     return 0
+
+
+def _cache_key(model: str) -> str:
+    """The model's name in the embedding cache: the name or path, and for a local folder its
+    files' names, sizes and modification times, so a model trained and saved again to the same
+    folder is embedded again (the path alone served the old embeddings), while an unchanged one
+    is still never loaded when its embeddings are cached."""
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return model
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    stamps = [f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return model + "|" + ";".join(stamps)
 
 
 def _no_rows_hint(args: argparse.Namespace) -> str:

@@ -26,7 +26,8 @@ What the module adds to the plain loss:
   averages the two, as ``MultipleNegativesSymmetricRankingLoss`` does;
 * ``mask_duplicates=True`` (default) hashes each input's token ids: a candidate whose text equals
   the anchor's positive (two anchors sharing a positive, a mined negative that is the positive
-  again) is neither positive nor negative, instead of a false negative;
+  again) or the anchor itself (chained pairs, paraphrases listed both ways) is neither positive
+  nor negative, instead of a false negative;
 * ``gather_across_devices=True`` gathers anchors, positives, hard negatives and ids of every
   process (with gradients, :func:`hardneg.distributed.gather_with_grad`), so each process computes
   the loss of the whole global batch in the single-process layout: the same value, and under
@@ -44,6 +45,7 @@ reason. Strategies with a schedule (``beta_anneal``, ``anneal``) read ``loss.pro
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -153,6 +155,22 @@ _GRADCACHE = """@inproceedings{gao2021scaling,
 
 _HASH_WEIGHTS: dict[tuple[str, int], Tensor] = {}
 
+# MultipleNegativesRankingLoss's own arguments, passed by users switching losses: the generic
+# "unknown hyper-parameter" error listed the strategy's options without saying which one means
+# the same thing
+_MNRL_ARGUMENTS: dict[str, str] = {
+    "similarity_fct": "the logits are scale * cos; for dot products (util.dot_score) pass "
+    "normalize=False",
+    "directions": "symmetric=True adds doc_to_query to query_to_doc (the per_direction "
+    "partition); the query_to_query and doc_to_doc directions are not offered",
+    "partition_mode": "symmetric=True is partition_mode='per_direction' with directions "
+    "query_to_doc and doc_to_query",
+    "hardness_mode": "use strategy='hardness' with mode=<hardness_mode> and "
+    "alpha=<hardness_strength>",
+    "hardness_strength": "use strategy='hardness' with alpha=<hardness_strength> and "
+    "mode=<hardness_mode>",
+}
+
 
 def _hash_weights(length: int, device: torch.device) -> Tensor:
     """Fixed pseudo-random odd int64 multipliers, one per token position (grown on demand)."""
@@ -184,22 +202,33 @@ def text_ids(features: dict[str, Tensor]) -> Tensor:
     return ((tokens + 1) * weights * mask).sum(dim=1) + mask.sum(dim=1) * 1_000_003
 
 
-def _probe_retrieval(name: str, loss_fn: nn.Module) -> None:
-    """Fail early, naming the strategy, if it cannot take the retrieval layout."""
+def _probe_retrieval(name: str, loss_fn: nn.Module) -> bool:
+    """Fail early, naming the strategy, if it cannot take the retrieval layout; return whether
+    it needs the training progress (a schedule: ``beta_anneal``, ``anneal``, a plug-in's own),
+    i.e. whether it fails without ``progress`` where it runs with it."""
     gen = torch.Generator().manual_seed(0)
     a, p = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
     n = torch.randn(4, 1, 8, generator=gen)
-    kwargs: dict[str, Any] = {"hard_negatives": n, "progress": 0.0}
-    if getattr(loss_fn, "draws", False):
-        kwargs["generator"] = torch.Generator().manual_seed(0)
-    try:
+
+    def call(progress: float | None) -> None:
+        kwargs: dict[str, Any] = {"hard_negatives": n, "progress": progress}
+        if getattr(loss_fn, "draws", False):
+            kwargs["generator"] = torch.Generator().manual_seed(0)
         with torch.no_grad():
             loss_fn(a, p, **kwargs)
+
+    try:
+        call(0.0)
     except Exception as err:
         raise ValueError(
             f"strategy {name!r} cannot take the retrieval layout (anchor, positive, "
             f"hard negatives) of sentence-transformers: {err}"
         ) from err
+    try:
+        call(None)
+    except ValueError:
+        return True
+    return False
 
 
 class HardNegativeLoss(nn.Module):
@@ -230,6 +259,12 @@ class HardNegativeLoss(nn.Module):
         **strategy_hparams: Any,
     ) -> None:
         super().__init__()
+        for key in strategy_hparams:
+            if key in _MNRL_ARGUMENTS:
+                raise ValueError(
+                    f"{key}={strategy_hparams[key]!r} is an argument of sentence-transformers' "
+                    f"MultipleNegativesRankingLoss, not of HardNegativeLoss: {_MNRL_ARGUMENTS[key]}"
+                )
         if "temperature" in strategy_hparams:
             raise ValueError(
                 "give the temperature as scale = 1 / temperature (sentence-transformers' "
@@ -252,9 +287,12 @@ class HardNegativeLoss(nn.Module):
         self.seed = int(seed)
         self.strategy_hparams = dict(strategy_hparams)
         self.loss_fn = create_loss(strategy, temperature=1.0 / self.scale, **strategy_hparams)
-        _probe_retrieval(strategy, self.loss_fn)
+        # a schedule read at every step: without ProgressCallback the first step would fail
+        # with the core API's advice (pass progress=...), which a Trainer user cannot follow
+        self.needs_progress = _probe_retrieval(strategy, self.loss_fn)
         self.progress: float | None = None
         self._generator: torch.Generator | None = None
+        self._labels_noted = False
 
     # -- sentence-transformers' loss interface --------------------------------------------------
     def forward(
@@ -262,6 +300,7 @@ class HardNegativeLoss(nn.Module):
     ) -> Tensor:
         features = list(sentence_features)
         self._check_columns(features)
+        self._note_labels(labels)
         embeddings = [self.embed(f) for f in features]
         ids = [text_ids(f) for f in features] if self.mask_duplicates else None
         return self.compute_loss_from_embeddings(embeddings, ids)
@@ -273,6 +312,8 @@ class HardNegativeLoss(nn.Module):
             "symmetric": self.symmetric,
             "gather_across_devices": self.gather_across_devices,
             "mask_duplicates": self.mask_duplicates,
+            # the draws of simans, mochi, ring's num_samples follow it: the model card must say
+            **({"seed": self.seed} if self.loss_fn.draws else {}),
             **self.strategy_hparams,
         }
 
@@ -283,6 +324,23 @@ class HardNegativeLoss(nn.Module):
         return "\n\n".join(CITATIONS[n] for n in dict.fromkeys(names) if n in CITATIONS)
 
     # -- the parts ------------------------------------------------------------------------------
+    def _note_labels(self, labels: Tensor | None) -> None:
+        """Say once that a label / score column is not used: every row trains as a positive
+        tuple, so rows labelled 0 (pair-classification data) would silently become positives."""
+        if labels is None or self._labels_noted:
+            return
+        self._labels_noted = True
+        values = torch.as_tensor(labels).detach().flatten().unique().tolist()  # one host sync
+        shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        warnings.warn(
+            f"HardNegativeLoss ignores the dataset's label column (values {shown}; sentence-"
+            "transformers passes a 'label' or 'score' column as labels): every row trains as "
+            "(anchor, positive[, negatives]), a row labelled 0 too. Remove the column "
+            "(dataset.remove_columns(...)) or keep only the positive rows.",
+            UserWarning,
+            stacklevel=3,
+        )
+
     @staticmethod
     def _check_columns(features: list[dict[str, Tensor]]) -> None:
         if len(features) < 2:
@@ -291,6 +349,11 @@ class HardNegativeLoss(nn.Module):
                 f"negative_k]), got {len(features)} column(s)"
             )
         sizes = [_batch_size(f) for f in features]
+        if max(sizes) == 0:  # the encoder or torch.cat failed on it with an unrelated message
+            raise ValueError(
+                "HardNegativeLoss got an empty batch (0 rows): every column (anchor, positive, "
+                "negative_1..k) needs one row per sample, and a batch at least one sample"
+            )
         if len(set(sizes)) != 1:
             raise ValueError(
                 "every column (anchor, positive, negative_1..k) needs one row per sample: "
@@ -325,6 +388,15 @@ class HardNegativeLoss(nn.Module):
     ) -> Tensor:
         """The loss from the columns' embeddings ``[anchor, positive, negative_1..k]`` (each
         ``[B, d]``) and optionally their ``[B]`` ids (equal id = duplicate text)."""
+        if self.needs_progress and self.progress is None:
+            schedule = {k: v for k, v in self.strategy_hparams.items() if "anneal" in k}
+            raise ValueError(
+                f"strategy {self.strategy!r}{f' with {schedule}' if schedule else ''} follows a "
+                "schedule over training and reads loss.progress, which is not set: pass "
+                "callbacks=[ProgressCallback(loss)] to SentenceTransformerTrainer (model.fit "
+                "takes no Trainer callbacks), or set loss.progress (fraction of training done, "
+                "0 to 1) before each step"
+            )
         anchor, positive = embeddings[0], embeddings[1]
         b, d = anchor.shape
         if len(embeddings) > 2:
@@ -358,7 +430,12 @@ class HardNegativeLoss(nn.Module):
             loss = no_negative
         else:
             loss = self.loss_fn(
-                anchor, positive, hard_negatives=negatives, ids=candidate_ids, **kwargs
+                anchor,
+                positive,
+                hard_negatives=negatives,
+                ids=candidate_ids,
+                anchor_ids=anchor_ids,  # a candidate with the anchor's own text: masked too
+                **kwargs,
             )
         if self.symmetric:  # positive -> anchor: the batch's anchors are the candidates
             if no_negative is not None:
@@ -369,6 +446,7 @@ class HardNegativeLoss(nn.Module):
                     anchor,
                     hard_negatives=anchor.new_zeros(anchor.shape[0], 0, d),
                     ids=anchor_ids,
+                    anchor_ids=None if id_cols is None else id_cols[:, 1],
                     **kwargs,
                 )
             loss = (loss + back) / 2
@@ -376,6 +454,8 @@ class HardNegativeLoss(nn.Module):
 
 
 def _batch_size(features: dict[str, Tensor]) -> int:
+    if not features:
+        return 0  # what a model's preprocess([]) gives
     for value in features.values():
         if isinstance(value, Tensor) and value.dim() > 0:
             return int(value.shape[0])
@@ -465,6 +545,7 @@ class CachedHardNegativeLoss(HardNegativeLoss):
     ) -> Tensor:
         features = list(sentence_features)
         self._check_columns(features)
+        self._note_labels(labels)
         chunks = [_split(f, self.mini_batch_size) for f in features]
         cached: list[Tensor] = []
         states: list[list[_RandomState]] = []

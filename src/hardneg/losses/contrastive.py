@@ -14,7 +14,8 @@ Call forms (embeddings need not be normalised):
   (``MultipleNegativesRankingLoss`` layout), averaged over the ``N`` anchors. ``h = 0``
   (``neg`` of shape ``[N, 0, d]``) is the pair layout: the other positives are the negatives.
   ``ids=[N (1 + h)]`` (one per candidate: the positives, then the hard negatives row-major)
-  masks every candidate with the same id as the anchor's positive.
+  masks every candidate with the same id as the anchor's positive; ``anchor_ids=[N]`` (with
+  ``ids``) also every candidate with the anchor's own id.
 
 Example:
     >>> import torch, hardneg
@@ -77,6 +78,7 @@ class ContrastInputs:
     hard_negatives: Tensor | None = None
     extra_views: tuple[Tensor, ...] = ()
     ids: Tensor | None = None
+    anchor_ids: Tensor | None = None
     exclude_index: Tensor | None = None
     h1: Tensor | None = None
     h2: Tensor | None = None
@@ -136,6 +138,7 @@ class ContrastInputs:
                 self.hard_negatives,
                 temperature=t,
                 candidate_ids=self.ids,
+                anchor_ids=self.anchor_ids,
                 normalize=self.normalize,
                 fast=fast,
             )
@@ -357,6 +360,13 @@ class ContrastiveLoss(nn.Module):
                 check_labels("ids", inputs.ids, n * (1 + inputs.hard_negatives.shape[1]))
             else:
                 check_labels("ids", inputs.ids, n)
+        if inputs.anchor_ids is not None:
+            if inputs.hard_negatives is None or inputs.ids is None:
+                raise ValueError(
+                    "anchor_ids (the anchors' own ids) belongs to the retrieval form: pass "
+                    "hard_negatives and ids (one per candidate) with it"
+                )
+            check_labels("anchor_ids", inputs.anchor_ids, n)
         if inputs.labels is not None:
             check_labels("labels", inputs.labels, n)
         if inputs.negative_labels is not None and per_anchor:
@@ -380,6 +390,7 @@ class ContrastiveLoss(nn.Module):
         hard_negatives: Tensor | None = None,
         extra_views: list[Tensor] | tuple[Tensor, ...] = (),
         ids: Tensor | None = None,
+        anchor_ids: Tensor | None = None,
         progress: float | None = None,
         h1: Tensor | None = None,
         h2: Tensor | None = None,
@@ -401,6 +412,8 @@ class ContrastiveLoss(nn.Module):
             ids: ``[N]`` sample ids; equal ids are duplicates (masked). With ``hard_negatives``:
                 ``[N (1 + h)]``, one per candidate (positives, then hard negatives row-major);
                 a candidate with the id of the anchor's positive is masked.
+            anchor_ids: ``[N]`` with ``hard_negatives`` and ``ids``: the anchors' own ids; a
+                candidate with the anchor's id is masked too (a text is not its own negative).
             progress: fraction of training done, in [0, 1], for annealed strategies.
             h1, h2: ``[N, h]`` features of the two views (see ``strategy.feature_kind``).
             negative_h: ``[K, h]`` the same features of the pool entries.
@@ -422,6 +435,7 @@ class ContrastiveLoss(nn.Module):
             hard_negatives=hard_negatives,
             extra_views=tuple(extra_views),
             ids=ids,
+            anchor_ids=anchor_ids,
             exclude_index=exclude_index,
             h1=h1,
             h2=h2,

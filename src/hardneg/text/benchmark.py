@@ -530,8 +530,10 @@ def embed(model, make_features: Callable, texts: Sequence[str], batch_size: int 
 
 # -- training -----------------------------------------------------------------------------------
 def strategy_loss(model, strategy: str, scale: float, seed: int, hparams: dict[str, Any]):
-    """``(loss(features_a, features_p) callable, layout)``: the sentence-transformers loss of the
-    strategy (``retrieval``), or its two-view form when it rejects that layout (``two-view``)."""
+    """``(loss(features_a, features_p, progress) callable, layout)``: the sentence-transformers
+    loss of the strategy (``retrieval``), or its two-view form when it rejects that layout
+    (``two-view``); ``progress`` (fraction of the steps done) drives a schedule
+    (``hcl.beta_anneal=down``, ``ring.anneal=linear``)."""
     from hardneg.integrations.sentence_transformers import HardNegativeLoss
     from hardneg.registry import create_loss, strategy_class
 
@@ -544,14 +546,19 @@ def strategy_loss(model, strategy: str, scale: float, seed: int, hparams: dict[s
         core = create_loss(strategy, temperature=1.0 / scale, **params)
         gen = torch.Generator().manual_seed(seed)
 
-        def two_view(fa, fp):
+        def two_view(fa, fp, progress: float):
             za = model(fa)["sentence_embedding"]
             zp = model(fp)["sentence_embedding"]
             kwargs = {"generator": gen} if getattr(core, "draws", False) else {}
-            return core(za, zp, **kwargs)
+            return core(za, zp, progress=progress, **kwargs)
 
         return two_view, "two-view"
-    return (lambda fa, fp: st_loss([fa, fp], None)), "retrieval"
+
+    def retrieval(fa, fp, progress: float):
+        st_loss.progress = progress  # what ProgressCallback sets inside the Trainer
+        return st_loss([fa, fp], None)
+
+    return retrieval, "retrieval"
 
 
 def train_once(
@@ -579,7 +586,11 @@ def train_once(
     losses = []
     for step in range(cfg.steps):
         batch = [pairs[i] for i in order[step * size : (step + 1) * size]]
-        loss = loss_fn(make_features([a for a, _ in batch]), make_features([p for _, p in batch]))
+        loss = loss_fn(
+            make_features([a for a, _ in batch]),
+            make_features([p for _, p in batch]),
+            step / cfg.steps,  # the fraction done before this step, as ProgressCallback gives
+        )
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}")
         opt.zero_grad(set_to_none=True)
