@@ -447,8 +447,89 @@ def test_load_tu_read_only_folder_uses_a_cache(tmp_path):
         data = load_tu(tmp_path / "ro", "TOY", cache_dir=tmp_path / "cache")
     finally:
         os.chmod(folder, 0o755)
-    assert len(data) == 2 and (tmp_path / "cache" / "TOY" / "processed").is_dir()
+    assert len(data) == 2 and len(list((tmp_path / "cache").glob("TOY-*/TOY/processed"))) == 1
     assert not (folder / "processed").exists()
+
+
+def _tu_graphs(data) -> list[tuple[int, set[tuple[int, int]], int]]:
+    """(nodes, undirected edges, label) of each loaded graph."""
+    return [
+        (g.num_nodes, {tuple(sorted(e)) for e in g.edge_index.T.tolist()}, int(g.y))
+        for g in data.graphs
+    ]
+
+
+def test_load_tu_reads_edited_files_and_never_writes_the_data_folder(tmp_path):
+    # PyG's processed/ is never checked against raw/ again: an edited label file, or a second
+    # data set of the same name, must not be served the graphs processed before
+    raw = write_tu(tmp_path / "a", "TOY", [TRIANGLE, PATH, TRIANGLE, PATH])
+    cache = tmp_path / "cache"
+    assert load_tu(tmp_path / "a", "TOY", cache_dir=cache).labels.tolist() == [0, 1, 0, 1]
+    (raw / "TOY_graph_labels.txt").write_text("1\n1\n0\n0\n")
+    assert load_tu(tmp_path / "a", "TOY", cache_dir=cache).labels.tolist() == [1, 1, 0, 0]
+    write_tu(tmp_path / "b", "TOY", [PATH, PATH, TRIANGLE])
+    other = load_tu(tmp_path / "b", "TOY", cache_dir=cache)
+    assert [n for n, _, _ in _tu_graphs(other)] == [4, 4, 3]
+    assert sorted(p.name for p in (tmp_path / "a" / "TOY").iterdir()) == ["raw"]
+
+
+def test_load_tu_keeps_a_last_line_without_newline_and_any_label_values(tmp_path):
+    # PyG's reader drops the last line of a file without a final newline (an edge, a node, a
+    # label); graph labels -1 / 1 (MUTAG's) are numbered 0 / 1 in sorted order
+    raw = write_tu(tmp_path, "TOY", [TRIANGLE, PATH, PATH])
+    for f in raw.iterdir():
+        f.write_text(f.read_text().rstrip("\n"))
+    (raw / "TOY_graph_labels.txt").write_text("1\n-1\n1")
+    expected = [
+        (3, {(0, 1), (1, 2), (0, 2)}, 1),
+        (4, {(0, 1), (1, 2), (2, 3)}, 0),
+        (4, {(0, 1), (1, 2), (2, 3)}, 1),
+    ]
+    data = load_tu(tmp_path, "TOY", cache_dir=tmp_path / "cache")
+    assert _tu_graphs(data) == expected and data.num_classes == 2
+
+
+def _edit_line(path: Path, line: int, text: str | None) -> None:
+    """Replace (or, text None, delete) 1-based line ``line`` of a file."""
+    lines = path.read_text().splitlines()
+    if text is None:
+        del lines[line - 1]
+    else:
+        lines[line - 1] = text
+    path.write_text("".join(f"{x}\n" for x in lines))
+
+
+@pytest.mark.parametrize(
+    "part, line, text, message",
+    [
+        ("A", 3, "2; x", r"TOY_A\.txt: line 3: expected whole numbers separated by commas, got '2; x'"),
+        ("A", 2, "2, 99", r"TOY_A\.txt: line 2: node 99 does not exist .*nodes 1\.\.7\)"),
+        ("A", 2, "2, 4", r"TOY_A\.txt: line 2: edge 2, 4 joins graph 1 to graph 2"),
+        ("A", 2, "1, 2, 3", r"TOY_A\.txt: line 2 holds 3 value\(s\), the lines before it 2"),
+        ("graph_labels", 2, "abc", r"TOY_graph_labels\.txt: line 2: expected a whole number, got 'abc'"),
+        ("graph_labels", 2, None, r"TOY_graph_labels\.txt has 1 labels but .* numbers 2 graphs"),
+        ("graph_indicator", 1, "2", r"TOY_graph_indicator\.txt: line 2: graph 1 after graph 2"),
+        ("graph_indicator", 1, "0", r"TOY_graph_indicator\.txt: line 1: graph numbers start at 1"),
+        ("node_labels", 7, None, r"TOY_node_labels\.txt has 6 lines but TOY_graph_indicator\.txt has 7 nodes"),
+        ("node_labels", 2, "1, 0", r"TOY_node_labels\.txt: line 2 holds 2 value\(s\), the lines before it 1"),
+        ("edge_labels", 1, None, r"TOY_edge_labels\.txt has 11 lines but TOY_A\.txt has 12 edges"),
+    ],
+)  # fmt: skip
+def test_load_tu_bad_files_name_the_file_the_line_and_the_problem(
+    tmp_path, part, line, text, message
+):
+    raw = write_tu(tmp_path, "TOY", [TRIANGLE, PATH])  # nodes 1-3: graph 1, 4-7: graph 2
+    (raw / "TOY_edge_labels.txt").write_text("0\n" * 12)
+    _edit_line(raw / f"TOY_{part}.txt", line, text)
+    with pytest.raises(ValueError, match=message):
+        load_tu(tmp_path, "TOY", cache_dir=tmp_path / "cache")
+
+
+def test_load_tu_empty_edge_file_is_an_error_naming_it(tmp_path):
+    raw = write_tu(tmp_path, "TOY", [TRIANGLE, PATH])
+    (raw / "TOY_A.txt").write_text("")
+    with pytest.raises(ValueError, match=r"TOY_A\.txt: the file is empty"):
+        load_tu(tmp_path, "TOY", cache_dir=tmp_path / "cache")
 
 
 def test_empty_graphs_and_mixed_features_are_rejected():
@@ -465,6 +546,10 @@ def test_empty_graphs_and_mixed_features_are_rejected():
 def test_mutag_from_the_shared_folder(tmp_path):
     data = load_tu(SHARED_TU, "MUTAG", cache_dir=tmp_path)
     assert len(data) == 188 and data.num_features == 7 and data.num_classes == 2
+    # MUTAG's labels are -1 / 1: -1 becomes class 0, in the file's graph order
+    raw = (SHARED_TU / "MUTAG" / "raw" / "MUTAG_graph_labels.txt").read_text().split()
+    assert data.labels.tolist() == [0 if x == "-1" else 1 for x in raw]
+    assert data.labels.bincount().tolist() == [63, 125]
 
 
 def test_motif_degree_sequences_are_identical():
