@@ -239,6 +239,18 @@ def test_one_seed_verdict_counts_its_epochs_in_words(tmp_path):
     assert [counted(n, "seed") for n in (0, 1, 2)] == ["0 seeds", "1 seed", "2 seeds"]
 
 
+def test_one_seed_verdict_advises_more_seeds_on_the_data_set_compared(tmp_path):
+    from hardneg.report import verdict_lines
+
+    records = verdict_records(
+        tmp_path, {"infonce": 80.0, "hcl": 81.0}, {"infonce": 510.0, "hcl": 400.0}
+    )
+    text = "\n".join(verdict_lines(records, epochs=1, dataset="cifar10"))
+    assert "`hardneg compare --dataset cifar10 --seeds 3`" in text and "mnist1d" not in text
+    text = "\n".join(verdict_lines(records, epochs=1, dataset="mnist1d"))
+    assert "`hardneg compare --dataset mnist1d --seeds 3` (20 epochs)" in text
+
+
 def test_each_strategy_is_measured_against_the_negatives_of_the_term_it_describes(tmp_path):
     """potential's diagnostics describe its mined term (the other B - 1 keys), not SimCLR's
     2B - 2 negatives: its share is of its own count; a strategy with no count gets none."""

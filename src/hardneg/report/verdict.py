@@ -88,8 +88,12 @@ def verdict_lines(
     reseeded: Sequence[RunRecord] = (),
     available_negatives: int | Mapping[str, int | None] | None = None,
     epochs: int | None = None,
+    dataset: str | None = None,
 ) -> list[str]:
     """Markdown bullet lines (``- ...``, sub-points indented) of the verdict.
+
+    ``dataset``: the compared data set, named in the advice to re-run with several seeds
+    (None: mnist1d, the demo's).
 
     ``available_negatives``: how many negatives each anchor has, one number for every strategy
     or one per strategy (a strategy whose diagnostics describe another set of columns, such as
@@ -142,9 +146,14 @@ def verdict_lines(
         for s in behind:
             lines.append("- " + _behind(s, best, knn, mean, histories[s], one, noise.measured))
         if one:
+            # the advice names the data set compared: a CIFAR comparison is not ranked by
+            # re-running mnist1d
+            schedule = (
+                "(20 epochs)" if dataset in (None, "mnist1d") else "(the packaged config's epochs)"
+            )
             lines.append(
                 "- To rank strategies, run several seeds and the full schedule: "
-                "`hardneg compare --dataset mnist1d --seeds 3` (20 epochs)."
+                f"`hardneg compare --dataset {dataset or 'mnist1d'} --seeds 3` {schedule}."
             )
     lines += _negatives(groups, mean, available_negatives)
     return lines
