@@ -62,6 +62,31 @@ def test_eval_knn_equals_the_trainers_final_knn_monitor(tiny_run, capsys):
     assert result["train_size"] == 4000 and result["test_size"] == 1000  # full eval splits
 
 
+def test_eval_takes_the_runs_own_knn_settings_unless_told_otherwise(tiny_run, tmp_path, capsys):
+    # the HCL configs monitor kNN at t = 0.5: `hardneg eval` without flags must score what the
+    # run's monitor and `hardneg compare` score, not Wu et al.'s t = 0.1
+    from hardneg.evaluation import evaluate_checkpoint
+    from hardneg.train.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(tiny_run.checkpoint)
+    state["config"]["eval"].update(knn_k=20, knn_temperature=0.5)
+    ckpt = tmp_path / "final.pt"
+    save_checkpoint(ckpt, state)
+    base = ["eval", str(ckpt), "--device", "cpu", "--no-linear"]
+    assert main(base) == 0
+    assert "kNN (k=20, t=0.5)" in capsys.readouterr().out
+    assert main([*base, "--json"]) == 0
+    own = json.loads(capsys.readouterr().out)
+    assert (own["knn_k"], own["knn_t"]) == (20, 0.5)
+    assert main([*base, "--json", "--knn-k", "200", "--knn-t", "0.1"]) == 0
+    wu = json.loads(capsys.readouterr().out)
+    assert (wu["knn_k"], wu["knn_t"]) == (200, 0.1)
+    expected = evaluate_checkpoint(ckpt, knn_k=20, knn_t=0.5, linear=False, device="cpu")
+    assert own["knn_top1"] == pytest.approx(expected["knn_top1"])
+    # the settings do change the score here, so the first assertion can tell them apart
+    assert (own["knn_top1"], own["knn_top5"]) != (wu["knn_top1"], wu["knn_top5"])
+
+
 def test_eval_report_writes_metrics_and_report_into_the_run_folder(tiny_run, capsys):
     args = ["eval", str(tiny_run.checkpoint), "--device", "cpu", "--no-linear", "--report"]
     args += ["--tsne-points", "100"]
