@@ -330,6 +330,35 @@ def test_infograph_defaults_and_errors():
         InfoGraph(data.num_features, loss="hcl", loss_hparams={"betta": 1.0})
 
 
+@pytest.mark.parametrize(
+    "loss, objective, hparams, unused",
+    [
+        ("hcl", None, {"temperature": 0.2}, "temperature"),
+        ("hcl", None, {"tau_plus": 0.1, "beta": 2.0}, "tau_plus"),
+        ("hcl", "jsd_hard", {"normalize": True}, "normalize"),
+        ("infonce", None, {"temperature": 0.2}, "temperature"),
+        ("ring", "jsd", {"filter": "fnc"}, "filter"),
+        ("infonce", "infonce", {"objective": "jsd"}, "objective"),
+    ],
+)
+def test_infograph_refuses_settings_its_objective_never_reads(loss, objective, hparams, unused):
+    # JSD_hard keeps the authors' tau_plus = 0.5 and InfoGraph's JSD scores raw products at
+    # temperature 1: a value given for them was recorded with the run but changed nothing
+    data, _ = one_batch()
+    with pytest.raises(ValueError, match=f"does not use '{unused}'"):
+        InfoGraph(data.num_features, loss=loss, objective=objective, loss_hparams=hparams)
+
+
+def test_infograph_applies_the_settings_its_objective_reads():
+    data, _ = one_batch()
+    jsd = InfoGraph(data.num_features, loss="infonce", loss_hparams={"tau_plus": 0.2})
+    assert (jsd.objective, jsd.tau_plus, jsd.temperature, jsd.normalize) == ("jsd", 0.2, 1.0, False)
+    nce = InfoGraph(
+        data.num_features, loss="hcl", objective="infonce", loss_hparams={"temperature": 0.3}
+    )
+    assert (nce.temperature, nce.tau_plus, nce.normalize) == (0.3, 0.1, True)
+
+
 @pytest.mark.parametrize("name", list_losses())
 @pytest.mark.parametrize("objective", ["jsd", "infonce"])
 def test_infograph_trains_with_every_strategy(name, objective):
@@ -848,6 +877,16 @@ def test_compare_graph_bad_input_fails_before_training(tmp_path, capsys, no_trai
     assert "nope" in compare_error([*base, *good, "--strategies", "hcl,nope"], capsys)
     assert "graph override 'temperatur=1'" in compare_error([*base, *good, "temperatur=1"], capsys)
     assert "infograph" in compare_error([*base, *good, "--framework", "moco"], capsys)
+    # values checked before the first run: svm_folds=1 failed in scoring, after training
+    assert "svm_folds must be in [2, inf)" in compare_error([*base, *good, "svm_folds=1"], capsys)
+    assert "betas must be in [0, inf)" in compare_error([*base, *good, "betas=-1"], capsys)
+    assert "epochs must be an integer" in compare_error(
+        [*base, *good, "--epochs", "0"] + ["epochs=0.5"], capsys
+    )
+    err = compare_error(
+        [*base, *good, "--strategies", "infonce,hcl", "loss.temperature=0.2"], capsys
+    )
+    assert "objective 'jsd' does not use 'temperature'" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -909,9 +948,20 @@ def test_train_on_a_graph_config_checks_its_input_before_training(
         ([], "needs the TU data folder"),
         ([*data, "loss.name=nosuch"], "nosuch"),
         ([*data, "seed=-1"], "seed must be a whole number >= 0"),
-        ([*data, "epochs=-1"], "epochs must be >= 0"),
+        ([*data, "epochs=-1"], "epochs must be in [0, inf), got -1"),
         ([*data, "bogus=1"], "graph override 'bogus=1'"),
         (["--data-dir", str(tmp_path)], "TOY"),
+        # each value is checked before training: svm_folds=1 failed only in scoring, after
+        # the training; epochs=1.5 trained 1 epoch; betas=0,2 trained beta = 1
+        ([*data, "epochs=1.5"], "epochs must be an integer, got 1.5"),
+        ([*data, "svm_folds=1"], "svm_folds must be in [2, inf), got 1"),
+        ([*data, "lr=abc"], "lr must be a number, got 'abc'"),
+        ([*data, "batch_size=1"], "batch_size must be in [2, inf), got 1"),
+        ([*data, "hidden=0"], "hidden must be in [1, inf), got 0"),
+        ([*data, "betas=0,2"], "one run trains one beta: loss.beta=X"),
+        ([*data, "loss.temperature=0.5"], "objective 'jsd_hard' does not use 'temperature'"),
+        ([*data, "hcl.tau_plus=0.1"], "objective 'jsd_hard' does not use 'tau_plus'"),
+        ([*data, "--resume"], "keeps no checkpoint to resume"),
     ]
     for extra, message in cases:
         assert main(["train", "--config", config, *extra]) == 2, extra

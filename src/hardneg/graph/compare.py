@@ -33,6 +33,7 @@ import yaml
 from hardneg.graph.protocol import (
     CONFIG_KEYS,
     build_model,
+    check_graph_config,
     degree_option,
     load_graph_config,
     published_figure,
@@ -125,10 +126,7 @@ def apply_overrides(
                 f"graph override {item!r}: use one of {', '.join(allowed)}, data.data_dir, "
                 "loss.KEY (every strategy that has KEY) or STRATEGY.KEY (e.g. hcl.tau_plus=0.1)"
             )
-    if not isinstance(cfg.get("betas"), list) or not cfg["betas"]:
-        raise ValueError(f"betas must be a non-empty list, got {cfg.get('betas')!r}")
-    cfg["betas"] = [float(b) for b in cfg["betas"]]
-    return cfg, loss_wide, per_strategy, data_dir
+    return check_graph_config(cfg), loss_wide, per_strategy, data_dir
 
 
 def plan_settings(
@@ -271,13 +269,10 @@ def compare_graphs(
         raise ValueError(f"--strategies lists a strategy twice: {','.join(strategies)}")
     cfg, loss_wide, per_strategy, override_dir = apply_overrides(cfg, overrides, strategies)
     if epochs is not None:
-        cfg["epochs"] = int(epochs)
+        cfg["epochs"] = epochs
     if repeats is not None:
-        cfg["repeats"] = int(repeats)
-    if int(cfg["repeats"]) < 1 or int(cfg["epochs"]) < 0:
-        raise ValueError(
-            f"repeats must be >= 1 and epochs >= 0, got {cfg['repeats']}, {cfg['epochs']}"
-        )
+        cfg["repeats"] = repeats
+    cfg = check_graph_config(cfg)
     data_dir = data_dir or override_dir
     if not data_dir:
         raise ValueError(

@@ -76,6 +76,12 @@ def train_graph_run(
 
     cfg = load_graph_config(str(config))
     rest, name, repeat = split_run_overrides(overrides)
+    if any(item.partition("=")[0].strip() == "betas" for item in rest):
+        # the sweep belongs to hardneg compare / the protocol; silently training one beta of
+        # it (the registry default) is not what betas=0,2 asks for
+        raise ValueError(
+            "betas is the sweep of hardneg compare; one run trains one beta: loss.beta=X"
+        )
     strategy = name or cfg.get("loss", "hcl")
     defaults = loss_hparams(strategy)  # an unknown strategy fails here, with the known ones
     cfg, loss_wide, per_strategy, override_dir = apply_overrides(cfg, rest, [strategy])
@@ -85,8 +91,6 @@ def train_graph_run(
         and "beta" not in per_strategy.get(strategy, {})
     ):
         loss_wide["beta"] = defaults["beta"]  # one run: the registry default, not the sweep
-    if int(cfg["epochs"]) < 0:
-        raise ValueError(f"epochs must be >= 0, got {cfg['epochs']}")
     (setting,) = plan_settings(cfg, [strategy], loss_wide, per_strategy)
     data_dir = data_dir or override_dir
     if not data_dir:
@@ -108,7 +112,8 @@ def train_graph_run(
     out.mkdir(parents=True, exist_ok=True)
     say(
         f"training {setting.label} on {cfg['dataset']} ({len(data)} graphs, objective "
-        f"{setting.objective}, {cfg['epochs']} epochs, repeat {repeat}, seed {seed})"
+        f"{setting.objective}, {cfg['epochs']} epoch{'' if cfg['epochs'] == 1 else 's'}, "
+        f"repeat {repeat}, seed {seed})"
     )
     start = time.perf_counter()
     model, scores = fit_and_score(
