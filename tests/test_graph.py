@@ -772,6 +772,33 @@ def test_compare_runs_a_graph_config_and_its_table_matches_the_runs(tmp_path, ca
     assert "does not include" in capsys.readouterr().err
 
 
+def test_compare_reuses_a_run_only_on_the_same_data_files(tmp_path, capsys):
+    import json
+
+    from hardneg.cli import main
+
+    raw = toy_tu(tmp_path / "tu") / "TOY" / "raw"
+    config = graph_config(tmp_path / "toy.yaml", betas=[0.0], repeats=1)
+    out = tmp_path / "out"
+    argv = ["compare", "--config", str(config), "--data-dir", str(tmp_path / "tu"),
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert main(argv) == 0 and "(reused)" in capsys.readouterr().out
+    # edited labels: the saved run was trained and scored on other graphs
+    labels = (raw / "TOY_graph_labels.txt").read_text().split()
+    (raw / "TOY_graph_labels.txt").write_text("".join(f"{1 - int(y)}\n" for y in labels))
+    assert main(argv) == 2
+    assert "holds a run with other settings (trained on other data files)" in (
+        capsys.readouterr().err
+    )
+    # a run saved before the digest was recorded is still reused, as before
+    saved = out / "hcl-beta0" / "repeat0.json"
+    old = json.loads(saved.read_text())
+    del old["settings"]["data_sha256"]
+    saved.write_text(json.dumps(old))
+    assert main(argv) == 0 and "(reused)" in capsys.readouterr().out
+
+
 def test_compare_graph_settings_enumerate_the_registry():
     from hardneg.graph.compare import plan_settings
     from hardneg.registry import loss_hparams, strategy_class
@@ -915,6 +942,7 @@ def test_train_on_a_graph_config_saves_the_trained_weights_and_the_protocol_scor
     results = json.loads((run / "results.json").read_text())
     assert (results["strategy"], results["beta"], results["objective"]) == ("hcl", 2.0, "jsd_hard")
     assert results["seed"] == 1000 * 1 + 20 and results["repeat"] == 1
+    assert results["data_dir"] == str(tmp_path / "tu") and len(results["data_sha256"]) == 64
     # the score is repeat 1 of the protocol at beta = 2: the protocol's run function, called here
     # with that repeat's seed, trains the same weights and gets the same score
     cfg = load_graph_config(str(config))

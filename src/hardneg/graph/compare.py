@@ -13,7 +13,8 @@ objective (``objective=infonce`` as an override puts every strategy on InfoNCE).
 Run ``r`` of every setting uses the seed ``1000 r + int(10 beta)`` (``beta`` 0 for strategies
 without one), as the protocol does, so ``hcl`` rows reproduce ``python -m hardneg.graph.protocol``
 run for run. Each finished run is saved as ``<out>/<setting>/repeat<r>.json`` and reused when the
-comparison is run again with the same settings (an interrupted comparison continues where it
+comparison is run again with the same settings and the same TU files (their SHA-256 is saved
+with each run; an interrupted comparison continues where it
 stopped); ``report.md`` and ``results.json`` in ``--out`` hold the table and every run.
 """
 
@@ -157,11 +158,15 @@ def plan_settings(
     return settings
 
 
-def run_settings(cfg: dict, setting: GraphSetting, repeat: int) -> dict[str, Any]:
-    """Everything that decides a run's result (saved with it, compared before reuse)."""
+def run_settings(
+    cfg: dict, setting: GraphSetting, repeat: int, data_sha256: str | None = None
+) -> dict[str, Any]:
+    """Everything that decides a run's result (saved with it, compared before reuse);
+    ``data_sha256``: the TU files' digest, so a run is not reused on edited or other data."""
     keys = ("dataset", "epochs", "batch_size", "lr", "hidden", "num_layers", "svm_folds")
     return {
         **{k: cfg.get(k) for k in keys},
+        **({"data_sha256": data_sha256} if data_sha256 else {}),
         "direction": cfg.get("direction", "authors"),
         "strategy": setting.strategy,
         "beta": setting.beta,
@@ -176,9 +181,15 @@ def _load_run(path: Path, expected: dict) -> dict | None:
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    if saved.get("settings") != json.loads(json.dumps(expected)):
+    stored, wanted = saved.get("settings") or {}, json.loads(json.dumps(expected))
+    if "data_sha256" not in stored:  # a run saved before the digest was recorded
+        wanted.pop("data_sha256", None)
+    if stored != wanted:
+        other_data = stored.get("data_sha256") != wanted.get("data_sha256")
         raise ValueError(
-            f"{path} holds a run with other settings; choose another --out (or delete it)"
+            f"{path} holds a run with other settings"
+            + (" (trained on other data files)" if other_data else "")
+            + "; choose another --out (or delete it)"
         )
     return saved
 
@@ -301,7 +312,7 @@ def compare_graphs(
             for s in settings:
                 i += 1
                 tag = f"[{i}/{total}] {s.label} repeat {r + 1}"
-                expected = run_settings(cfg, s, r)
+                expected = run_settings(cfg, s, r, data.info.get("files_sha256"))
                 path = out / s.folder / f"repeat{r}.json"
                 saved = _load_run(path, expected)
                 if saved is None:

@@ -221,6 +221,15 @@ def read_tu_raw(raw: Path, name: str) -> dict[str, str]:
     return texts
 
 
+def tu_digest(texts: dict[str, str]) -> str:
+    """The SHA-256 of the checked TU files (:func:`read_tu_raw`): names a data set's contents,
+    for the processing cache and for runs that must not be reused on other data."""
+    digest = hashlib.sha256()
+    for file_name in sorted(texts):
+        digest.update(f"{file_name}\0{texts[file_name]}\0".encode())
+    return digest.hexdigest()
+
+
 def _processing_root(texts: dict[str, str], name: str, cache_dir: str | os.PathLike | None) -> Path:
     """A folder holding ``<name>/raw/`` with ``texts``, for PyG to write ``processed/`` in.
 
@@ -228,11 +237,8 @@ def _processing_root(texts: dict[str, str], name: str, cache_dir: str | os.PathL
     it never re-checks against ``raw/``) always belongs to these very files: an edited file
     gets a new folder, and two data sets of one name never share one. The user's data folder
     is never written to (as root, a read-only folder would be)."""
-    digest = hashlib.sha256()
-    for file_name in sorted(texts):
-        digest.update(f"{file_name}\0{texts[file_name]}\0".encode())
     cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "hardneg-tu"
-    root = cache / f"{name}-{digest.hexdigest()[:16]}"
+    root = cache / f"{name}-{tu_digest(texts)[:16]}"
     dest = root / name / "raw"
     dest.mkdir(parents=True, exist_ok=True)
     for file_name, text in texts.items():
@@ -307,13 +313,15 @@ def load_tu(
 
     root = Path(root)
     raw = check_tu_folder(root, name)
-    where = _processing_root(read_tu_raw(raw, name), name, cache_dir)
+    texts = read_tu_raw(raw, name)
+    where = _processing_root(texts, name, cache_dir)
     dataset = TUDataset(str(where), name=name)
     graphs = [dataset[i] for i in range(len(dataset))]
     for g in graphs:
         if g.x is not None and g.x.numel() == 0:
             g.x = None
-    return finish_graphs(graphs, name, degree, info={"root": str(root)})
+    info = {"root": str(root), "files_sha256": tu_digest(texts)}
+    return finish_graphs(graphs, name, degree, info=info)
 
 
 def _motif_graph(

@@ -145,6 +145,8 @@ def train_graph_run(
     results = {
         **scores,
         "dataset": cfg["dataset"],
+        "data_dir": str(data_dir),
+        "data_sha256": data.info.get("files_sha256"),
         "graphs": len(data),
         "epochs": int(cfg["epochs"]),
         **described,
