@@ -14,8 +14,8 @@ Run ``r`` of every setting uses the seed ``1000 r + int(10 beta)`` (``beta`` 0 f
 without one), as the protocol does, so ``hcl`` rows reproduce ``python -m hardneg.graph.protocol``
 run for run. Each finished run is saved as ``<out>/<setting>/repeat<r>.json`` and reused when the
 comparison is run again with the same settings and the same TU files (their SHA-256 is saved
-with each run; an interrupted comparison continues where it
-stopped); ``report.md`` and ``results.json`` in ``--out`` hold the table and every run.
+with each run; an interrupted comparison continues where it stopped); ``report.md`` and
+``results.json`` in ``--out`` hold the table and every run.
 """
 
 from __future__ import annotations
