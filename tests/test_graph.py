@@ -926,7 +926,7 @@ def test_load_tu_names_the_folder_above_a_data_sets_own_folder(tmp_path):
 
 
 # --- hardneg train on graph configs ---------------------------------------------------------------
-def test_train_on_a_graph_config_saves_the_trained_weights_and_the_protocol_score(tmp_path):
+def test_train_on_a_graph_config_saves_the_trained_weights_and_the_protocol_score(tmp_path, capsys):
     import json
 
     from hardneg.cli import main
@@ -941,6 +941,10 @@ def test_train_on_a_graph_config_saves_the_trained_weights_and_the_protocol_scor
     assert main(argv) == 0
     results = json.loads((run / "results.json").read_text())
     assert (results["strategy"], results["beta"], results["objective"]) == ("hcl", 2.0, "jsd_hard")
+    # another repeat into the same folder is refused, not written over this one
+    assert main([*argv[:-1], "seed=0"]) == 2
+    assert f"{run} already holds a graph run (model.pt)" in capsys.readouterr().err
+    assert json.loads((run / "results.json").read_text()) == results
     assert results["seed"] == 1000 * 1 + 20 and results["repeat"] == 1
     assert results["data_dir"] == str(tmp_path / "tu") and len(results["data_sha256"]) == 64
     # the score is repeat 1 of the protocol at beta = 2: the protocol's run function, called here

@@ -98,6 +98,14 @@ def train_graph_run(
             f"a graph config needs the TU data folder: --data-dir DIR (DIR/{cfg['dataset']}"
             f"/raw/ holds {cfg['dataset']}_A.txt etc.)"
         )
+    out = Path(run_dir) if run_dir else Path("runs") / f"{Path(str(config)).stem}-{setting.folder}"
+    taken = [f for f in ("model.pt", "results.json") if (out / f).exists()]
+    if taken:
+        # as hardneg train on images: another repeat (seed=R) or epoch count of this setting
+        # goes to the same default folder, and would replace the run there without a word
+        raise ValueError(
+            f"{out} already holds a graph run ({taken[0]}): choose another --run-dir (or delete it)"
+        )
     data = load_tu(data_dir, cfg["dataset"], degree=degree_option(cfg))
     # a throw-away model checks the config against the data before any training; the trained
     # one is built again inside fit_and_score after its seed, so this run is exactly the
@@ -108,7 +116,6 @@ def train_graph_run(
     )  # fmt: skip
     check_model_data(probe, data, int(cfg.get("batch_size", 128)))
     seed = run_seed(repeat, setting.beta)
-    out = Path(run_dir) if run_dir else Path("runs") / f"{Path(str(config)).stem}-{setting.folder}"
     out.mkdir(parents=True, exist_ok=True)
     say(
         f"training {setting.label} on {cfg['dataset']} ({len(data)} graphs, objective "
