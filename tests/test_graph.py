@@ -772,6 +772,23 @@ def test_compare_runs_a_graph_config_and_its_table_matches_the_runs(tmp_path, ca
     assert "does not include" in capsys.readouterr().err
 
 
+def test_the_published_beta_0_figure_sits_beside_the_configs_own_strategy_only():
+    # a comparison with --strategies all put InfoGraph's published MUTAG figure beside
+    # UnReMix at beta = 0 too
+    from hardneg.graph.compare import format_graph_table
+
+    cfg = {"dataset": "TOY", "loss": "hcl", "published": {"beta_0": "99.9", "rows": {"ring": "7"}}}
+    rows = [
+        {"label": f"{s} beta=0", "strategy": s, "beta": 0.0, "objective": o, "accuracies": [50.0],
+         "mean": 50.0, "std": 0.0}
+        for s, o in (("hcl", "jsd_hard"), ("unremix", "jsd"))
+    ]  # fmt: skip
+    rows.append({"label": "ring", "strategy": "ring", "beta": None, "objective": "jsd",
+                 "accuracies": [], "mean": None, "std": None})  # fmt: skip
+    table = table_rows(format_graph_table(cfg, rows))
+    assert (table["hcl 0"][5], table["unremix 0"][5], table["ring"][5]) == ("99.9", "", "7")
+
+
 def test_compare_reuses_a_run_only_on_the_same_data_files(tmp_path, capsys):
     import json
 

@@ -230,6 +230,7 @@ def summarize_rows(settings: Sequence[GraphSetting], runs: Sequence[dict]) -> li
 
 def format_graph_table(cfg: dict, rows: Sequence[dict]) -> str:
     published = cfg.get("published") or {}
+    own = cfg.get("loss", "hcl")
     lines = [
         f"| strategy | beta | objective | {cfg['dataset']} SVM accuracy (%), mean ± std "
         "| repeats | published |",
@@ -245,7 +246,7 @@ def format_graph_table(cfg: dict, rows: Sequence[dict]) -> str:
             acc = f"{row['mean']:.2f} ± {row['std']:.2f}"
         lines.append(
             f"| {row['strategy']} | {beta} | {row['objective']} | {acc} | "
-            f"{len(row['accuracies'])} | {published_figure(row, published)} |"
+            f"{len(row['accuracies'])} | {published_figure(row, published, own)} |"
         )
     return "\n".join(lines)
 

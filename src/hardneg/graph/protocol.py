@@ -195,13 +195,14 @@ def run_protocol(
     return results
 
 
-def published_figure(row: dict, published: dict) -> str:
+def published_figure(row: dict, published: dict, loss: str = "hcl") -> str:
     """The config's published figure for a row: ``published.rows[label]``, else ``beta_0``
-    beside ``beta = 0``."""
+    beside ``beta = 0`` of the config's own strategy ``loss`` (HCL's; another strategy at
+    ``beta = 0``, UnReMix's, is not the method the figure was published for)."""
     by_label = published.get("rows") or {}
     if row["label"] in by_label:
         return str(by_label[row["label"]])
-    if row["beta"] == 0.0 and "beta_0" in published:
+    if row["beta"] == 0.0 and row.get("strategy", loss) == loss and "beta_0" in published:
         return str(published["beta_0"])
     return ""
 
@@ -215,7 +216,7 @@ def format_results(cfg: dict, results: dict[float, list[float]]) -> str:
     ]
     for beta, accs in results.items():
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        pub = published_figure({"label": f"{loss} beta={beta:g}", "beta": beta}, published)
+        pub = published_figure({"label": f"{loss} beta={beta:g}", "beta": beta}, published, loss)
         lines.append(
             f"| {beta:g} | {statistics.mean(accs):.2f} ± {std:.2f} | {len(accs)} | {pub} |"
         )
