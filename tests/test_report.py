@@ -239,6 +239,26 @@ def test_one_seed_verdict_counts_its_epochs_in_words(tmp_path):
     assert [counted(n, "seed") for n in (0, 1, 2)] == ["0 seeds", "1 seed", "2 seeds"]
 
 
+def test_verdict_names_every_strategy_tied_for_best(tmp_path):
+    # infonce and hcl both at 12.00 kNN: calling the first listed 'best' misleads
+    from hardneg.report import verdict_lines
+
+    records = verdict_records(
+        tmp_path,
+        {"infonce": 12.0, "hcl": 12.0, "ring": 10.0},
+        {"infonce": 62, "hcl": 55, "ring": 9},
+    )
+    first = verdict_lines(records, epochs=1)[0]
+    assert first == (
+        "- **Best kNN top-1: infonce, hcl (tied, 12.00%)**; "
+        "best linear top-1: infonce, hcl, ring (tied, 85.00%)"
+    )
+    records = verdict_records(
+        tmp_path / "b", {"infonce": 12.0, "hcl": 12.5}, {"infonce": 62, "hcl": 55}
+    )
+    assert verdict_lines(records, epochs=1)[0].startswith("- **Best kNN top-1: hcl (12.50%)**")
+
+
 def test_one_seed_verdict_advises_more_seeds_on_the_data_set_compared(tmp_path):
     from hardneg.report import verdict_lines
 

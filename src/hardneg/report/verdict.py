@@ -116,7 +116,7 @@ def verdict_lines(
         return ["- no run has a kNN top-1: nothing to compare"]
     noise = seed_noise(records, reseeded)
     best = ranked[0]
-    lines = [f"- **Best kNN top-1: {best} ({knn[best]:.2f}%)**" + _best_linear(groups, mean)]
+    lines = [f"- **Best kNN top-1: {_leaders(knn)}**" + _best_linear(groups, mean)]
     seeds = {s: len(v) for s, v in groups.items()}
     n_best = seeds[best]
     if len(ranked) > 1:
@@ -159,13 +159,23 @@ def verdict_lines(
     return lines
 
 
+def _leaders(scores: Mapping[str, float]) -> str:
+    """``'hcl (81.00%)'``, or every strategy level with the top at the printed precision,
+    ``'infonce, hcl (tied, 12.00%)'``: naming one of equal scores as the best misleads."""
+    values = {s: v for s, v in scores.items() if not math.isnan(v)}
+    top = round(max(values.values()), 2)
+    tied = [s for s, v in values.items() if round(v, 2) == top]
+    if len(tied) == 1:
+        return f"{tied[0]} ({top:.2f}%)"
+    return f"{', '.join(tied)} (tied, {top:.2f}%)"
+
+
 def _best_linear(groups, mean) -> str:
     linear = {s: mean(s, "linear_top1") for s in groups}
     linear = {s: v for s, v in linear.items() if not math.isnan(v)}
     if not linear:
         return ""
-    top = max(linear, key=linear.get)
-    return f"; best linear top-1: {top} ({linear[top]:.2f}%)"
+    return f"; best linear top-1: {_leaders(linear)}"
 
 
 def _behind(strategy, best, knn, mean, histories, one_seed: bool, measured: bool) -> str:
