@@ -664,6 +664,22 @@ def test_demo_cli_hook_dispatches_to_the_graph_demo(monkeypatch, tmp_path):
     assert seen["strategies"] is None and seen["epochs"] == 2
 
 
+def test_graph_command_lines_name_the_option_of_a_bad_number(monkeypatch, tmp_path, capsys):
+    # both said only "invalid literal for int() / could not convert string to float"
+    import hardneg.graph.demo as gd
+    from hardneg.cli import main
+    from hardneg.graph import protocol
+
+    monkeypatch.setattr(gd, "run_graph_demo", lambda out, **kw: [])
+    assert main(["demo", "--modality", "graph", "--out", str(tmp_path), "epochs=two"]) == 2
+    assert "graph demo override epochs must be a whole number, got 'two'" in capsys.readouterr().err
+    toy_tu(tmp_path / "tu")
+    config = str(graph_config(tmp_path / "toy.yaml"))
+    argv = ["--config", config, "--data-dir", str(tmp_path / "tu"), "--betas", "0,a"]
+    assert protocol.main(argv) == 2
+    assert "betas must be a number, got 'a'" in capsys.readouterr().err
+
+
 def test_packaged_graph_configs():
     from hardneg.graph.protocol import list_graph_configs, load_graph_config
 

@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.repeats is not None:
             cfg["repeats"] = args.repeats
         if args.betas:
-            cfg["betas"] = [float(b) for b in args.betas.split(",")]
+            # checked with the config below, so that 'a' is named as a beta
+            cfg["betas"] = [yaml.safe_load(b) for b in args.betas.split(",")]
         cfg = check_graph_config(cfg)
         data = load_tu(args.data_dir, cfg["dataset"], degree=degree_option(cfg))
     except (ValueError, FileNotFoundError) as err:
