@@ -940,6 +940,10 @@ def test_compare_graph_bad_input_fails_before_training(tmp_path, capsys, no_trai
     # values checked before the first run: svm_folds=1 failed in scoring, after training
     assert "svm_folds must be in [2, inf)" in compare_error([*base, *good, "svm_folds=1"], capsys)
     assert "betas must be in [0, inf)" in compare_error([*base, *good, "betas=-1"], capsys)
+    labels = toy_tu(tmp_path / "single") / "TOY" / "raw" / "TOY_graph_labels.txt"
+    labels.write_text(labels.read_text().replace("1\n", "7\n", 1))
+    err = compare_error([*base, "--data-dir", str(tmp_path / "single")], capsys)
+    assert "class(es) [2] have a single graph" in err
     assert "epochs must be an integer" in compare_error(
         [*base, *good, "--epochs", "0"] + ["epochs=0.5"], capsys
     )
@@ -1007,6 +1011,9 @@ def test_train_on_a_graph_config_checks_its_input_before_training(
     monkeypatch.chdir(tmp_path)  # the default run folder is runs/ here
 
     toy_tu(tmp_path / "tu")
+    # one graph of class 7: the SVM's stratified folds fail, after the training before
+    labels = toy_tu(tmp_path / "single") / "TOY" / "raw" / "TOY_graph_labels.txt"
+    labels.write_text(labels.read_text().replace("1\n", "7\n", 1))
     config = str(graph_config(tmp_path / "toy.yaml"))
     data = ["--data-dir", str(tmp_path / "tu")]
     cases = [
@@ -1027,6 +1034,7 @@ def test_train_on_a_graph_config_checks_its_input_before_training(
         ([*data, "loss.temperature=0.5"], "objective 'jsd_hard' does not use 'temperature'"),
         ([*data, "hcl.tau_plus=0.1"], "objective 'jsd_hard' does not use 'tau_plus'"),
         ([*data, "--resume"], "keeps no checkpoint to resume"),
+        (["--data-dir", str(tmp_path / "single")], "class(es) [2] have a single graph"),
     ]
     for extra, message in cases:
         assert main(["train", "--config", config, *extra]) == 2, extra

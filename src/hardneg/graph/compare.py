@@ -273,6 +273,7 @@ def compare_graphs(
     import torch
 
     from hardneg.graph.data import load_tu
+    from hardneg.graph.evaluate import check_scorable
     from hardneg.graph.train import check_model_data
 
     cfg = load_graph_config(str(config))
@@ -293,6 +294,7 @@ def compare_graphs(
         )
     settings = plan_settings(cfg, strategies, loss_wide, per_strategy)
     data = load_tu(data_dir, cfg["dataset"], degree=degree_option(cfg))
+    check_scorable(data.labels.numpy(), repr(cfg["dataset"]))  # else it fails after training
     for s in settings:  # every model is built and checked against the data before training
         model = build_model(
             cfg, data, loss=s.strategy, loss_hparams=s.loss_hparams(), objective=s.objective

@@ -70,6 +70,7 @@ def train_graph_run(
     Everything (config, overrides, strategy, data folder, the model against the data) is
     checked before training starts."""
     from hardneg.graph.data import load_tu
+    from hardneg.graph.evaluate import check_scorable
     from hardneg.graph.train import check_model_data
     from hardneg.registry import loss_hparams
     from hardneg.train.checkpoint import save_checkpoint
@@ -115,6 +116,7 @@ def train_graph_run(
         objective=setting.objective,
     )  # fmt: skip
     check_model_data(probe, data, int(cfg.get("batch_size", 128)))
+    check_scorable(data.labels.numpy(), repr(cfg["dataset"]))  # else it fails after training
     seed = run_seed(repeat, setting.beta)
     out.mkdir(parents=True, exist_ok=True)
     say(
