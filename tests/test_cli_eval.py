@@ -104,3 +104,22 @@ def test_eval_of_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nope.pt")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+def test_eval_on_a_data_set_the_backbone_cannot_read_is_a_one_line_error(tiny_run, capsys):
+    # a 1-D signal encoder on 8x8 digits stopped in a convolution with a shape error
+    args = ["eval", str(tiny_run.checkpoint), "--device", "cpu", "--no-linear"]
+    assert main([*args, "--dataset", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on 'mnist1d', 1-D signals: it cannot read 'digits', 1-channel images" in err
+
+
+def test_eval_of_a_graph_runs_weights_points_to_its_results(tmp_path, capsys):
+    from hardneg.train.checkpoint import save_checkpoint
+
+    model = tmp_path / "model.pt"  # what hardneg train writes for a graph config
+    save_checkpoint(model, {"model": {}, "encoder": {}, "config": {}, "setting": {}})
+    assert main(["eval", str(model)]) == 2
+    assert "is a graph run's InfoGraph weights: its SVM score is in results.json" in (
+        capsys.readouterr().err
+    )

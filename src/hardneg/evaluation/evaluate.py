@@ -94,6 +94,29 @@ def evaluate_backbone(
     return Evaluation(metrics=metrics, test_features=test_f, test_labels=test_y)
 
 
+def check_backbone_reads(config: dict, dataset: str) -> None:
+    """Refuse, in one line, a data set whose inputs the checkpoint's backbone cannot read: a
+    CIFAR ResNet on mnist1d's 1-D signals or 1-channel digits stopped in a convolution with a
+    shape error. Transfer between image sets of the same channels (CIFAR-10 to STL-10) is
+    fine: the backbone reads the kind and channels of the set it was trained on."""
+    from hardneg.data import dataset_info
+
+    trained_on = (config.get("data") or {}).get("dataset")
+    if not trained_on or trained_on == dataset:
+        return
+    have, want = dataset_info(trained_on), dataset_info(dataset)
+    if (have.kind, have.in_channels) != (want.kind, want.in_channels):
+
+        def what(info) -> str:
+            return "1-D signals" if info.kind == "signal" else f"{info.in_channels}-channel images"
+
+        backbone = (config.get("model") or {}).get("backbone")
+        raise ValueError(
+            f"the checkpoint's backbone ({backbone}) was trained on {trained_on!r}, "
+            f"{what(have)}: it cannot read {dataset!r}, {what(want)}"
+        )
+
+
 def evaluate_checkpoint(
     ckpt_path: str | Path,
     dataset: str | None = None,
@@ -132,6 +155,7 @@ def evaluate_checkpoint(
         raise ValueError(f"{ckpt_path}: the checkpoint names no data set; pass dataset=...")
     if data_dir is None and dataset == data_cfg.get("dataset"):
         data_dir = data_cfg.get("data_dir")
+    check_backbone_reads(config, dataset)
     eval_cfg = dict(config.get("eval") or {})
     knn_k = int(eval_cfg.get("knn_k", 200)) if knn_k is None else knn_k
     knn_t = float(eval_cfg.get("knn_temperature", 0.1)) if knn_t is None else knn_t
