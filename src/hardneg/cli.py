@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -69,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         # user errors: one readable line, no stack trace
         print(f"hardneg {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader of the output went away (`hardneg losses | head`): nothing to report, and
+        # stdout is pointed at devnull so that Python's flush at exit does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except OSError as err:  # a full disk, a read-only file system, a folder we may not write
         print(f"hardneg {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
