@@ -256,3 +256,16 @@ def test_a_reader_that_stops_early_is_not_an_error(tmp_path):
     )
     os.close(write)
     assert proc.returncode == 1 and proc.stderr == ""
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch, capsys):
+    import hardneg.commands.losses as losses_cmd
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(losses_cmd, "run", broken)
+    from hardneg.cli import main
+
+    assert main(["losses"]) == 2
+    assert "hardneg losses: error: Broken pipe" in capsys.readouterr().err
