@@ -445,6 +445,12 @@ def test_load_tu_from_files_written_here(tmp_path):
     assert data.labels.tolist() == [0, 1, 0, 1]
 
 
+def test_load_tu_expands_a_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_tu(tmp_path / "TU", "TOY", [TRIANGLE, PATH])
+    assert len(load_tu("~/TU", "TOY", cache_dir=tmp_path / "cache")) == 2
+
+
 def test_load_tu_unlabelled_nodes_get_degrees_or_a_clear_error(tmp_path):
     write_tu(tmp_path, "BARE", [TRIANGLE, PATH], labels=False)
     data = load_tu(tmp_path, "BARE")

@@ -311,7 +311,7 @@ def load_tu(
     """
     from torch_geometric.datasets import TUDataset
 
-    root = Path(root)
+    root = Path(root).expanduser()  # data.data_dir=~/TU reaches us unexpanded, as for images
     raw = check_tu_folder(root, name)
     texts = read_tu_raw(raw, name)
     where = _processing_root(texts, name, cache_dir)
