@@ -585,6 +585,15 @@ def test_mutag_from_the_shared_folder(tmp_path):
     raw = (SHARED_TU / "MUTAG" / "raw" / "MUTAG_graph_labels.txt").read_text().split()
     assert data.labels.tolist() == [0 if x == "-1" else 1 for x in raw]
     assert data.labels.bincount().tolist() == [63, 125]
+    # the checked, cached copy gives PyG's own graphs of a plain copy, in the same order
+    from torch_geometric.datasets import TUDataset
+
+    shutil.copytree(SHARED_TU / "MUTAG" / "raw", tmp_path / "plain" / "MUTAG" / "raw")
+    plain = TUDataset(str(tmp_path / "plain"), "MUTAG")
+    assert len(plain) == len(data)
+    for ours, theirs in zip(data.graphs, plain):
+        assert torch.equal(ours.edge_index, theirs.edge_index) and torch.equal(ours.y, theirs.y)
+        assert torch.equal(ours.x, theirs.x.float())
 
 
 def test_motif_degree_sequences_are_identical():
