@@ -679,6 +679,16 @@ def test_demo_cli_hook_dispatches_to_the_graph_demo(monkeypatch, tmp_path):
     assert seen["strategies"] is None and seen["epochs"] == 2
 
 
+def test_graph_config_reads_numbers_written_with_an_exponent():
+    # YAML 1.1 reads 1e-3 as a string: lr=1e-3 must stay a learning rate of 0.001
+    from hardneg.graph.protocol import check_graph_config
+
+    cfg = check_graph_config({"dataset": "X", "epochs": 1, "lr": "1e-3", "betas": ["1e1", 0]})
+    assert cfg["lr"] == 0.001 and cfg["betas"] == [10.0, 0.0]
+    with pytest.raises(ValueError, match="lr must be a number, got 'fast'"):
+        check_graph_config({"dataset": "X", "epochs": 1, "lr": "fast", "betas": [0]})
+
+
 def test_graph_command_lines_name_the_option_of_a_bad_number(monkeypatch, tmp_path, capsys):
     # both said only "invalid literal for int() / could not convert string to float"
     import hardneg.graph.demo as gd

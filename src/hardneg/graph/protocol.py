@@ -80,15 +80,25 @@ def check_graph_config(cfg: dict) -> dict:
     stops the run before any data is read or any model trained (``svm_folds=1`` failed only
     in scoring, after the training; ``epochs=1.5`` trained 1 epoch and reported 1.5)."""
     out = dict(cfg)
+
+    def number(value: Any) -> Any:
+        # YAML 1.1 reads 1e-3 as a string (the image configs accept it too)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
+
     for key, low in GRAPH_COUNTS.items():
         if key in out:
             out[key] = int(check_number(key, out[key], low=low, integer=True))
     if "lr" in out:
-        out["lr"] = check_number("lr", out["lr"], low=0.0, low_inclusive=False)
+        out["lr"] = check_number("lr", number(out["lr"]), low=0.0, low_inclusive=False)
     betas = out.get("betas")
     if not isinstance(betas, list) or not betas:
         raise ValueError(f"betas must be a non-empty list of numbers >= 0, got {betas!r}")
-    out["betas"] = [check_number("betas", b, low=0.0) for b in betas]
+    out["betas"] = [check_number("betas", number(b), low=0.0) for b in betas]
     if out.get("objective") is not None:
         check_choice("objective", out["objective"], INFOGRAPH_OBJECTIVES)
     if "direction" in out:
