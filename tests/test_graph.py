@@ -1028,6 +1028,20 @@ def test_train_on_a_graph_config_saves_the_trained_weights_and_the_protocol_scor
     )
 
 
+def test_train_on_a_graph_config_that_diverges_is_one_line_and_status_3(tmp_path, capsys):
+    from hardneg.cli import main
+
+    toy_tu(tmp_path / "tu")
+    config = str(graph_config(tmp_path / "toy.yaml", epochs=3))
+    run = tmp_path / "run"
+    argv = ["train", "--config", config, "--data-dir", str(tmp_path / "tu"), "lr=1.0e12",
+            "--run-dir", str(run)]  # fmt: skip
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert "training hcl beta=1 on TOY stopped: non-finite loss" in err
+    assert "Traceback" not in err and not (run / "model.pt").exists()
+
+
 def test_train_on_a_graph_config_checks_its_input_before_training(
     tmp_path, capsys, monkeypatch, no_training
 ):

@@ -158,5 +158,11 @@ def run_graph(args: argparse.Namespace, config: str) -> int:
         from hardneg.graph.run import train_graph_run
     except ImportError as err:
         raise ValueError(f"training on graphs needs the graph extra: {err}") from err
-    train_graph_run(config, data_dir=args.data_dir, run_dir=args.run_dir, overrides=args.overrides)
+    try:
+        train_graph_run(
+            config, data_dir=args.data_dir, run_dir=args.run_dir, overrides=args.overrides
+        )
+    except FloatingPointError as err:  # as an image run's NaN / Inf: one line, status 3
+        print(f"hardneg train: {err}", file=sys.stderr)
+        return 3
     return 0

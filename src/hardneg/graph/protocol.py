@@ -265,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    results = run_protocol(cfg, data)
+    try:
+        results = run_protocol(cfg, data)
+    except FloatingPointError as err:  # one line, as hardneg train's status 3
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     table = format_results(cfg, results)
     command = "python -m hardneg.graph.protocol " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"\n{table}\n\n{time.perf_counter() - start:.0f} s; command: {command}")

@@ -125,14 +125,20 @@ def train_graph_run(
         f"repeat {repeat}, seed {seed})"
     )
     start = time.perf_counter()
-    model, scores = fit_and_score(
-        cfg,
-        data,
-        loss=setting.strategy,
-        loss_hparams=setting.loss_hparams(),
-        objective=setting.objective,
-        seed=seed,
-    )
+    try:
+        model, scores = fit_and_score(
+            cfg,
+            data,
+            loss=setting.strategy,
+            loss_hparams=setting.loss_hparams(),
+            objective=setting.objective,
+            seed=seed,
+        )
+    except FloatingPointError as err:
+        raise FloatingPointError(
+            f"training {setting.label} on {cfg['dataset']} stopped: {err} (lr {cfg.get('lr')}); "
+            f"nothing was saved in {out}"
+        ) from None
     described = {
         "strategy": setting.strategy,
         "beta": setting.beta,
