@@ -1009,6 +1009,7 @@ def test_train_on_a_graph_config_saves_the_trained_weights_and_the_protocol_scor
     assert json.loads((run / "results.json").read_text()) == results
     assert results["seed"] == 1000 * 1 + 20 and results["repeat"] == 1
     assert results["data_dir"] == str(tmp_path / "tu") and len(results["data_sha256"]) == 64
+    assert results["node_features"] == "the data set's node labels (3 columns)"
     # the score is repeat 1 of the protocol at beta = 2: the protocol's run function, called here
     # with that repeat's seed, trains the same weights and gets the same score
     cfg = load_graph_config(str(config))
@@ -1026,6 +1027,27 @@ def test_train_on_a_graph_config_saves_the_trained_weights_and_the_protocol_scor
     assert (
         saved["setting"]["hparams"] == {"beta": 2.0} and saved["in_features"] == data.num_features
     )
+
+
+def test_train_on_unlabelled_nodes_records_the_degree_features_it_used(tmp_path):
+    import json
+
+    from hardneg.cli import main
+
+    toy_tu(tmp_path / "bare", labels=False)
+    config = str(graph_config(tmp_path / "toy.yaml", epochs=0))
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        "--config",
+        config,
+        "--data-dir",
+        str(tmp_path / "bare"),
+        "--run-dir",
+        str(run),
+    ]
+    assert main(argv) == 0
+    assert "OneHotDegree" in json.loads((run / "results.json").read_text())["node_features"]
 
 
 def test_train_on_a_graph_config_that_diverges_is_one_line_and_status_3(tmp_path, capsys):

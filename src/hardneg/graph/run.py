@@ -162,6 +162,10 @@ def train_graph_run(
         "dataset": cfg["dataset"],
         "data_dir": str(data_dir),
         "data_sha256": data.info.get("files_sha256"),
+        # what the encoder read: the files' node labels, or degrees made up for unlabelled nodes
+        "node_features": data.info.get(
+            "node_features", f"the data set's node labels ({data.num_features} columns)"
+        ),
         "graphs": len(data),
         "epochs": int(cfg["epochs"]),
         **described,
