@@ -154,7 +154,9 @@ def read_tu_raw(raw: Path, name: str) -> dict[str, str]:
     (PyG slices the graphs by it); every edge joins two nodes of one graph; the graph labels
     number the graphs; node labels / attributes number the nodes and edge labels / attributes
     the edges. The text returned holds each file's lines with a final newline (PyG's reader
-    silently drops the last line of a file that has none)."""
+    silently drops the last line of a file that has none). Only these files are returned: a
+    ``graph_attributes`` file (a regression target, which PyG would read instead of the
+    labels) is left out, since the protocol classifies by ``graph_labels``."""
     texts: dict[str, str] = {}
     tables: dict[str, np.ndarray] = {}
     for part in TU_REQUIRED + TU_OPTIONAL:
