@@ -445,6 +445,14 @@ def test_load_tu_from_files_written_here(tmp_path):
     assert data.labels.tolist() == [0, 1, 0, 1]
 
 
+def test_load_tu_caches_in_the_users_cache_folder(tmp_path, monkeypatch):
+    # not a shared /tmp folder: one made by another user is not writable
+    monkeypatch.setenv("HARDNEG_CACHE_DIR", str(tmp_path / "cache"))
+    write_tu(tmp_path, "TOY", [TRIANGLE, PATH])
+    assert len(load_tu(tmp_path, "TOY")) == 2
+    assert len(list((tmp_path / "cache" / "tu").glob("TOY-*/TOY/processed"))) == 1
+
+
 def test_load_tu_expands_a_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     write_tu(tmp_path / "TU", "TOY", [TRIANGLE, PATH])

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch
 from torch_geometric.data import Data
 
 from hardneg._checks import check_number
+from hardneg.data.datasets import default_cache_dir
 from hardneg.graph.encoder import degree_feature_transform
 
 TU_REQUIRED = ("A", "graph_indicator", "graph_labels")
@@ -239,7 +239,8 @@ def _processing_root(texts: dict[str, str], name: str, cache_dir: str | os.PathL
     it never re-checks against ``raw/``) always belongs to these very files: an edited file
     gets a new folder, and two data sets of one name never share one. The user's data folder
     is never written to (as root, a read-only folder would be)."""
-    cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "hardneg-tu"
+    # per user (a /tmp folder made by one user is not writable by the next), and kept
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "tu"
     root = cache / f"{name}-{tu_digest(texts)[:16]}"
     dest = root / name / "raw"
     dest.mkdir(parents=True, exist_ok=True)
@@ -308,8 +309,8 @@ def load_tu(
         name: the data set's name (``MUTAG``, ``PTC_MR``, ``NCI1``, ``PROTEINS``...).
         degree: ``'auto'`` gives featureless nodes degree features; None raises instead.
         cache_dir: where the checked raw files are copied for PyG to process, in a folder
-            named by their contents (default: ``hardneg-tu`` in the system's temporary
-            directory); ``root`` itself is only read.
+            named by their contents (default: ``tu/`` in ``$HARDNEG_CACHE_DIR`` or
+            ``~/.cache/hardneg``); ``root`` itself is only read.
     """
     from torch_geometric.datasets import TUDataset
 
