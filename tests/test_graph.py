@@ -40,6 +40,14 @@ from hardneg.graph.jsd_hard import jsd_hard_loss  # noqa: E402
 from hardneg.graph.train import embed, train_graphs  # noqa: E402
 from hardneg.registry import list_losses  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def tu_cache(monkeypatch, tmp_path_factory):
+    """load_tu's processing cache of these tests: the session's own folder, not the user's
+    ~/.cache/hardneg/tu (the digest-named copies are shared by the tests of one session)."""
+    monkeypatch.setenv("HARDNEG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hardneg-cache"))
+
+
 SHARED_TU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "TU"
 if not SHARED_TU.is_dir():
     SHARED_TU = Path("/work/shared/data/TU")
@@ -450,7 +458,35 @@ def test_load_tu_caches_in_the_users_cache_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HARDNEG_CACHE_DIR", str(tmp_path / "cache"))
     write_tu(tmp_path, "TOY", [TRIANGLE, PATH])
     assert len(load_tu(tmp_path, "TOY")) == 2
-    assert len(list((tmp_path / "cache" / "tu").glob("TOY-*/TOY/processed"))) == 1
+    cache = tmp_path / "cache" / "tu"
+    assert len(list(cache.glob("TOY-*/TOY/processed"))) == 1
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no staging left
+    assert len(load_tu(tmp_path, "TOY")) == 2  # the second load reads the processed copy
+
+
+def test_load_tu_when_another_process_processed_the_same_files_first(tmp_path, monkeypatch):
+    # the staging folder cannot be renamed onto a finished copy: that copy is used
+    import hardneg.graph.data as gd
+
+    write_tu(tmp_path, "TOY", [TRIANGLE, PATH])
+    cache = tmp_path / "cache"
+    load_tu(tmp_path, "TOY", cache_dir=cache)
+    (done,) = cache.glob("TOY-*")
+    real_is_dir = Path.is_dir
+    seen = []
+
+    def first_look_misses(self):  # as if the other process finished just after our look
+        if self == done / "TOY" / "processed" and not seen:
+            seen.append(self)
+            return False
+        return real_is_dir(self)
+
+    monkeypatch.setattr(gd.Path, "is_dir", first_look_misses)
+    assert _tu_graphs(load_tu(tmp_path, "TOY", cache_dir=cache)) == [
+        (3, {(0, 1), (1, 2), (0, 2)}, 0),
+        (4, {(0, 1), (1, 2), (2, 3)}, 1),
+    ]
+    assert seen and sorted(p.name for p in cache.iterdir()) == [done.name]
 
 
 def test_load_tu_expands_a_home_folder(tmp_path, monkeypatch):

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,25 +234,38 @@ def tu_digest(texts: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-def _processing_root(texts: dict[str, str], name: str, cache_dir: str | os.PathLike | None) -> Path:
-    """A folder holding ``<name>/raw/`` with ``texts``, for PyG to write ``processed/`` in.
+def _processed_root(texts: dict[str, str], name: str, cache_dir: str | os.PathLike | None) -> Path:
+    """A folder holding ``<name>/raw/`` with ``texts`` and PyG's ``processed/`` of them.
 
     The folder is named by a digest of the files' contents, so PyG's ``processed/`` (which
     it never re-checks against ``raw/``) always belongs to these very files: an edited file
     gets a new folder, and two data sets of one name never share one. The user's data folder
-    is never written to (as root, a read-only folder would be)."""
+    is never written to (as root, a read-only folder would be). PyG processes in a staging
+    folder that is then renamed into place, so a process loading the same files at the same
+    time never reads a half-written ``processed/`` (PyG writes it in place)."""
+    from torch_geometric.datasets import TUDataset
+
     # per user (a /tmp folder made by one user is not writable by the next), and kept
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "tu"
     root = cache / f"{name}-{tu_digest(texts)[:16]}"
-    dest = root / name / "raw"
-    dest.mkdir(parents=True, exist_ok=True)
-    for file_name, text in texts.items():
-        target = dest / file_name
-        if not target.is_file() or target.read_text() != text:
-            # written whole, then renamed: a concurrent load never reads half a file
-            partial = dest / f".{file_name}.{os.getpid()}.tmp"
-            partial.write_text(text)
-            os.replace(partial, target)
+    if (root / name / "processed").is_dir():
+        return root
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
+    try:
+        raw = staging / name / "raw"
+        raw.mkdir(parents=True)
+        for file_name, text in texts.items():
+            (raw / file_name).write_text(text)
+        TUDataset(str(staging), name=name)  # processes into staging/<name>/processed
+        try:
+            os.rename(staging, root)
+        except OSError:
+            if not (root / name / "processed").is_dir():
+                raise
+            # another process renamed its copy of the same files into place first
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return root
 
 
@@ -317,8 +332,7 @@ def load_tu(
     root = Path(root).expanduser()  # data.data_dir=~/TU reaches us unexpanded, as for images
     raw = check_tu_folder(root, name)
     texts = read_tu_raw(raw, name)
-    where = _processing_root(texts, name, cache_dir)
-    dataset = TUDataset(str(where), name=name)
+    dataset = TUDataset(str(_processed_root(texts, name, cache_dir)), name=name)
     graphs = [dataset[i] for i in range(len(dataset))]
     for g in graphs:
         if g.x is not None and g.x.numel() == 0:
