@@ -757,6 +757,10 @@ def test_packaged_graph_configs():
         cfg = load_graph_config(name)
         assert cfg["betas"] == [0.0, 1.0, 2.0, 10.0] and cfg["epochs"] == 200
         assert cfg["dataset"].lower() == name
+        # the published InfoGraph figure also sits beside InfoGraph's own JSD objective (the
+        # infonce row), not only beside HCL's beta = 0 (NCI1, PROTEINS, PTC_MR left it blank)
+        published = cfg["published"]
+        assert published["rows"]["infonce"].startswith(published["beta_0"].split(" (")[0])
 
 
 # --- hardneg compare on graph configs -------------------------------------------------------------
