@@ -928,6 +928,20 @@ def test_meta_differences_list_expected_keys_first_then_stored_only_keys():
     assert ckpt_module.meta_differences({"a": None}, {"a": None}) == []
 
 
+def test_meta_differences_name_the_entries_of_a_mapping_that_differ():
+    # `--resume RUN loss.beta=2` listed both whole loss_params dicts, the difference buried
+    stored = {"loss": "hcl", "loss_params": {"temperature": 0.5, "beta": 1.0, "anneal": None}}
+    expected = {"loss": "hcl", "loss_params": {"temperature": 0.5, "beta": 2.0, "tau": 0.1}}
+    assert ckpt_module.meta_differences(stored, expected) == [
+        "checkpoint was trained with loss_params['beta']=1.0, this run uses loss_params['beta']=2.0",
+        "checkpoint has no loss_params['tau'], this run uses loss_params['tau']=0.1",
+        "checkpoint was trained with loss_params['anneal']=None, this run sets no loss_params['anneal']",
+    ]
+    assert ckpt_module.meta_differences({"p": {"a": 1}}, {"p": 3}) == [
+        "checkpoint was trained with p={'a': 1}, this run uses p=3"
+    ]
+
+
 def test_a_meta_mismatch_message_is_one_line_per_key():
     with pytest.raises(ValueError) as info:
         ckpt_module.check_meta({"meta": {"a": 1, "b": 2}}, {"a": 2, "b": 3}, path="run/last.pt")

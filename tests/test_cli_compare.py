@@ -212,3 +212,14 @@ def test_potential_is_described_by_its_mined_term():
 def test_available_negatives_per_framework():
     assert compare_cmd.available_negatives(config("hcl")) == 2 * 256 - 2  # in-batch, 2B - 2
     assert compare_cmd.available_negatives(config("hcl", framework="moco")) == 4096
+
+
+def test_one_seed_comparison_advises_more_seeds_of_its_own_data_set(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--dataset", "digits", "--strategies", "infonce,hcl", "--seeds", "1",
+            "--epochs", "1", "--out", str(out), "--tsne-points", "0", "--no-linear",
+            "data.subset=256", "train.batch_size=128", "train.device=cpu", "model.out_dim=32"]  # fmt: skip
+    assert main(args) == 0
+    report = (out / "report.md").read_text()
+    assert "`hardneg compare --dataset digits --seeds 3`" in report
+    assert "--dataset mnist1d" not in report

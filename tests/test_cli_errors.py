@@ -232,3 +232,40 @@ def test_a_cuda_index_past_the_machines_gpus_is_refused_by_train_and_mine(monkey
         with pytest.raises(ValueError) as info:
             _check_device(f"cuda:{index}")
         assert str(info.value) == f"--device cuda:{index}: {why}"
+
+
+def test_a_reader_that_stops_early_is_not_an_error(tmp_path):
+    # `hardneg losses | head -3`: the reader closes the pipe; hardneg printed
+    # "hardneg losses: error: Broken pipe"
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line is written
+    proc = subprocess.run(
+        [sys.executable, "-m", "hardneg", "losses"],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        timeout=120,
+    )
+    os.close(write)
+    assert proc.returncode == 1 and proc.stderr == ""
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch, capsys):
+    import hardneg.commands.losses as losses_cmd
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(losses_cmd, "run", broken)
+    from hardneg.cli import main
+
+    assert main(["losses"]) == 2
+    assert "hardneg losses: error: Broken pipe" in capsys.readouterr().err

@@ -62,6 +62,31 @@ def test_eval_knn_equals_the_trainers_final_knn_monitor(tiny_run, capsys):
     assert result["train_size"] == 4000 and result["test_size"] == 1000  # full eval splits
 
 
+def test_eval_takes_the_runs_own_knn_settings_unless_told_otherwise(tiny_run, tmp_path, capsys):
+    # the HCL configs monitor kNN at t = 0.5: `hardneg eval` without flags must score what the
+    # run's monitor and `hardneg compare` score, not Wu et al.'s t = 0.1
+    from hardneg.evaluation import evaluate_checkpoint
+    from hardneg.train.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(tiny_run.checkpoint)
+    state["config"]["eval"].update(knn_k=20, knn_temperature=0.5)
+    ckpt = tmp_path / "final.pt"
+    save_checkpoint(ckpt, state)
+    base = ["eval", str(ckpt), "--device", "cpu", "--no-linear"]
+    assert main(base) == 0
+    assert "kNN (k=20, t=0.5)" in capsys.readouterr().out
+    assert main([*base, "--json"]) == 0
+    own = json.loads(capsys.readouterr().out)
+    assert (own["knn_k"], own["knn_t"]) == (20, 0.5)
+    assert main([*base, "--json", "--knn-k", "200", "--knn-t", "0.1"]) == 0
+    wu = json.loads(capsys.readouterr().out)
+    assert (wu["knn_k"], wu["knn_t"]) == (200, 0.1)
+    expected = evaluate_checkpoint(ckpt, knn_k=20, knn_t=0.5, linear=False, device="cpu")
+    assert own["knn_top1"] == pytest.approx(expected["knn_top1"])
+    # the settings do change the score here, so the first assertion can tell them apart
+    assert (own["knn_top1"], own["knn_top5"]) != (wu["knn_top1"], wu["knn_top5"])
+
+
 def test_eval_report_writes_metrics_and_report_into_the_run_folder(tiny_run, capsys):
     args = ["eval", str(tiny_run.checkpoint), "--device", "cpu", "--no-linear", "--report"]
     args += ["--tsne-points", "100"]
@@ -79,3 +104,22 @@ def test_eval_of_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nope.pt")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+def test_eval_on_a_data_set_the_backbone_cannot_read_is_a_one_line_error(tiny_run, capsys):
+    # a 1-D signal encoder on 8x8 digits stopped in a convolution with a shape error
+    args = ["eval", str(tiny_run.checkpoint), "--device", "cpu", "--no-linear"]
+    assert main([*args, "--dataset", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on 'mnist1d', 1-D signals: it cannot read 'digits', 1-channel images" in err
+
+
+def test_eval_of_a_graph_runs_weights_points_to_its_results(tmp_path, capsys):
+    from hardneg.train.checkpoint import save_checkpoint
+
+    model = tmp_path / "model.pt"  # what hardneg train writes for a graph config
+    save_checkpoint(model, {"model": {}, "encoder": {}, "config": {}, "setting": {}})
+    assert main(["eval", str(model)]) == 2
+    assert "is a graph run's InfoGraph weights: its SVM score is in results.json" in (
+        capsys.readouterr().err
+    )

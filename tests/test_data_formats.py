@@ -345,3 +345,35 @@ def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
         DatasetNotFoundError, match="download from https://.*failed.*network unreachable"
     ):
         load_dataset("cifar10", "train", data_dir=tmp_path, download=True)
+
+
+@pytest.mark.parametrize(
+    "name, writer, lost",
+    [
+        ("cifar10", "write_cifar10", "cifar-10-batches-py/data_batch_3"),
+        ("cifar100", "write_cifar100", "cifar-100-python/train"),
+        ("stl10", "write_stl10", "stl10_binary/train_y.bin"),
+        ("tiny-imagenet", "write_tiny_imagenet", "tiny-imagenet-200/wnids.txt"),
+    ],
+)
+def test_failed_download_names_the_missing_local_file(tmp_path, monkeypatch, name, writer, lost):
+    # the packaged configs say download: true; offline, a local copy that lacks one file must
+    # be told which file, not only that the network failed
+    import sys
+    import types
+
+    def boom(*a, **k):
+        raise OSError("network unreachable")
+
+    globals()[writer](tmp_path)
+    (tmp_path / lost).unlink()
+    fake = types.ModuleType("torchvision")
+    fake.datasets = types.SimpleNamespace(CIFAR10=boom, CIFAR100=boom, STL10=boom)
+    fake.datasets.utils = types.SimpleNamespace(download_and_extract_archive=boom)
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", fake.datasets)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets.utils", fake.datasets.utils)
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset(name, "train", data_dir=tmp_path, download=True)
+    message = str(info.value)
+    assert f"{tmp_path / lost} is missing" in message and "network unreachable" in message

@@ -40,6 +40,14 @@ from hardneg.graph.jsd_hard import jsd_hard_loss  # noqa: E402
 from hardneg.graph.train import embed, train_graphs  # noqa: E402
 from hardneg.registry import list_losses  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def tu_cache(monkeypatch, tmp_path_factory):
+    """load_tu's processing cache of these tests: the session's own folder, not the user's
+    ~/.cache/hardneg/tu (the digest-named copies are shared by the tests of one session)."""
+    monkeypatch.setenv("HARDNEG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hardneg-cache"))
+
+
 SHARED_TU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "TU"
 if not SHARED_TU.is_dir():
     SHARED_TU = Path("/work/shared/data/TU")
@@ -330,6 +338,35 @@ def test_infograph_defaults_and_errors():
         InfoGraph(data.num_features, loss="hcl", loss_hparams={"betta": 1.0})
 
 
+@pytest.mark.parametrize(
+    "loss, objective, hparams, unused",
+    [
+        ("hcl", None, {"temperature": 0.2}, "temperature"),
+        ("hcl", None, {"tau_plus": 0.1, "beta": 2.0}, "tau_plus"),
+        ("hcl", "jsd_hard", {"normalize": True}, "normalize"),
+        ("infonce", None, {"temperature": 0.2}, "temperature"),
+        ("ring", "jsd", {"filter": "fnc"}, "filter"),
+        ("infonce", "infonce", {"objective": "jsd"}, "objective"),
+    ],
+)
+def test_infograph_refuses_settings_its_objective_never_reads(loss, objective, hparams, unused):
+    # JSD_hard keeps the authors' tau_plus = 0.5 and InfoGraph's JSD scores raw products at
+    # temperature 1: a value given for them was recorded with the run but changed nothing
+    data, _ = one_batch()
+    with pytest.raises(ValueError, match=f"does not use '{unused}'"):
+        InfoGraph(data.num_features, loss=loss, objective=objective, loss_hparams=hparams)
+
+
+def test_infograph_applies_the_settings_its_objective_reads():
+    data, _ = one_batch()
+    jsd = InfoGraph(data.num_features, loss="infonce", loss_hparams={"tau_plus": 0.2})
+    assert (jsd.objective, jsd.tau_plus, jsd.temperature, jsd.normalize) == ("jsd", 0.2, 1.0, False)
+    nce = InfoGraph(
+        data.num_features, loss="hcl", objective="infonce", loss_hparams={"temperature": 0.3}
+    )
+    assert (nce.temperature, nce.tau_plus, nce.normalize) == (0.3, 0.1, True)
+
+
 @pytest.mark.parametrize("name", list_losses())
 @pytest.mark.parametrize("objective", ["jsd", "infonce"])
 def test_infograph_trains_with_every_strategy(name, objective):
@@ -416,6 +453,48 @@ def test_load_tu_from_files_written_here(tmp_path):
     assert data.labels.tolist() == [0, 1, 0, 1]
 
 
+def test_load_tu_caches_in_the_users_cache_folder(tmp_path, monkeypatch):
+    # not a shared /tmp folder: one made by another user is not writable
+    monkeypatch.setenv("HARDNEG_CACHE_DIR", str(tmp_path / "cache"))
+    write_tu(tmp_path, "TOY", [TRIANGLE, PATH])
+    assert len(load_tu(tmp_path, "TOY")) == 2
+    cache = tmp_path / "cache" / "tu"
+    assert len(list(cache.glob("TOY-*/TOY/processed"))) == 1
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no staging left
+    assert len(load_tu(tmp_path, "TOY")) == 2  # the second load reads the processed copy
+
+
+def test_load_tu_when_another_process_processed_the_same_files_first(tmp_path, monkeypatch):
+    # the staging folder cannot be renamed onto a finished copy: that copy is used
+    import hardneg.graph.data as gd
+
+    write_tu(tmp_path, "TOY", [TRIANGLE, PATH])
+    cache = tmp_path / "cache"
+    load_tu(tmp_path, "TOY", cache_dir=cache)
+    (done,) = cache.glob("TOY-*")
+    real_is_dir = Path.is_dir
+    seen = []
+
+    def first_look_misses(self):  # as if the other process finished just after our look
+        if self == done / "TOY" / "processed" and not seen:
+            seen.append(self)
+            return False
+        return real_is_dir(self)
+
+    monkeypatch.setattr(gd.Path, "is_dir", first_look_misses)
+    assert _tu_graphs(load_tu(tmp_path, "TOY", cache_dir=cache)) == [
+        (3, {(0, 1), (1, 2), (0, 2)}, 0),
+        (4, {(0, 1), (1, 2), (2, 3)}, 1),
+    ]
+    assert seen and sorted(p.name for p in cache.iterdir()) == [done.name]
+
+
+def test_load_tu_expands_a_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_tu(tmp_path / "TU", "TOY", [TRIANGLE, PATH])
+    assert len(load_tu("~/TU", "TOY", cache_dir=tmp_path / "cache")) == 2
+
+
 def test_load_tu_unlabelled_nodes_get_degrees_or_a_clear_error(tmp_path):
     write_tu(tmp_path, "BARE", [TRIANGLE, PATH], labels=False)
     data = load_tu(tmp_path, "BARE")
@@ -447,8 +526,89 @@ def test_load_tu_read_only_folder_uses_a_cache(tmp_path):
         data = load_tu(tmp_path / "ro", "TOY", cache_dir=tmp_path / "cache")
     finally:
         os.chmod(folder, 0o755)
-    assert len(data) == 2 and (tmp_path / "cache" / "TOY" / "processed").is_dir()
+    assert len(data) == 2 and len(list((tmp_path / "cache").glob("TOY-*/TOY/processed"))) == 1
     assert not (folder / "processed").exists()
+
+
+def _tu_graphs(data) -> list[tuple[int, set[tuple[int, int]], int]]:
+    """(nodes, undirected edges, label) of each loaded graph."""
+    return [
+        (g.num_nodes, {tuple(sorted(e)) for e in g.edge_index.T.tolist()}, int(g.y))
+        for g in data.graphs
+    ]
+
+
+def test_load_tu_reads_edited_files_and_never_writes_the_data_folder(tmp_path):
+    # PyG's processed/ is never checked against raw/ again: an edited label file, or a second
+    # data set of the same name, must not be served the graphs processed before
+    raw = write_tu(tmp_path / "a", "TOY", [TRIANGLE, PATH, TRIANGLE, PATH])
+    cache = tmp_path / "cache"
+    assert load_tu(tmp_path / "a", "TOY", cache_dir=cache).labels.tolist() == [0, 1, 0, 1]
+    (raw / "TOY_graph_labels.txt").write_text("1\n1\n0\n0\n")
+    assert load_tu(tmp_path / "a", "TOY", cache_dir=cache).labels.tolist() == [1, 1, 0, 0]
+    write_tu(tmp_path / "b", "TOY", [PATH, PATH, TRIANGLE])
+    other = load_tu(tmp_path / "b", "TOY", cache_dir=cache)
+    assert [n for n, _, _ in _tu_graphs(other)] == [4, 4, 3]
+    assert sorted(p.name for p in (tmp_path / "a" / "TOY").iterdir()) == ["raw"]
+
+
+def test_load_tu_keeps_a_last_line_without_newline_and_any_label_values(tmp_path):
+    # PyG's reader drops the last line of a file without a final newline (an edge, a node, a
+    # label); graph labels -1 / 1 (MUTAG's) are numbered 0 / 1 in sorted order
+    raw = write_tu(tmp_path, "TOY", [TRIANGLE, PATH, PATH])
+    for f in raw.iterdir():
+        f.write_text(f.read_text().rstrip("\n"))
+    (raw / "TOY_graph_labels.txt").write_text("1\n-1\n1")
+    expected = [
+        (3, {(0, 1), (1, 2), (0, 2)}, 1),
+        (4, {(0, 1), (1, 2), (2, 3)}, 0),
+        (4, {(0, 1), (1, 2), (2, 3)}, 1),
+    ]
+    data = load_tu(tmp_path, "TOY", cache_dir=tmp_path / "cache")
+    assert _tu_graphs(data) == expected and data.num_classes == 2
+
+
+def _edit_line(path: Path, line: int, text: str | None) -> None:
+    """Replace (or, text None, delete) 1-based line ``line`` of a file."""
+    lines = path.read_text().splitlines()
+    if text is None:
+        del lines[line - 1]
+    else:
+        lines[line - 1] = text
+    path.write_text("".join(f"{x}\n" for x in lines))
+
+
+@pytest.mark.parametrize(
+    "part, line, text, message",
+    [
+        ("A", 3, "2; x", r"TOY_A\.txt: line 3: expected whole numbers separated by commas, got '2; x'"),
+        ("A", 2, "2, 99", r"TOY_A\.txt: line 2: node 99 does not exist .*nodes 1\.\.7\)"),
+        ("A", 2, "2, 4", r"TOY_A\.txt: line 2: edge 2, 4 joins graph 1 to graph 2"),
+        ("A", 2, "1, 2, 3", r"TOY_A\.txt: line 2 holds 3 value\(s\), the lines before it 2"),
+        ("graph_labels", 2, "abc", r"TOY_graph_labels\.txt: line 2: expected a whole number, got 'abc'"),
+        ("graph_labels", 2, None, r"TOY_graph_labels\.txt has 1 labels but .* numbers 2 graphs"),
+        ("graph_indicator", 1, "2", r"TOY_graph_indicator\.txt: line 2: graph 1 after graph 2"),
+        ("graph_indicator", 1, "0", r"TOY_graph_indicator\.txt: line 1: graph numbers start at 1"),
+        ("node_labels", 7, None, r"TOY_node_labels\.txt has 6 lines but TOY_graph_indicator\.txt has 7 nodes"),
+        ("node_labels", 2, "1, 0", r"TOY_node_labels\.txt: line 2 holds 2 value\(s\), the lines before it 1"),
+        ("edge_labels", 1, None, r"TOY_edge_labels\.txt has 11 lines but TOY_A\.txt has 12 edges"),
+    ],
+)  # fmt: skip
+def test_load_tu_bad_files_name_the_file_the_line_and_the_problem(
+    tmp_path, part, line, text, message
+):
+    raw = write_tu(tmp_path, "TOY", [TRIANGLE, PATH])  # nodes 1-3: graph 1, 4-7: graph 2
+    (raw / "TOY_edge_labels.txt").write_text("0\n" * 12)
+    _edit_line(raw / f"TOY_{part}.txt", line, text)
+    with pytest.raises(ValueError, match=message):
+        load_tu(tmp_path, "TOY", cache_dir=tmp_path / "cache")
+
+
+def test_load_tu_empty_edge_file_is_an_error_naming_it(tmp_path):
+    raw = write_tu(tmp_path, "TOY", [TRIANGLE, PATH])
+    (raw / "TOY_A.txt").write_text("")
+    with pytest.raises(ValueError, match=r"TOY_A\.txt: the file is empty"):
+        load_tu(tmp_path, "TOY", cache_dir=tmp_path / "cache")
 
 
 def test_empty_graphs_and_mixed_features_are_rejected():
@@ -465,6 +625,19 @@ def test_empty_graphs_and_mixed_features_are_rejected():
 def test_mutag_from_the_shared_folder(tmp_path):
     data = load_tu(SHARED_TU, "MUTAG", cache_dir=tmp_path)
     assert len(data) == 188 and data.num_features == 7 and data.num_classes == 2
+    # MUTAG's labels are -1 / 1: -1 becomes class 0, in the file's graph order
+    raw = (SHARED_TU / "MUTAG" / "raw" / "MUTAG_graph_labels.txt").read_text().split()
+    assert data.labels.tolist() == [0 if x == "-1" else 1 for x in raw]
+    assert data.labels.bincount().tolist() == [63, 125]
+    # the checked, cached copy gives PyG's own graphs of a plain copy, in the same order
+    from torch_geometric.datasets import TUDataset
+
+    shutil.copytree(SHARED_TU / "MUTAG" / "raw", tmp_path / "plain" / "MUTAG" / "raw")
+    plain = TUDataset(str(tmp_path / "plain"), "MUTAG")
+    assert len(plain) == len(data)
+    for ours, theirs in zip(data.graphs, plain):
+        assert torch.equal(ours.edge_index, theirs.edge_index) and torch.equal(ours.y, theirs.y)
+        assert torch.equal(ours.x, theirs.x.float())
 
 
 def test_motif_degree_sequences_are_identical():
@@ -550,6 +723,32 @@ def test_demo_cli_hook_dispatches_to_the_graph_demo(monkeypatch, tmp_path):
     assert seen["strategies"] is None and seen["epochs"] == 2
 
 
+def test_graph_config_reads_numbers_written_with_an_exponent():
+    # YAML 1.1 reads 1e-3 as a string: lr=1e-3 must stay a learning rate of 0.001
+    from hardneg.graph.protocol import check_graph_config
+
+    cfg = check_graph_config({"dataset": "X", "epochs": 1, "lr": "1e-3", "betas": ["1e1", 0]})
+    assert cfg["lr"] == 0.001 and cfg["betas"] == [10.0, 0.0]
+    with pytest.raises(ValueError, match="lr must be a number, got 'fast'"):
+        check_graph_config({"dataset": "X", "epochs": 1, "lr": "fast", "betas": [0]})
+
+
+def test_graph_command_lines_name_the_option_of_a_bad_number(monkeypatch, tmp_path, capsys):
+    # both said only "invalid literal for int() / could not convert string to float"
+    import hardneg.graph.demo as gd
+    from hardneg.cli import main
+    from hardneg.graph import protocol
+
+    monkeypatch.setattr(gd, "run_graph_demo", lambda out, **kw: [])
+    assert main(["demo", "--modality", "graph", "--out", str(tmp_path), "epochs=two"]) == 2
+    assert "graph demo override epochs must be a whole number, got 'two'" in capsys.readouterr().err
+    toy_tu(tmp_path / "tu")
+    config = str(graph_config(tmp_path / "toy.yaml"))
+    argv = ["--config", config, "--data-dir", str(tmp_path / "tu"), "--betas", "0,a"]
+    assert protocol.main(argv) == 2
+    assert "betas must be a number, got 'a'" in capsys.readouterr().err
+
+
 def test_packaged_graph_configs():
     from hardneg.graph.protocol import list_graph_configs, load_graph_config
 
@@ -558,6 +757,10 @@ def test_packaged_graph_configs():
         cfg = load_graph_config(name)
         assert cfg["betas"] == [0.0, 1.0, 2.0, 10.0] and cfg["epochs"] == 200
         assert cfg["dataset"].lower() == name
+        # the published InfoGraph figure also sits beside InfoGraph's own JSD objective (the
+        # infonce row), not only beside HCL's beta = 0 (NCI1, PROTEINS, PTC_MR left it blank)
+        published = cfg["published"]
+        assert published["rows"]["infonce"].startswith(published["beta_0"].split(" (")[0])
 
 
 # --- hardneg compare on graph configs -------------------------------------------------------------
@@ -656,6 +859,50 @@ def test_compare_runs_a_graph_config_and_its_table_matches_the_runs(tmp_path, ca
     # another plan in the same folder is refused
     assert main([*argv[:-1], "betas=2"]) == 2
     assert "does not include" in capsys.readouterr().err
+
+
+def test_the_published_beta_0_figure_sits_beside_the_configs_own_strategy_only():
+    # a comparison with --strategies all put InfoGraph's published MUTAG figure beside
+    # UnReMix at beta = 0 too
+    from hardneg.graph.compare import format_graph_table
+
+    cfg = {"dataset": "TOY", "loss": "hcl", "published": {"beta_0": "99.9", "rows": {"ring": "7"}}}
+    rows = [
+        {"label": f"{s} beta=0", "strategy": s, "beta": 0.0, "objective": o, "accuracies": [50.0],
+         "mean": 50.0, "std": 0.0}
+        for s, o in (("hcl", "jsd_hard"), ("unremix", "jsd"))
+    ]  # fmt: skip
+    rows.append({"label": "ring", "strategy": "ring", "beta": None, "objective": "jsd",
+                 "accuracies": [], "mean": None, "std": None})  # fmt: skip
+    table = table_rows(format_graph_table(cfg, rows))
+    assert (table["hcl 0"][5], table["unremix 0"][5], table["ring"][5]) == ("99.9", "", "7")
+
+
+def test_compare_reuses_a_run_only_on_the_same_data_files(tmp_path, capsys):
+    import json
+
+    from hardneg.cli import main
+
+    raw = toy_tu(tmp_path / "tu") / "TOY" / "raw"
+    config = graph_config(tmp_path / "toy.yaml", betas=[0.0], repeats=1)
+    out = tmp_path / "out"
+    argv = ["compare", "--config", str(config), "--data-dir", str(tmp_path / "tu"),
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert main(argv) == 0 and "(reused)" in capsys.readouterr().out
+    # edited labels: the saved run was trained and scored on other graphs
+    labels = (raw / "TOY_graph_labels.txt").read_text().split()
+    (raw / "TOY_graph_labels.txt").write_text("".join(f"{1 - int(y)}\n" for y in labels))
+    assert main(argv) == 2
+    assert "holds a run with other settings (trained on other data files)" in (
+        capsys.readouterr().err
+    )
+    # a run saved before the digest was recorded is still reused, as before
+    saved = out / "hcl-beta0" / "repeat0.json"
+    old = json.loads(saved.read_text())
+    del old["settings"]["data_sha256"]
+    saved.write_text(json.dumps(old))
+    assert main(argv) == 0 and "(reused)" in capsys.readouterr().out
 
 
 def test_compare_graph_settings_enumerate_the_registry():
@@ -763,6 +1010,20 @@ def test_compare_graph_bad_input_fails_before_training(tmp_path, capsys, no_trai
     assert "nope" in compare_error([*base, *good, "--strategies", "hcl,nope"], capsys)
     assert "graph override 'temperatur=1'" in compare_error([*base, *good, "temperatur=1"], capsys)
     assert "infograph" in compare_error([*base, *good, "--framework", "moco"], capsys)
+    # values checked before the first run: svm_folds=1 failed in scoring, after training
+    assert "svm_folds must be in [2, inf)" in compare_error([*base, *good, "svm_folds=1"], capsys)
+    assert "betas must be in [0, inf)" in compare_error([*base, *good, "betas=-1"], capsys)
+    labels = toy_tu(tmp_path / "single") / "TOY" / "raw" / "TOY_graph_labels.txt"
+    labels.write_text(labels.read_text().replace("1\n", "7\n", 1))
+    err = compare_error([*base, "--data-dir", str(tmp_path / "single")], capsys)
+    assert "class(es) [2] have a single graph" in err
+    assert "epochs must be an integer" in compare_error(
+        [*base, *good, "--epochs", "0"] + ["epochs=0.5"], capsys
+    )
+    err = compare_error(
+        [*base, *good, "--strategies", "infonce,hcl", "loss.temperature=0.2"], capsys
+    )
+    assert "objective 'jsd' does not use 'temperature'" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -775,7 +1036,7 @@ def test_load_tu_names_the_folder_above_a_data_sets_own_folder(tmp_path):
 
 
 # --- hardneg train on graph configs ---------------------------------------------------------------
-def test_train_on_a_graph_config_saves_the_trained_weights_and_the_protocol_score(tmp_path):
+def test_train_on_a_graph_config_saves_the_trained_weights_and_the_protocol_score(tmp_path, capsys):
     import json
 
     from hardneg.cli import main
@@ -790,7 +1051,13 @@ def test_train_on_a_graph_config_saves_the_trained_weights_and_the_protocol_scor
     assert main(argv) == 0
     results = json.loads((run / "results.json").read_text())
     assert (results["strategy"], results["beta"], results["objective"]) == ("hcl", 2.0, "jsd_hard")
+    # another repeat into the same folder is refused, not written over this one
+    assert main([*argv[:-1], "seed=0"]) == 2
+    assert f"{run} already holds a graph run (model.pt)" in capsys.readouterr().err
+    assert json.loads((run / "results.json").read_text()) == results
     assert results["seed"] == 1000 * 1 + 20 and results["repeat"] == 1
+    assert results["data_dir"] == str(tmp_path / "tu") and len(results["data_sha256"]) == 64
+    assert results["node_features"] == "the data set's node labels (3 columns)"
     # the score is repeat 1 of the protocol at beta = 2: the protocol's run function, called here
     # with that repeat's seed, trains the same weights and gets the same score
     cfg = load_graph_config(str(config))
@@ -810,6 +1077,41 @@ def test_train_on_a_graph_config_saves_the_trained_weights_and_the_protocol_scor
     )
 
 
+def test_train_on_unlabelled_nodes_records_the_degree_features_it_used(tmp_path):
+    import json
+
+    from hardneg.cli import main
+
+    toy_tu(tmp_path / "bare", labels=False)
+    config = str(graph_config(tmp_path / "toy.yaml", epochs=0))
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        "--config",
+        config,
+        "--data-dir",
+        str(tmp_path / "bare"),
+        "--run-dir",
+        str(run),
+    ]
+    assert main(argv) == 0
+    assert "OneHotDegree" in json.loads((run / "results.json").read_text())["node_features"]
+
+
+def test_train_on_a_graph_config_that_diverges_is_one_line_and_status_3(tmp_path, capsys):
+    from hardneg.cli import main
+
+    toy_tu(tmp_path / "tu")
+    config = str(graph_config(tmp_path / "toy.yaml", epochs=3))
+    run = tmp_path / "run"
+    argv = ["train", "--config", config, "--data-dir", str(tmp_path / "tu"), "lr=1.0e12",
+            "--run-dir", str(run)]  # fmt: skip
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert "training hcl beta=1 on TOY stopped: non-finite loss" in err
+    assert "Traceback" not in err and not (run / "model.pt").exists()
+
+
 def test_train_on_a_graph_config_checks_its_input_before_training(
     tmp_path, capsys, monkeypatch, no_training
 ):
@@ -818,15 +1120,30 @@ def test_train_on_a_graph_config_checks_its_input_before_training(
     monkeypatch.chdir(tmp_path)  # the default run folder is runs/ here
 
     toy_tu(tmp_path / "tu")
+    # one graph of class 7: the SVM's stratified folds fail, after the training before
+    labels = toy_tu(tmp_path / "single") / "TOY" / "raw" / "TOY_graph_labels.txt"
+    labels.write_text(labels.read_text().replace("1\n", "7\n", 1))
     config = str(graph_config(tmp_path / "toy.yaml"))
     data = ["--data-dir", str(tmp_path / "tu")]
     cases = [
         ([], "needs the TU data folder"),
         ([*data, "loss.name=nosuch"], "nosuch"),
         ([*data, "seed=-1"], "seed must be a whole number >= 0"),
-        ([*data, "epochs=-1"], "epochs must be >= 0"),
+        ([*data, "epochs=-1"], "epochs must be in [0, inf), got -1"),
         ([*data, "bogus=1"], "graph override 'bogus=1'"),
         (["--data-dir", str(tmp_path)], "TOY"),
+        # each value is checked before training: svm_folds=1 failed only in scoring, after
+        # the training; epochs=1.5 trained 1 epoch; betas=0,2 trained beta = 1
+        ([*data, "epochs=1.5"], "epochs must be an integer, got 1.5"),
+        ([*data, "svm_folds=1"], "svm_folds must be in [2, inf), got 1"),
+        ([*data, "lr=abc"], "lr must be a number, got 'abc'"),
+        ([*data, "batch_size=1"], "batch_size must be in [2, inf), got 1"),
+        ([*data, "hidden=0"], "hidden must be in [1, inf), got 0"),
+        ([*data, "betas=0,2"], "one run trains one beta: loss.beta=X"),
+        ([*data, "loss.temperature=0.5"], "objective 'jsd_hard' does not use 'temperature'"),
+        ([*data, "hcl.tau_plus=0.1"], "objective 'jsd_hard' does not use 'tau_plus'"),
+        ([*data, "--resume"], "keeps no checkpoint to resume"),
+        (["--data-dir", str(tmp_path / "single")], "class(es) [2] have a single graph"),
     ]
     for extra, message in cases:
         assert main(["train", "--config", config, *extra]) == 2, extra

@@ -239,6 +239,38 @@ def test_one_seed_verdict_counts_its_epochs_in_words(tmp_path):
     assert [counted(n, "seed") for n in (0, 1, 2)] == ["0 seeds", "1 seed", "2 seeds"]
 
 
+def test_verdict_names_every_strategy_tied_for_best(tmp_path):
+    # infonce and hcl both at 12.00 kNN: calling the first listed 'best' misleads
+    from hardneg.report import verdict_lines
+
+    records = verdict_records(
+        tmp_path,
+        {"infonce": 12.0, "hcl": 12.0, "ring": 10.0},
+        {"infonce": 62, "hcl": 55, "ring": 9},
+    )
+    first = verdict_lines(records, epochs=1)[0]
+    assert first == (
+        "- **Best kNN top-1: infonce, hcl (tied, 12.00%)**; "
+        "best linear top-1: infonce, hcl, ring (tied, 85.00%)"
+    )
+    records = verdict_records(
+        tmp_path / "b", {"infonce": 12.0, "hcl": 12.5}, {"infonce": 62, "hcl": 55}
+    )
+    assert verdict_lines(records, epochs=1)[0].startswith("- **Best kNN top-1: hcl (12.50%)**")
+
+
+def test_one_seed_verdict_advises_more_seeds_on_the_data_set_compared(tmp_path):
+    from hardneg.report import verdict_lines
+
+    records = verdict_records(
+        tmp_path, {"infonce": 80.0, "hcl": 81.0}, {"infonce": 510.0, "hcl": 400.0}
+    )
+    text = "\n".join(verdict_lines(records, epochs=1, dataset="cifar10"))
+    assert "`hardneg compare --dataset cifar10 --seeds 3`" in text and "mnist1d" not in text
+    text = "\n".join(verdict_lines(records, epochs=1, dataset="mnist1d"))
+    assert "`hardneg compare --dataset mnist1d --seeds 3` (20 epochs)" in text
+
+
 def test_each_strategy_is_measured_against_the_negatives_of_the_term_it_describes(tmp_path):
     """potential's diagnostics describe its mined term (the other B - 1 keys), not SimCLR's
     2B - 2 negatives: its share is of its own count; a strategy with no count gets none."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,6 +53,20 @@ def describe_os_error(err: OSError) -> str:
     return f"{err.filename}: {why}" if err.filename else why
 
 
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on it)."""
+    import select
+
+    if not hasattr(select, "poll"):
+        return True  # no poll (Windows): a broken pipe is most likely stdout's
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, sys.argv[1:] if argv is None else list(argv))
@@ -69,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         # user errors: one readable line, no stack trace
         print(f"hardneg {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError as err:
+        if not stdout_reader_gone():  # another pipe (a worker, a socket): a real error
+            print(f"hardneg {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
+            return 2
+        # the reader of the output went away (`hardneg losses | head`): nothing to report, and
+        # stdout is pointed at devnull so that Python's flush at exit does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except OSError as err:  # a full disk, a read-only file system, a folder we may not write
         print(f"hardneg {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2

@@ -354,7 +354,11 @@ def compare(
     available = available_negatives(first)
     described = {s: described_negatives(first, s) for s in strategies}
     verdict = verdict_lines(
-        records, reseeded=reseeded, available_negatives=described, epochs=first.train.epochs
+        records,
+        reseeded=reseeded,
+        available_negatives=described,
+        epochs=first.train.epochs,
+        dataset=first.data.dataset,
     )
     notes = [
         f"base config: {base_config or 'defaults'}; {counted(first.train.epochs, 'epoch')}, batch "

@@ -17,9 +17,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", help="evaluate on this data set (default: the training one)")
     parser.add_argument("--data-dir", help="where the data set lives (default: the training one)")
     parser.add_argument("--download", action="store_true", help="download the data if missing")
-    parser.add_argument("--knn-k", type=int, default=200, help="kNN neighbours (default 200)")
     parser.add_argument(
-        "--knn-t", type=float, default=0.1, help="kNN temperature of exp(s/t) (default 0.1)"
+        "--knn-k",
+        type=int,
+        help="kNN neighbours (default: the run's eval.knn_k, as its training monitor; 200)",
+    )
+    parser.add_argument(
+        "--knn-t",
+        type=float,
+        help="kNN temperature of exp(s/t) (default: the run's eval.knn_temperature; 0.1)",
     )
     parser.add_argument("--no-linear", action="store_true", help="skip the linear probe")
     parser.add_argument("--batch-size", type=int, default=512, help="feature-extraction batch")

@@ -67,11 +67,17 @@ def run(args: argparse.Namespace) -> int:
         for name in graph_config_names():
             print(f"{name} (graph: needs --data-dir)")
         return 0
-    if args.config is not None and args.resume is None:
+    if args.config is not None:
         from hardneg.commands.compare import find_graph_config
 
         graph_config = find_graph_config(args.config, None)
         if graph_config is not None:
+            if args.resume is not None:
+                # said here: the image path would report 'mutag' as no packaged config
+                raise ValueError(
+                    f"--resume continues image runs; a graph config's run ({args.config}) "
+                    "keeps no checkpoint to resume: run it again without --resume"
+                )
             return run_graph(args, graph_config)
     if args.data_dir:
         args.overrides = [*args.overrides, f"data.data_dir={args.data_dir}"]
@@ -152,5 +158,11 @@ def run_graph(args: argparse.Namespace, config: str) -> int:
         from hardneg.graph.run import train_graph_run
     except ImportError as err:
         raise ValueError(f"training on graphs needs the graph extra: {err}") from err
-    train_graph_run(config, data_dir=args.data_dir, run_dir=args.run_dir, overrides=args.overrides)
+    try:
+        train_graph_run(
+            config, data_dir=args.data_dir, run_dir=args.run_dir, overrides=args.overrides
+        )
+    except FloatingPointError as err:  # as an image run's NaN / Inf: one line, status 3
+        print(f"hardneg train: {err}", file=sys.stderr)
+        return 3
     return 0

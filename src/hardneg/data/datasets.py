@@ -91,10 +91,14 @@ def _to_dataset(
     )
 
 
-def _download_failed(title: str, url: str, root: Path, err: BaseException) -> DatasetNotFoundError:
+def _download_failed(
+    title: str, url: str, root: Path, err: BaseException, missing: Path
+) -> DatasetNotFoundError:
+    # the missing file comes first: with a local copy that lacks one file (and the packaged
+    # configs' download: true), that file, not the network, is what the user has to fix
     return DatasetNotFoundError(
-        f"{title}: download from {url} into {root} failed ({type(err).__name__}: {err}). "
-        f"Download it by hand and extract it into {root}."
+        f"{title}: {missing} is missing, and the download from {url} into {root} failed "
+        f"({type(err).__name__}: {err}). Download it by hand and extract it into {root}."
     )
 
 
@@ -130,7 +134,8 @@ def _load_cifar(name: str, split: str, data_dir, download: bool) -> ArrayDataset
     spec = _CIFAR[name]
     root, folder = _resolve(data_dir, spec["folder"])
     files = [folder / f for f in spec[split]]
-    if download and not all(f.is_file() for f in files):
+    absent = [f for f in files if not f.is_file()]
+    if download and absent:
         import torchvision
 
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
@@ -138,7 +143,7 @@ def _load_cifar(name: str, split: str, data_dir, download: bool) -> ArrayDataset
             root.mkdir(parents=True, exist_ok=True)
             cls(root=str(root), train=True, download=True)
         except Exception as err:  # noqa: BLE001
-            raise _download_failed(spec["title"], spec["url"], root, err) from None
+            raise _download_failed(spec["title"], spec["url"], root, err, absent[0]) from None
     missing = [f for f in files if not f.is_file()]
     if missing:
         listed = ", ".join(spec["train"] + spec["test"])
@@ -172,14 +177,15 @@ def _load_stl10(split: str, data_dir, download: bool) -> ArrayDataset:
         needed.append(folder / f"{p}_X.bin")
         if p != "unlabeled":
             needed.append(folder / f"{p}_y.bin")
-    if download and not all(f.is_file() for f in needed):
+    absent = [f for f in needed if not f.is_file()]
+    if download and absent:
         import torchvision
 
         try:
             root.mkdir(parents=True, exist_ok=True)
             torchvision.datasets.STL10(root=str(root), split="train", download=True)
         except Exception as err:  # noqa: BLE001
-            raise _download_failed("STL-10", _STL_URL, root, err) from None
+            raise _download_failed("STL-10", _STL_URL, root, err, absent[0]) from None
     missing = [f for f in needed if not f.is_file()]
     if missing:
         raise DatasetNotFoundError(
@@ -220,7 +226,7 @@ def _load_tiny_imagenet(
             root.mkdir(parents=True, exist_ok=True)
             download_and_extract_archive(_TINY_URL, download_root=str(root), md5=_TINY_MD5)
         except Exception as err:  # noqa: BLE001
-            raise _download_failed("Tiny-ImageNet-200", _TINY_URL, root, err) from None
+            raise _download_failed("Tiny-ImageNet-200", _TINY_URL, root, err, wnids_file) from None
     split_dir = folder / ("train" if split == "train" else "val")
     if not wnids_file.is_file() or not split_dir.is_dir():
         missing = wnids_file if not wnids_file.is_file() else split_dir

@@ -94,13 +94,36 @@ def evaluate_backbone(
     return Evaluation(metrics=metrics, test_features=test_f, test_labels=test_y)
 
 
+def check_backbone_reads(config: dict, dataset: str) -> None:
+    """Refuse, in one line, a data set whose inputs the checkpoint's backbone cannot read: a
+    CIFAR ResNet on mnist1d's 1-D signals or 1-channel digits stopped in a convolution with a
+    shape error. Transfer between image sets of the same channels (CIFAR-10 to STL-10) is
+    fine: the backbone reads the kind and channels of the set it was trained on."""
+    from hardneg.data import dataset_info
+
+    trained_on = (config.get("data") or {}).get("dataset")
+    if not trained_on or trained_on == dataset:
+        return
+    have, want = dataset_info(trained_on), dataset_info(dataset)
+    if (have.kind, have.in_channels) != (want.kind, want.in_channels):
+
+        def what(info) -> str:
+            return "1-D signals" if info.kind == "signal" else f"{info.in_channels}-channel images"
+
+        backbone = (config.get("model") or {}).get("backbone")
+        raise ValueError(
+            f"the checkpoint's backbone ({backbone}) was trained on {trained_on!r}, "
+            f"{what(have)}: it cannot read {dataset!r}, {what(want)}"
+        )
+
+
 def evaluate_checkpoint(
     ckpt_path: str | Path,
     dataset: str | None = None,
     data_dir: str | Path | None = None,
     *,
-    knn_k: int = 200,
-    knn_t: float = 0.1,
+    knn_k: int | None = None,
+    knn_t: float | None = None,
     linear: bool = True,
     batch_size: int = 512,
     device: str | torch.device | None = "auto",
@@ -114,7 +137,9 @@ def evaluate_checkpoint(
         ckpt_path: a checkpoint written by ``hardneg train`` (``checkpoints/final.pt``).
         dataset: data set to evaluate on; defaults to the one the checkpoint was trained on.
         data_dir: where that data set lives; defaults to the training config's ``data.data_dir``.
-        knn_k, knn_t: weighted-kNN neighbours and temperature (Wu et al.: 200, 0.1).
+        knn_k, knn_t: weighted-kNN neighbours and temperature; None: the checkpoint's
+            ``eval.knn_k`` / ``eval.knn_temperature`` (what its training monitor and
+            ``hardneg compare`` used), else Wu et al.'s 200 and 0.1.
         linear: also train the linear probe.
         return_features: add ``"test_features"`` / ``"test_labels"`` tensors to the result.
 
@@ -130,6 +155,10 @@ def evaluate_checkpoint(
         raise ValueError(f"{ckpt_path}: the checkpoint names no data set; pass dataset=...")
     if data_dir is None and dataset == data_cfg.get("dataset"):
         data_dir = data_cfg.get("data_dir")
+    check_backbone_reads(config, dataset)
+    eval_cfg = dict(config.get("eval") or {})
+    knn_k = int(eval_cfg.get("knn_k", 200)) if knn_k is None else knn_k
+    knn_t = float(eval_cfg.get("knn_temperature", 0.1)) if knn_t is None else knn_t
     result = evaluate_backbone(
         backbone,
         dataset,

@@ -13,8 +13,9 @@ objective (``objective=infonce`` as an override puts every strategy on InfoNCE).
 Run ``r`` of every setting uses the seed ``1000 r + int(10 beta)`` (``beta`` 0 for strategies
 without one), as the protocol does, so ``hcl`` rows reproduce ``python -m hardneg.graph.protocol``
 run for run. Each finished run is saved as ``<out>/<setting>/repeat<r>.json`` and reused when the
-comparison is run again with the same settings (an interrupted comparison continues where it
-stopped); ``report.md`` and ``results.json`` in ``--out`` hold the table and every run.
+comparison is run again with the same settings and the same TU files (their SHA-256 is saved
+with each run; an interrupted comparison continues where it stopped); ``report.md`` and
+``results.json`` in ``--out`` hold the table and every run.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import yaml
 from hardneg.graph.protocol import (
     CONFIG_KEYS,
     build_model,
+    check_graph_config,
     degree_option,
     load_graph_config,
     published_figure,
@@ -125,10 +127,7 @@ def apply_overrides(
                 f"graph override {item!r}: use one of {', '.join(allowed)}, data.data_dir, "
                 "loss.KEY (every strategy that has KEY) or STRATEGY.KEY (e.g. hcl.tau_plus=0.1)"
             )
-    if not isinstance(cfg.get("betas"), list) or not cfg["betas"]:
-        raise ValueError(f"betas must be a non-empty list, got {cfg.get('betas')!r}")
-    cfg["betas"] = [float(b) for b in cfg["betas"]]
-    return cfg, loss_wide, per_strategy, data_dir
+    return check_graph_config(cfg), loss_wide, per_strategy, data_dir
 
 
 def plan_settings(
@@ -159,11 +158,15 @@ def plan_settings(
     return settings
 
 
-def run_settings(cfg: dict, setting: GraphSetting, repeat: int) -> dict[str, Any]:
-    """Everything that decides a run's result (saved with it, compared before reuse)."""
+def run_settings(
+    cfg: dict, setting: GraphSetting, repeat: int, data_sha256: str | None = None
+) -> dict[str, Any]:
+    """Everything that decides a run's result (saved with it, compared before reuse);
+    ``data_sha256``: the TU files' digest, so a run is not reused on edited or other data."""
     keys = ("dataset", "epochs", "batch_size", "lr", "hidden", "num_layers", "svm_folds")
     return {
         **{k: cfg.get(k) for k in keys},
+        **({"data_sha256": data_sha256} if data_sha256 else {}),
         "direction": cfg.get("direction", "authors"),
         "strategy": setting.strategy,
         "beta": setting.beta,
@@ -178,9 +181,15 @@ def _load_run(path: Path, expected: dict) -> dict | None:
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    if saved.get("settings") != json.loads(json.dumps(expected)):
+    stored, wanted = saved.get("settings") or {}, json.loads(json.dumps(expected))
+    if "data_sha256" not in stored:  # a run saved before the digest was recorded
+        wanted.pop("data_sha256", None)
+    if stored != wanted:
+        other_data = stored.get("data_sha256") != wanted.get("data_sha256")
         raise ValueError(
-            f"{path} holds a run with other settings; choose another --out (or delete it)"
+            f"{path} holds a run with other settings"
+            + (" (trained on other data files)" if other_data else "")
+            + "; choose another --out (or delete it)"
         )
     return saved
 
@@ -221,6 +230,7 @@ def summarize_rows(settings: Sequence[GraphSetting], runs: Sequence[dict]) -> li
 
 def format_graph_table(cfg: dict, rows: Sequence[dict]) -> str:
     published = cfg.get("published") or {}
+    own = cfg.get("loss", "hcl")
     lines = [
         f"| strategy | beta | objective | {cfg['dataset']} SVM accuracy (%), mean ± std "
         "| repeats | published |",
@@ -236,7 +246,7 @@ def format_graph_table(cfg: dict, rows: Sequence[dict]) -> str:
             acc = f"{row['mean']:.2f} ± {row['std']:.2f}"
         lines.append(
             f"| {row['strategy']} | {beta} | {row['objective']} | {acc} | "
-            f"{len(row['accuracies'])} | {published_figure(row, published)} |"
+            f"{len(row['accuracies'])} | {published_figure(row, published, own)} |"
         )
     return "\n".join(lines)
 
@@ -263,6 +273,7 @@ def compare_graphs(
     import torch
 
     from hardneg.graph.data import load_tu
+    from hardneg.graph.evaluate import check_scorable
     from hardneg.graph.train import check_model_data
 
     cfg = load_graph_config(str(config))
@@ -271,13 +282,10 @@ def compare_graphs(
         raise ValueError(f"--strategies lists a strategy twice: {','.join(strategies)}")
     cfg, loss_wide, per_strategy, override_dir = apply_overrides(cfg, overrides, strategies)
     if epochs is not None:
-        cfg["epochs"] = int(epochs)
+        cfg["epochs"] = epochs
     if repeats is not None:
-        cfg["repeats"] = int(repeats)
-    if int(cfg["repeats"]) < 1 or int(cfg["epochs"]) < 0:
-        raise ValueError(
-            f"repeats must be >= 1 and epochs >= 0, got {cfg['repeats']}, {cfg['epochs']}"
-        )
+        cfg["repeats"] = repeats
+    cfg = check_graph_config(cfg)
     data_dir = data_dir or override_dir
     if not data_dir:
         raise ValueError(
@@ -286,6 +294,7 @@ def compare_graphs(
         )
     settings = plan_settings(cfg, strategies, loss_wide, per_strategy)
     data = load_tu(data_dir, cfg["dataset"], degree=degree_option(cfg))
+    check_scorable(data.labels.numpy(), repr(cfg["dataset"]))  # else it fails after training
     for s in settings:  # every model is built and checked against the data before training
         model = build_model(
             cfg, data, loss=s.strategy, loss_hparams=s.loss_hparams(), objective=s.objective
@@ -306,7 +315,7 @@ def compare_graphs(
             for s in settings:
                 i += 1
                 tag = f"[{i}/{total}] {s.label} repeat {r + 1}"
-                expected = run_settings(cfg, s, r)
+                expected = run_settings(cfg, s, r, data.info.get("files_sha256"))
                 path = out / s.folder / f"repeat{r}.json"
                 saved = _load_run(path, expected)
                 if saved is None:

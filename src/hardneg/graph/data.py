@@ -1,9 +1,12 @@
 """Graph data: TU data sets from a folder, and motif graphs the library generates offline.
 
-**TU data sets** (:func:`load_tu`). PyTorch Geometric's ``TUDataset(root, name)`` reads the TU
-Dortmund raw text files from ``<root>/<name>/raw/`` and writes ``processed/`` beside it. The folder
-is checked first (one message naming the missing files and where to put them, no download); a
-read-only folder is copied to a writable cache. Nodes without features get degree features
+**TU data sets** (:func:`load_tu`). The TU Dortmund raw text files are read from
+``<root>/<name>/raw/``. The folder is checked first (one message naming the missing files and
+where to put them, no download), then every file against the others (:func:`read_tu_raw`: one
+message naming the file, the line and the problem). PyTorch Geometric's ``TUDataset`` then
+processes a copy in a cache folder named by the files' contents: PyG never re-checks its
+``processed/`` against ``raw/``, so processing beside the user's files would keep serving the old
+graphs after a file is edited. Nodes without features get degree features
 (:func:`hardneg.graph.encoder.degree_feature_transform`) unless ``degree=None``.
 
 **Motif graphs** (:func:`motif_graphs`). Every graph is a random tree (its size drawn in
@@ -23,6 +26,7 @@ Nodes have no features; the loader gives them one-hot degrees, as for unlabelled
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -34,6 +38,7 @@ import torch
 from torch_geometric.data import Data
 
 from hardneg._checks import check_number
+from hardneg.data.datasets import default_cache_dir
 from hardneg.graph.encoder import degree_feature_transform
 
 TU_REQUIRED = ("A", "graph_indicator", "graph_labels")
@@ -108,18 +113,160 @@ def check_tu_folder(root: str | os.PathLike, name: str) -> Path:
     return raw
 
 
-def _writable_root(root: Path, name: str, cache_dir: str | os.PathLike | None) -> Path:
-    """``root`` if PyG can write ``processed/`` there, else a cache copy of the raw files."""
-    target = root / name
-    if os.access(target, os.W_OK) and cache_dir is None:
+def _read_tu_table(
+    path: Path, number: type, width: int | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """``([rows, columns], the lines)`` of a TU text file: one record a line, numbers separated
+    by commas.
+
+    Trailing blank lines are dropped; any other line that does not parse is an error naming
+    the file, the line and what it holds (PyG's reader would stop on it with a bare
+    ``invalid literal for int()``, or read a wrongly shaped array)."""
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{path}: not a text file (TU files hold numbers, one record a line)"
+        ) from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    kind = "whole number" if number is int else "number"
+    what = f"a {kind}" if width == 1 else f"{kind}s separated by commas"
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = [number(cell) for cell in line.split(",")]
+        except ValueError:
+            raise ValueError(f"{path}: line {i}: expected {what}, got {line.strip()!r}") from None
+        if width is None:
+            width = len(row)
+        if len(row) != width:
+            raise ValueError(
+                f"{path}: line {i} holds {len(row)} value(s), the lines before it {width}"
+            )
+        rows.append(row)
+    dtype = np.int64 if number is int else np.float64
+    return np.asarray(rows, dtype=dtype).reshape(len(rows), width or 0), lines
+
+
+def read_tu_raw(raw: Path, name: str) -> dict[str, str]:
+    """Check the TU files in ``raw`` against each other; ``{file name: its lines}``.
+
+    Checked, each error naming the file: every line parses; the graph indicator is sorted
+    (PyG slices the graphs by it); every edge joins two nodes of one graph; the graph labels
+    number the graphs; node labels / attributes number the nodes and edge labels / attributes
+    the edges. The text returned holds each file's lines with a final newline (PyG's reader
+    silently drops the last line of a file that has none). Only these files are returned: a
+    ``graph_attributes`` file (a regression target, which PyG would read instead of the
+    labels) is left out, since the protocol classifies by ``graph_labels``."""
+    texts: dict[str, str] = {}
+    tables: dict[str, np.ndarray] = {}
+    for part in TU_REQUIRED + TU_OPTIONAL:
+        path = raw / f"{name}_{part}.txt"
+        if not path.is_file():
+            continue
+        number = float if part.endswith("attributes") else int
+        width = 2 if part == "A" else 1 if part in ("graph_indicator", "graph_labels") else None
+        tables[part], lines = _read_tu_table(path, number, width)
+        texts[path.name] = "".join(f"{line}\n" for line in lines)
+    indicator = tables["graph_indicator"][:, 0]
+    where = raw / f"{name}_graph_indicator.txt"
+    if indicator.size == 0:
+        raise ValueError(f"{where}: the file is empty (it gives each node's graph)")
+    if indicator.min() < 1:
+        line = int(np.argmax(indicator < 1)) + 1
+        raise ValueError(
+            f"{where}: line {line}: graph numbers start at 1, got {indicator[line - 1]}"
+        )
+    if (np.diff(indicator) < 0).any():
+        line = int(np.argmax(np.diff(indicator) < 0)) + 2
+        raise ValueError(
+            f"{where}: line {line}: graph {indicator[line - 1]} after graph "
+            f"{indicator[line - 2]}: the nodes must be listed graph by graph, in order"
+        )
+    num_nodes, num_graphs = len(indicator), int(indicator.max())
+    edges = tables["A"]
+    where = raw / f"{name}_A.txt"
+    if edges.size == 0:
+        raise ValueError(f"{where}: the file is empty (it lists the edges, one 'u, v' a line)")
+    bad = (edges < 1) | (edges > num_nodes)
+    if bad.any():
+        line = int(np.argmax(bad.any(1))) + 1
+        raise ValueError(
+            f"{where}: line {line}: node {int(edges[line - 1][bad[line - 1]][0])} does not "
+            f"exist ({name}_graph_indicator.txt numbers the nodes 1..{num_nodes})"
+        )
+    crossing = indicator[edges[:, 0] - 1] != indicator[edges[:, 1] - 1]
+    if crossing.any():
+        line = int(np.argmax(crossing)) + 1
+        u, v = (int(n) for n in edges[line - 1])
+        raise ValueError(
+            f"{where}: line {line}: edge {u}, {v} joins graph {indicator[u - 1]} to graph "
+            f"{indicator[v - 1]} (by {name}_graph_indicator.txt)"
+        )
+    labels = tables["graph_labels"]
+    if len(labels) != num_graphs:
+        raise ValueError(
+            f"{raw}: {name}_graph_labels.txt has {len(labels)} labels but "
+            f"{name}_graph_indicator.txt numbers {num_graphs} graphs: the files do not match"
+        )
+    for part, count, of in (
+        ("node_labels", num_nodes, "nodes"),
+        ("node_attributes", num_nodes, "nodes"),
+        ("edge_labels", len(edges), "edges"),
+        ("edge_attributes", len(edges), "edges"),
+    ):
+        if part in tables and len(tables[part]) != count:
+            source = "graph_indicator" if of == "nodes" else "A"
+            raise ValueError(
+                f"{raw}: {name}_{part}.txt has {len(tables[part])} lines but "
+                f"{name}_{source}.txt has {count} {of}: the files do not match"
+            )
+    return texts
+
+
+def tu_digest(texts: dict[str, str]) -> str:
+    """The SHA-256 of the checked TU files (:func:`read_tu_raw`): names a data set's contents,
+    for the processing cache and for runs that must not be reused on other data."""
+    digest = hashlib.sha256()
+    for file_name in sorted(texts):
+        digest.update(f"{file_name}\0{texts[file_name]}\0".encode())
+    return digest.hexdigest()
+
+
+def _processed_root(texts: dict[str, str], name: str, cache_dir: str | os.PathLike | None) -> Path:
+    """A folder holding ``<name>/raw/`` with ``texts`` and PyG's ``processed/`` of them.
+
+    The folder is named by a digest of the files' contents, so PyG's ``processed/`` (which
+    it never re-checks against ``raw/``) always belongs to these very files: an edited file
+    gets a new folder, and two data sets of one name never share one. The user's data folder
+    is never written to (as root, a read-only folder would be). PyG processes in a staging
+    folder that is then renamed into place, so a process loading the same files at the same
+    time never reads a half-written ``processed/`` (PyG writes it in place)."""
+    from torch_geometric.datasets import TUDataset
+
+    # per user (a /tmp folder made by one user is not writable by the next), and kept
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "tu"
+    root = cache / f"{name}-{tu_digest(texts)[:16]}"
+    if (root / name / "processed").is_dir():
         return root
-    cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "hardneg-tu"
-    dest = cache / name / "raw"
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in (root / name / "raw").iterdir():
-        if f.is_file() and not (dest / f.name).exists():
-            shutil.copy2(f, dest / f.name)
-    return cache
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
+    try:
+        raw = staging / name / "raw"
+        raw.mkdir(parents=True)
+        for file_name, text in texts.items():
+            (raw / file_name).write_text(text)
+        TUDataset(str(staging), name=name)  # processes into staging/<name>/processed
+        try:
+            os.rename(staging, root)
+        except OSError:
+            if not (root / name / "processed").is_dir():
+                raise
+            # another process renamed its copy of the same files into place first
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
 
 
 def finish_graphs(
@@ -176,29 +323,22 @@ def load_tu(
         root: the folder holding ``<name>/raw/<name>_A.txt`` etc.
         name: the data set's name (``MUTAG``, ``PTC_MR``, ``NCI1``, ``PROTEINS``...).
         degree: ``'auto'`` gives featureless nodes degree features; None raises instead.
-        cache_dir: where to copy the raw files when ``root`` is read-only (default: a folder
-            in the system's temporary directory).
+        cache_dir: where the checked raw files are copied for PyG to process, in a folder
+            named by their contents (default: ``tu/`` in ``$HARDNEG_CACHE_DIR`` or
+            ``~/.cache/hardneg``); ``root`` itself is only read.
     """
     from torch_geometric.datasets import TUDataset
 
-    root = Path(root)
-    check_tu_folder(root, name)
-    where = _writable_root(root, name, cache_dir)
-    dataset = TUDataset(str(where), name=name)
+    root = Path(root).expanduser()  # data.data_dir=~/TU reaches us unexpanded, as for images
+    raw = check_tu_folder(root, name)
+    texts = read_tu_raw(raw, name)
+    dataset = TUDataset(str(_processed_root(texts, name, cache_dir)), name=name)
     graphs = [dataset[i] for i in range(len(dataset))]
-    raw = root / name / "raw"
-    labels = [
-        ln for ln in (raw / f"{name}_graph_labels.txt").read_text().splitlines() if ln.strip()
-    ]
-    if len(labels) != len(graphs):
-        raise ValueError(
-            f"{raw}: {name}_graph_labels.txt has {len(labels)} labels but "
-            f"{name}_graph_indicator.txt numbers {len(graphs)} graphs: the files do not match"
-        )
     for g in graphs:
         if g.x is not None and g.x.numel() == 0:
             g.x = None
-    return finish_graphs(graphs, name, degree, info={"root": str(root)})
+    info = {"root": str(root), "files_sha256": tu_digest(texts)}
+    return finish_graphs(graphs, name, degree, info=info)
 
 
 def _motif_graph(

@@ -217,7 +217,12 @@ def run_cli(args) -> int:
             raise ValueError(
                 f"graph demo overrides are num_graphs, epochs, batch_size, seed, threads; got {item!r}"
             )
-        options[key] = int(value)
+        try:
+            options[key] = int(value)
+        except ValueError:
+            raise ValueError(
+                f"graph demo override {key} must be a whole number, got {value!r}"
+            ) from None
     out = Path(args.out) if args.out else Path("runs") / time.strftime("graph-demo-%Y%m%d-%H%M%S")
     rows = run_graph_demo(out, strategies=strategies, log=_print, **options)
     print()

@@ -33,6 +33,20 @@ def _arrays(embeddings, labels) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def check_scorable(labels, name: str = "the data set") -> None:
+    """The stratified folds' condition, for callers to check before training rather than
+    after it: every class has at least 2 graphs."""
+    _, y = np.unique(np.asarray(labels), return_inverse=True)
+    counts = np.bincount(y)
+    if counts.min() < 2:
+        classes = np.unique(np.asarray(labels))[counts < 2].tolist()
+        raise ValueError(
+            f"{name}: class(es) {classes} have a single graph (classes are numbered from 0 in "
+            "the sorted order of the label file's values); every class needs at least 2 graphs "
+            "for stratified cross-validation"
+        )
+
+
 def _folds(y: np.ndarray, folds: int, seed: int):
     from sklearn.model_selection import StratifiedKFold
 

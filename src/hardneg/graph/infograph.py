@@ -36,6 +36,21 @@ from hardneg.strategies.base import StepContext
 
 INFOGRAPH_OBJECTIVES = ("jsd", "jsd_hard", "infonce")
 
+#: loss-level settings that each objective never reads (InfoGraph picks its objective with its
+#: own argument and applies no filter)
+_UNUSED_SETTINGS = {
+    "infonce": ("objective", "filter", "filter_options"),
+    "jsd": ("objective", "filter", "filter_options", "temperature", "normalize"),
+    "jsd_hard": ("objective", "filter", "filter_options", "temperature", "normalize", "tau_plus"),
+}
+_UNUSED_WHY = {
+    "infonce": "InfoGraph takes its objective as objective=..., and applies no filter",
+    "jsd": "InfoGraph's Jensen-Shannon scores raw dot products at temperature 1 (and takes "
+    "its objective as objective=..., with no filter); objective='infonce' uses temperature",
+    "jsd_hard": "HCL's JSD_hard scores raw dot products with the authors' tau_plus = 0.5 "
+    "(jsd_tau), and takes no temperature or filter; objective='jsd' or 'infonce' use tau_plus",
+}
+
 
 class FF(nn.Module):
     """InfoGraph's discriminator head: three ``Linear-ReLU`` layers plus a linear shortcut."""
@@ -110,6 +125,14 @@ class InfoGraph(nn.Module):
             raise ValueError(
                 f"objective='jsd_hard' is HCL's graph objective: it needs the 'hcl' strategy "
                 f"(for {loss!r} use objective='jsd' or 'infonce')"
+            )
+        unused = [k for k in loss_hparams or {} if k in _UNUSED_SETTINGS[self.objective]]
+        if unused:
+            # a setting the objective never reads would be recorded with the run (results.json,
+            # the compare table) as if it had shaped it
+            raise ValueError(
+                f"objective {self.objective!r} does not use {', '.join(map(repr, unused))}: "
+                f"{_UNUSED_WHY[self.objective]}"
             )
         self.direction = check_choice("direction", direction, DIRECTIONS)
         self.jsd_tau = float(jsd_tau)

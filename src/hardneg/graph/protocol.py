@@ -25,9 +25,11 @@ from typing import Any
 import torch
 import yaml
 
+from hardneg._checks import check_choice, check_number
 from hardneg.graph.data import GraphSet, load_tu
 from hardneg.graph.evaluate import svm_accuracy
-from hardneg.graph.infograph import InfoGraph
+from hardneg.graph.infograph import INFOGRAPH_OBJECTIVES, InfoGraph
+from hardneg.graph.jsd_hard import DIRECTIONS
 from hardneg.graph.train import embed, train_graphs
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -58,7 +60,51 @@ def load_graph_config(name_or_path: str) -> dict:
         )
     if cfg.get("framework", "infograph") != "infograph":
         raise ValueError(f"{path}: the protocol runs framework 'infograph'")
-    return cfg
+    missing = [k for k in ("dataset", "epochs", "betas") if k not in cfg]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}")
+    try:
+        return check_graph_config(cfg)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+#: the counted keys of a graph config and their smallest values
+GRAPH_COUNTS = {"epochs": 0, "repeats": 1, "batch_size": 2, "hidden": 1, "num_layers": 1,
+                "svm_folds": 2}  # fmt: skip
+
+
+def check_graph_config(cfg: dict) -> dict:
+    """``cfg`` with every value's type and range checked (each error names the key) and the
+    numbers normalised. Run on the file and again after the overrides, so that a bad value
+    stops the run before any data is read or any model trained (``svm_folds=1`` failed only
+    in scoring, after the training; ``epochs=1.5`` trained 1 epoch and reported 1.5)."""
+    out = dict(cfg)
+
+    def number(value: Any) -> Any:
+        # YAML 1.1 reads 1e-3 as a string (the image configs accept it too)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
+
+    for key, low in GRAPH_COUNTS.items():
+        if key in out:
+            out[key] = int(check_number(key, out[key], low=low, integer=True))
+    if "lr" in out:
+        out["lr"] = check_number("lr", number(out["lr"]), low=0.0, low_inclusive=False)
+    betas = out.get("betas")
+    if not isinstance(betas, list) or not betas:
+        raise ValueError(f"betas must be a non-empty list of numbers >= 0, got {betas!r}")
+    out["betas"] = [check_number("betas", number(b), low=0.0) for b in betas]
+    if out.get("objective") is not None:
+        check_choice("objective", out["objective"], INFOGRAPH_OBJECTIVES)
+    if "direction" in out:
+        check_choice("direction", out["direction"], DIRECTIONS)
+    degree_option(out)
+    return out
 
 
 def degree_option(cfg: dict) -> str | None:
@@ -159,13 +205,14 @@ def run_protocol(
     return results
 
 
-def published_figure(row: dict, published: dict) -> str:
+def published_figure(row: dict, published: dict, loss: str = "hcl") -> str:
     """The config's published figure for a row: ``published.rows[label]``, else ``beta_0``
-    beside ``beta = 0``."""
+    beside ``beta = 0`` of the config's own strategy ``loss`` (HCL's; another strategy at
+    ``beta = 0``, UnReMix's, is not the method the figure was published for)."""
     by_label = published.get("rows") or {}
     if row["label"] in by_label:
         return str(by_label[row["label"]])
-    if row["beta"] == 0.0 and "beta_0" in published:
+    if row["beta"] == 0.0 and row.get("strategy", loss) == loss and "beta_0" in published:
         return str(published["beta_0"])
     return ""
 
@@ -179,7 +226,7 @@ def format_results(cfg: dict, results: dict[float, list[float]]) -> str:
     ]
     for beta, accs in results.items():
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        pub = published_figure({"label": f"{loss} beta={beta:g}", "beta": beta}, published)
+        pub = published_figure({"label": f"{loss} beta={beta:g}", "beta": beta}, published, loss)
         lines.append(
             f"| {beta:g} | {statistics.mean(accs):.2f} ± {std:.2f} | {len(accs)} | {pub} |"
         )
@@ -210,13 +257,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.repeats is not None:
             cfg["repeats"] = args.repeats
         if args.betas:
-            cfg["betas"] = [float(b) for b in args.betas.split(",")]
+            # checked with the config below, so that 'a' is named as a beta
+            cfg["betas"] = [yaml.safe_load(b) for b in args.betas.split(",")]
+        cfg = check_graph_config(cfg)
         data = load_tu(args.data_dir, cfg["dataset"], degree=degree_option(cfg))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    results = run_protocol(cfg, data)
+    try:
+        results = run_protocol(cfg, data)
+    except FloatingPointError as err:  # one line, as hardneg train's status 3
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     table = format_results(cfg, results)
     command = "python -m hardneg.graph.protocol " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"\n{table}\n\n{time.perf_counter() - start:.0f} s; command: {command}")

@@ -70,12 +70,19 @@ def train_graph_run(
     Everything (config, overrides, strategy, data folder, the model against the data) is
     checked before training starts."""
     from hardneg.graph.data import load_tu
+    from hardneg.graph.evaluate import check_scorable
     from hardneg.graph.train import check_model_data
     from hardneg.registry import loss_hparams
     from hardneg.train.checkpoint import save_checkpoint
 
     cfg = load_graph_config(str(config))
     rest, name, repeat = split_run_overrides(overrides)
+    if any(item.partition("=")[0].strip() == "betas" for item in rest):
+        # the sweep belongs to hardneg compare / the protocol; silently training one beta of
+        # it (the registry default) is not what betas=0,2 asks for
+        raise ValueError(
+            "betas is the sweep of hardneg compare; one run trains one beta: loss.beta=X"
+        )
     strategy = name or cfg.get("loss", "hcl")
     defaults = loss_hparams(strategy)  # an unknown strategy fails here, with the known ones
     cfg, loss_wide, per_strategy, override_dir = apply_overrides(cfg, rest, [strategy])
@@ -85,14 +92,20 @@ def train_graph_run(
         and "beta" not in per_strategy.get(strategy, {})
     ):
         loss_wide["beta"] = defaults["beta"]  # one run: the registry default, not the sweep
-    if int(cfg["epochs"]) < 0:
-        raise ValueError(f"epochs must be >= 0, got {cfg['epochs']}")
     (setting,) = plan_settings(cfg, [strategy], loss_wide, per_strategy)
     data_dir = data_dir or override_dir
     if not data_dir:
         raise ValueError(
             f"a graph config needs the TU data folder: --data-dir DIR (DIR/{cfg['dataset']}"
             f"/raw/ holds {cfg['dataset']}_A.txt etc.)"
+        )
+    out = Path(run_dir) if run_dir else Path("runs") / f"{Path(str(config)).stem}-{setting.folder}"
+    taken = [f for f in ("model.pt", "results.json") if (out / f).exists()]
+    if taken:
+        # as hardneg train on images: another repeat (seed=R) or epoch count of this setting
+        # goes to the same default folder, and would replace the run there without a word
+        raise ValueError(
+            f"{out} already holds a graph run ({taken[0]}): choose another --run-dir (or delete it)"
         )
     data = load_tu(data_dir, cfg["dataset"], degree=degree_option(cfg))
     # a throw-away model checks the config against the data before any training; the trained
@@ -103,22 +116,29 @@ def train_graph_run(
         objective=setting.objective,
     )  # fmt: skip
     check_model_data(probe, data, int(cfg.get("batch_size", 128)))
+    check_scorable(data.labels.numpy(), repr(cfg["dataset"]))  # else it fails after training
     seed = run_seed(repeat, setting.beta)
-    out = Path(run_dir) if run_dir else Path("runs") / f"{Path(str(config)).stem}-{setting.folder}"
     out.mkdir(parents=True, exist_ok=True)
     say(
         f"training {setting.label} on {cfg['dataset']} ({len(data)} graphs, objective "
-        f"{setting.objective}, {cfg['epochs']} epochs, repeat {repeat}, seed {seed})"
+        f"{setting.objective}, {cfg['epochs']} epoch{'' if cfg['epochs'] == 1 else 's'}, "
+        f"repeat {repeat}, seed {seed})"
     )
     start = time.perf_counter()
-    model, scores = fit_and_score(
-        cfg,
-        data,
-        loss=setting.strategy,
-        loss_hparams=setting.loss_hparams(),
-        objective=setting.objective,
-        seed=seed,
-    )
+    try:
+        model, scores = fit_and_score(
+            cfg,
+            data,
+            loss=setting.strategy,
+            loss_hparams=setting.loss_hparams(),
+            objective=setting.objective,
+            seed=seed,
+        )
+    except FloatingPointError as err:
+        raise FloatingPointError(
+            f"training {setting.label} on {cfg['dataset']} stopped: {err} (lr {cfg.get('lr')}); "
+            f"nothing was saved in {out}"
+        ) from None
     described = {
         "strategy": setting.strategy,
         "beta": setting.beta,
@@ -140,6 +160,12 @@ def train_graph_run(
     results = {
         **scores,
         "dataset": cfg["dataset"],
+        "data_dir": str(data_dir),
+        "data_sha256": data.info.get("files_sha256"),
+        # what the encoder read: the files' node labels, or degrees made up for unlabelled nodes
+        "node_features": data.info.get(
+            "node_features", f"the data set's node labels ({data.num_features} columns)"
+        ),
         "graphs": len(data),
         "epochs": int(cfg["epochs"]),
         **described,

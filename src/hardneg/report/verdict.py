@@ -88,8 +88,12 @@ def verdict_lines(
     reseeded: Sequence[RunRecord] = (),
     available_negatives: int | Mapping[str, int | None] | None = None,
     epochs: int | None = None,
+    dataset: str | None = None,
 ) -> list[str]:
     """Markdown bullet lines (``- ...``, sub-points indented) of the verdict.
+
+    ``dataset``: the compared data set, named in the advice to re-run with several seeds
+    (None: mnist1d, the demo's).
 
     ``available_negatives``: how many negatives each anchor has, one number for every strategy
     or one per strategy (a strategy whose diagnostics describe another set of columns, such as
@@ -112,7 +116,7 @@ def verdict_lines(
         return ["- no run has a kNN top-1: nothing to compare"]
     noise = seed_noise(records, reseeded)
     best = ranked[0]
-    lines = [f"- **Best kNN top-1: {best} ({knn[best]:.2f}%)**" + _best_linear(groups, mean)]
+    lines = [f"- **Best kNN top-1: {_leaders(knn)}**" + _best_linear(groups, mean)]
     seeds = {s: len(v) for s, v in groups.items()}
     n_best = seeds[best]
     if len(ranked) > 1:
@@ -142,12 +146,28 @@ def verdict_lines(
         for s in behind:
             lines.append("- " + _behind(s, best, knn, mean, histories[s], one, noise.measured))
         if one:
+            # the advice names the data set compared: a CIFAR comparison is not ranked by
+            # re-running mnist1d
+            schedule = (
+                "(20 epochs)" if dataset in (None, "mnist1d") else "(the packaged config's epochs)"
+            )
             lines.append(
                 "- To rank strategies, run several seeds and the full schedule: "
-                "`hardneg compare --dataset mnist1d --seeds 3` (20 epochs)."
+                f"`hardneg compare --dataset {dataset or 'mnist1d'} --seeds 3` {schedule}."
             )
     lines += _negatives(groups, mean, available_negatives)
     return lines
+
+
+def _leaders(scores: Mapping[str, float]) -> str:
+    """``'hcl (81.00%)'``, or every strategy level with the top at the printed precision,
+    ``'infonce, hcl (tied, 12.00%)'``: naming one of equal scores as the best misleads."""
+    values = {s: v for s, v in scores.items() if not math.isnan(v)}
+    top = round(max(values.values()), 2)
+    tied = [s for s, v in values.items() if round(v, 2) == top]
+    if len(tied) == 1:
+        return f"{tied[0]} ({top:.2f}%)"
+    return f"{', '.join(tied)} (tied, {top:.2f}%)"
 
 
 def _best_linear(groups, mean) -> str:
@@ -155,8 +175,7 @@ def _best_linear(groups, mean) -> str:
     linear = {s: v for s, v in linear.items() if not math.isnan(v)}
     if not linear:
         return ""
-    top = max(linear, key=linear.get)
-    return f"; best linear top-1: {top} ({linear[top]:.2f}%)"
+    return f"; best linear top-1: {_leaders(linear)}"
 
 
 def _behind(strategy, best, knn, mean, histories, one_seed: bool, measured: bool) -> str:

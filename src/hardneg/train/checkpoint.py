@@ -350,18 +350,28 @@ def _same(a: object, b: object) -> bool:
         return False
 
 
-def meta_differences(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
-    """One line per key whose value differs between ``stored`` and ``expected`` meta."""
+def meta_differences(
+    stored: Mapping[str, Any], expected: Mapping[str, Any], prefix: str = ""
+) -> list[str]:
+    """One line per key whose value differs between ``stored`` and ``expected`` meta; a key
+    whose two values are both mappings (``loss_params``) gives one line per differing entry,
+    ``loss_params['beta']``, not both whole mappings (a dozen entries each, the one that
+    differs hard to find)."""
     lines = []
-    for key in list(expected) + [k for k in stored if k not in expected]:
-        have = stored.get(key, _MISSING)
-        want = expected.get(key, _MISSING)
+    for name in list(expected) + [k for k in stored if k not in expected]:
+        have = stored.get(name, _MISSING)
+        want = expected.get(name, _MISSING)
         if have is not _MISSING and want is not _MISSING and _same(have, want):
             continue
+        key = f"{prefix}[{name!r}]" if prefix else str(name)
+        if isinstance(have, Mapping) and isinstance(want, Mapping):
+            lines += meta_differences(have, want, key)
+            continue
+        named = key if prefix else repr(name)  # 'dataset', loss_params['beta']
         if have is _MISSING:
-            lines.append(f"checkpoint has no {key!r}, this run uses {key}={want!r}")
+            lines.append(f"checkpoint has no {named}, this run uses {key}={want!r}")
         elif want is _MISSING:
-            lines.append(f"checkpoint was trained with {key}={have!r}, this run sets no {key!r}")
+            lines.append(f"checkpoint was trained with {key}={have!r}, this run sets no {named}")
         else:
             lines.append(
                 f"checkpoint was trained with {key}={have!r}, this run uses {key}={want!r}"

@@ -555,6 +555,11 @@ def load_backbone(checkpoint_path: str | Path) -> tuple[nn.Module, dict[str, Any
 
     payload = load_checkpoint(checkpoint_path)
     if not isinstance(payload.get("config"), dict) or "backbone_args" not in payload:
+        if "encoder" in payload and "setting" in payload:  # hardneg.graph.run's model.pt
+            raise ValueError(
+                f"{checkpoint_path} is a graph run's InfoGraph weights: its SVM score is in "
+                "results.json beside it (hardneg eval reads image and 1-D signal runs)"
+            )
         raise ValueError(f"{checkpoint_path} is not a hardneg training checkpoint")
     backbone = build_backbone(**payload["backbone_args"])
     backbone.load_state_dict(payload["backbone"])
