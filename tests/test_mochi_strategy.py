@@ -84,6 +84,28 @@ def test_the_hardest_set_is_the_n_largest_logits_first_in_column_order(name, n, 
     assert [index[i, : len(row)].tolist() for i, row in enumerate(want)] == want
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_ties_in_some_rows_only_are_settled_row_by_row(n, fast):
+    """Some rows tie at their ``N``-th logit (logits rounded to one decimal: many equal values)
+    and the others do not, with per-anchor counts below ``N`` (ids): the fast path settles only
+    the tied rows (no ``[A, S]`` integer buffers for the others), every row as sorting does."""
+    from dataclasses import replace
+
+    g = torch.Generator().manual_seed(9)
+    views = [torch.randn(8, 4, generator=g) for _ in range(2)]
+    ids = torch.tensor([0, 0, 1, 2, 3, 4, 5, 6])
+    contrast = in_batch_contrast(views, temperature=0.5, ids=ids)
+    logits = contrast.negative_logits.detach().clone()
+    for row in (0, 3, 9, 12):  # rounded rows: ties; the other rows keep distinct floats
+        logits[row] = (logits[row] * 10).round() / 10
+    contrast = replace(contrast, negative_logits=logits)
+    index, count = mochi(num_hardest=n).hardest(contrast, fast=fast)
+    want = hardest_by_sorting(logits, n)
+    assert count.flatten().tolist() == [len(row) for row in want]
+    assert [index[i, : len(row)].tolist() for i, row in enumerate(want)] == want
+
+
 def test_the_uniforms_are_odd_multiples_of_2_to_the_minus_24_with_every_bit_random():
     """``(2 j + 1) 2^-24`` with ``j`` of 23 random bits: each bit of ``j`` is set half of the
     time (5 standard errors), every value strictly inside ``(0, 1)``."""

@@ -167,13 +167,15 @@ class HardNegativeMixing(Strategy):
             if not (isinstance(m, int) and m >= k):
                 member &= torch.isfinite(logits)
             # a tie at the k-th logit (the plain form never branches on data: torch.compile)
-            if not fast or not bool(
-                (member.sum(1, keepdim=True, dtype=torch.int32) == count).all()
-            ):
-                member = logits > kth
-                tied = (logits == kth) & torch.isfinite(kth)
-                tied &= tied.cumsum(dim=1) <= count - member.sum(dim=1, keepdim=True)
-                member |= tied
+            if not fast:
+                member = _first_members(logits, kth, count)
+            else:  # only the rows holding a tie: no [A, S] integer buffers for the others
+                tie_rows = (torch.count_nonzero(member, dim=1) != count.squeeze(1)).nonzero()
+                if tie_rows.numel() > 0:
+                    tie_rows = tie_rows.squeeze(1)
+                    member[tie_rows] = _first_members(
+                        logits[tie_rows], kth[tie_rows], count[tie_rows]
+                    )
         elif contrast.negative_mask is None:  # every column is a negative
             return torch.arange(cols, device=logits.device).expand(rows, cols), count
         else:
@@ -295,6 +297,16 @@ class HardNegativeMixing(Strategy):
         if isinstance(contrast.num_negatives, Tensor):  # a row without negatives mixes nothing
             extra = extra.masked_fill((contrast.num_negatives == 0).unsqueeze(1), float("-inf"))
         return Selection(extra_negative_logits=extra.to(contrast.negative_logits.dtype))
+
+
+def _first_members(logits: Tensor, kth: Tensor, count: Tensor) -> Tensor:
+    """``[A, S]`` the hardest set of each row: the logits above its ``k``-th largest ``kth``
+    ``[A, 1]`` and, of those equal to it, the first in column order up to ``count`` ``[A, 1]``
+    members in all (``kth = -inf``: a row with fewer negatives than ``N``, its finite ones)."""
+    member = logits > kth
+    tied = (logits == kth) & torch.isfinite(kth)
+    tied &= tied.cumsum(dim=1) <= count - member.sum(dim=1, keepdim=True)
+    return member | tied
 
 
 def _unit_uniforms(shape: tuple[int, int], generator, device) -> Tensor:
