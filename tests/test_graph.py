@@ -1203,3 +1203,19 @@ def test_graph_selection_main_prints_the_table(tmp_path, capsys):
     assert out.count("final epoch") == 2 and "gamma = 'auto'" in out
     with pytest.raises(SystemExit):
         bench.main(["--data-dir", str(tmp_path / "tu"), "--every", "0"])
+
+
+def test_fewer_folds_than_asked_are_announced():
+    """A class with 3 graphs allows 3 stratified folds, not the 10 asked for: the scores run
+    on 3 (as scikit-learn requires) and a warning names both numbers (the reports print the
+    folds asked for); with enough graphs per class nothing is said."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(23, 4))
+    y = np.array([0] * 20 + [1] * 3)
+    with pytest.warns(UserWarning, match="10-fold .* runs 3 folds: the smallest class has 3"):
+        svm_accuracy(x, y, folds=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        knn_accuracy(x, y, folds=3, k=3)

@@ -11,6 +11,8 @@ kNN (:func:`hardneg.evaluation.knn.knn_scores`) and linear probe
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -54,6 +56,12 @@ def _folds(y: np.ndarray, folds: int, seed: int):
     if smallest < 2:
         raise ValueError("every class needs at least 2 graphs for stratified cross-validation")
     k = min(folds, smallest)
+    if k < folds:  # the reports name the folds asked for: say that fewer were run
+        warnings.warn(
+            f"{folds}-fold stratified cross-validation runs {k} folds: the smallest class has "
+            f"{smallest} graphs",
+            stacklevel=3,
+        )
     return StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
 
 
