@@ -1010,6 +1010,10 @@ def test_compare_graph_bad_input_fails_before_training(tmp_path, capsys, no_trai
     assert "nope" in compare_error([*base, *good, "--strategies", "hcl,nope"], capsys)
     assert "graph override 'temperatur=1'" in compare_error([*base, *good, "temperatur=1"], capsys)
     assert "infograph" in compare_error([*base, *good, "--framework", "moco"], capsys)
+    # image-only options: refused, not ignored
+    for flag in (["--no-linear"], ["--tsne-points", "0"], ["--progress"]):
+        err = compare_error([*base, *good, *flag], capsys)
+        assert f"{flag[0]}: image comparisons only" in err
     # values checked before the first run: svm_folds=1 failed in scoring, after training
     assert "svm_folds must be in [2, inf)" in compare_error([*base, *good, "svm_folds=1"], capsys)
     assert "betas must be in [0, inf)" in compare_error([*base, *good, "betas=-1"], capsys)

@@ -181,6 +181,21 @@ def run_graph(args: argparse.Namespace, config: str) -> int:
 
     if args.framework not in (None, "infograph"):
         raise ValueError(f"graph configs run framework 'infograph', not {args.framework!r}")
+    # the graph protocol scores with its SVM only: these options would be ignored without a word
+    image_only = [
+        flag
+        for flag, given in (
+            ("--no-linear", args.no_linear),
+            ("--tsne-points", args.tsne_points != 1000),
+            ("--progress", args.progress),
+        )
+        if given
+    ]
+    if image_only:
+        raise ValueError(
+            f"{', '.join(image_only)}: image comparisons only; a graph comparison scores every "
+            "run with HCL's SVM protocol (no linear probe, t-SNE or progress bar)"
+        )
     strategies = None
     if args.strategies is not None:
         strategies = parse_strategies(args.strategies)
