@@ -320,6 +320,7 @@ def test_missing_dataset_says_what_and_where(tmp_path, name, folder, url_part):
     msg = str(info.value)
     assert isinstance(info.value, FileNotFoundError)
     assert str(tmp_path / folder) in msg and url_part in msg and "download=True" in msg
+    assert "hardneg eval: --download" in msg  # each way to ask for it, eval's flag included
     assert info.value.__cause__ is None
 
 

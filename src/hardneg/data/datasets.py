@@ -150,7 +150,7 @@ def _load_cifar(name: str, split: str, data_dir, download: bool) -> ArrayDataset
         raise DatasetNotFoundError(
             f"{spec['title']} not found: missing {missing[0]}. Expected the python-version "
             f"batches ({listed}) in {folder}/. Download {spec['url']} and extract it into "
-            f"{root}/, or pass download=True (config: data.download: true)."
+            f"{root}/, or pass download=True (config: data.download: true; hardneg eval: --download)."
         )
     parts = [read_cifar_batch(f, spec["label_key"], spec["num_classes"]) for f in files]
     images = np.concatenate([p[0] for p in parts])
@@ -192,7 +192,7 @@ def _load_stl10(split: str, data_dir, download: bool) -> ArrayDataset:
             f"STL-10 not found: missing {missing[0]}. Expected the binary version "
             f"(train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin) in {folder}/. "
             f"Download {_STL_URL} and extract it into {root}/, or pass download=True "
-            "(config: data.download: true)."
+            "(config: data.download: true; hardneg eval: --download)."
         )
     counts = [stl10_image_count(folder / f"{p}_X.bin") for p in parts]
     x = np.empty((sum(counts), 3, 96, 96), dtype=np.uint8)  # filled in place, no concatenation
@@ -234,7 +234,7 @@ def _load_tiny_imagenet(
             f"Tiny-ImageNet-200 not found: missing {missing}. Expected {folder}/ with wnids.txt, "
             "train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt. "
             f"Download {_TINY_URL} and extract it into {root}/, or pass download=True "
-            "(config: data.download: true)."
+            "(config: data.download: true; hardneg eval: --download)."
         )
     wnids = [w.strip() for w in wnids_file.read_text().splitlines() if w.strip()]
     if not wnids or len(set(wnids)) != len(wnids):
