@@ -1223,3 +1223,16 @@ def test_fewer_folds_than_asked_are_announced():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         knn_accuracy(x, y, folds=3, k=3)
+
+
+def test_importing_the_graph_package_shows_no_deprecation_warning_of_pyg():
+    """PyG calls the deprecated ``torch.jit.script`` at import; ``hardneg.graph`` silences that
+    one warning (every graph command printed it) and nothing else: in a fresh process that
+    turns FutureWarnings into errors, the import succeeds."""
+    import subprocess
+
+    code = "import hardneg.graph.data, hardneg.graph.encoder"
+    run = subprocess.run(
+        [sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -16,8 +16,14 @@ Install with ``pip install "hardneg[graph]"`` (PyTorch Geometric, no compiled ex
 
 from __future__ import annotations
 
+import warnings
+
 try:
-    import torch_geometric  # noqa: F401
+    with warnings.catch_warnings():
+        # PyG scripts a helper with torch.jit.script at import: torch >= 2.10 deprecates it,
+        # a warning on every graph command that the user can do nothing about
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        import torch_geometric  # noqa: F401
 except ImportError as err:  # pragma: no cover - exercised by a test that hides the package
     raise ImportError(
         "hardneg.graph needs PyTorch Geometric: install the graph extra with "
