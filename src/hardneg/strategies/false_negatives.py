@@ -91,7 +91,8 @@ class FalseNegativeCancellation(Strategy):
                 sims = logits[contrast.positive_index]  # [A, P, S]
             else:
                 support = contrast.positives.detach() / contrast.temperature  # [A, P, d]
-                sims = torch.einsum("apd,cd->apc", support, contrast.columns.detach())
+                a, p, d = support.shape  # one product [A P, d] x [d, C] (einsum took a bmm)
+                sims = (support.reshape(a * p, d) @ contrast.columns.detach().T).view(a, p, -1)
                 if contrast.anchor_columns is not None:
                     own = torch.einsum("apd,ahd->aph", support, contrast.anchor_columns.detach())
                     sims = torch.cat([sims, own], dim=2)
