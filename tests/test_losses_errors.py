@@ -295,3 +295,55 @@ def test_a_sentence_transformers_scale_points_to_the_temperature():
         hardneg.create_loss("infonce", scale=20)
     with raises("sentence-transformers' scale=-1 is temperature=1/scale)"):
         hardneg.create_loss("hcl", scale=-1)
+
+
+# ------------------------------------------------------------------------------ call forms
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_extra_views_beside_a_pool_or_hard_negatives_are_rejected(name):
+    """``extra_views`` belong to the in-batch form; beside a pool or hard negatives they used to be
+    dropped without a word (the loss equal to the call without them)."""
+    loss_fn = hardneg.create_loss(name)
+    with raises("extra_views belong to the in-batch form (loss(z1, z2, extra_views=[...]))"):
+        loss_fn(z(), z(), negatives=z(10), extra_views=[z(seed=3)])
+    with raises("extra_views belong to the in-batch form"):
+        loss_fn(z(), z(), hard_negatives=z(8).reshape(4, 2, 8), extra_views=[z(seed=3)])
+    # the check is about the call, not the data: it stands without check_inputs too
+    with raises("extra_views belong to the in-batch form"):
+        hardneg.create_loss(name, check_inputs=False)(
+            z(), z(), negatives=z(10), extra_views=[z(seed=3)]
+        )
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_ids_beside_a_shared_pool_are_rejected_and_point_to_exclude_index(name):
+    """A pool's rows have no ids here: ``ids`` beside ``negatives=`` used to be ignored, so a
+    user masking a query's own bank entry by id got an unmasked loss."""
+    with raises("ids mask duplicates in the in-batch and retrieval forms; with a pool"):
+        hardneg.create_loss(name)(z(), z(), negatives=z(10), ids=torch.arange(4))
+    with raises("use exclude_index=[N]"):
+        hardneg.create_loss(name, check_inputs=False)(
+            z(), z(), negatives=z(10), ids=torch.arange(4)
+        )
+
+
+def test_views_on_different_devices_are_named_before_any_computation():
+    """z2 on another device (here the meta device, which exists on every machine) gives one
+    message naming both devices, not torch's error from inside the finite check or a product."""
+    loss_fn = hardneg.create_loss("hcl")
+    with raises("z1 and z2 must be on the same device, got cpu and meta"):
+        loss_fn(z(), z().to("meta"))
+    with raises("q and negatives must be on the same device, got cpu and meta"):
+        loss_fn(z(), z(), negatives=z(10).to("meta"))
+    with raises("z1 and hard_negatives must be on the same device, got cpu and meta"):
+        loss_fn(z(), z(), hard_negatives=z(8).reshape(4, 2, 8).to("meta"))
+    with raises("z1 and extra_views[0] must be on the same device, got cpu and meta"):
+        loss_fn(z(), z(), extra_views=[z().to("meta")])
+
+
+def test_return_diagnostics_must_be_a_bool():
+    """A truthy non-bool (a string from a config, a tensor) is refused rather than guessed."""
+    loss_fn = hardneg.create_loss("hcl")
+    with raises("return_diagnostics must be True or False, got 'yes'"):
+        loss_fn(z(), z(), return_diagnostics="yes")

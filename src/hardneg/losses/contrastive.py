@@ -298,6 +298,37 @@ class ContrastiveLoss(nn.Module):
             f"objective={self.objective!r}"
         )
 
+    @staticmethod
+    def _check_call_form(inputs: ContrastInputs) -> None:
+        """Arguments that the call form would ignore, and tensors on different devices. Python
+        checks only (no host sync), so they run even with ``check_inputs=False``: an ignored
+        argument gives a plausible loss that is silently not the one asked for."""
+        if inputs.extra_views and inputs.form != "in_batch":
+            given = "negatives" if inputs.form == "pool" else "hard_negatives"
+            raise ValueError(
+                "extra_views belong to the in-batch form (loss(z1, z2, extra_views=[...])); "
+                f"with {given} they would be ignored: add the views' rows to {given} instead"
+            )
+        if inputs.ids is not None and inputs.form == "pool":
+            raise ValueError(
+                "ids mask duplicates in the in-batch and retrieval forms; with a pool "
+                "(negatives=...) they would be ignored: to mask each query's own pool row, "
+                "use exclude_index=[N] (its row in negatives)"
+            )
+        first = "q" if inputs.form == "pool" else "z1"
+        named = [
+            ("z2" if first == "z1" else "k", inputs.z2),
+            ("negatives", inputs.negatives),
+            ("hard_negatives", inputs.hard_negatives),
+            *((f"extra_views[{i}]", v) for i, v in enumerate(inputs.extra_views)),
+        ]
+        device = inputs.z1.device if isinstance(inputs.z1, Tensor) else None
+        for name, x in named:
+            if device is not None and isinstance(x, Tensor) and x.device != device:
+                raise ValueError(
+                    f"{first} and {name} must be on the same device, got {device} and {x.device}"
+                )
+
     def _validate(self, inputs: ContrastInputs) -> None:
         z1, z2, negatives = inputs.z1, inputs.z2, inputs.negatives
         if negatives is None:
@@ -408,10 +439,12 @@ class ContrastiveLoss(nn.Module):
                 positives with ``hard_negatives``).
             negatives: ``[K, d]`` external pool, ``[N, K, d]`` a pool per query, or None.
             hard_negatives: ``[N, h, d]`` explicit hard negatives per anchor (retrieval).
-            extra_views: further ``[N, d]`` views (in-batch only).
+            extra_views: further ``[N, d]`` views (in-batch only: refused beside ``negatives``
+                or ``hard_negatives``, which would ignore them).
             ids: ``[N]`` sample ids; equal ids are duplicates (masked). With ``hard_negatives``:
                 ``[N (1 + h)]``, one per candidate (positives, then hard negatives row-major);
-                a candidate with the id of the anchor's positive is masked.
+                a candidate with the id of the anchor's positive is masked. Refused with a pool
+                (its rows have no ids): ``exclude_index`` masks a query's own row.
             anchor_ids: ``[N]`` with ``hard_negatives`` and ``ids``: the anchors' own ids; a
                 candidate with the anchor's id is masked too (a text is not its own negative).
             progress: fraction of training done, in [0, 1], for annealed strategies.
@@ -427,6 +460,10 @@ class ContrastiveLoss(nn.Module):
             progress = check_progress(progress)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if not isinstance(return_diagnostics, bool):
+            raise ValueError(
+                f"return_diagnostics must be True or False, got {return_diagnostics!r}"
+            )
         inputs = ContrastInputs(
             z1=z1,
             z2=z2,
@@ -444,6 +481,7 @@ class ContrastiveLoss(nn.Module):
             negative_labels=negative_labels if return_diagnostics else None,
             normalize=self.normalize,
         )
+        self._check_call_form(inputs)
         if self.check_inputs:
             self._validate(inputs)
         fast = self.fast and not return_diagnostics and not torch.compiler.is_compiling()
