@@ -102,6 +102,19 @@ def test_the_loss_reports_its_settings_and_its_strategys():
     assert filtered.filter_strategy.percent == 0.9
 
 
+def test_the_repr_shows_every_setting_that_changes_the_loss():
+    """``print(model)`` is how a training script records its loss: a setting that changes the
+    value (no normalisation, joint positives, a filter) must appear in it, the defaults stay
+    out of the way."""
+    jsd = hardneg.create_loss("hcl", objective="jsd", temperature=1.0, normalize=False)
+    assert jsd.extra_repr() == ("temperature=1.0, tau_plus=0.1, objective='jsd', normalize=False")
+    joint = hardneg.create_loss("infonce", positive_mode="joint")
+    assert joint.extra_repr().endswith(", positive_mode='joint'")
+    filtered = hardneg.create_loss("ring", filter="fnc", filter_options={"top_k": 2})
+    assert "filter='fnc'" in filtered.extra_repr()
+    assert "top_k=2" in repr(filtered)  # the filter's own settings, as a child module
+
+
 def test_call_inputs_are_checked_with_exact_messages():
     loss = hardneg.create_loss("infonce")
     q, k = z(4, seed=1), z(4, seed=2)

@@ -293,10 +293,18 @@ class ContrastiveLoss(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"temperature={self.temperature}, tau_plus={self.tau_plus}, "
             f"objective={self.objective!r}"
         )
+        # the other settings only when they differ from the default: each changes the value
+        if not self.normalize:
+            text += ", normalize=False"
+        if self.positive_mode != "separate":
+            text += f", positive_mode={self.positive_mode!r}"
+        if self.filter is not None:  # its options show in the filter_strategy child
+            text += f", filter={self.filter!r}"
+        return text
 
     @staticmethod
     def _check_call_form(inputs: ContrastInputs) -> None:
