@@ -347,3 +347,21 @@ def test_return_diagnostics_must_be_a_bool():
     loss_fn = hardneg.create_loss("hcl")
     with raises("return_diagnostics must be True or False, got 'yes'"):
         loss_fn(z(), z(), return_diagnostics="yes")
+
+
+def test_diagnostic_labels_that_a_call_form_cannot_use_are_refused():
+    """``negative_labels`` without a pool, or ``labels`` with hard negatives (whose classes are
+    unknown), used to return diagnostics whose class-based fields were silently None."""
+    loss_fn = hardneg.create_loss("hcl")
+    hard = z(8).reshape(4, 2, 8)
+    with raises("negative_labels (the classes of the pool's rows) need negatives=..."):
+        loss_fn(z(), z(), negative_labels=torch.arange(4), return_diagnostics=True)
+    with raises("negative_labels (the classes of the pool's rows) need negatives=..."):
+        loss_fn(
+            z(), z(), hard_negatives=hard, negative_labels=torch.arange(4), return_diagnostics=True
+        )
+    with raises("labels cannot be used with hard_negatives"):
+        loss_fn(z(), z(), hard_negatives=hard, labels=torch.arange(4), return_diagnostics=True)
+    # the forms that use them still do
+    out = loss_fn(z(), z(), labels=torch.tensor([0, 0, 1, 1]), return_diagnostics=True)
+    assert out.diagnostics.false_negative_mass is not None

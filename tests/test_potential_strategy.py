@@ -486,12 +486,15 @@ def test_a_zero_aug_weight_skips_the_augmentation_term(with_bank):
         assert [(w, role) for w, _, role in terms][-1] == (0.25, "aug")
 
 
-def test_with_a_bank_ids_are_ignored_as_in_every_pool_call():
-    # the pool form has no duplicates to mask (as InfoNCE's): the loss is the one without ids
+def test_with_a_bank_ids_are_refused_as_in_every_pool_call():
+    # the pool form has no duplicates to mask (as InfoNCE's): ids would be ignored, so they are
+    # refused (a user masking by id would otherwise get the unmasked loss without a word)
     hp = full_hp()
     q, k, bank = z(6, seed=47), z(6, seed=48), z(10, seed=49)
     ids = torch.tensor([0, 0, 1, 1, 2, 2])
-    got = make(hp, fast=False)(q, k, negatives=bank, ids=ids)
+    with pytest.raises(ValueError, match="use exclude_index"):
+        make(hp, fast=False)(q, k, negatives=bank, ids=ids)
+    got = make(hp, fast=False)(q, k, negatives=bank)
     torch.testing.assert_close(got, oracle(q, k, hp, bank=bank), rtol=1e-9, atol=1e-9)
 
 

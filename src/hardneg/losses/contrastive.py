@@ -406,6 +406,18 @@ class ContrastiveLoss(nn.Module):
                     "hard_negatives and ids (one per candidate) with it"
                 )
             check_labels("anchor_ids", inputs.anchor_ids, n)
+        # labels reach this point only with return_diagnostics (forward drops them otherwise)
+        if inputs.negative_labels is not None and negatives is None:
+            raise ValueError(
+                "negative_labels (the classes of the pool's rows) need negatives=...; "
+                "without a pool the columns are the batch's own samples: labels=[N] covers them"
+            )
+        if inputs.labels is not None and inputs.hard_negatives is not None:
+            raise ValueError(
+                "labels cannot be used with hard_negatives: the classes of the hard negatives "
+                "are unknown, so class-based diagnostics (false-negative mass, top-k precision) "
+                "are undefined; leave labels out (the other diagnostics need none)"
+            )
         if inputs.labels is not None:
             check_labels("labels", inputs.labels, n)
         if inputs.negative_labels is not None and per_anchor:
