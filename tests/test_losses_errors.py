@@ -365,3 +365,38 @@ def test_diagnostic_labels_that_a_call_form_cannot_use_are_refused():
     # the forms that use them still do
     out = loss_fn(z(), z(), labels=torch.tensor([0, 0, 1, 1]), return_diagnostics=True)
     assert out.diagnostics.false_negative_mass is not None
+
+
+def test_bad_filter_options_name_the_filter_and_its_allowed_options():
+    """A misspelt filter option used to surface as Python's TypeError from the filter's
+    ``__init__``, and a non-dict as ``dict()``'s "update sequence element" error."""
+    with raises(
+        "unknown filter option 'topk' for filter 'fnc' (did you mean 'top_k'?); "
+        "allowed: mode, top_k, threshold, agg"
+    ):
+        hardneg.create_loss("hcl", filter="fnc", filter_options={"topk": 1})
+    with raises("filter_options must be a dict of the filter's options, got list"):
+        hardneg.create_loss("hcl", filter="fnc", filter_options=[("top_k", 1)])
+    # a valid one still reaches the filter
+    loss_fn = hardneg.create_loss("hcl", filter="fnc", filter_options={"top_k": 3})
+    assert loss_fn.filter_strategy.top_k == 3
+
+
+def test_numpy_scalars_are_numbers():
+    """Hyper-parameters read from numpy (a sweep over np.linspace, an array element) are numbers:
+    np.float32 / np.int64 used to be refused as "must be a number, got np.float32(0.5)"."""
+    np = pytest.importorskip("numpy")
+    loss_fn = hardneg.create_loss("hcl", temperature=np.float32(0.5), beta=np.float32(0.25))
+    assert loss_fn.temperature == 0.5 and type(loss_fn.temperature) is float
+    assert loss_fn.strategy.beta == 0.25
+    fnc = hardneg.create_loss("fnc", top_k=np.int64(2))
+    assert fnc.strategy.top_k == 2 and type(fnc.strategy.top_k) is int
+    ref = hardneg.create_loss("hcl", temperature=0.5, beta=0.25)(z(), z(), progress=0.5)
+    got = loss_fn(z(), z(), progress=np.float32(0.5))
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    # still refused: booleans (numpy's too), strings, tensors, non-integral integers
+    for bad in (True, np.bool_(True), "0.5", torch.tensor(0.5)):
+        with raises("temperature must be a number"):
+            hardneg.create_loss("hcl", temperature=bad)
+    with raises("top_k must be an integer, got np.float32(2.5)"):
+        hardneg.create_loss("fnc", top_k=np.float32(2.5))

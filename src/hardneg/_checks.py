@@ -7,6 +7,7 @@ config surfaces as one readable line instead of a stack trace from deep inside t
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -22,8 +23,10 @@ def check_number(
     high_inclusive: bool = True,
     integer: bool = False,
 ) -> float:
-    """Return ``value`` as a float (or int) after checking its type and range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Return ``value`` as a float (or int) after checking its type and range. Any real number
+    counts (numpy's scalars too: a sweep's np.float32); booleans (numpy's are no
+    numbers.Real) do not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         kind = "an integer" if integer else "a number"
         raise ValueError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
     if integer and not float(value).is_integer():

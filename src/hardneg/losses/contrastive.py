@@ -239,6 +239,11 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(f"normalize must be True or False, got {normalize!r}")
         self.normalize = normalize
         self.filter = filter
+        if filter_options is not None and not isinstance(filter_options, dict):
+            raise ValueError(
+                "filter_options must be a dict of the filter's options, got "
+                f"{type(filter_options).__name__}"
+            )
         self.filter_options = dict(filter_options or {})
         self.filter_strategy: Strategy | None = None
         if filter is not None:
@@ -253,6 +258,15 @@ class ContrastiveLoss(nn.Module):
                     f"{filter!r}{hint}; allowed: {', '.join(filters)}"
                 )
             cls = strategy_class(filter)
+            allowed = cls.hparam_names()
+            for key in self.filter_options:  # Python's TypeError from __init__ names no filter
+                if key not in allowed:
+                    close = difflib.get_close_matches(str(key), allowed, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ValueError(
+                        f"unknown filter option {key!r} for filter {filter!r}{hint}; "
+                        f"allowed: {', '.join(allowed)}"
+                    )
             if type(strategy).terms is not Strategy.terms:
                 raise ValueError(
                     f"a filter cannot stand in front of {type(strategy).__name__}: it builds "
