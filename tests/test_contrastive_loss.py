@@ -57,7 +57,7 @@ def test_the_constructor_refuses_bad_settings_with_exact_messages(kwargs, messag
 
 
 def test_the_constructor_refuses_a_non_strategy_and_tau_plus_for_selecting_strategies():
-    with exactly("strategy must be a hardneg Strategy, got str"):
+    with exactly("strategy must be a hardneg Strategy instance, got str"):
         ContrastiveLoss("infonce")
     with exactly(
         "tau_plus must be 0 for the RingNegatives strategy (it selects negatives and has no "

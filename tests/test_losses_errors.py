@@ -181,6 +181,20 @@ def test_an_unknown_loss_name_suggests_the_closest():
         hardneg.create_loss("hlc")
     with pytest.raises(ValueError, match="allowed: .*infonce.*ring"):
         hardneg.create_loss("nope")
+    # a paper's spelling (upper case, a hyphen) finds the registered name
+    with raises("unknown loss name 'HCL' (did you mean 'hcl'?)"):
+        hardneg.create_loss("HCL")
+    with raises("unknown loss name 'Positive-Aware' (did you mean 'positive_aware'?)"):
+        hardneg.create_loss("Positive-Aware")
+
+
+def test_a_strategy_class_instead_of_an_instance_says_so():
+    from hardneg.strategies import ImportanceNegatives
+
+    with raises("strategy must be a hardneg Strategy instance, got the class ImportanceNegatives"):
+        hardneg.ContrastiveLoss(ImportanceNegatives)
+    with raises("strategy must be a hardneg Strategy instance, got str"):
+        hardneg.ContrastiveLoss("hcl")
 
 
 def test_an_unknown_hyper_parameter_suggests_the_closest():

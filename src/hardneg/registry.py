@@ -77,7 +77,9 @@ def strategy_class(name: str) -> type[Strategy]:
     """The class registered as ``name``."""
     _ensure_builtins()
     if not isinstance(name, str) or name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        # compared as registered names are written: a paper's "HCL" or "Positive-Aware" too
+        key = str(name).lower().replace("-", "_").replace(" ", "_")
+        close = [key] if key in _REGISTRY else difflib.get_close_matches(key, list(_REGISTRY), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown loss name {name!r}{hint}; allowed: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]

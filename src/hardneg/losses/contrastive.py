@@ -220,7 +220,10 @@ class ContrastiveLoss(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(strategy, Strategy):
-            raise ValueError(f"strategy must be a hardneg Strategy, got {type(strategy).__name__}")
+            got = type(strategy).__name__
+            if isinstance(strategy, type) and issubclass(strategy, Strategy):
+                got = f"the class {strategy.__name__} (construct it: {strategy.__name__}(...))"
+            raise ValueError(f"strategy must be a hardneg Strategy instance, got {got}")
         self.strategy = strategy
         self.temperature = check_number("temperature", temperature, low=0.0, low_inclusive=False)
         self.tau_plus = check_number("tau_plus", tau_plus, low=0.0, high=1.0, high_inclusive=False)
