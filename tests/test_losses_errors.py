@@ -414,3 +414,24 @@ def test_numpy_scalars_are_numbers():
             hardneg.create_loss("hcl", temperature=bad)
     with raises("top_k must be an integer, got np.float32(2.5)"):
         hardneg.create_loss("fnc", top_k=np.float32(2.5))
+
+
+def test_features_a_call_form_would_ignore_are_refused():
+    """unremix reads features (``feature_kind='hidden'``) only as a complete set of its call
+    form; an incomplete one used to fall back to the embeddings without a word."""
+    loss_fn = hardneg.create_loss("unremix")
+    h = z(4, 5, seed=7)
+    with raises("unremix uses features in the in-batch form only as h1 and h2 together"):
+        loss_fn(z(), z(), h1=h)
+    with raises("unremix uses features in the in-batch form only as h1 and h2 together"):
+        loss_fn(z(), z(), h2=h)
+    with raises("with extra_views, h1 and h2 would be ignored"):
+        loss_fn(z(), z(), h1=h, h2=h, extra_views=[z(seed=3)])
+    with raises("with hard_negatives, h1 and h2 would be ignored"):
+        loss_fn(z(), z(), hard_negatives=z(8).reshape(4, 2, 8), h1=h)
+    with raises("negative_h (features of the pool's rows) needs negatives=[K, d]"):
+        loss_fn(z(), z(), h1=h, h2=h, negative_h=h)
+    # the complete set is used: the loss differs from the one on the embeddings
+    plain = loss_fn(z(), z(seed=1))
+    with_h = loss_fn(z(), z(seed=1), h1=h, h2=z(4, 5, seed=8))
+    assert not torch.allclose(plain, with_h)

@@ -323,8 +323,7 @@ class ContrastiveLoss(nn.Module):
             text += f", filter={self.filter!r}"
         return text
 
-    @staticmethod
-    def _check_call_form(inputs: ContrastInputs) -> None:
+    def _check_call_form(self, inputs: ContrastInputs) -> None:
         """Arguments that the call form would ignore, and tensors on different devices. Python
         checks only (no host sync), so they run even with ``check_inputs=False``: an ignored
         argument gives a plausible loss that is silently not the one asked for."""
@@ -340,6 +339,12 @@ class ContrastiveLoss(nn.Module):
                 "(negatives=...) they would be ignored: to mask each query's own pool row, "
                 "use exclude_index=[N] (its row in negatives)"
             )
+        if inputs.negative_h is not None and inputs.negatives is None:
+            raise ValueError(
+                "negative_h (features of the pool's rows) needs negatives=[K, d]; in-batch the "
+                "columns' features are h1 and h2"
+            )
+        self._check_features(inputs)
         first = "q" if inputs.form == "pool" else "z1"
         named = [
             ("z2" if first == "z1" else "k", inputs.z2),
@@ -353,6 +358,35 @@ class ContrastiveLoss(nn.Module):
                 raise ValueError(
                     f"{first} and {name} must be on the same device, got {device} and {x.device}"
                 )
+
+    def _check_features(self, inputs: ContrastInputs) -> None:
+        """The standard contrast sets attach features only as a complete set of their form
+        (:meth:`ContrastInputs.standard_contrast`); a strategy that reads them would otherwise
+        fall back to the embeddings without a word. A strategy with terms of its own (potential)
+        reads h1 and h2 itself, and the pool form is left to the frameworks, which pass h1
+        alone with a bank."""
+        kind = self.strategy.feature_kind
+        if kind is None or type(self.strategy).terms is not Strategy.terms:
+            return
+        if inputs.h1 is None and inputs.h2 is None:
+            return
+        name = getattr(self.strategy, "name", type(self.strategy).__name__)
+        if inputs.form == "retrieval":
+            raise ValueError(
+                f"with hard_negatives, h1 and h2 would be ignored ({name} would read the "
+                "embeddings instead): the hard negatives' features cannot be given; leave them out"
+            )
+        if inputs.form == "in_batch" and inputs.extra_views:
+            raise ValueError(
+                f"with extra_views, h1 and h2 would be ignored ({name} would read the "
+                "embeddings instead); leave them out or pass two views"
+            )
+        if inputs.form == "in_batch" and (inputs.h1 is None or inputs.h2 is None):
+            raise ValueError(
+                f"{name} uses features in the in-batch form only as h1 and h2 together "
+                f"(the {kind} features of both views); got only "
+                f"{'h1' if inputs.h2 is None else 'h2'}"
+            )
 
     def _validate(self, inputs: ContrastInputs) -> None:
         z1, z2, negatives = inputs.z1, inputs.z2, inputs.negatives
@@ -475,6 +509,9 @@ class ContrastiveLoss(nn.Module):
             z1, z2: ``[N, d]`` views (queries and positive keys with a pool; anchors and
                 positives with ``hard_negatives``).
             negatives: ``[K, d]`` external pool, ``[N, K, d]`` a pool per query, or None.
+                Detached, as a queue or a bank: no gradient reaches it (negatives that
+                should get gradients go in ``hard_negatives``). A 3-D third positional
+                argument is this per-query pool, not the retrieval form.
             hard_negatives: ``[N, h, d]`` explicit hard negatives per anchor (retrieval).
             extra_views: further ``[N, d]`` views (in-batch only: refused beside ``negatives``
                 or ``hard_negatives``, which would ignore them).
