@@ -376,6 +376,18 @@ def test_diagnostic_labels_that_a_call_form_cannot_use_are_refused():
         )
     with raises("labels cannot be used with hard_negatives"):
         loss_fn(z(), z(), hard_negatives=hard, labels=torch.arange(4), return_diagnostics=True)
+    with raises("labels with a pool need negative_labels (the classes of the pool's rows"):
+        loss_fn(z(), z(), negatives=z(10), labels=torch.arange(4), return_diagnostics=True)
+    pool_labels = torch.arange(10) % 4
+    out = loss_fn(
+        z(),
+        z(),
+        negatives=z(10),
+        labels=torch.arange(4),
+        negative_labels=pool_labels,
+        return_diagnostics=True,
+    )
+    assert out.diagnostics.false_negative_mass is not None
     # the forms that use them still do
     out = loss_fn(z(), z(), labels=torch.tensor([0, 0, 1, 1]), return_diagnostics=True)
     assert out.diagnostics.false_negative_mass is not None

@@ -469,6 +469,12 @@ class ContrastiveLoss(nn.Module):
                 "are unknown, so class-based diagnostics (false-negative mass, top-k precision) "
                 "are undefined; leave labels out (the other diagnostics need none)"
             )
+        if inputs.labels is not None and negatives is not None and inputs.negative_labels is None:
+            raise ValueError(
+                "labels with a pool need negative_labels (the classes of the pool's rows, [K] "
+                "or [N, K] for a per-query pool): the class-based diagnostics compare a query's "
+                "class with its negatives'"
+            )
         if inputs.labels is not None:
             check_labels("labels", inputs.labels, n)
         if inputs.negative_labels is not None and per_anchor:
