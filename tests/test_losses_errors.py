@@ -447,3 +447,12 @@ def test_features_a_call_form_would_ignore_are_refused():
     plain = loss_fn(z(), z(seed=1))
     with_h = loss_fn(z(), z(seed=1), h1=h, h2=z(4, 5, seed=8))
     assert not torch.allclose(plain, with_h)
+
+
+def test_a_pool_and_hard_negatives_together_are_refused_even_without_input_checks():
+    """check_inputs=False skips the data checks (host syncs), not the call form: with both, the
+    pool used to win and the hard negatives were dropped without a word."""
+    for check in (True, False):
+        loss_fn = hardneg.create_loss("infonce", check_inputs=check)
+        with raises("give either negatives (a pool) or hard_negatives, not both"):
+            loss_fn(z(), z(), negatives=z(10), hard_negatives=z(8).reshape(4, 2, 8))

@@ -327,6 +327,8 @@ class ContrastiveLoss(nn.Module):
         """Arguments that the call form would ignore, and tensors on different devices. Python
         checks only (no host sync), so they run even with ``check_inputs=False``: an ignored
         argument gives a plausible loss that is silently not the one asked for."""
+        if inputs.negatives is not None and inputs.hard_negatives is not None:
+            raise ValueError("give either negatives (a pool) or hard_negatives, not both")
         if inputs.extra_views and inputs.form != "in_batch":
             given = "negatives" if inputs.form == "pool" else "hard_negatives"
             raise ValueError(
@@ -414,8 +416,6 @@ class ContrastiveLoss(nn.Module):
                     f"got shape {tuple(negatives.shape)}"
                 )
         if inputs.hard_negatives is not None:
-            if negatives is not None:
-                raise ValueError("give either negatives (a pool) or hard_negatives, not both")
             h = inputs.hard_negatives
             if (
                 not isinstance(h, Tensor)
