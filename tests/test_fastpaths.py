@@ -177,6 +177,35 @@ def test_fast_equals_plain(name, hp, dtype, form):
     compare_fast_plain(name, hp, z1, z2, kwargs)
 
 
+@pytest.mark.parametrize("name", LOSSES)
+def test_an_anchor_without_negatives_has_a_finite_gradient_on_both_paths(name):
+    """Masks can leave an anchor no negative (every id equal in-batch; in the retrieval form
+    the one hard negative carrying the anchor's own text, ``anchor_ids``, as the
+    sentence-transformers integration masks duplicates): the fast path's gradient equals the
+    plain one and is finite (the tilted mass's backward divided ``0 / 0`` on such a row)."""
+    g = torch.Generator().manual_seed(5)
+    z1 = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    z2 = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    hard = torch.randn(3, 1, 4, generator=g, dtype=torch.float64)
+    forms = [{"ids": torch.zeros(3, dtype=torch.long)}]
+    if name != "potential":  # (potential rejects the retrieval form)
+        # anchor 0 keeps nothing: the other positives are duplicates of its positive, every
+        # hard negative has its own text; anchors 1 and 2 keep the hard negatives
+        ids = torch.tensor([0, 0, 0, 1, 1, 1])
+        forms.append({"hard_negatives": hard, "ids": ids, "anchor_ids": torch.tensor([1, 5, 6])})
+    for kwargs in forms:
+        grads = []
+        for fast in (True, False):
+            loss_fn = hardneg.create_loss(name, fast=fast)
+            a = z1.clone().requires_grad_()
+            extra = {"generator": torch.Generator().manual_seed(0)} if loss_fn.draws else {}
+            value = loss_fn(a, z2, **kwargs, **extra)
+            (grad,) = torch.autograd.grad(value, a)
+            assert torch.isfinite(value) and torch.isfinite(grad).all(), (name, fast, kwargs)
+            grads.append(grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(7, 5), (3, 4, 6)])
 def test_unit_rows_equal_f_normalize_in_value_and_gradient(shape):
     """The written-out backward against autograd's through ``F.normalize`` (float64), along the

@@ -184,11 +184,11 @@ class _TiltedLogMass(torch.autograd.Function):
         assert q is not None and e is not None
         if product:
             sum_q, sum_qe = _product_sums(e, factor)
-            ctx.save_for_backward(e, e, sum_q, sum_qe, factor)
+            ctx.save_for_backward(e, e, _nonzero(sum_q), _nonzero(sum_qe), factor)
         else:
             sum_q = q.sum(dim=1)
             sum_qe = _row_dot(q, e)
-            ctx.save_for_backward(q, e, sum_q, sum_qe)
+            ctx.save_for_backward(q, e, _nonzero(sum_q), _nonzero(sum_qe))
         ctx.beta, ctx.tilt_grad, ctx.product, ctx.overwrite = beta, tilt_grad, product, False
         return log_m + row_max.squeeze(1) + sum_qe.log() - sum_q.log()
 
@@ -210,6 +210,12 @@ class _TiltedLogMass(torch.autograd.Function):
         return out, None, None, None, None, None, None
 
 
+def _nonzero(total: Tensor) -> Tensor:
+    """A row sum for the backward's divisions: 1 where it is 0 (a row without negatives, whose
+    ``q`` and ``q e`` are 0: its gradient is then 0, not ``0 / 0``)."""
+    return torch.where(total > 0, total, 1.0)
+
+
 def _tilted_in_place(logits, factor, beta, log_m, shifted):
     """:class:`_TiltedLogMass` with ``overwrite``: the factor ``f`` and the exponentials ``e``
     are the caller's scratch. ``q = e^{beta s} f`` is formed in ``f``'s buffer and ``q e`` in
@@ -227,7 +233,8 @@ def _tilted_in_place(logits, factor, beta, log_m, shifted):
     qe = e.mul_(q)
     sum_q, sum_qe = q.sum(dim=1), qe.sum(dim=1)
     out = sum_qe.log().sub_(sum_q.log()).add_(log_m)  # sum_q, sum_qe are saved: not in place
-    return (out if row_max is None else out.add_(row_max)), (qe, q, sum_q, sum_qe)
+    saved = (qe, q, _nonzero(sum_q), _nonzero(sum_qe))
+    return (out if row_max is None else out.add_(row_max)), saved
 
 
 def _tilted_in_place_grad(saved, beta: float, grad: Tensor) -> Tensor:
