@@ -6,11 +6,18 @@ config surfaces as one readable line instead of a stack trace from deep inside t
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 
 import torch
 from torch import Tensor
+
+
+def closest_hint(value: object, choices: list[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the choice closest to ``value``, or ``""``."""
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_number(

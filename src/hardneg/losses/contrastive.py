@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +42,7 @@ from hardneg._checks import (
     check_labels,
     check_number,
     check_same_shape,
+    closest_hint,
 )
 from hardneg.contrast import (
     ContrastSet,
@@ -254,21 +254,17 @@ class ContrastiveLoss(nn.Module):
 
             filters = [name for name in list_losses() if strategy_class(name).is_filter]
             if filter not in filters:
-                close = difflib.get_close_matches(str(filter), filters, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(
                     f"filter must name a filter strategy (one that only drops negatives), got "
-                    f"{filter!r}{hint}; allowed: {', '.join(filters)}"
+                    f"{filter!r}{closest_hint(filter, filters)}; allowed: {', '.join(filters)}"
                 )
             cls = strategy_class(filter)
             allowed = cls.hparam_names()
             for key in self.filter_options:  # Python's TypeError from __init__ names no filter
                 if key not in allowed:
-                    close = difflib.get_close_matches(str(key), allowed, n=1)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
                     raise ValueError(
-                        f"unknown filter option {key!r} for filter {filter!r}{hint}; "
-                        f"allowed: {', '.join(allowed)}"
+                        f"unknown filter option {key!r} for filter {filter!r}"
+                        f"{closest_hint(key, allowed)}; allowed: {', '.join(allowed)}"
                     )
             if type(strategy).terms is not Strategy.terms:
                 raise ValueError(
