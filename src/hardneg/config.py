@@ -35,6 +35,8 @@ from typing import Any
 
 import yaml
 
+from hardneg._checks import closest_hint
+
 
 def _opt(
     default: Any,
@@ -530,8 +532,7 @@ def _check_combinations(config: TrainConfig) -> None:
         ("model.head", config.model.head, HEADS),
     ):
         if value not in allowed:
-            close = difflib.get_close_matches(value, allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = closest_hint(value, list(allowed))
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}{hint}")
     if config.model.backbone == "auto":  # resolved here, so config.yaml names the encoder
         config.model.backbone = default_backbone(info)

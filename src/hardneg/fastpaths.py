@@ -921,7 +921,7 @@ class _KeptLogMass(torch.autograd.Function):
             top = torch.where(torch.isfinite(top), top, 0.0)
             e_rows = (kept - top).exp_()
             e[rows], row_max[rows], total[rows] = e_rows, top, e_rows.sum(dim=1)
-        ctx.save_for_backward(e, torch.where(total > 0, total, 1.0), drop)
+        ctx.save_for_backward(e, _nonzero(total), drop)
         ctx.read = read
         out = row_max.squeeze(1) + total.log()
         if read:
@@ -974,16 +974,23 @@ def log_mass(logits: Tensor, bound: float | None = None) -> Tensor:
     exponential, sum). Other dtypes than float32 / float64 take the plain twin."""
     if logits.dtype not in _EXP_RANGE or logits.dim() != 2:
         return torch.logsumexp(logits, dim=1)
+    # the Function itself, not kept_log_mass: that entry point stays the filters' own (fnc,
+    # positive_aware; their tests count its calls)
     return _KeptLogMass.apply(
         logits, None, None, None, False, None if bound is None else float(bound)
     )
 
 
+def logit_bound(contrast, shift: float = 0.0) -> float | None:
+    """A bound on ``|c|`` of the contrast set's logits moved by at most ``shift``: ``1/t +
+    shift`` when they are cosines over the temperature, None (no bound) on raw dot products."""
+    return 1.0 / contrast.temperature + shift if contrast.normalized else None
+
+
 def contrast_log_mass(contrast) -> Tensor:
-    """:func:`log_mass` of a contrast set's negative logits, bounded by ``1/t`` when they are
-    cosines over the temperature (the InfoNCE objective's unweighted negative mass)."""
-    bound = 1.0 / contrast.temperature if contrast.normalized else None
-    return log_mass(contrast.negative_logits, bound)
+    """:func:`log_mass` of a contrast set's negative logits, bounded by :func:`logit_bound` (the
+    InfoNCE objective's unweighted negative mass)."""
+    return log_mass(contrast.negative_logits, logit_bound(contrast))
 
 
 def kept_counts(
@@ -1034,7 +1041,7 @@ class _WeightedLogMass(torch.autograd.Function):
         row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
         e = kept.sub_(row_max).exp_()  # 0 where not kept
         total = _row_dot(e, weights)
-        ctx.save_for_backward(e, weights, torch.where(total > 0, total, 1.0))
+        ctx.save_for_backward(e, weights, _nonzero(total))
         return row_max.squeeze(1) + total.log()
 
     @staticmethod

@@ -21,6 +21,8 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from hardneg._checks import closest_hint
+
 if TYPE_CHECKING:  # the strategies import this module to register themselves
     from hardneg.strategies.base import Strategy
 
@@ -79,8 +81,7 @@ def strategy_class(name: str) -> type[Strategy]:
     if not isinstance(name, str) or name not in _REGISTRY:
         # compared as registered names are written: a paper's "HCL" or "Positive-Aware" too
         key = str(name).lower().replace("-", "_").replace(" ", "_")
-        close = [key] if key in _REGISTRY else difflib.get_close_matches(key, list(_REGISTRY), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = closest_hint(key, list(_REGISTRY))  # (an exact match is the closest)
         raise ValueError(f"unknown loss name {name!r}{hint}; allowed: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
 

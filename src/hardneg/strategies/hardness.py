@@ -73,7 +73,7 @@ class HardnessWeighting(Strategy):
                 )
                 tilted = logits + bonus
             if context.fast:  # |c + alpha sg(s)| <= 1/t + alpha on cosines
-                bound = 1.0 / contrast.temperature + self.alpha if contrast.normalized else None
+                bound = fastpaths.logit_bound(contrast, shift=self.alpha)
                 return Selection(negative_log_mass=fastpaths.log_mass(tilted, bound))
             return Selection(negative_log_mass=torch.logsumexp(tilted, dim=1))
         finite = torch.isfinite(logits)

@@ -186,4 +186,4 @@ class RingNegatives(Strategy):
     def _fast_log_mass(contrast: ContrastSet, lower: int, upper: int) -> Tensor:
         indices = fastpaths.band_indices(contrast.negative_logits.detach(), lower, upper)
         band = fastpaths.column_logits(contrast, indices)  # ranks [L, U)
-        return fastpaths.log_mass(band, 1.0 / contrast.temperature if contrast.normalized else None)
+        return fastpaths.log_mass(band, fastpaths.logit_bound(contrast))
