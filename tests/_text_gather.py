@@ -14,6 +14,7 @@ from hardneg.integrations.sentence_transformers import (
 )
 
 VOCAB, BATCH, COLUMNS = 40, 8, 4  # anchor, positive, 2 hard negatives
+FORMS = (("plain", False, False), ("cached", True, False), ("guided", True, True))
 
 
 class BagEncoder(nn.Module):
@@ -43,10 +44,23 @@ def batch(rank: int | None = None, world: int = 1):
     return [{k: v[rank * half : (rank + 1) * half] for k, v in f.items()} for f in feats]
 
 
-def make_loss(model: nn.Module, cached: bool = False) -> HardNegativeLoss:
+class Guide(BagEncoder):
+    """Another encoder of the same tokens (its own weights): a guide model for ``guide=``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.bag = nn.EmbeddingBag(VOCAB, 16, mode="mean")
+        self.proj = nn.Linear(16, 8)
+
+
+def make_loss(model: nn.Module, cached: bool = False, guide: bool = False) -> HardNegativeLoss:
     """The loss of the gather tests; ``cached``: the GradCache form in mini-batches of 3 rows
-    (each process holds 4 rows: a full and a short mini-batch)."""
+    (each process holds 4 rows: a full and a short mini-batch); ``guide``: with a guide model's
+    false negatives (gathered too)."""
     kwargs = {"gather_across_devices": True, "symmetric": True, "beta": 1.0}
+    if guide:
+        kwargs.update(guide=Guide(), guide_margin=0.02)
     if cached:
         return CachedHardNegativeLoss(model, "hcl", mini_batch_size=3, **kwargs)
     return HardNegativeLoss(model, "hcl", **kwargs)
@@ -60,9 +74,9 @@ def run_rank(rank: int, world: int, port: int, out) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {}
-        for name, cached in (("plain", False), ("cached", True)):
+        for name, cached, guide in FORMS:
             model = BagEncoder()
-            value = make_loss(model, cached)(batch(rank, world), None)
+            value = make_loss(model, cached, guide)(batch(rank, world), None)
             value.backward()
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
             for g in grads.values():  # what DDP does: average the ranks' gradients

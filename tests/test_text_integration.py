@@ -335,14 +335,15 @@ def test_import_without_sentence_transformers_names_the_extra(monkeypatch):
 
 
 def test_gather_across_two_processes_equals_one_process_with_the_doubled_batch(tmp_path):
-    """Plain, and the GradCache form (whose embedding gradients come from a separate
-    autograd.grad through the gather, then re-enter each process's encoder)."""
+    """Plain, the GradCache form (whose embedding gradients come from a separate
+    autograd.grad through the gather, then re-enter each process's encoder), and the GradCache
+    form with a guide model (its embeddings gathered without gradients)."""
     # the gather is a property of the loss, not of the encoder: a small torch encoder keeps the
     # spawned processes free of the transformers import
     import socket
 
     import torch.multiprocessing as mp
-    from _text_gather import BagEncoder, batch, make_loss, run_rank
+    from _text_gather import FORMS, BagEncoder, batch, make_loss, run_rank
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -350,15 +351,17 @@ def test_gather_across_two_processes_equals_one_process_with_the_doubled_batch(t
     out = tmp_path / "rank0.pt"
     mp.spawn(run_rank, args=(2, port, out), nprocs=2, join=True)
     results = torch.load(out)
-    single = BagEncoder()
-    loss = make_loss(single)  # the plain loss on one process: the reference for both
-    single.zero_grad(set_to_none=True)
-    value = loss(batch(), None)
-    value.backward()
-    want = {n: p.grad.clone() for n, p in single.named_parameters()}
-    for form in ("cached", "plain"):
+    for form, _, guide in FORMS:
+        single = BagEncoder()
+        # the plain loss on one process: the reference of each form
+        loss = make_loss(single, guide=guide)
+        single.zero_grad(set_to_none=True)
+        value = loss(batch(), None)
+        value.backward()
+        want = {n: p.grad.clone() for n, p in single.named_parameters()}
         got = results[form]
         assert_same((got["value"], got["grads"]), (value.detach(), want))
+    assert abs(float(results["guided"]["value"]) - float(results["plain"]["value"])) > 1e-4
 
 
 @pytest.mark.parametrize("name", hardneg.list_losses())

@@ -414,3 +414,49 @@ def retrieval_contrast(
         owner = torch.where(owner < b, owner, (owner - b) // h)
     contrast.own_columns = owner.unsqueeze(0) == torch.arange(b, device=anchors.device).unsqueeze(1)
     return contrast
+
+
+GUIDE_MARGIN_MODES = ("absolute", "relative")
+
+
+def guided_false_negatives(
+    anchors: Tensor,
+    candidates: Tensor,
+    *,
+    margin: float = 0.0,
+    mode: str = "absolute",
+) -> Tensor:
+    """Candidates that a guide model scores as close to the anchor as its positive is
+    (GISTEmbed, Solatorio 2024, arXiv 2402.16829: guided in-sample selection of negatives).
+
+    ``anchors [A, d']`` and ``candidates [C, d']`` are the guide's embeddings; candidate ``i``
+    (``i < A``) is anchor ``i``'s positive (the retrieval layout: the positives, then the hard
+    negatives). With ``g_ij`` the guide's cosine, candidate ``j`` is a false negative of anchor
+    ``i`` when::
+
+        absolute:  g_ij > g_ii - margin
+        relative:  g_ij > g_ii - |g_ii| margin
+
+    Returns ``[A, C]`` bool (True = masked, for ``false_negatives=``); the positive itself is
+    never marked. ``margin = 0`` drops the candidates the guide ranks above the positive.
+    """
+    if mode not in GUIDE_MARGIN_MODES:
+        raise ValueError(f"mode must be one of {GUIDE_MARGIN_MODES}, got {mode!r}")
+    if anchors.dim() != 2 or candidates.dim() != 2 or anchors.shape[1] != candidates.shape[1]:
+        raise ValueError(
+            "the guide's embeddings must be [A, d] anchors and [C, d] candidates of one dim, "
+            f"got {tuple(anchors.shape)} and {tuple(candidates.shape)}"
+        )
+    a = anchors.shape[0]
+    if candidates.shape[0] < a:
+        raise ValueError(
+            f"the candidates start with the {a} anchors' positives, got only {candidates.shape[0]}"
+        )
+    dtype = torch.promote_types(anchors.dtype, torch.float32)
+    sims = F.normalize(anchors.to(dtype), dim=1) @ F.normalize(candidates.to(dtype), dim=1).T
+    rows = torch.arange(a, device=sims.device)
+    positive = sims[rows, rows].unsqueeze(1)
+    slack = margin if mode == "absolute" else positive.abs() * margin
+    mask = sims > positive - slack
+    mask[rows, rows] = False  # the positive stays the anchor's positive
+    return mask

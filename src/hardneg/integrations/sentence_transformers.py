@@ -59,7 +59,8 @@ if importlib.util.find_spec("sentence_transformers") is None:
     )
 
 from hardneg import distributed
-from hardneg._checks import check_number
+from hardneg._checks import check_choice, check_number
+from hardneg.contrast import GUIDE_MARGIN_MODES, guided_false_negatives
 from hardneg.registry import create_loss, strategy_class
 
 if TYPE_CHECKING:
@@ -146,6 +147,14 @@ CITATIONS: dict[str, str] = {
 }""",
 }
 
+_GISTEMBED = """@misc{solatorio2024gistembed,
+    title={GISTEmbed: Guided In-sample Selection of Training Negatives for Text Embedding Fine-tuning},
+    author={Aivin V. Solatorio},
+    year={2024},
+    eprint={2402.16829},
+    archivePrefix={arXiv}
+}"""
+
 _GRADCACHE = """@inproceedings{gao2021scaling,
     title={Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup},
     author={Luyu Gao and Yunyi Zhang and Jiawei Han and Jamie Callan},
@@ -169,6 +178,18 @@ _MNRL_ARGUMENTS: dict[str, str] = {
     "alpha=<hardness_strength>",
     "hardness_strength": "use strategy='hardness' with alpha=<hardness_strength> and "
     "mode=<hardness_mode>",
+}
+
+# GISTEmbedLoss's own arguments: the guide's margin has a prefix of its own here, because
+# positive_aware's filter already takes margin= and mode=
+_GIST_ARGUMENTS: dict[str, str] = {
+    "margin_strategy": "pass guide_margin_strategy=<margin_strategy> (with guide=...)",
+    "contrast_anchors": "the candidates are the batch's positives and hard negatives "
+    "(MultipleNegativesRankingLoss's layout); guide= equals GISTEmbedLoss with "
+    "contrast_anchors=False and contrast_positives=False",
+    "contrast_positives": "the candidates are the batch's positives and hard negatives "
+    "(MultipleNegativesRankingLoss's layout); guide= equals GISTEmbedLoss with "
+    "contrast_anchors=False and contrast_positives=False",
 }
 
 
@@ -243,6 +264,15 @@ class HardNegativeLoss(nn.Module):
         gather_across_devices: gather every process's batch with gradients (see module doc).
         mask_duplicates: mask candidates whose tokens equal the anchor's positive's.
         seed: seed of the generator of strategies that draw (the same on every process).
+        guide: a second ``SentenceTransformer`` whose verdict masks false negatives (GISTEmbed,
+            Solatorio 2024): a candidate that the guide scores above the anchor's positive
+            (less ``guide_margin``) is neither positive nor negative, in front of any strategy.
+            Embedded without gradients, in eval mode; texts are re-tokenised for the guide when
+            its vocabulary or its shorter ``max_seq_length`` differs from the model's.
+        guide_margin: ``>= 0``, how far below the positive's guide score a candidate is still
+            masked (GISTEmbedLoss's ``margin``).
+        guide_margin_strategy: ``'absolute'`` (masked when ``g > g+ - margin``) or
+            ``'relative'`` (``g > g+ - |g+| margin``).
         **strategy_hparams: the strategy's hyper-parameters and loss settings
             (``tau_plus``, ``beta``, ``rho_out``, ...; not ``temperature``: use ``scale``).
     """
@@ -256,6 +286,9 @@ class HardNegativeLoss(nn.Module):
         gather_across_devices: bool = False,
         mask_duplicates: bool = True,
         seed: int = 0,
+        guide: SentenceTransformer | None = None,
+        guide_margin: float = 0.0,
+        guide_margin_strategy: str = "absolute",
         **strategy_hparams: Any,
     ) -> None:
         super().__init__()
@@ -264,6 +297,11 @@ class HardNegativeLoss(nn.Module):
                 raise ValueError(
                     f"{key}={strategy_hparams[key]!r} is an argument of sentence-transformers' "
                     f"MultipleNegativesRankingLoss, not of HardNegativeLoss: {_MNRL_ARGUMENTS[key]}"
+                )
+            if key in _GIST_ARGUMENTS:
+                raise ValueError(
+                    f"{key}={strategy_hparams[key]!r} is an argument of sentence-transformers' "
+                    f"GISTEmbedLoss, not of HardNegativeLoss: {_GIST_ARGUMENTS[key]}"
                 )
         if "temperature" in strategy_hparams:
             raise ValueError(
@@ -286,6 +324,22 @@ class HardNegativeLoss(nn.Module):
         self.mask_duplicates = mask_duplicates
         self.seed = int(seed)
         self.strategy_hparams = dict(strategy_hparams)
+        self.guide_margin = check_number("guide_margin", guide_margin, low=0.0)
+        self.guide_margin_strategy = check_choice(
+            "guide_margin_strategy", guide_margin_strategy, GUIDE_MARGIN_MODES
+        )
+        if guide is None and (self.guide_margin != 0.0 or guide_margin_strategy != "absolute"):
+            raise ValueError(
+                "guide_margin and guide_margin_strategy set the guide model's filter: pass "
+                "guide=<a SentenceTransformer> with them"
+            )
+        if guide is not None and not callable(guide):
+            raise ValueError(
+                f"guide must be a SentenceTransformer (a model that embeds the same columns), "
+                f"got {type(guide).__name__}"
+            )
+        self.guide = guide
+        self._retokenize = guide is not None and _must_retokenize(model, guide)
         self.loss_fn = create_loss(strategy, temperature=1.0 / self.scale, **strategy_hparams)
         # a schedule read at every step: without ProgressCallback the first step would fail
         # with the core API's advice (pass progress=...), which a Trainer user cannot follow
@@ -303,7 +357,10 @@ class HardNegativeLoss(nn.Module):
         self._note_labels(labels)
         embeddings = [self.embed(f) for f in features]
         ids = [text_ids(f) for f in features] if self.mask_duplicates else None
-        return self.compute_loss_from_embeddings(embeddings, ids)
+        if self.guide is None:  # (the two-argument call of subclasses written before guide=)
+            return self.compute_loss_from_embeddings(embeddings, ids)
+        guided = [self.guide_embed(f) for f in features]
+        return self.compute_loss_from_embeddings(embeddings, ids, guide_embeddings=guided)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {
@@ -314,6 +371,15 @@ class HardNegativeLoss(nn.Module):
             "mask_duplicates": self.mask_duplicates,
             # the draws of simans, mochi, ring's num_samples follow it: the model card must say
             **({"seed": self.seed} if self.loss_fn.draws else {}),
+            **(
+                {
+                    "guide": _model_name(self.guide),
+                    "guide_margin": self.guide_margin,
+                    "guide_margin_strategy": self.guide_margin_strategy,
+                }
+                if self.guide is not None
+                else {}
+            ),
             **self.strategy_hparams,
         }
 
@@ -321,7 +387,10 @@ class HardNegativeLoss(nn.Module):
     def citation(self) -> str:
         """The strategy's paper, then its filter's (``filter=...``), for the model card."""
         names = [self.strategy, self.strategy_hparams.get("filter")]
-        return "\n\n".join(CITATIONS[n] for n in dict.fromkeys(names) if n in CITATIONS)
+        cited = [CITATIONS[n] for n in dict.fromkeys(names) if n in CITATIONS]
+        if self.guide is not None:
+            cited.append(_GISTEMBED)
+        return "\n\n".join(cited)
 
     # -- the parts ------------------------------------------------------------------------------
     def _note_labels(self, labels: Tensor | None) -> None:
@@ -374,6 +443,28 @@ class HardNegativeLoss(nn.Module):
             )
         return emb
 
+    @torch.no_grad()
+    def guide_embed(self, features: dict[str, Tensor]) -> Tensor:
+        """``[B, d']`` the guide's embeddings of one column, in eval mode (a guide's verdict
+        should not depend on dropout), re-tokenised when the guide needs its own tokens."""
+        guide = self.guide
+        assert guide is not None
+        if self._retokenize:
+            features = _retokenize(self.model, guide, features)
+        was_training = guide.training
+        guide.eval()
+        try:
+            out = guide(features)
+        finally:
+            guide.train(was_training)
+        emb = out.get("sentence_embedding") if isinstance(out, Mapping) else None
+        if not isinstance(emb, Tensor) or emb.dim() != 2:
+            raise ValueError(
+                "the guide's output must hold a 'sentence_embedding' tensor [batch, dim] (a "
+                "SentenceTransformer ending in a Pooling module)"
+            )
+        return emb.detach()
+
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The strategy's generator (only for strategies that draw), seeded identically on
         every process so that gathered losses agree."""
@@ -384,10 +475,14 @@ class HardNegativeLoss(nn.Module):
         return self._generator
 
     def compute_loss_from_embeddings(
-        self, embeddings: list[Tensor], ids: list[Tensor] | None = None
+        self,
+        embeddings: list[Tensor],
+        ids: list[Tensor] | None = None,
+        guide_embeddings: list[Tensor] | None = None,
     ) -> Tensor:
         """The loss from the columns' embeddings ``[anchor, positive, negative_1..k]`` (each
-        ``[B, d]``) and optionally their ``[B]`` ids (equal id = duplicate text)."""
+        ``[B, d]``), optionally their ``[B]`` ids (equal id = duplicate text) and the guide's
+        embeddings of the same columns (``guide=``)."""
         if self.needs_progress and self.progress is None:
             schedule = {k: v for k, v in self.strategy_hparams.items() if "anneal" in k}
             raise ValueError(
@@ -413,11 +508,27 @@ class HardNegativeLoss(nn.Module):
                 negatives = anchor.new_zeros(anchor.shape[0], 0, d)
             if id_cols is not None:
                 id_cols = distributed.gather_no_grad(id_cols)
+            if guide_embeddings is not None:
+                guide_embeddings = [distributed.gather_no_grad(g) for g in guide_embeddings]
         candidate_ids = anchor_ids = None
         if id_cols is not None:
             # positives, then the hard negatives row-major (retrieval_contrast's column order)
             candidate_ids = torch.cat([id_cols[:, 1], id_cols[:, 2:].reshape(-1)])
             anchor_ids = id_cols[:, 0]
+        forward_fn = back_fn = None  # the guide's false negatives of each direction
+        if guide_embeddings is not None:
+            g_anchor, g_positive = guide_embeddings[0], guide_embeddings[1]
+            # the candidates' order of retrieval_contrast: positives, hard negatives row-major
+            g_columns = [g_positive]
+            if len(guide_embeddings) > 2:
+                g_hard = torch.stack(guide_embeddings[2:], dim=1)
+                g_columns.append(g_hard.reshape(-1, g_hard.shape[-1]))
+            g_columns = torch.cat(g_columns)
+            options = {"margin": self.guide_margin, "mode": self.guide_margin_strategy}
+            # (the guide may sit on another device than the model)
+            forward_fn = guided_false_negatives(g_anchor, g_columns, **options).to(anchor.device)
+            if self.symmetric:
+                back_fn = guided_false_negatives(g_positive, g_anchor, **options).to(anchor.device)
         kwargs: dict[str, Any] = {"progress": self.progress}
         gen = self.generator(anchor.device)
         if gen is not None:
@@ -435,6 +546,7 @@ class HardNegativeLoss(nn.Module):
                 hard_negatives=negatives,
                 ids=candidate_ids,
                 anchor_ids=anchor_ids,  # a candidate with the anchor's own text: masked too
+                false_negatives=forward_fn,
                 **kwargs,
             )
         if self.symmetric:  # positive -> anchor: the batch's anchors are the candidates
@@ -447,10 +559,50 @@ class HardNegativeLoss(nn.Module):
                     hard_negatives=anchor.new_zeros(anchor.shape[0], 0, d),
                     ids=anchor_ids,
                     anchor_ids=None if id_cols is None else id_cols[:, 1],
+                    false_negatives=back_fn,
                     **kwargs,
                 )
             loss = (loss + back) / 2
         return loss
+
+
+def _model_name(model: nn.Module) -> str:
+    """A readable name of a sentence model for the model card: its base model, else the path
+    its transformer was loaded from, else its class."""
+    card = getattr(model, "model_card_data", None)
+    name = getattr(card, "base_model", None)
+    if not name:
+        first = model[0] if isinstance(model, nn.Sequential) and len(model) else None
+        config = getattr(getattr(first, "auto_model", None), "config", None)
+        name = getattr(config, "_name_or_path", None)
+    return str(name) if name else type(model).__name__
+
+
+def _must_retokenize(model: nn.Module, guide: nn.Module) -> bool:
+    """Whether the guide needs its own tokens: another vocabulary, or a shorter
+    ``max_seq_length`` (the model's tokens would run past the guide's positions)."""
+    mine, theirs = getattr(model, "tokenizer", None), getattr(guide, "tokenizer", None)
+    if mine is None and theirs is None:  # encoders of the same features (no text to re-read)
+        return False
+    if mine is None or theirs is None:
+        raise ValueError(
+            "guide= needs the model and the guide to both have a tokenizer (SentenceTransformer "
+            "models) or neither: the guide embeds the batch's texts, re-tokenised when its "
+            "tokenizer differs"
+        )
+    longer = getattr(guide, "max_seq_length", None) or 0
+    shorter = longer < (getattr(model, "max_seq_length", None) or 0)
+    return shorter or mine.get_vocab() != theirs.get_vocab()
+
+
+def _retokenize(model: nn.Module, guide: nn.Module, features: dict[str, Tensor]) -> dict:
+    """The texts of ``features`` (decoded with the model's tokenizer) in the guide's tokens,
+    on the features' device."""
+    input_ids = features["input_ids"]
+    texts = model.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+    prepare = getattr(guide, "preprocess", None) or guide.tokenize
+    out = prepare(texts)
+    return {k: (v.to(input_ids.device) if isinstance(v, Tensor) else v) for k, v in out.items()}
 
 
 def _batch_size(features: dict[str, Tensor]) -> int:
@@ -503,7 +655,7 @@ class CachedHardNegativeLoss(HardNegativeLoss):
     when the plain loss would see the same masks; tested without dropout).
 
     Args:
-        mini_batch_size: rows per encoder pass.
+        mini_batch_size: rows per encoder pass (the guide's too, with ``guide=``).
         (the rest as :class:`HardNegativeLoss`)
     """
 
@@ -517,6 +669,9 @@ class CachedHardNegativeLoss(HardNegativeLoss):
         mask_duplicates: bool = True,
         seed: int = 0,
         mini_batch_size: int = 32,
+        guide: SentenceTransformer | None = None,
+        guide_margin: float = 0.0,
+        guide_margin_strategy: str = "absolute",
         **strategy_hparams: Any,
     ) -> None:
         super().__init__(
@@ -527,6 +682,9 @@ class CachedHardNegativeLoss(HardNegativeLoss):
             gather_across_devices=gather_across_devices,
             mask_duplicates=mask_duplicates,
             seed=seed,
+            guide=guide,
+            guide_margin=guide_margin,
+            guide_margin_strategy=guide_margin_strategy,
             **strategy_hparams,
         )
         self.mini_batch_size = int(
@@ -559,11 +717,16 @@ class CachedHardNegativeLoss(HardNegativeLoss):
                 cached.append(torch.cat(parts).detach())
                 states.append(column_states)
         ids = [text_ids(f) for f in features] if self.mask_duplicates else None
+        guided: dict[str, list[Tensor]] = {}
+        if self.guide is not None:  # the guide in the same mini-batches (no gradient)
+            guided["guide_embeddings"] = [
+                torch.cat([self.guide_embed(chunk) for chunk in column]) for column in chunks
+            ]
         if not torch.is_grad_enabled():
-            return self.compute_loss_from_embeddings(cached, ids)
+            return self.compute_loss_from_embeddings(cached, ids, **guided)
         leaves = [c.requires_grad_() for c in cached]
         with torch.enable_grad():
-            loss = self.compute_loss_from_embeddings(leaves, ids)
+            loss = self.compute_loss_from_embeddings(leaves, ids, **guided)
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
         out = loss.detach().requires_grad_()

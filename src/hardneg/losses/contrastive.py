@@ -15,7 +15,9 @@ Call forms (embeddings need not be normalised):
   (``neg`` of shape ``[N, 0, d]``) is the pair layout: the other positives are the negatives.
   ``ids=[N (1 + h)]`` (one per candidate: the positives, then the hard negatives row-major)
   masks every candidate with the same id as the anchor's positive; ``anchor_ids=[N]`` (with
-  ``ids``) also every candidate with the anchor's own id.
+  ``ids``) also every candidate with the anchor's own id. ``false_negatives=[N, N (1 + h)]``
+  (bool, same column order) masks the candidates known not to be negatives of an anchor (other
+  relevant documents of a query, a guide model's verdict: :func:`hardneg.contrast.guided_false_negatives`).
 
 Example:
     >>> import torch, hardneg
@@ -79,6 +81,7 @@ class ContrastInputs:
     extra_views: tuple[Tensor, ...] = ()
     ids: Tensor | None = None
     anchor_ids: Tensor | None = None
+    false_negatives: Tensor | None = None
     exclude_index: Tensor | None = None
     h1: Tensor | None = None
     h2: Tensor | None = None
@@ -337,6 +340,8 @@ class ContrastiveLoss(nn.Module):
                 "(negatives=...) they would be ignored: to mask each query's own pool row, "
                 "use exclude_index=[N] (its row in negatives)"
             )
+        if inputs.false_negatives is not None:
+            self._check_false_negatives(inputs)
         if inputs.negative_h is not None and inputs.negatives is None:
             raise ValueError(
                 "negative_h (features of the pool's rows) needs negatives=[K, d]; in-batch the "
@@ -356,6 +361,47 @@ class ContrastiveLoss(nn.Module):
                 raise ValueError(
                     f"{first} and {name} must be on the same device, got {device} and {x.device}"
                 )
+
+    def _without_false_negatives(
+        self, contrast: ContrastSet, false_negatives: Tensor
+    ) -> ContrastSet:
+        """``contrast`` with the known false negatives masked; a term laid out otherwise than
+        the retrieval columns (a strategy's own term) cannot take the mask: refused."""
+        if tuple(contrast.negative_logits.shape) != tuple(false_negatives.shape):
+            name = getattr(self.strategy, "name", type(self.strategy).__name__)
+            raise ValueError(
+                f"{name} builds a term with {tuple(contrast.negative_logits.shape)} candidate "
+                f"columns, not the retrieval layout that false_negatives "
+                f"{tuple(false_negatives.shape)} describes; it cannot take false_negatives"
+            )
+        return contrast.restricted(~false_negatives)
+
+    @staticmethod
+    def _check_false_negatives(inputs: ContrastInputs) -> None:
+        """Shape, dtype and device of ``false_negatives`` (no host sync)."""
+        mask = inputs.false_negatives
+        if inputs.form != "retrieval":
+            raise ValueError(
+                "false_negatives belongs to the retrieval form (loss(anchor, positive, "
+                "hard_negatives=[N, h, d], false_negatives=[N, N (1 + h)])); in the in-batch and "
+                "pool forms, ids and exclude_index mask known duplicates"
+            )
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            got = f"dtype {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"false_negatives must be a bool tensor (True = masked), got {got}")
+        hard, n = inputs.hard_negatives, inputs.z1.shape[0]
+        width = n * (1 + hard.shape[1]) if isinstance(hard, Tensor) and hard.dim() == 3 else None
+        if width is not None and tuple(mask.shape) != (n, width):
+            raise ValueError(
+                f"false_negatives must have shape (N, N (1 + h)) = ({n}, {width}): one row per "
+                "anchor, one column per candidate (the positives, then the hard negatives "
+                f"row-major), got {tuple(mask.shape)}"
+            )
+        if mask.device != inputs.z1.device:
+            raise ValueError(
+                f"z1 and false_negatives must be on the same device, got {inputs.z1.device} "
+                f"and {mask.device}"
+            )
 
     def _check_features(self, inputs: ContrastInputs) -> None:
         """The standard contrast sets attach features only as a complete set of their form
@@ -495,6 +541,7 @@ class ContrastiveLoss(nn.Module):
         extra_views: list[Tensor] | tuple[Tensor, ...] = (),
         ids: Tensor | None = None,
         anchor_ids: Tensor | None = None,
+        false_negatives: Tensor | None = None,
         progress: float | None = None,
         h1: Tensor | None = None,
         h2: Tensor | None = None,
@@ -523,6 +570,10 @@ class ContrastiveLoss(nn.Module):
                 (its rows have no ids): ``exclude_index`` masks a query's own row.
             anchor_ids: ``[N]`` with ``hard_negatives`` and ``ids``: the anchors' own ids; a
                 candidate with the anchor's id is masked too (a text is not its own negative).
+            false_negatives: ``[N, N (1 + h)]`` bool with ``hard_negatives``: True where a
+                candidate (columns as ``ids``) is known not to be a negative of the anchor (a
+                second relevant document, a guide model's false negative); masked, neither
+                positive nor negative. The anchor's own positive stays its positive.
             progress: fraction of training done, in [0, 1], for annealed strategies.
             h1, h2: ``[N, h]`` features of the two views (see ``strategy.feature_kind``).
             negative_h: ``[K, h]`` the same features of the pool entries.
@@ -549,6 +600,7 @@ class ContrastiveLoss(nn.Module):
             extra_views=tuple(extra_views),
             ids=ids,
             anchor_ids=anchor_ids,
+            false_negatives=false_negatives,
             exclude_index=exclude_index,
             h1=h1,
             h2=h2,
@@ -572,6 +624,8 @@ class ContrastiveLoss(nn.Module):
         main = None
         term_values: dict[str, float] = {}
         for weight, contrast, role in self.strategy.terms(inputs, context):
+            if inputs.false_negatives is not None:  # known false negatives: neither
+                contrast = self._without_false_negatives(contrast, inputs.false_negatives)
             if self.filter_strategy is not None:
                 contrast = contrast.restricted(self.filter_strategy.keep(contrast, context))
             selection = self.strategy.select_term(contrast, context, role)
