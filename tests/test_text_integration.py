@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,7 +269,7 @@ def test_config_and_citation(model):
     assert HardNegativeLoss(model, "fnc", filter="fnc").citation == CITATIONS["fnc"]
 
 
-def test_trainer_and_fit_update_the_model(tmp_path, model):
+def test_trainer_and_fit_update_the_model(tmp_path, model, monkeypatch):
     from datasets import Dataset
     from sentence_transformers import (
         SentenceTransformerTrainer,
@@ -292,7 +293,11 @@ def test_trainer_and_fit_update_the_model(tmp_path, model):
     SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=loss).train()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
-    # the older model.fit path
+    # the older model.fit path (it writes checkpoints/model under the working directory: the
+    # test's own folder, not the checkout)
+    checkout = Path.cwd() / "checkpoints"
+    existed = checkout.exists()
+    monkeypatch.chdir(tmp_path)
     from sentence_transformers import InputExample
     from torch.utils.data import DataLoader
 
@@ -306,6 +311,7 @@ def test_trainer_and_fit_update_the_model(tmp_path, model):
         show_progress_bar=False,
     )
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert checkout.exists() == existed  # nothing written into the checkout
 
 
 def test_packaged_minilm_matches_mnrl():
