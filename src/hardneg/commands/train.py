@@ -54,10 +54,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--list-configs", action="store_true", help="list the packaged configs and exit"
     )
+    parser.add_argument(
+        "--modality",
+        choices=("text",),
+        help="text: fine-tune a sentence model on your (anchor, positive[, negatives]) rows in "
+        "sentence-transformers' Trainer; settings as key=value (data=FILE strategy=hcl "
+        "hcl.beta=0.5 epochs=1 ...: hardneg.text.train.TextTrainConfig), no --config",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from hardneg.config import TrainConfig, list_configs, load_config
+
+    if args.modality == "text":
+        return run_text(args)
 
     if args.list_configs:
         for name in list_configs():
@@ -165,4 +175,51 @@ def run_graph(args: argparse.Namespace, config: str) -> int:
     except FloatingPointError as err:  # as an image run's NaN / Inf: one line, status 3
         print(f"hardneg train: {err}", file=sys.stderr)
         return 3
+    return 0
+
+
+def run_text(args: argparse.Namespace) -> int:
+    """``hardneg train --modality text key=value ...`` (:mod:`hardneg.text.train`)."""
+    for flag, value in (
+        ("--config", args.config),
+        ("--resume", args.resume),
+        ("--data-dir", args.data_dir),
+        ("--list-configs", args.list_configs or None),
+    ):
+        if value is not None:
+            raise ValueError(
+                f"{flag} does not apply to --modality text: give key=value settings "
+                "(data=FILE, strategy=NAME, epochs=..., STRATEGY.KEY=value)"
+            )
+    from hardneg.text.cli import split_overrides
+    from hardneg.text.train import TextTrainConfig, train_text
+    from hardneg.train.runtime import run_dir_problem
+
+    items, per_strategy = split_overrides(list(args.overrides))
+    cfg = TextTrainConfig.with_overrides(items)
+    others = sorted(set(per_strategy) - {cfg.strategy})
+    if others:
+        raise ValueError(
+            f"hyper-parameters of {', '.join(others)} given, but strategy={cfg.strategy}: "
+            f"set strategy= to the one they belong to"
+        )
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"text-{cfg.strategy}"
+    if (run_dir / "model").exists():  # a trained model is not overwritten without a word
+        raise ValueError(f"{run_dir} already holds a trained model; give another --run-dir")
+    problem = run_dir_problem(run_dir)
+    if problem:
+        raise ValueError(problem)
+    metrics = train_text(
+        cfg,
+        per_strategy.get(cfg.strategy, {}),
+        run_dir,
+        progress_bar=not args.no_progress,
+        log=lambda line: print(line, flush=True),
+    )
+    summary = f"{metrics['steps']} steps, final loss {metrics['final_loss']:.4g}"
+    if "dev_mrr_after" in metrics:
+        summary += (
+            f", held-out MRR@10 {metrics['dev_mrr_before']:.3f} -> {metrics['dev_mrr_after']:.3f}"
+        )
+    print(f"done: {run_dir / 'model'} ({summary})")
     return 0

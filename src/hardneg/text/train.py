@@ -1,0 +1,315 @@
+"""``hardneg train --modality text``: fine-tune a sentence model on your own rows with a strategy.
+
+The rows are ``(anchor, positive[, negative_1, ..., negative_k])`` texts in a ``.jsonl``,
+``.parquet`` or ``.csv`` file (what ``hardneg mine --format n-tuple`` or ``triplet`` writes); the
+model trains in sentence-transformers' ``SentenceTransformerTrainer`` with
+:class:`hardneg.integrations.sentence_transformers.HardNegativeLoss` (its Cached form with
+``mini_batch_size=``), batches without duplicate texts (``BatchSamplers.NO_DUPLICATES``)::
+
+    hardneg mine --data pairs.jsonl --num-negatives 3 --format n-tuple --output mined.parquet
+    hardneg train --modality text data=mined.parquet strategy=hcl hcl.beta=0.5 --run-dir runs/hcl
+
+A share ``dev_fraction`` of the rows (drawn with ``seed``) is held out: each held-out anchor
+queries the held-out positives and negatives, its own positive being the relevant one (MRR@10
+and R@1, as sentence-transformers' ``InformationRetrievalEvaluator`` reports them), before and
+after training. The run folder gets ``model/`` (``SentenceTransformer.save``, with the model
+card), ``history.csv`` (step, epoch, loss, learning rate), ``metrics.json`` and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hardneg.contrast import GUIDE_MARGIN_MODES
+
+RETRIEVAL_K = 10
+
+
+@dataclass
+class TextTrainConfig:
+    """Settings of ``hardneg train --modality text`` (``key=value`` on the command line)."""
+
+    data: str | None = None  # the rows: .jsonl / .parquet / .csv (required)
+    columns: str | None = None  # "anchor,positive,negative_1": default every column in order
+    model: str = "all-MiniLM-L6-v2"  # name or path (hardneg.text.models.load_sentence_model)
+    strategy: str = "infonce"
+    scale: float = 20.0
+    symmetric: bool = False
+    mask_duplicates: bool = True
+    mini_batch_size: int = 0  # > 0: CachedHardNegativeLoss (GradCache) with this many rows
+    guide: str | None = None  # a guide model's name or path (GISTEmbed's false negatives)
+    guide_margin: float = 0.0
+    guide_margin_strategy: str = "absolute"
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0: stop after this many steps (overrides epochs)
+    batch_size: int = 32
+    lr: float = 2e-5
+    warmup_ratio: float = 0.1
+    max_seq_length: int = 0  # 0: the model's own
+    dev_fraction: float = 0.1  # held-out rows for the retrieval score (0: none)
+    seed: int = 0
+    threads: int = 0  # torch threads (0: torch's default)
+
+    @classmethod
+    def with_overrides(cls, items: Sequence[str]) -> TextTrainConfig:
+        """``key=value`` items; an unknown key or a value of the wrong type fails naming the
+        key and what it takes."""
+        cfg = cls()
+        kinds = {f.name: type(f.default) for f in fields(cls)}
+        for item in items:
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or key not in kinds:
+                raise ValueError(
+                    f"text training setting {item!r}: expected key=value with key one of "
+                    f"{', '.join(kinds)} (or STRATEGY.KEY=value for a strategy's hyper-parameter)"
+                )
+            setattr(cfg, key, _parse(key, value.strip(), kinds[key]))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        from hardneg._checks import check_choice, check_number
+        from hardneg.registry import strategy_class
+
+        if not self.data:
+            raise ValueError(
+                "data=FILE is required: (anchor, positive[, negatives]) rows in .jsonl, "
+                ".parquet or .csv (e.g. the output of hardneg mine)"
+            )
+        strategy_class(self.strategy)  # an unknown name fails with the closest valid one
+        check_number("scale", self.scale, low=0.0, low_inclusive=False)
+        check_number("epochs", self.epochs, low=0.0, low_inclusive=False)
+        check_number("batch_size", self.batch_size, low=2, integer=True)
+        check_number("lr", self.lr, low=0.0, low_inclusive=False)
+        check_number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
+        check_number("dev_fraction", self.dev_fraction, low=0.0, high=0.5)
+        check_number("mini_batch_size", self.mini_batch_size, low=0, integer=True)
+        check_number("max_seq_length", self.max_seq_length, low=0, integer=True)
+        check_number("threads", self.threads, low=0, integer=True)
+        check_number("guide_margin", self.guide_margin, low=0.0)
+        check_choice("guide_margin_strategy", self.guide_margin_strategy, GUIDE_MARGIN_MODES)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be -1 (use epochs) or >= 1, got {self.max_steps}")
+        from hardneg.text.models import check_model_name
+
+        check_model_name(self.model)
+        if self.guide is not None:
+            check_model_name(self.guide)
+
+
+def _parse(key: str, value: str, kind: type) -> Any:
+    if value.lower() in ("none", "null", "") and kind is not bool:
+        if key in ("data", "columns", "guide"):
+            return None
+        raise ValueError(f"{key} needs a value, got {value!r}")
+    if kind is bool:
+        truth = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+        if value.lower() not in truth:
+            raise ValueError(f"{key} takes true or false, got {value!r}")
+        return truth[value.lower()]
+    try:
+        if kind is int:
+            return int(value)
+        if kind is float:
+            return float(value)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{key} takes {what}, got {value!r}") from None
+    return value
+
+
+# -- data ---------------------------------------------------------------------------------------
+def load_columns(cfg: TextTrainConfig) -> tuple[list[str], list[list[str]]]:
+    """``(names, texts per column)`` of the rows in ``cfg.data``; at least an anchor and a
+    positive column, every row a text in each."""
+    from hardneg.mining import column_texts, load_rows
+
+    path = Path(str(cfg.data))
+    rows = load_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    if cfg.columns:
+        names = [c.strip() for c in cfg.columns.split(",") if c.strip()]
+    else:  # every column of the first row but a label / score (as sentence-transformers)
+        names = [c for c in rows[0] if c not in ("label", "labels", "score", "scores")]
+    if len(names) < 2:
+        raise ValueError(
+            f"{path}: training needs an anchor and a positive column (then any hard negatives), "
+            f"got the columns {names}; name them with columns=anchor,positive[,negative_1,...]"
+        )
+    texts = [column_texts(rows, name, path, option="columns=") for name in names]
+    return names, texts
+
+
+def split_rows(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, dev)`` row indices: ``round(fraction count)`` rows drawn with ``seed`` held
+    out (at least 2 when ``fraction > 0``: one query and a second candidate)."""
+    order = np.random.default_rng(seed).permutation(count)
+    dev = 0 if fraction == 0 else max(2, int(round(fraction * count)))
+    if count - dev < 2:
+        raise ValueError(
+            f"{count} rows leave {count - dev} to train on after holding out {dev} "
+            "(dev_fraction): give more rows or dev_fraction=0"
+        )
+    return np.sort(order[dev:]), np.sort(order[:dev])
+
+
+def dev_retrieval(
+    encode: Callable[[list[str]], np.ndarray], columns: list[list[str]], rows: np.ndarray
+) -> dict[str, float]:
+    """Each held-out anchor queries the held-out positives and negatives (duplicate texts
+    once); its own positive is the relevant candidate. ``mrr``: MRR@10; ``recall_1``: percent
+    ranked first. A candidate exactly as similar as the positive does not rank above it."""
+    anchors = [columns[0][i] for i in rows]
+    candidates = list(dict.fromkeys(columns[c][i] for c in range(1, len(columns)) for i in rows))
+    where = {text: j for j, text in enumerate(candidates)}
+    relevant = np.array([where[columns[1][i]] for i in rows])
+    q, c = encode(anchors), encode(candidates)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    c = c / np.linalg.norm(c, axis=1, keepdims=True)
+    sims = q @ c.T
+    target = sims[np.arange(len(rows)), relevant]
+    rank = 1 + (sims > target[:, None]).sum(axis=1)
+    return {
+        "mrr": float(np.where(rank <= RETRIEVAL_K, 1.0 / rank, 0.0).mean()),
+        "recall_1": 100.0 * float((rank == 1).mean()),
+    }
+
+
+# -- training -----------------------------------------------------------------------------------
+def train_text(
+    cfg: TextTrainConfig,
+    strategy_hparams: dict[str, Any],
+    run_dir: Path,
+    *,
+    progress_bar: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train, evaluate on the held-out rows and save; returns the metrics written."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.training_args import BatchSamplers
+
+    from hardneg.integrations.sentence_transformers import (
+        CachedHardNegativeLoss,
+        HardNegativeLoss,
+        ProgressCallback,
+    )
+    from hardneg.text.models import load_sentence_model
+
+    names, columns = load_columns(cfg)
+    train_rows, dev_rows = split_rows(len(columns[0]), cfg.dev_fraction, cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = load_sentence_model(cfg.model)
+    if cfg.max_seq_length:
+        model.max_seq_length = cfg.max_seq_length
+    guide = load_sentence_model(cfg.guide) if cfg.guide else None
+    loss_kwargs: dict[str, Any] = dict(
+        scale=cfg.scale,
+        symmetric=cfg.symmetric,
+        mask_duplicates=cfg.mask_duplicates,
+        seed=cfg.seed,
+        **strategy_hparams,
+    )
+    if guide is not None:
+        loss_kwargs.update(
+            guide=guide,
+            guide_margin=cfg.guide_margin,
+            guide_margin_strategy=cfg.guide_margin_strategy,
+        )
+    if cfg.mini_batch_size:
+        loss = CachedHardNegativeLoss(
+            model, cfg.strategy, mini_batch_size=cfg.mini_batch_size, **loss_kwargs
+        )
+    else:
+        loss = HardNegativeLoss(model, cfg.strategy, **loss_kwargs)
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return model.encode(texts, batch_size=64, convert_to_numpy=True, show_progress_bar=False)
+
+    metrics: dict[str, Any] = {
+        "strategy": cfg.strategy,
+        "train_rows": int(train_rows.size),
+        "dev_rows": int(dev_rows.size),
+        "columns": names,
+    }
+    if dev_rows.size:
+        before = dev_retrieval(encode, columns, dev_rows)
+        metrics.update({f"dev_{k}_before": v for k, v in before.items()})
+        log(
+            f"held-out retrieval before training: MRR@10 {before['mrr']:.3f}, R@1 {before['recall_1']:.1f}%"
+        )
+    # the column names the loss sees: anchor, positive, negative_1..k (sentence-transformers
+    # reads the columns in order; the names only label them)
+    keys = ["anchor", "positive", *(f"negative_{i}" for i in range(1, len(names) - 1))]
+    train_data = Dataset.from_dict(
+        {key: [column[i] for i in train_rows] for key, column in zip(keys, columns)}
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(run_dir / "trainer"),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.lr,
+        warmup_ratio=cfg.warmup_ratio,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=not progress_bar,
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        loss=loss,
+        callbacks=[ProgressCallback(loss)],
+    )
+    trainer.train()
+    history = [
+        {
+            "step": entry["step"],
+            "epoch": entry.get("epoch"),
+            "loss": entry["loss"],
+            "lr": entry.get("learning_rate"),
+        }
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    ]
+    if not history or not all(math.isfinite(h["loss"]) for h in history):
+        raise FloatingPointError(
+            f"training logged a non-finite loss (strategy {cfg.strategy}); see {run_dir}"
+        )
+    with (run_dir / "history.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "epoch", "loss", "lr"])
+        writer.writeheader()
+        writer.writerows(history)
+    metrics.update(steps=int(trainer.state.global_step), final_loss=float(history[-1]["loss"]))
+    if dev_rows.size:
+        after = dev_retrieval(encode, columns, dev_rows)
+        metrics.update({f"dev_{k}_after": v for k, v in after.items()})
+        log(
+            f"held-out retrieval after training:  MRR@10 {after['mrr']:.3f}, R@1 {after['recall_1']:.1f}%"
+        )
+    model.save(str(run_dir / "model"))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    config = {**asdict(cfg), "strategy_hparams": strategy_hparams}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return metrics
