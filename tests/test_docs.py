@@ -214,3 +214,82 @@ def test_the_readme_s_python_examples_run_as_written():
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
         )
         assert done.returncode == 0, f"README example failed:\n{block}\n{done.stderr[-2000:]}"
+
+
+# framework settings whose class keyword has another name, or whose class default is the
+# setting resolved (predictor: a module or None; shuffle_bn: 'auto' resolved by the trainer)
+FRAMEWORK_KEYWORDS = {
+    ("moco", "momentum"): "momentum",
+    ("moco", "queue_size"): "queue_size",
+    ("moco", "symmetric"): "symmetric",
+    ("moco", "enqueue"): "enqueue",
+    ("memory_bank", "bank_momentum"): "momentum",
+    ("memory_bank", "bank_negatives"): "negatives",
+    ("memory_bank", "bank_draws"): "draws",
+}
+
+
+def doc_framework_defaults(text: str) -> dict[tuple[str, str], str]:
+    """``{(framework, setting): repr of the default}`` from methods.md's framework table."""
+    return {
+        (unquote(r[0]), unquote(r[1])): unquote(r[2])
+        for r in table_rows(text, "| framework | setting | default |")
+    }
+
+
+def framework_default_problems(
+    documented: dict[tuple[str, str], str], config_defaults: dict[str, object]
+) -> list[str]:
+    problems = []
+    settings = {setting for _, setting in documented}
+    for name, value in config_defaults.items():
+        if name != "name" and name not in settings:
+            problems.append(f"framework.{name} (default {value!r}) is not documented")
+    for (_framework, setting), default in documented.items():
+        if setting not in config_defaults:
+            problems.append(f"framework.{setting} is documented but is not a setting")
+        elif default != repr(config_defaults[setting]):
+            problems.append(
+                f"framework.{setting}: documented {default}, config {config_defaults[setting]!r}"
+            )
+    return problems
+
+
+def test_methods_md_lists_every_framework_setting_with_the_configs_default(methods):
+    import dataclasses
+
+    from hardneg.config import FrameworkConfig
+
+    documented = doc_framework_defaults(methods)
+    assert documented, "methods.md has no framework defaults table"
+    defaults = {f.name: f.default for f in dataclasses.fields(FrameworkConfig)}
+    problems = framework_default_problems(documented, defaults)
+    assert not problems, "docs/methods.md is out of date:\n" + "\n".join(problems)
+
+
+def test_the_framework_classes_default_to_the_documented_values(methods):
+    import inspect
+
+    from hardneg.frameworks.memory_bank import MemoryBank
+    from hardneg.frameworks.moco import MoCo
+
+    classes = {"moco": MoCo, "memory_bank": MemoryBank}
+    documented = doc_framework_defaults(methods)
+    for (framework, setting), keyword in FRAMEWORK_KEYWORDS.items():
+        parameter = inspect.signature(classes[framework].__init__).parameters[keyword]
+        assert documented[(framework, setting)] == repr(parameter.default), (
+            f"{classes[framework].__name__}({keyword}=...) defaults to {parameter.default!r}; "
+            f"methods.md documents framework.{setting} = {documented[(framework, setting)]}"
+        )
+
+
+def test_the_framework_defaults_check_catches_a_missing_a_wrong_and_a_stale_row():
+    documented = {("moco", "momentum"): "0.999", ("moco", "gone"): "1"}
+    problems = framework_default_problems(
+        documented, {"name": "simclr", "momentum": 0.99, "queue_size": 4096}
+    )
+    assert sorted(problems) == [
+        "framework.gone is documented but is not a setting",
+        "framework.momentum: documented 0.999, config 0.99",
+        "framework.queue_size (default 4096) is not documented",
+    ]

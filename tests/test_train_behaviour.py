@@ -172,6 +172,52 @@ def test_a_resumed_run_continues_the_schedule_where_it_stopped(tmp_path, monkeyp
     assert spy.lrs == pytest.approx(expected[STEPS_PER_EPOCH:], rel=1e-12)
 
 
+def ring_authors_step_lr(epoch: int, epochs: int, initial: float) -> float:
+    """The Ring authors' ``MoCoLRScheduler`` as their ``scripts/run.py`` configures it: at the
+    start of (0-based) epoch ``e`` the rate is ``initial`` times 0.1 for each milestone
+    ``int(0.68 E)``, ``int(0.83 E)`` that ``e`` has reached."""
+    lr = initial
+    for milestone in (int(0.68 * epochs), int(0.83 * epochs)):
+        lr *= 0.1 if epoch >= milestone else 1.0
+    return lr
+
+
+@pytest.mark.parametrize("epochs", [200, 100, 7, 3])
+def test_the_step_schedule_is_the_ring_authors_epoch_schedule(epochs):
+    from hardneg.train.optim import lr_factor
+
+    per_epoch = 5
+    got = [
+        lr_factor(
+            s,
+            warmup_steps=0,
+            total_steps=epochs * per_epoch,
+            schedule="step",
+            min_ratio=0.3,  # not used by the step schedule
+            steps_per_epoch=per_epoch,
+        )
+        for s in range(epochs * per_epoch)
+    ]
+    want = [ring_authors_step_lr(s // per_epoch, epochs, 1.0) for s in range(epochs * per_epoch)]
+    assert got == pytest.approx(want, rel=1e-12)
+    if epochs == 200:  # 0.1 from epoch 136, 0.01 from epoch 166 (0-based)
+        assert got[136 * per_epoch - 1] == 1.0 and got[136 * per_epoch] == pytest.approx(0.1)
+        assert got[166 * per_epoch - 1] == pytest.approx(0.1)
+        assert got[166 * per_epoch] == pytest.approx(0.01)
+
+
+def test_the_trainer_follows_the_step_schedule_epoch_by_epoch(tmp_path, monkeypatch):
+    spy = Spy(monkeypatch)
+    config = tiny("optim.name=sgd", "optim.lr=0.03", "optim.schedule=step", "train.epochs=7")
+    train(config, run_dir=tmp_path, progress_bar=False)
+    # 7 epochs: milestones int(4.76) = 4 and int(5.81) = 5
+    expected = [
+        ring_authors_step_lr(s // STEPS_PER_EPOCH, 7, 0.03) for s in range(7 * STEPS_PER_EPOCH)
+    ]
+    assert spy.lrs == pytest.approx(expected, rel=1e-12)
+    assert spy.lrs[0] == pytest.approx(0.03) and spy.lrs[-1] == pytest.approx(0.0003)
+
+
 def test_the_schedule_ends_at_its_floor_and_stays_there_even_with_one_post_warmup_step():
     """``lr_factor`` at given steps against the formula: past the planned steps the cosine stays
     at ``min_ratio`` (it does not rise again), and a cosine of a single step (or of none, when the

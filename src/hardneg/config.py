@@ -138,7 +138,10 @@ class OptimConfig:
     nesterov: bool = _opt(False, "sgd: Nesterov momentum")
     warmup_epochs: float = _opt(0.0, "linear warm-up length in epochs (per step)", low=0.0)
     schedule: str = _opt(
-        "cosine", "learning-rate schedule after warm-up", choices=("cosine", "constant")
+        "cosine",
+        "learning-rate schedule after warm-up; step: x0.1 from epochs int(0.68 E) and "
+        "int(0.83 E) of E (the Ring authors' MoCoLRScheduler)",
+        choices=("cosine", "constant", "step"),
     )
     min_lr: float = _opt(0.0, "learning rate at the end of the cosine schedule", low=0.0)
     grad_clip: float | None = _opt(

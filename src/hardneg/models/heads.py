@@ -77,7 +77,7 @@ def build_head(
             in_dim, hidden_dim or 512, out_dim, batch_norm=True, last_bn=True, last_bn_affine=False
         )
     if kind == "linear":
-        # instance discrimination (Wu et al. 2018; IR-Ring): one linear layer to a low-dim
+        # instance discrimination (Wu et al. 2018): one linear layer to a low-dim
         # embedding, no hidden layer (h = the backbone features)
         return ProjectionHead(in_dim, (), out_dim, batch_norm=False)
     if kind == "none":

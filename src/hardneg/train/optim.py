@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule (linear warm-up, then cosine or constant, per step)."""
+"""Optimizer and learning-rate schedule (linear warm-up, then cosine, constant or step)."""
 
 from __future__ import annotations
 
@@ -31,19 +31,39 @@ def build_optimizer(optim: Any, model: nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"optim.name must be adam, adamw or sgd, got {optim.name!r}")
 
 
+#: the Ring authors' step schedule (mhw32/contrastive-ring-public, ``scripts/run.py``): the
+#: learning rate is multiplied by 0.1 from epoch ``int(f E)`` on, for each fraction ``f``
+STEP_MILESTONES = (0.68, 0.83)
+STEP_GAMMA = 0.1
+
+
 def lr_factor(
-    step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float
+    step: int,
+    *,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: str,
+    min_ratio: float,
+    steps_per_epoch: int = 1,
 ) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step`` (0-based).
 
     Warm-up: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps. Then ``1``
-    (``constant``) or ``min_ratio + (1 - min_ratio) (1 + cos(pi p)) / 2`` (``cosine``) with
-    ``p`` the fraction of the post-warm-up steps done.
+    (``constant``), ``min_ratio + (1 - min_ratio) (1 + cos(pi p)) / 2`` (``cosine``) with
+    ``p`` the fraction of the post-warm-up steps done, or (``step``) ``0.1^n`` with ``n`` the
+    number of milestones ``int(0.68 E)``, ``int(0.83 E)`` that the step's epoch has reached
+    (``E = total_steps / steps_per_epoch`` epochs; the rate changes at epoch starts, as the Ring
+    authors' ``MoCoLRScheduler`` sets it in ``on_epoch_start``; ``min_ratio`` is not used).
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
+    if schedule == "step":
+        epochs = total_steps // max(steps_per_epoch, 1)
+        epoch = step // max(steps_per_epoch, 1)
+        reached = sum(epoch >= int(f * epochs) for f in STEP_MILESTONES)
+        return STEP_GAMMA**reached
     span = max(total_steps - warmup_steps, 1)
     done = min((step - warmup_steps) / span, 1.0)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
@@ -63,6 +83,7 @@ def build_scheduler(
             total_steps=total_steps,
             schedule=optim.schedule,
             min_ratio=min_ratio,
+            steps_per_epoch=steps_per_epoch,
         )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
