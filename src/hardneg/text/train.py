@@ -186,6 +186,15 @@ def dev_retrieval(
 
 
 # -- training -----------------------------------------------------------------------------------
+def _warmup(ratio: float) -> dict[str, float]:
+    """The warm-up share in the spelling of the installed transformers: ``warmup_steps`` as a
+    float below 1 from v5 on (``warmup_ratio`` is deprecated there), ``warmup_ratio`` before."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"warmup_steps": float(ratio)} if major >= 5 else {"warmup_ratio": float(ratio)}
+
+
 def train_text(
     cfg: TextTrainConfig,
     strategy_hparams: dict[str, Any],
@@ -201,7 +210,10 @@ def train_text(
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
     )
-    from sentence_transformers.training_args import BatchSamplers
+    try:  # (sentence-transformers >= 6 moved it; the old path warns)
+        from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+    except ImportError:
+        from sentence_transformers.training_args import BatchSamplers
 
     from hardneg.integrations.sentence_transformers import (
         CachedHardNegativeLoss,
@@ -266,13 +278,14 @@ def train_text(
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.lr,
-        warmup_ratio=cfg.warmup_ratio,
+        **_warmup(cfg.warmup_ratio),
         seed=cfg.seed,
         data_seed=cfg.seed,
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         report_to=[],
         save_strategy="no",
         logging_steps=1,
+        dataloader_pin_memory=torch.cuda.is_available(),  # (a warning on a CPU-only machine)
         disable_tqdm=not progress_bar,
     )
     trainer = SentenceTransformerTrainer(

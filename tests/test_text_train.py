@@ -1,0 +1,146 @@
+"""``hardneg train --modality text``: a tiny local BERT trained on rows the test writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sentence_transformers")
+
+from _text_models import sentences, tiny_model  # noqa: E402
+
+from hardneg.cli import main  # noqa: E402
+from hardneg.text.train import TextTrainConfig, split_rows  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A saved tiny sentence model and 40 (anchor, positive, negative) rows of distinct texts."""
+    root = tmp_path_factory.mktemp("text_train")
+    model_dir = root / "model"
+    tiny_model(root, seed=0).save(str(model_dir))
+    texts = list(dict.fromkeys(sentences(400, seed=5)))[:120]
+    rows = [
+        {"anchor": texts[i], "positive": texts[40 + i], "negative": texts[80 + i]}
+        for i in range(40)
+    ]
+    data = root / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model_dir, data, rows
+
+
+def run(*argv) -> int:
+    return main(["train", "--modality", "text", "--no-progress", *map(str, argv)])
+
+
+def test_trains_saves_and_scores_the_held_out_rows(tmp_path, setup):
+    from sentence_transformers import SentenceTransformer
+
+    model_dir, data, rows = setup
+    out = tmp_path / "run"
+    code = run(
+        f"data={data}",
+        f"model={model_dir}",
+        "strategy=hcl",
+        "hcl.beta=0.5",
+        "max_steps=3",
+        "batch_size=8",
+        "lr=1e-3",
+        "dev_fraction=0.25",
+        "threads=1",
+        "--run-dir",
+        out,
+    )
+    assert code == 0
+    trained, base = SentenceTransformer(str(out / "model")), SentenceTransformer(str(model_dir))
+    changed = [
+        not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters(), strict=True)
+    ]
+    assert any(changed)
+    with (out / "history.csv").open() as f:
+        history = list(csv.DictReader(f))
+    assert [int(h["step"]) for h in history] == [1, 2, 3]
+    assert all(math.isfinite(float(h["loss"])) and float(h["loss"]) > 0 for h in history)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["train_rows"] == 30 and metrics["dev_rows"] == 10
+    config = json.loads((out / "config.json").read_text())
+    assert config["strategy"] == "hcl" and config["strategy_hparams"] == {"beta": 0.5}
+
+    # the held-out score, recomputed by a loop over the queries with the saved model
+    _, dev = split_rows(len(rows), 0.25, 0)
+    anchors = [rows[i]["anchor"] for i in dev]
+    cands = [rows[i][c] for c in ("positive", "negative") for i in dev]
+    q = trained.encode(anchors, convert_to_tensor=True)
+    c = trained.encode(cands, convert_to_tensor=True)
+    reciprocal = []
+    for j in range(len(dev)):
+        sims = torch.nn.functional.cosine_similarity(q[j : j + 1], c, dim=1)
+        rank = 1 + int((sims > sims[j]).sum())  # candidate j is query j's positive
+        reciprocal.append(1.0 / rank if rank <= 10 else 0.0)
+    assert metrics["dev_mrr_after"] == pytest.approx(float(np.mean(reciprocal)), abs=1e-5)
+    assert 0.0 <= metrics["dev_mrr_before"] <= 1.0
+    # the model card names the loss and its settings
+    card = (out / "model" / "README.md").read_text()
+    assert "HardNegativeLoss" in card and '"beta": 0.5' in card
+
+
+def test_split_rows_is_disjoint_and_seeded():
+    train, dev = split_rows(50, 0.2, seed=3)
+    assert len(dev) == 10 and len(train) == 40
+    assert sorted({*train.tolist(), *dev.tolist()}) == list(range(50))
+    assert split_rows(50, 0.2, seed=3)[1].tolist() == dev.tolist()
+    assert split_rows(50, 0.2, seed=4)[1].tolist() != dev.tolist()
+    assert len(split_rows(50, 0.0, seed=3)[1]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["strategy=hcl"], "data=FILE is required"),
+        (["data=x.jsonl", "epoch=2"], "expected key=value with key one of"),
+        (["data=x.jsonl", "batch_size=many"], "batch_size takes an integer"),
+        (["data=x.jsonl", "symmetric=maybe"], "symmetric takes true or false"),
+        (["data=x.jsonl", "strategy=hlc"], "hcl"),
+        (["data=x.jsonl", "dev_fraction=0.9"], "dev_fraction"),
+        (["data=x.jsonl", "max_steps=0"], "max_steps"),
+        (["data=x.jsonl", "guide_margin_strategy=cosine"], "guide_margin_strategy"),
+        (["data=x.jsonl", "hcl.beta=2"], "strategy=infonce"),
+        (["data=x.jsonl", "--config", "mnist1d_simclr_hcl"], "--config does not apply"),
+    ],
+)
+def test_bad_settings_say_what_is_wrong(argv, message, capsys):
+    assert run(*argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_one_column_and_too_few_rows_are_refused(tmp_path, setup, capsys):
+    model_dir, _, rows = setup
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({"anchor": r["anchor"]}) + "\n" for r in rows))
+    assert run(f"data={one}", f"model={model_dir}", "--run-dir", tmp_path / "a") == 2
+    assert "an anchor and a positive column" in capsys.readouterr().err
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    assert run(f"data={few}", f"model={model_dir}", "--run-dir", tmp_path / "b") == 2
+    assert "dev_fraction" in capsys.readouterr().err
+
+
+def test_a_folder_with_a_trained_model_is_not_overwritten(tmp_path, setup, capsys):
+    model_dir, data, _ = setup
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    assert run(f"data={data}", f"model={model_dir}", "--run-dir", tmp_path / "run") == 2
+    assert "already holds a trained model" in capsys.readouterr().err
+
+
+def test_settings_parse_from_key_value_items():
+    cfg = TextTrainConfig.with_overrides(
+        ["data=rows.parquet", "epochs=2", "symmetric=yes", "guide=none", "columns=q,d,n"]
+    )
+    assert (cfg.epochs, cfg.symmetric, cfg.guide, cfg.columns) == (2.0, True, None, "q,d,n")
