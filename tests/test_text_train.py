@@ -144,3 +144,15 @@ def test_settings_parse_from_key_value_items():
         ["data=rows.parquet", "epochs=2", "symmetric=yes", "guide=none", "columns=q,d,n"]
     )
     assert (cfg.epochs, cfg.symmetric, cfg.guide, cfg.columns) == (2.0, True, None, "q,d,n")
+
+
+def test_a_guide_and_the_cached_form_reach_the_loss(tmp_path, setup):
+    model_dir, data, _ = setup
+    out = tmp_path / "run"
+    argv = [f"data={data}", f"model={model_dir}", f"guide={model_dir}", "guide_margin=0.05"]
+    argv += ["mini_batch_size=4", "max_steps=1", "batch_size=8", "dev_fraction=0"]
+    assert run(*argv, "--run-dir", out) == 0
+    card = (out / "model" / "README.md").read_text()
+    assert "CachedHardNegativeLoss" in card and '"guide_margin": 0.05' in card
+    assert "solatorio2024gistembed" in card
+    assert "dev_mrr_after" not in json.loads((out / "metrics.json").read_text())
