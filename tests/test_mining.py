@@ -995,3 +995,81 @@ def test_cli_mine_cache_follows_a_model_directory_saved_again(tmp_path, monkeypa
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert cli.main(argv) == 0 and len(loads) == 2
+
+
+def test_output_scores_are_the_model_s_cosines_positive_first():
+    model = FakeModel()
+    queries, positives, corpus = data()
+    s = scores_of(model, queries, corpus)
+    kwargs = dict(model=model, num_negatives=3, output_scores=True)
+    tuples = mine_hard_negatives(queries, positives, corpus, output_format="n-tuple", **kwargs)
+    triplets = mine_hard_negatives(queries, positives, corpus, output_format="triplet", **kwargs)
+    assert len(tuples) == len(queries) and len(triplets) == 3 * len(queries)
+    for row in tuples:
+        i = queries.index(row["anchor"])
+        docs = [row["positive"], *(row[f"negative_{m}"] for m in (1, 2, 3))]
+        want = [float(s[i, corpus.index(d)]) for d in docs]
+        assert row["scores"] == pytest.approx(want, abs=1e-5)
+        assert want[1] >= want[2] >= want[3]  # the negatives in decreasing score
+    for row in triplets:
+        i = queries.index(row["anchor"])
+        want = [float(s[i, corpus.index(row[c])]) for c in ("positive", "negative")]
+        assert row["scores"] == pytest.approx(want, abs=1e-5)
+    plain = mine_hard_negatives(queries, positives, corpus, model=model, num_negatives=3)
+    assert "scores" not in plain[0]
+
+
+@pytest.mark.parametrize("scores", [False, True])
+def test_labeled_formats_list_each_anchor_s_positives_then_its_mined_negatives(scores):
+    model = FakeModel()
+    queries, positives, corpus = data()
+    # anchor 0 twice: its two positives are both positives (label 1), never negatives
+    queries, positives = [*queries, queries[0]], [*positives, positives[5]]
+    kwargs = dict(model=model, num_negatives=2, output_scores=scores)
+    triplets = mine_hard_negatives(queries, positives, corpus, **{**kwargs, "output_scores": False})
+    mined: dict[str, list[str]] = {}
+    for row in triplets:
+        mined.setdefault(row["anchor"], [])
+        if row["negative"] not in mined[row["anchor"]]:
+            mined[row["anchor"]].append(row["negative"])
+    own: dict[str, list[str]] = {}
+    for q, p in zip(queries, positives):
+        own.setdefault(q, []).append(p)
+    s = scores_of(model, list(own), corpus)
+    anchors = list(own)
+
+    def value(anchor, doc, label):
+        return float(s[anchors.index(anchor), corpus.index(doc)]) if scores else label
+
+    lists = mine_hard_negatives(queries, positives, corpus, output_format="labeled-list", **kwargs)
+    assert [r["anchor"] for r in lists] == anchors
+    key = "scores" if scores else "labels"
+    for row in lists:
+        a = row["anchor"]
+        assert row["positive"] == own[a] + mined[a]
+        want = [value(a, d, 1) for d in own[a]] + [value(a, d, 0) for d in mined[a]]
+        assert row[key] == pytest.approx(want, abs=1e-5)
+    pairs = mine_hard_negatives(queries, positives, corpus, output_format="labeled-pair", **kwargs)
+    key = "score" if scores else "label"
+    want_pairs = [
+        (a, d, value(a, d, label))
+        for a in anchors
+        for d, label in [*((d, 1) for d in own[a]), *((d, 0) for d in mined[a])]
+    ]
+    got = [(r["anchor"], r["positive"], r[key]) for r in pairs]
+    assert [g[:2] for g in got] == [w[:2] for w in want_pairs]
+    assert [g[2] for g in got] == pytest.approx([w[2] for w in want_pairs], abs=1e-5)
+    assert len(own[queries[0]]) == 2 and set(own[queries[0]]).isdisjoint(mined[queries[0]])
+
+
+def test_cli_mine_takes_the_labeled_formats_and_output_scores():
+    import argparse
+
+    from hardneg.commands import mine as mine_command
+
+    parser = argparse.ArgumentParser()
+    mine_command.add_arguments(parser)
+    args = parser.parse_args(
+        ["--data", "d.jsonl", "--output", "o.jsonl", "--format", "labeled-list", "--output-scores"]
+    )
+    assert args.output_format == "labeled-list" and args.output_scores is True

@@ -46,8 +46,12 @@ rank 0 only.
 
 Queries with fewer than ``num_negatives`` survivors yield fewer triplets, and no n-tuple row.
 Rows come back as a list of dicts in sentence-transformers' formats (``triplet``: ``anchor,
-positive, negative``; ``n-tuple``: ``anchor, positive, negative_1..k``), or as a
-``datasets.Dataset`` (``as_dataset=True``); :func:`save_rows` writes jsonl or parquet.
+positive, negative``; ``n-tuple``: ``anchor, positive, negative_1..k``; for cross-encoders
+``labeled-pair``: ``anchor, positive, label`` and ``labeled-list``: ``anchor, [documents],
+[labels]``, grouped by anchor), with ``output_scores`` the model's cosines (``scores`` =
+``[s_pos, s_neg...]``, what ``MarginMSELoss`` distils from; ``score`` / ``scores`` in place of
+the labels), or as a ``datasets.Dataset`` (``as_dataset=True``); :func:`save_rows` writes jsonl
+or parquet.
 """
 
 from __future__ import annotations
@@ -65,11 +69,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hardneg._checks import check_choice, check_number
+from hardneg._checks import check_choice, check_flag, check_number
 from hardneg.contrast import ContrastSet
 
 SAMPLING = ("top", "random", "simans", "hcl", "ring", "potential")
-FORMATS = ("triplet", "n-tuple")
+FORMATS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
 
 
 @dataclass(frozen=True)
@@ -496,6 +500,7 @@ def mine_hard_negatives(
     anchor_column: str = "anchor",
     positive_column: str = "positive",
     seed: int = 0,
+    output_scores: bool = False,
     as_dataset: bool = False,
     return_stats: bool = False,
 ) -> Any:
@@ -509,7 +514,13 @@ def mine_hard_negatives(
             sentence-transformers does).
         model: anything with ``encode(texts, batch_size=..., convert_to_tensor=True)``.
         num_negatives: negatives per query.
-        output_format: ``'triplet'`` (one row per negative) or ``'n-tuple'`` (one row per query).
+        output_format: ``'triplet'`` (one row per negative), ``'n-tuple'`` (one row per
+            query), ``'labeled-pair'`` (``anchor, positive, label``: 1 for each positive of an
+            anchor, 0 for each of its mined negatives) or ``'labeled-list'`` (``anchor,
+            positive, labels``: one row per distinct anchor, its positives then its negatives
+            in ``positive`` and their 1 / 0 in ``labels``), sentence-transformers' formats for
+            cross-encoder losses; an anchor's negatives are those mined for its pairs, each text
+            once.
         sampling: ``'top'``, ``'random'``, ``'simans'``, ``'hcl'``, ``'ring'`` or
             ``'potential'``.
         range_min, range_max: rank window ``[range_min, range_max)`` of the candidates
@@ -532,6 +543,9 @@ def mine_hard_negatives(
             ``cache_dir`` embeds again instead of reading the old model's embeddings.
         anchor_column, positive_column: column names of a dataset input.
         seed: seed of the sampling.
+        output_scores: add the model's cosines: ``scores`` ``[s_pos, s_neg]`` per triplet,
+            ``[s_pos, s_neg_1, ..., s_neg_k]`` per n-tuple (what ``MarginMSELoss`` reads), and
+            ``score`` / ``scores`` in place of ``label`` / ``labels`` in the labeled formats.
         as_dataset: return a ``datasets.Dataset`` instead of a list of dicts.
         return_stats: also return :class:`MiningStats`.
     """
@@ -564,6 +578,7 @@ def mine_hard_negatives(
     ):
         check_number(name, value, low=1, integer=True)
     check_choice("output_format", output_format, FORMATS)
+    check_flag("output_scores", output_scores)
     check_choice("sampling", sampling, SAMPLING)
     # positives are never negatives of their query: skip the corpus rows equal to any positive
     # of the same anchor text (an anchor listed with several positives keeps all of them out),
@@ -706,8 +721,12 @@ def mine_hard_negatives(
     chosen_scores = scores.gather(1, chosen)
     chosen_index = index.gather(1, chosen)
 
-    rows: list[dict[str, str]] = []
+    rows: list[dict[str, Any]] = []
     neg_scores = []
+    pos_scores = pos.squeeze(1).tolist()
+    # the labeled formats: anchor -> {document: score} of its positives, and of its negatives
+    labeled: dict[str, dict[str, float]] = {}
+    negatives_of: dict[str, dict[str, float]] = {}
     for i in range(len(q_texts)):
         picks = [
             (float(chosen_scores[i, m]), int(chosen_index[i, m]))
@@ -718,13 +737,25 @@ def mine_hard_negatives(
         if len(picks) < num_negatives:
             stats.short_queries += 1
         neg_scores.extend(s for s, _ in picks)
+        s_pos = pos_scores[i]
         if output_format == "triplet":
-            for _, j in picks:
-                rows.append({"anchor": q_texts[i], "positive": p_texts[i], "negative": c_texts[j]})
-        elif len(picks) == num_negatives:
-            row = {"anchor": q_texts[i], "positive": p_texts[i]}
-            row.update({f"negative_{m + 1}": c_texts[j] for m, (_, j) in enumerate(picks)})
-            rows.append(row)
+            for s_neg, j in picks:
+                row = {"anchor": q_texts[i], "positive": p_texts[i], "negative": c_texts[j]}
+                rows.append({**row, "scores": [s_pos, s_neg]} if output_scores else row)
+        elif output_format == "n-tuple":
+            if len(picks) == num_negatives:
+                row = {"anchor": q_texts[i], "positive": p_texts[i]}
+                row.update({f"negative_{m + 1}": c_texts[j] for m, (_, j) in enumerate(picks)})
+                if output_scores:
+                    row["scores"] = [s_pos, *(s_neg for s_neg, _ in picks)]
+                rows.append(row)
+        else:  # labeled: grouped by anchor below, each text once, in decreasing score
+            labeled.setdefault(q_texts[i], {})[p_texts[i]] = s_pos
+            found = negatives_of.setdefault(q_texts[i], {})
+            for s_neg, j in picks:
+                found.setdefault(c_texts[j], s_neg)
+    if labeled:  # the anchors' positives (label 1) before their negatives (label 0)
+        rows = _labeled_rows(labeled, negatives_of, output_format, output_scores)
     stats.rows = len(rows)
     stats.mean_positive_score = float(pos.mean())
     stats.mean_negative_score = float(np.mean(neg_scores)) if neg_scores else math.nan
@@ -735,6 +766,36 @@ def mine_hard_negatives(
 
         out = Dataset.from_list(rows)
     return (out, stats) if return_stats else out
+
+
+def _labeled_rows(
+    positives: dict[str, dict[str, float]],
+    negatives: dict[str, dict[str, float]],
+    output_format: str,
+    output_scores: bool,
+) -> list[dict[str, Any]]:
+    """Rows of the labeled formats (sentence-transformers' ``labeled-pair`` / ``labeled-list``)
+    from each anchor's positives and mined negatives (document -> cosine; a mined negative
+    that is another pair's positive of the same anchor cannot occur: positives are excluded).
+    An anchor with no negative gets no ``labeled-list`` row, as sentence-transformers does."""
+    rows: list[dict[str, Any]] = []
+    for anchor, docs in positives.items():
+        negs = negatives.get(anchor, {})
+        pairs = [(d, 1, s) for d, s in docs.items()] + [(d, 0, s) for d, s in negs.items()]
+        if output_format == "labeled-pair":
+            for doc, label, score in pairs:
+                value = {"score": score} if output_scores else {"label": label}
+                rows.append({"anchor": anchor, "positive": doc, **value})
+        elif negs:
+            values = [score if output_scores else label for _, label, score in pairs]
+            rows.append(
+                {
+                    "anchor": anchor,
+                    "positive": [doc for doc, _, _ in pairs],
+                    ("scores" if output_scores else "labels"): values,
+                }
+            )
+    return rows
 
 
 def save_rows(rows: Any, path: str | Path) -> Path:

@@ -51,9 +51,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         dest="output_format",
         default="triplet",
-        choices=["triplet", "n-tuple"],
+        choices=["triplet", "n-tuple", "labeled-pair", "labeled-list"],
         help="triplet: one (anchor, positive, negative) row per negative; n-tuple: one "
-        "(anchor, positive, negative_1..k) row per query (default: %(default)s)",
+        "(anchor, positive, negative_1..k) row per query; labeled-pair: (anchor, positive, "
+        "label) rows, 1 for a positive and 0 for a negative; labeled-list: one (anchor, "
+        "[documents], [labels]) row per anchor (cross-encoder losses) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output-scores",
+        action="store_true",
+        help="add the model's cosines: a scores column [positive, negatives...] (triplet, "
+        "n-tuple: what MarginMSELoss reads), score / scores instead of label / labels "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--num-negatives", type=int, default=1, help="negatives per query (default: %(default)s)"
@@ -168,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
     model = _ModelOnFirstUse(lambda: load_sentence_model(args.model, device=device))
     keys = (
         "output_format num_negatives sampling range_min range_max min_score max_score "
-        "absolute_margin relative_margin batch_size query_chunk_size corpus_chunk_size cache_dir seed"
+        "absolute_margin relative_margin batch_size query_chunk_size corpus_chunk_size cache_dir seed "
+        "output_scores"
     ).split() + [f.name for f in dataclasses.fields(SamplerOptions)]
     mined, stats = mine_hard_negatives(
         anchors,
