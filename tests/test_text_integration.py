@@ -154,6 +154,26 @@ def test_a_candidate_with_the_anchor_s_own_text_is_masked(model, symmetric):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_another_positive_of_the_same_query_is_no_negative(model, symmetric):
+    """Retrieval data list a query with several relevant documents as separate rows; two such
+    rows in one batch made each one's positive a negative of the other (a false negative that
+    sentence-transformers avoids only with the NO_DUPLICATES batch sampler). Both are masked
+    (neither), in both directions."""
+    cols = columns(1, batch=4)
+    cols[0][2] = cols[0][0]  # rows 0 and 2: one query, two relevant documents
+    feats = features(model, cols)
+    with torch.no_grad():
+        emb = [model(f)["sentence_embedding"] for f in feats]
+        got = HardNegativeLoss(model, symmetric=symmetric)(feats, None)
+    # candidates: positives 0..3, then the hard negatives 4..7
+    want = manual_mnrl(emb[0], emb[1], emb[2].unsqueeze(1), 20.0, {(0, 2), (2, 0)})
+    if symmetric:  # positive -> anchor: anchors 0 and 2 are one text, each one's own anchor
+        back = manual_mnrl(emb[1], emb[0], emb[0][:, None, :0], 20.0, {(0, 2), (2, 0)})
+        want = (want + back) / 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_pairs_of_a_text_with_itself_still_equal_mnrl(model):
     """Unsupervised SimCSE data, (text, text) rows with dropout as the augmentation: each
     positive has its anchor's own text, and the mask of the anchor's text must leave it the

@@ -381,7 +381,9 @@ def retrieval_contrast(
     with the same id as the anchor's positive is a duplicate of it and is masked (neither).
     ``anchor_ids [B]`` (with ``candidate_ids``): the anchors' own ids; a column with the
     anchor's own id is masked too (a text is not its own negative: chained pairs ``(s1, s2),
-    (s2, s3)`` put the second anchor's text among its candidates, at cosine 1).
+    (s2, s3)`` put the second anchor's text among its candidates, at cosine 1), and so is the
+    positive of another row with the same anchor id (a query listed with several relevant
+    documents: each is a positive of it, not a negative).
     ``fast``: normalise with :func:`hardneg.fastpaths.unit_rows` (same values, a cheaper
     backward).
     """
@@ -397,7 +399,11 @@ def retrieval_contrast(
         candidates = candidate_ids.to(anchors.device).unsqueeze(0)
         mask = candidates != ids.to(anchors.device).unsqueeze(1)
         if anchor_ids is not None:
-            mask = mask & (candidates != anchor_ids.to(anchors.device).unsqueeze(1))
+            own = anchor_ids.to(anchors.device)
+            mask = mask & (candidates != own.unsqueeze(1))
+            # rows with the same anchor text (a query listed with several relevant documents):
+            # each row's positive is another positive of that query, not its negative
+            mask[:, :b] &= own.unsqueeze(0) != own.unsqueeze(1)
     contrast = build_contrast(
         anchors,
         columns,
