@@ -1073,3 +1073,66 @@ def test_cli_mine_takes_the_labeled_formats_and_output_scores():
         ["--data", "d.jsonl", "--output", "o.jsonl", "--format", "labeled-list", "--output-scores"]
     )
     assert args.output_format == "labeled-list" and args.output_scores is True
+
+
+class PromptModel(FakeModel):
+    """``encode`` takes ``prompt`` / ``prompt_name`` as a SentenceTransformer does: the vector of
+    the prompted text."""
+
+    prompts = {"query": "query: ", "doc": "passage: "}
+
+    def encode(
+        self, texts, batch_size=32, convert_to_tensor=True, show_progress_bar=False, **kwargs
+    ):
+        prompt = kwargs.get("prompt") or self.prompts.get(kwargs.get("prompt_name"), "")
+        return torch.stack([self.vector(prompt + t) for t in texts])
+
+
+@pytest.mark.parametrize("model_class", [FakeModel, PromptModel])
+def test_prompts_embed_queries_and_corpus_with_their_own_prefix(model_class, tmp_path):
+    model = model_class()
+    queries, positives, corpus = data()
+    kwargs = dict(model=model, num_negatives=2, output_format="n-tuple", output_scores=True)
+    rows = mine_hard_negatives(
+        queries,
+        positives,
+        corpus,
+        query_prompt="query: ",
+        corpus_prompt="passage: ",
+        cache_dir=tmp_path,
+        **kwargs,
+    )
+    s = scores_of(model, [f"query: {q}" for q in queries], [f"passage: {c}" for c in corpus])
+    for i, row in enumerate(rows):
+        docs = [row["positive"], row["negative_1"], row["negative_2"]]
+        want = [float(s[i, corpus.index(d)]) for d in docs]
+        assert row["scores"] == pytest.approx(want, abs=1e-5)
+        s[i, i] = float("-inf")
+        top = [corpus[j] for j in s[i].argsort(descending=True)[:2].tolist()]
+        assert docs[1:] == top
+    # the cache holds the prompted embeddings apart from the plain ones
+    plain = mine_hard_negatives(queries, positives, corpus, cache_dir=tmp_path, **kwargs)
+    assert plain[0]["scores"] != rows[0]["scores"]
+
+
+def test_prompt_names_come_from_the_model_s_prompts():
+    model = PromptModel()
+    queries, positives, corpus = data()
+    kwargs = dict(model=model, num_negatives=2, output_format="n-tuple", output_scores=True)
+    named = mine_hard_negatives(
+        queries, positives, corpus, query_prompt_name="query", corpus_prompt_name="doc", **kwargs
+    )
+    texts = mine_hard_negatives(
+        queries, positives, corpus, query_prompt="query: ", corpus_prompt="passage: ", **kwargs
+    )
+    assert named == texts
+    with pytest.raises(ValueError, match="not one of the model's prompts .*'query', 'doc'"):
+        mine_hard_negatives(queries, positives, corpus, query_prompt_name="qry", **kwargs)
+    with pytest.raises(ValueError, match="the model has no prompts"):
+        mine_hard_negatives(
+            queries, positives, corpus, **{**kwargs, "model": FakeModel()}, query_prompt_name="q"
+        )
+    with pytest.raises(ValueError, match="query_prompt or query_prompt_name, not both"):
+        mine_hard_negatives(
+            queries, positives, corpus, query_prompt="q: ", query_prompt_name="query", **kwargs
+        )

@@ -156,3 +156,44 @@ def test_a_guide_and_the_cached_form_reach_the_loss(tmp_path, setup):
     assert "CachedHardNegativeLoss" in card and '"guide_margin": 0.05' in card
     assert "solatorio2024gistembed" in card
     assert "dev_mrr_after" not in json.loads((out / "metrics.json").read_text())
+
+
+def test_prompts_reach_the_held_out_score(tmp_path, setup):
+    from sentence_transformers import SentenceTransformer
+
+    model_dir, data, rows = setup
+    out = tmp_path / "run"
+    argv = [f"data={data}", f"model={model_dir}", "query_prompt=the ", "document_prompt=a "]
+    assert run(*argv, "max_steps=1", "batch_size=8", "dev_fraction=0.25", "--run-dir", out) == 0
+    base = SentenceTransformer(str(model_dir))
+    _, dev = split_rows(len(rows), 0.25, 0)
+
+    def mrr(query_prefix, doc_prefix):  # a loop over the queries, prompts written out
+        q = base.encode([query_prefix + rows[i]["anchor"] for i in dev], convert_to_tensor=True)
+        docs = [doc_prefix + rows[i][c] for c in ("positive", "negative") for i in dev]
+        c = base.encode(docs, convert_to_tensor=True)
+        values = []
+        for j in range(len(dev)):
+            sims = torch.nn.functional.cosine_similarity(q[j : j + 1], c, dim=1)
+            rank = 1 + int((sims > sims[j]).sum())
+            values.append(1.0 / rank if rank <= 10 else 0.0)
+        return float(np.mean(values))
+
+    before = json.loads((out / "metrics.json").read_text())["dev_mrr_before"]
+    assert before == pytest.approx(mrr("the ", "a "), abs=1e-5)
+    assert mrr("the ", "a ") != pytest.approx(mrr("", ""), abs=1e-6)  # the prompts matter
+
+
+def test_column_prompts_put_the_query_prompt_on_anchors_only():
+    from hardneg.text.train import _column_prompts
+
+    keys = ["anchor", "positive", "negative_1"]
+    assert _column_prompts(keys, "q: ", "d: ") == {
+        "anchor": "q: ",
+        "positive": "d: ",
+        "negative_1": "d: ",
+    }
+    assert _column_prompts(keys, None, "d: ") == {"positive": "d: ", "negative_1": "d: "}
+    assert _column_prompts(keys, None, None) is None
+    cfg = TextTrainConfig.with_overrides(["data=x.jsonl", "query_prompt=query: "])
+    assert cfg.query_prompt == "query: "

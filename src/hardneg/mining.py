@@ -57,6 +57,7 @@ or parquet.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -179,12 +180,24 @@ def embed_texts(
     batch_size: int = 64,
     cache_dir: str | Path | None = None,
     model_key: str | None = None,
+    prompt: str | None = None,
+    prompt_name: str | None = None,
 ) -> Tensor:
-    """``[n, d]`` L2-normalised float32 embeddings, in batches; cached as ``.npy`` if asked."""
+    """``[n, d]`` L2-normalised float32 embeddings, in batches; cached as ``.npy`` if asked.
+
+    ``prompt`` (a string put before every text, e.g. E5's ``"query: "``) or ``prompt_name`` (a
+    key of the model's ``prompts``) go to ``model.encode`` when it takes them (a
+    ``SentenceTransformer``, which can leave the prompt's tokens out of the pooling); a model
+    whose ``encode`` takes no prompt gets ``prompt`` written before each text."""
+    encode_kwargs = _prompt_kwargs(model, prompt, prompt_name)
+    if prompt is not None and not encode_kwargs:
+        texts = [prompt + t for t in texts]
     path = None
     if cache_dir is not None:
         key = hashlib.sha1()
         key.update((model_key or type(model).__name__).encode())
+        # the prompt is part of what is embedded: another prompt is another cache entry
+        key.update(f"prompt={prompt!r}|prompt_name={prompt_name!r}".encode())
         for t in texts:
             key.update(t.encode())
             key.update(b"\x00")
@@ -204,6 +217,7 @@ def embed_texts(
                 batch_size=batch_size,
                 convert_to_tensor=True,
                 show_progress_bar=False,
+                **encode_kwargs,
             )
         if not isinstance(emb, Tensor) or emb.dim() != 2:
             raise ValueError(
@@ -219,6 +233,36 @@ def embed_texts(
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, out.numpy())
     return out
+
+
+def _prompt_kwargs(model: Any, prompt: str | None, prompt_name: str | None) -> dict[str, str]:
+    """The prompt keywords for ``model.encode``: those it takes (none when it takes no prompt;
+    a ``prompt_name`` it cannot take, or that its ``prompts`` do not hold, fails naming it)."""
+    if prompt is None and prompt_name is None:
+        return {}
+    if prompt is not None and prompt_name is not None:
+        raise ValueError("give a prompt or a prompt name, not both")
+    try:
+        parameters = inspect.signature(model.encode).parameters.values()
+    except (TypeError, ValueError):
+        parameters = []
+    takes = {p.name for p in parameters}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        takes |= {"prompt", "prompt_name"}  # encode(..., **kwargs)
+    if prompt_name is not None:
+        prompts = getattr(model, "prompts", None)
+        if "prompt_name" not in takes or not isinstance(prompts, Mapping):
+            raise ValueError(
+                f"prompt name {prompt_name!r}: the model has no prompts (a SentenceTransformer "
+                "saved with prompts={...} has); give the prompt text itself instead"
+            )
+        if prompt_name not in prompts:
+            raise ValueError(
+                f"prompt name {prompt_name!r} is not one of the model's prompts "
+                f"({', '.join(map(repr, prompts)) or 'none'})"
+            )
+        return {"prompt_name": prompt_name}
+    return {"prompt": str(prompt)} if "prompt" in takes else {}
 
 
 def chunked_top_k(
@@ -500,6 +544,10 @@ def mine_hard_negatives(
     anchor_column: str = "anchor",
     positive_column: str = "positive",
     seed: int = 0,
+    query_prompt: str | None = None,
+    query_prompt_name: str | None = None,
+    corpus_prompt: str | None = None,
+    corpus_prompt_name: str | None = None,
     output_scores: bool = False,
     as_dataset: bool = False,
     return_stats: bool = False,
@@ -543,6 +591,10 @@ def mine_hard_negatives(
             ``cache_dir`` embeds again instead of reading the old model's embeddings.
         anchor_column, positive_column: column names of a dataset input.
         seed: seed of the sampling.
+        query_prompt, query_prompt_name: the prompt (text, or a key of the model's
+            ``prompts``) the queries are embedded with (E5's ``"query: "``), as
+            sentence-transformers' ``mine_hard_negatives``; not both.
+        corpus_prompt, corpus_prompt_name: the same for the corpus and the positives.
         output_scores: add the model's cosines: ``scores`` ``[s_pos, s_neg]`` per triplet,
             ``[s_pos, s_neg_1, ..., s_neg_k]`` per n-tuple (what ``MarginMSELoss`` reads), and
             ``score`` / ``scores`` in place of ``label`` / ``labels`` in the labeled formats.
@@ -579,6 +631,20 @@ def mine_hard_negatives(
         check_number(name, value, low=1, integer=True)
     check_choice("output_format", output_format, FORMATS)
     check_flag("output_scores", output_scores)
+    for name, value in (
+        ("query_prompt", query_prompt),
+        ("query_prompt_name", query_prompt_name),
+        ("corpus_prompt", corpus_prompt),
+        ("corpus_prompt_name", corpus_prompt_name),
+    ):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+    for side, text, name in (
+        ("query", query_prompt, query_prompt_name),
+        ("corpus", corpus_prompt, corpus_prompt_name),
+    ):
+        if text is not None and name is not None:
+            raise ValueError(f"give {side}_prompt or {side}_prompt_name, not both")
     check_choice("sampling", sampling, SAMPLING)
     # positives are never negatives of their query: skip the corpus rows equal to any positive
     # of the same anchor text (an anchor listed with several positives keeps all of them out),
@@ -658,12 +724,14 @@ def mine_hard_negatives(
         # the class name alone served a fine-tuned model its base model's embeddings
         model_key = model_fingerprint(model)
     embed_kw = {"batch_size": batch_size, "cache_dir": cache_dir, "model_key": model_key}
+    query_kw = {**embed_kw, "prompt": query_prompt, "prompt_name": query_prompt_name}
+    embed_kw.update(prompt=corpus_prompt, prompt_name=corpus_prompt_name)  # corpus, positives
     # an anchor listed with several positives is embedded once (retrieval data repeats anchors)
     distinct_q = list(dict.fromkeys(q_texts))
     q_row = {t: n for n, t in enumerate(distinct_q)}
     emb = {
         "corpus": embed_texts(model, c_texts[lo:hi], **embed_kw),  # this rank's shard only
-        "queries": _embed_sharded(model, distinct_q, **embed_kw)[[q_row[t] for t in q_texts]],
+        "queries": _embed_sharded(model, distinct_q, **query_kw)[[q_row[t] for t in q_texts]],
     }
     # positives already in the corpus reuse its embeddings; only the others are embedded
     in_corpus = sorted({where[p][0] for p in p_texts if p in where})

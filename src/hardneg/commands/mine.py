@@ -57,6 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "label) rows, 1 for a positive and 0 for a negative; labeled-list: one (anchor, "
         "[documents], [labels]) row per anchor (cross-encoder losses) (default: %(default)s)",
     )
+    for side, what in (("query", "the queries"), ("corpus", "the corpus and the positives")):
+        parser.add_argument(
+            f"--{side}-prompt",
+            help=f"text put before each of {what} when embedding (E5: 'query: ' / 'passage: ')",
+        )
+        parser.add_argument(
+            f"--{side}-prompt-name",
+            help=f"the model's own prompt (a key of its prompts) for {what}",
+        )
     parser.add_argument(
         "--output-scores",
         action="store_true",
@@ -178,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     keys = (
         "output_format num_negatives sampling range_min range_max min_score max_score "
         "absolute_margin relative_margin batch_size query_chunk_size corpus_chunk_size cache_dir seed "
-        "output_scores"
+        "output_scores query_prompt query_prompt_name corpus_prompt corpus_prompt_name"
     ).split() + [f.name for f in dataclasses.fields(SamplerOptions)]
     mined, stats = mine_hard_negatives(
         anchors,

@@ -54,6 +54,8 @@ class TextTrainConfig:
     lr: float = 2e-5
     warmup_ratio: float = 0.1
     max_seq_length: int = 0  # 0: the model's own
+    query_prompt: str | None = None  # put before each anchor (E5: "query: ")
+    document_prompt: str | None = None  # before each positive and negative ("passage: ")
     dev_fraction: float = 0.1  # held-out rows for the retrieval score (0: none)
     seed: int = 0
     threads: int = 0  # torch threads (0: torch's default)
@@ -72,7 +74,9 @@ class TextTrainConfig:
                     f"text training setting {item!r}: expected key=value with key one of "
                     f"{', '.join(kinds)} (or STRATEGY.KEY=value for a strategy's hyper-parameter)"
                 )
-            setattr(cfg, key, _parse(key, value.strip(), kinds[key]))
+            # a prompt keeps its spaces ("query: "); other values are trimmed
+            text = value if key.endswith("_prompt") else value.strip()
+            setattr(cfg, key, _parse(key, text, kinds[key]))
         cfg.validate()
         return cfg
 
@@ -108,7 +112,7 @@ class TextTrainConfig:
 
 def _parse(key: str, value: str, kind: type) -> Any:
     if value.lower() in ("none", "null", "") and kind is not bool:
-        if key in ("data", "columns", "guide"):
+        if key in ("data", "columns", "guide", "query_prompt", "document_prompt"):
             return None
         raise ValueError(f"{key} needs a value, got {value!r}")
     if kind is bool:
@@ -164,16 +168,20 @@ def split_rows(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.n
 
 
 def dev_retrieval(
-    encode: Callable[[list[str]], np.ndarray], columns: list[list[str]], rows: np.ndarray
+    encode: Callable[..., np.ndarray],
+    columns: list[list[str]],
+    rows: np.ndarray,
+    prompts: tuple[str | None, str | None] = (None, None),
 ) -> dict[str, float]:
     """Each held-out anchor queries the held-out positives and negatives (duplicate texts
     once); its own positive is the relevant candidate. ``mrr``: MRR@10; ``recall_1``: percent
-    ranked first. A candidate exactly as similar as the positive does not rank above it."""
+    ranked first. ``prompts``: the anchors' and the documents' prompts (``encode(texts,
+    prompt)``). A candidate exactly as similar as the positive does not rank above it."""
     anchors = [columns[0][i] for i in rows]
     candidates = list(dict.fromkeys(columns[c][i] for c in range(1, len(columns)) for i in rows))
     where = {text: j for j, text in enumerate(candidates)}
     relevant = np.array([where[columns[1][i]] for i in rows])
-    q, c = encode(anchors), encode(candidates)
+    q, c = encode(anchors, prompts[0]), encode(candidates, prompts[1])
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     c = c / np.linalg.norm(c, axis=1, keepdims=True)
     sims = q @ c.T
@@ -186,6 +194,16 @@ def dev_retrieval(
 
 
 # -- training -----------------------------------------------------------------------------------
+def _column_prompts(
+    keys: list[str], query: str | None, document: str | None
+) -> dict[str, str] | None:
+    """sentence-transformers' ``prompts`` per column: the query prompt for the anchors, the
+    document prompt for the positives and negatives (None: no prompt)."""
+    out = {key: (query if key == "anchor" else document) for key in keys}
+    out = {key: prompt for key, prompt in out.items() if prompt is not None}
+    return out or None
+
+
 def _warmup(ratio: float) -> dict[str, float]:
     """The warm-up share in the spelling of the installed transformers: ``warmup_steps`` as a
     float below 1 from v5 on (``warmup_ratio`` is deprecated there), ``warmup_ratio`` before."""
@@ -210,6 +228,7 @@ def train_text(
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
     )
+
     try:  # (sentence-transformers >= 6 moved it; the old path warns)
         from sentence_transformers.sentence_transformer.training_args import BatchSamplers
     except ImportError:
@@ -250,8 +269,10 @@ def train_text(
     else:
         loss = HardNegativeLoss(model, cfg.strategy, **loss_kwargs)
 
-    def encode(texts: list[str]) -> np.ndarray:
-        return model.encode(texts, batch_size=64, convert_to_numpy=True, show_progress_bar=False)
+    def encode(texts: list[str], prompt: str | None = None) -> np.ndarray:
+        return model.encode(
+            texts, prompt=prompt, batch_size=64, convert_to_numpy=True, show_progress_bar=False
+        )
 
     metrics: dict[str, Any] = {
         "strategy": cfg.strategy,
@@ -259,8 +280,9 @@ def train_text(
         "dev_rows": int(dev_rows.size),
         "columns": names,
     }
+    prompts = (cfg.query_prompt, cfg.document_prompt)
     if dev_rows.size:
-        before = dev_retrieval(encode, columns, dev_rows)
+        before = dev_retrieval(encode, columns, dev_rows, prompts)
         metrics.update({f"dev_{k}_before": v for k, v in before.items()})
         log(
             f"held-out retrieval before training: MRR@10 {before['mrr']:.3f}, R@1 {before['recall_1']:.1f}%"
@@ -282,6 +304,7 @@ def train_text(
         seed=cfg.seed,
         data_seed=cfg.seed,
         batch_sampler=BatchSamplers.NO_DUPLICATES,
+        prompts=_column_prompts(keys, cfg.query_prompt, cfg.document_prompt),
         report_to=[],
         save_strategy="no",
         logging_steps=1,
@@ -316,7 +339,7 @@ def train_text(
         writer.writerows(history)
     metrics.update(steps=int(trainer.state.global_step), final_loss=float(history[-1]["loss"]))
     if dev_rows.size:
-        after = dev_retrieval(encode, columns, dev_rows)
+        after = dev_retrieval(encode, columns, dev_rows, prompts)
         metrics.update({f"dev_{k}_after": v for k, v in after.items()})
         log(
             f"held-out retrieval after training:  MRR@10 {after['mrr']:.3f}, R@1 {after['recall_1']:.1f}%"
