@@ -1073,6 +1073,11 @@ def test_cli_mine_takes_the_labeled_formats_and_output_scores():
         ["--data", "d.jsonl", "--output", "o.jsonl", "--format", "labeled-list", "--output-scores"]
     )
     assert args.output_format == "labeled-list" and args.output_scores is True
+    args = parser.parse_args(
+        ["--data", "d.jsonl", "--output", "o.jsonl", "--query-prompt", "query: "]
+        + ["--corpus-prompt-name", "document"]
+    )
+    assert (args.query_prompt, args.corpus_prompt_name) == ("query: ", "document")
 
 
 class PromptModel(FakeModel):
