@@ -568,3 +568,21 @@ def test_a_label_column_is_named_once_as_ignored(model):
     cached = CachedHardNegativeLoss(model, mini_batch_size=2)
     with pytest.warns(UserWarning, match=r"values 0\.5, 1"):
         cached(features(model, cols), torch.tensor([0.5, 1.0, 1.0, 0.5]))
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_matryoshka_loss_around_ours_equals_it_around_mnrl(model, cached):
+    """MatryoshkaLoss repeats the inner loss on truncated embeddings: around the plain loss by
+    decorating the model's forward, around the Cached one through sentence-transformers'
+    gradient-cache protocol (uses_gradient_cache, calculate_loss); both equal MatryoshkaLoss
+    around MultipleNegativesRankingLoss in value and every parameter gradient."""
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+
+    cols = columns(1, batch=8)
+    dims, weights = [32, 16, 8], [1.0, 0.5, 2.0]
+    inner = CachedHardNegativeLoss(model, mini_batch_size=3) if cached else HardNegativeLoss(model)
+    ours = value_and_grads(model, MatryoshkaLoss(model, inner, dims, weights), cols)
+    ref = MatryoshkaLoss(model, MultipleNegativesRankingLoss(model), dims, weights)
+    assert_same(ours, value_and_grads(model, ref, cols))
+    full = value_and_grads(model, HardNegativeLoss(model), cols)[0]
+    assert abs(float(ours[0]) - 3.5 * float(full)) > 1e-3  # the truncations count

@@ -690,6 +690,7 @@ class CachedHardNegativeLoss(HardNegativeLoss):
         self.mini_batch_size = int(
             check_number("mini_batch_size", mini_batch_size, low=1, integer=True)
         )
+        self._step_inputs: tuple[Any, dict[str, list[Tensor]]] | None = None
 
     def get_config_dict(self) -> dict[str, Any]:
         return {**super().get_config_dict(), "mini_batch_size": self.mini_batch_size}
@@ -698,6 +699,27 @@ class CachedHardNegativeLoss(HardNegativeLoss):
     def citation(self) -> str:
         return "\n\n".join(c for c in (super().citation, _GRADCACHE) if c)
 
+    # sentence-transformers' gradient-cache protocol: wrappers such as MatryoshkaLoss see
+    # uses_gradient_cache and decorate calculate_loss (the loss from the mini-batches'
+    # embeddings), e.g. to repeat it on each truncation of the cached embeddings
+    uses_gradient_cache = True
+
+    def calculate_loss(
+        self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
+    ) -> Tensor:
+        """The loss from each column's mini-batch embeddings ``reps[column][chunk]`` (ids and
+        guide embeddings of the step in progress); ``with_backward``: back-propagated into
+        ``reps`` (their ``.grad``), returned detached."""
+        if self._step_inputs is None:
+            raise RuntimeError("calculate_loss runs inside CachedHardNegativeLoss.forward only")
+        ids, guided = self._step_inputs
+        embeddings = [torch.cat(list(column)) for column in reps]
+        loss = self.compute_loss_from_embeddings(embeddings, ids, **guided)
+        if with_backward:
+            loss.backward()
+            return loss.detach()
+        return loss
+
     def forward(
         self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None
     ) -> Tensor:
@@ -705,7 +727,7 @@ class CachedHardNegativeLoss(HardNegativeLoss):
         self._check_columns(features)
         self._note_labels(labels)
         chunks = [_split(f, self.mini_batch_size) for f in features]
-        cached: list[Tensor] = []
+        cached: list[list[Tensor]] = []
         states: list[list[_RandomState]] = []
         with torch.no_grad():
             for column in chunks:
@@ -713,8 +735,8 @@ class CachedHardNegativeLoss(HardNegativeLoss):
                 for chunk in column:
                     device = next(v for v in chunk.values() if isinstance(v, Tensor)).device
                     column_states.append(_RandomState(device))
-                    parts.append(self.embed(chunk))
-                cached.append(torch.cat(parts).detach())
+                    parts.append(self.embed(chunk).detach())
+                cached.append(parts)
                 states.append(column_states)
         ids = [text_ids(f) for f in features] if self.mask_duplicates else None
         guided: dict[str, list[Tensor]] = {}
@@ -722,13 +744,19 @@ class CachedHardNegativeLoss(HardNegativeLoss):
             guided["guide_embeddings"] = [
                 torch.cat([self.guide_embed(chunk) for chunk in column]) for column in chunks
             ]
-        if not torch.is_grad_enabled():
-            return self.compute_loss_from_embeddings(cached, ids, **guided)
-        leaves = [c.requires_grad_() for c in cached]
-        with torch.enable_grad():
-            loss = self.compute_loss_from_embeddings(leaves, ids, **guided)
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+        self._step_inputs = (ids, guided)
+        try:
+            if not torch.is_grad_enabled():
+                return self.calculate_loss(cached, labels)
+            leaves = [[part.requires_grad_() for part in column] for column in cached]
+            with torch.enable_grad():
+                loss = self.calculate_loss(leaves, labels, with_backward=True)
+        finally:
+            self._step_inputs = None
+        grads = [
+            torch.cat([torch.zeros_like(p) if p.grad is None else p.grad for p in column])
+            for column in leaves
+        ]
         out = loss.detach().requires_grad_()
 
         def backward_into_model(grad_output: Tensor) -> None:
