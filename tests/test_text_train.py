@@ -197,3 +197,16 @@ def test_column_prompts_put_the_query_prompt_on_anchors_only():
     assert _column_prompts(keys, None, None) is None
     cfg = TextTrainConfig.with_overrides(["data=x.jsonl", "query_prompt=query: "])
     assert cfg.query_prompt == "query: "
+
+
+def test_matryoshka_dims_wrap_the_loss(tmp_path, setup, capsys):
+    model_dir, data, _ = setup
+    out = tmp_path / "run"
+    argv = [f"data={data}", f"model={model_dir}", "matryoshka_dims=32,16,8", "max_steps=1"]
+    assert run(*argv, "batch_size=8", "dev_fraction=0", "--run-dir", out) == 0
+    card = (out / "model" / "README.md").read_text()
+    assert "MatryoshkaLoss" in card and "HardNegativeLoss" in card
+    assert run(*argv[:2], "matryoshka_dims=64,8", "--run-dir", tmp_path / "b") == 2
+    assert "the model's embeddings have 32 dims" in capsys.readouterr().err
+    assert run(*argv[:2], "matryoshka_dims=32,x", "--run-dir", tmp_path / "c") == 2
+    assert "comma-separated positive integers" in capsys.readouterr().err

@@ -54,6 +54,7 @@ class TextTrainConfig:
     lr: float = 2e-5
     warmup_ratio: float = 0.1
     max_seq_length: int = 0  # 0: the model's own
+    matryoshka_dims: str | None = None  # "384,256,128": MatryoshkaLoss around the loss
     query_prompt: str | None = None  # put before each anchor (E5: "query: ")
     document_prompt: str | None = None  # before each positive and negative ("passage: ")
     dev_fraction: float = 0.1  # held-out rows for the retrieval score (0: none)
@@ -108,11 +109,34 @@ class TextTrainConfig:
         check_model_name(self.model)
         if self.guide is not None:
             check_model_name(self.guide)
+        self.dims()
+
+    def dims(self) -> list[int] | None:
+        """``matryoshka_dims`` as integers (None: no MatryoshkaLoss)."""
+        if not self.matryoshka_dims:
+            return None
+        try:
+            dims = [int(d) for d in str(self.matryoshka_dims).split(",") if d.strip()]
+        except ValueError:
+            dims = []
+        if not dims or min(dims) < 1:
+            raise ValueError(
+                "matryoshka_dims takes comma-separated positive integers (e.g. 384,256,128), "
+                f"got {self.matryoshka_dims!r}"
+            )
+        return dims
 
 
 def _parse(key: str, value: str, kind: type) -> Any:
     if value.lower() in ("none", "null", "") and kind is not bool:
-        if key in ("data", "columns", "guide", "query_prompt", "document_prompt"):
+        if key in (
+            "data",
+            "columns",
+            "guide",
+            "query_prompt",
+            "document_prompt",
+            "matryoshka_dims",
+        ):
             return None
         raise ValueError(f"{key} needs a value, got {value!r}")
     if kind is bool:
@@ -268,6 +292,21 @@ def train_text(
         )
     else:
         loss = HardNegativeLoss(model, cfg.strategy, **loss_kwargs)
+    trained_loss = loss
+    dims = cfg.dims()
+    if dims:
+        try:  # (sentence-transformers >= 6; the old path warns there)
+            from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+        except ImportError:
+            from sentence_transformers.losses import MatryoshkaLoss
+
+        width = (
+            getattr(model, "get_embedding_dimension", None)
+            or model.get_sentence_embedding_dimension
+        )()
+        if max(dims) > width:
+            raise ValueError(f"matryoshka_dims {dims}: the model's embeddings have {width} dims")
+        trained_loss = MatryoshkaLoss(model, loss, dims)
 
     def encode(texts: list[str], prompt: str | None = None) -> np.ndarray:
         return model.encode(
@@ -315,7 +354,7 @@ def train_text(
         model=model,
         args=args,
         train_dataset=train_data,
-        loss=loss,
+        loss=trained_loss,
         callbacks=[ProgressCallback(loss)],
     )
     trainer.train()
