@@ -1,7 +1,8 @@
 """Every loss under ``torch.compile`` and in float64.
 
 * One test per registered loss (``hardneg.list_losses()``, so later ones are covered) and call
-  form (in-batch, pool, pool + ``exclude_index``, retrieval ``hard_negatives``): the compiled
+  form (in-batch, pool, pool + ``exclude_index``, retrieval ``hard_negatives`` with and without
+  ``false_negatives``): the compiled
   loss (``fullgraph=True``, so a graph break fails the test) gives the value and gradients of
   eager within 1e-5. Backend ``aot_eager``: dynamo's capture and AOTAutograd's functionalised
   forward/backward graphs, run by eager kernels. Inductor's C++ code generation took 49-172 s to
@@ -26,11 +27,12 @@ import torch
 import hardneg
 
 LOSSES = hardneg.list_losses()
-FORMS = ["in_batch", "pool", "pool_exclude", "retrieval"]
+FORMS = ["in_batch", "pool", "pool_exclude", "retrieval", "retrieval_masked"]
 # (loss, form) pairs a loss rejects by design, with a clear error (tested in test_potential.py):
 # potential needs two views or a shared bank, not retrieval columns
 UNSUPPORTED: set[tuple[str, str]] = {
-    ("potential", "retrieval")
+    ("potential", "retrieval"),
+    ("potential", "retrieval_masked"),
 }  # (loss, form) pairs a loss rejects by design
 BACKEND = "aot_eager"
 
@@ -44,8 +46,10 @@ def inputs(form: str, dtype=torch.float32, *, n=8, d=6, k=24, h=2, seed=0):
         kwargs["negatives"] = torch.randn(k, d, generator=g, dtype=torch.float64).to(dtype)
         if form == "pool_exclude":
             kwargs["exclude_index"] = torch.randperm(k, generator=g)[:n]
-    elif form == "retrieval":
+    elif form in ("retrieval", "retrieval_masked"):
         kwargs["hard_negatives"] = torch.randn(n, h, d, generator=g, dtype=torch.float64).to(dtype)
+        if form == "retrieval_masked":  # known false negatives (a guide model's, say)
+            kwargs["false_negatives"] = torch.rand(n, n * (1 + h), generator=g) < 0.25
     return z1.to(dtype).requires_grad_(), z2.to(dtype).requires_grad_(), kwargs
 
 
