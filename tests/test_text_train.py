@@ -210,3 +210,34 @@ def test_matryoshka_dims_wrap_the_loss(tmp_path, setup, capsys):
     assert "the model's embeddings have 32 dims" in capsys.readouterr().err
     assert run(*argv[:2], "matryoshka_dims=32,x", "--run-dir", tmp_path / "c") == 2
     assert "comma-separated positive integers" in capsys.readouterr().err
+
+
+def test_retrieval_metrics_on_a_hand_made_ranking():
+    from hardneg.text.train import retrieval_metrics
+
+    sims = np.array(
+        [
+            [0.9, 0.8, 0.1, 0.5],  # relevant {1}: rank 2
+            [0.2, 0.3, 0.9, 0.1],  # relevant {0, 3}: ranks 3 and 4 (first hit at 3)
+            [0.5, 0.5, 0.1, 0.0],  # relevant {1}: tied with 0, ranked first
+        ]
+    )
+    got = retrieval_metrics(sims, [{1}, {0, 3}, {1}])
+    log2 = math.log2
+    ndcg = [
+        (1 / log2(3)) / 1.0,
+        (1 / log2(4) + 1 / log2(5)) / (1 / log2(2) + 1 / log2(3)),
+        1.0,
+    ]
+    assert got["mrr"] == pytest.approx((1 / 2 + 1 / 3 + 1) / 3)
+    assert got["recall_1"] == pytest.approx(100 / 3)
+    assert got["recall_10"] == pytest.approx(100.0)
+    assert got["ndcg_10"] == pytest.approx(sum(ndcg) / 3)
+    # a relevant document below rank 10 counts for nothing
+    far = np.linspace(1.0, 0.0, 12)[None, :]
+    assert retrieval_metrics(far, [{11}]) == {
+        "mrr": 0.0,
+        "recall_1": 0.0,
+        "recall_10": 0.0,
+        "ndcg_10": 0.0,
+    }

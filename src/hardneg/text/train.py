@@ -197,23 +197,50 @@ def dev_retrieval(
     rows: np.ndarray,
     prompts: tuple[str | None, str | None] = (None, None),
 ) -> dict[str, float]:
-    """Each held-out anchor queries the held-out positives and negatives (duplicate texts
-    once); its own positive is the relevant candidate. ``mrr``: MRR@10; ``recall_1``: percent
-    ranked first. ``prompts``: the anchors' and the documents' prompts (``encode(texts,
-    prompt)``). A candidate exactly as similar as the positive does not rank above it."""
-    anchors = [columns[0][i] for i in rows]
+    """Retrieval over the rows ``rows`` of ``columns`` (anchor, positive, negatives...): each
+    distinct anchor text queries the rows' positives and negatives (each text once); its
+    relevant documents are the positives of its rows. ``prompts``: the anchors' and the
+    documents' prompts (``encode(texts, prompt)``). See :func:`retrieval_metrics`."""
+    relevant: dict[str, set[str]] = {}
+    for i in rows:
+        relevant.setdefault(columns[0][i], set()).add(columns[1][i])
+    queries = list(relevant)
     candidates = list(dict.fromkeys(columns[c][i] for c in range(1, len(columns)) for i in rows))
     where = {text: j for j, text in enumerate(candidates)}
-    relevant = np.array([where[columns[1][i]] for i in rows])
-    q, c = encode(anchors, prompts[0]), encode(candidates, prompts[1])
+    q, c = encode(queries, prompts[0]), encode(candidates, prompts[1])
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     c = c / np.linalg.norm(c, axis=1, keepdims=True)
-    sims = q @ c.T
-    target = sims[np.arange(len(rows)), relevant]
-    rank = 1 + (sims > target[:, None]).sum(axis=1)
+    return retrieval_metrics(q @ c.T, [{where[d] for d in relevant[t]} for t in queries])
+
+
+def retrieval_metrics(sims: np.ndarray, relevant: Sequence[set[int]]) -> dict[str, float]:
+    """Binary-relevance retrieval scores of ``sims [Q, C]`` (query x candidate similarities),
+    ``relevant[q]`` the relevant candidates of query ``q``, at ``k = 10`` as
+    sentence-transformers' ``InformationRetrievalEvaluator`` reports them: ``mrr`` (1 / rank of
+    the first relevant, 0 below rank 10), ``recall_1`` (percent of queries with a relevant first),
+    ``recall_10`` (the share of a query's relevant documents in its top 10, in percent) and
+    ``ndcg_10``. Ties rank the relevant document first (a candidate exactly as similar does not
+    rank above it)."""
+    mrr, first, recall, ndcg = [], [], [], []
+    for row, wanted in zip(sims, relevant):
+        is_relevant = np.zeros(row.shape[0], dtype=bool)
+        is_relevant[list(wanted)] = True
+        # stable order: by score, then relevant before irrelevant at the same score
+        order = np.lexsort((~is_relevant, -row))
+        hits = is_relevant[order]
+        top = hits[:RETRIEVAL_K]
+        rank = int(np.argmax(hits)) + 1
+        mrr.append(1.0 / rank if rank <= RETRIEVAL_K else 0.0)
+        first.append(rank == 1)
+        recall.append(top.sum() / len(wanted))
+        gains = top / np.log2(np.arange(2, top.size + 2))
+        ideal = 1.0 / np.log2(np.arange(2, min(len(wanted), RETRIEVAL_K) + 2))
+        ndcg.append(gains.sum() / ideal.sum())
     return {
-        "mrr": float(np.where(rank <= RETRIEVAL_K, 1.0 / rank, 0.0).mean()),
-        "recall_1": 100.0 * float((rank == 1).mean()),
+        "mrr": float(np.mean(mrr)),
+        "recall_1": 100.0 * float(np.mean(first)),
+        "recall_10": 100.0 * float(np.mean(recall)),
+        "ndcg_10": float(np.mean(ndcg)),
     }
 
 
@@ -226,6 +253,13 @@ def _column_prompts(
     out = {key: (query if key == "anchor" else document) for key in keys}
     out = {key: prompt for key, prompt in out.items() if prompt is not None}
     return out or None
+
+
+def _metrics_line(m: dict[str, float]) -> str:
+    return (
+        f"MRR@10 {m['mrr']:.3f}, NDCG@10 {m['ndcg_10']:.3f}, R@1 {m['recall_1']:.1f}%, "
+        f"Recall@10 {m['recall_10']:.1f}%"
+    )
 
 
 def _warmup(ratio: float) -> dict[str, float]:
@@ -323,9 +357,7 @@ def train_text(
     if dev_rows.size:
         before = dev_retrieval(encode, columns, dev_rows, prompts)
         metrics.update({f"dev_{k}_before": v for k, v in before.items()})
-        log(
-            f"held-out retrieval before training: MRR@10 {before['mrr']:.3f}, R@1 {before['recall_1']:.1f}%"
-        )
+        log(f"held-out retrieval before training: {_metrics_line(before)}")
     # the column names the loss sees: anchor, positive, negative_1..k (sentence-transformers
     # reads the columns in order; the names only label them)
     keys = ["anchor", "positive", *(f"negative_{i}" for i in range(1, len(names) - 1))]
@@ -380,9 +412,7 @@ def train_text(
     if dev_rows.size:
         after = dev_retrieval(encode, columns, dev_rows, prompts)
         metrics.update({f"dev_{k}_after": v for k, v in after.items()})
-        log(
-            f"held-out retrieval after training:  MRR@10 {after['mrr']:.3f}, R@1 {after['recall_1']:.1f}%"
-        )
+        log(f"held-out retrieval after training:  {_metrics_line(after)}")
     model.save(str(run_dir / "model"))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     config = {**asdict(cfg), "strategy_hparams": strategy_hparams}
