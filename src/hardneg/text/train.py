@@ -9,10 +9,10 @@ model trains in sentence-transformers' ``SentenceTransformerTrainer`` with
     hardneg mine --data pairs.jsonl --num-negatives 3 --format n-tuple --output mined.parquet
     hardneg train --modality text data=mined.parquet strategy=hcl hcl.beta=0.5 --run-dir runs/hcl
 
-A share ``dev_fraction`` of the rows (drawn with ``seed``) is held out: each held-out anchor
-queries the held-out positives and negatives, its own positive being the relevant one (MRR@10
-and R@1, as sentence-transformers' ``InformationRetrievalEvaluator`` reports them), before and
-after training. The run folder gets ``model/`` (``SentenceTransformer.save``, with the model
+A share ``dev_fraction`` of the rows (drawn with ``seed``) is held out: each distinct held-out
+anchor queries the held-out positives and negatives, the positives of its rows being the
+relevant ones (MRR@10, NDCG@10, R@1, Recall@10, as sentence-transformers'
+``InformationRetrievalEvaluator`` reports them), before and after training. The run folder gets ``model/`` (``SentenceTransformer.save``, with the model
 card), ``history.csv`` (step, epoch, loss, learning rate), ``metrics.json`` and ``config.json``.
 """
 
