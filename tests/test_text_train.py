@@ -241,3 +241,24 @@ def test_retrieval_metrics_on_a_hand_made_ranking():
         "recall_10": 0.0,
         "ndcg_10": 0.0,
     }
+
+
+def test_eval_scores_a_sentence_model_on_rows(tmp_path, setup, capsys):
+    from sentence_transformers import SentenceTransformer
+
+    from hardneg.text.train import retrieval_metrics
+
+    model_dir, data, rows = setup
+    code = main(["eval", str(model_dir), "--modality", "text", "--data", str(data), "--json"])
+    assert code == 0
+    got = json.loads(capsys.readouterr().out)
+    model = SentenceTransformer(str(model_dir))
+    q = model.encode([r["anchor"] for r in rows])
+    docs = [r["positive"] for r in rows] + [r["negative"] for r in rows]
+    c = model.encode(docs)
+    q, c = q / np.linalg.norm(q, axis=1)[:, None], c / np.linalg.norm(c, axis=1)[:, None]
+    want = retrieval_metrics(q @ c.T, [{i} for i in range(len(rows))])
+    for key in ("mrr", "ndcg_10", "recall_1", "recall_10"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6)
+    assert main(["eval", str(model_dir), "--data", str(data)]) == 2
+    assert "--data belongs to --modality text" in capsys.readouterr().err

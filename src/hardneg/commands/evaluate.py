@@ -40,9 +40,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also write metrics.json and report.md (with plots) into the checkpoint's run folder",
     )
+    text = parser.add_argument_group(
+        "text (--modality text: CHECKPOINT is a sentence model's name or folder, e.g. "
+        "RUN/model of hardneg train --modality text)"
+    )
+    text.add_argument(
+        "--modality",
+        choices=("text",),
+        help="text: retrieval scores of a sentence model on --data rows",
+    )
+    text.add_argument(
+        "--data",
+        help="(anchor, positive[, negatives]) rows, .jsonl / .parquet / .csv: each distinct "
+        "anchor queries every positive and negative, its rows' positives being relevant",
+    )
+    text.add_argument("--columns", help="anchor,positive[,negative_1,...] (default: all)")
+    text.add_argument("--query-prompt", help="text put before each anchor ('query: ')")
+    text.add_argument("--document-prompt", help="text put before each document ('passage: ')")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.modality == "text":
+        return run_text(args)
+    for flag in ("data", "columns", "query_prompt", "document_prompt"):
+        if getattr(args, flag) is not None:
+            raise ValueError(
+                f"--{flag.replace('_', '-')} belongs to --modality text (a sentence model "
+                "scored on text rows)"
+            )
     from hardneg.evaluation import evaluate_checkpoint
 
     checkpoint = Path(args.checkpoint)
@@ -100,3 +125,41 @@ def run_dir_of(checkpoint: Path) -> Path:
     """``RUN/checkpoints/x.pt`` -> ``RUN``; a checkpoint elsewhere -> its own folder."""
     parent = checkpoint.resolve().parent
     return parent.parent if parent.name == "checkpoints" else parent
+
+
+def run_text(args: argparse.Namespace) -> int:
+    """``hardneg eval --modality text MODEL --data rows``: MRR@10, NDCG@10, R@1, Recall@10."""
+    if not args.data:
+        raise ValueError("--modality text needs --data rows (anchor, positive[, negatives])")
+    from hardneg.text.models import check_model_name, load_sentence_model
+    from hardneg.text.train import TextTrainConfig, dev_retrieval, load_columns
+
+    check_model_name(args.checkpoint)
+    cfg = TextTrainConfig(data=args.data, columns=args.columns)
+    names, columns = load_columns(cfg)
+    device = None if args.device == "auto" else args.device
+    model = load_sentence_model(args.checkpoint, device=device)
+
+    def encode(texts: list[str], prompt: str | None = None):
+        return model.encode(
+            texts,
+            prompt=prompt,
+            batch_size=args.batch_size,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+
+    import numpy as np
+
+    rows = np.arange(len(columns[0]))
+    result = dev_retrieval(encode, columns, rows, (args.query_prompt, args.document_prompt))
+    result = {"model": args.checkpoint, "rows": int(rows.size), "columns": names, **result}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"{args.checkpoint} on {args.data} ({rows.size} rows): MRR@10 {result['mrr']:.4f}, "
+            f"NDCG@10 {result['ndcg_10']:.4f}, R@1 {result['recall_1']:.2f}%, "
+            f"Recall@10 {result['recall_10']:.2f}%"
+        )
+    return 0
