@@ -172,6 +172,7 @@ def test_same_seed_same_weights(tmp_path):
     [
         pytest.param("moco", "potential", marks=needs_potential),
         ("memory_bank", "ring"),  # per-anchor bank draws from the checkpointed generator
+        ("memory_bank", "unremix"),  # shared draws, and the bank of hidden features
     ],
 )
 def test_resume_after_a_crash_at_an_epoch_boundary_is_bit_exact(

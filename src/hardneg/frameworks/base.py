@@ -161,3 +161,15 @@ def ema_(target: nn.Module, source: nn.Module, momentum: float) -> None:
     """
     for t, s in zip(target.parameters(), source.parameters()):
         t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+
+
+@torch.no_grad()
+def hidden_dim(head: nn.Module, backbone: nn.Module) -> int:
+    """Width of the head's hidden features (one tiny forward in eval mode)."""
+    was_training = head.training
+    head.eval()
+    try:
+        _, h = head(torch.zeros(2, backbone.out_dim), return_hidden=True)
+    finally:
+        head.train(was_training)
+    return int(h.shape[1])

@@ -43,7 +43,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hardneg.distributed import gather_unshuffled, gather_with_grad, shuffle_batch
-from hardneg.frameworks.base import Framework, StepOutput, ema_, freeze_copy, gather_labels
+from hardneg.frameworks.base import (
+    Framework,
+    StepOutput,
+    ema_,
+    freeze_copy,
+    gather_labels,
+    hidden_dim,
+)
 
 
 class MoCo(Framework):
@@ -177,15 +184,3 @@ class MoCo(Framework):
         if self.queue_hidden is not None:
             self.queue_hidden[slots] = out.pending["hidden"][-size:].float()
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
-
-
-@torch.no_grad()
-def hidden_dim(head: nn.Module, backbone: nn.Module) -> int:
-    """Width of the head's hidden features (one tiny forward in eval mode)."""
-    was_training = head.training
-    head.eval()
-    try:
-        _, h = head(torch.zeros(2, backbone.out_dim), return_hidden=True)
-    finally:
-        head.train(was_training)
-    return int(h.shape[1])
