@@ -18,6 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="where the data set lives (default: the training one)")
     parser.add_argument("--download", action="store_true", help="download the data if missing")
     parser.add_argument(
+        "--image-size",
+        type=int,
+        help="side the images are evaluated at (default: the run's data.image_size; needed for "
+        "an imagefolder of mixed sizes when the run was trained on another data set)",
+    )
+    parser.add_argument(
         "--knn-k",
         type=int,
         help="kNN neighbours (default: the run's eval.knn_k, as its training monitor; 200)",
@@ -52,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint,
         dataset=args.dataset,
         data_dir=args.data_dir,
+        image_size=args.image_size,
         knn_k=args.knn_k,
         knn_t=args.knn_t,
         linear=not args.no_linear,

@@ -272,7 +272,8 @@ def decode_images(
             examples.setdefault(a.shape, p)
         listed = "; ".join(f"{s[1]}x{s[2]} e.g. {p}" for s, p in list(examples.items())[:3])
         raise ValueError(
-            f"images have different sizes ({listed}); pass image_size=... to resize them "
-            "(shorter side, then centre crop)"
+            f"images have different sizes ({listed}); resize them to one size (shorter side, "
+            "then centre crop) with image_size=N (config: data.image_size=N; hardneg eval: "
+            "--image-size N)"
         )
     return np.stack(arrays)
