@@ -302,6 +302,28 @@ def test_imagefolder_corrupt_and_unknown_class(tmp_path):
         load_dataset("imagefolder", "test", data_dir=tmp_path)
 
 
+def test_imagefolder_scales_16_bit_grayscale_and_refuses_float_pixels(tmp_path):
+    # PIL's convert("RGB") clips 16-bit pixels at 255: a 16-bit PNG came out almost all white
+    wide = RNG.integers(0, 65536, (6, 6), dtype=np.uint16)
+    wide[0, :3] = (0, 65535, 257 * 100 + 128)  # the ends of the range, and a value to round
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        Image.fromarray(wide).save(tmp_path / "train" / c / "0.png")
+    assert Image.open(tmp_path / "train" / "a" / "0.png").mode.startswith("I;16")
+    ds = load_dataset("imagefolder", "train", data_dir=tmp_path)
+    expect = np.floor(wide.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)  # nearest level
+    assert tuple(ds.inputs.shape) == (2, 3, 6, 6)
+    for channel in range(3):
+        assert_same(ds.inputs[0, channel], torch.from_numpy(expect))
+    assert ds.inputs[0, 0, 0, :3].tolist() == [0, 255, 100]
+    # float pixels: no known range, refused with the file, the mode and what is allowed
+    Image.fromarray(RNG.random((6, 6), dtype=np.float32)).save(tmp_path / "train" / "b" / "1.tif")
+    with pytest.raises(
+        DatasetFormatError, match=r"1\.tif: floating-point pixels \(PIL mode F\).*allowed: 8-bit"
+    ):
+        load_dataset("imagefolder", "train", data_dir=tmp_path)
+
+
 # ----------------------------------------------------------------------------- missing data
 
 
