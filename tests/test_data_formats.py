@@ -302,6 +302,31 @@ def test_imagefolder_corrupt_and_unknown_class(tmp_path):
         load_dataset("imagefolder", "test", data_dir=tmp_path)
 
 
+def test_a_class_folder_without_images_is_named_with_what_it_holds(tmp_path):
+    # images of a type we do not read were skipped: the class was kept with no image at all
+    write_imagefolder(tmp_path)
+    (tmp_path / "train" / "bird").mkdir()
+    (tmp_path / "train" / "bird" / "0.gif").write_bytes(b"GIF89a")
+    (tmp_path / "train" / "bird" / "notes.txt").write_text("")
+    with pytest.raises(
+        DatasetFormatError,
+        match=r"train/bird: no image files \(it holds \.gif, \.txt files\); allowed "
+        r"extensions: \.jpg, \.jpeg, \.png",
+    ):
+        load_dataset("imagefolder", "train", data_dir=tmp_path)
+    for f in (tmp_path / "train" / "bird").iterdir():
+        f.unlink()
+    with pytest.raises(DatasetFormatError, match=r"train/bird: no image files \(it is empty\)"):
+        load_dataset("imagefolder", "train", data_dir=tmp_path)
+    # Tiny-ImageNet: a class of wnids.txt without its folder
+    write_tiny_imagenet(tmp_path / "t")
+    for f in (tmp_path / "t" / "tiny-imagenet-200" / "train" / "n01" / "images").iterdir():
+        f.unlink()
+    (tmp_path / "t" / "tiny-imagenet-200" / "train" / "n01" / "images").rmdir()
+    with pytest.raises(DatasetFormatError, match=r"train/n01/images: missing"):
+        load_dataset("tiny-imagenet", "train", data_dir=tmp_path / "t")
+
+
 def test_imagefolder_scales_16_bit_grayscale_and_refuses_float_pixels(tmp_path):
     # PIL's convert("RGB") clips 16-bit pixels at 255: a 16-bit PNG came out almost all white
     wide = RNG.integers(0, 65536, (6, 6), dtype=np.uint16)

@@ -39,6 +39,7 @@ from hardneg.data.base import (
     dataset_info,
 )
 from hardneg.data.formats import (
+    IMAGE_EXTENSIONS,
     decode_images,
     list_images,
     read_cifar_batch,
@@ -246,7 +247,7 @@ def _load_tiny_imagenet(
         for w in classes:
             imgs = list_images(split_dir / w / "images")
             if not imgs:
-                raise DatasetFormatError(f"{split_dir / w / 'images'}: no images for class {w}")
+                raise DatasetFormatError(_no_images(split_dir / w / "images"))
             paths += imgs
             labels += [index[w]] * len(imgs)
     else:
@@ -280,6 +281,15 @@ def _load_tiny_imagenet(
 
 def _class_dirs(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _no_images(folder: Path) -> str:
+    """Why ``folder`` gave no images: the extensions read, and those of the files found."""
+    if not folder.is_dir():
+        return f"{folder}: missing (the folder of this class's images)"
+    found = sorted({p.suffix.lower() or p.name for p in folder.rglob("*") if p.is_file()})
+    seen = f"it holds {', '.join(found[:8])} files" if found else "it is empty"
+    return f"{folder}: no image files ({seen}); allowed extensions: {', '.join(IMAGE_EXTENSIONS)}"
 
 
 def _load_imagefolder(split: str, data_dir, image_size, num_workers) -> ArrayDataset:
@@ -316,6 +326,10 @@ def _load_imagefolder(split: str, data_dir, image_size, num_workers) -> ArrayDat
                 f"{split_dir / c}: class {c!r} is not among the {len(classes)} classes of {class_root}"
             )
         imgs = list_images(split_dir / c)
+        if not imgs:
+            # an empty class folder is a failed copy or files of another type, not a class
+            # without images (torchvision's ImageFolder refuses it too)
+            raise DatasetFormatError(_no_images(split_dir / c))
         paths += imgs
         labels += [index[c]] * len(imgs)
     if not paths:
