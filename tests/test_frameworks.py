@@ -539,6 +539,16 @@ def test_unremix_in_a_memory_bank_scores_the_entries_with_their_stored_hidden_fe
     )
 
 
+def test_the_hidden_width_is_read_on_the_heads_device():
+    # a model built on an accelerator: the probe must run where the head's weights are ('meta'
+    # stands in for a GPU here: a CPU probe against its weights fails the same way)
+    from hardneg.frameworks.base import hidden_dim
+
+    head = build_head("simclr", 16, out_dim=8, hidden_dim=10).to("meta")
+    assert hidden_dim(head, Flat()) == 10
+    assert head.training  # the head's mode is put back
+
+
 def test_unremix_in_a_memory_bank_with_every_entry_gets_the_whole_hidden_bank():
     backbone, head, _ = parts()
     loss = Recording("unremix")

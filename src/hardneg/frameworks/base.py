@@ -165,11 +165,14 @@ def ema_(target: nn.Module, source: nn.Module, momentum: float) -> None:
 
 @torch.no_grad()
 def hidden_dim(head: nn.Module, backbone: nn.Module) -> int:
-    """Width of the head's hidden features (one tiny forward in eval mode)."""
+    """Width of the head's hidden features (one tiny forward in eval mode, on the head's
+    device: a head already on a GPU got a CPU probe and failed)."""
+    tensors = [*head.parameters(), *head.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
     was_training = head.training
     head.eval()
     try:
-        _, h = head(torch.zeros(2, backbone.out_dim), return_hidden=True)
+        _, h = head(torch.zeros(2, backbone.out_dim, device=device), return_hidden=True)
     finally:
         head.train(was_training)
     return int(h.shape[1])
