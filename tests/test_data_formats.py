@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -350,6 +351,29 @@ def test_imagefolder_scales_16_bit_grayscale_and_refuses_float_pixels(tmp_path):
 
 
 # ----------------------------------------------------------------------------- missing data
+
+
+@pytest.mark.parametrize(
+    "name, writer, folder, archive",
+    [
+        ("cifar10", write_cifar10, "cifar-10-batches-py", "cifar-10-python.tar.gz"),
+        ("stl10", write_stl10, "stl10_binary", "stl10_binary.tar.gz"),
+        ("tiny-imagenet", write_tiny_imagenet, "tiny-imagenet-200", "tiny-imagenet-200.zip"),
+    ],
+)
+def test_a_missing_dataset_says_what_was_found_instead(tmp_path, name, writer, folder, archive):
+    # downloaded by hand but not extracted
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / archive).write_bytes(b"archive bytes")
+    found = re.escape(f"Found the archive {tmp_path / 'a' / archive}, not extracted")
+    with pytest.raises(DatasetNotFoundError, match=found):
+        load_dataset(name, "test", data_dir=tmp_path / "a")
+    # extracted into a folder of its own name: the path to point at is given, and works
+    writer(tmp_path / "b" / folder)
+    inner = tmp_path / "b" / folder / folder
+    with pytest.raises(DatasetNotFoundError, match=re.escape(f"point data_dir at {inner}.")):
+        load_dataset(name, "test", data_dir=tmp_path / "b")
+    assert len(load_dataset(name, "test", data_dir=inner)) > 0
 
 
 @pytest.mark.parametrize(

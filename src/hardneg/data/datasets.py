@@ -103,6 +103,24 @@ def _download_failed(
     )
 
 
+def _layout_hint(root: Path, folder: Path, url: str, missing: Path) -> str:
+    """What the user probably has instead of the extracted files (appended to the not-found
+    message): the archive downloaded but not extracted, or extracted once too often."""
+    archive = root / url.rsplit("/", 1)[-1]
+    if archive.is_file():
+        return (
+            f" Found the archive {archive}, not extracted: extract it there, or pass "
+            "download=True (torchvision checks it and extracts it)."
+        )
+    nested = folder / folder.name / missing.relative_to(folder)
+    if nested.exists():
+        return (
+            f" Found {nested}: the archive was extracted into a folder of its own name; "
+            f"point data_dir at {folder / folder.name}."
+        )
+    return ""
+
+
 # ----------------------------------------------------------------------------- CIFAR
 
 _CIFAR = {
@@ -152,6 +170,7 @@ def _load_cifar(name: str, split: str, data_dir, download: bool) -> ArrayDataset
             f"{spec['title']} not found: missing {missing[0]}. Expected the python-version "
             f"batches ({listed}) in {folder}/. Download {spec['url']} and extract it into "
             f"{root}/, or pass download=True (config: data.download: true; hardneg eval: --download)."
+            + _layout_hint(root, folder, spec["url"], missing[0])
         )
     parts = [read_cifar_batch(f, spec["label_key"], spec["num_classes"]) for f in files]
     images = np.concatenate([p[0] for p in parts])
@@ -194,6 +213,7 @@ def _load_stl10(split: str, data_dir, download: bool) -> ArrayDataset:
             f"(train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin) in {folder}/. "
             f"Download {_STL_URL} and extract it into {root}/, or pass download=True "
             "(config: data.download: true; hardneg eval: --download)."
+            + _layout_hint(root, folder, _STL_URL, missing[0])
         )
     counts = [stl10_image_count(folder / f"{p}_X.bin") for p in parts]
     x = np.empty((sum(counts), 3, 96, 96), dtype=np.uint8)  # filled in place, no concatenation
@@ -236,6 +256,7 @@ def _load_tiny_imagenet(
             "train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt. "
             f"Download {_TINY_URL} and extract it into {root}/, or pass download=True "
             "(config: data.download: true; hardneg eval: --download)."
+            + _layout_hint(root, folder, _TINY_URL, missing)
         )
     wnids = [w.strip() for w in wnids_file.read_text().splitlines() if w.strip()]
     if not wnids or len(set(wnids)) != len(wnids):
