@@ -564,7 +564,8 @@ def _check_combinations(config: TrainConfig) -> None:
     if config.train.batch_size % splits:
         raise ValueError(
             f"framework.bn_splits={splits} must divide train.batch_size={config.train.batch_size} "
-            "(each batch-norm group gets an equal share of the batch)"
+            "(each batch-norm group gets an equal share of the batch): set it to a divisor, "
+            "or 1 for plain batch norm"
         )
 
 
