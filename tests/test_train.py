@@ -169,17 +169,18 @@ def test_same_seed_same_weights(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "framework, loss",
+    "framework, loss, extra",
     [
-        pytest.param("moco", "potential", marks=needs_potential),
-        ("memory_bank", "ring"),  # per-anchor bank draws from the checkpointed generator
-        ("memory_bank", "unremix"),  # shared draws, and the bank of hidden features
+        pytest.param("moco", "potential", (), marks=needs_potential),
+        ("memory_bank", "ring", ()),  # per-anchor bank draws from the checkpointed generator
+        ("memory_bank", "unremix", ()),  # shared draws, and the bank of hidden features
+        ("moco", "hcl", ("framework.bn_splits=4",)),  # split BN: keys shuffled by the generator
     ],
 )
 def test_resume_after_a_crash_at_an_epoch_boundary_is_bit_exact(
-    framework, loss, tmp_path, monkeypatch
+    framework, loss, extra, tmp_path, monkeypatch
 ):
-    overrides = [f"framework.name={framework}", f"loss.name={loss}", "train.epochs=2"]
+    overrides = [f"framework.name={framework}", f"loss.name={loss}", "train.epochs=2", *extra]
     full = train(tiny(*overrides), run_dir=tmp_path / "full", progress_bar=False)
     with monkeypatch.context() as patch:
         CrashAt(patch, at=6, action=boom)  # epoch 1 (steps 0-3) is checkpointed, then a crash
