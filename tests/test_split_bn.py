@@ -119,6 +119,8 @@ def test_bn_splits_is_checked_in_the_config():
     assert load_config(None, [*base, "framework.bn_splits=8"]).framework.bn_splits == 8
     with pytest.raises(ValueError, match=r"framework.bn_splits=6 must divide train.batch_size=32"):
         load_config(None, [*base, "framework.bn_splits=6"])
+    with pytest.raises(ValueError, match="bn_splits=32 leaves fewer than 2 rows per batch-norm"):
+        load_config(None, [*base, "framework.bn_splits=32"])
     with pytest.raises(ValueError, match="framework.bn_splits applies to moco only"):
         load_config(None, [*base, "framework.name=simclr", "framework.bn_splits=2"])
 

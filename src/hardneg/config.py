@@ -561,6 +561,11 @@ def _check_combinations(config: TrainConfig) -> None:
         raise ValueError(
             f"framework.bn_splits applies to moco only, got framework.name={config.framework.name!r}"
         )
+    if splits > 1 and config.train.batch_size < 2 * splits:
+        raise ValueError(
+            f"framework.bn_splits={splits} leaves fewer than 2 rows per batch-norm group at "
+            f"train.batch_size={config.train.batch_size} (a head's BatchNorm1d needs 2)"
+        )
     if config.train.batch_size % splits:
         raise ValueError(
             f"framework.bn_splits={splits} must divide train.batch_size={config.train.batch_size} "
