@@ -344,8 +344,9 @@ def test_imagefolder_scales_16_bit_grayscale_and_refuses_float_pixels(tmp_path):
     assert ds.inputs[0, 0, 0, :3].tolist() == [0, 255, 100]
     # float pixels: no known range, refused with the file, the mode and what is allowed
     Image.fromarray(RNG.random((6, 6), dtype=np.float32)).save(tmp_path / "train" / "b" / "1.tif")
+    tif = re.escape(str(tmp_path / "train" / "b" / "1.tif"))
     with pytest.raises(
-        DatasetFormatError, match=r"1\.tif: floating-point pixels \(PIL mode F\).*allowed: 8-bit"
+        DatasetFormatError, match=rf"^{tif}: floating-point pixels \(PIL mode F\).*allowed: 8-bit"
     ):
         load_dataset("imagefolder", "train", data_dir=tmp_path)
 
@@ -374,6 +375,14 @@ def test_a_missing_dataset_says_what_was_found_instead(tmp_path, name, writer, f
     with pytest.raises(DatasetNotFoundError, match=re.escape(f"point data_dir at {inner}.")):
         load_dataset(name, "test", data_dir=tmp_path / "b")
     assert len(load_dataset(name, "test", data_dir=inner)) > 0
+
+
+def test_the_binary_version_of_cifar_is_named_as_such(tmp_path):
+    (tmp_path / "cifar-10-batches-bin").mkdir()
+    (tmp_path / "cifar-10-batches-bin" / "data_batch_1.bin").write_bytes(bytes(3073))
+    binary = re.escape(f"Found {tmp_path / 'cifar-10-batches-bin'}: that is the binary version")
+    with pytest.raises(DatasetNotFoundError, match=binary):
+        load_dataset("cifar10", "train", data_dir=tmp_path)
 
 
 @pytest.mark.parametrize(

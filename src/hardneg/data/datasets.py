@@ -134,6 +134,7 @@ _CIFAR = {
         meta="batches.meta",
         meta_key="label_names",
         num_classes=10,
+        binary_folder="cifar-10-batches-bin",
     ),
     "cifar100": dict(
         title="CIFAR-100",
@@ -145,6 +146,7 @@ _CIFAR = {
         meta="meta",
         meta_key="fine_label_names",
         num_classes=100,
+        binary_folder="cifar-100-binary",
     ),
 }
 
@@ -171,6 +173,12 @@ def _load_cifar(name: str, split: str, data_dir, download: bool) -> ArrayDataset
             f"batches ({listed}) in {folder}/. Download {spec['url']} and extract it into "
             f"{root}/, or pass download=True (config: data.download: true; hardneg eval: --download)."
             + _layout_hint(root, folder, spec["url"], missing[0])
+            + (
+                f" Found {root / spec['binary_folder']}: that is the binary version, this reads "
+                "the python version."
+                if (root / spec["binary_folder"]).is_dir()
+                else ""
+            )
         )
     parts = [read_cifar_batch(f, spec["label_key"], spec["num_classes"]) for f in files]
     images = np.concatenate([p[0] for p in parts])

@@ -262,6 +262,8 @@ def decode_image(path: Path, size: int | None, mode: str = "RGB") -> np.ndarray:
             if size is not None:
                 img = _resize_square(img, size)
             arr = np.asarray(img, dtype=np.uint8)
+    except DatasetFormatError:  # already names the file and the problem
+        raise
     except UnidentifiedImageError:
         raise DatasetFormatError(
             f"{path}: not a readable image file (corrupt or wrong format)"
