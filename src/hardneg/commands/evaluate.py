@@ -15,7 +15,11 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a training checkpoint, e.g. RUN/checkpoints/final.pt")
     parser.add_argument("--dataset", help="evaluate on this data set (default: the training one)")
-    parser.add_argument("--data-dir", help="where the data set lives (default: the training one)")
+    parser.add_argument(
+        "--data-dir",
+        help="where the data set lives (default: the run's data.data_dir for the data set it was "
+        "trained on; for another --dataset, $HARDNEG_DATA_DIR or ~/.cache/hardneg/data)",
+    )
     parser.add_argument("--download", action="store_true", help="download the data if missing")
     parser.add_argument(
         "--image-size",

@@ -137,7 +137,9 @@ def evaluate_checkpoint(
     Args:
         ckpt_path: a checkpoint written by ``hardneg train`` (``checkpoints/final.pt``).
         dataset: data set to evaluate on; defaults to the one the checkpoint was trained on.
-        data_dir: where that data set lives; defaults to the training config's ``data.data_dir``.
+        data_dir: where that data set lives; defaults to the training config's ``data.data_dir``
+            when ``dataset`` is the training one, else to the library default (that folder may
+            be another data set's own).
         image_size: side the images are evaluated at; None: the training config's
             ``data.image_size`` (an imagefolder of mixed sizes needs one).
         knn_k, knn_t: weighted-kNN neighbours and temperature; None: the checkpoint's
