@@ -121,6 +121,8 @@ def test_bn_splits_is_checked_in_the_config():
         load_config(None, [*base, "framework.bn_splits=6"])
     with pytest.raises(ValueError, match="bn_splits=32 leaves fewer than 2 rows per batch-norm"):
         load_config(None, [*base, "framework.bn_splits=32"])
+    with pytest.raises(ValueError, match="bn_splits=8 and train.sync_bn=true contradict"):
+        load_config(None, [*base, "framework.bn_splits=8", "train.sync_bn=true"])
     with pytest.raises(ValueError, match="framework.bn_splits applies to moco only"):
         load_config(None, [*base, "framework.name=simclr", "framework.bn_splits=2"])
 

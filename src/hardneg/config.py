@@ -561,6 +561,11 @@ def _check_combinations(config: TrainConfig) -> None:
         raise ValueError(
             f"framework.bn_splits applies to moco only, got framework.name={config.framework.name!r}"
         )
+    if splits > 1 and config.train.sync_bn:
+        raise ValueError(
+            f"framework.bn_splits={splits} and train.sync_bn=true contradict each other: "
+            "SyncBatchNorm normalises over the whole global batch; choose one"
+        )
     if splits > 1 and config.train.batch_size < 2 * splits:
         raise ValueError(
             f"framework.bn_splits={splits} leaves fewer than 2 rows per batch-norm group at "
