@@ -560,6 +560,7 @@ def _check_combinations(config: TrainConfig) -> None:
     if splits != 1 and config.framework.name != "moco":
         raise ValueError(
             f"framework.bn_splits applies to moco only, got framework.name={config.framework.name!r}"
+            " (a MoCo config switched to another framework: add framework.bn_splits=1)"
         )
     if splits > 1 and config.train.sync_bn:
         raise ValueError(
