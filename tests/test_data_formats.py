@@ -377,6 +377,16 @@ def test_a_missing_dataset_says_what_was_found_instead(tmp_path, name, writer, f
     assert len(load_dataset(name, "test", data_dir=inner)) > 0
 
 
+@pytest.mark.parametrize("name", ["cifar10", "stl10", "tiny-imagenet", "imagefolder"])
+def test_a_data_dir_that_is_a_file_is_named_as_such(tmp_path, name):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"archive bytes")
+    with pytest.raises(
+        DatasetNotFoundError, match=re.escape(f"data_dir {archive} is a file, not a folder")
+    ):
+        load_dataset(name, "train", data_dir=archive)
+
+
 def test_the_binary_version_of_cifar_is_named_as_such(tmp_path):
     (tmp_path / "cifar-10-batches-bin").mkdir()
     (tmp_path / "cifar-10-batches-bin" / "data_batch_1.bin").write_bytes(bytes(3073))

@@ -533,6 +533,12 @@ def load_dataset(
         raise ValueError(
             f"dataset {key!r} has no split {split!r}; available: {', '.join(info.splits)}"
         )
+    if data_dir is not None and Path(data_dir).expanduser().is_file():
+        # e.g. the downloaded archive itself: every file was then looked for "inside" it
+        raise DatasetNotFoundError(
+            f"{key}: data_dir {data_dir} is a file, not a folder; point it at the folder the "
+            "data set's archive was extracted into"
+        )
     if image_size is not None and (
         isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
     ):
