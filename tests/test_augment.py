@@ -64,6 +64,23 @@ def test_image_recipes_shape_dtype_range(device, name, shape, out):
     )
 
 
+@pytest.mark.parametrize("name", ["cifar10", "stl10", "imagefolder"])
+def test_mocov2_recipe_is_the_published_one_at_every_size(name):
+    # MoCo v2 (Chen et al. 2020): RandomResizedCrop(scale=(0.2, 1.)), ColorJitter(0.4, 0.4, 0.4,
+    # 0.1) p=0.8, RandomGrayscale(0.2), GaussianBlur([.1, 2.]) p=0.5, horizontal flip
+    aug = build_augmentation(name, recipe="mocov2")
+    assert aug.scale == (0.2, 1.0) and aug.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert aug.jitter == (0.4, 0.4, 0.4, 0.1) and aug.jitter_p == 0.8
+    assert aug.gray_p == 0.2 and aug.flip_p == 0.5
+    assert aug.blur_p == 0.5 and aug.blur_sigma == (0.1, 2.0)
+    assert aug.rotation == 0.0 and aug.noise_std == 0.0
+    x = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
+    assert aug(x).shape == (2, 3, 40, 40)
+    # evaluation: no augmentation, the dataset's own statistics (as the simclr recipe)
+    plain = build_eval_transform(name, recipe="simclr")
+    assert torch.equal(build_eval_transform(name, recipe="mocov2")(x), plain(x))
+
+
 def test_hcl_recipe_trains_at_32px_and_evaluates_native():
     x = _images(2, 3, 96)
     assert build_augmentation("stl10", recipe="hcl")(x).shape == (2, 3, 32, 32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -302,7 +303,96 @@ def test_imagefolder_corrupt_and_unknown_class(tmp_path):
         load_dataset("imagefolder", "test", data_dir=tmp_path)
 
 
+def test_a_class_folder_without_images_is_named_with_what_it_holds(tmp_path):
+    # images of a type we do not read were skipped: the class was kept with no image at all
+    write_imagefolder(tmp_path)
+    (tmp_path / "train" / "bird").mkdir()
+    (tmp_path / "train" / "bird" / "0.gif").write_bytes(b"GIF89a")
+    (tmp_path / "train" / "bird" / "notes.txt").write_text("")
+    with pytest.raises(
+        DatasetFormatError,
+        match=r"train/bird: no image files \(it holds \.gif, \.txt files\); allowed "
+        r"extensions: \.jpg, \.jpeg, \.png",
+    ):
+        load_dataset("imagefolder", "train", data_dir=tmp_path)
+    for f in (tmp_path / "train" / "bird").iterdir():
+        f.unlink()
+    with pytest.raises(DatasetFormatError, match=r"train/bird: no image files \(it is empty\)"):
+        load_dataset("imagefolder", "train", data_dir=tmp_path)
+    # Tiny-ImageNet: a class of wnids.txt without its folder
+    write_tiny_imagenet(tmp_path / "t")
+    for f in (tmp_path / "t" / "tiny-imagenet-200" / "train" / "n01" / "images").iterdir():
+        f.unlink()
+    (tmp_path / "t" / "tiny-imagenet-200" / "train" / "n01" / "images").rmdir()
+    with pytest.raises(DatasetFormatError, match=r"train/n01/images: missing"):
+        load_dataset("tiny-imagenet", "train", data_dir=tmp_path / "t")
+
+
+def test_imagefolder_scales_16_bit_grayscale_and_refuses_float_pixels(tmp_path):
+    # PIL's convert("RGB") clips 16-bit pixels at 255: a 16-bit PNG came out almost all white
+    wide = RNG.integers(0, 65536, (6, 6), dtype=np.uint16)
+    wide[0, :3] = (0, 65535, 257 * 100 + 128)  # the ends of the range, and a value to round
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        Image.fromarray(wide).save(tmp_path / "train" / c / "0.png")
+    assert Image.open(tmp_path / "train" / "a" / "0.png").mode.startswith("I;16")
+    ds = load_dataset("imagefolder", "train", data_dir=tmp_path)
+    expect = np.floor(wide.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)  # nearest level
+    assert tuple(ds.inputs.shape) == (2, 3, 6, 6)
+    for channel in range(3):
+        assert_same(ds.inputs[0, channel], torch.from_numpy(expect))
+    assert ds.inputs[0, 0, 0, :3].tolist() == [0, 255, 100]
+    # float pixels: no known range, refused with the file, the mode and what is allowed
+    Image.fromarray(RNG.random((6, 6), dtype=np.float32)).save(tmp_path / "train" / "b" / "1.tif")
+    tif = re.escape(str(tmp_path / "train" / "b" / "1.tif"))
+    with pytest.raises(
+        DatasetFormatError, match=rf"^{tif}: floating-point pixels \(PIL mode F\).*allowed: 8-bit"
+    ):
+        load_dataset("imagefolder", "train", data_dir=tmp_path)
+
+
 # ----------------------------------------------------------------------------- missing data
+
+
+@pytest.mark.parametrize(
+    "name, writer, folder, archive",
+    [
+        ("cifar10", write_cifar10, "cifar-10-batches-py", "cifar-10-python.tar.gz"),
+        ("stl10", write_stl10, "stl10_binary", "stl10_binary.tar.gz"),
+        ("tiny-imagenet", write_tiny_imagenet, "tiny-imagenet-200", "tiny-imagenet-200.zip"),
+    ],
+)
+def test_a_missing_dataset_says_what_was_found_instead(tmp_path, name, writer, folder, archive):
+    # downloaded by hand but not extracted
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / archive).write_bytes(b"archive bytes")
+    found = re.escape(f"Found the archive {tmp_path / 'a' / archive}, not extracted")
+    with pytest.raises(DatasetNotFoundError, match=found):
+        load_dataset(name, "test", data_dir=tmp_path / "a")
+    # extracted into a folder of its own name: the path to point at is given, and works
+    writer(tmp_path / "b" / folder)
+    inner = tmp_path / "b" / folder / folder
+    with pytest.raises(DatasetNotFoundError, match=re.escape(f"point data_dir at {inner}.")):
+        load_dataset(name, "test", data_dir=tmp_path / "b")
+    assert len(load_dataset(name, "test", data_dir=inner)) > 0
+
+
+@pytest.mark.parametrize("name", ["cifar10", "stl10", "tiny-imagenet", "imagefolder"])
+def test_a_data_dir_that_is_a_file_is_named_as_such(tmp_path, name):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"archive bytes")
+    with pytest.raises(
+        DatasetNotFoundError, match=re.escape(f"data_dir {archive} is a file, not a folder")
+    ):
+        load_dataset(name, "train", data_dir=archive)
+
+
+def test_the_binary_version_of_cifar_is_named_as_such(tmp_path):
+    (tmp_path / "cifar-10-batches-bin").mkdir()
+    (tmp_path / "cifar-10-batches-bin" / "data_batch_1.bin").write_bytes(bytes(3073))
+    binary = re.escape(f"Found {tmp_path / 'cifar-10-batches-bin'}: that is the binary version")
+    with pytest.raises(DatasetNotFoundError, match=binary):
+        load_dataset("cifar10", "train", data_dir=tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -120,8 +120,11 @@ def test_a_framework_passes_only_what_the_loss_asks_for(framework):
         assert call["h2"].shape == (6, 10)
     if framework == "moco":
         assert call["negative_h"] is model.queue_hidden and model.queue_hidden.shape == (16, 10)
+    elif framework == "memory_bank":
+        # per-anchor draws (the spy scores per-anchor columns): the loss takes no negative_h
+        assert "negative_h" not in call and model.bank_hidden.shape == (20, 10)
     else:
-        assert "negative_h" not in call  # a bank keeps no hidden features of its entries
+        assert "negative_h" not in call
 
     projection = SpyLoss("projection")
     step(spy_model(framework, projection))
@@ -501,6 +504,76 @@ def test_memory_bank_feeds_the_loss_everything_it_needs():
     assert out.diagnostics is not None and out.diagnostics.false_negative_mass is not None
     plain = model([x], index=torch.arange(6), progress=0.25, generator=generator)
     assert plain.diagnostics is None and "labels" not in loss.calls[-1]
+
+
+def test_unremix_in_a_memory_bank_scores_the_entries_with_their_stored_hidden_features():
+    backbone, head, loss = parts("unremix")
+    model = MemoryBank(backbone, head, loss, dataset_size=20, out_dim=8, momentum=0.25,
+                       negatives=7)  # fmt: skip
+    assert model.draws == "shared" and model.bank_hidden.shape == (20, 10)
+    assert torch.equal(model.bank_hidden, torch.zeros(20, 10))
+    x1, x2 = views()
+    idx1, idx2 = torch.arange(6), torch.arange(6, 12)
+    model.commit(model([x1], index=idx1, generator=torch.Generator().manual_seed(3)))
+    # bank_hidden[idx] <- m * bank_hidden[idx] + (1 - m) * h, from zeros
+    _, h1 = head(backbone(x1), return_hidden=True)
+    torch.testing.assert_close(model.bank_hidden[idx1], 0.75 * h1.detach())
+    assert torch.equal(model.bank_hidden[6:], torch.zeros(14, 10))
+    model.commit(model([x2], index=idx2, generator=torch.Generator().manual_seed(4)))
+    torch.testing.assert_close(model.bank_hidden[idx1], 0.75 * h1.detach())  # untouched
+
+    # the next step: the loss scores the drawn rows with their stored hidden features
+    bank, bank_hidden = model.bank.clone(), model.bank_hidden.clone()
+    out = model([x1], index=idx1, generator=torch.Generator().manual_seed(5))
+    draw = torch.randint(0, 20, (7,), generator=torch.Generator().manual_seed(5))
+    assert len(set(draw.tolist()) & set(range(12))) >= 3  # some drawn rows were written
+    z, h = head(backbone(x1), return_hidden=True)
+    expected = loss(z, bank[idx1], negatives=bank[draw], h1=h.detach(),
+                    negative_h=bank_hidden[draw])  # fmt: skip
+    torch.testing.assert_close(out.loss, expected)
+    without = loss(z, bank[idx1], negatives=bank[draw], h1=h.detach())
+    assert (out.loss - without).abs() > 1e-5  # the stored features matter
+    model.commit(out)  # a rewrite mixes the stored features with the new ones
+    torch.testing.assert_close(
+        model.bank_hidden[idx1], 0.25 * bank_hidden[idx1] + 0.75 * h.detach()
+    )
+
+
+def test_the_hidden_width_is_read_on_the_heads_device():
+    # a model built on an accelerator: the probe must run where the head's weights are ('meta'
+    # stands in for a GPU here: a CPU probe against its weights fails the same way)
+    from hardneg.frameworks.base import hidden_dim
+
+    head = build_head("simclr", 16, out_dim=8, hidden_dim=10).to("meta")
+    assert hidden_dim(head, Flat()) == 10
+    assert head.training  # the head's mode is put back
+
+
+def test_unremix_in_a_memory_bank_with_every_entry_gets_the_whole_hidden_bank():
+    backbone, head, _ = parts()
+    loss = Recording("unremix")
+    model = MemoryBank(backbone, head, loss, dataset_size=20, out_dim=8, negatives="all")
+    model([views()[0]], index=torch.arange(6))
+    assert loss.calls[-1]["negative_h"] is model.bank_hidden
+    assert model.bank_hidden.shape == (20, 10)
+    # a loss that asks for no hidden features: no second bank, nothing in the checkpoint
+    plain = MemoryBank(*parts(), dataset_size=20, out_dim=8, negatives="all")
+    assert plain.bank_hidden is None and "bank_hidden" not in plain.state_dict()
+
+
+def test_a_memory_bank_checkpoint_without_hidden_features_still_resumes():
+    backbone, head, loss = parts("unremix")
+    model = MemoryBank(backbone, head, loss, dataset_size=20, out_dim=8, negatives=7)
+    model.commit(model([views()[0]], index=torch.arange(6)))
+    state = {k: v for k, v in model.state_dict().items() if k != "bank_hidden"}  # older format
+    fresh = MemoryBank(*parts("unremix"), dataset_size=20, out_dim=8, negatives=7)
+    fresh.bank_hidden.fill_(1.0)
+    with pytest.warns(UserWarning, match="start from zeros"):
+        fresh.load_state_dict(state)
+    assert torch.equal(fresh.bank, model.bank)
+    assert torch.equal(fresh.bank_hidden, torch.zeros(20, 10))
+    fresh.load_state_dict(model.state_dict())  # the current format: no warning needed
+    assert torch.equal(fresh.bank_hidden, model.bank_hidden)
 
 
 def test_memory_bank_draws_its_negatives_from_the_whole_bank_with_the_generator():

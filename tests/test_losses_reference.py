@@ -930,6 +930,32 @@ def test_diagnostics_of_uniform_negatives_are_known_in_closed_form():
     assert summary["mean_negative_similarity"] == pytest.approx((3 * 0.8 + 9 * 0.1) / 12, rel=1e-5)
 
 
+def test_unlabelled_anchors_have_no_false_negative_measures():
+    # STL-10 pre-trains on train+unlabeled (label -1): two unlabelled images are not one class
+    q, k, pool, _, _ = diagnostic_setup()
+    labels = torch.tensor([0, -1])
+    pool_labels = torch.tensor([0] * 3 + [1] * 5 + [-1] * 4)  # 4 unlabelled negatives
+    loss = hardneg.create_loss("infonce", temperature=0.5)
+    out = loss(q, k, negatives=pool, labels=labels, negative_labels=pool_labels,
+               return_diagnostics=True)  # fmt: skip
+    diag = out.diagnostics
+    # the labelled anchor: unlabelled negatives count as other-class, uniform weights
+    assert float(diag.false_negative_mass[0]) == pytest.approx(3 / 12, rel=1e-5)
+    assert float(diag.top_k_precision[0]) == pytest.approx(7 / 10)
+    for name in ("false_negative_mass", "false_negative_gradient_mass", "top_k_precision"):
+        assert math.isnan(float(getattr(diag, name)[1])), name
+    summary = diag.summary()  # the labelled anchors' means
+    assert summary["false_negative_mass"] == pytest.approx(3 / 12, rel=1e-5)
+    assert summary["top_k_precision"] == pytest.approx(7 / 10)
+    # no labelled anchor: no label-based measure at all (not NaN in the logs)
+    none = loss(q, k, negatives=pool, labels=torch.tensor([-1, -1]), negative_labels=pool_labels,
+                return_diagnostics=True).diagnostics.summary()  # fmt: skip
+    assert not {"false_negative_mass", "false_negative_gradient_mass", "top_k_precision"} & set(
+        none
+    )
+    assert none["effective_negatives"] == pytest.approx(12.0, rel=1e-5)
+
+
 @pytest.mark.parametrize("beta", [0.5, 2.0])
 def test_diagnostics_of_hcl_weights_are_known_in_closed_form(beta):
     q, k, pool, labels, pool_labels = diagnostic_setup()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import os
 import signal
 
@@ -23,7 +24,7 @@ from hardneg.cli import main
 from hardneg.config import load_config
 from hardneg.frameworks.base import Framework
 from hardneg.train import NonFiniteError, TrainingInterrupted, load_backbone, train
-from hardneg.train.checkpoint import load_checkpoint
+from hardneg.train.checkpoint import load_checkpoint, save_checkpoint
 
 TINY = [
     "data.dataset=digits",
@@ -168,16 +169,18 @@ def test_same_seed_same_weights(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "framework, loss",
+    "framework, loss, extra",
     [
-        pytest.param("moco", "potential", marks=needs_potential),
-        ("memory_bank", "ring"),  # per-anchor bank draws from the checkpointed generator
+        pytest.param("moco", "potential", (), marks=needs_potential),
+        ("memory_bank", "ring", ()),  # per-anchor bank draws from the checkpointed generator
+        ("memory_bank", "unremix", ()),  # shared draws, and the bank of hidden features
+        ("moco", "hcl", ("framework.bn_splits=4",)),  # split BN: keys shuffled by the generator
     ],
 )
 def test_resume_after_a_crash_at_an_epoch_boundary_is_bit_exact(
-    framework, loss, tmp_path, monkeypatch
+    framework, loss, extra, tmp_path, monkeypatch
 ):
-    overrides = [f"framework.name={framework}", f"loss.name={loss}", "train.epochs=2"]
+    overrides = [f"framework.name={framework}", f"loss.name={loss}", "train.epochs=2", *extra]
     full = train(tiny(*overrides), run_dir=tmp_path / "full", progress_bar=False)
     with monkeypatch.context() as patch:
         CrashAt(patch, at=6, action=boom)  # epoch 1 (steps 0-3) is checkpointed, then a crash
@@ -370,7 +373,7 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_imagefolder_of_mixed_sizes_trains_and_evaluates_at_data_image_size(tmp_path):
+def test_imagefolder_of_mixed_sizes_trains_and_evaluates_at_data_image_size(tmp_path, capsys):
     """ImageFolder images of different sizes are resized at load to ``data.image_size`` (training,
     kNN monitor and ``evaluate_checkpoint``); without it the loader asks for it."""
     from PIL import Image
@@ -404,6 +407,26 @@ def test_imagefolder_of_mixed_sizes_trains_and_evaluates_at_data_image_size(tmp_
     assert 0.0 <= result.history[-1]["knn_top1"] <= 100.0
     scores = evaluate_checkpoint(result.checkpoint, linear=False, knn_k=3, device="cpu")
     assert 0.0 <= scores["knn_top1"] <= 100.0
+
+    # a run trained on a fixed-size set (no data.image_size) evaluated on this folder: the
+    # error names the flag that fixes it, and `hardneg eval --image-size` does
+    state = load_checkpoint(result.checkpoint)
+    state["config"]["data"].update(dataset="cifar10", data_dir=None, image_size=None)
+    ckpt = tmp_path / "cifar.pt"
+    save_checkpoint(ckpt, state)
+    base = ["eval", str(ckpt), "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data")]
+    base += ["--no-linear", "--knn-k", "3", "--device", "cpu", "--json"]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "different sizes" in err and "--image-size N" in err and "data.image_size=N" in err
+    assert main([*base, "--image-size", "0"]) == 2
+    assert "image_size must be a positive integer, got 0" in capsys.readouterr().err
+    assert main([*base, "--image-size", "12"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["train_size"] == 8 and again["knn_k"] == 3
+    with_size = evaluate_checkpoint(ckpt, "imagefolder", tmp_path / "data", image_size=12,
+                                    linear=False, knn_k=3, device="cpu")  # fmt: skip
+    assert with_size["knn_top1"] == again["knn_top1"]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

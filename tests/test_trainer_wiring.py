@@ -261,6 +261,8 @@ def test_a_checkpoint_must_match_the_identity_and_the_state_shaping_settings():
     assert meta["framework_params"]["momentum"] == 0.9
     assert meta["framework_params"]["queue_size"] == config.framework.queue_size
     assert "name" not in meta["framework_params"] and "shuffle_bn" not in meta["framework_params"]
+    # bn_splits shapes no state, and checkpoints from before it existed must still resume
+    assert "bn_splits" not in meta["framework_params"]
     assert meta["split"] == "train" and meta["subset"] == 64 and meta["image_size"] == 8
     assert meta["batch_size"] == 16
 

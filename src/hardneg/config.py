@@ -111,6 +111,13 @@ class FrameworkConfig:
         "auto = on unless train.sync_bn; no effect in one process",
         choices=("auto", True, False),
     )
+    bn_splits: int = _opt(
+        1,
+        "moco: batch-norm groups of the global batch, as MoCo v2's per-GPU BN (8 GPUs); with "
+        "R processes each splits its share into bn_splits / R; in one process this (with "
+        "shuffle_bn) emulates shuffle-BN; 1 = plain BN",
+        low=1,
+    )
     bank_momentum: float = _opt(
         0.5, "memory_bank: m of M[i] = normalize(m M[i] + (1-m) q)", low=0.0, high=1.0
     )
@@ -552,6 +559,28 @@ def _check_combinations(config: TrainConfig) -> None:
                 f"framework.{key} applies to moco only, "
                 f"got framework.name={config.framework.name!r}"
             )
+    splits = config.framework.bn_splits
+    if splits != 1 and config.framework.name != "moco":
+        raise ValueError(
+            f"framework.bn_splits applies to moco only, got framework.name={config.framework.name!r}"
+            " (a MoCo config switched to another framework: add framework.bn_splits=1)"
+        )
+    if splits > 1 and config.train.sync_bn:
+        raise ValueError(
+            f"framework.bn_splits={splits} and train.sync_bn=true contradict each other: "
+            "SyncBatchNorm normalises over the whole global batch; choose one"
+        )
+    if splits > 1 and config.train.batch_size < 2 * splits:
+        raise ValueError(
+            f"framework.bn_splits={splits} leaves fewer than 2 rows per batch-norm group at "
+            f"train.batch_size={config.train.batch_size} (a head's BatchNorm1d needs 2)"
+        )
+    if config.train.batch_size % splits:
+        raise ValueError(
+            f"framework.bn_splits={splits} must divide train.batch_size={config.train.batch_size} "
+            "(each batch-norm group gets an equal share of the batch): set it to a divisor, "
+            "or 1 for plain batch norm"
+        )
 
 
 def _check_loss_keys(loss: LossConfig) -> None:

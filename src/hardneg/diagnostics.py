@@ -35,10 +35,12 @@ class NegativeDiagnostics:
         effective_negatives: ``[A]`` Kish effective sample size of ``sampling_weights``.
         kept_negatives: ``[A]`` number of negatives with non-zero weight.
         similarities: ``[A, S]`` cosine similarity of each column (``-inf`` = not kept).
-        false_negative_mass: ``[A]`` sampling mass on same-class negatives (labels given).
-        false_negative_gradient_mass: ``[A]`` gradient mass on same-class negatives.
+        false_negative_mass: ``[A]`` sampling mass on same-class negatives (labels given;
+            NaN for an anchor without a label, ``< 0``, e.g. STL-10's unlabeled images).
+        false_negative_gradient_mass: ``[A]`` gradient mass on same-class negatives (NaN
+            likewise).
         top_k_precision: ``[A]`` fraction of the ``top_k`` negatives with the largest gradient
-            weight that belong to another class (true negatives).
+            weight that belong to another class (true negatives; NaN likewise).
         mass_above_positive: ``[A]`` label-free: gradient mass on kept negatives that score
             above the anchor's (first) positive.
         positive_rank: ``[A]`` label-free: number of kept negatives scoring above the positive
@@ -73,12 +75,12 @@ class NegativeDiagnostics:
         sims = self.similarities[kept]
         w = self.sampling_weights[kept]
         out["mean_negative_similarity"] = float((sims * w).sum() / w.sum().clamp_min(1e-12))
-        if self.false_negative_mass is not None:
-            out["false_negative_mass"] = float(self.false_negative_mass.mean())
-        if self.false_negative_gradient_mass is not None:
-            out["false_negative_gradient_mass"] = float(self.false_negative_gradient_mass.mean())
-        if self.top_k_precision is not None:
-            out["top_k_precision"] = float(self.top_k_precision.mean())
+        # label-based measures: over the labelled anchors (NaN rows are unlabelled); a batch
+        # without one has none
+        for name in ("false_negative_mass", "false_negative_gradient_mass", "top_k_precision"):
+            value = getattr(self, name)
+            if value is not None and not bool(value.isnan().all()):
+                out[name] = float(value.nanmean())
         for name in (
             "mass_above_positive",
             "positive_rank",
@@ -104,7 +106,8 @@ def negative_diagnostics(
 ) -> NegativeDiagnostics:
     """Summarise a selection over a contrast set. Labels (``[A]`` and ``[C]``, by default the
     contrast set's own; ``[A, S]`` column labels label every column of every anchor) are used for
-    analysis only; unlabelled per-anchor columns count as other-class."""
+    analysis only; unlabelled columns count as other-class, and an unlabelled anchor (label
+    ``< 0``) has no false-negative measures (NaN): two unlabelled images are not of one class."""
     if anchor_labels is None:
         anchor_labels = contrast.anchor_labels
     if column_labels is None:
@@ -145,19 +148,28 @@ def negative_diagnostics(
             a = logits.shape[0]
             col = column_labels.to(logits.device)
             col = col if col.dim() == 2 else col.unsqueeze(0).expand(a, -1)  # [A, h]: per anchor
-            same = col == anchor_labels.to(logits.device).unsqueeze(1)
+            anchor = anchor_labels.to(logits.device)
+            same = col == anchor.unsqueeze(1)
             if same.shape[1] < logits.shape[1]:  # per-anchor and synthetic columns
                 pad = torch.zeros(
                     a, logits.shape[1] - same.shape[1], dtype=torch.bool, device=logits.device
                 )
                 same = torch.cat([same, pad], dim=1)
             same = same & kept
-            diag.false_negative_mass = (sampling * same).sum(dim=1)
-            diag.false_negative_gradient_mass = (gradient * same).sum(dim=1)
             k = min(top_k, logits.shape[1])
             top = gradient.topk(k, dim=1).indices
             top_kept = kept.gather(1, top)
             true_neg = (~same.gather(1, top)) & top_kept
-            diag.top_k_precision = true_neg.sum(dim=1) / top_kept.sum(dim=1).clamp_min(1)
+            # -1 = no label (STL-10's unlabeled split): -1 == -1 is no class match, so such an
+            # anchor's measures are undefined rather than "every unlabelled negative is a
+            # false negative"
+            unknown = anchor < 0
+            nan = torch.full((), float("nan"), device=logits.device)
+            diag.false_negative_mass = torch.where(unknown, nan, (sampling * same).sum(dim=1))
+            diag.false_negative_gradient_mass = torch.where(
+                unknown, nan, (gradient * same).sum(dim=1)
+            )
+            precision = true_neg.sum(dim=1) / top_kept.sum(dim=1).clamp_min(1)
+            diag.top_k_precision = torch.where(unknown, nan, precision)
         diag.extras.update(selection.extras)
         return diag

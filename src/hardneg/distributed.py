@@ -325,7 +325,8 @@ def shuffle_batch(
     the ranks stays in step) and rank 0's is broadcast, so all ranks use the same permutation.
     Without a multi-process group: ``(x, None)``. BN over one whole batch does not depend on the
     order of its rows, so there is nothing to shuffle in one process (MoCo's single-GPU
-    emulation by split BN groups is not implemented).
+    emulation, BN in groups of rows and a shuffled key batch, is the MoCo framework's
+    ``bn_splits``: :mod:`hardneg.frameworks.split_bn`).
     """
     if not _active():
         return x, None

@@ -14,6 +14,11 @@
 (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, OpenCV Gaussian blur with kernel
 ``int(0.1 * 32) = 3``, sigma U(0.1, 2), p=0.5; CIFAR-10 normalisation statistics.
 
+``recipe="mocov2"``: MoCo v2's (Chen, Fan, Girshick, He 2020, "Improved Baselines"), for every
+image size: ``RandomResizedCrop(scale=(0.2, 1))`` (SimCLR's crops go down to 8%), flip,
+jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, Gaussian blur sigma U(0.1, 2) p=0.5 (kernel:
+10% of the side, odd; the MoCo code blurs with PIL, untruncated); the dataset's normalisation.
+
 Small built-in datasets (any recipe):
 
 * digits (8x8, 1 channel): crop scale (0.5, 1), ratio (0.8, 1.25), rotation +-15 degrees
@@ -36,7 +41,7 @@ from hardneg.augment.image import EvalTransform, ImageAugmentation
 from hardneg.augment.signal import SignalAugmentation, SignalEvalTransform
 from hardneg.data.base import canonical_name, dataset_info
 
-RECIPES = ("simclr", "hcl")
+RECIPES = ("simclr", "hcl", "mocov2")
 
 _CIFAR_JITTER = (0.4, 0.4, 0.4, 0.1)
 
@@ -70,6 +75,8 @@ def _recipe_kwargs(name: str, recipe: str) -> dict:
             std=dataset_info("cifar10").std,
         )
     base = dict(scale=(0.08, 1.0), flip_p=0.5, jitter=_CIFAR_JITTER, jitter_p=0.8, gray_p=0.2)
+    if recipe == "mocov2":
+        return dict(base, scale=(0.2, 1.0), blur_p=0.5, blur_sigma=(0.1, 2.0))
     if name in ("cifar10", "cifar100"):
         return dict(base, blur_p=0.0)
     if name in ("stl10", "tiny-imagenet"):

@@ -15,8 +15,18 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a training checkpoint, e.g. RUN/checkpoints/final.pt")
     parser.add_argument("--dataset", help="evaluate on this data set (default: the training one)")
-    parser.add_argument("--data-dir", help="where the data set lives (default: the training one)")
+    parser.add_argument(
+        "--data-dir",
+        help="where the data set lives (default: the run's data.data_dir for the data set it was "
+        "trained on; for another --dataset, $HARDNEG_DATA_DIR or ~/.cache/hardneg/data)",
+    )
     parser.add_argument("--download", action="store_true", help="download the data if missing")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="side the images are evaluated at (default: the run's data.image_size; needed for "
+        "an imagefolder of mixed sizes when the run was trained on another data set)",
+    )
     parser.add_argument(
         "--knn-k",
         type=int,
@@ -77,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint,
         dataset=args.dataset,
         data_dir=args.data_dir,
+        image_size=args.image_size,
         knn_k=args.knn_k,
         knn_t=args.knn_t,
         linear=not args.no_linear,

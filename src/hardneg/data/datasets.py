@@ -39,6 +39,7 @@ from hardneg.data.base import (
     dataset_info,
 )
 from hardneg.data.formats import (
+    IMAGE_EXTENSIONS,
     decode_images,
     list_images,
     read_cifar_batch,
@@ -102,6 +103,24 @@ def _download_failed(
     )
 
 
+def _layout_hint(root: Path, folder: Path, url: str, missing: Path) -> str:
+    """What the user probably has instead of the extracted files (appended to the not-found
+    message): the archive downloaded but not extracted, or extracted once too often."""
+    archive = root / url.rsplit("/", 1)[-1]
+    if archive.is_file():
+        return (
+            f" Found the archive {archive}, not extracted: extract it there, or pass "
+            "download=True (torchvision checks it and extracts it)."
+        )
+    nested = folder / folder.name / missing.relative_to(folder)
+    if nested.exists():
+        return (
+            f" Found {nested}: the archive was extracted into a folder of its own name; "
+            f"point data_dir at {folder / folder.name}."
+        )
+    return ""
+
+
 # ----------------------------------------------------------------------------- CIFAR
 
 _CIFAR = {
@@ -115,6 +134,7 @@ _CIFAR = {
         meta="batches.meta",
         meta_key="label_names",
         num_classes=10,
+        binary_folder="cifar-10-batches-bin",
     ),
     "cifar100": dict(
         title="CIFAR-100",
@@ -126,6 +146,7 @@ _CIFAR = {
         meta="meta",
         meta_key="fine_label_names",
         num_classes=100,
+        binary_folder="cifar-100-binary",
     ),
 }
 
@@ -151,6 +172,13 @@ def _load_cifar(name: str, split: str, data_dir, download: bool) -> ArrayDataset
             f"{spec['title']} not found: missing {missing[0]}. Expected the python-version "
             f"batches ({listed}) in {folder}/. Download {spec['url']} and extract it into "
             f"{root}/, or pass download=True (config: data.download: true; hardneg eval: --download)."
+            + _layout_hint(root, folder, spec["url"], missing[0])
+            + (
+                f" Found {root / spec['binary_folder']}: that is the binary version, this reads "
+                "the python version."
+                if (root / spec["binary_folder"]).is_dir()
+                else ""
+            )
         )
     parts = [read_cifar_batch(f, spec["label_key"], spec["num_classes"]) for f in files]
     images = np.concatenate([p[0] for p in parts])
@@ -193,6 +221,7 @@ def _load_stl10(split: str, data_dir, download: bool) -> ArrayDataset:
             f"(train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin) in {folder}/. "
             f"Download {_STL_URL} and extract it into {root}/, or pass download=True "
             "(config: data.download: true; hardneg eval: --download)."
+            + _layout_hint(root, folder, _STL_URL, missing[0])
         )
     counts = [stl10_image_count(folder / f"{p}_X.bin") for p in parts]
     x = np.empty((sum(counts), 3, 96, 96), dtype=np.uint8)  # filled in place, no concatenation
@@ -235,6 +264,7 @@ def _load_tiny_imagenet(
             "train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt. "
             f"Download {_TINY_URL} and extract it into {root}/, or pass download=True "
             "(config: data.download: true; hardneg eval: --download)."
+            + _layout_hint(root, folder, _TINY_URL, missing)
         )
     wnids = [w.strip() for w in wnids_file.read_text().splitlines() if w.strip()]
     if not wnids or len(set(wnids)) != len(wnids):
@@ -246,7 +276,7 @@ def _load_tiny_imagenet(
         for w in classes:
             imgs = list_images(split_dir / w / "images")
             if not imgs:
-                raise DatasetFormatError(f"{split_dir / w / 'images'}: no images for class {w}")
+                raise DatasetFormatError(_no_images(split_dir / w / "images"))
             paths += imgs
             labels += [index[w]] * len(imgs)
     else:
@@ -280,6 +310,15 @@ def _load_tiny_imagenet(
 
 def _class_dirs(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _no_images(folder: Path) -> str:
+    """Why ``folder`` gave no images: the extensions read, and those of the files found."""
+    if not folder.is_dir():
+        return f"{folder}: missing (the folder of this class's images)"
+    found = sorted({p.suffix.lower() or p.name for p in folder.rglob("*") if p.is_file()})
+    seen = f"it holds {', '.join(found[:8])} files" if found else "it is empty"
+    return f"{folder}: no image files ({seen}); allowed extensions: {', '.join(IMAGE_EXTENSIONS)}"
 
 
 def _load_imagefolder(split: str, data_dir, image_size, num_workers) -> ArrayDataset:
@@ -316,6 +355,10 @@ def _load_imagefolder(split: str, data_dir, image_size, num_workers) -> ArrayDat
                 f"{split_dir / c}: class {c!r} is not among the {len(classes)} classes of {class_root}"
             )
         imgs = list_images(split_dir / c)
+        if not imgs:
+            # an empty class folder is a failed copy or files of another type, not a class
+            # without images (torchvision's ImageFolder refuses it too)
+            raise DatasetFormatError(_no_images(split_dir / c))
         paths += imgs
         labels += [index[c]] * len(imgs)
     if not paths:
@@ -489,6 +532,12 @@ def load_dataset(
     if split not in info.splits:
         raise ValueError(
             f"dataset {key!r} has no split {split!r}; available: {', '.join(info.splits)}"
+        )
+    if data_dir is not None and Path(data_dir).expanduser().is_file():
+        # e.g. the downloaded archive itself: every file was then looked for "inside" it
+        raise DatasetNotFoundError(
+            f"{key}: data_dir {data_dir} is a file, not a folder; point it at the folder the "
+            "data set's archive was extracted into"
         )
     if image_size is not None and (
         isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1

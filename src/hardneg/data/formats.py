@@ -225,8 +225,32 @@ def _resize_square(img, size: int):
     return img.crop((left, top, left + size, top + size))
 
 
+def _to_8_bit(img, path: Path):
+    """An 8-bit PIL image for ``img``. PIL's ``convert`` clips wider pixels to 255 instead of
+    scaling them (a 16-bit grayscale PNG came out almost all white, a float TIFF in [0, 1] all
+    black), so 16-bit grayscale is scaled here (v / 257, the full 16-bit range onto 0..255) and
+    modes whose range is not known (32-bit integer ``I``, float ``F``) are refused."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16"):
+        wide = np.asarray(img).astype(np.uint32)
+        return Image.fromarray(((wide + 128) // 257).astype(np.uint8), mode="L")
+    if img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "floating-point"
+        raise DatasetFormatError(
+            f"{path}: {kind} pixels (PIL mode {img.mode}) have no fixed range to scale to 8 bits; "
+            "allowed: 8-bit images (RGB, RGBA, grayscale, palette, CMYK) and 16-bit grayscale; "
+            "convert the file to 8-bit"
+        )
+    return img
+
+
 def decode_image(path: Path, size: int | None, mode: str = "RGB") -> np.ndarray:
-    """Decode one image file into ``uint8 [C, H, W]`` (optionally resized to ``size``)."""
+    """Decode one image file into ``uint8 [C, H, W]`` (optionally resized to ``size``).
+
+    Any 8-bit PIL mode is converted to ``mode`` (RGBA drops its alpha channel, grayscale is
+    replicated); 16-bit grayscale is scaled to 8 bits; 32-bit integer and float images are
+    refused (:func:`_to_8_bit`)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -234,10 +258,12 @@ def decode_image(path: Path, size: int | None, mode: str = "RGB") -> np.ndarray:
             data = f.read()
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            img = img.convert(mode)
+            img = _to_8_bit(img, path).convert(mode)
             if size is not None:
                 img = _resize_square(img, size)
             arr = np.asarray(img, dtype=np.uint8)
+    except DatasetFormatError:  # already names the file and the problem
+        raise
     except UnidentifiedImageError:
         raise DatasetFormatError(
             f"{path}: not a readable image file (corrupt or wrong format)"
@@ -272,7 +298,8 @@ def decode_images(
             examples.setdefault(a.shape, p)
         listed = "; ".join(f"{s[1]}x{s[2]} e.g. {p}" for s, p in list(examples.items())[:3])
         raise ValueError(
-            f"images have different sizes ({listed}); pass image_size=... to resize them "
-            "(shorter side, then centre crop)"
+            f"images have different sizes ({listed}); resize them to one size (shorter side, "
+            "then centre crop) with image_size=N (config: data.image_size=N; hardneg eval: "
+            "--image-size N)"
         )
     return np.stack(arrays)

@@ -122,6 +122,7 @@ def evaluate_checkpoint(
     dataset: str | None = None,
     data_dir: str | Path | None = None,
     *,
+    image_size: int | None = None,
     knn_k: int | None = None,
     knn_t: float | None = None,
     linear: bool = True,
@@ -136,7 +137,11 @@ def evaluate_checkpoint(
     Args:
         ckpt_path: a checkpoint written by ``hardneg train`` (``checkpoints/final.pt``).
         dataset: data set to evaluate on; defaults to the one the checkpoint was trained on.
-        data_dir: where that data set lives; defaults to the training config's ``data.data_dir``.
+        data_dir: where that data set lives; defaults to the training config's ``data.data_dir``
+            when ``dataset`` is the training one, else to the library default (that folder may
+            be another data set's own).
+        image_size: side the images are evaluated at; None: the training config's
+            ``data.image_size`` (an imagefolder of mixed sizes needs one).
         knn_k, knn_t: weighted-kNN neighbours and temperature; None: the checkpoint's
             ``eval.knn_k`` / ``eval.knn_temperature`` (what its training monitor and
             ``hardneg compare`` used), else Wu et al.'s 200 and 0.1.
@@ -148,6 +153,8 @@ def evaluate_checkpoint(
     """
     from hardneg.train import load_backbone
 
+    if image_size is not None and (isinstance(image_size, bool) or int(image_size) < 1):
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
     backbone, config = load_backbone(ckpt_path)
     data_cfg = dict(config.get("data") or {})
     dataset = dataset or data_cfg.get("dataset")
@@ -164,7 +171,7 @@ def evaluate_checkpoint(
         dataset,
         data_dir=data_dir,
         download=download,
-        image_size=data_cfg.get("image_size"),
+        image_size=data_cfg.get("image_size") if image_size is None else image_size,
         recipe=(config.get("augment") or {}).get("recipe", "simclr"),
         knn_k=knn_k,
         knn_t=knn_t,

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from hardneg.distributed import get_world_size
 from hardneg.frameworks.base import Framework, StepOutput
 from hardneg.frameworks.memory_bank import MemoryBank
 from hardneg.frameworks.moco import MoCo
@@ -44,6 +45,15 @@ def _moco(
         )
     # auto: MoCo v2's shuffle-BN, unless SyncBatchNorm already gives every rank global statistics
     shuffle_bn = fw.shuffle_bn if isinstance(fw.shuffle_bn, bool) else not config.train.sync_bn
+    # bn_splits counts groups of the global batch (MoCo v2: one per GPU); R processes each
+    # normalise their share in bn_splits / R groups (at least one: a process is a group)
+    world = get_world_size()
+    if fw.bn_splits > world and fw.bn_splits % world:
+        raise ValueError(
+            f"framework.bn_splits={fw.bn_splits} must be a multiple of the number of processes "
+            f"({world}) or at most it"
+        )
+    bn_splits = max(1, fw.bn_splits // world)
     return MoCo(
         backbone,
         head,
@@ -55,6 +65,7 @@ def _moco(
         predictor=predictor,
         enqueue=fw.enqueue,
         shuffle_bn=shuffle_bn,
+        bn_splits=bn_splits,
     )
 
 

@@ -161,3 +161,18 @@ def ema_(target: nn.Module, source: nn.Module, momentum: float) -> None:
     """
     for t, s in zip(target.parameters(), source.parameters()):
         t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+
+
+@torch.no_grad()
+def hidden_dim(head: nn.Module, backbone: nn.Module) -> int:
+    """Width of the head's hidden features (one tiny forward in eval mode, on the head's
+    device: a head already on a GPU got a CPU probe and failed)."""
+    tensors = [*head.parameters(), *head.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    was_training = head.training
+    head.eval()
+    try:
+        _, h = head(torch.zeros(2, backbone.out_dim, device=device), return_hidden=True)
+    finally:
+        head.train(was_training)
+    return int(h.shape[1])

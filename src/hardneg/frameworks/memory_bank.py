@@ -32,20 +32,30 @@ one rank at the band edges otherwise, and when ``rho_in = 0`` the authors' ring 
 own entry as a negative, ours cannot.
 
 The framework asks the loss what it needs (:class:`~hardneg.frameworks.base.Framework`): the
-queries' features for ``feature_kind`` (the bank keeps no hidden features of its entries, so a
-``'hidden'`` strategy gets ``h1`` only) and, for a loss that draws, the step's ``generator``
+queries' features for ``feature_kind`` and, for a loss that draws, the step's ``generator``
 (which also draws the noise indices). A bank of labels (-1 until an entry is first written)
 serves the diagnostics only.
+
+Hidden features (``feature_kind == 'hidden'``, UnReMix): a second bank ``bank_hidden [N, h]``
+holds the head's hidden features of every entry, written with the same momentum as the bank,
+``bank_hidden[idx] <- m * bank_hidden[idx] + (1 - m) * h`` (zeros until first written: such an
+entry gets a zero feature similarity), and the drawn rows' features reach the loss as
+``negative_h`` (shared draws and ``'all'``: the only pools UnReMix scores). Without it the
+strategy would score the bank's entries with ``h = z`` while the queries use ``h``. Cost: ``N x h``
+floats, e.g. 50,000 x 512 x 4 B = 102 MB for CIFAR-10 with the linear head on a ResNet-18 (the
+128-d bank itself is 26 MB); only a loss that asks for hidden features gets it.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hardneg.distributed import gather_no_grad, gather_with_grad
-from hardneg.frameworks.base import Framework, StepOutput, gather_labels
+from hardneg.frameworks.base import Framework, StepOutput, gather_labels, hidden_dim
 
 DRAWS = ("auto", "per_anchor", "shared")
 
@@ -92,6 +102,10 @@ class MemoryBank(Framework):
         self.draws = draws
         self.register_buffer("bank", F.normalize(torch.randn(dataset_size, out_dim), dim=1))
         self.register_buffer("bank_labels", torch.full((dataset_size,), -1, dtype=torch.long))
+        # the entries' hidden features, for negative_h (None: not kept, not in state_dict)
+        keep_hidden = self.feature_kind == "hidden"
+        hidden = torch.zeros(dataset_size, hidden_dim(head, backbone)) if keep_hidden else None
+        self.register_buffer("bank_hidden", hidden)
 
     def forward(
         self,
@@ -110,9 +124,10 @@ class MemoryBank(Framework):
         index = gather_no_grad(index).to(self.bank.device)
         labels = gather_labels(labels)
         positives = self.bank[index]
-        exclude = None
+        exclude = negative_h = None
         if self.negatives == "all":
             negatives, negative_labels, exclude = self.bank, self.bank_labels, index
+            negative_h = self.bank_hidden
         else:
             shape = (
                 (index.shape[0], self.negatives)
@@ -123,6 +138,9 @@ class MemoryBank(Framework):
                 0, self.bank.shape[0], shape, generator=generator, device=self.bank.device
             )
             negatives, negative_labels = self.bank[draw], self.bank_labels[draw]
+            if self.bank_hidden is not None and self.draws == "shared":
+                # a per-anchor pool takes no negative_h (the loss scores shared columns only)
+                negative_h = self.bank_hidden[draw]
         loss, diag = self.contrast(
             q,
             positives,
@@ -132,19 +150,44 @@ class MemoryBank(Framework):
             negative_labels=negative_labels,
             progress=progress,
             h1=features,
+            negative_h=negative_h,
             exclude_index=exclude,
             generator=generator,
         )
         pending = {"index": index, "q": q.detach()}
         if labels is not None:
             pending["labels"] = labels
+        if self.bank_hidden is not None:
+            pending["hidden"] = features  # global rows, detached (features() gathers no grad)
         return StepOutput(loss=loss, embeddings=q.detach(), diagnostics=diag, pending=pending)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a checkpoint written before the bank kept hidden features has no bank_hidden: start
+        # it from zeros (as a new bank) instead of refusing the resume
+        key = prefix + "bank_hidden"
+        if self.bank_hidden is not None and key not in state_dict:
+            warnings.warn(
+                "the checkpoint has no hidden features of the memory bank's entries (written "
+                "before the bank kept them); they start from zeros and fill in as the entries "
+                "are rewritten",
+                stacklevel=2,
+            )
+            state_dict[key] = torch.zeros_like(self.bank_hidden)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def commit(self, out: StepOutput) -> None:
-        """``bank[idx] = normalize(m bank[idx] + (1 - m) normalize(q))``."""
+        """``bank[idx] = normalize(m bank[idx] + (1 - m) normalize(q))``; the hidden features'
+        bank with the same ``m`` (unnormalised: the loss uses their directions only), so that
+        the two describe the same mixture of past steps (with ``m = 0``, IR-Ring's setting,
+        both hold the entry's latest step)."""
         index, q = out.pending["index"], F.normalize(out.pending["q"].float(), dim=1)
         mixed = self.momentum * self.bank[index] + (1.0 - self.momentum) * q
         self.bank[index] = F.normalize(mixed, dim=1)
+        if self.bank_hidden is not None:
+            h = out.pending["hidden"].float()
+            self.bank_hidden[index] = self.momentum * self.bank_hidden[index] + (
+                1.0 - self.momentum
+            ) * h.to(self.bank_hidden.device)
         if "labels" in out.pending:
             self.bank_labels[index] = out.pending["labels"].to(self.bank_labels.device)

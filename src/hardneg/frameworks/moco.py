@@ -34,6 +34,12 @@ share per-rank BN statistics. In one process it does nothing (BN over the whole 
 invariant to row order); with SyncBatchNorm it is redundant (the trainer's ``auto`` turns it
 off). The permutation is drawn from the step's ``generator`` (the loss generator, the same on
 every rank), once per key batch, before the loss of that direction.
+
+Split BN (``bn_splits > 1``): the one-process stand-in for shuffle-BN
+(:mod:`hardneg.frameworks.split_bn`): every BatchNorm of both encoders (and of the predictor)
+normalises ``bn_splits`` groups of rows separately, as ``bn_splits`` GPUs would, and with
+``shuffle_bn`` the key batch is permuted (the step's ``generator``) before the key encoder and
+put back in order after it, so that a query and its key fall in different groups.
 """
 
 from __future__ import annotations
@@ -43,7 +49,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hardneg.distributed import gather_unshuffled, gather_with_grad, shuffle_batch
-from hardneg.frameworks.base import Framework, StepOutput, ema_, freeze_copy, gather_labels
+from hardneg.frameworks.base import (
+    Framework,
+    StepOutput,
+    ema_,
+    freeze_copy,
+    gather_labels,
+    hidden_dim,
+)
+from hardneg.frameworks.split_bn import split_batch_norm_
 
 
 class MoCo(Framework):
@@ -59,7 +73,11 @@ class MoCo(Framework):
         enqueue: with ``symmetric``, ``'both'`` enqueues ``k1`` and ``k2``, ``'second'`` only
             ``k2`` (PSM's neighbour bank holds view-2 keys); without it only ``k2`` exists.
         shuffle_bn: under ``torchrun``, compute keys on a batch shuffled across ranks
-            (MoCo v2's shuffle-BN); no effect in one process.
+            (MoCo v2's shuffle-BN); in one process it shuffles the key batch only with
+            ``bn_splits > 1``.
+        bn_splits: normalise each batch norm's training batch in this many groups of rows
+            (this process's share; 1 = plain BN); with ``shuffle_bn``, keys are computed on a
+            shuffled batch, the single-device emulation of shuffle-BN.
     """
 
     num_views = 2
@@ -77,8 +95,13 @@ class MoCo(Framework):
         predictor: nn.Module | None = None,
         enqueue: str = "both",
         shuffle_bn: bool = True,
+        bn_splits: int = 1,
     ) -> None:
         super().__init__(backbone, head, loss)
+        self.bn_splits = bn_splits
+        for module in (backbone, head, predictor):  # before the key encoder is copied
+            if module is not None:
+                split_batch_norm_(module, bn_splits)
         self.key_backbone = freeze_copy(backbone)
         self.key_head = freeze_copy(head)
         self.predictor = predictor
@@ -105,6 +128,13 @@ class MoCo(Framework):
         restore = None
         if self.shuffle_bn:
             x, restore = shuffle_batch(x, generator)
+            if restore is None and self.bn_splits > 1:
+                # one process: shuffle here, so that a key lands in another BN group than
+                # its query (the groups are contiguous rows)
+                draw_on = generator.device if generator is not None else x.device
+                perm = torch.randperm(x.shape[0], generator=generator, device=draw_on)
+                perm = perm.to(x.device)
+                x, restore = x[perm], torch.argsort(perm)
         k, kh = self.key_head(self.key_backbone(x), return_hidden=True)
         return gather_unshuffled(k, restore), gather_unshuffled(kh, restore)
 
@@ -177,15 +207,3 @@ class MoCo(Framework):
         if self.queue_hidden is not None:
             self.queue_hidden[slots] = out.pending["hidden"][-size:].float()
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
-
-
-@torch.no_grad()
-def hidden_dim(head: nn.Module, backbone: nn.Module) -> int:
-    """Width of the head's hidden features (one tiny forward in eval mode)."""
-    was_training = head.training
-    head.eval()
-    try:
-        _, h = head(torch.zeros(2, backbone.out_dim), return_hidden=True)
-    finally:
-        head.train(was_training)
-    return int(h.shape[1])

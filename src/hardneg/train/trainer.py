@@ -412,9 +412,12 @@ def run_meta(cfg: TrainConfig) -> dict[str, Any]:
     meta = checkpoint_meta(cfg)
     meta.update(
         loss_params=dict(cfg.loss.params),
-        # shuffle_bn changes no state (a run may resume with another number of processes)
+        # shuffle_bn and bn_splits change no state (a run may resume with another number of
+        # processes; a checkpoint from before bn_splits existed has no such key)
         framework_params={
-            k: v for k, v in cfg.to_dict()["framework"].items() if k not in ("name", "shuffle_bn")
+            k: v
+            for k, v in cfg.to_dict()["framework"].items()
+            if k not in ("name", "shuffle_bn", "bn_splits")
         },
         split=cfg.data.split,
         subset=cfg.data.subset,
