@@ -604,3 +604,53 @@ def test_text_demo_refuses_a_single_training_pair_before_loading_the_model(
     assert main([*argv, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert f"{path} gives 1 training pair; in-batch negatives need at least 2" in err
+
+
+def test_mined_negatives_are_the_top_candidates_below_the_positive(tiny_dir):
+    """mine_training_negatives against a search by hand: per pair, the most similar training
+    texts (not its anchor or positive) whose cosine is at most the positive's (margin 0: the
+    tiny random model scores every pair within 0.92-1.0)."""
+    model = load(tiny_dir)
+    pairs = tb.load_training_pairs(None)[:40]
+    rows, note = tb.mine_training_negatives(model, pairs, 2, margin=0.0)
+    corpus = list(dict.fromkeys(t for pair in pairs for t in pair))
+    emb = model.encode(corpus, convert_to_tensor=True, normalize_embeddings=True)
+    where = {t: i for i, t in enumerate(corpus)}
+    kept = 0
+    for anchor, positive in pairs:
+        q = model.encode([anchor], convert_to_tensor=True, normalize_embeddings=True)[0]
+        sims = (emb @ q).tolist()
+        s_pos = float(emb[where[positive]] @ q)
+        own = {p for a, p in pairs if a == anchor} | {anchor}
+        candidates = sorted(
+            (s, t) for t, s in zip(corpus, sims) if t not in own and s <= s_pos
+        )[::-1][:2]
+        if len(candidates) < 2:
+            continue
+        row = rows[kept]
+        kept += 1
+        assert row[:2] == (anchor, positive)
+        assert list(row[2:]) == [t for _, t in candidates]
+    assert kept == len(rows) >= 2 and f"{len(rows)} of 40 pairs kept" in note
+
+
+def test_text_demo_trains_on_mined_hard_negatives(tiny_dir, tmp_path, monkeypatch):
+    from hardneg.integrations.sentence_transformers import HardNegativeLoss
+
+    widths = []
+    original = HardNegativeLoss.compute_loss_from_embeddings
+
+    def spy(self, embeddings, *args, **kwargs):
+        widths.append(len(embeddings))
+        return original(self, embeddings, *args, **kwargs)
+
+    monkeypatch.setattr(HardNegativeLoss, "compute_loss_from_embeddings", spy)
+    out = tmp_path / "demo"
+    argv = ["demo", "--modality", "text", "--strategies", "hcl,potential", "--out", str(out)]
+    argv += [f"model={tiny_dir}", "steps=2", "batch_size=8", "seeds=0", "threads=1"]
+    argv += ["max_seq_length=32"]
+    assert main([*argv, "hard_negatives=2", "hard_negative_margin=0"]) == 0
+    assert widths and set(widths) == {4}  # anchor, positive and two mined negatives
+    rows = read(out)["rows"]
+    assert [r.get("layout") for r in rows[1:]] == ["retrieval", "two-view"]
+    assert "2 mined hard negative(s) per pair" in (out / "report.md").read_text()

@@ -85,6 +85,11 @@ class TextBenchmarkConfig:
     folds: int = 5
     threads: int = 2
     seeds: tuple[int, ...] = (0, 1, 2)
+    # > 0: mine this many hard negatives per training pair with the untouched model (hardneg's
+    # miner: the top candidates among the training texts below 95% of the positive's score,
+    # NV-Retriever's TopK-PercPos) and train on (anchor, positive, negative_1..k) rows
+    hard_negatives: int = 0
+    hard_negative_margin: float = 0.05  # the relative margin of that mining (0: s <= s_pos)
 
     @classmethod
     def with_overrides(cls, items: Sequence[str], **base: Any) -> TextBenchmarkConfig:
@@ -133,6 +138,12 @@ class TextBenchmarkConfig:
         for name in ("steps", "batch_size", "max_seq_length", "knn_k", "folds", "threads"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.hard_negatives) < 0:
+            raise ValueError(f"hard_negatives must be >= 0, got {self.hard_negatives}")
+        if not 0.0 <= float(self.hard_negative_margin) < 1.0:
+            raise ValueError(
+                f"hard_negative_margin must be in [0, 1), got {self.hard_negative_margin}"
+            )
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (in-batch negatives)")
         # checked here, not when the first strategy's optimiser or loss is built: that comes
@@ -530,9 +541,10 @@ def embed(model, make_features: Callable, texts: Sequence[str], batch_size: int 
 
 # -- training -----------------------------------------------------------------------------------
 def strategy_loss(model, strategy: str, scale: float, seed: int, hparams: dict[str, Any]):
-    """``(loss(features_a, features_p, progress) callable, layout)``: the sentence-transformers
-    loss of the strategy (``retrieval``), or its two-view form when it rejects that layout
-    (``two-view``); ``progress`` (fraction of the steps done) drives a schedule
+    """``(loss(features_a, features_p, progress, *features_negatives) callable, layout)``: the
+    sentence-transformers loss of the strategy (``retrieval``; mined hard negatives as further
+    columns), or its two-view form when it rejects that layout (``two-view``, which leaves the
+    mined negatives out); ``progress`` (fraction of the steps done) drives a schedule
     (``hcl.beta_anneal=down``, ``ring.anneal=linear``)."""
     from hardneg.integrations.sentence_transformers import HardNegativeLoss
     from hardneg.registry import create_loss, strategy_class
@@ -546,7 +558,7 @@ def strategy_loss(model, strategy: str, scale: float, seed: int, hparams: dict[s
         core = create_loss(strategy, temperature=1.0 / scale, **params)
         gen = torch.Generator().manual_seed(seed)
 
-        def two_view(fa, fp, progress: float):
+        def two_view(fa, fp, progress: float, *negatives):  # (two views: no mined negatives)
             za = model(fa)["sentence_embedding"]
             zp = model(fp)["sentence_embedding"]
             kwargs = {"generator": gen} if getattr(core, "draws", False) else {}
@@ -554,17 +566,56 @@ def strategy_loss(model, strategy: str, scale: float, seed: int, hparams: dict[s
 
         return two_view, "two-view"
 
-    def retrieval(fa, fp, progress: float):
+    def retrieval(fa, fp, progress: float, *negatives):
         st_loss.progress = progress  # what ProgressCallback sets inside the Trainer
-        return st_loss([fa, fp], None)
+        return st_loss([fa, fp, *negatives], None)
 
     return retrieval, "retrieval"
+
+
+def mine_training_negatives(
+    model, pairs: Sequence[tuple[str, str]], k: int, margin: float = 0.05
+) -> tuple[list[tuple[str, ...]], str]:
+    """``(anchor, positive, negative_1..k)`` rows: ``k`` hard negatives per pair mined by
+    :func:`hardneg.mining.mine_hard_negatives` with ``model`` among the pairs' texts (the most
+    similar ones scoring at most ``s_pos - |s_pos| margin``, NV-Retriever's TopK-PercPos, among the 200
+    most similar); pairs with fewer than ``k`` such candidates are dropped. Returns the rows and a one-line note."""
+    from hardneg.mining import mine_hard_negatives
+
+    corpus = list(dict.fromkeys(t for pair in pairs for t in pair))
+    rows = mine_hard_negatives(
+        [a for a, _ in pairs],
+        [p for _, p in pairs],
+        corpus,
+        model=model,
+        num_negatives=k,
+        output_format="n-tuple",
+        relative_margin=margin,
+        # a window deep enough that the margin leaves k: a pair's own anchor and positive are
+        # no candidates (2 of the corpus)
+        range_max=max(k, min(200, len(corpus) - 2)),
+    )
+    if len(rows) < 2:
+        raise ValueError(
+            f"hard_negatives={k}: only {len(rows)} training pair(s) have {k} candidates at most "
+            f"{100 * (1 - margin):g}% of their positive's score; lower hard_negatives or "
+            "hard_negative_margin"
+        )
+    tuples = [
+        (r["anchor"], r["positive"], *(r[f"negative_{m}"] for m in range(1, k + 1))) for r in rows
+    ]
+    note = (
+        f"mined {k} hard negative(s) per pair with the untouched model (top candidates at most "
+        f"{100 * (1 - margin):g}% of the positive's score among the {len(corpus)} training "
+        f"texts): {len(tuples)} of {len(pairs)} pairs kept"
+    )
+    return tuples, note
 
 
 def train_once(
     model,
     make_features: Callable,
-    pairs: Sequence[tuple[str, str]],
+    pairs: Sequence[tuple[str, ...]],
     strategy: str,
     seed: int,
     cfg: TextBenchmarkConfig,
@@ -586,11 +637,9 @@ def train_once(
     losses = []
     for step in range(cfg.steps):
         batch = [pairs[i] for i in order[step * size : (step + 1) * size]]
-        loss = loss_fn(
-            make_features([a for a, _ in batch]),
-            make_features([p for _, p in batch]),
-            step / cfg.steps,  # the fraction done before this step, as ProgressCallback gives
-        )
+        columns = [make_features([row[c] for row in batch]) for c in range(len(batch[0]))]
+        # the fraction done before this step, as ProgressCallback gives
+        loss = loss_fn(columns[0], columns[1], step / cfg.steps, *columns[2:])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -789,13 +838,20 @@ def _run(out, strategies, cfg, hparams, model, title, command, log) -> TextOutco
     if model is None:
         model = load_sentence_model(cfg.model)
     model.max_seq_length = cfg.max_seq_length
+    mined_note = ""
+    if cfg.hard_negatives:
+        pairs, mined_note = mine_training_negatives(
+            model, pairs, cfg.hard_negatives, cfg.hard_negative_margin
+        )
+        log(mined_note)
     layers = transformer_layers(model)
     trained, layer_note = _trainable(model, layers, str(cfg.train_layers))
     cache = None
     make_features = _plain_features(model)
     if trained is not None:
         cache = FrozenLayerCache(model, layers, trained)
-        texts = [t for pair in pairs for t in pair] + lee_docs + lee_sentences + pol_texts
+        texts = list(dict.fromkeys(t for row in pairs for t in row))
+        texts += lee_docs + lee_sentences + pol_texts
         cache.add(texts)
         cache.install()
         make_features = cache.features
@@ -890,7 +946,16 @@ def _report_text(title, cfg, strategies, table, seconds, command, layer_note, pa
         f"Model `{cfg.model}` (max_seq_length {cfg.max_seq_length}); {layer_note}. Training: "
         f"{len(pairs)} (sentence, next sentence) pairs of "
         f"{cfg.train_file or 'the Lee background corpus'}, {cfg.steps} AdamW steps (lr {cfg.lr}) "
-        f"of batch {cfg.batch_size} with in-batch negatives, logits {cfg.scale:g} * cos; "
+        f"of batch {cfg.batch_size} with in-batch negatives"
+        + (
+            f" and {cfg.hard_negatives} mined hard negative(s) per pair (the untouched model's "
+            "top candidates among the training texts at most "
+            f"{100 * (1 - cfg.hard_negative_margin):g}% of the positive's score; "
+            "pairs without enough dropped; `two-view` runs leave them out)"
+            if cfg.hard_negatives
+            else ""
+        )
+        + f", logits {cfg.scale:g} * cos; "
         f"strategies with the registry's hyper-parameters and their in-batch defaults; "
         f"seeds {seeds} (batch order, dropout, draws). Mean ± sample std over seeds. "
         f"{seconds:.0f} s in all, torch threads {cfg.threads}.",
