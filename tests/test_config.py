@@ -43,6 +43,28 @@ def test_overrides_are_parsed_as_yaml():
     assert config.data.subset is None
 
 
+def test_scientific_notation_without_a_dot_is_a_number_everywhere(tmp_path):
+    """YAML 1.1 (PyYAML) reads ``1e-2`` as a string; the loss, augmentation and integer keys,
+    which do not coerce strings like the float fields of the sections, got ``'1e-2'`` and
+    refused it ("temperature must be a number, got '1e-2'")."""
+    config = load_config(
+        "mnist1d_simclr_hcl",
+        ["loss.temperature=2e-1", "loss.beta=5E-1", "augment.noise_std=1e-2", "train.epochs=1e1"],
+    )
+    assert config.loss.params["temperature"] == 0.2 and config.loss.params["beta"] == 0.5
+    assert config.augment.params["noise_std"] == 0.01
+    assert config.train.epochs == 10 and isinstance(config.train.epochs, int)
+    file = tmp_path / "sci.yaml"
+    file.write_text("loss: {name: hcl, tau_plus: -1e-1}\noptim: {lr: 3e-4}\n")
+    with pytest.raises(ValueError, match=r"tau_plus must be in \[0, 1\), got -0.1"):
+        load_config(file)  # a negative exponent form is a number too, checked for its range
+    file.write_text("loss: {name: hcl, tau_plus: 5e-2}\noptim: {lr: 3e-4}\n")
+    config = load_config(file)
+    assert config.loss.params["tau_plus"] == 0.05 and config.optim.lr == 3e-4
+    with pytest.raises(ValueError, match="got '1e3x'"):  # not a number: still a string
+        load_config(None, ["train.epochs=1e3x"])
+
+
 def test_a_dict_override_replaces_the_whole_loss_section():
     config = load_config(None, ["loss.name=hcl", "loss.beta=2", "loss={name: ring, rho_out: 0.5}"])
     assert config.loss.name == "ring" and config.loss.params["rho_out"] == 0.5

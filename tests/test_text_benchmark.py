@@ -604,3 +604,13 @@ def test_text_demo_refuses_a_single_training_pair_before_loading_the_model(
     assert main([*argv, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert f"{path} gives 1 training pair; in-batch negatives need at least 2" in err
+
+
+def test_a_strategy_override_in_scientific_notation_is_a_number():
+    """``hcl.temperature=5e-2``: PyYAML (YAML 1.1) reads 5e-2 as the string '5e-2', which the
+    loss refused as not a number; the overrides share the config's YAML reading."""
+    from hardneg.text.cli import split_overrides
+
+    config, per_strategy = split_overrides(["hcl.temperature=5e-2", "steps=3", "hcl.beta=2"])
+    assert config == ["steps=3"]
+    assert per_strategy == {"hcl": {"temperature": 0.05, "beta": 2}}

@@ -238,6 +238,24 @@ class TrainConfig:
 # loading
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` and ``5E+2`` as numbers as YAML 1.2 does: YAML 1.1
+    wants a dot in a float (``1.0e-3``), so plain PyYAML hands ``loss.temperature=1e-2`` to the
+    loss as the string ``'1e-2'``, which it then refuses as not a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: Any) -> Any:
+    """``yaml.safe_load`` of ``text`` (a string or a file) with ``1e-3`` read as a float."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def list_configs() -> list[str]:
     """Names of the configs shipped with the package (``hardneg train --config NAME``)."""
     root = importlib.resources.files("hardneg") / "configs"
@@ -285,7 +303,7 @@ def load_config(
         file = resolve_config_path(path)
         with open(file) as fh:
             try:
-                raw = yaml.safe_load(fh) or {}
+                raw = load_yaml(fh) or {}
             except yaml.YAMLError as err:
                 raise ValueError(f"{file}: not valid YAML: {err}") from None
         if not isinstance(raw, dict):
@@ -314,7 +332,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             f"override {item!r} must look like section.key=value (e.g. train.epochs=5)"
         )
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = load_yaml(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     parts = key.split(".")
