@@ -223,3 +223,36 @@ def test_one_seed_comparison_advises_more_seeds_of_its_own_data_set(tmp_path, ca
     report = (out / "report.md").read_text()
     assert "`hardneg compare --dataset digits --seeds 3`" in report
     assert "--dataset mnist1d" not in report
+
+
+def test_ctrl_c_in_a_comparison_is_one_line_and_the_same_command_resumes_it(
+    tmp_path, capsys, monkeypatch
+):
+    """SIGINT during a demo's training printed the trainer's TrainingInterrupted as a stack
+    trace (status 1), whose hint, ``hardneg train --resume``, finishes that one run only."""
+    import os
+    import signal
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _crash import CrashAt
+
+    out = tmp_path / "demo"
+    args = ["demo", "--strategies", "infonce,hcl", "--reseed", "none", "--out", str(out),
+            "train.epochs=1", *TINY]  # fmt: skip
+    with monkeypatch.context() as patch:  # step 1 of the first run asks to stop, as Ctrl-C does
+        CrashAt(patch, at=1, action=lambda: os.kill(os.getpid(), signal.SIGINT))
+        assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "hardneg train --resume" not in err
+    lines = [line for line in err.splitlines() if line.strip() and "SIGINT received" not in line]
+    assert lines == [
+        f"hardneg demo: infonce seed 0 interrupted; saved {out}/infonce/seed0/checkpoints/last.pt;"
+        f" run the same command again with --out {out} to resume it (finished runs are reused)"
+    ]
+    assert main(args) == 0  # the same command resumes the run and trains the next one
+    text = capsys.readouterr().out
+    assert f"[1/2] infonce seed 0: resuming 1 epoch -> {out}/infonce/seed0" in text
+    assert f"[2/2] hcl seed 0: training 1 epoch -> {out}/hcl/seed0" in text
+    assert (out / "report.md").exists()

@@ -269,3 +269,16 @@ def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch, capsys)
 
     assert main(["losses"]) == 2
     assert "hardneg losses: error: Broken pipe" in capsys.readouterr().err
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line_with_status_130(monkeypatch, capsys):
+    """Ctrl-C while the data load, a report is drawn or a checkpoint is evaluated printed a stack
+    trace (the training loop alone turned it into a message)."""
+    import hardneg.commands.losses as losses_cmd
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(losses_cmd, "run", interrupted)
+    assert main(["losses"]) == 130
+    assert capsys.readouterr().err == "hardneg losses: interrupted\n"

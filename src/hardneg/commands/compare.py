@@ -288,7 +288,7 @@ def compare(
         write_comparison_report,
         write_run_report,
     )
-    from hardneg.train import NonFiniteError, train
+    from hardneg.train import NonFiniteError, TrainingInterrupted, train
 
     if not strategies:
         raise ValueError("--strategies is empty")
@@ -339,6 +339,14 @@ def compare(
                 failed.append(f"{strategy} seed {seed}: {err}")
                 say(f"{tag}: FAILED ({err})")
                 continue
+            except TrainingInterrupted as err:
+                # the trainer's hint (hardneg train --resume CKPT) would finish this one run
+                # only; the same comparison again resumes it and trains the runs after it
+                raise TrainingInterrupted(
+                    f"{strategy} seed {seed} interrupted; saved {err.checkpoint}; run the same "
+                    f"command again with --out {out} to resume it (finished runs are reused)",
+                    err.checkpoint,
+                ) from None
         want_tsne = tsne_points > 0 and strategy not in embeddings and not is_reseed
         metrics = load_metrics(run_dir) if reused and not want_tsne else {}
         if not metrics:
