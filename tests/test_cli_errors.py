@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import builtins
 import errno
+import io
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -282,3 +284,26 @@ def test_ctrl_c_outside_a_training_loop_is_one_line_with_status_130(monkeypatch,
     monkeypatch.setattr(losses_cmd, "run", interrupted)
     assert main(["losses"]) == 130
     assert capsys.readouterr().err == "hardneg losses: interrupted\n"
+
+
+class _Stderr(io.StringIO):
+    def __init__(self, terminal: bool) -> None:
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self) -> bool:
+        return self.terminal
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path, monkeypatch, capsys, terminal):
+    """Into a log file (nohup, CI, ``2> log``) the bar wrote one carriage-return redraw per step;
+    the epoch lines on stdout carry the same figures."""
+    stderr = _Stderr(terminal)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    args = ["train", "--config", "mnist1d_simclr_hcl", *TINY, "--run-dir", str(tmp_path / "run")]
+    assert main(args) == 0
+    drawn = stderr.getvalue()
+    assert ("4/4 [" in drawn and "step/s" in drawn) is terminal, drawn
+    assert "\r" not in drawn or terminal
+    assert "epoch=1  loss=" in capsys.readouterr().out
