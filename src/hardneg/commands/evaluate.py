@@ -13,7 +13,11 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a training checkpoint, e.g. RUN/checkpoints/final.pt")
+    parser.add_argument(
+        "checkpoint",
+        help="a training checkpoint, e.g. RUN/checkpoints/final.pt, or a run folder RUN (its "
+        "checkpoints/final.pt)",
+    )
     parser.add_argument("--dataset", help="evaluate on this data set (default: the training one)")
     parser.add_argument("--data-dir", help="where the data set lives (default: the training one)")
     parser.add_argument("--download", action="store_true", help="download the data if missing")
@@ -46,8 +50,20 @@ def run(args: argparse.Namespace) -> int:
     from hardneg.evaluation import evaluate_checkpoint
 
     checkpoint = Path(args.checkpoint)
+    if checkpoint.is_dir():  # a run folder, as `hardneg train --resume RUN` takes: its final.pt
+        final = checkpoint / "checkpoints" / "final.pt"
+        if not final.is_file():
+            raise FileNotFoundError(
+                f"{checkpoint} is a folder without checkpoints/final.pt (a run that has not "
+                "finished?); give a checkpoint file, e.g. RUN/checkpoints/last.pt"
+            )
+        checkpoint = final
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    if args.device != "auto":  # before the data load; torch's message came as a stack trace
+        from hardneg.train.runtime import check_device_option
+
+        check_device_option(args.device)
     result = evaluate_checkpoint(
         checkpoint,
         dataset=args.dataset,

@@ -107,21 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_device(device: str) -> None:
     """A device string that torch cannot parse or that this machine lacks fails in one line
     (torch raises a RuntimeError with a stack trace when the model is moved there)."""
-    import torch
+    from hardneg.train.runtime import check_device_option
 
-    from hardneg.train.runtime import device_available, device_problem
-
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ValueError(
-            f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)"
-        ) from None
-    problem = device_problem(parsed)
-    if problem:
-        if not device_available(torch.device(parsed.type)):  # none of its kind at all
-            problem += "; use --device cpu"
-        raise ValueError(f"--device {device}: {problem}")
+    check_device_option(device)
 
 
 def run(args: argparse.Namespace) -> int:
