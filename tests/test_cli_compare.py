@@ -112,6 +112,18 @@ def test_loss_overrides_go_to_the_strategies_that_have_the_key():
         ("train.epochs", "section.key=value"),
         ("hcl.nosuch=1", "nosuch"),
         ("train.nosuch=1", "nosuch"),
+        # went to no run, so every run trained with the default, without a word
+        (
+            "loss.temprature=0.2",
+            "loss.temprature: none of the compared strategies (hcl) has a hyper-parameter "
+            "'temprature'; no loss has it (did you mean 'temperature'?)",
+        ),
+        (
+            "loss.rho_out=0.3",
+            "loss.rho_out: none of the compared strategies (hcl) has a hyper-parameter "
+            "'rho_out'; only ring has it",
+        ),
+        ("ring.rho_out=0.3", "ring.rho_out: ring is not among the compared strategies (hcl)"),
     ],
 )
 def test_bad_overrides_fail_before_any_training(override, message, tmp_path, capsys):

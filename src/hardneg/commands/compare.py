@@ -305,6 +305,7 @@ def compare(
         for seed in seeds
         for s in strategies
     }
+    check_loss_overrides(parsed, strategies)
     unknown = [s for s in reseed if s not in strategies]
     if unknown:
         raise ValueError(f"re-seed strategy {', '.join(unknown)} is not among --strategies")
@@ -425,6 +426,36 @@ def compare(
         reseeded=reseeded,
     )
     return Outcome(records, failed, table, report, time.perf_counter() - start, verdict, reseeded)
+
+
+def check_loss_overrides(overrides: Overrides, strategies: Sequence[str]) -> None:
+    """Refuse a ``loss.KEY`` that none of the compared strategies has, or a ``STRATEGY.KEY``
+    of a strategy not compared: either went to no run, so a typo (``loss.temprature=0.2``) or a
+    key of an absent strategy trained every run with the default, without a word."""
+    from hardneg._checks import closest_hint
+    from hardneg.registry import list_losses, loss_hparams
+
+    for strategy, values in overrides.per_strategy.items():
+        if strategy not in strategies:
+            first = next(iter(values))
+            raise ValueError(
+                f"{strategy}.{first}: {strategy} is not among the compared strategies "
+                f"({', '.join(strategies)}); add it to --strategies or drop the override"
+            )
+    known = sorted({k for s in strategies for k in loss_hparams(s)})
+    for key in overrides.loss:
+        if key in known:
+            continue
+        owners = [n for n in list_losses() if key in loss_hparams(n)]
+        where = (
+            f"only {', '.join(owners)} {'has' if len(owners) == 1 else 'have'} it"
+            if owners
+            else f"no loss has it{closest_hint(key, known)}"
+        )
+        raise ValueError(
+            f"loss.{key}: none of the compared strategies ({', '.join(strategies)}) has a "
+            f"hyper-parameter {key!r}; {where}"
+        )
 
 
 def available_negatives(cfg) -> int | None:
