@@ -124,6 +124,8 @@ def test_loss_overrides_go_to_the_strategies_that_have_the_key():
             "'rho_out'; only ring has it",
         ),
         ("ring.rho_out=0.3", "ring.rho_out: ring is not among the compared strategies (hcl)"),
+        ("hcl.rho_out=0.3", "hcl.rho_out: hcl has no hyper-parameter 'rho_out'; it has "),
+        ("hcl.bta=2", "hcl.bta: hcl has no hyper-parameter 'bta' (did you mean 'beta'?)"),
     ],
 )
 def test_bad_overrides_fail_before_any_training(override, message, tmp_path, capsys):

@@ -300,12 +300,12 @@ def compare(
     parsed = Overrides.parse(overrides)
     if base_config is None:
         base_config = default_base_config(dataset, framework)
+    check_loss_overrides(parsed, strategies)
     configs = {  # seed-major: an interrupted comparison still has whole seeds to show
         (s, seed): build_run_config(dataset, s, seed, base_config, parsed, epochs, framework)
         for seed in seeds
         for s in strategies
     }
-    check_loss_overrides(parsed, strategies)
     unknown = [s for s in reseed if s not in strategies]
     if unknown:
         raise ValueError(f"re-seed strategy {', '.join(unknown)} is not among --strategies")
@@ -442,6 +442,13 @@ def check_loss_overrides(overrides: Overrides, strategies: Sequence[str]) -> Non
                 f"{strategy}.{first}: {strategy} is not among the compared strategies "
                 f"({', '.join(strategies)}); add it to --strategies or drop the override"
             )
+        hparams = list(loss_hparams(strategy))
+        for key in values:  # the config's message spoke of a section left by another loss
+            if key not in hparams:
+                raise ValueError(
+                    f"{strategy}.{key}: {strategy} has no hyper-parameter {key!r}"
+                    f"{closest_hint(key, hparams)}; it has {', '.join(hparams)}"
+                )
     known = sorted({k for s in strategies for k in loss_hparams(s)})
     for key in overrides.loss:
         if key in known:
