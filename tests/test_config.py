@@ -177,6 +177,42 @@ def test_yaml_file_errors_name_the_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_a_key_given_twice_in_a_yaml_file_is_an_error_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word: a second ``train:`` section
+    appended to a file reset the first one's epochs to the default."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train: {epochs: 50}\nloss: {name: hcl}\ntrain: {batch_size: 128}\n")
+    with pytest.raises(ValueError) as err:
+        load_config(twice)
+    assert str(err.value) == (
+        f"{twice}: not valid YAML at line 3, column 1: the key 'train' is given twice (first at "
+        "line 1); the second would replace the first: merge them"
+    )
+    inner = tmp_path / "inner.yaml"
+    inner.write_text("loss:\n  name: hcl\n  beta: 2\n  beta: 0.5\n")
+    with pytest.raises(ValueError, match=r"line 4, column 3: the key 'beta' is given twice"):
+        load_config(inner)
+    # a merge key is not a repeated key: '<<: *base' may be overridden
+    from hardneg.config import load_yaml
+
+    assert load_yaml("a: &b {x: 1, y: 2}\nc: {<<: *b, x: 3}\n") == {
+        "a": {"x": 1, "y": 2},
+        "c": {"x": 3, "y": 2},
+    }
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
+    # PyYAML's own message spans four lines (the file again and a caret under the line)
+    bad = tmp_path / "tab.yaml"
+    bad.write_text("train:\n\tepochs: 2\n")
+    with pytest.raises(ValueError) as err:
+        load_config(bad)
+    assert str(err.value) == (
+        f"{bad}: not valid YAML at line 2, column 1: found character '\\t' that cannot start "
+        "any token"
+    )
+
+
 def test_every_packaged_config_is_valid_and_loadable_by_name():
     names = list_configs()
     assert "mnist1d_simclr_hcl" in names
