@@ -270,3 +270,40 @@ def test_ctrl_c_in_a_comparison_is_one_line_and_the_same_command_resumes_it(
     assert f"[1/2] infonce seed 0: resuming 1 epoch -> {out}/infonce/seed0" in text
     assert f"[2/2] hcl seed 0: training 1 epoch -> {out}/hcl/seed0" in text
     assert (out / "report.md").exists()
+
+
+def test_metrics_rewritten_by_eval_with_other_settings_are_not_reused(tmp_path, capsys):
+    """``hardneg eval RUN --report --knn-k 5 --no-linear`` rewrites the run's metrics.json; the
+    same comparison again reused it: its table mixed a k = 5 kNN into one titled k = 200 and
+    averaged the linear probe over the other seed only, still saying 2 seeds."""
+    out = tmp_path / "cmp"
+    args = ["compare", "--strategies", "infonce", "--seeds", "2", "--epochs", "1",
+            "--out", str(out), "--tsne-points", "0", *TINY]  # fmt: skip
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    before = [
+        json.loads((out / "infonce" / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)
+    ]
+    ckpt = out / "infonce" / "seed1" / "checkpoints" / "final.pt"
+    assert (
+        main(["eval", str(ckpt), "--report", "--knn-k", "5", "--no-linear", "--tsne-points", "0"])
+        == 0
+    )
+    assert json.loads((ckpt.parent.parent / "metrics.json").read_text())["knn_k"] == 5
+    capsys.readouterr()
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    after = [
+        json.loads((out / "infonce" / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)
+    ]
+    for old, new in zip(before, after, strict=True):
+        assert (new["knn_k"], new["knn_top1"], new["linear_top1"]) == (
+            old["knn_k"],
+            old["knn_top1"],
+            old["linear_top1"],
+        )
+
+    def table_row(text: str) -> str:
+        return text[text.index("strategy  seeds") :].splitlines()[2]
+
+    assert table_row(again) == table_row(first)

@@ -350,6 +350,8 @@ def compare(
                 ) from None
         want_tsne = tsne_points > 0 and strategy not in embeddings and not is_reseed
         metrics = load_metrics(run_dir) if reused and not want_tsne else {}
+        if metrics and not metrics_fit(metrics, cfg, linear):
+            metrics = {}  # `hardneg eval RUN --report` rewrote them with other settings
         if not metrics:
             metrics = evaluate_run(run_dir, cfg, linear, want_tsne)
             if want_tsne:
@@ -630,6 +632,19 @@ def run_state(run_dir: Path, cfg) -> str:
     if not saved.exists() or saved.read_text() != cfg.to_yaml():
         raise ValueError(f"{run_dir} holds a run with another config; choose another --out")
     return state
+
+
+def metrics_fit(metrics: dict, cfg, linear: bool) -> bool:
+    """Whether a finished run's ``metrics.json`` was computed as :func:`evaluate_run` would:
+    ``hardneg eval RUN --report --knn-k 5 --no-linear`` rewrites it, and reusing it put a
+    k = 5 kNN and a missing linear probe into a table whose notes say k = 200."""
+    knn_k = min(cfg.eval.knn_k, int(metrics.get("train_size", cfg.eval.knn_k)))  # as clamped
+    return (
+        metrics.get("dataset") == cfg.data.dataset
+        and metrics.get("knn_k") == knn_k
+        and metrics.get("knn_t") == cfg.eval.knn_temperature
+        and (not linear or "linear_top1" in metrics)
+    )
 
 
 def evaluate_run(run_dir: Path, cfg, linear: bool, return_features: bool) -> dict:
