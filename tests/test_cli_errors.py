@@ -307,3 +307,16 @@ def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path, monkeypatch, cap
     assert ("4/4 [" in drawn and "step/s" in drawn) is terminal, drawn
     assert "\r" not in drawn or terminal
     assert "epoch=1  loss=" in capsys.readouterr().out
+
+
+def test_an_override_right_after_resume_is_an_override_not_a_checkpoint(tmp_path, capsys):
+    # argparse gave `train.epochs=2` to --resume as its optional CKPT: "checkpoint
+    # train.epochs=2 does not exist"
+    run = tmp_path / "run"
+    assert main(train_cli(tmp_path, *TINY, run_dir=run)) == 0
+    args = ["train", "--run-dir", str(run), "--no-progress", "--resume", "train.epochs=2"]
+    assert main(args) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    history = (run / "history.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in history] == ["epoch", "1", "2"]
+    assert "epochs: 2" in (run / "config.yaml").read_text()

@@ -79,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
                     "keeps no checkpoint to resume: run it again without --resume"
                 )
             return run_graph(args, graph_config)
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        # `--run-dir D --resume train.epochs=6`: argparse hands the override to --resume as its
+        # optional CKPT, which then "does not exist"; it is an override, and --resume bare
+        args.overrides, args.resume = [args.resume, *args.overrides], True
     if args.data_dir:
         args.overrides = [*args.overrides, f"data.data_dir={args.data_dir}"]
     if args.resume is True and not args.run_dir:
