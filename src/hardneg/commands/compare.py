@@ -86,7 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tsne-points", type=int, default=1000, help="t-SNE subsample size (0 = no t-SNE)"
     )
-    parser.add_argument("--progress", action="store_true", help="show a progress bar per run")
+    parser.add_argument(
+        "--progress", action="store_true", help="show a progress bar per run (on a terminal)"
+    )
     parser.add_argument(
         "overrides",
         nargs="*",

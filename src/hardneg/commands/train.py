@@ -50,7 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="data folder: data.data_dir of an image config; for a graph config (mutag, "
         "ptc_mr, nci1, proteins or a graph YAML) the folder holding DATASET/raw/ in TU format",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (one is drawn only when stderr is a terminal)",
+    )
     parser.add_argument(
         "--list-configs", action="store_true", help="list the packaged configs and exit"
     )
