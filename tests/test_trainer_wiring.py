@@ -11,6 +11,7 @@ No training run here: the helpers are called directly (the collectives through a
 from __future__ import annotations
 
 import re
+import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -530,8 +531,10 @@ def test_the_ranks_split_each_global_batch_and_only_rank_0_writes_or_prints(
 
 
 def test_the_progress_bar_counts_the_steps_of_the_run(tmp_path, monkeypatch, capsys):
-    """On rank 0 with ``progress_bar=True``: a bar over all steps (in ``step`` units, starting at
-    the checkpoint's step after a resume) with the loss and images/s, then the epoch line."""
+    """On rank 0 with ``progress_bar=True`` and stderr a terminal: a bar over all steps (in
+    ``step`` units, starting at the checkpoint's step after a resume) with the loss and
+    images/s, then the epoch line."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # capsys's stream, as a terminal
     bars = []
     bar = trainer.tqdm
 
