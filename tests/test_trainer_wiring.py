@@ -898,6 +898,7 @@ def test_a_dict_config_trains_with_its_threads_and_the_default_bar(tmp_path, mon
     threads = []
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     config = run("data.subset=16", "train.threads=3").to_dict()  # one step per epoch
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar is drawn on terminals
     result = train(config, run_dir=tmp_path)
     # the trainer's call comes first; the augmentations then switch to one thread and back
     # around each call (augment.image.intra_op_threads) unless the process already has one
