@@ -262,8 +262,8 @@ def test_ctrl_c_in_a_comparison_is_one_line_and_the_same_command_resumes_it(
     assert "Traceback" not in err and "hardneg train --resume" not in err
     lines = [line for line in err.splitlines() if line.strip() and "SIGINT received" not in line]
     assert lines == [
-        f"hardneg demo: infonce seed 0 interrupted; saved {out}/infonce/seed0/checkpoints/last.pt;"
-        f" run the same command again with --out {out} to resume it (finished runs are reused)"
+        f"hardneg demo: interrupted; saved {out}/infonce/seed0/checkpoints/last.pt; run the same "
+        f"command again with --out {out} to continue (finished runs are reused)"
     ]
     assert main(args) == 0  # the same command resumes the run and trains the next one
     text = capsys.readouterr().out
@@ -307,3 +307,20 @@ def test_metrics_rewritten_by_eval_with_other_settings_are_not_reused(tmp_path, 
         return text[text.index("strategy  seeds") :].splitlines()[2]
 
     assert table_row(again) == table_row(first)
+
+
+def test_ctrl_c_while_a_comparison_evaluates_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    """Outside a training loop (evaluating, drawing the report) Ctrl-C left no hint at all."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_cmd, "evaluate_run", interrupted)
+    out = tmp_path / "cmp"
+    args = ["compare", "--strategies", "infonce", "--seeds", "1", "--epochs", "1",
+            "--out", str(out), "--tsne-points", "0", *TINY]  # fmt: skip
+    assert main(args) == 130
+    assert capsys.readouterr().err == (
+        f"hardneg compare: interrupted; run the same command again with --out {out} to continue "
+        "(finished runs are reused)\n"
+    )

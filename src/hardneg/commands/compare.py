@@ -30,11 +30,12 @@ protocol, and a table with the published figure beside it; ``--data-dir`` names 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -118,20 +119,21 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
-    outcome = compare(
-        dataset=args.dataset,
-        strategies=strategies,
-        seeds=range(3 if args.seeds is None else args.seeds),
-        base_config=args.config,
-        overrides=overrides,
-        epochs=args.epochs,
-        framework=args.framework,
-        out=out,
-        linear=not args.no_linear,
-        tsne_points=args.tsne_points,
-        progress_bar=args.progress,
-        command="hardneg " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-    )
+    with resumable(out):
+        outcome = compare(
+            dataset=args.dataset,
+            strategies=strategies,
+            seeds=range(3 if args.seeds is None else args.seeds),
+            base_config=args.config,
+            overrides=overrides,
+            epochs=args.epochs,
+            framework=args.framework,
+            out=out,
+            linear=not args.no_linear,
+            tsne_points=args.tsne_points,
+            progress_bar=args.progress,
+            command="hardneg " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        )
     print()
     print(outcome.table)
     print_verdict(outcome.verdict)
@@ -290,7 +292,7 @@ def compare(
         write_comparison_report,
         write_run_report,
     )
-    from hardneg.train import NonFiniteError, TrainingInterrupted, train
+    from hardneg.train import NonFiniteError, train
 
     if not strategies:
         raise ValueError("--strategies is empty")
@@ -342,14 +344,6 @@ def compare(
                 failed.append(f"{strategy} seed {seed}: {err}")
                 say(f"{tag}: FAILED ({err})")
                 continue
-            except TrainingInterrupted as err:
-                # the trainer's hint (hardneg train --resume CKPT) would finish this one run
-                # only; the same comparison again resumes it and trains the runs after it
-                raise TrainingInterrupted(
-                    f"{strategy} seed {seed} interrupted; saved {err.checkpoint}; run the same "
-                    f"command again with --out {out} to resume it (finished runs are reused)",
-                    err.checkpoint,
-                ) from None
         want_tsne = tsne_points > 0 and strategy not in embeddings and not is_reseed
         metrics = load_metrics(run_dir) if reused and not want_tsne else {}
         if metrics and not metrics_fit(metrics, cfg, linear):
@@ -430,6 +424,25 @@ def compare(
         reseeded=reseeded,
     )
     return Outcome(records, failed, table, report, time.perf_counter() - start, verdict, reseeded)
+
+
+@contextlib.contextmanager
+def resumable(out: Path) -> Iterator[None]:
+    """Ctrl-C during a comparison, in one line saying how to continue: the trainer's own hint
+    (``hardneg train --resume CKPT``) finishes one run only, and outside a training loop
+    (evaluating, drawing the report) there was none; the same command with the same ``--out``
+    reuses the finished runs and resumes the interrupted one."""
+    from hardneg.train import TrainingInterrupted
+
+    again = f"run the same command again with --out {out} to continue (finished runs are reused)"
+    try:
+        yield
+    except TrainingInterrupted as err:
+        raise TrainingInterrupted(
+            f"interrupted; saved {err.checkpoint}; {again}", err.checkpoint
+        ) from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted; {again}") from None
 
 
 def check_loss_overrides(overrides: Overrides, strategies: Sequence[str]) -> None:
