@@ -192,6 +192,10 @@ def test_a_key_given_twice_in_a_yaml_file_is_an_error_naming_both_lines(tmp_path
     inner.write_text("loss:\n  name: hcl\n  beta: 2\n  beta: 0.5\n")
     with pytest.raises(ValueError, match=r"line 4, column 3: the key 'beta' is given twice"):
         load_config(inner)
+    listed = tmp_path / "listed.yaml"  # a list as a key stopped the check with a TypeError
+    listed.write_text("train: {[1, 2]: 3}\n")
+    with pytest.raises(ValueError, match="line 1, column 9: found unhashable key"):
+        load_config(listed)
     # a merge key is not a repeated key: '<<: *base' may be overridden
     from hardneg.config import load_yaml
 

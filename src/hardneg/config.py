@@ -251,6 +251,8 @@ class _Loader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' may be overridden
                 continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # a list as a key: the base constructor reports it, in YAML's words
             if key in seen:
                 first = seen[key].start_mark
                 raise yaml.constructor.ConstructorError(
