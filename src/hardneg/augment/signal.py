@@ -45,7 +45,9 @@ class SignalAugmentation(nn.Module):
         corr_noise_width: int = 7,
     ) -> None:
         super().__init__()
-        self.length = None if length is None else int(length)
+        self.length = (
+            None if length is None else check_number("length", length, low=1, integer=True)
+        )
         self.crop_scale = _check_pair("crop_scale", crop_scale, 1e-3)
         if self.crop_scale[1] > 1.0:
             raise ValueError(f"crop_scale must lie in (0, 1], got {crop_scale!r}")
@@ -58,10 +60,8 @@ class SignalAugmentation(nn.Module):
         self.corr_noise_width = check_number(
             "corr_noise_width", corr_noise_width, low=1, integer=True
         )
-        if float(std) <= 0:
-            raise ValueError(f"std must be positive, got {std!r}")
-        self.mean = float(mean)
-        self.std = float(std)
+        self.mean = check_number("mean", mean)
+        self.std = check_number("std", std, low=0.0, low_inclusive=False)
 
     def extra_repr(self) -> str:
         return (
