@@ -157,3 +157,17 @@ def test_eval_of_a_run_folder_evaluates_its_final_checkpoint(tiny_run, tmp_path,
     empty.mkdir()
     assert main(["eval", str(empty)]) == 2
     assert "is a folder without checkpoints/final.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--knn-t", "0"], "--knn-t must be > 0, got 0"),  # it said "temperature must be > 0"
+        (["--knn-k", "0"], "--knn-k must be >= 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--tsne-points", "-5", "--report"], "--tsne-points must be >= 0, got -5"),  # accepted
+    ],
+)
+def test_eval_options_out_of_range_are_named_by_their_flag(tiny_run, capsys, option, message):
+    assert main(["eval", str(tiny_run.checkpoint), "--device", "cpu", *option]) == 2
+    assert capsys.readouterr().err == f"hardneg eval: error: {message}\n"

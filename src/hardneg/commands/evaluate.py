@@ -60,6 +60,15 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = final
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    # named by their flags, before the data load ("temperature must be > 0" read like the loss's)
+    for flag, value, low, open_low in (
+        ("--knn-k", args.knn_k, 1, False),
+        ("--knn-t", args.knn_t, 0, True),
+        ("--batch-size", args.batch_size, 1, False),
+        ("--tsne-points", args.tsne_points, 0, False),
+    ):
+        if value is not None and (value < low or (open_low and value == low)):
+            raise ValueError(f"{flag} must be {'>' if open_low else '>='} {low}, got {value:g}")
     if args.device != "auto":  # before the data load; torch's message came as a stack trace
         from hardneg.train.runtime import check_device_option
 
