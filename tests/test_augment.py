@@ -460,3 +460,24 @@ def test_bad_arguments():
 
 def test_empty_batch():
     assert build_augmentation("cifar10")(torch.zeros(0, 3, 32, 32, dtype=torch.uint8)).shape[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("dataset", "key", "value", "message"),
+    [
+        ("mnist1d", "noise_std", float("nan"), "noise_std must be finite, got nan"),
+        ("mnist1d", "corr_noise_std", True, "corr_noise_std must be a number, got True"),
+        ("mnist1d", "max_shift", -1.0, r"max_shift must be in \[0, inf\), got -1"),
+        ("mnist1d", "corr_noise_width", 2.7, "corr_noise_width must be an integer, got 2.7"),
+        ("mnist1d", "std", float("nan"), "std must be finite, got nan"),
+        ("mnist1d", "std", 0.0, r"std must be in \(0, inf\), got 0"),
+        ("mnist1d", "length", 30.5, "length must be an integer, got 30.5"),
+        ("digits", "noise_std", float("nan"), "noise_std must be finite, got nan"),
+        ("digits", "rotation", True, r"rotation \(degrees\) must be a number, got True"),
+    ],
+)
+def test_augmentation_scalars_refuse_nan_booleans_and_fractions(dataset, key, value, message):
+    # float() let augment.noise_std=.nan through: every view NaN, and the run then stopped on a
+    # "non-finite loss" naming the strategy; int() cut a width of 2.7 to 2
+    with pytest.raises(ValueError, match=message):
+        build_augmentation(dataset, **{key: value})

@@ -112,6 +112,20 @@ def test_loss_overrides_go_to_the_strategies_that_have_the_key():
         ("train.epochs", "section.key=value"),
         ("hcl.nosuch=1", "nosuch"),
         ("train.nosuch=1", "nosuch"),
+        # went to no run, so every run trained with the default, without a word
+        (
+            "loss.temprature=0.2",
+            "loss.temprature: none of the compared strategies (hcl) has a hyper-parameter "
+            "'temprature'; no loss has it (did you mean 'temperature'?)",
+        ),
+        (
+            "loss.rho_out=0.3",
+            "loss.rho_out: none of the compared strategies (hcl) has a hyper-parameter "
+            "'rho_out'; only ring has it",
+        ),
+        ("ring.rho_out=0.3", "ring.rho_out: ring is not among the compared strategies (hcl)"),
+        ("hcl.rho_out=0.3", "hcl.rho_out: hcl has no hyper-parameter 'rho_out'; it has "),
+        ("hcl.bta=2", "hcl.bta: hcl has no hyper-parameter 'bta' (did you mean 'beta'?)"),
     ],
 )
 def test_bad_overrides_fail_before_any_training(override, message, tmp_path, capsys):
@@ -223,3 +237,90 @@ def test_one_seed_comparison_advises_more_seeds_of_its_own_data_set(tmp_path, ca
     report = (out / "report.md").read_text()
     assert "`hardneg compare --dataset digits --seeds 3`" in report
     assert "--dataset mnist1d" not in report
+
+
+def test_ctrl_c_in_a_comparison_is_one_line_and_the_same_command_resumes_it(
+    tmp_path, capsys, monkeypatch
+):
+    """SIGINT during a demo's training printed the trainer's TrainingInterrupted as a stack
+    trace (status 1), whose hint, ``hardneg train --resume``, finishes that one run only."""
+    import os
+    import signal
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _crash import CrashAt
+
+    out = tmp_path / "demo"
+    args = ["demo", "--strategies", "infonce,hcl", "--reseed", "none", "--out", str(out),
+            "train.epochs=1", *TINY]  # fmt: skip
+    with monkeypatch.context() as patch:  # step 1 of the first run asks to stop, as Ctrl-C does
+        CrashAt(patch, at=1, action=lambda: os.kill(os.getpid(), signal.SIGINT))
+        assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "hardneg train --resume" not in err
+    lines = [line for line in err.splitlines() if line.strip() and "SIGINT received" not in line]
+    assert lines == [
+        f"hardneg demo: interrupted; saved {out}/infonce/seed0/checkpoints/last.pt; run the same "
+        f"command again with --out {out} to continue (finished runs are reused)"
+    ]
+    assert main(args) == 0  # the same command resumes the run and trains the next one
+    text = capsys.readouterr().out
+    assert f"[1/2] infonce seed 0: resuming 1 epoch -> {out}/infonce/seed0" in text
+    assert f"[2/2] hcl seed 0: training 1 epoch -> {out}/hcl/seed0" in text
+    assert (out / "report.md").exists()
+
+
+def test_metrics_rewritten_by_eval_with_other_settings_are_not_reused(tmp_path, capsys):
+    """``hardneg eval RUN --report --knn-k 5 --no-linear`` rewrites the run's metrics.json; the
+    same comparison again reused it: its table mixed a k = 5 kNN into one titled k = 200 and
+    averaged the linear probe over the other seed only, still saying 2 seeds."""
+    out = tmp_path / "cmp"
+    args = ["compare", "--strategies", "infonce", "--seeds", "2", "--epochs", "1",
+            "--out", str(out), "--tsne-points", "0", *TINY]  # fmt: skip
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    before = [
+        json.loads((out / "infonce" / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)
+    ]
+    ckpt = out / "infonce" / "seed1" / "checkpoints" / "final.pt"
+    assert (
+        main(["eval", str(ckpt), "--report", "--knn-k", "5", "--no-linear", "--tsne-points", "0"])
+        == 0
+    )
+    assert json.loads((ckpt.parent.parent / "metrics.json").read_text())["knn_k"] == 5
+    capsys.readouterr()
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    after = [
+        json.loads((out / "infonce" / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)
+    ]
+    for old, new in zip(before, after, strict=True):
+        assert (new["knn_k"], new["knn_top1"], new["linear_top1"]) == (
+            old["knn_k"],
+            old["knn_top1"],
+            old["linear_top1"],
+        )
+
+    def table_row(text: str) -> str:
+        return text[text.index("strategy  seeds") :].splitlines()[2]
+
+    assert table_row(again) == table_row(first)
+
+
+def test_ctrl_c_while_a_comparison_evaluates_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    """Outside a training loop (evaluating, drawing the report) Ctrl-C left no hint at all."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_cmd, "evaluate_run", interrupted)
+    out = tmp_path / "cmp"
+    args = ["compare", "--strategies", "infonce", "--seeds", "1", "--epochs", "1",
+            "--out", str(out), "--tsne-points", "0", *TINY]  # fmt: skip
+    assert main(args) == 130
+    assert capsys.readouterr().err == (
+        f"hardneg compare: interrupted; run the same command again with --out {out} to continue "
+        "(finished runs are reused)\n"
+    )

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import builtins
 import errno
+import io
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -269,3 +271,52 @@ def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch, capsys)
 
     assert main(["losses"]) == 2
     assert "hardneg losses: error: Broken pipe" in capsys.readouterr().err
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line_with_status_130(monkeypatch, capsys):
+    """Ctrl-C while the data load, a report is drawn or a checkpoint is evaluated printed a stack
+    trace (the training loop alone turned it into a message)."""
+    import hardneg.commands.losses as losses_cmd
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(losses_cmd, "run", interrupted)
+    assert main(["losses"]) == 130
+    assert capsys.readouterr().err == "hardneg losses: interrupted\n"
+
+
+class _Stderr(io.StringIO):
+    def __init__(self, terminal: bool) -> None:
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self) -> bool:
+        return self.terminal
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path, monkeypatch, capsys, terminal):
+    """Into a log file (nohup, CI, ``2> log``) the bar wrote one carriage-return redraw per step;
+    the epoch lines on stdout carry the same figures."""
+    stderr = _Stderr(terminal)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    args = ["train", "--config", "mnist1d_simclr_hcl", *TINY, "--run-dir", str(tmp_path / "run")]
+    assert main(args) == 0
+    drawn = stderr.getvalue()
+    assert ("4/4 [" in drawn and "step/s" in drawn) is terminal, drawn
+    assert "\r" not in drawn or terminal
+    assert "epoch=1  loss=" in capsys.readouterr().out
+
+
+def test_an_override_right_after_resume_is_an_override_not_a_checkpoint(tmp_path, capsys):
+    # argparse gave `train.epochs=2` to --resume as its optional CKPT: "checkpoint
+    # train.epochs=2 does not exist"
+    run = tmp_path / "run"
+    assert main(train_cli(tmp_path, *TINY, run_dir=run)) == 0
+    args = ["train", "--run-dir", str(run), "--no-progress", "--resume", "train.epochs=2"]
+    assert main(args) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    history = (run / "history.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in history] == ["epoch", "1", "2"]
+    assert "epochs: 2" in (run / "config.yaml").read_text()

@@ -123,3 +123,51 @@ def test_eval_of_a_graph_runs_weights_points_to_its_results(tmp_path, capsys):
     assert "is a graph run's InfoGraph weights: its SVM score is in results.json" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x"])
+def test_eval_of_a_device_torch_cannot_parse_is_a_one_line_error(tiny_run, capsys, device):
+    # torch.device('gpu') raised a RuntimeError, printed as a stack trace (status 1)
+    assert main(["eval", str(tiny_run.checkpoint), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"hardneg eval: error: --device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)\n"
+    )
+
+
+def test_eval_of_a_missing_cuda_names_its_own_option(tiny_run, capsys, monkeypatch):
+    # it said "train.device='cuda' but ...": a key this command does not have
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["eval", str(tiny_run.checkpoint), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == "hardneg eval: error: --device cuda: CUDA is not available here; use --device cpu\n"
+    )
+
+
+def test_eval_of_a_run_folder_evaluates_its_final_checkpoint(tiny_run, tmp_path, capsys):
+    # `hardneg train --resume RUN` takes the folder; eval said "checkpoint RUN does not exist"
+    args = ["--device", "cpu", "--no-linear", "--json"]
+    assert main(["eval", str(tiny_run.checkpoint), *args]) == 0
+    by_file = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(tiny_run.run_dir), *args]) == 0
+    by_folder = json.loads(capsys.readouterr().out)
+    assert by_folder == by_file and by_file["checkpoint"] == str(tiny_run.checkpoint)
+    empty = tmp_path / "unfinished"
+    empty.mkdir()
+    assert main(["eval", str(empty)]) == 2
+    assert "is a folder without checkpoints/final.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--knn-t", "0"], "--knn-t must be > 0, got 0"),  # it said "temperature must be > 0"
+        (["--knn-k", "0"], "--knn-k must be >= 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--tsne-points", "-5", "--report"], "--tsne-points must be >= 0, got -5"),  # accepted
+    ],
+)
+def test_eval_options_out_of_range_are_named_by_their_flag(tiny_run, capsys, option, message):
+    assert main(["eval", str(tiny_run.checkpoint), "--device", "cpu", *option]) == 2
+    assert capsys.readouterr().err == f"hardneg eval: error: {message}\n"

@@ -43,6 +43,28 @@ def test_overrides_are_parsed_as_yaml():
     assert config.data.subset is None
 
 
+def test_scientific_notation_without_a_dot_is_a_number_everywhere(tmp_path):
+    """YAML 1.1 (PyYAML) reads ``1e-2`` as a string; the loss, augmentation and integer keys,
+    which do not coerce strings like the float fields of the sections, got ``'1e-2'`` and
+    refused it ("temperature must be a number, got '1e-2'")."""
+    config = load_config(
+        "mnist1d_simclr_hcl",
+        ["loss.temperature=2e-1", "loss.beta=5E-1", "augment.noise_std=1e-2", "train.epochs=1e1"],
+    )
+    assert config.loss.params["temperature"] == 0.2 and config.loss.params["beta"] == 0.5
+    assert config.augment.params["noise_std"] == 0.01
+    assert config.train.epochs == 10 and isinstance(config.train.epochs, int)
+    file = tmp_path / "sci.yaml"
+    file.write_text("loss: {name: hcl, tau_plus: -1e-1}\noptim: {lr: 3e-4}\n")
+    with pytest.raises(ValueError, match=r"tau_plus must be in \[0, 1\), got -0.1"):
+        load_config(file)  # a negative exponent form is a number too, checked for its range
+    file.write_text("loss: {name: hcl, tau_plus: 5e-2}\noptim: {lr: 3e-4}\n")
+    config = load_config(file)
+    assert config.loss.params["tau_plus"] == 0.05 and config.optim.lr == 3e-4
+    with pytest.raises(ValueError, match="got '1e3x'"):  # not a number: still a string
+        load_config(None, ["train.epochs=1e3x"])
+
+
 def test_a_dict_override_replaces_the_whole_loss_section():
     config = load_config(None, ["loss.name=hcl", "loss.beta=2", "loss={name: ring, rho_out: 0.5}"])
     assert config.loss.name == "ring" and config.loss.params["rho_out"] == 0.5
@@ -153,6 +175,46 @@ def test_yaml_file_errors_name_the_file(tmp_path):
         load_config(listed)
     with pytest.raises(FileNotFoundError, match="neither a file nor a packaged config"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_an_error_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word: a second ``train:`` section
+    appended to a file reset the first one's epochs to the default."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train: {epochs: 50}\nloss: {name: hcl}\ntrain: {batch_size: 128}\n")
+    with pytest.raises(ValueError) as err:
+        load_config(twice)
+    assert str(err.value) == (
+        f"{twice}: not valid YAML at line 3, column 1: the key 'train' is given twice (first at "
+        "line 1); the second would replace the first: merge them"
+    )
+    inner = tmp_path / "inner.yaml"
+    inner.write_text("loss:\n  name: hcl\n  beta: 2\n  beta: 0.5\n")
+    with pytest.raises(ValueError, match=r"line 4, column 3: the key 'beta' is given twice"):
+        load_config(inner)
+    listed = tmp_path / "listed.yaml"  # a list as a key stopped the check with a TypeError
+    listed.write_text("train: {[1, 2]: 3}\n")
+    with pytest.raises(ValueError, match="line 1, column 9: found unhashable key"):
+        load_config(listed)
+    # a merge key is not a repeated key: '<<: *base' may be overridden
+    from hardneg.config import load_yaml
+
+    assert load_yaml("a: &b {x: 1, y: 2}\nc: {<<: *b, x: 3}\n") == {
+        "a": {"x": 1, "y": 2},
+        "c": {"x": 3, "y": 2},
+    }
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
+    # PyYAML's own message spans four lines (the file again and a caret under the line)
+    bad = tmp_path / "tab.yaml"
+    bad.write_text("train:\n\tepochs: 2\n")
+    with pytest.raises(ValueError) as err:
+        load_config(bad)
+    assert str(err.value) == (
+        f"{bad}: not valid YAML at line 2, column 1: found character '\\t' that cannot start "
+        "any token"
+    )
 
 
 def test_every_packaged_config_is_valid_and_loadable_by_name():

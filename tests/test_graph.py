@@ -1236,3 +1236,29 @@ def test_importing_the_graph_package_shows_no_deprecation_warning_of_pyg():
         [sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("epochs=-1", "epochs must be in [0, inf), got -1"),
+        ("batch_size=0", "batch_size must be in [2, inf), got 0"),
+        ("seed=-1", "seed must be in [0, inf), got -1"),  # numpy said "expected non-negative"
+        ("threads=0", "threads must be in [1, inf), got 0"),
+    ],
+)
+def test_graph_demo_out_of_range_options_fail_before_any_work(
+    override, message, monkeypatch, tmp_path, capsys
+):
+    # they trained the baselines first, then failed every strategy's row with the same error
+    import hardneg.graph.demo as gd
+    from hardneg.cli import main
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("data were generated before the options were checked")
+
+    monkeypatch.setattr(gd, "motif_graphs", no_work)
+    args = ["demo", "--modality", "graph", "--strategies", "hcl", "--out", str(tmp_path / "o")]
+    assert main([*args, override]) == 2
+    assert capsys.readouterr().err == f"hardneg demo: error: {message}\n"
+    assert not (tmp_path / "o").exists()

@@ -1141,3 +1141,24 @@ def test_prompt_names_come_from_the_model_s_prompts():
         mine_hard_negatives(
             queries, positives, corpus, query_prompt="q: ", query_prompt_name="query", **kwargs
         )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--num-negatives", "0"], "--num-negatives must be in [1, inf), got 0"),
+        (["--range-min", "5"], "--range-max (2) must be larger than --range-min (5)"),
+    ],
+)
+def test_cli_mine_names_a_bad_option_by_its_flag(tmp_path, monkeypatch, capsys, options, message):
+    # the library's keyword names came through: "num_negatives must be in [1, inf)"
+    from hardneg import cli
+    from hardneg.text import models
+
+    monkeypatch.setattr(models, "load_sentence_model", lambda name, device=None: FakeModel())
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"anchor": f"q{i}", "positive": f"p{i}"} for i in range(3)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["mine", "--data", str(pairs), "--output", str(tmp_path / "out.jsonl"), *options]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == f"hardneg mine: error: {message}\n"

@@ -308,3 +308,30 @@ def test_comparison_report_has_the_verdict_and_lists_the_re_seed_run(tmp_path):
     assert text.index("## Results") < text.index("## Verdict") < text.index("## Figures")
     assert "| hcl | 1 |" in text  # the re-seed run is not in the table
     assert "hcl, seed 1 (re-seed: measures the seed noise, not in the table)" in text
+
+
+def test_metrics_json_survives_a_failed_write_and_a_corrupt_one_reads_as_not_evaluated(
+    tmp_path, monkeypatch
+):
+    """metrics.json was written in place: a full disk left it empty, and every later
+    ``hardneg compare`` on that folder stopped on "Expecting value: line 1 column 1"."""
+    import errno
+    import pathlib
+
+    from hardneg.report import load_metrics, save_metrics
+
+    save_metrics(tmp_path, {"knn_top1": 50.0})
+    real_write = pathlib.Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2], *args, **kwargs)  # half written, then ENOSPC
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_metrics(tmp_path, {"knn_top1": 60.0, "linear_top1": 70.0})
+    monkeypatch.undo()
+    assert load_metrics(tmp_path) == {"knn_top1": 50.0}  # the previous file, whole
+    for corrupt in ("", '{"knn_top1": 5', "[1, 2]", "\xff"):
+        (tmp_path / "metrics.json").write_text(corrupt, encoding="latin-1")
+        assert load_metrics(tmp_path) == {}  # evaluated again by the caller

@@ -622,9 +622,9 @@ def test_mined_negatives_are_the_top_candidates_below_the_positive(tiny_dir):
         sims = (emb @ q).tolist()
         s_pos = float(emb[where[positive]] @ q)
         own = {p for a, p in pairs if a == anchor} | {anchor}
-        candidates = sorted(
-            (s, t) for t, s in zip(corpus, sims) if t not in own and s <= s_pos
-        )[::-1][:2]
+        candidates = sorted((s, t) for t, s in zip(corpus, sims) if t not in own and s <= s_pos)[
+            ::-1
+        ][:2]
         if len(candidates) < 2:
             continue
         row = rows[kept]
@@ -654,3 +654,13 @@ def test_text_demo_trains_on_mined_hard_negatives(tiny_dir, tmp_path, monkeypatc
     rows = read(out)["rows"]
     assert [r.get("layout") for r in rows[1:]] == ["retrieval", "two-view"]
     assert "2 mined hard negative(s) per pair" in (out / "report.md").read_text()
+
+
+def test_a_strategy_override_in_scientific_notation_is_a_number():
+    """``hcl.temperature=5e-2``: PyYAML (YAML 1.1) reads 5e-2 as the string '5e-2', which the
+    loss refused as not a number; the overrides share the config's YAML reading."""
+    from hardneg.text.cli import split_overrides
+
+    config, per_strategy = split_overrides(["hcl.temperature=5e-2", "steps=3", "hcl.beta=2"])
+    assert config == ["steps=3"]
+    assert per_strategy == {"hcl": {"temperature": 0.05, "beta": 2}}

@@ -11,6 +11,7 @@ No training run here: the helpers are called directly (the collectives through a
 from __future__ import annotations
 
 import re
+import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -532,8 +533,10 @@ def test_the_ranks_split_each_global_batch_and_only_rank_0_writes_or_prints(
 
 
 def test_the_progress_bar_counts_the_steps_of_the_run(tmp_path, monkeypatch, capsys):
-    """On rank 0 with ``progress_bar=True``: a bar over all steps (in ``step`` units, starting at
-    the checkpoint's step after a resume) with the loss and images/s, then the epoch line."""
+    """On rank 0 with ``progress_bar=True`` and stderr a terminal: a bar over all steps (in
+    ``step`` units, starting at the checkpoint's step after a resume) with the loss and
+    images/s, then the epoch line."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # capsys's stream, as a terminal
     bars = []
     bar = trainer.tqdm
 
@@ -897,6 +900,7 @@ def test_a_dict_config_trains_with_its_threads_and_the_default_bar(tmp_path, mon
     threads = []
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     config = run("data.subset=16", "train.threads=3").to_dict()  # one step per epoch
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar is drawn on terminals
     result = train(config, run_dir=tmp_path)
     # the trainer's call comes first; the augmentations then switch to one thread and back
     # around each call (augment.image.intra_op_threads) unless the process already has one

@@ -96,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a full disk, a read-only file system, a folder we may not write
         print(f"hardneg {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        # Ctrl-C: inside a training loop the trainer saved a checkpoint and its message says how
+        # to continue (TrainingInterrupted); elsewhere (loading data, evaluating, drawing the
+        # report) there is nothing to save, and a stack trace only hides that it was the user
+        print(f"hardneg {args.command}: {str(err) or 'interrupted'}", file=sys.stderr)
+        return 130
     finally:
         if owns_group:
             distributed.finish(wait=succeeded)

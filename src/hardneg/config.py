@@ -248,6 +248,56 @@ class TrainConfig:
 # loading
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` and ``5E+2`` as numbers as YAML 1.2 does: YAML 1.1
+    wants a dot in a float (``1.0e-3``), so plain PyYAML hands ``loss.temperature=1e-2`` to the
+    loss as the string ``'1e-2'``, which it then refuses as not a number. A key given twice in
+    one mapping is an error (YAML 1.2 forbids it): PyYAML kept the last silently, so a second
+    ``train:`` section at the end of a file dropped every key of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # a list as a key: the base constructor reports it, in YAML's words
+            if key in seen:
+                first = seen[key].start_mark
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"the key {key!r} is given twice (first at line {first.line + 1}); the "
+                    "second would replace the first: merge them",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: Any) -> Any:
+    """``yaml.safe_load`` of ``text`` (a string or a file) with ``1e-3`` read as a float."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """``" at line 2, column 1: <problem>"``: PyYAML's message in one line (its own spans
+    several, with the file name again and a caret under a copy of the line)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return f": {' '.join(str(err).split())}"
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def list_configs() -> list[str]:
     """Names of the configs shipped with the package (``hardneg train --config NAME``)."""
     root = importlib.resources.files("hardneg") / "configs"
@@ -295,9 +345,9 @@ def load_config(
         file = resolve_config_path(path)
         with open(file) as fh:
             try:
-                raw = yaml.safe_load(fh) or {}
+                raw = load_yaml(fh) or {}
             except yaml.YAMLError as err:
-                raise ValueError(f"{file}: not valid YAML: {err}") from None
+                raise ValueError(f"{file}: not valid YAML{_yaml_problem(err)}") from None
         if not isinstance(raw, dict):
             raise ValueError(
                 f"{file}: a config must be a mapping of sections, got {type(raw).__name__}"
@@ -324,7 +374,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             f"override {item!r} must look like section.key=value (e.g. train.epochs=5)"
         )
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = load_yaml(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     parts = key.split(".")

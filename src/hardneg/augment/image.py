@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hardneg._checks import check_number
 from hardneg.augment import functional as AF
 
 
@@ -200,12 +201,9 @@ class ImageAugmentation(nn.Module):
             raise ValueError(f"blur_kernel must be a positive integer or None, got {blur_kernel!r}")
         self.blur_kernel = None if blur_kernel is None else int(blur_kernel)
         self.blur_sigma = _check_pair("blur_sigma", blur_sigma, 1e-6)
-        self.rotation = float(rotation)
-        if self.rotation < 0:
-            raise ValueError(f"rotation must be >= 0 degrees, got {rotation!r}")
-        self.noise_std = float(noise_std)
-        if self.noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
+        # check_number, not float(): float() let NaN (a NaN batch) and true through
+        self.rotation = check_number("rotation (degrees)", rotation, low=0.0)
+        self.noise_std = check_number("noise_std", noise_std, low=0.0)
         if padding_mode not in ("border", "zeros", "reflection"):
             raise ValueError(
                 f"padding_mode must be border, zeros or reflection, got {padding_mode!r}"

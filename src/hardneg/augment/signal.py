@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hardneg._checks import check_number
 from hardneg.augment.image import _check_pair, normals, uniforms
 
 
@@ -44,21 +45,23 @@ class SignalAugmentation(nn.Module):
         corr_noise_width: int = 7,
     ) -> None:
         super().__init__()
-        self.length = None if length is None else int(length)
+        self.length = (
+            None if length is None else check_number("length", length, low=1, integer=True)
+        )
         self.crop_scale = _check_pair("crop_scale", crop_scale, 1e-3)
         if self.crop_scale[1] > 1.0:
             raise ValueError(f"crop_scale must lie in (0, 1], got {crop_scale!r}")
-        self.max_shift = float(max_shift)
+        # check_number, not float(): float() let augment.noise_std=.nan (NaN inputs, so the run
+        # stopped naming the loss) and =true through, and int() cut a width of 2.7 to 2
+        self.max_shift = check_number("max_shift", max_shift, low=0.0)
         self.amplitude = _check_pair("amplitude", amplitude, 0.0)
-        self.noise_std = float(noise_std)
-        self.corr_noise_std = float(corr_noise_std)
-        self.corr_noise_width = int(corr_noise_width)
-        if min(self.max_shift, self.noise_std, self.corr_noise_std) < 0:
-            raise ValueError("max_shift, noise_std and corr_noise_std must be >= 0")
-        if float(std) <= 0:
-            raise ValueError(f"std must be positive, got {std!r}")
-        self.mean = float(mean)
-        self.std = float(std)
+        self.noise_std = check_number("noise_std", noise_std, low=0.0)
+        self.corr_noise_std = check_number("corr_noise_std", corr_noise_std, low=0.0)
+        self.corr_noise_width = check_number(
+            "corr_noise_width", corr_noise_width, low=1, integer=True
+        )
+        self.mean = check_number("mean", mean)
+        self.std = check_number("std", std, low=0.0, low_inclusive=False)
 
     def extra_repr(self) -> str:
         return (

@@ -30,11 +30,12 @@ protocol, and a table with the published figure beside it; ``--data-dir`` names 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -86,7 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tsne-points", type=int, default=1000, help="t-SNE subsample size (0 = no t-SNE)"
     )
-    parser.add_argument("--progress", action="store_true", help="show a progress bar per run")
+    parser.add_argument(
+        "--progress", action="store_true", help="show a progress bar per run (on a terminal)"
+    )
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -116,20 +119,21 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
-    outcome = compare(
-        dataset=args.dataset,
-        strategies=strategies,
-        seeds=range(3 if args.seeds is None else args.seeds),
-        base_config=args.config,
-        overrides=overrides,
-        epochs=args.epochs,
-        framework=args.framework,
-        out=out,
-        linear=not args.no_linear,
-        tsne_points=args.tsne_points,
-        progress_bar=args.progress,
-        command="hardneg " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-    )
+    with resumable(out):
+        outcome = compare(
+            dataset=args.dataset,
+            strategies=strategies,
+            seeds=range(3 if args.seeds is None else args.seeds),
+            base_config=args.config,
+            overrides=overrides,
+            epochs=args.epochs,
+            framework=args.framework,
+            out=out,
+            linear=not args.no_linear,
+            tsne_points=args.tsne_points,
+            progress_bar=args.progress,
+            command="hardneg " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        )
     print()
     print(outcome.table)
     print_verdict(outcome.verdict)
@@ -300,6 +304,7 @@ def compare(
     parsed = Overrides.parse(overrides)
     if base_config is None:
         base_config = default_base_config(dataset, framework)
+    check_loss_overrides(parsed, strategies)
     configs = {  # seed-major: an interrupted comparison still has whole seeds to show
         (s, seed): build_run_config(dataset, s, seed, base_config, parsed, epochs, framework)
         for seed in seeds
@@ -341,6 +346,8 @@ def compare(
                 continue
         want_tsne = tsne_points > 0 and strategy not in embeddings and not is_reseed
         metrics = load_metrics(run_dir) if reused and not want_tsne else {}
+        if metrics and not metrics_fit(metrics, cfg, linear):
+            metrics = {}  # `hardneg eval RUN --report` rewrote them with other settings
         if not metrics:
             metrics = evaluate_run(run_dir, cfg, linear, want_tsne)
             if want_tsne:
@@ -417,6 +424,62 @@ def compare(
         reseeded=reseeded,
     )
     return Outcome(records, failed, table, report, time.perf_counter() - start, verdict, reseeded)
+
+
+@contextlib.contextmanager
+def resumable(out: Path) -> Iterator[None]:
+    """Ctrl-C during a comparison, in one line saying how to continue: the trainer's own hint
+    (``hardneg train --resume CKPT``) finishes one run only, and outside a training loop
+    (evaluating, drawing the report) there was none; the same command with the same ``--out``
+    reuses the finished runs and resumes the interrupted one."""
+    from hardneg.train import TrainingInterrupted
+
+    again = f"run the same command again with --out {out} to continue (finished runs are reused)"
+    try:
+        yield
+    except TrainingInterrupted as err:
+        raise TrainingInterrupted(
+            f"interrupted; saved {err.checkpoint}; {again}", err.checkpoint
+        ) from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted; {again}") from None
+
+
+def check_loss_overrides(overrides: Overrides, strategies: Sequence[str]) -> None:
+    """Refuse a ``loss.KEY`` that none of the compared strategies has, or a ``STRATEGY.KEY``
+    of a strategy not compared: either went to no run, so a typo (``loss.temprature=0.2``) or a
+    key of an absent strategy trained every run with the default, without a word."""
+    from hardneg._checks import closest_hint
+    from hardneg.registry import list_losses, loss_hparams
+
+    for strategy, values in overrides.per_strategy.items():
+        if strategy not in strategies:
+            first = next(iter(values))
+            raise ValueError(
+                f"{strategy}.{first}: {strategy} is not among the compared strategies "
+                f"({', '.join(strategies)}); add it to --strategies or drop the override"
+            )
+        hparams = list(loss_hparams(strategy))
+        for key in values:  # the config's message spoke of a section left by another loss
+            if key not in hparams:
+                raise ValueError(
+                    f"{strategy}.{key}: {strategy} has no hyper-parameter {key!r}"
+                    f"{closest_hint(key, hparams)}; it has {', '.join(hparams)}"
+                )
+    known = sorted({k for s in strategies for k in loss_hparams(s)})
+    for key in overrides.loss:
+        if key in known:
+            continue
+        owners = [n for n in list_losses() if key in loss_hparams(n)]
+        where = (
+            f"only {', '.join(owners)} {'has' if len(owners) == 1 else 'have'} it"
+            if owners
+            else f"no loss has it{closest_hint(key, known)}"
+        )
+        raise ValueError(
+            f"loss.{key}: none of the compared strategies ({', '.join(strategies)}) has a "
+            f"hyper-parameter {key!r}; {where}"
+        )
 
 
 def available_negatives(cfg) -> int | None:
@@ -584,6 +647,19 @@ def run_state(run_dir: Path, cfg) -> str:
     if not saved.exists() or saved.read_text() != cfg.to_yaml():
         raise ValueError(f"{run_dir} holds a run with another config; choose another --out")
     return state
+
+
+def metrics_fit(metrics: dict, cfg, linear: bool) -> bool:
+    """Whether a finished run's ``metrics.json`` was computed as :func:`evaluate_run` would:
+    ``hardneg eval RUN --report --knn-k 5 --no-linear`` rewrites it, and reusing it put a
+    k = 5 kNN and a missing linear probe into a table whose notes say k = 200."""
+    knn_k = min(cfg.eval.knn_k, int(metrics.get("train_size", cfg.eval.knn_k)))  # as clamped
+    return (
+        metrics.get("dataset") == cfg.data.dataset
+        and metrics.get("knn_k") == knn_k
+        and metrics.get("knn_t") == cfg.eval.knn_temperature
+        and (not linear or "linear_top1" in metrics)
+    )
 
 
 def evaluate_run(run_dir: Path, cfg, linear: bool, return_features: bool) -> dict:

@@ -16,7 +16,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from hardneg.commands.compare import compare, default_out, parse_strategies, print_verdict
+from hardneg.commands.compare import (
+    compare,
+    default_out,
+    parse_strategies,
+    print_verdict,
+    resumable,
+)
 
 DEMO_DATASET = "mnist1d"
 DEMO_OVERRIDES = [
@@ -86,16 +92,17 @@ def run(args: argparse.Namespace) -> int:
             f"--reseed {choice} is not among --strategies ({', '.join(strategies)}); "
             "name one of them, or --reseed none"
         )
-    outcome = compare(
-        dataset=DEMO_DATASET,
-        strategies=strategies,
-        seeds=[0],
-        out=out,
-        overrides=[*DEMO_OVERRIDES, *args.overrides],
-        tsne_points=DEMO_TSNE_POINTS,
-        reseed=reseed,
-        command="hardneg " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-    )
+    with resumable(out):  # Ctrl-C: one line saying how to continue
+        outcome = compare(
+            dataset=DEMO_DATASET,
+            strategies=strategies,
+            seeds=[0],
+            out=out,
+            overrides=[*DEMO_OVERRIDES, *args.overrides],
+            tsne_points=DEMO_TSNE_POINTS,
+            reseed=reseed,
+            command="hardneg " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        )
     print()
     print(outcome.table)
     print_verdict(outcome.verdict)

@@ -13,7 +13,11 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a training checkpoint, e.g. RUN/checkpoints/final.pt")
+    parser.add_argument(
+        "checkpoint",
+        help="a training checkpoint, e.g. RUN/checkpoints/final.pt, or a run folder RUN (its "
+        "checkpoints/final.pt)",
+    )
     parser.add_argument("--dataset", help="evaluate on this data set (default: the training one)")
     parser.add_argument(
         "--data-dir",
@@ -81,8 +85,29 @@ def run(args: argparse.Namespace) -> int:
     from hardneg.evaluation import evaluate_checkpoint
 
     checkpoint = Path(args.checkpoint)
+    if checkpoint.is_dir():  # a run folder, as `hardneg train --resume RUN` takes: its final.pt
+        final = checkpoint / "checkpoints" / "final.pt"
+        if not final.is_file():
+            raise FileNotFoundError(
+                f"{checkpoint} is a folder without checkpoints/final.pt (a run that has not "
+                "finished?); give a checkpoint file, e.g. RUN/checkpoints/last.pt"
+            )
+        checkpoint = final
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    # named by their flags, before the data load ("temperature must be > 0" read like the loss's)
+    for flag, value, low, open_low in (
+        ("--knn-k", args.knn_k, 1, False),
+        ("--knn-t", args.knn_t, 0, True),
+        ("--batch-size", args.batch_size, 1, False),
+        ("--tsne-points", args.tsne_points, 0, False),
+    ):
+        if value is not None and (value < low or (open_low and value == low)):
+            raise ValueError(f"{flag} must be {'>' if open_low else '>='} {low}, got {value:g}")
+    if args.device != "auto":  # before the data load; torch's message came as a stack trace
+        from hardneg.train.runtime import check_device_option
+
+        check_device_option(args.device)
     result = evaluate_checkpoint(
         checkpoint,
         dataset=args.dataset,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -125,21 +126,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_device(device: str) -> None:
     """A device string that torch cannot parse or that this machine lacks fails in one line
     (torch raises a RuntimeError with a stack trace when the model is moved there)."""
-    import torch
+    from hardneg.train.runtime import check_device_option
 
-    from hardneg.train.runtime import device_available, device_problem
-
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ValueError(
-            f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)"
-        ) from None
-    problem = device_problem(parsed)
-    if problem:
-        if not device_available(torch.device(parsed.type)):  # none of its kind at all
-            problem += "; use --device cpu"
-        raise ValueError(f"--device {device}: {problem}")
+    check_device_option(device)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -189,15 +178,18 @@ def run(args: argparse.Namespace) -> int:
         "absolute_margin relative_margin batch_size query_chunk_size corpus_chunk_size cache_dir seed "
         "output_scores query_prompt query_prompt_name corpus_prompt corpus_prompt_name"
     ).split() + [f.name for f in dataclasses.fields(SamplerOptions)]
-    mined, stats = mine_hard_negatives(
-        anchors,
-        positives,
-        corpus,
-        model=model,
-        model_key=_cache_key(resolve_model(args.model)),
-        return_stats=True,
-        **{k: getattr(args, k) for k in keys},
-    )
+    try:
+        mined, stats = mine_hard_negatives(
+            anchors,
+            positives,
+            corpus,
+            model=model,
+            model_key=_cache_key(resolve_model(args.model)),
+            return_stats=True,
+            **{k: getattr(args, k) for k in keys},
+        )
+    except ValueError as err:
+        raise ValueError(_flag_names(str(err), keys)) from None
     if not ctx.is_main:
         return 0  # every rank holds the same rows; rank 0 writes them
     path = save_rows(mined, args.output)
@@ -213,6 +205,16 @@ def run(args: argparse.Namespace) -> int:
         + f"; mean score: positive {stats.mean_positive_score:.3f}, negative {stats.mean_negative_score:.3f}"
     )
     return 0
+
+
+def _flag_names(message: str, keys: list[str]) -> str:
+    """The library's message with its keyword names as this command's flags:
+    ``range_max (39) must be larger than range_min (50)`` -> ``--range-max (39) ... --range-min``.
+    Only names with an underscore are replaced (``seed`` is also a word of the messages)."""
+    flags = {k: "--" + k.replace("_", "-") for k in keys if "_" in k}
+    flags["output_format"] = "--format"
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, flags)) + r")(?!\w)")
+    return pattern.sub(lambda m: flags[m.group(1)], message)
 
 
 def _cache_key(model: str) -> str:

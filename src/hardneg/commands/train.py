@@ -50,7 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="data folder: data.data_dir of an image config; for a graph config (mutag, "
         "ptc_mr, nci1, proteins or a graph YAML) the folder holding DATASET/raw/ in TU format",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (one is drawn only when stderr is a terminal)",
+    )
     parser.add_argument(
         "--list-configs", action="store_true", help="list the packaged configs and exit"
     )
@@ -89,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
                     "keeps no checkpoint to resume: run it again without --resume"
                 )
             return run_graph(args, graph_config)
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        # `--run-dir D --resume train.epochs=6`: argparse hands the override to --resume as its
+        # optional CKPT, which then "does not exist"; it is an override, and --resume bare
+        args.overrides, args.resume = [args.resume, *args.overrides], True
     if args.data_dir:
         args.overrides = [*args.overrides, f"data.data_dir={args.data_dir}"]
     if args.resume is True and not args.run_dir:

@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from hardneg.config import load_yaml
 from hardneg.graph.protocol import (
     CONFIG_KEYS,
     build_model,
@@ -84,8 +83,8 @@ class GraphOutcome:
 def parse_value(text: str) -> Any:
     """``'2'`` -> 2, ``'[0, 1]'`` -> [0, 1], ``'0,1,2'`` -> [0, 1, 2], other text unchanged."""
     if "," in text and not text.strip().startswith("["):
-        return [yaml.safe_load(t) for t in text.split(",") if t.strip()]
-    return yaml.safe_load(text)
+        return [load_yaml(t) for t in text.split(",") if t.strip()]
+    return load_yaml(text)  # 1e-2 is a number, as in the image configs
 
 
 def apply_overrides(

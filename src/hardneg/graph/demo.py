@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hardneg._checks import check_number
 from hardneg.graph.data import degree_histograms, motif_graphs
 from hardneg.graph.evaluate import knn_accuracy, linear_accuracy, svm_accuracy
 from hardneg.graph.graphcl import GraphCL
@@ -93,6 +94,13 @@ def run_graph_demo(
 
     ``threads``: torch's intra-op threads while the demo runs (restored afterwards).
     """
+    # checked before the baselines run: train_graphs checked them too, but only after the
+    # baselines, and each strategy's row then failed with the same error (epochs=-1, seed=-1)
+    check_number("num_graphs", num_graphs, low=2, integer=True)
+    check_number("epochs", epochs, low=0, integer=True)
+    check_number("batch_size", batch_size, low=2, integer=True)
+    check_number("seed", seed, low=0, integer=True)
+    check_number("threads", threads, low=1, integer=True)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # small graph models: one thread is faster, and shares well
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -74,15 +75,26 @@ def bin_edges(bins: np.ndarray, num_bins: int) -> np.ndarray:
 
 
 def load_metrics(run_dir: str | Path) -> dict:
-    """``metrics.json`` of a run (``{}`` when it has not been evaluated)."""
+    """``metrics.json`` of a run (``{}`` when it has not been evaluated, or when the file is
+    not a JSON object: a cache of the evaluation, so the caller evaluates again rather than
+    stopping every later ``hardneg compare`` on "Expecting value: line 1 column 1")."""
     path = Path(run_dir) / METRICS_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        metrics = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
 
 
 def save_metrics(run_dir: str | Path, metrics: dict) -> Path:
-    """Write ``metrics.json`` (plain JSON values only)."""
+    """Write ``metrics.json`` (plain JSON values only) through a temporary file and a rename,
+    so that a full disk or a kill while writing leaves the previous file, not half of one."""
     path = Path(run_dir) / METRICS_FILE
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
     return path
 
 

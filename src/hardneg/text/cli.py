@@ -22,8 +22,7 @@ from hardneg.text.benchmark import TextBenchmarkConfig, run_text_benchmark
 def split_overrides(items: list[str]) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """``(config overrides, {strategy: {hparam: value}})``; ``STRATEGY.KEY=value`` items go to
     the strategy (values parsed as YAML scalars)."""
-    import yaml
-
+    from hardneg.config import load_yaml
     from hardneg.registry import list_losses, loss_hparams
 
     config, per_strategy = [], {}
@@ -37,7 +36,7 @@ def split_overrides(items: list[str]) -> tuple[list[str], dict[str, dict[str, An
                     f"override {item!r}: {head} has no hyper-parameter {rest!r} "
                     f"(it has {', '.join(known)})"
                 )
-            per_strategy.setdefault(head, {})[rest] = yaml.safe_load(value)
+            per_strategy.setdefault(head, {})[rest] = load_yaml(value)  # 1e-2 is a number
         else:
             config.append(item)
     return config, per_strategy

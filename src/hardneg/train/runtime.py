@@ -37,6 +37,23 @@ def device_problem(device: torch.device) -> str | None:
     return None
 
 
+def check_device_option(device: str, option: str = "--device") -> None:
+    """A ``--device`` value that torch cannot parse (``gpu``, ``cuda:x``) or that this machine
+    lacks fails in one line naming ``option`` (torch raises a RuntimeError, shown with a stack
+    trace, when the device string is parsed or the first tensor moves there)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"{option} {device!r} is not a torch device (cpu, cuda, cuda:1, mps)"
+        ) from None
+    problem = device_problem(parsed)
+    if problem:
+        if not device_available(torch.device(parsed.type)):  # none of its kind at all
+            problem += f"; use {option} cpu"
+        raise ValueError(f"{option} {device}: {problem}")
+
+
 def device_available(device: torch.device) -> bool:
     """Whether this machine has ``device`` (:func:`device_problem` finds nothing)."""
     return device_problem(device) is None

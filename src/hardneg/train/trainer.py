@@ -95,7 +95,8 @@ def train(
     Args:
         config: a :class:`~hardneg.config.TrainConfig` or a dict in the YAML shape.
         run_dir: output folder (default ``runs/<dataset>-<framework>-<loss>-<time>``).
-        progress_bar: show a tqdm bar with the loss, images/s and the ETA.
+        progress_bar: show a tqdm bar with the loss, images/s and the ETA when stderr is a
+            terminal (or in a notebook).
         resume: ``True`` for ``run_dir/checkpoints/last.pt``, a run folder (its
             ``checkpoints/last.pt``; the run continues in that folder) or a checkpoint path; the
             checkpoint must come from the same set-up (a mismatch lists what differs).
@@ -222,7 +223,9 @@ def train(
         initial=step,
         unit="step",
         dynamic_ncols=True,
-        disable=not (progress_bar and ctx.is_main),
+        # None: tqdm's "only on a terminal"; redrawn into a log file (nohup, CI, `2> log`) the
+        # bar left one carriage-return line per step; the epoch lines carry the same figures
+        disable=None if progress_bar and ctx.is_main else True,
     )
     with bar, StopSignal() as stop, tb or contextlib.nullcontext():
         for epoch in range(step // steps_per_epoch, cfg.train.epochs):
