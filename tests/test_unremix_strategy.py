@@ -88,8 +88,11 @@ def deltas(lay, t):
         logits = [float(a[i] @ v) / t for v in support]
         m = max(logits)
         total = sum(math.exp(x - m) for x in logits)
-        expected = sum(math.exp(x - m) / total * v for x, v in zip(logits, support))
-        anchor_deltas.append((expected - p[i]) / t)
+        # sum_k p_k z_k - z_i+ = sum_k p_k (z_k - z_i+) (the p_k sum to 1): the second form
+        # keeps delta's direction where the positive dominates and p_i+ rounds to 1
+        anchor_deltas.append(
+            sum(math.exp(x - m) / total * (v - p[i]) for x, v in zip(logits, support)) / t
+        )
     if lay.in_batch:
         return anchor_deltas, anchor_deltas
     column_deltas = []
@@ -341,6 +344,31 @@ def test_a_pool_entry_far_from_every_anchor_keeps_its_influence_score(fast, infl
     got = loss(q, k, negatives=pool)
     expected = oracle(pool_layout(q, k, pool), t, **options)
     assert got.item() == pytest.approx(expected.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("influence", ["gradient_similarity", "gradient_norm"])
+@pytest.mark.parametrize("fast", [False, True])
+def test_an_anchor_whose_positive_dominates_keeps_the_direction_of_its_delta(fast, influence):
+    """t = 0.01, samples 0 and 1 with views at a cosine near 1: their positive logits are more
+    than 40 above their negatives', so ``p_i+`` rounds to 1 in float64 and
+    ``sum_k p_k z_k - z_i+`` cancels to (almost) nothing. Their own losses are then ~0, but
+    as columns of samples 2 and 3 (views far apart) they take the influence
+    ``cos(delta_i, delta_j)``, which needs their deltas' directions: ``sum_k p_k (z_k -
+    z_i+)`` keeps them (the plain path once gave them an influence of 0 in every row, where the
+    fast path kept it)."""
+    t = 0.01
+    z1 = torch.eye(4, dtype=torch.float64) + 0.2 * z(4, 4, seed=30)  # four directions apart
+    z2 = z1 + 0.02 * z(4, 4, seed=31)
+    z2[2:] = -z1[2:]  # samples 2 and 3: views opposite
+    lay = in_batch_layout(z1, z2)
+    for i in (0, 1, 4, 5):  # the regime the test is about
+        gap = float(lay.anchors[i] @ lay.positives[i]) / t
+        assert gap - max(float(lay.anchors[i] @ lay.columns[j]) / t for j in lay.negatives[i]) > 40
+    options = dict(beta=0.0, lambda_u=1.0, lambda_d=0.0, influence=influence)
+    loss = hardneg.create_loss("unremix", temperature=t, tau_plus=0.0, fast=fast, **options)
+    got = value_and_grads(loss, z1, z2)
+    expected = value_and_grads(lambda a, b: oracle(in_batch_layout(a, b), t, **options), z1, z2)
+    assert_same(got, expected)
 
 
 @pytest.mark.parametrize("lambda_d", [0.0, 1.0])
