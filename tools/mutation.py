@@ -104,8 +104,9 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
         ["src/hardneg/_checks.py"],
         ["tests/test_checks.py", "tests/test_losses_errors.py", "tests/test_contrastive_loss.py"],
     ),
-    # the step's diagnostics: reached by every loss test that asks for them
-    "diagnostics": (["src/hardneg/diagnostics.py"], LOSS_TESTS),
+    # the step's diagnostics: their definitions (tests/test_diagnostics.py) and every loss
+    # test that asks for them
+    "diagnostics": (["src/hardneg/diagnostics.py"], ["tests/test_diagnostics.py", *LOSS_TESTS]),
     "strategies": (["src/hardneg/strategies/*.py"], LOSS_TESTS),
     **{
         f"strategies/{name}": ([f"src/hardneg/strategies/{name}.py"], LOSS_TESTS)
