@@ -449,9 +449,10 @@ def test_the_plain_selection_gives_mean_one_weights_over_each_anchors_negatives(
             assert log_w[i, j].exp().item() == pytest.approx(want, rel=1e-10, abs=1e-300), (i, j)
 
 
+@pytest.mark.parametrize("influence", ["gradient_similarity", "gradient_norm"])
 @pytest.mark.parametrize("fast", [False, True])
-def test_with_three_views_the_gradient_takes_the_first_positive_and_the_loss_both(fast):
-    t, options = 0.5, dict(lambda_u=1.0, lambda_d=0.0, beta=0.5)
+def test_with_three_views_the_gradient_takes_the_first_positive_and_the_loss_both(fast, influence):
+    t, options = 0.5, dict(lambda_u=1.0, lambda_d=0.0, beta=0.5, influence=influence)
     loss = hardneg.create_loss("unremix", temperature=t, tau_plus=0.0, fast=fast, **options)
     v1, v2, v3 = z(3, seed=29), z(3, seed=30), z(3, seed=31)
     got = value_and_grads(lambda a, b, c: loss(a, b, extra_views=[c]), v1, v2, v3)
@@ -566,3 +567,26 @@ def test_behind_a_filter_the_in_batch_fast_path_equals_the_plain_one():
         results.append((loss, *torch.autograd.grad(loss, (a, b))))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_columns_that_take_a_gradient_get_the_plain_paths_gradient_on_the_fast_path():
+    """The loss detaches a pool, but a contrast set handed to the strategy directly may have
+    shared columns that differentiate (the current step's embeddings, not a queue): the fast
+    path's gradient to the anchors alone (``G C / t``, for detached columns) must not be taken
+    for them, or their gradient is lost. Against the plain path (dense weights, autograd)."""
+    from hardneg.contrast import build_contrast
+    from hardneg.objectives import infonce_objective
+
+    strategy = UnReMixNegatives()
+    grads = []
+    for fast in (True, False):
+        q, k, pool = z(3, seed=3), z(3, seed=4), z(7, seed=5)
+        leaves = [x.requires_grad_() for x in (q, k, pool)]
+        contrast = build_contrast(q, pool, positives=k, temperature=0.4)
+        context = StepContext(fast=fast)
+        selection = strategy.select(contrast, context)
+        loss = infonce_objective(contrast, selection).mean()
+        grads.append(torch.autograd.grad(loss, leaves))
+    assert float(grads[1][2].abs().max()) > 1e-3  # the columns' gradient is not zero
+    for fast_grad, plain_grad in zip(*grads):
+        torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-9, atol=1e-12)
