@@ -222,6 +222,23 @@ def test_retrieval_contrast_marks_each_anchors_own_tuple_and_masks_duplicate_can
     )
     masked = [(i, j) for i in range(b) for j in range(b + b * h) if not other.negative_mask[i, j]]
     assert masked == [(0, 0), (0, 4), (0, 5), (1, 1), (2, 2)]
+    # the anchors' own texts: a candidate with the anchor's id is masked as well as one with
+    # its positive's id (a chained pair puts the anchor's text among the candidates)
+    anchor_ids = torch.tensor([3, 7, 1])
+    own = retrieval_contrast(
+        anchors,
+        positives,
+        hard,
+        temperature=1.0,
+        candidate_ids=candidate_ids,
+        anchor_ids=anchor_ids,
+    )
+    for i in range(b):
+        for j in range(b + b * h):
+            cid = int(candidate_ids[j])
+            negative = cid != int(candidate_ids[i]) and cid != int(anchor_ids[i])
+            assert bool(own.negative_mask[i, j]) == negative, (i, j)
+    assert own.num_negatives.tolist() == [4, 7, 4]
     # pairs only (no hard negatives): every positive is a column, only its own is its tuple
     pairs = retrieval_contrast(anchors, positives, temperature=1.0)
     assert pairs.own_column_mask().tolist() == torch.eye(b, dtype=torch.bool).tolist()

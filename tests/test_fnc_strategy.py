@@ -25,11 +25,13 @@ def unit(x):
     return F.normalize(x.double(), dim=-1)
 
 
-def anchors_of(form, data):
-    """Per anchor ``(query, support vectors, candidate negatives)``, unit float64 vectors."""
+def anchors_of(form, data, normalize=True):
+    """Per anchor ``(query, support vectors, candidate negatives)``, unit float64 vectors (the
+    raw ones with ``normalize=False``: the logits are then dot products)."""
+    vec = unit if normalize else torch.Tensor.double
     rows = []
     if form in ("in_batch", "in_batch_ids"):
-        views = [unit(v) for v in data["views"]]
+        views = [vec(v) for v in data["views"]]
         n = views[0].shape[0]
         ids = data.get("ids", torch.arange(n))
         for v, view in enumerate(views):
@@ -40,17 +42,17 @@ def anchors_of(form, data):
                 ]
                 rows.append((view[i], support, cands))
     elif form in ("pool", "pool_exclude"):
-        q, k, pool = unit(data["q"]), unit(data["k"]), unit(data["negatives"])
+        q, k, pool = vec(data["q"]), vec(data["k"]), vec(data["negatives"])
         skip = data.get("exclude_index", torch.full((q.shape[0],), -1))
         for i in range(q.shape[0]):
             cands = [pool[j] for j in range(pool.shape[0]) if j != int(skip[i])]
             rows.append((q[i], [k[i]], cands))
     elif form == "per_anchor_pool":
-        q, k, pool = unit(data["q"]), unit(data["k"]), unit(data["negatives"])
+        q, k, pool = vec(data["q"]), vec(data["k"]), vec(data["negatives"])
         for i in range(q.shape[0]):
             rows.append((q[i], [k[i]], list(pool[i])))
     elif form == "retrieval":
-        a, p, hard = unit(data["q"]), unit(data["k"]), unit(data["hard_negatives"])
+        a, p, hard = vec(data["q"]), vec(data["k"]), vec(data["hard_negatives"])
         b, h = hard.shape[0], hard.shape[1]
         every_hard = [hard[j, m] for j in range(b) for m in range(h)]
         for i in range(b):
@@ -75,10 +77,19 @@ def found_of(support, cands, top_k, threshold, agg):
 
 
 def reference_loss(
-    form, data, *, mode, top_k=1, threshold=None, agg="max", t=T, objective="infonce"
+    form,
+    data,
+    *,
+    mode,
+    top_k=1,
+    threshold=None,
+    agg="max",
+    t=T,
+    objective="infonce",
+    normalize=True,
 ):
     total = 0.0
-    rows = anchors_of(form, data)
+    rows = anchors_of(form, data, normalize)
     for q, support, cands in rows:
         found = found_of(support, cands, top_k, threshold, agg)
         negs = [float(q @ c) / t for j, c in enumerate(cands) if j not in found]
@@ -179,6 +190,44 @@ def test_every_path_of_every_call_form_equals_the_float64_rule(form, hparams, sh
     got = every_path(loss, form, data)
     for path, value in got.items():
         assert value == pytest.approx(want, rel=1e-9), path
+
+
+@pytest.mark.parametrize("mode", ["eliminate", "attract"])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        # cosine logits up to 1/t = 200: e^c overflows float32 (and e^-c underflows to 0)
+        dict(temperature=0.005),
+        # raw dot products of a few hundred: no 1/t bound holds
+        dict(temperature=T, normalize=False),
+    ],
+    ids=["t=0.005", "raw"],
+)
+def test_the_fused_log_mass_in_float32_holds_past_the_range_of_an_unshifted_exponential(
+    mode, setting
+):
+    """The fused path skips the row maximum only when the logits are bounded by a small
+    ``1/t`` (cosines): float32 inputs whose logits reach far past ``e^x``'s normal range must
+    still equal the float64 rule (a bound claimed for raw dot products, or a ``t`` in place
+    of ``1/t``, leaves ``e^c`` unshifted: inf or 0)."""
+    data = inputs("pool", seed=4, n=6, pool=9)
+    scale = 1.0 if setting.get("normalize", True) else 8.0
+    data = {key: value * scale for key, value in data.items()}
+    want = reference_loss(
+        "pool",
+        data,
+        mode=mode,
+        top_k=2,
+        t=setting["temperature"],
+        normalize=setting.get("normalize", True),
+    )
+    rows = anchors_of("pool", data, setting.get("normalize", True))
+    logits = [float(q @ c) / setting["temperature"] for q, _, cands in rows for c in cands]
+    assert max(logits) > 100 and min(logits) < -100  # past float32's e^x both ways
+    loss = hardneg.create_loss("fnc", mode=mode, top_k=2, **setting)
+    got = call(loss, "pool", {key: value.float() for key, value in data.items()})
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(want, rel=1e-5)
 
 
 def test_the_defaults_attract_the_one_negative_best_supported_by_the_most_similar_view():

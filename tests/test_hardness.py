@@ -1,7 +1,7 @@
 """Hardness weighting (``hardness``) against a float64 loop of its definition,
 ``c'_ij = c_ij + alpha * sg(s_ij)`` on the negatives its ``mode`` names, on both the log-mass
-path (InfoNCE) and the dense-weight path (diagnostics, duplicate ids). Written for mutation
-testing (docs/testing.md)."""
+path (InfoNCE, fast and plain) and the dense-weight path (diagnostics, duplicate ids). Written
+for mutation testing (docs/testing.md)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ def test_each_mode_raises_the_logits_of_its_negatives_on_both_paths(mode):
     loss = hardneg.create_loss("hardness", alpha=alpha, mode=mode, temperature=t)
     dense = loss(a, p, hard_negatives=hard, return_diagnostics=True).per_anchor
     assert dense.tolist() == pytest.approx(expected, rel=1e-10)
+    assert loss(a, p, hard_negatives=hard).item() == pytest.approx(sum(expected) / n, rel=1e-10)
+    # the log-mass path without the fast path (a plain log-sum-exp of the raised logits)
+    loss.fast = False
     assert loss(a, p, hard_negatives=hard).item() == pytest.approx(sum(expected) / n, rel=1e-10)
 
 

@@ -88,8 +88,11 @@ def deltas(lay, t):
         logits = [float(a[i] @ v) / t for v in support]
         m = max(logits)
         total = sum(math.exp(x - m) for x in logits)
-        expected = sum(math.exp(x - m) / total * v for x, v in zip(logits, support))
-        anchor_deltas.append((expected - p[i]) / t)
+        # sum_k p_k z_k - z_i+ = sum_k p_k (z_k - z_i+) (the p_k sum to 1): the second form
+        # keeps delta's direction where the positive dominates and p_i+ rounds to 1
+        anchor_deltas.append(
+            sum(math.exp(x - m) / total * (v - p[i]) for x, v in zip(logits, support)) / t
+        )
     if lay.in_batch:
         return anchor_deltas, anchor_deltas
     column_deltas = []
@@ -343,6 +346,31 @@ def test_a_pool_entry_far_from_every_anchor_keeps_its_influence_score(fast, infl
     assert got.item() == pytest.approx(expected.item(), rel=1e-9)
 
 
+@pytest.mark.parametrize("influence", ["gradient_similarity", "gradient_norm"])
+@pytest.mark.parametrize("fast", [False, True])
+def test_an_anchor_whose_positive_dominates_keeps_the_direction_of_its_delta(fast, influence):
+    """t = 0.01, samples 0 and 1 with views at a cosine near 1: their positive logits are more
+    than 40 above their negatives', so ``p_i+`` rounds to 1 in float64 and
+    ``sum_k p_k z_k - z_i+`` cancels to (almost) nothing. Their own losses are then ~0, but
+    as columns of samples 2 and 3 (views far apart) they take the influence
+    ``cos(delta_i, delta_j)``, which needs their deltas' directions: ``sum_k p_k (z_k -
+    z_i+)`` keeps them (the plain path once gave them an influence of 0 in every row, where the
+    fast path kept it)."""
+    t = 0.01
+    z1 = torch.eye(4, dtype=torch.float64) + 0.2 * z(4, 4, seed=30)  # four directions apart
+    z2 = z1 + 0.02 * z(4, 4, seed=31)
+    z2[2:] = -z1[2:]  # samples 2 and 3: views opposite
+    lay = in_batch_layout(z1, z2)
+    for i in (0, 1, 4, 5):  # the regime the test is about
+        gap = float(lay.anchors[i] @ lay.positives[i]) / t
+        assert gap - max(float(lay.anchors[i] @ lay.columns[j]) / t for j in lay.negatives[i]) > 40
+    options = dict(beta=0.0, lambda_u=1.0, lambda_d=0.0, influence=influence)
+    loss = hardneg.create_loss("unremix", temperature=t, tau_plus=0.0, fast=fast, **options)
+    got = value_and_grads(loss, z1, z2)
+    expected = value_and_grads(lambda a, b: oracle(in_batch_layout(a, b), t, **options), z1, z2)
+    assert_same(got, expected)
+
+
 @pytest.mark.parametrize("lambda_d", [0.0, 1.0])
 @pytest.mark.parametrize("fast", [False, True])
 def test_a_pool_of_one_entry_is_infonce_with_one_negative(fast, lambda_d):
@@ -421,9 +449,10 @@ def test_the_plain_selection_gives_mean_one_weights_over_each_anchors_negatives(
             assert log_w[i, j].exp().item() == pytest.approx(want, rel=1e-10, abs=1e-300), (i, j)
 
 
+@pytest.mark.parametrize("influence", ["gradient_similarity", "gradient_norm"])
 @pytest.mark.parametrize("fast", [False, True])
-def test_with_three_views_the_gradient_takes_the_first_positive_and_the_loss_both(fast):
-    t, options = 0.5, dict(lambda_u=1.0, lambda_d=0.0, beta=0.5)
+def test_with_three_views_the_gradient_takes_the_first_positive_and_the_loss_both(fast, influence):
+    t, options = 0.5, dict(lambda_u=1.0, lambda_d=0.0, beta=0.5, influence=influence)
     loss = hardneg.create_loss("unremix", temperature=t, tau_plus=0.0, fast=fast, **options)
     v1, v2, v3 = z(3, seed=29), z(3, seed=30), z(3, seed=31)
     got = value_and_grads(lambda a, b, c: loss(a, b, extra_views=[c]), v1, v2, v3)
@@ -538,3 +567,26 @@ def test_behind_a_filter_the_in_batch_fast_path_equals_the_plain_one():
         results.append((loss, *torch.autograd.grad(loss, (a, b))))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_columns_that_take_a_gradient_get_the_plain_paths_gradient_on_the_fast_path():
+    """The loss detaches a pool, but a contrast set handed to the strategy directly may have
+    shared columns that differentiate (the current step's embeddings, not a queue): the fast
+    path's gradient to the anchors alone (``G C / t``, for detached columns) must not be taken
+    for them, or their gradient is lost. Against the plain path (dense weights, autograd)."""
+    from hardneg.contrast import build_contrast
+    from hardneg.objectives import infonce_objective
+
+    strategy = UnReMixNegatives()
+    grads = []
+    for fast in (True, False):
+        q, k, pool = z(3, seed=3), z(3, seed=4), z(7, seed=5)
+        leaves = [x.requires_grad_() for x in (q, k, pool)]
+        contrast = build_contrast(q, pool, positives=k, temperature=0.4)
+        context = StepContext(fast=fast)
+        selection = strategy.select(contrast, context)
+        loss = infonce_objective(contrast, selection).mean()
+        grads.append(torch.autograd.grad(loss, leaves))
+    assert float(grads[1][2].abs().max()) > 1e-3  # the columns' gradient is not zero
+    for fast_grad, plain_grad in zip(*grads):
+        torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-9, atol=1e-12)

@@ -97,12 +97,16 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
         ["src/hardneg/losses/contrastive.py"],
         ["tests/test_contrastive_loss.py", "tests/test_losses_errors.py", *ORACLES],
     ),
-    # the argument and tensor checks: their errors are asserted by the loss error tests, and
-    # every loss call passes its embeddings through check_embeddings
+    # the argument and tensor checks: their errors are asserted by the loss error tests and
+    # directly (tests/test_checks.py), and every loss call passes its embeddings through
+    # check_embeddings
     "_checks": (
         ["src/hardneg/_checks.py"],
-        ["tests/test_losses_errors.py", "tests/test_contrastive_loss.py"],
+        ["tests/test_checks.py", "tests/test_losses_errors.py", "tests/test_contrastive_loss.py"],
     ),
+    # the step's diagnostics: their definitions (tests/test_diagnostics.py) and every loss
+    # test that asks for them
+    "diagnostics": (["src/hardneg/diagnostics.py"], ["tests/test_diagnostics.py", *LOSS_TESTS]),
     "strategies": (["src/hardneg/strategies/*.py"], LOSS_TESTS),
     **{
         f"strategies/{name}": ([f"src/hardneg/strategies/{name}.py"], LOSS_TESTS)

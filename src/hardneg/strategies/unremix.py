@@ -85,6 +85,19 @@ def anchor_gradients(contrast: ContrastSet) -> Tensor:
     return (expected + p_pos.unsqueeze(1) * positive - positive) / contrast.temperature
 
 
+def anchor_gradient_directions(contrast: ContrastSet) -> Tensor:
+    """``delta_i`` of :func:`anchor_gradients` times ``t / (1 - p_i+) > 0`` ``[A, d]``:
+    ``sum_j p'_ij (z_j - z_{i+})`` with ``p'`` the softmax over the negatives alone (the
+    positive's own term is 0), for ``cos(delta_i, delta_j)``. Where the positive dominates,
+    ``p_i+`` rounds to 1 and ``delta_i``'s two terms cancel to nothing (its direction lost: an
+    influence of 0); this form keeps it (as the fast path's
+    :func:`hardneg.fastpaths.anchor_deltas` with ``direction``). 0 without negatives."""
+    p = torch.softmax(contrast.negative_logits.detach(), dim=1)
+    p = torch.nan_to_num(p, nan=0.0)  # an anchor without negatives: a row of -inf
+    positive = contrast.positives.detach()[:, 0]
+    return p @ contrast.columns.detach() - p.sum(dim=1, keepdim=True) * positive
+
+
 def column_gradients(contrast: ContrastSet) -> Tensor:
     """``delta_j`` of each shared column as an anchor of its own: in-batch, the anchors' own
     (the columns are the anchors); otherwise (a pool) ``(1/t)(sum_i p~_ji q_i - z_j)`` with
@@ -153,7 +166,9 @@ class UnReMixNegatives(Strategy):
     def influence_scores(self, contrast: ContrastSet) -> Tensor:
         """``U``: ``[A, C]`` for ``gradient_similarity``, ``[1, C]`` for ``gradient_norm``."""
         with torch.no_grad():
-            delta_a = anchor_gradients(contrast)
+            # the cosine needs only the directions, which survive a dominant positive
+            norm = self.influence == "gradient_norm"
+            delta_a = anchor_gradients(contrast) if norm else anchor_gradient_directions(contrast)
             # in-batch the columns are the anchors: their deltas are the same, computed once
             delta_c = (
                 delta_a if contrast.columns is contrast.anchors else column_gradients(contrast)
@@ -162,7 +177,7 @@ class UnReMixNegatives(Strategy):
             if h_a is None or h_c is None:  # h = z
                 h_a, h_c = contrast.anchors, contrast.columns
             h_a, h_c = h_a.detach().to(delta_a.dtype), h_c.detach().to(delta_a.dtype)
-            if self.influence == "gradient_norm":
+            if norm:
                 return (delta_c.norm(dim=1) * h_c.norm(dim=1)).unsqueeze(0)
             cos_delta = F.normalize(delta_a, dim=1) @ F.normalize(delta_c, dim=1).T
             return cos_delta * (F.normalize(h_a, dim=1) @ F.normalize(h_c, dim=1).T)
