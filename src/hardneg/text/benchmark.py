@@ -65,6 +65,20 @@ ANALOGUE_NOTE = (
 )
 
 
+def split_setting(
+    item: str, known: Sequence[str] | Mapping[str, Any], what: str, hint: str = ""
+) -> tuple[str, str]:
+    """``(key, value)`` of a ``key=value`` item whose key is one of ``known``; anything else
+    fails naming the item (``what``), the keys and ``hint``. The value is returned as given."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or key not in known:
+        raise ValueError(
+            f"{what} {item!r}: expected key=value with key one of {', '.join(known)}{hint}"
+        )
+    return key, value
+
+
 @dataclass
 class TextBenchmarkConfig:
     """Settings of the text benchmark (``key=value`` overrides on the command line)."""
@@ -97,13 +111,7 @@ class TextBenchmarkConfig:
         cfg = cls(**base)
         types = {f.name: f.type for f in fields(cls)}
         for item in items:
-            key, sep, value = item.partition("=")
-            key = key.strip()
-            if not sep or key not in types:
-                raise ValueError(
-                    f"text benchmark override {item!r}: expected key=value with key one of "
-                    f"{', '.join(types)}"
-                )
+            key, value = split_setting(item, types, "text benchmark override")
             current = getattr(cfg, key)
             try:
                 if key == "seeds":

@@ -65,16 +65,17 @@ class TextTrainConfig:
     def with_overrides(cls, items: Sequence[str]) -> TextTrainConfig:
         """``key=value`` items; an unknown key or a value of the wrong type fails naming the
         key and what it takes."""
+        from hardneg.text.benchmark import split_setting
+
         cfg = cls()
         kinds = {f.name: type(f.default) for f in fields(cls)}
         for item in items:
-            key, sep, value = item.partition("=")
-            key = key.strip()
-            if not sep or key not in kinds:
-                raise ValueError(
-                    f"text training setting {item!r}: expected key=value with key one of "
-                    f"{', '.join(kinds)} (or STRATEGY.KEY=value for a strategy's hyper-parameter)"
-                )
+            key, value = split_setting(
+                item,
+                kinds,
+                "text training setting",
+                " (or STRATEGY.KEY=value for a strategy's hyper-parameter)",
+            )
             # a prompt keeps its spaces ("query: "); other values are trimmed
             text = value if key.endswith("_prompt") else value.strip()
             setattr(cfg, key, _parse(key, text, kinds[key]))
