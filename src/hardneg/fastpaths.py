@@ -1335,7 +1335,8 @@ def anchor_deltas(
     contrast, shifted: tuple[Tensor | None, Tensor], *, direction: bool = False
 ) -> Tensor:
     """``delta_i = (1/t)(sum_k p_ik z_k - z_{i+})`` ``[A, d]`` from the row exponentials (plain
-    twin: ``hardneg.strategies.unremix.anchor_gradients``). ``direction``: ``delta_i`` times
+    twin: ``hardneg.strategies.unremix.anchor_gradients``; with ``direction``,
+    ``anchor_gradient_directions``). ``direction``: ``delta_i`` times
     ``t Z_i e^{-m_i} > 0`` instead (``Z_i`` the softmax's normaliser), which is
     ``sum_j e_ij z_j - (sum_j e_ij) z_{i+}`` over the negatives (the positive's term of
     ``sum_k p_ik (z_k - z_{i+})`` is 0): one product and one row sum, no normaliser (for
