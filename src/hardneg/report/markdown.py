@@ -145,8 +145,9 @@ def write_comparison_report(
         f"- kNN: weighted kNN (k = {knn.get('knn_k', 200)}, t = {knn.get('knn_t', 0.1)}) on frozen "
         "backbone features; linear: linear probe (L-BFGS, standardised features) on the same "
         "features",
-        "- false-neg. mass / eff. negatives: last epoch's batch means of the training diagnostics "
-        "(labels used for analysis only); s / epoch: median epoch time",
+        "- false-neg. mass / eff. negatives: batch means of the training diagnostics of the last "
+        "epoch that logged them (train.diagnostics_every; labels used for analysis only); "
+        "s / epoch: median epoch time",
     ]
     lines += [f"- {note}" for note in notes]
     lines += ["", "## Results", "", format_table(summarize(records), markdown=True), ""]

@@ -36,8 +36,9 @@ def run_values(record: RunRecord) -> dict[str, float]:
     """The table's numbers for one run.
 
     kNN / linear: the final evaluation (``metrics``); false-negative mass and effective negatives:
-    the last epoch's batch means of the diagnostics (also ``mean_negative_similarity``, not a
-    table column); time per epoch: the median ``epoch_time_s``
+    the batch means of the diagnostics of the last epoch that logged them (they are logged every
+    ``train.diagnostics_every`` steps, so an epoch can log none; also
+    ``mean_negative_similarity``, not a table column); time per epoch: the median ``epoch_time_s``
     (robust to the first epoch's warm-up).
     """
     values = {k: float(record.metrics.get(k, math.nan)) for k in ("knn_top1", "linear_top1")}

@@ -224,7 +224,8 @@ def _negatives(groups, mean, available_negatives) -> list[str]:
     per_strategy = isinstance(available_negatives, Mapping)
     shared = None if per_strategy else available_negatives
     lines = [
-        "- What the diagnostics show about the negatives (last epoch; labels used for analysis "
+        "- What the diagnostics show about the negatives (the last epoch that logged them; labels "
+        "used for analysis "
         "only; *effective negatives* = (sum w)^2 / sum w^2 of the sampling weights"
         + (f", out of the {shared} negatives each anchor has" if shared else "")
         + (
