@@ -168,27 +168,17 @@ def run_text(args: argparse.Namespace) -> int:
     if not args.data:
         raise ValueError("--modality text needs --data rows (anchor, positive[, negatives])")
     from hardneg.text.models import check_model_name, load_sentence_model
-    from hardneg.text.train import TextTrainConfig, dev_retrieval, load_columns
+    from hardneg.text.train import dev_retrieval, load_columns, sentence_encoder
 
     check_model_name(args.checkpoint)
-    cfg = TextTrainConfig(data=args.data, columns=args.columns)
-    names, columns = load_columns(cfg)
+    names, columns = load_columns(args.data, args.columns)
     device = None if args.device == "auto" else args.device
     model = load_sentence_model(args.checkpoint, device=device)
-
-    def encode(texts: list[str], prompt: str | None = None):
-        return model.encode(
-            texts,
-            prompt=prompt,
-            batch_size=args.batch_size,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-
     import numpy as np
 
     rows = np.arange(len(columns[0]))
-    result = dev_retrieval(encode, columns, rows, (args.query_prompt, args.document_prompt))
+    prompts = (args.query_prompt, args.document_prompt)
+    result = dev_retrieval(sentence_encoder(model, args.batch_size), columns, rows, prompts)
     result = {"model": args.checkpoint, "rows": int(rows.size), "columns": names, **result}
     if args.json:
         print(json.dumps(result, indent=2))

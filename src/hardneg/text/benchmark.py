@@ -314,18 +314,47 @@ def next_sentence_retrieval(
     cosine similarity; its next sentence is the one relevant candidate. ``mrr``: the mean of
     ``1 / rank`` over the queries, 0 below rank ``k`` (MRR@k); ``recall_1``: the percent of
     queries whose next sentence ranks first. A candidate exactly as similar as the next
-    sentence does not rank above it."""
+    sentence does not rank above it (:func:`retrieval_metrics`)."""
     x = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
     queries = np.flatnonzero(following >= 0)
     if not queries.size:
         raise ValueError("next-sentence retrieval needs a document with two sentences or more")
     sims = x[queries] @ x.T
     sims[np.arange(queries.size), queries] = -np.inf  # a sentence does not retrieve itself
-    target = sims[np.arange(queries.size), following[queries]]
-    rank = 1 + (sims > target[:, None]).sum(axis=1)
+    found = retrieval_metrics(sims, [{int(following[q])} for q in queries], k=k)
+    return {"mrr": found["mrr"], "recall_1": found["recall_1"]}
+
+
+def retrieval_metrics(
+    sims: np.ndarray, relevant: Sequence[set[int]], *, k: int = RETRIEVAL_K
+) -> dict[str, float]:
+    """Binary-relevance retrieval scores of ``sims [Q, C]`` (query x candidate similarities),
+    ``relevant[q]`` the relevant candidates of query ``q``, at ``k`` (10) as sentence-transformers'
+    ``InformationRetrievalEvaluator`` reports them: ``mrr`` (1 / rank of the first relevant, 0
+    below rank ``k``), ``recall_1`` (percent of queries with a relevant first), ``recall_10``
+    (the share of a query's relevant documents in its top ``k``, in percent) and ``ndcg_10``.
+    Ties rank the relevant document first (a candidate exactly as similar does not rank above
+    it)."""
+    mrr, first, recall, ndcg = [], [], [], []
+    for row, wanted in zip(sims, relevant):
+        is_relevant = np.zeros(row.shape[0], dtype=bool)
+        is_relevant[list(wanted)] = True
+        # stable order: by score, then relevant before irrelevant at the same score
+        order = np.lexsort((~is_relevant, -row))
+        hits = is_relevant[order]
+        top = hits[:k]
+        rank = int(np.argmax(hits)) + 1
+        mrr.append(1.0 / rank if rank <= k else 0.0)
+        first.append(rank == 1)
+        recall.append(top.sum() / len(wanted))
+        gains = top / np.log2(np.arange(2, top.size + 2))
+        ideal = 1.0 / np.log2(np.arange(2, min(len(wanted), k) + 2))
+        ndcg.append(gains.sum() / ideal.sum())
     return {
-        "mrr": float(np.where(rank <= k, 1.0 / rank, 0.0).mean()),
-        "recall_1": 100.0 * float((rank == 1).mean()),
+        "mrr": float(np.mean(mrr)),
+        "recall_1": 100.0 * float(np.mean(first)),
+        "recall_10": 100.0 * float(np.mean(recall)),
+        "ndcg_10": float(np.mean(ndcg)),
     }
 
 

@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 
 from hardneg.contrast import GUIDE_MARGIN_MODES
-
-RETRIEVAL_K = 10
+from hardneg.text.benchmark import retrieval_metrics, split_setting
 
 
 @dataclass
@@ -65,8 +64,6 @@ class TextTrainConfig:
     def with_overrides(cls, items: Sequence[str]) -> TextTrainConfig:
         """``key=value`` items; an unknown key or a value of the wrong type fails naming the
         key and what it takes."""
-        from hardneg.text.benchmark import split_setting
-
         cfg = cls()
         kinds = {f.name: type(f.default) for f in fields(cls)}
         for item in items:
@@ -130,14 +127,7 @@ class TextTrainConfig:
 
 def _parse(key: str, value: str, kind: type) -> Any:
     if value.lower() in ("none", "null", "") and kind is not bool:
-        if key in (
-            "data",
-            "columns",
-            "guide",
-            "query_prompt",
-            "document_prompt",
-            "matryoshka_dims",
-        ):
+        if kind is type(None):  # a setting whose default is None
             return None
         raise ValueError(f"{key} needs a value, got {value!r}")
     if kind is bool:
@@ -157,17 +147,18 @@ def _parse(key: str, value: str, kind: type) -> Any:
 
 
 # -- data ---------------------------------------------------------------------------------------
-def load_columns(cfg: TextTrainConfig) -> tuple[list[str], list[list[str]]]:
-    """``(names, texts per column)`` of the rows in ``cfg.data``; at least an anchor and a
-    positive column, every row a text in each."""
+def load_columns(data: str, columns: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """``(names, texts per column)`` of the rows in the file ``data``: the comma-separated
+    ``columns``, else every column but a label / score; at least an anchor and a positive
+    column, every row a text in each."""
     from hardneg.mining import column_texts, load_rows
 
-    path = Path(str(cfg.data))
+    path = Path(str(data))
     rows = load_rows(path)
     if not rows:
         raise ValueError(f"{path}: no rows")
-    if cfg.columns:
-        names = [c.strip() for c in cfg.columns.split(",") if c.strip()]
+    if columns:
+        names = [c.strip() for c in columns.split(",") if c.strip()]
     else:  # every column of the first row but a label / score (as sentence-transformers)
         names = [c for c in rows[0] if c not in ("label", "labels", "score", "scores")]
     if len(names) < 2:
@@ -192,6 +183,23 @@ def split_rows(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.n
     return np.sort(order[dev:]), np.sort(order[:dev])
 
 
+def sentence_encoder(model, batch_size: int = 64) -> Callable[..., np.ndarray]:
+    """``encode(texts, prompt=None)``: the model's embeddings as numpy, in batches of
+    ``batch_size``, the prompt put before each text (the ``encode`` :func:`dev_retrieval`
+    takes)."""
+
+    def encode(texts: list[str], prompt: str | None = None) -> np.ndarray:
+        return model.encode(
+            texts,
+            prompt=prompt,
+            batch_size=batch_size,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+
+    return encode
+
+
 def dev_retrieval(
     encode: Callable[..., np.ndarray],
     columns: list[list[str]],
@@ -212,37 +220,6 @@ def dev_retrieval(
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     c = c / np.linalg.norm(c, axis=1, keepdims=True)
     return retrieval_metrics(q @ c.T, [{where[d] for d in relevant[t]} for t in queries])
-
-
-def retrieval_metrics(sims: np.ndarray, relevant: Sequence[set[int]]) -> dict[str, float]:
-    """Binary-relevance retrieval scores of ``sims [Q, C]`` (query x candidate similarities),
-    ``relevant[q]`` the relevant candidates of query ``q``, at ``k = 10`` as
-    sentence-transformers' ``InformationRetrievalEvaluator`` reports them: ``mrr`` (1 / rank of
-    the first relevant, 0 below rank 10), ``recall_1`` (percent of queries with a relevant first),
-    ``recall_10`` (the share of a query's relevant documents in its top 10, in percent) and
-    ``ndcg_10``. Ties rank the relevant document first (a candidate exactly as similar does not
-    rank above it)."""
-    mrr, first, recall, ndcg = [], [], [], []
-    for row, wanted in zip(sims, relevant):
-        is_relevant = np.zeros(row.shape[0], dtype=bool)
-        is_relevant[list(wanted)] = True
-        # stable order: by score, then relevant before irrelevant at the same score
-        order = np.lexsort((~is_relevant, -row))
-        hits = is_relevant[order]
-        top = hits[:RETRIEVAL_K]
-        rank = int(np.argmax(hits)) + 1
-        mrr.append(1.0 / rank if rank <= RETRIEVAL_K else 0.0)
-        first.append(rank == 1)
-        recall.append(top.sum() / len(wanted))
-        gains = top / np.log2(np.arange(2, top.size + 2))
-        ideal = 1.0 / np.log2(np.arange(2, min(len(wanted), RETRIEVAL_K) + 2))
-        ndcg.append(gains.sum() / ideal.sum())
-    return {
-        "mrr": float(np.mean(mrr)),
-        "recall_1": 100.0 * float(np.mean(first)),
-        "recall_10": 100.0 * float(np.mean(recall)),
-        "ndcg_10": float(np.mean(ndcg)),
-    }
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -300,7 +277,7 @@ def train_text(
     )
     from hardneg.text.models import load_sentence_model
 
-    names, columns = load_columns(cfg)
+    names, columns = load_columns(str(cfg.data), cfg.columns)
     train_rows, dev_rows = split_rows(len(columns[0]), cfg.dev_fraction, cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -343,11 +320,7 @@ def train_text(
             raise ValueError(f"matryoshka_dims {dims}: the model's embeddings have {width} dims")
         trained_loss = MatryoshkaLoss(model, loss, dims)
 
-    def encode(texts: list[str], prompt: str | None = None) -> np.ndarray:
-        return model.encode(
-            texts, prompt=prompt, batch_size=64, convert_to_numpy=True, show_progress_bar=False
-        )
-
+    encode = sentence_encoder(model)
     metrics: dict[str, Any] = {
         "strategy": cfg.strategy,
         "train_rows": int(train_rows.size),
