@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hardneg._checks import check_choice
+
 
 @dataclass
 class ContrastSet:
@@ -446,8 +448,7 @@ def guided_false_negatives(
     Returns ``[A, C]`` bool (True = masked, for ``false_negatives=``); the positive itself is
     never marked. ``margin = 0`` drops the candidates the guide ranks above the positive.
     """
-    if mode not in GUIDE_MARGIN_MODES:
-        raise ValueError(f"mode must be one of {GUIDE_MARGIN_MODES}, got {mode!r}")
+    check_choice("mode", mode, GUIDE_MARGIN_MODES)
     if anchors.dim() != 2 or candidates.dim() != 2 or anchors.shape[1] != candidates.shape[1]:
         raise ValueError(
             "the guide's embeddings must be [A, d] anchors and [C, d] candidates of one dim, "

@@ -182,15 +182,21 @@ _MNRL_ARGUMENTS: dict[str, str] = {
 
 # GISTEmbedLoss's own arguments: the guide's margin has a prefix of its own here, because
 # positive_aware's filter already takes margin= and mode=
+_GIST_LAYOUT = (
+    "the candidates are the batch's positives and hard negatives (MultipleNegativesRankingLoss's "
+    "layout); guide= equals GISTEmbedLoss with contrast_anchors=False and contrast_positives=False"
+)
 _GIST_ARGUMENTS: dict[str, str] = {
     "margin_strategy": "pass guide_margin_strategy=<margin_strategy> (with guide=...)",
-    "contrast_anchors": "the candidates are the batch's positives and hard negatives "
-    "(MultipleNegativesRankingLoss's layout); guide= equals GISTEmbedLoss with "
-    "contrast_anchors=False and contrast_positives=False",
-    "contrast_positives": "the candidates are the batch's positives and hard negatives "
-    "(MultipleNegativesRankingLoss's layout); guide= equals GISTEmbedLoss with "
-    "contrast_anchors=False and contrast_positives=False",
+    "contrast_anchors": _GIST_LAYOUT,
+    "contrast_positives": _GIST_LAYOUT,
 }
+
+# the other sentence-transformers losses whose arguments get their equivalent here
+_OTHER_LOSS_ARGUMENTS = (
+    ("MultipleNegativesRankingLoss", _MNRL_ARGUMENTS),
+    ("GISTEmbedLoss", _GIST_ARGUMENTS),
+)
 
 
 def _hash_weights(length: int, device: torch.device) -> Tensor:
@@ -293,16 +299,12 @@ class HardNegativeLoss(nn.Module):
     ) -> None:
         super().__init__()
         for key in strategy_hparams:
-            if key in _MNRL_ARGUMENTS:
-                raise ValueError(
-                    f"{key}={strategy_hparams[key]!r} is an argument of sentence-transformers' "
-                    f"MultipleNegativesRankingLoss, not of HardNegativeLoss: {_MNRL_ARGUMENTS[key]}"
-                )
-            if key in _GIST_ARGUMENTS:
-                raise ValueError(
-                    f"{key}={strategy_hparams[key]!r} is an argument of sentence-transformers' "
-                    f"GISTEmbedLoss, not of HardNegativeLoss: {_GIST_ARGUMENTS[key]}"
-                )
+            for other, arguments in _OTHER_LOSS_ARGUMENTS:
+                if key in arguments:
+                    raise ValueError(
+                        f"{key}={strategy_hparams[key]!r} is an argument of "
+                        f"sentence-transformers' {other}, not of HardNegativeLoss: {arguments[key]}"
+                    )
         if "temperature" in strategy_hparams:
             raise ValueError(
                 "give the temperature as scale = 1 / temperature (sentence-transformers' "
