@@ -40,6 +40,10 @@ def test_compare_trains_evaluates_and_reports_two_strategies(tmp_path, capsys):
     assert f"report: {out / 'report.md'}" in text
     report = (out / "report.md").read_text()
     assert "| infonce | 1 |" in report and "| hcl | 1 |" in report
+    # the label-free diagnostics the runs logged, one row per strategy, each a number
+    label_free = report.split("## Label-free diagnostics", 1)[1].split("\n## ", 1)[0]
+    assert len(re.findall(r"^\| (infonce|hcl) \| 1 \| \d", label_free, re.MULTILINE)) == 2
+    assert "n/a" not in label_free
     for name in ("loss.png", "knn.png", "false_negative_mass.png", "hardness.png", "tsne.png"):
         assert (out / name).exists() and f"]({name})" in report
     for strategy in ("infonce", "hcl"):

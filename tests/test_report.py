@@ -335,3 +335,54 @@ def test_metrics_json_survives_a_failed_write_and_a_corrupt_one_reads_as_not_eva
     for corrupt in ("", '{"knn_top1": 5', "[1, 2]", "\xff"):
         (tmp_path / "metrics.json").write_text(corrupt, encoding="latin-1")
         assert load_metrics(tmp_path) == {}  # evaluated again by the caller
+
+
+LABEL_FREE = ["mass_above_positive", "positive_rank", "near_duplicate_rate", "margin_removal_share"]
+
+
+def add_label_free_columns(run_dir: Path, scale: float, logged_last: bool = True) -> None:
+    """Append the label-free diagnostics to a fabricated history: epoch e logs ``scale * e / k``
+    for the k-th column, except the last epoch when ``logged_last`` is False (diagnostics are
+    logged every ``train.diagnostics_every`` steps, so an epoch can log none)."""
+    path = run_dir / "history.csv"
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        e = int(row["epoch"])
+        for k, key in enumerate(LABEL_FREE, start=1):
+            row[key] = "" if (e == len(rows) and not logged_last) else scale * e / k
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*COLUMNS, *LABEL_FREE])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_reports_show_the_label_free_diagnostics_of_the_last_epoch_that_logged_them(tmp_path):
+    records = make_records(tmp_path / "runs")  # two strategies x two seeds, 4 epochs each
+    scales = {("infonce", 0): 0.1, ("infonce", 1): 0.3, ("hcl", 0): 0.2, ("hcl", 1): 0.2}
+    for record in records:
+        # hcl's seed 1 logged no diagnostics in its last epoch: its epoch 3 counts
+        logged_last = (record.strategy, record.seed) != ("hcl", 1)
+        add_label_free_columns(record.run_dir, scales[record.strategy, record.seed], logged_last)
+        record.history = load_history(record.run_dir)
+    rows = summarize(records)
+    # mass_above_positive (k = 1) of infonce: epoch 4 of 0.1 and 0.3 -> 0.4 and 1.2
+    assert rows[0]["mass_above_positive"] == pytest.approx((0.8, math.sqrt(0.32)))
+    # positive_rank (k = 2) of hcl: epoch 4 of seed 0 (0.4), epoch 3 of seed 1 (0.3)
+    assert rows[1]["positive_rank"][0] == pytest.approx(0.35)
+    report = write_comparison_report(tmp_path / "compare", records).read_text()
+    section = report.split("## Label-free diagnostics", 1)[1].split("\n## ", 1)[0]
+    assert "| strategy | seeds | mass above positive | positive rank |" in section
+    # margin_removal_share (k = 4) of infonce: 0.1 and 0.3 (mean 0.2, std 0.141)
+    assert "| infonce | 2 | 0.800 ± 0.566 | 0.40 ± 0.28 | 0.2667 ± 0.1886 | 0.200 ± 0.141 |" in (
+        section
+    )
+    write_run_report(records[0].run_dir, records[0].metrics)
+    run_report = (records[0].run_dir / "report.md").read_text()
+    assert "| positive_rank (last epoch) | 0.2 |" in run_report  # infonce seed 0: 0.1 * 4 / 2
+
+
+def test_reports_of_runs_without_label_free_diagnostics_have_no_empty_section(tmp_path):
+    records = make_records(tmp_path / "runs")
+    report = write_comparison_report(tmp_path / "compare", records).read_text()
+    assert "Label-free" not in report and "## Results" in report

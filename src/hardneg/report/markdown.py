@@ -18,7 +18,7 @@ import yaml
 
 from hardneg.report import plots
 from hardneg.report.runs import load_hardness, load_history
-from hardneg.report.table import RunRecord, format_table, summarize
+from hardneg.report.table import LABEL_FREE_COLUMNS, RunRecord, format_table, summarize
 
 # history.csv columns drawn over epochs: (column, file stem, y label, title, relative); a
 # relative curve is divided by its own first value (the losses have different scales)
@@ -40,6 +40,10 @@ FINAL_HISTORY_KEYS = [
     "false_negative_gradient_mass",
     "top_k_precision",
     "mean_negative_similarity",
+    "mass_above_positive",
+    "positive_rank",
+    "near_duplicate_rate",
+    "margin_removal_share",
     "epoch_time_s",
     "images_per_s",
 ]
@@ -150,9 +154,11 @@ def write_comparison_report(
         "s / epoch: median epoch time",
     ]
     lines += [f"- {note}" for note in notes]
-    lines += ["", "## Results", "", format_table(summarize(records), markdown=True), ""]
+    rows = summarize(records)
+    lines += ["", "## Results", "", format_table(rows, markdown=True), ""]
     if verdict:
         lines += ["## Verdict", "", *verdict, ""]
+    lines += _label_free_section(rows)
     lines += _loss_table(records)
     lines += _figure_section(figures, out_dir)
     lines += ["## Runs", ""]
@@ -189,6 +195,28 @@ def _draw_figures(folder, histories, hardness, embeddings, tsne_points, seed) ->
         if path is not None:
             figures["tsne"] = path
     return figures
+
+
+def _label_free_section(rows: Sequence[dict]) -> list[str]:
+    """The label-free diagnostics of every strategy (none when no run logged them, e.g. runs
+    trained before they existed)."""
+    keys = [key for key, _, _ in LABEL_FREE_COLUMNS]
+    if not any(not math.isnan(row[key][0]) for row in rows for key in keys):
+        return []
+    return [
+        "## Label-free diagnostics",
+        "",
+        "What a run without labels can watch; batch means of the last epoch that logged "
+        "diagnostics, relative to each anchor's (first) positive: *mass above positive* = share of "
+        "the negatives' gradient mass on negatives scoring above the positive; *positive rank* = "
+        "number of kept negatives scoring above it (0 = ranked first); *near-duplicate rate* = "
+        "share of kept negatives with cosine >= 0.99 to the anchor; *margin 0.05 removes* = share "
+        "of kept negatives that the positive-aware filter in margin mode (`positive_aware`, "
+        "`mode=margin`, margin 0.05) would drop.",
+        "",
+        format_table(rows, markdown=True, columns=LABEL_FREE_COLUMNS),
+        "",
+    ]
 
 
 def _loss_table(records: Sequence[RunRecord]) -> list[str]:

@@ -30,19 +30,28 @@ COLUMNS = [
     ("effective_negatives", "eff. negatives", "{:.1f}"),
     ("epoch_time_s", "s / epoch", "{:.2f}"),
 ]
+# the label-free diagnostics (hardneg.diagnostics): what a run without labels can still watch
+LABEL_FREE_COLUMNS = [
+    ("mass_above_positive", "mass above positive", "{:.3f}"),
+    ("positive_rank", "positive rank", "{:.2f}"),
+    ("near_duplicate_rate", "near-duplicate rate", "{:.4f}"),
+    ("margin_removal_share", "margin 0.05 removes", "{:.3f}"),
+]
+Column = tuple[str, str, str]
 
 
 def run_values(record: RunRecord) -> dict[str, float]:
     """The table's numbers for one run.
 
-    kNN / linear: the final evaluation (``metrics``); false-negative mass and effective negatives:
-    the batch means of the diagnostics of the last epoch that logged them (they are logged every
-    ``train.diagnostics_every`` steps, so an epoch can log none; also
-    ``mean_negative_similarity``, not a table column); time per epoch: the median ``epoch_time_s``
-    (robust to the first epoch's warm-up).
+    kNN / linear: the final evaluation (``metrics``); false-negative mass, effective negatives and
+    the label-free diagnostics (:data:`LABEL_FREE_COLUMNS`): the batch means of the diagnostics of
+    the last epoch that logged them (they are logged every ``train.diagnostics_every`` steps, so an
+    epoch can log none; also ``mean_negative_similarity``, not a table column); time per epoch:
+    the median ``epoch_time_s`` (robust to the first epoch's warm-up).
     """
     values = {k: float(record.metrics.get(k, math.nan)) for k in ("knn_top1", "linear_top1")}
-    for key in ("false_negative_mass", "effective_negatives", "mean_negative_similarity"):
+    diagnostics = ("false_negative_mass", "effective_negatives", "mean_negative_similarity")
+    for key in (*diagnostics, *(key for key, _, _ in LABEL_FREE_COLUMNS)):
         _, column = history_column(record.history, key)
         values[key] = float(column[-1]) if len(column) else math.nan
     _, times = history_column(record.history, "epoch_time_s")
@@ -50,8 +59,11 @@ def run_values(record: RunRecord) -> dict[str, float]:
     return values
 
 
-def summarize(records: Sequence[RunRecord]) -> list[dict]:
-    """Rows ``{"strategy", "runs", key: (mean, std)}`` in first-seen strategy order.
+def summarize(
+    records: Sequence[RunRecord], columns: Sequence[Column] = (*COLUMNS, *LABEL_FREE_COLUMNS)
+) -> list[dict]:
+    """Rows ``{"strategy", "runs", key: (mean, std)}`` in first-seen strategy order, one ``key``
+    per column of ``columns`` (by default the table's and the label-free diagnostics').
 
     ``std`` is the sample standard deviation over seeds (``nan`` with one seed); NaN values (a
     metric a run did not log) are left out of the mean.
@@ -62,7 +74,7 @@ def summarize(records: Sequence[RunRecord]) -> list[dict]:
     rows = []
     for strategy, runs in groups.items():
         row: dict = {"strategy": strategy, "runs": len(runs)}
-        for key, _, _ in COLUMNS:
+        for key, _, _ in columns:
             vals = [r[key] for r in runs if not math.isnan(r[key])]
             mean = statistics.fmean(vals) if vals else math.nan
             std = statistics.stdev(vals) if len(vals) > 1 else math.nan
@@ -77,11 +89,14 @@ def format_cell(mean: float, std: float, fmt: str) -> str:
     return fmt.format(mean) if math.isnan(std) else f"{fmt.format(mean)} ± {fmt.format(std)}"
 
 
-def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
-    """The table as aligned plain text (console) or as a Markdown table."""
-    header = ["strategy", "seeds"] + [title for _, title, _ in COLUMNS]
+def format_table(
+    rows: Sequence[dict], markdown: bool = False, columns: Sequence[Column] = COLUMNS
+) -> str:
+    """The table as aligned plain text (console) or as a Markdown table; ``columns``: which of
+    the rows' keys, in order (:data:`LABEL_FREE_COLUMNS` for the label-free diagnostics)."""
+    header = ["strategy", "seeds"] + [title for _, title, _ in columns]
     body = [
-        [row["strategy"], str(row["runs"])] + [format_cell(*row[k], fmt) for k, _, fmt in COLUMNS]
+        [row["strategy"], str(row["runs"])] + [format_cell(*row[k], fmt) for k, _, fmt in columns]
         for row in rows
     ]
     if markdown:
