@@ -66,8 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     text.add_argument(
         "--data",
         help="(anchor, positive[, negatives]) rows, .jsonl / .parquet / .csv: each distinct "
-        "anchor queries every positive and negative, its rows' positives being relevant",
+        "anchor queries every positive and negative, its rows' positives being relevant; or a "
+        "BEIR folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv): each query of --split "
+        "ranks the whole corpus (nDCG@k, MRR@k, Recall@k, P@k, MAP@k at 1, 10, 100)",
     )
+    text.add_argument("--split", help="the qrels split of a BEIR folder (default: test)")
     text.add_argument("--columns", help="anchor,positive[,negative_1,...] (default: all)")
     text.add_argument("--query-prompt", help="text put before each anchor ('query: ')")
     text.add_argument("--document-prompt", help="text put before each document ('passage: ')")
@@ -76,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.modality == "text":
         return run_text(args)
-    for flag in ("data", "columns", "query_prompt", "document_prompt"):
+    for flag in ("data", "columns", "query_prompt", "document_prompt", "split"):
         if getattr(args, flag) is not None:
             raise ValueError(
                 f"--{flag.replace('_', '-')} belongs to --modality text (a sentence model "
@@ -171,6 +174,14 @@ def run_text(args: argparse.Namespace) -> int:
     from hardneg.text.train import dev_retrieval, load_columns, sentence_encoder
 
     check_model_name(args.checkpoint)
+    from hardneg.text.beir import is_beir_folder
+
+    if is_beir_folder(args.data):
+        return _run_beir(args)
+    if args.split is not None:
+        raise ValueError(
+            f"--split names a qrels split of a BEIR folder; {args.data} is a file of rows"
+        )
     names, columns = load_columns(args.data, args.columns)
     device = None if args.device == "auto" else args.device
     model = load_sentence_model(args.checkpoint, device=device)
@@ -187,5 +198,32 @@ def run_text(args: argparse.Namespace) -> int:
             f"{args.checkpoint} on {args.data} ({rows.size} rows): MRR@10 {result['mrr']:.4f}, "
             f"NDCG@10 {result['ndcg_10']:.4f}, R@1 {result['recall_1']:.2f}%, "
             f"Recall@10 {result['recall_10']:.2f}%"
+        )
+    return 0
+
+
+def _run_beir(args: argparse.Namespace) -> int:
+    """``hardneg eval --modality text MODEL --data BEIR_FOLDER [--split test]``."""
+    from hardneg.text.beir import evaluate_beir, load_beir
+    from hardneg.text.models import load_sentence_model
+    from hardneg.text.train import sentence_encoder
+
+    if args.columns is not None:
+        raise ValueError("--columns is for a file of rows; a BEIR folder has queries and a corpus")
+    split = args.split or "test"
+    data = load_beir(args.data, split)  # before the model: a wrong split fails at once
+    device = None if args.device == "auto" else args.device
+    model = load_sentence_model(args.checkpoint, device=device)
+    prompts = (args.query_prompt, args.document_prompt)
+    scores = evaluate_beir(sentence_encoder(model, args.batch_size), data, prompts=prompts)
+    result = {"model": args.checkpoint, "data": str(args.data), "split": split, **scores}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"{args.checkpoint} on {args.data} ({split}: {scores['queries']} queries, "
+            f"{scores['documents']} documents): nDCG@10 {scores['ndcg@10']:.4f}, "
+            f"MRR@10 {scores['mrr@10']:.4f}, Recall@100 {scores['recall@100']:.4f}, "
+            f"MAP@100 {scores['map@100']:.4f}"
         )
     return 0

@@ -23,8 +23,13 @@ from hardneg.mining import SamplerOptions
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data", required=True, help="(anchor, positive) rows: .jsonl/.parquet/.csv"
+        "--data",
+        required=True,
+        help="(anchor, positive) rows: .jsonl/.parquet/.csv; or a BEIR folder (corpus.jsonl, "
+        "queries.jsonl, qrels/SPLIT.tsv): a pair per judgement of grade >= 1 in --split, the "
+        "candidates its whole corpus",
     )
+    parser.add_argument("--split", help="the qrels split of a BEIR folder --data (default: train)")
     parser.add_argument(
         "--corpus",
         help="candidate texts: .txt (one per line) or rows with --corpus-column (default: the positives)",
@@ -133,7 +138,7 @@ def _check_device(device: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hardneg import distributed
-    from hardneg.mining import column_texts, load_rows, mine_hard_negatives, save_rows
+    from hardneg.mining import mine_hard_negatives, save_rows
     from hardneg.text.models import check_model_name, load_sentence_model, resolve_model
 
     # the output's format is checked before the model is loaded and the corpus embedded
@@ -148,26 +153,12 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         raise ValueError(f"--output {args.output}: {problem}")
     ctx = distributed.init_distributed()  # torchrun: each process ranks its corpus shard
-    rows = load_rows(args.data)
-    if not rows:
-        raise ValueError(f"{args.data} holds no rows")
-    found = sorted(rows[0])
-    for col in (args.anchor_column, args.positive_column):
-        if col not in rows[0]:
-            raise ValueError(
-                f"{args.data}: expected the layout ({args.anchor_column}, {args.positive_column}); "
-                f"found columns {found} (set --anchor-column / --positive-column)"
-            )
-    anchors = column_texts(rows, args.anchor_column, args.data, "--anchor-column")
-    positives = column_texts(rows, args.positive_column, args.data, "--positive-column")
-    corpus = None
-    if args.corpus:
-        crow = load_rows(args.corpus)
-        if crow and args.corpus_column not in crow[0]:
-            raise ValueError(
-                f"{args.corpus}: expected a column {args.corpus_column!r}, found {sorted(crow[0])}"
-            )
-        corpus = column_texts(crow, args.corpus_column, args.corpus, "--corpus-column")
+    from hardneg.text.beir import is_beir_folder
+
+    if is_beir_folder(args.data):
+        anchors, positives, corpus = _beir_inputs(args)
+    else:
+        anchors, positives, corpus = _row_inputs(args)
     device = args.device
     if ctx.world_size > 1 and device == "cuda":
         device = str(ctx.device)  # one GPU per process
@@ -205,6 +196,61 @@ def run(args: argparse.Namespace) -> int:
         + f"; mean score: positive {stats.mean_positive_score:.3f}, negative {stats.mean_negative_score:.3f}"
     )
     return 0
+
+
+def _row_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], list[str] | None]:
+    """The (anchor, positive) columns of the rows file ``--data`` and the ``--corpus`` texts
+    (None: the positives)."""
+    from hardneg.mining import column_texts, load_rows
+
+    if args.split is not None:
+        raise ValueError(f"--split names a qrels split of a BEIR folder; {args.data} is a file")
+    rows = load_rows(args.data)
+    if not rows:
+        raise ValueError(f"{args.data} holds no rows")
+    found = sorted(rows[0])
+    for col in (args.anchor_column, args.positive_column):
+        if col not in rows[0]:
+            raise ValueError(
+                f"{args.data}: expected the layout ({args.anchor_column}, {args.positive_column}); "
+                f"found columns {found} (set --anchor-column / --positive-column)"
+            )
+    anchors = column_texts(rows, args.anchor_column, args.data, "--anchor-column")
+    positives = column_texts(rows, args.positive_column, args.data, "--positive-column")
+    corpus = None
+    if args.corpus:
+        crow = load_rows(args.corpus)
+        if crow and args.corpus_column not in crow[0]:
+            raise ValueError(
+                f"{args.corpus}: expected a column {args.corpus_column!r}, found {sorted(crow[0])}"
+            )
+        corpus = column_texts(crow, args.corpus_column, args.corpus, "--corpus-column")
+    return anchors, positives, corpus
+
+
+def _beir_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
+    """The pairs of a BEIR folder's ``--split`` (grade >= 1) and its whole corpus. A query's
+    judged-relevant documents are its positives, so none of them is mined as its negative."""
+    from hardneg.text.beir import load_beir
+
+    for flag, value, default in (
+        ("--corpus", args.corpus, None),
+        ("--corpus-column", args.corpus_column, "text"),
+        ("--anchor-column", args.anchor_column, "anchor"),
+        ("--positive-column", args.positive_column, "positive"),
+    ):
+        if value != default:
+            raise ValueError(
+                f"{flag} is for files of rows; the BEIR folder's corpus.jsonl is the corpus and "
+                "its queries and qrels give the pairs"
+            )
+    data = load_beir(args.data, args.split or "train")
+    anchors, positives = data.pairs()
+    if not anchors:
+        raise ValueError(
+            f"{args.data}: split {args.split or 'train'} has no judgement of grade >= 1"
+        )
+    return anchors, positives, list(data.corpus.values())
 
 
 def _flag_names(message: str, keys: list[str]) -> str:

@@ -36,7 +36,8 @@ from hardneg.text.benchmark import retrieval_metrics, split_setting
 class TextTrainConfig:
     """Settings of ``hardneg train --modality text`` (``key=value`` on the command line)."""
 
-    data: str | None = None  # the rows: .jsonl / .parquet / .csv (required)
+    data: str | None = None  # the rows: .jsonl / .parquet / .csv, or a BEIR folder (required)
+    split: str | None = None  # the qrels split of a BEIR folder (default: train)
     columns: str | None = None  # "anchor,positive,negative_1": default every column in order
     model: str = "all-MiniLM-L6-v2"  # name or path (hardneg.text.models.load_sentence_model)
     strategy: str = "infonce"
@@ -86,7 +87,7 @@ class TextTrainConfig:
         if not self.data:
             raise ValueError(
                 "data=FILE is required: (anchor, positive[, negatives]) rows in .jsonl, "
-                ".parquet or .csv (e.g. the output of hardneg mine)"
+                ".parquet or .csv (e.g. the output of hardneg mine), or a BEIR folder"
             )
         strategy_class(self.strategy)  # an unknown name fails with the closest valid one
         check_number("scale", self.scale, low=0.0, low_inclusive=False)
@@ -168,6 +169,24 @@ def load_columns(data: str, columns: str | None = None) -> tuple[list[str], list
         )
     texts = [column_texts(rows, name, path, option="columns=") for name in names]
     return names, texts
+
+
+def training_columns(cfg: TextTrainConfig) -> tuple[list[str], list[list[str]]]:
+    """``(names, texts per column)`` of ``cfg.data``: :func:`load_columns` of a file, or the
+    ``(anchor, positive)`` pairs of a BEIR folder's ``cfg.split`` (judgements of grade >= 1;
+    :meth:`hardneg.text.beir.BeirData.pairs`)."""
+    from hardneg.text.beir import is_beir_folder, load_beir
+
+    if not is_beir_folder(str(cfg.data)):
+        if cfg.split is not None:
+            raise ValueError(f"split= names a qrels split of a BEIR folder; {cfg.data} is a file")
+        return load_columns(str(cfg.data), cfg.columns)
+    if cfg.columns is not None:
+        raise ValueError("columns= is for a file of rows; a BEIR folder's qrels give the pairs")
+    anchors, positives = load_beir(str(cfg.data), cfg.split or "train").pairs()
+    if not anchors:
+        raise ValueError(f"{cfg.data}: split {cfg.split or 'train'} has no judgement of grade >= 1")
+    return ["anchor", "positive"], [anchors, positives]
 
 
 def split_rows(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -277,7 +296,7 @@ def train_text(
     )
     from hardneg.text.models import load_sentence_model
 
-    names, columns = load_columns(str(cfg.data), cfg.columns)
+    names, columns = training_columns(cfg)
     train_rows, dev_rows = split_rows(len(columns[0]), cfg.dev_fraction, cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -1,0 +1,308 @@
+"""BEIR-format retrieval data and full-corpus retrieval scores.
+
+The layout of BEIR (Thakur et al., NeurIPS 2021 Datasets and Benchmarks), which MTEB's retrieval
+tasks and most retrieval training sets also use, is a folder with::
+
+    corpus.jsonl        {"_id": "d1", "title": "...", "text": "..."} per line (title optional)
+    queries.jsonl       {"_id": "q1", "text": "..."} per line
+    qrels/<split>.tsv   a header line, then  query-id <TAB> corpus-id <TAB> score  per line
+
+A document's text is ``title + " " + text`` (what BEIR's dense encoders embed), its text alone
+without a title. A score is an integer grade; ``> 0`` is relevant (trec_eval's default
+relevance level 1). A split holds the queries that have a judgement in its file.
+
+:func:`retrieval_scores` ranks the whole corpus for every query by cosine similarity and reports,
+at each cut-off ``k``, the measures BEIR and MTEB report (pytrec_eval's trec_eval measures):
+
+* ``ndcg@k``: ``DCG@k / IDCG@k`` with ``DCG@k = sum_{r<=k} g_r / log2(r + 1)``, the gain ``g`` the
+  judged grade (0 unjudged) and ``IDCG@k`` the same over the query's grades sorted descending;
+* ``mrr@k``: ``1 / rank`` of the first relevant document, 0 when none is in the top ``k``;
+* ``recall@k``: relevant documents in the top ``k`` / relevant documents of the query;
+* ``precision@k``: relevant documents in the top ``k`` / ``k``;
+* ``map@k``: ``sum_{r<=k, relevant} precision@r / relevant documents of the query`` (trec_eval's
+  ``map_cut``; sentence-transformers' ``InformationRetrievalEvaluator`` divides by
+  ``min(k, relevant)`` instead, which differs only for a query with more than ``k`` relevant).
+
+Means over the queries with at least one relevant document. As BEIR's ``ignore_identical_ids``
+(its default), a document whose id is the query's id is never retrieved (ArguAna, Quora and
+CQADupStack keep the query in the corpus). Ties in score keep the corpus order (trec_eval
+breaks them by document id).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CUTOFFS = (1, 10, 100)
+FILES = ("corpus.jsonl", "queries.jsonl")
+
+
+@dataclass
+class BeirData:
+    """One split of a BEIR folder.
+
+    Attributes:
+        corpus: document id -> text (title and text joined), in file order.
+        queries: query id -> text, the queries judged in the split, in file order.
+        qrels: query id -> {document id: grade}, every judgement of the split.
+    """
+
+    corpus: dict[str, str]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+    def pairs(self, min_grade: int = 1) -> tuple[list[str], list[str]]:
+        """``(query texts, document texts)``: one pair per judgement of grade ``>= min_grade``,
+        in the order of the queries, then of their judgements (the rows of ``hardneg mine`` and
+        ``hardneg train --modality text``)."""
+        anchors, positives = [], []
+        for qid, text in self.queries.items():
+            for did, grade in self.qrels.get(qid, {}).items():
+                if grade >= min_grade:
+                    anchors.append(text)
+                    positives.append(self.corpus[did])
+        return anchors, positives
+
+
+def is_beir_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding ``corpus.jsonl`` (a BEIR data set)."""
+    return Path(path).is_dir() and (Path(path) / "corpus.jsonl").is_file()
+
+
+def splits(folder: str | Path) -> list[str]:
+    """The splits of a BEIR folder: the stems of ``qrels/*.tsv``, sorted."""
+    return sorted(p.stem for p in (Path(folder) / "qrels").glob("*.tsv"))
+
+
+def load_beir(folder: str | Path, split: str = "test") -> BeirData:
+    """Read ``split`` of the BEIR folder ``folder`` (see the module doc for the layout).
+
+    A malformed line fails naming its file and line; a judgement of a query or document that the
+    files do not hold is dropped with a warning that counts them (public BEIR sets have a few)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"BEIR folder {folder} does not exist")
+    for name in FILES:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(
+                f"{folder} has no {name}: a BEIR folder holds corpus.jsonl, queries.jsonl and "
+                "qrels/<split>.tsv"
+            )
+    qrels_file = folder / "qrels" / f"{split}.tsv"
+    if not qrels_file.is_file():
+        found = splits(folder)
+        raise FileNotFoundError(
+            f"{folder} has no qrels/{split}.tsv; its splits: {', '.join(found) or 'none'}"
+        )
+    corpus = {}
+    for where, row in _jsonl(folder / "corpus.jsonl"):
+        did, text = _field(row, "_id", where), _field(row, "text", where)
+        title = row.get("title") or ""
+        if not isinstance(title, str):
+            raise ValueError(f"{where}: 'title' must be a string, got {type(title).__name__}")
+        if did in corpus:
+            raise ValueError(f"{where}: document id {did!r} is there twice")
+        corpus[did] = f"{title} {text}".strip() if title.strip() else text
+    all_queries = {}
+    for where, row in _jsonl(folder / "queries.jsonl"):
+        qid = _field(row, "_id", where)
+        if qid in all_queries:
+            raise ValueError(f"{where}: query id {qid!r} is there twice")
+        all_queries[qid] = _field(row, "text", where)
+    qrels: dict[str, dict[str, int]] = {}
+    unknown_queries, unknown_documents = set(), set()
+    for _, (qid, did, grade) in _qrels(qrels_file):
+        if qid not in all_queries:
+            unknown_queries.add(qid)
+        elif did not in corpus:
+            unknown_documents.add(did)
+        else:
+            qrels.setdefault(qid, {})[did] = grade
+    for what, ids, file in (
+        ("queries", unknown_queries, "queries.jsonl"),
+        ("documents", unknown_documents, "corpus.jsonl"),
+    ):
+        if ids:
+            log.warning(
+                "%s: dropped the judgements of %d %s that %s does not hold (e.g. %r)",
+                qrels_file,
+                len(ids),
+                what,
+                file,
+                sorted(ids)[0],
+            )
+    if not qrels:
+        raise ValueError(f"{qrels_file}: no judgement of a query and a document the files hold")
+    queries = {qid: text for qid, text in all_queries.items() if qid in qrels}
+    return BeirData(corpus, queries, qrels)
+
+
+def _jsonl(path: Path):
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not a JSON object ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: not a JSON object, got {type(row).__name__}")
+            yield where, row
+
+
+def _field(row: dict, key: str, where: str) -> str:
+    if key not in row:
+        raise ValueError(f"{where}: no {key!r} (keys: {', '.join(map(repr, row)) or 'none'})")
+    value = row[key]
+    if key == "_id" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # some sets write numeric ids; the qrels read them as text
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _qrels(path: Path):
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        for number, fields in enumerate(reader, start=1):
+            where = f"{path}:{number}"
+            if number == 1 and len(fields) == 3 and not _is_integer(fields[2]):
+                continue  # the header (query-id, corpus-id, score)
+            if not fields or not "".join(fields).strip():
+                continue
+            if len(fields) != 3 or not _is_integer(fields[2]):
+                raise ValueError(
+                    f"{where}: expected query-id<TAB>corpus-id<TAB>integer score, got "
+                    f"{chr(9).join(fields)!r}"
+                )
+            yield where, (fields[0], fields[1], int(fields[2]))
+
+
+def _is_integer(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def retrieval_scores(
+    query_embeddings: torch.Tensor | np.ndarray,
+    document_embeddings: torch.Tensor | np.ndarray,
+    judgements: Sequence[dict[int, int]],
+    *,
+    cutoffs: Sequence[int] = DEFAULT_CUTOFFS,
+    exclude: Sequence[int | None] | None = None,
+    query_chunk_size: int = 1024,
+    corpus_chunk_size: int = 16384,
+) -> dict[str, float]:
+    """Full-corpus retrieval measures (module doc) of ``query_embeddings [Q, d]`` against
+    ``document_embeddings [C, d]`` by cosine: ``judgements[q]`` maps a document's row to its
+    grade; ``exclude[q]``: a row query ``q`` never retrieves (its own id), or None. Keys
+    ``ndcg@k``, ``mrr@k``, ``recall@k``, ``precision@k``, ``map@k`` per cut-off, and
+    ``queries`` (those scored: with a relevant document) and ``documents``."""
+    from hardneg.mining import chunked_top_k
+
+    q = torch.nn.functional.normalize(torch.as_tensor(query_embeddings).float(), dim=1)
+    c = torch.nn.functional.normalize(torch.as_tensor(document_embeddings).float(), dim=1)
+    if len(judgements) != q.shape[0]:
+        raise ValueError(f"{q.shape[0]} queries but {len(judgements)} judgement lists")
+    cutoffs = sorted({int(k) for k in cutoffs})
+    if not cutoffs or cutoffs[0] < 1:
+        raise ValueError(f"cutoffs must be integers >= 1, got {list(cutoffs)}")
+    depth = min(cutoffs[-1], c.shape[0] - (exclude is not None))
+    skip = None if exclude is None else [set() if e is None else {int(e)} for e in exclude]
+    _, ranking = chunked_top_k(
+        q,
+        c,
+        depth,
+        exclude=skip,
+        query_chunk_size=query_chunk_size,
+        corpus_chunk_size=corpus_chunk_size,
+    )
+    sums = {f"{name}@{k}": 0.0 for k in cutoffs for name in _MEASURES}
+    scored = 0
+    for ranked, grades in zip(ranking.tolist(), judgements):
+        relevant = sum(g > 0 for g in grades.values())
+        if relevant == 0:
+            continue
+        scored += 1
+        gains = np.array([grades.get(d, 0) for d in ranked], dtype=np.float64)
+        ideal = np.sort(np.array([g for g in grades.values() if g > 0], dtype=np.float64))[::-1]
+        for k in cutoffs:
+            for name, measure in _MEASURES.items():
+                sums[f"{name}@{k}"] += measure(gains[:k], ideal, relevant, k)
+    if scored == 0:
+        raise ValueError("no query has a relevant document (a grade > 0) to score")
+    out = {key: value / scored for key, value in sums.items()}
+    return {**out, "queries": scored, "documents": int(c.shape[0])}
+
+
+def _discounts(n: int) -> np.ndarray:
+    return 1.0 / np.log2(np.arange(2, n + 2))
+
+
+def _ndcg(gains: np.ndarray, ideal: np.ndarray, relevant: int, k: int) -> float:
+    best = ideal[:k]
+    return float((gains * _discounts(gains.size)).sum() / (best * _discounts(best.size)).sum())
+
+
+def _mrr(gains: np.ndarray, ideal: np.ndarray, relevant: int, k: int) -> float:
+    hits = np.flatnonzero(gains > 0)
+    return 1.0 / (hits[0] + 1) if hits.size else 0.0
+
+
+def _recall(gains: np.ndarray, ideal: np.ndarray, relevant: int, k: int) -> float:
+    return float((gains > 0).sum() / relevant)
+
+
+def _precision(gains: np.ndarray, ideal: np.ndarray, relevant: int, k: int) -> float:
+    return float((gains > 0).sum() / k)
+
+
+def _map(gains: np.ndarray, ideal: np.ndarray, relevant: int, k: int) -> float:
+    hits = gains > 0
+    precision_at = np.cumsum(hits) / np.arange(1, hits.size + 1)
+    return float(precision_at[hits].sum() / relevant)
+
+
+_MEASURES: dict[str, Callable[[np.ndarray, np.ndarray, int, int], float]] = {
+    "ndcg": _ndcg,
+    "mrr": _mrr,
+    "recall": _recall,
+    "precision": _precision,
+    "map": _map,
+}
+
+
+def evaluate_beir(
+    encode: Callable[..., np.ndarray],
+    data: BeirData,
+    *,
+    prompts: tuple[str | None, str | None] = (None, None),
+    cutoffs: Sequence[int] = DEFAULT_CUTOFFS,
+    ignore_identical_ids: bool = True,
+) -> dict[str, float]:
+    """:func:`retrieval_scores` of a sentence encoder on a BEIR split: ``encode(texts, prompt)``
+    embeds the queries with ``prompts[0]`` and the corpus with ``prompts[1]``
+    (:func:`hardneg.text.train.sentence_encoder`)."""
+    doc_ids = list(data.corpus)
+    row = {did: j for j, did in enumerate(doc_ids)}
+    query_ids = list(data.queries)
+    judgements = [{row[d]: g for d, g in data.qrels[qid].items()} for qid in query_ids]
+    exclude = [row.get(qid) for qid in query_ids] if ignore_identical_ids else None
+    queries = encode([data.queries[qid] for qid in query_ids], prompts[0])
+    documents = encode([data.corpus[did] for did in doc_ids], prompts[1])
+    return retrieval_scores(queries, documents, judgements, cutoffs=cutoffs, exclude=exclude)
