@@ -254,6 +254,10 @@ def test_eval_mine_and_train_read_a_beir_folder(model_and_folder, tmp_path, caps
     assert printed["split"] == "test"
     for key in ("ndcg@10", "mrr@10", "recall@100", "map@100"):
         assert printed[key] == pytest.approx(expected[key], abs=1e-6)
+    assert main(["eval", "--modality", "text", str(model_dir), "--data", str(folder)]) == 0
+    line = capsys.readouterr().out
+    assert "(test: 30 queries, 150 documents)" in line
+    assert f"nDCG@10 {expected['ndcg@10']:.4f}, MRR@10 {expected['mrr@10']:.4f}" in line
 
     # mine: pairs of the train split, negatives from the whole corpus, never a judged positive
     out = tmp_path / "mined.jsonl"

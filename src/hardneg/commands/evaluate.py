@@ -191,14 +191,18 @@ def run_text(args: argparse.Namespace) -> int:
     prompts = (args.query_prompt, args.document_prompt)
     result = dev_retrieval(sentence_encoder(model, args.batch_size), columns, rows, prompts)
     result = {"model": args.checkpoint, "rows": int(rows.size), "columns": names, **result}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(
-            f"{args.checkpoint} on {args.data} ({rows.size} rows): MRR@10 {result['mrr']:.4f}, "
-            f"NDCG@10 {result['ndcg_10']:.4f}, R@1 {result['recall_1']:.2f}%, "
-            f"Recall@10 {result['recall_10']:.2f}%"
-        )
+    return _print_scores(
+        args,
+        result,
+        f"{args.checkpoint} on {args.data} ({rows.size} rows): MRR@10 {result['mrr']:.4f}, "
+        f"NDCG@10 {result['ndcg_10']:.4f}, R@1 {result['recall_1']:.2f}%, "
+        f"Recall@10 {result['recall_10']:.2f}%",
+    )
+
+
+def _print_scores(args: argparse.Namespace, result: dict, line: str) -> int:
+    """Print a text evaluation: ``result`` as JSON with ``--json``, else the one ``line``."""
+    print(json.dumps(result, indent=2) if args.json else line)
     return 0
 
 
@@ -217,13 +221,11 @@ def _run_beir(args: argparse.Namespace) -> int:
     prompts = (args.query_prompt, args.document_prompt)
     scores = evaluate_beir(sentence_encoder(model, args.batch_size), data, prompts=prompts)
     result = {"model": args.checkpoint, "data": str(args.data), "split": split, **scores}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(
-            f"{args.checkpoint} on {args.data} ({split}: {scores['queries']} queries, "
-            f"{scores['documents']} documents): nDCG@10 {scores['ndcg@10']:.4f}, "
-            f"MRR@10 {scores['mrr@10']:.4f}, Recall@100 {scores['recall@100']:.4f}, "
-            f"MAP@100 {scores['map@100']:.4f}"
-        )
-    return 0
+    return _print_scores(
+        args,
+        result,
+        f"{args.checkpoint} on {args.data} ({split}: {scores['queries']} queries, "
+        f"{scores['documents']} documents): nDCG@10 {scores['ndcg@10']:.4f}, "
+        f"MRR@10 {scores['mrr@10']:.4f}, Recall@100 {scores['recall@100']:.4f}, "
+        f"MAP@100 {scores['map@100']:.4f}",
+    )
