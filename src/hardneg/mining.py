@@ -15,6 +15,15 @@ Pipeline (:func:`mine_hard_negatives`):
    positive-aware margins of NV-Retriever (Moreira et al. 2024): ``absolute_margin`` keeps
    ``s <= s_pos - m`` (TopK-MarginPos), ``relative_margin`` keeps ``s <= s_pos - |s_pos| m``
    (TopK-PercPos, ``s_pos (1 - m)`` for ``s_pos >= 0``; 0.05 = "95%").
+   With a ``cross_encoder`` (a reranker, as sentence-transformers' ``mine_hard_negatives``
+   takes one), the embedding model's ``range_max`` best candidates of each query and its
+   positive are scored again by it (``predict`` on ``(query, text)`` pairs), the candidates are
+   ranked by those scores (the window skips the cross-encoder's ``range_min`` best), and the
+   filters, the margins, the sampling and ``output_scores`` read them instead of
+   the cosines: the embedding model proposes, the cross-encoder, which sees query and text
+   together, judges (NV-Retriever's advice against false negatives). Its scores are on its own
+   scale (a sigmoid's 0..1 for a one-label reranker), which the score bounds and the samplers'
+   settings must follow.
 4. **Sampling** ``num_negatives`` among the survivors, without replacement, by the strategy
    classes that weight negatives in the loss (:func:`pick_negatives`, on the candidates as a
    :class:`~hardneg.contrast.ContrastSet`):
@@ -549,6 +558,7 @@ def mine_hard_negatives(
     corpus_prompt: str | None = None,
     corpus_prompt_name: str | None = None,
     output_scores: bool = False,
+    cross_encoder: Any = None,
     as_dataset: bool = False,
     return_stats: bool = False,
 ) -> Any:
@@ -598,6 +608,10 @@ def mine_hard_negatives(
         output_scores: add the model's cosines: ``scores`` ``[s_pos, s_neg]`` per triplet,
             ``[s_pos, s_neg_1, ..., s_neg_k]`` per n-tuple (what ``MarginMSELoss`` reads), and
             ``score`` / ``scores`` in place of ``label`` / ``labels`` in the labeled formats.
+        cross_encoder: a reranker (anything with ``predict(pairs, batch_size=...)`` giving one
+            score per ``(query, text)`` pair, e.g. a sentence-transformers ``CrossEncoder``):
+            the candidates and positives are scored again by it, and every later step reads
+            its scores (module doc, step 3).
         as_dataset: return a ``datasets.Dataset`` instead of a list of dicts.
         return_stats: also return :class:`MiningStats`.
     """
@@ -758,10 +772,18 @@ def mine_hard_negatives(
         corpus_chunk_size=corpus_chunk_size,
     )
     stats.seconds["top_k"] = time.perf_counter() - t1
+    pos = (emb["queries"] * emb["positives"]).sum(dim=1, keepdim=True)
+    if cross_encoder is not None:
+        t1 = time.perf_counter()
+        # the embedding model's range_max best candidates, ranked again by the cross-encoder
+        scores, index = scores[:, :range_max], index[:, :range_max]
+        scores, index, pos = rescore_candidates(
+            cross_encoder, q_texts, p_texts, c_texts, scores, index, batch_size=batch_size
+        )
+        stats.seconds["rescore"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     # the positive's own rows were set to -inf, so they rank last: the window is [min, max)
     scores, index = scores[:, range_min:range_max], index[:, range_min:range_max]
-    pos = (emb["queries"] * emb["positives"]).sum(dim=1, keepdim=True)
     keep = torch.isfinite(scores)
     if min_score is not None:
         keep &= scores >= min_score
@@ -834,6 +856,66 @@ def mine_hard_negatives(
 
         out = Dataset.from_list(rows)
     return (out, stats) if return_stats else out
+
+
+def rescore_candidates(
+    cross_encoder: Any,
+    queries: Sequence[str],
+    positives: Sequence[str],
+    corpus: Sequence[str],
+    scores: Tensor,
+    index: Tensor,
+    *,
+    batch_size: int = 64,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(scores [Q, K], index [Q, K], positive scores [Q, 1])`` of the cross-encoder: each
+    finite candidate ``index[i, m]`` of ``scores`` scored as the pair ``(queries[i],
+    corpus[index[i, m]])``, the candidates of a row sorted by those scores (descending; the
+    excluded ``-inf`` ones stay last), and each ``(queries[i], positives[i])`` pair scored.
+    A query text repeated (an anchor with several positives) has the same candidates: its pairs
+    are scored once."""
+    first: dict[str, int] = {}
+    rows = [first.setdefault(q, i) for i, q in enumerate(queries)]
+    distinct = sorted(set(rows))
+    finite = torch.isfinite(scores)
+    pairs, where = [], []
+    for i in distinct:
+        for m in torch.nonzero(finite[i]).flatten().tolist():
+            pairs.append((queries[i], corpus[int(index[i, m])]))
+            where.append((i, m))
+    judged = _predict(cross_encoder, [*pairs, *zip(queries, positives)], batch_size)
+    rescored = torch.full(scores.shape, float("-inf"), dtype=torch.float64)
+    if where:
+        at = torch.tensor(where)
+        rescored[at[:, 0], at[:, 1]] = judged[: len(where)]
+    # the rows of a repeated query text take its first row's candidates and scores
+    rescored, index = rescored[rows], index[rows]
+    order = torch.sort(rescored, dim=1, descending=True, stable=True).indices
+    return (
+        rescored.gather(1, order).to(scores.dtype),
+        index.gather(1, order),
+        judged[len(where) :].to(scores.dtype).unsqueeze(1),
+    )
+
+
+def _predict(cross_encoder: Any, pairs: list[tuple[str, str]], batch_size: int) -> Tensor:
+    """The cross-encoder's one score per pair, as a float64 tensor on the CPU."""
+    if not hasattr(cross_encoder, "predict"):
+        raise ValueError(
+            "cross_encoder must have a predict(pairs, batch_size=...) method (a "
+            f"sentence-transformers CrossEncoder), got {type(cross_encoder).__name__}"
+        )
+    out = cross_encoder.predict(pairs, batch_size=batch_size, show_progress_bar=False)
+    out = out.detach().cpu() if torch.is_tensor(out) else torch.as_tensor(np.asarray(out))
+    out = out.to(torch.float64)
+    if out.dim() != 1 or out.shape[0] != len(pairs):
+        raise ValueError(
+            f"the cross-encoder gave scores of shape {tuple(out.shape)} for {len(pairs)} pairs; "
+            "mining needs one score per pair (a reranker with num_labels=1)"
+        )
+    if not torch.isfinite(out).all():
+        raise ValueError("the cross-encoder gave a NaN or infinite score")
+    return out
 
 
 def _labeled_rows(

@@ -73,6 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             help=f"the model's own prompt (a key of its prompts) for {what}",
         )
     parser.add_argument(
+        "--cross-encoder",
+        help="a reranker (CrossEncoder name or folder) that scores the model's range-max best "
+        "candidates and the positives again; the window, filters, margins, sampling and "
+        "--output-scores then read its scores (on its own scale, e.g. 0..1)",
+    )
+    parser.add_argument(
         "--output-scores",
         action="store_true",
         help="add the model's cosines: a scores column [positive, negatives...] (triplet, "
@@ -164,6 +170,14 @@ def run(args: argparse.Namespace) -> int:
         device = str(ctx.device)  # one GPU per process
     _check_device(device)
     model = _ModelOnFirstUse(lambda: load_sentence_model(args.model, device=device))
+    cross_encoder = None
+    if args.cross_encoder:
+        from hardneg.text.models import load_cross_encoder
+
+        check_model_name(args.cross_encoder)
+        cross_encoder = _ModelOnFirstUse(
+            lambda: load_cross_encoder(args.cross_encoder, device=device), method="predict"
+        )
     keys = (
         "output_format num_negatives sampling range_min range_max min_score max_score "
         "absolute_margin relative_margin batch_size query_chunk_size corpus_chunk_size cache_dir seed "
@@ -175,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
             positives,
             corpus,
             model=model,
+            cross_encoder=cross_encoder,
             model_key=_cache_key(resolve_model(args.model)),
             return_stats=True,
             **{k: getattr(args, k) for k in keys},
@@ -301,16 +316,19 @@ def _no_rows_hint(args: argparse.Namespace) -> str:
 
 
 class _ModelOnFirstUse:
-    """The sentence model, loaded on its first ``encode``: ``mine_hard_negatives`` checks every
-    setting before it embeds, so a wrong setting fails before the model loads (seconds for
-    MiniLM, a minute for a large model), and a run whose embeddings are all cached
-    (``--cache-dir``) never loads it."""
+    """A model loaded on its first call of ``method`` (``encode`` for the sentence model,
+    ``predict`` for the cross-encoder): ``mine_hard_negatives`` checks every setting before it
+    embeds, so a wrong setting fails before the model loads (seconds for MiniLM, a minute for a
+    large model), and a run whose embeddings are all cached (``--cache-dir``) never loads it."""
 
-    def __init__(self, load) -> None:
+    def __init__(self, load, method: str = "encode") -> None:
         self._load = load
         self._model = None
+        setattr(
+            self, method, lambda *args, **kwargs: getattr(self._loaded(), method)(*args, **kwargs)
+        )
 
-    def encode(self, *args, **kwargs):
+    def _loaded(self):
         if self._model is None:
             self._model = self._load()
-        return self._model.encode(*args, **kwargs)
+        return self._model

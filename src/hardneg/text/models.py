@@ -180,7 +180,20 @@ def _hub_host() -> str:
 
 
 def load_sentence_model(name_or_path: str = "all-MiniLM-L6-v2", *, device: str | None = None):
-    """A ``SentenceTransformer`` for ``name_or_path`` (see the module doc). Raises
+    """A ``SentenceTransformer`` for ``name_or_path``; see :func:`_load`."""
+    return _load("SentenceTransformer", name_or_path, device)
+
+
+def load_cross_encoder(name_or_path: str, *, device: str | None = None):
+    """A sentence-transformers ``CrossEncoder`` (a reranker, ``hardneg mine --cross-encoder``)
+    for a local folder or a hub name, with the same offline handling as
+    :func:`load_sentence_model`."""
+    return _load("CrossEncoder", name_or_path, device)
+
+
+def _load(kind: str, name_or_path: str, device: str | None):
+    """A sentence-transformers model of the class ``kind`` for ``name_or_path`` (see the module
+    doc). Raises
     ``ValueError`` for a likely misspelling of the packaged model's name
     (:func:`check_model_name`), ``OSError`` with one readable message when the model is to come
     from the hub and the hub cannot be reached: at once, without asking sentence-transformers,
@@ -202,15 +215,16 @@ def load_sentence_model(name_or_path: str = "all-MiniLM-L6-v2", *, device: str |
     if offline and not _in_hub_cache(target):
         raise OSError(_offline_message(name_or_path))
     try:
-        from sentence_transformers import SentenceTransformer
+        import sentence_transformers
     except ImportError as err:
         raise ImportError(
             "loading a sentence model needs sentence-transformers: pip install 'hardneg[text]'"
         ) from err
     try:
+        model_class = getattr(sentence_transformers, kind)
         if offline:
-            return SentenceTransformer(target, device=device or "cpu", local_files_only=True)
-        return SentenceTransformer(target, device=device or "cpu")
+            return model_class(target, device=device or "cpu", local_files_only=True)
+        return model_class(target, device=device or "cpu")
     except OSError as err:
         if not _hub_unreachable(err):
             raise
