@@ -306,3 +306,37 @@ def test_train_reads_the_pairs_of_a_beir_split(model_and_folder, tmp_path, capsy
     bad = ["train", "--modality", "text", f"data={folder}", "columns=a,b", f"model={model_dir}"]
     assert main(bad) == 2
     assert "columns= is for a file of rows" in capsys.readouterr().err
+
+
+def test_train_scores_a_beir_split_before_and_after_training(model_and_folder, tmp_path, capsys):
+    from sentence_transformers import SentenceTransformer
+
+    from hardneg.cli import main
+    from hardneg.text.train import sentence_encoder
+
+    model_dir, folder = model_and_folder
+    out = tmp_path / "run"
+    args = ["train", "--modality", "text", "--no-progress", f"data={folder}", f"eval_data={folder}",
+            f"model={model_dir}", "max_steps=2", "batch_size=8", "lr=1e-3", "threads=1",
+            "--run-dir", str(out)]  # fmt: skip
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    test = load_beir(folder, "test")
+    before = evaluate_beir(sentence_encoder(SentenceTransformer(str(model_dir))), test)
+    after = evaluate_beir(sentence_encoder(SentenceTransformer(str(out / "model"))), test)
+    assert metrics["beir_queries"] == 30 and metrics["beir_documents"] == 150
+    for key in ("ndcg@10", "mrr@10", "recall@100", "map@100"):
+        assert metrics[f"beir_{key}_before"] == pytest.approx(before[key], abs=1e-6)
+        assert metrics[f"beir_{key}_after"] == pytest.approx(after[key], abs=1e-6)
+    assert metrics["beir_ndcg@10_before"] != metrics["beir_ndcg@10_after"]  # lr 1e-3 moved it
+    assert "(test) before training: nDCG@10" in capsys.readouterr().out
+    bad = [
+        "train",
+        "--modality",
+        "text",
+        f"data={folder}",
+        "eval_data=rows.jsonl",
+        f"model={model_dir}",
+    ]
+    assert main(bad) == 2
+    assert "eval_data= takes a BEIR folder" in capsys.readouterr().err

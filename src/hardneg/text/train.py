@@ -24,12 +24,15 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hardneg.contrast import GUIDE_MARGIN_MODES
 from hardneg.text.benchmark import retrieval_metrics, split_setting
+
+if TYPE_CHECKING:
+    from hardneg.text.beir import BeirData
 
 
 @dataclass
@@ -58,6 +61,8 @@ class TextTrainConfig:
     query_prompt: str | None = None  # put before each anchor (E5: "query: ")
     document_prompt: str | None = None  # before each positive and negative ("passage: ")
     dev_fraction: float = 0.1  # held-out rows for the retrieval score (0: none)
+    eval_data: str | None = None  # a BEIR folder scored before and after training (full corpus)
+    eval_split: str | None = None  # its qrels split (default: test)
     seed: int = 0
     threads: int = 0  # torch threads (0: torch's default)
 
@@ -189,6 +194,23 @@ def training_columns(cfg: TextTrainConfig) -> tuple[list[str], list[list[str]]]:
     return ["anchor", "positive"], [anchors, positives]
 
 
+def evaluation_folder(cfg: TextTrainConfig) -> BeirData | None:
+    """The BEIR split ``cfg.eval_data`` / ``cfg.eval_split`` scored before and after training
+    (:class:`hardneg.text.beir.BeirData`), or None."""
+    from hardneg.text.beir import is_beir_folder, load_beir
+
+    if cfg.eval_data is None:
+        if cfg.eval_split is not None:
+            raise ValueError("eval_split= names a split of eval_data=, which is not given")
+        return None
+    if not is_beir_folder(cfg.eval_data):
+        raise ValueError(
+            f"eval_data= takes a BEIR folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv), "
+            f"got {cfg.eval_data}; held-out rows of data= are scored with dev_fraction="
+        )
+    return load_beir(cfg.eval_data, cfg.eval_split or "test")
+
+
 def split_rows(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``(train, dev)`` row indices: ``round(fraction count)`` rows drawn with ``seed`` held
     out (at least 2 when ``fraction > 0``: one query and a second candidate)."""
@@ -252,6 +274,27 @@ def _column_prompts(
     return out or None
 
 
+def _beir_scores(
+    encode: Callable[..., np.ndarray],
+    beir: BeirData,
+    prompts: tuple[str | None, str | None],
+    when: str,
+    cfg: TextTrainConfig,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """``eval_data``'s full-corpus scores as ``beir_<measure>_<when>`` (and its sizes)."""
+    from hardneg.text.beir import evaluate_beir
+
+    scores = evaluate_beir(encode, beir, prompts=prompts)
+    sizes = {f"beir_{k}": int(scores.pop(k)) for k in ("queries", "documents")}
+    log(
+        f"{cfg.eval_data} ({cfg.eval_split or 'test'}) {when} training: nDCG@10 "
+        f"{scores['ndcg@10']:.4f}, MRR@10 {scores['mrr@10']:.4f}, Recall@100 "
+        f"{scores['recall@100']:.4f}"
+    )
+    return {**sizes, **{f"beir_{k}_{when}": v for k, v in scores.items()}}
+
+
 def _metrics_line(m: dict[str, float]) -> str:
     return (
         f"MRR@10 {m['mrr']:.3f}, NDCG@10 {m['ndcg_10']:.3f}, R@1 {m['recall_1']:.1f}%, "
@@ -297,6 +340,7 @@ def train_text(
     from hardneg.text.models import load_sentence_model
 
     names, columns = training_columns(cfg)
+    beir = evaluation_folder(cfg)  # read before the model loads: a bad folder fails at once
     train_rows, dev_rows = split_rows(len(columns[0]), cfg.dev_fraction, cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -351,6 +395,8 @@ def train_text(
         before = dev_retrieval(encode, columns, dev_rows, prompts)
         metrics.update({f"dev_{k}_before": v for k, v in before.items()})
         log(f"held-out retrieval before training: {_metrics_line(before)}")
+    if beir is not None:
+        metrics.update(_beir_scores(encode, beir, prompts, "before", cfg, log))
     # the column names the loss sees: anchor, positive, negative_1..k (sentence-transformers
     # reads the columns in order; the names only label them)
     keys = ["anchor", "positive", *(f"negative_{i}" for i in range(1, len(names) - 1))]
@@ -406,6 +452,8 @@ def train_text(
         after = dev_retrieval(encode, columns, dev_rows, prompts)
         metrics.update({f"dev_{k}_after": v for k, v in after.items()})
         log(f"held-out retrieval after training:  {_metrics_line(after)}")
+    if beir is not None:
+        metrics.update(_beir_scores(encode, beir, prompts, "after", cfg, log))
     model.save(str(run_dir / "model"))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     config = {**asdict(cfg), "strategy_hparams": strategy_hparams}
