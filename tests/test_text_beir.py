@@ -7,13 +7,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from hardneg.text.beir import evaluate_beir, is_beir_folder, load_beir, retrieval_scores, splits
+from hardneg.text.beir import (
+    evaluate_beir,
+    is_beir_folder,
+    load_beir,
+    rank_documents,
+    retrieval_scores,
+    splits,
+)
 
 torch.set_num_threads(1)
 
@@ -340,3 +348,44 @@ def test_train_scores_a_beir_split_before_and_after_training(model_and_folder, t
     ]
     assert main(bad) == 2
     assert "eval_data= takes a BEIR folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 40])
+def test_ranking_by_chunks_equals_a_full_sort(chunk):
+    gen = torch.Generator().manual_seed(0)
+    queries, documents = torch.randn(9, 5, generator=gen), torch.randn(23, 5, generator=gen)
+    documents[5] = documents[4] * 2.0  # a tie in cosine: the lower row first
+    exclude = [None, 3, None, 0, 22, None, 4, None, 1]
+    ranked = rank_documents(
+        queries, (documents[i : i + chunk] for i in range(0, 23, chunk)), 25, exclude=exclude,
+        query_chunk_size=4,
+    )  # fmt: skip
+    cos = (
+        torch.nn.functional.normalize(queries, dim=1)
+        @ torch.nn.functional.normalize(documents, dim=1).T
+    )
+    for i in range(9):
+        order = sorted(range(23), key=lambda j: (-cos[i, j].item(), j))
+        order = [j for j in order if j != exclude[i]]
+        assert ranked[i].tolist() == order + [-1] * (25 - len(order))
+
+
+def test_evaluate_beir_embeds_the_corpus_chunk_by_chunk(tmp_path):
+    corpus = [{"_id": f"d{j}", "text": f"doc {j}"} for j in range(20)]
+    queries = [{"_id": f"q{i}", "text": f"query {i}"} for i in range(6)]
+    qrels = {"test": [(f"q{i}", f"d{(3 * i) % 20}", 1 + i % 2) for i in range(6)]}
+    data = load_beir(write_beir(tmp_path / "b", corpus, queries, qrels), "test")
+    calls = []
+
+    def encode(texts, prompt=None):
+        calls.append(len(texts))
+        rng = [np.random.default_rng(zlib.crc32(t.encode())) for t in texts]
+        return np.stack([r.normal(size=4) for r in rng])
+
+    chunked = evaluate_beir(encode, data, corpus_chunk_size=6)
+    assert calls == [6, 6, 6, 6, 2]  # the queries, then the corpus in chunks of 6
+    calls.clear()
+    whole = evaluate_beir(encode, data)
+    assert calls == [6, 20] and chunked == whole
+    with pytest.raises(ValueError, match="corpus_chunk_size"):
+        evaluate_beir(encode, data, corpus_chunk_size=0)

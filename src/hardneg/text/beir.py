@@ -34,12 +34,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from hardneg._checks import check_number
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +200,48 @@ def _is_integer(text: str) -> bool:
     return True
 
 
+def rank_documents(
+    query_embeddings: torch.Tensor | np.ndarray,
+    document_chunks: Iterable[torch.Tensor | np.ndarray],
+    depth: int,
+    *,
+    exclude: Sequence[int | None] | None = None,
+    query_chunk_size: int = 1024,
+) -> torch.Tensor:
+    """``[Q, depth]`` rows of the ``depth`` documents most cosine-similar to each query, best
+    first (``-1`` past the end of a corpus smaller than ``depth``). The documents come as
+    consecutive chunks of embeddings (rows numbered across the chunks), each merged into a
+    running top-``depth`` and then dropped, so a corpus never has to be held at once: memory is
+    one chunk, ``query_chunk_size`` x its rows of scores, and ``Q x depth``. ``exclude[q]``: a
+    row query ``q`` never gets (its own id), or None. Ties keep the lower row first."""
+    q = torch.nn.functional.normalize(torch.as_tensor(query_embeddings).float(), dim=1)
+    best = torch.full((q.shape[0], depth), float("-inf"))
+    best_rows = torch.full((q.shape[0], depth), -1, dtype=torch.long)
+    skip = None
+    if exclude is not None:
+        skip = torch.tensor([-1 if e is None else int(e) for e in exclude], dtype=torch.long)
+    offset = 0
+    for chunk in document_chunks:
+        c = torch.nn.functional.normalize(torch.as_tensor(chunk).float(), dim=1)
+        rows = torch.arange(offset, offset + c.shape[0])
+        for q0 in range(0, q.shape[0], query_chunk_size):
+            q1 = min(q0 + query_chunk_size, q.shape[0])
+            scores = q[q0:q1] @ c.T
+            if skip is not None:
+                scores[skip[q0:q1, None] == rows[None, :]] = float("-inf")
+            # the running best first: at equal scores the lower row (seen earlier) stays ahead
+            merged = torch.cat([best[q0:q1], scores], dim=1)
+            merged_rows = torch.cat([best_rows[q0:q1], rows.expand(q1 - q0, -1)], dim=1)
+            order = torch.sort(merged, dim=1, descending=True, stable=True).indices[:, :depth]
+            best[q0:q1] = merged.gather(1, order)
+            best_rows[q0:q1] = merged_rows.gather(1, order)
+        offset += c.shape[0]
+    return best_rows.masked_fill(torch.isinf(best), -1)
+
+
 def retrieval_scores(
     query_embeddings: torch.Tensor | np.ndarray,
-    document_embeddings: torch.Tensor | np.ndarray,
+    document_embeddings: torch.Tensor | np.ndarray | Iterable[torch.Tensor | np.ndarray],
     judgements: Sequence[dict[int, int]],
     *,
     cutoffs: Sequence[int] = DEFAULT_CUTOFFS,
@@ -208,29 +249,25 @@ def retrieval_scores(
     query_chunk_size: int = 1024,
     corpus_chunk_size: int = 16384,
 ) -> dict[str, float]:
-    """Full-corpus retrieval measures (module doc) of ``query_embeddings [Q, d]`` against
-    ``document_embeddings [C, d]`` by cosine: ``judgements[q]`` maps a document's row to its
+    """Full-corpus retrieval measures (module doc) of ``query_embeddings [Q, d]`` against the
+    documents by cosine: ``document_embeddings`` ``[C, d]``, or an iterable of consecutive
+    chunks of them (:func:`rank_documents`); ``judgements[q]`` maps a document's row to its
     grade; ``exclude[q]``: a row query ``q`` never retrieves (its own id), or None. Keys
     ``ndcg@k``, ``mrr@k``, ``recall@k``, ``precision@k``, ``map@k`` per cut-off, and
     ``queries`` (those scored: with a relevant document) and ``documents``."""
-    from hardneg.mining import chunked_top_k
-
-    q = torch.nn.functional.normalize(torch.as_tensor(query_embeddings).float(), dim=1)
-    c = torch.nn.functional.normalize(torch.as_tensor(document_embeddings).float(), dim=1)
-    if len(judgements) != q.shape[0]:
-        raise ValueError(f"{q.shape[0]} queries but {len(judgements)} judgement lists")
+    if len(judgements) != len(query_embeddings):
+        raise ValueError(f"{len(query_embeddings)} queries but {len(judgements)} judgement lists")
     cutoffs = sorted({int(k) for k in cutoffs})
     if not cutoffs or cutoffs[0] < 1:
         raise ValueError(f"cutoffs must be integers >= 1, got {list(cutoffs)}")
-    depth = min(cutoffs[-1], c.shape[0] - (exclude is not None))
-    skip = None if exclude is None else [set() if e is None else {int(e)} for e in exclude]
-    _, ranking = chunked_top_k(
-        q,
-        c,
-        depth,
-        exclude=skip,
-        query_chunk_size=query_chunk_size,
-        corpus_chunk_size=corpus_chunk_size,
+    if isinstance(document_embeddings, (torch.Tensor, np.ndarray)):
+        whole = document_embeddings
+        document_embeddings = (
+            whole[i : i + corpus_chunk_size] for i in range(0, len(whole), corpus_chunk_size)
+        )
+    counted = _Counted(document_embeddings)
+    ranking = rank_documents(
+        query_embeddings, counted, cutoffs[-1], exclude=exclude, query_chunk_size=query_chunk_size
     )
     sums = {f"{name}@{k}": 0.0 for k in cutoffs for name in _MEASURES}
     scored = 0
@@ -239,7 +276,7 @@ def retrieval_scores(
         if relevant == 0:
             continue
         scored += 1
-        gains = np.array([grades.get(d, 0) for d in ranked], dtype=np.float64)
+        gains = np.array([grades.get(d, 0) if d >= 0 else 0 for d in ranked], dtype=np.float64)
         ideal = np.sort(np.array([g for g in grades.values() if g > 0], dtype=np.float64))[::-1]
         for k in cutoffs:
             for name, measure in _MEASURES.items():
@@ -247,7 +284,19 @@ def retrieval_scores(
     if scored == 0:
         raise ValueError("no query has a relevant document (a grade > 0) to score")
     out = {key: value / scored for key, value in sums.items()}
-    return {**out, "queries": scored, "documents": int(c.shape[0])}
+    return {**out, "queries": scored, "documents": counted.rows}
+
+
+class _Counted:
+    """Iterates the document chunks and counts their rows."""
+
+    def __init__(self, chunks: Iterable) -> None:
+        self.chunks, self.rows = chunks, 0
+
+    def __iter__(self):
+        for chunk in self.chunks:
+            self.rows += len(chunk)
+            yield chunk
 
 
 def _discounts(n: int) -> np.ndarray:
@@ -294,15 +343,22 @@ def evaluate_beir(
     prompts: tuple[str | None, str | None] = (None, None),
     cutoffs: Sequence[int] = DEFAULT_CUTOFFS,
     ignore_identical_ids: bool = True,
+    corpus_chunk_size: int = 50_000,
 ) -> dict[str, float]:
     """:func:`retrieval_scores` of a sentence encoder on a BEIR split: ``encode(texts, prompt)``
     embeds the queries with ``prompts[0]`` and the corpus with ``prompts[1]``
-    (:func:`hardneg.text.train.sentence_encoder`)."""
+    (:func:`hardneg.text.train.sentence_encoder`), ``corpus_chunk_size`` documents at a time,
+    each chunk ranked and dropped (as sentence-transformers' ``InformationRetrievalEvaluator``:
+    a corpus of millions is never embedded whole)."""
     doc_ids = list(data.corpus)
     row = {did: j for j, did in enumerate(doc_ids)}
     query_ids = list(data.queries)
     judgements = [{row[d]: g for d, g in data.qrels[qid].items()} for qid in query_ids]
     exclude = [row.get(qid) for qid in query_ids] if ignore_identical_ids else None
     queries = encode([data.queries[qid] for qid in query_ids], prompts[0])
-    documents = encode([data.corpus[did] for did in doc_ids], prompts[1])
+    check_number("corpus_chunk_size", corpus_chunk_size, low=1, integer=True)
+    documents = (
+        encode([data.corpus[did] for did in doc_ids[i : i + corpus_chunk_size]], prompts[1])
+        for i in range(0, len(doc_ids), corpus_chunk_size)
+    )
     return retrieval_scores(queries, documents, judgements, cutoffs=cutoffs, exclude=exclude)
