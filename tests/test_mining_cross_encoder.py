@@ -166,3 +166,26 @@ def test_cli_mine_reranks_with_a_local_cross_encoder(tmp_path, capsys):
         assert row["scores"] == pytest.approx([float(w) for w in want], abs=1e-5)
         assert row["scores"][1] >= row["scores"][2]  # the reranker's order
     assert "rescore" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option", ["--model", "--cross-encoder"])
+def test_cli_mine_refuses_a_model_path_that_is_missing_before_reading_the_data(
+    tmp_path, monkeypatch, capsys, option
+):
+    import hardneg.text.models as models
+    from hardneg.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(models, "_load", never)
+    missing = tmp_path / "no-such-model"
+    argv = ["mine", "--data", str(tmp_path / "not-read.jsonl"), option, str(missing),
+            "--output", str(tmp_path / "o.jsonl")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"model {str(missing)!r} is written as a path but that is missing" in err
+    (tmp_path / "a-file").write_text("x")
+    argv[argv.index(str(missing))] = str(tmp_path / "a-file")
+    assert main(argv) == 2
+    assert "is written as a path but that is a file, not a folder" in capsys.readouterr().err

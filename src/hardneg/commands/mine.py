@@ -151,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.output).suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"--output must end in .jsonl or .parquet, got {args.output!r}")
     check_model_name(args.model)  # a misspelt name: "did you mean", before the data are read
+    if args.cross_encoder:
+        check_model_name(args.cross_encoder)
     from hardneg.train.runtime import run_dir_problem
 
     if Path(args.output).is_dir():  # open() failed on it only after the whole mining
@@ -174,7 +176,6 @@ def run(args: argparse.Namespace) -> int:
     if args.cross_encoder:
         from hardneg.text.models import load_cross_encoder
 
-        check_model_name(args.cross_encoder)
         cross_encoder = _ModelOnFirstUse(
             lambda: load_cross_encoder(args.cross_encoder, device=device), method="predict"
         )

@@ -62,9 +62,17 @@ def check_model_name(name_or_path: str) -> None:
     that is no local directory, without an organisation or under ``sentence-transformers/``,
     whose model part is within ``TYPO_CUTOFF`` of ``all-MiniLM-L6-v2`` (case ignored) and is
     not a real sibling (``MINILM_SIBLINGS``). Anything else is left to ``SentenceTransformer``.
-    No network access."""
+    A name written as a path (absolute, or starting with ``.`` or ``~``) that is no directory is
+    refused too (it went to the hub and failed there, after the corpus was embedded). No network
+    access."""
     if name_or_path in MINILM_NAMES or Path(name_or_path).expanduser().is_dir():
         return
+    if name_or_path.startswith((".", "~", "/")) or Path(name_or_path).is_absolute():
+        what = "a file, not a folder" if Path(name_or_path).expanduser().exists() else "missing"
+        raise ValueError(
+            f"model {name_or_path!r} is written as a path but that is {what}: give the folder a "
+            "model was saved to (SentenceTransformer.save / CrossEncoder.save) or a hub name"
+        )
     org, _, model = name_or_path.rpartition("/")
     if org not in ("", HUB_ORG) or model in MINILM_SIBLINGS:
         return  # another organisation's repository: the user's own, not ours misspelt
