@@ -36,7 +36,7 @@ device-check:       ## on a GPU: the CUDA tests and bench-loss --device cuda (do
 docs-defaults:      ## rewrite the defaults table of docs/methods.md from the registry
 	$(PY) docs/update_defaults.py
 
-MUTATION_MODULES = objectives contrast losses strategies moco memory_bank checkpoint optim trainer
+MUTATION_MODULES = objectives contrast losses _checks diagnostics strategies moco memory_bank checkpoint optim trainer
 mutation:           ## mutation testing (slow, not CI): make mutation MODULE=objectives (docs/testing.md)
 	$(PY) -m pip install -q "mutmut>=3.8,<4"
 	@mkdir -p build/mutation

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -262,3 +263,15 @@ def test_eval_scores_a_sentence_model_on_rows(tmp_path, setup, capsys):
         assert got[key] == pytest.approx(want[key], abs=1e-6)
     assert main(["eval", str(model_dir), "--data", str(data)]) == 2
     assert "--data belongs to --modality text" in capsys.readouterr().err
+
+
+def test_the_progress_bar_is_drawn_only_on_a_terminal(tmp_path, setup, capsys):
+    # `--no-progress` says a bar is drawn only when stderr is a terminal (as image training
+    # does); the Trainer's bar written into a log file or a pipe is one line per refresh.
+    # (transformers' own bars, loading and writing the weights, are not the training's.)
+    model_dir, data, _ = setup
+    argv = ["train", "--modality", "text", f"data={data}", f"model={model_dir}", "max_steps=2"]
+    argv += ["batch_size=8", "dev_fraction=0", "--run-dir", str(tmp_path / "run")]
+    assert main(argv) == 0  # no --no-progress; capsys's stderr is not a terminal
+    err = capsys.readouterr().err
+    assert not re.search(r"\b[0-2]/2 \[", err), err[-500:]  # the bar of the 2 training steps

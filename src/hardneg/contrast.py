@@ -31,6 +31,21 @@ Builders:
   columns; every positive and hard negative of the batch is a candidate of every anchor
   (sentence-transformers' ``MultipleNegativesRankingLoss`` layout), ids mask duplicates.
 * :func:`build_contrast` — the general form the others reduce to.
+
+Example (the ``M`` column of the call-form table in ``docs/methods.md``):
+    >>> import torch
+    >>> from hardneg.contrast import in_batch_contrast, pool_contrast, retrieval_contrast
+    >>> z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
+    >>> c = in_batch_contrast([z1, z2], temperature=0.5)  # 2N anchors; M = 2N - 2
+    >>> tuple(c.negative_logits.shape), c.num_negatives, c.positive_index[:, 0].tolist()
+    ((8, 8), 6, [4, 5, 6, 7, 0, 1, 2, 3])
+    >>> bank = torch.randn(16, 8)  # M = K - 1: each query's own bank row is masked
+    >>> c = pool_contrast(z1, z2, bank, temperature=0.5, exclude_index=torch.arange(4))
+    >>> tuple(c.negative_logits.shape), c.num_negatives
+    ((4, 16), 15)
+    >>> c = retrieval_contrast(z1, z2, torch.randn(4, 3, 8), temperature=0.5)  # M = N + N h - 1
+    >>> tuple(c.negative_logits.shape), c.num_negatives
+    ((4, 16), 15)
 """
 
 from __future__ import annotations

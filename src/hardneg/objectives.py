@@ -33,6 +33,18 @@ inside the division for ``beta = 0``; that differs by a constant, not in any gra
 
 Every sum is a log-sum-exp or a softplus, so ``t = 0.05`` with ``beta = 10`` neither overflows nor
 underflows; logits arrive in float32 or float64 (:mod:`hardneg.contrast`).
+
+Example (uniform weights, one positive, ``tau_plus = 0``: the cross-entropy of InfoNCE):
+    >>> import torch, torch.nn.functional as F
+    >>> from hardneg.contrast import pool_contrast
+    >>> from hardneg.objectives import infonce_objective
+    >>> from hardneg.strategies import Selection
+    >>> c = pool_contrast(torch.randn(4, 8), torch.randn(4, 8), torch.randn(16, 8), temperature=0.5)
+    >>> loss = infonce_objective(c, Selection())  # one value per anchor
+    >>> logits = torch.cat([c.positive_logits, c.negative_logits], dim=1)  # the positive first
+    >>> target = torch.zeros(4, dtype=torch.long)
+    >>> torch.allclose(loss, F.cross_entropy(logits, target, reduction="none"), atol=1e-6)
+    True
 """
 
 from __future__ import annotations

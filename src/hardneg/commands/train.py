@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="config overrides, e.g. train.epochs=5 loss.beta=0.5 framework.symmetric=true",
+        help="config overrides, e.g. train.epochs=5 loss.beta=0.5 framework.symmetric=true "
+        "(every key, its type, range and meaning: the dataclasses of hardneg/config.py; the "
+        "loss's keys: hardneg losses NAME)",
     )
     parser.add_argument(
         "--resume",

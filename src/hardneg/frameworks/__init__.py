@@ -3,8 +3,9 @@
 ``build_framework(config, backbone, head, loss, dataset_size)`` builds the one named by
 ``config.framework.name``; every loss of :func:`hardneg.create_loss` works in every framework
 (in-batch: ``loss(z1, z2)``; queue / bank: ``loss(q, k, negatives=pool)``). A framework never
-names a loss: it asks it (:meth:`Framework.loss_features`) which features the strategy needs
-(``loss.feature_kind``: None, ``'hidden'`` = the input of the head's last linear layer,
+names a loss: it asks it which features the strategy needs (read by
+:class:`~hardneg.frameworks.base.Framework`, gathered by its ``features``;
+``loss.feature_kind``: None, ``'hidden'`` = the input of the head's last linear layer,
 ``'projection'`` = the online projection before a predictor) and whether it draws random numbers
 (``loss.draws``: then the step's ``generator``, owned, seeded and checkpointed by the trainer,
 is passed to it).

@@ -4,8 +4,9 @@ What ``graph/launch.sh`` and ``graph/deepinfomax.py`` of the authors' code run, 
 for every repeat and every ``beta`` in ``{0, 1, 2, 10}`` the graphs are shuffled once (the batches
 then keep that order), a fresh InfoGraph model (GIN, 3 layers, hidden 32, two FF heads) trains
 for 200 epochs with Adam (lr 1e-3, batch 128) on the ``JSD_hard`` objective, and the frozen
-sum-pooled embeddings are scored by the 10-fold SVM protocol (:func:`~hardneg.graph.evaluate.
-svm_accuracy`). The table gives the mean +- std over repeats for each ``beta``.
+sum-pooled embeddings are scored by the 10-fold SVM protocol
+(:func:`~hardneg.graph.evaluate.svm_accuracy`). The table gives the mean +- std over repeats for
+each ``beta``.
 
 Packaged configs (``hardneg/graph/configs/``): ``mutag``, ``ptc_mr``, ``nci1``, ``proteins``::
 

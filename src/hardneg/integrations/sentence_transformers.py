@@ -26,8 +26,9 @@ What the module adds to the plain loss:
   averages the two, as ``MultipleNegativesSymmetricRankingLoss`` does;
 * ``mask_duplicates=True`` (default) hashes each input's token ids: a candidate whose text equals
   the anchor's positive (two anchors sharing a positive, a mined negative that is the positive
-  again) or the anchor itself (chained pairs, paraphrases listed both ways) is neither positive
-  nor negative, instead of a false negative;
+  again) or the anchor itself (chained pairs, paraphrases listed both ways), and the positive of
+  another row with the same anchor text (a query with several relevant documents), is neither
+  positive nor negative, instead of a false negative;
 * ``gather_across_devices=True`` gathers anchors, positives, hard negatives and ids of every
   process (with gradients, :func:`hardneg.distributed.gather_with_grad`), so each process computes
   the loss of the whole global batch in the single-process layout: the same value, and under
@@ -268,7 +269,8 @@ class HardNegativeLoss(nn.Module):
             default of ``MultipleNegativesRankingLoss``).
         symmetric: also the positive -> anchor direction; the loss is the mean of both.
         gather_across_devices: gather every process's batch with gradients (see module doc).
-        mask_duplicates: mask candidates whose tokens equal the anchor's positive's.
+        mask_duplicates: mask candidates whose tokens equal the anchor's positive's or the
+            anchor's own, and the positives of other rows with the same anchor text.
         seed: seed of the generator of strategies that draw (the same on every process).
         guide: a second ``SentenceTransformer`` whose verdict masks false negatives (GISTEmbed,
             Solatorio 2024): a candidate that the guide scores above the anchor's positive

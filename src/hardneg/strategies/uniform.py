@@ -20,6 +20,10 @@ Example:
     >>> z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
     >>> bool(loss_fn(z1, z2) > 0)
     True
+    >>> infonce = hardneg.create_loss("infonce", temperature=0.5)
+    >>> no_prior = hardneg.create_loss("debiased", tau_plus=0.0, temperature=0.5)
+    >>> torch.allclose(infonce(z1, z2), no_prior(z1, z2))
+    True
 """
 
 from __future__ import annotations

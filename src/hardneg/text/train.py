@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -319,7 +320,9 @@ def train_text(
     progress_bar: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train, evaluate on the held-out rows and save; returns the metrics written."""
+    """Train, evaluate on the held-out rows and save; returns the metrics written.
+
+    ``progress_bar``: the Trainer's bar, drawn only when stderr is a terminal."""
     import torch
     from datasets import Dataset
     from sentence_transformers import (
@@ -419,7 +422,9 @@ def train_text(
         save_strategy="no",
         logging_steps=1,
         dataloader_pin_memory=torch.cuda.is_available(),  # (a warning on a CPU-only machine)
-        disable_tqdm=not progress_bar,
+        # a bar only on a terminal (as the image trainer's tqdm(disable=None)): in a log file
+        # or a pipe each refresh is one more line
+        disable_tqdm=not (progress_bar and sys.stderr.isatty()),
     )
     trainer = SentenceTransformerTrainer(
         model=model,
