@@ -1116,6 +1116,20 @@ def test_train_on_a_graph_config_that_diverges_is_one_line_and_status_3(tmp_path
     assert "Traceback" not in err and not (run / "model.pt").exists()
 
 
+def test_quiet_train_on_a_graph_config_prints_the_score_line_only(tmp_path, capsys):
+    from hardneg.cli import main
+
+    toy_tu(tmp_path / "tu")
+    config = graph_config(tmp_path / "toy.yaml", epochs=1)
+    argv = ["train", "--config", str(config), "--data-dir", str(tmp_path / "tu"), "seed=1"]
+    assert main([*argv, "--run-dir", str(tmp_path / "loud")]) == 0
+    loud = capsys.readouterr().out.splitlines()
+    assert [line.split(" ")[0] for line in loud] == ["training", "SVM"]
+    assert main([*argv, "--run-dir", str(tmp_path / "quiet"), "--quiet"]) == 0
+    quiet = capsys.readouterr().out.splitlines()
+    assert quiet == [loud[1].replace(str(tmp_path / "loud"), str(tmp_path / "quiet"))]
+
+
 def test_train_on_a_graph_config_checks_its_input_before_training(
     tmp_path, capsys, monkeypatch, no_training
 ):

@@ -26,8 +26,10 @@ and resumed run ends with the same weights, bit for bit, as an uninterrupted one
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -61,6 +63,8 @@ from hardneg.train.runtime import (
     use_channels_last,
 )
 
+log = logging.getLogger(__name__)
+
 
 class NonFiniteError(FloatingPointError):
     """The loss or the embeddings became NaN/Inf and ``train.nonfinite`` is ``stop``."""
@@ -90,6 +94,7 @@ def train(
     run_dir: str | Path | None = None,
     progress_bar: bool = True,
     resume: bool | str | Path | None = None,
+    say: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train a model as ``config`` says and write the run's files into ``run_dir``.
 
@@ -103,6 +108,8 @@ def train(
             checkpoint must come from the same set-up (a mismatch lists what differs). A larger
             ``train.epochs`` extends the run: the learning-rate curve is re-planned for the new
             total and each further step takes that curve's rate (no second warm-up).
+        say: prints the line of each epoch (``hardneg train --quiet`` passes one that drops
+            them); a skipped non-finite step is a warning of the logger ``hardneg.train``.
 
     Raises:
         NonFiniteError: NaN/Inf loss or embeddings with ``train.nonfinite: stop``.
@@ -221,7 +228,8 @@ def train(
 
     # ---- loop ---------------------------------------------------------------------------
     last_finite: tuple[float, int] | None = None  # (loss, step), for the non-finite message
-    say = print if ctx.is_main else (lambda *args: None)
+    if not ctx.is_main:
+        say = say_nothing  # rank 0 speaks for the run
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -272,7 +280,8 @@ def train(
                     raise NonFiniteError(nonfinite_message(cfg, out, step, last_finite, last_ckpt))
                 else:  # skip the step: no update, no queue / bank write
                     stats.add_step(None, cfg.train.batch_size)
-                    say(f"step {step}: non-finite loss or embeddings, step skipped")
+                    if ctx.is_main:  # a warning: shown with --quiet too
+                        log.warning(f"step {step}: non-finite loss or embeddings, step skipped")
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
@@ -482,6 +491,10 @@ def nonfinite_message(
         f"{' (' + params + ')' if params else ''} in framework {cfg.framework.name!r}; {last}; "
         f"{kept}. Try a lower optim.lr, precision=fp32, or train.nonfinite=skip to skip such steps"
     )
+
+
+def say_nothing(line: str) -> None:
+    """The ``say`` of the ranks other than 0."""
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
