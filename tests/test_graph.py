@@ -640,6 +640,24 @@ def test_mutag_from_the_shared_folder(tmp_path):
         assert torch.equal(ours.x, theirs.x.float())
 
 
+def test_loading_tu_files_prints_nothing_unless_the_data_logger_is_at_debug(
+    tmp_path, monkeypatch, capfd, caplog
+):
+    """PyG printed "Processing..." and "Done!" on stderr at a first load (it keeps quiet under
+    pytest, which it recognises by PYTEST_CURRENT_TEST: removed here)."""
+    import logging
+
+    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
+    toy_tu(tmp_path / "tu")
+    data = load_tu(tmp_path / "tu", "TOY", cache_dir=tmp_path / "cache")
+    assert len(data) == 24 and capfd.readouterr() == ("", "")
+    # verbose: with hardneg.graph.data's logger at DEBUG, a first load (another cache) says it
+    caplog.set_level(logging.DEBUG, logger="hardneg.graph.data")
+    again = load_tu(tmp_path / "tu", "TOY", cache_dir=tmp_path / "other-cache")
+    assert capfd.readouterr().err.split() == ["Processing...", "Done!"]
+    assert again.labels.tolist() == data.labels.tolist()
+
+
 def test_motif_degree_sequences_are_identical():
     seqs = set()
     for edges in MOTIFS.values():
