@@ -658,6 +658,26 @@ def test_loading_tu_files_prints_nothing_unless_the_data_logger_is_at_debug(
     assert again.labels.tolist() == data.labels.tolist()
 
 
+def test_hardneg_cache_lists_and_clears_the_processed_tu_sets(tmp_path, monkeypatch, capsys):
+    """The processing cache was never pruned: ``hardneg cache`` shows each processed set and
+    ``--clear`` removes it; the next load processes the files again."""
+    from hardneg.cli import main
+
+    monkeypatch.setenv("HARDNEG_CACHE_DIR", str(tmp_path / "cache"))
+    toy_tu(tmp_path / "tu")
+    data = load_tu(tmp_path / "tu", "TOY")
+    entry = tmp_path / "cache" / "tu" / f"TOY-{data.info['files_sha256'][:16]}"
+    assert (entry / "TOY" / "processed").is_dir()
+    assert main(["cache"]) == 0
+    listed = [line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:2]]
+    assert listed == [f"tu/{entry.name}"]
+    assert main(["cache", "--clear"]) == 0
+    assert capsys.readouterr().out.startswith("removed 1 entry (")
+    assert not entry.exists() and list((tmp_path / "tu").rglob("*"))  # the data: untouched
+    assert load_tu(tmp_path / "tu", "TOY").labels.tolist() == data.labels.tolist()
+    assert (entry / "TOY" / "processed").is_dir()
+
+
 def test_motif_degree_sequences_are_identical():
     seqs = set()
     for edges in MOTIFS.values():

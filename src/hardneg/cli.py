@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("hardneg.commands.compare", "train several strategies x seeds and compare them"),
     "losses": ("hardneg.commands.losses", "list the losses and their hyper-parameters"),
     "mine": ("hardneg.commands.mine", "mine hard negatives for (query, positive) text pairs"),
+    "cache": ("hardneg.commands.cache", "list hardneg's cache folder with sizes, or --clear it"),
 }
 #: the commands that print progress: ``--quiet`` hides it (hardneg.commands.status_printer)
 QUIET_COMMANDS = ("demo", "train", "eval", "compare", "mine")
