@@ -109,7 +109,8 @@ def train(
             ``train.epochs`` extends the run: the learning-rate curve is re-planned for the new
             total and each further step takes that curve's rate (no second warm-up).
         say: prints the line of each epoch (``hardneg train --quiet`` passes one that drops
-            them); a skipped non-finite step is a warning of the logger ``hardneg.train``.
+            them); a skipped non-finite step is a warning of the logger
+            ``hardneg.train.trainer``.
 
     Raises:
         NonFiniteError: NaN/Inf loss or embeddings with ``train.nonfinite: stop``.
