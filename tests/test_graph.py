@@ -640,6 +640,44 @@ def test_mutag_from_the_shared_folder(tmp_path):
         assert torch.equal(ours.x, theirs.x.float())
 
 
+def test_loading_tu_files_prints_nothing_unless_the_data_logger_is_at_debug(
+    tmp_path, monkeypatch, capfd, caplog
+):
+    """PyG printed "Processing..." and "Done!" on stderr at a first load (it keeps quiet under
+    pytest, which it recognises by PYTEST_CURRENT_TEST: removed here)."""
+    import logging
+
+    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
+    toy_tu(tmp_path / "tu")
+    data = load_tu(tmp_path / "tu", "TOY", cache_dir=tmp_path / "cache")
+    assert len(data) == 24 and capfd.readouterr() == ("", "")
+    # verbose: with hardneg.graph.data's logger at DEBUG, a first load (another cache) says it
+    caplog.set_level(logging.DEBUG, logger="hardneg.graph.data")
+    again = load_tu(tmp_path / "tu", "TOY", cache_dir=tmp_path / "other-cache")
+    assert capfd.readouterr().err.split() == ["Processing...", "Done!"]
+    assert again.labels.tolist() == data.labels.tolist()
+
+
+def test_hardneg_cache_lists_and_clears_the_processed_tu_sets(tmp_path, monkeypatch, capsys):
+    """The processing cache was never pruned: ``hardneg cache`` shows each processed set and
+    ``--clear`` removes it; the next load processes the files again."""
+    from hardneg.cli import main
+
+    monkeypatch.setenv("HARDNEG_CACHE_DIR", str(tmp_path / "cache"))
+    toy_tu(tmp_path / "tu")
+    data = load_tu(tmp_path / "tu", "TOY")
+    entry = tmp_path / "cache" / "tu" / f"TOY-{data.info['files_sha256'][:16]}"
+    assert (entry / "TOY" / "processed").is_dir()
+    assert main(["cache"]) == 0
+    listed = [line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:2]]
+    assert listed == [f"tu/{entry.name}"]
+    assert main(["cache", "--clear"]) == 0
+    assert capsys.readouterr().out.startswith("removed 1 entry (")
+    assert not entry.exists() and list((tmp_path / "tu").rglob("*"))  # the data: untouched
+    assert load_tu(tmp_path / "tu", "TOY").labels.tolist() == data.labels.tolist()
+    assert (entry / "TOY" / "processed").is_dir()
+
+
 def test_motif_degree_sequences_are_identical():
     seqs = set()
     for edges in MOTIFS.values():
@@ -1114,6 +1152,20 @@ def test_train_on_a_graph_config_that_diverges_is_one_line_and_status_3(tmp_path
     err = capsys.readouterr().err
     assert "training hcl beta=1 on TOY stopped: non-finite loss" in err
     assert "Traceback" not in err and not (run / "model.pt").exists()
+
+
+def test_quiet_train_on_a_graph_config_prints_the_score_line_only(tmp_path, capsys):
+    from hardneg.cli import main
+
+    toy_tu(tmp_path / "tu")
+    config = graph_config(tmp_path / "toy.yaml", epochs=1)
+    argv = ["train", "--config", str(config), "--data-dir", str(tmp_path / "tu"), "seed=1"]
+    assert main([*argv, "--run-dir", str(tmp_path / "loud")]) == 0
+    loud = capsys.readouterr().out.splitlines()
+    assert [line.split(" ")[0] for line in loud] == ["training", "SVM"]
+    assert main([*argv, "--run-dir", str(tmp_path / "quiet"), "--quiet"]) == 0
+    quiet = capsys.readouterr().out.splitlines()
+    assert quiet == [loud[1].replace(str(tmp_path / "loud"), str(tmp_path / "quiet"))]
 
 
 def test_train_on_a_graph_config_checks_its_input_before_training(

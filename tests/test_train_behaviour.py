@@ -172,6 +172,28 @@ def test_a_resumed_run_continues_the_schedule_where_it_stopped(tmp_path, monkeyp
     assert spy.lrs == pytest.approx(expected[STEPS_PER_EPOCH:], rel=1e-12)
 
 
+@pytest.mark.parametrize("peak", [0.1, 0.3])
+def test_extending_a_finished_run_goes_on_along_the_longer_curve(tmp_path, monkeypatch, peak):
+    # `--resume RUN train.epochs=4` after a finished 2-epoch run: its rate had reached the floor;
+    # the first resumed step ran at that floor (the optimizer's saved rate) before the curve
+    # jumped, and a new optim.lr was half applied (the checkpoint's peak, the new floor ratio)
+    warmup = ("optim.min_lr=0.01", "optim.warmup_epochs=1")
+    with monkeypatch.context() as patch:
+        first = Spy(patch)
+        train(tiny("optim.lr=0.1", *warmup, "train.epochs=2"), run_dir=tmp_path, progress_bar=False)
+    assert first.lrs[-1] == pytest.approx(warmup_cosine(7, 0.1, 0.01, STEPS_PER_EPOCH, 8))
+    spy = Spy(monkeypatch)
+    extended = tiny(f"optim.lr={peak}", *warmup, "train.epochs=4")
+    result = train(extended, run_dir=tmp_path, progress_bar=False, resume=True)
+    total = 4 * STEPS_PER_EPOCH
+    expected = [warmup_cosine(s, peak, 0.01, STEPS_PER_EPOCH, total) for s in range(8, total)]
+    assert spy.lrs == pytest.approx(expected, rel=1e-12)
+    # half-way down the longer curve: neither a new warm-up nor the peak again
+    assert 0.01 < spy.lrs[0] < peak and spy.lrs[0] > spy.lrs[1]
+    ends = [warmup_cosine(s, peak, 0.01, STEPS_PER_EPOCH, total) for s in (12, 16)]
+    assert [row["lr"] for row in result.history[2:]] == pytest.approx(ends, rel=1e-12)
+
+
 def ring_authors_step_lr(epoch: int, epochs: int, initial: float) -> float:
     """The Ring authors' ``MoCoLRScheduler`` as their ``scripts/run.py`` configures it: at the
     start of (0-based) epoch ``e`` the rate is ``initial`` times 0.1 for each milestone

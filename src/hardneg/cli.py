@@ -18,7 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("hardneg.commands.compare", "train several strategies x seeds and compare them"),
     "losses": ("hardneg.commands.losses", "list the losses and their hyper-parameters"),
     "mine": ("hardneg.commands.mine", "mine hard negatives for (query, positive) text pairs"),
+    "cache": ("hardneg.commands.cache", "list hardneg's cache folder with sizes, or --clear it"),
 }
+#: the commands that print progress: ``--quiet`` hides it (hardneg.commands.status_printer)
+QUIET_COMMANDS = ("demo", "train", "eval", "compare", "mine")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         # arguments are declared by the command's module; importing it only for its parser
         # keeps each command's options next to its code
         importlib.import_module(module_name).add_arguments(p)
+        if name in QUIET_COMMANDS:
+            p.add_argument(
+                "-q",
+                "--quiet",
+                action="store_true",
+                help="no progress lines or bars: only the result, warnings and errors",
+            )
     return parser
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import shlex
 import sys
@@ -39,6 +40,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def default_strategies() -> list[str]:
@@ -119,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
+    from hardneg.commands import show_progress, status_printer
+
     with resumable(out):
         outcome = compare(
             dataset=args.dataset,
@@ -131,8 +136,9 @@ def run(args: argparse.Namespace) -> int:
             out=out,
             linear=not args.no_linear,
             tsne_points=args.tsne_points,
-            progress_bar=args.progress,
+            progress_bar=show_progress(args, args.progress),
             command="hardneg " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            say=status_printer(args),
         )
     print()
     print(outcome.table)
@@ -205,6 +211,8 @@ def run_graph(args: argparse.Namespace, config: str) -> int:
         strategies = parse_strategies(args.strategies)
         if not strategies:
             raise ValueError("--strategies is empty")
+    from hardneg.commands import status_printer
+
     stem = Path(config).stem
     out = Path(args.out) if args.out else default_out(f"compare-{stem}")
     outcome = compare_graphs(
@@ -216,6 +224,7 @@ def run_graph(args: argparse.Namespace, config: str) -> int:
         epochs=args.epochs,
         overrides=args.overrides,
         command="hardneg " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        say=status_printer(args),
     )
     print()
     print(outcome.table)
@@ -279,6 +288,8 @@ def compare(
     ``reseed``: strategies trained once more with the next seed, for the verdict's measure of
     the seed noise only (not in the table or the figures). An ``out`` folder holding runs that
     this comparison does not plan is refused: its report and figures would lose them.
+    ``say`` prints the progress lines (the runs' epoch lines too); a failed run is a warning of
+    the logger ``hardneg.commands.compare``.
     """
     from hardneg.report import (
         RunRecord,
@@ -339,10 +350,10 @@ def compare(
                 f"{tag}: {'resuming' if resume else 'training'} {counted(cfg.train.epochs, 'epoch')} -> {run_dir}"
             )
             try:
-                train(cfg, run_dir=run_dir, progress_bar=progress_bar, resume=resume)
+                train(cfg, run_dir=run_dir, progress_bar=progress_bar, resume=resume, say=say)
             except NonFiniteError as err:
                 failed.append(f"{strategy} seed {seed}: {err}")
-                say(f"{tag}: FAILED ({err})")
+                log.warning(f"{tag}: FAILED ({err})")  # shown with --quiet too
                 continue
         want_tsne = tsne_points > 0 and strategy not in embeddings and not is_reseed
         metrics = load_metrics(run_dir) if reused and not want_tsne else {}

@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
             f"--reseed {choice} is not among --strategies ({', '.join(strategies)}); "
             "name one of them, or --reseed none"
         )
+    from hardneg.commands import status_printer
+
     with resumable(out):  # Ctrl-C: one line saying how to continue
         outcome = compare(
             dataset=DEMO_DATASET,
@@ -102,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             tsne_points=DEMO_TSNE_POINTS,
             reseed=reseed,
             command="hardneg " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            say=status_printer(args),
         )
     print()
     print(outcome.table)

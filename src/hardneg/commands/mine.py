@@ -206,7 +206,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if stats.rows == 0:  # a legitimate outcome, but never a silent one
         print(_no_rows_hint(args), file=sys.stderr)
-    print(
+    from hardneg.commands import status_printer
+
+    status_printer(args)(  # timings: not the result, hidden by --quiet
         "seconds: "
         + ", ".join(f"{k} {v:.2f}" for k, v in stats.seconds.items())
         + f"; mean score: positive {stats.mean_positive_score:.3f}, negative {stats.mean_negative_score:.3f}"

@@ -111,11 +111,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --config FILE (or --resume CKPT to continue a run)")
     assert isinstance(config, TrainConfig)
 
+    from hardneg.commands import show_progress, status_printer
     from hardneg.train import NonFiniteError, TrainingInterrupted, train
 
     try:
         result = train(
-            config, run_dir=args.run_dir, progress_bar=not args.no_progress, resume=args.resume
+            config,
+            run_dir=args.run_dir,
+            progress_bar=show_progress(args, not args.no_progress),
+            resume=args.resume,
+            say=status_printer(args),
         )
     except NonFiniteError as err:
         print(f"hardneg train: {err}", file=sys.stderr)
@@ -178,9 +183,15 @@ def run_graph(args: argparse.Namespace, config: str) -> int:
         from hardneg.graph.run import train_graph_run
     except ImportError as err:
         raise ValueError(f"training on graphs needs the graph extra: {err}") from err
+    from hardneg.commands import status_printer
+
     try:
         train_graph_run(
-            config, data_dir=args.data_dir, run_dir=args.run_dir, overrides=args.overrides
+            config,
+            data_dir=args.data_dir,
+            run_dir=args.run_dir,
+            overrides=args.overrides,
+            say=status_printer(args),
         )
     except FloatingPointError as err:  # as an image run's NaN / Inf: one line, status 3
         print(f"hardneg train: {err}", file=sys.stderr)
@@ -201,6 +212,7 @@ def run_text(args: argparse.Namespace) -> int:
                 f"{flag} does not apply to --modality text: give key=value settings "
                 "(data=FILE, strategy=NAME, epochs=..., STRATEGY.KEY=value)"
             )
+    from hardneg.commands import show_progress, status_printer
     from hardneg.text.cli import split_overrides
     from hardneg.text.train import TextTrainConfig, train_text
     from hardneg.train.runtime import run_dir_problem
@@ -223,8 +235,9 @@ def run_text(args: argparse.Namespace) -> int:
         cfg,
         per_strategy.get(cfg.strategy, {}),
         run_dir,
-        progress_bar=not args.no_progress,
-        log=lambda line: print(line, flush=True),
+        progress_bar=show_progress(args, not args.no_progress),
+        log=status_printer(args),
+        step_logs=not getattr(args, "quiet", False),
     )
     summary = f"{metrics['steps']} steps, final loss {metrics['final_loss']:.4g}"
     if "dev_mrr_after" in metrics:

@@ -21,6 +21,7 @@ with each run; an interrupted comparison continues where it stopped); ``report.m
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import time
@@ -41,6 +42,7 @@ from hardneg.graph.protocol import (
     train_and_score,
 )
 
+log = logging.getLogger(__name__)
 RESULT_KEYS = ("svm", "svm_std", "train_s", "loss")
 
 
@@ -329,7 +331,7 @@ def compare_graphs(
                         )
                     except FloatingPointError as err:
                         failed.append(f"{s.label} repeat {r + 1}: {err}")
-                        say(f"{tag}: FAILED ({err})")
+                        log.warning(f"{tag}: FAILED ({err})")  # shown with --quiet too
                         continue
                     saved = {"settings": expected, **{k: result[k] for k in RESULT_KEYS}}
                     path.parent.mkdir(parents=True, exist_ok=True)

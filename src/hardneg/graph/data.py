@@ -27,6 +27,7 @@ Nodes have no features; the loader gives them one-hot degrees, as for unlabelled
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch_geometric.data import Data
+from torch_geometric.datasets import TUDataset
 
 from hardneg._checks import check_number
 from hardneg.data.datasets import default_cache_dir
@@ -225,6 +227,25 @@ def read_tu_raw(raw: Path, name: str) -> dict[str, str]:
     return texts
 
 
+log = logging.getLogger(__name__)
+
+
+class _TUDataset(TUDataset):
+    """PyG's ``TUDataset`` without its "Processing..." / "Done!" on stderr, which only say that a
+    first load takes a moment; they show when this module's logger is at DEBUG. PyG's warnings
+    are left as they are."""
+
+    # Dataset.__init__ stores its `log=True` argument (which TUDataset does not pass on) and
+    # reads it around process(): this property answers instead
+    @property
+    def log(self) -> bool:
+        return log.isEnabledFor(logging.DEBUG)
+
+    @log.setter
+    def log(self, value: bool) -> None:
+        pass
+
+
 def tu_digest(texts: dict[str, str]) -> str:
     """The SHA-256 of the checked TU files (:func:`read_tu_raw`): names a data set's contents,
     for the processing cache and for runs that must not be reused on other data."""
@@ -243,8 +264,6 @@ def _processed_root(texts: dict[str, str], name: str, cache_dir: str | os.PathLi
     is never written to (as root, a read-only folder would be). PyG processes in a staging
     folder that is then renamed into place, so a process loading the same files at the same
     time never reads a half-written ``processed/`` (PyG writes it in place)."""
-    from torch_geometric.datasets import TUDataset
-
     # per user (a /tmp folder made by one user is not writable by the next), and kept
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "tu"
     root = cache / f"{name}-{tu_digest(texts)[:16]}"
@@ -257,7 +276,7 @@ def _processed_root(texts: dict[str, str], name: str, cache_dir: str | os.PathLi
         raw.mkdir(parents=True)
         for file_name, text in texts.items():
             (raw / file_name).write_text(text)
-        TUDataset(str(staging), name=name)  # processes into staging/<name>/processed
+        _TUDataset(str(staging), name=name)  # processes into staging/<name>/processed
         try:
             os.rename(staging, root)
         except OSError:
@@ -327,12 +346,10 @@ def load_tu(
             named by their contents (default: ``tu/`` in ``$HARDNEG_CACHE_DIR`` or
             ``~/.cache/hardneg``); ``root`` itself is only read.
     """
-    from torch_geometric.datasets import TUDataset
-
     root = Path(root).expanduser()  # data.data_dir=~/TU reaches us unexpanded, as for images
     raw = check_tu_folder(root, name)
     texts = read_tu_raw(raw, name)
-    dataset = TUDataset(str(_processed_root(texts, name, cache_dir)), name=name)
+    dataset = _TUDataset(str(_processed_root(texts, name, cache_dir)), name=name)
     graphs = [dataset[i] for i in range(len(dataset))]
     for g in graphs:
         if g.x is not None and g.x.numel() == 0:

@@ -208,10 +208,6 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _print(line: str) -> None:
-    print(line, flush=True)
-
-
 def run_cli(args) -> int:
     """Entry from ``hardneg demo --modality graph``."""
     if not args.strategies:  # default: every registered strategy
@@ -232,7 +228,9 @@ def run_cli(args) -> int:
                 f"graph demo override {key} must be a whole number, got {value!r}"
             ) from None
     out = Path(args.out) if args.out else Path("runs") / time.strftime("graph-demo-%Y%m%d-%H%M%S")
-    rows = run_graph_demo(out, strategies=strategies, log=_print, **options)
+    from hardneg.commands import status_printer
+
+    rows = run_graph_demo(out, strategies=strategies, log=status_printer(args), **options)
     print()
     print(format_table(rows))
     print(f"\nreport: {out / 'report.md'}")

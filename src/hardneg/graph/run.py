@@ -172,7 +172,7 @@ def train_graph_run(
         "seconds": time.perf_counter() - start,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    say(
+    print(  # the run's result: printed with `hardneg train --quiet` too
         f"SVM accuracy {scores['svm']:.2f} % (± {scores['svm_std']:.2f} over the folds); "
         f"weights: {out / 'model.pt'}"
     )

@@ -58,6 +58,8 @@ def _run(args: argparse.Namespace, title: str, prefix: str, base: dict[str, Any]
     problem = run_dir_problem(out)
     if problem:
         raise ValueError(problem)
+    from hardneg.commands import status_printer
+
     outcome = run_text_benchmark(
         out,
         strategies=_strategies(args.strategies),
@@ -65,7 +67,7 @@ def _run(args: argparse.Namespace, title: str, prefix: str, base: dict[str, Any]
         strategy_hparams=per_strategy,
         title=title,
         command="hardneg " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        log=lambda line: print(line, flush=True),
+        log=status_printer(args),
     )
     print()
     print(outcome.table)

@@ -319,10 +319,14 @@ def train_text(
     *,
     progress_bar: bool = True,
     log: Callable[[str], None] = print,
+    step_logs: bool = True,
 ) -> dict[str, Any]:
     """Train, evaluate on the held-out rows and save; returns the metrics written.
 
-    ``progress_bar``: the Trainer's bar, drawn only when stderr is a terminal."""
+    ``progress_bar``: the Trainer's bar, drawn only when stderr is a terminal. Without the bar
+    the Trainer prints each step's logs instead; with ``progress_bar=False`` and
+    ``step_logs=False`` (``hardneg train --modality text --quiet``) it prints neither.
+    """
     import torch
     from datasets import Dataset
     from sentence_transformers import (
@@ -433,6 +437,10 @@ def train_text(
         loss=trained_loss,
         callbacks=[ProgressCallback(loss)],
     )
+    if not step_logs and not progress_bar:
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # what the Trainer adds in the bar's place
     trainer.train()
     history = [
         {

@@ -70,9 +70,22 @@ def lr_factor(
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, optim: Any, steps_per_epoch: int, total_steps: int
+    optimizer: torch.optim.Optimizer,
+    optim: Any,
+    steps_per_epoch: int,
+    total_steps: int,
+    start_step: int = 0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step :class:`~torch.optim.lr_scheduler.LambdaLR` for :func:`lr_factor`."""
+    """A per-step :class:`~torch.optim.lr_scheduler.LambdaLR` for :func:`lr_factor`, set to the
+    rate of step ``start_step`` (a resumed run's step).
+
+    The schedule is a function of the step and of ``optim`` / ``total_steps`` only, so a resumed
+    run does not restore the checkpoint's scheduler: with a larger ``train.epochs`` (or other
+    ``optim.*`` values) the curve is re-planned for the new total and the next step takes the
+    rate the new curve gives it. A finished cosine run extended from E to 2E epochs thus goes on
+    from the middle of the longer curve: no second warm-up, no jump back to the peak. Build it
+    after loading the checkpoint's optimizer state, whose learning rates it replaces.
+    """
     warmup_steps = round(optim.warmup_epochs * steps_per_epoch)
     min_ratio = optim.min_lr / optim.lr
 
@@ -86,4 +99,7 @@ def build_scheduler(
             steps_per_epoch=steps_per_epoch,
         )
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    for group in optimizer.param_groups:
+        # the config's peak rate, also on resume (a checkpoint's optimizer state brings its own)
+        group["initial_lr"] = optim.lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)

@@ -16,17 +16,20 @@
    ``checkpoints/last.pt``; ``checkpoints/final.pt`` at the end.
 
 Only rank 0 evaluates and writes files. A checkpoint holds everything needed to continue
-*exactly* where the run stopped (model with queue / bank, optimizer, schedule, step, RNG
-states, the epoch's running statistics); the data order needs no state because each epoch's
-permutation is a function of ``(seed, epoch)``. On CPU an interrupted and resumed run ends with
-the same weights, bit for bit, as an uninterrupted one (tested).
+*exactly* where the run stopped (model with queue / bank, optimizer, step, RNG states, the
+epoch's running statistics); the data order and the learning rate need no state because each
+epoch's permutation is a function of ``(seed, epoch)`` and each step's rate one of the step and
+the config (so a larger ``train.epochs`` on resume re-plans the curve). On CPU an interrupted
+and resumed run ends with the same weights, bit for bit, as an uninterrupted one (tested).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -60,6 +63,8 @@ from hardneg.train.runtime import (
     use_channels_last,
 )
 
+log = logging.getLogger(__name__)
+
 
 class NonFiniteError(FloatingPointError):
     """The loss or the embeddings became NaN/Inf and ``train.nonfinite`` is ``stop``."""
@@ -89,6 +94,7 @@ def train(
     run_dir: str | Path | None = None,
     progress_bar: bool = True,
     resume: bool | str | Path | None = None,
+    say: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train a model as ``config`` says and write the run's files into ``run_dir``.
 
@@ -99,7 +105,12 @@ def train(
             terminal (or in a notebook).
         resume: ``True`` for ``run_dir/checkpoints/last.pt``, a run folder (its
             ``checkpoints/last.pt``; the run continues in that folder) or a checkpoint path; the
-            checkpoint must come from the same set-up (a mismatch lists what differs).
+            checkpoint must come from the same set-up (a mismatch lists what differs). A larger
+            ``train.epochs`` extends the run: the learning-rate curve is re-planned for the new
+            total and each further step takes that curve's rate (no second warm-up).
+        say: prints the line of each epoch (``hardneg train --quiet`` passes one that drops
+            them); a skipped non-finite step is a warning of the logger
+            ``hardneg.train.trainer``.
 
     Raises:
         NonFiniteError: NaN/Inf loss or embeddings with ``train.nonfinite: stop``.
@@ -158,7 +169,6 @@ def train(
         framework.to(memory_format=torch.channels_last)
     amp_dtype = autocast_dtype(cfg.train.precision, device)
     optimizer = build_optimizer(cfg.optim, framework)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     loss_generator = torch.Generator(device).manual_seed(cfg.seed + 1)  # same on every rank
     augment_generator = torch.Generator(device).manual_seed(cfg.seed + 2 + ctx.rank)
@@ -170,13 +180,15 @@ def train(
         payload = load_checkpoint(resume_path, expected_meta=meta)
         framework.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
         scaler.load_state_dict(payload["scaler"])
         step, history = int(payload["step"]), list(payload["history"])
         stats.load_state_dict(payload["epoch_state"])
         hardness.load_state_dict(payload["hardness"])
         restore_rng_state(payload["rng"], {"loss": loss_generator})
         restore_rank_generator(payload["augment_rng"], augment_generator, ctx)
+    # built after the resume: the rate of every step follows this config's curve (a larger
+    # train.epochs re-plans it), not the scheduler state saved with the checkpoint
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, total_steps, step)
     model: nn.Module = framework
     if ctx.enabled:
         model = wrap_ddp(framework, device)  # queue / bank: fed the global batch on every rank
@@ -217,7 +229,8 @@ def train(
 
     # ---- loop ---------------------------------------------------------------------------
     last_finite: tuple[float, int] | None = None  # (loss, step), for the non-finite message
-    say = print if ctx.is_main else (lambda *args: None)
+    if not ctx.is_main:
+        say = say_nothing  # rank 0 speaks for the run
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -268,7 +281,8 @@ def train(
                     raise NonFiniteError(nonfinite_message(cfg, out, step, last_finite, last_ckpt))
                 else:  # skip the step: no update, no queue / bank write
                     stats.add_step(None, cfg.train.batch_size)
-                    say(f"step {step}: non-finite loss or embeddings, step skipped")
+                    if ctx.is_main:  # a warning: shown with --quiet too
+                        log.warning(f"step {step}: non-finite loss or embeddings, step skipped")
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
@@ -478,6 +492,10 @@ def nonfinite_message(
         f"{' (' + params + ')' if params else ''} in framework {cfg.framework.name!r}; {last}; "
         f"{kept}. Try a lower optim.lr, precision=fp32, or train.nonfinite=skip to skip such steps"
     )
+
+
+def say_nothing(line: str) -> None:
+    """The ``say`` of the ranks other than 0."""
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
