@@ -304,6 +304,10 @@ def test_train_reads_the_pairs_of_a_beir_split(model_and_folder, tmp_path, capsy
     pairs = len(load_beir(folder, "test").pairs()[0])  # every test judgement has grade 1
     assert metrics["train_rows"] + metrics["dev_rows"] == pairs
     assert metrics["dev_rows"] == round(0.25 * pairs)
+    # what the docs list, and no empty trainer/ folder of the Trainer's output_dir
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "history.csv", "metrics.json", "model",
+    ]  # fmt: skip
     # a file of rows takes no split; a folder takes no columns
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"anchor": "a b", "positive": "c d"}) + "\n")

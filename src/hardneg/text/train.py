@@ -442,6 +442,10 @@ def train_text(
 
         trainer.remove_callback(PrinterCallback)  # what the Trainer adds in the bar's place
     trainer.train()
+    try:  # the Trainer's output_dir: nothing is saved there (save_strategy "no"), so it is empty
+        (run_dir / "trainer").rmdir()
+    except OSError:  # not empty (something was written after all): kept for the user
+        pass
     history = [
         {
             "step": entry["step"],
