@@ -37,7 +37,7 @@ def test_compare_trains_evaluates_and_reports_two_strategies(tmp_path, capsys):
     table = text[text.index("strategy  seeds") :]
     rows = [line for line in table.splitlines() if re.match(r"(infonce|hcl)\s+1\s", line)]
     assert len(rows) == 2 and "n/a" not in "".join(rows)
-    assert f"report: {out / 'report.md'}" in text
+    assert re.search(rf"\n2 runs in \d+ s; report: {re.escape(str(out / 'report.md'))}", text)
     report = (out / "report.md").read_text()
     assert "| infonce | 1 |" in report and "| hcl | 1 |" in report
     # the label-free diagnostics the runs logged, one row per strategy, each a number
@@ -55,7 +55,8 @@ def test_compare_trains_evaluates_and_reports_two_strategies(tmp_path, capsys):
 
     # a second call finds the finished runs and reuses them instead of training again
     assert main([*args, "--tsne-points", "0"]) == 0
-    assert capsys.readouterr().out.count("(reused)") == 2
+    again = capsys.readouterr().out
+    assert again.count("(reused)") == 2 and "2 runs (2 reused, 0 trained) in " in again
 
 
 def config(strategy, *overrides, framework=None):

@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(outcome.table)
     print_verdict(outcome.verdict)
-    print(f"\nreport: {outcome.report}")
+    print(f"\n{closing_line(outcome)}")
     return 0 if not outcome.failed else 1
 
 
@@ -249,6 +249,17 @@ class Outcome:
     seconds: float
     verdict: list[str] = field(default_factory=list)  # Markdown bullets, also printed
     reseeded: list = field(default_factory=list)  # RunRecords of the re-seed runs (noise only)
+    reused: int = 0  # runs found finished in --out (not trained, their metrics re-read)
+
+
+def closing_line(outcome: Outcome) -> str:
+    """``N runs in S s; report: PATH``, with how many were reused (found finished in --out) and
+    trained when some were: the seconds then time only part of the work."""
+    runs = len(outcome.records) + len(outcome.reseeded)
+    done = f"{runs} runs"
+    if outcome.reused:
+        done += f" ({outcome.reused} reused, {runs - outcome.reused} trained)"
+    return f"{done} in {outcome.seconds:.0f} s; report: {outcome.report}"
 
 
 def parse_strategies(text: str | None) -> list[str]:
@@ -334,6 +345,7 @@ def compare(
     check_out_folder(out, [*configs, *reseed_configs])
     start = time.perf_counter()
     records, failed, embeddings, reseeded = [], [], {}, []
+    reused_runs = 0
     planned = [(key, cfg, False) for key, cfg in configs.items()]
     planned += [(key, cfg, True) for key, cfg in reseed_configs.items()]
     for i, ((strategy, seed), cfg, is_reseed) in enumerate(planned, 1):
@@ -344,6 +356,7 @@ def compare(
         t0 = time.perf_counter()
         state = run_state(run_dir, cfg)
         reused = state == "finished"
+        reused_runs += reused
         if not reused:
             resume = state == "interrupted"
             say(
@@ -434,7 +447,8 @@ def compare(
         verdict=verdict,
         reseeded=reseeded,
     )
-    return Outcome(records, failed, table, report, time.perf_counter() - start, verdict, reseeded)
+    seconds = time.perf_counter() - start
+    return Outcome(records, failed, table, report, seconds, verdict, reseeded, reused_runs)
 
 
 @contextlib.contextmanager

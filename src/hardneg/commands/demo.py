@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from hardneg.commands.compare import (
+    closing_line,
     compare,
     default_out,
     parse_strategies,
@@ -109,6 +110,5 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(outcome.table)
     print_verdict(outcome.verdict)
-    runs = len(outcome.records) + len(outcome.reseeded)
-    print(f"\n{runs} runs in {outcome.seconds:.0f} s; report: {outcome.report}")
+    print(f"\n{closing_line(outcome)}")
     return 0 if not outcome.failed else 1
