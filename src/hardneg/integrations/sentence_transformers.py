@@ -162,7 +162,7 @@ _GRADCACHE = """@inproceedings{gao2021scaling,
     year={2021}
 }"""
 
-_HASH_WEIGHTS: dict[tuple[str, int], Tensor] = {}
+_HASH_WEIGHTS: dict[str, Tensor] = {}
 
 # MultipleNegativesRankingLoss's own arguments, passed by users switching losses: the generic
 # "unknown hyper-parameter" error listed the strategy's options without saying which one means
@@ -200,13 +200,27 @@ _OTHER_LOSS_ARGUMENTS = (
 
 
 def _hash_weights(length: int, device: torch.device) -> Tensor:
-    """Fixed pseudo-random odd int64 multipliers, one per token position (grown on demand)."""
-    key = (str(device), length)
-    if key not in _HASH_WEIGHTS:
+    """Fixed pseudo-random odd int64 multipliers, one per token position: one table per device,
+    grown on demand (a longer draw from the same seed begins with the shorter one, so a
+    position keeps its multiplier; one table per length grew without bound with flat inputs,
+    whose length is the batch's token count)."""
+    key = str(device)
+    table = _HASH_WEIGHTS.get(key)
+    if table is None or table.shape[0] < length:
+        size = max(length, 512, 0 if table is None else 2 * table.shape[0])
         gen = torch.Generator().manual_seed(0x5EED)
-        w = torch.randint(-(2**62), 2**62, (max(length, 512),), generator=gen) * 2 + 1
-        _HASH_WEIGHTS[key] = w.to(device)
-    return _HASH_WEIGHTS[key][:length]
+        w = torch.randint(-(2**62), 2**62, (size,), generator=gen) * 2 + 1
+        _HASH_WEIGHTS[key] = table = w.to(device)
+    return table[:length]
+
+
+def _is_flat(features: dict[str, Tensor]) -> bool:
+    """Whether ``features`` are a flat token stream ``input_ids [T]`` with the row starts
+    ``offsets [B]`` (an ``EmbeddingBag`` input: ``StaticEmbedding``) instead of padded rows."""
+    ids = features.get("input_ids")
+    return (
+        isinstance(ids, Tensor) and ids.dim() == 1 and isinstance(features.get("offsets"), Tensor)
+    )
 
 
 def text_ids(features: dict[str, Tensor]) -> Tensor:
@@ -214,7 +228,8 @@ def text_ids(features: dict[str, Tensor]) -> Tensor:
 
     The hash runs on the features' device without a host sync: each kept token (attention mask 1)
     times a fixed random multiplier of its position among the kept tokens, summed with int64
-    wrap-around, plus the length; left or right padding give the same id.
+    wrap-around, plus the length; left or right padding give the same id, and so does the flat
+    form of ``StaticEmbedding`` (``input_ids [T]``, row starts ``offsets [B]``).
     """
     if "input_ids" not in features:
         raise ValueError(
@@ -222,6 +237,17 @@ def text_ids(features: dict[str, Tensor]) -> Tensor:
             f"'input_ids' (keys: {sorted(features)}); pass mask_duplicates=False"
         )
     tokens = features["input_ids"].long()
+    if _is_flat(features):
+        offsets = features["offsets"].long()
+        index = torch.arange(tokens.shape[0], device=tokens.device)
+        # each token's row: the last row start at or before it (an empty row shares its start)
+        row = torch.searchsorted(offsets, index, right=True) - 1
+        position = index - offsets[row]
+        weights = _hash_weights(int(tokens.shape[0]), tokens.device)[position]
+        ids = torch.zeros(offsets.shape[0], dtype=torch.long, device=tokens.device)
+        ids.index_add_(0, row, (tokens + 1) * weights)
+        lengths = torch.zeros_like(ids).index_add_(0, row, torch.ones_like(tokens))
+        return ids + lengths * 1_000_003
     mask = features.get("attention_mask")
     mask = torch.ones_like(tokens) if mask is None else mask.long()
     position = (mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -610,6 +636,8 @@ def _retokenize(model: nn.Module, guide: nn.Module, features: dict[str, Tensor])
 def _batch_size(features: dict[str, Tensor]) -> int:
     if not features:
         return 0  # what a model's preprocess([]) gives
+    if _is_flat(features):  # StaticEmbedding: input_ids counts tokens, offsets rows
+        return int(features["offsets"].shape[0])
     for value in features.values():
         if isinstance(value, Tensor) and value.dim() > 0:
             return int(value.shape[0])
@@ -618,6 +646,18 @@ def _batch_size(features: dict[str, Tensor]) -> int:
 
 def _split(features: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
     total = _batch_size(features)
+    if _is_flat(features):
+        # rows start..end are the tokens offsets[start]..offsets[end] (one host sync per column)
+        tokens, offsets = features["input_ids"], features["offsets"]
+        bounds = [*offsets.tolist(), int(tokens.shape[0])]
+        return [
+            {
+                **features,
+                "input_ids": tokens[bounds[start] : bounds[min(start + size, total)]],
+                "offsets": offsets[start : start + size] - bounds[start],
+            }
+            for start in range(0, total, size)
+        ]
     return [
         {
             k: (v[start : start + size] if isinstance(v, Tensor) and v.dim() > 0 else v)

@@ -1,0 +1,137 @@
+"""What a sentence-transformers user switching from its losses tries: models with a flat token
+stream (``StaticEmbedding``), an asymmetric ``Router`` model, the cached losses' parity, the
+``compute_loss_from_embeddings(embeddings, labels)`` call of sentence-transformers' own
+composite losses, ``temperature``, and a multi-dataset Trainer run to a saved model card.
+Tiny local models only (no hub)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("sentence_transformers")
+
+from _text_models import WORDS, sentences, tiny_model  # noqa: E402
+from sentence_transformers import SentenceTransformer  # noqa: E402
+from sentence_transformers.sentence_transformer.losses import (  # noqa: E402
+    MultipleNegativesRankingLoss,
+)
+
+from hardneg.integrations.sentence_transformers import (  # noqa: E402
+    CachedHardNegativeLoss,
+    HardNegativeLoss,
+    text_ids,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def static_model(tmp_path_factory):
+    """A ``StaticEmbedding`` model (an ``EmbeddingBag``: one flat token stream per column with
+    the row starts in ``offsets``) over the tiny BERT's WordPiece vocabulary."""
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    from transformers import BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("static")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(vocab), do_lower_case=True)._tokenizer
+    torch.manual_seed(0)
+    return SentenceTransformer(modules=[StaticEmbedding(tokenizer, embedding_dim=32)], device="cpu")
+
+
+def columns(k: int, batch: int = 7, seed: int = 3) -> list[list[str]]:
+    texts = list(dict.fromkeys(sentences(batch * (2 + k) * 3, seed=seed)))[: batch * (2 + k)]
+    assert len(texts) == batch * (2 + k)
+    return [texts[i * batch : (i + 1) * batch] for i in range(2 + k)]
+
+
+def value_and_grads(model, loss, feats):
+    model.zero_grad(set_to_none=True)
+    value = loss(feats, None)
+    value.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return value.detach(), grads
+
+
+def assert_same(ours, theirs, rtol=1e-4, atol=1e-5):
+    (va, ga), (vb, gb) = ours, theirs
+    torch.testing.assert_close(va, vb, rtol=rtol, atol=1e-6)
+    assert ga.keys() == gb.keys() and ga
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=rtol, atol=atol, msg=name)
+
+
+# ------------------------------------------------------------------------ StaticEmbedding
+
+
+@pytest.mark.parametrize("k", [0, 2])
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_static_embedding_model_trains_as_with_mnrl(static_model, k, cached):
+    """A StaticEmbedding column is ``input_ids [tokens]`` plus ``offsets [rows]``: the column
+    check read the token count as the row count and refused every batch ("got [26, 24, 30] rows
+    per column"), and the Cached form cut the token stream as if it were rows. Both now equal
+    MultipleNegativesRankingLoss in value and gradient (sentence-transformers' own Cached loss
+    refuses these models)."""
+    cols = columns(k)
+    feats = [static_model.preprocess(c) for c in cols]
+    assert feats[0]["input_ids"].dim() == 1 and feats[0]["offsets"].shape == (7,)
+    loss = CachedHardNegativeLoss(static_model, mini_batch_size=3) if cached else None
+    loss = loss or HardNegativeLoss(static_model)
+    ours = value_and_grads(static_model, loss, feats)
+    theirs = value_and_grads(static_model, MultipleNegativesRankingLoss(static_model), feats)
+    assert_same(ours, theirs)
+
+
+def test_static_embedding_duplicates_are_masked_as_in_padded_rows(static_model, model):
+    """The text hash of the flat form equals that of the same tokens in padded rows (either
+    padding side), so a mined negative equal to the positive is masked in both layouts."""
+    cols = columns(1, batch=4)
+    cols[2][1] = cols[1][1]  # anchor 1's hard negative is its own positive
+    cols[1][3] = cols[1][0]  # anchors 0 and 3 share a positive
+    flat = [static_model.preprocess(c) for c in cols]
+    padded = [model.preprocess(c) for c in cols]  # the same WordPiece vocabulary, with [CLS] [SEP]
+    for f, p in zip(flat, padded):
+        # the padded rows without [CLS] / [SEP], left-aligned: the flat stream's rows
+        keep = p["attention_mask"].bool() & (p["input_ids"] != 2) & (p["input_ids"] != 3)
+        rows = [ids[m] for ids, m in zip(p["input_ids"], keep)]
+        width = max(len(r) for r in rows)
+        ids = torch.stack([torch.cat([r, r.new_zeros(width - len(r))]) for r in rows])
+        mask = torch.stack([torch.arange(width) < len(r) for r in rows]).long()
+        assert torch.equal(torch.cat(rows), f["input_ids"].long())
+        assert torch.equal(text_ids(f), text_ids({"input_ids": ids, "attention_mask": mask}))
+    ids = [text_ids(f) for f in flat]
+    assert ids[2][1] == ids[1][1] and ids[1][3] == ids[1][0]
+    assert len(set(ids[0].tolist() + ids[1].tolist())) == 7  # 8 texts, one repeated
+    # masked: the loss equals the mask-free loss only where nothing repeats
+    loss = HardNegativeLoss(static_model)
+    plain = HardNegativeLoss(static_model, mask_duplicates=False)
+    with torch.no_grad():
+        assert not torch.allclose(loss(flat, None), plain(flat, None))
+        distinct = [static_model.preprocess(c) for c in columns(1, batch=4)]
+        torch.testing.assert_close(loss(distinct, None), plain(distinct, None))
+
+
+def test_a_router_with_a_static_query_encoder_caches_as_the_plain_loss(static_model, model):
+    """An asymmetric Router model (a StaticEmbedding for queries, a BERT for documents): the
+    Cached form equals MultipleNegativesRankingLoss in value and every parameter gradient of
+    both routes, the query column cut as a token stream and the documents as padded rows."""
+    from sentence_transformers.base.modules import Router
+
+    router = Router.for_query_document(list(static_model), list(model))
+    asym = SentenceTransformer(modules=[router], device="cpu")
+    cols = columns(1)
+    feats = [asym.preprocess(cols[0], task="query")]
+    feats += [asym.preprocess(c, task="document") for c in cols[1:]]
+    assert feats[0]["input_ids"].dim() == 1 and feats[1]["input_ids"].dim() == 2
+    ours = value_and_grads(asym, CachedHardNegativeLoss(asym, mini_batch_size=3), feats)
+    theirs = value_and_grads(asym, MultipleNegativesRankingLoss(asym), feats)
+    assert_same(ours, theirs)
+    routes = {name.split(".")[2] for name in ours[1]}  # 0.sub_modules.<route>.<module>...
+    assert routes == {"query", "document"}  # both encoders got gradients
