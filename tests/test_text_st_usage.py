@@ -6,6 +6,8 @@ Tiny local models only (no hub)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ pytest.importorskip("sentence_transformers")
 from _text_models import WORDS, sentences, tiny_model  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 from sentence_transformers.sentence_transformer.losses import (  # noqa: E402
+    CachedMultipleNegativesRankingLoss,
     MultipleNegativesRankingLoss,
 )
 
@@ -135,3 +138,81 @@ def test_a_router_with_a_static_query_encoder_caches_as_the_plain_loss(static_mo
     assert_same(ours, theirs)
     routes = {name.split(".")[2] for name in ours[1]}  # 0.sub_modules.<route>.<module>...
     assert routes == {"query", "document"}  # both encoders got gradients
+
+
+# ------------------------------------------------------------------- parity and call forms
+
+
+@pytest.mark.parametrize("k", [0, 2])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_cached_equals_cached_mnrl_with_the_same_mini_batches(model, k, symmetric):
+    """The Cached infonce equals sentence-transformers' CachedMultipleNegativesRankingLoss with
+    the same mini_batch_size and scale, in value and every parameter gradient, for pairs and
+    two hard-negative columns, and symmetric=True equals its per-direction query <-> document
+    form (the replacement of the deprecated CachedMultipleNegativesSymmetricRankingLoss)."""
+    cols = columns(k)
+    feats = [model.preprocess(c) for c in cols]
+    ours = CachedHardNegativeLoss(model, scale=7.0, symmetric=symmetric, mini_batch_size=3)
+    directions = {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction"}
+    theirs = CachedMultipleNegativesRankingLoss(
+        model, scale=7.0, mini_batch_size=3, **(directions if symmetric else {})
+    )
+    assert_same(value_and_grads(model, ours, feats), value_and_grads(model, theirs, feats))
+
+
+def test_temperature_is_one_over_scale_as_in_mnrl(model):
+    """MultipleNegativesRankingLoss offers ``temperature`` (``1 / scale``) beside ``scale``;
+    reading it from this loss raised AttributeError."""
+    for scale in (20.0, 7.0):
+        want = MultipleNegativesRankingLoss(model, scale=scale).temperature
+        assert HardNegativeLoss(model, scale=scale).temperature == pytest.approx(want)
+        assert CachedHardNegativeLoss(model, scale=scale).temperature == pytest.approx(1 / scale)
+
+
+class InfoNCEPlusGOR(torch.nn.Module):
+    """sentence-transformers' documented composite (its GlobalOrthogonalRegularizationLoss
+    example): the columns embedded once, then ``compute_loss_from_embeddings(embeddings,
+    labels)`` of an InfoNCE loss and of the regulariser."""
+
+    def __init__(self, model, info_nce):
+        from sentence_transformers.sentence_transformer.losses import (
+            GlobalOrthogonalRegularizationLoss,
+        )
+
+        super().__init__()
+        self.model, self.info_nce = model, info_nce
+        self.gor = GlobalOrthogonalRegularizationLoss(model)
+
+    def forward(self, features, labels=None):
+        embeddings = [self.model(f)["sentence_embedding"] for f in features]
+        out = {"info_nce": self.info_nce.compute_loss_from_embeddings(embeddings, labels)}
+        return {**out, **self.gor.compute_loss_from_embeddings(embeddings, labels)}
+
+
+def test_the_composite_loss_call_with_labels_equals_mnrl_s(model):
+    """``compute_loss_from_embeddings(embeddings, labels)`` with a label tensor (a dataset with a
+    'label' column) failed inside torch.stack: the labels took the place of the per-column
+    ids. They are now noted once and not used, and the composite equals the same composite
+    around MultipleNegativesRankingLoss, component by component, in value and gradients."""
+    cols = columns(1, batch=5)
+    feats = [model.preprocess(c) for c in cols]
+    labels = torch.tensor([1, 0, 1, 1, 0])
+
+    def run(info_nce):
+        model.zero_grad(set_to_none=True)
+        out = InfoNCEPlusGOR(model, info_nce)(feats, labels)
+        torch.stack(list(out.values())).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return {k: v.detach() for k, v in out.items()}, grads
+
+    ours_loss = HardNegativeLoss(model, scale=10.0)
+    with pytest.warns(UserWarning, match=r"ignores the dataset.s label column \(values 0, 1;"):
+        ours = run(ours_loss)
+    theirs = run(MultipleNegativesRankingLoss(model, scale=10.0))
+    assert ours[0].keys() == theirs[0].keys() and len(ours[0]) >= 2
+    for key in ours[0]:
+        torch.testing.assert_close(ours[0][key], theirs[0][key], rtol=1e-5, atol=1e-6)
+    assert_same((ours[0]["info_nce"], ours[1]), (theirs[0]["info_nce"], theirs[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        run(ours_loss)

@@ -412,6 +412,11 @@ class HardNegativeLoss(nn.Module):
         }
 
     @property
+    def temperature(self) -> float:
+        """``1 / scale``, as ``MultipleNegativesRankingLoss.temperature``."""
+        return 1.0 / self.scale
+
+    @property
     def citation(self) -> str:
         """The strategy's paper, then its filter's (``filter=...``), for the model card."""
         names = [self.strategy, self.strategy_hparams.get("filter")]
@@ -505,12 +510,20 @@ class HardNegativeLoss(nn.Module):
     def compute_loss_from_embeddings(
         self,
         embeddings: list[Tensor],
-        ids: list[Tensor] | None = None,
+        ids: list[Tensor] | Tensor | None = None,
         guide_embeddings: list[Tensor] | None = None,
     ) -> Tensor:
         """The loss from the columns' embeddings ``[anchor, positive, negative_1..k]`` (each
-        ``[B, d]``), optionally their ``[B]`` ids (equal id = duplicate text) and the guide's
-        embeddings of the same columns (``guide=``)."""
+        ``[B, d]``), optionally their ``[B]`` ids (equal id = duplicate text; ``text_ids`` of
+        each column's features) and the guide's embeddings of the same columns (``guide=``).
+
+        A single tensor in place of the ids is sentence-transformers' ``labels``: its composite
+        losses call ``compute_loss_from_embeddings(embeddings, labels)`` (e.g. the documented
+        InfoNCE + ``GlobalOrthogonalRegularizationLoss`` module), which failed inside
+        ``torch.stack``; the labels are noted once and not used, as in ``forward``."""
+        if isinstance(ids, Tensor):
+            self._note_labels(ids)
+            ids = None
         if self.needs_progress and self.progress is None:
             schedule = {k: v for k, v in self.strategy_hparams.items() if "anneal" in k}
             raise ValueError(
