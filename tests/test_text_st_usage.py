@@ -216,3 +216,81 @@ def test_the_composite_loss_call_with_labels_equals_mnrl_s(model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once
         run(ours_loss)
+
+
+# ------------------------------------------------------------ a multi-dataset Trainer run
+
+
+def test_a_multi_dataset_run_saves_a_model_whose_card_names_each_loss(tmp_path, model):
+    """A dict of datasets with a dict of losses (plain and Cached), the NO_DUPLICATES batch
+    sampler, column prompts and an InformationRetrievalEvaluator, as a sentence-transformers
+    user trains: the run updates the model, the evaluator reports, the saved model reloads to
+    the same embeddings, and its card gives each dataset's loss with its settings and cites
+    the strategies' papers and GradCache."""
+    from datasets import Dataset, DatasetDict
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.sentence_transformer.evaluation import (
+        InformationRetrievalEvaluator,
+    )
+
+    trained = tiny_model(tmp_path / "bert", seed=1)  # not the shared fixture: it trains
+    cols = columns(1, batch=16, seed=5)
+    triplets = Dataset.from_dict({"anchor": cols[0], "positive": cols[1], "negative": cols[2]})
+    pairs = Dataset.from_dict({"anchor": cols[2], "positive": cols[0]})
+    losses = {
+        "triplets": HardNegativeLoss(trained, "hcl", beta=0.5),
+        "pairs": CachedHardNegativeLoss(trained, "debiased", tau_plus=0.1, mini_batch_size=3),
+    }
+    queries = {f"q{i}": text for i, text in enumerate(cols[0])}
+    corpus = {f"d{i}": text for i, text in enumerate(cols[1])}
+    evaluator = InformationRetrievalEvaluator(
+        queries, corpus, {f"q{i}": {f"d{i}"} for i in range(16)}, name="ir"
+    )
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-3,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        prompts={"anchor": "the ", "positive": "a "},
+        eval_strategy="steps",
+        eval_steps=4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    before = [p.detach().clone() for p in trained.parameters()]
+    trainer = SentenceTransformerTrainer(
+        model=trained,
+        args=args,
+        train_dataset=DatasetDict({"triplets": triplets, "pairs": pairs}),
+        eval_dataset=DatasetDict({"triplets": triplets}),
+        loss=losses,
+        evaluator=evaluator,
+    )
+    trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trained.parameters()))
+    logged = [row for row in trainer.state.log_history if "eval_ir_cosine_ndcg@10" in row]
+    assert logged and 0.0 <= logged[-1]["eval_ir_cosine_ndcg@10"] <= 1.0
+
+    trained.save_pretrained(str(tmp_path / "saved"))
+    loaded = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    torch.testing.assert_close(
+        loaded.encode(cols[0][:4], convert_to_tensor=True),
+        trained.encode(cols[0][:4], convert_to_tensor=True),
+    )
+    card = (tmp_path / "saved" / "README.md").read_text()
+    blocks = card.split("#### ")
+    triplet_block = next(b for b in blocks if b.startswith("triplets"))
+    pair_block = next(b for b in blocks if b.startswith("pairs"))
+    assert "HardNegativeLoss</code>" in triplet_block and '"strategy": "hcl"' in triplet_block
+    assert '"beta": 0.5' in triplet_block
+    assert "CachedHardNegativeLoss</code>" in pair_block and '"tau_plus": 0.1' in pair_block
+    assert '"mini_batch_size": 3' in pair_block
+    for key in ("robinson2021contrastive", "chuang2020debiased", "gao2021scaling"):
+        assert key in card, key
