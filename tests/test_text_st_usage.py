@@ -6,6 +6,7 @@ Tiny local models only (no hub)."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -294,3 +295,29 @@ def test_a_multi_dataset_run_saves_a_model_whose_card_names_each_loss(tmp_path, 
     assert '"mini_batch_size": 3' in pair_block
     for key in ("robinson2021contrastive", "chuang2020debiased", "gao2021scaling"):
         assert key in card, key
+
+
+@pytest.mark.parametrize(
+    "cached, key, value, other, hint",
+    [
+        (False, "mini_batch_size", 16, "CachedMultipleNegativesRankingLoss", "CachedHardNegative"),
+        (True, "mini_batch_num_tokens", 512, "CachedMultipleNegativesRankingLoss", "rows per"),
+        (True, "show_progress_bar", True, "CachedMultipleNegativesRankingLoss", "not offered"),
+        (False, "margin", 0.1, "GISTEmbedLoss", "guide_margin=<margin>"),
+        (True, "margin", 0.1, "GISTEmbedLoss", "guide_margin=<margin>"),
+    ],
+)
+def test_cached_mnrl_and_gist_arguments_name_our_equivalent(model, cached, key, value, other, hint):
+    """CachedMultipleNegativesRankingLoss's mini-batch arguments and GISTEmbedLoss's margin fell
+    through to the strategy as "unknown hyper-parameter", listing the strategy's options
+    without saying which loss or argument means the same thing."""
+    cls = CachedHardNegativeLoss if cached else HardNegativeLoss
+    with pytest.raises(ValueError, match=re.escape(hint)) as err:
+        cls(model, **{key: value})
+    assert other in str(err.value) and f"{key}=" in str(err.value)
+
+
+def test_positive_aware_keeps_its_own_margin(model):
+    """positive_aware's margin is its own (its filter's absolute margin), not GISTEmbedLoss's."""
+    loss = HardNegativeLoss(model, "positive_aware", mode="margin", margin=0.1)
+    assert loss.get_config_dict()["margin"] == 0.1

@@ -61,7 +61,7 @@ if importlib.util.find_spec("sentence_transformers") is None:
 from hardneg import distributed
 from hardneg._checks import check_choice, check_number
 from hardneg.contrast import GUIDE_MARGIN_MODES, guided_false_negatives
-from hardneg.registry import create_loss, strategy_class
+from hardneg.registry import create_loss, loss_hparams, strategy_class
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -192,10 +192,21 @@ _GIST_ARGUMENTS: dict[str, str] = {
     "contrast_positives": _GIST_LAYOUT,
 }
 
+# CachedMultipleNegativesRankingLoss's own arguments (mini_batch_size reaches this table only
+# from the plain loss: CachedHardNegativeLoss takes it)
+_CACHED_MNRL_ARGUMENTS: dict[str, str] = {
+    "mini_batch_size": "the GradCache form is CachedHardNegativeLoss(model, ..., "
+    "mini_batch_size=<mini_batch_size>)",
+    "mini_batch_num_tokens": "not offered: CachedHardNegativeLoss embeds mini_batch_size rows "
+    "per encoder pass",
+    "show_progress_bar": "not offered: no progress bar over the mini-batches",
+}
+
 # the other sentence-transformers losses whose arguments get their equivalent here
 _OTHER_LOSS_ARGUMENTS = (
     ("MultipleNegativesRankingLoss", _MNRL_ARGUMENTS),
     ("GISTEmbedLoss", _GIST_ARGUMENTS),
+    ("CachedMultipleNegativesRankingLoss", _CACHED_MNRL_ARGUMENTS),
 )
 
 
@@ -344,6 +355,14 @@ class HardNegativeLoss(nn.Module):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag} must be True or False, got {value!r}")
         strategy_class(strategy)  # an unknown name fails with the closest valid one
+        if "margin" in strategy_hparams and "margin" not in loss_hparams(strategy):
+            # GISTEmbedLoss's margin: here guide_margin (positive_aware's own margin keeps its
+            # name); the generic error listed the strategy's options without it
+            raise ValueError(
+                f"margin={strategy_hparams['margin']!r} is an argument of sentence-transformers' "
+                f"GISTEmbedLoss, not of HardNegativeLoss with strategy {strategy!r}: pass "
+                "guide_margin=<margin> (with guide=...)"
+            )
         self.model = model
         self.strategy = strategy
         self.scale = check_number("scale", scale, low=0.0, low_inclusive=False)
