@@ -321,3 +321,52 @@ def test_positive_aware_keeps_its_own_margin(model):
     """positive_aware's margin is its own (its filter's absolute margin), not GISTEmbedLoss's."""
     loss = HardNegativeLoss(model, "positive_aware", mode="margin", margin=0.1)
     assert loss.get_config_dict()["margin"] == 0.1
+
+
+# ------------------------------------------------------------------------------- mining
+
+
+def test_mining_in_sentence_transformers_call_form_gives_its_rows(model):
+    """``mine_hard_negatives(dataset, model, ...)``, sentence-transformers' order, failed with
+    "missing 1 required keyword-only argument: 'model'"; it now mines what the keyword form
+    mines, and with the top sampler and an explicit window the same n-tuples as
+    sentence-transformers' own ``mine_hard_negatives`` on the same model and data."""
+    from datasets import Dataset
+    from sentence_transformers.util import mine_hard_negatives as st_mine
+
+    from hardneg.mining import mine_hard_negatives
+
+    texts = list(dict.fromkeys(sentences(200, seed=7)))
+    queries, positives, extra = texts[:24], texts[24:48], texts[48:120]
+    data = Dataset.from_dict({"anchor": queries, "positive": positives})
+    options = {"num_negatives": 3, "output_format": "n-tuple", "range_min": 1, "range_max": 9}
+    for corpus in (None, positives + extra):
+        ours = mine_hard_negatives(data, model, corpus=corpus, batch_size=16, **options)
+        keyword = mine_hard_negatives(queries, positives, corpus, model=model, **options)
+        assert ours == keyword and len(ours) == 24
+        theirs = st_mine(data, model, corpus=corpus, batch_size=16, verbose=False, **options)
+        assert ours == [dict(row) for row in theirs]
+
+
+@pytest.mark.parametrize(
+    "key, value, hint",
+    [
+        ("anchor_column_name", "query", "anchor_column=<anchor_column_name>"),
+        ("sampling_strategy", "random", "sampling=<sampling_strategy>"),
+        ("cache_folder", "cache", "cache_dir=<cache_folder>"),
+        ("use_faiss", True, "not offered"),
+        ("margin", 0.1, "absolute_margin=<margin>"),
+    ],
+)
+def test_sentence_transformers_mining_arguments_name_our_equivalent(model, key, value, hint):
+    """sentence-transformers' own names fell through to Python's bare "unexpected keyword
+    argument"; they now name the argument that means the same here (before any embedding)."""
+    from hardneg.mining import mine_hard_negatives
+
+    with pytest.raises(ValueError, match=re.escape(hint)) as err:
+        mine_hard_negatives(["a"], ["b"], model=model, **{key: value})
+    assert "sentence-transformers' mine_hard_negatives" in str(err.value)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'sampling_strategie'"):
+        mine_hard_negatives(["a"], ["b"], model=model, sampling_strategie="top")
+    with pytest.raises(TypeError, match="pass model="):
+        mine_hard_negatives(["a"], ["b"])
