@@ -370,3 +370,49 @@ def test_sentence_transformers_mining_arguments_name_our_equivalent(model, key, 
         mine_hard_negatives(["a"], ["b"], model=model, sampling_strategie="top")
     with pytest.raises(TypeError, match="pass model="):
         mine_hard_negatives(["a"], ["b"])
+
+
+def guided_oracle(emb, guide_emb, scale=20.0):
+    """Per-anchor cross-entropy over the candidates (positives, then the hard negatives row by
+    row) that the guide scores at most the anchor's positive (GISTEmbed, margin 0); an
+    independent loop, with the number of candidates it masked."""
+    cos = torch.nn.functional.cosine_similarity
+
+    def candidates(e):  # row-major hard negatives: row i's negatives together
+        return torch.cat([e[1], torch.stack(e[2:], dim=1).reshape(-1, e[0].shape[1])])
+
+    a, cands, g_cands = emb[0], candidates(emb), candidates(guide_emb)
+    total, masked = 0.0, 0
+    for i in range(a.shape[0]):
+        g = cos(guide_emb[0][i : i + 1], g_cands)
+        keep = [j for j in range(cands.shape[0]) if j == i or g[j] <= g[i]]
+        masked += cands.shape[0] - len(keep)
+        logits = scale * cos(a[i : i + 1], cands[keep])
+        total = total + torch.logsumexp(logits, 0) - scale * cos(a[i : i + 1], cands[i : i + 1])[0]
+    return total / a.shape[0], masked
+
+
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("static_side", ["model", "guide"])
+def test_a_static_embedding_model_and_a_bert_guide_either_way(
+    static_model, model, static_side, cached
+):
+    """guide= between a StaticEmbedding model and a padded-rows BERT: a static model's texts
+    failed to decode (its tokenizers.Tokenizer has no batch_decode), and a static guide of a
+    model with the same vocabulary got the model's padded rows (KeyError 'offsets'). The
+    guide now re-reads the texts in its own layout, and the loss equals a per-anchor loop
+    over the candidates the guide scores at most the positive, in value and gradients."""
+    trained, guide = (static_model, model) if static_side == "model" else (model, static_model)
+    cols = columns(1, batch=5)
+    loss = CachedHardNegativeLoss(trained, guide=guide, mini_batch_size=2) if cached else None
+    loss = loss or HardNegativeLoss(trained, guide=guide)
+    ours = value_and_grads(trained, loss, [trained.preprocess(c) for c in cols])
+    with torch.no_grad():  # the guide's view of the raw texts
+        guide_emb = [guide(guide.preprocess(c))["sentence_embedding"] for c in cols]
+    trained.zero_grad(set_to_none=True)
+    emb = [trained(trained.preprocess(c))["sentence_embedding"] for c in cols]
+    want, masked = guided_oracle(emb, guide_emb)
+    want.backward()
+    grads = {n: p.grad.clone() for n, p in trained.named_parameters() if p.grad is not None}
+    assert 0 < masked < 5 * 9  # the guide masks some candidates, not all
+    assert_same(ours, (want.detach(), grads))

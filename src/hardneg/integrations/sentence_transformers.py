@@ -639,8 +639,9 @@ def _model_name(model: nn.Module) -> str:
 
 
 def _must_retokenize(model: nn.Module, guide: nn.Module) -> bool:
-    """Whether the guide needs its own tokens: another vocabulary, or a shorter
-    ``max_seq_length`` (the model's tokens would run past the guide's positions)."""
+    """Whether the guide needs its own tokens: another vocabulary, a shorter
+    ``max_seq_length`` (the model's tokens would run past the guide's positions), or another
+    layout (a ``StaticEmbedding``'s flat token stream against padded rows)."""
     mine, theirs = getattr(model, "tokenizer", None), getattr(guide, "tokenizer", None)
     if mine is None and theirs is None:  # encoders of the same features (no text to re-read)
         return False
@@ -652,14 +653,22 @@ def _must_retokenize(model: nn.Module, guide: nn.Module) -> bool:
         )
     longer = getattr(guide, "max_seq_length", None) or 0
     shorter = longer < (getattr(model, "max_seq_length", None) or 0)
-    return shorter or mine.get_vocab() != theirs.get_vocab()
+    # a StaticEmbedding's tokenizer is a bare tokenizers.Tokenizer (no batch_decode): with the
+    # same vocabulary its flat features still fail in a padded-rows encoder, and vice versa
+    flat = hasattr(mine, "batch_decode") != hasattr(theirs, "batch_decode")
+    return shorter or flat or mine.get_vocab() != theirs.get_vocab()
 
 
 def _retokenize(model: nn.Module, guide: nn.Module, features: dict[str, Tensor]) -> dict:
     """The texts of ``features`` (decoded with the model's tokenizer) in the guide's tokens,
     on the features' device."""
     input_ids = features["input_ids"]
-    texts = model.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+    if _is_flat(features):  # StaticEmbedding: its tokenizers.Tokenizer decodes lists of ids
+        bounds = [*features["offsets"].tolist(), int(input_ids.shape[0])]
+        rows = [input_ids[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+        texts = model.tokenizer.decode_batch(rows, skip_special_tokens=True)
+    else:
+        texts = model.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
     prepare = getattr(guide, "preprocess", None) or guide.tokenize
     out = prepare(texts)
     return {k: (v.to(input_ids.device) if isinstance(v, Tensor) else v) for k, v in out.items()}
