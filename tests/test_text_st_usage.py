@@ -416,3 +416,55 @@ def test_a_static_embedding_model_and_a_bert_guide_either_way(
     grads = {n: p.grad.clone() for n, p in trained.named_parameters() if p.grad is not None}
     assert 0 < masked < 5 * 9  # the guide masks some candidates, not all
     assert_same(ours, (want.detach(), grads))
+
+
+def test_an_evaluation_before_training_sees_the_schedule_s_start(tmp_path):
+    """With ProgressCallback passed, ``trainer.evaluate()`` before ``train()`` and
+    ``eval_on_start=True`` failed with "loss.progress ... is not set: pass
+    callbacks=[ProgressCallback(loss)]"; they now see progress 0 (the schedule's start), the
+    training steps 0 and 1/2, and the evaluation after the last step 1/2 still."""
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+
+    from hardneg.integrations.sentence_transformers import ProgressCallback
+
+    seen: list[tuple[bool, float | None]] = []
+
+    class Spy(HardNegativeLoss):
+        def compute_loss_from_embeddings(self, embeddings, ids=None):
+            seen.append((torch.is_grad_enabled(), self.progress))
+            return super().compute_loss_from_embeddings(embeddings, ids)
+
+    cols = columns(0, batch=8)
+    data = Dataset.from_dict({"anchor": cols[0], "positive": cols[1]})
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        max_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        eval_on_start=True,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trained = tiny_model(tmp_path / "bert", seed=2)  # not the shared fixture: it trains
+    loss = Spy(trained, "hcl", beta=0.5, beta_anneal="down")
+    trainer = SentenceTransformerTrainer(
+        model=trained,
+        args=args,
+        train_dataset=data,
+        eval_dataset=data,
+        loss=loss,
+        callbacks=[ProgressCallback(loss)],
+    )
+    trainer.evaluate()
+    trainer.train()
+    evaluations = [progress for grad, progress in seen if not grad]
+    steps = [progress for grad, progress in seen if grad]
+    assert evaluations == [0.0, 0.0, 0.5] and steps == [0.0, 0.5]

@@ -863,7 +863,8 @@ class CachedHardNegativeLoss(HardNegativeLoss):
 
 class ProgressCallback:
     """Keeps ``loss.progress`` (fraction of training done) current in
-    ``SentenceTransformerTrainer``, for strategies with a schedule::
+    ``SentenceTransformerTrainer``, for strategies with a schedule (0 until training begins, so
+    an evaluation before it, or ``eval_on_start``, sees the schedule's start)::
 
         trainer = SentenceTransformerTrainer(..., loss=loss, callbacks=[ProgressCallback(loss)])
     """
@@ -876,4 +877,9 @@ class ProgressCallback:
                 if state.max_steps:
                     loss.progress = min(1.0, state.global_step / state.max_steps)
 
+        # an evaluation before the first step (trainer.evaluate() before train(), eval_on_start)
+        # computes the loss at the schedule's start: it failed with "pass
+        # callbacks=[ProgressCallback(loss)]", the callback being there
+        if loss.progress is None:
+            loss.progress = 0.0
         return _Progress()
