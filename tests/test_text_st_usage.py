@@ -468,3 +468,39 @@ def test_an_evaluation_before_training_sees_the_schedule_s_start(tmp_path):
     evaluations = [progress for grad, progress in seen if not grad]
     steps = [progress for grad, progress in seen if grad]
     assert evaluations == [0.0, 0.0, 0.5] and steps == [0.0, 0.5]
+
+
+class Wrapped(torch.nn.Module):
+    """What the Trainer puts in ``loss.model`` under DDP (``override_model_in_loss``): a module
+    that embeds as the model does but carries none of its attributes (no ``tokenizer``)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, features):
+        return self.module(features)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_guide_of_another_vocabulary_re_reads_the_texts_behind_a_ddp_wrapper(
+    tmp_path, model, cached
+):
+    """The texts were decoded with ``self.model.tokenizer`` at every step: once the Trainer had
+    replaced the model by its DDP wrapper (which has no tokenizer) a guide with another
+    vocabulary failed with AttributeError. The tokenizer is now kept when the loss is built
+    (as GISTEmbedLoss keeps it), and the wrapped loss equals GISTEmbedLoss on the bare model
+    in value and gradients."""
+    from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss
+
+    guide = tiny_model(tmp_path, seed=2, words=tuple(reversed(WORDS)))
+    cols = columns(1, batch=6)
+    feats = [model.preprocess(c) for c in cols]
+    loss = CachedHardNegativeLoss(model, guide=guide, mini_batch_size=4) if cached else None
+    loss = loss or HardNegativeLoss(model, guide=guide)
+    assert loss._retokenize
+    loss.model = Wrapped(model)
+    theirs = GISTEmbedLoss(
+        model, guide, temperature=0.05, contrast_anchors=False, contrast_positives=False
+    )
+    assert_same(value_and_grads(model, loss, feats), value_and_grads(model, theirs, feats))

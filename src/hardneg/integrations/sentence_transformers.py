@@ -387,6 +387,9 @@ class HardNegativeLoss(nn.Module):
             )
         self.guide = guide
         self._retokenize = guide is not None and _must_retokenize(model, guide)
+        # kept now: the Trainer replaces self.model by its DDP / compiled wrapper, which has no
+        # tokenizer attribute (the texts failed to decode under DDP)
+        self._tokenizer = model.tokenizer if self._retokenize else None
         self.loss_fn = create_loss(strategy, temperature=1.0 / self.scale, **strategy_hparams)
         # a schedule read at every step: without ProgressCallback the first step would fail
         # with the core API's advice (pass progress=...), which a Trainer user cannot follow
@@ -502,7 +505,7 @@ class HardNegativeLoss(nn.Module):
         guide = self.guide
         assert guide is not None
         if self._retokenize:
-            features = _retokenize(self.model, guide, features)
+            features = _retokenize(self._tokenizer, guide, features)
         was_training = guide.training
         guide.eval()
         try:
@@ -659,16 +662,16 @@ def _must_retokenize(model: nn.Module, guide: nn.Module) -> bool:
     return shorter or flat or mine.get_vocab() != theirs.get_vocab()
 
 
-def _retokenize(model: nn.Module, guide: nn.Module, features: dict[str, Tensor]) -> dict:
-    """The texts of ``features`` (decoded with the model's tokenizer) in the guide's tokens,
+def _retokenize(tokenizer: Any, guide: nn.Module, features: dict[str, Tensor]) -> dict:
+    """The texts of ``features`` (decoded with the model's ``tokenizer``) in the guide's tokens,
     on the features' device."""
     input_ids = features["input_ids"]
     if _is_flat(features):  # StaticEmbedding: its tokenizers.Tokenizer decodes lists of ids
         bounds = [*features["offsets"].tolist(), int(input_ids.shape[0])]
         rows = [input_ids[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
-        texts = model.tokenizer.decode_batch(rows, skip_special_tokens=True)
+        texts = tokenizer.decode_batch(rows, skip_special_tokens=True)
     else:
-        texts = model.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        texts = tokenizer.batch_decode(input_ids, skip_special_tokens=True)
     prepare = getattr(guide, "preprocess", None) or guide.tokenize
     out = prepare(texts)
     return {k: (v.to(input_ids.device) if isinstance(v, Tensor) else v) for k, v in out.items()}
