@@ -504,3 +504,99 @@ def test_a_guide_of_another_vocabulary_re_reads_the_texts_behind_a_ddp_wrapper(
         model, guide, temperature=0.05, contrast_anchors=False, contrast_positives=False
     )
     assert_same(value_and_grads(model, loss, feats), value_and_grads(model, theirs, feats))
+
+
+# ---------------------------------------------------- rows packed for flash attention
+
+
+class PackedEmbedder(torch.nn.Module):
+    """A stand-in for a flash-attention encoder (no flash attention on a CPU): token plus
+    position embeddings, mean-pooled per row, from padded rows (``input_ids``,
+    ``attention_mask``) or from sentence-transformers' packed rows (``input_ids [1, T]``,
+    ``position_ids``, ``cu_seq_lens_q``), the same embedding either way."""
+
+    def __init__(self, tokenizer, dim: int = 16):
+        super().__init__()
+        self.tokenizer, self.max_seq_length = tokenizer, 32
+        with torch.random.fork_rng():  # the same weights every time, the global RNG left alone
+            torch.manual_seed(0)
+            self.tokens = torch.nn.Embedding(len(tokenizer.get_vocab()), dim)
+            self.positions = torch.nn.Embedding(32, dim)
+            self.out = torch.nn.Linear(dim, dim)
+
+    def forward(self, features):
+        ids = features["input_ids"]
+        if "cu_seq_lens_q" in features:
+            bounds = features["cu_seq_lens_q"].long()
+            lengths = bounds[1:] - bounds[:-1]
+            rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+            x = self.tokens(ids.reshape(-1)) + self.positions(features["position_ids"].reshape(-1))
+            pooled = torch.zeros(len(lengths), x.shape[1]).index_add(0, rows, x)
+            pooled = pooled / lengths[:, None]
+        else:
+            mask = features["attention_mask"][..., None].float()
+            x = self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))[None]
+            pooled = (x * mask).sum(1) / mask.sum(1)
+        return {"sentence_embedding": self.out(pooled)}
+
+
+def packed(tokenizer, texts):
+    """The features sentence-transformers' Transformer makes for flash attention 2 (its own
+    DataCollatorWithFlattening settings)."""
+    from transformers import DataCollatorWithFlattening
+
+    collate = DataCollatorWithFlattening(
+        return_seq_idx=True, return_flash_attn_kwargs=True, return_position_ids=True
+    )
+    out = collate([{"input_ids": ids} for ids in tokenizer(texts)["input_ids"]])
+    out.pop("labels")
+    return out
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_rows_packed_for_flash_attention_train_as_with_mnrl(model, cached):
+    """With flash attention 2, sentence-transformers packs a column's rows into one sequence
+    (``input_ids [1, T]``, ``cu_seq_lens_q``): the loss counted 1 row per column, hashed the
+    whole pack as one text (one id for B rows) and the Cached form cut nothing. The packed
+    columns now give MultipleNegativesRankingLoss's value and gradients, the same as the
+    padded columns, duplicates masked as in padded rows."""
+    embedder = PackedEmbedder(model.tokenizer)
+    cols = columns(2)
+    cols[2][4] = cols[1][4]  # a mined negative that is the row's own positive
+    flat = [packed(model.tokenizer, c) for c in cols]
+    padded = [model.preprocess(c) for c in cols]
+    assert flat[0]["input_ids"].shape[0] == 1 and flat[0]["cu_seq_lens_q"].shape == (8,)
+    for f, p in zip(flat, padded):
+        assert torch.equal(text_ids(f), text_ids(p))
+    loss = CachedHardNegativeLoss(embedder, mini_batch_size=3) if cached else None
+    loss = loss or HardNegativeLoss(embedder)
+    ours = value_and_grads(embedder, loss, flat)
+    assert_same(ours, value_and_grads(embedder, HardNegativeLoss(embedder), padded))
+    plain = HardNegativeLoss(embedder, mask_duplicates=False)
+    assert_same(value_and_grads(embedder, plain, flat), value_and_grads(embedder, plain, padded))
+    assert not torch.allclose(ours[0], value_and_grads(embedder, plain, flat)[0])  # masked
+    distinct = [packed(model.tokenizer, c) for c in columns(2)]
+    assert_same(
+        value_and_grads(embedder, loss, distinct),
+        value_and_grads(embedder, MultipleNegativesRankingLoss(embedder), distinct),
+    )
+
+
+def test_a_guide_of_packed_rows_reads_the_texts_in_its_own_layout(model):
+    """The guide (a padded-rows BERT) got the model's packed rows, which it cannot read; it now
+    embeds the decoded texts, and the loss equals the per-anchor loop over the candidates the
+    guide lets through."""
+    embedder = PackedEmbedder(model.tokenizer)
+    cols = columns(1, batch=5)
+    loss = HardNegativeLoss(embedder, guide=model)
+    assert not loss._retokenize  # same vocabulary and length: only the packing differs
+    ours = value_and_grads(embedder, loss, [packed(model.tokenizer, c) for c in cols])
+    with torch.no_grad():
+        guide_emb = [model(model.preprocess(c))["sentence_embedding"] for c in cols]
+    embedder.zero_grad(set_to_none=True)
+    emb = [embedder(model.preprocess(c))["sentence_embedding"] for c in cols]
+    want, masked = guided_oracle(emb, guide_emb)
+    want.backward()
+    grads = {n: p.grad.clone() for n, p in embedder.named_parameters() if p.grad is not None}
+    assert 0 < masked < 5 * 9
+    assert_same(ours, (want.detach(), grads))

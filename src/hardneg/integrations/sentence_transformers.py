@@ -225,13 +225,19 @@ def _hash_weights(length: int, device: torch.device) -> Tensor:
     return table[:length]
 
 
-def _is_flat(features: dict[str, Tensor]) -> bool:
-    """Whether ``features`` are a flat token stream ``input_ids [T]`` with the row starts
-    ``offsets [B]`` (an ``EmbeddingBag`` input: ``StaticEmbedding``) instead of padded rows."""
-    ids = features.get("input_ids")
-    return (
-        isinstance(ids, Tensor) and ids.dim() == 1 and isinstance(features.get("offsets"), Tensor)
-    )
+def _row_starts(features: dict[str, Tensor]) -> Tensor | None:
+    """``[B]`` where each row starts in a flat token stream, or None for padded rows: the
+    ``offsets`` of a ``StaticEmbedding`` (an ``EmbeddingBag``: ``input_ids [T]``) or the
+    ``cu_seq_lens_q [B + 1]`` less its end of flash attention's unpadded inputs
+    (``input_ids [1, T]``, which sentence-transformers packs by itself when the model runs
+    flash attention 2)."""
+    bounds = features.get("cu_seq_lens_q")
+    if isinstance(bounds, Tensor):
+        return bounds[:-1]
+    ids, offsets = features.get("input_ids"), features.get("offsets")
+    if isinstance(ids, Tensor) and ids.dim() == 1 and isinstance(offsets, Tensor):
+        return offsets
+    return None
 
 
 def text_ids(features: dict[str, Tensor]) -> Tensor:
@@ -239,8 +245,8 @@ def text_ids(features: dict[str, Tensor]) -> Tensor:
 
     The hash runs on the features' device without a host sync: each kept token (attention mask 1)
     times a fixed random multiplier of its position among the kept tokens, summed with int64
-    wrap-around, plus the length; left or right padding give the same id, and so does the flat
-    form of ``StaticEmbedding`` (``input_ids [T]``, row starts ``offsets [B]``).
+    wrap-around, plus the length; left or right padding give the same id, and so do the flat
+    token streams of ``StaticEmbedding`` and of flash attention's unpadded inputs.
     """
     if "input_ids" not in features:
         raise ValueError(
@@ -248,8 +254,9 @@ def text_ids(features: dict[str, Tensor]) -> Tensor:
             f"'input_ids' (keys: {sorted(features)}); pass mask_duplicates=False"
         )
     tokens = features["input_ids"].long()
-    if _is_flat(features):
-        offsets = features["offsets"].long()
+    starts = _row_starts(features)
+    if starts is not None:
+        tokens, offsets = tokens.reshape(-1), starts.long()
         index = torch.arange(tokens.shape[0], device=tokens.device)
         # each token's row: the last row start at or before it (an empty row shares its start)
         row = torch.searchsorted(offsets, index, right=True) - 1
@@ -389,7 +396,7 @@ class HardNegativeLoss(nn.Module):
         self._retokenize = guide is not None and _must_retokenize(model, guide)
         # kept now: the Trainer replaces self.model by its DDP / compiled wrapper, which has no
         # tokenizer attribute (the texts failed to decode under DDP)
-        self._tokenizer = model.tokenizer if self._retokenize else None
+        self._tokenizer = getattr(model, "tokenizer", None) if guide is not None else None
         self.loss_fn = create_loss(strategy, temperature=1.0 / self.scale, **strategy_hparams)
         # a schedule read at every step: without ProgressCallback the first step would fail
         # with the core API's advice (pass progress=...), which a Trainer user cannot follow
@@ -504,7 +511,9 @@ class HardNegativeLoss(nn.Module):
         should not depend on dropout), re-tokenised when the guide needs its own tokens."""
         guide = self.guide
         assert guide is not None
-        if self._retokenize:
+        # rows packed for flash attention: the guide reads the texts in its own layout (it
+        # need not run flash attention)
+        if self._retokenize or "cu_seq_lens_q" in features:
             features = _retokenize(self._tokenizer, guide, features)
         was_training = guide.training
         guide.eval()
@@ -666,10 +675,14 @@ def _retokenize(tokenizer: Any, guide: nn.Module, features: dict[str, Tensor]) -
     """The texts of ``features`` (decoded with the model's ``tokenizer``) in the guide's tokens,
     on the features' device."""
     input_ids = features["input_ids"]
-    if _is_flat(features):  # StaticEmbedding: its tokenizers.Tokenizer decodes lists of ids
-        bounds = [*features["offsets"].tolist(), int(input_ids.shape[0])]
-        rows = [input_ids[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
-        texts = tokenizer.decode_batch(rows, skip_special_tokens=True)
+    starts = _row_starts(features)
+    if starts is not None:  # a flat token stream: one list of ids per row
+        tokens = input_ids.reshape(-1)
+        bounds = [*starts.tolist(), int(tokens.shape[0])]
+        rows = [tokens[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+        # (a StaticEmbedding's tokenizers.Tokenizer names it decode_batch)
+        decode = getattr(tokenizer, "batch_decode", None) or tokenizer.decode_batch
+        texts = decode(rows, skip_special_tokens=True)
     else:
         texts = tokenizer.batch_decode(input_ids, skip_special_tokens=True)
     prepare = getattr(guide, "preprocess", None) or guide.tokenize
@@ -680,8 +693,9 @@ def _retokenize(tokenizer: Any, guide: nn.Module, features: dict[str, Tensor]) -
 def _batch_size(features: dict[str, Tensor]) -> int:
     if not features:
         return 0  # what a model's preprocess([]) gives
-    if _is_flat(features):  # StaticEmbedding: input_ids counts tokens, offsets rows
-        return int(features["offsets"].shape[0])
+    starts = _row_starts(features)
+    if starts is not None:  # a flat token stream: input_ids counts tokens, not rows
+        return int(starts.shape[0])
     for value in features.values():
         if isinstance(value, Tensor) and value.dim() > 0:
             return int(value.shape[0])
@@ -690,7 +704,13 @@ def _batch_size(features: dict[str, Tensor]) -> int:
 
 def _split(features: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
     total = _batch_size(features)
-    if _is_flat(features):
+    if "cu_seq_lens_q" in features:
+        # flash attention's packed rows (position ids, sequence ids, lengths): cut as
+        # sentence-transformers' own Cached losses cut them (only its versions that pack have it)
+        from sentence_transformers.base.losses.gradcache import _create_minibatch
+
+        return [_create_minibatch(features, start, start + size) for start in range(0, total, size)]
+    if _row_starts(features) is not None:
         # rows start..end are the tokens offsets[start]..offsets[end] (one host sync per column)
         tokens, offsets = features["input_ids"], features["offsets"]
         bounds = [*offsets.tolist(), int(tokens.shape[0])]
