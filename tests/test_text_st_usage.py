@@ -600,3 +600,16 @@ def test_a_guide_of_packed_rows_reads_the_texts_in_its_own_layout(model):
     grads = {n: p.grad.clone() for n, p in embedder.named_parameters() if p.grad is not None}
     assert 0 < masked < 5 * 9
     assert_same(ours, (want.detach(), grads))
+
+
+def test_load_sentence_model_passes_sentence_transformer_s_own_arguments(tmp_path, model):
+    """``load_sentence_model(name, truncate_dim=..., prompts=...)`` raised TypeError (only
+    ``device`` was taken); sentence-transformers' arguments now reach the model."""
+    from hardneg.text.models import load_sentence_model
+
+    model.save(str(tmp_path / "saved"))
+    loaded = load_sentence_model(str(tmp_path / "saved"), truncate_dim=8, prompts={"query": "the "})
+    assert loaded.prompts["query"] == "the " and loaded.truncate_dim == 8
+    full = model.encode(["a red cat", "the dog"], convert_to_tensor=True)
+    cut = loaded.encode(["a red cat", "the dog"], convert_to_tensor=True)
+    torch.testing.assert_close(cut, full[:, :8])

@@ -23,6 +23,7 @@ import socket
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 HUB_ORG = "sentence-transformers"
@@ -179,8 +180,13 @@ def _hub_host() -> str:
     return (url.hostname if url is not None else None) or "huggingface.co"
 
 
-def load_sentence_model(name_or_path: str = "all-MiniLM-L6-v2", *, device: str | None = None):
-    """A ``SentenceTransformer`` for ``name_or_path`` (see the module doc). Raises
+def load_sentence_model(
+    name_or_path: str = "all-MiniLM-L6-v2", *, device: str | None = None, **kwargs: Any
+):
+    """A ``SentenceTransformer`` for ``name_or_path`` (see the module doc), on ``device``
+    (default ``"cpu"``; a Trainer moves it to its own device); ``kwargs`` go to
+    ``SentenceTransformer`` as they are (``truncate_dim``, ``prompts``, ``model_kwargs``,
+    ``trust_remote_code``, ...: they were refused before 2026-12-03). Raises
     ``ValueError`` for a likely misspelling of the packaged model's name
     (:func:`check_model_name`), ``OSError`` with one readable message when the model is to come
     from the hub and the hub cannot be reached: at once, without asking sentence-transformers,
@@ -209,8 +215,8 @@ def load_sentence_model(name_or_path: str = "all-MiniLM-L6-v2", *, device: str |
         ) from err
     try:
         if offline:
-            return SentenceTransformer(target, device=device or "cpu", local_files_only=True)
-        return SentenceTransformer(target, device=device or "cpu")
+            kwargs["local_files_only"] = True
+        return SentenceTransformer(target, device=device or "cpu", **kwargs)
     except OSError as err:
         if not _hub_unreachable(err):
             raise
