@@ -163,11 +163,14 @@ def test_cached_equals_cached_mnrl_with_the_same_mini_batches(model, k, symmetri
 
 def test_temperature_is_one_over_scale_as_in_mnrl(model):
     """MultipleNegativesRankingLoss offers ``temperature`` (``1 / scale``) beside ``scale``;
-    reading it from this loss raised AttributeError."""
+    reading it from this loss raised AttributeError. Passing it names the scale to pass."""
     for scale in (20.0, 7.0):
         want = MultipleNegativesRankingLoss(model, scale=scale).temperature
         assert HardNegativeLoss(model, scale=scale).temperature == pytest.approx(want)
         assert CachedHardNegativeLoss(model, scale=scale).temperature == pytest.approx(1 / scale)
+    # GISTEmbedLoss's default temperature: the message gives the scale to pass
+    with pytest.raises(ValueError, match=r"temperature=0\.01 is scale=100\b"):
+        HardNegativeLoss(model, temperature=0.01)
 
 
 class InfoNCEPlusGOR(torch.nn.Module):

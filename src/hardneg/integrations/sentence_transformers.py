@@ -350,9 +350,12 @@ class HardNegativeLoss(nn.Module):
                         f"sentence-transformers' {other}, not of HardNegativeLoss: {arguments[key]}"
                     )
         if "temperature" in strategy_hparams:
+            t = strategy_hparams["temperature"]
+            # the value to pass, e.g. GISTEmbedLoss's temperature=0.01 is scale=100
+            as_scale = f"scale={1 / t:g}" if isinstance(t, (int, float)) and t > 0 else "scale"
             raise ValueError(
                 "give the temperature as scale = 1 / temperature (sentence-transformers' "
-                f"convention), got temperature={strategy_hparams['temperature']!r}"
+                f"convention): temperature={t!r} is {as_scale}"
             )
         for flag, value in (
             ("symmetric", symmetric),
