@@ -616,3 +616,59 @@ def test_load_sentence_model_passes_sentence_transformer_s_own_arguments(tmp_pat
     full = model.encode(["a red cat", "the dog"], convert_to_tensor=True)
     cut = loaded.encode(["a red cat", "the dog"], convert_to_tensor=True)
     torch.testing.assert_close(cut, full[:, :8])
+
+
+def test_inside_splade_loss_equals_sparse_mnrl(tmp_path):
+    """SpladeLoss (sparse encoders) calls its inner loss as ``compute_loss_from_embeddings(
+    embeddings, labels)``: with dot products and scale 1 (``normalize=False, scale=1.0``) this
+    loss inside it equals SparseMultipleNegativesRankingLoss inside it, component by
+    component and in every parameter gradient, a label column given."""
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    sparse = pytest.importorskip("sentence_transformers.sparse_encoder")
+    from sentence_transformers.sparse_encoder.losses import (
+        SparseMultipleNegativesRankingLoss,
+        SpladeLoss,
+    )
+    from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        BertForMaskedLM(config).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # MLMTransformer, in 6.x too
+        encoder = sparse.SparseEncoder(
+            modules=[MLMTransformer(str(tmp_path)), SpladePooling("max")], device="cpu"
+        )
+    cols = columns(1, batch=6)
+    feats = [encoder.preprocess(c) for c in cols]
+    labels = torch.tensor([1, 0, 1, 1, 0, 1])
+
+    def run(inner):
+        loss = SpladeLoss(
+            encoder, inner, document_regularizer_weight=3e-5, query_regularizer_weight=5e-5
+        )
+        encoder.zero_grad(set_to_none=True)
+        out = loss(feats, labels)
+        torch.stack(list(out.values())).sum().backward()
+        grads = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+        return {k: v.detach() for k, v in out.items()}, grads
+
+    with pytest.warns(UserWarning, match="ignores the dataset.s label column"):
+        ours = run(HardNegativeLoss(encoder, normalize=False, scale=1.0))
+    theirs = run(SparseMultipleNegativesRankingLoss(encoder))
+    assert ours[0].keys() == theirs[0].keys() and "base_loss" in ours[0]
+    for key in ours[0]:
+        torch.testing.assert_close(ours[0][key], theirs[0][key], rtol=1e-5, atol=1e-7)
+    assert_same((ours[0]["base_loss"], ours[1]), (theirs[0]["base_loss"], theirs[1]))
