@@ -320,6 +320,25 @@ def test_cached_mnrl_and_gist_arguments_name_our_equivalent(model, cached, key, 
     assert other in str(err.value) and f"{key}=" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "cached, key, meant",
+    [
+        (False, "symetric", "symmetric"),
+        (False, "mask_duplicate", "mask_duplicates"),
+        (True, "mini_batchsize", "mini_batch_size"),
+        (False, "guide_margins", "guide_margin"),
+    ],
+)
+def test_a_misspelt_argument_of_the_loss_names_the_argument(model, cached, key, meant):
+    """A typo of one of the loss's own arguments reached the strategy, whose "unknown
+    hyper-parameter" error listed only the strategy's options (temperature among them)."""
+    cls = CachedHardNegativeLoss if cached else HardNegativeLoss
+    with pytest.raises(ValueError, match=f"unknown argument '{key}' of {cls.__name__}: did you "):
+        cls(model, **{key: True})
+    with pytest.raises(ValueError, match=f"did you mean '{meant}'"):
+        cls(model, **{key: True})
+
+
 def test_positive_aware_keeps_its_own_margin(model):
     """positive_aware's margin is its own (its filter's absolute margin), not GISTEmbedLoss's."""
     loss = HardNegativeLoss(model, "positive_aware", mode="margin", margin=0.1)

@@ -44,7 +44,9 @@ reason. Strategies with a schedule (``beta_anneal``, ``anneal``) read ``loss.pro
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import inspect
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -365,7 +367,8 @@ class HardNegativeLoss(nn.Module):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag} must be True or False, got {value!r}")
         strategy_class(strategy)  # an unknown name fails with the closest valid one
-        if "margin" in strategy_hparams and "margin" not in loss_hparams(strategy):
+        strategy_keys = loss_hparams(strategy)
+        if "margin" in strategy_hparams and "margin" not in strategy_keys:
             # GISTEmbedLoss's margin: here guide_margin (positive_aware's own margin keeps its
             # name); the generic error listed the strategy's options without it
             raise ValueError(
@@ -373,6 +376,19 @@ class HardNegativeLoss(nn.Module):
                 f"GISTEmbedLoss, not of HardNegativeLoss with strategy {strategy!r}: pass "
                 "guide_margin=<margin> (with guide=...)"
             )
+        # a misspelt argument of this loss (symetric=, mask_duplicate=) fell through to the
+        # strategy's "unknown hyper-parameter", which lists the strategy's options only
+        own = [
+            name
+            for name in inspect.signature(type(self).__init__).parameters
+            if name not in ("self", "model", "strategy", "strategy_hparams")
+        ]
+        for key in strategy_hparams:
+            close = difflib.get_close_matches(key, own, n=1)
+            if key not in strategy_keys and close:
+                raise ValueError(
+                    f"unknown argument {key!r} of {type(self).__name__}: did you mean {close[0]!r}?"
+                )
         self.model = model
         self.strategy = strategy
         self.scale = check_number("scale", scale, low=0.0, low_inclusive=False)
