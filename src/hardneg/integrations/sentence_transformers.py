@@ -725,9 +725,16 @@ def _split(features: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
     total = _batch_size(features)
     if "cu_seq_lens_q" in features:
         # flash attention's packed rows (position ids, sequence ids, lengths): cut as
-        # sentence-transformers' own Cached losses cut them (only its versions that pack have it)
-        from sentence_transformers.base.losses.gradcache import _create_minibatch
-
+        # sentence-transformers' own Cached losses cut them, with its helper (it packs rows and
+        # has the helper from version 6 on)
+        try:
+            from sentence_transformers.base.losses.gradcache import _create_minibatch
+        except ImportError as err:
+            raise ValueError(
+                "CachedHardNegativeLoss cuts rows packed for flash attention with "
+                "sentence-transformers' own helper (version 6 or later); use HardNegativeLoss, "
+                "or pad the rows (model[0].unpad_inputs = False)"
+            ) from err
         return [_create_minibatch(features, start, start + size) for start in range(0, total, size)]
     if _row_starts(features) is not None:
         # rows start..end are the tokens offsets[start]..offsets[end] (one host sync per column)
