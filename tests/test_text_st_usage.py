@@ -1,8 +1,10 @@
-"""What a sentence-transformers user switching from its losses tries: models with a flat token
-stream (``StaticEmbedding``), an asymmetric ``Router`` model, the cached losses' parity, the
-``compute_loss_from_embeddings(embeddings, labels)`` call of sentence-transformers' own
-composite losses, ``temperature``, and a multi-dataset Trainer run to a saved model card.
-Tiny local models only (no hub)."""
+"""What a sentence-transformers user switching from its losses tries: models whose columns
+are a flat token stream (``StaticEmbedding``, rows packed for flash attention), an asymmetric
+``Router`` model, a guide across layouts and behind a DDP wrapper, the cached losses' parity,
+the ``compute_loss_from_embeddings(embeddings, labels)`` call of sentence-transformers' own
+composite losses (``SpladeLoss`` too), other losses' argument names, ``temperature``, an
+evaluation before training, a multi-dataset Trainer run to a saved model card, and mining in
+sentence-transformers' call form. Tiny local models only (no hub)."""
 
 from __future__ import annotations
 
@@ -46,8 +48,10 @@ def static_model(tmp_path_factory):
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     tokenizer = BertTokenizerFast(vocab=str(vocab), do_lower_case=True)._tokenizer
-    torch.manual_seed(0)
-    return SentenceTransformer(modules=[StaticEmbedding(tokenizer, embedding_dim=32)], device="cpu")
+    with torch.random.fork_rng():  # the same weights every time, the global RNG left alone
+        torch.manual_seed(0)
+        static = StaticEmbedding(tokenizer, embedding_dim=32)
+    return SentenceTransformer(modules=[static], device="cpu")
 
 
 def columns(k: int, batch: int = 7, seed: int = 3) -> list[list[str]]:
