@@ -123,6 +123,26 @@ class SamplerOptions:
 
 _DEFAULTS = SamplerOptions()
 
+# sentence-transformers' mine_hard_negatives arguments: their name here, or why they are not
+# offered (they fell through to Python's bare "unexpected keyword argument")
+_ST_MINING_ARGUMENTS: dict[str, str] = {
+    "anchor_column_name": "anchor_column=<anchor_column_name>",
+    "positive_column_name": "positive_column=<positive_column_name>",
+    "sampling_strategy": "sampling=<sampling_strategy> ('top', 'random', or a strategy's "
+    "sampler: 'simans', 'hcl', 'ring', 'potential')",
+    "cache_folder": "cache_dir=<cache_folder>",
+    "margin": "absolute_margin=<margin> (its deprecated name there)",
+    "as_triplets": "output_format='triplet' (as_triplets=True) or 'n-tuple' (False)",
+    "faiss_batch_size": "query_chunk_size=<faiss_batch_size> (queries per score block)",
+    "use_faiss": "not offered: the top-k runs exactly, in score blocks of query_chunk_size x "
+    "corpus_chunk_size",
+    "use_multi_process": "not offered: run under torchrun, which shards the corpus over the "
+    "processes",
+    "include_positives": "not offered: output_format='labeled-list' gives each anchor's "
+    "positives (label 1) before its mined negatives",
+    "verbose": "not offered: return_stats=True returns the counts (MiningStats)",
+}
+
 
 @dataclass
 class MiningStats:
@@ -526,7 +546,7 @@ def mine_hard_negatives(
     positives: Sequence[str] | None = None,
     corpus: Sequence[str] | None = None,
     *,
-    model: Any,
+    model: Any = None,
     num_negatives: int = 1,
     output_format: str = "triplet",
     sampling: str = "top",
@@ -561,6 +581,7 @@ def mine_hard_negatives(
     cross_encoder: Any = None,
     as_dataset: bool = False,
     return_stats: bool = False,
+    **other_options: Any,
 ) -> Any:
     """Mine ``num_negatives`` hard negatives per ``(query, positive)`` pair (see module doc).
 
@@ -570,7 +591,9 @@ def mine_hard_negatives(
         positives: one positive text per query.
         corpus: candidate texts, each distinct text once (default: the distinct positives, as
             sentence-transformers does).
-        model: anything with ``encode(texts, batch_size=..., convert_to_tensor=True)``.
+        model: anything with ``encode(texts, batch_size=..., convert_to_tensor=True)``
+            (required; sentence-transformers' order ``mine_hard_negatives(dataset, model,
+            ...)`` is taken too).
         num_negatives: negatives per query.
         output_format: ``'triplet'`` (one row per negative), ``'n-tuple'`` (one row per
             query), ``'labeled-pair'`` (``anchor, positive, label``: 1 for each positive of an
@@ -614,7 +637,22 @@ def mine_hard_negatives(
             its scores (module doc, step 3).
         as_dataset: return a ``datasets.Dataset`` instead of a list of dicts.
         return_stats: also return :class:`MiningStats`.
+        other_options: sentence-transformers' own arguments (``anchor_column_name``,
+            ``sampling_strategy``, ``cache_folder``, ...) fail naming the equivalent here.
     """
+    for key, value in other_options.items():
+        if key in _ST_MINING_ARGUMENTS:
+            raise ValueError(
+                f"{key}={value!r} is an argument of sentence-transformers' mine_hard_negatives; "
+                f"here: {_ST_MINING_ARGUMENTS[key]}"
+            )
+        raise TypeError(f"mine_hard_negatives() got an unexpected keyword argument {key!r}")
+    if model is None and hasattr(queries, "column_names") and hasattr(positives, "encode"):
+        # sentence-transformers' call, mine_hard_negatives(dataset, model, ...): the model
+        # came second, in the place of the positives
+        model, positives = positives, None
+    if model is None:
+        raise TypeError("mine_hard_negatives() needs the model: pass model=<SentenceTransformer>")
     stats = MiningStats()
     t0 = time.perf_counter()
     if hasattr(queries, "column_names"):

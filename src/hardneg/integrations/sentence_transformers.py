@@ -45,7 +45,9 @@ reason. Strategies with a schedule (``beta_anneal``, ``anneal``) read ``loss.pro
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import inspect
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -62,7 +64,7 @@ if importlib.util.find_spec("sentence_transformers") is None:
 from hardneg import distributed
 from hardneg._checks import check_choice, check_number
 from hardneg.contrast import GUIDE_MARGIN_MODES, guided_false_negatives
-from hardneg.registry import create_loss, strategy_class
+from hardneg.registry import create_loss, loss_hparams, strategy_class
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -163,7 +165,7 @@ _GRADCACHE = """@inproceedings{gao2021scaling,
     year={2021}
 }"""
 
-_HASH_WEIGHTS: dict[tuple[str, int], Tensor] = {}
+_HASH_WEIGHTS: dict[str, Tensor] = {}
 
 # MultipleNegativesRankingLoss's own arguments, passed by users switching losses: the generic
 # "unknown hyper-parameter" error listed the strategy's options without saying which one means
@@ -193,21 +195,52 @@ _GIST_ARGUMENTS: dict[str, str] = {
     "contrast_positives": _GIST_LAYOUT,
 }
 
+# CachedMultipleNegativesRankingLoss's own arguments (mini_batch_size reaches this table only
+# from the plain loss: CachedHardNegativeLoss takes it)
+_CACHED_MNRL_ARGUMENTS: dict[str, str] = {
+    "mini_batch_size": "the GradCache form is CachedHardNegativeLoss(model, ..., "
+    "mini_batch_size=<mini_batch_size>)",
+    "mini_batch_num_tokens": "not offered: CachedHardNegativeLoss embeds mini_batch_size rows "
+    "per encoder pass",
+    "show_progress_bar": "not offered: no progress bar over the mini-batches",
+}
+
 # the other sentence-transformers losses whose arguments get their equivalent here
 _OTHER_LOSS_ARGUMENTS = (
     ("MultipleNegativesRankingLoss", _MNRL_ARGUMENTS),
     ("GISTEmbedLoss", _GIST_ARGUMENTS),
+    ("CachedMultipleNegativesRankingLoss", _CACHED_MNRL_ARGUMENTS),
 )
 
 
 def _hash_weights(length: int, device: torch.device) -> Tensor:
-    """Fixed pseudo-random odd int64 multipliers, one per token position (grown on demand)."""
-    key = (str(device), length)
-    if key not in _HASH_WEIGHTS:
+    """Fixed pseudo-random odd int64 multipliers, one per token position: one table per device,
+    grown on demand (a longer draw from the same seed begins with the shorter one, so a
+    position keeps its multiplier; one table per length grew without bound with flat inputs,
+    whose length is the batch's token count)."""
+    key = str(device)
+    table = _HASH_WEIGHTS.get(key)
+    if table is None or table.shape[0] < length:
+        size = max(length, 512, 0 if table is None else 2 * table.shape[0])
         gen = torch.Generator().manual_seed(0x5EED)
-        w = torch.randint(-(2**62), 2**62, (max(length, 512),), generator=gen) * 2 + 1
-        _HASH_WEIGHTS[key] = w.to(device)
-    return _HASH_WEIGHTS[key][:length]
+        w = torch.randint(-(2**62), 2**62, (size,), generator=gen) * 2 + 1
+        _HASH_WEIGHTS[key] = table = w.to(device)
+    return table[:length]
+
+
+def _row_starts(features: dict[str, Tensor]) -> Tensor | None:
+    """``[B]`` where each row starts in a flat token stream, or None for padded rows: the
+    ``offsets`` of a ``StaticEmbedding`` (an ``EmbeddingBag``: ``input_ids [T]``) or the
+    ``cu_seq_lens_q [B + 1]`` less its end of flash attention's unpadded inputs
+    (``input_ids [1, T]``, which sentence-transformers packs by itself when the model runs
+    flash attention 2)."""
+    bounds = features.get("cu_seq_lens_q")
+    if isinstance(bounds, Tensor):
+        return bounds[:-1]
+    ids, offsets = features.get("input_ids"), features.get("offsets")
+    if isinstance(ids, Tensor) and ids.dim() == 1 and isinstance(offsets, Tensor):
+        return offsets
+    return None
 
 
 def text_ids(features: dict[str, Tensor]) -> Tensor:
@@ -215,7 +248,8 @@ def text_ids(features: dict[str, Tensor]) -> Tensor:
 
     The hash runs on the features' device without a host sync: each kept token (attention mask 1)
     times a fixed random multiplier of its position among the kept tokens, summed with int64
-    wrap-around, plus the length; left or right padding give the same id.
+    wrap-around, plus the length; left or right padding give the same id, and so do the flat
+    token streams of ``StaticEmbedding`` and of flash attention's unpadded inputs.
     """
     if "input_ids" not in features:
         raise ValueError(
@@ -223,6 +257,18 @@ def text_ids(features: dict[str, Tensor]) -> Tensor:
             f"'input_ids' (keys: {sorted(features)}); pass mask_duplicates=False"
         )
     tokens = features["input_ids"].long()
+    starts = _row_starts(features)
+    if starts is not None:
+        tokens, offsets = tokens.reshape(-1), starts.long()
+        index = torch.arange(tokens.shape[0], device=tokens.device)
+        # each token's row: the last row start at or before it (an empty row shares its start)
+        row = torch.searchsorted(offsets, index, right=True) - 1
+        position = index - offsets[row]
+        weights = _hash_weights(int(tokens.shape[0]), tokens.device)[position]
+        ids = torch.zeros(offsets.shape[0], dtype=torch.long, device=tokens.device)
+        ids.index_add_(0, row, (tokens + 1) * weights)
+        lengths = torch.zeros_like(ids).index_add_(0, row, torch.ones_like(tokens))
+        return ids + lengths * 1_000_003
     mask = features.get("attention_mask")
     mask = torch.ones_like(tokens) if mask is None else mask.long()
     position = (mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -308,9 +354,12 @@ class HardNegativeLoss(nn.Module):
                         f"sentence-transformers' {other}, not of HardNegativeLoss: {arguments[key]}"
                     )
         if "temperature" in strategy_hparams:
+            t = strategy_hparams["temperature"]
+            # the value to pass, e.g. GISTEmbedLoss's temperature=0.01 is scale=100
+            as_scale = f"scale={1 / t:g}" if isinstance(t, (int, float)) and t > 0 else "scale"
             raise ValueError(
                 "give the temperature as scale = 1 / temperature (sentence-transformers' "
-                f"convention), got temperature={strategy_hparams['temperature']!r}"
+                f"convention): temperature={t!r} is {as_scale}"
             )
         for flag, value in (
             ("symmetric", symmetric),
@@ -320,6 +369,28 @@ class HardNegativeLoss(nn.Module):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag} must be True or False, got {value!r}")
         strategy_class(strategy)  # an unknown name fails with the closest valid one
+        strategy_keys = loss_hparams(strategy)
+        if "margin" in strategy_hparams and "margin" not in strategy_keys:
+            # GISTEmbedLoss's margin: here guide_margin (positive_aware's own margin keeps its
+            # name); the generic error listed the strategy's options without it
+            raise ValueError(
+                f"margin={strategy_hparams['margin']!r} is an argument of sentence-transformers' "
+                f"GISTEmbedLoss, not of HardNegativeLoss with strategy {strategy!r}: pass "
+                "guide_margin=<margin> (with guide=...)"
+            )
+        # a misspelt argument of this loss (symetric=, mask_duplicate=) fell through to the
+        # strategy's "unknown hyper-parameter", which lists the strategy's options only
+        own = [
+            name
+            for name in inspect.signature(type(self).__init__).parameters
+            if name not in ("self", "model", "strategy", "strategy_hparams")
+        ]
+        for key in strategy_hparams:
+            close = difflib.get_close_matches(key, own, n=1)
+            if key not in strategy_keys and close:
+                raise ValueError(
+                    f"unknown argument {key!r} of {type(self).__name__}: did you mean {close[0]!r}?"
+                )
         self.model = model
         self.strategy = strategy
         self.scale = check_number("scale", scale, low=0.0, low_inclusive=False)
@@ -344,6 +415,9 @@ class HardNegativeLoss(nn.Module):
             )
         self.guide = guide
         self._retokenize = guide is not None and _must_retokenize(model, guide)
+        # kept now: the Trainer replaces self.model by its DDP / compiled wrapper, which has no
+        # tokenizer attribute (the texts failed to decode under DDP)
+        self._tokenizer = getattr(model, "tokenizer", None) if guide is not None else None
         self.loss_fn = create_loss(strategy, temperature=1.0 / self.scale, **strategy_hparams)
         # a schedule read at every step: without ProgressCallback the first step would fail
         # with the core API's advice (pass progress=...), which a Trainer user cannot follow
@@ -386,6 +460,11 @@ class HardNegativeLoss(nn.Module):
             ),
             **self.strategy_hparams,
         }
+
+    @property
+    def temperature(self) -> float:
+        """``1 / scale``, as ``MultipleNegativesRankingLoss.temperature``."""
+        return 1.0 / self.scale
 
     @property
     def citation(self) -> str:
@@ -453,8 +532,10 @@ class HardNegativeLoss(nn.Module):
         should not depend on dropout), re-tokenised when the guide needs its own tokens."""
         guide = self.guide
         assert guide is not None
-        if self._retokenize:
-            features = _retokenize(self.model, guide, features)
+        # rows packed for flash attention: the guide reads the texts in its own layout (it
+        # need not run flash attention)
+        if self._retokenize or "cu_seq_lens_q" in features:
+            features = _retokenize(self._tokenizer, guide, features)
         was_training = guide.training
         guide.eval()
         try:
@@ -481,12 +562,20 @@ class HardNegativeLoss(nn.Module):
     def compute_loss_from_embeddings(
         self,
         embeddings: list[Tensor],
-        ids: list[Tensor] | None = None,
+        ids: list[Tensor] | Tensor | None = None,
         guide_embeddings: list[Tensor] | None = None,
     ) -> Tensor:
         """The loss from the columns' embeddings ``[anchor, positive, negative_1..k]`` (each
-        ``[B, d]``), optionally their ``[B]`` ids (equal id = duplicate text) and the guide's
-        embeddings of the same columns (``guide=``)."""
+        ``[B, d]``), optionally their ``[B]`` ids (equal id = duplicate text; ``text_ids`` of
+        each column's features) and the guide's embeddings of the same columns (``guide=``).
+
+        A single tensor in place of the ids is sentence-transformers' ``labels``: its composite
+        losses call ``compute_loss_from_embeddings(embeddings, labels)`` (e.g. the documented
+        InfoNCE + ``GlobalOrthogonalRegularizationLoss`` module), which failed inside
+        ``torch.stack``; the labels are noted once and not used, as in ``forward``."""
+        if isinstance(ids, Tensor):
+            self._note_labels(ids)
+            ids = None
         if self.needs_progress and self.progress is None:
             schedule = {k: v for k, v in self.strategy_hparams.items() if "anneal" in k}
             raise ValueError(
@@ -583,8 +672,9 @@ def _model_name(model: nn.Module) -> str:
 
 
 def _must_retokenize(model: nn.Module, guide: nn.Module) -> bool:
-    """Whether the guide needs its own tokens: another vocabulary, or a shorter
-    ``max_seq_length`` (the model's tokens would run past the guide's positions)."""
+    """Whether the guide needs its own tokens: another vocabulary, a shorter
+    ``max_seq_length`` (the model's tokens would run past the guide's positions), or another
+    layout (a ``StaticEmbedding``'s flat token stream against padded rows)."""
     mine, theirs = getattr(model, "tokenizer", None), getattr(guide, "tokenizer", None)
     if mine is None and theirs is None:  # encoders of the same features (no text to re-read)
         return False
@@ -596,14 +686,26 @@ def _must_retokenize(model: nn.Module, guide: nn.Module) -> bool:
         )
     longer = getattr(guide, "max_seq_length", None) or 0
     shorter = longer < (getattr(model, "max_seq_length", None) or 0)
-    return shorter or mine.get_vocab() != theirs.get_vocab()
+    # a StaticEmbedding's tokenizer is a bare tokenizers.Tokenizer (no batch_decode): with the
+    # same vocabulary its flat features still fail in a padded-rows encoder, and vice versa
+    flat = hasattr(mine, "batch_decode") != hasattr(theirs, "batch_decode")
+    return shorter or flat or mine.get_vocab() != theirs.get_vocab()
 
 
-def _retokenize(model: nn.Module, guide: nn.Module, features: dict[str, Tensor]) -> dict:
-    """The texts of ``features`` (decoded with the model's tokenizer) in the guide's tokens,
+def _retokenize(tokenizer: Any, guide: nn.Module, features: dict[str, Tensor]) -> dict:
+    """The texts of ``features`` (decoded with the model's ``tokenizer``) in the guide's tokens,
     on the features' device."""
     input_ids = features["input_ids"]
-    texts = model.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+    starts = _row_starts(features)
+    if starts is not None:  # a flat token stream: one list of ids per row
+        tokens = input_ids.reshape(-1)
+        bounds = [*starts.tolist(), int(tokens.shape[0])]
+        rows = [tokens[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+        # (a StaticEmbedding's tokenizers.Tokenizer names it decode_batch)
+        decode = getattr(tokenizer, "batch_decode", None) or tokenizer.decode_batch
+        texts = decode(rows, skip_special_tokens=True)
+    else:
+        texts = tokenizer.batch_decode(input_ids, skip_special_tokens=True)
     prepare = getattr(guide, "preprocess", None) or guide.tokenize
     out = prepare(texts)
     return {k: (v.to(input_ids.device) if isinstance(v, Tensor) else v) for k, v in out.items()}
@@ -612,6 +714,9 @@ def _retokenize(model: nn.Module, guide: nn.Module, features: dict[str, Tensor])
 def _batch_size(features: dict[str, Tensor]) -> int:
     if not features:
         return 0  # what a model's preprocess([]) gives
+    starts = _row_starts(features)
+    if starts is not None:  # a flat token stream: input_ids counts tokens, not rows
+        return int(starts.shape[0])
     for value in features.values():
         if isinstance(value, Tensor) and value.dim() > 0:
             return int(value.shape[0])
@@ -620,6 +725,31 @@ def _batch_size(features: dict[str, Tensor]) -> int:
 
 def _split(features: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
     total = _batch_size(features)
+    if "cu_seq_lens_q" in features:
+        # flash attention's packed rows (position ids, sequence ids, lengths): cut as
+        # sentence-transformers' own Cached losses cut them, with its helper (it packs rows and
+        # has the helper from version 6 on)
+        try:
+            from sentence_transformers.base.losses.gradcache import _create_minibatch
+        except ImportError as err:
+            raise ValueError(
+                "CachedHardNegativeLoss cuts rows packed for flash attention with "
+                "sentence-transformers' own helper (version 6 or later); use HardNegativeLoss, "
+                "or pad the rows (model[0].unpad_inputs = False)"
+            ) from err
+        return [_create_minibatch(features, start, start + size) for start in range(0, total, size)]
+    if _row_starts(features) is not None:
+        # rows start..end are the tokens offsets[start]..offsets[end] (one host sync per column)
+        tokens, offsets = features["input_ids"], features["offsets"]
+        bounds = [*offsets.tolist(), int(tokens.shape[0])]
+        return [
+            {
+                **features,
+                "input_ids": tokens[bounds[start] : bounds[min(start + size, total)]],
+                "offsets": offsets[start : start + size] - bounds[start],
+            }
+            for start in range(0, total, size)
+        ]
     return [
         {
             k: (v[start : start + size] if isinstance(v, Tensor) and v.dim() > 0 else v)
@@ -784,7 +914,8 @@ class CachedHardNegativeLoss(HardNegativeLoss):
 
 class ProgressCallback:
     """Keeps ``loss.progress`` (fraction of training done) current in
-    ``SentenceTransformerTrainer``, for strategies with a schedule::
+    ``SentenceTransformerTrainer``, for strategies with a schedule (0 until training begins, so
+    an evaluation before it, or ``eval_on_start``, sees the schedule's start)::
 
         trainer = SentenceTransformerTrainer(..., loss=loss, callbacks=[ProgressCallback(loss)])
     """
@@ -797,4 +928,9 @@ class ProgressCallback:
                 if state.max_steps:
                     loss.progress = min(1.0, state.global_step / state.max_steps)
 
+        # an evaluation before the first step (trainer.evaluate() before train(), eval_on_start)
+        # computes the loss at the schedule's start: it failed with "pass
+        # callbacks=[ProgressCallback(loss)]", the callback being there
+        if loss.progress is None:
+            loss.progress = 0.0
         return _Progress()

@@ -23,6 +23,7 @@ import socket
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 HUB_ORG = "sentence-transformers"
@@ -187,19 +188,24 @@ def _hub_host() -> str:
     return (url.hostname if url is not None else None) or "huggingface.co"
 
 
-def load_sentence_model(name_or_path: str = "all-MiniLM-L6-v2", *, device: str | None = None):
-    """A ``SentenceTransformer`` for ``name_or_path``; see :func:`_load`."""
-    return _load("SentenceTransformer", name_or_path, device)
+def load_sentence_model(
+    name_or_path: str = "all-MiniLM-L6-v2", *, device: str | None = None, **kwargs: Any
+):
+    """A ``SentenceTransformer`` for ``name_or_path`` (see the module doc), on ``device``
+    (default ``"cpu"``; a Trainer moves it to its own device); ``kwargs`` go to
+    ``SentenceTransformer`` as they are (``truncate_dim``, ``prompts``, ``model_kwargs``,
+    ``trust_remote_code``, ...: they were refused before 2026-12-03). See :func:`_load`."""
+    return _load("SentenceTransformer", name_or_path, device, **kwargs)
 
 
-def load_cross_encoder(name_or_path: str, *, device: str | None = None):
+def load_cross_encoder(name_or_path: str, *, device: str | None = None, **kwargs: Any):
     """A sentence-transformers ``CrossEncoder`` (a reranker, ``hardneg mine --cross-encoder``)
     for a local folder or a hub name, with the same offline handling as
-    :func:`load_sentence_model`."""
-    return _load("CrossEncoder", name_or_path, device)
+    :func:`load_sentence_model`; ``kwargs`` go to ``CrossEncoder``."""
+    return _load("CrossEncoder", name_or_path, device, **kwargs)
 
 
-def _load(kind: str, name_or_path: str, device: str | None):
+def _load(kind: str, name_or_path: str, device: str | None, **kwargs: Any):
     """A sentence-transformers model of the class ``kind`` for ``name_or_path`` (see the module
     doc). Raises
     ``ValueError`` for a likely misspelling of the packaged model's name
@@ -231,8 +237,8 @@ def _load(kind: str, name_or_path: str, device: str | None):
     try:
         model_class = getattr(sentence_transformers, kind)
         if offline:
-            return model_class(target, device=device or "cpu", local_files_only=True)
-        return model_class(target, device=device or "cpu")
+            kwargs["local_files_only"] = True
+        return model_class(target, device=device or "cpu", **kwargs)
     except OSError as err:
         if not _hub_unreachable(err):
             raise
