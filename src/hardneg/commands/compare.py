@@ -255,8 +255,10 @@ class Outcome:
 def closing_line(outcome: Outcome) -> str:
     """``N runs in S s; report: PATH``, with how many were reused (found finished in --out) and
     trained when some were: the seconds then time only part of the work."""
+    from hardneg.report import counted
+
     runs = len(outcome.records) + len(outcome.reseeded)
-    done = f"{runs} runs"
+    done = counted(runs, "run")
     if outcome.reused:
         done += f" ({outcome.reused} reused, {runs - outcome.reused} trained)"
     return f"{done} in {outcome.seconds:.0f} s; report: {outcome.report}"
