@@ -341,7 +341,10 @@ def test_train_scores_a_beir_split_before_and_after_training(model_and_folder, t
         assert metrics[f"beir_{key}_before"] == pytest.approx(before[key], abs=1e-6)
         assert metrics[f"beir_{key}_after"] == pytest.approx(after[key], abs=1e-6)
     assert metrics["beir_ndcg@10_before"] != metrics["beir_ndcg@10_after"]  # lr 1e-3 moved it
-    assert "(test) before training: nDCG@10" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "(test) before training: nDCG@10" in printed
+    before, after = metrics["beir_ndcg@10_before"], metrics["beir_ndcg@10_after"]
+    assert f"eval_data nDCG@10 {before:.3f} -> {after:.3f})" in printed  # the closing line
     bad = [
         "train",
         "--modality",

@@ -244,5 +244,10 @@ def run_text(args: argparse.Namespace) -> int:
         summary += (
             f", held-out MRR@10 {metrics['dev_mrr_before']:.3f} -> {metrics['dev_mrr_after']:.3f}"
         )
+    if "beir_ndcg@10_after" in metrics:
+        summary += (
+            f", eval_data nDCG@10 {metrics['beir_ndcg@10_before']:.3f} -> "
+            f"{metrics['beir_ndcg@10_after']:.3f}"
+        )
     print(f"done: {run_dir / 'model'} ({summary})")
     return 0
