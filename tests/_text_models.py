@@ -63,3 +63,22 @@ def tiny_model(
     transformer = models.Transformer(str(directory), max_seq_length=32)
     pooling = models.Pooling(transformer.get_word_embedding_dimension(), "mean")
     return SentenceTransformer(modules=[transformer, pooling], device="cpu")
+
+
+def saved_model_and_pairs(directory: Path, pairs: int = 20) -> tuple[Path, Path, list[str]]:
+    """A tiny model saved in ``directory / "model"`` and ``pairs`` (anchor, positive) rows of
+    distinct sentences in ``directory / "pairs.jsonl"``, each anchor's positive its next
+    sentence; returns ``(model folder, pairs file, the sentences)``."""
+    import json
+
+    model_dir = Path(directory) / "model"
+    tiny_model(Path(directory) / "bert").save(str(model_dir))
+    texts = list(dict.fromkeys(sentences(80, seed=5)))
+    rows = Path(directory) / "pairs.jsonl"
+    rows.write_text(
+        "".join(
+            json.dumps({"anchor": a, "positive": p}) + "\n"
+            for a, p in zip(texts, texts[1 : pairs + 1])
+        )
+    )
+    return model_dir, rows, texts

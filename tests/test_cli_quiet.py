@@ -125,15 +125,9 @@ def test_quiet_compare_prints_the_table_and_the_report_only(tmp_path, capsys):
 
 def test_quiet_mine_prints_the_mined_line_only(tmp_path, capsys):
     pytest.importorskip("sentence_transformers")
-    from _text_models import sentences, tiny_model
+    from _text_models import saved_model_and_pairs
 
-    model_dir = tmp_path / "model"
-    tiny_model(tmp_path / "bert").save(str(model_dir))
-    texts = list(dict.fromkeys(sentences(80, seed=5)))
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text(
-        "".join(json.dumps({"anchor": a, "positive": p}) + "\n" for a, p in zip(texts, texts[1:21]))
-    )
+    model_dir, pairs, texts = saved_model_and_pairs(tmp_path)
     args = ["mine", "--data", str(pairs), "--model", str(model_dir), "--num-negatives", "2"]
     assert main([*args, "--output", str(tmp_path / "loud.jsonl")]) == 0
     loud = lines(capsys.readouterr().out)

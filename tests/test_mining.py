@@ -455,19 +455,13 @@ def test_torchrun_cli_writes_the_rows_of_one_process_from_rank_0_only(tmp_path):
     import sys
     from pathlib import Path
 
-    from _text_models import sentences, tiny_model
+    from _text_models import saved_model_and_pairs
 
     from hardneg import cli
 
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    model_dir = tmp_path / "model"
-    tiny_model(tmp_path / "bert").save(str(model_dir))
-    texts = list(dict.fromkeys(sentences(80, seed=5)))
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text(
-        "".join(json.dumps({"anchor": a, "positive": p}) + "\n" for a, p in zip(texts, texts[1:21]))
-    )
+    model_dir, pairs, texts = saved_model_and_pairs(tmp_path)
     (tmp_path / "corpus.txt").write_text("\n".join(texts[10:]) + "\n")  # 1..9 are outside
     common = ["--data", str(pairs), "--corpus", str(tmp_path / "corpus.txt")]
     common += ["--model", str(model_dir), "--num-negatives", "3", "--format", "n-tuple"]
