@@ -110,7 +110,8 @@ def test_judgements_of_unknown_ids_are_dropped_and_counted(tmp_path, caplog):
         ),
         (
             lambda f: (f / "qrels" / "dev.tsv").write_text("q1\td1\n"),
-            "dev.tsv:1: expected query-id<TAB>corpus-id<TAB>integer score, got 'q1\\td1'",
+            "dev.tsv:1: expected query-id<TAB>corpus-id<TAB>integer score (BEIR) or query iteration "
+            "document grade (TREC), got 'q1\\td1'",
         ),
         (
             lambda f: (f / "qrels" / "dev.tsv").write_text(
@@ -396,3 +397,10 @@ def test_evaluate_beir_embeds_the_corpus_chunk_by_chunk(tmp_path):
     assert calls == [6, 20] and chunked == whole
     with pytest.raises(ValueError, match="corpus_chunk_size"):
         evaluate_beir(encode, data, corpus_chunk_size=0)
+
+
+def test_trec_qrels_with_four_columns_are_read_as_beir_s_three(tmp_path):
+    folder = small_folder(tmp_path)
+    # TREC / MS MARCO: query iteration document grade, spaces or tabs, no header
+    (folder / "qrels" / "trec.tsv").write_text("q1 0 d1 2\nq1\t0\t3\t0\n\nq2 Q0 d2 1\n")
+    assert load_beir(folder, "trec").qrels == load_beir(folder, "test").qrels

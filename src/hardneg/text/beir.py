@@ -6,6 +6,7 @@ tasks and most retrieval training sets also use, is a folder with::
     corpus.jsonl        {"_id": "d1", "title": "...", "text": "..."} per line (title optional)
     queries.jsonl       {"_id": "q1", "text": "..."} per line
     qrels/<split>.tsv   a header line, then  query-id <TAB> corpus-id <TAB> score  per line
+                        (TREC's four columns, query 0 document grade, are read too)
 
 A document's text is ``title + " " + text`` (what BEIR's dense encoders embed), its text alone
 without a title. A score is an integer grade; ``> 0`` is relevant (trec_eval's default
@@ -31,7 +32,6 @@ breaks them by document id).
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -176,20 +176,27 @@ def _field(row: dict, key: str, where: str) -> str:
 
 
 def _qrels(path: Path):
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        for number, fields in enumerate(reader, start=1):
+    """``(where, (query id, document id, grade))`` per judgement: BEIR's three tab-separated
+    columns (after an optional header), or TREC's four (``query iteration document grade``,
+    tabs or spaces, as MS MARCO's and TREC's qrels files are written; the iteration is
+    ignored)."""
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
             where = f"{path}:{number}"
+            fields = line.rstrip("\r\n").split("\t") if "\t" in line else line.split()
+            if not "".join(fields).strip():
+                continue
             if number == 1 and len(fields) == 3 and not _is_integer(fields[2]):
                 continue  # the header (query-id, corpus-id, score)
-            if not fields or not "".join(fields).strip():
-                continue
-            if len(fields) != 3 or not _is_integer(fields[2]):
+            if len(fields) == 4 and _is_integer(fields[3]):
+                yield where, (fields[0], fields[2], int(fields[3]))
+            elif len(fields) == 3 and _is_integer(fields[2]):
+                yield where, (fields[0], fields[1], int(fields[2]))
+            else:
                 raise ValueError(
-                    f"{where}: expected query-id<TAB>corpus-id<TAB>integer score, got "
-                    f"{chr(9).join(fields)!r}"
+                    f"{where}: expected query-id<TAB>corpus-id<TAB>integer score (BEIR) or "
+                    f"query iteration document grade (TREC), got {line.rstrip()!r}"
                 )
-            yield where, (fields[0], fields[1], int(fields[2]))
 
 
 def _is_integer(text: str) -> bool:
