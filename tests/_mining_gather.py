@@ -22,6 +22,17 @@ class FakeModel:
         return torch.stack(rows)
 
 
+class FakeReranker:
+    """A fixed score per (query, text) pair; counts the pairs it was asked (the work a rank did)."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def predict(self, pairs, batch_size=32, show_progress_bar=False):
+        self.asked += len(pairs)
+        return [(zlib.crc32(f"{q}|{t}".encode()) % 1000) / 1000 for q, t in pairs]
+
+
 def data():
     """37 queries; positives 0..29 are in a corpus of 101 texts (with a duplicate), 30..36 not."""
     queries = [f"query {i}" for i in range(37)]
@@ -36,18 +47,24 @@ SETTINGS = {
     "hcl": dict(sampling="hcl", num_negatives=2, output_format="triplet", absolute_margin=0.01),
     "ring": dict(sampling="ring", num_negatives=2, range_max=40, ring_rho_out=0.6),
     "random": dict(sampling="random", num_negatives=5, min_score=-0.5, max_score=0.9),
+    # a reranker (its scores in [0, 1)): each rank scores a share of the queries
+    "rerank": dict(sampling="top", num_negatives=3, range_min=1, range_max=10, absolute_margin=0.0),
 }
 
 
 def mine_all() -> dict[str, list]:
     queries, positives, corpus = data()
     out = {}
+    reranker = FakeReranker()
     for name, settings in SETTINGS.items():
         kwargs = {"output_format": "n-tuple", "query_chunk_size": 7, "corpus_chunk_size": 11}
         kwargs.update(settings)
+        if name == "rerank":
+            kwargs["cross_encoder"] = reranker
         out[name] = mine_hard_negatives(
             queries, positives, corpus, model=FakeModel(), seed=3, **kwargs
         )
+    out["pairs_asked"] = reranker.asked
     return out
 
 

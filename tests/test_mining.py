@@ -331,12 +331,16 @@ def test_two_gloo_processes_mine_the_same_negatives_as_one(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(run_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     single = json.loads(json.dumps(mine_all()))
+    asked = []
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        asked.append(got.pop("pairs_asked"))
         assert set(got) == set(SETTINGS)
         for name in SETTINGS:
             assert got[name] == single[name], (rank, name)
             assert len(single[name]) >= 12  # the comparison is not vacuous
+    # the reranking was shared out: each rank scored about half of one process's pairs
+    assert sum(asked) == single["pairs_asked"] and max(asked) < 0.6 * single["pairs_asked"]
 
 
 def sorted_candidates(rows: int, width: int, seed: int = 0):

@@ -911,28 +911,39 @@ def rescore_candidates(
     corpus[index[i, m]])``, the candidates of a row sorted by those scores (descending; the
     excluded ``-inf`` ones stay last), and each ``(queries[i], positives[i])`` pair scored.
     A query text repeated (an anchor with several positives) has the same candidates: its pairs
-    are scored once."""
+    are scored once. Under ``torch.distributed`` each rank scores a contiguous share of the
+    distinct queries and of the positive pairs, and the shares are all-gathered: every rank
+    returns what one process computes."""
     first: dict[str, int] = {}
     rows = [first.setdefault(q, i) for i, q in enumerate(queries)]
     distinct = sorted(set(rows))
+    rank, world = _world()
+    lo, hi = shard_bounds(len(distinct), rank, world)
+    p_lo, p_hi = shard_bounds(len(queries), rank, world)
     finite = torch.isfinite(scores)
     pairs, where = [], []
-    for i in distinct:
+    for n, i in enumerate(distinct[lo:hi]):
         for m in torch.nonzero(finite[i]).flatten().tolist():
             pairs.append((queries[i], corpus[int(index[i, m])]))
-            where.append((i, m))
-    judged = _predict(cross_encoder, [*pairs, *zip(queries, positives)], batch_size)
-    rescored = torch.full(scores.shape, float("-inf"), dtype=torch.float64)
+            where.append((n, m))
+    own_positives = list(zip(queries[p_lo:p_hi], positives[p_lo:p_hi]))
+    judged = _predict(cross_encoder, [*pairs, *own_positives], batch_size)
+    part = torch.full((hi - lo, scores.shape[1]), float("-inf"), dtype=torch.float64)
     if where:
         at = torch.tensor(where)
-        rescored[at[:, 0], at[:, 1]] = judged[: len(where)]
+        part[at[:, 0], at[:, 1]] = judged[: len(where)]
+    positive = judged[len(where) :].unsqueeze(1)
+    if world > 1:  # the shares in rank order: the distinct rows, then the pairs, in order
+        part, positive = _gather_rows(part), _gather_rows(positive)
     # the rows of a repeated query text take its first row's candidates and scores
-    rescored, index = rescored[rows], index[rows]
+    position = {i: n for n, i in enumerate(distinct)}
+    rescored = part[[position[r] for r in rows]]
+    index = index[rows]
     order = torch.sort(rescored, dim=1, descending=True, stable=True).indices
     return (
         rescored.gather(1, order).to(scores.dtype),
         index.gather(1, order),
-        judged[len(where) :].to(scores.dtype).unsqueeze(1),
+        positive.to(scores.dtype),
     )
 
 
@@ -943,6 +954,8 @@ def _predict(cross_encoder: Any, pairs: list[tuple[str, str]], batch_size: int) 
             "cross_encoder must have a predict(pairs, batch_size=...) method (a "
             f"sentence-transformers CrossEncoder), got {type(cross_encoder).__name__}"
         )
+    if not pairs:  # (a rank whose share is empty)
+        return torch.zeros(0, dtype=torch.float64)
     out = cross_encoder.predict(pairs, batch_size=batch_size, show_progress_bar=False)
     out = out.detach().cpu() if torch.is_tensor(out) else torch.as_tensor(np.asarray(out))
     out = out.to(torch.float64)
