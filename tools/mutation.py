@@ -89,6 +89,30 @@ TRAINER_TESTS = [
 # bounds of what the whole suite kills.
 ORACLES = ["tests/test_core.py", "tests/test_gradient_oracles.py"]
 
+# HCL's graph objective and InfoGraph: the JSD_hard oracle (the authors' code restated) and the
+# InfoGraph unit tests of tests/test_graph.py (about 10 s); not the graph training runs, the data
+# loaders or the compare command, which reach these modules only through the same calls
+GRAPH_LOSS_TESTS = [
+    f"tests/test_graph.py::{name}"
+    for name in (
+        "test_jsd_hard_equals_the_authors_formula",
+        "test_jsd_hard_float32_and_the_directions_differ",
+        "test_authors_weights_favour_low_scores",
+        "test_jsd_hard_needs_two_graphs_and_valid_options",
+        "test_infograph_contrast_pairs_nodes_with_their_graph",
+        "test_infograph_jsd_is_infographs_loss",
+        "test_infograph_defaults_and_errors",
+        "test_infograph_refuses_settings_its_objective_never_reads",
+        "test_infograph_applies_the_settings_its_objective_reads",
+        "test_infograph_trains_with_every_strategy",
+    )
+]
+# the kNN monitor and the linear probe: their own tests (tests/test_eval.py, about 6 s)
+EVAL_TESTS = ["tests/test_eval.py"]
+# the beta and rho_out schedules: the reference policies of tests/test_losses_reference.py and
+# the strategies that call them (HCL's beta_anneal, Ring's anneal)
+SCHEDULE_TESTS = ["tests/test_losses_reference.py", "tests/test_ring_strategy.py"]
+
 # name -> (files mutated, tests run)
 MODULES: dict[str, tuple[list[str], list[str]]] = {
     "objectives": (["src/hardneg/objectives.py"], ["tests/test_objectives.py", *ORACLES]),
@@ -142,6 +166,14 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "checkpoint": (["src/hardneg/train/checkpoint.py"], CHECKPOINT_TESTS),
     "optim": (["src/hardneg/train/optim.py"], TRAIN_TESTS),
     "trainer": (["src/hardneg/train/trainer.py"], TRAINER_TESTS),
+    "graph/jsd_hard": (["src/hardneg/graph/jsd_hard.py"], GRAPH_LOSS_TESTS),
+    "graph/infograph": (["src/hardneg/graph/infograph.py"], GRAPH_LOSS_TESTS),
+    "evaluation/knn": (["src/hardneg/evaluation/knn.py"], EVAL_TESTS),
+    "evaluation/linear": (["src/hardneg/evaluation/linear.py"], EVAL_TESTS),
+    "schedules": (["src/hardneg/schedules.py"], SCHEDULE_TESTS),
+    # offline mining: its own tests (tests/test_mining.py, about 1 min in all; each mutant
+    # re-runs only the tests that reach its function)
+    "mining": (["src/hardneg/mining.py"], ["tests/test_mining.py"]),
 }
 
 
