@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -148,6 +149,81 @@ def test_jsd_hard_needs_two_graphs_and_valid_options():
         jsd_hard_loss(contrast, beta=1.0, direction="easy")
     with pytest.raises(ValueError, match="beta"):
         jsd_hard_loss(contrast, beta=-1.0)
+
+
+@pytest.mark.parametrize("beta", [0.0, 2.0])
+@pytest.mark.parametrize("tau", [0.2, 0.7])
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("num_graphs", [2, 5])
+def test_jsd_hard_equals_the_authors_formula_for_any_tau_temperature_and_two_graphs(
+    beta, tau, temperature, num_graphs
+):
+    # the authors' code scores raw products l g^T whatever the contrast set's temperature (its
+    # logits are products / t), takes tau_plus as the class prior, and runs from two graphs up
+    l_enc, g_enc, batch = random_node_graph(3, n=12, g=num_graphs)
+    contrast = build_contrast(
+        l_enc, g_enc, positive_index=batch[:, None], normalize=False, temperature=temperature
+    )
+    ours = jsd_hard_loss(contrast, beta=beta, tau=tau)
+    theirs = authors_jsd_hard(l_enc, g_enc, batch, beta, tau_plus=tau)
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0), (float(ours), float(theirs))
+    for a, b in zip(
+        torch.autograd.grad(ours, (l_enc, g_enc)), torch.autograd.grad(theirs, (l_enc, g_enc))
+    ):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_jsd_hard_refuses_bad_settings_and_contrast_sets_with_the_exact_message():
+    l_enc, g_enc, batch = random_node_graph(0, n=12, g=3)
+    pairs = build_contrast(
+        l_enc, g_enc, positive_index=batch[:, None], normalize=False, temperature=1.0
+    )
+    for kwargs, message in [
+        ({"beta": -1.0}, "beta must be in [0, inf), got -1.0"),
+        ({"beta": 1.0, "tau": -0.1}, "tau must be in [0, 1), got -0.1"),
+        ({"beta": 1.0, "tau": 1.0}, "tau must be in [0, 1), got 1.0"),  # rho = tau / (1 - tau)
+        ({"beta": 1.0, "tau": 1.5}, "tau must be in [0, 1), got 1.5"),
+        (
+            {"beta": 1.0, "direction": "easy"},
+            "direction must be one of 'authors', 'hard', got 'easy'",
+        ),
+    ]:
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            jsd_hard_loss(pairs, beta=kwargs.pop("beta"), **kwargs)
+    # each node has exactly one graph: a second positive or extra per-node columns are refused
+    two_positives = build_contrast(
+        l_enc,
+        g_enc,
+        positive_index=torch.stack([batch, (batch + 1) % 3], dim=1),
+        normalize=False,
+        temperature=1.0,
+    )
+    extra_columns = build_contrast(
+        l_enc,
+        g_enc,
+        positive_index=batch[:, None],
+        anchor_columns=torch.randn(12, 2, 8, dtype=torch.float64),
+        normalize=False,
+        temperature=1.0,
+    )
+    for contrast in (two_positives, extra_columns):
+        with pytest.raises(
+            ValueError,
+            match="^jsd_hard_loss expects node-graph pairs: one positive column per node$",
+        ):
+            jsd_hard_loss(contrast, beta=1.0)
+    one_graph = build_contrast(
+        l_enc,
+        g_enc[:1],
+        positive_index=torch.zeros(12, 1, dtype=torch.long),
+        normalize=False,
+        temperature=1.0,
+    )
+    with pytest.raises(
+        ValueError,
+        match="^the Jensen-Shannon graph objective needs at least 2 graphs per batch$",
+    ):
+        jsd_hard_loss(one_graph, beta=1.0)
 
 
 # --- small graphs ---------------------------------------------------------------------------------

@@ -99,6 +99,8 @@ GRAPH_LOSS_TESTS = [
         "test_jsd_hard_float32_and_the_directions_differ",
         "test_authors_weights_favour_low_scores",
         "test_jsd_hard_needs_two_graphs_and_valid_options",
+        "test_jsd_hard_equals_the_authors_formula_for_any_tau_temperature_and_two_graphs",
+        "test_jsd_hard_refuses_bad_settings_and_contrast_sets_with_the_exact_message",
         "test_infograph_contrast_pairs_nodes_with_their_graph",
         "test_infograph_jsd_is_infographs_loss",
         "test_infograph_defaults_and_errors",
