@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -124,6 +125,92 @@ def test_knn_rejects_bad_inputs_with_a_clear_message(kwargs, message):
             "test_labels": torch.tensor([0])}  # fmt: skip
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
+        weighted_knn(**args)
+
+
+def knn_vote_float64(train_f, train_y, test_f, k, temperature, num_classes):
+    """The weighted vote restated one test row at a time in float64: sort the cosines, keep the
+    k largest, add exp(s / t) to each neighbour's class."""
+    train = train_f.double() / train_f.double().norm(dim=1, keepdim=True)
+    scores = torch.zeros(test_f.shape[0], num_classes, dtype=torch.float64)
+    for i, row in enumerate(test_f.double()):
+        sims = train @ (row / row.norm())
+        for j in sims.argsort(descending=True)[:k].tolist():
+            scores[i, int(train_y[j])] += math.exp(float(sims[j]) / temperature)
+    return scores
+
+
+def test_weighted_knn_votes_with_200_neighbours_and_t_0_1_by_default():
+    # 100 class-0 points at 1 deg, 100 class-1 points at 1.5 deg, 60 class-1 points at 2 deg from
+    # the test point: the 200 nearest give class 0 a 0.2 % lead at t = 0.1, a 201st neighbour
+    # (a class-1 point at 2 deg) gives the vote to class 1
+    train_f = torch.tensor([unit(1.0)] * 100 + [unit(1.5)] * 100 + [unit(2.0)] * 60)
+    train_y = torch.tensor([0] * 100 + [1] * 160)
+    test_f, test_y = torch.tensor([unit(0.0)]), torch.tensor([0])
+    for k, winner in ((200, 0), (201, 1)):
+        assert int(knn_vote_float64(train_f, train_y, test_f, k, 0.1, 2).argmax()) == winner
+    assert weighted_knn(train_f, train_y, test_f, test_y) == {"top1": 100.0, "top5": 100.0}
+
+
+def test_weighted_knn_counts_a_class_seen_only_in_the_test_labels():
+    # num_classes defaults to the largest label of either split: with 3 classes every label is
+    # within the top 5, class 2 included, though no train point votes for it
+    train_y = torch.tensor([0, 1, 1, 0])
+    for chunk_size in (1, 1024):
+        result = weighted_knn(
+            TRAIN_F, train_y, TEST_F, torch.tensor([2]), k=3, chunk_size=chunk_size
+        )
+        assert result == {"top1": 0.0, "top5": 100.0}
+
+
+def test_knn_with_a_single_train_point_and_chunks_of_one_row():
+    test_f = torch.tensor([unit(10), unit(170), unit(-5)])
+    expected = knn_vote_float64(TRAIN_F, TRAIN_Y, test_f, 3, 0.5, 3)
+    scores = knn_scores(TRAIN_F, TRAIN_Y, test_f, k=3, temperature=0.5, chunk_size=1)
+    # the scores carry the row factor exp(-max s / t): compare each row normalised to sum 1
+    torch.testing.assert_close(
+        scores.double() / scores.double().sum(1, keepdim=True),
+        expected / expected.sum(1, keepdim=True),
+    )
+    alone = weighted_knn(TRAIN_F[:1], TRAIN_Y[:1], test_f, torch.tensor([0, 0, 0]), k=5)
+    assert alone == {"top1": 100.0, "top5": 100.0}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"test_labels": torch.tensor([0, 1, 2])},
+            "test_features has 1 rows but test_labels has 3",
+        ),
+        (
+            {"train_labels": torch.tensor([0, 1])},
+            "train_features has 4 rows but train_labels has 2",
+        ),
+        (
+            {"train_features": TRAIN_F[:, :, None]},
+            "features must be 2-D [rows, dim], got (4, 2, 1) and (1, 2)",
+        ),
+        (
+            {"test_features": TEST_F[:, :, None]},
+            "features must be 2-D [rows, dim], got (4, 2) and (1, 2, 1)",
+        ),
+        (
+            {"train_features": TRAIN_F[:0], "train_labels": TRAIN_Y[:0], "num_classes": 3},
+            "the train set is empty",
+        ),
+        (
+            {"train_labels": torch.tensor([0, 1, -1, 2])},
+            "train labels must be >= 0 (drop unlabelled examples before the kNN)",
+        ),
+        ({"chunk_size": 0}, "chunk_size must be >= 1, got 0"),
+    ],
+)
+def test_knn_refusals_carry_their_exact_message(kwargs, message):
+    args = {"train_features": TRAIN_F, "train_labels": TRAIN_Y, "test_features": TEST_F,
+            "test_labels": torch.tensor([0])}  # fmt: skip
+    args.update(kwargs)
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         weighted_knn(**args)
 
 
