@@ -115,6 +115,10 @@ EVAL_TESTS = ["tests/test_eval.py"]
 # the strategies that call them (HCL's beta_anneal, Ring's anneal)
 SCHEDULE_TESTS = ["tests/test_losses_reference.py", "tests/test_ring_strategy.py"]
 
+# offline mining (tests/test_mining.py) and its helpers called directly (the cache fingerprint,
+# the candidates' contrast set, the row files: tests/test_mining_units.py)
+MINING_TESTS = ["tests/test_mining.py", "tests/test_mining_units.py"]
+
 # name -> (files mutated, tests run)
 MODULES: dict[str, tuple[list[str], list[str]]] = {
     "objectives": (["src/hardneg/objectives.py"], ["tests/test_objectives.py", *ORACLES]),
@@ -175,10 +179,10 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "schedules": (["src/hardneg/schedules.py"], SCHEDULE_TESTS),
     # offline mining: its own tests (tests/test_mining.py but the two multi-process runs below,
     # about 25 s; each mutant re-runs only the tests that reach its function)
-    "mining": (["src/hardneg/mining.py"], ["tests/test_mining.py"]),
+    "mining": (["src/hardneg/mining.py"], MINING_TESTS),
     # the same with the two-process gloo test (its children import mutmut's copy and inherit
     # the mutant's name): for the survivors of the sharded helpers, named on the command line
-    "mining-sharded": (["src/hardneg/mining.py"], ["tests/test_mining.py"]),
+    "mining-sharded": (["src/hardneg/mining.py"], MINING_TESTS),
 }
 
 
