@@ -4,6 +4,7 @@ set, and the row files (jsonl, parquet, csv, txt) with their error messages."""
 from __future__ import annotations
 
 import re
+import zlib
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from hardneg.mining import (
     column_texts,
     embed_texts,
     load_rows,
+    mine_hard_negatives,
     model_fingerprint,
     save_rows,
     sharded_top_k,
@@ -297,3 +299,171 @@ def test_sharded_top_k_in_one_process_returns_global_indices_and_pads_a_small_sh
     s1, i1 = sharded_top_k(queries, shard, offset, 1)
     s_all, i_all = chunked_top_k(queries, shard, 1)
     assert torch.equal(i1, i_all + offset) and torch.equal(s1, s_all)
+
+
+# --- mine_hard_negatives: its defaults, its settings' path to the sampler, its refusals -----------
+class Texts:
+    """A deterministic random vector per text (as test_mining's FakeModel), recording the
+    batch size each encode call received."""
+
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+
+    def vector(self, text: str) -> torch.Tensor:
+        return torch.randn(16, generator=torch.Generator().manual_seed(zlib.crc32(text.encode())))
+
+    def encode(self, texts, batch_size=32, convert_to_tensor=True, show_progress_bar=False):
+        self.batch_sizes.append(batch_size)
+        return torch.stack([self.vector(t) for t in texts])
+
+
+def pairs(n_queries=12, n_corpus=60):
+    queries = [f"query {i}" for i in range(n_queries)]
+    positives = [f"doc {i}" for i in range(n_queries)]
+    corpus = positives + [f"doc {i}" for i in range(n_queries, n_corpus)]
+    return queries, positives, corpus
+
+
+def ranked_candidates(model, query, corpus, skip):
+    """The corpus texts by decreasing cosine with ``query``, without ``skip``."""
+    q = torch.nn.functional.normalize(model.vector(query), dim=0)
+    cos = {t: float(q @ torch.nn.functional.normalize(model.vector(t), dim=0)) for t in corpus}
+    return sorted((t for t in corpus if t not in skip), key=lambda t: -cos[t])
+
+
+def test_mine_defaults_one_top_negative_per_pair_batches_of_64_and_seed_0():
+    model = Texts()
+    queries, positives, corpus = pairs()
+    rows = mine_hard_negatives(queries, positives, corpus, model=model)
+    assert set(model.batch_sizes) == {64}
+    assert [r["negative"] for r in rows] == [
+        ranked_candidates(model, q, corpus, {p})[0] for q, p in zip(queries, positives)
+    ]
+    drawn = mine_hard_negatives(queries, positives, corpus, model=model, sampling="random")
+    seeded = [
+        mine_hard_negatives(queries, positives, corpus, model=model, sampling="random", seed=s)
+        for s in (0, 1)
+    ]
+    assert drawn == seeded[0] and drawn != seeded[1]
+
+
+def test_positives_outside_the_corpus_are_embedded_and_never_candidates():
+    model = Texts()
+    queries, positives, corpus = pairs()
+    rows = mine_hard_negatives(
+        queries, positives, corpus[12:], model=model, output_format="n-tuple", num_negatives=2
+    )
+    for q, row in zip(queries, rows):
+        assert [row["negative_1"], row["negative_2"]] == ranked_candidates(
+            model, q, corpus[12:], ()
+        )[:2]
+
+
+def test_the_default_window_is_30_candidates_or_3_per_negative():
+    model = Texts()
+    queries, positives, corpus = pairs(12, 70)
+    for num_negatives, window in ((10, 30), (11, 33)):
+        rows = mine_hard_negatives(
+            queries, positives, corpus, model=model, sampling="random",
+            num_negatives=num_negatives, output_format="n-tuple",
+        )  # fmt: skip
+        ranks = set()
+        for q, p, row in zip(queries, positives, rows):
+            order = ranked_candidates(model, q, corpus, {p})
+            ranks |= {order.index(row[f"negative_{m + 1}"]) for m in range(num_negatives)}
+        # uniform draws of 10 (11) among the window: over 12 queries its last rank comes up
+        assert max(ranks) == window - 1, (num_negatives, sorted(ranks))
+
+
+def test_every_sampler_setting_reaches_the_sampler(monkeypatch):
+    from hardneg import mining
+
+    given = dict(
+        simans_a=2.0, simans_b=0.1, hcl_beta=3.0, temperature=0.2, ring_rho_out=0.7,
+        ring_rho_in=0.2, potential_a=0.8, potential_b=0.05, potential_clamp=0.9,
+    )  # fmt: skip
+    seen = []
+    original = mining.pick_negatives
+
+    def spy(*args, **kwargs):
+        seen.append(args[7])  # the options, the one positional argument after the generator
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mining, "pick_negatives", spy)
+    queries, positives, corpus = pairs()
+    mine_hard_negatives(queries, positives, corpus, model=Texts(), sampling="ring", **given)
+    assert seen == [mining.SamplerOptions(**given)]
+
+
+class Columns:
+    """Anything with column_names is taken for a dataset."""
+
+    column_names = ["anchor", "positive"]
+
+
+QUERIES, POSITIVES, CORPUS = pairs(4, 24)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, message",
+    [
+        ((Columns(), POSITIVES), {}, "give either a dataset or queries and positives, not both"),
+        ((["a", 3, None], POSITIVES), {}, "queries must hold strings; entry 1 is int"),
+        ((QUERIES, None), {}, "positives is required"),
+        ((QUERIES, [*POSITIVES[:3], 4.0]), {}, "positives must hold strings; entry 3 is float"),
+        (([], []), {}, "no queries to mine for"),
+        ((QUERIES, POSITIVES, ["a", 2]), {}, "corpus must hold strings; entry 1 is int"),
+        ((QUERIES, POSITIVES, []), {}, "the corpus is empty"),
+        ((), {"num_negatives": 1.5}, "num_negatives must be an integer, got 1.5"),
+        ((), {"batch_size": 2.5}, "batch_size must be an integer, got 2.5"),
+        ((), {"query_chunk_size": 1.5}, "query_chunk_size must be an integer, got 1.5"),
+        (
+            (),
+            {"output_format": "x"},
+            "output_format must be one of 'triplet', 'n-tuple', 'labeled-pair', 'labeled-list', got 'x'",
+        ),
+        ((), {"output_scores": 1}, "output_scores must be True or False, got 1"),
+        ((), {"query_prompt": 3}, "query_prompt must be a string, got int"),
+        ((), {"query_prompt_name": 3}, "query_prompt_name must be a string, got int"),
+        ((), {"corpus_prompt": 3}, "corpus_prompt must be a string, got int"),
+        ((), {"corpus_prompt_name": 3}, "corpus_prompt_name must be a string, got int"),
+        (
+            (),
+            {"corpus_prompt": "a", "corpus_prompt_name": "b"},
+            "give corpus_prompt or corpus_prompt_name, not both",
+        ),
+        (
+            (),
+            {"sampling": "hard"},
+            "sampling must be one of 'top', 'random', 'simans', 'hcl', 'ring', 'potential', got 'hard'",
+        ),
+        ((), {"range_min": -1}, "range_min must be in [0, inf), got -1"),
+        ((), {"range_min": 1.5}, "range_min must be an integer, got 1.5"),
+        ((), {"range_max": 0}, "range_max must be in [1, inf), got 0"),
+        ((), {"range_max": 2.5}, "range_max must be an integer, got 2.5"),
+        ((), {"range_min": 3, "range_max": 3}, "range_max (3) must be larger than range_min (3)"),
+        (
+            (),
+            {"range_min": 2, "range_max": 3, "num_negatives": 2},
+            "the window [range_min, range_max) = [2, 3) holds fewer candidates than num_negatives = 2",
+        ),
+        ((), {"absolute_margin": -0.1}, "absolute_margin must be in [0, inf), got -0.1"),
+        ((), {"relative_margin": -0.1}, "relative_margin must be in [0, inf), got -0.1"),
+        (
+            (),
+            {"min_score": 0.9, "max_score": 0.1},
+            "min_score (0.9) is above max_score (0.1): no score can pass both; min_score must be <= max_score",
+        ),
+    ],
+)
+def test_mining_refusals_carry_their_exact_message(args, kwargs, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        mine_hard_negatives(*(args or (QUERIES, POSITIVES, CORPUS)), model=Texts(), **kwargs)
+
+
+def test_a_window_of_one_rank_mines_the_top_candidate():
+    model = Texts()
+    rows = mine_hard_negatives(QUERIES, POSITIVES, CORPUS, model=model, range_max=1)
+    assert [r["negative"] for r in rows] == [
+        ranked_candidates(model, q, CORPUS, {p})[0] for q, p in zip(QUERIES, POSITIVES)
+    ]
