@@ -263,6 +263,107 @@ def test_linear_probe_is_deterministic_and_invariant_to_feature_scale():
     assert abs(c["top1"] - a["top1"]) <= 1.0
 
 
+def probe_optimum_float64(x, y, num_classes, weight_decay, steps=4000):
+    """The probe's problem restated and solved apart: standardise with the train mean and
+    population std, then minimise mean cross-entropy + (weight_decay / 2) ||W||^2 (the bias
+    free) by full-batch Newton-free gradient descent in float64 from zero."""
+    x = x.double()
+    mean, std = x.mean(0), x.std(0, unbiased=False)
+    z = (x - mean) / std
+    w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(z @ w.T + b, y) + 0.5 * weight_decay * (w * w).sum()
+        gw, gb = torch.autograd.grad(loss, (w, b))
+        with torch.no_grad():
+            w -= 0.5 * gw
+            b -= 0.5 * gb
+    return lambda t: ((t.double() - mean) / std) @ w.detach().T + b.detach()
+
+
+def imbalanced_overlapping(seed: int):
+    """Two classes, 85 / 15, overlapping on feature 0 (scale 0.3); feature 1 is noise at scale
+    10: the bias, the weight decay and the per-feature scaling all move the boundary."""
+    gen = torch.Generator().manual_seed(seed)
+    y = (torch.arange(100) >= 85).long()
+    x0 = 0.3 * (torch.randn(100, generator=gen) + 1.5 * y)
+    x1 = 10 * torch.randn(100, generator=gen)
+    return torch.stack([x0, x1], dim=1).double(), y
+
+
+@pytest.mark.parametrize("weight_decay", [None, 0.1])
+def test_linear_probe_predicts_as_the_optimum_of_its_objective(weight_decay):
+    x, y = imbalanced_overlapping(5)
+    decay = 1e-3 if weight_decay is None else weight_decay  # the documented default
+    scores = probe_optimum_float64(x, y, 2, decay)
+    gen = torch.Generator().manual_seed(6)
+    test = torch.stack(
+        [0.3 * 10 * (torch.rand(4000, generator=gen) - 0.3), 10 * torch.randn(4000, generator=gen)],
+        1,
+    )
+    s = scores(test)
+    clear = (s[:, 1] - s[:, 0]).abs() > 0.05  # away from the boundary: no rounding decides
+    test_y = s.argmax(1)[clear]
+    assert 0 < int(test_y.sum()) < int(clear.sum())  # both classes predicted: not vacuous
+    kwargs = {} if weight_decay is None else {"weight_decay": weight_decay}
+    # float64 features: the probe trains in float32 whatever it is given
+    result = linear_probe(x, y, test[clear].double(), test_y, **kwargs)
+    assert result["top1"] == 100.0
+    train_pred = scores(x).argmax(1)
+    assert result["train_top1"] == pytest.approx(100.0 * float((train_pred == y).double().mean()))
+
+
+def test_linear_probe_with_adam_counts_its_steps_and_stops_on_a_multiple_of_10():
+    x, y = blobs(60, 4, 3, seed=4)
+    five = linear_probe(x[:40], y[:40], x[40:], y[40:], optimizer="adam", max_iter=5, tol=0.0)
+    assert five["iterations"] == 5.0
+    none = linear_probe(x[:40], y[:40], x[40:], y[40:], optimizer="adam", max_iter=0)
+    assert none["iterations"] == 0.0
+    # the default lr (0.01) with tol = 1e-2: the relative change over 10 steps falls below it
+    # before 1000 steps on blobs (550 measured); the check runs every 10 steps
+    done = linear_probe(x[:40], y[:40], x[40:], y[40:], optimizer="adam", tol=1e-2)
+    assert 10 <= done["iterations"] < 1000 and done["iterations"] % 10 == 0
+    assert done["top1"] == 100.0 and done["train_top1"] == 100.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"train_f": torch.ones(6, 2, 1)},
+            "features must be [rows, dim] with equal dims, got (6, 2, 1) and (4, 2)",
+        ),
+        (
+            {"test_f": torch.ones(4, 2, 1)},
+            "features must be [rows, dim] with equal dims, got (6, 2) and (4, 2, 1)",
+        ),
+        (
+            {"test_f": torch.ones(4, 3)},
+            "features must be [rows, dim] with equal dims, got (6, 2) and (4, 3)",
+        ),
+        (
+            {"test_y": torch.zeros(3, dtype=torch.long)},
+            "features and labels must have the same number of rows",
+        ),
+        (
+            {"train_y": torch.zeros(5, dtype=torch.long)},
+            "features and labels must have the same number of rows",
+        ),
+        (
+            {"train_y": torch.tensor([0, 1, -1, 0, 1, 0])},
+            "train labels must be >= 0 (drop unlabelled examples before the probe)",
+        ),
+        ({"optimizer": "sgd"}, "optimizer must be 'lbfgs' or 'adam', got 'sgd'"),
+    ],
+)
+def test_linear_probe_refusals_carry_their_exact_message(kwargs, message):
+    args = {"train_f": torch.randn(6, 2), "train_y": torch.tensor([0, 1, 0, 1, 0, 1]),
+            "test_f": torch.randn(4, 2), "test_y": torch.tensor([0, 1, 0, 1])}  # fmt: skip
+    args.update(kwargs)
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        linear_probe(**args)
+
+
 class Noisy(nn.Module):
     """Dropout + batch norm: outputs differ between train and eval mode."""
 
