@@ -4,6 +4,7 @@ set, and the row files (jsonl, parquet, csv, txt) with their error messages."""
 from __future__ import annotations
 
 import re
+import time
 import zlib
 
 import pytest
@@ -467,3 +468,72 @@ def test_a_window_of_one_rank_mines_the_top_candidate():
     assert [r["negative"] for r in rows] == [
         ranked_candidates(model, q, CORPUS, {p})[0] for q, p in zip(QUERIES, POSITIVES)
     ]
+
+
+def test_the_stats_time_each_stage_and_average_the_mined_scores():
+    model = Texts()
+    before = time.perf_counter()
+    rows, stats = mine_hard_negatives(
+        QUERIES, POSITIVES, CORPUS, model=model, num_negatives=2, output_scores=True,
+        output_format="n-tuple", return_stats=True,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - before
+    # stage durations: each within the call (not a clock reading), no other key
+    assert set(stats.seconds) == {"embed", "top_k", "select"}
+    assert all(0.0 <= v <= elapsed for v in stats.seconds.values()), stats.seconds
+    negatives = [s for r in rows for s in r["scores"][1:]]
+    assert stats.mean_negative_score == pytest.approx(sum(negatives) / len(negatives), abs=1e-6)
+    assert stats.mean_positive_score == pytest.approx(
+        sum(r["scores"][0] for r in rows) / len(rows), abs=1e-6
+    )
+
+
+class Twins(Texts):
+    """``'copy of X'`` embeds exactly as ``X``: a candidate scoring exactly as a positive."""
+
+    def vector(self, text: str) -> torch.Tensor:
+        return super().vector(text.removeprefix("copy of "))
+
+
+def test_score_bounds_and_margins_are_inclusive():
+    model = Twins()
+    queries, positives, corpus = pairs(4, 24)
+    corpus = [*corpus, *(f"copy of {p}" for p in positives)]
+    kwargs = dict(model=model, num_negatives=1, output_scores=True)
+    # margin 0 keeps the twin of the positive (s = s_pos exactly): it is every query's top
+    for margin in ("absolute_margin", "relative_margin"):
+        rows = mine_hard_negatives(queries, positives, corpus, **kwargs, **{margin: 0.0})
+        assert [r["negative"] for r in rows] == [f"copy of {p}" for p in positives], margin
+    # a bound equal to a candidate's score keeps that candidate (one pair per call, so that
+    # every call computes the same float32 scores)
+    for q, p in zip(queries, positives):
+        (row,) = mine_hard_negatives([q], [p], corpus, **kwargs)
+        s = row["scores"][1]
+        (at_max,) = mine_hard_negatives([q], [p], corpus, max_score=s, **kwargs)
+        (at_min,) = mine_hard_negatives([q], [p], corpus, min_score=s, **kwargs)
+        assert at_max["negative"] == at_min["negative"] == row["negative"]
+
+
+@pytest.mark.parametrize("bound", [{"max_score": 1.0}, {"absolute_margin": 0.0}])
+def test_a_bound_never_brings_back_an_excluded_row(bound):
+    # anchor 'q' is listed with 4 positives, 'r' with 1: the window (5 ranks, what 'r' can
+    # have) holds 'q''s 2 candidates and 3 excluded rows (-inf), which no bound may keep
+    corpus = ["p0", "p1", "p2", "p3", "x", "y"]
+    queries, positives = ["q"] * 4 + ["r"], ["p0", "p1", "p2", "p3", "x"]
+    rows = mine_hard_negatives(queries, positives, corpus, model=Texts(), num_negatives=3, **bound)
+    of_q = [r for r in rows if r["anchor"] == "q"]
+    assert of_q and {r["negative"] for r in of_q} <= {"x", "y"}
+
+
+def test_positives_outside_the_corpus_are_embedded_with_the_corpus_prompt():
+    model = Texts()
+    queries, positives, corpus = pairs()
+    rows = mine_hard_negatives(
+        queries, positives, corpus[12:], model=model, corpus_prompt="passage: ",
+        output_scores=True,
+    )  # fmt: skip
+    for q, p, row in zip(queries, positives, rows):
+        want = torch.nn.functional.cosine_similarity(
+            model.vector(q), model.vector("passage: " + p), dim=0
+        )
+        assert row["scores"][0] == pytest.approx(float(want), abs=1e-5)
