@@ -313,6 +313,15 @@ def test_linear_probe_predicts_as_the_optimum_of_its_objective(weight_decay):
     assert result["train_top1"] == pytest.approx(100.0 * float((train_pred == y).double().mean()))
 
 
+def test_linear_probe_lbfgs_honours_max_iter_and_tol():
+    x, y = imbalanced_overlapping(5)
+    # 12 iterations to converge on these 80 rows with the defaults (measured)
+    assert linear_probe(x[:80], y[:80], x[80:], y[80:])["iterations"] > 3
+    assert linear_probe(x[:80], y[:80], x[80:], y[80:], max_iter=3)["iterations"] == 3.0
+    # a gradient already below tol at the start: no iteration
+    assert linear_probe(x[:80], y[:80], x[80:], y[80:], tol=10.0)["iterations"] == 0.0
+
+
 def test_linear_probe_with_adam_counts_its_steps_and_stops_on_a_multiple_of_10():
     x, y = blobs(60, 4, 3, seed=4)
     five = linear_probe(x[:40], y[:40], x[40:], y[40:], optimizer="adam", max_iter=5, tol=0.0)
