@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hardneg.mining import (
+    SamplerOptions,
     candidate_contrast,
     chunked_top_k,
     column_texts,
@@ -18,6 +19,7 @@ from hardneg.mining import (
     load_rows,
     mine_hard_negatives,
     model_fingerprint,
+    pick_negatives,
     save_rows,
     sharded_top_k,
 )
@@ -38,7 +40,9 @@ class Recorder:
         gen = torch.Generator().manual_seed(self.seed * 1000 + sum(map(ord, text)) + len(text))
         return torch.randn(6, generator=gen)
 
-    def encode(self, texts, batch_size=32, convert_to_tensor=True, show_progress_bar=False):
+    # defaults unlike embed_texts' own (sentence-transformers returns numpy unless asked):
+    # a setting embed_texts left out would show
+    def encode(self, texts, batch_size=32, convert_to_tensor=False, show_progress_bar=True):
         self.calls.append(
             {
                 "texts": list(texts),
@@ -537,3 +541,53 @@ def test_positives_outside_the_corpus_are_embedded_with_the_corpus_prompt():
             model.vector(q), model.vector("passage: " + p), dim=0
         )
         assert row["scores"][0] == pytest.approx(float(want), abs=1e-5)
+
+
+def test_sampler_options_refuse_what_no_strategy_class_checks_with_the_exact_message():
+    for kwargs, message in [
+        ({"temperature": 0.0}, "temperature must be in (0, inf), got 0.0"),
+        ({"potential_a": -1.0}, "potential_a must be in [0, inf), got -1.0"),
+        ({"potential_clamp": 0.0}, "potential_clamp must be in (0, 1], got 0.0"),
+        ({"potential_clamp": -0.5}, "potential_clamp must be in (0, 1], got -0.5"),
+    ]:
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            SamplerOptions(**kwargs)
+    assert SamplerOptions(potential_a=0.0, potential_clamp=1.0).potential_clamp == 1.0
+
+
+def test_pick_negatives_refusals_carry_their_exact_message():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(2, 4, generator=gen).sort(dim=1, descending=True).values
+    args = (torch.randn(2, 3), scores, scores[:, :1], torch.ones(2, 4, dtype=torch.bool), 1, gen)
+    both = "give the sampler settings either as options or as keywords, not both"
+    with pytest.raises(ValueError, match="^" + re.escape(both) + "$"):
+        pick_negatives("top", *args, SamplerOptions(), simans_a=2.0)
+    name = (
+        "sampling must be one of 'top', 'random', 'simans', 'hcl', 'ring', 'potential', got 'hard'"
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(name) + "$"):
+        pick_negatives("hard", *args)
+    with pytest.raises(
+        ValueError, match="^" + re.escape("k = 5 is larger than the corpus (4 entries)") + "$"
+    ):
+        chunked_top_k(torch.randn(2, 3), torch.randn(4, 3), 5)
+
+
+@pytest.mark.parametrize("sampling", ["random", "simans", "hcl", "ring", "potential"])
+def test_every_draw_comes_from_the_seed_alone(sampling):
+    # the global generator moved between the calls: the same seed, the same rows
+    queries, positives, corpus = pairs()
+    kwargs = dict(model=Texts(), sampling=sampling, num_negatives=3, seed=7)
+    torch.manual_seed(0)
+    first = mine_hard_negatives(queries, positives, corpus, **kwargs)
+    torch.manual_seed(1)
+    torch.rand(100)
+    assert mine_hard_negatives(queries, positives, corpus, **kwargs) == first
+
+
+def test_a_min_score_above_every_candidate_mines_nothing():
+    model = Texts()
+    q, p = QUERIES[:1], POSITIVES[:1]
+    (row,) = mine_hard_negatives(q, p, CORPUS, model=model, output_scores=True)
+    above = row["scores"][1] + 1e-3  # the top candidate's score, and a little more
+    assert mine_hard_negatives(q, p, CORPUS, model=model, min_score=above) == []
