@@ -414,6 +414,96 @@ def test_infograph_defaults_and_errors():
         InfoGraph(data.num_features, loss="hcl", loss_hparams={"betta": 1.0})
 
 
+@pytest.mark.parametrize("direction", ["authors", "hard"])
+def test_infograph_with_hcl_is_the_authors_jsd_hard_of_its_heads(direction):
+    # InfoGraph's default (loss 'hcl'): the authors' JSD_hard on the raw products of the two
+    # heads' outputs, with the strategy's (annealed) beta and the given tau
+    data, batch = one_batch()
+    torch.manual_seed(0)
+    model = InfoGraph(
+        data.num_features,
+        loss_hparams={"beta": 2.0, "beta_anneal": "down"},
+        direction=direction,
+        jsd_tau=0.3,
+    ).double()
+    batch.x = batch.x.double()
+    assert (model.loss_name, model.objective) == ("hcl", "jsd_hard")
+    y, m = model.encoder(batch.x, batch.edge_index, batch.batch, batch.num_graphs)
+    local, graph = model.local_head(m), model.global_head(y)
+    beta = 1.25  # HCL's 'down' schedule at progress 0.5: 2 - 4 * 2 / 8 (ninths of training)
+    sign = -1.0 if direction == "authors" else 1.0
+    want = authors_jsd_hard(local, graph, batch.batch, beta, tau_plus=0.3, sign=sign)
+    got = model(batch, progress=0.5)
+    assert torch.allclose(got, want, atol=1e-9, rtol=0), (float(got), float(want))
+    # two graphs are enough
+    two = Batch.from_data_list(data.graphs[:2])
+    two.x = two.x.double()
+    assert torch.isfinite(model(two, progress=0.5))
+
+
+def test_infograph_heads_and_encoder_defaults():
+    from hardneg.graph.infograph import FF
+
+    torch.manual_seed(0)
+    head = FF(4)
+    linears = [m for m in head.block if isinstance(m, torch.nn.Linear)]
+    relus = [m for m in head.block if isinstance(m, torch.nn.ReLU)]
+    assert len(linears) == 3 and len(relus) == 3
+    x = torch.randn(5, 4)
+    h = x
+    for layer in linears:  # three Linear-ReLU layers, plus the linear shortcut
+        h = torch.relu(layer(h))
+    torch.testing.assert_close(head(x), h + head.shortcut(x))
+    model = InfoGraph(3)
+    assert (model.encoder.hidden, model.encoder.num_layers) == (32, 3)
+    assert (model.jsd_tau, model.direction) == (0.5, "authors")
+    small = InfoGraph(3, hidden=8, num_layers=2)
+    assert (small.encoder.hidden, small.encoder.num_layers) == (8, 2)
+
+
+def test_infograph_refusals_carry_their_exact_message():
+    data, batch = one_batch()
+    for kwargs, message in [
+        (
+            {"objective": "dot"},
+            "objective must be one of 'jsd', 'jsd_hard', 'infonce', got 'dot'",
+        ),
+        ({"direction": "easy"}, "direction must be one of 'authors', 'hard', got 'easy'"),
+        (
+            {"loss": "hcl", "loss_hparams": {"betta": 1.0, "gamma": 2.0}},
+            "unknown hyper-parameter(s) 'betta', 'gamma' for loss 'hcl'; allowed: ",
+        ),
+        (
+            {"loss": "hcl", "loss_hparams": {"temperature": 0.2, "tau_plus": 0.1}},
+            "objective 'jsd_hard' does not use 'temperature', 'tau_plus': ",
+        ),
+    ]:
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
+            InfoGraph(data.num_features, **kwargs)
+    one = Batch.from_data_list(data.graphs[:1])
+    with pytest.raises(
+        ValueError,
+        match="^" + re.escape("InfoGraph needs at least 2 graphs per batch (negatives)") + "$",
+    ):
+        InfoGraph(data.num_features)(one)
+
+
+def test_infograph_draws_from_the_given_generator_and_reads_progress():
+    data, batch = one_batch()
+    torch.manual_seed(0)
+    model = InfoGraph(data.num_features, loss="simans", objective="infonce")
+    torch.manual_seed(1)
+    a = model(batch, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(2)
+    assert torch.equal(model(batch, generator=torch.Generator().manual_seed(3)), a)
+    annealed = InfoGraph(
+        data.num_features, loss="hcl", objective="infonce", loss_hparams={"beta_anneal": "down"}
+    )
+    with pytest.raises(ValueError, match="progress"):
+        annealed(batch)
+    assert torch.isfinite(annealed(batch, progress=0.5))
+
+
 @pytest.mark.parametrize(
     "loss, objective, hparams, unused",
     [

@@ -107,6 +107,10 @@ GRAPH_LOSS_TESTS = [
         "test_infograph_refuses_settings_its_objective_never_reads",
         "test_infograph_applies_the_settings_its_objective_reads",
         "test_infograph_trains_with_every_strategy",
+        "test_infograph_with_hcl_is_the_authors_jsd_hard_of_its_heads",
+        "test_infograph_heads_and_encoder_defaults",
+        "test_infograph_refusals_carry_their_exact_message",
+        "test_infograph_draws_from_the_given_generator_and_reads_progress",
     )
 ]
 # the kNN monitor and the linear probe: their own tests (tests/test_eval.py, about 6 s)
