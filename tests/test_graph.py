@@ -491,11 +491,13 @@ def test_infograph_refusals_carry_their_exact_message():
 def test_infograph_draws_from_the_given_generator_and_reads_progress():
     data, batch = one_batch()
     torch.manual_seed(0)
-    model = InfoGraph(data.num_features, loss="simans", objective="infonce")
+    # MoCHi draws its mixes: from the given generator, whatever the global one
+    model = InfoGraph(data.num_features, loss="mochi", objective="infonce")
     torch.manual_seed(1)
     a = model(batch, generator=torch.Generator().manual_seed(3))
     torch.manual_seed(2)
     assert torch.equal(model(batch, generator=torch.Generator().manual_seed(3)), a)
+    assert not torch.equal(model(batch, generator=torch.Generator().manual_seed(4)), a)
     annealed = InfoGraph(
         data.num_features, loss="hcl", objective="infonce", loss_hparams={"beta_anneal": "down"}
     )
