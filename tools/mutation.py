@@ -184,6 +184,12 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     # offline mining: its own tests (tests/test_mining.py but the two multi-process runs below,
     # about 25 s; each mutant re-runs only the tests that reach its function)
     "mining": (["src/hardneg/mining.py"], MINING_TESTS),
+    # the sentence-transformers losses: their own tests (tiny local models; mutate a subset of
+    # functions at a time with the mutant-name filter)
+    "integrations": (
+        ["src/hardneg/integrations/sentence_transformers.py"],
+        ["tests/test_text_integration.py"],
+    ),
     # the same with the two-process gloo test (its children import mutmut's copy and inherit
     # the mutant's name): for the survivors of the sharded helpers, named on the command line
     "mining-sharded": (["src/hardneg/mining.py"], MINING_TESTS),
