@@ -224,6 +224,29 @@ def test_text_ids_of_long_rows_and_in_another_process_are_the_same(monkeypatch):
     assert torch.equal(text_ids({"input_ids": long}), ids)
 
 
+def test_text_ids_tell_token_order_apart_and_name_missing_input_ids():
+    tokens = torch.tensor([[5, 6, 7], [6, 5, 7], [5, 6, 7]])
+    ids = text_ids({"input_ids": tokens})
+    assert ids[0] == ids[2] != ids[1]  # the same tokens in another order: another text
+    message = (
+        "mask_duplicates hashes the tokens of each text, but the features have no "
+        "'input_ids' (keys: ['attention_mask']); pass mask_duplicates=False"
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        text_ids({"attention_mask": torch.ones(2, 3)})
+
+
+def test_batch_size_is_the_first_per_row_tensors_length():
+    from hardneg.integrations.sentence_transformers import _batch_size
+
+    features = {"name": "tiny", "scale": torch.tensor(2.0), "length": torch.arange(4)}
+    assert _batch_size(features) == 4
+    assert _batch_size({}) == 0
+    message = "a column's features hold no tensor (keys: ['name', 'scale'])"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        _batch_size({"name": "tiny", "scale": torch.tensor(2.0)})
+
+
 def test_split_slices_every_per_row_tensor_and_keeps_the_rest():
     from hardneg.integrations.sentence_transformers import _split
 
