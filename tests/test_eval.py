@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -127,6 +128,92 @@ def test_knn_rejects_bad_inputs_with_a_clear_message(kwargs, message):
         weighted_knn(**args)
 
 
+def knn_vote_float64(train_f, train_y, test_f, k, temperature, num_classes):
+    """The weighted vote restated one test row at a time in float64: sort the cosines, keep the
+    k largest, add exp(s / t) to each neighbour's class."""
+    train = train_f.double() / train_f.double().norm(dim=1, keepdim=True)
+    scores = torch.zeros(test_f.shape[0], num_classes, dtype=torch.float64)
+    for i, row in enumerate(test_f.double()):
+        sims = train @ (row / row.norm())
+        for j in sims.argsort(descending=True)[:k].tolist():
+            scores[i, int(train_y[j])] += math.exp(float(sims[j]) / temperature)
+    return scores
+
+
+def test_weighted_knn_votes_with_200_neighbours_and_t_0_1_by_default():
+    # 100 class-0 points at 1 deg, 100 class-1 points at 1.5 deg, 60 class-1 points at 2 deg from
+    # the test point: the 200 nearest give class 0 a 0.2 % lead at t = 0.1, a 201st neighbour
+    # (a class-1 point at 2 deg) gives the vote to class 1
+    train_f = torch.tensor([unit(1.0)] * 100 + [unit(1.5)] * 100 + [unit(2.0)] * 60)
+    train_y = torch.tensor([0] * 100 + [1] * 160)
+    test_f, test_y = torch.tensor([unit(0.0)]), torch.tensor([0])
+    for k, winner in ((200, 0), (201, 1)):
+        assert int(knn_vote_float64(train_f, train_y, test_f, k, 0.1, 2).argmax()) == winner
+    assert weighted_knn(train_f, train_y, test_f, test_y) == {"top1": 100.0, "top5": 100.0}
+
+
+def test_weighted_knn_counts_a_class_seen_only_in_the_test_labels():
+    # num_classes defaults to the largest label of either split: with 3 classes every label is
+    # within the top 5, class 2 included, though no train point votes for it
+    train_y = torch.tensor([0, 1, 1, 0])
+    for chunk_size in (1, 1024):
+        result = weighted_knn(
+            TRAIN_F, train_y, TEST_F, torch.tensor([2]), k=3, chunk_size=chunk_size
+        )
+        assert result == {"top1": 0.0, "top5": 100.0}
+
+
+def test_knn_with_a_single_train_point_and_chunks_of_one_row():
+    test_f = torch.tensor([unit(10), unit(170), unit(-5)])
+    expected = knn_vote_float64(TRAIN_F, TRAIN_Y, test_f, 3, 0.5, 3)
+    scores = knn_scores(TRAIN_F, TRAIN_Y, test_f, k=3, temperature=0.5, chunk_size=1)
+    # the scores carry the row factor exp(-max s / t): compare each row normalised to sum 1
+    torch.testing.assert_close(
+        scores.double() / scores.double().sum(1, keepdim=True),
+        expected / expected.sum(1, keepdim=True),
+    )
+    alone = weighted_knn(TRAIN_F[:1], TRAIN_Y[:1], test_f, torch.tensor([0, 0, 0]), k=5)
+    assert alone == {"top1": 100.0, "top5": 100.0}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"test_labels": torch.tensor([0, 1, 2])},
+            "test_features has 1 rows but test_labels has 3",
+        ),
+        (
+            {"train_labels": torch.tensor([0, 1])},
+            "train_features has 4 rows but train_labels has 2",
+        ),
+        (
+            {"train_features": TRAIN_F[:, :, None]},
+            "features must be 2-D [rows, dim], got (4, 2, 1) and (1, 2)",
+        ),
+        (
+            {"test_features": TEST_F[:, :, None]},
+            "features must be 2-D [rows, dim], got (4, 2) and (1, 2, 1)",
+        ),
+        (
+            {"train_features": TRAIN_F[:0], "train_labels": TRAIN_Y[:0], "num_classes": 3},
+            "the train set is empty",
+        ),
+        (
+            {"train_labels": torch.tensor([0, 1, -1, 2])},
+            "train labels must be >= 0 (drop unlabelled examples before the kNN)",
+        ),
+        ({"chunk_size": 0}, "chunk_size must be >= 1, got 0"),
+    ],
+)
+def test_knn_refusals_carry_their_exact_message(kwargs, message):
+    args = {"train_features": TRAIN_F, "train_labels": TRAIN_Y, "test_features": TEST_F,
+            "test_labels": torch.tensor([0])}  # fmt: skip
+    args.update(kwargs)
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        weighted_knn(**args)
+
+
 def blobs(n: int, dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Well-separated Gaussian blobs: linearly separable with a wide margin."""
     gen = torch.Generator().manual_seed(seed)
@@ -174,6 +261,116 @@ def test_linear_probe_is_deterministic_and_invariant_to_feature_scale():
     scale = torch.rand(16, generator=gen) * 100 + 0.1
     c = linear_probe(x[:300] * scale + 3, y[:300], x[300:] * scale + 3, y[300:], seed=5)
     assert abs(c["top1"] - a["top1"]) <= 1.0
+
+
+def probe_optimum_float64(x, y, num_classes, weight_decay, steps=4000):
+    """The probe's problem restated and solved apart: standardise with the train mean and
+    population std, then minimise mean cross-entropy + (weight_decay / 2) ||W||^2 (the bias
+    free) by full-batch Newton-free gradient descent in float64 from zero."""
+    x = x.double()
+    mean, std = x.mean(0), x.std(0, unbiased=False)
+    z = (x - mean) / std
+    w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(z @ w.T + b, y) + 0.5 * weight_decay * (w * w).sum()
+        gw, gb = torch.autograd.grad(loss, (w, b))
+        with torch.no_grad():
+            w -= 0.5 * gw
+            b -= 0.5 * gb
+    return lambda t: ((t.double() - mean) / std) @ w.detach().T + b.detach()
+
+
+def imbalanced_overlapping(seed: int):
+    """Two classes, 85 / 15, overlapping on feature 0 (scale 0.3); feature 1 is noise at scale
+    10: the bias, the weight decay and the per-feature scaling all move the boundary."""
+    gen = torch.Generator().manual_seed(seed)
+    y = (torch.arange(100) >= 85).long()
+    x0 = 0.3 * (torch.randn(100, generator=gen) + 1.5 * y)
+    x1 = 10 * torch.randn(100, generator=gen)
+    return torch.stack([x0, x1], dim=1).double(), y
+
+
+@pytest.mark.parametrize("weight_decay", [None, 0.1])
+def test_linear_probe_predicts_as_the_optimum_of_its_objective(weight_decay):
+    x, y = imbalanced_overlapping(5)
+    decay = 1e-3 if weight_decay is None else weight_decay  # the documented default
+    scores = probe_optimum_float64(x, y, 2, decay)
+    gen = torch.Generator().manual_seed(6)
+    test = torch.stack(
+        [0.3 * 10 * (torch.rand(4000, generator=gen) - 0.3), 10 * torch.randn(4000, generator=gen)],
+        1,
+    )
+    s = scores(test)
+    clear = (s[:, 1] - s[:, 0]).abs() > 0.05  # away from the boundary: no rounding decides
+    test_y = s.argmax(1)[clear]
+    assert 0 < int(test_y.sum()) < int(clear.sum())  # both classes predicted: not vacuous
+    kwargs = {} if weight_decay is None else {"weight_decay": weight_decay}
+    # float64 features: the probe trains in float32 whatever it is given
+    result = linear_probe(x, y, test[clear].double(), test_y, **kwargs)
+    assert result["top1"] == 100.0
+    train_pred = scores(x).argmax(1)
+    assert result["train_top1"] == pytest.approx(100.0 * float((train_pred == y).double().mean()))
+
+
+def test_linear_probe_lbfgs_honours_max_iter_and_tol():
+    x, y = imbalanced_overlapping(5)
+    # 12 iterations to converge on these 80 rows with the defaults (measured)
+    assert linear_probe(x[:80], y[:80], x[80:], y[80:])["iterations"] > 3
+    assert linear_probe(x[:80], y[:80], x[80:], y[80:], max_iter=3)["iterations"] == 3.0
+    # a gradient already below tol at the start: no iteration
+    assert linear_probe(x[:80], y[:80], x[80:], y[80:], tol=10.0)["iterations"] == 0.0
+
+
+def test_linear_probe_with_adam_counts_its_steps_and_stops_on_a_multiple_of_10():
+    x, y = blobs(60, 4, 3, seed=4)
+    five = linear_probe(x[:40], y[:40], x[40:], y[40:], optimizer="adam", max_iter=5, tol=0.0)
+    assert five["iterations"] == 5.0
+    none = linear_probe(x[:40], y[:40], x[40:], y[40:], optimizer="adam", max_iter=0)
+    assert none["iterations"] == 0.0
+    # the default lr (0.01) with tol = 1e-2: the relative change over 10 steps falls below it
+    # before 1000 steps on blobs (550 measured); the check runs every 10 steps
+    done = linear_probe(x[:40], y[:40], x[40:], y[40:], optimizer="adam", tol=1e-2)
+    assert 10 <= done["iterations"] < 1000 and done["iterations"] % 10 == 0
+    assert done["top1"] == 100.0 and done["train_top1"] == 100.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"train_f": torch.ones(6, 2, 1)},
+            "features must be [rows, dim] with equal dims, got (6, 2, 1) and (4, 2)",
+        ),
+        (
+            {"test_f": torch.ones(4, 2, 1)},
+            "features must be [rows, dim] with equal dims, got (6, 2) and (4, 2, 1)",
+        ),
+        (
+            {"test_f": torch.ones(4, 3)},
+            "features must be [rows, dim] with equal dims, got (6, 2) and (4, 3)",
+        ),
+        (
+            {"test_y": torch.zeros(3, dtype=torch.long)},
+            "features and labels must have the same number of rows",
+        ),
+        (
+            {"train_y": torch.zeros(5, dtype=torch.long)},
+            "features and labels must have the same number of rows",
+        ),
+        (
+            {"train_y": torch.tensor([0, 1, -1, 0, 1, 0])},
+            "train labels must be >= 0 (drop unlabelled examples before the probe)",
+        ),
+        ({"optimizer": "sgd"}, "optimizer must be 'lbfgs' or 'adam', got 'sgd'"),
+    ],
+)
+def test_linear_probe_refusals_carry_their_exact_message(kwargs, message):
+    args = {"train_f": torch.randn(6, 2), "train_y": torch.tensor([0, 1, 0, 1, 0, 1]),
+            "test_f": torch.randn(4, 2), "test_y": torch.tensor([0, 1, 0, 1])}  # fmt: skip
+    args.update(kwargs)
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        linear_probe(**args)
 
 
 class Noisy(nn.Module):

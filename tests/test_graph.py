@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -148,6 +149,81 @@ def test_jsd_hard_needs_two_graphs_and_valid_options():
         jsd_hard_loss(contrast, beta=1.0, direction="easy")
     with pytest.raises(ValueError, match="beta"):
         jsd_hard_loss(contrast, beta=-1.0)
+
+
+@pytest.mark.parametrize("beta", [0.0, 2.0])
+@pytest.mark.parametrize("tau", [0.2, 0.7])
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("num_graphs", [2, 5])
+def test_jsd_hard_equals_the_authors_formula_for_any_tau_temperature_and_two_graphs(
+    beta, tau, temperature, num_graphs
+):
+    # the authors' code scores raw products l g^T whatever the contrast set's temperature (its
+    # logits are products / t), takes tau_plus as the class prior, and runs from two graphs up
+    l_enc, g_enc, batch = random_node_graph(3, n=12, g=num_graphs)
+    contrast = build_contrast(
+        l_enc, g_enc, positive_index=batch[:, None], normalize=False, temperature=temperature
+    )
+    ours = jsd_hard_loss(contrast, beta=beta, tau=tau)
+    theirs = authors_jsd_hard(l_enc, g_enc, batch, beta, tau_plus=tau)
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0), (float(ours), float(theirs))
+    for a, b in zip(
+        torch.autograd.grad(ours, (l_enc, g_enc)), torch.autograd.grad(theirs, (l_enc, g_enc))
+    ):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_jsd_hard_refuses_bad_settings_and_contrast_sets_with_the_exact_message():
+    l_enc, g_enc, batch = random_node_graph(0, n=12, g=3)
+    pairs = build_contrast(
+        l_enc, g_enc, positive_index=batch[:, None], normalize=False, temperature=1.0
+    )
+    for kwargs, message in [
+        ({"beta": -1.0}, "beta must be in [0, inf), got -1.0"),
+        ({"beta": 1.0, "tau": -0.1}, "tau must be in [0, 1), got -0.1"),
+        ({"beta": 1.0, "tau": 1.0}, "tau must be in [0, 1), got 1.0"),  # rho = tau / (1 - tau)
+        ({"beta": 1.0, "tau": 1.5}, "tau must be in [0, 1), got 1.5"),
+        (
+            {"beta": 1.0, "direction": "easy"},
+            "direction must be one of 'authors', 'hard', got 'easy'",
+        ),
+    ]:
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            jsd_hard_loss(pairs, beta=kwargs.pop("beta"), **kwargs)
+    # each node has exactly one graph: a second positive or extra per-node columns are refused
+    two_positives = build_contrast(
+        l_enc,
+        g_enc,
+        positive_index=torch.stack([batch, (batch + 1) % 3], dim=1),
+        normalize=False,
+        temperature=1.0,
+    )
+    extra_columns = build_contrast(
+        l_enc,
+        g_enc,
+        positive_index=batch[:, None],
+        anchor_columns=torch.randn(12, 2, 8, dtype=torch.float64),
+        normalize=False,
+        temperature=1.0,
+    )
+    for contrast in (two_positives, extra_columns):
+        with pytest.raises(
+            ValueError,
+            match="^jsd_hard_loss expects node-graph pairs: one positive column per node$",
+        ):
+            jsd_hard_loss(contrast, beta=1.0)
+    one_graph = build_contrast(
+        l_enc,
+        g_enc[:1],
+        positive_index=torch.zeros(12, 1, dtype=torch.long),
+        normalize=False,
+        temperature=1.0,
+    )
+    with pytest.raises(
+        ValueError,
+        match="^the Jensen-Shannon graph objective needs at least 2 graphs per batch$",
+    ):
+        jsd_hard_loss(one_graph, beta=1.0)
 
 
 # --- small graphs ---------------------------------------------------------------------------------
@@ -336,6 +412,98 @@ def test_infograph_defaults_and_errors():
         InfoGraph(data.num_features, loss="ring", objective="jsd_hard")
     with pytest.raises(ValueError, match="unknown hyper-parameter"):
         InfoGraph(data.num_features, loss="hcl", loss_hparams={"betta": 1.0})
+
+
+@pytest.mark.parametrize("direction", ["authors", "hard"])
+def test_infograph_with_hcl_is_the_authors_jsd_hard_of_its_heads(direction):
+    # InfoGraph's default (loss 'hcl'): the authors' JSD_hard on the raw products of the two
+    # heads' outputs, with the strategy's (annealed) beta and the given tau
+    data, batch = one_batch()
+    torch.manual_seed(0)
+    model = InfoGraph(
+        data.num_features,
+        loss_hparams={"beta": 2.0, "beta_anneal": "down"},
+        direction=direction,
+        jsd_tau=0.3,
+    ).double()
+    batch.x = batch.x.double()
+    assert (model.loss_name, model.objective) == ("hcl", "jsd_hard")
+    y, m = model.encoder(batch.x, batch.edge_index, batch.batch, batch.num_graphs)
+    local, graph = model.local_head(m), model.global_head(y)
+    beta = 1.25  # HCL's 'down' schedule at progress 0.5: 2 - 4 * 2 / 8 (ninths of training)
+    sign = -1.0 if direction == "authors" else 1.0
+    want = authors_jsd_hard(local, graph, batch.batch, beta, tau_plus=0.3, sign=sign)
+    got = model(batch, progress=0.5)
+    assert torch.allclose(got, want, atol=1e-9, rtol=0), (float(got), float(want))
+    # two graphs are enough
+    two = Batch.from_data_list(data.graphs[:2])
+    two.x = two.x.double()
+    assert torch.isfinite(model(two, progress=0.5))
+
+
+def test_infograph_heads_and_encoder_defaults():
+    from hardneg.graph.infograph import FF
+
+    torch.manual_seed(0)
+    head = FF(4)
+    linears = [m for m in head.block if isinstance(m, torch.nn.Linear)]
+    relus = [m for m in head.block if isinstance(m, torch.nn.ReLU)]
+    assert len(linears) == 3 and len(relus) == 3
+    x = torch.randn(5, 4)
+    h = x
+    for layer in linears:  # three Linear-ReLU layers, plus the linear shortcut
+        h = torch.relu(layer(h))
+    torch.testing.assert_close(head(x), h + head.shortcut(x))
+    model = InfoGraph(3)
+    assert (model.encoder.hidden, model.encoder.num_layers) == (32, 3)
+    assert (model.jsd_tau, model.direction) == (0.5, "authors")
+    small = InfoGraph(3, hidden=8, num_layers=2)
+    assert (small.encoder.hidden, small.encoder.num_layers) == (8, 2)
+
+
+def test_infograph_refusals_carry_their_exact_message():
+    data, batch = one_batch()
+    for kwargs, message in [
+        (
+            {"objective": "dot"},
+            "objective must be one of 'jsd', 'jsd_hard', 'infonce', got 'dot'",
+        ),
+        ({"direction": "easy"}, "direction must be one of 'authors', 'hard', got 'easy'"),
+        (
+            {"loss": "hcl", "loss_hparams": {"betta": 1.0, "gamma": 2.0}},
+            "unknown hyper-parameter(s) 'betta', 'gamma' for loss 'hcl'; allowed: ",
+        ),
+        (
+            {"loss": "hcl", "loss_hparams": {"temperature": 0.2, "tau_plus": 0.1}},
+            "objective 'jsd_hard' does not use 'temperature', 'tau_plus': ",
+        ),
+    ]:
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
+            InfoGraph(data.num_features, **kwargs)
+    one = Batch.from_data_list(data.graphs[:1])
+    with pytest.raises(
+        ValueError,
+        match="^" + re.escape("InfoGraph needs at least 2 graphs per batch (negatives)") + "$",
+    ):
+        InfoGraph(data.num_features)(one)
+
+
+def test_infograph_draws_from_the_given_generator_and_reads_progress():
+    data, batch = one_batch()
+    torch.manual_seed(0)
+    # MoCHi draws its mixes: from the given generator, whatever the global one
+    model = InfoGraph(data.num_features, loss="mochi", objective="infonce")
+    torch.manual_seed(1)
+    a = model(batch, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(2)
+    assert torch.equal(model(batch, generator=torch.Generator().manual_seed(3)), a)
+    assert not torch.equal(model(batch, generator=torch.Generator().manual_seed(4)), a)
+    annealed = InfoGraph(
+        data.num_features, loss="hcl", objective="infonce", loss_hparams={"beta_anneal": "down"}
+    )
+    with pytest.raises(ValueError, match="progress"):
+        annealed(batch)
+    assert torch.isfinite(annealed(batch, progress=0.5))
 
 
 @pytest.mark.parametrize(

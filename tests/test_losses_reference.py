@@ -13,6 +13,7 @@ References re-typed here from the equations (docs/methods.md), never imported fr
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -641,6 +642,49 @@ def test_hcl_anneal_down_with_anneal_epochs_follows_the_reference_epoch_stairs()
     torch.testing.assert_close(
         one(z1, z2, progress=0.9), hardneg.create_loss("hcl", beta=2.0)(z1, z2)
     )
+
+
+def test_hcl_down_schedule_at_the_end_of_training_keeps_the_last_epochs_beta():
+    # progress 1 is the end of the last epoch: the reference trained it with its last value
+    # (an epoch index past the last epoch would take one more stair)
+    for epochs in (9, 20):
+        assert hcl_beta_down(2.0, 1.0, epochs=epochs) == pytest.approx(
+            reference_hcl_betas(2.0, epochs)[-1], abs=1e-12
+        )
+    assert hcl_beta_down(2.0, 1.0, epochs=9) == pytest.approx(0.25, abs=1e-12)  # 2 - 7 * 2 / 8
+
+
+def test_ring_staircase_defaults_to_10_stairs_and_holds_1_or_2_stairs():
+    final, until = 0.1, 0.5
+    # the default steps = 10: the stairs linspace(1, 0.1, 10), each a tenth of [0, until)
+    stairs = np.linspace(1.0, final, 10)
+    for m in range(10):
+        progress = until * (m + 0.5) / 10
+        assert ring_rho_out(final, progress, until=until, kind="staircase") == pytest.approx(
+            stairs[m], abs=1e-12
+        )
+    # one stair holds 1 until `until`; two stairs: 1 on the first half, the final value after
+    assert ring_rho_out(final, 0.49, until=until, kind="staircase", steps=1) == 1.0
+    assert ring_rho_out(final, 0.2, until=until, kind="staircase", steps=2) == 1.0
+    assert ring_rho_out(final, 0.3, until=until, kind="staircase", steps=2) == pytest.approx(final)
+    # just before `until` the last stair holds, never a value past the final one
+    just_before = until * (1 - 1e-13)
+    assert ring_rho_out(final, just_before, until=until, kind="staircase") == pytest.approx(final)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: hcl_beta_down(1.0, -0.1), "progress must be in [0, 1], got -0.1"),
+        (lambda: hcl_beta_down(1.0, 1.5), "progress must be in [0, 1], got 1.5"),
+        (lambda: ring_rho_out(0.1, 1.01, until=0.5), "progress must be in [0, 1], got 1.01"),
+        (lambda: hcl_beta_down(1.0, 0.5, epochs=0), "epochs must be in [1, inf), got 0"),
+        (lambda: hcl_beta_down(1.0, 0.5, epochs=2.5), "epochs must be an integer, got 2.5"),
+    ],
+)
+def test_schedules_refuse_a_progress_or_epoch_count_out_of_range(call, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        call()
 
 
 # ------------------------------------------------------------------------ UnReMix

@@ -202,6 +202,66 @@ def test_text_ids_ignore_padding_side():
     assert ids[0] == ids[1] != ids[2]
 
 
+def test_text_ids_of_long_rows_and_in_another_process_are_the_same(monkeypatch):
+    from hardneg.integrations import sentence_transformers as st
+
+    gen = torch.Generator().manual_seed(0)
+    short = torch.randint(1, 100, (3, 5), generator=gen)
+    long = torch.randint(1, 100, (2, 600), generator=gen)  # past the first 512 multipliers
+    text_ids({"input_ids": short})
+    ids = text_ids({"input_ids": long})
+    # the same 600 tokens padded on the left to 700: the same id
+    padded = torch.cat([torch.zeros(2, 100, dtype=torch.long), long], dim=1)
+    mask = torch.cat(
+        [torch.zeros(2, 100, dtype=torch.long), torch.ones(2, 600, dtype=torch.long)], 1
+    )
+    assert torch.equal(text_ids({"input_ids": padded, "attention_mask": mask}), ids)
+    # another process (an empty cache, another global seed) hashes alike: ids are compared
+    # across the ranks of a distributed run
+    monkeypatch.setattr(st, "_HASH_WEIGHTS", {})
+    torch.manual_seed(123)
+    torch.rand(10)
+    assert torch.equal(text_ids({"input_ids": long}), ids)
+
+
+def test_text_ids_tell_token_order_apart_and_name_missing_input_ids():
+    tokens = torch.tensor([[5, 6, 7], [6, 5, 7], [5, 6, 7]])
+    ids = text_ids({"input_ids": tokens})
+    assert ids[0] == ids[2] != ids[1]  # the same tokens in another order: another text
+    message = (
+        "mask_duplicates hashes the tokens of each text, but the features have no "
+        "'input_ids' (keys: ['attention_mask']); pass mask_duplicates=False"
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        text_ids({"attention_mask": torch.ones(2, 3)})
+
+
+def test_batch_size_is_the_first_per_row_tensors_length():
+    from hardneg.integrations.sentence_transformers import _batch_size
+
+    features = {"name": "tiny", "scale": torch.tensor(2.0), "length": torch.arange(4)}
+    assert _batch_size(features) == 4
+    assert _batch_size({}) == 0
+    message = "a column's features hold no tensor (keys: ['name', 'scale'])"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        _batch_size({"name": "tiny", "scale": torch.tensor(2.0)})
+
+
+def test_split_slices_every_per_row_tensor_and_keeps_the_rest():
+    from hardneg.integrations.sentence_transformers import _split
+
+    features = {
+        "input_ids": torch.arange(15).reshape(5, 3),
+        "length": torch.arange(5),  # one value per row
+        "scale": torch.tensor(2.0),  # one value for the batch
+        "name": "tiny",
+    }
+    parts = _split(features, 2)
+    assert [p["length"].tolist() for p in parts] == [[0, 1], [2, 3], [4]]
+    assert [p["input_ids"].shape[0] for p in parts] == [2, 2, 1]
+    assert all(p["scale"] is features["scale"] and p["name"] == "tiny" for p in parts)
+
+
 @pytest.mark.parametrize("name", hardneg.list_losses())
 def test_every_registered_strategy_trains_or_says_why(model, name):
     cols = columns(1, batch=4)

@@ -89,6 +89,40 @@ TRAINER_TESTS = [
 # bounds of what the whole suite kills.
 ORACLES = ["tests/test_core.py", "tests/test_gradient_oracles.py"]
 
+# HCL's graph objective and InfoGraph: the JSD_hard oracle (the authors' code restated) and the
+# InfoGraph unit tests of tests/test_graph.py (about 10 s); not the graph training runs, the data
+# loaders or the compare command, which reach these modules only through the same calls
+GRAPH_LOSS_TESTS = [
+    f"tests/test_graph.py::{name}"
+    for name in (
+        "test_jsd_hard_equals_the_authors_formula",
+        "test_jsd_hard_float32_and_the_directions_differ",
+        "test_authors_weights_favour_low_scores",
+        "test_jsd_hard_needs_two_graphs_and_valid_options",
+        "test_jsd_hard_equals_the_authors_formula_for_any_tau_temperature_and_two_graphs",
+        "test_jsd_hard_refuses_bad_settings_and_contrast_sets_with_the_exact_message",
+        "test_infograph_contrast_pairs_nodes_with_their_graph",
+        "test_infograph_jsd_is_infographs_loss",
+        "test_infograph_defaults_and_errors",
+        "test_infograph_refuses_settings_its_objective_never_reads",
+        "test_infograph_applies_the_settings_its_objective_reads",
+        "test_infograph_trains_with_every_strategy",
+        "test_infograph_with_hcl_is_the_authors_jsd_hard_of_its_heads",
+        "test_infograph_heads_and_encoder_defaults",
+        "test_infograph_refusals_carry_their_exact_message",
+        "test_infograph_draws_from_the_given_generator_and_reads_progress",
+    )
+]
+# the kNN monitor and the linear probe: their own tests (tests/test_eval.py, about 6 s)
+EVAL_TESTS = ["tests/test_eval.py"]
+# the beta and rho_out schedules: the reference policies of tests/test_losses_reference.py and
+# the strategies that call them (HCL's beta_anneal, Ring's anneal)
+SCHEDULE_TESTS = ["tests/test_losses_reference.py", "tests/test_ring_strategy.py"]
+
+# offline mining (tests/test_mining.py) and its helpers called directly (the cache fingerprint,
+# the candidates' contrast set, the row files: tests/test_mining_units.py)
+MINING_TESTS = ["tests/test_mining.py", "tests/test_mining_units.py"]
+
 # name -> (files mutated, tests run)
 MODULES: dict[str, tuple[list[str], list[str]]] = {
     "objectives": (["src/hardneg/objectives.py"], ["tests/test_objectives.py", *ORACLES]),
@@ -142,6 +176,39 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "checkpoint": (["src/hardneg/train/checkpoint.py"], CHECKPOINT_TESTS),
     "optim": (["src/hardneg/train/optim.py"], TRAIN_TESTS),
     "trainer": (["src/hardneg/train/trainer.py"], TRAINER_TESTS),
+    "graph/jsd_hard": (["src/hardneg/graph/jsd_hard.py"], GRAPH_LOSS_TESTS),
+    "graph/infograph": (["src/hardneg/graph/infograph.py"], GRAPH_LOSS_TESTS),
+    "evaluation/knn": (["src/hardneg/evaluation/knn.py"], EVAL_TESTS),
+    "evaluation/linear": (["src/hardneg/evaluation/linear.py"], EVAL_TESTS),
+    "schedules": (["src/hardneg/schedules.py"], SCHEDULE_TESTS),
+    # offline mining: its own tests (tests/test_mining.py but the two multi-process runs below,
+    # about 25 s; each mutant re-runs only the tests that reach its function)
+    "mining": (["src/hardneg/mining.py"], MINING_TESTS),
+    # the sentence-transformers losses: their own tests (tiny local models; mutate a subset of
+    # functions at a time with the mutant-name filter)
+    "integrations": (
+        ["src/hardneg/integrations/sentence_transformers.py"],
+        ["tests/test_text_integration.py"],
+    ),
+    # the same with the two-process gloo test (its children import mutmut's copy and inherit
+    # the mutant's name): for the survivors of the sharded helpers, named on the command line
+    "mining-sharded": (["src/hardneg/mining.py"], MINING_TESTS),
+}
+
+
+# tests left out of one module's selection: the mining runs in two gloo processes and under
+# torchrun take 80 s of the selection's 100 s on 2 cores, and every surviving mutant of
+# mine_hard_negatives would re-run them; the sharded path they check (world > 1) runs only in
+# their child processes, where mutmut records no hit (_gather_rows and _collective_device have
+# no test in mutmut's eyes either way). `mining-sharded` runs the gloo test on named mutants.
+MODULE_DESELECT = {
+    "mining": [
+        "tests/test_mining.py::test_two_gloo_processes_mine_the_same_negatives_as_one",
+        "tests/test_mining.py::test_torchrun_cli_writes_the_rows_of_one_process_from_rank_0_only",
+    ],
+    "mining-sharded": [
+        "tests/test_mining.py::test_torchrun_cli_writes_the_rows_of_one_process_from_rank_0_only",
+    ],
 }
 
 
@@ -155,7 +222,8 @@ def main(argv: list[str]) -> int:
 
     files, tests = MODULES[argv[0]]
     cfg = configuration.config()
-    deselect = [arg for test in DESELECT for arg in ("--deselect", test)]
+    deselected = [*DESELECT, *MODULE_DESELECT.get(argv[0], [])]
+    deselect = [arg for test in deselected for arg in ("--deselect", test)]
     configuration._config = dataclasses.replace(
         cfg,
         only_mutate=files,
