@@ -37,8 +37,13 @@ def tiny_model(
     import hashlib
 
     import torch
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
     from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    try:  # sentence-transformers >= 6 (the old path warns)
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:
+        from sentence_transformers import models
 
     tag = "" if words == WORDS else "_" + hashlib.sha1(" ".join(words).encode()).hexdigest()[:8]
     directory = Path(directory) / f"tiny_bert_{seed}_{dim}_{dropout}_{layers}{tag}"
@@ -61,7 +66,9 @@ def tiny_model(
         BertModel(config).save_pretrained(directory)
         tokenizer.save_pretrained(directory)
     transformer = models.Transformer(str(directory), max_seq_length=32)
-    pooling = models.Pooling(transformer.get_word_embedding_dimension(), "mean")
+    width = getattr(transformer, "get_embedding_dimension", None)
+    width = width() if width else transformer.get_word_embedding_dimension()
+    pooling = models.Pooling(width, "mean")
     return SentenceTransformer(modules=[transformer, pooling], device="cpu")
 
 
