@@ -321,3 +321,25 @@ def test_a_cached_model_loads_offline_from_the_cache_sentence_transformers_reads
     assert probed == [("huggingface.co", 443)]
     text = ["the cat sits on a red door", "a dog runs"]
     np.testing.assert_allclose(loaded.encode(text), model.encode(text), rtol=1e-5, atol=1e-6)
+
+
+def test_transformers_bars_are_off_in_a_pipe_and_the_switch_is_restored(tmp_path, capfd):
+    """Loading and saving a model print transformers' "Loading weights" / "Writing model
+    shards" bars; with stderr not a terminal (pytest captures it) they stay off, and
+    transformers' global switch is left as it was."""
+    pytest.importorskip("sentence_transformers")
+    from _text_models import tiny_model
+    from transformers.utils import logging as hf_logging
+
+    from hardneg.text.models import library_bars_on_terminal_only, load_sentence_model
+
+    folder = tmp_path / "saved"
+    tiny_model(tmp_path).save(str(folder))
+    capfd.readouterr()
+    assert hf_logging.is_progress_bar_enabled()
+    model = load_sentence_model(str(folder))
+    with library_bars_on_terminal_only():
+        model.save(str(tmp_path / "again"))
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err
+    assert hf_logging.is_progress_bar_enabled()  # restored

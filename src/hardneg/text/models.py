@@ -16,10 +16,12 @@ sentence-transformers' retries of the hub.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import os
 import socket
+import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -188,6 +190,23 @@ def _hub_host() -> str:
     return (url.hostname if url is not None else None) or "huggingface.co"
 
 
+@contextlib.contextmanager
+def library_bars_on_terminal_only():
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off while
+    stderr is not a terminal: in a pipe or a log file each refresh is a line of noise. The
+    setting is restored afterwards (it is transformers' global switch)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if was_on and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_sentence_model(
     name_or_path: str = "all-MiniLM-L6-v2", *, device: str | None = None, **kwargs: Any
 ):
@@ -238,7 +257,8 @@ def _load(kind: str, name_or_path: str, device: str | None, **kwargs: Any):
         model_class = getattr(sentence_transformers, kind)
         if offline:
             kwargs["local_files_only"] = True
-        return model_class(target, device=device or "cpu", **kwargs)
+        with library_bars_on_terminal_only():
+            return model_class(target, device=device or "cpu", **kwargs)
     except OSError as err:
         if not _hub_unreachable(err):
             raise

@@ -344,7 +344,7 @@ def train_text(
         HardNegativeLoss,
         ProgressCallback,
     )
-    from hardneg.text.models import load_sentence_model
+    from hardneg.text.models import library_bars_on_terminal_only, load_sentence_model
 
     names, columns = training_columns(cfg)
     beir = evaluation_folder(cfg)  # read before the model loads: a bad folder fails at once
@@ -471,7 +471,8 @@ def train_text(
         log(f"held-out retrieval after training:  {_metrics_line(after)}")
     if beir is not None:
         metrics.update(_beir_scores(encode, beir, prompts, "after", cfg, log))
-    model.save(str(run_dir / "model"))
+    with library_bars_on_terminal_only():  # transformers' "Writing model shards" bar
+        model.save(str(run_dir / "model"))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     config = {**asdict(cfg), "strategy_hparams": strategy_hparams}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
