@@ -9,6 +9,7 @@ import zlib
 
 import pytest
 import torch
+from test_mining import data as pairs
 
 from hardneg.mining import (
     SamplerOptions,
@@ -320,13 +321,6 @@ class Texts:
     def encode(self, texts, batch_size=32, convert_to_tensor=True, show_progress_bar=False):
         self.batch_sizes.append(batch_size)
         return torch.stack([self.vector(t) for t in texts])
-
-
-def pairs(n_queries=12, n_corpus=60):
-    queries = [f"query {i}" for i in range(n_queries)]
-    positives = [f"doc {i}" for i in range(n_queries)]
-    corpus = positives + [f"doc {i}" for i in range(n_queries, n_corpus)]
-    return queries, positives, corpus
 
 
 def ranked_candidates(model, query, corpus, skip):
