@@ -398,12 +398,20 @@ def train_text(
         "columns": names,
     }
     prompts = (cfg.query_prompt, cfg.document_prompt)
-    if dev_rows.size:
-        before = dev_retrieval(encode, columns, dev_rows, prompts)
-        metrics.update({f"dev_{k}_before": v for k, v in before.items()})
-        log(f"held-out retrieval before training: {_metrics_line(before)}")
-    if beir is not None:
-        metrics.update(_beir_scores(encode, beir, prompts, "before", cfg, log))
+
+    def held_out_scores(when: str) -> dict[str, Any]:
+        """The held-out rows' and ``eval_data``'s scores, keyed ``..._<when>``, and logged."""
+        out: dict[str, Any] = {}
+        if dev_rows.size:
+            scores = dev_retrieval(encode, columns, dev_rows, prompts)
+            out.update({f"dev_{k}_{when}": v for k, v in scores.items()})
+            label = f"held-out retrieval {when} training:".ljust(35)  # before / after aligned
+            log(f"{label} {_metrics_line(scores)}")
+        if beir is not None:
+            out.update(_beir_scores(encode, beir, prompts, when, cfg, log))
+        return out
+
+    metrics.update(held_out_scores("before"))
     # the column names the loss sees: anchor, positive, negative_1..k (sentence-transformers
     # reads the columns in order; the names only label them)
     keys = ["anchor", "positive", *(f"negative_{i}" for i in range(1, len(names) - 1))]
@@ -465,12 +473,7 @@ def train_text(
         writer.writeheader()
         writer.writerows(history)
     metrics.update(steps=int(trainer.state.global_step), final_loss=float(history[-1]["loss"]))
-    if dev_rows.size:
-        after = dev_retrieval(encode, columns, dev_rows, prompts)
-        metrics.update({f"dev_{k}_after": v for k, v in after.items()})
-        log(f"held-out retrieval after training:  {_metrics_line(after)}")
-    if beir is not None:
-        metrics.update(_beir_scores(encode, beir, prompts, "after", cfg, log))
+    metrics.update(held_out_scores("after"))
     with library_bars_on_terminal_only():  # transformers' "Writing model shards" bar
         model.save(str(run_dir / "model"))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
