@@ -22,3 +22,18 @@ class CrashAt:
 
 def boom():
     raise RuntimeError("simulated crash")
+
+
+class NonFiniteAt:
+    """Replaces ``step_health`` so that its call ``at`` (counted from 0) reports a non-finite
+    loss, as a NaN step would (the ``train.nonfinite=skip`` tests)."""
+
+    def __init__(self, monkeypatch, at: int) -> None:
+        self.calls, self.at = 0, at
+        self.original = trainer.step_health
+        monkeypatch.setattr(trainer, "step_health", self)
+
+    def __call__(self, out):
+        value, finite = self.original(out)
+        self.calls += 1
+        return (float("nan"), False) if self.calls == self.at + 1 else (value, finite)

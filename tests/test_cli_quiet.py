@@ -12,8 +12,8 @@ import sys
 
 import pytest
 import torch
+from _crash import NonFiniteAt
 
-import hardneg.train.trainer as trainer
 from hardneg.cli import build_parser, main
 from hardneg.commands import STATUS, status_printer
 
@@ -84,15 +84,8 @@ def test_quiet_train_prints_the_done_line_only(tmp_path, monkeypatch, capsys):
 
 
 def test_quiet_train_still_shows_a_skipped_step(tmp_path, monkeypatch, capsys, caplog):
-    calls = {"n": 0}
-    original = trainer.step_health
 
-    def bad_step_2(out):
-        value, finite = original(out)
-        calls["n"] += 1
-        return (float("nan"), False) if calls["n"] == 3 else (value, finite)
-
-    monkeypatch.setattr(trainer, "step_health", bad_step_2)
+    NonFiniteAt(monkeypatch, at=2)
     args = ["train", "--config", "mnist1d_simclr_hcl", *TINY, "train.nonfinite=skip"]
     assert main([*args, "--run-dir", str(tmp_path / "run"), "-q"]) == 0
     warned = [(r.levelno, r.getMessage()) for r in caplog.records]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _crash import CrashAt, boom
+from _crash import CrashAt, NonFiniteAt, boom
 from _same import assert_same
 
 import hardneg.train.trainer as trainer
@@ -760,16 +760,8 @@ def test_a_non_finite_step_is_skipped_reported_and_still_advances_the_schedule(
         )
         return optimizer
 
-    calls = {"n": 0}
-    original = trainer.step_health
-
-    def bad_step_2(out):
-        value, finite = original(out)
-        calls["n"] += 1
-        return (float("nan"), False) if calls["n"] == 3 else (value, finite)
-
     monkeypatch.setattr(trainer, "build_optimizer", spy_optimizer)
-    monkeypatch.setattr(trainer, "step_health", bad_step_2)
+    NonFiniteAt(monkeypatch, at=2)  # the third call, which the warning names step 2
     config = run("train.nonfinite=skip", "optim.lr=0.1", "optim.warmup_epochs=1")
     result = train(config, run_dir=tmp_path, progress_bar=False)
     assert lrs == pytest.approx([0.025, 0.05, 0.1])
