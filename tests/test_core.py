@@ -146,8 +146,9 @@ def test_float64_inputs_compute_in_float64_and_half_inputs_in_float32():
 # ------------------------------------------------------------------------------ objectives
 
 
-def pos_neg_contrast(pos, neg, t=1.0):
-    """A contrast set with given positive logits [A, P] and negative logits [A, S] (t = 1)."""
+def pos_neg_contrast(pos, neg, t=1.0, anchor_labels=None, column_labels=None):
+    """A contrast set with given positive logits [A, P] and negative logits [A, S] (t = 1),
+    optionally labelled."""
     from hardneg.contrast import ContrastSet
 
     a = pos.shape[0]
@@ -163,6 +164,8 @@ def pos_neg_contrast(pos, neg, t=1.0):
         negative_mask=torch.isfinite(neg),
         num_negatives=torch.isfinite(neg).sum(dim=1),
         temperature=t,
+        anchor_labels=anchor_labels,
+        column_labels=column_labels,
     )
 
 

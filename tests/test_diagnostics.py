@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from test_core import pos_neg_contrast
 
 from hardneg.contrast import ContrastSet
 from hardneg.diagnostics import negative_diagnostics
@@ -39,22 +40,8 @@ COLUMN_LABELS = [0, 1, 1, 2]
 def contrast_of(positive, cosines, anchor_labels=None, column_labels=None) -> ContrastSet:
     pos = torch.tensor(positive, dtype=torch.float64).unsqueeze(1) / T
     neg = torch.tensor(cosines, dtype=torch.float64) / T
-    a, s = neg.shape
-    return ContrastSet(
-        anchors=torch.zeros(a, 1, dtype=torch.float64),
-        columns=torch.zeros(s, 1, dtype=torch.float64),
-        anchor_columns=None,
-        positives=torch.zeros(a, 1, 1, dtype=torch.float64),
-        positive_logits=pos,
-        positive_weight=torch.ones_like(pos),
-        positive_index=None,
-        negative_logits=neg,
-        negative_mask=torch.isfinite(neg),
-        num_negatives=torch.isfinite(neg).sum(dim=1),
-        temperature=T,
-        anchor_labels=None if anchor_labels is None else torch.tensor(anchor_labels),
-        column_labels=None if column_labels is None else torch.tensor(column_labels),
-    )
+    labels = (None if x is None else torch.tensor(x) for x in (anchor_labels, column_labels))
+    return pos_neg_contrast(pos, neg, T, *labels)
 
 
 def expected_of(positive, cosines, log_w, extra, *, labels, top_k, margin, threshold):
