@@ -70,7 +70,7 @@ import inspect
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -308,27 +308,54 @@ def chunked_top_k(
     ``exclude[i]``: corpus rows never returned for query ``i`` (its positives)."""
     if k > corpus.shape[0]:
         raise ValueError(f"k = {k} is larger than the corpus ({corpus.shape[0]} entries)")
-    all_scores, all_index = [], []
-    for qs in range(0, queries.shape[0], query_chunk_size):
-        q = queries[qs : qs + query_chunk_size]
-        best = torch.full((q.shape[0], k), float("-inf"))
-        best_index = torch.full((q.shape[0], k), -1, dtype=torch.long)
-        for cs in range(0, corpus.shape[0], corpus_chunk_size):
-            c = torch.as_tensor(corpus[cs : cs + corpus_chunk_size])
-            scores = q @ c.T
+    chunks = (
+        corpus[cs : cs + corpus_chunk_size] for cs in range(0, corpus.shape[0], corpus_chunk_size)
+    )
+    return merge_top_k(queries, chunks, k, exclude=exclude, query_chunk_size=query_chunk_size)
+
+
+def merge_top_k(
+    queries: Tensor,
+    chunks: Iterable[Tensor | np.ndarray],
+    k: int,
+    *,
+    exclude: Sequence[set[int]] | None = None,
+    query_chunk_size: int = 1024,
+    stable: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``(scores [Q, k], rows [Q, k])``: the ``k`` largest dot products of each query with the
+    rows of ``chunks``, consecutive pieces of one corpus (rows numbered across them), descending.
+    Each chunk is merged into a running top-``k`` and dropped, so at most ``query_chunk_size x
+    (k + chunk rows)`` scores are held and the corpus is never needed whole (a memory-mapped
+    cache, or documents embedded chunk by chunk). ``exclude[i]``: rows never returned for query
+    ``i``. Past the end of a corpus smaller than ``k``: score ``-inf``, row ``-1``. ``stable``:
+    equal scores keep the lower row first (a stable sort of each merge); else ``topk``, faster,
+    with ties in no promised order."""
+    best = torch.full((queries.shape[0], k), float("-inf"), dtype=queries.dtype)
+    best_rows = torch.full((queries.shape[0], k), -1, dtype=torch.long)
+    offset = 0
+    for chunk in chunks:
+        c = torch.as_tensor(chunk)
+        rows = torch.arange(offset, offset + c.shape[0])
+        for q0 in range(0, queries.shape[0], query_chunk_size):
+            q1 = min(q0 + query_chunk_size, queries.shape[0])
+            scores = queries[q0:q1] @ c.T
             if exclude is not None:
-                for row in range(q.shape[0]):
-                    cols = [j - cs for j in exclude[qs + row] if cs <= j < cs + c.shape[0]]
+                for row in range(q0, q1):
+                    cols = [j - offset for j in exclude[row] if offset <= j < offset + c.shape[0]]
                     if cols:
-                        scores[row, cols] = float("-inf")
-            index = torch.arange(cs, cs + c.shape[0]).expand(q.shape[0], -1)
-            merged = torch.cat([best, scores], dim=1)
-            merged_index = torch.cat([best_index, index], dim=1)
-            best, pos = merged.topk(k, dim=1)
-            best_index = merged_index.gather(1, pos)
-        all_scores.append(best)
-        all_index.append(best_index)
-    return torch.cat(all_scores), torch.cat(all_index)
+                        scores[row - q0, cols] = float("-inf")
+            # the running best first: with stable=True equal scores keep the row seen earlier
+            merged = torch.cat([best[q0:q1], scores], dim=1)
+            merged_rows = torch.cat([best_rows[q0:q1], rows.expand(q1 - q0, -1)], dim=1)
+            if stable:
+                pos = torch.sort(merged, dim=1, descending=True, stable=True).indices[:, :k]
+            else:
+                pos = merged.topk(k, dim=1).indices
+            best[q0:q1] = merged.gather(1, pos)
+            best_rows[q0:q1] = merged_rows.gather(1, pos)
+        offset += c.shape[0]
+    return best, best_rows
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:

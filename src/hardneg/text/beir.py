@@ -220,30 +220,19 @@ def rank_documents(
     consecutive chunks of embeddings (rows numbered across the chunks), each merged into a
     running top-``depth`` and then dropped, so a corpus never has to be held at once: memory is
     one chunk, ``query_chunk_size`` x its rows of scores, and ``Q x depth``. ``exclude[q]``: a
-    row query ``q`` never gets (its own id), or None. Ties keep the lower row first."""
+    row query ``q`` never gets (its own id), or None. Ties keep the lower row first
+    (:func:`hardneg.mining.merge_top_k`, the running top-k that mining ranks with too)."""
+    from hardneg.mining import merge_top_k
+
     q = torch.nn.functional.normalize(torch.as_tensor(query_embeddings).float(), dim=1)
-    best = torch.full((q.shape[0], depth), float("-inf"))
-    best_rows = torch.full((q.shape[0], depth), -1, dtype=torch.long)
-    skip = None
-    if exclude is not None:
-        skip = torch.tensor([-1 if e is None else int(e) for e in exclude], dtype=torch.long)
-    offset = 0
-    for chunk in document_chunks:
-        c = torch.nn.functional.normalize(torch.as_tensor(chunk).float(), dim=1)
-        rows = torch.arange(offset, offset + c.shape[0])
-        for q0 in range(0, q.shape[0], query_chunk_size):
-            q1 = min(q0 + query_chunk_size, q.shape[0])
-            scores = q[q0:q1] @ c.T
-            if skip is not None:
-                scores[skip[q0:q1, None] == rows[None, :]] = float("-inf")
-            # the running best first: at equal scores the lower row (seen earlier) stays ahead
-            merged = torch.cat([best[q0:q1], scores], dim=1)
-            merged_rows = torch.cat([best_rows[q0:q1], rows.expand(q1 - q0, -1)], dim=1)
-            order = torch.sort(merged, dim=1, descending=True, stable=True).indices[:, :depth]
-            best[q0:q1] = merged.gather(1, order)
-            best_rows[q0:q1] = merged_rows.gather(1, order)
-        offset += c.shape[0]
-    return best_rows.masked_fill(torch.isinf(best), -1)
+    unit = (
+        torch.nn.functional.normalize(torch.as_tensor(c).float(), dim=1) for c in document_chunks
+    )
+    skip = None if exclude is None else [set() if e is None else {int(e)} for e in exclude]
+    scores, rows = merge_top_k(
+        q, unit, depth, exclude=skip, query_chunk_size=query_chunk_size, stable=True
+    )
+    return rows.masked_fill(torch.isinf(scores), -1)
 
 
 def retrieval_scores(
