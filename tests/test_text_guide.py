@@ -166,8 +166,6 @@ def test_guide_settings_in_the_model_card(models):
         ({"guide_margin_strategy": "relative"}, "pass guide="),
         ({"guide": "all-MiniLM-L6-v2"}, "guide must be a SentenceTransformer"),
         ({"margin_strategy": "relative"}, "guide_margin_strategy"),
-        ({"contrast_anchors": True}, "contrast_anchors=False and contrast_positives=False"),
-        ({"guide": None, "contrast_positives": False}, "GISTEmbedLoss"),
     ],
 )
 def test_guide_arguments_say_what_is_wrong(models, kwargs, message):

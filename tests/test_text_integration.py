@@ -571,8 +571,6 @@ def test_progress_callback_gives_the_loss_the_fraction_of_steps_done(tmp_path, m
     "key, value, hint",
     [
         ("similarity_fct", "dot_score", "pass normalize=False"),
-        ("directions", ("query_to_doc", "doc_to_query"), "symmetric=True"),
-        ("partition_mode", "per_direction", "symmetric=True"),
         ("hardness_mode", "in_batch_negatives", "strategy='hardness'"),
         ("hardness_strength", 5.0, "strategy='hardness'"),
     ],

@@ -112,6 +112,9 @@ def test_split_rows_is_disjoint_and_seeded():
         (["data=x.jsonl", "dev_fraction=0.9"], "dev_fraction"),
         (["data=x.jsonl", "max_steps=0"], "max_steps"),
         (["data=x.jsonl", "guide_margin_strategy=cosine"], "guide_margin_strategy"),
+        (["data=x.jsonl", "directions=doc_to_query"], "must include 'query_to_doc'"),
+        (["data=x.jsonl", "directions=query_to_doc,qury_to_query"], "'query_to_query'"),
+        (["data=x.jsonl", "partition_mode=both"], "partition_mode must be one of"),
         (["data=x.jsonl", "hcl.beta=2"], "strategy=infonce"),
         (["data=x.jsonl", "--config", "mnist1d_simclr_hcl"], "--config does not apply"),
     ],
@@ -145,6 +148,17 @@ def test_settings_parse_from_key_value_items():
         ["data=rows.parquet", "epochs=2", "symmetric=yes", "guide=none", "columns=q,d,n"]
     )
     assert (cfg.epochs, cfg.symmetric, cfg.guide, cfg.columns) == (2.0, True, None, "q,d,n")
+
+
+def test_directions_reach_the_loss(tmp_path, setup):
+    model_dir, data, _ = setup
+    out = tmp_path / "run"
+    argv = [f"data={data}", f"model={model_dir}", "directions=query_to_doc,doc_to_doc"]
+    argv += ["max_steps=1", "batch_size=8", "dev_fraction=0"]
+    assert run(*argv, "--run-dir", out) == 0
+    card = (out / "model" / "README.md").read_text()
+    assert '"directions": [' in card and '"doc_to_doc"' in card
+    assert '"partition_mode": "joint"' in card
 
 
 def test_a_guide_and_the_cached_form_reach_the_loss(tmp_path, setup):

@@ -31,6 +31,17 @@ and with ``tau_plus > 0`` the debiased form of HCL's graph code (``JSD_hard``):
 * sum_p v_ip softplus(a_ip) / sum_p v_ip``. (The authors' code keeps the ``- log 2`` of ``Eq``
 inside the division for ``beta = 0``; that differs by a constant, not in any gradient.)
 
+**Joint partition of two anchors of one pair** (:func:`joint_partition_loss`), the "improved
+contrastive loss" of GTE (Li et al. 2023, arXiv 2308.03281) and ``partition_mode='joint'`` of
+sentence-transformers' ``MultipleNegativesRankingLoss``: a query ``q_i`` and its document ``d_i``
+share one partition, ``Z_i = Zq_i + Zd_i`` with ``Zq_i`` the InfoNCE partition of ``q_i``'s set
+(its positive ``e^{a_i}`` and its negatives) and ``Zd_i`` that of ``d_i``'s (positive ``q_i``, the
+same ``e^{a_i}``). With ``l = log Z - a`` the per-anchor InfoNCE loss of each set:
+
+    with d_i's positive term:     l_i = log(Zq_i + Zd_i) - a_i         = logaddexp(lq_i, ld_i)
+    without it (only its negatives): l_i = log(Zq_i + Zd_i - e^{a_i}) - a_i
+                                     = logaddexp(lq_i, log(e^{ld_i} - 1))
+
 Every sum is a log-sum-exp or a softplus, so ``t = 0.05`` with ``beta = 10`` neither overflows nor
 underflows; logits arrive in float32 or float64 (:mod:`hardneg.contrast`).
 
@@ -288,3 +299,24 @@ def objective_loss(
     if name == "jsd":
         return jsd_objective(contrast, selection, tau_plus=tau_plus)
     raise ValueError(f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {name!r}")
+
+
+def joint_partition_loss(
+    query_side: Tensor, doc_side: Tensor, *, doc_side_positive: bool = True
+) -> Tensor:
+    """Per-pair loss of one partition shared by a query's and its document's contrast sets.
+
+    ``query_side [A]`` and ``doc_side [A]`` are the per-anchor InfoNCE losses ``log Z - a`` of
+    the query-anchored and the document-anchored sets of the same pairs (one positive each, of
+    the same logit ``a``, no positives added by the strategy); ``doc_side_positive``: whether
+    the document side's positive term (``e^{a}`` once more: the ``doc_to_query`` block holds the
+    pair itself) belongs to the partition (see the module docstring). Returns ``[A]``.
+    """
+    if doc_side_positive:
+        return torch.logaddexp(query_side, doc_side)
+    # log(e^{l} - 1) = l + log(1 - e^{-l}): no overflow for a large l; l = 0 (no negative on
+    # the document side) gives -inf with a zero gradient, not the infinite derivative at 0
+    has_mass = doc_side > 0
+    safe = torch.where(has_mass, doc_side, 1.0)
+    log_negatives = torch.where(has_mass, safe + torch.log(-torch.expm1(-safe)), float("-inf"))
+    return torch.logaddexp(query_side, log_negatives)

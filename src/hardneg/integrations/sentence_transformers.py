@@ -24,6 +24,11 @@ What the module adds to the plain loss:
 
 * ``symmetric=True`` adds the positive -> anchor direction (candidates: the batch's anchors) and
   averages the two, as ``MultipleNegativesSymmetricRankingLoss`` does;
+* ``directions`` / ``partition_mode`` (``MultipleNegativesRankingLoss``'s) and ``contrast_anchors``
+  / ``contrast_positives`` (``GISTEmbedLoss``'s) add the query-query, document-query and
+  document-document blocks to each pair's partition (GTE's improved contrastive loss with all
+  four): the strategy weights the query's set and the document's set, and one partition per
+  pair adds the two (:func:`hardneg.objectives.joint_partition_loss`);
 * ``mask_duplicates=True`` (default) hashes each input's token ids: a candidate whose text equals
   the anchor's positive (two anchors sharing a positive, a mined negative that is the positive
   again) or the anchor itself (chained pairs, paraphrases listed both ways), and the positive of
@@ -64,6 +69,7 @@ if importlib.util.find_spec("sentence_transformers") is None:
 from hardneg import distributed
 from hardneg._checks import check_choice, check_number
 from hardneg.contrast import GUIDE_MARGIN_MODES, guided_false_negatives
+from hardneg.objectives import joint_partition_loss
 from hardneg.registry import create_loss, loss_hparams, strategy_class
 
 if TYPE_CHECKING:
@@ -173,10 +179,6 @@ _HASH_WEIGHTS: dict[str, Tensor] = {}
 _MNRL_ARGUMENTS: dict[str, str] = {
     "similarity_fct": "the logits are scale * cos; for dot products (util.dot_score) pass "
     "normalize=False",
-    "directions": "symmetric=True adds doc_to_query to query_to_doc (the per_direction "
-    "partition); the query_to_query and doc_to_doc directions are not offered",
-    "partition_mode": "symmetric=True is partition_mode='per_direction' with directions "
-    "query_to_doc and doc_to_query",
     "hardness_mode": "use strategy='hardness' with mode=<hardness_mode> and "
     "alpha=<hardness_strength>",
     "hardness_strength": "use strategy='hardness' with alpha=<hardness_strength> and "
@@ -185,15 +187,92 @@ _MNRL_ARGUMENTS: dict[str, str] = {
 
 # GISTEmbedLoss's own arguments: the guide's margin has a prefix of its own here, because
 # positive_aware's filter already takes margin= and mode=
-_GIST_LAYOUT = (
-    "the candidates are the batch's positives and hard negatives (MultipleNegativesRankingLoss's "
-    "layout); guide= equals GISTEmbedLoss with contrast_anchors=False and contrast_positives=False"
-)
 _GIST_ARGUMENTS: dict[str, str] = {
     "margin_strategy": "pass guide_margin_strategy=<margin_strategy> (with guide=...)",
-    "contrast_anchors": _GIST_LAYOUT,
-    "contrast_positives": _GIST_LAYOUT,
 }
+
+DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+PARTITION_MODES = ("joint", "per_direction")
+
+_GTE = """@misc{li2023gte,
+    title={Towards General Text Embeddings with Multi-stage Contrastive Learning},
+    author={Zehan Li and Xin Zhang and Yanzhao Zhang and Dingkun Long and Pengjun Xie and Meishan Zhang},
+    year={2023},
+    eprint={2308.03281},
+    archivePrefix={arXiv}
+}"""
+
+
+def resolve_partition(
+    symmetric: bool,
+    directions: Iterable[str] | None,
+    partition_mode: str | None,
+    contrast_anchors: bool,
+    contrast_positives: bool,
+) -> tuple[tuple[str, ...], str, str | None]:
+    """``(directions, partition_mode, doc_candidates)`` from the loss's arguments.
+
+    ``doc_candidates`` is which documents the ``doc_to_doc`` block compares ``d_i`` with:
+    ``'all'`` (every positive and hard negative of the batch, ``MultipleNegativesRankingLoss``),
+    ``'positives'`` (the batch's positives, ``GISTEmbedLoss``'s ``contrast_positives``) or None
+    (no such block)."""
+    for flag, value in (
+        ("contrast_anchors", contrast_anchors),
+        ("contrast_positives", contrast_positives),
+    ):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be True or False, got {value!r}")
+    if symmetric:
+        if directions is not None or partition_mode is not None:
+            raise ValueError(
+                "symmetric=True is directions=('query_to_doc', 'doc_to_query') with "
+                "partition_mode='per_direction': give either symmetric=True or "
+                "directions / partition_mode, not both"
+            )
+        directions, partition_mode = ("query_to_doc", "doc_to_query"), "per_direction"
+    if directions is None:
+        directions = ("query_to_doc",)
+    if isinstance(directions, str) or not isinstance(directions, Iterable):
+        raise ValueError(
+            "directions must be a tuple of direction names (e.g. ('query_to_doc', "
+            f"'doc_to_query')), got {directions!r}; allowed: {', '.join(DIRECTIONS)}"
+        )
+    directions = tuple(directions)
+    for name in directions:
+        if name not in DIRECTIONS:
+            close = difflib.get_close_matches(str(name), DIRECTIONS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown direction {name!r}{hint}; allowed: {', '.join(DIRECTIONS)}")
+    if len(set(directions)) != len(directions):
+        raise ValueError(f"directions lists a direction twice: {directions!r}")
+    if "query_to_doc" not in directions:
+        raise ValueError(
+            "directions must include 'query_to_doc' (the block that holds each query's "
+            f"positive), got {directions!r}"
+        )
+    partition_mode = check_choice(
+        "partition_mode", "joint" if partition_mode is None else partition_mode, PARTITION_MODES
+    )
+    if contrast_anchors and "query_to_query" not in directions:
+        directions = (*directions, "query_to_query")
+    doc_candidates = "all" if "doc_to_doc" in directions else None
+    if contrast_positives:
+        if doc_candidates == "all":
+            raise ValueError(
+                "contrast_positives=True (GISTEmbedLoss: each document against the batch's "
+                "positives) and the direction 'doc_to_doc' (against every document, hard "
+                "negatives too) name the same block: give one of them"
+            )
+        directions, doc_candidates = (*directions, "doc_to_doc"), "positives"
+    if partition_mode == "per_direction" and {"query_to_query", "doc_to_doc"} & set(directions):
+        raise ValueError(
+            "partition_mode='per_direction' needs every direction's softmax to hold the "
+            "positive pair, which the query_to_query and doc_to_doc blocks do not (as in "
+            "MultipleNegativesRankingLoss): use partition_mode='joint' with them"
+        )
+    # the canonical order, so that equal settings compare (and print) equal
+    return tuple(d for d in DIRECTIONS if d in directions), partition_mode, doc_candidates
+
 
 # CachedMultipleNegativesRankingLoss's own arguments (mini_batch_size reaches this table only
 # from the plain loss: CachedHardNegativeLoss takes it)
@@ -313,7 +392,8 @@ class HardNegativeLoss(nn.Module):
         strategy: a registered strategy name (``hardneg.list_losses()``).
         scale: logits are ``scale * cos``; the temperature is ``1 / scale`` (20 = t 0.05, the
             default of ``MultipleNegativesRankingLoss``).
-        symmetric: also the positive -> anchor direction; the loss is the mean of both.
+        symmetric: also the positive -> anchor direction; the loss is the mean of both
+            (``directions=('query_to_doc', 'doc_to_query')``, ``partition_mode='per_direction'``).
         gather_across_devices: gather every process's batch with gradients (see module doc).
         mask_duplicates: mask candidates whose tokens equal the anchor's positive's or the
             anchor's own, and the positives of other rows with the same anchor text.
@@ -327,6 +407,20 @@ class HardNegativeLoss(nn.Module):
             masked (GISTEmbedLoss's ``margin``).
         guide_margin_strategy: ``'absolute'`` (masked when ``g > g+ - margin``) or
             ``'relative'`` (``g > g+ - |g+| margin``).
+        directions: the blocks of each pair's partition, as ``MultipleNegativesRankingLoss``:
+            ``'query_to_doc'`` (required; ``q_i`` against every document of the batch),
+            ``'query_to_query'`` (``q_i`` against the other queries), ``'doc_to_query'``
+            (``d_i`` against every query, ``q_i`` included) and ``'doc_to_doc'`` (``d_i``
+            against every document but its own row's). Default: ``('query_to_doc',)``.
+        partition_mode: ``'joint'`` (default; one partition over all the blocks, GTE's improved
+            contrastive loss with all four) or ``'per_direction'`` (one per direction, averaged;
+            ``query_to_doc`` and ``doc_to_query`` only). The strategy weights or selects the
+            negatives of each anchor's set: ``q_i``'s (its documents and queries) and ``d_i``'s
+            (its queries and documents); see :func:`hardneg.objectives.joint_partition_loss`.
+        contrast_anchors: ``GISTEmbedLoss``'s: adds ``'query_to_query'``.
+        contrast_positives: ``GISTEmbedLoss``'s: ``d_i`` against the batch's other positives
+            (its ``doc_to_doc`` block without the hard negatives). Both default to False here
+            (``GISTEmbedLoss``: True).
         **strategy_hparams: the strategy's hyper-parameters and loss settings
             (``tau_plus``, ``beta``, ``rho_out``, ...; not ``temperature``: use ``scale``).
     """
@@ -343,6 +437,10 @@ class HardNegativeLoss(nn.Module):
         guide: SentenceTransformer | None = None,
         guide_margin: float = 0.0,
         guide_margin_strategy: str = "absolute",
+        directions: Iterable[str] | None = None,
+        partition_mode: str | None = None,
+        contrast_anchors: bool = False,
+        contrast_positives: bool = False,
         **strategy_hparams: Any,
     ) -> None:
         super().__init__()
@@ -424,6 +522,25 @@ class HardNegativeLoss(nn.Module):
         self.needs_progress = _probe_retrieval(strategy, self.loss_fn)
         self.progress: float | None = None
         self._generator: torch.Generator | None = None
+        self.directions, self.partition_mode, self._doc_candidates = resolve_partition(
+            symmetric, directions, partition_mode, contrast_anchors, contrast_positives
+        )
+        self.contrast_anchors, self.contrast_positives = contrast_anchors, contrast_positives
+        if self.partition_mode == "joint" and len(self.directions) > 1:
+            # the shared partition adds the two sets' partitions: l = log Z - a per anchor
+            if self.loss_fn.objective != "infonce":
+                raise ValueError(
+                    "the joint partition of several directions sums InfoNCE partitions; "
+                    f"objective={self.loss_fn.objective!r} has none: use objective='infonce', "
+                    "or symmetric=True (the mean of the two directions' losses)"
+                )
+            if self.loss_fn.strategy.adds_positives:
+                raise ValueError(
+                    f"strategy {strategy!r} with these settings attracts positives of its own, "
+                    "so its loss is not one partition per pair: the joint partition of several "
+                    "directions cannot add it (use the default directions, or symmetric=True: "
+                    "the mean of the two directions' losses)"
+                )
         self._labels_noted = False
 
     # -- sentence-transformers' loss interface --------------------------------------------------
@@ -445,6 +562,9 @@ class HardNegativeLoss(nn.Module):
             "strategy": self.strategy,
             "scale": self.scale,
             "symmetric": self.symmetric,
+            "directions": self.directions,
+            "partition_mode": self.partition_mode,
+            **({"contrast_positives": True} if self._doc_candidates == "positives" else {}),
             "gather_across_devices": self.gather_across_devices,
             "mask_duplicates": self.mask_duplicates,
             # the draws of simans, mochi, ring's num_samples follow it: the model card must say
@@ -473,6 +593,8 @@ class HardNegativeLoss(nn.Module):
         cited = [CITATIONS[n] for n in dict.fromkeys(names) if n in CITATIONS]
         if self.guide is not None:
             cited.append(_GISTEMBED)
+        if self.partition_mode == "joint" and set(self.directions) == set(DIRECTIONS):
+            cited.append(_GTE)
         return "\n\n".join(cited)
 
     # -- the parts ------------------------------------------------------------------------------
@@ -603,60 +725,151 @@ class HardNegativeLoss(nn.Module):
                 id_cols = distributed.gather_no_grad(id_cols)
             if guide_embeddings is not None:
                 guide_embeddings = [distributed.gather_no_grad(g) for g in guide_embeddings]
-        candidate_ids = anchor_ids = None
-        if id_cols is not None:
-            # positives, then the hard negatives row-major (retrieval_contrast's column order)
-            candidate_ids = torch.cat([id_cols[:, 1], id_cols[:, 2:].reshape(-1)])
-            anchor_ids = id_cols[:, 0]
-        forward_fn = back_fn = None  # the guide's false negatives of each direction
-        if guide_embeddings is not None:
-            g_anchor, g_positive = guide_embeddings[0], guide_embeddings[1]
-            # the candidates' order of retrieval_contrast: positives, hard negatives row-major
-            g_columns = [g_positive]
-            if len(guide_embeddings) > 2:
-                g_hard = torch.stack(guide_embeddings[2:], dim=1)
-                g_columns.append(g_hard.reshape(-1, g_hard.shape[-1]))
-            g_columns = torch.cat(g_columns)
-            options = {"margin": self.guide_margin, "mode": self.guide_margin_strategy}
-            # (the guide may sit on another device than the model)
-            forward_fn = guided_false_negatives(g_anchor, g_columns, **options).to(anchor.device)
-            if self.symmetric:
-                back_fn = guided_false_negatives(g_positive, g_anchor, **options).to(anchor.device)
+        directions = set(self.directions)
         kwargs: dict[str, Any] = {"progress": self.progress}
         gen = self.generator(anchor.device)
         if gen is not None:
             kwargs["generator"] = gen
-        # a batch of one pair (the short last batch of an epoch) has no negative in a
-        # direction without hard negatives: its one candidate takes all the softmax mass, so
-        # the loss is 0, as MultipleNegativesRankingLoss gives; kept in the graph for backward()
-        no_negative = (anchor.sum() + positive.sum()) * 0.0 if anchor.shape[0] == 1 else None
-        if no_negative is not None and negatives.shape[1] == 0:
-            loss = no_negative
-        else:
-            loss = self.loss_fn(
-                anchor,
-                positive,
-                hard_negatives=negatives,
-                ids=candidate_ids,
-                anchor_ids=anchor_ids,  # a candidate with the anchor's own text: masked too
-                false_negatives=forward_fn,
-                **kwargs,
+        query_side = self._query_side(anchor, positive, negatives, id_cols, guide_embeddings)
+        if "doc_to_query" not in directions and "doc_to_doc" not in directions:
+            return self._reduced(query_side, kwargs).mean()
+        doc_side = self._doc_side(anchor, positive, negatives, id_cols, guide_embeddings)
+        if self.partition_mode == "per_direction":  # the mean of the directions' losses
+            return (
+                self._reduced(query_side, kwargs).mean() + self._reduced(doc_side, kwargs).mean()
+            ) / 2
+        return joint_partition_loss(
+            self._reduced(query_side, kwargs, per_anchor=True),
+            self._reduced(doc_side, kwargs, per_anchor=True),
+            doc_side_positive="doc_to_query" in directions,
+        ).mean()
+
+    def _reduced(
+        self, side: dict[str, Any], kwargs: dict[str, Any], per_anchor: bool = False
+    ) -> Tensor:
+        """The loss of one side's contrast set (``per_anchor``: ``[A]``); a set without
+        negatives (a batch of one pair and no hard negative) is 0 for every anchor, as
+        ``MultipleNegativesRankingLoss`` gives when the positive is the only candidate."""
+        if side.get("empty"):
+            zero = side["anchor"].sum(dim=1) * 0.0  # kept in the graph for backward()
+            return zero if per_anchor else zero.mean()
+        call = {k: v for k, v in side.items() if k not in ("anchor", "positive", "empty")}
+        return self.loss_fn(
+            side["anchor"],
+            side["positive"],
+            **call,
+            **kwargs,
+            **({"reduction": "none"} if per_anchor else {}),
+        )
+
+    def _guide_mask(self, g_anchors: Tensor, g_columns: Tensor, device: torch.device) -> Tensor:
+        options = {"margin": self.guide_margin, "mode": self.guide_margin_strategy}
+        # (the guide may sit on another device than the model)
+        return guided_false_negatives(g_anchors, g_columns, **options).to(device)
+
+    def _query_side(
+        self,
+        anchor: Tensor,
+        positive: Tensor,
+        negatives: Tensor,
+        id_cols: Tensor | None,
+        guide_embeddings: list[Tensor] | None,
+    ) -> dict[str, Any]:
+        """The call of ``q_i``'s set: its positive ``d_i``, every document of the batch and,
+        with ``query_to_query``, every query but itself, appended to each row's hard negatives
+        (the candidates of :func:`hardneg.contrast.retrieval_contrast` are every row's)."""
+        b, d = anchor.shape
+        with_queries = "query_to_query" in self.directions
+        slots = torch.cat([negatives, anchor.unsqueeze(1)], dim=1) if with_queries else negatives
+        side: dict[str, Any] = {"anchor": anchor, "positive": positive, "hard_negatives": slots}
+        side["empty"] = b == 1 and slots.shape[1] - int(with_queries) == 0
+        rows = torch.arange(b, device=anchor.device)
+        false_negatives = None
+        if with_queries:  # q_i itself, the last slot of row i: neither positive nor negative
+            width = slots.shape[1]
+            false_negatives = torch.zeros(
+                b, b * (1 + width), dtype=torch.bool, device=anchor.device
             )
-        if self.symmetric:  # positive -> anchor: the batch's anchors are the candidates
-            if no_negative is not None:
-                back = no_negative
+            false_negatives[rows, b + rows * width + width - 1] = True
+        if id_cols is not None:
+            id_slots = id_cols[:, 2:]
+            if with_queries:
+                id_slots = torch.cat([id_slots, id_cols[:, :1]], dim=1)
+            # positives, then the hard negatives row-major (retrieval_contrast's column order)
+            side["ids"] = torch.cat([id_cols[:, 1], id_slots.reshape(-1)])
+            side["anchor_ids"] = id_cols[:, 0]  # a candidate with the anchor's own text: masked
+        if guide_embeddings is not None:
+            g_anchor, g_positive = guide_embeddings[0], guide_embeddings[1]
+            g_slots = (
+                torch.stack(guide_embeddings[2:], dim=1)
+                if len(guide_embeddings) > 2
+                else g_anchor.new_zeros(b, 0, g_anchor.shape[1])
+            )
+            if with_queries:
+                g_slots = torch.cat([g_slots, g_anchor.unsqueeze(1)], dim=1)
+            g_columns = torch.cat([g_positive, g_slots.reshape(-1, g_slots.shape[-1])])
+            guided = self._guide_mask(g_anchor, g_columns, anchor.device)
+            false_negatives = guided if false_negatives is None else false_negatives | guided
+        if false_negatives is not None:
+            side["false_negatives"] = false_negatives
+        return side
+
+    def _doc_side(
+        self,
+        anchor: Tensor,
+        positive: Tensor,
+        negatives: Tensor,
+        id_cols: Tensor | None,
+        guide_embeddings: list[Tensor] | None,
+    ) -> dict[str, Any]:
+        """The call of ``d_i``'s set: its positive ``q_i``, the other queries (``doc_to_query``;
+        without it they are masked and the positive term leaves the partition in
+        :func:`hardneg.objectives.joint_partition_loss`) and, with ``doc_to_doc``, every other
+        row's documents (``'all'``: positive and hard negatives; ``'positives'``: the
+        positive only), as each row's slots; its own row's documents are masked."""
+        b, d = anchor.shape
+        if self._doc_candidates == "all":
+            slots = torch.cat([positive.unsqueeze(1), negatives], dim=1)
+        elif self._doc_candidates == "positives":
+            slots = positive.unsqueeze(1)
+        else:
+            slots = anchor.new_zeros(b, 0, d)
+        width = slots.shape[1]
+        side: dict[str, Any] = {"anchor": positive, "positive": anchor, "hard_negatives": slots}
+        side["empty"] = b == 1
+        rows = torch.arange(b, device=anchor.device)
+        false_negatives = None
+        if width > 0 or "doc_to_query" not in self.directions:
+            false_negatives = torch.zeros(
+                b, b * (1 + width), dtype=torch.bool, device=anchor.device
+            )
+            own = b + rows.unsqueeze(1) * width + torch.arange(width, device=anchor.device)
+            false_negatives[rows.unsqueeze(1), own] = True  # d_i's own row of documents
+            if "doc_to_query" not in self.directions:  # no query is a candidate
+                false_negatives[:, :b] = ~torch.eye(b, dtype=torch.bool, device=anchor.device)
+        if id_cols is not None:
+            if self._doc_candidates == "all":
+                id_slots = id_cols[:, 1:]
+            elif self._doc_candidates == "positives":
+                id_slots = id_cols[:, 1:2]
             else:
-                back = self.loss_fn(
-                    positive,
-                    anchor,
-                    hard_negatives=anchor.new_zeros(anchor.shape[0], 0, d),
-                    ids=anchor_ids,
-                    anchor_ids=None if id_cols is None else id_cols[:, 1],
-                    false_negatives=back_fn,
-                    **kwargs,
-                )
-            loss = (loss + back) / 2
-        return loss
+                id_slots = id_cols[:, :0]
+            side["ids"] = torch.cat([id_cols[:, 0], id_slots.reshape(-1)])
+            side["anchor_ids"] = id_cols[:, 1]
+        if guide_embeddings is not None:
+            g_anchor, g_positive = guide_embeddings[0], guide_embeddings[1]
+            if self._doc_candidates == "all":
+                g_slots = torch.stack(guide_embeddings[1:], dim=1)
+            elif self._doc_candidates == "positives":
+                g_slots = g_positive.unsqueeze(1)
+            else:
+                g_slots = g_anchor.new_zeros(b, 0, g_anchor.shape[1])
+            g_columns = torch.cat([g_anchor, g_slots.reshape(-1, g_slots.shape[-1])])
+            guided = self._guide_mask(g_positive, g_columns, anchor.device)
+            false_negatives = guided if false_negatives is None else false_negatives | guided
+        if false_negatives is not None:
+            side["false_negatives"] = false_negatives
+        return side
 
 
 def _model_name(model: nn.Module) -> str:
@@ -806,6 +1019,10 @@ class CachedHardNegativeLoss(HardNegativeLoss):
         guide: SentenceTransformer | None = None,
         guide_margin: float = 0.0,
         guide_margin_strategy: str = "absolute",
+        directions: Iterable[str] | None = None,
+        partition_mode: str | None = None,
+        contrast_anchors: bool = False,
+        contrast_positives: bool = False,
         **strategy_hparams: Any,
     ) -> None:
         super().__init__(
@@ -819,6 +1036,10 @@ class CachedHardNegativeLoss(HardNegativeLoss):
             guide=guide,
             guide_margin=guide_margin,
             guide_margin_strategy=guide_margin_strategy,
+            directions=directions,
+            partition_mode=partition_mode,
+            contrast_anchors=contrast_anchors,
+            contrast_positives=contrast_positives,
             **strategy_hparams,
         )
         self.mini_batch_size = int(

@@ -551,6 +551,7 @@ class ContrastiveLoss(nn.Module):
         labels: Tensor | None = None,
         negative_labels: Tensor | None = None,
         return_diagnostics: bool = False,
+        reduction: str = "mean",
     ) -> Tensor | LossOutput:
         """Loss for one step.
 
@@ -582,6 +583,10 @@ class ContrastiveLoss(nn.Module):
             labels, negative_labels: class ids for diagnostics only (``negative_labels``
                 ``[K]``, or ``[N, K]`` with a per-anchor pool); never used by the loss.
             return_diagnostics: return a :class:`LossOutput` instead of the scalar.
+            reduction: ``'mean'`` (the scalar loss) or ``'none'`` (the per-anchor losses
+                ``[A]``, for a strategy with one contrast term; what a caller that combines
+                anchors' partitions itself needs, e.g. the joint partition of
+                :func:`hardneg.objectives.joint_partition_loss`).
         """
         if progress is not None:
             progress = check_progress(progress)
@@ -590,6 +595,12 @@ class ContrastiveLoss(nn.Module):
         if not isinstance(return_diagnostics, bool):
             raise ValueError(
                 f"return_diagnostics must be True or False, got {return_diagnostics!r}"
+            )
+        check_choice("reduction", reduction, ("mean", "none"))
+        if reduction == "none" and return_diagnostics:
+            raise ValueError(
+                "reduction='none' returns the per-anchor losses; return_diagnostics=True "
+                "returns them too (LossOutput.per_anchor): ask for one of the two"
             )
         inputs = ContrastInputs(
             z1=z1,
@@ -623,7 +634,13 @@ class ContrastiveLoss(nn.Module):
         main_per_anchor: Tensor | None = None
         main = None
         term_values: dict[str, float] = {}
-        for weight, contrast, role in self.strategy.terms(inputs, context):
+        terms = list(self.strategy.terms(inputs, context))
+        if reduction == "none" and len(terms) > 1:
+            raise ValueError(
+                "reduction='none' needs a strategy with one contrast term per anchor; "
+                f"{type(self.strategy).__name__} sums {len(terms)} terms of its own"
+            )
+        for weight, contrast, role in terms:
             if inputs.false_negatives is not None:  # known false negatives: neither
                 contrast = self._without_false_negatives(contrast, inputs.false_negatives)
             if self.filter_strategy is not None:
@@ -640,6 +657,8 @@ class ContrastiveLoss(nn.Module):
             if return_diagnostics:
                 term_values[role] = term_values.get(role, 0.0) + float(weight * value.detach())
         assert loss is not None and main is not None and main_per_anchor is not None
+        if reduction == "none":
+            return terms[0][0] * main_per_anchor
         if not return_diagnostics:
             return loss
         diag = negative_diagnostics(*main)

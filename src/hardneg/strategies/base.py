@@ -122,6 +122,9 @@ class Strategy(nn.Module):
       say otherwise (false-negative cancellation: ``mode='eliminate'``);
     * ``per_anchor_columns``: False when it scores the shared columns only (UnReMix), so it
       cannot take per-anchor explicit columns (a memory bank then draws one shared pool);
+    * ``adds_positives``: True when its selection attracts positives of its own besides the
+      anchor's (mined neighbours, attracted false negatives), so a per-anchor loss is not
+      ``log Z - a`` of one positive (a property: it may depend on the settings);
     * ``in_batch_defaults``: hyper-parameters (loss-level or the strategy's) that ``hardneg
       compare`` / ``demo`` use on in-batch negatives (SimCLR) instead of the registry defaults,
       e.g. Ring's wider band for a small pool.
@@ -137,6 +140,11 @@ class Strategy(nn.Module):
     filter_defaults: ClassVar[dict[str, Any]] = {}
     per_anchor_columns: ClassVar[bool] = True
     in_batch_defaults: ClassVar[dict[str, Any]] = {}
+
+    @property
+    def adds_positives(self) -> bool:
+        """Whether the selection adds positives of its own (see the class docstring)."""
+        return False
 
     def keep(self, contrast: ContrastSet, context: StepContext) -> Tensor:
         """Filters only: ``[A, S]`` bool, the negatives that pass (see ``is_filter``)."""

@@ -78,6 +78,10 @@ class FalseNegativeCancellation(Strategy):
         if self.top_k == 0 and self.threshold is None:
             raise ValueError("fnc needs top_k >= 1 or a threshold to find false negatives")
 
+    @property
+    def adds_positives(self) -> bool:
+        return self.mode == "attract"
+
     def support_logits(self, contrast: ContrastSet) -> Tensor:
         """``[A, S]`` similarity ``/ t`` of every negative column with the anchor's support
         views, aggregated (``-inf`` where a column is not a negative); detached."""

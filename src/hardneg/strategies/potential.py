@@ -180,6 +180,10 @@ class PotentialMining(Strategy):
         self.aug_pairing = check_choice("aug_pairing", aug_pairing, ("matched", "broadcast"))
         self.pool_as_negatives = check_flag("pool_as_negatives", pool_as_negatives)
 
+    @property
+    def adds_positives(self) -> bool:  # the mined neighbours
+        return True
+
     def log_keep(self, sims: Tensor, centre: Tensor, mask: Tensor) -> Tensor:
         """``log pi = min(log clamp, -a (s - s+ - b)^2)`` ``[A, S]``, ``-inf`` off ``mask``."""
         x = torch.where(mask, sims, 0.0) - centre.unsqueeze(1) - self.b

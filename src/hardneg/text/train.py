@@ -47,6 +47,9 @@ class TextTrainConfig:
     strategy: str = "infonce"
     scale: float = 20.0
     symmetric: bool = False
+    # MultipleNegativesRankingLoss's blocks, comma-separated ("query_to_doc,doc_to_query")
+    directions: str | None = None
+    partition_mode: str | None = None  # joint (default) or per_direction
     mask_duplicates: bool = True
     mini_batch_size: int = 0  # > 0: CachedHardNegativeLoss (GradCache) with this many rows
     guide: str | None = None  # a guide model's name or path (GISTEmbed's false negatives)
@@ -107,6 +110,12 @@ class TextTrainConfig:
         check_number("threads", self.threads, low=0, integer=True)
         check_number("guide_margin", self.guide_margin, low=0.0)
         check_choice("guide_margin_strategy", self.guide_margin_strategy, GUIDE_MARGIN_MODES)
+        if self.directions is not None or self.partition_mode is not None:
+            from hardneg.integrations.sentence_transformers import resolve_partition
+
+            resolve_partition(
+                self.symmetric, self.direction_names(), self.partition_mode, False, False
+            )
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be -1 (use epochs) or >= 1, got {self.max_steps}")
         from hardneg.text.models import check_model_name
@@ -115,6 +124,12 @@ class TextTrainConfig:
         if self.guide is not None:
             check_model_name(self.guide)
         self.dims()
+
+    def direction_names(self) -> tuple[str, ...] | None:
+        """``directions`` as a tuple of names (None: the loss's default)."""
+        if self.directions is None:
+            return None
+        return tuple(d.strip() for d in str(self.directions).split(",") if d.strip())
 
     def dims(self) -> list[int] | None:
         """``matryoshka_dims`` as integers (None: no MatryoshkaLoss)."""
@@ -358,6 +373,8 @@ def train_text(
     loss_kwargs: dict[str, Any] = dict(
         scale=cfg.scale,
         symmetric=cfg.symmetric,
+        directions=cfg.direction_names(),
+        partition_mode=cfg.partition_mode,
         mask_duplicates=cfg.mask_duplicates,
         seed=cfg.seed,
         **strategy_hparams,
