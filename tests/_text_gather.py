@@ -14,7 +14,12 @@ from hardneg.integrations.sentence_transformers import (
 )
 
 VOCAB, BATCH, COLUMNS = 40, 8, 4  # anchor, positive, 2 hard negatives
-FORMS = (("plain", False, False), ("cached", True, False), ("guided", True, True))
+FORMS = (
+    ("plain", False, False),
+    ("cached", True, False),
+    ("guided", True, True),
+    ("joint", True, True),  # GTE's four blocks: the documents' sets are gathered too
+)
 
 
 class BagEncoder(nn.Module):
@@ -54,11 +59,16 @@ class Guide(BagEncoder):
         self.proj = nn.Linear(16, 8)
 
 
-def make_loss(model: nn.Module, cached: bool = False, guide: bool = False) -> HardNegativeLoss:
+def make_loss(
+    model: nn.Module, cached: bool = False, guide: bool = False, joint: bool = False
+) -> HardNegativeLoss:
     """The loss of the gather tests; ``cached``: the GradCache form in mini-batches of 3 rows
     (each process holds 4 rows: a full and a short mini-batch); ``guide``: with a guide model's
     false negatives (gathered too)."""
     kwargs = {"gather_across_devices": True, "symmetric": True, "beta": 1.0}
+    if joint:
+        del kwargs["symmetric"]
+        kwargs["directions"] = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
     if guide:
         kwargs.update(guide=Guide(), guide_margin=0.02)
     if cached:
@@ -76,7 +86,7 @@ def run_rank(rank: int, world: int, port: int, out) -> None:
         results = {}
         for name, cached, guide in FORMS:
             model = BagEncoder()
-            value = make_loss(model, cached, guide)(batch(rank, world), None)
+            value = make_loss(model, cached, guide, name == "joint")(batch(rank, world), None)
             value.backward()
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
             for g in grads.values():  # what DDP does: average the ranks' gradients

@@ -440,7 +440,7 @@ def test_gather_across_two_processes_equals_one_process_with_the_doubled_batch(t
     for form, _, guide in FORMS:
         single = BagEncoder()
         # the plain loss on one process: the reference of each form
-        loss = make_loss(single, guide=guide)
+        loss = make_loss(single, guide=guide, joint=form == "joint")
         single.zero_grad(set_to_none=True)
         value = loss(batch(), None)
         value.backward()
@@ -448,6 +448,7 @@ def test_gather_across_two_processes_equals_one_process_with_the_doubled_batch(t
         got = results[form]
         assert_same((got["value"], got["grads"]), (value.detach(), want))
     assert abs(float(results["guided"]["value"]) - float(results["plain"]["value"])) > 1e-4
+    assert abs(float(results["joint"]["value"]) - float(results["guided"]["value"])) > 1e-4
 
 
 @pytest.mark.parametrize("name", hardneg.list_losses())
