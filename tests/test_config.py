@@ -76,7 +76,13 @@ def test_to_dict_flattens_loss_and_augment_parameters():
     d = config.to_dict()
     assert d["loss"] == {"name": "hcl", **resolved_loss_params("hcl", {"beta": 0.5})}
     assert d["loss"]["beta"] == 0.5 and d["loss"]["tau_plus"] == 0.1  # every hparam, stated
-    assert d["augment"] == {"recipe": "simclr", "noise_std": 0.2}
+    assert d["augment"] == {
+        "recipe": "simclr",
+        "noise_std": 0.2,  # the recipe's override, flat beside the section's own settings
+        "small_size": None,
+        "small_scale_min": 0.05,
+        "small_scale_max": 0.14,
+    }
 
 
 @pytest.mark.parametrize(

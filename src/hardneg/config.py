@@ -71,6 +71,18 @@ class DataConfig:
 class AugmentConfig:
     recipe: str = _opt("simclr", "augmentation recipe (hardneg.augment.build_augmentation)")
     params: dict[str, Any] = _opt({}, "overrides of the recipe (flat keys in YAML)")
+    small_size: int | None = _opt(
+        None,
+        "framework.small_crops: side of the small crops (None: 96/224 of the views' side, "
+        "SwAV's ratio, at least 4 px)",
+        low=1,
+    )
+    small_scale_min: float = _opt(
+        0.05, "framework.small_crops: smallest area fraction of a small crop (SwAV: 0.05)", low=0.0
+    )
+    small_scale_max: float = _opt(
+        0.14, "framework.small_crops: largest area fraction of a small crop (SwAV: 0.14)", high=1.0
+    )
 
 
 @dataclass
@@ -99,6 +111,18 @@ class FrameworkConfig:
     momentum: float = _opt(0.99, "moco: EMA momentum of the key encoder", low=0.0, high=1.0)
     queue_size: int = _opt(4096, "moco: number of keys in the queue", low=2)
     symmetric: bool = _opt(False, "moco: average loss(q1, k2) and loss(q2, k1)")
+    views: int = _opt(
+        2,
+        "simclr: full-size views of each image; each view is an anchor whose positives are the "
+        "image's other views and small crops (several positives per anchor)",
+        low=2,
+    )
+    small_crops: int = _opt(
+        0,
+        "simclr: low-resolution crops of each image besides the views (multi-crop, Caron et "
+        "al. 2020), each an anchor too (augment.small_size, augment.small_scale_*)",
+        low=0,
+    )
     predictor: bool = _opt(False, "moco: online predictor on the queries (PSM)")
     enqueue: str = _opt(
         "both",
@@ -601,6 +625,7 @@ def _check_combinations(config: TrainConfig) -> None:
         raise ValueError(
             f"train.device must be auto, cpu, mps, cuda or cuda:N, got {config.train.device!r}"
         )
+    _check_views(config, info)
     if config.framework.name == "memory_bank" and config.framework.symmetric:
         raise ValueError("framework.symmetric applies to moco only (memory_bank uses one view)")
     for key in ("predictor", "shuffle_bn"):
@@ -631,6 +656,37 @@ def _check_combinations(config: TrainConfig) -> None:
             "(each batch-norm group gets an equal share of the batch): set it to a divisor, "
             "or 1 for plain batch norm"
         )
+
+
+def _check_views(config: TrainConfig, info: Any) -> None:
+    """``framework.views`` / ``small_crops`` (SimCLR's several positives, multi-crop)."""
+    fw, aug = config.framework, config.augment
+    extra = fw.views != 2 or fw.small_crops > 0
+    if extra and fw.name != "simclr":
+        raise ValueError(
+            f"framework.views and framework.small_crops apply to simclr only, got "
+            f"framework.name={fw.name!r} (moco and memory_bank contrast one query with its key)"
+        )
+    if fw.small_crops > 0 and info.kind != "image":
+        raise ValueError(
+            f"framework.small_crops makes low-resolution crops of images; {config.data.dataset} "
+            f"holds {info.kind}s: use framework.views for more full-size views"
+        )
+    if aug.small_scale_min >= aug.small_scale_max:
+        raise ValueError(
+            f"augment.small_scale_min ({aug.small_scale_min}) must be below "
+            f"augment.small_scale_max ({aug.small_scale_max})"
+        )
+    if extra:
+        from hardneg.registry import strategy_class
+
+        kind = strategy_class(config.loss.name).feature_kind
+        if kind is not None:
+            raise ValueError(
+                f"loss {config.loss.name!r} reads the {kind} features of exactly two views; "
+                f"framework.views={fw.views} with framework.small_crops={fw.small_crops} gives "
+                f"{fw.views + fw.small_crops}: keep framework.views=2 and framework.small_crops=0"
+            )
 
 
 def _check_loss_keys(loss: LossConfig) -> None:

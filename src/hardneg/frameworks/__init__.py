@@ -28,7 +28,8 @@ from hardneg.frameworks.simclr import SimCLR
 def _simclr(
     config: Any, backbone: nn.Module, head: nn.Module, loss: nn.Module, dataset_size: int
 ) -> Framework:
-    return SimCLR(backbone, head, loss)
+    fw = config.framework
+    return SimCLR(backbone, head, loss, views=fw.views, small_crops=fw.small_crops)
 
 
 def _moco(

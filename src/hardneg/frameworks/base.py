@@ -59,11 +59,13 @@ class StepOutput:
 class Framework(nn.Module):
     """Base class: encoder ``backbone`` + projection ``head`` + ``loss``.
 
-    Subclasses set ``num_views`` (views per image the trainer provides) and implement
+    Subclasses set ``num_views`` (views per image the trainer provides, the last
+    ``num_small_crops`` of them low-resolution crops) and implement
     :meth:`forward`; :meth:`commit` is a no-op for stateless frameworks.
     """
 
     num_views: int = 2
+    num_small_crops: int = 0  # the last views the trainer makes are low-resolution crops
 
     def __init__(self, backbone: nn.Module, head: nn.Module, loss: nn.Module) -> None:
         super().__init__()

@@ -154,6 +154,17 @@ def train(
         cfg.data.dataset, cfg.data.image_size, cfg.augment.recipe, **cfg.augment.params
     ).to(device)
     train_size = augmented_size(augment, inputs, device)
+    small_augment = None
+    if cfg.framework.small_crops > 0:  # multi-crop: low-resolution crops besides the views
+        small_augment = build_augmentation(
+            cfg.data.dataset,
+            small_crop_size(cfg, train_size),
+            cfg.augment.recipe,
+            **{
+                **cfg.augment.params,
+                "scale": (cfg.augment.small_scale_min, cfg.augment.small_scale_max),
+            },
+        ).to(device)
 
     # ---- model, optimizer, schedule -----------------------------------------------------
     backbone_args = {
@@ -248,9 +259,13 @@ def train(
                 start = i * cfg.train.batch_size + ctx.rank * local_batch
                 index = order[start : start + local_batch].to(inputs.device)
                 x = inputs[index].to(device, non_blocking=True)
-                views = [
-                    augment(x, generator=augment_generator) for _ in range(framework.num_views)
-                ]
+                full = framework.num_views - framework.num_small_crops
+                views = [augment(x, generator=augment_generator) for _ in range(full)]
+                if small_augment is not None:
+                    views += [
+                        small_augment(x, generator=augment_generator)
+                        for _ in range(framework.num_small_crops)
+                    ]
                 if channels_last:
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                 every = cfg.train.diagnostics_every
@@ -406,6 +421,14 @@ def augmented_size(augment: nn.Module, inputs: Tensor, device: torch.device) -> 
     (e.g. HCL's recipe trains STL-10 at 32 px, so ResNet gets its CIFAR stem)."""
     probe = torch.Generator(device).manual_seed(0)  # leaves every other generator untouched
     return int(augment(inputs[:2].to(device), generator=probe).shape[-1])
+
+
+def small_crop_size(cfg: TrainConfig, train_size: int) -> int:
+    """Side of the small crops: ``augment.small_size``, else SwAV's 96 of 224 of the views'
+    side (14 px for 32 px views), at least 4."""
+    if cfg.augment.small_size is not None:
+        return int(cfg.augment.small_size)
+    return max(4, round(train_size * 96 / 224))
 
 
 def build_model(cfg: TrainConfig, backbone_args: dict[str, Any], dataset_size: int) -> Framework:

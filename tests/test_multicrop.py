@@ -1,0 +1,150 @@
+"""SimCLR with several positives per anchor: ``framework.views`` full-size views and
+``framework.small_crops`` low-resolution crops (multi-crop) of each image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import hardneg
+from hardneg.config import load_config
+from hardneg.frameworks import SimCLR
+from hardneg.models import build_head
+from hardneg.train import train
+from hardneg.train.trainer import small_crop_size
+
+
+class Pooled(nn.Module):
+    """A conv and a global average pool: takes any image side, as the real backbones do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out_dim = 16
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+
+    def forward(self, x):
+        return torch.tanh(self.conv(x)).mean(dim=(2, 3))
+
+
+def parts(loss="infonce", **hparams):
+    torch.manual_seed(0)
+    backbone = Pooled()
+    head = build_head("simclr", 16, out_dim=8, hidden_dim=10)
+    return backbone, head, hardneg.create_loss(loss, **hparams)
+
+
+def test_every_view_and_small_crop_is_an_anchor_with_the_others_as_positives():
+    backbone, head, loss = parts("hcl", beta=0.5)
+    model = SimCLR(backbone, head, loss, views=3, small_crops=2)
+    assert model.num_views == 5 and model.num_small_crops == 2
+    g = torch.Generator().manual_seed(1)
+    views = [torch.randn(6, 1, 8, 8, generator=g) for _ in range(3)]
+    views += [torch.randn(6, 1, 5, 5, generator=g) for _ in range(2)]
+    out = model(views, index=torch.arange(6), progress=0.5)
+    z = [head(backbone(x)) for x in views]
+    want = loss(z[0], z[1], extra_views=z[2:], progress=0.5)
+    torch.testing.assert_close(out.loss, want)
+    assert out.embeddings.shape == (30, 8)
+    # the small crops are positives: without them the loss is another one
+    fewer = loss(z[0], z[1], extra_views=z[2:3], progress=0.5)
+    assert abs(float(want.detach()) - float(fewer.detach())) > 1e-3
+    with pytest.raises(ValueError, match="takes 5 views per image, got 2"):
+        model(views[:2], index=torch.arange(6))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"views": 1}, "views must be an integer >= 2"),
+        ({"small_crops": -1}, "small_crops must be an integer >= 0"),
+        ({"views": 2.5}, "views must be an integer"),
+    ],
+)
+def test_bad_view_counts_are_refused(kwargs, message):
+    backbone, head, loss = parts()
+    with pytest.raises(ValueError, match=message):
+        SimCLR(backbone, head, loss, **kwargs)
+
+
+def test_a_strategy_that_reads_two_views_features_is_refused():
+    backbone, head, loss = parts("unremix")
+    with pytest.raises(ValueError, match="exactly two views"):
+        SimCLR(backbone, head, loss, views=2, small_crops=1)
+
+
+TINY = [
+    "data.dataset=digits",
+    "data.subset=32",
+    "model.backbone=digits_cnn",
+    "model.head_hidden=32",
+    "model.out_dim=16",
+    "train.batch_size=16",
+    "train.epochs=2",
+    "train.device=cpu",
+    "train.threads=1",
+    "eval.knn=false",
+]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["framework.name=moco", "framework.views=3"], "apply to simclr only"),
+        (["framework.name=memory_bank", "framework.small_crops=2"], "apply to simclr only"),
+        (["data.dataset=mnist1d", "model.backbone=cnn1d", "framework.small_crops=2"], "signals"),
+        (["loss.name=potential", "framework.views=3"], "exactly two views"),
+        (["loss.name=unremix", "framework.small_crops=1"], "exactly two views"),
+        (["framework.small_crops=1", "augment.small_scale_min=0.5"], "must be below"),
+        (["framework.views=1"], "framework.views"),
+    ],
+)
+def test_view_settings_say_what_is_wrong(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [*TINY, *overrides])
+
+
+def test_training_makes_the_views_and_small_crops_at_their_sizes(tmp_path, monkeypatch):
+    seen: list[list[tuple[int, ...]]] = []
+    forward = SimCLR.forward
+
+    def spy(self, views, **kwargs):
+        seen.append([tuple(v.shape) for v in views])
+        return forward(self, views, **kwargs)
+
+    monkeypatch.setattr(SimCLR, "forward", spy)
+    config = load_config(
+        None, [*TINY, "framework.views=3", "framework.small_crops=2", "augment.small_size=5"]
+    )
+    result = train(config, run_dir=tmp_path, progress_bar=False)
+    assert seen and all(shapes == [(16, 1, 8, 8)] * 3 + [(16, 1, 5, 5)] * 2 for shapes in seen), (
+        seen[0]
+    )
+    losses = [row["loss"] for row in result.history]
+    assert len(losses) == 2 and all(np.isfinite(losses)) and losses[0] != losses[1]
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "small_crops: 2" in saved and "views: 3" in saved
+
+
+def test_full_size_views_alone_train_on_signals(tmp_path):
+    config = load_config(
+        None,
+        [
+            *TINY,
+            "data.dataset=mnist1d",
+            "model.backbone=cnn1d",
+            "framework.views=4",
+        ],
+    )
+    result = train(config, run_dir=tmp_path, progress_bar=False)
+    assert all(np.isfinite(row["loss"]) for row in result.history)
+
+
+def test_the_small_crops_default_to_swav_s_ratio():
+    config = load_config(None, [*TINY, "framework.small_crops=2"])
+    assert small_crop_size(config, 32) == 14  # 96 / 224 of 32
+    assert small_crop_size(config, 96) == 41
+    assert small_crop_size(config, 8) == 4  # at least 4 px
+    config = load_config(None, [*TINY, "framework.small_crops=2", "augment.small_size=6"])
+    assert small_crop_size(config, 32) == 6
