@@ -48,7 +48,7 @@ def cos(x, y):
         (dict(normalize=None), "normalize must be True or False, got None"),
         (dict(filter_options={"a": 1}), "filter_options needs a filter (filter='positive_aware', ...)"),
         (dict(objective="nce"), "objective must be one of 'infonce', 'jsd', got 'nce'"),
-        (dict(positive_mode="both"), "positive_mode must be one of 'separate', 'joint', got 'both'"),
+        (dict(positive_mode="both"), "positive_mode must be one of 'separate', 'joint', 'pooled', got 'both'"),
     ],
 )  # fmt: skip
 def test_the_constructor_refuses_bad_settings_with_exact_messages(kwargs, message):

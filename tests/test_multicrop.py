@@ -148,3 +148,57 @@ def test_the_small_crops_default_to_swav_s_ratio():
     assert small_crop_size(config, 8) == 4  # at least 4 px
     config = load_config(None, [*TINY, "framework.small_crops=2", "augment.small_size=6"])
     assert small_crop_size(config, 32) == 6
+
+
+def solo_learn_multicrop(z: torch.Tensor, indexes: torch.Tensor, t: float) -> torch.Tensor:
+    """solo-learn's SimCLR loss over several views (``solo/losses/simclr.py``), re-stated in
+    float64 with explicit sums: ``-mean_i log(pos_i / (pos_i + neg_i))``."""
+    z = torch.nn.functional.normalize(z.double(), dim=1)
+    sim = torch.exp(z @ z.T / t)
+    same = indexes.unsqueeze(0) == indexes.unsqueeze(1)
+    pos = (sim * (same & ~torch.eye(len(z), dtype=torch.bool))).sum(1)
+    neg = (sim * ~same).sum(1)
+    return -torch.log(pos / (pos + neg)).mean()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_pooled_positives_equal_solo_learn_s_multicrop_loss(fast):
+    g = torch.Generator().manual_seed(3)
+    views = [torch.randn(5, 8, generator=g, dtype=torch.float64) for _ in range(4)]
+    loss = hardneg.create_loss("infonce", temperature=0.2, positive_mode="pooled", fast=fast)
+    got = loss(views[0], views[1], extra_views=views[2:])
+    want = solo_learn_multicrop(torch.cat(views), torch.arange(5).repeat(4), 0.2)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # with two views every mode is InfoNCE; with four they differ
+    for mode in ("separate", "joint"):
+        other = hardneg.create_loss("infonce", temperature=0.2, positive_mode=mode, fast=fast)
+        assert abs(float(other(views[0], views[1], extra_views=views[2:])) - float(got)) > 1e-3
+        two = other(views[0], views[1])
+        torch.testing.assert_close(two, loss(views[0], views[1]), rtol=1e-10, atol=1e-12)
+
+
+def test_pooled_debiasing_uses_the_positives_mean_mass():
+    """HCL's estimator with several pooled positives, as a float64 loop: ``Ng`` from the
+    tilted negatives minus ``tau_plus M`` times the positives' mean ``e^{a}``, clamped."""
+    import math
+
+    g = torch.Generator().manual_seed(4)
+    views = [torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(3)]
+    t, beta, tau = 0.5, 0.8, 0.1
+    loss = hardneg.create_loss(
+        "hcl", temperature=t, beta=beta, tau_plus=tau, positive_mode="pooled"
+    )
+    got = float(loss(views[0], views[1], extra_views=views[2:]))
+    z = torch.nn.functional.normalize(torch.cat(views), dim=1)
+    n, total = 4, 0.0
+    for i in range(12):
+        positives = [j for j in range(12) if j != i and j % n == i % n]
+        negatives = [j for j in range(12) if j % n != i % n]
+        s = lambda j, i=i: float(z[i] @ z[j]) / t  # noqa: E731
+        pos = [math.exp(s(j)) for j in positives]
+        tilt = [math.exp(beta * s(j)) for j in negatives]
+        mass = sum(w * math.exp(s(j)) for w, j in zip(tilt, negatives)) / (sum(tilt) / len(tilt))
+        m = len(negatives)
+        ng = max((mass - tau * m * sum(pos) / len(pos)) / (1 - tau), m * math.exp(-1 / t))
+        total += math.log(sum(pos) + ng) - math.log(sum(pos))
+    assert got == pytest.approx(total / 12, rel=1e-10)

@@ -391,7 +391,7 @@ def test_the_defaults_are_plain_infonce_with_separate_positives_averaged():
 def test_an_unknown_positive_mode_or_reduction_is_refused():
     contrast, sel, _, _ = case("one positive, weight")
     message = (
-        "positive_mode must be one of ('separate', 'joint') and positive_reduction one of "
+        "positive_mode must be one of ('separate', 'joint', 'pooled') and positive_reduction one of "
         "('mean', 'sum'), got {!r} and {!r}"
     )
     for mode, reduction in [("jiont", "mean"), ("separate", "avg")]:

@@ -9,11 +9,15 @@ negatives:
     separate: l_ip = log(e^{a_ip} + Ng_ip) - a_ip                  (each positive its own partition)
     joint:    l_ip = log(sum_{p'} e^{a_ip'} + Ng_ip) - a_ip        (all positives in the partition)
     l_i     = sum_p v_ip l_ip / sum_p v_ip      (``positive_reduction='mean'``; ``'sum'``: no division)
+    pooled:   l_i  = log(P_i + Ng_i) - log P_i,  P_i = sum_p v_ip e^{a_ip}   (one term per anchor)
 
 The debiasing and its clamp (Chuang et al., NeurIPS 2020, "Debiased Contrastive Learning") apply
 only when ``tau_plus > 0``; with one positive, ``tau_plus = 0`` and ``w = 1`` this is InfoNCE /
 NT-Xent exactly. ``separate`` with several positives is SupCon's ``L_out`` form (Khosla et al.
-2020); ``joint`` with ``'sum'`` is potential-sample mining's mined loss (Dong et al. 2023).
+2020); ``joint`` with ``'sum'`` is potential-sample mining's mined loss (Dong et al. 2023);
+``pooled`` (the positives' total mass against the partition; SupCon's ``L_in`` up to the constant
+``log P``, MIL-NCE's form) is solo-learn's multi-crop SimCLR loss, and with ``tau_plus > 0`` its
+``Ng_i`` is debiased with the positives' mean mass ``P_i / sum_p v_ip`` in place of ``e^{a_i}``.
 
 **Jensen-Shannon family** (:func:`jsd_objective`), the Fenchel-dual estimator of Deep InfoMax /
 InfoGraph (Hjelm et al. 2019; Sun et al., ICLR 2020) on the same contrast set, with the
@@ -71,7 +75,7 @@ from hardneg.contrast import ContrastSet
 from hardneg.strategies.base import Selection
 
 OBJECTIVES = ("infonce", "jsd")
-POSITIVE_MODES = ("separate", "joint")
+POSITIVE_MODES = ("separate", "joint", "pooled")
 POSITIVE_REDUCTIONS = ("mean", "sum")
 
 
@@ -211,6 +215,21 @@ def infonce_objective(
             temperature=contrast.temperature,
         )
     log_mass = log_negative_mass(contrast, selection, fast).unsqueeze(1)  # [A, 1]
+    if positive_mode == "pooled":  # one term per anchor: the positives' mass against Z
+        log_w = torch.where(weight > 0, weight, 1.0).log()
+        present = torch.where(weight > 0, pos + log_w, float("-inf"))  # log(v e^a)
+        log_pos = torch.logsumexp(present, dim=1, keepdim=True)
+        if tau_plus > 0.0:  # the positives' mean mass stands for the one positive's e^a
+            mean_pos = log_pos - weight.sum(dim=1, keepdim=True).log()
+            m = _column(_num_negatives(contrast, selection))
+            log_mass = debias_log_mass(
+                log_mass,
+                mean_pos,
+                tau_plus=tau_plus,
+                num_negatives=m,
+                temperature=contrast.temperature,
+            )
+        return (torch.logaddexp(log_pos, log_mass) - log_pos).squeeze(1)
     if tau_plus > 0.0:
         m = _column(_num_negatives(contrast, selection))
         log_ng = debias_log_mass(

@@ -195,7 +195,9 @@ class ContrastiveLoss(nn.Module):
         objective: ``'infonce'`` (log-space InfoNCE, debiased with ``tau_plus``) or ``'jsd'``
             (Jensen-Shannon / Fenchel-dual, as InfoGraph).
         positive_mode: with several positives, ``'separate'`` (each its own partition, SupCon
-            ``L_out``) or ``'joint'`` (all positives in the partition).
+            ``L_out``), ``'joint'`` (all positives in the partition) or ``'pooled'`` (one term
+            per anchor, the positives' total mass against the partition: solo-learn's
+            multi-crop SimCLR loss); see :mod:`hardneg.objectives`.
         normalize: L2-normalise the embeddings (cosine similarity); False uses raw dot
             products, as InfoGraph's Jensen-Shannon objective does.
         filter: a registered filter strategy (``is_filter``: ``'positive_aware'``, or
