@@ -477,3 +477,54 @@ def test_trec_qrels_with_four_columns_are_read_as_beir_s_three(tmp_path):
     # TREC / MS MARCO: query iteration document grade, spaces or tabs, no header
     (folder / "qrels" / "trec.tsv").write_text("q1 0 d1 2\nq1\t0\t3\t0\n\nq2 Q0 d2 1\n")
     assert load_beir(folder, "trec").qrels == load_beir(folder, "test").qrels
+
+
+def tie_order(row: list[float], k: int) -> list[int]:
+    """The ``k`` best columns of ``row``: descending, equal scores lower column first (plain
+    Python; -inf last, in column order too)."""
+    return sorted(range(len(row)), key=lambda j: (-row[j], j))[:k]
+
+
+@pytest.mark.parametrize("k", [1, 4, 9, 30])
+def test_stable_top_k_keeps_a_full_stable_sort_s_order_among_many_ties(k):
+    """``stable_top_k`` (topk, then only the tied rows sorted) replaced a full stable sort of
+    every merge; scores of four values and -inf tie almost everywhere, and at the k-th place."""
+    from hardneg.mining import stable_top_k
+
+    gen = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 4, (40, 30), generator=gen).double()
+    scores[torch.rand(40, 30, generator=gen) < 0.3] = float("-inf")
+    scores[5] = float("-inf")  # a row of -inf only
+    scores[6] = torch.arange(30.0)  # no tie at all
+    scores[7, :] = 1.0
+    picked = stable_top_k(scores, k)
+    assert [picked[i].tolist() for i in range(40)] == [
+        tie_order(scores[i].tolist(), k) for i in range(40)
+    ]
+    # NaN ranks first in torch's descending sort, and topk picks among NaNs in no promised
+    # order: such a row is sorted whole, as before
+    scores[8, ::2] = float("nan")
+    want = torch.sort(scores[8], descending=True, stable=True).indices[:k]
+    assert stable_top_k(scores, k)[8].tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("chunk", [2, 5, 30])
+def test_the_stable_merge_ranks_many_ties_as_one_full_sort(chunk):
+    """``merge_top_k(stable=True)`` over chunks, with ties across and within chunks and
+    excluded rows, against one ranking of the whole score matrix in plain Python."""
+    from hardneg.mining import merge_top_k
+
+    gen = torch.Generator().manual_seed(chunk)
+    # small integers: exact dot products in any blocking, many of them equal
+    documents = torch.randint(-2, 3, (30, 4), generator=gen).float()
+    queries = torch.randint(-2, 3, (7, 4), generator=gen).float()
+    exclude = [{0, 4}, set(), {29}, {1, 2, 3}, set(), {10}, set()]
+    scores, rows = merge_top_k(
+        queries, (documents[i : i + chunk] for i in range(0, 30, chunk)), 12, exclude=exclude,
+        query_chunk_size=3, stable=True,
+    )  # fmt: skip
+    full = (queries @ documents.T).tolist()
+    for i in range(7):
+        row = [float("-inf") if j in exclude[i] else s for j, s in enumerate(full[i])]
+        assert rows[i].tolist() == tie_order(row, 12)
+        assert scores[i].tolist() == [row[j] for j in tie_order(row, 12)]
