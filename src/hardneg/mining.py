@@ -9,7 +9,9 @@ Pipeline (:func:`mine_hard_negatives`):
 2. **Top-k in chunks**: ``query_chunk_size x corpus_chunk_size`` score blocks, each merged into a
    running top-``K`` per query; the full ``queries x corpus`` matrix never exists, so peak
    memory is bounded by the chunk sizes and ``K``. Corpus entries whose text equals the query
-   or a positive of the query (of any pair with the same anchor text) are skipped.
+   or a positive of the query (of any pair with the same anchor text) are skipped; with
+   ``include_positives`` (sentence-transformers' option, for reranking sets) the positives are
+   ranked in place instead, and only the query's own text is skipped, unless it is its positive.
 3. **Window and filters** on the ranked candidates (ranks count from 0 = most similar, the
    positive excluded): ranks ``[range_min, range_max)``; ``min_score``/``max_score``; the
    positive-aware margins of NV-Retriever (Moreira et al. 2024): ``absolute_margin`` keeps
@@ -138,9 +140,6 @@ _ST_MINING_ARGUMENTS: dict[str, str] = {
     "corpus_chunk_size",
     "use_multi_process": "not offered: run under torchrun, which shards the corpus over the "
     "processes",
-    "include_positives": "not offered: output_format='labeled-list' gives each anchor's "
-    "positives (label 1) before its mined negatives",
-    "verbose": "not offered: return_stats=True returns the counts (MiningStats)",
 }
 
 
@@ -595,7 +594,7 @@ def mine_hard_negatives(
     *,
     model: Any = None,
     num_negatives: int = 1,
-    output_format: str = "triplet",
+    output_format: str | None = None,
     sampling: str = "top",
     range_min: int = 0,
     range_max: int | None = None,
@@ -625,9 +624,11 @@ def mine_hard_negatives(
     corpus_prompt: str | None = None,
     corpus_prompt_name: str | None = None,
     output_scores: bool = False,
+    include_positives: bool = False,
     cross_encoder: Any = None,
     as_dataset: bool = False,
     return_stats: bool = False,
+    verbose: bool = False,
     **other_options: Any,
 ) -> Any:
     """Mine ``num_negatives`` hard negatives per ``(query, positive)`` pair (see module doc).
@@ -642,7 +643,8 @@ def mine_hard_negatives(
             (required; sentence-transformers' order ``mine_hard_negatives(dataset, model,
             ...)`` is taken too).
         num_negatives: negatives per query.
-        output_format: ``'triplet'`` (one row per negative), ``'n-tuple'`` (one row per
+        output_format: (default ``'triplet'``, ``'n-tuple'`` with ``include_positives``)
+            ``'triplet'`` (one row per negative), ``'n-tuple'`` (one row per
             query), ``'labeled-pair'`` (``anchor, positive, label``: 1 for each positive of an
             anchor, 0 for each of its mined negatives) or ``'labeled-list'`` (``anchor,
             positive, labels``: one row per distinct anchor, its positives then its negatives
@@ -678,12 +680,20 @@ def mine_hard_negatives(
         output_scores: add the model's cosines: ``scores`` ``[s_pos, s_neg]`` per triplet,
             ``[s_pos, s_neg_1, ..., s_neg_k]`` per n-tuple (what ``MarginMSELoss`` reads), and
             ``score`` / ``scores`` in place of ``label`` / ``labels`` in the labeled formats.
+        include_positives: rank the positives among the candidates instead of skipping
+            them (sentence-transformers' ``include_positives``, for reranking evaluation sets:
+            each pair's ``num_negatives`` best candidates, its positives in place, as one
+            ``n-tuple`` row, the only format it takes); the positives missing from ``corpus``
+            are added to it, and the query's own text stays out unless it is its positive.
+            The window, the filters and the sampling still apply and may drop positives.
         cross_encoder: a reranker (anything with ``predict(pairs, batch_size=...)`` giving one
             score per ``(query, text)`` pair, e.g. a sentence-transformers ``CrossEncoder``):
             the candidates and positives are scored again by it, and every later step reads
             its scores (module doc, step 3).
         as_dataset: return a ``datasets.Dataset`` instead of a list of dicts.
         return_stats: also return :class:`MiningStats`.
+        verbose: print a summary of the run (rows, mean scores, pairs short of negatives;
+            sentence-transformers prints its own by default, here it is off by default).
         other_options: sentence-transformers' own arguments (``anchor_column_name``,
             ``sampling_strategy``, ``cache_folder``, ...) fail naming the equivalent here.
     """
@@ -717,6 +727,9 @@ def mine_hard_negatives(
     # a text repeated in the corpus is one candidate (as sentence-transformers deduplicates
     # it): each copy took a window rank and could be picked twice for one query
     c_texts = list(dict.fromkeys(p_texts if corpus is None else _texts("corpus", corpus)))
+    check_flag("include_positives", include_positives)
+    if include_positives:  # a ranking with the positives in place needs them as candidates
+        c_texts = list(dict.fromkeys(c_texts + p_texts))
     if not c_texts:
         raise ValueError("the corpus is empty")
     num_negatives = int(check_number("num_negatives", num_negatives, low=1, integer=True))
@@ -728,7 +741,17 @@ def mine_hard_negatives(
         ("corpus_chunk_size", corpus_chunk_size),
     ):
         check_number(name, value, low=1, integer=True)
+    if output_format is None:
+        output_format = "n-tuple" if include_positives else "triplet"
     check_choice("output_format", output_format, FORMATS)
+    if include_positives and output_format != "n-tuple":
+        # sentence-transformers switches to n-tuple with a warning; a triplet or labeled row
+        # would lose the ranking that include_positives is for
+        raise ValueError(
+            f"include_positives=True gives each pair's ranked candidates as one n-tuple row; "
+            f"output_format={output_format!r} cannot hold them: use output_format='n-tuple'"
+        )
+    check_flag("verbose", verbose)
     check_flag("output_scores", output_scores)
     for name, value in (
         ("query_prompt", query_prompt),
@@ -755,6 +778,13 @@ def mine_hard_negatives(
     of_anchor: dict[str, set[int]] = {}
     for q, p in zip(q_texts, p_texts):
         of_anchor.setdefault(q, set(where.get(q, ()))).update(where.get(p, ()))
+    if include_positives:  # only the query's own text is skipped, unless it is its positive
+        positives_of: dict[str, set[str]] = {}
+        for q, p in zip(q_texts, p_texts):
+            positives_of.setdefault(q, set()).add(p)
+        of_anchor = {
+            q: set() if q in ps else set(where.get(q, ())) for q, ps in positives_of.items()
+        }
     exclude = [of_anchor[q] for q in q_texts]
     extra = max(len(e) for e in exclude)
     # the candidates a query can have: the corpus less its own text and positives. The limits
@@ -935,12 +965,28 @@ def mine_hard_negatives(
     stats.mean_positive_score = float(pos.mean())
     stats.mean_negative_score = float(np.mean(neg_scores)) if neg_scores else math.nan
     stats.seconds["select"] = time.perf_counter() - t2
+    if verbose and rank == 0:  # every rank holds the same rows
+        print(_summary(stats, num_negatives))
     out: Any = rows
     if as_dataset:
         from datasets import Dataset
 
         out = Dataset.from_list(rows)
     return (out, stats) if return_stats else out
+
+
+def _summary(stats: MiningStats, num_negatives: int) -> str:
+    """The lines ``verbose=True`` prints."""
+    return "\n".join(
+        [
+            f"mined {stats.rows:,} rows for {stats.queries:,} pairs from a corpus of "
+            f"{stats.corpus:,} texts",
+            f"mean score: positive {stats.mean_positive_score:.4f}, negative "
+            f"{stats.mean_negative_score:.4f}",
+            f"{stats.short_queries:,} pairs found fewer than {num_negatives} negatives (widen "
+            "range_max, lower range_min, loosen the margins or the score bounds for more)",
+        ]
+    )
 
 
 def rescore_candidates(
