@@ -100,6 +100,11 @@ def test_include_positives_takes_the_n_tuple_format_only(model):
         mine_hard_negatives(["a b"], ["c d"], model=model, include_positives="yes")
 
 
+def test_the_deprecated_n_tuple_scores_format_names_its_spelling_here(model):
+    with pytest.raises(ValueError, match=re.escape("output_format='n-tuple', output_scores=True")):
+        mine_hard_negatives(["a b"], ["c d"], model=model, output_format="n-tuple-scores")
+
+
 def test_without_include_positives_the_rows_are_sentence_transformers_own(model):
     """The default still skips every positive of an anchor, as sentence-transformers does
     (``verbose=False``, sentence-transformers' spelling of quiet, was refused before)."""

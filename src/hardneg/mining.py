@@ -743,6 +743,11 @@ def mine_hard_negatives(
         check_number(name, value, low=1, integer=True)
     if output_format is None:
         output_format = "n-tuple" if include_positives else "triplet"
+    if output_format == "n-tuple-scores":  # sentence-transformers' deprecated spelling
+        raise ValueError(
+            "output_format='n-tuple-scores' is sentence-transformers' deprecated name; here: "
+            "output_format='n-tuple', output_scores=True"
+        )
     check_choice("output_format", output_format, FORMATS)
     if include_positives and output_format != "n-tuple":
         # sentence-transformers switches to n-tuple with a warning; a triplet or labeled row
