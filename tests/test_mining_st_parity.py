@@ -132,3 +132,23 @@ def test_verbose_prints_a_summary_of_the_run(model, capsys):
     assert stats.short_queries > 0  # min_score 0.999 leaves some pairs short
     mine_hard_negatives(t[:10], t[10:20], t[10:60], model=model)
     assert capsys.readouterr().out == ""  # quiet by default
+
+
+def test_the_rows_keep_a_dataset_s_column_names_as_sentence_transformers(model):
+    """The rows were keyed ``anchor`` / ``positive`` whatever the dataset's columns;
+    sentence-transformers keeps the dataset's names (here ``query`` / ``answer``)."""
+    from datasets import Dataset
+
+    t = texts(seed=11)
+    data = Dataset.from_dict({"query": t[:12], "answer": t[12:24]})
+    corpus = t[12:24] + t[24:70]
+    for fmt in ("triplet", "n-tuple", "labeled-pair", "labeled-list"):
+        options = {"num_negatives": 2, "output_format": fmt, "range_max": 2}
+        ours = mine_hard_negatives(
+            data, model, corpus=corpus, anchor_column="query", positive_column="answer", **options
+        )
+        theirs = st_rows(
+            data, model, corpus=corpus, anchor_column_name="query", positive_column_name="answer",
+            **options,
+        )  # fmt: skip
+        assert ours == theirs and list(ours[0])[:2] == ["query", "answer"], fmt

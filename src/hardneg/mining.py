@@ -358,7 +358,7 @@ def stable_top_k(scores: Tensor, k: int) -> Tensor:
     """``[Q, k]`` column indices of the ``k`` largest scores of each row, descending, equal
     scores lower column first: ``torch.sort(scores, dim=1, descending=True,
     stable=True).indices[:, :k]`` without sorting whole rows (that sort of each ``k + chunk``
-    merge took 5x the score products' time when ranking 200,000 documents in chunks of 50,000).
+    merge took 6x the score products' time when ranking 200,000 documents in chunks of 50,000).
     ``topk`` finds the ``k + 1`` best; the first ``k`` are put in the tie order (by column,
     then stably by score). Only a row whose ``(k + 1)``-th score equals its ``k``-th (equal
     entries left out: which of them are in is the tie order's choice), or that holds a NaN
@@ -671,7 +671,8 @@ def mine_hard_negatives(
         model_key: names the model in the cache key; default: :func:`model_fingerprint`, which
             follows a torch model's weights, so a fine-tuned model re-mining into the same
             ``cache_dir`` embeds again instead of reading the old model's embeddings.
-        anchor_column, positive_column: column names of a dataset input.
+        anchor_column, positive_column: column names of a dataset input, and of the anchor
+            and positive in the rows mined (as sentence-transformers keeps a dataset's names).
         seed: seed of the sampling.
         query_prompt, query_prompt_name: the prompt (text, or a key of the model's
             ``prompts``) the queries are embedded with (E5's ``"query: "``), as
@@ -934,6 +935,8 @@ def mine_hard_negatives(
     rows: list[dict[str, Any]] = []
     neg_scores = []
     pos_scores = pos.squeeze(1).tolist()
+    # the rows keep the input's column names, as sentence-transformers' rows do
+    a_key, p_key = anchor_column, positive_column
     # the labeled formats: anchor -> {document: score} of its positives, and of its negatives
     labeled: dict[str, dict[str, float]] = {}
     negatives_of: dict[str, dict[str, float]] = {}
@@ -950,11 +953,11 @@ def mine_hard_negatives(
         s_pos = pos_scores[i]
         if output_format == "triplet":
             for s_neg, j in picks:
-                row = {"anchor": q_texts[i], "positive": p_texts[i], "negative": c_texts[j]}
+                row = {a_key: q_texts[i], p_key: p_texts[i], "negative": c_texts[j]}
                 rows.append({**row, "scores": [s_pos, s_neg]} if output_scores else row)
         elif output_format == "n-tuple":
             if len(picks) == num_negatives:
-                row = {"anchor": q_texts[i], "positive": p_texts[i]}
+                row = {a_key: q_texts[i], p_key: p_texts[i]}
                 row.update({f"negative_{m + 1}": c_texts[j] for m, (_, j) in enumerate(picks)})
                 if output_scores:
                     row["scores"] = [s_pos, *(s_neg for s_neg, _ in picks)]
@@ -965,7 +968,9 @@ def mine_hard_negatives(
             for s_neg, j in picks:
                 found.setdefault(c_texts[j], s_neg)
     if labeled:  # the anchors' positives (label 1) before their negatives (label 0)
-        rows = _labeled_rows(labeled, negatives_of, output_format, output_scores)
+        rows = _labeled_rows(
+            labeled, negatives_of, output_format, output_scores, names=(a_key, p_key)
+        )
     stats.rows = len(rows)
     stats.mean_positive_score = float(pos.mean())
     stats.mean_negative_score = float(np.mean(neg_scores)) if neg_scores else math.nan
@@ -1072,11 +1077,14 @@ def _labeled_rows(
     negatives: dict[str, dict[str, float]],
     output_format: str,
     output_scores: bool,
+    names: tuple[str, str] = ("anchor", "positive"),
 ) -> list[dict[str, Any]]:
     """Rows of the labeled formats (sentence-transformers' ``labeled-pair`` / ``labeled-list``)
     from each anchor's positives and mined negatives (document -> cosine; a mined negative
     that is another pair's positive of the same anchor cannot occur: positives are excluded).
-    An anchor with no negative gets no ``labeled-list`` row, as sentence-transformers does."""
+    An anchor with no negative gets no ``labeled-list`` row, as sentence-transformers does.
+    ``names``: the anchor's and the documents' column names."""
+    a_key, p_key = names
     rows: list[dict[str, Any]] = []
     for anchor, docs in positives.items():
         negs = negatives.get(anchor, {})
@@ -1084,13 +1092,13 @@ def _labeled_rows(
         if output_format == "labeled-pair":
             for doc, label, score in pairs:
                 value = {"score": score} if output_scores else {"label": label}
-                rows.append({"anchor": anchor, "positive": doc, **value})
+                rows.append({a_key: anchor, p_key: doc, **value})
         elif negs:
             values = [score if output_scores else label for _, label, score in pairs]
             rows.append(
                 {
-                    "anchor": anchor,
-                    "positive": [doc for doc, _, _ in pairs],
+                    a_key: anchor,
+                    p_key: [doc for doc, _, _ in pairs],
                     ("scores" if output_scores else "labels"): values,
                 }
             )
