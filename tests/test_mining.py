@@ -190,7 +190,8 @@ def test_dataset_input_formats_and_files(tmp_path):
         output_format="n-tuple",
         as_dataset=True,
     )
-    assert out.column_names == ["anchor", "positive", "negative_1", "negative_2"]
+    # the dataset's names, as sentence-transformers keeps them
+    assert out.column_names == ["query", "answer", "negative_1", "negative_2"]
     assert len(out) == len(queries)
     trip = mine_hard_negatives(queries, positives, corpus, model=model, num_negatives=2)
     assert len(trip) == 2 * len(queries) and set(trip[0]) == {"anchor", "positive", "negative"}

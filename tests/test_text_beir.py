@@ -18,6 +18,7 @@ from hardneg.text.beir import (
     evaluate_beir,
     is_beir_folder,
     load_beir,
+    load_beir_splits,
     rank_documents,
     retrieval_scores,
     splits,
@@ -139,6 +140,74 @@ def test_a_malformed_folder_is_named_with_its_file_and_line(tmp_path, damage, me
 def test_a_missing_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="BEIR folder .*nowhere does not exist"):
         load_beir(tmp_path / "nowhere")
+
+
+def count_reads(monkeypatch) -> list[str]:
+    """A spy on the folder's line reader: the name of each jsonl file read, in order."""
+    from hardneg.text import beir
+
+    read, names = beir._jsonl, []
+
+    def spy(path):
+        names.append(Path(path).name)
+        return read(path)
+
+    monkeypatch.setattr(beir, "_jsonl", spy)
+    return names
+
+
+SMALL_CORPUS = {"d1": "Cats the cat sits", "d2": "a dog runs", "3": "birds sing"}
+
+
+def test_two_splits_of_a_folder_read_its_corpus_and_queries_once(tmp_path, monkeypatch):
+    folder = small_folder(tmp_path)
+    reads = count_reads(monkeypatch)
+    both = load_beir_splits(folder, ["train", "test", "train"])
+    assert reads == ["corpus.jsonl", "queries.jsonl"]
+    assert list(both) == ["train", "test"]
+    # the small folder's splits, written out (not load_beir's output)
+    assert both["test"].corpus == both["train"].corpus == SMALL_CORPUS
+    assert both["test"].queries == {"q1": "cat?", "q2": "dog?"}
+    assert both["test"].qrels == {"q1": {"d1": 2, "3": 0}, "q2": {"d2": 1}}
+    assert both["train"].queries == {"q3": "x"} and both["train"].qrels == {"q3": {"3": 1}}
+    # a split that is not there fails before the corpus is read
+    reads.clear()
+    with pytest.raises(FileNotFoundError, match="has no qrels/dev.tsv; its splits: test, train"):
+        load_beir_splits(folder, ["train", "dev"])
+    assert reads == []
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_train_reads_a_folder_named_by_data_and_eval_data_once(tmp_path, monkeypatch, same):
+    """``hardneg train data=F eval_data=F`` read F's corpus twice (once per split)."""
+    from hardneg.text.train import (
+        TextTrainConfig,
+        evaluation_folder,
+        shared_beir_splits,
+        training_columns,
+    )
+
+    folder = small_folder(tmp_path)
+    other = folder if same else write_beir(
+        tmp_path / "copy", [{"_id": "d1", "text": "the cat sits"}], [{"_id": "q1", "text": "c"}],
+        {"test": [("q1", "d1", 1)]},
+    )  # fmt: skip
+    # the same folder in another spelling still counts as the same
+    spelled = folder / ".." / folder.name if same else other
+    cfg = TextTrainConfig(data=str(folder), eval_data=str(spelled))
+    reads = count_reads(monkeypatch)
+    train_split, eval_split = shared_beir_splits(cfg)
+    names, columns = training_columns(cfg, train_split)
+    beir = evaluation_folder(cfg, eval_split)
+    assert reads.count("corpus.jsonl") == (1 if same else 2)
+    assert names == ["anchor", "positive"] and columns == [["x"], ["birds sing"]]
+    if same:
+        assert beir.corpus == SMALL_CORPUS and beir.qrels == {
+            "q1": {"d1": 2, "3": 0},
+            "q2": {"d2": 1},
+        }
+    else:
+        assert beir.corpus == {"d1": "the cat sits"} and beir.qrels == {"q1": {"d1": 1}}
 
 
 def unit(angle: float) -> list[float]:
@@ -321,7 +390,9 @@ def test_train_reads_the_pairs_of_a_beir_split(model_and_folder, tmp_path, capsy
     assert "columns= is for a file of rows" in capsys.readouterr().err
 
 
-def test_train_scores_a_beir_split_before_and_after_training(model_and_folder, tmp_path, capsys):
+def test_train_scores_a_beir_split_before_and_after_training(
+    model_and_folder, tmp_path, capsys, monkeypatch
+):
     from sentence_transformers import SentenceTransformer
 
     from hardneg.cli import main
@@ -329,10 +400,12 @@ def test_train_scores_a_beir_split_before_and_after_training(model_and_folder, t
 
     model_dir, folder = model_and_folder
     out = tmp_path / "run"
+    reads = count_reads(monkeypatch)
     args = ["train", "--modality", "text", "--no-progress", f"data={folder}", f"eval_data={folder}",
             f"model={model_dir}", "max_steps=2", "batch_size=8", "lr=1e-3", "threads=1",
             "--run-dir", str(out)]  # fmt: skip
     assert main(args) == 0
+    assert reads == ["corpus.jsonl", "queries.jsonl"]  # one read for the train and test splits
     metrics = json.loads((out / "metrics.json").read_text())
     test = load_beir(folder, "test")
     before = evaluate_beir(sentence_encoder(SentenceTransformer(str(model_dir))), test)
@@ -404,3 +477,54 @@ def test_trec_qrels_with_four_columns_are_read_as_beir_s_three(tmp_path):
     # TREC / MS MARCO: query iteration document grade, spaces or tabs, no header
     (folder / "qrels" / "trec.tsv").write_text("q1 0 d1 2\nq1\t0\t3\t0\n\nq2 Q0 d2 1\n")
     assert load_beir(folder, "trec").qrels == load_beir(folder, "test").qrels
+
+
+def tie_order(row: list[float], k: int) -> list[int]:
+    """The ``k`` best columns of ``row``: descending, equal scores lower column first (plain
+    Python; -inf last, in column order too)."""
+    return sorted(range(len(row)), key=lambda j: (-row[j], j))[:k]
+
+
+@pytest.mark.parametrize("k", [1, 4, 9, 30])
+def test_stable_top_k_keeps_a_full_stable_sort_s_order_among_many_ties(k):
+    """``stable_top_k`` (topk, then only the tied rows sorted) replaced a full stable sort of
+    every merge; scores of four values and -inf tie almost everywhere, and at the k-th place."""
+    from hardneg.mining import stable_top_k
+
+    gen = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 4, (40, 30), generator=gen).double()
+    scores[torch.rand(40, 30, generator=gen) < 0.3] = float("-inf")
+    scores[5] = float("-inf")  # a row of -inf only
+    scores[6] = torch.arange(30.0)  # no tie at all
+    scores[7, :] = 1.0
+    picked = stable_top_k(scores, k)
+    assert [picked[i].tolist() for i in range(40)] == [
+        tie_order(scores[i].tolist(), k) for i in range(40)
+    ]
+    # NaN ranks first in torch's descending sort, and topk picks among NaNs in no promised
+    # order: such a row is sorted whole, as before
+    scores[8, ::2] = float("nan")
+    want = torch.sort(scores[8], descending=True, stable=True).indices[:k]
+    assert stable_top_k(scores, k)[8].tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("chunk", [2, 5, 30])
+def test_the_stable_merge_ranks_many_ties_as_one_full_sort(chunk):
+    """``merge_top_k(stable=True)`` over chunks, with ties across and within chunks and
+    excluded rows, against one ranking of the whole score matrix in plain Python."""
+    from hardneg.mining import merge_top_k
+
+    gen = torch.Generator().manual_seed(chunk)
+    # small integers: exact dot products in any blocking, many of them equal
+    documents = torch.randint(-2, 3, (30, 4), generator=gen).float()
+    queries = torch.randint(-2, 3, (7, 4), generator=gen).float()
+    exclude = [{0, 4}, set(), {29}, {1, 2, 3}, set(), {10}, set()]
+    scores, rows = merge_top_k(
+        queries, (documents[i : i + chunk] for i in range(0, 30, chunk)), 12, exclude=exclude,
+        query_chunk_size=3, stable=True,
+    )  # fmt: skip
+    full = (queries @ documents.T).tolist()
+    for i in range(7):
+        row = [float("-inf") if j in exclude[i] else s for j, s in enumerate(full[i])]
+        assert rows[i].tolist() == tie_order(row, 12)
+        assert scores[i].tolist() == [row[j] for j in tie_order(row, 12)]

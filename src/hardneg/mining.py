@@ -9,7 +9,9 @@ Pipeline (:func:`mine_hard_negatives`):
 2. **Top-k in chunks**: ``query_chunk_size x corpus_chunk_size`` score blocks, each merged into a
    running top-``K`` per query; the full ``queries x corpus`` matrix never exists, so peak
    memory is bounded by the chunk sizes and ``K``. Corpus entries whose text equals the query
-   or a positive of the query (of any pair with the same anchor text) are skipped.
+   or a positive of the query (of any pair with the same anchor text) are skipped; with
+   ``include_positives`` (sentence-transformers' option, for reranking sets) the positives are
+   ranked in place instead, and only the query's own text is skipped, unless it is its positive.
 3. **Window and filters** on the ranked candidates (ranks count from 0 = most similar, the
    positive excluded): ranks ``[range_min, range_max)``; ``min_score``/``max_score``; the
    positive-aware margins of NV-Retriever (Moreira et al. 2024): ``absolute_margin`` keeps
@@ -138,9 +140,6 @@ _ST_MINING_ARGUMENTS: dict[str, str] = {
     "corpus_chunk_size",
     "use_multi_process": "not offered: run under torchrun, which shards the corpus over the "
     "processes",
-    "include_positives": "not offered: output_format='labeled-list' gives each anchor's "
-    "positives (label 1) before its mined negatives",
-    "verbose": "not offered: return_stats=True returns the counts (MiningStats)",
 }
 
 
@@ -329,7 +328,7 @@ def merge_top_k(
     (k + chunk rows)`` scores are held and the corpus is never needed whole (a memory-mapped
     cache, or documents embedded chunk by chunk). ``exclude[i]``: rows never returned for query
     ``i``. Past the end of a corpus smaller than ``k``: score ``-inf``, row ``-1``. ``stable``:
-    equal scores keep the lower row first (a stable sort of each merge); else ``topk``, faster,
+    equal scores keep the lower row first (:func:`stable_top_k` of each merge); else ``topk``,
     with ties in no promised order."""
     best = torch.full((queries.shape[0], k), float("-inf"), dtype=queries.dtype)
     best_rows = torch.full((queries.shape[0], k), -1, dtype=torch.long)
@@ -348,14 +347,34 @@ def merge_top_k(
             # the running best first: with stable=True equal scores keep the row seen earlier
             merged = torch.cat([best[q0:q1], scores], dim=1)
             merged_rows = torch.cat([best_rows[q0:q1], rows.expand(q1 - q0, -1)], dim=1)
-            if stable:
-                pos = torch.sort(merged, dim=1, descending=True, stable=True).indices[:, :k]
-            else:
-                pos = merged.topk(k, dim=1).indices
+            pos = stable_top_k(merged, k) if stable else merged.topk(k, dim=1).indices
             best[q0:q1] = merged.gather(1, pos)
             best_rows[q0:q1] = merged_rows.gather(1, pos)
         offset += c.shape[0]
     return best, best_rows
+
+
+def stable_top_k(scores: Tensor, k: int) -> Tensor:
+    """``[Q, k]`` column indices of the ``k`` largest scores of each row, descending, equal
+    scores lower column first: ``torch.sort(scores, dim=1, descending=True,
+    stable=True).indices[:, :k]`` without sorting whole rows (that sort of each ``k + chunk``
+    merge took 6x the score products' time when ranking 200,000 documents in chunks of 50,000).
+    ``topk`` finds the ``k + 1`` best; the first ``k`` are put in the tie order (by column,
+    then stably by score). Only a row whose ``(k + 1)``-th score equals its ``k``-th (equal
+    entries left out: which of them are in is the tie order's choice), or that holds a NaN
+    (``topk`` ranks NaNs first, in no promised order), is sorted whole: with real-valued
+    scores, seldom."""
+    values, cols = scores.topk(min(k + 1, scores.shape[1]), dim=1)
+    spill = torch.isnan(values).any(dim=1)
+    if values.shape[1] > k:
+        spill |= values[:, k] == values[:, k - 1]
+    cols = cols[:, :k].sort(dim=1).values
+    order = scores.gather(1, cols).sort(dim=1, descending=True, stable=True).indices
+    cols = cols.gather(1, order)
+    if bool(spill.any()):
+        rows = spill.nonzero()[:, 0]
+        cols[rows] = torch.sort(scores[rows], dim=1, descending=True, stable=True).indices[:, :k]
+    return cols
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -575,7 +594,7 @@ def mine_hard_negatives(
     *,
     model: Any = None,
     num_negatives: int = 1,
-    output_format: str = "triplet",
+    output_format: str | None = None,
     sampling: str = "top",
     range_min: int = 0,
     range_max: int | None = None,
@@ -605,9 +624,11 @@ def mine_hard_negatives(
     corpus_prompt: str | None = None,
     corpus_prompt_name: str | None = None,
     output_scores: bool = False,
+    include_positives: bool = False,
     cross_encoder: Any = None,
     as_dataset: bool = False,
     return_stats: bool = False,
+    verbose: bool = False,
     **other_options: Any,
 ) -> Any:
     """Mine ``num_negatives`` hard negatives per ``(query, positive)`` pair (see module doc).
@@ -622,7 +643,8 @@ def mine_hard_negatives(
             (required; sentence-transformers' order ``mine_hard_negatives(dataset, model,
             ...)`` is taken too).
         num_negatives: negatives per query.
-        output_format: ``'triplet'`` (one row per negative), ``'n-tuple'`` (one row per
+        output_format: (default ``'triplet'``, ``'n-tuple'`` with ``include_positives``)
+            ``'triplet'`` (one row per negative), ``'n-tuple'`` (one row per
             query), ``'labeled-pair'`` (``anchor, positive, label``: 1 for each positive of an
             anchor, 0 for each of its mined negatives) or ``'labeled-list'`` (``anchor,
             positive, labels``: one row per distinct anchor, its positives then its negatives
@@ -649,7 +671,8 @@ def mine_hard_negatives(
         model_key: names the model in the cache key; default: :func:`model_fingerprint`, which
             follows a torch model's weights, so a fine-tuned model re-mining into the same
             ``cache_dir`` embeds again instead of reading the old model's embeddings.
-        anchor_column, positive_column: column names of a dataset input.
+        anchor_column, positive_column: column names of a dataset input, and of the anchor
+            and positive in the rows mined (as sentence-transformers keeps a dataset's names).
         seed: seed of the sampling.
         query_prompt, query_prompt_name: the prompt (text, or a key of the model's
             ``prompts``) the queries are embedded with (E5's ``"query: "``), as
@@ -658,12 +681,20 @@ def mine_hard_negatives(
         output_scores: add the model's cosines: ``scores`` ``[s_pos, s_neg]`` per triplet,
             ``[s_pos, s_neg_1, ..., s_neg_k]`` per n-tuple (what ``MarginMSELoss`` reads), and
             ``score`` / ``scores`` in place of ``label`` / ``labels`` in the labeled formats.
+        include_positives: rank the positives among the candidates instead of skipping
+            them (sentence-transformers' ``include_positives``, for reranking evaluation sets:
+            each pair's ``num_negatives`` best candidates, its positives in place, as one
+            ``n-tuple`` row, the only format it takes); the positives missing from ``corpus``
+            are added to it, and the query's own text stays out unless it is its positive.
+            The window, the filters and the sampling still apply and may drop positives.
         cross_encoder: a reranker (anything with ``predict(pairs, batch_size=...)`` giving one
             score per ``(query, text)`` pair, e.g. a sentence-transformers ``CrossEncoder``):
             the candidates and positives are scored again by it, and every later step reads
             its scores (module doc, step 3).
         as_dataset: return a ``datasets.Dataset`` instead of a list of dicts.
         return_stats: also return :class:`MiningStats`.
+        verbose: print a summary of the run (rows, mean scores, pairs short of negatives;
+            sentence-transformers prints its own by default, here it is off by default).
         other_options: sentence-transformers' own arguments (``anchor_column_name``,
             ``sampling_strategy``, ``cache_folder``, ...) fail naming the equivalent here.
     """
@@ -697,6 +728,9 @@ def mine_hard_negatives(
     # a text repeated in the corpus is one candidate (as sentence-transformers deduplicates
     # it): each copy took a window rank and could be picked twice for one query
     c_texts = list(dict.fromkeys(p_texts if corpus is None else _texts("corpus", corpus)))
+    check_flag("include_positives", include_positives)
+    if include_positives:  # a ranking with the positives in place needs them as candidates
+        c_texts = list(dict.fromkeys(c_texts + p_texts))
     if not c_texts:
         raise ValueError("the corpus is empty")
     num_negatives = int(check_number("num_negatives", num_negatives, low=1, integer=True))
@@ -708,7 +742,22 @@ def mine_hard_negatives(
         ("corpus_chunk_size", corpus_chunk_size),
     ):
         check_number(name, value, low=1, integer=True)
+    if output_format is None:
+        output_format = "n-tuple" if include_positives else "triplet"
+    if output_format == "n-tuple-scores":  # sentence-transformers' deprecated spelling
+        raise ValueError(
+            "output_format='n-tuple-scores' is sentence-transformers' deprecated name; here: "
+            "output_format='n-tuple', output_scores=True"
+        )
     check_choice("output_format", output_format, FORMATS)
+    if include_positives and output_format != "n-tuple":
+        # sentence-transformers switches to n-tuple with a warning; a triplet or labeled row
+        # would lose the ranking that include_positives is for
+        raise ValueError(
+            f"include_positives=True gives each pair's ranked candidates as one n-tuple row; "
+            f"output_format={output_format!r} cannot hold them: use output_format='n-tuple'"
+        )
+    check_flag("verbose", verbose)
     check_flag("output_scores", output_scores)
     for name, value in (
         ("query_prompt", query_prompt),
@@ -735,6 +784,13 @@ def mine_hard_negatives(
     of_anchor: dict[str, set[int]] = {}
     for q, p in zip(q_texts, p_texts):
         of_anchor.setdefault(q, set(where.get(q, ()))).update(where.get(p, ()))
+    if include_positives:  # only the query's own text is skipped, unless it is its positive
+        positives_of: dict[str, set[str]] = {}
+        for q, p in zip(q_texts, p_texts):
+            positives_of.setdefault(q, set()).add(p)
+        of_anchor = {
+            q: set() if q in ps else set(where.get(q, ())) for q, ps in positives_of.items()
+        }
     exclude = [of_anchor[q] for q in q_texts]
     extra = max(len(e) for e in exclude)
     # the candidates a query can have: the corpus less its own text and positives. The limits
@@ -879,6 +935,8 @@ def mine_hard_negatives(
     rows: list[dict[str, Any]] = []
     neg_scores = []
     pos_scores = pos.squeeze(1).tolist()
+    # the rows keep the input's column names, as sentence-transformers' rows do
+    a_key, p_key = anchor_column, positive_column
     # the labeled formats: anchor -> {document: score} of its positives, and of its negatives
     labeled: dict[str, dict[str, float]] = {}
     negatives_of: dict[str, dict[str, float]] = {}
@@ -895,11 +953,11 @@ def mine_hard_negatives(
         s_pos = pos_scores[i]
         if output_format == "triplet":
             for s_neg, j in picks:
-                row = {"anchor": q_texts[i], "positive": p_texts[i], "negative": c_texts[j]}
+                row = {a_key: q_texts[i], p_key: p_texts[i], "negative": c_texts[j]}
                 rows.append({**row, "scores": [s_pos, s_neg]} if output_scores else row)
         elif output_format == "n-tuple":
             if len(picks) == num_negatives:
-                row = {"anchor": q_texts[i], "positive": p_texts[i]}
+                row = {a_key: q_texts[i], p_key: p_texts[i]}
                 row.update({f"negative_{m + 1}": c_texts[j] for m, (_, j) in enumerate(picks)})
                 if output_scores:
                     row["scores"] = [s_pos, *(s_neg for s_neg, _ in picks)]
@@ -910,17 +968,35 @@ def mine_hard_negatives(
             for s_neg, j in picks:
                 found.setdefault(c_texts[j], s_neg)
     if labeled:  # the anchors' positives (label 1) before their negatives (label 0)
-        rows = _labeled_rows(labeled, negatives_of, output_format, output_scores)
+        rows = _labeled_rows(
+            labeled, negatives_of, output_format, output_scores, names=(a_key, p_key)
+        )
     stats.rows = len(rows)
     stats.mean_positive_score = float(pos.mean())
     stats.mean_negative_score = float(np.mean(neg_scores)) if neg_scores else math.nan
     stats.seconds["select"] = time.perf_counter() - t2
+    if verbose and rank == 0:  # every rank holds the same rows
+        print(_summary(stats, num_negatives))
     out: Any = rows
     if as_dataset:
         from datasets import Dataset
 
         out = Dataset.from_list(rows)
     return (out, stats) if return_stats else out
+
+
+def _summary(stats: MiningStats, num_negatives: int) -> str:
+    """The lines ``verbose=True`` prints."""
+    return "\n".join(
+        [
+            f"mined {stats.rows:,} rows for {stats.queries:,} pairs from a corpus of "
+            f"{stats.corpus:,} texts",
+            f"mean score: positive {stats.mean_positive_score:.4f}, negative "
+            f"{stats.mean_negative_score:.4f}",
+            f"{stats.short_queries:,} pairs found fewer than {num_negatives} negatives (widen "
+            "range_max, lower range_min, loosen the margins or the score bounds for more)",
+        ]
+    )
 
 
 def rescore_candidates(
@@ -1001,11 +1077,14 @@ def _labeled_rows(
     negatives: dict[str, dict[str, float]],
     output_format: str,
     output_scores: bool,
+    names: tuple[str, str] = ("anchor", "positive"),
 ) -> list[dict[str, Any]]:
     """Rows of the labeled formats (sentence-transformers' ``labeled-pair`` / ``labeled-list``)
     from each anchor's positives and mined negatives (document -> cosine; a mined negative
     that is another pair's positive of the same anchor cannot occur: positives are excluded).
-    An anchor with no negative gets no ``labeled-list`` row, as sentence-transformers does."""
+    An anchor with no negative gets no ``labeled-list`` row, as sentence-transformers does.
+    ``names``: the anchor's and the documents' column names."""
+    a_key, p_key = names
     rows: list[dict[str, Any]] = []
     for anchor, docs in positives.items():
         negs = negatives.get(anchor, {})
@@ -1013,13 +1092,13 @@ def _labeled_rows(
         if output_format == "labeled-pair":
             for doc, label, score in pairs:
                 value = {"score": score} if output_scores else {"label": label}
-                rows.append({"anchor": anchor, "positive": doc, **value})
+                rows.append({a_key: anchor, p_key: doc, **value})
         elif negs:
             values = [score if output_scores else label for _, label, score in pairs]
             rows.append(
                 {
-                    "anchor": anchor,
-                    "positive": [doc for doc, _, _ in pairs],
+                    a_key: anchor,
+                    p_key: [doc for doc, _, _ in pairs],
                     ("scores" if output_scores else "labels"): values,
                 }
             )

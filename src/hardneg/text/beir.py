@@ -91,6 +91,14 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirData:
 
     A malformed line fails naming its file and line; a judgement of a query or document that the
     files do not hold is dropped with a warning that counts them (public BEIR sets have a few)."""
+    return load_beir_splits(folder, [split])[split]
+
+
+def load_beir_splits(folder: str | Path, names: Sequence[str]) -> dict[str, BeirData]:
+    """:func:`load_beir` of each split in ``names`` (split -> data), with one read of
+    ``corpus.jsonl`` and ``queries.jsonl`` for all of them (the corpus is most of a folder, and
+    ``hardneg train`` reads a training and an evaluation split of the same folder). The splits
+    share one corpus dict. Every split's qrels file is looked for before anything is read."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"BEIR folder {folder} does not exist")
@@ -100,12 +108,13 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirData:
                 f"{folder} has no {name}: a BEIR folder holds corpus.jsonl, queries.jsonl and "
                 "qrels/<split>.tsv"
             )
-    qrels_file = folder / "qrels" / f"{split}.tsv"
-    if not qrels_file.is_file():
-        found = splits(folder)
-        raise FileNotFoundError(
-            f"{folder} has no qrels/{split}.tsv; its splits: {', '.join(found) or 'none'}"
-        )
+    names = list(dict.fromkeys(names))
+    for split in names:
+        if not (folder / "qrels" / f"{split}.tsv").is_file():
+            found = splits(folder)
+            raise FileNotFoundError(
+                f"{folder} has no qrels/{split}.tsv; its splits: {', '.join(found) or 'none'}"
+            )
     corpus = {}
     for where, row in _jsonl(folder / "corpus.jsonl"):
         did, text = _field(row, "_id", where), _field(row, "text", where)
@@ -121,6 +130,13 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirData:
         if qid in all_queries:
             raise ValueError(f"{where}: query id {qid!r} is there twice")
         all_queries[qid] = _field(row, "text", where)
+    return {
+        split: _split(folder / "qrels" / f"{split}.tsv", corpus, all_queries) for split in names
+    }
+
+
+def _split(qrels_file: Path, corpus: dict[str, str], all_queries: dict[str, str]) -> BeirData:
+    """The split of ``qrels_file`` over the folder's documents and queries."""
     qrels: dict[str, dict[str, int]] = {}
     unknown_queries, unknown_documents = set(), set()
     for _, (qid, did, grade) in _qrels(qrels_file):

@@ -192,10 +192,31 @@ def load_columns(data: str, columns: str | None = None) -> tuple[list[str], list
     return names, texts
 
 
-def training_columns(cfg: TextTrainConfig) -> tuple[list[str], list[list[str]]]:
+def shared_beir_splits(cfg: TextTrainConfig) -> tuple[BeirData | None, BeirData | None]:
+    """``(cfg.split of data=, cfg.eval_split of eval_data=)`` read together when ``data`` and
+    ``eval_data`` name the same BEIR folder: its corpus and queries are read once for both
+    (:func:`hardneg.text.beir.load_beir_splits`); ``(None, None)`` otherwise, each then read
+    by :func:`training_columns` and :func:`evaluation_folder`."""
+    from hardneg.text.beir import is_beir_folder, load_beir_splits
+
+    if cfg.eval_data is None or cfg.columns is not None:  # (columns= on a folder is refused)
+        return None, None
+    if not (is_beir_folder(str(cfg.data)) and is_beir_folder(cfg.eval_data)):
+        return None, None
+    folder = Path(str(cfg.data)).expanduser().resolve()
+    if folder != Path(cfg.eval_data).expanduser().resolve():
+        return None, None
+    train_split, eval_split = cfg.split or "train", cfg.eval_split or "test"
+    read = load_beir_splits(folder, [train_split, eval_split])
+    return read[train_split], read[eval_split]
+
+
+def training_columns(
+    cfg: TextTrainConfig, data: BeirData | None = None
+) -> tuple[list[str], list[list[str]]]:
     """``(names, texts per column)`` of ``cfg.data``: :func:`load_columns` of a file, or the
     ``(anchor, positive)`` pairs of a BEIR folder's ``cfg.split`` (judgements of grade >= 1;
-    :meth:`hardneg.text.beir.BeirData.pairs`)."""
+    :meth:`hardneg.text.beir.BeirData.pairs`), ``data`` if that split is read already."""
     from hardneg.text.beir import is_beir_folder, load_beir
 
     if not is_beir_folder(str(cfg.data)):
@@ -204,15 +225,17 @@ def training_columns(cfg: TextTrainConfig) -> tuple[list[str], list[list[str]]]:
         return load_columns(str(cfg.data), cfg.columns)
     if cfg.columns is not None:
         raise ValueError("columns= is for a file of rows; a BEIR folder's qrels give the pairs")
-    anchors, positives = load_beir(str(cfg.data), cfg.split or "train").pairs()
+    if data is None:
+        data = load_beir(str(cfg.data), cfg.split or "train")
+    anchors, positives = data.pairs()
     if not anchors:
         raise ValueError(f"{cfg.data}: split {cfg.split or 'train'} has no judgement of grade >= 1")
     return ["anchor", "positive"], [anchors, positives]
 
 
-def evaluation_folder(cfg: TextTrainConfig) -> BeirData | None:
+def evaluation_folder(cfg: TextTrainConfig, data: BeirData | None = None) -> BeirData | None:
     """The BEIR split ``cfg.eval_data`` / ``cfg.eval_split`` scored before and after training
-    (:class:`hardneg.text.beir.BeirData`), or None."""
+    (:class:`hardneg.text.beir.BeirData`; ``data`` if it is read already), or None."""
     from hardneg.text.beir import is_beir_folder, load_beir
 
     if cfg.eval_data is None:
@@ -224,7 +247,7 @@ def evaluation_folder(cfg: TextTrainConfig) -> BeirData | None:
             f"eval_data= takes a BEIR folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv), "
             f"got {cfg.eval_data}; held-out rows of data= are scored with dev_fraction="
         )
-    return load_beir(cfg.eval_data, cfg.eval_split or "test")
+    return data if data is not None else load_beir(cfg.eval_data, cfg.eval_split or "test")
 
 
 def split_rows(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -361,8 +384,11 @@ def train_text(
     )
     from hardneg.text.models import library_bars_on_terminal_only, load_sentence_model
 
-    names, columns = training_columns(cfg)
-    beir = evaluation_folder(cfg)  # read before the model loads: a bad folder fails at once
+    # read before the model loads: a bad folder fails at once; one read of a folder that
+    # data= and eval_data= both name (its corpus is most of it)
+    train_split, eval_split = shared_beir_splits(cfg)
+    names, columns = training_columns(cfg, train_split)
+    beir = evaluation_folder(cfg, eval_split)
     train_rows, dev_rows = split_rows(len(columns[0]), cfg.dev_fraction, cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
