@@ -304,6 +304,30 @@ def test_cli_mine_writes_the_file(tmp_path, monkeypatch):
     assert cli.main(argv) == 2  # wrong columns: one readable error
 
 
+def test_cli_include_positives_writes_the_library_s_ranking(tmp_path, monkeypatch):
+    from hardneg import cli
+    from hardneg.text import models
+
+    queries, positives, corpus = data()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"anchor": q, "positive": p}) + "\n" for q, p in zip(queries, positives))
+    )
+    (tmp_path / "corpus.txt").write_text("\n".join(corpus) + "\n")
+    monkeypatch.setattr(models, "load_sentence_model", lambda name, device=None: FakeModel())
+    out = tmp_path / "ranked.jsonl"
+    argv = ["mine", "--data", str(pairs), "--corpus", str(tmp_path / "corpus.txt")]
+    argv += ["--num-negatives", "3", "--include-positives", "--output", str(out)]
+    assert cli.main(argv) == 0
+    want = mine_hard_negatives(
+        queries, positives, corpus, model=FakeModel(), num_negatives=3, include_positives=True
+    )
+    got = load_rows(out)
+    assert got == want and len(got) > 0
+    assert set(got[0]) == {"anchor", "positive", "negative_1", "negative_2", "negative_3"}
+    assert cli.main([*argv[:-2], "--format", "triplet", "--output", str(out)]) == 2
+
+
 def test_shard_bounds_cover_the_corpus_once():
     from hardneg.mining import shard_bounds
 

@@ -56,12 +56,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format",
         dest="output_format",
-        default="triplet",
+        default=None,
         choices=["triplet", "n-tuple", "labeled-pair", "labeled-list"],
         help="triplet: one (anchor, positive, negative) row per negative; n-tuple: one "
         "(anchor, positive, negative_1..k) row per query; labeled-pair: (anchor, positive, "
         "label) rows, 1 for a positive and 0 for a negative; labeled-list: one (anchor, "
-        "[documents], [labels]) row per anchor (cross-encoder losses) (default: %(default)s)",
+        "[documents], [labels]) row per anchor (cross-encoder losses) (default: triplet; n-tuple "
+        "with --include-positives)",
+    )
+    parser.add_argument(
+        "--include-positives",
+        action="store_true",
+        help="rank each query's positives among its candidates instead of skipping them "
+        "(sentence-transformers' include_positives: reranking evaluation sets); n-tuple rows",
     )
     for side, what in (("query", "the queries"), ("corpus", "the corpus and the positives")):
         parser.add_argument(
@@ -182,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
     keys = (
         "output_format num_negatives sampling range_min range_max min_score max_score "
         "absolute_margin relative_margin batch_size query_chunk_size corpus_chunk_size cache_dir seed "
-        "output_scores query_prompt query_prompt_name corpus_prompt corpus_prompt_name"
+        "output_scores query_prompt query_prompt_name corpus_prompt corpus_prompt_name "
+        "include_positives"
     ).split() + [f.name for f in dataclasses.fields(SamplerOptions)]
     try:
         mined, stats = mine_hard_negatives(
