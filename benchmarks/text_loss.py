@@ -19,6 +19,8 @@ equal to MNRL's on the same embeddings (the comparison is of the same computatio
 Examples:
     python benchmarks/text_loss.py                                  # B = 64, 128, 256; k = 0, 1, 3
     python benchmarks/text_loss.py --batch-sizes 128 --negatives 3 --strategies infonce,hcl
+    python benchmarks/text_loss.py --directions \
+        query_to_doc,query_to_query,doc_to_query,doc_to_doc          # GTE's joint partition
 """
 
 from __future__ import annotations
@@ -53,16 +55,30 @@ class NoEncoder(nn.Module):
         raise RuntimeError("the benchmark passes embeddings, not features")
 
 
-def make_losses(strategies: list[str], scale: float) -> tuple[dict[str, nn.Module], list[str]]:
-    """``{"mnrl": MNRL, name: HardNegativeLoss}`` and the strategies that reject the layout."""
+def make_losses(
+    strategies: list[str],
+    scale: float,
+    directions: tuple[str, ...] | None = None,
+    partition_mode: str | None = None,
+) -> tuple[dict[str, nn.Module], list[str]]:
+    """``{"mnrl": MNRL, name: HardNegativeLoss}`` and the strategies that reject the layout
+    (or, with several directions in one partition, positives of their own). ``directions`` /
+    ``partition_mode``: MNRL's, given to both (None: its defaults)."""
     model = NoEncoder()
-    losses: dict[str, nn.Module] = {"mnrl": _mnrl_class()(model, scale=scale)}
+    partition = {}
+    if directions is not None:
+        partition["directions"] = directions
+    if partition_mode is not None:
+        partition["partition_mode"] = partition_mode
+    losses: dict[str, nn.Module] = {"mnrl": _mnrl_class()(model, scale=scale, **partition)}
     skipped = []
     for name in strategies:
         try:
-            losses[name] = HardNegativeLoss(model, name, scale=scale, mask_duplicates=False)
+            losses[name] = HardNegativeLoss(
+                model, name, scale=scale, mask_duplicates=False, **partition
+            )
         except ValueError as err:
-            if "retrieval layout" not in str(err):
+            if "retrieval layout" not in str(err) and "positives of its own" not in str(err):
                 raise
             skipped.append(name)
     return losses, skipped
@@ -138,7 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="default: torch's")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--directions",
+        default=None,
+        help="MNRL's directions for both losses, comma-separated (e.g. query_to_doc,"
+        "query_to_query,doc_to_query,doc_to_doc: GTE's joint partition); default: MNRL's",
+    )
+    parser.add_argument("--partition-mode", default=None, help="joint or per_direction")
     args = parser.parse_args(argv)
+    directions = (
+        None
+        if args.directions is None
+        else tuple(d.strip() for d in args.directions.split(",") if d.strip())
+    )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     strategies = (
@@ -146,13 +174,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.strategies is None
         else [s.strip() for s in args.strategies.split(",") if s.strip()]
     )
-    losses, skipped = make_losses(strategies, args.scale)
+    losses, skipped = make_losses(strategies, args.scale, directions, args.partition_mode)
     names = [n for n in losses if n != "mnrl"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"torch {torch.__version__}, {os.cpu_count()} CPU(s), {torch.get_num_threads()} "
         f"thread(s), d = {args.dim}, scale {args.scale:g}, {args.rounds} interleaved rounds per "
         f"cell, median; load average at start {load:.2f}"
+        + (f"; directions {','.join(directions)}" if directions else "")
+        + (f", partition {args.partition_mode}" if args.partition_mode else "")
     )
     header = ["B", "k", "MNRL (ms)", *(f"{n} (x)" for n in names)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
@@ -171,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("\n".join(lines))
     if skipped:
-        print(f"\nskipped (reject the retrieval layout): {', '.join(skipped)}")
+        print(f"\nskipped (reject the retrieval layout or the partition): {', '.join(skipped)}")
     return 0
 
 

@@ -51,4 +51,16 @@ def test_main_prints_one_row_per_cell_and_the_skipped_strategies(bench, capsys):
     for k in (0, 1):
         row = rf"\| 8 \| {k} \| \d+\.\d\d \| \d+\.\d\d \| \d+\.\d\d \|"
         assert len(re.findall(row, out)) == 2  # as measured, then in the table
-    assert "skipped (reject the retrieval layout): potential" in out
+    assert "skipped (reject the retrieval layout or the partition): potential" in out
+
+
+def test_the_joint_partition_is_mnrl_s_and_skips_strategies_with_positives_of_their_own(bench):
+    four = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+    losses, skipped = bench.make_losses(["infonce", "fnc", "hcl"], 20.0, four, "joint")
+    assert skipped == ["fnc"] and list(losses) == ["mnrl", "infonce", "hcl"]
+    assert losses["mnrl"].directions == four
+    bench.check_same_computation(losses, bench.columns(8, 1, 16, seed=2))
+    plain, _ = bench.make_losses(["infonce"], 20.0)
+    with pytest.raises(AssertionError):  # the plain layout is another loss
+        bench.check_same_computation({"mnrl": losses["mnrl"], "infonce": plain["infonce"]},
+                                     bench.columns(8, 1, 16, seed=2))  # fmt: skip
