@@ -121,6 +121,27 @@ def test_compiled_equals_eager(name, form):
         assert_close(a, b, what=f"{name} {form} grad z{i + 1}")
 
 
+@pytest.mark.parametrize("name", ["infonce", "hcl"])
+@pytest.mark.parametrize("mode", ["separate", "joint", "pooled"])
+def test_several_positives_and_per_anchor_losses_compile(name, mode):
+    """Four views (three positives per anchor) in each positive mode, and the per-anchor losses
+    (``reduction='none'``, what the text loss's joint partition reads), compiled = eager."""
+    eager = hardneg.create_loss(name, check_inputs=False, positive_mode=mode)
+    compiled = torch.compile(eager, backend=BACKEND, fullgraph=True)
+    g = torch.Generator().manual_seed(5)
+    views = [torch.randn(6, 5, generator=g).requires_grad_() for _ in range(4)]
+    for reduction in ("mean", "none"):
+
+        def run(fn, reduction=reduction):
+            out = fn(views[0], views[1], extra_views=views[2:], reduction=reduction)
+            return out, torch.autograd.grad(out.sum(), views)
+
+        (le, ge), (lc, gc) = run(eager), run(compiled)
+        assert_close(lc, le, what=f"{name} {mode} {reduction} loss")
+        for i, (a, b) in enumerate(zip(gc, ge)):
+            assert_close(a, b, what=f"{name} {mode} {reduction} grad {i}")
+
+
 def compiled_mismatches(device: str) -> list[str]:
     """Every loss and call form on ``device``: the failures of compiled (``fullgraph=True``) =
     eager within 1e-5, value and gradients, as lines (empty: all agree). Every case is tried, so
