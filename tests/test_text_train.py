@@ -115,6 +115,10 @@ def test_split_rows_is_disjoint_and_seeded():
         (["data=x.jsonl", "directions=doc_to_query"], "must include 'query_to_doc'"),
         (["data=x.jsonl", "directions=query_to_doc,qury_to_query"], "'query_to_query'"),
         (["data=x.jsonl", "partition_mode=both"], "partition_mode must be one of"),
+        (
+            ["data=x.jsonl", "contrast_positives=true", "directions=query_to_doc,doc_to_doc"],
+            "give one of them",
+        ),
         (["data=x.jsonl", "hcl.beta=2"], "strategy=infonce"),
         (["data=x.jsonl", "--config", "mnist1d_simclr_hcl"], "--config does not apply"),
     ],
@@ -159,6 +163,12 @@ def test_directions_reach_the_loss(tmp_path, setup):
     card = (out / "model" / "README.md").read_text()
     assert '"directions": [' in card and '"doc_to_doc"' in card
     assert '"partition_mode": "joint"' in card
+    out = tmp_path / "gist"
+    argv = [f"data={data}", f"model={model_dir}", "contrast_anchors=true", "contrast_positives=1"]
+    argv += ["max_steps=1", "batch_size=8", "dev_fraction=0"]
+    assert run(*argv, "--run-dir", out) == 0
+    card = (out / "model" / "README.md").read_text()
+    assert '"query_to_query"' in card and '"contrast_positives": true' in card
 
 
 def test_a_guide_and_the_cached_form_reach_the_loss(tmp_path, setup):

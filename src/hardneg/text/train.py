@@ -50,6 +50,8 @@ class TextTrainConfig:
     # MultipleNegativesRankingLoss's blocks, comma-separated ("query_to_doc,doc_to_query")
     directions: str | None = None
     partition_mode: str | None = None  # joint (default) or per_direction
+    contrast_anchors: bool = False  # GISTEmbedLoss's: the other anchors as candidates
+    contrast_positives: bool = False  # GISTEmbedLoss's: each positive against the others
     mask_duplicates: bool = True
     mini_batch_size: int = 0  # > 0: CachedHardNegativeLoss (GradCache) with this many rows
     guide: str | None = None  # a guide model's name or path (GISTEmbed's false negatives)
@@ -110,11 +112,16 @@ class TextTrainConfig:
         check_number("threads", self.threads, low=0, integer=True)
         check_number("guide_margin", self.guide_margin, low=0.0)
         check_choice("guide_margin_strategy", self.guide_margin_strategy, GUIDE_MARGIN_MODES)
-        if self.directions is not None or self.partition_mode is not None:
+        partition = (self.directions, self.partition_mode, self.contrast_anchors or None)
+        if any(x is not None for x in partition) or self.contrast_positives:
             from hardneg.integrations.sentence_transformers import resolve_partition
 
             resolve_partition(
-                self.symmetric, self.direction_names(), self.partition_mode, False, False
+                self.symmetric,
+                self.direction_names(),
+                self.partition_mode,
+                self.contrast_anchors,
+                self.contrast_positives,
             )
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be -1 (use epochs) or >= 1, got {self.max_steps}")
@@ -401,6 +408,8 @@ def train_text(
         symmetric=cfg.symmetric,
         directions=cfg.direction_names(),
         partition_mode=cfg.partition_mode,
+        contrast_anchors=cfg.contrast_anchors,
+        contrast_positives=cfg.contrast_positives,
         mask_duplicates=cfg.mask_duplicates,
         seed=cfg.seed,
         **strategy_hparams,
