@@ -140,6 +140,22 @@ def test_bad_overrides_fail_before_any_training(override, message, tmp_path, cap
     assert not (tmp_path / "hcl").exists()
 
 
+def test_a_setting_some_strategies_refuse_names_them_and_the_strategies_that_run(
+    tmp_path, capsys
+):
+    """framework.views=3 (several positives) is refused by the strategies that read two views'
+    features: the comparison names each of them and the --strategies that would run, before
+    any training, where it stopped at the first one's error."""
+    args = ["compare", "--dataset", "digits", "--framework", "simclr", "--seeds", "1"]
+    args += ["--strategies", "infonce,unremix,hcl,potential", "--out", str(tmp_path)]
+    assert main([*args, "framework.views=3"]) == 2
+    err = capsys.readouterr().err
+    assert "2 of the strategies cannot run with these settings (unremix: " in err
+    assert "potential: loss 'potential' reads" in err
+    assert "compare the others with --strategies infonce,hcl" in err
+    assert not any(tmp_path.iterdir())
+
+
 def test_unknown_strategy_suggests_the_closest_name(tmp_path, capsys):
     assert main(["compare", "--strategies", "hcll", "--out", str(tmp_path)]) == 2
     assert "did you mean 'hcl'" in capsys.readouterr().err
