@@ -140,9 +140,7 @@ def test_bad_overrides_fail_before_any_training(override, message, tmp_path, cap
     assert not (tmp_path / "hcl").exists()
 
 
-def test_a_setting_some_strategies_refuse_names_them_and_the_strategies_that_run(
-    tmp_path, capsys
-):
+def test_a_setting_some_strategies_refuse_names_them_and_the_strategies_that_run(tmp_path, capsys):
     """framework.views=3 (several positives) is refused by the strategies that read two views'
     features: the comparison names each of them and the --strategies that would run, before
     any training, where it stopped at the first one's error."""
