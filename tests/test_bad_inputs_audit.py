@@ -191,3 +191,222 @@ def test_linear_probe_settings_are_checked_before_torch_sees_them(kwargs, messag
 
     with raises(message):
         linear_probe(**probe_args(**kwargs))
+
+
+# ------------------------------------------------------------------------ BEIR evaluation
+
+
+def beir_folder(tmp_path, *, corpus: bytes | None = None, qrels: bytes | None = None):
+    import json
+
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    docs = "".join(json.dumps({"_id": f"d{i}", "text": f"doc {i}"}) + "\n" for i in range(4))
+    (folder / "corpus.jsonl").write_bytes(corpus if corpus is not None else docs.encode())
+    queries = "".join(json.dumps({"_id": f"q{i}", "text": f"q {i}"}) + "\n" for i in range(2))
+    (folder / "queries.jsonl").write_text(queries)
+    (folder / "qrels" / "test.tsv").write_bytes(qrels if qrels is not None else b"q0\td0\t1\n")
+    return folder
+
+
+def test_beir_files_that_are_not_utf8_are_named(tmp_path):
+    """A bare UnicodeDecodeError ("'utf-8' codec can't decode byte 0xff") named no file."""
+    from hardneg.text.beir import load_beir
+
+    folder = beir_folder(tmp_path, corpus=b"\xff\xfe junk\n")
+    with raises(
+        f"{folder / 'corpus.jsonl'}: not UTF-8 text (invalid start byte); save it as UTF-8"
+    ):
+        load_beir(folder)
+    folder = beir_folder(tmp_path / "b", qrels=b"q0\td0\t1\n\xff\n")
+    with raises(f"{folder / 'qrels' / 'test.tsv'}: not UTF-8 text"):
+        load_beir(folder)
+
+
+def test_retrieval_scores_refuse_non_finite_embeddings():
+    """NaN query or document embeddings ranked the corpus arbitrarily and scored it."""
+    from hardneg.text.beir import retrieval_scores
+
+    q, d = z(2, 8), z(6, 8, seed=1)
+    bad = d.clone()
+    bad[4, 0] = float("nan")
+    with raises("document chunk 0 contains 1 NaN or Inf value(s) (first in row 4)"):
+        retrieval_scores(q, bad, [{0: 1}, {1: 1}])
+    with raises("query_embeddings contains 8 NaN or Inf value(s) (first in row 1)"):
+        retrieval_scores(torch.stack([q[0], torch.full((8,), float("inf"))]), d, [{0: 1}, {1: 1}])
+    with raises("query_embeddings must hold real numbers, got dtype torch.complex64"):
+        retrieval_scores(q.to(torch.complex64), d, [{0: 1}, {1: 1}])
+
+
+def test_retrieval_scores_refuse_mismatched_shapes_and_judged_rows_past_the_corpus():
+    """A document dim unlike the queries' failed in a matmul; a judged row past the corpus was
+    never retrieved and lowered recall silently; an exclude list of another length failed in
+    an IndexError."""
+    from hardneg.text.beir import retrieval_scores
+
+    q, d = z(2, 8), z(6, 8, seed=1)
+    with raises("the corpus rows from row 0 on have shape (6, 7): rows of the queries' dim 8"):
+        retrieval_scores(q, z(6, 7), [{0: 1}, {1: 1}])
+    with raises("judgements name document row 9, but the corpus has 6 rows"):
+        retrieval_scores(q, d, [{0: 1}, {9: 1}])
+    with raises("judgements name document row -1, but the corpus has 6 rows"):
+        retrieval_scores(q, d, [{-1: 1}, {1: 1}])
+    with raises("exclude must hold one entry per query (2), got 1"):
+        retrieval_scores(q, d, [{0: 1}, {1: 1}], exclude=[0])
+    with raises("query_embeddings must be 2-D (rows x embedding dim), got shape (8,)"):
+        retrieval_scores(q[0], d, [{0: 1}])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cutoffs": (2.5,)}, "cutoffs must be integers >= 1, got [2.5]"),
+        ({"cutoffs": ("a",)}, "cutoffs must be integers >= 1, got ['a']"),
+        ({"cutoffs": 5}, "cutoffs must be a sequence of integers >= 1, got 5"),
+        ({"corpus_chunk_size": 0}, "corpus_chunk_size must be in [1, inf), got 0"),
+        ({"query_chunk_size": 0}, "query_chunk_size must be in [1, inf), got 0"),
+    ],
+)
+def test_retrieval_scores_settings_are_checked(kwargs, message):
+    """A cut-off of 2.5 was truncated to 2; 'a' and 5 failed in int() / iteration naming no
+    setting; a chunk size of 0 failed in range()."""
+    from hardneg.text.beir import retrieval_scores
+
+    with raises(message):
+        retrieval_scores(z(2, 8), z(6, 8, seed=1), [{0: 1}, {1: 1}], **kwargs)
+
+
+def test_evaluate_beir_refuses_a_bare_prompt_string(tmp_path):
+    """prompts="query: " was indexed as a pair: the queries got the prompt "q", the corpus
+    "u", and a score came back."""
+    from hardneg.text.beir import evaluate_beir, load_beir
+
+    data = load_beir(beir_folder(tmp_path))
+    seen = []
+
+    def encode(texts, prompt):
+        seen.append(prompt)
+        return torch.randn(len(texts), 8)
+
+    with raises("prompts must be a pair (query prompt, corpus prompt) of strings or None"):
+        evaluate_beir(encode, data, prompts="query: ")
+    assert seen == []  # refused before anything is embedded
+    with raises("data must be a BeirData (load_beir(folder)), got dict"):
+        evaluate_beir(encode, {"corpus": {}})
+
+
+# ------------------------------------------------------------------------ mining
+
+
+class FakeEncoder:
+    """``encode`` gives each text a fixed random row; ``broken`` spoils the output."""
+
+    def __init__(self, broken: str = "") -> None:
+        self.broken = broken
+
+    def encode(self, texts, batch_size=32, convert_to_tensor=True, show_progress_bar=False):
+        import zlib
+
+        rows = [
+            torch.randn(8, generator=torch.Generator().manual_seed(zlib.crc32(t.encode())))
+            for t in texts
+        ]
+        x = torch.stack(rows)
+        if self.broken == "nan":
+            x[-1, 0] = float("nan")
+        elif self.broken == "short":
+            x = x[:-1]
+        elif self.broken == "complex":
+            x = x.to(torch.complex64)
+        elif self.broken == "no_columns":
+            x = x[:, :0]
+        return x
+
+
+QUERIES = [f"query {i}" for i in range(6)]
+POSITIVES = [f"positive {i}" for i in range(6)]
+CORPUS = [f"doc {i}" for i in range(20)]
+
+
+def mine(**kwargs):
+    from hardneg.mining import mine_hard_negatives
+
+    args = {
+        "queries": QUERIES,
+        "positives": POSITIVES,
+        "corpus": CORPUS,
+        "model": FakeEncoder(),
+        "num_negatives": 2,
+    }
+    args.update(kwargs)
+    return mine_hard_negatives(**args)
+
+
+def test_mining_refuses_an_encoder_that_returns_nan_or_the_wrong_rows():
+    """A NaN embedding was mined as a candidate without a word; a missing row failed in an
+    index_put ("shape mismatch: value tensor of shape [25, 8]"); complex or zero-width rows
+    ranked silently."""
+    with raises("model.encode returned NaN or Inf in the embedding of"):
+        mine(model=FakeEncoder("nan"))
+    with raises("model.encode returned a (19, 8) torch.float32 tensor for 20 texts"):
+        mine(model=FakeEncoder("short"))
+    with raises("torch.complex64 tensor for 20 texts: one real embedding row of dim >= 1"):
+        mine(model=FakeEncoder("complex"))
+    with raises("model.encode returned a (20, 0) torch.float32 tensor for 20 texts"):
+        mine(model=FakeEncoder("no_columns"))
+    assert len(mine()) == 12  # the working encoder: 2 negatives for each of the 6 queries
+
+
+def test_mining_refuses_a_bare_string_for_a_list_of_texts():
+    """list("abc") mined for the queries "a", "b" and "c" and returned rows."""
+    with raises("queries must be a list of texts, got one string ('query')"):
+        mine(queries="query", positives="p")
+    with raises("corpus must be a list of texts, got one string ('doc 1 doc 2')"):
+        mine(corpus="doc 1 doc 2")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"seed": "a"}, "seed must be an integer, got 'a' (str)"),
+        ({"seed": 1.5}, "seed must be an integer, got 1.5"),
+        (
+            {"seed": 2**70},
+            "seed must be in [-9.22337e+18, 1.84467e+19], got 1180591620717411303424",
+        ),
+        ({"as_dataset": "yes"}, "as_dataset must be True or False, got 'yes'"),
+        ({"return_stats": 1}, "return_stats must be True or False, got 1"),
+    ],
+)
+def test_mining_settings_are_checked_before_anything_is_embedded(kwargs, message):
+    """A string seed failed in int() naming no setting, 1.5 was read as 1, 2**70 overflowed
+    in manual_seed; a truthy string gave a Dataset, 1 a (rows, stats) pair."""
+    with raises(message):
+        mine(**kwargs)
+
+
+def test_top_k_merges_check_k_sizes_and_dims():
+    """Each failed inside torch or range(): a negative k ("negative dimension -1"), a corpus
+    of another dim (a matmul), chunk sizes of 0, an exclude list of another length."""
+    from hardneg.mining import chunked_top_k, merge_top_k
+
+    q, c = z(3, 8), z(10, 8, seed=1)
+    with raises("k must be in [0, inf), got -1"):
+        merge_top_k(q, [c], -1)
+    with raises("k must be an integer, got 2.5"):
+        merge_top_k(q, [c], 2.5)
+    with raises("k must be an integer, got '2' (str)"):  # (compared with the corpus size first)
+        chunked_top_k(q, c, "2")
+    with raises("the corpus rows from row 4 on have shape (6, 7): rows of the queries' dim 8"):
+        merge_top_k(q, [c[:4], z(6, 7)], 2)
+    with raises("corpus_chunk_size must be in [1, inf), got 0"):
+        chunked_top_k(q, c, 2, corpus_chunk_size=0)
+    with raises("query_chunk_size must be in [1, inf), got 0"):
+        chunked_top_k(q, c, 2, query_chunk_size=0)
+    with raises("exclude must hold one set of rows per query (3), got 1"):
+        chunked_top_k(q, c, 2, exclude=[{0}])
+    # a float64 corpus beside float32 queries is ranked, not refused (it failed in a matmul)
+    scores, rows = chunked_top_k(q, c.double(), 2)
+    expected = (q.double() @ c.double().T).topk(2, dim=1)
+    torch.testing.assert_close(scores.double(), expected.values, rtol=1e-6, atol=1e-6)
+    assert torch.equal(rows, expected.indices)
