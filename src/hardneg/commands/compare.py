@@ -170,9 +170,9 @@ def find_graph_config(config: str | None, dataset: str | None) -> str | None:
             import yaml
 
             try:
-                raw = yaml.safe_load(path.read_text())
-            except yaml.YAMLError:
-                return None  # the image loader reports the syntax error
+                raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError):
+                return None  # the image loader reports the syntax error or the encoding
             if isinstance(raw, dict) and (raw.get("framework") == "infograph" or "betas" in raw):
                 return str(path)
             return None
