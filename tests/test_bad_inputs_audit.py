@@ -410,3 +410,77 @@ def test_top_k_merges_check_k_sizes_and_dims():
     expected = (q.double() @ c.double().T).topk(2, dim=1)
     torch.testing.assert_close(scores.double(), expected.values, rtol=1e-6, atol=1e-6)
     assert torch.equal(rows, expected.indices)
+
+
+# ------------------------------------------------------------------------ contrast builders
+
+
+def test_guided_false_negatives_checks_its_margin_and_guide_embeddings():
+    """A string margin failed in a tensor subtraction; a NaN margin masked nothing (every
+    comparison with NaN is False) and the loss ran as if no guide were given; a list or a
+    complex guide failed inside torch."""
+    from hardneg.contrast import guided_false_negatives
+
+    a, c = z(3, 8), z(9, 8, seed=1)
+    with raises("margin must be finite, got nan"):
+        guided_false_negatives(a, c, margin=float("nan"))
+    with raises("margin must be a number, got '0.1' (str)"):
+        guided_false_negatives(a, c, margin="0.1")
+    with raises("the guide's anchors must be a real-valued torch.Tensor, got list"):
+        guided_false_negatives(a.tolist(), c)
+    with raises(
+        "the guide's candidates must be a real-valued torch.Tensor, got dtype torch.complex64"
+    ):
+        guided_false_negatives(a, c.to(torch.complex64))
+    # a margin given as an int still works (the config's guide_margin: 0)
+    assert torch.equal(guided_false_negatives(a, c, margin=0), guided_false_negatives(a, c))
+
+
+# ------------------------------------------------------------------------ graph data
+
+
+def test_tu_attributes_that_are_nan_or_inf_are_named(tmp_path):
+    """float() reads 'nan' and 'inf': the graphs loaded with NaN node features and every loss
+    on them was NaN."""
+    from hardneg.graph.data import load_tu
+
+    raw = tmp_path / "BAD" / "raw"
+    raw.mkdir(parents=True)
+    files = {
+        "A": "1, 2\n2, 1\n3, 4\n4, 3\n",
+        "graph_indicator": "1\n1\n2\n2\n",
+        "graph_labels": "0\n1\n",
+        "node_attributes": "0.5, 1\n0.1, nan\n2, 3\n1, 1\n",
+    }
+    for part, text in files.items():
+        (raw / f"BAD_{part}.txt").write_text(text)
+    with raises(
+        f"{raw / 'BAD_node_attributes.txt'}: line 2: expected finite numbers, got '0.1, nan'"
+    ):
+        load_tu(tmp_path, "BAD", cache_dir=tmp_path / "cache")
+    (raw / "BAD_node_attributes.txt").write_text("0.5, 1\n0.1, 2\n2, 3\n1, 1\n")
+    (raw / "BAD_edge_attributes.txt").write_text("1\n-inf\n1\n1\n")
+    with raises(f"{raw / 'BAD_edge_attributes.txt'}: line 2: expected finite numbers, got '-inf'"):
+        load_tu(tmp_path, "BAD", cache_dir=tmp_path / "cache")
+    (raw / "BAD_edge_attributes.txt").write_text("1\n-1.5\n1\n1\n")
+    assert load_tu(tmp_path, "BAD", cache_dir=tmp_path / "cache").num_features == 2
+
+
+# ------------------------------------------------------------------------ configs and the CLI
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    """A bare "'utf-8' codec can't decode byte 0xff" named no file, from the loader and from
+    the command line (whose graph-config sniffing read the file first)."""
+    from hardneg.cli import main
+    from hardneg.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"train:\n  epochs: 1\n\xff\xfe\n")
+    with raises(f"{path}: not UTF-8 text (invalid start byte); save it as UTF-8"):
+        load_config(path)
+    assert main(["train", "--config", str(path), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"hardneg train: error: {path}: not UTF-8 text (invalid start byte)" in err
+    assert not (tmp_path / "run").exists()
