@@ -484,3 +484,18 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path, capsys):
     assert "Traceback" not in err
     assert f"hardneg train: error: {path}: not UTF-8 text (invalid start byte)" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("percent", [95, 1.5, -0.1])
+def test_positive_aware_percent_must_be_a_fraction(percent):
+    """percent=95 (meant as 95 %) kept every negative whose score is below 95 times the
+    positive's: the filter silently did nothing, as a loss and as a filter in front of one."""
+    message = f"percent must be a fraction in [0, 1] (0.95 keeps negatives up to 95% of the positive's score), got {percent!r}"
+    with raises(message):
+        hardneg.create_loss("positive_aware", percent=percent)
+    with raises(message):
+        hardneg.create_loss("hcl", filter="positive_aware", filter_options={"percent": percent})
+    # the ends are fractions: 1 drops only negatives above the positive, 0 those above 0
+    for edge in (0, 1.0):
+        loss = hardneg.create_loss("positive_aware", percent=edge)(z(), z(seed=1))
+        assert torch.isfinite(loss)
