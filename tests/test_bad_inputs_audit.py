@@ -499,3 +499,41 @@ def test_positive_aware_percent_must_be_a_fraction(percent):
     for edge in (0, 1.0):
         loss = hardneg.create_loss("positive_aware", percent=edge)(z(), z(seed=1))
         assert torch.isfinite(loss)
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    """The one error line of ``hardneg ARGV`` (exit status 2, no traceback)."""
+    from hardneg.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_mine_names_a_folder_that_is_not_a_beir_folder(tmp_path, capsys):
+    """The message was "input must be .jsonl, .parquet, .csv or .txt, got 'data'", and with
+    --split "<folder> is a file"."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    out = str(tmp_path / "out.jsonl")
+    expected = (
+        f"hardneg mine: error: --data {folder} is a folder without corpus.jsonl: give a rows "
+        "file (.jsonl, .parquet, .csv) or a BEIR folder"
+    )
+    assert cli_error(capsys, ["mine", "--data", str(folder), "--output", out]).startswith(expected)
+    line = cli_error(capsys, ["mine", "--data", str(folder), "--output", out, "--split", "dev"])
+    assert line.startswith(expected)
+
+
+def test_compare_refuses_a_negative_tsne_count_before_training(tmp_path, capsys):
+    """--tsne-points -5 trained every run and quietly drew no t-SNE, as 0 does."""
+    out = tmp_path / "cmp"
+    line = cli_error(
+        capsys,
+        ["compare", "--out", str(out), "--strategies", "infonce", "--tsne-points", "-5"],
+    )
+    assert line == "hardneg compare: error: --tsne-points must be >= 0 (0 = no t-SNE), got -5"
+    assert not out.exists()

@@ -324,6 +324,9 @@ def compare(
         raise ValueError(f"--strategies lists a strategy twice: {','.join(strategies)}")
     if not seeds:
         raise ValueError("--seeds must be >= 1")
+    if isinstance(tsne_points, bool) or not isinstance(tsne_points, int) or tsne_points < 0:
+        # a negative count quietly meant no t-SNE, as 0 does
+        raise ValueError(f"--tsne-points must be >= 0 (0 = no t-SNE), got {tsne_points!r}")
     out = Path(out)
     parsed = Overrides.parse(overrides)
     if base_config is None:
