@@ -537,3 +537,18 @@ def test_compare_refuses_a_negative_tsne_count_before_training(tmp_path, capsys)
     )
     assert line == "hardneg compare: error: --tsne-points must be >= 0 (0 = no t-SNE), got -5"
     assert not out.exists()
+
+
+def test_graph_scoring_refuses_a_single_class_before_training():
+    """A data set whose graphs all share one label trained in full, then failed inside
+    scikit-learn's SVM ("The number of classes has to be greater than one")."""
+    import numpy as np
+
+    from hardneg.graph.evaluate import check_scorable, evaluate_embeddings
+
+    labels = np.full(12, 3)
+    with raises("'TOY': every graph has the label [3]: scoring classifies graphs"):
+        check_scorable(labels, "'TOY'")
+    with raises("the labels hold a single class: scoring needs at least two classes"):
+        evaluate_embeddings(np.random.default_rng(0).normal(size=(12, 4)), labels, folds=3)
+    check_scorable(np.array([0, 0, 1, 1]))  # two classes of two graphs: scorable
