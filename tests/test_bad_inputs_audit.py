@@ -552,3 +552,20 @@ def test_graph_scoring_refuses_a_single_class_before_training():
     with raises("the labels hold a single class: scoring needs at least two classes"):
         evaluate_embeddings(np.random.default_rng(0).normal(size=(12, 4)), labels, folds=3)
     check_scorable(np.array([0, 0, 1, 1]))  # two classes of two graphs: scorable
+
+
+def test_potential_takes_ids_on_another_device_than_the_embeddings():
+    """The contrast builders move ids to the logits' device; potential's own in-batch mask
+    compared them where they were (GPU embeddings with host ids: "Expected all tensors to be
+    on the same device"). 'meta' embeddings stand in for the GPU on a CPU-only machine (the
+    input checks read values, so they are off); every other loss already took them."""
+    meta = [torch.empty(6, 8, device="meta") for _ in range(2)]
+    ids = torch.tensor([0, 1, 2, 3, 0, 5])
+    for name in ("infonce", "hcl"):
+        loss = hardneg.create_loss(name, check_inputs=False)(*meta, ids=ids)
+        assert loss.device.type == "meta" and loss.dim() == 0
+    try:  # the device mismatch was a RuntimeError at the mask; past it, torch has no meta
+        # kernel for bincount, which the mined blocks use (a GPU has one)
+        hardneg.create_loss("potential", check_inputs=False)(*meta, ids=ids)
+    except NotImplementedError as err:
+        assert "aten::bincount" in str(err) and "Meta" in str(err)
