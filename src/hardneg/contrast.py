@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hardneg._checks import check_choice
+from hardneg._checks import check_choice, check_number
 
 
 @dataclass
@@ -464,6 +464,13 @@ def guided_false_negatives(
     never marked. ``margin = 0`` drops the candidates the guide ranks above the positive.
     """
     check_choice("mode", mode, GUIDE_MARGIN_MODES)
+    # Python checks only (no host sync): a string or NaN margin failed in a subtraction or
+    # masked nothing, a list or complex guide failed inside torch
+    margin = check_number("margin", margin)
+    for name, x in (("anchors", anchors), ("candidates", candidates)):
+        if not isinstance(x, Tensor) or x.is_complex():
+            got = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"the guide's {name} must be a real-valued torch.Tensor, got {got}")
     if anchors.dim() != 2 or candidates.dim() != 2 or anchors.shape[1] != candidates.shape[1]:
         raise ValueError(
             "the guide's embeddings must be [A, d] anchors and [C, d] candidates of one dim, "

@@ -159,6 +159,8 @@ class MiningStats:
 def _texts(name: str, values: object) -> list[str]:
     if values is None:
         raise ValueError(f"{name} is required")
+    if isinstance(values, str):  # list("abc") mined for the queries "a", "b" and "c"
+        raise ValueError(f"{name} must be a list of texts, got one string ({values[:40]!r})")
     out = list(values)  # type: ignore[arg-type]
     bad = [i for i, v in enumerate(out) if not isinstance(v, str)]
     if bad:
@@ -252,7 +254,23 @@ def embed_texts(
                 "model.encode must return a [batch, dim] embedding tensor, got "
                 f"{type(emb).__name__} {tuple(getattr(emb, 'shape', ()))}"
             )
-        parts.append(torch.nn.functional.normalize(emb.float().cpu(), dim=-1))
+        given = min(block, len(order) - start)
+        if emb.shape[0] != given or emb.shape[1] < 1 or emb.is_complex():
+            # a missing row failed in an index_put; complex or empty rows ranked silently
+            raise ValueError(
+                f"model.encode returned a {tuple(emb.shape)} {emb.dtype} tensor for {given} "
+                "texts: one real embedding row of dim >= 1 per text is needed"
+            )
+        emb = emb.float().cpu()
+        # one read per block: a NaN row ranked as a candidate of every query, without a word
+        if not bool(torch.isfinite(emb).all()):
+            row = int((~torch.isfinite(emb)).any(dim=1).nonzero()[0, 0])
+            text = texts[order[start + row]]
+            raise ValueError(
+                f"model.encode returned NaN or Inf in the embedding of {text[:60]!r}; "
+                "only finite embeddings can be ranked"
+            )
+        parts.append(torch.nn.functional.normalize(emb, dim=-1))
     if not parts:
         return torch.zeros(0, 1)
     out = torch.empty(len(texts), parts[0].shape[1])
@@ -305,6 +323,8 @@ def chunked_top_k(
     """``(scores [Q, k], indices [Q, k])`` of the ``k`` most similar corpus rows per query (dot
     products), descending, never holding more than ``query_chunk x (k + corpus_chunk)`` scores.
     ``exclude[i]``: corpus rows never returned for query ``i`` (its positives)."""
+    check_number("k", k, low=0, integer=True)
+    check_number("corpus_chunk_size", corpus_chunk_size, low=1, integer=True)
     if k > corpus.shape[0]:
         raise ValueError(f"k = {k} is larger than the corpus ({corpus.shape[0]} entries)")
     chunks = (
@@ -330,11 +350,28 @@ def merge_top_k(
     ``i``. Past the end of a corpus smaller than ``k``: score ``-inf``, row ``-1``. ``stable``:
     equal scores keep the lower row first (:func:`stable_top_k` of each merge); else ``topk``,
     with ties in no promised order."""
+    # shapes and sizes only (no host sync): each failed inside torch ("mat1 and mat2 shapes
+    # cannot be multiplied", a negative dimension, "range() arg 3 must not be zero")
+    k = int(check_number("k", k, low=0, integer=True))
+    check_number("query_chunk_size", query_chunk_size, low=1, integer=True)
+    if not isinstance(queries, Tensor) or queries.dim() != 2:
+        got = tuple(queries.shape) if isinstance(queries, Tensor) else type(queries).__name__
+        raise ValueError(f"queries must be a 2-D tensor [queries, dim], got {got}")
+    if exclude is not None and len(exclude) != queries.shape[0]:
+        raise ValueError(
+            f"exclude must hold one set of rows per query ({queries.shape[0]}), got {len(exclude)}"
+        )
     best = torch.full((queries.shape[0], k), float("-inf"), dtype=queries.dtype)
     best_rows = torch.full((queries.shape[0], k), -1, dtype=torch.long)
     offset = 0
     for chunk in chunks:
         c = torch.as_tensor(chunk)
+        if c.dim() != 2 or c.shape[1] != queries.shape[1]:
+            raise ValueError(
+                f"the corpus rows from row {offset} on have shape {tuple(c.shape)}: rows of the "
+                f"queries' dim {queries.shape[1]} are needed"
+            )
+        c = c.to(queries.dtype)  # a float64 or float16 corpus beside float32 queries
         rows = torch.arange(offset, offset + c.shape[0])
         for q0 in range(0, queries.shape[0], query_chunk_size):
             q1 = min(q0 + query_chunk_size, queries.shape[0])
@@ -759,6 +796,11 @@ def mine_hard_negatives(
         )
     check_flag("verbose", verbose)
     check_flag("output_scores", output_scores)
+    check_flag("as_dataset", as_dataset)
+    check_flag("return_stats", return_stats)
+    # int() read '1.5' as 1 and failed on 'a' naming no setting; torch's generator takes
+    # seeds in [-2**63, 2**64)
+    seed = int(check_number("seed", seed, integer=True, low=-(2**63), high=2**64 - 1))
     for name, value in (
         ("query_prompt", query_prompt),
         ("query_prompt_name", query_prompt_name),

@@ -170,9 +170,9 @@ def find_graph_config(config: str | None, dataset: str | None) -> str | None:
             import yaml
 
             try:
-                raw = yaml.safe_load(path.read_text())
-            except yaml.YAMLError:
-                return None  # the image loader reports the syntax error
+                raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError):
+                return None  # the image loader reports the syntax error or the encoding
             if isinstance(raw, dict) and (raw.get("framework") == "infograph" or "betas" in raw):
                 return str(path)
             return None
@@ -324,6 +324,9 @@ def compare(
         raise ValueError(f"--strategies lists a strategy twice: {','.join(strategies)}")
     if not seeds:
         raise ValueError("--seeds must be >= 1")
+    if isinstance(tsne_points, bool) or not isinstance(tsne_points, int) or tsne_points < 0:
+        # a negative count quietly meant no t-SNE, as 0 does
+        raise ValueError(f"--tsne-points must be >= 0 (0 = no t-SNE), got {tsne_points!r}")
     out = Path(out)
     parsed = Overrides.parse(overrides)
     if base_config is None:

@@ -229,6 +229,12 @@ def _row_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], list[st
     (None: the positives)."""
     from hardneg.mining import column_texts, load_rows
 
+    if Path(args.data).is_dir():  # not a BEIR folder: "must be .jsonl, ..., got 'name'"
+        raise ValueError(
+            f"--data {args.data} is a folder without corpus.jsonl: give a rows file "
+            "(.jsonl, .parquet, .csv) or a BEIR folder (corpus.jsonl, queries.jsonl, "
+            "qrels/SPLIT.tsv)"
+        )
     if args.split is not None:
         raise ValueError(f"--split names a qrels split of a BEIR folder; {args.data} is a file")
     rows = load_rows(args.data)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hardneg.evaluation.knn import topk_accuracy
+from hardneg._checks import check_embeddings, check_labels, check_number
+from hardneg.evaluation.knn import check_tensor, check_test_labels, topk_accuracy
 
 
 def linear_probe(
@@ -54,19 +55,53 @@ def linear_probe(
     Returns:
         ``{"top1", "top5"}`` on the test set, plus ``train_top1`` and ``iterations``.
     """
+    for name, x in (
+        ("train_f", train_f),
+        ("train_y", train_y),
+        ("test_f", test_f),
+        ("test_y", test_y),
+    ):
+        check_tensor(name, x)
     if train_f.ndim != 2 or test_f.ndim != 2 or train_f.shape[1] != test_f.shape[1]:
         raise ValueError(
             f"features must be [rows, dim] with equal dims, got {tuple(train_f.shape)} and {tuple(test_f.shape)}"
         )
     if train_f.shape[0] != train_y.shape[0] or test_f.shape[0] != test_y.shape[0]:
         raise ValueError("features and labels must have the same number of rows")
+    if train_f.shape[0] == 0 or test_f.shape[0] == 0:  # (the labels' max below has none)
+        raise ValueError(
+            f"the probe needs train and test rows, got {train_f.shape[0]} and {test_f.shape[0]}"
+        )
+    check_labels("train_y", train_y, train_f.shape[0])  # 1-D integer class ids
+    check_labels("test_y", test_y, test_f.shape[0])
     if int(train_y.min()) < 0:
         raise ValueError("train labels must be >= 0 (drop unlabelled examples before the probe)")
     if optimizer not in ("lbfgs", "adam"):
         raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
-    device = torch.device(device)
+    # each of these reached torch's optimiser or generator as given: a NaN weight_decay made
+    # L-BFGS fail on a float conversion, a string seed failed inside manual_seed
+    weight_decay = check_number("weight_decay", weight_decay, low=0.0)
+    max_iter = int(check_number("max_iter", max_iter, low=0, integer=True))
+    if lr is not None:
+        lr = check_number("lr", lr, low=0.0, low_inclusive=False)
+    tol = check_number("tol", tol, low=0.0)
+    seed = int(check_number("seed", seed, integer=True))
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device must be a torch device (cpu, cuda, cuda:1, mps), got {device!r}"
+        ) from None
+    check_embeddings("train_f", train_f)  # floating and finite: a NaN stopped L-BFGS deep inside
+    check_embeddings("test_f", test_f)
     if num_classes is None:
         num_classes = int(max(train_y.max(), test_y.max())) + 1
+    num_classes = int(check_number("num_classes", num_classes, low=1, integer=True))
+    if int(train_y.max()) >= num_classes:
+        raise ValueError(
+            f"train labels go up to {int(train_y.max())} but num_classes={num_classes}"
+        )
+    check_test_labels(test_y, num_classes)
 
     x = train_f.to(device, torch.float32)
     y = train_y.to(device).long()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -140,6 +141,12 @@ def _read_tu_table(
             row = [number(cell) for cell in line.split(",")]
         except ValueError:
             raise ValueError(f"{path}: line {i}: expected {what}, got {line.strip()!r}") from None
+        if number is float and not all(math.isfinite(v) for v in row):
+            # float() reads 'nan' and 'inf': such node features made every loss NaN
+            raise ValueError(
+                f"{path}: line {i}: expected finite numbers, got {line.strip()!r} "
+                "(NaN or Inf attributes make every loss NaN)"
+            )
         if width is None:
             width = len(row)
         if len(row) != width:

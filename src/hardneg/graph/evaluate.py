@@ -38,8 +38,13 @@ def _arrays(embeddings, labels) -> tuple[np.ndarray, np.ndarray]:
 def check_scorable(labels, name: str = "the data set") -> None:
     """The stratified folds' condition, for callers to check before training rather than
     after it: every class has at least 2 graphs."""
-    _, y = np.unique(np.asarray(labels), return_inverse=True)
+    values, y = np.unique(np.asarray(labels), return_inverse=True)
     counts = np.bincount(y)
+    if len(values) < 2:  # the SVM failed after training: "The number of classes has to be..."
+        raise ValueError(
+            f"{name}: every graph has the label {values.tolist()}: scoring classifies graphs, "
+            "and needs at least two classes"
+        )
     if counts.min() < 2:
         classes = np.unique(np.asarray(labels))[counts < 2].tolist()
         raise ValueError(
@@ -53,6 +58,8 @@ def _folds(y: np.ndarray, folds: int, seed: int):
     from sklearn.model_selection import StratifiedKFold
 
     smallest = int(np.bincount(y).min())
+    if len(np.bincount(y)) < 2:
+        raise ValueError("the labels hold a single class: scoring needs at least two classes")
     if smallest < 2:
         raise ValueError("every class needs at least 2 graphs for stratified cross-validation")
     k = min(folds, smallest)

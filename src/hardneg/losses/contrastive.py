@@ -356,6 +356,11 @@ class ContrastiveLoss(nn.Module):
             ("negatives", inputs.negatives),
             ("hard_negatives", inputs.hard_negatives),
             *((f"extra_views[{i}]", v) for i, v in enumerate(inputs.extra_views)),
+            # features enter the strategies' arithmetic as given (index tensors such as ids
+            # and exclude_index are moved to the logits' device by the contrast builders)
+            ("h1", inputs.h1),
+            ("h2", inputs.h2),
+            ("negative_h", inputs.negative_h),
         ]
         device = inputs.z1.device if isinstance(inputs.z1, Tensor) else None
         for name, x in named:
@@ -476,6 +481,8 @@ class ContrastiveLoss(nn.Module):
         n = z1.shape[0]
         check_optional_features("h1", inputs.h1, n)
         check_optional_features("h2", inputs.h2, n)
+        if inputs.h1 is not None and inputs.h2 is not None:  # rows of one feature matrix
+            check_same_shape("h1", inputs.h1, "h2", inputs.h2)
         per_anchor = negatives is not None and negatives.dim() == 3
         if per_anchor and inputs.negative_h is not None:
             raise ValueError(

@@ -60,6 +60,11 @@ class PositiveAwareFilter(Strategy):
         self.mode = check_choice("mode", mode, ("margin", "percent"))
         self.margin = check_number("margin", margin)
         self.percent = check_number("percent", percent)
+        if not 0.0 <= self.percent <= 1.0:  # percent=95, read as a percentage, kept everything
+            raise ValueError(
+                f"percent must be a fraction in [0, 1] (0.95 keeps negatives up to 95% of the "
+                f"positive's score), got {percent!r}"
+            )
 
     def _rule_limit(self, contrast: ContrastSet) -> Tensor:
         """``[A, 1]`` the highest negative logit the rule keeps, in logit units ``c = s / t``:

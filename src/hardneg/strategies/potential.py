@@ -254,7 +254,9 @@ class PotentialMining(Strategy):
             if pool is None:  # (our rule) a key among i's positives is no negative of i
                 negative = ~own
                 if inputs.ids is not None:  # nor is a duplicate of the anchor
-                    negative &= inputs.ids.unsqueeze(0) != inputs.ids.unsqueeze(1)
+                    # ids may live on the host, as the contrast builders accept them
+                    ids = inputs.ids.to(q.device)
+                    negative &= ids.unsqueeze(0) != ids.unsqueeze(1)
             else:  # a column with a cell outside i's own block (or a pool cell) is a negative
                 in_blocks = torch.zeros(columns, dtype=torch.long, device=q.device)
                 negative = in_blocks.scatter_add_(0, cells, torch.ones_like(cells)) > own.long()

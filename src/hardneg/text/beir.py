@@ -32,6 +32,7 @@ breaks them by document id).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -41,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hardneg._checks import check_number
+from hardneg._checks import check_embeddings, check_number
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def _split(qrels_file: Path, corpus: dict[str, str], all_queries: dict[str, str]
 
 
 def _jsonl(path: Path):
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8") as handle, _utf8(path):
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -178,6 +179,15 @@ def _jsonl(path: Path):
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: not a JSON object, got {type(row).__name__}")
             yield where, row
+
+
+@contextlib.contextmanager
+def _utf8(path: Path):
+    """A file that is not UTF-8 fails naming it (a bare UnicodeDecodeError named none)."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason}); save it as UTF-8") from None
 
 
 def _field(row: dict, key: str, where: str) -> str:
@@ -196,7 +206,7 @@ def _qrels(path: Path):
     columns (after an optional header), or TREC's four (``query iteration document grade``,
     tabs or spaces, as MS MARCO's and TREC's qrels files are written; the iteration is
     ignored)."""
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8") as handle, _utf8(path):
         for number, line in enumerate(handle, start=1):
             where = f"{path}:{number}"
             fields = line.rstrip("\r\n").split("\t") if "\t" in line else line.split()
@@ -240,15 +250,33 @@ def rank_documents(
     (:func:`hardneg.mining.merge_top_k`, the running top-k that mining ranks with too)."""
     from hardneg.mining import merge_top_k
 
-    q = torch.nn.functional.normalize(torch.as_tensor(query_embeddings).float(), dim=1)
+    depth = int(check_number("depth", depth, low=0, integer=True))
+    q = torch.nn.functional.normalize(_embeddings("query_embeddings", query_embeddings), dim=1)
     unit = (
-        torch.nn.functional.normalize(torch.as_tensor(c).float(), dim=1) for c in document_chunks
+        torch.nn.functional.normalize(_embeddings(f"document chunk {i}", c), dim=1)
+        for i, c in enumerate(document_chunks)
     )
+    if exclude is not None and len(exclude) != q.shape[0]:
+        raise ValueError(
+            f"exclude must hold one entry per query ({q.shape[0]}), got {len(exclude)}"
+        )
+    for e in exclude or ():
+        if e is not None and (isinstance(e, bool) or not isinstance(e, (int, np.integer))):
+            raise ValueError(f"exclude holds document rows (int) or None, got {e!r}")
     skip = None if exclude is None else [set() if e is None else {int(e)} for e in exclude]
     scores, rows = merge_top_k(
         q, unit, depth, exclude=skip, query_chunk_size=query_chunk_size, stable=True
     )
     return rows.masked_fill(torch.isinf(scores), -1)
+
+
+def _embeddings(name: str, x: object) -> torch.Tensor:
+    """``x`` as a float32 ``[rows, dim]`` tensor of finite values (integer embeddings, such as
+    quantised ones, are taken); a NaN row ranked the corpus arbitrarily, without a word."""
+    t = torch.as_tensor(x)
+    if t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{name} must hold real numbers, got dtype {t.dtype}")
+    return check_embeddings(name, t.float(), min_rows=0)
 
 
 def retrieval_scores(
@@ -267,11 +295,19 @@ def retrieval_scores(
     grade; ``exclude[q]``: a row query ``q`` never retrieves (its own id), or None. Keys
     ``ndcg@k``, ``mrr@k``, ``recall@k``, ``precision@k``, ``map@k`` per cut-off, and
     ``queries`` (those scored: with a relevant document) and ``documents``."""
+    query_embeddings = _embeddings("query_embeddings", query_embeddings)  # [Q, d] before len()
     if len(judgements) != len(query_embeddings):
         raise ValueError(f"{len(query_embeddings)} queries but {len(judgements)} judgement lists")
-    cutoffs = sorted({int(k) for k in cutoffs})
-    if not cutoffs or cutoffs[0] < 1:
-        raise ValueError(f"cutoffs must be integers >= 1, got {list(cutoffs)}")
+    # int() truncated 2.5 to a cut-off of 2 and failed on 'a' naming no setting
+    if isinstance(cutoffs, (str, bytes)) or not isinstance(cutoffs, Iterable):
+        raise ValueError(f"cutoffs must be a sequence of integers >= 1, got {cutoffs!r}")
+    given = list(cutoffs)
+    if not given or any(
+        isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in given
+    ):
+        raise ValueError(f"cutoffs must be integers >= 1, got {given}")
+    cutoffs = sorted({int(k) for k in given})
+    check_number("corpus_chunk_size", corpus_chunk_size, low=1, integer=True)
     if isinstance(document_embeddings, (torch.Tensor, np.ndarray)):
         whole = document_embeddings
         document_embeddings = (
@@ -281,6 +317,13 @@ def retrieval_scores(
     ranking = rank_documents(
         query_embeddings, counted, cutoffs[-1], exclude=exclude, query_chunk_size=query_chunk_size
     )
+    # a judged row past the corpus can never be retrieved: it lowered recall without a word
+    rows = [d for grades in judgements for d in grades]
+    if rows and (min(rows) < 0 or max(rows) >= counted.rows):
+        bad = min(rows) if min(rows) < 0 else max(rows)
+        raise ValueError(
+            f"judgements name document row {bad}, but the corpus has {counted.rows} rows"
+        )
     sums = {f"{name}@{k}": 0.0 for k in cutoffs for name in _MEASURES}
     scored = 0
     for ranked, grades in zip(ranking.tolist(), judgements):
@@ -362,6 +405,18 @@ def evaluate_beir(
     (:func:`hardneg.text.train.sentence_encoder`), ``corpus_chunk_size`` documents at a time,
     each chunk ranked and dropped (as sentence-transformers' ``InformationRetrievalEvaluator``:
     a corpus of millions is never embedded whole)."""
+    if not isinstance(data, BeirData):
+        raise ValueError(f"data must be a BeirData (load_beir(folder)), got {type(data).__name__}")
+    # a bare string was indexed as a pair: "query: " embedded the queries with "q", the corpus
+    # with "u"
+    if (
+        not isinstance(prompts, (tuple, list))
+        or len(prompts) != 2
+        or not all(p is None or isinstance(p, str) for p in prompts)
+    ):
+        raise ValueError(
+            f"prompts must be a pair (query prompt, corpus prompt) of strings or None, got {prompts!r}"
+        )
     doc_ids = list(data.corpus)
     row = {did: j for j, did in enumerate(doc_ids)}
     query_ids = list(data.queries)
