@@ -55,6 +55,22 @@ def test_a_batch_of_one_is_rejected(name):
 
 
 @pytest.mark.parametrize("name", LOSSES)
+def test_one_query_against_a_pool_is_a_loss(name):
+    """A pool holds the negatives, so one query (the short last batch of a run) has a loss; for
+    the strategies whose anchors do not share anything beyond the pool it is that query's loss
+    in a batch of two (``reduction='none'``), and extra_views=None is no views."""
+    g = torch.Generator().manual_seed(0)
+    q, k, pool = (torch.randn(n, 8, generator=g) for n in (2, 2, 10))
+    loss_fn = hardneg.create_loss(name)
+    kw = {"generator": torch.Generator().manual_seed(1)} if loss_fn.draws else {}
+    one = loss_fn(q[:1], k[:1], negatives=pool, extra_views=None, **kw)
+    assert one.shape == () and torch.isfinite(one)
+    if name in ("infonce", "debiased", "hcl", "hardness", "positive_aware"):
+        both = loss_fn(q, k, negatives=pool, reduction="none")
+        torch.testing.assert_close(one, both[0])
+
+
+@pytest.mark.parametrize("name", LOSSES)
 def test_an_empty_batch_or_bank_is_rejected_before_any_strategy_runs(name):
     """No anchor (N = 0), in-batch or with a bank, gets the batch-size message (not a bare row
     count, nor an error from deep inside a strategy: potential's numpy draws once failed on
@@ -62,7 +78,7 @@ def test_an_empty_batch_or_bank_is_rejected_before_any_strategy_runs(name):
     need = "need a batch of at least N = 2 samples (a contrastive loss needs negatives), got N = 0"
     with raises("z1 and z2 " + need):
         hardneg.create_loss(name)(z(0), z(0))
-    with raises("q and k " + need):
+    with raises("q and k " + need.replace("N = 2", "N = 1")):  # the pool holds negatives
         hardneg.create_loss(name)(z(0), z(0), negatives=z(10))
     with raises("negatives must have at least 1 rows, got 0"):
         hardneg.create_loss(name)(z(4), z(4), negatives=z(0))

@@ -451,7 +451,8 @@ class ContrastiveLoss(nn.Module):
                 check_embeddings(f"extra_views[{i}]", v)
                 check_same_shape("z1", z1, f"extra_views[{i}]", v)
         else:
-            check_views(z1, z2, ("q", "k"))
+            # the pool holds the negatives: one query (the last batch of a run) is a loss too
+            check_views(z1, z2, ("q", "k"), min_rows=1)
             per_anchor = isinstance(negatives, Tensor) and negatives.dim() == 3
             if per_anchor and negatives.shape[0] != z1.shape[0]:
                 raise ValueError(
@@ -547,7 +548,7 @@ class ContrastiveLoss(nn.Module):
         negatives: Tensor | None = None,
         *,
         hard_negatives: Tensor | None = None,
-        extra_views: list[Tensor] | tuple[Tensor, ...] = (),
+        extra_views: list[Tensor] | tuple[Tensor, ...] | None = (),
         ids: Tensor | None = None,
         anchor_ids: Tensor | None = None,
         false_negatives: Tensor | None = None,
@@ -617,7 +618,7 @@ class ContrastiveLoss(nn.Module):
             temperature=self.temperature,
             negatives=negatives,
             hard_negatives=hard_negatives,
-            extra_views=tuple(extra_views),
+            extra_views=() if extra_views is None else tuple(extra_views),
             ids=ids,
             anchor_ids=anchor_ids,
             false_negatives=false_negatives,
