@@ -291,14 +291,15 @@ def test_non_finite_pools_and_features_are_located_exactly():
 
 
 def test_the_smallest_batch_is_two_and_the_message_names_the_inputs():
+    """In-batch, two samples; with a pool (which holds the negatives), one query."""
     loss = hardneg.create_loss("infonce")
     assert torch.isfinite(loss(z(2, seed=21), z(2, seed=22)))
-    assert torch.isfinite(loss(z(2, seed=21), z(2, seed=22), negatives=z(3)))
+    assert torch.isfinite(loss(z(1, seed=21), z(1, seed=22), negatives=z(3)))
     with exactly(
-        "q and k need a batch of at least N = 2 samples (a contrastive loss needs negatives), "
-        "got N = 1"
+        "q and k need a batch of at least N = 1 samples (a contrastive loss needs negatives), "
+        "got N = 0"
     ):
-        loss(z(1), z(1), negatives=z(3))
+        loss(z(0), z(0), negatives=z(3))
     with exactly(
         "z1 and z2 need a batch of at least N = 2 samples (a contrastive loss needs negatives), "
         "got N = 1"
