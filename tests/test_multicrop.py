@@ -202,3 +202,26 @@ def test_pooled_debiasing_uses_the_positives_mean_mass():
         ng = max((mass - tau * m * sum(pos) / len(pos)) / (1 - tau), m * math.exp(-1 / t))
         total += math.log(sum(pos) + ng) - math.log(sum(pos))
     assert got == pytest.approx(total / 12, rel=1e-10)
+
+
+def test_a_resumed_multicrop_run_is_bit_exact(tmp_path, monkeypatch):
+    """The small crops draw from the augmentation generator after the views: a run cut after
+    its first epoch and resumed ends with the weights and losses of the uninterrupted run."""
+    from _crash import CrashAt, boom
+
+    from hardneg.train.checkpoint import load_checkpoint
+
+    overrides = [*TINY, "framework.views=3", "framework.small_crops=2", "loss.name=hcl"]
+    full = train(load_config(None, overrides), run_dir=tmp_path / "full", progress_bar=False)
+    with monkeypatch.context() as patch:
+        CrashAt(patch, at=3, action=boom)  # epoch 0 (steps 0-1) is checkpointed, then a crash
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(load_config(None, overrides), run_dir=tmp_path / "cut", progress_bar=False)
+    resumed = train(
+        load_config(None, overrides), run_dir=tmp_path / "cut", progress_bar=False, resume=True
+    )
+    a, b = (load_checkpoint(r.checkpoint)["model"] for r in (full, resumed))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
