@@ -177,6 +177,25 @@ def test_pooled_positives_equal_solo_learn_s_multicrop_loss(fast):
         torch.testing.assert_close(two, loss(views[0], views[1]), rtol=1e-10, atol=1e-12)
 
 
+def test_pooled_is_supcon_s_l_in_less_the_log_of_the_number_of_positives():
+    """SupCon's ``L_in`` (Khosla et al. 2020, Eq. 3), ``-log((1/|P|) sum_p e^{a_p} / Z)``, as a
+    float64 loop: the pooled loss is it minus the constant ``log |P|`` (3 positives here)."""
+    import math
+
+    g = torch.Generator().manual_seed(6)
+    views = [torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(4)]
+    t, n = 0.4, 3
+    loss = hardneg.create_loss("infonce", temperature=t, positive_mode="pooled")
+    got = float(loss(views[0], views[1], extra_views=views[2:]))
+    z = torch.nn.functional.normalize(torch.cat(views), dim=1)
+    total = 0.0
+    for i in range(12):
+        e = {j: math.exp(float(z[i] @ z[j]) / t) for j in range(12) if j != i}
+        positives = [e[j] for j in e if j % n == i % n]
+        total += -math.log(sum(positives) / len(positives) / sum(e.values()))
+    assert got == pytest.approx(total / 12 - math.log(3), rel=1e-10)
+
+
 def test_pooled_debiasing_uses_the_positives_mean_mass():
     """HCL's estimator with several pooled positives, as a float64 loop: ``Ng`` from the
     tilted negatives minus ``tau_plus M`` times the positives' mean ``e^{a}``, clamped."""
