@@ -390,6 +390,17 @@ def test_reduction_none_gives_the_per_anchor_losses():
             "use partition_mode='joint'",
         ),
         ({"symmetric": True, "partition_mode": "joint"}, "not both"),
+        # GISTEmbedLoss's blocks with symmetric=True: the advice must name symmetric (the
+        # advice "use partition_mode='joint'" then failed with "not both")
+        (
+            {"symmetric": True, "contrast_anchors": True},
+            r"symmetric=True .* contrast_anchors .* directions=\('query_to_doc', "
+            r"'doc_to_query'\) with partition_mode='joint'",
+        ),
+        (
+            {"symmetric": True, "contrast_positives": True},
+            r"symmetric=True .* contrast_positives .* partition_mode='joint'",
+        ),
         ({"contrast_positives": True, "directions": DIRECTIONS}, "give one of them"),
         ({"contrast_anchors": 1}, "contrast_anchors must be True or False"),
         ({"directions": DIRECTIONS, "objective": "jsd"}, "objective='infonce'"),
