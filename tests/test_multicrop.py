@@ -98,6 +98,11 @@ TINY = [
         (["loss.name=unremix", "framework.small_crops=1"], "exactly two views"),
         (["framework.small_crops=1", "augment.small_scale_min=0.5"], "must be below"),
         (["framework.views=1"], "framework.views"),
+        # hardneg compare runs every strategy: the refusal says how to leave this one out
+        (["loss.name=unremix", "framework.views=3"], r"leave 'unremix' out of --strategies"),
+        # small-crop settings without small crops were silently unused
+        (["augment.small_size=6"], r"augment.small_size .* framework.small_crops > 0, got 0"),
+        (["augment.small_scale_max=0.3"], r"augment.small_scale_max .* framework.small_crops"),
     ],
 )
 def test_view_settings_say_what_is_wrong(overrides, message):
