@@ -49,6 +49,9 @@ def cos(x, y):
         (dict(filter_options={"a": 1}), "filter_options needs a filter (filter='positive_aware', ...)"),
         (dict(objective="nce"), "objective must be one of 'infonce', 'jsd', got 'nce'"),
         (dict(positive_mode="both"), "positive_mode must be one of 'separate', 'joint', 'pooled', got 'both'"),
+        # the Jensen-Shannon objective has no partition: 'joint' / 'pooled' were ignored
+        (dict(objective="jsd", positive_mode="pooled"), "objective='jsd' averages the positives' terms and has no partition for them to share: positive_mode must be 'separate' (the default), got 'pooled'"),
+        (dict(objective="jsd", positive_mode="joint"), "objective='jsd' averages the positives' terms and has no partition for them to share: positive_mode must be 'separate' (the default), got 'joint'"),
     ],
 )  # fmt: skip
 def test_the_constructor_refuses_bad_settings_with_exact_messages(kwargs, message):

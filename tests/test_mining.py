@@ -328,6 +328,21 @@ def test_cli_include_positives_writes_the_library_s_ranking(tmp_path, monkeypatc
     assert cli.main([*argv[:-2], "--format", "triplet", "--output", str(out)]) == 2
 
 
+def test_cli_flag_names_read_as_the_command_line():
+    """The library's ``include_positives=True`` / ``output_format='triplet'`` read as the flags
+    one types (``--include-positives``, ``--format triplet``), not ``--include-positives=True``."""
+    from hardneg.commands.mine import _flag_names
+
+    message = (
+        "include_positives=True gives each pair's ranked candidates as one n-tuple row; "
+        "output_format='triplet' cannot hold them: use output_format='n-tuple'"
+    )
+    assert _flag_names(message, ["include_positives", "output_format"]) == (
+        "--include-positives gives each pair's ranked candidates as one n-tuple row; "
+        "--format triplet cannot hold them: use --format n-tuple"
+    )
+
+
 def test_shard_bounds_cover_the_corpus_once():
     from hardneg.mining import shard_bounds
 

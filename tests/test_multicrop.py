@@ -98,6 +98,11 @@ TINY = [
         (["loss.name=unremix", "framework.small_crops=1"], "exactly two views"),
         (["framework.small_crops=1", "augment.small_scale_min=0.5"], "must be below"),
         (["framework.views=1"], "framework.views"),
+        # hardneg compare runs every strategy: the refusal says how to leave this one out
+        (["loss.name=unremix", "framework.views=3"], r"leave 'unremix' out of --strategies"),
+        # small-crop settings without small crops were silently unused
+        (["augment.small_size=6"], r"augment.small_size .* framework.small_crops > 0, got 0"),
+        (["augment.small_scale_max=0.3"], r"augment.small_scale_max .* framework.small_crops"),
     ],
 )
 def test_view_settings_say_what_is_wrong(overrides, message):
@@ -177,6 +182,25 @@ def test_pooled_positives_equal_solo_learn_s_multicrop_loss(fast):
         torch.testing.assert_close(two, loss(views[0], views[1]), rtol=1e-10, atol=1e-12)
 
 
+def test_pooled_is_supcon_s_l_in_less_the_log_of_the_number_of_positives():
+    """SupCon's ``L_in`` (Khosla et al. 2020, Eq. 3), ``-log((1/|P|) sum_p e^{a_p} / Z)``, as a
+    float64 loop: the pooled loss is it minus the constant ``log |P|`` (3 positives here)."""
+    import math
+
+    g = torch.Generator().manual_seed(6)
+    views = [torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(4)]
+    t, n = 0.4, 3
+    loss = hardneg.create_loss("infonce", temperature=t, positive_mode="pooled")
+    got = float(loss(views[0], views[1], extra_views=views[2:]))
+    z = torch.nn.functional.normalize(torch.cat(views), dim=1)
+    total = 0.0
+    for i in range(12):
+        e = {j: math.exp(float(z[i] @ z[j]) / t) for j in range(12) if j != i}
+        positives = [e[j] for j in e if j % n == i % n]
+        total += -math.log(sum(positives) / len(positives) / sum(e.values()))
+    assert got == pytest.approx(total / 12 - math.log(3), rel=1e-10)
+
+
 def test_pooled_debiasing_uses_the_positives_mean_mass():
     """HCL's estimator with several pooled positives, as a float64 loop: ``Ng`` from the
     tilted negatives minus ``tau_plus M`` times the positives' mean ``e^{a}``, clamped."""
@@ -202,3 +226,26 @@ def test_pooled_debiasing_uses_the_positives_mean_mass():
         ng = max((mass - tau * m * sum(pos) / len(pos)) / (1 - tau), m * math.exp(-1 / t))
         total += math.log(sum(pos) + ng) - math.log(sum(pos))
     assert got == pytest.approx(total / 12, rel=1e-10)
+
+
+def test_a_resumed_multicrop_run_is_bit_exact(tmp_path, monkeypatch):
+    """The small crops draw from the augmentation generator after the views: a run cut after
+    its first epoch and resumed ends with the weights and losses of the uninterrupted run."""
+    from _crash import CrashAt, boom
+
+    from hardneg.train.checkpoint import load_checkpoint
+
+    overrides = [*TINY, "framework.views=3", "framework.small_crops=2", "loss.name=hcl"]
+    full = train(load_config(None, overrides), run_dir=tmp_path / "full", progress_bar=False)
+    with monkeypatch.context() as patch:
+        CrashAt(patch, at=3, action=boom)  # epoch 0 (steps 0-1) is checkpointed, then a crash
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(load_config(None, overrides), run_dir=tmp_path / "cut", progress_bar=False)
+    resumed = train(
+        load_config(None, overrides), run_dir=tmp_path / "cut", progress_bar=False, resume=True
+    )
+    a, b = (load_checkpoint(r.checkpoint)["model"] for r in (full, resumed))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]

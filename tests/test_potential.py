@@ -533,6 +533,18 @@ def test_registry_defaults_and_what_the_strategy_asks_for():
         hardneg.create_loss("potential", filter="positive_aware")
 
 
+@pytest.mark.parametrize("mode", ["joint", "pooled"])
+def test_a_positive_mode_it_would_ignore_is_refused(mode):
+    """The mined term is 'joint' with 'sum' and the augmentation term 'separate' whatever the
+    loss's positive_mode: another mode gave the very loss of the default, silently."""
+    message = (
+        f"^potential sets the positive mode of each of its terms itself; positive_mode must be "
+        f"'separate' \\(the default\\), got '{mode}'$"
+    )
+    with pytest.raises(ValueError, match=message):
+        hardneg.create_loss("potential", positive_mode=mode)
+
+
 @pytest.mark.parametrize(
     "name, value",
     [

@@ -118,7 +118,41 @@ def test_only_ir_ring_draws_and_its_step_count_and_duplicates_are_checked():
     assert hardneg.create_loss("ring", num_samples=4).draws is True
     with pytest.raises(ValueError, match=r"^anneal_steps must be an integer, got 2\.5$"):
         hardneg.create_loss("ring", anneal="staircase", anneal_steps=2.5)
-    loss = hardneg.create_loss("ring", rho_out=0.5, num_samples=2)
-    message = "^num_samples needs the same number of negatives for every anchor$"
-    with pytest.raises(ValueError, match=message):  # duplicates: a count per anchor
-        loss(z(4, 3, seed=16), z(4, 3, seed=17), ids=torch.tensor([0, 0, 1, 2]))
+
+
+def in_batch_negatives(z1, z2, ids, t):
+    """``(a [2N], c [2N][...])``: SimCLR's positive and negative logits with duplicates out
+    (a float64 loop over the ``2N`` views; ``ids`` equal = neither)."""
+    views = F.normalize(torch.cat([z1, z2]), dim=-1)
+    n = z1.shape[0]
+    pos, negs = [], []
+    for i in range(2 * n):
+        pos.append(float(views[i] @ views[(i + n) % (2 * n)]) / t)
+        negs.append(
+            [float(views[i] @ views[j]) / t for j in range(2 * n) if ids[j % n] != ids[i % n]]
+        )
+    return pos, negs
+
+
+def test_ir_ring_with_a_count_per_anchor_draws_each_row_s_band():
+    """Duplicates (``ids``) give anchors different numbers of negatives: each row draws from
+    its own band ``[int(rho_in U_i), U_i)``, ``U_i = int(rho_out M_i)``. It was refused
+    (``num_samples needs the same number ...``), which refused every text batch with masks."""
+    z1, z2, t = z(5, 3, seed=16), z(5, 3, seed=17), 0.5
+    ids = [0, 0, 1, 2, 3]  # anchors of sample 0 or 1: 6 negatives, the others 8
+    pos, negs = in_batch_negatives(z1, z2, ids, t)
+    gen = torch.Generator().manual_seed(0)
+    # a band of one rank (U = 1): every draw is the hardest negative, S times
+    one = hardneg.create_loss("ring", temperature=t, rho_out=0.01, num_samples=3)
+    out = one(z1, z2, ids=torch.tensor(ids), generator=gen, return_diagnostics=True)
+    for i, (a, c) in enumerate(zip(pos, negs)):
+        want = math.log(math.exp(a) + 3 * math.exp(max(c))) - a
+        assert out.per_anchor[i].item() == pytest.approx(want, rel=1e-10)
+    # a wider band: each anchor's loss lies between S draws of its band's softest and hardest
+    wide = hardneg.create_loss("ring", temperature=t, rho_out=1.0, rho_in=0.5, num_samples=2)
+    out = wide(z1, z2, ids=torch.tensor(ids), generator=gen, return_diagnostics=True)
+    for i, (a, c) in enumerate(zip(pos, negs)):
+        ranked = sorted(c, reverse=True)
+        band = ranked[int(0.5 * len(c)) : len(c)]
+        low, high = (math.log(math.exp(a) + 2 * math.exp(x)) - a for x in (min(band), max(band)))
+        assert low - 1e-10 <= out.per_anchor[i].item() <= high + 1e-10

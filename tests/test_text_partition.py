@@ -224,6 +224,41 @@ def test_hcl_weights_each_anchor_s_set_in_the_joint_partition(models, directions
     assert float(got) == pytest.approx(want, rel=1e-10)
 
 
+def test_ir_ring_draws_in_the_joint_partition_and_with_duplicate_masks(models):
+    """Ring's ``num_samples`` (IR-Ring) with the four blocks, whose masks give each anchor a
+    count of its own: with a band of one rank every draw is the set's hardest negative, so
+    ``Z = e^a + S e^{c_max}`` on each side (a float64 loop). Both, and a text batch with the
+    default duplicate masks, were refused ('num_samples needs the same number of negatives')."""
+    model, _ = models
+    gen = torch.Generator().manual_seed(7)
+    b, k, dim, t, s = 4, 1, 8, 0.25, 3
+    q, d = (torch.randn(b, dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    negs = torch.randn(b, k, dim, generator=gen, dtype=torch.float64)
+    loss = HardNegativeLoss(
+        model, "ring", scale=1 / t, rho_out=0.01, num_samples=s, directions=DIRECTIONS
+    )
+    got = loss.compute_loss_from_embeddings([q, d, *negs.unbind(1)])
+    cos = lambda x, y: float(F.cosine_similarity(x, y, dim=0)) / t  # noqa: E731
+    total = 0.0
+    for i in range(b):
+        a = cos(q[i], d[i])
+        q_side = [cos(q[i], d[j]) for j in range(b) if j != i]
+        q_side += [cos(q[i], negs[j, m]) for j in range(b) for m in range(k)]
+        q_side += [cos(q[i], q[j]) for j in range(b) if j != i]
+        d_side = [cos(d[i], q[j]) for j in range(b) if j != i]
+        d_side += [cos(d[i], d[j]) for j in range(b) if j != i]
+        d_side += [cos(d[i], negs[j, m]) for j in range(b) if j != i for m in range(k)]
+        z = 2 * math.exp(a) + s * math.exp(max(q_side)) + s * math.exp(max(d_side))
+        total += math.log(z) - a
+    assert float(got) == pytest.approx(total / b, rel=1e-10)
+    cols = columns(0, batch=4)
+    feats = [model.preprocess(c) for c in cols]
+    masked = HardNegativeLoss(model, "ring", rho_out=0.01, num_samples=s)  # mask_duplicates
+    plain = HardNegativeLoss(model, "ring", rho_out=0.01, num_samples=s, mask_duplicates=False)
+    with torch.no_grad():  # distinct texts: the masks drop nothing
+        assert float(masked(feats, None)) == pytest.approx(float(plain(feats, None)), rel=1e-6)
+
+
 def test_contrast_positives_compares_documents_with_the_positives_only(models):
     model, _ = models
     gen = torch.Generator().manual_seed(6)
@@ -355,6 +390,17 @@ def test_reduction_none_gives_the_per_anchor_losses():
             "use partition_mode='joint'",
         ),
         ({"symmetric": True, "partition_mode": "joint"}, "not both"),
+        # GISTEmbedLoss's blocks with symmetric=True: the advice must name symmetric (the
+        # advice "use partition_mode='joint'" then failed with "not both")
+        (
+            {"symmetric": True, "contrast_anchors": True},
+            r"symmetric=True .* contrast_anchors .* directions=\('query_to_doc', "
+            r"'doc_to_query'\) with partition_mode='joint'",
+        ),
+        (
+            {"symmetric": True, "contrast_positives": True},
+            r"symmetric=True .* contrast_positives .* partition_mode='joint'",
+        ),
         ({"contrast_positives": True, "directions": DIRECTIONS}, "give one of them"),
         ({"contrast_anchors": 1}, "contrast_anchors must be True or False"),
         ({"directions": DIRECTIONS, "objective": "jsd"}, "objective='infonce'"),

@@ -676,6 +676,14 @@ def _check_views(config: TrainConfig, info: Any) -> None:
             f"framework.small_crops makes low-resolution crops of images; {config.data.dataset} "
             f"holds {info.kind}s: use framework.views for more full-size views"
         )
+    if fw.small_crops == 0:  # the small crops' settings would go unused, silently
+        defaults = AugmentConfig()
+        for key in ("small_size", "small_scale_min", "small_scale_max"):
+            if getattr(aug, key) != getattr(defaults, key):
+                raise ValueError(
+                    f"augment.{key} sets the small crops, which need framework.small_crops > 0, "
+                    "got 0"
+                )
     if aug.small_scale_min >= aug.small_scale_max:
         raise ValueError(
             f"augment.small_scale_min ({aug.small_scale_min}) must be below "
@@ -689,7 +697,8 @@ def _check_views(config: TrainConfig, info: Any) -> None:
             raise ValueError(
                 f"loss {config.loss.name!r} reads the {kind} features of exactly two views; "
                 f"framework.views={fw.views} with framework.small_crops={fw.small_crops} gives "
-                f"{fw.views + fw.small_crops}: keep framework.views=2 and framework.small_crops=0"
+                f"{fw.views + fw.small_crops}: keep framework.views=2 and framework.small_crops=0 "
+                f"(hardneg compare: leave {config.loss.name!r} out of --strategies)"
             )
 
 

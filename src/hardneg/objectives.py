@@ -15,8 +15,8 @@ The debiasing and its clamp (Chuang et al., NeurIPS 2020, "Debiased Contrastive 
 only when ``tau_plus > 0``; with one positive, ``tau_plus = 0`` and ``w = 1`` this is InfoNCE /
 NT-Xent exactly. ``separate`` with several positives is SupCon's ``L_out`` form (Khosla et al.
 2020); ``joint`` with ``'sum'`` is potential-sample mining's mined loss (Dong et al. 2023);
-``pooled`` (the positives' total mass against the partition; SupCon's ``L_in`` up to the constant
-``log P``, MIL-NCE's form) is solo-learn's multi-crop SimCLR loss, and with ``tau_plus > 0`` its
+``pooled`` (the positives' total mass against the partition; SupCon's ``L_in`` less the
+constant ``log |P_i|``, the number of positives; MIL-NCE's form) is solo-learn's multi-crop SimCLR loss, and with ``tau_plus > 0`` its
 ``Ng_i`` is debiased with the positives' mean mass ``P_i / sum_p v_ip`` in place of ``e^{a_i}``.
 
 **Jensen-Shannon family** (:func:`jsd_objective`), the Fenchel-dual estimator of Deep InfoMax /

@@ -292,7 +292,11 @@ def _flag_names(message: str, keys: list[str]) -> str:
     flags = {k: "--" + k.replace("_", "-") for k in keys if "_" in k}
     flags["output_format"] = "--format"
     pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, flags)) + r")(?!\w)")
-    return pattern.sub(lambda m: flags[m.group(1)], message)
+    message = pattern.sub(lambda m: flags[m.group(1)], message)
+    # keyword values as typed on the command line: "--include-positives=True" is the flag
+    # alone, "--format='n-tuple'" is "--format n-tuple"
+    message = re.sub(r"(--[a-z][\w-]*)=True\b", r"\1", message)
+    return re.sub(r"(--[a-z][\w-]*)='([^'\s]*)'", r"\1 \2", message)
 
 
 def _cache_key(model: str) -> str:

@@ -229,6 +229,15 @@ def resolve_partition(
                 "partition_mode='per_direction': give either symmetric=True or "
                 "directions / partition_mode, not both"
             )
+        flags = (("contrast_anchors", contrast_anchors), ("contrast_positives", contrast_positives))
+        blocks = [name for name, on in flags if on]
+        if blocks:  # the per-direction check below would advise partition_mode, refused here
+            raise ValueError(
+                f"symmetric=True (one softmax per direction) cannot hold {' and '.join(blocks)} "
+                "(GISTEmbedLoss's blocks without the positive pair): give directions=("
+                "'query_to_doc', 'doc_to_query') with partition_mode='joint' instead of "
+                "symmetric=True"
+            )
         directions, partition_mode = ("query_to_doc", "doc_to_query"), "per_direction"
     if directions is None:
         directions = ("query_to_doc",)

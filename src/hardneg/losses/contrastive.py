@@ -239,6 +239,17 @@ class ContrastiveLoss(nn.Module):
             )
         self.objective = check_choice("objective", objective, OBJECTIVES)
         self.positive_mode = check_choice("positive_mode", positive_mode, POSITIVE_MODES)
+        if self.objective == "jsd" and self.positive_mode != "separate":
+            raise ValueError(  # jsd_objective takes no positive_mode: a silent no-op
+                "objective='jsd' averages the positives' terms and has no partition for them to "
+                f"share: positive_mode must be 'separate' (the default), got {self.positive_mode!r}"
+            )
+        if strategy.fixed_positive_mode and self.positive_mode != "separate":
+            raise ValueError(  # its objective_options would override it: a silent no-op
+                f"{strategy.name or type(strategy).__name__} sets the positive mode of each of "
+                f"its terms itself; positive_mode must be 'separate' (the default), got "
+                f"{self.positive_mode!r}"
+            )
         if not isinstance(check_inputs, bool):
             raise ValueError(f"check_inputs must be True or False, got {check_inputs!r}")
         if not isinstance(fast, bool):

@@ -125,6 +125,9 @@ class Strategy(nn.Module):
     * ``adds_positives``: True when its selection attracts positives of its own besides the
       anchor's (mined neighbours, attracted false negatives), so a per-anchor loss is not
       ``log Z - a`` of one positive (a property: it may depend on the settings);
+    * ``fixed_positive_mode``: True when :meth:`objective_options` sets every term's
+      ``positive_mode`` itself (potential-sample mining), so the loss's setting is refused
+      rather than ignored;
     * ``in_batch_defaults``: hyper-parameters (loss-level or the strategy's) that ``hardneg
       compare`` / ``demo`` use on in-batch negatives (SimCLR) instead of the registry defaults,
       e.g. Ring's wider band for a small pool.
@@ -139,6 +142,7 @@ class Strategy(nn.Module):
     is_filter: ClassVar[bool] = False
     filter_defaults: ClassVar[dict[str, Any]] = {}
     per_anchor_columns: ClassVar[bool] = True
+    fixed_positive_mode: ClassVar[bool] = False
     in_batch_defaults: ClassVar[dict[str, Any]] = {}
 
     @property

@@ -152,6 +152,7 @@ class PotentialMining(Strategy):
     supports_debiasing = False
     feature_kind = "projection"
     draws = True
+    fixed_positive_mode = True  # mined: 'joint' with 'sum'; aug: 'separate' (objective_options)
     per_anchor_columns = False  # the support set is one shared bank
 
     def __init__(

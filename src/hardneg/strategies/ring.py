@@ -15,7 +15,8 @@ that the band keeps at least one member (``U >= 1``, ``L <= U - 1``). The band c
 as rank percentiles from the top, ``(lower, upper) = (100 rho_in rho_out, 100 rho_out)``;
 ``(0, 100)`` keeps every negative and is InfoNCE exactly. With ``num_samples`` a fixed number of
 ring members is drawn uniformly *with replacement* (IR-Ring: 4095), as uniform ranks of the sorted
-ring like the reference's draw; a member drawn ``n`` times counts ``n`` times. With ``anneal``
+ring like the reference's draw (each anchor from its own band when anchors have different
+``M``); a member drawn ``n`` times counts ``n`` times. With ``anneal``
 only ``rho_out`` is scheduled, from 1 to its final value over the first ``anneal_until`` of
 training (:func:`hardneg.schedules.ring_rho_out`). Ties: the loss depends on the *values* of
 ranks ``[L, U)`` only, so which of several equal logits at a band edge is taken does not change it.
@@ -155,12 +156,13 @@ class RingNegatives(Strategy):
                 return Selection(
                     negative_log_mass=self._fast_log_mass(contrast, lower, upper), extras=extras
                 )
-        elif self.num_samples is not None:
-            raise ValueError("num_samples needs the same number of negatives for every anchor")
         # plain form: the band of ranks [L_i, U_i) of each row
         m_row = torch.as_tensor(m, device=logits.device).expand(logits.shape[0])
         upper_row = (m_row.double() * rho_out).long().clamp(min=1).minimum(m_row)
         lower_row = (upper_row.double() * self.rho_in).long().minimum(upper_row - 1)
+        if self.num_samples is not None:  # a count per anchor: each row's own band
+            log_w = self._draw_per_row(logits, lower_row, upper_row, context)
+            return Selection(negative_log_weights=log_w, extras=extras)
         ranks = descending_ranks(logits)
         band = (ranks >= lower_row.unsqueeze(1)) & (ranks < upper_row.unsqueeze(1))
         log_w = torch.zeros_like(logits).masked_fill(~band, float("-inf"))
@@ -180,6 +182,31 @@ class RingNegatives(Strategy):
         )
         counts = torch.zeros_like(logits)
         counts.scatter_add_(1, members.gather(1, draw), torch.ones_like(draw, dtype=logits.dtype))
+        return counts.log()
+
+    def _draw_per_row(
+        self, logits: Tensor, lower: Tensor, upper: Tensor, context: StepContext
+    ) -> Tensor:
+        """IR-Ring with a number of negatives per anchor (masked duplicates, the blocks of a
+        joint partition): ``num_samples`` uniform ranks of row ``i``'s ring ``[L_i, U_i)``, with
+        replacement; the log of each column's draw count. A row without negatives draws none.
+        (Masks once made every text batch refuse ``num_samples``, with or without duplicates.)"""
+        assert self.num_samples is not None
+        # a stable order: equal logits rank by column, so a seed gives the same columns
+        order = logits.detach().sort(dim=1, descending=True, stable=True).indices
+        width = (upper - lower).clamp(min=1)
+        u = torch.rand(
+            (logits.shape[0], self.num_samples),
+            generator=context.generator,
+            device=logits.device,
+            dtype=torch.float32,  # every backend has it; the minimum below keeps it in the band
+        )
+        rank = lower.clamp(min=0).unsqueeze(1) + (u * width.unsqueeze(1)).long().minimum(
+            width.unsqueeze(1) - 1
+        )
+        has_band = (upper > 0).to(logits.dtype).unsqueeze(1).expand_as(rank)
+        counts = torch.zeros_like(logits)
+        counts.scatter_add_(1, order.gather(1, rank), has_band.contiguous())
         return counts.log()
 
     @staticmethod
