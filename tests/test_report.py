@@ -386,3 +386,34 @@ def test_reports_of_runs_without_label_free_diagnostics_have_no_empty_section(tm
     records = make_records(tmp_path / "runs")
     report = write_comparison_report(tmp_path / "compare", records).read_text()
     assert "Label-free" not in report and "## Results" in report
+
+
+def test_tables_are_laid_out_exactly():
+    """The plain table: the strategy left-aligned, every other column right-aligned to its widest
+    cell, two spaces apart, a dashed rule under the header; the Markdown table: one row per line.
+    A missing value is n/a, one seed has no std."""
+    columns = [("knn_top1", "kNN", "{:.2f}"), ("linear_top1", "lin", "{:.1f}")]
+    rows = [
+        {"strategy": "infonce", "runs": 2, "knn_top1": (81.0, 1.414), "linear_top1": (math.nan,) * 2},
+        {"strategy": "hcl", "runs": 1, "knn_top1": (84.5, math.nan), "linear_top1": (85.0, math.nan)},
+    ]  # fmt: skip
+    assert format_table(rows, columns=columns) == (
+        "strategy  seeds           kNN   lin\n"
+        "--------  -----  ------------  ----\n"
+        "infonce       2  81.00 ± 1.41   n/a\n"
+        "hcl           1         84.50  85.0"
+    )
+    assert format_table(rows, markdown=True, columns=columns) == (
+        "| strategy | seeds | kNN | lin |\n"
+        "|---|---|---|---|\n"
+        "| infonce | 2 | 81.00 ± 1.41 | n/a |\n"
+        "| hcl | 1 | 84.50 | 85.0 |"
+    )
+
+
+def test_a_run_without_epoch_times_has_no_time_per_epoch(tmp_path):
+    run = fabricate_run(tmp_path / "run")
+    history = [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in load_history(run)]
+    row = summarize([RunRecord("infonce", 0, run, {"knn_top1": 80.0}, history)])[0]
+    assert all(math.isnan(x) for x in row["epoch_time_s"])
+    assert row["knn_top1"][0] == 80.0 and row["effective_negatives"][0] == 96.0
