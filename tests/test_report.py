@@ -430,6 +430,9 @@ def test_hardness_files_of_one_epoch_without_epochs_or_empty_are_read_as_written
     assert one["epochs"].tolist() == [1] and one["edges"].tolist() == edges.tolist()
     np.savez(path, bins=edges, sampling=np.ones((3, 4)), gradient=np.ones((3, 4)))
     assert load_hardness(tmp_path)["epochs"].tolist() == [1, 2, 3]
+    # an "epochs" array is kept (histograms logged every other epoch)
+    np.savez(path, bins=edges, epochs=[2, 4, 6], sampling=np.ones((3, 4)), gradient=np.ones((3, 4)))
+    assert load_hardness(tmp_path)["epochs"].tolist() == [2, 4, 6]
     # no epoch logged (0 rows) or not a per-epoch table: nothing to plot
     np.savez(path, bins=edges, sampling=np.ones((0, 4)), gradient=np.ones((0, 4)))
     assert load_hardness(tmp_path) is None
@@ -463,6 +466,11 @@ def test_history_columns_number_rows_without_an_epoch_and_short_rows_read_as_nan
     # rows without an "epoch" are numbered 1, 2, ... by position; NaN rows are dropped
     epochs, values = history_column([{"loss": 3.0}, {"loss": math.nan}, {"loss": 1.0}], "loss")
     assert epochs.tolist() == [1.0, 3.0] and values.tolist() == [3.0, 1.0]
+    # an epoch column is read as written (the monitor may log every other epoch)
+    epochs, values = history_column(
+        [{"epoch": 2.0, "loss": 3.0}, {"epoch": 4.0, "loss": 1.0}], "loss"
+    )
+    assert epochs.tolist() == [2.0, 4.0]
     epochs, values = history_column([{"epoch": 5.0, "loss": 2.0}], "knn_top1")
     assert epochs.shape == (0,) and values.shape == (0,)
     # a row with fewer cells than the header (csv gives None for the missing ones): NaN
