@@ -561,3 +561,56 @@ def test_the_verdict_of_one_seed_and_a_re_seed_without_a_probe_line_by_line():
         "- To rank strategies, run several seeds and the full schedule: `hardneg compare "
         "--dataset stl10 --seeds 3` (the packaged config's epochs).",
     ]
+
+
+def test_the_verdict_of_one_seed_without_a_re_seed_line_by_line():
+    """One seed each, the noise assumed, 100 negatives per anchor: the thresholds of the
+    verdict (x 1.01 / x 0.99 of the negatives, x 1.1 / x 0.9 of InfoNCE's mass) met exactly."""
+    from hardneg.report import verdict_lines
+
+    def run(strategy, knn, linear, monitor, eff, fn, cos):
+        history = diagnostics_history(
+            monitor, effective_negatives=eff, false_negative_mass=fn, mean_negative_similarity=cos
+        )
+        return record_of(strategy, 0, knn, linear, history)
+
+    records = [
+        run("potential", 80.0, 80.0, (80.0, 80.0), 50.0, 1.0, 0.5),
+        run("mochi", 78.0, 80.0, (78.0, 78.0), 101.0, 0.55, 0.25),
+        run("infonce", 70.0, 80.0, (70.0, 70.0), 99.0, 0.5, 0.0),
+        run("hcl", 60.0, 79.5, (59.0, 60.0), 150.0, 0.45, -0.25),
+    ]
+    # assumed noise 1 point: a gap must exceed 2 * sqrt(2) = 2.8; mochi's 2.0 does not.
+    # 101 is not above 1.01 x 100 and 99 is 0.99 x 100: both uniform. 0.55 / 0.5 = 1.1 and
+    # 0.45 / 0.5 = 0.9 exactly: no comment. hcl's monitor rose by exactly 1.0.
+    assert verdict_lines(records, available_negatives=100, epochs=2) == [
+        "- **Best kNN top-1: potential (80.00%)**; best linear top-1: potential, mochi, infonce "
+        "(tied, 80.00%)",
+        "- Seed noise: not measured (one seed per strategy, no re-seeded run); taken as at least 1 "
+        "point (per-seed standard deviations of 1-3 kNN points are usual at this scale). With one "
+        "seed and 2 epochs per strategy, a kNN difference under about 2.8 points (two standard "
+        "deviations of the difference of two means) is not evidence that one strategy is better.",
+        "- Level with potential within the noise: mochi.",
+        "- infonce is 10.0 kNN points behind potential, more than the assumed noise (short runs can "
+        "vary more) (0.0 behind on the linear probe); with one seed, confirm it with several seeds "
+        "before concluding.",
+        "- hcl is 20.0 kNN points behind potential, more than the assumed noise (short runs can "
+        "vary more) (0.5 behind on the linear probe). Its kNN monitor was still rising when "
+        "training stopped (+1.0 points over the last interval): it may learn more slowly rather "
+        "than worse; one seed of a short schedule cannot tell which.",
+        "- To rank strategies, run several seeds and the full schedule: `hardneg compare "
+        "--dataset mnist1d --seeds 3` (20 epochs).",
+        "- What the diagnostics show about the negatives (the last epoch that logged them; labels "
+        "used for analysis only; *effective negatives* = (sum w)^2 / sum w^2 of the sampling "
+        "weights, out of the 100 negatives each anchor has):",
+        "  - potential: 50 effective negatives (50% of 100): its weight sits on a subset; "
+        "same-class (false-negative) mass 1.000, 2.00x InfoNCE's uniform 0.500: the harder "
+        "negatives it favours are more often same-class; mean cosine to the anchor +0.50",
+        "  - mochi: uniform over all 100 negatives; same-class (false-negative) mass 0.550, 1.10x "
+        "InfoNCE's uniform 0.500; mean cosine to the anchor +0.25",
+        "  - infonce: uniform over all 100 negatives; same-class (false-negative) mass 0.500; "
+        "mean cosine to the anchor +0.00",
+        "  - hcl: 150 effective negatives, more than the 100 that exist: it counts weighted copies "
+        "of some negatives; same-class (false-negative) mass 0.450, 0.90x InfoNCE's uniform "
+        "0.500; mean cosine to the anchor -0.25",
+    ]
