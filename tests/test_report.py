@@ -614,3 +614,33 @@ def test_the_verdict_of_one_seed_without_a_re_seed_line_by_line():
         "of some negatives; same-class (false-negative) mass 0.450, 0.90x InfoNCE's uniform "
         "0.500; mean cosine to the anchor -0.25",
     ]
+
+
+def test_the_verdict_of_one_strategy_of_no_knn_and_of_a_tie_at_the_printed_precision():
+    from hardneg.report import verdict_lines
+
+    assert verdict_lines([record_of("hcl", 0, math.nan, None, [])]) == [
+        "- no run has a kNN top-1: nothing to compare"
+    ]
+    # one strategy: nothing to compare it with, only what its diagnostics show (no InfoNCE
+    # to measure its same-class mass against); a section for any one of the two measures
+    only_eff = diagnostics_history((1.0, 2.0), effective_negatives=40.0)
+    only_fn = diagnostics_history((1.0, 2.0), false_negative_mass=0.25)
+    header = (
+        "- What the diagnostics show about the negatives (the last epoch that logged them; labels "
+        "used for analysis only; *effective negatives* = (sum w)^2 / sum w^2 of the sampling "
+        "weights):"
+    )
+    assert verdict_lines([record_of("hcl", 0, 50.0, None, only_eff)]) == [
+        "- **Best kNN top-1: hcl (50.00%)**",
+        header,
+        "  - hcl: 40 effective negatives",
+    ]
+    assert verdict_lines([record_of("hcl", 0, 50.0, None, only_fn)]) == [
+        "- **Best kNN top-1: hcl (50.00%)**",
+        header,
+        "  - hcl: same-class (false-negative) mass 0.250",
+    ]
+    # 12.004 and 12.001 both print as 12.00: a tie
+    records = [record_of("ring", 0, 12.004, None, []), record_of("hcl", 0, 12.001, None, [])]
+    assert verdict_lines(records)[0] == "- **Best kNN top-1: ring, hcl (tied, 12.00%)**"
