@@ -209,3 +209,28 @@ def test_a_registered_plugin_is_named_described_and_listed_in_the_help():
         TwoKnobs.__doc__ = doc
         refresh_docs()
     assert "two_knobs" not in hardneg.list_losses()
+
+
+def test_unknown_names_and_keywords_are_refused_with_the_exact_message():
+    names = ", ".join(hardneg.list_losses())
+    for name in ("Positive Aware", "Positive-Aware"):  # a paper's spelling: the registered one
+        message = f"unknown loss name {name!r} (did you mean 'positive_aware'?); allowed: {names}"
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            hardneg.create_loss(name)
+    settings = (
+        "check_inputs, fast, filter, filter_options, normalize, objective, positive_mode, "
+        "tau_plus, temperature"
+    )
+    # sentence-transformers' scale: 1 / temperature when it is a positive number
+    for scale, as_t in (
+        (20, "temperature=0.05"),
+        (0.5, "temperature=2"),
+        (0, "temperature=1/scale"),
+    ):
+        message = (
+            f"unknown hyper-parameter 'scale' for loss 'infonce' (logits are cos / temperature: "
+            f"sentence-transformers' scale={scale!r} is {as_t}). Allowed: {settings}"
+        )
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            hardneg.create_loss("infonce", scale=scale)
+    unregister_strategy("never_registered")  # unregistering an unknown name is a no-op
