@@ -196,3 +196,41 @@ def test_labels_of_the_anchors_alone_give_no_label_facts():
     assert diag.false_negative_gradient_mass is None
     assert diag.top_k_precision is None
     assert "false_negative_mass" not in diag.summary()
+
+
+def test_facts_are_relative_to_the_first_positive_and_labels_may_be_per_anchor():
+    """Two positives per anchor (the first decides the rank) and ``[A, S]`` column labels (each
+    anchor's own columns): hand-made cosines, uniform weights, the facts written out."""
+    positive = torch.tensor([[0.5, 0.0], [0.0, 0.5]], dtype=torch.float64) / T
+    cosines = [[0.75, 0.25, 0.5], [0.25, -0.25, 0.5]]
+    contrast = pos_neg_contrast(
+        positive,
+        torch.tensor(cosines, dtype=torch.float64) / T,
+        T,
+        torch.tensor([3, 4]),
+        torch.tensor([[3, 4, 3], [3, 4, 4]]),  # same class: columns 0, 2 of anchor 0; 1, 2 of 1
+    )
+    diag = negative_diagnostics(contrast, Selection())
+    # uniform weights: the gradient weights are the softmax of the logits cos / T
+    gradient = [[math.exp(c / T) for c in row] for row in cosines]
+    gradient = [[g / sum(row) for g in row] for row in gradient]
+    # above the first positive: 0.75 for anchor 0 (0.5 ties it), 0.25 and 0.5 for anchor 1
+    # (against the second positive the ranks would be 3 and 0)
+    assert diag.positive_rank.tolist() == [1, 2]
+    torch.testing.assert_close(
+        diag.mass_above_positive.double(),
+        torch.tensor([gradient[0][0], gradient[1][0] + gradient[1][2]], dtype=torch.float64),
+    )
+    torch.testing.assert_close(
+        diag.false_negative_mass.double(), torch.tensor([2 / 3, 2 / 3], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        diag.false_negative_gradient_mass.double(),
+        torch.tensor(
+            [gradient[0][0] + gradient[0][2], gradient[1][1] + gradient[1][2]], dtype=torch.float64
+        ),
+    )
+    # the top 10 are all 3 columns of each anchor: one true negative of three
+    torch.testing.assert_close(
+        diag.top_k_precision.double(), torch.tensor([1 / 3, 1 / 3], dtype=torch.float64)
+    )

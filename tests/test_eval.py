@@ -335,6 +335,76 @@ def test_linear_probe_with_adam_counts_its_steps_and_stops_on_a_multiple_of_10()
     assert done["top1"] == 100.0 and done["train_top1"] == 100.0
 
 
+def test_linear_probe_standardises_with_the_population_std():
+    # Four train points, one of class 1, under a strong decay: the boundary sits where the decay
+    # puts it. Dividing by the N - 1 std instead shrinks every standardised feature by
+    # sqrt(3 / 4), the same as a decay 4 / 3 larger, and moves the boundary from 4.13 to 4.72
+    # (the float64 optimum of each): the test point at 4.4 lies between them.
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 0, 1])
+    test = torch.tensor([[3.8], [4.4], [5.2]], dtype=torch.float64)
+    expected = probe_optimum_float64(x, y, 2, 1.0)(test).argmax(1)
+    assert expected.tolist() == [0, 1, 1]
+    # the N - 1 std, restated as the larger decay: the middle point changes class
+    assert probe_optimum_float64(x, y, 2, 4 / 3)(test).argmax(1).tolist() == [0, 0, 1]
+    result = linear_probe(x, y, test, expected, weight_decay=1.0, tol=1e-6)
+    assert result["top1"] == 100.0 and result["train_top1"] == 75.0
+
+
+def adam_bias_losses(freq: list[float], lr: float, steps: int) -> list[float]:
+    """The loss before each of ``steps`` full-batch Adam steps (torch's defaults: betas 0.9 and
+    0.999, eps 1e-8, bias-corrected moments) of a softmax classifier that learns only its bias,
+    from zero, on labels of class frequencies ``freq``: float64, one class at a time."""
+    b, m, v, losses = [0.0] * len(freq), [0.0] * len(freq), [0.0] * len(freq), []
+    for t in range(1, steps + 1):
+        z = sum(math.exp(bc) for bc in b)
+        p = [math.exp(bc) / z for bc in b]
+        losses.append(-sum(f * math.log(pc) for f, pc in zip(freq, p)))
+        for c, (pc, f) in enumerate(zip(p, freq)):
+            g = pc - f
+            m[c] = 0.9 * m[c] + 0.1 * g
+            v[c] = 0.999 * v[c] + 0.001 * g * g
+            step = (m[c] / (1 - 0.9**t)) / (math.sqrt(v[c] / (1 - 0.999**t)) + 1e-8)
+            b[c] -= lr * step
+    return losses
+
+
+@pytest.mark.parametrize(
+    ("lr", "tol", "max_iter"),
+    [
+        (None, 0.045, 60),  # the default lr 0.01: 30 steps (20 with a tol not relative)
+        (0.1, 0.01, 60),  # 30 steps at the lr given (60 at the default)
+        (None, 0.05, 60),  # 30 steps (20 at lr 1.01)
+        (None, 1.0, 60),  # any change is small enough: the first comparison, at step 20
+        (None, 0.0, 1),  # one step (the step count starts at 1)
+        (None, 0.0, 25),  # never stops: every step taken
+    ],
+)
+def test_linear_probe_with_adam_stops_where_the_relative_loss_change_falls_below_tol(
+    lr, tol, max_iter
+):
+    # Constant features standardise to 0 and weight_decay=0 leaves the (random) weights without
+    # any gradient: the probe learns only its bias, so its loss after each Adam step is
+    # adam_bias_losses', whatever its initialisation. The loss is checked every 10 steps and
+    # compared with the loss 10 steps earlier (none at step 10): it stops at the first check
+    # where |loss_{k-10} - loss_k| <= tol * |loss_k|.
+    y = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    losses = adam_bias_losses([0.75, 0.25], 0.01 if lr is None else lr, max_iter)
+    expected = max_iter
+    for k in range(20, max_iter + 1, 10):
+        ratio = abs(losses[k - 11] - losses[k - 1]) / losses[k - 1]
+        assert not 0.9 * tol < ratio < 1.1 * tol  # far from tol: float32 cannot decide
+        if ratio <= tol:
+            expected = k
+            break
+    x = torch.ones(8, 3)
+    result = linear_probe(
+        x, y, x, y, optimizer="adam", lr=lr, tol=tol, max_iter=max_iter, weight_decay=0.0
+    )
+    assert result["iterations"] == float(expected)
+    assert result["top1"] == result["train_top1"] == 75.0  # the majority class everywhere
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

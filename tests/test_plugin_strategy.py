@@ -136,3 +136,101 @@ def test_the_base_class_prints_the_hyper_parameters_and_refuses_keep_for_a_non_f
     contrast = in_batch_contrast((torch.randn(3, 2), torch.randn(3, 2)), temperature=1.0)
     with pytest.raises(NotImplementedError, match="^TopKHardest is not a filter$"):
         TopKHardest().keep(contrast, StepContext())
+
+
+class Plain:
+    """Not a Strategy."""
+
+
+class Positional(Strategy):
+    def __init__(self, beta: float = 1.0) -> None:
+        super().__init__()
+
+
+class NoDefault(Strategy):
+    def __init__(self, *, beta: float) -> None:
+        super().__init__()
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "message"),
+    [
+        ("plain", Plain, f"register_strategy('plain') expects a Strategy subclass, got {Plain!r}"),
+        ("Two-Knobs", TwoKnobs, "a strategy name must be lower_snake_case, got 'Two-Knobs'"),
+        ("infonce", TwoKnobs, "a loss named 'infonce' is already registered"),
+        (
+            "positional",
+            Positional,
+            "Positional.__init__ must take only keyword-only hyper-parameters "
+            "(def __init__(self, *, ...)); 'beta' is not",
+        ),
+        ("no_default", NoDefault, "NoDefault.__init__: hyper-parameter 'beta' needs a default"),
+    ],
+)
+def test_registration_refusals_carry_their_exact_message(name, cls, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        register_strategy(name)(cls)
+    from hardneg.registry import strategy_class
+
+    # nothing registered, nothing replaced
+    assert name not in hardneg.list_losses() or strategy_class(name) is not cls
+
+
+def test_a_registered_plugin_is_named_described_and_listed_in_the_help():
+    from hardneg.registry import refresh_docs
+
+    doc = TwoKnobs.__doc__
+    try:
+        assert register_strategy("two_knobs")(TwoKnobs) is TwoKnobs
+        assert register_strategy("two_knobs")(TwoKnobs) is TwoKnobs  # the same class again: fine
+        assert TwoKnobs.name == "two_knobs"
+        text = hardneg.describe_loss("two_knobs")
+        # no summary: the docstring's first line; the loss settings with their meanings, then
+        # the strategy's own, which its docstring does not describe (no "Args:")
+        assert text.startswith(
+            "two_knobs: A plug-in with two hyper-parameters, for the base class's repr.\n"
+            "\n"
+            "hyper-parameters (default: meaning):\n"
+            "  temperature=0.5: ``t > 0``.\n"
+        )
+        assert text.endswith("\n  alpha=1.0\n  mode='a'")
+        # the help of create_loss and of the class gain the description
+        help_text = hardneg.create_loss.__doc__
+        assert help_text.startswith("Build the loss registered as ``name``")
+        assert "returns the same text.\n\nRegistered losses:\n\ninfonce: " in help_text
+        assert help_text.endswith("\n\n" + text + "\n")
+        assert TwoKnobs.__doc__ == f"{doc.rstrip()}\n\n{text}\n"
+        register_strategy("two_knobs", summary="two knobs")(TwoKnobs)
+        assert hardneg.describe_loss("two_knobs").startswith("two_knobs: two knobs\n")
+    finally:
+        unregister_strategy("two_knobs")
+        if "summary" in vars(TwoKnobs):
+            del TwoKnobs.summary  # back to the base class's
+        TwoKnobs.__doc__ = doc
+        refresh_docs()
+    assert "two_knobs" not in hardneg.list_losses()
+
+
+def test_unknown_names_and_keywords_are_refused_with_the_exact_message():
+    names = ", ".join(hardneg.list_losses())
+    for name in ("Positive Aware", "Positive-Aware"):  # a paper's spelling: the registered one
+        message = f"unknown loss name {name!r} (did you mean 'positive_aware'?); allowed: {names}"
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            hardneg.create_loss(name)
+    settings = (
+        "check_inputs, fast, filter, filter_options, normalize, objective, positive_mode, "
+        "tau_plus, temperature"
+    )
+    # sentence-transformers' scale: 1 / temperature when it is a positive number
+    for scale, as_t in (
+        (20, "temperature=0.05"),
+        (0.5, "temperature=2"),
+        (0, "temperature=1/scale"),
+    ):
+        message = (
+            f"unknown hyper-parameter 'scale' for loss 'infonce' (logits are cos / temperature: "
+            f"sentence-transformers' scale={scale!r} is {as_t}). Allowed: {settings}"
+        )
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            hardneg.create_loss("infonce", scale=scale)
+    unregister_strategy("never_registered")  # unregistering an unknown name is a no-op

@@ -386,3 +386,261 @@ def test_reports_of_runs_without_label_free_diagnostics_have_no_empty_section(tm
     records = make_records(tmp_path / "runs")
     report = write_comparison_report(tmp_path / "compare", records).read_text()
     assert "Label-free" not in report and "## Results" in report
+
+
+def test_tables_are_laid_out_exactly():
+    """The plain table: the strategy left-aligned, every other column right-aligned to its widest
+    cell, two spaces apart, a dashed rule under the header; the Markdown table: one row per line.
+    A missing value is n/a, one seed has no std."""
+    columns = [("knn_top1", "kNN", "{:.2f}"), ("linear_top1", "lin", "{:.1f}")]
+    rows = [
+        {"strategy": "infonce", "runs": 2, "knn_top1": (81.0, 1.414), "linear_top1": (math.nan,) * 2},
+        {"strategy": "hcl", "runs": 1, "knn_top1": (84.5, math.nan), "linear_top1": (85.0, math.nan)},
+    ]  # fmt: skip
+    assert format_table(rows, columns=columns) == (
+        "strategy  seeds           kNN   lin\n"
+        "--------  -----  ------------  ----\n"
+        "infonce       2  81.00 ± 1.41   n/a\n"
+        "hcl           1         84.50  85.0"
+    )
+    assert format_table(rows, markdown=True, columns=columns) == (
+        "| strategy | seeds | kNN | lin |\n"
+        "|---|---|---|---|\n"
+        "| infonce | 2 | 81.00 ± 1.41 | n/a |\n"
+        "| hcl | 1 | 84.50 | 85.0 |"
+    )
+
+
+def test_a_run_without_epoch_times_has_no_time_per_epoch(tmp_path):
+    run = fabricate_run(tmp_path / "run")
+    history = [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in load_history(run)]
+    row = summarize([RunRecord("infonce", 0, run, {"knn_top1": 80.0}, history)])[0]
+    assert all(math.isnan(x) for x in row["epoch_time_s"])
+    assert row["knn_top1"][0] == 80.0 and row["effective_negatives"][0] == 96.0
+
+
+def test_hardness_files_of_one_epoch_without_epochs_or_empty_are_read_as_written(tmp_path):
+    from hardneg.report.runs import bin_edges
+
+    path = tmp_path / "hardness.npz"
+    edges = np.linspace(-1, 1, 5)
+    # one epoch, no "epochs" array: epochs are numbered from 1
+    np.savez(path, bins=edges, sampling=np.ones((1, 4)), gradient=np.ones((1, 4)))
+    one = load_hardness(tmp_path)
+    assert one["epochs"].tolist() == [1] and one["edges"].tolist() == edges.tolist()
+    np.savez(path, bins=edges, sampling=np.ones((3, 4)), gradient=np.ones((3, 4)))
+    assert load_hardness(tmp_path)["epochs"].tolist() == [1, 2, 3]
+    # an "epochs" array is kept (histograms logged every other epoch)
+    np.savez(path, bins=edges, epochs=[2, 4, 6], sampling=np.ones((3, 4)), gradient=np.ones((3, 4)))
+    assert load_hardness(tmp_path)["epochs"].tolist() == [2, 4, 6]
+    # no epoch logged (0 rows) or not a per-epoch table: nothing to plot
+    np.savez(path, bins=edges, sampling=np.ones((0, 4)), gradient=np.ones((0, 4)))
+    assert load_hardness(tmp_path) is None
+    np.savez(path, bins=edges, sampling=np.ones(4), gradient=np.ones(4))
+    assert load_hardness(tmp_path) is None
+    np.savez(path, bins=edges, sampling=np.ones((2, 4)))
+    message = f"{path}: missing array 'gradient' (has ['bins', 'sampling'])"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        load_hardness(tmp_path)
+    # two centres give two bins; one centre (no width) or a wrong count is refused
+    assert bin_edges(np.array([0.25, 0.75]), 2).tolist() == [0.0, 0.5, 1.0]
+    for bins, num_bins, count in (([0.5], 1, 1), ([0.1, 0.2, 0.3], 5, 3)):
+        message = f"bins has {count} entries for {num_bins} histogram bins"
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            bin_edges(np.array(bins), num_bins)
+
+
+def test_metrics_json_is_indented_with_sorted_keys(tmp_path):
+    """Stable bytes for a diff between evaluations: keys sorted, two-space indent, a newline."""
+    from hardneg.report import save_metrics
+
+    save_metrics(tmp_path, {"linear_top1": 70.5, "dataset": "cifar10", "knn_top1": 60})
+    assert (tmp_path / "metrics.json").read_text() == (
+        '{\n  "dataset": "cifar10",\n  "knn_top1": 60,\n  "linear_top1": 70.5\n}\n'
+    )
+
+
+def test_history_columns_number_rows_without_an_epoch_and_short_rows_read_as_nan(tmp_path):
+    from hardneg.report.runs import history_column
+
+    # rows without an "epoch" are numbered 1, 2, ... by position; NaN rows are dropped
+    epochs, values = history_column([{"loss": 3.0}, {"loss": math.nan}, {"loss": 1.0}], "loss")
+    assert epochs.tolist() == [1.0, 3.0] and values.tolist() == [3.0, 1.0]
+    # an epoch column is read as written (the monitor may log every other epoch)
+    epochs, values = history_column(
+        [{"epoch": 2.0, "loss": 3.0}, {"epoch": 4.0, "loss": 1.0}], "loss"
+    )
+    assert epochs.tolist() == [2.0, 4.0]
+    epochs, values = history_column([{"epoch": 5.0, "loss": 2.0}], "knn_top1")
+    assert epochs.shape == (0,) and values.shape == (0,)
+    # a row with fewer cells than the header (csv gives None for the missing ones): NaN
+    (tmp_path / "history.csv").write_text("epoch,loss,knn_top1\n1,2.5,40\n2,2.0\n")
+    rows = load_history(tmp_path)
+    assert rows[0] == {"epoch": 1.0, "loss": 2.5, "knn_top1": 40.0}
+    assert rows[1]["loss"] == 2.0 and math.isnan(rows[1]["knn_top1"])
+
+
+def record_of(strategy: str, seed: int, knn: float, linear: float | None, history: list[dict]):
+    metrics = {"knn_top1": knn} if linear is None else {"knn_top1": knn, "linear_top1": linear}
+    return RunRecord(strategy, seed, Path(strategy) / f"seed{seed}", metrics, history)
+
+
+def diagnostics_history(monitor: tuple[float, float], **last: float) -> list[dict]:
+    """Two epochs: the kNN monitor's two values, the diagnostics ``last`` in the second."""
+    return [{"epoch": 1.0, "knn_top1": monitor[0]}, {"epoch": 2.0, "knn_top1": monitor[1], **last}]
+
+
+def test_the_verdict_of_several_seeds_line_by_line():
+    """Two seeds of three strategies, every number worked out by hand in the comments."""
+    from hardneg.report import verdict_lines
+
+    infonce = diagnostics_history(
+        (78.0, 80.0),
+        effective_negatives=100.0,
+        false_negative_mass=0.2,
+        mean_negative_similarity=0.1,
+    )
+    hcl = diagnostics_history(
+        (84.0, 84.0),
+        effective_negatives=50.0,
+        false_negative_mass=0.21,
+        mean_negative_similarity=0.3,
+    )
+    ring = diagnostics_history((72.0, 72.0), false_negative_mass=0.1, mean_negative_similarity=-0.2)
+    records = [
+        record_of("infonce", 0, 80.0, 70.0, infonce),
+        record_of("infonce", 1, 81.0, 70.0, infonce),
+        record_of("hcl", 0, 84.0, 71.0, hcl),
+        record_of("hcl", 1, 85.0, 71.0, hcl),
+        record_of("ring", 0, 70.0, 75.0, ring),
+        record_of("ring", 1, 71.0, 75.0, ring),
+    ]
+    # every strategy: kNN variance 0.5 over its two seeds, pooled std sqrt(0.5) = 0.71, floored
+    # at 1 point; a gap must exceed 2 * 1 * sqrt(1/2 + 1/2) = 2.0 points: infonce (80.5) and
+    # ring (70.5) are both behind hcl (84.5). Linear: hcl 71 is 1.0 ahead of infonce's 70 and
+    # 4.0 behind ring's 75. infonce's monitor rose 78 -> 80 in its last interval; the others'
+    # did not. False-negative mass against infonce's 0.2: hcl 1.05x (no comment), ring 0.5x.
+    assert verdict_lines(records) == [
+        "- **Best kNN top-1: hcl (84.50%)**; best linear top-1: ring (75.00%)",
+        "- Seed noise: pooled per-seed standard deviation 0.71 points over 2 seeds of 3 "
+        "strategies; taken as at least 1 point (per-seed standard deviations of 1-3 kNN points "
+        "are usual at this scale). A kNN difference under about 2.0 points (two standard "
+        "deviations of the difference of two means) is not evidence that one strategy is better.",
+        "- infonce is 4.0 kNN points behind hcl, more than the noise (1.0 behind on the linear "
+        "probe). Its kNN monitor was still rising when training stopped (+2.0 points over the "
+        "last interval): it may learn more slowly rather than worse.",
+        "- ring is 14.0 kNN points behind hcl, more than the noise (4.0 ahead on the linear probe).",
+        "- What the diagnostics show about the negatives (the last epoch that logged them; labels "
+        "used for analysis only; *effective negatives* = (sum w)^2 / sum w^2 of the sampling "
+        "weights):",
+        "  - infonce: 100 effective negatives; same-class (false-negative) mass 0.200; mean cosine "
+        "to the anchor +0.10",
+        "  - hcl: 50 effective negatives; same-class (false-negative) mass 0.210, 1.05x InfoNCE's "
+        "uniform 0.200; mean cosine to the anchor +0.30",
+        "  - ring: same-class (false-negative) mass 0.100, 0.50x InfoNCE's uniform 0.200: it "
+        "avoids same-class negatives; mean cosine to the anchor -0.20",
+    ]
+
+
+def test_the_verdict_of_one_seed_and_a_re_seed_without_a_probe_line_by_line():
+    from hardneg.report import verdict_lines
+
+    records = [record_of("infonce", 0, 80.0, None, []), record_of("hcl", 0, 80.6, None, [])]
+    reseed = record_of("infonce", 1, 80.5, None, [])
+    # the re-seed's spread: std of (80, 80.5) = 0.35, floored at 1; one seed each: a gap must
+    # exceed 2 * sqrt(2) = 2.8 points, and 0.6 does not. No probe, no diagnostics: no linear
+    # part, no negatives section.
+    assert verdict_lines(records, reseeded=[reseed], dataset="stl10") == [
+        "- **Best kNN top-1: hcl (80.60%)**",
+        "- Seed noise: re-training infonce with another seed moved its kNN top-1 from 80.00 to "
+        "80.50 (0.50 points from the seed alone); taken as at least 1 point (per-seed standard "
+        "deviations of 1-3 kNN points are usual at this scale). With one seed per strategy, a kNN "
+        "difference under about 2.8 points (two standard deviations of the difference of two "
+        "means) is not evidence that one strategy is better.",
+        "- Level with hcl within the noise: infonce; these runs cannot rank them.",
+        "- To rank strategies, run several seeds and the full schedule: `hardneg compare "
+        "--dataset stl10 --seeds 3` (the packaged config's epochs).",
+    ]
+
+
+def test_the_verdict_of_one_seed_without_a_re_seed_line_by_line():
+    """One seed each, the noise assumed, 100 negatives per anchor: the thresholds of the
+    verdict (x 1.01 / x 0.99 of the negatives, x 1.1 / x 0.9 of InfoNCE's mass) met exactly."""
+    from hardneg.report import verdict_lines
+
+    def run(strategy, knn, linear, monitor, eff, fn, cos):
+        history = diagnostics_history(
+            monitor, effective_negatives=eff, false_negative_mass=fn, mean_negative_similarity=cos
+        )
+        return record_of(strategy, 0, knn, linear, history)
+
+    records = [
+        run("potential", 80.0, 80.0, (80.0, 80.0), 50.0, 1.0, 0.5),
+        run("mochi", 78.0, 80.0, (78.0, 78.0), 101.0, 0.55, 0.25),
+        run("infonce", 70.0, 80.0, (70.0, 70.0), 99.0, 0.5, 0.0),
+        run("hcl", 60.0, 79.5, (59.0, 60.0), 150.0, 0.45, -0.25),
+    ]
+    # assumed noise 1 point: a gap must exceed 2 * sqrt(2) = 2.8; mochi's 2.0 does not.
+    # 101 is not above 1.01 x 100 and 99 is 0.99 x 100: both uniform. 0.55 / 0.5 = 1.1 and
+    # 0.45 / 0.5 = 0.9 exactly: no comment. hcl's monitor rose by exactly 1.0.
+    assert verdict_lines(records, available_negatives=100, epochs=2) == [
+        "- **Best kNN top-1: potential (80.00%)**; best linear top-1: potential, mochi, infonce "
+        "(tied, 80.00%)",
+        "- Seed noise: not measured (one seed per strategy, no re-seeded run); taken as at least 1 "
+        "point (per-seed standard deviations of 1-3 kNN points are usual at this scale). With one "
+        "seed and 2 epochs per strategy, a kNN difference under about 2.8 points (two standard "
+        "deviations of the difference of two means) is not evidence that one strategy is better.",
+        "- Level with potential within the noise: mochi.",
+        "- infonce is 10.0 kNN points behind potential, more than the assumed noise (short runs can "
+        "vary more) (0.0 behind on the linear probe); with one seed, confirm it with several seeds "
+        "before concluding.",
+        "- hcl is 20.0 kNN points behind potential, more than the assumed noise (short runs can "
+        "vary more) (0.5 behind on the linear probe). Its kNN monitor was still rising when "
+        "training stopped (+1.0 points over the last interval): it may learn more slowly rather "
+        "than worse; one seed of a short schedule cannot tell which.",
+        "- To rank strategies, run several seeds and the full schedule: `hardneg compare "
+        "--dataset mnist1d --seeds 3` (20 epochs).",
+        "- What the diagnostics show about the negatives (the last epoch that logged them; labels "
+        "used for analysis only; *effective negatives* = (sum w)^2 / sum w^2 of the sampling "
+        "weights, out of the 100 negatives each anchor has):",
+        "  - potential: 50 effective negatives (50% of 100): its weight sits on a subset; "
+        "same-class (false-negative) mass 1.000, 2.00x InfoNCE's uniform 0.500: the harder "
+        "negatives it favours are more often same-class; mean cosine to the anchor +0.50",
+        "  - mochi: uniform over all 100 negatives; same-class (false-negative) mass 0.550, 1.10x "
+        "InfoNCE's uniform 0.500; mean cosine to the anchor +0.25",
+        "  - infonce: uniform over all 100 negatives; same-class (false-negative) mass 0.500; "
+        "mean cosine to the anchor +0.00",
+        "  - hcl: 150 effective negatives, more than the 100 that exist: it counts weighted copies "
+        "of some negatives; same-class (false-negative) mass 0.450, 0.90x InfoNCE's uniform "
+        "0.500; mean cosine to the anchor -0.25",
+    ]
+
+
+def test_the_verdict_of_one_strategy_of_no_knn_and_of_a_tie_at_the_printed_precision():
+    from hardneg.report import verdict_lines
+
+    assert verdict_lines([record_of("hcl", 0, math.nan, None, [])]) == [
+        "- no run has a kNN top-1: nothing to compare"
+    ]
+    # one strategy: nothing to compare it with, only what its diagnostics show (no InfoNCE
+    # to measure its same-class mass against); a section for any one of the two measures
+    only_eff = diagnostics_history((1.0, 2.0), effective_negatives=40.0)
+    only_fn = diagnostics_history((1.0, 2.0), false_negative_mass=0.25)
+    header = (
+        "- What the diagnostics show about the negatives (the last epoch that logged them; labels "
+        "used for analysis only; *effective negatives* = (sum w)^2 / sum w^2 of the sampling "
+        "weights):"
+    )
+    assert verdict_lines([record_of("hcl", 0, 50.0, None, only_eff)]) == [
+        "- **Best kNN top-1: hcl (50.00%)**",
+        header,
+        "  - hcl: 40 effective negatives",
+    ]
+    assert verdict_lines([record_of("hcl", 0, 50.0, None, only_fn)]) == [
+        "- **Best kNN top-1: hcl (50.00%)**",
+        header,
+        "  - hcl: same-class (false-negative) mass 0.250",
+    ]
+    # 12.004 and 12.001 both print as 12.00: a tie
+    records = [record_of("ring", 0, 12.004, None, []), record_of("hcl", 0, 12.001, None, [])]
+    assert verdict_lines(records)[0] == "- **Best kNN top-1: ring, hcl (tied, 12.00%)**"

@@ -115,6 +115,23 @@ GRAPH_LOSS_TESTS = [
 ]
 # the kNN monitor and the linear probe: their own tests (tests/test_eval.py, about 6 s)
 EVAL_TESTS = ["tests/test_eval.py"]
+# the checkpoint evaluation (session 17): the `hardneg eval` tests (a tiny trained run, evaluated
+# with the kNN and the probe). evaluation/features.py has no module: mutmut 3 does not mutate a
+# decorated function, and its one function is @torch.no_grad()
+EVALUATE_TESTS = ["tests/test_cli_eval.py"]
+# the diagnostics' own tests and the reference policies (the unlabelled anchor's NaN measures are
+# asserted there): a fast first pass (about 20 s) whose survivors go to `diagnostics`' selection
+DIAGNOSTICS_OWN_TESTS = ["tests/test_diagnostics.py", "tests/test_losses_reference.py"]
+# the reports: their unit tests (tables, verdicts, markdown, plots, run folders; about 10 s), not
+# the compare command's runs (2 min on 2 cores, re-run by every surviving mutant they reach)
+REPORT_TESTS = ["tests/test_report.py"]
+# the registry: plug-in registration, the loss errors (unknown names and keywords) and the loss
+# wrapper's settings (not tests/test_docs.py: mutmut's copy has no README or docs/ to read)
+REGISTRY_TESTS = [
+    "tests/test_plugin_strategy.py",
+    "tests/test_losses_errors.py",
+    "tests/test_contrastive_loss.py",
+]
 # the beta and rho_out schedules: the reference policies of tests/test_losses_reference.py and
 # the strategies that call them (HCL's beta_anneal, Ring's anneal)
 SCHEDULE_TESTS = ["tests/test_losses_reference.py", "tests/test_ring_strategy.py"]
@@ -181,6 +198,14 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "evaluation/knn": (["src/hardneg/evaluation/knn.py"], EVAL_TESTS),
     "evaluation/linear": (["src/hardneg/evaluation/linear.py"], EVAL_TESTS),
     "schedules": (["src/hardneg/schedules.py"], SCHEDULE_TESTS),
+    "evaluation/evaluate": (["src/hardneg/evaluation/evaluate.py"], EVALUATE_TESTS),
+    "diagnostics-own": (["src/hardneg/diagnostics.py"], DIAGNOSTICS_OWN_TESTS),
+    "report": (["src/hardneg/report/*.py"], REPORT_TESTS),
+    **{
+        f"report/{name}": ([f"src/hardneg/report/{name}.py"], REPORT_TESTS)
+        for name in ("markdown", "plots", "runs", "table", "verdict")
+    },
+    "registry": (["src/hardneg/registry.py"], REGISTRY_TESTS),
     # offline mining: its own tests (tests/test_mining.py but the two multi-process runs below,
     # about 25 s; each mutant re-runs only the tests that reach its function)
     "mining": (["src/hardneg/mining.py"], MINING_TESTS),

@@ -124,12 +124,13 @@ def verdict_lines(
         gap = 2 * noise.std * math.sqrt(1 / n_best + 1 / min(seeds.values()))
         lines.append(
             f"- Seed noise: {noise.source}. "
+            # one sentence: "With one seed ..., a kNN difference" or "A kNN difference"
             + (
-                f"With one seed{' and ' + counted(epochs, 'epoch') if epochs else ''} per strategy, "
+                f"With one seed{' and ' + counted(epochs, 'epoch') if epochs else ''} per strategy, a"
                 if one
-                else ""
+                else "A"
             )
-            + f"a kNN difference under about {gap:.1f} points (two standard deviations of the "
+            + f" kNN difference under about {gap:.1f} points (two standard deviations of the "
             "difference of two means) is not evidence that one strategy is better."
         )
         level = [
