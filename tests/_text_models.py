@@ -89,3 +89,29 @@ def saved_model_and_pairs(directory: Path, pairs: int = 20) -> tuple[Path, Path,
         )
     )
     return model_dir, rows, texts
+
+
+def distinct_columns(k: int, batch: int, seed: int) -> list[list[str]]:
+    """``2 + k`` columns of ``batch`` distinct random sentences (anchor, positive, negatives)."""
+    texts = list(dict.fromkeys(sentences(batch * (2 + k) * 3, seed=seed)))[: batch * (2 + k)]
+    return [texts[i * batch : (i + 1) * batch] for i in range(2 + k)]
+
+
+def value_and_grads(model, loss, cols):
+    """A loss's value on text columns and every parameter gradient it leaves."""
+    model.zero_grad(set_to_none=True)
+    value = loss([model.preprocess(c) for c in cols], None)
+    value.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return value.detach(), grads
+
+
+def assert_same(a, b) -> None:
+    """Two ``value_and_grads`` results agree (float32 rounding of the same loss)."""
+    import torch
+
+    (va, ga), (vb, gb) = a, b
+    torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-6)
+    assert ga.keys() == gb.keys() and len(ga) >= 3
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-5, msg=name)

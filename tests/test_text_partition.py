@@ -14,7 +14,12 @@ import torch.nn.functional as F
 
 pytest.importorskip("sentence_transformers")
 
-from _text_models import sentences, tiny_model  # noqa: E402
+from _text_models import (  # noqa: E402
+    assert_same,
+    distinct_columns,
+    tiny_model,
+    value_and_grads,
+)
 from sentence_transformers.sentence_transformer.losses import (  # noqa: E402
     GISTEmbedLoss,
     MultipleNegativesRankingLoss,
@@ -45,24 +50,7 @@ def models(tmp_path_factory):
 
 
 def columns(k: int, batch: int = 5, seed: int = 4) -> list[list[str]]:
-    texts = list(dict.fromkeys(sentences(batch * (2 + k) * 3, seed=seed)))[: batch * (2 + k)]
-    return [texts[i * batch : (i + 1) * batch] for i in range(2 + k)]
-
-
-def value_and_grads(model, loss, cols):
-    model.zero_grad(set_to_none=True)
-    value = loss([model.preprocess(c) for c in cols], None)
-    value.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return value.detach(), grads
-
-
-def assert_same(a, b):
-    (va, ga), (vb, gb) = a, b
-    torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-6)
-    assert ga.keys() == gb.keys() and len(ga) >= 3
-    for name in ga:
-        torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-5, msg=name)
+    return distinct_columns(k, batch, seed)
 
 
 # -- against sentence-transformers --------------------------------------------------------------
