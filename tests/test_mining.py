@@ -266,17 +266,25 @@ def test_short_queries_drop_from_n_tuples_but_keep_triplets():
     assert stats.short_queries > 0 and len(rows) == len(queries) - stats.short_queries
 
 
-def test_cli_mine_writes_the_file(tmp_path, monkeypatch):
-    from hardneg import cli
+def cli_files(tmp_path, monkeypatch, names=("anchor", "positive")):
+    """``data()`` as a pairs file with columns ``names`` and a corpus file, and the CLI's model
+    loader returning :class:`FakeModel`: ``(pairs path, corpus path)``."""
     from hardneg.text import models
 
     queries, positives, corpus = data()
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text(
-        "".join(json.dumps({"q": q, "p": p}) + "\n" for q, p in zip(queries, positives))
-    )
+    rows = (dict(zip(names, pair)) for pair in zip(queries, positives))
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
     (tmp_path / "corpus.txt").write_text("\n".join(corpus) + "\n")
     monkeypatch.setattr(models, "load_sentence_model", lambda name, device=None: FakeModel())
+    return pairs, tmp_path / "corpus.txt"
+
+
+def test_cli_mine_writes_the_file(tmp_path, monkeypatch):
+    from hardneg import cli
+
+    queries = data()[0]
+    pairs, _ = cli_files(tmp_path, monkeypatch, names=("q", "p"))
     out = tmp_path / "mined.parquet"
     argv = [
         "mine",
@@ -306,15 +314,9 @@ def test_cli_mine_writes_the_file(tmp_path, monkeypatch):
 
 def test_cli_include_positives_writes_the_library_s_ranking(tmp_path, monkeypatch):
     from hardneg import cli
-    from hardneg.text import models
 
     queries, positives, corpus = data()
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text(
-        "".join(json.dumps({"anchor": q, "positive": p}) + "\n" for q, p in zip(queries, positives))
-    )
-    (tmp_path / "corpus.txt").write_text("\n".join(corpus) + "\n")
-    monkeypatch.setattr(models, "load_sentence_model", lambda name, device=None: FakeModel())
+    pairs, _ = cli_files(tmp_path, monkeypatch)
     out = tmp_path / "ranked.jsonl"
     argv = ["mine", "--data", str(pairs), "--corpus", str(tmp_path / "corpus.txt")]
     argv += ["--num-negatives", "3", "--include-positives", "--output", str(out)]
