@@ -126,6 +126,9 @@ def test_compiled_equals_eager(name, form):
 def test_several_positives_and_per_anchor_losses_compile(name, mode):
     """Four views (three positives per anchor) in each positive mode, and the per-anchor losses
     (``reduction='none'``, what the text loss's joint partition reads), compiled = eager."""
+    # its recompiles (three modes, two reductions) would count against the file's shared
+    # limit of the one ContrastiveLoss.forward code object: start from a clean cache
+    torch._dynamo.reset()
     eager = hardneg.create_loss(name, check_inputs=False, positive_mode=mode)
     compiled = torch.compile(eager, backend=BACKEND, fullgraph=True)
     g = torch.Generator().manual_seed(5)
@@ -140,6 +143,7 @@ def test_several_positives_and_per_anchor_losses_compile(name, mode):
         assert_close(lc, le, what=f"{name} {mode} {reduction} loss")
         for i, (a, b) in enumerate(zip(gc, ge)):
             assert_close(a, b, what=f"{name} {mode} {reduction} grad {i}")
+    torch._dynamo.reset()  # and leave none of them to the tests after it
 
 
 def compiled_mismatches(device: str) -> list[str]:
