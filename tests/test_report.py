@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from hardneg.report import (
     RunRecord,
@@ -644,3 +645,106 @@ def test_the_verdict_of_one_strategy_of_no_knn_and_of_a_tie_at_the_printed_preci
     # 12.004 and 12.001 both print as 12.00: a tie
     records = [record_of("ring", 0, 12.004, None, []), record_of("hcl", 0, 12.001, None, [])]
     assert verdict_lines(records)[0] == "- **Best kNN top-1: ring, hcl (tied, 12.00%)**"
+
+
+def test_the_run_report_is_written_out_exactly(tmp_path):
+    """The whole run report: notes, the config, the scalar metrics in their order (floats to 4
+    significant digits below 1e4 in magnitude, whole numbers from there), the history's last
+    epoch without the columns it left empty, and the three curves side by side."""
+    run = fabricate_run(tmp_path / "run")
+    (run / "hardness.npz").unlink()
+    add_label_free_columns(run, 0.1, logged_last=False)  # NaN in the last epoch: not listed
+    metrics = {"knn_top1": 81.25, "linear_top1": 84.0, "large": 12345.6, "at_1e4": 10000.0,
+               "negative": -20000.0, "tiny": 0.000123456, "count": 3, "name": "x",
+               "nested": {"a": 1}}  # fmt: skip
+    text = write_run_report(run, metrics, title="my run", notes=["first", "second"]).read_text()
+    # fabricate_run's last epoch (4): loss 5 / 4, 100 - 4 negatives, mass 0.1 / 4, 0.1 * 4
+    assert text == (
+        "# Run report: my run\n\n- first\n- second\n\n"
+        "## Configuration\n\n```yaml\nseed: 0\n"
+        "loss: {name: hcl, temperature: 0.5, tau_plus: 0.1, beta: 2.0}\n```\n\n"
+        "## Final metrics\n\n| metric | value |\n|---|---|\n"
+        "| knn_top1 | 81.25 |\n| linear_top1 | 84 |\n| large | 12346 |\n| at_1e4 | 10000 |\n"
+        "| negative | -20000 |\n| tiny | 0.0001235 |\n| count | 3 |\n| name | x |\n"
+        "| epochs trained | 4 |\n| loss (last epoch) | 1.25 |\n"
+        "| effective_negatives (last epoch) | 96 |\n| false_negative_mass (last epoch) | 0.025 |\n"
+        "| false_negative_gradient_mass (last epoch) | 0.025 |\n"
+        "| top_k_precision (last epoch) | 0.9 |\n| mean_negative_similarity (last epoch) | 0.4 |\n"
+        "| epoch_time_s (last epoch) | 2 |\n| images_per_s (last epoch) | 1000 |\n\n"
+        "## Figures\n\n| loss | knn | false negative mass |\n|---|---|---|\n"
+        "| ![loss](plots/loss.png) | ![knn](plots/knn.png) "
+        "| ![false_negative_mass](plots/false_negative_mass.png) |\n\n"
+    )
+
+
+def test_a_run_report_without_config_or_history_says_so(tmp_path):
+    run = tmp_path / "bare"
+    run.mkdir()
+    text = write_run_report(run, {"knn_top1": 50.0}).read_text()
+    assert text == (
+        "# Run report: bare\n\n## Final metrics\n\n| metric | value |\n|---|---|\n"
+        "| knn_top1 | 50 |\n\nNo figures: the run logged no history.\n\n"
+    )
+
+
+def test_the_comparison_report_is_written_out_exactly(tmp_path):
+    """The whole comparison report. The loss section reads each strategy's first run with a
+    config: infonce's seed 0 has none (its seed 1's unknown loss shows every value), hcl's seed 0
+    lists only the registry defaults but the temperature."""
+    records = make_records(tmp_path / "runs")
+    extra = records.pop()  # hcl seed 1: the re-seed run
+    for record in [*records, extra]:
+        add_label_free_columns(record.run_dir, 0.1)
+        record.history = load_history(record.run_dir)
+    records[0].metrics.update(knn_k=50, knn_t=0.07)
+    (records[0].run_dir / "config.yaml").unlink()
+    (records[1].run_dir / "config.yaml").write_text("loss: {name: mystery, temperature: 0.1, a: 3}")
+    (records[2].run_dir / "config.yaml").write_text("loss: {name: hcl, tau_plus: 0.1, beta: 1.0}")
+    (extra.run_dir / "config.yaml").write_text("loss: {name: hcl, beta: 9.0}")  # not the first
+    write_run_report(records[1].run_dir)
+    text = write_comparison_report(tmp_path / "cmp", records, command="hardneg compare x",
+                                   device="test box", notes=["n1"], verdict=["- v1", "- v2"],
+                                   reseeded=[extra]).read_text()  # fmt: skip
+    runs = "../runs"
+    assert text == (
+        "# Strategy comparison\n\nCommand:\n\n```\nhardneg compare x\n```\n\n"
+        "- seeds: 0, 1 (table: mean ± sample std over seeds)\n"
+        f"- machine: test box; torch {torch.__version__}\n"
+        "- kNN: weighted kNN (k = 50, t = 0.07) on frozen backbone features; linear: linear probe "
+        "(L-BFGS, standardised features) on the same features\n"
+        "- false-neg. mass / eff. negatives: batch means of the training diagnostics of the last "
+        "epoch that logged them (train.diagnostics_every; labels used for analysis only); "
+        "s / epoch: median epoch time\n- n1\n\n"
+        "## Results\n\n"
+        "| strategy | seeds | kNN top-1 (%) | linear top-1 (%) | false-neg. mass | eff. negatives "
+        "| s / epoch |\n|---|---|---|---|---|---|---|\n"
+        "| infonce | 2 | 81.00 ± 1.41 | 81.00 ± 0.00 | 0.025 ± 0.000 | 96.0 ± 0.0 | 2.00 ± 0.00 |\n"
+        "| hcl | 1 | 84.00 | 85.00 | 0.050 | 96.0 | 2.00 |\n\n"
+        "## Verdict\n\n- v1\n- v2\n\n"
+        "## Label-free diagnostics\n\n"
+        "What a run without labels can watch; batch means of the last epoch that logged "
+        "diagnostics, relative to each anchor's (first) positive: *mass above positive* = share of "
+        "the negatives' gradient mass on negatives scoring above the positive; *positive rank* = "
+        "number of kept negatives scoring above it (0 = ranked first); *near-duplicate rate* = "
+        "share of kept negatives with cosine >= 0.99 to the anchor; *margin 0.05 removes* = share "
+        "of kept negatives that the positive-aware filter in margin mode (`positive_aware`, "
+        "`mode=margin`, margin 0.05) would drop.\n\n"
+        "| strategy | seeds | mass above positive | positive rank | near-duplicate rate "
+        "| margin 0.05 removes |\n|---|---|---|---|---|---|\n"
+        # epoch 4 of 0.1 * e / k for k = 1 to 4: 0.4, 0.2, 0.1333, 0.1 in every run
+        "| infonce | 2 | 0.400 ± 0.000 | 0.20 ± 0.00 | 0.1333 ± 0.0000 | 0.100 ± 0.000 |\n"
+        "| hcl | 1 | 0.400 | 0.20 | 0.1333 | 0.100 |\n\n"
+        "Loss hyper-parameters: the temperature and those that differ from the registry defaults "
+        "(`hardneg losses`); each run's `config.yaml` lists every one.\n\n"
+        "| strategy | loss hyper-parameters |\n|---|---|\n"
+        "| infonce | temperature=0.1, a=3 |\n| hcl | defaults |\n\n"
+        "## Figures\n\n| loss | knn | false negative mass |\n|---|---|---|\n"
+        "| ![loss](loss.png) | ![knn](knn.png) | ![false_negative_mass](false_negative_mass.png) |"
+        "\n\n### Hardness of the negatives\n\n![hardness](hardness.png)\n\n"
+        "## Runs\n\n"
+        f"- infonce, seed 0: [{runs}/infonce/seed0]({runs}/infonce/seed0)\n"
+        f"- infonce, seed 1: [{runs}/infonce/seed1/report.md]({runs}/infonce/seed1/report.md)\n"
+        f"- hcl, seed 0: [{runs}/hcl/seed0]({runs}/hcl/seed0)\n"
+        "- hcl, seed 1 (re-seed: measures the seed noise, not in the table): "
+        f"[{runs}/hcl/seed1]({runs}/hcl/seed1)\n"
+    )
