@@ -234,3 +234,34 @@ def test_unknown_names_and_keywords_are_refused_with_the_exact_message():
         with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
             hardneg.create_loss("infonce", scale=scale)
     unregister_strategy("never_registered")  # unregistering an unknown name is a no-op
+
+
+def test_tau_plus_and_unknown_loss_defaults_are_refused_with_the_exact_message():
+    # a strategy that selects negatives has no debiased estimator: the message says why tau_plus
+    # is not among the allowed names (the loss settings but tau_plus, then Ring's own)
+    message = (
+        "unknown hyper-parameter 'tau_plus' for loss 'ring' (ring selects negatives: the debiased "
+        "estimator does not apply). Allowed: check_inputs, fast, filter, filter_options, "
+        "normalize, objective, positive_mode, temperature, anneal, anneal_steps, anneal_until, "
+        "lower, num_samples, rho_in, rho_out, upper"
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        hardneg.create_loss("ring", tau_plus=0.1)
+
+    class MisspeltDefaults(TopKHardest):
+        """A plug-in whose loss defaults name a setting the loss does not have."""
+
+        loss_defaults = {"temprature": 0.2}
+
+    # refused when registered (registration builds the loss's settings), and never listed
+    message = "MisspeltDefaults.loss_defaults names an unknown setting 'temprature'"
+    try:
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            register_strategy("misspelt_defaults", summary="misspelt")(MisspeltDefaults)
+        assert "misspelt_defaults" not in hardneg.list_losses()
+        # nor does it block the next plug-in (every later registration refreshes the help)
+        register_strategy(NAME, summary="the k hardest negatives (test plug-in)")(TopKHardest)
+        assert isinstance(hardneg.create_loss(NAME, k=2).strategy, TopKHardest)
+    finally:
+        unregister_strategy("misspelt_defaults")
+        unregister_strategy(NAME)
