@@ -748,3 +748,30 @@ def test_the_comparison_report_is_written_out_exactly(tmp_path):
         "- hcl, seed 1 (re-seed: measures the seed noise, not in the table): "
         f"[{runs}/hcl/seed1]({runs}/hcl/seed1)\n"
     )
+
+
+def test_seed_noise_of_two_re_seeds_of_several_seed_counts_and_of_a_std_of_exactly_one():
+    from hardneg.report.verdict import Noise, seed_noise
+
+    one = [{"epoch": 1.0}]
+    # two strategies re-seeded once each: one sentence per strategy, "; " between them; a
+    # pooled std of sqrt((2^2 / 2 + 4^2 / 2) / 2) = sqrt(5) points
+    runs = [record_of("a", 0, 80.0, 81.0, one), record_of("b", 0, 70.0, None, one)]
+    again = [record_of("a", 1, 82.0, 80.5, one), record_of("b", 1, 74.0, None, one)]
+    assert seed_noise(runs, again) == Noise(
+        math.sqrt(5),
+        "re-training a with another seed moved its kNN top-1 from 80.00 to 82.00 (2.00 points "
+        "from the seed alone; linear top-1 81.00 -> 80.50); re-training b with another seed "
+        "moved its kNN top-1 from 70.00 to 74.00 (4.00 points from the seed alone)",
+    )
+    # 2 seeds of a (variance 2), 3 of b (0, 1, 2: variance exactly 1): pooled sqrt(1.5)
+    runs = [record_of("a", s, 80.0 + 2 * s, None, one) for s in (0, 1)]
+    runs += [record_of("b", s, 70.0 + s, None, one) for s in (0, 1, 2)]
+    assert seed_noise(runs) == Noise(
+        math.sqrt(1.5),
+        "pooled per-seed standard deviation 1.22 points over 2/3 seeds of 2 strategies",
+    )
+    # b alone: a pooled std of exactly 1 point is not below the floor, so no floor sentence
+    assert seed_noise(runs[2:]) == Noise(
+        1.0, "pooled per-seed standard deviation 1.00 points over 3 seeds of 1 strategies"
+    )
