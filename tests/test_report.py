@@ -775,3 +775,37 @@ def test_seed_noise_of_two_re_seeds_of_several_seed_counts_and_of_a_std_of_exact
     assert seed_noise(runs[2:]) == Noise(
         1.0, "pooled per-seed standard deviation 1.00 points over 3 seeds of 1 strategies"
     )
+
+
+def test_the_verdict_of_a_gap_of_exactly_the_threshold_and_of_monitors_not_rising():
+    """Two seeds of five strategies, kNN spreads below the 1-point floor (pooled std
+    sqrt((0.125 * 4 + 0) / 5) = 0.32): a gap counts as level up to 2 * 1 * sqrt(1/2 + 1/2) = 2
+    points. b is exactly 2 behind a (level), c 1; d's monitor fell in its last interval (75, 70,
+    68: no "still rising"), e logged no monitor; only a has a linear probe (no linear part)."""
+    from hardneg.report.verdict import verdict_lines
+
+    def monitor(*values: float) -> list[dict]:
+        return [{"epoch": float(i + 1), "knn_top1": v} for i, v in enumerate(values)]
+
+    runs = [
+        ("a", (80.0, 80.5), 85.0, monitor(70.0, 80.0)),
+        ("b", (78.25, 78.25), None, monitor(70.0, 78.0)),
+        ("c", (79.0, 79.5), None, monitor(70.0, 79.0)),
+        ("d", (70.0, 70.5), None, monitor(60.0, 75.0, 70.0, 68.0)),
+        ("e", (60.0, 60.5), None, [{"epoch": 1.0}]),
+    ]
+    records = [
+        record_of(strategy, seed, knn, linear, history)
+        for strategy, values, linear, history in runs
+        for seed, knn in enumerate(values)
+    ]
+    assert verdict_lines(records, epochs=3) == [
+        "- **Best kNN top-1: a (80.25%)**; best linear top-1: a (85.00%)",
+        "- Seed noise: pooled per-seed standard deviation 0.32 points over 2 seeds of 5 "
+        "strategies; taken as at least 1 point (per-seed standard deviations of 1-3 kNN points "
+        "are usual at this scale). A kNN difference under about 2.0 points (two standard "
+        "deviations of the difference of two means) is not evidence that one strategy is better.",
+        "- Level with a within the noise: c, b.",
+        "- d is 10.0 kNN points behind a, more than the noise.",
+        "- e is 20.0 kNN points behind a, more than the noise.",
+    ]
