@@ -809,3 +809,27 @@ def test_the_verdict_of_a_gap_of_exactly_the_threshold_and_of_monitors_not_risin
         "- d is 10.0 kNN points behind a, more than the noise.",
         "- e is 20.0 kNN points behind a, more than the noise.",
     ]
+
+
+def test_the_negatives_section_with_per_strategy_counts_and_an_infonce_mass_of_zero():
+    """available_negatives per strategy: the header names no shared count; InfoNCE's same-class
+    mass of 0 gives no ratio to compare with (no division by it)."""
+    from hardneg.report.verdict import verdict_lines
+
+    def run(strategy: str, eff: float, fn: float, cos: float):
+        history = diagnostics_history((70.0, 80.0), effective_negatives=eff,
+                                      false_negative_mass=fn, mean_negative_similarity=cos)  # fmt: skip
+        return record_of(strategy, 0, 80.0, None, history)
+
+    records = [run("infonce", 100.0, 0.0, 0.1), run("hcl", 25.0, 0.2, 0.3)]
+    lines = verdict_lines(records, available_negatives={"infonce": 100, "hcl": 50})
+    assert lines[-3:] == [
+        "- What the diagnostics show about the negatives (the last epoch that logged them; labels "
+        "used for analysis only; *effective negatives* = (sum w)^2 / sum w^2 of the sampling "
+        "weights, out of the negatives each anchor has in the term they describe):",
+        # 100 of 100 (at least 99 %): uniform; 25 of 50: 50 %
+        "  - infonce: uniform over all 100 negatives; same-class (false-negative) mass 0.000; "
+        "mean cosine to the anchor +0.10",
+        "  - hcl: 25 effective negatives (50% of 50): its weight sits on a subset; same-class "
+        "(false-negative) mass 0.200; mean cosine to the anchor +0.30",
+    ]
