@@ -265,3 +265,36 @@ def test_tau_plus_and_unknown_loss_defaults_are_refused_with_the_exact_message()
     finally:
         unregister_strategy("misspelt_defaults")
         unregister_strategy(NAME)
+
+
+def test_a_plugins_docstring_gains_its_help_after_its_own_text(plugin):
+    # the class's docstring ends in blanks ("\n    "): they are stripped before the help
+    assert (
+        "        k: negatives kept per anchor, an integer >= 1.\n\n"
+        "topk_hardest: the k hardest negatives (test plug-in)\n\nhyper-parameters (default: "
+        "meaning):\n"
+    ) in TopKHardest.__doc__
+
+
+def test_args_sections_share_a_meaning_between_names_and_join_continued_lines():
+    from hardneg.registry import _arg_docs
+
+    class Documented:
+        """Summary.
+
+        Args:
+            low, high: the bounds of the range,
+                both inclusive.
+            step: the spacing
+                between values,
+                in units.
+
+        Returns:
+            nothing read.
+        """
+
+    assert _arg_docs(Documented) == {
+        "low": "the bounds of the range, both inclusive.",
+        "high": "the bounds of the range, both inclusive.",
+        "step": "the spacing between values, in units.",
+    }
