@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from pathlib import Path
 
@@ -833,3 +834,49 @@ def test_the_negatives_section_with_per_strategy_counts_and_an_infonce_mass_of_z
         "  - hcl: 25 effective negatives (50% of 50): its weight sits on a subset; same-class "
         "(false-negative) mass 0.200; mean cosine to the anchor +0.30",
     ]
+
+
+def test_the_comparison_hands_each_figure_its_runs_and_states_the_default_knn_and_machine(
+    tmp_path, monkeypatch
+):
+    """What the figures receive (recorded, not drawn): every run's history under its strategy,
+    the first seed's hardness, the t-SNE's points and seed (1000 and 0 unless told). The kNN
+    line falls back to Wu et al.'s k = 200, t = 0.1; the machine to the CPU's name."""
+    from hardneg.report import markdown
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(
+        markdown.plots,
+        "plot_metric_curves",
+        lambda histories, key, path, **kw: calls.append(("curve", key, histories)),
+    )
+    monkeypatch.setattr(
+        markdown.plots, "plot_hardness", lambda hardness, path: calls.append(("hardness", hardness))
+    )
+    monkeypatch.setattr(markdown.plots, "plot_tsne",
+                        lambda embeddings, path, **kw: calls.append(("tsne", embeddings, kw)))  # fmt: skip
+    monkeypatch.setattr(markdown.platform, "processor", lambda: "")
+    monkeypatch.setattr(markdown.platform, "machine", lambda: "testarch")
+    monkeypatch.setattr(markdown.torch.cuda, "is_available", lambda: False)
+    records = make_records(tmp_path / "runs")  # infonce and hcl, seeds 0 and 1
+    embeddings = {"hcl": (np.zeros((2, 3)), np.array([0, 1]))}
+    text = write_comparison_report(tmp_path / "cmp", records, embeddings=embeddings).read_text()
+    curves = [call for call in calls if call[0] == "curve"]
+    assert [key for _, key, _ in curves] == ["loss", "knn_top1", "false_negative_mass"]
+    for _, _, histories in curves:
+        assert histories == {
+            "infonce": [records[0].history, records[1].history],
+            "hcl": [records[2].history, records[3].history],
+        }
+    (_, hardness), (_, tsne, options) = [call for call in calls if call[0] != "curve"]
+    assert list(hardness) == ["infonce", "hcl"]
+    for strategy, seed0 in (("infonce", records[0]), ("hcl", records[2])):
+        np.testing.assert_array_equal(hardness[strategy]["sampling"],
+                                      np.load(seed0.run_dir / "hardness.npz")["sampling"])  # fmt: skip
+    assert tsne is embeddings and options == {"max_points": 1000, "seed": 0}
+    assert "- kNN: weighted kNN (k = 200, t = 0.1) on frozen backbone features;" in text
+    assert f"- machine: testarch CPU, {os.cpu_count()} cores; torch {torch.__version__}\n" in text
+    calls.clear()
+    write_comparison_report(tmp_path / "cmp2", records, embeddings=embeddings, tsne_points=7,
+                            seed=3)  # fmt: skip
+    assert calls[-1][2] == {"max_points": 7, "seed": 3}
