@@ -860,7 +860,10 @@ def test_the_comparison_hands_each_figure_its_runs_and_states_the_default_knn_an
     monkeypatch.setattr(markdown.torch.cuda, "is_available", lambda: False)
     records = make_records(tmp_path / "runs")  # infonce and hcl, seeds 0 and 1
     embeddings = {"hcl": (np.zeros((2, 3)), np.array([0, 1]))}
-    text = write_comparison_report(tmp_path / "cmp", records, embeddings=embeddings).read_text()
+    # no figure drawn here creates the folder: the report makes it, parents included
+    report = write_comparison_report(tmp_path / "deep" / "cmp", records, embeddings=embeddings)
+    assert report == tmp_path / "deep" / "cmp" / "report.md"
+    text = report.read_text()
     curves = [call for call in calls if call[0] == "curve"]
     assert [key for _, key, _ in curves] == ["loss", "knn_top1", "false_negative_mass"]
     for _, _, histories in curves:
@@ -880,3 +883,13 @@ def test_the_comparison_hands_each_figure_its_runs_and_states_the_default_knn_an
     write_comparison_report(tmp_path / "cmp2", records, embeddings=embeddings, tsne_points=7,
                             seed=3)  # fmt: skip
     assert calls[-1][2] == {"max_points": 7, "seed": 3}
+
+
+def test_label_free_diagnostics_of_one_seed_per_strategy_are_shown(tmp_path):
+    # one seed: every cell has a mean and no spread; the section is there all the same
+    records = [r for r in make_records(tmp_path / "runs") if r.seed == 0]
+    for record in records:
+        add_label_free_columns(record.run_dir, 0.1)
+        record.history = load_history(record.run_dir)
+    report = write_comparison_report(tmp_path / "cmp", records).read_text()
+    assert "| infonce | 1 | 0.400 | 0.20 | 0.1333 | 0.100 |" in report
