@@ -234,3 +234,67 @@ def test_unknown_names_and_keywords_are_refused_with_the_exact_message():
         with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
             hardneg.create_loss("infonce", scale=scale)
     unregister_strategy("never_registered")  # unregistering an unknown name is a no-op
+
+
+def test_tau_plus_and_unknown_loss_defaults_are_refused_with_the_exact_message():
+    # a strategy that selects negatives has no debiased estimator: the message says why tau_plus
+    # is not among the allowed names (the loss settings but tau_plus, then Ring's own)
+    message = (
+        "unknown hyper-parameter 'tau_plus' for loss 'ring' (ring selects negatives: the debiased "
+        "estimator does not apply). Allowed: check_inputs, fast, filter, filter_options, "
+        "normalize, objective, positive_mode, temperature, anneal, anneal_steps, anneal_until, "
+        "lower, num_samples, rho_in, rho_out, upper"
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        hardneg.create_loss("ring", tau_plus=0.1)
+
+    class MisspeltDefaults(TopKHardest):
+        """A plug-in whose loss defaults name a setting the loss does not have."""
+
+        loss_defaults = {"temprature": 0.2}
+
+    # refused when registered (registration builds the loss's settings), and never listed
+    message = "MisspeltDefaults.loss_defaults names an unknown setting 'temprature'"
+    try:
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            register_strategy("misspelt_defaults", summary="misspelt")(MisspeltDefaults)
+        assert "misspelt_defaults" not in hardneg.list_losses()
+        # nor does it block the next plug-in (every later registration refreshes the help)
+        register_strategy(NAME, summary="the k hardest negatives (test plug-in)")(TopKHardest)
+        assert isinstance(hardneg.create_loss(NAME, k=2).strategy, TopKHardest)
+    finally:
+        unregister_strategy("misspelt_defaults")
+        unregister_strategy(NAME)
+
+
+def test_a_plugins_docstring_gains_its_help_after_its_own_text(plugin):
+    # the class's docstring ends in blanks ("\n    "): they are stripped before the help
+    assert (
+        "        k: negatives kept per anchor, an integer >= 1.\n\n"
+        "topk_hardest: the k hardest negatives (test plug-in)\n\nhyper-parameters (default: "
+        "meaning):\n"
+    ) in TopKHardest.__doc__
+
+
+def test_args_sections_share_a_meaning_between_names_and_join_continued_lines():
+    from hardneg.registry import _arg_docs
+
+    class Documented:
+        """Summary.
+
+        Args:
+            low, high: the bounds of the range,
+                both inclusive.
+            step: the spacing
+                between values,
+                in units.
+
+        Returns:
+            nothing read.
+        """
+
+    assert _arg_docs(Documented) == {
+        "low": "the bounds of the range, both inclusive.",
+        "high": "the bounds of the range, both inclusive.",
+        "step": "the spacing between values, in units.",
+    }

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from hardneg.report import (
     RunRecord,
@@ -644,3 +646,250 @@ def test_the_verdict_of_one_strategy_of_no_knn_and_of_a_tie_at_the_printed_preci
     # 12.004 and 12.001 both print as 12.00: a tie
     records = [record_of("ring", 0, 12.004, None, []), record_of("hcl", 0, 12.001, None, [])]
     assert verdict_lines(records)[0] == "- **Best kNN top-1: ring, hcl (tied, 12.00%)**"
+
+
+def test_the_run_report_is_written_out_exactly(tmp_path):
+    """The whole run report: notes, the config, the scalar metrics in their order (floats to 4
+    significant digits below 1e4 in magnitude, whole numbers from there), the history's last
+    epoch without the columns it left empty, and the three curves side by side."""
+    run = fabricate_run(tmp_path / "run")
+    (run / "hardness.npz").unlink()
+    add_label_free_columns(run, 0.1, logged_last=False)  # NaN in the last epoch: not listed
+    metrics = {"knn_top1": 81.25, "linear_top1": 84.0, "large": 12345.6, "at_1e4": 10000.0,
+               "negative": -20000.0, "tiny": 0.000123456, "count": 3, "name": "x",
+               "nested": {"a": 1}}  # fmt: skip
+    text = write_run_report(run, metrics, title="my run", notes=["first", "second"]).read_text()
+    # fabricate_run's last epoch (4): loss 5 / 4, 100 - 4 negatives, mass 0.1 / 4, 0.1 * 4
+    assert text == (
+        "# Run report: my run\n\n- first\n- second\n\n"
+        "## Configuration\n\n```yaml\nseed: 0\n"
+        "loss: {name: hcl, temperature: 0.5, tau_plus: 0.1, beta: 2.0}\n```\n\n"
+        "## Final metrics\n\n| metric | value |\n|---|---|\n"
+        "| knn_top1 | 81.25 |\n| linear_top1 | 84 |\n| large | 12346 |\n| at_1e4 | 10000 |\n"
+        "| negative | -20000 |\n| tiny | 0.0001235 |\n| count | 3 |\n| name | x |\n"
+        "| epochs trained | 4 |\n| loss (last epoch) | 1.25 |\n"
+        "| effective_negatives (last epoch) | 96 |\n| false_negative_mass (last epoch) | 0.025 |\n"
+        "| false_negative_gradient_mass (last epoch) | 0.025 |\n"
+        "| top_k_precision (last epoch) | 0.9 |\n| mean_negative_similarity (last epoch) | 0.4 |\n"
+        "| epoch_time_s (last epoch) | 2 |\n| images_per_s (last epoch) | 1000 |\n\n"
+        "## Figures\n\n| loss | knn | false negative mass |\n|---|---|---|\n"
+        "| ![loss](plots/loss.png) | ![knn](plots/knn.png) "
+        "| ![false_negative_mass](plots/false_negative_mass.png) |\n\n"
+    )
+
+
+def test_a_run_report_without_config_or_history_says_so(tmp_path):
+    run = tmp_path / "bare"
+    run.mkdir()
+    text = write_run_report(run, {"knn_top1": 50.0}).read_text()
+    assert text == (
+        "# Run report: bare\n\n## Final metrics\n\n| metric | value |\n|---|---|\n"
+        "| knn_top1 | 50 |\n\nNo figures: the run logged no history.\n\n"
+    )
+
+
+def test_the_comparison_report_is_written_out_exactly(tmp_path):
+    """The whole comparison report. The loss section reads each strategy's first run with a
+    config: infonce's seed 0 has none (its seed 1's unknown loss shows every value), hcl's seed 0
+    lists only the registry defaults but the temperature."""
+    records = make_records(tmp_path / "runs")
+    extra = records.pop()  # hcl seed 1: the re-seed run
+    for record in [*records, extra]:
+        add_label_free_columns(record.run_dir, 0.1)
+        record.history = load_history(record.run_dir)
+    records[0].metrics.update(knn_k=50, knn_t=0.07)
+    (records[0].run_dir / "config.yaml").unlink()
+    (records[1].run_dir / "config.yaml").write_text("loss: {name: mystery, temperature: 0.1, a: 3}")
+    (records[2].run_dir / "config.yaml").write_text("loss: {name: hcl, tau_plus: 0.1, beta: 1.0}")
+    (extra.run_dir / "config.yaml").write_text("loss: {name: hcl, beta: 9.0}")  # not the first
+    write_run_report(records[1].run_dir)
+    text = write_comparison_report(tmp_path / "cmp", records, command="hardneg compare x",
+                                   device="test box", notes=["n1"], verdict=["- v1", "- v2"],
+                                   reseeded=[extra]).read_text()  # fmt: skip
+    runs = "../runs"
+    assert text == (
+        "# Strategy comparison\n\nCommand:\n\n```\nhardneg compare x\n```\n\n"
+        "- seeds: 0, 1 (table: mean ± sample std over seeds)\n"
+        f"- machine: test box; torch {torch.__version__}\n"
+        "- kNN: weighted kNN (k = 50, t = 0.07) on frozen backbone features; linear: linear probe "
+        "(L-BFGS, standardised features) on the same features\n"
+        "- false-neg. mass / eff. negatives: batch means of the training diagnostics of the last "
+        "epoch that logged them (train.diagnostics_every; labels used for analysis only); "
+        "s / epoch: median epoch time\n- n1\n\n"
+        "## Results\n\n"
+        "| strategy | seeds | kNN top-1 (%) | linear top-1 (%) | false-neg. mass | eff. negatives "
+        "| s / epoch |\n|---|---|---|---|---|---|---|\n"
+        "| infonce | 2 | 81.00 ± 1.41 | 81.00 ± 0.00 | 0.025 ± 0.000 | 96.0 ± 0.0 | 2.00 ± 0.00 |\n"
+        "| hcl | 1 | 84.00 | 85.00 | 0.050 | 96.0 | 2.00 |\n\n"
+        "## Verdict\n\n- v1\n- v2\n\n"
+        "## Label-free diagnostics\n\n"
+        "What a run without labels can watch; batch means of the last epoch that logged "
+        "diagnostics, relative to each anchor's (first) positive: *mass above positive* = share of "
+        "the negatives' gradient mass on negatives scoring above the positive; *positive rank* = "
+        "number of kept negatives scoring above it (0 = ranked first); *near-duplicate rate* = "
+        "share of kept negatives with cosine >= 0.99 to the anchor; *margin 0.05 removes* = share "
+        "of kept negatives that the positive-aware filter in margin mode (`positive_aware`, "
+        "`mode=margin`, margin 0.05) would drop.\n\n"
+        "| strategy | seeds | mass above positive | positive rank | near-duplicate rate "
+        "| margin 0.05 removes |\n|---|---|---|---|---|---|\n"
+        # epoch 4 of 0.1 * e / k for k = 1 to 4: 0.4, 0.2, 0.1333, 0.1 in every run
+        "| infonce | 2 | 0.400 ± 0.000 | 0.20 ± 0.00 | 0.1333 ± 0.0000 | 0.100 ± 0.000 |\n"
+        "| hcl | 1 | 0.400 | 0.20 | 0.1333 | 0.100 |\n\n"
+        "Loss hyper-parameters: the temperature and those that differ from the registry defaults "
+        "(`hardneg losses`); each run's `config.yaml` lists every one.\n\n"
+        "| strategy | loss hyper-parameters |\n|---|---|\n"
+        "| infonce | temperature=0.1, a=3 |\n| hcl | defaults |\n\n"
+        "## Figures\n\n| loss | knn | false negative mass |\n|---|---|---|\n"
+        "| ![loss](loss.png) | ![knn](knn.png) | ![false_negative_mass](false_negative_mass.png) |"
+        "\n\n### Hardness of the negatives\n\n![hardness](hardness.png)\n\n"
+        "## Runs\n\n"
+        f"- infonce, seed 0: [{runs}/infonce/seed0]({runs}/infonce/seed0)\n"
+        f"- infonce, seed 1: [{runs}/infonce/seed1/report.md]({runs}/infonce/seed1/report.md)\n"
+        f"- hcl, seed 0: [{runs}/hcl/seed0]({runs}/hcl/seed0)\n"
+        "- hcl, seed 1 (re-seed: measures the seed noise, not in the table): "
+        f"[{runs}/hcl/seed1]({runs}/hcl/seed1)\n"
+    )
+
+
+def test_seed_noise_of_two_re_seeds_of_several_seed_counts_and_of_a_std_of_exactly_one():
+    from hardneg.report.verdict import Noise, seed_noise
+
+    one = [{"epoch": 1.0}]
+    # two strategies re-seeded once each: one sentence per strategy, "; " between them; a
+    # pooled std of sqrt((2^2 / 2 + 4^2 / 2) / 2) = sqrt(5) points
+    runs = [record_of("a", 0, 80.0, 81.0, one), record_of("b", 0, 70.0, None, one)]
+    again = [record_of("a", 1, 82.0, 80.5, one), record_of("b", 1, 74.0, None, one)]
+    assert seed_noise(runs, again) == Noise(
+        math.sqrt(5),
+        "re-training a with another seed moved its kNN top-1 from 80.00 to 82.00 (2.00 points "
+        "from the seed alone; linear top-1 81.00 -> 80.50); re-training b with another seed "
+        "moved its kNN top-1 from 70.00 to 74.00 (4.00 points from the seed alone)",
+    )
+    # 2 seeds of a (variance 2), 3 of b (0, 1, 2: variance exactly 1): pooled sqrt(1.5)
+    runs = [record_of("a", s, 80.0 + 2 * s, None, one) for s in (0, 1)]
+    runs += [record_of("b", s, 70.0 + s, None, one) for s in (0, 1, 2)]
+    assert seed_noise(runs) == Noise(
+        math.sqrt(1.5),
+        "pooled per-seed standard deviation 1.22 points over 2/3 seeds of 2 strategies",
+    )
+    # b alone: a pooled std of exactly 1 point is not below the floor, so no floor sentence
+    assert seed_noise(runs[2:]) == Noise(
+        1.0, "pooled per-seed standard deviation 1.00 points over 3 seeds of 1 strategies"
+    )
+
+
+def test_the_verdict_of_a_gap_of_exactly_the_threshold_and_of_monitors_not_rising():
+    """Two seeds of five strategies, kNN spreads below the 1-point floor (pooled std
+    sqrt((0.125 * 4 + 0) / 5) = 0.32): a gap counts as level up to 2 * 1 * sqrt(1/2 + 1/2) = 2
+    points. b is exactly 2 behind a (level), c 1; d's monitor fell in its last interval (75, 70,
+    68: no "still rising"), e logged no monitor; only a has a linear probe (no linear part)."""
+    from hardneg.report.verdict import verdict_lines
+
+    def monitor(*values: float) -> list[dict]:
+        return [{"epoch": float(i + 1), "knn_top1": v} for i, v in enumerate(values)]
+
+    runs = [
+        ("a", (80.0, 80.5), 85.0, monitor(70.0, 80.0)),
+        ("b", (78.25, 78.25), None, monitor(70.0, 78.0)),
+        ("c", (79.0, 79.5), None, monitor(70.0, 79.0)),
+        ("d", (70.0, 70.5), None, monitor(60.0, 75.0, 70.0, 68.0)),
+        ("e", (60.0, 60.5), None, [{"epoch": 1.0}]),
+    ]
+    records = [
+        record_of(strategy, seed, knn, linear, history)
+        for strategy, values, linear, history in runs
+        for seed, knn in enumerate(values)
+    ]
+    assert verdict_lines(records, epochs=3) == [
+        "- **Best kNN top-1: a (80.25%)**; best linear top-1: a (85.00%)",
+        "- Seed noise: pooled per-seed standard deviation 0.32 points over 2 seeds of 5 "
+        "strategies; taken as at least 1 point (per-seed standard deviations of 1-3 kNN points "
+        "are usual at this scale). A kNN difference under about 2.0 points (two standard "
+        "deviations of the difference of two means) is not evidence that one strategy is better.",
+        "- Level with a within the noise: c, b.",
+        "- d is 10.0 kNN points behind a, more than the noise.",
+        "- e is 20.0 kNN points behind a, more than the noise.",
+    ]
+
+
+def test_the_negatives_section_with_per_strategy_counts_and_an_infonce_mass_of_zero():
+    """available_negatives per strategy: the header names no shared count; InfoNCE's same-class
+    mass of 0 gives no ratio to compare with (no division by it)."""
+    from hardneg.report.verdict import verdict_lines
+
+    def run(strategy: str, eff: float, fn: float, cos: float):
+        history = diagnostics_history((70.0, 80.0), effective_negatives=eff,
+                                      false_negative_mass=fn, mean_negative_similarity=cos)  # fmt: skip
+        return record_of(strategy, 0, 80.0, None, history)
+
+    records = [run("infonce", 100.0, 0.0, 0.1), run("hcl", 25.0, 0.2, 0.3)]
+    lines = verdict_lines(records, available_negatives={"infonce": 100, "hcl": 50})
+    assert lines[-3:] == [
+        "- What the diagnostics show about the negatives (the last epoch that logged them; labels "
+        "used for analysis only; *effective negatives* = (sum w)^2 / sum w^2 of the sampling "
+        "weights, out of the negatives each anchor has in the term they describe):",
+        # 100 of 100 (at least 99 %): uniform; 25 of 50: 50 %
+        "  - infonce: uniform over all 100 negatives; same-class (false-negative) mass 0.000; "
+        "mean cosine to the anchor +0.10",
+        "  - hcl: 25 effective negatives (50% of 50): its weight sits on a subset; same-class "
+        "(false-negative) mass 0.200; mean cosine to the anchor +0.30",
+    ]
+
+
+def test_the_comparison_hands_each_figure_its_runs_and_states_the_default_knn_and_machine(
+    tmp_path, monkeypatch
+):
+    """What the figures receive (recorded, not drawn): every run's history under its strategy,
+    the first seed's hardness, the t-SNE's points and seed (1000 and 0 unless told). The kNN
+    line falls back to Wu et al.'s k = 200, t = 0.1; the machine to the CPU's name."""
+    from hardneg.report import markdown
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(
+        markdown.plots,
+        "plot_metric_curves",
+        lambda histories, key, path, **kw: calls.append(("curve", key, histories)),
+    )
+    monkeypatch.setattr(
+        markdown.plots, "plot_hardness", lambda hardness, path: calls.append(("hardness", hardness))
+    )
+    monkeypatch.setattr(markdown.plots, "plot_tsne",
+                        lambda embeddings, path, **kw: calls.append(("tsne", embeddings, kw)))  # fmt: skip
+    monkeypatch.setattr(markdown.platform, "processor", lambda: "")
+    monkeypatch.setattr(markdown.platform, "machine", lambda: "testarch")
+    monkeypatch.setattr(markdown.torch.cuda, "is_available", lambda: False)
+    records = make_records(tmp_path / "runs")  # infonce and hcl, seeds 0 and 1
+    embeddings = {"hcl": (np.zeros((2, 3)), np.array([0, 1]))}
+    # no figure drawn here creates the folder: the report makes it, parents included
+    report = write_comparison_report(tmp_path / "deep" / "cmp", records, embeddings=embeddings)
+    assert report == tmp_path / "deep" / "cmp" / "report.md"
+    text = report.read_text()
+    curves = [call for call in calls if call[0] == "curve"]
+    assert [key for _, key, _ in curves] == ["loss", "knn_top1", "false_negative_mass"]
+    for _, _, histories in curves:
+        assert histories == {
+            "infonce": [records[0].history, records[1].history],
+            "hcl": [records[2].history, records[3].history],
+        }
+    (_, hardness), (_, tsne, options) = [call for call in calls if call[0] != "curve"]
+    assert list(hardness) == ["infonce", "hcl"]
+    for strategy, seed0 in (("infonce", records[0]), ("hcl", records[2])):
+        np.testing.assert_array_equal(hardness[strategy]["sampling"],
+                                      np.load(seed0.run_dir / "hardness.npz")["sampling"])  # fmt: skip
+    assert tsne is embeddings and options == {"max_points": 1000, "seed": 0}
+    assert "- kNN: weighted kNN (k = 200, t = 0.1) on frozen backbone features;" in text
+    assert f"- machine: testarch CPU, {os.cpu_count()} cores; torch {torch.__version__}\n" in text
+    calls.clear()
+    write_comparison_report(tmp_path / "cmp2", records, embeddings=embeddings, tsne_points=7,
+                            seed=3)  # fmt: skip
+    assert calls[-1][2] == {"max_points": 7, "seed": 3}
+
+
+def test_label_free_diagnostics_of_one_seed_per_strategy_are_shown(tmp_path):
+    # one seed: every cell has a mean and no spread; the section is there all the same
+    records = [r for r in make_records(tmp_path / "runs") if r.seed == 0]
+    for record in records:
+        add_label_free_columns(record.run_dir, 0.1)
+        record.history = load_history(record.run_dir)
+    report = write_comparison_report(tmp_path / "cmp", records).read_text()
+    assert "| infonce | 1 | 0.400 | 0.20 | 0.1333 | 0.100 |" in report

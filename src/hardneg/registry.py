@@ -50,7 +50,14 @@ def register_strategy(name: str, *, summary: str | None = None) -> Callable[[typ
         if summary is not None:
             cls.summary = summary
         if _DOCS["ready"]:  # a plug-in registered after import: its help appears too
-            refresh_docs()
+            try:
+                refresh_docs()
+            except Exception:
+                # a refused plug-in (loss_defaults naming an unknown setting) must not stay
+                # registered: every later registration refreshes the help and would fail on it
+                del _REGISTRY[name]
+                refresh_docs()
+                raise
         return cls
 
     return wrap
