@@ -739,10 +739,35 @@ class HardNegativeLoss(nn.Module):
         gen = self.generator(anchor.device)
         if gen is not None:
             kwargs["generator"] = gen
-        query_side = self._query_side(anchor, positive, negatives, id_cols, guide_embeddings)
+        # the n-tuple's columns (anchor, positive, negative_1..k), indexed alike in the model's
+        # embeddings, the ids and the guide's embeddings
+        columns = [anchor, positive, *negatives.unbind(1)]
+        negative_columns = list(range(2, len(columns)))
+        query_side = self._side(  # q_i: every document and, with query_to_query, the queries
+            columns,
+            id_cols,
+            guide_embeddings,
+            anchor=0,
+            positive=1,
+            slots=negative_columns + ([0] if "query_to_query" in directions else []),
+            own_masked={0},  # q_i itself
+            other_positives=True,
+        )
         if "doc_to_query" not in directions and "doc_to_doc" not in directions:
             return self._reduced(query_side, kwargs).mean()
-        doc_side = self._doc_side(anchor, positive, negatives, id_cols, guide_embeddings)
+        documents = {"all": [1, *negative_columns], "positives": [1], None: []}
+        doc_side = self._side(  # d_i: the queries (doc_to_query) and the other rows' documents
+            columns,
+            id_cols,
+            guide_embeddings,
+            anchor=1,
+            positive=0,
+            slots=documents[self._doc_candidates],
+            own_masked={1, *negative_columns},  # d_i's own row of documents
+            # without doc_to_query no query is a candidate, and the positive term leaves the
+            # partition in joint_partition_loss
+            other_positives="doc_to_query" in directions,
+        )
         if self.partition_mode == "per_direction":  # the mean of the directions' losses
             return (
                 self._reduced(query_side, kwargs).mean() + self._reduced(doc_side, kwargs).mean()
@@ -776,105 +801,56 @@ class HardNegativeLoss(nn.Module):
         # (the guide may sit on another device than the model)
         return guided_false_negatives(g_anchors, g_columns, **options).to(device)
 
-    def _query_side(
+    def _side(
         self,
-        anchor: Tensor,
-        positive: Tensor,
-        negatives: Tensor,
+        columns: list[Tensor],
         id_cols: Tensor | None,
-        guide_embeddings: list[Tensor] | None,
+        guide_columns: list[Tensor] | None,
+        *,
+        anchor: int,
+        positive: int,
+        slots: list[int],
+        own_masked: set[int],
+        other_positives: bool,
     ) -> dict[str, Any]:
-        """The call of ``q_i``'s set: its positive ``d_i``, every document of the batch and,
-        with ``query_to_query``, every query but itself, appended to each row's hard negatives
-        (the candidates of :func:`hardneg.contrast.retrieval_contrast` are every row's)."""
-        b, d = anchor.shape
-        with_queries = "query_to_query" in self.directions
-        slots = torch.cat([negatives, anchor.unsqueeze(1)], dim=1) if with_queries else negatives
-        side: dict[str, Any] = {"anchor": anchor, "positive": positive, "hard_negatives": slots}
-        side["empty"] = b == 1 and slots.shape[1] - int(with_queries) == 0
-        rows = torch.arange(b, device=anchor.device)
+        """The loss call of one side's contrast set, in the retrieval layout of
+        :func:`hardneg.contrast.retrieval_contrast` (every row's positive, then every row's
+        slots row-major, are each anchor's candidates). ``anchor``, ``positive`` and ``slots``
+        index the n-tuple's columns (the same in ``columns``, ``id_cols`` and
+        ``guide_columns``); in an anchor's own row the slots whose column is in ``own_masked``
+        are neither positive nor negative, and without ``other_positives`` neither are the
+        other rows' positives."""
+        a = columns[anchor]
+        b, d = a.shape
+        stacked = torch.stack([columns[j] for j in slots], dim=1) if slots else a.new_zeros(b, 0, d)
+        side: dict[str, Any] = {"anchor": a, "positive": columns[positive]}
+        side["hard_negatives"] = stacked
+        width = len(slots)
+        masked = [k for k, j in enumerate(slots) if j in own_masked]
+        side["empty"] = b == 1 and len(masked) == width  # one pair, no candidate of its own
         false_negatives = None
-        if with_queries:  # q_i itself, the last slot of row i: neither positive nor negative
-            width = slots.shape[1]
-            false_negatives = torch.zeros(
-                b, b * (1 + width), dtype=torch.bool, device=anchor.device
-            )
-            false_negatives[rows, b + rows * width + width - 1] = True
+        if masked or not other_positives:
+            false_negatives = torch.zeros(b, b * (1 + width), dtype=torch.bool, device=a.device)
+            rows = torch.arange(b, device=a.device).unsqueeze(1)
+            own = b + rows * width + torch.tensor(masked, dtype=torch.long, device=a.device)
+            false_negatives[rows, own] = True
+            if not other_positives:
+                false_negatives[:, :b] = ~torch.eye(b, dtype=torch.bool, device=a.device)
         if id_cols is not None:
-            id_slots = id_cols[:, 2:]
-            if with_queries:
-                id_slots = torch.cat([id_slots, id_cols[:, :1]], dim=1)
-            # positives, then the hard negatives row-major (retrieval_contrast's column order)
-            side["ids"] = torch.cat([id_cols[:, 1], id_slots.reshape(-1)])
-            side["anchor_ids"] = id_cols[:, 0]  # a candidate with the anchor's own text: masked
-        if guide_embeddings is not None:
-            g_anchor, g_positive = guide_embeddings[0], guide_embeddings[1]
+            slot_ids = id_cols[:, torch.tensor(slots, dtype=torch.long, device=id_cols.device)]
+            side["ids"] = torch.cat([id_cols[:, positive], slot_ids.reshape(-1)])
+            side["anchor_ids"] = id_cols[:, anchor]  # a candidate with its own text: masked
+        if guide_columns is not None:
+            g_anchor = guide_columns[anchor]
             g_slots = (
-                torch.stack(guide_embeddings[2:], dim=1)
-                if len(guide_embeddings) > 2
+                torch.stack([guide_columns[j] for j in slots], dim=1)
+                if slots
                 else g_anchor.new_zeros(b, 0, g_anchor.shape[1])
             )
-            if with_queries:
-                g_slots = torch.cat([g_slots, g_anchor.unsqueeze(1)], dim=1)
-            g_columns = torch.cat([g_positive, g_slots.reshape(-1, g_slots.shape[-1])])
-            guided = self._guide_mask(g_anchor, g_columns, anchor.device)
-            false_negatives = guided if false_negatives is None else false_negatives | guided
-        if false_negatives is not None:
-            side["false_negatives"] = false_negatives
-        return side
-
-    def _doc_side(
-        self,
-        anchor: Tensor,
-        positive: Tensor,
-        negatives: Tensor,
-        id_cols: Tensor | None,
-        guide_embeddings: list[Tensor] | None,
-    ) -> dict[str, Any]:
-        """The call of ``d_i``'s set: its positive ``q_i``, the other queries (``doc_to_query``;
-        without it they are masked and the positive term leaves the partition in
-        :func:`hardneg.objectives.joint_partition_loss`) and, with ``doc_to_doc``, every other
-        row's documents (``'all'``: positive and hard negatives; ``'positives'``: the
-        positive only), as each row's slots; its own row's documents are masked."""
-        b, d = anchor.shape
-        if self._doc_candidates == "all":
-            slots = torch.cat([positive.unsqueeze(1), negatives], dim=1)
-        elif self._doc_candidates == "positives":
-            slots = positive.unsqueeze(1)
-        else:
-            slots = anchor.new_zeros(b, 0, d)
-        width = slots.shape[1]
-        side: dict[str, Any] = {"anchor": positive, "positive": anchor, "hard_negatives": slots}
-        side["empty"] = b == 1
-        rows = torch.arange(b, device=anchor.device)
-        false_negatives = None
-        if width > 0 or "doc_to_query" not in self.directions:
-            false_negatives = torch.zeros(
-                b, b * (1 + width), dtype=torch.bool, device=anchor.device
+            g_candidates = torch.cat(
+                [guide_columns[positive], g_slots.reshape(-1, g_slots.shape[-1])]
             )
-            own = b + rows.unsqueeze(1) * width + torch.arange(width, device=anchor.device)
-            false_negatives[rows.unsqueeze(1), own] = True  # d_i's own row of documents
-            if "doc_to_query" not in self.directions:  # no query is a candidate
-                false_negatives[:, :b] = ~torch.eye(b, dtype=torch.bool, device=anchor.device)
-        if id_cols is not None:
-            if self._doc_candidates == "all":
-                id_slots = id_cols[:, 1:]
-            elif self._doc_candidates == "positives":
-                id_slots = id_cols[:, 1:2]
-            else:
-                id_slots = id_cols[:, :0]
-            side["ids"] = torch.cat([id_cols[:, 0], id_slots.reshape(-1)])
-            side["anchor_ids"] = id_cols[:, 1]
-        if guide_embeddings is not None:
-            g_anchor, g_positive = guide_embeddings[0], guide_embeddings[1]
-            if self._doc_candidates == "all":
-                g_slots = torch.stack(guide_embeddings[1:], dim=1)
-            elif self._doc_candidates == "positives":
-                g_slots = g_positive.unsqueeze(1)
-            else:
-                g_slots = g_anchor.new_zeros(b, 0, g_anchor.shape[1])
-            g_columns = torch.cat([g_anchor, g_slots.reshape(-1, g_slots.shape[-1])])
-            guided = self._guide_mask(g_positive, g_columns, anchor.device)
+            guided = self._guide_mask(g_anchor, g_candidates, a.device)
             false_negatives = guided if false_negatives is None else false_negatives | guided
         if false_negatives is not None:
             side["false_negatives"] = false_negatives
