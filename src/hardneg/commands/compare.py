@@ -332,24 +332,28 @@ def compare(
     if base_config is None:
         base_config = default_base_config(dataset, framework)
     check_loss_overrides(parsed, strategies)
-    refused = {}  # a setting some strategies cannot take (framework.views=3 for unremix): all
-    for s in strategies:  # of them named at once, with the --strategies that would run
-        try:
-            build_run_config(dataset, s, seeds[0], base_config, parsed, epochs, framework)
-        except ValueError as err:
-            refused[s] = str(err)
-    if refused and len(refused) < len(strategies):
+    configs = {}  # seed-major: an interrupted comparison still has whole seeds to show
+    refused: dict[str, ValueError] = {}  # a setting some strategies cannot take
+    for seed in seeds:
+        for s in strategies:
+            if s in refused:
+                continue
+            try:
+                configs[s, seed] = build_run_config(
+                    dataset, s, seed, base_config, parsed, epochs, framework
+                )
+            except ValueError as err:
+                refused[s] = err
+    if refused and len(refused) < len(strategies):  # (framework.views=3 for unremix): all of
+        # them named at once, with the --strategies that would run
         others = ",".join(s for s in strategies if s not in refused)
         reasons = "; ".join(f"{s}: {why}" for s, why in refused.items())
         raise ValueError(
             f"{len(refused)} of the strategies cannot run with these settings ({reasons}); "
             f"compare the others with --strategies {others}"
         )
-    configs = {  # seed-major: an interrupted comparison still has whole seeds to show
-        (s, seed): build_run_config(dataset, s, seed, base_config, parsed, epochs, framework)
-        for seed in seeds
-        for s in strategies
-    }
+    if refused:  # every strategy refused: the first one's own error
+        raise refused[strategies[0]]
     unknown = [s for s in reseed if s not in strategies]
     if unknown:
         raise ValueError(f"re-seed strategy {', '.join(unknown)} is not among --strategies")
