@@ -112,8 +112,9 @@ class TextTrainConfig:
         check_number("threads", self.threads, low=0, integer=True)
         check_number("guide_margin", self.guide_margin, low=0.0)
         check_choice("guide_margin_strategy", self.guide_margin_strategy, GUIDE_MARGIN_MODES)
-        partition = (self.directions, self.partition_mode, self.contrast_anchors or None)
-        if any(x is not None for x in partition) or self.contrast_positives:
+        partition_set = self.directions is not None or self.partition_mode is not None
+        if partition_set or self.contrast_anchors or self.contrast_positives:
+            # checked now, not when the loss is built after the data and the model are loaded
             from hardneg.integrations.sentence_transformers import resolve_partition
 
             resolve_partition(
