@@ -824,8 +824,6 @@ def mine_hard_negatives(
     for j, text in enumerate(c_texts):
         where.setdefault(text, []).append(j)
     of_anchor: dict[str, set[int]] = {}
-    for q, p in zip(q_texts, p_texts):
-        of_anchor.setdefault(q, set(where.get(q, ()))).update(where.get(p, ()))
     if include_positives:  # only the query's own text is skipped, unless it is its positive
         positives_of: dict[str, set[str]] = {}
         for q, p in zip(q_texts, p_texts):
@@ -833,6 +831,9 @@ def mine_hard_negatives(
         of_anchor = {
             q: set() if q in ps else set(where.get(q, ())) for q, ps in positives_of.items()
         }
+    else:
+        for q, p in zip(q_texts, p_texts):
+            of_anchor.setdefault(q, set(where.get(q, ()))).update(where.get(p, ()))
     exclude = [of_anchor[q] for q in q_texts]
     extra = max(len(e) for e in exclude)
     # the candidates a query can have: the corpus less its own text and positives. The limits
