@@ -6,9 +6,12 @@ config surfaces as one readable line instead of a stack trace from deep inside t
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import numbers
+from collections.abc import Iterator
+from os import PathLike
 
 import torch
 from torch import Tensor
@@ -127,3 +130,13 @@ def check_flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+@contextlib.contextmanager
+def utf8_file(path: str | PathLike) -> Iterator[None]:
+    """Reading ``path`` inside: a file that is not UTF-8 fails naming it (a bare
+    ``UnicodeDecodeError`` named none)."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason}); save it as UTF-8") from None

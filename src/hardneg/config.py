@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from hardneg._checks import closest_hint
+from hardneg._checks import closest_hint, utf8_file
 
 
 def _opt(
@@ -367,15 +367,11 @@ def load_config(
         raw = copy.deepcopy(path)
     elif path is not None:
         file = resolve_config_path(path)
-        with open(file, encoding="utf-8") as fh:
+        with open(file, encoding="utf-8") as fh, utf8_file(file):
             try:
                 raw = load_yaml(fh) or {}
             except yaml.YAMLError as err:
                 raise ValueError(f"{file}: not valid YAML{_yaml_problem(err)}") from None
-            except UnicodeDecodeError as err:  # a bare "'utf-8' codec can't decode" named no file
-                raise ValueError(
-                    f"{file}: not UTF-8 text ({err.reason}); save it as UTF-8"
-                ) from None
         if not isinstance(raw, dict):
             raise ValueError(
                 f"{file}: a config must be a mapping of sections, got {type(raw).__name__}"

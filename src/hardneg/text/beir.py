@@ -32,7 +32,6 @@ breaks them by document id).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -42,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hardneg._checks import check_embeddings, check_number
+from hardneg._checks import check_embeddings, check_number, utf8_file
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,7 @@ def _split(qrels_file: Path, corpus: dict[str, str], all_queries: dict[str, str]
 
 
 def _jsonl(path: Path):
-    with path.open(encoding="utf-8") as handle, _utf8(path):
+    with path.open(encoding="utf-8") as handle, utf8_file(path):
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -179,15 +178,6 @@ def _jsonl(path: Path):
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: not a JSON object, got {type(row).__name__}")
             yield where, row
-
-
-@contextlib.contextmanager
-def _utf8(path: Path):
-    """A file that is not UTF-8 fails naming it (a bare UnicodeDecodeError named none)."""
-    try:
-        yield
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason}); save it as UTF-8") from None
 
 
 def _field(row: dict, key: str, where: str) -> str:
@@ -206,7 +196,7 @@ def _qrels(path: Path):
     columns (after an optional header), or TREC's four (``query iteration document grade``,
     tabs or spaces, as MS MARCO's and TREC's qrels files are written; the iteration is
     ignored)."""
-    with path.open(encoding="utf-8") as handle, _utf8(path):
+    with path.open(encoding="utf-8") as handle, utf8_file(path):
         for number, line in enumerate(handle, start=1):
             where = f"{path}:{number}"
             fields = line.rstrip("\r\n").split("\t") if "\t" in line else line.split()
