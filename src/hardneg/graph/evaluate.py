@@ -57,8 +57,9 @@ def check_scorable(labels, name: str = "the data set") -> None:
 def _folds(y: np.ndarray, folds: int, seed: int):
     from sklearn.model_selection import StratifiedKFold
 
-    smallest = int(np.bincount(y).min())
-    if len(np.bincount(y)) < 2:
+    counts = np.bincount(y)
+    smallest = int(counts.min())
+    if len(counts) < 2:
         raise ValueError("the labels hold a single class: scoring needs at least two classes")
     if smallest < 2:
         raise ValueError("every class needs at least 2 graphs for stratified cross-validation")
